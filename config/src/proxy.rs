@@ -1,0 +1,631 @@
+//! `wasmbed proxy` configuration: the TOML file, the flags laid over it, and validation.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{ConfigError, LogFormat, check_endpoint, duration_or, parse_addr, read_toml};
+
+/// What the proxy does with a device's TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Peek at the ClientHello (SNI, ALPN) and forward the device's TLS untouched.
+    #[default]
+    Passthrough,
+    /// Complete the TLS handshake at the proxy and forward the decrypted bytes.
+    Terminate,
+}
+
+/// How a gateway's health is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// `http` for gateways with a health address, `tcp` for the others.
+    #[default]
+    Auto,
+    /// A TCP connect to the gateway's address.
+    Tcp,
+    /// A TLS handshake with the gateway (certificate not verified: liveness only).
+    Tls,
+    /// `GET /healthz` on the gateway's health (admin) address; 200 means up.
+    Http,
+    /// No probes: every gateway is up unless connects to it fail.
+    None,
+}
+
+/// Flags of `wasmbed proxy`. Each one, when given, overrides the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ProxyFlags {
+    /// TOML config file (see config/examples/proxy.toml). Flags override it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address devices dial, IP:PORT. Repeatable; replaces the file's listeners.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// passthrough: forward the device's TLS untouched; terminate: end TLS here.
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// A gateway: [NAME=]HOST:PORT[;weight=N][;health=HOST:PORT][;pool=P]. Repeatable, or
+    /// comma-separated; replaces the file's gateways.
+    #[arg(long, value_name = "GATEWAY")]
+    pub gateway: Vec<String>,
+    /// Admin HTTP endpoint (/healthz, /readyz, /metrics, /api/gateways), or `off`.
+    /// Default 127.0.0.1:9900.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Health check kind. auto = http where a gateway has a health address, else tcp.
+    #[arg(long, value_enum)]
+    pub health: Option<HealthCheck>,
+    /// Time between two probes of one gateway (jittered by up to 10%). Default 1s.
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// Deadline of one probe; must be shorter than the interval. Default: half the
+    /// interval, at most 500ms.
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// Consecutive successful probes that mark a down gateway up. Default 2.
+    #[arg(long, value_name = "N")]
+    pub rise: Option<u32>,
+    /// Consecutive failed probes (or failed connects) that mark a gateway down. Default 3.
+    #[arg(long, value_name = "N")]
+    pub fall: Option<u32>,
+    /// Terminate mode: the proxy's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Terminate mode: the proxy's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Terminate mode: CA (PEM) that device certificates must chain to; makes them required.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
+    #[arg(long)]
+    pub allow_plain: bool,
+    /// Most device connections open at once; past it the proxy stops accepting. Default 10000.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Worker threads. Default: every core this process may run on.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// One address devices dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// Forward non-TLS bytes instead of closing the connection.
+    pub allow_plain: bool,
+    pub reuse_port: bool,
+    pub backlog: u32,
+}
+
+/// One gateway behind the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub name: String,
+    /// `host:port` of the gateway's device session server.
+    pub addr: String,
+    /// `host:port` of the gateway's admin endpoint, for `http` health checks.
+    pub health_addr: Option<String>,
+    pub weight: u32,
+    pub pool: String,
+}
+
+/// Sends devices whose SNI matches `sni` (exact, or `*.suffix`) to the gateways of `pool`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub sni: String,
+    pub pool: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub path: String,
+}
+
+/// The proxy's own TLS, in terminate mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TerminateTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, devices must present a certificate that chains to this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// TLS from the proxy to the gateways, in terminate mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub ca: PathBuf,
+    /// Name checked against the gateway certificates. Default: the gateway's host.
+    pub server_name: Option<String>,
+}
+
+/// The validated configuration `wasmbed_proxy::run` takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub mode: Mode,
+    pub listeners: Vec<ListenerConfig>,
+    pub gateways: Vec<GatewayConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub admin: Option<SocketAddr>,
+    pub health: HealthConfig,
+    pub tls: Option<TerminateTls>,
+    pub upstream_tls: Option<UpstreamTls>,
+    pub max_connections: usize,
+    /// Bound on the ClientHello peek (passthrough) or the TLS handshake (terminate).
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// How many other gateways a session tries after a failed connect.
+    pub connect_retries: u32,
+    pub max_client_hello: usize,
+    /// A gateway that just came up gets its share of new sessions ramped over this time.
+    pub slow_start: Duration,
+    /// How long sessions may finish on shutdown before they are closed.
+    pub grace: Duration,
+    pub threads: Option<usize>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    mode: Option<Mode>,
+    admin: Option<String>,
+    threads: Option<usize>,
+    log_format: Option<LogFormat>,
+    max_connections: Option<usize>,
+    handshake_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    connect_retries: Option<u32>,
+    max_client_hello: Option<usize>,
+    slow_start: Option<String>,
+    grace: Option<String>,
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    gateway: Vec<RawGateway>,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    health: RawHealth,
+    tls: Option<RawTls>,
+    upstream_tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    addr: String,
+    #[serde(default)]
+    allow_plain: bool,
+    #[serde(default)]
+    reuse_port: bool,
+    backlog: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    name: Option<String>,
+    addr: String,
+    health_addr: Option<String>,
+    weight: Option<u32>,
+    pool: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    sni: String,
+    pool: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<HealthCheck>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: PathBuf,
+    server_name: Option<String>,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9900";
+pub const DEFAULT_POOL: &str = "default";
+
+impl ProxyConfig {
+    /// Reads the file named by `flags.config` (if any), lays the flags over it, validates.
+    pub fn load(flags: &ProxyFlags) -> Result<ProxyConfig, ConfigError> {
+        let raw = match &flags.config {
+            Some(path) => read_toml(path)?,
+            None => RawProxy::default(),
+        };
+        Self::from_raw(raw, flags)
+    }
+
+    /// Parses a TOML document (no flags); for tests and embedding.
+    pub fn from_toml(text: &str) -> Result<ProxyConfig, ConfigError> {
+        let raw: RawProxy = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string().replace('\n', " "),
+        })?;
+        Self::from_raw(raw, &ProxyFlags::default())
+    }
+
+    fn from_raw(mut raw: RawProxy, flags: &ProxyFlags) -> Result<ProxyConfig, ConfigError> {
+        overlay(&mut raw, flags)?;
+        let mode = raw.mode.unwrap_or_default();
+        let listeners = listeners(&raw)?;
+        let gateways = gateways(&raw.gateway)?;
+        let routes = routes(&raw.route, &gateways)?;
+        let health = health(&raw.health)?;
+        let admin = match raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN) {
+            "off" => None,
+            text => Some(parse_addr("admin", text)?),
+        };
+        let tls = raw.tls.map(|t| TerminateTls {
+            cert: t.cert,
+            key: t.key,
+            client_ca: t.client_ca,
+        });
+        if mode == Mode::Terminate && tls.is_none() {
+            return Err(ConfigError::field(
+                "tls",
+                "terminate mode needs a certificate and key (--tls-cert/--tls-key or [tls])",
+            ));
+        }
+        let upstream_tls = raw.upstream_tls.map(|u| UpstreamTls {
+            ca: u.ca,
+            server_name: u.server_name,
+        });
+        if mode == Mode::Passthrough && upstream_tls.is_some() {
+            return Err(ConfigError::field(
+                "upstream_tls",
+                "only applies in terminate mode (in passthrough the device's TLS reaches the gateway)",
+            ));
+        }
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(ConfigError::field("max_connections", "must be at least 1"));
+        }
+        let max_client_hello = raw.max_client_hello.unwrap_or(16 * 1024);
+        if !(512..=65_536).contains(&max_client_hello) {
+            return Err(ConfigError::field(
+                "max_client_hello",
+                "must be between 512 and 65536 bytes",
+            ));
+        }
+        if raw.threads == Some(0) {
+            return Err(ConfigError::field("threads", "must be at least 1"));
+        }
+        Ok(ProxyConfig {
+            mode,
+            listeners,
+            gateways,
+            routes,
+            admin,
+            health,
+            tls,
+            upstream_tls,
+            max_connections,
+            handshake_timeout: positive(
+                "handshake_timeout",
+                duration_or(
+                    "handshake_timeout",
+                    raw.handshake_timeout.as_deref(),
+                    Duration::from_secs(5),
+                )?,
+            )?,
+            connect_timeout: positive(
+                "connect_timeout",
+                duration_or(
+                    "connect_timeout",
+                    raw.connect_timeout.as_deref(),
+                    Duration::from_secs(2),
+                )?,
+            )?,
+            connect_retries: raw.connect_retries.unwrap_or(2),
+            max_client_hello,
+            slow_start: duration_or("slow_start", raw.slow_start.as_deref(), Duration::ZERO)?,
+            grace: duration_or("grace", raw.grace.as_deref(), Duration::from_secs(10))?,
+            threads: raw.threads,
+            log_format: raw.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
+    if !f.listen.is_empty() {
+        raw.listener = f
+            .listen
+            .iter()
+            .flat_map(|l| l.split(','))
+            .map(|addr| RawListener {
+                addr: addr.to_string(),
+                allow_plain: false,
+                reuse_port: false,
+                backlog: None,
+            })
+            .collect();
+    }
+    if f.allow_plain {
+        raw.listener.iter_mut().for_each(|l| l.allow_plain = true);
+    }
+    if !f.gateway.is_empty() {
+        raw.gateway = f
+            .gateway
+            .iter()
+            .flat_map(|g| g.split(','))
+            .map(parse_gateway_flag)
+            .collect::<Result<_, _>>()?;
+    }
+    set(&mut raw.mode, f.mode);
+    set(&mut raw.admin, f.admin.clone());
+    set(&mut raw.threads, f.threads);
+    set(&mut raw.log_format, f.log_format);
+    set(&mut raw.max_connections, f.max_connections);
+    set(&mut raw.health.check, f.health);
+    set(&mut raw.health.interval, f.health_interval.clone());
+    set(&mut raw.health.timeout, f.health_timeout.clone());
+    set(&mut raw.health.rise, f.rise);
+    set(&mut raw.health.fall, f.fall);
+    if f.tls_cert.is_some() || f.tls_key.is_some() || f.client_ca.is_some() {
+        let (cert, key) = match (&f.tls_cert, &f.tls_key, &raw.tls) {
+            (Some(c), Some(k), _) => (c.clone(), k.clone()),
+            (c, k, Some(t)) => (
+                c.clone().unwrap_or(t.cert.clone()),
+                k.clone().unwrap_or(t.key.clone()),
+            ),
+            _ => {
+                return Err(ConfigError::field(
+                    "tls",
+                    "--tls-cert and --tls-key must be given together",
+                ));
+            }
+        };
+        let client_ca = f
+            .client_ca
+            .clone()
+            .or(raw.tls.as_ref().and_then(|t| t.client_ca.clone()));
+        raw.tls = Some(RawTls {
+            cert,
+            key,
+            client_ca,
+        });
+    }
+    Ok(())
+}
+
+fn set<T>(slot: &mut Option<T>, flag: Option<T>) {
+    if flag.is_some() {
+        *slot = flag;
+    }
+}
+
+/// Parses `[NAME=]HOST:PORT[;weight=N][;health=HOST:PORT][;pool=P]`.
+fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> {
+    let field = format!("--gateway {spec}");
+    let mut parts = spec.split(';');
+    let head = parts.next().unwrap_or_default().trim();
+    let (name, addr) = match head.split_once('=') {
+        Some((n, a)) => (Some(n.trim().to_string()), a.trim().to_string()),
+        None => (None, head.to_string()),
+    };
+    let mut g = RawGateway {
+        name,
+        addr,
+        health_addr: None,
+        weight: None,
+        pool: None,
+    };
+    for part in parts {
+        match part.trim().split_once('=') {
+            Some(("weight", w)) => {
+                g.weight = Some(w.parse().map_err(|_| {
+                    ConfigError::field(&field, format!("weight {w:?} is not a whole number"))
+                })?)
+            }
+            Some(("health", h)) => g.health_addr = Some(h.to_string()),
+            Some(("pool", p)) => g.pool = Some(p.to_string()),
+            _ => {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("unknown option {part:?} (expected weight=, health= or pool=)"),
+                ));
+            }
+        }
+    }
+    Ok(g)
+}
+
+fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let defaults = [RawListener {
+        addr: DEFAULT_LISTEN.to_string(),
+        allow_plain: false,
+        reuse_port: false,
+        backlog: None,
+    }];
+    let list = if raw.listener.is_empty() {
+        &defaults[..]
+    } else {
+        &raw.listener[..]
+    };
+    let mut seen = HashSet::new();
+    list.iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let field = format!("listener[{i}].addr");
+            let addr = parse_addr(&field, &l.addr)?;
+            if !seen.insert(addr) {
+                return Err(ConfigError::field(field, format!("{addr} is listed twice")));
+            }
+            Ok(ListenerConfig {
+                addr,
+                allow_plain: l.allow_plain,
+                reuse_port: l.reuse_port,
+                backlog: l.backlog.unwrap_or(4096),
+            })
+        })
+        .collect()
+}
+
+fn gateways(raw: &[RawGateway]) -> Result<Vec<GatewayConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::field(
+            "gateway",
+            "at least one gateway is needed (--gateway HOST:PORT or [[gateway]])",
+        ));
+    }
+    let mut names = HashSet::new();
+    raw.iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let addr = check_endpoint(&format!("gateway[{i}].addr"), &g.addr)?;
+            let name = g.name.clone().unwrap_or_else(|| addr.clone());
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:[]".contains(c));
+            if !valid_name {
+                return Err(ConfigError::field(
+                    format!("gateway[{i}].name"),
+                    format!("{name:?}: use letters, digits, '-', '_', '.', ':'"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(ConfigError::field(
+                    format!("gateway[{i}].name"),
+                    format!("{name:?} is used twice"),
+                ));
+            }
+            let health_addr = g
+                .health_addr
+                .as_deref()
+                .map(|h| check_endpoint(&format!("gateway[{i}].health_addr"), h))
+                .transpose()?;
+            let weight = g.weight.unwrap_or(1);
+            if !(1..=1000).contains(&weight) {
+                return Err(ConfigError::field(
+                    format!("gateway[{i}].weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
+            Ok(GatewayConfig {
+                name,
+                addr,
+                health_addr,
+                weight,
+                pool: g.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string()),
+            })
+        })
+        .collect()
+}
+
+fn routes(raw: &[RawRoute], gateways: &[GatewayConfig]) -> Result<Vec<RouteConfig>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !gateways.iter().any(|g| g.pool == r.pool) {
+                return Err(ConfigError::field(
+                    format!("route[{i}].pool"),
+                    format!("no gateway is in pool {:?}", r.pool),
+                ));
+            }
+            let sni = r.sni.trim().to_ascii_lowercase();
+            if sni.is_empty() || sni[sni.starts_with("*.") as usize * 2..].contains('*') {
+                return Err(ConfigError::field(
+                    format!("route[{i}].sni"),
+                    "expected a host name or *.suffix",
+                ));
+            }
+            Ok(RouteConfig {
+                sni,
+                pool: r.pool.clone(),
+            })
+        })
+        .collect()
+}
+
+fn health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
+    let interval = duration_or(
+        "health.interval",
+        raw.interval.as_deref(),
+        Duration::from_secs(1),
+    )?;
+    // Without an explicit timeout, a probe gets half the interval, at most 500ms.
+    let timeout = duration_or(
+        "health.timeout",
+        raw.timeout.as_deref(),
+        (interval / 2).min(Duration::from_millis(500)),
+    )?;
+    positive("health.interval", interval)?;
+    positive("health.timeout", timeout)?;
+    if timeout >= interval {
+        return Err(ConfigError::field(
+            "health.timeout",
+            format!("{timeout:?} must be shorter than health.interval ({interval:?})"),
+        ));
+    }
+    let rise = raw.rise.unwrap_or(2);
+    let fall = raw.fall.unwrap_or(3);
+    if rise == 0 {
+        return Err(ConfigError::field("health.rise", "must be at least 1"));
+    }
+    if fall == 0 {
+        return Err(ConfigError::field("health.fall", "must be at least 1"));
+    }
+    let path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace()) {
+        return Err(ConfigError::field(
+            "health.path",
+            "must start with '/' and hold no spaces",
+        ));
+    }
+    Ok(HealthConfig {
+        check: raw.check.unwrap_or_default(),
+        interval,
+        timeout,
+        rise,
+        fall,
+        path,
+    })
+}
+
+fn positive(field: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::field(field, "must be longer than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests;
