@@ -1,1 +1,209 @@
+//! Certificates for wasmbed: a dev PKI (rcgen) and the rustls configs that proxy, gateway and
+//! loadtest share.
+//!
+//! - [`pki`]: a dev CA that issues server and device certificates, as PEM.
+//! - [`load_certs`], [`load_key`]: read PEM files, with one error naming the file.
+//! - [`server_config`], [`client_config`], [`probe_client_config`]: rustls configs, all on one
+//!   crypto provider (aws-lc-rs), so no process ever has two.
+//! - [`peer_identity`]: the device identity (subject common name) of a certificate.
 
+pub mod pki;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+/// A certificate problem, naming the file or the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {problem}")]
+    File { path: PathBuf, problem: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client CA: {0}")]
+    ClientCa(String),
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn file_error(path: &Path, problem: impl std::fmt::Display) -> CertError {
+    CertError::File {
+        path: path.to_owned(),
+        problem: problem.to_string(),
+    }
+}
+
+/// The process-wide crypto provider (aws-lc-rs). Every config here is built on it.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads every certificate of a PEM file; an empty or malformed file is an error.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
+    certs_from_pem(&bytes).map_err(|p| file_error(path, p))
+}
+
+/// Parses every certificate of PEM text.
+pub fn certs_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("malformed PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no CERTIFICATE block found".into());
+    }
+    Ok(certs)
+}
+
+/// Reads the private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| file_error(path, format!("no usable private key: {e}")))
+}
+
+fn roots(ca: &[CertificateDer<'static>]) -> Result<RootCertStore, CertError> {
+    let mut store = RootCertStore::empty();
+    for cert in ca {
+        store
+            .add(cert.clone())
+            .map_err(|e| CertError::ClientCa(e.to_string()))?;
+    }
+    Ok(store)
+}
+
+/// A TLS 1.2 + 1.3 server config. With `client_ca`, clients must present a certificate that
+/// chains to it.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&[CertificateDer<'static>]>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, CertError> {
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
+                    .build()
+                    .map_err(|e| CertError::ClientCa(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A TLS client config trusting `ca`, optionally presenting a client certificate.
+pub fn client_config(
+    ca: &[CertificateDer<'static>],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, CertError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca)?);
+    let config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// A client config for health probes: it completes a handshake with any certificate, because a
+/// `tls` probe asks "does the gateway's TLS stack answer", not "who is it". Never use it for
+/// data.
+pub fn probe_client_config() -> Arc<ClientConfig> {
+    let provider = provider();
+    let verifier = Arc::new(AnyCertificate(provider.clone()));
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the aws-lc-rs provider supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The identity a certificate names: its subject common name, else its first DNS SAN.
+pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    cn.or_else(|| {
+        let san = parsed.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -65,18 +65,36 @@ fn a_flag_overrides_the_file() {
 fn every_bad_field_is_named() {
     let gw = "[[gateway]]\naddr = \"127.0.0.1:9000\"\n";
     let cases = [
-        (format!("{gw}[health]\ninterval = \"soon\""), "health.interval"),
+        (
+            format!("{gw}[health]\ninterval = \"soon\""),
+            "health.interval",
+        ),
         (
             format!("{gw}[health]\ninterval = \"1s\"\ntimeout = \"2s\""),
             "health.timeout",
         ),
         (format!("{gw}[health]\nfall = 0"), "health.fall"),
-        (format!("{gw}[[listener]]\naddr = \"localhost\""), "listener[0].addr"),
-        ("[[gateway]]\naddr = \"nowhere\"".to_string(), "gateway[0].addr"),
-        (format!("{gw}[[gateway]]\naddr = \"127.0.0.1:9000\""), "gateway[1].name"),
-        ("[[gateway]]\naddr = \"127.0.0.1:9\"\nweight = 0".to_string(), "gateway[0].weight"),
+        (
+            format!("{gw}[[listener]]\naddr = \"localhost\""),
+            "listener[0].addr",
+        ),
+        (
+            "[[gateway]]\naddr = \"nowhere\"".to_string(),
+            "gateway[0].addr",
+        ),
+        (
+            format!("{gw}[[gateway]]\naddr = \"127.0.0.1:9000\""),
+            "gateway[1].name",
+        ),
+        (
+            "[[gateway]]\naddr = \"127.0.0.1:9\"\nweight = 0".to_string(),
+            "gateway[0].weight",
+        ),
         (format!("mode = \"terminate\"\n{gw}"), "tls"),
-        (format!("{gw}[[route]]\nsni = \"a.b\"\npool = \"eu\""), "route[0].pool"),
+        (
+            format!("{gw}[[route]]\nsni = \"a.b\"\npool = \"eu\""),
+            "route[0].pool",
+        ),
         (String::new(), "gateway"),
         (format!("max_client_hello = 10\n{gw}"), "max_client_hello"),
         (format!("admin = \"x\"\n{gw}"), "admin"),

@@ -1,0 +1,111 @@
+//! A dev PKI: one CA that issues server certificates (proxy, gateways) and device client
+//! certificates. Keys are ECDSA P-256 unless asked for RSA.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::CertError;
+
+/// The kind of key a certificate is issued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyKind {
+    #[default]
+    EcdsaP256,
+    Rsa2048,
+}
+
+/// A certificate and its key, as PEM and as rustls types.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Issued {
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        crate::certs_from_pem(self.cert_pem.as_bytes()).unwrap_or_default()
+    }
+
+    pub fn key(&self) -> Result<PrivateKeyDer<'static>, CertError> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| CertError::ClientCa(format!("issued key: {e}")))
+    }
+}
+
+/// A certificate authority that signs dev certificates.
+pub struct DevCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+    key_pem: String,
+}
+
+fn key_pair(kind: KeyKind) -> Result<KeyPair, CertError> {
+    Ok(match kind {
+        KeyKind::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        KeyKind::Rsa2048 => {
+            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)?
+        }
+    })
+}
+
+fn named(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "wasmbed dev");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+impl DevCa {
+    /// A new self-signed CA named `common_name`.
+    pub fn generate(common_name: &str) -> Result<DevCa, CertError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = named(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = key_pair(KeyKind::EcdsaP256)?;
+        let key_pem = key.serialize_pem();
+        let issuer = CertifiedIssuer::self_signed(params, key)?;
+        Ok(DevCa { issuer, key_pem })
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses).
+    pub fn issue_server(&self, names: &[&str], kind: KeyKind) -> Result<Issued, CertError> {
+        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(sans)?;
+        params.distinguished_name = named(names.first().copied().unwrap_or("server"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, kind)
+    }
+
+    /// A device client certificate whose subject common name is `device_id`.
+    pub fn issue_client(&self, device_id: &str, kind: KeyKind) -> Result<Issued, CertError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = named(device_id);
+        params.subject_alt_names = vec![SanType::DnsName(device_id.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, kind)
+    }
+
+    fn sign(&self, params: CertificateParams, kind: KeyKind) -> Result<Issued, CertError> {
+        let key = key_pair(kind)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}

@@ -1,0 +1,57 @@
+use super::pki::{DevCa, KeyKind};
+use super::*;
+
+fn temp_file(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wasmbed-certs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+#[test]
+fn issued_certificates_build_server_and_client_configs() {
+    let ca = DevCa::generate("test CA").unwrap();
+    for kind in [KeyKind::EcdsaP256, KeyKind::Rsa2048] {
+        let server = ca.issue_server(&["localhost", "127.0.0.1"], kind).unwrap();
+        let cfg = server_config(
+            server.chain(),
+            server.key().unwrap(),
+            Some(&[ca.cert_der()]),
+            &[],
+        );
+        assert!(cfg.is_ok(), "{kind:?}");
+    }
+    let device = ca.issue_client("device-0042", KeyKind::EcdsaP256).unwrap();
+    let chain = device.chain();
+    assert_eq!(peer_identity(&chain[0]).as_deref(), Some("device-0042"));
+    assert!(client_config(&[ca.cert_der()], Some((chain, device.key().unwrap()))).is_ok());
+}
+
+#[test]
+fn pem_files_round_trip() {
+    let ca = DevCa::generate("test CA").unwrap();
+    let issued = ca.issue_server(&["localhost"], KeyKind::EcdsaP256).unwrap();
+    let cert = temp_file("server.pem", &issued.cert_pem);
+    let key = temp_file("server.key", &issued.key_pem);
+    assert_eq!(load_certs(&cert).unwrap().len(), 1);
+    assert!(load_key(&key).is_ok());
+}
+
+#[test]
+fn bad_pem_files_are_named() {
+    let missing = Path::new("/nonexistent/ca.pem");
+    let e = load_certs(missing).unwrap_err().to_string();
+    assert!(e.starts_with("/nonexistent/ca.pem:"), "{e}");
+    let garbage = temp_file("garbage.pem", "hello, not a certificate\n");
+    let e = load_certs(&garbage).unwrap_err().to_string();
+    assert!(
+        e.contains("garbage.pem") && e.contains("no CERTIFICATE"),
+        "{e}"
+    );
+    let e = load_key(&garbage).unwrap_err().to_string();
+    assert!(
+        e.contains("garbage.pem") && e.contains("private key"),
+        "{e}"
+    );
+}
