@@ -1,1 +1,2 @@
 pub mod clienthello;
+pub mod balancer;

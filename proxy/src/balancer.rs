@@ -1,0 +1,253 @@
+//! pick: the gateway set and the least-live-sessions balancer, lock-free.
+//!
+//! The set is an `ArcSwap` snapshot of `Arc<Gateway>`s. Each gateway carries atomics (live
+//! sessions, healthy, draining, weight). [`GatewaySet::acquire`] scans the eligible gateways,
+//! picks the one whose `(sessions + 1) / weight` is least (ties broken by a rotating start),
+//! and commits with a compare-and-swap on that gateway's counter; a lost race rescans. The
+//! [`Lease`] it returns gives the count back when dropped, so a count can never leak.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use wasmbed_config::GatewayConfig;
+
+/// One gateway behind the proxy, with its live counters.
+#[derive(Debug)]
+pub struct Gateway {
+    pub name: String,
+    pub addr: String,
+    pub health_addr: Option<String>,
+    pub pool: String,
+    weight: AtomicU32,
+    sessions: AtomicU64,
+    healthy: AtomicBool,
+    draining: AtomicBool,
+    /// When it last came up, as milliseconds since [`epoch`] + 1 (0: since start).
+    up_since_ms: AtomicU64,
+    /// The session count the gateway itself reported on its last http probe (-1: unknown).
+    reported_sessions: AtomicI64,
+    /// Cancelled (and replaced) when the gateway goes down: every session through it ends.
+    cancel: ArcSwap<CancellationToken>,
+    streak: Mutex<Streak>,
+}
+
+/// Consecutive probe results, for rise/fall.
+#[derive(Debug, Default)]
+struct Streak {
+    successes: u32,
+    failures: u32,
+}
+
+/// A change of a gateway's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Up,
+    Down,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Gateway {
+    pub fn new(config: &GatewayConfig) -> Gateway {
+        Gateway {
+            name: config.name.clone(),
+            addr: config.addr.clone(),
+            health_addr: config.health_addr.clone(),
+            pool: config.pool.clone(),
+            weight: AtomicU32::new(config.weight),
+            sessions: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            up_since_ms: AtomicU64::new(0),
+            reported_sessions: AtomicI64::new(-1),
+            cancel: ArcSwap::from_pointee(CancellationToken::new()),
+            streak: Mutex::new(Streak::default()),
+        }
+    }
+
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Acquire)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn reported_sessions(&self) -> Option<u64> {
+        u64::try_from(self.reported_sessions.load(Ordering::Relaxed)).ok()
+    }
+
+    pub fn set_reported_sessions(&self, n: Option<u64>) {
+        let v = n.and_then(|n| i64::try_from(n).ok()).unwrap_or(-1);
+        self.reported_sessions.store(v, Ordering::Relaxed);
+    }
+
+    /// Stops (or resumes) giving this gateway new sessions; live ones are left alone.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+
+    fn eligible(&self, pool: &str) -> bool {
+        self.pool == pool && self.is_healthy() && !self.is_draining()
+    }
+
+    /// The weight in thousandths, reduced while the gateway is in slow start.
+    fn effective_weight(&self, slow_start: Duration, now_ms: u64) -> u64 {
+        let full = u64::from(self.weight()) * 1000;
+        let since = self.up_since_ms.load(Ordering::Relaxed);
+        let slow_ms = slow_start.as_millis() as u64;
+        if since == 0 || slow_ms == 0 {
+            return full;
+        }
+        let elapsed = now_ms.saturating_sub(since - 1);
+        let permille = (elapsed * 1000 / slow_ms).clamp(100, 1000);
+        full * permille / 1000
+    }
+
+    /// A token cancelled when this gateway goes down, for a session that holds a lease on it.
+    /// `None` when the gateway went down in the meantime.
+    pub fn session_token(&self) -> Option<CancellationToken> {
+        let token = (**self.cancel.load()).clone();
+        // Marking down clears `healthy` before it cancels the token: checking afterwards
+        // means a session never keeps a token that was swapped out under it.
+        self.is_healthy().then_some(token)
+    }
+
+    /// Records one health result; returns the transition it caused, if any.
+    /// Marking down cancels every session through the gateway at once.
+    pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+        let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            streak.failures = 0;
+            streak.successes = streak.successes.saturating_add(1);
+            if !self.is_healthy() && streak.successes >= rise {
+                let now = epoch().elapsed().as_millis() as u64;
+                self.up_since_ms.store(now + 1, Ordering::Relaxed);
+                self.healthy.store(true, Ordering::SeqCst);
+                return Some(Transition::Up);
+            }
+        } else {
+            streak.successes = 0;
+            streak.failures = streak.failures.saturating_add(1);
+            if self.is_healthy() && streak.failures >= fall {
+                self.healthy.store(false, Ordering::SeqCst);
+                let old = self.cancel.swap(Arc::new(CancellationToken::new()));
+                old.cancel();
+                return Some(Transition::Down);
+            }
+        }
+        None
+    }
+}
+
+/// A count of one live session on one gateway, given back when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    gateway: Arc<Gateway>,
+}
+
+impl Lease {
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.gateway.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The gateways behind the proxy: a snapshot swapped whole, and the balancer over it.
+#[derive(Debug)]
+pub struct GatewaySet {
+    gateways: ArcSwap<Vec<Arc<Gateway>>>,
+    rotation: AtomicUsize,
+    slow_start: Duration,
+}
+
+impl GatewaySet {
+    pub fn new(configs: &[GatewayConfig], slow_start: Duration) -> GatewaySet {
+        let gateways = configs.iter().map(|c| Arc::new(Gateway::new(c))).collect();
+        GatewaySet {
+            gateways: ArcSwap::from_pointee(gateways),
+            rotation: AtomicUsize::new(0),
+            slow_start,
+        }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Gateway>>> {
+        self.gateways.load_full()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Gateway>> {
+        self.gateways.load().iter().find(|g| g.name == name).cloned()
+    }
+
+    /// Whether any gateway of any pool would take a new session.
+    pub fn any_eligible(&self) -> bool {
+        self.gateways
+            .load()
+            .iter()
+            .any(|g| g.is_healthy() && !g.is_draining())
+    }
+
+    /// Takes one session on the least loaded eligible gateway of `pool`, skipping `exclude`.
+    pub fn acquire(&self, pool: &str, exclude: &[Arc<Gateway>]) -> Option<Lease> {
+        let snapshot = self.gateways.load();
+        let n = snapshot.len();
+        if n == 0 {
+            return None;
+        }
+        let now_ms = if self.slow_start.is_zero() {
+            0
+        } else {
+            epoch().elapsed().as_millis() as u64
+        };
+        loop {
+            let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
+            // (gateway, sessions seen, effective weight) of the best so far.
+            let mut best: Option<(&Arc<Gateway>, u64, u64)> = None;
+            for i in 0..n {
+                let g = &snapshot[(start + i) % n];
+                if !g.eligible(pool) || exclude.iter().any(|x| Arc::ptr_eq(x, g)) {
+                    continue;
+                }
+                let sessions = g.sessions.load(Ordering::Acquire);
+                let weight = g.effective_weight(self.slow_start, now_ms);
+                let better = best.is_none_or(|(_, s, w)| {
+                    // (sessions + 1) / weight < (s + 1) / w, without division.
+                    u128::from(sessions + 1) * u128::from(w) < u128::from(s + 1) * u128::from(weight)
+                });
+                if better {
+                    best = Some((g, sessions, weight));
+                }
+            }
+            let (g, seen, _) = best?;
+            if g.sessions
+                .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Some(Lease { gateway: g.clone() });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
