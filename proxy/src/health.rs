@@ -1,0 +1,191 @@
+//! health: one task per gateway probes it on a jittered interval (tcp, tls or http) and flips
+//! it up after `rise` successes or down after `fall` failures. Down cancels its sessions.
+
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use metrics::counter;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmbed_config::{HealthCheck, HealthConfig};
+
+use crate::balancer::{Gateway, Transition};
+use crate::metrics::{GATEWAY_TRANSITIONS, PROBE_FAILURES};
+
+/// Why a probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("http: {0}")]
+    Http(String),
+    #[error("http status {0}")]
+    Status(u16),
+}
+
+/// The probe kind a gateway gets under `check`.
+pub fn kind_for(check: HealthCheck, gateway: &Gateway) -> HealthCheck {
+    match check {
+        HealthCheck::Auto if gateway.health_addr.is_some() => HealthCheck::Http,
+        HealthCheck::Auto => HealthCheck::Tcp,
+        other => other,
+    }
+}
+
+/// Starts one probe loop per gateway; they stop on `shutdown`.
+pub fn spawn(
+    gateways: &[Arc<Gateway>],
+    config: &HealthConfig,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    for gateway in gateways {
+        let kind = kind_for(config.check, gateway);
+        if kind == HealthCheck::None {
+            continue;
+        }
+        let (g, c, s) = (gateway.clone(), config.clone(), shutdown.clone());
+        tracker.spawn(async move { watch(g, kind, c, s).await });
+    }
+}
+
+async fn watch(gateway: Arc<Gateway>, kind: HealthCheck, config: HealthConfig, stop: CancellationToken) {
+    loop {
+        let result = tokio::select! {
+            r = tokio::time::timeout(config.timeout, probe(&gateway, kind, &config.path)) => r,
+            _ = stop.cancelled() => return,
+        };
+        let result = result.unwrap_or(Err(ProbeError::Timeout));
+        if let Err(e) = &result {
+            counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+            tracing::debug!(gateway = %gateway.name, error = %e, "health probe failed");
+        }
+        let reason = result.as_ref().err().map(ToString::to_string);
+        let change = gateway.observe(result.is_ok(), config.rise, config.fall);
+        report(&gateway, change, reason.as_deref().unwrap_or("probe succeeded"));
+        // Up to 10% jitter keeps the probes of many proxies from beating in step.
+        let jitter = config.interval.mul_f64(fastrand::f64() * 0.1);
+        tokio::select! {
+            _ = tokio::time::sleep(config.interval - jitter) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Logs and counts a health transition, whoever observed it (probe or failed connect).
+pub fn report(gateway: &Gateway, change: Option<Transition>, why: &str) {
+    let Some(change) = change else { return };
+    let to = match change {
+        Transition::Up => "up",
+        Transition::Down => "down",
+    };
+    counter!(GATEWAY_TRANSITIONS, "gateway" => gateway.name.clone(), "to" => to).increment(1);
+    match change {
+        Transition::Up => tracing::info!(gateway = %gateway.name, why, "gateway is up"),
+        Transition::Down => tracing::warn!(
+            gateway = %gateway.name,
+            sessions = gateway.sessions(),
+            why,
+            "gateway is down; closing its sessions"
+        ),
+    }
+}
+
+/// One probe of one gateway.
+pub async fn probe(gateway: &Gateway, kind: HealthCheck, path: &str) -> Result<(), ProbeError> {
+    match kind {
+        HealthCheck::Tcp | HealthCheck::Auto => connect(&gateway.addr).await.map(drop),
+        HealthCheck::Tls => tls(&gateway.addr).await,
+        HealthCheck::Http => {
+            let addr = gateway.health_addr.as_deref().unwrap_or(&gateway.addr);
+            let sessions = http(addr, path).await?;
+            gateway.set_reported_sessions(sessions);
+            Ok(())
+        }
+        HealthCheck::None => Ok(()),
+    }
+}
+
+async fn connect(addr: &str) -> Result<TcpStream, ProbeError> {
+    let stream = TcpStream::connect(addr).await.map_err(ProbeError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn tls(addr: &str) -> Result<(), ProbeError> {
+    let stream = connect(addr).await?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("gateway").expect("static valid name"));
+    let connector = tokio_rustls::TlsConnector::from(wasmbed_certs::probe_client_config());
+    connector
+        .connect(name, stream)
+        .await
+        .map(drop)
+        .map_err(ProbeError::Tls)
+}
+
+/// `GET path`; returns the live session count the body reports, if it reports one.
+async fn http(addr: &str, path: &str) -> Result<Option<u64>, ProbeError> {
+    let stream = connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProbeError::Http(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, addr)
+        .header(hyper::header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ProbeError::Http(e.to_string()))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| ProbeError::Http(e.to_string()));
+    let result = match response {
+        Ok(r) if r.status() == hyper::StatusCode::OK => {
+            let body = Limited::new(r.into_body(), 4096).collect().await;
+            Ok(body.ok().and_then(|b| sessions_in(&b.to_bytes())))
+        }
+        Ok(r) => Err(ProbeError::Status(r.status().as_u16())),
+        Err(e) => Err(e),
+    };
+    driver.abort();
+    result
+}
+
+/// Finds a live session count in a health body: JSON `{"sessions": N}`, or a text line
+/// `sessions N` / `sessions: N` / `sessions=N`.
+pub fn sessions_in(body: &[u8]) -> Option<u64> {
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
+        return json.get("sessions").and_then(serde_json::Value::as_u64);
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.lines().find_map(|line| {
+        let rest = line.trim().strip_prefix("sessions")?;
+        rest.trim_start_matches([':', '=', ' ']).trim().parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_counts_are_read_from_json_or_text() {
+        assert_eq!(sessions_in(br#"{"status":"ok","sessions":17}"#), Some(17));
+        assert_eq!(sessions_in(b"ok\nsessions: 5\n"), Some(5));
+        assert_eq!(sessions_in(b"sessions=9"), Some(9));
+        assert_eq!(sessions_in(b"ok"), None);
+        assert_eq!(sessions_in(br#"{"sessions":-1}"#), None);
+        assert_eq!(sessions_in(&[0xff, 0xfe]), None);
+    }
+}

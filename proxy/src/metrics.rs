@@ -1,0 +1,95 @@
+//! Metrics of the proxy: names, help texts, and the process-wide Prometheus recorder.
+//!
+//! Counters are bumped once per connection or per session, never per byte copied. Live
+//! per-gateway numbers (sessions, up, draining) are read from the balancer's atomics when
+//! `/metrics` is scraped, so the hot path never touches a gauge.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::balancer::GatewaySet;
+
+pub const ACCEPTED: &str = "wasmbed_proxy_connections_accepted_total";
+pub const REJECTED: &str = "wasmbed_proxy_connections_rejected_total";
+pub const ACCEPT_ERRORS: &str = "wasmbed_proxy_accept_errors_total";
+pub const OPEN: &str = "wasmbed_proxy_connections_open";
+pub const SESSIONS_STARTED: &str = "wasmbed_proxy_sessions_started_total";
+pub const SESSIONS_CANCELLED: &str = "wasmbed_proxy_sessions_cancelled_total";
+pub const SESSIONS: &str = "wasmbed_proxy_gateway_sessions";
+pub const GATEWAY_UP: &str = "wasmbed_proxy_gateway_up";
+pub const GATEWAY_DRAINING: &str = "wasmbed_proxy_gateway_draining";
+pub const GATEWAY_TRANSITIONS: &str = "wasmbed_proxy_gateway_transitions_total";
+pub const PROBE_FAILURES: &str = "wasmbed_proxy_health_probe_failures_total";
+pub const CONNECT_FAILURES: &str = "wasmbed_proxy_gateway_connect_failures_total";
+pub const BYTES: &str = "wasmbed_proxy_bytes_total";
+pub const HANDSHAKE: &str = "wasmbed_proxy_handshake_duration_seconds";
+pub const CONNECT: &str = "wasmbed_proxy_connect_duration_seconds";
+pub const DEVICES: &str = "wasmbed_proxy_authenticated_devices_total";
+pub const ROUTED: &str = "wasmbed_proxy_routed_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0,
+];
+
+/// The process-wide recorder's handle; installs the recorder on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("static, non-empty bucket list")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program's): then this
+        // handle renders only what is described here, and the program's recorder gets the rest.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(ACCEPTED, "Device connections accepted, by listener.");
+    describe_counter!(
+        REJECTED,
+        "Device connections closed before reaching a gateway, by reason."
+    );
+    describe_counter!(ACCEPT_ERRORS, "Failed accept() calls, by kind (emfile, other).");
+    describe_gauge!(OPEN, "Device connections open now.");
+    describe_counter!(SESSIONS_STARTED, "Sessions forwarded to a gateway, by gateway.");
+    describe_counter!(
+        SESSIONS_CANCELLED,
+        "Sessions closed by the proxy, by gateway and cause (gateway_down, shutdown)."
+    );
+    describe_gauge!(SESSIONS, "Live sessions per gateway (the balancer's counter).");
+    describe_gauge!(GATEWAY_UP, "1 when the gateway passes its health checks.");
+    describe_gauge!(GATEWAY_DRAINING, "1 when the gateway is drained by an operator.");
+    describe_counter!(GATEWAY_TRANSITIONS, "Health state changes, by gateway and new state.");
+    describe_counter!(PROBE_FAILURES, "Failed health probes, by gateway.");
+    describe_counter!(CONNECT_FAILURES, "Failed connects to a gateway, by gateway.");
+    describe_counter!(BYTES, Unit::Bytes, "Bytes forwarded, by direction (upstream, downstream).");
+    describe_histogram!(
+        HANDSHAKE,
+        Unit::Seconds,
+        "Time from accept to a classified ClientHello (passthrough) or a finished TLS handshake (terminate)."
+    );
+    describe_histogram!(CONNECT, Unit::Seconds, "Time to connect to a gateway.");
+    describe_counter!(DEVICES, "Sessions whose device presented a verified client certificate.");
+    describe_counter!(ROUTED, "Sessions routed to a gateway pool, by pool.");
+}
+
+/// Renders the Prometheus text, after refreshing the live per-gateway gauges.
+pub fn render(gateways: &GatewaySet) -> String {
+    let handle = handle();
+    for g in gateways.snapshot().iter() {
+        let name = g.name.clone();
+        gauge!(SESSIONS, "gateway" => name.clone()).set(g.sessions() as f64);
+        gauge!(GATEWAY_UP, "gateway" => name.clone()).set(f64::from(u8::from(g.is_healthy())));
+        gauge!(GATEWAY_DRAINING, "gateway" => name).set(f64::from(u8::from(g.is_draining())));
+    }
+    handle.run_upkeep();
+    handle.render()
+}

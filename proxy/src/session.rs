@@ -1,0 +1,311 @@
+//! One device connection: classify (peek the ClientHello, or terminate TLS) -> pick a gateway
+//! -> connect (retrying the next best on failure) -> forward until an end.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use metrics::{counter, gauge, histogram};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use wasmbed_config::{HealthCheck, ListenerConfig, Mode, ProxyConfig, RouteConfig};
+
+use crate::balancer::{GatewaySet, Lease};
+use crate::clienthello::{self, ClientHello, HelloError};
+use crate::forward;
+use crate::listener::{Accepted, reset_on_close};
+use crate::metrics::*;
+
+/// Everything a session needs, shared by all of them.
+pub struct Context {
+    pub config: ProxyConfig,
+    pub gateways: Arc<GatewaySet>,
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub connector: Option<tokio_rustls::TlsConnector>,
+    /// Cancelled when the shutdown grace period is over: every session closes.
+    pub hard_stop: CancellationToken,
+}
+
+/// Why a connection was closed before it reached a gateway; `reason` is its metric label.
+#[derive(Debug)]
+pub struct Refused {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn refused(reason: &'static str, detail: impl ToString) -> Refused {
+    Refused {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+/// Serves one accepted device connection to its end.
+pub async fn serve(ctx: Arc<Context>, listener: Arc<ListenerConfig>, accepted: Accepted) {
+    let Accepted { stream, peer, permit } = accepted;
+    counter!(ACCEPTED, "listener" => listener.addr.to_string()).increment(1);
+    gauge!(OPEN).increment(1.0);
+    let span = tracing::info_span!(
+        "session",
+        %peer,
+        sni = tracing::field::Empty,
+        device = tracing::field::Empty,
+        gateway = tracing::field::Empty,
+    );
+    let result = match ctx.config.mode {
+        Mode::Passthrough => passthrough(&ctx, &listener, stream).instrument(span.clone()).await,
+        Mode::Terminate => terminate(&ctx, stream).instrument(span.clone()).await,
+    };
+    if let Err(r) = result {
+        counter!(REJECTED, "reason" => r.reason).increment(1);
+        span.in_scope(|| tracing::debug!(reason = r.reason, detail = %r.detail, "connection refused"));
+    }
+    gauge!(OPEN).decrement(1.0);
+    drop(permit);
+}
+
+async fn passthrough(ctx: &Context, listener: &ListenerConfig, device: TcpStream) -> Result<(), Refused> {
+    let started = Instant::now();
+    let (prefix, hello) = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        read_hello(&device, ctx.config.max_client_hello),
+    )
+    .await
+    .map_err(|_| refused("handshake_timeout", "no complete ClientHello in time"))??;
+    let sni = match hello {
+        Some(ClientHello { sni, .. }) => sni,
+        None if listener.allow_plain => None,
+        None => return Err(refused("not_tls", "plain TCP on a TLS listener")),
+    };
+    histogram!(HANDSHAKE).record(started.elapsed().as_secs_f64());
+    if let Some(name) = &sni {
+        tracing::Span::current().record("sni", name.as_str());
+    }
+    let (lease, gateway) = connect(ctx, pool_for(&ctx.config.routes, sni.as_deref())).await?;
+    let moved = Counted::default();
+    let result = async {
+        forward::write_all(&gateway, &prefix).await?;
+        moved.up.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        drop(prefix);
+        forward::tcp(&device, &gateway, &moved.up, &moved.down).await
+    };
+    if supervise(ctx, &lease, result).await.is_some() {
+        reset_on_close(&device);
+    }
+    moved.record();
+    Ok(())
+}
+
+/// Reads (bounded) until the bytes are a whole ClientHello, or clearly not TLS. Returns the
+/// bytes read, to be sent to the gateway first, untouched.
+async fn read_hello(device: &TcpStream, max: usize) -> Result<(Vec<u8>, Option<ClientHello>), Refused> {
+    let mut buf = vec![0u8; 2048.min(max)];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize((len * 2).min(max), 0);
+        }
+        device
+            .readable()
+            .await
+            .map_err(|e| refused("client_error", e))?;
+        match device.try_read(&mut buf[len..]) {
+            Ok(0) => return Err(refused("client_closed", "closed before its ClientHello")),
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(refused("client_error", e)),
+        }
+        match clienthello::parse(&buf[..len], max) {
+            Err(HelloError::Incomplete) => {}
+            Err(HelloError::NotTls) => {
+                buf.truncate(len);
+                return Ok((buf, None));
+            }
+            Err(e) => return Err(refused(e.reason(), e)),
+            Ok(hello) => {
+                buf.truncate(len);
+                return Ok((buf, Some(hello)));
+            }
+        }
+    }
+}
+
+async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
+    let Some(acceptor) = &ctx.acceptor else {
+        return Err(refused("internal", "terminate mode without a TLS acceptor"));
+    };
+    let started = Instant::now();
+    let mut tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
+        .await
+        .map_err(|_| refused("handshake_timeout", "TLS handshake not finished in time"))?
+        .map_err(|e| refused(tls_reason(&e), e))?;
+    histogram!(HANDSHAKE).record(started.elapsed().as_secs_f64());
+    let (_, conn) = tls.get_ref();
+    let sni = conn.server_name().map(str::to_string);
+    let identity = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(wasmbed_certs::peer_identity);
+    let span = tracing::Span::current();
+    if let Some(id) = &identity {
+        span.record("device", id.as_str());
+        counter!(DEVICES).increment(1);
+    }
+    if let Some(name) = &sni {
+        span.record("sni", name.as_str());
+    }
+    let (lease, gateway) = connect(ctx, pool_for(&ctx.config.routes, sni.as_deref())).await?;
+    let moved = Counted::default();
+    let result = async {
+        let f = match &ctx.connector {
+            Some(connector) => {
+                let name = upstream_name(ctx, &lease.gateway().addr);
+                let mut up = connector.connect(name, gateway).await?;
+                forward::streams(&mut tls, &mut up).await?
+            }
+            None => {
+                let mut up = gateway;
+                forward::streams(&mut tls, &mut up).await?
+            }
+        };
+        moved.up.fetch_add(f.upstream, Ordering::Relaxed);
+        moved.down.fetch_add(f.downstream, Ordering::Relaxed);
+        Ok(())
+    };
+    if supervise(ctx, &lease, result).await.is_some() {
+        reset_on_close(tls.get_ref().0);
+    }
+    moved.record();
+    Ok(())
+}
+
+fn tls_reason(e: &io::Error) -> &'static str {
+    let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => {
+            "client_cert"
+        }
+        Some(_) => "tls_handshake",
+        None => "client_error",
+    }
+}
+
+fn upstream_name(ctx: &Context, addr: &str) -> ServerName<'static> {
+    let configured = ctx.config.upstream_tls.as_ref().and_then(|u| u.server_name.clone());
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    ServerName::try_from(configured.unwrap_or(host))
+        .unwrap_or_else(|_| ServerName::try_from("gateway").expect("static valid name"))
+}
+
+/// Runs a session's forwarding until it ends, its gateway goes down, or the grace period of a
+/// shutdown is over. Returns the cause when the proxy cut the session: the caller then closes
+/// the device's connection with a reset, so the device reconnects at once.
+async fn supervise(
+    ctx: &Context,
+    lease: &Lease,
+    forwarding: impl Future<Output = io::Result<()>>,
+) -> Option<&'static str> {
+    let gateway = lease.gateway();
+    counter!(SESSIONS_STARTED, "gateway" => gateway.name.clone()).increment(1);
+    tracing::Span::current().record("gateway", gateway.name.as_str());
+    let cause = match gateway.session_token() {
+        None => Some("gateway_down"),
+        Some(down) => tokio::select! {
+            r = forwarding => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "session ended with an error");
+                }
+                None
+            }
+            _ = down.cancelled() => Some("gateway_down"),
+            _ = ctx.hard_stop.cancelled() => Some("shutdown"),
+        },
+    };
+    if let Some(cause) = cause {
+        counter!(SESSIONS_CANCELLED, "gateway" => gateway.name.clone(), "cause" => cause)
+            .increment(1);
+    }
+    cause
+}
+
+/// Bytes moved by one session, counted as they go so a cancelled session still reports them.
+#[derive(Default)]
+struct Counted {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Counted {
+    fn record(&self) {
+        counter!(BYTES, "direction" => "upstream").increment(self.up.load(Ordering::Relaxed));
+        counter!(BYTES, "direction" => "downstream").increment(self.down.load(Ordering::Relaxed));
+    }
+}
+
+/// The pool a device goes to: the first route its SNI matches, else the default pool.
+pub fn pool_for<'a>(routes: &'a [RouteConfig], sni: Option<&str>) -> &'a str {
+    let matched = sni.and_then(|sni| {
+        routes.iter().find(|r| match r.sni.strip_prefix("*.") {
+            Some(suffix) => sni
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            None => r.sni == sni,
+        })
+    });
+    let pool = matched.map_or(wasmbed_config::proxy::DEFAULT_POOL, |r| r.pool.as_str());
+    counter!(ROUTED, "pool" => pool.to_string()).increment(1);
+    pool
+}
+
+/// Connects to the best gateway of `pool`; on a failed connect, counts a passive failure and
+/// tries the next best, up to `connect_retries` more.
+async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refused> {
+    let health = &ctx.config.health;
+    let mut tried = Vec::new();
+    for _ in 0..=ctx.config.connect_retries {
+        let Some(lease) = ctx.gateways.acquire(pool, &tried) else {
+            break;
+        };
+        let gateway = lease.gateway().clone();
+        let started = Instant::now();
+        let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
+            Ok(Ok(stream)) => {
+                histogram!(CONNECT).record(started.elapsed().as_secs_f64());
+                return Ok((lease, stream));
+            }
+            Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused("fd_limit", e)),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
+        };
+        drop(lease);
+        counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+        tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
+        if health.check != HealthCheck::None {
+            let change = gateway.observe(false, health.rise, health.fall);
+            crate::health::report(&gateway, change, &error);
+        }
+        tried.push(gateway);
+    }
+    Err(if tried.is_empty() {
+        refused("no_gateway", format!("no gateway of pool {pool:?} is up"))
+    } else {
+        refused("gateway_unreachable", format!("{} gateways refused", tried.len()))
+    })
+}
+
+async fn dial(addr: &str) -> io::Result<TcpStream> {
+    let stream = match addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => TcpStream::connect(sa).await?,
+        Err(_) => TcpStream::connect(addr).await?,
+    };
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
