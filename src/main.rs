@@ -1,1 +1,129 @@
-fn main() {}
+//! `wasmbed`: one binary, one subcommand per role. It only parses flags into `wasmbed-config`
+//! types, sets up logging and the runtime, and calls the libraries.
+
+mod certs_cmd;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use wasmbed_config::{LogFormat, ProxyConfig, ProxyFlags};
+
+/// Wasmbed edge: the data plane between a fleet of embedded devices and a pool of gateways.
+#[derive(Debug, Parser)]
+#[command(name = "wasmbed", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the front proxy: every device dials one address and is handed to the gateway with
+    /// the fewest live sessions. Options come from --config FILE and/or flags (flags win).
+    ///
+    /// Example: wasmbed proxy --listen 127.0.0.1:8443 --gateway gw-1=127.0.0.1:9001
+    /// --gateway gw-2=127.0.0.1:9002 --health tcp --health-interval 250ms --fall 2
+    Proxy(ProxyFlags),
+    /// Dev certificates: a CA, server certificates and device client certificates.
+    Certs(certs_cmd::CertsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Proxy(flags) => proxy(flags),
+        Command::Certs(args) => match certs_cmd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("certs", e),
+        },
+    }
+}
+
+fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("wasmbed {what}: {e}");
+    ExitCode::from(2)
+}
+
+fn proxy(flags: ProxyFlags) -> ExitCode {
+    let config = match ProxyConfig::load(&flags) {
+        Ok(c) => c,
+        Err(e) => return fail("proxy", e),
+    };
+    init_logging(config.log_format);
+    let runtime = match runtime(config.threads) {
+        Ok(r) => r,
+        Err(e) => return fail("proxy", format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let proxy = match wasmbed_proxy::Proxy::bind(config).await {
+            Ok(p) => p,
+            Err(e) => return fail("proxy", e),
+        };
+        announce(&proxy.listen_addrs(), proxy.admin_addr());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(shutdown.clone()));
+        match proxy.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("proxy", e),
+        }
+    })
+}
+
+/// One line on stdout once every socket is bound: what scripts and tests wait for.
+fn announce(listen: &[std::net::SocketAddr], admin: Option<std::net::SocketAddr>) {
+    let listen: Vec<String> = listen.iter().map(ToString::to_string).collect();
+    let admin = admin.map_or("off".to_string(), |a| a.to_string());
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready listen={} admin={admin}", listen.join(","));
+    let _ = out.flush();
+}
+
+fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMBED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

@@ -1,7 +1,190 @@
-pub mod clienthello;
+//! The wasmbed front proxy: every device dials one address; each connection goes to the
+//! gateway with the fewest live sessions.
+//!
+//! The path of one connection, module by module:
+//! - [`listener`]: accept (socket2 listeners, backoff on `EMFILE`);
+//! - [`clienthello`] and [`session`]: classify (peek the ClientHello, or terminate TLS);
+//! - [`balancer`]: pick (lock-free least sessions, RAII lease);
+//! - [`session`]: connect (retry the next best gateway) and supervise;
+//! - [`forward`]: forward bytes both ways.
+//!
+//! Beside the path: [`health`] (active probes, rise/fall, cancel on down), [`admin`] (HTTP
+//! endpoint), [`metrics`] (Prometheus).
+//!
+//! ```no_run
+//! # async fn demo(config: wasmbed_config::ProxyConfig) -> Result<(), wasmbed_proxy::ProxyError> {
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let proxy = wasmbed_proxy::Proxy::bind(config).await?;
+//! println!("devices dial {:?}", proxy.listen_addrs());
+//! proxy.run(shutdown).await
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
 pub mod balancer;
-pub mod metrics;
+pub mod clienthello;
 pub mod forward;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmbed_config::{ListenerConfig, ProxyConfig};
+
+pub use balancer::{Gateway, GatewaySet, Lease};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Certs(#[from] wasmbed_certs::CertError),
+}
+
+/// A proxy whose sockets are bound; [`Proxy::run`] serves them.
+pub struct Proxy {
+    config: ProxyConfig,
+    listeners: Vec<(Arc<ListenerConfig>, TcpListener)>,
+    admin: Option<TcpListener>,
+    gateways: Arc<GatewaySet>,
+    tls: TlsSetup,
+}
+
+impl Proxy {
+    /// Binds every listener and the admin endpoint, and loads the TLS material, so that every
+    /// start-up error surfaces here, before anything is served.
+    pub async fn bind(config: ProxyConfig) -> Result<Proxy, ProxyError> {
+        crate::metrics::handle();
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let bound = listener::bind(l).map_err(|source| ProxyError::Bind {
+                addr: l.addr,
+                source,
+            })?;
+            let mut l = l.clone();
+            l.addr = bound.local_addr().unwrap_or(l.addr);
+            listeners.push((Arc::new(l), bound));
+        }
+        let admin = match config.admin {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ProxyError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        // Load certificates now, so a bad file fails the start, not the first device.
+        let tls = tls_setup(&config)?;
+        let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
+        Ok(Proxy {
+            config,
+            listeners,
+            admin,
+            gateways,
+            tls,
+        })
+    }
+
+    /// The addresses devices dial (with the ports the OS chose for `:0`).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(l, _)| l.addr).collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// The live gateway set (for tests and embedding programs).
+    pub fn gateways(&self) -> Arc<GatewaySet> {
+        self.gateways.clone()
+    }
+
+    /// Serves until `shutdown`; then stops accepting, lets sessions finish for the grace period,
+    /// closes the rest, and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProxyError> {
+        let (acceptor, connector) = self.tls;
+        let hard_stop = CancellationToken::new();
+        let ctx = Arc::new(session::Context {
+            config: self.config,
+            gateways: self.gateways.clone(),
+            acceptor,
+            connector,
+            hard_stop: hard_stop.clone(),
+        });
+        let background = TaskTracker::new();
+        let probes_stop = CancellationToken::new();
+        health::spawn(&self.gateways.snapshot(), &ctx.config.health, &background, &probes_stop);
+        if let Some(admin) = self.admin {
+            background.spawn(admin::serve(admin, self.gateways.clone(), probes_stop.clone()));
+        }
+        let sessions = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
+        let accepting = TaskTracker::new();
+        for (config, listener) in self.listeners {
+            tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
+            let (ctx, sessions_t) = (ctx.clone(), sessions.clone());
+            accepting.spawn(listener::accept_loop(listener, limit.clone(), shutdown.clone(), move |a| {
+                sessions_t.spawn(session::serve(ctx.clone(), config.clone(), a));
+            }));
+        }
+        accepting.close();
+        accepting.wait().await;
+        sessions.close();
+        let open = sessions.len();
+        tracing::info!(sessions = open, grace = ?ctx.config.grace, "shutting down: no longer accepting");
+        if tokio::time::timeout(ctx.config.grace, sessions.wait()).await.is_err() {
+            tracing::info!(sessions = sessions.len(), "grace period over: closing sessions");
+            hard_stop.cancel();
+            sessions.wait().await;
+        }
+        probes_stop.cancel();
+        background.close();
+        background.wait().await;
+        tracing::info!("proxy stopped");
+        Ok(())
+    }
+}
+
+type TlsSetup = (
+    Option<tokio_rustls::TlsAcceptor>,
+    Option<tokio_rustls::TlsConnector>,
+);
+
+fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
+    let acceptor = match (&config.mode, &config.tls) {
+        (wasmbed_config::Mode::Terminate, Some(tls)) => {
+            let chain = wasmbed_certs::load_certs(&tls.cert)?;
+            let key = wasmbed_certs::load_key(&tls.key)?;
+            let client_ca = tls.client_ca.as_deref().map(wasmbed_certs::load_certs).transpose()?;
+            let server = wasmbed_certs::server_config(chain, key, client_ca.as_deref(), &[])?;
+            Some(tokio_rustls::TlsAcceptor::from(server))
+        }
+        _ => None,
+    };
+    let connector = match &config.upstream_tls {
+        Some(up) => {
+            let ca = wasmbed_certs::load_certs(&up.ca)?;
+            Some(tokio_rustls::TlsConnector::from(wasmbed_certs::client_config(&ca, None)?))
+        }
+        None => None,
+    };
+    Ok((acceptor, connector))
+}
+
+/// Binds and serves `config` until `shutdown` (see [`Proxy`]).
+pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> Result<(), ProxyError> {
+    Proxy::bind(config).await?.run(shutdown).await
+}

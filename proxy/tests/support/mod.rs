@@ -1,0 +1,265 @@
+//! Test kit for the proxy: backends that echo and count their live connections (with an http
+//! health endpoint that can be stalled), a proxy started in-process, and device clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use wasmbed_config::{GatewayConfig, ProxyConfig};
+use wasmbed_proxy::{GatewaySet, Proxy};
+
+/// A gateway stand-in: echoes bytes, counts live connections, answers `/healthz`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    live: Arc<AtomicUsize>,
+    /// Health requests received (answered or not).
+    pub probes: Arc<AtomicUsize>,
+    stalled: watch::Sender<bool>,
+    kill: CancellationToken,
+}
+
+impl Backend {
+    pub async fn spawn() -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = Arc::new(AtomicUsize::new(0));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (stalled, stall_rx) = watch::channel(false);
+        let kill = CancellationToken::new();
+        let b = Backend {
+            addr: listener.local_addr().unwrap(),
+            health_addr: health.local_addr().unwrap(),
+            live: live.clone(),
+            probes: probes.clone(),
+            stalled,
+            kill: kill.clone(),
+        };
+        tokio::spawn(echo_loop(listener, live.clone(), kill.clone()));
+        tokio::spawn(health_loop(health, live, probes, stall_rx, kill));
+        b
+    }
+
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Health requests stop being answered (a hung process: TCP still accepts).
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
+
+    /// A crash: the listeners close and every connection is reset.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    pub fn gateway(&self, name: &str) -> GatewayConfig {
+        GatewayConfig {
+            name: name.into(),
+            addr: self.addr.to_string(),
+            health_addr: Some(self.health_addr.to_string()),
+            weight: 1,
+            pool: "default".into(),
+        }
+    }
+}
+
+async fn echo_loop(listener: TcpListener, live: Arc<AtomicUsize>, kill: CancellationToken) {
+    loop {
+        let (mut s, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = kill.cancelled() => return,
+        };
+        let (live, kill) = (live.clone(), kill.clone());
+        live.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                tokio::select! {
+                    r = s.read(&mut buf) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => if s.write_all(&buf[..n]).await.is_err() { break },
+                    },
+                    _ = kill.cancelled() => {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                        break;
+                    }
+                }
+            }
+            live.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+async fn health_loop(
+    listener: TcpListener,
+    live: Arc<AtomicUsize>,
+    probes: Arc<AtomicUsize>,
+    stalled: watch::Receiver<bool>,
+    kill: CancellationToken,
+) {
+    loop {
+        let (mut s, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            _ = kill.cancelled() => return,
+        };
+        let (live, probes, mut stalled, kill) =
+            (live.clone(), probes.clone(), stalled.clone(), kill.clone());
+        tokio::spawn(async move {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            probes.fetch_add(1, Ordering::SeqCst);
+            // While stalled, hold the request unanswered.
+            tokio::select! {
+                _ = stalled.wait_for(|s| !*s) => {}
+                _ = kill.cancelled() => return,
+            }
+            let body = format!("{{\"status\":\"ok\",\"sessions\":{}}}", live.load(Ordering::SeqCst));
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// A proxy running in-process on 127.0.0.1:0.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub gateways: Arc<GatewaySet>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), wasmbed_proxy::ProxyError>>,
+}
+
+/// A config with fast health checks, listening on 127.0.0.1:0.
+pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
+    let mut c = ProxyConfig::from_toml(
+        r#"
+        admin = "127.0.0.1:0"
+        handshake_timeout = "2s"
+        connect_timeout = "500ms"
+        grace = "200ms"
+        [[listener]]
+        addr = "127.0.0.1:0"
+        [health]
+        interval = "100ms"
+        timeout = "50ms"
+        rise = 2
+        fall = 2
+        [[gateway]]
+        addr = "127.0.0.1:1"
+        "#,
+    )
+    .unwrap();
+    c.gateways = gateways;
+    c
+}
+
+pub async fn start(config: ProxyConfig) -> RunningProxy {
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addr = proxy.listen_addrs()[0];
+    let admin = proxy.admin_addr().unwrap();
+    let gateways = proxy.gateways();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(proxy.run(shutdown.clone()));
+    RunningProxy { addr, admin, gateways, shutdown, task }
+}
+
+impl RunningProxy {
+    pub fn counts(&self) -> Vec<u64> {
+        self.gateways.snapshot().iter().map(|g| g.sessions()).collect()
+    }
+
+    pub fn gateway(&self, name: &str) -> Arc<wasmbed_proxy::Gateway> {
+        self.gateways.find(name).unwrap()
+    }
+
+    /// GET or POST on the admin endpoint; returns (status, body).
+    pub async fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        http(self.admin, method, path).await
+    }
+
+    /// The value of one metric line (name with labels, exactly as rendered), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.admin("GET", "/metrics").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+/// A minimal HTTP/1.1 request, for the admin endpoint.
+pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// A real ClientHello for `sni`, as rustls sends it.
+pub fn client_hello(sni: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(wasmbed_certs::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), sni.to_string().try_into().unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// A device whose session is established: it sent a ClientHello and the echo came back.
+pub async fn device(proxy: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let hello = client_hello("device.example");
+    s.write_all(&hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, hello, "the ClientHello reaches the gateway untouched");
+    s
+}
+
+/// Waits (bounded) until the proxy closes `s`; returns how many bytes arrived before.
+pub async fn closed(s: &mut TcpStream, within: Duration) -> usize {
+    let mut buf = [0u8; 1024];
+    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => panic!("connection still open after {within:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return total,
+            Ok(Ok(n)) => total += n,
+        }
+    }
+}
+
+/// Polls `cond` every 10ms until it holds; panics after `within`.
+pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
