@@ -19,8 +19,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub health_addr: SocketAddr,
     live: Arc<AtomicUsize>,
-    /// Health requests received (answered or not).
+    /// Health requests answered.
     pub probes: Arc<AtomicUsize>,
+    /// Health requests held unanswered while stalled.
+    pub held: Arc<AtomicUsize>,
     stalled: watch::Sender<bool>,
     kill: CancellationToken,
 }
@@ -31,6 +33,7 @@ impl Backend {
         let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live = Arc::new(AtomicUsize::new(0));
         let probes = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
         let (stalled, stall_rx) = watch::channel(false);
         let kill = CancellationToken::new();
         let b = Backend {
@@ -38,11 +41,12 @@ impl Backend {
             health_addr: health.local_addr().unwrap(),
             live: live.clone(),
             probes: probes.clone(),
+            held: held.clone(),
             stalled,
             kill: kill.clone(),
         };
         tokio::spawn(echo_loop(listener, live.clone(), kill.clone()));
-        tokio::spawn(health_loop(health, live, probes, stall_rx, kill));
+        tokio::spawn(health_loop(health, live, [probes, held], stall_rx, kill));
         b
     }
 
@@ -101,7 +105,7 @@ async fn echo_loop(listener: TcpListener, live: Arc<AtomicUsize>, kill: Cancella
 async fn health_loop(
     listener: TcpListener,
     live: Arc<AtomicUsize>,
-    probes: Arc<AtomicUsize>,
+    [probes, held]: [Arc<AtomicUsize>; 2],
     stalled: watch::Receiver<bool>,
     kill: CancellationToken,
 ) {
@@ -110,8 +114,8 @@ async fn health_loop(
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             _ = kill.cancelled() => return,
         };
-        let (live, probes, mut stalled, kill) =
-            (live.clone(), probes.clone(), stalled.clone(), kill.clone());
+        let (live, probes, held, mut stalled, kill) =
+            (live.clone(), probes.clone(), held.clone(), stalled.clone(), kill.clone());
         tokio::spawn(async move {
             let mut req = Vec::new();
             let mut buf = [0u8; 1024];
@@ -121,18 +125,22 @@ async fn health_loop(
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
-            probes.fetch_add(1, Ordering::SeqCst);
             // While stalled, hold the request unanswered.
-            tokio::select! {
-                _ = stalled.wait_for(|s| !*s) => {}
-                _ = kill.cancelled() => return,
+            if *stalled.borrow_and_update() {
+                held.fetch_add(1, Ordering::SeqCst);
+                tokio::select! {
+                    _ = stalled.wait_for(|s| !*s) => {}
+                    _ = kill.cancelled() => return,
+                }
             }
             let body = format!("{{\"status\":\"ok\",\"sessions\":{}}}", live.load(Ordering::SeqCst));
             let resp = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = s.write_all(resp.as_bytes()).await;
+            if s.write_all(resp.as_bytes()).await.is_ok() {
+                probes.fetch_add(1, Ordering::SeqCst);
+            }
         });
     }
 }
@@ -158,7 +166,7 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
         addr = "127.0.0.1:0"
         [health]
         interval = "100ms"
-        timeout = "50ms"
+        timeout = "90ms"
         rise = 2
         fall = 2
         [[gateway]]
@@ -233,11 +241,12 @@ pub fn client_hello(sni: &str) -> Vec<u8> {
 /// A device whose session is established: it sent a ClientHello and the echo came back.
 pub async fn device(proxy: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
-    let hello = client_hello("device.example");
-    s.write_all(&hello).await.unwrap();
+    static HELLO: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let hello = HELLO.get_or_init(|| client_hello("device.example"));
+    s.write_all(hello).await.unwrap();
     let mut back = vec![0u8; hello.len()];
     s.read_exact(&mut back).await.unwrap();
-    assert_eq!(back, hello, "the ClientHello reaches the gateway untouched");
+    assert_eq!(&back, hello, "the ClientHello reaches the gateway untouched");
     s
 }
 
