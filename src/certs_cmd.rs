@@ -55,7 +55,10 @@ fn write(path: &Path, body: &str) -> Result<(), CertError> {
 }
 
 fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> Result<serde_json::Value, CertError> {
-    let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+    let (cert, key) = (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    );
     write(&cert, &issued.cert_pem)?;
     write(&key, &issued.key_pem)?;
     Ok(serde_json::json!({ "cert": cert, "key": key }))
@@ -74,7 +77,11 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
         path: devices_dir.clone(),
         source,
     })?;
-    let kind = if a.rsa { KeyKind::Rsa2048 } else { KeyKind::EcdsaP256 };
+    let kind = if a.rsa {
+        KeyKind::Rsa2048
+    } else {
+        KeyKind::EcdsaP256
+    };
     let ca = DevCa::generate("wasmbed dev CA")?;
     write(&ca_path, &ca.cert_pem())?;
     write(&a.dir.join("ca.key"), ca.key_pem())?;

@@ -84,7 +84,11 @@ async fn metrics(State(gateways): State<Arc<GatewaySet>>) -> Response {
 }
 
 async fn list(State(gateways): State<Arc<GatewaySet>>) -> Response {
-    let views: Vec<_> = gateways.snapshot().iter().map(|g| GatewayView::of(g)).collect();
+    let views: Vec<_> = gateways
+        .snapshot()
+        .iter()
+        .map(|g| GatewayView::of(g))
+        .collect();
     axum::Json(views).into_response()
 }
 
@@ -107,6 +111,10 @@ fn set_draining(
             tracing::info!(gateway = %g.name, draining, sessions = g.sessions(), "drain state set");
             axum::Json(GatewayView::of(&g)).into_response()
         }
-        None => (StatusCode::NOT_FOUND, format!("no gateway named {name:?}\n")).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no gateway named {name:?}\n"),
+        )
+            .into_response(),
     }
 }

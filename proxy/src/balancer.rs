@@ -196,7 +196,11 @@ impl GatewaySet {
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<Gateway>> {
-        self.gateways.load().iter().find(|g| g.name == name).cloned()
+        self.gateways
+            .load()
+            .iter()
+            .find(|g| g.name == name)
+            .cloned()
     }
 
     /// Whether any gateway of any pool would take a new session.
@@ -232,7 +236,8 @@ impl GatewaySet {
                 let weight = g.effective_weight(self.slow_start, now_ms);
                 let better = best.is_none_or(|(_, s, w)| {
                     // (sessions + 1) / weight < (s + 1) / w, without division.
-                    u128::from(sessions + 1) * u128::from(w) < u128::from(s + 1) * u128::from(weight)
+                    u128::from(sessions + 1) * u128::from(w)
+                        < u128::from(s + 1) * u128::from(weight)
                 });
                 if better {
                     best = Some((g, sessions, weight));

@@ -140,7 +140,9 @@ mod tests {
         let (gateway_side, mut gateway) = pair().await;
         let relay = tokio::spawn(async move {
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&device_side, &gateway_side, &u, &d).await.map(|()| (u.into_inner(), d.into_inner()))
+            tcp(&device_side, &gateway_side, &u, &d)
+                .await
+                .map(|()| (u.into_inner(), d.into_inner()))
         });
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
@@ -157,7 +159,10 @@ mod tests {
         assert!(got == up, "upstream bytes intact");
         gateway.write_all(&down2).await.unwrap();
         drop(gateway);
-        assert!(device_task.await.unwrap() == down, "downstream bytes intact");
+        assert!(
+            device_task.await.unwrap() == down,
+            "downstream bytes intact"
+        );
         assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 2_000_000));
     }
 
@@ -176,6 +181,10 @@ mod tests {
         let r = relay.await.unwrap();
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
         let mut rest = Vec::new();
-        assert_eq!(device.read_to_end(&mut rest).await.unwrap(), 0, "device sees the close");
+        assert_eq!(
+            device.read_to_end(&mut rest).await.unwrap(),
+            0,
+            "device sees the close"
+        );
     }
 }

@@ -57,7 +57,12 @@ pub fn spawn(
     }
 }
 
-async fn watch(gateway: Arc<Gateway>, kind: HealthCheck, config: HealthConfig, stop: CancellationToken) {
+async fn watch(
+    gateway: Arc<Gateway>,
+    kind: HealthCheck,
+    config: HealthConfig,
+    stop: CancellationToken,
+) {
     loop {
         let result = tokio::select! {
             r = tokio::time::timeout(config.timeout, probe(&gateway, kind, &config.path)) => r,
@@ -70,7 +75,11 @@ async fn watch(gateway: Arc<Gateway>, kind: HealthCheck, config: HealthConfig, s
         }
         let reason = result.as_ref().err().map(ToString::to_string);
         let change = gateway.observe(result.is_ok(), config.rise, config.fall);
-        report(&gateway, change, reason.as_deref().unwrap_or("probe succeeded"));
+        report(
+            &gateway,
+            change,
+            reason.as_deref().unwrap_or("probe succeeded"),
+        );
         // Up to 10% jitter keeps the probes of many proxies from beating in step.
         let jitter = config.interval.mul_f64(fastrand::f64() * 0.1);
         tokio::select! {
@@ -115,7 +124,9 @@ pub async fn probe(gateway: &Gateway, kind: HealthCheck, path: &str) -> Result<(
 }
 
 async fn connect(addr: &str) -> Result<TcpStream, ProbeError> {
-    let stream = TcpStream::connect(addr).await.map_err(ProbeError::Connect)?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(ProbeError::Connect)?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }

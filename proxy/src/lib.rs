@@ -126,9 +126,18 @@ impl Proxy {
         });
         let background = TaskTracker::new();
         let probes_stop = CancellationToken::new();
-        health::spawn(&self.gateways.snapshot(), &ctx.config.health, &background, &probes_stop);
+        health::spawn(
+            &self.gateways.snapshot(),
+            &ctx.config.health,
+            &background,
+            &probes_stop,
+        );
         if let Some(admin) = self.admin {
-            background.spawn(admin::serve(admin, self.gateways.clone(), probes_stop.clone()));
+            background.spawn(admin::serve(
+                admin,
+                self.gateways.clone(),
+                probes_stop.clone(),
+            ));
         }
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
@@ -136,17 +145,28 @@ impl Proxy {
         for (config, listener) in self.listeners {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let (ctx, sessions_t) = (ctx.clone(), sessions.clone());
-            accepting.spawn(listener::accept_loop(listener, limit.clone(), shutdown.clone(), move |a| {
-                sessions_t.spawn(session::serve(ctx.clone(), config.clone(), a));
-            }));
+            accepting.spawn(listener::accept_loop(
+                listener,
+                limit.clone(),
+                shutdown.clone(),
+                move |a| {
+                    sessions_t.spawn(session::serve(ctx.clone(), config.clone(), a));
+                },
+            ));
         }
         accepting.close();
         accepting.wait().await;
         sessions.close();
         let open = sessions.len();
         tracing::info!(sessions = open, grace = ?ctx.config.grace, "shutting down: no longer accepting");
-        if tokio::time::timeout(ctx.config.grace, sessions.wait()).await.is_err() {
-            tracing::info!(sessions = sessions.len(), "grace period over: closing sessions");
+        if tokio::time::timeout(ctx.config.grace, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                sessions = sessions.len(),
+                "grace period over: closing sessions"
+            );
             hard_stop.cancel();
             sessions.wait().await;
         }
@@ -168,7 +188,11 @@ fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
         (wasmbed_config::Mode::Terminate, Some(tls)) => {
             let chain = wasmbed_certs::load_certs(&tls.cert)?;
             let key = wasmbed_certs::load_key(&tls.key)?;
-            let client_ca = tls.client_ca.as_deref().map(wasmbed_certs::load_certs).transpose()?;
+            let client_ca = tls
+                .client_ca
+                .as_deref()
+                .map(wasmbed_certs::load_certs)
+                .transpose()?;
             let server = wasmbed_certs::server_config(chain, key, client_ca.as_deref(), &[])?;
             Some(tokio_rustls::TlsAcceptor::from(server))
         }
@@ -177,7 +201,9 @@ fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
     let connector = match &config.upstream_tls {
         Some(up) => {
             let ca = wasmbed_certs::load_certs(&up.ca)?;
-            Some(tokio_rustls::TlsConnector::from(wasmbed_certs::client_config(&ca, None)?))
+            Some(tokio_rustls::TlsConnector::from(
+                wasmbed_certs::client_config(&ca, None)?,
+            ))
         }
         None => None,
     };

@@ -30,8 +30,7 @@ pub const DEVICES: &str = "wasmbed_proxy_authenticated_devices_total";
 pub const ROUTED: &str = "wasmbed_proxy_routed_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
 /// The process-wide recorder's handle; installs the recorder on first use.
@@ -57,27 +56,52 @@ fn describe() {
         REJECTED,
         "Device connections closed before reaching a gateway, by reason."
     );
-    describe_counter!(ACCEPT_ERRORS, "Failed accept() calls, by kind (emfile, other).");
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accept() calls, by kind (emfile, other)."
+    );
     describe_gauge!(OPEN, "Device connections open now.");
-    describe_counter!(SESSIONS_STARTED, "Sessions forwarded to a gateway, by gateway.");
+    describe_counter!(
+        SESSIONS_STARTED,
+        "Sessions forwarded to a gateway, by gateway."
+    );
     describe_counter!(
         SESSIONS_CANCELLED,
         "Sessions closed by the proxy, by gateway and cause (gateway_down, shutdown)."
     );
-    describe_gauge!(SESSIONS, "Live sessions per gateway (the balancer's counter).");
+    describe_gauge!(
+        SESSIONS,
+        "Live sessions per gateway (the balancer's counter)."
+    );
     describe_gauge!(GATEWAY_UP, "1 when the gateway passes its health checks.");
-    describe_gauge!(GATEWAY_DRAINING, "1 when the gateway is drained by an operator.");
-    describe_counter!(GATEWAY_TRANSITIONS, "Health state changes, by gateway and new state.");
+    describe_gauge!(
+        GATEWAY_DRAINING,
+        "1 when the gateway is drained by an operator."
+    );
+    describe_counter!(
+        GATEWAY_TRANSITIONS,
+        "Health state changes, by gateway and new state."
+    );
     describe_counter!(PROBE_FAILURES, "Failed health probes, by gateway.");
-    describe_counter!(CONNECT_FAILURES, "Failed connects to a gateway, by gateway.");
-    describe_counter!(BYTES, Unit::Bytes, "Bytes forwarded, by direction (upstream, downstream).");
+    describe_counter!(
+        CONNECT_FAILURES,
+        "Failed connects to a gateway, by gateway."
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes forwarded, by direction (upstream, downstream)."
+    );
     describe_histogram!(
         HANDSHAKE,
         Unit::Seconds,
         "Time from accept to a classified ClientHello (passthrough) or a finished TLS handshake (terminate)."
     );
     describe_histogram!(CONNECT, Unit::Seconds, "Time to connect to a gateway.");
-    describe_counter!(DEVICES, "Sessions whose device presented a verified client certificate.");
+    describe_counter!(
+        DEVICES,
+        "Sessions whose device presented a verified client certificate."
+    );
     describe_counter!(ROUTED, "Sessions routed to a gateway pool, by pool.");
 }
 

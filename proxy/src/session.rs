@@ -45,7 +45,11 @@ fn refused(reason: &'static str, detail: impl ToString) -> Refused {
 
 /// Serves one accepted device connection to its end.
 pub async fn serve(ctx: Arc<Context>, listener: Arc<ListenerConfig>, accepted: Accepted) {
-    let Accepted { stream, peer, permit } = accepted;
+    let Accepted {
+        stream,
+        peer,
+        permit,
+    } = accepted;
     counter!(ACCEPTED, "listener" => listener.addr.to_string()).increment(1);
     gauge!(OPEN).increment(1.0);
     let span = tracing::info_span!(
@@ -56,18 +60,28 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<ListenerConfig>, accepted: A
         gateway = tracing::field::Empty,
     );
     let result = match ctx.config.mode {
-        Mode::Passthrough => passthrough(&ctx, &listener, stream).instrument(span.clone()).await,
+        Mode::Passthrough => {
+            passthrough(&ctx, &listener, stream)
+                .instrument(span.clone())
+                .await
+        }
         Mode::Terminate => terminate(&ctx, stream).instrument(span.clone()).await,
     };
     if let Err(r) = result {
         counter!(REJECTED, "reason" => r.reason).increment(1);
-        span.in_scope(|| tracing::debug!(reason = r.reason, detail = %r.detail, "connection refused"));
+        span.in_scope(
+            || tracing::debug!(reason = r.reason, detail = %r.detail, "connection refused"),
+        );
     }
     gauge!(OPEN).decrement(1.0);
     drop(permit);
 }
 
-async fn passthrough(ctx: &Context, listener: &ListenerConfig, device: TcpStream) -> Result<(), Refused> {
+async fn passthrough(
+    ctx: &Context,
+    listener: &ListenerConfig,
+    device: TcpStream,
+) -> Result<(), Refused> {
     let started = Instant::now();
     let (prefix, hello) = tokio::time::timeout(
         ctx.config.handshake_timeout,
@@ -101,7 +115,10 @@ async fn passthrough(ctx: &Context, listener: &ListenerConfig, device: TcpStream
 
 /// Reads (bounded) until the bytes are a whole ClientHello, or clearly not TLS. Returns the
 /// bytes read, to be sent to the gateway first, untouched.
-async fn read_hello(device: &TcpStream, max: usize) -> Result<(Vec<u8>, Option<ClientHello>), Refused> {
+async fn read_hello(
+    device: &TcpStream,
+    max: usize,
+) -> Result<(Vec<u8>, Option<ClientHello>), Refused> {
     let mut buf = vec![0u8; 2048.min(max)];
     let mut len = 0;
     loop {
@@ -194,9 +211,16 @@ fn tls_reason(e: &io::Error) -> &'static str {
 }
 
 fn upstream_name(ctx: &Context, addr: &str) -> ServerName<'static> {
-    let configured = ctx.config.upstream_tls.as_ref().and_then(|u| u.server_name.clone());
+    let configured = ctx
+        .config
+        .upstream_tls
+        .as_ref()
+        .and_then(|u| u.server_name.clone());
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     ServerName::try_from(configured.unwrap_or(host))
         .unwrap_or_else(|_| ServerName::try_from("gateway").expect("static valid name"))
 }
@@ -272,15 +296,16 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
         };
         let gateway = lease.gateway().clone();
         let started = Instant::now();
-        let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
-            Ok(Ok(stream)) => {
-                histogram!(CONNECT).record(started.elapsed().as_secs_f64());
-                return Ok((lease, stream));
-            }
-            Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused("fd_limit", e)),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "connect timed out".to_string(),
-        };
+        let error =
+            match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
+                Ok(Ok(stream)) => {
+                    histogram!(CONNECT).record(started.elapsed().as_secs_f64());
+                    return Ok((lease, stream));
+                }
+                Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused("fd_limit", e)),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "connect timed out".to_string(),
+            };
         drop(lease);
         counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
         tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
@@ -293,7 +318,10 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
     Err(if tried.is_empty() {
         refused("no_gateway", format!("no gateway of pool {pool:?} is up"))
     } else {
-        refused("gateway_unreachable", format!("{} gateways refused", tried.len()))
+        refused(
+            "gateway_unreachable",
+            format!("{} gateways refused", tried.len()),
+        )
     })
 }
 

@@ -10,14 +10,25 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connects_spreads_evenly() {
     let backends = join_all((0..5).map(|_| Backend::spawn())).await;
-    let gws = backends.iter().enumerate().map(|(i, b)| b.gateway(&format!("gw-{i}"))).collect();
+    let gws = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.gateway(&format!("gw-{i}")))
+        .collect();
     let proxy = start(config(gws)).await;
     let devices = join_all((0..503).map(|_| device(proxy.addr))).await;
     let counts = proxy.counts();
     let live: Vec<usize> = backends.iter().map(Backend::live).collect();
     assert_eq!(counts.iter().sum::<u64>(), 503);
-    assert!(counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1, "{counts:?}");
-    assert_eq!(live.iter().map(|&n| n as u64).collect::<Vec<_>>(), counts, "backends agree");
+    assert!(
+        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+        "{counts:?}"
+    );
+    assert_eq!(
+        live.iter().map(|&n| n as u64).collect::<Vec<_>>(),
+        counts,
+        "backends agree"
+    );
     drop(devices);
 }
 
@@ -38,7 +49,11 @@ async fn weights_are_respected() {
 #[tokio::test]
 async fn a_killed_gateways_sessions_end_and_reconnects_land_elsewhere() {
     let backends = join_all((0..3).map(|_| Backend::spawn())).await;
-    let gws = backends.iter().enumerate().map(|(i, b)| b.gateway(&format!("gw-{i}"))).collect();
+    let gws = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.gateway(&format!("gw-{i}")))
+        .collect();
     let proxy = start(config(gws)).await;
     let mut devices = join_all((0..30).map(|_| device(proxy.addr))).await;
     assert_eq!(proxy.counts(), vec![10, 10, 10]);
@@ -58,7 +73,10 @@ async fn a_killed_gateways_sessions_end_and_reconnects_land_elsewhere() {
     let again = join_all((0..10).map(|_| device(proxy.addr))).await;
     assert_eq!(backends[0].live(), 0);
     assert_eq!((backends[1].live(), backends[2].live()), (15, 15));
-    assert!(!proxy.gateway("gw-0").is_healthy(), "failed connects marked it down");
+    assert!(
+        !proxy.gateway("gw-0").is_healthy(),
+        "failed connects marked it down"
+    );
     drop((devices, again));
 }
 
@@ -76,8 +94,18 @@ async fn a_refused_connect_retries_the_next_gateway() {
     let proxy = start(c).await;
     let devices = join_all((0..6).map(|_| device(proxy.addr))).await;
     assert_eq!(live.live(), 6, "every device got through");
-    assert!(proxy.metric("wasmbed_proxy_gateway_connect_failures_total{gateway=\"dead\"}").await >= 1.0);
-    assert_eq!(proxy.metric("wasmbed_proxy_connections_rejected_total{reason=\"gateway_unreachable\"}").await, 0.0);
+    assert!(
+        proxy
+            .metric("wasmbed_proxy_gateway_connect_failures_total{gateway=\"dead\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_connections_rejected_total{reason=\"gateway_unreachable\"}")
+            .await,
+        0.0
+    );
     drop(devices);
 }
 
@@ -97,7 +125,9 @@ async fn no_gateway_left_turns_the_device_away_and_counts_it() {
     c.health.check = wasmbed_config::HealthCheck::None;
     let proxy = start(c).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut s, &client_hello("x.example")).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, &client_hello("x.example"))
+        .await
+        .unwrap();
     assert_eq!(closed(&mut s, Duration::from_secs(2)).await, 0);
     let reason = "wasmbed_proxy_connections_rejected_total{reason=\"gateway_unreachable\"}";
     assert_eq!(proxy.metric(reason).await, 1.0);

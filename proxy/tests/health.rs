@@ -23,9 +23,17 @@ async fn a_hung_gateway_is_marked_down_after_fall_probes_and_its_sessions_cut() 
     .await;
     backends[0].stall(true); // TCP still accepts, /healthz never answers
     let hung = proxy.gateway("hung");
-    until(Duration::from_secs(3), "the hung gateway marked down", || !hung.is_healthy()).await;
+    until(
+        Duration::from_secs(3),
+        "the hung gateway marked down",
+        || !hung.is_healthy(),
+    )
+    .await;
     let held = backends[0].held.load(Ordering::SeqCst);
-    assert!(held >= 2, "down only after `fall` (2) unanswered probes, saw {held}");
+    assert!(
+        held >= 2,
+        "down only after `fall` (2) unanswered probes, saw {held}"
+    );
     // Its two devices were closed by the proxy (the gateway's own sockets are still open);
     // the two on the healthy gateway still get their echo.
     let echoed = join_all(devices.iter_mut().map(|d| async move {
@@ -38,9 +46,15 @@ async fn a_hung_gateway_is_marked_down_after_fall_probes_and_its_sessions_cut() 
     .await;
     assert_eq!(echoed.iter().filter(|&&e| e).count(), 2, "{echoed:?}");
     assert_eq!(hung.sessions(), 0, "every session through it was cancelled");
-    let cancelled = "wasmbed_proxy_sessions_cancelled_total{gateway=\"hung\",cause=\"gateway_down\"}";
+    let cancelled =
+        "wasmbed_proxy_sessions_cancelled_total{gateway=\"hung\",cause=\"gateway_down\"}";
     assert_eq!(proxy.metric(cancelled).await, 2.0);
-    assert_eq!(proxy.metric("wasmbed_proxy_gateway_up{gateway=\"hung\"}").await, 0.0);
+    assert_eq!(
+        proxy
+            .gauge("wasmbed_proxy_gateway_up{gateway=\"hung\"}")
+            .await,
+        0.0
+    );
     // New devices all go to the healthy one.
     let more = join_all((0..3).map(|_| device(proxy.addr))).await;
     assert_eq!(proxy.counts(), vec![0, 5]);
@@ -48,9 +62,15 @@ async fn a_hung_gateway_is_marked_down_after_fall_probes_and_its_sessions_cut() 
     // It answers again: up after `rise` (2) good probes, and takes sessions again.
     let answered_from = backends[0].probes.load(Ordering::SeqCst);
     backends[0].stall(false);
-    until(Duration::from_secs(3), "the gateway back up", || hung.is_healthy()).await;
+    until(Duration::from_secs(3), "the gateway back up", || {
+        hung.is_healthy()
+    })
+    .await;
     let answered = backends[0].probes.load(Ordering::SeqCst) - answered_from;
-    assert!(answered >= 2, "up again only after `rise` (2) answered probes, saw {answered}");
+    assert!(
+        answered >= 2,
+        "up again only after `rise` (2) answered probes, saw {answered}"
+    );
     let transitions = "wasmbed_proxy_gateway_transitions_total{gateway=\"hung\",to=\"up\"}";
     assert_eq!(proxy.metric(transitions).await, 1.0);
     let last = device(proxy.addr).await;
@@ -61,14 +81,22 @@ async fn a_hung_gateway_is_marked_down_after_fall_probes_and_its_sessions_cut() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_stops_new_sessions_but_keeps_live_ones() {
     let backends = join_all((0..2).map(|_| Backend::spawn())).await;
-    let proxy = start(config(vec![backends[0].gateway("a"), backends[1].gateway("b")])).await;
+    let proxy = start(config(vec![
+        backends[0].gateway("a"),
+        backends[1].gateway("b"),
+    ]))
+    .await;
     let mut first = join_all((0..4).map(|_| device(proxy.addr))).await;
     let (status, body) = proxy.admin("POST", "/api/gateways/a/drain").await;
     assert_eq!(status, 200, "{body}");
     let view: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(view["draining"], true);
     let later = join_all((0..4).map(|_| device(proxy.addr))).await;
-    assert_eq!(proxy.counts(), vec![2, 6], "drained gateway took nothing new");
+    assert_eq!(
+        proxy.counts(),
+        vec![2, 6],
+        "drained gateway took nothing new"
+    );
     // Its live sessions still work.
     for d in first.iter_mut() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,7 +121,12 @@ async fn admin_reports_gateways_readiness_and_metrics() {
     assert_eq!(proxy.admin("GET", "/readyz").await.0, 200);
     // The gateway's own count arrives with the next http probe.
     let gw = proxy.gateway("gw");
-    until(Duration::from_secs(2), "a probe reporting 1 session", || gw.reported_sessions() == Some(1)).await;
+    until(
+        Duration::from_secs(2),
+        "a probe reporting 1 session",
+        || gw.reported_sessions() == Some(1),
+    )
+    .await;
     let (status, body) = proxy.admin("GET", "/api/gateways").await;
     assert_eq!(status, 200);
     let list: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -101,7 +134,12 @@ async fn admin_reports_gateways_readiness_and_metrics() {
     assert_eq!(list[0]["sessions"], 1);
     assert_eq!(list[0]["healthy"], true);
     assert_eq!(list[0]["reported_sessions"], 1);
-    assert_eq!(proxy.metric("wasmbed_proxy_gateway_sessions{gateway=\"gw\"}").await, 1.0);
+    assert_eq!(
+        proxy
+            .gauge("wasmbed_proxy_gateway_sessions{gateway=\"gw\"}")
+            .await,
+        1.0
+    );
     let (_, text) = proxy.admin("GET", "/metrics").await;
     for family in [
         "wasmbed_proxy_connections_accepted_total",

@@ -50,7 +50,9 @@ fn concurrent_acquisitions_end_within_one_of_each_other() {
 #[test]
 fn weights_are_respected() {
     let set = set(&[1, 3, 2]);
-    let leases: Vec<_> = (0..600).map(|_| set.acquire("default", &[]).unwrap()).collect();
+    let leases: Vec<_> = (0..600)
+        .map(|_| set.acquire("default", &[]).unwrap())
+        .collect();
     assert_eq!(counts(&set), vec![100, 300, 200]);
     drop(leases);
 }
@@ -58,7 +60,9 @@ fn weights_are_respected() {
 #[test]
 fn releases_make_room_where_they_happen() {
     let set = set(&[1, 1]);
-    let mut leases: Vec<_> = (0..10).map(|_| set.acquire("default", &[]).unwrap()).collect();
+    let mut leases: Vec<_> = (0..10)
+        .map(|_| set.acquire("default", &[]).unwrap())
+        .collect();
     leases.retain(|l| l.gateway().name != "g1"); // g1's five sessions end
     for _ in 0..5 {
         assert_eq!(set.acquire("default", &[]).unwrap().gateway().name, "g1");
@@ -74,7 +78,9 @@ fn down_and_draining_gateways_take_no_sessions() {
     assert_eq!(snap[0].observe(false, 2, 2), None);
     assert_eq!(snap[0].observe(false, 2, 2), Some(Transition::Down));
     snap[1].set_draining(true);
-    let leases: Vec<_> = (0..10).map(|_| set.acquire("default", &[]).unwrap()).collect();
+    let leases: Vec<_> = (0..10)
+        .map(|_| set.acquire("default", &[]).unwrap())
+        .collect();
     assert!(leases.iter().all(|l| l.gateway().name == "g2"));
     snap[2].observe(false, 2, 1);
     assert!(set.acquire("default", &[]).is_none(), "nothing eligible");
@@ -88,7 +94,10 @@ fn marking_down_cancels_the_gateways_sessions() {
     let token = g.session_token().expect("healthy");
     g.observe(false, 1, 1);
     assert!(token.is_cancelled());
-    assert!(g.session_token().is_none(), "a down gateway hands out no token");
+    assert!(
+        g.session_token().is_none(),
+        "a down gateway hands out no token"
+    );
     assert_eq!(g.observe(true, 2, 1), None, "rise needs two successes");
     assert_eq!(g.observe(true, 2, 1), Some(Transition::Up));
     let fresh = g.session_token().expect("up again");
@@ -108,7 +117,11 @@ fn a_success_resets_the_failure_streak() {
 
 #[test]
 fn pools_and_exclusions_narrow_the_choice() {
-    let configs = [config("a", 1, "eu"), config("b", 1, "us"), config("c", 1, "eu")];
+    let configs = [
+        config("a", 1, "eu"),
+        config("b", 1, "us"),
+        config("c", 1, "eu"),
+    ];
     let set = GatewaySet::new(&configs, Duration::ZERO);
     for _ in 0..6 {
         assert_ne!(set.acquire("eu", &[]).unwrap().gateway().name, "b");

@@ -114,8 +114,13 @@ async fn health_loop(
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             _ = kill.cancelled() => return,
         };
-        let (live, probes, held, mut stalled, kill) =
-            (live.clone(), probes.clone(), held.clone(), stalled.clone(), kill.clone());
+        let (live, probes, held, mut stalled, kill) = (
+            live.clone(),
+            probes.clone(),
+            held.clone(),
+            stalled.clone(),
+            kill.clone(),
+        );
         tokio::spawn(async move {
             let mut req = Vec::new();
             let mut buf = [0u8; 1024];
@@ -133,7 +138,10 @@ async fn health_loop(
                     _ = kill.cancelled() => return,
                 }
             }
-            let body = format!("{{\"status\":\"ok\",\"sessions\":{}}}", live.load(Ordering::SeqCst));
+            let body = format!(
+                "{{\"status\":\"ok\",\"sessions\":{}}}",
+                live.load(Ordering::SeqCst)
+            );
             let resp = format!(
                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
@@ -146,7 +154,13 @@ async fn health_loop(
 }
 
 /// A proxy running in-process on 127.0.0.1:0.
+///
+/// Metrics are process-wide, and `cargo test` runs the tests of one file in one process: so a
+/// running proxy holds a lock that keeps the others of its process waiting, and reads metrics
+/// as differences from the moment it started.
 pub struct RunningProxy {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    baseline: String,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub gateways: Arc<GatewaySet>,
@@ -179,18 +193,33 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
 }
 
 pub async fn start(config: ProxyConfig) -> RunningProxy {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let proxy = Proxy::bind(config).await.unwrap();
     let addr = proxy.listen_addrs()[0];
     let admin = proxy.admin_addr().unwrap();
     let gateways = proxy.gateways();
     let shutdown = CancellationToken::new();
+    let baseline = wasmbed_proxy::metrics::render(&gateways);
     let task = tokio::spawn(proxy.run(shutdown.clone()));
-    RunningProxy { addr, admin, gateways, shutdown, task }
+    RunningProxy {
+        _serial: serial,
+        baseline,
+        addr,
+        admin,
+        gateways,
+        shutdown,
+        task,
+    }
 }
 
 impl RunningProxy {
     pub fn counts(&self) -> Vec<u64> {
-        self.gateways.snapshot().iter().map(|g| g.sessions()).collect()
+        self.gateways
+            .snapshot()
+            .iter()
+            .map(|g| g.sessions())
+            .collect()
     }
 
     pub fn gateway(&self, name: &str) -> Arc<wasmbed_proxy::Gateway> {
@@ -202,24 +231,43 @@ impl RunningProxy {
         http(self.admin, method, path).await
     }
 
-    /// The value of one metric line (name with labels, exactly as rendered), or 0.
+    /// How much one counter series (name with labels, exactly as rendered) grew since the
+    /// start.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin("GET", "/metrics").await;
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        value_in(&text, series) - value_in(&self.baseline, series)
     }
+
+    /// The value of a gauge series now.
+    pub async fn gauge(&self, series: &str) -> f64 {
+        value_in(&self.admin("GET", "/metrics").await.1, series)
+    }
+}
+
+fn value_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
 }
 
 /// A minimal HTTP/1.1 request, for the admin endpoint.
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).await.unwrap();
-    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -246,7 +294,10 @@ pub async fn device(proxy: SocketAddr) -> TcpStream {
     s.write_all(hello).await.unwrap();
     let mut back = vec![0u8; hello.len()];
     s.read_exact(&mut back).await.unwrap();
-    assert_eq!(&back, hello, "the ClientHello reaches the gateway untouched");
+    assert_eq!(
+        &back, hello,
+        "the ClientHello reaches the gateway untouched"
+    );
     s
 }
 
@@ -268,7 +319,10 @@ pub async fn closed(s: &mut TcpStream, within: Duration) -> usize {
 pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

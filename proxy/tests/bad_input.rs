@@ -1,0 +1,136 @@
+//! Bad input gets a clear answer and costs nothing else: closed, counted by reason, no lease.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const REJECTED: &str = "wasmbed_proxy_connections_rejected_total";
+
+async fn proxy_with(
+    tweak: impl FnOnce(&mut wasmbed_config::ProxyConfig),
+) -> (Backend, RunningProxy) {
+    let backend = Backend::spawn().await;
+    let mut c = config(vec![backend.gateway("gw")]);
+    c.handshake_timeout = Duration::from_millis(300);
+    tweak(&mut c);
+    (backend, start(c).await)
+}
+
+async fn rejected(proxy: &RunningProxy, reason: &str) -> f64 {
+    proxy
+        .metric(&format!("{REJECTED}{{reason=\"{reason}\"}}"))
+        .await
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_the_handshake_timeout_holding_no_lease() {
+    let (backend, proxy) = proxy_with(|_| {}).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&[22, 3, 1]).await.unwrap(); // the start of a record, then nothing
+    let mut quiet = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(proxy.counts(), vec![0], "no lease while classifying");
+    assert_eq!(closed(&mut s, Duration::from_secs(3)).await, 0);
+    assert_eq!(closed(&mut quiet, Duration::from_secs(3)).await, 0);
+    assert_eq!(rejected(&proxy, "handshake_timeout").await, 2.0);
+    assert_eq!(backend.live(), 0, "the gateway never saw them");
+}
+
+#[tokio::test]
+async fn a_client_dribbling_its_hello_is_closed_at_the_deadline() {
+    let (backend, proxy) = proxy_with(|_| {}).await;
+    let hello = client_hello("slow.example");
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut sent = 0;
+    for byte in &hello {
+        if s.write_all(std::slice::from_ref(byte)).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await; // the client's own pace
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    assert!(
+        sent < hello.len(),
+        "closed before the whole hello was dribbled"
+    );
+    assert_eq!(closed(&mut s, Duration::from_secs(1)).await, 0);
+    assert_eq!(rejected(&proxy, "handshake_timeout").await, 1.0);
+    assert_eq!(backend.live(), 0);
+}
+
+#[tokio::test]
+async fn garbage_is_closed_and_counted_as_not_tls() {
+    let (backend, proxy) = proxy_with(|_| {}).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(closed(&mut s, Duration::from_secs(2)).await, 0);
+    assert_eq!(rejected(&proxy, "not_tls").await, 1.0);
+    assert_eq!(backend.live(), 0);
+}
+
+#[tokio::test]
+async fn plain_tcp_is_forwarded_where_the_listener_allows_it() {
+    let (backend, proxy) = proxy_with(|c| c.listeners[0].allow_plain = true).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"hello, plain").await.unwrap();
+    let mut back = [0u8; 12];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hello, plain");
+    assert_eq!(backend.live(), 1);
+}
+
+#[tokio::test]
+async fn an_oversized_hello_is_refused() {
+    let (backend, proxy) = proxy_with(|c| c.max_client_hello = 600).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = s.write_all(&client_hello("big.example")).await;
+    assert_eq!(closed(&mut s, Duration::from_secs(2)).await, 0);
+    assert_eq!(rejected(&proxy, "hello_too_large").await, 1.0);
+    assert_eq!(backend.live(), 0);
+}
+
+#[tokio::test]
+async fn a_malformed_sni_or_hello_is_refused_by_reason() {
+    let (backend, proxy) = proxy_with(|_| {}).await;
+    let mut hello = client_hello("abcdefgh.example");
+    let at = hello
+        .windows(16)
+        .position(|w| w == b"abcdefgh.example")
+        .unwrap();
+    hello[at + 3] = b' ';
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(closed(&mut s, Duration::from_secs(2)).await, 0);
+    assert_eq!(rejected(&proxy, "bad_sni").await, 1.0);
+
+    // A handshake record that holds a ServerHello, not a ClientHello.
+    let mut other = client_hello("x.example");
+    other[5] = 2;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&other).await.unwrap();
+    assert_eq!(closed(&mut s, Duration::from_secs(2)).await, 0);
+    assert_eq!(rejected(&proxy, "hello_malformed").await, 1.0);
+    assert_eq!(backend.live(), 0);
+}
+
+#[tokio::test]
+async fn a_truncated_hello_then_close_is_counted() {
+    let (backend, proxy) = proxy_with(|_| {}).await;
+    let hello = client_hello("t.example");
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&hello[..hello.len() / 2]).await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(closed(&mut s, Duration::from_secs(2)).await, 0);
+    assert_eq!(rejected(&proxy, "client_closed").await, 1.0);
+    assert_eq!(backend.live(), 0);
+}
