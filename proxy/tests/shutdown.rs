@@ -1,0 +1,45 @@
+//! Graceful shutdown: stop accepting, let sessions finish for the grace period, then close.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn shutdown_stops_accepting_then_closes_sessions_after_the_grace_period() {
+    let backend = Backend::spawn().await;
+    let mut c = config(vec![backend.gateway("gw")]);
+    c.grace = Duration::from_millis(400);
+    let proxy = start(c).await;
+    let mut live = device(proxy.addr).await;
+    proxy.shutdown.cancel();
+    // New devices are no longer accepted: the listener is closed.
+    until(Duration::from_secs(2), "listener closed", || {
+        std::net::TcpStream::connect(proxy.addr).is_err()
+    })
+    .await;
+    // The live session still works inside the grace period...
+    live.write_all(b"still here").await.unwrap();
+    let mut b = [0u8; 10];
+    live.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"still here");
+    // ...and is closed when it ends; then run() returns Ok.
+    assert_eq!(closed(&mut live, Duration::from_secs(3)).await, 0);
+    let result = tokio::time::timeout(Duration::from_secs(3), proxy.task).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}
+
+#[tokio::test]
+async fn shutdown_returns_at_once_when_no_session_is_open() {
+    let backend = Backend::spawn().await;
+    let mut c = config(vec![backend.gateway("gw")]);
+    c.grace = Duration::from_secs(60);
+    let proxy = start(c).await;
+    drop(device(proxy.addr).await);
+    until(Duration::from_secs(2), "session over", || proxy.counts() == vec![0]).await;
+    proxy.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(5), proxy.task).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "did not wait out the 60s grace: {result:?}");
+}
