@@ -52,6 +52,7 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         Err(e) => return fail("proxy", e),
     };
     init_logging(config.log_format);
+    check_descriptors(config.max_connections);
     let runtime = match runtime(config.threads) {
         Ok(r) => r,
         Err(e) => return fail("proxy", format!("cannot start the runtime: {e}")),
@@ -69,6 +70,22 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
             Err(e) => fail("proxy", e),
         }
     })
+}
+
+/// Raises the soft open-files limit to the hard one (as HAProxy and NGINX do) and warns when
+/// `--max-connections` could still run out of descriptors: a session holds two.
+fn check_descriptors(max_connections: usize) {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    let needed = max_connections as u64 * 2 + 64;
+    if limit > 0 && needed > limit {
+        tracing::warn!(
+            max_connections,
+            open_files_limit = limit,
+            "--max-connections needs about {needed} descriptors; past the limit, accepts back \
+             off and connects to gateways fail (lower --max-connections to {})",
+            limit.saturating_sub(64) / 2
+        );
+    }
 }
 
 /// One line on stdout once every socket is bound: what scripts and tests wait for.

@@ -85,7 +85,8 @@ pub struct ProxyFlags {
     /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
     #[arg(long)]
     pub allow_plain: bool,
-    /// Most device connections open at once; past it the proxy stops accepting. Default 10000.
+    /// Most device connections open at once; past it the proxy stops accepting until one
+    /// closes. Default 9500 (a session holds two descriptors).
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
     /// Worker threads. Default: every core this process may run on.
@@ -313,7 +314,7 @@ impl ProxyConfig {
                 "only applies in terminate mode (in passthrough the device's TLS reaches the gateway)",
             ));
         }
-        let max_connections = raw.max_connections.unwrap_or(10_000);
+        let max_connections = raw.max_connections.unwrap_or(9_500);
         if max_connections == 0 {
             return Err(ConfigError::field("max_connections", "must be at least 1"));
         }

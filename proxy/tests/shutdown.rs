@@ -38,8 +38,14 @@ async fn shutdown_returns_at_once_when_no_session_is_open() {
     c.grace = Duration::from_secs(60);
     let proxy = start(c).await;
     drop(device(proxy.addr).await);
-    until(Duration::from_secs(2), "session over", || proxy.counts() == vec![0]).await;
+    until(Duration::from_secs(2), "session over", || {
+        proxy.counts() == vec![0]
+    })
+    .await;
     proxy.shutdown.cancel();
     let result = tokio::time::timeout(Duration::from_secs(5), proxy.task).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "did not wait out the 60s grace: {result:?}");
+    assert!(
+        matches!(result, Ok(Ok(Ok(())))),
+        "did not wait out the 60s grace: {result:?}"
+    );
 }

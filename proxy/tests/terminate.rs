@@ -37,18 +37,30 @@ fn pki(kind: KeyKind) -> Pki {
         key: write("proxy.key", &server.key_pem),
         client_ca: Some(ca_path.clone()),
     };
-    Pki { _dir: dir, ca, ca_path, tls }
+    Pki {
+        _dir: dir,
+        ca,
+        ca_path,
+        tls,
+    }
 }
 
-fn device_config(trust: &DevCa, identity_from: Option<&DevCa>, tls12: bool) -> Arc<rustls::ClientConfig> {
+fn device_config(
+    trust: &DevCa,
+    identity_from: Option<&DevCa>,
+    tls12: bool,
+) -> Arc<rustls::ClientConfig> {
     let identity = identity_from.map(|ca| {
         let d = ca.issue_client("device-0007", KeyKind::EcdsaP256).unwrap();
         (d.chain(), d.key().unwrap())
     });
     let mut roots = rustls::RootCertStore::empty();
     roots.add(trust.cert_der()).unwrap();
-    let versions: &[&rustls::SupportedProtocolVersion] =
-        if tls12 { &[&rustls::version::TLS12] } else { &[&rustls::version::TLS13] };
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
     let b = rustls::ClientConfig::builder_with_provider(wasmbed_certs::provider())
         .with_protocol_versions(versions)
         .unwrap()
@@ -66,7 +78,10 @@ async fn terminating_proxy(pki: &Pki, backend: &Backend) -> RunningProxy {
     start(c).await
 }
 
-async fn echo_through(proxy: &RunningProxy, config: Arc<rustls::ClientConfig>) -> std::io::Result<Vec<u8>> {
+async fn echo_through(
+    proxy: &RunningProxy,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<Vec<u8>> {
     let tcp = TcpStream::connect(proxy.addr).await?;
     let name = ServerName::try_from("localhost").unwrap();
     let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
@@ -86,7 +101,12 @@ async fn a_device_with_a_valid_certificate_reaches_the_gateway_in_plaintext() {
             let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), tls12)).await;
             assert_eq!(back.unwrap(), b"frame over TLS", "{kind:?} tls12={tls12}");
         }
-        assert_eq!(proxy.metric("wasmbed_proxy_authenticated_devices_total").await, 2.0);
+        assert_eq!(
+            proxy
+                .metric("wasmbed_proxy_authenticated_devices_total")
+                .await,
+            2.0
+        );
     }
 }
 
@@ -114,7 +134,12 @@ async fn a_failed_handshake_is_rejected_and_counted() {
     s.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
     // Closed by the proxy (after a TLS alert, whose bytes `closed` skips over).
     closed(&mut s, Duration::from_secs(2)).await;
-    until_metric(&proxy, "wasmbed_proxy_connections_rejected_total{reason=\"tls_handshake\"}", 1.0).await;
+    until_metric(
+        &proxy,
+        "wasmbed_proxy_connections_rejected_total{reason=\"tls_handshake\"}",
+        1.0,
+    )
+    .await;
     assert_eq!(backend.live(), 0);
 }
 
@@ -125,7 +150,10 @@ async fn until_metric(proxy: &RunningProxy, series: &str, want: f64) {
         if v == want {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{series} is {v}, want {want}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} is {v}, want {want}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -134,8 +162,12 @@ async fn until_metric(proxy: &RunningProxy, series: &str, want: f64) {
 async fn the_link_to_the_gateway_can_be_tls_too() {
     let pki = pki(KeyKind::EcdsaP256);
     // A TLS echo gateway with a certificate from the same CA.
-    let gw_cert = pki.ca.issue_server(&["gateway.internal"], KeyKind::EcdsaP256).unwrap();
-    let server = wasmbed_certs::server_config(gw_cert.chain(), gw_cert.key().unwrap(), None, &[]).unwrap();
+    let gw_cert = pki
+        .ca
+        .issue_server(&["gateway.internal"], KeyKind::EcdsaP256)
+        .unwrap();
+    let server =
+        wasmbed_certs::server_config(gw_cert.chain(), gw_cert.key().unwrap(), None, &[]).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -143,7 +175,9 @@ async fn the_link_to_the_gateway_can_be_tls_too() {
         while let Ok((s, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(s).await else { return };
+                let Ok(mut tls) = acceptor.accept(s).await else {
+                    return;
+                };
                 let mut buf = [0u8; 1024];
                 while let Ok(n @ 1..) = tls.read(&mut buf).await {
                     if tls.write_all(&buf[..n]).await.is_err() {
@@ -160,7 +194,10 @@ async fn the_link_to_the_gateway_can_be_tls_too() {
     let mut c = config(vec![gw]);
     c.mode = Mode::Terminate;
     c.tls = Some(pki.tls.clone());
-    c.upstream_tls = Some(UpstreamTls { ca: pki.ca_path.clone(), server_name: Some("gateway.internal".into()) });
+    c.upstream_tls = Some(UpstreamTls {
+        ca: pki.ca_path.clone(),
+        server_name: Some("gateway.internal".into()),
+    });
     let proxy = start(c).await;
     let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), false)).await;
     assert_eq!(back.unwrap(), b"frame over TLS");
