@@ -127,6 +127,13 @@ impl Gateway {
         self.is_healthy().then_some(token)
     }
 
+    /// Cancels every session through this gateway now; later sessions get a fresh token.
+    pub fn cut_sessions(&self) {
+        self.cancel
+            .swap(Arc::new(CancellationToken::new()))
+            .cancel();
+    }
+
     /// Records one health result; returns the transition it caused, if any.
     /// Marking down cancels every session through the gateway at once.
     pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
@@ -145,8 +152,7 @@ impl Gateway {
             streak.failures = streak.failures.saturating_add(1);
             if self.is_healthy() && streak.failures >= fall {
                 self.healthy.store(false, Ordering::SeqCst);
-                let old = self.cancel.swap(Arc::new(CancellationToken::new()));
-                old.cancel();
+                self.cut_sessions();
                 return Some(Transition::Down);
             }
         }

@@ -168,6 +168,10 @@ impl Proxy {
                 "grace period over: closing sessions"
             );
             hard_stop.cancel();
+            self.gateways
+                .snapshot()
+                .iter()
+                .for_each(|g| g.cut_sessions());
             sessions.wait().await;
         }
         probes_stop.cancel();
