@@ -32,6 +32,8 @@ pub struct Gateway {
     /// Cancelled (and replaced) when the gateway goes down: every session through it ends.
     cancel: ArcSwap<CancellationToken>,
     streak: Mutex<Streak>,
+    /// Sessions handed to this gateway (registered once: bumping it is one atomic add).
+    pub sessions_started: metrics::Counter,
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -68,6 +70,10 @@ impl Gateway {
             reported_sessions: AtomicI64::new(-1),
             cancel: ArcSwap::from_pointee(CancellationToken::new()),
             streak: Mutex::new(Streak::default()),
+            sessions_started: metrics::counter!(
+                crate::metrics::SESSIONS_STARTED,
+                "gateway" => config.name.clone()
+            ),
         }
     }
 

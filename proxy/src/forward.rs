@@ -11,13 +11,13 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -37,61 +37,63 @@ pub struct Forwarded {
 /// Forwards between two TCP streams until both directions have ended (half-closes are
 /// passed on) or either side fails. `up` and `down` count the bytes as they go.
 ///
-/// Hand-written rather than two `async` loops: it waits through `poll_read_ready`, whose waker
-/// lives in the socket's own registration, so an idle session's whole forwarding state is
-/// about a hundred bytes (two `async` pumps with their readiness futures take ~750).
+/// Hand-written rather than two `async` loops: it waits through the sockets' own registered
+/// wakers, so an idle session's whole forwarding state is about a hundred bytes (two `async`
+/// pumps with their readiness futures take ~750).
 pub fn tcp<'a>(
-    device: &'a TcpStream,
-    gateway: &'a TcpStream,
+    device: &'a mut TcpStream,
+    gateway: &'a mut TcpStream,
     up: &'a AtomicU64,
     down: &'a AtomicU64,
 ) -> Tcp<'a> {
+    let (device_read, device_write) = device.split();
+    let (gateway_read, gateway_write) = gateway.split();
     Tcp {
-        directions: [
-            Direction::new(device, gateway, up),
-            Direction::new(gateway, device, down),
-        ],
+        up: Direction::new(device_read, gateway_write, up),
+        down: Direction::new(gateway_read, device_write, down),
     }
 }
 
 /// The future [`tcp`] returns.
 pub struct Tcp<'a> {
-    directions: [Direction<'a>; 2],
+    up: Direction<'a>,
+    down: Direction<'a>,
 }
 
 impl Future for Tcp<'_> {
     type Output = io::Result<()>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut finished = true;
-        for direction in self.directions.iter_mut() {
-            match direction.poll(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => finished = false,
-            }
+        let this = &mut *self;
+        let up = this.up.poll(cx)?;
+        let down = this.down.poll(cx)?;
+        if up.is_ready() && down.is_ready() {
+            // Both ends closed: dropping the sockets closes them; no half-close to pass on.
+            return Poll::Ready(Ok(()));
         }
-        if finished {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
+        // One end closed: pass the half-close on. Deciding here, after both directions were
+        // polled, saves the shutdown when both ends close at once (the common case).
+        this.up.pass_on_eof(cx);
+        this.down.pass_on_eof(cx);
+        Poll::Pending
     }
 }
 
 /// One direction: read from `src`, write to `dst`; on end of stream, shut `dst`'s write half.
 struct Direction<'a> {
-    src: &'a TcpStream,
-    dst: &'a TcpStream,
+    src: ReadHalf<'a>,
+    dst: WriteHalf<'a>,
     total: &'a AtomicU64,
     /// Bytes read but not yet taken by `dst` (empty, and unallocated, while `dst` keeps up).
     backlog: Vec<u8>,
     sent: usize,
     done: bool,
+    /// `src` ended and `dst` has not been told yet.
+    eof_to_pass: bool,
 }
 
 impl<'a> Direction<'a> {
-    fn new(src: &'a TcpStream, dst: &'a TcpStream, total: &'a AtomicU64) -> Self {
+    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, total: &'a AtomicU64) -> Self {
         Direction {
             src,
             dst,
@@ -99,38 +101,43 @@ impl<'a> Direction<'a> {
             backlog: Vec::new(),
             sent: 0,
             done: false,
+            eof_to_pass: false,
+        }
+    }
+
+    /// Shuts `dst`'s write half if `src` ended; the peer may already be gone, and its own
+    /// direction reports that.
+    fn pass_on_eof(&mut self, cx: &mut Context<'_>) {
+        if std::mem::take(&mut self.eof_to_pass) {
+            let _ = Pin::new(&mut self.dst).poll_shutdown(cx);
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.done {
             ready!(self.flush(cx))?;
-            ready!(self.src.poll_read_ready(cx))?;
-            let (src, dst) = (self.src, self.dst);
+            let (src, dst, backlog) = (&mut self.src, &mut self.dst, &mut self.backlog);
             let read = BUFFER.with(|cell| {
                 let mut buf = cell.borrow_mut();
-                let n = src.try_read(&mut buf)?;
-                if n > 0 {
-                    let written = write_now(dst, &buf[..n])?;
-                    if written < n {
-                        self.backlog = buf[written..n].to_vec();
-                        self.sent = 0;
-                    }
+                let mut filled = ReadBuf::new(&mut buf);
+                // A partial read tells tokio the socket is drained: no extra read to find out.
+                ready!(Pin::new(src).poll_read(cx, &mut filled))?;
+                let n = filled.filled().len();
+                let written = write_now(dst, cx, &buf[..n])?;
+                if written < n {
+                    *backlog = buf[written..n].to_vec();
                 }
-                io::Result::Ok(n)
+                Poll::Ready(io::Result::Ok(n))
             });
-            match read {
-                Ok(0) => {
-                    // The peer may already be gone; its own direction reports that.
-                    let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            match ready!(read)? {
+                0 => {
                     self.done = true;
+                    self.eof_to_pass = true;
                 }
-                Ok(n) => {
+                n => {
+                    self.sent = 0;
                     self.total.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                // Readiness was stale: `try_read` cleared it, and the next poll re-arms it.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         Poll::Ready(Ok(()))
@@ -139,12 +146,11 @@ impl<'a> Direction<'a> {
     /// Writes the backlog, if any, then frees it.
     fn flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.backlog.len() {
-            ready!(self.dst.poll_write_ready(cx))?;
-            match self.dst.try_write(&self.backlog[self.sent..]) {
-                Ok(n) => self.sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            let n = ready!(Pin::new(&mut self.dst).poll_write(cx, &self.backlog[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
+            self.sent += n;
         }
         if !self.backlog.is_empty() {
             self.backlog = Vec::new();
@@ -154,27 +160,19 @@ impl<'a> Direction<'a> {
     }
 }
 
-/// Writes as much of `bytes` as the socket takes now.
-fn write_now(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+/// Writes as much of `bytes` as the socket takes now; when it is full, `cx` is woken once it
+/// has room again.
+fn write_now(dst: &mut WriteHalf<'_>, cx: &mut Context<'_>, bytes: &[u8]) -> io::Result<usize> {
     let mut written = 0;
     while written < bytes.len() {
-        match dst.try_write(&bytes[written..]) {
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e),
+        match Pin::new(&mut *dst).poll_write(cx, &bytes[written..]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => break,
         }
     }
     Ok(written)
-}
-
-/// Writes all of `bytes`, waiting for room.
-pub async fn write_all(dst: &TcpStream, bytes: &[u8]) -> io::Result<()> {
-    let mut written = 0;
-    while written < bytes.len() {
-        dst.writable().await?;
-        written += write_now(dst, &bytes[written..])?;
-    }
-    Ok(())
 }
 
 /// Forwards between any two async streams (TLS on one or both sides), with buffers.
@@ -210,8 +208,9 @@ mod tests {
         let (mut device, device_side) = pair().await;
         let (gateway_side, mut gateway) = pair().await;
         let relay = tokio::spawn(async move {
+            let (mut device_side, mut gateway_side) = (device_side, gateway_side);
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&device_side, &gateway_side, &u, &d)
+            tcp(&mut device_side, &mut gateway_side, &u, &d)
                 .await
                 .map(|()| (u.into_inner(), d.into_inner()))
         });
@@ -242,8 +241,9 @@ mod tests {
         let (mut device, device_side) = pair().await;
         let (gateway_side, gateway) = pair().await;
         let relay = tokio::spawn(async move {
+            let (mut device_side, mut gateway_side) = (device_side, gateway_side);
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&device_side, &gateway_side, &u, &d).await
+            tcp(&mut device_side, &mut gateway_side, &u, &d).await
         });
         socket2::SockRef::from(&gateway)
             .set_linger(Some(std::time::Duration::ZERO))

@@ -115,15 +115,13 @@ impl Proxy {
     /// Serves until `shutdown`; then stops accepting, lets sessions finish for the grace period,
     /// closes the rest, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProxyError> {
-        let (acceptor, connector) = self.tls;
         let hard_stop = CancellationToken::new();
-        let ctx = Arc::new(session::Context {
-            config: self.config,
-            gateways: self.gateways.clone(),
-            acceptor,
-            connector,
-            hard_stop: hard_stop.clone(),
-        });
+        let ctx = Arc::new(session::Context::new(
+            self.config,
+            self.gateways.clone(),
+            self.tls,
+            hard_stop.clone(),
+        ));
         let background = TaskTracker::new();
         let probes_stop = CancellationToken::new();
         health::spawn(
@@ -144,6 +142,7 @@ impl Proxy {
         let accepting = TaskTracker::new();
         for (config, listener) in self.listeners {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
+            let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
             let (ctx, sessions_t) = (ctx.clone(), sessions.clone());
             accepting.spawn(listener::accept_loop(
                 listener,
@@ -182,7 +181,7 @@ impl Proxy {
     }
 }
 
-type TlsSetup = (
+pub(crate) type TlsSetup = (
     Option<tokio_rustls::TlsAcceptor>,
     Option<tokio_rustls::TlsConnector>,
 );

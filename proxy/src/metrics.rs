@@ -6,7 +6,10 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::balancer::GatewaySet;
@@ -116,4 +119,35 @@ pub fn render(gateways: &GatewaySet) -> String {
     }
     handle.run_upkeep();
     handle.render()
+}
+
+/// Handles to the metrics a session touches, registered once so that the per-connection path
+/// bumps atomics instead of building and hashing metric keys.
+pub struct Meters {
+    pub open: Gauge,
+    pub handshake: Histogram,
+    pub connect: Histogram,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+    pub devices: Counter,
+}
+
+impl Meters {
+    pub fn new() -> Meters {
+        handle();
+        Meters {
+            open: gauge!(OPEN),
+            handshake: histogram!(HANDSHAKE),
+            connect: histogram!(CONNECT),
+            bytes_up: counter!(BYTES, "direction" => "upstream"),
+            bytes_down: counter!(BYTES, "direction" => "downstream"),
+            devices: counter!(DEVICES),
+        }
+    }
+}
+
+impl Default for Meters {
+    fn default() -> Self {
+        Meters::new()
+    }
 }

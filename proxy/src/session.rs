@@ -4,10 +4,12 @@
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Instant;
 
-use metrics::{counter, gauge, histogram};
+use metrics::counter;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -17,7 +19,8 @@ use crate::balancer::{GatewaySet, Lease};
 use crate::clienthello::{self, ClientHello, HelloError};
 use crate::forward;
 use crate::listener::{Accepted, reset_on_close};
-use crate::metrics::*;
+use crate::metrics::ACCEPTED;
+use crate::metrics::{CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSIONS_CANCELLED};
 
 /// Everything a session needs, shared by all of them.
 pub struct Context {
@@ -28,6 +31,48 @@ pub struct Context {
     /// Cancelled when the shutdown grace period is over (every gateway's session token is
     /// cancelled with it): tells a cut session that the cause was shutdown.
     pub hard_stop: CancellationToken,
+    pub meters: Meters,
+    /// Sessions routed by each of `config.routes`, then by the default pool.
+    pub routed: Vec<metrics::Counter>,
+}
+
+impl Context {
+    pub fn new(
+        config: ProxyConfig,
+        gateways: Arc<GatewaySet>,
+        (acceptor, connector): crate::TlsSetup,
+        hard_stop: CancellationToken,
+    ) -> Context {
+        let routed = config
+            .routes
+            .iter()
+            .map(|r| r.pool.clone())
+            .chain([wasmbed_config::proxy::DEFAULT_POOL.to_string()])
+            .map(|pool| counter!(ROUTED, "pool" => pool))
+            .collect();
+        Context {
+            config,
+            gateways,
+            acceptor,
+            connector,
+            hard_stop,
+            meters: Meters::new(),
+            routed,
+        }
+    }
+}
+
+/// A listener as sessions see it: its config and its own accepted-connections counter.
+pub struct Listener {
+    pub config: ListenerConfig,
+    pub accepted: metrics::Counter,
+}
+
+impl Listener {
+    pub fn new(config: ListenerConfig) -> Listener {
+        let accepted = counter!(ACCEPTED, "listener" => config.addr.to_string());
+        Listener { config, accepted }
+    }
 }
 
 /// Why a connection was closed before it reached a gateway; `reason` is its metric label.
@@ -45,14 +90,14 @@ fn refused(reason: &'static str, detail: impl ToString) -> Refused {
 }
 
 /// Serves one accepted device connection to its end.
-pub async fn serve(ctx: Arc<Context>, listener: Arc<ListenerConfig>, accepted: Accepted) {
+pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepted) {
     let Accepted {
         stream,
         peer,
         permit,
     } = accepted;
-    counter!(ACCEPTED, "listener" => listener.addr.to_string()).increment(1);
-    gauge!(OPEN).increment(1.0);
+    listener.accepted.increment(1);
+    ctx.meters.open.increment(1.0);
     let span = tracing::info_span!(
         "session",
         %peer,
@@ -62,7 +107,7 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<ListenerConfig>, accepted: A
     );
     let result = match ctx.config.mode {
         Mode::Passthrough => {
-            passthrough(&ctx, &listener, stream)
+            passthrough(&ctx, &listener.config, stream)
                 .instrument(span.clone())
                 .await
         }
@@ -79,53 +124,59 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<ListenerConfig>, accepted: A
             || tracing::debug!(reason = r.reason, detail = %r.detail, "connection refused"),
         );
     }
-    gauge!(OPEN).decrement(1.0);
+    ctx.meters.open.decrement(1.0);
     drop(permit);
 }
 
 async fn passthrough(
     ctx: &Context,
     listener: &ListenerConfig,
-    device: TcpStream,
+    mut device: TcpStream,
 ) -> Result<(), Refused> {
     let started = Instant::now();
-    let (prefix, hello) = tokio::time::timeout(
-        ctx.config.handshake_timeout,
-        read_hello(&device, ctx.config.max_client_hello),
-    )
-    .await
-    .map_err(|_| refused("handshake_timeout", "no complete ClientHello in time"))??;
+    let (prefix, hello) = {
+        let mut reading = std::pin::pin!(read_hello(&mut device, ctx.config.max_client_hello));
+        // Most devices have sent their hello by the time their session first runs: try once
+        // without arming a timer (arming one can cost the runtime a wake-up), then with it.
+        match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
+            Poll::Ready(read) => read?,
+            Poll::Pending => tokio::time::timeout(ctx.config.handshake_timeout, reading)
+                .await
+                .map_err(|_| refused("handshake_timeout", "no complete ClientHello in time"))??,
+        }
+    };
     let sni = match hello {
         Some(ClientHello { sni, .. }) => sni,
         None if listener.allow_plain => None,
         None => return Err(refused("not_tls", "plain TCP on a TLS listener")),
     };
-    histogram!(HANDSHAKE).record(started.elapsed().as_secs_f64());
+    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     if let Some(name) = &sni {
         tracing::Span::current().record("sni", name.as_str());
     }
     // Boxed: the connect state is only needed for a moment, so idle sessions do not carry it.
-    let pool = pool_for(&ctx.config.routes, sni.as_deref());
-    let (lease, gateway) = Box::pin(connect(ctx, pool)).await?;
+    let pool = pool_for(ctx, sni.as_deref());
+    let (lease, mut gateway) = Box::pin(connect(ctx, pool)).await?;
     // The hello is at most `max_client_hello` bytes: a fresh socket's buffer takes it at once.
-    forward::write_all(&gateway, &prefix)
+    gateway
+        .write_all(&prefix)
         .await
         .map_err(|e| refused("gateway_error", e))?;
     let moved = Counted::default();
     moved.up.store(prefix.len() as u64, Ordering::Relaxed);
     drop(prefix);
-    let forwarding = forward::tcp(&device, &gateway, &moved.up, &moved.down);
+    let forwarding = forward::tcp(&mut device, &mut gateway, &moved.up, &moved.down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
         reset_on_close(&device);
     }
-    moved.record();
+    moved.record(&ctx.meters);
     Ok(())
 }
 
 /// Reads (bounded) until the bytes are a whole ClientHello, or clearly not TLS. Returns the
 /// bytes read, to be sent to the gateway first, untouched.
 async fn read_hello(
-    device: &TcpStream,
+    device: &mut TcpStream,
     max: usize,
 ) -> Result<(Vec<u8>, Option<ClientHello>), Refused> {
     let mut buf = vec![0u8; 2048.min(max)];
@@ -134,14 +185,11 @@ async fn read_hello(
         if len == buf.len() {
             buf.resize((len * 2).min(max), 0);
         }
-        device
-            .readable()
-            .await
-            .map_err(|e| refused("client_error", e))?;
-        match device.try_read(&mut buf[len..]) {
+        // `read` (unlike `try_read`) lets tokio see a partial read as "drained", so the
+        // forwarding that follows waits instead of trying a read that would block.
+        match device.read(&mut buf[len..]).await {
             Ok(0) => return Err(refused("client_closed", "closed before its ClientHello")),
             Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(refused("client_error", e)),
         }
         match clienthello::parse(&buf[..len], max) {
@@ -168,7 +216,7 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
         .await
         .map_err(|_| refused("handshake_timeout", "TLS handshake not finished in time"))?
         .map_err(|e| refused(tls_reason(&e), e))?;
-    histogram!(HANDSHAKE).record(started.elapsed().as_secs_f64());
+    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     let (_, conn) = tls.get_ref();
     let sni = conn.server_name().map(str::to_string);
     let identity = conn
@@ -178,12 +226,12 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     let span = tracing::Span::current();
     if let Some(id) = &identity {
         span.record("device", id.as_str());
-        counter!(DEVICES).increment(1);
+        ctx.meters.devices.increment(1);
     }
     if let Some(name) = &sni {
         span.record("sni", name.as_str());
     }
-    let pool = pool_for(&ctx.config.routes, sni.as_deref());
+    let pool = pool_for(ctx, sni.as_deref());
     let (lease, gateway) = connect(ctx, pool).await?;
     let moved = Counted::default();
     let result = async {
@@ -205,7 +253,7 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     if supervise(ctx, &lease, result).await.is_some() {
         reset_on_close(tls.get_ref().0);
     }
-    moved.record();
+    moved.record(&ctx.meters);
     Ok(())
 }
 
@@ -244,7 +292,7 @@ async fn supervise(
     forwarding: impl Future<Output = io::Result<()>>,
 ) -> Option<&'static str> {
     let gateway = lease.gateway();
-    counter!(SESSIONS_STARTED, "gateway" => gateway.name.clone()).increment(1);
+    gateway.sessions_started.increment(1);
     tracing::Span::current().record("gateway", gateway.name.as_str());
     // One token ends the session: the gateway's, which is cancelled when it goes down and,
     // at the end of a shutdown's grace period, for every gateway.
@@ -280,25 +328,35 @@ struct Counted {
 }
 
 impl Counted {
-    fn record(&self) {
-        counter!(BYTES, "direction" => "upstream").increment(self.up.load(Ordering::Relaxed));
-        counter!(BYTES, "direction" => "downstream").increment(self.down.load(Ordering::Relaxed));
+    fn record(&self, meters: &Meters) {
+        meters.bytes_up.increment(self.up.load(Ordering::Relaxed));
+        meters
+            .bytes_down
+            .increment(self.down.load(Ordering::Relaxed));
     }
 }
 
 /// The pool a device goes to: the first route its SNI matches, else the default pool.
-pub fn pool_for<'a>(routes: &'a [RouteConfig], sni: Option<&str>) -> &'a str {
-    let matched = sni.and_then(|sni| {
-        routes.iter().find(|r| match r.sni.strip_prefix("*.") {
-            Some(suffix) => sni
-                .strip_suffix(suffix)
-                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
-            None => r.sni == sni,
-        })
-    });
-    let pool = matched.map_or(wasmbed_config::proxy::DEFAULT_POOL, |r| r.pool.as_str());
-    counter!(ROUTED, "pool" => pool.to_string()).increment(1);
-    pool
+fn pool_for<'a>(ctx: &'a Context, sni: Option<&str>) -> &'a str {
+    let routes = &ctx.config.routes;
+    let matched = sni.and_then(|sni| routes.iter().position(|r| route_matches(r, sni)));
+    let index = matched.unwrap_or(routes.len());
+    if let Some(counter) = ctx.routed.get(index) {
+        counter.increment(1);
+    }
+    matched.map_or(wasmbed_config::proxy::DEFAULT_POOL, |i| {
+        routes[i].pool.as_str()
+    })
+}
+
+/// Whether `sni` matches a route: exactly, or under its `*.suffix`.
+pub fn route_matches(route: &RouteConfig, sni: &str) -> bool {
+    match route.sni.strip_prefix("*.") {
+        Some(suffix) => sni
+            .strip_suffix(suffix)
+            .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+        None => route.sni == sni,
+    }
 }
 
 /// Connects to the best gateway of `pool`; on a failed connect, counts a passive failure and
@@ -315,7 +373,7 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
         let error =
             match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
                 Ok(Ok(stream)) => {
-                    histogram!(CONNECT).record(started.elapsed().as_secs_f64());
+                    ctx.meters.connect.record(started.elapsed().as_secs_f64());
                     return Ok((lease, stream));
                 }
                 Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused("fd_limit", e)),
@@ -375,14 +433,14 @@ mod tests {
             permit: limit.acquire_owned().await.unwrap(),
         };
         let config = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
-        let ctx = Arc::new(Context {
-            gateways: Arc::new(GatewaySet::new(&config.gateways, std::time::Duration::ZERO)),
+        let gateways = Arc::new(GatewaySet::new(&config.gateways, std::time::Duration::ZERO));
+        let listener_config = Arc::new(Listener::new(config.listeners[0].clone()));
+        let ctx = Arc::new(Context::new(
             config,
-            acceptor: None,
-            connector: None,
-            hard_stop: CancellationToken::new(),
-        });
-        let listener_config = Arc::new(ctx.config.listeners[0].clone());
+            gateways,
+            (None, None),
+            CancellationToken::new(),
+        ));
         let session = serve(ctx, listener_config, accepted);
         let size = std::mem::size_of_val(&session);
         assert!(size <= 1200, "the session future grew to {size} bytes");
