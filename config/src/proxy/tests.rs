@@ -131,3 +131,11 @@ fn missing_file_names_the_path() {
     let e = ProxyConfig::load(&f).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/p.toml"), "{e}");
 }
+
+#[test]
+fn local_example_is_valid() {
+    let c = ProxyConfig::from_toml(include_str!("../../examples/local.toml")).expect("parses");
+    assert_eq!(c.gateways.len(), 3);
+    assert_eq!(c.listeners[0].addr.to_string(), "127.0.0.1:8443");
+    assert_eq!(c.health.timeout, Duration::from_millis(125));
+}

@@ -1,0 +1,275 @@
+//! `wasmbed gateway` configuration: flags (and an optional TOML file), validated.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{ConfigError, LogFormat, duration_or, parse_addr, read_toml};
+
+/// Flags of `wasmbed gateway`. Each one, when given, overrides the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GatewayFlags {
+    /// TOML config file with the same keys as these flags (snake_case). Flags override it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Device session server address, IP:PORT. Default 127.0.0.1:9001.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin HTTP endpoint (/healthz, /readyz, /metrics, /api/apps, /api/drain), or `off`.
+    /// Default 127.0.0.1:9101.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// This gateway's name, sent in WELCOME and used in metrics. Default "gateway".
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Directory of applications (NAME.wasm or NAME.wat), loaded and compiled at start.
+    #[arg(long, value_name = "DIR")]
+    pub apps: Option<PathBuf>,
+    /// Server certificate chain (PEM). Required unless --insecure-plaintext.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that device client certificates must chain to; required with TLS.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// Plain TCP sessions with no TLS, for the link from a terminating proxy on a trusted
+    /// network. Devices then present no certificate.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+    /// Deadline of one application call. Default 50ms.
+    #[arg(long, value_name = "DURATION")]
+    pub call_timeout: Option<String>,
+    /// Linear memory cap of one application instance, in bytes (suffixes KiB, MiB). Default 4MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// A session with no frame for this long is closed. Default 60s.
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// On SIGTERM or drain, how long sessions get after GOAWAY before the gateway exits.
+    /// Default 10s.
+    #[arg(long, value_name = "DURATION")]
+    pub grace: Option<String>,
+    /// Most sessions (and application instances) at once. Default 10000.
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<u32>,
+    /// Largest frame accepted, in bytes. Default 65536.
+    #[arg(long, value_name = "BYTES")]
+    pub max_frame: Option<usize>,
+    /// Worker threads. Default: every core this process may run on.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    listen: Option<String>,
+    admin: Option<String>,
+    name: Option<String>,
+    apps: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    call_timeout: Option<String>,
+    max_memory: Option<String>,
+    idle_timeout: Option<String>,
+    grace: Option<String>,
+    max_sessions: Option<u32>,
+    max_frame: Option<usize>,
+    threads: Option<usize>,
+    log_format: Option<LogFormat>,
+}
+
+/// The gateway's TLS: its certificate and the CA of device certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+/// The validated configuration `wasmbed_gateway` runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub name: String,
+    pub apps: Option<PathBuf>,
+    /// `None`: plain TCP (`--insecure-plaintext`).
+    pub tls: Option<GatewayTls>,
+    pub call_timeout: Duration,
+    pub max_memory: usize,
+    pub idle_timeout: Duration,
+    pub grace: Duration,
+    pub max_sessions: u32,
+    pub max_frame: usize,
+    pub threads: Option<usize>,
+    pub log_format: LogFormat,
+}
+
+/// Parses "4MiB", "512KiB", "65536".
+pub fn parse_size(field: &str, text: &str) -> Result<usize, ConfigError> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: usize = digits
+        .parse()
+        .map_err(|_| ConfigError::field(field, format!("invalid size {text:?}")))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1 << 10,
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        u => return Err(ConfigError::field(field, format!("unknown unit {u:?} (use KiB, MiB)"))),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| ConfigError::field(field, "too large"))
+}
+
+impl GatewaySettings {
+    pub fn load(f: &GatewayFlags) -> Result<GatewaySettings, ConfigError> {
+        let mut raw: RawGateway = match &f.config {
+            Some(path) => read_toml(path)?,
+            None => RawGateway::default(),
+        };
+        macro_rules! over {
+            ($($field:ident),*) => { $( if f.$field.is_some() { raw.$field = f.$field.clone(); } )* };
+        }
+        over!(
+            listen, admin, name, apps, tls_cert, tls_key, client_ca, call_timeout, max_memory,
+            idle_timeout, grace, max_sessions, max_frame, threads, log_format
+        );
+        raw.insecure_plaintext |= f.insecure_plaintext;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(raw: RawGateway) -> Result<GatewaySettings, ConfigError> {
+        let listen = parse_addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:9001"))?;
+        let admin = match raw.admin.as_deref().unwrap_or("127.0.0.1:9101") {
+            "off" => None,
+            a => Some(parse_addr("admin", a)?),
+        };
+        let name = raw.name.unwrap_or_else(|| "gateway".into());
+        if name.is_empty() || name.len() > 64 {
+            return Err(ConfigError::field("name", "must be 1 to 64 characters"));
+        }
+        let tls = match (raw.insecure_plaintext, raw.tls_cert, raw.tls_key, raw.client_ca) {
+            (true, None, None, None) => None,
+            (true, ..) => {
+                return Err(ConfigError::field(
+                    "insecure_plaintext",
+                    "cannot be combined with --tls-cert/--tls-key/--client-ca",
+                ));
+            }
+            (false, Some(cert), Some(key), Some(client_ca)) => Some(GatewayTls {
+                cert,
+                key,
+                client_ca,
+            }),
+            (false, ..) => {
+                return Err(ConfigError::field(
+                    "tls",
+                    "--tls-cert, --tls-key and --client-ca are required (or --insecure-plaintext \
+                     behind a terminating proxy)",
+                ));
+            }
+        };
+        let call_timeout = duration_or(
+            "call_timeout",
+            raw.call_timeout.as_deref(),
+            Duration::from_millis(50),
+        )?;
+        if call_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::field("call_timeout", "must be at least 1ms"));
+        }
+        let max_memory = match raw.max_memory.as_deref() {
+            Some(t) => parse_size("max_memory", t)?,
+            None => 4 << 20,
+        };
+        if !(64 << 10..=1 << 30).contains(&max_memory) {
+            return Err(ConfigError::field(
+                "max_memory",
+                "must be between 64KiB (one Wasm page) and 1GiB",
+            ));
+        }
+        let max_sessions = raw.max_sessions.unwrap_or(10_000);
+        if max_sessions == 0 {
+            return Err(ConfigError::field("max_sessions", "must be at least 1"));
+        }
+        let max_frame = raw.max_frame.unwrap_or(64 * 1024);
+        if !(64..=16 << 20).contains(&max_frame) {
+            return Err(ConfigError::field("max_frame", "must be between 64 bytes and 16MiB"));
+        }
+        Ok(GatewaySettings {
+            listen,
+            admin,
+            name,
+            apps: raw.apps,
+            tls,
+            call_timeout,
+            max_memory,
+            idle_timeout: duration_or(
+                "idle_timeout",
+                raw.idle_timeout.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            grace: duration_or("grace", raw.grace.as_deref(), Duration::from_secs(10))?,
+            max_sessions,
+            max_frame,
+            threads: raw.threads,
+            log_format: raw.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> GatewayFlags {
+        GatewayFlags {
+            insecure_plaintext: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_work_on_a_laptop() {
+        let s = GatewaySettings::load(&flags()).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(s.call_timeout, Duration::from_millis(50));
+        assert_eq!(s.max_memory, 4 << 20);
+        assert!(s.tls.is_none());
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases = [
+            (GatewayFlags { max_memory: Some("4 parsecs".into()), ..flags() }, "max_memory"),
+            (GatewayFlags { call_timeout: Some("0ms".into()), ..flags() }, "call_timeout"),
+            (GatewayFlags { listen: Some("nowhere".into()), ..flags() }, "listen"),
+            (GatewayFlags { insecure_plaintext: false, ..flags() }, "tls"),
+            (GatewayFlags { tls_cert: Some("a".into()), ..flags() }, "insecure_plaintext"),
+        ];
+        for (f, field) in cases {
+            let e = GatewaySettings::load(&f).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("m", "4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_size("m", "512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("m", "70000").unwrap(), 70000);
+        assert!(parse_size("m", "12XB").is_err());
+    }
+}
