@@ -5,12 +5,14 @@
 //! `validate` turns the result into the typed config the libraries run on. Every problem is
 //! one [`ConfigError`] that names the field.
 
+pub mod gateway;
 pub mod proxy;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use gateway::{GatewayFlags, GatewaySettings, GatewayTls};
 pub use proxy::{
     GatewayConfig, HealthCheck, HealthConfig, ListenerConfig, Mode, ProxyConfig, ProxyFlags,
     RouteConfig, TerminateTls, UpstreamTls,

@@ -1,0 +1,118 @@
+use super::*;
+
+const ECHO: &str = include_str!("../../../apps/echo.wat");
+const COUNTER: &str = include_str!("../../../apps/counter.wat");
+const LOOP: &str = include_str!("../../../apps/loop.wat");
+const GROW: &str = include_str!("../../../apps/grow.wat");
+const PUSH: &str = include_str!("../../../apps/push.wat");
+
+fn host() -> Host {
+    Host::new(Limits {
+        call_timeout: Duration::from_millis(50),
+        max_memory: 1 << 20,
+        max_instances: 64,
+        max_frame: 64 * 1024,
+    })
+    .unwrap()
+}
+
+async fn instance(host: &Host, name: &str, wat: &str) -> Instance {
+    let app = host.compile(name, wat.as_bytes()).unwrap();
+    host.instantiate(&app, "device-1").await.unwrap()
+}
+
+#[tokio::test]
+async fn echo_replies_with_the_message() {
+    let h = host();
+    let mut i = instance(&h, "echo", ECHO).await;
+    assert_eq!(i.message(b"hello").await.unwrap().reply, b"hello");
+    assert_eq!(i.message(b"").await.unwrap().reply, b"");
+}
+
+#[tokio::test]
+async fn counter_keeps_state_per_instance() {
+    let h = host();
+    let mut a = instance(&h, "counter", COUNTER).await;
+    let mut b = instance(&h, "counter", COUNTER).await;
+    a.open().await.unwrap();
+    let decode = |r: Vec<u8>| {
+        let count = u64::from_le_bytes(r[..8].try_into().unwrap());
+        let sum = u64::from_le_bytes(r[8..16].try_into().unwrap());
+        (count, sum)
+    };
+    assert_eq!(decode(a.message(&[1, 2]).await.unwrap().reply), (1, 3));
+    assert_eq!(decode(a.message(&[10]).await.unwrap().reply), (2, 13));
+    assert_eq!(decode(b.message(&[5]).await.unwrap().reply), (1, 5), "own state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_call_is_stopped_at_its_deadline_while_others_run() {
+    let h = Arc::new(host());
+    let mut looping = instance(&h, "loop", LOOP).await;
+    let mut echo = instance(&h, "echo", ECHO).await;
+    let started = Instant::now();
+    let stuck = tokio::spawn(async move { looping.message(b"x").await });
+    // The healthy instance keeps answering while the looping one runs.
+    let mut answered = 0;
+    while !stuck.is_finished() {
+        assert_eq!(echo.message(b"ok").await.unwrap().reply, b"ok");
+        answered += 1;
+        tokio::task::yield_now().await;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(stuck.await.unwrap().unwrap_err(), CallError::Timeout);
+    assert!(answered > 0, "the other session was served meanwhile");
+    assert!(elapsed < Duration::from_secs(5), "stopped (deadline 50ms), took {elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_growing_module_hits_its_memory_cap() {
+    let h = host();
+    let mut i = instance(&h, "grow", GROW).await;
+    assert_eq!(i.message(b"x").await.unwrap_err(), CallError::Memory);
+    assert_eq!(CallError::Memory.code(), wasmbed_protocol::ErrorCode::AppMemory);
+}
+
+#[tokio::test]
+async fn pushes_are_collected_per_call() {
+    let h = host();
+    let mut i = instance(&h, "push", PUSH).await;
+    let out = i.message(b"abc").await.unwrap();
+    assert_eq!(out.reply, b"");
+    assert_eq!(out.pushes, vec![b"pong:abc".to_vec()]);
+}
+
+#[test]
+fn bad_modules_are_refused_with_the_reason() {
+    let h = host();
+    let cases: [(&[u8], &str); 5] = [
+        (b"\0asm\x01\0\0\0garbage", "not valid"),
+        (b"(module (memory (export \"memory\") 1))", "missing export alloc"),
+        (
+            b"(module (memory (export \"memory\") 1) (func (export \"alloc\") (param i64) (result i32) i32.const 0) (func (export \"on_message\") (param i32 i32) (result i64) i64.const 0))",
+            "export alloc has type (i64) -> (i32)",
+        ),
+        (
+            b"(module (import \"env\" \"x\" (func)) (memory (export \"memory\") 1) (func (export \"alloc\") (param i32) (result i32) i32.const 0) (func (export \"on_message\") (param i32 i32) (result i64) i64.const 0))",
+            "wrong ABI",
+        ),
+        (b"(module (func (export \"alloc\") (param i32) (result i32) i32.const 0))", "missing export memory"),
+    ];
+    for (bytes, want) in cases {
+        match h.compile("bad", bytes) {
+            Ok(_) => panic!("accepted: {want}"),
+            Err(e) => assert!(e.to_string().contains(want), "{want}: {e}"),
+        }
+    }
+    assert!(matches!(h.compile("../etc", ECHO.as_bytes()), Err(AppError::Name(_))));
+}
+
+#[test]
+fn the_apps_directory_loads() {
+    let h = host();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../apps");
+    assert!(h.load_dir(Path::new(dir)).unwrap() >= 4);
+    assert!(h.get("echo").is_some() && h.get("counter").is_some());
+    let e = h.load_dir(Path::new("/nonexistent/apps")).unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/apps"), "{e}");
+}
