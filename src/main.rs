@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use wasmbed_config::{LogFormat, ProxyConfig, ProxyFlags};
+use wasmbed_config::{GatewayFlags, GatewaySettings, LogFormat, ProxyConfig, ProxyFlags};
 
 /// Wasmbed edge: the data plane between a fleet of embedded devices and a pool of gateways.
 #[derive(Debug, Parser)]
@@ -31,6 +31,12 @@ enum Command {
     /// Example: wasmbed proxy --listen 127.0.0.1:8443 --gateway gw-1=127.0.0.1:9001
     /// --gateway gw-2=127.0.0.1:9002 --health tcp --health-interval 250ms --fall 2
     Proxy(ProxyFlags),
+    /// Run a gateway: device sessions over TLS (or plain TCP behind a terminating proxy),
+    /// each running its application as a WebAssembly instance (see gateway/ABI.md).
+    ///
+    /// Example: wasmbed gateway --insecure-plaintext --apps apps --listen 127.0.0.1:9001
+    /// --admin 127.0.0.1:9101 --name gw-1
+    Gateway(GatewayFlags),
     /// Dev certificates: a CA, server certificates and device client certificates.
     Certs(certs_cmd::CertsArgs),
 }
@@ -39,6 +45,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Proxy(flags) => proxy(flags),
+        Command::Gateway(flags) => gateway(flags),
         Command::Certs(args) => match certs_cmd::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("certs", e),
@@ -73,6 +80,32 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         match proxy.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("proxy", e),
+        }
+    })
+}
+
+fn gateway(flags: GatewayFlags) -> ExitCode {
+    let settings = match GatewaySettings::load(&flags) {
+        Ok(s) => s,
+        Err(e) => return fail("gateway", e),
+    };
+    init_logging(settings.log_format);
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let runtime = match runtime(settings.threads) {
+        Ok(r) => r,
+        Err(e) => return fail("gateway", format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let gateway = match wasmbed_gateway::Gateway::bind(settings).await {
+            Ok(g) => g,
+            Err(e) => return fail("gateway", e),
+        };
+        announce(&[gateway.listen_addr()], gateway.admin_addr());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(on_signal(shutdown.clone()));
+        match gateway.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("gateway", e),
         }
     })
 }

@@ -128,7 +128,12 @@ pub fn parse_size(field: &str, text: &str) -> Result<usize, ConfigError> {
         "KiB" | "K" | "KB" => 1 << 10,
         "MiB" | "M" | "MB" => 1 << 20,
         "GiB" | "G" | "GB" => 1 << 30,
-        u => return Err(ConfigError::field(field, format!("unknown unit {u:?} (use KiB, MiB)"))),
+        u => {
+            return Err(ConfigError::field(
+                field,
+                format!("unknown unit {u:?} (use KiB, MiB)"),
+            ));
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| ConfigError::field(field, "too large"))
@@ -144,8 +149,21 @@ impl GatewaySettings {
             ($($field:ident),*) => { $( if f.$field.is_some() { raw.$field = f.$field.clone(); } )* };
         }
         over!(
-            listen, admin, name, apps, tls_cert, tls_key, client_ca, call_timeout, max_memory,
-            idle_timeout, grace, max_sessions, max_frame, threads, log_format
+            listen,
+            admin,
+            name,
+            apps,
+            tls_cert,
+            tls_key,
+            client_ca,
+            call_timeout,
+            max_memory,
+            idle_timeout,
+            grace,
+            max_sessions,
+            max_frame,
+            threads,
+            log_format
         );
         raw.insecure_plaintext |= f.insecure_plaintext;
         Self::from_raw(raw)
@@ -161,7 +179,12 @@ impl GatewaySettings {
         if name.is_empty() || name.len() > 64 {
             return Err(ConfigError::field("name", "must be 1 to 64 characters"));
         }
-        let tls = match (raw.insecure_plaintext, raw.tls_cert, raw.tls_key, raw.client_ca) {
+        let tls = match (
+            raw.insecure_plaintext,
+            raw.tls_cert,
+            raw.tls_key,
+            raw.client_ca,
+        ) {
             (true, None, None, None) => None,
             (true, ..) => {
                 return Err(ConfigError::field(
@@ -206,7 +229,10 @@ impl GatewaySettings {
         }
         let max_frame = raw.max_frame.unwrap_or(64 * 1024);
         if !(64..=16 << 20).contains(&max_frame) {
-            return Err(ConfigError::field("max_frame", "must be between 64 bytes and 16MiB"));
+            return Err(ConfigError::field(
+                "max_frame",
+                "must be between 64 bytes and 16MiB",
+            ));
         }
         Ok(GatewaySettings {
             listen,
@@ -253,11 +279,41 @@ mod tests {
     #[test]
     fn bad_values_name_their_field() {
         let cases = [
-            (GatewayFlags { max_memory: Some("4 parsecs".into()), ..flags() }, "max_memory"),
-            (GatewayFlags { call_timeout: Some("0ms".into()), ..flags() }, "call_timeout"),
-            (GatewayFlags { listen: Some("nowhere".into()), ..flags() }, "listen"),
-            (GatewayFlags { insecure_plaintext: false, ..flags() }, "tls"),
-            (GatewayFlags { tls_cert: Some("a".into()), ..flags() }, "insecure_plaintext"),
+            (
+                GatewayFlags {
+                    max_memory: Some("4 parsecs".into()),
+                    ..flags()
+                },
+                "max_memory",
+            ),
+            (
+                GatewayFlags {
+                    call_timeout: Some("0ms".into()),
+                    ..flags()
+                },
+                "call_timeout",
+            ),
+            (
+                GatewayFlags {
+                    listen: Some("nowhere".into()),
+                    ..flags()
+                },
+                "listen",
+            ),
+            (
+                GatewayFlags {
+                    insecure_plaintext: false,
+                    ..flags()
+                },
+                "tls",
+            ),
+            (
+                GatewayFlags {
+                    tls_cert: Some("a".into()),
+                    ..flags()
+                },
+                "insecure_plaintext",
+            ),
         ];
         for (f, field) in cases {
             let e = GatewaySettings::load(&f).unwrap_err().to_string();

@@ -268,7 +268,10 @@ impl Host {
             max_memory: self.limits.max_memory,
             call_started: Instant::now(),
             call_timeout: self.limits.call_timeout,
-            max_push: self.limits.max_frame.saturating_sub(wasmbed_protocol::HEADER),
+            max_push: self
+                .limits
+                .max_frame
+                .saturating_sub(wasmbed_protocol::HEADER),
             pushes: Vec::new(),
             device: device.to_string(),
             app: app.name.clone(),
@@ -285,14 +288,13 @@ impl Host {
         });
         store.data_mut().call_started = Instant::now();
         store.set_epoch_deadline(1);
-        let instance = app
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| match CallError::from_wasm(e) {
-                CallError::Trap(t) => CallError::Unavailable(t),
-                other => other,
-            })?;
+        let instance =
+            app.pre.instantiate_async(&mut store).await.map_err(
+                |e| match CallError::from_wasm(e) {
+                    CallError::Trap(t) => CallError::Unavailable(t),
+                    other => other,
+                },
+            )?;
         let missing = |what: &str| CallError::Trap(format!("export {what} missing"));
         let memory = instance
             .get_memory(&mut store, "memory")
@@ -402,7 +404,11 @@ impl Instance {
     }
 }
 
-fn guest_bytes(caller: &mut Caller<'_, SessionState>, ptr: i32, len: i32) -> wasmtime::Result<Vec<u8>> {
+fn guest_bytes(
+    caller: &mut Caller<'_, SessionState>,
+    ptr: i32,
+    len: i32,
+) -> wasmtime::Result<Vec<u8>> {
     let memory = caller
         .get_export("memory")
         .and_then(|e| e.into_memory())
@@ -447,27 +453,27 @@ fn check_name(name: &str) -> Result<(), AppError> {
 
 /// Checks the exports the ABI needs (gateway/ABI.md); imports are checked by the linker.
 fn check_abi(module: &Module) -> Result<(), AppError> {
-    let func = |name: &str, params: &[&str], results: &[&str], required: bool| {
-        match module.get_export(name) {
-            Some(ExternType::Func(f)) => {
-                let p: Vec<&str> = f.params().map(|t| type_name(&t)).collect();
-                let r: Vec<&str> = f.results().map(|t| type_name(&t)).collect();
-                if p == params && r == results {
-                    Ok(())
-                } else {
-                    Err(AppError::Abi(format!(
-                        "export {name} has type ({}) -> ({}), expected ({}) -> ({})",
-                        p.join(", "),
-                        r.join(", "),
-                        params.join(", "),
-                        results.join(", ")
-                    )))
-                }
+    let func = |name: &str, params: &[&str], results: &[&str], required: bool| match module
+        .get_export(name)
+    {
+        Some(ExternType::Func(f)) => {
+            let p: Vec<&str> = f.params().map(|t| type_name(&t)).collect();
+            let r: Vec<&str> = f.results().map(|t| type_name(&t)).collect();
+            if p == params && r == results {
+                Ok(())
+            } else {
+                Err(AppError::Abi(format!(
+                    "export {name} has type ({}) -> ({}), expected ({}) -> ({})",
+                    p.join(", "),
+                    r.join(", "),
+                    params.join(", "),
+                    results.join(", ")
+                )))
             }
-            Some(_) => Err(AppError::Abi(format!("export {name} is not a function"))),
-            None if required => Err(AppError::Abi(format!("missing export {name}"))),
-            None => Ok(()),
         }
+        Some(_) => Err(AppError::Abi(format!("export {name} is not a function"))),
+        None if required => Err(AppError::Abi(format!("missing export {name}"))),
+        None => Ok(()),
     };
     match module.get_export("memory") {
         Some(ExternType::Memory(_)) => {}

@@ -1,1 +1,212 @@
+//! The wasmbed gateway: device sessions, each running its application as a WebAssembly
+//! instance in wasmtime.
+//!
+//! The path of one session: accept (TLS with device certificates, or plain TCP behind a
+//! terminating proxy) -> hello ([`session`]) -> app call ([`host`]) -> reply. Beside it:
+//! [`admin`] (health, metrics, app upload, drain) and [`metrics`].
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
 pub mod host;
+pub mod metrics;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use wasmbed_config::GatewaySettings;
+
+use crate::host::{AppError, Host, Limits};
+
+/// How long a device may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Certs(#[from] wasmbed_certs::CertError),
+    #[error("applications: {0}")]
+    Apps(#[from] AppError),
+}
+
+/// What every session and the admin endpoint share.
+pub struct Shared {
+    pub settings: GatewaySettings,
+    pub host: Host,
+    pub sessions: AtomicUsize,
+    pub meters: metrics::Meters,
+    /// Cancelled on drain (admin or SIGTERM): sessions get GOAWAY, accepting stops.
+    pub draining: CancellationToken,
+}
+
+/// A gateway whose sockets are bound and applications compiled; [`Gateway::run`] serves.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Gateway {
+    pub async fn bind(settings: GatewaySettings) -> Result<Gateway, GatewayError> {
+        let host = Host::new(Limits {
+            call_timeout: settings.call_timeout,
+            max_memory: settings.max_memory,
+            max_instances: settings.max_sessions,
+            max_frame: settings.max_frame,
+        })?;
+        if let Some(dir) = &settings.apps {
+            let n = host.load_dir(dir)?;
+            tracing::info!(dir = %dir.display(), apps = n, "applications loaded");
+        }
+        let tls = match &settings.tls {
+            Some(t) => {
+                let chain = wasmbed_certs::load_certs(&t.cert)?;
+                let key = wasmbed_certs::load_key(&t.key)?;
+                let ca = wasmbed_certs::load_certs(&t.client_ca)?;
+                let config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
+                Some(TlsAcceptor::from(config))
+            }
+            None => None,
+        };
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind { addr, source })
+        };
+        let listener = bind(settings.listen).await?;
+        let admin = match settings.admin {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            settings,
+            host,
+            sessions: AtomicUsize::new(0),
+            meters: metrics::Meters::new(),
+            draining: CancellationToken::new(),
+        });
+        Ok(Gateway {
+            shared,
+            listener,
+            admin,
+            tls,
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.settings.listen)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serves until `shutdown`: then GOAWAY to every session, no new sessions, and return once
+    /// they have closed or the grace period is over.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
+        let shared = self.shared;
+        let admin_stop = CancellationToken::new();
+        let background = TaskTracker::new();
+        if let Some(admin) = self.admin {
+            background.spawn(admin::serve(admin, shared.clone(), admin_stop.clone()));
+        }
+        let sessions = TaskTracker::new();
+        tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            name = %shared.settings.name, tls = self.tls.is_some(), "gateway listening");
+        loop {
+            let accepted = tokio::select! {
+                r = self.listener.accept() => r,
+                _ = shared.draining.cancelled() => break,
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            metrics::handle();
+            ::metrics::counter!(metrics::SESSIONS_TOTAL).increment(1);
+            let span = tracing::info_span!("session", %peer, device = tracing::field::Empty, app = tracing::field::Empty);
+            sessions.spawn(accept(shared.clone(), stream, self.tls.clone()).instrument(span));
+        }
+        drop(self.listener);
+        shared.draining.cancel();
+        if shutdown.is_cancelled() {
+            sessions.close();
+            let grace = shared.settings.grace;
+            if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+                tracing::warn!(open = sessions.len(), "grace period over");
+            }
+        } else {
+            // Drained by an operator: stay up (admin, metrics) until told to stop.
+            shutdown.cancelled().await;
+        }
+        admin_stop.cancel();
+        background.close();
+        background.wait().await;
+        Ok(())
+    }
+}
+
+async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<TlsAcceptor>) {
+    let drain = shared.draining.clone();
+    match tls {
+        None => session::serve(shared, stream, None, drain).await,
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "handshake")
+                        .increment(1);
+                    tracing::debug!(error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "timeout").increment(1);
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(wasmbed_certs::peer_identity);
+            session::serve(shared, tls, identity, drain).await;
+        }
+    }
+}
+
+/// Binds and serves until `shutdown` (see [`Gateway`]).
+pub async fn run(
+    settings: GatewaySettings,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    Gateway::bind(settings).await?.run(shutdown).await
+}

@@ -147,10 +147,10 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, Protocol
     if len < HEADER {
         return Err(ProtocolError::TooShort(len));
     }
-    if let Some(&kind) = buf.get(PREFIX) {
-        if Kind::from_u8(kind).is_none() {
-            return Err(ProtocolError::UnknownType(kind));
-        }
+    if let Some(&kind) = buf.get(PREFIX)
+        && Kind::from_u8(kind).is_none()
+    {
+        return Err(ProtocolError::UnknownType(kind));
     }
     let Some(frame) = buf.get(..PREFIX + len) else {
         return Ok(None);

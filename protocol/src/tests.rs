@@ -40,22 +40,35 @@ fn a_frame_over_the_maximum_is_refused_before_it_arrives() {
     bytes.push(3);
     assert_eq!(
         decode(&bytes, DEFAULT_MAX_FRAME),
-        Err(ProtocolError::TooLarge { len: 1_000_000, max: DEFAULT_MAX_FRAME })
+        Err(ProtocolError::TooLarge {
+            len: 1_000_000,
+            max: DEFAULT_MAX_FRAME
+        })
     );
 }
 
 #[test]
 fn short_lengths_and_unknown_types_are_errors() {
-    assert_eq!(decode(&[0, 0, 0, 3, 1, 0, 0], 100), Err(ProtocolError::TooShort(3)));
+    assert_eq!(
+        decode(&[0, 0, 0, 3, 1, 0, 0], 100),
+        Err(ProtocolError::TooShort(3))
+    );
     let mut f = Frame::new(Kind::Data, 1, b"x".to_vec()).encode();
     f[4] = 42;
     assert_eq!(decode(&f[..5], 100), Err(ProtocolError::UnknownType(42)));
-    assert_eq!(ProtocolError::UnknownType(42).code(), ErrorCode::UnknownType);
+    assert_eq!(
+        ProtocolError::UnknownType(42).code(),
+        ErrorCode::UnknownType
+    );
 }
 
 #[test]
 fn control_bodies_round_trip_as_cbor() {
-    let hello = Hello { device: "device-0001".into(), app: "echo".into(), resume: None };
+    let hello = Hello {
+        device: "device-0001".into(),
+        app: "echo".into(),
+        resume: None,
+    };
     let f = Frame::control(Kind::Hello, 0, &hello);
     assert_eq!(f.decode_body::<Hello>("HELLO").unwrap(), hello);
     assert!(f.decode_body::<Welcome>("WELCOME").is_err());
@@ -67,10 +80,17 @@ fn control_bodies_round_trip_as_cbor() {
 /// The worked example of PROTOCOL.md, byte for byte.
 #[test]
 fn the_documented_example_is_exact() {
-    let hello = Hello { device: "d1".into(), app: "echo".into(), resume: None };
+    let hello = Hello {
+        device: "d1".into(),
+        app: "echo".into(),
+        resume: None,
+    };
     let bytes = Frame::control(Kind::Hello, 0, &hello).encode();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(hex, "0000001d010000000000000000a26664657669636562643163617070646563686f");
+    assert_eq!(
+        hex,
+        "0000001d010000000000000000a26664657669636562643163617070646563686f"
+    );
     let data = Frame::new(Kind::Data, 1, b"hi".to_vec()).encode();
     let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(hex, "0000000b0300000000000000016869");

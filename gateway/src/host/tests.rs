@@ -42,7 +42,11 @@ async fn counter_keeps_state_per_instance() {
     };
     assert_eq!(decode(a.message(&[1, 2]).await.unwrap().reply), (1, 3));
     assert_eq!(decode(a.message(&[10]).await.unwrap().reply), (2, 13));
-    assert_eq!(decode(b.message(&[5]).await.unwrap().reply), (1, 5), "own state");
+    assert_eq!(
+        decode(b.message(&[5]).await.unwrap().reply),
+        (1, 5),
+        "own state"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +66,10 @@ async fn a_looping_call_is_stopped_at_its_deadline_while_others_run() {
     let elapsed = started.elapsed();
     assert_eq!(stuck.await.unwrap().unwrap_err(), CallError::Timeout);
     assert!(answered > 0, "the other session was served meanwhile");
-    assert!(elapsed < Duration::from_secs(5), "stopped (deadline 50ms), took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "stopped (deadline 50ms), took {elapsed:?}"
+    );
 }
 
 #[tokio::test]
@@ -70,7 +77,10 @@ async fn a_growing_module_hits_its_memory_cap() {
     let h = host();
     let mut i = instance(&h, "grow", GROW).await;
     assert_eq!(i.message(b"x").await.unwrap_err(), CallError::Memory);
-    assert_eq!(CallError::Memory.code(), wasmbed_protocol::ErrorCode::AppMemory);
+    assert_eq!(
+        CallError::Memory.code(),
+        wasmbed_protocol::ErrorCode::AppMemory
+    );
 }
 
 #[tokio::test]
@@ -104,7 +114,10 @@ fn bad_modules_are_refused_with_the_reason() {
             Err(e) => assert!(e.to_string().contains(want), "{want}: {e}"),
         }
     }
-    assert!(matches!(h.compile("../etc", ECHO.as_bytes()), Err(AppError::Name(_))));
+    assert!(matches!(
+        h.compile("../etc", ECHO.as_bytes()),
+        Err(AppError::Name(_))
+    ));
 }
 
 #[test]
@@ -113,6 +126,9 @@ fn the_apps_directory_loads() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../apps");
     assert!(h.load_dir(Path::new(dir)).unwrap() >= 4);
     assert!(h.get("echo").is_some() && h.get("counter").is_some());
-    let e = h.load_dir(Path::new("/nonexistent/apps")).unwrap_err().to_string();
+    let e = h
+        .load_dir(Path::new("/nonexistent/apps"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/apps"), "{e}");
 }

@@ -1,0 +1,134 @@
+//! admin: `/healthz` (alive, with the live session count), `/readyz` (503 while draining),
+//! `/metrics`, `/api/apps` (list, upload, delete), `/api/drain`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use metrics::{counter, gauge};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::metrics::{APPS, SESSIONS, UPLOADS};
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/apps", get(list))
+        .route("/api/apps/{name}", put(upload).delete(remove))
+        .route("/api/drain", post(drain))
+        .layer(DefaultBodyLimit::max(16 << 20))
+        .with_state(shared)
+}
+
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let result = axum::serve(listener, router(shared))
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+fn status(shared: &Shared) -> serde_json::Value {
+    json!({
+        "status": if shared.draining.is_cancelled() { "draining" } else { "ok" },
+        "gateway": shared.settings.name,
+        "sessions": shared.sessions.load(Ordering::Acquire),
+    })
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(status(&shared)).into_response()
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let code = if shared.draining.is_cancelled() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, axum::Json(status(&shared))).into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    gauge!(SESSIONS).set(shared.sessions.load(Ordering::Acquire) as f64);
+    gauge!(APPS).set(shared.host.list().len() as f64);
+    let handle = crate::metrics::handle();
+    handle.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
+}
+
+async fn list(State(shared): State<Arc<Shared>>) -> Response {
+    let apps: Vec<_> = shared
+        .host
+        .list()
+        .iter()
+        .map(|a| json!({ "name": a.name, "bytes": a.bytes }))
+        .collect();
+    axum::Json(apps).into_response()
+}
+
+/// Validates and compiles the module before it replaces anything.
+async fn upload(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let host = shared.clone();
+    let n = name.clone();
+    let compiled = tokio::task::spawn_blocking(move || host.host.compile(&n, &body)).await;
+    match compiled {
+        Ok(Ok(app)) => {
+            let replaced = shared.host.insert(app);
+            counter!(UPLOADS, "result" => "accepted").increment(1);
+            tracing::info!(app = %name, replaced, "application loaded");
+            let code = if replaced {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            (
+                code,
+                axum::Json(json!({ "name": name, "replaced": replaced })),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => {
+            counter!(UPLOADS, "result" => "refused").increment(1);
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn remove(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    if shared.host.remove(&name) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            format!("no application named {name:?}\n"),
+        )
+            .into_response()
+    }
+}
+
+async fn drain(State(shared): State<Arc<Shared>>) -> Response {
+    shared.draining.cancel();
+    tracing::info!("drain requested: GOAWAY to every session, no new sessions");
+    (StatusCode::ACCEPTED, axum::Json(status(&shared))).into_response()
+}

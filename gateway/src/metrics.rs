@@ -1,0 +1,105 @@
+//! Metrics of the gateway: names, help texts, the Prometheus recorder.
+
+use std::sync::OnceLock;
+
+use metrics::{Histogram, Unit, describe_counter, describe_gauge, describe_histogram, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SESSIONS: &str = "wasmbed_gateway_sessions";
+pub const SESSIONS_TOTAL: &str = "wasmbed_gateway_sessions_accepted_total";
+pub const FRAMES_IN: &str = "wasmbed_gateway_frames_in_total";
+pub const FRAMES_OUT: &str = "wasmbed_gateway_frames_out_total";
+pub const CALLS: &str = "wasmbed_gateway_app_calls_total";
+pub const CALL: &str = "wasmbed_gateway_call_duration_seconds";
+pub const TRAPS: &str = "wasmbed_gateway_app_failures_total";
+pub const INSTANTIATE: &str = "wasmbed_gateway_instantiation_duration_seconds";
+pub const ERRORS: &str = "wasmbed_gateway_errors_sent_total";
+pub const TLS_REJECTED: &str = "wasmbed_gateway_tls_rejected_total";
+pub const UPLOADS: &str = "wasmbed_gateway_app_uploads_total";
+pub const APPS: &str = "wasmbed_gateway_apps";
+
+const BUCKETS: &[f64] = &[
+    0.000_001,
+    0.000_002_5,
+    0.000_005,
+    0.000_01,
+    0.000_025,
+    0.000_05,
+    0.000_1,
+    0.000_25,
+    0.000_5,
+    0.001,
+    0.002_5,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+];
+
+/// The process-wide recorder's handle; installs the recorder on first use. (A process that
+/// already installed another recorder, such as a test running a proxy too, keeps that one.)
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+            .expect("static, non-empty bucket list")
+            .build_recorder();
+        let handle = recorder.handle();
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_gauge!(SESSIONS, "Live device sessions.");
+    describe_counter!(SESSIONS_TOTAL, "Device connections accepted.");
+    describe_counter!(FRAMES_IN, "Frames received from devices, by type.");
+    describe_counter!(FRAMES_OUT, "Frames sent to devices, by type.");
+    describe_counter!(CALLS, "Application calls (on_message), by app.");
+    describe_histogram!(CALL, Unit::Seconds, "Duration of one on_message call.");
+    describe_counter!(
+        TRAPS,
+        "Failed application calls, by kind (trap, timeout, memory, bad_pointer)."
+    );
+    describe_histogram!(
+        INSTANTIATE,
+        Unit::Seconds,
+        "Time to instantiate an app for a session."
+    );
+    describe_counter!(ERRORS, "ERROR frames sent, by code.");
+    describe_counter!(
+        TLS_REJECTED,
+        "TLS handshakes refused (bad or missing client certificate, timeout)."
+    );
+    describe_counter!(
+        UPLOADS,
+        "App uploads over the admin API, by result (accepted, refused)."
+    );
+    describe_gauge!(APPS, "Applications loaded.");
+}
+
+/// Histograms the session path records into, registered once.
+pub struct Meters {
+    pub instantiate: Histogram,
+    pub call: Histogram,
+}
+
+impl Meters {
+    pub fn new() -> Meters {
+        handle();
+        Meters {
+            instantiate: histogram!(INSTANTIATE),
+            call: histogram!(CALL),
+        }
+    }
+}
+
+impl Default for Meters {
+    fn default() -> Self {
+        Meters::new()
+    }
+}

@@ -1,0 +1,97 @@
+//! The gateway's admin API: app upload and replacement, health, drain.
+
+mod support;
+
+use support::*;
+use wasmbed_protocol::{ErrorCode, Goaway, Kind};
+
+const ECHO: &[u8] = include_bytes!("../../apps/echo.wat");
+const COUNTER: &[u8] = include_bytes!("../../apps/counter.wat");
+
+#[tokio::test]
+async fn apps_are_uploaded_replaced_and_deleted() {
+    let gw = start(settings(None)).await;
+    let (status, body) = http(gw.admin, "PUT", "/api/apps/mine", ECHO).await;
+    assert_eq!(status, 201, "{body}");
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-1", "mine").await;
+    assert_eq!(d.data(b"v1").await.body, b"v1");
+
+    // Replaced: new sessions get the new module; the live one keeps its instance.
+    assert_eq!(
+        http(gw.admin, "PUT", "/api/apps/mine", COUNTER).await.0,
+        200
+    );
+    let mut e = tcp_device(gw.addr).await;
+    e.open("device-2", "mine").await;
+    assert_eq!(
+        e.data(b"\x05").await.body.len(),
+        16,
+        "the counter answers 16 bytes"
+    );
+    assert_eq!(d.data(b"still v1").await.body, b"still v1");
+
+    let (_, list) = http(gw.admin, "GET", "/api/apps", b"").await;
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert!(list.as_array().unwrap().iter().any(|a| a["name"] == "mine"));
+
+    assert_eq!(http(gw.admin, "DELETE", "/api/apps/mine", b"").await.0, 204);
+    assert_eq!(http(gw.admin, "DELETE", "/api/apps/mine", b"").await.0, 404);
+    let mut f = tcp_device(gw.addr).await;
+    assert_eq!(
+        error_code(&f.hello("device-3", "mine").await),
+        ErrorCode::UnknownApp as u16
+    );
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_naming_the_problem() {
+    let gw = start(settings(None)).await;
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("junk", b"not wasm at all", "not valid WebAssembly"),
+        (
+            "noabi",
+            b"(module (memory (export \"memory\") 1))",
+            "missing export alloc",
+        ),
+        ("bad..name", ECHO, "invalid app name"),
+    ];
+    for (name, bytes, want) in cases {
+        let (status, body) = http(gw.admin, "PUT", &format!("/api/apps/{name}"), bytes).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        assert!(body.contains(want), "{name}: {body}");
+    }
+    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("wasmbed_gateway_app_uploads_total{result=\"refused\"} 3"),
+        "{metrics}"
+    );
+    // The existing apps are untouched.
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-1", "echo").await;
+}
+
+#[tokio::test]
+async fn healthz_reports_sessions_and_drain_sends_goaway() {
+    let gw = start(settings(None)).await;
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-1", "echo").await;
+    let (status, body) = http(gw.admin, "GET", "/healthz", b"").await;
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((status, health["sessions"].as_u64()), (200, Some(1)));
+    assert_eq!(http(gw.admin, "GET", "/readyz", b"").await.0, 200);
+
+    assert_eq!(http(gw.admin, "POST", "/api/drain", b"").await.0, 202);
+    let f = d.recv().await.expect("GOAWAY");
+    assert_eq!(f.kind, Kind::Goaway);
+    assert_eq!(
+        f.decode_body::<Goaway>("GOAWAY").unwrap().reason,
+        "draining"
+    );
+    assert!(d.recv().await.is_none(), "closed after GOAWAY");
+    assert_eq!(http(gw.admin, "GET", "/readyz", b"").await.0, 503);
+    // No new sessions: the listener is closed.
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+    gw.shutdown.cancel();
+    assert!(gw.task.await.unwrap().is_ok());
+}
