@@ -55,16 +55,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             match wasmbed_protocol::decode(&self.buf, self.max_frame) {
                 Ok(Some((frame, used))) => {
                     self.buf.drain(..used);
+                    if self.buf.is_empty() {
+                        self.buf = Vec::new();
+                    }
                     counter!(FRAMES_IN, "type" => kind_name(frame.kind)).increment(1);
                     return Ok(Some(frame));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(protocol_end(e)),
             }
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk).await {
+            // Read straight into the session's buffer: an idle session keeps no read
+            // buffer beyond this reservation, and none at all between frames (below).
+            self.buf.reserve(1024);
+            match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) => return Err(End::Io(e)),
             }
         }
@@ -79,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await.map_err(End::Io)?;
             self.stream.flush().await.map_err(End::Io)?;
-            self.out.clear();
+            self.out = Vec::new();
         }
         Ok(())
     }
