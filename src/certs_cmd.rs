@@ -72,6 +72,30 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
             problem: "exists already (pass --force to replace this PKI)".into(),
         });
     }
+    write_pki(a)?;
+    println!(
+        "wrote a dev PKI to {}: CA, proxy, {} gateways, {} devices (index.json lists them)",
+        a.dir.display(),
+        a.gateways,
+        a.devices
+    );
+    Ok(())
+}
+
+/// Writes a dev PKI (for `wasmbed up`): CA, proxy and `gateways` server certificates.
+pub fn write_dev_pki(dir: &std::path::Path, gateways: usize) -> Result<(), CertError> {
+    write_pki(&InitArgs {
+        dir: dir.to_owned(),
+        devices: 0,
+        gateways,
+        sans: Vec::new(),
+        rsa: false,
+        force: true,
+    })
+}
+
+fn write_pki(a: &InitArgs) -> Result<(), CertError> {
+    let ca_path = a.dir.join("ca.pem");
     let devices_dir = a.dir.join("devices");
     std::fs::create_dir_all(&devices_dir).map_err(|source| CertError::Write {
         path: devices_dir.clone(),
@@ -111,12 +135,5 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
         "devices": devices,
     });
     let text = serde_json::to_string_pretty(&index).unwrap_or_default();
-    write(&a.dir.join("index.json"), &text)?;
-    println!(
-        "wrote a dev PKI to {}: CA, proxy, {} gateways, {} devices (index.json lists them)",
-        a.dir.display(),
-        a.gateways,
-        a.devices
-    );
-    Ok(())
+    write(&a.dir.join("index.json"), &text)
 }

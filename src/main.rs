@@ -2,6 +2,7 @@
 //! types, sets up logging and the runtime, and calls the libraries.
 
 mod certs_cmd;
+mod up;
 
 /// mimalloc instead of glibc's malloc: the per-connection path allocates a task, a hello
 /// buffer and a connect state, and glibc's free-list work showed up at ~5% of a proxy core.
@@ -13,7 +14,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use wasmbed_config::{GatewayFlags, GatewaySettings, LogFormat, ProxyConfig, ProxyFlags};
+use wasmbed_config::{
+    GatewayFlags, GatewaySettings, LoadtestFlags, LoadtestSettings, LogFormat, ProxyConfig,
+    ProxyFlags,
+};
 
 /// Wasmbed edge: the data plane between a fleet of embedded devices and a pool of gateways.
 #[derive(Debug, Parser)]
@@ -39,6 +43,15 @@ enum Command {
     Gateway(GatewayFlags),
     /// Dev certificates: a CA, server certificates and device client certificates.
     Certs(certs_cmd::CertsArgs),
+    /// Simulate a fleet of devices against a proxy or gateway, then report: connected and
+    /// failed devices, spread per gateway, latency percentiles, lost messages, re-homing.
+    ///
+    /// Example: wasmbed loadtest --ca-dir pki --devices 1000 --rate 2 --duration 30s
+    Loadtest(LoadtestFlags),
+    /// The whole stack on this machine: a dev PKI, gateway processes, a proxy on
+    /// 127.0.0.1:8443 and a device fleet, with a live view until Ctrl-C. With --scenario,
+    /// run a failover or drain scenario, print its figures and exit (1 if a check fails).
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +59,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Proxy(flags) => proxy(flags),
         Command::Gateway(flags) => gateway(flags),
+        Command::Loadtest(flags) => loadtest(flags),
+        Command::Up(args) => up::run(args),
         Command::Certs(args) => match certs_cmd::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("certs", e),
@@ -108,6 +123,62 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
             Err(e) => fail("gateway", e),
         }
     })
+}
+
+fn loadtest(flags: LoadtestFlags) -> ExitCode {
+    let settings = match LoadtestSettings::load(&flags) {
+        Ok(s) => s,
+        Err(e) => return fail("loadtest", e),
+    };
+    let json = settings.json.clone();
+    let devices = settings.devices;
+    let fleet = match wasmbed_loadtest::Fleet::prepare(settings) {
+        Ok(f) => f,
+        Err(e) => return fail("loadtest", e),
+    };
+    let runtime = match runtime(None) {
+        Ok(r) => r,
+        Err(e) => return fail("loadtest", format!("cannot start the runtime: {e}")),
+    };
+    let report = runtime.block_on(async move {
+        let finish = CancellationToken::new();
+        let live = fleet.live();
+        let f2 = finish.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                f2.cancel();
+            }
+        });
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let live = live.clone();
+            tokio::spawn(async move {
+                use std::sync::atomic::Ordering::Relaxed;
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    eprint!(
+                        "\rconnected {}/{devices}  sent {}  answered {}  disconnects {}   ",
+                        live.connected_now.load(Relaxed),
+                        live.sent.load(Relaxed),
+                        live.answered.load(Relaxed),
+                        live.disconnects.load(Relaxed)
+                    );
+                }
+            });
+        }
+        fleet.run(finish).await
+    });
+    print!("{}", report.table());
+    if let Some(path) = json
+        && let Err(e) = std::fs::write(&path, report.to_json())
+    {
+        return fail("loadtest", format!("{}: {e}", path.display()));
+    }
+    if report.connected == report.devices && report.messages.lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Raises the soft open-files limit to the hard one (as HAProxy and NGINX do) and warns when

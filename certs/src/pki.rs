@@ -2,8 +2,8 @@
 //! certificates. Keys are ECDSA P-256 unless asked for RSA.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -37,7 +37,8 @@ impl Issued {
 
 /// A certificate authority that signs dev certificates.
 pub struct DevCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
     key_pem: String,
 }
 
@@ -66,12 +67,26 @@ impl DevCa {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = key_pair(KeyKind::EcdsaP256)?;
         let key_pem = key.serialize_pem();
-        let issuer = CertifiedIssuer::self_signed(params, key)?;
-        Ok(DevCa { issuer, key_pem })
+        let cert_pem = params.self_signed(&key)?.pem();
+        Ok(DevCa {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
+    /// A CA from its PEM certificate and key (as `wasmbed certs init` writes them).
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<DevCa, CertError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(DevCa {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+        })
     }
 
     pub fn cert_pem(&self) -> String {
-        self.issuer.pem()
+        self.cert_pem.clone()
     }
 
     pub fn key_pem(&self) -> &str {
@@ -79,7 +94,10 @@ impl DevCa {
     }
 
     pub fn cert_der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
+        crate::certs_from_pem(self.cert_pem.as_bytes())
+            .ok()
+            .and_then(|mut c| c.pop())
+            .unwrap_or_else(|| CertificateDer::from(Vec::new()))
     }
 
     /// A server certificate for `names` (DNS names or IP addresses).

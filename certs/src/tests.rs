@@ -55,3 +55,40 @@ fn bad_pem_files_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_loaded_ca_issues_certificates_that_chain_to_the_file() {
+    let ca = DevCa::generate("test CA").unwrap();
+    let loaded = DevCa::load(&ca.cert_pem(), ca.key_pem()).unwrap();
+    let device = loaded.issue_client("device-7", KeyKind::EcdsaP256).unwrap();
+    let server = ca.issue_server(&["localhost"], KeyKind::EcdsaP256).unwrap();
+    // A server trusting the original CA accepts the loaded CA's device certificate.
+    let server_cfg = server_config(
+        server.chain(),
+        server.key().unwrap(),
+        Some(&[ca.cert_der()]),
+        &[],
+    )
+    .unwrap();
+    let client_cfg = client_config(
+        &[ca.cert_der()],
+        Some((device.chain(), device.key().unwrap())),
+    )
+    .unwrap();
+    let mut client =
+        rustls::ClientConnection::new(client_cfg, "localhost".try_into().unwrap()).unwrap();
+    let mut server = rustls::ServerConnection::new(server_cfg).unwrap();
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        client.write_tls(&mut buf).unwrap();
+        server.read_tls(&mut buf.as_slice()).unwrap();
+        server
+            .process_new_packets()
+            .expect("server accepts the device certificate");
+        let mut back = Vec::new();
+        server.write_tls(&mut back).unwrap();
+        client.read_tls(&mut back.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    assert!(!client.is_handshaking() && !server.is_handshaking());
+}

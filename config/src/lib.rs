@@ -6,6 +6,7 @@
 //! one [`ConfigError`] that names the field.
 
 pub mod gateway;
+pub mod loadtest;
 pub mod proxy;
 
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use gateway::{GatewayFlags, GatewaySettings, GatewayTls};
+pub use loadtest::{LoadtestFlags, LoadtestSettings};
 pub use proxy::{
     GatewayConfig, HealthCheck, HealthConfig, ListenerConfig, Mode, ProxyConfig, ProxyFlags,
     RouteConfig, TerminateTls, UpstreamTls,

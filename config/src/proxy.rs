@@ -67,6 +67,10 @@ pub struct ProxyFlags {
     /// interval, at most 500ms.
     #[arg(long, value_name = "DURATION")]
     pub health_timeout: Option<String>,
+    /// Path of the http probe. Default /healthz (a gateway's /readyz also reports its
+    /// sessions, and answers 503 while it drains).
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
     /// Consecutive successful probes that mark a down gateway up. Default 2.
     #[arg(long, value_name = "N")]
     pub rise: Option<u32>,
@@ -399,6 +403,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.health.timeout, f.health_timeout.clone());
     set(&mut raw.health.rise, f.rise);
     set(&mut raw.health.fall, f.fall);
+    set(&mut raw.health.path, f.health_path.clone());
     if f.tls_cert.is_some() || f.tls_key.is_some() || f.client_ca.is_some() {
         let (cert, key) = match (&f.tls_cert, &f.tls_key, &raw.tls) {
             (Some(c), Some(k), _) => (c.clone(), k.clone()),

@@ -1,0 +1,94 @@
+//! `wasmbed loadtest` and `wasmbed up` configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{ConfigError, parse_addr, parse_duration};
+
+/// Flags of `wasmbed loadtest`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadtestFlags {
+    /// Address the devices dial (the proxy).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub target: String,
+    /// Number of simulated devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Devices started per second, or `all` to start them at once.
+    #[arg(long, default_value = "all")]
+    pub ramp: String,
+    /// How long the devices send DATA; then they wait (a short grace) for the last replies.
+    #[arg(long, default_value = "10s")]
+    pub duration: String,
+    /// DATA messages per second per device.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// DATA body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Application named in HELLO.
+    #[arg(long, default_value = "echo")]
+    pub app: String,
+    /// Server name sent in the TLS handshake (and checked against the proxy or gateway certificate).
+    #[arg(long, default_value = "localhost")]
+    pub sni: String,
+    /// A `wasmbed certs init` directory: its CA (ca.pem, ca.key) issues each device its own
+    /// client certificate in memory, and ca.pem is trusted for the server.
+    #[arg(long, value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+/// The validated fleet parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadtestSettings {
+    pub target: SocketAddr,
+    pub devices: usize,
+    /// Devices per second; `None`: all at once.
+    pub ramp: Option<f64>,
+    pub duration: Duration,
+    pub rate: f64,
+    pub payload: usize,
+    pub app: String,
+    pub sni: String,
+    pub ca_dir: PathBuf,
+    pub json: Option<PathBuf>,
+}
+
+impl LoadtestSettings {
+    pub fn load(f: &LoadtestFlags) -> Result<LoadtestSettings, ConfigError> {
+        let ramp = match f.ramp.trim() {
+            "all" => None,
+            r => Some(r.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(|| {
+                ConfigError::field("ramp", "a positive number of devices per second, or `all`")
+            })?),
+        };
+        if f.devices == 0 {
+            return Err(ConfigError::field("devices", "must be at least 1"));
+        }
+        if !(f.rate > 0.0 && f.rate <= 10_000.0) {
+            return Err(ConfigError::field(
+                "rate",
+                "must be above 0 and at most 10000 per second",
+            ));
+        }
+        if f.payload > 60_000 {
+            return Err(ConfigError::field("payload", "at most 60000 bytes"));
+        }
+        Ok(LoadtestSettings {
+            target: parse_addr("target", &f.target)?,
+            devices: f.devices,
+            ramp,
+            duration: parse_duration("duration", &f.duration)?,
+            rate: f.rate,
+            payload: f.payload,
+            app: f.app.clone(),
+            sni: f.sni.clone(),
+            ca_dir: f.ca_dir.clone(),
+            json: f.json.clone(),
+        })
+    }
+}

@@ -1,0 +1,445 @@
+//! A device fleet simulator: N devices, each with its own client certificate, open TLS to a
+//! target, send HELLO, wait for WELCOME, send DATA at a rate, check every REPLY by sequence,
+//! and reconnect with backoff when the connection drops, resending what was not answered.
+//! [`Report`] is what happened.
+
+#![forbid(unsafe_code)]
+
+pub mod report;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use wasmbed_certs::pki::{DevCa, KeyKind};
+use wasmbed_config::LoadtestSettings;
+use wasmbed_protocol::{ErrorBody, Frame, Hello, Kind, Welcome};
+
+pub use report::Report;
+
+/// How long devices wait for the last replies after they stop sending.
+pub const GRACE: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Why a fleet cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Certs(#[from] wasmbed_certs::CertError),
+    #[error(
+        "{devices} devices need about {needed} open files, but this process may open {limit}; \
+         lower --devices or raise the limit (ulimit -n)"
+    )]
+    Descriptors {
+        devices: usize,
+        needed: u64,
+        limit: u64,
+    },
+}
+
+/// Live counters, readable while the fleet runs (progress, `wasmbed up`'s view).
+#[derive(Default)]
+pub struct Live {
+    pub welcomed: AtomicUsize,
+    pub connected_now: AtomicUsize,
+    pub disconnects: AtomicUsize,
+    pub rehomed: AtomicUsize,
+    pub sent: AtomicU64,
+    pub answered: AtomicU64,
+    /// The gateway each device is on now (`None`: not connected).
+    pub gateway: Mutex<Vec<Option<String>>>,
+}
+
+impl Live {
+    /// Devices per gateway now.
+    pub fn spread(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for g in self
+            .gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flatten()
+        {
+            *m.entry(g.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    fn set_gateway(&self, device: usize, gateway: Option<String>) {
+        if let Some(slot) = self
+            .gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(device)
+        {
+            *slot = gateway;
+        }
+    }
+}
+
+/// Latency histograms (microseconds), shared by the devices.
+pub struct Histograms {
+    pub handshake: Histogram<u64>,
+    pub welcome: Histogram<u64>,
+    pub reply: Histogram<u64>,
+    pub rehome: Histogram<u64>,
+}
+
+impl Default for Histograms {
+    fn default() -> Self {
+        let h = || Histogram::new(3).expect("3 significant figures is valid");
+        Histograms {
+            handshake: h(),
+            welcome: h(),
+            reply: h(),
+            rehome: h(),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+/// What one device did.
+#[derive(Debug, Default)]
+pub struct DeviceOutcome {
+    pub welcomed: bool,
+    pub failure: Option<String>,
+    pub sent: u64,
+    pub answered: u64,
+    pub errors: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reconnects: u64,
+}
+
+struct Ctx {
+    settings: LoadtestSettings,
+    configs: Vec<Arc<rustls::ClientConfig>>,
+    live: Arc<Live>,
+    hist: Mutex<Histograms>,
+    start: Instant,
+}
+
+/// A prepared fleet: certificates issued, ready to run.
+pub struct Fleet {
+    ctx: Arc<Ctx>,
+}
+
+impl Fleet {
+    /// Issues every device its certificate from the CA in `settings.ca_dir`.
+    pub fn prepare(settings: LoadtestSettings) -> Result<Fleet, FleetError> {
+        let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(u64::MAX);
+        let needed = settings.devices as u64 + 64;
+        if needed > limit {
+            return Err(FleetError::Descriptors {
+                devices: settings.devices,
+                needed,
+                limit,
+            });
+        }
+        let read = |name: &str| {
+            let path = settings.ca_dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| wasmbed_certs::CertError::File {
+                path,
+                problem: e.to_string(),
+            })
+        };
+        let (ca_pem, ca_key) = (read("ca.pem")?, read("ca.key")?);
+        let ca = DevCa::load(&ca_pem, &ca_key)?;
+        let roots = [ca.cert_der()];
+        let configs = (0..settings.devices)
+            .map(|i| {
+                let d = ca.issue_client(&device_id(i), KeyKind::EcdsaP256)?;
+                wasmbed_certs::client_config(&roots, Some((d.chain(), d.key()?)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let live = Arc::new(Live {
+            gateway: Mutex::new(vec![None; settings.devices]),
+            ..Live::default()
+        });
+        Ok(Fleet {
+            ctx: Arc::new(Ctx {
+                settings,
+                configs,
+                live,
+                hist: Mutex::new(Histograms::default()),
+                start: Instant::now(),
+            }),
+        })
+    }
+
+    pub fn live(&self) -> Arc<Live> {
+        self.ctx.live.clone()
+    }
+
+    /// Runs every device until the duration is over or `finish` is cancelled; then devices
+    /// stop sending and wait (up to [`GRACE`]) for their last replies.
+    pub async fn run(self, finish: CancellationToken) -> Report {
+        let stop = finish;
+        let started = Instant::now();
+        let mut ctx = self.ctx;
+        if let Some(c) = Arc::get_mut(&mut ctx) {
+            c.start = started;
+        }
+        let n = ctx.settings.devices;
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let delay = match ctx.settings.ramp {
+                Some(per_second) => Duration::from_secs_f64(i as f64 / per_second),
+                None => Duration::ZERO,
+            };
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => device(i, &ctx, &stop).await,
+                    _ = stop.cancelled() => DeviceOutcome {
+                        failure: Some("not started before the end".into()),
+                        ..DeviceOutcome::default()
+                    },
+                }
+            }));
+        }
+        let mut outcomes = Vec::with_capacity(n);
+        for t in tasks {
+            outcomes.push(t.await.unwrap_or_else(|e| DeviceOutcome {
+                failure: Some(format!("device task failed: {e}")),
+                ..DeviceOutcome::default()
+            }));
+        }
+        let hist = std::mem::take(&mut *ctx.hist.lock().unwrap_or_else(|e| e.into_inner()));
+        Report::build(
+            &ctx.settings,
+            &outcomes,
+            &ctx.live.spread(),
+            &hist,
+            started.elapsed(),
+        )
+    }
+}
+
+pub fn device_id(i: usize) -> String {
+    format!("device-{i:04}")
+}
+
+type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+struct Conn {
+    stream: Stream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn next(&mut self) -> Option<Frame> {
+        loop {
+            match wasmbed_protocol::decode(&self.buf, 1 << 20) {
+                Ok(Some((f, used))) => {
+                    self.buf.drain(..used);
+                    return Some(f);
+                }
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+            self.buf.reserve(1024);
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.stream.write_all(&frame.encode()).await
+    }
+}
+
+/// Connects, handshakes and opens a session; returns the connection and the gateway's name.
+async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
+    let s = &ctx.settings;
+    let t0 = Instant::now();
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.target))
+        .await
+        .map_err(|_| "connect timeout".to_string())?
+        .map_err(|e| format!("connect: {}", e.kind()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(s.sni.clone()).map_err(|_| "bad --sni".to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(ctx.configs[i].clone());
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "TLS handshake timeout".to_string())?
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let handshake = t0.elapsed();
+    let mut conn = Conn {
+        stream,
+        buf: Vec::new(),
+    };
+    let t1 = Instant::now();
+    let hello = Hello {
+        device: device_id(i),
+        app: s.app.clone(),
+        resume: None,
+    };
+    conn.send(&Frame::control(Kind::Hello, 0, &hello))
+        .await
+        .map_err(|e| format!("send HELLO: {}", e.kind()))?;
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, conn.next())
+        .await
+        .map_err(|_| "no WELCOME in time".to_string())?
+        .ok_or_else(|| "closed before WELCOME".to_string())?;
+    match answer.kind {
+        Kind::Welcome => {
+            let w: Welcome = answer.decode_body("WELCOME").map_err(|e| e.to_string())?;
+            let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = h.handshake.record(micros(handshake));
+            let _ = h.welcome.record(micros(t1.elapsed()));
+            Ok((conn, w.gateway))
+        }
+        Kind::Error => {
+            let e: ErrorBody = answer.decode_body("ERROR").map_err(|e| e.to_string())?;
+            Err(format!("ERROR {}: {}", e.code, e.text))
+        }
+        other => Err(format!("unexpected {other:?} instead of WELCOME")),
+    }
+}
+
+/// One device: connect, send at the rate, reconnect (resending what was not answered).
+/// `finish`: stop sending, wait (at most [`GRACE`]) for the replies, end.
+async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcome {
+    let s = &ctx.settings;
+    let live = &ctx.live;
+    let send_until = ctx.start + s.duration;
+    let give_up = async {
+        tokio::select! {
+            _ = tokio::time::sleep_until((send_until + GRACE).into()) => {}
+            _ = async { finish.cancelled().await; tokio::time::sleep(GRACE).await } => {}
+        }
+    };
+    let mut give_up = std::pin::pin!(give_up);
+    let interval = Duration::from_secs_f64(1.0 / s.rate);
+    let payload: Vec<u8> = (0..s.payload).map(|b| (b ^ i) as u8).collect();
+    let mut out = DeviceOutcome::default();
+    let mut pending: BTreeMap<u64, Instant> = BTreeMap::new();
+    let mut answered: HashSet<u64> = HashSet::new();
+    let mut next_seq = 1u64;
+    let mut dropped_at: Option<Instant> = None;
+    let mut backoff = FIRST_BACKOFF;
+    'session: loop {
+        let sending = Instant::now() < send_until && !finish.is_cancelled();
+        if !sending && pending.is_empty() {
+            break;
+        }
+        let opened = tokio::select! {
+            r = open(i, ctx) => r,
+            _ = &mut give_up => break,
+        };
+        let (mut conn, gateway) = match opened {
+            Ok(x) => x,
+            Err(reason) => {
+                out.failure = Some(reason);
+                let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + jitter) => {}
+                    _ = &mut give_up => break,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = FIRST_BACKOFF;
+        out.failure = None;
+        if !out.welcomed {
+            out.welcomed = true;
+            live.welcomed.fetch_add(1, Ordering::Relaxed);
+        }
+        live.connected_now.fetch_add(1, Ordering::Relaxed);
+        live.set_gateway(i, Some(gateway));
+        if let Some(at) = dropped_at.take() {
+            let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = h.rehome.record(micros(at.elapsed()));
+            live.rehomed.fetch_add(1, Ordering::Relaxed);
+        }
+        // Resend, in order, every DATA the previous gateway did not answer.
+        let mut ok = true;
+        for &seq in pending.keys() {
+            if conn
+                .send(&Frame::new(Kind::Data, seq, payload.clone()))
+                .await
+                .is_err()
+            {
+                ok = false;
+                break;
+            }
+        }
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + interval.mul_f64(fastrand::f64()),
+            interval,
+        );
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while ok {
+            let sending = Instant::now() < send_until && !finish.is_cancelled();
+            if !sending && pending.is_empty() {
+                break 'session;
+            }
+            tokio::select! {
+                _ = ticker.tick(), if sending => {
+                    let seq = next_seq;
+                    next_seq += 1;
+                    pending.insert(seq, Instant::now());
+                    out.sent += 1;
+                    live.sent.fetch_add(1, Ordering::Relaxed);
+                    ok = conn.send(&Frame::new(Kind::Data, seq, payload.clone())).await.is_ok();
+                }
+                frame = conn.next() => match frame {
+                    Some(f) if f.kind == Kind::Reply || f.kind == Kind::Error => {
+                        match pending.remove(&f.seq) {
+                            Some(sent) => {
+                                answered.insert(f.seq);
+                                if f.kind == Kind::Reply {
+                                    out.answered += 1;
+                                    live.answered.fetch_add(1, Ordering::Relaxed);
+                                    let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
+                                    let _ = h.reply.record(micros(sent.elapsed()));
+                                } else {
+                                    out.errors += 1;
+                                }
+                            }
+                            None if answered.contains(&f.seq) => out.duplicated += 1,
+                            None => out.errors += u64::from(f.seq == 0),
+                        }
+                    }
+                    Some(f) if f.kind == Kind::Goaway => ok = false,
+                    Some(_) => {}
+                    None => ok = false,
+                },
+                _ = finish.cancelled(), if sending => {}
+                _ = tokio::time::sleep_until(send_until.into()), if sending => {}
+                _ = &mut give_up => break 'session,
+            }
+        }
+        // Dropped: by the gateway (GOAWAY, crash) or the proxy. Re-home.
+        live.connected_now.fetch_sub(1, Ordering::Relaxed);
+        live.disconnects.fetch_add(1, Ordering::Relaxed);
+        live.set_gateway(i, None);
+        dropped_at = Some(Instant::now());
+        out.reconnects += 1;
+    }
+    if out.welcomed
+        && dropped_at.is_none()
+        && live.gateway.lock().map(|g| g[i].is_some()).unwrap_or(false)
+    {
+        // Still connected at the end: leave the gateway in the spread, count as disconnected.
+        live.connected_now.fetch_sub(1, Ordering::Relaxed);
+    }
+    out.lost = pending.len() as u64;
+    out
+}

@@ -1,0 +1,113 @@
+//! `wasmbed up --scenario failover` and `wasmbed loadtest` end to end, through the binary.
+
+mod support;
+
+use std::process::Command;
+
+use support::BIN;
+
+#[test]
+fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("failover.json");
+    let out = Command::new(BIN)
+        .args([
+            "up",
+            "--scenario",
+            "failover",
+            "--gateways",
+            "3",
+            "--devices",
+            "60",
+        ])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--rate",
+            "5",
+        ])
+        .arg("--dir")
+        .arg(dir.path().join("stack"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("well-formed JSON");
+    assert_eq!(doc["affected"], 20);
+    assert_eq!(doc["rehomed"], 20, "every affected device re-homed");
+    let spread = |key: &str| -> Vec<u64> {
+        doc[key]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(spread("spread_before"), vec![20, 20, 20]);
+    assert_eq!(
+        spread("spread_after"),
+        vec![30, 30],
+        "the killed gateway holds none"
+    );
+    assert_eq!(doc["report"]["messages"]["lost"], 0);
+    assert!(doc["report"]["messages"]["answered"].as_u64().unwrap() > 0);
+    assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn a_loadtest_against_nothing_ends_with_a_clear_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let init = Command::new(BIN)
+        .args(["certs", "init", "--dir", d, "--devices", "0"])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = free.local_addr().unwrap().to_string();
+    drop(free); // connects are refused there
+    let json = dir.path().join("r.json");
+    let out = Command::new(BIN)
+        .args([
+            "loadtest",
+            "--ca-dir",
+            d,
+            "--target",
+            &target,
+            "--devices",
+            "5",
+            "--duration",
+            "1s",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "failed devices: exit 1");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["connected"], 0);
+    let failed = report["failed"].as_object().unwrap();
+    assert!(failed.keys().any(|k| k.contains("refused")), "{failed:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0 connected of 5"), "{stdout}");
+}
+
+#[test]
+fn a_loadtest_with_a_missing_ca_names_the_file() {
+    let out = Command::new(BIN)
+        .args(["loadtest", "--ca-dir", "/nonexistent/pki"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/pki/ca.pem"));
+}
