@@ -1,8 +1,8 @@
 //! admin: the operator's HTTP endpoint, beside the data path.
 //!
 //! `GET /healthz` (alive), `GET /readyz` (some gateway takes sessions), `GET /metrics`
-//! (Prometheus text), `GET /api/gateways` (JSON), `POST /api/gateways/{name}/drain` and
-//! `/undrain`.
+//! (Prometheus text), `GET /api/gateways` (JSON), `POST /api/gateways` (add one),
+//! `POST /api/gateways/{name}/drain` and `/undrain`.
 
 use std::sync::Arc;
 
@@ -14,8 +14,30 @@ use axum::routing::{get, post};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmbed_config::{GatewayConfig, HealthConfig};
 
 use crate::balancer::{Gateway, GatewaySet};
+
+/// What the admin endpoint works on: the gateway set, and what a gateway added at run time
+/// needs to be probed like the others.
+pub struct Admin {
+    pub gateways: Arc<GatewaySet>,
+    pub health: HealthConfig,
+    pub probes: TaskTracker,
+    pub probes_stop: CancellationToken,
+}
+
+/// The body of `POST /api/gateways`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewGateway {
+    pub name: String,
+    pub address: String,
+    pub health_address: Option<String>,
+    pub weight: Option<u32>,
+    pub pool: Option<String>,
+}
 
 /// One gateway as `/api/gateways` shows it.
 #[derive(Debug, Serialize)]
@@ -46,7 +68,11 @@ impl GatewayView {
     }
 }
 
-pub fn router(gateways: Arc<GatewaySet>) -> Router {
+pub fn router(admin: Arc<Admin>) -> Router {
+    let gateways = admin.gateways.clone();
+    let add_route = Router::new()
+        .route("/api/gateways", post(add))
+        .with_state(admin);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -55,11 +81,12 @@ pub fn router(gateways: Arc<GatewaySet>) -> Router {
         .route("/api/gateways/{name}/drain", post(drain))
         .route("/api/gateways/{name}/undrain", post(undrain))
         .with_state(gateways)
+        .merge(add_route)
 }
 
 /// Serves the admin endpoint until `shutdown`.
-pub async fn serve(listener: TcpListener, gateways: Arc<GatewaySet>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(gateways))
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let result = axum::serve(listener, router(admin))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     if let Err(e) = result {
@@ -90,6 +117,43 @@ async fn list(State(gateways): State<Arc<GatewaySet>>) -> Response {
         .map(|g| GatewayView::of(g))
         .collect();
     axum::Json(views).into_response()
+}
+
+/// Adds a gateway under load: validated like the config file's, probed like the others, and
+/// (with `slow_start`) ramped in.
+async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Response {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response();
+    let new: NewGateway = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return bad(format!("expected {{name, address, health_address?, weight?, pool?}}: {e}")),
+    };
+    let address = match wasmbed_config::check_endpoint("address", &new.address) {
+        Ok(a) => a,
+        Err(e) => return bad(e.to_string()),
+    };
+    let health_addr = match new.health_address.as_deref().map(|h| wasmbed_config::check_endpoint("health_address", h)) {
+        Some(Err(e)) => return bad(e.to_string()),
+        other => other.and_then(Result::ok),
+    };
+    let weight = new.weight.unwrap_or(1);
+    if new.name.is_empty() || !(1..=1000).contains(&weight) {
+        return bad("a name and a weight between 1 and 1000 are needed".into());
+    }
+    let config = GatewayConfig {
+        name: new.name.clone(),
+        addr: address,
+        health_addr,
+        weight,
+        pool: new.pool.unwrap_or_else(|| wasmbed_config::proxy::DEFAULT_POOL.to_string()),
+    };
+    match admin.gateways.add(&config) {
+        Some(g) => {
+            crate::health::spawn(&[g.clone()], &admin.health, &admin.probes, &admin.probes_stop);
+            tracing::info!(gateway = %g.name, address = %g.addr, "gateway added");
+            (StatusCode::CREATED, axum::Json(GatewayView::of(&g))).into_response()
+        }
+        None => (StatusCode::CONFLICT, format!("a gateway named {:?} exists\n", new.name)).into_response(),
+    }
 }
 
 async fn drain(state: State<Arc<GatewaySet>>, name: Path<String>) -> Response {

@@ -207,6 +207,24 @@ impl GatewaySet {
         self.gateways.load_full()
     }
 
+    /// Adds a gateway to the live set (it enters in slow start, if configured). `None` when a
+    /// gateway of that name exists already.
+    pub fn add(&self, config: &GatewayConfig) -> Option<Arc<Gateway>> {
+        let gateway = Arc::new(Gateway::new(config));
+        let now = epoch().elapsed().as_millis() as u64;
+        gateway.up_since_ms.store(now + 1, Ordering::Relaxed);
+        let mut added = false;
+        self.gateways.rcu(|current| {
+            added = !current.iter().any(|g| g.name == config.name);
+            let mut next = (**current).clone();
+            if added {
+                next.push(gateway.clone());
+            }
+            next
+        });
+        added.then_some(gateway)
+    }
+
     pub fn find(&self, name: &str) -> Option<Arc<Gateway>> {
         self.gateways
             .load()

@@ -130,12 +130,14 @@ impl Proxy {
             &background,
             &probes_stop,
         );
-        if let Some(admin) = self.admin {
-            background.spawn(admin::serve(
-                admin,
-                self.gateways.clone(),
-                probes_stop.clone(),
-            ));
+        if let Some(listener) = self.admin {
+            let admin = Arc::new(admin::Admin {
+                gateways: self.gateways.clone(),
+                health: ctx.config.health.clone(),
+                probes: background.clone(),
+                probes_stop: probes_stop.clone(),
+            });
+            background.spawn(admin::serve(listener, admin, probes_stop.clone()));
         }
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

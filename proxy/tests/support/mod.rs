@@ -228,7 +228,12 @@ impl RunningProxy {
 
     /// GET or POST on the admin endpoint; returns (status, body).
     pub async fn admin(&self, method: &str, path: &str) -> (u16, String) {
-        http(self.admin, method, path).await
+        http(self.admin, method, path, "").await
+    }
+
+    /// POST a JSON body on the admin endpoint.
+    pub async fn admin_post(&self, path: &str, body: &str) -> (u16, String) {
+        http(self.admin, "POST", path, body).await
     }
 
     /// How much one counter series (name with labels, exactly as rendered) grew since the
@@ -251,10 +256,11 @@ fn value_in(text: &str, series: &str) -> f64 {
 }
 
 /// A minimal HTTP/1.1 request, for the admin endpoint.
-pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut resp = String::new();
