@@ -18,6 +18,8 @@ pub enum Scenario {
     Failover,
     /// Drain one gateway (GOAWAY to its sessions) under load; measure re-homing.
     Drain,
+    /// Start with one gateway less, add it under load, and show where new devices go.
+    ScaleUp,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,12 +117,47 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
+/// Starts gateway `gw-i` (certificates `gateway-i.*` of `dir`); returns its name, process,
+/// session address and admin address.
+fn spawn_gateway(
+    mode: Mode,
+    dir: &Path,
+    i: usize,
+) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let d = |f: &str| dir.join(f).display().to_string();
+    let name = format!("gw-{i}");
+    let mut cmd = Command::new(&exe);
+    cmd.args(["gateway", "--name", &name, "--listen", "127.0.0.1:0"])
+        .args([
+            "--admin",
+            "127.0.0.1:0",
+            "--apps",
+            &d("apps"),
+            "--idle-timeout",
+            "10m",
+        ]);
+    match mode {
+        Mode::Passthrough => cmd
+            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
+            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
+            .args(["--client-ca", &d("ca.pem")]),
+        Mode::Terminate => cmd.arg("--insecure-plaintext"),
+    };
+    let (child, line) = spawn_ready(&mut cmd)?;
+    let listen = field(&line, "listen=").ok_or("no listen")?;
+    let admin = field(&line, "admin=").ok_or("no admin")?;
+    Ok((name, child, listen, admin))
+}
+
+/// Writes the PKI for `certificates` gateways, starts `gateways` of them and the proxy.
 fn start(
     args: &UpArgs,
     dir: &Path,
     gateways: usize,
+    certificates: usize,
 ) -> Result<(Stack, SocketAddr, SocketAddr), String> {
-    crate::certs_cmd::write_dev_pki(dir, gateways).map_err(|e| e.to_string())?;
+    crate::certs_cmd::write_dev_pki(dir, certificates).map_err(|e| e.to_string())?;
     let apps = dir.join("apps");
     std::fs::create_dir_all(&apps).map_err(|e| e.to_string())?;
     for (name, text) in [
@@ -137,39 +174,7 @@ fn start(
     };
     let mut gw_flags = Vec::new();
     for i in 0..gateways {
-        let name = format!("gw-{i}");
-        let mut cmd = Command::new(&exe);
-        cmd.args([
-            "gateway",
-            "--name",
-            &name,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--apps",
-            &apps.display().to_string(),
-            "--idle-timeout",
-            "10m",
-        ]);
-        match args.mode {
-            Mode::Passthrough => cmd
-                .args([
-                    "--tls-cert",
-                    &d(&format!("gateway-{i}.pem")),
-                    "--tls-key",
-                    &d(&format!("gateway-{i}.key")),
-                ])
-                .args(["--client-ca", &d("ca.pem")]),
-            Mode::Terminate => cmd.arg("--insecure-plaintext"),
-        };
-        let (child, line) = spawn_ready(&mut cmd)?;
-        let (listen, admin) = (
-            field(&line, "listen=").ok_or("no listen")?,
-            field(&line, "admin=").ok_or("no admin")?,
-        );
+        let (name, child, listen, admin) = spawn_gateway(args.mode, dir, i)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }
@@ -243,7 +248,12 @@ pub fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (stack, listen, admin) = match start(&args, &dir, gateways) {
+    let initial = if scenario == Some(Scenario::ScaleUp) {
+        gateways - 1
+    } else {
+        gateways
+    };
+    let (stack, listen, admin) = match start(&args, &dir, initial, gateways) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("wasmbed up: {e}");
@@ -251,7 +261,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         }
     };
     println!(
-        "wasmbed up: {gateways} gateways, proxy on {listen} ({:?}), admin http://{admin}, PKI in {}",
+        "wasmbed up: {initial} gateways, proxy on {listen} ({:?}), admin http://{admin}, PKI in {}",
         args.mode,
         dir.display()
     );
@@ -266,7 +276,9 @@ pub fn run(args: UpArgs) -> ExitCode {
         sni: "localhost".into(),
         ca_dir: dir.clone(),
         json: None,
+        first_device: 0,
     };
+    let settings_copy = settings.clone();
     let fleet = match Fleet::prepare(settings) {
         Ok(f) => f,
         Err(e) => {
@@ -276,6 +288,16 @@ pub fn run(args: UpArgs) -> ExitCode {
     };
     let json = args.json.clone();
     let stack_ref = &stack;
+    let scale = ScaleUp {
+        mode: args.mode,
+        dir: dir.clone(),
+        proxy_admin: admin,
+        second: LoadtestSettings {
+            devices: devices.div_ceil(initial.max(1)),
+            first_device: devices,
+            ..settings_copy
+        },
+    };
     let code = runtime.block_on(async move {
         let live = fleet.live();
         let finish = CancellationToken::new();
@@ -286,6 +308,18 @@ pub fn run(args: UpArgs) -> ExitCode {
                 let report = running.await.unwrap_or_default();
                 print!("{}", report.table());
                 ExitCode::SUCCESS
+            }
+            Some(Scenario::ScaleUp) => {
+                scale_up(
+                    scale,
+                    stack_ref,
+                    &live,
+                    devices,
+                    finish,
+                    running,
+                    json.as_deref(),
+                )
+                .await
             }
             Some(s) => {
                 scenario_run(
@@ -372,7 +406,7 @@ async fn scenario_run(
                 .args(["-KILL", &child.id().to_string()])
                 .status();
         }
-        Scenario::Drain => {
+        Scenario::Drain | Scenario::ScaleUp => {
             println!("draining {victim} with {affected} devices on it");
             let _ = http(*victim_admin, "POST", "/api/drain");
         }
@@ -446,4 +480,150 @@ async fn scenario_run(
         }
         ExitCode::FAILURE
     }
+}
+
+/// What the scale-up scenario needs besides the stack.
+struct ScaleUp {
+    mode: Mode,
+    dir: PathBuf,
+    proxy_admin: SocketAddr,
+    /// The second fleet, started once the new gateway is in.
+    second: LoadtestSettings,
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn scale_up(
+    scale: ScaleUp,
+    stack: &Stack,
+    live: &wasmbed_loadtest::Live,
+    devices: usize,
+    finish: CancellationToken,
+    running: tokio::task::JoinHandle<Report>,
+    json: Option<&Path>,
+) -> ExitCode {
+    use std::sync::atomic::Ordering::Relaxed;
+    let all_up = until(Duration::from_secs(60), || {
+        live.connected_now.load(Relaxed) == devices
+    })
+    .await;
+    let before = live.spread();
+    println!(
+        "spread before: {}  (max-min {})",
+        spread_line(&before),
+        max_minus_min(&before)
+    );
+    let index = stack.gateways.len();
+    let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("wasmbed up: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _new_gateway = Killed(child);
+    let body = format!(r#"{{"name":"{name}","address":"{listen}","health_address":"{gw_admin}"}}"#);
+    let added = http_body(scale.proxy_admin, "/api/gateways", &body).is_some_and(|s| s == 201);
+    println!(
+        "added {name} under load: {}",
+        if added {
+            "accepted by the proxy"
+        } else {
+            "REFUSED"
+        }
+    );
+    let second = match Fleet::prepare(scale.second) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("wasmbed up: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let new_devices = second.live().gateway.lock().map(|g| g.len()).unwrap_or(0);
+    let live2 = second.live();
+    let running2 = tokio::spawn(second.run(finish.clone()));
+    println!("{new_devices} new devices dialing");
+    let second_up = until(Duration::from_secs(60), || {
+        live2.connected_now.load(Relaxed) == new_devices
+    })
+    .await;
+    let new_spread = live2.spread();
+    let mut after = live.spread();
+    for (g, n) in &new_spread {
+        *after.entry(g.clone()).or_default() += n;
+    }
+    println!("new sessions: {}", spread_line(&new_spread));
+    println!(
+        "spread after:  {}  (max-min {})",
+        spread_line(&after),
+        max_minus_min(&after)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    finish.cancel();
+    let (r1, r2) = (
+        running.await.unwrap_or_default(),
+        running2.await.unwrap_or_default(),
+    );
+    let lost = r1.messages.lost + r2.messages.lost;
+    for (reason, n) in &r2.failed {
+        println!("new devices that never connected: {n} ({reason})");
+    }
+    println!(
+        "messages: sent {} answered {} lost {lost}",
+        r1.messages.sent + r2.messages.sent,
+        r1.messages.answered + r2.messages.answered
+    );
+    let checks = [
+        (all_up && second_up, "every device connected"),
+        (added, "the proxy took the new gateway"),
+        (max_minus_min(&before) <= 1, "spread before: max - min <= 1"),
+        (
+            max_minus_min(&after) <= 1 && after.contains_key(&name),
+            "spread after: max - min <= 1, new gateway in use",
+        ),
+        (lost == 0, "no message lost"),
+    ];
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.0).map(|c| c.1).collect();
+    if let Some(path) = json {
+        let doc = serde_json::json!({
+            "scenario": "scale-up",
+            "added": name,
+            "spread_before": before,
+            "new_sessions": new_spread,
+            "spread_after": after,
+            "lost": lost,
+            "failed_checks": failed,
+        });
+        let _ = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    if failed.is_empty() {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        failed.iter().for_each(|f| println!("FAILED: {f}"));
+        ExitCode::FAILURE
+    }
+}
+
+/// POST a JSON body; returns the status code.
+fn http_body(addr: SocketAddr, path: &str, body: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split(' ').nth(1)?.parse().ok()
 }

@@ -64,6 +64,42 @@ fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
 }
 
 #[test]
+fn a_gateway_added_under_load_takes_the_new_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("scale.json");
+    let out = Command::new(BIN)
+        .args([
+            "up",
+            "--scenario",
+            "scale-up",
+            "--gateways",
+            "3",
+            "--devices",
+            "40",
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["added"], "gw-2");
+    assert_eq!(
+        doc["spread_before"],
+        serde_json::json!({"gw-0": 20, "gw-1": 20})
+    );
+    assert_eq!(
+        doc["new_sessions"],
+        serde_json::json!({"gw-2": 20}),
+        "all new devices on the new gateway"
+    );
+    assert_eq!(doc["lost"], 0);
+}
+
+#[test]
 fn a_loadtest_against_nothing_ends_with_a_clear_report() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();

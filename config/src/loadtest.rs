@@ -56,6 +56,9 @@ pub struct LoadtestSettings {
     pub sni: String,
     pub ca_dir: PathBuf,
     pub json: Option<PathBuf>,
+    /// The first device's number (device ids are `device-NNNN`), so that two fleets of one
+    /// run have distinct identities.
+    pub first_device: usize,
 }
 
 impl LoadtestSettings {
@@ -89,6 +92,7 @@ impl LoadtestSettings {
             sni: f.sni.clone(),
             ca_dir: f.ca_dir.clone(),
             json: f.json.clone(),
+            first_device: 0,
         })
     }
 }

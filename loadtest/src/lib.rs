@@ -160,7 +160,8 @@ impl Fleet {
         let roots = [ca.cert_der()];
         let configs = (0..settings.devices)
             .map(|i| {
-                let d = ca.issue_client(&device_id(i), KeyKind::EcdsaP256)?;
+                let d =
+                    ca.issue_client(&device_id(settings.first_device + i), KeyKind::EcdsaP256)?;
                 wasmbed_certs::client_config(&roots, Some((d.chain(), d.key()?)))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -285,7 +286,7 @@ async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
     };
     let t1 = Instant::now();
     let hello = Hello {
-        device: device_id(i),
+        device: device_id(s.first_device + i),
         app: s.app.clone(),
         resume: None,
     };

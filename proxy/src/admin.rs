@@ -125,13 +125,21 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
     let bad = |m: String| (StatusCode::BAD_REQUEST, format!("{m}\n")).into_response();
     let new: NewGateway = match serde_json::from_slice(&body) {
         Ok(n) => n,
-        Err(e) => return bad(format!("expected {{name, address, health_address?, weight?, pool?}}: {e}")),
+        Err(e) => {
+            return bad(format!(
+                "expected {{name, address, health_address?, weight?, pool?}}: {e}"
+            ));
+        }
     };
     let address = match wasmbed_config::check_endpoint("address", &new.address) {
         Ok(a) => a,
         Err(e) => return bad(e.to_string()),
     };
-    let health_addr = match new.health_address.as_deref().map(|h| wasmbed_config::check_endpoint("health_address", h)) {
+    let health_addr = match new
+        .health_address
+        .as_deref()
+        .map(|h| wasmbed_config::check_endpoint("health_address", h))
+    {
         Some(Err(e)) => return bad(e.to_string()),
         other => other.and_then(Result::ok),
     };
@@ -144,15 +152,26 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
         addr: address,
         health_addr,
         weight,
-        pool: new.pool.unwrap_or_else(|| wasmbed_config::proxy::DEFAULT_POOL.to_string()),
+        pool: new
+            .pool
+            .unwrap_or_else(|| wasmbed_config::proxy::DEFAULT_POOL.to_string()),
     };
     match admin.gateways.add(&config) {
         Some(g) => {
-            crate::health::spawn(&[g.clone()], &admin.health, &admin.probes, &admin.probes_stop);
+            crate::health::spawn(
+                std::slice::from_ref(&g),
+                &admin.health,
+                &admin.probes,
+                &admin.probes_stop,
+            );
             tracing::info!(gateway = %g.name, address = %g.addr, "gateway added");
             (StatusCode::CREATED, axum::Json(GatewayView::of(&g))).into_response()
         }
-        None => (StatusCode::CONFLICT, format!("a gateway named {:?} exists\n", new.name)).into_response(),
+        None => (
+            StatusCode::CONFLICT,
+            format!("a gateway named {:?} exists\n", new.name),
+        )
+            .into_response(),
     }
 }
 

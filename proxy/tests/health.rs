@@ -158,7 +158,11 @@ async fn admin_reports_gateways_readiness_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_added_under_load_takes_the_new_sessions() {
     let backends = join_all((0..3).map(|_| Backend::spawn())).await;
-    let proxy = start(config(vec![backends[0].gateway("a"), backends[1].gateway("b")])).await;
+    let proxy = start(config(vec![
+        backends[0].gateway("a"),
+        backends[1].gateway("b"),
+    ]))
+    .await;
     let old = join_all((0..20).map(|_| device(proxy.addr))).await;
     let body = format!(
         r#"{{"name":"c","address":"{}","health_address":"{}"}}"#,
@@ -166,14 +170,29 @@ async fn a_gateway_added_under_load_takes_the_new_sessions() {
     );
     let (status, text) = proxy.admin_post("/api/gateways", &body).await;
     assert_eq!(status, 201, "{text}");
-    assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 409, "names are unique");
-    let (bad, _) = proxy.admin_post("/api/gateways", r#"{"name":"d","address":"nowhere"}"#).await;
+    assert_eq!(
+        proxy.admin_post("/api/gateways", &body).await.0,
+        409,
+        "names are unique"
+    );
+    let (bad, _) = proxy
+        .admin_post("/api/gateways", r#"{"name":"d","address":"nowhere"}"#)
+        .await;
     assert_eq!(bad, 400);
     let new = join_all((0..10).map(|_| device(proxy.addr))).await;
-    assert_eq!(backends[2].live(), 10, "every new session went to the new gateway");
+    assert_eq!(
+        backends[2].live(),
+        10,
+        "every new session went to the new gateway"
+    );
     assert_eq!(proxy.counts(), vec![10, 10, 10]);
     // It is probed like the others.
     let c = proxy.gateway("c");
-    until(Duration::from_secs(2), "a probe of the added gateway", || c.reported_sessions() == Some(10)).await;
+    until(
+        Duration::from_secs(2),
+        "a probe of the added gateway",
+        || c.reported_sessions() == Some(10),
+    )
+    .await;
     drop((old, new));
 }

@@ -153,10 +153,17 @@ fn a_recovered_gateway_ramps_up_in_slow_start() {
 #[test]
 fn a_gateway_added_at_run_time_takes_the_new_sessions() {
     let set = set(&[1, 1]);
-    let leases: Vec<_> = (0..20).map(|_| set.acquire("default", &[]).unwrap()).collect();
+    let leases: Vec<_> = (0..20)
+        .map(|_| set.acquire("default", &[]).unwrap())
+        .collect();
     assert!(set.add(&config("g2", 1, "default")).is_some());
-    assert!(set.add(&config("g2", 1, "default")).is_none(), "names are unique");
-    let more: Vec<_> = (0..10).map(|_| set.acquire("default", &[]).unwrap()).collect();
+    assert!(
+        set.add(&config("g2", 1, "default")).is_none(),
+        "names are unique"
+    );
+    let more: Vec<_> = (0..10)
+        .map(|_| set.acquire("default", &[]).unwrap())
+        .collect();
     assert!(more.iter().all(|l| l.gateway().name == "g2"));
     assert_eq!(counts(&set), vec![10, 10, 10]);
     drop((leases, more));
