@@ -327,7 +327,6 @@ pub fn run(args: UpArgs) -> ExitCode {
                     stack_ref,
                     &live,
                     devices,
-                    admin,
                     finish,
                     running,
                     json.as_deref(),
@@ -373,17 +372,8 @@ async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     true
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn scenario_run(
-    scenario: Scenario,
-    stack: &Stack,
-    live: &wasmbed_loadtest::Live,
-    devices: usize,
-    _proxy_admin: SocketAddr,
-    finish: CancellationToken,
-    running: tokio::task::JoinHandle<Report>,
-    json: Option<&Path>,
-) -> ExitCode {
+/// Waits (at most 60 s) until every device is connected; prints and returns the spread.
+async fn settle(live: &wasmbed_loadtest::Live, devices: usize) -> (bool, BTreeMap<String, usize>) {
     use std::sync::atomic::Ordering::Relaxed;
     let all_up = until(Duration::from_secs(60), || {
         live.connected_now.load(Relaxed) == devices
@@ -395,6 +385,38 @@ async fn scenario_run(
         spread_line(&before),
         max_minus_min(&before)
     );
+    (all_up, before)
+}
+
+/// Prints the checks, writes `doc` (with the failed checks) to `json`, and gives the exit code.
+fn conclude(checks: &[(bool, &str)], mut doc: serde_json::Value, json: Option<&Path>) -> ExitCode {
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.0).map(|c| c.1).collect();
+    doc["failed_checks"] = serde_json::json!(failed);
+    if let Some(path) = json
+        && let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
+    {
+        eprintln!("wasmbed up: cannot write {}: {e}", path.display());
+    }
+    if failed.is_empty() {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        failed.iter().for_each(|f| println!("FAILED: {f}"));
+        ExitCode::FAILURE
+    }
+}
+
+async fn scenario_run(
+    scenario: Scenario,
+    stack: &Stack,
+    live: &wasmbed_loadtest::Live,
+    devices: usize,
+    finish: CancellationToken,
+    running: tokio::task::JoinHandle<Report>,
+    json: Option<&Path>,
+) -> ExitCode {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (all_up, before) = settle(live, devices).await;
     let (victim, child, victim_admin) = &stack.gateways[0];
     let affected = before.get(victim).copied().unwrap_or(0);
     let rehomed_before = live.rehomed.load(Relaxed);
@@ -451,35 +473,19 @@ async fn scenario_run(
         ),
         (lost == 0, "no message lost"),
     ];
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.0).map(|c| c.1).collect();
-    if let Some(path) = json {
-        let doc = serde_json::json!({
-            "scenario": format!("{scenario:?}").to_lowercase(),
-            "devices": devices,
-            "gateways": stack.gateways.len(),
-            "victim": victim,
-            "affected": affected,
-            "rehomed": live.rehomed.load(Relaxed) - rehomed_before,
-            "rehome_all_ms": rehome_all.as_secs_f64() * 1e3,
-            "spread_before": before,
-            "spread_after": after,
-            "failed_checks": failed,
-            "report": report,
-        });
-        if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
-        {
-            eprintln!("wasmbed up: cannot write {}: {e}", path.display());
-        }
-    }
-    if failed.is_empty() {
-        println!("all checks passed");
-        ExitCode::SUCCESS
-    } else {
-        for f in &failed {
-            println!("FAILED: {f}");
-        }
-        ExitCode::FAILURE
-    }
+    let doc = serde_json::json!({
+        "scenario": format!("{scenario:?}").to_lowercase(),
+        "devices": devices,
+        "gateways": stack.gateways.len(),
+        "victim": victim,
+        "affected": affected,
+        "rehomed": live.rehomed.load(Relaxed) - rehomed_before,
+        "rehome_all_ms": rehome_all.as_secs_f64() * 1e3,
+        "spread_before": before,
+        "spread_after": after,
+        "report": report,
+    });
+    conclude(&checks, doc, json)
 }
 
 /// What the scale-up scenario needs besides the stack.
@@ -511,16 +517,7 @@ async fn scale_up(
     json: Option<&Path>,
 ) -> ExitCode {
     use std::sync::atomic::Ordering::Relaxed;
-    let all_up = until(Duration::from_secs(60), || {
-        live.connected_now.load(Relaxed) == devices
-    })
-    .await;
-    let before = live.spread();
-    println!(
-        "spread before: {}  (max-min {})",
-        spread_line(&before),
-        max_minus_min(&before)
-    );
+    let (all_up, before) = settle(live, devices).await;
     let index = stack.gateways.len();
     let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index) {
         Ok(g) => g,
@@ -591,26 +588,15 @@ async fn scale_up(
         ),
         (lost == 0, "no message lost"),
     ];
-    let failed: Vec<&str> = checks.iter().filter(|c| !c.0).map(|c| c.1).collect();
-    if let Some(path) = json {
-        let doc = serde_json::json!({
-            "scenario": "scale-up",
-            "added": name,
-            "spread_before": before,
-            "new_sessions": new_spread,
-            "spread_after": after,
-            "lost": lost,
-            "failed_checks": failed,
-        });
-        let _ = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default());
-    }
-    if failed.is_empty() {
-        println!("all checks passed");
-        ExitCode::SUCCESS
-    } else {
-        failed.iter().for_each(|f| println!("FAILED: {f}"));
-        ExitCode::FAILURE
-    }
+    let doc = serde_json::json!({
+        "scenario": "scale-up",
+        "added": name,
+        "spread_before": before,
+        "new_sessions": new_spread,
+        "spread_after": after,
+        "lost": lost,
+    });
+    conclude(&checks, doc, json)
 }
 
 /// POST a JSON body; returns the status code.
