@@ -19,8 +19,7 @@ use crate::balancer::{GatewaySet, Lease};
 use crate::clienthello::{self, ClientHello, HelloError};
 use crate::forward;
 use crate::listener::{Accepted, reset_on_close};
-use crate::metrics::ACCEPTED;
-use crate::metrics::{CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSIONS_CANCELLED};
+use crate::metrics::{ACCEPTED, CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSIONS_CANCELLED};
 
 /// Everything a session needs, shared by all of them.
 pub struct Context {

@@ -1,0 +1,206 @@
+//! Validation of the proxy's raw config: each field checked, each problem naming its field.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::*;
+use crate::{check_endpoint, duration_or, parse_addr};
+
+/// Parses `[NAME=]HOST:PORT[;weight=N][;health=HOST:PORT][;pool=P]`.
+pub(super) fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> {
+    let field = format!("--gateway {spec}");
+    let mut parts = spec.split(';');
+    let head = parts.next().unwrap_or_default().trim();
+    let (name, addr) = match head.split_once('=') {
+        Some((n, a)) => (Some(n.trim().to_string()), a.trim().to_string()),
+        None => (None, head.to_string()),
+    };
+    let mut g = RawGateway {
+        name,
+        addr,
+        health_addr: None,
+        weight: None,
+        pool: None,
+    };
+    for part in parts {
+        match part.trim().split_once('=') {
+            Some(("weight", w)) => {
+                g.weight = Some(w.parse().map_err(|_| {
+                    ConfigError::field(&field, format!("weight {w:?} is not a whole number"))
+                })?)
+            }
+            Some(("health", h)) => g.health_addr = Some(h.to_string()),
+            Some(("pool", p)) => g.pool = Some(p.to_string()),
+            _ => {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("unknown option {part:?} (expected weight=, health= or pool=)"),
+                ));
+            }
+        }
+    }
+    Ok(g)
+}
+
+pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let defaults = [RawListener {
+        addr: DEFAULT_LISTEN.to_string(),
+        allow_plain: false,
+        reuse_port: false,
+        backlog: None,
+    }];
+    let list = if raw.listener.is_empty() {
+        &defaults[..]
+    } else {
+        &raw.listener[..]
+    };
+    let mut seen = HashSet::new();
+    list.iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let field = format!("listener[{i}].addr");
+            let addr = parse_addr(&field, &l.addr)?;
+            if !seen.insert(addr) {
+                return Err(ConfigError::field(field, format!("{addr} is listed twice")));
+            }
+            Ok(ListenerConfig {
+                addr,
+                allow_plain: l.allow_plain,
+                reuse_port: l.reuse_port,
+                backlog: l.backlog.unwrap_or(4096),
+            })
+        })
+        .collect()
+}
+
+pub(super) fn gateways(raw: &[RawGateway]) -> Result<Vec<GatewayConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::field(
+            "gateway",
+            "at least one gateway is needed (--gateway HOST:PORT or [[gateway]])",
+        ));
+    }
+    let mut names = HashSet::new();
+    raw.iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let addr = check_endpoint(&format!("gateway[{i}].addr"), &g.addr)?;
+            let name = g.name.clone().unwrap_or_else(|| addr.clone());
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:[]".contains(c));
+            if !valid_name {
+                return Err(ConfigError::field(
+                    format!("gateway[{i}].name"),
+                    format!("{name:?}: use letters, digits, '-', '_', '.', ':'"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(ConfigError::field(
+                    format!("gateway[{i}].name"),
+                    format!("{name:?} is used twice"),
+                ));
+            }
+            let health_addr = g
+                .health_addr
+                .as_deref()
+                .map(|h| check_endpoint(&format!("gateway[{i}].health_addr"), h))
+                .transpose()?;
+            let weight = g.weight.unwrap_or(1);
+            if !(1..=1000).contains(&weight) {
+                return Err(ConfigError::field(
+                    format!("gateway[{i}].weight"),
+                    "must be between 1 and 1000",
+                ));
+            }
+            Ok(GatewayConfig {
+                name,
+                addr,
+                health_addr,
+                weight,
+                pool: g.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string()),
+            })
+        })
+        .collect()
+}
+
+pub(super) fn routes(
+    raw: &[RawRoute],
+    gateways: &[GatewayConfig],
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if !gateways.iter().any(|g| g.pool == r.pool) {
+                return Err(ConfigError::field(
+                    format!("route[{i}].pool"),
+                    format!("no gateway is in pool {:?}", r.pool),
+                ));
+            }
+            let sni = r.sni.trim().to_ascii_lowercase();
+            if sni.is_empty() || sni[sni.starts_with("*.") as usize * 2..].contains('*') {
+                return Err(ConfigError::field(
+                    format!("route[{i}].sni"),
+                    "expected a host name or *.suffix",
+                ));
+            }
+            Ok(RouteConfig {
+                sni,
+                pool: r.pool.clone(),
+            })
+        })
+        .collect()
+}
+
+pub(super) fn health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
+    let interval = duration_or(
+        "health.interval",
+        raw.interval.as_deref(),
+        Duration::from_secs(1),
+    )?;
+    // Without an explicit timeout, a probe gets half the interval, at most 500ms.
+    let timeout = duration_or(
+        "health.timeout",
+        raw.timeout.as_deref(),
+        (interval / 2).min(Duration::from_millis(500)),
+    )?;
+    positive("health.interval", interval)?;
+    positive("health.timeout", timeout)?;
+    if timeout >= interval {
+        return Err(ConfigError::field(
+            "health.timeout",
+            format!("{timeout:?} must be shorter than health.interval ({interval:?})"),
+        ));
+    }
+    let rise = raw.rise.unwrap_or(2);
+    let fall = raw.fall.unwrap_or(3);
+    if rise == 0 {
+        return Err(ConfigError::field("health.rise", "must be at least 1"));
+    }
+    if fall == 0 {
+        return Err(ConfigError::field("health.fall", "must be at least 1"));
+    }
+    let path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace()) {
+        return Err(ConfigError::field(
+            "health.path",
+            "must start with '/' and hold no spaces",
+        ));
+    }
+    Ok(HealthConfig {
+        check: raw.check.unwrap_or_default(),
+        interval,
+        timeout,
+        rise,
+        fall,
+        path,
+    })
+}
+
+pub(super) fn positive(field: &str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(ConfigError::field(field, "must be longer than zero"));
+    }
+    Ok(d)
+}
