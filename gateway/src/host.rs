@@ -123,6 +123,8 @@ impl ResourceLimiter for SessionState {
 pub struct App {
     pub name: String,
     pub bytes: usize,
+    /// Calls of this app (registered once: counting a call is one atomic add).
+    pub calls: metrics::Counter,
     pre: InstancePre<SessionState>,
     has_on_open: bool,
 }
@@ -208,6 +210,7 @@ impl Host {
         Ok(App {
             name: name.to_string(),
             bytes: bytes.len(),
+            calls: metrics::counter!(crate::metrics::CALLS, "app" => name.to_string()),
             has_on_open: module.get_export("on_open").is_some(),
             pre,
         })

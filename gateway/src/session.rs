@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use wasmbed_protocol::{ErrorCode, Frame, Goaway, Hello, Kind, ProtocolError, Welcome};
 
 use crate::Shared;
-use crate::host::{CallError, Instance, Output};
+use crate::host::{App, CallError, Instance, Output};
 use crate::metrics::{ERRORS, FRAMES_IN, FRAMES_OUT};
 
 /// Failures in a row after which a session is closed.
@@ -221,7 +221,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match frame.kind {
             Kind::Data => {
-                let result = call(shared, &mut instance, &app.name, &frame.body).await;
+                let result = call(shared, &mut instance, &app, &frame.body).await;
                 match result {
                     Ok(out) => {
                         failures = 0;
@@ -265,13 +265,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 async fn call(
     shared: &Shared,
     instance: &mut Instance,
-    app: &str,
+    app: &App,
     data: &[u8],
 ) -> Result<Output, CallError> {
     let started = Instant::now();
     let result = instance.message(data).await;
     shared.meters.call.record(started.elapsed().as_secs_f64());
-    counter!(crate::metrics::CALLS, "app" => app.to_string()).increment(1);
+    app.calls.increment(1);
     if let Err(e) = &result {
         counter!(crate::metrics::TRAPS, "kind" => e.kind()).increment(1);
         tracing::debug!(error = %e, "application call failed");
