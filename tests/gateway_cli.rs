@@ -2,12 +2,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::BIN;
+use support::{BIN, addr_in, spawn_ready};
 
 fn frame(kind: u8, seq: u64, body: &[u8]) -> Vec<u8> {
     let mut f = ((9 + body.len()) as u32).to_be_bytes().to_vec();
@@ -61,23 +61,17 @@ fn certs_init_writes_a_pki_the_gateway_starts_with() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     // The gateway starts on these files.
-    let mut gw = Command::new(BIN)
-        .args(["gateway", "--listen", "127.0.0.1:0", "--admin", "off"])
-        .args([
-            "--tls-cert",
-            &format!("{d}/gateway-0.pem"),
-            "--tls-key",
-            &format!("{d}/gateway-0.key"),
-        ])
-        .args(["--client-ca", &format!("{d}/ca.pem")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(gw.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (mut gw, line) = spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--listen", "127.0.0.1:0", "--admin", "off"])
+            .args([
+                "--tls-cert",
+                &format!("{d}/gateway-0.pem"),
+                "--tls-key",
+                &format!("{d}/gateway-0.key"),
+            ])
+            .args(["--client-ca", &format!("{d}/ca.pem")]),
+    );
     assert!(line.starts_with("ready listen=127.0.0.1:"), "{line}");
     let _ = gw.kill();
     let _ = gw.wait();
@@ -115,30 +109,12 @@ fn a_bad_gateway_flag_or_missing_file_is_one_line() {
 #[test]
 fn sigterm_sends_goaway_and_exits_within_the_grace_period() {
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
-    let mut gw = Command::new(BIN)
-        .args([
-            "gateway",
-            "--insecure-plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-        ])
-        .args(["--apps", apps, "--grace", "5s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(gw.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (mut gw, line) = spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
+            .args(["--admin", "off", "--apps", apps, "--grace", "5s"]),
+    );
+    let addr = addr_in(&line, "listen=");
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     // HELLO {device: "d1", app: "echo"} (the CBOR of PROTOCOL.md's example).

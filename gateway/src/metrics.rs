@@ -2,8 +2,12 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Histogram, Unit, describe_counter, describe_gauge, describe_histogram, histogram};
+use metrics::{
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use wasmbed_protocol::Kind;
 
 pub const SESSIONS: &str = "wasmbed_gateway_sessions";
 pub const SESSIONS_TOTAL: &str = "wasmbed_gateway_sessions_accepted_total";
@@ -82,10 +86,23 @@ fn describe() {
     describe_gauge!(APPS, "Applications loaded.");
 }
 
-/// Histograms the session path records into, registered once.
+/// Metrics the session path records into, registered once so a frame or a call costs an
+/// atomic add, not a key built and hashed.
 pub struct Meters {
     pub instantiate: Histogram,
     pub call: Histogram,
+    /// Indexed by the frame type byte (index 0 unused).
+    frames_in: Vec<Counter>,
+    frames_out: Vec<Counter>,
+}
+
+fn per_kind(name: &'static str) -> Vec<Counter> {
+    (0u8..=9)
+        .map(|b| match Kind::from_u8(b) {
+            Some(k) => counter!(name, "type" => crate::session::kind_name(k)),
+            None => Counter::noop(),
+        })
+        .collect()
 }
 
 impl Meters {
@@ -94,6 +111,20 @@ impl Meters {
         Meters {
             instantiate: histogram!(INSTANTIATE),
             call: histogram!(CALL),
+            frames_in: per_kind(FRAMES_IN),
+            frames_out: per_kind(FRAMES_OUT),
+        }
+    }
+
+    pub fn frame_in(&self, kind: Kind) {
+        if let Some(c) = self.frames_in.get(kind as usize) {
+            c.increment(1);
+        }
+    }
+
+    pub fn frame_out(&self, kind: Kind) {
+        if let Some(c) = self.frames_out.get(kind as usize) {
+            c.increment(1);
         }
     }
 }

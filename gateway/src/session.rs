@@ -11,7 +11,7 @@ use wasmbed_protocol::{ErrorCode, Frame, Goaway, Hello, Kind, ProtocolError, Wel
 
 use crate::Shared;
 use crate::host::{App, CallError, Instance, Output};
-use crate::metrics::{ERRORS, FRAMES_IN, FRAMES_OUT};
+use crate::metrics::ERRORS;
 
 /// Failures in a row after which a session is closed.
 pub const MAX_FAILURES: u32 = 3;
@@ -42,6 +42,7 @@ impl std::fmt::Display for End {
 }
 
 struct Conn<S> {
+    shared: Arc<Shared>,
     stream: S,
     buf: Vec<u8>,
     out: Vec<u8>,
@@ -58,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     if self.buf.is_empty() {
                         self.buf = Vec::new();
                     }
-                    counter!(FRAMES_IN, "type" => kind_name(frame.kind)).increment(1);
+                    self.shared.meters.frame_in(frame.kind);
                     return Ok(Some(frame));
                 }
                 Ok(None) => {}
@@ -76,7 +77,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     fn queue(&mut self, frame: Frame) {
-        counter!(FRAMES_OUT, "type" => kind_name(frame.kind)).increment(1);
+        self.shared.meters.frame_out(frame.kind);
         frame.encode_into(&mut self.out);
     }
 
@@ -114,6 +115,7 @@ pub async fn serve<S>(
 {
     shared.sessions.fetch_add(1, Ordering::AcqRel);
     let mut conn = Conn {
+        shared: shared.clone(),
         stream,
         buf: Vec::new(),
         out: Vec::new(),

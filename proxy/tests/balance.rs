@@ -10,12 +10,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connects_spreads_evenly() {
     let backends = join_all((0..5).map(|_| Backend::spawn())).await;
-    let gws = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| b.gateway(&format!("gw-{i}")))
-        .collect();
-    let proxy = start(config(gws)).await;
+    let proxy = start(config(named(&backends))).await;
     let devices = join_all((0..503).map(|_| device(proxy.addr))).await;
     let counts = proxy.counts();
     let live: Vec<usize> = backends.iter().map(Backend::live).collect();
@@ -49,12 +44,7 @@ async fn weights_are_respected() {
 #[tokio::test]
 async fn a_killed_gateways_sessions_end_and_reconnects_land_elsewhere() {
     let backends = join_all((0..3).map(|_| Backend::spawn())).await;
-    let gws = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| b.gateway(&format!("gw-{i}")))
-        .collect();
-    let proxy = start(config(gws)).await;
+    let proxy = start(config(named(&backends))).await;
     let mut devices = join_all((0..30).map(|_| device(proxy.addr))).await;
     assert_eq!(proxy.counts(), vec![10, 10, 10]);
     backends[0].kill();

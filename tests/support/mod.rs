@@ -9,6 +9,30 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_wasmbed");
 
+/// Spawns `cmd` (stdout piped, stderr discarded) and waits for its `ready ...` line.
+pub fn spawn_ready(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .env("WASMBED_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn wasmbed");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("ready line");
+    (child, line)
+}
+
+/// The address after `key` (e.g. `listen=`) in a ready line.
+pub fn addr_in(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
 /// A running `wasmbed proxy` process, killed when dropped.
 pub struct ProxyProcess {
     pub child: Child,
@@ -27,27 +51,11 @@ impl ProxyProcess {
             }
             None => Command::new(BIN),
         };
-        let mut child = cmd
-            .arg("proxy")
+        cmd.arg("proxy")
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(args)
-            .env("WASMBED_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn wasmbed");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("ready line");
-        let field = |key: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        };
-        let (listen, admin) = (field("listen="), field("admin="));
+            .args(args);
+        let (child, line) = spawn_ready(&mut cmd);
+        let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
         ProxyProcess {
             child,
             listen,

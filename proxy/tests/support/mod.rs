@@ -153,6 +153,15 @@ async fn health_loop(
     }
 }
 
+/// Gateway entries for `backends`, named gw-0, gw-1, ...
+pub fn named(backends: &[Backend]) -> Vec<GatewayConfig> {
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.gateway(&format!("gw-{i}")))
+        .collect()
+}
+
 /// A proxy running in-process on 127.0.0.1:0.
 ///
 /// Metrics are process-wide, and `cargo test` runs the tests of one file in one process: so a
