@@ -91,17 +91,15 @@ fn describe() {
 pub struct Meters {
     pub instantiate: Histogram,
     pub call: Histogram,
-    /// Indexed by the frame type byte (index 0 unused).
+    /// In the order of [`Kind::ALL`]: the frame type byte minus one.
     frames_in: Vec<Counter>,
     frames_out: Vec<Counter>,
 }
 
 fn per_kind(name: &'static str) -> Vec<Counter> {
-    (0u8..=9)
-        .map(|b| match Kind::from_u8(b) {
-            Some(k) => counter!(name, "type" => crate::session::kind_name(k)),
-            None => Counter::noop(),
-        })
+    Kind::ALL
+        .iter()
+        .map(|k| counter!(name, "type" => k.as_str()))
         .collect()
 }
 
@@ -117,13 +115,13 @@ impl Meters {
     }
 
     pub fn frame_in(&self, kind: Kind) {
-        if let Some(c) = self.frames_in.get(kind as usize) {
+        if let Some(c) = self.frames_in.get(kind as usize - 1) {
             c.increment(1);
         }
     }
 
     pub fn frame_out(&self, kind: Kind) {
-        if let Some(c) = self.frames_out.get(kind as usize) {
+        if let Some(c) = self.frames_out.get(kind as usize - 1) {
             c.increment(1);
         }
     }

@@ -5,8 +5,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use metrics::counter;
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
+use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{ErrorCode, Frame, Goaway, Hello, Kind, ProtocolError, Welcome};
 
 use crate::Shared;
@@ -34,7 +37,7 @@ impl std::fmt::Display for End {
             End::Closed => write!(f, "closed by the device"),
             End::Goaway => write!(f, "GOAWAY sent"),
             End::Refused(code, text) | End::Protocol(code, text) => {
-                write!(f, "{} ({text})", error_name(*code))
+                write!(f, "{} ({text})", code.as_str())
             }
             End::Io(e) => write!(f, "i/o error: {e}"),
         }
@@ -44,29 +47,42 @@ impl std::fmt::Display for End {
 struct Conn<S> {
     shared: Arc<Shared>,
     stream: S,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-    max_frame: usize,
+    codec: FrameCodec,
+    buf: BytesMut,
+    out: BytesMut,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(shared: Arc<Shared>, stream: S) -> Conn<S> {
+        let codec = FrameCodec::new(shared.settings.max_frame);
+        Conn {
+            shared,
+            stream,
+            codec,
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
+        }
+    }
+
     /// The next frame; `Ok(None)` when the peer closed cleanly.
+    ///
+    /// The protocol's codec over the session's own buffers rather than `Framed`: `Framed`
+    /// keeps an 8 KiB read and an 8 KiB write buffer for the life of the connection, and an
+    /// idle session here keeps none (10,000 idle sessions: 160 MiB less).
     async fn next(&mut self) -> Result<Option<Frame>, End> {
         loop {
-            match wasmbed_protocol::decode(&self.buf, self.max_frame) {
-                Ok(Some((frame, used))) => {
-                    self.buf.drain(..used);
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(frame)) => {
                     if self.buf.is_empty() {
-                        self.buf = Vec::new();
+                        self.buf = BytesMut::new();
                     }
                     self.shared.meters.frame_in(frame.kind);
                     return Ok(Some(frame));
                 }
                 Ok(None) => {}
-                Err(e) => return Err(protocol_end(e)),
+                Err(CodecError::Protocol(e)) => return Err(protocol_end(e)),
+                Err(CodecError::Io(e)) => return Err(End::Io(e)),
             }
-            // Read straight into the session's buffer: an idle session keeps no read
-            // buffer beyond this reservation, and none at all between frames (below).
             self.buf.reserve(1024);
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) => return Ok(None),
@@ -76,23 +92,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// The next frame if one is already here (buffered, or readable without waiting).
+    async fn next_ready(&mut self) -> Option<Frame> {
+        match tokio::time::timeout(std::time::Duration::ZERO, self.next()).await {
+            Ok(Ok(frame)) => frame,
+            _ => None,
+        }
+    }
+
     fn queue(&mut self, frame: Frame) {
+        if let Err(e) = self.codec.encode(&frame, &mut self.out) {
+            // The host bounds replies and pushes by the same maximum: not reached in practice.
+            tracing::warn!(error = %e, kind = frame.kind.as_str(), "frame not sent");
+            return;
+        }
         self.shared.meters.frame_out(frame.kind);
-        frame.encode_into(&mut self.out);
     }
 
     async fn flush(&mut self) -> Result<(), End> {
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await.map_err(End::Io)?;
             self.stream.flush().await.map_err(End::Io)?;
-            self.out = Vec::new();
+            self.out = BytesMut::new();
         }
         Ok(())
     }
 
     /// Sends ERROR and ends the session.
     async fn refuse(&mut self, code: ErrorCode, seq: u64, text: String) -> End {
-        counter!(ERRORS, "code" => error_name(code)).increment(1);
+        counter!(ERRORS, "code" => code.as_str()).increment(1);
         self.queue(code.frame(seq, text.clone()));
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
@@ -113,14 +141,16 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    shared.sessions.fetch_add(1, Ordering::AcqRel);
-    let mut conn = Conn {
-        shared: shared.clone(),
-        stream,
-        buf: Vec::new(),
-        out: Vec::new(),
-        max_frame: shared.settings.max_frame,
-    };
+    let mut conn = Conn::new(shared.clone(), stream);
+    // A full gateway says so at once (ERROR `unavailable`) rather than taking the session.
+    let max = shared.settings.max_sessions as usize;
+    if shared.sessions.fetch_add(1, Ordering::AcqRel) >= max {
+        shared.sessions.fetch_sub(1, Ordering::AcqRel);
+        let text = format!("this gateway is at its maximum of {max} sessions");
+        let end = conn.refuse(ErrorCode::Unavailable, 0, text).await;
+        tracing::debug!(%end, "session refused");
+        return;
+    }
     let end = run(&shared, &mut conn, identity.as_deref(), &drain).await;
     let end = match end {
         End::Protocol(code, text) => conn.refuse(code, 0, text).await,
@@ -140,7 +170,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     // HELLO first.
     let first = tokio::select! {
         f = tokio::time::timeout(idle, conn.next()) => f,
-        _ = drain.cancelled() => return goaway(conn, "draining").await,
+        _ = drain.cancelled() => {
+            send_goaway(conn, "draining").await;
+            let _ = conn.stream.shutdown().await;
+            return End::Goaway;
+        }
     };
     let hello_frame = match first {
         Err(_) => {
@@ -184,7 +218,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         return conn.refuse(ErrorCode::UnknownApp, 0, text).await;
     };
     let started = Instant::now();
-    let mut instance = match shared.host.instantiate(&app, &hello.device).await {
+    let instance = match shared.host.instantiate(&app, &hello.device).await {
         Ok(i) => i,
         Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
     };
@@ -201,19 +235,24 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             gateway: shared.settings.name.clone(),
         },
     ));
-    let mut pushed = 0u64;
-    match instance.open().await {
-        Ok(out) => queue_pushes(conn, out.pushes, &mut pushed),
+    let mut live = Live {
+        app,
+        instance,
+        device: hello.device,
+        failures: 0,
+        pushed: 0,
+    };
+    match live.instance.open().await {
+        Ok(out) => queue_pushes(conn, out.pushes, &mut live.pushed),
         Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
     }
     if let Err(e) = conn.flush().await {
         return e;
     }
-    let mut failures = 0;
     loop {
         let next = tokio::select! {
             f = tokio::time::timeout(idle, conn.next()) => f,
-            _ = drain.cancelled() => return goaway(conn, "draining").await,
+            _ = drain.cancelled() => return goaway(shared, conn, &mut live, "draining").await,
         };
         let frame = match next {
             Err(_) => return conn.refuse(ErrorCode::IdleTimeout, 0, "idle".into()).await,
@@ -221,47 +260,67 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(None)) => return End::Closed,
             Ok(Ok(Some(f))) => f,
         };
-        match frame.kind {
-            Kind::Data => {
-                let result = call(shared, &mut instance, &app, &frame.body).await;
-                match result {
-                    Ok(out) => {
-                        failures = 0;
-                        queue_pushes(conn, out.pushes, &mut pushed);
-                        conn.queue(Frame::new(Kind::Reply, frame.seq, out.reply));
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        counter!(ERRORS, "code" => error_name(e.code())).increment(1);
-                        conn.queue(e.code().frame(frame.seq, e.to_string()));
-                        if failures >= MAX_FAILURES {
-                            let text = format!("{failures} failures in a row; last: {e}");
-                            return conn.refuse(ErrorCode::TooManyTraps, 0, text).await;
-                        }
-                        // A failed instance may be in any state: start the next message afresh.
-                        instance = match shared.host.instantiate(&app, &hello.device).await {
-                            Ok(i) => i,
-                            Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
-                        };
-                    }
-                }
-            }
-            Kind::Ping => conn.queue(Frame::new(Kind::Pong, frame.seq, Vec::new())),
-            Kind::Pong => {}
-            Kind::Hello => {
-                return conn
-                    .refuse(ErrorCode::BadHello, frame.seq, "HELLO sent twice".into())
-                    .await;
-            }
-            other => {
-                let text = format!("a device may not send {}", kind_name(other));
-                return conn.refuse(ErrorCode::BadFrame, frame.seq, text).await;
-            }
+        if let Err(end) = handle(shared, conn, &mut live, frame).await {
+            return end;
         }
         if let Err(e) = conn.flush().await {
             return e;
         }
     }
+}
+
+/// A session past its WELCOME.
+struct Live {
+    app: Arc<App>,
+    instance: Instance,
+    device: String,
+    /// Failed calls in a row.
+    failures: u32,
+    /// Sequence of the last PUSH sent.
+    pushed: u64,
+}
+
+/// Answers one frame of a live session (queued, not flushed). `Err`: the session is over.
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    live: &mut Live,
+    frame: Frame,
+) -> Result<(), End> {
+    match frame.kind {
+        Kind::Data => match call(shared, &mut live.instance, &live.app, &frame.body).await {
+            Ok(out) => {
+                live.failures = 0;
+                queue_pushes(conn, out.pushes, &mut live.pushed);
+                conn.queue(Frame::new(Kind::Reply, frame.seq, out.reply));
+            }
+            Err(e) => {
+                live.failures += 1;
+                counter!(ERRORS, "code" => e.code().as_str()).increment(1);
+                conn.queue(e.code().frame(frame.seq, e.to_string()));
+                if live.failures >= MAX_FAILURES {
+                    let text = format!("{} failures in a row; last: {e}", live.failures);
+                    return Err(conn.refuse(ErrorCode::TooManyTraps, 0, text).await);
+                }
+                // A failed instance may be in any state: start the next message afresh.
+                live.instance = match shared.host.instantiate(&live.app, &live.device).await {
+                    Ok(i) => i,
+                    Err(e) => return Err(conn.refuse(e.code(), 0, e.to_string()).await),
+                };
+            }
+        },
+        Kind::Ping => conn.queue(Frame::new(Kind::Pong, frame.seq, Vec::new())),
+        Kind::Pong => {}
+        Kind::Hello => {
+            let text = "HELLO sent twice".into();
+            return Err(conn.refuse(ErrorCode::BadHello, frame.seq, text).await);
+        }
+        other => {
+            let text = format!("a device may not send {}", other.as_str());
+            return Err(conn.refuse(ErrorCode::BadFrame, frame.seq, text).await);
+        }
+    }
+    Ok(())
 }
 
 async fn call(
@@ -292,7 +351,28 @@ fn queue_pushes<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn goaway<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, reason: &str) -> End {
+/// GOAWAY, then an answer to every frame the gateway has already received (buffered, or
+/// readable without waiting), then the close: a device loses nothing it sent before GOAWAY.
+async fn goaway<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    live: &mut Live,
+    reason: &str,
+) -> End {
+    send_goaway(conn, reason).await;
+    while let Some(frame) = conn.next_ready().await {
+        if let Err(end) = handle(shared, conn, live, frame).await {
+            return end;
+        }
+        if let Err(e) = conn.flush().await {
+            return e;
+        }
+    }
+    let _ = conn.stream.shutdown().await;
+    End::Goaway
+}
+
+async fn send_goaway<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, reason: &str) {
     conn.queue(Frame::control(
         Kind::Goaway,
         0,
@@ -301,38 +381,4 @@ async fn goaway<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, reason: &
         },
     ));
     let _ = conn.flush().await;
-    let _ = conn.stream.shutdown().await;
-    End::Goaway
-}
-
-pub fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::Hello => "hello",
-        Kind::Welcome => "welcome",
-        Kind::Data => "data",
-        Kind::Reply => "reply",
-        Kind::Push => "push",
-        Kind::Ping => "ping",
-        Kind::Pong => "pong",
-        Kind::Error => "error",
-        Kind::Goaway => "goaway",
-    }
-}
-
-pub fn error_name(c: ErrorCode) -> &'static str {
-    match c {
-        ErrorCode::BadFrame => "bad_frame",
-        ErrorCode::FrameTooLarge => "frame_too_large",
-        ErrorCode::UnknownType => "unknown_type",
-        ErrorCode::BadHello => "bad_hello",
-        ErrorCode::UnknownApp => "unknown_app",
-        ErrorCode::IdentityMismatch => "identity_mismatch",
-        ErrorCode::NoSession => "no_session",
-        ErrorCode::AppTrap => "app_trap",
-        ErrorCode::AppTimeout => "app_timeout",
-        ErrorCode::AppMemory => "app_memory",
-        ErrorCode::TooManyTraps => "too_many_traps",
-        ErrorCode::IdleTimeout => "idle_timeout",
-        ErrorCode::Unavailable => "unavailable",
-    }
 }

@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use wasmbed_certs::pki::{DevCa, KeyKind};
 use wasmbed_config::LoadtestSettings;
+use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{ErrorBody, Frame, Hello, Kind, Welcome};
 
 pub use report::Report;
@@ -28,6 +30,10 @@ pub const GRACE: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// The largest frame a device accepts.
+const MAX_FRAME: usize = 1 << 20;
+/// The app whose REPLYs the fleet checks for state: `counter` answers with its message count.
+pub const COUNTER_APP: &str = "counter";
 
 /// Why a fleet cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,28 @@ pub struct DeviceOutcome {
     pub lost: u64,
     pub duplicated: u64,
     pub reconnects: u64,
+    /// With the `counter` app: REPLYs whose count went down (the app's state restarted).
+    pub state_resets: u64,
+}
+
+/// What a device expects of the `counter` app: a count that never goes down.
+#[derive(Default)]
+struct CounterCheck {
+    highest: u64,
+}
+
+impl CounterCheck {
+    /// Checks one REPLY body (count u64 LE, sum u64 LE); true when the count went down.
+    fn reset(&mut self, body: &[u8]) -> bool {
+        let Some(count) = body.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+            return false;
+        };
+        let count = u64::from_le_bytes(count);
+        let reset = count < self.highest;
+        // After a reset the restarted count is the new baseline.
+        self.highest = count;
+        reset
+    }
 }
 
 struct Ctx {
@@ -235,32 +263,19 @@ pub fn device_id(i: usize) -> String {
 
 type Stream = tokio_rustls::client::TlsStream<TcpStream>;
 
+/// A device's session: frames over its TLS stream, by the protocol's codec.
 struct Conn {
-    stream: Stream,
-    buf: Vec<u8>,
+    framed: Framed<Stream, FrameCodec>,
 }
 
 impl Conn {
+    /// The next frame; `None` on close, error, or a frame that breaks the protocol.
     async fn next(&mut self) -> Option<Frame> {
-        loop {
-            match wasmbed_protocol::decode(&self.buf, 1 << 20) {
-                Ok(Some((f, used))) => {
-                    self.buf.drain(..used);
-                    return Some(f);
-                }
-                Ok(None) => {}
-                Err(_) => return None,
-            }
-            self.buf.reserve(1024);
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
-        }
+        self.framed.next().await?.ok()
     }
 
-    async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
-        self.stream.write_all(&frame.encode()).await
+    async fn send(&mut self, frame: &Frame) -> Result<(), CodecError> {
+        self.framed.send(frame).await
     }
 }
 
@@ -281,8 +296,7 @@ async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
         .map_err(|e| format!("TLS handshake: {e}"))?;
     let handshake = t0.elapsed();
     let mut conn = Conn {
-        stream,
-        buf: Vec::new(),
+        framed: Framed::new(stream, FrameCodec::new(MAX_FRAME)),
     };
     let t1 = Instant::now();
     let hello = Hello {
@@ -292,7 +306,7 @@ async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
     };
     conn.send(&Frame::control(Kind::Hello, 0, &hello))
         .await
-        .map_err(|e| format!("send HELLO: {}", e.kind()))?;
+        .map_err(|e| format!("send HELLO: {e}"))?;
     let answer = tokio::time::timeout(CONNECT_TIMEOUT, conn.next())
         .await
         .map_err(|_| "no WELCOME in time".to_string())?
@@ -307,7 +321,7 @@ async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
         }
         Kind::Error => {
             let e: ErrorBody = answer.decode_body("ERROR").map_err(|e| e.to_string())?;
-            Err(format!("ERROR {}: {}", e.code, e.text))
+            Err(format!("ERROR {e}"))
         }
         other => Err(format!("unexpected {other:?} instead of WELCOME")),
     }
@@ -334,6 +348,7 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
     let mut next_seq = 1u64;
     let mut dropped_at: Option<Instant> = None;
     let mut backoff = FIRST_BACKOFF;
+    let mut counter = (s.app == COUNTER_APP).then(CounterCheck::default);
     'session: loop {
         let sending = Instant::now() < send_until && !finish.is_cancelled();
         if !sending && pending.is_empty() {
@@ -386,11 +401,17 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
             interval,
         );
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After GOAWAY: send nothing more, read the answers the gateway still owes, then go.
+        let mut leaving = false;
         while ok {
-            let sending = Instant::now() < send_until && !finish.is_cancelled();
-            if !sending && pending.is_empty() {
+            let in_time = Instant::now() < send_until && !finish.is_cancelled();
+            if !in_time && pending.is_empty() {
                 break 'session;
             }
+            if leaving && pending.is_empty() {
+                break;
+            }
+            let sending = in_time && !leaving;
             tokio::select! {
                 _ = ticker.tick(), if sending => {
                     let seq = next_seq;
@@ -406,6 +427,9 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                             Some(sent) => {
                                 answered.insert(f.seq);
                                 if f.kind == Kind::Reply {
+                                    if counter.as_mut().is_some_and(|c| c.reset(&f.body)) {
+                                        out.state_resets += 1;
+                                    }
                                     out.answered += 1;
                                     live.answered.fetch_add(1, Ordering::Relaxed);
                                     let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
@@ -418,7 +442,7 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                             None => out.errors += u64::from(f.seq == 0),
                         }
                     }
-                    Some(f) if f.kind == Kind::Goaway => ok = false,
+                    Some(f) if f.kind == Kind::Goaway => leaving = true,
                     Some(_) => {}
                     None => ok = false,
                 },

@@ -54,7 +54,9 @@ impl Spread {
             .values()
             .map(|&c| (c as f64 - mean).powi(2))
             .sum::<f64>()
-            / n;
+            / n
+            // An empty float sum is -0.0: print 0.00, not -0.00, when no device connected.
+            + 0.0;
         let max = gateways.values().max().copied().unwrap_or(0);
         let min = gateways.values().min().copied().unwrap_or(0);
         Spread {
@@ -79,6 +81,7 @@ pub struct Messages {
 /// What a fleet run did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
+    pub app: String,
     pub devices: usize,
     pub connected: usize,
     /// Devices that never got a session, by their last reason.
@@ -86,6 +89,9 @@ pub struct Report {
     pub spread: Spread,
     pub messages: Messages,
     pub reconnects: u64,
+    /// Devices whose app state restarted during the run (checked with the `counter` app only:
+    /// a REPLY whose message count went down).
+    pub state_resets: usize,
     pub handshake_us: Percentiles,
     pub welcome_us: Percentiles,
     pub reply_us: Percentiles,
@@ -102,6 +108,7 @@ impl Report {
         elapsed: Duration,
     ) -> Report {
         let mut r = Report {
+            app: settings.app.clone(),
             devices: settings.devices,
             spread: Spread::of(spread),
             handshake_us: Percentiles::of(&hist.handshake),
@@ -124,6 +131,7 @@ impl Report {
             r.messages.lost += o.lost;
             r.messages.duplicated += o.duplicated;
             r.reconnects += o.reconnects;
+            r.state_resets += usize::from(o.state_resets > 0);
         }
         r
     }
@@ -160,6 +168,9 @@ impl Report {
             m.sent, m.answered, m.errors, m.lost, m.duplicated
         );
         let _ = writeln!(t, "reconnects {}", self.reconnects);
+        if checks_state(self) {
+            let _ = writeln!(t, "state     {} devices saw their app state restart", self.state_resets);
+        }
         let _ = writeln!(
             t,
             "latency (us)      count      p50      p90      p99    p99.9      max"
@@ -180,6 +191,11 @@ impl Report {
     }
 }
 
+/// Whether the run's app was one whose state the fleet checks.
+fn checks_state(r: &Report) -> bool {
+    r.app == crate::COUNTER_APP
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +210,7 @@ mod tests {
         assert_eq!(s.max_minus_min, 10);
         assert!((s.mean - 20.0).abs() < 1e-9);
         assert!((s.variance - 12.4).abs() < 1e-9);
+        let empty = Spread::of(&BTreeMap::new());
+        assert_eq!(format!("{:.2}", empty.variance), "0.00");
     }
 }

@@ -31,6 +31,34 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every frame type, in wire order.
+    pub const ALL: [Kind; 9] = [
+        Kind::Hello,
+        Kind::Welcome,
+        Kind::Data,
+        Kind::Reply,
+        Kind::Push,
+        Kind::Ping,
+        Kind::Pong,
+        Kind::Error,
+        Kind::Goaway,
+    ];
+
+    /// The frame type's name on the wire documentation, in logs and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Hello => "hello",
+            Kind::Welcome => "welcome",
+            Kind::Data => "data",
+            Kind::Reply => "reply",
+            Kind::Push => "push",
+            Kind::Ping => "ping",
+            Kind::Pong => "pong",
+            Kind::Error => "error",
+            Kind::Goaway => "goaway",
+        }
+    }
+
     pub fn from_u8(b: u8) -> Option<Kind> {
         Some(match b {
             1 => Kind::Hello,
@@ -191,6 +219,22 @@ pub struct ErrorBody {
     pub text: String,
 }
 
+impl ErrorBody {
+    /// The code's name, or `code N` for a code this version does not know.
+    pub fn code_name(&self) -> std::borrow::Cow<'static, str> {
+        match ErrorCode::from_u16(self.code) {
+            Some(c) => c.as_str().into(),
+            None => format!("code {}", self.code).into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.code_name(), self.text)
+    }
+}
+
 /// GOAWAY: the gateway is leaving; reconnect (through the proxy) and resume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Goaway {
@@ -217,6 +261,47 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in wire order.
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::BadFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnknownType,
+        ErrorCode::BadHello,
+        ErrorCode::UnknownApp,
+        ErrorCode::IdentityMismatch,
+        ErrorCode::NoSession,
+        ErrorCode::AppTrap,
+        ErrorCode::AppTimeout,
+        ErrorCode::AppMemory,
+        ErrorCode::TooManyTraps,
+        ErrorCode::IdleTimeout,
+        ErrorCode::Unavailable,
+    ];
+
+    /// The code's name, as PROTOCOL.md spells it: for logs, reports and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BadHello => "bad_hello",
+            ErrorCode::UnknownApp => "unknown_app",
+            ErrorCode::IdentityMismatch => "identity_mismatch",
+            ErrorCode::NoSession => "no_session",
+            ErrorCode::AppTrap => "app_trap",
+            ErrorCode::AppTimeout => "app_timeout",
+            ErrorCode::AppMemory => "app_memory",
+            ErrorCode::TooManyTraps => "too_many_traps",
+            ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+
+    /// The code with wire value `v`; `None` for a value this version does not know.
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| *c as u16 == v)
+    }
+
     pub fn frame(self, seq: u64, text: impl Into<String>) -> Frame {
         Frame::control(
             Kind::Error,
@@ -228,6 +313,11 @@ impl ErrorCode {
         )
     }
 }
+
+#[cfg(feature = "codec")]
+pub mod codec;
+#[cfg(feature = "codec")]
+pub use codec::FrameCodec;
 
 #[cfg(test)]
 mod tests;

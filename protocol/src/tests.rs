@@ -95,3 +95,119 @@ fn the_documented_example_is_exact() {
     let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(hex, "0000000b0300000000000000016869");
 }
+
+#[test]
+fn names_are_unique_and_codes_round_trip() {
+    let kinds: std::collections::HashSet<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(kinds.len(), Kind::ALL.len());
+    for (i, k) in Kind::ALL.iter().enumerate() {
+        assert_eq!(*k as usize, i + 1);
+        assert_eq!(Kind::from_u8(*k as u8), Some(*k));
+    }
+    let names: std::collections::HashSet<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    assert_eq!(names.len(), ErrorCode::ALL.len());
+    for c in ErrorCode::ALL {
+        assert_eq!(ErrorCode::from_u16(c as u16), Some(c));
+    }
+    assert_eq!(ErrorCode::from_u16(0), None);
+    assert_eq!(ErrorCode::from_u16(14), None);
+    assert_eq!(ErrorCode::UnknownApp.as_str(), "unknown_app");
+    let body = ErrorBody {
+        code: 5,
+        text: "x".into(),
+    };
+    assert_eq!(body.to_string(), "unknown_app (x)");
+    let unknown = ErrorBody {
+        code: 99,
+        text: "y".into(),
+    };
+    assert_eq!(unknown.to_string(), "code 99 (y)");
+}
+
+#[cfg(feature = "codec")]
+mod codec {
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::kind;
+    use crate::codec::CodecError;
+    use crate::*;
+
+    fn decode_all(codec: &mut FrameCodec, bytes: &[u8], step: usize) -> Vec<Frame> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for chunk in bytes.chunks(step.max(1)) {
+            buf.extend_from_slice(chunk);
+            while let Some(f) = codec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+        }
+        assert!(buf.is_empty(), "{} bytes left over", buf.len());
+        out
+    }
+
+    proptest! {
+        /// The codec and the slice decoder agree, whatever the chunking of the stream.
+        #[test]
+        fn codec_agrees_with_decode_on_any_chunking(
+            frames in proptest::collection::vec((kind(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..300)), 1..8),
+            step in 1usize..64,
+        ) {
+            let frames: Vec<Frame> = frames.into_iter().map(|(k, s, b)| Frame::new(k, s, b)).collect();
+            let mut codec = FrameCodec::default();
+            let mut wire = BytesMut::new();
+            for f in &frames {
+                codec.encode(f, &mut wire).unwrap();
+            }
+            let mut flat = Vec::new();
+            for f in &frames {
+                f.encode_into(&mut flat);
+            }
+            prop_assert_eq!(&wire[..], &flat[..]);
+            prop_assert_eq!(decode_all(&mut codec, &wire, step), frames);
+        }
+
+        #[test]
+        fn codec_never_panics_on_random_input(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut codec = FrameCodec::new(256);
+            while let Ok(Some(_)) = codec.decode(&mut buf) {}
+        }
+    }
+
+    #[test]
+    fn an_oversized_prefix_is_refused_before_the_body_arrives() {
+        let mut codec = FrameCodec::new(1000);
+        let mut buf = BytesMut::from(&1001u32.to_be_bytes()[..]);
+        match codec.decode(&mut buf) {
+            Err(CodecError::Protocol(ProtocolError::TooLarge { len: 1001, max: 1000 })) => {}
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        // Nothing was reserved for the refused frame.
+        assert!(buf.capacity() < 1000);
+        // A frame of exactly the maximum is taken.
+        let f = Frame::new(Kind::Data, 7, vec![1u8; 1000 - HEADER]);
+        let mut wire = BytesMut::new();
+        codec.encode(&f, &mut wire).unwrap();
+        assert_eq!(decode_all(&mut codec, &wire, 100), vec![f]);
+        // ...and one byte more is not sent.
+        let over = Frame::new(Kind::Data, 7, vec![1u8; 1001 - HEADER]);
+        assert!(codec.encode(&over, &mut BytesMut::new()).is_err());
+    }
+
+    #[test]
+    fn short_lengths_and_unknown_types_are_refused_from_the_header() {
+        let mut codec = FrameCodec::default();
+        let mut short = BytesMut::from(&[0u8, 0, 0, 3][..]);
+        assert!(matches!(
+            codec.decode(&mut short),
+            Err(CodecError::Protocol(ProtocolError::TooShort(3)))
+        ));
+        let mut unknown = BytesMut::from(&[0u8, 0, 0, 20, 42][..]);
+        assert!(matches!(
+            codec.decode(&mut unknown),
+            Err(CodecError::Protocol(ProtocolError::UnknownType(42)))
+        ));
+    }
+}

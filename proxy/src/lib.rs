@@ -29,6 +29,7 @@ pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod refusal;
 pub mod session;
 
 use std::net::SocketAddr;

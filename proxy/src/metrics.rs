@@ -26,6 +26,7 @@ pub const GATEWAY_DRAINING: &str = "wasmbed_proxy_gateway_draining";
 pub const GATEWAY_TRANSITIONS: &str = "wasmbed_proxy_gateway_transitions_total";
 pub const PROBE_FAILURES: &str = "wasmbed_proxy_health_probe_failures_total";
 pub const CONNECT_FAILURES: &str = "wasmbed_proxy_gateway_connect_failures_total";
+pub const UPSTREAM_TLS_FAILURES: &str = "wasmbed_proxy_upstream_tls_failures_total";
 pub const BYTES: &str = "wasmbed_proxy_bytes_total";
 pub const HANDSHAKE: &str = "wasmbed_proxy_handshake_duration_seconds";
 pub const CONNECT: &str = "wasmbed_proxy_connect_duration_seconds";
@@ -89,6 +90,10 @@ fn describe() {
     describe_counter!(
         CONNECT_FAILURES,
         "Failed connects to a gateway, by gateway."
+    );
+    describe_counter!(
+        UPSTREAM_TLS_FAILURES,
+        "TLS handshakes with a gateway ([upstream_tls]) that failed, by gateway."
     );
     describe_counter!(
         BYTES,

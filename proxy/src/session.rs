@@ -9,7 +9,11 @@ use std::time::Instant;
 
 use metrics::counter;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{Decoder, Encoder};
+use wasmbed_protocol::codec::{CodecError, FrameCodec};
+use wasmbed_protocol::{ErrorCode, Hello, Kind};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -20,6 +24,7 @@ use crate::clienthello::{self, ClientHello, HelloError};
 use crate::forward;
 use crate::listener::{Accepted, reset_on_close};
 use crate::metrics::{ACCEPTED, CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSIONS_CANCELLED};
+use crate::refusal::{Refusal, Refused, refused};
 
 /// Everything a session needs, shared by all of them.
 pub struct Context {
@@ -74,20 +79,6 @@ impl Listener {
     }
 }
 
-/// Why a connection was closed before it reached a gateway; `reason` is its metric label.
-#[derive(Debug)]
-pub struct Refused {
-    pub reason: &'static str,
-    pub detail: String,
-}
-
-fn refused(reason: &'static str, detail: impl ToString) -> Refused {
-    Refused {
-        reason,
-        detail: detail.to_string(),
-    }
-}
-
 /// Serves one accepted device connection to its end.
 pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepted) {
     let Accepted {
@@ -118,9 +109,9 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         }
     };
     if let Err(r) = result {
-        counter!(REJECTED, "reason" => r.reason).increment(1);
+        counter!(REJECTED, "reason" => r.reason.as_label()).increment(1);
         span.in_scope(
-            || tracing::debug!(reason = r.reason, detail = %r.detail, "connection refused"),
+            || tracing::debug!(reason = r.reason.as_label(), detail = %r.detail, "connection refused"),
         );
     }
     ctx.meters.open.decrement(1.0);
@@ -141,13 +132,13 @@ async fn passthrough(
             Poll::Ready(read) => read?,
             Poll::Pending => tokio::time::timeout(ctx.config.handshake_timeout, reading)
                 .await
-                .map_err(|_| refused("handshake_timeout", "no complete ClientHello in time"))??,
+                .map_err(|_| refused(Refusal::HandshakeTimeout, "no complete ClientHello in time"))??,
         }
     };
     let sni = match hello {
         Some(ClientHello { sni, .. }) => sni,
         None if listener.allow_plain => None,
-        None => return Err(refused("not_tls", "plain TCP on a TLS listener")),
+        None => return Err(refused(Refusal::NotTls, "plain TCP on a TLS listener")),
     };
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     if let Some(name) = &sni {
@@ -160,7 +151,7 @@ async fn passthrough(
     gateway
         .write_all(&prefix)
         .await
-        .map_err(|e| refused("gateway_error", e))?;
+        .map_err(|e| refused(Refusal::GatewayError, e))?;
     let moved = Counted::default();
     moved.up.store(prefix.len() as u64, Ordering::Relaxed);
     drop(prefix);
@@ -187,9 +178,9 @@ async fn read_hello(
         // `read` (unlike `try_read`) lets tokio see a partial read as "drained", so the
         // forwarding that follows waits instead of trying a read that would block.
         match device.read(&mut buf[len..]).await {
-            Ok(0) => return Err(refused("client_closed", "closed before its ClientHello")),
+            Ok(0) => return Err(refused(Refusal::ClientClosed, "closed before its ClientHello")),
             Ok(n) => len += n,
-            Err(e) => return Err(refused("client_error", e)),
+            Err(e) => return Err(refused(Refusal::ClientError, e)),
         }
         match clienthello::parse(&buf[..len], max) {
             Err(HelloError::Incomplete) => {}
@@ -197,7 +188,7 @@ async fn read_hello(
                 buf.truncate(len);
                 return Ok((buf, None));
             }
-            Err(e) => return Err(refused(e.reason(), e)),
+            Err(e) => return Err(refused(Refusal::of_hello(&e), e)),
             Ok(hello) => {
                 buf.truncate(len);
                 return Ok((buf, Some(hello)));
@@ -208,12 +199,12 @@ async fn read_hello(
 
 async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     let Some(acceptor) = &ctx.acceptor else {
-        return Err(refused("internal", "terminate mode without a TLS acceptor"));
+        return Err(refused(Refusal::Internal, "terminate mode without a TLS acceptor"));
     };
     let started = Instant::now();
     let mut tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
         .await
-        .map_err(|_| refused("handshake_timeout", "TLS handshake not finished in time"))?
+        .map_err(|_| refused(Refusal::HandshakeTimeout, "TLS handshake not finished in time"))?
         .map_err(|e| refused(tls_reason(&e), e))?;
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     let (_, conn) = tls.get_ref();
@@ -230,21 +221,36 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     if let Some(name) = &sni {
         span.record("sni", name.as_str());
     }
+    // The device's HELLO is checked against its certificate before any gateway sees it.
+    let first = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        first_frame(&mut tls, identity.as_deref()),
+    )
+    .await
+    .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     let pool = pool_for(ctx, sni.as_deref());
     let (lease, gateway) = connect(ctx, pool).await?;
+    let mut up: Box<dyn Upstream> = match &ctx.connector {
+        Some(connector) => {
+            let name = upstream_name(ctx, &lease.gateway().addr);
+            match connector.connect(name, gateway).await {
+                Ok(up) => Box::new(up),
+                Err(e) => {
+                    counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => lease.gateway().name.clone())
+                        .increment(1);
+                    tracing::warn!(gateway = %lease.gateway().name, error = %e, "TLS handshake with the gateway failed");
+                    return Err(refused(Refusal::UpstreamTls, e));
+                }
+            }
+        }
+        None => Box::new(gateway),
+    };
     let moved = Counted::default();
     let result = async {
-        let f = match &ctx.connector {
-            Some(connector) => {
-                let name = upstream_name(ctx, &lease.gateway().addr);
-                let mut up = connector.connect(name, gateway).await?;
-                forward::streams(&mut tls, &mut up).await?
-            }
-            None => {
-                let mut up = gateway;
-                forward::streams(&mut tls, &mut up).await?
-            }
-        };
+        up.write_all(&first).await?;
+        moved.up.fetch_add(first.len() as u64, Ordering::Relaxed);
+        drop(first);
+        let f = forward::streams(&mut tls, &mut up).await?;
         moved.up.fetch_add(f.upstream, Ordering::Relaxed);
         moved.down.fetch_add(f.downstream, Ordering::Relaxed);
         Ok(())
@@ -256,14 +262,82 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     Ok(())
 }
 
-fn tls_reason(e: &io::Error) -> &'static str {
+/// Terminate mode: reads the device's first frame, which must be a HELLO naming the device
+/// of the verified certificate (when there is one). Anything else is answered with ERROR and
+/// refused. Returns the bytes to send the gateway first: the HELLO and whatever followed it.
+async fn first_frame<S>(device: &mut S, identity: Option<&str>) -> Result<BytesMut, Refused>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut codec = FrameCodec::new(wasmbed_protocol::DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::with_capacity(512);
+    let frame = loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => break frame,
+            Ok(None) => {}
+            Err(CodecError::Protocol(e)) => {
+                let text = e.to_string();
+                return Err(answer(device, e.code(), 0, Refusal::BadFrame, text).await);
+            }
+            Err(CodecError::Io(e)) => return Err(refused(Refusal::ClientError, e)),
+        }
+        match device.read_buf(&mut buf).await {
+            Ok(0) => return Err(refused(Refusal::ClientClosed, "closed before HELLO")),
+            Ok(_) => {}
+            Err(e) => return Err(refused(Refusal::ClientError, e)),
+        }
+    };
+    if frame.kind != Kind::Hello {
+        let text = format!("the first frame must be HELLO, not {}", frame.kind.as_str());
+        return Err(answer(device, ErrorCode::NoSession, frame.seq, Refusal::NoSession, text).await);
+    }
+    let hello: Hello = match frame.decode_body("HELLO") {
+        Ok(h) => h,
+        Err(e) => {
+            let text = e.to_string();
+            return Err(answer(device, ErrorCode::BadHello, 0, Refusal::BadHello, text).await);
+        }
+    };
+    if let Some(id) = identity
+        && id != hello.device
+    {
+        let text = format!("HELLO names {:?}, the certificate {id:?}", hello.device);
+        tracing::warn!(claimed = %hello.device, certificate = %id, "HELLO names another device");
+        let refusal = Refusal::IdentityMismatch;
+        return Err(answer(device, ErrorCode::IdentityMismatch, 0, refusal, text).await);
+    }
+    // Re-encoding gives back the exact bytes the device sent: a frame has one encoding.
+    let mut first = BytesMut::with_capacity(frame.body.len() + 64 + buf.len());
+    codec
+        .encode(&frame, &mut first)
+        .map_err(|e| refused(Refusal::Internal, e))?;
+    first.extend_from_slice(&buf);
+    Ok(first)
+}
+
+/// Sends the device ERROR `code` and closes; gives the refusal to count.
+async fn answer<S>(device: &mut S, code: ErrorCode, seq: u64, reason: Refusal, text: String) -> Refused
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = code.frame(seq, text.clone());
+    let _ = device.write_all(&frame.encode()).await;
+    let _ = device.shutdown().await;
+    refused(reason, text)
+}
+
+/// The connection to a gateway in terminate mode: plain TCP, or TLS (`[upstream_tls]`).
+trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
+
+fn tls_reason(e: &io::Error) -> Refusal {
     let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
     match rustls_error {
         Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => {
-            "client_cert"
+            Refusal::ClientCert
         }
-        Some(_) => "tls_handshake",
-        None => "client_error",
+        Some(_) => Refusal::TlsHandshake,
+        None => Refusal::ClientError,
     }
 }
 
@@ -375,7 +449,7 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
                     ctx.meters.connect.record(started.elapsed().as_secs_f64());
                     return Ok((lease, stream));
                 }
-                Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused("fd_limit", e)),
+                Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused(Refusal::FdLimit, e)),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "connect timed out".to_string(),
             };
@@ -389,10 +463,10 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
         tried.push(gateway);
     }
     Err(if tried.is_empty() {
-        refused("no_gateway", format!("no gateway of pool {pool:?} is up"))
+        refused(Refusal::NoGateway, format!("no gateway of pool {pool:?} is up"))
     } else {
         refused(
-            "gateway_unreachable",
+            Refusal::GatewayUnreachable,
             format!("{} gateways refused", tried.len()),
         )
     })

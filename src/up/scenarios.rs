@@ -92,6 +92,12 @@ pub(super) async fn scenario_run(
         "messages: sent {} answered {} lost {} duplicated {}",
         report.messages.sent, report.messages.answered, lost, report.messages.duplicated
     );
+    // Reported, not a check yet: a re-homed session starts its app afresh until sessions
+    // carry their state (resumable sessions).
+    println!(
+        "app state: {} devices saw their counter restart (state_resets)",
+        report.state_resets
+    );
     print!("{}", report.table());
     let checks = [
         (all_up, "every device connected before the event"),
@@ -111,6 +117,7 @@ pub(super) async fn scenario_run(
         "affected": affected,
         "rehomed": live.rehomed.load(Relaxed) - rehomed_before,
         "rehome_all_ms": rehome_all.as_secs_f64() * 1e3,
+        "state_resets": report.state_resets,
         "spread_before": before,
         "spread_after": after,
         "report": report,

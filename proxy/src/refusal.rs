@@ -1,0 +1,144 @@
+//! Why a device connection was closed before it reached a gateway: one closed set of reasons,
+//! each the value of the `reason` label of `wasmbed_proxy_connections_rejected_total`.
+
+use crate::clienthello::HelloError;
+
+/// Why a connection was refused. [`Refusal::as_label`] is its metric label; `docs/proxy.md`
+/// lists every label (a test checks the list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// The device closed before its ClientHello (passthrough) was complete.
+    ClientClosed,
+    /// Reading from the device failed (reset, or a TLS alert that was not about certificates).
+    ClientError,
+    /// No complete ClientHello, TLS handshake or first frame within `handshake_timeout`.
+    HandshakeTimeout,
+    /// Plain TCP on a listener without `allow_plain`.
+    NotTls,
+    /// A ClientHello over `max_client_hello`.
+    HelloTooLarge,
+    /// A ClientHello that does not parse.
+    HelloMalformed,
+    /// An SNI that is not a valid host name.
+    BadSni,
+    /// Terminate mode: no client certificate, or one the client CA does not vouch for.
+    ClientCert,
+    /// Terminate mode: another TLS handshake failure.
+    TlsHandshake,
+    /// Terminate mode: the first frame is not a well-formed frame (ERROR sent).
+    BadFrame,
+    /// Terminate mode: the first frame is not HELLO (ERROR `no_session` sent).
+    NoSession,
+    /// Terminate mode: a HELLO whose body does not decode (ERROR `bad_hello` sent).
+    BadHello,
+    /// Terminate mode: HELLO names a device other than the verified certificate's
+    /// (ERROR `identity_mismatch` sent).
+    IdentityMismatch,
+    /// No gateway of the pool is up and not draining.
+    NoGateway,
+    /// Every gateway tried refused the connection or timed out.
+    GatewayUnreachable,
+    /// Writing the first bytes to the gateway failed.
+    GatewayError,
+    /// The TLS handshake with the gateway (`[upstream_tls]`) failed.
+    UpstreamTls,
+    /// The proxy is out of file descriptors.
+    FdLimit,
+    /// A configuration the proxy should have refused at start (a bug).
+    Internal,
+}
+
+impl Refusal {
+    /// Every reason: the closed set of label values.
+    pub const ALL: [Refusal; 19] = [
+        Refusal::ClientClosed,
+        Refusal::ClientError,
+        Refusal::HandshakeTimeout,
+        Refusal::NotTls,
+        Refusal::HelloTooLarge,
+        Refusal::HelloMalformed,
+        Refusal::BadSni,
+        Refusal::ClientCert,
+        Refusal::TlsHandshake,
+        Refusal::BadFrame,
+        Refusal::NoSession,
+        Refusal::BadHello,
+        Refusal::IdentityMismatch,
+        Refusal::NoGateway,
+        Refusal::GatewayUnreachable,
+        Refusal::GatewayError,
+        Refusal::UpstreamTls,
+        Refusal::FdLimit,
+        Refusal::Internal,
+    ];
+
+    /// The `reason` label.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Refusal::ClientClosed => "client_closed",
+            Refusal::ClientError => "client_error",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::NotTls => "not_tls",
+            Refusal::HelloTooLarge => "hello_too_large",
+            Refusal::HelloMalformed => "hello_malformed",
+            Refusal::BadSni => "bad_sni",
+            Refusal::ClientCert => "client_cert",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::BadFrame => "bad_frame",
+            Refusal::NoSession => "no_session",
+            Refusal::BadHello => "bad_hello",
+            Refusal::IdentityMismatch => "identity_mismatch",
+            Refusal::NoGateway => "no_gateway",
+            Refusal::GatewayUnreachable => "gateway_unreachable",
+            Refusal::GatewayError => "gateway_error",
+            Refusal::UpstreamTls => "upstream_tls",
+            Refusal::FdLimit => "fd_limit",
+            Refusal::Internal => "internal",
+        }
+    }
+
+    /// The reason a ClientHello was not taken (`Incomplete` is not a refusal; it maps to
+    /// `client_closed`, the only way a read can end with an incomplete hello).
+    pub fn of_hello(e: &HelloError) -> Refusal {
+        match e {
+            HelloError::Incomplete => Refusal::ClientClosed,
+            HelloError::NotTls => Refusal::NotTls,
+            HelloError::TooLarge => Refusal::HelloTooLarge,
+            HelloError::Malformed(_) => Refusal::HelloMalformed,
+            HelloError::BadSni(_) => Refusal::BadSni,
+        }
+    }
+}
+
+/// A refusal with its detail, for the log.
+#[derive(Debug)]
+pub struct Refused {
+    pub reason: Refusal,
+    pub detail: String,
+}
+
+pub fn refused(reason: Refusal, detail: impl ToString) -> Refused {
+    Refused {
+        reason,
+        detail: detail.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_unique_and_documented() {
+        let labels: std::collections::HashSet<_> =
+            Refusal::ALL.iter().map(|r| r.as_label()).collect();
+        assert_eq!(labels.len(), Refusal::ALL.len());
+        let doc = include_str!("../../docs/proxy.md");
+        for label in labels {
+            assert!(
+                doc.contains(&format!("`{label}`")),
+                "docs/proxy.md does not list the refusal reason `{label}`"
+            );
+        }
+    }
+}
