@@ -3,7 +3,7 @@
 mod support;
 
 use support::*;
-use wasmbed_protocol::{ErrorCode, Goaway, Kind};
+use wasmbed_protocol::{ErrorCode, Frame, Goaway, Kind};
 
 const ECHO: &[u8] = include_bytes!("../../apps/echo.wat");
 const COUNTER: &[u8] = include_bytes!("../../apps/counter.wat");
@@ -94,4 +94,67 @@ async fn healthz_reports_sessions_and_drain_sends_goaway() {
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
     gw.shutdown.cancel();
     assert!(gw.task.await.unwrap().is_ok());
+}
+
+/// PROTOCOL.md: after GOAWAY the gateway answers what it has already received, then closes.
+#[tokio::test]
+async fn a_drain_answers_every_data_already_received_before_closing() {
+    let gw = start(settings(None)).await;
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-1", "slow").await;
+    // 40 DATA in one write; each takes the app several milliseconds.
+    let mut burst = Vec::new();
+    for seq in 1..=40u64 {
+        Frame::new(Kind::Data, seq, seq.to_be_bytes().to_vec()).encode_into(&mut burst);
+    }
+    d.send_raw(&burst).await.unwrap();
+    // The first REPLY shows the gateway has read the burst; then drain while the rest queue.
+    let first = d.recv().await.expect("a REPLY");
+    assert_eq!((first.kind, first.seq), (Kind::Reply, 1));
+    assert_eq!(http(gw.admin, "POST", "/api/drain", b"").await.0, 202);
+    let mut replies = vec![first.seq];
+    let mut goaway_after = None;
+    while let Some(f) = d.recv().await {
+        match f.kind {
+            Kind::Reply => {
+                assert_eq!(f.body, f.seq.to_be_bytes());
+                replies.push(f.seq);
+            }
+            Kind::Goaway => goaway_after = Some(replies.len()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let goaway_after = goaway_after.expect("GOAWAY before the close");
+    assert!(
+        goaway_after < 40,
+        "the drain came while DATA was still queued (else this test shows nothing)"
+    );
+    assert_eq!(replies, (1..=40).collect::<Vec<u64>>(), "every DATA answered, in order");
+}
+
+#[tokio::test]
+async fn past_max_sessions_a_device_gets_unavailable() {
+    let mut s = settings(None);
+    s.max_sessions = 2;
+    let gw = start(s).await;
+    let mut a = tcp_device(gw.addr).await;
+    a.open("device-1", "echo").await;
+    let mut b = tcp_device(gw.addr).await;
+    b.open("device-2", "echo").await;
+    let mut c = tcp_device(gw.addr).await;
+    let f = c.recv().await.expect("ERROR before HELLO");
+    assert_eq!(error_code(&f), ErrorCode::Unavailable as u16);
+    assert!(c.recv().await.is_none(), "closed");
+    // A place frees up when a session ends.
+    drop(a);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gw.shared.sessions.load(std::sync::atomic::Ordering::SeqCst) > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the closed session ends");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-3", "echo").await;
+    let metrics = http(gw.admin, "GET", "/metrics", b"").await.1;
+    assert!(metrics.contains("wasmbed_gateway_errors_sent_total{code=\"unavailable\"} 1"), "{metrics}");
+    b.data(b"still here").await;
 }

@@ -14,6 +14,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use wasmbed_certs::pki::{DevCa, KeyKind};
 use wasmbed_config::{Mode, TerminateTls, UpstreamTls};
+use wasmbed_protocol::{ErrorBody, ErrorCode, Frame, Hello, Kind};
+
+const DEVICE: &str = "device-0007";
 
 struct Pki {
     _dir: tempfile::TempDir,
@@ -51,7 +54,7 @@ fn device_config(
     tls12: bool,
 ) -> Arc<rustls::ClientConfig> {
     let identity = identity_from.map(|ca| {
-        let d = ca.issue_client("device-0007", KeyKind::EcdsaP256).unwrap();
+        let d = ca.issue_client(DEVICE, KeyKind::EcdsaP256).unwrap();
         (d.chain(), d.key().unwrap())
     });
     let mut roots = rustls::RootCertStore::empty();
@@ -78,17 +81,83 @@ async fn terminating_proxy(pki: &Pki, backend: &Backend) -> RunningProxy {
     start(c).await
 }
 
+/// The device's first frame: HELLO as `device`, then a DATA frame.
+fn hello_then_data(device: &str) -> Vec<u8> {
+    let hello = Hello {
+        device: device.into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    let mut bytes = Frame::control(Kind::Hello, 0, &hello).encode();
+    Frame::new(Kind::Data, 1, b"frame over TLS".to_vec()).encode_into(&mut bytes);
+    bytes
+}
+
+async fn tls_device(
+    proxy: &RunningProxy,
+    config: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(proxy.addr).await?;
+    let name = ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(config).connect(name, tcp).await
+}
+
+/// Sends HELLO (as the certificate's device) and DATA; returns what the echo gateway sent back.
 async fn echo_through(
     proxy: &RunningProxy,
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<Vec<u8>> {
-    let tcp = TcpStream::connect(proxy.addr).await?;
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = TlsConnector::from(config).connect(name, tcp).await?;
-    tls.write_all(b"frame over TLS").await?;
-    let mut back = vec![0u8; 14];
+    let mut tls = tls_device(proxy, config).await?;
+    let sent = hello_then_data(DEVICE);
+    tls.write_all(&sent).await?;
+    let mut back = vec![0u8; sent.len()];
     tls.read_exact(&mut back).await?;
-    Ok(back)
+    assert_eq!(back, sent, "the gateway got the device's bytes untouched");
+    Ok(back[back.len() - 14..].to_vec())
+}
+
+/// Sends `bytes` as the first thing after the handshake; returns the ERROR the proxy answers.
+async fn refused_with(proxy: &RunningProxy, pki: &Pki, bytes: &[u8]) -> ErrorBody {
+    let mut tls = tls_device(proxy, device_config(&pki.ca, Some(&pki.ca), false))
+        .await
+        .unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut back))
+        .await
+        .expect("the proxy closes");
+    let (frame, _) = wasmbed_protocol::decode(&back, 1 << 16)
+        .unwrap()
+        .expect("an ERROR frame");
+    assert_eq!(frame.kind, Kind::Error);
+    frame.decode_body("ERROR").unwrap()
+}
+
+#[tokio::test]
+async fn a_hello_naming_another_device_never_reaches_a_gateway() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let backend = Backend::spawn().await;
+    let proxy = terminating_proxy(&pki, &backend).await;
+    // device-0007's certificate, HELLO naming device-0000.
+    let e = refused_with(&proxy, &pki, &hello_then_data("device-0000")).await;
+    assert_eq!(e.code, ErrorCode::IdentityMismatch as u16, "{e}");
+    // A first frame that is not HELLO, and bytes that are not a frame.
+    let data = Frame::new(Kind::Data, 1, b"x".to_vec()).encode();
+    let e = refused_with(&proxy, &pki, &data).await;
+    assert_eq!(e.code, ErrorCode::NoSession as u16, "{e}");
+    let e = refused_with(&proxy, &pki, b"\xff\xff\xff\xff garbage").await;
+    assert_eq!(e.code, ErrorCode::FrameTooLarge as u16, "{e}");
+    let bad_hello = Frame::new(Kind::Hello, 0, b"not cbor".to_vec()).encode();
+    let e = refused_with(&proxy, &pki, &bad_hello).await;
+    assert_eq!(e.code, ErrorCode::BadHello as u16, "{e}");
+    for reason in ["identity_mismatch", "no_session", "bad_frame", "bad_hello"] {
+        let series = format!("wasmbed_proxy_connections_rejected_total{{reason=\"{reason}\"}}");
+        until_metric(&proxy, &series, 1.0).await;
+    }
+    assert_eq!(backend.accepted(), 0, "no gateway ever saw them");
+    // The rightful owner of the certificate gets through.
+    let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), false)).await;
+    assert_eq!(back.unwrap(), b"frame over TLS");
 }
 
 #[tokio::test]

@@ -19,6 +19,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub health_addr: SocketAddr,
     live: Arc<AtomicUsize>,
+    /// Connections accepted, ever.
+    accepted: Arc<AtomicUsize>,
     /// Health requests answered.
     pub probes: Arc<AtomicUsize>,
     /// Health requests held unanswered while stalled.
@@ -32,6 +34,7 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
         let probes = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(AtomicUsize::new(0));
         let (stalled, stall_rx) = watch::channel(false);
@@ -40,18 +43,24 @@ impl Backend {
             addr: listener.local_addr().unwrap(),
             health_addr: health.local_addr().unwrap(),
             live: live.clone(),
+            accepted: accepted.clone(),
             probes: probes.clone(),
             held: held.clone(),
             stalled,
             kill: kill.clone(),
         };
-        tokio::spawn(echo_loop(listener, live.clone(), kill.clone()));
+        tokio::spawn(echo_loop(listener, [live.clone(), accepted], kill.clone()));
         tokio::spawn(health_loop(health, live, [probes, held], stall_rx, kill));
         b
     }
 
     pub fn live(&self) -> usize {
         self.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections it ever accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Health requests stop being answered (a hung process: TCP still accepts).
@@ -75,13 +84,18 @@ impl Backend {
     }
 }
 
-async fn echo_loop(listener: TcpListener, live: Arc<AtomicUsize>, kill: CancellationToken) {
+async fn echo_loop(
+    listener: TcpListener,
+    [live, accepted]: [Arc<AtomicUsize>; 2],
+    kill: CancellationToken,
+) {
     loop {
         let (mut s, _) = tokio::select! {
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             _ = kill.cancelled() => return,
         };
         let (live, kill) = (live.clone(), kill.clone());
+        accepted.fetch_add(1, Ordering::SeqCst);
         live.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
