@@ -1,20 +1,19 @@
-//! Test kit for the gateway: a dev PKI, a gateway started in-process on 127.0.0.1:0, and a
-//! device client speaking the session protocol over TLS or TCP.
+//! Test kit for the gateway: a dev PKI, a gateway started in-process on 127.0.0.1:0, and
+//! devices (the shared test kit's, over TLS or TCP).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use wasmbed_certs::pki::{DevCa, KeyKind};
 use wasmbed_config::{GatewayFlags, GatewaySettings};
 use wasmbed_gateway::{Gateway, Shared};
-use wasmbed_protocol::{ErrorBody, Frame, Hello, Kind, Welcome};
+#[allow(unused_imports)] // each test binary uses some
+pub use wasmbed_testkit::{Device, error_code, error_of, http};
 
 pub const APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../apps");
 
@@ -88,13 +87,6 @@ pub async fn start(settings: GatewaySettings) -> RunningGateway {
     }
 }
 
-/// A device speaking the session protocol.
-pub struct Device<S> {
-    pub stream: S,
-    buf: Vec<u8>,
-    seq: u64,
-}
-
 pub type TcpDevice = Device<TcpStream>;
 pub type TlsDevice = Device<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -112,111 +104,4 @@ pub async fn tls_device(
         .connect(name, tcp)
         .await?;
     Ok(Device::new(tls))
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
-    pub fn new(stream: S) -> Self {
-        Device {
-            stream,
-            buf: Vec::new(),
-            seq: 0,
-        }
-    }
-
-    pub async fn send(&mut self, frame: Frame) -> std::io::Result<()> {
-        self.stream.write_all(&frame.encode()).await?;
-        self.stream.flush().await
-    }
-
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await
-    }
-
-    /// The next frame, or `None` when the gateway closed. Bounded by 10 s.
-    pub async fn recv(&mut self) -> Option<Frame> {
-        let fut = async {
-            loop {
-                if let Ok(Some((f, used))) = wasmbed_protocol::decode(&self.buf, 1 << 20) {
-                    self.buf.drain(..used);
-                    return Some(f);
-                }
-                let mut chunk = [0u8; 4096];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), fut)
-            .await
-            .expect("a frame or a close within 10s")
-    }
-
-    pub async fn hello(&mut self, device: &str, app: &str) -> Frame {
-        let h = Hello {
-            device: device.into(),
-            app: app.into(),
-            resume: None,
-        };
-        self.send(Frame::control(Kind::Hello, 0, &h)).await.unwrap();
-        self.recv().await.expect("an answer to HELLO")
-    }
-
-    /// HELLO that must be welcomed; returns the gateway name.
-    pub async fn open(&mut self, device: &str, app: &str) -> String {
-        let f = self.hello(device, app).await;
-        assert_eq!(f.kind, Kind::Welcome, "{:?}", error_of(&f));
-        f.decode_body::<Welcome>("WELCOME").unwrap().gateway
-    }
-
-    /// DATA n; returns the answer (REPLY or ERROR with n), skipping PUSH frames.
-    pub async fn data(&mut self, body: &[u8]) -> Frame {
-        self.seq += 1;
-        self.send(Frame::new(Kind::Data, self.seq, body.to_vec()))
-            .await
-            .unwrap();
-        loop {
-            let f = self.recv().await.expect("an answer to DATA");
-            if f.kind != Kind::Push {
-                assert_eq!(f.seq, self.seq, "answers carry the DATA's sequence");
-                return f;
-            }
-        }
-    }
-}
-
-pub fn error_of(f: &Frame) -> Option<ErrorBody> {
-    (f.kind == Kind::Error).then(|| f.decode_body("ERROR").unwrap())
-}
-
-pub fn error_code(f: &Frame) -> u16 {
-    error_of(f)
-        .map(|e| e.code)
-        .unwrap_or_else(|| panic!("expected ERROR, got {:?}", f.kind))
-}
-
-/// A minimal HTTP/1.1 request to the admin endpoint: (status, body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).await.unwrap();
-    let resp = String::from_utf8_lossy(&resp).into_owned();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        resp.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    )
 }

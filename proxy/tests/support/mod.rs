@@ -13,6 +13,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use wasmbed_config::{GatewayConfig, ProxyConfig};
 use wasmbed_proxy::{GatewaySet, Proxy};
+#[allow(unused_imports)] // each test binary uses some
+pub use wasmbed_testkit::{Metrics, http, until};
 
 /// A gateway stand-in: echoes bytes, counts live connections, answers `/healthz`.
 pub struct Backend {
@@ -251,53 +253,25 @@ impl RunningProxy {
 
     /// GET or POST on the admin endpoint; returns (status, body).
     pub async fn admin(&self, method: &str, path: &str) -> (u16, String) {
-        http(self.admin, method, path, "").await
+        http(self.admin, method, path, b"").await
     }
 
     /// POST a JSON body on the admin endpoint.
     pub async fn admin_post(&self, path: &str, body: &str) -> (u16, String) {
-        http(self.admin, "POST", path, body).await
+        http(self.admin, "POST", path, body.as_bytes()).await
     }
 
     /// How much one counter series (name with labels, exactly as rendered) grew since the
     /// start.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin("GET", "/metrics").await;
-        value_in(&text, series) - value_in(&self.baseline, series)
+        Metrics::parse(&text).series(series) - Metrics::parse(&self.baseline).series(series)
     }
 
     /// The value of a gauge series now.
     pub async fn gauge(&self, series: &str) -> f64 {
-        value_in(&self.admin("GET", "/metrics").await.1, series)
+        Metrics::parse(&self.admin("GET", "/metrics").await.1).series(series)
     }
-}
-
-fn value_in(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
-/// A minimal HTTP/1.1 request, for the admin endpoint.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// A real ClientHello for `sni`, as rustls sends it.
@@ -344,14 +318,3 @@ pub async fn closed(s: &mut TcpStream, within: Duration) -> usize {
     }
 }
 
-/// Polls `cond` every 10ms until it holds; panics after `within`.
-pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}

@@ -1,0 +1,146 @@
+//! Clients of running wasmbed processes, shared by `wasmbed up`, the benches and the tests:
+//!
+//! - [`Admin`]: the proxy's and the gateway's admin HTTP API, over `ureq` (blocking; plain
+//!   HTTP, since the admin endpoints serve plain HTTP);
+//! - [`spawn_ready`]: start a `wasmbed` process and wait for the `ready ...` line it prints
+//!   once its sockets are bound, with the addresses it bound ([`Ready::addr`]).
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// How long an admin request may take, connect to last byte.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an admin request got no answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{method} http://{addr}{path}: {source}")]
+pub struct AdminError {
+    pub method: String,
+    pub addr: SocketAddr,
+    pub path: String,
+    #[source]
+    pub source: ureq::Error,
+}
+
+/// One admin endpoint.
+#[derive(Clone)]
+pub struct Admin {
+    addr: SocketAddr,
+    agent: ureq::Agent,
+}
+
+/// An admin answer: status and body (any status: 4xx and 5xx are answers too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Admin {
+    pub fn new(addr: SocketAddr) -> Admin {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(ADMIN_TIMEOUT))
+            .build()
+            .into();
+        Admin { addr, agent }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `method path` with `body` (JSON when it starts with `{` or `[`, else bytes).
+    pub fn request(&self, method: &str, path: &str, body: &[u8]) -> Result<Answer, AdminError> {
+        let error = |source| AdminError {
+            method: method.into(),
+            addr: self.addr,
+            path: path.into(),
+            source,
+        };
+        let json = matches!(body.first(), Some(b'{' | b'['));
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header(
+                "content-type",
+                if json {
+                    "application/json"
+                } else {
+                    "application/octet-stream"
+                },
+            )
+            .body(body.to_vec())
+            .map_err(|e| error(e.into()))?;
+        let mut response = self.agent.run(request).map_err(error)?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024 * 1024)
+            .read_to_string()
+            .map_err(error)?;
+        Ok(Answer { status, body })
+    }
+
+    pub fn get(&self, path: &str) -> Result<Answer, AdminError> {
+        self.request("GET", path, b"")
+    }
+
+    pub fn post(&self, path: &str, body: &[u8]) -> Result<Answer, AdminError> {
+        self.request("POST", path, body)
+    }
+}
+
+/// A started process's `ready ...` line.
+#[derive(Debug, Clone)]
+pub struct Ready(pub String);
+
+impl Ready {
+    /// The address after `key` (`listen=`, `admin=`) in the line.
+    pub fn addr(&self, key: &str) -> Option<SocketAddr> {
+        self.0
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+/// Why a process did not become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start {command}: {source}")]
+    Start {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("{command} did not start: it printed {line:?} instead of its ready line")]
+    NotReady { command: String, line: String },
+}
+
+/// Starts `cmd` with stdout piped and waits for its first line, which must begin with
+/// `ready `. The caller decides where stderr goes and anything else about `cmd`.
+pub fn spawn_ready(cmd: &mut Command) -> Result<(Child, Ready), SpawnError> {
+    let command = format!("{:?}", cmd.get_program());
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|source| SpawnError::Start {
+            command: command.clone(),
+            source,
+        })?;
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    if !line.starts_with("ready ") {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(SpawnError::NotReady { command, line });
+    }
+    Ok((child, Ready(line)))
+}

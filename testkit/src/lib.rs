@@ -1,0 +1,202 @@
+//! What the test suites and the benches share (dev-only, not published): starting processes
+//! and waiting for their ready line, admin calls over the maintained client of
+//! `wasmbed-client`, polling with a deadline, resident memory, a Prometheus text matcher, and a
+//! device speaking the session protocol through the protocol's codec.
+#![allow(clippy::missing_panics_doc)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::Framed;
+use wasmbed_protocol::codec::FrameCodec;
+use wasmbed_protocol::{ErrorBody, Frame, Hello, Kind, Welcome};
+
+pub use wasmbed_client::{Admin, Answer, Ready, SpawnError, spawn_ready};
+
+/// An admin request from async code (the client is blocking: it runs on the blocking pool).
+/// Panics when the endpoint does not answer: a test kit call, not a probe.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let (method, path, body) = (method.to_string(), path.to_string(), body.to_vec());
+    let answer = tokio::task::spawn_blocking(move || Admin::new(addr).request(&method, &path, &body))
+        .await
+        .expect("admin request task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    (answer.status, answer.body)
+}
+
+/// Polls `cond` every 10 ms until it holds; panics naming `what` after `within`.
+pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Resident memory of process `pid`, in KiB (Linux `/proc`); 0 when it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Prometheus text, parsed: samples by name and labels.
+pub struct Metrics {
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+        let mut samples = Vec::new();
+        for s in scrape.samples {
+            let labels: BTreeMap<String, String> =
+                s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => samples.push((s.metric, labels, v)),
+                prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => {}
+            }
+        }
+        Metrics { samples }
+    }
+
+    /// The sum of the samples named `name` whose labels include every pair of `labels`
+    /// (0 when none does).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// The value of a series written as in the exposition: `name` or `name{k="v",...}`; the
+    /// labels given must all match, others may be present (their series are summed).
+    pub fn series(&self, series: &str) -> f64 {
+        let (name, labels) = parse_selector(series);
+        let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.sum(name, &pairs)
+    }
+}
+
+fn parse_selector(series: &str) -> (&str, Vec<(String, String)>) {
+    let Some((name, rest)) = series.split_once('{') else {
+        return (series.trim(), Vec::new());
+    };
+    let inner = rest.trim_end().trim_end_matches('}');
+    let labels = inner
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect();
+    (name, labels)
+}
+
+/// A device speaking the session protocol over any stream, through the protocol's codec.
+pub struct Device<S> {
+    pub framed: Framed<S, FrameCodec>,
+    seq: u64,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
+    pub fn new(stream: S) -> Self {
+        Device {
+            framed: Framed::new(stream, FrameCodec::new(1 << 20)),
+            seq: 0,
+        }
+    }
+
+    pub async fn send(&mut self, frame: Frame) -> std::io::Result<()> {
+        self.framed.send(frame).await.map_err(std::io::Error::other)
+    }
+
+    /// Bytes as they are, past the codec (for malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let stream = self.framed.get_mut();
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    }
+
+    /// The next frame, or `None` when the peer closed (or sent what is not a frame).
+    /// Bounded by 10 s.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        tokio::time::timeout(Duration::from_secs(10), self.framed.next())
+            .await
+            .expect("a frame or a close within 10s")?
+            .ok()
+    }
+
+    pub async fn hello(&mut self, device: &str, app: &str) -> Frame {
+        let h = Hello {
+            device: device.into(),
+            app: app.into(),
+            resume: None,
+        };
+        self.send(Frame::control(Kind::Hello, 0, &h)).await.unwrap();
+        self.recv().await.expect("an answer to HELLO")
+    }
+
+    /// HELLO that must be welcomed; returns the gateway name.
+    pub async fn open(&mut self, device: &str, app: &str) -> String {
+        let f = self.hello(device, app).await;
+        assert_eq!(f.kind, Kind::Welcome, "{:?}", error_of(&f));
+        f.decode_body::<Welcome>("WELCOME").unwrap().gateway
+    }
+
+    /// DATA n; returns the answer (REPLY or ERROR with n), skipping PUSH frames.
+    pub async fn data(&mut self, body: &[u8]) -> Frame {
+        self.seq += 1;
+        self.send(Frame::new(Kind::Data, self.seq, body.to_vec()))
+            .await
+            .unwrap();
+        loop {
+            let f = self.recv().await.expect("an answer to DATA");
+            if f.kind != Kind::Push {
+                assert_eq!(f.seq, self.seq, "answers carry the DATA's sequence");
+                return f;
+            }
+        }
+    }
+}
+
+pub fn error_of(f: &Frame) -> Option<ErrorBody> {
+    (f.kind == Kind::Error).then(|| f.decode_body("ERROR").unwrap())
+}
+
+pub fn error_code(f: &Frame) -> u16 {
+    error_of(f)
+        .map(|e| e.code)
+        .unwrap_or_else(|| panic!("expected ERROR, got {:?}", f.kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_match_labels_not_prefixes() {
+        let text = "# TYPE x_total counter\nx_total{reason=\"a\"} 2\nx_total{reason=\"ab\"} 5\nx_total_more 9\n";
+        let m = Metrics::parse(text);
+        assert_eq!(m.series("x_total{reason=\"a\"}"), 2.0);
+        assert_eq!(m.series("x_total"), 7.0);
+        assert_eq!(m.series("x_total{reason=\"b\"}"), 0.0);
+        assert_eq!(m.sum("x_total_more", &[]), 9.0);
+    }
+}
