@@ -2,13 +2,13 @@
 //! and the failover and drain scenarios as one command each.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use wasmbed_client::Ready;
 use wasmbed_config::{LoadtestSettings, Mode};
 use wasmbed_loadtest::{Fleet, Report};
 
@@ -75,49 +75,68 @@ impl Drop for Stack {
     }
 }
 
-fn spawn_ready(cmd: &mut Command) -> Result<(Child, String), String> {
+/// Starts a child of `up` and waits for its ready line. The child sits in its own process
+/// group (Ctrl-C in the terminal reaches `up` alone, which ends the fleet first, then stops
+/// the children), and dies with `up` however `up` ends: on Linux the kernel sends it SIGKILL
+/// when `up` dies (`PR_SET_PDEATHSIG`), even by SIGKILL.
+fn spawn_ready(cmd: &mut Command) -> Result<(Child, Ready), String> {
     use std::os::unix::process::CommandExt;
-    // Its own process group: Ctrl-C reaches `up` alone, which ends the fleet first, then stops
-    // the processes it started.
-    let mut child = cmd
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env(
-            "WASMBED_LOG",
-            std::env::var("WASMBED_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .spawn()
-        .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    if !line.starts_with("ready ") {
-        let _ = child.kill();
-        return Err(format!("{cmd:?} did not start (see its error above)"));
+    cmd.process_group(0).stderr(Stdio::inherit()).env(
+        "WASMBED_LOG",
+        std::env::var("WASMBED_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: runs in the child between fork and exec, and calls only async-signal-safe
+        // functions (prctl, getppid), touching no memory of the parent's.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // `up` may have died between fork and prctl: then nothing would signal us.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("wasmbed up ended while starting"));
+                }
+                Ok(())
+            });
+        }
     }
-    Ok((child, line))
+    wasmbed_client::spawn_ready(cmd).map_err(|e| e.to_string())
 }
 
-fn field(line: &str, key: &str) -> Option<SocketAddr> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
+fn field(line: &Ready, key: &str) -> Result<SocketAddr, String> {
+    line.addr(key)
+        .ok_or_else(|| format!("no {key} address in {:?}", line.0))
 }
 
-fn http(addr: SocketAddr, method: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+/// Resolves on the first SIGINT (Ctrl-C), SIGTERM or SIGHUP after [`StopSignals::new`]: `up`
+/// then stops the fleet and its children and removes its temporary directory.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Must run inside the runtime. From here on these signals no longer end the process.
+    fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
 }
 
 /// Starts gateway `gw-i` (certificates `gateway-i.*` of `dir`); returns its name, process,
@@ -148,8 +167,8 @@ fn spawn_gateway(
         Mode::Terminate => cmd.arg("--insecure-plaintext"),
     };
     let (child, line) = spawn_ready(&mut cmd)?;
-    let listen = field(&line, "listen=").ok_or("no listen")?;
-    let admin = field(&line, "admin=").ok_or("no admin")?;
+    let listen = field(&line, "listen=")?;
+    let admin = field(&line, "admin=")?;
     Ok((name, child, listen, admin))
 }
 
@@ -208,8 +227,8 @@ fn start(
     }
     let (proxy, line) = spawn_ready(&mut cmd)?;
     stack.proxy = Some(proxy);
-    let listen = field(&line, "listen=").ok_or("no proxy listen address")?;
-    let admin = field(&line, "admin=").ok_or("no proxy admin address")?;
+    let listen = field(&line, "listen=")?;
+    let admin = field(&line, "admin=")?;
     Ok((stack, listen, admin))
 }
 
@@ -237,6 +256,18 @@ pub fn run(args: UpArgs) -> ExitCode {
         eprintln!("wasmbed up: `gateways`: a scenario needs at least 2");
         return ExitCode::from(2);
     }
+    if gateways == 0 || devices == 0 {
+        eprintln!("wasmbed up: `--gateways` and `--devices` must be at least 1");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = wasmbed_config::loadtest::check_rate(args.rate) {
+        eprintln!("wasmbed up: {e}");
+        return ExitCode::from(2);
+    }
+    if args.json.is_some() && scenario.is_none() {
+        eprintln!("wasmbed up: `--json` writes a scenario's results: give `--scenario` too");
+        return ExitCode::from(2);
+    }
     let dir = args
         .dir
         .clone()
@@ -251,15 +282,31 @@ pub fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Taken over before anything starts: from now on SIGINT, SIGTERM and SIGHUP stop `up`
+    // in order (fleet, children, temporary directory) instead of killing it.
+    let mut signals = match runtime.block_on(async { StopSignals::new() }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wasmbed up: cannot watch signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let initial = if scenario == Some(Scenario::ScaleUp) {
         gateways - 1
     } else {
         gateways
     };
-    let (stack, listen, admin) = match start(&args, &dir, initial, gateways) {
+    let started = start(&args, &dir, initial, gateways);
+    let remove_dir = || {
+        if args.dir.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    };
+    let (stack, listen, admin) = match started {
         Ok(x) => x,
         Err(e) => {
             eprintln!("wasmbed up: {e}");
+            remove_dir();
             return ExitCode::FAILURE;
         }
     };
@@ -305,47 +352,66 @@ pub fn run(args: UpArgs) -> ExitCode {
         let live = fleet.live();
         let finish = CancellationToken::new();
         let running = tokio::spawn(fleet.run(finish.clone()));
-        match scenario {
+        let scenario = match scenario {
             None => {
-                demo(&live, devices, &finish).await;
+                let signal = demo(&live, devices, &mut signals).await;
+                println!("{signal}: stopping, waiting for the last replies");
+                finish.cancel();
                 let report = running.await.unwrap_or_default();
                 print!("{}", report.table());
-                ExitCode::SUCCESS
+                return ExitCode::SUCCESS;
             }
-            Some(Scenario::ScaleUp) => {
-                scale_up(
-                    scale,
-                    stack_ref,
-                    &live,
-                    devices,
-                    finish,
-                    running,
-                    json.as_deref(),
-                )
-                .await
+            Some(s) => s,
+        };
+        let stop = finish.clone();
+        let scenario = async move {
+            match scenario {
+                Scenario::ScaleUp => {
+                    scale_up(
+                        scale,
+                        stack_ref,
+                        &live,
+                        devices,
+                        finish,
+                        running,
+                        json.as_deref(),
+                    )
+                    .await
+                }
+                s => {
+                    scenario_run(
+                        s,
+                        stack_ref,
+                        &live,
+                        devices,
+                        finish,
+                        running,
+                        json.as_deref(),
+                    )
+                    .await
+                }
             }
-            Some(s) => {
-                scenario_run(
-                    s,
-                    stack_ref,
-                    &live,
-                    devices,
-                    finish,
-                    running,
-                    json.as_deref(),
-                )
-                .await
+        };
+        tokio::select! {
+            code = scenario => code,
+            signal = signals.recv() => {
+                println!("{signal}: scenario stopped");
+                stop.cancel();
+                ExitCode::from(130)
             }
         }
     });
     drop(stack);
-    if args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    remove_dir();
     code
 }
 
-async fn demo(live: &wasmbed_loadtest::Live, devices: usize, finish: &CancellationToken) {
+/// The live view, until a stop signal; returns its name.
+async fn demo(
+    live: &wasmbed_loadtest::Live,
+    devices: usize,
+    signals: &mut StopSignals,
+) -> &'static str {
     println!("{devices} devices dialing; live spread every second; Ctrl-C stops everything");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -357,11 +423,9 @@ async fn demo(live: &wasmbed_loadtest::Live, devices: usize, finish: &Cancellati
                     live.sent.load(std::sync::atomic::Ordering::Relaxed),
                     live.answered.load(std::sync::atomic::Ordering::Relaxed));
             }
-            _ = tokio::signal::ctrl_c() => break,
+            signal = signals.recv() => return signal,
         }
     }
-    println!("stopping: waiting for the last replies");
-    finish.cancel();
 }
 
 async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {

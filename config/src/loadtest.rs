@@ -61,6 +61,21 @@ pub struct LoadtestSettings {
     pub first_device: usize,
 }
 
+/// The most DATA messages per second one simulated device sends.
+pub const MAX_RATE: f64 = 10_000.0;
+
+/// A device's DATA rate must be a number above 0 and at most [`MAX_RATE`] per second.
+pub fn check_rate(rate: f64) -> Result<f64, ConfigError> {
+    if rate > 0.0 && rate <= MAX_RATE {
+        Ok(rate)
+    } else {
+        Err(ConfigError::field(
+            "rate",
+            "must be above 0 and at most 10000 per second",
+        ))
+    }
+}
+
 impl LoadtestSettings {
     pub fn load(f: &LoadtestFlags) -> Result<LoadtestSettings, ConfigError> {
         let ramp = match f.ramp.trim() {
@@ -72,12 +87,7 @@ impl LoadtestSettings {
         if f.devices == 0 {
             return Err(ConfigError::field("devices", "must be at least 1"));
         }
-        if !(f.rate > 0.0 && f.rate <= 10_000.0) {
-            return Err(ConfigError::field(
-                "rate",
-                "must be above 0 and at most 10000 per second",
-            ));
-        }
+        check_rate(f.rate)?;
         if f.payload > 60_000 {
             return Err(ConfigError::field("payload", "at most 60000 bytes"));
         }

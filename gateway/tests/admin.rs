@@ -129,7 +129,11 @@ async fn a_drain_answers_every_data_already_received_before_closing() {
         goaway_after < 40,
         "the drain came while DATA was still queued (else this test shows nothing)"
     );
-    assert_eq!(replies, (1..=40).collect::<Vec<u64>>(), "every DATA answered, in order");
+    assert_eq!(
+        replies,
+        (1..=40).collect::<Vec<u64>>(),
+        "every DATA answered, in order"
+    );
 }
 
 #[tokio::test]
@@ -149,12 +153,18 @@ async fn past_max_sessions_a_device_gets_unavailable() {
     drop(a);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     while gw.shared.sessions.load(std::sync::atomic::Ordering::SeqCst) > 1 {
-        assert!(tokio::time::Instant::now() < deadline, "the closed session ends");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed session ends"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let mut d = tcp_device(gw.addr).await;
     d.open("device-3", "echo").await;
     let metrics = http(gw.admin, "GET", "/metrics", b"").await.1;
-    assert!(metrics.contains("wasmbed_gateway_errors_sent_total{code=\"unavailable\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("wasmbed_gateway_errors_sent_total{code=\"unavailable\"} 1"),
+        "{metrics}"
+    );
     b.data(b"still here").await;
 }

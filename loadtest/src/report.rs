@@ -169,7 +169,11 @@ impl Report {
         );
         let _ = writeln!(t, "reconnects {}", self.reconnects);
         if checks_state(self) {
-            let _ = writeln!(t, "state     {} devices saw their app state restart", self.state_resets);
+            let _ = writeln!(
+                t,
+                "state     {} devices saw their app state restart",
+                self.state_resets
+            );
         }
         let _ = writeln!(
             t,

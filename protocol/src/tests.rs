@@ -181,7 +181,10 @@ mod codec {
         let mut codec = FrameCodec::new(1000);
         let mut buf = BytesMut::from(&1001u32.to_be_bytes()[..]);
         match codec.decode(&mut buf) {
-            Err(CodecError::Protocol(ProtocolError::TooLarge { len: 1001, max: 1000 })) => {}
+            Err(CodecError::Protocol(ProtocolError::TooLarge {
+                len: 1001,
+                max: 1000,
+            })) => {}
             other => panic!("expected TooLarge, got {other:?}"),
         }
         // Nothing was reserved for the refused frame.

@@ -7,17 +7,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use metrics::counter;
 use rustls::pki_types::ServerName;
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::{Decoder, Encoder};
-use wasmbed_protocol::codec::{CodecError, FrameCodec};
-use wasmbed_protocol::{ErrorCode, Hello, Kind};
 use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wasmbed_config::{HealthCheck, ListenerConfig, Mode, ProxyConfig, RouteConfig};
+use wasmbed_protocol::codec::{CodecError, FrameCodec};
+use wasmbed_protocol::{ErrorCode, Hello, Kind};
 
 use crate::balancer::{GatewaySet, Lease};
 use crate::clienthello::{self, ClientHello, HelloError};
@@ -132,7 +132,9 @@ async fn passthrough(
             Poll::Ready(read) => read?,
             Poll::Pending => tokio::time::timeout(ctx.config.handshake_timeout, reading)
                 .await
-                .map_err(|_| refused(Refusal::HandshakeTimeout, "no complete ClientHello in time"))??,
+                .map_err(|_| {
+                    refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")
+                })??,
         }
     };
     let sni = match hello {
@@ -178,7 +180,12 @@ async fn read_hello(
         // `read` (unlike `try_read`) lets tokio see a partial read as "drained", so the
         // forwarding that follows waits instead of trying a read that would block.
         match device.read(&mut buf[len..]).await {
-            Ok(0) => return Err(refused(Refusal::ClientClosed, "closed before its ClientHello")),
+            Ok(0) => {
+                return Err(refused(
+                    Refusal::ClientClosed,
+                    "closed before its ClientHello",
+                ));
+            }
             Ok(n) => len += n,
             Err(e) => return Err(refused(Refusal::ClientError, e)),
         }
@@ -199,12 +206,20 @@ async fn read_hello(
 
 async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     let Some(acceptor) = &ctx.acceptor else {
-        return Err(refused(Refusal::Internal, "terminate mode without a TLS acceptor"));
+        return Err(refused(
+            Refusal::Internal,
+            "terminate mode without a TLS acceptor",
+        ));
     };
     let started = Instant::now();
     let mut tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
         .await
-        .map_err(|_| refused(Refusal::HandshakeTimeout, "TLS handshake not finished in time"))?
+        .map_err(|_| {
+            refused(
+                Refusal::HandshakeTimeout,
+                "TLS handshake not finished in time",
+            )
+        })?
         .map_err(|e| refused(tls_reason(&e), e))?;
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     let (_, conn) = tls.get_ref();
@@ -289,7 +304,14 @@ where
     };
     if frame.kind != Kind::Hello {
         let text = format!("the first frame must be HELLO, not {}", frame.kind.as_str());
-        return Err(answer(device, ErrorCode::NoSession, frame.seq, Refusal::NoSession, text).await);
+        return Err(answer(
+            device,
+            ErrorCode::NoSession,
+            frame.seq,
+            Refusal::NoSession,
+            text,
+        )
+        .await);
     }
     let hello: Hello = match frame.decode_body("HELLO") {
         Ok(h) => h,
@@ -316,7 +338,13 @@ where
 }
 
 /// Sends the device ERROR `code` and closes; gives the refusal to count.
-async fn answer<S>(device: &mut S, code: ErrorCode, seq: u64, reason: Refusal, text: String) -> Refused
+async fn answer<S>(
+    device: &mut S,
+    code: ErrorCode,
+    seq: u64,
+    reason: Refusal,
+    text: String,
+) -> Refused
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -463,7 +491,10 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
         tried.push(gateway);
     }
     Err(if tried.is_empty() {
-        refused(Refusal::NoGateway, format!("no gateway of pool {pool:?} is up"))
+        refused(
+            Refusal::NoGateway,
+            format!("no gateway of pool {pool:?} is up"),
+        )
     } else {
         refused(
             Refusal::GatewayUnreachable,

@@ -60,7 +60,9 @@ pub(super) async fn scenario_run(
         }
         Scenario::Drain | Scenario::ScaleUp => {
             println!("draining {victim} with {affected} devices on it");
-            let _ = http(*victim_admin, "POST", "/api/drain");
+            if let Err(e) = wasmbed_client::Admin::new(*victim_admin).post("/api/drain", b"") {
+                eprintln!("wasmbed up: {e}");
+            }
         }
     }
     let rehomed = until(Duration::from_secs(30), || {
@@ -165,7 +167,15 @@ pub(super) async fn scale_up(
     };
     let _new_gateway = Killed(child);
     let body = format!(r#"{{"name":"{name}","address":"{listen}","health_address":"{gw_admin}"}}"#);
-    let added = http_body(scale.proxy_admin, "/api/gateways", &body).is_some_and(|s| s == 201);
+    let added = match wasmbed_client::Admin::new(scale.proxy_admin)
+        .post("/api/gateways", body.as_bytes())
+    {
+        Ok(answer) => answer.status == 201,
+        Err(e) => {
+            eprintln!("wasmbed up: {e}");
+            false
+        }
+    };
     println!(
         "added {name} under load: {}",
         if added {
@@ -234,19 +244,4 @@ pub(super) async fn scale_up(
         "lost": lost,
     });
     conclude(&checks, doc, json)
-}
-
-/// POST a JSON body; returns the status code.
-fn http_body(addr: SocketAddr, path: &str, body: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split(' ').nth(1)?.parse().ok()
 }

@@ -20,10 +20,11 @@ pub use wasmbed_client::{Admin, Answer, Ready, SpawnError, spawn_ready};
 /// Panics when the endpoint does not answer: a test kit call, not a probe.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
     let (method, path, body) = (method.to_string(), path.to_string(), body.to_vec());
-    let answer = tokio::task::spawn_blocking(move || Admin::new(addr).request(&method, &path, &body))
-        .await
-        .expect("admin request task")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let answer =
+        tokio::task::spawn_blocking(move || Admin::new(addr).request(&method, &path, &body))
+            .await
+            .expect("admin request task")
+            .unwrap_or_else(|e| panic!("{e}"));
     (answer.status, answer.body)
 }
 
@@ -62,8 +63,11 @@ impl Metrics {
         let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
         let mut samples = Vec::new();
         for s in scrape.samples {
-            let labels: BTreeMap<String, String> =
-                s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let labels: BTreeMap<String, String> = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             match s.value {
                 prometheus_parse::Value::Counter(v)
                 | prometheus_parse::Value::Gauge(v)
@@ -80,7 +84,10 @@ impl Metrics {
         self.samples
             .iter()
             .filter(|(n, l, _)| {
-                n == name && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
             })
             .map(|(_, _, v)| v)
             .sum()
@@ -90,7 +97,10 @@ impl Metrics {
     /// labels given must all match, others may be present (their series are summed).
     pub fn series(&self, series: &str) -> f64 {
         let (name, labels) = parse_selector(series);
-        let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         self.sum(name, &pairs)
     }
 }

@@ -2,34 +2,27 @@
 //! talk to it on 127.0.0.1.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub use wasmbed_testkit::{Admin, Metrics, Ready};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_wasmbed");
 
-/// Spawns `cmd` (stdout piped, stderr discarded) and waits for its `ready ...` line.
+/// Spawns `cmd` (stderr discarded) and waits for its `ready ...` line.
 pub fn spawn_ready(cmd: &mut Command) -> (Child, String) {
-    let mut child = cmd
-        .env("WASMBED_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn wasmbed");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("ready line");
-    (child, line)
+    let (child, ready) =
+        wasmbed_testkit::spawn_ready(cmd.env("WASMBED_LOG", "warn").stderr(Stdio::null()))
+            .unwrap_or_else(|e| panic!("{e}"));
+    (child, ready.0)
 }
 
 /// The address after `key` (e.g. `listen=`) in a ready line.
 pub fn addr_in(line: &str, key: &str) -> SocketAddr {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key))
-        .and_then(|v| v.parse().ok())
+    Ready(line.to_string())
+        .addr(key)
         .unwrap_or_else(|| panic!("no {key} in {line:?}"))
 }
 
@@ -75,34 +68,14 @@ impl ProxyProcess {
 
     /// GET on the admin endpoint: (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).expect("admin reachable");
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let status = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        (
-            status,
-            resp.split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default(),
-        )
+        let answer = Admin::new(self.admin)
+            .get(path)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (answer.status, answer.body)
     }
 
     pub fn metric(&self, series: &str) -> f64 {
-        self.get("/metrics")
-            .1
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or(0.0)
+        Metrics::parse(&self.get("/metrics").1).series(series)
     }
 }
 

@@ -317,4 +317,3 @@ pub async fn closed(s: &mut TcpStream, within: Duration) -> usize {
         }
     }
 }
-

@@ -1,0 +1,157 @@
+//! `wasmbed up` takes its children with it however it ends: SIGTERM and SIGHUP stop the
+//! fleet, the gateways, the proxy and remove the temporary directory (like Ctrl-C); on
+//! SIGKILL the kernel ends the children (PR_SET_PDEATHSIG).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::BIN;
+
+/// A running `up` with 2 gateways and 2 devices on free ports, once its banner is out.
+struct Up {
+    child: Child,
+    /// Every port its children bound (devices, admin, gateways' sessions and admin).
+    ports: Vec<SocketAddr>,
+    children: Vec<u32>,
+    dir: PathBuf,
+}
+
+fn start_up() -> Up {
+    let mut child = Command::new(BIN)
+        .args(["up", "--gateways", "2", "--devices", "2"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("WASMBED_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    out.read_line(&mut banner).unwrap();
+    assert!(banner.starts_with("wasmbed up:"), "{banner:?}");
+    // Keep reading stdout so `up` never blocks on a full pipe.
+    std::thread::spawn(move || for _ in out.lines() {});
+    let dir = PathBuf::from(banner.rsplit_once("PKI in ").unwrap().1.trim());
+    let children = children_of(child.id());
+    assert_eq!(children.len(), 3, "two gateways and a proxy");
+    let ports = children
+        .iter()
+        .flat_map(|pid| listening(*pid))
+        .collect::<Vec<_>>();
+    assert!(ports.len() >= 6, "each child listens twice: {ports:?}");
+    Up {
+        child,
+        ports,
+        children,
+        dir,
+    }
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+/// The TCP ports process `pid` listens on (its sockets' inodes looked up in /proc/net/tcp).
+fn listening(pid: u32) -> Vec<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // st 0A: LISTEN
+            (f.get(3) == Some(&"0A") && inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)))
+                .then(|| {
+                    let port = u16::from_str_radix(f[1].rsplit_once(':')?.1, 16).ok()?;
+                    Some(SocketAddr::from(([127, 0, 0, 1], port)))
+                })
+                .flatten()
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited: only its entry waits for its parent.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+}
+
+/// Polls (bounded) until no child is alive and every port can be bound again.
+fn all_gone(up: &Up) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live: Vec<u32> = up.children.iter().copied().filter(|p| alive(*p)).collect();
+        let busy: Vec<SocketAddr> = up
+            .ports
+            .iter()
+            .copied()
+            .filter(|a| TcpListener::bind(a).is_err())
+            .collect();
+        if live.is_empty() && busy.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still alive: {live:?}, ports still bound: {busy:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_and_sighup_stop_every_child_and_remove_the_directory() {
+    for sig in [libc::SIGTERM, libc::SIGHUP] {
+        let mut up = start_up();
+        assert!(up.dir.exists());
+        signal(up.child.id(), sig);
+        let status = up.child.wait().unwrap();
+        assert!(status.success(), "signal {sig}: {status:?}");
+        all_gone(&up);
+        assert!(!up.dir.exists(), "temporary directory removed");
+    }
+}
+
+#[test]
+fn sigkill_takes_the_children_along() {
+    let mut up = start_up();
+    signal(up.child.id(), libc::SIGKILL);
+    let _ = up.child.wait();
+    all_gone(&up);
+    // Nothing could remove the directory of a killed process; the test does.
+    let _ = std::fs::remove_dir_all(&up.dir);
+}
