@@ -34,6 +34,8 @@ pub struct Gateway {
     streak: Mutex<Streak>,
     /// Sessions handed to this gateway (registered once: bumping it is one atomic add).
     pub sessions_started: metrics::Counter,
+    /// Woken when traffic suggests the gateway is failing: its prober probes at once.
+    probe_soon: tokio::sync::Notify,
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -74,7 +76,20 @@ impl Gateway {
                 crate::metrics::SESSIONS_STARTED,
                 "gateway" => config.name.clone()
             ),
+            probe_soon: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Traffic suggests this gateway is failing (a failed connect, a session reset on its
+    /// side): its health prober probes it now rather than at its next interval.
+    pub fn suspect(&self) {
+        self.probe_soon.notify_one();
+    }
+
+    /// Resolves when [`Gateway::suspect`] was called (once per call, or once for several
+    /// calls made while nobody waited).
+    pub async fn suspected(&self) {
+        self.probe_soon.notified().await;
     }
 
     pub fn sessions(&self) -> u64 {

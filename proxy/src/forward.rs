@@ -34,6 +34,46 @@ pub struct Forwarded {
     pub downstream: u64,
 }
 
+/// Why forwarding stopped with an error, and on which side: the proxy treats errors on the
+/// gateway's side as a hint that the gateway is failing (it probes it at once).
+#[derive(Debug)]
+pub struct Failure {
+    /// The error was on the gateway's socket (reading from it or writing to it).
+    pub gateway: bool,
+    pub error: io::Error,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let side = if self.gateway { "gateway" } else { "device" };
+        write!(f, "{side} side: {}", self.error)
+    }
+}
+
+impl Failure {
+    pub fn device(error: io::Error) -> Failure {
+        Failure {
+            gateway: false,
+            error,
+        }
+    }
+
+    /// Whether the gateway's side failed the way a dead or failing host does (a reset, an
+    /// abort, a broken pipe, a timeout), rather than by an ordinary close.
+    pub fn gateway_failed(&self) -> bool {
+        self.gateway
+            && matches!(
+                self.error.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::HostUnreachable
+                    | io::ErrorKind::NetworkUnreachable
+            )
+    }
+}
+
 /// Forwards between two TCP streams until both directions have ended (half-closes are
 /// passed on) or either side fails. `up` and `down` count the bytes as they go.
 ///
@@ -49,8 +89,8 @@ pub fn tcp<'a>(
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
     Tcp {
-        up: Direction::new(device_read, gateway_write, up),
-        down: Direction::new(gateway_read, device_write, down),
+        up: Direction::new(device_read, gateway_write, up, false),
+        down: Direction::new(gateway_read, device_write, down, true),
     }
 }
 
@@ -61,9 +101,9 @@ pub struct Tcp<'a> {
 }
 
 impl Future for Tcp<'_> {
-    type Output = io::Result<()>;
+    type Output = Result<(), Failure>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         let this = &mut *self;
         let up = this.up.poll(cx)?;
         let down = this.down.poll(cx)?;
@@ -90,11 +130,19 @@ struct Direction<'a> {
     done: bool,
     /// `src` ended and `dst` has not been told yet.
     eof_to_pass: bool,
+    /// `src` is the gateway (the gateway -> device direction).
+    from_gateway: bool,
 }
 
 impl<'a> Direction<'a> {
-    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, total: &'a AtomicU64) -> Self {
+    fn new(
+        src: ReadHalf<'a>,
+        dst: WriteHalf<'a>,
+        total: &'a AtomicU64,
+        from_gateway: bool,
+    ) -> Self {
         Direction {
+            from_gateway,
             src,
             dst,
             total,
@@ -113,21 +161,31 @@ impl<'a> Direction<'a> {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        // Read errors are `src`'s side's, write errors `dst`'s.
+        let from_gateway = self.from_gateway;
+        let on_src = |error| Failure {
+            gateway: from_gateway,
+            error,
+        };
+        let on_dst = |error| Failure {
+            gateway: !from_gateway,
+            error,
+        };
         while !self.done {
-            ready!(self.flush(cx))?;
+            ready!(self.flush(cx)).map_err(on_dst)?;
             let (src, dst, backlog) = (&mut self.src, &mut self.dst, &mut self.backlog);
             let read = BUFFER.with(|cell| {
                 let mut buf = cell.borrow_mut();
                 let mut filled = ReadBuf::new(&mut buf);
                 // A partial read tells tokio the socket is drained: no extra read to find out.
-                ready!(Pin::new(src).poll_read(cx, &mut filled))?;
+                ready!(Pin::new(src).poll_read(cx, &mut filled)).map_err(on_src)?;
                 let n = filled.filled().len();
-                let written = write_now(dst, cx, &buf[..n])?;
+                let written = write_now(dst, cx, &buf[..n]).map_err(on_dst)?;
                 if written < n {
                     *backlog = buf[written..n].to_vec();
                 }
-                Poll::Ready(io::Result::Ok(n))
+                Poll::Ready(Ok(n))
             });
             match ready!(read)? {
                 0 => {
@@ -249,8 +307,12 @@ mod tests {
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
         drop(gateway); // RST
-        let r = relay.await.unwrap();
-        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        let r = relay.await.unwrap().unwrap_err();
+        assert_eq!(r.error.kind(), io::ErrorKind::ConnectionReset);
+        assert!(
+            r.gateway && r.gateway_failed(),
+            "the gateway's side failed: {r}"
+        );
         let mut rest = Vec::new();
         assert_eq!(
             device.read_to_end(&mut rest).await.unwrap(),

@@ -262,10 +262,18 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     };
     let moved = Counted::default();
     let result = async {
-        up.write_all(&first).await?;
+        up.write_all(&first)
+            .await
+            .map_err(|error| forward::Failure {
+                gateway: true,
+                error,
+            })?;
         moved.up.fetch_add(first.len() as u64, Ordering::Relaxed);
         drop(first);
-        let f = forward::streams(&mut tls, &mut up).await?;
+        // Buffered copying does not say which side failed: not counted against the gateway.
+        let f = forward::streams(&mut tls, &mut up)
+            .await
+            .map_err(forward::Failure::device)?;
         moved.up.fetch_add(f.upstream, Ordering::Relaxed);
         moved.down.fetch_add(f.downstream, Ordering::Relaxed);
         Ok(())
@@ -390,7 +398,7 @@ fn upstream_name(ctx: &Context, addr: &str) -> ServerName<'static> {
 async fn supervise(
     ctx: &Context,
     lease: &Lease,
-    forwarding: impl Future<Output = io::Result<()>>,
+    forwarding: impl Future<Output = Result<(), forward::Failure>>,
 ) -> Option<&'static str> {
     let gateway = lease.gateway();
     gateway.sessions_started.increment(1);
@@ -403,6 +411,9 @@ async fn supervise(
             r = forwarding => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "session ended with an error");
+                    if e.gateway_failed() {
+                        gateway.suspect();
+                    }
                 }
                 false
             }
@@ -483,6 +494,7 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
             };
         drop(lease);
         counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+        gateway.suspect();
         tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
         if health.check != HealthCheck::None {
             let change = gateway.observe(false, health.rise, health.fall);
