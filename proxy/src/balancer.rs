@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use wasmbed_config::GatewayConfig;
+use wasmbed_pick::Load;
 
 /// One gateway behind the proxy, with its live counters.
 #[derive(Debug)]
@@ -22,7 +23,7 @@ pub struct Gateway {
     pub health_addr: Option<String>,
     pub pool: String,
     weight: AtomicU32,
-    sessions: AtomicU64,
+    sessions: Load,
     healthy: AtomicBool,
     draining: AtomicBool,
     /// When it last came up, as milliseconds since [`epoch`] + 1 (0: since start).
@@ -65,7 +66,7 @@ impl Gateway {
             health_addr: config.health_addr.clone(),
             pool: config.pool.clone(),
             weight: AtomicU32::new(config.weight),
-            sessions: AtomicU64::new(0),
+            sessions: Load::new(),
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             up_since_ms: AtomicU64::new(0),
@@ -93,7 +94,7 @@ impl Gateway {
     }
 
     pub fn sessions(&self) -> u64 {
-        self.sessions.load(Ordering::Acquire)
+        self.sessions.get()
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -195,7 +196,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.gateway.sessions.fetch_sub(1, Ordering::AcqRel);
+        self.gateway.sessions.release();
     }
 }
 
@@ -268,34 +269,18 @@ impl GatewaySet {
         } else {
             epoch().elapsed().as_millis() as u64
         };
-        loop {
-            let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-            // (gateway, sessions seen, effective weight) of the best so far.
-            let mut best: Option<(&Arc<Gateway>, u64, u64)> = None;
-            for i in 0..n {
-                let g = &snapshot[(start + i) % n];
-                if !g.eligible(pool) || exclude.iter().any(|x| Arc::ptr_eq(x, g)) {
-                    continue;
-                }
-                let sessions = g.sessions.load(Ordering::Acquire);
-                let weight = g.effective_weight(self.slow_start, now_ms);
-                let better = best.is_none_or(|(_, s, w)| {
-                    // (sessions + 1) / weight < (s + 1) / w, without division.
-                    u128::from(sessions + 1) * u128::from(w)
-                        < u128::from(s + 1) * u128::from(weight)
-                });
-                if better {
-                    best = Some((g, sessions, weight));
-                }
-            }
-            let (g, seen, _) = best?;
-            if g.sessions
-                .compare_exchange(seen, seen + 1, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return Some(Lease { gateway: g.clone() });
-            }
-        }
+        // The scan and the compare-and-swap live in `wasmbed_pick` (model-checked with loom).
+        let index = wasmbed_pick::claim(
+            &snapshot,
+            || self.rotation.fetch_add(1, Ordering::Relaxed),
+            |g| {
+                let eligible = g.eligible(pool) && !exclude.iter().any(|x| Arc::ptr_eq(x, g));
+                eligible.then(|| (&g.sessions, g.effective_weight(self.slow_start, now_ms)))
+            },
+        )?;
+        Some(Lease {
+            gateway: snapshot[index].clone(),
+        })
     }
 }
 
