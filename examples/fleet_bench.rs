@@ -10,7 +10,7 @@
 //!
 //! Run: cargo build --release && cargo run --release --example fleet_bench -- --devices 9000
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
+use wasmbed_testkit::{Admin, Ready, rss_kib};
 
 struct Args {
     devices: usize,
@@ -108,17 +109,8 @@ async fn backend() {
 
 // ---------------------------------------------------------------- driver
 
-fn spawn_ready(cmd: &mut Command) -> (Child, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("ready line");
-    (child, line)
+fn spawn_ready(cmd: &mut Command) -> (Child, Ready) {
+    wasmbed_testkit::spawn_ready(cmd.stderr(Stdio::inherit())).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -129,27 +121,11 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("admin");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+    Admin::new(addr)
+        .get(path)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .body
 }
 
 fn gateway_counts(admin: SocketAddr) -> Vec<(String, u64, bool)> {
@@ -228,7 +204,7 @@ async fn drive(a: Args) {
     let mut gw_flags = Vec::new();
     for i in 0..a.gateways {
         let (child, line) = spawn_ready(Command::new(&exe).arg("backend"));
-        let mut words = line.split_whitespace().skip(1);
+        let mut words = line.0.split_whitespace().skip(1);
         let (data, health) = (
             words.next().unwrap().to_string(),
             words.next().unwrap().to_string(),
@@ -252,12 +228,7 @@ async fn drive(a: Args) {
             .arg(gw_flags.join(","))
             .env("WASMBED_LOG", "warn"),
     );
-    let field = |k: &str| -> SocketAddr {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .expect("ready line")
-    };
+    let field = |k: &str| -> SocketAddr { line.addr(k).expect("ready line") };
     let (listen, admin) = (field("listen="), field("admin="));
     let hello = Arc::new(client_hello());
     println!(
@@ -336,29 +307,58 @@ async fn drive(a: Args) {
         "- proxy RSS: {rss_before} KiB before, {rss_after} KiB with {up} idle sessions: {per:.0} bytes per session"
     );
 
+    // Two different things, reported apart:
+    // (b) detection: a gateway whose host vanishes sends nothing (SIGSTOP stands in for a
+    //     host cut off without a FIN): only the proxy's health checks can find it, and the
+    //     proxy then closes its sessions;
+    // (a) pass-through: a gateway process that dies on a live host has its kernel send
+    //     FIN/RST on every socket; the proxy merely passes those on, before it has detected
+    //     anything (its own detection follows from failed connects and the probe that the
+    //     resets bring forward).
     for (gw, how, sig) in [
-        (0usize, "hung (SIGSTOP), found by health checks", "-STOP"),
-        (1, "killed (SIGKILL), sockets reset", "-KILL"),
+        (
+            0usize,
+            "hung (SIGSTOP: no FIN, as a vanished host): closed by the proxy on detection",
+            "-STOP",
+        ),
+        (
+            1,
+            "killed (SIGKILL: its kernel sends FIN/RST): closes passed through from the dead process",
+            "-KILL",
+        ),
     ] {
         let n = gateway_counts(admin)[gw].1 as usize;
         signal(&backends[gw], sig);
         let t0 = Instant::now();
         let mut closes = Vec::new();
+        let mut marked_down = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while closes.len() < n {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Event::Closed(at))) => closes.push(at.saturating_duration_since(t0)),
-                Ok(Some(_)) => {}
-                _ => break,
+        let mut poll = tokio::time::interval(Duration::from_millis(10));
+        while closes.len() < n || marked_down.is_none() {
+            tokio::select! {
+                e = tokio::time::timeout_at(deadline, rx.recv()) => match e {
+                    Ok(Some(Event::Closed(at))) => closes.push(at.saturating_duration_since(t0)),
+                    Ok(Some(_)) => {}
+                    _ => break,
+                },
+                _ = poll.tick(), if marked_down.is_none() => {
+                    if !gateway_counts(admin)[gw].2 {
+                        marked_down = Some(t0.elapsed());
+                    }
+                }
             }
         }
         let last = closes.iter().max().copied().unwrap_or_default();
         let first = closes.iter().min().copied().unwrap_or_default();
         println!(
-            "- gw-{gw} {how}: {}/{n} sessions closed by the proxy; first after {:.0} ms, last after {:.0} ms",
+            "- gw-{gw} {how}: {}/{n} sessions closed; first after {:.0} ms, last after {:.0} ms; proxy marked it down after {}",
             closes.len(),
             first.as_secs_f64() * 1e3,
-            last.as_secs_f64() * 1e3
+            last.as_secs_f64() * 1e3,
+            marked_down.map_or("(not within 15 s)".to_string(), |d| format!(
+                "{:.0} ms",
+                d.as_secs_f64() * 1e3
+            ))
         );
     }
     let after = gateway_counts(admin);

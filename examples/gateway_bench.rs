@@ -4,16 +4,15 @@
 //! Run: cargo build --release --bins --examples &&
 //!      ./target/release/examples/gateway_bench --sessions 1000,10000 --seconds 5
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use wasmbed_protocol::{Frame, Hello, Kind};
+use wasmbed_protocol::Kind;
+use wasmbed_testkit::{Device, rss_kib, spawn_ready};
 
 const APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
 
@@ -88,15 +87,6 @@ async fn instantiation() {
     );
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn gateway(max: usize) -> (Child, SocketAddr) {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
@@ -104,51 +94,28 @@ fn gateway(max: usize) -> (Child, SocketAddr) {
         .and_then(|p| p.parent())
         .unwrap()
         .join("wasmbed");
-    let mut child = Command::new(bin)
-        .args([
-            "gateway",
-            "--insecure-plaintext",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-        ])
-        .args([
-            "--apps",
-            APPS,
-            "--max-sessions",
-            &(max + 100).to_string(),
-            "--idle-timeout",
-            "10m",
-        ])
-        .env("WASMBED_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .unwrap()
-        .parse()
-        .unwrap();
-    (child, addr)
-}
-
-async fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> Frame {
-    loop {
-        if let Ok(Some((f, used))) = wasmbed_protocol::decode(buf, 1 << 20) {
-            buf.drain(..used);
-            return f;
-        }
-        let mut chunk = [0u8; 512];
-        let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "gateway closed");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let (child, line) = spawn_ready(
+        Command::new(bin)
+            .args([
+                "gateway",
+                "--insecure-plaintext",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "off",
+            ])
+            .args([
+                "--apps",
+                APPS,
+                "--max-sessions",
+                &(max + 100).to_string(),
+                "--idle-timeout",
+                "10m",
+            ])
+            .env("WASMBED_LOG", "warn"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    (child, line.addr("listen=").expect("listen address"))
 }
 
 /// `rate`: None = closed loop (each session sends its next DATA when the REPLY arrives);
@@ -165,20 +132,11 @@ async fn load(n: usize, duration: Duration, rate: Option<f64>) {
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let _p = gate.acquire().await.unwrap();
-            let mut s = TcpStream::connect(addr).await.unwrap();
+            let s = TcpStream::connect(addr).await.unwrap();
             s.set_nodelay(true).unwrap();
-            let hello = Hello {
-                device: format!("device-{i:05}"),
-                app: "echo".into(),
-                resume: None,
-            };
-            s.write_all(&Frame::control(Kind::Hello, 0, &hello).encode())
-                .await
-                .unwrap();
-            let mut buf = Vec::new();
-            let f = read_frame(&mut s, &mut buf).await;
-            assert_eq!(f.kind, Kind::Welcome);
-            (s, buf)
+            let mut device = Device::new(s);
+            device.open(&format!("device-{i:05}"), "echo").await;
+            device
         }));
     }
     for t in tasks {
@@ -192,11 +150,10 @@ async fn load(n: usize, duration: Duration, rate: Option<f64>) {
     let started = Instant::now();
     let workers: Vec<_> = conns
         .into_iter()
-        .map(|(mut s, mut buf)| {
+        .map(|mut s| {
             let payload = payload.clone();
             tokio::spawn(async move {
                 let mut h = Histogram::<u64>::new(3).unwrap();
-                let mut seq = 0u64;
                 let interval = rate.map(|r| Duration::from_secs_f64(n as f64 / r));
                 let mut next = Instant::now()
                     + interval.map_or(Duration::ZERO, |i| i.mul_f64(fastrand::f64()));
@@ -208,13 +165,9 @@ async fn load(n: usize, duration: Duration, rate: Option<f64>) {
                             break;
                         }
                     }
-                    seq += 1;
                     let t = Instant::now();
-                    s.write_all(&Frame::new(Kind::Data, seq, payload.clone()).encode())
-                        .await
-                        .unwrap();
-                    let f = read_frame(&mut s, &mut buf).await;
-                    assert_eq!((f.kind, f.seq), (Kind::Reply, seq));
+                    let f = s.data(&payload).await;
+                    assert_eq!(f.kind, Kind::Reply);
                     h.record(t.elapsed().as_nanos() as u64).unwrap();
                 }
                 (h, s)
