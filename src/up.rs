@@ -13,7 +13,7 @@ use wasmbed_config::{LoadtestSettings, Mode};
 use wasmbed_loadtest::{Fleet, Report};
 
 mod scenarios;
-use scenarios::{ScaleUp, scale_up, scenario_run};
+use scenarios::{Run, ScaleUp, scale_up, scenario_run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
@@ -364,32 +364,18 @@ pub fn run(args: UpArgs) -> ExitCode {
             Some(s) => s,
         };
         let stop = finish.clone();
+        let run = Run {
+            stack: stack_ref,
+            live: &live,
+            devices,
+            finish,
+            running,
+            json: json.as_deref(),
+        };
         let scenario = async move {
             match scenario {
-                Scenario::ScaleUp => {
-                    scale_up(
-                        scale,
-                        stack_ref,
-                        &live,
-                        devices,
-                        finish,
-                        running,
-                        json.as_deref(),
-                    )
-                    .await
-                }
-                s => {
-                    scenario_run(
-                        s,
-                        stack_ref,
-                        &live,
-                        devices,
-                        finish,
-                        running,
-                        json.as_deref(),
-                    )
-                    .await
-                }
+                Scenario::ScaleUp => scale_up(scale, run).await,
+                s => scenario_run(s, run).await,
             }
         };
         tokio::select! {

@@ -36,16 +36,26 @@ fn conclude(checks: &[(bool, &str)], mut doc: serde_json::Value, json: Option<&P
     }
 }
 
-pub(super) async fn scenario_run(
-    scenario: Scenario,
-    stack: &Stack,
-    live: &wasmbed_loadtest::Live,
-    devices: usize,
-    finish: CancellationToken,
-    running: tokio::task::JoinHandle<Report>,
-    json: Option<&Path>,
-) -> ExitCode {
+/// A scenario's stack, fleet and output, as `up` hands them over.
+pub(super) struct Run<'a> {
+    pub(super) stack: &'a Stack,
+    pub(super) live: &'a wasmbed_loadtest::Live,
+    pub(super) devices: usize,
+    pub(super) finish: CancellationToken,
+    pub(super) running: tokio::task::JoinHandle<Report>,
+    pub(super) json: Option<&'a Path>,
+}
+
+pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     use std::sync::atomic::Ordering::Relaxed;
+    let Run {
+        stack,
+        live,
+        devices,
+        finish,
+        running,
+        json,
+    } = run;
     let (all_up, before) = settle(live, devices).await;
     let (victim, child, victim_admin) = &stack.gateways[0];
     let affected = before.get(victim).copied().unwrap_or(0);
@@ -146,16 +156,16 @@ impl Drop for Killed {
     }
 }
 
-pub(super) async fn scale_up(
-    scale: ScaleUp,
-    stack: &Stack,
-    live: &wasmbed_loadtest::Live,
-    devices: usize,
-    finish: CancellationToken,
-    running: tokio::task::JoinHandle<Report>,
-    json: Option<&Path>,
-) -> ExitCode {
+pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     use std::sync::atomic::Ordering::Relaxed;
+    let Run {
+        stack,
+        live,
+        devices,
+        finish,
+        running,
+        json,
+    } = run;
     let (all_up, before) = settle(live, devices).await;
     let index = stack.gateways.len();
     let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index) {
