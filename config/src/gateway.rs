@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::defaults::gateway as defaults;
 use crate::{ConfigError, LogFormat, duration_or, parse_addr, read_toml};
 
 /// Flags of `wasmbed gateway`. Each one, when given, overrides the config file.
@@ -14,15 +15,11 @@ pub struct GatewayFlags {
     /// TOML config file with the same keys as these flags (snake_case). Flags override it.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Device session server address, IP:PORT. Default 127.0.0.1:9001.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help = format!("Device session server address, IP:PORT. Default {}.", crate::defaults::gateway::LISTEN))]
     pub listen: Option<String>,
-    /// Admin HTTP endpoint (/healthz, /readyz, /metrics, /api/apps, /api/drain), or `off`.
-    /// Default 127.0.0.1:9101.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help = format!("Admin HTTP endpoint (/healthz, /readyz, /metrics, /api/apps, /api/drain), or `off`. Default {}.", crate::defaults::gateway::ADMIN))]
     pub admin: Option<String>,
-    /// This gateway's name, sent in WELCOME and used in metrics. Default "gateway".
-    #[arg(long)]
+    #[arg(long, help = format!("This gateway's name, sent in WELCOME and used in metrics. Default {:?}.", crate::defaults::gateway::NAME))]
     pub name: Option<String>,
     /// Directory of applications (NAME.wasm or NAME.wat), loaded and compiled at start.
     #[arg(long, value_name = "DIR")]
@@ -40,24 +37,17 @@ pub struct GatewayFlags {
     /// network. Devices then present no certificate.
     #[arg(long)]
     pub insecure_plaintext: bool,
-    /// Deadline of one application call. Default 50ms.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", help = format!("Deadline of one application call. Default {}.", crate::defaults::show(crate::defaults::gateway::CALL_TIMEOUT)))]
     pub call_timeout: Option<String>,
-    /// Linear memory cap of one application instance, in bytes (suffixes KiB, MiB). Default 4MiB.
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", help = format!("Linear memory cap of one application instance, in bytes (suffixes KiB, MiB, GiB; any case). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_MEMORY)))]
     pub max_memory: Option<String>,
-    /// A session with no frame for this long is closed. Default 60s.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", help = format!("A session with no frame for this long is closed. Default {}.", crate::defaults::show(crate::defaults::gateway::IDLE_TIMEOUT)))]
     pub idle_timeout: Option<String>,
-    /// On SIGTERM or drain, how long sessions get after GOAWAY before the gateway exits.
-    /// Default 10s.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", help = format!("On SIGTERM or drain, how long sessions get after GOAWAY before the gateway exits. Default {}.", crate::defaults::show(crate::defaults::gateway::GRACE)))]
     pub grace: Option<String>,
-    /// Most sessions (and application instances) at once. Default 10000.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!("Most sessions (and application instances) at once; past it a device gets ERROR `unavailable`. Default {}.", crate::defaults::gateway::MAX_SESSIONS))]
     pub max_sessions: Option<u32>,
-    /// Largest frame accepted, in bytes. Default 65536.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", help = format!("Largest frame accepted, in bytes. Default {}.", crate::defaults::gateway::MAX_FRAME))]
     pub max_frame: Option<usize>,
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
@@ -123,11 +113,12 @@ pub fn parse_size(field: &str, text: &str) -> Result<usize, ConfigError> {
     let n: usize = digits
         .parse()
         .map_err(|_| ConfigError::field(field, format!("invalid size {text:?}")))?;
-    let mult = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "KB" => 1 << 10,
-        "MiB" | "M" | "MB" => 1 << 20,
-        "GiB" | "G" | "GB" => 1 << 30,
+    // Binary units whatever the case: `4MiB`, `4MB`, `4mb`, `4m` are all 4 << 20.
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" | "kb" => 1 << 10,
+        "mib" | "m" | "mb" => 1 << 20,
+        "gib" | "g" | "gb" => 1 << 30,
         u => {
             return Err(ConfigError::field(
                 field,
@@ -170,12 +161,12 @@ impl GatewaySettings {
     }
 
     fn from_raw(raw: RawGateway) -> Result<GatewaySettings, ConfigError> {
-        let listen = parse_addr("listen", raw.listen.as_deref().unwrap_or("127.0.0.1:9001"))?;
-        let admin = match raw.admin.as_deref().unwrap_or("127.0.0.1:9101") {
+        let listen = parse_addr("listen", raw.listen.as_deref().unwrap_or(defaults::LISTEN))?;
+        let admin = match raw.admin.as_deref().unwrap_or(defaults::ADMIN) {
             "off" => None,
             a => Some(parse_addr("admin", a)?),
         };
-        let name = raw.name.unwrap_or_else(|| "gateway".into());
+        let name = raw.name.unwrap_or_else(|| defaults::NAME.into());
         if name.is_empty() || name.len() > 64 {
             return Err(ConfigError::field("name", "must be 1 to 64 characters"));
         }
@@ -208,14 +199,14 @@ impl GatewaySettings {
         let call_timeout = duration_or(
             "call_timeout",
             raw.call_timeout.as_deref(),
-            Duration::from_millis(50),
+            defaults::CALL_TIMEOUT,
         )?;
         if call_timeout < Duration::from_millis(1) {
             return Err(ConfigError::field("call_timeout", "must be at least 1ms"));
         }
         let max_memory = match raw.max_memory.as_deref() {
             Some(t) => parse_size("max_memory", t)?,
-            None => 4 << 20,
+            None => defaults::MAX_MEMORY,
         };
         if !(64 << 10..=1 << 30).contains(&max_memory) {
             return Err(ConfigError::field(
@@ -223,11 +214,11 @@ impl GatewaySettings {
                 "must be between 64KiB (one Wasm page) and 1GiB",
             ));
         }
-        let max_sessions = raw.max_sessions.unwrap_or(10_000);
+        let max_sessions = raw.max_sessions.unwrap_or(defaults::MAX_SESSIONS);
         if max_sessions == 0 {
             return Err(ConfigError::field("max_sessions", "must be at least 1"));
         }
-        let max_frame = raw.max_frame.unwrap_or(64 * 1024);
+        let max_frame = raw.max_frame.unwrap_or(defaults::MAX_FRAME);
         if !(64..=16 << 20).contains(&max_frame) {
             return Err(ConfigError::field(
                 "max_frame",
@@ -245,9 +236,9 @@ impl GatewaySettings {
             idle_timeout: duration_or(
                 "idle_timeout",
                 raw.idle_timeout.as_deref(),
-                Duration::from_secs(60),
+                defaults::IDLE_TIMEOUT,
             )?,
-            grace: duration_or("grace", raw.grace.as_deref(), Duration::from_secs(10))?,
+            grace: duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?,
             max_sessions,
             max_frame,
             threads: raw.threads,
@@ -326,6 +317,8 @@ mod tests {
         assert_eq!(parse_size("m", "4MiB").unwrap(), 4 << 20);
         assert_eq!(parse_size("m", "512KiB").unwrap(), 512 << 10);
         assert_eq!(parse_size("m", "70000").unwrap(), 70000);
+        assert_eq!(parse_size("m", "4mb").unwrap(), 4 << 20);
+        assert_eq!(parse_size("m", "4MB").unwrap(), 4 << 20);
         assert!(parse_size("m", "12XB").is_err());
     }
 }

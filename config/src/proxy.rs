@@ -52,29 +52,20 @@ pub struct ProxyFlags {
     /// comma-separated; replaces the file's gateways.
     #[arg(long, value_name = "GATEWAY")]
     pub gateway: Vec<String>,
-    /// Admin HTTP endpoint (/healthz, /readyz, /metrics, /api/gateways), or `off`.
-    /// Default 127.0.0.1:9900.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", help = format!("Admin HTTP endpoint (/healthz, /readyz, /metrics, /api/gateways), or `off`. Default {}.", crate::defaults::proxy::ADMIN))]
     pub admin: Option<String>,
     /// Health check kind. auto = http where a gateway has a health address, else tcp.
     #[arg(long, value_enum)]
     pub health: Option<HealthCheck>,
-    /// Time between two probes of one gateway (jittered by up to 10%). Default 1s.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", help = format!("Time between two probes of one gateway (jittered by up to 10%). Default {}.", crate::defaults::show(crate::defaults::proxy::HEALTH_INTERVAL)))]
     pub health_interval: Option<String>,
-    /// Deadline of one probe; must be shorter than the interval. Default: half the
-    /// interval, at most 500ms.
-    #[arg(long, value_name = "DURATION")]
+    #[arg(long, value_name = "DURATION", help = format!("Deadline of one probe; must be shorter than the interval. Default: half the interval, at most {}.", crate::defaults::show(crate::defaults::proxy::HEALTH_TIMEOUT_MAX)))]
     pub health_timeout: Option<String>,
-    /// Path of the http probe. Default /healthz (a gateway's /readyz also reports its
-    /// sessions, and answers 503 while it drains).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help = format!("Path of the http probe. Default {} (a gateway's /readyz also reports its sessions, and answers 503 while it drains).", crate::defaults::proxy::HEALTH_PATH))]
     pub health_path: Option<String>,
-    /// Consecutive successful probes that mark a down gateway up. Default 2.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!("Consecutive successful probes that mark a down gateway up. Default {}.", crate::defaults::proxy::RISE))]
     pub rise: Option<u32>,
-    /// Consecutive failed probes (or failed connects) that mark a gateway down. Default 3.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!("Consecutive failed probes (or failed connects) that mark a gateway down. Default {}.", crate::defaults::proxy::FALL))]
     pub fall: Option<u32>,
     /// Terminate mode: the proxy's certificate chain (PEM).
     #[arg(long, value_name = "FILE")]
@@ -88,9 +79,7 @@ pub struct ProxyFlags {
     /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
     #[arg(long)]
     pub allow_plain: bool,
-    /// Most device connections open at once; past it the proxy stops accepting until one
-    /// closes. Default 9500 (a session holds two descriptors).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help = format!("Most device connections open at once; past it the proxy stops accepting until one closes. Default {} (a session holds two descriptors).", crate::defaults::proxy::MAX_CONNECTIONS))]
     pub max_connections: Option<usize>,
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
@@ -219,15 +208,19 @@ struct RawListener {
     backlog: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A gateway as given, before validation ([`validate::gateway`]): from the file, a flag, or
+/// the admin API.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawGateway {
-    name: Option<String>,
-    addr: String,
-    health_addr: Option<String>,
-    weight: Option<u32>,
-    pool: Option<String>,
+pub struct GatewaySpec {
+    pub name: Option<String>,
+    pub addr: String,
+    pub health_addr: Option<String>,
+    pub weight: Option<u32>,
+    pub pool: Option<String>,
 }
+
+type RawGateway = GatewaySpec;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -262,9 +255,10 @@ struct RawUpstreamTls {
     server_name: Option<String>,
 }
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9900";
-pub const DEFAULT_POOL: &str = "default";
+use crate::defaults::proxy as defaults;
+pub use crate::defaults::proxy::{
+    ADMIN as DEFAULT_ADMIN, LISTEN as DEFAULT_LISTEN, POOL as DEFAULT_POOL,
+};
 
 impl ProxyConfig {
     /// Reads the file named by `flags.config` (if any), lays the flags over it, validates.
@@ -292,6 +286,9 @@ impl ProxyConfig {
         let gateways = gateways(&raw.gateway)?;
         let routes = routes(&raw.route, &gateways)?;
         let health = health(&raw.health)?;
+        for (i, g) in gateways.iter().enumerate() {
+            health_target(&format!("gateway[{i}]"), health.check, g)?;
+        }
         let admin = match raw.admin.as_deref().unwrap_or(DEFAULT_ADMIN) {
             "off" => None,
             text => Some(parse_addr("admin", text)?),
@@ -317,11 +314,11 @@ impl ProxyConfig {
                 "only applies in terminate mode (in passthrough the device's TLS reaches the gateway)",
             ));
         }
-        let max_connections = raw.max_connections.unwrap_or(9_500);
+        let max_connections = raw.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
         if max_connections == 0 {
             return Err(ConfigError::field("max_connections", "must be at least 1"));
         }
-        let max_client_hello = raw.max_client_hello.unwrap_or(16 * 1024);
+        let max_client_hello = raw.max_client_hello.unwrap_or(defaults::MAX_CLIENT_HELLO);
         if !(512..=65_536).contains(&max_client_hello) {
             return Err(ConfigError::field(
                 "max_client_hello",
@@ -346,7 +343,7 @@ impl ProxyConfig {
                 duration_or(
                     "handshake_timeout",
                     raw.handshake_timeout.as_deref(),
-                    Duration::from_secs(5),
+                    defaults::HANDSHAKE_TIMEOUT,
                 )?,
             )?,
             connect_timeout: positive(
@@ -354,13 +351,17 @@ impl ProxyConfig {
                 duration_or(
                     "connect_timeout",
                     raw.connect_timeout.as_deref(),
-                    Duration::from_secs(2),
+                    defaults::CONNECT_TIMEOUT,
                 )?,
             )?,
-            connect_retries: raw.connect_retries.unwrap_or(2),
+            connect_retries: raw.connect_retries.unwrap_or(defaults::CONNECT_RETRIES),
             max_client_hello,
-            slow_start: duration_or("slow_start", raw.slow_start.as_deref(), Duration::ZERO)?,
-            grace: duration_or("grace", raw.grace.as_deref(), Duration::from_secs(10))?,
+            slow_start: duration_or(
+                "slow_start",
+                raw.slow_start.as_deref(),
+                defaults::SLOW_START,
+            )?,
+            grace: duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?,
             threads: raw.threads,
             log_format: raw.log_format.unwrap_or_default(),
         })
@@ -385,6 +386,8 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
         raw.listener.iter_mut().for_each(|l| l.allow_plain = true);
     }
     if !f.gateway.is_empty() {
+        // The file's routes name the file's pools: with its gateways replaced, they go too.
+        raw.route.clear();
         raw.gateway = f
             .gateway
             .iter()
@@ -436,8 +439,8 @@ fn set<T>(slot: &mut Option<T>, flag: Option<T>) {
     }
 }
 
-mod validate;
-use validate::{gateways, health, listeners, parse_gateway_flag, positive, routes};
+pub mod validate;
+use validate::{gateways, health, health_target, listeners, parse_gateway_flag, positive, routes};
 
 #[cfg(test)]
 mod tests;

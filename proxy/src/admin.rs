@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wasmbed_config::{GatewayConfig, HealthConfig};
+use wasmbed_config::HealthConfig;
 
 use crate::balancer::{Gateway, GatewaySet};
 
@@ -131,30 +131,20 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
             ));
         }
     };
-    let address = match wasmbed_config::check_endpoint("address", &new.address) {
-        Ok(a) => a,
+    // The same validation as a gateway of the config file.
+    let spec = wasmbed_config::proxy::GatewaySpec {
+        name: Some(new.name.clone()),
+        addr: new.address,
+        health_addr: new.health_address,
+        weight: new.weight,
+        pool: new.pool,
+    };
+    let config = match wasmbed_config::proxy::validate::gateway("gateway", &spec).and_then(|c| {
+        wasmbed_config::proxy::validate::health_target("gateway", admin.health.check, &c)
+            .map(|()| c)
+    }) {
+        Ok(c) => c,
         Err(e) => return bad(e.to_string()),
-    };
-    let health_addr = match new
-        .health_address
-        .as_deref()
-        .map(|h| wasmbed_config::check_endpoint("health_address", h))
-    {
-        Some(Err(e)) => return bad(e.to_string()),
-        other => other.and_then(Result::ok),
-    };
-    let weight = new.weight.unwrap_or(1);
-    if new.name.is_empty() || !(1..=1000).contains(&weight) {
-        return bad("a name and a weight between 1 and 1000 are needed".into());
-    }
-    let config = GatewayConfig {
-        name: new.name.clone(),
-        addr: address,
-        health_addr,
-        weight,
-        pool: new
-            .pool
-            .unwrap_or_else(|| wasmbed_config::proxy::DEFAULT_POOL.to_string()),
     };
     match admin.gateways.add(&config) {
         Some(g) => {

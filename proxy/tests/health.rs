@@ -175,10 +175,20 @@ async fn a_gateway_added_under_load_takes_the_new_sessions() {
         409,
         "names are unique"
     );
-    let (bad, _) = proxy
-        .admin_post("/api/gateways", r#"{"name":"d","address":"nowhere"}"#)
-        .await;
-    assert_eq!(bad, 400);
+    // Validated as the config file's gateways are: a bad address, a name the file would
+    // refuse, a weight out of range; each answered 400 naming the field.
+    for (body, field) in [
+        (r#"{"name":"d","address":"nowhere"}"#, "gateway.addr"),
+        (r#"{"name":"a b","address":"127.0.0.1:1"}"#, "gateway.name"),
+        (
+            r#"{"name":"d","address":"127.0.0.1:1","weight":0}"#,
+            "gateway.weight",
+        ),
+    ] {
+        let (bad, text) = proxy.admin_post("/api/gateways", body).await;
+        assert_eq!(bad, 400, "{body}: {text}");
+        assert!(text.contains(field), "{body}: {text}");
+    }
     let new = join_all((0..10).map(|_| device(proxy.addr))).await;
     assert_eq!(
         backends[2].live(),

@@ -51,7 +51,7 @@ fn a_flag_overrides_the_file() {
     let f = ProxyFlags {
         config: Some(path),
         rise: Some(7),
-        gateway: vec!["127.0.0.1:1234;pool=eu".into()],
+        gateway: vec!["127.0.0.1:1234;pool=eu;health=127.0.0.1:1235".into()],
         ..flags()
     };
     let c = ProxyConfig::load(&f).expect("valid");
@@ -138,4 +138,54 @@ fn local_example_is_valid() {
     assert_eq!(c.gateways.len(), 3);
     assert_eq!(c.listeners[0].addr.to_string(), "127.0.0.1:8443");
     assert_eq!(c.health.timeout, Duration::from_millis(125));
+}
+
+#[test]
+fn http_checks_need_a_health_address_on_every_gateway() {
+    let e = ProxyConfig::from_toml(
+        "[health]\ncheck = \"http\"\n[[gateway]]\nname = \"a\"\naddr = \"127.0.0.1:9000\"\nhealth_addr = \"127.0.0.1:9100\"\n[[gateway]]\nname = \"b\"\naddr = \"127.0.0.1:9001\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("gateway[1].health_addr") && e.contains("\"b\""),
+        "{e}"
+    );
+    // `auto` probes that one over tcp instead.
+    assert!(
+        ProxyConfig::from_toml(
+            "[health]\ncheck = \"auto\"\n[[gateway]]\naddr = \"127.0.0.1:9001\""
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn gateway_flags_replace_the_files_gateways_and_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "[[gateway]]\nname = \"eu\"\naddr = \"127.0.0.1:9000\"\npool = \"eu\"\n[[gateway]]\naddr = \"127.0.0.1:9002\"\n[[route]]\nsni = \"*.eu.example\"\npool = \"eu\"",
+    )
+    .unwrap();
+    let f = ProxyFlags {
+        config: Some(path),
+        gateway: vec!["127.0.0.1:9001".into()],
+        ..flags()
+    };
+    let c = ProxyConfig::load(&f).expect("the file's routes go with its gateways");
+    assert_eq!(c.gateways.len(), 1);
+    assert!(c.routes.is_empty());
+}
+
+#[test]
+fn gateway_names_and_pools_are_bounded() {
+    let long = "g".repeat(65);
+    let e = ProxyConfig::from_toml(&format!(
+        "[[gateway]]\nname = \"{long}\"\naddr = \"127.0.0.1:9000\""
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("gateway[0].name"), "{e}");
 }

@@ -1,5 +1,6 @@
 //! Validation of the proxy's raw config: each field checked, each problem naming its field.
 
+use crate::defaults::proxy as defaults;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -67,7 +68,7 @@ pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigErr
                 addr,
                 allow_plain: l.allow_plain,
                 reuse_port: l.reuse_port,
-                backlog: l.backlog.unwrap_or(4096),
+                backlog: l.backlog.unwrap_or(defaults::BACKLOG),
             })
         })
         .collect()
@@ -84,45 +85,81 @@ pub(super) fn gateways(raw: &[RawGateway]) -> Result<Vec<GatewayConfig>, ConfigE
     raw.iter()
         .enumerate()
         .map(|(i, g)| {
-            let addr = check_endpoint(&format!("gateway[{i}].addr"), &g.addr)?;
-            let name = g.name.clone().unwrap_or_else(|| addr.clone());
-            let valid_name = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.:[]".contains(c));
-            if !valid_name {
+            let field = format!("gateway[{i}]");
+            let config = gateway(&field, g)?;
+            if !names.insert(config.name.clone()) {
                 return Err(ConfigError::field(
-                    format!("gateway[{i}].name"),
-                    format!("{name:?}: use letters, digits, '-', '_', '.', ':'"),
+                    format!("{field}.name"),
+                    format!("{:?} is used twice", config.name),
                 ));
             }
-            if !names.insert(name.clone()) {
-                return Err(ConfigError::field(
-                    format!("gateway[{i}].name"),
-                    format!("{name:?} is used twice"),
-                ));
-            }
-            let health_addr = g
-                .health_addr
-                .as_deref()
-                .map(|h| check_endpoint(&format!("gateway[{i}].health_addr"), h))
-                .transpose()?;
-            let weight = g.weight.unwrap_or(1);
-            if !(1..=1000).contains(&weight) {
-                return Err(ConfigError::field(
-                    format!("gateway[{i}].weight"),
-                    "must be between 1 and 1000",
-                ));
-            }
-            Ok(GatewayConfig {
-                name,
-                addr,
-                health_addr,
-                weight,
-                pool: g.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string()),
-            })
+            Ok(config)
         })
         .collect()
+}
+
+/// One gateway, validated the same way from the config file, a flag, or `POST
+/// /api/gateways`; `field` names it in errors (`gateway[2]`, or `gateway` for the API).
+pub fn gateway(field: &str, g: &GatewaySpec) -> Result<GatewayConfig, ConfigError> {
+    let addr = check_endpoint(&format!("{field}.addr"), &g.addr)?;
+    let name = g.name.clone().unwrap_or_else(|| addr.clone());
+    let valid_name = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:[]".contains(c));
+    if !valid_name {
+        return Err(ConfigError::field(
+            format!("{field}.name"),
+            format!("{name:?}: 1 to 64 of letters, digits, '-', '_', '.', ':'"),
+        ));
+    }
+    let health_addr = g
+        .health_addr
+        .as_deref()
+        .map(|h| check_endpoint(&format!("{field}.health_addr"), h))
+        .transpose()?;
+    let weight = g.weight.unwrap_or(defaults::WEIGHT);
+    if !(1..=1000).contains(&weight) {
+        return Err(ConfigError::field(
+            format!("{field}.weight"),
+            "must be between 1 and 1000",
+        ));
+    }
+    let pool = g.pool.clone().unwrap_or_else(|| DEFAULT_POOL.to_string());
+    if pool.is_empty() || pool.len() > 64 {
+        return Err(ConfigError::field(
+            format!("{field}.pool"),
+            "must be 1 to 64 characters",
+        ));
+    }
+    Ok(GatewayConfig {
+        name,
+        addr,
+        health_addr,
+        weight,
+        pool,
+    })
+}
+
+/// `check = "http"` probes a gateway's admin endpoint: a gateway without one cannot be
+/// probed that way (its device port does not speak HTTP).
+pub fn health_target(
+    field: &str,
+    check: HealthCheck,
+    g: &GatewayConfig,
+) -> Result<(), ConfigError> {
+    if check == HealthCheck::Http && g.health_addr.is_none() {
+        return Err(ConfigError::field(
+            format!("{field}.health_addr"),
+            format!(
+                "gateway {:?} has none, but health checks are `http` (give it one, or use `auto`: \
+                 http where there is a health address, tcp elsewhere)",
+                g.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn routes(
@@ -157,13 +194,13 @@ pub(super) fn health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
     let interval = duration_or(
         "health.interval",
         raw.interval.as_deref(),
-        Duration::from_secs(1),
+        defaults::HEALTH_INTERVAL,
     )?;
     // Without an explicit timeout, a probe gets half the interval, at most 500ms.
     let timeout = duration_or(
         "health.timeout",
         raw.timeout.as_deref(),
-        (interval / 2).min(Duration::from_millis(500)),
+        (interval / 2).min(defaults::HEALTH_TIMEOUT_MAX),
     )?;
     positive("health.interval", interval)?;
     positive("health.timeout", timeout)?;
@@ -173,15 +210,18 @@ pub(super) fn health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
             format!("{timeout:?} must be shorter than health.interval ({interval:?})"),
         ));
     }
-    let rise = raw.rise.unwrap_or(2);
-    let fall = raw.fall.unwrap_or(3);
+    let rise = raw.rise.unwrap_or(defaults::RISE);
+    let fall = raw.fall.unwrap_or(defaults::FALL);
     if rise == 0 {
         return Err(ConfigError::field("health.rise", "must be at least 1"));
     }
     if fall == 0 {
         return Err(ConfigError::field("health.fall", "must be at least 1"));
     }
-    let path = raw.path.clone().unwrap_or_else(|| "/healthz".to_string());
+    let path = raw
+        .path
+        .clone()
+        .unwrap_or_else(|| defaults::HEALTH_PATH.to_string());
     if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace()) {
         return Err(ConfigError::field(
             "health.path",
