@@ -94,6 +94,9 @@ pub fn write_dev_pki(dir: &std::path::Path, gateways: usize) -> Result<(), CertE
     })
 }
 
+/// The identity of the proxy's client certificate that `certs init` issues.
+pub const PROXY_IDENTITY: &str = "wasmbed-proxy";
+
 fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let ca_path = a.dir.join("ca.pem");
     let devices_dir = a.dir.join("devices");
@@ -112,6 +115,13 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let mut names: Vec<&str> = vec!["localhost", "127.0.0.1"];
     names.extend(a.sans.iter().map(String::as_str));
     let proxy = write_pair(&a.dir, "proxy", &ca.issue_server(&names, kind)?)?;
+    // The proxy's client certificate for TLS to the gateways ([upstream_tls] cert/key); the
+    // gateways trust it with `--proxy-identity wasmbed-proxy`.
+    let proxy_client = write_pair(
+        &a.dir,
+        "proxy-client",
+        &ca.issue_client(PROXY_IDENTITY, kind)?,
+    )?;
     let gateways = (0..a.gateways)
         .map(|i| {
             let name = format!("gateway-{i}");
@@ -131,6 +141,7 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let index = serde_json::json!({
         "ca": { "cert": ca_path, "key": a.dir.join("ca.key") },
         "proxy": proxy,
+        "proxy_client": proxy_client,
         "gateways": gateways,
         "devices": devices,
     });

@@ -92,6 +92,29 @@ fn a_missing_certificate_fails_the_start_naming_the_file() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("/nonexistent/proxy.pem"), "{err}");
+    assert!(err.contains("--tls-cert"), "the setting is named: {err}");
+}
+
+#[test]
+fn an_address_in_use_names_the_listener() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (flag, other, what) in [
+        ("--listen", "--admin", "--listen"),
+        ("--admin", "--listen", "--admin"),
+    ] {
+        let (code, _, err) = run(&[
+            "proxy",
+            flag,
+            &addr,
+            other,
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:9",
+        ]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&addr) && err.contains(what), "{err}");
+    }
 }
 
 #[test]

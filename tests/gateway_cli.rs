@@ -53,6 +53,10 @@ fn certs_init_writes_a_pki_the_gateway_starts_with() {
             .unwrap();
     assert_eq!(index["devices"].as_array().unwrap().len(), 3);
     assert_eq!(index["devices"][2]["id"], "device-0002");
+    assert!(
+        dir.path().join("proxy-client.pem").exists(),
+        "the proxy's client certificate"
+    );
     // A second init refuses to overwrite the CA.
     let again = Command::new(BIN)
         .args(["certs", "init", "--dir", d])

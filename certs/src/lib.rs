@@ -30,6 +30,12 @@ pub enum CertError {
     ClientCa(String),
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A file problem, with the setting that named the file.
+    #[error("{setting}: {source}")]
+    Setting {
+        setting: &'static str,
+        source: Box<CertError>,
+    },
     #[error("{path}: {source}")]
     Write {
         path: PathBuf,

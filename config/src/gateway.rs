@@ -37,6 +37,12 @@ pub struct GatewayFlags {
     /// network. Devices then present no certificate.
     #[arg(long)]
     pub insecure_plaintext: bool,
+    /// With TLS: a client certificate identity (its common name) that belongs to a
+    /// terminating proxy. Its sessions may name any device in HELLO: the proxy verified the
+    /// device's certificate and checked HELLO against it. Repeatable. Any other client must
+    /// name its own certificate's device.
+    #[arg(long, value_name = "NAME")]
+    pub proxy_identity: Vec<String>,
     #[arg(long, value_name = "DURATION", help = format!("Deadline of one application call. Default {}.", crate::defaults::show(crate::defaults::gateway::CALL_TIMEOUT)))]
     pub call_timeout: Option<String>,
     #[arg(long, value_name = "SIZE", help = format!("Linear memory cap of one application instance, in bytes (suffixes KiB, MiB, GiB; any case). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_MEMORY)))]
@@ -69,6 +75,8 @@ struct RawGateway {
     client_ca: Option<PathBuf>,
     #[serde(default)]
     insecure_plaintext: bool,
+    #[serde(default)]
+    proxy_identity: Vec<String>,
     call_timeout: Option<String>,
     max_memory: Option<String>,
     idle_timeout: Option<String>,
@@ -85,6 +93,9 @@ pub struct GatewayTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: PathBuf,
+    /// Client certificate identities (from the same CA) of terminating proxies: a session
+    /// from one of them may name any device in HELLO, because that proxy checked it.
+    pub proxy_identities: Vec<String>,
 }
 
 /// The validated configuration `wasmbed_gateway` runs on.
@@ -157,6 +168,9 @@ impl GatewaySettings {
             log_format
         );
         raw.insecure_plaintext |= f.insecure_plaintext;
+        if !f.proxy_identity.is_empty() {
+            raw.proxy_identity = f.proxy_identity.clone();
+        }
         Self::from_raw(raw)
     }
 
@@ -176,6 +190,12 @@ impl GatewaySettings {
             raw.tls_key,
             raw.client_ca,
         ) {
+            (true, None, None, None) if !raw.proxy_identity.is_empty() => {
+                return Err(ConfigError::field(
+                    "proxy_identity",
+                    "needs TLS: without it the gateway sees no certificate to match",
+                ));
+            }
             (true, None, None, None) => None,
             (true, ..) => {
                 return Err(ConfigError::field(
@@ -187,6 +207,7 @@ impl GatewaySettings {
                 cert,
                 key,
                 client_ca,
+                proxy_identities: raw.proxy_identity.clone(),
             }),
             (false, ..) => {
                 return Err(ConfigError::field(

@@ -143,6 +143,9 @@ pub struct UpstreamTls {
     pub ca: PathBuf,
     /// Name checked against the gateway certificates. Default: the gateway's host.
     pub server_name: Option<String>,
+    /// The proxy's client certificate chain and key (PEM), for gateways that require one
+    /// (a `wasmbed gateway` with TLS does; it trusts it by `--proxy-identity`).
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// The validated configuration `wasmbed_proxy::run` takes.
@@ -253,6 +256,8 @@ struct RawTls {
 struct RawUpstreamTls {
     ca: PathBuf,
     server_name: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 use crate::defaults::proxy as defaults;
@@ -304,10 +309,23 @@ impl ProxyConfig {
                 "terminate mode needs a certificate and key (--tls-cert/--tls-key or [tls])",
             ));
         }
-        let upstream_tls = raw.upstream_tls.map(|u| UpstreamTls {
-            ca: u.ca,
-            server_name: u.server_name,
-        });
+        let upstream_tls = match raw.upstream_tls {
+            None => None,
+            Some(u) => Some(UpstreamTls {
+                ca: u.ca,
+                server_name: u.server_name,
+                client: match (u.cert, u.key) {
+                    (Some(cert), Some(key)) => Some((cert, key)),
+                    (None, None) => None,
+                    _ => {
+                        return Err(ConfigError::field(
+                            "upstream_tls",
+                            "`cert` and `key` go together (the proxy's client certificate)",
+                        ));
+                    }
+                },
+            }),
+        };
         if mode == Mode::Passthrough && upstream_tls.is_some() {
             return Err(ConfigError::field(
                 "upstream_tls",

@@ -32,8 +32,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
+        /// Which listener: device sessions (--listen) or admin (--admin).
+        what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -83,14 +85,14 @@ impl Gateway {
             }
             None => None,
         };
-        let bind = |addr: SocketAddr| async move {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| GatewayError::Bind { addr, source })
+                .map_err(|source| GatewayError::Bind { what, addr, source })
         };
-        let listener = bind(settings.listen).await?;
+        let listener = bind(settings.listen, "device sessions, --listen").await?;
         let admin = match settings.admin {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind(a, "admin, --admin").await?),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -151,7 +153,7 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             metrics::handle();
             ::metrics::counter!(metrics::SESSIONS_TOTAL).increment(1);
-            let span = tracing::info_span!("session", %peer, device = tracing::field::Empty, app = tracing::field::Empty);
+            let span = tracing::info_span!("session", %peer, proxy = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);
             sessions.spawn(accept(shared.clone(), stream, self.tls.clone()).instrument(span));
         }
         drop(self.listener);
@@ -184,6 +186,8 @@ async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<TlsAcceptor>
                 Ok(Err(e)) => {
                     ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "handshake")
                         .increment(1);
+                    // Often a device with a bad certificate; at warn it would let any
+                    // client fill the log, so debug, and counted.
                     tracing::debug!(error = %e, "TLS handshake refused");
                     return;
                 }
@@ -198,6 +202,19 @@ async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<TlsAcceptor>
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(wasmbed_certs::peer_identity);
+            // A terminating proxy's certificate speaks for the devices behind it.
+            let proxies = shared
+                .settings
+                .tls
+                .as_ref()
+                .map_or(&[][..], |t| &t.proxy_identities[..]);
+            let identity = match identity {
+                Some(id) if proxies.contains(&id) => {
+                    tracing::Span::current().record("proxy", id.as_str());
+                    None
+                }
+                other => other,
+            };
             session::serve(shared, tls, identity, drain).await;
         }
     }

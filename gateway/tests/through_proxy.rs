@@ -4,7 +4,7 @@
 mod support;
 
 use support::*;
-use wasmbed_config::{GatewayConfig, Mode, ProxyConfig, TerminateTls};
+use wasmbed_config::{GatewayConfig, Mode, ProxyConfig, TerminateTls, UpstreamTls};
 use wasmbed_proxy::Proxy;
 
 fn proxy_config(gateway: std::net::SocketAddr, health: std::net::SocketAddr) -> ProxyConfig {
@@ -62,4 +62,83 @@ async fn terminate_tls_ends_at_the_proxy_with_a_plaintext_link() {
         d.data(b"through the proxy").await.body,
         b"through the proxy"
     );
+}
+
+/// Terminate mode with TLS on the link too: the proxy presents its client certificate, the
+/// gateway trusts that identity (`--proxy-identity`) to speak for the devices it checked.
+/// Without the client certificate the link fails; the proxy says so and counts it.
+#[tokio::test]
+async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
+    let pki = Pki::new();
+    let proxy_client = pki
+        .ca
+        .issue_client("wasmbed-proxy", wasmbed_certs::pki::KeyKind::EcdsaP256)
+        .unwrap();
+    std::fs::write(pki.path("proxy-client.pem"), &proxy_client.cert_pem).unwrap();
+    std::fs::write(pki.path("proxy-client.key"), &proxy_client.key_pem).unwrap();
+    let mut s = settings(Some(&pki));
+    if let Some(tls) = s.tls.as_mut() {
+        tls.proxy_identities = vec!["wasmbed-proxy".into()];
+    }
+    let gw = start(s).await;
+    let config = |client: bool| {
+        let mut c = proxy_config(gw.addr, gw.admin);
+        c.mode = Mode::Terminate;
+        c.tls = Some(TerminateTls {
+            cert: pki.path("gw.pem"),
+            key: pki.path("gw.key"),
+            client_ca: Some(pki.path("ca.pem")),
+        });
+        c.upstream_tls = Some(UpstreamTls {
+            ca: pki.path("ca.pem"),
+            server_name: Some("localhost".into()),
+            client: client.then(|| (pki.path("proxy-client.pem"), pki.path("proxy-client.key"))),
+        });
+        c
+    };
+    let proxy = start_proxy(config(true)).await;
+    let mut d = tls_device(proxy, pki.device("device-0003", Some(&pki.ca)))
+        .await
+        .unwrap();
+    d.open("device-0003", "echo").await;
+    assert_eq!(d.data(b"both legs TLS").await.body, b"both legs TLS");
+    // The proxy still refuses a HELLO naming another device: the gateway relies on that.
+    let mut other = tls_device(proxy, pki.device("device-0004", Some(&pki.ca)))
+        .await
+        .unwrap();
+    let f = other.hello("device-0003", "echo").await;
+    assert_eq!(
+        error_code(&f),
+        wasmbed_protocol::ErrorCode::IdentityMismatch as u16
+    );
+
+    // Without its client certificate the gateway refuses the link.
+    let proxy = start_proxy(config(false)).await;
+    let mut d = tls_device(proxy, pki.device("device-0005", Some(&pki.ca)))
+        .await
+        .unwrap();
+    d.send(wasmbed_protocol::Frame::control(
+        wasmbed_protocol::Kind::Hello,
+        0,
+        &wasmbed_protocol::Hello {
+            device: "device-0005".into(),
+            app: "echo".into(),
+            resume: None,
+        },
+    ))
+    .await
+    .unwrap();
+    assert!(
+        d.recv().await.is_none(),
+        "closed: the link could not be made"
+    );
+    // One process, one global metrics recorder: the gateway's, installed first; the
+    // proxy's counters land in it too.
+    let metrics = wasmbed_gateway::metrics::handle().render();
+    let m = wasmbed_testkit::Metrics::parse(&metrics);
+    assert!(
+        m.series("wasmbed_proxy_upstream_tls_failures_total{gateway=\"gw-test\"}") >= 1.0,
+        "{metrics}"
+    );
+    assert!(m.series("wasmbed_proxy_connections_rejected_total{reason=\"upstream_tls\"}") >= 1.0);
 }

@@ -46,8 +46,10 @@ pub use balancer::{Gateway, GatewaySet, Lease};
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
+        /// Which listener: `devices` or `admin` (the flag that sets it: --listen, --admin).
+        what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -72,6 +74,7 @@ impl Proxy {
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let bound = listener::bind(l).map_err(|source| ProxyError::Bind {
+                what: "devices, --listen",
                 addr: l.addr,
                 source,
             })?;
@@ -80,11 +83,17 @@ impl Proxy {
             listeners.push((Arc::new(l), bound));
         }
         let admin = match config.admin {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ProxyError::Bind { addr, source })?,
-            ),
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ProxyError::Bind {
+                            what: "admin, --admin",
+                            addr,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         // Load certificates now, so a bad file fails the start, not the first device.
@@ -192,13 +201,15 @@ pub(crate) type TlsSetup = (
 fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
     let acceptor = match (&config.mode, &config.tls) {
         (wasmbed_config::Mode::Terminate, Some(tls)) => {
-            let chain = wasmbed_certs::load_certs(&tls.cert)?;
-            let key = wasmbed_certs::load_key(&tls.key)?;
+            let chain =
+                wasmbed_certs::load_certs(&tls.cert).map_err(setting("tls.cert (--tls-cert)"))?;
+            let key = wasmbed_certs::load_key(&tls.key).map_err(setting("tls.key (--tls-key)"))?;
             let client_ca = tls
                 .client_ca
                 .as_deref()
                 .map(wasmbed_certs::load_certs)
-                .transpose()?;
+                .transpose()
+                .map_err(setting("tls.client_ca (--client-ca)"))?;
             let server = wasmbed_certs::server_config(chain, key, client_ca.as_deref(), &[])?;
             Some(tokio_rustls::TlsAcceptor::from(server))
         }
@@ -206,14 +217,29 @@ fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
     };
     let connector = match &config.upstream_tls {
         Some(up) => {
-            let ca = wasmbed_certs::load_certs(&up.ca)?;
+            let ca = wasmbed_certs::load_certs(&up.ca).map_err(setting("upstream_tls.ca"))?;
+            let client = match &up.client {
+                Some((cert, key)) => Some((
+                    wasmbed_certs::load_certs(cert).map_err(setting("upstream_tls.cert"))?,
+                    wasmbed_certs::load_key(key).map_err(setting("upstream_tls.key"))?,
+                )),
+                None => None,
+            };
             Some(tokio_rustls::TlsConnector::from(
-                wasmbed_certs::client_config(&ca, None)?,
+                wasmbed_certs::client_config(&ca, client)?,
             ))
         }
         None => None,
     };
     Ok((acceptor, connector))
+}
+
+/// Names the setting a certificate or key file came from in its error.
+fn setting(name: &'static str) -> impl Fn(wasmbed_certs::CertError) -> wasmbed_certs::CertError {
+    move |e| wasmbed_certs::CertError::Setting {
+        setting: name,
+        source: Box::new(e),
+    }
 }
 
 /// Binds and serves `config` until `shutdown` (see [`Proxy`]).

@@ -245,31 +245,46 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     let pool = pool_for(ctx, sni.as_deref());
     let (lease, gateway) = connect(ctx, pool).await?;
+    let upstream_tls_failed = |e: &dyn std::fmt::Display| {
+        let gateway = &lease.gateway().name;
+        counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => gateway.clone()).increment(1);
+        tracing::warn!(%gateway, error = %e, "TLS with the gateway failed");
+        refused(Refusal::UpstreamTls, e)
+    };
     let mut up: Box<dyn Upstream> = match &ctx.connector {
         Some(connector) => {
             let name = upstream_name(ctx, &lease.gateway().addr);
             match connector.connect(name, gateway).await {
                 Ok(up) => Box::new(up),
-                Err(e) => {
-                    counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => lease.gateway().name.clone())
-                        .increment(1);
-                    tracing::warn!(gateway = %lease.gateway().name, error = %e, "TLS handshake with the gateway failed");
-                    return Err(refused(Refusal::UpstreamTls, e));
-                }
+                Err(e) => return Err(upstream_tls_failed(&e)),
             }
         }
         None => Box::new(gateway),
     };
+    // HELLO goes first and the gateway's first answer comes back before the streams are
+    // spliced: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
+    // refused only after the client's side of the handshake is done) is seen here, named,
+    // and counted, instead of being a session that just closes.
     let moved = Counted::default();
+    let mut answer = vec![0u8; 4096];
+    let exchange = async {
+        up.write_all(&first).await?;
+        up.read(&mut answer).await
+    };
+    let answered = match tokio::time::timeout(ctx.config.handshake_timeout, exchange).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) if is_tls_error(&e) => return Err(upstream_tls_failed(&e)),
+        Ok(Err(e)) => return Err(refused(Refusal::GatewayError, e)),
+        Err(_) => return Err(refused(Refusal::GatewayError, "no answer to HELLO in time")),
+    };
+    moved.up.fetch_add(first.len() as u64, Ordering::Relaxed);
+    drop(first);
     let result = async {
-        up.write_all(&first)
+        tls.write_all(&answer[..answered])
             .await
-            .map_err(|error| forward::Failure {
-                gateway: true,
-                error,
-            })?;
-        moved.up.fetch_add(first.len() as u64, Ordering::Relaxed);
-        drop(first);
+            .map_err(forward::Failure::device)?;
+        moved.down.fetch_add(answered as u64, Ordering::Relaxed);
+        drop(answer);
         // Buffered copying does not say which side failed: not counted against the gateway.
         let f = forward::streams(&mut tls, &mut up)
             .await
@@ -365,6 +380,12 @@ where
 /// The connection to a gateway in terminate mode: plain TCP, or TLS (`[upstream_tls]`).
 trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
+
+/// Whether an I/O error is rustls' (an alert, a certificate problem).
+fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+}
 
 fn tls_reason(e: &io::Error) -> Refusal {
     let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());

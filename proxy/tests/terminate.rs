@@ -266,6 +266,7 @@ async fn the_link_to_the_gateway_can_be_tls_too() {
     c.upstream_tls = Some(UpstreamTls {
         ca: pki.ca_path.clone(),
         server_name: Some("gateway.internal".into()),
+        client: None,
     });
     let proxy = start(c).await;
     let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), false)).await;
