@@ -114,7 +114,10 @@ pub struct GatewayConfig {
 /// Sends devices whose SNI matches `sni` (exact, or `*.suffix`) to the gateways of `pool`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
-    pub sni: String,
+    /// A host name, or `*.suffix`; `None`: any SNI (or none).
+    pub sni: Option<String>,
+    /// An ALPN protocol the device must offer; `None`: any.
+    pub alpn: Option<String>,
     pub pool: String,
 }
 
@@ -228,7 +231,8 @@ type RawGateway = GatewaySpec;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    sni: String,
+    sni: Option<String>,
+    alpn: Option<String>,
     pool: String,
 }
 

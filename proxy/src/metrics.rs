@@ -32,6 +32,7 @@ pub const HANDSHAKE: &str = "wasmbed_proxy_handshake_duration_seconds";
 pub const CONNECT: &str = "wasmbed_proxy_connect_duration_seconds";
 pub const DEVICES: &str = "wasmbed_proxy_authenticated_devices_total";
 pub const ROUTED: &str = "wasmbed_proxy_routed_total";
+pub const SESSIONS_BY_ALPN: &str = "wasmbed_proxy_sessions_by_alpn_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -111,6 +112,10 @@ fn describe() {
         "Sessions whose device presented a verified client certificate."
     );
     describe_counter!(ROUTED, "Sessions routed to a gateway pool, by pool.");
+    describe_counter!(
+        SESSIONS_BY_ALPN,
+        "Device connections by the ALPN protocol offered: the routes' protocols, wasmbed/1, none, other."
+    );
 }
 
 /// Renders the Prometheus text, after refreshing the live per-gateway gauges.

@@ -38,6 +38,7 @@ pub struct Context {
     pub meters: Meters,
     /// Sessions routed by each of `config.routes`, then by the default pool.
     pub routed: Vec<metrics::Counter>,
+    pub alpn: AlpnCounts,
 }
 
 impl Context {
@@ -54,7 +55,9 @@ impl Context {
             .chain([wasmbed_config::proxy::DEFAULT_POOL.to_string()])
             .map(|pool| counter!(ROUTED, "pool" => pool))
             .collect();
+        let alpn = AlpnCounts::new(&config.routes);
         Context {
+            alpn,
             config,
             gateways,
             acceptor,
@@ -137,17 +140,19 @@ async fn passthrough(
                 })??,
         }
     };
-    let sni = match hello {
-        Some(ClientHello { sni, .. }) => sni,
-        None if listener.allow_plain => None,
+    let (sni, alpn) = match hello {
+        Some(ClientHello { sni, alpn, .. }) => (sni, alpn),
+        None if listener.allow_plain => (None, Vec::new()),
         None => return Err(refused(Refusal::NotTls, "plain TCP on a TLS listener")),
     };
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     if let Some(name) = &sni {
         tracing::Span::current().record("sni", name.as_str());
     }
+    ctx.alpn.count(&alpn);
     // Boxed: the connect state is only needed for a moment, so idle sessions do not carry it.
-    let pool = pool_for(ctx, sni.as_deref());
+    let pool = pool_for(ctx, sni.as_deref(), &alpn);
+    drop(alpn);
     let (lease, mut gateway) = Box::pin(connect(ctx, pool)).await?;
     // The hello is at most `max_client_hello` bytes: a fresh socket's buffer takes it at once.
     gateway
@@ -243,7 +248,9 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     )
     .await
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
-    let pool = pool_for(ctx, sni.as_deref());
+    // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
+    ctx.alpn.count(&[]);
+    let pool = pool_for(ctx, sni.as_deref(), &[]);
     let (lease, gateway) = connect(ctx, pool).await?;
     let upstream_tls_failed = |e: &dyn std::fmt::Display| {
         let gateway = &lease.gateway().name;
@@ -469,10 +476,11 @@ impl Counted {
     }
 }
 
-/// The pool a device goes to: the first route its SNI matches, else the default pool.
-fn pool_for<'a>(ctx: &'a Context, sni: Option<&str>) -> &'a str {
+/// The pool a device goes to: the first route its SNI and offered ALPN protocols match, else
+/// the default pool.
+fn pool_for<'a>(ctx: &'a Context, sni: Option<&str>, alpn: &[Vec<u8>]) -> &'a str {
     let routes = &ctx.config.routes;
-    let matched = sni.and_then(|sni| routes.iter().position(|r| route_matches(r, sni)));
+    let matched = routes.iter().position(|r| route_matches(r, sni, alpn));
     let index = matched.unwrap_or(routes.len());
     if let Some(counter) = ctx.routed.get(index) {
         counter.increment(1);
@@ -482,13 +490,71 @@ fn pool_for<'a>(ctx: &'a Context, sni: Option<&str>) -> &'a str {
     })
 }
 
-/// Whether `sni` matches a route: exactly, or under its `*.suffix`.
-pub fn route_matches(route: &RouteConfig, sni: &str) -> bool {
-    match route.sni.strip_prefix("*.") {
-        Some(suffix) => sni
-            .strip_suffix(suffix)
-            .is_some_and(|head| head.ends_with('.') && head.len() > 1),
-        None => route.sni == sni,
+/// Whether a device matches a route: its SNI equals the route's or lies under its
+/// `*.suffix` (when the route names one), and it offers the route's ALPN protocol (when the
+/// route names one).
+pub fn route_matches(route: &RouteConfig, sni: Option<&str>, alpn: &[Vec<u8>]) -> bool {
+    let sni_ok = match (route.sni.as_deref(), sni) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(pattern), Some(sni)) => match pattern.strip_prefix("*.") {
+            Some(suffix) => sni
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            None => pattern == sni,
+        },
+    };
+    let alpn_ok = route
+        .alpn
+        .as_deref()
+        .is_none_or(|want| alpn.iter().any(|p| p == want.as_bytes()));
+    sni_ok && alpn_ok
+}
+
+/// Sessions by the ALPN protocol the device offered: a closed label set (the protocols the
+/// routes name, `wasmbed/1`, `none`, `other`), each counter registered once.
+pub struct AlpnCounts {
+    known: Vec<(Vec<u8>, metrics::Counter)>,
+    none: metrics::Counter,
+    other: metrics::Counter,
+}
+
+/// The ALPN protocol of the device session protocol.
+pub const WASMBED_ALPN: &str = "wasmbed/1";
+
+impl AlpnCounts {
+    fn new(routes: &[RouteConfig]) -> AlpnCounts {
+        let mut names: Vec<&str> = vec![WASMBED_ALPN];
+        for r in routes {
+            if let Some(a) = r.alpn.as_deref()
+                && !names.contains(&a)
+            {
+                names.push(a);
+            }
+        }
+        let counter = |label: String| counter!(crate::metrics::SESSIONS_BY_ALPN, "alpn" => label);
+        AlpnCounts {
+            known: names
+                .into_iter()
+                .map(|n| (n.as_bytes().to_vec(), counter(n.to_string())))
+                .collect(),
+            none: counter("none".into()),
+            other: counter("other".into()),
+        }
+    }
+
+    /// Counts one session by the first offered protocol that has a label of its own.
+    fn count(&self, offered: &[Vec<u8>]) {
+        if offered.is_empty() {
+            return self.none.increment(1);
+        }
+        let known = offered
+            .iter()
+            .find_map(|p| self.known.iter().find(|(name, _)| name == p));
+        match known {
+            Some((_, c)) => c.increment(1),
+            None => self.other.increment(1),
+        }
     }
 }
 

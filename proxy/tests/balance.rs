@@ -122,3 +122,58 @@ async fn no_gateway_left_turns_the_device_away_and_counts_it() {
     let reason = "wasmbed_proxy_connections_rejected_total{reason=\"gateway_unreachable\"}";
     assert_eq!(proxy.metric(reason).await, 1.0);
 }
+
+/// Routes send a device to a pool by its SNI, its offered ALPN protocol, or both; the
+/// first matching route wins; the rest go to `default`. Sessions are counted by ALPN.
+#[tokio::test]
+async fn routes_match_sni_and_alpn() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backends = futures_util::future::join_all((0..3).map(|_| Backend::spawn())).await;
+    let mut gws = vec![
+        backends[0].gateway("eu"),
+        backends[1].gateway("mqtt"),
+        backends[2].gateway("main"),
+    ];
+    gws[0].pool = "eu".into();
+    gws[1].pool = "mqtt".into();
+    let mut c = config(gws);
+    c.routes = wasmbed_config::ProxyConfig::from_toml(
+        "[[gateway]]\naddr = \"127.0.0.1:1\"\npool = \"eu\"\n[[gateway]]\naddr = \"127.0.0.1:2\"\npool = \"mqtt\"\n\
+         [[route]]\nsni = \"*.eu.example\"\npool = \"eu\"\n[[route]]\nalpn = \"mqtt\"\npool = \"mqtt\"",
+    )
+    .unwrap()
+    .routes;
+    let proxy = start(c).await;
+    let mut held = Vec::new();
+    for (sni, alpn, backend) in [
+        ("d1.eu.example", &["wasmbed/1"][..], 0),
+        ("d2.eu.example", &["mqtt"][..], 0), // the first route wins
+        ("d3.us.example", &["mqtt", "h2"][..], 1),
+        ("d4.us.example", &["h2"][..], 2),
+        ("d5.us.example", &[][..], 2),
+    ] {
+        let hello = client_hello_alpn(sni, alpn);
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&hello).await.unwrap();
+        let mut back = vec![0u8; hello.len()];
+        s.read_exact(&mut back).await.unwrap();
+        held.push(s);
+        until(Duration::from_secs(2), sni, || {
+            backends[backend].accepted() >= 1
+        })
+        .await;
+    }
+    assert_eq!(
+        backends.iter().map(Backend::accepted).collect::<Vec<_>>(),
+        vec![2, 1, 2]
+    );
+    for (alpn, n) in [
+        ("wasmbed/1", 1.0),
+        ("mqtt", 2.0),
+        ("other", 1.0),
+        ("none", 1.0),
+    ] {
+        let series = format!("wasmbed_proxy_sessions_by_alpn_total{{alpn=\"{alpn}\"}}");
+        assert_eq!(proxy.metric(&series).await, n, "{series}");
+    }
+}

@@ -175,15 +175,33 @@ pub(super) fn routes(
                     format!("no gateway is in pool {:?}", r.pool),
                 ));
             }
-            let sni = r.sni.trim().to_ascii_lowercase();
-            if sni.is_empty() || sni[sni.starts_with("*.") as usize * 2..].contains('*') {
+            let sni = r.sni.as_deref().map(|s| s.trim().to_ascii_lowercase());
+            if let Some(sni) = &sni
+                && (sni.is_empty() || sni[sni.starts_with("*.") as usize * 2..].contains('*'))
+            {
                 return Err(ConfigError::field(
                     format!("route[{i}].sni"),
                     "expected a host name or *.suffix",
                 ));
             }
+            let alpn = r.alpn.clone();
+            if let Some(a) = &alpn
+                && (a.is_empty() || a.len() > 255 || !a.is_ascii())
+            {
+                return Err(ConfigError::field(
+                    format!("route[{i}].alpn"),
+                    "expected a protocol name of 1 to 255 ASCII characters",
+                ));
+            }
+            if sni.is_none() && alpn.is_none() {
+                return Err(ConfigError::field(
+                    format!("route[{i}]"),
+                    "needs `sni`, `alpn`, or both",
+                ));
+            }
             Ok(RouteConfig {
                 sni,
+                alpn,
                 pool: r.pool.clone(),
             })
         })

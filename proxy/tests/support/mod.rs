@@ -276,11 +276,17 @@ impl RunningProxy {
 
 /// A real ClientHello for `sni`, as rustls sends it.
 pub fn client_hello(sni: &str) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder_with_provider(wasmbed_certs::provider())
+    client_hello_alpn(sni, &[])
+}
+
+/// A real ClientHello for `sni` offering the ALPN protocols `alpn`.
+pub fn client_hello_alpn(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    let mut config = rustls::ClientConfig::builder_with_provider(wasmbed_certs::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let mut conn =
         rustls::ClientConnection::new(Arc::new(config), sni.to_string().try_into().unwrap())
             .unwrap();
