@@ -65,11 +65,9 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     gauge!(APPS).set(shared.host.list().len() as f64);
     let handle = crate::metrics::handle();
     handle.run_upkeep();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle.render(),
-    )
-        .into_response()
+    let mut text = handle.render();
+    crate::metrics::render_app_calls(&mut text, &shared.host.list());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn list(State(shared): State<Arc<Shared>>) -> Response {

@@ -123,8 +123,10 @@ impl ResourceLimiter for SessionState {
 pub struct App {
     pub name: String,
     pub bytes: usize,
-    /// Calls of this app (registered once: counting a call is one atomic add).
-    pub calls: metrics::Counter,
+    /// Calls of this app. Kept here, not in the metrics recorder, so that `/metrics` shows a
+    /// series for every loaded app (from 0) and none for a deleted one; a replacement carries
+    /// the count over.
+    pub calls: std::sync::atomic::AtomicU64,
     pre: InstancePre<SessionState>,
     has_on_open: bool,
 }
@@ -210,7 +212,7 @@ impl Host {
         Ok(App {
             name: name.to_string(),
             bytes: bytes.len(),
-            calls: metrics::counter!(crate::metrics::CALLS, "app" => name.to_string()),
+            calls: std::sync::atomic::AtomicU64::new(0),
             has_on_open: module.get_export("on_open").is_some(),
             pre,
         })
@@ -219,6 +221,11 @@ impl Host {
     /// Adds or replaces an app; returns whether it replaced one.
     pub fn insert(&self, app: App) -> bool {
         let mut apps = self.apps.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = apps.get(&app.name) {
+            let so_far = old.calls.load(std::sync::atomic::Ordering::Relaxed);
+            app.calls
+                .fetch_add(so_far, std::sync::atomic::Ordering::Relaxed);
+        }
         apps.insert(app.name.clone(), Arc::new(app)).is_some()
     }
 

@@ -63,7 +63,6 @@ fn describe() {
     describe_counter!(SESSIONS_TOTAL, "Device connections accepted.");
     describe_counter!(FRAMES_IN, "Frames received from devices, by type.");
     describe_counter!(FRAMES_OUT, "Frames sent to devices, by type.");
-    describe_counter!(CALLS, "Application calls (on_message), by app.");
     describe_histogram!(CALL, Unit::Seconds, "Duration of one on_message call.");
     describe_counter!(
         TRAPS,
@@ -84,6 +83,24 @@ fn describe() {
         "App uploads over the admin API, by result (accepted, refused)."
     );
     describe_gauge!(APPS, "Applications loaded.");
+}
+
+/// Appends `wasmbed_gateway_app_calls_total{app}`: one series per loaded app (from 0), none
+/// for a deleted one.
+pub fn render_app_calls(text: &mut String, apps: &[std::sync::Arc<crate::host::App>]) {
+    use std::fmt::Write;
+    let mut apps: Vec<_> = apps.iter().collect();
+    apps.sort_by(|a, b| a.name.cmp(&b.name));
+    let _ = writeln!(
+        text,
+        "# HELP {CALLS} Application calls (on_message), by app."
+    );
+    let _ = writeln!(text, "# TYPE {CALLS} counter");
+    for app in apps {
+        // App names are checked at load (letters, digits, '-', '_'): no escaping needed.
+        let calls = app.calls.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(text, "{CALLS}{{app=\"{}\"}} {calls}", app.name);
+    }
 }
 
 /// Metrics the session path records into, registered once so a frame or a call costs an

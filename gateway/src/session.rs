@@ -332,7 +332,7 @@ async fn call(
     let started = Instant::now();
     let result = instance.message(data).await;
     shared.meters.call.record(started.elapsed().as_secs_f64());
-    app.calls.increment(1);
+    app.calls.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = &result {
         counter!(crate::metrics::TRAPS, "kind" => e.kind()).increment(1);
         tracing::debug!(error = %e, "application call failed");

@@ -168,3 +168,33 @@ async fn past_max_sessions_a_device_gets_unavailable() {
     );
     b.data(b"still here").await;
 }
+
+#[tokio::test]
+async fn every_loaded_app_has_a_call_counter_and_a_deleted_one_none() {
+    let gw = start(settings(None)).await;
+    let calls = |text: &str, app: &str| {
+        wasmbed_testkit::Metrics::parse(text)
+            .sum("wasmbed_gateway_app_calls_total", &[("app", app)])
+    };
+    let has_series = |text: &str, app: &str| {
+        text.contains(&format!("wasmbed_gateway_app_calls_total{{app=\"{app}\"}}"))
+    };
+    let text = http(gw.admin, "GET", "/metrics", b"").await.1;
+    for app in ["echo", "counter", "push"] {
+        assert!(has_series(&text, app), "{app} loaded by --apps: {text}");
+    }
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-1", "echo").await;
+    d.data(b"one").await;
+    d.data(b"two").await;
+    let text = http(gw.admin, "GET", "/metrics", b"").await.1;
+    assert_eq!(calls(&text, "echo"), 2.0);
+    // Replacing keeps the count; deleting removes the series.
+    assert_eq!(http(gw.admin, "PUT", "/api/apps/echo", ECHO).await.0, 200);
+    let text = http(gw.admin, "GET", "/metrics", b"").await.1;
+    assert_eq!(calls(&text, "echo"), 2.0);
+    assert_eq!(http(gw.admin, "DELETE", "/api/apps/echo", b"").await.0, 204);
+    let text = http(gw.admin, "GET", "/metrics", b"").await.1;
+    assert!(!has_series(&text, "echo"), "{text}");
+    assert!(has_series(&text, "counter"));
+}
