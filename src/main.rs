@@ -49,8 +49,10 @@ enum Command {
     /// Example: wasmbed loadtest --ca-dir pki --devices 1000 --rate 2 --duration 30s
     Loadtest(LoadtestFlags),
     /// The whole stack on this machine: a dev PKI, gateway processes, a proxy on
-    /// 127.0.0.1:8443 and a device fleet, with a live view until Ctrl-C. With --scenario,
-    /// run a failover or drain scenario, print its figures and exit (1 if a check fails).
+    /// 127.0.0.1:8443 and a device fleet, with a live view until Ctrl-C (or SIGTERM, SIGHUP: every
+    /// child stops with it, and the temporary directory is removed). With --scenario,
+    /// run the failover, drain or scale-up scenario, print its figures and exit (1 if a check
+    /// fails).
     Up(up::UpArgs),
 }
 

@@ -176,8 +176,8 @@ fn spawn_gateway(
 fn start(
     args: &UpArgs,
     dir: &Path,
-    gateways: usize,
-    certificates: usize,
+    (gateways, certificates): (usize, usize),
+    devices: usize,
 ) -> Result<(Stack, SocketAddr, SocketAddr), String> {
     crate::certs_cmd::write_dev_pki(dir, certificates).map_err(|e| e.to_string())?;
     let apps = dir.join("apps");
@@ -212,6 +212,9 @@ fn start(
             "--fall",
             "2",
         ])
+        // Room for every device, not the default 9,500 (which a low open-files limit could
+        // not hold, and the proxy would warn about).
+        .args(["--max-connections", &(devices + 64).to_string()])
         .arg("--gateway")
         .arg(gw_flags.join(","));
     if args.mode == Mode::Terminate {
@@ -264,6 +267,17 @@ pub fn run(args: UpArgs) -> ExitCode {
         eprintln!("wasmbed up: {e}");
         return ExitCode::from(2);
     }
+    // Checked before anything starts: the fleet (and the second one of scale-up) runs in
+    // this process, one connection per device.
+    let second_fleet = match scenario {
+        Some(Scenario::ScaleUp) => devices.div_ceil(gateways.saturating_sub(1).max(1)),
+        _ => 0,
+    };
+    let all_devices = devices + second_fleet;
+    if let Err(e) = wasmbed_loadtest::check_descriptors(all_devices) {
+        eprintln!("wasmbed up: {e}");
+        return ExitCode::from(2);
+    }
     if args.json.is_some() && scenario.is_none() {
         eprintln!("wasmbed up: `--json` writes a scenario's results: give `--scenario` too");
         return ExitCode::from(2);
@@ -296,7 +310,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     } else {
         gateways
     };
-    let started = start(&args, &dir, initial, gateways);
+    let started = start(&args, &dir, (initial, gateways), all_devices);
     let remove_dir = || {
         if args.dir.is_none() {
             let _ = std::fs::remove_dir_all(&dir);

@@ -155,3 +155,61 @@ fn sigkill_takes_the_children_along() {
     // Nothing could remove the directory of a killed process; the test does.
     let _ = std::fs::remove_dir_all(&up.dir);
 }
+
+/// Impossible requests are refused in one line before anything starts.
+#[test]
+fn impossible_flags_are_one_line_errors_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let d = dir.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--rate", "0"], "rate"),
+        (&["--rate", "inf"], "rate"),
+        (&["--json", "out.json"], "--scenario"),
+        (&["--devices", "0"], "--devices"),
+    ];
+    for (args, names) in cases {
+        let out = Command::new(BIN)
+            .args([
+                "up",
+                "--dir",
+                d,
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(names) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+        assert!(!dir.exists(), "{args:?}: nothing was written");
+    }
+    // More devices than this process may open connections for: refused before the stack
+    // starts (the limit is lowered for the child only).
+    let out = Command::new("prlimit")
+        .args([
+            "--nofile=300:300",
+            BIN,
+            "up",
+            "--devices",
+            "1000",
+            "--dir",
+            d,
+        ])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("1000 devices") && err.contains("ulimit"),
+        "{err}"
+    );
+    assert!(!dir.exists(), "nothing was started or written");
+}

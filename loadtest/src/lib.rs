@@ -164,18 +164,25 @@ pub struct Fleet {
     ctx: Arc<Ctx>,
 }
 
+/// Whether this process may open a connection per device (raising its soft open-files limit
+/// to the hard one first). Call it before starting anything a fleet would need.
+pub fn check_descriptors(devices: usize) -> Result<(), FleetError> {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(u64::MAX);
+    let needed = devices as u64 + 64;
+    if needed > limit {
+        return Err(FleetError::Descriptors {
+            devices,
+            needed,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 impl Fleet {
     /// Issues every device its certificate from the CA in `settings.ca_dir`.
     pub fn prepare(settings: LoadtestSettings) -> Result<Fleet, FleetError> {
-        let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(u64::MAX);
-        let needed = settings.devices as u64 + 64;
-        if needed > limit {
-            return Err(FleetError::Descriptors {
-                devices: settings.devices,
-                needed,
-                limit,
-            });
-        }
+        check_descriptors(settings.devices)?;
         let read = |name: &str| {
             let path = settings.ca_dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| wasmbed_certs::CertError::File {
