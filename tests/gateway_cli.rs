@@ -2,29 +2,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{BIN, addr_in, spawn_ready};
-
-fn frame(kind: u8, seq: u64, body: &[u8]) -> Vec<u8> {
-    let mut f = ((9 + body.len()) as u32).to_be_bytes().to_vec();
-    f.push(kind);
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.extend_from_slice(body);
-    f
-}
-
-fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 13];
-    s.read_exact(&mut head).ok()?;
-    let len = u32::from_be_bytes(head[..4].try_into().ok()?) as usize;
-    let mut body = vec![0u8; len - 9];
-    s.read_exact(&mut body).ok()?;
-    Some((head[4], body))
-}
+use wasmbed_protocol::Kind;
+use wasmbed_testkit::Device;
 
 #[test]
 fn certs_init_writes_a_pki_the_gateway_starts_with() {
@@ -110,8 +93,8 @@ fn a_bad_gateway_flag_or_missing_file_is_one_line() {
     }
 }
 
-#[test]
-fn sigterm_sends_goaway_and_exits_within_the_grace_period() {
+#[tokio::test]
+async fn sigterm_sends_goaway_and_exits_within_the_grace_period() {
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
     let (mut gw, line) = spawn_ready(
         Command::new(BIN)
@@ -119,24 +102,138 @@ fn sigterm_sends_goaway_and_exits_within_the_grace_period() {
             .args(["--admin", "off", "--apps", apps, "--grace", "5s"]),
     );
     let addr = addr_in(&line, "listen=");
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // HELLO {device: "d1", app: "echo"} (the CBOR of PROTOCOL.md's example).
-    let hello = [
-        0xa2, 0x66, b'd', b'e', b'v', b'i', b'c', b'e', 0x62, b'd', b'1', 0x63, b'a', b'p', b'p',
-        0x64, b'e', b'c', b'h', b'o',
-    ];
-    s.write_all(&frame(1, 0, &hello)).unwrap();
-    assert_eq!(read_frame(&mut s).map(|f| f.0), Some(2), "WELCOME");
+    let mut d = Device::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    d.open("d1", "echo").await;
     let started = Instant::now();
     // SAFETY: kill(2) on the child we spawned; no memory is touched.
     assert_eq!(unsafe { libc::kill(gw.id() as i32, libc::SIGTERM) }, 0);
-    assert_eq!(read_frame(&mut s).map(|f| f.0), Some(9), "GOAWAY");
-    assert!(read_frame(&mut s).is_none(), "closed after GOAWAY");
+    assert_eq!(d.recv().await.map(|f| f.kind), Some(Kind::Goaway));
+    assert!(d.recv().await.is_none(), "closed after GOAWAY");
     let status = gw.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "exited within the grace period"
     );
+}
+
+/// Logs to a file (or a pipe) carry no terminal colour codes.
+#[test]
+fn logs_off_a_terminal_are_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gateway.log");
+    let (mut gw, _) = wasmbed_testkit::spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
+            .args(["--admin", "off"])
+            .env("WASMBED_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap()),
+    )
+    .unwrap();
+    // The ready line comes before the first log line: wait (bounded) for that line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("gateway listening") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no log line: {text:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // SAFETY: kill(2) on the child we spawned; no memory is touched.
+    assert_eq!(unsafe { libc::kill(gw.id() as i32, libc::SIGTERM) }, 0);
+    gw.wait().unwrap();
+    assert!(
+        !text.contains('\x1b'),
+        "colour codes in a log file: {text:?}"
+    );
+}
+
+/// The terminate-mode identity check, through the binaries: a PKI from `certs init`, a
+/// plaintext gateway behind a terminating proxy, and two device certificates. device-0001's
+/// certificate may open a session as device-0001 only.
+#[tokio::test]
+async fn through_the_binaries_a_device_cannot_claim_another_devices_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    let init = Command::new(BIN)
+        .args([
+            "certs",
+            "init",
+            "--dir",
+            &d(""),
+            "--devices",
+            "2",
+            "--gateways",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let (mut gw, line) = spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
+            .args(["--admin", "off", "--apps", apps]),
+    );
+    let gw_addr = addr_in(&line, "listen=").to_string();
+    let proxy = support::ProxyProcess::start(
+        &[],
+        &[
+            "--mode",
+            "terminate",
+            "--tls-cert",
+            &d("proxy.pem"),
+            "--tls-key",
+            &d("proxy.key"),
+            "--client-ca",
+            &d("ca.pem"),
+            "--gateway",
+            &gw_addr,
+            "--health",
+            "tcp",
+        ],
+    );
+    let ca = wasmbed_certs::load_certs(std::path::Path::new(&d("ca.pem"))).unwrap();
+    let device = |id: &str| {
+        let chain =
+            wasmbed_certs::load_certs(std::path::Path::new(&d(&format!("devices/{id}.pem"))))
+                .unwrap();
+        let key = wasmbed_certs::load_key(std::path::Path::new(&d(&format!("devices/{id}.key"))))
+            .unwrap();
+        wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
+    };
+    let listen = proxy.listen;
+    let connect = |config| async move {
+        let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        Device::new(tls)
+    };
+    // device-0001's certificate, HELLO naming device-0000: refused by the proxy.
+    let mut thief = connect(device("device-0001")).await;
+    let answer = thief.hello("device-0000", "echo").await;
+    assert_eq!(
+        wasmbed_testkit::error_code(&answer),
+        wasmbed_protocol::ErrorCode::IdentityMismatch as u16
+    );
+    assert!(thief.recv().await.is_none(), "closed");
+    // Each certificate opens its own device's session.
+    for id in ["device-0000", "device-0001"] {
+        let mut owner = connect(device(id)).await;
+        assert_eq!(owner.open(id, "echo").await, "gateway");
+        assert_eq!(owner.data(b"mine").await.body, b"mine");
+    }
+    let refused =
+        proxy.metric("wasmbed_proxy_connections_rejected_total{reason=\"identity_mismatch\"}");
+    assert_eq!(refused, 1.0);
+    let _ = gw.kill();
+    let _ = gw.wait();
 }

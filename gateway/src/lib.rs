@@ -77,9 +77,9 @@ impl Gateway {
         }
         let tls = match &settings.tls {
             Some(t) => {
-                let chain = wasmbed_certs::load_certs(&t.cert)?;
-                let key = wasmbed_certs::load_key(&t.key)?;
-                let ca = wasmbed_certs::load_certs(&t.client_ca)?;
+                let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("--tls-cert"))?;
+                let key = wasmbed_certs::load_key(&t.key).map_err(setting("--tls-key"))?;
+                let ca = wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
                 let config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
                 Some(TlsAcceptor::from(config))
             }
@@ -172,6 +172,14 @@ impl Gateway {
         background.close();
         background.wait().await;
         Ok(())
+    }
+}
+
+/// Names the flag a certificate or key file came from in its error.
+fn setting(name: &'static str) -> impl Fn(wasmbed_certs::CertError) -> wasmbed_certs::CertError {
+    move |e| wasmbed_certs::CertError::Setting {
+        setting: name,
+        source: Box::new(e),
     }
 }
 

@@ -22,6 +22,18 @@ fn proxy_config(gateway: std::net::SocketAddr, health: std::net::SocketAddr) -> 
     c
 }
 
+/// Terminate mode in front of `gw`, with the PKI's certificate and device CA.
+fn terminating(pki: &Pki, gw: &RunningGateway) -> ProxyConfig {
+    let mut c = proxy_config(gw.addr, gw.admin);
+    c.mode = Mode::Terminate;
+    c.tls = Some(TerminateTls {
+        cert: pki.path("gw.pem"),
+        key: pki.path("gw.key"),
+        client_ca: Some(pki.path("ca.pem")),
+    });
+    c
+}
+
 async fn start_proxy(config: ProxyConfig) -> std::net::SocketAddr {
     let p = Proxy::bind(config).await.unwrap();
     let addr = p.listen_addrs()[0];
@@ -46,14 +58,7 @@ async fn passthrough_tls_ends_at_the_gateway() {
 async fn terminate_tls_ends_at_the_proxy_with_a_plaintext_link() {
     let pki = Pki::new();
     let gw = start(settings(None)).await; // --insecure-plaintext
-    let mut c = proxy_config(gw.addr, gw.admin);
-    c.mode = Mode::Terminate;
-    c.tls = Some(TerminateTls {
-        cert: pki.path("gw.pem"),
-        key: pki.path("gw.key"),
-        client_ca: Some(pki.path("ca.pem")),
-    });
-    let proxy = start_proxy(c).await;
+    let proxy = start_proxy(terminating(&pki, &gw)).await;
     let mut d = tls_device(proxy, pki.device("device-0002", Some(&pki.ca)))
         .await
         .unwrap();
@@ -82,13 +87,7 @@ async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
     }
     let gw = start(s).await;
     let config = |client: bool| {
-        let mut c = proxy_config(gw.addr, gw.admin);
-        c.mode = Mode::Terminate;
-        c.tls = Some(TerminateTls {
-            cert: pki.path("gw.pem"),
-            key: pki.path("gw.key"),
-            client_ca: Some(pki.path("ca.pem")),
-        });
+        let mut c = terminating(&pki, &gw);
         c.upstream_tls = Some(UpstreamTls {
             ca: pki.path("ca.pem"),
             server_name: Some("localhost".into()),
