@@ -60,6 +60,7 @@ async fn instantiation() {
         max_memory: 4 << 20,
         max_instances: 1000,
         max_frame: 64 << 10,
+        max_state: 16 << 10,
     })
     .unwrap();
     let app = host

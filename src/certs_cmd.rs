@@ -138,7 +138,13 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
             Ok(entry)
         })
         .collect::<Result<Vec<_>, CertError>>()?;
+    // The fleet's session key ring: every gateway gets the same file (`--session-keys`).
+    let keys_path = a.dir.join("session-keys.toml");
+    let ring = wasmbed_gateway::ticket::KeyRing::generate("k1")
+        .map_err(|_| CertError::Random("the session key"))?;
+    write(&keys_path, &ring)?;
     let index = serde_json::json!({
+        "session_keys": keys_path,
         "ca": { "cert": ca_path, "key": a.dir.join("ca.key") },
         "proxy": proxy,
         "proxy_client": proxy_client,

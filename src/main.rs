@@ -120,6 +120,19 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
         announce(&[gateway.listen_addr()], gateway.admin_addr());
         let shutdown = CancellationToken::new();
         tokio::spawn(on_signal(shutdown.clone()));
+        // SIGHUP re-reads the session key ring; live sessions are not touched.
+        let shared = gateway.shared();
+        if let Ok(mut hup) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    if let Err(e) = shared.reload_keys() {
+                        tracing::warn!(error = %e, "session keys not reloaded; the ring in use stays");
+                    }
+                }
+            });
+        }
         match gateway.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("gateway", e),

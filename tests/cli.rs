@@ -202,3 +202,23 @@ fn out_of_descriptors_the_proxy_backs_off_and_recovers() {
         "{errors} accept errors in {elapsed:.1}s: spinning"
     );
 }
+
+#[test]
+fn up_help_names_every_scenario_and_the_stop_signals() {
+    let (code, out, _) = run(&["up", "--help"]);
+    assert_eq!(code, 0);
+    for word in ["failover", "drain", "scale-up", "SIGTERM", "SIGHUP"] {
+        assert!(out.contains(word), "`up --help` lacks {word}: {out}");
+    }
+    let (code, out, _) = run(&["gateway", "--help"]);
+    assert_eq!(code, 0);
+    // Defaults in --help come from the same constants as the config.
+    for word in [
+        "Default 50ms",
+        "Default 4MiB",
+        "Default 10000",
+        "--proxy-identity",
+    ] {
+        assert!(out.contains(word), "`gateway --help` lacks {word}: {out}");
+    }
+}

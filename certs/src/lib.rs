@@ -30,6 +30,8 @@ pub enum CertError {
     ClientCa(String),
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("no randomness for {0}")]
+    Random(&'static str),
     /// A file problem, with the setting that named the file.
     #[error("{setting}: {source}")]
     Setting {

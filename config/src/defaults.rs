@@ -41,6 +41,10 @@ pub mod gateway {
     pub const GRACE: Duration = Duration::from_secs(10);
     pub const MAX_SESSIONS: u32 = 10_000;
     pub const MAX_FRAME: usize = wasmbed_protocol::DEFAULT_MAX_FRAME;
+    /// Bytes (16 KiB).
+    pub const MAX_STATE: usize = 16 << 10;
+    pub const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+    pub const CHECKPOINT: &str = "every";
 }
 
 /// A duration as the docs and `--help` write it: `1s`, `50ms`, `0s`.
@@ -107,6 +111,12 @@ pub fn gateway_documented() -> Vec<(&'static str, String)> {
         ("`--grace D`", format!("`{}`", show(GRACE))),
         ("`--max-sessions N`", format!("`{MAX_SESSIONS}`")),
         ("`--max-frame BYTES`", format!("`{MAX_FRAME}`")),
+        ("`--max-state SIZE`", format!("`{}`", show_size(MAX_STATE))),
+        (
+            "`--ticket-lifetime D`",
+            format!("`{}`", show(TICKET_LIFETIME)),
+        ),
+        ("`--checkpoint every\\|N\\|off`", format!("`{CHECKPOINT}`")),
     ]
 }
 

@@ -55,6 +55,17 @@ pub struct GatewayFlags {
     pub max_sessions: Option<u32>,
     #[arg(long, value_name = "BYTES", help = format!("Largest frame accepted, in bytes. Default {}.", crate::defaults::gateway::MAX_FRAME))]
     pub max_frame: Option<usize>,
+    /// The fleet's session key ring (TOML `[[key]] id, key` entries, `certs init` writes one):
+    /// with it, sessions are checkpointed into sealed tickets any gateway of the fleet opens.
+    /// Re-read on SIGHUP. Without it, sessions are not checkpointed and `resume` is refused.
+    #[arg(long, value_name = "FILE")]
+    pub session_keys: Option<PathBuf>,
+    #[arg(long, value_name = "SIZE", help = format!("Largest app state a checkpoint may carry (suffixes KiB, MiB). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_STATE)))]
+    pub max_state: Option<String>,
+    #[arg(long, value_name = "every|N|off", help = format!("When to send CHECKPOINT: after every REPLY, after every Nth, or never. Default {}.", crate::defaults::gateway::CHECKPOINT))]
+    pub checkpoint: Option<String>,
+    #[arg(long, value_name = "DURATION", help = format!("How long a ticket opens after it was sealed. Default {}.", crate::defaults::show(crate::defaults::gateway::TICKET_LIFETIME)))]
+    pub ticket_lifetime: Option<String>,
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -83,6 +94,10 @@ struct RawGateway {
     grace: Option<String>,
     max_sessions: Option<u32>,
     max_frame: Option<usize>,
+    session_keys: Option<PathBuf>,
+    max_state: Option<String>,
+    checkpoint: Option<String>,
+    ticket_lifetime: Option<String>,
     threads: Option<usize>,
     log_format: Option<LogFormat>,
 }
@@ -113,6 +128,12 @@ pub struct GatewaySettings {
     pub grace: Duration,
     pub max_sessions: u32,
     pub max_frame: usize,
+    /// The key ring file; `None`: no checkpoints, resumes refused.
+    pub session_keys: Option<PathBuf>,
+    pub max_state: usize,
+    /// A CHECKPOINT after every Nth REPLY; `None`: never.
+    pub checkpoint_every: Option<u32>,
+    pub ticket_lifetime: Duration,
     pub threads: Option<usize>,
     pub log_format: LogFormat,
 }
@@ -164,6 +185,10 @@ impl GatewaySettings {
             grace,
             max_sessions,
             max_frame,
+            session_keys,
+            max_state,
+            checkpoint,
+            ticket_lifetime,
             threads,
             log_format
         );
@@ -246,7 +271,36 @@ impl GatewaySettings {
                 "must be between 64 bytes and 16MiB",
             ));
         }
+        let max_state = match raw.max_state.as_deref() {
+            Some(t) => parse_size("max_state", t)?,
+            None => defaults::MAX_STATE,
+        };
+        if max_state > 1 << 20 {
+            return Err(ConfigError::field("max_state", "at most 1MiB"));
+        }
+        let checkpoint_every = match raw.checkpoint.as_deref().unwrap_or(defaults::CHECKPOINT) {
+            "every" => Some(1),
+            "off" => None,
+            n => Some(n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                ConfigError::field(
+                    "checkpoint",
+                    "`every`, `off`, or a number of REPLYs (1 or more)",
+                )
+            })?),
+        };
+        let ticket_lifetime = duration_or(
+            "ticket_lifetime",
+            raw.ticket_lifetime.as_deref(),
+            defaults::TICKET_LIFETIME,
+        )?;
+        if ticket_lifetime.is_zero() {
+            return Err(ConfigError::field("ticket_lifetime", "must be above 0"));
+        }
         Ok(GatewaySettings {
+            session_keys: raw.session_keys,
+            max_state,
+            checkpoint_every,
+            ticket_lifetime,
             listen,
             admin,
             name,

@@ -46,13 +46,17 @@ pub enum CallError {
     BadPointer,
     #[error("the host cannot make an instance now: {0}")]
     Unavailable(String),
+    #[error("the application's state is {len} bytes, over the maximum of {max}")]
+    StateTooLarge { len: usize, max: usize },
 }
 
 impl CallError {
     pub fn code(&self) -> wasmbed_protocol::ErrorCode {
         use wasmbed_protocol::ErrorCode;
         match self {
-            CallError::Trap(_) | CallError::BadPointer => ErrorCode::AppTrap,
+            CallError::Trap(_) | CallError::BadPointer | CallError::StateTooLarge { .. } => {
+                ErrorCode::AppTrap
+            }
             CallError::Timeout => ErrorCode::AppTimeout,
             CallError::Memory => ErrorCode::AppMemory,
             CallError::Unavailable(_) => ErrorCode::Unavailable,
@@ -67,6 +71,7 @@ impl CallError {
             CallError::Memory => "memory",
             CallError::BadPointer => "bad_pointer",
             CallError::Unavailable(_) => "unavailable",
+            CallError::StateTooLarge { .. } => "state_too_large",
         }
     }
 
@@ -123,6 +128,10 @@ impl ResourceLimiter for SessionState {
 pub struct App {
     pub name: String,
     pub bytes: usize,
+    /// SHA-256 of the module's bytes: tickets name the module they were sealed from.
+    pub digest: [u8; 32],
+    /// Whether it exports `snapshot` and `restore` (its state can move).
+    pub stateful: bool,
     /// Calls of this app. Kept here, not in the metrics recorder, so that `/metrics` shows a
     /// series for every loaded app (from 0) and none for a deleted one; a replacement carries
     /// the count over.
@@ -138,6 +147,8 @@ pub struct Limits {
     pub max_memory: usize,
     pub max_instances: u32,
     pub max_frame: usize,
+    /// Largest app state `snapshot` may return.
+    pub max_state: usize,
 }
 
 /// The Wasm host: engine, linker, registry.
@@ -209,9 +220,14 @@ impl Host {
             .linker
             .instantiate_pre(&module)
             .map_err(|e| AppError::Abi(format!("{e:#}")))?;
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+        let mut d = [0u8; 32];
+        d.copy_from_slice(digest.as_ref());
         Ok(App {
             name: name.to_string(),
             bytes: bytes.len(),
+            digest: d,
+            stateful: module.get_export("snapshot").is_some(),
             calls: std::sync::atomic::AtomicU64::new(0),
             has_on_open: module.get_export("on_open").is_some(),
             pre,
@@ -315,6 +331,18 @@ impl Host {
         let on_message = instance
             .get_typed_func(&mut store, "on_message")
             .map_err(|_| missing("on_message"))?;
+        let state_funcs = if app.stateful {
+            Some((
+                instance
+                    .get_typed_func(&mut store, "snapshot")
+                    .map_err(|_| missing("snapshot"))?,
+                instance
+                    .get_typed_func(&mut store, "restore")
+                    .map_err(|_| missing("restore"))?,
+            ))
+        } else {
+            None
+        };
         let on_open = if app.has_on_open {
             Some(
                 instance
@@ -330,9 +358,14 @@ impl Host {
             alloc,
             on_message,
             on_open,
+            state_funcs,
+            max_state: self.limits.max_state,
         })
     }
 }
+
+/// An app's `snapshot` and `restore`.
+type StateFuncs = (TypedFunc<(), i64>, TypedFunc<(i32, i32), ()>);
 
 /// One session's instance of an application.
 pub struct Instance {
@@ -341,6 +374,9 @@ pub struct Instance {
     alloc: TypedFunc<i32, i32>,
     on_message: TypedFunc<(i32, i32), i64>,
     on_open: Option<TypedFunc<(), ()>>,
+    /// `snapshot` and `restore`, when the app exports them.
+    state_funcs: Option<StateFuncs>,
+    max_state: usize,
 }
 
 /// What a call produced: the reply bytes and the pushes made during it.
@@ -370,9 +406,56 @@ impl Instance {
         })
     }
 
-    /// Hands one message to `on_message`.
-    pub async fn message(&mut self, data: &[u8]) -> Result<Output, CallError> {
-        let len = i32::try_from(data.len()).map_err(|_| CallError::BadPointer)?;
+    /// Whether the app can hand over its state (`snapshot`/`restore`).
+    pub fn stateful(&self) -> bool {
+        self.state_funcs.is_some()
+    }
+
+    /// The app's state, from `snapshot`, under the call deadline; at most `--max-state`
+    /// bytes. `Ok(None)`: the app keeps no state it can hand over.
+    pub async fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
+        let Some((snapshot, _)) = self.state_funcs.clone() else {
+            return Ok(None);
+        };
+        self.arm();
+        let packed = snapshot
+            .call_async(&mut self.store, ())
+            .await
+            .map_err(CallError::from_wasm)?;
+        let (ptr, len) = ((packed as u64 >> 32) as usize, packed as u32 as usize);
+        if len > self.max_state {
+            return Err(CallError::StateTooLarge {
+                len,
+                max: self.max_state,
+            });
+        }
+        let end = ptr.checked_add(len).ok_or(CallError::BadPointer)?;
+        let bytes = self
+            .memory
+            .data(&self.store)
+            .get(ptr..end)
+            .ok_or(CallError::BadPointer)?
+            .to_vec();
+        Ok(Some(bytes))
+    }
+
+    /// Gives the app a state from `snapshot` (its own or an earlier version's): written
+    /// through `alloc`, then `restore(ptr, len)`, each under the call deadline.
+    pub async fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
+        let Some((_, restore)) = self.state_funcs.clone() else {
+            return Ok(());
+        };
+        let len = i32::try_from(state.len()).map_err(|_| CallError::BadPointer)?;
+        let ptr = self.place(state, len).await?;
+        self.arm();
+        restore
+            .call_async(&mut self.store, (ptr, len))
+            .await
+            .map_err(CallError::from_wasm)
+    }
+
+    /// Writes `data` where the app's `alloc` says; returns the pointer.
+    async fn place(&mut self, data: &[u8], len: i32) -> Result<i32, CallError> {
         self.arm();
         let ptr = self
             .alloc
@@ -386,6 +469,13 @@ impl Instance {
         self.memory
             .write(&mut self.store, at, data)
             .map_err(|_| CallError::BadPointer)?;
+        Ok(ptr)
+    }
+
+    /// Hands one message to `on_message`.
+    pub async fn message(&mut self, data: &[u8]) -> Result<Output, CallError> {
+        let len = i32::try_from(data.len()).map_err(|_| CallError::BadPointer)?;
+        let ptr = self.place(data, len).await?;
         self.arm();
         let packed = self
             .on_message
@@ -491,6 +581,15 @@ fn check_abi(module: &Module) -> Result<(), AppError> {
     }
     func("alloc", &["i32"], &["i32"], true)?;
     func("on_message", &["i32", "i32"], &["i64"], true)?;
+    func("snapshot", &[], &["i64"], false)?;
+    func("restore", &["i32", "i32"], &[], false)?;
+    let snapshot = module.get_export("snapshot").is_some();
+    let restore = module.get_export("restore").is_some();
+    if snapshot != restore {
+        return Err(AppError::Abi(
+            "export snapshot and restore together, or neither".into(),
+        ));
+    }
     func("on_open", &[], &[], false)
 }
 

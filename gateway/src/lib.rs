@@ -11,6 +11,7 @@ pub mod admin;
 pub mod host;
 pub mod metrics;
 pub mod session;
+pub mod ticket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum GatewayError {
     Certs(#[from] wasmbed_certs::CertError),
     #[error("applications: {0}")]
     Apps(#[from] AppError),
+    #[error("--session-keys: {0}")]
+    Keys(#[from] ticket::KeyRingError),
 }
 
 /// What every session and the admin endpoint share.
@@ -53,6 +56,20 @@ pub struct Shared {
     pub meters: metrics::Meters,
     /// Cancelled on drain (admin or SIGTERM): sessions get GOAWAY, accepting stops.
     pub draining: CancellationToken,
+    /// The fleet's session key ring (`--session-keys`), swapped whole on SIGHUP.
+    pub keys: arc_swap::ArcSwapOption<ticket::KeyRing>,
+}
+
+impl Shared {
+    /// Re-reads `--session-keys` (on SIGHUP). A bad file keeps the ring in use.
+    pub fn reload_keys(&self) -> Result<(), ticket::KeyRingError> {
+        if let Some(path) = &self.settings.session_keys {
+            let ring = ticket::KeyRing::load(path)?;
+            tracing::info!(keys = ?ring.ids(), "session key ring reloaded");
+            self.keys.store(Some(Arc::new(ring)));
+        }
+        Ok(())
+    }
 }
 
 /// A gateway whose sockets are bound and applications compiled; [`Gateway::run`] serves.
@@ -70,6 +87,7 @@ impl Gateway {
             max_memory: settings.max_memory,
             max_instances: settings.max_sessions,
             max_frame: settings.max_frame,
+            max_state: settings.max_state,
         })?;
         if let Some(dir) = &settings.apps {
             let n = host.load_dir(dir)?;
@@ -95,7 +113,12 @@ impl Gateway {
             Some(a) => Some(bind(a, "admin, --admin").await?),
             None => None,
         };
+        let keys = match &settings.session_keys {
+            Some(path) => Some(Arc::new(ticket::KeyRing::load(path)?)),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            keys: arc_swap::ArcSwapOption::new(keys),
             settings,
             host,
             sessions: AtomicUsize::new(0),

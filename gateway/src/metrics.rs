@@ -21,6 +21,11 @@ pub const ERRORS: &str = "wasmbed_gateway_errors_sent_total";
 pub const TLS_REJECTED: &str = "wasmbed_gateway_tls_rejected_total";
 pub const UPLOADS: &str = "wasmbed_gateway_app_uploads_total";
 pub const APPS: &str = "wasmbed_gateway_apps";
+pub const RESUMES: &str = "wasmbed_gateway_resumes_total";
+pub const CHECKPOINTS: &str = "wasmbed_gateway_checkpoints_total";
+pub const TICKET_BYTES: &str = "wasmbed_gateway_ticket_bytes";
+pub const SNAPSHOT: &str = "wasmbed_gateway_snapshot_duration_seconds";
+pub const RESTORE: &str = "wasmbed_gateway_restore_duration_seconds";
 
 const BUCKETS: &[f64] = &[
     0.000_001,
@@ -83,6 +88,18 @@ fn describe() {
         "App uploads over the admin API, by result (accepted, refused)."
     );
     describe_gauge!(APPS, "Applications loaded.");
+    describe_counter!(
+        RESUMES,
+        "HELLOs with a ticket, by outcome: restored, fresh (resumed, the app keeps no state), \
+         expired, bad_ticket, other_device, other_app, restore_failed."
+    );
+    describe_counter!(
+        CHECKPOINTS,
+        "CHECKPOINTs, by result: sent, failed (snapshot trapped, timed out or too large)."
+    );
+    describe_histogram!(TICKET_BYTES, Unit::Bytes, "Size of a sealed ticket.");
+    describe_histogram!(SNAPSHOT, Unit::Seconds, "Time of an app's snapshot call.");
+    describe_histogram!(RESTORE, Unit::Seconds, "Time of an app's restore call.");
 }
 
 /// Appends `wasmbed_gateway_app_calls_total{app}`: one series per loaded app (from 0), none
@@ -108,6 +125,11 @@ pub fn render_app_calls(text: &mut String, apps: &[std::sync::Arc<crate::host::A
 pub struct Meters {
     pub instantiate: Histogram,
     pub call: Histogram,
+    pub snapshot: Histogram,
+    pub restore: Histogram,
+    pub ticket_bytes: Histogram,
+    pub checkpoints: Counter,
+    pub checkpoint_failed: Counter,
     /// In the order of [`Kind::ALL`]: the frame type byte minus one.
     frames_in: Vec<Counter>,
     frames_out: Vec<Counter>,
@@ -126,6 +148,11 @@ impl Meters {
         Meters {
             instantiate: histogram!(INSTANTIATE),
             call: histogram!(CALL),
+            snapshot: histogram!(SNAPSHOT),
+            restore: histogram!(RESTORE),
+            ticket_bytes: histogram!(TICKET_BYTES),
+            checkpoints: counter!(CHECKPOINTS, "result" => "sent"),
+            checkpoint_failed: counter!(CHECKPOINTS, "result" => "failed"),
             frames_in: per_kind(FRAMES_IN),
             frames_out: per_kind(FRAMES_OUT),
         }

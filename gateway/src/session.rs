@@ -6,11 +6,16 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use metrics::counter;
+use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use wasmbed_protocol::codec::{CodecError, FrameCodec};
-use wasmbed_protocol::{ErrorCode, Frame, Goaway, Hello, Kind, ProtocolError, Welcome};
+use wasmbed_protocol::{
+    Checkpoint, ErrorCode, Frame, Goaway, Hello, Kind, ProtocolError, Resumed, Welcome,
+};
+
+use crate::ticket::{Refused, TicketBody};
 
 use crate::Shared;
 use crate::host::{App, CallError, Instance, Output};
@@ -218,7 +223,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         return conn.refuse(ErrorCode::UnknownApp, 0, text).await;
     };
     let started = Instant::now();
-    let instance = match shared.host.instantiate(&app, &hello.device).await {
+    let mut instance = match shared.host.instantiate(&app, &hello.device).await {
         Ok(i) => i,
         Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
     };
@@ -226,25 +231,93 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .meters
         .instantiate
         .record(started.elapsed().as_secs_f64());
-    let session = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    // A ticket in HELLO: resume from it if it opens and belongs to this device and app; a
+    // ticket that does not never fails the session, which then starts fresh.
+    let ticket = hello
+        .resume
+        .as_deref()
+        .map(|t| open_ticket(shared, t, &hello.device, &hello.app));
+    let (mut resumed, mut refused, mut floor, mut pushed, mut session) = (None, None, 0, 0, None);
+    match ticket {
+        None => {}
+        Some(Err(r)) => refused = Some(r),
+        Some(Ok(t)) => {
+            let state = match (&t.state, instance.stateful()) {
+                (Some(state), true) => {
+                    let started = Instant::now();
+                    let r = instance.restore(state).await;
+                    shared
+                        .meters
+                        .restore
+                        .record(started.elapsed().as_secs_f64());
+                    match r {
+                        Ok(()) => Some("restored"),
+                        Err(e) => {
+                            tracing::info!(error = %e, "restore failed: the session starts fresh");
+                            None
+                        }
+                    }
+                }
+                _ => Some("fresh"),
+            };
+            match state {
+                Some(state) => {
+                    resumed = Some(Resumed {
+                        seq: t.seq,
+                        state: state.into(),
+                    });
+                    (floor, pushed, session) = (t.seq, t.pushes, Some(t.session));
+                }
+                None => {
+                    refused = Some(Refused::RestoreFailed);
+                    // The failed restore may have left the instance in any state.
+                    instance = match shared.host.instantiate(&app, &hello.device).await {
+                        Ok(i) => i,
+                        Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
+                    };
+                }
+            }
+        }
+    }
+    let outcome: Option<&'static str> = match (&resumed, refused) {
+        (Some(r), _) if r.state == "restored" => Some("restored"),
+        (Some(_), _) => Some("fresh"),
+        (None, Some(r)) => Some(r.as_str()),
+        (None, None) => None,
+    };
+    if let Some(outcome) = outcome {
+        counter!(crate::metrics::RESUMES, "outcome" => outcome).increment(1);
+    }
+    let restored = resumed.as_ref().is_some_and(|r| r.state == "restored");
+    let session =
+        session.unwrap_or_else(|| format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
     conn.queue(Frame::control(
         Kind::Welcome,
         0,
         &Welcome {
-            session,
+            session: session.clone(),
             gateway: shared.settings.name.clone(),
+            resumed,
+            resume_refused: refused.map(|r| r.as_str().to_string()),
         },
     ));
     let mut live = Live {
         app,
         instance,
         device: hello.device,
+        session,
         failures: 0,
-        pushed: 0,
+        pushed,
+        floor,
+        answered: floor,
+        unsealed: 0,
     };
-    match live.instance.open().await {
-        Ok(out) => queue_pushes(conn, out.pushes, &mut live.pushed),
-        Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
+    // `on_open` runs for a session that starts afresh, not for one whose state came back.
+    if !restored {
+        match live.instance.open().await {
+            Ok(out) => queue_pushes(conn, out.pushes, &mut live.pushed),
+            Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
+        }
     }
     if let Err(e) = conn.flush().await {
         return e;
@@ -274,10 +347,17 @@ struct Live {
     app: Arc<App>,
     instance: Instance,
     device: String,
+    session: String,
     /// Failed calls in a row.
     failures: u32,
     /// Sequence of the last PUSH sent.
     pushed: u64,
+    /// The resumed sequence: DATA up to it was answered before, on another connection.
+    floor: u64,
+    /// The last DATA answered by a REPLY.
+    answered: u64,
+    /// REPLYs since the last CHECKPOINT.
+    unsealed: u32,
 }
 
 /// Answers one frame of a live session (queued, not flushed). `Err`: the session is over.
@@ -288,11 +368,26 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     frame: Frame,
 ) -> Result<(), End> {
     match frame.kind {
+        Kind::Data if frame.seq <= live.floor => {
+            // Answered before the session moved: not run again.
+            counter!(ERRORS, "code" => ErrorCode::Duplicate.as_str()).increment(1);
+            let text = format!("DATA {} is covered by the resumed session", frame.seq);
+            conn.queue(ErrorCode::Duplicate.frame(frame.seq, text));
+        }
         Kind::Data => match call(shared, &mut live.instance, &live.app, &frame.body).await {
             Ok(out) => {
                 live.failures = 0;
                 queue_pushes(conn, out.pushes, &mut live.pushed);
                 conn.queue(Frame::new(Kind::Reply, frame.seq, out.reply));
+                live.answered = live.answered.max(frame.seq);
+                live.unsealed += 1;
+                if shared
+                    .settings
+                    .checkpoint_every
+                    .is_some_and(|n| live.unsealed >= n)
+                {
+                    checkpoint(shared, conn, live).await;
+                }
             }
             Err(e) => {
                 live.failures += 1;
@@ -321,6 +416,78 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// Opens a HELLO's ticket with the fleet's key ring and checks it names this device and app.
+fn open_ticket(
+    shared: &Shared,
+    ticket: &[u8],
+    device: &str,
+    app: &str,
+) -> Result<TicketBody, Refused> {
+    let keys = shared.keys.load_full().ok_or(Refused::BadTicket)?;
+    let body = keys.open(ticket, SystemTime::now())?;
+    if body.device != device {
+        tracing::warn!(ticket_device = %body.device, "a ticket presented by another device");
+        return Err(Refused::OtherDevice);
+    }
+    if body.app != app {
+        return Err(Refused::OtherApp);
+    }
+    Ok(body)
+}
+
+/// Seals the session as it is now (the app's `snapshot`, the last answered DATA) and
+/// queues CHECKPOINT. A failed snapshot is counted and logged; the session goes on without
+/// a new ticket.
+async fn checkpoint<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    live: &mut Live,
+) {
+    let Some(keys) = shared.keys.load_full() else {
+        return;
+    };
+    let started = Instant::now();
+    let state = match live.instance.snapshot().await {
+        Ok(state) => state,
+        Err(e) => {
+            shared.meters.checkpoint_failed.increment(1);
+            tracing::info!(error = %e, "checkpoint failed: no new ticket");
+            return;
+        }
+    };
+    shared
+        .meters
+        .snapshot
+        .record(started.elapsed().as_secs_f64());
+    let now = SystemTime::now();
+    let body = TicketBody {
+        device: live.device.clone(),
+        app: live.app.name.clone(),
+        module: serde_bytes::ByteBuf::from(live.app.digest.to_vec()),
+        session: live.session.clone(),
+        seq: live.answered,
+        pushes: live.pushed,
+        issued: crate::ticket::unix(now),
+        expires: crate::ticket::unix(now + shared.settings.ticket_lifetime),
+        state: state.map(serde_bytes::ByteBuf::from),
+    };
+    let Some(ticket) = keys.seal(&body) else {
+        shared.meters.checkpoint_failed.increment(1);
+        return;
+    };
+    shared.meters.ticket_bytes.record(ticket.len() as f64);
+    shared.meters.checkpoints.increment(1);
+    live.unsealed = 0;
+    let frame = Frame::control(
+        Kind::Checkpoint,
+        live.answered,
+        &Checkpoint {
+            ticket: serde_bytes::ByteBuf::from(ticket),
+        },
+    );
+    conn.queue(frame);
 }
 
 async fn call(
@@ -367,6 +534,11 @@ async fn goaway<S: AsyncRead + AsyncWrite + Unpin>(
         if let Err(e) = conn.flush().await {
             return e;
         }
+    }
+    // The last CHECKPOINT, after the last answer: the device resumes from exactly here.
+    if live.unsealed > 0 && shared.settings.checkpoint_every.is_some() {
+        checkpoint(shared, conn, live).await;
+        let _ = conn.flush().await;
     }
     let _ = conn.stream.shutdown().await;
     End::Goaway

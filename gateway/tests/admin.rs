@@ -99,7 +99,10 @@ async fn healthz_reports_sessions_and_drain_sends_goaway() {
 /// PROTOCOL.md: after GOAWAY the gateway answers what it has already received, then closes.
 #[tokio::test]
 async fn a_drain_answers_every_data_already_received_before_closing() {
-    let gw = start(settings(None)).await;
+    let mut s = settings(None);
+    // Each message is made to take milliseconds: on a loaded machine, far from the deadline.
+    s.call_timeout = std::time::Duration::from_secs(5);
+    let gw = start(s).await;
     let mut d = tcp_device(gw.addr).await;
     d.open("device-1", "slow").await;
     // 40 DATA in one write; each takes the app several milliseconds.

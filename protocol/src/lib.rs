@@ -28,11 +28,12 @@ pub enum Kind {
     Pong = 7,
     Error = 8,
     Goaway = 9,
+    Checkpoint = 10,
 }
 
 impl Kind {
     /// Every frame type, in wire order.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Hello,
         Kind::Welcome,
         Kind::Data,
@@ -42,6 +43,7 @@ impl Kind {
         Kind::Pong,
         Kind::Error,
         Kind::Goaway,
+        Kind::Checkpoint,
     ];
 
     /// The frame type's name on the wire documentation, in logs and in metric labels.
@@ -56,6 +58,7 @@ impl Kind {
             Kind::Pong => "pong",
             Kind::Error => "error",
             Kind::Goaway => "goaway",
+            Kind::Checkpoint => "checkpoint",
         }
     }
 
@@ -70,6 +73,7 @@ impl Kind {
             7 => Kind::Pong,
             8 => Kind::Error,
             9 => Kind::Goaway,
+            10 => Kind::Checkpoint,
             _ => return None,
         })
     }
@@ -201,8 +205,9 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, Protocol
 pub struct Hello {
     pub device: String,
     pub app: String,
+    /// A sealed ticket from an earlier CHECKPOINT: resume that session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume: Option<String>,
+    pub resume: Option<serde_bytes::ByteBuf>,
 }
 
 /// WELCOME: the gateway took the session.
@@ -210,6 +215,29 @@ pub struct Hello {
 pub struct Welcome {
     pub session: String,
     pub gateway: String,
+    /// HELLO carried a ticket and the session resumed from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Resumed>,
+    /// HELLO carried a ticket that was not taken; the session started fresh. One of
+    /// `expired`, `bad_ticket`, `other_device`, `other_app`, `restore_failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_refused: Option<String>,
+}
+
+/// WELCOME's account of a resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resumed {
+    /// The last DATA the ticket covers: DATA up to it is answered ERROR `duplicate`.
+    pub seq: u64,
+    /// `restored`: the app got its state back; `fresh`: the app keeps no state it can hand
+    /// over, so it starts afresh.
+    pub state: String,
+}
+
+/// CHECKPOINT: the session so far, sealed; the frame's sequence is the last DATA it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub ticket: serde_bytes::ByteBuf,
 }
 
 /// ERROR: a problem, by code; `text` is for humans.
@@ -258,11 +286,12 @@ pub enum ErrorCode {
     TooManyTraps = 11,
     IdleTimeout = 12,
     Unavailable = 13,
+    Duplicate = 14,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownType,
@@ -276,6 +305,7 @@ impl ErrorCode {
         ErrorCode::TooManyTraps,
         ErrorCode::IdleTimeout,
         ErrorCode::Unavailable,
+        ErrorCode::Duplicate,
     ];
 
     /// The code's name, as PROTOCOL.md spells it: for logs, reports and metric labels.
@@ -294,6 +324,7 @@ impl ErrorCode {
             ErrorCode::TooManyTraps => "too_many_traps",
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Duplicate => "duplicate",
         }
     }
 

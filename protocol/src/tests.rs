@@ -3,7 +3,7 @@ use proptest::prelude::*;
 use super::*;
 
 fn kind() -> impl Strategy<Value = Kind> {
-    (1u8..=9).prop_map(|b| Kind::from_u8(b).unwrap())
+    (1u8..=10).prop_map(|b| Kind::from_u8(b).unwrap())
 }
 
 proptest! {
@@ -110,7 +110,7 @@ fn names_are_unique_and_codes_round_trip() {
         assert_eq!(ErrorCode::from_u16(c as u16), Some(c));
     }
     assert_eq!(ErrorCode::from_u16(0), None);
-    assert_eq!(ErrorCode::from_u16(14), None);
+    assert_eq!(ErrorCode::from_u16(15), None);
     assert_eq!(ErrorCode::UnknownApp.as_str(), "unknown_app");
     let body = ErrorBody {
         code: 5,

@@ -95,6 +95,7 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         "session",
         %peer,
         sni = tracing::field::Empty,
+        alpn = tracing::field::Empty,
         device = tracing::field::Empty,
         gateway = tracing::field::Empty,
     );
@@ -150,6 +151,9 @@ async fn passthrough(
         tracing::Span::current().record("sni", name.as_str());
     }
     ctx.alpn.count(&alpn);
+    if let Some(first) = alpn.first() {
+        tracing::Span::current().record("alpn", String::from_utf8_lossy(first).as_ref());
+    }
     // Boxed: the connect state is only needed for a moment, so idle sessions do not carry it.
     let pool = pool_for(ctx, sni.as_deref(), &alpn);
     drop(alpn);

@@ -122,7 +122,10 @@ fn parse_selector(series: &str) -> (&str, Vec<(String, String)>) {
 /// A device speaking the session protocol over any stream, through the protocol's codec.
 pub struct Device<S> {
     pub framed: Framed<S, FrameCodec>,
-    seq: u64,
+    /// The sequence of the last DATA sent.
+    pub seq: u64,
+    /// The latest CHECKPOINT: (the DATA it covers, the sealed ticket).
+    pub ticket: Option<(u64, Vec<u8>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
@@ -130,6 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
         Device {
             framed: Framed::new(stream, FrameCodec::new(1 << 20)),
             seq: 0,
+            ticket: None,
         }
     }
 
@@ -154,10 +158,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
     }
 
     pub async fn hello(&mut self, device: &str, app: &str) -> Frame {
+        self.hello_resume(device, app, None).await
+    }
+
+    /// HELLO with a ticket to resume from (`None`: a fresh session).
+    pub async fn hello_resume(&mut self, device: &str, app: &str, ticket: Option<&[u8]>) -> Frame {
         let h = Hello {
             device: device.into(),
             app: app.into(),
-            resume: None,
+            resume: ticket.map(|t| serde_bytes::ByteBuf::from(t.to_vec())),
         };
         self.send(Frame::control(Kind::Hello, 0, &h)).await.unwrap();
         self.recv().await.expect("an answer to HELLO")
@@ -170,7 +179,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
         f.decode_body::<Welcome>("WELCOME").unwrap().gateway
     }
 
-    /// DATA n; returns the answer (REPLY or ERROR with n), skipping PUSH frames.
+    /// DATA n; returns the answer (REPLY or ERROR with n), skipping PUSH frames and keeping
+    /// the latest CHECKPOINT's ticket.
     pub async fn data(&mut self, body: &[u8]) -> Frame {
         self.seq += 1;
         self.send(Frame::new(Kind::Data, self.seq, body.to_vec()))
@@ -178,11 +188,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
             .unwrap();
         loop {
             let f = self.recv().await.expect("an answer to DATA");
-            if f.kind != Kind::Push {
-                assert_eq!(f.seq, self.seq, "answers carry the DATA's sequence");
-                return f;
+            match f.kind {
+                Kind::Push => {}
+                Kind::Checkpoint => self.keep_ticket(&f),
+                _ => {
+                    assert_eq!(f.seq, self.seq, "answers carry the DATA's sequence");
+                    return f;
+                }
             }
         }
+    }
+
+    /// Keeps the ticket of a CHECKPOINT frame.
+    pub fn keep_ticket(&mut self, f: &Frame) {
+        let c: wasmbed_protocol::Checkpoint =
+            f.decode_body("CHECKPOINT").expect("a CHECKPOINT body");
+        self.ticket = Some((f.seq, c.ticket.into_vec()));
+    }
+
+    /// Reads until the peer closes, keeping CHECKPOINTs; returns the other frames.
+    pub async fn until_closed(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(f) = self.recv().await {
+            if f.kind == Kind::Checkpoint {
+                self.keep_ticket(&f);
+            } else {
+                frames.push(f);
+            }
+        }
+        frames
     }
 }
 

@@ -12,6 +12,7 @@ fn host() -> Host {
         max_memory: 1 << 20,
         max_instances: 64,
         max_frame: 64 * 1024,
+        max_state: 16 << 10,
     })
     .unwrap()
 }

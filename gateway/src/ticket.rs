@@ -1,0 +1,229 @@
+//! Sealed session tickets: what a session is (device, app, module, last answered DATA, the
+//! app's state) sealed with AES-256-GCM under the fleet's key ring, so that any gateway
+//! holding the ring can resume the session and nobody else can read or forge it.
+//!
+//! Wire form: `version (1) | key id length (1) | key id | nonce (12) | ciphertext + tag`;
+//! the first three are the associated data, so a ticket cannot be moved to another key id.
+//! The plaintext is the CBOR of [`TicketBody`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use serde::{Deserialize, Serialize};
+
+/// The ticket format this gateway seals and opens.
+pub const VERSION: u8 = 1;
+/// Bytes of one key.
+pub const KEY_LEN: usize = 32;
+
+/// What a ticket holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketBody {
+    pub device: String,
+    pub app: String,
+    /// SHA-256 of the module that sealed it (a different one still gets the state offered).
+    pub module: serde_bytes::ByteBuf,
+    pub session: String,
+    /// The last DATA answered when it was sealed.
+    pub seq: u64,
+    /// The last PUSH sequence sent.
+    pub pushes: u64,
+    /// Seconds since the Unix epoch.
+    pub issued: u64,
+    pub expires: u64,
+    /// The app's `snapshot`, when it has one.
+    pub state: Option<serde_bytes::ByteBuf>,
+}
+
+/// Why a ticket was not taken: the `resume_refused` of WELCOME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Expired,
+    BadTicket,
+    OtherDevice,
+    OtherApp,
+    RestoreFailed,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Expired => "expired",
+            Refused::BadTicket => "bad_ticket",
+            Refused::OtherDevice => "other_device",
+            Refused::OtherApp => "other_app",
+            Refused::RestoreFailed => "restore_failed",
+        }
+    }
+}
+
+/// Why the key ring file cannot be used. Each names the file (and the entry).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRingError {
+    #[error("{path}: {problem}")]
+    File { path: PathBuf, problem: String },
+    #[error("{path}: key entry {index} ({id:?}): {problem}")]
+    Entry {
+        path: PathBuf,
+        index: usize,
+        id: String,
+        problem: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRing {
+    #[serde(default)]
+    key: Vec<RawKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    /// 64 hex digits.
+    key: String,
+}
+
+/// The fleet's keys: the first seals, all open, so keys rotate without breaking live tickets.
+pub struct KeyRing {
+    keys: Vec<(String, LessSafeKey)>,
+}
+
+impl std::fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<&str> = self.keys.iter().map(|(id, _)| id.as_str()).collect();
+        write!(f, "KeyRing {ids:?}")
+    }
+}
+
+impl KeyRing {
+    /// Reads a ring file: TOML `[[key]]` entries with `id` (1 to 64 characters, unique) and
+    /// `key` (32 bytes as 64 hex digits).
+    pub fn load(path: &Path) -> Result<KeyRing, KeyRingError> {
+        let file = |problem: String| KeyRingError::File {
+            path: path.to_owned(),
+            problem,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+        let raw: RawRing =
+            toml::from_str(&text).map_err(|e| file(e.to_string().replace('\n', " ")))?;
+        if raw.key.is_empty() {
+            return Err(file(
+                "no [[key]] entry: the ring needs at least one key".into(),
+            ));
+        }
+        let mut keys: Vec<(String, LessSafeKey)> = Vec::new();
+        for (index, k) in raw.key.iter().enumerate() {
+            let entry = |problem: &str| KeyRingError::Entry {
+                path: path.to_owned(),
+                index,
+                id: k.id.clone(),
+                problem: problem.to_string(),
+            };
+            if k.id.is_empty() || k.id.len() > 64 {
+                return Err(entry("the id must be 1 to 64 characters"));
+            }
+            if keys.iter().any(|(id, _)| *id == k.id) {
+                return Err(entry("this id is used twice"));
+            }
+            let bytes = from_hex(&k.key)
+                .filter(|b| b.len() == KEY_LEN)
+                .ok_or_else(|| entry("the key must be 64 hex digits (32 bytes)"))?;
+            let key = UnboundKey::new(&AES_256_GCM, &bytes)
+                .map_err(|_| entry("not a usable AES-256 key"))?;
+            keys.push((k.id.clone(), LessSafeKey::new(key)));
+        }
+        Ok(KeyRing { keys })
+    }
+
+    /// A new ring file's text with one random key (for `certs init`).
+    pub fn generate(id: &str) -> Result<String, aws_lc_rs::error::Unspecified> {
+        let mut key = [0u8; KEY_LEN];
+        aws_lc_rs::rand::fill(&mut key)?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!(
+            "# The fleet's session key ring: the first key seals tickets, every key opens them.\n\
+             # To rotate: put a new key first, keep the old ones until their tickets expire.\n\
+             [[key]]\nid = \"{id}\"\nkey = \"{hex}\"\n"
+        ))
+    }
+
+    pub fn ids(&self) -> Vec<&str> {
+        self.keys.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    /// Seals `body` under the first key.
+    pub fn seal(&self, body: &TicketBody) -> Option<Vec<u8>> {
+        let (id, key) = self.keys.first()?;
+        let mut plain = Vec::new();
+        ciborium::into_writer(body, &mut plain).ok()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(2 + id.len() + NONCE_LEN + plain.len() + 16);
+        out.push(VERSION);
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        let aad_len = out.len();
+        out.extend_from_slice(&nonce);
+        key.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&out[..aad_len].to_vec()),
+            &mut plain,
+        )
+        .ok()?;
+        out.extend_from_slice(&plain);
+        Some(out)
+    }
+
+    /// Opens a ticket sealed under any key of the ring, and checks its expiry against `now`.
+    pub fn open(&self, ticket: &[u8], now: SystemTime) -> Result<TicketBody, Refused> {
+        let (&version, rest) = ticket.split_first().ok_or(Refused::BadTicket)?;
+        let (&id_len, rest) = rest.split_first().ok_or(Refused::BadTicket)?;
+        if version != VERSION || rest.len() < id_len as usize + NONCE_LEN + 16 {
+            return Err(Refused::BadTicket);
+        }
+        let (id, rest) = rest.split_at(id_len as usize);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let key = self
+            .keys
+            .iter()
+            .find(|(k, _)| k.as_bytes() == id)
+            .map(|(_, key)| key)
+            .ok_or(Refused::BadTicket)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Refused::BadTicket)?;
+        let aad = Aad::from(&ticket[..2 + id_len as usize]);
+        let mut buf = sealed.to_vec();
+        let plain = key
+            .open_in_place(nonce, aad, &mut buf)
+            .map_err(|_| Refused::BadTicket)?;
+        let body: TicketBody = ciborium::from_reader(&plain[..]).map_err(|_| Refused::BadTicket)?;
+        if unix(now) >= body.expires {
+            return Err(Refused::Expired);
+        }
+        Ok(body)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    let t = text.trim();
+    if !t.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(t.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

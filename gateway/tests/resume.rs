@@ -1,0 +1,275 @@
+//! Sessions that outlive their gateway: CHECKPOINT tickets sealed under the fleet's key ring,
+//! resumed on another gateway with the app's state; every refusal a clear, working fresh
+//! session. Over real TLS with device certificates, between two gateways.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use support::*;
+use wasmbed_gateway::ticket::{KeyRing, TicketBody, unix};
+use wasmbed_protocol::{ErrorCode, Kind, Welcome};
+
+fn counter_of(reply: &wasmbed_protocol::Frame) -> u64 {
+    assert_eq!(reply.kind, Kind::Reply, "{:?}", error_of(reply));
+    u64::from_le_bytes(reply.body[..8].try_into().unwrap())
+}
+
+fn ring_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Two TLS gateways sharing one key ring.
+async fn pair(pki: &Pki, keys: &Path) -> (RunningGateway, RunningGateway) {
+    let gateway = |name: &str| {
+        let mut s = settings(Some(pki));
+        s.name = name.into();
+        s.session_keys = Some(keys.to_owned());
+        s
+    };
+    (start(gateway("gw-a")).await, start(gateway("gw-b")).await)
+}
+
+async fn welcome(d: &mut TlsDevice, device: &str, app: &str, ticket: Option<&[u8]>) -> Welcome {
+    let f = d.hello_resume(device, app, ticket).await;
+    assert_eq!(f.kind, Kind::Welcome, "{:?}", error_of(&f));
+    f.decode_body("WELCOME").unwrap()
+}
+
+#[tokio::test]
+async fn a_counter_at_50_resumes_at_51_on_another_gateway() {
+    let pki = Pki::new();
+    let keys = ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    );
+    let (a, b) = pair(&pki, &keys).await;
+    let config = pki.device("device-0001", Some(&pki.ca));
+    let mut d = tls_device(a.addr, config.clone()).await.unwrap();
+    let w = welcome(&mut d, "device-0001", "counter", None).await;
+    assert_eq!(
+        (w.gateway.as_str(), w.resumed, w.resume_refused),
+        ("gw-a", None, None)
+    );
+    for i in 1..=50 {
+        assert_eq!(counter_of(&d.data(&[1]).await), i);
+    }
+    // The last REPLY's CHECKPOINT follows it.
+    let f = d.recv().await.expect("CHECKPOINT");
+    assert_eq!((f.kind, f.seq), (Kind::Checkpoint, 50));
+    d.keep_ticket(&f);
+    let (covered, ticket) = d.ticket.clone().unwrap();
+    assert_eq!(covered, 50);
+    // Gateway A dies: its sessions and their state are gone with it.
+    a.shutdown.cancel();
+    drop(d);
+    let mut d = tls_device(b.addr, config).await.unwrap();
+    let w = welcome(&mut d, "device-0001", "counter", Some(&ticket)).await;
+    assert_eq!(w.gateway, "gw-b");
+    let resumed = w.resumed.expect("resumed");
+    assert_eq!((resumed.seq, resumed.state.as_str()), (50, "restored"));
+    // DATA the ticket covers is not run again; the next one continues the count.
+    d.seq = 49;
+    let dup = d.data(&[1]).await;
+    assert_eq!(error_code(&dup), ErrorCode::Duplicate as u16);
+    d.seq = 50;
+    assert_eq!(counter_of(&d.data(&[1]).await), 51);
+}
+
+#[tokio::test]
+async fn a_drain_answers_then_checkpoints_then_closes_and_the_session_resumes() {
+    let pki = Pki::new();
+    let keys = ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    );
+    let (a, b) = pair(&pki, &keys).await;
+    let config = pki.device("device-0002", Some(&pki.ca));
+    let mut d = tls_device(a.addr, config.clone()).await.unwrap();
+    welcome(&mut d, "device-0002", "average", None).await;
+    for reading in [10u8, 20, 30] {
+        d.data(&[reading]).await;
+    }
+    assert_eq!(http(a.admin, "POST", "/api/drain", b"").await.0, 202);
+    let rest = d.until_closed().await;
+    assert!(rest.iter().any(|f| f.kind == Kind::Goaway), "{rest:?}");
+    let (covered, ticket) = d
+        .ticket
+        .clone()
+        .expect("a last CHECKPOINT before the close");
+    assert_eq!(covered, 3);
+    let mut d = tls_device(b.addr, config).await.unwrap();
+    let w = welcome(&mut d, "device-0002", "average", Some(&ticket)).await;
+    assert_eq!(w.resumed.map(|r| r.state), Some("restored".to_string()));
+    d.seq = 3;
+    // The moving average kept its three readings: (10 + 20 + 30 + 40) / 4 = 25, 4 kept.
+    assert_eq!(d.data(&[40]).await.body, vec![25, 4]);
+}
+
+#[tokio::test]
+async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
+    let pki = Pki::new();
+    let keys = ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    );
+    let (a, _b) = pair(&pki, &keys).await;
+    let ring = KeyRing::load(&keys).unwrap();
+    // A real ticket of device-0003 for counter, and one for badstate (whose restore traps).
+    let ticket_of = |app: &str, expires_in: i64| {
+        let now = SystemTime::now();
+        ring.seal(&TicketBody {
+            device: "device-0003".into(),
+            app: app.into(),
+            module: serde_bytes::ByteBuf::from(vec![0u8; 32]),
+            session: "s".into(),
+            seq: 7,
+            pushes: 0,
+            issued: unix(now),
+            expires: (unix(now) as i64 + expires_in) as u64,
+            state: Some(serde_bytes::ByteBuf::from(vec![1u8; 4])),
+        })
+        .unwrap()
+    };
+    let good = ticket_of("counter", 3600);
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "device-0003",
+            "counter",
+            ticket_of("counter", -1),
+            "expired",
+        ),
+        ("device-0003", "counter", tampered, "bad_ticket"),
+        (
+            "device-0003",
+            "counter",
+            b"not a ticket".to_vec(),
+            "bad_ticket",
+        ),
+        ("device-0004", "counter", good.clone(), "other_device"),
+        ("device-0003", "echo", good.clone(), "other_app"),
+        (
+            "device-0003",
+            "badstate",
+            ticket_of("badstate", 3600),
+            "restore_failed",
+        ),
+    ];
+    for (device, app, ticket, reason) in cases {
+        let mut d = tls_device(a.addr, pki.device(device, Some(&pki.ca)))
+            .await
+            .unwrap();
+        let w = welcome(&mut d, device, app, Some(&ticket)).await;
+        assert_eq!(w.resume_refused.as_deref(), Some(reason), "{device} {app}");
+        assert!(w.resumed.is_none());
+        // A fresh session that works: DATA 1 is run, not refused as a duplicate.
+        let f = d.data(&[0]).await;
+        assert_eq!(f.kind, Kind::Reply, "{reason}: {:?}", error_of(&f));
+    }
+    let metrics = http(a.admin, "GET", "/metrics", b"").await.1;
+    let m = wasmbed_testkit::Metrics::parse(&metrics);
+    for reason in [
+        "expired",
+        "bad_ticket",
+        "other_device",
+        "other_app",
+        "restore_failed",
+    ] {
+        assert!(
+            m.sum("wasmbed_gateway_resumes_total", &[("outcome", reason)]) >= 1.0,
+            "{reason}: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keys_rotate_without_breaking_tickets_and_a_removed_key_ends_them() {
+    let pki = Pki::new();
+    let old = KeyRing::generate("old").unwrap();
+    let keys = ring_file(pki.dir.path(), "keys.toml", &old);
+    let mut s = settings(Some(&pki));
+    s.session_keys = Some(keys.clone());
+    let gw = start(s).await;
+    let config = pki.device("device-0005", Some(&pki.ca));
+    let mut d = tls_device(gw.addr, config.clone()).await.unwrap();
+    welcome(&mut d, "device-0005", "counter", None).await;
+    d.data(&[1]).await;
+    let f = d.recv().await.unwrap();
+    d.keep_ticket(&f);
+    let (_, ticket) = d.ticket.clone().unwrap();
+    // Rotate: a new key first, the old one kept. The old ticket opens; new ones use "new".
+    let new = KeyRing::generate("new").unwrap();
+    std::fs::write(&keys, format!("{new}\n{old}")).unwrap();
+    gw.shared.reload_keys().unwrap();
+    let mut d = tls_device(gw.addr, config.clone()).await.unwrap();
+    let w = welcome(&mut d, "device-0005", "counter", Some(&ticket)).await;
+    assert!(w.resumed.is_some(), "{:?}", w.resume_refused);
+    d.seq = 1;
+    assert_eq!(counter_of(&d.data(&[1]).await), 2);
+    // The old key removed: its tickets are bad_ticket.
+    std::fs::write(&keys, &new).unwrap();
+    gw.shared.reload_keys().unwrap();
+    let mut d = tls_device(gw.addr, config).await.unwrap();
+    let w = welcome(&mut d, "device-0005", "counter", Some(&ticket)).await;
+    assert_eq!(w.resume_refused.as_deref(), Some("bad_ticket"));
+    // A bad file keeps the ring in use.
+    std::fs::write(&keys, "garbage").unwrap();
+    assert!(gw.shared.reload_keys().is_err());
+}
+
+#[tokio::test]
+async fn a_snapshot_that_misbehaves_costs_its_checkpoint_only() {
+    let pki = Pki::new();
+    let keys = ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    );
+    let mut s = settings(None);
+    s.session_keys = Some(keys);
+    let gw = start(s).await;
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-0006", "badstate").await;
+    // Out-of-bounds pointer, 100 MiB length, trap, loop: no CHECKPOINT, the session goes on.
+    for mode in [1u8, 2, 3, 4] {
+        assert_eq!(d.data(&[mode]).await.kind, Kind::Reply);
+    }
+    assert!(d.ticket.is_none(), "no ticket from a failed snapshot");
+    // A good snapshot: a CHECKPOINT follows the REPLY.
+    assert_eq!(d.data(&[0]).await.kind, Kind::Reply);
+    let f = d.recv().await.unwrap();
+    assert_eq!((f.kind, f.seq), (Kind::Checkpoint, 5));
+    let metrics = http(gw.admin, "GET", "/metrics", b"").await.1;
+    let m = wasmbed_testkit::Metrics::parse(&metrics);
+    assert_eq!(
+        m.sum("wasmbed_gateway_checkpoints_total", &[("result", "failed")]),
+        4.0
+    );
+    assert!(m.sum("wasmbed_gateway_checkpoints_total", &[("result", "sent")]) >= 1.0);
+}
+
+#[tokio::test]
+async fn without_a_key_ring_nothing_is_checkpointed_and_tickets_are_refused() {
+    let gw = start(settings(None)).await;
+    let mut d = tcp_device(gw.addr).await;
+    let f = d
+        .hello_resume("device-0007", "counter", Some(b"anything"))
+        .await;
+    let w: Welcome = f.decode_body("WELCOME").unwrap();
+    assert_eq!(w.resume_refused.as_deref(), Some("bad_ticket"));
+    d.data(&[1]).await;
+    d.data(&[1]).await;
+    // Whatever follows the REPLYs, no CHECKPOINT was among them.
+    gw.shutdown.cancel();
+    d.until_closed().await;
+    assert!(d.ticket.is_none());
+}
