@@ -189,7 +189,7 @@ fn loadtest(flags: LoadtestFlags) -> ExitCode {
     {
         return fail("loadtest", format!("{}: {e}", path.display()));
     }
-    if report.connected == report.devices && report.messages.lost == 0 {
+    if report.passed() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

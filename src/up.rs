@@ -158,7 +158,9 @@ fn spawn_gateway(
             &d("apps"),
             "--idle-timeout",
             "10m",
-        ]);
+        ])
+        // One key ring for the fleet: a session sealed by one gateway resumes on any other.
+        .args(["--session-keys", &d("session-keys.toml")]);
     match mode {
         Mode::Passthrough => cmd
             .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])

@@ -60,7 +60,39 @@ fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
     );
     assert_eq!(doc["report"]["messages"]["lost"], 0);
     assert!(doc["report"]["messages"]["answered"].as_u64().unwrap() > 0);
+    // Sessions moved with their state: every affected device resumed, no counter restarted.
+    assert!(doc["report"]["resumed"].as_u64().unwrap() >= 20, "{doc}");
+    assert_eq!(doc["report"]["state_resets"], 0, "{doc}");
+    assert_eq!(doc["state_resets"], 0);
     assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0);
+}
+
+/// The same failover through a terminating proxy: the proxy checks the HELLO (with its
+/// ticket) against the device certificate, the gateway resumes it.
+#[test]
+fn the_failover_scenario_resumes_sessions_in_terminate_mode_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("failover.json");
+    let out = Command::new(BIN)
+        .args(["up", "--scenario", "failover", "--mode", "terminate"])
+        .args(["--gateways", "3", "--devices", "30", "--rate", "5"])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .arg("--dir")
+        .arg(dir.path().join("stack"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("well-formed JSON");
+    assert!(doc["report"]["resumed"].as_u64().unwrap() >= 10, "{doc}");
+    assert_eq!(doc["report"]["state_resets"], 0, "{doc}");
 }
 
 #[test]

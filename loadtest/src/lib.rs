@@ -7,7 +7,7 @@
 
 pub mod report;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use wasmbed_certs::pki::{DevCa, KeyKind};
 use wasmbed_config::LoadtestSettings;
 use wasmbed_protocol::codec::{CodecError, FrameCodec};
-use wasmbed_protocol::{ErrorBody, Frame, Hello, Kind, Welcome};
+use wasmbed_protocol::{ErrorBody, ErrorCode, Frame, Hello, Kind, Welcome};
 
 pub use report::Report;
 
@@ -58,6 +58,8 @@ pub struct Live {
     pub connected_now: AtomicUsize,
     pub disconnects: AtomicUsize,
     pub rehomed: AtomicUsize,
+    /// Devices that hold a ticket (got at least one CHECKPOINT).
+    pub ticketed: AtomicUsize,
     pub sent: AtomicU64,
     pub answered: AtomicU64,
     /// The gateway each device is on now (`None`: not connected).
@@ -129,6 +131,14 @@ pub struct DeviceOutcome {
     pub reconnects: u64,
     /// With the `counter` app: REPLYs whose count went down (the app's state restarted).
     pub state_resets: u64,
+    /// It got at least one CHECKPOINT.
+    pub tickets: bool,
+    /// Reconnections that resumed the session from a ticket.
+    pub resumed: u64,
+    /// Tickets refused, by reason.
+    pub resume_refused: BTreeMap<String, u64>,
+    /// DATA answered ERROR `duplicate` (already covered by a resumed session).
+    pub duplicates_refused: u64,
 }
 
 /// What a device expects of the `counter` app: every REPLY's message count is at least the
@@ -270,6 +280,11 @@ pub fn device_id(i: usize) -> String {
 
 type Stream = tokio_rustls::client::TlsStream<TcpStream>;
 
+fn error_is(f: &Frame, code: ErrorCode) -> bool {
+    f.decode_body::<ErrorBody>("ERROR")
+        .is_ok_and(|e| e.code == code as u16)
+}
+
 /// A device's session: frames over its TLS stream, by the protocol's codec.
 struct Conn {
     framed: Framed<Stream, FrameCodec>,
@@ -287,7 +302,7 @@ impl Conn {
 }
 
 /// Connects, handshakes and opens a session; returns the connection and the gateway's name.
-async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
+async fn open(i: usize, ctx: &Ctx, ticket: Option<&[u8]>) -> Result<(Conn, Welcome), String> {
     let s = &ctx.settings;
     let t0 = Instant::now();
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.target))
@@ -309,7 +324,7 @@ async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
     let hello = Hello {
         device: device_id(s.first_device + i),
         app: s.app.clone(),
-        resume: None,
+        resume: ticket.map(|t| serde_bytes::ByteBuf::from(t.to_vec())),
     };
     conn.send(&Frame::control(Kind::Hello, 0, &hello))
         .await
@@ -324,7 +339,7 @@ async fn open(i: usize, ctx: &Ctx) -> Result<(Conn, String), String> {
             let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
             let _ = h.handshake.record(micros(handshake));
             let _ = h.welcome.record(micros(t1.elapsed()));
-            Ok((conn, w.gateway))
+            Ok((conn, w))
         }
         Kind::Error => {
             let e: ErrorBody = answer.decode_body("ERROR").map_err(|e| e.to_string())?;
@@ -356,16 +371,22 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
     let mut dropped_at: Option<Instant> = None;
     let mut backoff = FIRST_BACKOFF;
     let mut counter = (s.app == COUNTER_APP).then(CounterCheck::default);
+    // The latest CHECKPOINT: (the DATA it covers, the sealed ticket).
+    let mut ticket: Option<(u64, Vec<u8>)> = None;
+    // DATA sent since the latest CHECKPOINT: what a resume sends again.
+    let mut unsealed: BTreeSet<u64> = BTreeSet::new();
+    // DATA answered before and sent again after a resume: their second answer is expected.
+    let mut replaying: HashSet<u64> = HashSet::new();
     'session: loop {
         let sending = Instant::now() < send_until && !finish.is_cancelled();
         if !sending && pending.is_empty() {
             break;
         }
         let opened = tokio::select! {
-            r = open(i, ctx) => r,
+            r = open(i, ctx, ticket.as_ref().map(|(_, t)| t.as_slice())) => r,
             _ = &mut give_up => break,
         };
-        let (mut conn, gateway) = match opened {
+        let (mut conn, welcome) = match opened {
             Ok(x) => x,
             Err(reason) => {
                 out.failure = Some(reason);
@@ -385,15 +406,33 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
             live.welcomed.fetch_add(1, Ordering::Relaxed);
         }
         live.connected_now.fetch_add(1, Ordering::Relaxed);
-        live.set_gateway(i, Some(gateway));
+        live.set_gateway(i, Some(welcome.gateway.clone()));
         if let Some(at) = dropped_at.take() {
             let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
             let _ = h.rehome.record(micros(at.elapsed()));
             live.rehomed.fetch_add(1, Ordering::Relaxed);
         }
-        // Resend, in order, every DATA the previous gateway did not answer.
+        // Resumed: DATA up to the ticket's sequence is in the app's state; every DATA after
+        // it is sent again (answered or not: its effect may not be in the state). Not
+        // resumed: every DATA not answered yet is sent again.
+        let mut resend: BTreeSet<u64> = pending.keys().copied().collect();
+        match (&welcome.resumed, &welcome.resume_refused) {
+            (Some(r), _) => {
+                out.resumed += 1;
+                pending.retain(|&seq, _| seq > r.seq);
+                resend = pending.keys().copied().collect();
+                resend.extend(unsealed.range(r.seq + 1..));
+                replaying.extend(resend.iter().filter(|s| !pending.contains_key(s)));
+            }
+            (None, Some(reason)) => {
+                *out.resume_refused.entry(reason.clone()).or_default() += 1;
+                ticket = None;
+            }
+            (None, None) => {}
+        }
+        unsealed.retain(|s| resend.contains(s));
         let mut ok = true;
-        for &seq in pending.keys() {
+        for &seq in &resend {
             if conn
                 .send(&Frame::new(Kind::Data, seq, payload.clone()))
                 .await
@@ -424,6 +463,7 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                     let seq = next_seq;
                     next_seq += 1;
                     pending.insert(seq, Instant::now());
+                    unsealed.insert(seq);
                     out.sent += 1;
                     live.sent.fetch_add(1, Ordering::Relaxed);
                     ok = conn.send(&Frame::new(Kind::Data, seq, payload.clone())).await.is_ok();
@@ -441,15 +481,29 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                                     live.answered.fetch_add(1, Ordering::Relaxed);
                                     let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
                                     let _ = h.reply.record(micros(sent.elapsed()));
+                                } else if error_is(&f, ErrorCode::Duplicate) {
+                                    // Covered by the resumed session's state: answered before.
+                                    out.duplicates_refused += 1;
                                 } else {
                                     out.errors += 1;
                                 }
                             }
+                            None if replaying.remove(&f.seq) => {}
                             None if answered.contains(&f.seq) => out.duplicated += 1,
                             None => out.errors += u64::from(f.seq == 0),
                         }
                     }
                     Some(f) if f.kind == Kind::Goaway => leaving = true,
+                    Some(f) if f.kind == Kind::Checkpoint => {
+                        if let Ok(c) = f.decode_body::<wasmbed_protocol::Checkpoint>("CHECKPOINT") {
+                            unsealed.retain(|&s| s > f.seq);
+                            ticket = Some((f.seq, c.ticket.into_vec()));
+                            if !out.tickets {
+                                out.tickets = true;
+                                live.ticketed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     Some(_) => {}
                     None => ok = false,
                 },

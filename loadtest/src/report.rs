@@ -92,6 +92,14 @@ pub struct Report {
     /// Devices whose app state restarted during the run (checked with the `counter` app only:
     /// a REPLY whose message count went down).
     pub state_resets: usize,
+    /// Devices that got at least one CHECKPOINT (the gateways seal tickets).
+    pub tickets: usize,
+    /// Reconnections that resumed their session from a ticket.
+    pub resumed: u64,
+    /// Tickets refused, by reason.
+    pub resume_refused: BTreeMap<String, u64>,
+    /// DATA answered ERROR `duplicate`.
+    pub duplicates_refused: u64,
     pub handshake_us: Percentiles,
     pub welcome_us: Percentiles,
     pub reply_us: Percentiles,
@@ -132,6 +140,12 @@ impl Report {
             r.messages.duplicated += o.duplicated;
             r.reconnects += o.reconnects;
             r.state_resets += usize::from(o.state_resets > 0);
+            r.tickets += usize::from(o.tickets);
+            r.resumed += o.resumed;
+            r.duplicates_refused += o.duplicates_refused;
+            for (reason, n) in &o.resume_refused {
+                *r.resume_refused.entry(reason.clone()).or_default() += n;
+            }
         }
         r
     }
@@ -168,6 +182,21 @@ impl Report {
             m.sent, m.answered, m.errors, m.lost, m.duplicated
         );
         let _ = writeln!(t, "reconnects {}", self.reconnects);
+        if self.tickets > 0 {
+            let refused: Vec<String> = self
+                .resume_refused
+                .iter()
+                .map(|(r, n)| format!("{r}={n}"))
+                .collect();
+            let _ = writeln!(
+                t,
+                "sessions  {} devices got tickets; resumed {}; refused [{}]; duplicates refused {}",
+                self.tickets,
+                self.resumed,
+                refused.join(" "),
+                self.duplicates_refused
+            );
+        }
         if checks_state(self) {
             let _ = writeln!(
                 t,
@@ -192,6 +221,16 @@ impl Report {
             );
         }
         t
+    }
+}
+
+impl Report {
+    /// Whether the run kept its promises: every device connected, nothing lost, and, where
+    /// the gateways sealed tickets, no app state restarted.
+    pub fn passed(&self) -> bool {
+        self.connected == self.devices
+            && self.messages.lost == 0
+            && (self.tickets == 0 || self.state_resets == 0)
     }
 }
 

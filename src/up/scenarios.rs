@@ -5,8 +5,10 @@ use super::*;
 /// Waits (at most 60 s) until every device is connected; prints and returns the spread.
 async fn settle(live: &wasmbed_loadtest::Live, devices: usize) -> (bool, BTreeMap<String, usize>) {
     use std::sync::atomic::Ordering::Relaxed;
+    // Connected, and holding a ticket (a first REPLY and its CHECKPOINT): only then can a
+    // device resume its session elsewhere.
     let all_up = until(Duration::from_secs(60), || {
-        live.connected_now.load(Relaxed) == devices
+        live.connected_now.load(Relaxed) == devices && live.ticketed.load(Relaxed) == devices
     })
     .await;
     let before = live.spread();
@@ -104,15 +106,16 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         "messages: sent {} answered {} lost {} duplicated {}",
         report.messages.sent, report.messages.answered, lost, report.messages.duplicated
     );
-    // Reported, not a check yet: a re-homed session starts its app afresh until sessions
-    // carry their state (resumable sessions).
     println!(
-        "app state: {} devices saw their counter restart (state_resets)",
-        report.state_resets
+        "sessions: {} resumed from their tickets, refused {:?}; app state restarted on {} devices (state_resets)",
+        report.resumed, report.resume_refused, report.state_resets
     );
     print!("{}", report.table());
     let checks = [
-        (all_up, "every device connected before the event"),
+        (
+            all_up,
+            "every device connected (and held a ticket) before the event",
+        ),
         (rehomed, "every affected device re-homed"),
         (max_minus_min(&before) <= 1, "spread before: max - min <= 1"),
         (
@@ -120,6 +123,14 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             "spread after: max - min <= 1",
         ),
         (lost == 0, "no message lost"),
+        (
+            report.state_resets == 0,
+            "no app state restarted (state_resets == 0)",
+        ),
+        (
+            report.resumed as usize >= affected,
+            "every affected device resumed its session",
+        ),
     ];
     let doc = serde_json::json!({
         "scenario": format!("{scenario:?}").to_lowercase(),
