@@ -91,9 +91,10 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
             Ok(p) => p,
             Err(e) => return fail("proxy", e),
         };
-        announce(&proxy.listen_addrs(), proxy.admin_addr());
         let shutdown = CancellationToken::new();
+        // Watched before the ready line: a SIGTERM right after it stops the proxy in order.
         tokio::spawn(on_signal(shutdown.clone()));
+        announce(&proxy.listen_addrs(), proxy.admin_addr());
         match proxy.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("proxy", e),
@@ -117,8 +118,8 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
             Ok(g) => g,
             Err(e) => return fail("gateway", e),
         };
-        announce(&[gateway.listen_addr()], gateway.admin_addr());
         let shutdown = CancellationToken::new();
+        // Watched before the ready line: a SIGTERM right after it drains in order.
         tokio::spawn(on_signal(shutdown.clone()));
         // SIGHUP re-reads the session key ring; live sessions are not touched.
         let shared = gateway.shared();
@@ -133,6 +134,7 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
                 }
             });
         }
+        announce(&[gateway.listen_addr()], gateway.admin_addr());
         match gateway.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("gateway", e),
@@ -238,23 +240,30 @@ fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Registers SIGTERM and SIGINT at once (call it before announcing readiness: from then on
+/// they no longer kill the process) and returns what waits for them and cancels `shutdown`.
+fn on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch {name}");
+                    std::future::pending::<()>().await
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM");
-                std::future::pending::<()>().await
-            }
+        };
+        tokio::select! {
+            _ = wait(term, "SIGTERM") => tracing::info!("SIGTERM: shutting down"),
+            _ = wait(int, "SIGINT") => tracing::info!("SIGINT: shutting down"),
         }
-    };
-    tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        shutdown.cancel();
     }
-    shutdown.cancel();
 }
 
 fn init_logging(format: LogFormat) {

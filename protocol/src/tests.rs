@@ -214,3 +214,38 @@ mod codec {
         ));
     }
 }
+
+/// The CHECKPOINT example of PROTOCOL.md, byte for byte.
+#[test]
+fn the_documented_checkpoint_example_is_exact() {
+    let f = Frame::control(
+        Kind::Checkpoint,
+        5,
+        &Checkpoint {
+            ticket: serde_bytes::ByteBuf::from(vec![0xaa, 0xbb, 0xcc]),
+        },
+    );
+    let hex: String = f.encode().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(hex, "000000150a0000000000000005a1667469636b657443aabbcc");
+    let w = Welcome {
+        session: "s".into(),
+        gateway: "g".into(),
+        resumed: Some(Resumed {
+            seq: 5,
+            state: "restored".into(),
+        }),
+        resume_refused: None,
+    };
+    let back: Welcome = Frame::control(Kind::Welcome, 0, &w)
+        .decode_body("WELCOME")
+        .unwrap();
+    assert_eq!(back, w);
+    // An older WELCOME (no resume fields) still decodes.
+    let old = Frame::control(
+        Kind::Welcome,
+        0,
+        &std::collections::BTreeMap::from([("session", "s"), ("gateway", "g")]),
+    );
+    let w: Welcome = old.decode_body("WELCOME").unwrap();
+    assert_eq!((w.resumed, w.resume_refused), (None, None));
+}
