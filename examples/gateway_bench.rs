@@ -21,6 +21,7 @@ fn main() {
     let mut sessions = vec![1000usize, 10_000];
     let mut seconds = 5u64;
     let mut rate = 10_000f64;
+    let mut checkpoints: Option<usize> = None;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let v = pair.get(1).cloned().unwrap_or_default();
@@ -33,6 +34,7 @@ fn main() {
             }
             "--seconds" => seconds = v.parse().expect("--seconds S"),
             "--rate" => rate = v.parse().expect("--rate MSGS_PER_S"),
+            "--checkpoints" => checkpoints = Some(v.parse().expect("--checkpoints RUNS")),
             o => panic!("unknown option {o}"),
         }
     }
@@ -40,6 +42,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if let Some(runs) = checkpoints {
+        rt.block_on(checkpoint_cost(
+            sessions[0],
+            Duration::from_secs(seconds),
+            runs,
+        ));
+        tickets();
+        return;
+    }
     rt.block_on(async {
         instantiation().await;
         for n in sessions {
@@ -88,7 +99,7 @@ async fn instantiation() {
     );
 }
 
-fn gateway(max: usize) -> (Child, SocketAddr) {
+fn gateway(max: usize, extra: &[String]) -> (Child, SocketAddr) {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()
@@ -113,6 +124,7 @@ fn gateway(max: usize) -> (Child, SocketAddr) {
                 "--idle-timeout",
                 "10m",
             ])
+            .args(extra)
             .env("WASMBED_LOG", "warn"),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -122,7 +134,19 @@ fn gateway(max: usize) -> (Child, SocketAddr) {
 /// `rate`: None = closed loop (each session sends its next DATA when the REPLY arrives);
 /// Some(r) = open loop, r messages per second over all sessions, each at a fixed interval.
 async fn load(n: usize, duration: Duration, rate: Option<f64>) {
-    let (mut child, addr) = gateway(n);
+    load_app(n, duration, rate, "echo", &[], true).await;
+}
+
+/// Runs the load with `app` on a gateway started with `extra` flags; returns replies/s.
+async fn load_app(
+    n: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    app: &'static str,
+    extra: &[String],
+    print: bool,
+) -> f64 {
+    let (mut child, addr) = gateway(n, extra);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss0 = rss_kib(child.id());
     let gate = Arc::new(tokio::sync::Semaphore::new(256));
@@ -136,7 +160,7 @@ async fn load(n: usize, duration: Duration, rate: Option<f64>) {
             let s = TcpStream::connect(addr).await.unwrap();
             s.set_nodelay(true).unwrap();
             let mut device = Device::new(s);
-            device.open(&format!("device-{i:05}"), "echo").await;
+            device.open(&format!("device-{i:05}"), app).await;
             device
         }));
     }
@@ -184,36 +208,139 @@ async fn load(n: usize, duration: Duration, rate: Option<f64>) {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let rss2 = rss_kib(child.id());
-    let mode = rate.map_or(
-        "closed loop: next DATA when the REPLY arrives".to_string(),
-        |r| format!("open loop: {r:.0} DATA/s in all"),
-    );
-    println!(
-        "## echo on one gateway, {n} concurrent sessions (plain TCP, 64-byte DATA, {mode}, {:.0} s)",
-        duration.as_secs_f64()
-    );
-    println!(
-        "- sessions opened (HELLO -> WELCOME, 256 in flight) in {:.2} s",
-        open_time.as_secs_f64()
-    );
-    println!(
-        "- REPLY throughput: {:.0} replies/s ({} in {elapsed:.1} s)",
-        total.len() as f64 / elapsed,
-        total.len()
-    );
-    println!(
-        "- REPLY latency: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us",
-        pct(&total, 0.5),
-        pct(&total, 0.9),
-        pct(&total, 0.99),
-        pct(&total, 0.999),
-        total.max() as f64 / 1000.0
-    );
-    println!(
-        "- gateway RSS: {rss0} KiB idle, {rss1} KiB with {n} sessions ({:.1} KiB per session), {rss2} KiB after the load",
-        (rss1.saturating_sub(rss0)) as f64 / n as f64
-    );
+    if print {
+        let mode = rate.map_or(
+            "closed loop: next DATA when the REPLY arrives".to_string(),
+            |r| format!("open loop: {r:.0} DATA/s in all"),
+        );
+        println!(
+            "## echo on one gateway, {n} concurrent sessions (plain TCP, 64-byte DATA, {mode}, {:.0} s)",
+            duration.as_secs_f64()
+        );
+        println!(
+            "- sessions opened (HELLO -> WELCOME, 256 in flight) in {:.2} s",
+            open_time.as_secs_f64()
+        );
+        println!(
+            "- REPLY throughput: {:.0} replies/s ({} in {elapsed:.1} s)",
+            total.len() as f64 / elapsed,
+            total.len()
+        );
+        println!(
+            "- REPLY latency: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us",
+            pct(&total, 0.5),
+            pct(&total, 0.9),
+            pct(&total, 0.99),
+            pct(&total, 0.999),
+            total.max() as f64 / 1000.0
+        );
+        println!(
+            "- gateway RSS: {rss0} KiB idle, {rss1} KiB with {n} sessions ({:.1} KiB per session), {rss2} KiB after the load",
+            (rss1.saturating_sub(rss0)) as f64 / n as f64
+        );
+    }
     drop(keep);
     let _ = child.kill();
     let _ = child.wait();
+    total.len() as f64 / elapsed
+}
+
+/// The cost of checkpoints: closed-loop replies/s with `--checkpoint every` vs `off`, for
+/// echo (no state: a ticket without state) and counter (17 bytes of state), `runs`
+/// interleaved runs each; medians and the ratio.
+async fn checkpoint_cost(n: usize, duration: Duration, runs: usize) {
+    let dir = std::env::temp_dir().join(format!("gateway-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap(),
+    )
+    .unwrap();
+    let with = |mode: &str| -> Vec<String> {
+        vec![
+            "--session-keys".into(),
+            keys.display().to_string(),
+            "--checkpoint".into(),
+            mode.into(),
+        ]
+    };
+    println!(
+        "## checkpoint cost: {n} sessions, closed loop, {:.0} s per run, {runs} interleaved runs (median replies/s)",
+        duration.as_secs_f64()
+    );
+    println!(
+        "| app | --checkpoint off | --checkpoint every | every / off | --checkpoint 4 | 4 / off |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for app in ["echo", "counter"] {
+        let (mut off, mut every, mut four) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            off.push(load_app(n, duration, None, app, &with("off"), false).await);
+            every.push(load_app(n, duration, None, app, &with("every"), false).await);
+            four.push(load_app(n, duration, None, app, &with("4"), false).await);
+        }
+        let (o, e, f) = (median(&mut off), median(&mut every), median(&mut four));
+        println!(
+            "| {app} | {o:.0} | {e:.0} | {:.2} | {f:.0} | {:.2} |",
+            e / o,
+            f / o
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Sealing and opening a ticket, with 64 B and 16 KiB of app state.
+fn tickets() {
+    use wasmbed_gateway::ticket::{KeyRing, TicketBody, unix};
+    let dir = std::env::temp_dir().join(format!("gateway-bench-t-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(&keys, KeyRing::generate("k1").unwrap()).unwrap();
+    let ring = KeyRing::load(&keys).unwrap();
+    println!("## ticket seal + open (AES-256-GCM, CBOR), 20,000 each");
+    println!("| state | ticket bytes | seal p50 / p99 us | open p50 / p99 us |");
+    println!("|---:|---:|---:|---:|");
+    for size in [64usize, 16 << 10] {
+        let now = std::time::SystemTime::now();
+        let body = TicketBody {
+            device: "device-00001".into(),
+            app: "counter".into(),
+            module: serde_bytes::ByteBuf::from(vec![0u8; 32]),
+            session: "0123456789abcdef0123456789abcdef".into(),
+            seq: 12345,
+            pushes: 0,
+            issued: unix(now),
+            expires: unix(now) + 86400,
+            state: Some(serde_bytes::ByteBuf::from(vec![7u8; size])),
+        };
+        let (mut seal, mut open) = (
+            Histogram::<u64>::new(3).unwrap(),
+            Histogram::<u64>::new(3).unwrap(),
+        );
+        let mut len = 0;
+        for _ in 0..20_000 {
+            let t = Instant::now();
+            let ticket = ring.seal(&body).unwrap();
+            seal.record(t.elapsed().as_nanos() as u64).unwrap();
+            len = ticket.len();
+            let t = Instant::now();
+            let back = ring.open(&ticket, now).unwrap();
+            open.record(t.elapsed().as_nanos() as u64).unwrap();
+            assert_eq!(back.seq, 12345);
+        }
+        println!(
+            "| {size} B | {len} | {:.1} / {:.1} | {:.1} / {:.1} |",
+            pct(&seal, 0.5),
+            pct(&seal, 0.99),
+            pct(&open, 0.5),
+            pct(&open, 0.99)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,6 +54,10 @@ pub struct UpArgs {
     /// Write the scenario's results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Gateways issue no TLS session tickets (every re-homing device then pays a full TLS
+    /// handshake): to measure what the tickets save.
+    #[arg(long)]
+    no_tls_tickets: bool,
 }
 
 /// Child processes, killed when dropped.
@@ -145,6 +149,7 @@ fn spawn_gateway(
     mode: Mode,
     dir: &Path,
     i: usize,
+    tls_tickets_off: bool,
 ) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let d = |f: &str| dir.join(f).display().to_string();
@@ -161,6 +166,9 @@ fn spawn_gateway(
         ])
         // One key ring for the fleet: a session sealed by one gateway resumes on any other.
         .args(["--session-keys", &d("session-keys.toml")]);
+    if tls_tickets_off {
+        cmd.arg("--no-tls-tickets");
+    }
     match mode {
         Mode::Passthrough => cmd
             .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
@@ -198,7 +206,7 @@ fn start(
     };
     let mut gw_flags = Vec::new();
     for i in 0..gateways {
-        let (name, child, listen, admin) = spawn_gateway(args.mode, dir, i)?;
+        let (name, child, listen, admin) = spawn_gateway(args.mode, dir, i, args.no_tls_tickets)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }

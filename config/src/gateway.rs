@@ -66,6 +66,10 @@ pub struct GatewayFlags {
     pub checkpoint: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("How long a ticket opens after it was sealed. Default {}.", crate::defaults::show(crate::defaults::gateway::TICKET_LIFETIME)))]
     pub ticket_lifetime: Option<String>,
+    /// With TLS and --session-keys, TLS session tickets are issued under the key ring, so
+    /// a device that re-homes resumes TLS on any gateway: this turns them off.
+    #[arg(long)]
+    pub no_tls_tickets: bool,
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -98,6 +102,8 @@ struct RawGateway {
     max_state: Option<String>,
     checkpoint: Option<String>,
     ticket_lifetime: Option<String>,
+    #[serde(default)]
+    no_tls_tickets: bool,
     threads: Option<usize>,
     log_format: Option<LogFormat>,
 }
@@ -134,6 +140,8 @@ pub struct GatewaySettings {
     /// A CHECKPOINT after every Nth REPLY; `None`: never.
     pub checkpoint_every: Option<u32>,
     pub ticket_lifetime: Duration,
+    /// TLS session tickets under the key ring (with TLS and `session_keys`).
+    pub tls_tickets: bool,
     pub threads: Option<usize>,
     pub log_format: LogFormat,
 }
@@ -193,6 +201,7 @@ impl GatewaySettings {
             log_format
         );
         raw.insecure_plaintext |= f.insecure_plaintext;
+        raw.no_tls_tickets |= f.no_tls_tickets;
         if !f.proxy_identity.is_empty() {
             raw.proxy_identity = f.proxy_identity.clone();
         }
@@ -297,6 +306,7 @@ impl GatewaySettings {
             return Err(ConfigError::field("ticket_lifetime", "must be above 0"));
         }
         Ok(GatewaySettings {
+            tls_tickets: !raw.no_tls_tickets,
             session_keys: raw.session_keys,
             max_state,
             checkpoint_every,

@@ -56,8 +56,9 @@ pub struct Shared {
     pub meters: metrics::Meters,
     /// Cancelled on drain (admin or SIGTERM): sessions get GOAWAY, accepting stops.
     pub draining: CancellationToken,
-    /// The fleet's session key ring (`--session-keys`), swapped whole on SIGHUP.
-    pub keys: arc_swap::ArcSwapOption<ticket::KeyRing>,
+    /// The fleet's session key ring (`--session-keys`), swapped whole on SIGHUP; the TLS
+    /// ticketer reads the same one.
+    pub keys: Arc<arc_swap::ArcSwapOption<ticket::KeyRing>>,
 }
 
 impl Shared {
@@ -93,12 +94,28 @@ impl Gateway {
             let n = host.load_dir(dir)?;
             tracing::info!(dir = %dir.display(), apps = n, "applications loaded");
         }
+        let keys = match &settings.session_keys {
+            Some(path) => Some(Arc::new(ticket::KeyRing::load(path)?)),
+            None => None,
+        };
+        let keys = Arc::new(arc_swap::ArcSwapOption::new(keys));
         let tls = match &settings.tls {
             Some(t) => {
                 let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("--tls-cert"))?;
                 let key = wasmbed_certs::load_key(&t.key).map_err(setting("--tls-key"))?;
                 let ca = wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
-                let config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
+                let mut config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
+                if settings.session_keys.is_some() && settings.tls_tickets {
+                    // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
+                    // session on any gateway. One ticket per handshake.
+                    let mut c = (*config).clone();
+                    c.ticketer = Arc::new(ticket::FleetTicketer {
+                        keys: keys.clone(),
+                        lifetime: settings.ticket_lifetime.as_secs().min(7 * 24 * 3600) as u32,
+                    });
+                    c.send_tls13_tickets = 1;
+                    config = Arc::new(c);
+                }
                 Some(TlsAcceptor::from(config))
             }
             None => None,
@@ -113,12 +130,8 @@ impl Gateway {
             Some(a) => Some(bind(a, "admin, --admin").await?),
             None => None,
         };
-        let keys = match &settings.session_keys {
-            Some(path) => Some(Arc::new(ticket::KeyRing::load(path)?)),
-            None => None,
-        };
         let shared = Arc::new(Shared {
-            keys: arc_swap::ArcSwapOption::new(keys),
+            keys,
             settings,
             host,
             sessions: AtomicUsize::new(0),

@@ -157,53 +157,91 @@ impl KeyRing {
 
     /// Seals `body` under the first key.
     pub fn seal(&self, body: &TicketBody) -> Option<Vec<u8>> {
-        let (id, key) = self.keys.first()?;
         let mut plain = Vec::new();
         ciborium::into_writer(body, &mut plain).ok()?;
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(2 + id.len() + NONCE_LEN + plain.len() + 16);
-        out.push(VERSION);
-        out.push(id.len() as u8);
-        out.extend_from_slice(id.as_bytes());
-        let aad_len = out.len();
-        out.extend_from_slice(&nonce);
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&out[..aad_len].to_vec()),
-            &mut plain,
-        )
-        .ok()?;
-        out.extend_from_slice(&plain);
-        Some(out)
+        self.seal_bytes(VERSION, plain)
     }
 
     /// Opens a ticket sealed under any key of the ring, and checks its expiry against `now`.
     pub fn open(&self, ticket: &[u8], now: SystemTime) -> Result<TicketBody, Refused> {
-        let (&version, rest) = ticket.split_first().ok_or(Refused::BadTicket)?;
-        let (&id_len, rest) = rest.split_first().ok_or(Refused::BadTicket)?;
-        if version != VERSION || rest.len() < id_len as usize + NONCE_LEN + 16 {
-            return Err(Refused::BadTicket);
-        }
-        let (id, rest) = rest.split_at(id_len as usize);
-        let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        let key = self
-            .keys
-            .iter()
-            .find(|(k, _)| k.as_bytes() == id)
-            .map(|(_, key)| key)
-            .ok_or(Refused::BadTicket)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| Refused::BadTicket)?;
-        let aad = Aad::from(&ticket[..2 + id_len as usize]);
-        let mut buf = sealed.to_vec();
-        let plain = key
-            .open_in_place(nonce, aad, &mut buf)
-            .map_err(|_| Refused::BadTicket)?;
+        let plain = self.open_bytes(VERSION, ticket).ok_or(Refused::BadTicket)?;
         let body: TicketBody = ciborium::from_reader(&plain[..]).map_err(|_| Refused::BadTicket)?;
         if unix(now) >= body.expires {
             return Err(Refused::Expired);
         }
         Ok(body)
+    }
+
+    /// Seals `plain` under the first key; `domain` (the first byte, authenticated) keeps
+    /// session tickets and TLS tickets from ever being taken for one another.
+    fn seal_bytes(&self, domain: u8, mut plain: Vec<u8>) -> Option<Vec<u8>> {
+        let (id, key) = self.keys.first()?;
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(2 + id.len() + NONCE_LEN + plain.len() + 16);
+        out.push(domain);
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        let aad = Aad::from(out.clone());
+        out.extend_from_slice(&nonce);
+        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), aad, &mut plain)
+            .ok()?;
+        out.extend_from_slice(&plain);
+        Some(out)
+    }
+
+    fn open_bytes(&self, domain: u8, sealed: &[u8]) -> Option<Vec<u8>> {
+        let (&first, rest) = sealed.split_first()?;
+        let (&id_len, rest) = rest.split_first()?;
+        if first != domain || rest.len() < id_len as usize + NONCE_LEN + 16 {
+            return None;
+        }
+        let (id, rest) = rest.split_at(id_len as usize);
+        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let key = self
+            .keys
+            .iter()
+            .find(|(k, _)| k.as_bytes() == id)
+            .map(|(_, key)| key)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let aad = Aad::from(&sealed[..2 + id_len as usize]);
+        let mut buf = body.to_vec();
+        let plain = key.open_in_place(nonce, aad, &mut buf).ok()?;
+        Some(plain.to_vec())
+    }
+}
+
+/// TLS 1.3 session tickets under the fleet's key ring: a device that re-homes resumes its
+/// TLS session on any gateway instead of a full handshake (the way NGINX and Envoy share
+/// ticket keys). The ring is read at each use, so a SIGHUP reload takes effect at once.
+#[derive(Debug)]
+pub struct FleetTicketer {
+    pub keys: std::sync::Arc<arc_swap::ArcSwapOption<KeyRing>>,
+    /// Seconds a TLS ticket is good for (a hint to the client).
+    pub lifetime: u32,
+}
+
+/// The domain byte of TLS tickets.
+const TLS_DOMAIN: u8 = b'T';
+
+impl rustls::server::ProducesTickets for FleetTicketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.lifetime
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.keys
+            .load()
+            .as_ref()?
+            .seal_bytes(TLS_DOMAIN, plain.to_vec())
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.keys.load().as_ref()?.open_bytes(TLS_DOMAIN, cipher)
     }
 }
 

@@ -273,3 +273,45 @@ async fn without_a_key_ring_nothing_is_checkpointed_and_tickets_are_refused() {
     d.until_closed().await;
     assert!(d.ticket.is_none());
 }
+
+/// TLS session tickets under the fleet's ring: a device that re-homes resumes TLS on the
+/// other gateway (no full handshake), and is still held to its certificate's identity.
+#[tokio::test]
+async fn tls_resumes_on_another_gateway_of_the_fleet() {
+    use rustls::HandshakeKind;
+    let pki = Pki::new();
+    let keys = ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    );
+    for tickets in [true, false] {
+        let gateway = |name: &str| {
+            let mut s = settings(Some(&pki));
+            s.name = name.into();
+            s.session_keys = Some(keys.clone());
+            s.tls_tickets = tickets;
+            s
+        };
+        let (a, b) = (start(gateway("gw-a")).await, start(gateway("gw-b")).await);
+        let config = pki.device("device-0008", Some(&pki.ca));
+        let kind = |d: &TlsDevice| d.framed.get_ref().get_ref().1.handshake_kind();
+        let mut d = tls_device(a.addr, config.clone()).await.unwrap();
+        assert_eq!(kind(&d), Some(HandshakeKind::Full));
+        welcome(&mut d, "device-0008", "echo", None).await; // reads the session ticket too
+        drop(d);
+        let mut d = tls_device(b.addr, config.clone()).await.unwrap();
+        let want = if tickets {
+            HandshakeKind::Resumed
+        } else {
+            HandshakeKind::Full
+        };
+        assert_eq!(kind(&d), Some(want), "tickets {tickets}");
+        // The resumed session still carries the device's certificate: its identity holds.
+        let f = d.hello("device-0009", "echo").await;
+        assert_eq!(error_code(&f), ErrorCode::IdentityMismatch as u16);
+        let mut d = tls_device(b.addr, config).await.unwrap();
+        welcome(&mut d, "device-0008", "echo", None).await;
+        assert_eq!(d.data(b"x").await.body, b"x");
+    }
+}

@@ -179,7 +179,8 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     } = run;
     let (all_up, before) = settle(live, devices).await;
     let index = stack.gateways.len();
-    let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index) {
+    let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index, false)
+    {
         Ok(g) => g,
         Err(e) => {
             eprintln!("wasmbed up: {e}");
