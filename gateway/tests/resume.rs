@@ -121,8 +121,9 @@ async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
     );
     let (a, _b) = pair(&pki, &keys).await;
     let ring = KeyRing::load(&keys).unwrap();
-    // A real ticket of device-0003 for counter, and one for badstate (whose restore traps).
-    let ticket_of = |app: &str, expires_in: i64| {
+    // Real tickets of device-0003: for counter, and for badstate (whose restore traps, or
+    // loops when the state starts with 4).
+    let ticket_of = |app: &str, expires_in: i64, state: u8| {
         let now = SystemTime::now();
         ring.seal(&TicketBody {
             device: "device-0003".into(),
@@ -133,11 +134,11 @@ async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
             pushes: 0,
             issued: unix(now),
             expires: (unix(now) as i64 + expires_in) as u64,
-            state: Some(serde_bytes::ByteBuf::from(vec![1u8; 4])),
+            state: Some(serde_bytes::ByteBuf::from(vec![state; 4])),
         })
         .unwrap()
     };
-    let good = ticket_of("counter", 3600);
+    let good = ticket_of("counter", 3600, 1);
     let mut tampered = good.clone();
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
@@ -145,7 +146,7 @@ async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
         (
             "device-0003",
             "counter",
-            ticket_of("counter", -1),
+            ticket_of("counter", -1, 1),
             "expired",
         ),
         ("device-0003", "counter", tampered, "bad_ticket"),
@@ -157,10 +158,17 @@ async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
         ),
         ("device-0004", "counter", good.clone(), "other_device"),
         ("device-0003", "echo", good.clone(), "other_app"),
+        // A restore that traps, and one that loops past the call deadline.
         (
             "device-0003",
             "badstate",
-            ticket_of("badstate", 3600),
+            ticket_of("badstate", 3600, 1),
+            "restore_failed",
+        ),
+        (
+            "device-0003",
+            "badstate",
+            ticket_of("badstate", 3600, 4),
             "restore_failed",
         ),
     ];
@@ -314,4 +322,39 @@ async fn tls_resumes_on_another_gateway_of_the_fleet() {
         welcome(&mut d, "device-0008", "echo", None).await;
         assert_eq!(d.data(b"x").await.body, b"x");
     }
+}
+
+/// Replacing an app does not reset its devices: a ticket sealed by the old module is offered
+/// to the new module's `restore` (the app versions its own state format).
+#[tokio::test]
+async fn a_ticket_from_the_previous_version_of_the_app_restores_into_the_new_one() {
+    let pki = Pki::new();
+    let keys = ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    );
+    let (a, b) = pair(&pki, &keys).await;
+    let config = pki.device("device-0010", Some(&pki.ca));
+    let mut d = tls_device(a.addr, config.clone()).await.unwrap();
+    welcome(&mut d, "device-0010", "counter", None).await;
+    for _ in 0..3 {
+        d.data(&[1]).await;
+    }
+    let f = d.recv().await.unwrap();
+    d.keep_ticket(&f);
+    let (_, ticket) = d.ticket.clone().unwrap();
+    // Gateway B gets a new version of counter (other bytes, same state format).
+    let v2 = format!("{}\n;; v2", include_str!("../../apps/counter.wat"));
+    assert_eq!(
+        http(b.admin, "PUT", "/api/apps/counter", v2.as_bytes())
+            .await
+            .0,
+        200
+    );
+    let mut d = tls_device(b.addr, config).await.unwrap();
+    let w = welcome(&mut d, "device-0010", "counter", Some(&ticket)).await;
+    assert_eq!(w.resumed.map(|r| r.state), Some("restored".to_string()));
+    d.seq = 3;
+    assert_eq!(counter_of(&d.data(&[1]).await), 4);
 }
