@@ -134,7 +134,7 @@ fn gateway(max: usize, extra: &[String]) -> (Child, SocketAddr) {
 /// `rate`: None = closed loop (each session sends its next DATA when the REPLY arrives);
 /// Some(r) = open loop, r messages per second over all sessions, each at a fixed interval.
 async fn load(n: usize, duration: Duration, rate: Option<f64>) {
-    load_app(n, duration, rate, "echo", &[], true).await;
+    let _ = load_app(n, duration, rate, "echo", &[], true).await;
 }
 
 /// Runs the load with `app` on a gateway started with `extra` flags; returns replies/s.
@@ -145,7 +145,7 @@ async fn load_app(
     app: &'static str,
     extra: &[String],
     print: bool,
-) -> f64 {
+) -> Load {
     let (mut child, addr) = gateway(n, extra);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss0 = rss_kib(child.id());
@@ -173,6 +173,7 @@ async fn load_app(
     let payload = vec![7u8; 64];
     let deadline = Instant::now() + duration;
     let started = Instant::now();
+    let cpu0 = cpu_ticks(child.id());
     let workers: Vec<_> = conns
         .into_iter()
         .map(|mut s| {
@@ -207,6 +208,7 @@ async fn load_app(
         keep.push(s);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_ticks(child.id()).saturating_sub(cpu0);
     let rss2 = rss_kib(child.id());
     if print {
         let mode = rate.map_or(
@@ -242,7 +244,28 @@ async fn load_app(
     drop(keep);
     let _ = child.kill();
     let _ = child.wait();
-    total.len() as f64 / elapsed
+    Load {
+        per_second: total.len() as f64 / elapsed,
+        // Clock ticks are 10 ms: over a few seconds and ~10^5 replies, well resolved.
+        cpu_us_per_reply: cpu as f64 * 10_000.0 / total.len().max(1) as f64,
+    }
+}
+
+/// What one load run measured.
+struct Load {
+    per_second: f64,
+    /// The gateway process's CPU time (user + system) per REPLY.
+    cpu_us_per_reply: f64,
+}
+
+/// User + system CPU time of process `pid`, in clock ticks (1/100 s), from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces, inside parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    tick(11) + tick(12)
 }
 
 /// The cost of checkpoints: closed-loop replies/s with `--checkpoint every` vs `off`, for
@@ -269,23 +292,30 @@ async fn checkpoint_cost(n: usize, duration: Duration, runs: usize) {
         "## checkpoint cost: {n} sessions, closed loop, {:.0} s per run, {runs} interleaved runs (median replies/s)",
         duration.as_secs_f64()
     );
-    println!(
-        "| app | --checkpoint off | --checkpoint every | every / off | --checkpoint 4 | 4 / off |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| app | setting | replies/s | ratio to off | gateway CPU us/reply | ratio to off |");
+    println!("|---|---|---:|---:|---:|---:|");
     for app in ["echo", "counter"] {
-        let (mut off, mut every, mut four) = (Vec::new(), Vec::new(), Vec::new());
+        let modes = ["off", "every", "4"];
+        let mut rates = vec![Vec::new(); modes.len()];
+        let mut cpus = vec![Vec::new(); modes.len()];
         for _ in 0..runs {
-            off.push(load_app(n, duration, None, app, &with("off"), false).await);
-            every.push(load_app(n, duration, None, app, &with("every"), false).await);
-            four.push(load_app(n, duration, None, app, &with("4"), false).await);
+            for (i, mode) in modes.iter().enumerate() {
+                let l = load_app(n, duration, None, app, &with(mode), false).await;
+                rates[i].push(l.per_second);
+                cpus[i].push(l.cpu_us_per_reply);
+            }
         }
-        let (o, e, f) = (median(&mut off), median(&mut every), median(&mut four));
-        println!(
-            "| {app} | {o:.0} | {e:.0} | {:.2} | {f:.0} | {:.2} |",
-            e / o,
-            f / o
-        );
+        let rate: Vec<f64> = rates.iter_mut().map(|v| median(v)).collect();
+        let cpu: Vec<f64> = cpus.iter_mut().map(|v| median(v)).collect();
+        for (i, mode) in modes.iter().enumerate() {
+            println!(
+                "| {app} | {mode} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                rate[i],
+                rate[i] / rate[0],
+                cpu[i],
+                cpu[i] / cpu[0]
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,6 +22,36 @@ fn ring_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A fresh key ring file of one key, in the PKI's directory.
+fn fleet_ring(pki: &Pki) -> PathBuf {
+    ring_file(
+        pki.dir.path(),
+        "keys.toml",
+        &KeyRing::generate("k1").unwrap(),
+    )
+}
+
+/// A fresh session of `app` at `addr` that sends `messages`; returns it and the ticket of the
+/// CHECKPOINT that follows the last REPLY.
+async fn ticketed(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    device: &str,
+    app: &str,
+    messages: &[&[u8]],
+) -> (TlsDevice, Vec<u8>) {
+    let mut d = tls_device(addr, config).await.unwrap();
+    welcome(&mut d, device, app, None).await;
+    for m in messages {
+        assert_eq!(d.data(m).await.kind, Kind::Reply);
+    }
+    let f = d.recv().await.expect("CHECKPOINT");
+    assert_eq!((f.kind, f.seq), (Kind::Checkpoint, messages.len() as u64));
+    d.keep_ticket(&f);
+    let ticket = d.ticket.clone().map(|(_, t)| t).expect("a ticket");
+    (d, ticket)
+}
+
 /// Two TLS gateways sharing one key ring.
 async fn pair(pki: &Pki, keys: &Path) -> (RunningGateway, RunningGateway) {
     let gateway = |name: &str| {
@@ -42,11 +72,7 @@ async fn welcome(d: &mut TlsDevice, device: &str, app: &str, ticket: Option<&[u8
 #[tokio::test]
 async fn a_counter_at_50_resumes_at_51_on_another_gateway() {
     let pki = Pki::new();
-    let keys = ring_file(
-        pki.dir.path(),
-        "keys.toml",
-        &KeyRing::generate("k1").unwrap(),
-    );
+    let keys = fleet_ring(&pki);
     let (a, b) = pair(&pki, &keys).await;
     let config = pki.device("device-0001", Some(&pki.ca));
     let mut d = tls_device(a.addr, config.clone()).await.unwrap();
@@ -83,11 +109,7 @@ async fn a_counter_at_50_resumes_at_51_on_another_gateway() {
 #[tokio::test]
 async fn a_drain_answers_then_checkpoints_then_closes_and_the_session_resumes() {
     let pki = Pki::new();
-    let keys = ring_file(
-        pki.dir.path(),
-        "keys.toml",
-        &KeyRing::generate("k1").unwrap(),
-    );
+    let keys = fleet_ring(&pki);
     let (a, b) = pair(&pki, &keys).await;
     let config = pki.device("device-0002", Some(&pki.ca));
     let mut d = tls_device(a.addr, config.clone()).await.unwrap();
@@ -114,11 +136,7 @@ async fn a_drain_answers_then_checkpoints_then_closes_and_the_session_resumes() 
 #[tokio::test]
 async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
     let pki = Pki::new();
-    let keys = ring_file(
-        pki.dir.path(),
-        "keys.toml",
-        &KeyRing::generate("k1").unwrap(),
-    );
+    let keys = fleet_ring(&pki);
     let (a, _b) = pair(&pki, &keys).await;
     let ring = KeyRing::load(&keys).unwrap();
     // Real tickets of device-0003: for counter, and for badstate (whose restore traps, or
@@ -208,12 +226,7 @@ async fn keys_rotate_without_breaking_tickets_and_a_removed_key_ends_them() {
     s.session_keys = Some(keys.clone());
     let gw = start(s).await;
     let config = pki.device("device-0005", Some(&pki.ca));
-    let mut d = tls_device(gw.addr, config.clone()).await.unwrap();
-    welcome(&mut d, "device-0005", "counter", None).await;
-    d.data(&[1]).await;
-    let f = d.recv().await.unwrap();
-    d.keep_ticket(&f);
-    let (_, ticket) = d.ticket.clone().unwrap();
+    let (_, ticket) = ticketed(gw.addr, config.clone(), "device-0005", "counter", &[&[1]]).await;
     // Rotate: a new key first, the old one kept. The old ticket opens; new ones use "new".
     let new = KeyRing::generate("new").unwrap();
     std::fs::write(&keys, format!("{new}\n{old}")).unwrap();
@@ -237,11 +250,7 @@ async fn keys_rotate_without_breaking_tickets_and_a_removed_key_ends_them() {
 #[tokio::test]
 async fn a_snapshot_that_misbehaves_costs_its_checkpoint_only() {
     let pki = Pki::new();
-    let keys = ring_file(
-        pki.dir.path(),
-        "keys.toml",
-        &KeyRing::generate("k1").unwrap(),
-    );
+    let keys = fleet_ring(&pki);
     let mut s = settings(None);
     s.session_keys = Some(keys);
     let gw = start(s).await;
@@ -288,11 +297,7 @@ async fn without_a_key_ring_nothing_is_checkpointed_and_tickets_are_refused() {
 async fn tls_resumes_on_another_gateway_of_the_fleet() {
     use rustls::HandshakeKind;
     let pki = Pki::new();
-    let keys = ring_file(
-        pki.dir.path(),
-        "keys.toml",
-        &KeyRing::generate("k1").unwrap(),
-    );
+    let keys = fleet_ring(&pki);
     for tickets in [true, false] {
         let gateway = |name: &str| {
             let mut s = settings(Some(&pki));
@@ -329,21 +334,17 @@ async fn tls_resumes_on_another_gateway_of_the_fleet() {
 #[tokio::test]
 async fn a_ticket_from_the_previous_version_of_the_app_restores_into_the_new_one() {
     let pki = Pki::new();
-    let keys = ring_file(
-        pki.dir.path(),
-        "keys.toml",
-        &KeyRing::generate("k1").unwrap(),
-    );
+    let keys = fleet_ring(&pki);
     let (a, b) = pair(&pki, &keys).await;
     let config = pki.device("device-0010", Some(&pki.ca));
-    let mut d = tls_device(a.addr, config.clone()).await.unwrap();
-    welcome(&mut d, "device-0010", "counter", None).await;
-    for _ in 0..3 {
-        d.data(&[1]).await;
-    }
-    let f = d.recv().await.unwrap();
-    d.keep_ticket(&f);
-    let (_, ticket) = d.ticket.clone().unwrap();
+    let (_, ticket) = ticketed(
+        a.addr,
+        config.clone(),
+        "device-0010",
+        "counter",
+        &[&[1], &[1], &[1]],
+    )
+    .await;
     // Gateway B gets a new version of counter (other bytes, same state format).
     let v2 = format!("{}\n;; v2", include_str!("../../apps/counter.wat"));
     assert_eq!(
