@@ -49,6 +49,7 @@ fn main() {
             runs,
         ));
         tickets();
+        rt.block_on(state_calls());
         return;
     }
     rt.block_on(async {
@@ -373,4 +374,57 @@ fn tickets() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `snapshot` and `restore` calls (fresh instance + restore, as a resume does) for 64 B and
+/// 16 KiB of state, with `apps/blob.wat`, in process.
+async fn state_calls() {
+    use wasmbed_gateway::host::{Host, Limits};
+    let host = Host::new(Limits {
+        call_timeout: Duration::from_millis(50),
+        max_memory: 4 << 20,
+        max_instances: 64,
+        max_frame: 64 << 10,
+        max_state: 16 << 10,
+    })
+    .unwrap();
+    let app = host
+        .compile("blob", &std::fs::read(format!("{APPS}/blob.wat")).unwrap())
+        .unwrap();
+    println!(
+        "## snapshot and restore (apps/blob.wat, in process), 10,000 each after 1,000 warm-up"
+    );
+    println!("| state | snapshot p50 / p99 us | instantiate + restore p50 / p99 us |");
+    println!("|---:|---:|---:|");
+    for size in [64usize, 16 << 10] {
+        let state = vec![7u8; size];
+        let (mut snap, mut rest) = (
+            Histogram::<u64>::new(3).unwrap(),
+            Histogram::<u64>::new(3).unwrap(),
+        );
+        let mut inst = host.instantiate(&app, "d").await.unwrap();
+        inst.restore(&state).await.unwrap();
+        for i in 0..11_000 {
+            let t = Instant::now();
+            let got = inst.snapshot().await.unwrap().unwrap();
+            let s_ns = t.elapsed().as_nanos() as u64;
+            assert_eq!(got.len(), size);
+            let t = Instant::now();
+            let mut fresh = host.instantiate(&app, "d").await.unwrap();
+            fresh.restore(&got).await.unwrap();
+            let r_ns = t.elapsed().as_nanos() as u64;
+            if i >= 1_000 {
+                snap.record(s_ns).unwrap();
+                rest.record(r_ns).unwrap();
+            }
+            inst = fresh;
+        }
+        println!(
+            "| {size} B | {:.1} / {:.1} | {:.1} / {:.1} |",
+            pct(&snap, 0.5),
+            pct(&snap, 0.99),
+            pct(&rest, 0.5),
+            pct(&rest, 0.99)
+        );
+    }
 }

@@ -133,3 +133,31 @@ fn the_apps_directory_loads() {
         .to_string();
     assert!(e.contains("/nonexistent/apps"), "{e}");
 }
+
+#[tokio::test]
+async fn state_moves_through_snapshot_and_restore_within_its_cap() {
+    let h = host();
+    let blob = include_str!("../../../apps/blob.wat");
+    let mut a = instance(&h, "blob", blob).await;
+    assert!(a.stateful());
+    a.message(&[9u8; 100]).await.unwrap();
+    let state = a.snapshot().await.unwrap().expect("a state");
+    assert_eq!(state, vec![9u8; 100]);
+    let mut b = instance(&h, "blob", blob).await;
+    b.restore(&state).await.unwrap();
+    assert_eq!(b.snapshot().await.unwrap(), Some(state));
+    // Over --max-state: the checkpoint fails, the instance goes on.
+    a.message(&[1u8; (16 << 10) + 1]).await.unwrap();
+    assert!(matches!(
+        a.snapshot().await,
+        Err(CallError::StateTooLarge { len, max: 16384 }) if len == (16 << 10) + 1
+    ));
+    assert!(a.message(b"still").await.is_ok());
+    // Without the exports there is nothing to hand over.
+    let mut e = instance(&h, "echo", ECHO).await;
+    assert!(!e.stateful());
+    assert_eq!(e.snapshot().await.unwrap(), None);
+    // Exporting one of the pair alone is refused at load.
+    let half = "(module (memory (export \"memory\") 1) (func (export \"alloc\") (param i32) (result i32) (i32.const 0)) (func (export \"on_message\") (param i32 i32) (result i64) (i64.const 0)) (func (export \"snapshot\") (result i64) (i64.const 0)))";
+    assert!(h.compile("half", half.as_bytes()).is_err());
+}
