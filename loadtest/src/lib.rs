@@ -30,6 +30,8 @@ pub const GRACE: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// DATA a device remembers for a resume while it holds no ticket yet.
+const MAX_UNSEALED: usize = 1024;
 /// The largest frame a device accepts.
 const MAX_FRAME: usize = 1 << 20;
 /// The app whose REPLYs the fleet checks for state: `counter` answers with its message count.
@@ -464,6 +466,11 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                     next_seq += 1;
                     pending.insert(seq, Instant::now());
                     unsealed.insert(seq);
+                    // Without tickets (gateways with no key ring) nothing prunes it: keep
+                    // only the most recent DATA, enough for a first ticket to cover.
+                    if ticket.is_none() && unsealed.len() > MAX_UNSEALED {
+                        unsealed.pop_first();
+                    }
                     out.sent += 1;
                     live.sent.fetch_add(1, Ordering::Relaxed);
                     ok = conn.send(&Frame::new(Kind::Data, seq, payload.clone())).await.is_ok();
