@@ -31,6 +31,8 @@ pub struct AdminError {
 pub struct Admin {
     addr: SocketAddr,
     agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer ...` (`--admin-token-file` on the other side).
+    token: Option<String>,
 }
 
 /// An admin answer: status and body (any status: 4xx and 5xx are answers too).
@@ -47,7 +49,17 @@ impl Admin {
             .timeout_global(Some(ADMIN_TIMEOUT))
             .build()
             .into();
-        Admin { addr, agent }
+        Admin {
+            addr,
+            agent,
+            token: None,
+        }
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: &str) -> Admin {
+        self.token = Some(token.to_string());
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -63,7 +75,11 @@ impl Admin {
             source,
         };
         let json = matches!(body.first(), Some(b'{' | b'['));
-        let request = ureq::http::Request::builder()
+        let mut request = ureq::http::Request::builder();
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request
             .method(method)
             .uri(format!("http://{}{path}", self.addr))
             .header(

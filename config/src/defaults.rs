@@ -45,6 +45,8 @@ pub mod gateway {
     pub const MAX_STATE: usize = 16 << 10;
     pub const TICKET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
     pub const CHECKPOINT: &str = "every";
+    /// Bytes (16 MiB).
+    pub const MAX_APP_SIZE: usize = 16 << 20;
 }
 
 /// A duration as the docs and `--help` write it: `1s`, `50ms`, `0s`.
@@ -117,6 +119,10 @@ pub fn gateway_documented() -> Vec<(&'static str, String)> {
             format!("`{}`", show(TICKET_LIFETIME)),
         ),
         ("`--checkpoint every\\|N\\|off`", format!("`{CHECKPOINT}`")),
+        (
+            "`--max-app-size SIZE`",
+            format!("`{}`", show_size(MAX_APP_SIZE)),
+        ),
     ]
 }
 

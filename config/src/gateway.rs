@@ -73,6 +73,12 @@ pub struct GatewayFlags {
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// A file holding the bearer token that PUT/DELETE/POST on the admin endpoint need.
+    /// Without it, mutation is allowed only when the admin endpoint is on a loopback address.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    #[arg(long, value_name = "SIZE", help = format!("Largest app upload accepted by the admin API (413 above). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_APP_SIZE)))]
+    pub max_app_size: Option<String>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -105,6 +111,8 @@ struct RawGateway {
     #[serde(default)]
     no_tls_tickets: bool,
     threads: Option<usize>,
+    admin_token_file: Option<PathBuf>,
+    max_app_size: Option<String>,
     log_format: Option<LogFormat>,
 }
 
@@ -143,6 +151,10 @@ pub struct GatewaySettings {
     /// TLS session tickets under the key ring (with TLS and `session_keys`).
     pub tls_tickets: bool,
     pub threads: Option<usize>,
+    /// Who may change things through the admin endpoint.
+    pub admin_auth: crate::admin::AdminAuth,
+    /// Largest app upload accepted (413 above).
+    pub max_app_size: usize,
     pub log_format: LogFormat,
 }
 
@@ -197,6 +209,8 @@ impl GatewaySettings {
             max_state,
             checkpoint,
             ticket_lifetime,
+            admin_token_file,
+            max_app_size,
             threads,
             log_format
         );
@@ -327,6 +341,11 @@ impl GatewaySettings {
             max_sessions,
             max_frame,
             threads: raw.threads,
+            admin_auth: crate::admin::AdminAuth::load(raw.admin_token_file.as_deref(), admin)?,
+            max_app_size: match raw.max_app_size.as_deref() {
+                Some(t) => parse_size("max_app_size", t)?,
+                None => defaults::MAX_APP_SIZE,
+            },
             log_format: raw.log_format.unwrap_or_default(),
         })
     }

@@ -5,6 +5,7 @@
 //! `validate` turns the result into the typed config the libraries run on. Every problem is
 //! one [`ConfigError`] that names the field.
 
+pub mod admin;
 pub mod defaults;
 pub mod gateway;
 pub mod loadtest;

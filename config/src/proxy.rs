@@ -84,6 +84,10 @@ pub struct ProxyFlags {
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// A file holding the bearer token that POST/PUT/DELETE on the admin endpoint need.
+    /// Without it, mutation is allowed only when the admin endpoint is on a loopback address.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -174,6 +178,8 @@ pub struct ProxyConfig {
     /// How long sessions may finish on shutdown before they are closed.
     pub grace: Duration,
     pub threads: Option<usize>,
+    /// Who may change things through the admin endpoint.
+    pub admin_auth: crate::admin::AdminAuth,
     pub log_format: LogFormat,
 }
 
@@ -183,6 +189,7 @@ struct RawProxy {
     mode: Option<Mode>,
     admin: Option<String>,
     threads: Option<usize>,
+    admin_token_file: Option<PathBuf>,
     log_format: Option<LogFormat>,
     max_connections: Option<usize>,
     handshake_timeout: Option<String>,
@@ -385,6 +392,7 @@ impl ProxyConfig {
             )?,
             grace: duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?,
             threads: raw.threads,
+            admin_auth: crate::admin::AdminAuth::load(raw.admin_token_file.as_deref(), admin)?,
             log_format: raw.log_format.unwrap_or_default(),
         })
     }
@@ -420,6 +428,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.mode, f.mode);
     set(&mut raw.admin, f.admin.clone());
     set(&mut raw.threads, f.threads);
+    set(&mut raw.admin_token_file, f.admin_token_file.clone());
     set(&mut raw.log_format, f.log_format);
     set(&mut raw.max_connections, f.max_connections);
     set(&mut raw.health.check, f.health);

@@ -26,8 +26,42 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/apps", get(list))
         .route("/api/apps/{name}", put(upload).delete(remove))
         .route("/api/drain", post(drain))
-        .layer(DefaultBodyLimit::max(16 << 20))
+        .layer(DefaultBodyLimit::max(shared.settings.max_app_size))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
         .with_state(shared)
+}
+
+/// Mutating requests (app upload and delete, drain) need the admin token (see
+/// `wasmbed_config::admin`); refusals (401, 403, and 413 past `--max-app-size`) are counted.
+async fn guard(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use wasmbed_config::admin::Decision;
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let auth = &shared.settings.admin_auth;
+    let status = match auth.decide(request.method().as_str(), authorization) {
+        Decision::Allow => {
+            let response = next.run(request).await;
+            if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
+            }
+            return response;
+        }
+        Decision::Unauthorized => StatusCode::UNAUTHORIZED,
+        Decision::Forbidden => StatusCode::FORBIDDEN,
+    };
+    counter!(crate::metrics::ADMIN_REFUSED, "status" => status.as_str().to_string()).increment(1);
+    let text = if status == StatusCode::UNAUTHORIZED {
+        "this request changes the gateway: send Authorization: Bearer <admin token>\n"
+    } else {
+        "refused: wrong token, or no admin token configured on a non-loopback address\n"
+    };
+    (status, text).into_response()
 }
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {

@@ -22,6 +22,7 @@ pub const TLS_REJECTED: &str = "wasmbed_gateway_tls_rejected_total";
 pub const UPLOADS: &str = "wasmbed_gateway_app_uploads_total";
 pub const APPS: &str = "wasmbed_gateway_apps";
 pub const RESUMES: &str = "wasmbed_gateway_resumes_total";
+pub const ADMIN_REFUSED: &str = "wasmbed_gateway_admin_refused_total";
 pub const CHECKPOINTS: &str = "wasmbed_gateway_checkpoints_total";
 pub const TICKET_BYTES: &str = "wasmbed_gateway_ticket_bytes";
 pub const SNAPSHOT: &str = "wasmbed_gateway_snapshot_duration_seconds";
@@ -98,6 +99,10 @@ fn describe() {
         "CHECKPOINTs, by result: sent, failed (snapshot trapped, timed out or too large)."
     );
     describe_histogram!(TICKET_BYTES, Unit::Bytes, "Size of a sealed ticket.");
+    describe_counter!(
+        ADMIN_REFUSED,
+        "Admin requests refused, by status: 401 (no token), 403 (wrong token, or no token configured off loopback), 413 (upload over --max-app-size)."
+    );
     describe_histogram!(SNAPSHOT, Unit::Seconds, "Time of an app's snapshot call.");
     describe_histogram!(RESTORE, Unit::Seconds, "Time of an app's restore call.");
 }

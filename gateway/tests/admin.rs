@@ -201,3 +201,56 @@ async fn every_loaded_app_has_a_call_counter_and_a_deleted_one_none() {
     assert!(!has_series(&text, "echo"), "{text}");
     assert!(has_series(&text, "counter"));
 }
+
+/// A locked admin API: with a token file, uploads, deletes and drain need the token; reads
+/// stay open; an upload over --max-app-size is 413; each refusal is counted.
+#[tokio::test]
+async fn mutations_need_the_admin_token_and_uploads_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = "a-long-enough-admin-token";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let mut s = settings(None);
+    s.admin_auth = wasmbed_config::admin::AdminAuth::load(Some(&token_file), s.admin).unwrap();
+    s.max_app_size = 4096;
+    let gw = start(s).await;
+    assert_eq!(http(gw.admin, "GET", "/api/apps", b"").await.0, 200);
+    assert_eq!(http(gw.admin, "GET", "/metrics", b"").await.0, 200);
+    assert_eq!(http(gw.admin, "PUT", "/api/apps/e2", ECHO).await.0, 401);
+    assert_eq!(
+        wasmbed_testkit::http_auth(gw.admin, "PUT", "/api/apps/e2", ECHO, "wrong-token-0000000")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(http(gw.admin, "POST", "/api/drain", b"").await.0, 401);
+    assert_eq!(
+        wasmbed_testkit::http_auth(gw.admin, "PUT", "/api/apps/e2", ECHO, token)
+            .await
+            .0,
+        201
+    );
+    let big = vec![b' '; 5000];
+    assert_eq!(
+        wasmbed_testkit::http_auth(gw.admin, "PUT", "/api/apps/big", &big, token)
+            .await
+            .0,
+        413
+    );
+    let m = wasmbed_testkit::Metrics::parse(&http(gw.admin, "GET", "/metrics", b"").await.1);
+    for (status, n) in [("401", 2.0), ("403", 1.0), ("413", 1.0)] {
+        assert_eq!(
+            m.sum("wasmbed_gateway_admin_refused_total", &[("status", status)]),
+            n,
+            "{status}"
+        );
+    }
+    // No token and an admin endpoint off loopback: mutation refused to everyone.
+    let mut s = settings(None);
+    s.admin = Some("0.0.0.0:0".parse().unwrap());
+    s.admin_auth = wasmbed_config::admin::AdminAuth::load(None, s.admin).unwrap();
+    let gw = start(s).await;
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], gw.admin.port()));
+    assert_eq!(http(admin, "GET", "/api/apps", b"").await.0, 200);
+    assert_eq!(http(admin, "POST", "/api/drain", b"").await.0, 403);
+}

@@ -11,6 +11,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use metrics::counter;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,8 @@ pub struct Admin {
     pub health: HealthConfig,
     pub probes: TaskTracker,
     pub probes_stop: CancellationToken,
+    /// Who may use POST/PUT/DELETE (`--admin-token-file`).
+    pub auth: wasmbed_config::admin::AdminAuth,
 }
 
 /// The body of `POST /api/gateways`.
@@ -72,7 +75,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
     let gateways = admin.gateways.clone();
     let add_route = Router::new()
         .route("/api/gateways", post(add))
-        .with_state(admin);
+        .with_state(admin.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -82,9 +85,45 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/gateways/{name}/undrain", post(undrain))
         .with_state(gateways)
         .merge(add_route)
+        // A gateway spec is small: a larger body is refused (413) before it is read.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), guard))
 }
 
 /// Serves the admin endpoint until `shutdown`.
+/// Mutating requests need the admin token (see `wasmbed_config::admin`); refusals (401, 403,
+/// and 413 for an oversized body) are counted.
+async fn guard(
+    State(admin): State<Arc<Admin>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use wasmbed_config::admin::Decision;
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let status = match admin.auth.decide(request.method().as_str(), authorization) {
+        Decision::Allow => {
+            let response = next.run(request).await;
+            if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+                return response;
+            }
+            counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
+            return response;
+        }
+        Decision::Unauthorized => StatusCode::UNAUTHORIZED,
+        Decision::Forbidden => StatusCode::FORBIDDEN,
+    };
+    counter!(crate::metrics::ADMIN_REFUSED, "status" => status.as_str().to_string()).increment(1);
+    let text = if status == StatusCode::UNAUTHORIZED {
+        "this request changes the proxy: send Authorization: Bearer <admin token>\n"
+    } else {
+        "refused: wrong token, or no admin token configured on a non-loopback address\n"
+    };
+    (status, text).into_response()
+}
+
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
     let result = axum::serve(listener, router(admin))
         .with_graceful_shutdown(shutdown.cancelled_owned())

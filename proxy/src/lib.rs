@@ -141,11 +141,18 @@ impl Proxy {
             &probes_stop,
         );
         if let Some(listener) = self.admin {
+            if ctx.config.admin_auth.locked_out() {
+                tracing::warn!(
+                    "the admin endpoint is not on a loopback address and no --admin-token-file is set: \
+                     POST/PUT/DELETE on it are refused (GETs stay open)"
+                );
+            }
             let admin = Arc::new(admin::Admin {
                 gateways: self.gateways.clone(),
                 health: ctx.config.health.clone(),
                 probes: background.clone(),
                 probes_stop: probes_stop.clone(),
+                auth: ctx.config.admin_auth.clone(),
             });
             background.spawn(admin::serve(listener, admin, probes_stop.clone()));
         }

@@ -33,6 +33,7 @@ pub const CONNECT: &str = "wasmbed_proxy_connect_duration_seconds";
 pub const DEVICES: &str = "wasmbed_proxy_authenticated_devices_total";
 pub const ROUTED: &str = "wasmbed_proxy_routed_total";
 pub const SESSIONS_BY_ALPN: &str = "wasmbed_proxy_sessions_by_alpn_total";
+pub const ADMIN_REFUSED: &str = "wasmbed_proxy_admin_refused_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -112,6 +113,10 @@ fn describe() {
         "Sessions whose device presented a verified client certificate."
     );
     describe_counter!(ROUTED, "Sessions routed to a gateway pool, by pool.");
+    describe_counter!(
+        ADMIN_REFUSED,
+        "Admin requests refused, by status: 401 (no token), 403 (wrong token, or no token configured off loopback), 413 (body too large)."
+    );
     describe_counter!(
         SESSIONS_BY_ALPN,
         "Device connections by the ALPN protocol offered: the routes' protocols, wasmbed/1, none, other."

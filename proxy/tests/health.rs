@@ -234,3 +234,45 @@ async fn a_reset_on_the_gateway_side_brings_the_next_probe_forward() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(12), "down after {took:?}");
 }
+
+/// A locked admin API on the proxy: drain and POST /api/gateways need the token; reads stay
+/// open; an oversized body is 413.
+#[tokio::test]
+async fn proxy_mutations_need_the_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = "another-long-admin-token";
+    std::fs::write(&token_file, token).unwrap();
+    let backend = Backend::spawn().await;
+    let mut c = config(vec![backend.gateway("a")]);
+    c.admin_auth = wasmbed_config::admin::AdminAuth::load(Some(&token_file), c.admin).unwrap();
+    let proxy = start(c).await;
+    assert_eq!(proxy.admin("GET", "/api/gateways").await.0, 200);
+    assert_eq!(proxy.admin("POST", "/api/gateways/a/drain").await.0, 401);
+    assert!(
+        !proxy.gateway("a").is_draining(),
+        "a refused request changes nothing"
+    );
+    let (status, _) = wasmbed_testkit::http_auth(
+        proxy.admin,
+        "POST",
+        "/api/gateways/a/drain",
+        b"",
+        "x-wrong-token-xxxxxx",
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) =
+        wasmbed_testkit::http_auth(proxy.admin, "POST", "/api/gateways/a/drain", b"", token).await;
+    assert_eq!(status, 200);
+    assert!(proxy.gateway("a").is_draining());
+    let big = format!("{{\"name\":\"{}\"}}", "x".repeat(70_000));
+    let (status, _) =
+        wasmbed_testkit::http_auth(proxy.admin, "POST", "/api/gateways", big.as_bytes(), token)
+            .await;
+    assert_eq!(status, 413);
+    for (status, n) in [("401", 1.0), ("403", 1.0), ("413", 1.0)] {
+        let series = format!("wasmbed_proxy_admin_refused_total{{status=\"{status}\"}}");
+        assert_eq!(proxy.metric(&series).await, n, "{series}");
+    }
+}

@@ -28,6 +28,31 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u
     (answer.status, answer.body)
 }
 
+/// [`http`] with `Authorization: Bearer token`.
+pub async fn http_auth(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    token: &str,
+) -> (u16, String) {
+    let (method, path, body, token) = (
+        method.to_string(),
+        path.to_string(),
+        body.to_vec(),
+        token.to_string(),
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        Admin::new(addr)
+            .with_token(&token)
+            .request(&method, &path, &body)
+    })
+    .await
+    .expect("admin request task")
+    .unwrap_or_else(|e| panic!("{e}"));
+    (answer.status, answer.body)
+}
+
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after `within`.
 pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

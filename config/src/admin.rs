@@ -1,0 +1,154 @@
+//! Who may change things through an admin endpoint (proxy and gateway alike).
+//!
+//! Read-only requests (GET, HEAD) are always allowed: health, readiness, metrics, lists.
+//! A mutating request (POST, PUT, DELETE, anything else) needs `Authorization: Bearer TOKEN`
+//! with the token of `--admin-token-file` (compared in constant time). With no token
+//! configured, mutation is allowed only when the admin endpoint listens on a loopback address
+//! (anyone who can reach it is on this host), and refused otherwise.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use subtle::ConstantTimeEq;
+
+use crate::ConfigError;
+
+/// Shortest token accepted from a token file.
+pub const MIN_TOKEN: usize = 16;
+
+/// What an admin endpoint requires of a mutating request.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminAuth {
+    token: Option<Vec<u8>>,
+    loopback: bool,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminAuth")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("loopback", &self.loopback)
+            .finish()
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// 401: a mutating request without a bearer token.
+    Unauthorized,
+    /// 403: a wrong token, or mutation with no token configured on a non-loopback address.
+    Forbidden,
+}
+
+impl AdminAuth {
+    /// `token_file`: `--admin-token-file` (its contents, trimmed, at least 16 characters).
+    pub fn load(
+        token_file: Option<&Path>,
+        admin: Option<SocketAddr>,
+    ) -> Result<AdminAuth, ConfigError> {
+        let token = match token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::field("admin_token_file", format!("{}: {e}", path.display()))
+                })?;
+                let t = text.trim();
+                if t.len() < MIN_TOKEN || t.chars().any(char::is_whitespace) {
+                    return Err(ConfigError::field(
+                        "admin_token_file",
+                        format!(
+                            "{}: the token must be at least {MIN_TOKEN} characters with no spaces",
+                            path.display()
+                        ),
+                    ));
+                }
+                Some(t.as_bytes().to_vec())
+            }
+        };
+        Ok(AdminAuth {
+            token,
+            loopback: admin.is_none_or(|a| a.ip().is_loopback()),
+        })
+    }
+
+    /// Mutation is open to anyone who reaches the endpoint (no token, loopback).
+    pub fn open(&self) -> bool {
+        self.token.is_none() && self.loopback
+    }
+
+    /// Mutation is refused to everyone (no token, not loopback): worth a warning at start.
+    pub fn locked_out(&self) -> bool {
+        self.token.is_none() && !self.loopback
+    }
+
+    pub fn decide(&self, method: &str, authorization: Option<&[u8]>) -> Decision {
+        if matches!(method, "GET" | "HEAD") {
+            return Decision::Allow;
+        }
+        let Some(token) = &self.token else {
+            return if self.loopback {
+                Decision::Allow
+            } else {
+                Decision::Forbidden
+            };
+        };
+        let Some(given) = authorization.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+            return Decision::Unauthorized;
+        };
+        if bool::from(given.ct_eq(token)) {
+            Decision::Allow
+        } else {
+            Decision::Forbidden
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_open_and_writes_need_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "0123456789abcdef-secret\n").unwrap();
+        let lo: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:9900".parse().unwrap();
+        let with = AdminAuth::load(Some(&file), Some(any)).unwrap();
+        assert_eq!(with.decide("GET", None), Decision::Allow);
+        assert_eq!(with.decide("POST", None), Decision::Unauthorized);
+        assert_eq!(
+            with.decide("POST", Some(b"Bearer nope")),
+            Decision::Forbidden
+        );
+        assert_eq!(
+            with.decide("POST", Some(b"Basic 0123456789abcdef-secret")),
+            Decision::Unauthorized
+        );
+        assert_eq!(
+            with.decide("DELETE", Some(b"Bearer 0123456789abcdef-secret")),
+            Decision::Allow
+        );
+        let open = AdminAuth::load(None, Some(lo)).unwrap();
+        assert!(open.open());
+        assert_eq!(open.decide("PUT", None), Decision::Allow);
+        let exposed = AdminAuth::load(None, Some(any)).unwrap();
+        assert!(exposed.locked_out());
+        assert_eq!(
+            exposed.decide("POST", Some(b"Bearer x")),
+            Decision::Forbidden
+        );
+        assert_eq!(exposed.decide("GET", None), Decision::Allow);
+        std::fs::write(&file, "short").unwrap();
+        let e = AdminAuth::load(Some(&file), Some(lo))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admin_token_file") && e.contains("16"), "{e}");
+        let e = AdminAuth::load(Some(&dir.path().join("none")), Some(lo))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("none"), "{e}");
+    }
+}
