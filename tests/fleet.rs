@@ -6,28 +6,15 @@ use std::process::Command;
 
 use support::BIN;
 
-#[test]
-fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
+/// Runs `wasmbed up --scenario failover ARGS` on free ports in a temporary directory; it must
+/// pass its own checks. Returns its JSON results.
+fn failover(args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("failover.json");
     let out = Command::new(BIN)
-        .args([
-            "up",
-            "--scenario",
-            "failover",
-            "--gateways",
-            "3",
-            "--devices",
-            "60",
-        ])
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--rate",
-            "5",
-        ])
+        .args(["up", "--scenario", "failover"])
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .arg("--dir")
         .arg(dir.path().join("stack"))
         .arg("--json")
@@ -40,8 +27,12 @@ fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("well-formed JSON");
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("well-formed JSON")
+}
+
+#[test]
+fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
+    let doc = failover(&["--gateways", "3", "--devices", "60", "--rate", "5"]);
     assert_eq!(doc["affected"], 20);
     assert_eq!(doc["rehomed"], 20, "every affected device re-homed");
     let spread = |key: &str| -> Vec<u64> {
@@ -71,26 +62,16 @@ fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
 /// ticket) against the device certificate, the gateway resumes it.
 #[test]
 fn the_failover_scenario_resumes_sessions_in_terminate_mode_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("failover.json");
-    let out = Command::new(BIN)
-        .args(["up", "--scenario", "failover", "--mode", "terminate"])
-        .args(["--gateways", "3", "--devices", "30", "--rate", "5"])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .arg("--dir")
-        .arg(dir.path().join("stack"))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).expect("well-formed JSON");
+    let doc = failover(&[
+        "--mode",
+        "terminate",
+        "--gateways",
+        "3",
+        "--devices",
+        "30",
+        "--rate",
+        "5",
+    ]);
     assert!(doc["report"]["resumed"].as_u64().unwrap() >= 10, "{doc}");
     assert_eq!(doc["report"]["state_resets"], 0, "{doc}");
 }

@@ -42,6 +42,23 @@ pub enum Decision {
     Forbidden,
 }
 
+impl Decision {
+    /// For a refusal: the HTTP status and the text to answer with.
+    pub fn refusal(self) -> Option<(u16, &'static str)> {
+        match self {
+            Decision::Allow => None,
+            Decision::Unauthorized => Some((
+                401,
+                "this request changes the service: send Authorization: Bearer <admin token>\n",
+            )),
+            Decision::Forbidden => Some((
+                403,
+                "refused: wrong token, or no admin token configured on a non-loopback address\n",
+            )),
+        }
+    }
+}
+
 impl AdminAuth {
     /// `token_file`: `--admin-token-file` (its contents, trimmed, at least 16 characters).
     pub fn load(

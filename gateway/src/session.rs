@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use std::time::SystemTime;
+
 use bytes::BytesMut;
 use metrics::counter;
-use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
@@ -237,7 +238,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .resume
         .as_deref()
         .map(|t| open_ticket(shared, t, &hello.device, &hello.app));
-    let (mut resumed, mut refused, mut floor, mut pushed, mut session) = (None, None, 0, 0, None);
+    // `resumed_state`: "restored" or "fresh" when the session resumed from the ticket.
+    let (mut resumed_state, mut refused, mut floor, mut pushed, mut session) =
+        (None::<&'static str>, None, 0, 0, None);
     match ticket {
         None => {}
         Some(Err(r)) => refused = Some(r),
@@ -262,10 +265,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             };
             match state {
                 Some(state) => {
-                    resumed = Some(Resumed {
-                        seq: t.seq,
-                        state: state.into(),
-                    });
+                    resumed_state = Some(state);
                     (floor, pushed, session) = (t.seq, t.pushes, Some(t.session));
                 }
                 None => {
@@ -279,16 +279,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let outcome: Option<&'static str> = match (&resumed, refused) {
-        (Some(r), _) if r.state == "restored" => Some("restored"),
-        (Some(_), _) => Some("fresh"),
-        (None, Some(r)) => Some(r.as_str()),
-        (None, None) => None,
-    };
-    if let Some(outcome) = outcome {
+    if let Some(outcome) = resumed_state.or(refused.map(Refused::as_str)) {
         counter!(crate::metrics::RESUMES, "outcome" => outcome).increment(1);
     }
-    let restored = resumed.as_ref().is_some_and(|r| r.state == "restored");
+    let restored = resumed_state == Some("restored");
+    let resumed = resumed_state.map(|state| Resumed {
+        seq: floor,
+        state: state.into(),
+    });
     let session =
         session.unwrap_or_else(|| format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
     conn.queue(Frame::control(

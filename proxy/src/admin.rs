@@ -98,30 +98,21 @@ async fn guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    use wasmbed_config::admin::Decision;
     let authorization = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let status = match admin.auth.decide(request.method().as_str(), authorization) {
-        Decision::Allow => {
-            let response = next.run(request).await;
-            if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
-                return response;
-            }
-            counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
-            return response;
-        }
-        Decision::Unauthorized => StatusCode::UNAUTHORIZED,
-        Decision::Forbidden => StatusCode::FORBIDDEN,
-    };
-    counter!(crate::metrics::ADMIN_REFUSED, "status" => status.as_str().to_string()).increment(1);
-    let text = if status == StatusCode::UNAUTHORIZED {
-        "this request changes the proxy: send Authorization: Bearer <admin token>\n"
-    } else {
-        "refused: wrong token, or no admin token configured on a non-loopback address\n"
-    };
-    (status, text).into_response()
+    let decision = admin.auth.decide(request.method().as_str(), authorization);
+    if let Some((status, text)) = decision.refusal() {
+        counter!(crate::metrics::ADMIN_REFUSED, "status" => status.to_string()).increment(1);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+        return (status, text).into_response();
+    }
+    let response = next.run(request).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
+    }
+    response
 }
 
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {

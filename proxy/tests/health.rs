@@ -224,15 +224,13 @@ async fn a_reset_on_the_gateway_side_brings_the_next_probe_forward() {
     })
     .await;
     let _device = device(proxy.addr).await;
-    let started = tokio::time::Instant::now();
     backend.kill(); // resets its connections, closes its listeners
-    // Without the hint the next probe comes 18-20 s after the first; with it, 5 s after.
+    // Without the hint the next probe comes 18-20 s after the first; with it, 5 s after:
+    // `until` fails the test if the gateway is not down within 12 s.
     until(Duration::from_secs(12), "the gateway marked down", || {
         !gw.is_healthy()
     })
     .await;
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(12), "down after {took:?}");
 }
 
 /// A locked admin API on the proxy: drain and POST /api/gateways need the token; reads stay
