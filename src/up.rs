@@ -17,11 +17,18 @@ use scenarios::{Run, ScaleUp, scale_up, scenario_run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
-    /// Kill one gateway (SIGKILL, a real crash) under load; measure re-homing.
+    /// Kill one gateway (SIGKILL, a real crash) under load; measure re-homing (passthrough)
+    /// or the sessions' moves (terminate).
     Failover,
-    /// Drain one gateway (GOAWAY to its sessions) under load; measure re-homing.
+    /// Stop one gateway (SIGSTOP: a hung process, found by the health checks) under load.
+    Hang,
+    /// Drain one gateway under load: GOAWAY to its sessions (passthrough), or a drain that
+    /// moves them (terminate, `drain?move=true` on the proxy).
     Drain,
-    /// Start with one gateway less, add it under load, and show where new devices go.
+    /// The gateway drains itself (its own GOAWAY to every session, as on SIGTERM).
+    Goaway,
+    /// Start with one gateway less and add it under load: where new devices go (passthrough),
+    /// or how all sessions rebalance onto it (terminate, `--rebalance on`).
     ScaleUp,
 }
 
@@ -169,13 +176,14 @@ fn spawn_gateway(
     if tls_tickets_off {
         cmd.arg("--no-tls-tickets");
     }
-    match mode {
-        Mode::Passthrough => cmd
-            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
-            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
-            .args(["--client-ca", &d("ca.pem")]),
-        Mode::Terminate => cmd.arg("--insecure-plaintext"),
-    };
+    cmd.args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
+        .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
+        .args(["--client-ca", &d("ca.pem")]);
+    if mode == Mode::Terminate {
+        // TLS on the link too: the proxy's client certificate (identity wasmbed-proxy) may
+        // state the devices it verified; any other client must be the device it names.
+        cmd.args(["--proxy-identity", crate::certs_cmd::PROXY_IDENTITY]);
+    }
     let (child, line) = spawn_ready(&mut cmd)?;
     let listen = field(&line, "listen=")?;
     let admin = field(&line, "admin=")?;
@@ -236,7 +244,15 @@ fn start(
             "--tls-key",
             &d("proxy.key"),
         ])
-        .args(["--client-ca", &d("ca.pem")]);
+        .args(["--client-ca", &d("ca.pem")])
+        .args(["--upstream-ca", &d("ca.pem")])
+        .args(["--upstream-cert", &d("proxy-client.pem")])
+        .args(["--upstream-key", &d("proxy-client.key")])
+        // Devices hold tickets too: they would survive a restart of the proxy itself.
+        .arg("--forward-checkpoints");
+        if args.scenario == Some(Scenario::ScaleUp) {
+            cmd.args(["--rebalance", "on"]);
+        }
     }
     let (proxy, line) = spawn_ready(&mut cmd)?;
     stack.proxy = Some(proxy);
@@ -390,6 +406,8 @@ pub fn run(args: UpArgs) -> ExitCode {
         let stop = finish.clone();
         let run = Run {
             stack: stack_ref,
+            mode: args.mode,
+            proxy_admin: admin,
             live: &live,
             devices,
             finish,

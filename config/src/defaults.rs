@@ -25,6 +25,13 @@ pub mod proxy {
     pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
     pub const SLOW_START: Duration = Duration::ZERO;
     pub const GRACE: Duration = Duration::from_secs(10);
+    /// Bytes (64 KiB). Reading stops once the window holds this much, so it may exceed it by
+    /// the one frame that crossed the line.
+    pub const REPLAY_WINDOW: usize = 64 << 10;
+    pub const MIGRATE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const MOVE_RATE: u32 = 2_000;
+    pub const REBALANCE_THRESHOLD: u32 = 2;
+    pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(60);
 }
 
 /// Defaults of `wasmbed gateway`.
@@ -94,6 +101,23 @@ pub fn proxy_documented() -> Vec<(&'static str, String)> {
         ("`max_client_hello`", format!("`{MAX_CLIENT_HELLO}`")),
         ("`slow_start`", format!("`{}`", show(SLOW_START))),
         ("`grace`", format!("`{}`", show(GRACE))),
+        (
+            "`--replay-window SIZE`",
+            format!("`{}`", show_size(REPLAY_WINDOW)),
+        ),
+        (
+            "`--migrate-timeout D`",
+            format!("`{}`", show(MIGRATE_TIMEOUT)),
+        ),
+        ("`--move-rate N`", format!("`{MOVE_RATE}`")),
+        (
+            "`--rebalance-threshold N`",
+            format!("`{REBALANCE_THRESHOLD}`"),
+        ),
+        (
+            "`--rebalance-cooldown D`",
+            format!("`{}`", show(REBALANCE_COOLDOWN)),
+        ),
     ]
 }
 

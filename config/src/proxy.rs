@@ -76,6 +76,16 @@ pub struct ProxyFlags {
     /// Terminate mode: CA (PEM) that device certificates must chain to; makes them required.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
+    /// Terminate mode: TLS to the gateways, verified against this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Terminate mode: the proxy's client certificate chain (PEM) for TLS to the gateways
+    /// (with --upstream-key); `wasmbed certs init` writes proxy-client.pem.
+    #[arg(long, value_name = "FILE")]
+    pub upstream_cert: Option<PathBuf>,
+    /// Terminate mode: the key of --upstream-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_key: Option<PathBuf>,
     /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
     #[arg(long)]
     pub allow_plain: bool,
@@ -91,6 +101,46 @@ pub struct ProxyFlags {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    #[arg(long, value_name = "SIZE", help = format!("Terminate mode: DATA a session keeps for replay after its last checkpoint, in bytes (suffixes KiB, MiB). When full, the proxy stops reading from that device until a checkpoint frees room. Default {}.", crate::defaults::show_size(crate::defaults::proxy::REPLAY_WINDOW)))]
+    pub replay_window: Option<String>,
+    /// Terminate mode: pass CHECKPOINT frames on to devices too (the proxy keeps the ticket
+    /// either way), so a device can resume its session through another proxy.
+    #[arg(long)]
+    pub forward_checkpoints: bool,
+    #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a session whose gateway is lost waits for another to take it before the device gets ERROR unavailable. Default {}.", crate::defaults::show(crate::defaults::proxy::MIGRATE_TIMEOUT)))]
+    pub migrate_timeout: Option<String>,
+    #[arg(long, value_name = "N", help = format!("Terminate mode: most sessions moved per second by drains and rebalancing (failover moves are not paced). Default {}.", crate::defaults::proxy::MOVE_RATE))]
+    pub move_rate: Option<u32>,
+    /// Terminate mode: move live sessions onto a gateway that joins or recovers, until the
+    /// spread is within one (`on`/`off`; default off).
+    #[arg(long, value_name = "on|off")]
+    pub rebalance: Option<Toggle>,
+    #[arg(long, value_name = "N", help = format!("Spread of sessions per gateway (max - min, by weight) above which rebalancing starts. Default {}.", crate::defaults::proxy::REBALANCE_THRESHOLD))]
+    pub rebalance_threshold: Option<u32>,
+    #[arg(long, value_name = "DURATION", help = format!("A session is not moved by rebalancing twice within this time. Default {}.", crate::defaults::show(crate::defaults::proxy::REBALANCE_COOLDOWN)))]
+    pub rebalance_cooldown: Option<String>,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    On,
+    Off,
+}
+
+/// Terminate mode: how the proxy anchors sessions and moves them between gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// Bytes of DATA kept per session for replay after its last checkpoint.
+    pub replay_window: usize,
+    pub forward_checkpoints: bool,
+    pub migrate_timeout: Duration,
+    /// Moves per second for drains and rebalancing.
+    pub move_rate: u32,
+    pub rebalance: bool,
+    pub rebalance_threshold: u32,
+    pub rebalance_cooldown: Duration,
 }
 
 /// One address devices dial.
@@ -181,6 +231,7 @@ pub struct ProxyConfig {
     /// Who may change things through the admin endpoint.
     pub admin_auth: crate::admin::AdminAuth,
     pub log_format: LogFormat,
+    pub migration: MigrationConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -198,6 +249,14 @@ struct RawProxy {
     max_client_hello: Option<usize>,
     slow_start: Option<String>,
     grace: Option<String>,
+    replay_window: Option<String>,
+    #[serde(default)]
+    forward_checkpoints: bool,
+    migrate_timeout: Option<String>,
+    move_rate: Option<u32>,
+    rebalance: Option<Toggle>,
+    rebalance_threshold: Option<u32>,
+    rebalance_cooldown: Option<String>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -302,6 +361,7 @@ impl ProxyConfig {
         let gateways = gateways(&raw.gateway)?;
         let routes = routes(&raw.route, &gateways)?;
         let health = health(&raw.health)?;
+        let migration = migration(&raw)?;
         for (i, g) in gateways.iter().enumerate() {
             health_target(&format!("gateway[{i}]"), health.check, g)?;
         }
@@ -357,6 +417,12 @@ impl ProxyConfig {
         if raw.threads == Some(0) {
             return Err(ConfigError::field("threads", "must be at least 1"));
         }
+        if mode == Mode::Passthrough && migration.rebalance {
+            return Err(ConfigError::field(
+                "rebalance",
+                "needs terminate mode (in passthrough the proxy cannot move a session)",
+            ));
+        }
         Ok(ProxyConfig {
             mode,
             listeners,
@@ -394,8 +460,46 @@ impl ProxyConfig {
             threads: raw.threads,
             admin_auth: crate::admin::AdminAuth::load(raw.admin_token_file.as_deref(), admin)?,
             log_format: raw.log_format.unwrap_or_default(),
+            migration,
         })
     }
+}
+
+fn migration(raw: &RawProxy) -> Result<MigrationConfig, ConfigError> {
+    let replay_window = match raw.replay_window.as_deref() {
+        Some(text) => crate::gateway::parse_size("replay_window", text)?,
+        None => defaults::REPLAY_WINDOW,
+    };
+    if replay_window < 1024 {
+        return Err(ConfigError::field("replay_window", "must be at least 1KiB"));
+    }
+    let move_rate = raw.move_rate.unwrap_or(defaults::MOVE_RATE);
+    if move_rate == 0 {
+        return Err(ConfigError::field("move_rate", "must be at least 1"));
+    }
+    Ok(MigrationConfig {
+        replay_window,
+        forward_checkpoints: raw.forward_checkpoints,
+        migrate_timeout: positive(
+            "migrate_timeout",
+            duration_or(
+                "migrate_timeout",
+                raw.migrate_timeout.as_deref(),
+                defaults::MIGRATE_TIMEOUT,
+            )?,
+        )?,
+        move_rate,
+        rebalance: raw.rebalance == Some(Toggle::On),
+        rebalance_threshold: raw
+            .rebalance_threshold
+            .unwrap_or(defaults::REBALANCE_THRESHOLD)
+            .max(1),
+        rebalance_cooldown: duration_or(
+            "rebalance_cooldown",
+            raw.rebalance_cooldown.as_deref(),
+            defaults::REBALANCE_COOLDOWN,
+        )?,
+    })
 }
 
 fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
@@ -430,6 +534,13 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.threads, f.threads);
     set(&mut raw.admin_token_file, f.admin_token_file.clone());
     set(&mut raw.log_format, f.log_format);
+    set(&mut raw.replay_window, f.replay_window.clone());
+    raw.forward_checkpoints |= f.forward_checkpoints;
+    set(&mut raw.migrate_timeout, f.migrate_timeout.clone());
+    set(&mut raw.move_rate, f.move_rate);
+    set(&mut raw.rebalance, f.rebalance);
+    set(&mut raw.rebalance_threshold, f.rebalance_threshold);
+    set(&mut raw.rebalance_cooldown, f.rebalance_cooldown.clone());
     set(&mut raw.max_connections, f.max_connections);
     set(&mut raw.health.check, f.health);
     set(&mut raw.health.interval, f.health_interval.clone());
@@ -460,6 +571,25 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             key,
             client_ca,
         });
+    }
+    if let Some(ca) = &f.upstream_ca {
+        let kept = raw.upstream_tls.take();
+        raw.upstream_tls = Some(RawUpstreamTls {
+            ca: ca.clone(),
+            server_name: kept.as_ref().and_then(|u| u.server_name.clone()),
+            cert: kept.as_ref().and_then(|u| u.cert.clone()),
+            key: kept.as_ref().and_then(|u| u.key.clone()),
+        });
+    }
+    if f.upstream_cert.is_some() || f.upstream_key.is_some() {
+        let Some(up) = raw.upstream_tls.as_mut() else {
+            return Err(ConfigError::field(
+                "upstream_tls",
+                "--upstream-cert/--upstream-key need --upstream-ca (or [upstream_tls] ca)",
+            ));
+        };
+        set(&mut up.cert, f.upstream_cert.clone());
+        set(&mut up.key, f.upstream_key.clone());
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! `GET /healthz` (alive), `GET /readyz` (some gateway takes sessions), `GET /metrics`
 //! (Prometheus text), `GET /api/gateways` (JSON), `POST /api/gateways` (add one),
-//! `POST /api/gateways/{name}/drain` and `/undrain`.
+//! `POST /api/gateways/{name}/drain[?move=true]` and `/undrain`.
 
 use std::sync::Arc;
 
@@ -29,6 +29,18 @@ pub struct Admin {
     pub probes_stop: CancellationToken,
     /// Who may use POST/PUT/DELETE (`--admin-token-file`).
     pub auth: wasmbed_config::admin::AdminAuth,
+    /// Sessions can move between gateways (terminate mode): `drain?move=true` is allowed.
+    pub can_move: bool,
+}
+
+/// The query of `POST /api/gateways/{name}/drain`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainQuery {
+    /// Move the gateway's sessions to the others (terminate mode) instead of waiting for
+    /// them to end.
+    #[serde(rename = "move", default)]
+    pub move_sessions: bool,
 }
 
 /// The body of `POST /api/gateways`.
@@ -54,6 +66,8 @@ pub struct GatewayView {
     pub weight: u32,
     /// The count the gateway reported on its last http health probe.
     pub reported_sessions: Option<u64>,
+    /// Sessions ordered to move off it (drain by moving, rebalancing) and not moved yet.
+    pub moving: u64,
 }
 
 impl GatewayView {
@@ -67,6 +81,7 @@ impl GatewayView {
             sessions: g.sessions(),
             weight: g.weight(),
             reported_sessions: g.reported_sessions(),
+            moving: g.moving(),
         }
     }
 }
@@ -75,14 +90,14 @@ pub fn router(admin: Arc<Admin>) -> Router {
     let gateways = admin.gateways.clone();
     let add_route = Router::new()
         .route("/api/gateways", post(add))
+        .route("/api/gateways/{name}/drain", post(drain))
+        .route("/api/gateways/{name}/undrain", post(undrain))
         .with_state(admin.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/gateways", get(list))
-        .route("/api/gateways/{name}/drain", post(drain))
-        .route("/api/gateways/{name}/undrain", post(undrain))
         .with_state(gateways)
         .merge(add_route)
         // A gateway spec is small: a larger body is refused (413) before it is read.
@@ -195,23 +210,29 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
     }
 }
 
-async fn drain(state: State<Arc<GatewaySet>>, name: Path<String>) -> Response {
-    set_draining(state, name, true)
-}
-
-async fn undrain(state: State<Arc<GatewaySet>>, name: Path<String>) -> Response {
-    set_draining(state, name, false)
-}
-
-fn set_draining(
-    State(gateways): State<Arc<GatewaySet>>,
+async fn drain(
+    State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
-    draining: bool,
+    query: axum::extract::Query<DrainQuery>,
 ) -> Response {
-    match gateways.find(&name) {
+    if query.move_sessions && !admin.can_move {
+        let text = "drain?move=true needs terminate mode: in passthrough the proxy cannot move a session\n";
+        return (StatusCode::CONFLICT, text).into_response();
+    }
+    set_draining(&admin.gateways, &name, true, query.move_sessions)
+}
+
+async fn undrain(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
+    set_draining(&admin.gateways, &name, false, false)
+}
+
+fn set_draining(gateways: &GatewaySet, name: &str, draining: bool, move_all: bool) -> Response {
+    match gateways.find(name) {
         Some(g) => {
             g.set_draining(draining);
-            tracing::info!(gateway = %g.name, draining, sessions = g.sessions(), "drain state set");
+            // Undrain (or a plain drain) stops moves still under way.
+            g.order_moves(if move_all { usize::MAX } else { 0 });
+            tracing::info!(gateway = %g.name, draining, moving = move_all, sessions = g.sessions(), "drain state set");
             axum::Json(GatewayView::of(&g)).into_response()
         }
         None => (

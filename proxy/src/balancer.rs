@@ -37,6 +37,11 @@ pub struct Gateway {
     pub sessions_started: metrics::Counter,
     /// Woken when traffic suggests the gateway is failing: its prober probes at once.
     probe_soon: tokio::sync::Notify,
+    /// Sessions still to be moved off this gateway (drain by moving, rebalancing): each
+    /// session that moves takes one.
+    move_quota: AtomicUsize,
+    /// Bumped whenever moves are ordered; the sessions on this gateway watch it.
+    move_orders: tokio::sync::watch::Sender<u64>,
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -78,7 +83,34 @@ impl Gateway {
                 "gateway" => config.name.clone()
             ),
             probe_soon: tokio::sync::Notify::new(),
+            move_quota: AtomicUsize::new(0),
+            move_orders: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Asks `n` of this gateway's sessions (`usize::MAX`: all) to move to other gateways;
+    /// replaces an earlier order. Only terminate-mode sessions can move.
+    pub fn order_moves(&self, n: usize) {
+        self.move_quota.store(n, Ordering::SeqCst);
+        self.move_orders.send_modify(|epoch| *epoch += 1);
+    }
+
+    /// A receiver that changes whenever moves are ordered off this gateway.
+    pub fn move_orders(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.move_orders.subscribe()
+    }
+
+    /// Takes one move from the order, if any is left.
+    pub fn take_move(&self) -> bool {
+        self.move_quota
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1))
+            .is_ok()
+    }
+
+    /// Sessions ordered to move and not moved yet (bounded by the sessions it has).
+    pub fn moving(&self) -> u64 {
+        let quota = self.move_quota.load(Ordering::SeqCst) as u64;
+        quota.min(self.sessions())
     }
 
     /// Traffic suggests this gateway is failing (a failed connect, a session reset on its

@@ -23,12 +23,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod anchor;
 pub mod balancer;
 pub mod clienthello;
 pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod rebalance;
 pub mod refusal;
 pub mod session;
 
@@ -140,6 +142,13 @@ impl Proxy {
             &background,
             &probes_stop,
         );
+        if ctx.config.migration.rebalance {
+            background.spawn(rebalance::run(
+                self.gateways.clone(),
+                ctx.config.migration.clone(),
+                probes_stop.clone(),
+            ));
+        }
         if let Some(listener) = self.admin {
             if ctx.config.admin_auth.locked_out() {
                 tracing::warn!(
@@ -153,6 +162,7 @@ impl Proxy {
                 probes: background.clone(),
                 probes_stop: probes_stop.clone(),
                 auth: ctx.config.admin_auth.clone(),
+                can_move: ctx.config.mode == wasmbed_config::Mode::Terminate,
             });
             background.spawn(admin::serve(listener, admin, probes_stop.clone()));
         }

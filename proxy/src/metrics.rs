@@ -34,6 +34,13 @@ pub const DEVICES: &str = "wasmbed_proxy_authenticated_devices_total";
 pub const ROUTED: &str = "wasmbed_proxy_routed_total";
 pub const SESSIONS_BY_ALPN: &str = "wasmbed_proxy_sessions_by_alpn_total";
 pub const ADMIN_REFUSED: &str = "wasmbed_proxy_admin_refused_total";
+pub const MOVES: &str = "wasmbed_proxy_session_moves_total";
+pub const MOVE_PAUSE: &str = "wasmbed_proxy_move_pause_seconds";
+pub const REPLAYED: &str = "wasmbed_proxy_replayed_frames_total";
+pub const DUPLICATES_DROPPED: &str = "wasmbed_proxy_duplicate_answers_dropped_total";
+pub const HELD: &str = "wasmbed_proxy_sessions_held";
+pub const REPLAY_OVERFLOWS: &str = "wasmbed_proxy_replay_overflows_total";
+pub const MOVING: &str = "wasmbed_proxy_gateway_moving";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -118,6 +125,35 @@ fn describe() {
         "Admin requests refused, by status: 401 (no token), 403 (wrong token, or no token configured off loopback), 413 (body too large)."
     );
     describe_counter!(
+        MOVES,
+        "Terminate mode: sessions moved to another gateway, by cause (failover, goaway, drain, rebalance) and result (resumed: the app state went along; fresh: a new app instance; failed: no gateway took it within --migrate-timeout)."
+    );
+    describe_histogram!(
+        MOVE_PAUSE,
+        Unit::Seconds,
+        "Terminate mode: how long a moved session had no gateway, from the move's start (the old gateway found lost, or a paced move's turn) to the new gateway's WELCOME."
+    );
+    describe_counter!(
+        REPLAYED,
+        "Terminate mode: DATA frames sent again to the new gateway after a move (not covered by the ticket)."
+    );
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        "Terminate mode: answers (REPLY, ERROR, PUSH) the device had already received, dropped after a move."
+    );
+    describe_gauge!(
+        HELD,
+        "Terminate mode: sessions waiting for a gateway to take them (held up to --migrate-timeout)."
+    );
+    describe_counter!(
+        REPLAY_OVERFLOWS,
+        "Terminate mode: sessions whose replay window filled with answered DATA and no new checkpoint: the ticket was dropped (a later move starts the app afresh)."
+    );
+    describe_gauge!(
+        MOVING,
+        "Sessions ordered to move off a gateway (drain by moving, rebalancing) and not moved yet."
+    );
+    describe_counter!(
         SESSIONS_BY_ALPN,
         "Device connections by the ALPN protocol offered: the routes' protocols, wasmbed/1, none, other."
     );
@@ -130,7 +166,9 @@ pub fn render(gateways: &GatewaySet) -> String {
         let name = g.name.clone();
         gauge!(SESSIONS, "gateway" => name.clone()).set(g.sessions() as f64);
         gauge!(GATEWAY_UP, "gateway" => name.clone()).set(f64::from(u8::from(g.is_healthy())));
-        gauge!(GATEWAY_DRAINING, "gateway" => name).set(f64::from(u8::from(g.is_draining())));
+        gauge!(GATEWAY_DRAINING, "gateway" => name.clone())
+            .set(f64::from(u8::from(g.is_draining())));
+        gauge!(MOVING, "gateway" => name).set(g.moving() as f64);
     }
     handle.run_upkeep();
     handle.render()
@@ -145,6 +183,11 @@ pub struct Meters {
     pub bytes_up: Counter,
     pub bytes_down: Counter,
     pub devices: Counter,
+    pub replayed: Counter,
+    pub duplicates: Counter,
+    pub held: Gauge,
+    pub pause: Histogram,
+    pub overflows: Counter,
 }
 
 impl Meters {
@@ -157,6 +200,11 @@ impl Meters {
             bytes_up: counter!(BYTES, "direction" => "upstream"),
             bytes_down: counter!(BYTES, "direction" => "downstream"),
             devices: counter!(DEVICES),
+            replayed: counter!(REPLAYED),
+            duplicates: counter!(DUPLICATES_DROPPED),
+            held: gauge!(HELD),
+            pause: histogram!(MOVE_PAUSE),
+            overflows: counter!(REPLAY_OVERFLOWS),
         }
     }
 }

@@ -12,19 +12,19 @@ use metrics::counter;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wasmbed_config::{HealthCheck, ListenerConfig, Mode, ProxyConfig, RouteConfig};
 use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{ErrorCode, Hello, Kind};
 
-use crate::balancer::{GatewaySet, Lease};
+use crate::balancer::{Gateway, GatewaySet, Lease};
 use crate::clienthello::{self, ClientHello, HelloError};
-use crate::forward;
 use crate::listener::{Accepted, reset_on_close};
 use crate::metrics::{ACCEPTED, CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSIONS_CANCELLED};
 use crate::refusal::{Refusal, Refused, refused};
+use crate::{anchor, forward};
 
 /// Everything a session needs, shared by all of them.
 pub struct Context {
@@ -39,6 +39,8 @@ pub struct Context {
     /// Sessions routed by each of `config.routes`, then by the default pool.
     pub routed: Vec<metrics::Counter>,
     pub alpn: AlpnCounts,
+    /// Spaces the moves of drains and rebalancing (`--move-rate`).
+    pub pacer: anchor::Pacer,
 }
 
 impl Context {
@@ -57,6 +59,7 @@ impl Context {
             .collect();
         let alpn = AlpnCounts::new(&config.routes);
         Context {
+            pacer: anchor::Pacer::new(config.migration.move_rate),
             alpn,
             config,
             gateways,
@@ -213,7 +216,7 @@ async fn read_hello(
     }
 }
 
-async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
+async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused> {
     let Some(acceptor) = &ctx.acceptor else {
         return Err(refused(
             Refusal::Internal,
@@ -246,7 +249,7 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
         span.record("sni", name.as_str());
     }
     // The device's HELLO is checked against its certificate before any gateway sees it.
-    let first = tokio::time::timeout(
+    let (hello, hello_bytes, pending) = tokio::time::timeout(
         ctx.config.handshake_timeout,
         first_frame(&mut tls, identity.as_deref()),
     )
@@ -254,67 +257,50 @@ async fn terminate(ctx: &Context, device: TcpStream) -> Result<(), Refused> {
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&[]);
-    let pool = pool_for(ctx, sni.as_deref(), &[]);
-    let (lease, gateway) = connect(ctx, pool).await?;
-    let upstream_tls_failed = |e: &dyn std::fmt::Display| {
-        let gateway = &lease.gateway().name;
-        counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => gateway.clone()).increment(1);
-        tracing::warn!(%gateway, error = %e, "TLS with the gateway failed");
-        refused(Refusal::UpstreamTls, e)
-    };
-    let mut up: Box<dyn Upstream> = match &ctx.connector {
-        Some(connector) => {
-            let name = upstream_name(ctx, &lease.gateway().addr);
-            match connector.connect(name, gateway).await {
-                Ok(up) => Box::new(up),
-                Err(e) => return Err(upstream_tls_failed(&e)),
-            }
-        }
-        None => Box::new(gateway),
-    };
-    // HELLO goes first and the gateway's first answer comes back before the streams are
-    // spliced: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
+    let pool = pool_for(ctx, sni.as_deref(), &[]).to_string();
+    let (lease, gateway) = connect(ctx, &pool).await?;
+    // HELLO goes first and the gateway's first frame comes back before the session is
+    // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
     // and counted, instead of being a session that just closes.
-    let moved = Counted::default();
-    let mut answer = vec![0u8; 4096];
-    let exchange = async {
-        up.write_all(&first).await?;
-        up.read(&mut answer).await
-    };
-    let answered = match tokio::time::timeout(ctx.config.handshake_timeout, exchange).await {
-        Ok(Ok(n)) => n,
-        Ok(Err(e)) if is_tls_error(&e) => return Err(upstream_tls_failed(&e)),
+    let opened = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        anchor::open(ctx, lease.gateway(), gateway, &hello_bytes),
+    )
+    .await;
+    let (up, first, rest) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(anchor::OpenError::Tls(e))) => {
+            let gateway = &lease.gateway().name;
+            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => gateway.clone())
+                .increment(1);
+            tracing::warn!(%gateway, error = %e, "TLS with the gateway failed");
+            return Err(refused(Refusal::UpstreamTls, e));
+        }
         Ok(Err(e)) => return Err(refused(Refusal::GatewayError, e)),
         Err(_) => return Err(refused(Refusal::GatewayError, "no answer to HELLO in time")),
     };
-    moved.up.fetch_add(first.len() as u64, Ordering::Relaxed);
-    drop(first);
-    let result = async {
-        tls.write_all(&answer[..answered])
-            .await
-            .map_err(forward::Failure::device)?;
-        moved.down.fetch_add(answered as u64, Ordering::Relaxed);
-        drop(answer);
-        // Buffered copying does not say which side failed: not counted against the gateway.
-        let f = forward::streams(&mut tls, &mut up)
-            .await
-            .map_err(forward::Failure::device)?;
-        moved.up.fetch_add(f.upstream, Ordering::Relaxed);
-        moved.down.fetch_add(f.downstream, Ordering::Relaxed);
-        Ok(())
-    };
-    if supervise(ctx, &lease, result).await.is_some() {
-        reset_on_close(tls.get_ref().0);
+    ctx.meters.bytes_up.increment(hello_bytes.len() as u64);
+    if first.kind != Kind::Welcome {
+        // The gateway refused the session (an ERROR): the device gets it, then the close.
+        lease.gateway().sessions_started.increment(1);
+        let bytes = first.encode();
+        let _ = tls.write_all(&bytes).await;
+        let _ = tls.shutdown().await;
+        return Ok(());
     }
-    moved.record(&ctx.meters);
+    let link = anchor::Link::new(lease, up);
+    anchor::serve(ctx.clone(), tls, pool, hello, link, (first, rest, pending)).await;
     Ok(())
 }
 
 /// Terminate mode: reads the device's first frame, which must be a HELLO naming the device
 /// of the verified certificate (when there is one). Anything else is answered with ERROR and
-/// refused. Returns the bytes to send the gateway first: the HELLO and whatever followed it.
-async fn first_frame<S>(device: &mut S, identity: Option<&str>) -> Result<BytesMut, Refused>
+/// refused. Returns the HELLO, its bytes (to send the gateway first), and whatever followed.
+async fn first_frame<S>(
+    device: &mut S,
+    identity: Option<&str>,
+) -> Result<(Hello, Vec<u8>, BytesMut), Refused>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -363,12 +349,7 @@ where
         return Err(answer(device, ErrorCode::IdentityMismatch, 0, refusal, text).await);
     }
     // Re-encoding gives back the exact bytes the device sent: a frame has one encoding.
-    let mut first = BytesMut::with_capacity(frame.body.len() + 64 + buf.len());
-    codec
-        .encode(&frame, &mut first)
-        .map_err(|e| refused(Refusal::Internal, e))?;
-    first.extend_from_slice(&buf);
-    Ok(first)
+    Ok((hello, frame.encode(), buf))
 }
 
 /// Sends the device ERROR `code` and closes; gives the refusal to count.
@@ -389,11 +370,11 @@ where
 }
 
 /// The connection to a gateway in terminate mode: plain TCP, or TLS (`[upstream_tls]`).
-trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
 
 /// Whether an I/O error is rustls' (an alert, a certificate problem).
-fn is_tls_error(e: &io::Error) -> bool {
+pub(crate) fn is_tls_error(e: &io::Error) -> bool {
     e.get_ref()
         .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
 }
@@ -409,7 +390,7 @@ fn tls_reason(e: &io::Error) -> Refusal {
     }
 }
 
-fn upstream_name(ctx: &Context, addr: &str) -> ServerName<'static> {
+pub(crate) fn upstream_name(ctx: &Context, addr: &str) -> ServerName<'static> {
     let configured = ctx
         .config
         .upstream_tls
@@ -565,33 +546,16 @@ impl AlpnCounts {
 /// Connects to the best gateway of `pool`; on a failed connect, counts a passive failure and
 /// tries the next best, up to `connect_retries` more.
 async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refused> {
-    let health = &ctx.config.health;
     let mut tried = Vec::new();
     for _ in 0..=ctx.config.connect_retries {
         let Some(lease) = ctx.gateways.acquire(pool, &tried) else {
             break;
         };
-        let gateway = lease.gateway().clone();
-        let started = Instant::now();
-        let error =
-            match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
-                Ok(Ok(stream)) => {
-                    ctx.meters.connect.record(started.elapsed().as_secs_f64());
-                    return Ok((lease, stream));
-                }
-                Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(refused(Refusal::FdLimit, e)),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "connect timed out".to_string(),
-            };
-        drop(lease);
-        counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
-        gateway.suspect();
-        tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
-        if health.check != HealthCheck::None {
-            let change = gateway.observe(false, health.rise, health.fall);
-            crate::health::report(&gateway, change, &error);
+        match dial_gateway(ctx, lease.gateway()).await {
+            Ok(stream) => return Ok((lease, stream)),
+            Err(e) if is_fd_exhaustion(&e) => return Err(refused(Refusal::FdLimit, e)),
+            Err(_) => tried.push(lease.gateway().clone()),
         }
-        tried.push(gateway);
     }
     Err(if tried.is_empty() {
         refused(
@@ -604,6 +568,31 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
             format!("{} gateways refused", tried.len()),
         )
     })
+}
+
+/// Connects to `gateway` within `connect_timeout`. A failure (other than the proxy's own
+/// descriptor limit) is counted against the gateway, wakes its prober, and counts as a failed
+/// health observation.
+pub(crate) async fn dial_gateway(ctx: &Context, gateway: &Arc<Gateway>) -> io::Result<TcpStream> {
+    let started = Instant::now();
+    let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
+        Ok(Ok(stream)) => {
+            ctx.meters.connect.record(started.elapsed().as_secs_f64());
+            return Ok(stream);
+        }
+        Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(e),
+        Ok(Err(e)) => e,
+        Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+    };
+    counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+    gateway.suspect();
+    tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
+    let health = &ctx.config.health;
+    if health.check != HealthCheck::None {
+        let change = gateway.observe(false, health.rise, health.fall);
+        crate::health::report(gateway, change, &error.to_string());
+    }
+    Err(error)
 }
 
 async fn dial(addr: &str) -> io::Result<TcpStream> {

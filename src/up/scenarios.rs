@@ -41,6 +41,8 @@ fn conclude(checks: &[(bool, &str)], mut doc: serde_json::Value, json: Option<&P
 /// A scenario's stack, fleet and output, as `up` hands them over.
 pub(super) struct Run<'a> {
     pub(super) stack: &'a Stack,
+    pub(super) mode: Mode,
+    pub(super) proxy_admin: SocketAddr,
     pub(super) live: &'a wasmbed_loadtest::Live,
     pub(super) devices: usize,
     pub(super) finish: CancellationToken,
@@ -50,6 +52,9 @@ pub(super) struct Run<'a> {
 
 pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     use std::sync::atomic::Ordering::Relaxed;
+    if run.mode == Mode::Terminate {
+        return moving_run(scenario, run).await;
+    }
     let Run {
         stack,
         live,
@@ -57,6 +62,7 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         finish,
         running,
         json,
+        ..
     } = run;
     let (all_up, before) = settle(live, devices).await;
     let (victim, child, victim_admin) = &stack.gateways[0];
@@ -66,15 +72,15 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     match scenario {
         Scenario::Failover => {
             println!("killing {victim} (SIGKILL) with {affected} devices on it");
-            let _ = Command::new("kill")
-                .args(["-KILL", &child.id().to_string()])
-                .status();
+            signal(child, "-KILL");
         }
-        Scenario::Drain | Scenario::ScaleUp => {
+        Scenario::Hang => {
+            println!("stopping {victim} (SIGSTOP) with {affected} devices on it");
+            signal(child, "-STOP");
+        }
+        Scenario::Drain | Scenario::Goaway | Scenario::ScaleUp => {
             println!("draining {victim} with {affected} devices on it");
-            if let Err(e) = wasmbed_client::Admin::new(*victim_admin).post("/api/drain", b"") {
-                eprintln!("wasmbed up: {e}");
-            }
+            gateway_drain(*victim_admin);
         }
     }
     let rehomed = until(Duration::from_secs(30), || {
@@ -148,6 +154,225 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     conclude(&checks, doc, json)
 }
 
+/// Sends `sig` (`-KILL`, `-STOP`) to a child.
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status();
+}
+
+/// A gateway's own drain: GOAWAY to its sessions, no new ones.
+fn gateway_drain(admin: SocketAddr) {
+    if let Err(e) = wasmbed_client::Admin::new(admin).post("/api/drain", b"") {
+        eprintln!("wasmbed up: {e}");
+    }
+}
+
+/// The proxy's view: live sessions per gateway that is up.
+fn proxy_spread(admin: SocketAddr) -> BTreeMap<String, usize> {
+    let Ok(answer) = wasmbed_client::Admin::new(admin).get("/api/gateways") else {
+        return BTreeMap::new();
+    };
+    let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["healthy"].as_bool() == Some(true) && g["draining"].as_bool() == Some(false))
+        .filter_map(|g| {
+            Some((
+                g["name"].as_str()?.to_string(),
+                g["sessions"].as_u64()? as usize,
+            ))
+        })
+        .collect()
+}
+
+/// What the proxy counted of moves: by result, and the pause histogram's buckets.
+#[derive(Debug, Default, Clone)]
+struct Moves {
+    by_result: BTreeMap<String, f64>,
+    /// `(upper bound in seconds, cumulative count)`.
+    pause: Vec<(f64, f64)>,
+    /// Sessions moving now (no gateway yet).
+    held: f64,
+}
+
+impl Moves {
+    fn read(admin: SocketAddr) -> Moves {
+        let Ok(answer) = wasmbed_client::Admin::new(admin).get("/metrics") else {
+            return Moves::default();
+        };
+        let lines = answer.body.lines().map(|l| Ok(l.to_string()));
+        let Ok(scrape) = prometheus_parse::Scrape::parse(lines) else {
+            return Moves::default();
+        };
+        let mut m = Moves::default();
+        for s in scrape.samples {
+            match (s.metric.as_str(), s.value) {
+                ("wasmbed_proxy_session_moves_total", prometheus_parse::Value::Counter(v)) => {
+                    let result = s.labels.get("result").unwrap_or("?").to_string();
+                    *m.by_result.entry(result).or_default() += v;
+                }
+                ("wasmbed_proxy_move_pause_seconds", prometheus_parse::Value::Histogram(h)) => {
+                    m.pause = h.iter().map(|b| (b.less_than, b.count)).collect();
+                }
+                ("wasmbed_proxy_sessions_held", prometheus_parse::Value::Gauge(v)) => m.held = v,
+                _ => {}
+            }
+        }
+        m
+    }
+
+    fn total(&self) -> f64 {
+        self.by_result.values().sum()
+    }
+
+    /// Moves since `before`, by result.
+    fn since(&self, before: &Moves) -> BTreeMap<String, f64> {
+        self.by_result
+            .iter()
+            .map(|(k, v)| (k.clone(), v - before.by_result.get(k).unwrap_or(&0.0)))
+            .filter(|(_, v)| *v > 0.0)
+            .collect()
+    }
+
+    /// The bucket bound under which a `q` share of the pauses since `before` fell (ms).
+    fn pause_quantile_ms(&self, before: &Moves, q: f64) -> Option<f64> {
+        let base = |le: f64| before.pause.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+        let deltas: Vec<(f64, f64)> = self.pause.iter().map(|b| (b.0, b.1 - base(b.0))).collect();
+        let total = deltas.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        deltas.iter().find(|b| b.1 >= q * total).map(|b| b.0 * 1e3)
+    }
+}
+
+/// Terminate mode: the proxy moves the sessions (failover: a SIGKILL; drain: the proxy's
+/// `drain?move=true`); the devices should notice nothing.
+async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Run {
+        stack,
+        proxy_admin,
+        live,
+        devices,
+        finish,
+        running,
+        json,
+        ..
+    } = run;
+    let (all_up, _) = settle(live, devices).await;
+    let before = proxy_spread(proxy_admin);
+    let (victim, child, victim_admin) = &stack.gateways[0];
+    let affected = before.get(victim).copied().unwrap_or(0);
+    let moves_before = Moves::read(proxy_admin);
+    let rehomed_before = live.rehomed.load(Relaxed);
+    let event = Instant::now();
+    match scenario {
+        Scenario::Failover => {
+            println!("killing {victim} (SIGKILL) with {affected} sessions on it");
+            signal(child, "-KILL");
+        }
+        Scenario::Hang => {
+            println!("stopping {victim} (SIGSTOP) with {affected} sessions on it");
+            signal(child, "-STOP");
+        }
+        Scenario::Goaway => {
+            println!("{victim} drains itself (GOAWAY) with {affected} sessions on it");
+            gateway_drain(*victim_admin);
+        }
+        Scenario::Drain | Scenario::ScaleUp => {
+            println!("draining {victim} by moving its {affected} sessions");
+            let path = format!("/api/gateways/{victim}/drain?move=true");
+            if let Err(e) = wasmbed_client::Admin::new(proxy_admin).post(&path, b"") {
+                eprintln!("wasmbed up: {e}");
+            }
+        }
+    }
+    let moved = until(Duration::from_secs(30), || {
+        let moves = Moves::read(proxy_admin);
+        let spread = proxy_spread(proxy_admin);
+        moves.total() - moves_before.total() >= affected as f64
+            && moves.held == 0.0
+            && spread.get(victim).copied().unwrap_or(0) == 0
+    })
+    .await;
+    let emptied = event.elapsed();
+    // Keep sending for a moment on the new gateways, then end and wait for the last replies.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = proxy_spread(proxy_admin);
+    let moves = Moves::read(proxy_admin);
+    let disconnects = live.rehomed.load(Relaxed) - rehomed_before
+        + devices.saturating_sub(live.connected_now.load(Relaxed));
+    finish.cancel();
+    let report = running.await.unwrap_or_default();
+    let by_result = moves.since(&moves_before);
+    let (p50, p99) = (
+        moves.pause_quantile_ms(&moves_before, 0.5),
+        moves.pause_quantile_ms(&moves_before, 0.99),
+    );
+    let show = |q: Option<f64>| q.map_or("-".to_string(), |v| format!("<= {v:.1} ms"));
+    println!(
+        "spread after:  {}  (max-min {})",
+        spread_line(&after),
+        max_minus_min(&after)
+    );
+    println!(
+        "moved {:.0}/{affected} sessions {by_result:?}, {victim} empty after {:.0} ms; pause p50 {} p99 {} (proxy histogram buckets); longest wait a device saw for a reply {:.1} ms",
+        moves.total() - moves_before.total(),
+        emptied.as_secs_f64() * 1e3,
+        show(p50),
+        show(p99),
+        report.reply_us.max as f64 / 1e3
+    );
+    println!(
+        "devices that saw a disconnect: {disconnects}; messages: sent {} answered {} lost {} duplicated {}; app state restarted on {} devices",
+        report.messages.sent,
+        report.messages.answered,
+        report.messages.lost,
+        report.messages.duplicated,
+        report.state_resets
+    );
+    print!("{}", report.table());
+    let failed_moves = by_result.get("failed").copied().unwrap_or(0.0);
+    let checks = [
+        (all_up, "every device connected before the event"),
+        (moved, "every session of the victim moved"),
+        (disconnects == 0, "no device saw a disconnect"),
+        (max_minus_min(&before) <= 1, "spread before: max - min <= 1"),
+        (
+            max_minus_min(&after) <= 1 && after.get(victim).copied().unwrap_or(0) == 0,
+            "spread after: max - min <= 1, the victim empty",
+        ),
+        (report.messages.lost == 0, "no message lost"),
+        (report.messages.duplicated == 0, "no message answered twice"),
+        (
+            report.state_resets == 0,
+            "no app state restarted (state_resets == 0)",
+        ),
+        (failed_moves == 0.0, "no move failed"),
+    ];
+    let doc = serde_json::json!({
+        "scenario": format!("{scenario:?}").to_lowercase(),
+        "mode": "terminate",
+        "devices": devices,
+        "gateways": stack.gateways.len(),
+        "victim": victim,
+        "affected": affected,
+        "moves": by_result,
+        "emptied_ms": emptied.as_secs_f64() * 1e3,
+        "pause_p50_ms_bucket": p50,
+        "pause_p99_ms_bucket": p99,
+        "disconnects": disconnects,
+        "state_resets": report.state_resets,
+        "spread_before": before,
+        "spread_after": after,
+        "report": report,
+    });
+    conclude(&checks, doc, json)
+}
+
 /// What the scale-up scenario needs besides the stack.
 pub(super) struct ScaleUp {
     pub(super) mode: Mode,
@@ -171,6 +396,8 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     use std::sync::atomic::Ordering::Relaxed;
     let Run {
         stack,
+        mode,
+        proxy_admin,
         live,
         devices,
         finish,
@@ -178,6 +405,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         json,
     } = run;
     let (all_up, before) = settle(live, devices).await;
+    let moves_before = Moves::read(proxy_admin);
     let index = stack.gateways.len();
     let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index, false)
     {
@@ -188,6 +416,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         }
     };
     let _new_gateway = Killed(child);
+    let added_at = Instant::now();
     let body = format!(r#"{{"name":"{name}","address":"{listen}","health_address":"{gw_admin}"}}"#);
     let added = match wasmbed_client::Admin::new(scale.proxy_admin)
         .post("/api/gateways", body.as_bytes())
@@ -206,27 +435,64 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
             "REFUSED"
         }
     );
-    let second = match Fleet::prepare(scale.second) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("wasmbed up: {e}");
-            return ExitCode::FAILURE;
-        }
+    // Passthrough: new devices show where new sessions go. Terminate: no new devices; the
+    // sessions already live rebalance onto the new gateway.
+    let second = match mode {
+        Mode::Terminate => None,
+        Mode::Passthrough => match Fleet::prepare(scale.second) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("wasmbed up: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
-    let new_devices = second.live().gateway.lock().map(|g| g.len()).unwrap_or(0);
-    let live2 = second.live();
-    let running2 = tokio::spawn(second.run(finish.clone()));
-    println!("{new_devices} new devices dialing");
-    let second_up = until(Duration::from_secs(60), || {
-        live2.connected_now.load(Relaxed) == new_devices
-    })
-    .await;
-    let new_spread = live2.spread();
+    let mut second_up = true;
+    let mut running2 = None;
+    let mut new_spread = BTreeMap::new();
+    if let Some(second) = second {
+        let new_devices = second.live().gateway.lock().map(|g| g.len()).unwrap_or(0);
+        let live2 = second.live();
+        running2 = Some(tokio::spawn(second.run(finish.clone())));
+        println!("{new_devices} new devices dialing");
+        second_up = until(Duration::from_secs(60), || {
+            live2.connected_now.load(Relaxed) == new_devices
+        })
+        .await;
+        new_spread = live2.spread();
+    }
     let mut after = live.spread();
     for (g, n) in &new_spread {
         *after.entry(g.clone()).or_default() += n;
     }
     println!("new sessions: {}", spread_line(&new_spread));
+    // Terminate mode rebalances the sessions already live: the proxy's view is the truth
+    // (a moved device still names the gateway of its WELCOME).
+    let mut rebalanced_ms = None;
+    if mode == Mode::Terminate {
+        // Balanced by the proxy's counts, and the moves done (a move counts on its new
+        // gateway from the moment it dials it).
+        let balanced = until(Duration::from_secs(30), || {
+            let s = proxy_spread(proxy_admin);
+            let moves = Moves::read(proxy_admin);
+            max_minus_min(&s) <= 1
+                && s.contains_key(&name)
+                && moves.held == 0.0
+                && moves.total() > moves_before.total()
+        })
+        .await;
+        after = proxy_spread(proxy_admin);
+        if balanced {
+            rebalanced_ms = Some(added_at.elapsed().as_secs_f64() * 1e3);
+        }
+        let moved = Moves::read(proxy_admin).since(&moves_before);
+        println!(
+            "rebalanced: {} (moves {moved:?})",
+            rebalanced_ms.map_or("NO".to_string(), |ms| format!(
+                "max-min <= 1 over all sessions {ms:.0} ms after the gateway joined"
+            ))
+        );
+    }
     println!(
         "spread after:  {}  (max-min {})",
         spread_line(&after),
@@ -234,10 +500,11 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     finish.cancel();
-    let (r1, r2) = (
-        running.await.unwrap_or_default(),
-        running2.await.unwrap_or_default(),
-    );
+    let r1 = running.await.unwrap_or_default();
+    let r2 = match running2 {
+        Some(r) => r.await.unwrap_or_default(),
+        None => Report::default(),
+    };
     let lost = r1.messages.lost + r2.messages.lost;
     for (reason, n) in &r2.failed {
         println!("new devices that never connected: {n} ({reason})");
@@ -259,6 +526,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     ];
     let doc = serde_json::json!({
         "scenario": "scale-up",
+        "rebalanced_ms": rebalanced_ms,
         "added": name,
         "spread_before": before,
         "new_sessions": new_spread,

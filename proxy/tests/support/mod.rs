@@ -2,6 +2,8 @@
 //! health endpoint that can be stalled), a proxy started in-process, and device clients.
 #![allow(dead_code)]
 
+pub mod frames;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -266,6 +268,22 @@ impl RunningProxy {
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.admin("GET", "/metrics").await;
         Metrics::parse(&text).series(series) - Metrics::parse(&self.baseline).series(series)
+    }
+
+    /// Waits (bounded: 5 s) until `series` grew by `want` since the start.
+    pub async fn until_metric(&self, series: &str, want: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(series).await;
+            if v == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} is {v}, want {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The value of a gauge series now.

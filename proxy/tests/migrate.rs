@@ -1,0 +1,301 @@
+//! Terminate mode moves sessions between gateways without the device noticing: a crash, a
+//! GOAWAY, garbage from the gateway, a drain by moving, rebalancing; tickets carry the app
+//! state, the replay window covers what they do not, answers reach the device exactly once.
+
+mod support;
+
+use std::time::Duration;
+
+use support::frames::*;
+use support::*;
+use wasmbed_certs::pki::KeyKind;
+use wasmbed_config::Mode;
+use wasmbed_protocol::{ErrorCode, Kind};
+use wasmbed_testkit::{Device, error_code};
+
+fn terminating(pki: &Pki, gateways: &[&FrameGateway]) -> wasmbed_config::ProxyConfig {
+    let mut c = config(gateways.iter().map(|g| g.gateway()).collect());
+    c.mode = Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    c
+}
+
+/// A device with a live session through the proxy.
+struct Dev {
+    device: Device<TlsDevice>,
+    /// The count the stand-in app should answer next.
+    count: u64,
+}
+
+impl Dev {
+    async fn open(proxy: &RunningProxy, pki: &Pki, name: &str) -> Dev {
+        let tls = tls_connect(proxy.addr, device_tls(&pki.ca, Some(&pki.ca), name, false))
+            .await
+            .unwrap();
+        let mut device = Device::new(tls);
+        device.open(name, "counter").await;
+        Dev { device, count: 0 }
+    }
+
+    /// DATA, and its one answer: the app's count, one more than before (state intact).
+    async fn step(&mut self) {
+        let f = self.device.data(b"tick").await;
+        self.count += 1;
+        assert_eq!(f.kind, Kind::Reply, "DATA {}: {:?}", self.device.seq, f);
+        assert_eq!(
+            String::from_utf8_lossy(&f.body),
+            self.count.to_string(),
+            "DATA {}: the app's state went along",
+            self.device.seq
+        );
+    }
+}
+
+async fn open_all(proxy: &RunningProxy, pki: &Pki, n: usize) -> Vec<Dev> {
+    let mut devs = Vec::new();
+    for i in 0..n {
+        devs.push(Dev::open(proxy, pki, &format!("device-{i:04}")).await);
+    }
+    devs
+}
+
+async fn step_all(devs: &mut [Dev]) {
+    for d in devs.iter_mut() {
+        d.step().await;
+    }
+}
+
+async fn gateways(n: usize) -> Vec<FrameGateway> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(FrameGateway::spawn(&format!("gw-{i}")).await);
+    }
+    v
+}
+
+/// The moves counted for `cause` and `result`.
+async fn moves(proxy: &RunningProxy, cause: &str, result: &str) -> f64 {
+    let series =
+        format!("wasmbed_proxy_session_moves_total{{cause=\"{cause}\",result=\"{result}\"}}");
+    proxy.metric(&series).await
+}
+
+/// Runs `fault` on the gateway with the most sessions, with every device stepping before
+/// and after: no device notices, every count goes on. Returns how many sessions it had.
+async fn survives(fault: impl FnOnce(&FrameGateway), cause: &str) {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(3).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 30).await;
+    for _ in 0..3 {
+        step_all(&mut devs).await;
+    }
+    assert_eq!(proxy.counts(), vec![10, 10, 10]);
+    let victim = &gws[0];
+    fault(victim);
+    until(
+        Duration::from_secs(5),
+        "the victim's sessions moved",
+        || victim.live() == 0,
+    )
+    .await;
+    for _ in 0..3 {
+        step_all(&mut devs).await;
+    }
+    let resumed: usize = gws[1..].iter().map(FrameGateway::resumed).sum();
+    assert_eq!(resumed, 10, "each moved session resumed from its ticket");
+    assert_eq!(moves(&proxy, cause, "resumed").await, 10.0);
+    let counts = proxy.counts();
+    assert_eq!((counts[0], counts[1] + counts[2]), (0, 30), "{counts:?}");
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_duplicate_answers_dropped_total")
+            .await,
+        0.0,
+        "tickets were current: nothing answered twice"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_gateways_sessions_move_with_their_state() {
+    survives(FrameGateway::kill, "failover").await;
+}
+
+#[tokio::test]
+async fn a_goaway_moves_the_sessions() {
+    survives(|g| g.fault(Fault::Goaway), "goaway").await;
+}
+
+#[tokio::test]
+async fn garbage_from_a_gateway_moves_the_session_instead_of_cutting_the_device() {
+    survives(|g| g.fault(Fault::Garbage), "failover").await;
+}
+
+#[tokio::test]
+async fn an_oversized_frame_from_a_gateway_moves_the_session() {
+    survives(|g| g.fault(Fault::Oversized), "failover").await;
+}
+
+#[tokio::test]
+async fn the_replay_window_covers_what_the_ticket_does_not() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    for g in &gws {
+        g.checkpoint_every(3);
+    }
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 2).await;
+    // 4 DATA: the ticket covers 3, DATA 4 was answered after it.
+    for _ in 0..4 {
+        step_all(&mut devs).await;
+    }
+    gws[0].kill();
+    let moved = "wasmbed_proxy_session_moves_total{cause=\"failover\",result=\"resumed\"}";
+    proxy.until_metric(moved, 1.0).await;
+    // DATA 5 on the new gateway: the ticket gives count 3, DATA 4 is replayed (its REPLY
+    // dropped: the device has it), DATA 5 answers 5.
+    step_all(&mut devs).await;
+    step_all(&mut devs).await;
+    assert_eq!(
+        proxy.metric("wasmbed_proxy_replayed_frames_total").await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_duplicate_answers_dropped_total")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_refused_ticket_gives_a_fresh_session_without_a_disconnect() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    gws[1].refuse_tickets(true);
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 2).await;
+    step_all(&mut devs).await;
+    step_all(&mut devs).await;
+    let on_first = usize::from(proxy.counts()[0] == 1);
+    assert_eq!(on_first, 1);
+    gws[0].kill();
+    // The moved device's app starts over: its next answer is 1.
+    let mut fresh = 0;
+    for d in devs.iter_mut() {
+        let f = d.device.data(b"tick").await;
+        assert_eq!(f.kind, Kind::Reply);
+        if f.body == b"1" {
+            fresh += 1;
+            d.count = 1;
+        } else {
+            d.count += 1;
+            assert_eq!(f.body, d.count.to_string().into_bytes());
+        }
+    }
+    assert_eq!(fresh, 1, "the moved session started afresh");
+    assert_eq!(moves(&proxy, "failover", "fresh").await, 1.0);
+    step_all(&mut devs).await;
+}
+
+#[tokio::test]
+async fn with_every_gateway_down_the_device_is_held_then_told_unavailable() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(1).await;
+    let mut c = terminating(&pki, &[&gws[0]]);
+    c.migration.migrate_timeout = Duration::from_millis(400);
+    let proxy = start(c).await;
+    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
+    dev.step().await;
+    gws[0].kill();
+    let f = dev.device.recv().await.expect("an ERROR");
+    assert_eq!(error_code(&f), ErrorCode::Unavailable as u16);
+    assert!(dev.device.recv().await.is_none(), "then the close");
+    assert_eq!(moves(&proxy, "failover", "failed").await, 1.0);
+    assert_eq!(proxy.gauge("wasmbed_proxy_sessions_held").await, 0.0);
+}
+
+#[tokio::test]
+async fn a_held_session_moves_when_a_gateway_comes_back() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(1).await;
+    let proxy = start(terminating(&pki, &[&gws[0]])).await;
+    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
+    dev.step().await;
+    gws[0].kill();
+    until(Duration::from_secs(3), "the session is held", || {
+        proxy.counts() == vec![0]
+    })
+    .await;
+    // A new gateway is added while the device waits: its session goes there, state intact.
+    let late = FrameGateway::spawn("late").await;
+    let body = format!(r#"{{"name":"late","address":"{}"}}"#, late.addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 201);
+    dev.step().await;
+    assert_eq!(late.resumed(), 1);
+}
+
+#[tokio::test]
+async fn drain_by_moving_empties_a_gateway_and_reports_progress() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 20).await;
+    step_all(&mut devs).await;
+    let (status, body) = proxy
+        .admin("POST", "/api/gateways/gw-0/drain?move=true")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    until(Duration::from_secs(5), "gw-0 is empty", || {
+        proxy.counts() == vec![0, 20]
+    })
+    .await;
+    step_all(&mut devs).await;
+    assert_eq!(moves(&proxy, "drain", "resumed").await, 10.0);
+    let (_, list) = proxy.admin("GET", "/api/gateways").await;
+    assert!(list.contains(r#""moving":0"#), "{list}");
+    // A plain drain moves nothing; drain?move=true is refused in passthrough (another test).
+    proxy.admin("POST", "/api/gateways/gw-0/undrain").await;
+    proxy.admin("POST", "/api/gateways/gw-1/drain").await;
+    step_all(&mut devs).await;
+    assert_eq!(proxy.counts(), vec![0, 20]);
+}
+
+#[tokio::test]
+async fn a_new_gateway_gets_its_share_of_live_sessions_with_rebalancing() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    let mut c = terminating(&pki, &gws.iter().collect::<Vec<_>>());
+    c.migration.rebalance = true;
+    let proxy = start(c).await;
+    let mut devs = open_all(&proxy, &pki, 20).await;
+    step_all(&mut devs).await;
+    let late = FrameGateway::spawn("late").await;
+    let body = format!(r#"{{"name":"late","address":"{}"}}"#, late.addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 201);
+    until(Duration::from_secs(5), "the spread is within one", || {
+        let c = proxy.counts();
+        c.iter().max().unwrap() - c.iter().min().unwrap() <= 1 && c.iter().sum::<u64>() == 20
+    })
+    .await;
+    step_all(&mut devs).await;
+    assert_eq!(late.resumed(), proxy.counts()[2] as usize);
+    assert!(moves(&proxy, "rebalance", "resumed").await >= 6.0);
+}
+
+#[tokio::test]
+async fn a_device_that_breaks_the_protocol_is_refused_without_moving() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
+    dev.step().await;
+    // DATA 1 again: sequences must increase.
+    let again = wasmbed_protocol::Frame::new(Kind::Data, 1, b"x".to_vec());
+    dev.device.send(again).await.unwrap();
+    let f = dev.device.recv().await.expect("an ERROR");
+    assert_eq!(error_code(&f), ErrorCode::BadFrame as u16);
+    assert!(dev.device.recv().await.is_none());
+    assert_eq!(moves(&proxy, "failover", "resumed").await, 0.0);
+    assert_eq!(gws.iter().map(FrameGateway::resumed).sum::<usize>(), 0);
+}
