@@ -227,6 +227,9 @@ fn start(
             "/readyz",
             "--health-interval",
             "250ms",
+            // Most of the interval: a gateway busy on a loaded machine is slow, not down.
+            "--health-timeout",
+            "200ms",
             "--fall",
             "2",
         ])

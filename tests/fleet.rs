@@ -9,10 +9,15 @@ use support::BIN;
 /// Runs `wasmbed up --scenario failover ARGS` on free ports in a temporary directory; it must
 /// pass its own checks. Returns its JSON results.
 fn failover(args: &[&str]) -> serde_json::Value {
+    scenario("failover", args)
+}
+
+/// Runs `wasmbed up --scenario NAME ARGS` the same way.
+fn scenario(name: &str, args: &[&str]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("failover.json");
+    let json = dir.path().join("scenario.json");
     let out = Command::new(BIN)
-        .args(["up", "--scenario", "failover"])
+        .args(["up", "--scenario", name])
         .args(args)
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .arg("--dir")
@@ -58,22 +63,94 @@ fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
     assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0);
 }
 
-/// The same failover through a terminating proxy: the proxy checks the HELLO (with its
-/// ticket) against the device certificate, the gateway resumes it.
+/// Terminate mode, real TLS on both hops (devices to the proxy, the proxy's client
+/// certificate to the gateways), 300 devices sending DATA to `counter`: the proxy moves the
+/// sessions of a gateway that is killed (SIGKILL), hung (SIGSTOP, found by health checks),
+/// that says GOAWAY, or that is drained by moving. No device sees a disconnect, every DATA is
+/// answered exactly once, no counter restarts.
+fn moves_without_the_devices_noticing(name: &str) {
+    let doc = scenario(
+        name,
+        &[
+            "--mode",
+            "terminate",
+            "--gateways",
+            "3",
+            "--devices",
+            "300",
+            "--rate",
+            "2",
+        ],
+    );
+    assert_eq!(doc["affected"], 100, "{doc}");
+    assert_eq!(
+        doc["moves"]["resumed"], 100.0,
+        "each moved with its ticket: {doc}"
+    );
+    assert_eq!(doc["disconnects"], 0, "{doc}");
+    let messages = &doc["report"]["messages"];
+    assert_eq!(messages["lost"], 0, "{doc}");
+    assert_eq!(messages["duplicated"], 0, "{doc}");
+    assert_eq!(messages["sent"], messages["answered"], "{doc}");
+    assert_eq!(doc["state_resets"], 0, "{doc}");
+    assert_eq!(doc["report"]["reconnects"], 0, "{doc}");
+    assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0, "{doc}");
+}
+
 #[test]
-fn the_failover_scenario_resumes_sessions_in_terminate_mode_too() {
-    let doc = failover(&[
-        "--mode",
-        "terminate",
-        "--gateways",
-        "3",
-        "--devices",
-        "30",
-        "--rate",
-        "5",
-    ]);
-    assert!(doc["report"]["resumed"].as_u64().unwrap() >= 10, "{doc}");
-    assert_eq!(doc["report"]["state_resets"], 0, "{doc}");
+fn terminate_mode_moves_the_sessions_of_a_killed_gateway() {
+    moves_without_the_devices_noticing("failover");
+}
+
+#[test]
+fn terminate_mode_moves_the_sessions_of_a_hung_gateway() {
+    moves_without_the_devices_noticing("hang");
+}
+
+#[test]
+fn terminate_mode_moves_the_sessions_of_a_gateway_that_says_goaway() {
+    moves_without_the_devices_noticing("goaway");
+}
+
+#[test]
+fn terminate_mode_drains_a_gateway_by_moving_its_sessions() {
+    moves_without_the_devices_noticing("drain");
+}
+
+#[test]
+fn terminate_mode_rebalances_live_sessions_onto_a_new_gateway() {
+    let doc = scenario(
+        "scale-up",
+        &[
+            "--mode",
+            "terminate",
+            "--gateways",
+            "4",
+            "--devices",
+            "300",
+            "--rate",
+            "2",
+        ],
+    );
+    let after: Vec<u64> = doc["spread_after"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(after.len(), 4, "{doc}");
+    assert!(
+        after.iter().max().unwrap() - after.iter().min().unwrap() <= 1,
+        "{doc}"
+    );
+    assert_eq!(
+        after.iter().sum::<u64>(),
+        300,
+        "every session, old ones moved: {doc}"
+    );
+    assert!(doc["rebalanced_ms"].as_f64().is_some(), "{doc}");
+    assert_eq!(doc["lost"], 0, "{doc}");
+    assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0, "{doc}");
 }
 
 #[test]

@@ -299,3 +299,105 @@ async fn a_device_that_breaks_the_protocol_is_refused_without_moving() {
     assert_eq!(moves(&proxy, "failover", "resumed").await, 0.0);
     assert_eq!(gws.iter().map(FrameGateway::resumed).sum::<usize>(), 0);
 }
+
+#[tokio::test]
+async fn a_gateway_that_dies_mid_move_sends_the_session_on_to_a_third() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(3).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 30).await;
+    step_all(&mut devs).await;
+    // gw-1 resets every HELLO from now on: the moves that try it go on to gw-2.
+    gws[1].drop_hellos(true);
+    let hellos = gws[1].hellos();
+    gws[0].kill();
+    step_all(&mut devs).await;
+    assert!(gws[1].hellos() > hellos, "some moves tried gw-1 first");
+    assert_eq!(gws[2].resumed(), 10, "all ten ended on gw-2, state intact");
+    assert_eq!(moves(&proxy, "failover", "resumed").await, 10.0);
+    step_all(&mut devs).await;
+}
+
+#[tokio::test]
+async fn a_device_flooding_while_its_session_is_held_is_not_read_past_the_window() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(1).await;
+    let mut c = terminating(&pki, &[&gws[0]]);
+    c.migration.replay_window = 8 << 10;
+    let proxy = start(c).await;
+    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
+    dev.step().await;
+    gws[0].kill();
+    until(Duration::from_secs(3), "the session is held", || {
+        proxy.counts() == vec![0]
+    })
+    .await;
+    // 1,000 DATA of 1 KiB while no gateway is there: the proxy takes the window's worth,
+    // the rest waits in the sockets (the device's writes block once they are full).
+    let bytes = "wasmbed_proxy_bytes_total{direction=\"upstream\"}";
+    let start = proxy.metric(bytes).await;
+    let (mut read, mut write) = tokio::io::split(dev.device.framed.into_inner());
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for seq in 2..=1001u64 {
+            let f = wasmbed_protocol::Frame::new(Kind::Data, seq, vec![7u8; 1024]);
+            write.write_all(&f.encode()).await.unwrap();
+        }
+        write
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy.metric(bytes).await - start < 8192.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy reads up to its window"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Proving an absence: give the proxy time to read more if it would.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let taken = proxy.metric(bytes).await - start;
+    assert!(
+        taken <= f64::from((8 << 10) + (8 << 10)),
+        "read {taken} bytes: at most the window and one read past it"
+    );
+    // A gateway arrives: every DATA is answered, once, in order, with the state intact.
+    let late = FrameGateway::spawn("late").await;
+    let body = format!(r#"{{"name":"late","address":"{}"}}"#, late.addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 201);
+    let mut frames = tokio_util::codec::FramedRead::new(
+        &mut read,
+        wasmbed_protocol::codec::FrameCodec::new(1 << 16),
+    );
+    use futures_util::StreamExt;
+    for seq in 2..=1001u64 {
+        let f = tokio::time::timeout(Duration::from_secs(10), frames.next())
+            .await
+            .expect("an answer")
+            .expect("a frame")
+            .unwrap();
+        assert_eq!((f.kind, f.seq), (Kind::Reply, seq));
+        assert_eq!(f.body, seq.to_string().into_bytes());
+    }
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_shutdown_while_sessions_are_held_ends_within_the_grace() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(1).await;
+    let proxy = start(terminating(&pki, &[&gws[0]])).await;
+    let mut devs = open_all(&proxy, &pki, 5).await;
+    step_all(&mut devs).await;
+    gws[0].kill();
+    until(Duration::from_secs(3), "the sessions are held", || {
+        proxy.counts() == vec![0]
+    })
+    .await;
+    proxy.shutdown.cancel();
+    // grace is 200ms in the test config; the held sessions are then cut.
+    let done = tokio::time::timeout(Duration::from_secs(5), proxy.task).await;
+    assert!(done.expect("the proxy stops").unwrap().is_ok());
+    for d in devs.iter_mut() {
+        assert!(d.device.recv().await.is_none(), "closed");
+    }
+}

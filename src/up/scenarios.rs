@@ -523,9 +523,14 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
             "spread after: max - min <= 1, new gateway in use",
         ),
         (lost == 0, "no message lost"),
+        (
+            mode == Mode::Passthrough || (rebalanced_ms.is_some() && r1.reconnects == 0),
+            "terminate: live sessions rebalanced, no device saw a disconnect",
+        ),
     ];
     let doc = serde_json::json!({
         "scenario": "scale-up",
+        "reconnects": r1.reconnects + r2.reconnects,
         "rebalanced_ms": rebalanced_ms,
         "added": name,
         "spread_before": before,

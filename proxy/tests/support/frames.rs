@@ -118,6 +118,7 @@ pub struct FrameGateway {
     pub calls: Arc<AtomicU64>,
     checkpoint_every: Arc<AtomicU64>,
     refuse_tickets: Arc<AtomicBool>,
+    drop_hellos: Arc<AtomicBool>,
     faults: broadcast::Sender<Fault>,
     kill: CancellationToken,
 }
@@ -143,6 +144,7 @@ impl FrameGateway {
             calls: Arc::default(),
             checkpoint_every: Arc::new(AtomicU64::new(1)),
             refuse_tickets: Arc::default(),
+            drop_hellos: Arc::default(),
             faults: broadcast::channel(16).0,
             kill: CancellationToken::new(),
         };
@@ -154,6 +156,7 @@ impl FrameGateway {
             calls: g.calls.clone(),
             checkpoint_every: g.checkpoint_every.clone(),
             refuse_tickets: g.refuse_tickets.clone(),
+            drop_hellos: g.drop_hellos.clone(),
             kill: g.kill.clone(),
         };
         let (faults, accepted) = (g.faults.clone(), g.accepted.clone());
@@ -224,6 +227,11 @@ impl FrameGateway {
         self.checkpoint_every.store(n, Ordering::SeqCst);
     }
 
+    /// Every HELLO is met by a reset: a gateway that dies as a session arrives.
+    pub fn drop_hellos(&self, drop: bool) {
+        self.drop_hellos.store(drop, Ordering::SeqCst);
+    }
+
     pub fn refuse_tickets(&self, refuse: bool) {
         self.refuse_tickets.store(refuse, Ordering::SeqCst);
     }
@@ -237,6 +245,7 @@ struct Shared {
     calls: Arc<AtomicU64>,
     checkpoint_every: Arc<AtomicU64>,
     refuse_tickets: Arc<AtomicBool>,
+    drop_hellos: Arc<AtomicBool>,
     kill: CancellationToken,
 }
 
@@ -285,6 +294,10 @@ async fn serve<S: Socket>(
     let hello = framed.next().await?.ok()?;
     let hello: Hello = hello.decode_body("HELLO").ok()?;
     shared.hellos.fetch_add(1, Ordering::SeqCst);
+    if shared.drop_hellos.load(Ordering::SeqCst) {
+        let _ = socket2::SockRef::from(framed.get_ref().tcp()).set_linger(Some(Duration::ZERO));
+        return None;
+    }
     let ticket = hello.resume.as_ref().and_then(|t| parse_ticket(t));
     let (mut count, floor, resumed) = match ticket {
         _ if hello.resume.is_some() && shared.refuse_tickets.load(Ordering::SeqCst) => (0, 0, None),
