@@ -117,6 +117,39 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// Tells terminating proxies from devices by their CA: a client certificate that chains to
+/// the proxies' own CA (`wasmbed gateway --trusted-proxy-ca`) belongs to a proxy.
+pub struct ProxyCa {
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for ProxyCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyCa")
+    }
+}
+
+impl ProxyCa {
+    pub fn new(ca: &[CertificateDer<'static>]) -> Result<ProxyCa, CertError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+                .build()
+                .map_err(|e| CertError::ClientCa(e.to_string()))?;
+        Ok(ProxyCa { verifier })
+    }
+
+    /// Whether `chain` (end entity first, as the peer sent it) is a valid certificate from the
+    /// proxies' CA now.
+    pub fn vouches_for(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((end, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.verifier
+            .verify_client_cert(end, intermediates, UnixTime::now())
+            .is_ok()
+    }
+}
+
 /// A TLS client config trusting `ca`, optionally presenting a client certificate.
 pub fn client_config(
     ca: &[CertificateDer<'static>],

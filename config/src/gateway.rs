@@ -43,6 +43,11 @@ pub struct GatewayFlags {
     /// name its own certificate's device.
     #[arg(long, value_name = "NAME")]
     pub proxy_identity: Vec<String>,
+    /// With TLS: the CA (PEM) of terminating proxies' client certificates. A client whose
+    /// certificate chains to it may name any device in HELLO. It must be a CA of its own,
+    /// not the devices' (--client-ca): with that, every device could speak for any other.
+    #[arg(long, value_name = "FILE")]
+    pub trusted_proxy_ca: Option<PathBuf>,
     #[arg(long, value_name = "DURATION", help = format!("Deadline of one application call. Default {}.", crate::defaults::show(crate::defaults::gateway::CALL_TIMEOUT)))]
     pub call_timeout: Option<String>,
     #[arg(long, value_name = "SIZE", help = format!("Linear memory cap of one application instance, in bytes (suffixes KiB, MiB, GiB; any case). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_MEMORY)))]
@@ -98,6 +103,7 @@ struct RawGateway {
     insecure_plaintext: bool,
     #[serde(default)]
     proxy_identity: Vec<String>,
+    trusted_proxy_ca: Option<PathBuf>,
     call_timeout: Option<String>,
     max_memory: Option<String>,
     idle_timeout: Option<String>,
@@ -125,6 +131,8 @@ pub struct GatewayTls {
     /// Client certificate identities (from the same CA) of terminating proxies: a session
     /// from one of them may name any device in HELLO, because that proxy checked it.
     pub proxy_identities: Vec<String>,
+    /// The CA of terminating proxies' client certificates (`--trusted-proxy-ca`).
+    pub trusted_proxy_ca: Option<PathBuf>,
 }
 
 /// The validated configuration `wasmbed_gateway` runs on.
@@ -159,6 +167,17 @@ pub struct GatewaySettings {
 }
 
 /// Parses "4MiB", "512KiB", "65536".
+/// Whether two paths name the same file, or files with the same bytes.
+fn same_file_or_content(a: &std::path::Path, b: &std::path::Path) -> bool {
+    if a == b {
+        return true;
+    }
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
 pub fn parse_size(field: &str, text: &str) -> Result<usize, ConfigError> {
     let t = text.trim();
     let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
@@ -219,6 +238,9 @@ impl GatewaySettings {
         if !f.proxy_identity.is_empty() {
             raw.proxy_identity = f.proxy_identity.clone();
         }
+        if f.trusted_proxy_ca.is_some() {
+            raw.trusted_proxy_ca = f.trusted_proxy_ca.clone();
+        }
         Self::from_raw(raw)
     }
 
@@ -244,6 +266,12 @@ impl GatewaySettings {
                     "needs TLS: without it the gateway sees no certificate to match",
                 ));
             }
+            (true, None, None, None) if raw.trusted_proxy_ca.is_some() => {
+                return Err(ConfigError::field(
+                    "trusted_proxy_ca",
+                    "needs TLS: without it the gateway sees no certificate to check",
+                ));
+            }
             (true, None, None, None) => None,
             (true, ..) => {
                 return Err(ConfigError::field(
@@ -251,12 +279,24 @@ impl GatewaySettings {
                     "cannot be combined with --tls-cert/--tls-key/--client-ca",
                 ));
             }
-            (false, Some(cert), Some(key), Some(client_ca)) => Some(GatewayTls {
-                cert,
-                key,
-                client_ca,
-                proxy_identities: raw.proxy_identity.clone(),
-            }),
+            (false, Some(cert), Some(key), Some(client_ca)) => {
+                if let Some(proxy_ca) = &raw.trusted_proxy_ca
+                    && same_file_or_content(proxy_ca, &client_ca)
+                {
+                    return Err(ConfigError::field(
+                        "trusted_proxy_ca",
+                        "is the devices' CA (--client-ca): every device could then name any \
+                         other; give the proxies a CA of their own, or use --proxy-identity",
+                    ));
+                }
+                Some(GatewayTls {
+                    cert,
+                    key,
+                    client_ca,
+                    proxy_identities: raw.proxy_identity.clone(),
+                    trusted_proxy_ca: raw.trusted_proxy_ca.clone(),
+                })
+            }
             (false, ..) => {
                 return Err(ConfigError::field(
                     "tls",
@@ -413,6 +453,26 @@ mod tests {
         for (f, field) in cases {
             let e = GatewaySettings::load(&f).unwrap_err().to_string();
             assert!(e.contains(&format!("`{field}`")), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_devices_ca_cannot_be_the_proxies_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let copy = dir.path().join("copy.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        std::fs::write(&copy, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        for proxy_ca in [&ca, &copy] {
+            let flags = GatewayFlags {
+                tls_cert: Some(dir.path().join("gw.pem")),
+                tls_key: Some(dir.path().join("gw.key")),
+                client_ca: Some(ca.clone()),
+                trusted_proxy_ca: Some(proxy_ca.clone()),
+                ..GatewayFlags::default()
+            };
+            let e = GatewaySettings::load(&flags).unwrap_err().to_string();
+            assert!(e.contains("trusted_proxy_ca"), "{e}");
         }
     }
 

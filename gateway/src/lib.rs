@@ -59,6 +59,8 @@ pub struct Shared {
     /// The fleet's session key ring (`--session-keys`), swapped whole on SIGHUP; the TLS
     /// ticketer reads the same one.
     pub keys: Arc<arc_swap::ArcSwapOption<ticket::KeyRing>>,
+    /// `--trusted-proxy-ca`: client certificates from it belong to terminating proxies.
+    pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
 }
 
 impl Shared {
@@ -99,11 +101,20 @@ impl Gateway {
             None => None,
         };
         let keys = Arc::new(arc_swap::ArcSwapOption::new(keys));
+        let mut proxies = None;
         let tls = match &settings.tls {
             Some(t) => {
                 let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("--tls-cert"))?;
                 let key = wasmbed_certs::load_key(&t.key).map_err(setting("--tls-key"))?;
-                let ca = wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
+                let mut ca =
+                    wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
+                if let Some(path) = &t.trusted_proxy_ca {
+                    let proxy_ca =
+                        wasmbed_certs::load_certs(path).map_err(setting("--trusted-proxy-ca"))?;
+                    proxies = Some(wasmbed_certs::ProxyCa::new(&proxy_ca)?);
+                    // Proxies' certificates must pass the handshake too.
+                    ca.extend(proxy_ca);
+                }
                 let mut config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
                 if settings.session_keys.is_some() && settings.tls_tickets {
                     // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
@@ -132,6 +143,7 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             keys,
+            proxy_ca: proxies,
             settings,
             host,
             sessions: AtomicUsize::new(0),
@@ -246,20 +258,21 @@ async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<TlsAcceptor>
                     return;
                 }
             };
-            let identity = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(wasmbed_certs::peer_identity);
-            // A terminating proxy's certificate speaks for the devices behind it.
+            let chain = tls.get_ref().1.peer_certificates().unwrap_or(&[]);
+            let identity = chain.first().and_then(wasmbed_certs::peer_identity);
+            // A terminating proxy's certificate speaks for the devices behind it: by its
+            // identity (`--proxy-identity`) or its CA (`--trusted-proxy-ca`).
             let proxies = shared
                 .settings
                 .tls
                 .as_ref()
                 .map_or(&[][..], |t| &t.proxy_identities[..]);
+            let by_ca = shared
+                .proxy_ca
+                .as_ref()
+                .is_some_and(|p| p.vouches_for(chain));
             let identity = match identity {
-                Some(id) if proxies.contains(&id) => {
+                Some(id) if by_ca || proxies.contains(&id) => {
                     tracing::Span::current().record("proxy", id.as_str());
                     None
                 }

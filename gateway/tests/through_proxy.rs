@@ -141,3 +141,46 @@ async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
     );
     assert!(m.series("wasmbed_proxy_connections_rejected_total{reason=\"upstream_tls\"}") >= 1.0);
 }
+
+/// `--trusted-proxy-ca`: proxies get certificates from a CA of their own; any client
+/// certificate from it may state devices, whatever its name. A device certificate (the
+/// devices' CA) still must be the device it names, even when named like a proxy.
+#[tokio::test]
+async fn a_proxy_ca_of_its_own_vouches_for_the_proxies() {
+    use wasmbed_certs::pki::{DevCa, KeyKind};
+    let pki = Pki::new();
+    let proxy_ca = DevCa::generate("proxies").unwrap();
+    std::fs::write(pki.path("proxy-ca.pem"), proxy_ca.cert_pem()).unwrap();
+    let client = proxy_ca
+        .issue_client("edge-proxy-7", KeyKind::EcdsaP256)
+        .unwrap();
+    std::fs::write(pki.path("edge.pem"), &client.cert_pem).unwrap();
+    std::fs::write(pki.path("edge.key"), &client.key_pem).unwrap();
+    let mut s = settings(Some(&pki));
+    if let Some(tls) = s.tls.as_mut() {
+        tls.trusted_proxy_ca = Some(pki.path("proxy-ca.pem"));
+    }
+    let gw = start(s).await;
+    let mut c = terminating(&pki, &gw);
+    c.upstream_tls = Some(UpstreamTls {
+        ca: pki.path("ca.pem"),
+        server_name: Some("localhost".into()),
+        client: Some((pki.path("edge.pem"), pki.path("edge.key"))),
+    });
+    let proxy = start_proxy(c).await;
+    let mut d = tls_device(proxy, pki.device("device-0008", Some(&pki.ca)))
+        .await
+        .unwrap();
+    d.open("device-0008", "echo").await;
+    assert_eq!(d.data(b"vouched").await.body, b"vouched");
+    // Straight to the gateway with a device certificate named like the proxy: it names only
+    // itself.
+    let mut impostor = tls_device(gw.addr, pki.device("edge-proxy-7", Some(&pki.ca)))
+        .await
+        .unwrap();
+    let f = impostor.hello("device-0008", "echo").await;
+    assert_eq!(
+        error_code(&f),
+        wasmbed_protocol::ErrorCode::IdentityMismatch as u16
+    );
+}
