@@ -43,6 +43,11 @@ const HIGH_WATER: usize = 256 * 1024;
 const MAX_PINGS: usize = 8;
 /// Between two rounds over every gateway while a session waits for one to take it.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// How long a link whose gateway was marked down has to answer the proxy's PING before the
+/// session moves; while the gateway stays down, the link is checked again this often.
+pub const LINK_CHECK: Duration = Duration::from_secs(1);
+/// The sequence of the proxy's own PINGs on a link (not forwarded: the PONG is the proxy's).
+const PROBE_SEQ: u64 = u64::MAX;
 
 /// Why a session moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +106,11 @@ pub(crate) struct Link {
     lease: Lease,
     read: ReadHalf<Box<dyn Upstream>>,
     write: WriteHalf<Box<dyn Upstream>>,
-    /// Cancelled when the gateway goes down (`None`: it is down already).
+    /// Cancelled when the gateway goes down (`None`: not watched, while the link is checked
+    /// by PINGs instead).
     down: Option<CancellationToken>,
+    /// The link's own check after its gateway was marked down.
+    probe: Probe,
     orders: tokio::sync::watch::Receiver<u64>,
     /// Bytes written since the last flush.
     dirty: bool,
@@ -118,6 +126,7 @@ impl Link {
         orders.mark_unchanged();
         Link {
             down: gateway.session_token(),
+            probe: Probe::Idle,
             orders,
             lease,
             read,
@@ -129,6 +138,21 @@ impl Link {
     fn gateway(&self) -> &Arc<Gateway> {
         self.lease.gateway()
     }
+}
+
+/// A link's check after its gateway was marked down. Health checks judge a gateway from
+/// outside, and on an overloaded host they time out on gateways that still serve: moving
+/// every session of each gateway a probe timed out on would feed the overload (a storm of
+/// moves, then of more timeouts). So a session first asks its own link: a PING the gateway
+/// answers within [`LINK_CHECK`] keeps the session where it is; no answer moves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// The gateway is up (the down token is watched).
+    Idle,
+    /// A PING is out; no PONG by then: move.
+    Waiting(Instant),
+    /// The PONG came and the gateway is still marked down: check again then.
+    Next(Instant),
 }
 
 /// A gateway that took a moved session.
@@ -187,6 +211,9 @@ struct State {
     going: bool,
     /// Why the session is moving (or last moved).
     cause: Option<Cause>,
+    /// The proxy's PING is out on the link; its PONG came.
+    probing: bool,
+    probe_answered: bool,
 }
 
 /// Appends `frame`'s encoding.
@@ -300,6 +327,10 @@ impl State {
                     } else {
                         self.ctx.meters.duplicates.increment(1);
                     }
+                }
+                Kind::Pong if frame.seq == PROBE_SEQ && self.probing => {
+                    self.probing = false;
+                    self.probe_answered = true;
                 }
                 Kind::Pong => {
                     self.pings.retain(|&s| s != frame.seq);
@@ -438,6 +469,8 @@ pub(crate) async fn serve(
         linked: true,
         going: false,
         cause: None,
+        probing: false,
+        probe_answered: false,
         hello,
     };
     // A device resuming its own session: the ticket stays good until the first checkpoint.
@@ -473,6 +506,11 @@ pub(crate) async fn serve(
                 moving = Some(begin_move(&mut st, cause, avoid));
             }
         }
+        if std::mem::take(&mut st.probe_answered)
+            && let Some(l) = link.as_mut()
+        {
+            l.probe = Probe::Next(Instant::now() + LINK_CHECK);
+        }
         if st.going && !st.pings.is_empty() {
             answer_pings(&mut st);
         }
@@ -489,15 +527,20 @@ pub(crate) async fn serve(
         }
         let writing_gateway = link.is_some() && !st.going;
         let linked = link.is_some();
-        let (up_r, up_w, down, orders, up_dirty) = match link.as_mut() {
+        let (up_r, up_w, down, orders, up_dirty, probe) = match link.as_mut() {
             Some(l) => (
                 Some(&mut l.read),
                 Some(&mut l.write),
                 l.down.clone(),
                 Some(&mut l.orders),
                 l.dirty,
+                l.probe,
             ),
-            None => (None, None, None, None, false),
+            None => (None, None, None, None, false, Probe::Idle),
+        };
+        let probe_at = match probe {
+            Probe::Idle => None,
+            Probe::Waiting(at) | Probe::Next(at) => Some((at, Cause::Failover)),
         };
         let event = tokio::select! {
             biased;
@@ -505,7 +548,8 @@ pub(crate) async fn serve(
             r = send(up_w, &mut st.to_gateway), if writing_gateway && (up_dirty || !st.to_gateway.is_empty()) => Event::GatewaySent(r),
             r = send(Some(&mut dev_w), &mut st.to_device), if dev_dirty || !st.to_device.is_empty() => Event::DeviceSent(r),
             r = read(up_r, &mut st.from_gateway), if reading_gateway => Event::GatewayRead(r),
-            _ = cancelled(down), if linked => Event::Down,
+            _ = cancelled(down), if linked && probe == Probe::Idle => Event::Down,
+            _ = sleep_until(probe_at), if linked && probe != Probe::Idle => Event::Probe,
             _ = changed(orders), if linked && move_at.is_none() => Event::Ordered,
             _ = sleep_until(move_at), if move_at.is_some() => Event::MoveNow,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
@@ -554,9 +598,38 @@ pub(crate) async fn serve(
                 if ctx.hard_stop.is_cancelled() {
                     break End::Cut;
                 }
-                let avoid = unlink(&mut link, false);
-                move_at = None;
-                moving = Some(begin_move(&mut st, Cause::Failover, avoid));
+                if st.going {
+                    // Answers still due on a GOAWAY link: its close moves the session.
+                    if let Some(l) = link.as_mut() {
+                        l.down = None;
+                    }
+                } else if let Some(l) = link.as_mut() {
+                    // Ask the link itself before moving (see `Probe`).
+                    l.down = None;
+                    l.probe = Probe::Waiting(Instant::now() + LINK_CHECK);
+                    st.probing = true;
+                    put(&mut st.to_gateway, &Frame::new(Kind::Ping, PROBE_SEQ, []));
+                }
+            }
+            Event::Probe => {
+                let Some(l) = link.as_mut() else { continue };
+                match l.probe {
+                    Probe::Waiting(_) => {
+                        tracing::debug!(gateway = %l.gateway().name, "the link did not answer: moving");
+                        let avoid = unlink(&mut link, true);
+                        move_at = None;
+                        moving = Some(begin_move(&mut st, Cause::Failover, avoid));
+                    }
+                    _ if l.gateway().is_healthy() => {
+                        l.down = l.gateway().session_token();
+                        l.probe = Probe::Idle;
+                    }
+                    _ => {
+                        l.probe = Probe::Waiting(Instant::now() + LINK_CHECK);
+                        st.probing = true;
+                        put(&mut st.to_gateway, &Frame::new(Kind::Ping, PROBE_SEQ, []));
+                    }
+                }
             }
             Event::Ordered => {
                 if let Some(l) = link.as_ref() {
@@ -643,6 +716,7 @@ enum Event {
     GatewayRead(io::Result<usize>),
     GatewaySent(io::Result<Sent>),
     Down,
+    Probe,
     Ordered,
     MoveNow,
     Relinked(Option<Relinked>),
@@ -862,9 +936,10 @@ async fn read(
 }
 
 async fn cancelled(token: Option<CancellationToken>) {
-    // `None`: the gateway was down when the link was made: move now.
-    if let Some(t) = token {
-        t.cancelled_owned().await;
+    match token {
+        Some(t) => t.cancelled_owned().await,
+        // Not watched (a link made as its gateway went down is checked by its own I/O).
+        None => std::future::pending().await,
     }
 }
 

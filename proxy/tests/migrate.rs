@@ -401,3 +401,40 @@ async fn a_shutdown_while_sessions_are_held_ends_within_the_grace() {
         assert!(d.device.recv().await.is_none(), "closed");
     }
 }
+
+/// A gateway marked down while its sessions still answer (its listener closed, as a health
+/// check timing out on a busy host would see it): each session asks its own link and stays.
+#[tokio::test]
+async fn a_gateway_marked_down_whose_links_still_answer_keeps_its_sessions() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 10).await;
+    step_all(&mut devs).await;
+    gws[0].close_listener();
+    until(Duration::from_secs(3), "gw-0 marked down", || {
+        !proxy.gateway("gw-0").is_healthy()
+    })
+    .await;
+    // Two link checks' worth: the sessions answered, and stay.
+    tokio::time::sleep(wasmbed_proxy::anchor::LINK_CHECK * 2).await;
+    step_all(&mut devs).await;
+    assert_eq!(proxy.counts(), vec![5, 5]);
+    assert_eq!(moves(&proxy, "failover", "resumed").await, 0.0);
+}
+
+/// A hung gateway (connections open, nothing answered, health checks failing): its links do
+/// not answer the proxy's PING either, and its sessions move with their state.
+#[tokio::test]
+async fn a_hung_gateways_sessions_move_once_their_links_fail_the_check() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 10).await;
+    step_all(&mut devs).await;
+    gws[0].stall();
+    gws[0].close_listener();
+    step_all(&mut devs).await;
+    assert_eq!(proxy.counts(), vec![0, 10]);
+    assert_eq!(moves(&proxy, "failover", "resumed").await, 5.0);
+}

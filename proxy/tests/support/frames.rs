@@ -119,6 +119,8 @@ pub struct FrameGateway {
     checkpoint_every: Arc<AtomicU64>,
     refuse_tickets: Arc<AtomicBool>,
     drop_hellos: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
+    deaf: CancellationToken,
     faults: broadcast::Sender<Fault>,
     kill: CancellationToken,
 }
@@ -145,6 +147,8 @@ impl FrameGateway {
             checkpoint_every: Arc::new(AtomicU64::new(1)),
             refuse_tickets: Arc::default(),
             drop_hellos: Arc::default(),
+            stalled: Arc::default(),
+            deaf: CancellationToken::new(),
             faults: broadcast::channel(16).0,
             kill: CancellationToken::new(),
         };
@@ -157,15 +161,17 @@ impl FrameGateway {
             checkpoint_every: g.checkpoint_every.clone(),
             refuse_tickets: g.refuse_tickets.clone(),
             drop_hellos: g.drop_hellos.clone(),
+            stalled: g.stalled.clone(),
             kill: g.kill.clone(),
         };
-        let (faults, accepted) = (g.faults.clone(), g.accepted.clone());
+        let (faults, accepted, deaf) = (g.faults.clone(), g.accepted.clone(), g.deaf.clone());
         tokio::spawn(async move {
             let shared = Arc::new(shared);
             loop {
                 let (s, _) = tokio::select! {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                     _ = shared.kill.cancelled() => return,
+                    _ = deaf.cancelled() => return,
                 };
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let (shared, faults) = (shared.clone(), faults.subscribe());
@@ -227,6 +233,16 @@ impl FrameGateway {
         self.checkpoint_every.store(n, Ordering::SeqCst);
     }
 
+    /// The listener closes (health checks fail) while live sessions go on.
+    pub fn close_listener(&self) {
+        self.deaf.cancel();
+    }
+
+    /// Live sessions stop answering (a hung process), their connections open.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
     /// Every HELLO is met by a reset: a gateway that dies as a session arrives.
     pub fn drop_hellos(&self, drop: bool) {
         self.drop_hellos.store(drop, Ordering::SeqCst);
@@ -246,6 +262,7 @@ struct Shared {
     checkpoint_every: Arc<AtomicU64>,
     refuse_tickets: Arc<AtomicBool>,
     drop_hellos: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     kill: CancellationToken,
 }
 
@@ -345,6 +362,12 @@ async fn serve<S: Socket>(
             }
             _ = shared.kill.cancelled() => return None,
         };
+        while shared.stalled.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = shared.kill.cancelled() => return None,
+            }
+        }
         match frame.kind {
             Kind::Data if frame.seq <= floor => {
                 let text = format!("DATA {} is covered", frame.seq);
