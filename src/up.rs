@@ -58,6 +58,15 @@ pub struct UpArgs {
     /// DATA messages per second per device.
     #[arg(long, default_value_t = 2.0)]
     rate: f64,
+    /// Devices that start dialing per second (default: all at once). Thousands of devices
+    /// dialing in the same instant on a small host make every process busy with handshakes
+    /// for seconds (health checks time out, new sessions avoid the gateways they flag).
+    #[arg(long, value_name = "PER_SECOND")]
+    ramp: Option<f64>,
+    /// Terminate mode: plain TCP from the proxy to the gateways (`--insecure-plaintext`), to
+    /// measure what TLS on that link costs. Default: TLS with the proxy's client certificate.
+    #[arg(long)]
+    plain_link: bool,
     /// Write the scenario's results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -153,7 +162,7 @@ impl StopSignals {
 /// Starts gateway `gw-i` (certificates `gateway-i.*` of `dir`); returns its name, process,
 /// session address and admin address.
 fn spawn_gateway(
-    mode: Mode,
+    (mode, plain_link): (Mode, bool),
     dir: &Path,
     i: usize,
     tls_tickets_off: bool,
@@ -176,10 +185,14 @@ fn spawn_gateway(
     if tls_tickets_off {
         cmd.arg("--no-tls-tickets");
     }
-    cmd.args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
-        .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
-        .args(["--client-ca", &d("ca.pem")]);
-    if mode == Mode::Terminate {
+    if mode == Mode::Terminate && plain_link {
+        cmd.arg("--insecure-plaintext");
+    } else {
+        cmd.args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
+            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
+            .args(["--client-ca", &d("ca.pem")]);
+    }
+    if mode == Mode::Terminate && !plain_link {
         // TLS on the link too: the proxy's client certificate (identity wasmbed-proxy) may
         // state the devices it verified; any other client must be the device it names.
         cmd.args(["--proxy-identity", crate::certs_cmd::PROXY_IDENTITY]);
@@ -214,7 +227,8 @@ fn start(
     };
     let mut gw_flags = Vec::new();
     for i in 0..gateways {
-        let (name, child, listen, admin) = spawn_gateway(args.mode, dir, i, args.no_tls_tickets)?;
+        let (name, child, listen, admin) =
+            spawn_gateway((args.mode, args.plain_link), dir, i, args.no_tls_tickets)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }
@@ -248,11 +262,13 @@ fn start(
             &d("proxy.key"),
         ])
         .args(["--client-ca", &d("ca.pem")])
-        .args(["--upstream-ca", &d("ca.pem")])
-        .args(["--upstream-cert", &d("proxy-client.pem")])
-        .args(["--upstream-key", &d("proxy-client.key")])
         // Devices hold tickets too: they would survive a restart of the proxy itself.
         .arg("--forward-checkpoints");
+        if !args.plain_link {
+            cmd.args(["--upstream-ca", &d("ca.pem")])
+                .args(["--upstream-cert", &d("proxy-client.pem")])
+                .args(["--upstream-key", &d("proxy-client.key")]);
+        }
         if args.scenario == Some(Scenario::ScaleUp) {
             cmd.args(["--rebalance", "on"]);
         }
@@ -290,6 +306,12 @@ pub fn run(args: UpArgs) -> ExitCode {
     }
     if gateways == 0 || devices == 0 {
         eprintln!("wasmbed up: `--gateways` and `--devices` must be at least 1");
+        return ExitCode::from(2);
+    }
+    if let Some(r) = args.ramp
+        && !(r > 0.0 && r.is_finite())
+    {
+        eprintln!("wasmbed up: --ramp must be a positive number of devices per second");
         return ExitCode::from(2);
     }
     if let Err(e) = wasmbed_config::loadtest::check_rate(args.rate) {
@@ -361,7 +383,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     let settings = LoadtestSettings {
         target: listen,
         devices,
-        ramp: None,
+        ramp: args.ramp,
         duration: Duration::from_secs(365 * 24 * 3600),
         rate: args.rate,
         payload: 32,
@@ -383,6 +405,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     let stack_ref = &stack;
     let scale = ScaleUp {
         mode: args.mode,
+        plain_link: args.plain_link,
         dir: dir.clone(),
         proxy_admin: admin,
         second: LoadtestSettings {

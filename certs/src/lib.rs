@@ -150,6 +150,85 @@ impl ProxyCa {
     }
 }
 
+/// A client's store of TLS session tickets that keeps many TLS 1.3 tickets per server (rustls'
+/// default keeps 8). A terminating proxy opens one TLS link per session to its gateways; when a
+/// gateway dies, hundreds of sessions open links to the others at once, and every link that
+/// resumes (a ticket of the fleet's ring, good on any gateway) skips the certificate
+/// exchange and both signatures. Each established link brings one ticket, so the store holds
+/// about one per live link, up to `per_server`. Everything else is rustls' own cache.
+#[derive(Debug)]
+pub struct TicketStore {
+    inner: rustls::client::ClientSessionMemoryCache,
+    tls13: std::sync::Mutex<
+        std::collections::HashMap<
+            ServerName<'static>,
+            std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>,
+        >,
+    >,
+    per_server: usize,
+}
+
+impl TicketStore {
+    pub fn new(per_server: usize) -> TicketStore {
+        TicketStore {
+            inner: rustls::client::ClientSessionMemoryCache::new(256),
+            tls13: Default::default(),
+            per_server: per_server.max(1),
+        }
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(server_name, group);
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(server_name, value);
+    }
+
+    fn tls12_session(
+        &self,
+        server_name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(server_name);
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut map = self.tls13.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = map.entry(server_name).or_default();
+        if queue.len() >= self.per_server {
+            queue.pop_front();
+        }
+        queue.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let mut map = self.tls13.lock().unwrap_or_else(|e| e.into_inner());
+        // Newest first: the likeliest to be within its lifetime.
+        map.get_mut(server_name)?.pop_back()
+    }
+}
+
 /// A TLS client config trusting `ca`, optionally presenting a client certificate.
 pub fn client_config(
     ca: &[CertificateDer<'static>],
@@ -158,12 +237,18 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca)?);
-    let config = match identity {
+    let mut config = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),
     };
+    config.resumption =
+        rustls::client::Resumption::store(Arc::new(TicketStore::new(UPSTREAM_TICKETS)));
     Ok(Arc::new(config))
 }
+
+/// TLS 1.3 tickets a client keeps per server (see [`TicketStore`]): about one per live link
+/// of a proxy at its default `--max-connections`, a few MiB at most.
+pub const UPSTREAM_TICKETS: usize = 10_000;
 
 /// A client config for health probes: it completes a handshake with any certificate, because a
 /// `tls` probe asks "does the gateway's TLS stack answer", not "who is it". Never use it for

@@ -31,7 +31,7 @@ use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{Checkpoint, DEFAULT_MAX_FRAME, ErrorCode, Frame, Hello, Kind, Welcome};
 
 use crate::balancer::{Gateway, Lease};
-use crate::metrics::{MOVES, SESSIONS_CANCELLED};
+use crate::metrics::{MOVES, SESSIONS_CANCELLED, UPSTREAM_HANDSHAKES};
 use crate::session::{Context, Upstream};
 
 /// The device's TLS stream.
@@ -870,7 +870,14 @@ pub(crate) async fn open(
         Some(connector) => {
             let name = crate::session::upstream_name(ctx, &gateway.addr);
             match connector.connect(name, stream).await {
-                Ok(up) => Box::new(up),
+                Ok(up) => {
+                    let kind = match up.get_ref().1.handshake_kind() {
+                        Some(rustls::HandshakeKind::Resumed) => "resumed",
+                        _ => "full",
+                    };
+                    counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
+                    Box::new(up)
+                }
                 Err(e) => return Err(OpenError::Tls(e)),
             }
         }

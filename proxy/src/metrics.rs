@@ -41,6 +41,7 @@ pub const DUPLICATES_DROPPED: &str = "wasmbed_proxy_duplicate_answers_dropped_to
 pub const HELD: &str = "wasmbed_proxy_sessions_held";
 pub const REPLAY_OVERFLOWS: &str = "wasmbed_proxy_replay_overflows_total";
 pub const MOVING: &str = "wasmbed_proxy_gateway_moving";
+pub const UPSTREAM_HANDSHAKES: &str = "wasmbed_proxy_upstream_handshakes_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -148,6 +149,10 @@ fn describe() {
     describe_counter!(
         REPLAY_OVERFLOWS,
         "Terminate mode: sessions whose replay window filled with answered DATA and no new checkpoint: the ticket was dropped (a later move starts the app afresh)."
+    );
+    describe_counter!(
+        UPSTREAM_HANDSHAKES,
+        "TLS handshakes with gateways ([upstream_tls]), by kind: full, or resumed from a ticket of the fleet's ring (no certificates, no signatures)."
     );
     describe_gauge!(
         MOVING,

@@ -195,6 +195,8 @@ struct Moves {
     pause: Vec<(f64, f64)>,
     /// Sessions moving now (no gateway yet).
     held: f64,
+    /// TLS handshakes with the gateways, by kind (full, resumed).
+    handshakes: BTreeMap<String, f64>,
 }
 
 impl Moves {
@@ -217,6 +219,13 @@ impl Moves {
                     m.pause = h.iter().map(|b| (b.less_than, b.count)).collect();
                 }
                 ("wasmbed_proxy_sessions_held", prometheus_parse::Value::Gauge(v)) => m.held = v,
+                (
+                    "wasmbed_proxy_upstream_handshakes_total",
+                    prometheus_parse::Value::Counter(v),
+                ) => {
+                    let kind = s.labels.get("kind").unwrap_or("?").to_string();
+                    m.handshakes.insert(kind, v);
+                }
                 _ => {}
             }
         }
@@ -326,6 +335,12 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         show(p99),
         report.reply_us.max as f64 / 1e3
     );
+    let handshakes: BTreeMap<&String, f64> = moves
+        .handshakes
+        .iter()
+        .map(|(k, v)| (k, v - moves_before.handshakes.get(k).unwrap_or(&0.0)))
+        .collect();
+    println!("TLS handshakes with the gateways during the moves: {handshakes:?}");
     println!(
         "devices that saw a disconnect: {disconnects}; messages: sent {} answered {} lost {} duplicated {}; app state restarted on {} devices",
         report.messages.sent,
@@ -376,6 +391,7 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
 /// What the scale-up scenario needs besides the stack.
 pub(super) struct ScaleUp {
     pub(super) mode: Mode,
+    pub(super) plain_link: bool,
     pub(super) dir: PathBuf,
     pub(super) proxy_admin: SocketAddr,
     /// The second fleet, started once the new gateway is in.
@@ -407,14 +423,14 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     let (all_up, before) = settle(live, devices).await;
     let moves_before = Moves::read(proxy_admin);
     let index = stack.gateways.len();
-    let (name, child, listen, gw_admin) = match spawn_gateway(scale.mode, &scale.dir, index, false)
-    {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("wasmbed up: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (name, child, listen, gw_admin) =
+        match spawn_gateway((scale.mode, scale.plain_link), &scale.dir, index, false) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("wasmbed up: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let _new_gateway = Killed(child);
     let added_at = Instant::now();
     let body = format!(r#"{{"name":"{name}","address":"{listen}","health_address":"{gw_admin}"}}"#);
