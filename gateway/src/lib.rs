@@ -118,13 +118,16 @@ impl Gateway {
                 let mut config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
                 if settings.session_keys.is_some() && settings.tls_tickets {
                     // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
-                    // session on any gateway. One ticket per handshake.
+                    // session on any gateway.
                     let mut c = (*config).clone();
                     c.ticketer = Arc::new(ticket::FleetTicketer {
                         keys: keys.clone(),
                         lifetime: settings.ticket_lifetime.as_secs().min(7 * 24 * 3600) as u32,
                     });
-                    c.send_tls13_tickets = 1;
+                    // Two per handshake: a client that resumes spends one and gains two, so a
+                    // terminating proxy's store grows to about one ticket per live link, and a
+                    // failover's burst of new links resumes instead of running full handshakes.
+                    c.send_tls13_tickets = 2;
                     config = Arc::new(c);
                 }
                 Some(TlsAcceptor::from(config))

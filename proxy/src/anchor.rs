@@ -216,6 +216,26 @@ struct State {
     probe_answered: bool,
 }
 
+/// A read buffer while idle: most sessions, most of the time, wait with nothing to read.
+const IDLE_READ: usize = 1024;
+
+/// Gives a read buffer room: small when empty (the session is likely idle), growing while
+/// frames are larger than what is there.
+fn room(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 4 * IDLE_READ {
+        *buf = BytesMut::with_capacity(IDLE_READ);
+    } else if buf.capacity() - buf.len() < IDLE_READ / 4 {
+        buf.reserve(IDLE_READ.max(buf.len()));
+    }
+}
+
+/// Frees a write buffer that grew for a burst once it is written out.
+fn trim(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 4 * IDLE_READ {
+        *buf = BytesMut::new();
+    }
+}
+
 /// Appends `frame`'s encoding.
 fn put(dst: &mut BytesMut, frame: &Frame) {
     dst.reserve(wasmbed_protocol::PREFIX + wasmbed_protocol::HEADER + frame.body.len());
@@ -518,13 +538,15 @@ pub(crate) async fn serve(
             && st.window_bytes < st.limit()
             && st.to_gateway.len() < HIGH_WATER
             && st.to_device.len() < HIGH_WATER;
-        if reading_device && st.from_device.capacity() - st.from_device.len() < 1024 {
-            st.from_device.reserve(4096);
+        if reading_device {
+            room(&mut st.from_device);
         }
         let reading_gateway = link.is_some() && st.to_device.len() < HIGH_WATER;
-        if reading_gateway && st.from_gateway.capacity() - st.from_gateway.len() < 1024 {
-            st.from_gateway.reserve(4096);
+        if reading_gateway {
+            room(&mut st.from_gateway);
         }
+        trim(&mut st.to_device);
+        trim(&mut st.to_gateway);
         let writing_gateway = link.is_some() && !st.going;
         let linked = link.is_some();
         let (up_r, up_w, down, orders, up_dirty, probe) = match link.as_mut() {

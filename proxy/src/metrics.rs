@@ -47,12 +47,20 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// A move's pause is judged against 250 ms: finer steps around it.
+const PAUSE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7,
+    0.8, 0.9, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+];
+
 /// The process-wide recorder's handle; installs the recorder on first use.
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("static, non-empty bucket list")
+            .set_buckets_for_metric(Matcher::Full(MOVE_PAUSE.into()), PAUSE_BUCKETS)
             .expect("static, non-empty bucket list")
             .build_recorder();
         let handle = recorder.handle();
