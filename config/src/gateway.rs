@@ -33,8 +33,9 @@ pub struct GatewayFlags {
     /// CA (PEM) that device client certificates must chain to; required with TLS.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
-    /// Plain TCP sessions with no TLS, for the link from a terminating proxy on a trusted
-    /// network. Devices then present no certificate.
+    /// Plain TCP sessions with no TLS: for tests, or a port that only a terminating proxy can
+    /// reach. Nothing is authenticated: any client may name any device in HELLO. A terminating
+    /// proxy should use TLS with its client certificate (--proxy-identity, --trusted-proxy-ca).
     #[arg(long)]
     pub insecure_plaintext: bool,
     /// With TLS: a client certificate identity (its common name) that belongs to a
