@@ -16,6 +16,126 @@ enum CertsCommand {
     /// Create a dev CA, a proxy server certificate, gateway server certificates and device
     /// client certificates (ECDSA P-256) as PEM files, with an index.json.
     Init(InitArgs),
+    /// Revoke device certificates of a dev PKI: writes DIR/crl.pem, the CA's CRL of every
+    /// device revoked so far (listed in DIR/revoked.json). Give it to the proxy and gateways
+    /// with --client-crl and send them SIGHUP: new handshakes of those devices are refused,
+    /// their live sessions get ERROR revoked and are closed.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RevokeArgs {
+    /// The PKI directory (as `certs init` wrote it: ca.pem, ca.key, devices/).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Devices to revoke: a name (DIR/devices/NAME.pem) or the path of a certificate (PEM).
+    #[arg(required = true, value_name = "DEVICE")]
+    devices: Vec<String>,
+}
+
+/// What `certs revoke` has revoked so far (DIR/revoked.json).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Revoked {
+    /// The number of the last CRL written.
+    crl_number: u64,
+    revoked: Vec<RevokedEntry>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct RevokedEntry {
+    device: String,
+    /// The certificate's serial number, hex.
+    serial: String,
+}
+
+/// How long a CRL that `certs revoke` writes says it is good for.
+const CRL_VALIDITY: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+fn read_file(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|e| CertError::File {
+        path: path.to_owned(),
+        problem: e.to_string(),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn revoke(a: &RevokeArgs) -> Result<(), CertError> {
+    let ca = DevCa::load(
+        &read_file(&a.dir.join("ca.pem"))?,
+        &read_file(&a.dir.join("ca.key"))?,
+    )?;
+    let list_path = a.dir.join("revoked.json");
+    let mut list: Revoked = match std::fs::read_to_string(&list_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| CertError::File {
+            path: list_path.clone(),
+            problem: format!("not a revocation list of `certs revoke`: {e}"),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Revoked::default(),
+        Err(e) => {
+            return Err(CertError::File {
+                path: list_path,
+                problem: e.to_string(),
+            });
+        }
+    };
+    for device in &a.devices {
+        let as_path = Path::new(device);
+        let path = if as_path.is_file() {
+            as_path.to_path_buf()
+        } else {
+            a.dir.join("devices").join(format!("{device}.pem"))
+        };
+        let certs = wasmbed_certs::load_certs(&path)?;
+        let serial = certs
+            .first()
+            .and_then(wasmbed_certs::serial_of)
+            .ok_or_else(|| CertError::File {
+                path: path.clone(),
+                problem: "no readable certificate".into(),
+            })?;
+        let name = certs
+            .first()
+            .and_then(wasmbed_certs::peer_identity)
+            .unwrap_or_else(|| device.clone());
+        let entry = RevokedEntry {
+            device: name,
+            serial: hex(&serial),
+        };
+        if !list.revoked.contains(&entry) {
+            println!("revoked {} (serial {})", entry.device, entry.serial);
+            list.revoked.push(entry);
+        }
+    }
+    list.crl_number += 1;
+    let serials: Vec<Vec<u8>> = list
+        .revoked
+        .iter()
+        .filter_map(|e| unhex(&e.serial))
+        .collect();
+    let crl = ca.crl(&serials, list.crl_number, CRL_VALIDITY)?;
+    let crl_path = a.dir.join("crl.pem");
+    write(&crl_path, &crl)?;
+    write(
+        &list_path,
+        &serde_json::to_string_pretty(&list).unwrap_or_default(),
+    )?;
+    println!(
+        "wrote {} (CRL number {}, {} devices revoked); reload the proxy and gateways (SIGHUP) that read it with --client-crl",
+        crl_path.display(),
+        list.crl_number,
+        list.revoked.len()
+    );
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,6 +164,7 @@ struct InitArgs {
 pub fn run(args: CertsArgs) -> Result<(), CertError> {
     match args.command {
         CertsCommand::Init(a) => init(&a),
+        CertsCommand::Revoke(a) => revoke(&a),
     }
 }
 

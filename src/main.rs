@@ -94,6 +94,19 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         let shutdown = CancellationToken::new();
         // Watched before the ready line: a SIGTERM right after it stops the proxy in order.
         tokio::spawn(on_signal(shutdown.clone()));
+        // SIGHUP re-reads terminate mode's certificate, CA and CRLs; live sessions stay,
+        // except those of devices revoked by now.
+        let device_tls = proxy.device_tls();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    if let Err(e) = device_tls.reload() {
+                        tracing::warn!(error = %e, "TLS not reloaded; what is in use stays");
+                    }
+                }
+            });
+        }
         announce(&proxy.listen_addrs(), proxy.admin_addr());
         match proxy.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -121,7 +134,8 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
         let shutdown = CancellationToken::new();
         // Watched before the ready line: a SIGTERM right after it drains in order.
         tokio::spawn(on_signal(shutdown.clone()));
-        // SIGHUP re-reads the session key ring; live sessions are not touched.
+        // SIGHUP re-reads the session key ring and the TLS files (certificate, CAs, CRLs); live
+        // sessions stay, except those of devices revoked by now.
         let shared = gateway.shared();
         if let Ok(mut hup) =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -130,6 +144,9 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
                 while hup.recv().await.is_some() {
                     if let Err(e) = shared.reload_keys() {
                         tracing::warn!(error = %e, "session keys not reloaded; the ring in use stays");
+                    }
+                    if let Err(e) = shared.reload_tls() {
+                        tracing::warn!(error = %e, "TLS not reloaded; what is in use stays");
                     }
                 }
             });

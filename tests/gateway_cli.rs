@@ -237,3 +237,119 @@ async fn through_the_binaries_a_device_cannot_claim_another_devices_identity() {
     let _ = gw.kill();
     let _ = gw.wait();
 }
+
+/// Revocation through the binaries: `certs revoke` writes the CRL, a terminating proxy reads
+/// it with `--client-crl`, and SIGHUP makes a new revocation take effect: the connected
+/// device's session gets ERROR revoked, the other device stays.
+#[tokio::test]
+async fn certs_revoke_and_a_sighup_close_a_revoked_devices_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    run(&[
+        "certs",
+        "init",
+        "--dir",
+        &d(""),
+        "--devices",
+        "3",
+        "--gateways",
+        "1",
+    ]);
+    let first = run(&["certs", "revoke", "--dir", &d(""), "device-0002"]);
+    assert!(first.contains("revoked device-0002"), "{first}");
+    // An unknown device is an error naming the file, and changes nothing.
+    let bad = Command::new(BIN)
+        .args(["certs", "revoke", "--dir", &d(""), "device-9999"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("device-9999.pem"));
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let (mut gw, line) = spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
+            .args(["--admin", "off", "--apps", apps]),
+    );
+    let gw_addr = addr_in(&line, "listen=").to_string();
+    let proxy = support::ProxyProcess::start(
+        &[],
+        &[
+            "--mode",
+            "terminate",
+            "--tls-cert",
+            &d("proxy.pem"),
+            "--tls-key",
+            &d("proxy.key"),
+            "--client-ca",
+            &d("ca.pem"),
+            "--client-crl",
+            &d("crl.pem"),
+            "--gateway",
+            &gw_addr,
+            "--health",
+            "tcp",
+        ],
+    );
+    let ca = wasmbed_certs::load_certs(std::path::Path::new(&d("ca.pem"))).unwrap();
+    let device = |id: &str| {
+        let path = |ext: &str| d(&format!("devices/{id}.{ext}"));
+        let chain = wasmbed_certs::load_certs(std::path::Path::new(&path("pem"))).unwrap();
+        let key = wasmbed_certs::load_key(std::path::Path::new(&path("key"))).unwrap();
+        wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
+    };
+    let listen = proxy.listen;
+    let connect = |config| async move {
+        let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+    };
+    let mut live = Vec::new();
+    for id in ["device-0000", "device-0001"] {
+        let mut dev = Device::new(connect(device(id)).await.unwrap());
+        assert_eq!(dev.open(id, "echo").await, "gateway");
+        live.push(dev);
+    }
+    // device-0002 was revoked before the proxy started: no session.
+    if let Ok(tls) = connect(device("device-0002")).await {
+        let mut dev = Device::new(tls);
+        let hello = wasmbed_protocol::Hello {
+            device: "device-0002".into(),
+            app: "echo".into(),
+            resume: None,
+        };
+        let _ = dev
+            .send(wasmbed_protocol::Frame::control(
+                wasmbed_protocol::Kind::Hello,
+                0,
+                &hello,
+            ))
+            .await;
+        assert!(dev.recv().await.is_none(), "refused");
+    }
+    run(&["certs", "revoke", "--dir", &d(""), "device-0000"]);
+    proxy.signal(libc::SIGHUP);
+    let f = live[0].recv().await.expect("ERROR revoked");
+    assert_eq!(
+        wasmbed_testkit::error_code(&f),
+        wasmbed_protocol::ErrorCode::Revoked as u16
+    );
+    assert_eq!(live[1].data(b"still mine").await.body, b"still mine");
+    assert_eq!(proxy.metric("wasmbed_proxy_sessions_revoked_total"), 1.0);
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d("revoked.json")).unwrap()).unwrap();
+    assert_eq!(list["crl_number"], 2);
+    assert_eq!(list["revoked"].as_array().unwrap().len(), 2);
+    let _ = gw.kill();
+    let _ = gw.wait();
+}

@@ -57,6 +57,26 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// Reads every CRL of a PEM file (`X509 CRL` blocks); an empty or malformed file is an error.
+pub fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, CertError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
+    let crls: Vec<_> = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, format!("not a PEM CRL: {e}")))?;
+    if crls.is_empty() {
+        return Err(file_error(path, "no X509 CRL in it"));
+    }
+    Ok(crls)
+}
+
+/// The serial number of a certificate (big-endian bytes), for a CRL entry.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.raw_serial().to_vec())
+}
+
 /// Reads every certificate of a PEM file; an empty or malformed file is an error.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
@@ -99,15 +119,34 @@ pub fn server_config(
     client_ca: Option<&[CertificateDer<'static>]>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CertError> {
+    server_config_with_crls(chain, key, client_ca, Vec::new(), alpn)
+}
+
+/// [`server_config`], with device certificates also checked against `crls` (the end entity
+/// only; a certificate from a CA no CRL covers is not refused for that).
+pub fn server_config_with_crls(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&[CertificateDer<'static>]>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, CertError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let builder = match client_ca {
         Some(ca) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider)
-                    .build()
-                    .map_err(|e| CertError::ClientCa(e.to_string()))?;
+            let mut verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider);
+            if !crls.is_empty() {
+                verifier = verifier
+                    .with_crls(crls)
+                    .only_check_end_entity_revocation()
+                    .allow_unknown_revocation_status();
+            }
+            let verifier = verifier
+                .build()
+                .map_err(|e| CertError::ClientCa(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -115,6 +154,20 @@ pub fn server_config(
     let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// The serial numbers a set of CRLs revokes (for live sessions, checked at each reload).
+pub fn revoked_serials(
+    crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
+) -> std::collections::HashSet<Vec<u8>> {
+    crls.iter()
+        .filter_map(|c| x509_parser::parse_x509_crl(c.as_ref()).ok())
+        .flat_map(|(_, crl)| {
+            crl.iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Tells terminating proxies from devices by their CA: a client certificate that chains to

@@ -118,6 +118,51 @@ impl DevCa {
         self.sign(params, kind)
     }
 
+    /// A device certificate valid only between `not_before` and `not_after` (for tests of
+    /// expired and not-yet-valid certificates).
+    pub fn issue_client_between(
+        &self,
+        device_id: &str,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<Issued, CertError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = named(device_id);
+        params.subject_alt_names = vec![SanType::DnsName(device_id.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        self.sign(params, KeyKind::EcdsaP256)
+    }
+
+    /// A CRL (PEM) revoking the certificates of `serials` (as [`crate::serial_of`] gives them),
+    /// numbered `number`, valid for `valid_for` from now.
+    pub fn crl(
+        &self,
+        serials: &[Vec<u8>],
+        number: u64,
+        valid_for: std::time::Duration,
+    ) -> Result<String, CertError> {
+        let now = time::OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + valid_for,
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+
     fn sign(&self, params: CertificateParams, kind: KeyKind) -> Result<Issued, CertError> {
         let key = key_pair(kind)?;
         let cert = params.signed_by(&key, &self.issuer)?;

@@ -49,6 +49,10 @@ pub struct GatewayFlags {
     /// not the devices' (--client-ca): with that, every device could speak for any other.
     #[arg(long, value_name = "FILE")]
     pub trusted_proxy_ca: Option<PathBuf>,
+    /// With TLS: a CRL (PEM) device certificates are checked against. Repeatable. Re-read on
+    /// SIGHUP: a live session whose device is revoked then gets ERROR revoked and is closed.
+    #[arg(long, value_name = "FILE")]
+    pub client_crl: Vec<PathBuf>,
     #[arg(long, value_name = "DURATION", help = format!("Deadline of one application call. Default {}.", crate::defaults::show(crate::defaults::gateway::CALL_TIMEOUT)))]
     pub call_timeout: Option<String>,
     #[arg(long, value_name = "SIZE", help = format!("Linear memory cap of one application instance, in bytes (suffixes KiB, MiB, GiB; any case). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_MEMORY)))]
@@ -105,6 +109,8 @@ struct RawGateway {
     #[serde(default)]
     proxy_identity: Vec<String>,
     trusted_proxy_ca: Option<PathBuf>,
+    #[serde(default)]
+    client_crl: Vec<PathBuf>,
     call_timeout: Option<String>,
     max_memory: Option<String>,
     idle_timeout: Option<String>,
@@ -134,6 +140,8 @@ pub struct GatewayTls {
     pub proxy_identities: Vec<String>,
     /// The CA of terminating proxies' client certificates (`--trusted-proxy-ca`).
     pub trusted_proxy_ca: Option<PathBuf>,
+    /// CRLs of device certificates (`--client-crl`), re-read on SIGHUP.
+    pub client_crls: Vec<PathBuf>,
 }
 
 /// The validated configuration `wasmbed_gateway` runs on.
@@ -242,6 +250,9 @@ impl GatewaySettings {
         if f.trusted_proxy_ca.is_some() {
             raw.trusted_proxy_ca = f.trusted_proxy_ca.clone();
         }
+        if !f.client_crl.is_empty() {
+            raw.client_crl = f.client_crl.clone();
+        }
         Self::from_raw(raw)
     }
 
@@ -265,6 +276,12 @@ impl GatewaySettings {
                 return Err(ConfigError::field(
                     "proxy_identity",
                     "needs TLS: without it the gateway sees no certificate to match",
+                ));
+            }
+            (true, None, None, None) if !raw.client_crl.is_empty() => {
+                return Err(ConfigError::field(
+                    "client_crl",
+                    "needs TLS: without it the gateway sees no device certificate to check",
                 ));
             }
             (true, None, None, None) if raw.trusted_proxy_ca.is_some() => {
@@ -296,6 +313,7 @@ impl GatewaySettings {
                     client_ca,
                     proxy_identities: raw.proxy_identity.clone(),
                     trusted_proxy_ca: raw.trusted_proxy_ca.clone(),
+                    client_crls: raw.client_crl.clone(),
                 })
             }
             (false, ..) => {

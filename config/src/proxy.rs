@@ -76,6 +76,11 @@ pub struct ProxyFlags {
     /// Terminate mode: CA (PEM) that device certificates must chain to; makes them required.
     #[arg(long, value_name = "FILE")]
     pub client_ca: Option<PathBuf>,
+    /// Terminate mode: a CRL (PEM) that device certificates are checked against. Repeatable.
+    /// Re-read, with the certificate and key, on SIGHUP: a live session whose device is revoked
+    /// then gets ERROR revoked and is closed.
+    #[arg(long, value_name = "FILE")]
+    pub client_crl: Vec<PathBuf>,
     /// Terminate mode: TLS to the gateways, verified against this CA (PEM).
     #[arg(long, value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
@@ -192,6 +197,8 @@ pub struct TerminateTls {
     pub key: PathBuf,
     /// When set, devices must present a certificate that chains to this CA.
     pub client_ca: Option<PathBuf>,
+    /// CRLs (PEM) device certificates are checked against; re-read on SIGHUP.
+    pub client_crls: Vec<PathBuf>,
 }
 
 /// TLS from the proxy to the gateways, in terminate mode.
@@ -319,6 +326,8 @@ struct RawTls {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    #[serde(default)]
+    client_crl: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -373,7 +382,17 @@ impl ProxyConfig {
             cert: t.cert,
             key: t.key,
             client_ca: t.client_ca,
+            client_crls: t.client_crl,
         });
+        if tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_none() && !t.client_crls.is_empty())
+        {
+            return Err(ConfigError::field(
+                "tls.client_crl",
+                "needs client_ca (--client-ca): without device certificates there is nothing to revoke",
+            ));
+        }
         if mode == Mode::Terminate && tls.is_none() {
             return Err(ConfigError::field(
                 "tls",
@@ -548,7 +567,11 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.health.rise, f.rise);
     set(&mut raw.health.fall, f.fall);
     set(&mut raw.health.path, f.health_path.clone());
-    if f.tls_cert.is_some() || f.tls_key.is_some() || f.client_ca.is_some() {
+    if f.tls_cert.is_some()
+        || f.tls_key.is_some()
+        || f.client_ca.is_some()
+        || !f.client_crl.is_empty()
+    {
         let (cert, key) = match (&f.tls_cert, &f.tls_key, &raw.tls) {
             (Some(c), Some(k), _) => (c.clone(), k.clone()),
             (c, k, Some(t)) => (
@@ -566,10 +589,19 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             .client_ca
             .clone()
             .or(raw.tls.as_ref().and_then(|t| t.client_ca.clone()));
+        let client_crl = if f.client_crl.is_empty() {
+            raw.tls
+                .as_ref()
+                .map(|t| t.client_crl.clone())
+                .unwrap_or_default()
+        } else {
+            f.client_crl.clone()
+        };
         raw.tls = Some(RawTls {
             cert,
             key,
             client_ca,
+            client_crl,
         });
     }
     if let Some(ca) = &f.upstream_ca {

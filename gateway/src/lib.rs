@@ -59,11 +59,35 @@ pub struct Shared {
     /// The fleet's session key ring (`--session-keys`), swapped whole on SIGHUP; the TLS
     /// ticketer reads the same one.
     pub keys: Arc<arc_swap::ArcSwapOption<ticket::KeyRing>>,
-    /// `--trusted-proxy-ca`: client certificates from it belong to terminating proxies.
-    pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
+    /// The TLS in use (`None`: `--insecure-plaintext`), swapped on SIGHUP.
+    pub tls: arc_swap::ArcSwapOption<DeviceTls>,
+    /// Bumped by each TLS reload: live sessions check their device against the CRLs.
+    pub reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
+    /// Re-reads the TLS files (certificate, key, CAs, CRLs; on SIGHUP). New handshakes use them
+    /// at once; a live session whose device certificate is now revoked gets ERROR `revoked` and
+    /// is closed. A bad file keeps what is in use.
+    pub fn reload_tls(&self) -> Result<(), GatewayError> {
+        let Some(tls) = DeviceTls::load(&self.settings, &self.keys)? else {
+            return Ok(());
+        };
+        let revoked = tls.revoked.len();
+        self.tls.store(Some(Arc::new(tls)));
+        self.reloads.send_modify(|n| *n += 1);
+        tracing::info!(revoked, "TLS reloaded (certificate, CAs, CRLs)");
+        Ok(())
+    }
+
+    /// Whether a CRL in use revokes the certificate with this serial number.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.tls
+            .load()
+            .as_ref()
+            .is_some_and(|t| t.revoked.contains(serial))
+    }
+
     /// Re-reads `--session-keys` (on SIGHUP). A bad file keeps the ring in use.
     pub fn reload_keys(&self) -> Result<(), ticket::KeyRingError> {
         if let Some(path) = &self.settings.session_keys {
@@ -80,7 +104,62 @@ pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
-    tls: Option<TlsAcceptor>,
+}
+
+/// The gateway's TLS, as read from its files: swapped whole on SIGHUP.
+pub struct DeviceTls {
+    pub acceptor: TlsAcceptor,
+    /// `--trusted-proxy-ca`: client certificates from it belong to terminating proxies.
+    pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
+    /// The serial numbers the `--client-crl` files revoke.
+    pub revoked: std::collections::HashSet<Vec<u8>>,
+}
+
+impl DeviceTls {
+    /// Reads certificate, key, device CA, proxies' CA and CRLs (`None`: plaintext).
+    fn load(
+        settings: &GatewaySettings,
+        keys: &Arc<arc_swap::ArcSwapOption<ticket::KeyRing>>,
+    ) -> Result<Option<DeviceTls>, GatewayError> {
+        let Some(t) = &settings.tls else {
+            return Ok(None);
+        };
+        let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("--tls-cert"))?;
+        let key = wasmbed_certs::load_key(&t.key).map_err(setting("--tls-key"))?;
+        let mut ca = wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
+        let mut proxy_ca = None;
+        if let Some(path) = &t.trusted_proxy_ca {
+            let certs = wasmbed_certs::load_certs(path).map_err(setting("--trusted-proxy-ca"))?;
+            proxy_ca = Some(wasmbed_certs::ProxyCa::new(&certs)?);
+            // Proxies' certificates must pass the handshake too.
+            ca.extend(certs);
+        }
+        let mut crls = Vec::new();
+        for path in &t.client_crls {
+            crls.extend(wasmbed_certs::load_crls(path).map_err(setting("--client-crl"))?);
+        }
+        let revoked = wasmbed_certs::revoked_serials(&crls);
+        let mut config = wasmbed_certs::server_config_with_crls(chain, key, Some(&ca), crls, &[])?;
+        if settings.session_keys.is_some() && settings.tls_tickets {
+            // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
+            // session on any gateway.
+            let mut c = (*config).clone();
+            c.ticketer = Arc::new(ticket::FleetTicketer {
+                keys: keys.clone(),
+                lifetime: settings.ticket_lifetime.as_secs().min(7 * 24 * 3600) as u32,
+            });
+            // Two per handshake: a client that resumes spends one and gains two, so a
+            // terminating proxy's store grows to about one ticket per live link, and a
+            // failover's burst of new links resumes instead of running full handshakes.
+            c.send_tls13_tickets = 2;
+            config = Arc::new(c);
+        }
+        Ok(Some(DeviceTls {
+            acceptor: TlsAcceptor::from(config),
+            proxy_ca,
+            revoked,
+        }))
+    }
 }
 
 impl Gateway {
@@ -101,39 +180,7 @@ impl Gateway {
             None => None,
         };
         let keys = Arc::new(arc_swap::ArcSwapOption::new(keys));
-        let mut proxies = None;
-        let tls = match &settings.tls {
-            Some(t) => {
-                let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("--tls-cert"))?;
-                let key = wasmbed_certs::load_key(&t.key).map_err(setting("--tls-key"))?;
-                let mut ca =
-                    wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
-                if let Some(path) = &t.trusted_proxy_ca {
-                    let proxy_ca =
-                        wasmbed_certs::load_certs(path).map_err(setting("--trusted-proxy-ca"))?;
-                    proxies = Some(wasmbed_certs::ProxyCa::new(&proxy_ca)?);
-                    // Proxies' certificates must pass the handshake too.
-                    ca.extend(proxy_ca);
-                }
-                let mut config = wasmbed_certs::server_config(chain, key, Some(&ca), &[])?;
-                if settings.session_keys.is_some() && settings.tls_tickets {
-                    // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
-                    // session on any gateway.
-                    let mut c = (*config).clone();
-                    c.ticketer = Arc::new(ticket::FleetTicketer {
-                        keys: keys.clone(),
-                        lifetime: settings.ticket_lifetime.as_secs().min(7 * 24 * 3600) as u32,
-                    });
-                    // Two per handshake: a client that resumes spends one and gains two, so a
-                    // terminating proxy's store grows to about one ticket per live link, and a
-                    // failover's burst of new links resumes instead of running full handshakes.
-                    c.send_tls13_tickets = 2;
-                    config = Arc::new(c);
-                }
-                Some(TlsAcceptor::from(config))
-            }
-            None => None,
-        };
+        let tls = DeviceTls::load(&settings, &keys)?;
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -146,7 +193,8 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             keys,
-            proxy_ca: proxies,
+            tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
+            reloads: tokio::sync::watch::Sender::new(0),
             settings,
             host,
             sessions: AtomicUsize::new(0),
@@ -157,7 +205,6 @@ impl Gateway {
             shared,
             listener,
             admin,
-            tls,
         })
     }
 
@@ -192,7 +239,7 @@ impl Gateway {
         }
         let sessions = TaskTracker::new();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            name = %shared.settings.name, tls = self.tls.is_some(), "gateway listening");
+            name = %shared.settings.name, tls = shared.tls.load().is_some(), "gateway listening");
         loop {
             let accepted = tokio::select! {
                 r = self.listener.accept() => r,
@@ -211,7 +258,8 @@ impl Gateway {
             metrics::handle();
             ::metrics::counter!(metrics::SESSIONS_TOTAL).increment(1);
             let span = tracing::info_span!("session", %peer, proxy = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);
-            sessions.spawn(accept(shared.clone(), stream, self.tls.clone()).instrument(span));
+            let tls = shared.tls.load_full();
+            sessions.spawn(accept(shared.clone(), stream, tls).instrument(span));
         }
         drop(self.listener);
         shared.draining.cancel();
@@ -240,11 +288,12 @@ fn setting(name: &'static str) -> impl Fn(wasmbed_certs::CertError) -> wasmbed_c
     }
 }
 
-async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<TlsAcceptor>) {
+async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<Arc<DeviceTls>>) {
     let drain = shared.draining.clone();
     match tls {
-        None => session::serve(shared, stream, None, drain).await,
-        Some(acceptor) => {
+        None => session::serve(shared, stream, (None, None), drain).await,
+        Some(device_tls) => {
+            let acceptor = &device_tls.acceptor;
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
@@ -270,18 +319,19 @@ async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<TlsAcceptor>
                 .tls
                 .as_ref()
                 .map_or(&[][..], |t| &t.proxy_identities[..]);
-            let by_ca = shared
+            let by_ca = device_tls
                 .proxy_ca
                 .as_ref()
                 .is_some_and(|p| p.vouches_for(chain));
-            let identity = match identity {
+            let serial = chain.first().and_then(wasmbed_certs::serial_of);
+            let (identity, serial) = match identity {
                 Some(id) if by_ca || proxies.contains(&id) => {
                     tracing::Span::current().record("proxy", id.as_str());
-                    None
+                    (None, None)
                 }
-                other => other,
+                other => (other, serial),
             };
-            session::serve(shared, tls, identity, drain).await;
+            session::serve(shared, tls, (identity, serial), drain).await;
         }
     }
 }

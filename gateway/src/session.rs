@@ -138,11 +138,12 @@ fn protocol_end(e: ProtocolError) -> End {
     End::Protocol(e.code(), e.to_string())
 }
 
-/// Serves one session. `identity` is the device certificate's name, when TLS presented one.
+/// Serves one session. `identity` is the device certificate's name and `serial` its serial
+/// number (for revocation while the session lives), when TLS presented one.
 pub async fn serve<S>(
     shared: Arc<Shared>,
     stream: S,
-    identity: Option<String>,
+    (identity, serial): (Option<String>, Option<Vec<u8>>),
     drain: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -157,7 +158,11 @@ pub async fn serve<S>(
         tracing::debug!(%end, "session refused");
         return;
     }
-    let end = run(&shared, &mut conn, identity.as_deref(), &drain).await;
+    let device = Device {
+        identity: identity.as_deref(),
+        serial: serial.as_deref(),
+    };
+    let end = run(&shared, &mut conn, device, &drain).await;
     let end = match end {
         End::Protocol(code, text) => conn.refuse(code, 0, text).await,
         other => other,
@@ -166,12 +171,21 @@ pub async fn serve<S>(
     shared.sessions.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// What TLS said of the device: its certificate's name and serial number.
+#[derive(Clone, Copy)]
+struct Device<'a> {
+    identity: Option<&'a str>,
+    serial: Option<&'a [u8]>,
+}
+
 async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     conn: &mut Conn<S>,
-    identity: Option<&str>,
+    Device { identity, serial }: Device<'_>,
     drain: &CancellationToken,
 ) -> End {
+    let mut reloads = shared.reloads.subscribe();
+    reloads.mark_unchanged();
     let idle = shared.settings.idle_timeout;
     // HELLO first.
     let first = tokio::select! {
@@ -324,6 +338,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let next = tokio::select! {
             f = tokio::time::timeout(idle, conn.next()) => f,
             _ = drain.cancelled() => return goaway(shared, conn, &mut live, "draining").await,
+            r = reloads.changed(), if serial.is_some() => {
+                if r.is_ok() && serial.is_some_and(|s| shared.is_revoked(s)) {
+                    counter!(crate::metrics::REVOKED).increment(1);
+                    tracing::info!(device = %live.device, "certificate revoked: session closed");
+                    let text = "the device's certificate was revoked".to_string();
+                    return conn.refuse(ErrorCode::Revoked, 0, text).await;
+                }
+                continue;
+            }
         };
         let frame = match next {
             Err(_) => return conn.refuse(ErrorCode::IdleTimeout, 0, "idle".into()).await,

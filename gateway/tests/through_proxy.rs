@@ -30,6 +30,7 @@ fn terminating(pki: &Pki, gw: &RunningGateway) -> ProxyConfig {
         cert: pki.path("gw.pem"),
         key: pki.path("gw.key"),
         client_ca: Some(pki.path("ca.pem")),
+        client_crls: Vec::new(),
     });
     c
 }
@@ -183,4 +184,60 @@ async fn a_proxy_ca_of_its_own_vouches_for_the_proxies() {
         error_code(&f),
         wasmbed_protocol::ErrorCode::IdentityMismatch as u16
     );
+}
+
+/// `--client-crl` on a gateway (passthrough: the device's TLS ends here): a revoked device is
+/// refused at the handshake, and a reload (SIGHUP) that revokes a connected device closes its
+/// session with ERROR revoked while the others go on.
+#[tokio::test]
+async fn a_gateway_reload_revokes_a_connected_device() {
+    use wasmbed_certs::pki::KeyKind;
+    let pki = Pki::new();
+    let crl = |serials: &[Vec<u8>], n| {
+        pki.ca
+            .crl(serials, n, std::time::Duration::from_secs(3600))
+            .unwrap()
+    };
+    std::fs::write(pki.path("crl.pem"), crl(&[], 1)).unwrap();
+    let mut s = settings(Some(&pki));
+    if let Some(tls) = s.tls.as_mut() {
+        tls.client_crls = vec![pki.path("crl.pem")];
+    }
+    let gw = start(s).await;
+    let identity = |name: &str| {
+        let d = pki.ca.issue_client(name, KeyKind::EcdsaP256).unwrap();
+        let serial = wasmbed_certs::serial_of(&d.chain()[0]).unwrap();
+        let config =
+            wasmbed_certs::client_config(&[pki.ca.cert_der()], Some((d.chain(), d.key().unwrap())))
+                .unwrap();
+        (config, serial)
+    };
+    let (stolen_tls, stolen_serial) = identity("device-0200");
+    let (honest_tls, _) = identity("device-0201");
+    let mut stolen = tls_device(gw.addr, stolen_tls.clone()).await.unwrap();
+    stolen.open("device-0200", "echo").await;
+    let mut honest = tls_device(gw.addr, honest_tls).await.unwrap();
+    honest.open("device-0201", "echo").await;
+    std::fs::write(pki.path("crl.pem"), crl(&[stolen_serial], 2)).unwrap();
+    gw.shared.reload_tls().unwrap();
+    let f = stolen.recv().await.expect("ERROR revoked");
+    assert_eq!(error_code(&f), wasmbed_protocol::ErrorCode::Revoked as u16);
+    assert!(stolen.recv().await.is_none(), "then the close");
+    assert_eq!(honest.data(b"still here").await.body, b"still here");
+    // The same certificate again: refused at the handshake (TLS 1.3: seen at the first read).
+    if let Ok(mut again) = tls_device(gw.addr, stolen_tls).await {
+        let hello = wasmbed_protocol::Hello {
+            device: "device-0200".into(),
+            app: "echo".into(),
+            resume: None,
+        };
+        let _ = again
+            .send(wasmbed_protocol::Frame::control(
+                wasmbed_protocol::Kind::Hello,
+                0,
+                &hello,
+            ))
+            .await;
+        assert!(again.recv().await.is_none(), "no WELCOME");
+    }
 }

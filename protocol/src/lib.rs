@@ -287,11 +287,12 @@ pub enum ErrorCode {
     IdleTimeout = 12,
     Unavailable = 13,
     Duplicate = 14,
+    Revoked = 15,
 }
 
 impl ErrorCode {
     /// Every code, in wire order.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownType,
@@ -306,6 +307,7 @@ impl ErrorCode {
         ErrorCode::IdleTimeout,
         ErrorCode::Unavailable,
         ErrorCode::Duplicate,
+        ErrorCode::Revoked,
     ];
 
     /// The code's name, as PROTOCOL.md spells it: for logs, reports and metric labels.
@@ -325,6 +327,7 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Duplicate => "duplicate",
+            ErrorCode::Revoked => "revoked",
         }
     }
 

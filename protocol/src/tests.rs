@@ -110,7 +110,7 @@ fn names_are_unique_and_codes_round_trip() {
         assert_eq!(ErrorCode::from_u16(c as u16), Some(c));
     }
     assert_eq!(ErrorCode::from_u16(0), None);
-    assert_eq!(ErrorCode::from_u16(15), None);
+    assert_eq!(ErrorCode::from_u16(16), None);
     assert_eq!(ErrorCode::UnknownApp.as_str(), "unknown_app");
     let body = ErrorBody {
         code: 5,

@@ -31,11 +31,18 @@ use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{Checkpoint, DEFAULT_MAX_FRAME, ErrorCode, Frame, Hello, Kind, Welcome};
 
 use crate::balancer::{Gateway, Lease};
-use crate::metrics::{MOVES, SESSIONS_CANCELLED, UPSTREAM_HANDSHAKES};
+use crate::metrics::{MOVES, REVOKED, SESSIONS_CANCELLED, UPSTREAM_HANDSHAKES};
 use crate::session::{Context, Upstream};
 
 /// The device's TLS stream.
 pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The device's side of a session: its TLS stream and its certificate's serial number (for
+/// revocation at a CRL reload).
+pub(crate) struct DeviceSide {
+    pub tls: Device,
+    pub serial: Option<Vec<u8>>,
+}
 
 /// Bytes queued for one side past which the other side is not read.
 const HIGH_WATER: usize = 256 * 1024;
@@ -458,7 +465,10 @@ impl State {
 /// gateway sent after it, `pending` what the device sent after its HELLO.
 pub(crate) async fn serve(
     ctx: Arc<Context>,
-    device: Device,
+    DeviceSide {
+        tls: device,
+        serial,
+    }: DeviceSide,
     pool: String,
     hello: Hello,
     link: Link,
@@ -502,6 +512,8 @@ pub(crate) async fn serve(
     }
     put(&mut st.to_device, &first);
     let (mut dev_r, mut dev_w) = tokio::io::split(device);
+    let mut reloads = ctx.device_tls.reloads.subscribe();
+    reloads.mark_unchanged();
     let mut dev_dirty = false;
     let mut moving: Option<Moving> = None;
     let mut move_at: Option<(Instant, Cause)> = None;
@@ -575,10 +587,21 @@ pub(crate) async fn serve(
             _ = changed(orders), if linked && move_at.is_none() => Event::Ordered,
             _ = sleep_until(move_at), if move_at.is_some() => Event::MoveNow,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
+            _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
             r = dev_r.read_buf(&mut st.from_device), if reading_device => Event::DeviceRead(r),
         };
         match event {
             Event::HardStop => break End::Cut,
+            Event::Reloaded => {
+                if let Some(s) = &serial
+                    && ctx.device_tls.revoked.load().contains(s)
+                {
+                    counter!(REVOKED).increment(1);
+                    tracing::info!(device = %st.hello.device, "certificate revoked: session closed");
+                    let text = "the device's certificate was revoked".to_string();
+                    break End::Refuse(ErrorCode::Revoked.frame(0, text));
+                }
+            }
             Event::DeviceRead(Ok(0)) => st.device_done = true,
             Event::DeviceRead(Ok(n)) => ctx.meters.bytes_up.increment(n as u64),
             Event::DeviceRead(Err(_)) | Event::DeviceSent(Err(_)) => {
@@ -739,6 +762,7 @@ enum Event {
     GatewaySent(io::Result<Sent>),
     Down,
     Probe,
+    Reloaded,
     Ordered,
     MoveNow,
     Relinked(Option<Relinked>),

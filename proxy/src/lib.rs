@@ -119,6 +119,11 @@ impl Proxy {
         self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
+    /// Reloads terminate mode's device TLS (certificate, key, CA, CRLs): for SIGHUP.
+    pub fn device_tls(&self) -> Arc<DeviceTls> {
+        self.tls.0.clone()
+    }
+
     /// The live gateway set (for tests and embedding programs).
     pub fn gateways(&self) -> Arc<GatewaySet> {
         self.gateways.clone()
@@ -210,28 +215,77 @@ impl Proxy {
     }
 }
 
-pub(crate) type TlsSetup = (
-    Option<tokio_rustls::TlsAcceptor>,
-    Option<tokio_rustls::TlsConnector>,
-);
+pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<tokio_rustls::TlsConnector>);
+
+/// Terminate mode's TLS towards devices: the acceptor (certificate, key, device CA, CRLs) and
+/// the serial numbers the CRLs revoke, swapped whole by [`DeviceTls::reload`] (SIGHUP).
+pub struct DeviceTls {
+    tls: Option<wasmbed_config::TerminateTls>,
+    pub(crate) acceptor: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    pub(crate) revoked: arc_swap::ArcSwap<std::collections::HashSet<Vec<u8>>>,
+    /// Bumped by each reload: live sessions check their device against `revoked`.
+    pub(crate) reloads: tokio::sync::watch::Sender<u64>,
+}
+
+impl DeviceTls {
+    pub(crate) fn load(config: &ProxyConfig) -> Result<DeviceTls, ProxyError> {
+        let tls = match config.mode {
+            wasmbed_config::Mode::Terminate => config.tls.clone(),
+            wasmbed_config::Mode::Passthrough => None,
+        };
+        let d = DeviceTls {
+            tls,
+            acceptor: arc_swap::ArcSwapOption::empty(),
+            revoked: arc_swap::ArcSwap::from_pointee(Default::default()),
+            reloads: tokio::sync::watch::Sender::new(0),
+        };
+        d.read()?;
+        Ok(d)
+    }
+
+    /// Reads the files and swaps them in; on an error nothing changes.
+    fn read(&self) -> Result<usize, ProxyError> {
+        let Some(tls) = &self.tls else {
+            return Ok(0);
+        };
+        let chain =
+            wasmbed_certs::load_certs(&tls.cert).map_err(setting("tls.cert (--tls-cert)"))?;
+        let key = wasmbed_certs::load_key(&tls.key).map_err(setting("tls.key (--tls-key)"))?;
+        let client_ca = tls
+            .client_ca
+            .as_deref()
+            .map(wasmbed_certs::load_certs)
+            .transpose()
+            .map_err(setting("tls.client_ca (--client-ca)"))?;
+        let mut crls = Vec::new();
+        for path in &tls.client_crls {
+            crls.extend(
+                wasmbed_certs::load_crls(path).map_err(setting("tls.client_crl (--client-crl)"))?,
+            );
+        }
+        let revoked = wasmbed_certs::revoked_serials(&crls);
+        let server =
+            wasmbed_certs::server_config_with_crls(chain, key, client_ca.as_deref(), crls, &[])?;
+        let n = revoked.len();
+        self.acceptor
+            .store(Some(Arc::new(tokio_rustls::TlsAcceptor::from(server))));
+        self.revoked.store(Arc::new(revoked));
+        Ok(n)
+    }
+
+    /// Re-reads the certificate, key, device CA and CRLs (SIGHUP). New handshakes use them at
+    /// once; a live session whose device is now revoked gets ERROR `revoked` and is closed.
+    /// A bad file keeps everything as it was.
+    pub fn reload(&self) -> Result<(), ProxyError> {
+        let revoked = self.read()?;
+        self.reloads.send_modify(|n| *n += 1);
+        tracing::info!(revoked, "device TLS reloaded (certificate, CA, CRLs)");
+        Ok(())
+    }
+}
 
 fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
-    let acceptor = match (&config.mode, &config.tls) {
-        (wasmbed_config::Mode::Terminate, Some(tls)) => {
-            let chain =
-                wasmbed_certs::load_certs(&tls.cert).map_err(setting("tls.cert (--tls-cert)"))?;
-            let key = wasmbed_certs::load_key(&tls.key).map_err(setting("tls.key (--tls-key)"))?;
-            let client_ca = tls
-                .client_ca
-                .as_deref()
-                .map(wasmbed_certs::load_certs)
-                .transpose()
-                .map_err(setting("tls.client_ca (--client-ca)"))?;
-            let server = wasmbed_certs::server_config(chain, key, client_ca.as_deref(), &[])?;
-            Some(tokio_rustls::TlsAcceptor::from(server))
-        }
-        _ => None,
-    };
+    let acceptor = Arc::new(DeviceTls::load(config)?);
     let connector = match &config.upstream_tls {
         Some(up) => {
             let ca = wasmbed_certs::load_certs(&up.ca).map_err(setting("upstream_tls.ca"))?;

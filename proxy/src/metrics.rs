@@ -41,6 +41,7 @@ pub const DUPLICATES_DROPPED: &str = "wasmbed_proxy_duplicate_answers_dropped_to
 pub const HELD: &str = "wasmbed_proxy_sessions_held";
 pub const REPLAY_OVERFLOWS: &str = "wasmbed_proxy_replay_overflows_total";
 pub const MOVING: &str = "wasmbed_proxy_gateway_moving";
+pub const REVOKED: &str = "wasmbed_proxy_sessions_revoked_total";
 pub const UPSTREAM_HANDSHAKES: &str = "wasmbed_proxy_upstream_handshakes_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -157,6 +158,10 @@ fn describe() {
     describe_counter!(
         REPLAY_OVERFLOWS,
         "Terminate mode: sessions whose replay window filled with answered DATA and no new checkpoint: the ticket was dropped (a later move starts the app afresh)."
+    );
+    describe_counter!(
+        REVOKED,
+        "Terminate mode: live sessions closed (ERROR revoked) because a CRL reload revoked the device's certificate."
     );
     describe_counter!(
         UPSTREAM_HANDSHAKES,

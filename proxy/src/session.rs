@@ -30,7 +30,7 @@ use crate::{anchor, forward};
 pub struct Context {
     pub config: ProxyConfig,
     pub gateways: Arc<GatewaySet>,
-    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub device_tls: Arc<crate::DeviceTls>,
     pub connector: Option<tokio_rustls::TlsConnector>,
     /// Cancelled when the shutdown grace period is over (every gateway's session token is
     /// cancelled with it): tells a cut session that the cause was shutdown.
@@ -47,7 +47,7 @@ impl Context {
     pub fn new(
         config: ProxyConfig,
         gateways: Arc<GatewaySet>,
-        (acceptor, connector): crate::TlsSetup,
+        (device_tls, connector): crate::TlsSetup,
         hard_stop: CancellationToken,
     ) -> Context {
         let routed = config
@@ -63,7 +63,7 @@ impl Context {
             alpn,
             config,
             gateways,
-            acceptor,
+            device_tls,
             connector,
             hard_stop,
             meters: Meters::new(),
@@ -217,7 +217,7 @@ async fn read_hello(
 }
 
 async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused> {
-    let Some(acceptor) = &ctx.acceptor else {
+    let Some(acceptor) = ctx.device_tls.acceptor.load_full() else {
         return Err(refused(
             Refusal::Internal,
             "terminate mode without a TLS acceptor",
@@ -289,8 +289,23 @@ async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused>
         let _ = tls.shutdown().await;
         return Ok(());
     }
+    let serial = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(wasmbed_certs::serial_of);
     let link = anchor::Link::new(lease, up);
-    anchor::serve(ctx.clone(), tls, pool, hello, link, (first, rest, pending)).await;
+    let device = anchor::DeviceSide { tls, serial };
+    anchor::serve(
+        ctx.clone(),
+        device,
+        pool,
+        hello,
+        link,
+        (first, rest, pending),
+    )
+    .await;
     Ok(())
 }
 
@@ -631,10 +646,11 @@ mod tests {
         let config = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
         let gateways = Arc::new(GatewaySet::new(&config.gateways, std::time::Duration::ZERO));
         let listener_config = Arc::new(Listener::new(config.listeners[0].clone()));
+        let device_tls = Arc::new(crate::DeviceTls::load(&config).unwrap());
         let ctx = Arc::new(Context::new(
             config,
             gateways,
-            (None, None),
+            (device_tls, None),
             CancellationToken::new(),
         ));
         let session = serve(ctx, listener_config, accepted);

@@ -197,3 +197,87 @@ async fn the_link_to_the_gateway_can_be_tls_too() {
     let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), false)).await;
     assert_eq!(back.unwrap(), b"1");
 }
+
+/// Expired and not-yet-valid device certificates are refused at the handshake, like one from
+/// a foreign CA (`missing_or_foreign_client_certificates_are_rejected_and_counted`).
+#[tokio::test]
+async fn expired_and_not_yet_valid_certificates_are_refused() {
+    use std::time::{Duration as D, SystemTime};
+    let pki = pki(KeyKind::EcdsaP256);
+    let backend = FrameGateway::spawn("gw").await;
+    let proxy = terminating_proxy(&pki, &backend).await;
+    let now = SystemTime::now();
+    let day = D::from_secs(24 * 3600);
+    let expired = pki
+        .ca
+        .issue_client_between(DEVICE, now - 10 * day, now - day)
+        .unwrap();
+    let future = pki
+        .ca
+        .issue_client_between(DEVICE, now + day, now + 10 * day)
+        .unwrap();
+    for issued in [&expired, &future] {
+        let r = echo_through(&proxy, device_tls_with(&pki.ca, issued)).await;
+        assert!(r.is_err(), "refused");
+    }
+    let series = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
+    until_metric(&proxy, series, 2.0).await;
+    assert_eq!(backend.hellos(), 0);
+}
+
+/// `--client-crl`: a revoked device is refused at the handshake; a reload (SIGHUP) that
+/// revokes a connected device closes its session with ERROR revoked and leaves the others.
+#[tokio::test]
+async fn a_crl_reload_revokes_a_connected_device() {
+    let mut pki = pki(KeyKind::EcdsaP256);
+    let backend = FrameGateway::spawn("gw").await;
+    let crl_path = pki.tls.cert.with_file_name("crl.pem");
+    std::fs::write(
+        &crl_path,
+        pki.ca.crl(&[], 1, Duration::from_secs(3600)).unwrap(),
+    )
+    .unwrap();
+    pki.tls.client_crls = vec![crl_path.clone()];
+    let proxy = terminating_proxy(&pki, &backend).await;
+    let connect = |name: &str| {
+        let issued = pki.ca.issue_client(name, KeyKind::EcdsaP256).unwrap();
+        let config = device_tls_with(&pki.ca, &issued);
+        let serial = wasmbed_certs::serial_of(&issued.chain()[0]).unwrap();
+        (config, serial)
+    };
+    let (stolen_tls, stolen_serial) = connect("device-0100");
+    let (honest_tls, _) = connect("device-0101");
+    let mut stolen =
+        wasmbed_testkit::Device::new(tls_connect(proxy.addr, stolen_tls.clone()).await.unwrap());
+    stolen.open("device-0100", "counter").await;
+    let mut honest =
+        wasmbed_testkit::Device::new(tls_connect(proxy.addr, honest_tls).await.unwrap());
+    honest.open("device-0101", "counter").await;
+    assert_eq!(stolen.data(b"x").await.kind, Kind::Reply);
+    // Revoke device-0100 and reload.
+    let crl = pki
+        .ca
+        .crl(&[stolen_serial], 2, Duration::from_secs(3600))
+        .unwrap();
+    std::fs::write(&crl_path, crl).unwrap();
+    proxy.device_tls.reload().unwrap();
+    let f = stolen.recv().await.expect("ERROR revoked");
+    assert_eq!(wasmbed_testkit::error_code(&f), ErrorCode::Revoked as u16);
+    assert!(stolen.recv().await.is_none(), "then the close");
+    assert_eq!(honest.data(b"y").await.kind, Kind::Reply, "the others stay");
+    until_metric(&proxy, "wasmbed_proxy_sessions_revoked_total", 1.0).await;
+    // A new connection with the revoked certificate fails its handshake (with TLS 1.3 the
+    // client learns it at its first read), counted as a certificate refusal.
+    if let Ok(tls) = tls_connect(proxy.addr, stolen_tls).await {
+        let mut again = wasmbed_testkit::Device::new(tls);
+        let hello = wasmbed_protocol::Hello {
+            device: "device-0100".into(),
+            app: "counter".into(),
+            resume: None,
+        };
+        let _ = again.send(Frame::control(Kind::Hello, 0, &hello)).await;
+        assert!(again.recv().await.is_none(), "no WELCOME");
+    }
+    let series = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
+    until_metric(&proxy, series, 1.0).await;
+}

@@ -42,6 +42,7 @@ pub fn pki(kind: KeyKind) -> Pki {
         cert: write("proxy.pem", &server.cert_pem),
         key: write("proxy.key", &server.key_pem),
         client_ca: Some(ca_path.clone()),
+        client_crls: Vec::new(),
     };
     Pki {
         _dir: dir,
@@ -78,6 +79,23 @@ pub fn device_tls(
         Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
         None => b.with_no_client_auth(),
     })
+}
+
+/// A device's TLS config presenting `issued` (a certificate made by the test).
+pub fn device_tls_with(
+    trust: &DevCa,
+    issued: &wasmbed_certs::pki::Issued,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trust.cert_der()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(wasmbed_certs::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(issued.chain(), issued.key().unwrap())
+            .unwrap(),
+    )
 }
 
 pub type TlsDevice = tokio_rustls::client::TlsStream<TcpStream>;

@@ -191,6 +191,8 @@ pub struct RunningProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub gateways: Arc<GatewaySet>,
+    /// Terminate mode's device TLS, to reload (as SIGHUP does).
+    pub device_tls: Arc<wasmbed_proxy::DeviceTls>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<Result<(), wasmbed_proxy::ProxyError>>,
 }
@@ -226,6 +228,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
     let addr = proxy.listen_addrs()[0];
     let admin = proxy.admin_addr().unwrap();
     let gateways = proxy.gateways();
+    let device_tls = proxy.device_tls();
     let shutdown = CancellationToken::new();
     let baseline = wasmbed_proxy::metrics::render(&gateways);
     let task = tokio::spawn(proxy.run(shutdown.clone()));
@@ -235,6 +238,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
         addr,
         admin,
         gateways,
+        device_tls,
         shutdown,
         task,
     }
