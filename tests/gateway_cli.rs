@@ -174,39 +174,8 @@ async fn through_the_binaries_a_device_cannot_claim_another_devices_identity() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
-    let (mut gw, line) = spawn_ready(
-        Command::new(BIN)
-            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
-            .args(["--admin", "off", "--apps", apps]),
-    );
-    let gw_addr = addr_in(&line, "listen=").to_string();
-    let proxy = support::ProxyProcess::start(
-        &[],
-        &[
-            "--mode",
-            "terminate",
-            "--tls-cert",
-            &d("proxy.pem"),
-            "--tls-key",
-            &d("proxy.key"),
-            "--client-ca",
-            &d("ca.pem"),
-            "--gateway",
-            &gw_addr,
-            "--health",
-            "tcp",
-        ],
-    );
-    let ca = wasmbed_certs::load_certs(std::path::Path::new(&d("ca.pem"))).unwrap();
-    let device = |id: &str| {
-        let chain =
-            wasmbed_certs::load_certs(std::path::Path::new(&d(&format!("devices/{id}.pem"))))
-                .unwrap();
-        let key = wasmbed_certs::load_key(std::path::Path::new(&d(&format!("devices/{id}.key"))))
-            .unwrap();
-        wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
-    };
+    let (mut gw, proxy) = terminate_stack(dir.path(), &[]);
+    let device = |id: &str| device_of(dir.path(), id);
     let listen = proxy.listen;
     let connect = |config| async move {
         let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
@@ -273,39 +242,9 @@ async fn certs_revoke_and_a_sighup_close_a_revoked_devices_session() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("device-9999.pem"));
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
-    let (mut gw, line) = spawn_ready(
-        Command::new(BIN)
-            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
-            .args(["--admin", "off", "--apps", apps]),
-    );
-    let gw_addr = addr_in(&line, "listen=").to_string();
-    let proxy = support::ProxyProcess::start(
-        &[],
-        &[
-            "--mode",
-            "terminate",
-            "--tls-cert",
-            &d("proxy.pem"),
-            "--tls-key",
-            &d("proxy.key"),
-            "--client-ca",
-            &d("ca.pem"),
-            "--client-crl",
-            &d("crl.pem"),
-            "--gateway",
-            &gw_addr,
-            "--health",
-            "tcp",
-        ],
-    );
-    let ca = wasmbed_certs::load_certs(std::path::Path::new(&d("ca.pem"))).unwrap();
-    let device = |id: &str| {
-        let path = |ext: &str| d(&format!("devices/{id}.{ext}"));
-        let chain = wasmbed_certs::load_certs(std::path::Path::new(&path("pem"))).unwrap();
-        let key = wasmbed_certs::load_key(std::path::Path::new(&path("key"))).unwrap();
-        wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
-    };
+    let crl = d("crl.pem");
+    let (mut gw, proxy) = terminate_stack(dir.path(), &["--client-crl", &crl]);
+    let device = |id: &str| device_of(dir.path(), id);
     let listen = proxy.listen;
     let connect = |config| async move {
         let tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
@@ -352,4 +291,46 @@ async fn certs_revoke_and_a_sighup_close_a_revoked_devices_session() {
     assert_eq!(list["revoked"].as_array().unwrap().len(), 2);
     let _ = gw.kill();
     let _ = gw.wait();
+}
+
+/// A plaintext gateway (the repository's apps) behind a terminating proxy with the PKI in
+/// `dir` (as `certs init` wrote it) and `extra` proxy flags. Returns the gateway process and
+/// the proxy.
+fn terminate_stack(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, support::ProxyProcess) {
+    let d = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let (gw, line) = spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--insecure-plaintext", "--listen", "127.0.0.1:0"])
+            .args(["--admin", "off", "--apps", apps]),
+    );
+    let gw_addr = addr_in(&line, "listen=").to_string();
+    let (cert, key, ca) = (d("proxy.pem"), d("proxy.key"), d("ca.pem"));
+    let mut args = vec![
+        "--mode",
+        "terminate",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--client-ca",
+        &ca,
+        "--gateway",
+        &gw_addr,
+        "--health",
+        "tcp",
+    ];
+    args.extend_from_slice(extra);
+    (gw, support::ProxyProcess::start(&[], &args))
+}
+
+/// A TLS client config presenting `id`'s certificate from the PKI in `dir`.
+fn device_of(dir: &std::path::Path, id: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let ca = wasmbed_certs::load_certs(&dir.join("ca.pem")).unwrap();
+    let chain = wasmbed_certs::load_certs(&dir.join(format!("devices/{id}.pem"))).unwrap();
+    let key = wasmbed_certs::load_key(&dir.join(format!("devices/{id}.key"))).unwrap();
+    wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
 }
