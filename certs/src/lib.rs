@@ -71,6 +71,39 @@ pub fn load_crls(
     Ok(crls)
 }
 
+/// What routes may match in a device certificate: its subject's organizational units and
+/// its URI SANs (e.g. `wasmbed://region/eu-west`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CertAttributes {
+    pub ous: Vec<String>,
+    pub uris: Vec<String>,
+}
+
+/// Reads [`CertAttributes`] from a certificate (empty when it cannot be parsed).
+pub fn cert_attributes(cert: &CertificateDer<'_>) -> CertAttributes {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return CertAttributes::default();
+    };
+    let ous = parsed
+        .subject()
+        .iter_organizational_unit()
+        .filter_map(|a| a.as_str().ok().map(str::to_string))
+        .collect();
+    let uris = match parsed.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    CertAttributes { ous, uris }
+}
+
 /// The serial number of a certificate (big-endian bytes), for a CRL entry.
 pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

@@ -118,6 +118,30 @@ impl DevCa {
         self.sign(params, kind)
     }
 
+    /// A device certificate with routing attributes: organizational units in its subject and
+    /// URI SANs (e.g. `wasmbed://region/eu-west`).
+    pub fn issue_client_with(
+        &self,
+        device_id: &str,
+        ous: &[&str],
+        uris: &[&str],
+    ) -> Result<Issued, CertError> {
+        let mut params = CertificateParams::default();
+        let mut dn = named(device_id);
+        for ou in ous {
+            dn.push(DnType::OrganizationalUnitName, *ou);
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::DnsName(device_id.try_into()?)];
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI((*uri).try_into()?));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, KeyKind::EcdsaP256)
+    }
+
     /// A device certificate valid only between `not_before` and `not_after` (for tests of
     /// expired and not-yet-valid certificates).
     pub fn issue_client_between(

@@ -177,7 +177,13 @@ pub struct RouteConfig {
     pub sni: Option<String>,
     /// An ALPN protocol the device must offer; `None`: any.
     pub alpn: Option<String>,
+    /// Terminate mode: a URI SAN the device certificate must carry (exact, or `prefix*`).
+    pub cert_uri: Option<String>,
+    /// Terminate mode: an organizational unit (OU) the device certificate's subject must have.
+    pub cert_ou: Option<String>,
     pub pool: String,
+    /// Pools tried in order when `pool` has no gateway taking sessions (then `default`).
+    pub fallback: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,7 +312,11 @@ type RawGateway = GatewaySpec;
 struct RawRoute {
     sni: Option<String>,
     alpn: Option<String>,
+    cert_uri: Option<String>,
+    cert_ou: Option<String>,
     pool: String,
+    #[serde(default)]
+    fallback: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -435,6 +445,16 @@ impl ProxyConfig {
         }
         if raw.threads == Some(0) {
             return Err(ConfigError::field("threads", "must be at least 1"));
+        }
+        if mode == Mode::Passthrough
+            && let Some(i) = routes
+                .iter()
+                .position(|r| r.cert_uri.is_some() || r.cert_ou.is_some())
+        {
+            return Err(ConfigError::field(
+                format!("route[{i}]"),
+                "cert_uri and cert_ou need terminate mode (in passthrough the proxy sees no certificate)",
+            ));
         }
         if mode == Mode::Passthrough && migration.rebalance {
             return Err(ConfigError::field(

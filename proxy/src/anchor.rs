@@ -185,7 +185,8 @@ enum End {
 /// What the proxy keeps of one session.
 struct State {
     ctx: Arc<Context>,
-    pool: String,
+    /// The pools the session may go to, in order (a route's pool, its fallbacks, default).
+    pools: Vec<String>,
     hello: Hello,
     /// The latest ticket and the DATA it covers.
     ticket: Option<Vec<u8>>,
@@ -469,14 +470,14 @@ pub(crate) async fn serve(
         tls: device,
         serial,
     }: DeviceSide,
-    pool: String,
+    pools: Vec<String>,
     hello: Hello,
     link: Link,
     (first, rest, pending): (Frame, BytesMut, BytesMut),
 ) {
     let mut st = State {
         ctx: ctx.clone(),
-        pool,
+        pools,
         ticket: None,
         covered: 0,
         window: VecDeque::new(),
@@ -811,7 +812,7 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
     };
     Box::pin(relink(
         st.ctx.clone(),
-        st.pool.clone(),
+        st.pools.clone(),
         st.resume_hello(),
         avoid,
         start,
@@ -822,7 +823,7 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
 /// gateway was tried, again after a pause, until `--migrate-timeout`.
 async fn relink(
     ctx: Arc<Context>,
-    pool: String,
+    pools: Vec<String>,
     hello: Vec<u8>,
     avoid: Option<Arc<Gateway>>,
     start: Option<Instant>,
@@ -833,7 +834,7 @@ async fn relink(
     let deadline = Instant::now() + ctx.config.migration.migrate_timeout;
     let mut tried: Vec<Arc<Gateway>> = avoid.into_iter().collect();
     loop {
-        match ctx.gateways.acquire(&pool, &tried) {
+        match ctx.gateways.acquire_first(&pools, &tried) {
             Some(lease) => {
                 let gateway = lease.gateway().clone();
                 match attempt(&ctx, lease, &hello).await {

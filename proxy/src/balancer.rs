@@ -289,6 +289,12 @@ impl GatewaySet {
             .any(|g| g.is_healthy() && !g.is_draining())
     }
 
+    /// Takes one session on the least loaded eligible gateway of the first of `pools` that has
+    /// one, skipping `exclude`.
+    pub fn acquire_first(&self, pools: &[String], exclude: &[Arc<Gateway>]) -> Option<Lease> {
+        pools.iter().find_map(|p| self.acquire(p, exclude))
+    }
+
     /// Takes one session on the least loaded eligible gateway of `pool`, skipping `exclude`.
     pub fn acquire(&self, pool: &str, exclude: &[Arc<Gateway>]) -> Option<Lease> {
         let snapshot = self.gateways.load();

@@ -158,9 +158,14 @@ async fn passthrough(
         tracing::Span::current().record("alpn", String::from_utf8_lossy(first).as_ref());
     }
     // Boxed: the connect state is only needed for a moment, so idle sessions do not carry it.
-    let pool = pool_for(ctx, sni.as_deref(), &alpn);
+    let matched = Matched {
+        sni: sni.as_deref(),
+        alpn: &alpn,
+        cert: None,
+    };
+    let pools = pools_for(ctx, matched);
     drop(alpn);
-    let (lease, mut gateway) = Box::pin(connect(ctx, pool)).await?;
+    let (lease, mut gateway) = Box::pin(connect(ctx, &pools)).await?;
     // The hello is at most `max_client_hello` bytes: a fresh socket's buffer takes it at once.
     gateway
         .write_all(&prefix)
@@ -257,8 +262,20 @@ async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused>
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&[]);
-    let pool = pool_for(ctx, sni.as_deref(), &[]).to_string();
-    let (lease, gateway) = connect(ctx, &pool).await?;
+    let attributes = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(wasmbed_certs::cert_attributes);
+    let matched = Matched {
+        sni: sni.as_deref(),
+        alpn: &[],
+        cert: attributes.as_ref(),
+    };
+    let pools = pools_for(ctx, matched);
+    drop(attributes);
+    let (lease, gateway) = connect(ctx, &pools).await?;
     // HELLO goes first and the gateway's first frame comes back before the session is
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
@@ -300,7 +317,7 @@ async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused>
     anchor::serve(
         ctx.clone(),
         device,
-        pool,
+        pools,
         hello,
         link,
         (first, rest, pending),
@@ -476,25 +493,40 @@ impl Counted {
     }
 }
 
-/// The pool a device goes to: the first route its SNI and offered ALPN protocols match, else
-/// the default pool.
-fn pool_for<'a>(ctx: &'a Context, sni: Option<&str>, alpn: &[Vec<u8>]) -> &'a str {
+/// What a route may match about a device: its SNI, the ALPN protocols it offered, and (in
+/// terminate mode) its certificate's attributes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Matched<'a> {
+    pub sni: Option<&'a str>,
+    pub alpn: &'a [Vec<u8>],
+    pub cert: Option<&'a wasmbed_certs::CertAttributes>,
+}
+
+/// The pools a device goes to, in order: the first matching route's pool, its fallbacks, then
+/// the default pool (a pool with no gateway taking sessions is skipped for the next).
+fn pools_for(ctx: &Context, device: Matched<'_>) -> Vec<String> {
     let routes = &ctx.config.routes;
-    let matched = routes.iter().position(|r| route_matches(r, sni, alpn));
+    let matched = routes.iter().position(|r| route_matches(r, device));
     let index = matched.unwrap_or(routes.len());
     if let Some(counter) = ctx.routed.get(index) {
         counter.increment(1);
     }
-    matched.map_or(wasmbed_config::proxy::DEFAULT_POOL, |i| {
-        routes[i].pool.as_str()
-    })
+    let mut pools: Vec<String> = Vec::new();
+    if let Some(r) = matched.map(|i| &routes[i]) {
+        pools.push(r.pool.clone());
+        pools.extend(r.fallback.iter().cloned());
+    }
+    pools.push(wasmbed_config::proxy::DEFAULT_POOL.to_string());
+    let mut seen = std::collections::HashSet::new();
+    pools.retain(|p| seen.insert(p.clone()));
+    pools
 }
 
 /// Whether a device matches a route: its SNI equals the route's or lies under its
-/// `*.suffix` (when the route names one), and it offers the route's ALPN protocol (when the
-/// route names one).
-pub fn route_matches(route: &RouteConfig, sni: Option<&str>, alpn: &[Vec<u8>]) -> bool {
-    let sni_ok = match (route.sni.as_deref(), sni) {
+/// `*.suffix`, it offers the route's ALPN protocol, its certificate carries the route's URI
+/// SAN (exact, or `prefix*`) and OU; each only when the route names it.
+pub fn route_matches(route: &RouteConfig, device: Matched<'_>) -> bool {
+    let sni_ok = match (route.sni.as_deref(), device.sni) {
         (None, _) => true,
         (Some(_), None) => false,
         (Some(pattern), Some(sni)) => match pattern.strip_prefix("*.") {
@@ -507,8 +539,20 @@ pub fn route_matches(route: &RouteConfig, sni: Option<&str>, alpn: &[Vec<u8>]) -
     let alpn_ok = route
         .alpn
         .as_deref()
-        .is_none_or(|want| alpn.iter().any(|p| p == want.as_bytes()));
-    sni_ok && alpn_ok
+        .is_none_or(|want| device.alpn.iter().any(|p| p == want.as_bytes()));
+    let uri_ok = route.cert_uri.as_deref().is_none_or(|want| {
+        device.cert.is_some_and(|c| {
+            c.uris.iter().any(|u| match want.strip_suffix('*') {
+                Some(prefix) => u.starts_with(prefix),
+                None => u == want,
+            })
+        })
+    });
+    let ou_ok = route
+        .cert_ou
+        .as_deref()
+        .is_none_or(|want| device.cert.is_some_and(|c| c.ous.iter().any(|o| o == want)));
+    sni_ok && alpn_ok && uri_ok && ou_ok
 }
 
 /// Sessions by the ALPN protocol the device offered: a closed label set (the protocols the
@@ -558,12 +602,13 @@ impl AlpnCounts {
     }
 }
 
-/// Connects to the best gateway of `pool`; on a failed connect, counts a passive failure and
-/// tries the next best, up to `connect_retries` more.
-async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refused> {
+/// Connects to the best gateway of the first of `pools` that has one taking sessions; on a
+/// failed connect, counts a passive failure and tries the next best, up to `connect_retries`
+/// more.
+async fn connect(ctx: &Context, pools: &[String]) -> Result<(Lease, TcpStream), Refused> {
     let mut tried = Vec::new();
     for _ in 0..=ctx.config.connect_retries {
-        let Some(lease) = ctx.gateways.acquire(pool, &tried) else {
+        let Some(lease) = ctx.gateways.acquire_first(pools, &tried) else {
             break;
         };
         match dial_gateway(ctx, lease.gateway()).await {
@@ -575,7 +620,7 @@ async fn connect(ctx: &Context, pool: &str) -> Result<(Lease, TcpStream), Refuse
     Err(if tried.is_empty() {
         refused(
             Refusal::NoGateway,
-            format!("no gateway of pool {pool:?} is up"),
+            format!("no gateway of pools {pools:?} is up"),
         )
     } else {
         refused(

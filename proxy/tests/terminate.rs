@@ -281,3 +281,71 @@ async fn a_crl_reload_revokes_a_connected_device() {
     let series = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
     until_metric(&proxy, series, 1.0).await;
 }
+
+/// Affinity: a route picks a pool by the device certificate's URI SAN (or OU), with an ordered
+/// fallback when that pool has no gateway up; devices that match no route go to `default`.
+#[tokio::test]
+async fn routes_by_certificate_attributes_with_fallback() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let (eu, us, def) = (
+        FrameGateway::spawn("gw-eu").await,
+        FrameGateway::spawn("gw-us").await,
+        FrameGateway::spawn("gw-default").await,
+    );
+    let mut gateways = vec![eu.gateway(), us.gateway(), def.gateway()];
+    gateways[0].pool = "eu".into();
+    gateways[1].pool = "us".into();
+    let mut c = config(gateways);
+    c.mode = Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    c.routes = vec![
+        wasmbed_config::RouteConfig {
+            sni: None,
+            alpn: None,
+            cert_uri: Some("wasmbed://region/eu-*".into()),
+            cert_ou: None,
+            pool: "eu".into(),
+            fallback: vec!["us".into()],
+        },
+        wasmbed_config::RouteConfig {
+            sni: None,
+            alpn: None,
+            cert_uri: None,
+            cert_ou: Some("fleet-us".into()),
+            pool: "us".into(),
+            fallback: Vec::new(),
+        },
+    ];
+    let proxy = start(c).await;
+    let open = |issued: wasmbed_certs::pki::Issued, name: &'static str| {
+        let config = device_tls_with(&pki.ca, &issued);
+        let addr = proxy.addr;
+        async move {
+            let mut d = wasmbed_testkit::Device::new(tls_connect(addr, config).await.unwrap());
+            d.open(name, "counter").await
+        }
+    };
+    let eu_cert = |name| {
+        pki.ca
+            .issue_client_with(name, &[], &["wasmbed://region/eu-west"])
+            .unwrap()
+    };
+    assert_eq!(open(eu_cert("device-0300"), "device-0300").await, "gw-eu");
+    let ou = pki
+        .ca
+        .issue_client_with("device-0301", &["fleet-us"], &[])
+        .unwrap();
+    assert_eq!(open(ou, "device-0301").await, "gw-us");
+    let plain = pki
+        .ca
+        .issue_client("device-0302", KeyKind::EcdsaP256)
+        .unwrap();
+    assert_eq!(open(plain, "device-0302").await, "gw-default");
+    // The preferred pool down: its devices go to the fallback.
+    eu.kill();
+    until(Duration::from_secs(3), "gw-eu marked down", || {
+        !proxy.gateway("gw-eu").is_healthy()
+    })
+    .await;
+    assert_eq!(open(eu_cert("device-0303"), "device-0303").await, "gw-us");
+}

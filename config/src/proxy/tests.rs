@@ -95,6 +95,18 @@ fn every_bad_field_is_named() {
             format!("{gw}[[route]]\nsni = \"a.b\"\npool = \"eu\""),
             "route[0].pool",
         ),
+        (
+            format!("{gw}[[route]]\nsni = \"a.b\"\npool = \"default\"\nfallback = [\"eu\"]"),
+            "route[0].fallback[0]",
+        ),
+        (
+            format!("{gw}[[route]]\ncert_uri = \"wasmbed://x\"\npool = \"default\""),
+            "route[0]",
+        ),
+        (format!("{gw}[[route]]\npool = \"default\""), "route[0]"),
+        (format!("{gw}rebalance = \"on\""), "rebalance"),
+        (format!("{gw}replay_window = \"10\""), "replay_window"),
+        (format!("{gw}move_rate = 0"), "move_rate"),
         (String::new(), "gateway"),
         (format!("max_client_hello = 10\n{gw}"), "max_client_hello"),
         (format!("admin = \"x\"\n{gw}"), "admin"),

@@ -193,15 +193,31 @@ pub(super) fn routes(
                     "expected a protocol name of 1 to 255 ASCII characters",
                 ));
             }
-            if sni.is_none() && alpn.is_none() {
+            for (key, value) in [("cert_uri", &r.cert_uri), ("cert_ou", &r.cert_ou)] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    return Err(ConfigError::field(format!("route[{i}].{key}"), "is empty"));
+                }
+            }
+            if sni.is_none() && alpn.is_none() && r.cert_uri.is_none() && r.cert_ou.is_none() {
                 return Err(ConfigError::field(
                     format!("route[{i}]"),
-                    "needs `sni`, `alpn`, or both",
+                    "needs `sni`, `alpn`, `cert_uri` or `cert_ou` (one or more)",
                 ));
+            }
+            for (j, pool) in r.fallback.iter().enumerate() {
+                if !gateways.iter().any(|g| &g.pool == pool) {
+                    return Err(ConfigError::field(
+                        format!("route[{i}].fallback[{j}]"),
+                        format!("no gateway is in pool {pool:?}"),
+                    ));
+                }
             }
             Ok(RouteConfig {
                 sni,
                 alpn,
+                cert_uri: r.cert_uri.clone(),
+                cert_ou: r.cert_ou.clone(),
+                fallback: r.fallback.clone(),
                 pool: r.pool.clone(),
             })
         })
