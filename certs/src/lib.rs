@@ -164,18 +164,58 @@ pub fn server_config_with_crls(
     crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CertError> {
+    let clients = client_ca.map(|ca| ClientAuth {
+        ca,
+        crls,
+        optional: false,
+    });
+    build_server(chain, key, clients, alpn)
+}
+
+/// The admin endpoint's HTTPS: client certificates from `client_ca` are asked for but not
+/// required (reads need none; a verified one may authorize changes).
+pub fn admin_server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&[CertificateDer<'static>]>,
+) -> Result<Arc<ServerConfig>, CertError> {
+    let clients = client_ca.map(|ca| ClientAuth {
+        ca,
+        crls: Vec::new(),
+        optional: true,
+    });
+    build_server(chain, key, clients, &[b"http/1.1"])
+}
+
+/// How a server checks its clients' certificates.
+struct ClientAuth<'a> {
+    ca: &'a [CertificateDer<'static>],
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    /// A client may present none (then it is anonymous).
+    optional: bool,
+}
+
+fn build_server(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    clients: Option<ClientAuth<'_>>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, CertError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let builder = match client_ca {
-        Some(ca) => {
+    let builder = match clients {
+        Some(c) => {
             let mut verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider);
-            if !crls.is_empty() {
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(c.ca)?), provider);
+            if !c.crls.is_empty() {
                 verifier = verifier
-                    .with_crls(crls)
+                    .with_crls(c.crls)
                     .only_check_end_entity_revocation()
                     .allow_unknown_revocation_status();
+            }
+            if c.optional {
+                verifier = verifier.allow_unauthenticated();
             }
             let verifier = verifier
                 .build()

@@ -21,6 +21,58 @@ pub const MIN_TOKEN: usize = 16;
 pub struct AdminAuth {
     token: Option<Vec<u8>>,
     loopback: bool,
+    /// HTTPS on the admin endpoint (and, with `client_ca`, admin client certificates).
+    pub tls: Option<AdminTls>,
+}
+
+/// The admin endpoint's TLS: `--admin-tls-cert`, `--admin-tls-key`, `--admin-client-ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// A client certificate from this CA may change things without the token.
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+/// The admin endpoint's TLS flags (the same on the proxy and the gateway).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AdminTlsFlags {
+    /// Serve the admin endpoint over HTTPS with this certificate chain (PEM); with --admin-tls-key.
+    #[arg(long, value_name = "FILE")]
+    pub admin_tls_cert: Option<std::path::PathBuf>,
+    /// The key of --admin-tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub admin_tls_key: Option<std::path::PathBuf>,
+    /// With --admin-tls-cert: a client certificate from this CA (PEM) may make changes
+    /// (POST/PUT/DELETE) without the bearer token. Reads need no certificate.
+    #[arg(long, value_name = "FILE")]
+    pub admin_client_ca: Option<std::path::PathBuf>,
+}
+
+impl AdminTlsFlags {
+    /// The validated setting (`None`: plain HTTP).
+    pub fn resolve(&self) -> Result<Option<AdminTls>, ConfigError> {
+        match (
+            &self.admin_tls_cert,
+            &self.admin_tls_key,
+            &self.admin_client_ca,
+        ) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), ca) => Ok(Some(AdminTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+            })),
+            (None, None, Some(_)) => Err(ConfigError::field(
+                "admin_client_ca",
+                "needs --admin-tls-cert and --admin-tls-key (client certificates need HTTPS)",
+            )),
+            _ => Err(ConfigError::field(
+                "admin_tls_cert",
+                "--admin-tls-cert and --admin-tls-key go together",
+            )),
+        }
+    }
 }
 
 impl std::fmt::Debug for AdminAuth {
@@ -87,17 +139,48 @@ impl AdminAuth {
         Ok(AdminAuth {
             token,
             loopback: admin.is_none_or(|a| a.ip().is_loopback()),
+            tls: None,
         })
     }
 
     /// Mutation is open to anyone who reaches the endpoint (no token, loopback).
+    /// [`AdminAuth::load`], with the admin endpoint's TLS (`tls`, validated).
+    pub fn load_with_tls(
+        token_file: Option<&Path>,
+        admin: Option<SocketAddr>,
+        tls: AdminTlsFlags,
+    ) -> Result<AdminAuth, ConfigError> {
+        let mut auth = AdminAuth::load(token_file, admin)?;
+        auth.tls = tls.resolve()?;
+        Ok(auth)
+    }
+
     pub fn open(&self) -> bool {
         self.token.is_none() && self.loopback
     }
 
     /// Mutation is refused to everyone (no token, not loopback): worth a warning at start.
     pub fn locked_out(&self) -> bool {
-        self.token.is_none() && !self.loopback
+        self.token.is_none() && !self.loopback && !self.client_certs()
+    }
+
+    /// Admin client certificates can authorize changes (HTTPS with an admin CA).
+    pub fn client_certs(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+
+    /// [`AdminAuth::decide`], for a client that may have presented an admin certificate
+    /// (verified by the admin CA during the TLS handshake).
+    pub fn decide_with_cert(
+        &self,
+        method: &str,
+        authorization: Option<&[u8]>,
+        client_cert: bool,
+    ) -> Decision {
+        if client_cert && self.client_certs() {
+            return Decision::Allow;
+        }
+        self.decide(method, authorization)
     }
 
     pub fn decide(&self, method: &str, authorization: Option<&[u8]>) -> Decision {

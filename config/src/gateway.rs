@@ -87,6 +87,8 @@ pub struct GatewayFlags {
     /// Without it, mutation is allowed only when the admin endpoint is on a loopback address.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_tls: crate::admin::AdminTlsFlags,
     #[arg(long, value_name = "SIZE", help = format!("Largest app upload accepted by the admin API (413 above). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_APP_SIZE)))]
     pub max_app_size: Option<String>,
     /// Log format.
@@ -125,6 +127,9 @@ struct RawGateway {
     no_tls_tickets: bool,
     threads: Option<usize>,
     admin_token_file: Option<PathBuf>,
+    admin_tls_cert: Option<PathBuf>,
+    admin_tls_key: Option<PathBuf>,
+    admin_client_ca: Option<PathBuf>,
     max_app_size: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -243,6 +248,15 @@ impl GatewaySettings {
             log_format
         );
         raw.insecure_plaintext |= f.insecure_plaintext;
+        if f.admin_tls.admin_tls_cert.is_some() {
+            raw.admin_tls_cert = f.admin_tls.admin_tls_cert.clone();
+        }
+        if f.admin_tls.admin_tls_key.is_some() {
+            raw.admin_tls_key = f.admin_tls.admin_tls_key.clone();
+        }
+        if f.admin_tls.admin_client_ca.is_some() {
+            raw.admin_client_ca = f.admin_tls.admin_client_ca.clone();
+        }
         raw.no_tls_tickets |= f.no_tls_tickets;
         if !f.proxy_identity.is_empty() {
             raw.proxy_identity = f.proxy_identity.clone();
@@ -400,7 +414,15 @@ impl GatewaySettings {
             max_sessions,
             max_frame,
             threads: raw.threads,
-            admin_auth: crate::admin::AdminAuth::load(raw.admin_token_file.as_deref(), admin)?,
+            admin_auth: crate::admin::AdminAuth::load_with_tls(
+                raw.admin_token_file.as_deref(),
+                admin,
+                crate::admin::AdminTlsFlags {
+                    admin_tls_cert: raw.admin_tls_cert.clone(),
+                    admin_tls_key: raw.admin_tls_key.clone(),
+                    admin_client_ca: raw.admin_client_ca.clone(),
+                },
+            )?,
             max_app_size: match raw.max_app_size.as_deref() {
                 Some(t) => parse_size("max_app_size", t)?,
                 None => defaults::MAX_APP_SIZE,

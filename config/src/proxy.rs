@@ -103,6 +103,8 @@ pub struct ProxyFlags {
     /// Without it, mutation is allowed only when the admin endpoint is on a loopback address.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_tls: crate::admin::AdminTlsFlags,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -254,6 +256,9 @@ struct RawProxy {
     admin: Option<String>,
     threads: Option<usize>,
     admin_token_file: Option<PathBuf>,
+    admin_tls_cert: Option<PathBuf>,
+    admin_tls_key: Option<PathBuf>,
+    admin_client_ca: Option<PathBuf>,
     log_format: Option<LogFormat>,
     max_connections: Option<usize>,
     handshake_timeout: Option<String>,
@@ -497,7 +502,15 @@ impl ProxyConfig {
             )?,
             grace: duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?,
             threads: raw.threads,
-            admin_auth: crate::admin::AdminAuth::load(raw.admin_token_file.as_deref(), admin)?,
+            admin_auth: crate::admin::AdminAuth::load_with_tls(
+                raw.admin_token_file.as_deref(),
+                admin,
+                crate::admin::AdminTlsFlags {
+                    admin_tls_cert: raw.admin_tls_cert.clone(),
+                    admin_tls_key: raw.admin_tls_key.clone(),
+                    admin_client_ca: raw.admin_client_ca.clone(),
+                },
+            )?,
             log_format: raw.log_format.unwrap_or_default(),
             migration,
         })
@@ -572,6 +585,12 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.admin, f.admin.clone());
     set(&mut raw.threads, f.threads);
     set(&mut raw.admin_token_file, f.admin_token_file.clone());
+    set(&mut raw.admin_tls_cert, f.admin_tls.admin_tls_cert.clone());
+    set(&mut raw.admin_tls_key, f.admin_tls.admin_tls_key.clone());
+    set(
+        &mut raw.admin_client_ca,
+        f.admin_tls.admin_client_ca.clone(),
+    );
     set(&mut raw.log_format, f.log_format);
     set(&mut raw.replay_window, f.replay_window.clone());
     raw.forward_checkpoints |= f.forward_checkpoints;

@@ -38,15 +38,7 @@ async fn guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    let decision = shared
-        .settings
-        .admin_auth
-        .decide(request.method().as_str(), authorization);
-    if let Some((status, text)) = decision.refusal() {
+    if let Some((status, text)) = wasmbed_admin::refusal(&shared.settings.admin_auth, &request) {
         counter!(crate::metrics::ADMIN_REFUSED, "status" => status.to_string()).increment(1);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
         return (status, text).into_response();
@@ -58,13 +50,13 @@ async fn guard(
     response
 }
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let result = axum::serve(listener, router(shared))
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin endpoint failed");
-    }
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stop: CancellationToken,
+) {
+    wasmbed_admin::serve(listener, tls, router(shared), stop).await;
 }
 
 fn status(shared: &Shared) -> serde_json::Value {

@@ -104,6 +104,7 @@ pub struct Gateway {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    admin_tls: Option<TlsAcceptor>,
 }
 
 /// The gateway's TLS, as read from its files: swapped whole on SIGHUP.
@@ -181,6 +182,7 @@ impl Gateway {
         };
         let keys = Arc::new(arc_swap::ArcSwapOption::new(keys));
         let tls = DeviceTls::load(&settings, &keys)?;
+        let admin_tls = wasmbed_admin::acceptor(settings.admin_auth.tls.as_ref())?;
         let bind = |addr: SocketAddr, what: &'static str| async move {
             TcpListener::bind(addr)
                 .await
@@ -205,6 +207,7 @@ impl Gateway {
             shared,
             listener,
             admin,
+            admin_tls,
         })
     }
 
@@ -235,7 +238,12 @@ impl Gateway {
                      app uploads, deletes and drain on it are refused (GETs stay open)"
                 );
             }
-            background.spawn(admin::serve(admin, shared.clone(), admin_stop.clone()));
+            background.spawn(admin::serve(
+                admin,
+                shared.clone(),
+                self.admin_tls,
+                admin_stop.clone(),
+            ));
         }
         let sessions = TaskTracker::new();
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),

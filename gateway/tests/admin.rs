@@ -256,3 +256,42 @@ async fn mutations_need_the_admin_token_and_uploads_are_capped() {
     assert_eq!(http(admin, "GET", "/api/apps", b"").await.0, 200);
     assert_eq!(http(admin, "POST", "/api/drain", b"").await.0, 403);
 }
+
+/// The gateway's admin endpoint over HTTPS with an admin CA: an app upload needs the token
+/// or an admin client certificate; reads need neither.
+#[tokio::test]
+async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
+    use wasmbed_certs::pki::{DevCa, KeyKind};
+    let pki = Pki::new();
+    let admin_ca = DevCa::generate("admin CA").unwrap();
+    std::fs::write(pki.path("admin-ca.pem"), admin_ca.cert_pem()).unwrap();
+    std::fs::write(pki.path("token"), "a-gateway-admin-token-0000").unwrap();
+    let mut s = settings(None);
+    s.admin_auth =
+        wasmbed_config::admin::AdminAuth::load(Some(&pki.path("token")), s.admin).unwrap();
+    s.admin_auth.tls = Some(wasmbed_config::admin::AdminTls {
+        cert: pki.path("gw.pem"),
+        key: pki.path("gw.key"),
+        client_ca: Some(pki.path("admin-ca.pem")),
+    });
+    let gw = start(s).await;
+    let operator = admin_ca
+        .issue_client("operator", KeyKind::EcdsaP256)
+        .unwrap();
+    let roots = [pki.ca.cert_der()];
+    let with_cert =
+        wasmbed_certs::client_config(&roots, Some((operator.chain(), operator.key().unwrap())))
+            .unwrap();
+    let without = wasmbed_certs::client_config(&roots, None).unwrap();
+    let https = wasmbed_testkit::https;
+    let get = https(gw.admin, without.clone(), ("GET", "/api/apps", b""), None);
+    assert_eq!(get.await.0, 200);
+    let put = https(gw.admin, without, ("PUT", "/api/apps/e3", ECHO), None);
+    assert_eq!(put.await.0, 401);
+    let put = https(gw.admin, with_cert, ("PUT", "/api/apps/e3", ECHO), None);
+    assert_eq!(
+        put.await.0,
+        201,
+        "the admin certificate stands in for the token"
+    );
+}

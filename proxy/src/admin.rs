@@ -113,12 +113,7 @@ async fn guard(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let authorization = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    let decision = admin.auth.decide(request.method().as_str(), authorization);
-    if let Some((status, text)) = decision.refusal() {
+    if let Some((status, text)) = wasmbed_admin::refusal(&admin.auth, &request) {
         counter!(crate::metrics::ADMIN_REFUSED, "status" => status.to_string()).increment(1);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
         return (status, text).into_response();
@@ -130,13 +125,13 @@ async fn guard(
     response
 }
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let result = axum::serve(listener, router(admin))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "admin endpoint failed");
-    }
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    wasmbed_admin::serve(listener, tls, router(admin), shutdown).await;
 }
 
 async fn readyz(State(gateways): State<Arc<GatewaySet>>) -> Response {

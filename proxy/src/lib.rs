@@ -66,6 +66,7 @@ pub struct Proxy {
     admin: Option<TcpListener>,
     gateways: Arc<GatewaySet>,
     tls: TlsSetup,
+    admin_tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Proxy {
@@ -100,6 +101,7 @@ impl Proxy {
         };
         // Load certificates now, so a bad file fails the start, not the first device.
         let tls = tls_setup(&config)?;
+        let admin_tls = wasmbed_admin::acceptor(config.admin_auth.tls.as_ref())?;
         let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
         Ok(Proxy {
             config,
@@ -107,6 +109,7 @@ impl Proxy {
             admin,
             gateways,
             tls,
+            admin_tls,
         })
     }
 
@@ -169,7 +172,12 @@ impl Proxy {
                 auth: ctx.config.admin_auth.clone(),
                 can_move: ctx.config.mode == wasmbed_config::Mode::Terminate,
             });
-            background.spawn(admin::serve(listener, admin, probes_stop.clone()));
+            background.spawn(admin::serve(
+                listener,
+                admin,
+                self.admin_tls,
+                probes_stop.clone(),
+            ));
         }
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

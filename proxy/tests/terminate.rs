@@ -349,3 +349,66 @@ async fn routes_by_certificate_attributes_with_fallback() {
     .await;
     assert_eq!(open(eu_cert("device-0303"), "device-0303").await, "gw-us");
 }
+
+/// The admin endpoint over HTTPS with an admin CA: reads need nothing, changes need the
+/// bearer token or a client certificate from the admin CA.
+#[tokio::test]
+async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let backend = FrameGateway::spawn("gw").await;
+    let dir = pki.tls.cert.parent().unwrap().to_path_buf();
+    let admin_ca = DevCa::generate("admin CA").unwrap();
+    std::fs::write(dir.join("admin-ca.pem"), admin_ca.cert_pem()).unwrap();
+    let token = "an-admin-token-of-some-length";
+    std::fs::write(dir.join("token"), token).unwrap();
+    let mut c = config(vec![backend.gateway()]);
+    c.admin_auth =
+        wasmbed_config::admin::AdminAuth::load(Some(&dir.join("token")), c.admin).unwrap();
+    c.admin_auth.tls = Some(wasmbed_config::admin::AdminTls {
+        cert: pki.tls.cert.clone(),
+        key: pki.tls.key.clone(),
+        client_ca: Some(dir.join("admin-ca.pem")),
+    });
+    let proxy = start(c).await;
+    let operator = admin_ca
+        .issue_client("operator", KeyKind::EcdsaP256)
+        .unwrap();
+    let with_cert = device_tls_with(&pki.ca, &operator);
+    let without = device_tls(&pki.ca, None, "x", false);
+    let call = |config, method, path, token| {
+        wasmbed_testkit::https(proxy.admin, config, (method, path, b""), token)
+    };
+    assert_eq!(
+        call(without.clone(), "GET", "/api/gateways", None).await.0,
+        200
+    );
+    assert_eq!(
+        call(without.clone(), "POST", "/api/gateways/gw/drain", None)
+            .await
+            .0,
+        401
+    );
+    assert!(!proxy.gateway("gw").is_draining());
+    let wrong = call(
+        without.clone(),
+        "POST",
+        "/api/gateways/gw/drain",
+        Some("wrong-token-000000"),
+    );
+    assert_eq!(wrong.await.0, 403);
+    assert_eq!(
+        call(with_cert, "POST", "/api/gateways/gw/drain", None)
+            .await
+            .0,
+        200,
+        "the admin certificate stands in for the token"
+    );
+    assert!(proxy.gateway("gw").is_draining());
+    assert_eq!(
+        call(without, "POST", "/api/gateways/gw/undrain", Some(token))
+            .await
+            .0,
+        200
+    );
+    assert!(!proxy.gateway("gw").is_draining());
+}

@@ -53,6 +53,44 @@ pub async fn http_auth(
     (answer.status, answer.body)
 }
 
+/// An admin request over HTTPS with `config` (its roots, and a client certificate if it has
+/// one) and, optionally, a bearer token. HTTP/1.1 with `Connection: close`, written by hand:
+/// the production client speaks plain HTTP. Returns (status, body); panics on a broken reply.
+pub async fn https(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    (method, path, body): (&str, &str, &[u8]),
+    token: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS with the admin endpoint");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.expect("request");
+    tls.write_all(body).await.expect("request body");
+    let mut reply = Vec::new();
+    let _ = tls.read_to_end(&mut reply).await;
+    let text = String::from_utf8_lossy(&reply).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after `within`.
 pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

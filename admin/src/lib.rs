@@ -1,0 +1,208 @@
+//! The admin endpoint's transport, shared by the proxy and the gateway.
+//!
+//! Plain HTTP, or HTTPS (`--admin-tls-cert/--admin-tls-key`). With HTTPS and an admin CA
+//! (`--admin-client-ca`) a client *may* present a certificate from that CA; handlers learn
+//! whether it did through [`AdminPeer`] (axum's `ConnectInfo`), and the guard lets such a
+//! client change things without the bearer token. Reads need neither.
+//!
+//! TLS handshakes run in tasks of their own, bounded by a timeout, so a client that never
+//! finishes one does not hold up the others.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on an admin client's TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshaken connections waiting for the server to take them.
+const QUEUE: usize = 64;
+
+/// Who is on the other end of an admin request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminPeer {
+    pub addr: SocketAddr,
+    /// The client presented a certificate that the admin CA verified.
+    pub client_cert: bool,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for AdminPeer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        AdminPeer {
+            addr: *stream.remote_addr(),
+            client_cert: false,
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for AdminPeer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        *stream.remote_addr()
+    }
+}
+
+/// A listener whose connections arrive with their TLS handshake done.
+pub struct TlsListener {
+    local: SocketAddr,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, AdminPeer)>,
+}
+
+impl TlsListener {
+    /// Accepts on `listener`, handshakes with `acceptor` in tasks until `stop`.
+    pub fn new(
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        stop: CancellationToken,
+    ) -> io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(QUEUE);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, addr) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "admin accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.cancelled() => return,
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let tls =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, %addr, "admin TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    let client_cert = tls.get_ref().1.peer_certificates().is_some();
+                    let _ = tx.send((tls, AdminPeer { addr, client_cert })).await;
+                });
+            }
+        });
+        Ok(TlsListener { local, ready })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = AdminPeer;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(x) => x,
+            // The accepting task ended (stop): nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(AdminPeer {
+            addr: self.local,
+            client_cert: false,
+        })
+    }
+}
+
+/// The acceptor for an admin endpoint configured with `tls` (`None`: plain HTTP). Reads the
+/// files now, so that a bad one fails the start.
+pub fn acceptor(
+    tls: Option<&wasmbed_config::admin::AdminTls>,
+) -> Result<Option<TlsAcceptor>, wasmbed_certs::CertError> {
+    let Some(tls) = tls else {
+        return Ok(None);
+    };
+    let named = |setting: &'static str| {
+        move |e| wasmbed_certs::CertError::Setting {
+            setting,
+            source: Box::new(e),
+        }
+    };
+    let chain = wasmbed_certs::load_certs(&tls.cert).map_err(named("--admin-tls-cert"))?;
+    let key = wasmbed_certs::load_key(&tls.key).map_err(named("--admin-tls-key"))?;
+    let ca = tls
+        .client_ca
+        .as_deref()
+        .map(wasmbed_certs::load_certs)
+        .transpose()
+        .map_err(named("--admin-client-ca"))?;
+    let config = wasmbed_certs::admin_server_config(chain, key, ca.as_deref())?;
+    Ok(Some(TlsAcceptor::from(config)))
+}
+
+/// Serves `router` on `listener` (HTTPS when `tls` is given) until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    router: Router,
+    stop: CancellationToken,
+) {
+    let result = match tls {
+        None => {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<AdminPeer>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        }
+        Some(acceptor) => {
+            let listener = match TlsListener::new(listener, acceptor, stop.clone()) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin endpoint failed");
+                    return;
+                }
+            };
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<AdminPeer>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+/// Whether `request` may go on under `auth` (see `wasmbed_config::admin`): `None`, or the
+/// refusal's status and text. Reads pass; changes need the bearer token, an admin client
+/// certificate, or (with neither configured) a loopback admin address.
+pub fn refusal(
+    auth: &wasmbed_config::admin::AdminAuth,
+    request: &axum::extract::Request,
+) -> Option<(u16, &'static str)> {
+    let authorization = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    auth.decide_with_cert(
+        request.method().as_str(),
+        authorization,
+        has_client_cert(request),
+    )
+    .refusal()
+}
+
+/// Whether the request came over TLS with an admin client certificate.
+pub fn has_client_cert(request: &axum::extract::Request) -> bool {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<AdminPeer>>()
+        .is_some_and(|c| c.0.client_cert)
+}
