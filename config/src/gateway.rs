@@ -89,6 +89,15 @@ pub struct GatewayFlags {
     pub admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub admin_tls: crate::admin::AdminTlsFlags,
+    /// Read a PROXY protocol v2 header (sent by `wasmbed proxy --proxy-protocol`) from
+    /// connections of the --proxy-protocol-from networks, and use the device's address it
+    /// carries in logs. A header from any other source closes the connection.
+    #[arg(long)]
+    pub accept_proxy_protocol: bool,
+    /// A network (CIDR, e.g. 10.0.0.0/8) whose connections may carry a PROXY header.
+    /// Repeatable; required with --accept-proxy-protocol.
+    #[arg(long, value_name = "CIDR")]
+    pub proxy_protocol_from: Vec<String>,
     #[arg(long, value_name = "SIZE", help = format!("Largest app upload accepted by the admin API (413 above). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_APP_SIZE)))]
     pub max_app_size: Option<String>,
     /// Log format.
@@ -130,6 +139,10 @@ struct RawGateway {
     admin_tls_cert: Option<PathBuf>,
     admin_tls_key: Option<PathBuf>,
     admin_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    accept_proxy_protocol: bool,
+    #[serde(default)]
+    proxy_protocol_from: Vec<String>,
     max_app_size: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -178,9 +191,40 @@ pub struct GatewaySettings {
     /// Largest app upload accepted (413 above).
     pub max_app_size: usize,
     pub log_format: LogFormat,
+    /// Networks whose connections may start with a PROXY v2 header (empty: none may).
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// Parses "4MiB", "512KiB", "65536".
+/// `--accept-proxy-protocol` with its `--proxy-protocol-from` networks.
+fn proxy_networks(accept: bool, from: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    if !accept {
+        if !from.is_empty() {
+            return Err(ConfigError::field(
+                "proxy_protocol_from",
+                "needs --accept-proxy-protocol",
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    if from.is_empty() {
+        return Err(ConfigError::field(
+            "proxy_protocol_from",
+            "--accept-proxy-protocol needs the networks its headers may come from (CIDR)",
+        ));
+    }
+    from.iter()
+        .map(|n| {
+            n.trim().parse::<ipnet::IpNet>().map_err(|_| {
+                ConfigError::field(
+                    "proxy_protocol_from",
+                    format!("{n:?} is not a network (CIDR, e.g. 10.0.0.0/8)"),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Whether two paths name the same file, or files with the same bytes.
 fn same_file_or_content(a: &std::path::Path, b: &std::path::Path) -> bool {
     if a == b {
@@ -248,6 +292,10 @@ impl GatewaySettings {
             log_format
         );
         raw.insecure_plaintext |= f.insecure_plaintext;
+        raw.accept_proxy_protocol |= f.accept_proxy_protocol;
+        if !f.proxy_protocol_from.is_empty() {
+            raw.proxy_protocol_from = f.proxy_protocol_from.clone();
+        }
         if f.admin_tls.admin_tls_cert.is_some() {
             raw.admin_tls_cert = f.admin_tls.admin_tls_cert.clone();
         }
@@ -428,6 +476,10 @@ impl GatewaySettings {
                 None => defaults::MAX_APP_SIZE,
             },
             log_format: raw.log_format.unwrap_or_default(),
+            proxy_protocol_from: proxy_networks(
+                raw.accept_proxy_protocol,
+                &raw.proxy_protocol_from,
+            )?,
         })
     }
 }

@@ -105,6 +105,10 @@ pub struct ProxyFlags {
     pub admin_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub admin_tls: crate::admin::AdminTlsFlags,
+    /// Send a PROXY protocol v2 header (the device's address; TLVs: SNI, and in terminate
+    /// mode the verified device identity) to the gateways of this pool. Repeatable.
+    #[arg(long, value_name = "POOL")]
+    pub proxy_protocol: Vec<String>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -247,6 +251,8 @@ pub struct ProxyConfig {
     pub admin_auth: crate::admin::AdminAuth,
     pub log_format: LogFormat,
     pub migration: MigrationConfig,
+    /// Pools whose gateways get a PROXY protocol v2 header first on every connection.
+    pub proxy_protocol: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -259,6 +265,8 @@ struct RawProxy {
     admin_tls_cert: Option<PathBuf>,
     admin_tls_key: Option<PathBuf>,
     admin_client_ca: Option<PathBuf>,
+    #[serde(default)]
+    proxy_protocol: Vec<String>,
     log_format: Option<LogFormat>,
     max_connections: Option<usize>,
     handshake_timeout: Option<String>,
@@ -386,6 +394,14 @@ impl ProxyConfig {
         let routes = routes(&raw.route, &gateways)?;
         let health = health(&raw.health)?;
         let migration = migration(&raw)?;
+        for (i, pool) in raw.proxy_protocol.iter().enumerate() {
+            if !gateways.iter().any(|g| &g.pool == pool) {
+                return Err(ConfigError::field(
+                    format!("proxy_protocol[{i}]"),
+                    format!("no gateway is in pool {pool:?}"),
+                ));
+            }
+        }
         for (i, g) in gateways.iter().enumerate() {
             health_target(&format!("gateway[{i}]"), health.check, g)?;
         }
@@ -513,6 +529,7 @@ impl ProxyConfig {
             )?,
             log_format: raw.log_format.unwrap_or_default(),
             migration,
+            proxy_protocol: raw.proxy_protocol.clone(),
         })
     }
 }
@@ -585,6 +602,9 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.admin, f.admin.clone());
     set(&mut raw.threads, f.threads);
     set(&mut raw.admin_token_file, f.admin_token_file.clone());
+    if !f.proxy_protocol.is_empty() {
+        raw.proxy_protocol = f.proxy_protocol.clone();
+    }
     set(&mut raw.admin_tls_cert, f.admin_tls.admin_tls_cert.clone());
     set(&mut raw.admin_tls_key, f.admin_tls.admin_tls_key.clone());
     set(

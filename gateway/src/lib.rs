@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod host;
 pub mod metrics;
+pub mod proxy_header;
 pub mod session;
 pub mod ticket;
 
@@ -265,9 +266,9 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             metrics::handle();
             ::metrics::counter!(metrics::SESSIONS_TOTAL).increment(1);
-            let span = tracing::info_span!("session", %peer, proxy = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);
+            let span = tracing::info_span!("session", %peer, device_addr = tracing::field::Empty, sni = tracing::field::Empty, proxy = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);
             let tls = shared.tls.load_full();
-            sessions.spawn(accept(shared.clone(), stream, tls).instrument(span));
+            sessions.spawn(accept(shared.clone(), (stream, peer), tls).instrument(span));
         }
         drop(self.listener);
         shared.draining.cancel();
@@ -296,10 +297,41 @@ fn setting(name: &'static str) -> impl Fn(wasmbed_certs::CertError) -> wasmbed_c
     }
 }
 
-async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<Arc<DeviceTls>>) {
+async fn accept(
+    shared: Arc<Shared>,
+    (mut stream, peer): (TcpStream, SocketAddr),
+    tls: Option<Arc<DeviceTls>>,
+) {
     let drain = shared.draining.clone();
+    // A PROXY header from a front proxy (`--accept-proxy-protocol`): the device's address for
+    // the logs, and the identity a terminating proxy verified.
+    let mut stated = None;
+    if !shared.settings.proxy_protocol_from.is_empty() {
+        let allowed = &shared.settings.proxy_protocol_from;
+        match proxy_header::read(&mut stream, peer, allowed, HANDSHAKE_TIMEOUT).await {
+            Ok(None) => {}
+            Ok(Some(info)) => {
+                ::metrics::counter!(metrics::PROXY_HEADERS, "result" => "accepted").increment(1);
+                let span = tracing::Span::current();
+                if let Some(src) = info.src {
+                    span.record("device_addr", tracing::field::display(src));
+                }
+                if let Some(sni) = &info.sni {
+                    span.record("sni", sni.as_str());
+                }
+                stated = info.identity;
+            }
+            Err(refused) => {
+                ::metrics::counter!(metrics::PROXY_HEADERS, "result" => refused.as_str())
+                    .increment(1);
+                tracing::debug!(reason = refused.as_str(), "PROXY header refused: closed");
+                return;
+            }
+        }
+    }
     match tls {
-        None => session::serve(shared, stream, (None, None), drain).await,
+        // Plaintext: only a proxy's header can say who the device is.
+        None => session::serve(shared, stream, (stated, None), drain).await,
         Some(device_tls) => {
             let acceptor = &device_tls.acceptor;
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
@@ -333,9 +365,10 @@ async fn accept(shared: Arc<Shared>, stream: TcpStream, tls: Option<Arc<DeviceTl
                 .is_some_and(|p| p.vouches_for(chain));
             let serial = chain.first().and_then(wasmbed_certs::serial_of);
             let (identity, serial) = match identity {
+                // The proxy's statement of the device (PROXY header), when it made one.
                 Some(id) if by_ca || proxies.contains(&id) => {
                     tracing::Span::current().record("proxy", id.as_str());
-                    (None, None)
+                    (stated, None)
                 }
                 other => (other, serial),
             };

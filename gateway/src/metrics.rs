@@ -20,6 +20,7 @@ pub const INSTANTIATE: &str = "wasmbed_gateway_instantiation_duration_seconds";
 pub const ERRORS: &str = "wasmbed_gateway_errors_sent_total";
 pub const TLS_REJECTED: &str = "wasmbed_gateway_tls_rejected_total";
 pub const REVOKED: &str = "wasmbed_gateway_sessions_revoked_total";
+pub const PROXY_HEADERS: &str = "wasmbed_gateway_proxy_headers_total";
 pub const UPLOADS: &str = "wasmbed_gateway_app_uploads_total";
 pub const APPS: &str = "wasmbed_gateway_apps";
 pub const RESUMES: &str = "wasmbed_gateway_resumes_total";
@@ -81,6 +82,10 @@ fn describe() {
         "Time to instantiate an app for a session."
     );
     describe_counter!(ERRORS, "ERROR frames sent, by code.");
+    describe_counter!(
+        PROXY_HEADERS,
+        "PROXY protocol v2 headers read (--accept-proxy-protocol), by result: accepted, not_allowed (from a network not in --proxy-protocol-from), truncated, too_long, malformed; every refused one closed its connection."
+    );
     describe_counter!(
         REVOKED,
         "Live sessions closed (ERROR revoked) because a TLS reload's CRL revoked the device's certificate."

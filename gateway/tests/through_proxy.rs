@@ -241,3 +241,126 @@ async fn a_gateway_reload_revokes_a_connected_device() {
         assert!(again.recv().await.is_none(), "no WELCOME");
     }
 }
+
+fn gateway_metric(series: &str) -> f64 {
+    let text = wasmbed_gateway::metrics::handle().render();
+    wasmbed_testkit::Metrics::parse(&text).series(series)
+}
+
+/// A PROXY v2 header as a proxy sends it: `src` the device, an SSL_CN TLV naming `identity`.
+fn proxy_header(identity: &str) -> Vec<u8> {
+    let mut ssl = vec![3, 0, 0, 0, 0, 0x22];
+    ssl.extend_from_slice(&(identity.len() as u16).to_be_bytes());
+    ssl.extend_from_slice(identity.as_bytes());
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "192.0.2.50:40000".parse::<std::net::SocketAddr>().unwrap(),
+            "127.0.0.1:8443".parse::<std::net::SocketAddr>().unwrap(),
+        ),
+    )
+    .write_tlv(ppp::v2::Type::SSL, &ssl)
+    .unwrap()
+    .build()
+    .unwrap()
+}
+
+/// PROXY protocol v2 on both ends: a terminating proxy sends the device's address, SNI and
+/// verified identity; the gateway accepts the header from its trusted network and holds the
+/// HELLO to the identity the header states.
+#[tokio::test]
+async fn proxy_protocol_from_a_terminating_proxy_states_the_device() {
+    let pki = Pki::new();
+    let mut s = settings(None); // --insecure-plaintext
+    s.proxy_protocol_from = vec!["127.0.0.0/8".parse().unwrap()];
+    let gw = start(s).await;
+    let accepted = "wasmbed_gateway_proxy_headers_total{result=\"accepted\"}";
+    let before = gateway_metric(accepted);
+    let mut c = terminating(&pki, &gw);
+    c.proxy_protocol = vec!["default".into()];
+    let proxy = start_proxy(c).await;
+    let mut d = tls_device(proxy, pki.device("device-0400", Some(&pki.ca)))
+        .await
+        .unwrap();
+    d.open("device-0400", "echo").await;
+    assert_eq!(d.data(b"with a header").await.body, b"with a header");
+    assert!(gateway_metric(accepted) > before, "the header was read");
+    // The header's identity binds the HELLO: naming another device is refused.
+    let mut raw = tcp_device(gw.addr).await;
+    raw.send_raw(&proxy_header("device-0401")).await.unwrap();
+    let f = raw.hello("device-0402", "echo").await;
+    assert_eq!(
+        error_code(&f),
+        wasmbed_protocol::ErrorCode::IdentityMismatch as u16
+    );
+}
+
+/// The header is read only from the trusted networks, and only well formed; a gateway that
+/// does not accept the protocol treats it as garbage.
+#[tokio::test]
+async fn proxy_headers_from_elsewhere_or_broken_are_refused() {
+    let mut s = settings(None);
+    s.proxy_protocol_from = vec!["10.0.0.0/8".parse().unwrap()];
+    let elsewhere = start(s).await;
+    let mut d = tcp_device(elsewhere.addr).await;
+    d.send_raw(&proxy_header("device-0500")).await.unwrap();
+    assert!(
+        d.recv().await.is_none(),
+        "closed: 127.0.0.1 is not trusted for headers"
+    );
+    let series = "wasmbed_gateway_proxy_headers_total{result=\"not_allowed\"}";
+    assert!(gateway_metric(series) >= 1.0);
+
+    let mut s = settings(None);
+    s.proxy_protocol_from = vec!["127.0.0.0/8".parse().unwrap()];
+    let trusting = start(s).await;
+    let mut bad = proxy_header("device-0501");
+    bad[12] = 0x2f; // version 2, command 15: no such command
+    let mut d = tcp_device(trusting.addr).await;
+    d.send_raw(&bad).await.unwrap();
+    assert!(d.recv().await.is_none(), "closed: malformed");
+    let mut d = tcp_device(trusting.addr).await;
+    let header = proxy_header("device-0502");
+    d.send_raw(&header[..20]).await.unwrap();
+    drop(d); // truncated
+    for result in ["malformed", "truncated"] {
+        let series = format!("wasmbed_gateway_proxy_headers_total{{result=\"{result}\"}}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while gateway_metric(&series) < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "{series}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    // Without --accept-proxy-protocol, the header is just bytes that are not a frame.
+    let plain = start(settings(None)).await;
+    let mut d = tcp_device(plain.addr).await;
+    d.send_raw(&proxy_header("device-0503")).await.unwrap();
+    let f = d.recv().await.expect("an ERROR");
+    assert_eq!(
+        error_code(&f),
+        wasmbed_protocol::ErrorCode::FrameTooLarge as u16
+    );
+}
+
+/// Passthrough with PROXY v2: the header goes before the device's ClientHello, and the
+/// gateway's TLS then runs as usual.
+#[tokio::test]
+async fn proxy_protocol_in_passthrough_goes_before_the_devices_tls() {
+    let pki = Pki::new();
+    let mut s = settings(Some(&pki));
+    s.proxy_protocol_from = vec!["127.0.0.0/8".parse().unwrap()];
+    let gw = start(s).await;
+    let accepted = "wasmbed_gateway_proxy_headers_total{result=\"accepted\"}";
+    let before = gateway_metric(accepted);
+    let mut c = proxy_config(gw.addr, gw.admin);
+    c.proxy_protocol = vec!["default".into()];
+    let proxy = start_proxy(c).await;
+    let mut d = tls_device(proxy, pki.device("device-0600", Some(&pki.ca)))
+        .await
+        .unwrap();
+    assert_eq!(d.open("device-0600", "echo").await, "gw-test");
+    assert_eq!(d.data(b"via header").await.body, b"via header");
+    assert!(gateway_metric(accepted) > before);
+}

@@ -42,6 +42,8 @@ pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
 pub(crate) struct DeviceSide {
     pub tls: Device,
     pub serial: Option<Vec<u8>>,
+    /// For a PROXY protocol header on each link, where the gateway's pool wants one.
+    pub origin: crate::proxy_protocol::Origin,
 }
 
 /// Bytes queued for one side past which the other side is not read.
@@ -219,6 +221,8 @@ struct State {
     going: bool,
     /// Why the session is moving (or last moved).
     cause: Option<Cause>,
+    /// Where the device comes from (PROXY protocol headers on new links).
+    origin: Arc<crate::proxy_protocol::Origin>,
     /// The proxy's PING is out on the link; its PONG came.
     probing: bool,
     probe_answered: bool,
@@ -469,6 +473,7 @@ pub(crate) async fn serve(
     DeviceSide {
         tls: device,
         serial,
+        origin,
     }: DeviceSide,
     pools: Vec<String>,
     hello: Hello,
@@ -500,6 +505,7 @@ pub(crate) async fn serve(
         linked: true,
         going: false,
         cause: None,
+        origin: Arc::new(origin),
         probing: false,
         probe_answered: false,
         hello,
@@ -813,7 +819,7 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
     Box::pin(relink(
         st.ctx.clone(),
         st.pools.clone(),
-        st.resume_hello(),
+        (st.resume_hello(), st.origin.clone()),
         avoid,
         start,
     ))
@@ -824,7 +830,7 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
 async fn relink(
     ctx: Arc<Context>,
     pools: Vec<String>,
-    hello: Vec<u8>,
+    (hello, origin): (Vec<u8>, Arc<crate::proxy_protocol::Origin>),
     avoid: Option<Arc<Gateway>>,
     start: Option<Instant>,
 ) -> Option<Relinked> {
@@ -837,7 +843,7 @@ async fn relink(
         match ctx.gateways.acquire_first(&pools, &tried) {
             Some(lease) => {
                 let gateway = lease.gateway().clone();
-                match attempt(&ctx, lease, &hello).await {
+                match attempt(&ctx, lease, (&hello, &origin)).await {
                     Ok(r) => return Some(r),
                     Err(e) => {
                         tracing::debug!(gateway = %gateway.name, error = %e, "move attempt failed");
@@ -861,7 +867,11 @@ async fn relink(
 }
 
 /// One gateway: connect, HELLO with the ticket, WELCOME.
-async fn attempt(ctx: &Context, lease: Lease, hello: &[u8]) -> Result<Relinked, String> {
+async fn attempt(
+    ctx: &Context,
+    lease: Lease,
+    hello: (&[u8], &crate::proxy_protocol::Origin),
+) -> Result<Relinked, String> {
     let stream = crate::session::dial_gateway(ctx, lease.gateway())
         .await
         .map_err(|e| e.to_string())?;
@@ -910,9 +920,13 @@ pub(crate) enum OpenError {
 pub(crate) async fn open(
     ctx: &Context,
     gateway: &Gateway,
-    stream: TcpStream,
-    hello: &[u8],
+    mut stream: TcpStream,
+    (hello, origin): (&[u8], &crate::proxy_protocol::Origin),
 ) -> Result<(Box<dyn Upstream>, Frame, BytesMut), OpenError> {
+    if crate::session::wants_proxy_header(ctx, gateway) {
+        let header = origin.header().map_err(OpenError::Io)?;
+        stream.write_all(&header).await.map_err(OpenError::Io)?;
+    }
     let mut up: Box<dyn Upstream> = match &ctx.connector {
         Some(connector) => {
             let name = crate::session::upstream_name(ctx, &gateway.addr);

@@ -30,6 +30,7 @@ pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod rebalance;
 pub mod refusal;
 pub mod session;

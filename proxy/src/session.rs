@@ -110,7 +110,7 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         }
         // Boxed: a TLS session's state is large, and a passthrough task should not carry it.
         Mode::Terminate => {
-            Box::pin(terminate(&ctx, stream))
+            Box::pin(terminate(&ctx, stream, peer))
                 .instrument(span.clone())
                 .await
         }
@@ -165,12 +165,9 @@ async fn passthrough(
     };
     let pools = pools_for(ctx, matched);
     drop(alpn);
-    let (lease, mut gateway) = Box::pin(connect(ctx, &pools)).await?;
-    // The hello is at most `max_client_hello` bytes: a fresh socket's buffer takes it at once.
-    gateway
-        .write_all(&prefix)
-        .await
-        .map_err(|e| refused(Refusal::GatewayError, e))?;
+    // Boxed: the connect state is only needed for a moment.
+    let opening = open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix);
+    let (lease, mut gateway) = Box::pin(opening).await?;
     let moved = Counted::default();
     moved.up.store(prefix.len() as u64, Ordering::Relaxed);
     drop(prefix);
@@ -180,6 +177,38 @@ async fn passthrough(
     }
     moved.record(&ctx.meters);
     Ok(())
+}
+
+/// Connects to a gateway of `pools` and sends what goes first: a PROXY header (where the
+/// gateway's pool wants one) and the device's bytes read so far.
+async fn open_passthrough(
+    ctx: &Context,
+    pools: Vec<String>,
+    (device, sni, listening): (&TcpStream, Option<String>, std::net::SocketAddr),
+    prefix: &[u8],
+) -> Result<(Lease, TcpStream), Refused> {
+    let (lease, mut gateway) = connect(ctx, &pools).await?;
+    if wants_proxy_header(ctx, lease.gateway()) {
+        let origin = crate::proxy_protocol::Origin {
+            src: device
+                .peer_addr()
+                .map_err(|e| refused(Refusal::ClientError, e))?,
+            dst: device.local_addr().unwrap_or(listening),
+            sni,
+            identity: None,
+        };
+        let header = origin.header().map_err(|e| refused(Refusal::Internal, e))?;
+        gateway
+            .write_all(&header)
+            .await
+            .map_err(|e| refused(Refusal::GatewayError, e))?;
+    }
+    // The hello is at most `max_client_hello` bytes: a fresh socket's buffer takes it at once.
+    gateway
+        .write_all(prefix)
+        .await
+        .map_err(|e| refused(Refusal::GatewayError, e))?;
+    Ok((lease, gateway))
 }
 
 /// Reads (bounded) until the bytes are a whole ClientHello, or clearly not TLS. Returns the
@@ -221,7 +250,17 @@ async fn read_hello(
     }
 }
 
-async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused> {
+/// Whether `gateway`'s pool gets a PROXY protocol v2 header (`--proxy-protocol`).
+pub(crate) fn wants_proxy_header(ctx: &Context, gateway: &Gateway) -> bool {
+    ctx.config.proxy_protocol.contains(&gateway.pool)
+}
+
+async fn terminate(
+    ctx: &Arc<Context>,
+    device: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Result<(), Refused> {
+    let local = device.local_addr().ok();
     let Some(acceptor) = ctx.device_tls.acceptor.load_full() else {
         return Err(refused(
             Refusal::Internal,
@@ -280,9 +319,15 @@ async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused>
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
     // and counted, instead of being a session that just closes.
+    let origin = crate::proxy_protocol::Origin {
+        src: peer,
+        dst: local.unwrap_or(peer),
+        sni: sni.clone(),
+        identity: identity.clone(),
+    };
     let opened = tokio::time::timeout(
         ctx.config.handshake_timeout,
-        anchor::open(ctx, lease.gateway(), gateway, &hello_bytes),
+        anchor::open(ctx, lease.gateway(), gateway, (&hello_bytes, &origin)),
     )
     .await;
     let (up, first, rest) = match opened {
@@ -313,7 +358,11 @@ async fn terminate(ctx: &Arc<Context>, device: TcpStream) -> Result<(), Refused>
         .and_then(|c| c.first())
         .and_then(wasmbed_certs::serial_of);
     let link = anchor::Link::new(lease, up);
-    let device = anchor::DeviceSide { tls, serial };
+    let device = anchor::DeviceSide {
+        tls,
+        serial,
+        origin,
+    };
     anchor::serve(
         ctx.clone(),
         device,
