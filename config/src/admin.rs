@@ -21,6 +21,8 @@ pub const MIN_TOKEN: usize = 16;
 pub struct AdminAuth {
     token: Option<Vec<u8>>,
     loopback: bool,
+    /// The token file can be read by other users than its owner (group or others).
+    token_file_shared: bool,
     /// HTTPS on the admin endpoint (and, with `client_ca`, admin client certificates).
     pub tls: Option<AdminTls>,
 }
@@ -117,9 +119,16 @@ impl AdminAuth {
         token_file: Option<&Path>,
         admin: Option<SocketAddr>,
     ) -> Result<AdminAuth, ConfigError> {
+        let mut token_file_shared = false;
         let token = match token_file {
             None => None,
             Some(path) => {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    token_file_shared =
+                        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0);
+                }
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     ConfigError::field("admin_token_file", format!("{}: {e}", path.display()))
                 })?;
@@ -139,6 +148,7 @@ impl AdminAuth {
         Ok(AdminAuth {
             token,
             loopback: admin.is_none_or(|a| a.ip().is_loopback()),
+            token_file_shared,
             tls: None,
         })
     }
@@ -153,6 +163,29 @@ impl AdminAuth {
         let mut auth = AdminAuth::load(token_file, admin)?;
         auth.tls = tls.resolve()?;
         Ok(auth)
+    }
+
+    /// What is risky about this setting, to log at start: a token file other users can read,
+    /// a token that would cross the network in clear (plain HTTP off loopback), an endpoint
+    /// off loopback that nobody may change.
+    pub fn warnings(&self) -> Vec<&'static str> {
+        let mut w = Vec::new();
+        if self.token_file_shared {
+            w.push("the admin token file can be read by other users: make it 0600 (or 0400)");
+        }
+        if self.token.is_some() && !self.loopback && self.tls.is_none() {
+            w.push(
+                "the admin endpoint is off loopback over plain HTTP: the bearer token crosses \
+                 the network in clear (serve it over HTTPS with --admin-tls-cert/--admin-tls-key)",
+            );
+        }
+        if self.locked_out() {
+            w.push(
+                "the admin endpoint is not on a loopback address and no --admin-token-file \
+                 (or --admin-client-ca) is set: changes on it are refused (GETs stay open)",
+            );
+        }
+        w
     }
 
     pub fn open(&self) -> bool {
@@ -250,5 +283,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn risky_settings_are_named_for_the_start_up_log() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "0123456789abcdef-secret\n").unwrap();
+        let lo: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:9900".parse().unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(
+            AdminAuth::load(Some(&file), Some(lo))
+                .unwrap()
+                .warnings()
+                .is_empty()
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let w = AdminAuth::load(Some(&file), Some(lo)).unwrap().warnings();
+        assert!(w.iter().any(|w| w.contains("other users")), "{w:?}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let w = AdminAuth::load(Some(&file), Some(any)).unwrap().warnings();
+        assert!(w.iter().any(|w| w.contains("in clear")), "{w:?}");
+        let mut https = AdminAuth::load(Some(&file), Some(any)).unwrap();
+        https.tls = Some(AdminTls {
+            cert: "c".into(),
+            key: "k".into(),
+            client_ca: None,
+        });
+        assert!(https.warnings().is_empty());
+        let w = AdminAuth::load(None, Some(any)).unwrap().warnings();
+        assert!(w.iter().any(|w| w.contains("refused")), "{w:?}");
     }
 }

@@ -233,11 +233,8 @@ impl Gateway {
         let admin_stop = CancellationToken::new();
         let background = TaskTracker::new();
         if let Some(admin) = self.admin {
-            if shared.settings.admin_auth.locked_out() {
-                tracing::warn!(
-                    "the admin endpoint is not on a loopback address and no --admin-token-file is set: \
-                     app uploads, deletes and drain on it are refused (GETs stay open)"
-                );
+            for warning in shared.settings.admin_auth.warnings() {
+                tracing::warn!("{warning}");
             }
             background.spawn(admin::serve(
                 admin,

@@ -159,11 +159,8 @@ impl Proxy {
             ));
         }
         if let Some(listener) = self.admin {
-            if ctx.config.admin_auth.locked_out() {
-                tracing::warn!(
-                    "the admin endpoint is not on a loopback address and no --admin-token-file is set: \
-                     POST/PUT/DELETE on it are refused (GETs stay open)"
-                );
+            for warning in ctx.config.admin_auth.warnings() {
+                tracing::warn!("{warning}");
             }
             let admin = Arc::new(admin::Admin {
                 gateways: self.gateways.clone(),
