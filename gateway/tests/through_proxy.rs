@@ -324,7 +324,12 @@ async fn proxy_headers_from_elsewhere_or_broken_are_refused() {
     let header = proxy_header("device-0502");
     d.send_raw(&header[..20]).await.unwrap();
     drop(d); // truncated
-    for result in ["malformed", "truncated"] {
+    let mut long = proxy_header("device-0504");
+    long[14..16].copy_from_slice(&u16::MAX.to_be_bytes()); // 64 KiB announced
+    let mut d = tcp_device(trusting.addr).await;
+    d.send_raw(&long).await.unwrap();
+    assert!(d.recv().await.is_none(), "closed: too long");
+    for result in ["malformed", "truncated", "too_long"] {
         let series = format!("wasmbed_gateway_proxy_headers_total{{result=\"{result}\"}}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while gateway_metric(&series) < 1.0 {

@@ -375,7 +375,7 @@ async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
         .unwrap();
     let with_cert = device_tls_with(&pki.ca, &operator);
     let without = device_tls(&pki.ca, None, "x", false);
-    let call = |config, method, path, token| {
+    let call = |config: std::sync::Arc<rustls::ClientConfig>, method, path, token| {
         wasmbed_testkit::https(proxy.admin, config, (method, path, b""), token)
     };
     assert_eq!(
