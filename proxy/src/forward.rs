@@ -25,6 +25,27 @@ thread_local! {
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
 }
 
+/// Where a direction counts its bytes as they go: a plain atomic (tests), or a metrics
+/// counter (the proxy's `wasmbed_proxy_bytes_total`, live while sessions last: one atomic add
+/// per chunk read).
+pub trait Count: Sync {
+    fn add(&self, n: u64);
+}
+
+impl Count for AtomicU64 {
+    fn add(&self, n: u64) {
+        self.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Count for metrics::Counter {
+    fn add(&self, n: u64) {
+        self.increment(n);
+    }
+}
+
+type Total = dyn Count;
+
 /// Bytes forwarded by a finished session.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Forwarded {
@@ -83,8 +104,8 @@ impl Failure {
 pub fn tcp<'a>(
     device: &'a mut TcpStream,
     gateway: &'a mut TcpStream,
-    up: &'a AtomicU64,
-    down: &'a AtomicU64,
+    up: &'a Total,
+    down: &'a Total,
 ) -> Tcp<'a> {
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
@@ -123,7 +144,7 @@ impl Future for Tcp<'_> {
 struct Direction<'a> {
     src: ReadHalf<'a>,
     dst: WriteHalf<'a>,
-    total: &'a AtomicU64,
+    total: &'a Total,
     /// Bytes read but not yet taken by `dst` (empty, and unallocated, while `dst` keeps up).
     backlog: Vec<u8>,
     sent: usize,
@@ -135,12 +156,7 @@ struct Direction<'a> {
 }
 
 impl<'a> Direction<'a> {
-    fn new(
-        src: ReadHalf<'a>,
-        dst: WriteHalf<'a>,
-        total: &'a AtomicU64,
-        from_gateway: bool,
-    ) -> Self {
+    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, total: &'a Total, from_gateway: bool) -> Self {
         Direction {
             from_gateway,
             src,
@@ -194,7 +210,7 @@ impl<'a> Direction<'a> {
                 }
                 n => {
                     self.sent = 0;
-                    self.total.fetch_add(n as u64, Ordering::Relaxed);
+                    self.total.add(n as u64);
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Metrics of the proxy: names, help texts, and the process-wide Prometheus recorder.
 //!
-//! Counters are bumped once per connection or per session, never per byte copied. Live
+//! Counters are bumped once per connection or per session, and the byte counters once per
+//! chunk read (never per byte), so that long-lived sessions show their traffic. Live
 //! per-gateway numbers (sessions, up, draining) are read from the balancer's atomics when
 //! `/metrics` is scraped, so the hot path never touches a gauge.
 

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::task::Poll;
 use std::time::Instant;
 
@@ -168,14 +168,13 @@ async fn passthrough(
     // Boxed: the connect state is only needed for a moment.
     let opening = open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix);
     let (lease, mut gateway) = Box::pin(opening).await?;
-    let moved = Counted::default();
-    moved.up.store(prefix.len() as u64, Ordering::Relaxed);
+    ctx.meters.bytes_up.increment(prefix.len() as u64);
     drop(prefix);
-    let forwarding = forward::tcp(&mut device, &mut gateway, &moved.up, &moved.down);
+    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let forwarding = forward::tcp(&mut device, &mut gateway, up, down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
         reset_on_close(&device);
     }
-    moved.record(&ctx.meters);
     Ok(())
 }
 
@@ -524,22 +523,6 @@ async fn supervise(
             .increment(1);
     }
     cause
-}
-
-/// Bytes moved by one session, counted as they go so a cancelled session still reports them.
-#[derive(Default)]
-struct Counted {
-    up: AtomicU64,
-    down: AtomicU64,
-}
-
-impl Counted {
-    fn record(&self, meters: &Meters) {
-        meters.bytes_up.increment(self.up.load(Ordering::Relaxed));
-        meters
-            .bytes_down
-            .increment(self.down.load(Ordering::Relaxed));
-    }
 }
 
 /// What a route may match about a device: its SNI, the ALPN protocols it offered, and (in

@@ -177,3 +177,20 @@ async fn routes_match_sni_and_alpn() {
         assert_eq!(proxy.metric(&series).await, n, "{series}");
     }
 }
+
+/// `wasmbed_proxy_bytes_total` counts while sessions last, not when they end.
+#[tokio::test]
+async fn bytes_are_counted_while_the_session_is_live() {
+    let backend = Backend::spawn().await;
+    let proxy = start(config(vec![backend.gateway("a")])).await;
+    let mut d = device(proxy.addr).await; // the ClientHello went up and came back
+    let hello = client_hello("device.example").len() as f64;
+    let up = "wasmbed_proxy_bytes_total{direction=\"upstream\"}";
+    let down = "wasmbed_proxy_bytes_total{direction=\"downstream\"}";
+    proxy.until_metric(up, hello).await;
+    proxy.until_metric(down, hello).await;
+    use tokio::io::AsyncWriteExt;
+    d.write_all(b"more").await.unwrap();
+    proxy.until_metric(up, hello + 4.0).await;
+    drop(d);
+}
