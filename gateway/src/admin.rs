@@ -82,6 +82,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     gauge!(SESSIONS).set(shared.sessions.load(Ordering::Acquire) as f64);
+    gauge!(crate::metrics::MAX_SESSIONS).set(f64::from(shared.settings.max_sessions));
     gauge!(APPS).set(shared.host.list().len() as f64);
     let handle = crate::metrics::handle();
     handle.run_upkeep();

@@ -10,6 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use wasmbed_protocol::Kind;
 
 pub const SESSIONS: &str = "wasmbed_gateway_sessions";
+pub const MAX_SESSIONS: &str = "wasmbed_gateway_max_sessions";
 pub const SESSIONS_TOTAL: &str = "wasmbed_gateway_sessions_accepted_total";
 pub const FRAMES_IN: &str = "wasmbed_gateway_frames_in_total";
 pub const FRAMES_OUT: &str = "wasmbed_gateway_frames_out_total";
@@ -29,6 +30,31 @@ pub const CHECKPOINTS: &str = "wasmbed_gateway_checkpoints_total";
 pub const TICKET_BYTES: &str = "wasmbed_gateway_ticket_bytes";
 pub const SNAPSHOT: &str = "wasmbed_gateway_snapshot_duration_seconds";
 pub const RESTORE: &str = "wasmbed_gateway_restore_duration_seconds";
+
+/// Every metric this process exports (the dashboards and alert rules are checked against it).
+pub const ALL: &[&str] = &[
+    SESSIONS,
+    MAX_SESSIONS,
+    SESSIONS_TOTAL,
+    FRAMES_IN,
+    FRAMES_OUT,
+    CALLS,
+    CALL,
+    TRAPS,
+    INSTANTIATE,
+    ERRORS,
+    TLS_REJECTED,
+    REVOKED,
+    PROXY_HEADERS,
+    UPLOADS,
+    APPS,
+    RESUMES,
+    ADMIN_REFUSED,
+    CHECKPOINTS,
+    TICKET_BYTES,
+    SNAPSHOT,
+    RESTORE,
+];
 
 const BUCKETS: &[f64] = &[
     0.000_001,
@@ -68,6 +94,10 @@ pub fn handle() -> &'static PrometheusHandle {
 
 fn describe() {
     describe_gauge!(SESSIONS, "Live device sessions.");
+    describe_gauge!(
+        MAX_SESSIONS,
+        "The gateway's capacity (--max-sessions): past it, new sessions get ERROR unavailable."
+    );
     describe_counter!(SESSIONS_TOTAL, "Device connections accepted.");
     describe_counter!(FRAMES_IN, "Frames received from devices, by type.");
     describe_counter!(FRAMES_OUT, "Frames sent to devices, by type.");

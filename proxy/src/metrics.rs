@@ -43,7 +43,44 @@ pub const HELD: &str = "wasmbed_proxy_sessions_held";
 pub const REPLAY_OVERFLOWS: &str = "wasmbed_proxy_replay_overflows_total";
 pub const MOVING: &str = "wasmbed_proxy_gateway_moving";
 pub const REVOKED: &str = "wasmbed_proxy_sessions_revoked_total";
+pub const OPEN_FILES: &str = "wasmbed_proxy_open_files";
+pub const MAX_OPEN_FILES: &str = "wasmbed_proxy_max_open_files";
 pub const UPSTREAM_HANDSHAKES: &str = "wasmbed_proxy_upstream_handshakes_total";
+
+/// Every metric this process exports (the dashboards and alert rules are checked against it).
+pub const ALL: &[&str] = &[
+    ACCEPTED,
+    REJECTED,
+    ACCEPT_ERRORS,
+    OPEN,
+    SESSIONS_STARTED,
+    SESSIONS_CANCELLED,
+    SESSIONS,
+    GATEWAY_UP,
+    GATEWAY_DRAINING,
+    GATEWAY_TRANSITIONS,
+    PROBE_FAILURES,
+    CONNECT_FAILURES,
+    UPSTREAM_TLS_FAILURES,
+    BYTES,
+    HANDSHAKE,
+    CONNECT,
+    DEVICES,
+    ROUTED,
+    SESSIONS_BY_ALPN,
+    ADMIN_REFUSED,
+    MOVES,
+    MOVE_PAUSE,
+    REPLAYED,
+    DUPLICATES_DROPPED,
+    HELD,
+    REPLAY_OVERFLOWS,
+    MOVING,
+    REVOKED,
+    OPEN_FILES,
+    MAX_OPEN_FILES,
+    UPSTREAM_HANDSHAKES,
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -164,6 +201,14 @@ fn describe() {
         REVOKED,
         "Terminate mode: live sessions closed (ERROR revoked) because a CRL reload revoked the device's certificate."
     );
+    describe_gauge!(
+        OPEN_FILES,
+        "Descriptors the proxy has open (a passthrough session holds two)."
+    );
+    describe_gauge!(
+        MAX_OPEN_FILES,
+        "The proxy's open-files limit (soft RLIMIT_NOFILE)."
+    );
     describe_counter!(
         UPSTREAM_HANDSHAKES,
         "TLS handshakes with gateways ([upstream_tls]), by kind: full, or resumed from a ticket of the fleet's ring (no certificates, no signatures)."
@@ -189,8 +234,19 @@ pub fn render(gateways: &GatewaySet) -> String {
             .set(f64::from(u8::from(g.is_draining())));
         gauge!(MOVING, "gateway" => name).set(g.moving() as f64);
     }
+    if let Some((open, max)) = descriptors() {
+        gauge!(OPEN_FILES).set(open as f64);
+        gauge!(MAX_OPEN_FILES).set(max as f64);
+    }
     handle.run_upkeep();
     handle.render()
+}
+
+/// Open descriptors and the soft limit, read at scrape time (Linux: /proc/self/fd).
+fn descriptors() -> Option<(usize, u64)> {
+    let open = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).ok()?;
+    Some((open, soft))
 }
 
 /// Handles to the metrics a session touches, registered once so that the per-connection path
