@@ -92,6 +92,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/gateways", post(add))
         .route("/api/gateways/{name}/drain", post(drain))
         .route("/api/gateways/{name}/undrain", post(undrain))
+        .route("/api/gateways/{name}", axum::routing::delete(remove))
         .with_state(admin.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -215,6 +216,23 @@ async fn drain(
         return (StatusCode::CONFLICT, text).into_response();
     }
     set_draining(&admin.gateways, &name, true, query.move_sessions)
+}
+
+/// `DELETE /api/gateways/{name}`: out of the set at once; its sessions move (terminate mode).
+async fn remove(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
+    match admin.gateways.remove(&name) {
+        Some(g) => {
+            // Its series stop being refreshed: leave them saying it is gone, not stale values.
+            metrics::gauge!(crate::metrics::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
+            tracing::info!(gateway = %g.name, sessions = g.sessions(), "gateway removed");
+            axum::Json(GatewayView::of(&g)).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("no gateway named {name:?}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn undrain(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {

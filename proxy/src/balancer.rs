@@ -42,6 +42,8 @@ pub struct Gateway {
     move_quota: AtomicUsize,
     /// Bumped whenever moves are ordered; the sessions on this gateway watch it.
     move_orders: tokio::sync::watch::Sender<u64>,
+    /// Cancelled when the gateway is removed from the set: its prober stops.
+    removed: CancellationToken,
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -85,7 +87,13 @@ impl Gateway {
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
             move_orders: tokio::sync::watch::Sender::new(0),
+            removed: CancellationToken::new(),
         }
+    }
+
+    /// Resolves once the gateway has been removed from its set.
+    pub async fn removed(&self) {
+        self.removed.cancelled().await;
     }
 
     /// Asks `n` of this gateway's sessions (`usize::MAX`: all) to move to other gateways;
@@ -271,6 +279,26 @@ impl GatewaySet {
             next
         });
         added.then_some(gateway)
+    }
+
+    /// Removes the gateway named `name` from the live set: no new session goes to it, its
+    /// prober stops, and its live sessions are asked to move (terminate mode; passthrough
+    /// sessions stay until they end). `None` for an unknown name.
+    pub fn remove(&self, name: &str) -> Option<Arc<Gateway>> {
+        let mut removed = None;
+        self.gateways.rcu(|current| {
+            let mut next = (**current).clone();
+            removed = next
+                .iter()
+                .position(|g| g.name == name)
+                .map(|i| next.remove(i));
+            next
+        });
+        let gateway = removed?;
+        gateway.set_draining(true);
+        gateway.order_moves(usize::MAX);
+        gateway.removed.cancel();
+        Some(gateway)
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<Gateway>> {

@@ -67,6 +67,7 @@ async fn watch(
         let result = tokio::select! {
             r = tokio::time::timeout(config.timeout, probe(&gateway, kind, &config.path)) => r,
             _ = stop.cancelled() => return,
+            _ = gateway.removed() => return,
         };
         let result = result.unwrap_or(Err(ProbeError::Timeout));
         if let Err(e) = &result {
@@ -92,6 +93,7 @@ async fn watch(
                 tracing::debug!(gateway = %gateway.name, "errors seen: probing now");
             }
             _ = stop.cancelled() => return,
+            _ = gateway.removed() => return,
         }
     }
 }

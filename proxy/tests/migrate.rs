@@ -438,3 +438,30 @@ async fn a_hung_gateways_sessions_move_once_their_links_fail_the_check() {
     assert_eq!(proxy.counts(), vec![0, 10]);
     assert_eq!(moves(&proxy, "failover", "resumed").await, 5.0);
 }
+
+/// `DELETE /api/gateways/{name}`: the gateway leaves the set at once, its sessions move to
+/// the others with their state, and its prober stops.
+#[tokio::test]
+async fn a_removed_gateways_sessions_move_and_its_prober_stops() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(2).await;
+    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
+    let mut devs = open_all(&proxy, &pki, 10).await;
+    step_all(&mut devs).await;
+    let (status, body) = proxy.admin("DELETE", "/api/gateways/gw-0").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(proxy.admin("DELETE", "/api/gateways/gw-0").await.0, 404);
+    until(Duration::from_secs(5), "gw-0's sessions moved", || {
+        gws[0].live() == 0
+    })
+    .await;
+    step_all(&mut devs).await;
+    assert_eq!(proxy.counts(), vec![10], "only gw-1 is left");
+    assert_eq!(moves(&proxy, "drain", "resumed").await, 5.0);
+    let (_, list) = proxy.admin("GET", "/api/gateways").await;
+    assert!(!list.contains("\"gw-0\""), "{list}");
+    // The prober stopped: no more probe connections (proving an absence: a few intervals).
+    let accepted = gws[0].accepted();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(gws[0].accepted(), accepted, "no probes after removal");
+}
