@@ -261,20 +261,10 @@ async fn certs_revoke_and_a_sighup_close_a_revoked_devices_session() {
     }
     // device-0002 was revoked before the proxy started: no session.
     if let Ok(tls) = connect(device("device-0002")).await {
-        let mut dev = Device::new(tls);
-        let hello = wasmbed_protocol::Hello {
-            device: "device-0002".into(),
-            app: "echo".into(),
-            resume: None,
-        };
-        let _ = dev
-            .send(wasmbed_protocol::Frame::control(
-                wasmbed_protocol::Kind::Hello,
-                0,
-                &hello,
-            ))
-            .await;
-        assert!(dev.recv().await.is_none(), "refused");
+        assert!(
+            Device::new(tls).no_session("device-0002", "echo").await,
+            "refused"
+        );
     }
     run(&["certs", "revoke", "--dir", &d(""), "device-0000"]);
     proxy.signal(libc::SIGHUP);

@@ -12,8 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use metrics::{counter, gauge};
 use serde_json::json;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::metrics::{APPS, SESSIONS, UPLOADS};
@@ -48,15 +46,6 @@ async fn guard(
         counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
     }
     response
-}
-
-pub async fn serve(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    stop: CancellationToken,
-) {
-    wasmbed_admin::serve(listener, tls, router(shared), stop).await;
 }
 
 fn status(shared: &Shared) -> serde_json::Value {

@@ -236,10 +236,10 @@ impl Gateway {
             for warning in shared.settings.admin_auth.warnings() {
                 tracing::warn!("{warning}");
             }
-            background.spawn(admin::serve(
+            background.spawn(wasmbed_admin::serve(
                 admin,
-                shared.clone(),
                 self.admin_tls,
+                admin::router(shared.clone()),
                 admin_stop.clone(),
             ));
         }

@@ -226,19 +226,7 @@ async fn a_gateway_reload_revokes_a_connected_device() {
     assert_eq!(honest.data(b"still here").await.body, b"still here");
     // The same certificate again: refused at the handshake (TLS 1.3: seen at the first read).
     if let Ok(mut again) = tls_device(gw.addr, stolen_tls).await {
-        let hello = wasmbed_protocol::Hello {
-            device: "device-0200".into(),
-            app: "echo".into(),
-            resume: None,
-        };
-        let _ = again
-            .send(wasmbed_protocol::Frame::control(
-                wasmbed_protocol::Kind::Hello,
-                0,
-                &hello,
-            ))
-            .await;
-        assert!(again.recv().await.is_none(), "no WELCOME");
+        assert!(again.no_session("device-0200", "echo").await, "no WELCOME");
     }
 }
 

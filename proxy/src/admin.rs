@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics::counter;
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmbed_config::HealthConfig;
@@ -106,9 +105,8 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .layer(axum::middleware::from_fn_with_state(admin.clone(), guard))
 }
 
-/// Serves the admin endpoint until `shutdown`.
-/// Mutating requests need the admin token (see `wasmbed_config::admin`); refusals (401, 403,
-/// and 413 for an oversized body) are counted.
+/// Mutating requests need the admin token or an admin certificate (see `wasmbed_admin::refusal`);
+/// refusals (401, 403, and 413 for an oversized body) are counted.
 async fn guard(
     State(admin): State<Arc<Admin>>,
     request: axum::extract::Request,
@@ -124,15 +122,6 @@ async fn guard(
         counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
     }
     response
-}
-
-pub async fn serve(
-    listener: TcpListener,
-    admin: Arc<Admin>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: CancellationToken,
-) {
-    wasmbed_admin::serve(listener, tls, router(admin), shutdown).await;
 }
 
 async fn readyz(State(gateways): State<Arc<GatewaySet>>) -> Response {

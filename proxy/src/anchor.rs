@@ -21,11 +21,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use metrics::counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
+use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{Checkpoint, DEFAULT_MAX_FRAME, ErrorCode, Frame, Hello, Kind, Welcome};
@@ -81,9 +81,12 @@ impl Cause {
         }
     }
 
-    /// Paced by `--move-rate`: every cause but failover (a dead gateway's sessions go now).
-    fn paced(self) -> bool {
-        self != Cause::Failover
+    /// Whether the move takes its `--move-rate` slot when it starts relinking. Every cause but
+    /// failover is paced (a dead gateway's sessions go now); a drained or rebalanced session
+    /// took its slot before it let go of its link (which stays up meanwhile), so only a
+    /// GOAWAY's move takes one here.
+    fn slot_at_relink(self) -> bool {
+        self == Cause::Goaway
     }
 }
 
@@ -248,13 +251,10 @@ fn trim(buf: &mut BytesMut) {
     }
 }
 
-/// Appends `frame`'s encoding.
+/// Appends `frame`'s encoding (the protocol codec's). Every frame here was decoded under the
+/// same maximum, or is a small one the proxy made, so the encoder's size check cannot fail.
 fn put(dst: &mut BytesMut, frame: &Frame) {
-    dst.reserve(wasmbed_protocol::PREFIX + wasmbed_protocol::HEADER + frame.body.len());
-    dst.put_u32((wasmbed_protocol::HEADER + frame.body.len()) as u32);
-    dst.put_u8(frame.kind as u8);
-    dst.put_u64(frame.seq);
-    dst.extend_from_slice(&frame.body);
+    let _ = FrameCodec::new(DEFAULT_MAX_FRAME).encode(frame, dst);
 }
 
 fn frame_size(frame: &Frame) -> usize {
@@ -334,6 +334,16 @@ impl State {
                 }
             };
             match frame.kind {
+                // An answer to DATA the device never sent would make later real answers look
+                // like duplicates: that gateway is not believed.
+                Kind::Reply | Kind::Error if frame.seq > self.sent => {
+                    tracing::debug!(
+                        seq = frame.seq,
+                        sent = self.sent,
+                        "the gateway answered DATA never sent: moving"
+                    );
+                    return Verdict::Move(Cause::Failover);
+                }
                 Kind::Reply | Kind::Error if frame.seq > 0 => {
                     if frame.seq > self.delivered {
                         self.delivered = frame.seq;
@@ -369,6 +379,15 @@ impl State {
                     put(&mut self.to_device, &frame);
                 }
                 Kind::Ping => put(&mut self.to_device, &frame),
+                // A ticket claiming DATA not answered yet would prune DATA still owed an answer.
+                Kind::Checkpoint if frame.seq > self.delivered => {
+                    tracing::debug!(
+                        seq = frame.seq,
+                        delivered = self.delivered,
+                        "CHECKPOINT beyond the answers: moving"
+                    );
+                    return Verdict::Move(Cause::Failover);
+                }
                 Kind::Checkpoint => match frame.decode_body::<Checkpoint>("CHECKPOINT") {
                     Ok(c) => {
                         if self.ctx.config.migration.forward_checkpoints {
@@ -572,7 +591,7 @@ pub(crate) async fn serve(
             Some(l) => (
                 Some(&mut l.read),
                 Some(&mut l.write),
-                l.down.clone(),
+                l.down.as_ref(),
                 Some(&mut l.orders),
                 l.dirty,
                 l.probe,
@@ -809,13 +828,7 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
     st.from_gateway.clear();
     answer_pings(st);
     st.ctx.meters.held.increment(1.0);
-    let start = cause.paced().then(|| st.ctx.pacer.slot());
-    // A drained or rebalanced session paced its move already (the link stayed up meanwhile).
-    let start = if matches!(cause, Cause::Drain | Cause::Rebalance) {
-        None
-    } else {
-        start
-    };
+    let start = cause.slot_at_relink().then(|| st.ctx.pacer.slot());
     Box::pin(relink(
         st.ctx.clone(),
         st.pools.clone(),
@@ -1003,9 +1016,9 @@ async fn read(
     }
 }
 
-async fn cancelled(token: Option<CancellationToken>) {
+async fn cancelled(token: Option<&CancellationToken>) {
     match token {
-        Some(t) => t.cancelled_owned().await,
+        Some(t) => t.cancelled().await,
         // Not watched (a link made as its gateway went down is checked by its own I/O).
         None => std::future::pending().await,
     }

@@ -170,10 +170,10 @@ impl Proxy {
                 auth: ctx.config.admin_auth.clone(),
                 can_move: ctx.config.mode == wasmbed_config::Mode::Terminate,
             });
-            background.spawn(admin::serve(
+            background.spawn(wasmbed_admin::serve(
                 listener,
-                admin,
                 self.admin_tls,
+                admin::router(admin),
                 probes_stop.clone(),
             ));
         }

@@ -65,6 +65,36 @@ async fn step_all(devs: &mut [Dev]) {
     }
 }
 
+/// Gateways, a terminating proxy over them (`tweak` may change both first), and `devices`
+/// devices with a session each, that have sent one DATA.
+struct Fleet {
+    /// Holds the PKI's files for the proxy's lifetime.
+    _pki: Pki,
+    gws: Vec<FrameGateway>,
+    proxy: RunningProxy,
+    devs: Vec<Dev>,
+}
+
+async fn fleet(
+    gateways_n: usize,
+    devices: usize,
+    tweak: impl FnOnce(&[FrameGateway], &mut wasmbed_config::ProxyConfig),
+) -> Fleet {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = gateways(gateways_n).await;
+    let mut c = terminating(&pki, &gws.iter().collect::<Vec<_>>());
+    tweak(&gws, &mut c);
+    let proxy = start(c).await;
+    let mut devs = open_all(&proxy, &pki, devices).await;
+    step_all(&mut devs).await;
+    Fleet {
+        _pki: pki,
+        gws,
+        proxy,
+        devs,
+    }
+}
+
 async fn gateways(n: usize) -> Vec<FrameGateway> {
     let mut v = Vec::new();
     for i in 0..n {
@@ -83,11 +113,13 @@ async fn moves(proxy: &RunningProxy, cause: &str, result: &str) -> f64 {
 /// Runs `fault` on the gateway with the most sessions, with every device stepping before
 /// and after: no device notices, every count goes on. Returns how many sessions it had.
 async fn survives(fault: impl FnOnce(&FrameGateway), cause: &str) {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(3).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 30).await;
-    for _ in 0..3 {
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(3, 30, |_, _| {}).await;
+    for _ in 0..2 {
         step_all(&mut devs).await;
     }
     assert_eq!(proxy.counts(), vec![10, 10, 10]);
@@ -137,16 +169,21 @@ async fn an_oversized_frame_from_a_gateway_moves_the_session() {
 }
 
 #[tokio::test]
+async fn a_gateway_answering_data_never_sent_is_left_not_believed() {
+    survives(|g| g.fault(Fault::ReplyAhead), "failover").await;
+}
+
+#[tokio::test]
 async fn the_replay_window_covers_what_the_ticket_does_not() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    for g in &gws {
-        g.checkpoint_every(3);
-    }
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 2).await;
+    let tweak = |gws: &[FrameGateway], _: &mut _| gws.iter().for_each(|g| g.checkpoint_every(3));
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(2, 2, tweak).await;
     // 4 DATA: the ticket covers 3, DATA 4 was answered after it.
-    for _ in 0..4 {
+    for _ in 0..3 {
         step_all(&mut devs).await;
     }
     gws[0].kill();
@@ -170,12 +207,13 @@ async fn the_replay_window_covers_what_the_ticket_does_not() {
 
 #[tokio::test]
 async fn a_refused_ticket_gives_a_fresh_session_without_a_disconnect() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    gws[1].refuse_tickets(true);
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 2).await;
-    step_all(&mut devs).await;
+    let tweak = |gws: &[FrameGateway], _: &mut _| gws[1].refuse_tickets(true);
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(2, 2, tweak).await;
     step_all(&mut devs).await;
     let on_first = usize::from(proxy.counts()[0] == 1);
     assert_eq!(on_first, 1);
@@ -200,13 +238,13 @@ async fn a_refused_ticket_gives_a_fresh_session_without_a_disconnect() {
 
 #[tokio::test]
 async fn with_every_gateway_down_the_device_is_held_then_told_unavailable() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(1).await;
-    let mut c = terminating(&pki, &[&gws[0]]);
-    c.migration.migrate_timeout = Duration::from_millis(400);
-    let proxy = start(c).await;
-    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
-    dev.step().await;
+    let tweak = |_: &[FrameGateway], c: &mut wasmbed_config::ProxyConfig| {
+        c.migration.migrate_timeout = Duration::from_millis(400);
+    };
+    let Fleet {
+        gws, proxy, devs, ..
+    } = fleet(1, 1, tweak).await;
+    let mut dev = devs.into_iter().next().unwrap();
     gws[0].kill();
     let f = dev.device.recv().await.expect("an ERROR");
     assert_eq!(error_code(&f), ErrorCode::Unavailable as u16);
@@ -217,11 +255,10 @@ async fn with_every_gateway_down_the_device_is_held_then_told_unavailable() {
 
 #[tokio::test]
 async fn a_held_session_moves_when_a_gateway_comes_back() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(1).await;
-    let proxy = start(terminating(&pki, &[&gws[0]])).await;
-    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
-    dev.step().await;
+    let Fleet {
+        gws, proxy, devs, ..
+    } = fleet(1, 1, |_, _| {}).await;
+    let mut dev = devs.into_iter().next().unwrap();
     gws[0].kill();
     until(Duration::from_secs(3), "the session is held", || {
         proxy.counts() == vec![0]
@@ -237,11 +274,9 @@ async fn a_held_session_moves_when_a_gateway_comes_back() {
 
 #[tokio::test]
 async fn drain_by_moving_empties_a_gateway_and_reports_progress() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 20).await;
-    step_all(&mut devs).await;
+    let Fleet {
+        proxy, mut devs, ..
+    } = fleet(2, 20, |_, _| {}).await;
     let (status, body) = proxy
         .admin("POST", "/api/gateways/gw-0/drain?move=true")
         .await;
@@ -263,13 +298,12 @@ async fn drain_by_moving_empties_a_gateway_and_reports_progress() {
 
 #[tokio::test]
 async fn a_new_gateway_gets_its_share_of_live_sessions_with_rebalancing() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    let mut c = terminating(&pki, &gws.iter().collect::<Vec<_>>());
-    c.migration.rebalance = true;
-    let proxy = start(c).await;
-    let mut devs = open_all(&proxy, &pki, 20).await;
-    step_all(&mut devs).await;
+    let tweak = |_: &[FrameGateway], c: &mut wasmbed_config::ProxyConfig| {
+        c.migration.rebalance = true;
+    };
+    let Fleet {
+        proxy, mut devs, ..
+    } = fleet(2, 20, tweak).await;
     let late = FrameGateway::spawn("late").await;
     let body = format!(r#"{{"name":"late","address":"{}"}}"#, late.addr);
     assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 201);
@@ -285,11 +319,10 @@ async fn a_new_gateway_gets_its_share_of_live_sessions_with_rebalancing() {
 
 #[tokio::test]
 async fn a_device_that_breaks_the_protocol_is_refused_without_moving() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
-    dev.step().await;
+    let Fleet {
+        gws, proxy, devs, ..
+    } = fleet(2, 1, |_, _| {}).await;
+    let mut dev = devs.into_iter().next().unwrap();
     // DATA 1 again: sequences must increase.
     let again = wasmbed_protocol::Frame::new(Kind::Data, 1, b"x".to_vec());
     dev.device.send(again).await.unwrap();
@@ -302,11 +335,12 @@ async fn a_device_that_breaks_the_protocol_is_refused_without_moving() {
 
 #[tokio::test]
 async fn a_gateway_that_dies_mid_move_sends_the_session_on_to_a_third() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(3).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 30).await;
-    step_all(&mut devs).await;
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(3, 30, |_, _| {}).await;
     // gw-1 resets every HELLO from now on: the moves that try it go on to gw-2.
     gws[1].drop_hellos(true);
     let hellos = gws[1].hellos();
@@ -320,13 +354,13 @@ async fn a_gateway_that_dies_mid_move_sends_the_session_on_to_a_third() {
 
 #[tokio::test]
 async fn a_device_flooding_while_its_session_is_held_is_not_read_past_the_window() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(1).await;
-    let mut c = terminating(&pki, &[&gws[0]]);
-    c.migration.replay_window = 8 << 10;
-    let proxy = start(c).await;
-    let mut dev = Dev::open(&proxy, &pki, "device-0001").await;
-    dev.step().await;
+    let tweak = |_: &[FrameGateway], c: &mut wasmbed_config::ProxyConfig| {
+        c.migration.replay_window = 8 << 10;
+    };
+    let Fleet {
+        gws, proxy, devs, ..
+    } = fleet(1, 1, tweak).await;
+    let dev = devs.into_iter().next().unwrap();
     gws[0].kill();
     until(Duration::from_secs(3), "the session is held", || {
         proxy.counts() == vec![0]
@@ -383,11 +417,12 @@ async fn a_device_flooding_while_its_session_is_held_is_not_read_past_the_window
 
 #[tokio::test]
 async fn a_shutdown_while_sessions_are_held_ends_within_the_grace() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(1).await;
-    let proxy = start(terminating(&pki, &[&gws[0]])).await;
-    let mut devs = open_all(&proxy, &pki, 5).await;
-    step_all(&mut devs).await;
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(1, 5, |_, _| {}).await;
     gws[0].kill();
     until(Duration::from_secs(3), "the sessions are held", || {
         proxy.counts() == vec![0]
@@ -406,11 +441,12 @@ async fn a_shutdown_while_sessions_are_held_ends_within_the_grace() {
 /// check timing out on a busy host would see it): each session asks its own link and stays.
 #[tokio::test]
 async fn a_gateway_marked_down_whose_links_still_answer_keeps_its_sessions() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 10).await;
-    step_all(&mut devs).await;
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(2, 10, |_, _| {}).await;
     gws[0].close_listener();
     until(Duration::from_secs(3), "gw-0 marked down", || {
         !proxy.gateway("gw-0").is_healthy()
@@ -427,11 +463,12 @@ async fn a_gateway_marked_down_whose_links_still_answer_keeps_its_sessions() {
 /// not answer the proxy's PING either, and its sessions move with their state.
 #[tokio::test]
 async fn a_hung_gateways_sessions_move_once_their_links_fail_the_check() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 10).await;
-    step_all(&mut devs).await;
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(2, 10, |_, _| {}).await;
     gws[0].stall();
     gws[0].close_listener();
     step_all(&mut devs).await;
@@ -443,11 +480,12 @@ async fn a_hung_gateways_sessions_move_once_their_links_fail_the_check() {
 /// the others with their state, and its prober stops.
 #[tokio::test]
 async fn a_removed_gateways_sessions_move_and_its_prober_stops() {
-    let pki = pki(KeyKind::EcdsaP256);
-    let gws = gateways(2).await;
-    let proxy = start(terminating(&pki, &gws.iter().collect::<Vec<_>>())).await;
-    let mut devs = open_all(&proxy, &pki, 10).await;
-    step_all(&mut devs).await;
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(2, 10, |_, _| {}).await;
     let (status, body) = proxy.admin("DELETE", "/api/gateways/gw-0").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(proxy.admin("DELETE", "/api/gateways/gw-0").await.0, 404);

@@ -270,13 +270,10 @@ async fn a_crl_reload_revokes_a_connected_device() {
     // client learns it at its first read), counted as a certificate refusal.
     if let Ok(tls) = tls_connect(proxy.addr, stolen_tls).await {
         let mut again = wasmbed_testkit::Device::new(tls);
-        let hello = wasmbed_protocol::Hello {
-            device: "device-0100".into(),
-            app: "counter".into(),
-            resume: None,
-        };
-        let _ = again.send(Frame::control(Kind::Hello, 0, &hello)).await;
-        assert!(again.recv().await.is_none(), "no WELCOME");
+        assert!(
+            again.no_session("device-0100", "counter").await,
+            "no WELCOME"
+        );
     }
     let series = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
     until_metric(&proxy, series, 1.0).await;

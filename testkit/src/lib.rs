@@ -235,6 +235,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
         self.recv().await.expect("an answer to HELLO")
     }
 
+    /// HELLO that must get no session: true when the peer closes (or sends what is not a
+    /// frame) instead of answering it — a connection refused at its TLS handshake shows so.
+    pub async fn no_session(&mut self, device: &str, app: &str) -> bool {
+        let h = Hello {
+            device: device.into(),
+            app: app.into(),
+            resume: None,
+        };
+        let _ = self.send(Frame::control(Kind::Hello, 0, &h)).await;
+        self.recv().await.is_none()
+    }
+
     /// HELLO that must be welcomed; returns the gateway name.
     pub async fn open(&mut self, device: &str, app: &str) -> String {
         let f = self.hello(device, app).await;

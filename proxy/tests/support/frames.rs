@@ -118,6 +118,8 @@ pub enum Fault {
     Garbage,
     /// A frame header announcing more than the maximum.
     Oversized,
+    /// A REPLY to a DATA the device never sent.
+    ReplyAhead,
 }
 
 /// A gateway stand-in: HELLO → WELCOME; DATA n → REPLY n whose body is the session's count
@@ -372,6 +374,10 @@ async fn serve<S: Socket>(
                     }
                     Fault::Oversized => {
                         framed.get_mut().write_all(&[0, 0x10, 0, 0, 4]).await.ok()?;
+                    }
+                    Fault::ReplyAhead => {
+                        let reply = Frame::new(Kind::Reply, 1_000_000, b"?".to_vec());
+                        framed.send(reply).await.ok()?;
                     }
                 }
                 // Stays up (as a confused gateway would) until the proxy drops the link.
