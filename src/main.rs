@@ -94,16 +94,19 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         let shutdown = CancellationToken::new();
         // Watched before the ready line: a SIGTERM right after it stops the proxy in order.
         tokio::spawn(on_signal(shutdown.clone()));
-        // SIGHUP re-reads terminate mode's certificate, CA and CRLs; live sessions stay,
-        // except those of devices revoked by now.
-        let device_tls = proxy.device_tls();
+        // SIGHUP (and POST /api/reload) re-read the config file with the same flags and apply
+        // the difference; terminate mode's certificate, CA and CRLs are re-read with it.
+        let live = proxy.live();
+        live.set_source(Box::new(move || {
+            ProxyConfig::load(&flags).map_err(|e| e.to_string())
+        }));
         if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         {
             tokio::spawn(async move {
                 while hup.recv().await.is_some() {
-                    if let Err(e) = device_tls.reload() {
-                        tracing::warn!(error = %e, "TLS not reloaded; what is in use stays");
-                    }
+                    let live = live.clone();
+                    // The outcome is logged and counted by `reload`.
+                    let _ = tokio::task::spawn_blocking(move || live.reload()).await;
                 }
             });
         }

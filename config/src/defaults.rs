@@ -32,6 +32,16 @@ pub mod proxy {
     pub const MOVE_RATE: u32 = 2_000;
     pub const REBALANCE_THRESHOLD: u32 = 2;
     pub const REBALANCE_COOLDOWN: Duration = Duration::from_secs(60);
+    /// DNS discovery: how long one query may take.
+    pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+    /// DNS discovery: how long an address gone from the answers keeps its sessions (drained)
+    /// before it leaves the set.
+    pub const DNS_GRACE: Duration = Duration::from_secs(60);
+    /// DNS discovery: most addresses taken from one name's answer.
+    pub const MAX_DISCOVERED: usize = 1024;
+    /// DNS discovery: answers are re-resolved at their TTL, clamped to this range.
+    pub const DNS_REFRESH_MIN: Duration = Duration::from_secs(1);
+    pub const DNS_REFRESH_MAX: Duration = Duration::from_secs(30);
 }
 
 /// Defaults of `wasmbed gateway`.

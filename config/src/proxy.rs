@@ -130,6 +130,29 @@ pub struct ProxyFlags {
     pub rebalance_threshold: Option<u32>,
     #[arg(long, value_name = "DURATION", help = format!("A session is not moved by rebalancing twice within this time. Default {}.", crate::defaults::show(crate::defaults::proxy::REBALANCE_COOLDOWN)))]
     pub rebalance_cooldown: Option<String>,
+    /// Gateways found in DNS: every A/AAAA address of NAME (e.g. a headless Service) on PORT,
+    /// as NAME:PORT[;pool=P][;weight=N][;health-port=N]. Repeatable. Re-resolved at the
+    /// answer's TTL (clamped to 1s..30s); an error or an empty answer keeps the last good set.
+    #[arg(long, value_name = "NAME:PORT")]
+    pub gateway_dns: Vec<String>,
+    /// Gateways found in DNS SRV records of NAME (target and port from each record), as
+    /// NAME[;pool=P][;weight=N][;health-port=N]. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub gateway_srv: Vec<String>,
+    /// DNS server for discovery, IP:PORT. Repeatable. Default: the system's (/etc/resolv.conf,
+    /// search domains included).
+    #[arg(long, value_name = "ADDR")]
+    pub dns_server: Vec<String>,
+    #[arg(long, value_name = "DURATION", help = format!("Deadline of one discovery query. Default {}.", crate::defaults::show(crate::defaults::proxy::DNS_TIMEOUT)))]
+    pub dns_timeout: Option<String>,
+    #[arg(long, value_name = "DURATION", help = format!("An address gone from DNS takes no new sessions (terminate mode: its sessions move); it leaves the set once empty, or after this grace. Default {}.", crate::defaults::show(crate::defaults::proxy::DNS_GRACE)))]
+    pub dns_grace: Option<String>,
+    #[arg(long, value_name = "N", help = format!("Most addresses taken from one name's answer (the rest are counted and ignored). Default {}.", crate::defaults::proxy::MAX_DISCOVERED))]
+    pub max_discovered: Option<usize>,
+    /// Allow a config with no gateway at all (for example a reload that removes them all):
+    /// devices are then refused until one is added. Without it such a config is refused.
+    #[arg(long)]
+    pub allow_empty: bool,
 }
 
 /// `on` or `off`.
@@ -224,6 +247,46 @@ pub struct UpstreamTls {
     pub client: Option<(PathBuf, PathBuf)>,
 }
 
+/// Where a discovered gateway's addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DnsQuery {
+    /// The A and AAAA records of a name, all on one port.
+    Addresses { name: String, port: u16 },
+    /// The SRV records of a name: each gives a target (resolved to addresses) and a port.
+    Srv { name: String },
+}
+
+/// One discovery source: the gateways it finds share a pool, a weight and a health port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryTarget {
+    pub query: DnsQuery,
+    pub pool: String,
+    pub weight: u32,
+    /// The gateways' admin port, for `http` health checks (`None`: tcp probes).
+    pub health_port: Option<u16>,
+}
+
+impl DiscoveryTarget {
+    /// How errors, logs and metrics name this source: `NAME:PORT` or `srv:NAME`.
+    pub fn label(&self) -> String {
+        match &self.query {
+            DnsQuery::Addresses { name, port } => format!("{name}:{port}"),
+            DnsQuery::Srv { name } => format!("srv:{name}"),
+        }
+    }
+}
+
+/// DNS discovery of gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    pub targets: Vec<DiscoveryTarget>,
+    /// Explicit DNS servers; empty: the system's resolver configuration.
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub grace: Duration,
+    pub max_addresses: usize,
+}
+
 /// The validated configuration `wasmbed_proxy::run` takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyConfig {
@@ -253,6 +316,9 @@ pub struct ProxyConfig {
     pub migration: MigrationConfig,
     /// Pools whose gateways get a PROXY protocol v2 header first on every connection.
     pub proxy_protocol: Vec<String>,
+    pub discovery: DiscoveryConfig,
+    /// A config with no gateway (none listed, none discovered) is accepted.
+    pub allow_empty: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,6 +350,15 @@ struct RawProxy {
     rebalance_threshold: Option<u32>,
     rebalance_cooldown: Option<String>,
     #[serde(default)]
+    discovery: Vec<RawDiscovery>,
+    #[serde(default)]
+    dns_server: Vec<String>,
+    dns_timeout: Option<String>,
+    dns_grace: Option<String>,
+    max_discovered: Option<usize>,
+    #[serde(default)]
+    allow_empty: bool,
+    #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
     gateway: Vec<RawGateway>,
@@ -293,6 +368,18 @@ struct RawProxy {
     health: RawHealth,
     tls: Option<RawTls>,
     upstream_tls: Option<RawUpstreamTls>,
+}
+
+/// `[[discovery]]`: `dns = "NAME:PORT"` or `srv = "NAME"`, with the gateways' pool, weight
+/// and health port.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    dns: Option<String>,
+    srv: Option<String>,
+    pool: Option<String>,
+    weight: Option<u32>,
+    health_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -390,12 +477,19 @@ impl ProxyConfig {
         overlay(&mut raw, flags)?;
         let mode = raw.mode.unwrap_or_default();
         let listeners = listeners(&raw)?;
-        let gateways = gateways(&raw.gateway)?;
-        let routes = routes(&raw.route, &gateways)?;
+        let discovery = discovery(&raw)?;
+        let allow_empty = raw.allow_empty;
+        let gateways = gateways(&raw.gateway, !discovery.targets.is_empty() || allow_empty)?;
+        let pools: Vec<&str> = gateways
+            .iter()
+            .map(|g| g.pool.as_str())
+            .chain(discovery.targets.iter().map(|t| t.pool.as_str()))
+            .collect();
+        let routes = routes(&raw.route, &pools)?;
         let health = health(&raw.health)?;
         let migration = migration(&raw)?;
         for (i, pool) in raw.proxy_protocol.iter().enumerate() {
-            if !gateways.iter().any(|g| &g.pool == pool) {
+            if !pools.contains(&pool.as_str()) {
                 return Err(ConfigError::field(
                     format!("proxy_protocol[{i}]"),
                     format!("no gateway is in pool {pool:?}"),
@@ -530,6 +624,8 @@ impl ProxyConfig {
             log_format: raw.log_format.unwrap_or_default(),
             migration,
             proxy_protocol: raw.proxy_protocol.clone(),
+            discovery,
+            allow_empty,
         })
     }
 }
@@ -588,6 +684,25 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     if f.allow_plain {
         raw.listener.iter_mut().for_each(|l| l.allow_plain = true);
     }
+    if !f.gateway_dns.is_empty() || !f.gateway_srv.is_empty() {
+        raw.discovery = f
+            .gateway_dns
+            .iter()
+            .map(|d| parse_discovery_flag("--gateway-dns", d, false))
+            .chain(
+                f.gateway_srv
+                    .iter()
+                    .map(|d| parse_discovery_flag("--gateway-srv", d, true)),
+            )
+            .collect::<Result<_, _>>()?;
+    }
+    if !f.dns_server.is_empty() {
+        raw.dns_server = f.dns_server.clone();
+    }
+    set(&mut raw.dns_timeout, f.dns_timeout.clone());
+    set(&mut raw.dns_grace, f.dns_grace.clone());
+    set(&mut raw.max_discovered, f.max_discovered);
+    raw.allow_empty |= f.allow_empty;
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();
@@ -692,7 +807,10 @@ fn set<T>(slot: &mut Option<T>, flag: Option<T>) {
 }
 
 pub mod validate;
-use validate::{gateways, health, health_target, listeners, parse_gateway_flag, positive, routes};
+use validate::{
+    discovery, gateways, health, health_target, listeners, parse_discovery_flag,
+    parse_gateway_flag, positive, routes,
+};
 
 #[cfg(test)]
 mod tests;

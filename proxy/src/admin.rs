@@ -2,7 +2,8 @@
 //!
 //! `GET /healthz` (alive), `GET /readyz` (some gateway takes sessions), `GET /metrics`
 //! (Prometheus text), `GET /api/gateways` (JSON), `POST /api/gateways` (add one),
-//! `POST /api/gateways/{name}/drain[?move=true]` and `/undrain`.
+//! `POST /api/gateways/{name}/drain[?move=true]` and `/undrain`, `DELETE
+//! /api/gateways/{name}`, `POST /api/reload`.
 
 use std::sync::Arc;
 
@@ -13,19 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics::counter;
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use wasmbed_config::HealthConfig;
 
 use crate::balancer::{Gateway, GatewaySet};
 
-/// What the admin endpoint works on: the gateway set, and what a gateway added at run time
-/// needs to be probed like the others.
+/// What the admin endpoint works on: the running proxy (its gateway set, config, probes and
+/// reload).
 pub struct Admin {
-    pub gateways: Arc<GatewaySet>,
-    pub health: HealthConfig,
-    pub probes: TaskTracker,
-    pub probes_stop: CancellationToken,
+    pub live: Arc<crate::live::Live>,
     /// Who may use POST/PUT/DELETE (`--admin-token-file`).
     pub auth: wasmbed_config::admin::AdminAuth,
     /// Sessions can move between gateways (terminate mode): `drain?move=true` is allowed.
@@ -67,6 +62,8 @@ pub struct GatewayView {
     pub reported_sessions: Option<u64>,
     /// Sessions ordered to move off it (drain by moving, rebalancing) and not moved yet.
     pub moving: u64,
+    /// Where it came from: `config` (the file or flags), `api`, or `dns`.
+    pub origin: String,
 }
 
 impl GatewayView {
@@ -81,14 +78,19 @@ impl GatewayView {
             weight: g.weight(),
             reported_sessions: g.reported_sessions(),
             moving: g.moving(),
+            origin: match &g.origin {
+                crate::balancer::Origin::Dns(source) => format!("dns {source}"),
+                other => other.as_str().to_string(),
+            },
         }
     }
 }
 
 pub fn router(admin: Arc<Admin>) -> Router {
-    let gateways = admin.gateways.clone();
+    let gateways = admin.live.context().gateways.clone();
     let add_route = Router::new()
         .route("/api/gateways", post(add))
+        .route("/api/reload", post(reload))
         .route("/api/gateways/{name}/drain", post(drain))
         .route("/api/gateways/{name}/undrain", post(undrain))
         .route("/api/gateways/{name}", axum::routing::delete(remove))
@@ -169,21 +171,17 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
         weight: new.weight,
         pool: new.pool,
     };
+    let ctx = admin.live.context();
+    let health = &ctx.config.health;
     let config = match wasmbed_config::proxy::validate::gateway("gateway", &spec).and_then(|c| {
-        wasmbed_config::proxy::validate::health_target("gateway", admin.health.check, &c)
-            .map(|()| c)
+        wasmbed_config::proxy::validate::health_target("gateway", health.check, &c).map(|()| c)
     }) {
         Ok(c) => c,
         Err(e) => return bad(e.to_string()),
     };
-    match admin.gateways.add(&config) {
+    match ctx.gateways.add(&config) {
         Some(g) => {
-            crate::health::spawn(
-                std::slice::from_ref(&g),
-                &admin.health,
-                &admin.probes,
-                &admin.probes_stop,
-            );
+            admin.live.probes.start(std::slice::from_ref(&g), health);
             tracing::info!(gateway = %g.name, address = %g.addr, "gateway added");
             (StatusCode::CREATED, axum::Json(GatewayView::of(&g))).into_response()
         }
@@ -204,18 +202,25 @@ async fn drain(
         let text = "drain?move=true needs terminate mode: in passthrough the proxy cannot move a session\n";
         return (StatusCode::CONFLICT, text).into_response();
     }
-    set_draining(&admin.gateways, &name, true, query.move_sessions)
+    set_draining(&admin.live.context().gateways, &name, true, query.move_sessions)
+}
+
+/// `POST /api/reload`: re-reads the config file (with the start's flags) and applies the
+/// difference; 200 with what changed, or 400 with the one-line reason (nothing changed).
+async fn reload(State(admin): State<Arc<Admin>>) -> Response {
+    let live = admin.live.clone();
+    // Reading files and building TLS configs blocks: off the admin's worker.
+    match tokio::task::spawn_blocking(move || live.reload()).await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reload failed: {e}\n")).into_response(),
+    }
 }
 
 /// `DELETE /api/gateways/{name}`: out of the set at once; its sessions move (terminate mode).
 async fn remove(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
-    match admin.gateways.remove(&name) {
-        Some(g) => {
-            // Its series stop being refreshed: leave them saying it is gone, not stale values.
-            metrics::gauge!(crate::metrics::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
-            tracing::info!(gateway = %g.name, sessions = g.sessions(), "gateway removed");
-            axum::Json(GatewayView::of(&g)).into_response()
-        }
+    match crate::live::remove(&admin.live.context().gateways, &name) {
+        Some(g) => axum::Json(GatewayView::of(&g)).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             format!("no gateway named {name:?}\n"),
@@ -225,7 +230,7 @@ async fn remove(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Re
 }
 
 async fn undrain(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
-    set_draining(&admin.gateways, &name, false, false)
+    set_draining(&admin.live.context().gateways, &name, false, false)
 }
 
 fn set_draining(gateways: &GatewaySet, name: &str, draining: bool, move_all: bool) -> Response {

@@ -92,23 +92,32 @@ impl Cause {
 
 /// Spaces moves at `--move-rate`: each takes the next free slot.
 pub struct Pacer {
-    next: Mutex<Instant>,
-    gap: Duration,
+    /// The next free slot, and the gap between two slots.
+    state: Mutex<(Instant, Duration)>,
 }
 
 impl Pacer {
     pub fn new(per_second: u32) -> Pacer {
         Pacer {
-            next: Mutex::new(Instant::now()),
-            gap: Duration::from_secs(1) / per_second.max(1),
+            state: Mutex::new((Instant::now(), Self::gap(per_second))),
         }
+    }
+
+    fn gap(per_second: u32) -> Duration {
+        Duration::from_secs(1) / per_second.max(1)
+    }
+
+    /// Changes the rate (a config reload); slots already handed out stay.
+    pub fn set_rate(&self, per_second: u32) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = Self::gap(per_second);
     }
 
     /// The instant this move may start.
     pub fn slot(&self) -> Instant {
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (*next).max(Instant::now());
-        *next = slot + self.gap;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = state.0.max(Instant::now());
+        state.0 = slot + state.1;
         slot
     }
 }

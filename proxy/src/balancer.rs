@@ -15,6 +15,27 @@ use tokio_util::sync::CancellationToken;
 use wasmbed_config::GatewayConfig;
 use wasmbed_pick::Load;
 
+/// Where a gateway of the set came from: what may change or remove it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The config file or flags: a reload changes or removes it.
+    Config,
+    /// `POST /api/gateways`: only the API removes it.
+    Api,
+    /// DNS discovery, by the source's label (`NAME:PORT`, `srv:NAME`).
+    Dns(String),
+}
+
+impl Origin {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Origin::Config => "config",
+            Origin::Api => "api",
+            Origin::Dns(_) => "dns",
+        }
+    }
+}
+
 /// One gateway behind the proxy, with its live counters.
 #[derive(Debug)]
 pub struct Gateway {
@@ -22,6 +43,9 @@ pub struct Gateway {
     pub addr: String,
     pub health_addr: Option<String>,
     pub pool: String,
+    pub origin: Origin,
+    /// It has not passed a probe yet (discovered): its first success brings it up.
+    unproven: AtomicBool,
     weight: AtomicU32,
     sessions: Load,
     healthy: AtomicBool,
@@ -67,11 +91,17 @@ fn epoch() -> Instant {
 
 impl Gateway {
     pub fn new(config: &GatewayConfig) -> Gateway {
+        Gateway::with_origin(config, Origin::Config)
+    }
+
+    pub fn with_origin(config: &GatewayConfig, origin: Origin) -> Gateway {
         Gateway {
             name: config.name.clone(),
             addr: config.addr.clone(),
             health_addr: config.health_addr.clone(),
             pool: config.pool.clone(),
+            origin,
+            unproven: AtomicBool::new(false),
             weight: AtomicU32::new(config.weight),
             sessions: Load::new(),
             healthy: AtomicBool::new(true),
@@ -149,6 +179,17 @@ impl Gateway {
         self.weight.load(Ordering::Relaxed)
     }
 
+    /// Changes the weight in place (a reload): live sessions stay, new ones follow it.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether address, health address and pool equal `config`'s (only the weight may differ
+    /// for the gateway to be kept as it is by a reload).
+    pub fn same_endpoint(&self, config: &GatewayConfig) -> bool {
+        self.addr == config.addr && self.health_addr == config.health_addr && self.pool == config.pool
+    }
+
     pub fn reported_sessions(&self) -> Option<u64> {
         u64::try_from(self.reported_sessions.load(Ordering::Relaxed)).ok()
     }
@@ -200,6 +241,14 @@ impl Gateway {
     /// Marking down cancels every session through the gateway at once.
     pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
         let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        if ok && self.unproven.swap(false, Ordering::SeqCst) {
+            // A discovered address: its first passed probe is enough to enter (in slow start).
+            streak.successes = rise;
+            let now = epoch().elapsed().as_millis() as u64;
+            self.up_since_ms.store(now + 1, Ordering::Relaxed);
+            self.healthy.store(true, Ordering::SeqCst);
+            return Some(Transition::Up);
+        }
         if ok {
             streak.failures = 0;
             streak.successes = streak.successes.saturating_add(1);
@@ -266,9 +315,24 @@ impl GatewaySet {
     /// Adds a gateway to the live set (it enters in slow start, if configured). `None` when a
     /// gateway of that name exists already.
     pub fn add(&self, config: &GatewayConfig) -> Option<Arc<Gateway>> {
-        let gateway = Arc::new(Gateway::new(config));
+        self.add_from(config, Origin::Api, false)
+    }
+
+    /// Adds a gateway of `origin`. `unproven`: it takes no session until its first probe
+    /// passes (a discovered address; with health checks off it is taken at once).
+    pub fn add_from(
+        &self,
+        config: &GatewayConfig,
+        origin: Origin,
+        unproven: bool,
+    ) -> Option<Arc<Gateway>> {
+        let gateway = Arc::new(Gateway::with_origin(config, origin));
         let now = epoch().elapsed().as_millis() as u64;
         gateway.up_since_ms.store(now + 1, Ordering::Relaxed);
+        if unproven {
+            gateway.unproven.store(true, Ordering::SeqCst);
+            gateway.healthy.store(false, Ordering::SeqCst);
+        }
         let mut added = false;
         self.gateways.rcu(|current| {
             added = !current.iter().any(|g| g.name == config.name);

@@ -29,6 +29,8 @@ pub mod clienthello;
 pub mod forward;
 pub mod health;
 pub mod listener;
+pub mod live;
+pub mod discovery;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod rebalance;
@@ -58,15 +60,18 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Certs(#[from] wasmbed_certs::CertError),
+    /// A config reload that was refused (the running config stays).
+    #[error("{0}")]
+    Reload(String),
 }
 
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
-    config: ProxyConfig,
     listeners: Vec<(Arc<ListenerConfig>, TcpListener)>,
     admin: Option<TcpListener>,
-    gateways: Arc<GatewaySet>,
-    tls: TlsSetup,
+    live: Arc<live::Live>,
+    hard_stop: CancellationToken,
+    probes_stop: CancellationToken,
     admin_tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -104,14 +109,22 @@ impl Proxy {
         let tls = tls_setup(&config)?;
         let admin_tls = wasmbed_admin::acceptor(config.admin_auth.tls.as_ref())?;
         let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
+        let hard_stop = CancellationToken::new();
+        let probes_stop = CancellationToken::new();
+        let ctx = session::Context::new(config, gateways, tls, hard_stop.clone());
         Ok(Proxy {
-            config,
             listeners,
             admin,
-            gateways,
-            tls,
+            live: Arc::new(live::Live::new(ctx, probes_stop.clone())),
+            hard_stop,
+            probes_stop,
             admin_tls,
         })
+    }
+
+    /// The running config and its reload (SIGHUP, `POST /api/reload`).
+    pub fn live(&self) -> Arc<live::Live> {
+        self.live.clone()
     }
 
     /// The addresses devices dial (with the ports the OS chose for `:0`).
@@ -125,54 +138,46 @@ impl Proxy {
 
     /// Reloads terminate mode's device TLS (certificate, key, CA, CRLs): for SIGHUP.
     pub fn device_tls(&self) -> Arc<DeviceTls> {
-        self.tls.0.clone()
+        self.live.context().device_tls.clone()
     }
 
     /// The live gateway set (for tests and embedding programs).
     pub fn gateways(&self) -> Arc<GatewaySet> {
-        self.gateways.clone()
+        self.live.context().gateways.clone()
     }
 
     /// Serves until `shutdown`; then stops accepting, lets sessions finish for the grace period,
     /// closes the rest, and returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProxyError> {
-        let hard_stop = CancellationToken::new();
-        let ctx = Arc::new(session::Context::new(
-            self.config,
-            self.gateways.clone(),
-            self.tls,
-            hard_stop.clone(),
-        ));
+        let Proxy {
+            listeners,
+            admin,
+            live,
+            hard_stop,
+            probes_stop,
+            admin_tls,
+        } = self;
+        let ctx = live.context();
+        let gateways = ctx.gateways.clone();
         let background = TaskTracker::new();
-        let probes_stop = CancellationToken::new();
-        health::spawn(
-            &self.gateways.snapshot(),
-            &ctx.config.health,
-            &background,
-            &probes_stop,
-        );
-        if ctx.config.migration.rebalance {
-            background.spawn(rebalance::run(
-                self.gateways.clone(),
-                ctx.config.migration.clone(),
-                probes_stop.clone(),
-            ));
+        live.probes.start(&gateways.snapshot(), &ctx.config.health);
+        let terminate = ctx.config.mode == wasmbed_config::Mode::Terminate;
+        if terminate {
+            background.spawn(rebalance::run(live.clone(), probes_stop.clone()));
         }
-        if let Some(listener) = self.admin {
+        background.spawn(discovery::run(live.clone(), probes_stop.clone()));
+        if let Some(listener) = admin {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");
             }
             let admin = Arc::new(admin::Admin {
-                gateways: self.gateways.clone(),
-                health: ctx.config.health.clone(),
-                probes: background.clone(),
-                probes_stop: probes_stop.clone(),
+                live: live.clone(),
                 auth: ctx.config.admin_auth.clone(),
-                can_move: ctx.config.mode == wasmbed_config::Mode::Terminate,
+                can_move: terminate,
             });
             background.spawn(wasmbed_admin::serve(
                 listener,
-                self.admin_tls,
+                admin_tls,
                 admin::router(admin),
                 probes_stop.clone(),
             ));
@@ -180,42 +185,40 @@ impl Proxy {
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
         let accepting = TaskTracker::new();
-        for (config, listener) in self.listeners {
+        for (config, listener) in listeners {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
-            let (ctx, sessions_t) = (ctx.clone(), sessions.clone());
+            let (live, sessions_t) = (live.clone(), sessions.clone());
             accepting.spawn(listener::accept_loop(
                 listener,
                 limit.clone(),
                 shutdown.clone(),
                 move |a| {
-                    sessions_t.spawn(session::serve(ctx.clone(), config.clone(), a));
+                    sessions_t.spawn(session::serve(live.context(), config.clone(), a));
                 },
             ));
         }
+        drop(ctx);
         accepting.close();
         accepting.wait().await;
         sessions.close();
         let open = sessions.len();
-        tracing::info!(sessions = open, grace = ?ctx.config.grace, "shutting down: no longer accepting");
-        if tokio::time::timeout(ctx.config.grace, sessions.wait())
-            .await
-            .is_err()
-        {
+        let grace = live.context().config.grace;
+        tracing::info!(sessions = open, ?grace, "shutting down: no longer accepting");
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
             tracing::info!(
                 sessions = sessions.len(),
                 "grace period over: closing sessions"
             );
             hard_stop.cancel();
-            self.gateways
-                .snapshot()
-                .iter()
-                .for_each(|g| g.cut_sessions());
+            gateways.snapshot().iter().for_each(|g| g.cut_sessions());
             sessions.wait().await;
         }
         probes_stop.cancel();
         background.close();
         background.wait().await;
+        live.probes.tracker.close();
+        live.probes.tracker.wait().await;
         tracing::info!("proxy stopped");
         Ok(())
     }
@@ -224,47 +227,64 @@ impl Proxy {
 pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<tokio_rustls::TlsConnector>);
 
 /// Terminate mode's TLS towards devices: the acceptor (certificate, key, device CA, CRLs) and
-/// the serial numbers the CRLs revoke, swapped whole by [`DeviceTls::reload`] (SIGHUP).
+/// the serial numbers the CRLs revoke, swapped whole by [`DeviceTls::reload`] (SIGHUP) or a
+/// config reload that names other files.
 pub struct DeviceTls {
-    tls: Option<wasmbed_config::TerminateTls>,
+    tls: std::sync::Mutex<Option<wasmbed_config::TerminateTls>>,
     pub(crate) acceptor: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     pub(crate) revoked: arc_swap::ArcSwap<std::collections::HashSet<Vec<u8>>>,
     /// Bumped by each reload: live sessions check their device against `revoked`.
     pub(crate) reloads: tokio::sync::watch::Sender<u64>,
 }
 
+/// Device TLS material read from files and checked, not yet in use ([`DeviceTls::install`]).
+pub(crate) struct PreparedTls {
+    tls: Option<wasmbed_config::TerminateTls>,
+    acceptor: Option<Arc<tokio_rustls::TlsAcceptor>>,
+    revoked: std::collections::HashSet<Vec<u8>>,
+}
+
 impl DeviceTls {
     pub(crate) fn load(config: &ProxyConfig) -> Result<DeviceTls, ProxyError> {
-        let tls = match config.mode {
-            wasmbed_config::Mode::Terminate => config.tls.clone(),
-            wasmbed_config::Mode::Passthrough => None,
-        };
         let d = DeviceTls {
-            tls,
+            tls: std::sync::Mutex::new(None),
             acceptor: arc_swap::ArcSwapOption::empty(),
             revoked: arc_swap::ArcSwap::from_pointee(Default::default()),
             reloads: tokio::sync::watch::Sender::new(0),
         };
-        d.read()?;
+        d.install(Self::prepare(Self::of(config))?);
         Ok(d)
     }
 
-    /// Reads the files and swaps them in; on an error nothing changes.
-    fn read(&self) -> Result<usize, ProxyError> {
-        let Some(tls) = &self.tls else {
-            return Ok(0);
+    /// The device TLS settings of `config`: terminate mode's only.
+    pub(crate) fn of(config: &ProxyConfig) -> Option<wasmbed_config::TerminateTls> {
+        match config.mode {
+            wasmbed_config::Mode::Terminate => config.tls.clone(),
+            wasmbed_config::Mode::Passthrough => None,
+        }
+    }
+
+    /// Reads and checks the files `tls` names; nothing changes yet.
+    pub(crate) fn prepare(
+        tls: Option<wasmbed_config::TerminateTls>,
+    ) -> Result<PreparedTls, ProxyError> {
+        let Some(t) = &tls else {
+            return Ok(PreparedTls {
+                tls,
+                acceptor: None,
+                revoked: Default::default(),
+            });
         };
-        let chain =
-            wasmbed_certs::load_certs(&tls.cert).map_err(setting("tls.cert (--tls-cert)"))?;
-        let key = wasmbed_certs::load_key(&tls.key).map_err(setting("tls.key (--tls-key)"))?;
-        let client_ca = tls
+        let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("tls.cert (--tls-cert)"))?;
+        let key = wasmbed_certs::load_key(&t.key).map_err(setting("tls.key (--tls-key)"))?;
+        let client_ca = t
             .client_ca
             .as_deref()
             .map(wasmbed_certs::load_certs)
             .transpose()
             .map_err(setting("tls.client_ca (--client-ca)"))?;
         let mut crls = Vec::new();
-        for path in &tls.client_crls {
+        for path in &t.client_crls {
             crls.extend(
                 wasmbed_certs::load_crls(path).map_err(setting("tls.client_crl (--client-crl)"))?,
             );
@@ -272,19 +292,31 @@ impl DeviceTls {
         let revoked = wasmbed_certs::revoked_serials(&crls);
         let server =
             wasmbed_certs::server_config_with_crls(chain, key, client_ca.as_deref(), crls, &[])?;
-        let n = revoked.len();
-        self.acceptor
-            .store(Some(Arc::new(tokio_rustls::TlsAcceptor::from(server))));
-        self.revoked.store(Arc::new(revoked));
-        Ok(n)
+        Ok(PreparedTls {
+            tls,
+            acceptor: Some(Arc::new(tokio_rustls::TlsAcceptor::from(server))),
+            revoked,
+        })
     }
 
-    /// Re-reads the certificate, key, device CA and CRLs (SIGHUP). New handshakes use them at
-    /// once; a live session whose device is now revoked gets ERROR `revoked` and is closed.
-    /// A bad file keeps everything as it was.
-    pub fn reload(&self) -> Result<(), ProxyError> {
-        let revoked = self.read()?;
+    /// Puts prepared material in use: new handshakes take it at once; live sessions check
+    /// their device against the new CRLs. Returns the number of revoked serials.
+    pub(crate) fn install(&self, p: PreparedTls) -> usize {
+        let n = p.revoked.len();
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = p.tls;
+        self.acceptor.store(p.acceptor);
+        self.revoked.store(Arc::new(p.revoked));
         self.reloads.send_modify(|n| *n += 1);
+        n
+    }
+
+    /// Re-reads the certificate, key, device CA and CRLs from the same files. New handshakes
+    /// use them at once; a live session whose device is now revoked gets ERROR `revoked` and
+    /// is closed. A bad file keeps everything as it was.
+    pub fn reload(&self) -> Result<(), ProxyError> {
+        let tls = self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let prepared = Self::prepare(tls)?;
+        let revoked = self.install(prepared);
         tracing::info!(revoked, "device TLS reloaded (certificate, CA, CRLs)");
         Ok(())
     }
@@ -292,6 +324,13 @@ impl DeviceTls {
 
 fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
     let acceptor = Arc::new(DeviceTls::load(config)?);
+    Ok((acceptor, connector(config)?))
+}
+
+/// The TLS connector towards gateways (terminate mode with `[upstream_tls]`).
+pub(crate) fn connector(
+    config: &ProxyConfig,
+) -> Result<Option<tokio_rustls::TlsConnector>, ProxyError> {
     let connector = match &config.upstream_tls {
         Some(up) => {
             let ca = wasmbed_certs::load_certs(&up.ca).map_err(setting("upstream_tls.ca"))?;
@@ -308,7 +347,7 @@ fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
         }
         None => None,
     };
-    Ok((acceptor, connector))
+    Ok(connector)
 }
 
 /// Names the setting a certificate or key file came from in its error.

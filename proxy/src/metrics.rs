@@ -46,6 +46,11 @@ pub const REVOKED: &str = "wasmbed_proxy_sessions_revoked_total";
 pub const OPEN_FILES: &str = "wasmbed_proxy_open_files";
 pub const MAX_OPEN_FILES: &str = "wasmbed_proxy_max_open_files";
 pub const UPSTREAM_HANDSHAKES: &str = "wasmbed_proxy_upstream_handshakes_total";
+pub const CONFIG_RELOADS: &str = "wasmbed_proxy_config_reloads_total";
+pub const DISCOVERY_ERRORS: &str = "wasmbed_proxy_discovery_errors_total";
+pub const DISCOVERY_CAPPED: &str = "wasmbed_proxy_discovery_capped_total";
+pub const DISCOVERED: &str = "wasmbed_proxy_discovered_addresses";
+pub const DISCOVERY_CHANGES: &str = "wasmbed_proxy_discovery_changes_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -80,6 +85,11 @@ pub const ALL: &[&str] = &[
     OPEN_FILES,
     MAX_OPEN_FILES,
     UPSTREAM_HANDSHAKES,
+    CONFIG_RELOADS,
+    DISCOVERY_ERRORS,
+    DISCOVERY_CAPPED,
+    DISCOVERED,
+    DISCOVERY_CHANGES,
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -216,6 +226,26 @@ fn describe() {
     describe_gauge!(
         MOVING,
         "Sessions ordered to move off a gateway (drain by moving, rebalancing) and not moved yet."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Config reloads (SIGHUP, POST /api/reload), by result: ok, or error (the running config stays)."
+    );
+    describe_counter!(
+        DISCOVERY_ERRORS,
+        "DNS discovery answers not used, by source and reason (nxdomain, empty, timeout, error): the last good set stays."
+    );
+    describe_counter!(
+        DISCOVERY_CAPPED,
+        "DNS discovery answers with more addresses than --max-discovered, by source (the rest ignored)."
+    );
+    describe_gauge!(
+        DISCOVERED,
+        "Addresses in the last good DNS answer, by source."
+    );
+    describe_counter!(
+        DISCOVERY_CHANGES,
+        "Gateways changed by DNS discovery, by source and change: added, gone (drained), returned (undrained), removed."
     );
     describe_counter!(
         SESSIONS_BY_ALPN,

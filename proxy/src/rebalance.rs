@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use wasmbed_config::proxy::MigrationConfig;
 
-use crate::balancer::{Gateway, GatewaySet};
+use crate::balancer::Gateway;
 
 const TICK: Duration = Duration::from_millis(200);
 /// An order not taken within this time is withdrawn.
@@ -50,8 +50,8 @@ pub fn plan(loads: &[(u64, u32)], threshold: u32, active: bool) -> Option<Vec<u6
     excess.iter().any(|&e| e > 0).then_some(excess)
 }
 
-/// Runs until `stop`.
-pub async fn run(gateways: Arc<GatewaySet>, config: MigrationConfig, stop: CancellationToken) {
+/// Runs until `stop`; does nothing while `rebalance` is off (a reload may turn it on).
+pub async fn run(live: Arc<crate::live::Live>, stop: CancellationToken) {
     let mut active: HashMap<String, bool> = HashMap::new();
     let mut ordered: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
@@ -61,7 +61,13 @@ pub async fn run(gateways: Arc<GatewaySet>, config: MigrationConfig, stop: Cance
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let snapshot = gateways.snapshot();
+        let ctx = live.context();
+        let config: &MigrationConfig = &ctx.config.migration;
+        if !config.rebalance {
+            active.clear();
+            continue;
+        }
+        let snapshot = ctx.gateways.snapshot();
         let mut pools: HashMap<&str, Vec<&Arc<Gateway>>> = HashMap::new();
         for g in snapshot.iter() {
             if g.is_healthy() && !g.is_draining() {

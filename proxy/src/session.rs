@@ -26,7 +26,8 @@ use crate::metrics::{ACCEPTED, CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSI
 use crate::refusal::{Refusal, Refused, refused};
 use crate::{anchor, forward};
 
-/// Everything a session needs, shared by all of them.
+/// Everything a session needs, shared by all of them: the config in force when the session
+/// started (a reload makes a new `Context` for later sessions, sharing the live parts).
 pub struct Context {
     pub config: ProxyConfig,
     pub gateways: Arc<GatewaySet>,
@@ -40,7 +41,7 @@ pub struct Context {
     pub routed: Vec<metrics::Counter>,
     pub alpn: AlpnCounts,
     /// Spaces the moves of drains and rebalancing (`--move-rate`).
-    pub pacer: anchor::Pacer,
+    pub pacer: Arc<anchor::Pacer>,
 }
 
 impl Context {
@@ -59,7 +60,7 @@ impl Context {
             .collect();
         let alpn = AlpnCounts::new(&config.routes);
         Context {
-            pacer: anchor::Pacer::new(config.migration.move_rate),
+            pacer: Arc::new(anchor::Pacer::new(config.migration.move_rate)),
             alpn,
             config,
             gateways,
@@ -69,6 +70,24 @@ impl Context {
             meters: Meters::new(),
             routed,
         }
+    }
+
+    /// The context of a reloaded `config`: the same gateways, device TLS, stop token and
+    /// pacer (set to the new rate), the new settings and upstream connector.
+    pub fn next(
+        &self,
+        config: ProxyConfig,
+        connector: Option<tokio_rustls::TlsConnector>,
+    ) -> Context {
+        let mut next = Context::new(
+            config,
+            self.gateways.clone(),
+            (self.device_tls.clone(), connector),
+            self.hard_stop.clone(),
+        );
+        self.pacer.set_rate(next.config.migration.move_rate);
+        next.pacer = self.pacer.clone();
+        next
     }
 }
 

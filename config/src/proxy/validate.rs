@@ -74,11 +74,15 @@ pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigErr
         .collect()
 }
 
-pub(super) fn gateways(raw: &[RawGateway]) -> Result<Vec<GatewayConfig>, ConfigError> {
-    if raw.is_empty() {
+pub(super) fn gateways(
+    raw: &[RawGateway],
+    may_be_empty: bool,
+) -> Result<Vec<GatewayConfig>, ConfigError> {
+    if raw.is_empty() && !may_be_empty {
         return Err(ConfigError::field(
             "gateway",
-            "at least one gateway is needed (--gateway HOST:PORT or [[gateway]])",
+            "at least one gateway is needed (--gateway HOST:PORT or [[gateway]], or discovery: \
+             --gateway-dns / --gateway-srv; --allow-empty accepts none)",
         ));
     }
     let mut names = HashSet::new();
@@ -162,14 +166,12 @@ pub fn health_target(
     Ok(())
 }
 
-pub(super) fn routes(
-    raw: &[RawRoute],
-    gateways: &[GatewayConfig],
-) -> Result<Vec<RouteConfig>, ConfigError> {
+/// `pools`: the pools of the listed gateways and of the discovery targets.
+pub(super) fn routes(raw: &[RawRoute], pools: &[&str]) -> Result<Vec<RouteConfig>, ConfigError> {
     raw.iter()
         .enumerate()
         .map(|(i, r)| {
-            if !gateways.iter().any(|g| g.pool == r.pool) {
+            if !pools.contains(&r.pool.as_str()) {
                 return Err(ConfigError::field(
                     format!("route[{i}].pool"),
                     format!("no gateway is in pool {:?}", r.pool),
@@ -205,7 +207,7 @@ pub(super) fn routes(
                 ));
             }
             for (j, pool) in r.fallback.iter().enumerate() {
-                if !gateways.iter().any(|g| &g.pool == pool) {
+                if !pools.contains(&pool.as_str()) {
                     return Err(ConfigError::field(
                         format!("route[{i}].fallback[{j}]"),
                         format!("no gateway is in pool {pool:?}"),
@@ -277,4 +279,148 @@ pub(super) fn positive(field: &str, d: Duration) -> Result<Duration, ConfigError
         return Err(ConfigError::field(field, "must be longer than zero"));
     }
     Ok(d)
+}
+
+/// Parses `NAME:PORT[;pool=P][;weight=N][;health-port=N]` (`--gateway-dns`) or
+/// `NAME[;...]` (`--gateway-srv`).
+pub(super) fn parse_discovery_flag(
+    flag: &str,
+    spec: &str,
+    srv: bool,
+) -> Result<RawDiscovery, ConfigError> {
+    let field = format!("{flag} {spec}");
+    let mut parts = spec.split(';');
+    let head = parts.next().unwrap_or_default().trim().to_string();
+    let mut d = RawDiscovery::default();
+    if srv {
+        d.srv = Some(head);
+    } else {
+        d.dns = Some(head);
+    }
+    for part in parts {
+        let number = |v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| ConfigError::field(&field, format!("{v:?} is not a whole number")))
+        };
+        match part.trim().split_once('=') {
+            Some(("pool", p)) => d.pool = Some(p.to_string()),
+            Some(("weight", w)) => d.weight = Some(number(w)?),
+            Some(("health-port" | "health_port", p)) => {
+                d.health_port = Some(u16::try_from(number(p)?).map_err(|_| {
+                    ConfigError::field(&field, format!("port {p} is out of range"))
+                })?)
+            }
+            _ => {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("unknown option {part:?} (expected pool=, weight= or health-port=)"),
+                ));
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// A DNS name as a query may name it: labels of letters, digits, '-' and '_' (SRV names start
+/// with `_service._proto`), an optional final dot.
+fn dns_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let trimmed = name.trim().trim_end_matches('.');
+    let ok = !trimmed.is_empty()
+        && trimmed.len() <= 253
+        && trimmed.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !ok {
+        return Err(ConfigError::field(
+            field,
+            format!("{name:?} is not a DNS name"),
+        ));
+    }
+    Ok(name.trim().to_ascii_lowercase())
+}
+
+pub(super) fn discovery(raw: &RawProxy) -> Result<DiscoveryConfig, ConfigError> {
+    let mut targets = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, d) in raw.discovery.iter().enumerate() {
+        let field = format!("discovery[{i}]");
+        let query = match (&d.dns, &d.srv) {
+            (Some(dns), None) => {
+                let bad = || {
+                    ConfigError::field(
+                        format!("{field}.dns"),
+                        format!("{dns:?}: expected NAME:PORT, e.g. gateways.wasmbed.svc:9001"),
+                    )
+                };
+                let (name, port) = dns.trim().rsplit_once(':').ok_or_else(bad)?;
+                let port: u16 = port.parse().map_err(|_| bad())?;
+                if port == 0 {
+                    return Err(bad());
+                }
+                DnsQuery::Addresses {
+                    name: dns_name(&format!("{field}.dns"), name)?,
+                    port,
+                }
+            }
+            (None, Some(srv)) => DnsQuery::Srv {
+                name: dns_name(&format!("{field}.srv"), srv)?,
+            },
+            _ => {
+                return Err(ConfigError::field(
+                    field,
+                    "needs exactly one of dns = \"NAME:PORT\" or srv = \"NAME\"",
+                ));
+            }
+        };
+        if !seen.insert(query.clone()) {
+            return Err(ConfigError::field(field, "is listed twice"));
+        }
+        // The same checks as a listed gateway's pool and weight.
+        let checked = gateway(
+            &field,
+            &GatewaySpec {
+                name: Some("discovered".into()),
+                addr: "127.0.0.1:1".into(),
+                health_addr: None,
+                weight: d.weight,
+                pool: d.pool.clone(),
+            },
+        )?;
+        if d.health_port == Some(0) {
+            return Err(ConfigError::field(
+                format!("{field}.health_port"),
+                "must be a port (1 to 65535)",
+            ));
+        }
+        targets.push(DiscoveryTarget {
+            query,
+            pool: checked.pool,
+            weight: checked.weight,
+            health_port: d.health_port,
+        });
+    }
+    let servers = raw
+        .dns_server
+        .iter()
+        .enumerate()
+        .map(|(i, s)| parse_addr(&format!("dns_server[{i}]"), s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max_addresses = raw.max_discovered.unwrap_or(defaults::MAX_DISCOVERED);
+    if max_addresses == 0 {
+        return Err(ConfigError::field("max_discovered", "must be at least 1"));
+    }
+    Ok(DiscoveryConfig {
+        targets,
+        servers,
+        timeout: positive(
+            "dns_timeout",
+            duration_or("dns_timeout", raw.dns_timeout.as_deref(), defaults::DNS_TIMEOUT)?,
+        )?,
+        grace: duration_or("dns_grace", raw.dns_grace.as_deref(), defaults::DNS_GRACE)?,
+        max_addresses,
+    })
 }

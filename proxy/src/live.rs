@@ -1,0 +1,246 @@
+//! live: the running proxy's changeable state — the config in force (an `ArcSwap` of the
+//! session [`Context`]), the health probes, and the reload that re-reads the config file and
+//! applies the difference (SIGHUP, `POST /api/reload`).
+//!
+//! A reload is all or nothing: the new file is parsed and validated, the TLS files it names
+//! are read and checked, and only then is anything changed. Sessions keep the context they
+//! started with; new sessions take the new one. Gateways of the file are added (probed, in
+//! slow start), removed (drained: their sessions move in terminate mode), replaced (a new
+//! address) or re-weighted in place. Gateways added through the API or found in DNS are not
+//! the file's, and a reload leaves them alone.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::ArcSwap;
+use metrics::counter;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wasmbed_config::{HealthConfig, ProxyConfig};
+
+use crate::ProxyError;
+use crate::balancer::{Gateway, Origin};
+use crate::session::Context;
+
+/// Reads the config again as at start (the file, with the same flags laid over it).
+pub type ConfigSource = Box<dyn Fn() -> Result<ProxyConfig, String> + Send + Sync>;
+
+/// The running proxy's changeable state.
+pub struct Live {
+    current: ArcSwap<Context>,
+    source: OnceLock<ConfigSource>,
+    pub(crate) probes: Probes,
+    /// One reload at a time.
+    lock: Mutex<()>,
+    /// Bumped by every applied reload (discovery re-reads its targets).
+    pub(crate) generation: tokio::sync::watch::Sender<u64>,
+}
+
+/// The health probe tasks: one generation at a time, restarted whole when the health
+/// settings change.
+pub(crate) struct Probes {
+    pub(crate) tracker: TaskTracker,
+    stop: CancellationToken,
+    generation: Mutex<CancellationToken>,
+}
+
+impl Probes {
+    fn new(stop: CancellationToken) -> Probes {
+        Probes {
+            tracker: TaskTracker::new(),
+            generation: Mutex::new(stop.child_token()),
+            stop,
+        }
+    }
+
+    /// Starts probing `gateways` with `health`, in the current generation.
+    pub(crate) fn start(&self, gateways: &[Arc<Gateway>], health: &HealthConfig) {
+        let generation = self
+            .generation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        crate::health::spawn(gateways, health, &self.tracker, &generation);
+    }
+
+    /// Stops every probe and starts them again with `health`.
+    fn restart(&self, gateways: &[Arc<Gateway>], health: &HealthConfig) {
+        {
+            let mut generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+            generation.cancel();
+            *generation = self.stop.child_token();
+        }
+        self.start(gateways, health);
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Gateways that joined (probed, in slow start).
+    pub added: Vec<String>,
+    /// Gateways that left (drained: their sessions move in terminate mode).
+    pub removed: Vec<String>,
+    /// Gateways whose address, health address or pool changed: replaced by a new one.
+    pub replaced: Vec<String>,
+    /// Gateways whose weight changed in place.
+    pub reweighted: Vec<String>,
+    /// The health probes were restarted with new settings.
+    pub health_restarted: bool,
+    /// Settings that changed in the file but take effect only at the next start; the
+    /// running values stay.
+    pub restart_needed: Vec<&'static str>,
+    /// Device certificates revoked by the CRLs now in force.
+    pub revoked_serials: usize,
+}
+
+impl Live {
+    pub(crate) fn new(ctx: Context, stop: CancellationToken) -> Live {
+        Live {
+            current: ArcSwap::from_pointee(ctx),
+            source: OnceLock::new(),
+            probes: Probes::new(stop),
+            lock: Mutex::new(()),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The context new sessions start with.
+    pub fn context(&self) -> Arc<Context> {
+        self.current.load_full()
+    }
+
+    /// Sets where [`Live::reload`] reads the config from (once).
+    pub fn set_source(&self, source: ConfigSource) {
+        let _ = self.source.set(source);
+    }
+
+    /// Re-reads the config (the file and the flags) and applies it; on an error the running
+    /// config stays whole and the error says why in one line. Without a source (an embedding
+    /// program that gave none) only the device TLS files are re-read.
+    pub fn reload(&self) -> Result<ReloadReport, ProxyError> {
+        let result = match self.source.get() {
+            Some(source) => source()
+                .map_err(|e| ProxyError::Reload(e.replace('\n', " ")))
+                .and_then(|config| self.apply(config)),
+            None => {
+                let ctx = self.context();
+                ctx.device_tls.reload().map(|()| ReloadReport {
+                    revoked_serials: ctx.device_tls.revoked.load().len(),
+                    ..ReloadReport::default()
+                })
+            }
+        };
+        let label = if result.is_ok() { "ok" } else { "error" };
+        counter!(crate::metrics::CONFIG_RELOADS, "result" => label).increment(1);
+        match &result {
+            Ok(report) => tracing::info!(?report, "config reloaded"),
+            Err(e) => tracing::warn!(error = %e, "config not reloaded; the running one stays"),
+        }
+        result
+    }
+
+    /// Applies `new` (already validated) as the running config.
+    pub fn apply(&self, mut new: ProxyConfig) -> Result<ReloadReport, ProxyError> {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let old_ctx = self.context();
+        let old = &old_ctx.config;
+        let mut report = ReloadReport::default();
+        keep_restart_only(old, &mut new, &mut report.restart_needed);
+        // Everything that can fail, first.
+        let tls = crate::DeviceTls::prepare(crate::DeviceTls::of(&new))?;
+        let connector = crate::connector(&new)?;
+        // Then the changes.
+        report.revoked_serials = old_ctx.device_tls.install(tls);
+        let health_changed = new.health != old.health;
+        let ctx = Arc::new(old_ctx.next(new, connector));
+        self.current.store(ctx.clone());
+        let gateways = &ctx.gateways;
+        let mut started = Vec::new();
+        let listed = &ctx.config.gateways;
+        for g in gateways.snapshot().iter() {
+            if g.origin != Origin::Config {
+                continue;
+            }
+            match listed.iter().find(|c| c.name == g.name) {
+                None => {
+                    remove(gateways, &g.name);
+                    report.removed.push(g.name.clone());
+                }
+                Some(c) if !g.same_endpoint(c) => {
+                    remove(gateways, &g.name);
+                    report.replaced.push(g.name.clone());
+                }
+                Some(c) if g.weight() != c.weight => {
+                    g.set_weight(c.weight);
+                    report.reweighted.push(g.name.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        for c in listed {
+            if gateways.find(&c.name).is_some() {
+                continue;
+            }
+            if let Some(g) = gateways.add_from(c, Origin::Config, false) {
+                if !report.replaced.contains(&c.name) {
+                    report.added.push(c.name.clone());
+                }
+                started.push(g);
+            }
+        }
+        if health_changed {
+            self.probes
+                .restart(&gateways.snapshot(), &ctx.config.health);
+            report.health_restarted = true;
+        } else {
+            self.probes.start(&started, &ctx.config.health);
+        }
+        self.generation.send_modify(|n| *n += 1);
+        Ok(report)
+    }
+}
+
+/// Copies the running values of settings a reload cannot change into `new`, naming those
+/// the file changed.
+fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec<&'static str>) {
+    fn keep<T: PartialEq + Clone>(
+        name: &'static str,
+        old: &T,
+        new: &mut T,
+        changed: &mut Vec<&'static str>,
+    ) {
+        if old != new {
+            changed.push(name);
+            *new = old.clone();
+        }
+    }
+    keep("mode", &old.mode, &mut new.mode, changed);
+    keep("listener", &old.listeners, &mut new.listeners, changed);
+    keep("admin", &old.admin, &mut new.admin, changed);
+    keep(
+        "admin_token_file/admin_tls",
+        &old.admin_auth,
+        &mut new.admin_auth,
+        changed,
+    );
+    keep("threads", &old.threads, &mut new.threads, changed);
+    keep(
+        "max_connections",
+        &old.max_connections,
+        &mut new.max_connections,
+        changed,
+    );
+    keep("log_format", &old.log_format, &mut new.log_format, changed);
+}
+
+/// Takes the gateway `name` out of the set: no new sessions, its prober stops, its live
+/// sessions move (terminate mode) or end on their own (passthrough). Shared by `DELETE
+/// /api/gateways/{name}`, reloads and discovery.
+pub fn remove(gateways: &crate::GatewaySet, name: &str) -> Option<Arc<Gateway>> {
+    let g = gateways.remove(name)?;
+    // Its series stop being refreshed: leave them saying it is gone, not stale values.
+    metrics::gauge!(crate::metrics::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
+    tracing::info!(gateway = %g.name, sessions = g.sessions(), origin = g.origin.as_str(), "gateway removed");
+    Some(g)
+}
