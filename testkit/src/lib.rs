@@ -4,6 +4,7 @@
 //! device speaking the session protocol through the protocol's codec.
 #![allow(clippy::missing_panics_doc)]
 
+pub mod dns;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -35,7 +35,13 @@ pub struct Backend {
 
 impl Backend {
     pub async fn spawn() -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::spawn_at("127.0.0.1:0".parse().unwrap()).await.unwrap()
+    }
+
+    /// Listens on `addr` (another loopback address, a chosen port: gateways found by DNS
+    /// A records share one port); `None` when that address is taken.
+    pub async fn spawn_at(addr: SocketAddr) -> Option<Backend> {
+        let listener = TcpListener::bind(addr).await.ok()?;
         let health = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let live = Arc::new(AtomicUsize::new(0));
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -55,7 +61,7 @@ impl Backend {
         };
         tokio::spawn(echo_loop(listener, [live.clone(), accepted], kill.clone()));
         tokio::spawn(health_loop(health, live, [probes, held], stall_rx, kill));
-        b
+        Some(b)
     }
 
     pub fn live(&self) -> usize {
@@ -193,6 +199,8 @@ pub struct RunningProxy {
     pub gateways: Arc<GatewaySet>,
     /// Terminate mode's device TLS, to reload (as SIGHUP does).
     pub device_tls: Arc<wasmbed_proxy::DeviceTls>,
+    /// The running config, its reload.
+    pub live: Arc<wasmbed_proxy::live::Live>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<Result<(), wasmbed_proxy::ProxyError>>,
 }
@@ -229,6 +237,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
     let admin = proxy.admin_addr().unwrap();
     let gateways = proxy.gateways();
     let device_tls = proxy.device_tls();
+    let live = proxy.live();
     let shutdown = CancellationToken::new();
     let baseline = wasmbed_proxy::metrics::render(&gateways);
     let task = tokio::spawn(proxy.run(shutdown.clone()));
@@ -239,6 +248,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
         admin,
         gateways,
         device_tls,
+        live,
         shutdown,
         task,
     }

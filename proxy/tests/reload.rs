@@ -1,0 +1,224 @@
+//! Config reload (`POST /api/reload`, SIGHUP): the difference is applied through the live
+//! snapshot — gateways added, removed (drained), replaced, re-weighted, routes, health
+//! settings, timeouts, the terminate-mode certificate — and a bad file changes nothing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::frames::*;
+use support::*;
+use wasmbed_certs::pki::KeyKind;
+use wasmbed_config::ProxyConfig;
+use wasmbed_protocol::Kind;
+
+/// The settings every file here shares (fast health checks, ports chosen by the OS).
+/// Top-level keys go first in TOML; the tables (`LISTENER`, gateways...) after.
+const COMMON: &str = "admin = \"127.0.0.1:0\"\ngrace = \"200ms\"\n";
+const LISTENER: &str = "[[listener]]\naddr = \"127.0.0.1:0\"\n";
+
+fn gateway_toml(name: &str, addr: impl std::fmt::Display, weight: u32, pool: &str) -> String {
+    format!(
+        "[[gateway]]\nname = \"{name}\"\naddr = \"{addr}\"\nweight = {weight}\npool = \"{pool}\"\n"
+    )
+}
+
+/// Writes `text` as the config file and reads it back as the proxy would.
+fn write(path: &Path, text: &str) -> ProxyConfig {
+    std::fs::write(path, text).unwrap();
+    ProxyConfig::from_toml(text).unwrap()
+}
+
+/// Starts a proxy on the file at `path`, reloading from it.
+async fn on_file(path: &Path, text: &str) -> RunningProxy {
+    let proxy = start(write(path, text)).await;
+    let path: PathBuf = path.to_path_buf();
+    proxy.live.set_source(Box::new(move || {
+        let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+        ProxyConfig::from_toml(&text).map_err(|e| e.to_string())
+    }));
+    proxy
+}
+
+fn names(proxy: &RunningProxy) -> Vec<String> {
+    let mut v: Vec<String> = proxy
+        .gateways
+        .snapshot()
+        .iter()
+        .map(|g| g.name.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_reload_applies_every_kind_of_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let b: Vec<Backend> = futures_util::future::join_all((0..4).map(|_| Backend::spawn())).await;
+    let before = format!(
+        "{COMMON}connect_timeout = \"500ms\"\nmax_connections = 100\n{LISTENER}[health]\ninterval = \"100ms\"\ncheck = \"tcp\"\n{}{}",
+        gateway_toml("gw-0", b[0].addr, 1, "default"),
+        gateway_toml("gw-1", b[1].addr, 1, "default"),
+    );
+    let proxy = on_file(&file, &before).await;
+    // A session on gw-1, which the new file removes: in passthrough it stays until it ends.
+    let mut on_gw1 = None;
+    for _ in 0..2 {
+        let s = device(proxy.addr).await;
+        if b[1].live() == 1 && on_gw1.is_none() {
+            on_gw1 = Some(s);
+        }
+    }
+    let mut on_gw1 = on_gw1.expect("one of two devices lands on gw-1");
+    // gw-0 re-weighted, gw-1 removed, gw-2 added, gw-3 in a new pool behind a new route;
+    // health, timeouts and a restart-only setting changed.
+    let after = format!(
+        "{COMMON}connect_timeout = \"1500ms\"\nhandshake_timeout = \"3s\"\nmax_connections = 200\n\
+         {LISTENER}[health]\ninterval = \"250ms\"\ncheck = \"tcp\"\nfall = 5\n\
+         [[route]]\nsni = \"b.example\"\npool = \"b\"\n{}{}{}",
+        gateway_toml("gw-0", b[0].addr, 3, "default"),
+        gateway_toml("gw-2", b[2].addr, 1, "default"),
+        gateway_toml("gw-3", b[3].addr, 1, "b"),
+    );
+    write(&file, &after);
+    let (status, body) = proxy.admin("POST", "/api/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["added"], serde_json::json!(["gw-2", "gw-3"]));
+    assert_eq!(report["removed"], serde_json::json!(["gw-1"]));
+    assert_eq!(report["reweighted"], serde_json::json!(["gw-0"]));
+    assert_eq!(report["health_restarted"], true);
+    assert_eq!(report["restart_needed"], serde_json::json!(["max_connections"]));
+    assert_eq!(names(&proxy), ["gw-0", "gw-2", "gw-3"]);
+    assert_eq!(proxy.gateway("gw-0").weight(), 3);
+    let ctx = proxy.live.context();
+    assert_eq!(ctx.config.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(ctx.config.handshake_timeout, Duration::from_secs(3));
+    assert_eq!(ctx.config.health.interval, Duration::from_millis(250));
+    assert_eq!(ctx.config.health.fall, 5);
+    assert_eq!(ctx.config.max_connections, 100, "restart-only: the running value stays");
+    // The removed gateway's session is still served.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    on_gw1.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    on_gw1.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    // The new route: SNI b.example goes to pool b (gw-3).
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let hello = client_hello("b.example");
+    s.write_all(&hello).await.unwrap();
+    let mut echo = vec![0u8; hello.len()];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(b[3].live(), 1, "routed by the reloaded route");
+    // New sessions follow the new weights: gw-0 (3) takes three of the next four.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(device(proxy.addr).await);
+    }
+    assert_eq!((b[0].live(), b[2].live()), (3, 1));
+    proxy
+        .until_metric("wasmbed_proxy_config_reloads_total{result=\"ok\"}", 1.0)
+        .await;
+}
+
+#[tokio::test]
+async fn a_bad_file_keeps_the_running_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let b = Backend::spawn().await;
+    let good = format!("{COMMON}{LISTENER}{}", gateway_toml("gw-0", b.addr, 1, "default"));
+    let proxy = on_file(&file, &good).await;
+    // Half-written (SIGHUP arrived mid-write), a bad value, a file that removes every
+    // gateway: each refused with one line, nothing changed.
+    let half = &good[..good.len() - 12];
+    let cases = [
+        (half.to_string(), "expected"),
+        (good.replace("grace = \"200ms\"", "grace = \"soon\""), "grace"),
+        (format!("{COMMON}{LISTENER}"), "--allow-empty"),
+    ];
+    for (i, (text, says)) in cases.iter().enumerate() {
+        std::fs::write(&file, text).unwrap();
+        let (status, body) = proxy.admin("POST", "/api/reload").await;
+        assert_eq!(status, 400, "case {i}: {body}");
+        assert!(body.contains(says), "case {i}: {body}");
+        assert_eq!(body.trim_end().lines().count(), 1, "one line: {body}");
+        assert_eq!(names(&proxy), ["gw-0"], "case {i}: the running set stays");
+    }
+    proxy
+        .until_metric("wasmbed_proxy_config_reloads_total{result=\"error\"}", 3.0)
+        .await;
+    device(proxy.addr).await;
+    // With allow_empty the same removal is taken.
+    std::fs::write(&file, format!("allow_empty = true\n{COMMON}{LISTENER}")).unwrap();
+    let (status, body) = proxy.admin("POST", "/api/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(names(&proxy).is_empty());
+    let (status, _) = proxy.admin("GET", "/readyz").await;
+    assert_eq!(status, 503, "no gateway: not ready");
+}
+
+/// The terminate-mode certificate is rotated by a reload: live sessions go on, new
+/// handshakes see the new certificate.
+#[tokio::test]
+async fn certificate_rotation_keeps_live_sessions() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let tls_section = |cert: &Path, key: &Path| {
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+            cert.display(),
+            key.display(),
+            pki.ca_path.display()
+        )
+    };
+    let text = |tls: String| {
+        format!(
+            "mode = \"terminate\"\n{COMMON}{LISTENER}{}{tls}",
+            gateway_toml("gw", gw.addr, 1, "default")
+        )
+    };
+    let proxy = on_file(&file, &text(tls_section(&pki.tls.cert, &pki.tls.key))).await;
+    let connect = || tls_connect(proxy.addr, device_tls(&pki.ca, Some(&pki.ca), "device-0001", false));
+    let serial_seen = |tls: &TlsDevice| {
+        let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+        wasmbed_certs::serial_of(&cert).unwrap()
+    };
+    let old = connect().await.unwrap();
+    let old_serial = serial_seen(&old);
+    let mut live = wasmbed_testkit::Device::new(old);
+    live.open("device-0001", "counter").await;
+    assert_eq!(live.data(b"1").await.kind, Kind::Reply);
+    // A new certificate in new files.
+    let rotated = pki
+        .ca
+        .issue_server(&["localhost", "127.0.0.1"], KeyKind::EcdsaP256)
+        .unwrap();
+    let (cert, key) = (dir.path().join("new.pem"), dir.path().join("new.key"));
+    std::fs::write(&cert, &rotated.cert_pem).unwrap();
+    std::fs::write(&key, &rotated.key_pem).unwrap();
+    write(&file, &text(tls_section(&cert, &key)));
+    // A key that does not exist is refused first: the old certificate stays in use.
+    std::fs::write(
+        &file,
+        text(tls_section(&cert, &dir.path().join("missing.key"))),
+    )
+    .unwrap();
+    let (status, body) = proxy.admin("POST", "/api/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("tls.key"), "{body}");
+    assert_eq!(serial_seen(&connect().await.unwrap()), old_serial);
+    write(&file, &text(tls_section(&cert, &key)));
+    let (status, body) = proxy.admin("POST", "/api/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let new_serial = serial_seen(&connect().await.unwrap());
+    assert_ne!(new_serial, old_serial, "new handshakes get the rotated certificate");
+    assert_eq!(
+        live.data(b"2").await.kind,
+        Kind::Reply,
+        "the session opened before the rotation goes on"
+    );
+}
