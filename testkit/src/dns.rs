@@ -15,7 +15,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 
-/// The zone every test name lives in.
+/// The zone every test name lives in (names are taken relative to it unless they end in it).
 pub const ZONE: &str = "wasmbed.test.";
 
 /// A DNS server on 127.0.0.1 (UDP and TCP on one port), authoritative for [`ZONE`].
@@ -52,6 +52,8 @@ impl RequestHandler for Handler {
 fn name(text: &str) -> Name {
     let full = if text.ends_with('.') {
         text.to_string()
+    } else if format!("{text}.").ends_with(ZONE) {
+        format!("{text}.")
     } else {
         format!("{text}.{ZONE}")
     };
@@ -72,9 +74,20 @@ impl DnsServer {
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::new(&origin), vec![zone.clone()]);
         let stalled = Arc::new(AtomicBool::new(false));
-        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
-        let addr = udp.local_addr().expect("udp address");
-        let tcp = tokio::net::TcpListener::bind(addr).await.expect("bind tcp on the same port");
+        // UDP and TCP on one port: the TCP side of the port the OS gave UDP may be taken.
+        let mut attempts = 0;
+        let (udp, tcp, addr) = loop {
+            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+            let addr = udp.local_addr().expect("udp address");
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp, addr),
+                Err(e) if attempts < 20 => {
+                    attempts += 1;
+                    let _ = e;
+                }
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let mut server = Server::new(Handler {
             catalog,
             stalled: stalled.clone(),

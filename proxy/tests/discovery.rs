@@ -1,0 +1,292 @@
+//! Gateways found in DNS, against a real DNS server started by the test (hickory-server)
+//! whose records the test changes: scale up, scale down, an empty answer, NXDOMAIN, a server
+//! that stops answering, a flapping record, an answer too large to take whole.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use support::frames::*;
+use support::*;
+use wasmbed_certs::pki::KeyKind;
+use wasmbed_config::proxy::{DiscoveryTarget, DnsQuery};
+use wasmbed_config::{HealthCheck, Mode, ProxyConfig};
+use wasmbed_testkit::dns::DnsServer;
+
+const NAME: &str = "gateways.wasmbed.test";
+
+fn discovering(dns: &DnsServer, query: DnsQuery) -> ProxyConfig {
+    let mut c = config(Vec::new());
+    c.allow_empty = true;
+    c.health.check = HealthCheck::Tcp;
+    c.discovery.servers = vec![dns.addr];
+    c.discovery.timeout = Duration::from_millis(300);
+    c.discovery.grace = Duration::from_secs(2);
+    c.discovery.targets = vec![DiscoveryTarget {
+        query,
+        pool: "default".into(),
+        weight: 1,
+        health_port: None,
+    }];
+    c
+}
+
+/// Gateways that take sessions now (up, not draining), by address.
+fn taking(proxy: &RunningProxy) -> Vec<String> {
+    let mut v: Vec<String> = proxy
+        .gateways
+        .snapshot()
+        .iter()
+        .filter(|g| g.is_healthy() && !g.is_draining())
+        .map(|g| g.addr.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+async fn until_taking(proxy: &RunningProxy, want: &[SocketAddr]) {
+    let mut want: Vec<String> = want.iter().map(ToString::to_string).collect();
+    want.sort();
+    until(Duration::from_secs(10), &format!("gateways {want:?}"), || {
+        taking(proxy) == want
+    })
+    .await;
+}
+
+/// `n` echo backends on 127.0.0.2.. sharing one port (as a headless Service's pods do).
+async fn backends(n: usize) -> (Vec<Backend>, u16) {
+    'port: loop {
+        let first = Backend::spawn_at("127.0.0.2:0".parse().unwrap()).await.unwrap();
+        let port = first.addr.port();
+        let mut all = vec![first];
+        for i in 1..n {
+            let ip = Ipv4Addr::new(127, 0, 0, 2 + i as u8);
+            match Backend::spawn_at(SocketAddr::new(ip.into(), port)).await {
+                Some(b) => all.push(b),
+                None => continue 'port,
+            }
+        }
+        return (all, port);
+    }
+}
+
+fn ips(b: &[&Backend]) -> Vec<Ipv4Addr> {
+    b.iter()
+        .map(|b| match b.addr.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            other => panic!("{other}"),
+        })
+        .collect()
+}
+
+fn addrs(b: &[&Backend]) -> Vec<SocketAddr> {
+    b.iter().map(|b| b.addr).collect()
+}
+
+#[tokio::test]
+async fn gateways_follow_the_dns_answer_up_and_down() {
+    let dns = DnsServer::start().await;
+    let (b, port) = backends(3).await;
+    dns.set_a(NAME, &ips(&[&b[0]]), 1).await;
+    let proxy = start(discovering(
+        &dns,
+        DnsQuery::Addresses {
+            name: NAME.into(),
+            port,
+        },
+    ))
+    .await;
+    until_taking(&proxy, &addrs(&[&b[0]])).await;
+    // Scale up: two more pods.
+    dns.set_a(NAME, &ips(&[&b[0], &b[1], &b[2]]), 1).await;
+    until_taking(&proxy, &addrs(&[&b[0], &b[1], &b[2]])).await;
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(device(proxy.addr).await);
+    }
+    assert_eq!((b[0].live(), b[1].live(), b[2].live()), (2, 2, 2));
+    // Scale down: b[2] leaves the answer. It takes no new session at once, keeps its live
+    // ones (passthrough) and leaves the set after the grace.
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
+    assert_eq!(b[2].live(), 2, "its sessions are not cut");
+    for _ in 0..2 {
+        sessions.push(device(proxy.addr).await);
+    }
+    assert_eq!((b[0].live(), b[1].live(), b[2].live()), (3, 3, 2));
+    until(Duration::from_secs(10), "gone from the set after the grace", || {
+        proxy.gateways.snapshot().len() == 2
+    })
+    .await;
+    let source = format!("{NAME}:{port}");
+    for (change, n) in [("added", 3.0), ("gone", 1.0), ("removed", 1.0)] {
+        let series = format!(
+            "wasmbed_proxy_discovery_changes_total{{change=\"{change}\",source=\"{source}\"}}"
+        );
+        assert_eq!(proxy.metric(&series).await, n, "{series}");
+    }
+}
+
+#[tokio::test]
+async fn errors_and_empty_answers_keep_the_last_good_set() {
+    let dns = DnsServer::start().await;
+    let (b, port) = backends(2).await;
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    let proxy = start(discovering(
+        &dns,
+        DnsQuery::Addresses {
+            name: NAME.into(),
+            port,
+        },
+    ))
+    .await;
+    let both = addrs(&[&b[0], &b[1]]);
+    until_taking(&proxy, &both).await;
+    let source = format!("{NAME}:{port}");
+    let errors = |reason: &str| {
+        format!("wasmbed_proxy_discovery_errors_total{{reason=\"{reason}\",source=\"{source}\"}}")
+    };
+    // An empty answer (the name exists, no address), then NXDOMAIN, then no answer at all.
+    dns.set_empty(NAME).await;
+    wait_for_count(&proxy, &errors("empty")).await;
+    assert_eq!(taking(&proxy), sorted(&both), "an empty answer changes nothing");
+    dns.remove(NAME).await;
+    wait_for_count(&proxy, &errors("nxdomain")).await;
+    assert_eq!(taking(&proxy), sorted(&both), "NXDOMAIN changes nothing");
+    dns.stall(true);
+    wait_for_count(&proxy, &errors("timeout")).await;
+    assert_eq!(taking(&proxy), sorted(&both), "a timeout changes nothing");
+    // Devices are still served by both.
+    let _a = device(proxy.addr).await;
+    let _b = device(proxy.addr).await;
+    assert_eq!((b[0].live(), b[1].live()), (1, 1));
+}
+
+fn sorted(a: &[SocketAddr]) -> Vec<String> {
+    let mut v: Vec<String> = a.iter().map(ToString::to_string).collect();
+    v.sort();
+    v
+}
+
+/// Waits (bounded) until the counter `series` has counted at least once.
+async fn wait_for_count(proxy: &RunningProxy, series: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proxy.metric(series).await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "{series} never counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Terminate mode, gateways from SRV records: a record that flaps moves no session; one
+/// that stays gone has its sessions moved (app state along) and leaves the set.
+#[tokio::test]
+async fn srv_records_a_flap_costs_nothing_a_removal_moves_sessions() {
+    let dns = DnsServer::start().await;
+    let pki = pki(KeyKind::EcdsaP256);
+    let (a, b) = (FrameGateway::spawn("a").await, FrameGateway::spawn("b").await);
+    dns.set_a("gw-a", &[Ipv4Addr::LOCALHOST], 1).await;
+    dns.set_a("gw-b", &[Ipv4Addr::LOCALHOST], 1).await;
+    let srv = "_wasmbed._tcp.wasmbed.test";
+    let both = [("gw-a", a.addr.port()), ("gw-b", b.addr.port())];
+    dns.set_srv(srv, &both, 1).await;
+    let mut c = discovering(&dns, DnsQuery::Srv { name: srv.into() });
+    c.mode = Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    c.discovery.grace = Duration::from_secs(30);
+    let proxy = start(c).await;
+    until_taking(&proxy, &[a.addr, b.addr]).await;
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let name = format!("device-{i:04}");
+        let tls = tls_connect(proxy.addr, device_tls(&pki.ca, Some(&pki.ca), &name, false))
+            .await
+            .unwrap();
+        let mut d = wasmbed_testkit::Device::new(tls);
+        d.open(&name, "counter").await;
+        assert_eq!(&d.data(b"tick").await.body[..], b"1");
+        devices.push(d);
+    }
+    assert_eq!((a.live(), b.live()), (2, 2));
+    let label = format!("srv:{srv}");
+    let change = |what: &str| {
+        format!("wasmbed_proxy_discovery_changes_total{{change=\"{what}\",source=\"{label}\"}}")
+    };
+    // b flaps: gone from one answer, back in the next, three times.
+    for round in 1..=3 {
+        dns.set_srv(srv, &both[..1], 1).await;
+        wait_until(&proxy, &change("gone"), f64::from(round)).await;
+        dns.set_srv(srv, &both, 1).await;
+        wait_until(&proxy, &change("returned"), f64::from(round)).await;
+    }
+    let moved = proxy
+        .metric("wasmbed_proxy_session_moves_total{cause=\"drain\",result=\"resumed\"}")
+        .await;
+    assert_eq!(moved, 0.0, "a flapping record moves no session");
+    assert_eq!((a.live(), b.live()), (2, 2));
+    assert_eq!(b.hellos(), 2, "no session reopened on b either");
+    // b leaves for good: its two sessions move to a, their state intact, then it is removed.
+    dns.set_srv(srv, &both[..1], 1).await;
+    until(Duration::from_secs(10), "b's sessions moved", || {
+        a.live() == 4 && b.live() == 0
+    })
+    .await;
+    until(Duration::from_secs(10), "b removed", || {
+        proxy.gateways.snapshot().len() == 1
+    })
+    .await;
+    for d in &mut devices {
+        let f = d.data(b"tick").await;
+        assert_eq!(f.kind, wasmbed_protocol::Kind::Reply);
+        assert_eq!(&f.body[..], b"2", "the count goes on: the app state moved along");
+    }
+    wait_until(&proxy, &change("removed"), 1.0).await;
+}
+
+async fn wait_until(proxy: &RunningProxy, series: &str, want: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = proxy.metric(series).await;
+        if v >= want {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} is {v}, want {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An answer with more addresses than --max-discovered: the lowest are taken, the rest
+/// counted. (1,000 A records, over TCP after the truncated UDP answer: one DNS message holds
+/// at most 64 KiB, about 4,000 addresses, so a 10,000-address answer cannot be sent whole, and
+/// the test server truncates past ~1,500.)
+#[tokio::test]
+async fn a_huge_answer_is_capped_and_counted() {
+    let dns = DnsServer::start().await;
+    let many: Vec<Ipv4Addr> = (0..1000u32)
+        .map(|i| Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8))
+        .collect();
+    dns.set_a(NAME, &many, 30).await;
+    let mut c = discovering(
+        &dns,
+        DnsQuery::Addresses {
+            name: NAME.into(),
+            port: 9,
+        },
+    );
+    c.discovery.max_addresses = 50;
+    c.discovery.timeout = Duration::from_secs(2);
+    let proxy = start(c).await;
+    wait_until(
+        &proxy,
+        &format!("wasmbed_proxy_discovery_capped_total{{source=\"{NAME}:9\"}}"),
+        1.0,
+    )
+    .await;
+    let set = proxy.gateways.snapshot();
+    assert_eq!(set.len(), 50);
+    assert!(set.iter().any(|g| g.addr == "127.1.0.1:9"), "the lowest are kept");
+    // Nothing listens there: unproven, they never take a session.
+    assert!(set.iter().all(|g| !g.is_healthy()));
+}
+
+
