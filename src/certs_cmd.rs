@@ -159,6 +159,12 @@ struct InitArgs {
     /// Overwrite an existing PKI in DIR.
     #[arg(long)]
     force: bool,
+    /// Also write Kubernetes Secrets (DIR2/secrets.yaml, for `kubectl apply -f`) holding
+    /// what deploy/k8s mounts: the CA certificate (not its key), the proxy's server and client
+    /// certificates, a gateway certificate for the name `wasmbed-gateway` (the name the proxy
+    /// checks on every gateway), the session key ring and an admin token.
+    #[arg(long, value_name = "DIR2")]
+    k8s_secrets: Option<PathBuf>,
 }
 
 pub fn run(args: CertsArgs) -> Result<(), CertError> {
@@ -200,7 +206,91 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
         a.gateways,
         a.devices
     );
+    if let Some(out) = &a.k8s_secrets {
+        let path = write_k8s_secrets(a, out)?;
+        println!(
+            "wrote Kubernetes Secrets to {} (kubectl apply -n NAMESPACE -f {})",
+            path.display(),
+            path.display()
+        );
+    }
     Ok(())
+}
+
+/// The name every gateway's certificate carries in Kubernetes: the proxy reaches gateways by
+/// pod address and checks this name (`[upstream_tls] server_name`).
+pub const K8S_GATEWAY_NAME: &str = "wasmbed-gateway";
+
+/// One Secret as YAML, its values as block scalars (`stringData`: no base64 to get wrong).
+fn secret_yaml(name: &str, kind: &str, entries: &[(&str, &str)]) -> String {
+    let mut y = format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/part-of: wasmbed\ntype: {kind}\nstringData:\n"
+    );
+    for (key, value) in entries {
+        y.push_str(&format!("  {key}: |\n"));
+        for line in value.lines() {
+            y.push_str("    ");
+            y.push_str(line);
+            y.push('\n');
+        }
+    }
+    y
+}
+
+fn write_k8s_secrets(a: &InitArgs, out: &Path) -> Result<PathBuf, CertError> {
+    std::fs::create_dir_all(out).map_err(|source| CertError::Write {
+        path: out.to_owned(),
+        source,
+    })?;
+    let read = |name: &str| read_file(&a.dir.join(name));
+    let ca_pem = read("ca.pem")?;
+    let ca = DevCa::load(&ca_pem, &read("ca.key")?)?;
+    let kind = if a.rsa {
+        KeyKind::Rsa2048
+    } else {
+        KeyKind::EcdsaP256
+    };
+    let mut names = vec![K8S_GATEWAY_NAME];
+    names.extend(a.sans.iter().map(String::as_str));
+    let gateway = ca.issue_server(&names, kind)?;
+    let mut token = [0u8; 32];
+    wasmbed_certs::provider()
+        .secure_random
+        .fill(&mut token)
+        .map_err(|_| CertError::Random("the admin token"))?;
+    let token = hex(&token);
+    let tls = "kubernetes.io/tls";
+    let text = [
+        secret_yaml("wasmbed-ca", "Opaque", &[("ca.crt", &ca_pem)]),
+        secret_yaml(
+            "wasmbed-proxy-tls",
+            tls,
+            &[("tls.crt", &read("proxy.pem")?), ("tls.key", &read("proxy.key")?)],
+        ),
+        secret_yaml(
+            "wasmbed-proxy-client",
+            tls,
+            &[
+                ("tls.crt", &read("proxy-client.pem")?),
+                ("tls.key", &read("proxy-client.key")?),
+            ],
+        ),
+        secret_yaml(
+            "wasmbed-gateway-tls",
+            tls,
+            &[("tls.crt", &gateway.cert_pem), ("tls.key", &gateway.key_pem)],
+        ),
+        secret_yaml(
+            "wasmbed-session-keys",
+            "Opaque",
+            &[("session-keys.toml", &read("session-keys.toml")?)],
+        ),
+        secret_yaml("wasmbed-admin-token", "Opaque", &[("token", &token)]),
+    ]
+    .concat();
+    let path = out.join("secrets.yaml");
+    write(&path, &text)?;
+    Ok(path)
 }
 
 /// Writes a dev PKI (for `wasmbed up`): CA, proxy and `gateways` server certificates.
@@ -212,6 +302,7 @@ pub fn write_dev_pki(dir: &std::path::Path, gateways: usize) -> Result<(), CertE
         sans: Vec::new(),
         rsa: false,
         force: true,
+        k8s_secrets: None,
     })
 }
 

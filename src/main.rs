@@ -2,6 +2,7 @@
 //! types, sets up logging and the runtime, and calls the libraries.
 
 mod certs_cmd;
+mod drain_cmd;
 mod up;
 
 /// mimalloc instead of glibc's malloc: the per-connection path allocates a task, a hello
@@ -54,6 +55,12 @@ enum Command {
     /// run the failover, drain or scale-up scenario, print its figures and exit (1 if a check
     /// fails).
     Up(up::UpArgs),
+    /// Drain a gateway before it stops (a Kubernetes preStop hook): it takes no new session
+    /// and sends GOAWAY to its sessions (a terminating proxy moves them, app state along);
+    /// then wait until none is left, or --wait is over.
+    ///
+    /// Example: wasmbed drain --admin 127.0.0.1:9101 --token-file /etc/wasmbed/admin/token
+    Drain(drain_cmd::DrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +70,7 @@ fn main() -> ExitCode {
         Command::Gateway(flags) => gateway(flags),
         Command::Loadtest(flags) => loadtest(flags),
         Command::Up(args) => up::run(args),
+        Command::Drain(args) => drain_cmd::run(&args),
         Command::Certs(args) => match certs_cmd::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("certs", e),

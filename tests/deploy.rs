@@ -1,0 +1,221 @@
+//! The Kubernetes deploy as written: the Secrets `certs init --k8s-secrets` writes, mounted
+//! where deploy/k8s mounts them; two gateways started with the Deployment's own arguments;
+//! a proxy on the ConfigMap's proxy.toml, finding the gateways through DNS (a test server
+//! standing in for the headless Service); a device's session; then the gateway's preStop
+//! command (`wasmbed drain`), which moves the session to the other gateway with its app state.
+//! Only addresses change: listeners go to loopback, the DNS name to the test server's zone.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+
+use support::{BIN, ProxyProcess, addr_in, spawn_ready};
+use wasmbed_protocol::Kind;
+use wasmbed_testkit::Device;
+use wasmbed_testkit::dns::DnsServer;
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The Secrets of `secrets.yaml`: name -> key -> value.
+fn secrets(text: &str) -> HashMap<String, HashMap<String, String>> {
+    let mut all = HashMap::new();
+    // Documents are separated by a line `---` (PEM lines end in dashes too).
+    let text = format!("\n{text}");
+    for doc in text.split("\n---\n").filter(|d| !d.trim().is_empty()) {
+        let name = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("  name: "))
+            .expect("a Secret has a name")
+            .to_string();
+        let mut entries: HashMap<String, String> = HashMap::new();
+        let mut current: Option<String> = None;
+        let mut in_data = false;
+        for line in doc.lines() {
+            if line == "stringData:" {
+                in_data = true;
+            } else if !in_data {
+                continue;
+            } else if let Some(value) = line.strip_prefix("    ") {
+                let key = current.clone().expect("a value under a key");
+                let e = entries.entry(key).or_default();
+                e.push_str(value);
+                e.push('\n');
+            } else if let Some(key) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(": |")) {
+                current = Some(key.to_string());
+            }
+        }
+        all.insert(name, entries);
+    }
+    all
+}
+
+/// Writes Secret `name`'s keys as files in `dir` (a secret volume).
+fn mount(all: &HashMap<String, HashMap<String, String>>, name: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, value) in &all[name] {
+        std::fs::write(dir.join(key), value).unwrap();
+    }
+}
+
+/// The `- ` items of the list under `key:` in a manifest (the first such list).
+fn list_under(manifest: &str, key: &str) -> Vec<String> {
+    let mut lines = manifest.lines().skip_while(|l| l.trim() != key).skip(1);
+    let first = lines.next().expect("a list");
+    let indent = first.len() - first.trim_start().len();
+    std::iter::once(first)
+        .chain(lines)
+        .take_while(|l| l.len() - l.trim_start().len() == indent && l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start()[2..].to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_k8s_manifests_run_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--devices", "1", "--gateways", "0"])
+        .arg("--dir")
+        .arg(root.join("pki"))
+        .arg("--k8s-secrets")
+        .arg(root.join("secrets"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let all = secrets(&std::fs::read_to_string(root.join("secrets/secrets.yaml")).unwrap());
+    // The volumes of deploy/k8s/base, under a directory per pod instead of /etc/wasmbed.
+    let (gw_root, proxy_root) = (root.join("gateway"), root.join("proxy"));
+    for (secret, dir) in [
+        ("wasmbed-gateway-tls", gw_root.join("tls")),
+        ("wasmbed-ca", gw_root.join("ca")),
+        ("wasmbed-session-keys", gw_root.join("keys")),
+        ("wasmbed-admin-token", gw_root.join("admin")),
+        ("wasmbed-proxy-tls", proxy_root.join("tls")),
+        ("wasmbed-proxy-client", proxy_root.join("client")),
+        ("wasmbed-ca", proxy_root.join("ca")),
+        ("wasmbed-admin-token", proxy_root.join("admin")),
+    ] {
+        mount(&all, secret, &dir);
+    }
+    let gateway_yaml = std::fs::read_to_string(format!("{REPO}/deploy/k8s/base/gateway.yaml")).unwrap();
+    let local = |arg: &str, root: &Path| {
+        arg.replace("/etc/wasmbed/", &format!("{}/", root.display()))
+            .replace("/usr/share/wasmbed/apps", &format!("{REPO}/apps"))
+    };
+    // Two gateway pods: the Deployment's arguments, on two loopback addresses sharing the
+    // session and admin ports (as pods of a headless Service do).
+    let args: Vec<String> = list_under(&gateway_yaml, "args:")
+        .iter()
+        .map(|a| local(a, &gw_root))
+        .collect();
+    assert_eq!(args[0], "gateway");
+    let spawn_gateway = |listen: String, admin: String| {
+        let mut cmd = Command::new(BIN);
+        for a in &args {
+            let a = match a.split_once('=') {
+                Some(("--listen", _)) => format!("--listen={listen}"),
+                Some(("--admin", _)) => format!("--admin={admin}"),
+                _ => a.clone(),
+            };
+            cmd.arg(a);
+        }
+        spawn_ready(&mut cmd)
+    };
+    let (mut gw_a, line) = spawn_gateway("127.0.0.2:0".into(), "127.0.0.2:0".into());
+    let (a_sessions, a_admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    let (mut gw_b, line) = spawn_gateway(
+        format!("127.0.0.3:{}", a_sessions.port()),
+        format!("127.0.0.3:{}", a_admin.port()),
+    );
+    let b_admin = addr_in(&line, "admin=");
+    // The headless Service's DNS name.
+    let dns = DnsServer::start().await;
+    let ips = [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
+    dns.set_a("wasmbed-gateway", &ips, 1).await;
+    // The ConfigMap's proxy.toml, with the discovery name and ports of this test.
+    let toml = std::fs::read_to_string(format!("{REPO}/deploy/k8s/base/proxy.toml"))
+        .unwrap()
+        .replace(
+            "dns = \"wasmbed-gateway:9001\"\nhealth_port = 9101",
+            &format!(
+                "dns = \"wasmbed-gateway.wasmbed.test:{}\"\nhealth_port = {}",
+                a_sessions.port(),
+                a_admin.port()
+            ),
+        );
+    assert!(toml.contains("wasmbed-gateway.wasmbed.test"), "the discovery section as expected");
+    let toml = local(&toml, &proxy_root).replacen(
+        "admin = \"0.0.0.0:9900\"",
+        &format!("admin = \"0.0.0.0:9900\"\ndns_server = [\"{}\"]", dns.addr),
+        1,
+    );
+    let config = root.join("proxy.toml");
+    std::fs::write(&config, toml).unwrap();
+    let proxy = ProxyProcess::start(&[], &["--config", config.to_str().unwrap()]);
+    let gateways_up = || {
+        let (_, body) = proxy.get("/api/gateways");
+        let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["healthy"] == true)
+            .count()
+    };
+    wasmbed_testkit::until(std::time::Duration::from_secs(10), "both gateways found and up", || {
+        gateways_up() == 2
+    })
+    .await;
+    // A device through the LoadBalancer's address.
+    let pki = root.join("pki");
+    let ca = wasmbed_certs::load_certs(&pki.join("ca.pem")).unwrap();
+    let chain = wasmbed_certs::load_certs(&pki.join("devices/device-0000.pem")).unwrap();
+    let key = wasmbed_certs::load_key(&pki.join("devices/device-0000.key")).unwrap();
+    let tls = wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap();
+    let tcp = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut device = Device::new(stream);
+    device.open("device-0000", "counter").await;
+    // The counter app answers its count (the first 8 bytes, little-endian).
+    let count = |f: &wasmbed_protocol::Frame| {
+        assert_eq!(f.kind, Kind::Reply, "{f:?}");
+        u64::from_le_bytes(f.body[..8].try_into().unwrap())
+    };
+    for n in 1..=3 {
+        assert_eq!(count(&device.data(b"tick").await), n);
+    }
+    // The preStop hook of the gateway that holds the session.
+    let sessions = |admin: SocketAddr| -> u64 {
+        let answer = wasmbed_testkit::Admin::new(admin).get("/healthz").unwrap();
+        let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        status["sessions"].as_u64().unwrap()
+    };
+    let holder = if sessions(a_admin) == 1 { a_admin } else { b_admin };
+    let pre_stop: Vec<String> = list_under(&gateway_yaml, "command:")
+        .iter()
+        .map(|a| local(a, &gw_root))
+        .map(|a| match a.split_once('=') {
+            Some(("--admin", _)) => format!("--admin={holder}"),
+            _ => a,
+        })
+        .collect();
+    assert_eq!(pre_stop[0], "/usr/local/bin/wasmbed");
+    let drained = Command::new(BIN).args(&pre_stop[1..]).output().unwrap();
+    let said = String::from_utf8_lossy(&drained.stdout);
+    assert!(drained.status.success() && said.contains("drained"), "{said}");
+    assert_eq!(sessions(holder), 0);
+    // The device noticed nothing: its count goes on, on the other gateway.
+    assert_eq!(count(&device.data(b"tick").await), 4);
+    let other = if holder == a_admin { b_admin } else { a_admin };
+    assert_eq!(sessions(other), 1);
+    for gw in [&mut gw_a, &mut gw_b] {
+        let _ = gw.kill();
+        let _ = gw.wait();
+    }
+}
