@@ -265,7 +265,10 @@ fn write_k8s_secrets(a: &InitArgs, out: &Path) -> Result<PathBuf, CertError> {
         secret_yaml(
             "wasmbed-proxy-tls",
             tls,
-            &[("tls.crt", &read("proxy.pem")?), ("tls.key", &read("proxy.key")?)],
+            &[
+                ("tls.crt", &read("proxy.pem")?),
+                ("tls.key", &read("proxy.key")?),
+            ],
         ),
         secret_yaml(
             "wasmbed-proxy-client",
@@ -278,7 +281,10 @@ fn write_k8s_secrets(a: &InitArgs, out: &Path) -> Result<PathBuf, CertError> {
         secret_yaml(
             "wasmbed-gateway-tls",
             tls,
-            &[("tls.crt", &gateway.cert_pem), ("tls.key", &gateway.key_pem)],
+            &[
+                ("tls.crt", &gateway.cert_pem),
+                ("tls.key", &gateway.key_pem),
+            ],
         ),
         secret_yaml(
             "wasmbed-session-keys",

@@ -67,7 +67,9 @@ fn list_under(manifest: &str, key: &str) -> Vec<String> {
     let indent = first.len() - first.trim_start().len();
     std::iter::once(first)
         .chain(lines)
-        .take_while(|l| l.len() - l.trim_start().len() == indent && l.trim_start().starts_with("- "))
+        .take_while(|l| {
+            l.len() - l.trim_start().len() == indent && l.trim_start().starts_with("- ")
+        })
         .map(|l| l.trim_start()[2..].to_string())
         .collect()
 }
@@ -84,7 +86,11 @@ async fn the_k8s_manifests_run_as_written() {
         .arg(root.join("secrets"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let all = secrets(&std::fs::read_to_string(root.join("secrets/secrets.yaml")).unwrap());
     // The volumes of deploy/k8s/base, under a directory per pod instead of /etc/wasmbed.
     let (gw_root, proxy_root) = (root.join("gateway"), root.join("proxy"));
@@ -100,7 +106,8 @@ async fn the_k8s_manifests_run_as_written() {
     ] {
         mount(&all, secret, &dir);
     }
-    let gateway_yaml = std::fs::read_to_string(format!("{REPO}/deploy/k8s/base/gateway.yaml")).unwrap();
+    let gateway_yaml =
+        std::fs::read_to_string(format!("{REPO}/deploy/k8s/base/gateway.yaml")).unwrap();
     let local = |arg: &str, root: &Path| {
         arg.replace("/etc/wasmbed/", &format!("{}/", root.display()))
             .replace("/usr/share/wasmbed/apps", &format!("{REPO}/apps"))
@@ -146,7 +153,10 @@ async fn the_k8s_manifests_run_as_written() {
                 a_admin.port()
             ),
         );
-    assert!(toml.contains("wasmbed-gateway.wasmbed.test"), "the discovery section as expected");
+    assert!(
+        toml.contains("wasmbed-gateway.wasmbed.test"),
+        "the discovery section as expected"
+    );
     let toml = local(&toml, &proxy_root).replacen(
         "admin = \"0.0.0.0:9900\"",
         &format!("admin = \"0.0.0.0:9900\"\ndns_server = [\"{}\"]", dns.addr),
@@ -164,9 +174,11 @@ async fn the_k8s_manifests_run_as_written() {
             .filter(|g| g["healthy"] == true)
             .count()
     };
-    wasmbed_testkit::until(std::time::Duration::from_secs(10), "both gateways found and up", || {
-        gateways_up() == 2
-    })
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "both gateways found and up",
+        || gateways_up() == 2,
+    )
     .await;
     // A device through the LoadBalancer's address.
     let pki = root.join("pki");
@@ -196,7 +208,11 @@ async fn the_k8s_manifests_run_as_written() {
         let status: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
         status["sessions"].as_u64().unwrap()
     };
-    let holder = if sessions(a_admin) == 1 { a_admin } else { b_admin };
+    let holder = if sessions(a_admin) == 1 {
+        a_admin
+    } else {
+        b_admin
+    };
     let pre_stop: Vec<String> = list_under(&gateway_yaml, "command:")
         .iter()
         .map(|a| local(a, &gw_root))
@@ -208,7 +224,10 @@ async fn the_k8s_manifests_run_as_written() {
     assert_eq!(pre_stop[0], "/usr/local/bin/wasmbed");
     let drained = Command::new(BIN).args(&pre_stop[1..]).output().unwrap();
     let said = String::from_utf8_lossy(&drained.stdout);
-    assert!(drained.status.success() && said.contains("drained"), "{said}");
+    assert!(
+        drained.status.success() && said.contains("drained"),
+        "{said}"
+    );
     assert_eq!(sessions(holder), 0);
     // The device noticed nothing: its count goes on, on the other gateway.
     assert_eq!(count(&device.data(b"tick").await), 4);

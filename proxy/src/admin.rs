@@ -202,7 +202,12 @@ async fn drain(
         let text = "drain?move=true needs terminate mode: in passthrough the proxy cannot move a session\n";
         return (StatusCode::CONFLICT, text).into_response();
     }
-    set_draining(&admin.live.context().gateways, &name, true, query.move_sessions)
+    set_draining(
+        &admin.live.context().gateways,
+        &name,
+        true,
+        query.move_sessions,
+    )
 }
 
 /// `POST /api/reload`: re-reads the config file (with the start's flags) and applies the
@@ -213,7 +218,11 @@ async fn reload(State(admin): State<Arc<Admin>>) -> Response {
     match tokio::task::spawn_blocking(move || live.reload()).await {
         Ok(Ok(report)) => axum::Json(report).into_response(),
         Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reload failed: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 

@@ -187,7 +187,9 @@ impl Gateway {
     /// Whether address, health address and pool equal `config`'s (only the weight may differ
     /// for the gateway to be kept as it is by a reload).
     pub fn same_endpoint(&self, config: &GatewayConfig) -> bool {
-        self.addr == config.addr && self.health_addr == config.health_addr && self.pool == config.pool
+        self.addr == config.addr
+            && self.health_addr == config.health_addr
+            && self.pool == config.pool
     }
 
     pub fn reported_sessions(&self) -> Option<u64> {

@@ -186,7 +186,12 @@ pub async fn run(live: Arc<Live>, stop: CancellationToken) {
         let config = &ctx.config.discovery;
         let common_changed = settings.as_ref().is_some_and(|s| {
             (&s.servers, s.timeout, s.grace, s.max_addresses)
-                != (&config.servers, config.timeout, config.grace, config.max_addresses)
+                != (
+                    &config.servers,
+                    config.timeout,
+                    config.grace,
+                    config.max_addresses,
+                )
         });
         // Sources gone from the config: their gateways leave (drained, sessions moved).
         running.retain(|label, (target, token)| {
@@ -393,15 +398,19 @@ fn apply(
 }
 
 /// Removes gone addresses that have no session left, or whose grace is over.
-fn reap(live: &Live, label: &str, config: &DiscoveryConfig, known: &mut HashMap<SocketAddr, Known>) {
+fn reap(
+    live: &Live,
+    label: &str,
+    config: &DiscoveryConfig,
+    known: &mut HashMap<SocketAddr, Known>,
+) {
     let ctx = live.context();
     known.retain(|_, k| {
         let Some(since) = k.gone_since else {
             return true;
         };
         // Empty and missing twice in a row (not a flap), or the grace is over.
-        let done =
-            (k.missing >= 2 && k.gateway.sessions() == 0) || since.elapsed() >= config.grace;
+        let done = (k.missing >= 2 && k.gateway.sessions() == 0) || since.elapsed() >= config.grace;
         if done {
             crate::live::remove(&ctx.gateways, &k.gateway.name);
             counter!(DISCOVERY_CHANGES, "source" => label.to_string(), "change" => "removed")

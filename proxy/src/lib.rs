@@ -26,11 +26,11 @@ pub mod admin;
 pub mod anchor;
 pub mod balancer;
 pub mod clienthello;
+pub mod discovery;
 pub mod forward;
 pub mod health;
 pub mod listener;
 pub mod live;
-pub mod discovery;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod rebalance;
@@ -204,7 +204,11 @@ impl Proxy {
         sessions.close();
         let open = sessions.len();
         let grace = live.context().config.grace;
-        tracing::info!(sessions = open, ?grace, "shutting down: no longer accepting");
+        tracing::info!(
+            sessions = open,
+            ?grace,
+            "shutting down: no longer accepting"
+        );
         if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
             tracing::info!(
                 sessions = sessions.len(),

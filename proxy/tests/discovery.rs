@@ -48,16 +48,20 @@ fn taking(proxy: &RunningProxy) -> Vec<String> {
 async fn until_taking(proxy: &RunningProxy, want: &[SocketAddr]) {
     let mut want: Vec<String> = want.iter().map(ToString::to_string).collect();
     want.sort();
-    until(Duration::from_secs(10), &format!("gateways {want:?}"), || {
-        taking(proxy) == want
-    })
+    until(
+        Duration::from_secs(10),
+        &format!("gateways {want:?}"),
+        || taking(proxy) == want,
+    )
     .await;
 }
 
 /// `n` echo backends on 127.0.0.2.. sharing one port (as a headless Service's pods do).
 async fn backends(n: usize) -> (Vec<Backend>, u16) {
     'port: loop {
-        let first = Backend::spawn_at("127.0.0.2:0".parse().unwrap()).await.unwrap();
+        let first = Backend::spawn_at("127.0.0.2:0".parse().unwrap())
+            .await
+            .unwrap();
         let port = first.addr.port();
         let mut all = vec![first];
         for i in 1..n {
@@ -115,9 +119,11 @@ async fn gateways_follow_the_dns_answer_up_and_down() {
         sessions.push(device(proxy.addr).await);
     }
     assert_eq!((b[0].live(), b[1].live(), b[2].live()), (3, 3, 2));
-    until(Duration::from_secs(10), "gone from the set after the grace", || {
-        proxy.gateways.snapshot().len() == 2
-    })
+    until(
+        Duration::from_secs(10),
+        "gone from the set after the grace",
+        || proxy.gateways.snapshot().len() == 2,
+    )
     .await;
     let source = format!("{NAME}:{port}");
     for (change, n) in [("added", 3.0), ("gone", 1.0), ("removed", 1.0)] {
@@ -150,7 +156,11 @@ async fn errors_and_empty_answers_keep_the_last_good_set() {
     // An empty answer (the name exists, no address), then NXDOMAIN, then no answer at all.
     dns.set_empty(NAME).await;
     wait_for_count(&proxy, &errors("empty")).await;
-    assert_eq!(taking(&proxy), sorted(&both), "an empty answer changes nothing");
+    assert_eq!(
+        taking(&proxy),
+        sorted(&both),
+        "an empty answer changes nothing"
+    );
     dns.remove(NAME).await;
     wait_for_count(&proxy, &errors("nxdomain")).await;
     assert_eq!(taking(&proxy), sorted(&both), "NXDOMAIN changes nothing");
@@ -173,7 +183,10 @@ fn sorted(a: &[SocketAddr]) -> Vec<String> {
 async fn wait_for_count(proxy: &RunningProxy, series: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while proxy.metric(series).await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "{series} never counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never counted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -184,7 +197,10 @@ async fn wait_for_count(proxy: &RunningProxy, series: &str) {
 async fn srv_records_a_flap_costs_nothing_a_removal_moves_sessions() {
     let dns = DnsServer::start().await;
     let pki = pki(KeyKind::EcdsaP256);
-    let (a, b) = (FrameGateway::spawn("a").await, FrameGateway::spawn("b").await);
+    let (a, b) = (
+        FrameGateway::spawn("a").await,
+        FrameGateway::spawn("b").await,
+    );
     dns.set_a("gw-a", &[Ipv4Addr::LOCALHOST], 1).await;
     dns.set_a("gw-b", &[Ipv4Addr::LOCALHOST], 1).await;
     let srv = "_wasmbed._tcp.wasmbed.test";
@@ -238,7 +254,11 @@ async fn srv_records_a_flap_costs_nothing_a_removal_moves_sessions() {
     for d in &mut devices {
         let f = d.data(b"tick").await;
         assert_eq!(f.kind, wasmbed_protocol::Kind::Reply);
-        assert_eq!(&f.body[..], b"2", "the count goes on: the app state moved along");
+        assert_eq!(
+            &f.body[..],
+            b"2",
+            "the count goes on: the app state moved along"
+        );
     }
     wait_until(&proxy, &change("removed"), 1.0).await;
 }
@@ -250,7 +270,10 @@ async fn wait_until(proxy: &RunningProxy, series: &str, want: f64) {
         if v >= want {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{series} is {v}, want {want}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} is {v}, want {want}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -284,9 +307,10 @@ async fn a_huge_answer_is_capped_and_counted() {
     .await;
     let set = proxy.gateways.snapshot();
     assert_eq!(set.len(), 50);
-    assert!(set.iter().any(|g| g.addr == "127.1.0.1:9"), "the lowest are kept");
+    assert!(
+        set.iter().any(|g| g.addr == "127.1.0.1:9"),
+        "the lowest are kept"
+    );
     // Nothing listens there: unproven, they never take a session.
     assert!(set.iter().all(|g| !g.is_healthy()));
 }
-
-

@@ -90,7 +90,10 @@ async fn a_reload_applies_every_kind_of_field() {
     assert_eq!(report["removed"], serde_json::json!(["gw-1"]));
     assert_eq!(report["reweighted"], serde_json::json!(["gw-0"]));
     assert_eq!(report["health_restarted"], true);
-    assert_eq!(report["restart_needed"], serde_json::json!(["max_connections"]));
+    assert_eq!(
+        report["restart_needed"],
+        serde_json::json!(["max_connections"])
+    );
     assert_eq!(names(&proxy), ["gw-0", "gw-2", "gw-3"]);
     assert_eq!(proxy.gateway("gw-0").weight(), 3);
     let ctx = proxy.live.context();
@@ -98,7 +101,10 @@ async fn a_reload_applies_every_kind_of_field() {
     assert_eq!(ctx.config.handshake_timeout, Duration::from_secs(3));
     assert_eq!(ctx.config.health.interval, Duration::from_millis(250));
     assert_eq!(ctx.config.health.fall, 5);
-    assert_eq!(ctx.config.max_connections, 100, "restart-only: the running value stays");
+    assert_eq!(
+        ctx.config.max_connections, 100,
+        "restart-only: the running value stays"
+    );
     // The removed gateway's session is still served.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     on_gw1.write_all(b"still here").await.unwrap();
@@ -128,14 +134,20 @@ async fn a_bad_file_keeps_the_running_config() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("proxy.toml");
     let b = Backend::spawn().await;
-    let good = format!("{COMMON}{LISTENER}{}", gateway_toml("gw-0", b.addr, 1, "default"));
+    let good = format!(
+        "{COMMON}{LISTENER}{}",
+        gateway_toml("gw-0", b.addr, 1, "default")
+    );
     let proxy = on_file(&file, &good).await;
     // Half-written (SIGHUP arrived mid-write), a bad value, a file that removes every
     // gateway: each refused with one line, nothing changed.
     let half = &good[..good.len() - 12];
     let cases = [
         (half.to_string(), "expected"),
-        (good.replace("grace = \"200ms\"", "grace = \"soon\""), "grace"),
+        (
+            good.replace("grace = \"200ms\"", "grace = \"soon\""),
+            "grace",
+        ),
         (format!("{COMMON}{LISTENER}"), "--allow-empty"),
     ];
     for (i, (text, says)) in cases.iter().enumerate() {
@@ -182,7 +194,12 @@ async fn certificate_rotation_keeps_live_sessions() {
         )
     };
     let proxy = on_file(&file, &text(tls_section(&pki.tls.cert, &pki.tls.key))).await;
-    let connect = || tls_connect(proxy.addr, device_tls(&pki.ca, Some(&pki.ca), "device-0001", false));
+    let connect = || {
+        tls_connect(
+            proxy.addr,
+            device_tls(&pki.ca, Some(&pki.ca), "device-0001", false),
+        )
+    };
     let serial_seen = |tls: &TlsDevice| {
         let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
         wasmbed_certs::serial_of(&cert).unwrap()
@@ -215,7 +232,10 @@ async fn certificate_rotation_keeps_live_sessions() {
     let (status, body) = proxy.admin("POST", "/api/reload").await;
     assert_eq!(status, 200, "{body}");
     let new_serial = serial_seen(&connect().await.unwrap());
-    assert_ne!(new_serial, old_serial, "new handshakes get the rotated certificate");
+    assert_ne!(
+        new_serial, old_serial,
+        "new handshakes get the rotated certificate"
+    );
     assert_eq!(
         live.data(b"2").await.kind,
         Kind::Reply,

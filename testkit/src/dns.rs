@@ -61,7 +61,13 @@ fn name(text: &str) -> Name {
 }
 
 impl DnsServer {
+    /// On 127.0.0.1, a port the OS chooses.
     pub async fn start() -> DnsServer {
+        Self::start_on("127.0.0.1:0".parse().expect("an address")).await
+    }
+
+    /// On `addr` (port 0: the OS chooses; UDP and TCP share the port).
+    pub async fn start_on(addr: SocketAddr) -> DnsServer {
         let origin = name(ZONE);
         let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
             origin.clone(),
@@ -76,8 +82,8 @@ impl DnsServer {
         let stalled = Arc::new(AtomicBool::new(false));
         // UDP and TCP on one port: the TCP side of the port the OS gave UDP may be taken.
         let mut attempts = 0;
-        let (udp, tcp, addr) = loop {
-            let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp");
+        let (udp, tcp, bound) = loop {
+            let udp = tokio::net::UdpSocket::bind(addr).await.expect("bind udp");
             let addr = udp.local_addr().expect("udp address");
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(tcp) => break (udp, tcp, addr),
@@ -98,7 +104,7 @@ impl DnsServer {
             let _ = server.block_until_done().await;
         });
         DnsServer {
-            addr,
+            addr: bound,
             zone,
             stalled,
             serial: AtomicU32::new(2),
@@ -140,7 +146,10 @@ impl DnsServer {
         for (target, port) in targets {
             let srv = SRV::new(0, 1, *port, name(target));
             self.zone
-                .upsert(Record::from_rdata(owner.clone(), ttl, RData::SRV(srv)), serial)
+                .upsert(
+                    Record::from_rdata(owner.clone(), ttl, RData::SRV(srv)),
+                    serial,
+                )
                 .await;
         }
     }

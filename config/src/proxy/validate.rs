@@ -306,9 +306,10 @@ pub(super) fn parse_discovery_flag(
             Some(("pool", p)) => d.pool = Some(p.to_string()),
             Some(("weight", w)) => d.weight = Some(number(w)?),
             Some(("health-port" | "health_port", p)) => {
-                d.health_port = Some(u16::try_from(number(p)?).map_err(|_| {
-                    ConfigError::field(&field, format!("port {p} is out of range"))
-                })?)
+                d.health_port =
+                    Some(u16::try_from(number(p)?).map_err(|_| {
+                        ConfigError::field(&field, format!("port {p} is out of range"))
+                    })?)
             }
             _ => {
                 return Err(ConfigError::field(
@@ -418,7 +419,11 @@ pub(super) fn discovery(raw: &RawProxy) -> Result<DiscoveryConfig, ConfigError> 
         servers,
         timeout: positive(
             "dns_timeout",
-            duration_or("dns_timeout", raw.dns_timeout.as_deref(), defaults::DNS_TIMEOUT)?,
+            duration_or(
+                "dns_timeout",
+                raw.dns_timeout.as_deref(),
+                defaults::DNS_TIMEOUT,
+            )?,
         )?,
         grace: duration_or("dns_grace", raw.dns_grace.as_deref(), defaults::DNS_GRACE)?,
         max_addresses,

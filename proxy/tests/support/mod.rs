@@ -35,7 +35,9 @@ pub struct Backend {
 
 impl Backend {
     pub async fn spawn() -> Backend {
-        Self::spawn_at("127.0.0.1:0".parse().unwrap()).await.unwrap()
+        Self::spawn_at("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
     }
 
     /// Listens on `addr` (another loopback address, a chosen port: gateways found by DNS
