@@ -201,3 +201,79 @@ fn gateway_names_and_pools_are_bounded() {
     .to_string();
     assert!(e.contains("gateway[0].name"), "{e}");
 }
+
+#[test]
+fn discovery_flags_make_sources_and_allow_no_listed_gateway() {
+    let f = ProxyFlags {
+        gateway_dns: vec!["gw.wasmbed.svc:9001;health-port=9101;weight=2".into()],
+        gateway_srv: vec!["_s._tcp.gw.wasmbed.svc;pool=eu".into()],
+        dns_server: vec!["127.0.0.1:5353".into()],
+        dns_timeout: Some("300ms".into()),
+        ..flags()
+    };
+    let c = ProxyConfig::load(&f).expect("discovery alone is enough");
+    assert!(c.gateways.is_empty());
+    let t = &c.discovery.targets;
+    assert_eq!(
+        t[0].query,
+        DnsQuery::Addresses {
+            name: "gw.wasmbed.svc".into(),
+            port: 9001
+        }
+    );
+    assert_eq!((t[0].weight, t[0].health_port), (2, Some(9101)));
+    assert_eq!(t[1].label(), "srv:_s._tcp.gw.wasmbed.svc");
+    assert_eq!(t[1].pool, "eu");
+    assert_eq!(c.discovery.servers, vec!["127.0.0.1:5353".parse().unwrap()]);
+    assert_eq!(c.discovery.timeout, Duration::from_millis(300));
+    // A route may name a pool only discovery fills.
+    ProxyConfig::from_toml(
+        "[[discovery]]\nsrv = \"_s._tcp.gw\"\npool = \"eu\"\n[[route]]\nsni = \"x\"\npool = \"eu\"",
+    )
+    .expect("the route's pool comes from discovery");
+}
+
+#[test]
+fn bad_discovery_input_is_named() {
+    for (text, says) in [
+        ("[[discovery]]\ndns = \"gw.svc\"", "expected NAME:PORT"),
+        ("[[discovery]]\ndns = \"gw.svc:0\"", "expected NAME:PORT"),
+        ("[[discovery]]\ndns = \"gw svc:9001\"", "not a DNS name"),
+        (
+            "[[discovery]]\ndns = \"a:1\"\nsrv = \"b\"",
+            "exactly one of",
+        ),
+        ("[[discovery]]\n", "exactly one of"),
+        (
+            "[[discovery]]\ndns = \"a:1\"\n[[discovery]]\ndns = \"a:1\"",
+            "listed twice",
+        ),
+        ("[[discovery]]\ndns = \"a:1\"\nweight = 0", "weight"),
+        (
+            "[[discovery]]\ndns = \"a:1\"\nhealth_port = 0",
+            "health_port",
+        ),
+        (
+            "max_discovered = 0\n[[discovery]]\ndns = \"a:1\"",
+            "max_discovered",
+        ),
+        (
+            "dns_server = [\"resolver\"]\n[[discovery]]\ndns = \"a:1\"",
+            "dns_server[0]",
+        ),
+        ("", "--allow-empty"),
+    ] {
+        let e = err_of(text);
+        assert!(e.contains(says), "{text:?}: {e}");
+    }
+    let f = ProxyFlags {
+        gateway_dns: vec!["gw:9001;colour=red".into()],
+        ..flags()
+    };
+    let e = ProxyConfig::load(&f).unwrap_err().to_string();
+    assert!(
+        e.contains("--gateway-dns gw:9001;colour=red") && e.contains("colour"),
+        "{e}"
+    );
+    assert!(ProxyConfig::from_toml("allow_empty = true").is_ok());
+}
