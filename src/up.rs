@@ -74,6 +74,10 @@ pub struct UpArgs {
     /// handshake): to measure what the tickets save.
     #[arg(long)]
     no_tls_tickets: bool,
+    /// Open the live dashboard (the proxy's admin address) in a browser, where one exists
+    /// (xdg-open, or a chromium/firefox on the PATH).
+    #[arg(long)]
+    open: bool,
 }
 
 /// Child processes, killed when dropped.
@@ -380,6 +384,10 @@ pub fn run(args: UpArgs) -> ExitCode {
         args.mode,
         dir.display()
     );
+    println!("wasmbed up: live dashboard at http://{admin}/");
+    if args.open {
+        open_browser(&format!("http://{admin}/"));
+    }
     let settings = LoadtestSettings {
         target: listen,
         devices,
@@ -491,4 +499,25 @@ async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
+}
+
+/// Opens `url` in a browser, where one exists; says so when none does.
+fn open_browser(url: &str) {
+    let candidates = ["xdg-open", "chromium", "chromium-browser", "firefox"];
+    for program in candidates {
+        let started = std::process::Command::new(program)
+            .arg(url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if started.is_ok() {
+            println!("wasmbed up: opened {url} with {program}");
+            return;
+        }
+    }
+    println!(
+        "wasmbed up: --open: no browser found ({}); open {url} yourself",
+        candidates.join(", ")
+    );
 }

@@ -53,6 +53,7 @@ fn status(shared: &Shared) -> serde_json::Value {
         "status": if shared.draining.is_cancelled() { "draining" } else { "ok" },
         "gateway": shared.settings.name,
         "sessions": shared.sessions.load(Ordering::Acquire),
+        "max_sessions": shared.settings.max_sessions,
     })
 }
 

@@ -3,7 +3,8 @@
 //! `GET /healthz` (alive), `GET /readyz` (some gateway takes sessions), `GET /metrics`
 //! (Prometheus text), `GET /api/gateways` (JSON), `POST /api/gateways` (add one),
 //! `POST /api/gateways/{name}/drain[?move=true]` and `/undrain`, `DELETE
-//! /api/gateways/{name}`, `POST /api/reload`.
+//! /api/gateways/{name}`, `POST /api/reload`; the read-only dashboard: `GET /` (also
+//! `/dashboard`), its assets, and its feed `GET /api/events` (Server-Sent Events).
 
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ pub struct Admin {
     pub auth: wasmbed_config::admin::AdminAuth,
     /// Sessions can move between gateways (terminate mode): `drain?move=true` is allowed.
     pub can_move: bool,
+    /// The dashboard's snapshots (`/api/events`).
+    pub feed: crate::dashboard::Feed,
 }
 
 /// The query of `POST /api/gateways/{name}/drain`.
@@ -95,7 +98,48 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/gateways/{name}/undrain", post(undrain))
         .route("/api/gateways/{name}", axum::routing::delete(remove))
         .with_state(admin.clone());
+    let page = || async {
+        (
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            crate::dashboard::assets::PAGE,
+        )
+    };
+    let asset = |kind: &'static str, body: &'static str| {
+        get(move || async move {
+            (
+                [
+                    (header::CONTENT_TYPE, kind),
+                    (header::CACHE_CONTROL, "max-age=3600"),
+                ],
+                body,
+            )
+        })
+    };
+    let feed = admin.feed.clone();
+    let dashboard = Router::new()
+        .route("/", get(page))
+        .route("/dashboard", get(page))
+        .route(
+            "/assets/dashboard.js",
+            asset("text/javascript", crate::dashboard::assets::SCRIPT),
+        )
+        .route(
+            "/assets/uplot.js",
+            asset("text/javascript", crate::dashboard::assets::UPLOT_JS),
+        )
+        .route(
+            "/assets/uplot.css",
+            asset("text/css", crate::dashboard::assets::UPLOT_CSS),
+        )
+        .route(
+            "/api/events",
+            get(move || {
+                let feed = feed.clone();
+                async move { crate::dashboard::sse(feed) }
+            }),
+        );
     Router::new()
+        .merge(dashboard)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -182,6 +226,7 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
     match ctx.gateways.add(&config) {
         Some(g) => {
             admin.live.probes.start(std::slice::from_ref(&g), health);
+            crate::dashboard::event("added", Some(&g.name), format!("{} added (admin API)", g.name));
             tracing::info!(gateway = %g.name, address = %g.addr, "gateway added");
             (StatusCode::CREATED, axum::Json(GatewayView::of(&g))).into_response()
         }
@@ -249,6 +294,12 @@ fn set_draining(gateways: &GatewaySet, name: &str, draining: bool, move_all: boo
             // Undrain (or a plain drain) stops moves still under way.
             g.order_moves(if move_all { usize::MAX } else { 0 });
             tracing::info!(gateway = %g.name, draining, moving = move_all, sessions = g.sessions(), "drain state set");
+            let (kind, text) = match (draining, move_all) {
+                (true, true) => ("drain", format!("{} drained: its {} sessions move", g.name, g.sessions())),
+                (true, false) => ("drain", format!("{} drained: no new sessions", g.name)),
+                (false, _) => ("undrain", format!("{} takes sessions again", g.name)),
+            };
+            crate::dashboard::event(kind, Some(&g.name), text);
             axum::Json(GatewayView::of(&g)).into_response()
         }
         None => (

@@ -751,6 +751,9 @@ pub(crate) async fn serve(
                 ctx.meters.pause.record(pause.as_secs_f64());
                 let result = st.relinked(&r.welcome, r.rest);
                 counter!(MOVES, "cause" => st.cause_label(), "result" => result).increment(1);
+                crate::dashboard::COUNTS
+                    .moved
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(
                     device = %st.hello.device,
                     to = %r.link.gateway().name,

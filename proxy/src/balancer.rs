@@ -54,6 +54,10 @@ pub struct Gateway {
     up_since_ms: AtomicU64,
     /// The session count the gateway itself reported on its last http probe (-1: unknown).
     reported_sessions: AtomicI64,
+    /// The capacity (`max_sessions`) it reported on its last http probe (-1: unknown).
+    reported_capacity: AtomicI64,
+    /// When it last went down, as milliseconds since [`epoch`] + 1 (0: not down).
+    down_since_ms: AtomicU64,
     /// Cancelled (and replaced) when the gateway goes down: every session through it ends.
     cancel: ArcSwap<CancellationToken>,
     streak: Mutex<Streak>,
@@ -108,6 +112,8 @@ impl Gateway {
             draining: AtomicBool::new(false),
             up_since_ms: AtomicU64::new(0),
             reported_sessions: AtomicI64::new(-1),
+            reported_capacity: AtomicI64::new(-1),
+            down_since_ms: AtomicU64::new(0),
             cancel: ArcSwap::from_pointee(CancellationToken::new()),
             streak: Mutex::new(Streak::default()),
             sessions_started: metrics::counter!(
@@ -201,6 +207,28 @@ impl Gateway {
         self.reported_sessions.store(v, Ordering::Relaxed);
     }
 
+    /// The capacity the gateway reported (its `--max-sessions`), when it did.
+    pub fn reported_capacity(&self) -> Option<u64> {
+        u64::try_from(self.reported_capacity.load(Ordering::Relaxed)).ok()
+    }
+
+    pub fn set_reported_capacity(&self, n: Option<u64>) {
+        let v = n.and_then(|n| i64::try_from(n).ok()).unwrap_or(-1);
+        self.reported_capacity.store(v, Ordering::Relaxed);
+    }
+
+    /// How long it has been down (`None`: up, or never seen up... and then down).
+    pub fn down_for(&self) -> Option<Duration> {
+        if self.is_healthy() {
+            return None;
+        }
+        let since = self.down_since_ms.load(Ordering::Relaxed);
+        (since > 0).then(|| {
+            let now = epoch().elapsed().as_millis() as u64;
+            Duration::from_millis(now.saturating_sub(since - 1))
+        })
+    }
+
     /// Stops (or resumes) giving this gateway new sessions; live ones are left alone.
     pub fn set_draining(&self, draining: bool) {
         self.draining.store(draining, Ordering::Release);
@@ -264,6 +292,8 @@ impl Gateway {
             streak.successes = 0;
             streak.failures = streak.failures.saturating_add(1);
             if self.is_healthy() && streak.failures >= fall {
+                let now = epoch().elapsed().as_millis() as u64;
+                self.down_since_ms.store(now + 1, Ordering::Relaxed);
                 self.healthy.store(false, Ordering::SeqCst);
                 self.cut_sessions();
                 return Some(Transition::Down);

@@ -369,6 +369,7 @@ fn apply(
                 .start(std::slice::from_ref(&g), &ctx.config.health);
             change("added");
             tracing::info!(source = %label, gateway = %g.name, "address found in DNS: probing");
+            crate::dashboard::event("added", Some(&g.name), format!("{} found in DNS", g.name));
             known.insert(
                 *addr,
                 Known {
@@ -389,6 +390,11 @@ fn apply(
             k.gateway.set_draining(true);
             change("gone");
             tracing::info!(source = %label, gateway = %k.gateway.name, sessions = k.gateway.sessions(), "address gone from DNS: draining");
+            crate::dashboard::event(
+                "drain",
+                Some(&k.gateway.name),
+                format!("{} gone from DNS: draining", k.gateway.name),
+            );
         }
         // Missing twice in a row is not a flap: its sessions move (terminate mode).
         if k.missing == 2 && terminate {

@@ -106,6 +106,11 @@ pub fn report(gateway: &Gateway, change: Option<Transition>, why: &str) {
         Transition::Down => "down",
     };
     counter!(GATEWAY_TRANSITIONS, "gateway" => gateway.name.clone(), "to" => to).increment(1);
+    crate::dashboard::event(
+        to,
+        Some(&gateway.name),
+        format!("{} is {to}: {why}", gateway.name),
+    );
     match change {
         Transition::Up => tracing::info!(gateway = %gateway.name, why, "gateway is up"),
         Transition::Down => tracing::warn!(
@@ -124,8 +129,9 @@ pub async fn probe(gateway: &Gateway, kind: HealthCheck, path: &str) -> Result<(
         HealthCheck::Tls => tls(&gateway.addr).await,
         HealthCheck::Http => {
             let addr = gateway.health_addr.as_deref().unwrap_or(&gateway.addr);
-            let sessions = http(addr, path).await?;
+            let (sessions, capacity) = http(addr, path).await?;
             gateway.set_reported_sessions(sessions);
+            gateway.set_reported_capacity(capacity);
             Ok(())
         }
         HealthCheck::None => Ok(()),
@@ -154,8 +160,9 @@ async fn tls(addr: &str) -> Result<(), ProbeError> {
         .map_err(ProbeError::Tls)
 }
 
-/// `GET path`; returns the live session count the body reports, if it reports one.
-async fn http(addr: &str, path: &str) -> Result<Option<u64>, ProbeError> {
+/// `GET path`; returns the live session count and the capacity (`max_sessions`) the body
+/// reports, where it reports them.
+async fn http(addr: &str, path: &str) -> Result<(Option<u64>, Option<u64>), ProbeError> {
     let stream = connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -173,13 +180,22 @@ async fn http(addr: &str, path: &str) -> Result<Option<u64>, ProbeError> {
     let result = match response {
         Ok(r) if r.status() == hyper::StatusCode::OK => {
             let body = Limited::new(r.into_body(), 4096).collect().await;
-            Ok(body.ok().and_then(|b| sessions_in(&b.to_bytes())))
+            let body = body.map(|b| b.to_bytes()).unwrap_or_default();
+            Ok((sessions_in(&body), capacity_in(&body)))
         }
         Ok(r) => Err(ProbeError::Status(r.status().as_u16())),
         Err(e) => Err(e),
     };
     driver.abort();
     result
+}
+
+/// Finds a gateway's capacity in a health body: JSON `{"max_sessions": N}`.
+pub fn capacity_in(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("max_sessions")?
+        .as_u64()
 }
 
 /// Finds a live session count in a health body: JSON `{"sessions": N}`, or a text line
@@ -207,5 +223,7 @@ mod tests {
         assert_eq!(sessions_in(b"ok"), None);
         assert_eq!(sessions_in(br#"{"sessions":-1}"#), None);
         assert_eq!(sessions_in(&[0xff, 0xfe]), None);
+        assert_eq!(capacity_in(br#"{"sessions":1,"max_sessions":500}"#), Some(500));
+        assert_eq!(capacity_in(b"sessions: 5"), None);
     }
 }

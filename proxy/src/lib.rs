@@ -26,6 +26,7 @@ pub mod admin;
 pub mod anchor;
 pub mod balancer;
 pub mod clienthello;
+pub mod dashboard;
 pub mod discovery;
 pub mod forward;
 pub mod health;
@@ -170,10 +171,12 @@ impl Proxy {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");
             }
+            let feed = dashboard::spawn(live.clone(), &background, probes_stop.clone());
             let admin = Arc::new(admin::Admin {
                 live: live.clone(),
                 auth: ctx.config.admin_auth.clone(),
                 can_move: terminate,
+                feed,
             });
             background.spawn(wasmbed_admin::serve(
                 listener,

@@ -134,8 +134,21 @@ impl Live {
         let label = if result.is_ok() { "ok" } else { "error" };
         counter!(crate::metrics::CONFIG_RELOADS, "result" => label).increment(1);
         match &result {
-            Ok(report) => tracing::info!(?report, "config reloaded"),
-            Err(e) => tracing::warn!(error = %e, "config not reloaded; the running one stays"),
+            Ok(report) => {
+                tracing::info!(?report, "config reloaded");
+                let text = format!(
+                    "config reloaded: {} added, {} removed, {} replaced, {} re-weighted",
+                    report.added.len(),
+                    report.removed.len(),
+                    report.replaced.len(),
+                    report.reweighted.len()
+                );
+                crate::dashboard::event("reload", None, text);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "config not reloaded; the running one stays");
+                crate::dashboard::event("reload_failed", None, format!("config not reloaded: {e}"));
+            }
         }
         result
     }
@@ -242,5 +255,10 @@ pub fn remove(gateways: &crate::GatewaySet, name: &str) -> Option<Arc<Gateway>> 
     // Its series stop being refreshed: leave them saying it is gone, not stale values.
     metrics::gauge!(crate::metrics::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
     tracing::info!(gateway = %g.name, sessions = g.sessions(), origin = g.origin.as_str(), "gateway removed");
+    crate::dashboard::event(
+        "removed",
+        Some(&g.name),
+        format!("{} removed ({} sessions)", g.name, g.sessions()),
+    );
     Some(g)
 }

@@ -112,6 +112,9 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         permit,
     } = accepted;
     listener.accepted.increment(1);
+    crate::dashboard::COUNTS
+        .accepted
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.meters.open.increment(1.0);
     let span = tracing::info_span!(
         "session",
@@ -136,6 +139,9 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
     };
     if let Err(r) = result {
         counter!(REJECTED, "reason" => r.reason.as_label()).increment(1);
+        crate::dashboard::COUNTS
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         span.in_scope(
             || tracing::debug!(reason = r.reason.as_label(), detail = %r.detail, "connection refused"),
         );
@@ -540,6 +546,11 @@ async fn supervise(
     if let Some(cause) = cause {
         counter!(SESSIONS_CANCELLED, "gateway" => gateway.name.clone(), "cause" => cause)
             .increment(1);
+        if cause == "gateway_down" {
+            crate::dashboard::COUNTS
+                .cut
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     cause
 }

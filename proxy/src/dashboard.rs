@@ -1,0 +1,244 @@
+//! dashboard: the live page of the admin endpoint (`GET /`, `/dashboard`) and its feed,
+//! `GET /api/events` (Server-Sent Events).
+//!
+//! One task builds a snapshot every [`TICK`] — gateways (sessions, capacity, health, drain,
+//! time down), spread and its history, rates, the latest events — serializes it once, and
+//! publishes the text through a `watch` channel. Every subscriber (a page, a script) gets the
+//! same `Arc<str>`: a hundred open tabs cost a hundred socket writes per tick, and nothing on
+//! the forwarding path, which only bumps relaxed atomic counters.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::live::Live;
+
+/// How often the snapshot is rebuilt and pushed.
+pub const TICK: Duration = Duration::from_millis(500);
+/// The spread is sampled for the sparkline every this long ...
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// ... and kept for this many samples (10 minutes).
+const HISTORY: usize = 120;
+/// Events kept (and sent) for the timeline.
+const EVENTS: usize = 50;
+
+/// Counters the page turns into rates, bumped on the paths that count the same in metrics.
+pub struct Counts {
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub moved: AtomicU64,
+    /// Passthrough sessions cut because their gateway went down (their devices re-home).
+    pub cut: AtomicU64,
+}
+
+pub static COUNTS: Counts = Counts {
+    accepted: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+    moved: AtomicU64::new(0),
+    cut: AtomicU64::new(0),
+};
+
+/// One entry of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    /// `up`, `down`, `drain`, `undrain`, `added`, `removed`, `moves`, `rehomes`, `reload`,
+    /// `reload_failed`, `discovery`.
+    pub kind: &'static str,
+    pub gateway: Option<String>,
+    pub text: String,
+}
+
+static LOG: Mutex<VecDeque<Event>> = Mutex::new(VecDeque::new());
+static NEXT_EVENT: AtomicU64 = AtomicU64::new(1);
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Adds an event to the timeline.
+pub fn event(kind: &'static str, gateway: Option<&str>, text: impl Into<String>) {
+    let e = Event {
+        id: NEXT_EVENT.fetch_add(1, Ordering::Relaxed),
+        at: unix_ms(),
+        kind,
+        gateway: gateway.map(str::to_string),
+        text: text.into(),
+    };
+    let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if log.len() == EVENTS {
+        log.pop_front();
+    }
+    log.push_back(e);
+}
+
+#[derive(Serialize)]
+struct GatewayState<'a> {
+    name: &'a str,
+    pool: &'a str,
+    /// `up`, `down` or `draining`.
+    state: &'static str,
+    sessions: u64,
+    /// The gateway's `--max-sessions`, from its http health probe.
+    capacity: Option<u64>,
+    down_for_s: Option<u64>,
+    moving: u64,
+    weight: u32,
+}
+
+#[derive(Serialize)]
+struct Snapshot<'a> {
+    at: u64,
+    gateways: Vec<GatewayState<'a>>,
+    /// Over the gateways taking sessions: max − min and mean.
+    spread: i64,
+    mean: f64,
+    /// `[unix seconds, spread]`, oldest first, one per 5 s over the last 10 minutes.
+    spread_history: &'a VecDeque<(u64, i64)>,
+    /// Per second, over the last tick.
+    accepted_per_s: f64,
+    refused_per_s: f64,
+    moved_per_s: f64,
+    events: Vec<Event>,
+}
+
+/// The feed every subscriber reads.
+pub type Feed = watch::Receiver<Arc<str>>;
+
+/// Starts the snapshot task; returns the feed.
+pub fn spawn(live: Arc<Live>, tracker: &tokio_util::task::TaskTracker, stop: CancellationToken) -> Feed {
+    let (tx, rx) = watch::channel::<Arc<str>>(Arc::from("{}"));
+    tracker.spawn(run(live, tx, stop));
+    rx
+}
+
+async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut history: VecDeque<(u64, i64)> = VecDeque::with_capacity(HISTORY);
+    let mut last_sample: Option<Instant> = None;
+    let read = || {
+        [
+            COUNTS.accepted.load(Ordering::Relaxed),
+            COUNTS.refused.load(Ordering::Relaxed),
+            COUNTS.moved.load(Ordering::Relaxed),
+            COUNTS.cut.load(Ordering::Relaxed),
+        ]
+    };
+    let (mut before, mut then) = (read(), Instant::now());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (now, at) = (read(), Instant::now());
+        let secs = at.duration_since(then).as_secs_f64().max(1e-3);
+        let delta: Vec<u64> = now.iter().zip(before).map(|(n, b)| n.saturating_sub(b)).collect();
+        (before, then) = (now, at);
+        if delta[2] > 0 {
+            event("moves", None, format!("{} sessions moved to other gateways", delta[2]));
+        }
+        if delta[3] > 0 {
+            event("rehomes", None, format!("{} sessions cut: their devices re-home", delta[3]));
+        }
+        let snapshot = live.context().gateways.snapshot();
+        let taking: Vec<u64> = snapshot
+            .iter()
+            .filter(|g| g.is_healthy() && !g.is_draining())
+            .map(|g| g.sessions())
+            .collect();
+        let (spread, mean) = match (taking.iter().max(), taking.iter().min()) {
+            (Some(max), Some(min)) => (
+                *max as i64 - *min as i64,
+                taking.iter().sum::<u64>() as f64 / taking.len() as f64,
+            ),
+            _ => (0, 0.0),
+        };
+        if last_sample.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
+            last_sample = Some(Instant::now());
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back((unix_ms() / 1000, spread));
+        }
+        if tx.receiver_count() <= 1 {
+            // Nobody but the handle kept by the admin endpoint: build nothing.
+            continue;
+        }
+        let gateways = snapshot
+            .iter()
+            .map(|g| GatewayState {
+                name: &g.name,
+                pool: &g.pool,
+                state: if !g.is_healthy() {
+                    "down"
+                } else if g.is_draining() {
+                    "draining"
+                } else {
+                    "up"
+                },
+                sessions: g.sessions(),
+                capacity: g.reported_capacity(),
+                down_for_s: g.down_for().map(|d| d.as_secs()),
+                moving: g.moving(),
+                weight: g.weight(),
+            })
+            .collect();
+        let events = LOG
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let snap = Snapshot {
+            at: unix_ms(),
+            gateways,
+            spread,
+            mean,
+            spread_history: &history,
+            accepted_per_s: delta[0] as f64 / secs,
+            refused_per_s: delta[1] as f64 / secs,
+            moved_per_s: delta[2] as f64 / secs,
+            events,
+        };
+        if let Ok(text) = serde_json::to_string(&snap) {
+            tx.send_replace(Arc::from(text));
+        }
+    }
+}
+
+/// `GET /api/events`: the snapshot now, then each new one (`event: snapshot`), as
+/// Server-Sent Events.
+pub fn sse(
+    mut feed: Feed,
+) -> axum::response::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, Infallible>>>
+{
+    feed.mark_changed();
+    let stream = futures_util::stream::unfold(feed, |mut feed| async move {
+        feed.changed().await.ok()?;
+        let text = feed.borrow_and_update().clone();
+        let event = axum::response::sse::Event::default()
+            .event("snapshot")
+            .data(&*text);
+        Some((Ok(event), feed))
+    });
+    axum::response::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
+}
+
+/// The page and its assets, embedded in the binary.
+pub mod assets {
+    pub const PAGE: &str = include_str!("../assets/dashboard.html");
+    pub const SCRIPT: &str = include_str!("../assets/dashboard.js");
+    pub const UPLOT_JS: &str = include_str!("../assets/vendor/uplot/uPlot.iife.min.js");
+    pub const UPLOT_CSS: &str = include_str!("../assets/vendor/uplot/uPlot.min.css");
+}
