@@ -174,7 +174,7 @@ async fn load_app(
     let payload = vec![7u8; 64];
     let deadline = Instant::now() + duration;
     let started = Instant::now();
-    let cpu0 = cpu_ticks(child.id());
+    let cpu0 = wasmbed_testkit::cpu_ticks(child.id());
     let workers: Vec<_> = conns
         .into_iter()
         .map(|mut s| {
@@ -209,7 +209,7 @@ async fn load_app(
         keep.push(s);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_ticks(child.id()).saturating_sub(cpu0);
+    let cpu = wasmbed_testkit::cpu_ticks(child.id()).saturating_sub(cpu0);
     let rss2 = rss_kib(child.id());
     if print {
         let mode = rate.map_or(
@@ -257,16 +257,6 @@ struct Load {
     per_second: f64,
     /// The gateway process's CPU time (user + system) per REPLY.
     cpu_us_per_reply: f64,
-}
-
-/// User + system CPU time of process `pid`, in clock ticks (1/100 s), from /proc.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces, inside parentheses).
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    tick(11) + tick(12)
 }
 
 /// The cost of checkpoints: closed-loop replies/s with `--checkpoint every` vs `off`, for

@@ -63,19 +63,14 @@ async fn echo_backend() -> SocketAddr {
     addr
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    tick(11) + tick(12)
-}
-
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -91,9 +86,11 @@ async fn subscribe(admin: SocketAddr, n: usize, stop: Arc<AtomicBool>, bytes: Ar
     for _ in 0..n {
         let (stop, bytes) = (stop.clone(), bytes.clone());
         let mut s = TcpStream::connect(admin).await.expect("admin");
-        s.write_all(b"GET /api/events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
-            .await
-            .expect("request");
+        s.write_all(
+            b"GET /api/events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
+        )
+        .await
+        .expect("request");
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
             while !stop.load(Ordering::Relaxed) {
@@ -109,7 +106,13 @@ async fn subscribe(admin: SocketAddr, n: usize, stop: Arc<AtomicBool>, bytes: Ar
     }
 }
 
-async fn load(proxy: SocketAddr, pid: u32, admin: SocketAddr, subscribers: usize, time: Duration) -> Run {
+async fn load(
+    proxy: SocketAddr,
+    pid: u32,
+    admin: SocketAddr,
+    subscribers: usize,
+    time: Duration,
+) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let sse_bytes = Arc::new(AtomicU64::new(0));
     if subscribers > 0 {
@@ -124,7 +127,7 @@ async fn load(proxy: SocketAddr, pid: u32, admin: SocketAddr, subscribers: usize
         conns.push(s);
     }
     let sse_before = sse_bytes.load(Ordering::Relaxed);
-    let cpu_before = cpu_ticks(pid);
+    let cpu_before = wasmbed_testkit::cpu_ticks(pid);
     let started = Instant::now();
     let until = started + time;
     let mut tasks = Vec::new();
@@ -153,7 +156,7 @@ async fn load(proxy: SocketAddr, pid: u32, admin: SocketAddr, subscribers: usize
         hist.add(h).expect("same bounds");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid) - cpu_before) as f64 * 10_000.0; // ticks of 10 ms, in µs
+    let cpu = (wasmbed_testkit::cpu_ticks(pid) - cpu_before) as f64 * 10_000.0; // ticks of 10 ms, in µs
     let sse = sse_bytes.load(Ordering::Relaxed) - sse_before;
     stop.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -174,10 +177,17 @@ async fn drive(runs: usize, time: Duration) {
     let backend = echo_backend().await;
     let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/wasmbed");
     let mut cmd = Command::new(bin);
-    cmd.args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--allow-plain"])
-        .args(["--health", "tcp", "--gateway", &format!("gw={backend}")])
-        .env("WASMBED_LOG", "warn")
-        .stderr(Stdio::null());
+    cmd.args([
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--allow-plain",
+    ])
+    .args(["--health", "tcp", "--gateway", &format!("gw={backend}")])
+    .env("WASMBED_LOG", "warn")
+    .stderr(Stdio::null());
     let (mut child, ready): (Child, Ready) = wasmbed_testkit::spawn_ready(&mut cmd).expect("proxy");
     let listen = ready.addr("listen=").expect("listen");
     let admin = ready.addr("admin=").expect("admin");
@@ -189,7 +199,11 @@ async fn drive(runs: usize, time: Duration) {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for r in 0..runs {
         // Alternate which goes first, so drift on a shared machine hits both.
-        let order = if r % 2 == 0 { [0, SUBSCRIBERS] } else { [SUBSCRIBERS, 0] };
+        let order = if r % 2 == 0 {
+            [0, SUBSCRIBERS]
+        } else {
+            [SUBSCRIBERS, 0]
+        };
         for subs in order {
             let run = load(listen, child.id(), admin, subs, time).await;
             println!(
@@ -204,10 +218,17 @@ async fn drive(runs: usize, time: Duration) {
     }
     let m = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
     let (r0, r1) = (m(&without, |r| r.per_second), m(&with, |r| r.per_second));
-    let (p0, p1) = (m(&without, |r| r.p99_us as f64), m(&with, |r| r.p99_us as f64));
+    let (p0, p1) = (
+        m(&without, |r| r.p99_us as f64),
+        m(&with, |r| r.p99_us as f64),
+    );
     let (c0, c1) = (m(&without, |r| r.cpu_us), m(&with, |r| r.cpu_us));
-    println!("median, no subscriber : {r0:.0} round trips/s, p99 {p0:.0} us, {c0:.2} us CPU/round trip");
-    println!("median, {SUBSCRIBERS} subscribers: {r1:.0} round trips/s, p99 {p1:.0} us, {c1:.2} us CPU/round trip");
+    println!(
+        "median, no subscriber : {r0:.0} round trips/s, p99 {p0:.0} us, {c0:.2} us CPU/round trip"
+    );
+    println!(
+        "median, {SUBSCRIBERS} subscribers: {r1:.0} round trips/s, p99 {p1:.0} us, {c1:.2} us CPU/round trip"
+    );
     println!(
         "ratio with/without: throughput {:.3}, p99 {:.3}, CPU per round trip {:.3}",
         r1 / r0,

@@ -10,21 +10,11 @@ mod support;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{BIN, ProxyProcess, addr_in, spawn_ready};
-
-/// A child killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{BIN, Killed, ProxyProcess, addr_in, device_of, spawn_ready, terminate_args};
 
 fn chromium() -> Option<&'static str> {
     ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -72,7 +62,10 @@ impl Browser {
             {
                 break t;
             }
-            assert!(Instant::now() < deadline, "chromium's DevTools never came up");
+            assert!(
+                Instant::now() < deadline,
+                "chromium's DevTools never came up"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         let mut lines = text.lines();
@@ -185,18 +178,19 @@ async fn the_dashboard_shows_a_failover_as_it_happens() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
-    let out = Command::new(BIN)
-        .args(["certs", "init", "--dir", &d(""), "--devices", "9", "--gateways", "0"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    support::certs_init(dir.path(), &["--devices", "9", "--gateways", "0"]);
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
     let mut gateways = Vec::new();
     let mut specs = Vec::new();
     for i in 0..3 {
         let (child, line) = spawn_ready(
             Command::new(BIN)
-                .args(["gateway", "--insecure-plaintext", "--name", &format!("gw-{i}")])
+                .args([
+                    "gateway",
+                    "--insecure-plaintext",
+                    "--name",
+                    &format!("gw-{i}"),
+                ])
                 .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
                 .args(["--apps", apps, "--max-sessions", "6"])
                 .args(["--session-keys", &d("session-keys.toml")]),
@@ -208,31 +202,30 @@ async fn the_dashboard_shows_a_failover_as_it_happens() {
         ));
         gateways.push(Some(Killed(child)));
     }
-    let (cert, key, ca) = (d("proxy.pem"), d("proxy.key"), d("ca.pem"));
-    let mut args = vec![
-        "--mode", "terminate", "--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca,
-        "--health", "http", "--health-path", "/readyz", "--health-interval", "100ms",
-        "--fall", "2",
-    ];
+    let mut args = terminate_args(dir.path());
+    args.extend(
+        [
+            "--health",
+            "http",
+            "--health-path",
+            "/readyz",
+            "--health-interval",
+            "100ms",
+            "--fall",
+            "2",
+        ]
+        .map(String::from),
+    );
     for s in &specs {
-        args.extend(["--gateway", s.as_str()]);
+        args.extend(["--gateway".to_string(), s.clone()]);
     }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let proxy = ProxyProcess::start(&[], &args);
     // Nine devices, three per gateway.
     let mut devices = Vec::new();
     for i in 0..9 {
         let id = format!("device-{i:04}");
-        let chain = wasmbed_certs::load_certs(&dir.path().join(format!("devices/{id}.pem"))).unwrap();
-        let key = wasmbed_certs::load_key(&dir.path().join(format!("devices/{id}.key"))).unwrap();
-        let roots = wasmbed_certs::load_certs(&dir.path().join("ca.pem")).unwrap();
-        let tls = wasmbed_certs::client_config(&roots, Some((chain, key))).unwrap();
-        let tcp = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        let mut dev = wasmbed_testkit::Device::new(stream);
+        let mut dev = support::tls_device(proxy.listen, device_of(dir.path(), &id)).await;
         dev.open(&id, "counter").await;
         devices.push(dev);
     }
@@ -248,11 +241,16 @@ async fn the_dashboard_shows_a_failover_as_it_happens() {
     let killed_at = Instant::now();
     drop(gateways[1].take());
     let after = tokio::task::block_in_place(|| {
-        wait_for(&mut page, Duration::from_secs(2), "gw-1 down, its sessions on the others", |b| {
-            let down = b.iter().any(|g| g.0 == "gw-1" && g.1 == "down");
-            let elsewhere: u64 = b.iter().filter(|g| g.0 != "gw-1").map(|g| g.2).sum();
-            down && elsewhere == 9
-        })
+        wait_for(
+            &mut page,
+            Duration::from_secs(2),
+            "gw-1 down, its sessions on the others",
+            |b| {
+                let down = b.iter().any(|g| g.0 == "gw-1" && g.1 == "down");
+                let elsewhere: u64 = b.iter().filter(|g| g.0 != "gw-1").map(|g| g.2).sum();
+                down && elsewhere == 9
+            },
+        )
     });
     let took = killed_at.elapsed();
     let events = tokio::task::block_in_place(|| {

@@ -14,7 +14,6 @@ use std::process::Command;
 
 use support::{BIN, ProxyProcess, addr_in, spawn_ready};
 use wasmbed_protocol::Kind;
-use wasmbed_testkit::Device;
 use wasmbed_testkit::dns::DnsServer;
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -78,18 +77,17 @@ fn list_under(manifest: &str, key: &str) -> Vec<String> {
 async fn the_k8s_manifests_run_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let out = Command::new(BIN)
-        .args(["certs", "init", "--devices", "1", "--gateways", "0"])
-        .arg("--dir")
-        .arg(root.join("pki"))
-        .arg("--k8s-secrets")
-        .arg(root.join("secrets"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let secrets_dir = root.join("secrets");
+    support::certs_init(
+        &root.join("pki"),
+        &[
+            "--devices",
+            "1",
+            "--gateways",
+            "0",
+            "--k8s-secrets",
+            secrets_dir.to_str().unwrap(),
+        ],
     );
     let all = secrets(&std::fs::read_to_string(root.join("secrets/secrets.yaml")).unwrap());
     // The volumes of deploy/k8s/base, under a directory per pod instead of /etc/wasmbed.
@@ -181,18 +179,8 @@ async fn the_k8s_manifests_run_as_written() {
     )
     .await;
     // A device through the LoadBalancer's address.
-    let pki = root.join("pki");
-    let ca = wasmbed_certs::load_certs(&pki.join("ca.pem")).unwrap();
-    let chain = wasmbed_certs::load_certs(&pki.join("devices/device-0000.pem")).unwrap();
-    let key = wasmbed_certs::load_key(&pki.join("devices/device-0000.key")).unwrap();
-    let tls = wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap();
-    let tcp = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let mut device = Device::new(stream);
+    let tls = support::device_of(&root.join("pki"), "device-0000");
+    let mut device = support::tls_device(proxy.listen, tls).await;
     device.open("device-0000", "counter").await;
     // The counter app answers its count (the first 8 bytes, little-endian).
     let count = |f: &wasmbed_protocol::Frame| {

@@ -5,7 +5,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{BIN, addr_in, spawn_ready};
+use support::{BIN, addr_in, device_of, spawn_ready};
 use wasmbed_protocol::Kind;
 use wasmbed_testkit::Device;
 
@@ -13,24 +13,7 @@ use wasmbed_testkit::Device;
 fn certs_init_writes_a_pki_the_gateway_starts_with() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "certs",
-            "init",
-            "--dir",
-            d,
-            "--devices",
-            "3",
-            "--gateways",
-            "2",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::certs_init(dir.path(), &["--devices", "3", "--gateways", "2"]);
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("index.json")).unwrap())
             .unwrap();
@@ -155,25 +138,7 @@ fn logs_off_a_terminal_are_plain_text() {
 #[tokio::test]
 async fn through_the_binaries_a_device_cannot_claim_another_devices_identity() {
     let dir = tempfile::tempdir().unwrap();
-    let d = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
-    let init = Command::new(BIN)
-        .args([
-            "certs",
-            "init",
-            "--dir",
-            &d(""),
-            "--devices",
-            "2",
-            "--gateways",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    support::certs_init(dir.path(), &["--devices", "2", "--gateways", "1"]);
     let (mut gw, proxy) = terminate_stack(dir.path(), &[]);
     let device = |id: &str| device_of(dir.path(), id);
     let listen = proxy.listen;
@@ -290,7 +255,6 @@ fn terminate_stack(
     dir: &std::path::Path,
     extra: &[&str],
 ) -> (std::process::Child, support::ProxyProcess) {
-    let d = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
     let (gw, line) = spawn_ready(
         Command::new(BIN)
@@ -298,29 +262,9 @@ fn terminate_stack(
             .args(["--admin", "off", "--apps", apps]),
     );
     let gw_addr = addr_in(&line, "listen=").to_string();
-    let (cert, key, ca) = (d("proxy.pem"), d("proxy.key"), d("ca.pem"));
-    let mut args = vec![
-        "--mode",
-        "terminate",
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--client-ca",
-        &ca,
-        "--gateway",
-        &gw_addr,
-        "--health",
-        "tcp",
-    ];
-    args.extend_from_slice(extra);
+    let mut args = support::terminate_args(dir);
+    args.extend(["--gateway", &gw_addr, "--health", "tcp"].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (gw, support::ProxyProcess::start(&[], &args))
-}
-
-/// A TLS client config presenting `id`'s certificate from the PKI in `dir`.
-fn device_of(dir: &std::path::Path, id: &str) -> std::sync::Arc<rustls::ClientConfig> {
-    let ca = wasmbed_certs::load_certs(&dir.join("ca.pem")).unwrap();
-    let chain = wasmbed_certs::load_certs(&dir.join(format!("devices/{id}.pem"))).unwrap();
-    let key = wasmbed_certs::load_key(&dir.join(format!("devices/{id}.key"))).unwrap();
-    wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
 }

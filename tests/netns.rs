@@ -7,10 +7,10 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{BIN, spawn_ready};
+use support::{BIN, Killed, spawn_ready};
 
 /// Runs `ip ARGS`; panics with its stderr on failure.
 fn ip(args: &[&str]) {
@@ -122,17 +122,6 @@ fn can_make_namespaces() -> Result<(), String> {
     }
 }
 
-/// A child process killed when dropped (a failed assertion leaves nothing running in the
-/// namespaces).
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn exec_in(ns: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns, BIN]);
@@ -183,20 +172,7 @@ fn separate_hosts_dns_discovery_and_a_killed_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     let pki_s = pki.to_str().unwrap().to_string();
-    let out = Command::new(BIN)
-        .args([
-            "certs",
-            "init",
-            "--dir",
-            &pki_s,
-            "--devices",
-            "0",
-            "--gateways",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    support::certs_init(&pki, &["--devices", "0", "--gateways", "3"]);
     // The DNS server on the hub (10.77.0.1), on a thread of its own in that namespace.
     let (tx, rx) = std::sync::mpsc::channel();
     let hub = net.ns("hub");

@@ -226,7 +226,11 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
     match ctx.gateways.add(&config) {
         Some(g) => {
             admin.live.probes.start(std::slice::from_ref(&g), health);
-            crate::dashboard::event("added", Some(&g.name), format!("{} added (admin API)", g.name));
+            crate::dashboard::event(
+                "added",
+                Some(&g.name),
+                format!("{} added (admin API)", g.name),
+            );
             tracing::info!(gateway = %g.name, address = %g.addr, "gateway added");
             (StatusCode::CREATED, axum::Json(GatewayView::of(&g))).into_response()
         }
@@ -295,7 +299,10 @@ fn set_draining(gateways: &GatewaySet, name: &str, draining: bool, move_all: boo
             g.order_moves(if move_all { usize::MAX } else { 0 });
             tracing::info!(gateway = %g.name, draining, moving = move_all, sessions = g.sessions(), "drain state set");
             let (kind, text) = match (draining, move_all) {
-                (true, true) => ("drain", format!("{} drained: its {} sessions move", g.name, g.sessions())),
+                (true, true) => (
+                    "drain",
+                    format!("{} drained: its {} sessions move", g.name, g.sessions()),
+                ),
                 (true, false) => ("drain", format!("{} drained: no new sessions", g.name)),
                 (false, _) => ("undrain", format!("{} takes sessions again", g.name)),
             };

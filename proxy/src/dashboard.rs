@@ -116,7 +116,11 @@ struct Snapshot<'a> {
 pub type Feed = watch::Receiver<Arc<str>>;
 
 /// Starts the snapshot task; returns the feed.
-pub fn spawn(live: Arc<Live>, tracker: &tokio_util::task::TaskTracker, stop: CancellationToken) -> Feed {
+pub fn spawn(
+    live: Arc<Live>,
+    tracker: &tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+) -> Feed {
     let (tx, rx) = watch::channel::<Arc<str>>(Arc::from("{}"));
     tracker.spawn(run(live, tx, stop));
     rx
@@ -143,13 +147,25 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
         }
         let (now, at) = (read(), Instant::now());
         let secs = at.duration_since(then).as_secs_f64().max(1e-3);
-        let delta: Vec<u64> = now.iter().zip(before).map(|(n, b)| n.saturating_sub(b)).collect();
+        let delta: Vec<u64> = now
+            .iter()
+            .zip(before)
+            .map(|(n, b)| n.saturating_sub(b))
+            .collect();
         (before, then) = (now, at);
         if delta[2] > 0 {
-            event("moves", None, format!("{} sessions moved to other gateways", delta[2]));
+            event(
+                "moves",
+                None,
+                format!("{} sessions moved to other gateways", delta[2]),
+            );
         }
         if delta[3] > 0 {
-            event("rehomes", None, format!("{} sessions cut: their devices re-home", delta[3]));
+            event(
+                "rehomes",
+                None,
+                format!("{} sessions cut: their devices re-home", delta[3]),
+            );
         }
         let snapshot = live.context().gateways.snapshot();
         let taking: Vec<u64> = snapshot
@@ -221,8 +237,9 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
 /// Server-Sent Events.
 pub fn sse(
     mut feed: Feed,
-) -> axum::response::Sse<impl futures_util::Stream<Item = Result<axum::response::sse::Event, Infallible>>>
-{
+) -> axum::response::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, Infallible>>,
+> {
     feed.mark_changed();
     let stream = futures_util::stream::unfold(feed, |mut feed| async move {
         feed.changed().await.ok()?;

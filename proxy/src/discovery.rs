@@ -120,13 +120,10 @@ pub async fn resolve(
                 .await
                 .map_err(|e| Unused::of(&e))?;
             for r in found.as_lookup().answers() {
-                let ip = match &r.data {
-                    RData::A(a) => IpAddr::V4(a.0),
-                    RData::AAAA(a) => IpAddr::V6(a.0),
-                    _ => continue,
-                };
-                ttl = ttl.min(r.ttl);
-                addrs.insert(SocketAddr::new(ip, *port));
+                if let Some(ip) = ip_of(&r.data) {
+                    ttl = ttl.min(r.ttl);
+                    addrs.insert(SocketAddr::new(ip, *port));
+                }
             }
         }
         DnsQuery::Srv { name } => {
@@ -149,13 +146,10 @@ pub async fn resolve(
                     continue;
                 };
                 for r in ips.as_lookup().answers() {
-                    let ip = match &r.data {
-                        RData::A(a) => IpAddr::V4(a.0),
-                        RData::AAAA(a) => IpAddr::V6(a.0),
-                        _ => continue,
-                    };
-                    ttl = ttl.min(r.ttl);
-                    addrs.insert(SocketAddr::new(ip, port));
+                    if let Some(ip) = ip_of(&r.data) {
+                        ttl = ttl.min(r.ttl);
+                        addrs.insert(SocketAddr::new(ip, port));
+                    }
                 }
             }
         }
@@ -169,6 +163,15 @@ pub async fn resolve(
         ttl: clamp_ttl(ttl),
         capped,
     })
+}
+
+/// The address of an A or AAAA record.
+fn ip_of(data: &RData) -> Option<IpAddr> {
+    match data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+        _ => None,
+    }
 }
 
 fn clamp_ttl(seconds: u32) -> Duration {

@@ -223,7 +223,10 @@ mod tests {
         assert_eq!(sessions_in(b"ok"), None);
         assert_eq!(sessions_in(br#"{"sessions":-1}"#), None);
         assert_eq!(sessions_in(&[0xff, 0xfe]), None);
-        assert_eq!(capacity_in(br#"{"sessions":1,"max_sessions":500}"#), Some(500));
+        assert_eq!(
+            capacity_in(br#"{"sessions":1,"max_sessions":500}"#),
+            Some(500)
+        );
         assert_eq!(capacity_in(b"sessions: 5"), None);
     }
 }

@@ -16,6 +16,17 @@ use wasmbed_testkit::dns::DnsServer;
 
 const NAME: &str = "gateways.wasmbed.test";
 
+/// Gateways from the A records of [`NAME`] on `port`.
+fn by_name(dns: &DnsServer, port: u16) -> ProxyConfig {
+    discovering(
+        dns,
+        DnsQuery::Addresses {
+            name: NAME.into(),
+            port,
+        },
+    )
+}
+
 fn discovering(dns: &DnsServer, query: DnsQuery) -> ProxyConfig {
     let mut c = config(Vec::new());
     c.allow_empty = true;
@@ -93,14 +104,7 @@ async fn gateways_follow_the_dns_answer_up_and_down() {
     let dns = DnsServer::start().await;
     let (b, port) = backends(3).await;
     dns.set_a(NAME, &ips(&[&b[0]]), 1).await;
-    let proxy = start(discovering(
-        &dns,
-        DnsQuery::Addresses {
-            name: NAME.into(),
-            port,
-        },
-    ))
-    .await;
+    let proxy = start(by_name(&dns, port)).await;
     until_taking(&proxy, &addrs(&[&b[0]])).await;
     // Scale up: two more pods.
     dns.set_a(NAME, &ips(&[&b[0], &b[1], &b[2]]), 1).await;
@@ -139,14 +143,7 @@ async fn errors_and_empty_answers_keep_the_last_good_set() {
     let dns = DnsServer::start().await;
     let (b, port) = backends(2).await;
     dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
-    let proxy = start(discovering(
-        &dns,
-        DnsQuery::Addresses {
-            name: NAME.into(),
-            port,
-        },
-    ))
-    .await;
+    let proxy = start(by_name(&dns, port)).await;
     let both = addrs(&[&b[0], &b[1]]);
     until_taking(&proxy, &both).await;
     let source = format!("{NAME}:{port}");
@@ -155,17 +152,17 @@ async fn errors_and_empty_answers_keep_the_last_good_set() {
     };
     // An empty answer (the name exists, no address), then NXDOMAIN, then no answer at all.
     dns.set_empty(NAME).await;
-    wait_for_count(&proxy, &errors("empty")).await;
+    wait_until(&proxy, &errors("empty"), 1.0).await;
     assert_eq!(
         taking(&proxy),
         sorted(&both),
         "an empty answer changes nothing"
     );
     dns.remove(NAME).await;
-    wait_for_count(&proxy, &errors("nxdomain")).await;
+    wait_until(&proxy, &errors("nxdomain"), 1.0).await;
     assert_eq!(taking(&proxy), sorted(&both), "NXDOMAIN changes nothing");
     dns.stall(true);
-    wait_for_count(&proxy, &errors("timeout")).await;
+    wait_until(&proxy, &errors("timeout"), 1.0).await;
     assert_eq!(taking(&proxy), sorted(&both), "a timeout changes nothing");
     // Devices are still served by both.
     let _a = device(proxy.addr).await;
@@ -177,18 +174,6 @@ fn sorted(a: &[SocketAddr]) -> Vec<String> {
     let mut v: Vec<String> = a.iter().map(ToString::to_string).collect();
     v.sort();
     v
-}
-
-/// Waits (bounded) until the counter `series` has counted at least once.
-async fn wait_for_count(proxy: &RunningProxy, series: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while proxy.metric(series).await < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} never counted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Terminate mode, gateways from SRV records: a record that flaps moves no session; one
@@ -289,13 +274,7 @@ async fn a_huge_answer_is_capped_and_counted() {
         .map(|i| Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8))
         .collect();
     dns.set_a(NAME, &many, 30).await;
-    let mut c = discovering(
-        &dns,
-        DnsQuery::Addresses {
-            name: NAME.into(),
-            port: 9,
-        },
-    );
+    let mut c = by_name(&dns, 9);
     c.discovery.max_addresses = 50;
     c.discovery.timeout = Duration::from_secs(2);
     let proxy = start(c).await;

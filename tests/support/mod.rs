@@ -115,3 +115,68 @@ pub fn echo(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     s.read_exact(&mut back)?;
     Ok(back)
 }
+
+/// A child process killed (and reaped) when dropped: a failed assertion leaves nothing
+/// running.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `wasmbed proxy` flags for terminate mode with the PKI in `dir` (as `certs init` wrote it):
+/// the proxy's certificate and key, devices' certificates required from its CA.
+pub fn terminate_args(dir: &std::path::Path) -> Vec<String> {
+    let d = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    [
+        "--mode".to_string(),
+        "terminate".into(),
+        "--tls-cert".into(),
+        d("proxy.pem"),
+        "--tls-key".into(),
+        d("proxy.key"),
+        "--client-ca".into(),
+        d("ca.pem"),
+    ]
+    .into()
+}
+
+/// A TLS client config presenting `id`'s certificate from the PKI in `dir`.
+pub fn device_of(dir: &std::path::Path, id: &str) -> std::sync::Arc<rustls::ClientConfig> {
+    let ca = wasmbed_certs::load_certs(&dir.join("ca.pem")).unwrap();
+    let chain = wasmbed_certs::load_certs(&dir.join(format!("devices/{id}.pem"))).unwrap();
+    let key = wasmbed_certs::load_key(&dir.join(format!("devices/{id}.key"))).unwrap();
+    wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
+}
+
+/// `wasmbed certs init --dir DIR ARGS...`; panics with its stderr when it fails.
+pub fn certs_init(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--dir"])
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A device connected over TLS (`config`) to `addr`, checking the name `localhost`.
+pub async fn tls_device(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> wasmbed_testkit::Device<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    wasmbed_testkit::Device::new(stream)
+}
