@@ -174,6 +174,10 @@ fn a_gateway_added_under_load_takes_the_new_devices() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("live dashboard at http://127.0.0.1:"),
+        "up prints the dashboard's address: {stdout}"
+    );
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(doc["added"], "gw-2");
