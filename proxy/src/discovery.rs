@@ -265,25 +265,38 @@ async fn watch(
 ) {
     let label = target.label();
     let origin = Origin::Dns(label.clone());
-    // Gateways this source added before a restart (a reload) are its own again.
-    let mut known: HashMap<SocketAddr, Known> = live
-        .context()
+    // Gateways this source added before a restart (a reload) are its own again: kept where
+    // they still fit its settings (the weight is changed in place), replaced where the pool or
+    // health port changed (removed now, found again in the next answer).
+    let mut known: HashMap<SocketAddr, Known> = HashMap::new();
+    let ctx = live.context();
+    for g in ctx
         .gateways
         .snapshot()
         .iter()
         .filter(|g| g.origin == origin)
-        .filter_map(|g| {
-            let addr = g.addr.parse().ok()?;
-            Some((
-                addr,
-                Known {
-                    gateway: g.clone(),
-                    gone_since: None,
-                    missing: 0,
-                },
-            ))
-        })
-        .collect();
+    {
+        let Ok(addr) = g.addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        let health = target
+            .health_port
+            .map(|p| SocketAddr::new(addr.ip(), p).to_string());
+        if g.pool != target.pool || g.health_addr != health {
+            crate::live::remove(&ctx.gateways, &g.name);
+            continue;
+        }
+        g.set_weight(target.weight);
+        known.insert(
+            addr,
+            Known {
+                gateway: g.clone(),
+                gone_since: None,
+                missing: 0,
+            },
+        );
+    }
+    drop(ctx);
     let mut failures: u32 = 0;
     let mut next_query = Instant::now();
     loop {

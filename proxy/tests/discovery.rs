@@ -293,3 +293,39 @@ async fn a_huge_answer_is_capped_and_counted() {
     // Nothing listens there: unproven, they never take a session.
     assert!(set.iter().all(|g| !g.is_healthy()));
 }
+
+/// A reload that changes a source's settings: a new weight is applied to the gateways in
+/// place (their sessions stay), a new pool replaces them.
+#[tokio::test]
+async fn a_reload_reweights_or_replaces_a_sources_gateways() {
+    let dns = DnsServer::start().await;
+    let (b, port) = backends(2).await;
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    let proxy = start(by_name(&dns, port)).await;
+    until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
+    let _session = device(proxy.addr).await;
+    let first = proxy.gateways.snapshot();
+    let mut c = proxy.live.context().config.clone();
+    c.discovery.targets[0].weight = 3;
+    proxy.live.apply(c.clone()).unwrap();
+    until(Duration::from_secs(10), "weight 3 on both", || {
+        proxy.gateways.snapshot().iter().all(|g| g.weight() == 3)
+    })
+    .await;
+    let now = proxy.gateways.snapshot();
+    assert!(
+        first
+            .iter()
+            .zip(now.iter())
+            .all(|(a, b)| std::sync::Arc::ptr_eq(a, b)),
+        "the same gateways, re-weighted in place"
+    );
+    assert_eq!(b[0].live() + b[1].live(), 1, "the session stayed");
+    c.discovery.targets[0].pool = "other".into();
+    proxy.live.apply(c).unwrap();
+    until(Duration::from_secs(10), "both back in pool `other`", || {
+        let s = proxy.gateways.snapshot();
+        s.len() == 2 && s.iter().all(|g| g.pool == "other" && g.is_healthy())
+    })
+    .await;
+}
