@@ -51,6 +51,7 @@ NOISE = 0.20
 PORTS = {"http": 19131, "tls": 19132, "bulk": 19133}
 BACKEND = {"http": 19141, "tls": 19142, "bulk": 19143}
 PROXIES = ["wasmbed", "haproxy", "nginx"]
+# Also available with --proxies: wasmbed-splice (passthrough forwarding by splice(2)).
 
 
 def log(*a):
@@ -249,8 +250,10 @@ stream {{
   server {{ listen 127.0.0.1:{PORTS['tls']}; ssl_preread on; proxy_pass $tls_upstream; proxy_timeout 1h; }}
 }}
 """)
+    spliced = [(cmd + ["--splice", "on"], pool) for cmd, pool in w]
     return {
         "wasmbed": w,
+        "wasmbed-splice": spliced,
         "haproxy": [(["haproxy", "-f", hap], "all")],
         "nginx": [(["nginx", "-c", ngx, "-e", f"{work}/proxy-nginx.err"], "all")],
     }
@@ -442,13 +445,13 @@ def render(rows, scenarios, proxies, a):
                 continue
             med[p] = (statistics.median(x[0] for x in use), use[0][1], statistics.median(x[2] for x in use),
                       statistics.median(x[3] for x in use) if use[0][3] is not None else None, runs)
-        peers = [med[p][2] for p in med if p != "wasmbed"]
+        peers = [med[p][2] for p in med if not p.startswith("wasmbed")]
         for p, (rate, unit, cost, p99, runs) in med.items():
             if sc == "mem":
                 rate_s, cost_s = "9,000 idle", f"{cost:,.0f} B/session"
             else:
                 rate_s, cost_s = f"{rate:,.0f} {unit}/s", f"{cost:.2f} µs/{unit}"
-            ratio = f"{cost / min(peers):.2f}×" if p == "wasmbed" and peers and min(peers) > 0 else ""
+            ratio = f"{cost / min(peers):.2f}×" if p.startswith("wasmbed") and peers and min(peers) > 0 else ""
             each = ", ".join((f"{x[2]:,.0f}" if sc == "mem" else f"{x[2]:.2f}") + ("*" if x[5] else "") for x in runs)
             lines.append(f"| {sc} | {p} | {rate_s} | {cost_s} | {'' if p99 is None else f'{p99:,.0f} µs'} | {ratio} | {each} |")
     return "\n".join(lines) + "\n"

@@ -149,6 +149,11 @@ pub struct ProxyFlags {
     pub dns_grace: Option<String>,
     #[arg(long, value_name = "N", help = format!("Most addresses taken from one name's answer (the rest are counted and ignored). Default {}.", crate::defaults::proxy::MAX_DISCOVERED))]
     pub max_discovered: Option<usize>,
+    /// Passthrough: forward with splice(2) (socket -> pipe -> socket inside the kernel, no
+    /// copy to user space) instead of read/write (`on`/`off`; default off). A pipe is held only
+    /// while bytes are in flight.
+    #[arg(long, value_name = "on|off")]
+    pub splice: Option<Toggle>,
     /// Allow a config with no gateway at all (for example a reload that removes them all):
     /// devices are then refused until one is added. Without it such a config is refused.
     #[arg(long)]
@@ -319,6 +324,8 @@ pub struct ProxyConfig {
     pub discovery: DiscoveryConfig,
     /// A config with no gateway (none listed, none discovered) is accepted.
     pub allow_empty: bool,
+    /// Passthrough forwarding by splice(2).
+    pub splice: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -358,6 +365,7 @@ struct RawProxy {
     max_discovered: Option<usize>,
     #[serde(default)]
     allow_empty: bool,
+    splice: Option<Toggle>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -571,6 +579,12 @@ impl ProxyConfig {
                 "cert_uri and cert_ou need terminate mode (in passthrough the proxy sees no certificate)",
             ));
         }
+        if mode == Mode::Terminate && raw.splice == Some(Toggle::On) {
+            return Err(ConfigError::field(
+                "splice",
+                "only applies in passthrough (in terminate mode the bytes pass through TLS at the proxy)",
+            ));
+        }
         if mode == Mode::Passthrough && migration.rebalance {
             return Err(ConfigError::field(
                 "rebalance",
@@ -626,6 +640,7 @@ impl ProxyConfig {
             proxy_protocol: raw.proxy_protocol.clone(),
             discovery,
             allow_empty,
+            splice: raw.splice == Some(Toggle::On),
         })
     }
 }
@@ -703,6 +718,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.dns_grace, f.dns_grace.clone());
     set(&mut raw.max_discovered, f.max_discovered);
     raw.allow_empty |= f.allow_empty;
+    set(&mut raw.splice, f.splice);
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();

@@ -37,6 +37,7 @@ pub mod proxy_protocol;
 pub mod rebalance;
 pub mod refusal;
 pub mod session;
+pub mod splice;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

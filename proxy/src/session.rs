@@ -196,8 +196,17 @@ async fn passthrough(
     ctx.meters.bytes_up.increment(prefix.len() as u64);
     drop(prefix);
     let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
-    let forwarding = forward::tcp(&mut device, &mut gateway, up, down);
-    if supervise(ctx, &lease, forwarding).await.is_some() {
+    let cut = if ctx.config.splice {
+        supervise(ctx, &lease, crate::splice::tcp(&device, &gateway, up, down)).await
+    } else {
+        supervise(
+            ctx,
+            &lease,
+            forward::tcp(&mut device, &mut gateway, up, down),
+        )
+        .await
+    };
+    if cut.is_some() {
         reset_on_close(&device);
     }
     Ok(())

@@ -277,3 +277,16 @@ fn bad_discovery_input_is_named() {
     );
     assert!(ProxyConfig::from_toml("allow_empty = true").is_ok());
 }
+
+#[test]
+fn splice_is_a_passthrough_option() {
+    let on =
+        ProxyConfig::from_toml("splice = \"on\"\n[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    assert!(on.splice);
+    let off = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    assert!(!off.splice);
+    let e = err_of(
+        "mode = \"terminate\"\nsplice = \"on\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    );
+    assert!(e.contains("splice") && e.contains("passthrough"), "{e}");
+}
