@@ -51,7 +51,7 @@ NOISE = 0.20
 PORTS = {"http": 19131, "tls": 19132, "bulk": 19133}
 BACKEND = {"http": 19141, "tls": 19142, "bulk": 19143}
 PROXIES = ["wasmbed", "haproxy", "nginx"]
-# Also available with --proxies: wasmbed-splice (passthrough forwarding by splice(2)).
+# Also available with --proxies: wasmbed-splice (--splice on), wasmbed-auto (--splice auto).
 
 
 def log(*a):
@@ -251,9 +251,11 @@ stream {{
 }}
 """)
     spliced = [(cmd + ["--splice", "on"], pool) for cmd, pool in w]
+    auto = [(cmd + ["--splice", "auto"], pool) for cmd, pool in w]
     return {
         "wasmbed": w,
         "wasmbed-splice": spliced,
+        "wasmbed-auto": auto,
         "haproxy": [(["haproxy", "-f", hap], "all")],
         "nginx": [(["nginx", "-c", ngx, "-e", f"{work}/proxy-nginx.err"], "all")],
     }

@@ -150,14 +150,28 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "N", help = format!("Most addresses taken from one name's answer (the rest are counted and ignored). Default {}.", crate::defaults::proxy::MAX_DISCOVERED))]
     pub max_discovered: Option<usize>,
     /// Passthrough: forward with splice(2) (socket -> pipe -> socket inside the kernel, no
-    /// copy to user space) instead of read/write (`on`/`off`; default off). A pipe is held only
-    /// while bytes are in flight.
-    #[arg(long, value_name = "on|off")]
-    pub splice: Option<Toggle>,
+    /// copy to user space) instead of read/write: `on` for every chunk, `auto` once a direction
+    /// reads a full 64 KiB buffer (a bulk transfer), `off` (default). A pipe is held only while
+    /// bytes are in flight.
+    #[arg(long, value_enum, value_name = "off|on|auto")]
+    pub splice: Option<SpliceMode>,
     /// Allow a config with no gateway at all (for example a reload that removes them all):
     /// devices are then refused until one is added. Without it such a config is refused.
     #[arg(long)]
     pub allow_empty: bool,
+}
+
+/// How passthrough forwarding moves bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// read/write through a per-thread buffer.
+    #[default]
+    Off,
+    /// splice(2) for every chunk.
+    On,
+    /// Copy until a read fills the buffer, then splice that direction.
+    Auto,
 }
 
 /// `on` or `off`.
@@ -325,7 +339,7 @@ pub struct ProxyConfig {
     /// A config with no gateway (none listed, none discovered) is accepted.
     pub allow_empty: bool,
     /// Passthrough forwarding by splice(2).
-    pub splice: bool,
+    pub splice: SpliceMode,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -365,7 +379,7 @@ struct RawProxy {
     max_discovered: Option<usize>,
     #[serde(default)]
     allow_empty: bool,
-    splice: Option<Toggle>,
+    splice: Option<SpliceMode>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -579,7 +593,7 @@ impl ProxyConfig {
                 "cert_uri and cert_ou need terminate mode (in passthrough the proxy sees no certificate)",
             ));
         }
-        if mode == Mode::Terminate && raw.splice == Some(Toggle::On) {
+        if mode == Mode::Terminate && raw.splice.is_some_and(|s| s != SpliceMode::Off) {
             return Err(ConfigError::field(
                 "splice",
                 "only applies in passthrough (in terminate mode the bytes pass through TLS at the proxy)",
@@ -640,7 +654,7 @@ impl ProxyConfig {
             proxy_protocol: raw.proxy_protocol.clone(),
             discovery,
             allow_empty,
-            splice: raw.splice == Some(Toggle::On),
+            splice: raw.splice.unwrap_or_default(),
         })
     }
 }

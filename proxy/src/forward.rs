@@ -101,19 +101,26 @@ impl Failure {
 /// Hand-written rather than two `async` loops: it waits through the sockets' own registered
 /// wakers, so an idle session's whole forwarding state is about a hundred bytes (two `async`
 /// pumps with their readiness futures take ~750).
+///
+/// `splice`: `Off` copies through a per-thread buffer; `On` moves every chunk with
+/// `splice(2)` ([`crate::splice`]); `Auto` copies until a read fills the whole buffer (a bulk
+/// transfer), then splices that direction from then on.
 pub fn tcp<'a>(
     device: &'a mut TcpStream,
     gateway: &'a mut TcpStream,
     up: &'a Total,
     down: &'a Total,
+    splice: SpliceMode,
 ) -> Tcp<'a> {
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
     Tcp {
-        up: Direction::new(device_read, gateway_write, up, false),
-        down: Direction::new(gateway_read, device_write, down, true),
+        up: Direction::new(device_read, gateway_write, up, false, splice),
+        down: Direction::new(gateway_read, device_write, down, true, splice),
     }
 }
+
+pub use wasmbed_config::proxy::SpliceMode;
 
 /// The future [`tcp`] returns.
 pub struct Tcp<'a> {
@@ -153,10 +160,20 @@ struct Direction<'a> {
     eof_to_pass: bool,
     /// `src` is the gateway (the gateway -> device direction).
     from_gateway: bool,
+    /// Splicing (from the start, or since a read filled the buffer).
+    pipes: Option<Box<crate::splice::Pipes>>,
+    /// Switch to splicing after a full read.
+    auto: bool,
 }
 
 impl<'a> Direction<'a> {
-    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, total: &'a Total, from_gateway: bool) -> Self {
+    fn new(
+        src: ReadHalf<'a>,
+        dst: WriteHalf<'a>,
+        total: &'a Total,
+        from_gateway: bool,
+        splice: SpliceMode,
+    ) -> Self {
         Direction {
             from_gateway,
             src,
@@ -166,6 +183,8 @@ impl<'a> Direction<'a> {
             sent: 0,
             done: false,
             eof_to_pass: false,
+            pipes: (splice == SpliceMode::On).then(Box::default),
+            auto: splice == SpliceMode::Auto,
         }
     }
 
@@ -190,6 +209,18 @@ impl<'a> Direction<'a> {
         };
         while !self.done {
             ready!(self.flush(cx)).map_err(on_dst)?;
+            if let Some(pipes) = &mut self.pipes {
+                let (src, dst): (&TcpStream, &TcpStream) = (self.src.as_ref(), self.dst.as_ref());
+                match ready!(pipes.poll(src, dst, self.total, cx)) {
+                    Ok(()) => {
+                        self.done = true;
+                        self.eof_to_pass = true;
+                    }
+                    Err(crate::splice::Side::Src(e)) => return Poll::Ready(Err(on_src(e))),
+                    Err(crate::splice::Side::Dst(e)) => return Poll::Ready(Err(on_dst(e))),
+                }
+                continue;
+            }
             let (src, dst, backlog) = (&mut self.src, &mut self.dst, &mut self.backlog);
             let read = BUFFER.with(|cell| {
                 let mut buf = cell.borrow_mut();
@@ -211,6 +242,10 @@ impl<'a> Direction<'a> {
                 n => {
                     self.sent = 0;
                     self.total.add(n as u64);
+                    // A read that filled the buffer: a bulk transfer, spliced from now on.
+                    if self.auto && n == CHUNK {
+                        self.pipes = Some(Box::default());
+                    }
                 }
             }
         }

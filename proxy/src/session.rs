@@ -196,17 +196,8 @@ async fn passthrough(
     ctx.meters.bytes_up.increment(prefix.len() as u64);
     drop(prefix);
     let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
-    let cut = if ctx.config.splice {
-        supervise(ctx, &lease, crate::splice::tcp(&device, &gateway, up, down)).await
-    } else {
-        supervise(
-            ctx,
-            &lease,
-            forward::tcp(&mut device, &mut gateway, up, down),
-        )
-        .await
-    };
-    if cut.is_some() {
+    let forwarding = forward::tcp(&mut device, &mut gateway, up, down, ctx.config.splice);
+    if supervise(ctx, &lease, forwarding).await.is_some() {
         reset_on_close(&device);
     }
     Ok(())

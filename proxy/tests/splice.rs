@@ -9,9 +9,16 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn splicing(backends: &[Backend]) -> RunningProxy {
+    splicing_with(backends, wasmbed_config::proxy::SpliceMode::On).await
+}
+
+async fn splicing_with(
+    backends: &[Backend],
+    mode: wasmbed_config::proxy::SpliceMode,
+) -> RunningProxy {
     let mut c = config(named(backends));
     c.listeners[0].allow_plain = true;
-    c.splice = true;
+    c.splice = mode;
     start(c).await
 }
 
@@ -76,4 +83,43 @@ async fn idle_sessions_hold_no_pipe() {
         "{held} pipe ends open for 200 idle sessions: they hold pipes"
     );
     assert_eq!(b.live(), 200);
+}
+
+/// `auto`: small messages are copied (no pipe is ever made); a bulk transfer switches its
+/// direction to splicing, and still arrives whole.
+#[tokio::test]
+async fn auto_splices_bulk_and_copies_small_messages() {
+    let b = Backend::spawn().await;
+    let proxy = splicing_with(
+        std::slice::from_ref(&b),
+        wasmbed_config::proxy::SpliceMode::Auto,
+    )
+    .await;
+    let before = pipes();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    for i in 0..50u8 {
+        s.write_all(&[i; 64]).await.unwrap();
+        let mut echo = [0u8; 64];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, [i; 64]);
+    }
+    assert_eq!(pipes(), before, "small messages are copied: no pipe");
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i ^ (i >> 13)) as u8).collect();
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .expect("the echo and the close come back")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(back == expected, "every byte, in order, across the switch");
+    assert!(
+        pipes() > before,
+        "the bulk transfer was spliced (its pipes are pooled now)"
+    );
 }

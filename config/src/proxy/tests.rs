@@ -282,9 +282,9 @@ fn bad_discovery_input_is_named() {
 fn splice_is_a_passthrough_option() {
     let on =
         ProxyConfig::from_toml("splice = \"on\"\n[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
-    assert!(on.splice);
+    assert_eq!(on.splice, SpliceMode::On);
     let off = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
-    assert!(!off.splice);
+    assert_eq!(off.splice, SpliceMode::Off);
     let e = err_of(
         "mode = \"terminate\"\nsplice = \"on\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
     );
