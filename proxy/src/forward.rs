@@ -114,9 +114,18 @@ pub fn tcp<'a>(
 ) -> Tcp<'a> {
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
+    let on = || (splice == SpliceMode::On).then(crate::splice::Pipes::default);
     Tcp {
-        up: Direction::new(device_read, gateway_write, up, false, splice),
-        down: Direction::new(gateway_read, device_write, down, true, splice),
+        up: Direction::new(device_read, gateway_write, up, false),
+        down: Direction::new(gateway_read, device_write, down, true),
+        // One pointer in the session, allocated only when splicing is configured.
+        splice: (splice != SpliceMode::Off).then(|| {
+            Box::new(Splicing {
+                auto: splice == SpliceMode::Auto,
+                up: on(),
+                down: on(),
+            })
+        }),
     }
 }
 
@@ -126,6 +135,15 @@ pub use wasmbed_config::proxy::SpliceMode;
 pub struct Tcp<'a> {
     up: Direction<'a>,
     down: Direction<'a>,
+    splice: Option<Box<Splicing>>,
+}
+
+/// Splicing state of a session (`--splice on|auto`): per direction, the pipes it splices
+/// through (`Some` from the start with `on`, since a full read with `auto`).
+struct Splicing {
+    auto: bool,
+    up: Option<crate::splice::Pipes>,
+    down: Option<crate::splice::Pipes>,
 }
 
 impl Future for Tcp<'_> {
@@ -133,8 +151,12 @@ impl Future for Tcp<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         let this = &mut *self;
-        let up = this.up.poll(cx)?;
-        let down = this.down.poll(cx)?;
+        let (up_splice, down_splice) = match this.splice.as_deref_mut() {
+            Some(s) => (Some((&mut s.up, s.auto)), Some((&mut s.down, s.auto))),
+            None => (None, None),
+        };
+        let up = this.up.poll(cx, up_splice)?;
+        let down = this.down.poll(cx, down_splice)?;
         if up.is_ready() && down.is_ready() {
             // Both ends closed: dropping the sockets closes them; no half-close to pass on.
             return Poll::Ready(Ok(()));
@@ -160,20 +182,10 @@ struct Direction<'a> {
     eof_to_pass: bool,
     /// `src` is the gateway (the gateway -> device direction).
     from_gateway: bool,
-    /// Splicing (from the start, or since a read filled the buffer).
-    pipes: Option<Box<crate::splice::Pipes>>,
-    /// Switch to splicing after a full read.
-    auto: bool,
 }
 
 impl<'a> Direction<'a> {
-    fn new(
-        src: ReadHalf<'a>,
-        dst: WriteHalf<'a>,
-        total: &'a Total,
-        from_gateway: bool,
-        splice: SpliceMode,
-    ) -> Self {
+    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, total: &'a Total, from_gateway: bool) -> Self {
         Direction {
             from_gateway,
             src,
@@ -183,8 +195,6 @@ impl<'a> Direction<'a> {
             sent: 0,
             done: false,
             eof_to_pass: false,
-            pipes: (splice == SpliceMode::On).then(Box::default),
-            auto: splice == SpliceMode::Auto,
         }
     }
 
@@ -196,7 +206,13 @@ impl<'a> Direction<'a> {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+    /// `splice`: this direction's pipes slot and whether it may switch to splicing (`None`:
+    /// splicing is off).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut splice: Option<(&mut Option<crate::splice::Pipes>, bool)>,
+    ) -> Poll<Result<(), Failure>> {
         // Read errors are `src`'s side's, write errors `dst`'s.
         let from_gateway = self.from_gateway;
         let on_src = |error| Failure {
@@ -209,7 +225,7 @@ impl<'a> Direction<'a> {
         };
         while !self.done {
             ready!(self.flush(cx)).map_err(on_dst)?;
-            if let Some(pipes) = &mut self.pipes {
+            if let Some((Some(pipes), _)) = &mut splice {
                 let (src, dst): (&TcpStream, &TcpStream) = (self.src.as_ref(), self.dst.as_ref());
                 match ready!(pipes.poll(src, dst, self.total, cx)) {
                     Ok(()) => {
@@ -243,8 +259,10 @@ impl<'a> Direction<'a> {
                     self.sent = 0;
                     self.total.add(n as u64);
                     // A read that filled the buffer: a bulk transfer, spliced from now on.
-                    if self.auto && n == CHUNK {
-                        self.pipes = Some(Box::default());
+                    if let Some((slot, true)) = &mut splice
+                        && n == CHUNK
+                    {
+                        **slot = Some(crate::splice::Pipes::default());
                     }
                 }
             }
@@ -312,14 +330,21 @@ mod tests {
         (a, b)
     }
 
+    /// Every way of moving bytes: copying, splicing, copying then splicing.
     #[tokio::test]
     async fn forwards_large_transfers_both_ways_and_passes_half_close() {
+        for mode in [SpliceMode::Off, SpliceMode::On, SpliceMode::Auto] {
+            large_transfers(mode).await;
+        }
+    }
+
+    async fn large_transfers(mode: SpliceMode) {
         let (mut device, device_side) = pair().await;
         let (gateway_side, mut gateway) = pair().await;
         let relay = tokio::spawn(async move {
             let (mut device_side, mut gateway_side) = (device_side, gateway_side);
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&mut device_side, &mut gateway_side, &u, &d)
+            tcp(&mut device_side, &mut gateway_side, &u, &d, mode)
                 .await
                 .map(|()| (u.into_inner(), d.into_inner()))
         });
@@ -335,7 +360,7 @@ mod tests {
         });
         let mut got = Vec::new();
         gateway.read_to_end(&mut got).await.unwrap(); // ends when the device half-closes
-        assert!(got == up, "upstream bytes intact");
+        assert!(got == up, "{mode:?}: upstream bytes intact");
         gateway.write_all(&down2).await.unwrap();
         drop(gateway);
         assert!(
@@ -352,7 +377,7 @@ mod tests {
         let relay = tokio::spawn(async move {
             let (mut device_side, mut gateway_side) = (device_side, gateway_side);
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&mut device_side, &mut gateway_side, &u, &d).await
+            tcp(&mut device_side, &mut gateway_side, &u, &d, SpliceMode::Off).await
         });
         socket2::SockRef::from(&gateway)
             .set_linger(Some(std::time::Duration::ZERO))
