@@ -125,12 +125,7 @@ pub fn acceptor(
     let Some(tls) = tls else {
         return Ok(None);
     };
-    let named = |setting: &'static str| {
-        move |e| wasmbed_certs::CertError::Setting {
-            setting,
-            source: Box::new(e),
-        }
-    };
+    let named = wasmbed_certs::CertError::in_setting;
     let chain = wasmbed_certs::load_certs(&tls.cert).map_err(named("--admin-tls-cert"))?;
     let key = wasmbed_certs::load_key(&tls.key).map_err(named("--admin-tls-key"))?;
     let ca = tls

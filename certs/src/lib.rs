@@ -45,6 +45,17 @@ pub enum CertError {
     },
 }
 
+impl CertError {
+    /// Names the setting (flag or config key) a certificate, key or CRL file came from in its
+    /// error: `.map_err(CertError::in_setting("--tls-cert"))`.
+    pub fn in_setting(setting: &'static str) -> impl Fn(CertError) -> CertError {
+        move |e| CertError::Setting {
+            setting,
+            source: Box::new(e),
+        }
+    }
+}
+
 fn file_error(path: &Path, problem: impl std::fmt::Display) -> CertError {
     CertError::File {
         path: path.to_owned(),

@@ -126,19 +126,26 @@ impl DeviceTls {
         let Some(t) = &settings.tls else {
             return Ok(None);
         };
-        let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("--tls-cert"))?;
-        let key = wasmbed_certs::load_key(&t.key).map_err(setting("--tls-key"))?;
-        let mut ca = wasmbed_certs::load_certs(&t.client_ca).map_err(setting("--client-ca"))?;
+        let chain = wasmbed_certs::load_certs(&t.cert)
+            .map_err(wasmbed_certs::CertError::in_setting("--tls-cert"))?;
+        let key = wasmbed_certs::load_key(&t.key)
+            .map_err(wasmbed_certs::CertError::in_setting("--tls-key"))?;
+        let mut ca = wasmbed_certs::load_certs(&t.client_ca)
+            .map_err(wasmbed_certs::CertError::in_setting("--client-ca"))?;
         let mut proxy_ca = None;
         if let Some(path) = &t.trusted_proxy_ca {
-            let certs = wasmbed_certs::load_certs(path).map_err(setting("--trusted-proxy-ca"))?;
+            let certs = wasmbed_certs::load_certs(path)
+                .map_err(wasmbed_certs::CertError::in_setting("--trusted-proxy-ca"))?;
             proxy_ca = Some(wasmbed_certs::ProxyCa::new(&certs)?);
             // Proxies' certificates must pass the handshake too.
             ca.extend(certs);
         }
         let mut crls = Vec::new();
         for path in &t.client_crls {
-            crls.extend(wasmbed_certs::load_crls(path).map_err(setting("--client-crl"))?);
+            crls.extend(
+                wasmbed_certs::load_crls(path)
+                    .map_err(wasmbed_certs::CertError::in_setting("--client-crl"))?,
+            );
         }
         let revoked = wasmbed_certs::revoked_serials(&crls);
         let mut config = wasmbed_certs::server_config_with_crls(chain, key, Some(&ca), crls, &[])?;
@@ -283,14 +290,6 @@ impl Gateway {
         background.close();
         background.wait().await;
         Ok(())
-    }
-}
-
-/// Names the flag a certificate or key file came from in its error.
-fn setting(name: &'static str) -> impl Fn(wasmbed_certs::CertError) -> wasmbed_certs::CertError {
-    move |e| wasmbed_certs::CertError::Setting {
-        setting: name,
-        source: Box::new(e),
     }
 }
 

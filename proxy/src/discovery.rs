@@ -311,12 +311,13 @@ async fn watch(
             let wait = match answer {
                 Ok(answer) => {
                     failures = 0;
+                    // Applied first: whoever sees the counters sees the set they describe.
+                    apply(&live, &target, &origin, &answer.addrs, &mut known);
                     if answer.capped > 0 {
                         counter!(DISCOVERY_CAPPED, "source" => label.clone()).increment(1);
                         tracing::warn!(source = %label, ignored = answer.capped, max = config.max_addresses, "DNS answer capped");
                     }
                     gauge!(DISCOVERED, "source" => label.clone()).set(answer.addrs.len() as f64);
-                    apply(&live, &target, &origin, &answer.addrs, &mut known);
                     answer.ttl
                 }
                 Err(why) => {

@@ -283,19 +283,24 @@ impl DeviceTls {
                 revoked: Default::default(),
             });
         };
-        let chain = wasmbed_certs::load_certs(&t.cert).map_err(setting("tls.cert (--tls-cert)"))?;
-        let key = wasmbed_certs::load_key(&t.key).map_err(setting("tls.key (--tls-key)"))?;
+        let chain = wasmbed_certs::load_certs(&t.cert).map_err(
+            wasmbed_certs::CertError::in_setting("tls.cert (--tls-cert)"),
+        )?;
+        let key = wasmbed_certs::load_key(&t.key)
+            .map_err(wasmbed_certs::CertError::in_setting("tls.key (--tls-key)"))?;
         let client_ca = t
             .client_ca
             .as_deref()
             .map(wasmbed_certs::load_certs)
             .transpose()
-            .map_err(setting("tls.client_ca (--client-ca)"))?;
+            .map_err(wasmbed_certs::CertError::in_setting(
+                "tls.client_ca (--client-ca)",
+            ))?;
         let mut crls = Vec::new();
         for path in &t.client_crls {
-            crls.extend(
-                wasmbed_certs::load_crls(path).map_err(setting("tls.client_crl (--client-crl)"))?,
-            );
+            crls.extend(wasmbed_certs::load_crls(path).map_err(
+                wasmbed_certs::CertError::in_setting("tls.client_crl (--client-crl)"),
+            )?);
         }
         let revoked = wasmbed_certs::revoked_serials(&crls);
         let server =
@@ -341,11 +346,14 @@ pub(crate) fn connector(
 ) -> Result<Option<tokio_rustls::TlsConnector>, ProxyError> {
     let connector = match &config.upstream_tls {
         Some(up) => {
-            let ca = wasmbed_certs::load_certs(&up.ca).map_err(setting("upstream_tls.ca"))?;
+            let ca = wasmbed_certs::load_certs(&up.ca)
+                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.ca"))?;
             let client = match &up.client {
                 Some((cert, key)) => Some((
-                    wasmbed_certs::load_certs(cert).map_err(setting("upstream_tls.cert"))?,
-                    wasmbed_certs::load_key(key).map_err(setting("upstream_tls.key"))?,
+                    wasmbed_certs::load_certs(cert)
+                        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.cert"))?,
+                    wasmbed_certs::load_key(key)
+                        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.key"))?,
                 )),
                 None => None,
             };
@@ -356,14 +364,6 @@ pub(crate) fn connector(
         None => None,
     };
     Ok(connector)
-}
-
-/// Names the setting a certificate or key file came from in its error.
-fn setting(name: &'static str) -> impl Fn(wasmbed_certs::CertError) -> wasmbed_certs::CertError {
-    move |e| wasmbed_certs::CertError::Setting {
-        setting: name,
-        source: Box::new(e),
-    }
 }
 
 /// Binds and serves `config` until `shutdown` (see [`Proxy`]).
