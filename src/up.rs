@@ -67,6 +67,11 @@ pub struct UpArgs {
     /// measure what TLS on that link costs. Default: TLS with the proxy's client certificate.
     #[arg(long)]
     plain_link: bool,
+    /// Terminate mode: how the proxy reaches the gateways: `tcp`, a TLS connection per
+    /// session; `link`, one QUIC connection per gateway with a stream per session (gateways
+    /// started with --link).
+    #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|link")]
+    upstream: wasmbed_config::proxy::UpstreamMode,
     /// Write the scenario's results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -166,7 +171,7 @@ impl StopSignals {
 /// Starts gateway `gw-i` (certificates `gateway-i.*` of `dir`); returns its name, process,
 /// session address and admin address.
 fn spawn_gateway(
-    (mode, plain_link): (Mode, bool),
+    (mode, plain_link, link): (Mode, bool, bool),
     dir: &Path,
     i: usize,
     tls_tickets_off: bool,
@@ -200,11 +205,20 @@ fn spawn_gateway(
         // TLS on the link too: the proxy's client certificate (identity wasmbed-proxy) may
         // state the devices it verified; any other client must be the device it names.
         cmd.args(["--proxy-identity", crate::certs_cmd::PROXY_IDENTITY]);
+        if link {
+            cmd.arg("--link");
+        }
     }
     let (child, line) = spawn_ready(&mut cmd)?;
     let listen = field(&line, "listen=")?;
     let admin = field(&line, "admin=")?;
     Ok((name, child, listen, admin))
+}
+
+/// What a gateway needs to know of the proxy's link: mode, plaintext link, QUIC link.
+fn link_mode(args: &UpArgs) -> (Mode, bool, bool) {
+    let link = args.upstream == wasmbed_config::proxy::UpstreamMode::Link;
+    (args.mode, args.plain_link, link)
 }
 
 /// Writes the PKI for `certificates` gateways, starts `gateways` of them and the proxy.
@@ -232,7 +246,7 @@ fn start(
     let mut gw_flags = Vec::new();
     for i in 0..gateways {
         let (name, child, listen, admin) =
-            spawn_gateway((args.mode, args.plain_link), dir, i, args.no_tls_tickets)?;
+            spawn_gateway(link_mode(args), dir, i, args.no_tls_tickets)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }
@@ -272,6 +286,9 @@ fn start(
             cmd.args(["--upstream-ca", &d("ca.pem")])
                 .args(["--upstream-cert", &d("proxy-client.pem")])
                 .args(["--upstream-key", &d("proxy-client.key")]);
+        }
+        if args.upstream == wasmbed_config::proxy::UpstreamMode::Link {
+            cmd.args(["--upstream", "link"]);
         }
         if args.scenario == Some(Scenario::ScaleUp) {
             cmd.args(["--rebalance", "on"]);
@@ -320,6 +337,14 @@ pub fn run(args: UpArgs) -> ExitCode {
     }
     if let Err(e) = wasmbed_config::loadtest::check_rate(args.rate) {
         eprintln!("wasmbed up: {e}");
+        return ExitCode::from(2);
+    }
+    if args.upstream == wasmbed_config::proxy::UpstreamMode::Link
+        && (args.mode != Mode::Terminate || args.plain_link)
+    {
+        eprintln!(
+            "wasmbed up: --upstream link needs --mode terminate and TLS on the link (not --plain-link)"
+        );
         return ExitCode::from(2);
     }
     // Checked before anything starts: the fleet (and the second one of scale-up) runs in
@@ -414,6 +439,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     let scale = ScaleUp {
         mode: args.mode,
         plain_link: args.plain_link,
+        link: args.upstream == wasmbed_config::proxy::UpstreamMode::Link,
         dir: dir.clone(),
         proxy_admin: admin,
         second: LoadtestSettings {

@@ -42,6 +42,8 @@ pub mod proxy {
     /// DNS discovery: answers are re-resolved at their TTL, clamped to this range.
     pub const DNS_REFRESH_MIN: Duration = Duration::from_secs(1);
     pub const DNS_REFRESH_MAX: Duration = Duration::from_secs(30);
+    /// `--upstream link`: a link silent this long is lost.
+    pub const LINK_TIMEOUT: Duration = Duration::from_secs(1);
 }
 
 /// Defaults of `wasmbed gateway`.

@@ -80,6 +80,12 @@ pub struct GatewayFlags {
     /// a device that re-homes resumes TLS on any gateway: this turns them off.
     #[arg(long)]
     pub no_tls_tickets: bool,
+    /// Also serve the multiplexed link of terminating proxies (`wasmbed proxy --upstream
+    /// link`): QUIC on UDP at the --listen address and port, ALPN `wasmbed-link/1`, one stream
+    /// per device session. Needs TLS and the proxies' certificates (--trusted-proxy-ca or
+    /// --proxy-identity): only a proxy may open a link; a device certificate is refused.
+    #[arg(long)]
+    pub link: bool,
     /// Worker threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -134,6 +140,8 @@ struct RawGateway {
     ticket_lifetime: Option<String>,
     #[serde(default)]
     no_tls_tickets: bool,
+    #[serde(default)]
+    link: bool,
     threads: Option<usize>,
     admin_token_file: Option<PathBuf>,
     admin_tls_cert: Option<PathBuf>,
@@ -185,6 +193,8 @@ pub struct GatewaySettings {
     pub ticket_lifetime: Duration,
     /// TLS session tickets under the key ring (with TLS and `session_keys`).
     pub tls_tickets: bool,
+    /// Serve the proxies' multiplexed QUIC link on UDP at the session port (`--link`).
+    pub link: bool,
     pub threads: Option<usize>,
     /// Who may change things through the admin endpoint.
     pub admin_auth: crate::admin::AdminAuth,
@@ -306,6 +316,7 @@ impl GatewaySettings {
             raw.admin_client_ca = f.admin_tls.admin_client_ca.clone();
         }
         raw.no_tls_tickets |= f.no_tls_tickets;
+        raw.link |= f.link;
         if !f.proxy_identity.is_empty() {
             raw.proxy_identity = f.proxy_identity.clone();
         }
@@ -386,6 +397,17 @@ impl GatewaySettings {
                 ));
             }
         };
+        if raw.link
+            && tls
+                .as_ref()
+                .is_none_or(|t| t.trusted_proxy_ca.is_none() && t.proxy_identities.is_empty())
+        {
+            return Err(ConfigError::field(
+                "link",
+                "needs TLS and the proxies' certificates (--trusted-proxy-ca or \
+                 --proxy-identity): a link is opened only by an authenticated proxy",
+            ));
+        }
         let call_timeout = duration_or(
             "call_timeout",
             raw.call_timeout.as_deref(),
@@ -442,6 +464,7 @@ impl GatewaySettings {
         }
         Ok(GatewaySettings {
             tls_tickets: !raw.no_tls_tickets,
+            link: raw.link,
             session_keys: raw.session_keys,
             max_state,
             checkpoint_every,

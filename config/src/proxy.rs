@@ -155,6 +155,15 @@ pub struct ProxyFlags {
     /// bytes are in flight.
     #[arg(long, value_enum, value_name = "off|on|auto")]
     pub splice: Option<SpliceMode>,
+    /// Terminate mode: how sessions reach their gateways: `tcp` (default), a connection each
+    /// (TLS with [upstream_tls]); `link`, one multiplexed QUIC connection per gateway
+    /// (`wasmbed gateway --link`, UDP at the gateway's session port) with a stream per
+    /// session: no connect or handshake per session or per move, two descriptors fewer per
+    /// session. Needs [upstream_tls] with the proxy's client certificate.
+    #[arg(long, value_enum, value_name = "tcp|link")]
+    pub upstream: Option<UpstreamMode>,
+    #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
+    pub link_timeout: Option<String>,
     /// Allow a config with no gateway at all (for example a reload that removes them all):
     /// devices are then refused until one is added. Without it such a config is refused.
     #[arg(long)]
@@ -172,6 +181,17 @@ pub enum SpliceMode {
     On,
     /// Copy until a read fills the buffer, then splice that direction.
     Auto,
+}
+
+/// How terminate mode reaches gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    /// A TCP connection (TLS with `[upstream_tls]`) per session.
+    #[default]
+    Tcp,
+    /// A stream per session on one QUIC connection per gateway.
+    Link,
 }
 
 /// `on` or `off`.
@@ -340,6 +360,10 @@ pub struct ProxyConfig {
     pub allow_empty: bool,
     /// Passthrough forwarding by splice(2).
     pub splice: SpliceMode,
+    /// Terminate mode: a connection per session, or a stream on a link per gateway.
+    pub upstream: UpstreamMode,
+    /// A link silent this long is lost (`--link-timeout`).
+    pub link_timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -380,6 +404,8 @@ struct RawProxy {
     #[serde(default)]
     allow_empty: bool,
     splice: Option<SpliceMode>,
+    upstream: Option<UpstreamMode>,
+    link_timeout: Option<String>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -599,6 +625,33 @@ impl ProxyConfig {
                 "only applies in passthrough (in terminate mode the bytes pass through TLS at the proxy)",
             ));
         }
+        let upstream = raw.upstream.unwrap_or_default();
+        if upstream == UpstreamMode::Link {
+            if mode != Mode::Terminate {
+                return Err(ConfigError::field(
+                    "upstream",
+                    "`link` needs terminate mode (in passthrough the device's TLS goes to the gateway as is)",
+                ));
+            }
+            if upstream_tls.as_ref().is_none_or(|u| u.client.is_none()) {
+                return Err(ConfigError::field(
+                    "upstream",
+                    "`link` needs [upstream_tls] with the proxy's client certificate \
+                     (--upstream-ca, --upstream-cert, --upstream-key): a link is always mutual TLS",
+                ));
+            }
+        }
+        let link_timeout = duration_or(
+            "link_timeout",
+            raw.link_timeout.as_deref(),
+            defaults::LINK_TIMEOUT,
+        )?;
+        if !(Duration::from_millis(100)..=Duration::from_secs(600)).contains(&link_timeout) {
+            return Err(ConfigError::field(
+                "link_timeout",
+                "must be between 100ms and 10min",
+            ));
+        }
         if mode == Mode::Passthrough && migration.rebalance {
             return Err(ConfigError::field(
                 "rebalance",
@@ -655,6 +708,8 @@ impl ProxyConfig {
             discovery,
             allow_empty,
             splice: raw.splice.unwrap_or_default(),
+            upstream,
+            link_timeout,
         })
     }
 }
@@ -733,6 +788,8 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.max_discovered, f.max_discovered);
     raw.allow_empty |= f.allow_empty;
     set(&mut raw.splice, f.splice);
+    set(&mut raw.upstream, f.upstream);
+    set(&mut raw.link_timeout, f.link_timeout.clone());
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();

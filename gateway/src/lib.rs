@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod host;
+pub mod link;
 pub mod metrics;
 pub mod proxy_header;
 pub mod session;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +49,8 @@ pub enum GatewayError {
     Apps(#[from] AppError),
     #[error("--session-keys: {0}")]
     Keys(#[from] ticket::KeyRingError),
+    #[error("--link: {0}")]
+    Link(String),
 }
 
 /// What every session and the admin endpoint share.
@@ -64,6 +68,8 @@ pub struct Shared {
     pub tls: arc_swap::ArcSwapOption<DeviceTls>,
     /// Bumped by each TLS reload: live sessions check their device against the CRLs.
     pub reloads: tokio::sync::watch::Sender<u64>,
+    /// The proxies' link endpoint (`--link`): a TLS reload gives it the new configuration.
+    pub link: Option<quinn::Endpoint>,
 }
 
 impl Shared {
@@ -75,6 +81,14 @@ impl Shared {
             return Ok(());
         };
         let revoked = tls.revoked.len();
+        if let Some(endpoint) = &self.link {
+            let s = &self.settings;
+            endpoint.set_server_config(Some(link::server_config(
+                &tls,
+                s.max_sessions,
+                s.max_frame,
+            )?));
+        }
         self.tls.store(Some(Arc::new(tls)));
         self.reloads.send_modify(|n| *n += 1);
         tracing::info!(revoked, "TLS reloaded (certificate, CAs, CRLs)");
@@ -118,6 +132,27 @@ pub struct DeviceTls {
 }
 
 impl DeviceTls {
+    /// Whether `chain` is a terminating proxy's, which speaks for the devices behind it: by
+    /// its identity (`--proxy-identity`) or its CA (`--trusted-proxy-ca`).
+    pub fn speaks_for_devices(
+        &self,
+        settings: &GatewaySettings,
+        chain: &[CertificateDer<'_>],
+    ) -> bool {
+        let by_ca = self.proxy_ca.as_ref().is_some_and(|p| p.vouches_for(chain));
+        let by_name = || {
+            let proxies = settings
+                .tls
+                .as_ref()
+                .map_or(&[][..], |t| &t.proxy_identities[..]);
+            chain
+                .first()
+                .and_then(wasmbed_certs::peer_identity)
+                .is_some_and(|id| proxies.contains(&id))
+        };
+        by_ca || by_name()
+    }
+
     /// Reads certificate, key, device CA, proxies' CA and CRLs (`None`: plaintext).
     fn load(
         settings: &GatewaySettings,
@@ -191,20 +226,37 @@ impl Gateway {
         let keys = Arc::new(arc_swap::ArcSwapOption::new(keys));
         let tls = DeviceTls::load(&settings, &keys)?;
         let admin_tls = wasmbed_admin::acceptor(settings.admin_auth.tls.as_ref())?;
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| GatewayError::Bind { what, addr, source })
+        let bind = |addr: SocketAddr, what: &'static str, link: bool| {
+            let error = |source| GatewayError::Bind { what, addr, source };
+            let (tcp, udp) = link::bind_pair(addr, link).map_err(error)?;
+            Ok::<_, GatewayError>((TcpListener::from_std(tcp).map_err(error)?, udp))
         };
-        let listener = bind(settings.listen, "device sessions, --listen").await?;
+        let (listener, udp) = bind(settings.listen, "device sessions, --listen", settings.link)?;
         let admin = match settings.admin {
-            Some(a) => Some(bind(a, "admin, --admin").await?),
+            Some(a) => Some(bind(a, "admin, --admin", false)?.0),
             None => None,
+        };
+        let link = match (udp, &tls) {
+            (Some(udp), Some(tls)) => {
+                let config = link::server_config(tls, settings.max_sessions, settings.max_frame)?;
+                let runtime = quinn::default_runtime()
+                    .ok_or_else(|| GatewayError::Link("no async runtime".into()))?;
+                let endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(config),
+                    udp,
+                    runtime,
+                )
+                .map_err(|e| GatewayError::Link(e.to_string()))?;
+                Some(endpoint)
+            }
+            _ => None,
         };
         let shared = Arc::new(Shared {
             keys,
             tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
             reloads: tokio::sync::watch::Sender::new(0),
+            link,
             settings,
             host,
             sessions: AtomicUsize::new(0),
@@ -251,6 +303,16 @@ impl Gateway {
             ));
         }
         let sessions = TaskTracker::new();
+        let link_stop = CancellationToken::new();
+        if let Some(endpoint) = shared.link.clone() {
+            tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "link (QUIC) listening");
+            background.spawn(link::serve(
+                shared.clone(),
+                endpoint,
+                sessions.clone(),
+                link_stop.clone(),
+            ));
+        }
         tracing::info!(addr = %self.listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             name = %shared.settings.name, tls = shared.tls.load().is_some(), "gateway listening");
         loop {
@@ -287,6 +349,10 @@ impl Gateway {
             shutdown.cancelled().await;
         }
         admin_stop.cancel();
+        link_stop.cancel();
+        if let Some(endpoint) = &shared.link {
+            endpoint.close(quinn::VarInt::from_u32(link::SHUTDOWN), b"gateway stopping");
+        }
         background.close();
         background.wait().await;
         Ok(())
@@ -348,25 +414,15 @@ async fn accept(
             };
             let chain = tls.get_ref().1.peer_certificates().unwrap_or(&[]);
             let identity = chain.first().and_then(wasmbed_certs::peer_identity);
-            // A terminating proxy's certificate speaks for the devices behind it: by its
-            // identity (`--proxy-identity`) or its CA (`--trusted-proxy-ca`).
-            let proxies = shared
-                .settings
-                .tls
-                .as_ref()
-                .map_or(&[][..], |t| &t.proxy_identities[..]);
-            let by_ca = device_tls
-                .proxy_ca
-                .as_ref()
-                .is_some_and(|p| p.vouches_for(chain));
             let serial = chain.first().and_then(wasmbed_certs::serial_of);
-            let (identity, serial) = match identity {
+            let (identity, serial) = if device_tls.speaks_for_devices(&shared.settings, chain) {
                 // The proxy's statement of the device (PROXY header), when it made one.
-                Some(id) if by_ca || proxies.contains(&id) => {
+                if let Some(id) = &identity {
                     tracing::Span::current().record("proxy", id.as_str());
-                    (stated, None)
                 }
-                other => (other, serial),
+                (stated, None)
+            } else {
+                (identity, serial)
             };
             session::serve(shared, tls, (identity, serial), drain).await;
         }

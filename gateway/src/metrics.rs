@@ -30,6 +30,7 @@ pub const CHECKPOINTS: &str = "wasmbed_gateway_checkpoints_total";
 pub const TICKET_BYTES: &str = "wasmbed_gateway_ticket_bytes";
 pub const SNAPSHOT: &str = "wasmbed_gateway_snapshot_duration_seconds";
 pub const RESTORE: &str = "wasmbed_gateway_restore_duration_seconds";
+pub const LINKS: &str = "wasmbed_gateway_links_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -54,6 +55,7 @@ pub const ALL: &[&str] = &[
     TICKET_BYTES,
     SNAPSHOT,
     RESTORE,
+    LINKS,
 ];
 
 const BUCKETS: &[f64] = &[
@@ -145,6 +147,10 @@ fn describe() {
     );
     describe_histogram!(SNAPSHOT, Unit::Seconds, "Time of an app's snapshot call.");
     describe_histogram!(RESTORE, Unit::Seconds, "Time of an app's restore call.");
+    describe_counter!(
+        LINKS,
+        "Links (QUIC) from terminating proxies, by result: accepted, not_a_proxy, handshake, timeout."
+    );
 }
 
 /// Appends `wasmbed_gateway_app_calls_total{app}`: one series per loaded app (from 0), none

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ppp::v2::{Addresses, Command, Header, PROTOCOL_PREFIX, Type};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
 /// The fixed part: signature (12), version and command, family and protocol, length (2).
@@ -68,6 +68,14 @@ pub async fn read(
     if !allowed.iter().any(|n| n.contains(&peer.ip())) {
         return Err(Refused::NotAllowed);
     }
+    read_from(stream, deadline).await.map(Some)
+}
+
+/// Reads a header that must be there (a link stream's first bytes), within `deadline`.
+pub async fn read_from<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    deadline: Duration,
+) -> Result<ProxyInfo, Refused> {
     let reading = async {
         let mut buf = vec![0u8; FIXED];
         stream
@@ -91,7 +99,7 @@ pub async fn read(
     let buf = tokio::time::timeout(deadline, reading)
         .await
         .map_err(|_| Refused::Truncated)??;
-    parse(&buf).map(Some)
+    parse(&buf)
 }
 
 /// Parses a whole header.

@@ -897,7 +897,7 @@ async fn attempt(
     lease: Lease,
     hello: (&[u8], &crate::proxy_protocol::Origin),
 ) -> Result<Relinked, String> {
-    let stream = crate::session::dial_gateway(ctx, lease.gateway())
+    let stream = crate::session::dial_upstream(ctx, lease.gateway().clone())
         .await
         .map_err(|e| e.to_string())?;
     let opened = tokio::time::timeout(
@@ -941,33 +941,43 @@ pub(crate) enum OpenError {
     Closed,
 }
 
-/// Opens a link on `stream`: TLS when configured, HELLO, and the gateway's first frame.
+/// Opens a link on `dialed`: TLS when configured (a PROXY header first for pools that want
+/// one; always on a link stream), HELLO, and the gateway's first frame.
 pub(crate) async fn open(
     ctx: &Context,
     gateway: &Gateway,
-    mut stream: TcpStream,
+    dialed: crate::session::Dialed,
     (hello, origin): (&[u8], &crate::proxy_protocol::Origin),
 ) -> Result<(Box<dyn Upstream>, Frame, BytesMut), OpenError> {
-    if crate::session::wants_proxy_header(ctx, gateway) {
-        let header = origin.header().map_err(OpenError::Io)?;
-        stream.write_all(&header).await.map_err(OpenError::Io)?;
-    }
-    let mut up: Box<dyn Upstream> = match &ctx.connector {
-        Some(connector) => {
-            let name = crate::session::upstream_name(ctx, &gateway.addr);
-            match connector.connect(name, stream).await {
-                Ok(up) => {
-                    let kind = match up.get_ref().1.handshake_kind() {
-                        Some(rustls::HandshakeKind::Resumed) => "resumed",
-                        _ => "full",
-                    };
-                    counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
-                    Box::new(up)
+    let mut up: Box<dyn Upstream> = match dialed {
+        crate::session::Dialed::Link(mut up) => {
+            let header = origin.header().map_err(OpenError::Io)?;
+            up.write_all(&header).await.map_err(OpenError::Io)?;
+            up
+        }
+        crate::session::Dialed::Tcp(mut stream) => {
+            if crate::session::wants_proxy_header(ctx, gateway) {
+                let header = origin.header().map_err(OpenError::Io)?;
+                stream.write_all(&header).await.map_err(OpenError::Io)?;
+            }
+            match &ctx.connector {
+                Some(connector) => {
+                    let name = crate::session::upstream_name(ctx, &gateway.addr);
+                    match connector.connect(name, stream).await {
+                        Ok(up) => {
+                            let kind = match up.get_ref().1.handshake_kind() {
+                                Some(rustls::HandshakeKind::Resumed) => "resumed",
+                                _ => "full",
+                            };
+                            counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
+                            Box::new(up)
+                        }
+                        Err(e) => return Err(OpenError::Tls(e)),
+                    }
                 }
-                Err(e) => return Err(OpenError::Tls(e)),
+                None => Box::new(stream),
             }
         }
-        None => Box::new(stream),
     };
     let tls_or_io = |e: io::Error| {
         if crate::session::is_tls_error(&e) {

@@ -30,6 +30,7 @@ pub mod dashboard;
 pub mod discovery;
 pub mod forward;
 pub mod health;
+pub mod link;
 pub mod listener;
 pub mod live;
 pub mod metrics;
@@ -113,7 +114,9 @@ impl Proxy {
         let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
         let hard_stop = CancellationToken::new();
         let probes_stop = CancellationToken::new();
-        let ctx = session::Context::new(config, gateways, tls, hard_stop.clone());
+        let links = link::Links::new(&config)?;
+        let mut ctx = session::Context::new(config, gateways, tls, hard_stop.clone());
+        ctx.links = links;
         Ok(Proxy {
             listeners,
             admin,
@@ -221,6 +224,9 @@ impl Proxy {
             hard_stop.cancel();
             gateways.snapshot().iter().for_each(|g| g.cut_sessions());
             sessions.wait().await;
+        }
+        if let Some(links) = &live.context().links {
+            links.close().await;
         }
         probes_stop.cancel();
         background.close();
@@ -344,26 +350,28 @@ fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
 pub(crate) fn connector(
     config: &ProxyConfig,
 ) -> Result<Option<tokio_rustls::TlsConnector>, ProxyError> {
-    let connector = match &config.upstream_tls {
-        Some(up) => {
-            let ca = wasmbed_certs::load_certs(&up.ca)
-                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.ca"))?;
-            let client = match &up.client {
-                Some((cert, key)) => Some((
-                    wasmbed_certs::load_certs(cert)
-                        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.cert"))?,
-                    wasmbed_certs::load_key(key)
-                        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.key"))?,
-                )),
-                None => None,
-            };
-            Some(tokio_rustls::TlsConnector::from(
-                wasmbed_certs::client_config(&ca, client)?,
-            ))
-        }
+    Ok(upstream_client_config(config)?.map(tokio_rustls::TlsConnector::from))
+}
+
+/// The TLS client settings towards gateways (`[upstream_tls]`), for TCP and for links.
+pub(crate) fn upstream_client_config(
+    config: &ProxyConfig,
+) -> Result<Option<Arc<rustls::ClientConfig>>, ProxyError> {
+    let Some(up) = &config.upstream_tls else {
+        return Ok(None);
+    };
+    let ca = wasmbed_certs::load_certs(&up.ca)
+        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.ca"))?;
+    let client = match &up.client {
+        Some((cert, key)) => Some((
+            wasmbed_certs::load_certs(cert)
+                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.cert"))?,
+            wasmbed_certs::load_key(key)
+                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.key"))?,
+        )),
         None => None,
     };
-    Ok(connector)
+    Ok(Some(wasmbed_certs::client_config(&ca, client)?))
 }
 
 /// Binds and serves `config` until `shutdown` (see [`Proxy`]).

@@ -163,7 +163,14 @@ impl Live {
         // Everything that can fail, first.
         let tls = crate::DeviceTls::prepare(crate::DeviceTls::of(&new))?;
         let connector = crate::connector(&new)?;
+        let link_client = match &old_ctx.links {
+            Some(_) => Some(crate::link::client_config(&new)?),
+            None => None,
+        };
         // Then the changes.
+        if let (Some(links), Some(client)) = (&old_ctx.links, link_client) {
+            links.set_client(client);
+        }
         report.revoked_serials = old_ctx.device_tls.install(tls);
         let health_changed = new.health != old.health;
         let ctx = Arc::new(old_ctx.next(new, connector));
@@ -245,6 +252,13 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
         changed,
     );
     keep("log_format", &old.log_format, &mut new.log_format, changed);
+    keep("upstream", &old.upstream, &mut new.upstream, changed);
+    keep(
+        "link_timeout",
+        &old.link_timeout,
+        &mut new.link_timeout,
+        changed,
+    );
 }
 
 /// Takes the gateway `name` out of the set: no new sessions, its prober stops, its live

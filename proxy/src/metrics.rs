@@ -51,6 +51,7 @@ pub const DISCOVERY_ERRORS: &str = "wasmbed_proxy_discovery_errors_total";
 pub const DISCOVERY_CAPPED: &str = "wasmbed_proxy_discovery_capped_total";
 pub const DISCOVERED: &str = "wasmbed_proxy_discovered_addresses";
 pub const DISCOVERY_CHANGES: &str = "wasmbed_proxy_discovery_changes_total";
+pub const LINKS: &str = "wasmbed_proxy_links_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -90,6 +91,7 @@ pub const ALL: &[&str] = &[
     DISCOVERY_CAPPED,
     DISCOVERED,
     DISCOVERY_CHANGES,
+    LINKS,
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -246,6 +248,10 @@ fn describe() {
     describe_counter!(
         DISCOVERY_CHANGES,
         "Gateways changed by DNS discovery, by source and change: added, gone (drained), returned (undrained), removed."
+    );
+    describe_counter!(
+        LINKS,
+        "--upstream link: links (QUIC connections) to gateways, by result: up, failed (could not be made), lost (closed by the gateway or silent for --link-timeout)."
     );
     describe_counter!(
         SESSIONS_BY_ALPN,

@@ -33,6 +33,8 @@ pub struct Context {
     pub gateways: Arc<GatewaySet>,
     pub device_tls: Arc<crate::DeviceTls>,
     pub connector: Option<tokio_rustls::TlsConnector>,
+    /// `--upstream link`: the links to the gateways (shared by every context of a run).
+    pub links: Option<Arc<crate::link::Links>>,
     /// Cancelled when the shutdown grace period is over (every gateway's session token is
     /// cancelled with it): tells a cut session that the cause was shutdown.
     pub hard_stop: CancellationToken,
@@ -66,6 +68,7 @@ impl Context {
             gateways,
             device_tls,
             connector,
+            links: None,
             hard_stop,
             meters: Meters::new(),
             routed,
@@ -87,6 +90,7 @@ impl Context {
         );
         self.pacer.set_rate(next.config.migration.move_rate);
         next.pacer = self.pacer.clone();
+        next.links = self.links.clone();
         next
     }
 }
@@ -338,7 +342,7 @@ async fn terminate(
     };
     let pools = pools_for(ctx, matched);
     drop(attributes);
-    let (lease, gateway) = connect(ctx, &pools).await?;
+    let (lease, gateway) = connect_with(ctx, &pools, dial_upstream).await?;
     // HELLO goes first and the gateway's first frame comes back before the session is
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
@@ -668,12 +672,25 @@ impl AlpnCounts {
 /// failed connect, counts a passive failure and tries the next best, up to `connect_retries`
 /// more.
 async fn connect(ctx: &Context, pools: &[String]) -> Result<(Lease, TcpStream), Refused> {
+    connect_with(ctx, pools, dial_gateway).await
+}
+
+/// Takes a lease on the best gateway of `pools` and reaches it with `dial`; on failure, the
+/// next best (up to `connect_retries` more).
+async fn connect_with<'c, T, F>(
+    ctx: &'c Context,
+    pools: &[String],
+    dial: impl Fn(&'c Context, Arc<Gateway>) -> F,
+) -> Result<(Lease, T), Refused>
+where
+    F: Future<Output = io::Result<T>>,
+{
     let mut tried = Vec::new();
     for _ in 0..=ctx.config.connect_retries {
         let Some(lease) = ctx.gateways.acquire_first(pools, &tried) else {
             break;
         };
-        match dial_gateway(ctx, lease.gateway()).await {
+        match dial(ctx, lease.gateway().clone()).await {
             Ok(stream) => return Ok((lease, stream)),
             Err(e) if is_fd_exhaustion(&e) => return Err(refused(Refusal::FdLimit, e)),
             Err(_) => tried.push(lease.gateway().clone()),
@@ -692,10 +709,36 @@ async fn connect(ctx: &Context, pools: &[String]) -> Result<(Lease, TcpStream), 
     })
 }
 
+/// Terminate mode's way to a gateway, before HELLO: a TCP connection (TLS comes next), or a
+/// stream on the gateway's link (`--upstream link`).
+pub(crate) enum Dialed {
+    Tcp(TcpStream),
+    Link(Box<dyn Upstream>),
+}
+
+/// Reaches `gateway` the configured way (see [`Dialed`]); failures count as in
+/// [`dial_gateway`].
+pub(crate) async fn dial_upstream(ctx: &Context, gateway: Arc<Gateway>) -> io::Result<Dialed> {
+    let Some(links) = &ctx.links else {
+        return dial_gateway(ctx, gateway).await.map(Dialed::Tcp);
+    };
+    let started = Instant::now();
+    match links.open(ctx, &gateway).await {
+        Ok(up) => {
+            ctx.meters.connect.record(started.elapsed().as_secs_f64());
+            Ok(Dialed::Link(up))
+        }
+        Err(error) => {
+            connect_failed(ctx, &gateway, &error);
+            Err(error)
+        }
+    }
+}
+
 /// Connects to `gateway` within `connect_timeout`. A failure (other than the proxy's own
 /// descriptor limit) is counted against the gateway, wakes its prober, and counts as a failed
 /// health observation.
-pub(crate) async fn dial_gateway(ctx: &Context, gateway: &Arc<Gateway>) -> io::Result<TcpStream> {
+pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Result<TcpStream> {
     let started = Instant::now();
     let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
         Ok(Ok(stream)) => {
@@ -706,6 +749,13 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: &Arc<Gateway>) -> io::R
         Ok(Err(e)) => e,
         Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
     };
+    connect_failed(ctx, &gateway, &error);
+    Err(error)
+}
+
+/// A failed connect (or link stream) is counted against the gateway, wakes its prober, and
+/// counts as a failed health observation.
+fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
     counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
     gateway.suspect();
     tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
@@ -714,7 +764,6 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: &Arc<Gateway>) -> io::R
         let change = gateway.observe(false, health.rise, health.fall);
         crate::health::report(gateway, change, &error.to_string());
     }
-    Err(error)
 }
 
 async fn dial(addr: &str) -> io::Result<TcpStream> {

@@ -401,6 +401,7 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
 pub(super) struct ScaleUp {
     pub(super) mode: Mode,
     pub(super) plain_link: bool,
+    pub(super) link: bool,
     pub(super) dir: PathBuf,
     pub(super) proxy_admin: SocketAddr,
     /// The second fleet, started once the new gateway is in.
@@ -432,14 +433,18 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     let (all_up, before) = settle(live, devices).await;
     let moves_before = Moves::read(proxy_admin);
     let index = stack.gateways.len();
-    let (name, child, listen, gw_admin) =
-        match spawn_gateway((scale.mode, scale.plain_link), &scale.dir, index, false) {
-            Ok(g) => g,
-            Err(e) => {
-                eprintln!("wasmbed up: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let (name, child, listen, gw_admin) = match spawn_gateway(
+        (scale.mode, scale.plain_link, scale.link),
+        &scale.dir,
+        index,
+        false,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("wasmbed up: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let _new_gateway = Killed(child);
     let added_at = Instant::now();
     let body = format!(r#"{{"name":"{name}","address":"{listen}","health_address":"{gw_admin}"}}"#);

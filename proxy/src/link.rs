@@ -1,0 +1,252 @@
+//! `--upstream link`: one multiplexed QUIC connection (quinn) per gateway, a bidirectional
+//! stream per device session, instead of a TCP (+ TLS) connection per session.
+//!
+//! The link is mutual TLS: the gateway's server certificate is checked against
+//! `[upstream_tls] ca` (and `server_name`), the proxy presents its client certificate, and the
+//! gateway (`wasmbed gateway --link`) accepts only proxies' certificates. A stream opens with
+//! a PROXY v2 header (the device's address, SNI and verified identity), then the session's
+//! frames: the gateway serves it exactly as a session on TCP. Opening a stream costs no
+//! round trip, no descriptor and no handshake, so a move to another gateway is a stream open.
+//!
+//! A link is made on first use and shared by every session to that gateway; when it is lost
+//! (the gateway closed it, or nothing was heard for `--link-timeout` while keep-alives went
+//! out at a quarter of it) every stream on it fails, so its sessions move at once, and the
+//! next session makes a new link.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use metrics::counter;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, Endpoint, VarInt};
+use tokio::sync::OnceCell;
+use wasmbed_config::ProxyConfig;
+
+use crate::balancer::Gateway;
+use crate::session::{Context, Upstream};
+
+/// The link's ALPN protocol (the gateway's `wasmbed_gateway::link::ALPN`).
+pub const ALPN: &[u8] = b"wasmbed-link/1";
+/// Close code when the proxy drops a link (gateway removed, proxy stopping).
+const GONE: u32 = 0;
+/// Receive window per stream (gateway to proxy): a frame (64 KiB at most) and its header.
+const STREAM_WINDOW: u32 = 128 << 10;
+/// Receive window per link, shared by its streams.
+const LINK_WINDOW: u32 = 16 << 20;
+
+type Cell = Arc<OnceCell<Connection>>;
+
+/// The links of one proxy: one client endpoint (one UDP socket) and a connection per
+/// gateway address.
+pub struct Links {
+    endpoint: Endpoint,
+    client: ArcSwap<quinn::ClientConfig>,
+    conns: Mutex<HashMap<String, Cell>>,
+}
+
+/// The QUIC client settings from `[upstream_tls]` and `--link-timeout`.
+pub(crate) fn client_config(
+    config: &ProxyConfig,
+) -> Result<quinn::ClientConfig, crate::ProxyError> {
+    let tls = crate::upstream_client_config(config)?
+        .ok_or_else(|| crate::ProxyError::Reload("--upstream link needs [upstream_tls]".into()))?;
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No 0-RTT on the link: its first bytes carry HELLO and DATA, which must not be replayable.
+    tls.enable_early_data = false;
+    let crypto = QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| crate::ProxyError::Reload(format!("link TLS: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let timeout = config.link_timeout;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(LINK_WINDOW))
+        .send_window(u64::from(LINK_WINDOW))
+        .keep_alive_interval(Some(timeout / 4))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(timeout).ok());
+    client.transport_config(Arc::new(transport));
+    Ok(client)
+}
+
+impl Links {
+    /// The links of `config`, when it says `--upstream link`.
+    pub(crate) fn new(config: &ProxyConfig) -> Result<Option<Arc<Links>>, crate::ProxyError> {
+        if config.upstream != wasmbed_config::proxy::UpstreamMode::Link {
+            return Ok(None);
+        }
+        let client = client_config(config)?;
+        let bind: SocketAddr = if config.gateways.iter().any(|g| g.addr.starts_with('[')) {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = Endpoint::client(bind).map_err(|source| crate::ProxyError::Bind {
+            what: "link (QUIC client socket)",
+            addr: bind,
+            source,
+        })?;
+        Ok(Some(Arc::new(Links {
+            endpoint,
+            client: ArcSwap::from_pointee(client),
+            conns: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    /// New links use `client` (a reload); live ones keep theirs.
+    pub(crate) fn set_client(&self, client: quinn::ClientConfig) {
+        self.client.store(Arc::new(client));
+    }
+
+    /// Opens a session's stream on the link to `gateway`, making the link if there is none.
+    pub(crate) async fn open(
+        &self,
+        ctx: &Context,
+        gateway: &Arc<Gateway>,
+    ) -> io::Result<Box<dyn Upstream>> {
+        let conn = self.connection(ctx, gateway).await?;
+        let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
+        Ok(Box::new(tokio::io::join(recv, send)))
+    }
+
+    /// The live link to `gateway`, made now if needed (one attempt at a time per gateway:
+    /// sessions arriving meanwhile wait for it).
+    async fn connection(&self, ctx: &Context, gateway: &Arc<Gateway>) -> io::Result<Connection> {
+        let cell = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let cell = conns.entry(gateway.addr.clone()).or_default();
+            if cell.get().is_some_and(|c| c.close_reason().is_some()) {
+                *cell = Cell::default();
+            }
+            cell.clone()
+        };
+        cell.get_or_try_init(|| self.connect(ctx, gateway))
+            .await
+            .cloned()
+    }
+
+    async fn connect(&self, ctx: &Context, gateway: &Arc<Gateway>) -> io::Result<Connection> {
+        let started = Instant::now();
+        let attempt = async {
+            let addr = tokio::net::lookup_host(&gateway.addr)
+                .await?
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+            let name = crate::session::upstream_name(ctx, &gateway.addr);
+            let client = (**self.client.load()).clone();
+            let connecting = self
+                .endpoint
+                .connect_with(client, addr, &name.to_str())
+                .map_err(io::Error::other)?;
+            connecting.await.map_err(io::Error::other)
+        };
+        let conn = match tokio::time::timeout(ctx.config.connect_timeout, attempt).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                counter!(crate::metrics::LINKS, "result" => "failed").increment(1);
+                tracing::warn!(gateway = %gateway.name, error = %e, "link to the gateway failed");
+                return Err(e);
+            }
+            Err(_) => {
+                counter!(crate::metrics::LINKS, "result" => "failed").increment(1);
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "link timed out"));
+            }
+        };
+        counter!(crate::metrics::LINKS, "result" => "up").increment(1);
+        tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
+        tokio::spawn(watch(
+            conn.clone(),
+            Arc::downgrade(gateway),
+            ctx.config.link_timeout,
+        ));
+        Ok(conn)
+    }
+
+    /// Live links (for the metrics gauge and tests).
+    pub fn live(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|c| c.get().is_some_and(|c| c.close_reason().is_none()))
+            .count()
+    }
+
+    /// Closes every link and waits (bounded) until the gateways know.
+    pub(crate) async fn close(&self) {
+        self.endpoint
+            .close(VarInt::from_u32(GONE), b"proxy stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Watches a link: when it is lost, says so and has its gateway probed (its sessions move by
+/// themselves: their streams fail). When health checks mark the gateway down, checks the
+/// link's UDP port at once ([`port_closed`]): a closed port means the gateway's process is
+/// gone, and the link is closed then instead of after `--link-timeout` of silence. Once the
+/// gateway has left the set and its last session with it, the link is closed.
+async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Duration) {
+    let lost = |why: &dyn std::fmt::Display| {
+        counter!(crate::metrics::LINKS, "result" => "lost").increment(1);
+        if let Some(g) = gateway.upgrade() {
+            tracing::warn!(gateway = %g.name, reason = %why, "link lost: its sessions move");
+            g.suspect();
+        }
+    };
+    loop {
+        let down = gateway.upgrade().and_then(|g| g.session_token());
+        let marked_down = async {
+            match &down {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            reason = conn.closed() => {
+                if !matches!(reason, quinn::ConnectionError::LocallyClosed) {
+                    lost(&reason);
+                }
+                return;
+            }
+            _ = marked_down => {
+                if port_closed(conn.remote_address()).await {
+                    lost(&"the gateway's link port is closed");
+                    conn.close(VarInt::from_u32(GONE), b"gateway gone");
+                    return;
+                }
+                tokio::time::sleep(every).await;
+            }
+            _ = tokio::time::sleep(every) => {
+                if gateway.strong_count() == 0 {
+                    conn.close(VarInt::from_u32(GONE), b"gateway removed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Whether nothing listens on UDP `addr`: one datagram (a byte, which a QUIC endpoint
+/// drops unread) from a connected socket, and the ICMP "port unreachable" it draws back as
+/// ECONNREFUSED within 200 ms. No answer proves nothing (a firewall, a busy host): `false`.
+async fn port_closed(addr: SocketAddr) -> bool {
+    let bind: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let Ok(socket) = tokio::net::UdpSocket::bind(bind).await else {
+        return false;
+    };
+    if socket.connect(addr).await.is_err() || socket.send(&[0]).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let answer = tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf)).await;
+    matches!(answer, Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused)
+}
