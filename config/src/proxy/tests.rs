@@ -290,3 +290,28 @@ fn splice_is_a_passthrough_option() {
     );
     assert!(e.contains("splice") && e.contains("passthrough"), "{e}");
 }
+
+#[test]
+fn a_link_upstream_needs_terminate_mode_and_the_proxys_client_certificate() {
+    let terminate = "mode = \"terminate\"\nupstream = \"link\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"";
+    let e = ProxyConfig::from_toml(terminate).unwrap_err().to_string();
+    assert!(
+        e.contains("upstream") && e.contains("client certificate"),
+        "{e}"
+    );
+    let no_client = format!("{terminate}\n[upstream_tls]\nca = \"c\"");
+    let e = ProxyConfig::from_toml(&no_client).unwrap_err().to_string();
+    assert!(e.contains("client certificate"), "{e}");
+    let ok = format!("{terminate}\n[upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"");
+    let c = ProxyConfig::from_toml(&ok).unwrap();
+    assert_eq!(c.upstream, UpstreamMode::Link);
+    assert_eq!(c.link_timeout, crate::defaults::proxy::LINK_TIMEOUT);
+    let e = ProxyConfig::from_toml("upstream = \"link\"\n[[gateway]]\naddr = \"127.0.0.1:1\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("terminate"), "{e}");
+    let e = ProxyConfig::from_toml(&format!("{ok}\nlink_timeout = \"10ms\""));
+    assert!(e.is_err(), "a link timeout under 100ms is refused");
+    let tcp = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    assert_eq!(tcp.upstream, UpstreamMode::Tcp);
+}

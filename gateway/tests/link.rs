@@ -1,0 +1,263 @@
+//! The multiplexed link (`wasmbed gateway --link`, `wasmbed proxy --upstream link`): device
+//! sessions as streams of one QUIC connection per gateway, opened only by a proxy.
+
+mod support;
+
+use std::sync::Arc;
+
+use support::*;
+use wasmbed_certs::pki::{DevCa, KeyKind};
+use wasmbed_config::{GatewayConfig, Mode, ProxyConfig, TerminateTls, UpstreamTls};
+use wasmbed_proxy::Proxy;
+
+/// The PKI plus a CA of the proxies' own and one proxy certificate from it.
+struct LinkPki {
+    pki: Pki,
+    proxy_ca: DevCa,
+}
+
+impl LinkPki {
+    fn new() -> LinkPki {
+        let pki = Pki::new();
+        let proxy_ca = DevCa::generate("proxies").unwrap();
+        std::fs::write(pki.path("proxy-ca.pem"), proxy_ca.cert_pem()).unwrap();
+        let client = proxy_ca
+            .issue_client("edge-proxy", KeyKind::EcdsaP256)
+            .unwrap();
+        std::fs::write(pki.path("edge.pem"), &client.cert_pem).unwrap();
+        std::fs::write(pki.path("edge.key"), &client.key_pem).unwrap();
+        LinkPki { pki, proxy_ca }
+    }
+
+    /// A gateway serving links, trusting the proxies' CA.
+    fn gateway(&self) -> wasmbed_config::GatewaySettings {
+        let mut s = settings(Some(&self.pki));
+        s.link = true;
+        if let Some(tls) = s.tls.as_mut() {
+            tls.trusted_proxy_ca = Some(self.pki.path("proxy-ca.pem"));
+        }
+        s
+    }
+
+    /// A terminating proxy in front of `gateways`, reaching them by links.
+    fn proxy(&self, gateways: &[&RunningGateway]) -> ProxyConfig {
+        let mut c = ProxyConfig::from_toml(
+            "admin = \"off\"\nmode = \"terminate\"\nupstream = \"link\"\n\
+             [tls]\ncert = \"a\"\nkey = \"b\"\n\
+             [upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"\n\
+             [[listener]]\naddr = \"127.0.0.1:0\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+        )
+        .unwrap();
+        c.gateways = gateways
+            .iter()
+            .enumerate()
+            .map(|(i, g)| GatewayConfig {
+                name: format!("gw-{i}"),
+                addr: g.addr.to_string(),
+                health_addr: Some(g.admin.to_string()),
+                weight: 1,
+                pool: "default".into(),
+            })
+            .collect();
+        let p = &self.pki;
+        c.tls = Some(TerminateTls {
+            cert: p.path("gw.pem"),
+            key: p.path("gw.key"),
+            client_ca: Some(p.path("ca.pem")),
+            client_crls: Vec::new(),
+        });
+        c.upstream_tls = Some(UpstreamTls {
+            ca: p.path("ca.pem"),
+            server_name: Some("localhost".into()),
+            client: Some((p.path("edge.pem"), p.path("edge.key"))),
+        });
+        c
+    }
+}
+
+/// A QUIC client of the link with `tls` (a certificate of the test's choice).
+async fn link_client(
+    gateway: std::net::SocketAddr,
+    mut tls: rustls::ClientConfig,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    tls.alpn_protocols = vec![wasmbed_gateway::link::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.connect(gateway, "localhost").unwrap().await
+}
+
+/// Every session to a gateway rides one link; the gateway serves them as it serves TCP
+/// sessions (the app's state, the identity the proxy stated).
+#[tokio::test]
+async fn sessions_to_a_gateway_share_one_link() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let proxy = Proxy::bind(lp.proxy(&[&gw])).await.unwrap();
+    let links = proxy
+        .live()
+        .context()
+        .links
+        .clone()
+        .expect("--upstream link");
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    assert_eq!(links.live(), 0, "a link is made on first use");
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let id = format!("device-00{i}");
+        let mut d = tls_device(addr, lp.pki.device(&id, Some(&lp.pki.ca)))
+            .await
+            .unwrap();
+        assert_eq!(d.open(&id, "counter").await, "gw-test");
+        devices.push(d);
+    }
+    for round in 1..=2u64 {
+        for d in devices.iter_mut() {
+            let r = d.data(b"\x01").await;
+            assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), round);
+        }
+    }
+    assert_eq!(links.live(), 1, "three sessions, one link");
+    assert_eq!(
+        gw.shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire),
+        3
+    );
+    // The proxy still refuses a HELLO naming another device: on a link the gateway believes it.
+    let mut other = tls_device(addr, lp.pki.device("device-009", Some(&lp.pki.ca)))
+        .await
+        .unwrap();
+    let f = other.hello("device-000", "counter").await;
+    assert_eq!(
+        error_code(&f),
+        wasmbed_protocol::ErrorCode::IdentityMismatch as u16
+    );
+}
+
+/// Only a proxy holds a link: a device's certificate gets the link closed with
+/// `NOT_A_PROXY`, and a client without a certificate does not finish the handshake.
+#[tokio::test]
+async fn a_link_is_refused_to_anything_but_a_proxy() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let device = (*lp.pki.device("device-0100", Some(&lp.pki.ca))).clone();
+    let conn = link_client(gw.addr, device)
+        .await
+        .expect("the device's certificate passes TLS");
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+    match closed.expect("the gateway closes a device's link at once") {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY)
+            );
+        }
+        other => panic!("closed otherwise: {other}"),
+    }
+    // With TLS 1.3 a client learns of a refused certificate (or none) only after its side of
+    // the handshake: the connection then closes with the TLS alert, never an application's.
+    let refused_by_tls = |conn: Result<quinn::Connection, quinn::ConnectionError>| async move {
+        match conn {
+            Err(_) => true,
+            Ok(c) => matches!(
+                c.closed().await,
+                quinn::ConnectionError::ConnectionClosed(_)
+            ),
+        }
+    };
+    let anonymous = (*lp.pki.device("nobody", None)).clone();
+    assert!(
+        refused_by_tls(link_client(gw.addr, anonymous).await).await,
+        "no client certificate, no link"
+    );
+    // A proxy certificate from a CA the gateway does not trust: no link either.
+    let stranger = DevCa::generate("strangers").unwrap();
+    let cert = stranger
+        .issue_client("edge-proxy", KeyKind::EcdsaP256)
+        .unwrap();
+    let tls = wasmbed_certs::client_config(
+        &[lp.pki.ca.cert_der()],
+        Some((cert.chain(), cert.key().unwrap())),
+    )
+    .unwrap();
+    assert!(
+        refused_by_tls(link_client(gw.addr, (*tls).clone()).await).await,
+        "an untrusted proxy certificate gets no link"
+    );
+    let _ = &lp.proxy_ca;
+}
+
+/// A stream must open with a PROXY header: one that starts with anything else (a HELLO
+/// straight away), or ends inside the header, is stopped and gets no session.
+#[tokio::test]
+async fn a_stream_without_its_header_is_stopped() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let cert = lp
+        .proxy_ca
+        .issue_client("edge-proxy", KeyKind::EcdsaP256)
+        .unwrap();
+    let tls = wasmbed_certs::client_config(
+        &[lp.pki.ca.cert_der()],
+        Some((cert.chain(), cert.key().unwrap())),
+    )
+    .unwrap();
+    let conn = link_client(gw.addr, (*tls).clone()).await.unwrap();
+    let hello = wasmbed_protocol::Hello {
+        device: "device-0200".into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    let frame = wasmbed_protocol::Frame::control(wasmbed_protocol::Kind::Hello, 0, &hello);
+    // A HELLO where the header belongs: the stream is stopped with BAD_HEADER.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame.encode()).await.unwrap();
+    let code = send.stopped().await.unwrap();
+    assert_eq!(
+        code,
+        Some(quinn::VarInt::from_u32(wasmbed_gateway::link::BAD_HEADER))
+    );
+    let answer = recv.read_to_end(1 << 16).await.unwrap_or_default();
+    assert!(
+        answer.is_empty(),
+        "no frame for a stream without its header"
+    );
+    // The start of a header, then the end of the stream: no session either.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"\r\n\r\n\0\r\n").await.unwrap();
+    send.finish().unwrap();
+    let answer = recv.read_to_end(1 << 16).await.unwrap_or_default();
+    assert!(answer.is_empty(), "no frame for a truncated header");
+    assert_eq!(
+        gw.shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+}
+
+/// `--link` without the proxies' certificates is refused at start: nothing could open one.
+#[test]
+fn link_needs_the_proxies_certificates() {
+    let pki = Pki::new();
+    let flags = wasmbed_config::GatewayFlags {
+        tls_cert: Some(pki.path("gw.pem")),
+        tls_key: Some(pki.path("gw.key")),
+        client_ca: Some(pki.path("ca.pem")),
+        link: true,
+        ..Default::default()
+    };
+    let e = wasmbed_config::GatewaySettings::load(&flags)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("link") && e.contains("trusted-proxy-ca"), "{e}");
+    let plain = wasmbed_config::GatewayFlags {
+        insecure_plaintext: true,
+        link: true,
+        ..Default::default()
+    };
+    assert!(wasmbed_config::GatewaySettings::load(&plain).is_err());
+    let _ = Mode::Terminate;
+}
