@@ -1,23 +1,34 @@
 #!/bin/bash
-# Proxy memory per idle session: `wasmbed up` with N devices (one DATA per 100 s each), the
-# proxy's RSS once all are connected; per session = difference between N=1000 and N=4000 / 3000.
+# Proxy memory and descriptors per idle session: `wasmbed up` with N devices (one DATA per
+# 100 s each), the proxy's RSS and open descriptors once all are connected; per session =
+# difference between N=1000 and N=4000 / 3000.
 # Release build; run from the repository root: bash docs/bench/terminate-memory.sh
+# VARIANTS picks some of: link tls-link plain-link passthrough (default: all four).
 set -u
 B=./target/release/wasmbed
-measure() { # mode, devices
-  local mode=$1 n=$2 out=/tmp/mem-$1-$2.txt
-  $B up --mode "$mode" ${UP_ARGS:-} --gateways 5 --devices "$n" --rate 0.01 --ramp 2000 \
+args_of() {
+  case $1 in
+    link) echo "--mode terminate --upstream link" ;;
+    tls-link) echo "--mode terminate" ;;
+    plain-link) echo "--mode terminate --plain-link" ;;
+    passthrough) echo "--mode passthrough" ;;
+  esac
+}
+measure() { # variant, devices -> "RSS_KiB FDS"
+  local v=$1 n=$2 out=/tmp/mem-$1-$2.txt
+  # shellcheck disable=SC2046
+  $B up $(args_of "$v") --gateways 5 --devices "$n" --rate 0.01 --ramp 2000 \
     --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out" 2>&1 &
   local up=$!
   until grep -Eq "connected +$n/$n" "$out"; do sleep 1; done
   sleep 3
   local proxy
   proxy=$(pgrep -P "$up" -f "wasmbed proxy")
-  grep VmRSS "/proc/$proxy/status" | awk '{print $2}'
+  echo "$(grep VmRSS "/proc/$proxy/status" | awk '{print $2}') $(ls "/proc/$proxy/fd" | wc -l)"
   kill -INT "$up"; wait "$up" 2>/dev/null
 }
 lscpu | grep "Model name"
-for mode in ${MODES:-terminate passthrough}; do
-  a=$(measure $mode 1000); b=$(measure $mode 4000)
-  echo "$mode: proxy RSS $a KiB at 1000 sessions, $b KiB at 4000: $(( (b - a) * 1024 / 3000 )) bytes per idle session"
+for v in ${VARIANTS:-link tls-link plain-link passthrough}; do
+  read -r a fa <<< "$(measure "$v" 1000)"; read -r b fb <<< "$(measure "$v" 4000)"
+  echo "$v: proxy RSS $a KiB at 1000 sessions, $b KiB at 4000: $(( (b - a) * 1024 / 3000 )) bytes per idle session; descriptors $fa at 1000, $fb at 4000"
 done

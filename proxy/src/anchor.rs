@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use metrics::counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,9 @@ pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
 /// The device's side of a session: its TLS stream and its certificate's serial number (for
 /// revocation at a CRL reload).
 pub(crate) struct DeviceSide {
-    pub tls: Device,
+    /// Boxed: an async fn keeps its arguments in its future for its whole life, and a TLS
+    /// stream is over a kilobyte.
+    pub tls: Box<Device>,
     pub serial: Option<Vec<u8>>,
     /// For a PROXY protocol header on each link, where the gateway's pool wants one.
     pub origin: crate::proxy_protocol::Origin,
@@ -240,24 +242,32 @@ struct State {
     probe_answered: bool,
 }
 
-/// A read buffer while idle: most sessions, most of the time, wait with nothing to read.
-const IDLE_READ: usize = 1024;
+/// Bytes one read takes, through a buffer on the stack ([`read_into`]).
+const READ_CHUNK: usize = 16 << 10;
 
-/// Gives a read buffer room: small when empty (the session is likely idle), growing while
-/// frames are larger than what is there.
-fn room(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 4 * IDLE_READ {
-        *buf = BytesMut::with_capacity(IDLE_READ);
-    } else if buf.capacity() - buf.len() < IDLE_READ / 4 {
-        buf.reserve(IDLE_READ.max(buf.len()));
+/// Frees a buffer once it is empty: an idle session (most sessions, most of the time) then
+/// holds no buffer at all; reads go through the stack ([`read_into`]).
+fn trim(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
     }
 }
 
-/// Frees a write buffer that grew for a burst once it is written out.
-fn trim(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 4 * IDLE_READ {
-        *buf = BytesMut::new();
-    }
+/// Reads what is there into `buf` through a buffer on the stack, so that `buf` is allocated
+/// only while it holds bytes (a partial frame, or frames not yet handled). Cancel-safe: bytes
+/// read are in `buf` before the poll returns.
+async fn read_into<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut read = ReadBuf::new(&mut chunk);
+        std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
 }
 
 /// Appends `frame`'s encoding (the protocol codec's). Every frame here was decoded under the
@@ -493,10 +503,36 @@ impl State {
     }
 }
 
+/// A terminate-mode session whose first link is up and WELCOMEd, ready to be served.
+pub(crate) struct Anchored {
+    pub ctx: Arc<Context>,
+    pub device: DeviceSide,
+    pub pools: Vec<String>,
+    pub hello: Hello,
+    pub link: Link,
+    /// The WELCOME, what the gateway sent after it, what the device sent after its HELLO.
+    pub first: (Frame, BytesMut, BytesMut),
+}
+
+impl Anchored {
+    /// Not an async fn itself: a wrapper's future would hold a second copy of the arguments.
+    pub(crate) fn serve(self: Box<Self>) -> impl Future<Output = ()> {
+        let Anchored {
+            ctx,
+            device,
+            pools,
+            hello,
+            link,
+            first,
+        } = *self;
+        serve(ctx, device, pools, hello, link, first)
+    }
+}
+
 /// Serves a terminate-mode session whose first link is up and WELCOMEd: forwards, anchors,
 /// moves, until it ends. `first` is the WELCOME (sent to the device first), `rest` what the
 /// gateway sent after it, `pending` what the device sent after its HELLO.
-pub(crate) async fn serve(
+async fn serve(
     ctx: Arc<Context>,
     DeviceSide {
         tls: device,
@@ -585,15 +621,15 @@ pub(crate) async fn serve(
             && st.window_bytes < st.limit()
             && st.to_gateway.len() < HIGH_WATER
             && st.to_device.len() < HIGH_WATER;
-        if reading_device {
-            room(&mut st.from_device);
-        }
         let reading_gateway = link.is_some() && st.to_device.len() < HIGH_WATER;
-        if reading_gateway {
-            room(&mut st.from_gateway);
+        for buf in [
+            &mut st.from_device,
+            &mut st.from_gateway,
+            &mut st.to_device,
+            &mut st.to_gateway,
+        ] {
+            trim(buf);
         }
-        trim(&mut st.to_device);
-        trim(&mut st.to_gateway);
         let writing_gateway = link.is_some() && !st.going;
         let linked = link.is_some();
         let (up_r, up_w, down, orders, up_dirty, probe) = match link.as_mut() {
@@ -623,7 +659,7 @@ pub(crate) async fn serve(
             _ = sleep_until(move_at), if move_at.is_some() => Event::MoveNow,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
             _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
-            r = dev_r.read_buf(&mut st.from_device), if reading_device => Event::DeviceRead(r),
+            r = read_into(&mut dev_r, &mut st.from_device), if reading_device => Event::DeviceRead(r),
         };
         match event {
             Event::HardStop => break End::Cut,
@@ -1033,7 +1069,7 @@ async fn read(
     buf: &mut BytesMut,
 ) -> io::Result<usize> {
     match r {
-        Some(r) => r.read_buf(buf).await,
+        Some(r) => read_into(r, buf).await,
         None => std::future::pending().await,
     }
 }

@@ -135,10 +135,19 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
                 .await
         }
         // Boxed: a TLS session's state is large, and a passthrough task should not carry it.
+        // Boxed, each part on its own: the handshake's state is large and short-lived, the
+        // anchored session's small and long-lived (one future would keep the larger for
+        // the session's whole life), and a passthrough task carries neither.
         Mode::Terminate => {
-            Box::pin(terminate(&ctx, stream, peer))
-                .instrument(span.clone())
-                .await
+            Box::pin(async {
+                // `None`: the gateway refused the session and the device was told.
+                if let Some(anchored) = Box::pin(terminate(&ctx, stream, peer)).await? {
+                    Box::pin(anchored.serve()).await;
+                }
+                Ok(())
+            })
+            .instrument(span.clone())
+            .await
         }
     };
     if let Err(r) = result {
@@ -283,11 +292,13 @@ pub(crate) fn wants_proxy_header(ctx: &Context, gateway: &Gateway) -> bool {
     ctx.config.proxy_protocol.contains(&gateway.pool)
 }
 
+/// Terminate mode up to the session's anchoring: the device's TLS handshake and HELLO, the
+/// first gateway's WELCOME. `None`: the gateway refused the session (the device was told).
 async fn terminate(
     ctx: &Arc<Context>,
     device: TcpStream,
     peer: std::net::SocketAddr,
-) -> Result<(), Refused> {
+) -> Result<Option<Box<anchor::Anchored>>, Refused> {
     let local = device.local_addr().ok();
     let Some(acceptor) = ctx.device_tls.acceptor.load_full() else {
         return Err(refused(
@@ -377,7 +388,7 @@ async fn terminate(
         let bytes = first.encode();
         let _ = tls.write_all(&bytes).await;
         let _ = tls.shutdown().await;
-        return Ok(());
+        return Ok(None);
     }
     let serial = tls
         .get_ref()
@@ -387,20 +398,18 @@ async fn terminate(
         .and_then(wasmbed_certs::serial_of);
     let link = anchor::Link::new(lease, up);
     let device = anchor::DeviceSide {
-        tls,
+        tls: Box::new(tls),
         serial,
         origin,
     };
-    anchor::serve(
-        ctx.clone(),
+    Ok(Some(Box::new(anchor::Anchored {
+        ctx: ctx.clone(),
         device,
         pools,
         hello,
         link,
-        (first, rest, pending),
-    )
-    .await;
-    Ok(())
+        first: (first, rest, pending),
+    })))
 }
 
 /// Terminate mode: reads the device's first frame, which must be a HELLO naming the device
