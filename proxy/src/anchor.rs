@@ -587,7 +587,8 @@ async fn serve(
     reloads.mark_unchanged();
     let mut dev_dirty = false;
     let mut moving: Option<Moving> = None;
-    let mut move_at: Option<(Instant, Cause)> = None;
+    // A paced move's turn, its cause, and its place among the moves in flight.
+    let mut move_at: Option<(Instant, Cause, crate::balancer::InFlight)> = None;
     let mut link = Some(link);
     let end = loop {
         if let Err(end) = st.on_device_frames() {
@@ -656,7 +657,7 @@ async fn serve(
             _ = cancelled(down), if linked && probe == Probe::Idle => Event::Down,
             _ = sleep_until(probe_at), if linked && probe != Probe::Idle => Event::Probe,
             _ = changed(orders), if linked && move_at.is_none() => Event::Ordered,
-            _ = sleep_until(move_at), if move_at.is_some() => Event::MoveNow,
+            _ = sleep_until(move_at.as_ref().map(|m| (m.0, m.1))), if move_at.is_some() => Event::MoveNow,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
             _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
             r = read_into(&mut dev_r, &mut st.from_device), if reading_device => Event::DeviceRead(r),
@@ -760,12 +761,12 @@ async fn serve(
                             .moved_at
                             .is_some_and(|t| t.elapsed() < ctx.config.migration.rebalance_cooldown);
                     if !st.going && !cooling && gateway.take_move() {
-                        move_at = Some((ctx.pacer.slot(), cause));
+                        move_at = Some((ctx.pacer.slot(), cause, ctx.gateways.in_flight()));
                     }
                 }
             }
             Event::MoveNow => {
-                if let Some((_, cause)) = move_at.take()
+                if let Some((_, cause, _scheduled)) = move_at.take()
                     && link.is_some()
                 {
                     let avoid = unlink(&mut link, false);
@@ -774,7 +775,7 @@ async fn serve(
             }
             Event::Relinked(None) => {
                 moving = None;
-                ctx.meters.held.decrement(1.0);
+                held(&ctx, false);
                 counter!(MOVES, "cause" => st.cause_label(), "result" => "failed").increment(1);
                 tracing::debug!(device = %st.hello.device, cause = st.cause_label(), "no gateway took the session");
                 let text = "no gateway took the session in time".to_string();
@@ -782,7 +783,7 @@ async fn serve(
             }
             Event::Relinked(Some(r)) => {
                 moving = None;
-                ctx.meters.held.decrement(1.0);
+                held(&ctx, false);
                 let pause = st.move_started.elapsed();
                 ctx.meters.pause.record(pause.as_secs_f64());
                 let result = st.relinked(&r.welcome, r.rest);
@@ -804,7 +805,7 @@ async fn serve(
         }
     };
     if moving.is_some() {
-        ctx.meters.held.decrement(1.0);
+        held(&ctx, false);
     }
     let mut device = dev_r.unsplit(dev_w);
     match end {
@@ -866,6 +867,15 @@ fn answer_pings(st: &mut State) {
     }
 }
 
+/// Counts a session that starts (`true`) or stops waiting for a gateway.
+fn held(ctx: &Context, start: bool) {
+    if start {
+        ctx.meters.held.increment(1.0);
+    } else {
+        ctx.meters.held.decrement(1.0);
+    }
+}
+
 /// Starts moving the session (its old link already dropped).
 fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Moving {
     st.linked = false;
@@ -875,14 +885,14 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
     st.to_gateway.clear();
     st.from_gateway.clear();
     answer_pings(st);
-    st.ctx.meters.held.increment(1.0);
+    held(&st.ctx, true);
     let start = cause.slot_at_relink().then(|| st.ctx.pacer.slot());
     Box::pin(relink(
         st.ctx.clone(),
         st.pools.clone(),
         (st.resume_hello(), st.origin.clone()),
         avoid,
-        start,
+        (start, st.ctx.gateways.in_flight()),
     ))
 }
 
@@ -893,7 +903,8 @@ async fn relink(
     pools: Vec<String>,
     (hello, origin): (Vec<u8>, Arc<crate::proxy_protocol::Origin>),
     avoid: Option<Arc<Gateway>>,
-    start: Option<Instant>,
+    // The guard counts the move among those in flight until this returns.
+    (start, _in_flight): (Option<Instant>, crate::balancer::InFlight),
 ) -> Option<Relinked> {
     if let Some(at) = start {
         tokio::time::sleep_until(at.into()).await;

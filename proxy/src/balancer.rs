@@ -325,15 +325,40 @@ impl Drop for Lease {
 #[derive(Debug)]
 pub struct GatewaySet {
     gateways: ArcSwap<Vec<Arc<Gateway>>>,
+    /// Terminate mode: moves ordered and not landed yet (scheduled by the pacer, moving, or
+    /// held waiting for a gateway): rebalancing plans only when there are none.
+    moves_in_flight: AtomicUsize,
     rotation: AtomicUsize,
     slow_start: Duration,
 }
 
+/// A move ordered and not landed yet: counted in [`GatewaySet::moves_in_flight`] while it
+/// lives (dropped when the move lands, fails, or its session ends).
+pub struct InFlight(Arc<GatewaySet>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.moves_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl GatewaySet {
+    /// Counts a move from now until the returned guard is dropped.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.moves_in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Moves ordered and not landed yet.
+    pub fn moves_in_flight(&self) -> usize {
+        self.moves_in_flight.load(Ordering::Acquire)
+    }
+
     pub fn new(configs: &[GatewayConfig], slow_start: Duration) -> GatewaySet {
         let gateways = configs.iter().map(|c| Arc::new(Gateway::new(c))).collect();
         GatewaySet {
             gateways: ArcSwap::from_pointee(gateways),
+            moves_in_flight: AtomicUsize::new(0),
             rotation: AtomicUsize::new(0),
             slow_start,
         }

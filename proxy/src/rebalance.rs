@@ -67,6 +67,12 @@ pub async fn run(live: Arc<crate::live::Live>, stop: CancellationToken) {
             active.clear();
             continue;
         }
+        // Moves ordered earlier and not landed yet (waiting for their paced turn, or on the
+        // way) are not in the counts: planning now would order them a second time (an
+        // overshoot, then moves back). So plan only once they have all landed.
+        if ctx.gateways.moves_in_flight() > 0 {
+            continue;
+        }
         let snapshot = ctx.gateways.snapshot();
         let mut pools: HashMap<&str, Vec<&Arc<Gateway>>> = HashMap::new();
         for g in snapshot.iter() {

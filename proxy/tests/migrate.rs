@@ -296,10 +296,15 @@ async fn drain_by_moving_empties_a_gateway_and_reports_progress() {
     assert_eq!(proxy.counts(), vec![0, 20]);
 }
 
+/// Rebalancing moves exactly the excess: 20 sessions over two gateways, a third joins, fair
+/// is 7 each, so 3 + 3 move. The moves are paced slowly (10/s) so that they are still in
+/// flight at the rebalancer's next turns: planning then must not count them as gone (which
+/// would order more moves, overshoot, and move sessions back).
 #[tokio::test]
 async fn a_new_gateway_gets_its_share_of_live_sessions_with_rebalancing() {
     let tweak = |_: &[FrameGateway], c: &mut wasmbed_config::ProxyConfig| {
         c.migration.rebalance = true;
+        c.migration.move_rate = 10;
     };
     let Fleet {
         proxy, mut devs, ..
@@ -307,14 +312,21 @@ async fn a_new_gateway_gets_its_share_of_live_sessions_with_rebalancing() {
     let late = FrameGateway::spawn("late").await;
     let body = format!(r#"{{"name":"late","address":"{}"}}"#, late.addr);
     assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 201);
-    until(Duration::from_secs(5), "the spread is within one", || {
-        let c = proxy.counts();
-        c.iter().max().unwrap() - c.iter().min().unwrap() <= 1 && c.iter().sum::<u64>() == 20
-    })
+    // Settled: within one, and no move ordered that has not landed (scheduled ones too).
+    until(
+        Duration::from_secs(10),
+        "the spread settles within one",
+        || {
+            let c = proxy.counts();
+            c.iter().max().unwrap() - c.iter().min().unwrap() <= 1
+                && c.iter().sum::<u64>() == 20
+                && proxy.gateways.moves_in_flight() == 0
+        },
+    )
     .await;
     step_all(&mut devs).await;
     assert_eq!(late.resumed(), proxy.counts()[2] as usize);
-    assert!(moves(&proxy, "rebalance", "resumed").await >= 6.0);
+    assert_eq!(moves(&proxy, "rebalance", "resumed").await, 6.0);
 }
 
 #[tokio::test]
