@@ -118,7 +118,7 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
                 }
             });
         }
-        announce(&proxy.listen_addrs(), proxy.admin_addr());
+        announce(&proxy.listen_addrs(), proxy.admin_addr(), proxy.quic_addr());
         match proxy.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("proxy", e),
@@ -162,7 +162,7 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
                 }
             });
         }
-        announce(&[gateway.listen_addr()], gateway.admin_addr());
+        announce(&[gateway.listen_addr()], gateway.admin_addr(), None);
         match gateway.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("gateway", e),
@@ -243,11 +243,17 @@ fn check_descriptors(max_connections: usize) {
 }
 
 /// One line on stdout once every socket is bound: what scripts and tests wait for.
-fn announce(listen: &[std::net::SocketAddr], admin: Option<std::net::SocketAddr>) {
+/// `quic=ADDR` is added when there is a QUIC listener.
+fn announce(
+    listen: &[std::net::SocketAddr],
+    admin: Option<std::net::SocketAddr>,
+    quic: Option<std::net::SocketAddr>,
+) {
     let listen: Vec<String> = listen.iter().map(ToString::to_string).collect();
     let admin = admin.map_or("off".to_string(), |a| a.to_string());
+    let quic = quic.map(|q| format!(" quic={q}")).unwrap_or_default();
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "ready listen={} admin={admin}", listen.join(","));
+    let _ = writeln!(out, "ready listen={} admin={admin}{quic}", listen.join(","));
     let _ = out.flush();
 }
 

@@ -44,6 +44,8 @@ pub mod proxy {
     pub const DNS_REFRESH_MAX: Duration = Duration::from_secs(30);
     /// `--upstream link`: a link silent this long is lost.
     pub const LINK_TIMEOUT: Duration = Duration::from_secs(1);
+    /// A QUIC device silent this long is gone.
+    pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 /// Defaults of `wasmbed gateway`.

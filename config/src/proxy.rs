@@ -162,6 +162,17 @@ pub struct ProxyFlags {
     /// session. Needs [upstream_tls] with the proxy's client certificate.
     #[arg(long, value_enum, value_name = "tcp|link")]
     pub upstream: Option<UpstreamMode>,
+    /// Terminate mode: also accept devices over QUIC on this UDP address (IP:PORT): TLS 1.3
+    /// with the same certificate and device CA, ALPN wasmbed/1, the session on the
+    /// connection's first stream. A device's address may change mid-session (NAT rebinding).
+    #[arg(long, value_name = "ADDR")]
+    pub quic_listen: Option<String>,
+    #[arg(long, value_name = "DURATION", help = format!("A QUIC device silent this long is gone (devices behind NAT should send keep-alives well within it). Default {}.", crate::defaults::show(crate::defaults::proxy::QUIC_IDLE_TIMEOUT)))]
+    pub quic_idle_timeout: Option<String>,
+    /// When QUIC devices must first prove their address (a stateless retry, one round trip
+    /// more): `auto` (default) while many handshakes are in progress, `always`, `never`.
+    #[arg(long, value_enum, value_name = "auto|always|never")]
+    pub quic_retry: Option<QuicRetry>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,
     /// Allow a config with no gateway at all (for example a reload that removes them all):
@@ -181,6 +192,26 @@ pub enum SpliceMode {
     On,
     /// Copy until a read fills the buffer, then splice that direction.
     Auto,
+}
+
+/// When QUIC devices must prove their address with a retry first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicRetry {
+    /// While many handshakes are in progress (an Initial flood, perhaps spoofed).
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// QUIC devices (terminate mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    /// `None`: no QUIC listener.
+    pub listen: Option<SocketAddr>,
+    pub idle_timeout: Duration,
+    pub retry: QuicRetry,
 }
 
 /// How terminate mode reaches gateways.
@@ -364,6 +395,8 @@ pub struct ProxyConfig {
     pub upstream: UpstreamMode,
     /// A link silent this long is lost (`--link-timeout`).
     pub link_timeout: Duration,
+    /// QUIC devices (`--quic-listen`).
+    pub quic: QuicConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -406,6 +439,9 @@ struct RawProxy {
     splice: Option<SpliceMode>,
     upstream: Option<UpstreamMode>,
     link_timeout: Option<String>,
+    quic_listen: Option<String>,
+    quic_idle_timeout: Option<String>,
+    quic_retry: Option<QuicRetry>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -652,6 +688,28 @@ impl ProxyConfig {
                 "must be between 100ms and 10min",
             ));
         }
+        let quic_listen = match raw.quic_listen.as_deref() {
+            Some(a) => Some(crate::parse_addr("quic_listen", a)?),
+            None => None,
+        };
+        if quic_listen.is_some() && mode != Mode::Terminate {
+            return Err(ConfigError::field(
+                "quic_listen",
+                "needs terminate mode (QUIC devices' TLS ends at the proxy)",
+            ));
+        }
+        let quic = QuicConfig {
+            listen: quic_listen,
+            idle_timeout: positive(
+                "quic_idle_timeout",
+                duration_or(
+                    "quic_idle_timeout",
+                    raw.quic_idle_timeout.as_deref(),
+                    defaults::QUIC_IDLE_TIMEOUT,
+                )?,
+            )?,
+            retry: raw.quic_retry.unwrap_or_default(),
+        };
         if mode == Mode::Passthrough && migration.rebalance {
             return Err(ConfigError::field(
                 "rebalance",
@@ -710,6 +768,7 @@ impl ProxyConfig {
             splice: raw.splice.unwrap_or_default(),
             upstream,
             link_timeout,
+            quic,
         })
     }
 }
@@ -790,6 +849,9 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.splice, f.splice);
     set(&mut raw.upstream, f.upstream);
     set(&mut raw.link_timeout, f.link_timeout.clone());
+    set(&mut raw.quic_listen, f.quic_listen.clone());
+    set(&mut raw.quic_idle_timeout, f.quic_idle_timeout.clone());
+    set(&mut raw.quic_retry, f.quic_retry);
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();

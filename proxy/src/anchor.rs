@@ -37,12 +37,26 @@ use crate::session::{Context, Upstream};
 /// The device's TLS stream.
 pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// A device's connection, decrypted: TLS over TCP, or a QUIC stream.
+pub(crate) trait DeviceStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+    /// Ends the connection abruptly (a shutdown's cut): the device reconnects at once.
+    fn cut(&self);
+}
+
+impl DeviceStream for Device {
+    fn cut(&self) {
+        crate::listener::reset_on_close(self.get_ref().0);
+    }
+}
+
 /// The device's side of a session: its TLS stream and its certificate's serial number (for
 /// revocation at a CRL reload).
 pub(crate) struct DeviceSide {
     /// Boxed: an async fn keeps its arguments in its future for its whole life, and a TLS
     /// stream is over a kilobyte.
-    pub tls: Box<Device>,
+    pub tls: Box<dyn DeviceStream>,
     pub serial: Option<Vec<u8>>,
     /// For a PROXY protocol header on each link, where the gateway's pool wants one.
     pub origin: crate::proxy_protocol::Origin,
@@ -813,7 +827,7 @@ async fn serve(
             let gateway = link.as_ref().map(|l| l.gateway().name.clone());
             counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "shutdown")
                 .increment(1);
-            crate::listener::reset_on_close(device.get_ref().0);
+            device.cut();
         }
         End::Closed | End::Refuse(_) => {
             if let End::Refuse(frame) = &end {

@@ -35,6 +35,7 @@ pub mod listener;
 pub mod live;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod rebalance;
 pub mod refusal;
 pub mod session;
@@ -76,6 +77,8 @@ pub struct Proxy {
     hard_stop: CancellationToken,
     probes_stop: CancellationToken,
     admin_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `--quic-listen`: QUIC devices.
+    quic: Option<quinn::Endpoint>,
 }
 
 impl Proxy {
@@ -115,6 +118,7 @@ impl Proxy {
         let hard_stop = CancellationToken::new();
         let probes_stop = CancellationToken::new();
         let links = link::Links::new(&config)?;
+        let quic = quic::bind(&config, &tls.0)?;
         let mut ctx = session::Context::new(config, gateways, tls, hard_stop.clone());
         ctx.links = links;
         Ok(Proxy {
@@ -124,7 +128,13 @@ impl Proxy {
             hard_stop,
             probes_stop,
             admin_tls,
+            quic,
         })
+    }
+
+    /// The UDP address QUIC devices dial (`--quic-listen`), when there is one.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// The running config and its reload (SIGHUP, `POST /api/reload`).
@@ -161,6 +171,7 @@ impl Proxy {
             hard_stop,
             probes_stop,
             admin_tls,
+            quic,
         } = self;
         let ctx = live.context();
         let gateways = ctx.gateways.clone();
@@ -205,6 +216,15 @@ impl Proxy {
                 },
             ));
         }
+        if let Some(endpoint) = &quic {
+            tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for QUIC devices");
+            accepting.spawn(quic::accept_loop(
+                live.clone(),
+                endpoint.clone(),
+                (limit.clone(), sessions.clone()),
+                shutdown.clone(),
+            ));
+        }
         drop(ctx);
         accepting.close();
         accepting.wait().await;
@@ -224,6 +244,9 @@ impl Proxy {
             hard_stop.cancel();
             gateways.snapshot().iter().for_each(|g| g.cut_sessions());
             sessions.wait().await;
+        }
+        if let Some(endpoint) = &quic {
+            quic::close(endpoint).await;
         }
         if let Some(links) = &live.context().links {
             links.close().await;

@@ -52,6 +52,8 @@ pub const DISCOVERY_CAPPED: &str = "wasmbed_proxy_discovery_capped_total";
 pub const DISCOVERED: &str = "wasmbed_proxy_discovered_addresses";
 pub const DISCOVERY_CHANGES: &str = "wasmbed_proxy_discovery_changes_total";
 pub const LINKS: &str = "wasmbed_proxy_links_total";
+pub const QUIC_CONNECTIONS: &str = "wasmbed_proxy_quic_connections_total";
+pub const QUIC_STREAMS_REFUSED: &str = "wasmbed_proxy_quic_streams_refused_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -92,6 +94,8 @@ pub const ALL: &[&str] = &[
     DISCOVERED,
     DISCOVERY_CHANGES,
     LINKS,
+    QUIC_CONNECTIONS,
+    QUIC_STREAMS_REFUSED,
 ];
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -252,6 +256,14 @@ fn describe() {
     describe_counter!(
         LINKS,
         "--upstream link: links (QUIC connections) to gateways, by result: up, failed (could not be made), lost (closed by the gateway or silent for --link-timeout)."
+    );
+    describe_counter!(
+        QUIC_CONNECTIONS,
+        "QUIC device connections, by result: accepted, handshake_failed, retry (address validation asked), refused_full (--max-connections)."
+    );
+    describe_counter!(
+        QUIC_STREAMS_REFUSED,
+        "Streams a QUIC device opened beyond its session's (reset: one session per connection)."
     );
     describe_counter!(
         SESSIONS_BY_ALPN,

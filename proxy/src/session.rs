@@ -307,7 +307,7 @@ async fn terminate(
         ));
     };
     let started = Instant::now();
-    let mut tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
+    let tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
         .await
         .map_err(|_| {
             refused(
@@ -318,11 +318,37 @@ async fn terminate(
         .map_err(|e| refused(tls_reason(&e), e))?;
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     let (_, conn) = tls.get_ref();
-    let sni = conn.server_name().map(str::to_string);
-    let identity = conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(wasmbed_certs::peer_identity);
+    let verified = Verified {
+        sni: conn.server_name().map(str::to_string),
+        chain: conn.peer_certificates().unwrap_or(&[]).to_vec(),
+        peer,
+        local,
+    };
+    anchor_device(ctx, Box::new(tls), verified).await
+}
+
+/// What the device's TLS handshake established (TLS over TCP or QUIC).
+pub(crate) struct Verified {
+    pub sni: Option<String>,
+    /// The device's certificate chain (empty without `client_ca`).
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub peer: std::net::SocketAddr,
+    pub local: Option<std::net::SocketAddr>,
+}
+
+/// Terminate mode after the device's handshake, whatever its transport: HELLO checked against
+/// the certificate, the route, the first gateway's WELCOME.
+pub(crate) async fn anchor_device(
+    ctx: &Arc<Context>,
+    mut tls: Box<dyn anchor::DeviceStream>,
+    Verified {
+        sni,
+        chain,
+        peer,
+        local,
+    }: Verified,
+) -> Result<Option<Box<anchor::Anchored>>, Refused> {
+    let identity = chain.first().and_then(wasmbed_certs::peer_identity);
     let span = tracing::Span::current();
     if let Some(id) = &identity {
         span.record("device", id.as_str());
@@ -340,12 +366,7 @@ async fn terminate(
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&[]);
-    let attributes = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(wasmbed_certs::cert_attributes);
+    let attributes = chain.first().map(wasmbed_certs::cert_attributes);
     let matched = Matched {
         sni: sni.as_deref(),
         alpn: &[],
@@ -390,15 +411,10 @@ async fn terminate(
         let _ = tls.shutdown().await;
         return Ok(None);
     }
-    let serial = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(wasmbed_certs::serial_of);
+    let serial = chain.first().and_then(wasmbed_certs::serial_of);
     let link = anchor::Link::new(lease, up);
     let device = anchor::DeviceSide {
-        tls: Box::new(tls),
+        tls,
         serial,
         origin,
     };

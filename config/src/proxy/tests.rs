@@ -315,3 +315,26 @@ fn a_link_upstream_needs_terminate_mode_and_the_proxys_client_certificate() {
     let tcp = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
     assert_eq!(tcp.upstream, UpstreamMode::Tcp);
 }
+
+#[test]
+fn a_quic_listener_needs_terminate_mode() {
+    let e = ProxyConfig::from_toml(
+        "quic_listen = \"127.0.0.1:0\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("quic_listen") && e.contains("terminate"), "{e}");
+    let ok = ProxyConfig::from_toml(
+        "mode = \"terminate\"\nquic_listen = \"127.0.0.1:0\"\nquic_retry = \"always\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    )
+    .unwrap();
+    assert_eq!(ok.quic.retry, QuicRetry::Always);
+    assert_eq!(
+        ok.quic.idle_timeout,
+        crate::defaults::proxy::QUIC_IDLE_TIMEOUT
+    );
+    let e = ProxyConfig::from_toml(
+        "mode = \"terminate\"\nquic_listen = \"nowhere\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    );
+    assert!(e.is_err());
+}

@@ -197,6 +197,8 @@ pub struct RunningProxy {
     _serial: std::sync::MutexGuard<'static, ()>,
     baseline: String,
     pub addr: SocketAddr,
+    /// `--quic-listen`'s address, when configured.
+    pub quic: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub gateways: Arc<GatewaySet>,
     /// Terminate mode's device TLS, to reload (as SIGHUP does).
@@ -236,6 +238,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let proxy = Proxy::bind(config).await.unwrap();
     let addr = proxy.listen_addrs()[0];
+    let quic = proxy.quic_addr();
     let admin = proxy.admin_addr().unwrap();
     let gateways = proxy.gateways();
     let device_tls = proxy.device_tls();
@@ -247,6 +250,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
         _serial: serial,
         baseline,
         addr,
+        quic,
         admin,
         gateways,
         device_tls,

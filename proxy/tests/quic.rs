@@ -1,0 +1,224 @@
+//! QUIC devices (`--quic-listen`): the session on the connection's first stream, through the
+//! same anchor as TCP devices: moves with its state, survives the device's change of address,
+//! one session per connection, garbage datagrams ignored.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::frames::*;
+use support::*;
+use wasmbed_certs::pki::KeyKind;
+use wasmbed_config::Mode;
+use wasmbed_protocol::Kind;
+use wasmbed_testkit::Device;
+
+type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
+
+/// A QUIC device: its endpoint (its UDP socket), connection and session stream.
+struct QuicDev {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    device: Device<QuicStream>,
+    count: u64,
+}
+
+impl QuicDev {
+    async fn open(proxy: SocketAddr, pki: &Pki, name: &str) -> QuicDev {
+        let mut tls = (*device_tls(&pki.ca, Some(&pki.ca), name, false)).clone();
+        tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let conn = endpoint
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                proxy,
+                "localhost",
+            )
+            .unwrap()
+            .await
+            .unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut device = Device::new(tokio::io::join(recv, send));
+        device.open(name, "counter").await;
+        QuicDev {
+            endpoint,
+            conn,
+            device,
+            count: 0,
+        }
+    }
+
+    /// DATA, and its answer: the app's count, one more than before (state intact).
+    async fn step(&mut self) {
+        let f = self.device.data(b"tick").await;
+        self.count += 1;
+        assert_eq!(f.kind, Kind::Reply, "{f:?}");
+        assert_eq!(String::from_utf8_lossy(&f.body), self.count.to_string());
+    }
+}
+
+fn quic_proxy(pki: &Pki, gateways: &[&FrameGateway]) -> wasmbed_config::ProxyConfig {
+    let mut c = config(gateways.iter().map(|g| g.gateway()).collect());
+    c.mode = Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    c.quic.listen = Some("127.0.0.1:0".parse().unwrap());
+    c
+}
+
+/// A gateway killed under QUIC devices: their sessions move with their state, and no device
+/// sees its connection end.
+#[tokio::test]
+async fn quic_sessions_move_with_their_state_when_a_gateway_dies() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gws = [
+        FrameGateway::spawn("gw-0").await,
+        FrameGateway::spawn("gw-1").await,
+    ];
+    let proxy = start(quic_proxy(&pki, &[&gws[0], &gws[1]])).await;
+    let addr = proxy.quic.expect("a QUIC listener");
+    let mut devs = Vec::new();
+    for i in 0..6 {
+        devs.push(QuicDev::open(addr, &pki, &format!("device-{i:04}")).await);
+    }
+    for _ in 0..2 {
+        for d in devs.iter_mut() {
+            d.step().await;
+        }
+    }
+    assert_eq!(proxy.counts(), vec![3, 3]);
+    gws[0].kill();
+    wasmbed_testkit::until(Duration::from_secs(5), "gw-0's sessions moved", || {
+        gws[0].live() == 0
+    })
+    .await;
+    for _ in 0..3 {
+        for d in devs.iter_mut() {
+            d.step().await;
+        }
+    }
+    assert_eq!(
+        gws[1].resumed(),
+        3,
+        "each moved session resumed from its ticket"
+    );
+    for d in &devs {
+        assert!(
+            d.conn.close_reason().is_none(),
+            "no device saw its connection end"
+        );
+    }
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_quic_connections_total{result=\"accepted\"}")
+            .await,
+        6.0
+    );
+}
+
+/// NAT rebinding: the device's address changes mid-session (a new UDP socket); the session
+/// goes on, nothing lost, no new handshake.
+#[tokio::test]
+async fn a_device_whose_address_changes_keeps_its_session() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let mut dev = QuicDev::open(proxy.quic.unwrap(), &pki, "device-0100").await;
+    dev.step().await;
+    let before = dev.endpoint.local_addr().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    dev.endpoint.rebind(socket).unwrap();
+    assert_ne!(dev.endpoint.local_addr().unwrap(), before);
+    for _ in 0..3 {
+        dev.step().await;
+    }
+    assert_eq!(gw.hellos(), 1, "the same session: no new HELLO");
+    assert!(dev.conn.close_reason().is_none());
+}
+
+/// One session per connection: a second stream is reset (and counted); the session goes on.
+#[tokio::test]
+async fn a_second_stream_on_a_connection_is_refused() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let mut dev = QuicDev::open(proxy.quic.unwrap(), &pki, "device-0200").await;
+    dev.step().await;
+    for _ in 0..3 {
+        let (mut send, mut recv) = dev.conn.open_bi().await.unwrap();
+        send.write_all(b"another session?").await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = recv.read(&mut buf).await;
+        assert!(
+            matches!(read, Err(quinn::ReadError::Reset(code)) if code == quinn::VarInt::from_u32(wasmbed_proxy::quic::ONE_SESSION)),
+            "{read:?}"
+        );
+    }
+    dev.step().await;
+    assert_eq!(gw.hellos(), 1);
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_quic_streams_refused_total")
+            .await,
+        3.0
+    );
+}
+
+/// Datagrams that are not QUIC (and a device without a certificate) cost nothing else: the
+/// next device gets its session.
+#[tokio::test]
+async fn garbage_and_anonymous_clients_are_refused_and_others_go_on() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let addr = proxy.quic.unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..(i % 1300 + 1)).map(|j| (j * 31 + i) as u8).collect();
+        socket.send_to(&junk, addr).unwrap();
+    }
+    // No client certificate: the handshake fails (TLS 1.3: after the client's side).
+    let mut tls = (*device_tls(&pki.ca, None, "nobody", false)).clone();
+    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            addr,
+            "localhost",
+        )
+        .unwrap();
+    let refused = match connecting.await {
+        Err(_) => true,
+        Ok(c) => {
+            let closed = tokio::time::timeout(Duration::from_secs(5), c.closed()).await;
+            matches!(closed, Ok(quinn::ConnectionError::ConnectionClosed(_)))
+        }
+    };
+    assert!(refused, "no certificate, no session");
+    let mut dev = QuicDev::open(addr, &pki, "device-0300").await;
+    dev.step().await;
+    assert_eq!(gw.hellos(), 1);
+}
+
+/// `--quic-retry always`: every new device first proves its address (a stateless retry, one
+/// round trip more), then gets its session as usual.
+#[tokio::test]
+async fn with_retry_always_devices_prove_their_address_first() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut c = quic_proxy(&pki, &[&gw]);
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Always;
+    let proxy = start(c).await;
+    let mut dev = QuicDev::open(proxy.quic.unwrap(), &pki, "device-0400").await;
+    dev.step().await;
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_quic_connections_total{result=\"retry\"}")
+            .await,
+        1.0
+    );
+}
