@@ -72,6 +72,10 @@ pub struct UpArgs {
     /// started with --link).
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|link")]
     upstream: wasmbed_config::proxy::UpstreamMode,
+    /// Terminate mode: how the devices reach the proxy: `tcp` (TLS over TCP) or `quic` (the
+    /// proxy's --quic-listen; the whole fleet on one UDP socket).
+    #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|quic")]
+    transport: wasmbed_config::loadtest::Transport,
     /// Write the scenario's results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -290,13 +294,20 @@ fn start(
         if args.upstream == wasmbed_config::proxy::UpstreamMode::Link {
             cmd.args(["--upstream", "link"]);
         }
+        if args.transport == wasmbed_config::loadtest::Transport::Quic {
+            cmd.args(["--quic-listen", "127.0.0.1:0"]);
+        }
         if args.scenario == Some(Scenario::ScaleUp) {
             cmd.args(["--rebalance", "on"]);
         }
     }
     let (proxy, line) = spawn_ready(&mut cmd)?;
     stack.proxy = Some(proxy);
-    let listen = field(&line, "listen=")?;
+    // QUIC devices dial the proxy's UDP address.
+    let listen = match args.transport {
+        wasmbed_config::loadtest::Transport::Quic => field(&line, "quic=")?,
+        wasmbed_config::loadtest::Transport::Tcp => field(&line, "listen=")?,
+    };
     let admin = field(&line, "admin=")?;
     Ok((stack, listen, admin))
 }
@@ -345,6 +356,10 @@ pub fn run(args: UpArgs) -> ExitCode {
         eprintln!(
             "wasmbed up: --upstream link needs --mode terminate and TLS on the link (not --plain-link)"
         );
+        return ExitCode::from(2);
+    }
+    if args.transport == wasmbed_config::loadtest::Transport::Quic && args.mode != Mode::Terminate {
+        eprintln!("wasmbed up: --transport quic needs --mode terminate (QUIC ends at the proxy)");
         return ExitCode::from(2);
     }
     // Checked before anything starts: the fleet (and the second one of scale-up) runs in
@@ -425,6 +440,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         ca_dir: dir.clone(),
         json: None,
         first_device: 0,
+        transport: args.transport,
     };
     let settings_copy = settings.clone();
     let fleet = match Fleet::prepare(settings) {

@@ -69,19 +69,23 @@ fn the_failover_scenario_rehomes_every_device_and_loses_nothing() {
 /// that says GOAWAY, or that is drained by moving. No device sees a disconnect, every DATA is
 /// answered exactly once, no counter restarts.
 fn moves_without_the_devices_noticing(name: &str) {
-    let doc = scenario(
-        name,
-        &[
-            "--mode",
-            "terminate",
-            "--gateways",
-            "3",
-            "--devices",
-            "300",
-            "--rate",
-            "2",
-        ],
-    );
+    moves_without_the_devices_noticing_over(name, &[]);
+}
+
+/// The same, with `extra` arguments to `wasmbed up` (the link, QUIC devices).
+fn moves_without_the_devices_noticing_over(name: &str, extra: &[&str]) {
+    let mut args = vec![
+        "--mode",
+        "terminate",
+        "--gateways",
+        "3",
+        "--devices",
+        "300",
+        "--rate",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let doc = scenario(name, &args);
     assert_eq!(doc["affected"], 100, "{doc}");
     assert_eq!(
         doc["moves"]["resumed"], 100.0,
@@ -100,6 +104,16 @@ fn moves_without_the_devices_noticing(name: &str) {
 #[test]
 fn terminate_mode_moves_the_sessions_of_a_killed_gateway() {
     moves_without_the_devices_noticing("failover");
+}
+
+/// QUIC devices (one UDP socket for the fleet), one QUIC link per gateway: a killed
+/// gateway's sessions move the same way, no device notices.
+#[test]
+fn quic_devices_over_links_keep_their_sessions_when_a_gateway_dies() {
+    moves_without_the_devices_noticing_over(
+        "failover",
+        &["--upstream", "link", "--transport", "quic"],
+    );
 }
 
 #[test]

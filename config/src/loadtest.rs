@@ -40,6 +40,18 @@ pub struct LoadtestFlags {
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// How devices reach the target: `tcp` (TLS over TCP) or `quic` (a terminating proxy's
+    /// `--quic-listen`: one UDP socket for the whole fleet, a QUIC connection per device).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: Transport,
+}
+
+/// How simulated devices reach the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Quic,
 }
 
 /// The validated fleet parameters.
@@ -59,6 +71,7 @@ pub struct LoadtestSettings {
     /// The first device's number (device ids are `device-NNNN`), so that two fleets of one
     /// run have distinct identities.
     pub first_device: usize,
+    pub transport: Transport,
 }
 
 /// The most DATA messages per second one simulated device sends.
@@ -103,6 +116,7 @@ impl LoadtestSettings {
             ca_dir: f.ca_dir.clone(),
             json: f.json.clone(),
             first_device: 0,
+            transport: f.transport,
         })
     }
 }

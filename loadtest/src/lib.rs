@@ -51,6 +51,8 @@ pub enum FleetError {
         needed: u64,
         limit: u64,
     },
+    #[error("QUIC: {0}")]
+    Quic(String),
 }
 
 /// Live counters, readable while the fleet runs (progress, `wasmbed up`'s view).
@@ -166,6 +168,7 @@ impl CounterCheck {
 struct Ctx {
     settings: LoadtestSettings,
     configs: Vec<Arc<rustls::ClientConfig>>,
+    quic: Option<Quic>,
     live: Arc<Live>,
     hist: Mutex<Histograms>,
     start: Instant,
@@ -194,7 +197,10 @@ pub fn check_descriptors(devices: usize) -> Result<(), FleetError> {
 impl Fleet {
     /// Issues every device its certificate from the CA in `settings.ca_dir`.
     pub fn prepare(settings: LoadtestSettings) -> Result<Fleet, FleetError> {
-        check_descriptors(settings.devices)?;
+        // A TCP device holds a descriptor; QUIC devices share one UDP socket.
+        if settings.transport == wasmbed_config::loadtest::Transport::Tcp {
+            check_descriptors(settings.devices)?;
+        }
         let read = |name: &str| {
             let path = settings.ca_dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| wasmbed_certs::CertError::File {
@@ -216,10 +222,15 @@ impl Fleet {
             gateway: Mutex::new(vec![None; settings.devices]),
             ..Live::default()
         });
+        let quic = match settings.transport {
+            wasmbed_config::loadtest::Transport::Quic => Some(Quic::new(&configs)?),
+            wasmbed_config::loadtest::Transport::Tcp => None,
+        };
         Ok(Fleet {
             ctx: Arc::new(Ctx {
                 settings,
                 configs,
+                quic,
                 live,
                 hist: Mutex::new(Histograms::default()),
                 start: Instant::now(),
@@ -280,7 +291,122 @@ pub fn device_id(i: usize) -> String {
     format!("device-{i:04}")
 }
 
-type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+/// A device's decrypted connection: TLS over TCP, or a QUIC stream.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Stream = Box<dyn Io>;
+
+/// The device protocol's ALPN (required over QUIC).
+const ALPN: &[u8] = b"wasmbed/1";
+
+/// `--transport quic`: one client endpoint (one UDP socket) for the whole fleet, and each
+/// device's QUIC client settings (its own certificate).
+struct Quic {
+    /// Made on first use, inside the runtime (quinn needs one).
+    endpoint: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
+    configs: Vec<quinn::ClientConfig>,
+}
+
+impl Quic {
+    fn new(configs: &[Arc<rustls::ClientConfig>]) -> Result<Quic, FleetError> {
+        let mut transport = quinn::TransportConfig::default();
+        // A device's window, not quinn's bulk default: a frame is at most 64 KiB.
+        transport
+            .stream_receive_window(quinn::VarInt::from_u32(128 << 10))
+            .receive_window(quinn::VarInt::from_u32(128 << 10))
+            .send_window(128 << 10)
+            .max_concurrent_bidi_streams(quinn::VarInt::from_u32(0))
+            .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+            .keep_alive_interval(Some(Duration::from_secs(10)));
+        let transport = Arc::new(transport);
+        let configs = configs
+            .iter()
+            .map(|c| {
+                let mut tls = (**c).clone();
+                tls.alpn_protocols = vec![ALPN.to_vec()];
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+                    .map_err(|e| FleetError::Quic(e.to_string()))?;
+                let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+                config.transport_config(transport.clone());
+                Ok(config)
+            })
+            .collect::<Result<Vec<_>, FleetError>>()?;
+        Ok(Quic {
+            endpoint: std::sync::OnceLock::new(),
+            configs,
+        })
+    }
+
+    /// A device's connection and its session stream.
+    async fn connect(&self, i: usize, ctx: &Ctx) -> Result<Stream, String> {
+        let s = &ctx.settings;
+        let bind = match s.target {
+            std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let endpoint = self
+            .endpoint
+            .get_or_init(|| quinn::Endpoint::client(bind).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| format!("QUIC endpoint: {e}"))?;
+        let connecting = endpoint
+            .connect_with(self.configs[i].clone(), s.target, &s.sni)
+            .map_err(|e| format!("QUIC connect: {e}"))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "QUIC handshake timeout".to_string())?
+            .map_err(|e| format!("QUIC handshake: {e}"))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("QUIC stream: {e}"))?;
+        Ok(Box::new(QuicStream {
+            _conn: conn,
+            io: tokio::io::join(recv, send),
+        }))
+    }
+}
+
+/// A QUIC session stream that keeps its connection open while it lives.
+struct QuicStream {
+    _conn: quinn::Connection,
+    io: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+}
+
+impl tokio::io::AsyncRead for QuicStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for QuicStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 fn error_is(f: &Frame, code: ErrorCode) -> bool {
     f.decode_body::<ErrorBody>("ERROR")
@@ -307,17 +433,23 @@ impl Conn {
 async fn open(i: usize, ctx: &Ctx, ticket: Option<&[u8]>) -> Result<(Conn, Welcome), String> {
     let s = &ctx.settings;
     let t0 = Instant::now();
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.target))
-        .await
-        .map_err(|_| "connect timeout".to_string())?
-        .map_err(|e| format!("connect: {}", e.kind()))?;
-    let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(s.sni.clone()).map_err(|_| "bad --sni".to_string())?;
-    let connector = tokio_rustls::TlsConnector::from(ctx.configs[i].clone());
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-        .await
-        .map_err(|_| "TLS handshake timeout".to_string())?
-        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let stream: Stream = match &ctx.quic {
+        Some(quic) => quic.connect(i, ctx).await?,
+        None => {
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.target))
+                .await
+                .map_err(|_| "connect timeout".to_string())?
+                .map_err(|e| format!("connect: {}", e.kind()))?;
+            let _ = tcp.set_nodelay(true);
+            let name = ServerName::try_from(s.sni.clone()).map_err(|_| "bad --sni".to_string())?;
+            let connector = tokio_rustls::TlsConnector::from(ctx.configs[i].clone());
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+                .await
+                .map_err(|_| "TLS handshake timeout".to_string())?
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Box::new(tls)
+        }
+    };
     let handshake = t0.elapsed();
     let mut conn = Conn {
         framed: Framed::new(stream, FrameCodec::new(MAX_FRAME)),
