@@ -93,11 +93,8 @@ pub(crate) fn bind_pair(
     for _ in 0..tries {
         let listener = tcp(addr)?;
         let bound = listener.local_addr()?;
-        match std::net::UdpSocket::bind(bound) {
-            Ok(udp) => {
-                udp.set_nonblocking(true)?;
-                return Ok((listener, Some(udp)));
-            }
+        match wasmbed_certs::udp::socket(bound) {
+            Ok(udp) => return Ok((listener, Some(udp))),
             Err(e) => last = Some(e),
         }
     }

@@ -347,7 +347,7 @@ impl Quic {
         };
         let endpoint = self
             .endpoint
-            .get_or_init(|| quinn::Endpoint::client(bind).map_err(|e| e.to_string()))
+            .get_or_init(|| wasmbed_certs::udp::endpoint(bind, None).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| format!("QUIC endpoint: {e}"))?;
         let connecting = endpoint

@@ -87,7 +87,7 @@ impl Links {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = Endpoint::client(bind).map_err(|source| crate::ProxyError::Bind {
+        let endpoint = wasmbed_certs::udp::endpoint(bind, None).map_err(|source| crate::ProxyError::Bind {
             what: "link (QUIC client socket)",
             addr: bind,
             source,

@@ -92,7 +92,7 @@ pub(crate) fn bind(
         return Ok(None);
     };
     let server = server_config(config, device_tls)?;
-    Endpoint::server(server, addr)
+    wasmbed_certs::udp::endpoint(addr, Some(server))
         .map(Some)
         .map_err(|source| crate::ProxyError::Bind {
             what: "QUIC devices, --quic-listen",
@@ -125,7 +125,12 @@ fn server_config(
         .stream_receive_window(VarInt::from_u32(128 << 10))
         .receive_window(VarInt::from_u32(128 << 10))
         .send_window(128 << 10)
-        .max_idle_timeout(quinn::IdleTimeout::try_from(config.quic.idle_timeout).ok());
+        .max_idle_timeout(quinn::IdleTimeout::try_from(config.quic.idle_timeout).ok())
+        // One datagram per send: a connection's send buffer then stays one datagram large
+        // (with segmentation offload it grows to ten and is kept). Devices send little.
+        .enable_segmentation_offload(false)
+        // No unreliable datagrams: nothing uses them, so no buffer is reserved for them.
+        .datagram_receive_buffer_size(None);
     server.transport_config(Arc::new(transport));
     server.migration(true);
     Ok(server)

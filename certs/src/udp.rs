@@ -1,0 +1,45 @@
+//! The UDP socket under a QUIC endpoint (quinn), shared by the proxy's QUIC listener and
+//! links, the gateway's link and the load test's devices.
+//!
+//! Linux's default socket buffer (`net.core.rmem_default`, about 208 KiB) holds a few hundred
+//! datagrams: thousands of QUIC connections on one socket overflow it in a burst (a failover,
+//! a fleet connecting), the kernel drops datagrams (`RcvbufErrors` in /proc/net/snmp), and
+//! QUIC recovers them only by retransmission after a probe timeout — seconds of delay.
+//! So the socket asks for [`BUFFER`] each way; the kernel caps it at `net.core.rmem_max` /
+//! `wmem_max` (4 MiB on this machine kind; raise them for more).
+
+use std::net::{SocketAddr, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Bytes asked for each socket buffer.
+pub const BUFFER: usize = 8 << 20;
+
+/// A non-blocking UDP socket bound to `addr`, with large buffers (best effort).
+pub fn socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Both families on an unspecified IPv6 address, as quinn's own binding does.
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(BUFFER);
+    let _ = socket.set_send_buffer_size(BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A quinn endpoint on [`socket`]`(addr)`: a server with `server`, else a client only.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket(addr)?,
+        runtime,
+    )
+}
