@@ -369,7 +369,12 @@ pub fn run(args: UpArgs) -> ExitCode {
         _ => 0,
     };
     let all_devices = devices + second_fleet;
-    if let Err(e) = wasmbed_loadtest::check_descriptors(all_devices) {
+    // QUIC devices share one UDP socket: no descriptor each.
+    let tcp_devices = match args.transport {
+        wasmbed_config::loadtest::Transport::Tcp => all_devices,
+        wasmbed_config::loadtest::Transport::Quic => 0,
+    };
+    if let Err(e) = wasmbed_loadtest::check_descriptors(tcp_devices) {
         eprintln!("wasmbed up: {e}");
         return ExitCode::from(2);
     }
