@@ -359,6 +359,19 @@ impl Gateway {
     }
 }
 
+/// Counts an accepted PROXY header and puts the device's address and SNI in the session's
+/// span (TCP and link streams alike).
+fn header_accepted(info: &proxy_header::ProxyInfo) {
+    ::metrics::counter!(metrics::PROXY_HEADERS, "result" => "accepted").increment(1);
+    let span = tracing::Span::current();
+    if let Some(src) = info.src {
+        span.record("device_addr", tracing::field::display(src));
+    }
+    if let Some(sni) = &info.sni {
+        span.record("sni", sni.as_str());
+    }
+}
+
 async fn accept(
     shared: Arc<Shared>,
     (mut stream, peer): (TcpStream, SocketAddr),
@@ -373,14 +386,7 @@ async fn accept(
         match proxy_header::read(&mut stream, peer, allowed, HANDSHAKE_TIMEOUT).await {
             Ok(None) => {}
             Ok(Some(info)) => {
-                ::metrics::counter!(metrics::PROXY_HEADERS, "result" => "accepted").increment(1);
-                let span = tracing::Span::current();
-                if let Some(src) = info.src {
-                    span.record("device_addr", tracing::field::display(src));
-                }
-                if let Some(sni) = &info.sni {
-                    span.record("sni", sni.as_str());
-                }
+                header_accepted(&info);
                 stated = info.identity;
             }
             Err(refused) => {

@@ -176,14 +176,7 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
                         return;
                     }
                 };
-                ::metrics::counter!(metrics::PROXY_HEADERS, "result" => "accepted").increment(1);
-                let span = tracing::Span::current();
-                if let Some(src) = info.src {
-                    span.record("device_addr", tracing::field::display(src));
-                }
-                if let Some(sni) = &info.sni {
-                    span.record("sni", sni.as_str());
-                }
+                crate::header_accepted(&info);
                 let drain = shared.draining.clone();
                 let stream = tokio::io::join(recv, send);
                 crate::session::serve(shared, stream, (info.identity, None), drain).await;

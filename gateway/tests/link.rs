@@ -75,6 +75,19 @@ impl LinkPki {
     }
 }
 
+/// A client config presenting an `edge-proxy` certificate from `issuer`, trusting the PKI.
+fn proxy_client(lp: &LinkPki, issuer: &DevCa) -> rustls::ClientConfig {
+    let cert = issuer
+        .issue_client("edge-proxy", KeyKind::EcdsaP256)
+        .unwrap();
+    let tls = wasmbed_certs::client_config(
+        &[lp.pki.ca.cert_der()],
+        Some((cert.chain(), cert.key().unwrap())),
+    )
+    .unwrap();
+    (*tls).clone()
+}
+
 /// A QUIC client of the link with `tls` (a certificate of the test's choice).
 async fn link_client(
     gateway: std::net::SocketAddr,
@@ -174,19 +187,10 @@ async fn a_link_is_refused_to_anything_but_a_proxy() {
     );
     // A proxy certificate from a CA the gateway does not trust: no link either.
     let stranger = DevCa::generate("strangers").unwrap();
-    let cert = stranger
-        .issue_client("edge-proxy", KeyKind::EcdsaP256)
-        .unwrap();
-    let tls = wasmbed_certs::client_config(
-        &[lp.pki.ca.cert_der()],
-        Some((cert.chain(), cert.key().unwrap())),
-    )
-    .unwrap();
     assert!(
-        refused_by_tls(link_client(gw.addr, (*tls).clone()).await).await,
+        refused_by_tls(link_client(gw.addr, proxy_client(&lp, &stranger)).await).await,
         "an untrusted proxy certificate gets no link"
     );
-    let _ = &lp.proxy_ca;
 }
 
 /// A stream must open with a PROXY header: one that starts with anything else (a HELLO
@@ -195,16 +199,9 @@ async fn a_link_is_refused_to_anything_but_a_proxy() {
 async fn a_stream_without_its_header_is_stopped() {
     let lp = LinkPki::new();
     let gw = start(lp.gateway()).await;
-    let cert = lp
-        .proxy_ca
-        .issue_client("edge-proxy", KeyKind::EcdsaP256)
+    let conn = link_client(gw.addr, proxy_client(&lp, &lp.proxy_ca))
+        .await
         .unwrap();
-    let tls = wasmbed_certs::client_config(
-        &[lp.pki.ca.cert_der()],
-        Some((cert.chain(), cert.key().unwrap())),
-    )
-    .unwrap();
-    let conn = link_client(gw.addr, (*tls).clone()).await.unwrap();
     let hello = wasmbed_protocol::Hello {
         device: "device-0200".into(),
         app: "echo".into(),

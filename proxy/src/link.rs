@@ -87,11 +87,12 @@ impl Links {
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = wasmbed_certs::udp::endpoint(bind, None).map_err(|source| crate::ProxyError::Bind {
-            what: "link (QUIC client socket)",
-            addr: bind,
-            source,
-        })?;
+        let endpoint =
+            wasmbed_certs::udp::endpoint(bind, None).map_err(|source| crate::ProxyError::Bind {
+                what: "link (QUIC client socket)",
+                addr: bind,
+                source,
+            })?;
         Ok(Some(Arc::new(Links {
             endpoint,
             client: ArcSwap::from_pointee(client),
