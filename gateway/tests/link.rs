@@ -258,3 +258,32 @@ fn link_needs_the_proxies_certificates() {
     assert!(wasmbed_config::GatewaySettings::load(&plain).is_err());
     let _ = Mode::Terminate;
 }
+
+/// A gateway whose certificate the proxy does not trust gets no link: the proxy counts the
+/// failed link, the device gets no session, and the gateway sees none.
+#[tokio::test]
+async fn a_gateway_with_a_certificate_the_proxy_does_not_trust_gets_no_link() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let stranger = DevCa::generate("not the gateways' CA").unwrap();
+    std::fs::write(lp.pki.path("stranger.pem"), stranger.cert_pem()).unwrap();
+    let mut config = lp.proxy(&[&gw]);
+    if let Some(up) = config.upstream_tls.as_mut() {
+        up.ca = lp.pki.path("stranger.pem");
+    }
+    let proxy = Proxy::bind(config).await.unwrap();
+    let links = proxy.live().context().links.clone().expect("a link proxy");
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    let mut d = tls_device(addr, lp.pki.device("device-0300", Some(&lp.pki.ca)))
+        .await
+        .unwrap();
+    assert!(d.no_session("device-0300", "echo").await, "no gateway, no session");
+    assert_eq!(links.live(), 0);
+    assert_eq!(
+        gw.shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+}
