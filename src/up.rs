@@ -446,6 +446,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         json: None,
         first_device: 0,
         transport: args.transport,
+        rebind_after: None,
     };
     let settings_copy = settings.clone();
     let fleet = match Fleet::prepare(settings) {

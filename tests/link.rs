@@ -14,10 +14,12 @@ fn count(f: &Frame) -> u64 {
     u64::from_le_bytes(f.body[..8].try_into().unwrap())
 }
 
-#[tokio::test]
-async fn a_killed_gateways_link_sessions_move_with_their_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path();
+/// Two gateways serving links (TLS, the fleet's key ring) and a terminating proxy reaching
+/// them by links, with `extra` proxy arguments; the PKI in `pki`.
+fn stack(
+    pki: &std::path::Path,
+    extra: &[&str],
+) -> (Vec<(Killed, SocketAddr, SocketAddr)>, ProxyProcess) {
     certs_init(pki, &["--devices", "4", "--gateways", "2"]);
     let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
@@ -70,8 +72,16 @@ async fn a_killed_gateways_link_sessions_move_with_their_state() {
         ]
         .map(String::from),
     );
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let proxy = ProxyProcess::start(&[], &args);
+    (gateways, ProxyProcess::start(&[], &args))
+}
+
+#[tokio::test]
+async fn a_killed_gateways_link_sessions_move_with_their_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    let (mut gateways, proxy) = stack(pki, &[]);
     let mut devices = Vec::new();
     for i in 0..4 {
         let id = format!("device-000{i}");
@@ -105,5 +115,50 @@ async fn a_killed_gateways_link_sessions_move_with_their_state() {
     assert_eq!(
         proxy.metric("wasmbed_proxy_links_total{result=\"lost\"}"),
         1.0
+    );
+}
+
+/// `wasmbed loadtest --transport quic --rebind-after`: the whole fleet moves to a new UDP
+/// socket mid-run (every device's source port changes, as behind a NAT that rebinds); the
+/// sessions go on: nothing lost, no reconnect, no app state restarted.
+#[test]
+fn a_quic_fleet_whose_addresses_change_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    let (_gateways, proxy) = stack(pki, &["--quic-listen", "127.0.0.1:0"]);
+    let quic = proxy.quic.expect("the proxy's QUIC address");
+    let json = pki.join("report.json");
+    let out = Command::new(BIN)
+        .args([
+            "loadtest",
+            "--transport",
+            "quic",
+            "--target",
+            &quic.to_string(),
+        ])
+        .arg("--ca-dir")
+        .arg(pki)
+        .args(["--devices", "40", "--rate", "10", "--duration", "3s"])
+        .args(["--app", "counter", "--rebind-after", "1500ms", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{said}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["rebinds"], 1, "{report}");
+    assert_eq!(report["connected"], 40, "{report}");
+    assert_eq!(report["reconnects"], 0, "{report}");
+    assert_eq!(report["state_resets"], 0, "{report}");
+    let messages = &report["messages"];
+    assert_eq!(messages["lost"], 0, "{report}");
+    assert!(
+        messages["answered"].as_u64().unwrap() >= 40 * 20,
+        "{report}"
     );
 }

@@ -44,6 +44,10 @@ pub struct LoadtestFlags {
     /// `--quic-listen`: one UDP socket for the whole fleet, a QUIC connection per device).
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
+    /// With `--transport quic`: after this long, move the whole fleet to a new UDP socket
+    /// (a new source port for every device, as a NAT rebinding does); sessions must go on.
+    #[arg(long, value_name = "DURATION")]
+    pub rebind_after: Option<String>,
 }
 
 /// How simulated devices reach the target.
@@ -72,6 +76,8 @@ pub struct LoadtestSettings {
     /// run have distinct identities.
     pub first_device: usize,
     pub transport: Transport,
+    /// QUIC: when the fleet moves to a new UDP socket (`None`: never).
+    pub rebind_after: Option<Duration>,
 }
 
 /// The most DATA messages per second one simulated device sends.
@@ -104,7 +110,18 @@ impl LoadtestSettings {
         if f.payload > 60_000 {
             return Err(ConfigError::field("payload", "at most 60000 bytes"));
         }
+        let rebind_after = match f.rebind_after.as_deref() {
+            Some(d) if f.transport == Transport::Quic => Some(parse_duration("rebind_after", d)?),
+            Some(_) => {
+                return Err(ConfigError::field(
+                    "rebind_after",
+                    "needs --transport quic (a TCP connection cannot change its address)",
+                ));
+            }
+            None => None,
+        };
         Ok(LoadtestSettings {
+            rebind_after,
             target: parse_addr("target", &f.target)?,
             devices: f.devices,
             ramp,

@@ -64,6 +64,8 @@ pub struct Live {
     pub rehomed: AtomicUsize,
     /// Devices that hold a ticket (got at least one CHECKPOINT).
     pub ticketed: AtomicUsize,
+    /// Times the fleet's UDP socket was replaced (`--rebind-after`, QUIC).
+    pub rebinds: AtomicU64,
     pub sent: AtomicU64,
     pub answered: AtomicU64,
     /// The gateway each device is on now (`None`: not connected).
@@ -252,6 +254,15 @@ impl Fleet {
             c.start = started;
         }
         let n = ctx.settings.devices;
+        if let Some(after) = ctx.settings.rebind_after {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(after) => rebind(&ctx),
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
             let delay = match ctx.settings.ramp {
@@ -277,13 +288,38 @@ impl Fleet {
             }));
         }
         let hist = std::mem::take(&mut *ctx.hist.lock().unwrap_or_else(|e| e.into_inner()));
-        Report::build(
+        let mut report = Report::build(
             &ctx.settings,
             &outcomes,
             &ctx.live.spread(),
             &hist,
             started.elapsed(),
-        )
+        );
+        report.rebinds = ctx.live.rebinds.load(Ordering::Relaxed);
+        report
+    }
+}
+
+/// Moves the QUIC fleet to a new UDP socket: every device's source address changes under its
+/// live connection, as a NAT rebinding does.
+fn rebind(ctx: &Ctx) {
+    let Some(Ok(endpoint)) = ctx.quic.as_ref().and_then(|q| q.endpoint.get()) else {
+        return;
+    };
+    let Ok(old) = endpoint.local_addr() else {
+        return;
+    };
+    let new = wasmbed_certs::udp::socket((old.ip(), 0).into()).and_then(|s| endpoint.rebind(s));
+    match new {
+        Ok(()) => {
+            ctx.live.rebinds.fetch_add(1, Ordering::Relaxed);
+            let now = endpoint
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            eprintln!("loadtest: the fleet's UDP socket moved from {old} to {now}");
+        }
+        Err(e) => eprintln!("loadtest: rebinding the fleet's UDP socket failed: {e}"),
     }
 }
 

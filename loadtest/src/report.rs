@@ -89,6 +89,8 @@ pub struct Report {
     pub spread: Spread,
     pub messages: Messages,
     pub reconnects: u64,
+    /// `--rebind-after`: times the fleet moved to a new UDP socket (QUIC).
+    pub rebinds: u64,
     /// Devices whose app state restarted during the run (checked with the `counter` app only:
     /// a REPLY whose message count went down).
     pub state_resets: usize,
@@ -182,6 +184,13 @@ impl Report {
             m.sent, m.answered, m.errors, m.lost, m.duplicated
         );
         let _ = writeln!(t, "reconnects {}", self.reconnects);
+        if self.rebinds > 0 {
+            let _ = writeln!(
+                t,
+                "rebinds   {} (every device's source port changed mid-session)",
+                self.rebinds
+            );
+        }
         if self.tickets > 0 {
             let refused: Vec<String> = self
                 .resume_refused

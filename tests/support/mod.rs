@@ -31,6 +31,8 @@ pub struct ProxyProcess {
     pub child: Child,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    /// `quic=` of the ready line (`--quic-listen`).
+    pub quic: Option<SocketAddr>,
 }
 
 impl ProxyProcess {
@@ -49,10 +51,12 @@ impl ProxyProcess {
             .args(args);
         let (child, line) = spawn_ready(&mut cmd);
         let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+        let quic = Ready(line.clone()).addr("quic=");
         ProxyProcess {
             child,
             listen,
             admin,
+            quic,
         }
     }
 
