@@ -138,7 +138,8 @@ async fn a_device_whose_address_changes_keeps_its_session() {
     assert!(dev.conn.close_reason().is_none());
 }
 
-/// One session per connection: a second stream is reset (and counted); the session goes on.
+/// One session per connection: 200 more streams, one after another, are each reset (and
+/// counted); the session goes on.
 #[tokio::test]
 async fn a_second_stream_on_a_connection_is_refused() {
     let pki = pki(KeyKind::EcdsaP256);
@@ -146,7 +147,7 @@ async fn a_second_stream_on_a_connection_is_refused() {
     let proxy = start(quic_proxy(&pki, &[&gw])).await;
     let mut dev = QuicDev::open(proxy.quic.unwrap(), &pki, "device-0200").await;
     dev.step().await;
-    for _ in 0..3 {
+    for _ in 0..200 {
         let (mut send, mut recv) = dev.conn.open_bi().await.unwrap();
         send.write_all(b"another session?").await.unwrap();
         let mut buf = [0u8; 16];
@@ -162,7 +163,7 @@ async fn a_second_stream_on_a_connection_is_refused() {
         proxy
             .metric("wasmbed_proxy_quic_streams_refused_total")
             .await,
-        3.0
+        200.0
     );
 }
 
@@ -221,4 +222,40 @@ async fn with_retry_always_devices_prove_their_address_first() {
             .await,
         1.0
     );
+}
+
+/// A QUIC device that sends a frame over the maximum gets ERROR `frame_too_large` and its
+/// session ends; another device's session goes on.
+#[tokio::test]
+async fn an_oversized_frame_from_a_quic_device_ends_its_session_only() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let addr = proxy.quic.unwrap();
+    let mut bad = QuicDev::open(addr, &pki, "device-0500").await;
+    let mut good = QuicDev::open(addr, &pki, "device-0501").await;
+    bad.step().await;
+    bad.device
+        .send_raw(b"\xff\xff\xff\xff garbage")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), bad.device.recv())
+        .await
+        .expect("an answer in time")
+        .expect("an ERROR frame");
+    assert_eq!(answer.kind, Kind::Error, "{answer:?}");
+    let e: wasmbed_protocol::ErrorBody = answer.decode_body("ERROR").unwrap();
+    assert_eq!(
+        e.code,
+        wasmbed_protocol::ErrorCode::FrameTooLarge as u16,
+        "{e}"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), bad.device.recv()).await;
+    assert!(
+        matches!(closed, Ok(None)),
+        "the session ends after the ERROR"
+    );
+    for _ in 0..2 {
+        good.step().await;
+    }
 }
