@@ -397,50 +397,8 @@ impl Quic {
             .open_bi()
             .await
             .map_err(|e| format!("QUIC stream: {e}"))?;
-        Ok(Box::new(QuicStream {
-            _conn: conn,
-            io: tokio::io::join(recv, send),
-        }))
-    }
-}
-
-/// A QUIC session stream that keeps its connection open while it lives.
-struct QuicStream {
-    _conn: quinn::Connection,
-    io: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
-}
-
-impl tokio::io::AsyncRead for QuicStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for QuicStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        // The streams hold the connection: it lives as long as they do.
+        Ok(Box::new(tokio::io::join(recv, send)))
     }
 }
 

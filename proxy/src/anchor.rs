@@ -275,8 +275,9 @@ async fn read_into<R: AsyncRead + Unpin + ?Sized>(
     buf: &mut BytesMut,
 ) -> io::Result<usize> {
     std::future::poll_fn(|cx| {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut read = ReadBuf::new(&mut chunk);
+        // Uninitialized: zeroing 16 KiB on every read would cost more than the read.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut chunk);
         std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut read))?;
         buf.extend_from_slice(read.filled());
         std::task::Poll::Ready(Ok(read.filled().len()))

@@ -82,15 +82,15 @@ impl Links {
             return Ok(None);
         }
         let client = client_config(config)?;
-        let bind: SocketAddr = if config.gateways.iter().any(|g| g.addr.starts_with('[')) {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let endpoint =
-            wasmbed_certs::udp::endpoint(bind, None).map_err(|source| crate::ProxyError::Bind {
+        // Dual-stack, so that gateways found later (DNS: A or AAAA) are reachable whatever
+        // their family; IPv4 alone on a host without IPv6.
+        let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+        let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+        let endpoint = wasmbed_certs::udp::endpoint(v6, None)
+            .or_else(|_| wasmbed_certs::udp::endpoint(v4, None))
+            .map_err(|source| crate::ProxyError::Bind {
                 what: "link (QUIC client socket)",
-                addr: bind,
+                addr: v4,
                 source,
             })?;
         Ok(Some(Arc::new(Links {
@@ -169,7 +169,7 @@ impl Links {
         Ok(conn)
     }
 
-    /// Live links (for the metrics gauge and tests).
+    /// Live links (for tests and embedding programs).
     pub fn live(&self) -> usize {
         self.conns
             .lock()

@@ -169,13 +169,14 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let span = tracing::info_span!("session", peer = %incoming.remote_address(), transport = "quic", device = tracing::field::Empty, sni = tracing::field::Empty, gateway = tracing::field::Empty);
+        // Counted from here to the handshake's end (in `accept`), so that the next Initial's
+        // retry decision sees it.
+        handshaking.fetch_add(1, Ordering::Relaxed);
         let handshaking = handshaking.clone();
+        let port = endpoint.local_addr().map_or(0, |a| a.port());
         sessions.spawn(
             async move {
-                handshaking.fetch_add(1, Ordering::Relaxed);
-                let accepted = accept(&ctx, incoming).await;
-                handshaking.fetch_sub(1, Ordering::Relaxed);
-                if let Some(anchored) = accepted {
+                if let Some(anchored) = accept(&ctx, incoming, (&handshaking, port)).await {
                     Box::pin(anchored.serve()).await;
                 }
                 drop(permit);
@@ -195,19 +196,23 @@ pub(crate) async fn close(endpoint: &Endpoint) {
 }
 
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).
+/// `handshaking` counts this one until its handshake ends; `port` is the listener's.
 async fn accept(
     ctx: &Arc<crate::session::Context>,
     incoming: Incoming,
+    (handshaking, port): (&AtomicUsize, u16),
 ) -> Option<Box<crate::anchor::Anchored>> {
     let peer = incoming.remote_address();
     let local = incoming
         .local_ip()
-        .map(|ip| std::net::SocketAddr::new(ip, 0));
+        .map(|ip| std::net::SocketAddr::new(ip, port));
     let started = std::time::Instant::now();
     let reject = |reason: Refusal| {
         counter!(REJECTED, "reason" => reason.as_label()).increment(1);
     };
-    let conn = match tokio::time::timeout(ctx.config.handshake_timeout, incoming).await {
+    let handshake = tokio::time::timeout(ctx.config.handshake_timeout, incoming).await;
+    handshaking.fetch_sub(1, Ordering::Relaxed);
+    let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "QUIC handshake failed");
@@ -254,12 +259,7 @@ async fn accept(
         recv,
         send,
     });
-    let verified = crate::session::Verified {
-        sni,
-        chain,
-        peer,
-        local,
-    };
+    let verified = crate::session::Verified::new(sni, &chain, (peer, local));
     match crate::session::anchor_device(ctx, device, verified).await {
         Ok(anchored) => anchored,
         Err(r) => {

@@ -318,22 +318,44 @@ async fn terminate(
         .map_err(|e| refused(tls_reason(&e), e))?;
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     let (_, conn) = tls.get_ref();
-    let verified = Verified {
-        sni: conn.server_name().map(str::to_string),
-        chain: conn.peer_certificates().unwrap_or(&[]).to_vec(),
-        peer,
-        local,
-    };
+    let verified = Verified::new(
+        conn.server_name().map(str::to_string),
+        conn.peer_certificates().unwrap_or(&[]),
+        (peer, local),
+    );
     anchor_device(ctx, Box::new(tls), verified).await
 }
 
-/// What the device's TLS handshake established (TLS over TCP or QUIC).
+/// What the device's TLS handshake established (TLS over TCP or QUIC), read once from its
+/// certificate.
 pub(crate) struct Verified {
-    pub sni: Option<String>,
-    /// The device's certificate chain (empty without `client_ca`).
-    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    pub peer: std::net::SocketAddr,
-    pub local: Option<std::net::SocketAddr>,
+    sni: Option<String>,
+    /// The certificate's device (`None` without `client_ca`).
+    identity: Option<String>,
+    attributes: Option<wasmbed_certs::CertAttributes>,
+    /// For revocation at a CRL reload.
+    serial: Option<Vec<u8>>,
+    peer: std::net::SocketAddr,
+    local: Option<std::net::SocketAddr>,
+}
+
+impl Verified {
+    /// From the SNI and the certificate chain (empty without `client_ca`) of the handshake.
+    pub(crate) fn new(
+        sni: Option<String>,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        (peer, local): (std::net::SocketAddr, Option<std::net::SocketAddr>),
+    ) -> Verified {
+        let cert = chain.first();
+        Verified {
+            sni,
+            identity: cert.and_then(wasmbed_certs::peer_identity),
+            attributes: cert.map(wasmbed_certs::cert_attributes),
+            serial: cert.and_then(wasmbed_certs::serial_of),
+            peer,
+            local,
+        }
+    }
 }
 
 /// Terminate mode after the device's handshake, whatever its transport: HELLO checked against
@@ -343,12 +365,13 @@ pub(crate) async fn anchor_device(
     mut tls: Box<dyn anchor::DeviceStream>,
     Verified {
         sni,
-        chain,
+        identity,
+        attributes,
+        serial,
         peer,
         local,
     }: Verified,
 ) -> Result<Option<Box<anchor::Anchored>>, Refused> {
-    let identity = chain.first().and_then(wasmbed_certs::peer_identity);
     let span = tracing::Span::current();
     if let Some(id) = &identity {
         span.record("device", id.as_str());
@@ -366,7 +389,6 @@ pub(crate) async fn anchor_device(
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&[]);
-    let attributes = chain.first().map(wasmbed_certs::cert_attributes);
     let matched = Matched {
         sni: sni.as_deref(),
         alpn: &[],
@@ -411,7 +433,6 @@ pub(crate) async fn anchor_device(
         let _ = tls.shutdown().await;
         return Ok(None);
     }
-    let serial = chain.first().and_then(wasmbed_certs::serial_of);
     let link = anchor::Link::new(lease, up);
     let device = anchor::DeviceSide {
         tls,
