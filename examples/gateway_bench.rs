@@ -22,6 +22,8 @@ fn main() {
     let mut seconds = 5u64;
     let mut rate = 10_000f64;
     let mut checkpoints: Option<usize> = None;
+    let mut apps = vec!["echo".to_string(), "counter".to_string()];
+    let mut modes = vec!["off".to_string(), "every".to_string(), "4".to_string()];
     let argv: Vec<String> = std::env::args().skip(1).collect();
     for pair in argv.chunks(2) {
         let v = pair.get(1).cloned().unwrap_or_default();
@@ -35,6 +37,9 @@ fn main() {
             "--seconds" => seconds = v.parse().expect("--seconds S"),
             "--rate" => rate = v.parse().expect("--rate MSGS_PER_S"),
             "--checkpoints" => checkpoints = Some(v.parse().expect("--checkpoints RUNS")),
+            // With --checkpoints: which apps and settings (the first is the baseline).
+            "--apps" => apps = v.split(',').map(String::from).collect(),
+            "--modes" => modes = v.split(',').map(String::from).collect(),
             o => panic!("unknown option {o}"),
         }
     }
@@ -47,6 +52,8 @@ fn main() {
             sessions[0],
             Duration::from_secs(seconds),
             runs,
+            &apps,
+            &modes,
         ));
         tickets();
         rt.block_on(state_calls());
@@ -262,7 +269,13 @@ struct Load {
 /// The cost of checkpoints: closed-loop replies/s with `--checkpoint every` vs `off`, for
 /// echo (no state: a ticket without state) and counter (17 bytes of state), `runs`
 /// interleaved runs each; medians and the ratio.
-async fn checkpoint_cost(n: usize, duration: Duration, runs: usize) {
+async fn checkpoint_cost(
+    n: usize,
+    duration: Duration,
+    runs: usize,
+    apps: &[String],
+    modes: &[String],
+) {
     let dir = std::env::temp_dir().join(format!("gateway-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys.toml");
@@ -285,8 +298,12 @@ async fn checkpoint_cost(n: usize, duration: Duration, runs: usize) {
     );
     println!("| app | setting | replies/s | ratio to off | gateway CPU us/reply | ratio to off |");
     println!("|---|---|---:|---:|---:|---:|");
-    for app in ["echo", "counter"] {
-        let modes = ["off", "every", "4"];
+    for app in apps {
+        let app: &'static str = match app.as_str() {
+            "echo" => "echo",
+            "counter" => "counter",
+            other => panic!("--apps: echo or counter, not {other}"),
+        };
         let mut rates = vec![Vec::new(); modes.len()];
         let mut cpus = vec![Vec::new(); modes.len()];
         for _ in 0..runs {

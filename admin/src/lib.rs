@@ -201,3 +201,23 @@ pub fn has_client_cert(request: &axum::extract::Request) -> bool {
         .get::<axum::extract::ConnectInfo<AdminPeer>>()
         .is_some_and(|c| c.0.client_cert)
 }
+
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+pub const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds the recorder's histogram samples into their buckets every [`METRICS_UPKEEP`], on a
+/// thread of its own. Without it, a process nobody scrapes keeps every sample it recorded
+/// (one per call, per checkpoint ...) until the next scrape: memory that only grows.
+pub fn keep_metrics_up(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(METRICS_UPKEEP);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread: histograms fold only when scraped");
+    }
+}

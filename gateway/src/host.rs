@@ -394,8 +394,11 @@ impl Instance {
 
     /// Runs `on_open`, if the app has one.
     pub async fn open(&mut self) -> Result<Output, CallError> {
-        if let Some(f) = self.on_open.clone() {
+        if self.on_open.is_some() {
             self.arm();
+        }
+        // Borrowed, not cloned: a `TypedFunc`'s clone takes the type registry's lock.
+        if let Some(f) = &self.on_open {
             f.call_async(&mut self.store, ())
                 .await
                 .map_err(CallError::from_wasm)?;
@@ -414,10 +417,13 @@ impl Instance {
     /// The app's state, from `snapshot`, under the call deadline; at most `--max-state`
     /// bytes. `Ok(None)`: the app keeps no state it can hand over.
     pub async fn snapshot(&mut self) -> Result<Option<Vec<u8>>, CallError> {
-        let Some((snapshot, _)) = self.state_funcs.clone() else {
+        if self.state_funcs.is_none() {
+            return Ok(None);
+        }
+        self.arm();
+        let Some((snapshot, _)) = &self.state_funcs else {
             return Ok(None);
         };
-        self.arm();
         let packed = snapshot
             .call_async(&mut self.store, ())
             .await
@@ -442,12 +448,15 @@ impl Instance {
     /// Gives the app a state from `snapshot` (its own or an earlier version's): written
     /// through `alloc`, then `restore(ptr, len)`, each under the call deadline.
     pub async fn restore(&mut self, state: &[u8]) -> Result<(), CallError> {
-        let Some((_, restore)) = self.state_funcs.clone() else {
+        if self.state_funcs.is_none() {
             return Ok(());
-        };
+        }
         let len = i32::try_from(state.len()).map_err(|_| CallError::BadPointer)?;
         let ptr = self.place(state, len).await?;
         self.arm();
+        let Some((_, restore)) = &self.state_funcs else {
+            return Ok(());
+        };
         restore
             .call_async(&mut self.store, (ptr, len))
             .await

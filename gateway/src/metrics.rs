@@ -90,6 +90,7 @@ pub fn handle() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        wasmbed_admin::keep_metrics_up(handle.clone());
         handle
     })
 }

@@ -5,8 +5,15 @@
 //! Wire form: `version (1) | key id length (1) | key id | nonce (12) | ciphertext + tag`;
 //! the first three are the associated data, so a ticket cannot be moved to another key id.
 //! The plaintext is the CBOR of [`TicketBody`].
+//!
+//! Nonces: every gateway of the fleet seals under the same key, so a nonce must never repeat
+//! across processes. Each loaded ring starts at a random 96-bit point and counts up from it
+//! (one atomic add per ticket, instead of a call into the random generator): two processes'
+//! ranges overlap only if their random starts fall within the number of tickets sealed of
+//! each other, about `processes² × tickets / 2⁹⁶`, below the bound for random nonces.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -90,6 +97,32 @@ struct RawKey {
 /// The fleet's keys: the first seals, all open, so keys rotate without breaking live tickets.
 pub struct KeyRing {
     keys: Vec<(String, LessSafeKey)>,
+    nonces: Nonces,
+}
+
+/// This ring's nonces: a random 96-bit start, then one more per sealed ticket.
+struct Nonces {
+    start: u128,
+    sealed: AtomicU64,
+}
+
+impl Nonces {
+    fn new() -> Result<Nonces, aws_lc_rs::error::Unspecified> {
+        let mut start = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut start[16 - NONCE_LEN..])?;
+        Ok(Nonces {
+            start: u128::from_be_bytes(start),
+            sealed: AtomicU64::new(0),
+        })
+    }
+
+    fn next(&self) -> [u8; NONCE_LEN] {
+        let n = self.sealed.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.start.wrapping_add(u128::from(n)).to_be_bytes();
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&bytes[16 - NONCE_LEN..]);
+        nonce
+    }
 }
 
 impl std::fmt::Debug for KeyRing {
@@ -136,7 +169,8 @@ impl KeyRing {
                 .map_err(|_| entry("not a usable AES-256 key"))?;
             keys.push((k.id.clone(), LessSafeKey::new(key)));
         }
-        Ok(KeyRing { keys })
+        let nonces = Nonces::new().map_err(|_| file("no randomness for the nonces".into()))?;
+        Ok(KeyRing { keys, nonces })
     }
 
     /// A new ring file's text with one random key (for `certs init`).
@@ -157,9 +191,7 @@ impl KeyRing {
 
     /// Seals `body` under the first key.
     pub fn seal(&self, body: &TicketBody) -> Option<Vec<u8>> {
-        let mut plain = Vec::new();
-        ciborium::into_writer(body, &mut plain).ok()?;
-        self.seal_bytes(VERSION, plain)
+        self.seal_with(VERSION, |out| ciborium::into_writer(body, out).ok())
     }
 
     /// Opens a ticket sealed under any key of the ring, and checks its expiry against `now`.
@@ -172,21 +204,32 @@ impl KeyRing {
         Ok(body)
     }
 
-    /// Seals `plain` under the first key; `domain` (the first byte, authenticated) keeps
-    /// session tickets and TLS tickets from ever being taken for one another.
-    fn seal_bytes(&self, domain: u8, mut plain: Vec<u8>) -> Option<Vec<u8>> {
+    /// Seals what `write` appends under the first key; `domain` (the first byte,
+    /// authenticated) keeps session tickets and TLS tickets from ever being taken for one
+    /// another. The plaintext is written in place, after the header and nonce.
+    fn seal_with(
+        &self,
+        domain: u8,
+        write: impl FnOnce(&mut Vec<u8>) -> Option<()>,
+    ) -> Option<Vec<u8>> {
         let (id, key) = self.keys.first()?;
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(2 + id.len() + NONCE_LEN + plain.len() + 16);
+        let header = 2 + id.len();
+        let nonce = self.nonces.next();
+        let mut out = Vec::with_capacity(header + NONCE_LEN + 256);
         out.push(domain);
         out.push(id.len() as u8);
         out.extend_from_slice(id.as_bytes());
-        let aad = Aad::from(out.clone());
         out.extend_from_slice(&nonce);
-        key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), aad, &mut plain)
+        write(&mut out)?;
+        let (head, plain) = out.split_at_mut(header + NONCE_LEN);
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&head[..header]),
+                plain,
+            )
             .ok()?;
-        out.extend_from_slice(&plain);
+        out.extend_from_slice(tag.as_ref());
         Some(out)
     }
 
@@ -234,10 +277,10 @@ impl rustls::server::ProducesTickets for FleetTicketer {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.keys
-            .load()
-            .as_ref()?
-            .seal_bytes(TLS_DOMAIN, plain.to_vec())
+        self.keys.load().as_ref()?.seal_with(TLS_DOMAIN, |out| {
+            out.extend_from_slice(plain);
+            Some(())
+        })
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {

@@ -123,6 +123,7 @@ pub fn handle() -> &'static PrometheusHandle {
         // handle renders only what is described here, and the program's recorder gets the rest.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        wasmbed_admin::keep_metrics_up(handle.clone());
         handle
     })
 }

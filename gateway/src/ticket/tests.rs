@@ -49,6 +49,34 @@ fn a_sealed_ticket_opens_under_any_key_of_the_ring_and_nowhere_else() {
 }
 
 #[test]
+fn no_nonce_repeats_within_a_ring_or_across_gateways_sharing_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    // Two gateways loading the same file: the same key, each its own nonce start.
+    let a = ring(dir.path(), "a.toml", &key("k1", 1)).unwrap();
+    let b = ring(dir.path(), "b.toml", &key("k1", 1)).unwrap();
+    let nonce = |t: &[u8]| t[4..4 + NONCE_LEN].to_vec();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..1000 {
+        for r in [&a, &b] {
+            let t = r.seal(&body(now)).unwrap();
+            assert!(seen.insert(nonce(&t)), "a nonce was used twice");
+            // Each opens anywhere the key is.
+            assert_eq!(a.open(&t, now), Ok(body(now)));
+            assert_eq!(b.open(&t, now), Ok(body(now)));
+        }
+    }
+    // Within one ring, consecutive: a counter from a random start.
+    let (x, y) = (a.seal(&body(now)).unwrap(), a.seal(&body(now)).unwrap());
+    let n = |t: &[u8]| {
+        let mut v = [0u8; 16];
+        v[16 - NONCE_LEN..].copy_from_slice(&nonce(t));
+        u128::from_be_bytes(v)
+    };
+    assert_eq!(n(&y), n(&x) + 1);
+}
+
+#[test]
 fn tampered_truncated_and_expired_tickets_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let now = SystemTime::now();
