@@ -108,12 +108,17 @@ async fn instantiation() {
 }
 
 fn gateway(max: usize, extra: &[String]) -> (Child, SocketAddr) {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .unwrap()
-        .join("wasmbed");
+    // WASMBED_BIN: another build's binary (a before/after comparison).
+    let bin = std::env::var_os("WASMBED_BIN").map_or_else(
+        || {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent()
+                .and_then(|p| p.parent())
+                .unwrap()
+                .join("wasmbed")
+        },
+        std::path::PathBuf::from,
+    );
     let (child, line) = spawn_ready(
         Command::new(bin)
             .args([
