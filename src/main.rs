@@ -89,7 +89,10 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         Err(e) => return fail("proxy", e),
     };
     init_logging(config.log_format);
-    check_descriptors(config.max_connections);
+    check_descriptors(
+        config.max_connections,
+        1 + u64::from(config.upstream == wasmbed_config::proxy::UpstreamMode::Tcp),
+    );
     let runtime = match runtime(config.threads) {
         Ok(r) => r,
         Err(e) => return fail("proxy", format!("cannot start the runtime: {e}")),
@@ -133,6 +136,7 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
     };
     init_logging(settings.log_format);
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    check_map_count(settings.max_sessions);
     let runtime = match runtime(settings.threads) {
         Ok(r) => r,
         Err(e) => return fail("gateway", format!("cannot start the runtime: {e}")),
@@ -227,17 +231,52 @@ fn loadtest(flags: LoadtestFlags) -> ExitCode {
 }
 
 /// Raises the soft open-files limit to the hard one (as HAProxy and NGINX do) and warns when
-/// `--max-connections` could still run out of descriptors: a session holds two.
-fn check_descriptors(max_connections: usize) {
+/// `--max-connections` could still run out of descriptors: a TCP device's session holds
+/// `per_session` (its own, and its upstream connection unless sessions share links); a QUIC
+/// device's session holds its upstream connection only, none over links.
+fn check_descriptors(max_connections: usize, per_session: u64) {
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    let needed = max_connections as u64 * 2 + 64;
+    let needed = max_connections as u64 * per_session + 64;
     if limit > 0 && needed > limit {
         tracing::warn!(
             max_connections,
             open_files_limit = limit,
-            "--max-connections needs about {needed} descriptors; past the limit, accepts back \
-             off and connects to gateways fail (lower --max-connections to {})",
-            limit.saturating_sub(64) / 2
+            "--max-connections needs about {needed} descriptors if every session is a TCP \
+             device's ({per_session} each); past the limit, accepts back off and connects to \
+             gateways fail (lower --max-connections to {})",
+            limit.saturating_sub(64) / per_session
+        );
+    }
+}
+
+/// Memory mappings a gateway takes per `--max-sessions` slot when it starts (the pooled stack
+/// and its guard page), and per live instance on top (its memory's accessible pages split
+/// from the reserve); measured with `/proc/PID/maps`.
+const MAPS_PER_SLOT: u64 = 2;
+const MAPS_PER_INSTANCE: u64 = 3;
+
+/// Warns when `--max-sessions` needs more memory mappings than the kernel allows a process
+/// (`vm.max_map_count`, 65,530 by default): past it, instantiation fails and devices get
+/// ERROR `unavailable` long before the configured maximum.
+fn check_map_count(max_sessions: u32) {
+    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let slots = u64::from(max_sessions);
+    let needed = slots * (MAPS_PER_SLOT + MAPS_PER_INSTANCE) + 256;
+    if needed > limit {
+        let fits = limit.saturating_sub(256 + slots * MAPS_PER_SLOT) / MAPS_PER_INSTANCE;
+        tracing::warn!(
+            max_sessions,
+            vm_max_map_count = limit,
+            "--max-sessions needs about {needed} memory mappings and the kernel allows {limit}: \
+             past about {} sessions instantiation fails (ERROR unavailable). Raise it (sysctl -w \
+             vm.max_map_count={}) or lower --max-sessions",
+            fits,
+            needed.next_power_of_two()
         );
     }
 }
@@ -301,8 +340,10 @@ fn on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
 }
 
 fn init_logging(format: LogFormat) {
+    // quinn logs a warning per odd datagram a peer sends (a stale retry token, a reset token
+    // seen twice): under a flood that is a log line per packet, so only its errors by default.
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASMBED_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn_proto=error"));
     // Colour only for a terminal: a log file or a pipe gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()

@@ -179,6 +179,7 @@ fn spawn_gateway(
     dir: &Path,
     i: usize,
     tls_tickets_off: bool,
+    max_sessions: usize,
 ) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let d = |f: &str| dir.join(f).display().to_string();
@@ -194,7 +195,8 @@ fn spawn_gateway(
             "10m",
         ])
         // One key ring for the fleet: a session sealed by one gateway resumes on any other.
-        .args(["--session-keys", &d("session-keys.toml")]);
+        .args(["--session-keys", &d("session-keys.toml")])
+        .args(["--max-sessions", &max_sessions.to_string()]);
     if tls_tickets_off {
         cmd.arg("--no-tls-tickets");
     }
@@ -225,6 +227,12 @@ fn link_mode(args: &UpArgs) -> (Mode, bool, bool) {
     (args.mode, args.plain_link, link)
 }
 
+/// A gateway's `--max-sessions`: room for the fleet spread over all gateways but one (the
+/// failover scenario's), and never below the gateway's own default.
+fn gateway_capacity(devices: usize, gateways: usize) -> usize {
+    (devices.div_ceil(gateways.saturating_sub(1).max(1)) + 64).max(10_000)
+}
+
 /// Writes the PKI for `certificates` gateways, starts `gateways` of them and the proxy.
 fn start(
     args: &UpArgs,
@@ -248,9 +256,10 @@ fn start(
         proxy: None,
     };
     let mut gw_flags = Vec::new();
+    let max_sessions = gateway_capacity(devices, gateways);
     for i in 0..gateways {
         let (name, child, listen, admin) =
-            spawn_gateway(link_mode(args), dir, i, args.no_tls_tickets)?;
+            spawn_gateway(link_mode(args), dir, i, args.no_tls_tickets, max_sessions)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }
@@ -495,6 +504,11 @@ pub fn run(args: UpArgs) -> ExitCode {
             finish,
             running,
             json: json.as_deref(),
+            // A minute, plus the ramp's own length for fleets that arrive at a set pace.
+            settle: Duration::from_secs(60)
+                + args
+                    .ramp
+                    .map_or(Duration::ZERO, |r| Duration::from_secs_f64(devices as f64 / r)),
         };
         let scenario = async move {
             match scenario {

@@ -307,9 +307,11 @@ pub struct TicketStore {
 }
 
 impl TicketStore {
-    pub fn new(per_server: usize) -> TicketStore {
+    /// A store for up to `servers` server names (rustls' cache allocates room for all of
+    /// them at once), keeping `per_server` TLS 1.3 tickets each.
+    pub fn new(servers: usize, per_server: usize) -> TicketStore {
         TicketStore {
-            inner: rustls::client::ClientSessionMemoryCache::new(256),
+            inner: rustls::client::ClientSessionMemoryCache::new(servers.max(1)),
             tls13: Default::default(),
             per_server: per_server.max(1),
         }
@@ -372,6 +374,27 @@ pub fn client_config(
     ca: &[CertificateDer<'static>],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<ClientConfig>, CertError> {
+    client_config_with(ca, identity, TicketStore::new(256, UPSTREAM_TICKETS))
+}
+
+/// A device's client config: as [`client_config`], with room for the tickets of the one
+/// server a device talks to (a fleet simulator holds one config per device: rustls' default
+/// cache would cost it tens of KB each).
+pub fn device_client_config(
+    ca: &[CertificateDer<'static>],
+    identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+) -> Result<Arc<ClientConfig>, CertError> {
+    client_config_with(ca, Some(identity), TicketStore::new(1, DEVICE_TICKETS))
+}
+
+/// TLS 1.3 tickets a device keeps: enough for the reconnections of one outage.
+pub const DEVICE_TICKETS: usize = 4;
+
+fn client_config_with(
+    ca: &[CertificateDer<'static>],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    tickets: TicketStore,
+) -> Result<Arc<ClientConfig>, CertError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca)?);
@@ -379,8 +402,7 @@ pub fn client_config(
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),
     };
-    config.resumption =
-        rustls::client::Resumption::store(Arc::new(TicketStore::new(UPSTREAM_TICKETS)));
+    config.resumption = rustls::client::Resumption::store(Arc::new(tickets));
     Ok(Arc::new(config))
 }
 

@@ -173,6 +173,8 @@ pub struct ProxyFlags {
     /// more): `auto` (default) while many handshakes are in progress, `always`, `never`.
     #[arg(long, value_enum, value_name = "auto|always|never")]
     pub quic_retry: Option<QuicRetry>,
+    #[arg(long, value_name = "N", help = format!("QUIC handshakes in progress at once. Past it a new device is refused at once (CONNECTION_REFUSED: it tries again later) rather than queued behind the others until its own timeout, which under a stampede would waste every handshake finished too late. Default {}.", crate::defaults::proxy::QUIC_MAX_HANDSHAKES))]
+    pub quic_max_handshakes: Option<usize>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,
     /// Allow a config with no gateway at all (for example a reload that removes them all):
@@ -212,6 +214,8 @@ pub struct QuicConfig {
     pub listen: Option<SocketAddr>,
     pub idle_timeout: Duration,
     pub retry: QuicRetry,
+    /// Handshakes in progress past which new devices are refused.
+    pub max_handshakes: usize,
 }
 
 /// How terminate mode reaches gateways.
@@ -442,6 +446,7 @@ struct RawProxy {
     quic_listen: Option<String>,
     quic_idle_timeout: Option<String>,
     quic_retry: Option<QuicRetry>,
+    quic_max_handshakes: Option<usize>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -709,6 +714,15 @@ impl ProxyConfig {
                 )?,
             )?,
             retry: raw.quic_retry.unwrap_or_default(),
+            max_handshakes: match raw.quic_max_handshakes {
+                Some(0) => {
+                    return Err(ConfigError::field(
+                        "quic_max_handshakes",
+                        "must be at least 1",
+                    ));
+                }
+                n => n.unwrap_or(defaults::QUIC_MAX_HANDSHAKES),
+            },
         };
         if mode == Mode::Passthrough && migration.rebalance {
             return Err(ConfigError::field(
@@ -852,6 +866,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.quic_listen, f.quic_listen.clone());
     set(&mut raw.quic_idle_timeout, f.quic_idle_timeout.clone());
     set(&mut raw.quic_retry, f.quic_retry);
+    set(&mut raw.quic_max_handshakes, f.quic_max_handshakes);
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();

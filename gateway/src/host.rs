@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -317,7 +317,10 @@ impl Host {
         let instance =
             app.pre.instantiate_async(&mut store).await.map_err(
                 |e| match CallError::from_wasm(e) {
-                    CallError::Trap(t) => CallError::Unavailable(t),
+                    CallError::Trap(t) => {
+                        instantiation_failed(&app.name, &t);
+                        CallError::Unavailable(t)
+                    }
                     other => other,
                 },
             )?;
@@ -615,3 +618,27 @@ fn type_name(t: &ValType) -> &'static str {
 
 #[cfg(test)]
 mod tests;
+
+/// Logs a failed instantiation, at most once every 10 s (the devices are told with ERROR
+/// `unavailable` each time): out of pooled slots, memory or memory mappings, or an app
+/// whose start traps.
+fn instantiation_failed(app: &str, error: &str) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + 10 && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let more = SINCE.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            app,
+            error,
+            more_since_last_log = more,
+            "cannot instantiate the app: sessions get ERROR unavailable (if the error is about \
+             memory or mmap, see vm.max_map_count in docs/gateway.md)"
+        );
+    } else {
+        SINCE.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -217,7 +217,7 @@ impl Fleet {
             .map(|i| {
                 let d =
                     ca.issue_client(&device_id(settings.first_device + i), KeyKind::EcdsaP256)?;
-                wasmbed_certs::client_config(&roots, Some((d.chain(), d.key()?)))
+                wasmbed_certs::device_client_config(&roots, (d.chain(), d.key()?))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let live = Arc::new(Live {

@@ -163,6 +163,13 @@ pub(crate) async fn accept_loop(
             let _ = incoming.retry();
             continue;
         }
+        // A stampede (a fleet reconnecting at once): refused now, a device tries again later;
+        // queued, it would time out while its handshake waited, and the work be wasted.
+        if handshaking.load(Ordering::Relaxed) >= ctx.config.quic.max_handshakes {
+            counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             counter!(QUIC_CONNECTIONS, "result" => "refused_full").increment(1);
             incoming.refuse();

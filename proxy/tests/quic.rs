@@ -259,3 +259,81 @@ async fn an_oversized_frame_from_a_quic_device_ends_its_session_only() {
         good.step().await;
     }
 }
+
+/// `--quic-max-handshakes`: while that many handshakes are in progress, a new device is
+/// refused at once (and counted) rather than queued; once they end, devices get in again.
+#[tokio::test]
+async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut c = quic_proxy(&pki, &[&gw]);
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    c.quic.max_handshakes = 1;
+    c.handshake_timeout = Duration::from_secs(2);
+    let proxy = start(c).await;
+    let addr = proxy.quic.unwrap();
+    // A handshake that never ends: its client's datagrams reach the proxy through a relay
+    // that drops every answer.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let (answered_tx, answered) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut answered_tx = Some(answered_tx);
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+            if from == addr {
+                // The proxy answered: the handshake is in progress.
+                if let Some(tx) = answered_tx.take() {
+                    let _ = tx.send(());
+                }
+            } else {
+                let _ = relay.send_to(&buf[..n], addr).await;
+            }
+        }
+    });
+    let mut tls = (*device_tls(&pki.ca, Some(&pki.ca), "device-0600", false)).clone();
+    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let stalled = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let _stalled_conn = stalled
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            relay_addr,
+            "localhost",
+        )
+        .unwrap();
+    // Polled by nobody, quinn's driver still sends the first flight.
+    answered.await.unwrap();
+    // At the cap: the next device is refused, at once.
+    let mut tls = (*device_tls(&pki.ca, Some(&pki.ca), "device-0601", false)).clone();
+    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            addr,
+            "localhost",
+        )
+        .unwrap()
+        .await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_quic_connections_total{result=\"refused_busy\"}")
+            .await,
+        1.0
+    );
+    // The stalled handshake times out; devices get their sessions again.
+    proxy
+        .until_metric(
+            "wasmbed_proxy_connections_rejected_total{reason=\"handshake_timeout\"}",
+            1.0,
+        )
+        .await;
+    let mut dev = QuicDev::open(addr, &pki, "device-0602").await;
+    dev.step().await;
+}

@@ -3,11 +3,15 @@
 use super::*;
 
 /// Waits (at most 60 s) until every device is connected; prints and returns the spread.
-async fn settle(live: &wasmbed_loadtest::Live, devices: usize) -> (bool, BTreeMap<String, usize>) {
+async fn settle(
+    live: &wasmbed_loadtest::Live,
+    devices: usize,
+    wait: Duration,
+) -> (bool, BTreeMap<String, usize>) {
     use std::sync::atomic::Ordering::Relaxed;
     // Connected, and holding a ticket (a first REPLY and its CHECKPOINT): only then can a
     // device resume its session elsewhere.
-    let all_up = until(Duration::from_secs(60), || {
+    let all_up = until(wait, || {
         live.connected_now.load(Relaxed) == devices && live.ticketed.load(Relaxed) == devices
     })
     .await;
@@ -48,6 +52,8 @@ pub(super) struct Run<'a> {
     pub(super) finish: CancellationToken,
     pub(super) running: tokio::task::JoinHandle<Report>,
     pub(super) json: Option<&'a Path>,
+    /// How long the fleet gets to connect and hold its tickets before the event.
+    pub(super) settle: Duration,
 }
 
 pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
@@ -62,9 +68,10 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         finish,
         running,
         json,
+        settle: wait,
         ..
     } = run;
-    let (all_up, before) = settle(live, devices).await;
+    let (all_up, before) = settle(live, devices, wait).await;
     let (victim, child, victim_admin) = &stack.gateways[0];
     let affected = before.get(victim).copied().unwrap_or(0);
     let rehomed_before = live.rehomed.load(Relaxed);
@@ -278,9 +285,10 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         finish,
         running,
         json,
+        settle: wait,
         ..
     } = run;
-    let (all_up, _) = settle(live, devices).await;
+    let (all_up, _) = settle(live, devices, wait).await;
     let before = proxy_spread(proxy_admin);
     let (victim, child, victim_admin) = &stack.gateways[0];
     let affected = before.get(victim).copied().unwrap_or(0);
@@ -429,8 +437,9 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         finish,
         running,
         json,
+        settle: wait,
     } = run;
-    let (all_up, before) = settle(live, devices).await;
+    let (all_up, before) = settle(live, devices, wait).await;
     let moves_before = Moves::read(proxy_admin);
     let index = stack.gateways.len();
     let (name, child, listen, gw_admin) = match spawn_gateway(
@@ -438,6 +447,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         &scale.dir,
         index,
         false,
+        super::gateway_capacity(devices, index + 1),
     ) {
         Ok(g) => g,
         Err(e) => {

@@ -330,6 +330,16 @@ fn a_quic_listener_needs_terminate_mode() {
     .unwrap();
     assert_eq!(ok.quic.retry, QuicRetry::Always);
     assert_eq!(
+        ok.quic.max_handshakes,
+        crate::defaults::proxy::QUIC_MAX_HANDSHAKES
+    );
+    let e = ProxyConfig::from_toml(
+        "mode = \"terminate\"\nquic_listen = \"127.0.0.1:0\"\nquic_max_handshakes = 0\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("quic_max_handshakes"), "{e}");
+    assert_eq!(
         ok.quic.idle_timeout,
         crate::defaults::proxy::QUIC_IDLE_TIMEOUT
     );
