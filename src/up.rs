@@ -506,9 +506,9 @@ pub fn run(args: UpArgs) -> ExitCode {
             json: json.as_deref(),
             // A minute, plus the ramp's own length for fleets that arrive at a set pace.
             settle: Duration::from_secs(60)
-                + args
-                    .ramp
-                    .map_or(Duration::ZERO, |r| Duration::from_secs_f64(devices as f64 / r)),
+                + args.ramp.map_or(Duration::ZERO, |r| {
+                    Duration::from_secs_f64(devices as f64 / r)
+                }),
         };
         let scenario = async move {
             match scenario {
