@@ -19,10 +19,14 @@ Scenarios:
   tls     wrk over https through TLS passthrough (SNI read from the ClientHello by every
           proxy), Connection: close, full handshakes (the backend has no session cache or
           tickets)                                            conn/s, µs/conn, p99
+  tlsterm wrk over https, TLS terminated by the proxy (the same ECDSA P-256 certificate for
+          all three) and plaintext to the backend, Connection: close: a full handshake per
+          connection (resumption off on every proxy: wasmbed --no-tls-resumption, HAProxy
+          no-tls-tickets and no cache, NGINX no session cache or tickets; wasmbed with
+          --raw, its byte-forwarding terminate listener)  conn/s, µs/conn, p99
+  tlsbulk wrk over https through the same terminating listeners, keep-alive, 1 MiB
+          responses: bulk over TLS (the proxy decrypts and encrypts) MB/s, µs/MB, p99
   mem     9,000 idle sessions held through the proxy         RSS bytes per session
-
-Not here yet: TLS termination by the proxy (wasmbed's terminate mode speaks the device
-session protocol, not raw bytes, so it cannot terminate wrk's HTTPS).
 
 Usage: python3 bench/peer_bench.py [--runs 3] [--seconds 5] [--scenarios bulk1,rr,...]
        [--install] [--out DIR]
@@ -48,8 +52,9 @@ LOAD_CORE, PROXY_CORE = 0, 1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WASMBED = os.path.join(REPO, "target", "release", "wasmbed")
 NOISE = 0.20
-PORTS = {"http": 19131, "tls": 19132, "bulk": 19133}
+PORTS = {"http": 19131, "tls": 19132, "bulk": 19133, "tlsterm": 19134}
 BACKEND = {"http": 19141, "tls": 19142, "bulk": 19143}
+BIG = 1 << 20  # bytes of the tlsbulk response
 PROXIES = ["wasmbed", "haproxy", "nginx"]
 # Also available with --proxies: wasmbed-splice (--splice on), wasmbed-auto (--splice auto).
 
@@ -177,7 +182,11 @@ http {{
   keepalive_requests 10000000;
   client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp; fastcgi_temp_path {work}/tmp;
   uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
-  server {{ listen 127.0.0.1:{BACKEND['http']}; location / {{ return 200 "ok\\n"; }} }}
+  server {{
+    listen 127.0.0.1:{BACKEND['http']};
+    location / {{ return 200 "ok\\n"; }}
+    location = /big {{ alias {work}/big.bin; }}
+  }}
   server {{
     listen 127.0.0.1:{BACKEND['tls']} ssl;
     ssl_certificate {cert}; ssl_certificate_key {key};
@@ -187,6 +196,10 @@ http {{
 }}
 """)
     os.makedirs(os.path.join(work, "tmp"), exist_ok=True)
+    with open(os.path.join(work, "big.bin"), "wb") as f:
+        f.write(os.urandom(BIG))
+    with open(os.path.join(work, "both.pem"), "w") as f:  # HAProxy wants certificate + key
+        f.write(open(cert).read() + open(key).read())
     nginx = pinned(LOAD_CORE, ["nginx", "-c", conf, "-e", f"{work}/backend.err"], stderr=subprocess.DEVNULL)
     iperf = pinned(LOAD_CORE, ["iperf3", "-s", "-p", str(BACKEND["bulk"])],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -204,11 +217,18 @@ def proxy_commands(work):
                    "--gateway", f"127.0.0.1:{BACKEND[pool]}"], pool))
     w.append(([WASMBED, "proxy", "--listen", f"127.0.0.1:{PORTS['tls']}", "--admin", "off",
                "--health", "none", "--gateway", f"127.0.0.1:{BACKEND['tls']}"], "tls"))
+    cert, key, both = (os.path.join(work, f) for f in ("cert.pem", "key.pem", "both.pem"))
+    w.append(([WASMBED, "proxy", "--mode", "terminate", "--raw", "--no-tls-resumption",
+               "--tls-cert", cert, "--tls-key", key,
+               "--listen", f"127.0.0.1:{PORTS['tlsterm']}", "--admin", "off",
+               "--health", "none", "--max-connections", "19000",
+               "--gateway", f"127.0.0.1:{BACKEND['http']}"], "tlsterm"))
     hap = os.path.join(work, "haproxy.cfg")
     open(hap, "w").write(f"""
 global
   nbthread 1
   maxconn 9800
+  tune.ssl.cachesize 0
 defaults
   mode tcp
   timeout connect 5s
@@ -230,6 +250,11 @@ frontend f_tls
   default_backend b_tls
 backend b_tls
   server s1 127.0.0.1:{BACKEND['tls']}
+frontend f_tlsterm
+  bind 127.0.0.1:{PORTS['tlsterm']} ssl crt {both} no-tls-tickets
+  default_backend b_tlsterm
+backend b_tlsterm
+  server s1 127.0.0.1:{BACKEND['http']}
 """)
     ngx = os.path.join(work, "proxy-nginx.conf")
     open(ngx, "w").write(f"""
@@ -248,6 +273,13 @@ stream {{
   map $ssl_preread_server_name $tls_upstream {{ default u_tls; }}
   upstream u_tls {{ least_conn; server 127.0.0.1:{BACKEND['tls']}; }}
   server {{ listen 127.0.0.1:{PORTS['tls']}; ssl_preread on; proxy_pass $tls_upstream; proxy_timeout 1h; }}
+  upstream u_tlsterm {{ least_conn; server 127.0.0.1:{BACKEND['http']}; }}
+  server {{
+    listen 127.0.0.1:{PORTS['tlsterm']} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    ssl_session_cache off; ssl_session_tickets off;
+    proxy_pass u_tlsterm; proxy_timeout 1h;
+  }}
 }}
 """)
     spliced = [(cmd + ["--splice", "on"], pool) for cmd, pool in w]
@@ -366,6 +398,12 @@ def measure(proxy, running, scenario, seconds):
     elif scenario == "tls":
         units, p99, note = wrk(f"https://127.0.0.1:{PORTS['tls']}/", seconds, True)
         unit = "conn"
+    elif scenario == "tlsterm":
+        units, p99, note = wrk(f"https://127.0.0.1:{PORTS['tlsterm']}/", seconds, True)
+        unit = "conn"
+    elif scenario == "tlsbulk":
+        reqs, p99, note = wrk(f"https://127.0.0.1:{PORTS['tlsterm']}/big", seconds, False)
+        units, unit = reqs * BIG / 1e6, "MB"
     else:
         raise ValueError(scenario)
     elapsed = time.time() - start
@@ -381,7 +419,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--scenarios", default="bulk1,bulk4,rr,conn,tls,mem")
+    ap.add_argument("--scenarios", default="bulk1,bulk4,rr,conn,tls,tlsterm,tlsbulk,mem")
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--install", action="store_true")
     ap.add_argument("--out", default=os.path.join(REPO, "target", "peer-bench"))

@@ -81,6 +81,11 @@ pub struct ProxyFlags {
     /// then gets ERROR revoked and is closed.
     #[arg(long, value_name = "FILE")]
     pub client_crl: Vec<PathBuf>,
+    /// Terminate mode: no TLS session resumption for devices (no session cache, no tickets):
+    /// every handshake is a full one. For comparing full handshakes (benchmarks), or when
+    /// devices must present their certificate on every connection.
+    #[arg(long)]
+    pub no_tls_resumption: bool,
     /// Terminate mode: TLS to the gateways, verified against this CA (PEM).
     #[arg(long, value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
@@ -94,6 +99,12 @@ pub struct ProxyFlags {
     /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
     #[arg(long)]
     pub allow_plain: bool,
+    /// Terminate mode: the listeners forward the decrypted bytes as they are, for TLS clients
+    /// that are not wasmbed devices (an HTTPS service behind the proxy, a benchmark): the
+    /// client certificate is checked as for devices, but there is no HELLO check, no session
+    /// anchoring and no moves; the gateway learns the client only from a PROXY v2 header.
+    #[arg(long)]
+    pub raw: bool,
     #[arg(long, value_name = "N", help = format!("Most device connections open at once; past it the proxy stops accepting until one closes. Default {} (a session holds two descriptors).", crate::defaults::proxy::MAX_CONNECTIONS))]
     pub max_connections: Option<usize>,
     /// Worker threads. Default: every core this process may run on.
@@ -257,6 +268,8 @@ pub struct ListenerConfig {
     pub addr: SocketAddr,
     /// Forward non-TLS bytes instead of closing the connection.
     pub allow_plain: bool,
+    /// Terminate mode: forward the decrypted bytes as they are (no device protocol).
+    pub raw: bool,
     pub reuse_port: bool,
     pub backlog: u32,
 }
@@ -308,6 +321,8 @@ pub struct TerminateTls {
     pub client_ca: Option<PathBuf>,
     /// CRLs (PEM) device certificates are checked against; re-read on SIGHUP.
     pub client_crls: Vec<PathBuf>,
+    /// Devices may resume TLS sessions (rustls' session cache and tickets).
+    pub resumption: bool,
 }
 
 /// TLS from the proxy to the gateways, in terminate mode.
@@ -478,6 +493,8 @@ struct RawListener {
     #[serde(default)]
     allow_plain: bool,
     #[serde(default)]
+    raw: bool,
+    #[serde(default)]
     reuse_port: bool,
     backlog: Option<u32>,
 }
@@ -527,6 +544,7 @@ struct RawTls {
     client_ca: Option<PathBuf>,
     #[serde(default)]
     client_crl: Vec<PathBuf>,
+    resumption: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -597,6 +615,7 @@ impl ProxyConfig {
             key: t.key,
             client_ca: t.client_ca,
             client_crls: t.client_crl,
+            resumption: t.resumption.unwrap_or(true),
         });
         if tls
             .as_ref()
@@ -634,6 +653,17 @@ impl ProxyConfig {
             return Err(ConfigError::field(
                 "upstream_tls",
                 "only applies in terminate mode (in passthrough the device's TLS reaches the gateway)",
+            ));
+        }
+        // A raw listener's bytes are unchecked: under the proxy's client certificate, which
+        // gateways trust to state device identities, a client could claim any device.
+        if let Some(i) = listeners.iter().position(|l| l.raw)
+            && upstream_tls.as_ref().is_some_and(|t| t.client.is_some())
+        {
+            return Err(ConfigError::field(
+                format!("listener[{i}].raw"),
+                "not with the proxy's client certificate in [upstream_tls]: gateways trust it to \
+                 state device identities, and a raw listener forwards unchecked bytes",
             ));
         }
         let max_connections = raw.max_connections.unwrap_or(defaults::MAX_CONNECTIONS);
@@ -833,6 +863,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             .map(|addr| RawListener {
                 addr: addr.to_string(),
                 allow_plain: false,
+                raw: false,
                 reuse_port: false,
                 backlog: None,
             })
@@ -840,6 +871,18 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     }
     if f.allow_plain {
         raw.listener.iter_mut().for_each(|l| l.allow_plain = true);
+    }
+    if f.raw {
+        if raw.listener.is_empty() {
+            raw.listener.push(RawListener {
+                addr: DEFAULT_LISTEN.to_string(),
+                allow_plain: false,
+                raw: false,
+                reuse_port: false,
+                backlog: None,
+            });
+        }
+        raw.listener.iter_mut().for_each(|l| l.raw = true);
     }
     if !f.gateway_dns.is_empty() || !f.gateway_srv.is_empty() {
         raw.discovery = f
@@ -935,12 +978,19 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
         } else {
             f.client_crl.clone()
         };
+        let resumption = raw.tls.as_ref().and_then(|t| t.resumption);
         raw.tls = Some(RawTls {
             cert,
             key,
             client_ca,
             client_crl,
+            resumption,
         });
+    }
+    if f.no_tls_resumption
+        && let Some(t) = raw.tls.as_mut()
+    {
+        t.resumption = Some(false);
     }
     if let Some(ca) = &f.upstream_ca {
         let kept = raw.upstream_tls.take();

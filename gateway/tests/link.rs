@@ -65,6 +65,7 @@ impl LinkPki {
             key: p.path("gw.key"),
             client_ca: Some(p.path("ca.pem")),
             client_crls: Vec::new(),
+            resumption: true,
         });
         c.upstream_tls = Some(UpstreamTls {
             ca: p.path("ca.pem"),

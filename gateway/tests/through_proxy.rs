@@ -31,6 +31,7 @@ fn terminating(pki: &Pki, gw: &RunningGateway) -> ProxyConfig {
         key: pki.path("gw.key"),
         client_ca: Some(pki.path("ca.pem")),
         client_crls: Vec::new(),
+        resumption: true,
     });
     c
 }

@@ -1003,6 +1003,34 @@ pub(crate) enum OpenError {
     Closed,
 }
 
+/// A connection to `gateway` made ready for bytes: the PROXY header first where its pool
+/// wants one, then TLS when `[upstream_tls]` is configured.
+pub(crate) async fn over_tcp(
+    ctx: &Context,
+    gateway: &Gateway,
+    mut stream: tokio::net::TcpStream,
+    origin: &crate::proxy_protocol::Origin,
+) -> Result<Box<dyn Upstream>, OpenError> {
+    if crate::session::wants_proxy_header(ctx, gateway) {
+        let header = origin.header().map_err(OpenError::Io)?;
+        stream.write_all(&header).await.map_err(OpenError::Io)?;
+    }
+    let Some(connector) = &ctx.connector else {
+        return Ok(Box::new(stream));
+    };
+    let name = crate::session::upstream_name(ctx, &gateway.addr);
+    let up = connector
+        .connect(name, stream)
+        .await
+        .map_err(OpenError::Tls)?;
+    let kind = match up.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    };
+    counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
+    Ok(Box::new(up))
+}
+
 /// Opens a link on `dialed`: TLS when configured (a PROXY header first for pools that want
 /// one; always on a link stream), HELLO, and the gateway's first frame.
 pub(crate) async fn open(
@@ -1017,29 +1045,7 @@ pub(crate) async fn open(
             up.write_all(&header).await.map_err(OpenError::Io)?;
             up
         }
-        crate::session::Dialed::Tcp(mut stream) => {
-            if crate::session::wants_proxy_header(ctx, gateway) {
-                let header = origin.header().map_err(OpenError::Io)?;
-                stream.write_all(&header).await.map_err(OpenError::Io)?;
-            }
-            match &ctx.connector {
-                Some(connector) => {
-                    let name = crate::session::upstream_name(ctx, &gateway.addr);
-                    match connector.connect(name, stream).await {
-                        Ok(up) => {
-                            let kind = match up.get_ref().1.handshake_kind() {
-                                Some(rustls::HandshakeKind::Resumed) => "resumed",
-                                _ => "full",
-                            };
-                            counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
-                            Box::new(up)
-                        }
-                        Err(e) => return Err(OpenError::Tls(e)),
-                    }
-                }
-                None => Box::new(stream),
-            }
-        }
+        crate::session::Dialed::Tcp(stream) => over_tcp(ctx, gateway, stream, origin).await?,
     };
     let tls_or_io = |e: io::Error| {
         if crate::session::is_tls_error(&e) {

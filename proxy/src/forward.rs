@@ -302,18 +302,90 @@ fn write_now(dst: &mut WriteHalf<'_>, cx: &mut Context<'_>, bytes: &[u8]) -> io:
     Ok(written)
 }
 
-/// Forwards between any two async streams (TLS on one or both sides), with buffers.
-pub async fn streams<A, B>(device: &mut A, gateway: &mut B) -> io::Result<Forwarded>
+/// Forwards between any two async streams (TLS on one or both sides) until both directions
+/// have ended or either fails; `up` and `down` count the bytes as they are read.
+pub async fn streams<A, B>(
+    device: &mut A,
+    gateway: &mut B,
+    up: &Total,
+    down: &Total,
+) -> Result<(), Failure>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (upstream, downstream) =
-        tokio::io::copy_bidirectional_with_sizes(device, gateway, 16 * 1024, 16 * 1024).await?;
-    Ok(Forwarded {
-        upstream,
-        downstream,
-    })
+    let (mut a, mut b) = (
+        Counted {
+            inner: device,
+            count: up,
+            failed: false,
+        },
+        Counted {
+            inner: gateway,
+            count: down,
+            failed: false,
+        },
+    );
+    match tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 16 * 1024, 16 * 1024).await {
+        Ok(_) => Ok(()),
+        Err(error) => Err(Failure {
+            // Which side failed: the one whose own read or write returned the error.
+            gateway: b.failed && !a.failed,
+            error,
+        }),
+    }
+}
+
+/// A stream whose reads are counted as they happen, and which remembers if it failed.
+struct Counted<'a, S: ?Sized> {
+    inner: &'a mut S,
+    count: &'a Total,
+    failed: bool,
+}
+
+impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) => this.count.add((buf.filled().len() - before) as u64),
+            Poll::Ready(Err(_)) => this.failed = true,
+            Poll::Pending => {}
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut *this.inner).poll_write(cx, buf);
+        this.failed |= matches!(polled, Poll::Ready(Err(_)));
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut *this.inner).poll_flush(cx);
+        this.failed |= matches!(polled, Poll::Ready(Err(_)));
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut *this.inner).poll_shutdown(cx);
+        this.failed |= matches!(polled, Poll::Ready(Err(_)));
+        polled
+    }
 }
 
 #[cfg(test)]

@@ -332,8 +332,15 @@ impl DeviceTls {
             )?);
         }
         let revoked = wasmbed_certs::revoked_serials(&crls);
-        let server =
+        let mut server =
             wasmbed_certs::server_config_with_crls(chain, key, client_ca.as_deref(), crls, &[])?;
+        if !t.resumption {
+            // Every handshake a full one: no session cache, no (stateful) TLS 1.3 tickets.
+            let mut config = (*server).clone();
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+            server = Arc::new(config);
+        }
         Ok(PreparedTls {
             tls,
             acceptor: Some(Arc::new(tokio_rustls::TlsAcceptor::from(server))),

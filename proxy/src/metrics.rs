@@ -138,7 +138,10 @@ fn describe() {
         ACCEPT_ERRORS,
         "Failed accept() calls, by kind (emfile, other)."
     );
-    describe_gauge!(OPEN, "Device connections open now.");
+    describe_gauge!(
+        OPEN,
+        "Device connections open now, by transport (tcp; quic: past the handshake)."
+    );
     describe_counter!(
         SESSIONS_STARTED,
         "Sessions forwarded to a gateway, by gateway."
@@ -177,7 +180,7 @@ fn describe() {
     describe_histogram!(
         HANDSHAKE,
         Unit::Seconds,
-        "Time from accept to a classified ClientHello (passthrough) or a finished TLS handshake (terminate)."
+        "Time from accept to a classified ClientHello (passthrough) or a finished TLS handshake (terminate); transport=quic: a QUIC device's handshake."
     );
     describe_histogram!(CONNECT, Unit::Seconds, "Time to connect to a gateway.");
     describe_counter!(
@@ -301,8 +304,14 @@ fn descriptors() -> Option<(usize, u64)> {
 /// Handles to the metrics a session touches, registered once so that the per-connection path
 /// bumps atomics instead of building and hashing metric keys.
 pub struct Meters {
+    /// Device connections open now, TCP (`transport="tcp"`).
     pub open: Gauge,
+    /// QUIC device connections past their handshake, open now (`transport="quic"`).
+    pub open_quic: Gauge,
+    /// TLS handshakes with devices over TCP.
     pub handshake: Histogram,
+    /// QUIC handshakes with devices.
+    pub handshake_quic: Histogram,
     pub connect: Histogram,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
@@ -318,8 +327,10 @@ impl Meters {
     pub fn new() -> Meters {
         handle();
         Meters {
-            open: gauge!(OPEN),
-            handshake: histogram!(HANDSHAKE),
+            open: gauge!(OPEN, "transport" => "tcp"),
+            open_quic: gauge!(OPEN, "transport" => "quic"),
+            handshake: histogram!(HANDSHAKE, "transport" => "tcp"),
+            handshake_quic: histogram!(HANDSHAKE, "transport" => "quic"),
             connect: histogram!(CONNECT),
             bytes_up: counter!(BYTES, "direction" => "upstream"),
             bytes_down: counter!(BYTES, "direction" => "downstream"),

@@ -184,6 +184,10 @@ pub(crate) async fn accept_loop(
         sessions.spawn(
             async move {
                 if let Some(anchored) = accept(&ctx, incoming, (&handshaking, port)).await {
+                    crate::dashboard::COUNTS
+                        .accepted
+                        .fetch_add(1, Ordering::Relaxed);
+                    let _open = Open::new(&ctx.meters.open_quic);
                     Box::pin(anchored.serve()).await;
                 }
                 drop(permit);
@@ -193,6 +197,22 @@ pub(crate) async fn accept_loop(
     }
     // No new connections; live sessions go on for the grace period ([`close`] ends them).
     endpoint.set_server_config(None);
+}
+
+/// Counts an open connection in a gauge while it lives (also when its task is cancelled).
+struct Open<'a>(&'a metrics::Gauge);
+
+impl<'a> Open<'a> {
+    fn new(gauge: &'a metrics::Gauge) -> Open<'a> {
+        gauge.increment(1.0);
+        Open(gauge)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// After the grace period: closes every QUIC connection left and waits (bounded) until the
@@ -232,7 +252,9 @@ async fn accept(
             return None;
         }
     };
-    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
+    ctx.meters
+        .handshake_quic
+        .record(started.elapsed().as_secs_f64());
     counter!(QUIC_CONNECTIONS, "result" => "accepted").increment(1);
     let chain = conn
         .peer_identity()

@@ -141,7 +141,8 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         Mode::Terminate => {
             Box::pin(async {
                 // `None`: the gateway refused the session and the device was told.
-                if let Some(anchored) = Box::pin(terminate(&ctx, stream, peer)).await? {
+                let raw = listener.config.raw;
+                if let Some(anchored) = Box::pin(terminate(&ctx, stream, peer, raw)).await? {
                     Box::pin(anchored.serve()).await;
                 }
                 Ok(())
@@ -293,11 +294,13 @@ pub(crate) fn wants_proxy_header(ctx: &Context, gateway: &Gateway) -> bool {
 }
 
 /// Terminate mode up to the session's anchoring: the device's TLS handshake and HELLO, the
-/// first gateway's WELCOME. `None`: the gateway refused the session (the device was told).
+/// first gateway's WELCOME. `None`: the gateway refused the session (the device was told),
+/// or, on a `raw` listener, the decrypted bytes were forwarded to their end.
 async fn terminate(
     ctx: &Arc<Context>,
     device: TcpStream,
     peer: std::net::SocketAddr,
+    raw: bool,
 ) -> Result<Option<Box<anchor::Anchored>>, Refused> {
     let local = device.local_addr().ok();
     let Some(acceptor) = ctx.device_tls.acceptor.load_full() else {
@@ -323,7 +326,63 @@ async fn terminate(
         conn.peer_certificates().unwrap_or(&[]),
         (peer, local),
     );
+    if raw {
+        forward_decrypted(ctx, tls, verified).await?;
+        return Ok(None);
+    }
     anchor_device(ctx, Box::new(tls), verified).await
+}
+
+/// A `raw` listener: after the handshake (the client certificate checked as for devices), the
+/// decrypted bytes go to a gateway of the matching pool as they are: no HELLO check, no
+/// anchoring, so no moves; the gateway learns the client's identity only from a PROXY v2
+/// header (`--proxy-protocol`).
+async fn forward_decrypted(
+    ctx: &Arc<Context>,
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    Verified {
+        sni,
+        identity,
+        attributes,
+        peer,
+        local,
+        ..
+    }: Verified,
+) -> Result<(), Refused> {
+    if let Some(id) = &identity {
+        tracing::Span::current().record("device", id.as_str());
+        ctx.meters.devices.increment(1);
+    }
+    let matched = Matched {
+        sni: sni.as_deref(),
+        alpn: &[],
+        cert: attributes.as_ref(),
+    };
+    let pools = pools_for(ctx, matched);
+    drop(attributes);
+    let (lease, stream) = connect(ctx, &pools).await?;
+    let origin = crate::proxy_protocol::Origin {
+        src: peer,
+        dst: local.unwrap_or(peer),
+        sni,
+        identity,
+    };
+    let mut up = match anchor::over_tcp(ctx, lease.gateway(), stream, &origin).await {
+        Ok(up) => up,
+        Err(anchor::OpenError::Tls(e)) => {
+            let gateway = lease.gateway().name.clone();
+            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => gateway).increment(1);
+            return Err(refused(Refusal::GatewayError, e));
+        }
+        Err(e) => return Err(refused(Refusal::GatewayError, e)),
+    };
+    let (bytes_up, bytes_down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
+    if supervise(ctx, &lease, forwarding).await.is_some() {
+        // Cut by the proxy (gateway down, shutdown): the client reconnects at once.
+        reset_on_close(tls.get_ref().0);
+    }
+    Ok(())
 }
 
 /// What the device's TLS handshake established (TLS over TCP or QUIC), read once from its

@@ -203,6 +203,27 @@ async fn garbage_and_anonymous_clients_are_refused_and_others_go_on() {
     let mut dev = QuicDev::open(addr, &pki, "device-0300").await;
     dev.step().await;
     assert_eq!(gw.hellos(), 1);
+    // Counted by transport: one QUIC device open, one QUIC handshake timed.
+    let open = "wasmbed_proxy_connections_open{transport=\"quic\"}";
+    assert_eq!(proxy.gauge(open).await, 1.0);
+    assert_eq!(
+        proxy
+            .gauge("wasmbed_proxy_handshake_duration_seconds_count{transport=\"quic\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .gauge("wasmbed_proxy_connections_open{transport=\"tcp\"}")
+            .await,
+        0.0
+    );
+    dev.conn.close(quinn::VarInt::from_u32(0), b"done");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy.gauge(open).await != 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// `--quic-retry always`: every new device first proves its address (a stateless retry, one

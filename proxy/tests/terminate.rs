@@ -409,3 +409,84 @@ async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
     );
     assert!(!proxy.gateway("gw").is_draining());
 }
+
+/// A `raw` listener: TLS ends at the proxy with the same client certificate checks, and the
+/// decrypted bytes reach a plain TCP service as they are (no HELLO), counted as they go.
+#[tokio::test]
+async fn a_raw_listener_forwards_the_decrypted_bytes_as_they_are() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let echo = Backend::spawn().await;
+    let mut c = config(vec![echo.gateway("echo")]);
+    c.mode = Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    c.listeners[0].raw = true;
+    let proxy = start(c).await;
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut tls = tls_device(&proxy, device_config(&pki.ca, Some(&pki.ca), false))
+        .await
+        .unwrap();
+    tls.write_all(request).await.unwrap();
+    let mut got = vec![0u8; request.len()];
+    tls.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, request, "the service saw the plaintext and echoed it");
+    // Counted while the connection is still open.
+    let up = "wasmbed_proxy_bytes_total{direction=\"upstream\"}";
+    assert_eq!(proxy.metric(up).await, request.len() as f64);
+    assert_eq!(echo.accepted(), 1);
+    // No client certificate: refused as a device would be, the service never reached.
+    let refused = async {
+        let mut t = tls_device(&proxy, device_config(&pki.ca, None, false)).await?;
+        t.write_all(request).await?;
+        let mut b = [0u8; 1];
+        match t.read(&mut b).await? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(()),
+        }
+    };
+    assert!(refused.await.is_err());
+    until_metric(
+        &proxy,
+        "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(echo.accepted(), 1);
+}
+
+/// Devices resume TLS sessions by default; `--no-tls-resumption` makes every handshake a full
+/// one (no session cache, no tickets).
+#[tokio::test]
+async fn tls_resumption_can_be_turned_off() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let echo = Backend::spawn().await;
+    for resumption in [true, false] {
+        let mut c = config(vec![echo.gateway("echo")]);
+        c.mode = Mode::Terminate;
+        let mut tls = pki.tls.clone();
+        tls.resumption = resumption;
+        c.tls = Some(tls);
+        c.listeners[0].raw = true;
+        let proxy = start(c).await;
+        // One client config, two connections: the second may resume the first's session.
+        let config = device_config(&pki.ca, Some(&pki.ca), false);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let mut t = tls_device(&proxy, config.clone()).await.unwrap();
+            // A round trip: the server's session tickets arrive with the answer.
+            t.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            t.read_exact(&mut b).await.unwrap();
+            kinds.push(t.get_ref().1.handshake_kind());
+        }
+        let second = if resumption {
+            rustls::HandshakeKind::Resumed
+        } else {
+            rustls::HandshakeKind::Full
+        };
+        assert_eq!(
+            kinds,
+            vec![Some(rustls::HandshakeKind::Full), Some(second)],
+            "resumption {resumption}"
+        );
+    }
+}

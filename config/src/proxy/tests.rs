@@ -348,3 +348,50 @@ fn a_quic_listener_needs_terminate_mode() {
     );
     assert!(e.is_err());
 }
+
+#[test]
+fn raw_listeners_need_terminate_mode_and_per_connection_upstreams() {
+    let tls = "[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"";
+    let ok = ProxyConfig::from_toml(&format!(
+        "mode = \"terminate\"\n[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n{tls}"
+    ))
+    .unwrap();
+    assert!(ok.listeners[0].raw);
+    let e = ProxyConfig::from_toml(
+        "[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("listener[0].raw") && e.contains("terminate"),
+        "{e}"
+    );
+    let e = ProxyConfig::from_toml(&format!(
+        "mode = \"terminate\"\nupstream = \"link\"\n[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n[upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"\n{tls}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("listener[0].raw") && e.contains("upstream"),
+        "{e}"
+    );
+    // Under the proxy's client certificate (trusted to state identities): refused.
+    let e = ProxyConfig::from_toml(&format!(
+        "mode = \"terminate\"\n[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n[upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"\n{tls}"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("listener[0].raw") && e.contains("client certificate"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tls_resumption_is_on_unless_turned_off() {
+    let base = "mode = \"terminate\"\n[[gateway]]\naddr = \"127.0.0.1:1\"\n[tls]\ncert = \"a\"\nkey = \"b\"";
+    let on = ProxyConfig::from_toml(base).unwrap();
+    assert!(on.tls.unwrap().resumption);
+    let off = ProxyConfig::from_toml(&format!("{base}\nresumption = false")).unwrap();
+    assert!(!off.tls.unwrap().resumption);
+}

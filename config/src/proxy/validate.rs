@@ -44,9 +44,12 @@ pub(super) fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> 
 }
 
 pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigError> {
+    let mode = raw.mode.unwrap_or_default();
+    let upstream = raw.upstream.unwrap_or_default();
     let defaults = [RawListener {
         addr: DEFAULT_LISTEN.to_string(),
         allow_plain: false,
+        raw: false,
         reuse_port: false,
         backlog: None,
     }];
@@ -64,9 +67,22 @@ pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigErr
             if !seen.insert(addr) {
                 return Err(ConfigError::field(field, format!("{addr} is listed twice")));
             }
+            if l.raw && mode != Mode::Terminate {
+                return Err(ConfigError::field(
+                    format!("listener[{i}].raw"),
+                    "needs terminate mode (in passthrough the bytes are forwarded as they are)",
+                ));
+            }
+            if l.raw && upstream == UpstreamMode::Link {
+                return Err(ConfigError::field(
+                    format!("listener[{i}].raw"),
+                    "needs --upstream tcp: a link's streams carry device sessions",
+                ));
+            }
             Ok(ListenerConfig {
                 addr,
                 allow_plain: l.allow_plain,
+                raw: l.raw,
                 reuse_port: l.reuse_port,
                 backlog: l.backlog.unwrap_or(defaults::BACKLOG),
             })

@@ -43,6 +43,7 @@ pub fn pki(kind: KeyKind) -> Pki {
         key: write("proxy.key", &server.key_pem),
         client_ca: Some(ca_path.clone()),
         client_crls: Vec::new(),
+        resumption: true,
     };
     Pki {
         _dir: dir,
