@@ -198,6 +198,9 @@ http {{
     os.makedirs(os.path.join(work, "tmp"), exist_ok=True)
     with open(os.path.join(work, "big.bin"), "wb") as f:
         f.write(os.urandom(BIG))
+    # nginx's worker (not root) serves it: the file and its directory readable by all.
+    os.chmod(os.path.join(work, "big.bin"), 0o644)
+    os.chmod(work, 0o755)
     with open(os.path.join(work, "both.pem"), "w") as f:  # HAProxy wants certificate + key
         f.write(open(cert).read() + open(key).read())
     nginx = pinned(LOAD_CORE, ["nginx", "-c", conf, "-e", f"{work}/backend.err"], stderr=subprocess.DEVNULL)
