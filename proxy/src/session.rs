@@ -349,17 +349,8 @@ async fn forward_decrypted(
         ..
     }: Verified,
 ) -> Result<(), Refused> {
-    if let Some(id) = &identity {
-        tracing::Span::current().record("device", id.as_str());
-        ctx.meters.devices.increment(1);
-    }
-    let matched = Matched {
-        sni: sni.as_deref(),
-        alpn: &[],
-        cert: attributes.as_ref(),
-    };
-    let pools = pools_for(ctx, matched);
-    drop(attributes);
+    note_device(ctx, identity.as_deref(), sni.as_deref());
+    let pools = device_pools(ctx, sni.as_deref(), attributes);
     let (lease, stream) = connect(ctx, &pools).await?;
     let origin = crate::proxy_protocol::Origin {
         src: peer,
@@ -417,6 +408,33 @@ impl Verified {
     }
 }
 
+/// Names the session's device and SNI on its span, and counts an authenticated device.
+fn note_device(ctx: &Context, identity: Option<&str>, sni: Option<&str>) {
+    let span = tracing::Span::current();
+    if let Some(id) = identity {
+        span.record("device", id);
+        ctx.meters.devices.increment(1);
+    }
+    if let Some(name) = sni {
+        span.record("sni", name);
+    }
+}
+
+/// The pools for a client whose TLS ended here: rustls negotiated ALPN, so routes match on
+/// the SNI and the certificate's attributes (dropped once matched).
+fn device_pools(
+    ctx: &Context,
+    sni: Option<&str>,
+    attributes: Option<wasmbed_certs::CertAttributes>,
+) -> Vec<String> {
+    let matched = Matched {
+        sni,
+        alpn: &[],
+        cert: attributes.as_ref(),
+    };
+    pools_for(ctx, matched)
+}
+
 /// Terminate mode after the device's handshake, whatever its transport: HELLO checked against
 /// the certificate, the route, the first gateway's WELCOME.
 pub(crate) async fn anchor_device(
@@ -431,14 +449,7 @@ pub(crate) async fn anchor_device(
         local,
     }: Verified,
 ) -> Result<Option<Box<anchor::Anchored>>, Refused> {
-    let span = tracing::Span::current();
-    if let Some(id) = &identity {
-        span.record("device", id.as_str());
-        ctx.meters.devices.increment(1);
-    }
-    if let Some(name) = &sni {
-        span.record("sni", name.as_str());
-    }
+    note_device(ctx, identity.as_deref(), sni.as_deref());
     // The device's HELLO is checked against its certificate before any gateway sees it.
     let (hello, hello_bytes, pending) = tokio::time::timeout(
         ctx.config.handshake_timeout,
@@ -448,13 +459,7 @@ pub(crate) async fn anchor_device(
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&[]);
-    let matched = Matched {
-        sni: sni.as_deref(),
-        alpn: &[],
-        cert: attributes.as_ref(),
-    };
-    let pools = pools_for(ctx, matched);
-    drop(attributes);
+    let pools = device_pools(ctx, sni.as_deref(), attributes);
     let (lease, gateway) = connect_with(ctx, &pools, dial_upstream).await?;
     // HELLO goes first and the gateway's first frame comes back before the session is
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::frames::*;
 use support::*;
-use wasmbed_certs::pki::KeyKind;
+use wasmbed_certs::pki::{DevCa, KeyKind};
 use wasmbed_config::Mode;
 use wasmbed_protocol::Kind;
 use wasmbed_testkit::Device;
@@ -27,16 +27,10 @@ struct QuicDev {
 
 impl QuicDev {
     async fn open(proxy: SocketAddr, pki: &Pki, name: &str) -> QuicDev {
-        let mut tls = (*device_tls(&pki.ca, Some(&pki.ca), name, false)).clone();
-        tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+        let client = quic_client(pki, Some(&pki.ca), name);
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let conn = endpoint
-            .connect_with(
-                quinn::ClientConfig::new(Arc::new(crypto)),
-                proxy,
-                "localhost",
-            )
+            .connect_with(client, proxy, "localhost")
             .unwrap()
             .await
             .unwrap();
@@ -58,6 +52,15 @@ impl QuicDev {
         assert_eq!(f.kind, Kind::Reply, "{f:?}");
         assert_eq!(String::from_utf8_lossy(&f.body), self.count.to_string());
     }
+}
+
+/// A QUIC device's client settings: ALPN `wasmbed/1`, its certificate from `identity` (none:
+/// anonymous).
+fn quic_client(pki: &Pki, identity: Option<&DevCa>, name: &str) -> quinn::ClientConfig {
+    let mut tls = (*device_tls(&pki.ca, identity, name, false)).clone();
+    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    quinn::ClientConfig::new(Arc::new(crypto))
 }
 
 fn quic_proxy(pki: &Pki, gateways: &[&FrameGateway]) -> wasmbed_config::ProxyConfig {
@@ -181,17 +184,9 @@ async fn garbage_and_anonymous_clients_are_refused_and_others_go_on() {
         socket.send_to(&junk, addr).unwrap();
     }
     // No client certificate: the handshake fails (TLS 1.3: after the client's side).
-    let mut tls = (*device_tls(&pki.ca, None, "nobody", false)).clone();
-    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let client = quic_client(&pki, None, "nobody");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let connecting = endpoint
-        .connect_with(
-            quinn::ClientConfig::new(Arc::new(crypto)),
-            addr,
-            "localhost",
-        )
-        .unwrap();
+    let connecting = endpoint.connect_with(client, addr, "localhost").unwrap();
     let refused = match connecting.await {
         Err(_) => true,
         Ok(c) => {
@@ -312,30 +307,18 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
             }
         }
     });
-    let mut tls = (*device_tls(&pki.ca, Some(&pki.ca), "device-0600", false)).clone();
-    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let client = quic_client(&pki, Some(&pki.ca), "device-0600");
     let stalled = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let _stalled_conn = stalled
-        .connect_with(
-            quinn::ClientConfig::new(Arc::new(crypto)),
-            relay_addr,
-            "localhost",
-        )
+        .connect_with(client, relay_addr, "localhost")
         .unwrap();
     // Polled by nobody, quinn's driver still sends the first flight.
     answered.await.unwrap();
     // At the cap: the next device is refused, at once.
-    let mut tls = (*device_tls(&pki.ca, Some(&pki.ca), "device-0601", false)).clone();
-    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let client = quic_client(&pki, Some(&pki.ca), "device-0601");
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let refused = endpoint
-        .connect_with(
-            quinn::ClientConfig::new(Arc::new(crypto)),
-            addr,
-            "localhost",
-        )
+        .connect_with(client, addr, "localhost")
         .unwrap()
         .await;
     assert!(

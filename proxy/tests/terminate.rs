@@ -410,17 +410,24 @@ async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
     assert!(!proxy.gateway("gw").is_draining());
 }
 
+/// A terminating proxy whose listener forwards the decrypted bytes to `service`.
+async fn raw_proxy(pki: &Pki, service: &Backend, resumption: bool) -> RunningProxy {
+    let mut c = config(vec![service.gateway("service")]);
+    c.mode = Mode::Terminate;
+    let mut tls = pki.tls.clone();
+    tls.resumption = resumption;
+    c.tls = Some(tls);
+    c.listeners[0].raw = true;
+    start(c).await
+}
+
 /// A `raw` listener: TLS ends at the proxy with the same client certificate checks, and the
 /// decrypted bytes reach a plain TCP service as they are (no HELLO), counted as they go.
 #[tokio::test]
 async fn a_raw_listener_forwards_the_decrypted_bytes_as_they_are() {
     let pki = pki(KeyKind::EcdsaP256);
     let echo = Backend::spawn().await;
-    let mut c = config(vec![echo.gateway("echo")]);
-    c.mode = Mode::Terminate;
-    c.tls = Some(pki.tls.clone());
-    c.listeners[0].raw = true;
-    let proxy = start(c).await;
+    let proxy = raw_proxy(&pki, &echo, true).await;
     let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
     let mut tls = tls_device(&proxy, device_config(&pki.ca, Some(&pki.ca), false))
         .await
@@ -460,13 +467,7 @@ async fn tls_resumption_can_be_turned_off() {
     let pki = pki(KeyKind::EcdsaP256);
     let echo = Backend::spawn().await;
     for resumption in [true, false] {
-        let mut c = config(vec![echo.gateway("echo")]);
-        c.mode = Mode::Terminate;
-        let mut tls = pki.tls.clone();
-        tls.resumption = resumption;
-        c.tls = Some(tls);
-        c.listeners[0].raw = true;
-        let proxy = start(c).await;
+        let proxy = raw_proxy(&pki, &echo, resumption).await;
         // One client config, two connections: the second may resume the first's session.
         let config = device_config(&pki.ca, Some(&pki.ca), false);
         let mut kinds = Vec::new();

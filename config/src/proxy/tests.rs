@@ -352,39 +352,29 @@ fn a_quic_listener_needs_terminate_mode() {
 #[test]
 fn raw_listeners_need_terminate_mode_and_per_connection_upstreams() {
     let tls = "[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"";
-    let ok = ProxyConfig::from_toml(&format!(
-        "mode = \"terminate\"\n[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n{tls}"
-    ))
-    .unwrap();
+    let raw = "[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true";
+    let client = "[upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"";
+    let ok = ProxyConfig::from_toml(&format!("mode = \"terminate\"\n{raw}\n{tls}")).unwrap();
     assert!(ok.listeners[0].raw);
-    let e = ProxyConfig::from_toml(
-        "[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n[[gateway]]\naddr = \"127.0.0.1:1\"",
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("listener[0].raw") && e.contains("terminate"),
-        "{e}"
-    );
-    let e = ProxyConfig::from_toml(&format!(
-        "mode = \"terminate\"\nupstream = \"link\"\n[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n[upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"\n{tls}"
-    ))
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("listener[0].raw") && e.contains("upstream"),
-        "{e}"
-    );
-    // Under the proxy's client certificate (trusted to state identities): refused.
-    let e = ProxyConfig::from_toml(&format!(
-        "mode = \"terminate\"\n[[listener]]\naddr = \"127.0.0.1:0\"\nraw = true\n[upstream_tls]\nca = \"c\"\ncert = \"d\"\nkey = \"e\"\n{tls}"
-    ))
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("listener[0].raw") && e.contains("client certificate"),
-        "{e}"
-    );
+    // Each refused, naming the listener and why.
+    for (toml, why) in [
+        (
+            format!("{raw}\n[[gateway]]\naddr = \"127.0.0.1:1\""),
+            "terminate",
+        ),
+        (
+            format!("mode = \"terminate\"\nupstream = \"link\"\n{raw}\n{client}\n{tls}"),
+            "upstream",
+        ),
+        // Under the proxy's client certificate (trusted to state identities).
+        (
+            format!("mode = \"terminate\"\n{raw}\n{client}\n{tls}"),
+            "client certificate",
+        ),
+    ] {
+        let e = ProxyConfig::from_toml(&toml).unwrap_err().to_string();
+        assert!(e.contains("listener[0].raw") && e.contains(why), "{e}");
+    }
 }
 
 #[test]
