@@ -95,8 +95,8 @@ fn a_loaded_ca_issues_certificates_that_chain_to_the_file() {
 
 /// Servers choose TLS_AES_128_GCM_SHA256 even from a client that lists AES-256 first (as
 /// OpenSSL and rustls' own defaults do): its SHA-256 handshake hashing runs on SHA
-/// instructions most CPUs have, SHA-384 does not (13–18% of a terminating proxy's cost per
-/// handshake on an AMD EPYC host, docs/performance.md).
+/// instructions most CPUs have, SHA-384 does not (about 15% of a terminating proxy's cost
+/// per handshake on an AMD EPYC host, docs/performance.md).
 #[test]
 fn servers_prefer_aes_128_gcm_whatever_the_client_lists_first() {
     let ca = DevCa::generate("test CA").unwrap();

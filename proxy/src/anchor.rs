@@ -790,7 +790,7 @@ async fn serve(
             }
             Event::Relinked(None) => {
                 moving = None;
-                held(&ctx, false);
+                ctx.meters.held.decrement(1.0);
                 counter!(MOVES, "cause" => st.cause_label(), "result" => "failed").increment(1);
                 tracing::debug!(device = %st.hello.device, cause = st.cause_label(), "no gateway took the session");
                 let text = "no gateway took the session in time".to_string();
@@ -798,7 +798,7 @@ async fn serve(
             }
             Event::Relinked(Some(r)) => {
                 moving = None;
-                held(&ctx, false);
+                ctx.meters.held.decrement(1.0);
                 let pause = st.move_started.elapsed();
                 ctx.meters.pause.record(pause.as_secs_f64());
                 let result = st.relinked(&r.welcome, r.rest);
@@ -820,7 +820,7 @@ async fn serve(
         }
     };
     if moving.is_some() {
-        held(&ctx, false);
+        ctx.meters.held.decrement(1.0);
     }
     let mut device = dev_r.unsplit(dev_w);
     match end {
@@ -882,15 +882,6 @@ fn answer_pings(st: &mut State) {
     }
 }
 
-/// Counts a session that starts (`true`) or stops waiting for a gateway.
-fn held(ctx: &Context, start: bool) {
-    if start {
-        ctx.meters.held.increment(1.0);
-    } else {
-        ctx.meters.held.decrement(1.0);
-    }
-}
-
 /// Starts moving the session (its old link already dropped).
 fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Moving {
     st.linked = false;
@@ -900,7 +891,7 @@ fn begin_move(st: &mut State, cause: Cause, avoid: Option<Arc<Gateway>>) -> Movi
     st.to_gateway.clear();
     st.from_gateway.clear();
     answer_pings(st);
-    held(&st.ctx, true);
+    st.ctx.meters.held.increment(1.0);
     let start = cause.slot_at_relink().then(|| st.ctx.pacer.slot());
     Box::pin(relink(
         st.ctx.clone(),

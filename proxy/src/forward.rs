@@ -46,15 +46,6 @@ impl Count for metrics::Counter {
 
 type Total = dyn Count;
 
-/// Bytes forwarded by a finished session.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Forwarded {
-    /// device -> gateway
-    pub upstream: u64,
-    /// gateway -> device
-    pub downstream: u64,
-}
-
 /// Why forwarding stopped with an error, and on which side: the proxy treats errors on the
 /// gateway's side as a hint that the gateway is failing (it probes it at once).
 #[derive(Debug)]
