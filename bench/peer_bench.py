@@ -29,7 +29,7 @@ Scenarios:
   mem     9,000 idle sessions held through the proxy         RSS bytes per session
 
 Usage: python3 bench/peer_bench.py [--runs 3] [--seconds 5] [--scenarios bulk1,rr,...]
-       [--install] [--out DIR]
+       [--install] [--out DIR] [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
 It builds `target/release/wasmbed` if missing; --install apt-gets haproxy, nginx (with the
 stream module), wrk and iperf3 when missing.
 """
@@ -211,8 +211,9 @@ http {{
     return [nginx, iperf]
 
 
-def proxy_commands(work):
-    """Per proxy: a list of (command, pool) to start, pinned on the proxy core."""
+def proxy_commands(work, compare=None):
+    """Per proxy: a list of (command, pool) to start, pinned on the proxy core. `compare`: a
+    second wasmbed binary, run as proxy `wasmbed-b` with the same arguments."""
     w = []
     for pool in ("http", "bulk"):
         w.append(([WASMBED, "proxy", "--listen", f"127.0.0.1:{PORTS[pool]}", "--admin", "off",
@@ -287,7 +288,11 @@ stream {{
 """)
     spliced = [(cmd + ["--splice", "on"], pool) for cmd, pool in w]
     auto = [(cmd + ["--splice", "auto"], pool) for cmd, pool in w]
+    other = {}
+    if compare:
+        other["wasmbed-b"] = [([compare] + cmd[1:], pool) for cmd, pool in w]
     return {
+        **other,
         "wasmbed": w,
         "wasmbed-splice": spliced,
         "wasmbed-auto": auto,
@@ -425,6 +430,9 @@ def main():
     ap.add_argument("--scenarios", default="bulk1,bulk4,rr,conn,tls,tlsterm,tlsbulk,mem")
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--install", action="store_true")
+    ap.add_argument("--compare", metavar="BIN",
+                    help="another wasmbed binary (e.g. a build before a change), run as proxy "
+                         "`wasmbed-b` with the same arguments; add it to --proxies")
     ap.add_argument("--out", default=os.path.join(REPO, "target", "peer-bench"))
     a = ap.parse_args()
     if os.cpu_count() < 2:
@@ -436,7 +444,7 @@ def main():
     proxies = a.proxies.split(",")
     work = tempfile.mkdtemp(prefix="peer-bench.")
     backends = start_backends(work)
-    commands = proxy_commands(work)
+    commands = proxy_commands(work, a.compare)
     rows = {}  # (scenario, proxy) -> [run tuples]
     try:
         for r in range(a.runs):

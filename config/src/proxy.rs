@@ -166,6 +166,12 @@ pub struct ProxyFlags {
     /// bytes are in flight.
     #[arg(long, value_enum, value_name = "off|on|auto")]
     pub splice: Option<SpliceMode>,
+    /// Passthrough: when a gateway ends its side (FIN), pass the half-close on to the device and
+    /// keep forwarding the device's bytes until it closes too (TCP half-close). Default: a
+    /// gateway's end of stream ends the session once its bytes are written to the device, as a
+    /// gateway closing its socket means. A device's end of stream is always passed on.
+    #[arg(long)]
+    pub half_close: bool,
     /// Terminate mode: how sessions reach their gateways: `tcp` (default), a connection each
     /// (TLS with [upstream_tls]); `link`, one multiplexed QUIC connection per gateway
     /// (`wasmbed gateway --link`, UDP at the gateway's session port) with a stream per
@@ -410,6 +416,8 @@ pub struct ProxyConfig {
     pub allow_empty: bool,
     /// Passthrough forwarding by splice(2).
     pub splice: SpliceMode,
+    /// Passthrough: a gateway's half-close is passed on rather than ending the session.
+    pub half_close: bool,
     /// Terminate mode: a connection per session, or a stream on a link per gateway.
     pub upstream: UpstreamMode,
     /// A link silent this long is lost (`--link-timeout`).
@@ -456,6 +464,8 @@ struct RawProxy {
     #[serde(default)]
     allow_empty: bool,
     splice: Option<SpliceMode>,
+    #[serde(default)]
+    half_close: bool,
     upstream: Option<UpstreamMode>,
     link_timeout: Option<String>,
     quic_listen: Option<String>,
@@ -696,6 +706,12 @@ impl ProxyConfig {
                 "only applies in passthrough (in terminate mode the bytes pass through TLS at the proxy)",
             ));
         }
+        if mode == Mode::Terminate && raw.half_close {
+            return Err(ConfigError::field(
+                "half_close",
+                "only applies in passthrough (raw terminate listeners always pass half-closes on)",
+            ));
+        }
         let upstream = raw.upstream.unwrap_or_default();
         if upstream == UpstreamMode::Link {
             if mode != Mode::Terminate {
@@ -810,6 +826,7 @@ impl ProxyConfig {
             discovery,
             allow_empty,
             splice: raw.splice.unwrap_or_default(),
+            half_close: raw.half_close,
             upstream,
             link_timeout,
             quic,
@@ -904,6 +921,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.max_discovered, f.max_discovered);
     raw.allow_empty |= f.allow_empty;
     set(&mut raw.splice, f.splice);
+    raw.half_close |= f.half_close;
     set(&mut raw.upstream, f.upstream);
     set(&mut raw.link_timeout, f.link_timeout.clone());
     set(&mut raw.quic_listen, f.quic_listen.clone());

@@ -86,8 +86,16 @@ impl Failure {
     }
 }
 
-/// Forwards between two TCP streams until both directions have ended (half-closes are
-/// passed on) or either side fails. `up` and `down` count the bytes as they go.
+/// Forwards between two TCP streams until the session ends or either side fails. `up` and
+/// `down` count the bytes as they go.
+///
+/// A device's end of stream is passed on (its gateway may still be answering). A gateway's end
+/// of stream ends the session once its bytes are written to the device and what the device had
+/// sent by then is forwarded, unless `half_close` (`--half-close`): then it is passed on too,
+/// and the device's bytes keep flowing until it closes. Ending at once is what a gateway that
+/// closes its socket means (ours always do), and it spares a round of wake-ups, a FIN and, when
+/// the device still sends (a TLS `close_notify`), a reset from the gateway: about a quarter of
+/// the proxy's cost per TLS passthrough connection (measured: `docs/performance.md`).
 ///
 /// Hand-written rather than two `async` loops: it waits through the sockets' own registered
 /// wakers, so an idle session's whole forwarding state is about a hundred bytes (two `async`
@@ -102,13 +110,14 @@ pub fn tcp<'a>(
     up: &'a Total,
     down: &'a Total,
     splice: SpliceMode,
+    half_close: bool,
 ) -> Tcp<'a> {
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
     let on = || (splice == SpliceMode::On).then(crate::splice::Pipes::default);
     Tcp {
-        up: Direction::new(device_read, gateway_write, up, false),
-        down: Direction::new(gateway_read, device_write, down, true),
+        up: Direction::new(device_read, gateway_write, up, false, false),
+        down: Direction::new(gateway_read, device_write, down, true, !half_close),
         // One pointer in the session, allocated only when splicing is configured.
         splice: (splice != SpliceMode::Off).then(|| {
             Box::new(Splicing {
@@ -146,8 +155,16 @@ impl Future for Tcp<'_> {
             Some(s) => (Some((&mut s.up, s.auto)), Some((&mut s.down, s.auto))),
             None => (None, None),
         };
-        let up = this.up.poll(cx, up_splice)?;
+        // The device's direction first: what it has sent is forwarded before a gateway's end
+        // of stream closes its socket (closing with unread bytes would reset the device).
+        let up = this.up.poll(cx, up_splice);
         let down = this.down.poll(cx, down_splice)?;
+        if down.is_ready() && this.down.ends_session {
+            // The gateway ended: so does the session (a write to the closed gateway failing on
+            // the way is part of that ending, not a gateway failure).
+            return Poll::Ready(Ok(()));
+        }
+        let up = up?;
         if up.is_ready() && down.is_ready() {
             // Both ends closed: dropping the sockets closes them; no half-close to pass on.
             return Poll::Ready(Ok(()));
@@ -173,12 +190,21 @@ struct Direction<'a> {
     eof_to_pass: bool,
     /// `src` is the gateway (the gateway -> device direction).
     from_gateway: bool,
+    /// `src`'s end of stream ends the session (kept here, where it costs no padding).
+    ends_session: bool,
 }
 
 impl<'a> Direction<'a> {
-    fn new(src: ReadHalf<'a>, dst: WriteHalf<'a>, total: &'a Total, from_gateway: bool) -> Self {
+    fn new(
+        src: ReadHalf<'a>,
+        dst: WriteHalf<'a>,
+        total: &'a Total,
+        from_gateway: bool,
+        ends_session: bool,
+    ) -> Self {
         Direction {
             from_gateway,
+            ends_session,
             src,
             dst,
             total,
@@ -401,13 +427,59 @@ mod tests {
         }
     }
 
+    /// A gateway that half-closes while its device still sends: by default the session ends
+    /// there (the gateway sees its device's side close too); with `half_close` the device's
+    /// bytes keep flowing to it.
+    #[tokio::test]
+    async fn a_gateway_end_of_stream_ends_the_session_unless_half_close() {
+        for half_close in [false, true] {
+            let (mut device, device_side) = pair().await;
+            let (gateway_side, mut gateway) = pair().await;
+            let relay = tokio::spawn(async move {
+                let (mut device_side, mut gateway_side) = (device_side, gateway_side);
+                let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
+                tcp(
+                    &mut device_side,
+                    &mut gateway_side,
+                    &u,
+                    &d,
+                    SpliceMode::Off,
+                    half_close,
+                )
+                .await
+            });
+            device.write_all(b"hello").await.unwrap();
+            let mut got = [0; 5];
+            gateway.read_exact(&mut got).await.unwrap();
+            gateway.write_all(b"bye").await.unwrap();
+            gateway.shutdown().await.unwrap();
+            let mut last = Vec::new();
+            device.read_to_end(&mut last).await.unwrap();
+            assert_eq!(
+                last, b"bye",
+                "the gateway's last bytes, then its end of stream"
+            );
+            // After the device saw the end of stream: the session is over, or half open.
+            let _ = device.write_all(b"more").await; // may fail: the proxy closed its side
+            drop(device);
+            let mut rest = Vec::new();
+            gateway.read_to_end(&mut rest).await.unwrap();
+            if half_close {
+                assert_eq!(rest, b"more", "still open towards the gateway");
+            } else {
+                assert!(rest.is_empty(), "ended with the gateway's end of stream");
+            }
+            relay.await.unwrap().unwrap();
+        }
+    }
+
     async fn large_transfers(mode: SpliceMode) {
         let (mut device, device_side) = pair().await;
         let (gateway_side, mut gateway) = pair().await;
         let relay = tokio::spawn(async move {
             let (mut device_side, mut gateway_side) = (device_side, gateway_side);
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&mut device_side, &mut gateway_side, &u, &d, mode)
+            tcp(&mut device_side, &mut gateway_side, &u, &d, mode, true)
                 .await
                 .map(|()| (u.into_inner(), d.into_inner()))
         });
@@ -440,7 +512,15 @@ mod tests {
         let relay = tokio::spawn(async move {
             let (mut device_side, mut gateway_side) = (device_side, gateway_side);
             let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&mut device_side, &mut gateway_side, &u, &d, SpliceMode::Off).await
+            tcp(
+                &mut device_side,
+                &mut gateway_side,
+                &u,
+                &d,
+                SpliceMode::Off,
+                false,
+            )
+            .await
         });
         socket2::SockRef::from(&gateway)
             .set_linger(Some(std::time::Duration::ZERO))

@@ -210,7 +210,14 @@ async fn passthrough(
     ctx.meters.bytes_up.increment(prefix.len() as u64);
     drop(prefix);
     let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
-    let forwarding = forward::tcp(&mut device, &mut gateway, up, down, ctx.config.splice);
+    let forwarding = forward::tcp(
+        &mut device,
+        &mut gateway,
+        up,
+        down,
+        ctx.config.splice,
+        ctx.config.half_close,
+    );
     if supervise(ctx, &lease, forwarding).await.is_some() {
         reset_on_close(&device);
     }

@@ -292,6 +292,19 @@ fn splice_is_a_passthrough_option() {
 }
 
 #[test]
+fn half_close_is_a_passthrough_option_off_by_default() {
+    let on =
+        ProxyConfig::from_toml("half_close = true\n[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    assert!(on.half_close);
+    let off = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    assert!(!off.half_close);
+    let e = err_of(
+        "mode = \"terminate\"\nhalf_close = true\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    );
+    assert!(e.contains("half_close") && e.contains("passthrough"), "{e}");
+}
+
+#[test]
 fn a_link_upstream_needs_terminate_mode_and_the_proxys_client_certificate() {
     let terminate = "mode = \"terminate\"\nupstream = \"link\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"";
     let e = ProxyConfig::from_toml(terminate).unwrap_err().to_string();
