@@ -3,10 +3,11 @@
 # 100 s each), the proxy's RSS and open descriptors once all are connected; per session =
 # difference between N=1000 and N=4000 / 3000.
 # Release build; run from the repository root: bash docs/bench/terminate-memory.sh
+# WASMBED_BIN=PATH measures another build (e.g. one from before a change).
 # VARIANTS picks some of: quic-link link tls-link plain-link passthrough (default: all).
 # Also printed: the fleet simulator's own RSS per device (the `up` process), for QUIC devices.
 set -u
-B=./target/release/wasmbed
+B=${WASMBED_BIN:-./target/release/wasmbed}
 args_of() {
   case $1 in
     quic-link) echo "--mode terminate --upstream link --transport quic" ;;
@@ -25,7 +26,7 @@ measure() { # variant, devices -> "RSS_KiB FDS FLEET_RSS_KiB"
   until grep -Eq "connected +$n/$n" "$out"; do sleep 1; done
   sleep 3
   local proxy
-  proxy=$(pgrep -P "$up" -f "wasmbed proxy")
+  proxy=$(pgrep -P "$up" -f " proxy --listen")
   echo "$(grep VmRSS "/proc/$proxy/status" | awk '{print $2}') $(ls "/proc/$proxy/fd" | wc -l) $(grep VmRSS "/proc/$up/status" | awk '{print $2}')"
   kill -INT "$up"; wait "$up" 2>/dev/null
 }
