@@ -7,7 +7,8 @@ Each proxy runs alone on core 1 (taskset); the load generators (wrk, iperf3) and
 
 Cost is what matters, not rates: `core1 µs/unit` is the busy time of core 1 (from /proc/stat,
 kernel and softirq included) per MB, request or connection; core 1 runs only the proxy under
-test. Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up to
+test. `of which user mode` is core 1's user-mode time per unit: the proxy's own code (the
+rest is the kernel's, mostly the TCP stack's work on the segments every relay must move). Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up to
 20 s); a run during which core 1's busy time exceeds the proxy process's own CPU time by more
 than NOISE (20 % of the run) is repeated once, then marked `*`.
 
@@ -71,12 +72,12 @@ def cpu_model():
 
 
 def core_jiffies(core):
-    """(busy, total) jiffies of one core, from /proc/stat."""
+    """(busy, total, user) jiffies of one core, from /proc/stat (user: user + nice)."""
     for line in open("/proc/stat"):
         if line.startswith(f"cpu{core} "):
             f = [int(x) for x in line.split()[1:]]
             idle = f[3] + f[4]
-            return sum(f) - idle, sum(f)
+            return sum(f) - idle, sum(f), f[0] + f[1]
     raise RuntimeError(f"no cpu{core} in /proc/stat")
 
 
@@ -120,9 +121,9 @@ def children(pid):
 def wait_idle(core, limit=20.0):
     deadline = time.time() + limit
     while True:
-        b0, t0 = core_jiffies(core)
+        b0, t0, _ = core_jiffies(core)
         time.sleep(0.5)
-        b1, t1 = core_jiffies(core)
+        b1, t1, _ = core_jiffies(core)
         busy = (b1 - b0) / max(1, t1 - t0)
         if busy < 0.05 or time.time() > deadline:
             return busy
@@ -381,7 +382,8 @@ def hold_idle(n):
 
 
 def measure(proxy, running, scenario, seconds):
-    """One run: (units, unit name, core-1 µs per unit, p99 µs or None, note, noisy)."""
+    """One run: (units, unit name, core-1 µs per unit, p99 µs or None, note, noisy, core-1
+    user-mode µs per unit)."""
     hz = os.sysconf("SC_CLK_TCK")
     if scenario == "mem":
         time.sleep(0.3)
@@ -391,9 +393,9 @@ def measure(proxy, running, scenario, seconds):
         after = rss_bytes(running.pids())
         for s in socks:
             s.close()
-        return (9000, "session", (after - before) / 9000, None, "", False)
+        return (9000, "session", (after - before) / 9000, None, "", False, None)
     wait_idle(PROXY_CORE)
-    b0, t0 = core_jiffies(PROXY_CORE)
+    b0, t0, u0 = core_jiffies(PROXY_CORE)
     p0 = proc_jiffies(running.pids())
     start = time.time()
     note, p99 = "", None
@@ -415,12 +417,13 @@ def measure(proxy, running, scenario, seconds):
     else:
         raise ValueError(scenario)
     elapsed = time.time() - start
-    b1, t1 = core_jiffies(PROXY_CORE)
+    b1, t1, u1 = core_jiffies(PROXY_CORE)
     p1 = proc_jiffies(running.pids())
     busy_s = (b1 - b0) / hz
     own_s = (p1 - p0) / hz
     noisy = (busy_s - own_s) > NOISE * elapsed and busy_s > own_s * 1.5
-    return (units / elapsed, unit, busy_s * 1e6 / max(units, 1), p99, note.strip(), noisy)
+    user_us = (u1 - u0) / hz * 1e6 / max(units, 1)
+    return (units / elapsed, unit, busy_s * 1e6 / max(units, 1), p99, note.strip(), noisy, user_us)
 
 
 def main():
@@ -484,8 +487,8 @@ def render(rows, scenarios, proxies, a):
     lines = [f"CPU: {cpu_model()}; proxy on core {PROXY_CORE}, load and backends on core {LOAD_CORE}; "
              f"{a.runs} interleaved runs of {a.seconds} s; medians (quiet runs only, where two remain)",
              "",
-             "| scenario | proxy | rate | core-1 cost | p99 | wasmbed / better peer (cost) | runs (cost) |",
-             "|---|---|---:|---:|---:|---:|---|"]
+             "| scenario | proxy | rate | core-1 cost | of which user mode | p99 | wasmbed / better peer (cost) | runs (cost) |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for sc in scenarios:
         med = {}
         for p in proxies:
@@ -495,16 +498,18 @@ def render(rows, scenarios, proxies, a):
             if not use:
                 continue
             med[p] = (statistics.median(x[0] for x in use), use[0][1], statistics.median(x[2] for x in use),
-                      statistics.median(x[3] for x in use) if use[0][3] is not None else None, runs)
+                      statistics.median(x[3] for x in use) if use[0][3] is not None else None, runs,
+                      statistics.median(x[6] for x in use) if use[0][6] is not None else None)
         peers = [med[p][2] for p in med if not p.startswith("wasmbed")]
-        for p, (rate, unit, cost, p99, runs) in med.items():
+        for p, (rate, unit, cost, p99, runs, user) in med.items():
             if sc == "mem":
                 rate_s, cost_s = "9,000 idle", f"{cost:,.0f} B/session"
             else:
                 rate_s, cost_s = f"{rate:,.0f} {unit}/s", f"{cost:.2f} µs/{unit}"
             ratio = f"{cost / min(peers):.2f}×" if p.startswith("wasmbed") and peers and min(peers) > 0 else ""
             each = ", ".join((f"{x[2]:,.0f}" if sc == "mem" else f"{x[2]:.2f}") + ("*" if x[5] else "") for x in runs)
-            lines.append(f"| {sc} | {p} | {rate_s} | {cost_s} | {'' if p99 is None else f'{p99:,.0f} µs'} | {ratio} | {each} |")
+            user_s = "" if user is None else f"{user:.2f} µs/{unit}"
+            lines.append(f"| {sc} | {p} | {rate_s} | {cost_s} | {user_s} | {'' if p99 is None else f'{p99:,.0f} µs'} | {ratio} | {each} |")
     return "\n".join(lines) + "\n"
 
 
