@@ -419,6 +419,29 @@ mod tests {
         (a, b)
     }
 
+    type Relay = tokio::task::JoinHandle<Result<(u64, u64), Failure>>;
+
+    /// A device, a gateway and [`tcp`] forwarding between them in a task that returns the
+    /// bytes it counted each way.
+    async fn relayed(mode: SpliceMode, half_close: bool) -> (TcpStream, TcpStream, Relay) {
+        let (device, mut device_side) = pair().await;
+        let (mut gateway_side, gateway) = pair().await;
+        let relay = tokio::spawn(async move {
+            let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
+            tcp(
+                &mut device_side,
+                &mut gateway_side,
+                &u,
+                &d,
+                mode,
+                half_close,
+            )
+            .await
+            .map(|()| (u.into_inner(), d.into_inner()))
+        });
+        (device, gateway, relay)
+    }
+
     /// Every way of moving bytes: copying, splicing, copying then splicing.
     #[tokio::test]
     async fn forwards_large_transfers_both_ways_and_passes_half_close() {
@@ -433,21 +456,7 @@ mod tests {
     #[tokio::test]
     async fn a_gateway_end_of_stream_ends_the_session_unless_half_close() {
         for half_close in [false, true] {
-            let (mut device, device_side) = pair().await;
-            let (gateway_side, mut gateway) = pair().await;
-            let relay = tokio::spawn(async move {
-                let (mut device_side, mut gateway_side) = (device_side, gateway_side);
-                let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-                tcp(
-                    &mut device_side,
-                    &mut gateway_side,
-                    &u,
-                    &d,
-                    SpliceMode::Off,
-                    half_close,
-                )
-                .await
-            });
+            let (mut device, mut gateway, relay) = relayed(SpliceMode::Off, half_close).await;
             device.write_all(b"hello").await.unwrap();
             let mut got = [0; 5];
             gateway.read_exact(&mut got).await.unwrap();
@@ -474,15 +483,7 @@ mod tests {
     }
 
     async fn large_transfers(mode: SpliceMode) {
-        let (mut device, device_side) = pair().await;
-        let (gateway_side, mut gateway) = pair().await;
-        let relay = tokio::spawn(async move {
-            let (mut device_side, mut gateway_side) = (device_side, gateway_side);
-            let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(&mut device_side, &mut gateway_side, &u, &d, mode, true)
-                .await
-                .map(|()| (u.into_inner(), d.into_inner()))
-        });
+        let (mut device, mut gateway, relay) = relayed(mode, true).await;
         let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
         let (up2, down2) = (up.clone(), down.clone());
@@ -507,21 +508,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_ends_the_session_with_an_error() {
-        let (mut device, device_side) = pair().await;
-        let (gateway_side, gateway) = pair().await;
-        let relay = tokio::spawn(async move {
-            let (mut device_side, mut gateway_side) = (device_side, gateway_side);
-            let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(
-                &mut device_side,
-                &mut gateway_side,
-                &u,
-                &d,
-                SpliceMode::Off,
-                false,
-            )
-            .await
-        });
+        let (mut device, gateway, relay) = relayed(SpliceMode::Off, false).await;
         socket2::SockRef::from(&gateway)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
