@@ -57,7 +57,8 @@ PORTS = {"http": 19131, "tls": 19132, "bulk": 19133, "tlsterm": 19134}
 BACKEND = {"http": 19141, "tls": 19142, "bulk": 19143}
 BIG = 1 << 20  # bytes of the tlsbulk response
 PROXIES = ["wasmbed", "haproxy", "nginx"]
-# Also available with --proxies: wasmbed-splice (--splice on), wasmbed-auto (--splice auto).
+# Also available with --proxies: wasmbed-splice (--splice on), wasmbed-auto (--splice auto,
+# the passthrough default), wasmbed-copy (--splice off).
 
 
 def log(*a):
@@ -287,8 +288,10 @@ stream {{
   }}
 }}
 """)
-    spliced = [(cmd + ["--splice", "on"], pool) for cmd, pool in w]
-    auto = [(cmd + ["--splice", "auto"], pool) for cmd, pool in w]
+    # Splicing is a passthrough option (the terminating listener is refused with it).
+    def splicing(mode):
+        return [(cmd if "terminate" in cmd else cmd + ["--splice", mode], pool) for cmd, pool in w]
+    spliced, auto, copying = splicing("on"), splicing("auto"), splicing("off")
     other = {}
     if compare:
         other["wasmbed-b"] = [([compare] + cmd[1:], pool) for cmd, pool in w]
@@ -297,6 +300,7 @@ stream {{
         "wasmbed": w,
         "wasmbed-splice": spliced,
         "wasmbed-auto": auto,
+        "wasmbed-copy": copying,
         "haproxy": [(["haproxy", "-f", hap], "all")],
         "nginx": [(["nginx", "-c", ngx, "-e", f"{work}/proxy-nginx.err"], "all")],
     }
@@ -305,10 +309,25 @@ stream {{
 class Running:
     def __init__(self, name, commands):
         self.name = name
+        # A port already taken (a proxy left over from an interrupted run) would have the
+        # load measured on the wrong process: refuse to start.
+        for port in PORTS.values():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                continue
+            raise RuntimeError(f"127.0.0.1:{port} is already taken (a proxy left from an earlier run?)")
         self.procs = [pinned(PROXY_CORE, cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=dict(os.environ, WASMBED_LOG="warn")) for cmd, _ in commands]
-        for p in PORTS.values():
-            wait_port(p)
+        try:
+            for p in PORTS.values():
+                wait_port(p)
+            for proc, (cmd, _) in zip(self.procs, commands):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name}: exited at start ({proc.returncode}): {' '.join(cmd)}")
+        except BaseException:
+            self.stop()
+            raise
 
     def pids(self):
         out = []

@@ -283,8 +283,20 @@ fn splice_is_a_passthrough_option() {
     let on =
         ProxyConfig::from_toml("splice = \"on\"\n[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
     assert_eq!(on.splice, SpliceMode::On);
-    let off = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    let default = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+    assert_eq!(
+        default.splice,
+        SpliceMode::Auto,
+        "passthrough splices bulk by default"
+    );
+    let off =
+        ProxyConfig::from_toml("splice = \"off\"\n[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
     assert_eq!(off.splice, SpliceMode::Off);
+    let terminate = ProxyConfig::from_toml(
+        "mode = \"terminate\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
+    )
+    .unwrap();
+    assert_eq!(terminate.splice, SpliceMode::Off);
     let e = err_of(
         "mode = \"terminate\"\nsplice = \"on\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
     );
