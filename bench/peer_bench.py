@@ -8,8 +8,8 @@ Each proxy runs alone on core 1 (taskset); the load generators (wrk, iperf3) and
 Cost is what matters, not rates: `core1 µs/unit` is the busy time of core 1 (from /proc/stat,
 kernel and softirq included) per MB, request or connection; core 1 runs only the proxy under
 test. `of which user mode` is core 1's user-mode time per unit: the proxy's own code (the
-rest is the kernel's, mostly the TCP stack's work on the segments every relay must move). Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up to
-20 s); a run during which core 1's busy time exceeds the proxy process's own CPU time by more
+rest is the kernel's, mostly the TCP stack's work on the segments every relay must move).
+Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up to 20 s); a run during which core 1's busy time exceeds the proxy process's own CPU time by more
 than NOISE (20 % of the run) is repeated once, then marked `*`.
 
 Scenarios:

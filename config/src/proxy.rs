@@ -509,6 +509,19 @@ struct RawListener {
     backlog: Option<u32>,
 }
 
+impl RawListener {
+    /// A listener on `addr` with every option at its default.
+    fn at(addr: String) -> RawListener {
+        RawListener {
+            addr,
+            allow_plain: false,
+            raw: false,
+            reuse_port: false,
+            backlog: None,
+        }
+    }
+}
+
 /// A gateway as given, before validation ([`validate::gateway`]): from the file, a flag, or
 /// the admin API.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -881,13 +894,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             .listen
             .iter()
             .flat_map(|l| l.split(','))
-            .map(|addr| RawListener {
-                addr: addr.to_string(),
-                allow_plain: false,
-                raw: false,
-                reuse_port: false,
-                backlog: None,
-            })
+            .map(|addr| RawListener::at(addr.to_string()))
             .collect();
     }
     if f.allow_plain {
@@ -895,13 +902,8 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     }
     if f.raw {
         if raw.listener.is_empty() {
-            raw.listener.push(RawListener {
-                addr: DEFAULT_LISTEN.to_string(),
-                allow_plain: false,
-                raw: false,
-                reuse_port: false,
-                backlog: None,
-            });
+            raw.listener
+                .push(RawListener::at(DEFAULT_LISTEN.to_string()));
         }
         raw.listener.iter_mut().for_each(|l| l.raw = true);
     }

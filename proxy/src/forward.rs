@@ -94,7 +94,7 @@ impl Failure {
 /// sent by then is forwarded, unless `half_close` (`--half-close`): then it is passed on too,
 /// and the device's bytes keep flowing until it closes. Ending at once is what a gateway that
 /// closes its socket means (ours always do), and it spares a round of wake-ups, a FIN and, when
-/// the device still sends (a TLS `close_notify`), a reset from the gateway: about a quarter of
+/// the device still sends (a TLS `close_notify`), a reset from the gateway: about a tenth of
 /// the proxy's cost per TLS passthrough connection (measured: `docs/performance.md`).
 ///
 /// Hand-written rather than two `async` loops: it waits through the sockets' own registered

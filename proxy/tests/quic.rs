@@ -214,11 +214,7 @@ async fn garbage_and_anonymous_clients_are_refused_and_others_go_on() {
         0.0
     );
     dev.conn.close(quinn::VarInt::from_u32(0), b"done");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while proxy.gauge(open).await != 0.0 {
-        assert!(tokio::time::Instant::now() < deadline, "still open");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    proxy.until_metric(open, 0.0).await; // from 0 at the start: closed again
 }
 
 /// `--quic-retry always`: every new device first proves its address (a stateless retry, one

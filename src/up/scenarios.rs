@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// Waits (at most 60 s) until every device is connected; prints and returns the spread.
+/// Waits (at most `wait`) until every device is connected; prints and returns the spread.
 async fn settle(
     live: &wasmbed_loadtest::Live,
     devices: usize,

@@ -46,13 +46,7 @@ pub(super) fn parse_gateway_flag(spec: &str) -> Result<RawGateway, ConfigError> 
 pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigError> {
     let mode = raw.mode.unwrap_or_default();
     let upstream = raw.upstream.unwrap_or_default();
-    let defaults = [RawListener {
-        addr: DEFAULT_LISTEN.to_string(),
-        allow_plain: false,
-        raw: false,
-        reuse_port: false,
-        backlog: None,
-    }];
+    let defaults = [RawListener::at(DEFAULT_LISTEN.to_string())];
     let list = if raw.listener.is_empty() {
         &defaults[..]
     } else {
