@@ -8,7 +8,10 @@
 //! - [`peer_identity`]: the device identity (subject common name) of a certificate.
 
 pub mod pki;
+pub mod trust;
 pub mod udp;
+
+pub use trust::{Named, Reloadable, Revokes, ServerTrust};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -64,10 +64,10 @@ pub struct Shared {
     /// The fleet's session key ring (`--session-keys`), swapped whole on SIGHUP; the TLS
     /// ticketer reads the same one.
     pub keys: Arc<arc_swap::ArcSwapOption<ticket::KeyRing>>,
-    /// The TLS in use (`None`: `--insecure-plaintext`), swapped on SIGHUP.
-    pub tls: arc_swap::ArcSwapOption<DeviceTls>,
-    /// Bumped by each TLS reload: live sessions check their device against the CRLs.
-    pub reloads: tokio::sync::watch::Sender<u64>,
+    /// The TLS in use (`None`: `--insecure-plaintext`), swapped on SIGHUP, read per
+    /// handshake: the same reloadable trust object as the proxy's (`wasmbed_certs::trust`);
+    /// live sessions watch it to check their device against new CRLs.
+    pub tls: wasmbed_certs::Reloadable<DeviceTls>,
     /// The proxies' link endpoint (`--link`): a TLS reload gives it the new configuration.
     pub link: Option<quinn::Endpoint>,
 }
@@ -89,18 +89,14 @@ impl Shared {
                 s.max_frame,
             )?));
         }
-        self.tls.store(Some(Arc::new(tls)));
-        self.reloads.send_modify(|n| *n += 1);
+        self.tls.install(Some(tls));
         tracing::info!(revoked, "TLS reloaded (certificate, CAs, CRLs)");
         Ok(())
     }
 
     /// Whether a CRL in use revokes the certificate with this serial number.
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
-        self.tls
-            .load()
-            .as_ref()
-            .is_some_and(|t| t.revoked.contains(serial))
+        self.tls.is_revoked(serial)
     }
 
     /// Re-reads `--session-keys` (on SIGHUP). A bad file keeps the ring in use.
@@ -129,6 +125,12 @@ pub struct DeviceTls {
     pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
     /// The serial numbers the `--client-crl` files revoke.
     pub revoked: std::collections::HashSet<Vec<u8>>,
+}
+
+impl wasmbed_certs::Revokes for DeviceTls {
+    fn revokes(&self, serial: &[u8]) -> bool {
+        self.revoked.contains(serial)
+    }
 }
 
 impl DeviceTls {
@@ -161,29 +163,26 @@ impl DeviceTls {
         let Some(t) = &settings.tls else {
             return Ok(None);
         };
-        let chain = wasmbed_certs::load_certs(&t.cert)
-            .map_err(wasmbed_certs::CertError::in_setting("--tls-cert"))?;
-        let key = wasmbed_certs::load_key(&t.key)
-            .map_err(wasmbed_certs::CertError::in_setting("--tls-key"))?;
-        let mut ca = wasmbed_certs::load_certs(&t.client_ca)
-            .map_err(wasmbed_certs::CertError::in_setting("--client-ca"))?;
+        use wasmbed_certs::Named;
+        let mut cas = vec![Named::new(&t.client_ca, "--client-ca")];
         let mut proxy_ca = None;
         if let Some(path) = &t.trusted_proxy_ca {
             let certs = wasmbed_certs::load_certs(path)
                 .map_err(wasmbed_certs::CertError::in_setting("--trusted-proxy-ca"))?;
             proxy_ca = Some(wasmbed_certs::ProxyCa::new(&certs)?);
             // Proxies' certificates must pass the handshake too.
-            ca.extend(certs);
+            cas.push(Named::new(path, "--trusted-proxy-ca"));
         }
-        let mut crls = Vec::new();
-        for path in &t.client_crls {
-            crls.extend(
-                wasmbed_certs::load_crls(path)
-                    .map_err(wasmbed_certs::CertError::in_setting("--client-crl"))?,
-            );
-        }
-        let revoked = wasmbed_certs::revoked_serials(&crls);
-        let mut config = wasmbed_certs::server_config_with_crls(chain, key, Some(&ca), crls, &[])?;
+        let wasmbed_certs::ServerTrust {
+            mut config,
+            revoked,
+            ..
+        } = wasmbed_certs::ServerTrust::load(
+            Named::new(&t.cert, "--tls-cert"),
+            Named::new(&t.key, "--tls-key"),
+            &cas,
+            (&t.client_crls, "--client-crl"),
+        )?;
         if settings.session_keys.is_some() && settings.tls_tickets {
             // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
             // session on any gateway.
@@ -254,8 +253,7 @@ impl Gateway {
         };
         let shared = Arc::new(Shared {
             keys,
-            tls: arc_swap::ArcSwapOption::new(tls.map(Arc::new)),
-            reloads: tokio::sync::watch::Sender::new(0),
+            tls: wasmbed_certs::Reloadable::new(tls),
             link,
             settings,
             host,
@@ -333,7 +331,7 @@ impl Gateway {
             metrics::handle();
             ::metrics::counter!(metrics::SESSIONS_TOTAL).increment(1);
             let span = tracing::info_span!("session", %peer, device_addr = tracing::field::Empty, sni = tracing::field::Empty, proxy = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);
-            let tls = shared.tls.load_full();
+            let tls = shared.tls.load();
             sessions.spawn(accept(shared.clone(), (stream, peer), tls).instrument(span));
         }
         drop(self.listener);

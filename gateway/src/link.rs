@@ -133,7 +133,7 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         }
         Err(_) => return refused("timeout"),
     };
-    let Some(tls) = shared.tls.load_full() else {
+    let Some(tls) = shared.tls.load() else {
         return;
     };
     let chain = conn

@@ -184,8 +184,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     Device { identity, serial }: Device<'_>,
     drain: &CancellationToken,
 ) -> End {
-    let mut reloads = shared.reloads.subscribe();
-    reloads.mark_unchanged();
+    let mut reloads = shared.tls.subscribe();
     let idle = shared.settings.idle_timeout;
     // HELLO first.
     let first = tokio::select! {

@@ -226,7 +226,7 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
     match ctx.gateways.add(&config) {
         Some(g) => {
             admin.live.probes.start(std::slice::from_ref(&g), health);
-            crate::dashboard::event(
+            crate::events::event(
                 "added",
                 Some(&g.name),
                 format!("{} added (admin API)", g.name),
@@ -306,7 +306,7 @@ fn set_draining(gateways: &GatewaySet, name: &str, draining: bool, move_all: boo
                 (true, false) => ("drain", format!("{} drained: no new sessions", g.name)),
                 (false, _) => ("undrain", format!("{} takes sessions again", g.name)),
             };
-            crate::dashboard::event(kind, Some(&g.name), text);
+            crate::events::event(kind, Some(&g.name), text);
             axum::Json(GatewayView::of(&g)).into_response()
         }
         None => (

@@ -43,11 +43,40 @@ pub(crate) trait DeviceStream:
 {
     /// Ends the connection abruptly (a shutdown's cut): the device reconnects at once.
     fn cut(&self);
+
+    /// Sends `last` (what the device is owed: an ERROR, answers), then closes in order,
+    /// within `within`: the one way every transport ends a session it does not cut, so a
+    /// refusal's ERROR reaches the device before the close on each of them.
+    fn goodbye<'a>(&'a mut self, last: &'a [u8], how: Close, within: Duration) -> Goodbye<'a>;
 }
+
+/// How a session ends in order (QUIC says which in its close code: [`crate::quic`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// The session ended (the device left, or the gateway ended it and said why).
+    Done,
+    /// The proxy refused the session or ended it for cause; an ERROR frame says why.
+    Refused,
+}
+
+/// The future of [`DeviceStream::goodbye`].
+pub(crate) type Goodbye<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 impl DeviceStream for Device {
     fn cut(&self) {
         crate::listener::reset_on_close(self.get_ref().0);
+    }
+
+    /// TLS over TCP: the bytes, `close_notify` and FIN (the kernel sends what is queued
+    /// before the FIN).
+    fn goodbye<'a>(&'a mut self, last: &'a [u8], _how: Close, within: Duration) -> Goodbye<'a> {
+        Box::pin(async move {
+            let bye = async {
+                self.write_all(last).await?;
+                self.shutdown().await
+            };
+            let _ = tokio::time::timeout(within, bye).await;
+        })
     }
 }
 
@@ -598,8 +627,7 @@ async fn serve(
     }
     put(&mut st.to_device, &first);
     let (mut dev_r, mut dev_w) = tokio::io::split(device);
-    let mut reloads = ctx.device_tls.reloads.subscribe();
-    reloads.mark_unchanged();
+    let mut reloads = ctx.device_tls.trust.subscribe();
     let mut dev_dirty = false;
     let mut moving: Option<Moving> = None;
     // A paced move's turn, its cause, and its place among the moves in flight.
@@ -681,7 +709,7 @@ async fn serve(
             Event::HardStop => break End::Cut,
             Event::Reloaded => {
                 if let Some(s) = &serial
-                    && ctx.device_tls.revoked.load().contains(s)
+                    && ctx.device_tls.is_revoked(s)
                 {
                     counter!(REVOKED).increment(1);
                     tracing::info!(device = %st.hello.device, "certificate revoked: session closed");
@@ -803,7 +831,7 @@ async fn serve(
                 ctx.meters.pause.record(pause.as_secs_f64());
                 let result = st.relinked(&r.welcome, r.rest);
                 counter!(MOVES, "cause" => st.cause_label(), "result" => result).increment(1);
-                crate::dashboard::COUNTS
+                crate::events::COUNTS
                     .moved
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(
@@ -831,14 +859,15 @@ async fn serve(
             device.cut();
         }
         End::Closed | End::Refuse(_) => {
-            if let End::Refuse(frame) = &end {
-                put(&mut st.to_device, frame);
-            }
-            let goodbye = async {
-                device.write_all_buf(&mut st.to_device).await?;
-                device.shutdown().await
+            let how = match &end {
+                End::Refuse(frame) => {
+                    put(&mut st.to_device, frame);
+                    Close::Refused
+                }
+                _ => Close::Done,
             };
-            let _ = tokio::time::timeout(ctx.config.handshake_timeout, goodbye).await;
+            let timeout = ctx.config.handshake_timeout;
+            device.goodbye(&st.to_device, how, timeout).await;
         }
     }
 }

@@ -9,14 +9,15 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{COUNTS, Event, event};
 use crate::live::Live;
 
 /// How often the snapshot is rebuilt and pushed.
@@ -25,62 +26,6 @@ pub const TICK: Duration = Duration::from_millis(500);
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// ... and kept for this many samples (10 minutes).
 const HISTORY: usize = 120;
-/// Events kept (and sent) for the timeline.
-const EVENTS: usize = 50;
-
-/// Counters the page turns into rates, bumped on the paths that count the same in metrics.
-pub struct Counts {
-    pub accepted: AtomicU64,
-    pub refused: AtomicU64,
-    pub moved: AtomicU64,
-    /// Passthrough sessions cut because their gateway went down (their devices re-home).
-    pub cut: AtomicU64,
-}
-
-pub static COUNTS: Counts = Counts {
-    accepted: AtomicU64::new(0),
-    refused: AtomicU64::new(0),
-    moved: AtomicU64::new(0),
-    cut: AtomicU64::new(0),
-};
-
-/// One entry of the timeline.
-#[derive(Debug, Clone, Serialize)]
-pub struct Event {
-    pub id: u64,
-    /// Milliseconds since the Unix epoch.
-    pub at: u64,
-    /// `up`, `down`, `drain`, `undrain`, `added`, `removed`, `moves`, `rehomes`, `reload`,
-    /// `reload_failed`, `discovery`.
-    pub kind: &'static str,
-    pub gateway: Option<String>,
-    pub text: String,
-}
-
-static LOG: Mutex<VecDeque<Event>> = Mutex::new(VecDeque::new());
-static NEXT_EVENT: AtomicU64 = AtomicU64::new(1);
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Adds an event to the timeline.
-pub fn event(kind: &'static str, gateway: Option<&str>, text: impl Into<String>) {
-    let e = Event {
-        id: NEXT_EVENT.fetch_add(1, Ordering::Relaxed),
-        at: unix_ms(),
-        kind,
-        gateway: gateway.map(str::to_string),
-        text: text.into(),
-    };
-    let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
-    if log.len() == EVENTS {
-        log.pop_front();
-    }
-    log.push_back(e);
-}
 
 #[derive(Serialize)]
 struct GatewayState<'a> {
@@ -185,7 +130,7 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
             if history.len() == HISTORY {
                 history.pop_front();
             }
-            history.push_back((unix_ms() / 1000, spread));
+            history.push_back((crate::events::unix_ms() / 1000, spread));
         }
         if tx.receiver_count() <= 1 {
             // Nobody but the handle kept by the admin endpoint: build nothing.
@@ -210,14 +155,9 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
                 weight: g.weight(),
             })
             .collect();
-        let events = LOG
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect();
+        let events = crate::events::recent();
         let snap = Snapshot {
-            at: unix_ms(),
+            at: crate::events::unix_ms(),
             gateways,
             spread,
             mean,

@@ -386,7 +386,7 @@ fn apply(
                 .start(std::slice::from_ref(&g), &ctx.config.health);
             change("added");
             tracing::info!(source = %label, gateway = %g.name, "address found in DNS: probing");
-            crate::dashboard::event("added", Some(&g.name), format!("{} found in DNS", g.name));
+            crate::events::event("added", Some(&g.name), format!("{} found in DNS", g.name));
             known.insert(
                 *addr,
                 Known {
@@ -407,7 +407,7 @@ fn apply(
             k.gateway.set_draining(true);
             change("gone");
             tracing::info!(source = %label, gateway = %k.gateway.name, sessions = k.gateway.sessions(), "address gone from DNS: draining");
-            crate::dashboard::event(
+            crate::events::event(
                 "drain",
                 Some(&k.gateway.name),
                 format!("{} gone from DNS: draining", k.gateway.name),

@@ -106,7 +106,7 @@ pub fn report(gateway: &Gateway, change: Option<Transition>, why: &str) {
         Transition::Down => "down",
     };
     counter!(GATEWAY_TRANSITIONS, "gateway" => gateway.name.clone(), "to" => to).increment(1);
-    crate::dashboard::event(
+    crate::events::event(
         to,
         Some(&gateway.name),
         format!("{} is {to}: {why}", gateway.name),

@@ -28,6 +28,7 @@ pub mod balancer;
 pub mod clienthello;
 pub mod dashboard;
 pub mod discovery;
+pub mod events;
 pub mod forward;
 pub mod health;
 pub mod link;
@@ -40,6 +41,7 @@ pub mod rebalance;
 pub mod refusal;
 pub mod session;
 pub mod splice;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +53,7 @@ use tokio_util::task::TaskTracker;
 use wasmbed_config::{ListenerConfig, ProxyConfig};
 
 pub use balancer::{Gateway, GatewaySet, Lease};
+pub use tls::DeviceTls;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -262,114 +265,6 @@ impl Proxy {
 }
 
 pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<tokio_rustls::TlsConnector>);
-
-/// Terminate mode's TLS towards devices: the acceptor (certificate, key, device CA, CRLs) and
-/// the serial numbers the CRLs revoke, swapped whole by [`DeviceTls::reload`] (SIGHUP) or a
-/// config reload that names other files.
-pub struct DeviceTls {
-    tls: std::sync::Mutex<Option<wasmbed_config::TerminateTls>>,
-    pub(crate) acceptor: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
-    pub(crate) revoked: arc_swap::ArcSwap<std::collections::HashSet<Vec<u8>>>,
-    /// Bumped by each reload: live sessions check their device against `revoked`.
-    pub(crate) reloads: tokio::sync::watch::Sender<u64>,
-}
-
-/// Device TLS material read from files and checked, not yet in use ([`DeviceTls::install`]).
-pub(crate) struct PreparedTls {
-    tls: Option<wasmbed_config::TerminateTls>,
-    acceptor: Option<Arc<tokio_rustls::TlsAcceptor>>,
-    revoked: std::collections::HashSet<Vec<u8>>,
-}
-
-impl DeviceTls {
-    pub(crate) fn load(config: &ProxyConfig) -> Result<DeviceTls, ProxyError> {
-        let d = DeviceTls {
-            tls: std::sync::Mutex::new(None),
-            acceptor: arc_swap::ArcSwapOption::empty(),
-            revoked: arc_swap::ArcSwap::from_pointee(Default::default()),
-            reloads: tokio::sync::watch::Sender::new(0),
-        };
-        d.install(Self::prepare(Self::of(config))?);
-        Ok(d)
-    }
-
-    /// The device TLS settings of `config`: terminate mode's only.
-    pub(crate) fn of(config: &ProxyConfig) -> Option<wasmbed_config::TerminateTls> {
-        match config.mode {
-            wasmbed_config::Mode::Terminate => config.tls.clone(),
-            wasmbed_config::Mode::Passthrough => None,
-        }
-    }
-
-    /// Reads and checks the files `tls` names; nothing changes yet.
-    pub(crate) fn prepare(
-        tls: Option<wasmbed_config::TerminateTls>,
-    ) -> Result<PreparedTls, ProxyError> {
-        let Some(t) = &tls else {
-            return Ok(PreparedTls {
-                tls,
-                acceptor: None,
-                revoked: Default::default(),
-            });
-        };
-        let chain = wasmbed_certs::load_certs(&t.cert).map_err(
-            wasmbed_certs::CertError::in_setting("tls.cert (--tls-cert)"),
-        )?;
-        let key = wasmbed_certs::load_key(&t.key)
-            .map_err(wasmbed_certs::CertError::in_setting("tls.key (--tls-key)"))?;
-        let client_ca = t
-            .client_ca
-            .as_deref()
-            .map(wasmbed_certs::load_certs)
-            .transpose()
-            .map_err(wasmbed_certs::CertError::in_setting(
-                "tls.client_ca (--client-ca)",
-            ))?;
-        let mut crls = Vec::new();
-        for path in &t.client_crls {
-            crls.extend(wasmbed_certs::load_crls(path).map_err(
-                wasmbed_certs::CertError::in_setting("tls.client_crl (--client-crl)"),
-            )?);
-        }
-        let revoked = wasmbed_certs::revoked_serials(&crls);
-        let mut server =
-            wasmbed_certs::server_config_with_crls(chain, key, client_ca.as_deref(), crls, &[])?;
-        if !t.resumption {
-            // Every handshake a full one: no session cache, no (stateful) TLS 1.3 tickets.
-            let mut config = (*server).clone();
-            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-            config.send_tls13_tickets = 0;
-            server = Arc::new(config);
-        }
-        Ok(PreparedTls {
-            tls,
-            acceptor: Some(Arc::new(tokio_rustls::TlsAcceptor::from(server))),
-            revoked,
-        })
-    }
-
-    /// Puts prepared material in use: new handshakes take it at once; live sessions check
-    /// their device against the new CRLs. Returns the number of revoked serials.
-    pub(crate) fn install(&self, p: PreparedTls) -> usize {
-        let n = p.revoked.len();
-        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = p.tls;
-        self.acceptor.store(p.acceptor);
-        self.revoked.store(Arc::new(p.revoked));
-        self.reloads.send_modify(|n| *n += 1);
-        n
-    }
-
-    /// Re-reads the certificate, key, device CA and CRLs from the same files. New handshakes
-    /// use them at once; a live session whose device is now revoked gets ERROR `revoked` and
-    /// is closed. A bad file keeps everything as it was.
-    pub fn reload(&self) -> Result<(), ProxyError> {
-        let tls = self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let prepared = Self::prepare(tls)?;
-        let revoked = self.install(prepared);
-        tracing::info!(revoked, "device TLS reloaded (certificate, CA, CRLs)");
-        Ok(())
-    }
-}
 
 fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
     let acceptor = Arc::new(DeviceTls::load(config)?);

@@ -126,7 +126,7 @@ impl Live {
             None => {
                 let ctx = self.context();
                 ctx.device_tls.reload().map(|()| ReloadReport {
-                    revoked_serials: ctx.device_tls.revoked.load().len(),
+                    revoked_serials: ctx.device_tls.revoked_serials(),
                     ..ReloadReport::default()
                 })
             }
@@ -143,11 +143,11 @@ impl Live {
                     report.replaced.len(),
                     report.reweighted.len()
                 );
-                crate::dashboard::event("reload", None, text);
+                crate::events::event("reload", None, text);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "config not reloaded; the running one stays");
-                crate::dashboard::event("reload_failed", None, format!("config not reloaded: {e}"));
+                crate::events::event("reload_failed", None, format!("config not reloaded: {e}"));
             }
         }
         result
@@ -161,7 +161,7 @@ impl Live {
         let mut report = ReloadReport::default();
         keep_restart_only(old, &mut new, &mut report.restart_needed);
         // Everything that can fail, first.
-        let tls = crate::DeviceTls::prepare(crate::DeviceTls::of(&new))?;
+        let tls = old_ctx.device_tls.prepare(crate::tls::of(&new))?;
         let connector = crate::connector(&new)?;
         let link_client = match &old_ctx.links {
             Some(_) => Some(crate::link::client_config(&new)?),
@@ -269,7 +269,7 @@ pub fn remove(gateways: &crate::GatewaySet, name: &str) -> Option<Arc<Gateway>> 
     // Its series stop being refreshed: leave them saying it is gone, not stale values.
     metrics::gauge!(crate::metrics::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
     tracing::info!(gateway = %g.name, sessions = g.sessions(), origin = g.origin.as_str(), "gateway removed");
-    crate::dashboard::event(
+    crate::events::event(
         "removed",
         Some(&g.name),
         format!("{} removed ({} sessions)", g.name, g.sessions()),

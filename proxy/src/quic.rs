@@ -17,7 +17,6 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use metrics::counter;
-use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,17 +27,37 @@ use tracing::Instrument;
 use wasmbed_config::ProxyConfig;
 use wasmbed_config::proxy::QuicRetry;
 
-use crate::metrics::{QUIC_CONNECTIONS, QUIC_STREAMS_REFUSED, REJECTED};
-use crate::refusal::Refusal;
+use crate::metrics::{QUIC_CONNECTIONS, QUIC_STREAMS_REFUSED};
+use crate::refusal::{Refusal, refused};
 
 /// The device protocol's ALPN, as on TCP.
-pub const ALPN: &[u8] = b"wasmbed/1";
-/// Close code when a session ends (its stream closed).
-const DONE: u32 = 0;
-/// Close code when the proxy cuts the session (shutdown).
-const CUT: u32 = 1;
-/// Stream reset code for a stream beyond the session's.
-pub const ONE_SESSION: u32 = 2;
+pub const ALPN: &[u8] = crate::tls::QUIC_ALPN;
+
+/// The application codes of the proxy's QUIC device listener: CONNECTION_CLOSE codes and
+/// stream reset/stop codes in one numbering, so that each number has one meaning
+/// (`docs/proxy.md`, "QUIC close codes"). A refusal is never code 0: a device tells "the
+/// session ended" from "you were refused" by the code alone, and reads the ERROR frame
+/// (sent on the session stream and acknowledged before the close) for the reason.
+pub mod code {
+    /// The session ended in order: the device left, or the gateway ended it (an ERROR frame
+    /// said why, e.g. `too_many_traps`).
+    pub const DONE: u32 = 0;
+    /// The proxy is stopping: what was left at the end of its grace period is cut; reconnect
+    /// through the same address.
+    pub const SHUTDOWN: u32 = 1;
+    /// Stream reset and stop code for a stream past the session's first: one session per
+    /// connection.
+    pub const EXTRA_STREAM: u32 = 2;
+    /// The proxy refused the session, or ended it for cause (revoked, a protocol violation,
+    /// no gateway): the ERROR frame on the session stream says why; the close's reason is
+    /// the refusal's metric label.
+    pub const REFUSED: u32 = 3;
+    /// No session stream was opened within the handshake timeout.
+    pub const NO_STREAM: u32 = 4;
+}
+
+/// Stream reset code for a stream beyond the session's (see [`code::EXTRA_STREAM`]).
+pub const ONE_SESSION: u32 = code::EXTRA_STREAM;
 /// Handshakes in progress past which `--quic-retry auto` asks for address validation first.
 const RETRY_ABOVE: usize = 256;
 
@@ -79,11 +98,39 @@ impl AsyncWrite for QuicDevice {
 
 impl crate::anchor::DeviceStream for QuicDevice {
     fn cut(&self) {
-        self.conn.close(VarInt::from_u32(CUT), b"proxy stopping");
+        self.conn
+            .close(VarInt::from_u32(code::SHUTDOWN), b"proxy stopping");
+    }
+
+    /// The bytes on the session stream, the stream finished, then (bounded) the device's
+    /// acknowledgement of all of it before the connection is closed: closing at once would
+    /// discard what is still queued, the ERROR of a refusal first.
+    fn goodbye<'a>(
+        &'a mut self,
+        last: &'a [u8],
+        how: crate::anchor::Close,
+        within: Duration,
+    ) -> crate::anchor::Goodbye<'a> {
+        Box::pin(async move {
+            let bye = async {
+                self.send.write_all(last).await.ok()?;
+                self.send.finish().ok()?;
+                self.send.stopped().await.ok()
+            };
+            let _ = tokio::time::timeout(within, bye).await;
+            let (code, reason): (u32, &[u8]) = match how {
+                crate::anchor::Close::Done => (code::DONE, b"session ended"),
+                crate::anchor::Close::Refused => (code::REFUSED, b"refused"),
+            };
+            self.conn.close(VarInt::from_u32(code), reason);
+        })
     }
 }
 
-/// The QUIC endpoint of `--quic-listen`, bound now (so a bad address fails the start).
+/// The QUIC endpoint of `--quic-listen`, bound now (so a bad address fails the start). Each
+/// handshake takes the device trust in use then ([`crate::tls::DeviceTls::quic`]), so a
+/// reload reaches QUIC as it reaches TCP; the endpoint's own config only answers what comes
+/// before a handshake (retries, version negotiation).
 pub(crate) fn bind(
     config: &ProxyConfig,
     device_tls: &crate::DeviceTls,
@@ -91,54 +138,16 @@ pub(crate) fn bind(
     let Some(addr) = config.quic.listen else {
         return Ok(None);
     };
-    let server = server_config(config, device_tls)?;
-    wasmbed_certs::udp::endpoint(addr, Some(server))
+    let server = device_tls.quic().ok_or_else(|| {
+        crate::ProxyError::Reload("--quic-listen needs terminate mode's TLS".into())
+    })?;
+    wasmbed_certs::udp::endpoint(addr, Some(Arc::unwrap_or_clone(server)))
         .map(Some)
         .map_err(|source| crate::ProxyError::Bind {
             what: "QUIC devices, --quic-listen",
             addr,
             source,
         })
-}
-
-fn server_config(
-    config: &ProxyConfig,
-    device_tls: &crate::DeviceTls,
-) -> Result<quinn::ServerConfig, crate::ProxyError> {
-    let acceptor = device_tls.acceptor.load_full().ok_or_else(|| {
-        crate::ProxyError::Reload("--quic-listen needs terminate mode's TLS".into())
-    })?;
-    let mut tls = (**acceptor.config()).clone();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(Arc::new(tls))
-        .map_err(|e| crate::ProxyError::Reload(format!("QUIC TLS: {e}")))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    // Sized for many small sessions, not quinn's bulk defaults (a 10 MiB window per
-    // connection): a device's frames are at most 64 KiB.
-    // Two streams at a time: the session's, and one more that is reset at once and counted
-    // (a device that ignores the limit breaks the protocol and loses its connection).
-    transport
-        .max_concurrent_bidi_streams(VarInt::from_u32(2))
-        .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .stream_receive_window(VarInt::from_u32(128 << 10))
-        .receive_window(VarInt::from_u32(128 << 10))
-        .send_window(128 << 10)
-        .max_idle_timeout(quinn::IdleTimeout::try_from(config.quic.idle_timeout).ok())
-        // One datagram per send: a connection's send buffer then stays one datagram large
-        // (with segmentation offload it grows to ten and is kept). Devices send little.
-        .enable_segmentation_offload(false)
-        // No unreliable datagrams: nothing uses them, so no buffer is reserved for them.
-        .datagram_receive_buffer_size(None)
-        // No path MTU discovery: a device's frames are small, so QUIC's 1,200-byte minimum
-        // datagram costs them nothing, and each connection's send buffer stays that size
-        // (a probe grows it to 2,400 bytes and it is kept: measured with heaptrack), and no
-        // probe datagrams are sent.
-        .mtu_discovery_config(None);
-    server.transport_config(Arc::new(transport));
-    server.migration(true);
-    Ok(server)
 }
 
 /// Accepts QUIC devices until `shutdown`, each session counted against `limit` (shared
@@ -175,6 +184,11 @@ pub(crate) async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        // The device trust in use now: a reload reaches this handshake as it reaches TCP's.
+        let Some(trust) = ctx.device_tls.quic() else {
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             counter!(QUIC_CONNECTIONS, "result" => "refused_full").increment(1);
             incoming.refuse();
@@ -189,11 +203,15 @@ pub(crate) async fn accept_loop(
         // the largest part of the session's future, and a task keeps its future's largest
         // size for its whole life; boxed, it is freed once the session is anchored (3.8 KB
         // per idle session, measured with heaptrack).
-        let accepting = Box::pin(accept(ctx.clone(), incoming, (handshaking.clone(), port)));
+        let accepting = Box::pin(accept(
+            ctx.clone(),
+            (incoming, trust),
+            (handshaking.clone(), port),
+        ));
         sessions.spawn(
             async move {
                 if let Some(anchored) = accepting.await {
-                    crate::dashboard::COUNTS
+                    crate::events::COUNTS
                         .accepted
                         .fetch_add(1, Ordering::Relaxed);
                     let _open = Open::new(&ctx.meters.open_quic);
@@ -227,7 +245,7 @@ impl Drop for Open<'_> {
 /// After the grace period: closes every QUIC connection left and waits (bounded) until the
 /// devices know.
 pub(crate) async fn close(endpoint: &Endpoint) {
-    endpoint.close(VarInt::from_u32(CUT), b"proxy stopping");
+    endpoint.close(VarInt::from_u32(code::SHUTDOWN), b"proxy stopping");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
@@ -235,7 +253,7 @@ pub(crate) async fn close(endpoint: &Endpoint) {
 /// `handshaking` counts this one until its handshake ends; `port` is the listener's.
 async fn accept(
     ctx: Arc<crate::session::Context>,
-    incoming: Incoming,
+    (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
     (handshaking, port): (Arc<AtomicUsize>, u16),
 ) -> Option<Box<crate::anchor::Anchored>> {
     let ctx = &ctx;
@@ -244,21 +262,20 @@ async fn accept(
         .local_ip()
         .map(|ip| std::net::SocketAddr::new(ip, port));
     let started = std::time::Instant::now();
-    let reject = |reason: Refusal| {
-        counter!(REJECTED, "reason" => reason.as_label()).increment(1);
+    let handshake = match incoming.accept_with(trust) {
+        Ok(connecting) => tokio::time::timeout(ctx.config.handshake_timeout, connecting).await,
+        Err(e) => Ok(Err(e)),
     };
-    let handshake = tokio::time::timeout(ctx.config.handshake_timeout, incoming).await;
     handshaking.fetch_sub(1, Ordering::Relaxed);
     let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "QUIC handshake failed");
             counter!(QUIC_CONNECTIONS, "result" => "handshake_failed").increment(1);
-            reject(Refusal::TlsHandshake);
+            refused(handshake_refusal(&e), e).count();
             return None;
         }
         Err(_) => {
-            reject(Refusal::HandshakeTimeout);
+            refused(Refusal::HandshakeTimeout, "QUIC handshake not finished in time").count();
             return None;
         }
     };
@@ -278,9 +295,13 @@ async fn accept(
     let stream = tokio::time::timeout(ctx.config.handshake_timeout, conn.accept_bi()).await;
     let (send, recv) = match stream {
         Ok(Ok(s)) => s,
-        _ => {
-            conn.close(VarInt::from_u32(DONE), b"no session stream");
-            reject(Refusal::ClientClosed);
+        Ok(Err(e)) => {
+            refused(Refusal::ClientClosed, e).count();
+            return None;
+        }
+        Err(_) => {
+            conn.close(VarInt::from_u32(code::NO_STREAM), b"no session stream");
+            refused(Refusal::HandshakeTimeout, "no session stream in time").count();
             return None;
         }
     };
@@ -289,23 +310,28 @@ async fn accept(
     tokio::spawn(async move {
         while let Ok((mut send, mut recv)) = extra.accept_bi().await {
             counter!(QUIC_STREAMS_REFUSED).increment(1);
-            let _ = send.reset(VarInt::from_u32(ONE_SESSION));
-            let _ = recv.stop(VarInt::from_u32(ONE_SESSION));
+            let _ = send.reset(VarInt::from_u32(code::EXTRA_STREAM));
+            let _ = recv.stop(VarInt::from_u32(code::EXTRA_STREAM));
         }
     });
-    let device = Box::new(QuicDevice {
-        conn: conn.clone(),
-        recv,
-        send,
-    });
+    let device = Box::new(QuicDevice { conn, recv, send });
     let verified = crate::session::Verified::new(sni, &chain, (peer, local));
-    match crate::session::anchor_device(ctx, device, verified).await {
-        Ok(anchored) => anchored,
-        Err(r) => {
-            counter!(REJECTED, "reason" => r.reason.as_label()).increment(1);
-            tracing::debug!(reason = r.reason.as_label(), "QUIC session refused");
-            conn.close(VarInt::from_u32(DONE), b"refused");
-            None
+    crate::session::anchor_device(ctx, device, verified).await
+}
+
+/// The refusal a failed QUIC handshake counts as: the same label as the same failure over
+/// TCP (a certificate problem is `client_cert` on both).
+fn handshake_refusal(e: &quinn::ConnectionError) -> Refusal {
+    match e {
+        quinn::ConnectionError::TransportError(t) => {
+            let code = u64::from(t.code);
+            // QUIC carries a TLS alert as 0x100 + the alert's number (RFC 9001, 4.8).
+            match u8::try_from(code.wrapping_sub(0x100)) {
+                Ok(alert) if (0x100..0x200).contains(&code) => Refusal::of_tls_alert(alert),
+                _ => Refusal::TlsHandshake,
+            }
         }
+        quinn::ConnectionError::TimedOut => Refusal::HandshakeTimeout,
+        _ => Refusal::ClientError,
     }
 }

@@ -1,6 +1,8 @@
 //! Why a device connection was closed before it reached a gateway: one closed set of reasons,
 //! each the value of the `reason` label of `wasmbed_proxy_connections_rejected_total`.
 
+use wasmbed_protocol::ErrorCode;
+
 use crate::clienthello::HelloError;
 
 /// Why a connection was refused. [`Refusal::as_label`] is its metric label; `docs/proxy.md`
@@ -110,17 +112,75 @@ impl Refusal {
     }
 }
 
-/// A refusal with its detail, for the log.
+impl Refusal {
+    /// The reason a TLS handshake with a device failed, from rustls' error (TLS over TCP).
+    pub fn of_tls(e: &rustls::Error) -> Refusal {
+        match e {
+            rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_) => {
+                Refusal::ClientCert
+            }
+            _ => Refusal::TlsHandshake,
+        }
+    }
+
+    /// The reason a TLS handshake with a device failed, from the alert the proxy sent (QUIC
+    /// carries it in its CONNECTION_CLOSE): the certificate alerts are `client_cert`, as the
+    /// same failure is over TCP ([`Refusal::of_tls`]).
+    pub fn of_tls_alert(alert: u8) -> Refusal {
+        use rustls::AlertDescription as A;
+        match A::from(alert) {
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::CertificateRequired => Refusal::ClientCert,
+            _ => Refusal::TlsHandshake,
+        }
+    }
+}
+
+/// A refusal with its detail, for the log, and the ERROR the device gets before the close
+/// (where it speaks the session protocol: terminate mode, after its TLS handshake).
 #[derive(Debug)]
 pub struct Refused {
     pub reason: Refusal,
     pub detail: String,
+    pub answer: Option<(ErrorCode, u64)>,
 }
 
 pub fn refused(reason: Refusal, detail: impl ToString) -> Refused {
     Refused {
         reason,
         detail: detail.to_string(),
+        answer: None,
+    }
+}
+
+impl Refused {
+    /// The device is told with ERROR `code` (for frame `seq`), the detail as its text.
+    pub fn answered(mut self, code: ErrorCode, seq: u64) -> Refused {
+        self.answer = Some((code, seq));
+        self
+    }
+
+    /// The ERROR frame the device gets, encoded (empty when there is none).
+    pub fn error_frame(&self) -> Vec<u8> {
+        self.answer
+            .map(|(code, seq)| code.frame(seq, self.detail.clone()).encode())
+            .unwrap_or_default()
+    }
+
+    /// Counts the refusal the same way on every transport: the `reason` label of
+    /// `wasmbed_proxy_connections_rejected_total`, the dashboard's refused rate, one log line
+    /// (in the session's span).
+    pub fn count(&self) {
+        metrics::counter!(crate::metrics::REJECTED, "reason" => self.reason.as_label()).increment(1);
+        crate::events::COUNTS
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(reason = self.reason.as_label(), detail = %self.detail, "connection refused");
     }
 }
 

@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wasmbed_config::{HealthCheck, ListenerConfig, Mode, ProxyConfig, RouteConfig};
 use wasmbed_protocol::codec::{CodecError, FrameCodec};
-use wasmbed_protocol::{ErrorCode, Hello, Kind};
+use wasmbed_protocol::{ErrorCode, Frame, Hello, Kind};
 
 use crate::balancer::{Gateway, GatewaySet, Lease};
 use crate::clienthello::{self, ClientHello, HelloError};
 use crate::listener::{Accepted, reset_on_close};
-use crate::metrics::{ACCEPTED, CONNECT_FAILURES, Meters, REJECTED, ROUTED, SESSIONS_CANCELLED};
+use crate::metrics::{ACCEPTED, CONNECT_FAILURES, Meters, ROUTED, SESSIONS_CANCELLED};
 use crate::refusal::{Refusal, Refused, refused};
 use crate::{anchor, forward};
 
@@ -116,7 +116,7 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         permit,
     } = accepted;
     listener.accepted.increment(1);
-    crate::dashboard::COUNTS
+    crate::events::COUNTS
         .accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.meters.open.increment(1.0);
@@ -152,13 +152,7 @@ pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepte
         }
     };
     if let Err(r) = result {
-        counter!(REJECTED, "reason" => r.reason.as_label()).increment(1);
-        crate::dashboard::COUNTS
-            .refused
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        span.in_scope(
-            || tracing::debug!(reason = r.reason.as_label(), detail = %r.detail, "connection refused"),
-        );
+        span.in_scope(|| r.count());
     }
     ctx.meters.open.decrement(1.0);
     drop(permit);
@@ -310,7 +304,7 @@ async fn terminate(
     raw: bool,
 ) -> Result<Option<Box<anchor::Anchored>>, Refused> {
     let local = device.local_addr().ok();
-    let Some(acceptor) = ctx.device_tls.acceptor.load_full() else {
+    let Some(acceptor) = ctx.device_tls.tcp() else {
         return Err(refused(
             Refusal::Internal,
             "terminate mode without a TLS acceptor",
@@ -337,7 +331,8 @@ async fn terminate(
         forward_decrypted(ctx, tls, verified).await?;
         return Ok(None);
     }
-    anchor_device(ctx, Box::new(tls), verified).await
+    // Refusals from here on are answered and counted by `anchor_device`.
+    Ok(anchor_device(ctx, Box::new(tls), verified).await)
 }
 
 /// A `raw` listener: after the handshake (the client certificate checked as for devices), the
@@ -365,15 +360,9 @@ async fn forward_decrypted(
         sni,
         identity,
     };
-    let mut up = match anchor::over_tcp(ctx, lease.gateway(), stream, &origin).await {
-        Ok(up) => up,
-        Err(anchor::OpenError::Tls(e)) => {
-            let gateway = lease.gateway().name.clone();
-            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => gateway).increment(1);
-            return Err(refused(Refusal::GatewayError, e));
-        }
-        Err(e) => return Err(refused(Refusal::GatewayError, e)),
-    };
+    let mut up = anchor::over_tcp(ctx, lease.gateway(), stream, &origin)
+        .await
+        .map_err(|e| open_failed(lease.gateway(), e))?;
     let (bytes_up, bytes_down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
     let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
@@ -443,10 +432,62 @@ fn device_pools(
 }
 
 /// Terminate mode after the device's handshake, whatever its transport: HELLO checked against
-/// the certificate, the route, the first gateway's WELCOME.
+/// the certificate, the route, the first gateway's WELCOME. A refusal goes one way for every
+/// transport: its ERROR to the device, an orderly close ([`anchor::DeviceStream::goodbye`]),
+/// then counted ([`Refused::count`]). `None`: refused, or the gateway refused the session
+/// (its ERROR passed on).
 pub(crate) async fn anchor_device(
     ctx: &Arc<Context>,
-    mut tls: Box<dyn anchor::DeviceStream>,
+    mut device: Box<dyn anchor::DeviceStream>,
+    verified: Verified,
+) -> Option<Box<anchor::Anchored>> {
+    let timeout = ctx.config.handshake_timeout;
+    match open_session(ctx, &mut device, verified).await {
+        Ok(Ok(first)) => Some(Box::new(anchor::Anchored {
+            ctx: ctx.clone(),
+            device: anchor::DeviceSide {
+                tls: device,
+                serial: first.serial,
+                origin: first.origin,
+            },
+            pools: first.pools,
+            hello: first.hello,
+            link: first.link,
+            first: (first.welcome, first.rest, first.pending),
+        })),
+        Ok(Err(gateway_error)) => {
+            // The gateway refused the session (an ERROR): the device gets it, then the close.
+            device
+                .goodbye(&gateway_error, anchor::Close::Refused, timeout)
+                .await;
+            None
+        }
+        Err(r) => {
+            device
+                .goodbye(&r.error_frame(), anchor::Close::Refused, timeout)
+                .await;
+            r.count();
+            None
+        }
+    }
+}
+
+/// A session the first gateway WELCOMEd, in parts.
+struct Opened {
+    pools: Vec<String>,
+    hello: Hello,
+    link: anchor::Link,
+    welcome: Frame,
+    rest: BytesMut,
+    pending: BytesMut,
+    serial: Option<Vec<u8>>,
+    origin: crate::proxy_protocol::Origin,
+}
+
+/// [`anchor_device`]'s work up to the first WELCOME (`Ok(Err(bytes))`: the gateway's ERROR).
+async fn open_session(
+    ctx: &Arc<Context>,
+    device: &mut Box<dyn anchor::DeviceStream>,
     Verified {
         sni,
         identity,
@@ -455,19 +496,21 @@ pub(crate) async fn anchor_device(
         peer,
         local,
     }: Verified,
-) -> Result<Option<Box<anchor::Anchored>>, Refused> {
+) -> Result<Result<Opened, Vec<u8>>, Refused> {
     note_device(ctx, identity.as_deref(), sni.as_deref());
     // The device's HELLO is checked against its certificate before any gateway sees it.
     let (hello, hello_bytes, pending) = tokio::time::timeout(
         ctx.config.handshake_timeout,
-        first_frame(&mut tls, identity.as_deref()),
+        first_frame(device, identity.as_deref()),
     )
     .await
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&[]);
     let pools = device_pools(ctx, sni.as_deref(), attributes);
-    let (lease, gateway) = connect_with(ctx, &pools, dial_upstream).await?;
+    let (lease, gateway) = connect_with(ctx, &pools, dial_upstream)
+        .await
+        .map_err(|r| r.answered(ErrorCode::Unavailable, 0))?;
     // HELLO goes first and the gateway's first frame comes back before the session is
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
@@ -485,50 +528,55 @@ pub(crate) async fn anchor_device(
     .await;
     let (up, first, rest) = match opened {
         Ok(Ok(opened)) => opened,
-        Ok(Err(anchor::OpenError::Tls(e))) => {
-            let gateway = &lease.gateway().name;
-            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => gateway.clone())
-                .increment(1);
-            tracing::warn!(%gateway, error = %e, "TLS with the gateway failed");
-            return Err(refused(Refusal::UpstreamTls, e));
+        Ok(Err(e)) => return Err(open_failed(lease.gateway(), e).answered(ErrorCode::Unavailable, 0)),
+        Err(_) => {
+            let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
+            return Err(r.answered(ErrorCode::Unavailable, 0));
         }
-        Ok(Err(e)) => return Err(refused(Refusal::GatewayError, e)),
-        Err(_) => return Err(refused(Refusal::GatewayError, "no answer to HELLO in time")),
     };
     ctx.meters.bytes_up.increment(hello_bytes.len() as u64);
     if first.kind != Kind::Welcome {
-        // The gateway refused the session (an ERROR): the device gets it, then the close.
         lease.gateway().sessions_started.increment(1);
-        let bytes = first.encode();
-        let _ = tls.write_all(&bytes).await;
-        let _ = tls.shutdown().await;
-        return Ok(None);
+        return Ok(Err(first.encode()));
     }
-    let link = anchor::Link::new(lease, up);
-    let device = anchor::DeviceSide {
-        tls,
-        serial,
-        origin,
-    };
-    Ok(Some(Box::new(anchor::Anchored {
-        ctx: ctx.clone(),
-        device,
+    Ok(Ok(Opened {
         pools,
         hello,
-        link,
-        first: (first, rest, pending),
-    })))
+        link: anchor::Link::new(lease, up),
+        welcome: first,
+        rest,
+        pending,
+        serial,
+        origin,
+    }))
+}
+
+/// The refusal for a link to `gateway` that could not be opened: one label per failure,
+/// whichever path opened it (anchored sessions, raw listeners). A TLS failure is also
+/// counted against the gateway and logged, since it is a configuration problem.
+fn open_failed(gateway: &Gateway, e: anchor::OpenError) -> Refused {
+    match e {
+        anchor::OpenError::Tls(e) => {
+            let name = &gateway.name;
+            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => name.clone())
+                .increment(1);
+            tracing::warn!(gateway = %name, error = %e, "TLS with the gateway failed");
+            refused(Refusal::UpstreamTls, e)
+        }
+        e => refused(Refusal::GatewayError, e),
+    }
 }
 
 /// Terminate mode: reads the device's first frame, which must be a HELLO naming the device
-/// of the verified certificate (when there is one). Anything else is answered with ERROR and
-/// refused. Returns the HELLO, its bytes (to send the gateway first), and whatever followed.
+/// of the verified certificate (when there is one). Anything else is refused with the ERROR
+/// the device gets. Returns the HELLO, its bytes (to send the gateway first), and whatever
+/// followed.
 async fn first_frame<S>(
     device: &mut S,
     identity: Option<&str>,
 ) -> Result<(Hello, Vec<u8>, BytesMut), Refused>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + Unpin + ?Sized,
 {
     let mut codec = FrameCodec::new(wasmbed_protocol::DEFAULT_MAX_FRAME);
     let mut buf = BytesMut::with_capacity(512);
@@ -537,8 +585,7 @@ where
             Ok(Some(frame)) => break frame,
             Ok(None) => {}
             Err(CodecError::Protocol(e)) => {
-                let text = e.to_string();
-                return Err(answer(device, e.code(), 0, Refusal::BadFrame, text).await);
+                return Err(refused(Refusal::BadFrame, &e).answered(e.code(), 0));
             }
             Err(CodecError::Io(e)) => return Err(refused(Refusal::ClientError, e)),
         }
@@ -550,49 +597,22 @@ where
     };
     if frame.kind != Kind::Hello {
         let text = format!("the first frame must be HELLO, not {}", frame.kind.as_str());
-        return Err(answer(
-            device,
-            ErrorCode::NoSession,
-            frame.seq,
-            Refusal::NoSession,
-            text,
-        )
-        .await);
+        return Err(refused(Refusal::NoSession, text).answered(ErrorCode::NoSession, frame.seq));
     }
     let hello: Hello = match frame.decode_body("HELLO") {
         Ok(h) => h,
-        Err(e) => {
-            let text = e.to_string();
-            return Err(answer(device, ErrorCode::BadHello, 0, Refusal::BadHello, text).await);
-        }
+        Err(e) => return Err(refused(Refusal::BadHello, e).answered(ErrorCode::BadHello, 0)),
     };
     if let Some(id) = identity
         && id != hello.device
     {
         let text = format!("HELLO names {:?}, the certificate {id:?}", hello.device);
         tracing::warn!(claimed = %hello.device, certificate = %id, "HELLO names another device");
-        let refusal = Refusal::IdentityMismatch;
-        return Err(answer(device, ErrorCode::IdentityMismatch, 0, refusal, text).await);
+        let r = refused(Refusal::IdentityMismatch, text);
+        return Err(r.answered(ErrorCode::IdentityMismatch, 0));
     }
     // Re-encoding gives back the exact bytes the device sent: a frame has one encoding.
     Ok((hello, frame.encode(), buf))
-}
-
-/// Sends the device ERROR `code` and closes; gives the refusal to count.
-async fn answer<S>(
-    device: &mut S,
-    code: ErrorCode,
-    seq: u64,
-    reason: Refusal,
-    text: String,
-) -> Refused
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = code.frame(seq, text.clone());
-    let _ = device.write_all(&frame.encode()).await;
-    let _ = device.shutdown().await;
-    refused(reason, text)
 }
 
 /// The connection to a gateway in terminate mode: plain TCP, or TLS (`[upstream_tls]`).
@@ -607,13 +627,7 @@ pub(crate) fn is_tls_error(e: &io::Error) -> bool {
 
 fn tls_reason(e: &io::Error) -> Refusal {
     let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    match rustls_error {
-        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => {
-            Refusal::ClientCert
-        }
-        Some(_) => Refusal::TlsHandshake,
-        None => Refusal::ClientError,
-    }
+    rustls_error.map_or(Refusal::ClientError, Refusal::of_tls)
 }
 
 pub(crate) fn upstream_name(ctx: &Context, addr: &str) -> ServerName<'static> {
@@ -668,7 +682,7 @@ async fn supervise(
         counter!(SESSIONS_CANCELLED, "gateway" => gateway.name.clone(), "cause" => cause)
             .increment(1);
         if cause == "gateway_down" {
-            crate::dashboard::COUNTS
+            crate::events::COUNTS
                 .cut
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }

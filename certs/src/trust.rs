@@ -1,0 +1,153 @@
+//! One reloadable trust object for every server that checks client certificates: the
+//! certificate and key it presents, the client CAs it accepts, the CRLs it refuses by, and
+//! the serial numbers those CRLs revoke.
+//!
+//! [`ServerTrust::load`] reads and checks the files (nothing is in use yet: a bad file
+//! changes nothing); [`Reloadable`] holds what is in use, swapped whole by a reload and read
+//! per handshake by every listener (TLS over TCP, QUIC, raw, a gateway's link), and tells
+//! live sessions that a reload happened so each checks its certificate against the new CRLs.
+//! The proxy and the gateway both keep their device trust in one of these, so a reload
+//! reaches every transport of both processes the same way.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
+
+use crate::CertError;
+
+/// A file and the setting (flag or config key) that named it, for errors.
+#[derive(Debug, Clone, Copy)]
+pub struct Named<'a> {
+    pub path: &'a Path,
+    pub setting: &'static str,
+}
+
+impl<'a> Named<'a> {
+    pub fn new(path: &'a Path, setting: &'static str) -> Named<'a> {
+        Named { path, setting }
+    }
+}
+
+/// A server's TLS as read from its files: the rustls config (client certificates required
+/// when a client CA is given, checked against the CRLs) and the serials the CRLs revoke.
+#[derive(Debug)]
+pub struct ServerTrust {
+    pub config: Arc<ServerConfig>,
+    pub revoked: HashSet<Vec<u8>>,
+    /// The client CAs' certificates, as read (a caller may tell some of them apart).
+    pub client_ca: Vec<CertificateDer<'static>>,
+}
+
+impl ServerTrust {
+    /// Reads `cert`, `key`, every client CA and every CRL; each error names its setting.
+    /// With no client CA, clients present no certificate (and the CRLs are not used).
+    pub fn load(
+        cert: Named<'_>,
+        key: Named<'_>,
+        client_ca: &[Named<'_>],
+        crls: (&[PathBuf], &'static str),
+    ) -> Result<ServerTrust, CertError> {
+        let chain = crate::load_certs(cert.path).map_err(CertError::in_setting(cert.setting))?;
+        let key = crate::load_key(key.path).map_err(CertError::in_setting(key.setting))?;
+        let mut ca = Vec::new();
+        for named in client_ca {
+            ca.extend(crate::load_certs(named.path).map_err(CertError::in_setting(named.setting))?);
+        }
+        let mut revocations = Vec::new();
+        for path in crls.0 {
+            revocations.extend(crate::load_crls(path).map_err(CertError::in_setting(crls.1))?);
+        }
+        let revoked = crate::revoked_serials(&revocations);
+        let clients = (!client_ca.is_empty()).then_some(&ca[..]);
+        let config = crate::server_config_with_crls(chain, key, clients, revocations, &[])?;
+        Ok(ServerTrust {
+            config,
+            revoked,
+            client_ca: ca,
+        })
+    }
+}
+
+/// What a trust object revokes, for live sessions to check themselves at a reload.
+pub trait Revokes {
+    /// Whether the certificate with this serial number is revoked.
+    fn revokes(&self, serial: &[u8]) -> bool;
+}
+
+impl Revokes for ServerTrust {
+    fn revokes(&self, serial: &[u8]) -> bool {
+        self.revoked.contains(serial)
+    }
+}
+
+/// The trust in use (`None`: no TLS), swapped whole by [`Reloadable::install`] and read per
+/// handshake with [`Reloadable::load`]. Each install bumps a generation that live sessions
+/// watch ([`Reloadable::subscribe`]).
+pub struct Reloadable<T> {
+    current: ArcSwapOption<T>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl<T> Reloadable<T> {
+    pub fn new(trust: Option<T>) -> Reloadable<T> {
+        Reloadable {
+            current: ArcSwapOption::new(trust.map(Arc::new)),
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// What is in use now: read it once per handshake.
+    pub fn load(&self) -> Option<Arc<T>> {
+        self.current.load_full()
+    }
+
+    /// Puts `trust` in use: new handshakes take it at once, live sessions are told.
+    pub fn install(&self, trust: Option<T>) {
+        self.current.store(trust.map(Arc::new));
+        self.generation.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes at each later install.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        let mut rx = self.generation.subscribe();
+        rx.mark_unchanged();
+        rx
+    }
+}
+
+impl<T: Revokes> Reloadable<T> {
+    /// Whether the trust in use revokes the certificate with this serial number.
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.current.load().as_ref().is_some_and(|t| t.revokes(serial))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Set(HashSet<Vec<u8>>);
+    impl Revokes for Set {
+        fn revokes(&self, serial: &[u8]) -> bool {
+            self.0.contains(serial)
+        }
+    }
+
+    #[test]
+    fn an_install_is_seen_by_readers_and_watchers() {
+        let trust = Reloadable::new(Some(Set(HashSet::new())));
+        let mut watcher = trust.subscribe();
+        assert!(!trust.is_revoked(b"\x01"));
+        assert!(!watcher.has_changed().unwrap());
+        trust.install(Some(Set([b"\x01".to_vec()].into())));
+        assert!(watcher.has_changed().unwrap());
+        assert!(trust.is_revoked(b"\x01"));
+        trust.install(None);
+        assert!(trust.load().is_none());
+        assert!(!trust.is_revoked(b"\x01"));
+    }
+}

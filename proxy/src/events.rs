@@ -1,0 +1,78 @@
+//! events: the proxy's counts and timeline, at the bottom of the crate. Every path that
+//! refuses, accepts, moves or cuts a session bumps [`COUNTS`]; health, discovery, reloads
+//! and moves add to the timeline with [`event`]. Nothing here imports another module of
+//! the crate: the dashboard only reads what is here, everything else only writes.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// Events kept (and sent) for the timeline.
+pub const EVENTS: usize = 50;
+
+/// Counters the page turns into rates, bumped on the paths that count the same in metrics.
+pub struct Counts {
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub moved: AtomicU64,
+    /// Passthrough sessions cut because their gateway went down (their devices re-home).
+    pub cut: AtomicU64,
+}
+
+pub static COUNTS: Counts = Counts {
+    accepted: AtomicU64::new(0),
+    refused: AtomicU64::new(0),
+    moved: AtomicU64::new(0),
+    cut: AtomicU64::new(0),
+};
+
+/// One entry of the timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    /// `up`, `down`, `drain`, `undrain`, `added`, `removed`, `moves`, `rehomes`, `reload`,
+    /// `reload_failed`, `discovery`.
+    pub kind: &'static str,
+    pub gateway: Option<String>,
+    pub text: String,
+}
+
+static LOG: Mutex<VecDeque<Event>> = Mutex::new(VecDeque::new());
+static NEXT_EVENT: AtomicU64 = AtomicU64::new(1);
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Adds an event to the timeline.
+pub fn event(kind: &'static str, gateway: Option<&str>, text: impl Into<String>) {
+    let e = Event {
+        id: NEXT_EVENT.fetch_add(1, Ordering::Relaxed),
+        at: unix_ms(),
+        kind,
+        gateway: gateway.map(str::to_string),
+        text: text.into(),
+    };
+    let mut log = LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if log.len() == EVENTS {
+        log.pop_front();
+    }
+    log.push_back(e);
+}
+
+
+/// The timeline, oldest first.
+pub fn recent() -> Vec<Event> {
+    LOG.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .cloned()
+        .collect()
+}

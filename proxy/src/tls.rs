@@ -1,0 +1,195 @@
+//! One device-trust object for every device listener: TLS over TCP, QUIC and raw listeners
+//! all read the same [`DeviceTls`] per handshake, and a reload (SIGHUP, `POST /api/reload`,
+//! a config that names other files) rebuilds the TCP and the QUIC server configs together
+//! from one read of the files, then swaps them as one. A revoked device is refused by every
+//! transport from the reload on, and every live session checks itself against the new CRLs.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use quinn::VarInt;
+use quinn::crypto::rustls::QuicServerConfig;
+use wasmbed_certs::{Named, Reloadable, Revokes, ServerTrust};
+use wasmbed_config::{ProxyConfig, TerminateTls};
+
+use crate::ProxyError;
+
+/// The device protocol's ALPN on QUIC (TCP devices may offer it or none).
+pub const QUIC_ALPN: &[u8] = b"wasmbed/1";
+
+/// Terminate mode's device trust as read from its files, in use for every transport.
+pub struct DeviceTrust {
+    /// The files it was read from (a SIGHUP re-reads them).
+    settings: TerminateTls,
+    /// TLS over TCP (device and raw listeners).
+    pub(crate) tcp: tokio_rustls::TlsAcceptor,
+    /// QUIC devices (`--quic-listen`): the same rustls config with ALPN `wasmbed/1` and no
+    /// 0-RTT, with the listener's transport settings.
+    pub(crate) quic: Option<Arc<quinn::ServerConfig>>,
+    revoked: HashSet<Vec<u8>>,
+}
+
+impl Revokes for DeviceTrust {
+    fn revokes(&self, serial: &[u8]) -> bool {
+        self.revoked.contains(serial)
+    }
+}
+
+/// The device trust in use (`None` in passthrough mode), and how to rebuild it.
+pub struct DeviceTls {
+    pub(crate) trust: Reloadable<DeviceTrust>,
+    /// QUIC's transport settings (restart-only): `None` without `--quic-listen`.
+    quic: Option<Arc<quinn::TransportConfig>>,
+}
+
+/// Device trust read from files and checked, not yet in use ([`DeviceTls::install`]).
+pub(crate) struct Prepared(Option<DeviceTrust>);
+
+impl DeviceTls {
+    pub(crate) fn load(config: &ProxyConfig) -> Result<DeviceTls, ProxyError> {
+        let tls = DeviceTls {
+            trust: Reloadable::new(None),
+            quic: config.quic.listen.map(|_| quic_transport(config)),
+        };
+        if tls.quic.is_some() && of(config).is_none() {
+            return Err(ProxyError::Reload(
+                "--quic-listen needs terminate mode's TLS".into(),
+            ));
+        }
+        tls.install(tls.prepare(of(config))?);
+        Ok(tls)
+    }
+
+    /// Reads and checks the files `settings` names; nothing changes yet.
+    pub(crate) fn prepare(&self, settings: Option<TerminateTls>) -> Result<Prepared, ProxyError> {
+        let Some(settings) = settings else {
+            return Ok(Prepared(None));
+        };
+        let ca: Vec<Named<'_>> = settings
+            .client_ca
+            .iter()
+            .map(|p| Named::new(p, "tls.client_ca (--client-ca)"))
+            .collect();
+        let ServerTrust {
+            config: mut server,
+            revoked,
+            ..
+        } = ServerTrust::load(
+            Named::new(&settings.cert, "tls.cert (--tls-cert)"),
+            Named::new(&settings.key, "tls.key (--tls-key)"),
+            &ca,
+            (&settings.client_crls, "tls.client_crl (--client-crl)"),
+        )?;
+        if !settings.resumption {
+            // Every handshake a full one: no session cache, no (stateful) TLS 1.3 tickets.
+            let mut config = (*server).clone();
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+            server = Arc::new(config);
+        }
+        let quic = match &self.quic {
+            Some(transport) => Some(quic_server(&server, transport.clone())?),
+            None => None,
+        };
+        Ok(Prepared(Some(DeviceTrust {
+            settings,
+            tcp: tokio_rustls::TlsAcceptor::from(server),
+            quic,
+            revoked,
+        })))
+    }
+
+    /// Puts prepared trust in use for every transport at once: new handshakes take it;
+    /// live sessions check their device against the new CRLs. Returns the number of revoked
+    /// serials.
+    pub(crate) fn install(&self, prepared: Prepared) -> usize {
+        let n = prepared.0.as_ref().map_or(0, |t| t.revoked.len());
+        self.trust.install(prepared.0);
+        n
+    }
+
+    /// Re-reads the certificate, key, device CA and CRLs from the same files. New handshakes
+    /// on every transport use them at once; a live session whose device is now revoked gets
+    /// ERROR `revoked` and is closed. A bad file keeps everything as it was.
+    pub fn reload(&self) -> Result<(), ProxyError> {
+        let settings = self.trust.load().map(|t| t.settings.clone());
+        let prepared = self.prepare(settings)?;
+        let revoked = self.install(prepared);
+        tracing::info!(
+            revoked,
+            "device TLS reloaded (certificate, CA, CRLs) for TCP and QUIC"
+        );
+        Ok(())
+    }
+
+    /// The number of serials the CRLs in use revoke.
+    pub fn revoked_serials(&self) -> usize {
+        self.trust.load().map_or(0, |t| t.revoked.len())
+    }
+
+    /// Whether the CRLs in use revoke the certificate with this serial number.
+    pub(crate) fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.trust.is_revoked(serial)
+    }
+
+    /// The TCP acceptor in use (read once per handshake).
+    pub(crate) fn tcp(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.trust.load().map(|t| t.tcp.clone())
+    }
+
+    /// The QUIC server config in use (read once per handshake).
+    pub(crate) fn quic(&self) -> Option<Arc<quinn::ServerConfig>> {
+        self.trust.load().and_then(|t| t.quic.clone())
+    }
+}
+
+/// The device TLS settings of `config`: terminate mode's only.
+pub(crate) fn of(config: &ProxyConfig) -> Option<TerminateTls> {
+    match config.mode {
+        wasmbed_config::Mode::Terminate => config.tls.clone(),
+        wasmbed_config::Mode::Passthrough => None,
+    }
+}
+
+/// QUIC's server config over the device `server` config.
+fn quic_server(
+    server: &Arc<rustls::ServerConfig>,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<Arc<quinn::ServerConfig>, ProxyError> {
+    let mut tls = (**server).clone();
+    tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| ProxyError::Reload(format!("QUIC TLS: {e}")))?;
+    let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    quic.transport_config(transport);
+    quic.migration(true);
+    Ok(Arc::new(quic))
+}
+
+/// The QUIC listener's transport settings, sized for many small sessions rather than
+/// quinn's bulk defaults (a 10 MiB window per connection): a device's frames are at most
+/// 64 KiB.
+fn quic_transport(config: &ProxyConfig) -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    // Two streams at a time: the session's, and one more that is reset at once and counted
+    // (a device that ignores the limit breaks the protocol and loses its connection).
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(2))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(128 << 10))
+        .receive_window(VarInt::from_u32(128 << 10))
+        .send_window(128 << 10)
+        .max_idle_timeout(quinn::IdleTimeout::try_from(config.quic.idle_timeout).ok())
+        // One datagram per send: a connection's send buffer then stays one datagram large
+        // (with segmentation offload it grows to ten and is kept). Devices send little.
+        .enable_segmentation_offload(false)
+        // No unreliable datagrams: nothing uses them, so no buffer is reserved for them.
+        .datagram_receive_buffer_size(None)
+        // No path MTU discovery: a device's frames are small, so QUIC's 1,200-byte minimum
+        // datagram costs them nothing, and each connection's send buffer stays that size
+        // (a probe grows it to 2,400 bytes and it is kept: measured with heaptrack), and no
+        // probe datagrams are sent.
+        .mtu_discovery_config(None);
+    Arc::new(transport)
+}
