@@ -122,7 +122,10 @@ impl<T> Reloadable<T> {
 impl<T: Revokes> Reloadable<T> {
     /// Whether the trust in use revokes the certificate with this serial number.
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
-        self.current.load().as_ref().is_some_and(|t| t.revokes(serial))
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|t| t.revokes(serial))
     }
 }
 

@@ -279,9 +279,10 @@ async fn a_gateway_with_a_certificate_the_proxy_does_not_trust_gets_no_link() {
     let mut d = tls_device(addr, lp.pki.device("device-0300", Some(&lp.pki.ca)))
         .await
         .unwrap();
-    assert!(
-        d.no_session("device-0300", "echo").await,
-        "no gateway, no session"
+    assert_eq!(
+        d.refused_with("device-0300", "echo").await,
+        Some(wasmbed_protocol::ErrorCode::Unavailable as u16),
+        "no gateway, no session: ERROR unavailable, then the close"
     );
     assert_eq!(links.live(), 0);
     assert_eq!(

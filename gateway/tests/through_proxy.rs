@@ -129,10 +129,15 @@ async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
     ))
     .await
     .unwrap();
-    assert!(
-        d.recv().await.is_none(),
-        "closed: the link could not be made"
+    let f = d
+        .recv()
+        .await
+        .expect("ERROR unavailable: the link could not be made");
+    assert_eq!(
+        error_code(&f),
+        wasmbed_protocol::ErrorCode::Unavailable as u16
     );
+    assert!(d.recv().await.is_none(), "then the close");
     // One process, one global metrics recorder: the gateway's, installed first; the
     // proxy's counters land in it too.
     let metrics = wasmbed_gateway::metrics::handle().render();

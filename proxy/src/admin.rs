@@ -223,7 +223,7 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
         Ok(c) => c,
         Err(e) => return bad(e.to_string()),
     };
-    match ctx.gateways.add(&config) {
+    match admin.live.add_gateway(&config) {
         Some(g) => {
             admin.live.probes.start(std::slice::from_ref(&g), health);
             crate::events::event(
@@ -277,7 +277,7 @@ async fn reload(State(admin): State<Arc<Admin>>) -> Response {
 
 /// `DELETE /api/gateways/{name}`: out of the set at once; its sessions move (terminate mode).
 async fn remove(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
-    match crate::live::remove(&admin.live.context().gateways, &name) {
+    match admin.live.remove_gateway(&name) {
         Some(g) => axum::Json(GatewayView::of(&g)).into_response(),
         None => (
             StatusCode::NOT_FOUND,

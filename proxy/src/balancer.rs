@@ -72,6 +72,8 @@ pub struct Gateway {
     move_orders: tokio::sync::watch::Sender<u64>,
     /// Cancelled when the gateway is removed from the set: its prober stops.
     removed: CancellationToken,
+    /// A move onto it came back `fresh` (the app restarted), and that was logged.
+    fresh_noted: AtomicBool,
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -124,6 +126,21 @@ impl Gateway {
             move_quota: AtomicUsize::new(0),
             move_orders: tokio::sync::watch::Sender::new(0),
             removed: CancellationToken::new(),
+            fresh_noted: AtomicBool::new(false),
+        }
+    }
+
+    /// A session moved onto this gateway came back `fresh`: its app restarted, its state
+    /// lost. Said once per gateway, at warn: a fleet whose gateways share no key ring
+    /// (`--session-keys`) moves every session this way, with no error anywhere else.
+    pub fn note_fresh_move(&self, refused: Option<&str>) {
+        if !self.fresh_noted.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                gateway = %self.name,
+                ticket = refused.unwrap_or("none held"),
+                "a session moved here restarted its app (WELCOME without `resumed`): \
+                 do the gateways share a key ring (--session-keys)? Said once per gateway"
+            );
         }
     }
 

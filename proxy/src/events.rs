@@ -67,7 +67,6 @@ pub fn event(kind: &'static str, gateway: Option<&str>, text: impl Into<String>)
     log.push_back(e);
 }
 
-
 /// The timeline, oldest first.
 pub fn recent() -> Vec<Event> {
     LOG.lock()

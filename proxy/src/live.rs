@@ -6,9 +6,12 @@
 //! are read and checked, and only then is anything changed. Sessions keep the context they
 //! started with; new sessions take the new one. Gateways of the file are added (probed, in
 //! slow start), removed (drained: their sessions move in terminate mode), replaced (a new
-//! address) or re-weighted in place. Gateways added through the API or found in DNS are not
-//! the file's, and a reload leaves them alone.
+//! address) or re-weighted in place. Gateways found in DNS are not the file's, and a reload
+//! leaves them alone. Changes made through the admin API (a gateway removed, added or
+//! drained) are kept across reloads until the file itself changes that gateway; then the
+//! file wins, and the reload's answer says so (HAProxy's `server-state-file`, built in).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -16,7 +19,7 @@ use metrics::counter;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wasmbed_config::{HealthConfig, ProxyConfig};
+use wasmbed_config::{GatewayConfig, HealthConfig, ProxyConfig};
 
 use crate::ProxyError;
 use crate::balancer::{Gateway, Origin};
@@ -34,6 +37,10 @@ pub struct Live {
     lock: Mutex<()>,
     /// Bumped by every applied reload (discovery re-reads its targets).
     pub(crate) generation: tokio::sync::watch::Sender<u64>,
+    /// Gateways removed through the admin API, each with the file's entry for it at the
+    /// time (`None`: the file did not list it): a reload keeps them out while the file's
+    /// entry stays as it was.
+    removed_at_run_time: Mutex<HashMap<String, Option<GatewayConfig>>>,
 }
 
 /// The health probe tasks: one generation at a time, restarted whole when the health
@@ -92,6 +99,11 @@ pub struct ReloadReport {
     pub restart_needed: Vec<&'static str>,
     /// Device certificates revoked by the CRLs now in force.
     pub revoked_serials: usize,
+    /// Run-time changes (admin API) the reload kept: `b: removed at run time`, `c: drained
+    /// at run time`, `d: added at run time`.
+    pub kept: Vec<String>,
+    /// Run-time changes the file overrode, because it changed that gateway itself.
+    pub overridden: Vec<String>,
 }
 
 impl Live {
@@ -102,7 +114,33 @@ impl Live {
             probes: Probes::new(stop),
             lock: Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
+            removed_at_run_time: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `DELETE /api/gateways/{name}`: removes the gateway and remembers that it was removed
+    /// at run time, so that reloads keep it out until the file changes its entry.
+    pub fn remove_gateway(&self, name: &str) -> Option<Arc<Gateway>> {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let ctx = self.context();
+        let g = remove(&ctx.gateways, name)?;
+        let in_file = ctx.config.gateways.iter().find(|c| c.name == name).cloned();
+        self.removed_at_run_time
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), in_file);
+        Some(g)
+    }
+
+    /// `POST /api/gateways`: adds a gateway (a name removed at run time is forgotten as such).
+    pub fn add_gateway(&self, config: &GatewayConfig) -> Option<Arc<Gateway>> {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.context().gateways.add(config)?;
+        self.removed_at_run_time
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&config.name);
+        Some(g)
     }
 
     /// The context new sessions start with.
@@ -137,11 +175,14 @@ impl Live {
             Ok(report) => {
                 tracing::info!(?report, "config reloaded");
                 let text = format!(
-                    "config reloaded: {} added, {} removed, {} replaced, {} re-weighted",
+                    "config reloaded: {} added, {} removed, {} replaced, {} re-weighted; \
+                     run-time changes kept: {}; overridden by the file: {}",
                     report.added.len(),
                     report.removed.len(),
                     report.replaced.len(),
-                    report.reweighted.len()
+                    report.reweighted.len(),
+                    list_or_none(&report.kept),
+                    list_or_none(&report.overridden),
                 );
                 crate::events::event("reload", None, text);
             }
@@ -178,7 +219,38 @@ impl Live {
         let gateways = &ctx.gateways;
         let mut started = Vec::new();
         let listed = &ctx.config.gateways;
+        let in_file = |config: &ProxyConfig, name: &str| -> Option<GatewayConfig> {
+            config.gateways.iter().find(|c| c.name == name).cloned()
+        };
+        // Removed at run time: kept out while the file's entry is what it was then.
+        let mut removed = self
+            .removed_at_run_time
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        removed.retain(|name, then| {
+            if in_file(&ctx.config, name) == *then {
+                report.kept.push(format!("{name}: removed at run time"));
+                true
+            } else {
+                report
+                    .overridden
+                    .push(format!("{name}: removed at run time; the file changed it"));
+                false
+            }
+        });
         for g in gateways.snapshot().iter() {
+            if g.origin == Origin::Api {
+                // Added at run time: kept unless the file now says something else of it.
+                let (was, now) = (in_file(old, &g.name), in_file(&ctx.config, &g.name));
+                if now.is_some() && was != now {
+                    remove(gateways, &g.name);
+                    let text = format!("{}: added at run time; the file now lists it", g.name);
+                    report.overridden.push(text);
+                } else {
+                    report.kept.push(format!("{}: added at run time", g.name));
+                }
+                continue;
+            }
             if g.origin != Origin::Config {
                 continue;
             }
@@ -190,16 +262,24 @@ impl Live {
                 Some(c) if !g.same_endpoint(c) => {
                     remove(gateways, &g.name);
                     report.replaced.push(g.name.clone());
+                    if g.is_draining() {
+                        let text = format!("{}: drained at run time; the file replaced it", g.name);
+                        report.overridden.push(text);
+                    }
                 }
-                Some(c) if g.weight() != c.weight => {
-                    g.set_weight(c.weight);
-                    report.reweighted.push(g.name.clone());
+                Some(c) => {
+                    if g.weight() != c.weight {
+                        g.set_weight(c.weight);
+                        report.reweighted.push(g.name.clone());
+                    }
+                    if g.is_draining() {
+                        report.kept.push(format!("{}: drained at run time", g.name));
+                    }
                 }
-                Some(_) => {}
             }
         }
         for c in listed {
-            if gateways.find(&c.name).is_some() {
+            if gateways.find(&c.name).is_some() || removed.contains_key(&c.name) {
                 continue;
             }
             if let Some(g) = gateways.add_from(c, Origin::Config, false) {
@@ -218,6 +298,14 @@ impl Live {
         }
         self.generation.send_modify(|n| *n += 1);
         Ok(report)
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
     }
 }
 
@@ -257,6 +345,20 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
         "link_timeout",
         &old.link_timeout,
         &mut new.link_timeout,
+        changed,
+    );
+    // The QUIC listener's address and its transport (idle timeout) are set at bind;
+    // `quic_retry` and `quic_max_handshakes` are read live.
+    keep(
+        "quic_listen",
+        &old.quic.listen,
+        &mut new.quic.listen,
+        changed,
+    );
+    keep(
+        "quic_idle_timeout",
+        &old.quic.idle_timeout,
+        &mut new.quic.idle_timeout,
         changed,
     );
 }

@@ -275,7 +275,11 @@ async fn accept(
             return None;
         }
         Err(_) => {
-            refused(Refusal::HandshakeTimeout, "QUIC handshake not finished in time").count();
+            refused(
+                Refusal::HandshakeTimeout,
+                "QUIC handshake not finished in time",
+            )
+            .count();
             return None;
         }
     };

@@ -176,7 +176,8 @@ impl Refused {
     /// `wasmbed_proxy_connections_rejected_total`, the dashboard's refused rate, one log line
     /// (in the session's span).
     pub fn count(&self) {
-        metrics::counter!(crate::metrics::REJECTED, "reason" => self.reason.as_label()).increment(1);
+        metrics::counter!(crate::metrics::REJECTED, "reason" => self.reason.as_label())
+            .increment(1);
         crate::events::COUNTS
             .refused
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -528,7 +528,9 @@ async fn open_session(
     .await;
     let (up, first, rest) = match opened {
         Ok(Ok(opened)) => opened,
-        Ok(Err(e)) => return Err(open_failed(lease.gateway(), e).answered(ErrorCode::Unavailable, 0)),
+        Ok(Err(e)) => {
+            return Err(open_failed(lease.gateway(), e).answered(ErrorCode::Unavailable, 0));
+        }
         Err(_) => {
             let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
             return Err(r.answered(ErrorCode::Unavailable, 0));
@@ -558,8 +560,7 @@ fn open_failed(gateway: &Gateway, e: anchor::OpenError) -> Refused {
     match e {
         anchor::OpenError::Tls(e) => {
             let name = &gateway.name;
-            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => name.clone())
-                .increment(1);
+            counter!(crate::metrics::UPSTREAM_TLS_FAILURES, "gateway" => name.clone()).increment(1);
             tracing::warn!(gateway = %name, error = %e, "TLS with the gateway failed");
             refused(Refusal::UpstreamTls, e)
         }

@@ -259,6 +259,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Device<S> {
         self.recv().await.is_none()
     }
 
+    /// HELLO answered by an ERROR and then the close (a terminating proxy's refusal): the
+    /// ERROR's code; `None` when something else came (a WELCOME, no ERROR, no close).
+    pub async fn refused_with(&mut self, device: &str, app: &str) -> Option<u16> {
+        let f = self.hello(device, app).await;
+        if f.kind != Kind::Error {
+            return None;
+        }
+        let code = error_code(&f);
+        self.recv().await.is_none().then_some(code)
+    }
+
     /// HELLO that must be welcomed; returns the gateway name.
     pub async fn open(&mut self, device: &str, app: &str) -> String {
         let f = self.hello(device, app).await;

@@ -1,0 +1,1246 @@
+//! The anchor's core: everything a terminate-mode session keeps so that it can move between
+//! gateways, as a plain value with no I/O and no clock of its own (the quinn-proto pattern).
+//!
+//! Its driver ([`super::serve`]) feeds it events — bytes from the device, bytes from the
+//! gateway, the device's end of stream, the link lost or closed, the gateway marked down, a
+//! move ordered, a move done, the time — and takes from it the bytes to write each way
+//! ([`Core::to_device`], [`Core::to_gateway`]), what to read next ([`Core::reading_device`],
+//! [`Core::reading_gateway`]), when to wake ([`Core::deadline`]), and [`Step`]s: go on,
+//! move, end. The guarantees live here and are property-tested here (`tests` below): every
+//! DATA the device sends is answered exactly once and in order, across any number of moves;
+//! no answer is invented; the ticket never goes backwards; the replay window stays bounded.
+//!
+//! What it keeps: the device's HELLO, the latest CHECKPOINT ticket and the DATA sequence it
+//! covers, the DATA above it (the replay window), the last sequences sent, forwarded and
+//! answered, PUSH renumbering after a fresh move, the device's PINGs in flight, and the
+//! session's [`Phase`].
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder};
+use wasmbed_protocol::codec::{CodecError, FrameCodec};
+use wasmbed_protocol::{Checkpoint, DEFAULT_MAX_FRAME, ErrorCode, Frame, Hello, Kind, Welcome};
+
+/// Bytes queued for one side past which the other side is not read.
+pub const HIGH_WATER: usize = 256 * 1024;
+/// PINGs of a device waiting for the gateway's PONG; past it the proxy answers them itself.
+const MAX_PINGS: usize = 8;
+/// How long a link whose gateway was marked down has to answer the proxy's PING before the
+/// session moves; while the gateway stays down, the link is checked again this often.
+pub const LINK_CHECK: Duration = Duration::from_secs(1);
+/// The sequence of the proxy's own PINGs on a link (not forwarded: the PONG is the proxy's).
+const PROBE_SEQ: u64 = u64::MAX;
+
+/// Why a session moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The gateway closed or reset without GOAWAY, sent garbage, or was marked down.
+    Failover,
+    /// The gateway said GOAWAY.
+    Goaway,
+    /// `drain?move=true`.
+    Drain,
+    /// Rebalancing (`--rebalance on`).
+    Rebalance,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Failover => "failover",
+            Cause::Goaway => "goaway",
+            Cause::Drain => "drain",
+            Cause::Rebalance => "rebalance",
+        }
+    }
+
+    /// Whether the move takes its `--move-rate` slot when it starts relinking. Every cause but
+    /// failover is paced (a dead gateway's sessions go now); a drained or rebalanced session
+    /// took its slot before it let go of its link (which stays up meanwhile), so only a
+    /// GOAWAY's move takes one here.
+    pub fn slot_at_relink(self) -> bool {
+        self == Cause::Goaway
+    }
+}
+
+/// Where the session is with its gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Linked: frames go both ways. `check` is the link's own check after its gateway was
+    /// marked down; `order` a paced move's turn.
+    Linked {
+        check: Check,
+        order: Option<(Instant, Cause)>,
+    },
+    /// The gateway said GOAWAY: its answers still come, nothing new goes to it; its close
+    /// moves the session.
+    Going,
+    /// No gateway: a move is under way (the driver is finding one), since `since`.
+    Moving { cause: Cause, since: Instant },
+}
+
+/// A link's check after its gateway was marked down. Health checks judge a gateway from
+/// outside, and on an overloaded host they time out on gateways that still serve: moving
+/// every session of each gateway a probe timed out on would feed the overload (a storm of
+/// moves, then of more timeouts). So a session first asks its own link: a PING the gateway
+/// answers within [`LINK_CHECK`] keeps the session where it is; no answer moves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The gateway is up: the driver watches for it to be marked down.
+    Watching,
+    /// A PING is out; no PONG by then: move.
+    Pinged { until: Instant },
+    /// The PONG came and the gateway was still marked down: look again then.
+    Answered { again: Instant },
+}
+
+/// How a session ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Closed in order (the device left, or the gateway ended the session and said why).
+    Closed,
+    /// The device gets this ERROR, then the close.
+    Refuse(Frame),
+}
+
+/// What the driver does after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Go,
+    /// Drop the link (the gateway is suspect when `Failover`) and move: [`Core::begin_move`].
+    Move(Cause),
+    End(End),
+}
+
+/// Counts for the proxy's metrics, taken by the driver after each turn ([`Core::take_tally`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Answers dropped because the device already had them.
+    pub duplicates: u64,
+    /// DATA sent again to a new gateway.
+    pub replayed: u64,
+    /// Tickets given up because the window filled with answered DATA no ticket covered.
+    pub overflows: u64,
+}
+
+/// The core's buffers, for the driver's reads and writes ([`Core::io`]).
+pub struct Io<'a> {
+    pub to_device: &'a mut BytesMut,
+    pub to_gateway: &'a mut BytesMut,
+    pub from_device: &'a mut BytesMut,
+    pub from_gateway: &'a mut BytesMut,
+}
+
+/// The session's settings (fixed for its life).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// `--replay-window`: bytes of DATA kept; past it the device is not read.
+    pub replay_window: usize,
+    /// `--forward-checkpoints`: CHECKPOINT frames reach the device too.
+    pub forward_checkpoints: bool,
+}
+
+/// What the proxy keeps of one terminate-mode session.
+pub struct Core {
+    settings: Settings,
+    hello: Hello,
+    /// The latest ticket and the DATA it covers.
+    ticket: Option<Vec<u8>>,
+    covered: u64,
+    /// DATA sent by the device above `covered` (or, with no ticket, not answered yet).
+    window: VecDeque<Frame>,
+    window_bytes: usize,
+    /// The last DATA the device sent; handed to the current (or last) gateway; answered.
+    sent: u64,
+    forwarded: u64,
+    delivered: u64,
+    /// The last PUSH the device got; a fresh session's pushes are numbered on from it.
+    pushed: u64,
+    push_offset: u64,
+    /// The device's PINGs the gateway has not answered yet.
+    pings: Vec<u64>,
+    phase: Phase,
+    /// When the session last moved.
+    moved_at: Option<Instant>,
+    to_device: BytesMut,
+    to_gateway: BytesMut,
+    from_device: BytesMut,
+    from_gateway: BytesMut,
+    device_codec: FrameCodec,
+    gateway_codec: FrameCodec,
+    /// The device closed its side: the session ends once its DATA are answered.
+    device_done: bool,
+    tally: Tally,
+}
+
+/// Appends `frame`'s encoding (the protocol codec's). Every frame here was decoded under the
+/// same maximum, or is a small one the proxy made, so the encoder's size check cannot fail.
+fn put(dst: &mut BytesMut, frame: &Frame) {
+    let _ = FrameCodec::new(DEFAULT_MAX_FRAME).encode(frame, dst);
+}
+
+fn frame_size(frame: &Frame) -> usize {
+    wasmbed_protocol::PREFIX + wasmbed_protocol::HEADER + frame.body.len()
+}
+
+/// Frees a buffer once it is empty: an idle session (most sessions, most of the time) then
+/// holds no buffer at all.
+fn trim(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+}
+
+impl Core {
+    /// A session the first gateway WELCOMEd: `welcome` goes to the device first; `rest` is
+    /// what the gateway sent after it, `pending` what the device sent after its HELLO.
+    pub fn new(
+        settings: Settings,
+        hello: Hello,
+        welcome: &Frame,
+        (rest, pending): (BytesMut, BytesMut),
+    ) -> Core {
+        let mut core = Core {
+            settings,
+            ticket: None,
+            covered: 0,
+            window: VecDeque::new(),
+            window_bytes: 0,
+            sent: 0,
+            forwarded: 0,
+            delivered: 0,
+            pushed: 0,
+            push_offset: 0,
+            pings: Vec::new(),
+            phase: Phase::Linked {
+                check: Check::Watching,
+                order: None,
+            },
+            moved_at: None,
+            to_device: BytesMut::new(),
+            to_gateway: BytesMut::new(),
+            from_device: pending,
+            from_gateway: rest,
+            device_codec: FrameCodec::new(DEFAULT_MAX_FRAME),
+            gateway_codec: FrameCodec::new(DEFAULT_MAX_FRAME),
+            device_done: false,
+            tally: Tally::default(),
+            hello,
+        };
+        // A device resuming its own session: the ticket stays good until the first checkpoint.
+        if let Ok(w) = welcome.decode_body::<Welcome>("WELCOME")
+            && let Some(r) = w.resumed
+        {
+            core.ticket = core.hello.resume.as_ref().map(|t| t.to_vec());
+            (core.covered, core.sent, core.delivered, core.forwarded) =
+                (r.seq, r.seq, r.seq, r.seq);
+        }
+        put(&mut core.to_device, welcome);
+        core
+    }
+
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Why the session is moving (or last moved).
+    pub fn moved_at(&self) -> Option<Instant> {
+        self.moved_at
+    }
+
+    // ---- input -------------------------------------------------------------------------
+
+    /// Bytes the device sent (handled by the next [`Core::advance`]).
+    pub fn device_bytes(&mut self, bytes: &[u8]) {
+        self.from_device.extend_from_slice(bytes);
+    }
+
+    /// The device closed its side: the session ends once its DATA are answered.
+    pub fn device_finished(&mut self) {
+        self.device_done = true;
+    }
+
+    /// Bytes the gateway sent (handled by the next [`Core::advance`]).
+    pub fn gateway_bytes(&mut self, bytes: &[u8]) {
+        if self.linked() {
+            self.from_gateway.extend_from_slice(bytes);
+        }
+    }
+
+    /// Handles every whole frame buffered from both sides; then, when the device is done and
+    /// has every answer, the session ends.
+    pub fn advance(&mut self) -> Step {
+        if let Err(end) = self.on_device_frames() {
+            return Step::End(end);
+        }
+        if self.linked() {
+            let step = self.on_gateway_frames();
+            if step != Step::Go {
+                return step;
+            }
+        }
+        if self.device_done && self.delivered >= self.sent && self.pings.is_empty() {
+            return Step::End(End::Closed);
+        }
+        if self.phase == Phase::Going && !self.pings.is_empty() {
+            self.answer_pings();
+        }
+        for buf in [
+            &mut self.from_device,
+            &mut self.from_gateway,
+            &mut self.to_device,
+            &mut self.to_gateway,
+        ] {
+            trim(buf);
+        }
+        Step::Go
+    }
+
+    /// The gateway's side ended: in order (`clean`: end of stream) or not (reset, error).
+    pub fn gateway_closed(&mut self, clean: bool) -> Step {
+        if clean && self.device_done && self.phase != Phase::Going {
+            return Step::End(End::Closed);
+        }
+        Step::Move(if clean && self.phase == Phase::Going {
+            Cause::Goaway
+        } else {
+            Cause::Failover
+        })
+    }
+
+    /// The gateway was marked down (health checks). Unless it said GOAWAY (its close will
+    /// move the session), the link is asked first: a PING with [`LINK_CHECK`] to answer.
+    pub fn gateway_down(&mut self, now: Instant) {
+        if let Phase::Linked { check, .. } = &mut self.phase {
+            *check = Check::Pinged {
+                until: now + LINK_CHECK,
+            };
+            put(&mut self.to_gateway, &Frame::new(Kind::Ping, PROBE_SEQ, []));
+        }
+    }
+
+    /// The time is `now` (at or after [`Core::deadline`]); `healthy`: the gateway's state.
+    pub fn tick(&mut self, now: Instant, healthy: bool) -> Step {
+        let Phase::Linked { check, order } = &mut self.phase else {
+            return Step::Go;
+        };
+        match *check {
+            Check::Pinged { until } if now >= until => return Step::Move(Cause::Failover),
+            Check::Answered { again } if now >= again => {
+                if healthy {
+                    *check = Check::Watching;
+                } else {
+                    *check = Check::Pinged {
+                        until: now + LINK_CHECK,
+                    };
+                    put(&mut self.to_gateway, &Frame::new(Kind::Ping, PROBE_SEQ, []));
+                }
+            }
+            _ => {}
+        }
+        if let Some((at, cause)) = *order
+            && now >= at
+        {
+            *order = None;
+            return Step::Move(cause);
+        }
+        Step::Go
+    }
+
+    /// Whether a move order (drain, rebalance) may be taken now: linked, not already ordered
+    /// to move, and for a rebalance, not moved within `cooldown`.
+    pub fn takes_order(&self, cause: Cause, now: Instant, cooldown: Duration) -> bool {
+        let cooling = cause == Cause::Rebalance
+            && self
+                .moved_at
+                .is_some_and(|t| now.saturating_duration_since(t) < cooldown);
+        matches!(self.phase, Phase::Linked { order: None, .. }) && !cooling
+    }
+
+    /// A move ordered for `at` (its `--move-rate` slot).
+    pub fn order(&mut self, cause: Cause, at: Instant) {
+        if let Phase::Linked { order, .. } = &mut self.phase {
+            *order = Some((at, cause));
+        }
+    }
+
+    /// The link is dropped and a move begins at `now`: the device's PINGs are answered by the
+    /// proxy, nothing more goes to the old gateway. Returns the HELLO to open the session
+    /// elsewhere: the device's, with the latest ticket.
+    pub fn begin_move(&mut self, cause: Cause, now: Instant) -> Vec<u8> {
+        self.phase = Phase::Moving { cause, since: now };
+        self.to_gateway.clear();
+        self.from_gateway.clear();
+        self.answer_pings();
+        let mut hello = self.hello.clone();
+        hello.resume = self
+            .ticket
+            .as_ref()
+            .map(|t| serde_bytes::ByteBuf::from(t.clone()));
+        Frame::control(Kind::Hello, 0, &hello).encode()
+    }
+
+    /// A new gateway took the session at `now` with `welcome`, and sent `rest` after it: the
+    /// window is replayed above what its WELCOME covers. Returns `resumed` or `fresh`, and the
+    /// pause since the move began.
+    pub fn relinked(
+        &mut self,
+        welcome: &Welcome,
+        rest: BytesMut,
+        now: Instant,
+    ) -> (&'static str, Duration) {
+        let since = match self.phase {
+            Phase::Moving { since, .. } => since,
+            _ => now,
+        };
+        let (from, result) = match &welcome.resumed {
+            Some(r) => (r.seq, "resumed"),
+            None => {
+                // A new session: the ticket describes nothing there, PUSHes count from 1.
+                self.ticket = None;
+                self.covered = 0;
+                self.push_offset = self.pushed;
+                (self.delivered, "fresh")
+            }
+        };
+        let mut replayed = 0;
+        for f in self.window.iter().filter(|f| f.seq > from) {
+            put(&mut self.to_gateway, f);
+            // Sent before to the old gateway: a replay (the rest is new to any gateway).
+            replayed += u64::from(f.seq <= self.forwarded);
+        }
+        self.forwarded = self.sent;
+        self.tally.replayed += replayed;
+        self.gateway_codec = FrameCodec::new(DEFAULT_MAX_FRAME);
+        self.from_gateway = rest;
+        self.phase = Phase::Linked {
+            check: Check::Watching,
+            order: None,
+        };
+        self.moved_at = Some(now);
+        self.prune();
+        (result, now.saturating_duration_since(since))
+    }
+
+    /// No gateway took the session in time.
+    pub fn relink_failed(&mut self) -> End {
+        let text = "no gateway took the session in time".to_string();
+        End::Refuse(ErrorCode::Unavailable.frame(0, text))
+    }
+
+    /// The device's certificate was revoked (a CRL reload).
+    pub fn revoked(&mut self) -> End {
+        let text = "the device's certificate was revoked".to_string();
+        End::Refuse(ErrorCode::Revoked.frame(0, text))
+    }
+
+    // ---- output ------------------------------------------------------------------------
+
+    /// The four buffers, borrowed apart for the driver's I/O: it writes from the front of
+    /// the `to_` ones and reads into the `from_` ones (handled by the next
+    /// [`Core::advance`]), with no copy in between.
+    pub fn io(&mut self) -> Io<'_> {
+        Io {
+            to_device: &mut self.to_device,
+            to_gateway: &mut self.to_gateway,
+            from_device: &mut self.from_device,
+            from_gateway: &mut self.from_gateway,
+        }
+    }
+
+    /// A last frame for the device (the ERROR of an [`End::Refuse`]).
+    pub fn push_to_device(&mut self, frame: &Frame) {
+        put(&mut self.to_device, frame);
+    }
+
+    /// Whether the device is read: not done, the window has room, neither side is backed up.
+    pub fn reading_device(&self) -> bool {
+        !self.device_done
+            && self.window_bytes < self.settings.replay_window
+            && self.to_gateway.len() < HIGH_WATER
+            && self.to_device.len() < HIGH_WATER
+    }
+
+    /// Whether the gateway is read (there is one and the device is not backed up).
+    pub fn reading_gateway(&self) -> bool {
+        self.linked() && self.to_device.len() < HIGH_WATER
+    }
+
+    /// Whether bytes go to the gateway (linked and it did not say GOAWAY).
+    pub fn writing_gateway(&self) -> bool {
+        matches!(self.phase, Phase::Linked { .. })
+    }
+
+    /// Whether the driver watches the gateway for being marked down.
+    pub fn watching_down(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Linked {
+                check: Check::Watching,
+                ..
+            }
+        )
+    }
+
+    /// When [`Core::tick`] is due next.
+    pub fn deadline(&self) -> Option<Instant> {
+        let Phase::Linked { check, order } = self.phase else {
+            return None;
+        };
+        let check = match check {
+            Check::Watching => None,
+            Check::Pinged { until } => Some(until),
+            Check::Answered { again } => Some(again),
+        };
+        match (check, order.map(|o| o.0)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The counts since the last call.
+    pub fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
+    }
+
+    /// Bytes of DATA held for replay.
+    pub fn window_bytes(&self) -> usize {
+        self.window_bytes
+    }
+
+    // ---- inside ------------------------------------------------------------------------
+
+    /// When the link's PING is due to be answered, while one is out.
+    fn pinged(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Linked {
+                check: Check::Pinged { until },
+                ..
+            } => Some(until),
+            _ => None,
+        }
+    }
+
+    fn linked(&self) -> bool {
+        !matches!(self.phase, Phase::Moving { .. })
+    }
+
+    /// Handles the device's buffered frames.
+    fn on_device_frames(&mut self) -> Result<(), End> {
+        loop {
+            let frame = match self.device_codec.decode(&mut self.from_device) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(CodecError::Protocol(e)) => {
+                    return Err(End::Refuse(e.code().frame(0, e.to_string())));
+                }
+                Err(CodecError::Io(_)) => return Err(End::Closed),
+            };
+            let open = self.writing_gateway();
+            match frame.kind {
+                Kind::Data => {
+                    if frame.seq <= self.sent {
+                        let text = format!(
+                            "DATA {} after DATA {}: sequences must increase",
+                            frame.seq, self.sent
+                        );
+                        return Err(End::Refuse(ErrorCode::BadFrame.frame(frame.seq, text)));
+                    }
+                    self.sent = frame.seq;
+                    if open {
+                        put(&mut self.to_gateway, &frame);
+                        self.forwarded = frame.seq;
+                    }
+                    self.window_bytes += frame_size(&frame);
+                    self.window.push_back(frame);
+                }
+                Kind::Ping if open && self.pings.len() < MAX_PINGS => {
+                    self.pings.push(frame.seq);
+                    put(&mut self.to_gateway, &frame);
+                }
+                Kind::Ping => put(&mut self.to_device, &Frame::new(Kind::Pong, frame.seq, [])),
+                Kind::Pong if open => put(&mut self.to_gateway, &frame),
+                Kind::Pong => {}
+                Kind::Hello => {
+                    let text = "HELLO sent twice".to_string();
+                    return Err(End::Refuse(ErrorCode::BadHello.frame(frame.seq, text)));
+                }
+                other => {
+                    let text = format!("a device may not send {}", other.as_str());
+                    return Err(End::Refuse(ErrorCode::BadFrame.frame(frame.seq, text)));
+                }
+            }
+        }
+    }
+
+    /// Handles the gateway's buffered frames.
+    fn on_gateway_frames(&mut self) -> Step {
+        loop {
+            let frame = match self.gateway_codec.decode(&mut self.from_gateway) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Step::Go,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the gateway sent a bad frame: moving");
+                    return Step::Move(Cause::Failover);
+                }
+            };
+            match frame.kind {
+                // An answer to DATA the device never sent would make later real answers look
+                // like duplicates: that gateway is not believed.
+                Kind::Reply | Kind::Error if frame.seq > self.sent => {
+                    tracing::debug!(
+                        seq = frame.seq,
+                        sent = self.sent,
+                        "the gateway answered DATA never sent: moving"
+                    );
+                    return Step::Move(Cause::Failover);
+                }
+                Kind::Reply | Kind::Error if frame.seq > 0 => {
+                    if frame.seq > self.delivered {
+                        self.delivered = frame.seq;
+                        put(&mut self.to_device, &frame);
+                        self.prune();
+                    } else {
+                        self.tally.duplicates += 1;
+                    }
+                }
+                // The gateway ended the session (too many traps, idle): the device is told.
+                Kind::Error => {
+                    put(&mut self.to_device, &frame);
+                    return Step::End(End::Closed);
+                }
+                Kind::Push => {
+                    let seq = frame.seq + self.push_offset;
+                    if seq > self.pushed {
+                        self.pushed = seq;
+                        put(
+                            &mut self.to_device,
+                            &Frame::new(Kind::Push, seq, frame.body),
+                        );
+                    } else {
+                        self.tally.duplicates += 1;
+                    }
+                }
+                Kind::Pong if frame.seq == PROBE_SEQ && self.pinged().is_some() => {
+                    // The link answered the proxy's own PING: it stays; look again later.
+                    if let (Some(until), Phase::Linked { check, .. }) =
+                        (self.pinged(), &mut self.phase)
+                    {
+                        *check = Check::Answered { again: until };
+                    }
+                }
+                Kind::Pong => {
+                    self.pings.retain(|&s| s != frame.seq);
+                    put(&mut self.to_device, &frame);
+                }
+                Kind::Ping => put(&mut self.to_device, &frame),
+                // A ticket claiming DATA not answered yet would prune DATA still owed an answer.
+                Kind::Checkpoint if frame.seq > self.delivered => {
+                    tracing::debug!(
+                        seq = frame.seq,
+                        delivered = self.delivered,
+                        "CHECKPOINT beyond the answers: moving"
+                    );
+                    return Step::Move(Cause::Failover);
+                }
+                Kind::Checkpoint => match frame.decode_body::<Checkpoint>("CHECKPOINT") {
+                    Ok(c) => {
+                        if self.settings.forward_checkpoints {
+                            put(&mut self.to_device, &frame);
+                        }
+                        // A ticket never goes backwards: an older one than held is ignored.
+                        if self.ticket.is_none() || frame.seq >= self.covered {
+                            self.ticket = Some(c.ticket.into_vec());
+                            self.covered = frame.seq;
+                        }
+                        self.prune();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bad CHECKPOINT from the gateway: moving");
+                        return Step::Move(Cause::Failover);
+                    }
+                },
+                Kind::Goaway => {
+                    if matches!(self.phase, Phase::Linked { .. }) {
+                        self.phase = Phase::Going;
+                    }
+                }
+                other => {
+                    tracing::debug!(
+                        kind = other.as_str(),
+                        "the gateway sent a frame it may not send: moving"
+                    );
+                    return Step::Move(Cause::Failover);
+                }
+            }
+        }
+    }
+
+    /// Answers the PINGs the gateway will not: the link is going or gone.
+    fn answer_pings(&mut self) {
+        for seq in std::mem::take(&mut self.pings) {
+            put(&mut self.to_device, &Frame::new(Kind::Pong, seq, []));
+        }
+    }
+
+    /// Drops the DATA a move would not replay: covered by the ticket, or (with no ticket)
+    /// answered. A window full of answered DATA that no checkpoint covers would never drain:
+    /// the ticket goes (a later move starts the app afresh), counted.
+    fn prune(&mut self) {
+        let floor = if self.ticket.is_some() {
+            self.covered
+        } else {
+            self.delivered
+        };
+        while self.window.front().is_some_and(|f| f.seq <= floor) {
+            if let Some(f) = self.window.pop_front() {
+                self.window_bytes -= frame_size(&f);
+            }
+        }
+        let all_answered = self.window.back().is_none_or(|f| f.seq <= self.delivered);
+        if self.ticket.is_some() && self.window_bytes >= self.settings.replay_window && all_answered
+        {
+            tracing::debug!("replay window full of answered DATA with no checkpoint");
+            self.tally.overflows += 1;
+            self.ticket = None;
+            self.prune();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core's guarantees under random interleavings: a model device (DATA with increasing
+    //! sequences, PINGs) and model gateways (each answers DATA in order, checkpoints at a
+    //! random cadence, pushes, may say GOAWAY, crash, stop answering, or lose what is in
+    //! flight) drive one [`Core`] through any number of moves, orders and link checks.
+    //! After every step: the device's answers are in order and never twice, never for DATA
+    //! it did not send; its PUSHes increase; the ticket never goes backwards; the window stays
+    //! bounded. At the end, with a gateway that stays: every DATA was answered exactly once,
+    //! and, when every gateway shares the key ring and every move had a ticket to carry, the
+    //! app's state moved with the session (REPLY n carries the n-th count). (A move before the
+    //! first CHECKPOINT arrives, with answers already delivered, starts the app afresh: the
+    //! answered DATA are not replayed to a fresh session, by design.)
+
+    use std::collections::VecDeque;
+    use std::time::{Duration, Instant};
+
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+    use tokio_util::codec::Decoder;
+    use wasmbed_protocol::codec::FrameCodec;
+    use wasmbed_protocol::{Checkpoint, Frame, Hello, Kind, Resumed, Welcome};
+
+    use super::*;
+
+    const WINDOW: usize = 600;
+
+    /// A gateway's session: the app is a counter; tickets carry `(last DATA, count)`.
+    struct Gateway {
+        last: u64,
+        count: u64,
+        pushes: u64,
+        codec: FrameCodec,
+        inbox: BytesMut,
+        /// Frames sent towards the proxy, not yet delivered (lost if the gateway crashes).
+        outbox: VecDeque<Frame>,
+        /// Checkpoint after every `cadence`-th REPLY (0: never: no key ring).
+        cadence: u64,
+        replies: u64,
+        /// It said GOAWAY: it answers what it has, then closes.
+        going: bool,
+        /// It stopped answering (hung): nothing it gets is answered.
+        hung: bool,
+    }
+
+    fn ticket(last: u64, count: u64) -> Vec<u8> {
+        [last.to_be_bytes(), count.to_be_bytes()].concat()
+    }
+
+    impl Gateway {
+        /// A gateway that got `hello`: resumes from its ticket when it has the key ring.
+        fn open(hello: &[u8], cadence: u64) -> (Gateway, Welcome) {
+            let mut buf = BytesMut::from(hello);
+            let frame = FrameCodec::new(DEFAULT_MAX_FRAME)
+                .decode(&mut buf)
+                .unwrap()
+                .unwrap();
+            let hello: Hello = frame.decode_body("HELLO").unwrap();
+            let mut gw = Gateway {
+                last: 0,
+                count: 0,
+                pushes: 0,
+                codec: FrameCodec::new(DEFAULT_MAX_FRAME),
+                inbox: BytesMut::new(),
+                outbox: VecDeque::new(),
+                cadence,
+                replies: 0,
+                going: false,
+                hung: false,
+            };
+            let resumed = match (&hello.resume, cadence) {
+                (Some(t), 1..) => {
+                    gw.last = u64::from_be_bytes(t[..8].try_into().unwrap());
+                    gw.count = u64::from_be_bytes(t[8..].try_into().unwrap());
+                    Some(Resumed {
+                        seq: gw.last,
+                        state: "restored".into(),
+                    })
+                }
+                _ => None,
+            };
+            let welcome = Welcome {
+                session: "s".into(),
+                gateway: "g".into(),
+                resume_refused: (hello.resume.is_some() && resumed.is_none())
+                    .then(|| "bad_ticket".into()),
+                resumed,
+            };
+            (gw, welcome)
+        }
+
+        /// Takes bytes from the proxy and answers the whole frames among them.
+        fn take(&mut self, bytes: &[u8]) {
+            self.inbox.extend_from_slice(bytes);
+            while let Some(f) = self.codec.decode(&mut self.inbox).unwrap() {
+                if self.hung {
+                    continue;
+                }
+                match f.kind {
+                    Kind::Data if f.seq > self.last => {
+                        self.last = f.seq;
+                        self.count += 1;
+                        self.outbox.push_back(Frame::new(
+                            Kind::Reply,
+                            f.seq,
+                            self.count.to_be_bytes().to_vec(),
+                        ));
+                        self.replies += 1;
+                        if self.cadence > 0 && self.replies % self.cadence == 0 {
+                            let c = Checkpoint {
+                                ticket: serde_bytes::ByteBuf::from(ticket(self.last, self.count)),
+                            };
+                            self.outbox
+                                .push_back(Frame::control(Kind::Checkpoint, self.last, &c));
+                        }
+                    }
+                    Kind::Data => panic!("DATA {} replayed at or below {}", f.seq, self.last),
+                    Kind::Ping => self.outbox.push_back(Frame::new(Kind::Pong, f.seq, [])),
+                    Kind::Pong => {}
+                    other => panic!("the proxy sent a gateway {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// The device: what it sent, what it got.
+    #[derive(Default)]
+    struct Device {
+        sent: u64,
+        answers: Vec<(u64, u64)>,
+        pushes: Vec<u64>,
+        codec: Option<FrameCodec>,
+        inbox: BytesMut,
+        welcomed: bool,
+    }
+
+    impl Device {
+        fn take(&mut self, bytes: &[u8]) {
+            self.inbox.extend_from_slice(bytes);
+            let codec = self
+                .codec
+                .get_or_insert_with(|| FrameCodec::new(DEFAULT_MAX_FRAME));
+            while let Some(f) = codec.decode(&mut self.inbox).unwrap() {
+                match f.kind {
+                    Kind::Welcome => {
+                        assert!(!self.welcomed, "a second WELCOME reached the device");
+                        self.welcomed = true;
+                    }
+                    Kind::Reply => {
+                        assert!(f.seq <= self.sent, "answer to DATA {} never sent", f.seq);
+                        if let Some(&(last, _)) = self.answers.last() {
+                            assert!(f.seq > last, "REPLY {} after REPLY {last}", f.seq);
+                        }
+                        let count = u64::from_be_bytes(f.body[..8].try_into().unwrap());
+                        self.answers.push((f.seq, count));
+                    }
+                    Kind::Push => {
+                        if let Some(&last) = self.pushes.last() {
+                            assert!(f.seq > last, "PUSH {} after PUSH {last}", f.seq);
+                        }
+                        self.pushes.push(f.seq);
+                    }
+                    Kind::Pong | Kind::Checkpoint => {}
+                    other => panic!("the device got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// The device sends DATA of this many bytes (when the proxy reads it).
+        Data(usize),
+        Ping,
+        /// The device's bytes reach the proxy in two parts, split here.
+        Split(usize),
+        /// The gateway gets what the proxy wrote; up to n of its frames reach the proxy.
+        Deliver(usize),
+        Push,
+        /// The gateway dies: what it had not delivered is lost.
+        Crash,
+        Goaway,
+        /// Marked down by health checks; `answers`: its link still answers the PING.
+        Down {
+            answers: bool,
+        },
+        Hang,
+        Order(bool),
+        /// Time passes.
+        Wait(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (1usize..120).prop_map(Op::Data),
+            1 => Just(Op::Ping),
+            1 => (1usize..40).prop_map(Op::Split),
+            6 => (0usize..6).prop_map(Op::Deliver),
+            1 => Just(Op::Push),
+            1 => Just(Op::Crash),
+            1 => Just(Op::Goaway),
+            1 => any::<bool>().prop_map(|answers| Op::Down { answers }),
+            1 => Just(Op::Hang),
+            1 => any::<bool>().prop_map(Op::Order),
+            1 => (0u64..1500).prop_map(Op::Wait),
+        ]
+    }
+
+    /// One session under test.
+    struct World {
+        core: Core,
+        device: Device,
+        gateway: Option<Gateway>,
+        now: Instant,
+        cadence: u64,
+        /// Device bytes not yet given to the proxy.
+        pending: BytesMut,
+        /// A clean close of the gateway is due once its outbox is delivered.
+        closing: bool,
+        ticket_floor: u64,
+        max_window: usize,
+        /// A move happened while answers had been delivered and no ticket covered them:
+        /// the app's state could not move (the gateway's CHECKPOINT was still in flight).
+        unticketed_move: bool,
+    }
+
+    impl World {
+        fn new(cadence: u64) -> World {
+            let hello = Hello {
+                device: "d".into(),
+                app: "counter".into(),
+                resume: None,
+            };
+            let bytes = Frame::control(Kind::Hello, 0, &hello).encode();
+            let (gateway, welcome) = Gateway::open(&bytes, cadence);
+            let welcome = Frame::control(Kind::Welcome, 0, &welcome);
+            let settings = Settings {
+                replay_window: WINDOW,
+                forward_checkpoints: false,
+            };
+            let core = Core::new(
+                settings,
+                hello,
+                &welcome,
+                (BytesMut::new(), BytesMut::new()),
+            );
+            World {
+                core,
+                device: Device::default(),
+                gateway: Some(gateway),
+                now: Instant::now(),
+                cadence,
+                pending: BytesMut::new(),
+                closing: false,
+                ticket_floor: 0,
+                max_window: 0,
+                unticketed_move: false,
+            }
+        }
+
+        /// Hands the core's output on, then does what its step says.
+        fn settle(&mut self, mut step: Step) {
+            loop {
+                if step == Step::Go {
+                    step = self.core.advance();
+                }
+                match std::mem::replace(&mut step, Step::Go) {
+                    Step::Go => break,
+                    Step::End(end) => panic!("the session ended: {end:?}"),
+                    Step::Move(cause) => self.relink(cause),
+                }
+            }
+            let io = self.core.io();
+            let to_device = io.to_device.split();
+            let to_gateway = io.to_gateway.split();
+            self.device.take(&to_device);
+            if let Some(g) = &mut self.gateway
+                && self.core.writing_gateway()
+            {
+                g.take(&to_gateway);
+            }
+            self.check();
+        }
+
+        fn relink(&mut self, cause: Cause) {
+            self.gateway = None;
+            self.closing = false;
+            self.unticketed_move |= self.core.ticket.is_none() && self.core.delivered > 0;
+            let hello = self.core.begin_move(cause, self.now);
+            let (gateway, welcome) = Gateway::open(&hello, self.cadence);
+            self.gateway = Some(gateway);
+            self.core.relinked(&welcome, BytesMut::new(), self.now);
+        }
+
+        fn check(&mut self) {
+            let c = &self.core;
+            if c.ticket.is_some() {
+                assert!(
+                    c.covered >= self.ticket_floor,
+                    "ticket went back from {} to {}",
+                    self.ticket_floor,
+                    c.covered
+                );
+                self.ticket_floor = c.covered;
+            }
+            // Bounded: the window stops the device's reads at the limit; one read may bring
+            // at most what the device had pending.
+            self.max_window = self.max_window.max(c.window_bytes);
+            assert!(
+                c.window_bytes <= WINDOW + 4096,
+                "window {} over the limit",
+                c.window_bytes
+            );
+            assert_eq!(
+                c.window_bytes,
+                c.window.iter().map(frame_size).sum::<usize>()
+            );
+        }
+
+        fn device_send(&mut self, frame: Frame) {
+            self.pending.extend_from_slice(&frame.encode());
+            self.feed_device(usize::MAX);
+        }
+
+        fn feed_device(&mut self, at_most: usize) {
+            if !self.core.reading_device() || self.pending.is_empty() {
+                return;
+            }
+            let n = at_most.min(self.pending.len());
+            let part = self.pending.split_to(n);
+            self.core.device_bytes(&part);
+            self.settle(Step::Go);
+        }
+
+        fn deliver(&mut self, n: usize) {
+            for _ in 0..n {
+                let Some(g) = &mut self.gateway else { return };
+                let Some(f) = g.outbox.pop_front() else { break };
+                self.core.gateway_bytes(&f.encode());
+                self.settle(Step::Go);
+            }
+            let emptied = self.gateway.as_ref().is_some_and(|g| g.outbox.is_empty());
+            if self.closing && emptied {
+                self.closing = false;
+                let step = self.core.gateway_closed(true);
+                self.settle(step);
+            }
+        }
+
+        fn apply(&mut self, op: Op) {
+            match op {
+                Op::Data(len) => {
+                    if self.core.reading_device() {
+                        self.device.sent += 1;
+                        let f = Frame::new(Kind::Data, self.device.sent, vec![7u8; len]);
+                        self.device_send(f);
+                    }
+                }
+                Op::Ping => self.device_send(Frame::new(Kind::Ping, 1000 + self.device.sent, [])),
+                Op::Split(at) => self.feed_device(at),
+                Op::Deliver(n) => {
+                    self.feed_device(usize::MAX);
+                    self.deliver(n);
+                }
+                Op::Push => {
+                    if let Some(g) = &mut self.gateway
+                        && !g.hung
+                    {
+                        g.pushes += 1;
+                        g.outbox.push_back(Frame::new(Kind::Push, g.pushes, [1]));
+                    }
+                }
+                Op::Crash => {
+                    if self.gateway.take().is_some() {
+                        let step = self.core.gateway_closed(false);
+                        self.settle(step);
+                    }
+                }
+                Op::Goaway => {
+                    if let Some(g) = &mut self.gateway
+                        && !g.going
+                        && !g.hung
+                    {
+                        g.going = true;
+                        g.outbox.push_back(Frame::new(Kind::Goaway, 0, []));
+                        self.closing = true;
+                    }
+                }
+                Op::Down { answers } => {
+                    if self.gateway.is_some() && self.core.watching_down() {
+                        self.core.gateway_down(self.now);
+                        if let Some(g) = &mut self.gateway {
+                            g.hung |= !answers;
+                        }
+                        self.settle(Step::Go);
+                    }
+                }
+                Op::Hang => {
+                    if let Some(g) = &mut self.gateway {
+                        g.hung = true;
+                    }
+                }
+                Op::Order(drain) => {
+                    let cause = if drain {
+                        Cause::Drain
+                    } else {
+                        Cause::Rebalance
+                    };
+                    if self
+                        .core
+                        .takes_order(cause, self.now, Duration::from_secs(1))
+                    {
+                        self.core
+                            .order(cause, self.now + Duration::from_millis(200));
+                    }
+                }
+                Op::Wait(ms) => {
+                    self.now += Duration::from_millis(ms);
+                    if self.core.deadline().is_some_and(|d| d <= self.now) {
+                        let step = self.core.tick(self.now, false);
+                        self.settle(step);
+                    }
+                }
+            }
+        }
+
+        /// The device stops sending; a gateway that stays answers everything.
+        fn finish(&mut self) {
+            for _ in 0..10_000 {
+                let hung = self.gateway.as_ref().is_none_or(|g| g.hung);
+                if hung {
+                    // A hung gateway's link check fails: the session moves.
+                    self.relink(Cause::Failover);
+                }
+                self.feed_device(usize::MAX);
+                self.deliver(usize::MAX);
+                self.settle(Step::Go);
+                let idle = self.pending.is_empty()
+                    && self.gateway.as_ref().is_some_and(|g| g.outbox.is_empty())
+                    && !self.closing;
+                if idle && self.device.answers.len() as u64 == self.device.sent {
+                    return;
+                }
+                if idle && self.gateway.as_ref().is_some_and(|g| g.going) {
+                    // The close after GOAWAY was delivered: it moved; go on with the next.
+                    continue;
+                }
+            }
+            panic!("the session did not settle");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_data_is_answered_once_in_order(
+            ops in proptest::collection::vec(op(), 1..120),
+            cadence in 0u64..4,
+        ) {
+            let mut world = World::new(cadence);
+            for op in ops {
+                world.apply(op);
+            }
+            world.finish();
+            let seqs: Vec<u64> = world.device.answers.iter().map(|a| a.0).collect();
+            let want: Vec<u64> = (1..=world.device.sent).collect();
+            prop_assert_eq!(seqs, want);
+            if cadence >= 1 && !world.unticketed_move {
+                // Every gateway shares the ring and checkpoints, and every move had a ticket
+                // to carry: the count moved with the session, so REPLY n is the n-th.
+                for (seq, count) in &world.device.answers {
+                    prop_assert_eq!(seq, count, "app state restarted");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_link_that_answers_its_check_stays() {
+        let mut world = World::new(1);
+        world.apply(Op::Data(10));
+        world.apply(Op::Deliver(5));
+        world.apply(Op::Down { answers: true });
+        assert!(matches!(
+            world.core.phase(),
+            Phase::Linked {
+                check: Check::Pinged { .. },
+                ..
+            }
+        ));
+        world.apply(Op::Deliver(5));
+        assert!(matches!(
+            world.core.phase(),
+            Phase::Linked {
+                check: Check::Answered { .. },
+                ..
+            }
+        ));
+        // Still marked down a second later: checked again; not moved.
+        world.apply(Op::Wait(1000));
+        assert!(matches!(
+            world.core.phase(),
+            Phase::Linked {
+                check: Check::Pinged { .. },
+                ..
+            }
+        ));
+        world.apply(Op::Deliver(5));
+        let step = world.core.tick(world.now + LINK_CHECK, true);
+        assert_eq!(step, Step::Go);
+        assert!(world.core.watching_down());
+    }
+
+    #[test]
+    fn a_link_that_does_not_answer_moves_the_session() {
+        let mut world = World::new(1);
+        world.apply(Op::Data(10));
+        world.apply(Op::Deliver(5));
+        world.apply(Op::Down { answers: false });
+        let before = world.core.moved_at();
+        world.apply(Op::Wait(999));
+        assert_eq!(world.core.moved_at(), before);
+        world.apply(Op::Wait(1));
+        assert!(
+            world.core.moved_at().is_some(),
+            "not moved after the check timed out"
+        );
+    }
+}

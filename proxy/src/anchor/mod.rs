@@ -1,0 +1,743 @@
+//! anchor: a terminate-mode session, held by the proxy so that it can move between gateways.
+//!
+//! Two layers. [`core`] is the session's state and rules with no I/O and no clock: the
+//! device's HELLO, the latest CHECKPOINT ticket (absorbed; passed on only with
+//! `--forward-checkpoints`), the DATA not covered by that ticket (the replay window), dedup of
+//! answers by sequence, PUSH renumbering, and the move state machine ([`core::Phase`]). This
+//! file is its driver: one task per session that moves bytes between the device, the gateway
+//! and the core, and turns the core's [`core::Step`]s into I/O: a lease on another gateway,
+//! HELLO with the device's identity and the ticket, WELCOME `resumed`, the window replayed.
+//! The device keeps its one connection and sees every answer exactly once.
+//!
+//! When the gateway closes without GOAWAY, resets, is marked down (and its link does not
+//! answer a PING), sends garbage, says GOAWAY, or is drained or rebalanced by moving, the
+//! session moves. Per session the proxy holds the frames of the window (bounded by
+//! `--replay-window`: past it, the device is not read) and the ticket.
+
+pub mod core;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use metrics::counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use wasmbed_protocol::codec::FrameCodec;
+use wasmbed_protocol::{DEFAULT_MAX_FRAME, Frame, Hello, Kind, Welcome};
+
+pub use self::core::{Cause, LINK_CHECK};
+use self::core::{Core, End, Phase, Settings, Step, Tally};
+
+use crate::balancer::{Gateway, Lease};
+use crate::metrics::{MOVES, REVOKED, SESSIONS_CANCELLED, UPSTREAM_HANDSHAKES};
+use crate::session::{Context, Upstream};
+
+/// The device's TLS stream.
+pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// A device's connection, decrypted: TLS over TCP, or a QUIC stream.
+pub(crate) trait DeviceStream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+    /// Ends the connection abruptly (a shutdown's cut): the device reconnects at once.
+    fn cut(&self);
+
+    /// Sends `last` (what the device is owed: an ERROR, answers), then closes in order,
+    /// within `within`: the one way every transport ends a session it does not cut, so a
+    /// refusal's ERROR reaches the device before the close on each of them.
+    fn goodbye<'a>(&'a mut self, last: &'a [u8], how: Close, within: Duration) -> Goodbye<'a>;
+}
+
+/// How a session ends in order (QUIC says which in its close code: [`crate::quic`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// The session ended (the device left, or the gateway ended it and said why).
+    Done,
+    /// The proxy refused the session or ended it for cause; an ERROR frame says why.
+    Refused,
+}
+
+/// The future of [`DeviceStream::goodbye`].
+pub(crate) type Goodbye<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+impl DeviceStream for Device {
+    fn cut(&self) {
+        crate::listener::reset_on_close(self.get_ref().0);
+    }
+
+    /// TLS over TCP: the bytes, `close_notify` and FIN (the kernel sends what is queued
+    /// before the FIN).
+    fn goodbye<'a>(&'a mut self, last: &'a [u8], _how: Close, within: Duration) -> Goodbye<'a> {
+        Box::pin(async move {
+            let bye = async {
+                self.write_all(last).await?;
+                self.shutdown().await
+            };
+            let _ = tokio::time::timeout(within, bye).await;
+        })
+    }
+}
+
+/// The device's side of a session: its TLS stream and its certificate's serial number (for
+/// revocation at a CRL reload).
+pub(crate) struct DeviceSide {
+    /// Boxed: an async fn keeps its arguments in its future for its whole life, and a TLS
+    /// stream is over a kilobyte.
+    pub tls: Box<dyn DeviceStream>,
+    pub serial: Option<Vec<u8>>,
+    /// For a PROXY protocol header on each link, where the gateway's pool wants one.
+    pub origin: crate::proxy_protocol::Origin,
+}
+
+/// Between two rounds over every gateway while a session waits for one to take it.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// Spaces moves at `--move-rate`: each takes the next free slot.
+pub struct Pacer {
+    /// The next free slot, and the gap between two slots.
+    state: Mutex<(Instant, Duration)>,
+}
+
+impl Pacer {
+    pub fn new(per_second: u32) -> Pacer {
+        Pacer {
+            state: Mutex::new((Instant::now(), Self::gap(per_second))),
+        }
+    }
+
+    fn gap(per_second: u32) -> Duration {
+        Duration::from_secs(1) / per_second.max(1)
+    }
+
+    /// Changes the rate (a config reload); slots already handed out stay.
+    pub fn set_rate(&self, per_second: u32) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = Self::gap(per_second);
+    }
+
+    /// The instant this move may start.
+    pub fn slot(&self) -> Instant {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = state.0.max(Instant::now());
+        state.0 = slot + state.1;
+        slot
+    }
+}
+
+/// A session's connection to its gateway (the seam a multiplexed link will replace).
+pub(crate) struct Link {
+    lease: Lease,
+    read: ReadHalf<Box<dyn Upstream>>,
+    write: WriteHalf<Box<dyn Upstream>>,
+    /// Cancelled when the gateway goes down (`None`: not watched, while the link is checked
+    /// by PINGs instead: [`core::Check`]).
+    down: Option<CancellationToken>,
+    orders: tokio::sync::watch::Receiver<u64>,
+    /// Bytes written since the last flush.
+    dirty: bool,
+}
+
+impl Link {
+    pub(crate) fn new(lease: Lease, up: Box<dyn Upstream>) -> Link {
+        let gateway = lease.gateway().clone();
+        gateway.sessions_started.increment(1);
+        tracing::Span::current().record("gateway", gateway.name.as_str());
+        let (read, write) = tokio::io::split(up);
+        let mut orders = gateway.move_orders();
+        orders.mark_unchanged();
+        Link {
+            down: gateway.session_token(),
+            orders,
+            lease,
+            read,
+            write,
+            dirty: false,
+        }
+    }
+
+    fn gateway(&self) -> &Arc<Gateway> {
+        self.lease.gateway()
+    }
+}
+
+/// A gateway that took a moved session.
+struct Relinked {
+    link: Link,
+    welcome: Welcome,
+    /// What the gateway sent after WELCOME.
+    rest: BytesMut,
+}
+
+type Moving = Pin<Box<dyn Future<Output = Option<Relinked>> + Send>>;
+
+/// Bytes one read takes, through a buffer on the stack ([`read_into`]).
+const READ_CHUNK: usize = 16 << 10;
+
+/// Reads what is there into `buf` through a buffer on the stack, so that `buf` is allocated
+/// only while it holds bytes (a partial frame, or frames not yet handled). Cancel-safe: bytes
+/// read are in `buf` before the poll returns.
+async fn read_into<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        // Uninitialized: zeroing 16 KiB on every read would cost more than the read.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = ReadBuf::uninit(&mut chunk);
+        std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        std::task::Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
+/// A terminate-mode session whose first link is up and WELCOMEd, ready to be served.
+pub(crate) struct Anchored {
+    pub ctx: Arc<Context>,
+    pub device: DeviceSide,
+    pub pools: Vec<String>,
+    pub hello: Hello,
+    pub link: Link,
+    /// The WELCOME, what the gateway sent after it, what the device sent after its HELLO.
+    pub first: (Frame, BytesMut, BytesMut),
+}
+
+impl Anchored {
+    /// Not an async fn itself: a wrapper's future would hold a second copy of the arguments.
+    pub(crate) fn serve(self: Box<Self>) -> impl Future<Output = ()> {
+        let Anchored {
+            ctx,
+            device,
+            pools,
+            hello,
+            link,
+            first,
+        } = *self;
+        serve(ctx, device, pools, hello, link, first)
+    }
+}
+
+/// How a session ended, for the driver.
+enum Ending {
+    /// In order, maybe with an ERROR ([`core::End`]).
+    Core(End),
+    /// The proxy cut the session (shutdown): the device's connection is reset.
+    Cut,
+}
+
+/// The events of one turn of a session's loop.
+enum Event {
+    HardStop,
+    DeviceRead(io::Result<usize>),
+    DeviceSent(io::Result<Sent>),
+    GatewayRead(io::Result<usize>),
+    GatewaySent(io::Result<Sent>),
+    Down,
+    Tick,
+    Reloaded,
+    Ordered,
+    Relinked(Option<Relinked>),
+}
+
+/// Serves a terminate-mode session whose first link is up and WELCOMEd: feeds the [`Core`]
+/// what the device, the gateway, the balancer and the clock say, and does what it returns,
+/// until the session ends. `first` is the WELCOME (sent to the device first), `rest` what
+/// the gateway sent after it, `pending` what the device sent after its HELLO.
+async fn serve(
+    ctx: Arc<Context>,
+    DeviceSide {
+        tls: device,
+        serial,
+        origin,
+    }: DeviceSide,
+    pools: Vec<String>,
+    hello: Hello,
+    link: Link,
+    (first, rest, pending): (Frame, BytesMut, BytesMut),
+) {
+    let settings = Settings {
+        replay_window: ctx.config.migration.replay_window,
+        forward_checkpoints: ctx.config.migration.forward_checkpoints,
+    };
+    let mut core = Core::new(settings, hello, &first, (rest, pending));
+    let origin = Arc::new(origin);
+    let (mut dev_r, mut dev_w) = tokio::io::split(device);
+    let mut reloads = ctx.device_tls.trust.subscribe();
+    let mut dev_dirty = false;
+    let mut moving: Option<Moving> = None;
+    // A paced move's place among the moves in flight, from its order to its start.
+    let mut in_flight: Option<crate::balancer::InFlight> = None;
+    let mut link = Some(link);
+    let mut step = Step::Go;
+    let end = loop {
+        if step == Step::Go {
+            step = core.advance();
+        }
+        tally(&ctx, &mut core);
+        match std::mem::replace(&mut step, Step::Go) {
+            Step::Go => {}
+            Step::End(end) => break Ending::Core(end),
+            Step::Move(cause) => {
+                let avoid = unlink(&mut link, cause == Cause::Failover);
+                in_flight = None;
+                moving = Some(begin_move(&ctx, &mut core, (&pools, &origin), cause, avoid));
+                continue;
+            }
+        }
+        if let Some(l) = link.as_mut()
+            && core.watching_down()
+            && l.down.is_none()
+            && l.gateway().is_healthy()
+        {
+            l.down = l.gateway().session_token();
+        }
+        let reading_device = core.reading_device();
+        let reading_gateway = link.is_some() && core.reading_gateway();
+        let writing_gateway = link.is_some() && core.writing_gateway();
+        let watching = link.is_some() && core.watching_down();
+        let ordered = matches!(core.phase(), Phase::Linked { order: Some(_), .. });
+        let deadline = core.deadline();
+        let (up_r, up_w, down, orders, up_dirty) = match link.as_mut() {
+            Some(l) => (
+                Some(&mut l.read),
+                Some(&mut l.write),
+                l.down.as_ref(),
+                Some(&mut l.orders),
+                l.dirty,
+            ),
+            None => (None, None, None, None, false),
+        };
+        let io = core.io();
+        let event = tokio::select! {
+            biased;
+            _ = ctx.hard_stop.cancelled() => Event::HardStop,
+            r = send(up_w, io.to_gateway), if writing_gateway && (up_dirty || !io.to_gateway.is_empty()) => Event::GatewaySent(r),
+            r = send(Some(&mut dev_w), io.to_device), if dev_dirty || !io.to_device.is_empty() => Event::DeviceSent(r),
+            r = read(up_r, io.from_gateway), if reading_gateway => Event::GatewayRead(r),
+            _ = cancelled(down), if watching => Event::Down,
+            _ = sleep_until(deadline), if deadline.is_some() => Event::Tick,
+            _ = changed(orders), if !ordered => Event::Ordered,
+            r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
+            _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
+            r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
+        };
+        match event {
+            Event::HardStop => break Ending::Cut,
+            Event::Reloaded => {
+                if serial
+                    .as_ref()
+                    .is_some_and(|s| ctx.device_tls.is_revoked(s))
+                {
+                    counter!(REVOKED).increment(1);
+                    tracing::info!(device = %core.hello().device, "certificate revoked: session closed");
+                    break Ending::Core(core.revoked());
+                }
+            }
+            Event::DeviceRead(Ok(0)) => core.device_finished(),
+            Event::DeviceRead(Ok(n)) => ctx.meters.bytes_up.increment(n as u64),
+            Event::DeviceRead(Err(_)) | Event::DeviceSent(Err(_)) => {
+                // The device is gone: nothing to move for.
+                break Ending::Core(End::Closed);
+            }
+            Event::DeviceSent(Ok(Sent::Wrote(n))) => {
+                ctx.meters.bytes_down.increment(n as u64);
+                dev_dirty = true;
+            }
+            Event::DeviceSent(Ok(Sent::Flushed)) => dev_dirty = false,
+            Event::GatewaySent(Ok(sent)) => {
+                if let Some(l) = link.as_mut() {
+                    l.dirty = matches!(sent, Sent::Wrote(_));
+                }
+            }
+            Event::GatewayRead(Ok(n)) if n > 0 => {}
+            Event::GatewayRead(r) => {
+                if let Err(e) = &r {
+                    tracing::debug!(error = %e, "gateway link failed");
+                }
+                step = core.gateway_closed(r.is_ok());
+            }
+            Event::GatewaySent(Err(e)) => {
+                tracing::debug!(error = %e, "gateway link failed");
+                step = Step::Move(Cause::Failover);
+            }
+            Event::Down => {
+                if ctx.hard_stop.is_cancelled() {
+                    break Ending::Cut;
+                }
+                // Ask the link itself before moving (see `core::Check`).
+                core.gateway_down(Instant::now());
+                if let Some(l) = link.as_mut() {
+                    l.down = None;
+                }
+            }
+            Event::Tick => {
+                let healthy = link.as_ref().is_some_and(|l| l.gateway().is_healthy());
+                step = core.tick(Instant::now(), healthy);
+                if let Step::Move(Cause::Failover) = step
+                    && let Some(l) = link.as_ref()
+                {
+                    tracing::debug!(gateway = %l.gateway().name, "the link did not answer: moving");
+                }
+            }
+            Event::Ordered => {
+                if let Some(gateway) = link.as_ref().map(|l| l.gateway().clone()) {
+                    let cause = if gateway.is_draining() {
+                        Cause::Drain
+                    } else {
+                        Cause::Rebalance
+                    };
+                    let cooldown = ctx.config.migration.rebalance_cooldown;
+                    if core.takes_order(cause, Instant::now(), cooldown) && gateway.take_move() {
+                        core.order(cause, ctx.pacer.slot());
+                        in_flight = Some(ctx.gateways.in_flight());
+                    }
+                }
+            }
+            Event::Relinked(None) => {
+                moving = None;
+                ctx.meters.held.decrement(1.0);
+                let cause = moving_cause(&core);
+                counter!(MOVES, "cause" => cause, "result" => "failed").increment(1);
+                tracing::debug!(device = %core.hello().device, cause, "no gateway took the session");
+                break Ending::Core(core.relink_failed());
+            }
+            Event::Relinked(Some(r)) => {
+                moving = None;
+                ctx.meters.held.decrement(1.0);
+                let cause = moving_cause(&core);
+                let (result, pause) = core.relinked(&r.welcome, r.rest, Instant::now());
+                ctx.meters.pause.record(pause.as_secs_f64());
+                counter!(MOVES, "cause" => cause, "result" => result).increment(1);
+                crate::events::COUNTS
+                    .moved
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let to = r.link.gateway();
+                if result == "fresh" {
+                    to.note_fresh_move(r.welcome.resume_refused.as_deref());
+                }
+                tracing::debug!(
+                    device = %core.hello().device,
+                    to = %to.name,
+                    cause,
+                    result,
+                    refused = r.welcome.resume_refused.as_deref().unwrap_or(""),
+                    pause_ms = pause.as_millis() as u64,
+                    "session moved"
+                );
+                link = Some(r.link);
+            }
+        }
+        // A paced move that started, or a link that went, holds no place any more.
+        if !matches!(core.phase(), Phase::Linked { order: Some(_), .. }) {
+            in_flight = None;
+        }
+    };
+    drop(in_flight);
+    if moving.is_some() {
+        ctx.meters.held.decrement(1.0);
+    }
+    tally(&ctx, &mut core);
+    let mut device = dev_r.unsplit(dev_w);
+    match end {
+        Ending::Cut => {
+            let gateway = link.as_ref().map(|l| l.gateway().name.clone());
+            counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "shutdown")
+                .increment(1);
+            device.cut();
+        }
+        Ending::Core(end) => {
+            let how = match &end {
+                End::Refuse(frame) => {
+                    core.push_to_device(frame);
+                    Close::Refused
+                }
+                End::Closed => Close::Done,
+            };
+            let timeout = ctx.config.handshake_timeout;
+            device.goodbye(core.io().to_device, how, timeout).await;
+        }
+    }
+}
+
+/// The core's counts into the proxy's metrics.
+fn tally(ctx: &Context, core: &mut Core) {
+    let t = core.take_tally();
+    if t != Tally::default() {
+        ctx.meters.duplicates.increment(t.duplicates);
+        ctx.meters.replayed.increment(t.replayed);
+        ctx.meters.overflows.increment(t.overflows);
+    }
+}
+
+/// The cause of the move under way, as a label.
+fn moving_cause(core: &Core) -> &'static str {
+    match core.phase() {
+        Phase::Moving { cause, .. } => cause.as_str(),
+        _ => Cause::Failover.as_str(),
+    }
+}
+
+/// Drops the session's link (its lease with it); returns its gateway, for the move to try
+/// the others first. `failed`: the link failed, so the gateway's prober probes it now.
+fn unlink(link: &mut Option<Link>, failed: bool) -> Option<Arc<Gateway>> {
+    let l = link.take()?;
+    let gateway = l.gateway().clone();
+    if failed {
+        gateway.suspect();
+    }
+    Some(gateway)
+}
+
+/// Starts moving the session (its old link already dropped): the core's resume HELLO goes
+/// to the gateways [`relink`] tries.
+fn begin_move(
+    ctx: &Arc<Context>,
+    core: &mut Core,
+    (pools, origin): (&[String], &Arc<crate::proxy_protocol::Origin>),
+    cause: Cause,
+    avoid: Option<Arc<Gateway>>,
+) -> Moving {
+    let hello = core.begin_move(cause, Instant::now());
+    ctx.meters.held.increment(1.0);
+    let start = cause.slot_at_relink().then(|| ctx.pacer.slot());
+    Box::pin(relink(
+        ctx.clone(),
+        pools.to_vec(),
+        (hello, origin.clone()),
+        avoid,
+        (start, ctx.gateways.in_flight()),
+    ))
+}
+
+/// Finds a gateway that takes the session: the least loaded other one first; when every
+/// gateway was tried, again after a pause, until `--migrate-timeout`.
+async fn relink(
+    ctx: Arc<Context>,
+    pools: Vec<String>,
+    (hello, origin): (Vec<u8>, Arc<crate::proxy_protocol::Origin>),
+    avoid: Option<Arc<Gateway>>,
+    // The guard counts the move among those in flight until this returns.
+    (start, _in_flight): (Option<Instant>, crate::balancer::InFlight),
+) -> Option<Relinked> {
+    if let Some(at) = start {
+        tokio::time::sleep_until(at.into()).await;
+    }
+    let deadline = Instant::now() + ctx.config.migration.migrate_timeout;
+    let mut tried: Vec<Arc<Gateway>> = avoid.into_iter().collect();
+    loop {
+        match ctx.gateways.acquire_first(&pools, &tried) {
+            Some(lease) => {
+                let gateway = lease.gateway().clone();
+                match attempt(&ctx, lease, (&hello, &origin)).await {
+                    Ok(r) => return Some(r),
+                    Err(e) => {
+                        tracing::debug!(gateway = %gateway.name, error = %e, "move attempt failed");
+                        tried.push(gateway);
+                    }
+                }
+            }
+            None => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return None;
+                }
+                tried.clear();
+                tokio::time::sleep(RETRY_EVERY.min(deadline - now)).await;
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// One gateway: connect, HELLO with the ticket, WELCOME.
+async fn attempt(
+    ctx: &Context,
+    lease: Lease,
+    hello: (&[u8], &crate::proxy_protocol::Origin),
+) -> Result<Relinked, String> {
+    let stream = crate::session::dial_upstream(ctx, lease.gateway().clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let opened = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        open(ctx, lease.gateway(), stream, hello),
+    )
+    .await
+    .map_err(|_| "no answer to HELLO in time".to_string())?
+    .map_err(|e| e.to_string())?;
+    let (up, first, rest) = opened;
+    match first.kind {
+        Kind::Welcome => {
+            let welcome: Welcome = first.decode_body("WELCOME").map_err(|e| e.to_string())?;
+            Ok(Relinked {
+                link: Link::new(lease, up),
+                welcome,
+                rest,
+            })
+        }
+        Kind::Error => Err(
+            match first.decode_body::<wasmbed_protocol::ErrorBody>("ERROR") {
+                Ok(body) => format!("answered {body}"),
+                Err(e) => e.to_string(),
+            },
+        ),
+        other => Err(format!("answered HELLO with {}", other.as_str())),
+    }
+}
+
+/// Why opening a link failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// TLS with the gateway failed (counted by the caller).
+    #[error("TLS with the gateway: {0}")]
+    Tls(io::Error),
+    #[error("{0}")]
+    Io(io::Error),
+    #[error("the gateway sent a bad frame: {0}")]
+    Frame(String),
+    #[error("the gateway closed before answering HELLO")]
+    Closed,
+}
+
+/// A connection to `gateway` made ready for bytes: the PROXY header first where its pool
+/// wants one, then TLS when `[upstream_tls]` is configured.
+pub(crate) async fn over_tcp(
+    ctx: &Context,
+    gateway: &Gateway,
+    mut stream: tokio::net::TcpStream,
+    origin: &crate::proxy_protocol::Origin,
+) -> Result<Box<dyn Upstream>, OpenError> {
+    if crate::session::wants_proxy_header(ctx, gateway) {
+        let header = origin.header().map_err(OpenError::Io)?;
+        stream.write_all(&header).await.map_err(OpenError::Io)?;
+    }
+    let Some(connector) = &ctx.connector else {
+        return Ok(Box::new(stream));
+    };
+    let name = crate::session::upstream_name(ctx, &gateway.addr);
+    let up = connector
+        .connect(name, stream)
+        .await
+        .map_err(OpenError::Tls)?;
+    let kind = match up.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    };
+    counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
+    Ok(Box::new(up))
+}
+
+/// Opens a link on `dialed`: TLS when configured (a PROXY header first for pools that want
+/// one; always on a link stream), HELLO, and the gateway's first frame.
+pub(crate) async fn open(
+    ctx: &Context,
+    gateway: &Gateway,
+    dialed: crate::session::Dialed,
+    (hello, origin): (&[u8], &crate::proxy_protocol::Origin),
+) -> Result<(Box<dyn Upstream>, Frame, BytesMut), OpenError> {
+    let mut up: Box<dyn Upstream> = match dialed {
+        crate::session::Dialed::Link(mut up) => {
+            let header = origin.header().map_err(OpenError::Io)?;
+            up.write_all(&header).await.map_err(OpenError::Io)?;
+            up
+        }
+        crate::session::Dialed::Tcp(stream) => over_tcp(ctx, gateway, stream, origin).await?,
+    };
+    let tls_or_io = |e: io::Error| {
+        if crate::session::is_tls_error(&e) {
+            OpenError::Tls(e)
+        } else {
+            OpenError::Io(e)
+        }
+    };
+    up.write_all(hello).await.map_err(tls_or_io)?;
+    up.flush().await.map_err(tls_or_io)?;
+    let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => return Ok((up, frame, buf)),
+            Ok(None) => {}
+            Err(e) => return Err(OpenError::Frame(e.to_string())),
+        }
+        match up.read_buf(&mut buf).await {
+            Ok(0) => return Err(OpenError::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(tls_or_io(e)),
+        }
+    }
+}
+
+/// What one send did.
+enum Sent {
+    Wrote(usize),
+    Flushed,
+}
+
+/// Writes what `buf` holds, or, when it is empty, flushes (TLS keeps written bytes until
+/// flushed). A write of zero bytes is an error.
+async fn send<W: tokio::io::AsyncWrite + Unpin>(
+    w: Option<&mut W>,
+    buf: &mut BytesMut,
+) -> io::Result<Sent> {
+    let Some(w) = w else {
+        return std::future::pending().await;
+    };
+    if buf.is_empty() {
+        return w.flush().await.map(|()| Sent::Flushed);
+    }
+    match w.write_buf(buf).await? {
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        n => Ok(Sent::Wrote(n)),
+    }
+}
+
+async fn read(
+    r: Option<&mut ReadHalf<Box<dyn Upstream>>>,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    match r {
+        Some(r) => read_into(r, buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn cancelled(token: Option<&CancellationToken>) {
+    match token {
+        Some(t) => t.cancelled().await,
+        // Not watched (a link made as its gateway went down is checked by its own I/O).
+        None => std::future::pending().await,
+    }
+}
+
+async fn changed(orders: Option<&mut tokio::sync::watch::Receiver<u64>>) {
+    match orders {
+        Some(o) => {
+            if o.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_moving(moving: &mut Option<Moving>) -> Option<Relinked> {
+    match moving {
+        Some(m) => m.await,
+        None => std::future::pending().await,
+    }
+}
