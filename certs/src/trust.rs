@@ -143,7 +143,7 @@ mod tests {
     #[test]
     fn an_install_is_seen_by_readers_and_watchers() {
         let trust = Reloadable::new(Some(Set(HashSet::new())));
-        let mut watcher = trust.subscribe();
+        let watcher = trust.subscribe();
         assert!(!trust.is_revoked(b"\x01"));
         assert!(!watcher.has_changed().unwrap());
         trust.install(Some(Set([b"\x01".to_vec()].into())));

@@ -159,13 +159,13 @@ async fn guard(
     next: axum::middleware::Next,
 ) -> Response {
     if let Some((status, text)) = wasmbed_admin::refusal(&admin.auth, &request) {
-        counter!(crate::metrics::ADMIN_REFUSED, "status" => status.to_string()).increment(1);
+        counter!(crate::metric_names::ADMIN_REFUSED, "status" => status.to_string()).increment(1);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
         return (status, text).into_response();
     }
     let response = next.run(request).await;
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        counter!(crate::metrics::ADMIN_REFUSED, "status" => "413").increment(1);
+        counter!(crate::metric_names::ADMIN_REFUSED, "status" => "413").increment(1);
     }
     response
 }

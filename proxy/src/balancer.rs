@@ -119,7 +119,7 @@ impl Gateway {
             cancel: ArcSwap::from_pointee(CancellationToken::new()),
             streak: Mutex::new(Streak::default()),
             sessions_started: metrics::counter!(
-                crate::metrics::SESSIONS_STARTED,
+                crate::metric_names::SESSIONS_STARTED,
                 "gateway" => config.name.clone()
             ),
             probe_soon: tokio::sync::Notify::new(),

@@ -31,19 +31,6 @@ pub enum HelloError {
     BadSni(&'static str),
 }
 
-impl HelloError {
-    /// The `reason` label this error is counted under.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HelloError::Incomplete => "incomplete",
-            HelloError::NotTls => "not_tls",
-            HelloError::TooLarge => "hello_too_large",
-            HelloError::Malformed(_) => "hello_malformed",
-            HelloError::BadSni(_) => "bad_sni",
-        }
-    }
-}
-
 const RECORD_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 const MAX_RECORD: usize = 16_384 + 256;

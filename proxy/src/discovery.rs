@@ -29,7 +29,7 @@ use wasmbed_config::{GatewayConfig, HealthCheck, Mode};
 
 use crate::balancer::{Gateway, Origin};
 use crate::live::Live;
-use crate::metrics::{DISCOVERED, DISCOVERY_CAPPED, DISCOVERY_CHANGES, DISCOVERY_ERRORS};
+use crate::metric_names::{DISCOVERED, DISCOVERY_CAPPED, DISCOVERY_CHANGES, DISCOVERY_ERRORS};
 
 /// Why an answer was not used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

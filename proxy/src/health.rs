@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use wasmbed_config::{HealthCheck, HealthConfig};
 
 use crate::balancer::{Gateway, Transition};
-use crate::metrics::{GATEWAY_TRANSITIONS, PROBE_FAILURES};
+use crate::metric_names::{GATEWAY_TRANSITIONS, PROBE_FAILURES};
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]

@@ -24,24 +24,30 @@
 
 pub mod admin;
 pub mod anchor;
-pub mod balancer;
-pub mod clienthello;
-pub mod dashboard;
-pub mod discovery;
-pub mod events;
-pub mod forward;
-pub mod health;
-pub mod link;
-pub mod listener;
+mod balancer;
+mod clienthello;
+mod context;
+mod dashboard;
+mod discovery;
+mod error;
+mod events;
+mod forward;
+mod health;
+mod link;
+mod listener;
 pub mod live;
+mod metric_names;
 pub mod metrics;
-pub mod proxy_protocol;
+mod passthrough;
+mod proxy_protocol;
 pub mod quic;
-pub mod rebalance;
-pub mod refusal;
-pub mod session;
-pub mod splice;
-pub mod tls;
+mod rebalance;
+mod refusal;
+mod route;
+mod session;
+mod terminate;
+mod tls;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,24 +59,8 @@ use tokio_util::task::TaskTracker;
 use wasmbed_config::{ListenerConfig, ProxyConfig};
 
 pub use balancer::{Gateway, GatewaySet, Lease};
+pub use error::ProxyError;
 pub use tls::DeviceTls;
-
-/// Why the proxy could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        /// Which listener: `devices` or `admin` (the flag that sets it: --listen, --admin).
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Certs(#[from] wasmbed_certs::CertError),
-    /// A config reload that was refused (the running config stays).
-    #[error("{0}")]
-    Reload(String),
-}
 
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
@@ -122,7 +112,7 @@ impl Proxy {
         let probes_stop = CancellationToken::new();
         let links = link::Links::new(&config)?;
         let quic = quic::bind(&config, &tls.0)?;
-        let mut ctx = session::Context::new(config, gateways, tls, hard_stop.clone());
+        let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone());
         ctx.links = links;
         Ok(Proxy {
             listeners,
@@ -264,39 +254,9 @@ impl Proxy {
     }
 }
 
-pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<tokio_rustls::TlsConnector>);
-
-fn tls_setup(config: &ProxyConfig) -> Result<TlsSetup, ProxyError> {
+fn tls_setup(config: &ProxyConfig) -> Result<tls::TlsSetup, ProxyError> {
     let acceptor = Arc::new(DeviceTls::load(config)?);
-    Ok((acceptor, connector(config)?))
-}
-
-/// The TLS connector towards gateways (terminate mode with `[upstream_tls]`).
-pub(crate) fn connector(
-    config: &ProxyConfig,
-) -> Result<Option<tokio_rustls::TlsConnector>, ProxyError> {
-    Ok(upstream_client_config(config)?.map(tokio_rustls::TlsConnector::from))
-}
-
-/// The TLS client settings towards gateways (`[upstream_tls]`), for TCP and for links.
-pub(crate) fn upstream_client_config(
-    config: &ProxyConfig,
-) -> Result<Option<Arc<rustls::ClientConfig>>, ProxyError> {
-    let Some(up) = &config.upstream_tls else {
-        return Ok(None);
-    };
-    let ca = wasmbed_certs::load_certs(&up.ca)
-        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.ca"))?;
-    let client = match &up.client {
-        Some((cert, key)) => Some((
-            wasmbed_certs::load_certs(cert)
-                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.cert"))?,
-            wasmbed_certs::load_key(key)
-                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.key"))?,
-        )),
-        None => None,
-    };
-    Ok(Some(wasmbed_certs::client_config(&ca, client)?))
+    Ok((acceptor, tls::connector(config)?))
 }
 
 /// Binds and serves `config` until `shutdown` (see [`Proxy`]).

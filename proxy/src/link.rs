@@ -27,7 +27,7 @@ use tokio::sync::OnceCell;
 use wasmbed_config::ProxyConfig;
 
 use crate::balancer::Gateway;
-use crate::session::{Context, Upstream};
+use crate::tls::Upstream;
 
 /// The link's ALPN protocol (the gateway's `wasmbed_gateway::link::ALPN`).
 pub const ALPN: &[u8] = b"wasmbed-link/1";
@@ -51,15 +51,16 @@ pub struct Links {
 /// The QUIC client settings from `[upstream_tls]` and `--link-timeout`.
 pub(crate) fn client_config(
     config: &ProxyConfig,
-) -> Result<quinn::ClientConfig, crate::ProxyError> {
-    let tls = crate::upstream_client_config(config)?
-        .ok_or_else(|| crate::ProxyError::Reload("--upstream link needs [upstream_tls]".into()))?;
+) -> Result<quinn::ClientConfig, crate::error::ProxyError> {
+    let tls = crate::tls::upstream_client_config(config)?.ok_or_else(|| {
+        crate::error::ProxyError::Reload("--upstream link needs [upstream_tls]".into())
+    })?;
     let mut tls = (*tls).clone();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // No 0-RTT on the link: its first bytes carry HELLO and DATA, which must not be replayable.
     tls.enable_early_data = false;
     let crypto = QuicClientConfig::try_from(Arc::new(tls))
-        .map_err(|e| crate::ProxyError::Reload(format!("link TLS: {e}")))?;
+        .map_err(|e| crate::error::ProxyError::Reload(format!("link TLS: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     let timeout = config.link_timeout;
     let mut transport = quinn::TransportConfig::default();
@@ -77,7 +78,9 @@ pub(crate) fn client_config(
 
 impl Links {
     /// The links of `config`, when it says `--upstream link`.
-    pub(crate) fn new(config: &ProxyConfig) -> Result<Option<Arc<Links>>, crate::ProxyError> {
+    pub(crate) fn new(
+        config: &ProxyConfig,
+    ) -> Result<Option<Arc<Links>>, crate::error::ProxyError> {
         if config.upstream != wasmbed_config::proxy::UpstreamMode::Link {
             return Ok(None);
         }
@@ -88,7 +91,7 @@ impl Links {
         let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
         let endpoint = wasmbed_certs::udp::endpoint(v6, None)
             .or_else(|_| wasmbed_certs::udp::endpoint(v4, None))
-            .map_err(|source| crate::ProxyError::Bind {
+            .map_err(|source| crate::error::ProxyError::Bind {
                 what: "link (QUIC client socket)",
                 addr: v4,
                 source,
@@ -108,17 +111,21 @@ impl Links {
     /// Opens a session's stream on the link to `gateway`, making the link if there is none.
     pub(crate) async fn open(
         &self,
-        ctx: &Context,
+        config: &ProxyConfig,
         gateway: &Arc<Gateway>,
     ) -> io::Result<Box<dyn Upstream>> {
-        let conn = self.connection(ctx, gateway).await?;
+        let conn = self.connection(config, gateway).await?;
         let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
         Ok(Box::new(tokio::io::join(recv, send)))
     }
 
     /// The live link to `gateway`, made now if needed (one attempt at a time per gateway:
     /// sessions arriving meanwhile wait for it).
-    async fn connection(&self, ctx: &Context, gateway: &Arc<Gateway>) -> io::Result<Connection> {
+    async fn connection(
+        &self,
+        config: &ProxyConfig,
+        gateway: &Arc<Gateway>,
+    ) -> io::Result<Connection> {
         let cell = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             let cell = conns.entry(gateway.addr.clone()).or_default();
@@ -127,19 +134,23 @@ impl Links {
             }
             cell.clone()
         };
-        cell.get_or_try_init(|| self.connect(ctx, gateway))
+        cell.get_or_try_init(|| self.connect(config, gateway))
             .await
             .cloned()
     }
 
-    async fn connect(&self, ctx: &Context, gateway: &Arc<Gateway>) -> io::Result<Connection> {
+    async fn connect(
+        &self,
+        config: &ProxyConfig,
+        gateway: &Arc<Gateway>,
+    ) -> io::Result<Connection> {
         let started = Instant::now();
         let attempt = async {
             let addr = tokio::net::lookup_host(&gateway.addr)
                 .await?
                 .next()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-            let name = crate::session::upstream_name(ctx, &gateway.addr);
+            let name = crate::tls::upstream_name(config, &gateway.addr);
             let client = (**self.client.load()).clone();
             let connecting = self
                 .endpoint
@@ -147,24 +158,24 @@ impl Links {
                 .map_err(io::Error::other)?;
             connecting.await.map_err(io::Error::other)
         };
-        let conn = match tokio::time::timeout(ctx.config.connect_timeout, attempt).await {
+        let conn = match tokio::time::timeout(config.connect_timeout, attempt).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                counter!(crate::metrics::LINKS, "result" => "failed").increment(1);
+                counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
                 tracing::warn!(gateway = %gateway.name, error = %e, "link to the gateway failed");
                 return Err(e);
             }
             Err(_) => {
-                counter!(crate::metrics::LINKS, "result" => "failed").increment(1);
+                counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "link timed out"));
             }
         };
-        counter!(crate::metrics::LINKS, "result" => "up").increment(1);
+        counter!(crate::metric_names::LINKS, "result" => "up").increment(1);
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
         tokio::spawn(watch(
             conn.clone(),
             Arc::downgrade(gateway),
-            ctx.config.link_timeout,
+            config.link_timeout,
         ));
         Ok(conn)
     }
@@ -194,7 +205,7 @@ impl Links {
 /// gateway has left the set and its last session with it, the link is closed.
 async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Duration) {
     let lost = |why: &dyn std::fmt::Display| {
-        counter!(crate::metrics::LINKS, "result" => "lost").increment(1);
+        counter!(crate::metric_names::LINKS, "result" => "lost").increment(1);
         if let Some(g) = gateway.upgrade() {
             tracing::warn!(gateway = %g.name, reason = %why, "link lost: its sessions move");
             g.suspect();

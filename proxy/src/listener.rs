@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use wasmbed_config::ListenerConfig;
 
-use crate::metrics::ACCEPT_ERRORS;
+use crate::metric_names::ACCEPT_ERRORS;
 
 /// Binds one listener: `SO_REUSEADDR`, optional `SO_REUSEPORT`, `TCP_NODELAY` and keepalive
 /// (both inherited by accepted sockets on Linux), non-blocking.

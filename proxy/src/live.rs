@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmbed_config::{GatewayConfig, HealthConfig, ProxyConfig};
 
-use crate::ProxyError;
 use crate::balancer::{Gateway, Origin};
-use crate::session::Context;
+use crate::context::Context;
+use crate::error::ProxyError;
 
 /// Reads the config again as at start (the file, with the same flags laid over it).
 pub type ConfigSource = Box<dyn Fn() -> Result<ProxyConfig, String> + Send + Sync>;
@@ -170,7 +170,7 @@ impl Live {
             }
         };
         let label = if result.is_ok() { "ok" } else { "error" };
-        counter!(crate::metrics::CONFIG_RELOADS, "result" => label).increment(1);
+        counter!(crate::metric_names::CONFIG_RELOADS, "result" => label).increment(1);
         match &result {
             Ok(report) => {
                 tracing::info!(?report, "config reloaded");
@@ -203,7 +203,7 @@ impl Live {
         keep_restart_only(old, &mut new, &mut report.restart_needed);
         // Everything that can fail, first.
         let tls = old_ctx.device_tls.prepare(crate::tls::of(&new))?;
-        let connector = crate::connector(&new)?;
+        let connector = crate::tls::connector(&new)?;
         let link_client = match &old_ctx.links {
             Some(_) => Some(crate::link::client_config(&new)?),
             None => None,
@@ -369,7 +369,7 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
 pub fn remove(gateways: &crate::GatewaySet, name: &str) -> Option<Arc<Gateway>> {
     let g = gateways.remove(name)?;
     // Its series stop being refreshed: leave them saying it is gone, not stale values.
-    metrics::gauge!(crate::metrics::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
+    metrics::gauge!(crate::metric_names::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
     tracing::info!(gateway = %g.name, sessions = g.sessions(), origin = g.origin.as_str(), "gateway removed");
     crate::events::event(
         "removed",

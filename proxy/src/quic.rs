@@ -27,7 +27,7 @@ use tracing::Instrument;
 use wasmbed_config::ProxyConfig;
 use wasmbed_config::proxy::QuicRetry;
 
-use crate::metrics::{QUIC_CONNECTIONS, QUIC_STREAMS_REFUSED};
+use crate::metric_names::{QUIC_CONNECTIONS, QUIC_STREAMS_REFUSED};
 use crate::refusal::{Refusal, refused};
 
 /// The device protocol's ALPN, as on TCP.
@@ -133,17 +133,17 @@ impl crate::anchor::DeviceStream for QuicDevice {
 /// before a handshake (retries, version negotiation).
 pub(crate) fn bind(
     config: &ProxyConfig,
-    device_tls: &crate::DeviceTls,
-) -> Result<Option<Endpoint>, crate::ProxyError> {
+    device_tls: &crate::tls::DeviceTls,
+) -> Result<Option<Endpoint>, crate::error::ProxyError> {
     let Some(addr) = config.quic.listen else {
         return Ok(None);
     };
     let server = device_tls.quic().ok_or_else(|| {
-        crate::ProxyError::Reload("--quic-listen needs terminate mode's TLS".into())
+        crate::error::ProxyError::Reload("--quic-listen needs terminate mode's TLS".into())
     })?;
     wasmbed_certs::udp::endpoint(addr, Some(Arc::unwrap_or_clone(server)))
         .map(Some)
-        .map_err(|source| crate::ProxyError::Bind {
+        .map_err(|source| crate::error::ProxyError::Bind {
             what: "QUIC devices, --quic-listen",
             addr,
             source,
@@ -252,7 +252,7 @@ pub(crate) async fn close(endpoint: &Endpoint) {
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).
 /// `handshaking` counts this one until its handshake ends; `port` is the listener's.
 async fn accept(
-    ctx: Arc<crate::session::Context>,
+    ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
     (handshaking, port): (Arc<AtomicUsize>, u16),
 ) -> Option<Box<crate::anchor::Anchored>> {
@@ -319,8 +319,8 @@ async fn accept(
         }
     });
     let device = Box::new(QuicDevice { conn, recv, send });
-    let verified = crate::session::Verified::new(sni, &chain, (peer, local));
-    crate::session::anchor_device(ctx, device, verified).await
+    let verified = crate::terminate::Verified::new(sni, &chain, (peer, local));
+    crate::terminate::anchor_device(ctx, device, verified).await
 }
 
 /// The refusal a failed QUIC handshake counts as: the same label as the same failure over

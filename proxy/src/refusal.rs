@@ -52,6 +52,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason: the closed set of label values.
+    #[cfg(test)]
     pub const ALL: [Refusal; 19] = [
         Refusal::ClientClosed,
         Refusal::ClientError,
@@ -175,8 +176,8 @@ impl Refused {
     /// Counts the refusal the same way on every transport: the `reason` label of
     /// `wasmbed_proxy_connections_rejected_total`, the dashboard's refused rate, one log line
     /// (in the session's span).
-    pub fn count(&self) {
-        metrics::counter!(crate::metrics::REJECTED, "reason" => self.reason.as_label())
+    pub(crate) fn count(&self) {
+        metrics::counter!(crate::metric_names::REJECTED, "reason" => self.reason.as_label())
             .increment(1);
         crate::events::COUNTS
             .refused

@@ -9,10 +9,12 @@ use std::sync::Arc;
 
 use quinn::VarInt;
 use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use wasmbed_certs::{Named, Reloadable, Revokes, ServerTrust};
 use wasmbed_config::{ProxyConfig, TerminateTls};
 
-use crate::ProxyError;
+use crate::error::ProxyError;
 
 /// The device protocol's ALPN on QUIC (TCP devices may offer it or none).
 pub const QUIC_ALPN: &[u8] = b"wasmbed/1";
@@ -192,4 +194,61 @@ fn quic_transport(config: &ProxyConfig) -> Arc<quinn::TransportConfig> {
         // probe datagrams are sent.
         .mtu_discovery_config(None);
     Arc::new(transport)
+}
+
+pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<tokio_rustls::TlsConnector>);
+
+/// The TLS connector towards gateways (terminate mode with `[upstream_tls]`).
+pub(crate) fn connector(
+    config: &ProxyConfig,
+) -> Result<Option<tokio_rustls::TlsConnector>, ProxyError> {
+    Ok(upstream_client_config(config)?.map(tokio_rustls::TlsConnector::from))
+}
+
+/// The TLS client settings towards gateways (`[upstream_tls]`), for TCP and for links.
+pub(crate) fn upstream_client_config(
+    config: &ProxyConfig,
+) -> Result<Option<Arc<rustls::ClientConfig>>, ProxyError> {
+    let Some(up) = &config.upstream_tls else {
+        return Ok(None);
+    };
+    let ca = wasmbed_certs::load_certs(&up.ca)
+        .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.ca"))?;
+    let client = match &up.client {
+        Some((cert, key)) => Some((
+            wasmbed_certs::load_certs(cert)
+                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.cert"))?,
+            wasmbed_certs::load_key(key)
+                .map_err(wasmbed_certs::CertError::in_setting("upstream_tls.key"))?,
+        )),
+        None => None,
+    };
+    Ok(Some(wasmbed_certs::client_config(&ca, client)?))
+}
+
+/// The connection to a gateway in terminate mode: plain TCP, or TLS (`[upstream_tls]`).
+pub(crate) trait Upstream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Upstream for T {}
+
+/// Whether an I/O error is rustls' (an alert, a certificate problem).
+pub(crate) fn is_tls_error(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<rustls::Error>().is_some())
+}
+
+/// The name a gateway's certificate is checked against: `[upstream_tls] server_name`, or
+/// the host of its address.
+pub(crate) fn upstream_name(config: &ProxyConfig, addr: &str) -> ServerName<'static> {
+    let configured = config
+        .upstream_tls
+        .as_ref()
+        .and_then(|u| u.server_name.clone());
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    ServerName::try_from(configured.unwrap_or(host))
+        .unwrap_or_else(|_| ServerName::try_from("gateway").expect("static valid name"))
 }

@@ -21,7 +21,7 @@ fn example_file_is_valid_and_complete() {
     assert_eq!(c.health.check, HealthCheck::Http);
     assert_eq!(c.health.interval, Duration::from_millis(250));
     assert_eq!(c.routes.len(), 1);
-    assert!(c.listeners[0].allow_plain == false);
+    assert!(!c.listeners[0].allow_plain);
 }
 
 #[test]

@@ -822,7 +822,7 @@ mod tests {
                             self.count.to_be_bytes().to_vec(),
                         ));
                         self.replies += 1;
-                        if self.cadence > 0 && self.replies % self.cadence == 0 {
+                        if self.cadence > 0 && self.replies.is_multiple_of(self.cadence) {
                             let c = Checkpoint {
                                 ticket: serde_bytes::ByteBuf::from(ticket(self.last, self.count)),
                             };

@@ -19,24 +19,23 @@ pub mod core;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use metrics::counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
-use wasmbed_protocol::codec::FrameCodec;
-use wasmbed_protocol::{DEFAULT_MAX_FRAME, Frame, Hello, Kind, Welcome};
+use wasmbed_protocol::{Frame, Hello, Kind, Welcome};
 
 pub use self::core::{Cause, LINK_CHECK};
 use self::core::{Core, End, Phase, Settings, Step, Tally};
 
 use crate::balancer::{Gateway, Lease};
-use crate::metrics::{MOVES, REVOKED, SESSIONS_CANCELLED, UPSTREAM_HANDSHAKES};
-use crate::session::{Context, Upstream};
+use crate::context::Context;
+use crate::metric_names::{MOVES, REVOKED, SESSIONS_CANCELLED};
+use crate::tls::Upstream;
 
 /// The device's TLS stream.
 pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
@@ -97,37 +96,6 @@ pub(crate) struct DeviceSide {
 
 /// Between two rounds over every gateway while a session waits for one to take it.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
-/// Spaces moves at `--move-rate`: each takes the next free slot.
-pub struct Pacer {
-    /// The next free slot, and the gap between two slots.
-    state: Mutex<(Instant, Duration)>,
-}
-
-impl Pacer {
-    pub fn new(per_second: u32) -> Pacer {
-        Pacer {
-            state: Mutex::new((Instant::now(), Self::gap(per_second))),
-        }
-    }
-
-    fn gap(per_second: u32) -> Duration {
-        Duration::from_secs(1) / per_second.max(1)
-    }
-
-    /// Changes the rate (a config reload); slots already handed out stay.
-    pub fn set_rate(&self, per_second: u32) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.1 = Self::gap(per_second);
-    }
-
-    /// The instant this move may start.
-    pub fn slot(&self) -> Instant {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = state.0.max(Instant::now());
-        state.0 = slot + state.1;
-        slot
-    }
-}
 
 /// A session's connection to its gateway (the seam a multiplexed link will replace).
 pub(crate) struct Link {
@@ -562,12 +530,12 @@ async fn attempt(
     lease: Lease,
     hello: (&[u8], &crate::proxy_protocol::Origin),
 ) -> Result<Relinked, String> {
-    let stream = crate::session::dial_upstream(ctx, lease.gateway().clone())
+    let stream = crate::upstream::dial_upstream(ctx, lease.gateway().clone())
         .await
         .map_err(|e| e.to_string())?;
     let opened = tokio::time::timeout(
         ctx.config.handshake_timeout,
-        open(ctx, lease.gateway(), stream, hello),
+        crate::upstream::open(ctx, lease.gateway(), stream, hello),
     )
     .await
     .map_err(|_| "no answer to HELLO in time".to_string())?
@@ -589,89 +557,6 @@ async fn attempt(
             },
         ),
         other => Err(format!("answered HELLO with {}", other.as_str())),
-    }
-}
-
-/// Why opening a link failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum OpenError {
-    /// TLS with the gateway failed (counted by the caller).
-    #[error("TLS with the gateway: {0}")]
-    Tls(io::Error),
-    #[error("{0}")]
-    Io(io::Error),
-    #[error("the gateway sent a bad frame: {0}")]
-    Frame(String),
-    #[error("the gateway closed before answering HELLO")]
-    Closed,
-}
-
-/// A connection to `gateway` made ready for bytes: the PROXY header first where its pool
-/// wants one, then TLS when `[upstream_tls]` is configured.
-pub(crate) async fn over_tcp(
-    ctx: &Context,
-    gateway: &Gateway,
-    mut stream: tokio::net::TcpStream,
-    origin: &crate::proxy_protocol::Origin,
-) -> Result<Box<dyn Upstream>, OpenError> {
-    if crate::session::wants_proxy_header(ctx, gateway) {
-        let header = origin.header().map_err(OpenError::Io)?;
-        stream.write_all(&header).await.map_err(OpenError::Io)?;
-    }
-    let Some(connector) = &ctx.connector else {
-        return Ok(Box::new(stream));
-    };
-    let name = crate::session::upstream_name(ctx, &gateway.addr);
-    let up = connector
-        .connect(name, stream)
-        .await
-        .map_err(OpenError::Tls)?;
-    let kind = match up.get_ref().1.handshake_kind() {
-        Some(rustls::HandshakeKind::Resumed) => "resumed",
-        _ => "full",
-    };
-    counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
-    Ok(Box::new(up))
-}
-
-/// Opens a link on `dialed`: TLS when configured (a PROXY header first for pools that want
-/// one; always on a link stream), HELLO, and the gateway's first frame.
-pub(crate) async fn open(
-    ctx: &Context,
-    gateway: &Gateway,
-    dialed: crate::session::Dialed,
-    (hello, origin): (&[u8], &crate::proxy_protocol::Origin),
-) -> Result<(Box<dyn Upstream>, Frame, BytesMut), OpenError> {
-    let mut up: Box<dyn Upstream> = match dialed {
-        crate::session::Dialed::Link(mut up) => {
-            let header = origin.header().map_err(OpenError::Io)?;
-            up.write_all(&header).await.map_err(OpenError::Io)?;
-            up
-        }
-        crate::session::Dialed::Tcp(stream) => over_tcp(ctx, gateway, stream, origin).await?,
-    };
-    let tls_or_io = |e: io::Error| {
-        if crate::session::is_tls_error(&e) {
-            OpenError::Tls(e)
-        } else {
-            OpenError::Io(e)
-        }
-    };
-    up.write_all(hello).await.map_err(tls_or_io)?;
-    up.flush().await.map_err(tls_or_io)?;
-    let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME);
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        match codec.decode(&mut buf) {
-            Ok(Some(frame)) => return Ok((up, frame, buf)),
-            Ok(None) => {}
-            Err(e) => return Err(OpenError::Frame(e.to_string())),
-        }
-        match up.read_buf(&mut buf).await {
-            Ok(0) => return Err(OpenError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(tls_or_io(e)),
-        }
     }
 }
 

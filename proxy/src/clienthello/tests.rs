@@ -111,7 +111,7 @@ fn malformed_server_names_are_refused_by_reason() {
     ] {
         let e = parse(&with_server_name(bad), MAX).unwrap_err();
         assert!(matches!(e, HelloError::BadSni(_)), "{bad:?}: {e:?}");
-        assert_eq!(e.reason(), "bad_sni");
+        assert_eq!(crate::refusal::Refusal::of_hello(&e).as_label(), "bad_sni");
     }
     // An SNI extension whose inner list length overruns the extension.
     let mut bytes = hello_bytes("abcdefgh.example", &[]);

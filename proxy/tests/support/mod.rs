@@ -194,7 +194,7 @@ pub fn named(backends: &[Backend]) -> Vec<GatewayConfig> {
 /// running proxy holds a lock that keeps the others of its process waiting, and reads metrics
 /// as differences from the moment it started.
 pub struct RunningProxy {
-    _serial: std::sync::MutexGuard<'static, ()>,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
     baseline: String,
     pub addr: SocketAddr,
     /// `--quic-listen`'s address, when configured.
@@ -234,8 +234,8 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
 }
 
 pub async fn start(config: ProxyConfig) -> RunningProxy {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let serial = SERIAL.lock().await;
     let proxy = Proxy::bind(config).await.unwrap();
     let addr = proxy.listen_addrs()[0];
     let quic = proxy.quic_addr();

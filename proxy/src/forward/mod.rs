@@ -8,6 +8,8 @@
 //! Fairness: `poll_read_ready` and `poll_write_ready` take from tokio's cooperative budget, so
 //! a busy direction yields to other tasks like any tokio I/O.
 
+mod splice;
+
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
@@ -63,13 +65,6 @@ impl std::fmt::Display for Failure {
 }
 
 impl Failure {
-    pub fn device(error: io::Error) -> Failure {
-        Failure {
-            gateway: false,
-            error,
-        }
-    }
-
     /// Whether the gateway's side failed the way a dead or failing host does (a reset, an
     /// abort, a broken pipe, a timeout), rather than by an ordinary close.
     pub fn gateway_failed(&self) -> bool {
@@ -114,7 +109,7 @@ pub fn tcp<'a>(
 ) -> Tcp<'a> {
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
-    let on = || (splice == SpliceMode::On).then(crate::splice::Pipes::default);
+    let on = || (splice == SpliceMode::On).then(splice::Pipes::default);
     Tcp {
         up: Direction::new(device_read, gateway_write, up, false, false),
         down: Direction::new(gateway_read, device_write, down, true, !half_close),
@@ -142,8 +137,8 @@ pub struct Tcp<'a> {
 /// through (`Some` from the start with `on`, since a full read with `auto`).
 struct Splicing {
     auto: bool,
-    up: Option<crate::splice::Pipes>,
-    down: Option<crate::splice::Pipes>,
+    up: Option<splice::Pipes>,
+    down: Option<splice::Pipes>,
 }
 
 impl Future for Tcp<'_> {
@@ -228,7 +223,7 @@ impl<'a> Direction<'a> {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        mut splice: Option<(&mut Option<crate::splice::Pipes>, bool)>,
+        mut splice: Option<(&mut Option<splice::Pipes>, bool)>,
     ) -> Poll<Result<(), Failure>> {
         // Read errors are `src`'s side's, write errors `dst`'s.
         let from_gateway = self.from_gateway;
@@ -249,8 +244,8 @@ impl<'a> Direction<'a> {
                         self.done = true;
                         self.eof_to_pass = true;
                     }
-                    Err(crate::splice::Side::Src(e)) => return Poll::Ready(Err(on_src(e))),
-                    Err(crate::splice::Side::Dst(e)) => return Poll::Ready(Err(on_dst(e))),
+                    Err(splice::Side::Src(e)) => return Poll::Ready(Err(on_src(e))),
+                    Err(splice::Side::Dst(e)) => return Poll::Ready(Err(on_dst(e))),
                 }
                 continue;
             }
@@ -279,7 +274,7 @@ impl<'a> Direction<'a> {
                     if let Some((slot, true)) = &mut splice
                         && n == CHUNK
                     {
-                        **slot = Some(crate::splice::Pipes::default());
+                        **slot = Some(splice::Pipes::default());
                     }
                 }
             }
@@ -403,6 +398,51 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
         this.failed |= matches!(polled, Poll::Ready(Err(_)));
         polled
     }
+}
+
+/// Runs a session's forwarding until it ends, its gateway goes down, or the grace period of a
+/// shutdown is over. Returns the cause when the proxy cut the session: the caller then closes
+/// the device's connection with a reset, so the device reconnects at once.
+pub(crate) async fn supervise(
+    ctx: &crate::context::Context,
+    lease: &crate::balancer::Lease,
+    forwarding: impl Future<Output = Result<(), Failure>>,
+) -> Option<&'static str> {
+    let gateway = lease.gateway();
+    gateway.sessions_started.increment(1);
+    tracing::Span::current().record("gateway", gateway.name.as_str());
+    // One token ends the session: the gateway's, which is cancelled when it goes down and,
+    // at the end of a shutdown's grace period, for every gateway.
+    let cut = match gateway.session_token() {
+        None => true,
+        Some(token) => tokio::select! {
+            r = forwarding => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "session ended with an error");
+                    if e.gateway_failed() {
+                        gateway.suspect();
+                    }
+                }
+                false
+            }
+            _ = token.cancelled() => true,
+        },
+    };
+    let cause = match (cut, ctx.hard_stop.is_cancelled()) {
+        (false, _) => None,
+        (true, true) => Some("shutdown"),
+        (true, false) => Some("gateway_down"),
+    };
+    if let Some(cause) = cause {
+        metrics::counter!(crate::metric_names::SESSIONS_CANCELLED, "gateway" => gateway.name.clone(), "cause" => cause)
+            .increment(1);
+        if cause == "gateway_down" {
+            crate::events::COUNTS
+                .cut
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    cause
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::forward::Count;
+use super::Count;
 
 /// Most bytes moved by one splice into a pipe (a pipe holds 64 KiB by default).
 const CHUNK: usize = 64 * 1024;

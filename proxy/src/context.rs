@@ -1,0 +1,163 @@
+//! context: what every session of one config shares: the config, the gateway set, the device
+//! trust, the connector towards gateways, the links, the meters, the move pacer. A reload
+//! makes a new one ([`Context::next`]); a session keeps the one it started with.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::counter;
+use tokio_util::sync::CancellationToken;
+use wasmbed_config::{ProxyConfig, RouteConfig};
+
+use crate::balancer::GatewaySet;
+use crate::metric_names::{ROUTED, SESSIONS_BY_ALPN};
+use crate::metrics::Meters;
+use crate::tls::{DeviceTls, TlsSetup};
+
+/// Everything a session needs, shared by all of them: the config in force when the session
+/// started (a reload makes a new `Context` for later sessions, sharing the live parts).
+pub struct Context {
+    pub config: ProxyConfig,
+    pub gateways: Arc<GatewaySet>,
+    pub device_tls: Arc<DeviceTls>,
+    pub connector: Option<tokio_rustls::TlsConnector>,
+    /// `--upstream link`: the links to the gateways (shared by every context of a run).
+    pub links: Option<Arc<crate::link::Links>>,
+    /// Cancelled when the shutdown grace period is over (every gateway's session token is
+    /// cancelled with it): tells a cut session that the cause was shutdown.
+    pub hard_stop: CancellationToken,
+    pub meters: Meters,
+    /// Sessions routed by each of `config.routes`, then by the default pool.
+    pub routed: Vec<metrics::Counter>,
+    pub alpn: AlpnCounts,
+    /// Spaces the moves of drains and rebalancing (`--move-rate`).
+    pub pacer: Arc<crate::context::Pacer>,
+}
+
+impl Context {
+    pub fn new(
+        config: ProxyConfig,
+        gateways: Arc<GatewaySet>,
+        (device_tls, connector): TlsSetup,
+        hard_stop: CancellationToken,
+    ) -> Context {
+        let routed = config
+            .routes
+            .iter()
+            .map(|r| r.pool.clone())
+            .chain([wasmbed_config::proxy::DEFAULT_POOL.to_string()])
+            .map(|pool| counter!(ROUTED, "pool" => pool))
+            .collect();
+        let alpn = AlpnCounts::new(&config.routes);
+        Context {
+            pacer: Arc::new(crate::context::Pacer::new(config.migration.move_rate)),
+            alpn,
+            config,
+            gateways,
+            device_tls,
+            connector,
+            links: None,
+            hard_stop,
+            meters: Meters::new(),
+            routed,
+        }
+    }
+
+    /// The context of a reloaded `config`: the same gateways, device TLS, stop token and
+    /// pacer (set to the new rate), the new settings and upstream connector.
+    pub fn next(
+        &self,
+        config: ProxyConfig,
+        connector: Option<tokio_rustls::TlsConnector>,
+    ) -> Context {
+        let mut next = Context::new(
+            config,
+            self.gateways.clone(),
+            (self.device_tls.clone(), connector),
+            self.hard_stop.clone(),
+        );
+        self.pacer.set_rate(next.config.migration.move_rate);
+        next.pacer = self.pacer.clone();
+        next.links = self.links.clone();
+        next
+    }
+}
+
+/// Sessions by the ALPN protocol the device offered: a closed label set (the protocols the
+/// routes name, `wasmbed/1`, `none`, `other`), each counter registered once.
+pub struct AlpnCounts {
+    known: Vec<(Vec<u8>, metrics::Counter)>,
+    none: metrics::Counter,
+    other: metrics::Counter,
+}
+
+/// The ALPN protocol of the device session protocol.
+pub const WASMBED_ALPN: &str = "wasmbed/1";
+
+impl AlpnCounts {
+    fn new(routes: &[RouteConfig]) -> AlpnCounts {
+        let mut names: Vec<&str> = vec![WASMBED_ALPN];
+        for r in routes {
+            if let Some(a) = r.alpn.as_deref()
+                && !names.contains(&a)
+            {
+                names.push(a);
+            }
+        }
+        let counter = |label: String| counter!(SESSIONS_BY_ALPN, "alpn" => label);
+        AlpnCounts {
+            known: names
+                .into_iter()
+                .map(|n| (n.as_bytes().to_vec(), counter(n.to_string())))
+                .collect(),
+            none: counter("none".into()),
+            other: counter("other".into()),
+        }
+    }
+
+    /// Counts one session by the first offered protocol that has a label of its own.
+    pub(crate) fn count(&self, offered: &[Vec<u8>]) {
+        if offered.is_empty() {
+            return self.none.increment(1);
+        }
+        let known = offered
+            .iter()
+            .find_map(|p| self.known.iter().find(|(name, _)| name == p));
+        match known {
+            Some((_, c)) => c.increment(1),
+            None => self.other.increment(1),
+        }
+    }
+}
+
+/// Spaces moves at `--move-rate`: each takes the next free slot.
+pub struct Pacer {
+    /// The next free slot, and the gap between two slots.
+    state: Mutex<(Instant, Duration)>,
+}
+
+impl Pacer {
+    pub fn new(per_second: u32) -> Pacer {
+        Pacer {
+            state: Mutex::new((Instant::now(), Self::gap(per_second))),
+        }
+    }
+
+    fn gap(per_second: u32) -> Duration {
+        Duration::from_secs(1) / per_second.max(1)
+    }
+
+    /// Changes the rate (a config reload); slots already handed out stay.
+    pub fn set_rate(&self, per_second: u32) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 = Self::gap(per_second);
+    }
+
+    /// The instant this move may start.
+    pub fn slot(&self) -> Instant {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = state.0.max(Instant::now());
+        state.0 = slot + state.1;
+        slot
+    }
+}

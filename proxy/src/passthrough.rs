@@ -1,0 +1,151 @@
+//! passthrough: a device's TLS passed through untouched: the ClientHello peeked (SNI, ALPN)
+//! within `handshake_timeout`, the pools it routes to, a gateway connected, the bytes read so
+//! far sent first, then bytes both ways until either side ends or the proxy cuts.
+
+use std::future::Future;
+use std::task::Poll;
+use std::time::Instant;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wasmbed_config::ListenerConfig;
+
+use crate::balancer::Lease;
+use crate::clienthello::{self, ClientHello, HelloError};
+use crate::context::Context;
+use crate::forward::{self, supervise};
+use crate::listener::reset_on_close;
+use crate::refusal::{Refusal, Refused, refused};
+use crate::route::{Matched, pools_for};
+use crate::upstream::{connect, wants_proxy_header};
+
+pub(crate) async fn passthrough(
+    ctx: &Context,
+    listener: &ListenerConfig,
+    mut device: TcpStream,
+) -> Result<(), Refused> {
+    let started = Instant::now();
+    let (prefix, hello) = {
+        let mut reading = std::pin::pin!(read_hello(&mut device, ctx.config.max_client_hello));
+        // Most devices have sent their hello by the time their session first runs: try once
+        // without arming a timer (arming one can cost the runtime a wake-up), then with it.
+        match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
+            Poll::Ready(read) => read?,
+            Poll::Pending => tokio::time::timeout(ctx.config.handshake_timeout, reading)
+                .await
+                .map_err(|_| {
+                    refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")
+                })??,
+        }
+    };
+    let (sni, alpn) = match hello {
+        Some(ClientHello { sni, alpn, .. }) => (sni, alpn),
+        None if listener.allow_plain => (None, Vec::new()),
+        None => return Err(refused(Refusal::NotTls, "plain TCP on a TLS listener")),
+    };
+    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
+    if let Some(name) = &sni {
+        tracing::Span::current().record("sni", name.as_str());
+    }
+    ctx.alpn.count(&alpn);
+    if let Some(first) = alpn.first() {
+        tracing::Span::current().record("alpn", String::from_utf8_lossy(first).as_ref());
+    }
+    // Boxed: the connect state is only needed for a moment, so idle sessions do not carry it.
+    let matched = Matched {
+        sni: sni.as_deref(),
+        alpn: &alpn,
+        cert: None,
+    };
+    let pools = pools_for(ctx, matched);
+    drop(alpn);
+    // Boxed: the connect state is only needed for a moment.
+    let opening = open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix);
+    let (lease, mut gateway) = Box::pin(opening).await?;
+    ctx.meters.bytes_up.increment(prefix.len() as u64);
+    drop(prefix);
+    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let forwarding = forward::tcp(
+        &mut device,
+        &mut gateway,
+        up,
+        down,
+        ctx.config.splice,
+        ctx.config.half_close,
+    );
+    if supervise(ctx, &lease, forwarding).await.is_some() {
+        reset_on_close(&device);
+    }
+    Ok(())
+}
+
+/// Connects to a gateway of `pools` and sends what goes first: a PROXY header (where the
+/// gateway's pool wants one) and the device's bytes read so far.
+async fn open_passthrough(
+    ctx: &Context,
+    pools: Vec<String>,
+    (device, sni, listening): (&TcpStream, Option<String>, std::net::SocketAddr),
+    prefix: &[u8],
+) -> Result<(Lease, TcpStream), Refused> {
+    let (lease, mut gateway) = connect(ctx, &pools).await?;
+    if wants_proxy_header(ctx, lease.gateway()) {
+        let origin = crate::proxy_protocol::Origin {
+            src: device
+                .peer_addr()
+                .map_err(|e| refused(Refusal::ClientError, e))?,
+            dst: device.local_addr().unwrap_or(listening),
+            sni,
+            identity: None,
+        };
+        let header = origin.header().map_err(|e| refused(Refusal::Internal, e))?;
+        gateway
+            .write_all(&header)
+            .await
+            .map_err(|e| refused(Refusal::GatewayError, e))?;
+    }
+    // The hello is at most `max_client_hello` bytes: a fresh socket's buffer takes it at once.
+    gateway
+        .write_all(prefix)
+        .await
+        .map_err(|e| refused(Refusal::GatewayError, e))?;
+    Ok((lease, gateway))
+}
+
+/// Reads (bounded) until the bytes are a whole ClientHello, or clearly not TLS. Returns the
+/// bytes read, to be sent to the gateway first, untouched.
+async fn read_hello(
+    device: &mut TcpStream,
+    max: usize,
+) -> Result<(Vec<u8>, Option<ClientHello>), Refused> {
+    let mut buf = vec![0u8; 2048.min(max)];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize((len * 2).min(max), 0);
+        }
+        // `read` (unlike `try_read`) lets tokio see a partial read as "drained", so the
+        // forwarding that follows waits instead of trying a read that would block.
+        match device.read(&mut buf[len..]).await {
+            Ok(0) => {
+                return Err(refused(
+                    Refusal::ClientClosed,
+                    "closed before its ClientHello",
+                ));
+            }
+            Ok(n) => len += n,
+            Err(e) => return Err(refused(Refusal::ClientError, e)),
+        }
+        match clienthello::parse(&buf[..len], max) {
+            Err(HelloError::Incomplete) => {}
+            Err(HelloError::NotTls) => {
+                buf.truncate(len);
+                return Ok((buf, None));
+            }
+            Err(e) => return Err(refused(Refusal::of_hello(&e), e)),
+            Ok(hello) => {
+                buf.truncate(len);
+                return Ok((buf, Some(hello)));
+            }
+        }
+    }
+}

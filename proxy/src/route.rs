@@ -1,0 +1,83 @@
+//! route: which pools a device goes to, in order: the first route its SNI, ALPN and
+//! certificate match, that route's fallbacks, then the default pool.
+
+use wasmbed_config::RouteConfig;
+
+use crate::context::Context;
+
+/// What a route may match about a device: its SNI, the ALPN protocols it offered, and (in
+/// terminate mode) its certificate's attributes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Matched<'a> {
+    pub sni: Option<&'a str>,
+    pub alpn: &'a [Vec<u8>],
+    pub cert: Option<&'a wasmbed_certs::CertAttributes>,
+}
+
+/// The pools a device goes to, in order: the first matching route's pool, its fallbacks, then
+/// the default pool (a pool with no gateway taking sessions is skipped for the next).
+pub(crate) fn pools_for(ctx: &Context, device: Matched<'_>) -> Vec<String> {
+    let routes = &ctx.config.routes;
+    let matched = routes.iter().position(|r| route_matches(r, device));
+    let index = matched.unwrap_or(routes.len());
+    if let Some(counter) = ctx.routed.get(index) {
+        counter.increment(1);
+    }
+    let mut pools: Vec<String> = Vec::new();
+    if let Some(r) = matched.map(|i| &routes[i]) {
+        pools.push(r.pool.clone());
+        pools.extend(r.fallback.iter().cloned());
+    }
+    pools.push(wasmbed_config::proxy::DEFAULT_POOL.to_string());
+    let mut seen = std::collections::HashSet::new();
+    pools.retain(|p| seen.insert(p.clone()));
+    pools
+}
+
+/// Whether a device matches a route: its SNI equals the route's or lies under its
+/// `*.suffix`, it offers the route's ALPN protocol, its certificate carries the route's URI
+/// SAN (exact, or `prefix*`) and OU; each only when the route names it.
+pub fn route_matches(route: &RouteConfig, device: Matched<'_>) -> bool {
+    let sni_ok = match (route.sni.as_deref(), device.sni) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(pattern), Some(sni)) => match pattern.strip_prefix("*.") {
+            Some(suffix) => sni
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            None => pattern == sni,
+        },
+    };
+    let alpn_ok = route
+        .alpn
+        .as_deref()
+        .is_none_or(|want| device.alpn.iter().any(|p| p == want.as_bytes()));
+    let uri_ok = route.cert_uri.as_deref().is_none_or(|want| {
+        device.cert.is_some_and(|c| {
+            c.uris.iter().any(|u| match want.strip_suffix('*') {
+                Some(prefix) => u.starts_with(prefix),
+                None => u == want,
+            })
+        })
+    });
+    let ou_ok = route
+        .cert_ou
+        .as_deref()
+        .is_none_or(|want| device.cert.is_some_and(|c| c.ous.iter().any(|o| o == want)));
+    sni_ok && alpn_ok && uri_ok && ou_ok
+}
+
+/// The pools for a client whose TLS ended here: rustls negotiated ALPN, so routes match on
+/// the SNI and the certificate's attributes (dropped once matched).
+pub(crate) fn device_pools(
+    ctx: &Context,
+    sni: Option<&str>,
+    attributes: Option<wasmbed_certs::CertAttributes>,
+) -> Vec<String> {
+    let matched = Matched {
+        sni,
+        alpn: &[],
+        cert: attributes.as_ref(),
+    };
+    pools_for(ctx, matched)
+}

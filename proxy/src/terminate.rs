@@ -1,0 +1,339 @@
+//! terminate: a device's TLS ended at the proxy (TLS over TCP here; QUIC in [`crate::quic`]
+//! joins at [`anchor_device`]): the certificate read once ([`Verified`]), the HELLO checked
+//! against it before any gateway sees it, the first gateway's WELCOME, then the session
+//! anchored. Raw listeners forward the decrypted bytes instead. Every refusal goes one way
+//! for every transport: its ERROR, an orderly close, one count.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use metrics::counter;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+use wasmbed_protocol::codec::{CodecError, FrameCodec};
+use wasmbed_protocol::{ErrorCode, Frame, Hello, Kind};
+
+use crate::anchor;
+use crate::balancer::Gateway;
+use crate::context::Context;
+use crate::forward::{self, supervise};
+use crate::listener::reset_on_close;
+use crate::refusal::{Refusal, Refused, refused};
+use crate::route::device_pools;
+use crate::upstream::{connect, connect_with, dial_upstream};
+
+/// Terminate mode up to the session's anchoring: the device's TLS handshake and HELLO, the
+/// first gateway's WELCOME. `None`: the gateway refused the session (the device was told),
+/// or, on a `raw` listener, the decrypted bytes were forwarded to their end.
+pub(crate) async fn terminate(
+    ctx: &Arc<Context>,
+    device: TcpStream,
+    peer: std::net::SocketAddr,
+    raw: bool,
+) -> Result<Option<Box<anchor::Anchored>>, Refused> {
+    let local = device.local_addr().ok();
+    let Some(acceptor) = ctx.device_tls.tcp() else {
+        return Err(refused(
+            Refusal::Internal,
+            "terminate mode without a TLS acceptor",
+        ));
+    };
+    let started = Instant::now();
+    let tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
+        .await
+        .map_err(|_| {
+            refused(
+                Refusal::HandshakeTimeout,
+                "TLS handshake not finished in time",
+            )
+        })?
+        .map_err(|e| refused(tls_reason(&e), e))?;
+    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
+    let (_, conn) = tls.get_ref();
+    let verified = Verified::new(
+        conn.server_name().map(str::to_string),
+        conn.peer_certificates().unwrap_or(&[]),
+        (peer, local),
+    );
+    if raw {
+        forward_decrypted(ctx, tls, verified).await?;
+        return Ok(None);
+    }
+    // Refusals from here on are answered and counted by `anchor_device`.
+    Ok(anchor_device(ctx, Box::new(tls), verified).await)
+}
+
+/// A `raw` listener: after the handshake (the client certificate checked as for devices), the
+/// decrypted bytes go to a gateway of the matching pool as they are: no HELLO check, no
+/// anchoring, so no moves; the gateway learns the client's identity only from a PROXY v2
+/// header (`--proxy-protocol`).
+async fn forward_decrypted(
+    ctx: &Arc<Context>,
+    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    Verified {
+        sni,
+        identity,
+        attributes,
+        peer,
+        local,
+        ..
+    }: Verified,
+) -> Result<(), Refused> {
+    note_device(ctx, identity.as_deref(), sni.as_deref());
+    let pools = device_pools(ctx, sni.as_deref(), attributes);
+    let (lease, stream) = connect(ctx, &pools).await?;
+    let origin = crate::proxy_protocol::Origin {
+        src: peer,
+        dst: local.unwrap_or(peer),
+        sni,
+        identity,
+    };
+    let mut up = crate::upstream::over_tcp(ctx, lease.gateway(), stream, &origin)
+        .await
+        .map_err(|e| open_failed(lease.gateway(), e))?;
+    let (bytes_up, bytes_down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
+    if supervise(ctx, &lease, forwarding).await.is_some() {
+        // Cut by the proxy (gateway down, shutdown): the client reconnects at once.
+        reset_on_close(tls.get_ref().0);
+    }
+    Ok(())
+}
+
+/// What the device's TLS handshake established (TLS over TCP or QUIC), read once from its
+/// certificate.
+pub(crate) struct Verified {
+    sni: Option<String>,
+    /// The certificate's device (`None` without `client_ca`).
+    identity: Option<String>,
+    attributes: Option<wasmbed_certs::CertAttributes>,
+    /// For revocation at a CRL reload.
+    serial: Option<Vec<u8>>,
+    peer: std::net::SocketAddr,
+    local: Option<std::net::SocketAddr>,
+}
+
+impl Verified {
+    /// From the SNI and the certificate chain (empty without `client_ca`) of the handshake.
+    pub(crate) fn new(
+        sni: Option<String>,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        (peer, local): (std::net::SocketAddr, Option<std::net::SocketAddr>),
+    ) -> Verified {
+        let cert = chain.first();
+        Verified {
+            sni,
+            identity: cert.and_then(wasmbed_certs::peer_identity),
+            attributes: cert.map(wasmbed_certs::cert_attributes),
+            serial: cert.and_then(wasmbed_certs::serial_of),
+            peer,
+            local,
+        }
+    }
+}
+
+/// Names the session's device and SNI on its span, and counts an authenticated device.
+fn note_device(ctx: &Context, identity: Option<&str>, sni: Option<&str>) {
+    let span = tracing::Span::current();
+    if let Some(id) = identity {
+        span.record("device", id);
+        ctx.meters.devices.increment(1);
+    }
+    if let Some(name) = sni {
+        span.record("sni", name);
+    }
+}
+
+/// Terminate mode after the device's handshake, whatever its transport: HELLO checked against
+/// the certificate, the route, the first gateway's WELCOME. A refusal goes one way for every
+/// transport: its ERROR to the device, an orderly close ([`anchor::DeviceStream::goodbye`]),
+/// then counted ([`Refused::count`]). `None`: refused, or the gateway refused the session
+/// (its ERROR passed on).
+pub(crate) async fn anchor_device(
+    ctx: &Arc<Context>,
+    mut device: Box<dyn anchor::DeviceStream>,
+    verified: Verified,
+) -> Option<Box<anchor::Anchored>> {
+    let timeout = ctx.config.handshake_timeout;
+    match open_session(ctx, &mut device, verified).await {
+        Ok(Ok(first)) => Some(Box::new(anchor::Anchored {
+            ctx: ctx.clone(),
+            device: anchor::DeviceSide {
+                tls: device,
+                serial: first.serial,
+                origin: first.origin,
+            },
+            pools: first.pools,
+            hello: first.hello,
+            link: first.link,
+            first: (first.welcome, first.rest, first.pending),
+        })),
+        Ok(Err(gateway_error)) => {
+            // The gateway refused the session (an ERROR): the device gets it, then the close.
+            device
+                .goodbye(&gateway_error, anchor::Close::Refused, timeout)
+                .await;
+            None
+        }
+        Err(r) => {
+            device
+                .goodbye(&r.error_frame(), anchor::Close::Refused, timeout)
+                .await;
+            r.count();
+            None
+        }
+    }
+}
+
+/// A session the first gateway WELCOMEd, in parts.
+struct Opened {
+    pools: Vec<String>,
+    hello: Hello,
+    link: anchor::Link,
+    welcome: Frame,
+    rest: BytesMut,
+    pending: BytesMut,
+    serial: Option<Vec<u8>>,
+    origin: crate::proxy_protocol::Origin,
+}
+
+/// [`anchor_device`]'s work up to the first WELCOME (`Ok(Err(bytes))`: the gateway's ERROR).
+async fn open_session(
+    ctx: &Arc<Context>,
+    device: &mut Box<dyn anchor::DeviceStream>,
+    Verified {
+        sni,
+        identity,
+        attributes,
+        serial,
+        peer,
+        local,
+    }: Verified,
+) -> Result<Result<Opened, Vec<u8>>, Refused> {
+    note_device(ctx, identity.as_deref(), sni.as_deref());
+    // The device's HELLO is checked against its certificate before any gateway sees it.
+    let (hello, hello_bytes, pending) = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        first_frame(device, identity.as_deref()),
+    )
+    .await
+    .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
+    // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
+    ctx.alpn.count(&[]);
+    let pools = device_pools(ctx, sni.as_deref(), attributes);
+    let (lease, gateway) = connect_with(ctx, &pools, dial_upstream)
+        .await
+        .map_err(|r| r.answered(ErrorCode::Unavailable, 0))?;
+    // HELLO goes first and the gateway's first frame comes back before the session is
+    // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
+    // refused only after the client's side of the handshake is done) is seen here, named,
+    // and counted, instead of being a session that just closes.
+    let origin = crate::proxy_protocol::Origin {
+        src: peer,
+        dst: local.unwrap_or(peer),
+        sni: sni.clone(),
+        identity: identity.clone(),
+    };
+    let opened = tokio::time::timeout(
+        ctx.config.handshake_timeout,
+        crate::upstream::open(ctx, lease.gateway(), gateway, (&hello_bytes, &origin)),
+    )
+    .await;
+    let (up, first, rest) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            return Err(open_failed(lease.gateway(), e).answered(ErrorCode::Unavailable, 0));
+        }
+        Err(_) => {
+            let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
+            return Err(r.answered(ErrorCode::Unavailable, 0));
+        }
+    };
+    ctx.meters.bytes_up.increment(hello_bytes.len() as u64);
+    if first.kind != Kind::Welcome {
+        lease.gateway().sessions_started.increment(1);
+        return Ok(Err(first.encode()));
+    }
+    Ok(Ok(Opened {
+        pools,
+        hello,
+        link: anchor::Link::new(lease, up),
+        welcome: first,
+        rest,
+        pending,
+        serial,
+        origin,
+    }))
+}
+
+/// The refusal for a link to `gateway` that could not be opened: one label per failure,
+/// whichever path opened it (anchored sessions, raw listeners). A TLS failure is also
+/// counted against the gateway and logged, since it is a configuration problem.
+fn open_failed(gateway: &Gateway, e: crate::upstream::OpenError) -> Refused {
+    match e {
+        crate::upstream::OpenError::Tls(e) => {
+            let name = &gateway.name;
+            counter!(crate::metric_names::UPSTREAM_TLS_FAILURES, "gateway" => name.clone())
+                .increment(1);
+            tracing::warn!(gateway = %name, error = %e, "TLS with the gateway failed");
+            refused(Refusal::UpstreamTls, e)
+        }
+        e => refused(Refusal::GatewayError, e),
+    }
+}
+
+/// Terminate mode: reads the device's first frame, which must be a HELLO naming the device
+/// of the verified certificate (when there is one). Anything else is refused with the ERROR
+/// the device gets. Returns the HELLO, its bytes (to send the gateway first), and whatever
+/// followed.
+async fn first_frame<S>(
+    device: &mut S,
+    identity: Option<&str>,
+) -> Result<(Hello, Vec<u8>, BytesMut), Refused>
+where
+    S: AsyncRead + Unpin + ?Sized,
+{
+    let mut codec = FrameCodec::new(wasmbed_protocol::DEFAULT_MAX_FRAME);
+    let mut buf = BytesMut::with_capacity(512);
+    let frame = loop {
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => break frame,
+            Ok(None) => {}
+            Err(CodecError::Protocol(e)) => {
+                return Err(refused(Refusal::BadFrame, &e).answered(e.code(), 0));
+            }
+            Err(CodecError::Io(e)) => return Err(refused(Refusal::ClientError, e)),
+        }
+        match device.read_buf(&mut buf).await {
+            Ok(0) => return Err(refused(Refusal::ClientClosed, "closed before HELLO")),
+            Ok(_) => {}
+            Err(e) => return Err(refused(Refusal::ClientError, e)),
+        }
+    };
+    if frame.kind != Kind::Hello {
+        let text = format!("the first frame must be HELLO, not {}", frame.kind.as_str());
+        return Err(refused(Refusal::NoSession, text).answered(ErrorCode::NoSession, frame.seq));
+    }
+    let hello: Hello = match frame.decode_body("HELLO") {
+        Ok(h) => h,
+        Err(e) => return Err(refused(Refusal::BadHello, e).answered(ErrorCode::BadHello, 0)),
+    };
+    if let Some(id) = identity
+        && id != hello.device
+    {
+        let text = format!("HELLO names {:?}, the certificate {id:?}", hello.device);
+        tracing::warn!(claimed = %hello.device, certificate = %id, "HELLO names another device");
+        let r = refused(Refusal::IdentityMismatch, text);
+        return Err(r.answered(ErrorCode::IdentityMismatch, 0));
+    }
+    // Re-encoding gives back the exact bytes the device sent: a frame has one encoding.
+    Ok((hello, frame.encode(), buf))
+}
+
+fn tls_reason(e: &io::Error) -> Refusal {
+    let rustls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    rustls_error.map_or(Refusal::ClientError, Refusal::of_tls)
+}
