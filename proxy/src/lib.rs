@@ -211,8 +211,9 @@ impl Proxy {
         }
         if let Some(endpoint) = &quic {
             tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for QUIC devices");
+            let live = live.clone();
             accepting.spawn(quic::accept_loop(
-                live.clone(),
+                move || live.context(),
                 endpoint.clone(),
                 (limit.clone(), sessions.clone()),
                 shutdown.clone(),

@@ -366,7 +366,7 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
 /// Takes the gateway `name` out of the set: no new sessions, its prober stops, its live
 /// sessions move (terminate mode) or end on their own (passthrough). Shared by `DELETE
 /// /api/gateways/{name}`, reloads and discovery.
-pub fn remove(gateways: &crate::GatewaySet, name: &str) -> Option<Arc<Gateway>> {
+pub fn remove(gateways: &crate::balancer::GatewaySet, name: &str) -> Option<Arc<Gateway>> {
     let g = gateways.remove(name)?;
     // Its series stop being refreshed: leave them saying it is gone, not stale values.
     metrics::gauge!(crate::metric_names::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);

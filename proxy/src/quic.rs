@@ -153,7 +153,7 @@ pub(crate) fn bind(
 /// Accepts QUIC devices until `shutdown`, each session counted against `limit` (shared
 /// with the TCP listeners: `--max-connections`).
 pub(crate) async fn accept_loop(
-    live: Arc<crate::live::Live>,
+    current: impl Fn() -> Arc<crate::context::Context> + Send + Sync + 'static,
     endpoint: Endpoint,
     (limit, sessions): (Arc<Semaphore>, TaskTracker),
     shutdown: CancellationToken,
@@ -165,7 +165,7 @@ pub(crate) async fn accept_loop(
             _ = shutdown.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
-        let ctx = live.context();
+        let ctx = current();
         let busy = handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE;
         let retry = match ctx.config.quic.retry {
             QuicRetry::Always => true,

@@ -1,4 +1,4 @@
-//! terminate: a device's TLS ended at the proxy (TLS over TCP here; QUIC in [`crate::quic`]
+//! terminate: a device's TLS ended at the proxy (TLS over TCP here; QUIC devices, one layer up,
 //! joins at [`anchor_device`]): the certificate read once ([`Verified`]), the HELLO checked
 //! against it before any gateway sees it, the first gateway's WELCOME, then the session
 //! anchored. Raw listeners forward the decrypted bytes instead. Every refusal goes one way

@@ -53,7 +53,7 @@ pub(crate) trait DeviceStream:
     fn goodbye<'a>(&'a mut self, last: &'a [u8], how: Close, within: Duration) -> Goodbye<'a>;
 }
 
-/// How a session ends in order (QUIC says which in its close code: [`crate::quic`]).
+/// How a session ends in order (QUIC says which in its close code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Close {
     /// The session ended (the device left, or the gateway ended it and said why).

@@ -97,7 +97,7 @@ impl Failure {
 /// pumps with their readiness futures take ~750).
 ///
 /// `splice`: `Off` copies through a per-thread buffer; `On` moves every chunk with
-/// `splice(2)` ([`crate::splice`]); `Auto` copies until a read fills the whole buffer (a bulk
+/// `splice(2)` ([`splice`]); `Auto` copies until a read fills the whole buffer (a bulk
 /// transfer), then splices that direction from then on.
 pub fn tcp<'a>(
     device: &'a mut TcpStream,
