@@ -13,8 +13,14 @@ pub struct CertsArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum CertsCommand {
-    /// Create a dev CA, a proxy server certificate, gateway server certificates and device
-    /// client certificates (ECDSA P-256) as PEM files, with an index.json.
+    /// Create a dev PKI (ECDSA P-256 unless --rsa) in DIR. It writes: ca.pem and ca.key
+    /// (the CA); proxy.pem and proxy.key (the proxy's server certificate: localhost,
+    /// 127.0.0.1, --san); proxy-client.pem and proxy-client.key (the proxy's client
+    /// certificate towards gateways, identity wasmbed-proxy); gateway-N.pem and gateway-N.key
+    /// (--gateways); devices/device-NNNN.pem and .key (--devices); session-keys.toml (the
+    /// fleet's ticket key ring, for every gateway's --session-keys); crl.pem (an empty CRL of
+    /// the CA, so --client-crl can be on from the first day; `certs revoke` rewrites it) and
+    /// revoked.json (what `certs revoke` has revoked); index.json (every path above).
     Init(InitArgs),
     /// Revoke device certificates of a dev PKI: writes DIR/crl.pem, the CA's CRL of every
     /// device revoked so far (listed in DIR/revoked.json). Give it to the proxy and gateways
@@ -361,8 +367,21 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let ring = wasmbed_gateway::ticket::KeyRing::generate("k1")
         .map_err(|_| CertError::Random("the session key"))?;
     write(&keys_path, &ring)?;
+    // An empty CRL, number 1: `--client-crl DIR/crl.pem` works before the first revocation,
+    // and `certs revoke` numbers its CRLs on from it.
+    let crl_path = a.dir.join("crl.pem");
+    write(&crl_path, &ca.crl(&[], 1, CRL_VALIDITY)?)?;
+    let list = Revoked {
+        crl_number: 1,
+        revoked: Vec::new(),
+    };
+    write(
+        &a.dir.join("revoked.json"),
+        &serde_json::to_string_pretty(&list).unwrap_or_default(),
+    )?;
     let index = serde_json::json!({
         "session_keys": keys_path,
+        "crl": crl_path,
         "ca": { "cert": ca_path, "key": a.dir.join("ca.key") },
         "proxy": proxy,
         "proxy_client": proxy_client,

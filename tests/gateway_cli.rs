@@ -242,8 +242,37 @@ async fn certs_revoke_and_a_sighup_close_a_revoked_devices_session() {
     assert_eq!(proxy.metric("wasmbed_proxy_sessions_revoked_total"), 1.0);
     let list: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d("revoked.json")).unwrap()).unwrap();
-    assert_eq!(list["crl_number"], 2);
+    // `certs init` wrote CRL 1 (empty); each `certs revoke` the next.
+    assert_eq!(list["crl_number"], 3);
     assert_eq!(list["revoked"].as_array().unwrap().len(), 2);
+    let _ = gw.kill();
+    let _ = gw.wait();
+}
+
+/// `certs init` writes an empty CRL: a proxy can check revocation from the first day
+/// (`--client-crl DIR/crl.pem` before any `certs revoke`), and devices get their sessions.
+#[tokio::test]
+async fn certs_init_writes_an_empty_crl_a_proxy_starts_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--dir"])
+        .arg(dir.path())
+        .args(["--devices", "1", "--gateways", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let crl = dir.path().join("crl.pem");
+    let crls = wasmbed_certs::load_crls(&crl).expect("certs init wrote a CRL");
+    assert_eq!(wasmbed_certs::revoked_serials(&crls).len(), 0);
+    let (mut gw, proxy) = terminate_stack(dir.path(), &["--client-crl", crl.to_str().unwrap()]);
+    let tcp = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(device_of(dir.path(), "device-0000"))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut dev = Device::new(tls);
+    assert_eq!(dev.open("device-0000", "echo").await, "gateway");
     let _ = gw.kill();
     let _ = gw.wait();
 }

@@ -507,6 +507,30 @@ impl GatewaySettings {
     }
 }
 
+impl GatewaySettings {
+    /// What the settings allow but an operator should hear about at start (logged as
+    /// warnings). A gateway behind a terminating proxy (it trusts a proxy to state devices, or
+    /// speaks plaintext) with no `--session-keys` seals no tickets: every session the proxy
+    /// moves onto it (failover, drain, rebalance) starts its app afresh, with no error
+    /// anywhere.
+    pub fn warnings(&self) -> Vec<String> {
+        let behind_proxy = self.tls.as_ref().map_or(true, |t| {
+            t.trusted_proxy_ca.is_some() || !t.proxy_identities.is_empty()
+        });
+        let mut out = Vec::new();
+        if behind_proxy && self.session_keys.is_none() {
+            out.push(
+                "no --session-keys: this gateway seals no session tickets, so a session a \
+                 terminating proxy moves here (failover, drain, rebalance) or away restarts \
+                 its app with its state lost; give every gateway of the fleet the same key ring \
+                 (`wasmbed certs init` writes session-keys.toml)"
+                    .to_string(),
+            );
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,6 +540,18 @@ mod tests {
             insecure_plaintext: true,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_gateway_behind_a_proxy_without_session_keys_is_warned() {
+        let plain = GatewaySettings::load(&flags()).unwrap();
+        assert_eq!(plain.warnings().len(), 1, "plaintext, behind a proxy");
+        let with_keys = GatewaySettings::load(&GatewayFlags {
+            session_keys: Some("keys.toml".into()),
+            ..flags()
+        })
+        .unwrap();
+        assert!(with_keys.warnings().is_empty(), "{:?}", with_keys.warnings());
     }
 
     #[test]

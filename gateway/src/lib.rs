@@ -289,6 +289,9 @@ impl Gateway {
         let shared = self.shared;
         let admin_stop = CancellationToken::new();
         let background = TaskTracker::new();
+        for warning in shared.settings.warnings() {
+            tracing::warn!("{warning}");
+        }
         if let Some(admin) = self.admin {
             for warning in shared.settings.admin_auth.warnings() {
                 tracing::warn!("{warning}");
