@@ -534,3 +534,82 @@ async fn an_extra_quic_stream_is_reset_and_the_session_goes_on() {
         assert_eq!(conn.data(b"on").await.kind, Kind::Reply, "{upstream:?}");
     }
 }
+
+/// Reloads in the middle of a handshake storm and of moves: 40 devices (half over QUIC, half
+/// over TCP) dial at once while the config is reloaded again and again; then a gateway is
+/// drained by moving its sessions, still under reloads. Every device gets its session, every
+/// DATA its answer, and no device's connection ends.
+#[tokio::test]
+async fn reloads_during_a_handshake_storm_and_moves_lose_nothing() {
+    let env = Env::new();
+    let gws = [start(env.gateway()).await, start(env.gateway()).await];
+    let mut config = env.proxy(&gws[0], UpstreamMode::Link);
+    let mut second = config.gateways[0].clone();
+    second.name = "gw-1".into();
+    second.addr = gws[1].addr.to_string();
+    second.health_addr = Some(gws[1].admin.to_string());
+    config.gateways.push(second);
+    let proxy = Arc::new(run_proxy(config).await);
+    let reloading = tokio_util::sync::CancellationToken::new();
+    let reloads = {
+        let (proxy, stop) = (proxy.clone(), reloading.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                proxy.live.reload().expect("a reload of the same files");
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    let mut dialing = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let transport = if i % 2 == 0 {
+            Transport::Quic
+        } else {
+            Transport::Tcp
+        };
+        let name = format!("storm-{i:04}");
+        let tls = env.device(&name, false);
+        let proxy = proxy.clone();
+        dialing.spawn(async move {
+            let mut conn = Conn::open(transport, &proxy, tls).await.unwrap();
+            conn.send_raw(&hello(&name)).await;
+            let f = conn.recv().await.map(|f| f.kind);
+            assert_eq!(f, Some(Kind::Welcome), "{name} over {transport:?}");
+            conn
+        });
+    }
+    let mut conns = Vec::new();
+    while let Some(conn) = dialing.join_next().await {
+        conns.push(conn.unwrap());
+    }
+    for conn in conns.iter_mut() {
+        assert_eq!(conn.data(b"before").await.kind, Kind::Reply);
+    }
+    // Drain gw-0 by moving its sessions, while the reloads go on.
+    let ctx = proxy.live.context();
+    let gw0 = ctx.gateways.find("gw-0").unwrap();
+    let on_gw0 = gw0.sessions();
+    assert!(on_gw0 > 0, "the storm went to both gateways");
+    gw0.set_draining(true);
+    gw0.order_moves(usize::MAX);
+    wasmbed_testkit::until(Duration::from_secs(20), "gw-0's sessions moved", || {
+        gw0.sessions() == 0
+    })
+    .await;
+    reloading.cancel();
+    assert!(reloads.await.unwrap() > 1, "reloads ran during the storm and the moves");
+    for conn in conns.iter_mut() {
+        assert_eq!(conn.data(b"after").await.kind, Kind::Reply);
+        if let Conn::Quic(c, _, _) = conn {
+            assert!(c.close_reason().is_none(), "a QUIC device's connection ended");
+        }
+    }
+    assert_eq!(
+        ctx.gateways.find("gw-1").unwrap().sessions(),
+        40,
+        "every session on the gateway left"
+    );
+}
