@@ -260,7 +260,11 @@ async fn certs_init_writes_an_empty_crl_a_proxy_starts_with() {
         .args(["--devices", "1", "--gateways", "1"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let crl = dir.path().join("crl.pem");
     let crls = wasmbed_certs::load_crls(&crl).expect("certs init wrote a CRL");
     assert_eq!(wasmbed_certs::revoked_serials(&crls).len(), 0);

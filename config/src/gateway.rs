@@ -551,7 +551,11 @@ mod tests {
             ..flags()
         })
         .unwrap();
-        assert!(with_keys.warnings().is_empty(), "{:?}", with_keys.warnings());
+        assert!(
+            with_keys.warnings().is_empty(),
+            "{:?}",
+            with_keys.warnings()
+        );
     }
 
     #[test]

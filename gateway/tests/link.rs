@@ -19,13 +19,7 @@ struct LinkPki {
 impl LinkPki {
     fn new() -> LinkPki {
         let pki = Pki::new();
-        let proxy_ca = DevCa::generate("proxies").unwrap();
-        std::fs::write(pki.path("proxy-ca.pem"), proxy_ca.cert_pem()).unwrap();
-        let client = proxy_ca
-            .issue_client("edge-proxy", KeyKind::EcdsaP256)
-            .unwrap();
-        std::fs::write(pki.path("edge.pem"), &client.cert_pem).unwrap();
-        std::fs::write(pki.path("edge.key"), &client.key_pem).unwrap();
+        let proxy_ca = pki.proxy_ca("edge-proxy");
         LinkPki { pki, proxy_ca }
     }
 

@@ -30,7 +30,11 @@ enum Transport {
 enum Conn {
     Tcp(TlsDevice),
     /// The connection, its session stream, and its endpoint (kept: its UDP socket).
-    Quic(quinn::Connection, Device<QuicStream>, #[allow(dead_code)] quinn::Endpoint),
+    Quic(
+        quinn::Connection,
+        Device<QuicStream>,
+        #[allow(dead_code)] quinn::Endpoint,
+    ),
 }
 
 impl Conn {
@@ -115,13 +119,7 @@ struct Env {
 impl Env {
     fn new() -> Env {
         let pki = Pki::new();
-        let proxy_ca = DevCa::generate("proxies").unwrap();
-        std::fs::write(pki.path("proxy-ca.pem"), proxy_ca.cert_pem()).unwrap();
-        let edge = proxy_ca
-            .issue_client("edge-proxy", KeyKind::EcdsaP256)
-            .unwrap();
-        std::fs::write(pki.path("edge.pem"), &edge.cert_pem).unwrap();
-        std::fs::write(pki.path("edge.key"), &edge.key_pem).unwrap();
+        pki.proxy_ca("edge-proxy");
         let env = Env {
             pki,
             foreign: DevCa::generate("someone else's CA").unwrap(),
@@ -343,7 +341,10 @@ async fn play(
     row: &Row,
     (tls, name): (Arc<rustls::ClientConfig>, &str),
 ) {
-    let case = format!("{} over {transport:?}, upstream {:?}", row.name, proxy.upstream);
+    let case = format!(
+        "{} over {transport:?}, upstream {:?}",
+        row.name, proxy.upstream
+    );
     let before = metric(&rejected(row.label));
     let first = match row.first {
         First::HelloAsOther => hello("somebody-else"),
@@ -366,7 +367,10 @@ async fn play(
         (Err(e), Want::Error(_)) => panic!("{case}: handshake failed: {e}"),
         (Ok(mut conn), Want::Error(code)) => {
             conn.send_raw(&first).await;
-            let f = conn.recv().await.unwrap_or_else(|| panic!("{case}: no ERROR"));
+            let f = conn
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("{case}: no ERROR"));
             assert_eq!(f.kind, Kind::Error, "{case}: {f:?}");
             assert_eq!(error_code(&f), code as u16, "{case}: {:?}", error_of(&f));
             assert!(conn.recv().await.is_none(), "{case}: then the close");
@@ -407,7 +411,12 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
     }
     // Nothing reached the gateway: no session was handed to it, no link was made.
     assert_eq!(metric(started), 0.0, "a refused device reached a gateway");
-    assert_eq!(gw.shared.sessions.load(std::sync::atomic::Ordering::Acquire), 0);
+    assert_eq!(
+        gw.shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
     assert_eq!(
         metric("wasmbed_proxy_links_total{result=\"up\"}"),
         0.0,
@@ -436,7 +445,11 @@ async fn a_reload_revokes_on_every_transport_and_a_bad_one_changes_nothing() {
             let tls = env.device(&name, false);
             let mut live = Conn::open(transport, proxy, tls.clone()).await.unwrap();
             live.send_raw(&hello(&name)).await;
-            assert_eq!(live.recv().await.map(|f| f.kind), Some(Kind::Welcome), "{case}");
+            assert_eq!(
+                live.recv().await.map(|f| f.kind),
+                Some(Kind::Welcome),
+                "{case}"
+            );
             assert_eq!(live.data(b"one").await.kind, Kind::Reply, "{case}");
             let mut honest = Conn::open(transport, proxy, env.device(&honest_n, false))
                 .await
@@ -457,13 +470,20 @@ async fn a_reload_revokes_on_every_transport_and_a_bad_one_changes_nothing() {
                 let refused = u64::from(wasmbed_proxy::quic::code::REFUSED);
                 assert_eq!(live.close_code().await, Some(refused), "{case}");
             }
-            assert_eq!(honest.data(b"still").await.kind, Kind::Reply, "{case}: the others stay");
+            assert_eq!(
+                honest.data(b"still").await.kind,
+                Kind::Reply,
+                "{case}: the others stay"
+            );
             // The next handshake with the revoked certificate is refused, on this transport.
             match Conn::open(transport, proxy, tls.clone()).await {
                 Err(_) => {}
                 Ok(mut again) => {
                     again.send_raw(&hello(&name)).await;
-                    assert!(again.recv().await.is_none(), "{case}: revoked device welcomed");
+                    assert!(
+                        again.recv().await.is_none(),
+                        "{case}: revoked device welcomed"
+                    );
                 }
             }
             until_metric(&rejected("client_cert"), before + 1.0).await;
@@ -600,11 +620,17 @@ async fn reloads_during_a_handshake_storm_and_moves_lose_nothing() {
     })
     .await;
     reloading.cancel();
-    assert!(reloads.await.unwrap() > 1, "reloads ran during the storm and the moves");
+    assert!(
+        reloads.await.unwrap() > 1,
+        "reloads ran during the storm and the moves"
+    );
     for conn in conns.iter_mut() {
         assert_eq!(conn.data(b"after").await.kind, Kind::Reply);
         if let Conn::Quic(c, _, _) = conn {
-            assert!(c.close_reason().is_none(), "a QUIC device's connection ended");
+            assert!(
+                c.close_reason().is_none(),
+                "a QUIC device's connection ended"
+            );
         }
     }
     assert_eq!(

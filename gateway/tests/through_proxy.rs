@@ -154,15 +154,8 @@ async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
 /// devices' CA) still must be the device it names, even when named like a proxy.
 #[tokio::test]
 async fn a_proxy_ca_of_its_own_vouches_for_the_proxies() {
-    use wasmbed_certs::pki::{DevCa, KeyKind};
     let pki = Pki::new();
-    let proxy_ca = DevCa::generate("proxies").unwrap();
-    std::fs::write(pki.path("proxy-ca.pem"), proxy_ca.cert_pem()).unwrap();
-    let client = proxy_ca
-        .issue_client("edge-proxy-7", KeyKind::EcdsaP256)
-        .unwrap();
-    std::fs::write(pki.path("edge.pem"), &client.cert_pem).unwrap();
-    std::fs::write(pki.path("edge.key"), &client.key_pem).unwrap();
+    pki.proxy_ca("edge-proxy-7");
     let mut s = settings(Some(&pki));
     if let Some(tls) = s.tls.as_mut() {
         tls.trusted_proxy_ca = Some(pki.path("proxy-ca.pem"));

@@ -77,7 +77,11 @@ fn every_module_names_only_the_modules_below_it() {
     let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
     let declared: BTreeSet<String> = lib
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("pub mod ").or(l.trim().strip_prefix("mod ")))
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("pub mod ")
+                .or(l.trim().strip_prefix("mod "))
+        })
         .map(|l| l.trim_end_matches(';').to_string())
         .collect();
     let layered: BTreeSet<String> = LAYERS.iter().map(|m| m.to_string()).collect();

@@ -242,3 +242,64 @@ async fn certificate_rotation_keeps_live_sessions() {
         "the session opened before the rotation goes on"
     );
 }
+
+/// Run-time changes survive reloads: a gateway removed, one added and one drained through
+/// the admin API stay so across `POST /api/reload` (and SIGHUP's path) while the file leaves
+/// them alone; the answer says what it kept; once the file changes the removed gateway's
+/// entry, the file wins and the answer says so.
+#[tokio::test]
+async fn a_reload_keeps_run_time_changes_until_the_file_changes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let b: Vec<Backend> = futures_util::future::join_all((0..4).map(|_| Backend::spawn())).await;
+    let text = |weight_b: u32| {
+        format!(
+            "{COMMON}{LISTENER}[health]\ncheck = \"none\"\n{}{}{}",
+            gateway_toml("a", b[0].addr, 1, "default"),
+            gateway_toml("b", b[1].addr, weight_b, "default"),
+            gateway_toml("c", b[2].addr, 1, "default"),
+        )
+    };
+    let proxy = on_file(&file, &text(1)).await;
+    assert_eq!(proxy.admin("DELETE", "/api/gateways/b").await.0, 200);
+    assert_eq!(proxy.admin_post("/api/gateways/c/drain", "").await.0, 200);
+    let added = format!("{{\"name\":\"d\",\"address\":\"{}\"}}", b[3].addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &added).await.0, 201);
+
+    let (status, body) = proxy.admin_post("/api/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(names(&proxy), ["a", "c", "d"], "{body}");
+    assert!(
+        proxy.gateway("c").is_draining(),
+        "the drain was undone: {body}"
+    );
+    let kept = report["kept"].to_string();
+    for said in [
+        "b: removed at run time",
+        "c: drained at run time",
+        "d: added at run time",
+    ] {
+        assert!(kept.contains(said), "{said:?} not in {body}");
+    }
+    assert_eq!(report["overridden"], serde_json::json!([]), "{body}");
+    // The removed gateway takes no session after the reload: every device lands elsewhere.
+    for _ in 0..4 {
+        let _s = device(proxy.addr).await;
+    }
+    assert_eq!(
+        b[1].accepted(),
+        0,
+        "a removed gateway came back and took sessions"
+    );
+
+    // The file changes b's entry: the file wins.
+    write(&file, &text(3));
+    let (status, body) = proxy.admin_post("/api/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(names(&proxy), ["a", "b", "c", "d"], "{body}");
+    assert!(
+        body.contains("b: removed at run time; the file changed it"),
+        "{body}"
+    );
+}

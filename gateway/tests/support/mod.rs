@@ -39,6 +39,17 @@ impl Pki {
         self.dir.path().join(name)
     }
 
+    /// A CA of the proxies' own (`proxy-ca.pem`, for `--trusted-proxy-ca`) and a proxy
+    /// client certificate from it named `proxy` (`edge.pem`, `edge.key`).
+    pub fn proxy_ca(&self, proxy: &str) -> DevCa {
+        let proxy_ca = DevCa::generate("proxies").unwrap();
+        std::fs::write(self.path("proxy-ca.pem"), proxy_ca.cert_pem()).unwrap();
+        let client = proxy_ca.issue_client(proxy, KeyKind::EcdsaP256).unwrap();
+        std::fs::write(self.path("edge.pem"), &client.cert_pem).unwrap();
+        std::fs::write(self.path("edge.key"), &client.key_pem).unwrap();
+        proxy_ca
+    }
+
     /// A client config for `device`, with a certificate from `issuer` (None: no certificate).
     pub fn device(&self, device: &str, issuer: Option<&DevCa>) -> Arc<rustls::ClientConfig> {
         let identity = issuer.map(|ca| {
