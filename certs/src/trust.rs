@@ -4,7 +4,8 @@
 //!
 //! [`ServerTrust::load`] reads and checks the files (nothing is in use yet: a bad file
 //! changes nothing); [`Reloadable`] holds what is in use, swapped whole by a reload and read
-//! per handshake by every listener (TLS over TCP, QUIC, raw, a gateway's link), and tells
+//! per handshake by every device listener (TLS over TCP, QUIC, raw; a gateway's link endpoint
+//! is given the new config at each install), and tells
 //! live sessions that a reload happened so each checks its certificate against the new CRLs.
 //! The proxy and the gateway both keep their device trust in one of these, so a reload
 //! reaches every transport of both processes the same way.
@@ -38,8 +39,9 @@ impl<'a> Named<'a> {
 pub struct ServerTrust {
     pub config: Arc<ServerConfig>,
     pub revoked: HashSet<Vec<u8>>,
-    /// The client CAs' certificates, as read (a caller may tell some of them apart).
-    pub client_ca: Vec<CertificateDer<'static>>,
+    /// Each client CA's certificates, as read, in the order given (a caller may tell some of
+    /// them apart: a gateway's proxies' CA), so no file is read twice.
+    pub client_ca: Vec<Vec<CertificateDer<'static>>>,
 }
 
 impl ServerTrust {
@@ -53,10 +55,11 @@ impl ServerTrust {
     ) -> Result<ServerTrust, CertError> {
         let chain = crate::load_certs(cert.path).map_err(CertError::in_setting(cert.setting))?;
         let key = crate::load_key(key.path).map_err(CertError::in_setting(key.setting))?;
-        let mut ca = Vec::new();
+        let mut read = Vec::new();
         for named in client_ca {
-            ca.extend(crate::load_certs(named.path).map_err(CertError::in_setting(named.setting))?);
+            read.push(crate::load_certs(named.path).map_err(CertError::in_setting(named.setting))?);
         }
+        let ca: Vec<CertificateDer<'static>> = read.iter().flatten().cloned().collect();
         let mut revocations = Vec::new();
         for path in crls.0 {
             revocations.extend(crate::load_crls(path).map_err(CertError::in_setting(crls.1))?);
@@ -67,7 +70,7 @@ impl ServerTrust {
         Ok(ServerTrust {
             config,
             revoked,
-            client_ca: ca,
+            client_ca: read,
         })
     }
 }

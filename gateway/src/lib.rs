@@ -165,24 +165,25 @@ impl DeviceTls {
         };
         use wasmbed_certs::Named;
         let mut cas = vec![Named::new(&t.client_ca, "--client-ca")];
-        let mut proxy_ca = None;
         if let Some(path) = &t.trusted_proxy_ca {
-            let certs = wasmbed_certs::load_certs(path)
-                .map_err(wasmbed_certs::CertError::in_setting("--trusted-proxy-ca"))?;
-            proxy_ca = Some(wasmbed_certs::ProxyCa::new(&certs)?);
             // Proxies' certificates must pass the handshake too.
             cas.push(Named::new(path, "--trusted-proxy-ca"));
         }
         let wasmbed_certs::ServerTrust {
             mut config,
             revoked,
-            ..
+            client_ca,
         } = wasmbed_certs::ServerTrust::load(
             Named::new(&t.cert, "--tls-cert"),
             Named::new(&t.key, "--tls-key"),
             &cas,
             (&t.client_crls, "--client-crl"),
         )?;
+        // The proxies' CA as read for the handshake (the second client CA), not read again.
+        let proxy_ca = match client_ca.get(1) {
+            Some(certs) => Some(wasmbed_certs::ProxyCa::new(certs)?),
+            None => None,
+        };
         if settings.session_keys.is_some() && settings.tls_tickets {
             // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
             // session on any gateway.

@@ -232,6 +232,9 @@ async fn until_metric(series: &str, want: f64) {
     wasmbed_testkit::until(Duration::from_secs(10), series, move || metric(&s) >= want).await;
 }
 
+/// One test at a time: the counters are the process's (`cargo test` runs tests as threads).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rejected(label: &str) -> String {
     format!("wasmbed_proxy_connections_rejected_total{{reason=\"{label}\"}}")
 }
@@ -381,10 +384,16 @@ async fn play(
         }
     }
     until_metric(&rejected(row.label), before + 1.0).await;
+    assert_eq!(
+        metric(&rejected(row.label)),
+        before + 1.0,
+        "{case}: counted twice"
+    );
 }
 
 #[tokio::test]
 async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
+    let _one = SERIAL.lock().await;
     let env = Env::new();
     let revoked_at_start = env.device("revoked-at-start", true);
     let gw = start(env.gateway()).await;
@@ -393,6 +402,8 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
         run_proxy(env.proxy(&gw, UpstreamMode::Link)).await,
     ];
     let started = "wasmbed_proxy_sessions_started_total{gateway=\"gw-0\"}";
+    let links = "wasmbed_proxy_links_total{result=\"up\"}";
+    let (started_before, links_before) = (metric(started), metric(links));
     let mut n = 0;
     for proxy in &proxies {
         for transport in [Transport::Tcp, Transport::Quic] {
@@ -410,7 +421,11 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
         }
     }
     // Nothing reached the gateway: no session was handed to it, no link was made.
-    assert_eq!(metric(started), 0.0, "a refused device reached a gateway");
+    assert_eq!(
+        metric(started),
+        started_before,
+        "a refused device reached a gateway"
+    );
     assert_eq!(
         gw.shared
             .sessions
@@ -418,8 +433,8 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
         0
     );
     assert_eq!(
-        metric("wasmbed_proxy_links_total{result=\"up\"}"),
-        0.0,
+        metric(links),
+        links_before,
         "a link was made for a refused device"
     );
 }
@@ -429,6 +444,7 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
 /// with an unreadable CRL changes nothing for either transport.
 #[tokio::test]
 async fn a_reload_revokes_on_every_transport_and_a_bad_one_changes_nothing() {
+    let _one = SERIAL.lock().await;
     let env = Env::new();
     let gw = start(env.gateway()).await;
     let proxies = [
@@ -525,6 +541,7 @@ fn serial_of_config(tls: &Arc<rustls::ClientConfig>) -> Vec<u8> {
 /// `EXTRA_STREAM` and counted, and the session goes on (both upstreams).
 #[tokio::test]
 async fn an_extra_quic_stream_is_reset_and_the_session_goes_on() {
+    let _one = SERIAL.lock().await;
     let env = Env::new();
     let gw = start(env.gateway()).await;
     for upstream in [UpstreamMode::Tcp, UpstreamMode::Link] {
@@ -561,6 +578,7 @@ async fn an_extra_quic_stream_is_reset_and_the_session_goes_on() {
 /// DATA its answer, and no device's connection ends.
 #[tokio::test]
 async fn reloads_during_a_handshake_storm_and_moves_lose_nothing() {
+    let _one = SERIAL.lock().await;
     let env = Env::new();
     let gws = [start(env.gateway()).await, start(env.gateway()).await];
     let mut config = env.proxy(&gws[0], UpstreamMode::Link);

@@ -2,14 +2,16 @@
 //! gateway with the fewest live sessions.
 //!
 //! The path of one connection, module by module:
-//! - [`listener`]: accept (socket2 listeners, backoff on `EMFILE`);
-//! - [`clienthello`] and [`session`]: classify (peek the ClientHello, or terminate TLS);
-//! - [`balancer`]: pick (lock-free least sessions, RAII lease);
-//! - [`session`]: connect (retry the next best gateway) and supervise;
-//! - [`forward`]: forward bytes both ways.
+//! - `listener`: accept (socket2 listeners, backoff on `EMFILE`), then `session`;
+//! - `passthrough` (peek the ClientHello) or `terminate` (TLS ended here; QUIC devices join
+//!   it from [`quic`]), both over the one device-trust object of `tls`;
+//! - `route` and `balancer`: the pools, then the pick (lock-free least sessions, RAII lease);
+//! - `upstream`: connect (retry the next best gateway), open a terminate-mode link;
+//! - `forward` (passthrough) or [`anchor`] (terminate: a sans-I/O core and its driver).
 //!
-//! Beside the path: [`health`] (active probes, rise/fall, cancel on down), [`admin`] (HTTP
-//! endpoint), [`metrics`] (Prometheus).
+//! Beside the path: `health` (active probes, rise/fall, cancel on down), [`admin`] (HTTP
+//! endpoint), [`metrics`] (Prometheus), [`live`] (reloads). `docs/architecture.md` maps every
+//! module and what it may import; `tests/layers.rs` holds them to it.
 //!
 //! ```no_run
 //! # async fn demo(config: wasmbed_config::ProxyConfig) -> Result<(), wasmbed_proxy::ProxyError> {

@@ -49,15 +49,12 @@ pub mod code {
     /// connection.
     pub const EXTRA_STREAM: u32 = 2;
     /// The proxy refused the session, or ended it for cause (revoked, a protocol violation,
-    /// no gateway): the ERROR frame on the session stream says why; the close's reason is
-    /// the refusal's metric label.
+    /// no gateway), or the gateway refused it at its HELLO: the ERROR frame on the session
+    /// stream says why; the close's reason text is `refused`.
     pub const REFUSED: u32 = 3;
     /// No session stream was opened within the handshake timeout.
     pub const NO_STREAM: u32 = 4;
 }
-
-/// Stream reset code for a stream beyond the session's (see [`code::EXTRA_STREAM`]).
-pub const ONE_SESSION: u32 = code::EXTRA_STREAM;
 /// Handshakes in progress past which `--quic-retry auto` asks for address validation first.
 const RETRY_ABOVE: usize = 256;
 

@@ -5,7 +5,7 @@
 //! Long-lived device sessions never end on their own, so a gateway that joins or recovers
 //! would otherwise get only new devices. Every tick the rebalancer looks at each pool's
 //! eligible gateways (up, not draining); when the spread is over the threshold it orders each
-//! gateway above its fair share to give up the excess ([`crate::Gateway::order_moves`]). The
+//! gateway above its fair share to give up the excess ([`crate::balancer::Gateway::order_moves`]). The
 //! sessions take the orders one by one, paced by `--move-rate`, and the balancer sends each to
 //! the least loaded other gateway. Orders that nobody takes (every session there moved within
 //! `--rebalance-cooldown`) are withdrawn after a while, so the rebalancer never waits forever.

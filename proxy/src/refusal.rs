@@ -148,7 +148,9 @@ impl Refusal {
 pub struct Refused {
     pub reason: Refusal,
     pub detail: String,
-    pub answer: Option<(ErrorCode, u64)>,
+    /// The ERROR's code, its sequence, and (when the detail is for the log only) the text the
+    /// device gets instead.
+    pub answer: Option<(ErrorCode, u64, Option<&'static str>)>,
 }
 
 pub fn refused(reason: Refusal, detail: impl ToString) -> Refused {
@@ -160,16 +162,27 @@ pub fn refused(reason: Refusal, detail: impl ToString) -> Refused {
 }
 
 impl Refused {
-    /// The device is told with ERROR `code` (for frame `seq`), the detail as its text.
+    /// The device is told with ERROR `code` (for frame `seq`), the detail as its text (a
+    /// detail about the device's own frames).
     pub fn answered(mut self, code: ErrorCode, seq: u64) -> Refused {
-        self.answer = Some((code, seq));
+        self.answer = Some((code, seq, None));
+        self
+    }
+
+    /// The device is told with ERROR `code` and `text`; the detail (pools, gateways, errors
+    /// inside the proxy's network) stays in the log.
+    pub fn answered_with(mut self, code: ErrorCode, text: &'static str) -> Refused {
+        self.answer = Some((code, 0, Some(text)));
         self
     }
 
     /// The ERROR frame the device gets, encoded (empty when there is none).
     pub fn error_frame(&self) -> Vec<u8> {
         self.answer
-            .map(|(code, seq)| code.frame(seq, self.detail.clone()).encode())
+            .map(|(code, seq, text)| {
+                let text = text.map_or_else(|| self.detail.clone(), str::to_string);
+                code.frame(seq, text).encode()
+            })
             .unwrap_or_default()
     }
 

@@ -188,6 +188,9 @@ pub(crate) async fn anchor_device(
     }
 }
 
+/// What a device refused for want of a gateway is told (the detail stays in the log).
+const UNAVAILABLE: &str = "no gateway took the session";
+
 /// A session the first gateway WELCOMEd, in parts.
 struct Opened {
     pools: Vec<String>,
@@ -226,7 +229,7 @@ async fn open_session(
     let pools = device_pools(ctx, sni.as_deref(), attributes);
     let (lease, gateway) = connect_with(ctx, &pools, dial_upstream)
         .await
-        .map_err(|r| r.answered(ErrorCode::Unavailable, 0))?;
+        .map_err(|r| r.answered_with(ErrorCode::Unavailable, UNAVAILABLE))?;
     // HELLO goes first and the gateway's first frame comes back before the session is
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
@@ -245,11 +248,13 @@ async fn open_session(
     let (up, first, rest) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
-            return Err(open_failed(lease.gateway(), e).answered(ErrorCode::Unavailable, 0));
+            return Err(
+                open_failed(lease.gateway(), e).answered_with(ErrorCode::Unavailable, UNAVAILABLE)
+            );
         }
         Err(_) => {
             let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
-            return Err(r.answered(ErrorCode::Unavailable, 0));
+            return Err(r.answered_with(ErrorCode::Unavailable, UNAVAILABLE));
         }
     };
     ctx.meters.bytes_up.increment(hello_bytes.len() as u64);

@@ -156,7 +156,7 @@ async fn a_second_stream_on_a_connection_is_refused() {
         let mut buf = [0u8; 16];
         let read = recv.read(&mut buf).await;
         assert!(
-            matches!(read, Err(quinn::ReadError::Reset(code)) if code == quinn::VarInt::from_u32(wasmbed_proxy::quic::ONE_SESSION)),
+            matches!(read, Err(quinn::ReadError::Reset(code)) if code == quinn::VarInt::from_u32(wasmbed_proxy::quic::code::EXTRA_STREAM)),
             "{read:?}"
         );
     }

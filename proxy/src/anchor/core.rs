@@ -1,8 +1,8 @@
 //! The anchor's core: everything a terminate-mode session keeps so that it can move between
 //! gateways, as a plain value with no I/O and no clock of its own (the quinn-proto pattern).
 //!
-//! Its driver ([`super::serve`]) feeds it events — bytes from the device, bytes from the
-//! gateway, the device's end of stream, the link lost or closed, the gateway marked down, a
+//! Its driver ([`super::serve`]) feeds it events — bytes from the device and from the gateway
+//! (read straight into its buffers: [`Core::io`]), the device's end of stream, the link lost or closed, the gateway marked down, a
 //! move ordered, a move done, the time — and takes from it the bytes to write each way
 //! ([`Core::to_device`], [`Core::to_gateway`]), what to read next ([`Core::reading_device`],
 //! [`Core::reading_gateway`]), when to wake ([`Core::deadline`]), and [`Step`]s: go on,
@@ -75,8 +75,9 @@ pub enum Phase {
         order: Option<(Instant, Cause)>,
     },
     /// The gateway said GOAWAY: its answers still come, nothing new goes to it; its close
-    /// moves the session.
-    Going,
+    /// moves the session. A link check under way goes on (a gateway that says GOAWAY and
+    /// then hangs is still found out).
+    Going { check: Check },
     /// No gateway: a move is under way (the driver is finding one), since `since`.
     Moving { cause: Cause, since: Instant },
 }
@@ -249,28 +250,16 @@ impl Core {
         self.phase
     }
 
-    /// Why the session is moving (or last moved).
+    /// When the session last moved.
     pub fn moved_at(&self) -> Option<Instant> {
         self.moved_at
     }
 
     // ---- input -------------------------------------------------------------------------
 
-    /// Bytes the device sent (handled by the next [`Core::advance`]).
-    pub fn device_bytes(&mut self, bytes: &[u8]) {
-        self.from_device.extend_from_slice(bytes);
-    }
-
     /// The device closed its side: the session ends once its DATA are answered.
     pub fn device_finished(&mut self) {
         self.device_done = true;
-    }
-
-    /// Bytes the gateway sent (handled by the next [`Core::advance`]).
-    pub fn gateway_bytes(&mut self, bytes: &[u8]) {
-        if self.linked() {
-            self.from_gateway.extend_from_slice(bytes);
-        }
     }
 
     /// Handles every whole frame buffered from both sides; then, when the device is done and
@@ -288,7 +277,7 @@ impl Core {
         if self.device_done && self.delivered >= self.sent && self.pings.is_empty() {
             return Step::End(End::Closed);
         }
-        if self.phase == Phase::Going && !self.pings.is_empty() {
+        if self.going() && !self.pings.is_empty() {
             self.answer_pings();
         }
         for buf in [
@@ -304,10 +293,10 @@ impl Core {
 
     /// The gateway's side ended: in order (`clean`: end of stream) or not (reset, error).
     pub fn gateway_closed(&mut self, clean: bool) -> Step {
-        if clean && self.device_done && self.phase != Phase::Going {
+        if clean && self.device_done && !self.going() {
             return Step::End(End::Closed);
         }
-        Step::Move(if clean && self.phase == Phase::Going {
+        Step::Move(if clean && self.going() {
             Cause::Goaway
         } else {
             Cause::Failover
@@ -327,8 +316,10 @@ impl Core {
 
     /// The time is `now` (at or after [`Core::deadline`]); `healthy`: the gateway's state.
     pub fn tick(&mut self, now: Instant, healthy: bool) -> Step {
-        let Phase::Linked { check, order } = &mut self.phase else {
-            return Step::Go;
+        let (check, order) = match &mut self.phase {
+            Phase::Linked { check, order } => (check, Some(order)),
+            Phase::Going { check } => (check, None),
+            Phase::Moving { .. } => return Step::Go,
         };
         match *check {
             Check::Pinged { until } if now >= until => return Step::Move(Cause::Failover),
@@ -344,7 +335,8 @@ impl Core {
             }
             _ => {}
         }
-        if let Some((at, cause)) = *order
+        if let Some(order) = order
+            && let Some((at, cause)) = *order
             && now >= at
         {
             *order = None;
@@ -490,8 +482,10 @@ impl Core {
 
     /// When [`Core::tick`] is due next.
     pub fn deadline(&self) -> Option<Instant> {
-        let Phase::Linked { check, order } = self.phase else {
-            return None;
+        let (check, order) = match self.phase {
+            Phase::Linked { check, order } => (check, order),
+            Phase::Going { check } => (check, None),
+            Phase::Moving { .. } => return None,
         };
         let check = match check {
             Check::Watching => None,
@@ -509,11 +503,6 @@ impl Core {
         std::mem::take(&mut self.tally)
     }
 
-    /// Bytes of DATA held for replay.
-    pub fn window_bytes(&self) -> usize {
-        self.window_bytes
-    }
-
     // ---- inside ------------------------------------------------------------------------
 
     /// When the link's PING is due to be answered, while one is out.
@@ -522,9 +511,16 @@ impl Core {
             Phase::Linked {
                 check: Check::Pinged { until },
                 ..
+            }
+            | Phase::Going {
+                check: Check::Pinged { until },
             } => Some(until),
             _ => None,
         }
+    }
+
+    fn going(&self) -> bool {
+        matches!(self.phase, Phase::Going { .. })
     }
 
     fn linked(&self) -> bool {
@@ -616,7 +612,10 @@ impl Core {
                     return Step::End(End::Closed);
                 }
                 Kind::Push => {
-                    let seq = frame.seq + self.push_offset;
+                    let Some(seq) = frame.seq.checked_add(self.push_offset) else {
+                        tracing::debug!(seq = frame.seq, "a PUSH sequence past the end: moving");
+                        return Step::Move(Cause::Failover);
+                    };
                     if seq > self.pushed {
                         self.pushed = seq;
                         put(
@@ -629,16 +628,22 @@ impl Core {
                 }
                 Kind::Pong if frame.seq == PROBE_SEQ && self.pinged().is_some() => {
                     // The link answered the proxy's own PING: it stays; look again later.
-                    if let (Some(until), Phase::Linked { check, .. }) =
-                        (self.pinged(), &mut self.phase)
+                    if let Some(until) = self.pinged()
+                        && let Phase::Linked { check, .. } | Phase::Going { check } =
+                            &mut self.phase
                     {
                         *check = Check::Answered { again: until };
                     }
                 }
-                Kind::Pong => {
-                    self.pings.retain(|&s| s != frame.seq);
-                    put(&mut self.to_device, &frame);
-                }
+                // The answer to a device's PING still owed; one the proxy gave already (the
+                // link was going or gone) is not given twice.
+                Kind::Pong => match self.pings.iter().position(|&s| s == frame.seq) {
+                    Some(i) => {
+                        self.pings.swap_remove(i);
+                        put(&mut self.to_device, &frame);
+                    }
+                    None => self.tally.duplicates += 1,
+                },
                 Kind::Ping => put(&mut self.to_device, &frame),
                 // A ticket claiming DATA not answered yet would prune DATA still owed an answer.
                 Kind::Checkpoint if frame.seq > self.delivered => {
@@ -667,8 +672,9 @@ impl Core {
                     }
                 },
                 Kind::Goaway => {
-                    if matches!(self.phase, Phase::Linked { .. }) {
-                        self.phase = Phase::Going;
+                    if let Phase::Linked { check, .. } = self.phase {
+                        // A paced move ordered before is moot: the close will move it.
+                        self.phase = Phase::Going { check };
                     }
                 }
                 other => {
@@ -848,6 +854,9 @@ mod tests {
         codec: Option<FrameCodec>,
         inbox: BytesMut,
         welcomed: bool,
+        /// PINGs sent and not answered yet.
+        pinged: std::collections::BTreeSet<u64>,
+        next_ping: u64,
     }
 
     impl Device {
@@ -876,7 +885,14 @@ mod tests {
                         }
                         self.pushes.push(f.seq);
                     }
-                    Kind::Pong | Kind::Checkpoint => {}
+                    Kind::Pong => {
+                        assert!(
+                            self.pinged.remove(&f.seq),
+                            "PONG {} for no PING of mine",
+                            f.seq
+                        );
+                    }
+                    Kind::Checkpoint => {}
                     other => panic!("the device got {other:?}"),
                 }
             }
@@ -1044,7 +1060,7 @@ mod tests {
             }
             let n = at_most.min(self.pending.len());
             let part = self.pending.split_to(n);
-            self.core.device_bytes(&part);
+            self.core.io().from_device.extend_from_slice(&part);
             self.settle(Step::Go);
         }
 
@@ -1052,7 +1068,7 @@ mod tests {
             for _ in 0..n {
                 let Some(g) = &mut self.gateway else { return };
                 let Some(f) = g.outbox.pop_front() else { break };
-                self.core.gateway_bytes(&f.encode());
+                self.core.io().from_gateway.extend_from_slice(&f.encode());
                 self.settle(Step::Go);
             }
             let emptied = self.gateway.as_ref().is_some_and(|g| g.outbox.is_empty());
@@ -1072,7 +1088,12 @@ mod tests {
                         self.device_send(f);
                     }
                 }
-                Op::Ping => self.device_send(Frame::new(Kind::Ping, 1000 + self.device.sent, [])),
+                Op::Ping => {
+                    self.device.next_ping += 1;
+                    let seq = 1_000_000 + self.device.next_ping;
+                    self.device.pinged.insert(seq);
+                    self.device_send(Frame::new(Kind::Ping, seq, []));
+                }
                 Op::Split(at) => self.feed_device(at),
                 Op::Deliver(n) => {
                     self.feed_device(usize::MAX);
@@ -1242,5 +1263,153 @@ mod tests {
             world.core.moved_at().is_some(),
             "not moved after the check timed out"
         );
+    }
+
+    #[test]
+    fn a_goaway_during_a_link_check_keeps_the_check() {
+        // The gateway is marked down, the proxy PINGs its link, the gateway says GOAWAY
+        // before its PONG: the PONG is still the proxy's (the device never sees it), and a
+        // gateway that then hangs is moved off when the check times out.
+        let mut world = World::new(1);
+        world.apply(Op::Data(10));
+        world.apply(Op::Deliver(5));
+        world.apply(Op::Down { answers: true });
+        if let Some(g) = &mut world.gateway {
+            // GOAWAY goes out before the PONG to the proxy's PING.
+            g.outbox.push_front(Frame::new(Kind::Goaway, 0, []));
+        }
+        world.deliver(1);
+        assert!(matches!(
+            world.core.phase(),
+            Phase::Going {
+                check: Check::Pinged { .. }
+            }
+        ));
+        // The PONG: the proxy's, absorbed (the model device fails on a PONG it did not ask).
+        world.deliver(1);
+        assert!(matches!(
+            world.core.phase(),
+            Phase::Going {
+                check: Check::Answered { .. }
+            }
+        ));
+        // A second round: GOAWAY, then a hang; the check's deadline moves the session.
+        let mut world = World::new(1);
+        world.apply(Op::Data(10));
+        world.apply(Op::Deliver(5));
+        world.apply(Op::Down { answers: false });
+        if let Some(g) = &mut world.gateway {
+            g.outbox.push_back(Frame::new(Kind::Goaway, 0, []));
+        }
+        world.deliver(1);
+        assert!(world.core.going());
+        assert!(world.core.deadline().is_some(), "no deadline while going");
+        let moved_before = world.core.moved_at();
+        world.apply(Op::Wait(1000));
+        assert_ne!(
+            world.core.moved_at(),
+            moved_before,
+            "a hung GOAWAY gateway kept the session"
+        );
+    }
+
+    /// A session whose device closed its side ends once its last DATA is answered, not before.
+    #[test]
+    fn a_finished_device_ends_after_its_last_answer() {
+        let mut world = World::new(1);
+        world.apply(Op::Data(10));
+        world.apply(Op::Data(10));
+        world.feed_device(usize::MAX);
+        world.core.device_finished();
+        assert_eq!(world.core.advance(), Step::Go, "ended with answers owed");
+        world.deliver(1);
+        assert_eq!(world.core.advance(), Step::Go, "ended with one answer owed");
+        let g = world.gateway.as_mut().unwrap();
+        let last = g
+            .outbox
+            .iter()
+            .position(|f| f.kind == Kind::Reply && f.seq == 2)
+            .unwrap();
+        for f in g.outbox.drain(..=last).collect::<Vec<_>>() {
+            world.core.io().from_gateway.extend_from_slice(&f.encode());
+        }
+        assert_eq!(world.core.advance(), Step::End(End::Closed));
+    }
+
+    #[test]
+    fn the_gateways_session_error_ends_the_session_and_reaches_the_device() {
+        let mut world = World::new(1);
+        let error = ErrorCode::TooManyTraps.frame(0, "traps");
+        world
+            .core
+            .io()
+            .from_gateway
+            .extend_from_slice(&error.encode());
+        assert_eq!(world.core.advance(), Step::End(End::Closed));
+        let out = world.core.io().to_device.split();
+        assert!(out.ends_with(&error.encode()), "the device was not told");
+    }
+
+    #[test]
+    fn a_clean_close_without_goaway_is_a_failover() {
+        let mut world = World::new(1);
+        assert_eq!(world.core.gateway_closed(true), Step::Move(Cause::Failover));
+        world.core.device_finished();
+        assert_eq!(world.core.gateway_closed(true), Step::End(End::Closed));
+    }
+
+    #[test]
+    fn device_protocol_violations_are_refused() {
+        let cases: [(Vec<Frame>, ErrorCode); 3] = [
+            (
+                vec![
+                    Frame::new(Kind::Data, 2, vec![]),
+                    Frame::new(Kind::Data, 2, vec![]),
+                ],
+                ErrorCode::BadFrame,
+            ),
+            (
+                vec![Frame::control(
+                    Kind::Hello,
+                    0,
+                    &Hello {
+                        device: "d".into(),
+                        app: "a".into(),
+                        resume: None,
+                    },
+                )],
+                ErrorCode::BadHello,
+            ),
+            (
+                vec![Frame::new(Kind::Reply, 1, vec![])],
+                ErrorCode::BadFrame,
+            ),
+        ];
+        for (frames, code) in cases {
+            let mut world = World::new(1);
+            for f in &frames {
+                world.core.io().from_device.extend_from_slice(&f.encode());
+            }
+            match world.core.advance() {
+                Step::End(End::Refuse(f)) => {
+                    let body: wasmbed_protocol::ErrorBody = f.decode_body("ERROR").unwrap();
+                    assert_eq!(body.code, code as u16, "{frames:?}");
+                }
+                other => panic!("{frames:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_push_sequence_past_the_end_moves_the_session() {
+        let mut world = World::new(1);
+        world.core.push_offset = 5;
+        let push = Frame::new(Kind::Push, u64::MAX - 1, vec![]);
+        world
+            .core
+            .io()
+            .from_gateway
+            .extend_from_slice(&push.encode());
+        assert_eq!(world.core.advance(), Step::Move(Cause::Failover));
     }
 }

@@ -97,7 +97,7 @@ pub(crate) struct DeviceSide {
 /// Between two rounds over every gateway while a session waits for one to take it.
 const RETRY_EVERY: Duration = Duration::from_millis(100);
 
-/// A session's connection to its gateway (the seam a multiplexed link will replace).
+/// A session's connection to its gateway: a TCP/TLS connection or a stream on the link.
 pub(crate) struct Link {
     lease: Lease,
     read: ReadHalf<Box<dyn Upstream>>,
