@@ -514,9 +514,10 @@ impl GatewaySettings {
     /// moves onto it (failover, drain, rebalance) starts its app afresh, with no error
     /// anywhere.
     pub fn warnings(&self) -> Vec<String> {
-        let behind_proxy = self.tls.as_ref().map_or(true, |t| {
-            t.trusted_proxy_ca.is_some() || !t.proxy_identities.is_empty()
-        });
+        let behind_proxy = self
+            .tls
+            .as_ref()
+            .is_none_or(|t| t.trusted_proxy_ca.is_some() || !t.proxy_identities.is_empty());
         let mut out = Vec::new();
         if behind_proxy && self.session_keys.is_none() {
             out.push(

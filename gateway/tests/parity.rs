@@ -26,7 +26,8 @@ enum Transport {
     Quic,
 }
 
-/// A device connection on either transport.
+/// A device connection on either transport (a few per test: their size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Conn {
     Tcp(TlsDevice),
     /// The connection, its session stream, and its endpoint (kept: its UDP socket).
