@@ -254,17 +254,7 @@ async fn certs_revoke_and_a_sighup_close_a_revoked_devices_session() {
 #[tokio::test]
 async fn certs_init_writes_an_empty_crl_a_proxy_starts_with() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["certs", "init", "--dir"])
-        .arg(dir.path())
-        .args(["--devices", "1", "--gateways", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::certs_init(dir.path(), &["--devices", "1", "--gateways", "1"]);
     let crl = dir.path().join("crl.pem");
     let crls = wasmbed_certs::load_crls(&crl).expect("certs init wrote a CRL");
     assert_eq!(wasmbed_certs::revoked_serials(&crls).len(), 0);

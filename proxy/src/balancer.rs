@@ -74,6 +74,9 @@ pub struct Gateway {
     removed: CancellationToken,
     /// A move onto it came back `fresh` (the app restarted), and that was logged.
     fresh_noted: AtomicBool,
+    /// When a session last read bytes the gateway's process sent (ms since [`epoch`] + 1;
+    /// 0: never): evidence from the data plane that it runs.
+    heard_ms: AtomicU64,
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -127,7 +130,24 @@ impl Gateway {
             move_orders: tokio::sync::watch::Sender::new(0),
             removed: CancellationToken::new(),
             fresh_noted: AtomicBool::new(false),
+            heard_ms: AtomicU64::new(0),
         }
+    }
+
+    /// A session read bytes the gateway's process sent (a frame, a WELCOME): it runs. A TCP
+    /// connect is no such evidence (the kernel accepts for a stopped process).
+    pub fn heard_from(&self) {
+        let now = epoch().elapsed().as_millis() as u64 + 1;
+        // Relaxed, and only when it moves on: a busy gateway's readers share the line.
+        if self.heard_ms.load(Ordering::Relaxed) < now {
+            self.heard_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a session heard from the gateway at or after `since`.
+    pub fn heard_since(&self, since: Instant) -> bool {
+        let at = since.saturating_duration_since(epoch()).as_millis() as u64 + 1;
+        self.heard_ms.load(Ordering::Relaxed) >= at
     }
 
     /// A session moved onto this gateway came back `fresh`: its app restarted, its state
@@ -137,7 +157,7 @@ impl Gateway {
         if !self.fresh_noted.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 gateway = %self.name,
-                ticket = refused.unwrap_or("none held"),
+                ticket = refused.unwrap_or("none: the old gateway sealed none"),
                 "a session moved here restarted its app (WELCOME without `resumed`): \
                  do the gateways share a key ring (--session-keys)? Said once per gateway"
             );

@@ -64,23 +64,32 @@ async fn watch(
     stop: CancellationToken,
 ) {
     loop {
+        let started = std::time::Instant::now();
         let result = tokio::select! {
             r = tokio::time::timeout(config.timeout, probe(&gateway, kind, &config.path)) => r,
             _ = stop.cancelled() => return,
             _ = gateway.removed() => return,
         };
         let result = result.unwrap_or(Err(ProbeError::Timeout));
+        // A probe that timed out while the gateway's sessions were reading what its process
+        // sent says the host is busy, not that the gateway is dead or hung: no verdict. (On
+        // a saturated host, a connect storm made probes time out and healthy gateways be
+        // marked down, so new sessions skipped them and the exact balance broke.) A hung
+        // or dead gateway sends nothing, and its timeouts count as before.
+        let busy = matches!(result, Err(ProbeError::Timeout)) && gateway.heard_since(started);
         if let Err(e) = &result {
             counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
-            tracing::debug!(gateway = %gateway.name, error = %e, "health probe failed");
+            tracing::debug!(gateway = %gateway.name, error = %e, busy, "health probe failed");
         }
-        let reason = result.as_ref().err().map(ToString::to_string);
-        let change = gateway.observe(result.is_ok(), config.rise, config.fall);
-        report(
-            &gateway,
-            change,
-            reason.as_deref().unwrap_or("probe succeeded"),
-        );
+        if !busy {
+            let reason = result.as_ref().err().map(ToString::to_string);
+            let change = gateway.observe(result.is_ok(), config.rise, config.fall);
+            report(
+                &gateway,
+                change,
+                reason.as_deref().unwrap_or("probe succeeded"),
+            );
+        }
         // Up to 10% jitter keeps the probes of many proxies from beating in step. Errors
         // seen by sessions (`suspect`) bring the next probe forward, as HAProxy's `observe
         // layer4` with `on-error fastinter` does, but never closer than a quarter interval

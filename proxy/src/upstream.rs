@@ -213,7 +213,10 @@ pub(crate) async fn open(
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         match codec.decode(&mut buf) {
-            Ok(Some(frame)) => return Ok((up, frame, buf)),
+            Ok(Some(frame)) => {
+                gateway.heard_from();
+                return Ok((up, frame, buf));
+            }
             Ok(None) => {}
             Err(e) => return Err(OpenError::Frame(e.to_string())),
         }

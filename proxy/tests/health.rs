@@ -274,3 +274,50 @@ async fn proxy_mutations_need_the_admin_token() {
         assert_eq!(proxy.metric(&series).await, n, "{series}");
     }
 }
+
+/// A probe that times out while the gateway's sessions read frames from it says the host is
+/// busy, not that the gateway is down: no verdict. Once the sessions fall silent, the same
+/// timeouts mark it down (a hung gateway is still found).
+#[tokio::test]
+async fn a_probe_timeout_while_sessions_hear_from_the_gateway_is_no_verdict() {
+    use support::frames::*;
+    let pki = pki(wasmbed_certs::pki::KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("busy").await;
+    // Its health endpoint: a stand-in, stalled once the session runs (every probe then
+    // times out).
+    let health = Backend::spawn().await;
+    let mut g = gw.gateway();
+    g.health_addr = Some(health.health_addr.to_string());
+    let mut c = config(vec![g]);
+    c.mode = wasmbed_config::Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    let proxy = start(c).await;
+    let tls = tls_connect(
+        proxy.addr,
+        device_tls(&pki.ca, Some(&pki.ca), "device-0001", false),
+    )
+    .await
+    .unwrap();
+    let mut device = wasmbed_testkit::Device::new(tls);
+    device.open("device-0001", "counter").await;
+    let busy = proxy.gateway("busy");
+    let failures = "wasmbed_proxy_health_probe_failures_total{gateway=\"busy\"}";
+    let before = proxy.metric(failures).await;
+    health.stall(true);
+    // Closed loop: each DATA waits for its REPLY, until four probes (two `fall`s) timed out.
+    while proxy.metric(failures).await < before + 4.0 {
+        let f = device.data(b"tick").await;
+        assert_eq!(f.kind, wasmbed_protocol::Kind::Reply);
+        assert!(
+            busy.is_healthy(),
+            "marked down while its sessions hear from it"
+        );
+    }
+    // Silence: the timeouts count again.
+    until(
+        Duration::from_secs(5),
+        "the silent gateway marked down",
+        || !busy.is_healthy(),
+    )
+    .await;
+}

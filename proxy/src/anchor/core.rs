@@ -250,6 +250,12 @@ impl Core {
         self.phase
     }
 
+    /// Whether a move now would lose app state the session built: it holds a ticket, or
+    /// its gateway answered DATA and never sealed a ticket (a gateway with no key ring).
+    pub fn has_state_to_move(&self) -> bool {
+        self.ticket.is_some() || self.delivered > 0
+    }
+
     /// When the session last moved.
     pub fn moved_at(&self) -> Option<Instant> {
         self.moved_at
@@ -1411,5 +1417,21 @@ mod tests {
             .from_gateway
             .extend_from_slice(&push.encode());
         assert_eq!(world.core.advance(), Step::Move(Cause::Failover));
+    }
+
+    /// What makes the proxy warn once per gateway when a move comes back `fresh`: the session
+    /// had state (a ticket, or answers from a gateway that sealed none), not a session moved
+    /// before its first answer.
+    #[test]
+    fn state_to_move_is_a_ticket_or_answers() {
+        let mut world = World::new(0);
+        assert!(!world.core.has_state_to_move(), "nothing answered yet");
+        world.apply(Op::Data(10));
+        world.apply(Op::Deliver(5));
+        assert!(world.core.has_state_to_move(), "answered, no key ring");
+        let mut world = World::new(1);
+        world.apply(Op::Data(10));
+        world.apply(Op::Deliver(5));
+        assert!(world.core.ticket.is_some() && world.core.has_state_to_move());
     }
 }

@@ -322,7 +322,11 @@ async fn serve(
                     l.dirty = matches!(sent, Sent::Wrote(_));
                 }
             }
-            Event::GatewayRead(Ok(n)) if n > 0 => {}
+            Event::GatewayRead(Ok(n)) if n > 0 => {
+                if let Some(l) = &link {
+                    l.gateway().heard_from();
+                }
+            }
             Event::GatewayRead(r) => {
                 if let Err(e) = &r {
                     tracing::debug!(error = %e, "gateway link failed");
@@ -378,6 +382,7 @@ async fn serve(
                 moving = None;
                 ctx.meters.held.decrement(1.0);
                 let cause = moving_cause(&core);
+                let had_state = core.has_state_to_move();
                 let (result, pause) = core.relinked(&r.welcome, r.rest, Instant::now());
                 ctx.meters.pause.record(pause.as_secs_f64());
                 counter!(MOVES, "cause" => cause, "result" => result).increment(1);
@@ -385,7 +390,7 @@ async fn serve(
                     .moved
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let to = r.link.gateway();
-                if result == "fresh" {
+                if result == "fresh" && had_state {
                     to.note_fresh_move(r.welcome.resume_refused.as_deref());
                 }
                 tracing::debug!(
