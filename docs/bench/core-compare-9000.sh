@@ -10,7 +10,7 @@ lscpu | grep "Model name"
 for round in 1 2; do
   for side in before after; do
     if [ $side = before ]; then B=$BEFORE; else B=$AFTER; fi
-    out=docs/bench/core-compare-$side-$round-9000.txt
+    out=docs/bench/core-compare-$side-$round-9000${SUFFIX:-}.txt
     timeout 600 $B up --mode terminate --upstream link --gateways 5 --devices 9000 --rate 1 \
       --ramp 1000 --scenario failover --listen 127.0.0.1:0 --admin 127.0.0.1:0 > $out 2>&1
     echo "== $side $round (exit $?)"
