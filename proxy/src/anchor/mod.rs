@@ -357,17 +357,10 @@ async fn serve(
                 }
             }
             Event::Ordered => {
-                if let Some(gateway) = link.as_ref().map(|l| l.gateway().clone()) {
-                    let cause = if gateway.is_draining() {
-                        Cause::Drain
-                    } else {
-                        Cause::Rebalance
-                    };
-                    let cooldown = ctx.config.migration.rebalance_cooldown;
-                    if core.takes_order(cause, Instant::now(), cooldown) && gateway.take_move() {
-                        core.order(cause, ctx.pacer.slot());
-                        in_flight = Some(ctx.gateways.in_flight());
-                    }
+                if let Some(l) = &link
+                    && let Some(place) = take_order(&ctx, &mut core, l.gateway())
+                {
+                    in_flight = Some(place);
                 }
             }
             Event::Relinked(None) => {
@@ -380,29 +373,7 @@ async fn serve(
             }
             Event::Relinked(Some(r)) => {
                 moving = None;
-                ctx.meters.held.decrement(1.0);
-                let cause = moving_cause(&core);
-                let had_state = core.has_state_to_move();
-                let (result, pause) = core.relinked(&r.welcome, r.rest, Instant::now());
-                ctx.meters.pause.record(pause.as_secs_f64());
-                counter!(MOVES, "cause" => cause, "result" => result).increment(1);
-                crate::events::COUNTS
-                    .moved
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let to = r.link.gateway();
-                if result == "fresh" && had_state {
-                    to.note_fresh_move(r.welcome.resume_refused.as_deref());
-                }
-                tracing::debug!(
-                    device = %core.hello().device,
-                    to = %to.name,
-                    cause,
-                    result,
-                    refused = r.welcome.resume_refused.as_deref().unwrap_or(""),
-                    pause_ms = pause.as_millis() as u64,
-                    "session moved"
-                );
-                link = Some(r.link);
+                link = Some(relinked(&ctx, &mut core, r));
             }
         }
         // A paced move that started, or a link that went, holds no place any more.
@@ -415,10 +386,70 @@ async fn serve(
         ctx.meters.held.decrement(1.0);
     }
     tally(&ctx, &mut core);
-    let mut device = dev_r.unsplit(dev_w);
+    let device = dev_r.unsplit(dev_w);
+    let gateway = link.as_ref().map(|l| l.gateway().name.clone());
+    close(&ctx, &mut core, device, (end, gateway)).await;
+}
+
+/// A move order (drain, rebalance) from the gateway: taken when the core may move and the
+/// gateway's quota has one left; the move waits for its `--move-rate` slot. Returns its place
+/// among the moves in flight.
+fn take_order(
+    ctx: &Context,
+    core: &mut Core,
+    gateway: &Arc<Gateway>,
+) -> Option<crate::balancer::InFlight> {
+    let cause = if gateway.is_draining() {
+        Cause::Drain
+    } else {
+        Cause::Rebalance
+    };
+    let cooldown = ctx.config.migration.rebalance_cooldown;
+    if core.takes_order(cause, Instant::now(), cooldown) && gateway.take_move() {
+        core.order(cause, ctx.pacer.slot());
+        return Some(ctx.gateways.in_flight());
+    }
+    None
+}
+
+/// A gateway took the moving session: the core replays what its WELCOME does not cover; the
+/// move is counted (metrics, dashboard, pause) and logged. Returns the new link.
+fn relinked(ctx: &Context, core: &mut Core, r: Relinked) -> Link {
+    ctx.meters.held.decrement(1.0);
+    let cause = moving_cause(core);
+    let had_state = core.has_state_to_move();
+    let (result, pause) = core.relinked(&r.welcome, r.rest, Instant::now());
+    ctx.meters.pause.record(pause.as_secs_f64());
+    counter!(MOVES, "cause" => cause, "result" => result).increment(1);
+    crate::events::COUNTS
+        .moved
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let to = r.link.gateway();
+    if result == "fresh" && had_state {
+        to.note_fresh_move(r.welcome.resume_refused.as_deref());
+    }
+    tracing::debug!(
+        device = %core.hello().device,
+        to = %to.name,
+        cause,
+        result,
+        refused = r.welcome.resume_refused.as_deref().unwrap_or(""),
+        pause_ms = pause.as_millis() as u64,
+        "session moved"
+    );
+    r.link
+}
+
+/// Ends the session on the device's side: cut (a shutdown: the device reconnects at once), or
+/// what it is owed and an orderly close ([`DeviceStream::goodbye`]).
+async fn close(
+    ctx: &Context,
+    core: &mut Core,
+    mut device: Box<dyn DeviceStream>,
+    (end, gateway): (Ending, Option<String>),
+) {
     match end {
         Ending::Cut => {
-            let gateway = link.as_ref().map(|l| l.gateway().name.clone());
             counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "shutdown")
                 .increment(1);
             device.cut();
