@@ -63,6 +63,10 @@ async fn watch(
     config: HealthConfig,
     stop: CancellationToken,
 ) {
+    // Since when a session's read counts as the gateway running: the previous probe's start
+    // (a probe's own window alone is too short when the host starves the gateway's process
+    // for a moment; a hung gateway is still found one probe later).
+    let mut heard_window = std::time::Instant::now();
     loop {
         let started = std::time::Instant::now();
         let result = tokio::select! {
@@ -72,11 +76,13 @@ async fn watch(
         };
         let result = result.unwrap_or(Err(ProbeError::Timeout));
         // A probe that timed out while the gateway's sessions were reading what its process
-        // sent says the host is busy, not that the gateway is dead or hung: no verdict. (On
+        // sent (since the previous probe began) says the host is busy, not that the gateway
+        // is dead or hung: no verdict. (On
         // a saturated host, a connect storm made probes time out and healthy gateways be
         // marked down, so new sessions skipped them and the exact balance broke.) A hung
         // or dead gateway sends nothing, and its timeouts count as before.
-        let busy = matches!(result, Err(ProbeError::Timeout)) && gateway.heard_since(started);
+        let busy = matches!(result, Err(ProbeError::Timeout)) && gateway.heard_since(heard_window);
+        heard_window = started;
         if let Err(e) = &result {
             counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
             tracing::debug!(gateway = %gateway.name, error = %e, busy, "health probe failed");
