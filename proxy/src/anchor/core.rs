@@ -963,6 +963,14 @@ mod tests {
     }
 
     impl World {
+        /// A session whose gateway checkpoints every REPLY, after one DATA answered.
+        fn answered() -> World {
+            let mut world = World::new(1);
+            world.apply(Op::Data(10));
+            world.apply(Op::Deliver(5));
+            world
+        }
+
         fn new(cadence: u64) -> World {
             let hello = Hello {
                 device: "d".into(),
@@ -1221,9 +1229,7 @@ mod tests {
 
     #[test]
     fn a_link_that_answers_its_check_stays() {
-        let mut world = World::new(1);
-        world.apply(Op::Data(10));
-        world.apply(Op::Deliver(5));
+        let mut world = World::answered();
         world.apply(Op::Down { answers: true });
         assert!(matches!(
             world.core.phase(),
@@ -1257,9 +1263,7 @@ mod tests {
 
     #[test]
     fn a_link_that_does_not_answer_moves_the_session() {
-        let mut world = World::new(1);
-        world.apply(Op::Data(10));
-        world.apply(Op::Deliver(5));
+        let mut world = World::answered();
         world.apply(Op::Down { answers: false });
         let before = world.core.moved_at();
         world.apply(Op::Wait(999));
@@ -1276,9 +1280,7 @@ mod tests {
         // The gateway is marked down, the proxy PINGs its link, the gateway says GOAWAY
         // before its PONG: the PONG is still the proxy's (the device never sees it), and a
         // gateway that then hangs is moved off when the check times out.
-        let mut world = World::new(1);
-        world.apply(Op::Data(10));
-        world.apply(Op::Deliver(5));
+        let mut world = World::answered();
         world.apply(Op::Down { answers: true });
         if let Some(g) = &mut world.gateway {
             // GOAWAY goes out before the PONG to the proxy's PING.
@@ -1300,9 +1302,7 @@ mod tests {
             }
         ));
         // A second round: GOAWAY, then a hang; the check's deadline moves the session.
-        let mut world = World::new(1);
-        world.apply(Op::Data(10));
-        world.apply(Op::Deliver(5));
+        let mut world = World::answered();
         world.apply(Op::Down { answers: false });
         if let Some(g) = &mut world.gateway {
             g.outbox.push_back(Frame::new(Kind::Goaway, 0, []));
@@ -1429,9 +1429,7 @@ mod tests {
         world.apply(Op::Data(10));
         world.apply(Op::Deliver(5));
         assert!(world.core.has_state_to_move(), "answered, no key ring");
-        let mut world = World::new(1);
-        world.apply(Op::Data(10));
-        world.apply(Op::Deliver(5));
+        let mut world = World::answered();
         assert!(world.core.ticket.is_some() && world.core.has_state_to_move());
     }
 }
