@@ -1429,7 +1429,7 @@ mod tests {
         world.apply(Op::Data(10));
         world.apply(Op::Deliver(5));
         assert!(world.core.has_state_to_move(), "answered, no key ring");
-        let mut world = World::answered();
+        let world = World::answered();
         assert!(world.core.ticket.is_some() && world.core.has_state_to_move());
     }
 }
