@@ -3,6 +3,7 @@
 
 mod certs_cmd;
 mod drain_cmd;
+mod stop;
 mod up;
 
 /// mimalloc instead of glibc's malloc: the per-connection path allocates a task, a hello
@@ -16,8 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use wasmbed_config::{
-    GatewayFlags, GatewaySettings, LoadtestFlags, LoadtestSettings, LogFormat, ProxyConfig,
-    ProxyFlags,
+    GatewayFlags, GatewaySettings, LoadtestFlags, LoadtestSettings, ProxyConfig, ProxyFlags,
 };
 
 /// Wasmbed edge: the data plane between a fleet of embedded devices and a pool of gateways.
@@ -88,7 +88,7 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail("proxy", e),
     };
-    init_logging(config.log_format);
+    let _log = stop::logging::init(config.log_format);
     check_descriptors(
         config.max_connections,
         1 + u64::from(config.upstream == wasmbed_config::proxy::UpstreamMode::Tcp),
@@ -104,7 +104,19 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         };
         let shutdown = CancellationToken::new();
         // Watched before the ready line: a SIGTERM right after it stops the proxy in order.
-        tokio::spawn(on_signal(shutdown.clone()));
+        let gateways = proxy.gateways();
+        let running: stop::Running = std::sync::Arc::new(move || {
+            let set = gateways.snapshot();
+            let per: Vec<String> = set
+                .iter()
+                .filter(|g| g.sessions() > 0)
+                .map(|g| format!("{}={}", g.name, g.sessions()))
+                .collect();
+            let total: u64 = set.iter().map(|g| g.sessions()).sum();
+            format!("{total} device sessions [{}]", per.join(" "))
+        });
+        let hard = proxy.hard_stop_after();
+        tokio::spawn(stop::on_signal(shutdown.clone(), hard, running));
         // SIGHUP (and POST /api/reload) re-read the config file with the same flags and apply
         // the difference; terminate mode's certificate, CA and CRLs are re-read with it.
         let live = proxy.live();
@@ -134,7 +146,7 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail("gateway", e),
     };
-    init_logging(settings.log_format);
+    let _log = stop::logging::init(settings.log_format);
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     check_map_count(settings.max_sessions);
     let runtime = match runtime(settings.threads) {
@@ -148,7 +160,13 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
         };
         let shutdown = CancellationToken::new();
         // Watched before the ready line: a SIGTERM right after it drains in order.
-        tokio::spawn(on_signal(shutdown.clone()));
+        let shared = gateway.shared();
+        let running: stop::Running = std::sync::Arc::new(move || {
+            let n = shared.sessions.load(std::sync::atomic::Ordering::Relaxed);
+            format!("{n} device sessions")
+        });
+        let hard = gateway.shared().settings.hard_stop_after;
+        tokio::spawn(stop::on_signal(shutdown.clone(), hard, running));
         // SIGHUP re-reads the session key ring and the TLS files (certificate, CAs, CRLs); live
         // sessions stay, except those of devices revoked by now.
         let shared = gateway.shared();
@@ -309,49 +327,5 @@ fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
             .worker_threads(threads)
             .enable_all()
             .build()
-    }
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-/// Registers SIGTERM and SIGINT at once (call it before announcing readiness: from then on
-/// they no longer kill the process) and returns what waits for them and cancels `shutdown`.
-fn on_signal(shutdown: CancellationToken) -> impl Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
-            match s {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch {name}");
-                    std::future::pending::<()>().await
-                }
-            }
-        };
-        tokio::select! {
-            _ = wait(term, "SIGTERM") => tracing::info!("SIGTERM: shutting down"),
-            _ = wait(int, "SIGINT") => tracing::info!("SIGINT: shutting down"),
-        }
-        shutdown.cancel();
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    // quinn logs a warning per odd datagram a peer sends (a stale retry token, a reset token
-    // seen twice): under a flood that is a log line per packet, so only its errors by default.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASMBED_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn_proto=error"));
-    // Colour only for a terminal: a log file or a pipe gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Pretty => builder.init(),
     }
 }

@@ -59,8 +59,14 @@ pub struct GatewayFlags {
     pub max_memory: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("A session with no frame for this long is closed. Default {}.", crate::defaults::show(crate::defaults::gateway::IDLE_TIMEOUT)))]
     pub idle_timeout: Option<String>,
-    #[arg(long, value_name = "DURATION", help = format!("On SIGTERM or drain, how long sessions get after GOAWAY before the gateway exits. Default {}.", crate::defaults::show(crate::defaults::gateway::GRACE)))]
+    #[arg(long, value_name = "DURATION", help = format!("On SIGTERM or SIGINT, how long sessions get after GOAWAY before the gateway exits. (A drain through the admin API sends the same GOAWAY but the gateway stays up, serving its admin endpoint, until it is stopped.) Default {}.", crate::defaults::show(crate::defaults::gateway::GRACE)))]
     pub grace: Option<String>,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: --grace plus 10 s. A second signal ends the process at once."
+    )]
+    pub hard_stop_after: Option<String>,
     #[arg(long, value_name = "N", help = format!("Most sessions (and application instances) at once; past it a device gets ERROR `unavailable`. Default {}.", crate::defaults::gateway::MAX_SESSIONS))]
     pub max_sessions: Option<u32>,
     #[arg(long, value_name = "BYTES", help = format!("Largest frame accepted, in bytes. Default {}.", crate::defaults::gateway::MAX_FRAME))]
@@ -132,6 +138,7 @@ struct RawGateway {
     max_memory: Option<String>,
     idle_timeout: Option<String>,
     grace: Option<String>,
+    hard_stop_after: Option<String>,
     max_sessions: Option<u32>,
     max_frame: Option<usize>,
     session_keys: Option<PathBuf>,
@@ -183,6 +190,8 @@ pub struct GatewaySettings {
     pub max_memory: usize,
     pub idle_timeout: Duration,
     pub grace: Duration,
+    /// Past this after a stop began, the process ends whatever still runs.
+    pub hard_stop_after: Duration,
     pub max_sessions: u32,
     pub max_frame: usize,
     /// The key ring file; `None`: no checkpoints, resumes refused.
@@ -290,6 +299,7 @@ impl GatewaySettings {
             max_memory,
             idle_timeout,
             grace,
+            hard_stop_after,
             max_sessions,
             max_frame,
             session_keys,
@@ -462,6 +472,7 @@ impl GatewaySettings {
         if ticket_lifetime.is_zero() {
             return Err(ConfigError::field("ticket_lifetime", "must be above 0"));
         }
+        let grace = duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?;
         Ok(GatewaySettings {
             tls_tickets: !raw.no_tls_tickets,
             link: raw.link,
@@ -481,7 +492,12 @@ impl GatewaySettings {
                 raw.idle_timeout.as_deref(),
                 defaults::IDLE_TIMEOUT,
             )?,
-            grace: duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?,
+            grace,
+            hard_stop_after: duration_or(
+                "hard_stop_after",
+                raw.hard_stop_after.as_deref(),
+                grace + defaults::HARD_STOP_MARGIN,
+            )?,
             max_sessions,
             max_frame,
             threads: raw.threads,

@@ -158,6 +158,12 @@ pub struct ProxyFlags {
     pub dns_timeout: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("An address gone from DNS takes no new sessions (terminate mode: its sessions move); it leaves the set once empty, or after this grace. Default {}.", crate::defaults::show(crate::defaults::proxy::DNS_GRACE)))]
     pub dns_grace: Option<String>,
+    #[arg(
+        long,
+        value_name = "DURATION",
+        help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: the grace (TOML `grace`) plus 10 s. A second signal ends the process at once."
+    )]
+    pub hard_stop_after: Option<String>,
     #[arg(long, value_name = "N", help = format!("Most addresses taken from one name's answer (the rest are counted and ignored). Default {}.", crate::defaults::proxy::MAX_DISCOVERED))]
     pub max_discovered: Option<usize>,
     /// Passthrough: forward with splice(2) (socket -> pipe -> socket inside the kernel, no
@@ -404,6 +410,8 @@ pub struct ProxyConfig {
     pub slow_start: Duration,
     /// How long sessions may finish on shutdown before they are closed.
     pub grace: Duration,
+    /// Past this after a stop began, the process ends whatever still runs.
+    pub hard_stop_after: Duration,
     pub threads: Option<usize>,
     /// Who may change things through the admin endpoint.
     pub admin_auth: crate::admin::AdminAuth,
@@ -446,6 +454,7 @@ struct RawProxy {
     max_client_hello: Option<usize>,
     slow_start: Option<String>,
     grace: Option<String>,
+    hard_stop_after: Option<String>,
     replay_window: Option<String>,
     #[serde(default)]
     forward_checkpoints: bool,
@@ -789,6 +798,7 @@ impl ProxyConfig {
                 "needs terminate mode (in passthrough the proxy cannot move a session)",
             ));
         }
+        let grace = duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?;
         Ok(ProxyConfig {
             mode,
             listeners,
@@ -822,7 +832,12 @@ impl ProxyConfig {
                 raw.slow_start.as_deref(),
                 defaults::SLOW_START,
             )?,
-            grace: duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?,
+            grace,
+            hard_stop_after: duration_or(
+                "hard_stop_after",
+                raw.hard_stop_after.as_deref(),
+                grace + defaults::HARD_STOP_MARGIN,
+            )?,
             threads: raw.threads,
             admin_auth: crate::admin::AdminAuth::load_with_tls(
                 raw.admin_token_file.as_deref(),
@@ -924,6 +939,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     }
     set(&mut raw.dns_timeout, f.dns_timeout.clone());
     set(&mut raw.dns_grace, f.dns_grace.clone());
+    set(&mut raw.hard_stop_after, f.hard_stop_after.clone());
     set(&mut raw.max_discovered, f.max_discovered);
     raw.allow_empty |= f.allow_empty;
     set(&mut raw.splice, f.splice);

@@ -137,6 +137,11 @@ impl Proxy {
         self.live.clone()
     }
 
+    /// Past this after a stop began, the process should end whatever still runs.
+    pub fn hard_stop_after(&self) -> std::time::Duration {
+        self.live.context().config.hard_stop_after
+    }
+
     /// The addresses devices dial (with the ports the OS chose for `:0`).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().map(|(l, _)| l.addr).collect()
