@@ -58,7 +58,12 @@ pub struct GatewayView {
     pub address: String,
     pub pool: String,
     pub healthy: bool,
+    /// It has not passed a probe yet: it takes no session until it does.
+    pub awaiting_probe: bool,
+    /// Takes no new session: drained here or by its own word (`drain_reported`).
     pub draining: bool,
+    /// The gateway itself says it drains (its health body, or a GOAWAY).
+    pub drain_reported: bool,
     pub sessions: u64,
     pub weight: u32,
     /// The count the gateway reported on its last http health probe.
@@ -76,7 +81,9 @@ impl GatewayView {
             address: g.addr.clone(),
             pool: g.pool.clone(),
             healthy: g.is_healthy(),
+            awaiting_probe: g.is_unproven(),
             draining: g.is_draining(),
+            drain_reported: g.drain_reported(),
             sessions: g.sessions(),
             weight: g.weight(),
             reported_sessions: g.reported_sessions(),
@@ -225,6 +232,8 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
     };
     match admin.live.add_gateway(&config) {
         Some(g) => {
+            // Its first probe before the answer, which then says whether it takes sessions.
+            crate::health::first_round(std::slice::from_ref(&g), health).await;
             admin.live.probes.start(std::slice::from_ref(&g), health);
             crate::events::event(
                 "added",

@@ -49,7 +49,11 @@ pub struct Gateway {
     weight: AtomicU32,
     sessions: Load,
     healthy: AtomicBool,
+    /// Drained here: by an operator (admin API) or because it left DNS or the set.
     draining: AtomicBool,
+    /// The gateway itself says it drains: its health body (`"status": "draining"`), or a
+    /// GOAWAY one of its sessions read. Cleared when a probe finds it serving again.
+    drain_reported: AtomicBool,
     /// When it last came up, as milliseconds since [`epoch`] + 1 (0: since start).
     up_since_ms: AtomicU64,
     /// The session count the gateway itself reported on its last http probe (-1: unknown).
@@ -115,6 +119,7 @@ impl Gateway {
             sessions: Load::new(),
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            drain_reported: AtomicBool::new(false),
             up_since_ms: AtomicU64::new(0),
             reported_sessions: AtomicI64::new(-1),
             reported_capacity: AtomicI64::new(-1),
@@ -214,8 +219,45 @@ impl Gateway {
         self.healthy.load(Ordering::SeqCst)
     }
 
+    /// Takes no new session: drained here, or draining by its own word.
     pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.drain_reported.load(Ordering::Acquire)
+    }
+
+    /// Drained here (admin API, DNS, removal), whatever the gateway says.
+    pub fn drained_here(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether the gateway itself said it drains (health body or GOAWAY).
+    pub fn drain_reported(&self) -> bool {
+        self.drain_reported.load(Ordering::Acquire)
+    }
+
+    /// Records what the gateway says of its draining; returns whether that changed.
+    pub fn set_drain_reported(&self, draining: bool) -> bool {
+        self.drain_reported.swap(draining, Ordering::AcqRel) != draining
+    }
+
+    /// A refused connect to a gateway that said it drains, while it still has sessions: its
+    /// listener closing, as a drain does, not its death (a dead process's connections are
+    /// reset by its kernel and end on their own). No health verdict.
+    pub fn refusal_is_its_drain(&self, error: &std::io::Error) -> bool {
+        error.kind() == std::io::ErrorKind::ConnectionRefused
+            && self.drain_reported()
+            && self.sessions() > 0
+    }
+
+    /// It waits for its first passed probe before it takes a session (set before the
+    /// gateway is shared).
+    pub fn await_first_probe(&self) {
+        self.unproven.store(true, Ordering::SeqCst);
+        self.healthy.store(false, Ordering::SeqCst);
+    }
+
+    /// It has not passed a probe yet.
+    pub fn is_unproven(&self) -> bool {
+        self.unproven.load(Ordering::SeqCst)
     }
 
     pub fn weight(&self) -> u32 {
@@ -406,14 +448,14 @@ impl GatewaySet {
         self.gateways.load_full()
     }
 
-    /// Adds a gateway to the live set (it enters in slow start, if configured). `None` when a
-    /// gateway of that name exists already.
+    /// Adds a gateway to the live set (it enters in slow start, if configured), taken on
+    /// trust. `None` when a gateway of that name exists already.
     pub fn add(&self, config: &GatewayConfig) -> Option<Arc<Gateway>> {
         self.add_from(config, Origin::Api, false)
     }
 
     /// Adds a gateway of `origin`. `unproven`: it takes no session until its first probe
-    /// passes (a discovered address; with health checks off it is taken at once).
+    /// passes (every gateway when health checks are on; with them off it is taken on trust).
     pub fn add_from(
         &self,
         config: &GatewayConfig,
@@ -424,8 +466,7 @@ impl GatewaySet {
         let now = epoch().elapsed().as_millis() as u64;
         gateway.up_since_ms.store(now + 1, Ordering::Relaxed);
         if unproven {
-            gateway.unproven.store(true, Ordering::SeqCst);
-            gateway.healthy.store(false, Ordering::SeqCst);
+            gateway.await_first_probe();
         }
         let mut added = false;
         self.gateways.rcu(|current| {

@@ -1,5 +1,9 @@
 //! health: one task per gateway probes it on a jittered interval (tcp, tls or http) and flips
 //! it up after `rise` successes or down after `fall` failures. Down cancels its sessions.
+//! Draining is not down: a gateway whose health body says `"status": "draining"` (its
+//! `/healthz` 200 or its `/readyz` 503 alike) is alive and takes no new session; its sessions
+//! finish (passthrough) or move with their answers (terminate). A gateway waits for its first
+//! passed probe before it takes a session, however it was added.
 
 use std::sync::Arc;
 
@@ -29,6 +33,14 @@ pub enum ProbeError {
     Http(String),
     #[error("http status {0}")]
     Status(u16),
+}
+
+/// What a passed probe says of a gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Serving,
+    /// Alive and draining (http body `"status": "draining"`): no new sessions.
+    Draining,
 }
 
 /// The probe kind a gateway gets under `check`.
@@ -77,25 +89,12 @@ async fn watch(
         let result = result.unwrap_or(Err(ProbeError::Timeout));
         // A probe that timed out while the gateway's sessions were reading what its process
         // sent (since the previous probe began) says the host is busy, not that the gateway
-        // is dead or hung: no verdict. (On
-        // a saturated host, a connect storm made probes time out and healthy gateways be
-        // marked down, so new sessions skipped them and the exact balance broke.) A hung
-        // or dead gateway sends nothing, and its timeouts count as before.
+        // is dead or hung: no verdict. (On a saturated host, a connect storm made probes time
+        // out and healthy gateways be marked down, so new sessions skipped them and the exact
+        // balance broke.) A hung or dead gateway sends nothing, and its timeouts count.
         let busy = matches!(result, Err(ProbeError::Timeout)) && gateway.heard_since(heard_window);
         heard_window = started;
-        if let Err(e) = &result {
-            counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
-            tracing::debug!(gateway = %gateway.name, error = %e, busy, "health probe failed");
-        }
-        if !busy {
-            let reason = result.as_ref().err().map(ToString::to_string);
-            let change = gateway.observe(result.is_ok(), config.rise, config.fall);
-            report(
-                &gateway,
-                change,
-                reason.as_deref().unwrap_or("probe succeeded"),
-            );
-        }
+        judge(&gateway, result, busy, &config);
         // Up to 10% jitter keeps the probes of many proxies from beating in step. Errors
         // seen by sessions (`suspect`) bring the next probe forward, as HAProxy's `observe
         // layer4` with `on-error fastinter` does, but never closer than a quarter interval
@@ -111,6 +110,72 @@ async fn watch(
             _ = gateway.removed() => return,
         }
     }
+}
+
+/// Applies one probe result to `gateway`: what it says of draining, then (unless `busy`, or a
+/// refused connect that is its drain) one health observation.
+fn judge(
+    gateway: &Gateway,
+    result: Result<Verdict, ProbeError>,
+    busy: bool,
+    config: &HealthConfig,
+) {
+    if let Err(e) = &result {
+        counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+        tracing::debug!(gateway = %gateway.name, error = %e, busy, "health probe failed");
+    }
+    if let Ok(verdict) = result {
+        note_drain(gateway, verdict == Verdict::Draining, "its health body");
+    }
+    let its_drain =
+        matches!(&result, Err(ProbeError::Connect(e)) if gateway.refusal_is_its_drain(e));
+    if busy || its_drain {
+        return;
+    }
+    let reason = result.as_ref().err().map(ToString::to_string);
+    let change = gateway.observe(result.is_ok(), config.rise, config.fall);
+    report(
+        gateway,
+        change,
+        reason.as_deref().unwrap_or("probe succeeded"),
+    );
+}
+
+/// Records that `gateway` says it drains (or serves again), from `source`; logs a change.
+pub fn note_drain(gateway: &Gateway, draining: bool, source: &str) {
+    if !gateway.set_drain_reported(draining) {
+        return;
+    }
+    let text = if draining {
+        format!(
+            "{} says it is draining ({source}): no new sessions; its sessions finish",
+            gateway.name
+        )
+    } else {
+        format!("{} serves again ({source})", gateway.name)
+    };
+    let to = if draining { "draining" } else { "serving" };
+    crate::events::event(to, Some(&gateway.name), text.clone());
+    tracing::info!(gateway = %gateway.name, sessions = gateway.sessions(), "{text}");
+}
+
+/// Probes every gateway that awaits its first probe once, at the same time (each bounded by
+/// the probe timeout), and applies the results: what `Proxy::bind` does before the proxy
+/// says it is ready, and the admin API before it answers an add.
+pub async fn first_round(gateways: &[Arc<Gateway>], config: &HealthConfig) {
+    let probes = gateways.iter().filter(|g| g.is_unproven()).map(|g| {
+        let kind = kind_for(config.check, g);
+        async move {
+            if kind == HealthCheck::None {
+                return;
+            }
+            let result = tokio::time::timeout(config.timeout, probe(g, kind, &config.path))
+                .await
+                .unwrap_or(Err(ProbeError::Timeout));
+            judge(g, result, false, config);
+        }
+    });
+    futures_util::future::join_all(probes).await;
 }
 
 /// Logs and counts a health transition, whoever observed it (probe or failed connect).
@@ -138,19 +203,32 @@ pub fn report(gateway: &Gateway, change: Option<Transition>, why: &str) {
 }
 
 /// One probe of one gateway.
-pub async fn probe(gateway: &Gateway, kind: HealthCheck, path: &str) -> Result<(), ProbeError> {
+pub async fn probe(
+    gateway: &Gateway,
+    kind: HealthCheck,
+    path: &str,
+) -> Result<Verdict, ProbeError> {
     match kind {
-        HealthCheck::Tcp | HealthCheck::Auto => connect(&gateway.addr).await.map(drop),
-        HealthCheck::Tls => tls(&gateway.addr).await,
+        HealthCheck::Tcp | HealthCheck::Auto => {
+            connect(&gateway.addr).await.map(|_| Verdict::Serving)
+        }
+        HealthCheck::Tls => tls(&gateway.addr).await.map(|()| Verdict::Serving),
         HealthCheck::Http => {
             let addr = gateway.health_addr.as_deref().unwrap_or(&gateway.addr);
-            let (sessions, capacity) = http(addr, path).await?;
-            gateway.set_reported_sessions(sessions);
-            gateway.set_reported_capacity(capacity);
-            Ok(())
+            let body = http(addr, path).await?;
+            gateway.set_reported_sessions(body.sessions);
+            gateway.set_reported_capacity(body.capacity);
+            Ok(body.verdict)
         }
-        HealthCheck::None => Ok(()),
+        HealthCheck::None => Ok(Verdict::Serving),
     }
+}
+
+/// What an http health answer says.
+struct HealthBody {
+    sessions: Option<u64>,
+    capacity: Option<u64>,
+    verdict: Verdict,
 }
 
 async fn connect(addr: &str) -> Result<TcpStream, ProbeError> {
@@ -175,9 +253,10 @@ async fn tls(addr: &str) -> Result<(), ProbeError> {
         .map_err(ProbeError::Tls)
 }
 
-/// `GET path`; returns the live session count and the capacity (`max_sessions`) the body
-/// reports, where it reports them.
-async fn http(addr: &str, path: &str) -> Result<(Option<u64>, Option<u64>), ProbeError> {
+/// `GET path`: 200 passes; 200 or 503 whose body says `"status": "draining"` passes as
+/// draining; anything else fails. The body's session count and capacity (`max_sessions`)
+/// are kept where it reports them.
+async fn http(addr: &str, path: &str) -> Result<HealthBody, ProbeError> {
     let stream = connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -193,16 +272,40 @@ async fn http(addr: &str, path: &str) -> Result<(Option<u64>, Option<u64>), Prob
         .await
         .map_err(|e| ProbeError::Http(e.to_string()));
     let result = match response {
-        Ok(r) if r.status() == hyper::StatusCode::OK => {
+        Ok(r) => {
+            let status = r.status();
             let body = Limited::new(r.into_body(), 4096).collect().await;
             let body = body.map(|b| b.to_bytes()).unwrap_or_default();
-            Ok((sessions_in(&body), capacity_in(&body)))
+            let draining = draining_in(&body);
+            match status {
+                hyper::StatusCode::OK | hyper::StatusCode::SERVICE_UNAVAILABLE
+                    if draining || status == hyper::StatusCode::OK =>
+                {
+                    Ok(HealthBody {
+                        sessions: sessions_in(&body),
+                        capacity: capacity_in(&body),
+                        verdict: if draining {
+                            Verdict::Draining
+                        } else {
+                            Verdict::Serving
+                        },
+                    })
+                }
+                other => Err(ProbeError::Status(other.as_u16())),
+            }
         }
-        Ok(r) => Err(ProbeError::Status(r.status().as_u16())),
         Err(e) => Err(e),
     };
     driver.abort();
     result
+}
+
+/// Whether a health body says the gateway drains: JSON `{"status": "draining"}`.
+pub fn draining_in(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("status")?.as_str().map(|s| s == "draining"))
+        .unwrap_or(false)
 }
 
 /// Finds a gateway's capacity in a health body: JSON `{"max_sessions": N}`.

@@ -110,6 +110,13 @@ impl Proxy {
         let tls = tls_setup(&config)?;
         let admin_tls = wasmbed_admin::acceptor(config.admin_auth.tls.as_ref())?;
         let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
+        // Every gateway waits for its first passed probe (none when health checks are off:
+        // taken on trust); that first round runs now, so "ready" means probed.
+        if config.health.check != wasmbed_config::HealthCheck::None {
+            let set = gateways.snapshot();
+            set.iter().for_each(|g| g.await_first_probe());
+            health::first_round(&set, &config.health).await;
+        }
         let hard_stop = CancellationToken::new();
         let probes_stop = CancellationToken::new();
         let links = link::Links::new(&config)?;

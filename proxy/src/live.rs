@@ -135,7 +135,11 @@ impl Live {
     /// `POST /api/gateways`: adds a gateway (a name removed at run time is forgotten as such).
     pub fn add_gateway(&self, config: &GatewayConfig) -> Option<Arc<Gateway>> {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let g = self.context().gateways.add(config)?;
+        let ctx = self.context();
+        let probed = ctx.config.health.check != wasmbed_config::HealthCheck::None;
+        let g = ctx
+            .gateways
+            .add_from(config, crate::balancer::Origin::Api, probed)?;
         self.removed_at_run_time
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -262,7 +266,7 @@ impl Live {
                 Some(c) if !g.same_endpoint(c) => {
                     remove(gateways, &g.name);
                     report.replaced.push(g.name.clone());
-                    if g.is_draining() {
+                    if g.drained_here() {
                         let text = format!("{}: drained at run time; the file replaced it", g.name);
                         report.overridden.push(text);
                     }
@@ -272,7 +276,7 @@ impl Live {
                         g.set_weight(c.weight);
                         report.reweighted.push(g.name.clone());
                     }
-                    if g.is_draining() {
+                    if g.drained_here() {
                         report.kept.push(format!("{}: drained at run time", g.name));
                     }
                 }
@@ -282,7 +286,8 @@ impl Live {
             if gateways.find(&c.name).is_some() || removed.contains_key(&c.name) {
                 continue;
             }
-            if let Some(g) = gateways.add_from(c, Origin::Config, false) {
+            let probed = ctx.config.health.check != wasmbed_config::HealthCheck::None;
+            if let Some(g) = gateways.add_from(c, Origin::Config, probed) {
                 if !report.replaced.contains(&c.name) {
                     report.added.push(c.name.clone());
                 }

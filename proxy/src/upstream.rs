@@ -123,7 +123,7 @@ fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
     gateway.suspect();
     tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
     let health = &ctx.config.health;
-    if health.check != HealthCheck::None {
+    if health.check != HealthCheck::None && !gateway.refusal_is_its_drain(error) {
         let change = gateway.observe(false, health.rise, health.fall);
         crate::health::report(gateway, change, &error.to_string());
     }

@@ -240,6 +240,8 @@ async fn serve(
     let mut moving: Option<Moving> = None;
     // A paced move's place among the moves in flight, from its order to its start.
     let mut in_flight: Option<crate::balancer::InFlight> = None;
+    // The link's gateway said GOAWAY and that was recorded on it.
+    let mut goaway_noted = false;
     let mut link = Some(link);
     let mut step = Step::Go;
     let end = loop {
@@ -373,8 +375,17 @@ async fn serve(
             }
             Event::Relinked(Some(r)) => {
                 moving = None;
+                goaway_noted = false;
                 link = Some(relinked(&ctx, &mut core, r));
             }
+        }
+        // A GOAWAY read: the gateway drains (no new sessions for it; not down).
+        if !goaway_noted
+            && matches!(core.phase(), Phase::Going { .. })
+            && let Some(l) = &link
+        {
+            goaway_noted = true;
+            crate::health::note_drain(l.gateway(), true, "a GOAWAY");
         }
         // A paced move that started, or a link that went, holds no place any more.
         if !matches!(core.phase(), Phase::Linked { order: Some(_), .. }) {
