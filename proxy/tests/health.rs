@@ -321,3 +321,51 @@ async fn a_probe_timeout_while_sessions_hear_from_the_gateway_is_no_verdict() {
     )
     .await;
 }
+
+/// A gateway takes no session before its first passed probe, however it was added: a proxy
+/// whose only gateway is dead is not ready from its first moment, and a dead gateway added
+/// through the admin API is answered `awaiting_probe` and gets no connects; a live one added
+/// the same way is probed before the answer and takes sessions at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_takes_nothing_before_its_first_passed_probe() {
+    let dead = || wasmbed_config::GatewayConfig {
+        name: "dead".into(),
+        addr: "127.0.0.1:1".into(),
+        health_addr: None,
+        weight: 1,
+        pool: "default".into(),
+    };
+    let mut c = config(vec![dead()]);
+    c.health.check = wasmbed_config::HealthCheck::Tcp;
+    let proxy = start(c).await;
+    let (status, body) = proxy.admin("GET", "/readyz").await;
+    assert_eq!(status, 503, "ready with nothing reachable: {body}");
+    let g = proxy.gateway("dead");
+    assert!(!g.is_healthy() && g.is_unproven(), "never probed yet counted as healthy");
+    let (_, list) = proxy.admin("GET", "/api/gateways").await;
+    assert!(list.contains(r#""awaiting_probe":true"#), "{list}");
+    drop(proxy);
+
+    // Added at run time: a live one, then a dead one.
+    let backend = Backend::spawn().await;
+    let mut c = config(vec![backend.gateway("live")]);
+    c.health.check = wasmbed_config::HealthCheck::Tcp;
+    let proxy = start(c).await;
+    assert_eq!(proxy.admin("GET", "/readyz").await.0, 200);
+    let body = r#"{"name":"added-dead","address":"127.0.0.1:1"}"#;
+    let (status, text) = proxy.admin_post("/api/gateways", body).await;
+    assert_eq!(status, 201, "{text}");
+    assert!(text.contains(r#""healthy":false"#), "{text}");
+    assert!(text.contains(r#""awaiting_probe":true"#), "{text}");
+    let failures = "wasmbed_proxy_gateway_connect_failures_total{gateway=\"added-dead\"}";
+    let _devices = join_all((0..4).map(|_| device(proxy.addr))).await;
+    assert_eq!(proxy.gateway("added-dead").sessions(), 0);
+    assert_eq!(proxy.metric(failures).await, 0.0, "connects went to it");
+    let other = Backend::spawn().await;
+    let body = format!(r#"{{"name":"added-live","address":"{}"}}"#, other.addr);
+    let (status, text) = proxy.admin_post("/api/gateways", &body).await;
+    assert_eq!(status, 201, "{text}");
+    assert!(text.contains(r#""healthy":true"#), "probed before the answer: {text}");
+    let _more = device(proxy.addr).await;
+    assert_eq!(proxy.gateway("added-live").sessions(), 1, "the least loaded");
+}
