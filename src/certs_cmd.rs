@@ -20,7 +20,11 @@ enum CertsCommand {
     /// (--gateways); devices/device-NNNN.pem and .key (--devices); session-keys.toml (the
     /// fleet's ticket key ring, for every gateway's --session-keys); crl.pem (an empty CRL of
     /// the CA, so --client-crl can be on from the first day; `certs revoke` rewrites it) and
-    /// revoked.json (what `certs revoke` has revoked); index.json (every path above).
+    /// revoked.json (what `certs revoke` has revoked); admin/ca.pem and admin/ca.key (a CA
+    /// for admins only) with admin/admin.pem and .key (an admin client certificate, for
+    /// --admin-client-ca admin/ca.pem); index.json (every path above). Keys and the key ring
+    /// are written 0600, directories 0700. --force removes what it replaces first (old device,
+    /// admin and gateway certificates).
     Init(InitArgs),
     /// Revoke device certificates of a dev PKI: writes DIR/crl.pem, the CA's CRL of every
     /// device revoked so far (listed in DIR/revoked.json). Give it to the proxy and gateways
@@ -180,11 +184,51 @@ pub fn run(args: CertsArgs) -> Result<(), CertError> {
     }
 }
 
+/// Writes a public file (a certificate, a CRL, a list): mode 0644.
 fn write(path: &Path, body: &str) -> Result<(), CertError> {
-    std::fs::write(path, body).map_err(|source| CertError::Write {
+    write_mode(path, body, 0o644)
+}
+
+/// Writes a secret (a private key, the session key ring): mode 0600, whatever the file was.
+fn write_secret(path: &Path, body: &str) -> Result<(), CertError> {
+    write_mode(path, body, 0o600)
+}
+
+fn write_mode(path: &Path, body: &str, mode: u32) -> Result<(), CertError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |source| CertError::Write {
         path: path.to_owned(),
         source,
-    })
+    };
+    // The mode is set before a byte is written (`mode` applies to a new file; an existing one
+    // is narrowed first), so a key is never readable by others, not even for a moment.
+    if path.exists() {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(failed)?;
+    file.write_all(body.as_bytes()).map_err(failed)
+}
+
+/// Creates `dir` (and its parents) with mode 0700, or narrows it to 0700: it holds keys.
+fn private_dir(dir: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let failed = |source| CertError::Write {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
 }
 
 fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> Result<serde_json::Value, CertError> {
@@ -193,8 +237,39 @@ fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> Result<serde_json::Val
         dir.join(format!("{stem}.key")),
     );
     write(&cert, &issued.cert_pem)?;
-    write(&key, &issued.key_pem)?;
+    write_secret(&key, &issued.key_pem)?;
     Ok(serde_json::json!({ "cert": cert, "key": key }))
+}
+
+/// What `certs init --force` replaces and so removes first: the device and admin
+/// directories, and every `gateway-N` pair (a smaller PKI leaves none of the old CA's behind).
+/// Files it does not write are left alone.
+fn remove_replaced(dir: &Path) -> Result<(), CertError> {
+    let failed = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CertError::Write { path, source }
+    };
+    for sub in ["devices", "admin"] {
+        let path = dir.join(sub);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(failed(&path))?;
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let gateway_pair = name
+            .strip_prefix("gateway-")
+            .and_then(|rest| rest.strip_suffix(".pem").or_else(|| rest.strip_suffix(".key")))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if gateway_pair {
+            std::fs::remove_file(entry.path()).map_err(failed(&entry.path()))?;
+        }
+    }
+    Ok(())
 }
 
 fn init(a: &InitArgs) -> Result<(), CertError> {
@@ -204,6 +279,9 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
             path: ca_path,
             problem: "exists already (pass --force to replace this PKI)".into(),
         });
+    }
+    if a.force {
+        remove_replaced(&a.dir)?;
     }
     write_pki(a)?;
     println!(
@@ -301,7 +379,7 @@ fn write_k8s_secrets(a: &InitArgs, out: &Path) -> Result<PathBuf, CertError> {
     ]
     .concat();
     let path = out.join("secrets.yaml");
-    write(&path, &text)?;
+    write_secret(&path, &text)?;
     Ok(path)
 }
 
@@ -318,16 +396,19 @@ pub fn write_dev_pki(dir: &std::path::Path, gateways: usize) -> Result<(), CertE
     })
 }
 
+/// The identity of the admin client certificate that `certs init` issues (admin/admin.pem).
+pub const ADMIN_IDENTITY: &str = "wasmbed-admin";
+
 /// The identity of the proxy's client certificate that `certs init` issues.
 pub const PROXY_IDENTITY: &str = "wasmbed-proxy";
 
 fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let ca_path = a.dir.join("ca.pem");
     let devices_dir = a.dir.join("devices");
-    std::fs::create_dir_all(&devices_dir).map_err(|source| CertError::Write {
-        path: devices_dir.clone(),
-        source,
-    })?;
+    let admin_dir = a.dir.join("admin");
+    for dir in [&a.dir, &devices_dir, &admin_dir] {
+        private_dir(dir)?;
+    }
     let kind = if a.rsa {
         KeyKind::Rsa2048
     } else {
@@ -335,7 +416,7 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     };
     let ca = DevCa::generate("wasmbed dev CA")?;
     write(&ca_path, &ca.cert_pem())?;
-    write(&a.dir.join("ca.key"), ca.key_pem())?;
+    write_secret(&a.dir.join("ca.key"), ca.key_pem())?;
     let mut names: Vec<&str> = vec!["localhost", "127.0.0.1"];
     names.extend(a.sans.iter().map(String::as_str));
     let proxy = write_pair(&a.dir, "proxy", &ca.issue_server(&names, kind)?)?;
@@ -362,11 +443,18 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
             Ok(entry)
         })
         .collect::<Result<Vec<_>, CertError>>()?;
+    // Admins get a CA of their own: the admin endpoint refuses the devices' CA as its
+    // `--admin-client-ca` (any device certificate would then be an admin).
+    let admin_ca = DevCa::generate("wasmbed admin CA")?;
+    let admin_ca_path = admin_dir.join("ca.pem");
+    write(&admin_ca_path, &admin_ca.cert_pem())?;
+    write_secret(&admin_dir.join("ca.key"), admin_ca.key_pem())?;
+    let admin = write_pair(&admin_dir, "admin", &admin_ca.issue_client(ADMIN_IDENTITY, kind)?)?;
     // The fleet's session key ring: every gateway gets the same file (`--session-keys`).
     let keys_path = a.dir.join("session-keys.toml");
     let ring = wasmbed_gateway::ticket::KeyRing::generate("k1")
         .map_err(|_| CertError::Random("the session key"))?;
-    write(&keys_path, &ring)?;
+    write_secret(&keys_path, &ring)?;
     // An empty CRL, number 1: `--client-crl DIR/crl.pem` works before the first revocation,
     // and `certs revoke` numbers its CRLs on from it.
     let crl_path = a.dir.join("crl.pem");
@@ -385,6 +473,7 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
         "ca": { "cert": ca_path, "key": a.dir.join("ca.key") },
         "proxy": proxy,
         "proxy_client": proxy_client,
+        "admin": { "ca": admin_ca_path, "client": admin },
         "gateways": gateways,
         "devices": devices,
     });

@@ -233,6 +233,9 @@ fn gateway_capacity(devices: usize, gateways: usize) -> usize {
     (devices.div_ceil(gateways.saturating_sub(1).max(1)) + 64).max(10_000)
 }
 
+/// In a `--dir` whose PKI `up` wrote (and so may write again).
+const UP_MARKER: &str = ".wasmbed-up";
+
 /// Writes the PKI for `certificates` gateways, starts `gateways` of them and the proxy.
 fn start(
     args: &UpArgs,
@@ -241,6 +244,11 @@ fn start(
     devices: usize,
 ) -> Result<(Stack, SocketAddr, SocketAddr), String> {
     crate::certs_cmd::write_dev_pki(dir, certificates).map_err(|e| e.to_string())?;
+    std::fs::write(
+        dir.join(UP_MARKER),
+        "written by `wasmbed up`, which may replace this PKI\n",
+    )
+    .map_err(|e| e.to_string())?;
     let apps = dir.join("apps");
     std::fs::create_dir_all(&apps).map_err(|e| e.to_string())?;
     for (name, text) in [
@@ -395,6 +403,16 @@ pub fn run(args: UpArgs) -> ExitCode {
         .dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("wasmbed-up-{}", std::process::id())));
+    // A PKI `up` did not write is someone's: replacing it would orphan its device
+    // certificates and CRL (`certs init` asks for --force for the same).
+    if args.dir.is_some() && dir.join("ca.pem").exists() && !dir.join(UP_MARKER).exists() {
+        eprintln!(
+            "wasmbed up: {} holds a PKI `wasmbed up` did not write (ca.pem): give --dir a new \
+             or empty directory (up writes its own PKI there), or leave --dir out",
+            dir.display()
+        );
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

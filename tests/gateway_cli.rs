@@ -291,3 +291,124 @@ fn terminate_stack(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (gw, support::ProxyProcess::start(&[], &args))
 }
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `certs init` writes every key and the key ring 0600 in 0700 directories, an admin CA of its
+/// own with an admin certificate; `--force` removes the certificates of the PKI it replaces.
+#[test]
+fn certs_init_keeps_keys_private_and_force_leaves_nothing_of_the_old_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    support::certs_init(p, &["--devices", "3", "--gateways", "2"]);
+    for secret in [
+        "ca.key",
+        "proxy.key",
+        "proxy-client.key",
+        "gateway-1.key",
+        "devices/device-0002.key",
+        "session-keys.toml",
+        "admin/ca.key",
+        "admin/admin.key",
+    ] {
+        assert_eq!(mode_of(&p.join(secret)), 0o600, "{secret}");
+    }
+    for d in [".", "devices", "admin"] {
+        assert_eq!(mode_of(&p.join(d)), 0o700, "{d}/");
+    }
+    assert_eq!(mode_of(&p.join("ca.pem")), 0o644);
+    assert!(p.join("admin/admin.pem").exists() && p.join("admin/ca.pem").exists());
+    assert_ne!(
+        std::fs::read(p.join("admin/ca.pem")).unwrap(),
+        std::fs::read(p.join("ca.pem")).unwrap(),
+        "the admin CA is not the devices'"
+    );
+    // A smaller PKI over it: nothing of the old CA is left behind.
+    let old_key = std::fs::read(p.join("ca.key")).unwrap();
+    support::certs_init(p, &["--force", "--devices", "1", "--gateways", "1"]);
+    assert_ne!(std::fs::read(p.join("ca.key")).unwrap(), old_key);
+    let mut devices: Vec<String> = std::fs::read_dir(p.join("devices"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    devices.sort();
+    assert_eq!(devices, ["device-0000.key", "device-0000.pem"]);
+    assert!(!p.join("gateway-1.pem").exists() && !p.join("gateway-1.key").exists());
+    assert!(p.join("gateway-0.pem").exists());
+}
+
+/// The devices' CA as the admin CA is refused by the gateway and the terminating proxy (one
+/// line, exit 2); with the admin CA of `certs init`, the admin certificate may drain and a
+/// device certificate cannot even finish the handshake.
+#[tokio::test]
+async fn the_admin_ca_is_never_the_devices_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    support::certs_init(p, &["--devices", "1", "--gateways", "1"]);
+    let d = |f: &str| p.join(f).to_string_lossy().into_owned();
+    std::fs::write(p.join("token"), "s3cret-s3cret-s3cret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p.join("token"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let gateway = |admin_ca: &str| {
+        let mut c = Command::new(BIN);
+        c.args(["gateway", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--tls-cert", &d("gateway-0.pem"), "--tls-key", &d("gateway-0.key")])
+            .args(["--client-ca", &d("ca.pem"), "--admin-token-file", &d("token")])
+            .args(["--admin-tls-cert", &d("gateway-0.pem")])
+            .args(["--admin-tls-key", &d("gateway-0.key")])
+            .args(["--admin-client-ca", admin_ca]);
+        c
+    };
+    let refused = gateway(&d("ca.pem")).output().unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("devices' CA") && err.lines().count() == 1, "{err}");
+    let proxy = Command::new(BIN)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(support::terminate_args(p))
+        .args(["--gateway", "127.0.0.1:1"])
+        .args(["--admin-tls-cert", &d("proxy.pem"), "--admin-tls-key", &d("proxy.key")])
+        .args(["--admin-client-ca", &d("ca.pem")])
+        .output()
+        .unwrap();
+    assert_eq!(proxy.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&proxy.stderr).contains("devices' CA"));
+
+    let (gw, line) = spawn_ready(&mut gateway(&d("admin/ca.pem")));
+    let _gw = support::Killed(gw);
+    let admin = addr_in(&line, "admin=");
+    let ca = wasmbed_certs::load_certs(&p.join("ca.pem")).unwrap();
+    let as_admin = wasmbed_certs::client_config(
+        &ca,
+        Some((
+            wasmbed_certs::load_certs(&p.join("admin/admin.pem")).unwrap(),
+            wasmbed_certs::load_key(&p.join("admin/admin.key")).unwrap(),
+        )),
+    )
+    .unwrap();
+    // A device's certificate: the handshake fails (or the change is refused).
+    let tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let as_device = tokio_rustls::TlsConnector::from(device_of(p, "device-0000"));
+    if let Ok(mut tls) = as_device.connect(name, tcp).await {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let head = "POST /api/drain HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let _ = tls.write_all(head.as_bytes()).await;
+        let mut reply = Vec::new();
+        let _ = tls.read_to_end(&mut reply).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(!text.starts_with("HTTP/1.1 2"), "a device drained the gateway: {text}");
+    }
+    let (status, body) =
+        wasmbed_testkit::https(admin, as_admin, ("POST", "/api/drain", b""), None).await;
+    assert_eq!(status, 202, "{body}");
+}

@@ -119,8 +119,13 @@ impl axum::serve::Listener for TlsListener {
 
 /// The acceptor for an admin endpoint configured with `tls` (`None`: plain HTTP). Reads the
 /// files now, so that a bad one fails the start.
+///
+/// `device_cas`: the CA files devices' certificates are checked against here (the gateway's
+/// `--client-ca`, terminate mode's `client_ca`): an admin CA that is one of them, or issued by
+/// one, is refused, or any device certificate could act as admin.
 pub fn acceptor(
     tls: Option<&wasmbed_config::admin::AdminTls>,
+    device_cas: &[&std::path::Path],
 ) -> Result<Option<TlsAcceptor>, wasmbed_certs::CertError> {
     let Some(tls) = tls else {
         return Ok(None);
@@ -134,6 +139,20 @@ pub fn acceptor(
         .map(wasmbed_certs::load_certs)
         .transpose()
         .map_err(named("--admin-client-ca"))?;
+    if let Some(admin_ca) = &ca {
+        for path in device_cas {
+            let devices = wasmbed_certs::load_certs(path).map_err(named("--client-ca"))?;
+            if wasmbed_certs::trust::shares_trust(admin_ca, &devices) {
+                return Err(wasmbed_certs::CertError::ClientCa(format!(
+                    "--admin-client-ca {} is (or is issued by) the devices' CA {}: every device \
+                     certificate could then act as admin; give admins a CA of their own \
+                     (`wasmbed certs init` writes admin/ca.pem and admin/admin.pem)",
+                    tls.client_ca.as_deref().unwrap_or(path).display(),
+                    path.display()
+                )));
+            }
+        }
+    }
     let config = wasmbed_certs::admin_server_config(chain, key, ca.as_deref())?;
     Ok(Some(TlsAcceptor::from(config)))
 }

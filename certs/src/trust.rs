@@ -157,3 +157,25 @@ mod tests {
         assert!(!trust.is_revoked(b"\x01"));
     }
 }
+
+/// Whether a client CA bundle (`admin`) trusts what another (`devices`) trusts: a certificate
+/// in both, or one of `admin`'s issued by one of `devices'` (its issuer names that subject:
+/// names alone, so a look-alike name is refused too, which is the safe side). Then any device certificate — or the devices' CA's
+/// next intermediate — would pass as the other kind of client: the admin endpoint must have
+/// a CA of its own.
+pub fn shares_trust(admin: &[CertificateDer<'static>], devices: &[CertificateDer<'static>]) -> bool {
+    use x509_parser::prelude::*;
+    let parsed_devices: Vec<X509Certificate<'_>> = devices
+        .iter()
+        .filter_map(|d| parse_x509_certificate(d.as_ref()).ok().map(|(_, c)| c))
+        .collect();
+    admin.iter().any(|a| {
+        if devices.iter().any(|d| d.as_ref() == a.as_ref()) {
+            return true;
+        }
+        let Ok((_, a)) = parse_x509_certificate(a.as_ref()) else {
+            return false;
+        };
+        parsed_devices.iter().any(|d| a.issuer() == d.subject())
+    })
+}

@@ -108,7 +108,12 @@ impl Proxy {
         };
         // Load certificates now, so a bad file fails the start, not the first device.
         let tls = tls_setup(&config)?;
-        let admin_tls = wasmbed_admin::acceptor(config.admin_auth.tls.as_ref())?;
+        let device_cas: Vec<&std::path::Path> = config
+            .tls
+            .iter()
+            .filter_map(|t| t.client_ca.as_deref())
+            .collect();
+        let admin_tls = wasmbed_admin::acceptor(config.admin_auth.tls.as_ref(), &device_cas)?;
         let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
         // Every gateway waits for its first passed probe (none when health checks are off:
         // taken on trust); that first round runs now, so "ready" means probed.
