@@ -263,7 +263,10 @@ fn remove_replaced(dir: &Path) -> Result<(), CertError> {
         let name = name.to_string_lossy();
         let gateway_pair = name
             .strip_prefix("gateway-")
-            .and_then(|rest| rest.strip_suffix(".pem").or_else(|| rest.strip_suffix(".key")))
+            .and_then(|rest| {
+                rest.strip_suffix(".pem")
+                    .or_else(|| rest.strip_suffix(".key"))
+            })
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
         if gateway_pair {
             std::fs::remove_file(entry.path()).map_err(failed(&entry.path()))?;
@@ -449,7 +452,11 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let admin_ca_path = admin_dir.join("ca.pem");
     write(&admin_ca_path, &admin_ca.cert_pem())?;
     write_secret(&admin_dir.join("ca.key"), admin_ca.key_pem())?;
-    let admin = write_pair(&admin_dir, "admin", &admin_ca.issue_client(ADMIN_IDENTITY, kind)?)?;
+    let admin = write_pair(
+        &admin_dir,
+        "admin",
+        &admin_ca.issue_client(ADMIN_IDENTITY, kind)?,
+    )?;
     // The fleet's session key ring: every gateway gets the same file (`--session-keys`).
     let keys_path = a.dir.join("session-keys.toml");
     let ring = wasmbed_gateway::ticket::KeyRing::generate("k1")

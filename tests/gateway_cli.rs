@@ -344,6 +344,31 @@ fn certs_init_keeps_keys_private_and_force_leaves_nothing_of_the_old_ca() {
     assert!(p.join("gateway-0.pem").exists());
 }
 
+/// Runs `cmd`, which must refuse to start: its exit code and stderr. One that starts instead
+/// (prints its ready line) fails the test rather than running on.
+fn refused(cmd: &mut Command) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    let _ = std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut out,
+    );
+    // The first line, or nothing once the process exits: a ready line means it started.
+    if out.starts_with("ready ") {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("started instead of refusing: {out}");
+    }
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (child.wait().unwrap().code(), err)
+}
+
 /// The devices' CA as the admin CA is refused by the gateway and the terminating proxy (one
 /// line, exit 2); with the admin CA of `certs init`, the admin certificate may drain and a
 /// device certificate cannot even finish the handshake.
@@ -360,28 +385,51 @@ async fn the_admin_ca_is_never_the_devices_ca() {
     }
     let gateway = |admin_ca: &str| {
         let mut c = Command::new(BIN);
-        c.args(["gateway", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--tls-cert", &d("gateway-0.pem"), "--tls-key", &d("gateway-0.key")])
-            .args(["--client-ca", &d("ca.pem"), "--admin-token-file", &d("token")])
-            .args(["--admin-tls-cert", &d("gateway-0.pem")])
-            .args(["--admin-tls-key", &d("gateway-0.key")])
-            .args(["--admin-client-ca", admin_ca]);
+        c.args([
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--tls-cert",
+            &d("gateway-0.pem"),
+            "--tls-key",
+            &d("gateway-0.key"),
+        ])
+        .args([
+            "--client-ca",
+            &d("ca.pem"),
+            "--admin-token-file",
+            &d("token"),
+        ])
+        .args(["--admin-tls-cert", &d("gateway-0.pem")])
+        .args(["--admin-tls-key", &d("gateway-0.key")])
+        .args(["--admin-client-ca", admin_ca]);
         c
     };
-    let refused = gateway(&d("ca.pem")).output().unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("devices' CA") && err.lines().count() == 1, "{err}");
-    let proxy = Command::new(BIN)
-        .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .args(support::terminate_args(p))
-        .args(["--gateway", "127.0.0.1:1"])
-        .args(["--admin-tls-cert", &d("proxy.pem"), "--admin-tls-key", &d("proxy.key")])
-        .args(["--admin-client-ca", &d("ca.pem")])
-        .output()
-        .unwrap();
-    assert_eq!(proxy.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&proxy.stderr).contains("devices' CA"));
+    let (code, err) = refused(&mut gateway(&d("ca.pem")));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("devices' CA") && err.lines().count() == 1,
+        "{err}"
+    );
+    let (code, err) = refused(
+        Command::new(BIN)
+            .args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(support::terminate_args(p))
+            .args(["--gateway", "127.0.0.1:1"])
+            .args([
+                "--admin-tls-cert",
+                &d("proxy.pem"),
+                "--admin-tls-key",
+                &d("proxy.key"),
+            ])
+            .args(["--admin-client-ca", &d("ca.pem")]),
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("devices' CA"), "{err}");
 
     let (gw, line) = spawn_ready(&mut gateway(&d("admin/ca.pem")));
     let _gw = support::Killed(gw);
@@ -406,7 +454,10 @@ async fn the_admin_ca_is_never_the_devices_ca() {
         let mut reply = Vec::new();
         let _ = tls.read_to_end(&mut reply).await;
         let text = String::from_utf8_lossy(&reply);
-        assert!(!text.starts_with("HTTP/1.1 2"), "a device drained the gateway: {text}");
+        assert!(
+            !text.starts_with("HTTP/1.1 2"),
+            "a device drained the gateway: {text}"
+        );
     }
     let (status, body) =
         wasmbed_testkit::https(admin, as_admin, ("POST", "/api/drain", b""), None).await;

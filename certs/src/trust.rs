@@ -163,7 +163,10 @@ mod tests {
 /// names alone, so a look-alike name is refused too, which is the safe side). Then any device certificate — or the devices' CA's
 /// next intermediate — would pass as the other kind of client: the admin endpoint must have
 /// a CA of its own.
-pub fn shares_trust(admin: &[CertificateDer<'static>], devices: &[CertificateDer<'static>]) -> bool {
+pub fn shares_trust(
+    admin: &[CertificateDer<'static>],
+    devices: &[CertificateDer<'static>],
+) -> bool {
     use x509_parser::prelude::*;
     let parsed_devices: Vec<X509Certificate<'_>> = devices
         .iter()

@@ -225,11 +225,8 @@ impl Gateway {
         };
         let keys = Arc::new(arc_swap::ArcSwapOption::new(keys));
         let tls = DeviceTls::load(&settings, &keys)?;
-        let device_cas: Vec<&std::path::Path> = settings
-            .tls
-            .iter()
-            .map(|t| t.client_ca.as_path())
-            .collect();
+        let device_cas: Vec<&std::path::Path> =
+            settings.tls.iter().map(|t| t.client_ca.as_path()).collect();
         let admin_tls = wasmbed_admin::acceptor(settings.admin_auth.tls.as_ref(), &device_cas)?;
         let bind = |addr: SocketAddr, what: &'static str, link: bool| {
             let error = |source| GatewayError::Bind { what, addr, source };

@@ -145,6 +145,8 @@ pub struct DeviceOutcome {
     pub resume_refused: BTreeMap<String, u64>,
     /// DATA answered ERROR `duplicate` (already covered by a resumed session).
     pub duplicates_refused: u64,
+    /// Every other ERROR received, by cause (`ERROR frame_too_large (...)`).
+    pub error_causes: BTreeMap<String, u64>,
 }
 
 /// What a device expects of the `counter` app: every REPLY's message count is at least the
@@ -402,6 +404,14 @@ impl Quic {
     }
 }
 
+/// An ERROR as a report names it: `ERROR frame_too_large (the text)`.
+fn cause_of(f: &Frame) -> String {
+    match f.decode_body::<ErrorBody>("ERROR") {
+        Ok(e) => format!("ERROR {} ({})", e.code_name(), e.text),
+        Err(_) => "ERROR (no readable body)".into(),
+    }
+}
+
 fn error_is(f: &Frame, code: ErrorCode) -> bool {
     f.decode_body::<ErrorBody>("ERROR")
         .is_ok_and(|e| e.code == code as u16)
@@ -527,7 +537,6 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                 continue;
             }
         };
-        backoff = FIRST_BACKOFF;
         out.failure = None;
         if !out.welcomed {
             out.welcomed = true;
@@ -577,6 +586,8 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // After GOAWAY: send nothing more, read the answers the gateway still owes, then go.
         let mut leaving = false;
+        // A REPLY came on this connection: it made progress (else the next one backs off).
+        let mut replied = false;
         while ok {
             let in_time = Instant::now() < send_until && !finish.is_cancelled();
             if !in_time && pending.is_empty() {
@@ -611,6 +622,7 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                                         out.state_resets += 1;
                                     }
                                     out.answered += 1;
+                                    replied = true;
                                     live.answered.fetch_add(1, Ordering::Relaxed);
                                     let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
                                     let _ = h.reply.record(micros(sent.elapsed()));
@@ -619,11 +631,16 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                                     out.duplicates_refused += 1;
                                 } else {
                                     out.errors += 1;
+                                    *out.error_causes.entry(cause_of(&f)).or_default() += 1;
                                 }
                             }
                             None if replaying.remove(&f.seq) => {}
                             None if answered.contains(&f.seq) => out.duplicated += 1,
-                            None => out.errors += u64::from(f.seq == 0),
+                            None if f.seq == 0 => {
+                                out.errors += 1;
+                                *out.error_causes.entry(cause_of(&f)).or_default() += 1;
+                            }
+                            None => {}
                         }
                     }
                     Some(f) if f.kind == Kind::Goaway => leaving = true,
@@ -651,6 +668,19 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
         live.set_gateway(i, None);
         dropped_at = Some(Instant::now());
         out.reconnects += 1;
+        // A session that ended without a single REPLY and without GOAWAY (an ERROR, a close
+        // right after WELCOME) backs off as a failed connect does: the same failure again at
+        // once would only hammer the gateways.
+        if replied || leaving {
+            backoff = FIRST_BACKOFF;
+        } else {
+            let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = &mut give_up => break,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
     if out.welcomed
         && dropped_at.is_none()

@@ -73,6 +73,8 @@ pub struct Messages {
     pub sent: u64,
     pub answered: u64,
     pub errors: u64,
+    /// The ERRORs counted in `errors`, by cause (`ERROR frame_too_large (...)`).
+    pub error_causes: BTreeMap<String, u64>,
     /// Sent but never answered (not even after a resend).
     pub lost: u64,
     pub duplicated: u64,
@@ -138,6 +140,9 @@ impl Report {
             r.messages.sent += o.sent;
             r.messages.answered += o.answered;
             r.messages.errors += o.errors;
+            for (cause, n) in &o.error_causes {
+                *r.messages.error_causes.entry(cause.clone()).or_default() += n;
+            }
             r.messages.lost += o.lost;
             r.messages.duplicated += o.duplicated;
             r.reconnects += o.reconnects;
@@ -183,6 +188,12 @@ impl Report {
             "messages  sent {}  answered {}  errors {}  lost {}  duplicated {}",
             m.sent, m.answered, m.errors, m.lost, m.duplicated
         );
+        // The causes, most frequent first (at most five lines).
+        let mut causes: Vec<(&String, &u64)> = m.error_causes.iter().collect();
+        causes.sort_by(|a, b| b.1.cmp(a.1));
+        for (cause, n) in causes.iter().take(5) {
+            let _ = writeln!(t, "  errors {n:>6}  {cause}");
+        }
         let _ = writeln!(t, "reconnects {}", self.reconnects);
         if self.rebinds > 0 {
             let _ = writeln!(

@@ -341,7 +341,10 @@ async fn a_gateway_takes_nothing_before_its_first_passed_probe() {
     let (status, body) = proxy.admin("GET", "/readyz").await;
     assert_eq!(status, 503, "ready with nothing reachable: {body}");
     let g = proxy.gateway("dead");
-    assert!(!g.is_healthy() && g.is_unproven(), "never probed yet counted as healthy");
+    assert!(
+        !g.is_healthy() && g.is_unproven(),
+        "never probed yet counted as healthy"
+    );
     let (_, list) = proxy.admin("GET", "/api/gateways").await;
     assert!(list.contains(r#""awaiting_probe":true"#), "{list}");
     drop(proxy);
@@ -365,7 +368,14 @@ async fn a_gateway_takes_nothing_before_its_first_passed_probe() {
     let body = format!(r#"{{"name":"added-live","address":"{}"}}"#, other.addr);
     let (status, text) = proxy.admin_post("/api/gateways", &body).await;
     assert_eq!(status, 201, "{text}");
-    assert!(text.contains(r#""healthy":true"#), "probed before the answer: {text}");
+    assert!(
+        text.contains(r#""healthy":true"#),
+        "probed before the answer: {text}"
+    );
     let _more = device(proxy.addr).await;
-    assert_eq!(proxy.gateway("added-live").sessions(), 1, "the least loaded");
+    assert_eq!(
+        proxy.gateway("added-live").sessions(),
+        1,
+        "the least loaded"
+    );
 }
