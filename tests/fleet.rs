@@ -255,3 +255,45 @@ fn a_loadtest_with_a_missing_ca_names_the_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/pki/ca.pem"));
 }
+
+/// Every session failing the same way (DATA larger than the gateway's `--max-frame`): the
+/// devices back off as on a failed connect instead of reconnecting at once, and the report
+/// names the cause.
+#[test]
+fn a_loadtest_whose_sessions_all_fail_backs_off_and_names_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    support::certs_init(dir.path(), &["--devices", "0", "--gateways", "1"]);
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let (gw, line) = support::spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--apps", apps])
+            .args(["--tls-cert", &d("gateway-0.pem"), "--tls-key", &d("gateway-0.key")])
+            .args(["--client-ca", &d("ca.pem"), "--max-frame", "1024"]),
+    );
+    let _gw = support::Killed(gw);
+    let target = support::addr_in(&line, "listen=").to_string();
+    let json = dir.path().join("r.json");
+    let devices = 4;
+    let out = Command::new(BIN)
+        .args(["loadtest", "--ca-dir", &d(""), "--target", &target, "--app", "echo"])
+        .args(["--devices", &devices.to_string(), "--duration", "3s", "--payload", "2000"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let causes = report["messages"]["error_causes"].as_object().unwrap();
+    assert!(
+        causes.keys().any(|k| k.starts_with("ERROR frame_too_large")),
+        "{causes:?}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("frame_too_large"), "{stdout}");
+    // Backing off from 20 ms, doubling to 2 s: about 8 reconnects in 3 s per device. At once
+    // (before) it was hundreds per second.
+    let reconnects = report["reconnects"].as_u64().unwrap();
+    assert!(reconnects <= 20 * devices, "{reconnects} reconnects: no backoff");
+}
