@@ -470,6 +470,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         app: "counter".into(),
         sni: "localhost".into(),
         ca_dir: dir.clone(),
+        devices_from: None,
         json: None,
         first_device: 0,
         transport: args.transport,

@@ -297,3 +297,47 @@ fn a_loadtest_whose_sessions_all_fail_backs_off_and_names_the_cause() {
     let reconnects = report["reconnects"].as_u64().unwrap();
     assert!(reconnects <= 20 * devices, "{reconnects} reconnects: no backoff");
 }
+
+/// `--devices-from` uses the PKI's own device certificates: a device revoked with `certs
+/// revoke` is refused (its failure is in the report), the others connect.
+#[test]
+fn a_loadtest_with_the_pkis_own_devices_shows_a_revocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    support::certs_init(dir.path(), &["--devices", "3", "--gateways", "1"]);
+    let revoke = Command::new(BIN)
+        .args(["certs", "revoke", "--dir", &d(""), "device-0001"])
+        .output()
+        .unwrap();
+    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let (gw, line) = support::spawn_ready(
+        Command::new(BIN)
+            .args(["gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--apps", apps])
+            .args(["--tls-cert", &d("gateway-0.pem"), "--tls-key", &d("gateway-0.key")])
+            .args(["--client-ca", &d("ca.pem"), "--client-crl", &d("crl.pem")]),
+    );
+    let _gw = support::Killed(gw);
+    let target = support::addr_in(&line, "listen=").to_string();
+    let json = dir.path().join("r.json");
+    let out = Command::new(BIN)
+        .args(["loadtest", "--ca-dir", &d(""), "--devices-from", &d("devices")])
+        .args(["--target", &target, "--devices", "3", "--duration", "1s"])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["connected"], 2, "{report}");
+    let failed = report["failed"].as_object().unwrap();
+    assert_eq!(failed.values().map(|n| n.as_u64().unwrap()).sum::<u64>(), 1, "{failed:?}");
+    // Without it, the CA issues fresh certificates: the revoked serial is not among them.
+    let out = Command::new(BIN)
+        .args(["loadtest", "--ca-dir", &d(""), "--target", &target])
+        .args(["--devices", "3", "--duration", "1s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -37,6 +37,12 @@ pub struct LoadtestFlags {
     /// client certificate in memory, and ca.pem is trusted for the server.
     #[arg(long, value_name = "DIR")]
     pub ca_dir: PathBuf,
+    /// Use the device certificates `certs init` wrote in DIR (its `devices/`,
+    /// device-NNNN.pem and .key) instead of issuing new ones: real identities, so revocation
+    /// (`certs revoke` + the CRL) and affinity by certificate can be load-tested. DIR must
+    /// hold at least --devices of them; ca.key is then not needed.
+    #[arg(long, value_name = "DIR")]
+    pub devices_from: Option<PathBuf>,
     /// Write the report as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -71,6 +77,8 @@ pub struct LoadtestSettings {
     pub app: String,
     pub sni: String,
     pub ca_dir: PathBuf,
+    /// Device certificates to use as they are (a `certs init` directory's `devices/`).
+    pub devices_from: Option<PathBuf>,
     pub json: Option<PathBuf>,
     /// The first device's number (device ids are `device-NNNN`), so that two fleets of one
     /// run have distinct identities.
@@ -131,6 +139,7 @@ impl LoadtestSettings {
             app: f.app.clone(),
             sni: f.sni.clone(),
             ca_dir: f.ca_dir.clone(),
+            devices_from: f.devices_from.clone(),
             json: f.json.clone(),
             first_device: 0,
             transport: f.transport,

@@ -199,7 +199,8 @@ pub fn check_descriptors(devices: usize) -> Result<(), FleetError> {
 }
 
 impl Fleet {
-    /// Issues every device its certificate from the CA in `settings.ca_dir`.
+    /// Issues every device its certificate from the CA in `settings.ca_dir`, or loads it from
+    /// `settings.devices_from`.
     pub fn prepare(settings: LoadtestSettings) -> Result<Fleet, FleetError> {
         // A TCP device holds a descriptor; QUIC devices share one UDP socket.
         if settings.transport == wasmbed_config::loadtest::Transport::Tcp {
@@ -212,16 +213,32 @@ impl Fleet {
                 problem: e.to_string(),
             })
         };
-        let (ca_pem, ca_key) = (read("ca.pem")?, read("ca.key")?);
-        let ca = DevCa::load(&ca_pem, &ca_key)?;
-        let roots = [ca.cert_der()];
-        let configs = (0..settings.devices)
-            .map(|i| {
-                let d =
-                    ca.issue_client(&device_id(settings.first_device + i), KeyKind::EcdsaP256)?;
-                wasmbed_certs::device_client_config(&roots, (d.chain(), d.key()?))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let configs = match &settings.devices_from {
+            // The PKI's own device certificates, as they are.
+            Some(dir) => {
+                let roots = wasmbed_certs::load_certs(&settings.ca_dir.join("ca.pem"))?;
+                (0..settings.devices)
+                    .map(|i| {
+                        let id = device_id(settings.first_device + i);
+                        let chain = wasmbed_certs::load_certs(&dir.join(format!("{id}.pem")))?;
+                        let key = wasmbed_certs::load_key(&dir.join(format!("{id}.key")))?;
+                        wasmbed_certs::device_client_config(&roots, (chain, key))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            None => {
+                let (ca_pem, ca_key) = (read("ca.pem")?, read("ca.key")?);
+                let ca = DevCa::load(&ca_pem, &ca_key)?;
+                let roots = [ca.cert_der()];
+                (0..settings.devices)
+                    .map(|i| {
+                        let id = device_id(settings.first_device + i);
+                        let d = ca.issue_client(&id, KeyKind::EcdsaP256)?;
+                        wasmbed_certs::device_client_config(&roots, (d.chain(), d.key()?))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
         let live = Arc::new(Live {
             gateway: Mutex::new(vec![None; settings.devices]),
             ..Live::default()
