@@ -267,8 +267,21 @@ fn a_loadtest_whose_sessions_all_fail_backs_off_and_names_the_cause() {
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
     let (gw, line) = support::spawn_ready(
         Command::new(BIN)
-            .args(["gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--apps", apps])
-            .args(["--tls-cert", &d("gateway-0.pem"), "--tls-key", &d("gateway-0.key")])
+            .args([
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "off",
+                "--apps",
+                apps,
+            ])
+            .args([
+                "--tls-cert",
+                &d("gateway-0.pem"),
+                "--tls-key",
+                &d("gateway-0.key"),
+            ])
             .args(["--client-ca", &d("ca.pem"), "--max-frame", "1024"]),
     );
     let _gw = support::Killed(gw);
@@ -276,18 +289,40 @@ fn a_loadtest_whose_sessions_all_fail_backs_off_and_names_the_cause() {
     let json = dir.path().join("r.json");
     let devices = 4;
     let out = Command::new(BIN)
-        .args(["loadtest", "--ca-dir", &d(""), "--target", &target, "--app", "echo"])
-        .args(["--devices", &devices.to_string(), "--duration", "3s", "--payload", "2000"])
+        .args([
+            "loadtest",
+            "--ca-dir",
+            &d(""),
+            "--target",
+            &target,
+            "--app",
+            "echo",
+        ])
+        .args([
+            "--devices",
+            &devices.to_string(),
+            "--duration",
+            "3s",
+            "--payload",
+            "2000",
+        ])
         .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let causes = report["messages"]["error_causes"].as_object().unwrap();
     assert!(
-        causes.keys().any(|k| k.starts_with("ERROR frame_too_large")),
+        causes
+            .keys()
+            .any(|k| k.starts_with("ERROR frame_too_large")),
         "{causes:?}"
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -295,7 +330,10 @@ fn a_loadtest_whose_sessions_all_fail_backs_off_and_names_the_cause() {
     // Backing off from 20 ms, doubling to 2 s: about 8 reconnects in 3 s per device. At once
     // (before) it was hundreds per second.
     let reconnects = report["reconnects"].as_u64().unwrap();
-    assert!(reconnects <= 20 * devices, "{reconnects} reconnects: no backoff");
+    assert!(
+        reconnects <= 20 * devices,
+        "{reconnects} reconnects: no backoff"
+    );
 }
 
 /// `--devices-from` uses the PKI's own device certificates: a device revoked with `certs
@@ -309,35 +347,71 @@ fn a_loadtest_with_the_pkis_own_devices_shows_a_revocation() {
         .args(["certs", "revoke", "--dir", &d(""), "device-0001"])
         .output()
         .unwrap();
-    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
     let (gw, line) = support::spawn_ready(
         Command::new(BIN)
-            .args(["gateway", "--listen", "127.0.0.1:0", "--admin", "off", "--apps", apps])
-            .args(["--tls-cert", &d("gateway-0.pem"), "--tls-key", &d("gateway-0.key")])
+            .args([
+                "gateway",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "off",
+                "--apps",
+                apps,
+            ])
+            .args([
+                "--tls-cert",
+                &d("gateway-0.pem"),
+                "--tls-key",
+                &d("gateway-0.key"),
+            ])
             .args(["--client-ca", &d("ca.pem"), "--client-crl", &d("crl.pem")]),
     );
     let _gw = support::Killed(gw);
     let target = support::addr_in(&line, "listen=").to_string();
     let json = dir.path().join("r.json");
     let out = Command::new(BIN)
-        .args(["loadtest", "--ca-dir", &d(""), "--devices-from", &d("devices")])
+        .args([
+            "loadtest",
+            "--ca-dir",
+            &d(""),
+            "--devices-from",
+            &d("devices"),
+        ])
         .args(["--target", &target, "--devices", "3", "--duration", "1s"])
         .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["connected"], 2, "{report}");
     let failed = report["failed"].as_object().unwrap();
-    assert_eq!(failed.values().map(|n| n.as_u64().unwrap()).sum::<u64>(), 1, "{failed:?}");
+    assert_eq!(
+        failed.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        1,
+        "{failed:?}"
+    );
     // Without it, the CA issues fresh certificates: the revoked serial is not among them.
     let out = Command::new(BIN)
         .args(["loadtest", "--ca-dir", &d(""), "--target", &target])
         .args(["--devices", "3", "--duration", "1s"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

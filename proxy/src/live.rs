@@ -374,7 +374,8 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
 pub fn remove(gateways: &crate::balancer::GatewaySet, name: &str) -> Option<Arc<Gateway>> {
     let g = gateways.remove(name)?;
     // Its series stop being refreshed: leave them saying it is gone, not stale values.
-    metrics::gauge!(crate::metric_names::GATEWAY_UP, "gateway" => g.name.clone()).set(0.0);
+    metrics::gauge!(crate::metric_names::GATEWAY_UP, "gateway" => g.name.clone(), "pool" => g.pool.clone())
+        .set(0.0);
     tracing::info!(gateway = %g.name, sessions = g.sessions(), origin = g.origin.as_str(), "gateway removed");
     crate::events::event(
         "removed",

@@ -197,13 +197,17 @@ fn describe() {
 /// Renders the Prometheus text, after refreshing the live per-gateway gauges.
 pub fn render(gateways: &GatewaySet) -> String {
     let handle = handle();
+    // `pool` on each: the balance is kept within a pool, so a spread is only meaningful there
+    // (alerts and panels group by it).
     for g in gateways.snapshot().iter() {
-        let name = g.name.clone();
-        gauge!(SESSIONS, "gateway" => name.clone()).set(g.sessions() as f64);
-        gauge!(GATEWAY_UP, "gateway" => name.clone()).set(f64::from(u8::from(g.is_healthy())));
-        gauge!(GATEWAY_DRAINING, "gateway" => name.clone())
+        let (name, pool) = (g.name.clone(), g.pool.clone());
+        gauge!(SESSIONS, "gateway" => name.clone(), "pool" => pool.clone())
+            .set(g.sessions() as f64);
+        gauge!(GATEWAY_UP, "gateway" => name.clone(), "pool" => pool.clone())
+            .set(f64::from(u8::from(g.is_healthy())));
+        gauge!(GATEWAY_DRAINING, "gateway" => name.clone(), "pool" => pool.clone())
             .set(f64::from(u8::from(g.is_draining())));
-        gauge!(MOVING, "gateway" => name).set(g.moving() as f64);
+        gauge!(MOVING, "gateway" => name, "pool" => pool).set(g.moving() as f64);
     }
     if let Some((open, max)) = descriptors() {
         gauge!(OPEN_FILES).set(open as f64);
