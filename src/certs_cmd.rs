@@ -122,7 +122,7 @@ fn revoke(a: &RevokeArgs) -> Result<(), CertError> {
             serial: hex(&serial),
         };
         if !list.revoked.contains(&entry) {
-            println!("revoked {} (serial {})", entry.device, entry.serial);
+            say!("revoked {} (serial {})", entry.device, entry.serial);
             list.revoked.push(entry);
         }
     }
@@ -139,7 +139,7 @@ fn revoke(a: &RevokeArgs) -> Result<(), CertError> {
         &list_path,
         &serde_json::to_string_pretty(&list).unwrap_or_default(),
     )?;
-    println!(
+    say!(
         "wrote {} (CRL number {}, {} devices revoked); reload the proxy and gateways (SIGHUP) that read it with --client-crl",
         crl_path.display(),
         list.crl_number,
@@ -287,7 +287,7 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
         remove_replaced(&a.dir)?;
     }
     write_pki(a)?;
-    println!(
+    say!(
         "wrote a dev PKI to {}: CA, proxy, {} gateways, {} devices (index.json lists them)",
         a.dir.display(),
         a.gateways,
@@ -295,7 +295,7 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
     );
     if let Some(out) = &a.k8s_secrets {
         let path = write_k8s_secrets(a, out)?;
-        println!(
+        say!(
             "wrote Kubernetes Secrets to {} (kubectl apply -n NAMESPACE -f {})",
             path.display(),
             path.display()

@@ -51,18 +51,18 @@ pub fn run(a: &DrainArgs) -> ExitCode {
             .and_then(|status| status["sessions"].as_u64());
         match sessions {
             Some(0) => {
-                println!("drained: no session left on {}", a.admin);
+                say!("drained: no session left on {}", a.admin);
                 return ExitCode::SUCCESS;
             }
             // Gone already (it stopped once empty): drained too.
             None if admin.get("/healthz").is_err() => {
-                println!("drained: {} has stopped", a.admin);
+                say!("drained: {} has stopped", a.admin);
                 return ExitCode::SUCCESS;
             }
             _ => {}
         }
         if Instant::now() >= deadline {
-            println!(
+            say!(
                 "still {} sessions on {} after {}; stopping anyway",
                 sessions.map_or("some".into(), |n| n.to_string()),
                 a.admin,
@@ -75,6 +75,6 @@ pub fn run(a: &DrainArgs) -> ExitCode {
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("wasmbed drain: {e}");
+    esay!("wasmbed drain: {e}");
     ExitCode::from(2)
 }

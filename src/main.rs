@@ -1,6 +1,32 @@
 //! `wasmbed`: one binary, one subcommand per role. It only parses flags into `wasmbed-config`
 //! types, sets up logging and the runtime, and calls the libraries.
 
+/// `println!` that never panics: stdout may be a closed pipe (`wasmbed up | head`), and a
+/// report line that cannot be written must not stop what prints it (children to stop, a
+/// temporary directory to remove).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics (see [`say!`]): stderr may be closed too.
+macro_rules! esay {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `print!` that never panics (see [`say!`]).
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod certs_cmd;
 mod drain_cmd;
 mod stop;
@@ -79,7 +105,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("wasmbed {what}: {e}");
+    esay!("wasmbed {what}: {e}");
     ExitCode::from(2)
 }
 
@@ -223,7 +249,8 @@ fn loadtest(flags: LoadtestFlags) -> ExitCode {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    eprint!(
+                    let _ = write!(
+                        std::io::stderr(),
                         "\rconnected {}/{devices}  sent {}  answered {}  disconnects {}   ",
                         live.connected_now.load(Relaxed),
                         live.sent.load(Relaxed),
@@ -235,7 +262,7 @@ fn loadtest(flags: LoadtestFlags) -> ExitCode {
         }
         fleet.run(finish).await
     });
-    print!("{}", report.table());
+    say_raw!("{}", report.table());
     if let Some(path) = json
         && let Err(e) = std::fs::write(&path, report.to_json())
     {

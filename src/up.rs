@@ -350,33 +350,33 @@ pub fn run(args: UpArgs) -> ExitCode {
         .devices
         .unwrap_or(if scenario.is_some() { 100 } else { 20 });
     if gateways < 2 && scenario.is_some() {
-        eprintln!("wasmbed up: `gateways`: a scenario needs at least 2");
+        esay!("wasmbed up: `gateways`: a scenario needs at least 2");
         return ExitCode::from(2);
     }
     if gateways == 0 || devices == 0 {
-        eprintln!("wasmbed up: `--gateways` and `--devices` must be at least 1");
+        esay!("wasmbed up: `--gateways` and `--devices` must be at least 1");
         return ExitCode::from(2);
     }
     if let Some(r) = args.ramp
         && !(r > 0.0 && r.is_finite())
     {
-        eprintln!("wasmbed up: --ramp must be a positive number of devices per second");
+        esay!("wasmbed up: --ramp must be a positive number of devices per second");
         return ExitCode::from(2);
     }
     if let Err(e) = wasmbed_config::loadtest::check_rate(args.rate) {
-        eprintln!("wasmbed up: {e}");
+        esay!("wasmbed up: {e}");
         return ExitCode::from(2);
     }
     if args.upstream == wasmbed_config::proxy::UpstreamMode::Link
         && (args.mode != Mode::Terminate || args.plain_link)
     {
-        eprintln!(
+        esay!(
             "wasmbed up: --upstream link needs --mode terminate and TLS on the link (not --plain-link)"
         );
         return ExitCode::from(2);
     }
     if args.transport == wasmbed_config::loadtest::Transport::Quic && args.mode != Mode::Terminate {
-        eprintln!("wasmbed up: --transport quic needs --mode terminate (QUIC ends at the proxy)");
+        esay!("wasmbed up: --transport quic needs --mode terminate (QUIC ends at the proxy)");
         return ExitCode::from(2);
     }
     // Checked before anything starts: the fleet (and the second one of scale-up) runs in
@@ -392,11 +392,11 @@ pub fn run(args: UpArgs) -> ExitCode {
         wasmbed_config::loadtest::Transport::Quic => 0,
     };
     if let Err(e) = wasmbed_loadtest::check_descriptors(tcp_devices) {
-        eprintln!("wasmbed up: {e}");
+        esay!("wasmbed up: {e}");
         return ExitCode::from(2);
     }
     if args.json.is_some() && scenario.is_none() {
-        eprintln!("wasmbed up: `--json` writes a scenario's results: give `--scenario` too");
+        esay!("wasmbed up: `--json` writes a scenario's results: give `--scenario` too");
         return ExitCode::from(2);
     }
     let dir = args
@@ -406,7 +406,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     // A PKI `up` did not write is someone's: replacing it would orphan its device
     // certificates and CRL (`certs init` asks for --force for the same).
     if args.dir.is_some() && dir.join("ca.pem").exists() && !dir.join(UP_MARKER).exists() {
-        eprintln!(
+        esay!(
             "wasmbed up: {} holds a PKI `wasmbed up` did not write (ca.pem): give --dir a new \
              or empty directory (up writes its own PKI there), or leave --dir out",
             dir.display()
@@ -419,7 +419,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("wasmbed up: cannot start the runtime: {e}");
+            esay!("wasmbed up: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -428,7 +428,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     let mut signals = match runtime.block_on(async { StopSignals::new() }) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("wasmbed up: cannot watch signals: {e}");
+            esay!("wasmbed up: cannot watch signals: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -446,17 +446,17 @@ pub fn run(args: UpArgs) -> ExitCode {
     let (stack, listen, admin) = match started {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("wasmbed up: {e}");
+            esay!("wasmbed up: {e}");
             remove_dir();
             return ExitCode::FAILURE;
         }
     };
-    println!(
+    say!(
         "wasmbed up: {initial} gateways, proxy on {listen} ({:?}), admin http://{admin}, PKI in {}",
         args.mode,
         dir.display()
     );
-    println!("wasmbed up: live dashboard at http://{admin}/");
+    say!("wasmbed up: live dashboard at http://{admin}/");
     if args.open {
         open_browser(&format!("http://{admin}/"));
     }
@@ -480,7 +480,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     let fleet = match Fleet::prepare(settings) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("wasmbed up: {e}");
+            esay!("wasmbed up: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -505,10 +505,10 @@ pub fn run(args: UpArgs) -> ExitCode {
         let scenario = match scenario {
             None => {
                 let signal = demo(&live, devices, &mut signals).await;
-                println!("{signal}: stopping, waiting for the last replies");
+                say!("{signal}: stopping, waiting for the last replies");
                 finish.cancel();
                 let report = running.await.unwrap_or_default();
-                print!("{}", report.table());
+                say_raw!("{}", report.table());
                 return ExitCode::SUCCESS;
             }
             Some(s) => s,
@@ -538,7 +538,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         tokio::select! {
             code = scenario => code,
             signal = signals.recv() => {
-                println!("{signal}: scenario stopped");
+                say!("{signal}: scenario stopped");
                 stop.cancel();
                 ExitCode::from(130)
             }
@@ -555,12 +555,12 @@ async fn demo(
     devices: usize,
     signals: &mut StopSignals,
 ) -> &'static str {
-    println!("{devices} devices dialing; live spread every second; Ctrl-C stops everything");
+    say!("{devices} devices dialing; live spread every second; Ctrl-C stops everything");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                println!("connected {:>5}/{devices}  spread {}  sent {} answered {}",
+                say!("connected {:>5}/{devices}  spread {}  sent {} answered {}",
                     live.connected_now.load(std::sync::atomic::Ordering::Relaxed),
                     spread_line(&live.spread()),
                     live.sent.load(std::sync::atomic::Ordering::Relaxed),
@@ -593,11 +593,11 @@ fn open_browser(url: &str) {
             .stderr(std::process::Stdio::null())
             .spawn();
         if started.is_ok() {
-            println!("wasmbed up: opened {url} with {program}");
+            say!("wasmbed up: opened {url} with {program}");
             return;
         }
     }
-    println!(
+    say!(
         "wasmbed up: --open: no browser found ({}); open {url} yourself",
         candidates.join(", ")
     );

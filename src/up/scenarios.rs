@@ -16,7 +16,7 @@ async fn settle(
     })
     .await;
     let before = live.spread();
-    println!(
+    say!(
         "spread before: {}  (max-min {})",
         spread_line(&before),
         max_minus_min(&before)
@@ -31,13 +31,13 @@ fn conclude(checks: &[(bool, &str)], mut doc: serde_json::Value, json: Option<&P
     if let Some(path) = json
         && let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
     {
-        eprintln!("wasmbed up: cannot write {}: {e}", path.display());
+        esay!("wasmbed up: cannot write {}: {e}", path.display());
     }
     if failed.is_empty() {
-        println!("all checks passed");
+        say!("all checks passed");
         ExitCode::SUCCESS
     } else {
-        failed.iter().for_each(|f| println!("FAILED: {f}"));
+        failed.iter().for_each(|f| say!("FAILED: {f}"));
         ExitCode::FAILURE
     }
 }
@@ -78,15 +78,15 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     let event = Instant::now();
     match scenario {
         Scenario::Failover => {
-            println!("killing {victim} (SIGKILL) with {affected} devices on it");
+            say!("killing {victim} (SIGKILL) with {affected} devices on it");
             signal(child, "-KILL");
         }
         Scenario::Hang => {
-            println!("stopping {victim} (SIGSTOP) with {affected} devices on it");
+            say!("stopping {victim} (SIGSTOP) with {affected} devices on it");
             signal(child, "-STOP");
         }
         Scenario::Drain | Scenario::Goaway | Scenario::ScaleUp => {
-            println!("draining {victim} with {affected} devices on it");
+            say!("draining {victim} with {affected} devices on it");
             gateway_drain(*victim_admin);
         }
     }
@@ -102,12 +102,12 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     finish.cancel();
     let report = running.await.unwrap_or_default();
     let lost = report.messages.lost;
-    println!(
+    say!(
         "spread after:  {}  (max-min {})",
         spread_line(&after),
         max_minus_min(&after)
     );
-    println!(
+    say!(
         "re-homed {}/{affected} devices, all within {:.0} ms; re-home p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         live.rehomed.load(Relaxed) - rehomed_before,
         rehome_all.as_secs_f64() * 1e3,
@@ -115,15 +115,15 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         report.rehome_us.p99 as f64 / 1e3,
         report.rehome_us.max as f64 / 1e3
     );
-    println!(
+    say!(
         "messages: sent {} answered {} lost {} duplicated {}",
         report.messages.sent, report.messages.answered, lost, report.messages.duplicated
     );
-    println!(
+    say!(
         "sessions: {} resumed from their tickets, refused {:?}; app state restarted on {} devices (state_resets)",
         report.resumed, report.resume_refused, report.state_resets
     );
-    print!("{}", report.table());
+    say_raw!("{}", report.table());
     let checks = [
         (
             all_up,
@@ -180,7 +180,7 @@ fn signal(child: &Child, sig: &str) {
 /// A gateway's own drain: GOAWAY to its sessions, no new ones.
 fn gateway_drain(admin: SocketAddr) {
     if let Err(e) = wasmbed_client::Admin::new(admin).post("/api/drain", b"") {
-        eprintln!("wasmbed up: {e}");
+        esay!("wasmbed up: {e}");
     }
 }
 
@@ -297,22 +297,22 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     let event = Instant::now();
     match scenario {
         Scenario::Failover => {
-            println!("killing {victim} (SIGKILL) with {affected} sessions on it");
+            say!("killing {victim} (SIGKILL) with {affected} sessions on it");
             signal(child, "-KILL");
         }
         Scenario::Hang => {
-            println!("stopping {victim} (SIGSTOP) with {affected} sessions on it");
+            say!("stopping {victim} (SIGSTOP) with {affected} sessions on it");
             signal(child, "-STOP");
         }
         Scenario::Goaway => {
-            println!("{victim} drains itself (GOAWAY) with {affected} sessions on it");
+            say!("{victim} drains itself (GOAWAY) with {affected} sessions on it");
             gateway_drain(*victim_admin);
         }
         Scenario::Drain | Scenario::ScaleUp => {
-            println!("draining {victim} by moving its {affected} sessions");
+            say!("draining {victim} by moving its {affected} sessions");
             let path = format!("/api/gateways/{victim}/drain?move=true");
             if let Err(e) = wasmbed_client::Admin::new(proxy_admin).post(&path, b"") {
-                eprintln!("wasmbed up: {e}");
+                esay!("wasmbed up: {e}");
             }
         }
     }
@@ -339,12 +339,12 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         moves.pause_quantile_ms(&moves_before, 0.99),
     );
     let show = |q: Option<f64>| q.map_or("-".to_string(), |v| format!("<= {v:.1} ms"));
-    println!(
+    say!(
         "spread after:  {}  (max-min {})",
         spread_line(&after),
         max_minus_min(&after)
     );
-    println!(
+    say!(
         "moved {:.0}/{affected} sessions {by_result:?}, {victim} empty after {:.0} ms; pause p50 {} p99 {} (proxy histogram buckets); longest wait a device saw for a reply {:.1} ms",
         moves.total() - moves_before.total(),
         emptied.as_secs_f64() * 1e3,
@@ -357,8 +357,8 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         .iter()
         .map(|(k, v)| (k, v - moves_before.handshakes.get(k).unwrap_or(&0.0)))
         .collect();
-    println!("TLS handshakes with the gateways during the moves: {handshakes:?}");
-    println!(
+    say!("TLS handshakes with the gateways during the moves: {handshakes:?}");
+    say!(
         "devices that saw a disconnect: {disconnects}; messages: sent {} answered {} lost {} duplicated {}; app state restarted on {} devices",
         report.messages.sent,
         report.messages.answered,
@@ -366,7 +366,7 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         report.messages.duplicated,
         report.state_resets
     );
-    print!("{}", report.table());
+    say_raw!("{}", report.table());
     let failed_moves = by_result.get("failed").copied().unwrap_or(0.0);
     let checks = [
         (all_up, "every device connected before the event"),
@@ -451,7 +451,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     ) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("wasmbed up: {e}");
+            esay!("wasmbed up: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -463,11 +463,11 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     {
         Ok(answer) => answer.status == 201,
         Err(e) => {
-            eprintln!("wasmbed up: {e}");
+            esay!("wasmbed up: {e}");
             false
         }
     };
-    println!(
+    say!(
         "added {name} under load: {}",
         if added {
             "accepted by the proxy"
@@ -482,7 +482,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         Mode::Passthrough => match Fleet::prepare(scale.second) {
             Ok(f) => Some(f),
             Err(e) => {
-                eprintln!("wasmbed up: {e}");
+                esay!("wasmbed up: {e}");
                 return ExitCode::FAILURE;
             }
         },
@@ -494,7 +494,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         let new_devices = second.live().gateway.lock().map(|g| g.len()).unwrap_or(0);
         let live2 = second.live();
         running2 = Some(tokio::spawn(second.run(finish.clone())));
-        println!("{new_devices} new devices dialing");
+        say!("{new_devices} new devices dialing");
         second_up = until(Duration::from_secs(60), || {
             live2.connected_now.load(Relaxed) == new_devices
         })
@@ -505,7 +505,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     for (g, n) in &new_spread {
         *after.entry(g.clone()).or_default() += n;
     }
-    println!("new sessions: {}", spread_line(&new_spread));
+    say!("new sessions: {}", spread_line(&new_spread));
     // Terminate mode rebalances the sessions already live: the proxy's view is the truth
     // (a moved device still names the gateway of its WELCOME).
     let mut rebalanced_ms = None;
@@ -526,14 +526,14 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
             rebalanced_ms = Some(added_at.elapsed().as_secs_f64() * 1e3);
         }
         let moved = Moves::read(proxy_admin).since(&moves_before);
-        println!(
+        say!(
             "rebalanced: {} (moves {moved:?})",
             rebalanced_ms.map_or("NO".to_string(), |ms| format!(
                 "max-min <= 1 over all sessions {ms:.0} ms after the gateway joined"
             ))
         );
     }
-    println!(
+    say!(
         "spread after:  {}  (max-min {})",
         spread_line(&after),
         max_minus_min(&after)
@@ -547,9 +547,9 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     };
     let lost = r1.messages.lost + r2.messages.lost;
     for (reason, n) in &r2.failed {
-        println!("new devices that never connected: {n} ({reason})");
+        say!("new devices that never connected: {n} ({reason})");
     }
-    println!(
+    say!(
         "messages: sent {} answered {} lost {lost}",
         r1.messages.sent + r2.messages.sent,
         r1.messages.answered + r2.messages.answered
