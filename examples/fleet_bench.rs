@@ -29,6 +29,9 @@ struct Args {
     fall: String,
 }
 
+const USAGE: &str = "fleet_bench [--devices N] [--gateways G] [--health-interval D] [--fall N]\n\
+    (build first: cargo build --release --bins --examples)";
+
 fn args() -> Args {
     let mut a = Args {
         devices: 9000,
@@ -36,15 +39,14 @@ fn args() -> Args {
         interval: "250ms".into(),
         fall: "2".into(),
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    for pair in argv.chunks(2) {
-        let value = pair.get(1).cloned().unwrap_or_default();
-        match pair[0].as_str() {
-            "--devices" => a.devices = value.parse().expect("--devices N"),
-            "--gateways" => a.gateways = value.parse().expect("--gateways N"),
+    use wasmbed_testkit::example_args::{fail, pairs, parse};
+    for (option, value) in pairs(USAGE) {
+        match option.as_str() {
+            "--devices" => a.devices = parse(USAGE, "--devices N", &value),
+            "--gateways" => a.gateways = parse(USAGE, "--gateways N", &value),
             "--health-interval" => a.interval = value,
             "--fall" => a.fall = value,
-            other => panic!("unknown option {other}"),
+            other => fail(USAGE, &format!("unknown option {other}")),
         }
     }
     a

@@ -16,6 +16,9 @@ use wasmbed_testkit::{Device, rss_kib, spawn_ready};
 
 const APPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
 
+const USAGE: &str = "gateway_bench [--sessions N[,N]] [--seconds S] [--rate MSGS_PER_S]\n\
+    [--checkpoints RUNS [--apps A,B] [--modes off,every,4]]";
+
 fn main() {
     rlimit::increase_nofile_limit(u64::MAX).ok();
     let mut sessions = vec![1000usize, 10_000];
@@ -24,23 +27,22 @@ fn main() {
     let mut checkpoints: Option<usize> = None;
     let mut apps = vec!["echo".to_string(), "counter".to_string()];
     let mut modes = vec!["off".to_string(), "every".to_string(), "4".to_string()];
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    for pair in argv.chunks(2) {
-        let v = pair.get(1).cloned().unwrap_or_default();
-        match pair[0].as_str() {
+    use wasmbed_testkit::example_args::{fail, pairs, parse};
+    for (option, v) in pairs(USAGE) {
+        match option.as_str() {
             "--sessions" => {
                 sessions = v
                     .split(',')
-                    .map(|n| n.parse().expect("--sessions N[,N]"))
+                    .map(|n| parse(USAGE, "--sessions N[,N]", n))
                     .collect()
             }
-            "--seconds" => seconds = v.parse().expect("--seconds S"),
-            "--rate" => rate = v.parse().expect("--rate MSGS_PER_S"),
-            "--checkpoints" => checkpoints = Some(v.parse().expect("--checkpoints RUNS")),
+            "--seconds" => seconds = parse(USAGE, "--seconds S", &v),
+            "--rate" => rate = parse(USAGE, "--rate MSGS_PER_S", &v),
+            "--checkpoints" => checkpoints = Some(parse(USAGE, "--checkpoints RUNS", &v)),
             // With --checkpoints: which apps and settings (the first is the baseline).
             "--apps" => apps = v.split(',').map(String::from).collect(),
             "--modes" => modes = v.split(',').map(String::from).collect(),
-            o => panic!("unknown option {o}"),
+            o => fail(USAGE, &format!("unknown option {o}")),
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -15,17 +15,18 @@ use std::time::Duration;
 
 use wasmbed_testkit::Ready;
 
-const BIN: &str = "target/release/wasmbed";
+const BIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/wasmbed");
+
+const USAGE: &str = "quic_flood [--runs N] [--initials N]  (after cargo build --release)";
 
 fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
     let (mut runs, mut initials) = (3usize, 4000usize);
-    for pair in argv.chunks(2) {
-        let value = pair.get(1).cloned().unwrap_or_default();
-        match pair[0].as_str() {
-            "--runs" => runs = value.parse().expect("--runs N"),
-            "--initials" => initials = value.parse().expect("--initials N"),
-            other => panic!("unknown option {other}"),
+    use wasmbed_testkit::example_args::{fail, pairs, parse};
+    for (option, value) in pairs(USAGE) {
+        match option.as_str() {
+            "--runs" => runs = parse(USAGE, "--runs N", &value),
+            "--initials" => initials = parse(USAGE, "--initials N", &value),
+            other => fail(USAGE, &format!("unknown option {other}")),
         }
     }
     let dir = tempfile::tempdir().expect("temp dir");

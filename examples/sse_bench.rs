@@ -20,16 +20,17 @@ use wasmbed_testkit::Ready;
 const CONNECTIONS: usize = 32;
 const SUBSCRIBERS: usize = 100;
 
+const USAGE: &str = "sse_bench [--runs N] [--seconds N]  (after cargo build --release)";
+
 fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut runs = 3;
     let mut seconds = 5;
-    for pair in argv.chunks(2) {
-        let value = pair.get(1).cloned().unwrap_or_default();
-        match pair[0].as_str() {
-            "--runs" => runs = value.parse().expect("--runs N"),
-            "--seconds" => seconds = value.parse().expect("--seconds N"),
-            other => panic!("unknown option {other}"),
+    use wasmbed_testkit::example_args::{fail, pairs, parse};
+    for (option, value) in pairs(USAGE) {
+        match option.as_str() {
+            "--runs" => runs = parse(USAGE, "--runs N", &value),
+            "--seconds" => seconds = parse(USAGE, "--seconds N", &value),
+            other => fail(USAGE, &format!("unknown option {other}")),
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -78,8 +78,8 @@ enum Command {
     /// The whole stack on this machine: a dev PKI, gateway processes, a proxy on
     /// 127.0.0.1:8443 and a device fleet, with a live view until Ctrl-C (or SIGTERM, SIGHUP: every
     /// child stops with it, and the temporary directory is removed). With --scenario,
-    /// run the failover, drain or scale-up scenario, print its figures and exit (1 if a check
-    /// fails).
+    /// run one scenario (failover, hang, drain, goaway or scale-up: see --scenario), print its
+    /// figures and exit (1 if a check fails).
     Up(up::UpArgs),
     /// Drain a gateway before it stops (a Kubernetes preStop hook): it takes no new session
     /// and sends GOAWAY to its sessions (a terminating proxy moves them, app state along);

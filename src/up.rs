@@ -312,7 +312,8 @@ fn start(
             cmd.args(["--upstream", "link"]);
         }
         if args.transport == wasmbed_config::loadtest::Transport::Quic {
-            cmd.args(["--quic-listen", "127.0.0.1:0"]);
+            // The same address as the TCP listener's: UDP and TCP ports are separate.
+            cmd.args(["--quic-listen", &args.listen]);
         }
         if args.scenario == Some(Scenario::ScaleUp) {
             cmd.args(["--rebalance", "on"]);
@@ -372,6 +373,12 @@ pub fn run(args: UpArgs) -> ExitCode {
     {
         esay!(
             "wasmbed up: --upstream link needs --mode terminate and TLS on the link (not --plain-link)"
+        );
+        return ExitCode::from(2);
+    }
+    if args.plain_link && args.mode != Mode::Terminate {
+        esay!(
+            "wasmbed up: --plain-link needs --mode terminate (in passthrough the device's TLS goes to the gateway as it is)"
         );
         return ExitCode::from(2);
     }
@@ -451,9 +458,13 @@ pub fn run(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let transport = match args.transport {
+        wasmbed_config::loadtest::Transport::Quic => "QUIC over UDP",
+        wasmbed_config::loadtest::Transport::Tcp => "TLS over TCP",
+    };
     say!(
-        "wasmbed up: {initial} gateways, proxy on {listen} ({:?}), admin http://{admin}, PKI in {}",
-        args.mode,
+        "wasmbed up: {initial} gateways, proxy on {listen} ({transport}, {} mode), admin http://{admin}, PKI in {}",
+        format!("{:?}", args.mode).to_lowercase(),
         dir.display()
     );
     say!("wasmbed up: live dashboard at http://{admin}/");
@@ -586,13 +597,19 @@ async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
 fn open_browser(url: &str) {
     let candidates = ["xdg-open", "chromium", "chromium-browser", "firefox"];
     for program in candidates {
-        let started = std::process::Command::new(program)
-            .arg(url)
+        let mut cmd = std::process::Command::new(program);
+        cmd.arg(url)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        if started.is_ok() {
+            .stderr(std::process::Stdio::null());
+        // xdg-open hands the URL over and exits: its status says whether a browser took
+        // it (it fails when none is configured). A browser started directly keeps running.
+        let opened = if program == "xdg-open" {
+            cmd.status().is_ok_and(|s| s.success())
+        } else {
+            cmd.spawn().is_ok()
+        };
+        if opened {
             say!("wasmbed up: opened {url} with {program}");
             return;
         }

@@ -22,6 +22,11 @@ struct Up {
 }
 
 fn start_up() -> Up {
+    start_up_with(false)
+}
+
+/// `closed`: stdout is closed right after the banner (as `up | head -1` does).
+fn start_up_with(closed: bool) -> Up {
     let mut child = Command::new(BIN)
         .args(["up", "--gateways", "2", "--devices", "2"])
         .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
@@ -34,8 +39,12 @@ fn start_up() -> Up {
     let mut banner = String::new();
     out.read_line(&mut banner).unwrap();
     assert!(banner.starts_with("wasmbed up:"), "{banner:?}");
-    // Keep reading stdout so `up` never blocks on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
+    if closed {
+        drop(out);
+    } else {
+        // Keep reading stdout so `up` never blocks on a full pipe.
+        std::thread::spawn(move || for _ in out.lines() {});
+    }
     let dir = PathBuf::from(banner.rsplit_once("PKI in ").unwrap().1.trim());
     let children = children_of(child.id());
     assert_eq!(children.len(), 3, "two gateways and a proxy");
@@ -162,11 +171,13 @@ fn impossible_flags_are_one_line_errors_before_anything_starts() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pki");
     let d = dir.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--rate", "0"], "rate"),
         (&["--rate", "inf"], "rate"),
         (&["--json", "out.json"], "--scenario"),
         (&["--devices", "0"], "--devices"),
+        // Terminate-only, refused in passthrough like --upstream link and --transport quic.
+        (&["--plain-link"], "--plain-link"),
     ];
     for (args, names) in cases {
         let out = Command::new(BIN)
@@ -212,4 +223,51 @@ fn impossible_flags_are_one_line_errors_before_anything_starts() {
         "{err}"
     );
     assert!(!dir.exists(), "nothing was started or written");
+}
+
+/// `up | head -1`: stdout closes after the banner; `up` goes on, and a SIGTERM still stops
+/// every child and removes its directory (before, the first line printed after the close
+/// panicked and left both behind).
+#[test]
+fn a_closed_stdout_does_not_keep_up_from_stopping_and_cleaning_up() {
+    let mut up = start_up_with(true);
+    // `up` prints the spread every second: by two seconds it has written into the closed
+    // pipe at least once (there is no signal for "it tried to print").
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        up.child.try_wait().unwrap().is_none(),
+        "up died on the closed pipe"
+    );
+    signal(up.child.id(), libc::SIGTERM);
+    let status = up.child.wait().unwrap();
+    assert!(
+        status.code().is_some(),
+        "ended by itself, not by a signal: {status:?}"
+    );
+    all_gone(&up);
+    assert!(!up.dir.exists(), "temporary directory removed");
+}
+
+/// `up --dir` over a PKI `certs init` wrote is refused before anything is written or started.
+#[test]
+fn up_refuses_a_pki_it_did_not_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    support::certs_init(tmp.path(), &["--devices", "2"]);
+    let ca = std::fs::read(tmp.path().join("ca.pem")).unwrap();
+    let out = Command::new(BIN)
+        .args(["up", "--dir", tmp.path().to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("did not write") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("ca.pem")).unwrap(),
+        ca,
+        "the PKI is untouched"
+    );
 }

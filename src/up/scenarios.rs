@@ -117,11 +117,16 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     );
     say!(
         "messages: sent {} answered {} lost {} duplicated {}",
-        report.messages.sent, report.messages.answered, lost, report.messages.duplicated
+        report.messages.sent,
+        report.messages.answered,
+        lost,
+        report.messages.duplicated
     );
     say!(
         "sessions: {} resumed from their tickets, refused {:?}; app state restarted on {} devices (state_resets)",
-        report.resumed, report.resume_refused, report.state_resets
+        report.resumed,
+        report.resume_refused,
+        report.state_resets
     );
     say_raw!("{}", report.table());
     let checks = [
@@ -505,7 +510,9 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     for (g, n) in &new_spread {
         *after.entry(g.clone()).or_default() += n;
     }
-    say!("new sessions: {}", spread_line(&new_spread));
+    if mode == Mode::Passthrough {
+        say!("new sessions: {}", spread_line(&new_spread));
+    }
     // Terminate mode rebalances the sessions already live: the proxy's view is the truth
     // (a moved device still names the gateway of its WELCOME).
     let mut rebalanced_ms = None;

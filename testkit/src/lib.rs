@@ -342,3 +342,32 @@ mod tests {
         assert_eq!(m.sum("x_total_more", &[]), 9.0);
     }
 }
+
+/// Command-line handling for the benchmark examples: `--help` prints `usage` and exits 0; an
+/// unknown option or a bad value prints one line and the usage and exits 2 (no panic).
+pub mod example_args {
+    /// The arguments as (option, value) pairs, after handling `-h`/`--help`.
+    pub fn pairs(usage: &str) -> Vec<(String, String)> {
+        let argv: Vec<String> = std::env::args().skip(1).collect();
+        if argv.iter().any(|a| a == "-h" || a == "--help") {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        argv.chunks(2)
+            .map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or_default()))
+            .collect()
+    }
+
+    /// `value` parsed as `what` wants (`--runs N`), or exit 2 saying so.
+    pub fn parse<T: std::str::FromStr>(usage: &str, what: &str, value: &str) -> T {
+        value
+            .parse()
+            .unwrap_or_else(|_| fail(usage, &format!("{what}: not a valid value: {value:?}")))
+    }
+
+    /// One line, the usage, exit 2.
+    pub fn fail(usage: &str, problem: &str) -> ! {
+        eprintln!("{problem}\n\n{usage}");
+        std::process::exit(2)
+    }
+}
