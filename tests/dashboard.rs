@@ -279,3 +279,123 @@ async fn the_dashboard_shows_a_failover_as_it_happens() {
         assert_eq!(f.kind, wasmbed_protocol::Kind::Reply, "{f:?}");
     }
 }
+
+/// As `wasmbed up` runs it (every gateway with room for 10,000 sessions, a handful in use):
+/// the bars scale to the busiest gateway, so the spread shows (the busiest full width, one
+/// with half its sessions half as wide), not "7 / 10000" slivers; a draining gateway is
+/// marked so; and a proxy where nothing has happened says so in its events panel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bars_show_the_spread_whatever_the_capacity() {
+    let Some(binary) = chromium() else {
+        assert!(
+            std::env::var("WASMBED_REQUIRE_BROWSER").is_err(),
+            "WASMBED_REQUIRE_BROWSER is set but chromium is not installed"
+        );
+        eprintln!("SKIPPED the_bars_show_the_spread_whatever_the_capacity: no chromium");
+        return;
+    };
+    // Nothing has happened: the events panel says so.
+    let quiet = ProxyProcess::start(&[], &["--gateway", "g=127.0.0.1:1", "--health", "none"]);
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/", quiet.admin);
+    let mut page = tokio::task::block_in_place(|| Browser::open(binary, profile.path(), &url));
+    let empty = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = page.eval("document.querySelector('#events li.empty')?.textContent ?? ''");
+            let text = v.as_str().unwrap_or("").to_string();
+            if !text.is_empty() || Instant::now() > deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(empty.contains("Nothing has happened yet"), "{empty:?}");
+    drop(page);
+    drop(quiet);
+
+    let dir = tempfile::tempdir().unwrap();
+    support::certs_init(dir.path(), &["--devices", "3", "--gateways", "0"]);
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let mut gateways = Vec::new();
+    let mut args = terminate_args(dir.path());
+    args.extend(["--health", "http", "--health-interval", "100ms"].map(String::from));
+    for i in 0..2 {
+        let (child, line) = spawn_ready(
+            Command::new(BIN)
+                .args([
+                    "gateway",
+                    "--insecure-plaintext",
+                    "--name",
+                    &format!("gw-{i}"),
+                ])
+                .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                .args(["--apps", apps, "--max-sessions", "10000"]),
+        );
+        args.extend([
+            "--gateway".to_string(),
+            format!(
+                "gw-{i}={};health={}",
+                addr_in(&line, "listen="),
+                addr_in(&line, "admin=")
+            ),
+        ]);
+        gateways.push(Killed(child));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = ProxyProcess::start(&[], &args);
+    let mut devices = Vec::new();
+    for i in 0..3 {
+        let id = format!("device-{i:04}");
+        let mut dev = support::tls_device(proxy.listen, device_of(dir.path(), &id)).await;
+        dev.open(&id, "echo").await;
+        devices.push(dev);
+    }
+    let url = format!("http://{}/", proxy.admin);
+    let profile = tempfile::tempdir().unwrap();
+    let mut page = tokio::task::block_in_place(|| Browser::open(binary, profile.path(), &url));
+    let widths = |page: &mut Browser| -> Vec<(String, u64, u64, String)> {
+        let v = page.eval(
+            "JSON.stringify([...document.querySelectorAll('#gateways .gateway')].map(r => [r.dataset.gateway, +r.dataset.sessions, +r.dataset.width, r.querySelector('.count').textContent]))",
+        );
+        serde_json::from_str(v.as_str().unwrap_or("[]")).unwrap()
+    };
+    let shown = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let w = widths(&mut page);
+            let counted: u64 = w.iter().map(|g| g.1).sum();
+            if (counted == 3 && w.iter().all(|g| g.3.contains("10000")))
+                || Instant::now() > deadline
+            {
+                return w;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut by_sessions = shown.clone();
+    by_sessions.sort_by_key(|g| g.1);
+    assert_eq!(
+        by_sessions.iter().map(|g| (g.1, g.2)).collect::<Vec<_>>(),
+        vec![(1, 50), (2, 100)],
+        "bars scaled to the busiest: {shown:?}"
+    );
+    assert!(shown.iter().all(|g| g.3.ends_with("of 10000")), "{shown:?}");
+    // Drain one: its row is marked draining (striped), its bar still there.
+    let drained = support::Admin::new(proxy.admin)
+        .post("/api/gateways/gw-0/drain", b"")
+        .unwrap();
+    assert_eq!(drained.status, 200, "{}", drained.body);
+    let state = tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = page.eval("document.querySelector('#gateways .gateway[data-gateway=\"gw-0\"]')?.className ?? ''");
+            let class = v.as_str().unwrap_or("").to_string();
+            if class.contains("draining") || Instant::now() > deadline {
+                return class;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert!(state.contains("draining"), "{state:?}");
+}

@@ -113,17 +113,27 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
             );
         }
         let snapshot = live.context().gateways.snapshot();
-        let taking: Vec<u64> = snapshot
+        // The balance is kept within a pool: the spread is the largest within one pool (pools
+        // of different sizes never mix), the mean is per gateway taking sessions.
+        let taking: Vec<(&str, u64)> = snapshot
             .iter()
             .filter(|g| g.is_healthy() && !g.is_draining())
-            .map(|g| g.sessions())
+            .map(|g| (g.pool.as_str(), g.sessions()))
             .collect();
-        let (spread, mean) = match (taking.iter().max(), taking.iter().min()) {
-            (Some(max), Some(min)) => (
-                *max as i64 - *min as i64,
-                taking.iter().sum::<u64>() as f64 / taking.len() as f64,
-            ),
-            _ => (0, 0.0),
+        let mut per_pool: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+        for &(pool, n) in &taking {
+            let e = per_pool.entry(pool).or_insert((n, n));
+            *e = (e.0.min(n), e.1.max(n));
+        }
+        let spread = per_pool
+            .values()
+            .map(|(min, max)| (max - min) as i64)
+            .max()
+            .unwrap_or(0);
+        let mean = if taking.is_empty() {
+            0.0
+        } else {
+            taking.iter().map(|(_, n)| n).sum::<u64>() as f64 / taking.len() as f64
         };
         if last_sample.is_none_or(|t| t.elapsed() >= SAMPLE_EVERY) {
             last_sample = Some(Instant::now());
