@@ -25,6 +25,9 @@ pub mod proxy {
     pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
     pub const SLOW_START: Duration = Duration::ZERO;
     pub const GRACE: Duration = Duration::from_secs(10);
+    /// Terminate mode passes CHECKPOINTs on to devices: a proxy's death costs a reconnect,
+    /// never app state.
+    pub const FORWARD_CHECKPOINTS: bool = true;
     /// `hard_stop_after` defaults to the grace plus this: time to close what the grace left.
     pub const HARD_STOP_MARGIN: Duration = Duration::from_secs(10);
     /// Bytes (64 KiB). Reading stops once the window holds this much, so it may exceed it by

@@ -125,10 +125,15 @@ pub struct ProxyFlags {
     pub log_format: Option<LogFormat>,
     #[arg(long, value_name = "SIZE", help = format!("Terminate mode: DATA a session keeps for replay after its last checkpoint, in bytes (suffixes KiB, MiB). When full, the proxy stops reading from that device until a checkpoint frees room. Default {}.", crate::defaults::show_size(crate::defaults::proxy::REPLAY_WINDOW)))]
     pub replay_window: Option<String>,
-    /// Terminate mode: pass CHECKPOINT frames on to devices too (the proxy keeps the ticket
-    /// either way), so a device can resume its session through another proxy.
-    #[arg(long)]
+    /// Terminate mode: CHECKPOINT frames go on to devices (the default; the proxy keeps the
+    /// ticket either way), so a device whose proxy dies resumes its session, app state and
+    /// all, through another. Kept for old command lines: it is on anyway.
+    #[arg(long, conflicts_with = "no_forward_checkpoints")]
     pub forward_checkpoints: bool,
+    /// Terminate mode: keep CHECKPOINT frames from the devices (TOML `forward_checkpoints =
+    /// false`): devices that cannot store a ticket; a proxy's death then restarts their apps.
+    #[arg(long)]
+    pub no_forward_checkpoints: bool,
     #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a session whose gateway is lost waits for another to take it before the device gets ERROR unavailable. Default {}.", crate::defaults::show(crate::defaults::proxy::MIGRATE_TIMEOUT)))]
     pub migrate_timeout: Option<String>,
     #[arg(long, value_name = "N", help = format!("Terminate mode: most sessions moved per second by drains and rebalancing (failover moves are not paced). Default {}.", crate::defaults::proxy::MOVE_RATE))]
@@ -456,8 +461,7 @@ struct RawProxy {
     grace: Option<String>,
     hard_stop_after: Option<String>,
     replay_window: Option<String>,
-    #[serde(default)]
-    forward_checkpoints: bool,
+    forward_checkpoints: Option<bool>,
     migrate_timeout: Option<String>,
     move_rate: Option<u32>,
     rebalance: Option<Toggle>,
@@ -880,7 +884,9 @@ fn migration(raw: &RawProxy) -> Result<MigrationConfig, ConfigError> {
     }
     Ok(MigrationConfig {
         replay_window,
-        forward_checkpoints: raw.forward_checkpoints,
+        forward_checkpoints: raw
+            .forward_checkpoints
+            .unwrap_or(defaults::FORWARD_CHECKPOINTS),
         migrate_timeout: positive(
             "migrate_timeout",
             duration_or(
@@ -975,7 +981,12 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     );
     set(&mut raw.log_format, f.log_format);
     set(&mut raw.replay_window, f.replay_window.clone());
-    raw.forward_checkpoints |= f.forward_checkpoints;
+    if f.forward_checkpoints {
+        raw.forward_checkpoints = Some(true);
+    }
+    if f.no_forward_checkpoints {
+        raw.forward_checkpoints = Some(false);
+    }
     set(&mut raw.migrate_timeout, f.migrate_timeout.clone());
     set(&mut raw.move_rate, f.move_rate);
     set(&mut raw.rebalance, f.rebalance);
