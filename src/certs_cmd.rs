@@ -288,7 +288,7 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
     }
     write_pki(a)?;
     say!(
-        "wrote a dev PKI to {}: CA, proxy, {} gateways, {} devices (index.json lists them)",
+        "wrote a dev PKI to {}: CA, proxy, gateways: {}, devices: {}, admin CA and admin certificate (admin/), session key ring; index.json lists them",
         a.dir.display(),
         a.gateways,
         a.devices

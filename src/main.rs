@@ -7,7 +7,9 @@
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($arg)*);
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(&e);
+        }
     }};
 }
 
@@ -23,8 +25,25 @@ macro_rules! esay {
 macro_rules! say_raw {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($arg)*);
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(&e);
+        }
     }};
+}
+
+/// Woken once stdout is found closed (a write failed with EPIPE): `up` then stops as on
+/// Ctrl-C, as a command in a pipeline whose reader left (`wasmbed up | head -2`) should.
+static STDOUT_CLOSED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+fn stdout_failed(e: &std::io::Error) {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        STDOUT_CLOSED.notify_one();
+    }
+}
+
+/// Resolves once stdout was found closed.
+async fn stdout_closed() {
+    STDOUT_CLOSED.notified().await;
 }
 
 mod certs_cmd;

@@ -49,7 +49,8 @@ pub struct UpArgs {
     /// The proxy's admin endpoint.
     #[arg(long, default_value = "127.0.0.1:9900")]
     admin: String,
-    /// Directory for the dev PKI and apps. Default: a new temporary directory.
+    /// Directory for the dev PKI and apps: a new or empty one, or one `up` wrote before (a PKI
+    /// `certs init` wrote is refused, not replaced). Default: a new temporary directory.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
     /// Run a scenario, print its figures and exit (non-zero if a check fails).
@@ -73,7 +74,7 @@ pub struct UpArgs {
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|link")]
     upstream: wasmbed_config::proxy::UpstreamMode,
     /// Terminate mode: how the devices reach the proxy: `tcp` (TLS over TCP) or `quic` (the
-    /// proxy's --quic-listen; the whole fleet on one UDP socket).
+    /// proxy's --quic-listen, on UDP at --listen's port; the whole fleet on one UDP socket).
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|quic")]
     transport: wasmbed_config::loadtest::Transport,
     /// Write the scenario's results as JSON to FILE.
@@ -163,11 +164,13 @@ impl StopSignals {
         })
     }
 
+    /// A closed stdout (`up | head`) stops `up` too.
     async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.int.recv() => "SIGINT",
             _ = self.term.recv() => "SIGTERM",
             _ = self.hup.recv() => "SIGHUP",
+            _ = crate::stdout_closed() => "a closed stdout",
         }
     }
 }

@@ -46,7 +46,8 @@ pub struct AdminTlsFlags {
     #[arg(long, value_name = "FILE")]
     pub admin_tls_key: Option<std::path::PathBuf>,
     /// With --admin-tls-cert: a client certificate from this CA (PEM) may make changes
-    /// (POST/PUT/DELETE) without the bearer token. Reads need no certificate.
+    /// (POST/PUT/DELETE) without the bearer token. Reads need no certificate. Never the
+    /// devices' CA (refused at start): `certs init` writes admin/ca.pem for it.
     #[arg(long, value_name = "FILE")]
     pub admin_client_ca: Option<std::path::PathBuf>,
 }

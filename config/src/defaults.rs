@@ -123,7 +123,7 @@ pub fn proxy_documented() -> Vec<(&'static str, String)> {
         ("`connect_retries`", format!("`{CONNECT_RETRIES}`")),
         ("`max_client_hello`", format!("`{MAX_CLIENT_HELLO}`")),
         ("`slow_start`", format!("`{}`", show(SLOW_START))),
-        ("`grace`", format!("`{}`", show(GRACE))),
+        ("`--grace D`", format!("`{}`", show(GRACE))),
         (
             "`--replay-window SIZE`",
             format!("`{}`", show_size(REPLAY_WINDOW)),

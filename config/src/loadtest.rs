@@ -37,8 +37,8 @@ pub struct LoadtestFlags {
     /// client certificate in memory, and ca.pem is trusted for the server.
     #[arg(long, value_name = "DIR")]
     pub ca_dir: PathBuf,
-    /// Use the device certificates `certs init` wrote in DIR (its `devices/`,
-    /// device-NNNN.pem and .key) instead of issuing new ones: real identities, so revocation
+    /// Use the device certificates `certs init` wrote (DIR: the PKI directory or its
+    /// `devices/`; device-NNNN.pem and .key) instead of issuing new ones: real identities, so revocation
     /// (`certs revoke` + the CRL) and affinity by certificate can be load-tested. DIR must
     /// hold at least --devices of them; ca.key is then not needed.
     #[arg(long, value_name = "DIR")]

@@ -30,7 +30,9 @@ pub enum HealthCheck {
     Tcp,
     /// A TLS handshake with the gateway (certificate not verified: liveness only).
     Tls,
-    /// `GET /healthz` on the gateway's health (admin) address; 200 means up.
+    /// `GET --health-path` (default /healthz) on the gateway's health (admin) address: 200
+    /// means up; 200 or 503 with a body saying `"status": "draining"` means draining (alive,
+    /// no new sessions, not down).
     Http,
     /// No probes: every gateway is up unless connects to it fail.
     None,
@@ -163,10 +165,12 @@ pub struct ProxyFlags {
     pub dns_timeout: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("An address gone from DNS takes no new sessions (terminate mode: its sessions move); it leaves the set once empty, or after this grace. Default {}.", crate::defaults::show(crate::defaults::proxy::DNS_GRACE)))]
     pub dns_grace: Option<String>,
+    #[arg(long, value_name = "DURATION", help = format!("On SIGTERM or SIGINT: how long live sessions get to finish before they are closed (TOML `grace`). Default {}.", crate::defaults::show(crate::defaults::proxy::GRACE)))]
+    pub grace: Option<String>,
     #[arg(
         long,
         value_name = "DURATION",
-        help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: the grace (TOML `grace`) plus 10 s. A second signal ends the process at once."
+        help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: --grace plus 10 s. A second signal ends the process at once."
     )]
     pub hard_stop_after: Option<String>,
     #[arg(long, value_name = "N", help = format!("Most addresses taken from one name's answer (the rest are counted and ignored). Default {}.", crate::defaults::proxy::MAX_DISCOVERED))]
@@ -945,6 +949,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     }
     set(&mut raw.dns_timeout, f.dns_timeout.clone());
     set(&mut raw.dns_grace, f.dns_grace.clone());
+    set(&mut raw.grace, f.grace.clone());
     set(&mut raw.hard_stop_after, f.hard_stop_after.clone());
     set(&mut raw.max_discovered, f.max_discovered);
     raw.allow_empty |= f.allow_empty;

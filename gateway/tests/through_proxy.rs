@@ -356,3 +356,59 @@ async fn proxy_protocol_in_passthrough_goes_before_the_devices_tls() {
     assert_eq!(d.data(b"via header").await.body, b"via header");
     assert!(gateway_metric(accepted) > before);
 }
+
+/// Terminate mode passes CHECKPOINTs on to the device by default (its ticket survives the
+/// proxy), and keeps them with `forward_checkpoints = false`.
+#[tokio::test]
+async fn checkpoints_reach_the_device_unless_turned_off() {
+    for forward in [None, Some(false)] {
+        let pki = Pki::new();
+        let keys = pki.path("keys.toml");
+        std::fs::write(
+            &keys,
+            wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap(),
+        )
+        .unwrap();
+        let mut s = settings(None);
+        s.session_keys = Some(keys);
+        let gw = start(s).await;
+        let mut config = terminating(&pki, &gw);
+        if let Some(f) = forward {
+            config.migration.forward_checkpoints = f;
+        }
+        let proxy = start_proxy(config).await;
+        let mut d = tls_device(proxy, pki.device("device-0003", Some(&pki.ca)))
+            .await
+            .unwrap();
+        d.open("device-0003", "counter").await;
+        for seq in 1..=2u64 {
+            d.send(wasmbed_protocol::Frame::new(
+                wasmbed_protocol::Kind::Data,
+                seq,
+                b"\x01".to_vec(),
+            ))
+            .await
+            .unwrap();
+        }
+        let mut kinds = Vec::new();
+        while kinds
+            .iter()
+            .filter(|k| **k == wasmbed_protocol::Kind::Reply)
+            .count()
+            < 2
+        {
+            kinds.push(d.recv().await.expect("a frame").kind);
+        }
+        let checkpoints = kinds
+            .iter()
+            .filter(|k| **k == wasmbed_protocol::Kind::Checkpoint)
+            .count();
+        match forward {
+            None => assert!(
+                checkpoints >= 1,
+                "by default the device gets them: {kinds:?}"
+            ),
+            Some(_) => assert_eq!(checkpoints, 0, "turned off: {kinds:?}"),
+        }
+    }
+}

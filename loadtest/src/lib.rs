@@ -53,6 +53,9 @@ pub enum FleetError {
     },
     #[error("QUIC: {0}")]
     Quic(String),
+    /// `--devices-from` holds fewer device certificates than asked for.
+    #[error("{0}")]
+    Devices(String),
 }
 
 /// Live counters, readable while the fleet runs (progress, `wasmbed up`'s view).
@@ -216,6 +219,24 @@ impl Fleet {
         let configs = match &settings.devices_from {
             // The PKI's own device certificates, as they are.
             Some(dir) => {
+                // The PKI's directory works too: its `devices/`.
+                let dir = if dir.join("devices").is_dir() && !dir.join("device-0000.pem").exists() {
+                    dir.join("devices")
+                } else {
+                    dir.clone()
+                };
+                let held = (0..)
+                    .take_while(|i| dir.join(format!("{}.pem", device_id(*i))).exists())
+                    .count();
+                let wanted = settings.first_device + settings.devices;
+                if held < wanted {
+                    return Err(FleetError::Devices(format!(
+                        "--devices-from {}: holds {held} device certificates (device-0000.pem on), \
+                         --devices asks for {wanted}: lower --devices, or write more (certs init \
+                         --devices {wanted})",
+                        dir.display()
+                    )));
+                }
                 let roots = wasmbed_certs::load_certs(&settings.ca_dir.join("ca.pem"))?;
                 (0..settings.devices)
                     .map(|i| {

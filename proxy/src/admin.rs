@@ -178,10 +178,17 @@ async fn guard(
 }
 
 async fn readyz(State(gateways): State<Arc<GatewaySet>>) -> Response {
-    if gateways.any_eligible() {
+    if gateways.is_stopping() {
+        // Said at once on SIGTERM: a load balancer stops sending before the listeners close.
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else if gateways.any_eligible() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no gateway is up\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no gateway takes sessions (none up, proven and not draining)\n",
+        )
+            .into_response()
     }
 }
 

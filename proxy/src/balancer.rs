@@ -409,6 +409,8 @@ pub struct GatewaySet {
     moves_in_flight: AtomicUsize,
     rotation: AtomicUsize,
     slow_start: Duration,
+    /// The proxy is stopping: `/readyz` says 503 so load balancers stop sending.
+    stopping: AtomicBool,
 }
 
 /// A move ordered and not landed yet: counted in [`GatewaySet::moves_in_flight`] while it
@@ -440,7 +442,17 @@ impl GatewaySet {
             moves_in_flight: AtomicUsize::new(0),
             rotation: AtomicUsize::new(0),
             slow_start,
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// The proxy began to stop (SIGTERM, SIGINT): not ready any more.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// The current snapshot.

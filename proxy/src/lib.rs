@@ -239,6 +239,12 @@ impl Proxy {
             ));
         }
         drop(ctx);
+        let stopping = gateways.clone();
+        let stop_said = shutdown.clone();
+        background.spawn(async move {
+            stop_said.cancelled().await;
+            stopping.set_stopping();
+        });
         accepting.close();
         accepting.wait().await;
         sessions.close();

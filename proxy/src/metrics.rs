@@ -76,7 +76,7 @@ fn describe() {
     describe_gauge!(GATEWAY_UP, "1 when the gateway passes its health checks.");
     describe_gauge!(
         GATEWAY_DRAINING,
-        "1 when the gateway is drained by an operator."
+        "1 when the gateway takes no new session because it drains: drained here (operator, DNS, removal) or by its own word (its health body, a GOAWAY)."
     );
     describe_counter!(
         GATEWAY_TRANSITIONS,

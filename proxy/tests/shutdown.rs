@@ -14,7 +14,18 @@ async fn shutdown_stops_accepting_then_closes_sessions_after_the_grace_period() 
     c.grace = Duration::from_millis(400);
     let proxy = start(c).await;
     let mut live = device(proxy.addr).await;
+    assert_eq!(proxy.admin("GET", "/readyz").await.0, 200);
     proxy.shutdown.cancel();
+    // Not ready from the moment the stop begins (the admin endpoint answers through the
+    // grace): a load balancer stops sending.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while proxy.admin("GET", "/readyz").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz still 200 while stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // New devices are no longer accepted: the listener is closed.
     until(Duration::from_secs(2), "listener closed", || {
         std::net::TcpStream::connect(proxy.addr).is_err()

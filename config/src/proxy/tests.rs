@@ -410,3 +410,27 @@ fn tls_resumption_is_on_unless_turned_off() {
     let off = ProxyConfig::from_toml(&format!("{base}\nresumption = false")).unwrap();
     assert!(!off.tls.unwrap().resumption);
 }
+
+#[test]
+fn checkpoints_reach_devices_unless_turned_off_and_hard_stop_follows_the_grace() {
+    let base = ProxyFlags {
+        listen: vec!["127.0.0.1:0".into()],
+        gateway: vec!["127.0.0.1:9001".into()],
+        ..flags()
+    };
+    let c = ProxyConfig::load(&base).expect("valid");
+    assert!(c.migration.forward_checkpoints, "on by default");
+    assert_eq!(c.hard_stop_after, c.grace + Duration::from_secs(10));
+    let off = ProxyFlags {
+        no_forward_checkpoints: true,
+        hard_stop_after: Some("3s".into()),
+        ..base.clone()
+    };
+    let c = ProxyConfig::load(&off).expect("valid");
+    assert!(!c.migration.forward_checkpoints);
+    assert_eq!(c.hard_stop_after, Duration::from_secs(3));
+    let c =
+        ProxyConfig::from_toml("forward_checkpoints = false\n[[gateway]]\naddr = \"127.0.0.1:1\"")
+            .expect("valid");
+    assert!(!c.migration.forward_checkpoints);
+}
