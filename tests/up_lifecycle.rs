@@ -39,12 +39,6 @@ fn start_up_with(closed: bool) -> Up {
     let mut banner = String::new();
     out.read_line(&mut banner).unwrap();
     assert!(banner.starts_with("wasmbed up:"), "{banner:?}");
-    if closed {
-        drop(out);
-    } else {
-        // Keep reading stdout so `up` never blocks on a full pipe.
-        std::thread::spawn(move || for _ in out.lines() {});
-    }
     let dir = PathBuf::from(banner.rsplit_once("PKI in ").unwrap().1.trim());
     let children = children_of(child.id());
     assert_eq!(children.len(), 3, "two gateways and a proxy");
@@ -53,6 +47,13 @@ fn start_up_with(closed: bool) -> Up {
         .flat_map(|pid| listening(*pid))
         .collect::<Vec<_>>();
     assert!(ports.len() >= 6, "each child listens twice: {ports:?}");
+    // Closed only now: `up` stops at its next line.
+    if closed {
+        drop(out);
+    } else {
+        // Keep reading stdout so `up` never blocks on a full pipe.
+        std::thread::spawn(move || for _ in out.lines() {});
+    }
     Up {
         child,
         ports,

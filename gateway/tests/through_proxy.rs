@@ -412,3 +412,49 @@ async fn checkpoints_reach_the_device_unless_turned_off() {
         }
     }
 }
+
+/// A stopping proxy hands its terminated sessions back (issue: the proxy tier survives its
+/// stops): `/readyz` 503 at once, then GOAWAY to each device (paced), the answers it is owed,
+/// and its latest ticket (CHECKPOINTs reach devices): the device leaves with every DATA
+/// answered and a ticket to resume elsewhere, and the proxy stops as soon as its devices have
+/// left, not at the end of its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_proxy_hands_sessions_back_with_goaway_answers_and_ticket() {
+    let pki = Pki::new();
+    let keys = pki.path("keys.toml");
+    std::fs::write(&keys, wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap()).unwrap();
+    let mut s = settings(None);
+    s.session_keys = Some(keys);
+    let gw = start(s).await;
+    let mut config = terminating(&pki, &gw);
+    config.grace = std::time::Duration::from_secs(60);
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addr = proxy.listen_addrs()[0];
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(proxy.run(shutdown.clone()));
+    let mut d = tls_device(addr, pki.device("device-0004", Some(&pki.ca)))
+        .await
+        .unwrap();
+    d.open("device-0004", "counter").await;
+    for seq in 1..=5u64 {
+        d.send(wasmbed_protocol::Frame::new(wasmbed_protocol::Kind::Data, seq, b"\x01".to_vec()))
+            .await
+            .unwrap();
+    }
+    shutdown.cancel();
+    let (mut replies, mut goaway) = (Vec::new(), false);
+    while replies.len() < 5 || !goaway || d.ticket.as_ref().is_none_or(|(seq, _)| *seq < 5) {
+        let f = d.recv().await.expect("the proxy closed before handing the session back");
+        match f.kind {
+            wasmbed_protocol::Kind::Reply => replies.push(f.seq),
+            wasmbed_protocol::Kind::Checkpoint => d.keep_ticket(&f),
+            wasmbed_protocol::Kind::Goaway => goaway = true,
+            other => panic!("{other:?} {:?}", error_of(&f)),
+        }
+    }
+    assert_eq!(replies, [1, 2, 3, 4, 5], "every DATA answered once, in order");
+    // The device leaves; the proxy, with nothing left, stops long before its 60 s grace.
+    drop(d);
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), running).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+}

@@ -409,8 +409,9 @@ pub struct GatewaySet {
     moves_in_flight: AtomicUsize,
     rotation: AtomicUsize,
     slow_start: Duration,
-    /// The proxy is stopping: `/readyz` says 503 so load balancers stop sending.
-    stopping: AtomicBool,
+    /// The proxy is stopping: `/readyz` says 503 so load balancers stop sending, and
+    /// terminated sessions are handed back to their devices.
+    stopping: CancellationToken,
 }
 
 /// A move ordered and not landed yet: counted in [`GatewaySet::moves_in_flight`] while it
@@ -442,17 +443,22 @@ impl GatewaySet {
             moves_in_flight: AtomicUsize::new(0),
             rotation: AtomicUsize::new(0),
             slow_start,
-            stopping: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
         }
     }
 
     /// The proxy began to stop (SIGTERM, SIGINT): not ready any more.
     pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Release);
+        self.stopping.cancel();
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Acquire)
+        self.stopping.is_cancelled()
+    }
+
+    /// Cancelled when the proxy begins to stop.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
     }
 
     /// The current snapshot.

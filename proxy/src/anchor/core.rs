@@ -173,6 +173,8 @@ pub struct Core {
     gateway_codec: FrameCodec,
     /// The device closed its side: the session ends once its DATA are answered.
     device_done: bool,
+    /// The proxy is stopping and told the device (GOAWAY): see [`Core::hand_back`].
+    handed_back: bool,
     tally: Tally,
 }
 
@@ -227,6 +229,7 @@ impl Core {
             device_codec: FrameCodec::new(DEFAULT_MAX_FRAME),
             gateway_codec: FrameCodec::new(DEFAULT_MAX_FRAME),
             device_done: false,
+            handed_back: false,
             tally: Tally::default(),
             hello,
         };
@@ -266,6 +269,19 @@ impl Core {
     /// The device closed its side: the session ends once its DATA are answered.
     pub fn device_finished(&mut self) {
         self.device_done = true;
+    }
+
+    /// The proxy is stopping: GOAWAY to the device, once. As from a gateway, it means: send
+    /// nothing new, read what you are owed, then reconnect (through another proxy, resuming
+    /// with your latest ticket). The answers owed still come; the session ends when the device
+    /// closes with every DATA answered. Returns whether it was sent now.
+    pub fn hand_back(&mut self) -> bool {
+        if self.handed_back {
+            return false;
+        }
+        self.handed_back = true;
+        put(&mut self.to_device, &Frame::new(Kind::Goaway, 0, []));
+        true
     }
 
     /// Handles every whole frame buffered from both sides; then, when the device is done and

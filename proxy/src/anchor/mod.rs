@@ -210,6 +210,10 @@ enum Event {
     Reloaded,
     Ordered,
     Relinked(Option<Relinked>),
+    /// The proxy began to stop: the session's hand-back gets its paced slot.
+    Stopping,
+    /// The slot came: GOAWAY to the device.
+    HandBack,
 }
 
 /// Serves a terminate-mode session whose first link is up and WELCOMEd: feeds the [`Core`]
@@ -242,6 +246,9 @@ async fn serve(
     let mut in_flight: Option<crate::balancer::InFlight> = None;
     // The link's gateway said GOAWAY and that was recorded on it.
     let mut goaway_noted = false;
+    // The proxy is stopping: when this session's GOAWAY goes (paced at --move-rate, so the
+    // devices of a stopping proxy do not all reconnect at once); `Some(None)`: sent.
+    let mut hand_back: Option<Option<Instant>> = None;
     let mut link = Some(link);
     let mut step = Step::Go;
     let end = loop {
@@ -294,10 +301,19 @@ async fn serve(
             _ = changed(orders), if !ordered => Event::Ordered,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
             _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
+            _ = ctx.gateways.stopping().cancelled(), if hand_back.is_none() => Event::Stopping,
+            _ = sleep_until(hand_back.flatten()), if matches!(hand_back, Some(Some(_))) => Event::HandBack,
             r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
         };
         match event {
             Event::HardStop => break Ending::Cut,
+            Event::Stopping => hand_back = Some(Some(ctx.pacer.slot())),
+            Event::HandBack => {
+                hand_back = Some(None);
+                if core.hand_back() {
+                    tracing::debug!(device = %core.hello().device, "proxy stopping: GOAWAY to the device");
+                }
+            }
             Event::Reloaded => {
                 if serial
                     .as_ref()
