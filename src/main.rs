@@ -80,13 +80,13 @@ enum Command {
     ///
     /// Example: wasmbed proxy --listen 127.0.0.1:8443 --gateway gw-1=127.0.0.1:9001
     /// --gateway gw-2=127.0.0.1:9002 --health tcp --health-interval 250ms --fall 2
-    Proxy(ProxyFlags),
+    Proxy(Box<ProxyFlags>),
     /// Run a gateway: device sessions over TLS (or plain TCP behind a terminating proxy),
     /// each running its application as a WebAssembly instance (see gateway/ABI.md).
     ///
     /// Example: wasmbed gateway --insecure-plaintext --apps apps --listen 127.0.0.1:9001
     /// --admin 127.0.0.1:9101 --name gw-1
-    Gateway(GatewayFlags),
+    Gateway(Box<GatewayFlags>),
     /// Dev certificates: a CA, server certificates and device client certificates.
     Certs(certs_cmd::CertsArgs),
     /// Simulate a fleet of devices against a proxy or gateway, then report: connected and
@@ -111,8 +111,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Proxy(flags) => proxy(flags),
-        Command::Gateway(flags) => gateway(flags),
+        Command::Proxy(flags) => proxy(*flags),
+        Command::Gateway(flags) => gateway(*flags),
         Command::Loadtest(flags) => loadtest(flags),
         Command::Up(args) => up::run(args),
         Command::Drain(args) => drain_cmd::run(&args),

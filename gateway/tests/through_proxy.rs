@@ -422,7 +422,11 @@ async fn checkpoints_reach_the_device_unless_turned_off() {
 async fn a_stopping_proxy_hands_sessions_back_with_goaway_answers_and_ticket() {
     let pki = Pki::new();
     let keys = pki.path("keys.toml");
-    std::fs::write(&keys, wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap()).unwrap();
+    std::fs::write(
+        &keys,
+        wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap(),
+    )
+    .unwrap();
     let mut s = settings(None);
     s.session_keys = Some(keys);
     let gw = start(s).await;
@@ -437,14 +441,21 @@ async fn a_stopping_proxy_hands_sessions_back_with_goaway_answers_and_ticket() {
         .unwrap();
     d.open("device-0004", "counter").await;
     for seq in 1..=5u64 {
-        d.send(wasmbed_protocol::Frame::new(wasmbed_protocol::Kind::Data, seq, b"\x01".to_vec()))
-            .await
-            .unwrap();
+        d.send(wasmbed_protocol::Frame::new(
+            wasmbed_protocol::Kind::Data,
+            seq,
+            b"\x01".to_vec(),
+        ))
+        .await
+        .unwrap();
     }
     shutdown.cancel();
     let (mut replies, mut goaway) = (Vec::new(), false);
     while replies.len() < 5 || !goaway || d.ticket.as_ref().is_none_or(|(seq, _)| *seq < 5) {
-        let f = d.recv().await.expect("the proxy closed before handing the session back");
+        let f = d
+            .recv()
+            .await
+            .expect("the proxy closed before handing the session back");
         match f.kind {
             wasmbed_protocol::Kind::Reply => replies.push(f.seq),
             wasmbed_protocol::Kind::Checkpoint => d.keep_ticket(&f),
@@ -452,7 +463,11 @@ async fn a_stopping_proxy_hands_sessions_back_with_goaway_answers_and_ticket() {
             other => panic!("{other:?} {:?}", error_of(&f)),
         }
     }
-    assert_eq!(replies, [1, 2, 3, 4, 5], "every DATA answered once, in order");
+    assert_eq!(
+        replies,
+        [1, 2, 3, 4, 5],
+        "every DATA answered once, in order"
+    );
     // The device leaves; the proxy, with nothing left, stops long before its 60 s grace.
     drop(d);
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), running).await;
