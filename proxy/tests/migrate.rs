@@ -444,8 +444,15 @@ async fn a_shutdown_while_sessions_are_held_ends_within_the_grace() {
     // grace is 200ms in the test config; the held sessions are then cut.
     let done = tokio::time::timeout(Duration::from_secs(5), proxy.task).await;
     assert!(done.expect("the proxy stops").unwrap().is_ok());
+    // Each is handed back (GOAWAY: reconnect elsewhere), then closed: nothing else comes.
     for d in devs.iter_mut() {
-        assert!(d.device.recv().await.is_none(), "closed");
+        let frames = d.device.until_closed().await;
+        assert!(
+            frames
+                .iter()
+                .all(|f| f.kind == wasmbed_protocol::Kind::Goaway),
+            "{frames:?}"
+        );
     }
 }
 
