@@ -28,6 +28,8 @@ pub struct Admin {
     pub can_move: bool,
     /// The dashboard's snapshots (`/api/events`).
     pub feed: crate::dashboard::Feed,
+    /// Cancelled by `POST /api/shutdown`: the same stop as SIGTERM.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The query of `POST /api/gateways/{name}/drain`.
@@ -101,6 +103,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
     let add_route = Router::new()
         .route("/api/gateways", post(add))
         .route("/api/reload", post(reload))
+        .route("/api/shutdown", post(shutdown))
         .route("/api/gateways/{name}/drain", post(drain))
         .route("/api/gateways/{name}/undrain", post(undrain))
         .route("/api/gateways/{name}", axum::routing::delete(remove))
@@ -273,6 +276,15 @@ async fn drain(
         true,
         query.move_sessions,
     )
+}
+
+/// `POST /api/shutdown`: the stop SIGTERM begins (`/readyz` 503, listeners closed, sessions
+/// handed back, then the process exits): for an orchestrator that cannot send signals. 202;
+/// locked like every other change.
+async fn shutdown(State(admin): State<Arc<Admin>>) -> Response {
+    tracing::info!("POST /api/shutdown: shutting down");
+    admin.shutdown.cancel();
+    (StatusCode::ACCEPTED, "stopping\n").into_response()
 }
 
 /// `POST /api/reload`: re-reads the config file (with the start's flags) and applies the

@@ -204,6 +204,7 @@ impl Proxy {
                 auth: ctx.config.admin_auth.clone(),
                 can_move: terminate,
                 feed,
+                shutdown: shutdown.clone(),
             });
             background.spawn(wasmbed_admin::serve(
                 listener,

@@ -251,6 +251,8 @@ async fn proxy_mutations_need_the_admin_token() {
         !proxy.gateway("a").is_draining(),
         "a refused request changes nothing"
     );
+    assert_eq!(proxy.admin("POST", "/api/shutdown").await.0, 401);
+    assert_eq!(proxy.admin("GET", "/readyz").await.0, 200, "still serving");
     let (status, _) = wasmbed_testkit::http_auth(
         proxy.admin,
         "POST",

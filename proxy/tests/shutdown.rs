@@ -42,6 +42,17 @@ async fn shutdown_stops_accepting_then_closes_sessions_after_the_grace_period() 
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
 }
 
+/// `POST /api/shutdown` is the stop SIGTERM begins (for an orchestrator without signals).
+#[tokio::test]
+async fn post_api_shutdown_stops_the_proxy_as_sigterm_does() {
+    let backend = Backend::spawn().await;
+    let proxy = start(config(vec![backend.gateway("gw")])).await;
+    let (status, body) = proxy.admin("POST", "/api/shutdown").await;
+    assert_eq!(status, 202, "{body}");
+    let result = tokio::time::timeout(Duration::from_secs(5), proxy.task).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}
+
 #[tokio::test]
 async fn shutdown_returns_at_once_when_no_session_is_open() {
     let backend = Backend::spawn().await;
