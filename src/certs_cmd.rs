@@ -203,16 +203,18 @@ fn write_mode(path: &Path, body: &str, mode: u32) -> Result<(), CertError> {
     };
     // The mode is set before a byte is written (`mode` applies to a new file; an existing one
     // is narrowed first), so a key is never readable by others, not even for a moment.
-    if path.exists() {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
-    }
+    // O_NOFOLLOW: a planted symlink is refused, not followed; the mode is set on the open
+    // file (no path race) before it is truncated and written.
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
         .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(failed)?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(failed)?;
+    file.set_len(0).map_err(failed)?;
     file.write_all(body.as_bytes()).map_err(failed)
 }
 
@@ -283,9 +285,12 @@ fn init(a: &InitArgs) -> Result<(), CertError> {
             problem: "exists already (pass --force to replace this PKI)".into(),
         });
     }
-    if a.force {
+    // Only a PKI is replaced: without its ca.pem, `devices/` or `admin/` are someone else's.
+    if a.force && ca_path.exists() {
         remove_replaced(&a.dir)?;
     }
+    // A PKI `up` wrote and `certs init` replaces is no longer `up`'s to replace.
+    let _ = std::fs::remove_file(a.dir.join(".wasmbed-up"));
     write_pki(a)?;
     say!(
         "wrote a dev PKI to {}: CA, proxy, gateways: {}, devices: {}, admin CA and admin certificate (admin/), session key ring; index.json lists them",
@@ -409,7 +414,17 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let ca_path = a.dir.join("ca.pem");
     let devices_dir = a.dir.join("devices");
     let admin_dir = a.dir.join("admin");
-    for dir in [&a.dir, &devices_dir, &admin_dir] {
+    // DIR itself is narrowed only when this creates it (`--dir .` stays as it was); the
+    // directories of keys it writes are its own.
+    let created = !a.dir.exists();
+    std::fs::create_dir_all(&a.dir).map_err(|source| CertError::Write {
+        path: a.dir.clone(),
+        source,
+    })?;
+    if created {
+        private_dir(&a.dir)?;
+    }
+    for dir in [&devices_dir, &admin_dir] {
         private_dir(dir)?;
     }
     let kind = if a.rsa {

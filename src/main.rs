@@ -133,7 +133,15 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail("proxy", e),
     };
-    let _log = stop::logging::init(config.log_format);
+    let log = stop::logging::init(config.log_format);
+    if config.hard_stop_after <= config.grace {
+        tracing::warn!(
+            "--hard-stop-after ({:?}) is not longer than the grace ({:?}): a stop ends the \
+             process before the grace is over",
+            config.hard_stop_after,
+            config.grace
+        );
+    }
     check_descriptors(
         config.max_connections,
         1 + u64::from(config.upstream == wasmbed_config::proxy::UpstreamMode::Tcp),
@@ -142,7 +150,7 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail("proxy", format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let proxy = match wasmbed_proxy::Proxy::bind(config).await {
             Ok(p) => p,
             Err(e) => return fail("proxy", e),
@@ -183,7 +191,10 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("proxy", e),
         }
-    })
+    });
+    drop(runtime);
+    stop::logging::finish(log);
+    code
 }
 
 fn gateway(flags: GatewayFlags) -> ExitCode {
@@ -191,14 +202,14 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail("gateway", e),
     };
-    let _log = stop::logging::init(settings.log_format);
+    let log = stop::logging::init(settings.log_format);
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     check_map_count(settings.max_sessions);
     let runtime = match runtime(settings.threads) {
         Ok(r) => r,
         Err(e) => return fail("gateway", format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let gateway = match wasmbed_gateway::Gateway::bind(settings).await {
             Ok(g) => g,
             Err(e) => return fail("gateway", e),
@@ -234,7 +245,10 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("gateway", e),
         }
-    })
+    });
+    drop(runtime);
+    stop::logging::finish(log);
+    code
 }
 
 fn loadtest(flags: LoadtestFlags) -> ExitCode {

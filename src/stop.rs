@@ -22,27 +22,38 @@ use tokio_util::sync::CancellationToken;
 /// What the process still runs, for the line a forced stop prints.
 pub type Running = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Registers SIGTERM and SIGINT at once (call it before announcing readiness: from then on they
-/// no longer kill the process) and returns what waits for them.
+/// Registers SIGTERM and SIGINT at once (call it before announcing readiness: from then on
+/// they no longer kill the process) and returns what waits for them. The deadlines start
+/// with the stop, whatever began it (a signal, or `shutdown` cancelled by `POST
+/// /api/shutdown`); any signal after that is the second.
 pub fn on_signal(
     shutdown: CancellationToken,
     hard_stop_after: Duration,
     running: Running,
 ) -> impl Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    async move {
-        let (mut term, mut int) = match (term, int) {
-            (Ok(t), Ok(i)) => (t, i),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM and SIGINT");
-                return;
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let watch = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch {name}");
+            None
+        }
+    };
+    let mut term = watch(SignalKind::terminate(), "SIGTERM");
+    let mut int = watch(SignalKind::interrupt(), "SIGINT");
+    async fn next(s: &mut Option<Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
             }
-        };
+            None => std::future::pending().await,
+        }
+    }
+    async move {
         let first = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+            _ = next(&mut term) => "SIGTERM",
+            _ = next(&mut int) => "SIGINT",
+            _ = shutdown.cancelled() => "a stop request",
         };
         // Cancel before anything that could fail or wait.
         shutdown.cancel();
@@ -64,8 +75,8 @@ pub fn on_signal(
             tracing::warn!(error = %e, "no hard-stop deadline: cannot start its thread");
         }
         let second = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+            _ = next(&mut term) => "SIGTERM",
+            _ = next(&mut int) => "SIGINT",
         };
         exit_now(&format!("second signal ({second})"), &running);
     }
@@ -112,7 +123,24 @@ pub mod logging {
         }
     }
 
-    /// Installs the global subscriber; keep the guard until the end of `main` (it flushes).
+    /// Flushes what is queued, bounded: the guard's drop waits for the writer thread, and
+    /// tracing-appender prints (`println!`) when it cannot hand it the last message — a
+    /// full stderr and a closed stdout must not hold or crash the exit. One second, then the
+    /// process goes on without it.
+    pub fn finish(guard: tracing_appender::non_blocking::WorkerGuard) {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || {
+                drop(guard);
+                let _ = done_tx.send(());
+            });
+        if spawned.is_ok() {
+            let _ = done_rx.recv_timeout(std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// Installs the global subscriber; hand the guard to [`finish`] at the end of `main`.
     pub fn init(format: wasmbed_config::LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
         // quinn logs a warning per odd datagram a peer sends (a stale retry token, a reset
         // token seen twice): under a flood that is a log line per packet, so only its errors

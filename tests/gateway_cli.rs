@@ -306,7 +306,9 @@ fn mode_of(path: &std::path::Path) -> u32 {
 #[test]
 fn certs_init_keeps_keys_private_and_force_leaves_nothing_of_the_old_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path();
+    // A directory `certs init` creates is made 0700 (one that exists keeps its mode).
+    let pki = dir.path().join("pki");
+    let p = pki.as_path();
     support::certs_init(p, &["--devices", "3", "--gateways", "2"]);
     for secret in [
         "ca.key",

@@ -158,27 +158,34 @@ mod tests {
     }
 }
 
-/// Whether a client CA bundle (`admin`) trusts what another (`devices`) trusts: a certificate
-/// in both, or one of `admin`'s issued by one of `devices'` (its issuer names that subject:
-/// names alone, so a look-alike name is refused too, which is the safe side). Then any device certificate — or the devices' CA's
-/// next intermediate — would pass as the other kind of client: the admin endpoint must have
-/// a CA of its own.
+/// Whether a client CA bundle (`admin`) and another (`devices`) share trust: a certificate
+/// in both, one of `admin`'s issued by one of `devices'`, or one of `devices'` issued by one of
+/// `admin`'s (an organisation root as the admin CA over the devices' intermediate: a device
+/// presenting its intermediate would chain to the admin root). Issuer and subject names are
+/// compared (a look-alike name is refused too: the safe side), and a certificate that cannot
+/// be parsed counts as shared. Either way a device certificate could act as admin.
 pub fn shares_trust(
     admin: &[CertificateDer<'static>],
     devices: &[CertificateDer<'static>],
 ) -> bool {
     use x509_parser::prelude::*;
-    let parsed_devices: Vec<X509Certificate<'_>> = devices
+    fn parse<'a>(c: &'a CertificateDer<'static>) -> Option<X509Certificate<'a>> {
+        parse_x509_certificate(c.as_ref()).ok().map(|(_, c)| c)
+    }
+    let admins: Vec<Option<X509Certificate<'_>>> = admin.iter().map(parse).collect();
+    let devs: Vec<Option<X509Certificate<'_>>> = devices.iter().map(parse).collect();
+    if admins.iter().chain(devs.iter()).any(Option::is_none) {
+        return true;
+    }
+    let (admins, devs): (Vec<_>, Vec<_>) = (
+        admins.into_iter().flatten().collect(),
+        devs.into_iter().flatten().collect(),
+    );
+    admin
         .iter()
-        .filter_map(|d| parse_x509_certificate(d.as_ref()).ok().map(|(_, c)| c))
-        .collect();
-    admin.iter().any(|a| {
-        if devices.iter().any(|d| d.as_ref() == a.as_ref()) {
-            return true;
-        }
-        let Ok((_, a)) = parse_x509_certificate(a.as_ref()) else {
-            return false;
-        };
-        parsed_devices.iter().any(|d| a.issuer() == d.subject())
-    })
+        .any(|a| devices.iter().any(|d| a.as_ref() == d.as_ref()))
+        || admins.iter().any(|a| {
+            devs.iter()
+                .any(|d| a.issuer() == d.subject() || d.issuer() == a.subject())
+        })
 }

@@ -807,6 +807,16 @@ impl ProxyConfig {
             ));
         }
         let grace = duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?;
+        let hard_stop_after = duration_or(
+            "hard_stop_after",
+            raw.hard_stop_after.as_deref(),
+            grace + defaults::HARD_STOP_MARGIN,
+        )?;
+        // Zero would end every stop at once. Shorter than the grace is allowed (a deadline
+        // that overrides it), and said at start (`warnings`).
+        if hard_stop_after.is_zero() {
+            return Err(ConfigError::field("hard_stop_after", "must be above 0"));
+        }
         Ok(ProxyConfig {
             mode,
             listeners,
@@ -841,11 +851,7 @@ impl ProxyConfig {
                 defaults::SLOW_START,
             )?,
             grace,
-            hard_stop_after: duration_or(
-                "hard_stop_after",
-                raw.hard_stop_after.as_deref(),
-                grace + defaults::HARD_STOP_MARGIN,
-            )?,
+            hard_stop_after,
             threads: raw.threads,
             admin_auth: crate::admin::AdminAuth::load_with_tls(
                 raw.admin_token_file.as_deref(),

@@ -442,10 +442,11 @@ impl Quic {
     }
 }
 
-/// An ERROR as a report names it: `ERROR frame_too_large (the text)`.
+/// An ERROR as a report counts it: by its code (`ERROR frame_too_large`), never by the
+/// peer's free text (a bounded number of keys whatever the peer sends).
 fn cause_of(f: &Frame) -> String {
     match f.decode_body::<ErrorBody>("ERROR") {
-        Ok(e) => format!("ERROR {} ({})", e.code_name(), e.text),
+        Ok(e) => format!("ERROR {}", e.code_name()),
         Err(_) => "ERROR (no readable body)".into(),
     }
 }
@@ -681,6 +682,7 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
                                 } else if error_is(&f, ErrorCode::Duplicate) {
                                     // Covered by the resumed session's state: answered before.
                                     out.duplicates_refused += 1;
+                                    replied = true;
                                 } else {
                                     out.errors += 1;
                                     *out.error_causes.entry(cause_of(&f)).or_default() += 1;

@@ -182,7 +182,8 @@ async fn guard(
 
 async fn readyz(State(gateways): State<Arc<GatewaySet>>) -> Response {
     if gateways.is_stopping() {
-        // Said at once on SIGTERM: a load balancer stops sending before the listeners close.
+        // Said from the moment the stop begins (the listeners close at the same moment: a load
+        // balancer that must see 503 first needs a preStop delay, docs/deploy.md).
         (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
     } else if gateways.any_eligible() {
         (StatusCode::OK, "ready\n").into_response()
@@ -323,6 +324,11 @@ fn set_draining(gateways: &GatewaySet, name: &str, draining: bool, move_all: boo
     match gateways.find(name) {
         Some(g) => {
             g.set_draining(draining);
+            if !draining {
+                // An operator's undrain also forgets what the gateway said of itself; if it
+                // still drains, its next probe says so again.
+                g.set_drain_reported(false);
+            }
             // Undrain (or a plain drain) stops moves still under way.
             g.order_moves(if move_all { usize::MAX } else { 0 });
             tracing::info!(gateway = %g.name, draining, moving = move_all, sessions = g.sessions(), "drain state set");

@@ -38,6 +38,9 @@ pub enum ProbeError {
 /// What a passed probe says of a gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// It answers (tcp, tls): nothing said of draining.
+    Alive,
+    /// Serving (http body without `"status": "draining"`).
     Serving,
     /// Alive and draining (http body `"status": "draining"`): no new sessions.
     Draining,
@@ -94,7 +97,7 @@ async fn watch(
         // balance broke.) A hung or dead gateway sends nothing, and its timeouts count.
         let busy = matches!(result, Err(ProbeError::Timeout)) && gateway.heard_since(heard_window);
         heard_window = started;
-        judge(&gateway, result, busy, &config);
+        judge(&gateway, (kind, result), busy, &config);
         // Up to 10% jitter keeps the probes of many proxies from beating in step. Errors
         // seen by sessions (`suspect`) bring the next probe forward, as HAProxy's `observe
         // layer4` with `on-error fastinter` does, but never closer than a quarter interval
@@ -116,7 +119,7 @@ async fn watch(
 /// refused connect that is its drain) one health observation.
 fn judge(
     gateway: &Gateway,
-    result: Result<Verdict, ProbeError>,
+    (kind, result): (HealthCheck, Result<Verdict, ProbeError>),
     busy: bool,
     config: &HealthConfig,
 ) {
@@ -124,11 +127,16 @@ fn judge(
         counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
         tracing::debug!(gateway = %gateway.name, error = %e, busy, "health probe failed");
     }
-    if let Ok(verdict) = result {
-        note_drain(gateway, verdict == Verdict::Draining, "its health body");
+    match result {
+        Ok(Verdict::Draining) => note_drain(gateway, true, "its health body"),
+        Ok(Verdict::Serving) => note_drain(gateway, false, "its health body"),
+        _ => {}
     }
-    let its_drain =
-        matches!(&result, Err(ProbeError::Connect(e)) if gateway.refusal_is_its_drain(e));
+    // A refused connect to the data address (the listener a drain closes); an http probe's
+    // admin address stays open through a drain, so its refusal is the process gone.
+    let data_address = kind != HealthCheck::Http || gateway.health_addr.is_none();
+    let its_drain = data_address
+        && matches!(&result, Err(ProbeError::Connect(e)) if gateway.refusal_is_its_drain(e));
     if busy || its_drain {
         return;
     }
@@ -172,7 +180,7 @@ pub async fn first_round(gateways: &[Arc<Gateway>], config: &HealthConfig) {
             let result = tokio::time::timeout(config.timeout, probe(g, kind, &config.path))
                 .await
                 .unwrap_or(Err(ProbeError::Timeout));
-            judge(g, result, false, config);
+            judge(g, (kind, result), false, config);
         }
     });
     futures_util::future::join_all(probes).await;
@@ -210,9 +218,9 @@ pub async fn probe(
 ) -> Result<Verdict, ProbeError> {
     match kind {
         HealthCheck::Tcp | HealthCheck::Auto => {
-            connect(&gateway.addr).await.map(|_| Verdict::Serving)
+            connect(&gateway.addr).await.map(|_| Verdict::Alive)
         }
-        HealthCheck::Tls => tls(&gateway.addr).await.map(|()| Verdict::Serving),
+        HealthCheck::Tls => tls(&gateway.addr).await.map(|()| Verdict::Alive),
         HealthCheck::Http => {
             let addr = gateway.health_addr.as_deref().unwrap_or(&gateway.addr);
             let body = http(addr, path).await?;
@@ -220,7 +228,7 @@ pub async fn probe(
             gateway.set_reported_capacity(body.capacity);
             Ok(body.verdict)
         }
-        HealthCheck::None => Ok(Verdict::Serving),
+        HealthCheck::None => Ok(Verdict::Alive),
     }
 }
 

@@ -396,7 +396,9 @@ async fn serve(
             }
         }
         // A GOAWAY read: the gateway drains (no new sessions for it; not down).
+        // (Only when probes run: a probe that finds the gateway serving clears it again.)
         if !goaway_noted
+            && ctx.config.health.check != wasmbed_config::HealthCheck::None
             && matches!(core.phase(), Phase::Going { .. })
             && let Some(l) = &link
         {
