@@ -75,6 +75,23 @@ impl DevCa {
         })
     }
 
+    /// An intermediate CA named `common_name`, issued by this one (an organisation's root over
+    /// the devices' CA, as some deployments have it).
+    pub fn issue_intermediate(&self, common_name: &str) -> Result<DevCa, CertError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = named(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = key_pair(KeyKind::EcdsaP256)?;
+        let key_pem = key.serialize_pem();
+        let cert_pem = params.signed_by(&key, &self.issuer)?.pem();
+        Ok(DevCa {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        })
+    }
+
     /// A CA from its PEM certificate and key (as `wasmbed certs init` writes them).
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<DevCa, CertError> {
         let key = KeyPair::from_pem(key_pem)?;

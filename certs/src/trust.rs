@@ -144,6 +144,33 @@ mod tests {
     }
 
     #[test]
+    fn an_admin_ca_sharing_trust_with_the_devices_ca_either_way_is_found() {
+        use crate::pki::DevCa;
+        let root = DevCa::generate("org root").unwrap();
+        let devices = root.issue_intermediate("devices").unwrap();
+        let admins = DevCa::generate("admins").unwrap();
+        let (r, d, a) = (root.cert_der(), devices.cert_der(), admins.cert_der());
+        assert!(
+            shares_trust(std::slice::from_ref(&d), std::slice::from_ref(&d)),
+            "the same CA"
+        );
+        assert!(
+            shares_trust(std::slice::from_ref(&r), std::slice::from_ref(&d)),
+            "the admin CA is the root over the devices' intermediate"
+        );
+        assert!(
+            shares_trust(std::slice::from_ref(&d), std::slice::from_ref(&r)),
+            "the admin CA is issued by the devices' CA"
+        );
+        assert!(
+            !shares_trust(std::slice::from_ref(&a), &[r, d]),
+            "a CA of its own"
+        );
+        let junk = CertificateDer::from(vec![0u8; 16]);
+        assert!(shares_trust(&[junk], &[a]), "unparsable: refused");
+    }
+
+    #[test]
     fn an_install_is_seen_by_readers_and_watchers() {
         let trust = Reloadable::new(Some(Set(HashSet::new())));
         let watcher = trust.subscribe();
