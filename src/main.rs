@@ -134,13 +134,8 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         Err(e) => return fail("proxy", e),
     };
     let log = stop::logging::init(config.log_format);
-    if config.hard_stop_after <= config.grace {
-        tracing::warn!(
-            "--hard-stop-after ({:?}) is not longer than the grace ({:?}): a stop ends the \
-             process before the grace is over",
-            config.hard_stop_after,
-            config.grace
-        );
+    if let Some(warning) = wasmbed_config::hard_stop_warning(config.grace, config.hard_stop_after) {
+        tracing::warn!("{warning}");
     }
     check_descriptors(
         config.max_connections,

@@ -61,13 +61,21 @@ fn named(common_name: &str) -> DistinguishedName {
 impl DevCa {
     /// A new self-signed CA named `common_name`.
     pub fn generate(common_name: &str) -> Result<DevCa, CertError> {
+        DevCa::new_ca(common_name, |params, key| params.self_signed(key))
+    }
+
+    /// A CA named `common_name`, its certificate made by `sign` (self-signed, or by an issuer).
+    fn new_ca(
+        common_name: &str,
+        sign: impl FnOnce(&CertificateParams, &KeyPair) -> Result<rcgen::Certificate, rcgen::Error>,
+    ) -> Result<DevCa, CertError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = named(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = key_pair(KeyKind::EcdsaP256)?;
         let key_pem = key.serialize_pem();
-        let cert_pem = params.self_signed(&key)?.pem();
+        let cert_pem = sign(&params, &key)?.pem();
         Ok(DevCa {
             issuer: Issuer::new(params, key),
             cert_pem,
@@ -78,17 +86,8 @@ impl DevCa {
     /// An intermediate CA named `common_name`, issued by this one (an organisation's root over
     /// the devices' CA, as some deployments have it).
     pub fn issue_intermediate(&self, common_name: &str) -> Result<DevCa, CertError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = named(common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = key_pair(KeyKind::EcdsaP256)?;
-        let key_pem = key.serialize_pem();
-        let cert_pem = params.signed_by(&key, &self.issuer)?.pem();
-        Ok(DevCa {
-            issuer: Issuer::new(params, key),
-            cert_pem,
-            key_pem,
+        DevCa::new_ca(common_name, |params, key| {
+            params.signed_by(key, &self.issuer)
         })
     }
 

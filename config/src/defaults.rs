@@ -28,8 +28,6 @@ pub mod proxy {
     /// Terminate mode passes CHECKPOINTs on to devices: a proxy's death costs a reconnect,
     /// never app state.
     pub const FORWARD_CHECKPOINTS: bool = true;
-    /// `hard_stop_after` defaults to the grace plus this: time to close what the grace left.
-    pub const HARD_STOP_MARGIN: Duration = Duration::from_secs(10);
     /// Bytes (64 KiB). Reading stops once the window holds this much, so it may exceed it by
     /// the one frame that crossed the line.
     pub const REPLAY_WINDOW: usize = 64 << 10;
@@ -67,8 +65,6 @@ pub mod gateway {
     pub const MAX_MEMORY: usize = 4 << 20;
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const GRACE: Duration = Duration::from_secs(10);
-    /// `--hard-stop-after` defaults to the grace plus this.
-    pub const HARD_STOP_MARGIN: Duration = Duration::from_secs(10);
     pub const MAX_SESSIONS: u32 = 10_000;
     pub const MAX_FRAME: usize = wasmbed_protocol::DEFAULT_MAX_FRAME;
     /// Bytes (16 KiB).

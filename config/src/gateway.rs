@@ -472,17 +472,11 @@ impl GatewaySettings {
         if ticket_lifetime.is_zero() {
             return Err(ConfigError::field("ticket_lifetime", "must be above 0"));
         }
-        let grace = duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?;
-        let hard_stop_after = duration_or(
-            "hard_stop_after",
+        let (grace, hard_stop_after) = crate::stop_deadlines(
+            raw.grace.as_deref(),
             raw.hard_stop_after.as_deref(),
-            grace + defaults::HARD_STOP_MARGIN,
+            defaults::GRACE,
         )?;
-        // Zero would end every stop at once. Shorter than the grace is allowed (a deadline
-        // that overrides it), and said at start (`warnings`).
-        if hard_stop_after.is_zero() {
-            return Err(ConfigError::field("hard_stop_after", "must be above 0"));
-        }
         Ok(GatewaySettings {
             tls_tickets: !raw.no_tls_tickets,
             link: raw.link,
@@ -541,13 +535,7 @@ impl GatewaySettings {
             .as_ref()
             .is_none_or(|t| t.trusted_proxy_ca.is_some() || !t.proxy_identities.is_empty());
         let mut out = Vec::new();
-        if self.hard_stop_after <= self.grace {
-            out.push(format!(
-                "--hard-stop-after ({:?}) is not longer than --grace ({:?}): a stop ends the \
-                 process before the grace is over",
-                self.hard_stop_after, self.grace
-            ));
-        }
+        out.extend(crate::hard_stop_warning(self.grace, self.hard_stop_after));
         if behind_proxy && self.session_keys.is_none() {
             out.push(
                 "no --session-keys: this gateway seals no session tickets, so a session a \

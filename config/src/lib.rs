@@ -83,6 +83,37 @@ pub(crate) fn duration_or(
     text.map_or(Ok(default), |t| parse_duration(field, t))
 }
 
+/// `hard_stop_after` defaults to the grace plus this: time to close what the grace left (proxy
+/// and gateway alike).
+pub const HARD_STOP_MARGIN: Duration = Duration::from_secs(10);
+
+/// How a stop is bounded, for the proxy and the gateway alike: the grace sessions get (its
+/// default given), and `hard_stop_after` (default: the grace plus [`HARD_STOP_MARGIN`]; zero
+/// would end every stop at once: refused; shorter than the grace is allowed, see
+/// [`hard_stop_warning`]).
+pub(crate) fn stop_deadlines(
+    grace: Option<&str>,
+    hard_stop_after: Option<&str>,
+    default_grace: Duration,
+) -> Result<(Duration, Duration), ConfigError> {
+    let grace = duration_or("grace", grace, default_grace)?;
+    let hard = duration_or("hard_stop_after", hard_stop_after, grace + HARD_STOP_MARGIN)?;
+    if hard.is_zero() {
+        return Err(ConfigError::field("hard_stop_after", "must be above 0"));
+    }
+    Ok((grace, hard))
+}
+
+/// The start-up warning for a hard stop that comes before the grace is over.
+pub fn hard_stop_warning(grace: Duration, hard_stop_after: Duration) -> Option<String> {
+    (hard_stop_after <= grace).then(|| {
+        format!(
+            "--hard-stop-after ({hard_stop_after:?}) is not longer than the grace ({grace:?}): a \
+             stop ends the process before the grace is over"
+        )
+    })
+}
+
 /// Parses an `IP:PORT` socket address.
 pub fn parse_addr(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     text.trim().parse().map_err(|_| {

@@ -806,17 +806,11 @@ impl ProxyConfig {
                 "needs terminate mode (in passthrough the proxy cannot move a session)",
             ));
         }
-        let grace = duration_or("grace", raw.grace.as_deref(), defaults::GRACE)?;
-        let hard_stop_after = duration_or(
-            "hard_stop_after",
+        let (grace, hard_stop_after) = crate::stop_deadlines(
+            raw.grace.as_deref(),
             raw.hard_stop_after.as_deref(),
-            grace + defaults::HARD_STOP_MARGIN,
+            defaults::GRACE,
         )?;
-        // Zero would end every stop at once. Shorter than the grace is allowed (a deadline
-        // that overrides it), and said at start (`warnings`).
-        if hard_stop_after.is_zero() {
-            return Err(ConfigError::field("hard_stop_after", "must be above 0"));
-        }
         Ok(ProxyConfig {
             mode,
             listeners,

@@ -249,6 +249,10 @@ async fn serve(
     // The proxy is stopping: when this session's GOAWAY goes (paced at --move-rate, so the
     // devices of a stopping proxy do not all reconnect at once); `Some(None)`: sent.
     let mut hand_back: Option<Option<Instant>> = None;
+    // Made once, not at every pass of the loop: a new `cancelled()` future registers with the
+    // process-wide token each time it is polled afresh (a lock per message otherwise).
+    let stopping = ctx.gateways.stopping().clone();
+    let mut stopping = std::pin::pin!(stopping.cancelled_owned());
     let mut link = Some(link);
     let mut step = Step::Go;
     let end = loop {
@@ -301,7 +305,7 @@ async fn serve(
             _ = changed(orders), if !ordered => Event::Ordered,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
             _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
-            _ = ctx.gateways.stopping().cancelled(), if hand_back.is_none() => Event::Stopping,
+            _ = &mut stopping, if hand_back.is_none() => Event::Stopping,
             _ = sleep_until(hand_back.flatten()), if matches!(hand_back, Some(Some(_))) => Event::HandBack,
             r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
         };
