@@ -30,6 +30,20 @@ pub enum Scenario {
     /// Start with one gateway less and add it under load: where new devices go (passthrough),
     /// or how all sessions rebalance onto it (terminate, `--rebalance on`).
     ScaleUp,
+    /// Kill one proxy replica (SIGKILL) under load (`--proxies` 2 or more, sharing the one
+    /// address): its devices reconnect through the others and resume from their tickets.
+    ProxyKill,
+    /// Stop one proxy replica (SIGTERM, as a rolling update does) and start a new one on the
+    /// same address: terminate mode hands every session back (GOAWAY after its answers and
+    /// latest ticket), passthrough sessions get `--grace`.
+    ProxyRestart,
+}
+
+impl Scenario {
+    /// Scenarios that stop a proxy replica rather than a gateway.
+    fn is_proxy_event(self) -> bool {
+        matches!(self, Scenario::ProxyKill | Scenario::ProxyRestart)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,6 +51,12 @@ pub struct UpArgs {
     /// Gateway processes to start. Default 3, or 5 for a scenario.
     #[arg(long)]
     gateways: Option<usize>,
+    /// Proxy processes on the one --listen address (SO_REUSEPORT: the kernel spreads the
+    /// devices over them), as replicas behind one Service address. Default 1, or 2 for the
+    /// proxy-kill and proxy-restart scenarios. The first serves --admin; the others pick a
+    /// free admin port (printed at start).
+    #[arg(long)]
+    proxies: Option<usize>,
     /// Simulated devices. Default 20, or 100 for a scenario.
     #[arg(long)]
     devices: Option<usize>,
@@ -93,7 +113,38 @@ pub struct UpArgs {
 /// Child processes, killed when dropped.
 struct Stack {
     gateways: Vec<(String, Child, SocketAddr)>,
-    proxy: Option<Child>,
+    proxies: Vec<ProxyProc>,
+    /// The proxies' arguments but --listen and --admin: a replica started later (the
+    /// proxy-restart scenario) runs the same.
+    proxy_args: Vec<String>,
+    /// The address the proxies share (TCP), as the first one bound it.
+    proxy_listen: Option<SocketAddr>,
+}
+
+/// One proxy replica.
+struct ProxyProc {
+    child: std::sync::Mutex<Child>,
+    admin: SocketAddr,
+}
+
+impl ProxyProc {
+    fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
+    /// Whether it has exited (and so was reaped).
+    fn exited(&self) -> bool {
+        let mut c = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(c.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        let c = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
 }
 
 impl Drop for Stack {
@@ -102,11 +153,25 @@ impl Drop for Stack {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(p) = self.proxy.as_mut() {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
+        self.proxies.clear();
     }
+}
+
+/// Starts a proxy replica on `listen` with `args` (the rest); returns it and its ready line.
+fn spawn_proxy(args: &[String], listen: &str, admin: &str) -> Result<(ProxyProc, Ready), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(["proxy", "--listen", listen, "--admin", admin])
+        .args(args);
+    let (child, line) = spawn_ready(&mut cmd)?;
+    let admin = field(&line, "admin=")?;
+    Ok((
+        ProxyProc {
+            child: std::sync::Mutex::new(child),
+            admin,
+        },
+        line,
+    ))
 }
 
 /// Starts a child of `up` and waits for its ready line. The child sits in its own process
@@ -245,6 +310,7 @@ fn start(
     dir: &Path,
     (gateways, certificates): (usize, usize),
     devices: usize,
+    proxies: usize,
 ) -> Result<(Stack, SocketAddr, SocketAddr), String> {
     crate::certs_cmd::write_dev_pki(dir, certificates).map_err(|e| e.to_string())?;
     std::fs::write(
@@ -260,11 +326,11 @@ fn start(
     ] {
         std::fs::write(apps.join(format!("{name}.wat")), text).map_err(|e| e.to_string())?;
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let d = |f: &str| dir.join(f).display().to_string();
     let mut stack = Stack {
         gateways: Vec::new(),
-        proxy: None,
+        proxies: Vec::new(),
+        proxy_args: Vec::new(),
+        proxy_listen: None,
     };
     let mut gw_flags = Vec::new();
     let max_sessions = gateway_capacity(devices, gateways);
@@ -274,62 +340,70 @@ fn start(
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }
-    let mut cmd = Command::new(&exe);
-    cmd.args(["proxy", "--listen", &args.listen, "--admin", &args.admin])
-        .args([
-            "--health",
-            "http",
-            "--health-path",
-            "/readyz",
-            "--health-interval",
-            "250ms",
-            // Most of the interval: a gateway busy on a loaded machine is slow, not down.
-            "--health-timeout",
-            "200ms",
-            "--fall",
-            "2",
-        ])
+    let d = |f: &str| dir.join(f).display().to_string();
+    let mut pa: Vec<String> = vec![
+        "--health".into(),
+        "http".into(),
+        "--health-path".into(),
+        "/readyz".into(),
+        "--health-interval".into(),
+        "250ms".into(),
+        // Most of the interval: a gateway busy on a loaded machine is slow, not down.
+        "--health-timeout".into(),
+        "200ms".into(),
+        "--fall".into(),
+        "2".into(),
         // Room for every device, not the default 9,500 (which a low open-files limit could
         // not hold, and the proxy would warn about).
-        .args(["--max-connections", &(devices + 64).to_string()])
-        .arg("--gateway")
-        .arg(gw_flags.join(","));
+        "--max-connections".into(),
+        (devices + 64).to_string(),
+        "--gateway".into(),
+        gw_flags.join(","),
+    ];
+    if proxies > 1 {
+        pa.push("--reuse-port".into());
+    }
     if args.mode == Mode::Terminate {
-        cmd.args([
-            "--mode",
-            "terminate",
-            "--tls-cert",
-            &d("proxy.pem"),
-            "--tls-key",
-            &d("proxy.key"),
-        ])
-        .args(["--client-ca", &d("ca.pem")])
-        // Devices hold tickets too: they would survive a restart of the proxy itself.
-        .arg("--forward-checkpoints");
+        pa.extend(["--mode", "terminate"].map(String::from));
+        pa.extend(["--tls-cert".into(), d("proxy.pem")]);
+        pa.extend(["--tls-key".into(), d("proxy.key")]);
+        pa.extend(["--client-ca".into(), d("ca.pem")]);
         if !args.plain_link {
-            cmd.args(["--upstream-ca", &d("ca.pem")])
-                .args(["--upstream-cert", &d("proxy-client.pem")])
-                .args(["--upstream-key", &d("proxy-client.key")]);
+            pa.extend(["--upstream-ca".into(), d("ca.pem")]);
+            pa.extend(["--upstream-cert".into(), d("proxy-client.pem")]);
+            pa.extend(["--upstream-key".into(), d("proxy-client.key")]);
         }
         if args.upstream == wasmbed_config::proxy::UpstreamMode::Link {
-            cmd.args(["--upstream", "link"]);
+            pa.extend(["--upstream", "link"].map(String::from));
         }
         if args.transport == wasmbed_config::loadtest::Transport::Quic {
             // The same address as the TCP listener's: UDP and TCP ports are separate.
-            cmd.args(["--quic-listen", &args.listen]);
+            pa.extend(["--quic-listen".into(), args.listen.clone()]);
         }
         if args.scenario == Some(Scenario::ScaleUp) {
-            cmd.args(["--rebalance", "on"]);
+            pa.extend(["--rebalance", "on"].map(String::from));
         }
     }
-    let (proxy, line) = spawn_ready(&mut cmd)?;
-    stack.proxy = Some(proxy);
+    let (first, line) = spawn_proxy(&pa, &args.listen, &args.admin)?;
+    let admin = first.admin;
+    stack.proxies.push(first);
+    let tcp_listen = field(&line, "listen=")?;
+    stack.proxy_listen = Some(tcp_listen);
+    for _ in 1..proxies {
+        // The same address as the first one's (which may have picked the port).
+        let (p, _) = spawn_proxy(&pa, &tcp_listen.to_string(), "127.0.0.1:0")?;
+        say!(
+            "wasmbed up: proxy replica on {tcp_listen}, admin http://{}",
+            p.admin
+        );
+        stack.proxies.push(p);
+    }
+    stack.proxy_args = pa;
     // QUIC devices dial the proxy's UDP address.
     let listen = match args.transport {
         wasmbed_config::loadtest::Transport::Quic => field(&line, "quic=")?,
-        wasmbed_config::loadtest::Transport::Tcp => field(&line, "listen=")?,
+        wasmbed_config::loadtest::Transport::Tcp => tcp_listen,
     };
-    let admin = field(&line, "admin=")?;
     Ok((stack, listen, admin))
 }
 
@@ -353,6 +427,35 @@ pub fn run(args: UpArgs) -> ExitCode {
     let devices = args
         .devices
         .unwrap_or(if scenario.is_some() { 100 } else { 20 });
+    let proxy_event = scenario.is_some_and(Scenario::is_proxy_event);
+    let proxies = args.proxies.unwrap_or(if proxy_event { 2 } else { 1 });
+    if proxies == 0 {
+        esay!("wasmbed up: `--proxies` must be at least 1");
+        return ExitCode::from(2);
+    }
+    if proxy_event && proxies < 2 {
+        esay!(
+            "wasmbed up: --scenario {}: needs --proxies 2 or more (the devices of the stopped replica go to the others)",
+            if scenario == Some(Scenario::ProxyKill) {
+                "proxy-kill"
+            } else {
+                "proxy-restart"
+            }
+        );
+        return ExitCode::from(2);
+    }
+    if proxies > 1 && scenario.is_some() && !proxy_event {
+        esay!(
+            "wasmbed up: --proxies above 1 goes with the proxy-kill and proxy-restart scenarios (the gateway scenarios read one proxy's view of the moves)"
+        );
+        return ExitCode::from(2);
+    }
+    if proxies > 1 && args.transport == wasmbed_config::loadtest::Transport::Quic {
+        esay!(
+            "wasmbed up: --proxies above 1 needs --transport tcp (the replicas share a TCP port; QUIC replicas would need connection-id routing)"
+        );
+        return ExitCode::from(2);
+    }
     if gateways < 2 && scenario.is_some() {
         esay!("wasmbed up: `gateways`: a scenario needs at least 2");
         return ExitCode::from(2);
@@ -447,7 +550,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     } else {
         gateways
     };
-    let started = start(&args, &dir, (initial, gateways), all_devices);
+    let started = start(&args, &dir, (initial, gateways), all_devices, proxies);
     let remove_dir = || {
         if args.dir.is_none() {
             let _ = std::fs::remove_dir_all(&dir);
@@ -466,7 +569,12 @@ pub fn run(args: UpArgs) -> ExitCode {
         wasmbed_config::loadtest::Transport::Tcp => "TLS over TCP",
     };
     say!(
-        "wasmbed up: {initial} gateways, proxy on {listen} ({transport}, {} mode), admin http://{admin}, PKI in {}",
+        "wasmbed up: {initial} gateways, {} on {listen} ({transport}, {} mode), admin http://{admin}, PKI in {}",
+        if proxies == 1 {
+            "proxy".to_string()
+        } else {
+            format!("{proxies} proxies")
+        },
         format!("{:?}", args.mode).to_lowercase(),
         dir.display()
     );
@@ -546,6 +654,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         let scenario = async move {
             match scenario {
                 Scenario::ScaleUp => scale_up(scale, run).await,
+                s if s.is_proxy_event() => scenarios::proxy_run(s, run).await,
                 s => scenario_run(s, run).await,
             }
         };

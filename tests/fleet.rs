@@ -101,6 +101,46 @@ fn moves_without_the_devices_noticing_over(name: &str, extra: &[&str]) {
     assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0, "{doc}");
 }
 
+/// Two proxy replicas on one address (`--proxies 2`, SO_REUSEPORT), 60 `counter` devices:
+/// one replica is killed (SIGKILL) or stopped (SIGTERM, a new one started in its place).
+/// Its devices come back through the other replica and resume from their tickets: nothing
+/// lost or answered twice, no app state restarted. A SIGTERM in terminate mode hands every
+/// session back with GOAWAY: none of its devices is cut.
+#[test]
+fn a_proxy_replica_killed_or_stopped_loses_nothing() {
+    let table: [(&str, &[&str]); 4] = [
+        ("proxy-kill", &["--mode", "terminate"]),
+        ("proxy-kill", &["--mode", "terminate", "--upstream", "link"]),
+        ("proxy-kill", &["--mode", "passthrough"]),
+        (
+            "proxy-restart",
+            &["--mode", "terminate", "--upstream", "link"],
+        ),
+    ];
+    for (name, extra) in table {
+        let mut args = vec!["--gateways", "3", "--devices", "60", "--rate", "5"];
+        args.extend_from_slice(extra);
+        let doc = scenario(name, &args);
+        let affected = doc["affected"].as_u64().unwrap();
+        assert!(
+            affected > 0,
+            "{name} {extra:?}: the victim held sessions: {doc}"
+        );
+        assert_eq!(doc["rehomed"], affected, "{name} {extra:?}: {doc}");
+        let messages = &doc["report"]["messages"];
+        assert_eq!(messages["lost"], 0, "{name} {extra:?}: {doc}");
+        assert_eq!(messages["duplicated"], 0, "{name} {extra:?}: {doc}");
+        assert_eq!(doc["state_resets"], 0, "{name} {extra:?}: {doc}");
+        if name == "proxy-restart" {
+            assert_eq!(doc["cut"], 0, "handed back, not cut: {doc}");
+            assert_eq!(doc["left_on_goaway"], affected, "{doc}");
+        } else {
+            assert_eq!(doc["cut"], affected, "a SIGKILL cuts: {doc}");
+        }
+        assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0, "{doc}");
+    }
+}
+
 #[test]
 fn terminate_mode_moves_the_sessions_of_a_killed_gateway() {
     moves_without_the_devices_noticing("failover");

@@ -101,6 +101,11 @@ pub struct ProxyFlags {
     /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
     #[arg(long)]
     pub allow_plain: bool,
+    /// Open the listeners with SO_REUSEPORT: several proxy processes on one address, the
+    /// kernel spreading new connections over them (replicas on one host, or a new process
+    /// started beside the old one before it stops).
+    #[arg(long)]
+    pub reuse_port: bool,
     /// Terminate mode: the listeners forward the decrypted bytes as they are, for TLS clients
     /// that are not wasmbed devices (an HTTPS service behind the proxy, a benchmark): the
     /// client certificate is checked as for devices, but there is no HELLO check, no session
@@ -924,6 +929,13 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     }
     if f.allow_plain {
         raw.listener.iter_mut().for_each(|l| l.allow_plain = true);
+    }
+    if f.reuse_port {
+        if raw.listener.is_empty() {
+            raw.listener
+                .push(RawListener::at(DEFAULT_LISTEN.to_string()));
+        }
+        raw.listener.iter_mut().for_each(|l| l.reuse_port = true);
     }
     if f.raw {
         if raw.listener.is_empty() {

@@ -71,11 +71,34 @@ pub struct Live {
     pub rebinds: AtomicU64,
     pub sent: AtomicU64,
     pub answered: AtomicU64,
+    /// Sessions that ended after the far end's GOAWAY (the device left as told).
+    pub left_on_goaway: AtomicUsize,
+    /// Sessions that ended with no GOAWAY: a reset, a close, an error (the device was cut).
+    pub cut: AtomicUsize,
+    /// When each re-homing device was back (WELCOME again after a drop), in order: the
+    /// reconnect wave's shape.
+    pub rehomed_at: Mutex<Vec<Instant>>,
     /// The gateway each device is on now (`None`: not connected).
     pub gateway: Mutex<Vec<Option<String>>>,
 }
 
 impl Live {
+    /// The most devices that came back within any `window` after `since` (the reconnect
+    /// wave's crest), and the time from `since` to the last one back.
+    pub fn wave(&self, since: Instant, window: Duration) -> (usize, Option<Duration>) {
+        let at = self.rehomed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let times: Vec<Instant> = at.iter().copied().filter(|t| *t >= since).collect();
+        let mut crest = 0;
+        let mut first = 0;
+        for (last, t) in times.iter().enumerate() {
+            while *t - times[first] > window {
+                first += 1;
+            }
+            crest = crest.max(last + 1 - first);
+        }
+        (crest, times.last().map(|t| *t - since))
+    }
+
     /// Devices per gateway now.
     pub fn spread(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
@@ -601,6 +624,10 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
             let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
             let _ = h.rehome.record(micros(at.elapsed()));
             live.rehomed.fetch_add(1, Ordering::Relaxed);
+            live.rehomed_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Instant::now());
         }
         // Resumed: DATA up to the ticket's sequence is in the app's state; every DATA after
         // it is sent again (answered or not: its effect may not be in the state). Not
@@ -719,6 +746,11 @@ async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcom
         // Dropped: by the gateway (GOAWAY, crash) or the proxy. Re-home.
         live.connected_now.fetch_sub(1, Ordering::Relaxed);
         live.disconnects.fetch_add(1, Ordering::Relaxed);
+        if leaving {
+            live.left_on_goaway.fetch_add(1, Ordering::Relaxed);
+        } else {
+            live.cut.fetch_add(1, Ordering::Relaxed);
+        }
         live.set_gateway(i, None);
         dropped_at = Some(Instant::now());
         out.reconnects += 1;

@@ -85,7 +85,12 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             say!("stopping {victim} (SIGSTOP) with {affected} devices on it");
             signal(child, "-STOP");
         }
-        Scenario::Drain | Scenario::Goaway | Scenario::ScaleUp => {
+        // (The proxy events run in `proxy_run`.)
+        Scenario::Drain
+        | Scenario::Goaway
+        | Scenario::ScaleUp
+        | Scenario::ProxyKill
+        | Scenario::ProxyRestart => {
             say!("draining {victim} with {affected} devices on it");
             gateway_drain(*victim_admin);
         }
@@ -166,15 +171,19 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     conclude(&checks, doc, json)
 }
 
-/// Sends `sig` (`-KILL`, `-STOP`) to a child.
-/// Sends `sig` (`-KILL`, `-STOP`) to a child, with kill(2) itself: no `kill` program is
-/// needed (the container image has none).
+/// Sends `sig` (`-KILL`, `-STOP`, `-TERM`) to a child, with kill(2) itself: no `kill`
+/// program is needed (the container image has none).
 fn signal(child: &Child, sig: &str) {
+    signal_pid(child.id(), sig);
+}
+
+fn signal_pid(pid: u32, sig: &str) {
     let signo = match sig {
         "-STOP" => libc::SIGSTOP,
+        "-TERM" => libc::SIGTERM,
         _ => libc::SIGKILL,
     };
-    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
     };
     // SAFETY: kill(2) on the pid of a child we spawned and have not waited for; it touches
@@ -313,7 +322,7 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             say!("{victim} drains itself (GOAWAY) with {affected} sessions on it");
             gateway_drain(*victim_admin);
         }
-        Scenario::Drain | Scenario::ScaleUp => {
+        Scenario::Drain | Scenario::ScaleUp | Scenario::ProxyKill | Scenario::ProxyRestart => {
             say!("draining {victim} by moving its {affected} sessions");
             let path = format!("/api/gateways/{victim}/drain?move=true");
             if let Err(e) = wasmbed_client::Admin::new(proxy_admin).post(&path, b"") {
@@ -585,5 +594,193 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
         "spread_after": after,
         "lost": lost,
     });
+    conclude(&checks, doc, json)
+}
+
+/// Device sessions a proxy holds now (every gateway's, up or not).
+fn proxy_sessions(admin: SocketAddr) -> Option<usize> {
+    let answer = wasmbed_client::Admin::new(admin)
+        .get("/api/gateways")
+        .ok()?;
+    let list: serde_json::Value = serde_json::from_str(&answer.body).ok()?;
+    Some(
+        list.as_array()?
+            .iter()
+            .filter_map(|g| g["sessions"].as_u64())
+            .sum::<u64>() as usize,
+    )
+}
+
+/// One proxy replica of several is killed (SIGKILL) or stopped (SIGTERM, then a new replica
+/// started on the same address); the devices it held reconnect through the others. What the
+/// devices saw is the fleet's own count.
+pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Run {
+        stack,
+        mode,
+        live,
+        devices,
+        finish,
+        running,
+        json,
+        settle: wait,
+        ..
+    } = run;
+    let (all_up, _) = settle(live, devices, wait).await;
+    let Some(victim) = stack.proxies.first() else {
+        esay!("wasmbed up: no proxy to stop");
+        return ExitCode::FAILURE;
+    };
+    let per_proxy: Vec<usize> = stack
+        .proxies
+        .iter()
+        .map(|p| proxy_sessions(p.admin).unwrap_or(0))
+        .collect();
+    let affected = per_proxy.first().copied().unwrap_or(0);
+    say!(
+        "sessions per proxy: {}",
+        per_proxy
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("proxy-{i}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let (disconnects0, cut0, goaway0, rehomed0) = (
+        live.disconnects.load(Relaxed),
+        live.cut.load(Relaxed),
+        live.left_on_goaway.load(Relaxed),
+        live.rehomed.load(Relaxed),
+    );
+    let event = Instant::now();
+    let sig = if scenario == Scenario::ProxyKill {
+        "-KILL"
+    } else {
+        "-TERM"
+    };
+    say!(
+        "{} proxy-0 (SIG{}) with {affected} device sessions on it",
+        if sig == "-KILL" {
+            "killing"
+        } else {
+            "stopping"
+        },
+        &sig[1..]
+    );
+    signal_pid(victim.pid(), sig);
+    // Gone: exited (SIGTERM: once every session is handed back, or `grace` for the rest).
+    let gone = until(Duration::from_secs(60), || victim.exited()).await;
+    let gone_after = event.elapsed();
+    let mut replacement = None;
+    if scenario == Scenario::ProxyRestart {
+        let listen = stack
+            .proxy_listen
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        match spawn_proxy(&stack.proxy_args, &listen, "127.0.0.1:0") {
+            Ok((p, _)) => {
+                say!(
+                    "proxy-0 gone after {:.0} ms; a new replica is serving on {listen} {:.0} ms after the SIGTERM (admin http://{})",
+                    gone_after.as_secs_f64() * 1e3,
+                    event.elapsed().as_secs_f64() * 1e3,
+                    p.admin
+                );
+                replacement = Some(p);
+            }
+            Err(e) => esay!("wasmbed up: the new replica did not start: {e}"),
+        }
+    }
+    let back = until(Duration::from_secs(60), || {
+        live.rehomed.load(Relaxed) - rehomed0 >= affected
+            && live.connected_now.load(Relaxed) == devices
+    })
+    .await;
+    let all_back = event.elapsed();
+    // Keep sending for a moment through the survivors, then end and wait for the last replies.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (crest, last_back) = live.wave(event, Duration::from_millis(100));
+    let disconnects = live.disconnects.load(Relaxed) - disconnects0;
+    let cut = live.cut.load(Relaxed) - cut0;
+    let left_on_goaway = live.left_on_goaway.load(Relaxed) - goaway0;
+    let rehomed = live.rehomed.load(Relaxed) - rehomed0;
+    let new_serving = match &replacement {
+        Some(p) => proxy_sessions(p.admin).is_some(),
+        None => false,
+    };
+    finish.cancel();
+    let report = running.await.unwrap_or_default();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    say!(
+        "proxy-0 gone after {:.0} ms; {rehomed}/{affected} devices back through the other replicas, the last {}; all connected after {:.0} ms",
+        ms(gone_after),
+        last_back.map_or("-".into(), |d| format!("{:.0} ms after the signal", ms(d))),
+        ms(all_back)
+    );
+    say!(
+        "devices that saw a disconnect: {disconnects} (after a GOAWAY {left_on_goaway}, cut {cut}); reconnect wave: at most {crest} devices back within 100 ms"
+    );
+    say!(
+        "re-home p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (device-side: from the drop to the next WELCOME); longest wait a device saw for a reply {:.1} ms",
+        report.rehome_us.p50 as f64 / 1e3,
+        report.rehome_us.p99 as f64 / 1e3,
+        report.rehome_us.max as f64 / 1e3,
+        report.reply_us.max as f64 / 1e3
+    );
+    say!(
+        "messages: sent {} answered {} lost {} duplicated {}; sessions resumed {}, refused {:?}; app state restarted on {} devices",
+        report.messages.sent,
+        report.messages.answered,
+        report.messages.lost,
+        report.messages.duplicated,
+        report.resumed,
+        report.resume_refused,
+        report.state_resets
+    );
+    say_raw!("{}", report.table());
+    let handed_back = scenario == Scenario::ProxyRestart && mode == Mode::Terminate;
+    let checks = [
+        (
+            all_up,
+            "every device connected (and held a ticket) before the event",
+        ),
+        (affected > 0, "the stopped replica held sessions"),
+        (gone, "the stopped replica exited"),
+        (back, "every device of the stopped replica came back"),
+        (report.messages.lost == 0, "no message lost"),
+        (report.messages.duplicated == 0, "no message answered twice"),
+        (
+            report.state_resets == 0,
+            "no app state restarted (state_resets == 0)",
+        ),
+        (
+            !handed_back || cut == 0,
+            "terminate, SIGTERM: every session handed back with GOAWAY, none cut",
+        ),
+        (
+            scenario != Scenario::ProxyRestart || new_serving,
+            "the new replica serves",
+        ),
+    ];
+    let doc = serde_json::json!({
+        "scenario": match scenario { Scenario::ProxyKill => "proxy-kill", _ => "proxy-restart" },
+        "mode": format!("{mode:?}").to_lowercase(),
+        "devices": devices,
+        "proxies": stack.proxies.len(),
+        "gateways": stack.gateways.len(),
+        "affected": affected,
+        "sessions_per_proxy": per_proxy,
+        "gone_ms": ms(gone_after),
+        "all_back_ms": ms(all_back),
+        "last_back_ms": last_back.map(ms),
+        "rehomed": rehomed,
+        "disconnects": disconnects,
+        "left_on_goaway": left_on_goaway,
+        "cut": cut,
+        "wave_crest_per_100ms": crest,
+        "state_resets": report.state_resets,
+        "report": report,
+    });
+    drop(replacement);
     conclude(&checks, doc, json)
 }

@@ -40,6 +40,13 @@ fn flags_alone_make_a_config() {
     assert_eq!(c.health.fall, 2);
     assert_eq!(c.health.interval, Duration::from_millis(250));
     assert_eq!(c.mode, Mode::Passthrough);
+    assert!(!c.listeners[0].reuse_port, "SO_REUSEPORT only when asked");
+    let shared = ProxyConfig::load(&ProxyFlags {
+        reuse_port: true,
+        ..f
+    })
+    .expect("valid");
+    assert!(shared.listeners.iter().all(|l| l.reuse_port));
 }
 
 #[test]
