@@ -20,6 +20,15 @@ fn stack(
     pki: &std::path::Path,
     extra: &[&str],
 ) -> (Vec<(Killed, SocketAddr, SocketAddr)>, ProxyProcess) {
+    stack_probing(pki, "200ms", extra)
+}
+
+/// The same, with health probes every `interval`.
+fn stack_probing(
+    pki: &std::path::Path,
+    interval: &str,
+    extra: &[&str],
+) -> (Vec<(Killed, SocketAddr, SocketAddr)>, ProxyProcess) {
     certs_init(pki, &["--devices", "4", "--gateways", "2"]);
     let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
     let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
@@ -66,7 +75,7 @@ fn stack(
             "--health-path",
             "/readyz",
             "--health-interval",
-            "200ms",
+            interval,
             "--gateway",
             &spec.join(","),
         ]
@@ -115,6 +124,42 @@ async fn a_killed_gateways_link_sessions_move_with_their_state() {
     assert_eq!(
         proxy.metric("wasmbed_proxy_links_total{result=\"lost\"}"),
         1.0
+    );
+}
+
+/// A killed gateway is found by its liveness watch (`/api/alive`, cut by its kernel), not
+/// by its probes: with probes a minute apart, the sessions on its (silent) link still move
+/// at once, and the proxy counts one detection.
+#[tokio::test]
+async fn a_killed_gateway_is_found_by_its_liveness_watch_not_its_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    let (mut gateways, proxy) = stack_probing(pki, "60s", &[]);
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let id = format!("device-000{i}");
+        let mut dev = tls_device(proxy.listen, device_of(pki, &id)).await;
+        dev.open(&id, "counter").await;
+        assert_eq!(count(&dev.data(b"\x01").await), 1);
+        devices.push(dev);
+    }
+    let (mut killed, _, _) = gateways.remove(0);
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    // The next DATA of every device is answered with its count going on: the sessions of
+    // gw-0 moved. No probe ran meanwhile (the next is a minute away, or a quarter of it after
+    // an error), so the watch found it.
+    for dev in devices.iter_mut() {
+        assert_eq!(count(&dev.data(b"\x01").await), 2);
+    }
+    assert_eq!(
+        proxy.metric("wasmbed_proxy_gateway_gone_detection_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        proxy.metric("wasmbed_proxy_health_probe_failures_total{gateway=\"gw-0\"}"),
+        0.0,
+        "no probe failed: none ran"
     );
 }
 

@@ -1,5 +1,6 @@
 //! admin: `/healthz` (alive, with the live session count), `/readyz` (503 while draining),
-//! `/metrics`, `/api/apps` (list, upload, delete), `/api/drain`.
+//! `/api/alive` (a watch held open while the process lives), `/metrics`, `/api/apps` (list,
+//! upload, delete), `/api/drain`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,6 +21,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/api/alive", get(alive))
         .route("/metrics", get(metrics))
         .route("/api/apps", get(list))
         .route("/api/apps/{name}", put(upload).delete(remove))
@@ -68,6 +70,53 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         StatusCode::OK
     };
     (code, axum::Json(status(&shared))).into_response()
+}
+
+/// Most `/api/alive` watches open at once (a proxy holds one per gateway): past it, 503.
+pub const MAX_ALIVE_WATCHES: usize = 256;
+/// A line on an `/api/alive` watch this often, so that no middlebox drops it as idle.
+const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `/api/alive`: a response that lasts as long as the process. It sends the status line of
+/// `/healthz` at once and again every 15 s, and ends cleanly (a complete chunked body) when
+/// the gateway stops after its sessions. A watcher that sees it end *abruptly* (a reset, a
+/// body cut short) knows the process died: its kernel closed the connection. That is how a
+/// proxy finds a killed gateway at once rather than at its next failed probes, even when no
+/// session's own connection would tell it (sessions on the QUIC link). Unauthenticated, as
+/// `/healthz`: it says nothing more; open watches are bounded.
+async fn alive(State(shared): State<Arc<Shared>>) -> Response {
+    struct Watch(Arc<Shared>);
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            self.0.alive_watches.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    if shared.alive_watches.fetch_add(1, Ordering::AcqRel) >= MAX_ALIVE_WATCHES {
+        shared.alive_watches.fetch_sub(1, Ordering::AcqRel);
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many watches\n").into_response();
+    }
+    let watch = Watch(shared);
+    let lines = futures_util::stream::unfold((watch, true), |(watch, first)| async move {
+        if !first {
+            tokio::select! {
+                _ = tokio::time::sleep(ALIVE_EVERY) => {}
+                _ = watch.0.stopped.cancelled() => return None,
+            }
+        } else if watch.0.stopped.is_cancelled() {
+            return None;
+        }
+        let mut line = status(&watch.0).to_string();
+        line.push('\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(line)),
+            (watch, false),
+        ))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

@@ -70,6 +70,11 @@ pub struct Shared {
     pub tls: wasmbed_certs::Reloadable<DeviceTls>,
     /// The proxies' link endpoint (`--link`): a TLS reload gives it the new configuration.
     pub link: Option<quinn::Endpoint>,
+    /// Cancelled when the gateway has finished with its sessions and stops: `/api/alive`
+    /// watches end cleanly then (an abrupt end means the process died).
+    pub stopped: CancellationToken,
+    /// Open `/api/alive` watches (bounded by [`admin::MAX_ALIVE_WATCHES`]).
+    pub alive_watches: AtomicUsize,
 }
 
 impl Shared {
@@ -263,6 +268,8 @@ impl Gateway {
             sessions: AtomicUsize::new(0),
             meters: metrics::Meters::new(),
             draining: CancellationToken::new(),
+            stopped: CancellationToken::new(),
+            alive_watches: AtomicUsize::new(0),
         });
         Ok(Gateway {
             shared,
@@ -352,6 +359,7 @@ impl Gateway {
             // Drained by an operator: stay up (admin, metrics) until told to stop.
             shutdown.cancelled().await;
         }
+        shared.stopped.cancel();
         admin_stop.cancel();
         link_stop.cancel();
         if let Some(endpoint) = &shared.link {

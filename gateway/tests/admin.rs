@@ -295,3 +295,49 @@ async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
         "the admin certificate stands in for the token"
     );
 }
+
+/// Opens `GET /api/alive` on `admin` and reads until the status line of the answer and its
+/// first body line have arrived; returns the stream and what was read.
+async fn alive_watch(admin: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /api/alive HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !(seen.windows(4).any(|w| w == b"\r\n\r\n")
+        && (seen.starts_with(b"HTTP/1.1 503") || seen.windows(6).any(|w| w == b"status")))
+    {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    (s, String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// `/api/alive` answers at once with the gateway's status and holds the body open while the
+/// process lives; a gateway that stops in order ends it cleanly (the last chunk), so a
+/// proxy tells a stop from a crash. Open watches are bounded: past the cap, 503.
+#[tokio::test]
+async fn the_alive_watch_lasts_until_an_orderly_stop_and_is_bounded() {
+    use tokio::io::AsyncReadExt;
+    let gw = start(settings(None)).await;
+    let (mut watch, head) = alive_watch(gw.admin).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("\"status\":\"ok\""), "{head}");
+    let mut held = Vec::new();
+    for _ in 1..wasmbed_gateway::admin::MAX_ALIVE_WATCHES {
+        let (s, head) = alive_watch(gw.admin).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        held.push(s);
+    }
+    let (_, over) = alive_watch(gw.admin).await;
+    assert!(over.starts_with("HTTP/1.1 503"), "past the cap: {over}");
+    gw.shutdown.cancel();
+    let mut rest = Vec::new();
+    watch.read_to_end(&mut rest).await.unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.ends_with("0\r\n\r\n"), "a complete body: {rest:?}");
+    gw.task.await.unwrap().unwrap();
+}

@@ -346,6 +346,22 @@ impl Gateway {
             .cancel();
     }
 
+    /// Marks this gateway down now, as `fall` failed probes would: its process is known to be
+    /// gone (its liveness watch was cut and its admin port refuses). Returns the transition.
+    pub fn observe_gone(&self, fall: u32) -> Option<Transition> {
+        let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        streak.successes = 0;
+        streak.failures = streak.failures.max(fall);
+        if !self.is_healthy() {
+            return None;
+        }
+        let now = epoch().elapsed().as_millis() as u64;
+        self.down_since_ms.store(now + 1, Ordering::Relaxed);
+        self.healthy.store(false, Ordering::SeqCst);
+        self.cut_sessions();
+        Some(Transition::Down)
+    }
+
     /// Records one health result; returns the transition it caused, if any.
     /// Marking down cancels every session through the gateway at once.
     pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {

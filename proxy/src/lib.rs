@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod alive;
 pub mod anchor;
 mod balancer;
 mod clienthello;

@@ -12,6 +12,7 @@ pub const GATEWAY_UP: &str = "wasmbed_proxy_gateway_up";
 pub const GATEWAY_DRAINING: &str = "wasmbed_proxy_gateway_draining";
 pub const GATEWAY_TRANSITIONS: &str = "wasmbed_proxy_gateway_transitions_total";
 pub const PROBE_FAILURES: &str = "wasmbed_proxy_health_probe_failures_total";
+pub const GONE_DETECTION: &str = "wasmbed_proxy_gateway_gone_detection_seconds";
 pub const CONNECT_FAILURES: &str = "wasmbed_proxy_gateway_connect_failures_total";
 pub const UPSTREAM_TLS_FAILURES: &str = "wasmbed_proxy_upstream_tls_failures_total";
 pub const BYTES: &str = "wasmbed_proxy_bytes_total";
@@ -54,6 +55,7 @@ pub const ALL: &[&str] = &[
     GATEWAY_DRAINING,
     GATEWAY_TRANSITIONS,
     PROBE_FAILURES,
+    GONE_DETECTION,
     CONNECT_FAILURES,
     UPSTREAM_TLS_FAILURES,
     BYTES,

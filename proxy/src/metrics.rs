@@ -83,6 +83,11 @@ fn describe() {
         "Health state changes, by gateway and new state."
     );
     describe_counter!(PROBE_FAILURES, "Failed health probes, by gateway.");
+    describe_histogram!(
+        GONE_DETECTION,
+        Unit::Seconds,
+        "A gateway found gone by its liveness watch (GET /api/alive on its admin address, cut by its kernel when the process died): time from the cut to the gateway marked down, its sessions moving."
+    );
     describe_counter!(
         CONNECT_FAILURES,
         "Failed connects to a gateway, by gateway."

@@ -217,6 +217,19 @@ fn proxy_spread(admin: SocketAddr) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// Whether the proxy has `name` up (an unreadable answer counts as up: no verdict).
+fn gateway_up(admin: SocketAddr, name: &str) -> bool {
+    let Ok(answer) = wasmbed_client::Admin::new(admin).get("/api/gateways") else {
+        return true;
+    };
+    let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["name"].as_str() == Some(name))
+        .is_none_or(|g| g["healthy"].as_bool() != Some(false))
+}
+
 /// What the proxy counted of moves: by result, and the pause histogram's buckets.
 #[derive(Debug, Default, Clone)]
 struct Moves {
@@ -330,6 +343,23 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             }
         }
     }
+    // Failover and hang: when the proxy marked the victim down (polled every 2 ms: the
+    // detection as seen from outside the proxy, to within a poll).
+    let detected = match scenario {
+        Scenario::Failover | Scenario::Hang => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if !gateway_up(proxy_admin, victim) {
+                    break Some(event.elapsed());
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        _ => None,
+    };
     let moved = until(Duration::from_secs(30), || {
         let moves = Moves::read(proxy_admin);
         let spread = proxy_spread(proxy_admin);
@@ -366,6 +396,17 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         show(p99),
         report.reply_us.max as f64 / 1e3
     );
+    if let Some(d) = detected {
+        say!(
+            "{victim} marked down by the proxy {:.1} ms after the {}",
+            d.as_secs_f64() * 1e3,
+            if scenario == Scenario::Hang {
+                "SIGSTOP"
+            } else {
+                "SIGKILL"
+            }
+        );
+    }
     let handshakes: BTreeMap<&String, f64> = moves
         .handshakes
         .iter()
@@ -408,6 +449,8 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         "affected": affected,
         "moves": by_result,
         "emptied_ms": emptied.as_secs_f64() * 1e3,
+        "detected_ms": detected.map(|d| d.as_secs_f64() * 1e3),
+        "longest_reply_wait_ms": report.reply_us.max as f64 / 1e3,
         "pause_p50_ms_bucket": p50,
         "pause_p99_ms_bucket": p99,
         "disconnects": disconnects,

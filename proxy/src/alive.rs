@@ -1,0 +1,134 @@
+//! alive: the liveness watch. Beside its probes, the proxy holds one request open on each
+//! gateway's admin address, `GET /api/alive`, which the gateway answers with a body that
+//! lasts as long as its process. When the process dies its kernel closes that connection at
+//! once: the body ends *abruptly* (a reset, or a chunked body cut short). The proxy then
+//! checks the admin port: refused means the process is gone, and the gateway is marked down
+//! at once, its sessions moving now rather than after `fall` failed probes. This matters
+//! where no session's own connection would tell: sessions on the QUIC link (a dead peer
+//! sends nothing), and idle ones.
+//!
+//! A clean end (the gateway stopping after its sessions) or a watch that cannot be held is
+//! no verdict: the probes go on deciding. A hung process keeps the connection open: the
+//! probes find it. A gateway without `/api/alive` (404) is not watched.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use metrics::histogram;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use wasmbed_config::HealthConfig;
+
+use crate::balancer::Gateway;
+use crate::metric_names::GONE_DETECTION;
+
+/// The gateway's path.
+pub const PATH: &str = "/api/alive";
+
+/// How a watch ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Not held: no connection, no answer in time, or a status other than 200.
+    NotHeld,
+    /// The gateway has no such endpoint (404, 405): stop watching it.
+    Unsupported,
+    /// The body completed: the gateway stopped in order.
+    Clean,
+    /// The connection broke mid-body.
+    Abrupt,
+}
+
+/// Watches `gateway` (which has a health address) until `stop` or its removal.
+pub async fn watch(gateway: Arc<Gateway>, config: HealthConfig, stop: CancellationToken) {
+    let Some(addr) = gateway.health_addr.clone() else {
+        return;
+    };
+    loop {
+        let ended = tokio::select! {
+            e = hold(&addr, config.timeout) => e,
+            _ = stop.cancelled() => return,
+            _ = gateway.removed() => return,
+        };
+        match ended {
+            Ended::Unsupported => {
+                tracing::debug!(gateway = %gateway.name, "no {PATH} on the gateway: probes alone watch it");
+                return;
+            }
+            Ended::Abrupt => {
+                let cut = Instant::now();
+                if refused(&addr, config.timeout).await {
+                    let change = gateway.observe_gone(config.fall);
+                    if change.is_some() {
+                        histogram!(GONE_DETECTION).record(cut.elapsed().as_secs_f64());
+                    }
+                    crate::health::report(
+                        &gateway,
+                        change,
+                        "its process is gone (its liveness watch was cut and its admin port refuses)",
+                    );
+                } else {
+                    // Alive after all (a network blip, an admin restart): probe now.
+                    gateway.suspect();
+                }
+            }
+            Ended::Clean | Ended::NotHeld => {}
+        }
+        // Watch again after an interval (the probes decide meanwhile).
+        tokio::select! {
+            _ = tokio::time::sleep(config.interval) => {}
+            _ = stop.cancelled() => return,
+            _ = gateway.removed() => return,
+        }
+    }
+}
+
+/// Holds `GET /api/alive` on `addr` until its body ends.
+async fn hold(addr: &str, timeout: Duration) -> Ended {
+    let opened = tokio::time::timeout(timeout, async {
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        let driver = tokio::spawn(conn);
+        let request = hyper::Request::get(PATH)
+            .header(hyper::header::HOST, addr)
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok();
+        Some((response, driver))
+    })
+    .await;
+    let Ok(Some((response, driver))) = opened else {
+        return Ended::NotHeld;
+    };
+    let ended = match response {
+        None => Ended::NotHeld,
+        Some(r) if matches!(r.status().as_u16(), 404 | 405) => Ended::Unsupported,
+        Some(r) if r.status() != hyper::StatusCode::OK => Ended::NotHeld,
+        Some(r) => {
+            let mut body = r.into_body();
+            loop {
+                match body.frame().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break Ended::Abrupt,
+                    None => break Ended::Clean,
+                }
+            }
+        }
+    };
+    driver.abort();
+    ended
+}
+
+/// Whether a connect to `addr` is refused (nothing listens: the process is gone). A connect
+/// that succeeds or times out proves nothing.
+async fn refused(addr: &str, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
