@@ -288,6 +288,22 @@ fn loadtest(flags: LoadtestFlags) -> ExitCode {
                 }
             });
         }
+        // One line when every device is connected and holds a ticket: the moment a script
+        // (or a test) may disturb the fleet and expect every session to resume.
+        let ready = live.clone();
+        tokio::spawn(async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            let started = std::time::Instant::now();
+            while ready.ticketed.load(Relaxed) < devices
+                || ready.connected_now.load(Relaxed) < devices
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            esay!(
+                "loadtest: all {devices} devices connected and holding a ticket after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        });
         fleet.run(finish).await
     });
     say_raw!("{}", report.table());

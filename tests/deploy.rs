@@ -2,7 +2,9 @@
 //! where deploy/k8s mounts them; two gateways started with the Deployment's own arguments;
 //! a proxy on the ConfigMap's proxy.toml, finding the gateways through DNS (a test server
 //! standing in for the headless Service); a device's session; then the gateway's preStop
-//! command (`wasmbed drain`), which moves the session to the other gateway with its app state.
+//! command (`wasmbed drain`), which moves the session to the other gateway with its app state;
+//! and two proxies on the ConfigMap's config sharing one address, one of them killed under a
+//! fleet: every device resumes through the other, its app state intact.
 //! Only addresses change: listeners go to loopback, the DNS name to the test server's zone.
 
 mod support;
@@ -73,8 +75,36 @@ fn list_under(manifest: &str, key: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_k8s_manifests_run_as_written() {
+/// The gateway pods of deploy/k8s (two, from the Deployment's arguments, on 127.0.0.2 and
+/// 127.0.0.3 sharing ports), the Secrets mounted, a DNS server standing in for the headless
+/// Service, and the ConfigMap's proxy.toml made local (written to `proxy.toml`).
+struct Cluster {
+    dir: tempfile::TempDir,
+    gateways: [std::process::Child; 2],
+    a_admin: SocketAddr,
+    b_admin: SocketAddr,
+    gateway_yaml: String,
+    gw_root: std::path::PathBuf,
+    config: std::path::PathBuf,
+    _dns: DnsServer,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for gw in self.gateways.iter_mut() {
+            let _ = gw.kill();
+            let _ = gw.wait();
+        }
+    }
+}
+
+/// `/etc/wasmbed/...` of a manifest under `root`, the image's apps from the repository.
+fn local(arg: &str, root: &Path) -> String {
+    arg.replace("/etc/wasmbed/", &format!("{}/", root.display()))
+        .replace("/usr/share/wasmbed/apps", &format!("{REPO}/apps"))
+}
+
+async fn cluster(devices: usize) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let secrets_dir = root.join("secrets");
@@ -82,7 +112,7 @@ async fn the_k8s_manifests_run_as_written() {
         &root.join("pki"),
         &[
             "--devices",
-            "1",
+            &devices.to_string(),
             "--gateways",
             "0",
             "--k8s-secrets",
@@ -106,10 +136,6 @@ async fn the_k8s_manifests_run_as_written() {
     }
     let gateway_yaml =
         std::fs::read_to_string(format!("{REPO}/deploy/k8s/base/gateway.yaml")).unwrap();
-    let local = |arg: &str, root: &Path| {
-        arg.replace("/etc/wasmbed/", &format!("{}/", root.display()))
-            .replace("/usr/share/wasmbed/apps", &format!("{REPO}/apps"))
-    };
     // Two gateway pods: the Deployment's arguments, on two loopback addresses sharing the
     // session and admin ports (as pods of a headless Service do).
     let args: Vec<String> = list_under(&gateway_yaml, "args:")
@@ -129,9 +155,9 @@ async fn the_k8s_manifests_run_as_written() {
         }
         spawn_ready(&mut cmd)
     };
-    let (mut gw_a, line) = spawn_gateway("127.0.0.2:0".into(), "127.0.0.2:0".into());
+    let (gw_a, line) = spawn_gateway("127.0.0.2:0".into(), "127.0.0.2:0".into());
     let (a_sessions, a_admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
-    let (mut gw_b, line) = spawn_gateway(
+    let (gw_b, line) = spawn_gateway(
         format!("127.0.0.3:{}", a_sessions.port()),
         format!("127.0.0.3:{}", a_admin.port()),
     );
@@ -162,6 +188,24 @@ async fn the_k8s_manifests_run_as_written() {
     );
     let config = root.join("proxy.toml");
     std::fs::write(&config, toml).unwrap();
+    Cluster {
+        gateways: [gw_a, gw_b],
+        a_admin,
+        b_admin,
+        gateway_yaml,
+        gw_root,
+        config,
+        _dns: dns,
+        dir,
+    }
+}
+
+#[tokio::test]
+async fn the_k8s_manifests_run_as_written() {
+    let c = cluster(1).await;
+    let (a_admin, b_admin, gateway_yaml, gw_root, config) =
+        (c.a_admin, c.b_admin, &c.gateway_yaml, &c.gw_root, &c.config);
+    let root = c.dir.path();
     let proxy = ProxyProcess::start(&[], &["--config", config.to_str().unwrap()]);
     let gateways_up = || {
         let (_, body) = proxy.get("/api/gateways");
@@ -201,9 +245,9 @@ async fn the_k8s_manifests_run_as_written() {
     } else {
         b_admin
     };
-    let pre_stop: Vec<String> = list_under(&gateway_yaml, "command:")
+    let pre_stop: Vec<String> = list_under(gateway_yaml, "command:")
         .iter()
-        .map(|a| local(a, &gw_root))
+        .map(|a| local(a, gw_root))
         .map(|a| match a.split_once('=') {
             Some(("--admin", _)) => format!("--admin={holder}"),
             _ => a,
@@ -221,8 +265,116 @@ async fn the_k8s_manifests_run_as_written() {
     assert_eq!(count(&device.data(b"tick").await), 4);
     let other = if holder == a_admin { b_admin } else { a_admin };
     assert_eq!(sessions(other), 1);
-    for gw in [&mut gw_a, &mut gw_b] {
-        let _ = gw.kill();
-        let _ = gw.wait();
+}
+
+/// Two proxy pods of deploy/k8s on one address (the ConfigMap's proxy.toml as written:
+/// `reuse_port`, the link, checkpoints to devices; only addresses made local), a fleet of
+/// 40 devices sending to `counter` through it, and one proxy killed (SIGKILL, a node lost):
+/// its devices resume through the other with their tickets: nothing lost, no app state
+/// restarted.
+#[tokio::test]
+async fn two_proxies_from_the_manifests_lose_nothing_when_one_is_killed() {
+    let c = cluster(40).await;
+    let toml = std::fs::read_to_string(&c.config).unwrap();
+    assert!(toml.contains("reuse_port = true") && toml.contains("upstream = \"link\""));
+    let toml = toml.replacen("admin = \"0.0.0.0:9900\"", "admin = \"127.0.0.1:0\"", 1);
+    let at = |listen: &str| {
+        let path = c
+            .dir
+            .path()
+            .join(format!("proxy-{}.toml", listen.replace(':', "_")));
+        let text = toml.replacen(
+            "addr = \"0.0.0.0:8443\"",
+            &format!("addr = \"{listen}\""),
+            1,
+        );
+        assert_ne!(text, toml, "the listener as expected");
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("proxy").arg("--config").arg(&path);
+        let (child, line) = spawn_ready(&mut cmd);
+        (support::Killed(child), line)
+    };
+    let (mut a, line) = at("127.0.0.1:0");
+    let listen = addr_in(&line, "listen=");
+    let a_admin = addr_in(&line, "admin=");
+    let (_b, line) = at(&listen.to_string());
+    let b_admin = addr_in(&line, "admin=");
+    assert_eq!(
+        addr_in(&line, "listen="),
+        listen,
+        "one address, two proxies"
+    );
+    let up = |admin: SocketAddr| -> usize {
+        let answer = wasmbed_testkit::Admin::new(admin)
+            .get("/api/gateways")
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["healthy"] == true)
+            .count()
+    };
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "both proxies found both gateways",
+        || up(a_admin) == 2 && up(b_admin) == 2,
+    )
+    .await;
+    let json = c.dir.path().join("fleet.json");
+    let mut fleet = Command::new(BIN)
+        .args(["loadtest", "--target", &listen.to_string()])
+        .arg("--ca-dir")
+        .arg(c.dir.path().join("pki"))
+        .arg("--devices-from")
+        .arg(c.dir.path().join("pki"))
+        .args(["--devices", "40", "--rate", "5", "--duration", "8s"])
+        .args(["--app", "counter", "--json"])
+        .arg(&json)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // (The fleet ends by itself: --duration bounds it.) Its line saying every device holds
+    // a ticket is the moment to kill a proxy; by then both proxies hold sessions.
+    let mut err = std::io::BufReader::new(fleet.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holding a ticket") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+        assert!(n > 0, "the fleet ended before every device held a ticket");
     }
+    let sessions = |admin: SocketAddr| -> u64 {
+        let answer = wasmbed_testkit::Admin::new(admin)
+            .get("/api/gateways")
+            .unwrap();
+        let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|g| g["sessions"].as_u64())
+            .sum()
+    };
+    assert_eq!(sessions(a_admin) + sessions(b_admin), 40);
+    let held = sessions(a_admin);
+    assert!(held > 0, "the kernel spread the devices over both proxies");
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let out = fleet.wait_with_output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["connected"], 40, "{report}");
+    assert!(
+        report["reconnects"].as_u64().unwrap() >= held,
+        "the killed proxy's {held} devices reconnected: {report}"
+    );
+    assert_eq!(
+        report["state_resets"], 0,
+        "no app state restarted: {report}"
+    );
+    assert_eq!(report["messages"]["lost"], 0, "{report}");
+    assert_eq!(report["messages"]["duplicated"], 0, "{report}");
 }
