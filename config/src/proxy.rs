@@ -178,6 +178,14 @@ pub struct ProxyFlags {
         help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: --grace plus 10 s. A second signal ends the process at once."
     )]
     pub hard_stop_after: Option<String>,
+    /// Upgrade in place through the Unix socket at PATH: if a proxy started with the same
+    /// PATH runs, this process takes its listening sockets (no connect is refused) and its
+    /// passthrough sessions (device and gateway sockets, quiesced first: no byte lost); the
+    /// old one hands its terminated sessions back to their devices and exits. Otherwise it
+    /// starts fresh. Either way it then serves PATH for the next upgrade. Only a process of
+    /// the same user holding the token (PATH.token, mode 0600) may take over.
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
     #[arg(long, value_name = "N", help = format!("Most addresses taken from one name's answer (the rest are counted and ignored). Default {}.", crate::defaults::proxy::MAX_DISCOVERED))]
     pub max_discovered: Option<usize>,
     /// Passthrough: forward with splice(2) (socket -> pipe -> socket inside the kernel, no
@@ -426,6 +434,8 @@ pub struct ProxyConfig {
     pub grace: Duration,
     /// Past this after a stop began, the process ends whatever still runs.
     pub hard_stop_after: Duration,
+    /// `--takeover PATH`: the Unix socket of upgrades in place.
+    pub takeover: Option<PathBuf>,
     pub threads: Option<usize>,
     /// Who may change things through the admin endpoint.
     pub admin_auth: crate::admin::AdminAuth,
@@ -469,6 +479,7 @@ struct RawProxy {
     slow_start: Option<String>,
     grace: Option<String>,
     hard_stop_after: Option<String>,
+    takeover: Option<PathBuf>,
     replay_window: Option<String>,
     forward_checkpoints: Option<bool>,
     migrate_timeout: Option<String>,
@@ -784,6 +795,13 @@ impl ProxyConfig {
                 "needs terminate mode (QUIC devices' TLS ends at the proxy)",
             ));
         }
+        if quic_listen.is_some() && raw.takeover.is_some() {
+            return Err(ConfigError::field(
+                "takeover",
+                "not with quic_listen: a QUIC device's connection state cannot move to another \
+                 process (run replicas with reuse_port and restart them one at a time instead)",
+            ));
+        }
         let quic = QuicConfig {
             listen: quic_listen,
             idle_timeout: positive(
@@ -851,6 +869,7 @@ impl ProxyConfig {
             )?,
             grace,
             hard_stop_after,
+            takeover: raw.takeover.clone(),
             threads: raw.threads,
             admin_auth: crate::admin::AdminAuth::load_with_tls(
                 raw.admin_token_file.as_deref(),
@@ -963,6 +982,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.dns_grace, f.dns_grace.clone());
     set(&mut raw.grace, f.grace.clone());
     set(&mut raw.hard_stop_after, f.hard_stop_after.clone());
+    set(&mut raw.takeover, f.takeover.clone());
     set(&mut raw.max_discovered, f.max_discovered);
     raw.allow_empty |= f.allow_empty;
     set(&mut raw.splice, f.splice);

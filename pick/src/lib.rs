@@ -31,6 +31,12 @@ impl Load {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Takes one session whatever the load: a session that already exists (handed over by
+    /// another process) is counted where it is.
+    pub fn adopt(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Takes one session if the load is still `seen`.
     fn take_if(&self, seen: u64) -> bool {
         self.0

@@ -542,6 +542,14 @@ impl GatewaySet {
             .cloned()
     }
 
+    /// Counts one existing session on the gateway named `name` (a session handed over by the
+    /// process this one took over from): `None` when no such gateway is here.
+    pub fn lease_on(&self, name: &str) -> Option<Lease> {
+        let gateway = self.find(name)?;
+        gateway.sessions.adopt();
+        Some(Lease { gateway })
+    }
+
     /// Whether any gateway of any pool would take a new session.
     pub fn any_eligible(&self) -> bool {
         self.gateways

@@ -32,6 +32,8 @@ pub struct Context {
     pub alpn: AlpnCounts,
     /// Spaces the moves of drains and rebalancing (`--move-rate`).
     pub pacer: Arc<crate::context::Pacer>,
+    /// `--takeover`: where passthrough sessions go when a new process takes over.
+    pub handover: Option<Arc<crate::takeover::Handover>>,
 }
 
 impl Context {
@@ -60,6 +62,7 @@ impl Context {
             hard_stop,
             meters: Meters::new(),
             routed,
+            handover: None,
         }
     }
 
@@ -79,6 +82,7 @@ impl Context {
         self.pacer.set_rate(next.config.migration.move_rate);
         next.pacer = self.pacer.clone();
         next.links = self.links.clone();
+        next.handover = self.handover.clone();
         next
     }
 }

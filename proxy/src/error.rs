@@ -18,4 +18,6 @@ pub enum ProxyError {
     /// A config reload that was refused (the running config stays).
     #[error("{0}")]
     Reload(String),
+    #[error("takeover: {0}")]
+    Takeover(String),
 }

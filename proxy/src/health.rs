@@ -55,8 +55,7 @@ pub fn kind_for(check: HealthCheck, gateway: &Gateway) -> HealthCheck {
     }
 }
 
-/// Starts one probe loop per gateway, and for http checks its liveness watch
-/// ([`crate::alive`]); they stop on `shutdown`.
+/// Starts one probe loop per gateway; they stop on `shutdown`.
 pub fn spawn(
     gateways: &[Arc<Gateway>],
     config: &HealthConfig,
@@ -70,11 +69,6 @@ pub fn spawn(
         }
         let (g, c, s) = (gateway.clone(), config.clone(), shutdown.clone());
         tracker.spawn(async move { watch(g, kind, c, s).await });
-        // Beside http probes, the liveness watch finds a dead process at once.
-        if kind == HealthCheck::Http && gateway.health_addr.is_some() {
-            let (g, c, s) = (gateway.clone(), config.clone(), shutdown.clone());
-            tracker.spawn(crate::alive::watch(g, c, s));
-        }
     }
 }
 

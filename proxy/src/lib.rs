@@ -48,6 +48,7 @@ mod rebalance;
 mod refusal;
 mod route;
 mod session;
+mod takeover;
 mod terminate;
 mod tls;
 mod upstream;
@@ -75,6 +76,16 @@ pub struct Proxy {
     admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// `--quic-listen`: QUIC devices.
     quic: Option<quinn::Endpoint>,
+    /// `--takeover`: what was taken from the process this one replaces (its sessions come
+    /// once this one accepts), the socket this one serves for the next, and where its own
+    /// passthrough sessions go then.
+    takeover: Option<Takeover>,
+}
+
+struct Takeover {
+    inherited: Option<takeover::Inherited>,
+    socket: (tokio::net::UnixListener, std::path::PathBuf),
+    handoff: (Arc<takeover::Handover>, takeover::Handoff),
 }
 
 impl Proxy {
@@ -82,9 +93,21 @@ impl Proxy {
     /// start-up error surfaces here, before anything is served.
     pub async fn bind(config: ProxyConfig) -> Result<Proxy, ProxyError> {
         crate::metrics::handle();
+        // An upgrade in place: the running proxy's listening sockets, when one serves the path.
+        let mut inherited = match &config.takeover {
+            Some(path) => takeover::receive(path)
+                .await
+                .map_err(|e| ProxyError::Takeover(format!("{}: {e}", path.display())))?,
+            None => None,
+        };
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let bound = listener::bind(l).map_err(|source| ProxyError::Bind {
+            let taken = inherited.as_mut().and_then(|i| i.take_listener(l.addr));
+            let bound = match taken {
+                Some(socket) => TcpListener::from_std(socket),
+                None => listener::bind(l),
+            }
+            .map_err(|source| ProxyError::Bind {
                 what: "devices, --listen",
                 addr: l.addr,
                 source,
@@ -93,8 +116,19 @@ impl Proxy {
             l.addr = bound.local_addr().unwrap_or(l.addr);
             listeners.push((Arc::new(l), bound));
         }
-        let admin = match config.admin {
-            Some(addr) => {
+        let inherited_admin = inherited
+            .as_mut()
+            .and_then(|i| i.admin.take())
+            .filter(|(a, _)| Some(*a) == config.admin);
+        let admin = match (config.admin, inherited_admin) {
+            (Some(addr), Some((_, socket))) => Some(TcpListener::from_std(socket).map_err(
+                |source| ProxyError::Bind {
+                    what: "admin, --admin",
+                    addr,
+                    source,
+                },
+            )?),
+            (Some(addr), None) => {
                 Some(
                     TcpListener::bind(addr)
                         .await
@@ -105,7 +139,7 @@ impl Proxy {
                         })?,
                 )
             }
-            None => None,
+            (None, _) => None,
         };
         // Load certificates now, so a bad file fails the start, not the first device.
         let tls = tls_setup(&config)?;
@@ -127,8 +161,21 @@ impl Proxy {
         let probes_stop = CancellationToken::new();
         let links = link::Links::new(&config)?;
         let quic = quic::bind(&config, &tls.0)?;
+        let takeover = match &config.takeover {
+            Some(path) => {
+                let socket = takeover::bind(path)
+                    .map_err(|e| ProxyError::Takeover(format!("{}: {e}", path.display())))?;
+                Some(Takeover {
+                    inherited,
+                    socket: (socket, path.clone()),
+                    handoff: takeover::Handover::new(),
+                })
+            }
+            None => None,
+        };
         let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone());
         ctx.links = links;
+        ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
         Ok(Proxy {
             listeners,
             admin,
@@ -137,6 +184,7 @@ impl Proxy {
             probes_stop,
             admin_tls,
             quic,
+            takeover,
         })
     }
 
@@ -185,7 +233,18 @@ impl Proxy {
             probes_stop,
             admin_tls,
             quic,
+            takeover,
         } = self;
+        // Copies of the listening sockets, for a takeover: taken before the accept loops own
+        // them, dropped when the takeover server ends (at the latest, when this one stops).
+        let dup = |l: &TcpListener| -> Option<(SocketAddr, std::os::fd::OwnedFd)> {
+            use std::os::fd::AsFd;
+            Some((l.local_addr().ok()?, l.as_fd().try_clone_to_owned().ok()?))
+        };
+        let offer = takeover.as_ref().map(|_| takeover::Offer {
+            listeners: listeners.iter().filter_map(|(_, l)| dup(l)).collect(),
+            admin: admin.as_ref().and_then(dup),
+        });
         let ctx = live.context();
         let gateways = ctx.gateways.clone();
         let background = TaskTracker::new();
@@ -240,6 +299,39 @@ impl Proxy {
                 shutdown.clone(),
             ));
         }
+        let sessions_done = CancellationToken::new();
+        if let (Some(t), Some(offer)) = (takeover, offer) {
+            let Takeover {
+                inherited,
+                socket,
+                handoff,
+            } = t;
+            background.spawn(takeover::serve(
+                socket,
+                offer,
+                handoff,
+                shutdown.clone(),
+                sessions_done.clone(),
+            ));
+            if let Some(inherited) = inherited {
+                let (live, sessions, limit) = (live.clone(), sessions.clone(), limit.clone());
+                background.spawn(async move {
+                    let adopt = |name: String, device, gateway| {
+                        let ctx = live.context();
+                        let Some(lease) = ctx.gateways.lease_on(&name) else {
+                            tracing::warn!(gateway = %name, "takeover: a session of a gateway this proxy does not have: closed");
+                            return false;
+                        };
+                        let permit = limit.clone().try_acquire_owned().ok();
+                        sessions.spawn(session::adopt(ctx, (device, gateway), lease, permit));
+                        true
+                    };
+                    if let Err(e) = takeover::take_sessions(inherited, adopt).await {
+                        tracing::warn!(error = %e, "takeover: the old process stopped handing sessions over");
+                    }
+                });
+            }
+        }
         drop(ctx);
         let stopping = gateways.clone();
         let stop_said = shutdown.clone();
@@ -266,6 +358,7 @@ impl Proxy {
             gateways.snapshot().iter().for_each(|g| g.cut_sessions());
             sessions.wait().await;
         }
+        sessions_done.cancel();
         if let Some(endpoint) = &quic {
             quic::close(endpoint).await;
         }

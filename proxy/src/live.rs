@@ -68,6 +68,15 @@ impl Probes {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         crate::health::spawn(gateways, health, &self.tracker, &generation);
+        // Beside http probes, the liveness watch finds a dead gateway process at once.
+        for g in gateways {
+            if crate::health::kind_for(health.check, g) == wasmbed_config::HealthCheck::Http
+                && g.health_addr.is_some()
+            {
+                let (g, c, s) = (g.clone(), health.clone(), generation.clone());
+                self.tracker.spawn(crate::alive::watch(g, c, s));
+            }
+        }
     }
 
     /// Stops every probe and starts them again with `health`.

@@ -13,7 +13,7 @@ use wasmbed_config::ListenerConfig;
 use crate::balancer::Lease;
 use crate::clienthello::{self, ClientHello, HelloError};
 use crate::context::Context;
-use crate::forward::{self, supervise};
+use crate::forward;
 use crate::listener::reset_on_close;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::route::{Matched, pools_for};
@@ -64,6 +64,14 @@ pub(crate) async fn passthrough(
     let (lease, mut gateway) = Box::pin(opening).await?;
     ctx.meters.bytes_up.increment(prefix.len() as u64);
     drop(prefix);
+    if ctx.handover.is_some() {
+        // `--takeover`: a session that may move to a new process (boxed: its state is
+        // larger, and a proxy without --takeover should not carry it in every session).
+        lease.gateway().sessions_started.increment(1);
+        tracing::Span::current().record("gateway", lease.gateway().name.as_str());
+        Box::pin(forward_until_handed(ctx, device, gateway, lease)).await;
+        return Ok(());
+    }
     let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
     let forwarding = forward::tcp(
         &mut device,
@@ -73,10 +81,62 @@ pub(crate) async fn passthrough(
         ctx.config.splice,
         ctx.config.half_close,
     );
-    if supervise(ctx, &lease, forwarding).await.is_some() {
+    if forward::supervise(ctx, &lease, forwarding).await.is_some() {
         reset_on_close(&device);
     }
     Ok(())
+}
+
+/// Forwards a passthrough session until it ends, the proxy cuts it, or (`--takeover`) a new
+/// process takes it: then the forwarding stops, what was read is written out, and the two
+/// sockets go to the new process. A session that cannot be quiesced (half-closed, splicing)
+/// or whose hand-over fails stays here and goes on.
+pub(crate) async fn forward_until_handed(
+    ctx: &Context,
+    mut device: TcpStream,
+    mut gateway: TcpStream,
+    lease: Lease,
+) {
+    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let mut hand_over = ctx.handover.as_ref().map(|h| h.quiesce.clone());
+    loop {
+        let mut forwarding = std::pin::pin!(forward::tcp(
+            &mut device,
+            &mut gateway,
+            up,
+            down,
+            ctx.config.splice,
+            ctx.config.half_close,
+        ));
+        match forward::watch(ctx, &lease, forwarding.as_mut(), hand_over.as_ref()).await {
+            forward::Watched::Ended(None) => return,
+            forward::Watched::Ended(Some(_)) => {
+                reset_on_close(&device);
+                return;
+            }
+            forward::Watched::HandOver => {
+                let quiesced = forwarding.as_mut().quiesce().await;
+                // One try: after a failed one it stays here.
+                hand_over = None;
+                if let Err(why) = quiesced {
+                    if let forward::NotMovable::Failed(f) = &why
+                        && f.gateway_failed()
+                    {
+                        lease.gateway().suspect();
+                    }
+                    tracing::debug!(?why, "not handed over: stays in this process");
+                    continue;
+                }
+                let Some(handover) = &ctx.handover else {
+                    continue;
+                };
+                match handover.give(device, gateway, &lease).await {
+                    Ok(()) => return,
+                    Err((d, g)) => (device, gateway) = (d, g),
+                }
+            }
+        }
+    }
 }
 
 /// Connects to a gateway of `pools` and sends what goes first: a PROXY header (where the

@@ -441,3 +441,17 @@ fn checkpoints_reach_devices_unless_turned_off_and_hard_stop_follows_the_grace()
             .expect("valid");
     assert!(!c.migration.forward_checkpoints);
 }
+
+#[test]
+fn takeover_is_a_path_and_refused_with_quic() {
+    let base = "[[gateway]]\naddr = \"127.0.0.1:1\"";
+    let c = ProxyConfig::from_toml(&format!("takeover = \"/run/wasmbed/proxy.sock\"\n{base}"))
+        .expect("valid");
+    assert_eq!(
+        c.takeover.as_deref(),
+        Some(std::path::Path::new("/run/wasmbed/proxy.sock"))
+    );
+    let quic = "mode = \"terminate\"\nquic_listen = \"127.0.0.1:0\"\ntakeover = \"/tmp/p.sock\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"";
+    let e = err_of(quic);
+    assert!(e.contains("takeover") && e.contains("QUIC"), "{e}");
+}

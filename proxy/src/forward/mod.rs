@@ -172,6 +172,50 @@ impl Future for Tcp<'_> {
     }
 }
 
+/// Why a session could not be quiesced for a hand-over: it stays where it is.
+#[derive(Debug)]
+pub enum NotMovable {
+    /// One end has closed (a half-close the new process could not resume).
+    HalfClosed,
+    /// A direction splices through a pipe: bytes may sit in the kernel pipe.
+    Splicing,
+    /// A write failed while flushing.
+    Failed(Failure),
+}
+
+impl Tcp<'_> {
+    /// Stops reading and writes out what was read: when this resolves `Ok`, no byte of the
+    /// session is held by the proxy (the rest is in the two sockets' kernel buffers and moves
+    /// with them). Poll it instead of the forwarding, once the forwarding is stopped.
+    pub fn quiesce(self: Pin<&mut Self>) -> impl Future<Output = Result<(), NotMovable>> + '_ {
+        let this = self.get_mut();
+        std::future::poll_fn(move |cx| {
+            if this
+                .splice
+                .as_ref()
+                .is_some_and(|s| s.up.is_some() || s.down.is_some())
+            {
+                return Poll::Ready(Err(NotMovable::Splicing));
+            }
+            for d in [&mut this.up, &mut this.down] {
+                if d.done || d.eof_to_pass {
+                    return Poll::Ready(Err(NotMovable::HalfClosed));
+                }
+            }
+            let from_gateway = [this.up.from_gateway, this.down.from_gateway];
+            for (d, from_gateway) in [&mut this.up, &mut this.down].into_iter().zip(from_gateway) {
+                if let Err(error) = ready!(d.flush(cx)) {
+                    return Poll::Ready(Err(NotMovable::Failed(Failure {
+                        gateway: !from_gateway,
+                        error,
+                    })));
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+    }
+}
+
 /// One direction: read from `src`, write to `dst`; on end of stream, shut `dst`'s write half.
 struct Direction<'a> {
     src: ReadHalf<'a>,
@@ -417,17 +461,69 @@ pub(crate) async fn supervise(
         None => true,
         Some(token) => tokio::select! {
             r = forwarding => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "session ended with an error");
-                    if e.gateway_failed() {
-                        gateway.suspect();
-                    }
-                }
+                ended(gateway, r);
                 false
             }
             _ = token.cancelled() => true,
         },
     };
+    cut_cause(ctx, gateway, cut)
+}
+
+/// How a watched session's forwarding stopped.
+pub(crate) enum Watched {
+    /// It ended, or the proxy cut it (with the cause).
+    Ended(Option<&'static str>),
+    /// `hand_over` fired: the forwarding is stopped, not ended (quiesce it, hand it over).
+    HandOver,
+}
+
+/// [`supervise`] for a session that may move to a new process (`--takeover`): also stops
+/// when `hand_over` fires. A function of its own so that sessions without `--takeover` do
+/// not carry the extra wait.
+pub(crate) async fn watch(
+    ctx: &crate::context::Context,
+    lease: &crate::balancer::Lease,
+    forwarding: impl Future<Output = Result<(), Failure>>,
+    hand_over: Option<&tokio_util::sync::CancellationToken>,
+) -> Watched {
+    let gateway = lease.gateway();
+    let handing = async {
+        match hand_over {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    let cut = match gateway.session_token() {
+        None => true,
+        Some(token) => tokio::select! {
+            r = forwarding => {
+                ended(gateway, r);
+                false
+            }
+            _ = token.cancelled() => true,
+            _ = handing => return Watched::HandOver,
+        },
+    };
+    Watched::Ended(cut_cause(ctx, gateway, cut))
+}
+
+/// A forwarding that ended by itself: an error on the gateway's side has it probed now.
+fn ended(gateway: &crate::balancer::Gateway, result: Result<(), Failure>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "session ended with an error");
+        if e.gateway_failed() {
+            gateway.suspect();
+        }
+    }
+}
+
+/// The cause of a cut (`None`: not cut), counted.
+fn cut_cause(
+    ctx: &crate::context::Context,
+    gateway: &crate::balancer::Gateway,
+    cut: bool,
+) -> Option<&'static str> {
     let cause = match (cut, ctx.hard_stop.is_cancelled()) {
         (false, _) => None,
         (true, true) => Some("shutdown"),

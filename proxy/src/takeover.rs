@@ -1,0 +1,519 @@
+//! takeover: upgrade in place (`--takeover PATH`), the one module that passes file
+//! descriptors between processes.
+//!
+//! A proxy started with `--takeover PATH` serves a Unix socket at PATH. A new process started
+//! with the same PATH connects to it and, over it (SCM_RIGHTS):
+//! 1. proves it may: the same user (the socket's peer credentials) and the token the old one
+//!    wrote to `PATH.token` (mode 0600);
+//! 2. receives the listening sockets (device listeners, admin): both processes now accept
+//!    from the same sockets, so no connect is refused at any moment;
+//! 3. says it is ready (it accepts); the old process stops accepting and stops (its
+//!    terminated sessions are handed back to their devices, as on SIGTERM);
+//! 4. receives every passthrough session, each quiesced first (the old process stops reading
+//!    it and writes out what it had read, so no byte is in flight in user space): its device
+//!    socket, its gateway socket and its gateway's name; it counts it on that gateway and
+//!    forwards it on;
+//! 5. reads "done", and serves PATH itself for the next upgrade.
+//!
+//! Faults: a new process that dies before it is ready leaves the old one as it was; one that
+//! dies during step 4 fails the hand-over of the session in flight, which the old process
+//! keeps forwarding (as it does the sessions not handed yet). The passing is rustix's safe
+//! `sendmsg`/`recvmsg` with `SCM_RIGHTS`: received descriptors arrive as `OwnedFd`, so this
+//! module has no `unsafe`.
+//!
+//! The wire: frames of a 4-byte big-endian length and a JSON object; a frame that carries
+//! descriptors says how many (`"fds": n`), in the order the object lists them.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::balancer::Lease;
+
+/// Largest frame (a JSON object: small).
+const MAX_FRAME: usize = 64 << 10;
+/// Most descriptors in one frame.
+const MAX_FDS: usize = 64;
+/// How long a step of the exchange may take before the other side counts as gone.
+const STEP: Duration = Duration::from_secs(10);
+
+/// A session on its way out of this process: its sockets and where to say how it went.
+pub struct Handed {
+    device: std::net::TcpStream,
+    gateway: std::net::TcpStream,
+    gateway_name: String,
+    done: oneshot::Sender<bool>,
+}
+
+/// Where passthrough sessions go when a new process takes over (in the old process).
+pub struct Handover {
+    /// Fired once the new process accepts: every passthrough session quiesces and comes here.
+    pub quiesce: CancellationToken,
+    tx: mpsc::UnboundedSender<Handed>,
+}
+
+/// The receiving end of [`Handover`], for the takeover server.
+pub struct Handoff {
+    rx: mpsc::UnboundedReceiver<Handed>,
+}
+
+impl Handover {
+    pub fn new() -> (Arc<Handover>, Handoff) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Handover {
+                quiesce: CancellationToken::new(),
+                tx,
+            }),
+            Handoff { rx },
+        )
+    }
+
+    /// Hands a quiesced session over. `Err` gives its sockets back (the new process is gone,
+    /// or refused it): the caller goes on forwarding it.
+    pub async fn give(
+        &self,
+        device: TcpStream,
+        gateway: TcpStream,
+        lease: &Lease,
+    ) -> Result<(), (TcpStream, TcpStream)> {
+        let (device_std, gateway_std) = match (device.into_std(), gateway.into_std()) {
+            (Ok(d), Ok(g)) => (d, g),
+            // into_std fails only if the socket cannot leave the reactor: then it is closed.
+            _ => return Ok(()),
+        };
+        let (done, outcome) = oneshot::channel();
+        let keep = (device_std.try_clone(), gateway_std.try_clone());
+        let handed = Handed {
+            device: device_std,
+            gateway: gateway_std,
+            gateway_name: lease.gateway().name.clone(),
+            done,
+        };
+        if self.tx.send(handed).is_ok() && outcome.await == Ok(true) {
+            return Ok(());
+        }
+        // Not handed: these copies are the same sockets; resume with them.
+        match keep {
+            (Ok(d), Ok(g)) => match (TcpStream::from_std(d), TcpStream::from_std(g)) {
+                (Ok(d), Ok(g)) => Err((d, g)),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A framed exchange over the takeover socket.
+struct Channel {
+    stream: UnixStream,
+    read: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+}
+
+impl Channel {
+    fn new(stream: UnixStream) -> Channel {
+        Channel {
+            stream,
+            read: Vec::new(),
+            fds: VecDeque::new(),
+        }
+    }
+
+    /// Sends `message` with `fds` attached.
+    async fn send(&mut self, mut message: Value, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::other("too many descriptors in one frame"));
+        }
+        message["fds"] = json!(fds.len());
+        let body = serde_json::to_vec(&message).map_err(io::Error::other)?;
+        let len = u32::try_from(body.len())
+            .map_err(|_| io::Error::other("frame too large"))?
+            .to_be_bytes();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+        let sent = loop {
+            self.stream.writable().await?;
+            let attempt = self.stream.try_io(Interest::WRITABLE, || {
+                let mut control = SendAncillaryBuffer::new(&mut space);
+                if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                    return Err(io::Error::other("descriptors do not fit"));
+                }
+                let iov = [IoSlice::new(&len), IoSlice::new(&body)];
+                rustix::net::sendmsg(&self.stream, &iov, &mut control, SendFlags::NOSIGNAL)
+                    .map_err(io::Error::from)
+            });
+            match attempt {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        // The descriptors went with the first byte; the rest of the frame follows plainly.
+        let whole: Vec<u8> = len.iter().chain(&body).copied().collect();
+        if sent < whole.len() {
+            self.stream.write_all(&whole[sent..]).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives the next frame and the descriptors it carries.
+    async fn recv(&mut self) -> io::Result<(Value, Vec<OwnedFd>)> {
+        loop {
+            if self.read.len() >= 4 {
+                let len =
+                    u32::from_be_bytes([self.read[0], self.read[1], self.read[2], self.read[3]])
+                        as usize;
+                if len > MAX_FRAME {
+                    return Err(io::Error::other("frame too large"));
+                }
+                if self.read.len() >= 4 + len {
+                    let body: Vec<u8> = self.read.drain(..4 + len).skip(4).collect();
+                    let message: Value = serde_json::from_slice(&body).map_err(io::Error::other)?;
+                    let n = message["fds"].as_u64().unwrap_or(0) as usize;
+                    if n > self.fds.len() || n > MAX_FDS {
+                        return Err(io::Error::other(
+                            "a frame names descriptors that did not come",
+                        ));
+                    }
+                    let fds = self.fds.drain(..n).collect();
+                    return Ok((message, fds));
+                }
+            }
+            let mut buf = [0u8; 4096];
+            let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+            self.stream.readable().await?;
+            let attempt = self.stream.try_io(Interest::READABLE, || {
+                let mut control = RecvAncillaryBuffer::new(&mut space);
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let got = rustix::net::recvmsg(
+                    &self.stream,
+                    &mut iov,
+                    &mut control,
+                    RecvFlags::CMSG_CLOEXEC,
+                )
+                .map_err(io::Error::from)?;
+                let mut fds = Vec::new();
+                for message in control.drain() {
+                    if let RecvAncillaryMessage::ScmRights(received) = message {
+                        fds.extend(received);
+                    }
+                }
+                Ok((got.bytes, fds))
+            });
+            match attempt {
+                Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok((n, fds)) => {
+                    self.read.extend_from_slice(&buf[..n]);
+                    self.fds.extend(fds);
+                    if self.fds.len() > 4 * MAX_FDS {
+                        return Err(io::Error::other("too many descriptors"));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn recv_within(&mut self, within: Duration) -> io::Result<(Value, Vec<OwnedFd>)> {
+        tokio::time::timeout(within, self.recv())
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "takeover: no answer"))?
+    }
+}
+
+fn token_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".token");
+    PathBuf::from(p)
+}
+
+/// What a new process took from the old one.
+pub struct Inherited {
+    /// Listening sockets by address.
+    pub listeners: Vec<(SocketAddr, std::net::TcpListener)>,
+    pub admin: Option<(SocketAddr, std::net::TcpListener)>,
+    channel: Channel,
+}
+
+impl Inherited {
+    /// Takes the inherited listener bound to `addr`, if there is one.
+    pub fn take_listener(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self.listeners.iter().position(|(a, _)| *a == addr)?;
+        Some(self.listeners.remove(i).1)
+    }
+}
+
+/// In a new process: takes over from the proxy serving `path`. `Ok(None)`: nobody serves it
+/// (nothing there, or a stale socket): start fresh.
+pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
+    let stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let token = std::fs::read_to_string(token_path(path))?;
+    let mut channel = Channel::new(stream);
+    channel
+        .send(json!({"takeover": 1, "token": token.trim()}), &[])
+        .await?;
+    let (message, fds) = channel.recv_within(STEP).await?;
+    let addrs = |key: &str| -> Vec<SocketAddr> {
+        message[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str()?.parse().ok())
+            .collect()
+    };
+    let (listen, admin) = (addrs("listeners"), addrs("admin"));
+    if fds.len() != listen.len() + admin.len() {
+        return Err(io::Error::other(
+            "takeover: the listeners and their sockets differ",
+        ));
+    }
+    let mut sockets = fds.into_iter().map(std::net::TcpListener::from);
+    let listeners = listen.into_iter().zip(sockets.by_ref()).collect::<Vec<_>>();
+    let admin = admin.into_iter().zip(sockets).next();
+    for (_, l) in listeners.iter().chain(admin.iter()) {
+        l.set_nonblocking(true)?;
+    }
+    tracing::info!(
+        from = %path.display(),
+        listeners = listeners.len(),
+        "took the running proxy's listening sockets"
+    );
+    Ok(Some(Inherited {
+        listeners,
+        admin,
+        channel,
+    }))
+}
+
+/// In the new process, once it accepts: says so, then takes every session the old process
+/// hands over (`adopt` starts each) until it says done.
+pub async fn take_sessions(
+    inherited: Inherited,
+    mut adopt: impl FnMut(String, TcpStream, TcpStream) -> bool,
+) -> io::Result<u64> {
+    let mut channel = inherited.channel;
+    channel.send(json!({"ready": true}), &[]).await?;
+    let mut adopted = 0;
+    loop {
+        let (message, fds) = channel.recv().await?;
+        if message["done"].as_bool() == Some(true) {
+            tracing::info!(adopted, "takeover done: every passthrough session is here");
+            return Ok(adopted);
+        }
+        let Some(name) = message["session"]["gateway"].as_str() else {
+            return Err(io::Error::other("takeover: an unknown frame"));
+        };
+        let mut fds = fds.into_iter();
+        let (Some(d), Some(g), None) = (fds.next(), fds.next(), fds.next()) else {
+            return Err(io::Error::other(
+                "takeover: a session without its two sockets",
+            ));
+        };
+        let (d, g) = (std::net::TcpStream::from(d), std::net::TcpStream::from(g));
+        d.set_nonblocking(true)?;
+        g.set_nonblocking(true)?;
+        let taken = match (TcpStream::from_std(d), TcpStream::from_std(g)) {
+            (Ok(d), Ok(g)) => adopt(name.to_string(), d, g),
+            _ => false,
+        };
+        adopted += u64::from(taken);
+        // The old process may close its copies only once this one holds the session.
+        channel.send(json!({"taken": taken}), &[]).await?;
+    }
+}
+
+/// What the old process hands over.
+pub struct Offer {
+    pub listeners: Vec<(SocketAddr, OwnedFd)>,
+    pub admin: Option<(SocketAddr, OwnedFd)>,
+}
+
+/// Binds the takeover socket at `path` (a stale one is replaced; a live one means another
+/// proxy serves it: refused) and writes a fresh token beside it.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{}: another proxy serves it", path.display()),
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mut token = [0u8; 32];
+    rustls::crypto::aws_lc_rs::default_provider()
+        .secure_random
+        .fill(&mut token)
+        .map_err(|_| io::Error::other("no randomness for the takeover token"))?;
+    let hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    let token_file = token_path(path);
+    let _ = std::fs::remove_file(&token_file);
+    let mut options = std::fs::OpenOptions::new();
+    use std::os::unix::fs::OpenOptionsExt;
+    options
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW);
+    std::io::Write::write_all(&mut options.open(&token_file)?, hex.as_bytes())?;
+    Ok(listener)
+}
+
+/// In the old process: serves `listener` (at `path`) until a new process takes over or
+/// `shutdown`. On a takeover: hands `offer` (copies of the listening sockets, dropped when
+/// this returns) over, fires `handover.quiesce` and `shutdown` once the new process accepts,
+/// then hands every session that comes through `handoff`, and says done when
+/// `sessions_done` fires (this process's sessions have all ended or left).
+pub async fn serve(
+    (listener, path): (UnixListener, PathBuf),
+    offered: Offer,
+    (handover, mut handoff): (Arc<Handover>, Handoff),
+    shutdown: CancellationToken,
+    sessions_done: CancellationToken,
+) {
+    let token = std::fs::read_to_string(token_path(&path)).unwrap_or_default();
+    let mut channel = loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "takeover socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => {
+                forget(&path);
+                return;
+            }
+        };
+        match admit(stream, token.trim()).await {
+            Ok(c) => break c,
+            Err(e) => tracing::warn!(error = %e, "takeover refused"),
+        }
+    };
+    // One takeover at a time: the socket is the new process's from here on.
+    drop(listener);
+    forget(&path);
+    let addrs = |list: &[(SocketAddr, OwnedFd)]| -> Vec<String> {
+        list.iter().map(|(a, _)| a.to_string()).collect()
+    };
+    let admin: Vec<(SocketAddr, OwnedFd)> = offered.admin.into_iter().collect();
+    let fds: Vec<BorrowedFd<'_>> = offered
+        .listeners
+        .iter()
+        .chain(admin.iter())
+        .map(|(_, fd)| fd.as_fd())
+        .collect();
+    let message = json!({"listeners": addrs(&offered.listeners), "admin": addrs(&admin)});
+    if let Err(e) = channel.send(message, &fds).await {
+        tracing::warn!(error = %e, "takeover: the new process left before taking the sockets");
+        return;
+    }
+    match channel.recv_within(STEP).await {
+        Ok((m, _)) if m["ready"].as_bool() == Some(true) => {}
+        other => {
+            tracing::warn!(answer = ?other.map(|m| m.0), "takeover: the new process did not get ready; serving on");
+            return;
+        }
+    }
+    drop((offered.listeners, admin));
+    tracing::info!("takeover: the new process accepts; handing sessions over and stopping");
+    handover.quiesce.cancel();
+    shutdown.cancel();
+    let mut handed = 0u64;
+    let mut gone = false;
+    loop {
+        let next = tokio::select! {
+            h = handoff.rx.recv() => h,
+            _ = sessions_done.cancelled() => None,
+        };
+        let Some(h) = next else { break };
+        if gone {
+            let _ = h.done.send(false);
+            continue;
+        }
+        let sent = channel
+            .send(
+                json!({"session": {"gateway": h.gateway_name}}),
+                &[h.device.as_fd(), h.gateway.as_fd()],
+            )
+            .await;
+        let taken = match sent {
+            Ok(()) => matches!(
+                channel.recv_within(STEP).await,
+                Ok((m, _)) if m["taken"].as_bool() == Some(true)
+            ),
+            Err(_) => false,
+        };
+        if !taken {
+            // The new process is gone or refused it: this one keeps the rest.
+            gone = true;
+            tracing::warn!("takeover: a hand-over failed; the remaining sessions stay here");
+        } else {
+            handed += 1;
+        }
+        let _ = h.done.send(taken);
+    }
+    let _ = channel.send(json!({"done": true}), &[]).await;
+    tracing::info!(handed, "takeover: sessions handed over");
+}
+
+/// Checks a takeover request: the same user at the other end, and the token.
+async fn admit(stream: UnixStream, token: &str) -> io::Result<Channel> {
+    let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(io::Error::from)?;
+    if peer.uid != rustix::process::getuid() {
+        return Err(io::Error::other(format!(
+            "a process of another user (uid {}) asked",
+            peer.uid.as_raw()
+        )));
+    }
+    let mut channel = Channel::new(stream);
+    let (message, _) = channel.recv_within(STEP).await?;
+    let offered = message["token"].as_str().unwrap_or_default();
+    // Compared whole, in time independent of where they differ.
+    let same = offered.len() == token.len()
+        && offered
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if token.is_empty() || !same {
+        return Err(io::Error::other("wrong token"));
+    }
+    Ok(channel)
+}
+
+/// Removes the takeover socket's file and token.
+fn forget(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(token_path(path));
+}

@@ -1,0 +1,212 @@
+//! `wasmbed proxy --takeover PATH`: a new proxy process takes the running one's listening
+//! sockets and its passthrough sessions (device and gateway sockets) over a Unix socket;
+//! the old one exits. Devices notice nothing: no connect refused, no session reset, every
+//! byte in flight delivered both ways.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use support::*;
+use wasmbed_protocol::{Frame, Kind};
+
+/// Two TLS gateways (passthrough: devices' TLS ends there); returns them and `--gateway`.
+fn gateways(pki: &std::path::Path) -> (Vec<Killed>, String) {
+    let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let mut children = Vec::new();
+    let mut spec = Vec::new();
+    for i in 0..2 {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["gateway", "--name", &format!("gw-{i}")])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--apps", apps, "--session-keys", &d("session-keys.toml")])
+            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
+            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
+            .args(["--client-ca", &d("ca.pem")]);
+        let (child, line) = spawn_ready(&mut cmd);
+        spec.push(format!(
+            "gw-{i}={};health={}",
+            addr_in(&line, "listen="),
+            addr_in(&line, "admin=")
+        ));
+        children.push(Killed(child));
+    }
+    (children, spec.join(","))
+}
+
+/// `wasmbed proxy` on `listen` and `admin` with `--takeover path`.
+fn proxy(listen: &str, admin: &str, path: &std::path::Path, gateways: &str) -> (Child, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["proxy", "--listen", listen, "--admin", admin])
+        .arg("--takeover")
+        .arg(path)
+        .args(["--health", "http", "--health-path", "/readyz"])
+        .args(["--gateway", gateways]);
+    spawn_ready(&mut cmd)
+}
+
+/// A device that keeps `depth` DATA in flight to `echo` and checks every answer is its own
+/// bytes, in order, on the one connection it opened, until `stop`. Returns the answers.
+async fn echoing(
+    addr: SocketAddr,
+    pki: std::path::PathBuf,
+    id: String,
+    stop: Arc<AtomicBool>,
+    opened: Arc<AtomicU64>,
+) -> u64 {
+    let mut dev = tls_device(addr, device_of(&pki, &id)).await;
+    dev.open(&id, "echo").await;
+    opened.fetch_add(1, Ordering::SeqCst);
+    let depth = 4u64;
+    let body = |seq: u64| -> Vec<u8> {
+        (0..8192u64)
+            .map(|i| (i.wrapping_mul(31) ^ seq) as u8)
+            .collect()
+    };
+    let (mut sent, mut answered) = (0u64, 0u64);
+    loop {
+        while sent - answered < depth && !stop.load(Ordering::SeqCst) {
+            sent += 1;
+            dev.send(Frame::new(Kind::Data, sent, body(sent)))
+                .await
+                .expect("the connection stays open");
+        }
+        if sent == answered {
+            return answered;
+        }
+        let f = dev.recv().await.expect("the connection stays open");
+        if f.kind == Kind::Checkpoint {
+            continue;
+        }
+        answered += 1;
+        assert_eq!((f.kind, f.seq), (Kind::Reply, answered), "in order");
+        assert!(f.body == body(answered), "bytes intact");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_in_place_keeps_every_connection_and_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &["--devices", "8", "--gateways", "2"]);
+    let (_gateways, spec) = gateways(&pki);
+    let path = dir.path().join("proxy.sock");
+    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
+    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicU64::new(0));
+    let devices: Vec<_> = (0..8)
+        .map(|i| {
+            tokio::spawn(echoing(
+                listen,
+                pki.clone(),
+                format!("device-000{i}"),
+                stop.clone(),
+                opened.clone(),
+            ))
+        })
+        .collect();
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "every device open",
+        || opened.load(Ordering::SeqCst) == 8,
+    )
+    .await;
+    // New connections all through the upgrade: none may be refused.
+    let connecting = Arc::new(AtomicBool::new(true));
+    let refused = Arc::new(AtomicU64::new(0));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let prober = {
+        let (connecting, refused, attempts) =
+            (connecting.clone(), refused.clone(), attempts.clone());
+        std::thread::spawn(move || {
+            while connecting.load(Ordering::SeqCst) && attempts.load(Ordering::SeqCst) < 200_000 {
+                if std::net::TcpStream::connect(listen).is_err() {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                }
+                attempts.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let (mut new, line) = proxy(&listen.to_string(), &admin.to_string(), &path, &spec);
+    assert_eq!(
+        addr_in(&line, "listen="),
+        listen,
+        "the same address, taken over"
+    );
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(30),
+        "the old proxy handed everything over and exited",
+        || matches!(old.try_wait(), Ok(Some(_))),
+    )
+    .await;
+    assert!(
+        old.wait().unwrap().success(),
+        "the old proxy stopped in order"
+    );
+    // Keep talking through the new process, then stop.
+    let before = attempts.load(Ordering::SeqCst);
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "connects after the upgrade",
+        || attempts.load(Ordering::SeqCst) > before + 100,
+    )
+    .await;
+    // The new process holds the sessions, counted on their gateways.
+    let answer = wasmbed_testkit::Admin::new(admin)
+        .get("/api/gateways")
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let held: u64 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g["sessions"].as_u64())
+        .sum();
+    assert_eq!(held, 8, "{list}");
+    connecting.store(false, Ordering::SeqCst);
+    prober.join().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for d in devices {
+        assert!(d.await.unwrap() > 0);
+    }
+    assert_eq!(refused.load(Ordering::SeqCst), 0, "no connect refused");
+    assert!(attempts.load(Ordering::SeqCst) > 0);
+    // And it serves the socket for the next upgrade.
+    assert!(path.exists());
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
+/// A takeover socket that someone connects to without the token gets nothing: the running
+/// proxy goes on serving, and a real takeover still works afterwards.
+#[tokio::test]
+async fn a_takeover_without_the_token_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &["--devices", "1", "--gateways", "2"]);
+    let (_gateways, spec) = gateways(&pki);
+    let path = dir.path().join("proxy.sock");
+    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
+    let listen = addr_in(&line, "listen=");
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let body = br#"{"takeover":1,"token":"not-the-token"}"#;
+    s.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(body).await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert!(got.is_empty(), "nothing handed: {got:?}");
+    assert!(matches!(old.try_wait(), Ok(None)), "still running");
+    let mut dev = tls_device(listen, device_of(&pki, "device-0000")).await;
+    dev.open("device-0000", "echo").await;
+    assert_eq!(dev.data(b"still here").await.body, b"still here");
+    let _ = old.kill();
+    let _ = old.wait();
+}
