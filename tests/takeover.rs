@@ -210,3 +210,60 @@ async fn a_takeover_without_the_token_is_refused() {
     let _ = old.kill();
     let _ = old.wait();
 }
+
+/// A new process that takes the listening sockets and dies before it is ready changes
+/// nothing: the running proxy keeps its sessions and its listeners, serves the takeover
+/// socket again (a fresh token), and a real takeover then works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_dies_before_it_is_ready_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &["--devices", "2", "--gateways", "2"]);
+    let (_gateways, spec) = gateways(&pki);
+    let path = dir.path().join("proxy.sock");
+    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
+    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    let mut dev = tls_device(listen, device_of(&pki, "device-0000")).await;
+    dev.open("device-0000", "echo").await;
+    // The would-be successor: the right token, takes the sockets' frame, leaves.
+    let token = std::fs::read_to_string(format!("{}.token", path.display())).unwrap();
+    let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let body = format!(r#"{{"takeover":1,"token":"{}"}}"#, token.trim());
+    s.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut frame).await.unwrap();
+    let frame: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+    assert_eq!(frame["listeners"][0], listen.to_string(), "{frame}");
+    drop(s);
+    // The old one serves the socket again, with a new token.
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "the takeover socket served again",
+        || {
+            std::fs::read_to_string(format!("{}.token", path.display()))
+                .is_ok_and(|t| t != token)
+                && std::os::unix::net::UnixStream::connect(&path).is_ok()
+        },
+    )
+    .await;
+    assert!(matches!(old.try_wait(), Ok(None)), "still running");
+    assert_eq!(dev.data(b"session kept").await.body, b"session kept");
+    let mut fresh = tls_device(listen, device_of(&pki, "device-0001")).await;
+    fresh.open("device-0001", "echo").await;
+    // A real takeover now.
+    let (mut new, _) = proxy(&listen.to_string(), &admin.to_string(), &path, &spec);
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(30),
+        "the old proxy handed over and exited",
+        || matches!(old.try_wait(), Ok(Some(_))),
+    )
+    .await;
+    assert_eq!(dev.data(b"moved").await.body, b"moved");
+    assert_eq!(fresh.data(b"moved too").await.body, b"moved too");
+    let _ = new.kill();
+    let _ = new.wait();
+}

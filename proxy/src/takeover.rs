@@ -399,52 +399,62 @@ pub async fn serve(
     shutdown: CancellationToken,
     sessions_done: CancellationToken,
 ) {
-    let token = std::fs::read_to_string(token_path(&path)).unwrap_or_default();
+    let mut listener = listener;
+    let admin: Vec<(SocketAddr, OwnedFd)> = offered.admin.into_iter().collect();
     let mut channel = loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "takeover socket: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+        let token = std::fs::read_to_string(token_path(&path)).unwrap_or_default();
+        let mut channel = loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "takeover socket: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => {
+                    forget(&path);
+                    return;
                 }
-            },
-            _ = shutdown.cancelled() => {
-                forget(&path);
-                return;
+            };
+            match admit(stream, token.trim()).await {
+                Ok(c) => break c,
+                Err(e) => tracing::warn!(error = %e, "takeover refused"),
             }
         };
-        match admit(stream, token.trim()).await {
-            Ok(c) => break c,
-            Err(e) => tracing::warn!(error = %e, "takeover refused"),
+        // One takeover at a time: the socket is the new process's from here on.
+        drop(listener);
+        forget(&path);
+        let addrs = |list: &[(SocketAddr, OwnedFd)]| -> Vec<String> {
+            list.iter().map(|(a, _)| a.to_string()).collect()
+        };
+        let fds: Vec<BorrowedFd<'_>> = offered
+            .listeners
+            .iter()
+            .chain(admin.iter())
+            .map(|(_, fd)| fd.as_fd())
+            .collect();
+        let message = json!({"listeners": addrs(&offered.listeners), "admin": addrs(&admin)});
+        let ready = match channel.send(message, &fds).await {
+            Ok(()) => channel.recv_within(STEP).await,
+            Err(e) => Err(e),
+        };
+        match ready {
+            Ok((m, _)) if m["ready"].as_bool() == Some(true) => break channel,
+            other => {
+                // Nothing changed here: serve on, and the socket again for a next try.
+                tracing::warn!(answer = ?other.map(|m| m.0), "takeover: the new process did not get ready; serving on");
+                match bind(&path) {
+                    Ok(l) => listener = l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "takeover socket: cannot serve it again");
+                        return;
+                    }
+                }
+            }
         }
     };
-    // One takeover at a time: the socket is the new process's from here on.
-    drop(listener);
-    forget(&path);
-    let addrs = |list: &[(SocketAddr, OwnedFd)]| -> Vec<String> {
-        list.iter().map(|(a, _)| a.to_string()).collect()
-    };
-    let admin: Vec<(SocketAddr, OwnedFd)> = offered.admin.into_iter().collect();
-    let fds: Vec<BorrowedFd<'_>> = offered
-        .listeners
-        .iter()
-        .chain(admin.iter())
-        .map(|(_, fd)| fd.as_fd())
-        .collect();
-    let message = json!({"listeners": addrs(&offered.listeners), "admin": addrs(&admin)});
-    if let Err(e) = channel.send(message, &fds).await {
-        tracing::warn!(error = %e, "takeover: the new process left before taking the sockets");
-        return;
-    }
-    match channel.recv_within(STEP).await {
-        Ok((m, _)) if m["ready"].as_bool() == Some(true) => {}
-        other => {
-            tracing::warn!(answer = ?other.map(|m| m.0), "takeover: the new process did not get ready; serving on");
-            return;
-        }
-    }
     drop((offered.listeners, admin));
     tracing::info!("takeover: the new process accepts; handing sessions over and stopping");
     handover.quiesce.cancel();
