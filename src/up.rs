@@ -37,12 +37,18 @@ pub enum Scenario {
     /// same address: terminate mode hands every session back (GOAWAY after its answers and
     /// latest ticket), passthrough sessions get `--grace`.
     ProxyRestart,
+    /// Upgrade the proxy in place under load (`--takeover`): a new process takes the running
+    /// one's listening sockets and passthrough sessions; terminated sessions are handed back.
+    ProxyUpgrade,
 }
 
 impl Scenario {
     /// Scenarios that stop a proxy replica rather than a gateway.
     fn is_proxy_event(self) -> bool {
-        matches!(self, Scenario::ProxyKill | Scenario::ProxyRestart)
+        matches!(
+            self,
+            Scenario::ProxyKill | Scenario::ProxyRestart | Scenario::ProxyUpgrade
+        )
     }
 }
 
@@ -384,6 +390,9 @@ fn start(
             pa.extend(["--rebalance", "on"].map(String::from));
         }
     }
+    if args.scenario == Some(Scenario::ProxyUpgrade) {
+        pa.extend(["--takeover".into(), d("proxy.sock")]);
+    }
     let (first, line) = spawn_proxy(&pa, &args.listen, &args.admin)?;
     let admin = first.admin;
     stack.proxies.push(first);
@@ -428,12 +437,19 @@ pub fn run(args: UpArgs) -> ExitCode {
         .devices
         .unwrap_or(if scenario.is_some() { 100 } else { 20 });
     let proxy_event = scenario.is_some_and(Scenario::is_proxy_event);
-    let proxies = args.proxies.unwrap_or(if proxy_event { 2 } else { 1 });
+    let upgrade = scenario == Some(Scenario::ProxyUpgrade);
+    let proxies = args
+        .proxies
+        .unwrap_or(if proxy_event && !upgrade { 2 } else { 1 });
+    if upgrade && proxies != 1 {
+        esay!("wasmbed up: --scenario proxy-upgrade upgrades the one proxy: leave --proxies out");
+        return ExitCode::from(2);
+    }
     if proxies == 0 {
         esay!("wasmbed up: `--proxies` must be at least 1");
         return ExitCode::from(2);
     }
-    if proxy_event && proxies < 2 {
+    if proxy_event && !upgrade && proxies < 2 {
         esay!(
             "wasmbed up: --scenario {}: needs --proxies 2 or more (the devices of the stopped replica go to the others)",
             if scenario == Some(Scenario::ProxyKill) {

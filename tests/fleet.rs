@@ -141,6 +141,23 @@ fn a_proxy_replica_killed_or_stopped_loses_nothing() {
     }
 }
 
+/// `--scenario proxy-upgrade`: the proxy is upgraded in place (`--takeover`) under 60
+/// passthrough devices: every session moves to the new process, no device sees a
+/// disconnect, nothing is lost.
+#[test]
+fn a_proxy_upgraded_in_place_keeps_every_passthrough_session() {
+    let doc = scenario(
+        "proxy-upgrade",
+        &["--gateways", "3", "--devices", "60", "--rate", "5"],
+    );
+    assert_eq!(doc["affected"], 60, "{doc}");
+    assert_eq!(doc["disconnects"], 0, "{doc}");
+    assert_eq!(doc["cut"], 0, "{doc}");
+    assert_eq!(doc["report"]["messages"]["lost"], 0, "{doc}");
+    assert_eq!(doc["report"]["reconnects"], 0, "{doc}");
+    assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0, "{doc}");
+}
+
 #[test]
 fn terminate_mode_moves_the_sessions_of_a_killed_gateway() {
     moves_without_the_devices_noticing("failover");

@@ -230,7 +230,9 @@ async fn a_takeover_that_dies_before_it_is_ready_changes_nothing() {
     let token = std::fs::read_to_string(format!("{}.token", path.display())).unwrap();
     let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
     let body = format!(r#"{{"takeover":1,"token":"{}"}}"#, token.trim());
-    s.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+    s.write_all(&(body.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
     s.write_all(body.as_bytes()).await.unwrap();
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await.unwrap();
@@ -244,8 +246,7 @@ async fn a_takeover_that_dies_before_it_is_ready_changes_nothing() {
         std::time::Duration::from_secs(10),
         "the takeover socket served again",
         || {
-            std::fs::read_to_string(format!("{}.token", path.display()))
-                .is_ok_and(|t| t != token)
+            std::fs::read_to_string(format!("{}.token", path.display())).is_ok_and(|t| t != token)
                 && std::os::unix::net::UnixStream::connect(&path).is_ok()
         },
     )

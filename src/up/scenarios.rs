@@ -90,7 +90,8 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         | Scenario::Goaway
         | Scenario::ScaleUp
         | Scenario::ProxyKill
-        | Scenario::ProxyRestart => {
+        | Scenario::ProxyRestart
+        | Scenario::ProxyUpgrade => {
             say!("draining {victim} with {affected} devices on it");
             gateway_drain(*victim_admin);
         }
@@ -335,7 +336,11 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             say!("{victim} drains itself (GOAWAY) with {affected} sessions on it");
             gateway_drain(*victim_admin);
         }
-        Scenario::Drain | Scenario::ScaleUp | Scenario::ProxyKill | Scenario::ProxyRestart => {
+        Scenario::Drain
+        | Scenario::ScaleUp
+        | Scenario::ProxyKill
+        | Scenario::ProxyRestart
+        | Scenario::ProxyUpgrade => {
             say!("draining {victim} by moving its {affected} sessions");
             let path = format!("/api/gateways/{victim}/drain?move=true");
             if let Err(e) = wasmbed_client::Admin::new(proxy_admin).post(&path, b"") {
@@ -697,25 +702,38 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         live.rehomed.load(Relaxed),
     );
     let event = Instant::now();
-    let sig = if scenario == Scenario::ProxyKill {
-        "-KILL"
+    let mut replacement = None;
+    if scenario == Scenario::ProxyUpgrade {
+        // The new process on the same address and admin address, with the same --takeover.
+        let listen = stack
+            .proxy_listen
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        say!("upgrading proxy-0 in place (--takeover) with {affected} device sessions on it");
+        match spawn_proxy(&stack.proxy_args, &listen, &victim.admin.to_string()) {
+            Ok((p, _)) => replacement = Some(p),
+            Err(e) => esay!("wasmbed up: the new process did not start: {e}"),
+        }
     } else {
-        "-TERM"
-    };
-    say!(
-        "{} proxy-0 (SIG{}) with {affected} device sessions on it",
-        if sig == "-KILL" {
-            "killing"
+        let sig = if scenario == Scenario::ProxyKill {
+            "-KILL"
         } else {
-            "stopping"
-        },
-        &sig[1..]
-    );
-    signal_pid(victim.pid(), sig);
+            "-TERM"
+        };
+        say!(
+            "{} proxy-0 (SIG{}) with {affected} device sessions on it",
+            if sig == "-KILL" {
+                "killing"
+            } else {
+                "stopping"
+            },
+            &sig[1..]
+        );
+        signal_pid(victim.pid(), sig);
+    }
     // Gone: exited (SIGTERM: once every session is handed back, or `grace` for the rest).
     let gone = until(Duration::from_secs(60), || victim.exited()).await;
     let gone_after = event.elapsed();
-    let mut replacement = None;
     if scenario == Scenario::ProxyRestart {
         let listen = stack
             .proxy_listen
@@ -734,8 +752,11 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             Err(e) => esay!("wasmbed up: the new replica did not start: {e}"),
         }
     }
+    // An upgrade in passthrough moves every session: none comes back, for none left.
+    let kept = scenario == Scenario::ProxyUpgrade && mode == Mode::Passthrough;
+    let expected = if kept { 0 } else { affected };
     let back = until(Duration::from_secs(60), || {
-        live.rehomed.load(Relaxed) - rehomed0 >= affected
+        live.rehomed.load(Relaxed) - rehomed0 >= expected
             && live.connected_now.load(Relaxed) == devices
     })
     .await;
@@ -781,7 +802,7 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         report.state_resets
     );
     say_raw!("{}", report.table());
-    let handed_back = scenario == Scenario::ProxyRestart && mode == Mode::Terminate;
+    let handed_back = scenario != Scenario::ProxyKill && mode == Mode::Terminate;
     let checks = [
         (
             all_up,
@@ -801,12 +822,20 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             "terminate, SIGTERM: every session handed back with GOAWAY, none cut",
         ),
         (
-            scenario != Scenario::ProxyRestart || new_serving,
-            "the new replica serves",
+            scenario == Scenario::ProxyKill || new_serving,
+            "the new process serves",
+        ),
+        (
+            !kept || disconnects == 0,
+            "passthrough upgrade: no device saw a disconnect (every session moved to the new process)",
         ),
     ];
     let doc = serde_json::json!({
-        "scenario": match scenario { Scenario::ProxyKill => "proxy-kill", _ => "proxy-restart" },
+        "scenario": match scenario {
+            Scenario::ProxyKill => "proxy-kill",
+            Scenario::ProxyUpgrade => "proxy-upgrade",
+            _ => "proxy-restart",
+        },
         "mode": format!("{mode:?}").to_lowercase(),
         "devices": devices,
         "proxies": stack.proxies.len(),
