@@ -110,6 +110,10 @@ pub struct UpArgs {
     /// handshake): to measure what the tickets save.
     #[arg(long)]
     no_tls_tickets: bool,
+    /// An extra argument for every proxy process (repeatable), e.g.
+    /// `--proxy-arg=--no-liveness-watch` to measure what the liveness watch saves.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    proxy_arg: Vec<String>,
     /// Open the live dashboard (the proxy's admin address) in a browser, where one exists
     /// (xdg-open, or a chromium/firefox on the PATH).
     #[arg(long)]
@@ -393,6 +397,7 @@ fn start(
     if args.scenario == Some(Scenario::ProxyUpgrade) {
         pa.extend(["--takeover".into(), d("proxy.sock")]);
     }
+    pa.extend(args.proxy_arg.iter().cloned());
     let (first, line) = spawn_proxy(&pa, &args.listen, &args.admin)?;
     let admin = first.admin;
     stack.proxies.push(first);

@@ -65,6 +65,11 @@ pub struct ProxyFlags {
     pub health_timeout: Option<String>,
     #[arg(long, value_name = "PATH", help = format!("Path of the http probe. Default {} (a gateway's /readyz also reports its sessions, and answers 503 while it drains).", crate::defaults::proxy::HEALTH_PATH))]
     pub health_path: Option<String>,
+    /// No liveness watch (`GET /api/alive` held on each gateway's admin address, which finds
+    /// a killed gateway at once): probes alone decide. For gateways behind something that
+    /// cuts long-lived idle connections, and to measure what the watch saves.
+    #[arg(long)]
+    pub no_liveness_watch: bool,
     #[arg(long, value_name = "N", help = format!("Consecutive successful probes that mark a down gateway up. Default {}.", crate::defaults::proxy::RISE))]
     pub rise: Option<u32>,
     #[arg(long, value_name = "N", help = format!("Consecutive failed probes (or failed connects) that mark a gateway down. Default {}.", crate::defaults::proxy::FALL))]
@@ -344,6 +349,8 @@ pub struct HealthConfig {
     pub rise: u32,
     pub fall: u32,
     pub path: String,
+    /// With `http` checks: hold `GET /api/alive` on each gateway (see `--no-liveness-watch`).
+    pub watch: bool,
 }
 
 /// The proxy's own TLS, in terminate mode.
@@ -590,6 +597,7 @@ struct RawHealth {
     rise: Option<u32>,
     fall: Option<u32>,
     path: Option<String>,
+    watch: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1036,6 +1044,9 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.health.rise, f.rise);
     set(&mut raw.health.fall, f.fall);
     set(&mut raw.health.path, f.health_path.clone());
+    if f.no_liveness_watch {
+        raw.health.watch = Some(false);
+    }
     if f.tls_cert.is_some()
         || f.tls_key.is_some()
         || f.client_ca.is_some()

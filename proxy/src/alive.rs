@@ -27,6 +27,10 @@ use crate::metric_names::GONE_DETECTION;
 
 /// The gateway's path.
 pub const PATH: &str = "/api/alive";
+/// How long opening a watch may take (connect and the answer's head). Not a probe's
+/// deadline: a gateway busy with a connect storm answers late and is still alive, and a
+/// watch given up leaves a gap until the next try.
+const OPEN_WITHIN: Duration = Duration::from_secs(5);
 
 /// How a watch ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,7 +52,7 @@ pub async fn watch(gateway: Arc<Gateway>, config: HealthConfig, stop: Cancellati
     };
     loop {
         let ended = tokio::select! {
-            e = hold(&addr, config.timeout) => e,
+            e = hold(&addr, OPEN_WITHIN) => e,
             _ = stop.cancelled() => return,
             _ = gateway.removed() => return,
         };
@@ -59,7 +63,7 @@ pub async fn watch(gateway: Arc<Gateway>, config: HealthConfig, stop: Cancellati
             }
             Ended::Abrupt => {
                 let cut = Instant::now();
-                if refused(&addr, config.timeout).await {
+                if gone(&addr, config.timeout).await {
                     let change = gateway.observe_gone(config.fall);
                     if change.is_some() {
                         histogram!(GONE_DETECTION).record(cut.elapsed().as_secs_f64());
@@ -123,6 +127,27 @@ async fn hold(addr: &str, timeout: Duration) -> Ended {
     driver.abort();
     ended
 }
+
+/// Whether the gateway's process is gone after its watch was cut: its admin port refuses
+/// within [`GONE_WITHIN`]. A dying process's kernel closes its sockets one after another, so
+/// the watch's connection may end a moment before the listener does: the port is tried
+/// again every [`GONE_RETRY`] until then. A port that keeps answering proves it alive.
+async fn gone(addr: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + GONE_WITHIN;
+    loop {
+        if refused(addr, timeout).await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(GONE_RETRY).await;
+    }
+}
+
+/// How long a cut watch's gateway may take to close its admin port (see [`gone`]).
+const GONE_WITHIN: Duration = Duration::from_millis(200);
+const GONE_RETRY: Duration = Duration::from_millis(5);
 
 /// Whether a connect to `addr` is refused (nothing listens: the process is gone). A connect
 /// that succeeds or times out proves nothing.

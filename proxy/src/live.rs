@@ -70,7 +70,8 @@ impl Probes {
         crate::health::spawn(gateways, health, &self.tracker, &generation);
         // Beside http probes, the liveness watch finds a dead gateway process at once.
         for g in gateways {
-            if crate::health::kind_for(health.check, g) == wasmbed_config::HealthCheck::Http
+            if health.watch
+                && crate::health::kind_for(health.check, g) == wasmbed_config::HealthCheck::Http
                 && g.health_addr.is_some()
             {
                 let (g, c, s) = (g.clone(), health.clone(), generation.clone());

@@ -455,3 +455,17 @@ fn takeover_is_a_path_and_refused_with_quic() {
     let e = err_of(quic);
     assert!(e.contains("takeover") && e.contains("QUIC"), "{e}");
 }
+
+#[test]
+fn the_liveness_watch_is_on_unless_turned_off() {
+    let base = "[[gateway]]\naddr = \"127.0.0.1:1\"";
+    assert!(ProxyConfig::from_toml(base).unwrap().health.watch);
+    let off = format!("[health]\nwatch = false\n{base}");
+    assert!(!ProxyConfig::from_toml(&off).unwrap().health.watch);
+    let f = ProxyFlags {
+        gateway: vec!["127.0.0.1:1".into()],
+        no_liveness_watch: true,
+        ..flags()
+    };
+    assert!(!ProxyConfig::load(&f).unwrap().health.watch);
+}

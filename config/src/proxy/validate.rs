@@ -281,6 +281,7 @@ pub(super) fn health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
         rise,
         fall,
         path,
+        watch: raw.watch.unwrap_or(true),
     })
 }
 
