@@ -49,6 +49,8 @@ use crate::balancer::Lease;
 const MAX_FRAME: usize = 64 << 10;
 /// Most descriptors in one frame.
 const MAX_FDS: usize = 64;
+/// Sessions sent to the new process and not yet answered, at most.
+const WINDOW: usize = 64;
 /// How long a step of the exchange may take before the other side counts as gone.
 const STEP: Duration = Duration::from_secs(10);
 
@@ -459,39 +461,55 @@ pub async fn serve(
     tracing::info!("takeover: the new process accepts; handing sessions over and stopping");
     handover.quiesce.cancel();
     shutdown.cancel();
+    // Pipelined: up to WINDOW sessions on the wire before their answers, so a session waits
+    // for the ones ahead of it only as long as it takes to send them, not a round trip each.
     let mut handed = 0u64;
     let mut gone = false;
-    loop {
-        let next = tokio::select! {
-            h = handoff.rx.recv() => h,
-            _ = sessions_done.cancelled() => None,
-        };
-        let Some(h) = next else { break };
-        if gone {
-            let _ = h.done.send(false);
-            continue;
+    let mut more = true;
+    let mut in_flight: VecDeque<oneshot::Sender<bool>> = VecDeque::new();
+    while more || !in_flight.is_empty() {
+        tokio::select! {
+            h = handoff.rx.recv(), if more && (gone || in_flight.len() < WINDOW) => {
+                let Some(h) = h else {
+                    more = false;
+                    continue;
+                };
+                if gone {
+                    let _ = h.done.send(false);
+                    continue;
+                }
+                let sent = channel
+                    .send(
+                        json!({"session": {"gateway": h.gateway_name}}),
+                        &[h.device.as_fd(), h.gateway.as_fd()],
+                    )
+                    .await;
+                match sent {
+                    Ok(()) => in_flight.push_back(h.done),
+                    Err(_) => {
+                        gone = true;
+                        let _ = h.done.send(false);
+                    }
+                }
+            }
+            _ = sessions_done.cancelled(), if more => more = false,
+            answer = channel.recv_within(STEP), if !in_flight.is_empty() => {
+                let taken = matches!(&answer, Ok((m, _)) if m["taken"].as_bool() == Some(true));
+                if let Some(done) = in_flight.pop_front() {
+                    let _ = done.send(taken);
+                }
+                if taken {
+                    handed += 1;
+                } else {
+                    // The new process is gone or refused it: this one keeps the rest.
+                    gone = true;
+                    tracing::warn!("takeover: a hand-over failed; the remaining sessions stay here");
+                    in_flight.drain(..).for_each(|d| {
+                        let _ = d.send(false);
+                    });
+                }
+            }
         }
-        let sent = channel
-            .send(
-                json!({"session": {"gateway": h.gateway_name}}),
-                &[h.device.as_fd(), h.gateway.as_fd()],
-            )
-            .await;
-        let taken = match sent {
-            Ok(()) => matches!(
-                channel.recv_within(STEP).await,
-                Ok((m, _)) if m["taken"].as_bool() == Some(true)
-            ),
-            Err(_) => false,
-        };
-        if !taken {
-            // The new process is gone or refused it: this one keeps the rest.
-            gone = true;
-            tracing::warn!("takeover: a hand-over failed; the remaining sessions stay here");
-        } else {
-            handed += 1;
-        }
-        let _ = h.done.send(taken);
     }
     let _ = channel.send(json!({"done": true}), &[]).await;
     tracing::info!(handed, "takeover: sessions handed over");

@@ -456,6 +456,52 @@ async fn a_shutdown_while_sessions_are_held_ends_within_the_grace() {
     }
 }
 
+/// A device that ignores the GOAWAY of a stopping proxy (it keeps sending, never leaves)
+/// is closed at the end of the grace: the stop does not wait for it.
+#[tokio::test]
+async fn a_device_that_ignores_goaway_is_closed_after_the_grace() {
+    let Fleet {
+        proxy, mut devs, ..
+    } = fleet(1, 1, |_, _| {}).await;
+    let d = &mut devs[0].device;
+    assert_eq!(d.data(b"before").await.kind, Kind::Reply);
+    proxy.shutdown.cancel();
+    let goaway = loop {
+        let f = d.recv().await.expect("GOAWAY first");
+        if f.kind != Kind::Checkpoint {
+            break f;
+        }
+    };
+    assert_eq!(goaway.kind, Kind::Goaway);
+    // It stays and sends on; the proxy stops anyway once the grace (200ms here) is over.
+    let mut seq = 100;
+    let stopped = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut task = proxy.task;
+        loop {
+            seq += 1;
+            let _ = d
+                .send(wasmbed_protocol::Frame::new(
+                    Kind::Data,
+                    seq,
+                    b"still here".to_vec(),
+                ))
+                .await;
+            tokio::select! {
+                r = &mut task => break r,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        stopped
+            .expect("the proxy stops within its grace")
+            .unwrap()
+            .is_ok()
+    );
+    d.until_closed().await;
+}
+
 /// A gateway marked down while its sessions still answer (its listener closed, as a health
 /// check timing out on a busy host would see it): each session asks its own link and stays.
 #[tokio::test]
