@@ -8,11 +8,13 @@
 #         restart     two terminating proxies (link), one SIGTERMed (sessions handed back)
 #                     and a new one started, 2 DATA/s
 #         upgrade     the passthrough proxy upgraded in place (--takeover), 2 DATA/s
-#   DEVICES: default 300 (link-kill) or 9000.
+#   DEVICES: default 300 (link-kill) or 9000. RATE (environment): DATA per second per device
+#   for link-kill, default 20 (use 2 at 9,000 devices: 20 would be 180,000 DATA/s);
+#   GATEWAYS (environment): default 3.
 set -euo pipefail
 bin="$1"; out="$2"; what="$3"
 mkdir -p "$out"
-common=(--listen 127.0.0.1:0 --admin 127.0.0.1:0 --gateways 3)
+common=(--listen 127.0.0.1:0 --admin 127.0.0.1:0 --gateways "${GATEWAYS:-3}")
 run() { # NAME ARGS...: one scenario, its output and JSON in OUT_DIR
   local name="$1"; shift
   WASMBED_LOG=error "$bin" up "${common[@]}" --json "$out/$name.json" "$@" >"$out/$name.txt" 2>&1 || true
@@ -22,8 +24,8 @@ case "$what" in
   link-kill)
     devices="${4:-300}"; rounds="${5:-3}"
     for r in $(seq 1 "$rounds"); do
-      run "link-kill-watch-$r" --mode terminate --upstream link --scenario failover --devices "$devices" --rate 20
-      run "link-kill-probes-$r" --mode terminate --upstream link --scenario failover --devices "$devices" --rate 20 --proxy-arg=--no-liveness-watch
+      run "link-kill-watch-$r" --mode terminate --upstream link --scenario failover --devices "$devices" --rate "${RATE:-20}"
+      run "link-kill-probes-$r" --mode terminate --upstream link --scenario failover --devices "$devices" --rate "${RATE:-20}" --proxy-arg=--no-liveness-watch
     done ;;
   restart)
     devices="${4:-9000}"

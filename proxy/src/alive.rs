@@ -27,6 +27,8 @@ use crate::metric_names::GONE_DETECTION;
 
 /// The gateway's path.
 pub const PATH: &str = "/api/alive";
+/// A watch that hears nothing for this long is reopened.
+const SILENT_AFTER: Duration = Duration::from_secs(45);
 /// How long opening a watch may take (connect and the answer's head). Not a probe's
 /// deadline: a gateway busy with a connect storm answers late and is still alive, and a
 /// watch given up leaves a gap until the next try.
@@ -116,10 +118,13 @@ async fn hold(addr: &str, timeout: Duration) -> Ended {
         Some(r) => {
             let mut body = r.into_body();
             loop {
-                match body.frame().await {
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) => break Ended::Abrupt,
-                    None => break Ended::Clean,
+                // The gateway sends a line every 15 s: three missed, and the watch is reopened
+                // (a silent partition sends no reset; the probes judge the gateway meanwhile).
+                match tokio::time::timeout(SILENT_AFTER, body.frame()).await {
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(_))) => break Ended::Abrupt,
+                    Ok(None) => break Ended::Clean,
+                    Err(_) => break Ended::NotHeld,
                 }
             }
         }

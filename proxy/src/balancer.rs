@@ -543,9 +543,10 @@ impl GatewaySet {
     }
 
     /// Counts one existing session on the gateway named `name` (a session handed over by the
-    /// process this one took over from): `None` when no such gateway is here.
+    /// process this one took over from): `None` when no such gateway is here, or it is not
+    /// up. Only a gateway that is up here: another would cut the session at once.
     pub fn lease_on(&self, name: &str) -> Option<Lease> {
-        let gateway = self.find(name)?;
+        let gateway = self.find(name).filter(|g| g.is_healthy())?;
         gateway.sessions.adopt();
         Some(Lease { gateway })
     }

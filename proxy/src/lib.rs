@@ -141,6 +141,13 @@ impl Proxy {
             }
             (None, _) => None,
         };
+        // Inherited listeners this config does not name: closed now (the old process closes
+        // its copies too), not left accepting into a backlog nobody reads.
+        if let Some(i) = inherited.as_mut() {
+            for (addr, _) in i.listeners.drain(..).chain(i.admin.take()) {
+                tracing::warn!(%addr, "takeover: the running proxy listened here; this config does not: closed");
+            }
+        }
         // Load certificates now, so a bad file fails the start, not the first device.
         let tls = tls_setup(&config)?;
         let device_cas: Vec<&std::path::Path> = config

@@ -49,6 +49,8 @@ use crate::balancer::Lease;
 const MAX_FRAME: usize = 64 << 10;
 /// Most descriptors in one frame.
 const MAX_FDS: usize = 64;
+/// How long the new process may take from the listening sockets to "ready".
+const READY_WITHIN: Duration = Duration::from_secs(60);
 /// Sessions sent to the new process and not yet answered, at most.
 const WINDOW: usize = 64;
 /// How long a step of the exchange may take before the other side counts as gone.
@@ -59,7 +61,20 @@ pub struct Handed {
     device: std::net::TcpStream,
     gateway: std::net::TcpStream,
     gateway_name: String,
-    done: oneshot::Sender<bool>,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// How a hand-over ended, for the old process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The new process forwards it: done here.
+    Taken,
+    /// The new process does not have it (it refused it, or it is gone and its copies with
+    /// it): forward it on here.
+    Keep,
+    /// Not known whether the new process took it (it stopped answering): close it here
+    /// rather than risk both processes reading one device; the device reconnects.
+    Close,
 }
 
 /// Where passthrough sessions go when a new process takes over (in the old process).
@@ -107,8 +122,9 @@ impl Handover {
             gateway_name: lease.gateway().name.clone(),
             done,
         };
-        if self.tx.send(handed).is_ok() && outcome.await == Ok(true) {
-            return Ok(());
+        match outcome_of(self.tx.send(handed).is_ok(), outcome).await {
+            Outcome::Taken | Outcome::Close => return Ok(()),
+            Outcome::Keep => {}
         }
         // Not handed: these copies are the same sockets; resume with them.
         match keep {
@@ -119,6 +135,13 @@ impl Handover {
             _ => Ok(()),
         }
     }
+}
+
+async fn outcome_of(sent: bool, outcome: oneshot::Receiver<Outcome>) -> Outcome {
+    if !sent {
+        return Outcome::Keep;
+    }
+    outcome.await.unwrap_or(Outcome::Keep)
 }
 
 /// A framed exchange over the takeover socket.
@@ -439,7 +462,8 @@ pub async fn serve(
             .collect();
         let message = json!({"listeners": addrs(&offered.listeners), "admin": addrs(&admin)});
         let ready = match channel.send(message, &fds).await {
-            Ok(()) => channel.recv_within(STEP).await,
+            // Its start (binding, loading certificates, the first probe round) comes first.
+            Ok(()) => channel.recv_within(READY_WITHIN).await,
             Err(e) => Err(e),
         };
         match ready {
@@ -466,7 +490,7 @@ pub async fn serve(
     let mut handed = 0u64;
     let mut gone = false;
     let mut more = true;
-    let mut in_flight: VecDeque<oneshot::Sender<bool>> = VecDeque::new();
+    let mut in_flight: VecDeque<oneshot::Sender<Outcome>> = VecDeque::new();
     while more || !in_flight.is_empty() {
         tokio::select! {
             h = handoff.rx.recv(), if more && (gone || in_flight.len() < WINDOW) => {
@@ -475,7 +499,7 @@ pub async fn serve(
                     continue;
                 };
                 if gone {
-                    let _ = h.done.send(false);
+                    let _ = h.done.send(Outcome::Keep);
                     continue;
                 }
                 let sent = channel
@@ -487,26 +511,43 @@ pub async fn serve(
                 match sent {
                     Ok(()) => in_flight.push_back(h.done),
                     Err(_) => {
+                        // Gone before it got this one: its copies of the earlier ones went
+                        // with it, so they are this process's again.
                         gone = true;
-                        let _ = h.done.send(false);
+                        let _ = h.done.send(Outcome::Keep);
+                        in_flight.drain(..).for_each(|d| {
+                            let _ = d.send(Outcome::Keep);
+                        });
                     }
                 }
             }
             _ = sessions_done.cancelled(), if more => more = false,
             answer = channel.recv_within(STEP), if !in_flight.is_empty() => {
-                let taken = matches!(&answer, Ok((m, _)) if m["taken"].as_bool() == Some(true));
-                if let Some(done) = in_flight.pop_front() {
-                    let _ = done.send(taken);
-                }
-                if taken {
-                    handed += 1;
-                } else {
-                    // The new process is gone or refused it: this one keeps the rest.
-                    gone = true;
-                    tracing::warn!("takeover: a hand-over failed; the remaining sessions stay here");
-                    in_flight.drain(..).for_each(|d| {
-                        let _ = d.send(false);
-                    });
+                let Some(done) = in_flight.pop_front() else { continue };
+                match answer {
+                    Ok((m, _)) if m["taken"].as_bool() == Some(true) => {
+                        handed += 1;
+                        let _ = done.send(Outcome::Taken);
+                    }
+                    // Refused (a gateway it does not have or that is not up): this one only.
+                    Ok(_) => {
+                        let _ = done.send(Outcome::Keep);
+                    }
+                    Err(e) => {
+                        // The new process is gone (its copies closed with it: keep them) or
+                        // silent (whether it forwards them is unknown: close them).
+                        let outcome = if e.kind() == io::ErrorKind::TimedOut {
+                            Outcome::Close
+                        } else {
+                            Outcome::Keep
+                        };
+                        gone = true;
+                        tracing::warn!(error = %e, ?outcome, "takeover: the new process stopped answering; the remaining sessions stay here");
+                        let _ = done.send(outcome);
+                        in_flight.drain(..).for_each(|d| {
+                            let _ = d.send(outcome);
+                        });
+                    }
                 }
             }
         }
