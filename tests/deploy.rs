@@ -61,6 +61,22 @@ fn mount(all: &HashMap<String, HashMap<String, String>>, name: &str, dir: &Path)
     }
 }
 
+/// A proxy's `/api/gateways` list.
+fn gateways_of(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let answer = wasmbed_testkit::Admin::new(admin)
+        .get("/api/gateways")
+        .unwrap();
+    serde_json::from_str(&answer.body).unwrap()
+}
+
+/// How many gateways a proxy has up.
+fn healthy(admin: SocketAddr) -> usize {
+    gateways_of(admin)
+        .iter()
+        .filter(|g| g["healthy"] == true)
+        .count()
+}
+
 /// The `- ` items of the list under `key:` in a manifest (the first such list).
 fn list_under(manifest: &str, key: &str) -> Vec<String> {
     let mut lines = manifest.lines().skip_while(|l| l.trim() != key).skip(1);
@@ -207,19 +223,10 @@ async fn the_k8s_manifests_run_as_written() {
         (c.a_admin, c.b_admin, &c.gateway_yaml, &c.gw_root, &c.config);
     let root = c.dir.path();
     let proxy = ProxyProcess::start(&[], &["--config", config.to_str().unwrap()]);
-    let gateways_up = || {
-        let (_, body) = proxy.get("/api/gateways");
-        let list: serde_json::Value = serde_json::from_str(&body).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .filter(|g| g["healthy"] == true)
-            .count()
-    };
     wasmbed_testkit::until(
         std::time::Duration::from_secs(10),
         "both gateways found and up",
-        || gateways_up() == 2,
+        || healthy(proxy.admin) == 2,
     )
     .await;
     // A device through the LoadBalancer's address.
@@ -305,21 +312,10 @@ async fn two_proxies_from_the_manifests_lose_nothing_when_one_is_killed() {
         listen,
         "one address, two proxies"
     );
-    let up = |admin: SocketAddr| -> usize {
-        let answer = wasmbed_testkit::Admin::new(admin)
-            .get("/api/gateways")
-            .unwrap();
-        let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .filter(|g| g["healthy"] == true)
-            .count()
-    };
     wasmbed_testkit::until(
         std::time::Duration::from_secs(10),
         "both proxies found both gateways",
-        || up(a_admin) == 2 && up(b_admin) == 2,
+        || healthy(a_admin) == 2 && healthy(b_admin) == 2,
     )
     .await;
     let json = c.dir.path().join("fleet.json");
@@ -346,12 +342,7 @@ async fn two_proxies_from_the_manifests_lose_nothing_when_one_is_killed() {
         assert!(n > 0, "the fleet ended before every device held a ticket");
     }
     let sessions = |admin: SocketAddr| -> u64 {
-        let answer = wasmbed_testkit::Admin::new(admin)
-            .get("/api/gateways")
-            .unwrap();
-        let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
-        list.as_array()
-            .unwrap()
+        gateways_of(admin)
             .iter()
             .filter_map(|g| g["sessions"].as_u64())
             .sum()

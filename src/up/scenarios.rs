@@ -201,13 +201,9 @@ fn gateway_drain(admin: SocketAddr) {
 
 /// The proxy's view: live sessions per gateway that is up.
 fn proxy_spread(admin: SocketAddr) -> BTreeMap<String, usize> {
-    let Ok(answer) = wasmbed_client::Admin::new(admin).get("/api/gateways") else {
-        return BTreeMap::new();
-    };
-    let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
-    list.as_array()
-        .into_iter()
-        .flatten()
+    gateways_seen(admin)
+        .unwrap_or_default()
+        .iter()
         .filter(|g| g["healthy"].as_bool() == Some(true) && g["draining"].as_bool() == Some(false))
         .filter_map(|g| {
             Some((
@@ -218,15 +214,19 @@ fn proxy_spread(admin: SocketAddr) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// The proxy's `/api/gateways` list; `None` when it cannot be read.
+fn gateways_seen(admin: SocketAddr) -> Option<Vec<serde_json::Value>> {
+    let answer = wasmbed_client::Admin::new(admin)
+        .get("/api/gateways")
+        .ok()?;
+    serde_json::from_str(&answer.body).ok()
+}
+
 /// Whether the proxy has `name` up (an unreadable answer counts as up: no verdict).
 fn gateway_up(admin: SocketAddr, name: &str) -> bool {
-    let Ok(answer) = wasmbed_client::Admin::new(admin).get("/api/gateways") else {
-        return true;
-    };
-    let list: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
-    list.as_array()
-        .into_iter()
-        .flatten()
+    gateways_seen(admin)
+        .unwrap_or_default()
+        .iter()
         .find(|g| g["name"].as_str() == Some(name))
         .is_none_or(|g| g["healthy"].as_bool() != Some(false))
 }
@@ -647,13 +647,9 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
 
 /// Device sessions a proxy holds now (every gateway's, up or not).
 fn proxy_sessions(admin: SocketAddr) -> Option<usize> {
-    let answer = wasmbed_client::Admin::new(admin)
-        .get("/api/gateways")
-        .ok()?;
-    let list: serde_json::Value = serde_json::from_str(&answer.body).ok()?;
+    let list = gateways_seen(admin)?;
     Some(
-        list.as_array()?
-            .iter()
+        list.iter()
             .filter_map(|g| g["sessions"].as_u64())
             .sum::<u64>() as usize,
     )
