@@ -3,10 +3,26 @@
 //! A frame is `u32` big-endian length of the rest, `u8` type, `u64` sequence, body. The header
 //! is fixed so a proxy can track and replay frames without decoding bodies. Control bodies
 //! are CBOR; DATA, REPLY and PUSH bodies are the application's opaque bytes. See PROTOCOL.md.
+//!
+//! `no_std`, and without allocation at its core: [`split`] reads a frame in place,
+//! [`header_bytes`] writes a header, and [`body`] reads and writes the control bodies over
+//! borrowed bytes (what a device on a microcontroller uses: `wasmbed-device`). Feature `alloc`
+//! (on by default, through `std`) adds the owned [`Frame`] and the serde control types that
+//! the gateway and the proxy use; feature `codec` the tokio-util framing.
 
+#![no_std]
 #![forbid(unsafe_code)]
 
-use serde::{Deserialize, Serialize};
+#[cfg(feature = "alloc")]
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod body;
+#[cfg(feature = "alloc")]
+mod owned;
+#[cfg(feature = "alloc")]
+pub use owned::*;
 
 /// Bytes of the header after the length prefix: type (1) + sequence (8).
 pub const HEADER: usize = 9;
@@ -79,14 +95,6 @@ impl Kind {
     }
 }
 
-/// One frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub kind: Kind,
-    pub seq: u64,
-    pub body: Vec<u8>,
-}
-
 /// Why bytes are not a frame. Each is answered by ERROR and a close.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
@@ -96,8 +104,15 @@ pub enum ProtocolError {
     TooShort(usize),
     #[error("unknown frame type {0}")]
     UnknownType(u8),
+    /// A control body that is not the expected CBOR ([`body`]'s readers).
+    #[error(transparent)]
+    BadBody(#[from] body::BadBody),
+    #[cfg(feature = "alloc")]
     #[error("malformed {what} body: {detail}")]
-    Body { what: &'static str, detail: String },
+    Body {
+        what: &'static str,
+        detail: alloc::string::String,
+    },
 }
 
 impl ProtocolError {
@@ -106,54 +121,21 @@ impl ProtocolError {
         match self {
             ProtocolError::TooLarge { .. } => ErrorCode::FrameTooLarge,
             ProtocolError::UnknownType(_) => ErrorCode::UnknownType,
-            ProtocolError::TooShort(_) | ProtocolError::Body { .. } => ErrorCode::BadFrame,
+            ProtocolError::TooShort(_) | ProtocolError::BadBody(_) => ErrorCode::BadFrame,
+            #[cfg(feature = "alloc")]
+            ProtocolError::Body { .. } => ErrorCode::BadFrame,
         }
     }
 }
 
-impl Frame {
-    pub fn new(kind: Kind, seq: u64, body: impl Into<Vec<u8>>) -> Frame {
-        Frame {
-            kind,
-            seq,
-            body: body.into(),
-        }
-    }
-
-    /// A control frame whose body is `value` as CBOR.
-    pub fn control<T: Serialize>(kind: Kind, seq: u64, value: &T) -> Frame {
-        let mut body = Vec::new();
-        // Writing CBOR into a Vec cannot fail for these plain structs.
-        let _ = ciborium::into_writer(value, &mut body);
-        Frame { kind, seq, body }
-    }
-
-    /// The body decoded as the CBOR control structure `T`.
-    pub fn decode_body<T: for<'de> Deserialize<'de>>(
-        &self,
-        what: &'static str,
-    ) -> Result<T, ProtocolError> {
-        ciborium::from_reader(self.body.as_slice()).map_err(|e| ProtocolError::Body {
-            what,
-            detail: e.to_string(),
-        })
-    }
-
-    /// Appends the encoded frame to `out`.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let len = (HEADER + self.body.len()) as u32;
-        out.reserve(PREFIX + HEADER + self.body.len());
-        out.extend_from_slice(&len.to_be_bytes());
-        out.push(self.kind as u8);
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&self.body);
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.encode_into(&mut out);
-        out
-    }
+/// The 13 bytes that start a frame of `kind` and `seq` with a body of `body_len` bytes.
+pub fn header_bytes(kind: Kind, seq: u64, body_len: usize) -> [u8; PREFIX + HEADER] {
+    let mut h = [0u8; PREFIX + HEADER];
+    let len = (HEADER + body_len) as u32;
+    h[..PREFIX].copy_from_slice(&len.to_be_bytes());
+    h[PREFIX] = kind as u8;
+    h[PREFIX + 1..].copy_from_slice(&seq.to_be_bytes());
+    h
 }
 
 /// The fixed header of the frame at the start of `buf`, without decoding its body:
@@ -165,10 +147,19 @@ pub fn peek_header(buf: &[u8]) -> Option<(u8, u64, usize)> {
     Some((h[4], seq, PREFIX + len))
 }
 
-/// Decodes the frame at the start of `buf`. `Ok(None)`: more bytes are needed. `Ok(Some((frame,
-/// used)))`: a frame and how many bytes it took. A length over `max` is refused as soon as
-/// the length prefix is read, before anything is allocated.
-pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, ProtocolError> {
+/// A frame read in place: its body borrows the buffer it was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRef<'a> {
+    pub kind: Kind,
+    pub seq: u64,
+    pub body: &'a [u8],
+}
+
+/// Reads the frame at the start of `buf` without copying it. `Ok(None)`: more bytes are
+/// needed. `Ok(Some((frame, used)))`: a frame and how many bytes it took. A length over `max`
+/// is refused as soon as the length prefix is read, a length under the header or an unknown
+/// type as soon as those bytes are there.
+pub fn split(buf: &[u8], max: usize) -> Result<Option<(FrameRef<'_>, usize)>, ProtocolError> {
     let Some(prefix) = buf.get(..PREFIX) else {
         return Ok(None);
     };
@@ -191,82 +182,13 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame, usize)>, Protocol
     let mut seq = [0u8; 8];
     seq.copy_from_slice(&frame[PREFIX + 1..PREFIX + HEADER]);
     Ok(Some((
-        Frame {
+        FrameRef {
             kind,
             seq: u64::from_be_bytes(seq),
-            body: frame[PREFIX + HEADER..].to_vec(),
+            body: &frame[PREFIX + HEADER..],
         },
         PREFIX + len,
     )))
-}
-
-/// HELLO: the device opens a session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hello {
-    pub device: String,
-    pub app: String,
-    /// A sealed ticket from an earlier CHECKPOINT: resume that session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume: Option<serde_bytes::ByteBuf>,
-}
-
-/// WELCOME: the gateway took the session.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Welcome {
-    pub session: String,
-    pub gateway: String,
-    /// HELLO carried a ticket and the session resumed from it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resumed: Option<Resumed>,
-    /// HELLO carried a ticket that was not taken; the session started fresh. One of
-    /// `expired`, `bad_ticket`, `other_device`, `other_app`, `restore_failed`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resume_refused: Option<String>,
-}
-
-/// WELCOME's account of a resume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resumed {
-    /// The last DATA the ticket covers: DATA up to it is answered ERROR `duplicate`.
-    pub seq: u64,
-    /// `restored`: the app got its state back; `fresh`: the app keeps no state it can hand
-    /// over, so it starts afresh.
-    pub state: String,
-}
-
-/// CHECKPOINT: the session so far, sealed; the frame's sequence is the last DATA it covers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub ticket: serde_bytes::ByteBuf,
-}
-
-/// ERROR: a problem, by code; `text` is for humans.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: u16,
-    pub text: String,
-}
-
-impl ErrorBody {
-    /// The code's name, or `code N` for a code this version does not know.
-    pub fn code_name(&self) -> std::borrow::Cow<'static, str> {
-        match ErrorCode::from_u16(self.code) {
-            Some(c) => c.as_str().into(),
-            None => format!("code {}", self.code).into(),
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.code_name(), self.text)
-    }
-}
-
-/// GOAWAY: the gateway is leaving; reconnect (through the proxy) and resume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Goaway {
-    pub reason: String,
 }
 
 /// ERROR codes.
@@ -334,17 +256,6 @@ impl ErrorCode {
     /// The code with wire value `v`; `None` for a value this version does not know.
     pub fn from_u16(v: u16) -> Option<ErrorCode> {
         ErrorCode::ALL.into_iter().find(|c| *c as u16 == v)
-    }
-
-    pub fn frame(self, seq: u64, text: impl Into<String>) -> Frame {
-        Frame::control(
-            Kind::Error,
-            seq,
-            &ErrorBody {
-                code: self as u16,
-                text: text.into(),
-            },
-        )
     }
 }
 

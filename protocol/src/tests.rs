@@ -1,3 +1,7 @@
+extern crate std;
+use std::prelude::rust_2024::*;
+use std::{format, vec};
+
 use proptest::prelude::*;
 
 use super::*;
@@ -248,4 +252,141 @@ fn the_documented_checkpoint_example_is_exact() {
     );
     let w: Welcome = old.decode_body("WELCOME").unwrap();
     assert_eq!((w.resumed, w.resume_refused), (None, None));
+}
+
+/// The owned serde types (the gateway's and the proxy's) and the in-place readers and
+/// writers (the device's) make and read the same bytes.
+mod body_agreement {
+    use std::prelude::rust_2024::*;
+    use std::vec;
+
+    use proptest::prelude::*;
+    use serde_bytes::ByteBuf;
+
+    use crate::body::*;
+    use crate::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        proptest::string::string_regex(".{0,40}").unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn hello(device in text(), app in text(), resume in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..600))) {
+            let owned = Hello { device: device.clone(), app: app.clone(), resume: resume.clone().map(ByteBuf::from) };
+            let bytes = Frame::control(Kind::Hello, 0, &owned).body;
+            let r = HelloRef::decode(&bytes).unwrap();
+            prop_assert_eq!(r, HelloRef { device: &device, app: &app, resume: resume.as_deref() });
+            let mut out = vec![0u8; HelloRef::max_len(device.len(), app.len(), resume.as_ref().map_or(0, |t| t.len()))];
+            let n = r.encode(&mut out).unwrap();
+            prop_assert_eq!(&out[..n], &bytes[..]);
+        }
+
+        #[test]
+        fn welcome(session in text(), gateway in text(), seq in proptest::option::of(any::<u64>()), refused in proptest::option::of(text())) {
+            let owned = Welcome {
+                session: session.clone(),
+                gateway: gateway.clone(),
+                resumed: seq.map(|seq| Resumed { seq, state: "restored".into() }),
+                resume_refused: refused.clone(),
+            };
+            let bytes = Frame::control(Kind::Welcome, 0, &owned).body;
+            let r = WelcomeRef::decode(&bytes).unwrap();
+            prop_assert_eq!(r.session, session.as_str());
+            prop_assert_eq!(r.gateway, gateway.as_str());
+            prop_assert_eq!(r.resumed.map(|r| (r.seq, r.state)), seq.map(|s| (s, "restored")));
+            prop_assert_eq!(r.resume_refused, refused.as_deref());
+            let mut out = vec![0u8; bytes.len()];
+            let n = r.encode(&mut out).unwrap();
+            prop_assert_eq!(&out[..n], &bytes[..]);
+        }
+
+        #[test]
+        fn checkpoint_error_goaway(ticket in proptest::collection::vec(any::<u8>(), 0..600), code in any::<u16>(), t in text()) {
+            let c = Frame::control(Kind::Checkpoint, 1, &Checkpoint { ticket: ByteBuf::from(ticket.clone()) }).body;
+            prop_assert_eq!(CheckpointRef::decode(&c).unwrap().ticket, &ticket[..]);
+            let e = Frame::control(Kind::Error, 0, &ErrorBody { code, text: t.clone() }).body;
+            prop_assert_eq!(ErrorRef::decode(&e).unwrap(), ErrorRef { code, text: &t });
+            let g = Frame::control(Kind::Goaway, 0, &Goaway { reason: t.clone() }).body;
+            prop_assert_eq!(GoawayRef::decode(&g).unwrap().reason, t.as_str());
+            // And back: what the in-place writers make, the serde types read.
+            let mut out = vec![0u8; 700];
+            let n = CheckpointRef { ticket: &ticket }.encode(&mut out).unwrap();
+            prop_assert_eq!(&out[..n], &c[..]);
+            let n = ErrorRef { code, text: &t }.encode(&mut out).unwrap();
+            prop_assert_eq!(&out[..n], &e[..]);
+            let n = GoawayRef { reason: &t }.encode(&mut out).unwrap();
+            prop_assert_eq!(&out[..n], &g[..]);
+        }
+
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = HelloRef::decode(&bytes);
+            let _ = WelcomeRef::decode(&bytes);
+            let _ = CheckpointRef::decode(&bytes);
+            let _ = ErrorRef::decode(&bytes);
+            let _ = GoawayRef::decode(&bytes);
+            let _ = split(&bytes, 128);
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_skipped_and_missing_ones_refused() {
+        // {"ticket": h'aa', "x": [1, 2]}
+        let body = [
+            0xa2, 0x66, b't', b'i', b'c', b'k', b'e', b't', 0x41, 0xaa, 0x61, b'x', 0x82, 1, 2,
+        ];
+        assert_eq!(CheckpointRef::decode(&body).unwrap().ticket, &[0xaa]);
+        // {"x": 1}
+        assert_eq!(
+            CheckpointRef::decode(&[0xa1, 0x61, b'x', 1]),
+            Err(BadBody("CHECKPOINT"))
+        );
+        // A ticket that is text, not bytes.
+        let body = [0xa1, 0x66, b't', b'i', b'c', b'k', b'e', b't', 0x61, b'a'];
+        assert_eq!(CheckpointRef::decode(&body), Err(BadBody("CHECKPOINT")));
+        // Trailing bytes after the map.
+        let body = [0xa1, 0x66, b'r', b'e', b'a', b's', b'o', b'n', 0x60, 0x00];
+        assert_eq!(GoawayRef::decode(&body), Err(BadBody("GOAWAY")));
+        // An indefinite-length map is read too.
+        let body = [
+            0xbf, 0x66, b'r', b'e', b'a', b's', b'o', b'n', 0x61, b'z', 0xff,
+        ];
+        assert_eq!(GoawayRef::decode(&body).unwrap().reason, "z");
+    }
+
+    #[test]
+    fn the_documented_hello_is_written_in_place() {
+        let mut out = [0u8; 64];
+        let n = HelloRef {
+            device: "d1",
+            app: "echo",
+            resume: None,
+        }
+        .encode(&mut out)
+        .unwrap();
+        let mut frame = header_bytes(Kind::Hello, 0, n).to_vec();
+        frame.extend_from_slice(&out[..n]);
+        let documented = Frame::control(
+            Kind::Hello,
+            0,
+            &Hello {
+                device: "d1".into(),
+                app: "echo".into(),
+                resume: None,
+            },
+        )
+        .encode();
+        assert_eq!(frame, documented);
+        assert_eq!(&frame[..4], &[0, 0, 0, 0x1d]);
+        assert_eq!(
+            HelloRef {
+                device: "d1",
+                app: "echo",
+                resume: None
+            }
+            .encode(&mut [0u8; 10]),
+            Err(TooSmall)
+        );
+    }
 }
