@@ -5,35 +5,24 @@
 
 #![forbid(unsafe_code)]
 
+mod driver;
 pub mod report;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use wasmbed_certs::pki::{DevCa, KeyKind};
 use wasmbed_config::LoadtestSettings;
-use wasmbed_protocol::codec::{CodecError, FrameCodec};
-use wasmbed_protocol::{ErrorBody, ErrorCode, Frame, Hello, Kind, Welcome};
 
 pub use report::Report;
 
 /// How long devices wait for the last replies after they stop sending.
 pub const GRACE: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const FIRST_BACKOFF: Duration = Duration::from_millis(20);
-const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// DATA a device remembers for a resume while it holds no ticket yet.
-const MAX_UNSEALED: usize = 1024;
-/// The largest frame a device accepts.
-const MAX_FRAME: usize = 1 << 20;
 /// The app whose REPLYs the fleet checks for state: `counter` answers with its message count.
 pub const COUNTER_APP: &str = "counter";
 
@@ -335,7 +324,7 @@ impl Fleet {
             let (ctx, stop) = (ctx.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => device(i, &ctx, &stop).await,
+                    _ = tokio::time::sleep(delay) => driver::device(i, &ctx, &stop).await,
                     _ = stop.cancelled() => DeviceOutcome {
                         failure: Some("not started before the end".into()),
                         ..DeviceOutcome::default()
@@ -463,320 +452,6 @@ impl Quic {
         // The streams hold the connection: it lives as long as they do.
         Ok(Box::new(tokio::io::join(recv, send)))
     }
-}
-
-/// An ERROR as a report counts it: by its code (`ERROR frame_too_large`), never by the
-/// peer's free text (a bounded number of keys whatever the peer sends).
-fn cause_of(f: &Frame) -> String {
-    match f.decode_body::<ErrorBody>("ERROR") {
-        Ok(e) => format!("ERROR {}", e.code_name()),
-        Err(_) => "ERROR (no readable body)".into(),
-    }
-}
-
-fn error_is(f: &Frame, code: ErrorCode) -> bool {
-    f.decode_body::<ErrorBody>("ERROR")
-        .is_ok_and(|e| e.code == code as u16)
-}
-
-/// A device's session: frames over its TLS stream, by the protocol's codec.
-struct Conn {
-    framed: Framed<Stream, FrameCodec>,
-}
-
-impl Conn {
-    /// The next frame; `None` on close, error, or a frame that breaks the protocol.
-    async fn next(&mut self) -> Option<Frame> {
-        self.framed.next().await?.ok()
-    }
-
-    async fn send(&mut self, frame: &Frame) -> Result<(), CodecError> {
-        self.framed.send(frame).await
-    }
-}
-
-/// Connects, handshakes and opens a session; returns the connection and the gateway's name.
-async fn open(i: usize, ctx: &Ctx, ticket: Option<&[u8]>) -> Result<(Conn, Welcome), String> {
-    let s = &ctx.settings;
-    let t0 = Instant::now();
-    let stream: Stream = match &ctx.quic {
-        Some(quic) => quic.connect(i, ctx).await?,
-        None => {
-            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(s.target))
-                .await
-                .map_err(|_| "connect timeout".to_string())?
-                .map_err(|e| format!("connect: {}", e.kind()))?;
-            let _ = tcp.set_nodelay(true);
-            let name = ServerName::try_from(s.sni.clone()).map_err(|_| "bad --sni".to_string())?;
-            let connector = tokio_rustls::TlsConnector::from(ctx.configs[i].clone());
-            let tls = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
-                .await
-                .map_err(|_| "TLS handshake timeout".to_string())?
-                .map_err(|e| format!("TLS handshake: {e}"))?;
-            Box::new(tls)
-        }
-    };
-    let handshake = t0.elapsed();
-    let mut conn = Conn {
-        framed: Framed::new(stream, FrameCodec::new(MAX_FRAME)),
-    };
-    let t1 = Instant::now();
-    let hello = Hello {
-        device: device_id(s.first_device + i),
-        app: s.app.clone(),
-        resume: ticket.map(|t| serde_bytes::ByteBuf::from(t.to_vec())),
-    };
-    conn.send(&Frame::control(Kind::Hello, 0, &hello))
-        .await
-        .map_err(|e| format!("send HELLO: {e}"))?;
-    let answer = tokio::time::timeout(CONNECT_TIMEOUT, conn.next())
-        .await
-        .map_err(|_| "no WELCOME in time".to_string())?
-        .ok_or_else(|| "closed before WELCOME".to_string())?;
-    match answer.kind {
-        Kind::Welcome => {
-            let w: Welcome = answer.decode_body("WELCOME").map_err(|e| e.to_string())?;
-            let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = h.handshake.record(micros(handshake));
-            let _ = h.welcome.record(micros(t1.elapsed()));
-            Ok((conn, w))
-        }
-        Kind::Error => {
-            let e: ErrorBody = answer.decode_body("ERROR").map_err(|e| e.to_string())?;
-            Err(format!("ERROR {e}"))
-        }
-        other => Err(format!("unexpected {other:?} instead of WELCOME")),
-    }
-}
-
-/// One device: connect, send at the rate, reconnect (resending what was not answered).
-/// `finish`: stop sending, wait (at most [`GRACE`]) for the replies, end.
-async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcome {
-    let s = &ctx.settings;
-    let live = &ctx.live;
-    let send_until = ctx.start + s.duration;
-    let give_up = async {
-        tokio::select! {
-            _ = tokio::time::sleep_until((send_until + GRACE).into()) => {}
-            _ = async { finish.cancelled().await; tokio::time::sleep(GRACE).await } => {}
-        }
-    };
-    let mut give_up = std::pin::pin!(give_up);
-    let interval = Duration::from_secs_f64(1.0 / s.rate);
-    let payload: Vec<u8> = (0..s.payload).map(|b| (b ^ i) as u8).collect();
-    let mut out = DeviceOutcome::default();
-    let mut pending: BTreeMap<u64, Instant> = BTreeMap::new();
-    let mut answered: HashSet<u64> = HashSet::new();
-    let mut next_seq = 1u64;
-    let mut dropped_at: Option<Instant> = None;
-    let mut backoff = FIRST_BACKOFF;
-    let mut counter = (s.app == COUNTER_APP).then(CounterCheck::default);
-    // The latest CHECKPOINT: (the DATA it covers, the sealed ticket).
-    let mut ticket: Option<(u64, Vec<u8>)> = None;
-    // DATA sent since the latest CHECKPOINT: what a resume sends again.
-    let mut unsealed: BTreeSet<u64> = BTreeSet::new();
-    // DATA answered before and sent again after a resume: their second answer is expected.
-    let mut replaying: HashSet<u64> = HashSet::new();
-    'session: loop {
-        let sending = Instant::now() < send_until && !finish.is_cancelled();
-        if !sending && pending.is_empty() {
-            break;
-        }
-        let opened = tokio::select! {
-            r = open(i, ctx, ticket.as_ref().map(|(_, t)| t.as_slice())) => r,
-            _ = &mut give_up => {
-                // Still dialing when the run ended: say so (a QUIC device dialing a port
-                // where nothing speaks QUIC hears nothing back, not a refusal).
-                if out.failure.is_none() {
-                    out.failure = Some(format!(
-                        "connect: no answer from {} before the run ended ({})",
-                        s.target,
-                        match s.transport {
-                            wasmbed_config::loadtest::Transport::Quic => "QUIC over UDP: is it a --quic-listen address?",
-                            wasmbed_config::loadtest::Transport::Tcp => "TLS over TCP",
-                        }
-                    ));
-                }
-                break;
-            }
-        };
-        let (mut conn, welcome) = match opened {
-            Ok(x) => x,
-            Err(reason) => {
-                out.failure = Some(reason);
-                let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff + jitter) => {}
-                    _ = &mut give_up => break,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
-            }
-        };
-        out.failure = None;
-        if !out.welcomed {
-            out.welcomed = true;
-            live.welcomed.fetch_add(1, Ordering::Relaxed);
-        }
-        live.connected_now.fetch_add(1, Ordering::Relaxed);
-        live.set_gateway(i, Some(welcome.gateway.clone()));
-        if let Some(at) = dropped_at.take() {
-            let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = h.rehome.record(micros(at.elapsed()));
-            live.rehomed.fetch_add(1, Ordering::Relaxed);
-            live.rehomed_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(Instant::now());
-        }
-        // Resumed: DATA up to the ticket's sequence is in the app's state; every DATA after
-        // it is sent again (answered or not: its effect may not be in the state). Not
-        // resumed: every DATA not answered yet is sent again.
-        let mut resend: BTreeSet<u64> = pending.keys().copied().collect();
-        match (&welcome.resumed, &welcome.resume_refused) {
-            (Some(r), _) => {
-                out.resumed += 1;
-                pending.retain(|&seq, _| seq > r.seq);
-                resend = pending.keys().copied().collect();
-                resend.extend(unsealed.range(r.seq + 1..));
-                replaying.extend(resend.iter().filter(|s| !pending.contains_key(s)));
-            }
-            (None, Some(reason)) => {
-                *out.resume_refused.entry(reason.clone()).or_default() += 1;
-                ticket = None;
-            }
-            (None, None) => {}
-        }
-        unsealed.retain(|s| resend.contains(s));
-        let mut ok = true;
-        for &seq in &resend {
-            if conn
-                .send(&Frame::new(Kind::Data, seq, payload.clone()))
-                .await
-                .is_err()
-            {
-                ok = false;
-                break;
-            }
-        }
-        let mut ticker = tokio::time::interval_at(
-            tokio::time::Instant::now() + interval.mul_f64(fastrand::f64()),
-            interval,
-        );
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // After GOAWAY: send nothing more, read the answers the gateway still owes, then go.
-        let mut leaving = false;
-        // A REPLY came on this connection: it made progress (else the next one backs off).
-        let mut replied = false;
-        while ok {
-            let in_time = Instant::now() < send_until && !finish.is_cancelled();
-            if !in_time && pending.is_empty() {
-                break 'session;
-            }
-            if leaving && pending.is_empty() {
-                break;
-            }
-            let sending = in_time && !leaving;
-            tokio::select! {
-                _ = ticker.tick(), if sending => {
-                    let seq = next_seq;
-                    next_seq += 1;
-                    pending.insert(seq, Instant::now());
-                    unsealed.insert(seq);
-                    // Without tickets (gateways with no key ring) nothing prunes it: keep
-                    // only the most recent DATA, enough for a first ticket to cover.
-                    if ticket.is_none() && unsealed.len() > MAX_UNSEALED {
-                        unsealed.pop_first();
-                    }
-                    out.sent += 1;
-                    live.sent.fetch_add(1, Ordering::Relaxed);
-                    ok = conn.send(&Frame::new(Kind::Data, seq, payload.clone())).await.is_ok();
-                }
-                frame = conn.next() => match frame {
-                    Some(f) if f.kind == Kind::Reply || f.kind == Kind::Error => {
-                        match pending.remove(&f.seq) {
-                            Some(sent) => {
-                                answered.insert(f.seq);
-                                if f.kind == Kind::Reply {
-                                    if counter.as_mut().is_some_and(|c| c.reset(&f.body)) {
-                                        out.state_resets += 1;
-                                    }
-                                    out.answered += 1;
-                                    replied = true;
-                                    live.answered.fetch_add(1, Ordering::Relaxed);
-                                    let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
-                                    let _ = h.reply.record(micros(sent.elapsed()));
-                                } else if error_is(&f, ErrorCode::Duplicate) {
-                                    // Covered by the resumed session's state: answered before.
-                                    out.duplicates_refused += 1;
-                                    replied = true;
-                                } else {
-                                    out.errors += 1;
-                                    *out.error_causes.entry(cause_of(&f)).or_default() += 1;
-                                }
-                            }
-                            None if replaying.remove(&f.seq) => {}
-                            None if answered.contains(&f.seq) => out.duplicated += 1,
-                            None if f.seq == 0 => {
-                                out.errors += 1;
-                                *out.error_causes.entry(cause_of(&f)).or_default() += 1;
-                            }
-                            None => {}
-                        }
-                    }
-                    Some(f) if f.kind == Kind::Goaway => leaving = true,
-                    Some(f) if f.kind == Kind::Checkpoint => {
-                        if let Ok(c) = f.decode_body::<wasmbed_protocol::Checkpoint>("CHECKPOINT") {
-                            unsealed.retain(|&s| s > f.seq);
-                            ticket = Some((f.seq, c.ticket.into_vec()));
-                            if !out.tickets {
-                                out.tickets = true;
-                                live.ticketed.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }
-                    Some(_) => {}
-                    None => ok = false,
-                },
-                _ = finish.cancelled(), if sending => {}
-                _ = tokio::time::sleep_until(send_until.into()), if sending => {}
-                _ = &mut give_up => break 'session,
-            }
-        }
-        // Dropped: by the gateway (GOAWAY, crash) or the proxy. Re-home.
-        live.connected_now.fetch_sub(1, Ordering::Relaxed);
-        live.disconnects.fetch_add(1, Ordering::Relaxed);
-        if leaving {
-            live.left_on_goaway.fetch_add(1, Ordering::Relaxed);
-        } else {
-            live.cut.fetch_add(1, Ordering::Relaxed);
-        }
-        live.set_gateway(i, None);
-        dropped_at = Some(Instant::now());
-        out.reconnects += 1;
-        // A session that ended without a single REPLY and without GOAWAY (an ERROR, a close
-        // right after WELCOME) backs off as a failed connect does: the same failure again at
-        // once would only hammer the gateways.
-        if replied || leaving {
-            backoff = FIRST_BACKOFF;
-        } else {
-            let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
-            tokio::select! {
-                _ = tokio::time::sleep(backoff + jitter) => {}
-                _ = &mut give_up => break,
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
-    }
-    if out.welcomed
-        && dropped_at.is_none()
-        && live.gateway.lock().map(|g| g[i].is_some()).unwrap_or(false)
-    {
-        // Still connected at the end: leave the gateway in the spread, count as disconnected.
-        live.connected_now.fetch_sub(1, Ordering::Relaxed);
-    }
-    out.lost = pending.len() as u64;
-    out
 }
 
 #[cfg(test)]

@@ -130,6 +130,9 @@ fn names_are_unique_and_codes_round_trip() {
 
 #[cfg(feature = "codec")]
 mod codec {
+    use std::vec;
+    use std::vec::Vec;
+
     use bytes::BytesMut;
     use proptest::prelude::*;
     use tokio_util::codec::{Decoder, Encoder};
