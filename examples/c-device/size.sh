@@ -19,3 +19,22 @@ echo "library: $lib"
 echo "own objects (section sizes, bytes):"
 # shellcheck disable=SC2086
 size -t $own | sed 's/^/  /'
+
+# What a program using it keeps: every API function called once (size_probe.c), linked with
+# --gc-sections: the library's own functions that stay.
+here=$(cd "$(dirname "$0")" && pwd)
+cc -Os -ffunction-sections -fdata-sections -I"$here/../../device-c/include" \
+  -o probe "$here/size_probe.c" "$lib" -Wl,--gc-sections -lpthread -ldl -lm
+nm -S -C -t d --size-sort probe | awk '
+  $3 ~ /^[tTrRdD]$/ {
+    n = $2 + 0; name = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ /, "", name)
+    if (name ~ /^<?&?(mut )?(wasmbed_device|wasmbed_protocol|minicbor)/ || name ~ /^wasmbed_(session|config)_/) {
+      if ($3 ~ /[tT]/) text += n; else data += n
+    }
+  }
+  END {
+    printf "linked into a program that calls every API function (--gc-sections):\n"
+    printf "  the library'"'"'s own functions: %d bytes of code, %d of data\n", text, data
+  }'
+echo "(the rest of that program is libc and Rust std's panic and backtrace machinery, which a"
+echo " no_std firmware build with panic = abort does not have)"
