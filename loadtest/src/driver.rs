@@ -19,12 +19,20 @@ use crate::{
     micros,
 };
 
-/// The largest frame a device accepts.
-const MAX_FRAME: usize = 1 << 20;
-/// The largest ticket a device keeps (a ticket carries the app's state).
-const MAX_TICKET: usize = 256 << 10;
 /// Bytes read from the connection at a time.
 const READ_CHUNK: usize = 4096;
+
+/// A simulated device's session sizes, from the fleet's payload: the window holds 64 DATA
+/// (at least 4 KiB); a ticket may carry a state as large as a DATA (the `blob` app keeps
+/// its last one) plus the ticket's own fields; a frame may be an echoed DATA or a CHECKPOINT
+/// with such a ticket. The memory is the session's for its whole life (zeroed, so touched):
+/// with the default 32-byte payload about 12 KB a device, what the fleet loop held before.
+fn sizes(payload: usize) -> (usize, usize, usize) {
+    let window = (64 * (payload + 13)).max(4 << 10);
+    let ticket = payload + (2 << 10);
+    let frame = payload.max(ticket + 64) + (1 << 10);
+    (window, frame, ticket)
+}
 
 /// The session's clock: milliseconds since the fleet started.
 fn millis(ctx: &Ctx) -> u64 {
@@ -206,10 +214,11 @@ fn drain(session: &mut Session<Vec<u8>>, d: &mut Device<'_>) {
 pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcome {
     let s = &ctx.settings;
     let id = device_id(s.first_device + i);
+    let (window, max_frame, max_ticket) = sizes(s.payload);
     let config = Config {
-        window: (64 * (s.payload + 13)).max(64 << 10),
-        max_frame: MAX_FRAME,
-        max_ticket: MAX_TICKET,
+        window,
+        max_frame,
+        max_ticket,
         // Devices send at a rate; the gateway's idle timeout and QUIC's own keep-alive
         // cover a silent peer.
         keepalive_ms: 0,
