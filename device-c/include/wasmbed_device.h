@@ -27,6 +27,9 @@ typedef enum wasmbed_result {
   WASMBED_RESULT_TOO_LARGE,
   // `wasmbed_session_send_data`: the session is over.
   WASMBED_RESULT_DONE,
+  // Bytes passed in lie in the session's own memory (an event's bytes, say): copy them
+  // out first.
+  WASMBED_RESULT_OVERLAP,
 } wasmbed_result;
 
 // What the transport should do now (`wasmbed_session_status`).
@@ -256,8 +259,9 @@ bool wasmbed_session_ticket(struct wasmbed_session *s,
                             const uint8_t **ticket,
                             size_t *len);
 
-// A ticket kept across a reboot (copied), before any DATA: the first connection resumes
-// from it. False when DATA was already queued or the ticket is too large.
+// A ticket kept across a reboot (copied), before any DATA and any connection: the first
+// connection resumes from it. False when DATA was already queued, a connection was made, or
+// the ticket is too large.
 //
 // # Safety
 // `s`: null or a live handle; `ticket` null or valid for `len` bytes.

@@ -25,7 +25,9 @@
 //! out of place, a resume that does not fit what was sent, end the connection with a
 //! [`Cause::Violation`] — never a panic, never memory beyond what the caller gave.
 //!
-//! Modules: `window` (the DATA frames kept for resend), `session` (the state machine).
+//! Modules: `window` (the DATA frames kept for resend), `session` (the state machine: its
+//! phases and what goes out), `session::recv` (what comes in, as events), `session::memory`
+//! (where each part lives in the caller's memory).
 
 #![no_std]
 #![forbid(unsafe_code)]

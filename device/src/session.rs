@@ -1,11 +1,16 @@
-//! The state machine: a session's phase, its memory, and what goes out. What comes in is in
-//! `recv` (one frame at a time, as events).
+//! The state machine: a session's phase, its memory and its connection. What
+//! comes in is in `recv` (one frame at a time, as events), what goes out in `send`; where
+//! things live in the caller's memory is in `memory`.
 
+mod memory;
 mod recv;
+mod send;
 
 use wasmbed_protocol::body::HelloRef;
 use wasmbed_protocol::{HEADER, Kind, PREFIX, header_bytes};
 
+use self::memory::Layout;
+use self::send::Source;
 use crate::window::Window;
 use crate::{Action, Cause, Config, SendError, SetupError, Status};
 
@@ -31,9 +36,11 @@ enum Phase {
 /// Counts of what the session saw and set aside (the events say the rest).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Answers for a DATA never sent, or CHECKPOINTs beyond what was sent: dropped.
-    pub ignored: u64,
-    /// Answers the peer sent twice on one connection: dropped.
+    /// Answers for a DATA this connection never wrote: dropped.
+    pub unsent_answers: u64,
+    /// CHECKPOINTs covering DATA this connection never wrote: dropped.
+    pub unsent_checkpoints: u64,
+    /// Answers the peer sent for a DATA already answered, other than a replay: dropped.
     pub duplicates: u64,
     /// Second answers to DATA resent after a resume for their effect on the state: dropped
     /// (expected).
@@ -47,46 +54,56 @@ pub struct Stats {
     pub stale_checkpoints: u64,
     /// CHECKPOINTs whose ticket is over [`Config::max_ticket`].
     pub oversized_tickets: u64,
-    /// PONGs not sent: the peer sent PINGs faster than they could go.
-    pub dropped_pongs: u64,
-}
-
-/// Where each part lives in the caller's memory: `[names | hello | window | rx]`.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    device: usize,
-    app: usize,
-    hello: usize,
-    window: usize,
-    rx: usize,
-}
-
-impl Layout {
-    fn of(c: &Config<'_>) -> Layout {
-        Layout {
-            device: c.device.len(),
-            app: c.app.len(),
-            hello: PREFIX + HEADER + HelloRef::max_len(c.device.len(), c.app.len(), c.max_ticket),
-            window: c.window,
-            rx: PREFIX + c.max_frame,
-        }
-    }
-
-    fn total(&self) -> usize {
-        self.device + self.app + self.hello + self.window + self.rx
-    }
-}
-
-/// The parts of the caller's memory, borrowed apart.
-struct Parts<'m> {
-    device: &'m str,
-    app: &'m str,
-    hello: &'m mut [u8],
-    rx: &'m mut [u8],
+    /// PINGs or PONGs not sent: the peer sent PINGs faster than they could go.
+    pub dropped_control: u64,
 }
 
 /// Control frames waiting to go (PINGs, PONGs): at most this many.
 const CTL_FRAMES: usize = 4;
+const CTL: usize = CTL_FRAMES * (PREFIX + HEADER);
+
+/// What one connection holds; a new connection starts from nothing.
+struct Conn {
+    /// Received bytes not yet read (`rx[start..end]`), and the frame the last event
+    /// borrowed (consumed on the next call).
+    rx_start: usize,
+    rx_end: usize,
+    delivered: usize,
+    /// PINGs and PONGs to write (`control[tx..len]`).
+    control: [u8; CTL],
+    control_len: usize,
+    control_tx: usize,
+    last_rx: u64,
+    /// Our PING in flight: its sequence and when it went.
+    ping: Option<(u64, u64)>,
+    /// The highest DATA answered on this connection.
+    answered: u64,
+    /// An answer came on it (a reconnect after it goes at once).
+    progress: bool,
+    /// WELCOME came on it.
+    welcomed: bool,
+    /// What the last `poll_send` gave: from where, how many bytes.
+    handed: Option<(Source, usize)>,
+}
+
+impl Conn {
+    fn new(now: u64) -> Conn {
+        Conn {
+            rx_start: 0,
+            rx_end: 0,
+            delivered: 0,
+            control: [0; CTL],
+            control_len: 0,
+            control_tx: 0,
+            last_rx: now,
+            ping: None,
+            answered: 0,
+            progress: false,
+            welcomed: false,
+            handed: None,
+        }
+    }
+}
 
 /// One device session. `B` is the memory: `&mut [u8]` on a device, a `Vec<u8>` elsewhere.
 pub struct Session<B> {
@@ -100,9 +117,8 @@ pub struct Session<B> {
     max_backoff: u64,
     rng: u64,
     backoff: u64,
-
     phase: Phase,
-    /// The HELLO frame's length in `hello`; the ticket in it (offset, length, the DATA it
+    /// The HELLO frame's length in its region; the ticket in it (offset, length, the DATA it
     /// covers).
     hello_len: usize,
     ticket: Option<(usize, usize, u64)>,
@@ -112,32 +128,25 @@ pub struct Session<B> {
     answered: u64,
     covered_to: u64,
     lost_to: u64,
-    /// This connection: the highest sequence answered on it, and whether it answered any.
-    conn_answered: u64,
-    progress: bool,
-    /// Received bytes not yet read (`rx[start..end]`), and the frame the last event
-    /// borrowed (consumed on the next call).
-    rx_start: usize,
-    rx_end: usize,
-    delivered: usize,
-    ctl: [u8; CTL_FRAMES * (PREFIX + HEADER)],
-    ctl_len: usize,
-    ctl_tx: usize,
-    last_rx: u64,
-    ping: Option<(u64, u64)>,
-    pings: u64,
+    /// DATA resent after a resume whose second answer is expected (`lo < seq <= hi`).
+    replay: (u64, u64),
+    /// The highest DATA ever wholly written (on any connection).
+    written: u64,
+    welcomes: u64,
+    conn: Conn,
     note: Option<Cause>,
     stats: Stats,
 }
 
 impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
-    /// The bytes of memory a session with `config` needs.
+    /// The bytes of memory a session with `config` needs (`usize::MAX`: none is enough).
     pub fn memory(config: &Config<'_>) -> usize {
-        Layout::of(config).total()
+        Layout::of(config).map_or(usize::MAX, |l| l.total())
     }
 
     /// A session in `mem` (at least [`Session::memory`] bytes), ready to connect.
     pub fn new(config: &Config<'_>, mut mem: B) -> Result<Session<B>, SetupError> {
+        let layout = Layout::of(config).ok_or(SetupError::Config)?;
         if config.device.is_empty()
             || config.app.is_empty()
             || config.window < PREFIX + HEADER
@@ -145,7 +154,6 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         {
             return Err(SetupError::Config);
         }
-        let layout = Layout::of(config);
         let given = mem.as_mut().len();
         if given < layout.total() {
             return Err(SetupError::Memory {
@@ -153,9 +161,10 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
                 given,
             });
         }
-        let names = &mut mem.as_mut()[..layout.device + layout.app];
-        names[..layout.device].copy_from_slice(config.device.as_bytes());
-        names[layout.device..].copy_from_slice(config.app.as_bytes());
+        let (device, app) = layout.names();
+        mem.as_mut()[device].copy_from_slice(config.device.as_bytes());
+        mem.as_mut()[app].copy_from_slice(config.app.as_bytes());
+        let first_backoff = config.first_backoff_ms.max(1);
         let mut s = Session {
             mem,
             layout,
@@ -163,10 +172,10 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             max_ticket: config.max_ticket,
             keepalive: config.keepalive_ms,
             answer_timeout: config.answer_timeout_ms,
-            first_backoff: config.first_backoff_ms.max(1),
-            max_backoff: config.max_backoff_ms.max(config.first_backoff_ms.max(1)),
+            first_backoff,
+            max_backoff: config.max_backoff_ms.max(first_backoff),
             rng: config.seed | 1,
-            backoff: config.first_backoff_ms.max(1),
+            backoff: first_backoff,
             phase: Phase::Connect,
             hello_len: 0,
             ticket: None,
@@ -174,17 +183,10 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             answered: 0,
             covered_to: 0,
             lost_to: 0,
-            conn_answered: 0,
-            progress: false,
-            rx_start: 0,
-            rx_end: 0,
-            delivered: 0,
-            ctl: [0; CTL_FRAMES * (PREFIX + HEADER)],
-            ctl_len: 0,
-            ctl_tx: 0,
-            last_rx: 0,
-            ping: None,
-            pings: 0,
+            replay: (0, 0),
+            written: 0,
+            welcomes: 0,
+            conn: Conn::new(0),
             note: None,
             stats: Stats::default(),
         };
@@ -192,32 +194,16 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         Ok(s)
     }
 
-    fn parts(&mut self) -> Parts<'_> {
-        let l = self.layout;
-        let (names, rest) = self.mem.as_mut().split_at_mut(l.device + l.app);
-        let (hello, rest) = rest.split_at_mut(l.hello);
-        let rest = &mut rest[l.window..];
-        let (device, app) = names.split_at(l.device);
-        Parts {
-            // Copied from `&str`s in `new`: valid UTF-8.
-            device: core::str::from_utf8(device).unwrap_or_default(),
-            app: core::str::from_utf8(app).unwrap_or_default(),
-            hello,
-            rx: &mut rest[..l.rx],
-        }
-    }
-
     /// The window and its region of memory.
     fn window(&mut self) -> (&mut Window, &mut [u8]) {
-        let l = self.layout;
-        let mem = &mut self.mem.as_mut()[l.device + l.app + l.hello..][..l.window];
-        (&mut self.window, mem)
+        let at = self.layout.window();
+        (&mut self.window, &mut self.mem.as_mut()[at])
     }
 
     /// Writes HELLO into its region, with the ticket that sits in `rx[at..at + len]` and
-    /// covers DATA up to `seq` (a CHECKPOINT's), or with none.
+    /// covers DATA up to `seq` (a CHECKPOINT's), or with none. Never while HELLO is going.
     fn write_hello(&mut self, ticket: Option<(usize, usize, u64)>) {
-        let p = self.parts();
+        let p = self.layout.parts(self.mem.as_mut());
         let (head, body) = p.hello.split_at_mut(PREFIX + HEADER);
         let hello = HelloRef {
             device: p.device,
@@ -231,6 +217,12 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         self.ticket = ticket.map(|(_, len, seq)| (self.hello_len - len, len, seq));
     }
 
+    fn drop_ticket(&mut self) {
+        if self.ticket.is_some() {
+            self.write_hello(None);
+        }
+    }
+
     /// What the transport should do now.
     pub fn status(&self) -> Status {
         match self.phase {
@@ -242,37 +234,35 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         }
     }
 
+    /// Whether a session is open for new DATA to go at once (WELCOME came, no GOAWAY).
+    pub fn is_open(&self) -> bool {
+        self.phase == Phase::Open
+    }
+
     /// The latest ticket and the last DATA it covers: keep it across a reboot
     /// ([`Session::restore`]).
     pub fn ticket(&self) -> Option<(u64, &[u8])> {
         let (at, len, seq) = self.ticket?;
-        let hello = &self.mem.as_ref()[self.layout.device + self.layout.app..];
-        Some((seq, &hello[at..at + len]))
+        Some((seq, &self.mem.as_ref()[self.layout.hello()][at..at + len]))
     }
 
-    /// A ticket kept across a reboot, before anything is sent: the next connection resumes
-    /// from it, and DATA goes on after `seq`. False (nothing changed) when DATA was already
-    /// given or the ticket is over [`Config::max_ticket`].
+    /// A ticket kept across a reboot, before any DATA and any connection: the next
+    /// connection resumes from it, and DATA goes on after `seq`. False (nothing changed)
+    /// otherwise, or when the ticket is over [`Config::max_ticket`].
     pub fn restore(&mut self, seq: u64, ticket: &[u8]) -> bool {
-        if self.window.next() != 1 || ticket.len() > self.max_ticket || seq == u64::MAX {
+        let idle = matches!(self.phase, Phase::Connect | Phase::Wait { .. });
+        if !idle || self.window.next() != 1 || ticket.len() > self.max_ticket || seq >= u64::MAX / 2
+        {
             return false;
         }
         self.window = Window::new(seq + 1);
         (self.answered, self.covered_to, self.lost_to) = (seq, seq, seq);
-        // The ticket is copied into the HELLO region by way of the rx region, which is free
-        // before a connection.
-        if ticket.len() > self.layout.rx {
-            return false;
-        }
-        self.parts().rx[..ticket.len()].copy_from_slice(ticket);
+        self.written = seq;
+        // Into HELLO by way of the rx region, free while no connection is open (the rx
+        // region holds a frame, so a ticket of at most `max_ticket` fits).
+        self.layout.parts(self.mem.as_mut()).rx[..ticket.len()].copy_from_slice(ticket);
         self.write_hello(Some((0, ticket.len(), seq)));
         true
-    }
-
-    fn drop_ticket(&mut self) {
-        if self.ticket.is_some() {
-            self.write_hello(None);
-        }
     }
 
     /// DATA the application gave that has no answer event yet.
@@ -295,7 +285,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         if self.phase == Phase::Done {
             return Err(SendError::Done);
         }
-        if PREFIX + HEADER + body.len() > self.layout.window {
+        if PREFIX + HEADER + body.len() > self.layout.window().len() {
             return Err(SendError::TooLarge);
         }
         loop {
@@ -304,10 +294,12 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             if window.push(mem, body) {
                 return Ok(seq);
             }
-            // Room is made only from DATA answered and written on this connection; a resume
-            // from the ticket could no longer replay it, so the ticket goes too.
+            // Room is made only from DATA answered and written on this open connection (never
+            // while HELLO is going: the ticket may change with it); a resume from the ticket
+            // could no longer replay it, so the ticket goes too.
             let first = self.window.lo;
-            if first > self.answered || !self.window.first_is_written() {
+            let open = matches!(self.phase, Phase::Open | Phase::Leaving { .. });
+            if !open || first > self.answered || !self.window.first_is_written() {
                 return Err(SendError::WindowFull);
             }
             let (window, mem) = self.window();
@@ -321,30 +313,25 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
 
     /// A connection is open (TLS done): HELLO goes first.
     pub fn connected(&mut self, now: u64) {
-        if matches!(self.phase, Phase::Done) {
+        if self.phase == Phase::Done {
             return;
         }
         self.phase = Phase::Hello { since: now, tx: 0 };
-        (self.rx_start, self.rx_end, self.delivered) = (0, 0, 0);
-        (self.ctl_len, self.ctl_tx) = (0, 0);
-        self.ping = None;
-        self.last_rx = now;
-        self.conn_answered = 0;
-        self.progress = false;
+        self.conn = Conn::new(now);
+        self.window.new_connection();
     }
 
     /// The connection ended (closed by either side, failed, or never opened).
     pub fn closed(&mut self, now: u64) {
         let cause = match self.phase {
-            Phase::Done => return,
+            Phase::Done | Phase::Wait { .. } => return,
             Phase::Close { cause } => cause,
             Phase::Leaving { .. } => Cause::Goaway,
             _ => Cause::Closed,
         };
         self.note = Some(cause);
-        (self.rx_start, self.rx_end, self.delivered) = (0, 0, 0);
-        (self.ctl_len, self.ctl_tx) = (0, 0);
-        self.ping = None;
+        let conn = core::mem::replace(&mut self.conn, Conn::new(now));
+        self.window.new_connection();
         let action = match cause {
             Cause::Refused { action, .. } => action,
             _ => Action::Retry,
@@ -358,8 +345,9 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             Action::Fresh => self.drop_ticket(),
             Action::Retry => {}
         }
-        let at_once = cause == Cause::Goaway || (cause == Cause::Closed && self.progress);
-        self.progress = false;
+        // After a session that answered, or that said GOAWAY, reconnect at once.
+        let at_once =
+            conn.welcomed && (cause == Cause::Goaway || (cause == Cause::Closed && conn.progress));
         if at_once {
             self.backoff = self.first_backoff;
             self.phase = Phase::Connect;
@@ -371,7 +359,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         self.rng ^= self.rng >> 27;
         let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let wait = self.backoff + r % (self.backoff / 2 + 1);
-        self.backoff = (self.backoff.saturating_mul(2)).min(self.max_backoff);
+        self.backoff = self.backoff.saturating_mul(2).min(self.max_backoff);
         self.phase = Phase::Wait {
             until: now.saturating_add(wait),
         };
@@ -384,9 +372,9 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             Phase::Hello { since, .. } | Phase::Leaving { since } => {
                 Some(since.saturating_add(self.answer_timeout))
             }
-            Phase::Open if self.keepalive > 0 => Some(match self.ping {
+            Phase::Open if self.keepalive > 0 => Some(match self.conn.ping {
                 Some((_, at)) => at.saturating_add(self.keepalive),
-                None => self.last_rx.saturating_add(self.keepalive),
+                None => self.conn.last_rx.saturating_add(self.keepalive),
             }),
             _ => None,
         }
@@ -394,20 +382,18 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
 
     /// The time is `now`: back-off ends, answers overdue, keep-alive.
     pub fn handle_timeout(&mut self, now: u64) {
-        let due = self.poll_timeout().is_some_and(|t| now >= t);
-        if !due {
+        if self.poll_timeout().is_none_or(|t| now < t) {
             return;
         }
         match self.phase {
             Phase::Wait { .. } => self.phase = Phase::Connect,
-            Phase::Hello { .. } => self.close(Cause::Silent),
-            Phase::Leaving { .. } => self.close(Cause::Goaway),
-            Phase::Open => match self.ping {
+            Phase::Hello { .. } | Phase::Leaving { .. } => self.close(Cause::Silent),
+            Phase::Open => match self.conn.ping {
                 Some(_) => self.close(Cause::Silent),
                 None => {
-                    self.pings += 1;
-                    self.ping = Some((self.pings, now));
-                    self.queue_ctl(Kind::Ping, self.pings);
+                    // Any sequence: it is the bytes coming back that show the peer alive.
+                    self.conn.ping = Some((now, now));
+                    self.queue_control(Kind::Ping, now);
                 }
             },
             _ => {}
@@ -415,77 +401,8 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
     }
 
     fn close(&mut self, cause: Cause) {
-        if !matches!(self.phase, Phase::Done) {
+        if self.phase != Phase::Done {
             self.phase = Phase::Close { cause };
         }
     }
-
-    fn queue_ctl(&mut self, kind: Kind, seq: u64) {
-        if self.ctl_tx == self.ctl_len {
-            (self.ctl_len, self.ctl_tx) = (0, 0);
-        }
-        let n = PREFIX + HEADER;
-        if self.ctl.len() - self.ctl_len < n {
-            self.stats.dropped_pongs += 1;
-            return;
-        }
-        self.ctl[self.ctl_len..self.ctl_len + n].copy_from_slice(&header_bytes(kind, seq, 0));
-        self.ctl_len += n;
-    }
-
-    /// Where the next bytes to write come from.
-    fn source(&self) -> Source {
-        let ctl = self.ctl_tx < self.ctl_len;
-        match self.phase {
-            Phase::Hello { tx, .. } if tx < self.hello_len => Source::Hello(tx),
-            Phase::Hello { .. } if ctl => Source::Ctl,
-            Phase::Open | Phase::Leaving { .. } if ctl && self.window.at_boundary() => Source::Ctl,
-            Phase::Open => Source::Window(true),
-            Phase::Leaving { .. } => Source::Window(false),
-            _ => Source::None,
-        }
-    }
-
-    /// Bytes to write to the connection now (empty: nothing); then [`Session::sent`].
-    pub fn poll_send(&mut self) -> &[u8] {
-        let source = self.source();
-        let l = self.layout;
-        let mem = self.mem.as_ref();
-        match source {
-            Source::Hello(tx) => &mem[l.device + l.app..][tx..self.hello_len],
-            Source::Ctl => &self.ctl[self.ctl_tx..self.ctl_len],
-            Source::Window(more) => {
-                let window = &mem[l.device + l.app + l.hello..][..l.window];
-                self.window.unsent(window, more)
-            }
-            Source::None => &[],
-        }
-    }
-
-    /// `n` bytes of what [`Session::poll_send`] gave were written.
-    pub fn sent(&mut self, n: usize) {
-        match self.source() {
-            Source::Hello(tx) => {
-                if let Phase::Hello { since, .. } = self.phase {
-                    let tx = (tx + n).min(self.hello_len);
-                    self.phase = Phase::Hello { since, tx };
-                }
-            }
-            Source::Ctl => self.ctl_tx = (self.ctl_tx + n).min(self.ctl_len),
-            Source::Window(_) => {
-                let l = self.layout;
-                let window = &self.mem.as_ref()[l.device + l.app + l.hello..][..l.window];
-                self.window.sent(window, n);
-            }
-            Source::None => {}
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Hello(usize),
-    Ctl,
-    Window(bool),
-    None,
 }

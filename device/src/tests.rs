@@ -7,303 +7,13 @@ use std::vec;
 use std::vec::Vec;
 
 use proptest::prelude::*;
-use wasmbed_protocol::{ErrorBody, ErrorCode, Frame, Goaway, Hello, Kind, Resumed, Welcome};
+use wasmbed_protocol::{ErrorBody, ErrorCode, Frame, Goaway, Kind, Resumed, Welcome};
 
-use crate::{Action, Cause, Config, Event, Resume, SendError, Session, Status, Violation};
+use crate::{Action, Cause, Config, SendError, Session, Status, Violation};
 
-const MAX: usize = 1 << 16;
+mod model;
 
-/// A gateway for one connection: runs a counter app (its REPLY is the count of DATA the state
-/// has seen), seals `(seq, count)` as its ticket, answers in order.
-struct Gw {
-    rx: Vec<u8>,
-    out: Vec<u8>,
-    /// The last DATA the state covers, and the count.
-    last: u64,
-    count: u64,
-    checkpoint_every: u64,
-    replies: u64,
-    refuse_tickets: bool,
-    /// GOAWAY sent: close once `out` is read.
-    closing: bool,
-    welcomed: bool,
-}
-
-fn ticket(seq: u64, count: u64) -> Vec<u8> {
-    let mut t = b"tk".to_vec();
-    t.extend_from_slice(&seq.to_le_bytes());
-    t.extend_from_slice(&count.to_le_bytes());
-    t
-}
-
-fn open_ticket(t: &[u8]) -> Option<(u64, u64)> {
-    if t.len() != 18 || &t[..2] != b"tk" {
-        return None;
-    }
-    Some((
-        u64::from_le_bytes(t[2..10].try_into().ok()?),
-        u64::from_le_bytes(t[10..18].try_into().ok()?),
-    ))
-}
-
-impl Gw {
-    fn new(checkpoint_every: u64, refuse_tickets: bool) -> Gw {
-        Gw {
-            rx: Vec::new(),
-            out: Vec::new(),
-            last: 0,
-            count: 0,
-            checkpoint_every: checkpoint_every.max(1),
-            replies: 0,
-            refuse_tickets,
-            closing: false,
-            welcomed: false,
-        }
-    }
-
-    fn send(&mut self, f: Frame) {
-        f.encode_into(&mut self.out);
-    }
-
-    fn input(&mut self, bytes: &[u8]) {
-        if self.closing {
-            return;
-        }
-        self.rx.extend_from_slice(bytes);
-        while let Ok(Some((f, used))) = wasmbed_protocol::decode(&self.rx, MAX) {
-            self.rx.drain(..used);
-            self.handle(f);
-        }
-    }
-
-    fn handle(&mut self, f: Frame) {
-        match f.kind {
-            Kind::Hello => {
-                let h: Hello = f.decode_body("HELLO").expect("the device's HELLO");
-                let t = h.resume.as_ref().and_then(|t| open_ticket(t));
-                let resumed = match t {
-                    Some((seq, count)) if !self.refuse_tickets => {
-                        (self.last, self.count) = (seq, count);
-                        Some(Resumed {
-                            seq,
-                            state: "restored".into(),
-                        })
-                    }
-                    _ => None,
-                };
-                let refused = (h.resume.is_some() && resumed.is_none()).then(|| "expired".into());
-                self.welcomed = true;
-                self.send(Frame::control(
-                    Kind::Welcome,
-                    0,
-                    &Welcome {
-                        session: "s1".into(),
-                        gateway: "g1".into(),
-                        resumed,
-                        resume_refused: refused,
-                    },
-                ));
-            }
-            Kind::Data if f.seq <= self.last => {
-                self.send(ErrorCode::Duplicate.frame(f.seq, "covered"));
-            }
-            Kind::Data => {
-                self.last = f.seq;
-                self.count += 1;
-                self.send(Frame::new(Kind::Reply, f.seq, self.count.to_le_bytes()));
-                self.replies += 1;
-                if self.replies.is_multiple_of(self.checkpoint_every) {
-                    let c = wasmbed_protocol::Checkpoint {
-                        ticket: serde_bytes::ByteBuf::from(ticket(self.last, self.count)),
-                    };
-                    self.send(Frame::control(Kind::Checkpoint, self.last, &c));
-                }
-            }
-            Kind::Ping => self.send(Frame::new(Kind::Pong, f.seq, vec![])),
-            _ => {}
-        }
-    }
-
-    fn goaway(&mut self) {
-        self.send(Frame::control(
-            Kind::Goaway,
-            0,
-            &Goaway {
-                reason: "drain".into(),
-            },
-        ));
-        let c = wasmbed_protocol::Checkpoint {
-            ticket: serde_bytes::ByteBuf::from(ticket(self.last, self.count)),
-        };
-        self.send(Frame::control(Kind::Checkpoint, self.last, &c));
-        self.closing = true;
-    }
-}
-
-/// What the application saw, checked as it comes.
-#[derive(Default, Debug)]
-struct App {
-    /// The last DATA with an answer event.
-    answered: u64,
-    replies: u64,
-    lost: u64,
-    covered: u64,
-    /// A session started without the state (after the first).
-    fresh_after_first: bool,
-    welcomes: u64,
-    disconnects: Vec<Cause>,
-    checkpoints: u64,
-}
-
-impl App {
-    fn see(&mut self, e: Event<'_>) {
-        let answer = |app: &mut App, seq: u64| {
-            assert_eq!(seq, app.answered + 1, "answers in order, once: {e:?}");
-            app.answered = seq;
-        };
-        match e {
-            Event::Reply { seq, body } => {
-                answer(self, seq);
-                self.replies += 1;
-                let count = u64::from_le_bytes(body.try_into().expect("an 8-byte count"));
-                if !self.fresh_after_first {
-                    assert_eq!(count, seq, "the state has every DATA exactly once");
-                }
-            }
-            Event::Failed { seq, .. } => answer(self, seq),
-            Event::Covered { seq } => {
-                answer(self, seq);
-                self.covered += 1;
-            }
-            Event::Lost { seq } => {
-                answer(self, seq);
-                self.lost += 1;
-            }
-            Event::Welcome { resume, .. } => {
-                if self.welcomes > 0 && matches!(resume, Resume::New | Resume::Refused { .. }) {
-                    self.fresh_after_first = true;
-                }
-                self.welcomes += 1;
-            }
-            Event::Disconnected { cause } => self.disconnects.push(cause),
-            Event::Checkpoint { .. } => self.checkpoints += 1,
-            Event::Push { .. } | Event::Goaway => {}
-        }
-    }
-}
-
-/// A device, its connection to a model gateway, and virtual time.
-struct World {
-    s: Session<Vec<u8>>,
-    gw: Option<Gw>,
-    app: App,
-    now: u64,
-    sent: u64,
-    checkpoint_every: u64,
-    refuse_tickets: bool,
-}
-
-impl World {
-    fn new(config: &Config<'_>, checkpoint_every: u64) -> World {
-        let mem = vec![0u8; Session::<Vec<u8>>::memory(config)];
-        World {
-            s: Session::new(config, mem).expect("a session"),
-            gw: None,
-            app: App::default(),
-            now: 0,
-            sent: 0,
-            checkpoint_every,
-            refuse_tickets: false,
-        }
-    }
-
-    fn events(&mut self) {
-        while let Some(e) = self.s.poll_event() {
-            self.app.see(e);
-        }
-    }
-
-    /// Connects or closes as the session asks.
-    fn service(&mut self) {
-        match self.s.status() {
-            Status::Connect => {
-                self.gw = Some(Gw::new(self.checkpoint_every, self.refuse_tickets));
-                self.s.connected(self.now);
-            }
-            Status::Close => {
-                self.gw = None;
-                self.s.closed(self.now);
-            }
-            _ => {}
-        }
-        self.events();
-    }
-
-    fn send(&mut self) {
-        match self.s.send_data(b"x") {
-            Ok(seq) => {
-                assert_eq!(seq, self.sent + 1);
-                self.sent = seq;
-            }
-            Err(SendError::WindowFull) => {}
-            Err(e) => panic!("{e:?}"),
-        }
-    }
-
-    fn deliver_up(&mut self, max: usize) {
-        let Some(gw) = self.gw.as_mut() else { return };
-        let out = self.s.poll_send();
-        let n = out.len().min(max);
-        gw.input(&out[..n]);
-        self.s.sent(n);
-    }
-
-    fn deliver_down(&mut self, max: usize) {
-        let Some(gw) = self.gw.as_mut() else { return };
-        let n = gw.out.len().min(max);
-        let bytes: Vec<u8> = gw.out.drain(..n).collect();
-        let closes = gw.closing && gw.out.is_empty();
-        let mut rest = &bytes[..];
-        while !rest.is_empty() {
-            let took = self.s.feed(rest, self.now);
-            rest = &rest[took..];
-            self.events();
-        }
-        if closes {
-            self.drop_connection();
-        }
-    }
-
-    fn drop_connection(&mut self) {
-        if self.gw.take().is_some() {
-            self.s.closed(self.now);
-            self.events();
-        }
-    }
-
-    fn tick(&mut self, ms: u64) {
-        self.now += ms;
-        self.s.handle_timeout(self.now);
-        self.events();
-    }
-
-    /// Runs until every DATA has its answer event (bounded).
-    fn settle(&mut self) {
-        for _ in 0..10_000 {
-            if self.s.owed() == 0 {
-                return;
-            }
-            self.service();
-            if self.s.status() == Status::Wait {
-                let t = self.s.poll_timeout().expect("a wait ends");
-                self.tick(t.saturating_sub(self.now));
-            }
-            self.deliver_up(usize::MAX);
-            self.deliver_down(usize::MAX);
-        }
-        panic!("not settled: {} owed, {:?}", self.s.owed(), self.app);
-    }
-}
+use model::{World, ticket};
 
 fn config() -> Config<'static> {
     let mut c = Config::new("device-0001", "counter");
@@ -320,7 +30,7 @@ enum Op {
     ToGateway(usize),
     ToDevice(usize),
     Drop,
-    Goaway,
+    Goaway(bool),
     Tick(u64),
     RefuseTickets(bool),
 }
@@ -331,21 +41,32 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1usize..64).prop_map(Op::ToGateway),
         4 => (1usize..64).prop_map(Op::ToDevice),
         1 => Just(Op::Drop),
-        1 => Just(Op::Goaway),
+        1 => any::<bool>().prop_map(Op::Goaway),
         1 => (0u64..3000).prop_map(Op::Tick),
         1 => any::<bool>().prop_map(Op::RefuseTickets),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+    ))]
 
     /// Any interleaving of sends, partial reads and writes, drops, GOAWAYs, timeouts and
     /// refused tickets: every DATA gets exactly one answer event, in order; with every
     /// ticket taken, the app's state holds every DATA exactly once; nothing is lost.
     #[test]
-    fn every_data_is_answered_once_in_order(ops in proptest::collection::vec(op(), 0..200), every in 1u64..4) {
-        let mut w = World::new(&config(), every);
+    fn every_data_is_answered_once_in_order(
+        ops in proptest::collection::vec(op(), 0..200),
+        every in 1u64..6,
+        small in any::<bool>(),
+    ) {
+        // A small window (4 DATA) makes room by evicting answered DATA (and the ticket).
+        let mut c = config();
+        if small {
+            c.window = 4 * 14;
+        }
+        let mut w = World::new(&c, every);
         for op in ops {
             w.service();
             match op {
@@ -353,7 +74,7 @@ proptest! {
                 Op::ToGateway(n) => w.deliver_up(n),
                 Op::ToDevice(n) => w.deliver_down(n),
                 Op::Drop => w.drop_connection(),
-                Op::Goaway => if let Some(gw) = w.gw.as_mut().filter(|g| g.welcomed) { gw.goaway() },
+                Op::Goaway(close) => if let Some(gw) = w.gw.as_mut() { gw.goaway(close) },
                 Op::Tick(ms) => w.tick(ms),
                 Op::RefuseTickets(r) => w.refuse_tickets = r,
             }
@@ -513,7 +234,14 @@ fn answers_for_data_never_sent_and_stale_checkpoints_are_dropped() {
         ],
     );
     let st = w.s.stats();
-    assert_eq!((st.ignored, st.stale_checkpoints), (2, 1));
+    assert_eq!(
+        (
+            st.unsent_answers,
+            st.unsent_checkpoints,
+            st.stale_checkpoints
+        ),
+        (1, 1, 1)
+    );
     assert_eq!(w.s.ticket().map(|t| t.0), Some(1));
     assert_eq!(w.s.status(), Status::Connected);
 }
@@ -532,13 +260,49 @@ fn a_skipped_answer_is_reported_lost_in_order() {
 }
 
 #[test]
-fn goaway_mid_frame_finishes_the_frame_then_sends_nothing_new() {
+fn goaway_split_mid_frame_stops_sending_and_leaves_once_answered() {
     let mut w = open_world(1);
     w.send();
     w.send();
-    // Half of DATA 1 written.
-    let first = w.s.poll_send().len();
-    w.s.sent(5);
+    // DATA 1 whole and 5 bytes of DATA 2 reach the gateway.
+    w.deliver_up(14 + 5);
+    let goaway = Frame::control(Kind::Goaway, 0, &Goaway { reason: "d".into() }).encode();
+    let (a, b) = goaway.split_at(7);
+    assert_eq!(w.s.feed(a, 0), a.len());
+    w.events();
+    assert_eq!(
+        w.s.status(),
+        Status::Connected,
+        "half a GOAWAY is nothing yet"
+    );
+    assert_eq!(w.s.feed(b, 0), b.len());
+    w.events();
+    assert!(
+        w.s.poll_send().is_empty(),
+        "nothing goes after GOAWAY, not even the rest of DATA 2"
+    );
+    assert_eq!(
+        w.s.status(),
+        Status::Connected,
+        "the answer to DATA 1 is owed"
+    );
+    w.deliver_down(usize::MAX);
+    assert_eq!(w.s.status(), Status::Close, "answered: it leaves by itself");
+    w.service();
+    assert_eq!(w.app.disconnects.last(), Some(&Cause::Goaway));
+    assert_eq!(w.s.status(), Status::Connect, "a GOAWAY reconnects at once");
+    w.settle();
+    assert_eq!(w.app.answered, 2);
+}
+
+#[test]
+fn goaway_before_welcome_backs_off() {
+    let mut w = World::new(&config(), 1);
+    w.service();
+    w.deliver_up(usize::MAX);
+    if let Some(g) = w.gw.as_mut() {
+        g.out.clear();
+    }
     feed(
         &mut w,
         &[Frame::control(
@@ -547,18 +311,64 @@ fn goaway_mid_frame_finishes_the_frame_then_sends_nothing_new() {
             &Goaway { reason: "d".into() },
         )],
     );
+    w.service();
+    assert_eq!(w.app.disconnects, vec![Cause::Goaway]);
+    assert_eq!(w.s.status(), Status::Wait, "nothing was welcomed: back off");
+}
+
+#[test]
+fn a_resume_beyond_what_was_written_and_answers_for_unsent_data_are_refused() {
+    let mut w = open_world(1);
+    w.send();
+    w.deliver_up(usize::MAX);
+    w.deliver_down(usize::MAX);
+    // DATA 2 and 3 queued, never written.
+    w.send();
+    w.send();
+    feed(&mut w, &[Frame::new(Kind::Reply, 3, 3u64.to_le_bytes())]);
+    assert_eq!(w.s.stats().unsent_answers, 1);
     assert_eq!(
-        w.s.poll_send().len(),
-        first / 2 - 5,
-        "the rest of DATA 1 only"
+        (w.app.answered, w.app.lost),
+        (1, 0),
+        "DATA 2 is not lost for it"
     );
-    w.s.sent(first / 2 - 5);
-    assert!(w.s.poll_send().is_empty());
     w.drop_connection();
-    assert_eq!(w.app.disconnects.last(), Some(&Cause::Goaway));
-    assert_eq!(w.s.status(), Status::Connect, "a GOAWAY reconnects at once");
+    w.service();
+    w.deliver_up(usize::MAX);
+    w.gw = None;
+    let welcome = Welcome {
+        session: "s".into(),
+        gateway: "g".into(),
+        resumed: Some(Resumed {
+            seq: 3,
+            state: "restored".into(),
+        }),
+        resume_refused: None,
+    };
+    feed(&mut w, &[Frame::control(Kind::Welcome, 0, &welcome)]);
+    assert_eq!(
+        violation(&mut w),
+        Some(Violation::Resume),
+        "DATA 3 was never written"
+    );
+    assert_eq!(w.app.covered, 0);
+}
+
+#[test]
+fn an_answer_twice_across_connections_is_a_duplicate_not_a_replay() {
+    let mut w = open_world(1000);
+    w.send();
+    w.deliver_up(usize::MAX);
+    w.deliver_down(usize::MAX);
+    w.drop_connection();
     w.settle();
-    assert_eq!(w.app.answered, 2);
+    w.service();
+    w.deliver_up(usize::MAX);
+    w.deliver_down(usize::MAX);
+    // No ticket: a new session; DATA 1 was answered, so it is not sent again.
+    assert_eq!(w.s.stats().resent, 0);
+    feed(&mut w, &[Frame::new(Kind::Reply, 1, 1u64.to_le_bytes())]);
+    assert_eq!((w.s.stats().duplicates, w.s.stats().replays), (1, 0));
 }
 
 #[test]
@@ -700,4 +510,24 @@ fn a_ticket_kept_across_a_reboot_resumes() {
     assert_eq!(r.app.replies, 1);
     // The gateway's count went on from the ticket's: the state came back.
     assert!(!r.app.fresh_after_first);
+}
+
+#[test]
+fn data_a_refused_ticket_covered_but_never_answered_is_lost() {
+    let mut w = open_world(1000);
+    w.send();
+    w.send();
+    w.deliver_up(usize::MAX);
+    if let Some(g) = w.gw.as_mut() {
+        g.out.clear();
+    }
+    // A CHECKPOINT covering DATA 1 and 2 before their answers (out of order).
+    let c = wasmbed_protocol::Checkpoint {
+        ticket: serde_bytes::ByteBuf::from(ticket(2, 2)),
+    };
+    feed(&mut w, &[Frame::control(Kind::Checkpoint, 2, &c)]);
+    w.drop_connection();
+    w.refuse_tickets = true;
+    w.settle();
+    assert_eq!((w.app.answered, w.app.lost), (2, 2), "{:?}", w.app);
 }

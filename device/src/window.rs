@@ -1,9 +1,9 @@
 //! The resend window: DATA frames not yet covered by a ticket, encoded back to back exactly as
 //! they go on the wire, in a region of the caller's memory. Sequences in it are consecutive:
 //! the first is `lo`, the last `lo + count - 1`. After a reconnect the whole window is written
-//! again (from the start, or from after WELCOME's `resumed.seq`); `tx` is how much of it this
-//! connection has written, `end` where the frame being written ends (a control frame may go
-//! only between two DATA frames).
+//! again (after WELCOME, once what the resumed session covers is pruned); `tx` is how much of
+//! it this connection has written, `done` where the last frame wholly written ends (a control
+//! frame may go only between two DATA frames).
 
 use wasmbed_protocol::{HEADER, Kind, PREFIX, header_bytes};
 
@@ -90,16 +90,9 @@ impl Window {
         self.done_count = self.done_count.saturating_sub(k);
     }
 
-    /// A new connection: write the window again from the frame after `after`.
-    pub fn rewind(&mut self, mem: &[u8], after: u64) {
-        let (mut off, mut k) = (0, 0);
-        while k < self.count && self.lo + k <= after {
-            off += frame_len(mem, off);
-            k += 1;
-        }
-        self.tx = off;
-        self.done = off;
-        self.done_count = k;
+    /// A new connection: nothing of the window is written on it yet.
+    pub fn new_connection(&mut self) {
+        (self.tx, self.done, self.done_count) = (0, 0, 0);
     }
 
     /// What to write next: everything queued (`more`), or only the rest of a frame under way.

@@ -235,6 +235,8 @@ int main(int argc, char **argv) {
 
   struct tally n = {0};
   unsigned long sent = 0;
+  /* A write mbedTLS could not finish: it must be called again with the same bytes. */
+  size_t retry = 0;
   uint64_t next_send = now_ms();
   unsigned char buf[1024];
   for (;;) {
@@ -252,6 +254,7 @@ int main(int argc, char **argv) {
         wasmbed_session_closed(s, now_ms());
       continue;
     case WASMBED_STATUS_CLOSE:
+      retry = 0;
       tls_close(&t);
       wasmbed_session_closed(s, now_ms());
       continue;
@@ -273,11 +276,15 @@ int main(int argc, char **argv) {
     }
     const uint8_t *out;
     size_t len = wasmbed_session_poll_send(s, &out);
+    if (retry > 0 && retry <= len) len = retry;
     if (len > 0) {
       int w = mbedtls_ssl_write(&t.ssl, out, len);
+      retry = 0;
       if (w > 0) {
         wasmbed_session_sent(s, (size_t)w);
-      } else if (w != MBEDTLS_ERR_SSL_WANT_WRITE && w != MBEDTLS_ERR_SSL_WANT_READ) {
+      } else if (w == MBEDTLS_ERR_SSL_WANT_WRITE || w == MBEDTLS_ERR_SSL_WANT_READ) {
+        retry = len;
+      } else {
         tls_close(&t);
         wasmbed_session_closed(s, now_ms());
       }
@@ -296,6 +303,10 @@ int main(int argc, char **argv) {
       }
     } else if (got == MBEDTLS_ERR_SSL_TIMEOUT || got == MBEDTLS_ERR_SSL_WANT_READ) {
       wasmbed_session_handle_timeout(s, now_ms());
+#if defined(MBEDTLS_ERR_SSL_RECEIVED_NEW_SESSION_TICKET)
+    } else if (got == MBEDTLS_ERR_SSL_RECEIVED_NEW_SESSION_TICKET) {
+      /* TLS 1.3 (mbedTLS 3.x): a session ticket, not an error. */
+#endif
     } else {
       tls_close(&t);
       wasmbed_session_closed(s, now_ms());

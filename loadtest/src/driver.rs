@@ -159,22 +159,30 @@ impl Device<'_> {
     }
 
     fn disconnected(&mut self, cause: Cause) {
-        match cause {
-            Cause::Refused { code, .. } => {
+        let welcomed = self.welcomed_now;
+        let what = match cause {
+            Cause::Refused { code, .. } => Some(cause_name(code)),
+            Cause::Violation(v) => Some(format!("protocol violation ({v:?})")),
+            Cause::Closed | Cause::Goaway | Cause::Silent => None,
+        };
+        if welcomed {
+            // As before the device library: an ERROR or a violation on a session counts.
+            if let Some(what) = what {
                 self.out.errors += 1;
-                *self.out.error_causes.entry(cause_name(code)).or_default() += 1;
-                if !self.welcomed_now {
-                    self.out.failure = Some(cause_name(code));
-                }
+                *self.out.error_causes.entry(what).or_default() += 1;
             }
-            Cause::Violation(v) => {
-                *self
+        } else {
+            // A session that never opened: why, for the report's failures.
+            self.out.failure = Some(match (cause, what) {
+                (_, Some(what)) => what,
+                (Cause::Silent, _) => "no WELCOME in time".into(),
+                (Cause::Goaway, _) => "GOAWAY before WELCOME".into(),
+                _ => self
                     .out
-                    .error_causes
-                    .entry(format!("protocol violation ({v:?})"))
-                    .or_default() += 1;
-            }
-            Cause::Closed | Cause::Goaway | Cause::Silent => {}
+                    .failure
+                    .take()
+                    .unwrap_or_else(|| "closed before WELCOME".into()),
+            });
         }
         if !std::mem::take(&mut self.welcomed_now) {
             return;
@@ -202,9 +210,167 @@ fn cause_name(code: u16) -> String {
     }
 }
 
-fn drain(session: &mut Session<Vec<u8>>, d: &mut Device<'_>) {
-    while let Some(e) = session.poll_event() {
-        d.see(e);
+/// A device's session and its connection, as the loop below drives them.
+struct Driver<'c> {
+    d: Device<'c>,
+    session: Session<Vec<u8>>,
+    stream: Option<Stream>,
+    buf: Vec<u8>,
+    payload: Vec<u8>,
+    interval: Duration,
+    ticker: tokio::time::Interval,
+}
+
+/// A DATA ticker whose first tick is at a random point of its interval (so the fleet's
+/// DATA spread out); made again at every WELCOME.
+fn ticker(interval: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(
+        tokio::time::Instant::now() + interval.mul_f64(fastrand::f64()),
+        interval,
+    );
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
+}
+
+impl<'c> Driver<'c> {
+    fn new(i: usize, ctx: &'c Ctx) -> Result<Driver<'c>, String> {
+        let s = &ctx.settings;
+        let id = device_id(s.first_device + i);
+        let (window, max_frame, max_ticket) = sizes(s.payload);
+        let config = Config {
+            window,
+            max_frame,
+            max_ticket,
+            // Devices send at a rate; the gateway's idle timeout and QUIC's own keep-alive
+            // cover a silent peer.
+            keepalive_ms: 0,
+            answer_timeout_ms: CONNECT_TIMEOUT.as_millis() as u64,
+            first_backoff_ms: 20,
+            max_backoff_ms: 2000,
+            seed: fastrand::u64(..),
+            ..Config::new(&id, &s.app)
+        };
+        let memory = vec![0u8; Session::<Vec<u8>>::memory(&config)];
+        let session =
+            Session::new(&config, memory).map_err(|e| format!("device session: {e:?}"))?;
+        let interval = Duration::from_secs_f64(1.0 / s.rate);
+        Ok(Driver {
+            d: Device {
+                i,
+                ctx,
+                out: DeviceOutcome::default(),
+                sent_at: VecDeque::new(),
+                counter: (s.app == COUNTER_APP).then(CounterCheck::default),
+                connected_at: None,
+                dropped_at: None,
+                welcomed_now: false,
+            },
+            session,
+            stream: None,
+            buf: vec![0u8; READ_CHUNK],
+            payload: (0..s.payload).map(|b| (b ^ i) as u8).collect(),
+            interval,
+            ticker: ticker(interval),
+        })
+    }
+
+    /// Gives the events to the device's counts; a new session gets a new ticker.
+    fn drain(&mut self) {
+        while let Some(e) = self.session.poll_event() {
+            if matches!(e, Event::Welcome { .. }) {
+                self.ticker = ticker(self.interval);
+            }
+            self.d.see(e);
+        }
+    }
+
+    fn now(&self) -> u64 {
+        millis(self.d.ctx)
+    }
+
+    fn closed(&mut self) {
+        self.stream = None;
+        self.session.closed(self.now());
+    }
+
+    /// Dials; false when the run ended first.
+    async fn connect(&mut self, give_up: impl Future<Output = ()>) -> bool {
+        let ctx = self.d.ctx;
+        let t0 = Instant::now();
+        tokio::select! {
+            r = dial(self.d.i, ctx) => match r {
+                Ok(s) => {
+                    let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = h.handshake.record(micros(t0.elapsed()));
+                    drop(h);
+                    self.stream = Some(s);
+                    self.d.connected_at = Some(Instant::now());
+                    self.session.connected(self.now());
+                }
+                Err(reason) => {
+                    self.d.out.failure = Some(reason);
+                    self.closed();
+                }
+            },
+            _ = give_up => {
+                if self.d.out.failure.is_none() {
+                    self.d.out.failure = Some(still_dialing(ctx));
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Writes what the session has.
+    async fn write(&mut self) {
+        let Some(io) = self.stream.as_mut() else {
+            return self.closed();
+        };
+        let out = self.session.poll_send();
+        let written = match io.write(out).await {
+            Ok(n) if n > 0 => Some(n),
+            _ => None,
+        };
+        if let Some(n) = written {
+            self.session.sent(n);
+        }
+        let flushed =
+            written.is_some() && (!self.session.poll_send().is_empty() || io.flush().await.is_ok());
+        if !flushed {
+            self.closed();
+        }
+    }
+
+    /// Bytes read, fed to the session, its events taken.
+    fn read(&mut self, n: usize) {
+        let now = self.now();
+        let mut at = 0;
+        while at < n {
+            at += self.session.feed(&self.buf[at..n], now);
+            self.drain();
+        }
+    }
+
+    /// A DATA tick: queue one.
+    fn tick(&mut self) {
+        match self.session.send_data(&self.payload) {
+            Ok(_) => {
+                self.d.sent_at.push_back(Instant::now());
+                self.d.out.sent += 1;
+                self.d.ctx.live.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(SendError::WindowFull) => {
+                self.d.out.errors += 1;
+                *self
+                    .d
+                    .out
+                    .error_causes
+                    .entry("window full: DATA not sent".into())
+                    .or_default() += 1;
+            }
+            Err(e) => self.d.out.failure = Some(format!("send: {e:?}")),
+        }
     }
 }
 
@@ -212,43 +378,16 @@ fn drain(session: &mut Session<Vec<u8>>, d: &mut Device<'_>) {
 /// by the session's rules. `finish`: stop sending, wait (at most [`GRACE`]) for the replies,
 /// end.
 pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> DeviceOutcome {
-    let s = &ctx.settings;
-    let id = device_id(s.first_device + i);
-    let (window, max_frame, max_ticket) = sizes(s.payload);
-    let config = Config {
-        window,
-        max_frame,
-        max_ticket,
-        // Devices send at a rate; the gateway's idle timeout and QUIC's own keep-alive
-        // cover a silent peer.
-        keepalive_ms: 0,
-        answer_timeout_ms: CONNECT_TIMEOUT.as_millis() as u64,
-        first_backoff_ms: 20,
-        max_backoff_ms: 2000,
-        seed: fastrand::u64(..),
-        ..Config::new(&id, &s.app)
-    };
-    let memory = vec![0u8; Session::<Vec<u8>>::memory(&config)];
-    let mut session = match Session::new(&config, memory) {
-        Ok(session) => session,
-        Err(e) => {
+    let mut dr = match Driver::new(i, ctx) {
+        Ok(dr) => dr,
+        Err(failure) => {
             return DeviceOutcome {
-                failure: Some(format!("device session: {e:?}")),
+                failure: Some(failure),
                 ..DeviceOutcome::default()
             };
         }
     };
-    let mut d = Device {
-        i,
-        ctx,
-        out: DeviceOutcome::default(),
-        sent_at: VecDeque::new(),
-        counter: (s.app == COUNTER_APP).then(CounterCheck::default),
-        connected_at: None,
-        dropped_at: None,
-        welcomed_now: false,
-    };
-    let send_until = ctx.start + s.duration;
+    let send_until = ctx.start + ctx.settings.duration;
     let give_up = async {
         tokio::select! {
             _ = tokio::time::sleep_until((send_until + GRACE).into()) => {}
@@ -256,132 +395,61 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
         }
     };
     let mut give_up = std::pin::pin!(give_up);
-    let interval = Duration::from_secs_f64(1.0 / s.rate);
-    let payload: Vec<u8> = (0..s.payload).map(|b| (b ^ i) as u8).collect();
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + interval.mul_f64(fastrand::f64()),
-        interval,
-    );
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stream: Option<Stream> = None;
-    let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        drain(&mut session, &mut d);
+        dr.drain();
         let sending = Instant::now() < send_until && !finish.is_cancelled();
-        if !sending && session.owed() == 0 {
+        if !sending && dr.session.owed() == 0 {
             break;
         }
-        match session.status() {
+        match dr.session.status() {
             Status::Done => break,
-            Status::Close => {
-                stream = None;
-                session.closed(millis(ctx));
+            Status::Close => dr.closed(),
+            Status::Connect => {
+                if !dr.connect(give_up.as_mut()).await {
+                    break;
+                }
             }
             Status::Wait => {
-                let until = session.poll_timeout().unwrap_or(u64::MAX / 2);
+                let until = dr.session.poll_timeout().unwrap_or(u64::MAX / 2);
                 tokio::select! {
-                    _ = tokio::time::sleep_until(at(ctx, until)) => session.handle_timeout(millis(ctx)),
-                    _ = &mut give_up => break,
+                    _ = tokio::time::sleep_until(at(ctx, until)) => dr.session.handle_timeout(dr.now()),
+                    _ = give_up.as_mut() => break,
                 }
             }
-            Status::Connect => {
-                let t0 = Instant::now();
-                tokio::select! {
-                    r = dial(i, ctx) => match r {
-                        Ok(s) => {
-                            let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
-                            let _ = h.handshake.record(micros(t0.elapsed()));
-                            drop(h);
-                            stream = Some(s);
-                            d.connected_at = Some(Instant::now());
-                            session.connected(millis(ctx));
-                        }
-                        Err(reason) => {
-                            d.out.failure = Some(reason);
-                            session.closed(millis(ctx));
-                        }
-                    },
-                    _ = &mut give_up => {
-                        if d.out.failure.is_none() {
-                            d.out.failure = Some(still_dialing(ctx));
-                        }
-                        break;
-                    }
-                }
-            }
+            Status::Connected if !dr.session.poll_send().is_empty() => dr.write().await,
             Status::Connected => {
-                let Some(io) = stream.as_mut() else {
-                    session.closed(millis(ctx));
+                let Some(io) = dr.stream.as_mut() else {
+                    dr.closed();
                     continue;
                 };
-                // Write what the session has, then wait for bytes, a tick or a timeout.
-                let out = session.poll_send();
-                if !out.is_empty() {
-                    let written = match io.write(out).await {
-                        Ok(n) if n > 0 => Some(n),
-                        _ => None,
-                    };
-                    if let Some(n) = written {
-                        session.sent(n);
-                    }
-                    let flushed = written.is_some()
-                        && (!session.poll_send().is_empty() || io.flush().await.is_ok());
-                    if !flushed {
-                        stream = None;
-                        session.closed(millis(ctx));
-                    }
-                    continue;
-                }
-                let timeout = session.poll_timeout();
+                let timeout = dr.session.poll_timeout();
+                let ticking = sending && dr.session.is_open();
                 tokio::select! {
-                    r = io.read(&mut buf) => match r {
-                        Ok(n) if n > 0 => {
-                            let now = millis(ctx);
-                            let mut rest = &buf[..n];
-                            while !rest.is_empty() {
-                                let took = session.feed(rest, now);
-                                rest = &rest[took..];
-                                drain(&mut session, &mut d);
-                            }
-                        }
-                        _ => {
-                            stream = None;
-                            session.closed(millis(ctx));
-                        }
+                    r = io.read(&mut dr.buf) => match r {
+                        Ok(n) if n > 0 => dr.read(n),
+                        _ => dr.closed(),
                     },
-                    _ = ticker.tick(), if sending => match session.send_data(&payload) {
-                        Ok(_) => {
-                            d.sent_at.push_back(Instant::now());
-                            d.out.sent += 1;
-                            ctx.live.sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(SendError::WindowFull) => {
-                            *d.out.error_causes.entry("window full: DATA not sent".into()).or_default() += 1;
-                        }
-                        Err(e) => {
-                            d.out.failure = Some(format!("send: {e:?}"));
-                        }
-                    },
+                    _ = dr.ticker.tick(), if ticking => dr.tick(),
                     _ = tokio::time::sleep_until(at(ctx, timeout.unwrap_or(u64::MAX / 2))), if timeout.is_some() => {
-                        session.handle_timeout(millis(ctx));
+                        dr.session.handle_timeout(dr.now());
                     }
                     _ = finish.cancelled(), if sending => {}
                     _ = tokio::time::sleep_until(send_until.into()), if sending => {}
-                    _ = &mut give_up => break,
+                    _ = give_up.as_mut() => break,
                 }
             }
         }
     }
-    drain(&mut session, &mut d);
-    if d.welcomed_now {
+    dr.drain();
+    let mut out = dr.d.out;
+    if dr.d.welcomed_now {
         // Still connected at the end: leave the gateway in the spread, count as disconnected.
         ctx.live.connected_now.fetch_sub(1, Ordering::Relaxed);
     }
-    d.out.lost += session.owed();
-    d.out.duplicated = session.stats().duplicates;
-    d.out
+    out.lost += dr.session.owed();
+    out.duplicated = dr.session.stats().duplicates;
+    out
 }
-
 /// Still dialing when the run ended: say so (a QUIC device dialing a port where nothing
 /// speaks QUIC hears nothing back, not a refusal).
 fn still_dialing(ctx: &Ctx) -> String {

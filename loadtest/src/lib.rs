@@ -158,9 +158,11 @@ pub struct DeviceOutcome {
     pub resumed: u64,
     /// Tickets refused, by reason.
     pub resume_refused: BTreeMap<String, u64>,
-    /// DATA answered ERROR `duplicate` (already covered by a resumed session).
+    /// DATA already covered by a resumed session: answered ERROR `duplicate`, or its answer
+    /// lost with the connection.
     pub duplicates_refused: u64,
-    /// Every other ERROR received, by cause (`ERROR frame_too_large (...)`).
+    /// Every other ERROR received after WELCOME, by cause (`ERROR frame_too_large`); protocol
+    /// violations and DATA a full window refused, by name.
     pub error_causes: BTreeMap<String, u64>,
 }
 

@@ -102,7 +102,8 @@ pub struct Report {
     pub resumed: u64,
     /// Tickets refused, by reason.
     pub resume_refused: BTreeMap<String, u64>,
-    /// DATA answered ERROR `duplicate`.
+    /// DATA the resumed session already covered: answered ERROR `duplicate`, or its answer
+    /// lost with the connection (`Covered` events of the device library).
     pub duplicates_refused: u64,
     pub handshake_us: Percentiles,
     pub welcome_us: Percentiles,

@@ -11,15 +11,22 @@ use crate::{Action, Cause, Event, Resume, Violation};
 /// Where a part of a frame sits in the rx region: (offset, length).
 type Span = (usize, usize);
 
-/// What a frame came to. Borrowed parts are spans, so that the state can change before the
-/// event borrows the memory again.
-enum Out {
-    /// Nothing to tell (a PING answered, a duplicate dropped, the connection closing).
+/// What reading one frame came to.
+enum Read {
+    /// No whole frame is there.
     Nothing,
+    /// A frame with nothing to tell (a PING answered, a duplicate dropped, a violation).
+    Quiet,
+    /// An event, its borrowed parts as spans (so the state can change before the event
+    /// borrows the memory again).
+    Event(Told),
+}
+
+enum Told {
     Welcome {
         gateway: Span,
         session: Span,
-        resume: ResumeOut,
+        resume: Resumed,
     },
     Reply {
         seq: u64,
@@ -42,7 +49,7 @@ enum Out {
     Goaway,
 }
 
-enum ResumeOut {
+enum Resumed {
     New,
     Restored(u64),
     Stateless(u64),
@@ -56,13 +63,16 @@ fn span(base: &[u8], part: &[u8]) -> Span {
 
 impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
     fn rx(&self) -> &[u8] {
-        let l = self.layout;
-        &self.mem.as_ref()[l.device + l.app + l.hello + l.window..][..l.rx]
+        &self.mem.as_ref()[self.layout.rx()]
+    }
+
+    fn body(&self, (at, len): Span) -> &[u8] {
+        &self.rx()[at..at + len]
     }
 
     /// The frame the last event borrowed is read.
     fn consume(&mut self) {
-        self.rx_start += core::mem::take(&mut self.delivered);
+        self.conn.rx_start += core::mem::take(&mut self.conn.delivered);
     }
 
     fn connected_now(&self) -> bool {
@@ -80,19 +90,18 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         if !self.connected_now() {
             return bytes.len();
         }
-        let (start, end) = (self.rx_start, self.rx_end);
-        let rx = self.parts().rx;
-        if start > 0 {
-            rx.copy_within(start..end, 0);
-        }
+        let (start, end) = (self.conn.rx_start, self.conn.rx_end);
+        let at = self.layout.rx();
+        let rx = &mut self.mem.as_mut()[at];
+        rx.copy_within(start..end, 0);
         let end = end - start;
         let n = bytes.len().min(rx.len() - end);
         rx[end..end + n].copy_from_slice(&bytes[..n]);
-        (self.rx_start, self.rx_end) = (0, end + n);
+        (self.conn.rx_start, self.conn.rx_end) = (0, end + n);
         if n > 0 {
             // The peer is alive: no PING is owed an answer.
-            self.last_rx = now;
-            self.ping = None;
+            self.conn.last_rx = now;
+            self.conn.ping = None;
         }
         n
     }
@@ -113,22 +122,26 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
                 self.answered += 1;
                 return Some(Event::Lost { seq: self.answered });
             }
-            let out = self.next_frame()?;
-            if !matches!(out, Out::Nothing) {
-                return Some(self.event(out));
+            match self.next_frame() {
+                Read::Quiet => continue,
+                Read::Event(told) => return Some(self.event(told)),
+                Read::Nothing => break,
             }
         }
+        // Every frame read. After GOAWAY, once every DATA this connection wrote has its
+        // answer, the device leaves (a stopping proxy waits for it to close).
+        if matches!(self.phase, Phase::Leaving { .. }) && self.answered >= self.window.written() {
+            self.close(Cause::Goaway);
+        }
+        None
     }
 
-    /// The event for `out` (never [`Out::Nothing`]: `poll_event` reads on instead).
-    fn event(&self, out: Out) -> Event<'_> {
-        let rx = self.rx();
-        let bytes = |(at, len): Span| &rx[at..at + len];
+    fn event(&self, told: Told) -> Event<'_> {
+        let bytes = |(at, len): Span| &self.rx()[at..at + len];
         // Spans of text were read as UTF-8 by the body reader.
         let text = |s: Span| core::str::from_utf8(bytes(s)).unwrap_or_default();
-        match out {
-            Out::Nothing | Out::Goaway => Event::Goaway,
-            Out::Welcome {
+        match told {
+            Told::Welcome {
                 gateway,
                 session,
                 resume,
@@ -136,80 +149,88 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
                 gateway: text(gateway),
                 session: text(session),
                 resume: match resume {
-                    ResumeOut::New => Resume::New,
-                    ResumeOut::Restored(seq) => Resume::Restored { seq },
-                    ResumeOut::Stateless(seq) => Resume::Stateless { seq },
-                    ResumeOut::Refused(reason) => Resume::Refused {
+                    Resumed::New => Resume::New,
+                    Resumed::Restored(seq) => Resume::Restored { seq },
+                    Resumed::Stateless(seq) => Resume::Stateless { seq },
+                    Resumed::Refused(reason) => Resume::Refused {
                         reason: text(reason),
                     },
                 },
             },
-            Out::Reply { seq, body } => Event::Reply {
+            Told::Reply { seq, body } => Event::Reply {
                 seq,
                 body: bytes(body),
             },
-            Out::Push { seq, body } => Event::Push {
+            Told::Push { seq, body } => Event::Push {
                 seq,
                 body: bytes(body),
             },
-            Out::Failed { seq, code } => Event::Failed { seq, code },
-            Out::Covered { seq } => Event::Covered { seq },
-            Out::Checkpoint { seq } => Event::Checkpoint { seq },
+            Told::Failed { seq, code } => Event::Failed { seq, code },
+            Told::Covered { seq } => Event::Covered { seq },
+            Told::Checkpoint { seq } => Event::Checkpoint { seq },
+            Told::Goaway => Event::Goaway,
         }
     }
 
-    /// Reads the next frame and acts on it; `None` when no whole frame is there.
-    fn next_frame(&mut self) -> Option<Out> {
+    /// Reads the next frame and acts on it.
+    fn next_frame(&mut self) -> Read {
         if !self.connected_now() {
-            return None;
+            return Read::Nothing;
         }
         let rx = self.rx();
-        let (kind, seq, body, used) = match split(&rx[self.rx_start..self.rx_end], self.max_frame) {
+        let (start, end) = (self.conn.rx_start, self.conn.rx_end);
+        let (kind, seq, body, used) = match split(&rx[start..end], self.max_frame) {
             Ok(Some((f, used))) => (f.kind, f.seq, span(rx, f.body), used),
-            Ok(None) => return None,
-            Err(e) => return Some(self.violation(Violation::Frame(e.code()))),
+            Ok(None) => return Read::Nothing,
+            Err(e) => return self.violation(Violation::Frame(e.code())),
         };
-        let open = matches!(self.phase, Phase::Open | Phase::Leaving { .. });
-        let out = match kind {
+        let welcomed = self.conn.welcomed;
+        let read = match kind {
             Kind::Ping => {
-                self.queue_ctl(Kind::Pong, seq);
-                Out::Nothing
+                self.queue_control(Kind::Pong, seq);
+                Read::Quiet
             }
-            Kind::Pong => Out::Nothing,
-            Kind::Welcome => return Some(self.welcome(body, used)),
+            Kind::Pong => Read::Quiet,
+            Kind::Welcome if !welcomed => return self.welcome(body, used),
             Kind::Error if seq == 0 => self.refused(body),
-            Kind::Reply | Kind::Error if open => return Some(self.answer(kind, seq, body, used)),
-            Kind::Push if open => {
-                self.delivered = used;
-                return Some(Out::Push { seq, body });
+            Kind::Reply | Kind::Error if welcomed => return self.answer(kind, seq, body, used),
+            Kind::Push if welcomed => {
+                self.conn.delivered = used;
+                return Read::Event(Told::Push { seq, body });
             }
-            Kind::Checkpoint if open => self.checkpoint(seq, body),
-            Kind::Goaway => {
-                if !matches!(self.phase, Phase::Leaving { .. }) {
-                    self.phase = Phase::Leaving {
-                        since: self.last_rx,
-                    };
-                }
-                Out::Goaway
-            }
+            Kind::Checkpoint if welcomed => self.checkpoint(seq, body),
+            Kind::Goaway => self.goaway(),
             other => self.violation(Violation::Unexpected(other as u8)),
         };
-        self.rx_start += used;
-        Some(out)
+        self.conn.rx_start += used;
+        read
     }
 
-    fn violation(&mut self, v: Violation) -> Out {
+    fn violation(&mut self, v: Violation) -> Read {
         self.close(Cause::Violation(v));
-        Out::Nothing
+        Read::Quiet
     }
 
-    fn body(&self, (at, len): Span) -> &[u8] {
-        &self.rx()[at..at + len]
+    fn goaway(&mut self) -> Read {
+        match self.phase {
+            // Nothing was welcomed, so nothing is owed: go (and back off: a gateway that
+            // drains refuses new sessions).
+            Phase::Hello { .. } => {
+                self.close(Cause::Goaway);
+                Read::Event(Told::Goaway)
+            }
+            Phase::Open => {
+                self.phase = Phase::Leaving {
+                    since: self.conn.last_rx,
+                };
+                Read::Event(Told::Goaway)
+            }
+            _ => Read::Quiet,
+        }
     }
 
-    fn welcome(&mut self, body: Span, used: usize) -> Out {
-        let sent_hello = matches!(self.phase, Phase::Hello { tx, .. } if tx == self.hello_len);
-        if !sent_hello {
+    fn welcome(&mut self, body: Span, used: usize) -> Read {
+        if !matches!(self.phase, Phase::Hello { tx, .. } if tx == self.hello_len) {
             return self.violation(Violation::Unexpected(Kind::Welcome as u8));
         }
         let rx = self.rx();
@@ -220,55 +241,71 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             span(rx, w.gateway.as_bytes()),
             span(rx, w.session.as_bytes()),
         );
-        let restored = w.resumed.map(|r| (r.seq, r.state == "restored"));
+        let resumed = w.resumed.map(|r| (r.seq, r.state == "restored"));
         let refused = w.resume_refused.map(|r| span(rx, r.as_bytes()));
-        let presented = self.ticket.is_some();
-        let resume = match restored {
-            Some((r, restored)) => {
-                // It must resume where this device's window can go on from: at or after the
-                // ticket's DATA, before the next one to send.
-                if !presented || r.saturating_add(1) < self.window.lo || r >= self.window.next() {
+        let resume = match resumed {
+            Some((r, restored)) => match self.resume_at(r) {
+                Some(()) if restored => Resumed::Restored(r),
+                Some(()) => Resumed::Stateless(r),
+                None => {
                     self.drop_ticket();
                     return self.violation(Violation::Resume);
                 }
-                let (window, mem) = self.window();
-                window.prune(mem, r);
-                window.rewind(mem, r);
-                self.covered_to = self.covered_to.max(r);
-                if restored {
-                    ResumeOut::Restored(r)
-                } else {
-                    ResumeOut::Stateless(r)
-                }
-            }
+            },
             None => {
-                self.drop_ticket();
-                // A new session: what was answered has no state to go into; what was not
-                // goes again.
-                let answered = self.answered;
-                let (window, mem) = self.window();
-                window.prune(mem, answered);
-                let first = window.lo.saturating_sub(1);
-                window.rewind(mem, first);
+                let presented = self.ticket.is_some();
+                self.start_fresh();
                 match (presented, refused) {
-                    (true, Some(reason)) => ResumeOut::Refused(reason),
-                    (true, None) => ResumeOut::Refused((0, 0)),
-                    (false, _) => ResumeOut::New,
+                    (true, Some(reason)) => Resumed::Refused(reason),
+                    (true, None) => Resumed::Refused((0, 0)),
+                    (false, _) => Resumed::New,
                 }
             }
         };
-        self.stats.resent += self.window.count;
+        if self.welcomes > 0 {
+            self.stats.resent += self.window.count;
+        }
+        self.welcomes += 1;
+        self.conn.welcomed = true;
         self.phase = Phase::Open;
-        self.delivered = used;
-        Out::Welcome {
+        self.conn.delivered = used;
+        Read::Event(Told::Welcome {
             gateway,
             session,
             resume,
+        })
+    }
+
+    /// WELCOME resumed after DATA `r`: it must be where the presented ticket left off, or
+    /// later but only over DATA already written; then what it covers leaves the window and
+    /// the rest goes again. `None`: it does not fit.
+    fn resume_at(&mut self, r: u64) -> Option<()> {
+        let t = self.ticket?.2;
+        if r < t || r > self.written || r.saturating_add(1) < self.window.lo {
+            return None;
         }
+        let (window, mem) = self.window();
+        window.prune(mem, r);
+        // Answered above `r`: sent again for the state, their second answers expected.
+        self.replay = (r, self.answered.max(r));
+        self.covered_to = self.covered_to.max(r);
+        Some(())
+    }
+
+    /// A session without the ticket's state: what was answered has no state to go into;
+    /// what a ticket covered but was never answered is lost with that state; the rest goes
+    /// again.
+    fn start_fresh(&mut self) {
+        self.drop_ticket();
+        let answered = self.answered;
+        let (window, mem) = self.window();
+        window.prune(mem, answered);
+        self.lost_to = self.lost_to.max(self.window.lo - 1);
+        self.replay = (0, 0);
     }
 
     /// ERROR about the whole session (sequence 0).
-    fn refused(&mut self, body: Span) -> Out {
+    fn refused(&mut self, body: Span) -> Read {
         let Ok(e) = ErrorRef::decode(self.body(body)) else {
             return self.violation(Violation::Body);
         };
@@ -277,80 +314,75 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             code,
             action: Action::of(code),
         });
-        Out::Nothing
+        Read::Quiet
     }
 
     /// REPLY or ERROR `seq`: the answer to a DATA, given to the application once.
-    fn answer(&mut self, kind: Kind, seq: u64, body: Span, used: usize) -> Out {
+    fn answer(&mut self, kind: Kind, seq: u64, body: Span, used: usize) -> Read {
         let code = match kind {
             Kind::Error => match ErrorRef::decode(self.body(body)) {
                 Ok(e) => Some(e.code),
                 Err(_) => {
-                    self.rx_start += used;
+                    self.conn.rx_start += used;
                     return self.violation(Violation::Body);
                 }
             },
             _ => None,
         };
-        let next = self.window.next();
-        if seq <= self.answered || seq >= next {
-            if seq >= next {
-                self.stats.ignored += 1;
-            } else if seq > self.conn_answered {
+        if seq > self.window.written() || seq <= self.answered {
+            if seq > self.window.written() {
+                self.stats.unsent_answers += 1;
+            } else if self.replay.0 < seq && seq <= self.replay.1 && seq > self.conn.answered {
                 // Resent after a resume for its effect on the state: answered before.
                 self.stats.replays += 1;
-                self.conn_answered = seq;
+                self.conn.answered = seq;
             } else {
                 self.stats.duplicates += 1;
             }
-            self.rx_start += used;
-            return Out::Nothing;
+            self.conn.rx_start += used;
+            return Read::Quiet;
         }
         if seq > self.answered + 1 {
             // The peer skipped DATA: those are lost; this answer waits for their events.
             self.lost_to = seq - 1;
-            return Out::Nothing;
+            return Read::Quiet;
         }
         self.answered = seq;
-        self.conn_answered = seq;
-        self.progress = true;
-        match code {
-            None => {
-                self.delivered = used;
-                Out::Reply { seq, body }
-            }
-            Some(code) => {
-                self.rx_start += used;
-                if code == ErrorCode::Duplicate as u16 {
-                    Out::Covered { seq }
-                } else {
-                    Out::Failed { seq, code }
-                }
-            }
-        }
+        self.conn.answered = seq;
+        self.conn.progress = true;
+        let Some(code) = code else {
+            self.conn.delivered = used;
+            return Read::Event(Told::Reply { seq, body });
+        };
+        self.conn.rx_start += used;
+        Read::Event(if code == ErrorCode::Duplicate as u16 {
+            Told::Covered { seq }
+        } else {
+            Told::Failed { seq, code }
+        })
     }
 
-    fn checkpoint(&mut self, seq: u64, body: Span) -> Out {
+    fn checkpoint(&mut self, seq: u64, body: Span) -> Read {
         let Ok(c) = CheckpointRef::decode(self.body(body)) else {
             return self.violation(Violation::Body);
         };
-        let ticket = span(self.rx(), c.ticket);
+        let (at, len) = span(self.rx(), c.ticket);
         if self.ticket.is_some_and(|t| seq < t.2) {
             self.stats.stale_checkpoints += 1;
-            return Out::Nothing;
+            return Read::Quiet;
         }
         // It may cover only DATA this connection's session has.
         if seq > self.window.written() {
-            self.stats.ignored += 1;
-            return Out::Nothing;
+            self.stats.unsent_checkpoints += 1;
+            return Read::Quiet;
         }
-        if ticket.1 > self.max_ticket {
+        if len > self.max_ticket {
             self.stats.oversized_tickets += 1;
-            return Out::Nothing;
+            return Read::Quiet;
         }
-        self.write_hello(Some((ticket.0, ticket.1, seq)));
+        self.write_hello(Some((at, len, seq)));
         let (window, mem) = self.window();
         window.prune(mem, seq);
-        Out::Checkpoint { seq }
+        Read::Event(Told::Checkpoint { seq })
     }
 }
