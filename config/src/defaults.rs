@@ -50,7 +50,7 @@ pub mod proxy {
     /// A QUIC device silent this long is gone.
     pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
     /// QUIC handshakes in progress at once; past it new devices are refused at once.
-    pub const QUIC_MAX_HANDSHAKES: usize = 512;
+    pub const MAX_HANDSHAKES: usize = 512;
 }
 
 /// Defaults of `wasmbed gateway`.

@@ -223,7 +223,10 @@ pub struct ProxyFlags {
     /// more): `auto` (default) while many handshakes are in progress, `always`, `never`.
     #[arg(long, value_enum, value_name = "auto|always|never")]
     pub quic_retry: Option<QuicRetry>,
-    #[arg(long, value_name = "N", help = format!("QUIC handshakes in progress at once. Past it a new device is refused at once (CONNECTION_REFUSED: it tries again later) rather than queued behind the others until its own timeout, which under a stampede would waste every handshake finished too late. Default {}.", crate::defaults::proxy::QUIC_MAX_HANDSHAKES))]
+    #[arg(long, value_name = "N", help = format!("Terminate mode: device TLS handshakes in progress at once, TLS over TCP and QUIC together. Past it a new device is refused at once (TCP: closed before its handshake; QUIC: CONNECTION_REFUSED) and counted (reason handshakes_busy); it tries again later, rather than queue behind the others until its own timeout, which under a reconnect storm would waste every handshake finished too late. Default {}.", crate::defaults::proxy::MAX_HANDSHAKES))]
+    pub max_handshakes: Option<usize>,
+    /// The older name of --max-handshakes (it now counts TLS over TCP too).
+    #[arg(long, value_name = "N", hide = true)]
     pub quic_max_handshakes: Option<usize>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,
@@ -264,8 +267,6 @@ pub struct QuicConfig {
     pub listen: Option<SocketAddr>,
     pub idle_timeout: Duration,
     pub retry: QuicRetry,
-    /// Handshakes in progress past which new devices are refused.
-    pub max_handshakes: usize,
 }
 
 /// How terminate mode reaches gateways.
@@ -431,6 +432,9 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Bound on the ClientHello peek (passthrough) or the TLS handshake (terminate).
     pub handshake_timeout: Duration,
+    /// Terminate mode: device TLS handshakes in progress (TCP and QUIC together) past which
+    /// a new device is refused at once.
+    pub max_handshakes: usize,
     pub connect_timeout: Duration,
     /// How many other gateways a session tries after a failed connect.
     pub connect_retries: u32,
@@ -511,6 +515,7 @@ struct RawProxy {
     quic_listen: Option<String>,
     quic_idle_timeout: Option<String>,
     quic_retry: Option<QuicRetry>,
+    max_handshakes: Option<usize>,
     quic_max_handshakes: Option<usize>,
     #[serde(default)]
     listener: Vec<RawListener>,
@@ -821,15 +826,22 @@ impl ProxyConfig {
                 )?,
             )?,
             retry: raw.quic_retry.unwrap_or_default(),
-            max_handshakes: match raw.quic_max_handshakes {
-                Some(0) => {
-                    return Err(ConfigError::field(
-                        "quic_max_handshakes",
-                        "must be at least 1",
-                    ));
-                }
-                n => n.unwrap_or(defaults::QUIC_MAX_HANDSHAKES),
-            },
+        };
+        let max_handshakes = match (raw.max_handshakes, raw.quic_max_handshakes) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::field(
+                    "quic_max_handshakes",
+                    "is the older name of max_handshakes: give one of them",
+                ));
+            }
+            (Some(0), _) => return Err(ConfigError::field("max_handshakes", "must be at least 1")),
+            (_, Some(0)) => {
+                return Err(ConfigError::field(
+                    "quic_max_handshakes",
+                    "must be at least 1",
+                ));
+            }
+            (n, old) => n.or(old).unwrap_or(defaults::MAX_HANDSHAKES),
         };
         if mode == Mode::Passthrough && migration.rebalance {
             return Err(ConfigError::field(
@@ -860,6 +872,7 @@ impl ProxyConfig {
                     defaults::HANDSHAKE_TIMEOUT,
                 )?,
             )?,
+            max_handshakes,
             connect_timeout: positive(
                 "connect_timeout",
                 duration_or(
@@ -1000,7 +1013,11 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     set(&mut raw.quic_listen, f.quic_listen.clone());
     set(&mut raw.quic_idle_timeout, f.quic_idle_timeout.clone());
     set(&mut raw.quic_retry, f.quic_retry);
-    set(&mut raw.quic_max_handshakes, f.quic_max_handshakes);
+    // A flag overrides the file under either name.
+    if f.max_handshakes.is_some() || f.quic_max_handshakes.is_some() {
+        raw.max_handshakes = f.max_handshakes;
+        raw.quic_max_handshakes = f.quic_max_handshakes;
+    }
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();

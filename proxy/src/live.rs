@@ -363,7 +363,7 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
         changed,
     );
     // The QUIC listener's address and its transport (idle timeout) are set at bind;
-    // `quic_retry` and `quic_max_handshakes` are read live.
+    // `quic_retry` and `max_handshakes` are read live.
     keep(
         "quic_listen",
         &old.quic.listen,

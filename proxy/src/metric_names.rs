@@ -41,6 +41,7 @@ pub const DISCOVERY_CHANGES: &str = "wasmbed_proxy_discovery_changes_total";
 pub const LINKS: &str = "wasmbed_proxy_links_total";
 pub const QUIC_CONNECTIONS: &str = "wasmbed_proxy_quic_connections_total";
 pub const QUIC_STREAMS_REFUSED: &str = "wasmbed_proxy_quic_streams_refused_total";
+pub const HANDSHAKES: &str = "wasmbed_proxy_handshakes_in_progress";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -84,4 +85,5 @@ pub const ALL: &[&str] = &[
     LINKS,
     QUIC_CONNECTIONS,
     QUIC_STREAMS_REFUSED,
+    HANDSHAKES,
 ];

@@ -189,6 +189,10 @@ fn describe() {
         QUIC_CONNECTIONS,
         "QUIC device connections, by result: accepted, handshake_failed, retry (address validation asked), refused_full (--max-connections)."
     );
+    describe_gauge!(
+        HANDSHAKES,
+        "Device TLS handshakes in progress (terminate mode, TLS over TCP and QUIC together), against max_handshakes."
+    );
     describe_counter!(
         QUIC_STREAMS_REFUSED,
         "Streams a QUIC device opened beyond its session's (reset: one session per connection)."

@@ -12,7 +12,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -155,7 +155,6 @@ pub(crate) async fn accept_loop(
     (limit, sessions): (Arc<Semaphore>, TaskTracker),
     shutdown: CancellationToken,
 ) {
-    let handshaking = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -163,7 +162,7 @@ pub(crate) async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         let ctx = current();
-        let busy = handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE;
+        let busy = ctx.device_tls.handshakes() >= RETRY_ABOVE;
         let retry = match ctx.config.quic.retry {
             QuicRetry::Always => true,
             QuicRetry::Auto => busy,
@@ -176,11 +175,14 @@ pub(crate) async fn accept_loop(
         }
         // A stampede (a fleet reconnecting at once): refused now, a device tries again later;
         // queued, it would time out while its handshake waited, and the work be wasted.
-        if handshaking.load(Ordering::Relaxed) >= ctx.config.quic.max_handshakes {
+        // The cap TLS over TCP shares (`max_handshakes`), counted from here to the
+        // handshake's end (in `accept`), so that the next Initial's retry decision sees it.
+        let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
             counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
+            refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
             incoming.refuse();
             continue;
-        }
+        };
         // The device trust in use now: a reload reaches this handshake as it reaches TCP's.
         let Some(trust) = ctx.device_tls.quic() else {
             incoming.refuse();
@@ -192,19 +194,12 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let span = tracing::info_span!("session", peer = %incoming.remote_address(), transport = "quic", device = tracing::field::Empty, sni = tracing::field::Empty, gateway = tracing::field::Empty);
-        // Counted from here to the handshake's end (in `accept`), so that the next Initial's
-        // retry decision sees it.
-        handshaking.fetch_add(1, Ordering::Relaxed);
         let port = endpoint.local_addr().map_or(0, |a| a.port());
         // Boxed apart: the handshake's state (the `Incoming`, the timeouts, the anchoring) is
         // the largest part of the session's future, and a task keeps its future's largest
         // size for its whole life; boxed, it is freed once the session is anchored (3.8 KB
         // per idle session, measured with heaptrack).
-        let accepting = Box::pin(accept(
-            ctx.clone(),
-            (incoming, trust),
-            (handshaking.clone(), port),
-        ));
+        let accepting = Box::pin(accept(ctx.clone(), (incoming, trust), (handshake, port)));
         sessions.spawn(
             async move {
                 if let Some(anchored) = accepting.await {
@@ -247,11 +242,11 @@ pub(crate) async fn close(endpoint: &Endpoint) {
 }
 
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).
-/// `handshaking` counts this one until its handshake ends; `port` is the listener's.
+/// `handshake` counts this one until its handshake ends; `port` is the listener's.
 async fn accept(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
-    (handshaking, port): (Arc<AtomicUsize>, u16),
+    (handshake, port): (crate::tls::Handshake, u16),
 ) -> Option<Box<crate::anchor::Anchored>> {
     let ctx = &ctx;
     let peer = incoming.remote_address();
@@ -259,12 +254,12 @@ async fn accept(
         .local_ip()
         .map(|ip| std::net::SocketAddr::new(ip, port));
     let started = std::time::Instant::now();
-    let handshake = match incoming.accept_with(trust) {
+    let connected = match incoming.accept_with(trust) {
         Ok(connecting) => tokio::time::timeout(ctx.config.handshake_timeout, connecting).await,
         Err(e) => Ok(Err(e)),
     };
-    handshaking.fetch_sub(1, Ordering::Relaxed);
-    let conn = match handshake {
+    drop(handshake);
+    let conn = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             counter!(QUIC_CONNECTIONS, "result" => "handshake_failed").increment(1);

@@ -46,6 +46,9 @@ pub enum Refusal {
     UpstreamTls,
     /// The proxy is out of file descriptors.
     FdLimit,
+    /// Terminate mode: `max_handshakes` device TLS handshakes (TCP and QUIC) were already in
+    /// progress; the device was refused before its own.
+    HandshakesBusy,
     /// A configuration the proxy should have refused at start (a bug).
     Internal,
 }
@@ -53,7 +56,7 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason: the closed set of label values.
     #[cfg(test)]
-    pub const ALL: [Refusal; 19] = [
+    pub const ALL: [Refusal; 20] = [
         Refusal::ClientClosed,
         Refusal::ClientError,
         Refusal::HandshakeTimeout,
@@ -72,6 +75,7 @@ impl Refusal {
         Refusal::GatewayError,
         Refusal::UpstreamTls,
         Refusal::FdLimit,
+        Refusal::HandshakesBusy,
         Refusal::Internal,
     ];
 
@@ -96,6 +100,7 @@ impl Refusal {
             Refusal::GatewayError => "gateway_error",
             Refusal::UpstreamTls => "upstream_tls",
             Refusal::FdLimit => "fd_limit",
+            Refusal::HandshakesBusy => "handshakes_busy",
             Refusal::Internal => "internal",
         }
     }

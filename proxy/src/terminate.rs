@@ -41,6 +41,13 @@ pub(crate) async fn terminate(
             "terminate mode without a TLS acceptor",
         ));
     };
+    // Counted from here to the handshake's end, against the cap QUIC shares.
+    let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
+        return Err(refused(
+            Refusal::HandshakesBusy,
+            "max_handshakes device handshakes already in progress",
+        ));
+    };
     let started = Instant::now();
     let tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
         .await
@@ -51,6 +58,7 @@ pub(crate) async fn terminate(
             )
         })?
         .map_err(|e| refused(tls_reason(&e), e))?;
+    drop(handshake);
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
     let (_, conn) = tls.get_ref();
     let verified = Verified::new(

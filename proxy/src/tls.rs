@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quinn::VarInt;
 use quinn::crypto::rustls::QuicServerConfig;
@@ -42,6 +43,19 @@ pub struct DeviceTls {
     pub(crate) trust: Reloadable<DeviceTrust>,
     /// QUIC's transport settings (restart-only): `None` without `--quic-listen`.
     quic: Option<Arc<quinn::TransportConfig>>,
+    /// Device handshakes in progress, TLS over TCP and QUIC together (one process, one
+    /// count: they share the cores), against `max_handshakes` ([`DeviceTls::admit`]).
+    handshakes: AtomicUsize,
+}
+
+/// One device handshake admitted: counted until dropped.
+pub(crate) struct Handshake(Arc<DeviceTls>);
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metric_names::HANDSHAKES).decrement(1.0);
+    }
 }
 
 /// Device trust read from files and checked, not yet in use ([`DeviceTls::install`]).
@@ -52,6 +66,7 @@ impl DeviceTls {
         let tls = DeviceTls {
             trust: Reloadable::new(None),
             quic: config.quic.listen.map(|_| quic_transport(config)),
+            handshakes: AtomicUsize::new(0),
         };
         if tls.quic.is_some() && of(config).is_none() {
             return Err(ProxyError::Reload(
@@ -60,6 +75,29 @@ impl DeviceTls {
         }
         tls.install(tls.prepare(of(config))?);
         Ok(tls)
+    }
+
+    /// A device's handshake may start: fewer than `cap` are in progress (TCP and QUIC
+    /// together). `None`: refuse the device now ([`Refusal::HandshakesBusy`]), before any
+    /// work is spent on it: under a reconnect storm a queued handshake would finish after
+    /// its device gave up.
+    ///
+    /// [`Refusal::HandshakesBusy`]: crate::refusal::Refusal::HandshakesBusy
+    pub(crate) fn admit(self: &Arc<Self>, cap: usize) -> Option<Handshake> {
+        self.handshakes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| {
+                metrics::gauge!(crate::metric_names::HANDSHAKES).increment(1.0);
+                Handshake(self.clone())
+            })
+    }
+
+    /// Device handshakes in progress now.
+    pub(crate) fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::Relaxed)
     }
 
     /// Reads and checks the files `settings` names; nothing changes yet.

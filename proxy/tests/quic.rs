@@ -280,7 +280,7 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
     let gw = FrameGateway::spawn("gw-0").await;
     let mut c = quic_proxy(&pki, &[&gw]);
     c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
-    c.quic.max_handshakes = 1;
+    c.max_handshakes = 1;
     c.handshake_timeout = Duration::from_secs(2);
     let proxy = start(c).await;
     let addr = proxy.quic.unwrap();
@@ -336,4 +336,57 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
         .await;
     let mut dev = QuicDev::open(addr, &pki, "device-0602").await;
     dev.step().await;
+}
+
+/// One cap for device handshakes on every transport (`max_handshakes`): while a TLS-over-TCP
+/// handshake holds it, a device past it is refused at once over TCP (closed before its
+/// handshake) and over QUIC (CONNECTION_REFUSED), both counted under one label; when it
+/// ends, devices of both transports get their sessions.
+#[tokio::test]
+async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut c = quic_proxy(&pki, &[&gw]);
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    c.max_handshakes = 1;
+    c.handshake_timeout = Duration::from_secs(30);
+    let proxy = start(c).await;
+    let quic = proxy.quic.unwrap();
+    // A TCP connection that never sends its ClientHello holds the one handshake.
+    let stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    proxy
+        .until_metric("wasmbed_proxy_handshakes_in_progress", 1.0)
+        .await;
+    let busy = "wasmbed_proxy_connections_rejected_total{reason=\"handshakes_busy\"}";
+    for (transport, refused) in [("tcp", 1.0), ("quic", 2.0)] {
+        match transport {
+            "tcp" => {
+                let tls = device_tls(&pki.ca, Some(&pki.ca), "device-0700", false);
+                let r = tls_connect(proxy.addr, tls).await;
+                assert!(r.is_err(), "TLS over TCP past the cap is closed at once");
+            }
+            _ => {
+                let client = quic_client(&pki, Some(&pki.ca), "device-0701");
+                let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                let r = endpoint
+                    .connect_with(client, quic, "localhost")
+                    .unwrap()
+                    .await;
+                assert!(
+                    matches!(r, Err(quinn::ConnectionError::ConnectionClosed(_))),
+                    "{r:?}"
+                );
+            }
+        }
+        assert_eq!(proxy.metric(busy).await, refused, "{transport}");
+    }
+    drop(stalled);
+    proxy
+        .until_metric("wasmbed_proxy_handshakes_in_progress", 0.0)
+        .await;
+    let tls = device_tls(&pki.ca, Some(&pki.ca), "device-0702", false);
+    let mut dev = Device::new(tls_connect(proxy.addr, tls).await.unwrap());
+    dev.open("device-0702", "echo").await;
+    let mut qdev = QuicDev::open(quic, &pki, "device-0703").await;
+    qdev.step().await;
 }

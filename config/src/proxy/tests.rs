@@ -361,16 +361,28 @@ fn a_quic_listener_needs_terminate_mode() {
     )
     .unwrap();
     assert_eq!(ok.quic.retry, QuicRetry::Always);
-    assert_eq!(
-        ok.quic.max_handshakes,
-        crate::defaults::proxy::QUIC_MAX_HANDSHAKES
-    );
+    assert_eq!(ok.max_handshakes, crate::defaults::proxy::MAX_HANDSHAKES);
     let e = ProxyConfig::from_toml(
         "mode = \"terminate\"\nquic_listen = \"127.0.0.1:0\"\nquic_max_handshakes = 0\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"",
     )
     .unwrap_err()
     .to_string();
     assert!(e.contains("quic_max_handshakes"), "{e}");
+    // One cap for TLS over TCP and QUIC: `max_handshakes`, or its older name; not both.
+    let base = "mode = \"terminate\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n[[gateway]]\naddr = \"127.0.0.1:1\"";
+    let cap = |line: &str| ProxyConfig::from_toml(&format!("{line}\n{base}"));
+    assert_eq!(cap("max_handshakes = 3").unwrap().max_handshakes, 3);
+    assert_eq!(cap("quic_max_handshakes = 7").unwrap().max_handshakes, 7);
+    let e = cap("max_handshakes = 3\nquic_max_handshakes = 7")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("older name"), "{e}");
+    assert!(
+        cap("max_handshakes = 0")
+            .unwrap_err()
+            .to_string()
+            .contains("max_handshakes")
+    );
     assert_eq!(
         ok.quic.idle_timeout,
         crate::defaults::proxy::QUIC_IDLE_TIMEOUT
