@@ -13,6 +13,7 @@ use wasmbed_config::{LoadtestSettings, Mode};
 use wasmbed_loadtest::{Fleet, Report};
 
 mod scenarios;
+mod storm;
 use scenarios::{Run, ScaleUp, scale_up, scenario_run};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -40,6 +41,10 @@ pub enum Scenario {
     /// Upgrade the proxy in place under load (`--takeover`): a new process takes the running
     /// one's listening sockets and passthrough sessions; terminated sessions are handed back.
     ProxyUpgrade,
+    /// Every device drops its connection at the same instant (a network blip) and reconnects
+    /// at once: time until all are back, handshakes finished, wasted and refused, gateways
+    /// wrongly marked down, the proxy's CPU.
+    Storm,
 }
 
 impl Scenario {
@@ -675,6 +680,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         let scenario = async move {
             match scenario {
                 Scenario::ScaleUp => scale_up(scale, run).await,
+                Scenario::Storm => storm::storm_run(run).await,
                 s if s.is_proxy_event() => scenarios::proxy_run(s, run).await,
                 s => scenario_run(s, run).await,
             }

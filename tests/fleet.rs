@@ -472,3 +472,31 @@ fn a_loadtest_with_the_pkis_own_devices_shows_a_revocation() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A reconnect storm through the terminating proxy with its handshake guard set low: every
+/// device drops its connection at once and comes back with its session; the guard refused
+/// the excess at once (counted), nothing was lost, no gateway was wrongly marked down.
+#[test]
+fn a_reconnect_storm_brings_every_device_back_past_the_handshake_guard() {
+    let doc = scenario(
+        "storm",
+        &[
+            "--mode",
+            "terminate",
+            "--gateways",
+            "2",
+            "--devices",
+            "60",
+            "--proxy-arg=--max-handshakes",
+            "--proxy-arg=4",
+        ],
+    );
+    assert_eq!(doc["back"], 60, "{doc}");
+    assert!(
+        doc["refused"]["handshakes_busy"].as_f64().unwrap_or(0.0) > 0.0,
+        "60 handshakes at once past a cap of 4: {doc}"
+    );
+    assert_eq!(doc["lost"], 0, "{doc}");
+    assert_eq!(doc["state_resets"], 0, "{doc}");
+    assert_eq!(doc["gateway_downs"], 0.0, "{doc}");
+}

@@ -219,6 +219,8 @@ struct Driver<'c> {
     payload: Vec<u8>,
     interval: Duration,
     ticker: tokio::time::Interval,
+    /// This device dropped its connection for the fleet's storm already.
+    stormed: bool,
 }
 
 /// A DATA ticker whose first tick is at a random point of its interval (so the fleet's
@@ -271,6 +273,7 @@ impl<'c> Driver<'c> {
             payload: (0..s.payload).map(|b| (b ^ i) as u8).collect(),
             interval,
             ticker: ticker(interval),
+            stormed: false,
         })
     }
 
@@ -300,6 +303,7 @@ impl<'c> Driver<'c> {
         tokio::select! {
             r = dial(self.d.i, ctx) => match r {
                 Ok(s) => {
+                    ctx.live.dials.fetch_add(1, Ordering::Relaxed);
                     let mut h = ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
                     let _ = h.handshake.record(micros(t0.elapsed()));
                     drop(h);
@@ -308,6 +312,7 @@ impl<'c> Driver<'c> {
                     self.session.connected(self.now());
                 }
                 Err(reason) => {
+                    ctx.live.dial_failures.fetch_add(1, Ordering::Relaxed);
                     self.d.out.failure = Some(reason);
                     self.closed();
                 }
@@ -432,6 +437,10 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
                     _ = dr.ticker.tick(), if ticking => dr.tick(),
                     _ = tokio::time::sleep_until(at(ctx, timeout.unwrap_or(u64::MAX / 2))), if timeout.is_some() => {
                         dr.session.handle_timeout(dr.now());
+                    }
+                    _ = ctx.live.storm.cancelled(), if !dr.stormed => {
+                        dr.stormed = true;
+                        dr.closed();
                     }
                     _ = finish.cancelled(), if sending => {}
                     _ = tokio::time::sleep_until(send_until.into()), if sending => {}

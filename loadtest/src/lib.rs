@@ -69,6 +69,13 @@ pub struct Live {
     pub rehomed_at: Mutex<Vec<Instant>>,
     /// The gateway each device is on now (`None`: not connected).
     pub gateway: Mutex<Vec<Option<String>>>,
+    /// Cancelled: every connected device drops its connection at once (a network blip, a
+    /// zone lost) and reconnects by its session's rules (`wasmbed up --scenario storm`).
+    pub storm: CancellationToken,
+    /// Connections the devices opened (TLS or QUIC handshakes done), and attempts that
+    /// failed (refused, reset, timed out).
+    pub dials: AtomicU64,
+    pub dial_failures: AtomicU64,
 }
 
 impl Live {

@@ -3,7 +3,7 @@
 use super::*;
 
 /// Waits (at most `wait`) until every device is connected; prints and returns the spread.
-async fn settle(
+pub(super) async fn settle(
     live: &wasmbed_loadtest::Live,
     devices: usize,
     wait: Duration,
@@ -25,7 +25,11 @@ async fn settle(
 }
 
 /// Prints the checks, writes `doc` (with the failed checks) to `json`, and gives the exit code.
-fn conclude(checks: &[(bool, &str)], mut doc: serde_json::Value, json: Option<&Path>) -> ExitCode {
+pub(super) fn conclude(
+    checks: &[(bool, &str)],
+    mut doc: serde_json::Value,
+    json: Option<&Path>,
+) -> ExitCode {
     let failed: Vec<&str> = checks.iter().filter(|c| !c.0).map(|c| c.1).collect();
     doc["failed_checks"] = serde_json::json!(failed);
     if let Some(path) = json
@@ -85,13 +89,14 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             say!("stopping {victim} (SIGSTOP) with {affected} devices on it");
             signal(child, "-STOP");
         }
-        // (The proxy events run in `proxy_run`.)
+        // (The proxy events run in `proxy_run`, the storm in `storm_run`.)
         Scenario::Drain
         | Scenario::Goaway
         | Scenario::ScaleUp
         | Scenario::ProxyKill
         | Scenario::ProxyRestart
-        | Scenario::ProxyUpgrade => {
+        | Scenario::ProxyUpgrade
+        | Scenario::Storm => {
             say!("draining {victim} with {affected} devices on it");
             gateway_drain(*victim_admin);
         }
@@ -340,7 +345,8 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         | Scenario::ScaleUp
         | Scenario::ProxyKill
         | Scenario::ProxyRestart
-        | Scenario::ProxyUpgrade => {
+        | Scenario::ProxyUpgrade
+        | Scenario::Storm => {
             say!("draining {victim} by moving its {affected} sessions");
             let path = format!("/api/gateways/{victim}/drain?move=true");
             if let Err(e) = wasmbed_client::Admin::new(proxy_admin).post(&path, b"") {
