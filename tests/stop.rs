@@ -327,10 +327,11 @@ fn a_second_signal_ends_the_process_at_once() {
         };
         let (mut child, mut stderr, _rt, _held) = holding_a_session(role, extra);
         signal(&child.0, libc::SIGTERM);
-        // The first one is being handled (its log line is out): now the second.
-        read_until(&mut stderr, "shutting down");
+        // The first one is being handled (its own log line is out, not only the proxy's
+        // "shutting down: no longer accepting", which may come first): now the second.
+        read_until(&mut stderr, "a second signal stops at once");
         signal(&child.0, libc::SIGINT);
-        let said = read_until(&mut stderr, "second signal");
+        let said = read_until(&mut stderr, "second signal (");
         let status = exited_within(&mut child.0, PROMPT).expect("a second signal did not end it");
         assert_eq!(status.code(), Some(1), "{role:?}: {said}");
         assert!(
