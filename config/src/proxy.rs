@@ -226,7 +226,7 @@ pub struct ProxyFlags {
     #[arg(long, value_name = "N", help = format!("Terminate mode: device TLS handshakes in progress at once, TLS over TCP and QUIC together. Past it a new device is refused at once (TCP: closed before its handshake; QUIC: CONNECTION_REFUSED) and counted (reason handshakes_busy); it tries again later, rather than queue behind the others until its own timeout, which under a reconnect storm would waste every handshake finished too late. Default {}.", crate::defaults::proxy::MAX_HANDSHAKES))]
     pub max_handshakes: Option<usize>,
     /// The older name of --max-handshakes (it now counts TLS over TCP too).
-    #[arg(long, value_name = "N", hide = true)]
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "max_handshakes")]
     pub quic_max_handshakes: Option<usize>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,

@@ -402,6 +402,15 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
     let mut give_up = std::pin::pin!(give_up);
     loop {
         dr.drain();
+        if !dr.stormed && ctx.live.storm.is_cancelled() {
+            // The fleet's storm: a device on a session drops its connection (once); one
+            // dialing or backing off at that instant just goes on.
+            dr.stormed = true;
+            if dr.d.welcomed_now {
+                dr.closed();
+                continue;
+            }
+        }
         let sending = Instant::now() < send_until && !finish.is_cancelled();
         if !sending && dr.session.owed() == 0 {
             break;
@@ -438,10 +447,8 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
                     _ = tokio::time::sleep_until(at(ctx, timeout.unwrap_or(u64::MAX / 2))), if timeout.is_some() => {
                         dr.session.handle_timeout(dr.now());
                     }
-                    _ = ctx.live.storm.cancelled(), if !dr.stormed => {
-                        dr.stormed = true;
-                        dr.closed();
-                    }
+                    // The storm: handled at the loop's top, for every device at once.
+                    _ = ctx.live.storm.cancelled(), if !dr.stormed => {}
                     _ = finish.cancelled(), if sending => {}
                     _ = tokio::time::sleep_until(send_until.into()), if sending => {}
                     _ = give_up.as_mut() => break,

@@ -187,7 +187,7 @@ fn describe() {
     );
     describe_counter!(
         QUIC_CONNECTIONS,
-        "QUIC device connections, by result: accepted, handshake_failed, retry (address validation asked), refused_full (--max-connections)."
+        "QUIC device connections, by result: accepted, handshake_failed, retry (address validation asked), refused_full (--max-connections), refused_busy (--max-handshakes)."
     );
     describe_gauge!(
         HANDSHAKES,

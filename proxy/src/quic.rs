@@ -162,7 +162,10 @@ pub(crate) async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         let ctx = current();
-        let busy = ctx.device_tls.handshakes() >= RETRY_ABOVE;
+        // Handshakes in progress count TLS over TCP too (one cap); under a low cap, retry
+        // starts at half of it.
+        let busy =
+            ctx.device_tls.handshakes() >= RETRY_ABOVE.min(ctx.config.max_handshakes / 2).max(1);
         let retry = match ctx.config.quic.retry {
             QuicRetry::Always => true,
             QuicRetry::Auto => busy,
@@ -175,21 +178,22 @@ pub(crate) async fn accept_loop(
         }
         // A stampede (a fleet reconnecting at once): refused now, a device tries again later;
         // queued, it would time out while its handshake waited, and the work be wasted.
-        // The cap TLS over TCP shares (`max_handshakes`), counted from here to the
-        // handshake's end (in `accept`), so that the next Initial's retry decision sees it.
-        let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
-            counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
-            refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
-            incoming.refuse();
-            continue;
-        };
         // The device trust in use now: a reload reaches this handshake as it reaches TCP's.
         let Some(trust) = ctx.device_tls.quic() else {
             incoming.refuse();
             continue;
         };
+        // In TCP's order: a connection's place (`--max-connections`) first, then a slot of
+        // the handshake cap TLS over TCP shares (`max_handshakes`), counted from here to the
+        // handshake's end (in `accept`), so that the next Initial's retry decision sees it.
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             counter!(QUIC_CONNECTIONS, "result" => "refused_full").increment(1);
+            incoming.refuse();
+            continue;
+        };
+        let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
+            counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
+            refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
             incoming.refuse();
             continue;
         };

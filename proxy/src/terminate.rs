@@ -41,15 +41,33 @@ pub(crate) async fn terminate(
             "terminate mode without a TLS acceptor",
         ));
     };
-    // Counted from here to the handshake's end, against the cap QUIC shares.
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
+    // A slot of the handshake cap (shared with QUIC) only once the device has sent
+    // something: a connection that sends nothing (a port scan, a TCP health check) must not
+    // shut devices out; it waits out `handshake_timeout` holding only its connection.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout_at(deadline, device.peek(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(Ok(_)) => {
+            return Err(refused(
+                Refusal::ClientClosed,
+                "closed before its ClientHello",
+            ));
+        }
+        Ok(Err(e)) => return Err(refused(Refusal::ClientError, e)),
+        Err(_) => {
+            return Err(refused(Refusal::HandshakeTimeout, "no ClientHello in time"));
+        }
+    }
+    // Counted from here to the handshake's end.
     let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
         return Err(refused(
             Refusal::HandshakesBusy,
             "max_handshakes device handshakes already in progress",
         ));
     };
-    let started = Instant::now();
-    let tls = tokio::time::timeout(ctx.config.handshake_timeout, acceptor.accept(device))
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(device))
         .await
         .map_err(|_| {
             refused(

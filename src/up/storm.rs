@@ -17,14 +17,11 @@ struct Seen {
 }
 
 impl Seen {
-    fn read(admin: SocketAddr) -> Seen {
-        let Ok(answer) = wasmbed_client::Admin::new(admin).get("/metrics") else {
-            return Seen::default();
-        };
+    /// The proxy's figures now; `None` when its `/metrics` cannot be read.
+    fn read(admin: SocketAddr) -> Option<Seen> {
+        let answer = wasmbed_client::Admin::new(admin).get("/metrics").ok()?;
         let lines = answer.body.lines().map(|l| Ok(l.to_string()));
-        let Ok(scrape) = prometheus_parse::Scrape::parse(lines) else {
-            return Seen::default();
-        };
+        let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
         let mut seen = Seen::default();
         for s in scrape.samples {
             match (s.metric.as_str(), &s.value) {
@@ -46,7 +43,7 @@ impl Seen {
                 _ => {}
             }
         }
-        seen
+        Some(seen)
     }
 
     /// What happened between `before` and `self`.
@@ -107,19 +104,24 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
             && live.connected_now.load(Relaxed) == devices
     })
     .await;
-    let all_back = event.elapsed();
+    // Read at the moment all are back, before the fleet winds down.
+    let returned = live.rehomed.load(Relaxed) - rehomed_before;
+    let (crest, last) = live.wave(event, Duration::from_millis(100));
+    let all_back = last.unwrap_or_else(|| event.elapsed());
     let cpu = pid
         .and_then(cpu_seconds)
         .zip(cpu_before)
         .map(|(a, b)| a - b);
-    let seen = Seen::read(proxy_admin).since(&before);
-    let (crest, _) = live.wave(event, Duration::from_millis(100));
+    let seen = Seen::read(proxy_admin)
+        .zip(before)
+        .map(|(after, before)| after.since(&before));
+    let read = seen.is_some();
+    let seen = seen.unwrap_or_default();
     tokio::time::sleep(Duration::from_secs(1)).await;
     finish.cancel();
     let report = running.await.unwrap_or_default();
     let dials = live.dials.load(Relaxed) - dials_before;
     let dial_failures = live.dial_failures.load(Relaxed) - failed_before;
-    let returned = live.rehomed.load(Relaxed) - rehomed_before;
     // A handshake the proxy finished for a device that did not come back on it: wasted.
     let wasted = (seen.finished - returned as f64).max(0.0);
     say!(
@@ -156,6 +158,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         (back, "every device back after the storm"),
         (report.messages.lost == 0, "no message lost"),
         (report.state_resets == 0, "no app state restarted"),
+        (read, "the proxy's /metrics read before and after"),
         (seen.downs == 0.0, "no gateway marked down (none was)"),
     ];
     let doc = serde_json::json!({
