@@ -41,25 +41,13 @@ fn the_c_device_survives_a_gateway_kill_by_resuming_with_its_ticket() {
     let pki = pki.path();
     certs_init(pki, &["--devices", "1", "--gateways", "2"]);
     let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
-    let mut gateways = BTreeMap::new();
-    let mut spec = Vec::new();
-    for i in 0..2 {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["gateway", "--name", &format!("gw-{i}")])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--apps", apps, "--session-keys", &d("session-keys.toml")])
-            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
-            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
-            .args(["--client-ca", &d("ca.pem")]);
-        let (child, line) = spawn_ready(&mut cmd);
-        spec.push(format!(
-            "gw-{i}={};health={}",
-            addr_in(&line, "listen="),
-            addr_in(&line, "admin=")
-        ));
-        gateways.insert(format!("gw-{i}"), Killed(child));
-    }
+    let (gateways, spec) = tls_gateways(pki, &[]);
+    // By name, to kill the one the device is on.
+    let mut gateways: BTreeMap<String, Killed> = gateways
+        .into_iter()
+        .enumerate()
+        .map(|(i, (g, _, _))| (format!("gw-{i}"), g))
+        .collect();
     let proxy = ProxyProcess::start(
         &[],
         &[
@@ -70,7 +58,7 @@ fn the_c_device_survives_a_gateway_kill_by_resuming_with_its_ticket() {
             "--health-interval",
             "200ms",
             "--gateway",
-            &spec.join(","),
+            &spec,
         ],
     );
     let mut device = Command::new(&bin)

@@ -31,34 +31,7 @@ fn stack_probing(
 ) -> (Vec<(Killed, SocketAddr, SocketAddr)>, ProxyProcess) {
     certs_init(pki, &["--devices", "4", "--gateways", "2"]);
     let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
-    let mut gateways: Vec<(Killed, SocketAddr, SocketAddr)> = Vec::new();
-    for i in 0..2 {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["gateway", "--name", &format!("gw-{i}")])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--apps", apps, "--session-keys", &d("session-keys.toml")])
-            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
-            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
-            .args([
-                "--client-ca",
-                &d("ca.pem"),
-                "--proxy-identity",
-                "wasmbed-proxy",
-            ])
-            .arg("--link");
-        let (child, line) = spawn_ready(&mut cmd);
-        gateways.push((
-            Killed(child),
-            addr_in(&line, "listen="),
-            addr_in(&line, "admin="),
-        ));
-    }
-    let spec: Vec<String> = gateways
-        .iter()
-        .enumerate()
-        .map(|(i, (_, listen, admin))| format!("gw-{i}={listen};health={admin}"))
-        .collect();
+    let (gateways, spec) = tls_gateways(pki, &["--proxy-identity", "wasmbed-proxy", "--link"]);
     let mut args = terminate_args(pki);
     args.extend(
         [
@@ -77,7 +50,7 @@ fn stack_probing(
             "--health-interval",
             interval,
             "--gateway",
-            &spec.join(","),
+            &spec,
         ]
         .map(String::from),
     );

@@ -13,31 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use support::*;
 use wasmbed_protocol::{Frame, Kind};
 
-/// Two TLS gateways (passthrough: devices' TLS ends there); returns them and `--gateway`.
-fn gateways(pki: &std::path::Path) -> (Vec<Killed>, String) {
-    let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
-    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
-    let mut children = Vec::new();
-    let mut spec = Vec::new();
-    for i in 0..2 {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["gateway", "--name", &format!("gw-{i}")])
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--apps", apps, "--session-keys", &d("session-keys.toml")])
-            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
-            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
-            .args(["--client-ca", &d("ca.pem")]);
-        let (child, line) = spawn_ready(&mut cmd);
-        spec.push(format!(
-            "gw-{i}={};health={}",
-            addr_in(&line, "listen="),
-            addr_in(&line, "admin=")
-        ));
-        children.push(Killed(child));
-    }
-    (children, spec.join(","))
-}
-
 /// `wasmbed proxy` on `listen` and `admin` with `--takeover path`.
 fn proxy(listen: &str, admin: &str, path: &std::path::Path, gateways: &str) -> (Child, String) {
     let mut cmd = Command::new(BIN);
@@ -93,7 +68,7 @@ async fn an_upgrade_in_place_keeps_every_connection_and_byte() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     certs_init(&pki, &["--devices", "8", "--gateways", "2"]);
-    let (_gateways, spec) = gateways(&pki);
+    let (_gateways, spec) = tls_gateways(&pki, &[]);
     let path = dir.path().join("proxy.sock");
     let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
     let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
@@ -190,7 +165,7 @@ async fn a_takeover_without_the_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     certs_init(&pki, &["--devices", "1", "--gateways", "2"]);
-    let (_gateways, spec) = gateways(&pki);
+    let (_gateways, spec) = tls_gateways(&pki, &[]);
     let path = dir.path().join("proxy.sock");
     let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
     let listen = addr_in(&line, "listen=");
@@ -220,7 +195,7 @@ async fn a_takeover_that_dies_before_it_is_ready_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
     certs_init(&pki, &["--devices", "2", "--gateways", "2"]);
-    let (_gateways, spec) = gateways(&pki);
+    let (_gateways, spec) = tls_gateways(&pki, &[]);
     let path = dir.path().join("proxy.sock");
     let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
     let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));

@@ -219,7 +219,10 @@ struct Driver<'c> {
     payload: Vec<u8>,
     interval: Duration,
     ticker: tokio::time::Interval,
-    /// This device dropped its connection for the fleet's storm already.
+    /// The fleet's storm, watched through a token of this device's own (polled every turn:
+    /// the fleet's shared token would make every device take one lock), and whether this
+    /// device has had it.
+    storm: CancellationToken,
     stormed: bool,
 }
 
@@ -273,6 +276,7 @@ impl<'c> Driver<'c> {
             payload: (0..s.payload).map(|b| (b ^ i) as u8).collect(),
             interval,
             ticker: ticker(interval),
+            storm: ctx.live.storm.child_token(),
             stormed: false,
         })
     }
@@ -402,7 +406,7 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
     let mut give_up = std::pin::pin!(give_up);
     loop {
         dr.drain();
-        if !dr.stormed && ctx.live.storm.is_cancelled() {
+        if !dr.stormed && dr.storm.is_cancelled() {
             // The fleet's storm: a device on a session drops its connection (once); one
             // dialing or backing off at that instant just goes on.
             dr.stormed = true;
@@ -448,7 +452,7 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
                         dr.session.handle_timeout(dr.now());
                     }
                     // The storm: handled at the loop's top, for every device at once.
-                    _ = ctx.live.storm.cancelled(), if !dr.stormed => {}
+                    _ = dr.storm.cancelled(), if !dr.stormed => {}
                     _ = finish.cancelled(), if sending => {}
                     _ = tokio::time::sleep_until(send_until.into()), if sending => {}
                     _ = give_up.as_mut() => break,

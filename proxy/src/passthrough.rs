@@ -72,19 +72,28 @@ pub(crate) async fn passthrough(
         Box::pin(forward_until_handed(ctx, device, gateway, lease)).await;
         return Ok(());
     }
-    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
-    let forwarding = forward::tcp(
-        &mut device,
-        &mut gateway,
-        up,
-        down,
-        ctx.config.splice,
-        ctx.config.half_close,
-    );
+    let forwarding = forwarding(ctx, &mut device, &mut gateway);
     if forward::supervise(ctx, &lease, forwarding).await.is_some() {
         reset_on_close(&device);
     }
     Ok(())
+}
+
+/// A passthrough session's forwarding, with this context's meters and settings.
+fn forwarding<'a>(
+    ctx: &'a Context,
+    device: &'a mut TcpStream,
+    gateway: &'a mut TcpStream,
+) -> forward::Tcp<'a> {
+    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    forward::tcp(
+        device,
+        gateway,
+        up,
+        down,
+        ctx.config.splice,
+        ctx.config.half_close,
+    )
 }
 
 /// Forwards a passthrough session until it ends, the proxy cuts it, or (`--takeover`) a new
@@ -97,17 +106,9 @@ pub(crate) async fn forward_until_handed(
     mut gateway: TcpStream,
     lease: Lease,
 ) {
-    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
     let mut hand_over = ctx.handover.as_ref().map(|h| h.quiesce.clone());
     loop {
-        let mut forwarding = std::pin::pin!(forward::tcp(
-            &mut device,
-            &mut gateway,
-            up,
-            down,
-            ctx.config.splice,
-            ctx.config.half_close,
-        ));
+        let mut forwarding = std::pin::pin!(forwarding(ctx, &mut device, &mut gateway));
         match forward::watch(ctx, &lease, forwarding.as_mut(), hand_over.as_ref()).await {
             forward::Watched::Ended(None) => return,
             forward::Watched::Ended(Some(_)) => {

@@ -44,8 +44,10 @@ pub struct DeviceTls {
     /// QUIC's transport settings (restart-only): `None` without `--quic-listen`.
     quic: Option<Arc<quinn::TransportConfig>>,
     /// Device handshakes in progress, TLS over TCP and QUIC together (one process, one
-    /// count: they share the cores), against `max_handshakes` ([`DeviceTls::admit`]).
+    /// count: they share the cores), against `max_handshakes` ([`DeviceTls::admit`]), and
+    /// its gauge.
     handshakes: AtomicUsize,
+    handshakes_gauge: metrics::Gauge,
 }
 
 /// One device handshake admitted: counted until dropped.
@@ -54,7 +56,7 @@ pub(crate) struct Handshake(Arc<DeviceTls>);
 impl Drop for Handshake {
     fn drop(&mut self) {
         self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(crate::metric_names::HANDSHAKES).decrement(1.0);
+        self.0.handshakes_gauge.decrement(1.0);
     }
 }
 
@@ -67,6 +69,7 @@ impl DeviceTls {
             trust: Reloadable::new(None),
             quic: config.quic.listen.map(|_| quic_transport(config)),
             handshakes: AtomicUsize::new(0),
+            handshakes_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES),
         };
         if tls.quic.is_some() && of(config).is_none() {
             return Err(ProxyError::Reload(
@@ -90,7 +93,7 @@ impl DeviceTls {
             })
             .ok()
             .map(|_| {
-                metrics::gauge!(crate::metric_names::HANDSHAKES).increment(1.0);
+                self.handshakes_gauge.increment(1.0);
                 Handshake(self.clone())
             })
     }

@@ -156,6 +156,40 @@ pub fn device_of(dir: &std::path::Path, id: &str) -> std::sync::Arc<rustls::Clie
     wasmbed_certs::client_config(&ca, Some((chain, key))).unwrap()
 }
 
+/// Two TLS gateways `gw-0` and `gw-1` from the PKI in `pki` (its certificates, its session
+/// key ring, the example apps), with `extra` flags: each with its listen and admin addresses,
+/// and the proxy's `--gateway` list for them (health on the admin port).
+pub fn tls_gateways(
+    pki: &std::path::Path,
+    extra: &[&str],
+) -> (Vec<(Killed, SocketAddr, SocketAddr)>, String) {
+    let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
+    let apps = concat!(env!("CARGO_MANIFEST_DIR"), "/apps");
+    let mut gateways = Vec::new();
+    for i in 0..2 {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["gateway", "--name", &format!("gw-{i}")])
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(["--apps", apps, "--session-keys", &d("session-keys.toml")])
+            .args(["--tls-cert", &d(&format!("gateway-{i}.pem"))])
+            .args(["--tls-key", &d(&format!("gateway-{i}.key"))])
+            .args(["--client-ca", &d("ca.pem")])
+            .args(extra);
+        let (child, line) = spawn_ready(&mut cmd);
+        gateways.push((
+            Killed(child),
+            addr_in(&line, "listen="),
+            addr_in(&line, "admin="),
+        ));
+    }
+    let spec: Vec<String> = gateways
+        .iter()
+        .enumerate()
+        .map(|(i, (_, listen, admin))| format!("gw-{i}={listen};health={admin}"))
+        .collect();
+    (gateways, spec.join(","))
+}
+
 /// `wasmbed certs init --dir DIR ARGS...`; panics with its stderr when it fails.
 pub fn certs_init(dir: &std::path::Path, args: &[&str]) {
     let out = Command::new(BIN)
