@@ -13,6 +13,7 @@ use wasmbed_config::{LoadtestSettings, Mode};
 use wasmbed_loadtest::{Fleet, Report};
 
 mod scenarios;
+mod soak;
 mod storm;
 use scenarios::{Run, ScaleUp, scale_up, scenario_run};
 
@@ -45,6 +46,12 @@ pub enum Scenario {
     /// at once: time until all are back, handshakes finished, wasted and refused, gateways
     /// wrongly marked down, the proxy's CPU.
     Storm,
+    /// The fleet at its rate for `--duration` (default 1 h) with churn (1% of the devices
+    /// leave for 3 s every 10 s), the last gateway killed and replaced at a new address every
+    /// period (a sixth of the run, 15 s to 5 min), a drain with moves and a reload in turn;
+    /// every process's RSS and descriptors sampled: fails on a loss, a state reset, or growth
+    /// past the bound after the warm-up. Best in terminate mode with `--upstream link`.
+    Soak,
 }
 
 impl Scenario {
@@ -108,6 +115,9 @@ pub struct UpArgs {
     /// proxy's --quic-listen, on UDP at --listen's port; the whole fleet on one UDP socket).
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|quic")]
     transport: wasmbed_config::loadtest::Transport,
+    /// How long the soak scenario runs (e.g. `90s`, `1h`). Default 1 h.
+    #[arg(long, value_name = "DURATION", value_parser = soak_duration)]
+    duration: Option<Duration>,
     /// Write the scenario's results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -123,6 +133,15 @@ pub struct UpArgs {
     /// (xdg-open, or a chromium/firefox on the PATH).
     #[arg(long)]
     open: bool,
+}
+
+/// `--duration`: a human duration of at least 10 s.
+fn soak_duration(text: &str) -> Result<Duration, String> {
+    let d = wasmbed_config::parse_duration("duration", text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(10) {
+        return Err("at least 10s: the soak samples, churns and replaces gateways in it".into());
+    }
+    Ok(d)
 }
 
 /// Child processes, killed when dropped.
@@ -534,6 +553,10 @@ pub fn run(args: UpArgs) -> ExitCode {
         esay!("wasmbed up: {e}");
         return ExitCode::from(2);
     }
+    if args.duration.is_some() && scenario != Some(Scenario::Soak) {
+        esay!("wasmbed up: `--duration` is the soak's: give `--scenario soak` too");
+        return ExitCode::from(2);
+    }
     if args.json.is_some() && scenario.is_none() {
         esay!("wasmbed up: `--json` writes a scenario's results: give `--scenario` too");
         return ExitCode::from(2);
@@ -646,6 +669,13 @@ pub fn run(args: UpArgs) -> ExitCode {
             ..settings_copy
         },
     };
+    let soak = soak::Soak {
+        duration: args.duration.unwrap_or(Duration::from_secs(3600)),
+        dir: dir.clone(),
+        link_mode: link_mode(&args),
+        tls_tickets_off: args.no_tls_tickets,
+        max_sessions: gateway_capacity(all_devices, gateways),
+    };
     let code = runtime.block_on(async move {
         let live = fleet.live();
         let finish = CancellationToken::new();
@@ -681,6 +711,7 @@ pub fn run(args: UpArgs) -> ExitCode {
             match scenario {
                 Scenario::ScaleUp => scale_up(scale, run).await,
                 Scenario::Storm => storm::storm_run(run).await,
+                Scenario::Soak => soak::soak_run(soak, run).await,
                 s if s.is_proxy_event() => scenarios::proxy_run(s, run).await,
                 s => scenario_run(s, run).await,
             }

@@ -500,3 +500,64 @@ fn a_reconnect_storm_brings_every_device_back_past_the_handshake_guard() {
     assert_eq!(doc["state_resets"], 0, "{doc}");
     assert_eq!(doc["gateway_downs"], 0.0, "{doc}");
 }
+
+/// A short soak through the terminating proxy over the link: churn, the last gateway killed
+/// and replaced at a new address (out of and into the proxy's set at run time), a reload
+/// that keeps that change, a drain with moves; sampled all along. Nothing lost, no app state
+/// restarted, every event done, and the long-lived processes' footprint within the bound.
+#[test]
+fn a_short_soak_loses_nothing_through_kills_drains_reloads_and_churn() {
+    let doc = scenario(
+        "soak",
+        &[
+            "--mode",
+            "terminate",
+            "--upstream",
+            "link",
+            "--gateways",
+            "3",
+            "--devices",
+            "40",
+            "--duration",
+            "45s",
+        ],
+    );
+    let events = doc["events"].as_array().unwrap();
+    assert!(events.len() >= 4, "{doc}");
+    let what = |s: &str| {
+        events
+            .iter()
+            .filter(|e| e["what"].as_str().unwrap().starts_with(s))
+            .count()
+    };
+    assert!(what("kill and replace gw-2") >= 2, "{events:?}");
+    assert!(what("reload") >= 1 && what("drain gw-0") >= 1, "{events:?}");
+    assert!(events.iter().all(|e| e["ok"] == true), "{events:?}");
+    assert!(doc["moves"].as_f64().unwrap() > 0.0, "{doc}");
+    assert!(doc["churned"].as_u64().unwrap() > 0, "{doc}");
+    assert_eq!(doc["lost"], 0, "{doc}");
+    assert_eq!(doc["duplicated"], 0, "{doc}");
+    assert_eq!(doc["state_resets"], 0, "{doc}");
+    let samples = doc["samples"].as_array().unwrap();
+    assert!(samples.len() >= 10, "{}", samples.len());
+    for role in ["proxy", "fleet", "gw-0", "gw-1", "gw-2"] {
+        assert!(
+            samples[1]["processes"][role]["rss_kib"].as_u64().unwrap() > 0,
+            "{role}"
+        );
+        assert!(
+            samples[1]["processes"][role]["fds"].as_u64().unwrap() > 0,
+            "{role}"
+        );
+    }
+    let growth = doc["growth"].as_array().unwrap();
+    let roles: Vec<&str> = growth
+        .iter()
+        .map(|g| g["process"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles,
+        ["fleet", "gw-0", "gw-1", "proxy"],
+        "gw-2 is replaced: not compared"
+    );
+}

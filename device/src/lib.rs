@@ -224,5 +224,9 @@ pub enum SendError {
     Done,
 }
 
+#[cfg(any(test, feature = "model"))]
+#[doc(hidden)]
+pub mod model;
+
 #[cfg(test)]
 mod tests;

@@ -11,9 +11,7 @@ use wasmbed_protocol::{ErrorBody, ErrorCode, Frame, Goaway, Kind, Resumed, Welco
 
 use crate::{Action, Cause, Config, SendError, Session, Status, Violation};
 
-mod model;
-
-use model::{World, ticket};
+use crate::model::{Op, World, ticket};
 
 fn config() -> Config<'static> {
     let mut c = Config::new("device-0001", "counter");
@@ -22,17 +20,6 @@ fn config() -> Config<'static> {
     c.max_ticket = 64;
     c.seed = 7;
     c
-}
-
-#[derive(Debug, Clone)]
-enum Op {
-    Send,
-    ToGateway(usize),
-    ToDevice(usize),
-    Drop,
-    Goaway(bool),
-    Tick(u64),
-    RefuseTickets(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -68,22 +55,9 @@ proptest! {
         }
         let mut w = World::new(&c, every);
         for op in ops {
-            w.service();
-            match op {
-                Op::Send => w.send(),
-                Op::ToGateway(n) => w.deliver_up(n),
-                Op::ToDevice(n) => w.deliver_down(n),
-                Op::Drop => w.drop_connection(),
-                Op::Goaway(close) => if let Some(gw) = w.gw.as_mut() { gw.goaway(close) },
-                Op::Tick(ms) => w.tick(ms),
-                Op::RefuseTickets(r) => w.refuse_tickets = r,
-            }
+            w.apply(op);
         }
-        w.refuse_tickets = false;
-        w.settle();
-        prop_assert_eq!(w.app.answered, w.sent);
-        prop_assert_eq!(w.app.lost, 0);
-        prop_assert_eq!(w.s.stats().duplicates, 0);
+        w.finish();
     }
 
     /// Whatever a peer sends, the session never panics, keeps to its memory, and ends the
@@ -94,14 +68,7 @@ proptest! {
         w.service();
         w.deliver_up(usize::MAX);
         for c in chunks {
-            let mut rest = &c[..];
-            while !rest.is_empty() && w.s.status() == Status::Connected {
-                let took = w.s.feed(rest, 0);
-                rest = &rest[took..];
-                w.events();
-            }
-            w.send();
-            let _ = w.s.poll_send().len();
+            w.peer_bytes(&c);
         }
         prop_assert!(matches!(w.s.status(), Status::Connected | Status::Close));
     }

@@ -90,6 +90,7 @@ impl Device<'_> {
                 live.answered.fetch_add(1, Ordering::Relaxed);
                 if self.counter.as_mut().is_some_and(|c| c.reset(body)) {
                     self.out.state_resets += 1;
+                    live.state_resets.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(sent) = self.sent_at.pop_front() {
                     let mut h = self.ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
@@ -224,6 +225,9 @@ struct Driver<'c> {
     /// device has had it.
     storm: CancellationToken,
     stormed: bool,
+    /// The fleet's churn epoch last seen, and when a device that left by churn comes back.
+    churn_seen: u64,
+    away_until: Option<Instant>,
 }
 
 /// A DATA ticker whose first tick is at a random point of its interval (so the fleet's
@@ -278,6 +282,8 @@ impl<'c> Driver<'c> {
             ticker: ticker(interval),
             storm: ctx.live.storm.child_token(),
             stormed: false,
+            churn_seen: ctx.live.churn.load(Ordering::Relaxed),
+            away_until: None,
         })
     }
 
@@ -415,6 +421,20 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
                 continue;
             }
         }
+        let epoch = ctx.live.churn.load(Ordering::Relaxed);
+        if epoch != dr.churn_seen {
+            // Churn: a device on a session may leave for a while (its DATA still owed are
+            // resent when it is back, from its ticket).
+            dr.churn_seen = epoch;
+            let percent = ctx.live.churn_percent.load(Ordering::Relaxed);
+            if dr.d.welcomed_now && fastrand::u64(..100) < percent {
+                ctx.live.churned.fetch_add(1, Ordering::Relaxed);
+                let away = Duration::from_millis(ctx.live.churn_away_ms.load(Ordering::Relaxed));
+                dr.away_until = Some(Instant::now() + away);
+                dr.closed();
+                continue;
+            }
+        }
         let sending = Instant::now() < send_until && !finish.is_cancelled();
         if !sending && dr.session.owed() == 0 {
             break;
@@ -423,6 +443,14 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
             Status::Done => break,
             Status::Close => dr.closed(),
             Status::Connect => {
+                if let Some(back) = dr.away_until.take()
+                    && back > Instant::now()
+                {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(back.into()) => {}
+                        _ = give_up.as_mut() => break,
+                    }
+                }
                 if !dr.connect(give_up.as_mut()).await {
                     break;
                 }

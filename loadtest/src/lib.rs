@@ -76,6 +76,15 @@ pub struct Live {
     /// failed (refused, reset, timed out).
     pub dials: AtomicU64,
     pub dial_failures: AtomicU64,
+    /// Churn (`wasmbed up --scenario soak`): each bump of `churn` makes every device on a
+    /// session leave with a `churn_percent` % chance, stay away `churn_away_ms`, then come
+    /// back and resume from its ticket. `churned` counts the devices that left.
+    pub churn: AtomicU64,
+    pub churn_percent: AtomicU64,
+    pub churn_away_ms: AtomicU64,
+    pub churned: AtomicU64,
+    /// Devices whose app state restarted (a counter REPLY that went back), as it happens.
+    pub state_resets: AtomicU64,
 }
 
 impl Live {

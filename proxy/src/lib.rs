@@ -28,7 +28,8 @@ pub mod admin;
 mod alive;
 pub mod anchor;
 mod balancer;
-mod clienthello;
+/// The ClientHello reader (public for the fuzz targets).
+pub mod clienthello;
 mod context;
 mod dashboard;
 mod discovery;

@@ -89,14 +89,15 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             say!("stopping {victim} (SIGSTOP) with {affected} devices on it");
             signal(child, "-STOP");
         }
-        // (The proxy events run in `proxy_run`, the storm in `storm_run`.)
+        // (The proxy events run in `proxy_run`, the storm and the soak in their own.)
         Scenario::Drain
         | Scenario::Goaway
         | Scenario::ScaleUp
         | Scenario::ProxyKill
         | Scenario::ProxyRestart
         | Scenario::ProxyUpgrade
-        | Scenario::Storm => {
+        | Scenario::Storm
+        | Scenario::Soak => {
             say!("draining {victim} with {affected} devices on it");
             gateway_drain(*victim_admin);
         }
@@ -183,10 +184,11 @@ fn signal(child: &Child, sig: &str) {
     signal_pid(child.id(), sig);
 }
 
-fn signal_pid(pid: u32, sig: &str) {
+pub(super) fn signal_pid(pid: u32, sig: &str) {
     let signo = match sig {
         "-STOP" => libc::SIGSTOP,
         "-TERM" => libc::SIGTERM,
+        "-HUP" => libc::SIGHUP,
         _ => libc::SIGKILL,
     };
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -220,7 +222,7 @@ fn proxy_spread(admin: SocketAddr) -> BTreeMap<String, usize> {
 }
 
 /// The proxy's `/api/gateways` list; `None` when it cannot be read.
-fn gateways_seen(admin: SocketAddr) -> Option<Vec<serde_json::Value>> {
+pub(super) fn gateways_seen(admin: SocketAddr) -> Option<Vec<serde_json::Value>> {
     let answer = wasmbed_client::Admin::new(admin)
         .get("/api/gateways")
         .ok()?;
@@ -238,7 +240,7 @@ fn gateway_up(admin: SocketAddr, name: &str) -> bool {
 
 /// What the proxy counted of moves: by result, and the pause histogram's buckets.
 #[derive(Debug, Default, Clone)]
-struct Moves {
+pub(super) struct Moves {
     by_result: BTreeMap<String, f64>,
     /// `(upper bound in seconds, cumulative count)`.
     pause: Vec<(f64, f64)>,
@@ -249,7 +251,7 @@ struct Moves {
 }
 
 impl Moves {
-    fn read(admin: SocketAddr) -> Moves {
+    pub(super) fn read(admin: SocketAddr) -> Moves {
         let Ok(answer) = wasmbed_client::Admin::new(admin).get("/metrics") else {
             return Moves::default();
         };
@@ -281,7 +283,7 @@ impl Moves {
         m
     }
 
-    fn total(&self) -> f64 {
+    pub(super) fn total(&self) -> f64 {
         self.by_result.values().sum()
     }
 
@@ -295,7 +297,7 @@ impl Moves {
     }
 
     /// The bucket bound under which a `q` share of the pauses since `before` fell (ms).
-    fn pause_quantile_ms(&self, before: &Moves, q: f64) -> Option<f64> {
+    pub(super) fn pause_quantile_ms(&self, before: &Moves, q: f64) -> Option<f64> {
         let base = |le: f64| before.pause.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
         let deltas: Vec<(f64, f64)> = self.pause.iter().map(|b| (b.0, b.1 - base(b.0))).collect();
         let total = deltas.last()?.1;
@@ -346,7 +348,8 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         | Scenario::ProxyKill
         | Scenario::ProxyRestart
         | Scenario::ProxyUpgrade
-        | Scenario::Storm => {
+        | Scenario::Storm
+        | Scenario::Soak => {
             say!("draining {victim} by moving its {affected} sessions");
             let path = format!("/api/gateways/{victim}/drain?move=true");
             if let Err(e) = wasmbed_client::Admin::new(proxy_admin).post(&path, b"") {
@@ -485,7 +488,7 @@ pub(super) struct ScaleUp {
 }
 
 /// A child process killed when dropped.
-struct Killed(Child);
+pub(super) struct Killed(pub(super) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -652,7 +655,7 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
 }
 
 /// Device sessions a proxy holds now (every gateway's, up or not).
-fn proxy_sessions(admin: SocketAddr) -> Option<usize> {
+pub(super) fn proxy_sessions(admin: SocketAddr) -> Option<usize> {
     let list = gateways_seen(admin)?;
     Some(
         list.iter()

@@ -9,6 +9,25 @@ use wasmbed_protocol::{ErrorCode, Frame, Goaway, Hello, Kind, Resumed, Welcome};
 
 use crate::{Cause, Config, Event, Resume, SendError, Session, Status};
 
+/// One step of a world: what the device, the network, the gateway or time does next.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// The app sends one DATA (if the window has room).
+    Send,
+    /// Up to n of the device's bytes reach the gateway.
+    ToGateway(usize),
+    /// Up to n of the gateway's bytes reach the device.
+    ToDevice(usize),
+    /// The connection breaks.
+    Drop,
+    /// The gateway says GOAWAY (and its last CHECKPOINT); closes once read, or never.
+    Goaway(bool),
+    /// Time passes (ms).
+    Tick(u64),
+    /// The next gateways refuse tickets (or take them again).
+    RefuseTickets(bool),
+}
+
 const MAX: usize = 1 << 16;
 
 /// A gateway for one connection: runs a counter app (its REPLY is the count of DATA the state
@@ -285,6 +304,48 @@ impl World {
         self.now += ms;
         self.s.handle_timeout(self.now);
         self.events();
+    }
+
+    /// Connects or closes as the session asks, then does `op`.
+    pub fn apply(&mut self, op: Op) {
+        self.service();
+        match op {
+            Op::Send => self.send(),
+            Op::ToGateway(n) => self.deliver_up(n),
+            Op::ToDevice(n) => self.deliver_down(n),
+            Op::Drop => self.drop_connection(),
+            Op::Goaway(close) => {
+                if let Some(gw) = self.gw.as_mut() {
+                    gw.goaway(close)
+                }
+            }
+            Op::Tick(ms) => self.tick(ms),
+            Op::RefuseTickets(r) => self.refuse_tickets = r,
+        }
+    }
+
+    /// Gateways take tickets again and the world settles: every DATA sent got exactly one
+    /// answer event, in order (checked as they came), none was lost, none was a duplicate.
+    pub fn finish(&mut self) {
+        self.refuse_tickets = false;
+        self.settle();
+        assert_eq!(self.app.answered, self.sent, "every DATA answered");
+        assert_eq!(self.app.lost, 0, "DATA lost");
+        assert_eq!(self.s.stats().duplicates, 0, "duplicates");
+    }
+
+    /// Bytes from a peer that may send anything, fed while the connection is open; then the
+    /// app sends and the session writes. The session must not panic, and keeps to its memory
+    /// (it has no other).
+    pub fn peer_bytes(&mut self, bytes: &[u8]) {
+        let mut rest = bytes;
+        while !rest.is_empty() && self.s.status() == Status::Connected {
+            let took = self.s.feed(rest, self.now);
+            rest = &rest[took..];
+            self.events();
+        }
+        self.send();
+        let _ = self.s.poll_send().len();
     }
 
     /// Runs until every DATA has its answer event (bounded).

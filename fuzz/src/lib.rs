@@ -1,0 +1,301 @@
+//! The fuzz targets' bodies: one function per parser or state machine that a peer, a file or
+//! an operator feeds, each asserting what must hold whatever the bytes (no panic, and the
+//! target's own invariants). `fuzz/harness` runs them under libFuzzer (`fuzz/run TARGET`);
+//! this crate's tests replay every input kept in `fuzz/corpus/TARGET` and
+//! `fuzz/regressions/TARGET`, so CI runs each corpus in seconds.
+//!
+//! Why libFuzzer through cargo-fuzz with `--sanitizer none`: it runs on stable Rust (the
+//! coverage instrumentation is `-C passes=sancov-module`, a stable flag; only the sanitizers
+//! need nightly), in process (hundreds of thousands of executions a second on the parsers,
+//! where AFL++ forks or loops a whole process), and its inputs are plain files that a test
+//! can replay. AddressSanitizer would add little: every target is safe Rust (the one
+//! `unsafe` module, descriptor passing, parses no peer bytes).
+
+use std::time::{Duration, SystemTime};
+
+use arbitrary::{Result, Unstructured};
+
+/// Every target, by the name its corpus folder and harness binary carry.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("client_hello", client_hello),
+    ("frames", frames),
+    ("proxy_v2", proxy_v2),
+    ("ticket", ticket),
+    ("proxy_config", proxy_config),
+    ("gateway_config", gateway_config),
+    ("anchor", anchor),
+    ("device", device),
+    ("device_peer", device_peer),
+];
+
+/// The proxy's ClientHello reader: any bytes give a hello, "more", "not TLS" or a refusal;
+/// a hello never claims more bytes than it was given or than `max`.
+pub fn client_hello(data: &[u8]) {
+    use wasmbed_proxy::clienthello::{HelloError, parse};
+    // The first two bytes pick the bound (the proxy's is configurable), the rest is input.
+    let (max, input) = match data {
+        [a, b, rest @ ..] => (usize::from(u16::from_be_bytes([*a, *b])).max(5), rest),
+        _ => (16 * 1024, data),
+    };
+    match parse(input, max) {
+        Ok(hello) => {
+            assert!(hello.len <= input.len(), "a hello longer than its input");
+            assert!(hello.len <= max, "a hello over max");
+            if let Some(sni) = &hello.sni {
+                assert_eq!(sni, &sni.to_ascii_lowercase(), "SNI not lowercased");
+            }
+            // The same records with more bytes after them read the same.
+            let mut more = input[..hello.len].to_vec();
+            more.extend_from_slice(b"\x17\x03\x03\x00\x01x");
+            assert_eq!(parse(&more, max), Ok(hello));
+        }
+        Err(HelloError::Incomplete) => assert!(input.len() < max, "incomplete past max"),
+        Err(_) => {}
+    }
+}
+
+/// The frame codec, both readers (in place, and the owned one and the tokio codec built on
+/// it) and every control body (borrowed minicbor readers and owned serde types): the readers
+/// agree frame by frame; a body both read says the same to both, and what the borrowed
+/// writer writes the owned reader reads back equal.
+pub fn frames(data: &[u8]) {
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+    use wasmbed_protocol::{FrameCodec, decode, split};
+
+    let max = 4096;
+    let mut rest = data;
+    let mut codec = FrameCodec::new(max);
+    let mut buf = BytesMut::from(data);
+    loop {
+        let in_place = split(rest, max);
+        let owned = decode(rest, max);
+        let tokio = codec.decode(&mut buf);
+        match (in_place, owned) {
+            (Ok(Some((f, used))), Ok(Some((g, used2)))) => {
+                assert_eq!(used, used2);
+                assert_eq!((f.kind, f.seq, f.body), (g.kind, g.seq, &g.body[..]));
+                let Ok(Some(t)) = tokio else {
+                    panic!("the tokio codec disagrees: {tokio:?}");
+                };
+                assert_eq!(t, g);
+                assert!(used <= rest.len() && used >= wasmbed_protocol::PREFIX);
+                bodies(f.kind, f.body);
+                rest = &rest[used..];
+            }
+            (Ok(None), Ok(None)) => {
+                assert!(matches!(tokio, Ok(None)));
+                return;
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a, b);
+                assert!(tokio.is_err());
+                return;
+            }
+            (a, b) => panic!("the readers disagree: {a:?} / {b:?}"),
+        }
+    }
+}
+
+fn bodies(kind: wasmbed_protocol::Kind, body: &[u8]) {
+    use wasmbed_protocol::body::{CheckpointRef, ErrorRef, GoawayRef, HelloRef, WelcomeRef};
+    use wasmbed_protocol::{Checkpoint, ErrorBody, Frame, Goaway, Hello, Kind, Welcome};
+
+    /// Reads a body both ways; where both read it they agree; the borrowed one re-encoded
+    /// reads back through the owned reader as the same value.
+    macro_rules! agree {
+        ($r:ty, $o:ty, $name:literal, $same:expr) => {{
+            let frame = Frame::new(kind, 0, body.to_vec());
+            let owned = frame.decode_body::<$o>($name);
+            if let Ok(r) = <$r>::decode(body) {
+                let mut out = vec![0u8; body.len() + 64];
+                let n = r.encode(&mut out).expect("room for what was read");
+                let again = Frame::new(kind, 0, out[..n].to_vec())
+                    .decode_body::<$o>($name)
+                    .expect("the owned reader reads the borrowed writer");
+                let same: fn(&$r, &$o) -> bool = $same;
+                assert!(same(&r, &again), "{:?} re-read as {:?}", r, again);
+                if let Ok(o) = &owned {
+                    assert!(same(&r, o), "{:?} read as {:?}", r, o);
+                }
+            }
+        }};
+    }
+    match kind {
+        Kind::Hello => agree!(HelloRef<'_>, Hello, "HELLO", |r, o| r.device == o.device
+            && r.app == o.app
+            && r.resume == o.resume.as_deref().map(|b| &b[..])),
+        Kind::Welcome => agree!(WelcomeRef<'_>, Welcome, "WELCOME", |r, o| r.session
+            == o.session
+            && r.gateway == o.gateway
+            && r.resume_refused == o.resume_refused.as_deref()
+            && r.resumed.map(|x| (x.seq, x.state))
+                == o.resumed.as_ref().map(|x| (x.seq, x.state.as_str()))),
+        Kind::Checkpoint => agree!(CheckpointRef<'_>, Checkpoint, "CHECKPOINT", |r, o| r.ticket
+            == &o.ticket[..]),
+        Kind::Error => agree!(ErrorRef<'_>, ErrorBody, "ERROR", |r, o| r.code == o.code
+            && r.text == o.text),
+        Kind::Goaway => agree!(GoawayRef<'_>, Goaway, "GOAWAY", |r, o| r.reason == o.reason),
+        _ => {}
+    }
+}
+
+/// The gateway's PROXY v2 reader: any bytes are a header or a refusal, never a panic.
+pub fn proxy_v2(data: &[u8]) {
+    let _ = wasmbed_gateway::proxy_header::parse(data);
+}
+
+/// A ring with one fixed key (the fuzzer cannot forge a tag, so the arbitrary bytes also go
+/// straight to the plaintext reader).
+fn ring() -> wasmbed_gateway::ticket::KeyRing {
+    let text = "[[key]]\nid = \"k1\"\nkey = \"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\"\n";
+    wasmbed_gateway::ticket::KeyRing::from_toml(text, std::path::Path::new("<fuzz>"))
+        .expect("a valid ring")
+}
+
+/// Ticket opening under a valid key: arbitrary bytes as a session ticket and as a TLS
+/// ticket are refused (no forged tag); as a plaintext they are a body or a refusal, and a
+/// body sealed again opens to itself.
+pub fn ticket(data: &[u8]) {
+    use rustls::server::ProducesTickets;
+    use wasmbed_gateway::ticket::{FleetTicketer, KeyRing};
+
+    let ring = ring();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    assert!(
+        ring.open(data, now).is_err(),
+        "a forged session ticket opened"
+    );
+    let ring = std::sync::Arc::new(arc_swap::ArcSwapOption::from_pointee(ring));
+    let tls = FleetTicketer {
+        keys: ring.clone(),
+        lifetime: 60,
+    };
+    assert!(tls.decrypt(data).is_none(), "a forged TLS ticket opened");
+    let guard = ring.load();
+    let Some(ring) = guard.as_ref() else { return };
+    if let Ok(body) = KeyRing::read_plaintext(data, now) {
+        let sealed = ring.seal(&body).expect("sealed");
+        assert_eq!(ring.open(&sealed, now).ok(), Some(body));
+        // A TLS ticket is not a session ticket, and back.
+        assert!(tls.decrypt(&sealed).is_none());
+    }
+}
+
+/// The proxy's TOML config with its validation: an error or a config, never a panic.
+pub fn proxy_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = wasmbed_config::proxy::ProxyConfig::from_toml(text);
+    }
+}
+
+/// The gateway's TOML config with its validation.
+pub fn gateway_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = wasmbed_config::gateway::GatewaySettings::from_toml(text);
+    }
+}
+
+/// The proxy's anchored session (the sans-I/O core) driven by any sequence of device,
+/// gateway, health and time events against model peers: after every step answers reach the
+/// device in order and once, the ticket never goes back, the window stays bounded; at the
+/// end every DATA was answered exactly once and the app's state moved with every move that
+/// had a ticket.
+pub fn anchor(data: &[u8]) {
+    use wasmbed_proxy::anchor::core::model::{Op, World};
+    let mut u = Unstructured::new(data);
+    let run = |u: &mut Unstructured<'_>| -> Result<World> {
+        let mut world = World::new(u.int_in_range(0..=3)?);
+        for _ in 0..160 {
+            if u.is_empty() {
+                break;
+            }
+            let op = match u.int_in_range(0..=19)? {
+                0..=5 => Op::Data(u.int_in_range(1..=119)?),
+                6 => Op::Ping,
+                7 => Op::Split(u.int_in_range(1..=39)?),
+                8..=13 => Op::Deliver(u.int_in_range(0..=5)?),
+                14 => Op::Push,
+                15 => Op::Crash,
+                16 => Op::Goaway,
+                17 => Op::Down {
+                    answers: u.arbitrary()?,
+                },
+                18 => match u.int_in_range(0..=2)? {
+                    0 => Op::Hang,
+                    n => Op::Order(n == 1),
+                },
+                _ => Op::Wait(u.int_in_range(0..=1499)?),
+            };
+            world.apply(op);
+        }
+        Ok(world)
+    };
+    if let Ok(mut world) = run(&mut u) {
+        world.finish();
+        world.verdict();
+    }
+}
+
+/// The device SDK's session driven by any sequence of sends, partial reads and writes,
+/// drops, GOAWAYs, timeouts and refused tickets against a model gateway: every DATA gets
+/// exactly one answer event, in order; the app's state holds every DATA once; nothing lost.
+pub fn device(data: &[u8]) {
+    use wasmbed_device::model::{Op, World};
+    let mut u = Unstructured::new(data);
+    let run = |u: &mut Unstructured<'_>| -> Result<World> {
+        let mut config = device_config();
+        if u.arbitrary()? {
+            config.window = 4 * 14; // four DATA: evictions
+        }
+        let mut world = World::new(&config, u.int_in_range(1..=5)?);
+        for _ in 0..240 {
+            if u.is_empty() {
+                break;
+            }
+            let op = match u.int_in_range(0..=15)? {
+                0..=3 => Op::Send,
+                4..=7 => Op::ToGateway(u.int_in_range(1..=63)?),
+                8..=11 => Op::ToDevice(u.int_in_range(1..=63)?),
+                12 => Op::Drop,
+                13 => Op::Goaway(u.arbitrary()?),
+                14 => Op::Tick(u.int_in_range(0..=2999)?),
+                _ => Op::RefuseTickets(u.arbitrary()?),
+            };
+            world.apply(op);
+        }
+        Ok(world)
+    };
+    if let Ok(mut world) = run(&mut u) {
+        world.finish();
+    }
+}
+
+/// The device SDK's session fed arbitrary bytes by its peer, in chunks: no panic, and the
+/// connection is open or being closed (for a defined cause), never anything else.
+pub fn device_peer(data: &[u8]) {
+    use wasmbed_device::Status;
+    use wasmbed_device::model::World;
+    let mut world = World::new(&device_config(), 1);
+    world.service();
+    world.deliver_up(usize::MAX);
+    let mut u = Unstructured::new(data);
+    while !u.is_empty() {
+        let n = u.int_in_range(0..=96).unwrap_or(0);
+        let chunk = u.bytes(n.min(u.len())).unwrap_or(&[]);
+        world.peer_bytes(chunk);
+        assert!(matches!(
+            world.s.status(),
+            Status::Connected | Status::Close
+        ));
+    }
+}
+
+fn device_config() -> wasmbed_device::Config<'static> {
+    let mut c = wasmbed_device::Config::new("device-0001", "counter");
+    c.window = 1024;
+    c.max_frame = 512;
+    c.max_ticket = 64;
+    c.seed = 7;
+    c
+}

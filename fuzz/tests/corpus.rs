@@ -1,0 +1,26 @@
+//! Replays every kept fuzz input (`fuzz/corpus/TARGET`, `fuzz/regressions/TARGET`) through its
+//! target: what a campaign found once is checked on every CI run, in seconds.
+
+use std::path::Path;
+
+#[test]
+fn every_kept_input_passes_its_target() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (name, target) in wasmbed_fuzz::TARGETS {
+        let mut replayed = 0;
+        for dir in ["corpus", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir).join(name)) else {
+                continue;
+            };
+            for entry in entries {
+                let path = entry.expect("a corpus entry").path();
+                let data = std::fs::read(&path).expect("a corpus file");
+                let outcome = std::panic::catch_unwind(|| target(&data));
+                assert!(outcome.is_ok(), "{name}: {} fails", path.display());
+                replayed += 1;
+            }
+        }
+        assert!(replayed > 0, "{name}: no corpus (run fuzz/run {name})");
+        eprintln!("{name}: {replayed} inputs");
+    }
+}
