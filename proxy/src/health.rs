@@ -59,7 +59,7 @@ pub fn kind_for(check: HealthCheck, gateway: &Gateway) -> HealthCheck {
 pub fn spawn(
     gateways: &[Arc<Gateway>],
     config: &HealthConfig,
-    tracker: &TaskTracker,
+    (tracker, on): (&TaskTracker, &tokio::runtime::Handle),
     shutdown: &CancellationToken,
 ) {
     for gateway in gateways {
@@ -68,7 +68,7 @@ pub fn spawn(
             continue;
         }
         let (g, c, s) = (gateway.clone(), config.clone(), shutdown.clone());
-        tracker.spawn(async move { watch(g, kind, c, s).await });
+        tracker.spawn_on(async move { watch(g, kind, c, s).await }, on);
     }
 }
 

@@ -31,6 +31,7 @@ mod balancer;
 /// The ClientHello reader (public for the fuzz targets).
 pub mod clienthello;
 mod context;
+mod control;
 mod dashboard;
 mod discovery;
 mod error;
@@ -181,13 +182,14 @@ impl Proxy {
             }
             None => None,
         };
+        let control = control::Control::start().map_err(ProxyError::Control)?;
         let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone());
         ctx.links = links;
         ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
         Ok(Proxy {
             listeners,
             admin,
-            live: Arc::new(live::Live::new(ctx, probes_stop.clone())),
+            live: Arc::new(live::Live::new(ctx, probes_stop.clone(), control)),
             hard_stop,
             probes_stop,
             admin_tls,
@@ -274,12 +276,20 @@ impl Proxy {
                 feed,
                 shutdown: shutdown.clone(),
             });
-            background.spawn(wasmbed_admin::serve(
-                listener,
-                admin_tls,
-                admin::router(admin),
-                probes_stop.clone(),
-            ));
+            // On the control thread, registered with its runtime: the admin endpoint answers
+            // while the data plane is saturated.
+            let stop = probes_stop.clone();
+            let serve = async move {
+                let listener = match listener.into_std().and_then(TcpListener::from_std) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin endpoint failed");
+                        return;
+                    }
+                };
+                wasmbed_admin::serve(listener, admin_tls, admin::router(admin), stop).await
+            };
+            background.spawn_on(serve, live.probes.control.handle());
         }
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));

@@ -47,14 +47,17 @@ pub struct Live {
 /// settings change.
 pub(crate) struct Probes {
     pub(crate) tracker: TaskTracker,
+    /// The control thread they run on (with the admin endpoint).
+    pub(crate) control: crate::control::Control,
     stop: CancellationToken,
     generation: Mutex<CancellationToken>,
 }
 
 impl Probes {
-    fn new(stop: CancellationToken) -> Probes {
+    fn new(stop: CancellationToken, control: crate::control::Control) -> Probes {
         Probes {
             tracker: TaskTracker::new(),
+            control,
             generation: Mutex::new(stop.child_token()),
             stop,
         }
@@ -67,7 +70,8 @@ impl Probes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        crate::health::spawn(gateways, health, &self.tracker, &generation);
+        let on = self.control.handle();
+        crate::health::spawn(gateways, health, (&self.tracker, on), &generation);
         // Beside http probes, the liveness watch finds a dead gateway process at once.
         for g in gateways {
             if health.watch
@@ -75,7 +79,7 @@ impl Probes {
                 && g.health_addr.is_some()
             {
                 let (g, c, s) = (g.clone(), health.clone(), generation.clone());
-                self.tracker.spawn(crate::alive::watch(g, c, s));
+                self.tracker.spawn_on(crate::alive::watch(g, c, s), on);
             }
         }
     }
@@ -117,11 +121,15 @@ pub struct ReloadReport {
 }
 
 impl Live {
-    pub(crate) fn new(ctx: Context, stop: CancellationToken) -> Live {
+    pub(crate) fn new(
+        ctx: Context,
+        stop: CancellationToken,
+        control: crate::control::Control,
+    ) -> Live {
         Live {
             current: ArcSwap::from_pointee(ctx),
             source: OnceLock::new(),
-            probes: Probes::new(stop),
+            probes: Probes::new(stop, control),
             lock: Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
             removed_at_run_time: Mutex::new(HashMap::new()),

@@ -381,3 +381,84 @@ async fn a_gateway_takes_nothing_before_its_first_passed_probe() {
         "the least loaded"
     );
 }
+
+/// A data plane so busy that its one worker runs nothing else for 1.5 s (15 probe intervals,
+/// each probe with a 90 ms timeout): the health probes and the admin endpoint run on the
+/// control thread, so the probes go on being answered, the gateway is never marked down, and
+/// an operator's request is answered during the stall.
+#[tokio::test(flavor = "current_thread")]
+async fn probes_and_the_admin_endpoint_keep_running_while_the_data_plane_is_stalled() {
+    // The gateway stand-in on a runtime of its own: the stall below must not stop it.
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let backend = side.block_on_in_thread(Backend::spawn());
+    let mut c = config(vec![backend.gateway("busy")]);
+    // Only the probes reach the stand-in (its every answer would end a liveness watch).
+    c.health.watch = false;
+    let proxy = start(c).await;
+    let gw = proxy.gateway("busy");
+    // Up, with the probe loop running (the first probe is `bind`'s), and the admin endpoint.
+    let probes = backend.probes.clone();
+    until(Duration::from_secs(3), "the gateway up, probed", || {
+        gw.is_healthy() && probes.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(proxy.admin("GET", "/healthz").await.0, 200);
+    let admin = proxy.admin;
+    // An operator asks for /metrics while the data plane is stalled; and the probes are
+    // counted over the stall.
+    let during = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let before = probes.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(800)))
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let answered = s.read_to_string(&mut answer).map(|_| answer);
+        std::thread::sleep(Duration::from_millis(300));
+        (answered, probes.load(Ordering::SeqCst) - before)
+    });
+    // The stall: the proxy's only worker thread blocked (no task of its runtime runs).
+    std::thread::sleep(Duration::from_millis(1500));
+    let (answered, probed) = during.join().unwrap();
+    assert!(
+        answered
+            .as_ref()
+            .is_ok_and(|a| a.starts_with("HTTP/1.0 200")),
+        "the admin endpoint did not answer while the data plane was stalled: {answered:?} (probes {probed})"
+    );
+    assert!(
+        probed >= 4,
+        "{probed} probes answered during the stall (interval 100 ms)"
+    );
+    assert!(gw.is_healthy());
+    let down = "wasmbed_proxy_gateway_transitions_total{gateway=\"busy\",to=\"down\"}";
+    assert_eq!(
+        proxy.metric(down).await,
+        0.0,
+        "a busy proxy called its gateway down"
+    );
+    drop(proxy);
+    side.shutdown_background();
+}
+
+/// `block_on` from inside another runtime's task: on a thread of its own.
+trait BlockOnInThread {
+    fn block_on_in_thread<F: std::future::Future + Send>(&self, f: F) -> F::Output
+    where
+        F::Output: Send;
+}
+
+impl BlockOnInThread for tokio::runtime::Runtime {
+    fn block_on_in_thread<F: std::future::Future + Send>(&self, f: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        std::thread::scope(|s| s.spawn(|| self.block_on(f)).join().unwrap())
+    }
+}

@@ -10,6 +10,7 @@ const LAYERS: &[&str] = &[
     "error",
     "events",
     "metric_names",
+    "control",
     "clienthello",
     "proxy_protocol",
     "listener",

@@ -19,6 +19,10 @@ async fn splicing_with(
     let mut c = config(named(backends));
     c.listeners[0].allow_plain = true;
     c.splice = mode;
+    // No probes: the stand-in gateway runs on the test's one thread, which the bulk below
+    // keeps busy past a 90 ms probe timeout (the probes run on the proxy's control thread
+    // and time out for real); what is tested here is the forwarding.
+    c.health.check = wasmbed_config::HealthCheck::None;
     start(c).await
 }
 
