@@ -50,7 +50,7 @@ pub enum Scenario {
     /// leave for 3 s every 10 s), the last gateway killed and replaced at a new address every
     /// period (a sixth of the run, 15 s to 5 min), a drain with moves and a reload in turn;
     /// every process's RSS and descriptors sampled: fails on a loss, a state reset, or growth
-    /// past the bound after the warm-up. Best in terminate mode with `--upstream link`.
+    /// past the bound after the warm-up. Terminate mode (`--upstream link` is the headline).
     Soak,
 }
 
@@ -551,6 +551,12 @@ pub fn run(args: UpArgs) -> ExitCode {
     };
     if let Err(e) = wasmbed_loadtest::check_descriptors(tcp_devices) {
         esay!("wasmbed up: {e}");
+        return ExitCode::from(2);
+    }
+    if scenario == Some(Scenario::Soak) && args.mode != Mode::Terminate {
+        esay!(
+            "wasmbed up: --scenario soak needs --mode terminate (its drains move sessions; in passthrough a drained gateway's devices would have to leave)"
+        );
         return ExitCode::from(2);
     }
     if args.duration.is_some() && scenario != Some(Scenario::Soak) {

@@ -132,6 +132,38 @@ impl<T: Revokes> Reloadable<T> {
     }
 }
 
+/// Whether a client CA bundle (`admin`) and another (`devices`) share trust: a certificate
+/// in both, one of `admin`'s issued by one of `devices'`, or one of `devices'` issued by one of
+/// `admin`'s (an organisation root as the admin CA over the devices' intermediate: a device
+/// presenting its intermediate would chain to the admin root). Issuer and subject names are
+/// compared (a look-alike name is refused too: the safe side), and a certificate that cannot
+/// be parsed counts as shared. Either way a device certificate could act as admin.
+pub fn shares_trust(
+    admin: &[CertificateDer<'static>],
+    devices: &[CertificateDer<'static>],
+) -> bool {
+    use x509_parser::prelude::*;
+    fn parse<'a>(c: &'a CertificateDer<'static>) -> Option<X509Certificate<'a>> {
+        parse_x509_certificate(c.as_ref()).ok().map(|(_, c)| c)
+    }
+    let admins: Vec<Option<X509Certificate<'_>>> = admin.iter().map(parse).collect();
+    let devs: Vec<Option<X509Certificate<'_>>> = devices.iter().map(parse).collect();
+    if admins.iter().chain(devs.iter()).any(Option::is_none) {
+        return true;
+    }
+    let (admins, devs): (Vec<_>, Vec<_>) = (
+        admins.into_iter().flatten().collect(),
+        devs.into_iter().flatten().collect(),
+    );
+    admin
+        .iter()
+        .any(|a| devices.iter().any(|d| a.as_ref() == d.as_ref()))
+        || admins.iter().any(|a| {
+            devs.iter()
+                .any(|d| a.issuer() == d.subject() || d.issuer() == a.subject())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,36 +215,4 @@ mod tests {
         assert!(trust.load().is_none());
         assert!(!trust.is_revoked(b"\x01"));
     }
-}
-
-/// Whether a client CA bundle (`admin`) and another (`devices`) share trust: a certificate
-/// in both, one of `admin`'s issued by one of `devices'`, or one of `devices'` issued by one of
-/// `admin`'s (an organisation root as the admin CA over the devices' intermediate: a device
-/// presenting its intermediate would chain to the admin root). Issuer and subject names are
-/// compared (a look-alike name is refused too: the safe side), and a certificate that cannot
-/// be parsed counts as shared. Either way a device certificate could act as admin.
-pub fn shares_trust(
-    admin: &[CertificateDer<'static>],
-    devices: &[CertificateDer<'static>],
-) -> bool {
-    use x509_parser::prelude::*;
-    fn parse<'a>(c: &'a CertificateDer<'static>) -> Option<X509Certificate<'a>> {
-        parse_x509_certificate(c.as_ref()).ok().map(|(_, c)| c)
-    }
-    let admins: Vec<Option<X509Certificate<'_>>> = admin.iter().map(parse).collect();
-    let devs: Vec<Option<X509Certificate<'_>>> = devices.iter().map(parse).collect();
-    if admins.iter().chain(devs.iter()).any(Option::is_none) {
-        return true;
-    }
-    let (admins, devs): (Vec<_>, Vec<_>) = (
-        admins.into_iter().flatten().collect(),
-        devs.into_iter().flatten().collect(),
-    );
-    admin
-        .iter()
-        .any(|a| devices.iter().any(|d| a.as_ref() == d.as_ref()))
-        || admins.iter().any(|a| {
-            devs.iter()
-                .any(|d| a.issuer() == d.subject() || d.issuer() == a.subject())
-        })
 }

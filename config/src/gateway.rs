@@ -244,23 +244,35 @@ fn proxy_networks(accept: bool, from: &[String]) -> Result<Vec<ipnet::IpNet>, Co
         .collect()
 }
 
-/// Whether two paths name the same file, or files with the same bytes.
-fn same_file_or_content(a: &std::path::Path, b: &std::path::Path) -> bool {
+/// Whether two paths name the same file (the same inode, through any link), or files with
+/// the same bytes. A file that cannot be read gives no verdict here (loading it says why);
+/// one that is not a regular file of a certificate's size (at most 1 MiB) cannot be compared
+/// and is refused: reading a pipe or a device (`/dev/zero`) might never end.
+fn same_file_or_content(a: &std::path::Path, b: &std::path::Path) -> Result<bool, String> {
+    use std::os::unix::fs::MetadataExt;
     if a == b {
-        return true;
+        return Ok(true);
     }
-    // Only regular files of a certificate's size are read: a path naming a device or a
-    // pipe (`/dev/zero`) would never end.
-    let read = |p: &std::path::Path| {
-        std::fs::metadata(p)
-            .ok()
-            .filter(|m| m.is_file() && m.len() <= 1 << 20)
-            .and_then(|_| std::fs::read(p).ok())
-    };
-    match (read(a), read(b)) {
-        (Some(x), Some(y)) => x == y,
+    let (ma, mb) = (std::fs::metadata(a), std::fs::metadata(b));
+    if let (Ok(x), Ok(y)) = (&ma, &mb)
+        && (x.dev(), x.ino()) == (y.dev(), y.ino())
+    {
+        return Ok(true);
+    }
+    for (path, m) in [(a, &ma), (b, &mb)] {
+        if let Ok(m) = m
+            && (!m.is_file() || m.len() > 1 << 20)
+        {
+            return Err(format!(
+                "{} is not a regular file of at most 1 MiB: it cannot be a CA bundle",
+                path.display()
+            ));
+        }
+    }
+    Ok(match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
         _ => false,
-    }
+    })
 }
 
 pub fn parse_size(field: &str, text: &str) -> Result<usize, ConfigError> {
@@ -400,6 +412,7 @@ impl GatewaySettings {
             (false, Some(cert), Some(key), Some(client_ca)) => {
                 if let Some(proxy_ca) = &raw.trusted_proxy_ca
                     && same_file_or_content(proxy_ca, &client_ca)
+                        .map_err(|e| ConfigError::field("trusted_proxy_ca", e))?
                 {
                     return Err(ConfigError::field(
                         "trusted_proxy_ca",
@@ -675,5 +688,42 @@ mod tests {
         assert_eq!(parse_size("m", "4mb").unwrap(), 4 << 20);
         assert_eq!(parse_size("m", "4MB").unwrap(), 4 << 20);
         assert!(parse_size("m", "12XB").is_err());
+    }
+
+    /// The gateway's config with `client_ca` and `trusted_proxy_ca` as given.
+    fn with_cas(
+        client_ca: &std::path::Path,
+        proxy_ca: &std::path::Path,
+    ) -> Result<GatewaySettings, ConfigError> {
+        GatewaySettings::from_toml(&format!(
+            "tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nclient_ca = {:?}\ntrusted_proxy_ca = {:?}\n",
+            client_ca, proxy_ca
+        ))
+    }
+
+    #[test]
+    fn the_proxies_ca_may_not_be_the_devices_ca_by_any_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (devices, proxies) = (
+            dir.path().join("devices.pem"),
+            dir.path().join("proxies.pem"),
+        );
+        std::fs::write(&devices, "devices").unwrap();
+        std::fs::write(&proxies, "proxies").unwrap();
+        assert!(with_cas(&devices, &proxies).is_ok());
+        // The same file by a link, and a copy of its bytes.
+        let link = dir.path().join("link.pem");
+        std::os::unix::fs::symlink(&devices, &link).unwrap();
+        let copy = dir.path().join("copy.pem");
+        std::fs::write(&copy, "devices").unwrap();
+        for same in [&link, &copy] {
+            let e = with_cas(&devices, same).unwrap_err().to_string();
+            assert!(e.contains("is the devices' CA"), "{e}");
+        }
+        // A device or a pipe is never read (it might not end): refused as no CA bundle.
+        let e = with_cas(&devices, std::path::Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 }

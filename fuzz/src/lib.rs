@@ -15,8 +15,11 @@ use std::time::{Duration, SystemTime};
 
 use arbitrary::{Result, Unstructured};
 
+/// A target: bytes in; it panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name its corpus folder and harness binary carry.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("client_hello", client_hello),
     ("frames", frames),
     ("proxy_v2", proxy_v2),
@@ -44,10 +47,15 @@ pub fn client_hello(data: &[u8]) {
             if let Some(sni) = &hello.sni {
                 assert_eq!(sni, &sni.to_ascii_lowercase(), "SNI not lowercased");
             }
-            // The same records with more bytes after them read the same.
+            // The same records with more bytes after them read the same; one byte fewer is
+            // not a hello yet (a reader that decides early would classify a half hello).
             let mut more = input[..hello.len].to_vec();
             more.extend_from_slice(b"\x17\x03\x03\x00\x01x");
-            assert_eq!(parse(&more, max), Ok(hello));
+            assert_eq!(parse(&more, max).as_ref(), Ok(&hello));
+            assert_eq!(
+                parse(&input[..hello.len - 1], max),
+                Err(HelloError::Incomplete)
+            );
         }
         Err(HelloError::Incomplete) => assert!(input.len() < max, "incomplete past max"),
         Err(_) => {}
@@ -89,7 +97,10 @@ pub fn frames(data: &[u8]) {
             }
             (Err(a), Err(b)) => {
                 assert_eq!(a, b);
-                assert!(tokio.is_err());
+                match tokio {
+                    Err(wasmbed_protocol::codec::CodecError::Protocol(c)) => assert_eq!(a, c),
+                    other => panic!("the tokio codec disagrees: {other:?} / {a:?}"),
+                }
                 return;
             }
             (a, b) => panic!("the readers disagree: {a:?} / {b:?}"),
@@ -177,8 +188,16 @@ pub fn ticket(data: &[u8]) {
     if let Ok(body) = KeyRing::read_plaintext(data, now) {
         let sealed = ring.seal(&body).expect("sealed");
         assert_eq!(ring.open(&sealed, now).ok(), Some(body));
-        // A TLS ticket is not a session ticket, and back.
+        // A session ticket is not a TLS ticket.
         assert!(tls.decrypt(&sealed).is_none());
+    }
+    // And a TLS ticket (over any plaintext) is not a session ticket.
+    if let Some(tls_ticket) = tls.encrypt(data) {
+        assert_eq!(tls.decrypt(&tls_ticket).as_deref(), Some(data));
+        assert!(
+            ring.open(&tls_ticket, now).is_err(),
+            "a TLS ticket opened as a session"
+        );
     }
 }
 

@@ -230,6 +230,20 @@ struct Driver<'c> {
     away_until: Option<Instant>,
 }
 
+/// Whether device `i` leaves at churn `epoch`: `percent` % of the devices each time, a
+/// different set each epoch, every device in turn (deterministic: a run's churn is the same
+/// every time, and a small fleet has its share).
+fn churns(i: usize, epoch: u64, percent: u64) -> bool {
+    let Some(every) = 100u64.checked_div(percent.min(100)) else {
+        return false;
+    };
+    // 97 is prime to 100 and to every `every` dividing it: neighbours leave epochs apart.
+    (i as u64)
+        .wrapping_mul(97)
+        .wrapping_add(epoch)
+        .is_multiple_of(every)
+}
+
 /// A DATA ticker whose first tick is at a random point of its interval (so the fleet's
 /// DATA spread out); made again at every WELCOME.
 fn ticker(interval: Duration) -> tokio::time::Interval {
@@ -427,7 +441,7 @@ pub(crate) async fn device(i: usize, ctx: &Ctx, finish: &CancellationToken) -> D
             // resent when it is back, from its ticket).
             dr.churn_seen = epoch;
             let percent = ctx.live.churn_percent.load(Ordering::Relaxed);
-            if dr.d.welcomed_now && fastrand::u64(..100) < percent {
+            if dr.d.welcomed_now && churns(dr.d.i, epoch, percent) {
                 ctx.live.churned.fetch_add(1, Ordering::Relaxed);
                 let away = Duration::from_millis(ctx.live.churn_away_ms.load(Ordering::Relaxed));
                 dr.away_until = Some(Instant::now() + away);

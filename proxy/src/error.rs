@@ -20,6 +20,6 @@ pub enum ProxyError {
     Reload(String),
     #[error("takeover: {0}")]
     Takeover(String),
-    #[error("cannot start the control thread (health probes, admin): {0}")]
+    #[error("cannot start a control thread (health probes, admin endpoint): {0}")]
     Control(std::io::Error),
 }

@@ -182,7 +182,7 @@ impl Proxy {
             }
             None => None,
         };
-        let control = control::Control::start().map_err(ProxyError::Control)?;
+        let control = control::Control::start("wasmbed-probes").map_err(ProxyError::Control)?;
         let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone());
         ctx.links = links;
         ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
@@ -258,6 +258,10 @@ impl Proxy {
         let ctx = live.context();
         let gateways = ctx.gateways.clone();
         let background = TaskTracker::new();
+        // Dropped before its end (an embedder's select!, a test), `run` still stops the probes
+        // and the admin endpoint: they run on threads of their own.
+        let _stop_probes = probes_stop.clone().drop_guard();
+        let mut admin_thread = None;
         live.probes.start(&gateways.snapshot(), &ctx.config.health);
         let terminate = ctx.config.mode == wasmbed_config::Mode::Terminate;
         if terminate {
@@ -276,20 +280,25 @@ impl Proxy {
                 feed,
                 shutdown: shutdown.clone(),
             });
-            // On the control thread, registered with its runtime: the admin endpoint answers
-            // while the data plane is saturated.
-            let stop = probes_stop.clone();
-            let serve = async move {
-                let listener = match listener.into_std().and_then(TcpListener::from_std) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin endpoint failed");
-                        return;
-                    }
-                };
-                wasmbed_admin::serve(listener, admin_tls, admin::router(admin), stop).await
+            // On a thread of its own, the listener registered with that runtime: the admin
+            // endpoint answers while the data plane is saturated, and its clients cannot
+            // delay the probes.
+            let thread = control::Control::start("wasmbed-admin").map_err(ProxyError::Control)?;
+            let listener = {
+                let _in = thread.handle().enter();
+                listener
+                    .into_std()
+                    .and_then(TcpListener::from_std)
+                    .map_err(ProxyError::Control)?
             };
-            background.spawn_on(serve, live.probes.control.handle());
+            let serve = wasmbed_admin::serve(
+                listener,
+                admin_tls,
+                admin::router(admin),
+                probes_stop.clone(),
+            );
+            background.spawn_on(serve, thread.handle());
+            admin_thread = Some(thread);
         }
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
@@ -388,6 +397,8 @@ impl Proxy {
         background.wait().await;
         live.probes.tracker.close();
         live.probes.tracker.wait().await;
+        // The admin endpoint ended in order above; its thread ends now.
+        drop(admin_thread);
         tracing::info!("proxy stopped");
         Ok(())
     }

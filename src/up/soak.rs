@@ -134,6 +134,8 @@ struct Gw {
     name: String,
     index: usize,
     pid: u32,
+    /// Its device address now (changed by a replacement), as the proxy must list it.
+    listen: Option<SocketAddr>,
     /// A replacement started by the soak (the first ones belong to the stack).
     child: Option<Killed>,
 }
@@ -146,11 +148,11 @@ fn healthy(admin: SocketAddr, name: &str) -> Option<bool> {
         .and_then(|g| g["healthy"].as_bool())
 }
 
-/// The proxy's gateway names, sorted.
-fn names(admin: SocketAddr) -> Option<Vec<String>> {
-    let mut n: Vec<String> = gateways_seen(admin)?
+/// The proxy's gateway set: names and addresses, sorted.
+fn names(admin: SocketAddr) -> Option<Vec<(String, String)>> {
+    let mut n: Vec<(String, String)> = gateways_seen(admin)?
         .iter()
-        .filter_map(|g| g["name"].as_str().map(String::from))
+        .filter_map(|g| Some((g["name"].as_str()?.into(), g["address"].as_str()?.into())))
         .collect();
     n.sort();
     Some(n)
@@ -188,6 +190,7 @@ async fn replace(soak: &Soak, admin: SocketAddr, g: &mut Gw) -> bool {
         }
     };
     g.pid = child.id();
+    g.listen = Some(listen);
     // The old replacement (if any) is reaped here.
     g.child = Some(Killed(child));
     let proxy = wasmbed_client::Admin::new(admin);
@@ -262,13 +265,14 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
             name: name.clone(),
             index,
             pid: child.id(),
+            listen: None,
             child: None,
         })
         .collect();
-    let expected: Vec<String> = {
-        let mut n: Vec<String> = gws.iter().map(|g| g.name.clone()).collect();
-        n.sort();
-        n
+    // The set as the proxy lists it at the start; a replacement changes one address.
+    let Some(mut expected) = names(proxy_admin) else {
+        esay!("wasmbed up: soak: the proxy's /api/gateways cannot be read");
+        return ExitCode::FAILURE;
     };
     let moves_before = Moves::read(proxy_admin);
     let start = Instant::now();
@@ -340,6 +344,12 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
             let g = gws.len() - 1;
             let t_s = start.elapsed().as_secs_f64();
             let ok = replace(&soak, proxy_admin, &mut gws[g]).await;
+            if let (Some(listen), Some(entry)) = (
+                gws[g].listen,
+                expected.iter_mut().find(|(n, _)| *n == gws[g].name),
+            ) {
+                entry.1 = listen.to_string();
+            }
             say!(
                 "soak t={t_s:.0}s: {} killed and replaced at a new address: {}",
                 gws[g].name,
@@ -358,16 +368,18 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
                     drain_and_back(proxy_admin, other).await,
                 )
             } else if let Some(pid) = proxy_pid {
-                // The reload must keep the run-time changes just made (the replaced gateway).
+                // The reload must keep the run-time changes just made: the replaced gateway
+                // at its new address (the flags still name the dead one), healthy.
                 signal_pid(pid, "-HUP");
                 let kept = until(Duration::from_secs(5), || {
                     names(proxy_admin).as_ref() == Some(&expected)
                 })
                 .await;
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let still = names(proxy_admin).as_ref() == Some(&expected);
+                let still = names(proxy_admin).as_ref() == Some(&expected)
+                    && healthy(proxy_admin, &gws[g].name) == Some(true);
                 (
-                    "reload (SIGHUP): the gateway set kept".to_string(),
+                    "reload (SIGHUP): the gateway set and addresses kept".to_string(),
                     kept && still,
                 )
             } else {

@@ -760,8 +760,6 @@ mod tests {
     //! first CHECKPOINT arrives, with answers already delivered, starts the app afresh: the
     //! answered DATA are not replayed to a fresh session, by design.)
 
-    use std::time::Duration;
-
     use proptest::prelude::*;
     use wasmbed_protocol::{Frame, Kind};
 
