@@ -361,10 +361,7 @@ impl GatewaySettings {
 
     /// Parses and validates a TOML document (no flags); for tests and the fuzz target.
     pub fn from_toml(text: &str) -> Result<GatewaySettings, ConfigError> {
-        let raw: RawGateway = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: std::path::PathBuf::from("<inline>"),
-            message: e.to_string().replace('\n', " "),
-        })?;
+        let raw: RawGateway = crate::parse_toml(text, std::path::Path::new("<inline>"))?;
         Self::from_raw(raw)
     }
 

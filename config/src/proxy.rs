@@ -1,7 +1,7 @@
 //! `wasmbed proxy` configuration: the TOML file, the flags laid over it, and validation.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -642,10 +642,7 @@ impl ProxyConfig {
 
     /// Parses a TOML document (no flags); for tests and embedding.
     pub fn from_toml(text: &str) -> Result<ProxyConfig, ConfigError> {
-        let raw: RawProxy = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message: e.to_string().replace('\n', " "),
-        })?;
+        let raw: RawProxy = crate::parse_toml(text, Path::new("<inline>"))?;
         Self::from_raw(raw, &ProxyFlags::default())
     }
 
