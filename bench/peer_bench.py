@@ -1,42 +1,60 @@
 #!/usr/bin/env python3
 """Peer benchmark: wasmbed's proxy side by side with HAProxy and NGINX stream, from a clone.
 
-Each proxy runs alone on core 1 (taskset); the load generators (wrk, iperf3) and the backends
-(one nginx worker: HTTP and HTTPS; one iperf3 server) share core 0. Runs are interleaved
-(proxy order shuffled every round) and each scenario is repeated; the report gives medians.
+Each proxy runs alone on core 1 (taskset); the load generators (h2load, iperf3) and the
+backends (one nginx worker: HTTP and HTTPS; one iperf3 server) share core 0. Rounds are
+interleaved (proxy order shuffled every round); every proxy gets the same fixed amount of work
+per run, offered at the same fixed rate (`--rates`), so the load each one sees is identical and
+the cost per unit is compared like for like (a proxy that cannot keep the rate takes longer;
+the achieved rate is reported).
 
-Cost is what matters, not rates: `core1 µs/unit` is the busy time of core 1 (from /proc/stat,
-kernel and softirq included) per MB, request or connection; core 1 runs only the proxy under
-test. `of which user mode` is core 1's user-mode time per unit: the proxy's own code (the
-rest is the kernel's, mostly the TCP stack's work on the segments every relay must move).
-Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up to 20 s); a run during which core 1's busy time exceeds the proxy process's own CPU time by more
-than NOISE (20 % of the run) is repeated once, then marked `*`.
+Cost is what matters, not rates. Per unit (MB, request or connection):
+  core-1 cost     the busy time of core 1 (from /proc/stat, kernel and softirq included);
+                  core 1 runs only the proxy under test
+  proxy CPU       the proxy's own CPU time (user + system, /proc/PID/stat of the proxy and its
+                  children): what the process was charged, whatever else ran on core 1
+  proxy user      the proxy's own user-mode time: its code, the rest is the kernel's (mostly
+                  the TCP stack's work on the segments every relay must move)
+Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up to 20 s); a
+run during which core 1's busy time exceeds the proxy's own CPU time by more than NOISE (20 %
+of the run) is repeated once, then marked `*` and left out of the figures if two quiet runs
+remain.
 
-Scenarios:
-  bulk1   iperf3, 1 stream, proxied                         MB/s,  µs/MB
-  bulk4   iperf3, 4 streams                                  MB/s,  µs/MB
-  rr      wrk keep-alive, 32 connections, small responses    req/s, µs/req, p99
-  conn    wrk with Connection: close (a TCP connection each) conn/s, µs/conn, p99
-  tls     wrk over https through TLS passthrough (SNI read from the ClientHello by every
-          proxy), Connection: close, full handshakes (the backend has no session cache or
-          tickets)                                            conn/s, µs/conn, p99
-  tlsterm wrk over https, TLS terminated by the proxy (the same ECDSA P-256 certificate for
-          all three) and plaintext to the backend, Connection: close: a full handshake per
-          connection (resumption off on every proxy: wasmbed --no-tls-resumption, HAProxy
-          no-tls-tickets and no cache, NGINX no session cache or tickets; wasmbed with
-          --raw, its byte-forwarding terminate listener)  conn/s, µs/conn, p99
-  tlsbulk wrk over https through the same terminating listeners, keep-alive, 1 MiB
-          responses: bulk over TLS (the proxy decrypts and encrypts) MB/s, µs/MB, p99
-  mem     9,000 idle sessions held through the proxy         RSS bytes per session
+Every ratio (wasmbed against the better peer, and with --compare wasmbed against wasmbed-b)
+comes with a 95% interval over the rounds: each round's ratio of the two proxies' costs (runs
+of one round share the machine's state of the moment), their geometric mean, and Student's t
+interval on their logarithms (a percentile bootstrap over 5 rounds is too narrow: it covers
+the true ratio ~83% of the time). An interval that contains 1.0 reads "level": the bench
+cannot tell the two apart. The raw runs are saved beside the report (JSON).
 
-Usage: python3 bench/peer_bench.py [--runs 3] [--seconds 5] [--scenarios bulk1,rr,...]
-       [--install] [--out DIR] [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
+Scenarios (default rate):
+  bulk1   iperf3, 1 stream, proxied (1,000 MB/s)                      µs/MB
+  bulk4   iperf3, 4 streams (1,000 MB/s in all)                         µs/MB
+  rr      h2load keep-alive, 32 connections, small responses (40,000 req/s)  µs/req, p99
+  conn    h2load, a TCP connection per request (8,000 conn/s)          µs/conn, p99
+  tls     h2load over https through TLS passthrough (SNI read from the ClientHello by every
+          proxy), a connection per request, full handshakes (the backend has no session cache
+          or tickets) (600 conn/s)                                       µs/conn, p99
+  tlsterm h2load over https, TLS terminated by the proxy (the same ECDSA P-256 certificate for
+          all three) and plaintext to the backend, a connection per request: a full handshake
+          each (resumption off on every proxy: wasmbed --no-tls-resumption, HAProxy
+          no-tls-tickets and no cache, NGINX no session cache or tickets; wasmbed with --raw,
+          its byte-forwarding terminate listener) (1,200 conn/s)        µs/conn, p99
+  tlsbulk h2load over https through the same terminating listeners, keep-alive, 4
+          connections, 1 MiB responses: bulk over TLS (400 MB/s)        µs/MB, p99
+  mem     9,000 idle sessions held through the proxy                     RSS bytes per session
+p99 is the per-request latency (request sent to response received) from h2load's log.
+
+Usage: python3 bench/peer_bench.py [--runs 5] [--seconds 5] [--scenarios bulk1,rr,...]
+       [--rates conn=8000,tls=600,...] [--install] [--out DIR]
+       [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
 It builds `target/release/wasmbed` if missing; --install apt-gets haproxy, nginx (with the
-stream module), wrk and iperf3 when missing.
+stream module), h2load (nghttp2-client) and iperf3 when missing.
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -53,6 +71,8 @@ LOAD_CORE, PROXY_CORE = 0, 1
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WASMBED = os.path.join(REPO, "target", "release", "wasmbed")
 NOISE = 0.20
+# The rate every proxy is offered (units per second), below what the load core sustains here.
+RATES = {"bulk1": 1000, "bulk4": 1000, "rr": 40000, "conn": 8000, "tls": 600, "tlsterm": 1200, "tlsbulk": 400}
 PORTS = {"http": 19131, "tls": 19132, "bulk": 19133, "tlsterm": 19134}
 BACKEND = {"http": 19141, "tls": 19142, "bulk": 19143}
 BIG = 1 << 20  # bytes of the tlsbulk response
@@ -83,8 +103,8 @@ def core_jiffies(core):
 
 
 def proc_jiffies(pids):
-    """User + system jiffies of processes (and their reaped children)."""
-    total = 0
+    """(user + system, user) jiffies of processes (and their reaped children)."""
+    total = user = 0
     for pid in pids:
         try:
             stat = open(f"/proc/{pid}/stat").read()
@@ -92,7 +112,8 @@ def proc_jiffies(pids):
             continue
         f = stat.rsplit(")", 1)[1].split()
         total += sum(int(x) for x in f[11:15])
-    return total
+        user += int(f[11]) + int(f[13])
+    return total, user
 
 
 def rss_bytes(pids):
@@ -146,16 +167,17 @@ def pinned(core, cmd, **kw):
 
 
 def tools(install):
-    missing = [t for t in ["haproxy", "nginx", "wrk", "iperf3", "taskset", "openssl"] if not shutil.which(t)]
+    missing = [t for t in ["haproxy", "nginx", "h2load", "iperf3", "taskset", "openssl"] if not shutil.which(t)]
     stream = os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so")
     if (missing or not stream) and install:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "haproxy", "nginx", "libnginx-mod-stream", "wrk", "iperf3", "openssl"],
+            ["apt-get", "install", "-y", "-qq", "haproxy", "nginx", "libnginx-mod-stream", "nghttp2-client", "iperf3",
+             "openssl"],
             check=True,
             env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
         )
-        missing = [t for t in ["haproxy", "nginx", "wrk", "iperf3"] if not shutil.which(t)]
+        missing = [t for t in ["haproxy", "nginx", "h2load", "iperf3"] if not shutil.which(t)]
     if missing or not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
         sys.exit(f"missing: {missing or ['libnginx-mod-stream']} (run with --install)")
     if not os.path.exists(WASMBED):
@@ -360,22 +382,36 @@ class Running:
                     break
 
 
-def wrk(url, seconds, close):
-    cmd = ["taskset", "-c", str(LOAD_CORE), "wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", url]
-    if close:
-        cmd[5:5] = ["-H", "Connection: close"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
-    scale = {"us": 1, "ms": 1000, "s": 1_000_000}[p99.group(2)]
-    errors = re.search(r"Socket errors: (.*)", out)
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return reqs, float(p99.group(1)) * scale, (errors.group(1) if errors else "") + (f" non2xx {non2xx.group(1)}" if non2xx else "")
+def h2load(url, work, rate, per_request_connection, connections=32):
+    """`work` requests at `rate` per second: (requests done, p99 µs, errors). A connection per
+    request: connections opened at the rate, 1/200 s apart in groups; keep-alive: `connections`
+    connections, each at rate/connections requests per second."""
+    log_file = tempfile.mktemp(prefix="h2load.")
+    cmd = ["taskset", "-c", str(LOAD_CORE), "h2load", "--h1", "-t1", "--log-file", log_file]
+    if per_request_connection:
+        per_period = max(1, round(rate / 200))
+        cmd += ["-c", str(work), "-n", str(work), "-r", str(per_period), "--rate-period", "5ms"]
+    else:
+        cmd += ["-c", str(connections), "-n", str(work), "--rps", str(max(1, rate // connections))]
+    try:
+        out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+        times = sorted(int(line.split("\t")[2]) for line in open(log_file) if line.count("\t") >= 2)
+    finally:
+        if os.path.exists(log_file):
+            os.remove(log_file)
+    m = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout", out)
+    done, ok, failed, errored, timeout = (int(x) for x in m.groups())
+    p99 = times[min(len(times) - 1, int(len(times) * 0.99))] if times else None
+    errors = ", ".join(f"{n} {what}" for n, what in ((done - ok, "non-2xx"), (failed, "failed"), (errored, "errored"),
+                                                      (timeout, "timeout")) if n)
+    return ok, p99, errors
 
 
-def iperf(streams, seconds):
+def iperf(streams, megabytes, rate):
+    """`megabytes` through the proxy at `rate` MB/s in all: MB received."""
+    per_stream = f"{rate * 8 // streams}M"
     out = subprocess.run(["taskset", "-c", str(LOAD_CORE), "iperf3", "-c", "127.0.0.1", "-p", str(PORTS["bulk"]),
-                          "-t", str(seconds), "-P", str(streams), "--json"],
+                          "-n", f"{megabytes}M", "-b", per_stream, "-P", str(streams), "--json"],
                          capture_output=True, text=True, check=True).stdout
     doc = json.loads(out)
     return doc["end"]["sum_received"]["bytes"] / 1e6
@@ -400,9 +436,9 @@ def hold_idle(n):
     return socks
 
 
-def measure(proxy, running, scenario, seconds):
-    """One run: (units, unit name, core-1 µs per unit, p99 µs or None, note, noisy, core-1
-    user-mode µs per unit)."""
+def measure(running, scenario, seconds, rates):
+    """One run: a dict of rate, unit, cost (core-1 µs per unit), user (core-1 user-mode µs per
+    unit), own and own_user (the proxy's own CPU µs per unit), p99 (µs or None), note, noisy."""
     hz = os.sysconf("SC_CLK_TCK")
     if scenario == "mem":
         time.sleep(0.3)
@@ -412,43 +448,61 @@ def measure(proxy, running, scenario, seconds):
         after = rss_bytes(running.pids())
         for s in socks:
             s.close()
-        return (9000, "session", (after - before) / 9000, None, "", False, None)
+        return dict(rate=9000, unit="session", cost=(after - before) / 9000, user=None, own=None, own_user=None,
+                    p99=None, note="", noisy=False)
+    rate = rates[scenario]
+    work = rate * seconds
     wait_idle(PROXY_CORE)
     b0, t0, u0 = core_jiffies(PROXY_CORE)
-    p0 = proc_jiffies(running.pids())
+    p0, pu0 = proc_jiffies(running.pids())
     start = time.time()
     note, p99 = "", None
     if scenario in ("bulk1", "bulk4"):
-        units = iperf(1 if scenario == "bulk1" else 4, seconds)
+        units = iperf(1 if scenario == "bulk1" else 4, work, rate)
         unit = "MB"
     elif scenario in ("rr", "conn"):
-        units, p99, note = wrk(f"http://127.0.0.1:{PORTS['http']}/", seconds, scenario == "conn")
+        units, p99, note = h2load(f"http://127.0.0.1:{PORTS['http']}/", work, rate, scenario == "conn")
         unit = "req" if scenario == "rr" else "conn"
     elif scenario == "tls":
-        units, p99, note = wrk(f"https://127.0.0.1:{PORTS['tls']}/", seconds, True)
+        units, p99, note = h2load(f"https://127.0.0.1:{PORTS['tls']}/", work, rate, True)
         unit = "conn"
     elif scenario == "tlsterm":
-        units, p99, note = wrk(f"https://127.0.0.1:{PORTS['tlsterm']}/", seconds, True)
+        units, p99, note = h2load(f"https://127.0.0.1:{PORTS['tlsterm']}/", work, rate, True)
         unit = "conn"
     elif scenario == "tlsbulk":
-        reqs, p99, note = wrk(f"https://127.0.0.1:{PORTS['tlsterm']}/big", seconds, False)
+        mib = max(1, round(work * 1e6 / BIG))
+        reqs, p99, note = h2load(f"https://127.0.0.1:{PORTS['tlsterm']}/big", mib, max(4, round(rate * 1e6 / BIG)),
+                                 False, connections=4)
         units, unit = reqs * BIG / 1e6, "MB"
     else:
         raise ValueError(scenario)
     elapsed = time.time() - start
     b1, t1, u1 = core_jiffies(PROXY_CORE)
-    p1 = proc_jiffies(running.pids())
+    p1, pu1 = proc_jiffies(running.pids())
     busy_s = (b1 - b0) / hz
     own_s = (p1 - p0) / hz
-    noisy = (busy_s - own_s) > NOISE * elapsed and busy_s > own_s * 1.5
-    user_us = (u1 - u0) / hz * 1e6 / max(units, 1)
-    return (units / elapsed, unit, busy_s * 1e6 / max(units, 1), p99, note.strip(), noisy, user_us)
+    per = 1e6 / hz / max(units, 1)
+    return dict(rate=units / elapsed, unit=unit, cost=(b1 - b0) * per, user=(u1 - u0) * per, own=(p1 - p0) * per,
+                own_user=(pu1 - pu0) * per, p99=p99, note=note.strip(),
+                noisy=(busy_s - own_s) > NOISE * elapsed and busy_s > own_s * 1.5)
+
+
+def parse_rates(text):
+    rates = dict(RATES)
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if name not in RATES or not value.isdigit() or int(value) <= 0:
+            sys.exit(f"--rates: {item!r} is not SCENARIO=POSITIVE_INTEGER with SCENARIO one of {', '.join(RATES)}")
+        rates[name] = int(value)
+    return rates
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--seconds", type=int, default=5,
+                    help="work per run: the scenario's rate times this many seconds (default 5)")
+    ap.add_argument("--rates", default="", help="override offered rates, e.g. conn=6000,tls=500 (units per second)")
     ap.add_argument("--scenarios", default="bulk1,bulk4,rr,conn,tls,tlsterm,tlsbulk,mem")
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--install", action="store_true")
@@ -459,15 +513,26 @@ def main():
     a = ap.parse_args()
     if os.cpu_count() < 2:
         sys.exit("needs two cores (proxy on core 1, load on core 0)")
+    if a.runs < 1 or a.seconds < 1:
+        sys.exit("--runs and --seconds must be at least 1")
+    rates = parse_rates(a.rates)
+    scenarios = a.scenarios.split(",")
+    proxies = a.proxies.split(",")
+    unknown = [x for x in scenarios if x not in RATES and x != "mem"]
+    if unknown:
+        sys.exit(f"unknown scenario(s): {', '.join(unknown)}")
+    if "wasmbed-b" in proxies and not a.compare:
+        sys.exit("proxy wasmbed-b needs --compare BIN")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tools(a.install)
-    scenarios = a.scenarios.split(",")
-    proxies = a.proxies.split(",")
     work = tempfile.mkdtemp(prefix="peer-bench.")
     backends = start_backends(work)
     commands = proxy_commands(work, a.compare)
-    rows = {}  # (scenario, proxy) -> [run tuples]
+    unknown = [x for x in proxies if x not in commands]
+    if unknown:
+        sys.exit(f"unknown proxy(ies): {', '.join(unknown)}")
+    rows = {}  # (scenario, proxy) -> [run dicts, one per round (with its round number)]
     try:
         for r in range(a.runs):
             order = proxies[:]
@@ -477,16 +542,19 @@ def main():
                 running = Running(proxy, commands[proxy])
                 try:
                     for sc in scenarios:
-                        run = measure(proxy, running, sc, a.seconds)
-                        if run[5]:
+                        run = measure(running, sc, a.seconds, rates)
+                        if run["noisy"]:
                             log(f"  {sc}: noisy, once more")
-                            run = measure(proxy, running, sc, a.seconds)
+                            run = measure(running, sc, a.seconds, rates)
+                        run["round"] = r
                         rows.setdefault((sc, proxy), []).append(run)
-                        what = (f"{run[2]:,.0f} B RSS per idle session" if sc == "mem"
-                                else f"{run[0]:.0f} {run[1]}/s, {run[2]:.2f} core-1 µs/{run[1]}")
+                        u = run["unit"]
+                        what = (f"{run['cost']:,.0f} B RSS per idle session" if sc == "mem"
+                                else f"{run['rate']:.0f} {u}/s, core 1 {run['cost']:.2f} µs/{u}, "
+                                     f"proxy {run['own']:.2f} (user {run['own_user']:.2f}) µs/{u}")
                         log(f"  {sc}: {what}"
-                            + (f", p99 {run[3]:.0f} µs" if run[3] is not None else "")
-                            + (f" [{run[4]}]" if run[4] else "") + (" *noisy*" if run[5] else ""))
+                            + (f", p99 {run['p99']:.0f} µs" if run["p99"] is not None else "")
+                            + (f" [{run['note']}]" if run["note"] else "") + (" *noisy*" if run["noisy"] else ""))
                 finally:
                     running.stop()
     finally:
@@ -494,41 +562,114 @@ def main():
             b.terminate()
             b.wait()
         shutil.rmtree(work, ignore_errors=True)
-    report = render(rows, scenarios, proxies, a)
+    report = render(rows, scenarios, proxies, a, rates)
     print(report)
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, time.strftime("%Y%m%d-%H%M%S") + ".md")
-    open(path, "w").write(report)
-    log(f"report: {path}")
+    stem = os.path.join(a.out, time.strftime("%Y%m%d-%H%M%S"))
+    open(stem + ".md", "w").write(report)
+    json.dump({"cpu": cpu_model(), "args": vars(a), "rates": rates,
+               "runs": [dict(scenario=sc, proxy=p, **run) for (sc, p), runs in rows.items() for run in runs]},
+              open(stem + ".json", "w"), indent=1)
+    log(f"report: {stem}.md (runs: {stem}.json)")
 
 
-def render(rows, scenarios, proxies, a):
+def used(runs):
+    """The runs the figures use: the quiet ones, where two remain."""
+    quiet = [x for x in runs if not x["noisy"]]
+    return quiet if len(quiet) >= 2 else runs
+
+
+# Student's t, 97.5th percentile, by degrees of freedom (1..30; beyond, 2.0 is close enough).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def ratio_interval(a_runs, b_runs, key):
+    """The ratio of a's cost to b's and its 95% interval, from the rounds where both ran: each
+    round's ratio (the two runs of a round share the machine's state of the moment), their
+    geometric mean, and Student's t interval on the log ratios. (A percentile bootstrap over
+    5 rounds covers the truth only ~83% of the time; t on log ratios ~96%: docs/performance.md.)"""
+    a = {x["round"]: x[key] for x in used(a_runs) if x.get(key) is not None}
+    b = {x["round"]: x[key] for x in used(b_runs) if x.get(key) is not None}
+    logs = [math.log(a[r] / b[r]) for r in sorted(set(a) & set(b)) if a[r] > 0 and b[r] > 0]
+    if not logs:
+        return None
+    mean = statistics.mean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf, 1
+    half = T975[min(len(logs) - 1, len(T975)) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs)
+
+
+def verdict(ci):
+    point, lo, hi, _ = ci
+    if lo <= 1.0 <= hi:
+        return "level"
+    return "lower" if hi < 1.0 else "higher"
+
+
+def fmt_ci(ci):
+    if ci is None:
+        return "", ""
+    point, lo, hi, n = ci
+    return f"{point:.2f}× [{lo:.2f}, {hi:.2f}]", verdict(ci) + ("" if n >= 3 else f" (only {n} rounds)")
+
+
+def render(rows, scenarios, proxies, a, rates):
     lines = [f"CPU: {cpu_model()}; proxy on core {PROXY_CORE}, load and backends on core {LOAD_CORE}; "
-             f"{a.runs} interleaved runs of {a.seconds} s; medians (quiet runs only, where two remain)",
+             f"{a.runs} interleaved rounds, each run {a.seconds} s of work at a fixed rate "
+             f"({', '.join(f'{k} {v:,}/s' for k, v in rates.items() if k in scenarios)}); "
+             "medians of quiet runs (all runs where fewer than two are quiet)",
              "",
-             "| scenario | proxy | rate | core-1 cost | of which user mode | p99 | wasmbed / better peer (cost) | runs (cost) |",
+             "| scenario | proxy | rate | core-1 cost | proxy CPU | proxy user mode | p99 | runs (core-1 cost) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
+    best_peer = {}
     for sc in scenarios:
-        med = {}
+        peer_cost = {}
         for p in proxies:
             runs = rows.get((sc, p), [])
-            quiet = [x for x in runs if not x[5]]
-            use = quiet if len(quiet) >= 2 else runs
-            if not use:
+            if not runs:
                 continue
-            med[p] = (statistics.median(x[0] for x in use), use[0][1], statistics.median(x[2] for x in use),
-                      statistics.median(x[3] for x in use) if use[0][3] is not None else None, runs,
-                      statistics.median(x[6] for x in use) if use[0][6] is not None else None)
-        peers = [med[p][2] for p in med if not p.startswith("wasmbed")]
-        for p, (rate, unit, cost, p99, runs, user) in med.items():
+            use = used(runs)
+            unit = use[0]["unit"]
+
+            def med(key):
+                vals = [x[key] for x in use if x[key] is not None]
+                return statistics.median(vals) if vals else None
+            cost, own, own_user, p99 = med("cost"), med("own"), med("own_user"), med("p99")
+            if not p.startswith("wasmbed"):
+                peer_cost[p] = statistics.mean(x["cost"] for x in use)
             if sc == "mem":
                 rate_s, cost_s = "9,000 idle", f"{cost:,.0f} B/session"
             else:
-                rate_s, cost_s = f"{rate:,.0f} {unit}/s", f"{cost:.2f} µs/{unit}"
-            ratio = f"{cost / min(peers):.2f}×" if p.startswith("wasmbed") and peers and min(peers) > 0 else ""
-            each = ", ".join((f"{x[2]:,.0f}" if sc == "mem" else f"{x[2]:.2f}") + ("*" if x[5] else "") for x in runs)
-            user_s = "" if user is None else f"{user:.2f} µs/{unit}"
-            lines.append(f"| {sc} | {p} | {rate_s} | {cost_s} | {user_s} | {'' if p99 is None else f'{p99:,.0f} µs'} | {ratio} | {each} |")
+                rate_s, cost_s = f"{med('rate'):,.0f} {unit}/s", f"{cost:.2f} µs/{unit}"
+            own_s = "" if own is None else f"{own:.2f} µs/{unit}"
+            user_s = "" if own_user is None else f"{own_user:.2f} µs/{unit}"
+            each = ", ".join((f"{x['cost']:,.0f}" if sc == "mem" else f"{x['cost']:.2f}") + ("*" if x["noisy"] else "")
+                             for x in runs)
+            notes = sorted({x["note"] for x in runs if x["note"]})
+            lines.append(f"| {sc} | {p} | {rate_s} | {cost_s} | {own_s} | {user_s} | "
+                         f"{'' if p99 is None else f'{p99:,.0f} µs'} | {each}{' [' + '; '.join(notes) + ']' if notes else ''} |")
+        if peer_cost:
+            best_peer[sc] = min(peer_cost, key=peer_cost.get)
+    lines += ["", "Ratios of cost per unit: geometric mean of the rounds' ratios [95% interval, Student's t on their "
+              "logs]; \"level\": the interval contains 1.0:", "",
+              "| scenario | ratio | core-1 cost | verdict | proxy user mode | verdict |", "|---|---|---:|---|---:|---|"]
+    pairs = []
+    for p in proxies:
+        if p.startswith("wasmbed"):
+            pairs.append((p, None))
+    if "wasmbed" in proxies and "wasmbed-b" in proxies:
+        pairs.append(("wasmbed", "wasmbed-b"))
+    for sc in scenarios:
+        for p, other in pairs:
+            other = other or best_peer.get(sc)
+            if other is None or (sc, p) not in rows or (sc, other) not in rows:
+                continue
+            cost_ci, cost_v = fmt_ci(ratio_interval(rows[(sc, p)], rows[(sc, other)], "cost"))
+            user_ci, user_v = fmt_ci(ratio_interval(rows[(sc, p)], rows[(sc, other)], "own_user"))
+            lines.append(f"| {sc} | {p} / {other} | {cost_ci} | {cost_v} | {user_ci} | {user_v} |")
     return "\n".join(lines) + "\n"
 
 

@@ -268,6 +268,10 @@ impl Proxy {
             background.spawn(rebalance::run(live.clone(), probes_stop.clone()));
         }
         background.spawn(discovery::run(live.clone(), probes_stop.clone()));
+        background.spawn(listener::timer_floor(
+            listener::timer_floor_period(&ctx.config),
+            probes_stop.clone(),
+        ));
         if let Some(listener) = admin {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");
