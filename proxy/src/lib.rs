@@ -316,7 +316,15 @@ impl Proxy {
                 limit.clone(),
                 shutdown.clone(),
                 move |a| {
-                    sessions_t.spawn(session::serve(live.context(), config.clone(), a));
+                    let ctx = live.context();
+                    match ctx.config.mode {
+                        wasmbed_config::Mode::Passthrough => {
+                            sessions_t.spawn(session::serve_passthrough(ctx, config.clone(), a))
+                        }
+                        wasmbed_config::Mode::Terminate => {
+                            sessions_t.spawn(session::serve_terminate(ctx, config.clone(), a))
+                        }
+                    };
                 },
             ));
         }

@@ -202,6 +202,9 @@ mod tests {
         let period = super::timer_floor_period(&config);
         assert!(period < config.connect_timeout && period < config.handshake_timeout);
         config.connect_timeout = Duration::from_millis(10);
-        assert_eq!(super::timer_floor_period(&config), Duration::from_millis(50));
+        assert_eq!(
+            super::timer_floor_period(&config),
+            Duration::from_millis(50)
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use metrics::counter;
 use tracing::Instrument;
-use wasmbed_config::{ListenerConfig, Mode};
+use wasmbed_config::ListenerConfig;
 
 use crate::context::Context;
 use crate::listener::Accepted;
@@ -26,54 +26,69 @@ impl Listener {
     }
 }
 
-/// Serves one accepted device connection to its end.
-pub async fn serve(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepted) {
+/// A passthrough session's task: the ClientHello peeked, a gateway, bytes both ways. (The
+/// two modes are two tasks, each carrying only its own mode's state.)
+pub async fn serve_passthrough(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepted) {
     let Accepted {
         stream,
         peer,
         permit,
     } = accepted;
+    let span = opened(&ctx, &listener, peer);
+    let result = passthrough(&ctx, &listener.config, stream)
+        .instrument(span.clone())
+        .await;
+    closed(&ctx, result, &span);
+    drop(permit);
+}
+
+/// A terminated session's task. The handshake's state is large and short-lived: boxed, and
+/// freed once the session is anchored. The anchored session, small and long-lived, is this
+/// task's own state (boxing it apart would cost a second allocation and its rounding).
+pub async fn serve_terminate(ctx: Arc<Context>, listener: Arc<Listener>, accepted: Accepted) {
+    let Accepted {
+        stream,
+        peer,
+        permit,
+    } = accepted;
+    let span = opened(&ctx, &listener, peer);
+    let raw = listener.config.raw;
+    let result = async {
+        // `None`: the gateway refused the session and the device was told.
+        if let Some(anchored) = Box::pin(terminate(&ctx, stream, peer, raw)).await? {
+            anchored.serve().await;
+        }
+        Ok(())
+    }
+    .instrument(span.clone())
+    .await;
+    closed(&ctx, result, &span);
+    drop(permit);
+}
+
+/// A session begins: counted, and its span.
+fn opened(ctx: &Context, listener: &Listener, peer: std::net::SocketAddr) -> tracing::Span {
     listener.accepted.increment(1);
     crate::events::COUNTS
         .accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ctx.meters.open.increment(1.0);
-    let span = tracing::info_span!(
+    tracing::info_span!(
         "session",
         %peer,
         sni = tracing::field::Empty,
         alpn = tracing::field::Empty,
         device = tracing::field::Empty,
         gateway = tracing::field::Empty,
-    );
-    let result = match ctx.config.mode {
-        Mode::Passthrough => {
-            passthrough(&ctx, &listener.config, stream)
-                .instrument(span.clone())
-                .await
-        }
-        // Boxed: a TLS session's state is large, and a passthrough task should not carry it.
-        // Boxed, each part on its own: the handshake's state is large and short-lived, the
-        // anchored session's small and long-lived (one future would keep the larger for
-        // the session's whole life), and a passthrough task carries neither.
-        Mode::Terminate => {
-            Box::pin(async {
-                // `None`: the gateway refused the session and the device was told.
-                let raw = listener.config.raw;
-                if let Some(anchored) = Box::pin(terminate(&ctx, stream, peer, raw)).await? {
-                    Box::pin(anchored.serve()).await;
-                }
-                Ok(())
-            })
-            .instrument(span.clone())
-            .await
-        }
-    };
+    )
+}
+
+/// A session ends: its refusal counted, if it was refused.
+fn closed(ctx: &Context, result: Result<(), crate::refusal::Refused>, span: &tracing::Span) {
     if let Err(r) = result {
         span.in_scope(|| r.count());
     }
     ctx.meters.open.decrement(1.0);
-    drop(permit);
 }
 
 /// A passthrough session handed over by the process this one took over from (`--takeover`):
@@ -122,7 +137,7 @@ mod tests {
         let accepted = Accepted {
             stream,
             peer: addr,
-            permit: limit.acquire_owned().await.unwrap(),
+            permit: limit.clone().acquire_owned().await.unwrap(),
         };
         let config = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
         let gateways = Arc::new(GatewaySet::new(&config.gateways, std::time::Duration::ZERO));
@@ -134,8 +149,23 @@ mod tests {
             (device_tls, None),
             CancellationToken::new(),
         ));
-        let session = serve(ctx, listener_config, accepted);
+        let session = serve_passthrough(ctx.clone(), listener_config.clone(), accepted);
         let size = std::mem::size_of_val(&session);
         assert!(size <= 1208, "the session future grew to {size} bytes");
+        drop(session);
+        // A terminated session's task holds the anchored session itself (about 2.1 KiB in
+        // release), the handshake boxed apart.
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let accepted = Accepted {
+            stream,
+            peer: addr,
+            permit: limit.acquire_owned().await.unwrap(),
+        };
+        let session = serve_terminate(ctx, listener_config, accepted);
+        let size = std::mem::size_of_val(&session);
+        assert!(
+            size <= 3072,
+            "the terminated session future grew to {size} bytes"
+        );
     }
 }

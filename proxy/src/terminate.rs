@@ -35,7 +35,7 @@ pub(crate) async fn terminate(
     raw: bool,
 ) -> Result<Option<Box<anchor::Anchored>>, Refused> {
     let local = device.local_addr().ok();
-    let Some(acceptor) = ctx.device_tls.tcp() else {
+    let Some(config) = ctx.device_tls.tcp() else {
         return Err(refused(
             Refusal::Internal,
             "terminate mode without a TLS acceptor",
@@ -67,23 +67,19 @@ pub(crate) async fn terminate(
             "max_handshakes device handshakes already in progress",
         ));
     };
-    let tls = tokio::time::timeout_at(deadline, acceptor.accept(device))
-        .await
-        .map_err(|_| {
-            refused(
-                Refusal::HandshakeTimeout,
-                "TLS handshake not finished in time",
-            )
-        })?
-        .map_err(|e| refused(tls_reason(&e), e))?;
+    let (tls, sni) =
+        tokio::time::timeout_at(deadline, crate::tls::TlsStream::accept(config, device))
+            .await
+            .map_err(|_| {
+                refused(
+                    Refusal::HandshakeTimeout,
+                    "TLS handshake not finished in time",
+                )
+            })?
+            .map_err(|e| refused(tls_reason(&e), e))?;
     drop(handshake);
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
-    let (_, conn) = tls.get_ref();
-    let verified = Verified::new(
-        conn.server_name().map(str::to_string),
-        conn.peer_certificates().unwrap_or(&[]),
-        (peer, local),
-    );
+    let verified = Verified::new(sni, tls.peer_certificates().unwrap_or(&[]), (peer, local));
     if raw {
         forward_decrypted(ctx, tls, verified).await?;
         return Ok(None);
@@ -98,7 +94,7 @@ pub(crate) async fn terminate(
 /// header (`--proxy-protocol`).
 async fn forward_decrypted(
     ctx: &Arc<Context>,
-    mut tls: tokio_rustls::server::TlsStream<TcpStream>,
+    mut tls: crate::tls::TlsStream,
     Verified {
         sni,
         identity,
@@ -124,7 +120,7 @@ async fn forward_decrypted(
     let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
         // Cut by the proxy (gateway down, shutdown): the client reconnects at once.
-        reset_on_close(tls.get_ref().0);
+        reset_on_close(tls.tcp());
     }
     Ok(())
 }

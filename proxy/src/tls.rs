@@ -4,6 +4,9 @@
 //! from one read of the files, then swaps them as one. A revoked device is refused by every
 //! transport from the reload on, and every live session checks itself against the new CRLs.
 
+mod unbuffered;
+pub(crate) use unbuffered::TlsStream;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +28,7 @@ pub struct DeviceTrust {
     /// The files it was read from (a SIGHUP re-reads them).
     settings: TerminateTls,
     /// TLS over TCP (device and raw listeners).
-    pub(crate) tcp: tokio_rustls::TlsAcceptor,
+    pub(crate) tcp: Arc<rustls::ServerConfig>,
     /// QUIC devices (`--quic-listen`): the same rustls config with ALPN `wasmbed/1` and no
     /// 0-RTT, with the listener's transport settings.
     pub(crate) quic: Option<Arc<quinn::ServerConfig>>,
@@ -134,9 +137,13 @@ impl DeviceTls {
             Some(transport) => Some(quic_server(&server, transport.clone())?),
             None => None,
         };
+        // TLS over TCP runs rustls' unbuffered connection, which does not tell the server
+        // name: the resolver notes it (QUIC's config, made above, keeps its own resolver).
+        let mut tcp = Arc::unwrap_or_clone(server);
+        tcp.cert_resolver = Arc::new(unbuffered::NotesServerName(tcp.cert_resolver.clone()));
         Ok(Prepared(Some(DeviceTrust {
             settings,
-            tcp: tokio_rustls::TlsAcceptor::from(server),
+            tcp: Arc::new(tcp),
             quic,
             revoked,
         })))
@@ -175,8 +182,8 @@ impl DeviceTls {
         self.trust.is_revoked(serial)
     }
 
-    /// The TCP acceptor in use (read once per handshake).
-    pub(crate) fn tcp(&self) -> Option<tokio_rustls::TlsAcceptor> {
+    /// The TLS-over-TCP server config in use (read once per handshake).
+    pub(crate) fn tcp(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.trust.load().map(|t| t.tcp.clone())
     }
 

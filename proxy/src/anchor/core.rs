@@ -234,10 +234,12 @@ impl Core {
             hello,
         };
         // A device resuming its own session: the ticket stays good until the first checkpoint.
+        // The HELLO keeps no ticket of its own (a move sends the latest, `begin_move`).
+        let resume = core.hello.resume.take();
         if let Ok(w) = welcome.decode_body::<Welcome>("WELCOME")
             && let Some(r) = w.resumed
         {
-            core.ticket = core.hello.resume.as_ref().map(|t| t.to_vec());
+            core.ticket = resume.map(serde_bytes::ByteBuf::into_vec);
             (core.covered, core.sent, core.delivered, core.forwarded) =
                 (r.seq, r.seq, r.seq, r.seq);
         }

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use metrics::counter;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use wasmbed_protocol::{Frame, Hello, Kind, Welcome};
 
@@ -38,7 +37,7 @@ use crate::metric_names::{MOVES, REVOKED, SESSIONS_CANCELLED};
 use crate::tls::Upstream;
 
 /// The device's TLS stream.
-pub(crate) type Device = tokio_rustls::server::TlsStream<TcpStream>;
+pub(crate) type Device = crate::tls::TlsStream;
 
 /// A device's connection, decrypted: TLS over TCP, or a QUIC stream.
 pub(crate) trait DeviceStream:
@@ -67,7 +66,7 @@ pub(crate) type Goodbye<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 impl DeviceStream for Device {
     fn cut(&self) {
-        crate::listener::reset_on_close(self.get_ref().0);
+        crate::listener::reset_on_close(self.tcp());
     }
 
     /// TLS over TCP: the bytes, `close_notify` and FIN (the kernel sends what is queued
@@ -237,6 +236,8 @@ async fn serve(
         forward_checkpoints: ctx.config.migration.forward_checkpoints,
     };
     let mut core = Core::new(settings, hello, &first, (rest, pending));
+    // The WELCOME is in `core`'s output now: its bytes are not kept for the session's life.
+    drop(first);
     let origin = Arc::new(origin);
     let (mut dev_r, mut dev_w) = tokio::io::split(device);
     let mut reloads = ctx.device_tls.trust.subscribe();

@@ -1,0 +1,591 @@
+//! A device's TLS over TCP, terminated with rustls' unbuffered API: the proxy owns every
+//! buffer, so an idle session holds none.
+//!
+//! Why not `tokio_rustls`: rustls' buffered connection keeps its receive buffer (4 KiB,
+//! resized before every read and never freed) for the connection's whole life, the largest
+//! single item of an idle terminated session. Here the encrypted bytes are read into a buffer
+//! on the stack and decrypted in place; only a record that arrived in part, decrypted bytes
+//! the reader had no room for, or encrypted bytes the socket did not take are kept on the
+//! heap, and each is freed once empty. The TLS itself (handshake, verification, tickets, key
+//! updates, alerts) is rustls' as before; this module only moves bytes.
+//!
+//! The one thing the unbuffered connection does not tell is the server name the device asked
+//! for: [`NotesServerName`] wraps the config's certificate resolver, which rustls calls with
+//! every ClientHello, inside `process_tls_records`, on the thread processing it.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::ServerConfig;
+use rustls::server::UnbufferedServerConnection;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest TLS record on the wire: a 5-byte header and up to 2^14 + 256 bytes.
+const MAX_RECORD: usize = 5 + (1 << 14) + 256;
+/// Plaintext encrypted per write: one full record.
+const MAX_PLAINTEXT: usize = 1 << 14;
+/// A handshake may not keep more than this waiting (a client certificate chain fits).
+const MAX_PENDING: usize = 64 * 1024 + MAX_RECORD;
+
+thread_local! {
+    /// The server name of the ClientHello this thread is processing (see [`NotesServerName`]).
+    static SERVER_NAME: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// A certificate resolver that notes the server name each ClientHello asks for (as rustls
+/// validated it), for the handshake this thread is driving to read at once.
+#[derive(Debug)]
+pub(crate) struct NotesServerName(pub(crate) Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for NotesServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name().map(str::to_string);
+        SERVER_NAME.with(|n| *n.borrow_mut() = name);
+        self.0.resolve(hello)
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.0.only_raw_public_keys()
+    }
+}
+
+/// A terminated device connection: TLS over the device's TCP socket.
+pub(crate) struct TlsStream {
+    io: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// Encrypted bytes received but not processed yet (a record that arrived in part).
+    incoming: Vec<u8>,
+    /// Decrypted bytes the reader has not taken yet, from `plain_at`.
+    plaintext: Vec<u8>,
+    plain_at: usize,
+    /// Encrypted bytes not written to the socket yet, from `out_at`.
+    outgoing: Vec<u8>,
+    out_at: usize,
+    /// The device sent `close_notify`: no more data after `plaintext`.
+    peer_closed: bool,
+    /// The device's socket reached its end (without `close_notify`: an error to the reader).
+    tcp_eof: bool,
+    /// This side's `close_notify` is queued.
+    close_sent: bool,
+}
+
+/// What processing the received bytes leaves to do.
+enum Next {
+    /// Read more from the socket.
+    Read,
+    /// Write `outgoing` to the socket, then process again.
+    Flush,
+    /// Both sides sent `close_notify`.
+    Closed,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl TlsStream {
+    /// The device's TLS handshake over `io` with `config` (its resolver wrapped in
+    /// [`NotesServerName`]); with the server name the device asked for. The caller bounds it
+    /// in time.
+    pub(crate) async fn accept(
+        config: Arc<ServerConfig>,
+        io: TcpStream,
+    ) -> io::Result<(TlsStream, Option<String>)> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        let mut tls = TlsStream {
+            io,
+            conn,
+            incoming: Vec::new(),
+            plaintext: Vec::new(),
+            plain_at: 0,
+            outgoing: Vec::new(),
+            out_at: 0,
+            peer_closed: false,
+            tcp_eof: false,
+            close_sent: false,
+        };
+        let mut name = None;
+        match poll_fn(|cx| tls.poll_handshake(cx, &mut name)).await {
+            Ok(()) => Ok((tls, name)),
+            Err(e) => {
+                // What rustls has to say (its alert) goes out if the socket takes it at once.
+                let _ = tls.process(None);
+                let _ = tls.io.try_write(&tls.outgoing[tls.out_at..]);
+                Err(e)
+            }
+        }
+    }
+
+    fn poll_handshake(
+        &mut self,
+        cx: &mut Context<'_>,
+        name: &mut Option<String>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            // Cleared first: another connection's handshake on this thread may have left one.
+            SERVER_NAME.with(|n| n.borrow_mut().take());
+            let next = self.process(None);
+            if let Some(noted) = SERVER_NAME.with(|n| n.borrow_mut().take()) {
+                *name = Some(noted);
+            }
+            match next? {
+                Next::Flush => ready!(self.poll_flush_outgoing(cx))?,
+                Next::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+                Next::Read if !self.conn.is_handshaking() => {
+                    // Done, its last flight and the tickets encoded: they go out now.
+                    ready!(self.poll_flush_outgoing(cx))?;
+                    return Poll::Ready(Ok(()));
+                }
+                Next::Read => {
+                    if self.tcp_eof {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "tls handshake eof",
+                        )));
+                    }
+                    ready!(self.poll_read_tcp(cx))?;
+                }
+            }
+        }
+    }
+
+    /// The device's TCP socket.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.io
+    }
+
+    /// The device's certificate chain, as verified.
+    pub(crate) fn peer_certificates(
+        &self,
+    ) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.conn.peer_certificates()
+    }
+
+    /// Processes what `incoming` holds until something must be read or written. With
+    /// `write`, plaintext to encrypt once rustls allows it: returns how much was taken.
+    fn process(&mut self, mut write: Option<(&[u8], &mut usize)>) -> io::Result<Next> {
+        let mut taken = 0;
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut self.incoming[taken..]);
+            let mut discard = discard;
+            let next = match state.map_err(tls_error)? {
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        if self.plain_at == self.plaintext.len() {
+                            self.plaintext.clear();
+                            self.plain_at = 0;
+                        }
+                        self.plaintext.extend_from_slice(record.payload);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut data) => {
+                    let start = self.outgoing.len();
+                    let need = match data.encode(&mut []) {
+                        Err(EncodeError::InsufficientSize(s)) => s.required_size,
+                        Ok(_) => 0,
+                        Err(e) => {
+                            return Err(io::Error::other(format!("encoding TLS data: {e}")));
+                        }
+                    };
+                    self.outgoing.resize(start + need, 0);
+                    let n = data
+                        .encode(&mut self.outgoing[start..])
+                        .map_err(|e| io::Error::other(format!("encoding TLS data: {e}")))?;
+                    self.outgoing.truncate(start + n);
+                    None
+                }
+                ConnectionState::TransmitTlsData(sent) => {
+                    if self.out_at == self.outgoing.len() {
+                        sent.done();
+                        None
+                    } else {
+                        Some(Next::Flush)
+                    }
+                }
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    if let Some((plain, n)) = write.take() {
+                        let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
+                        encrypt_into(&mut self.outgoing, |out| traffic.encrypt(plain, out))?;
+                        *n = plain.len();
+                    }
+                    Some(Next::Read)
+                }
+                ConnectionState::BlockedHandshake => Some(Next::Read),
+                ConnectionState::PeerClosed => {
+                    self.peer_closed = true;
+                    None
+                }
+                ConnectionState::Closed => {
+                    self.peer_closed = true;
+                    Some(Next::Closed)
+                }
+                ConnectionState::ReadEarlyData(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "early data is not accepted",
+                    ));
+                }
+                _ => return Err(io::Error::other("unexpected TLS connection state")),
+            };
+            taken += discard;
+            if let Some(next) = next {
+                self.incoming.drain(..taken);
+                if self.incoming.is_empty() {
+                    // An idle session keeps no receive buffer.
+                    self.incoming = Vec::new();
+                }
+                return Ok(next);
+            }
+        }
+    }
+
+    /// Reads what the socket has into `incoming` (through a buffer on the stack when nothing
+    /// waits there, so that a whole record never touches the heap).
+    fn poll_read_tcp(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.incoming.len() > MAX_PENDING {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too much TLS data pending",
+            )));
+        }
+        let mut stack = [0u8; MAX_RECORD];
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            match self.io.try_read(&mut stack) {
+                Ok(0) => {
+                    self.tcp_eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    self.incoming.extend_from_slice(&stack[..n]);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes `outgoing` to the socket; frees it once all is written.
+    fn poll_flush_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_at < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outgoing[self.out_at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_at += n;
+        }
+        self.outgoing = Vec::new();
+        self.out_at = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Hands over decrypted bytes waiting in `plaintext`.
+    fn take_plaintext(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        let waiting = &self.plaintext[self.plain_at..];
+        if waiting.is_empty() {
+            return false;
+        }
+        let n = waiting.len().min(buf.remaining());
+        buf.put_slice(&waiting[..n]);
+        self.plain_at += n;
+        if self.plain_at == self.plaintext.len() {
+            self.plaintext = Vec::new();
+            self.plain_at = 0;
+        }
+        true
+    }
+}
+
+/// Encrypts with `f` into the end of `out`, growing it to the size rustls asks for.
+fn encrypt_into(
+    out: &mut Vec<u8>,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> io::Result<()> {
+    let start = out.len();
+    let mut room = MAX_RECORD;
+    loop {
+        out.resize(start + room, 0);
+        match f(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
+                room = s.required_size;
+            }
+            Err(e) => {
+                out.truncate(start);
+                return Err(io::Error::other(format!("encrypting TLS data: {e}")));
+            }
+        }
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.take_plaintext(buf) {
+                return Poll::Ready(Ok(()));
+            }
+            if this.peer_closed {
+                return Poll::Ready(Ok(()));
+            }
+            match this.process(None)? {
+                Next::Flush => {
+                    // Key updates and the like are answered before reading on.
+                    ready!(this.poll_flush_outgoing(cx))?;
+                    continue;
+                }
+                Next::Closed => continue,
+                Next::Read => {}
+            }
+            if this.plain_at < this.plaintext.len() || this.peer_closed {
+                continue;
+            }
+            if this.tcp_eof {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                )));
+            }
+            ready!(this.poll_read_tcp(cx))?;
+        }
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // What an earlier write left goes first: the socket decides the pace.
+        ready!(this.poll_flush_outgoing(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        loop {
+            let mut taken = 0;
+            match this.process(Some((data, &mut taken)))? {
+                Next::Flush => {
+                    ready!(this.poll_flush_outgoing(cx))?;
+                    continue;
+                }
+                Next::Closed => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Next::Read => {}
+            }
+            if taken == 0 {
+                return Poll::Ready(Err(io::Error::other(
+                    "TLS connection cannot send application data",
+                )));
+            }
+            // Written as far as the socket takes it now; the rest at the next write or flush.
+            if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(taken));
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_flush_outgoing(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sent {
+            ready!(this.poll_flush_outgoing(cx))?;
+            this.close_sent = true;
+            // Best effort, as rustls' own: the alert where the connection can still send.
+            let UnbufferedStatus { state, .. } = this.conn.process_tls_records(&mut []);
+            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
+                encrypt_into(&mut this.outgoing, |out| traffic.queue_close_notify(out))?;
+            }
+        }
+        ready!(this.poll_flush_outgoing(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use wasmbed_certs::pki::{DevCa, KeyKind};
+
+    use super::TlsStream;
+
+    type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+    /// Copies `from` to `to` one byte per write, so that every record arrives in pieces.
+    async fn dribble(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
+        let mut byte = [0u8; 1];
+        while let Ok(1) = from.read(&mut byte).await {
+            if to.write_all(&byte).await.is_err() || to.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// A device (rustls' client, with a certificate) and the proxy's end of its connection;
+    /// `dribbled`: through a relay that passes one byte at a time.
+    async fn pair(dribbled: bool) -> (Client, TlsStream) {
+        let ca = DevCa::generate("test CA").unwrap();
+        let server = ca
+            .issue_server(&["device.test"], KeyKind::EcdsaP256)
+            .unwrap();
+        let device = ca.issue_client("device-1", KeyKind::EcdsaP256).unwrap();
+        let config = wasmbed_certs::server_config(
+            server.chain(),
+            server.key().unwrap(),
+            Some(&[ca.cert_der()]),
+            &[],
+        )
+        .unwrap();
+        let mut config = Arc::unwrap_or_clone(config);
+        config.cert_resolver = Arc::new(super::NotesServerName(config.cert_resolver.clone()));
+        let config = Arc::new(config);
+        let client = wasmbed_certs::client_config(
+            &[ca.cert_der()],
+            Some((device.chain(), device.key().unwrap())),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut addr = listener.local_addr().unwrap();
+        if dribbled {
+            let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let target = addr;
+            addr = relay.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (from_client, _) = relay.accept().await.unwrap();
+                let to_server = TcpStream::connect(target).await.unwrap();
+                let (cr, cw) = from_client.into_split();
+                let (sr, sw) = to_server.into_split();
+                tokio::join!(dribble(cr, sw), dribble(sr, cw));
+            });
+        }
+        let connector = tokio_rustls::TlsConnector::from(client);
+        tokio::join!(
+            async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+                connector.connect(name, tcp).await.unwrap()
+            },
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (tls, name) = TlsStream::accept(Arc::clone(&config), tcp).await.unwrap();
+                assert_eq!(name.as_deref(), Some("device.test"));
+                tls
+            },
+        )
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    async fn bytes_cross_both_ways(dribbled: bool) {
+        let (mut client, mut server) = pair(dribbled).await;
+        assert_eq!(server.peer_certificates().map(<[_]>::len), Some(1));
+        let size = if dribbled { 20_000 } else { 200_000 };
+        let up = pattern(size, 1);
+        let down = pattern(size, 2);
+        let ((), got_up) = tokio::join!(async { client.write_all(&up).await.unwrap() }, async {
+            let mut got = vec![0u8; size];
+            server.read_exact(&mut got).await.unwrap();
+            got
+        });
+        assert!(got_up == up, "the device's bytes arrived changed");
+        let ((), got_down) = tokio::join!(
+            async {
+                server.write_all(&down).await.unwrap();
+                server.flush().await.unwrap();
+            },
+            async {
+                let mut got = vec![0u8; size];
+                client.read_exact(&mut got).await.unwrap();
+                got
+            }
+        );
+        assert!(got_down == down, "the proxy's bytes arrived changed");
+        // An idle session keeps no buffer of its own.
+        assert_eq!(
+            (
+                server.incoming.capacity(),
+                server.plaintext.capacity(),
+                server.outgoing.capacity()
+            ),
+            (0, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn bytes_cross_both_ways_and_an_idle_stream_keeps_no_buffer() {
+        bytes_cross_both_ways(false).await;
+    }
+
+    #[tokio::test]
+    async fn records_that_arrive_a_byte_at_a_time_are_read_whole() {
+        bytes_cross_both_ways(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_key_update_is_answered_and_bytes_flow_on() {
+        let (mut client, mut server) = pair(false).await;
+        client.write_all(b"before").await.unwrap();
+        let mut got = [0u8; 6];
+        server.read_exact(&mut got).await.unwrap();
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(b"after!").await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"after!");
+        server.write_all(b"answer").await.unwrap();
+        server.flush().await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"answer");
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_the_stream_and_a_bare_fin_is_an_error() {
+        let (mut client, mut server) = pair(false).await;
+        client.write_all(b"last").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last");
+        // The proxy's close: the device reads its end of stream.
+        server.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+
+        let (mut client, mut server) = pair(false).await;
+        client.get_mut().0.shutdown().await.unwrap();
+        let e = server.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+}
