@@ -53,6 +53,8 @@ mod up;
 
 /// mimalloc instead of glibc's malloc: the per-connection path allocates a task, a hello
 /// buffer and a connect state, and glibc's free-list work showed up at ~5% of a proxy core.
+/// (`--features system-alloc` keeps glibc's, for heap profilers that see `malloc` only.)
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

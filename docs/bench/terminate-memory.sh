@@ -5,6 +5,8 @@
 # Release build; run from the repository root: bash docs/bench/terminate-memory.sh
 # WASMBED_BIN=PATH measures another build (e.g. one from before a change).
 # VARIANTS picks some of: quic-link link tls-link plain-link passthrough (default: all).
+# RAMP: new devices per second (default 2000; a slower ramp leaves fewer handshakes' freed
+# pages in the RSS); REPS: runs of each variant (default 1), each printed.
 # Also printed: the fleet simulator's own RSS per device (the `up` process), for QUIC devices.
 set -u
 B=${WASMBED_BIN:-./target/release/wasmbed}
@@ -20,7 +22,7 @@ args_of() {
 measure() { # variant, devices -> "RSS_KiB FDS FLEET_RSS_KiB"
   local v=$1 n=$2 out=/tmp/mem-$1-$2.txt
   # shellcheck disable=SC2046
-  $B up $(args_of "$v") --gateways 5 --devices "$n" --rate 0.01 --ramp 2000 \
+  $B up $(args_of "$v") --gateways 5 --devices "$n" --rate 0.01 --ramp "${RAMP:-2000}" \
     --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out" 2>&1 &
   local up=$!
   until grep -Eq "connected +$n/$n" "$out"; do sleep 1; done
@@ -32,6 +34,8 @@ measure() { # variant, devices -> "RSS_KiB FDS FLEET_RSS_KiB"
 }
 lscpu | grep "Model name"
 for v in ${VARIANTS:-quic-link link tls-link plain-link passthrough}; do
+ for _ in $(seq "${REPS:-1}"); do
   read -r a fa ua <<< "$(measure "$v" 1000)"; read -r b fb ub <<< "$(measure "$v" 4000)"
   echo "$v: proxy RSS $a KiB at 1000 sessions, $b KiB at 4000: $(( (b - a) * 1024 / 3000 )) bytes per idle session; descriptors $fa at 1000, $fb at 4000; fleet $(( (ub - ua) * 1024 / 3000 )) bytes per device"
+ done
 done

@@ -40,6 +40,22 @@ thread_local! {
     static SERVER_NAME: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// Where encrypted bytes are read and decrypted in place, and records encrypted on their
+    /// way to the socket: one per thread, initialised once, so that no session holds one and
+    /// no read or write clears one.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_RECORD]);
+}
+
+/// Runs `f` with this thread's scratch buffer (a fresh one if it is in use, which the code
+/// below never does: it is never held across another use).
+fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => f(&mut scratch),
+        Err(_) => f(&mut vec![0; MAX_RECORD]),
+    })
+}
+
 /// A certificate resolver that notes the server name each ClientHello asks for (as rustls
 /// validated it), for the handshake this thread is driving to read at once.
 #[derive(Debug)]
@@ -55,6 +71,17 @@ impl ResolvesServerCert for NotesServerName {
     fn only_raw_public_keys(&self) -> bool {
         self.0.only_raw_public_keys()
     }
+}
+
+/// Runs `f`, a step of a handshake, and keeps the server name rustls' resolver noted
+/// during it (cleared first: another connection's handshake on this thread may have left one).
+fn noting_name<R>(name: &mut Option<String>, f: impl FnOnce() -> R) -> R {
+    SERVER_NAME.with(|n| n.borrow_mut().take());
+    let r = f();
+    if let Some(noted) = SERVER_NAME.with(|n| n.borrow_mut().take()) {
+        *name = Some(noted);
+    }
+    r
 }
 
 /// A terminated device connection: TLS over the device's TCP socket.
@@ -117,7 +144,7 @@ impl TlsStream {
             Ok(()) => Ok((tls, name)),
             Err(e) => {
                 // What rustls has to say (its alert) goes out if the socket takes it at once.
-                let _ = tls.process(None);
+                let _ = tls.process(None, None);
                 let _ = tls.io.try_write(&tls.outgoing[tls.out_at..]);
                 Err(e)
             }
@@ -130,13 +157,7 @@ impl TlsStream {
         name: &mut Option<String>,
     ) -> Poll<io::Result<()>> {
         loop {
-            // Cleared first: another connection's handshake on this thread may have left one.
-            SERVER_NAME.with(|n| n.borrow_mut().take());
-            let next = self.process(None);
-            if let Some(noted) = SERVER_NAME.with(|n| n.borrow_mut().take()) {
-                *name = Some(noted);
-            }
-            match next? {
+            match noting_name(name, || self.process(None, None))? {
                 Next::Flush => ready!(self.poll_flush_outgoing(cx))?,
                 Next::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Next::Read if !self.conn.is_handshaking() => {
@@ -151,7 +172,7 @@ impl TlsStream {
                             "tls handshake eof",
                         )));
                     }
-                    ready!(self.poll_read_tcp(cx))?;
+                    ready!(noting_name(name, || self.poll_read_tcp(cx, None)))?;
                 }
             }
         }
@@ -169,24 +190,63 @@ impl TlsStream {
         self.conn.peer_certificates()
     }
 
-    /// Processes what `incoming` holds until something must be read or written. With
-    /// `write`, plaintext to encrypt once rustls allows it: returns how much was taken.
-    fn process(&mut self, mut write: Option<(&[u8], &mut usize)>) -> io::Result<Next> {
+    /// Processes what `incoming` holds until something must be read or written (see
+    /// [`process_records`]); what is done is dropped from it, and it is freed once empty.
+    fn process(
+        &mut self,
+        reader: Option<&mut ReadBuf<'_>>,
+        write: Option<(&[u8], &mut usize)>,
+    ) -> io::Result<Next> {
+        let mut incoming = std::mem::take(&mut self.incoming);
         let mut taken = 0;
+        let next = self.process_records(&mut incoming, &mut taken, reader, write);
+        incoming.drain(..taken);
+        // An idle session keeps no receive buffer.
+        self.incoming = if incoming.is_empty() {
+            Vec::new()
+        } else {
+            incoming
+        };
+        next
+    }
+
+    /// Processes the records in `data` (`incoming`, or bytes just read into the thread's
+    /// scratch buffer) until something must be read or written; returns how many of its
+    /// bytes are done with. Decrypted bytes go to `reader` while it has room, then to
+    /// `plaintext`. With `write`, plaintext to encrypt once rustls allows it: how much was
+    /// taken is set. `taken` counts the bytes done with, an error or not (the rest must be
+    /// kept as they are, for rustls' alert after an error).
+    fn process_records(
+        &mut self,
+        data: &mut [u8],
+        taken: &mut usize,
+        mut reader: Option<&mut ReadBuf<'_>>,
+        mut write: Option<(&[u8], &mut usize)>,
+    ) -> io::Result<Next> {
         loop {
             let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut self.incoming[taken..]);
+                self.conn.process_tls_records(&mut data[*taken..]);
             let mut discard = discard;
             let next = match state.map_err(tls_error)? {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
                         let record = record.map_err(tls_error)?;
                         discard += record.discard;
-                        if self.plain_at == self.plaintext.len() {
-                            self.plaintext.clear();
-                            self.plain_at = 0;
+                        let mut payload = record.payload;
+                        if let Some(buf) = reader.as_deref_mut()
+                            && self.plain_at == self.plaintext.len()
+                        {
+                            let n = payload.len().min(buf.remaining());
+                            buf.put_slice(&payload[..n]);
+                            payload = &payload[n..];
                         }
-                        self.plaintext.extend_from_slice(record.payload);
+                        if !payload.is_empty() {
+                            if self.plain_at == self.plaintext.len() {
+                                self.plaintext.clear();
+                                self.plain_at = 0;
+                            }
+                            self.plaintext.extend_from_slice(payload);
+                        }
                     }
                     None
                 }
@@ -217,7 +277,10 @@ impl TlsStream {
                 ConnectionState::WriteTraffic(mut traffic) => {
                     if let Some((plain, n)) = write.take() {
                         let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
-                        encrypt_into(&mut self.outgoing, |out| traffic.encrypt(plain, out))?;
+                        let waiting = self.out_at < self.outgoing.len();
+                        send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
+                            traffic.encrypt(plain, out)
+                        })?;
                         *n = plain.len();
                     }
                     Some(Next::Read)
@@ -239,41 +302,58 @@ impl TlsStream {
                 }
                 _ => return Err(io::Error::other("unexpected TLS connection state")),
             };
-            taken += discard;
+            *taken += discard;
             if let Some(next) = next {
-                self.incoming.drain(..taken);
-                if self.incoming.is_empty() {
-                    // An idle session keeps no receive buffer.
-                    self.incoming = Vec::new();
-                }
                 return Ok(next);
             }
         }
     }
 
-    /// Reads what the socket has into `incoming` (through a buffer on the stack when nothing
-    /// waits there, so that a whole record never touches the heap).
-    fn poll_read_tcp(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Reads what the socket has into the thread's scratch buffer and, when nothing waits
+    /// in `incoming`, processes it there (whole records never touch the heap; decrypted bytes
+    /// go to `reader` first); what is left (a record that arrived in part) goes to `incoming`.
+    fn poll_read_tcp(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Option<&mut ReadBuf<'_>>,
+    ) -> Poll<io::Result<()>> {
         if self.incoming.len() > MAX_PENDING {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "too much TLS data pending",
             )));
         }
-        let mut stack = [0u8; MAX_RECORD];
         loop {
             ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read(&mut stack) {
-                Ok(0) => {
-                    self.tcp_eof = true;
-                    return Poll::Ready(Ok(()));
+            let read = with_scratch(|scratch| -> io::Result<bool> {
+                let n = match self.io.try_read(scratch) {
+                    Ok(0) => {
+                        self.tcp_eof = true;
+                        return Ok(true);
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                if self.incoming.is_empty() {
+                    // What is to be done next (a flush, the close) shows at the next
+                    // processing: rustls repeats the state until it is handled.
+                    let mut taken = 0;
+                    let processed = self.process_records(
+                        &mut scratch[..n],
+                        &mut taken,
+                        reader.as_deref_mut(),
+                        None,
+                    );
+                    self.incoming.extend_from_slice(&scratch[taken..n]);
+                    processed?;
+                } else {
+                    self.incoming.extend_from_slice(&scratch[..n]);
                 }
-                Ok(n) => {
-                    self.incoming.extend_from_slice(&stack[..n]);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                Ok(true)
+            })?;
+            if read {
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -309,6 +389,38 @@ impl TlsStream {
     }
 }
 
+/// Encrypts with `encrypt` into the thread's scratch buffer and writes the record to the
+/// socket at once; what the socket does not take waits in `outgoing` (as does all of it
+/// when something already waits there, to keep the order).
+fn send_encrypted(
+    io: &TcpStream,
+    outgoing: &mut Vec<u8>,
+    waiting: bool,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> io::Result<()> {
+    if waiting {
+        return encrypt_into(outgoing, encrypt);
+    }
+    with_scratch(|scratch| {
+        let n = match encrypt(scratch) {
+            Ok(n) => n,
+            Err(EncryptError::InsufficientSize(_)) => {
+                return encrypt_into(outgoing, &mut encrypt);
+            }
+            Err(e) => return Err(io::Error::other(format!("encrypting TLS data: {e}"))),
+        };
+        let written = match io.try_write(&scratch[..n]) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if written < n {
+            outgoing.extend_from_slice(&scratch[written..n]);
+        }
+        Ok(())
+    })
+}
+
 /// Encrypts with `f` into the end of `out`, growing it to the size rustls asks for.
 fn encrypt_into(
     out: &mut Vec<u8>,
@@ -341,14 +453,19 @@ impl AsyncRead for TlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
-            if this.take_plaintext(buf) {
+            if this.take_plaintext(buf) || this.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.peer_closed {
+            let next = this.process(Some(buf), None)?;
+            if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
-            match this.process(None)? {
+            match next {
                 Next::Flush => {
                     // Key updates and the like are answered before reading on.
                     ready!(this.poll_flush_outgoing(cx))?;
@@ -366,7 +483,10 @@ impl AsyncRead for TlsStream {
                     "peer closed connection without sending TLS close_notify",
                 )));
             }
-            ready!(this.poll_read_tcp(cx))?;
+            ready!(this.poll_read_tcp(cx, Some(buf)))?;
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
         }
     }
 }
@@ -385,7 +505,7 @@ impl AsyncWrite for TlsStream {
         }
         loop {
             let mut taken = 0;
-            match this.process(Some((data, &mut taken)))? {
+            match this.process(None, Some((data, &mut taken)))? {
                 Next::Flush => {
                     ready!(this.poll_flush_outgoing(cx))?;
                     continue;
@@ -416,10 +536,20 @@ impl AsyncWrite for TlsStream {
             ready!(this.poll_flush_outgoing(cx))?;
             this.close_sent = true;
             // Best effort, as rustls' own: the alert where the connection can still send.
-            let UnbufferedStatus { state, .. } = this.conn.process_tls_records(&mut []);
-            if let Ok(ConnectionState::WriteTraffic(mut traffic)) = state {
-                encrypt_into(&mut this.outgoing, |out| traffic.queue_close_notify(out))?;
+            // (`incoming` as it is: rustls may be in the middle of a message in it.)
+            let mut incoming = std::mem::take(&mut this.incoming);
+            let UnbufferedStatus { discard, state } = this.conn.process_tls_records(&mut incoming);
+            let queued = match state {
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    encrypt_into(&mut this.outgoing, |out| traffic.queue_close_notify(out))
+                }
+                _ => Ok(()),
+            };
+            incoming.drain(..discard);
+            if !incoming.is_empty() {
+                this.incoming = incoming;
             }
+            queued?;
         }
         ready!(this.poll_flush_outgoing(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
