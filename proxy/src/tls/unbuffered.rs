@@ -3,11 +3,16 @@
 //!
 //! Why not `tokio_rustls`: rustls' buffered connection keeps its receive buffer (4 KiB,
 //! resized before every read and never freed) for the connection's whole life, the largest
-//! single item of an idle terminated session. Here the encrypted bytes are read into a buffer
-//! on the stack and decrypted in place; only a record that arrived in part, decrypted bytes
-//! the reader had no room for, or encrypted bytes the socket did not take are kept on the
-//! heap, and each is freed once empty. The TLS itself (handshake, verification, tickets, key
-//! updates, alerts) is rustls' as before; this module only moves bytes.
+//! single item of an idle terminated session. Here the encrypted bytes are read into a
+//! per-thread scratch buffer and decrypted there; a session keeps only a record that arrived
+//! in part, decrypted bytes its reader had no room for, or encrypted bytes the socket did not
+//! take, each in a buffer freed once empty. The TLS itself (handshake, verification, tickets,
+//! key updates, alerts) is rustls' as before; this module only moves bytes. It sits where
+//! `tokio-rustls` sat: between the device's socket and the session (`terminate`, `anchor`).
+//!
+//! Reads and writes of one stream must be polled from one task (as `tokio::io::split`'s
+//! halves in one `select!`, or `copy_bidirectional`, do): a read may flush what rustls has to
+//! send (a key update's answer), and the socket keeps one write waker.
 //!
 //! The one thing the unbuffered connection does not tell is the server name the device asked
 //! for: [`NotesServerName`] wraps the config's certificate resolver, which rustls calls with
@@ -30,8 +35,13 @@ use tokio::net::TcpStream;
 
 /// The largest TLS record on the wire: a 5-byte header and up to 2^14 + 256 bytes.
 const MAX_RECORD: usize = 5 + (1 << 14) + 256;
-/// Plaintext encrypted per write: one full record.
-const MAX_PLAINTEXT: usize = 1 << 14;
+/// Records read or written per system call, at most: a bulk transfer's writes go out four
+/// records to a `write`, as rustls' buffered connection sent its queue with one `writev`.
+const RECORDS_PER_CALL: usize = 4;
+/// Plaintext encrypted per write: four full records.
+const MAX_PLAINTEXT: usize = RECORDS_PER_CALL << 14;
+/// The per-thread scratch buffer's size.
+const SCRATCH_SIZE: usize = RECORDS_PER_CALL * MAX_RECORD;
 /// A handshake may not keep more than this waiting (a client certificate chain fits).
 const MAX_PENDING: usize = 64 * 1024 + MAX_RECORD;
 
@@ -44,7 +54,7 @@ thread_local! {
     /// Where encrypted bytes are read and decrypted in place, and records encrypted on their
     /// way to the socket: one per thread, initialised once, so that no session holds one and
     /// no read or write clears one.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_RECORD]);
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_SIZE]);
 }
 
 /// Runs `f` with this thread's scratch buffer (a fresh one if it is in use, which the code
@@ -52,7 +62,7 @@ thread_local! {
 fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => f(&mut scratch),
-        Err(_) => f(&mut vec![0; MAX_RECORD]),
+        Err(_) => f(&mut vec![0; SCRATCH_SIZE]),
     })
 }
 
@@ -104,6 +114,15 @@ pub(crate) struct TlsStream {
     close_sent: bool,
 }
 
+/// What to send once rustls allows application data.
+enum Send<'a> {
+    Nothing,
+    /// Plaintext to encrypt; how much was taken is set.
+    Data(&'a [u8], &'a mut usize),
+    /// The `close_notify` alert.
+    CloseNotify,
+}
+
 /// What processing the received bytes leaves to do.
 enum Next {
     /// Read more from the socket.
@@ -144,8 +163,7 @@ impl TlsStream {
             Ok(()) => Ok((tls, name)),
             Err(e) => {
                 // What rustls has to say (its alert) goes out if the socket takes it at once.
-                let _ = tls.process(None, None);
-                let _ = tls.io.try_write(&tls.outgoing[tls.out_at..]);
+                tls.alert_after_error();
                 Err(e)
             }
         }
@@ -157,7 +175,7 @@ impl TlsStream {
         name: &mut Option<String>,
     ) -> Poll<io::Result<()>> {
         loop {
-            match noting_name(name, || self.process(None, None))? {
+            match noting_name(name, || self.process(None, Send::Nothing))? {
                 Next::Flush => ready!(self.poll_flush_outgoing(cx))?,
                 Next::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Next::Read if !self.conn.is_handshaking() => {
@@ -192,14 +210,10 @@ impl TlsStream {
 
     /// Processes what `incoming` holds until something must be read or written (see
     /// [`process_records`]); what is done is dropped from it, and it is freed once empty.
-    fn process(
-        &mut self,
-        reader: Option<&mut ReadBuf<'_>>,
-        write: Option<(&[u8], &mut usize)>,
-    ) -> io::Result<Next> {
+    fn process(&mut self, reader: Option<&mut ReadBuf<'_>>, send: Send<'_>) -> io::Result<Next> {
         let mut incoming = std::mem::take(&mut self.incoming);
         let mut taken = 0;
-        let next = self.process_records(&mut incoming, &mut taken, reader, write);
+        let next = self.process_records(&mut incoming, &mut taken, reader, send);
         incoming.drain(..taken);
         // An idle session keeps no receive buffer.
         self.incoming = if incoming.is_empty() {
@@ -213,25 +227,26 @@ impl TlsStream {
     /// Processes the records in `data` (`incoming`, or bytes just read into the thread's
     /// scratch buffer) until something must be read or written; returns how many of its
     /// bytes are done with. Decrypted bytes go to `reader` while it has room, then to
-    /// `plaintext`. With `write`, plaintext to encrypt once rustls allows it: how much was
-    /// taken is set. `taken` counts the bytes done with, an error or not (the rest must be
-    /// kept as they are, for rustls' alert after an error).
+    /// `plaintext`. `send`: what to send once rustls allows it. `taken` counts the bytes
+    /// done with, an error or not (the rest must be kept as they are: rustls' alert after an
+    /// error is had by processing them again).
     fn process_records(
         &mut self,
         data: &mut [u8],
         taken: &mut usize,
         mut reader: Option<&mut ReadBuf<'_>>,
-        mut write: Option<(&[u8], &mut usize)>,
+        mut send: Send<'_>,
     ) -> io::Result<Next> {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut data[*taken..]);
-            let mut discard = discard;
+            // Done with, even when `state` is an error: rustls processed those bytes.
+            *taken += discard;
             let next = match state.map_err(tls_error)? {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
                         let record = record.map_err(tls_error)?;
-                        discard += record.discard;
+                        *taken += record.discard;
                         let mut payload = record.payload;
                         if let Some(buf) = reader.as_deref_mut()
                             && self.plain_at == self.plaintext.len()
@@ -251,19 +266,21 @@ impl TlsStream {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut data) => {
-                    let start = self.outgoing.len();
-                    let need = match data.encode(&mut []) {
-                        Err(EncodeError::InsufficientSize(s)) => s.required_size,
-                        Ok(_) => 0,
+                    // Asked with no room first, to learn the size (an empty chunk fits).
+                    match data.encode(&mut []) {
+                        Ok(_) => {}
+                        Err(EncodeError::InsufficientSize(s)) => {
+                            let start = self.outgoing.len();
+                            self.outgoing.resize(start + s.required_size, 0);
+                            let n = data
+                                .encode(&mut self.outgoing[start..])
+                                .map_err(|e| io::Error::other(format!("encoding TLS data: {e}")))?;
+                            self.outgoing.truncate(start + n);
+                        }
                         Err(e) => {
                             return Err(io::Error::other(format!("encoding TLS data: {e}")));
                         }
-                    };
-                    self.outgoing.resize(start + need, 0);
-                    let n = data
-                        .encode(&mut self.outgoing[start..])
-                        .map_err(|e| io::Error::other(format!("encoding TLS data: {e}")))?;
-                    self.outgoing.truncate(start + n);
+                    }
                     None
                 }
                 ConnectionState::TransmitTlsData(sent) => {
@@ -275,13 +292,21 @@ impl TlsStream {
                     }
                 }
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    if let Some((plain, n)) = write.take() {
-                        let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
-                        let waiting = self.out_at < self.outgoing.len();
-                        send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
-                            traffic.encrypt(plain, out)
-                        })?;
-                        *n = plain.len();
+                    match std::mem::replace(&mut send, Send::Nothing) {
+                        Send::Nothing => {}
+                        Send::Data(plain, n) => {
+                            let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
+                            let waiting = self.out_at < self.outgoing.len();
+                            send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
+                                traffic.encrypt(plain, out)
+                            })?;
+                            *n = plain.len();
+                        }
+                        Send::CloseNotify => {
+                            encrypt_into(&mut self.outgoing, |out| {
+                                traffic.queue_close_notify(out)
+                            })?;
+                        }
                     }
                     Some(Next::Read)
                 }
@@ -302,16 +327,16 @@ impl TlsStream {
                 }
                 _ => return Err(io::Error::other("unexpected TLS connection state")),
             };
-            *taken += discard;
             if let Some(next) = next {
                 return Ok(next);
             }
         }
     }
 
-    /// Reads what the socket has into the thread's scratch buffer and, when nothing waits
-    /// in `incoming`, processes it there (whole records never touch the heap; decrypted bytes
-    /// go to `reader` first); what is left (a record that arrived in part) goes to `incoming`.
+    /// Reads what the socket has into the thread's scratch buffer, after the part of a
+    /// record `incoming` held, and processes it there (decrypted bytes go to `reader` first);
+    /// what is left (a record that arrived in part) goes back to `incoming`, sized to fit.
+    /// A read takes at most what the reader has room for, plus a record.
     fn poll_read_tcp(
         &mut self,
         cx: &mut Context<'_>,
@@ -323,10 +348,29 @@ impl TlsStream {
                 "too much TLS data pending",
             )));
         }
+        let room = reader
+            .as_ref()
+            .map_or(MAX_RECORD, |r| r.remaining() + MAX_RECORD);
         loop {
             ready!(self.io.poll_read_ready(cx))?;
             let read = with_scratch(|scratch| -> io::Result<bool> {
-                let n = match self.io.try_read(scratch) {
+                let held = self.incoming.len();
+                if held + MAX_RECORD > scratch.len() {
+                    // A handshake message larger than the scratch buffer: gathered on the heap.
+                    let n = match self.io.try_read(&mut scratch[..MAX_RECORD]) {
+                        Ok(0) => {
+                            self.tcp_eof = true;
+                            return Ok(true);
+                        }
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) => return Err(e),
+                    };
+                    self.incoming.extend_from_slice(&scratch[..n]);
+                    return Ok(true);
+                }
+                let end = (held + room).min(scratch.len());
+                let n = match self.io.try_read(&mut scratch[held..end]) {
                     Ok(0) => {
                         self.tcp_eof = true;
                         return Ok(true);
@@ -335,27 +379,34 @@ impl TlsStream {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                     Err(e) => return Err(e),
                 };
-                if self.incoming.is_empty() {
-                    // What is to be done next (a flush, the close) shows at the next
-                    // processing: rustls repeats the state until it is handled.
-                    let mut taken = 0;
-                    let processed = self.process_records(
-                        &mut scratch[..n],
-                        &mut taken,
-                        reader.as_deref_mut(),
-                        None,
-                    );
-                    self.incoming.extend_from_slice(&scratch[taken..n]);
-                    processed?;
-                } else {
-                    self.incoming.extend_from_slice(&scratch[..n]);
-                }
+                // The part of a record held goes first, as it was: to rustls it is the same
+                // buffer, its front discarded.
+                scratch[..held].copy_from_slice(&self.incoming);
+                let total = held + n;
+                let mut taken = 0;
+                // What is to be done next (a flush, the close) shows at the next processing:
+                // rustls repeats the state until it is handled.
+                let processed = self.process_records(
+                    &mut scratch[..total],
+                    &mut taken,
+                    reader.as_deref_mut(),
+                    Send::Nothing,
+                );
+                self.incoming = scratch[taken..total].to_vec();
+                processed?;
                 Ok(true)
             })?;
             if read {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// After an error, what rustls has to say (its alert) goes out if the socket takes it at
+    /// once: best effort, as `tokio-rustls` does.
+    fn alert_after_error(&mut self) {
+        let _ = self.process(None, Send::Nothing);
+        let _ = self.io.try_write(&self.outgoing[self.out_at..]);
     }
 
     /// Writes `outgoing` to the socket; frees it once all is written.
@@ -453,37 +504,53 @@ impl AsyncRead for TlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let read = this.poll_read_records(cx, buf);
+        if let Poll::Ready(Err(e)) = &read
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            this.alert_after_error();
+        }
+        read
+    }
+}
+
+impl TlsStream {
+    fn poll_read_records(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if this.take_plaintext(buf) || this.peer_closed {
+            if self.take_plaintext(buf) || self.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            let next = this.process(Some(buf), None)?;
+            let next = self.process(Some(buf), Send::Nothing)?;
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
             match next {
                 Next::Flush => {
                     // Key updates and the like are answered before reading on.
-                    ready!(this.poll_flush_outgoing(cx))?;
+                    ready!(self.poll_flush_outgoing(cx))?;
                     continue;
                 }
                 Next::Closed => continue,
                 Next::Read => {}
             }
-            if this.plain_at < this.plaintext.len() || this.peer_closed {
+            if self.plain_at < self.plaintext.len() || self.peer_closed {
                 continue;
             }
-            if this.tcp_eof {
+            if self.tcp_eof {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "peer closed connection without sending TLS close_notify",
                 )));
             }
-            ready!(this.poll_read_tcp(cx, Some(buf)))?;
+            ready!(self.poll_read_tcp(cx, Some(buf)))?;
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
@@ -505,7 +572,7 @@ impl AsyncWrite for TlsStream {
         }
         loop {
             let mut taken = 0;
-            match this.process(None, Some((data, &mut taken)))? {
+            match this.process(None, Send::Data(data, &mut taken))? {
                 Next::Flush => {
                     ready!(this.poll_flush_outgoing(cx))?;
                     continue;
@@ -532,24 +599,14 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.close_sent {
+        while !this.close_sent {
             ready!(this.poll_flush_outgoing(cx))?;
-            this.close_sent = true;
-            // Best effort, as rustls' own: the alert where the connection can still send.
-            // (`incoming` as it is: rustls may be in the middle of a message in it.)
-            let mut incoming = std::mem::take(&mut this.incoming);
-            let UnbufferedStatus { discard, state } = this.conn.process_tls_records(&mut incoming);
-            let queued = match state {
-                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
-                    encrypt_into(&mut this.outgoing, |out| traffic.queue_close_notify(out))
-                }
-                _ => Ok(()),
-            };
-            incoming.drain(..discard);
-            if !incoming.is_empty() {
-                this.incoming = incoming;
+            // What rustls has queued goes first (a key update's answer, an alert), then the
+            // `close_notify` where the connection can still send; best effort, as rustls' own.
+            match this.process(None, Send::CloseNotify) {
+                Ok(Next::Flush) => continue,
+                Ok(_) | Err(_) => this.close_sent = true,
             }
-            queued?;
         }
         ready!(this.poll_flush_outgoing(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
@@ -697,6 +754,62 @@ mod tests {
         server.flush().await.unwrap();
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"answer");
+    }
+
+    #[tokio::test]
+    async fn after_a_key_update_the_proxys_close_still_sends_close_notify() {
+        let (mut client, mut server) = pair(false).await;
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(b"x").await.unwrap();
+        let mut got = [0u8; 1];
+        server.read_exact(&mut got).await.unwrap();
+        // The answer to the key update is still queued: the close sends it, then the alert.
+        server.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_refused_certificate_gets_its_alert() {
+        let ca = DevCa::generate("test CA").unwrap();
+        let other = DevCa::generate("another CA").unwrap();
+        let server = ca.issue_server(&["device.test"], KeyKind::EcdsaP256).unwrap();
+        let stranger = other.issue_client("device-9", KeyKind::EcdsaP256).unwrap();
+        let config = wasmbed_certs::server_config(
+            server.chain(),
+            server.key().unwrap(),
+            Some(&[ca.cert_der()]),
+            &[],
+        )
+        .unwrap();
+        let client = wasmbed_certs::client_config(
+            &[ca.cert_der()],
+            Some((stranger.chain(), stranger.key().unwrap())),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (device, proxy) = tokio::join!(
+            async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+                let mut tls = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await?;
+                // TLS 1.3: the client's handshake ends before the server judges its
+                // certificate; the verdict arrives as an alert on the first read.
+                tls.read(&mut [0u8; 1]).await
+            },
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                TlsStream::accept(config, tcp).await.map(|_| ())
+            },
+        );
+        let refused = proxy.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData, "{refused}");
+        let told = device.unwrap_err().to_string();
+        assert!(told.contains("alert"), "the device was not told why: {told}");
     }
 
     #[tokio::test]
