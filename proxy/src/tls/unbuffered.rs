@@ -759,11 +759,13 @@ mod tests {
     #[tokio::test]
     async fn after_a_key_update_the_proxys_close_still_sends_close_notify() {
         let (mut client, mut server) = pair(false).await;
-        client.get_mut().1.refresh_traffic_keys().unwrap();
+        // Data, then a key update: the proxy owes the device its own key update.
         client.write_all(b"x").await.unwrap();
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.flush().await.unwrap();
         let mut got = [0u8; 1];
         server.read_exact(&mut got).await.unwrap();
-        // The answer to the key update is still queued: the close sends it, then the alert.
+        // The close sends the answer, then the alert.
         server.shutdown().await.unwrap();
         let mut rest = Vec::new();
         client.read_to_end(&mut rest).await.unwrap();
@@ -774,7 +776,9 @@ mod tests {
     async fn a_refused_certificate_gets_its_alert() {
         let ca = DevCa::generate("test CA").unwrap();
         let other = DevCa::generate("another CA").unwrap();
-        let server = ca.issue_server(&["device.test"], KeyKind::EcdsaP256).unwrap();
+        let server = ca
+            .issue_server(&["device.test"], KeyKind::EcdsaP256)
+            .unwrap();
         let stranger = other.issue_client("device-9", KeyKind::EcdsaP256).unwrap();
         let config = wasmbed_certs::server_config(
             server.chain(),
@@ -809,7 +813,10 @@ mod tests {
         let refused = proxy.unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData, "{refused}");
         let told = device.unwrap_err().to_string();
-        assert!(told.contains("alert"), "the device was not told why: {told}");
+        assert!(
+            told.contains("alert"),
+            "the device was not told why: {told}"
+        );
     }
 
     #[tokio::test]
