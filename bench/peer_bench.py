@@ -589,7 +589,7 @@ def ratio_interval(a_runs, b_runs, key):
     """The ratio of a's cost to b's and its 95% interval, from the rounds where both ran: each
     round's ratio (the two runs of a round share the machine's state of the moment), their
     geometric mean, and Student's t interval on the log ratios. (A percentile bootstrap over
-    5 rounds covers the truth only ~83% of the time; t on log ratios ~96%: docs/performance.md.)"""
+    5 rounds covers the truth only ~83% of the time; t on log ratios ~95%: docs/performance.md.)"""
     a = {x["round"]: x[key] for x in used(a_runs) if x.get(key) is not None}
     b = {x["round"]: x[key] for x in used(b_runs) if x.get(key) is not None}
     logs = [math.log(a[r] / b[r]) for r in sorted(set(a) & set(b)) if a[r] > 0 and b[r] > 0]
