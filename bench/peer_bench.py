@@ -3,7 +3,8 @@
 
 Each proxy runs alone on core 1 (taskset); the load generators (h2load, iperf3) and the
 backends (one nginx worker: HTTP and HTTPS; one iperf3 server) share core 0. Rounds are
-interleaved (proxy order shuffled every round); every proxy gets the same fixed amount of work
+interleaved: in each, every scenario runs for every proxy back to back (proxy order shuffled
+each time, a fresh start per run); every proxy gets the same fixed amount of work
 per run, offered at the same fixed rate (`--rates`), so the load each one sees is identical and
 the cost per unit is compared like for like (a proxy that cannot keep the rate takes longer;
 the achieved rate is reported).
@@ -534,29 +535,31 @@ def main():
         sys.exit(f"unknown proxy(ies): {', '.join(unknown)}")
     rows = {}  # (scenario, proxy) -> [run dicts, one per round (with its round number)]
     try:
+        # Within a round, each scenario runs for every proxy back to back (a fresh start per
+        # run), so that the runs a ratio pairs are seconds apart, not a proxy's whole turn:
+        # this shared host drifts by 10-15% within a minute.
         for r in range(a.runs):
-            order = proxies[:]
-            random.shuffle(order)
-            for proxy in order:
-                log(f"round {r + 1}/{a.runs}: {proxy}")
-                running = Running(proxy, commands[proxy])
-                try:
-                    for sc in scenarios:
+            for sc in scenarios:
+                order = proxies[:]
+                random.shuffle(order)
+                for proxy in order:
+                    running = Running(proxy, commands[proxy])
+                    try:
                         run = measure(running, sc, a.seconds, rates)
                         if run["noisy"]:
                             log(f"  {sc}: noisy, once more")
                             run = measure(running, sc, a.seconds, rates)
-                        run["round"] = r
-                        rows.setdefault((sc, proxy), []).append(run)
-                        u = run["unit"]
-                        what = (f"{run['cost']:,.0f} B RSS per idle session" if sc == "mem"
-                                else f"{run['rate']:.0f} {u}/s, core 1 {run['cost']:.2f} µs/{u}, "
-                                     f"proxy {run['own']:.2f} (user {run['own_user']:.2f}) µs/{u}")
-                        log(f"  {sc}: {what}"
-                            + (f", p99 {run['p99']:.0f} µs" if run["p99"] is not None else "")
-                            + (f" [{run['note']}]" if run["note"] else "") + (" *noisy*" if run["noisy"] else ""))
-                finally:
-                    running.stop()
+                    finally:
+                        running.stop()
+                    run["round"] = r
+                    rows.setdefault((sc, proxy), []).append(run)
+                    u = run["unit"]
+                    what = (f"{run['cost']:,.0f} B RSS per idle session" if sc == "mem"
+                            else f"{run['rate']:.0f} {u}/s, core 1 {run['cost']:.2f} µs/{u}, "
+                                 f"proxy {run['own']:.2f} (user {run['own_user']:.2f}) µs/{u}")
+                    log(f"round {r + 1}/{a.runs} {proxy} {sc}: {what}"
+                        + (f", p99 {run['p99']:.0f} µs" if run["p99"] is not None else "")
+                        + (f" [{run['note']}]" if run["note"] else "") + (" *noisy*" if run["noisy"] else ""))
     finally:
         for b in backends:
             b.terminate()
