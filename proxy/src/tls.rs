@@ -139,11 +139,9 @@ impl DeviceTls {
         };
         // TLS over TCP runs rustls' unbuffered connection, which does not tell the server
         // name: the resolver notes it (QUIC's config, made above, keeps its own resolver).
-        let mut tcp = Arc::unwrap_or_clone(server);
-        tcp.cert_resolver = Arc::new(unbuffered::NotesServerName(tcp.cert_resolver.clone()));
         Ok(Prepared(Some(DeviceTrust {
             settings,
-            tcp: Arc::new(tcp),
+            tcp: unbuffered::noting_server_names(server),
             quic,
             revoked,
         })))

@@ -66,10 +66,18 @@ fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     })
 }
 
+/// `config` with its certificate resolver wrapped in [`NotesServerName`]: the config
+/// [`TlsStream::accept`] needs.
+pub(crate) fn noting_server_names(config: Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.cert_resolver = Arc::new(NotesServerName(config.cert_resolver.clone()));
+    Arc::new(config)
+}
+
 /// A certificate resolver that notes the server name each ClientHello asks for (as rustls
 /// validated it), for the handshake this thread is driving to read at once.
 #[derive(Debug)]
-pub(crate) struct NotesServerName(pub(crate) Arc<dyn ResolvesServerCert>);
+struct NotesServerName(Arc<dyn ResolvesServerCert>);
 
 impl ResolvesServerCert for NotesServerName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
@@ -115,7 +123,7 @@ pub(crate) struct TlsStream {
 }
 
 /// What to send once rustls allows application data.
-enum Send<'a> {
+enum ToSend<'a> {
     Nothing,
     /// Plaintext to encrypt; how much was taken is set.
     Data(&'a [u8], &'a mut usize),
@@ -175,7 +183,7 @@ impl TlsStream {
         name: &mut Option<String>,
     ) -> Poll<io::Result<()>> {
         loop {
-            match noting_name(name, || self.process(None, Send::Nothing))? {
+            match noting_name(name, || self.process(None, ToSend::Nothing))? {
                 Next::Flush => ready!(self.poll_flush_outgoing(cx))?,
                 Next::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
                 Next::Read if !self.conn.is_handshaking() => {
@@ -210,7 +218,7 @@ impl TlsStream {
 
     /// Processes what `incoming` holds until something must be read or written (see
     /// [`process_records`]); what is done is dropped from it, and it is freed once empty.
-    fn process(&mut self, reader: Option<&mut ReadBuf<'_>>, send: Send<'_>) -> io::Result<Next> {
+    fn process(&mut self, reader: Option<&mut ReadBuf<'_>>, send: ToSend<'_>) -> io::Result<Next> {
         let mut incoming = std::mem::take(&mut self.incoming);
         let mut taken = 0;
         let next = self.process_records(&mut incoming, &mut taken, reader, send);
@@ -235,7 +243,7 @@ impl TlsStream {
         data: &mut [u8],
         taken: &mut usize,
         mut reader: Option<&mut ReadBuf<'_>>,
-        mut send: Send<'_>,
+        mut send: ToSend<'_>,
     ) -> io::Result<Next> {
         loop {
             let UnbufferedStatus { discard, state } =
@@ -292,9 +300,9 @@ impl TlsStream {
                     }
                 }
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    match std::mem::replace(&mut send, Send::Nothing) {
-                        Send::Nothing => {}
-                        Send::Data(plain, n) => {
+                    match std::mem::replace(&mut send, ToSend::Nothing) {
+                        ToSend::Nothing => {}
+                        ToSend::Data(plain, n) => {
                             let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
                             let waiting = self.out_at < self.outgoing.len();
                             send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
@@ -302,7 +310,7 @@ impl TlsStream {
                             })?;
                             *n = plain.len();
                         }
-                        Send::CloseNotify => {
+                        ToSend::CloseNotify => {
                             encrypt_into(&mut self.outgoing, |out| {
                                 traffic.queue_close_notify(out)
                             })?;
@@ -390,7 +398,7 @@ impl TlsStream {
                     &mut scratch[..total],
                     &mut taken,
                     reader.as_deref_mut(),
-                    Send::Nothing,
+                    ToSend::Nothing,
                 );
                 self.incoming = scratch[taken..total].to_vec();
                 processed?;
@@ -405,7 +413,7 @@ impl TlsStream {
     /// After an error, what rustls has to say (its alert) goes out if the socket takes it at
     /// once: best effort, as `tokio-rustls` does.
     fn alert_after_error(&mut self) {
-        let _ = self.process(None, Send::Nothing);
+        let _ = self.process(None, ToSend::Nothing);
         let _ = self.io.try_write(&self.outgoing[self.out_at..]);
     }
 
@@ -528,7 +536,7 @@ impl TlsStream {
             if self.take_plaintext(buf) || self.peer_closed {
                 return Poll::Ready(Ok(()));
             }
-            let next = self.process(Some(buf), Send::Nothing)?;
+            let next = self.process(Some(buf), ToSend::Nothing)?;
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
             }
@@ -572,7 +580,7 @@ impl AsyncWrite for TlsStream {
         }
         loop {
             let mut taken = 0;
-            match this.process(None, Send::Data(data, &mut taken))? {
+            match this.process(None, ToSend::Data(data, &mut taken))? {
                 Next::Flush => {
                     ready!(this.poll_flush_outgoing(cx))?;
                     continue;
@@ -603,7 +611,7 @@ impl AsyncWrite for TlsStream {
             ready!(this.poll_flush_outgoing(cx))?;
             // What rustls has queued goes first (a key update's answer, an alert), then the
             // `close_notify` where the connection can still send; best effort, as rustls' own.
-            match this.process(None, Send::CloseNotify) {
+            match this.process(None, ToSend::CloseNotify) {
                 Ok(Next::Flush) => continue,
                 Ok(_) | Err(_) => this.close_sent = true,
             }
@@ -636,29 +644,36 @@ mod tests {
         let _ = to.shutdown().await;
     }
 
-    /// A device (rustls' client, with a certificate) and the proxy's end of its connection;
-    /// `dribbled`: through a relay that passes one byte at a time.
-    async fn pair(dribbled: bool) -> (Client, TlsStream) {
+    /// The proxy's config (device certificates from its CA required) and a device's, whose
+    /// certificate comes from that CA when `trusted`, from another one otherwise.
+    fn configs(trusted: bool) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let ca = DevCa::generate("test CA").unwrap();
+        let other = DevCa::generate("another CA").unwrap();
         let server = ca
             .issue_server(&["device.test"], KeyKind::EcdsaP256)
             .unwrap();
-        let device = ca.issue_client("device-1", KeyKind::EcdsaP256).unwrap();
-        let config = wasmbed_certs::server_config(
+        let device = if trusted { &ca } else { &other }
+            .issue_client("device-1", KeyKind::EcdsaP256)
+            .unwrap();
+        let server = wasmbed_certs::server_config(
             server.chain(),
             server.key().unwrap(),
             Some(&[ca.cert_der()]),
             &[],
         )
         .unwrap();
-        let mut config = Arc::unwrap_or_clone(config);
-        config.cert_resolver = Arc::new(super::NotesServerName(config.cert_resolver.clone()));
-        let config = Arc::new(config);
         let client = wasmbed_certs::client_config(
             &[ca.cert_der()],
             Some((device.chain(), device.key().unwrap())),
         )
         .unwrap();
+        (super::noting_server_names(server), client)
+    }
+
+    /// A device (rustls' client, with a certificate) and the proxy's end of its connection;
+    /// `dribbled`: through a relay that passes one byte at a time.
+    async fn pair(dribbled: bool) -> (Client, TlsStream) {
+        let (config, client) = configs(true);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut addr = listener.local_addr().unwrap();
         if dribbled {
@@ -774,24 +789,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_certificate_gets_its_alert() {
-        let ca = DevCa::generate("test CA").unwrap();
-        let other = DevCa::generate("another CA").unwrap();
-        let server = ca
-            .issue_server(&["device.test"], KeyKind::EcdsaP256)
-            .unwrap();
-        let stranger = other.issue_client("device-9", KeyKind::EcdsaP256).unwrap();
-        let config = wasmbed_certs::server_config(
-            server.chain(),
-            server.key().unwrap(),
-            Some(&[ca.cert_der()]),
-            &[],
-        )
-        .unwrap();
-        let client = wasmbed_certs::client_config(
-            &[ca.cert_der()],
-            Some((stranger.chain(), stranger.key().unwrap())),
-        )
-        .unwrap();
+        let (config, client) = configs(false);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (device, proxy) = tokio::join!(
