@@ -29,6 +29,9 @@ pub struct Context {
     pub meters: Meters,
     /// Sessions routed by each of `config.routes`, then by the default pool.
     pub routed: Vec<metrics::Counter>,
+    /// The pools each of `config.routes` sends a session to (its pool, its fallbacks, the
+    /// default pool), then the default route's: made once, shared by its sessions.
+    pub route_pools: Vec<Pools>,
     pub alpn: AlpnCounts,
     /// Spaces the moves of drains and rebalancing (`--move-rate`).
     pub pacer: Arc<crate::context::Pacer>,
@@ -51,6 +54,7 @@ impl Context {
             .map(|pool| counter!(ROUTED, "pool" => pool))
             .collect();
         let alpn = AlpnCounts::new(&config.routes);
+        let route_pools = route_pools(&config.routes);
         Context {
             pacer: Arc::new(crate::context::Pacer::new(config.migration.move_rate)),
             alpn,
@@ -62,6 +66,7 @@ impl Context {
             hard_stop,
             meters: Meters::new(),
             routed,
+            route_pools,
             handover: None,
         }
     }
@@ -164,4 +169,32 @@ impl Pacer {
         state.0 = slot + state.1;
         slot
     }
+}
+
+/// The pools a session goes to, in order; shared by every session of one route (a session
+/// keeps them for its moves: one pointer instead of a list of its own).
+pub type Pools = std::sync::Arc<[String]>;
+
+/// Each route's pools, then the default route's ([`Context::route_pools`]).
+pub(crate) fn route_pools(routes: &[RouteConfig]) -> Vec<Pools> {
+    routes
+        .iter()
+        .map(Some)
+        .chain([None])
+        .map(pools_of)
+        .collect()
+}
+
+/// A route's pool, its fallbacks, then the default pool, each once; the default pool alone
+/// for no route.
+pub(crate) fn pools_of(route: Option<&RouteConfig>) -> Pools {
+    let mut pools: Vec<String> = Vec::new();
+    if let Some(r) = route {
+        pools.push(r.pool.clone());
+        pools.extend(r.fallback.iter().cloned());
+    }
+    pools.push(wasmbed_config::proxy::DEFAULT_POOL.to_string());
+    let mut seen = std::collections::HashSet::new();
+    pools.retain(|p| seen.insert(p.clone()));
+    pools.into()
 }

@@ -321,9 +321,9 @@ impl Proxy {
                         wasmbed_config::Mode::Passthrough => {
                             sessions_t.spawn(session::serve_passthrough(ctx, config.clone(), a))
                         }
-                        wasmbed_config::Mode::Terminate => {
-                            sessions_t.spawn(session::serve_terminate(ctx, config.clone(), a))
-                        }
+                        wasmbed_config::Mode::Terminate => sessions_t.spawn(
+                            session::serve_terminate(ctx, config.clone(), a, sessions_t.clone()),
+                        ),
                     };
                 },
             ));

@@ -144,7 +144,7 @@ pub(crate) async fn forward_until_handed(
 /// gateway's pool wants one) and the device's bytes read so far.
 async fn open_passthrough(
     ctx: &Context,
-    pools: Vec<String>,
+    pools: crate::context::Pools,
     (device, sni, listening): (&TcpStream, Option<String>, std::net::SocketAddr),
     prefix: &[u8],
 ) -> Result<(Lease, TcpStream), Refused> {

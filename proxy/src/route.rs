@@ -3,7 +3,7 @@
 
 use wasmbed_config::RouteConfig;
 
-use crate::context::Context;
+use crate::context::{Context, Pools};
 
 /// What a route may match about a device: its SNI, the ALPN protocols it offered, and (in
 /// terminate mode) its certificate's attributes.
@@ -16,22 +16,17 @@ pub struct Matched<'a> {
 
 /// The pools a device goes to, in order: the first matching route's pool, its fallbacks, then
 /// the default pool (a pool with no gateway taking sessions is skipped for the next).
-pub(crate) fn pools_for(ctx: &Context, device: Matched<'_>) -> Vec<String> {
+pub(crate) fn pools_for(ctx: &Context, device: Matched<'_>) -> Pools {
     let routes = &ctx.config.routes;
     let matched = routes.iter().position(|r| route_matches(r, device));
     let index = matched.unwrap_or(routes.len());
     if let Some(counter) = ctx.routed.get(index) {
         counter.increment(1);
     }
-    let mut pools: Vec<String> = Vec::new();
-    if let Some(r) = matched.map(|i| &routes[i]) {
-        pools.push(r.pool.clone());
-        pools.extend(r.fallback.iter().cloned());
+    match ctx.route_pools.get(index) {
+        Some(pools) => pools.clone(),
+        None => crate::context::pools_of(matched.map(|i| &routes[i])),
     }
-    pools.push(wasmbed_config::proxy::DEFAULT_POOL.to_string());
-    let mut seen = std::collections::HashSet::new();
-    pools.retain(|p| seen.insert(p.clone()));
-    pools
 }
 
 /// Whether a device matches a route: its SNI equals the route's or lies under its
@@ -73,7 +68,7 @@ pub(crate) fn device_pools(
     ctx: &Context,
     sni: Option<&str>,
     attributes: Option<wasmbed_certs::CertAttributes>,
-) -> Vec<String> {
+) -> Pools {
     let matched = Matched {
         sni,
         alpn: &[],

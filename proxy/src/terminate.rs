@@ -215,7 +215,7 @@ const UNAVAILABLE: &str = "no gateway took the session";
 
 /// A session the first gateway WELCOMEd, in parts.
 struct Opened {
-    pools: Vec<String>,
+    pools: crate::context::Pools,
     hello: Hello,
     link: anchor::Link,
     welcome: Frame,

@@ -167,7 +167,7 @@ async fn read_into<R: AsyncRead + Unpin + ?Sized>(
 pub(crate) struct Anchored {
     pub ctx: Arc<Context>,
     pub device: DeviceSide,
-    pub pools: Vec<String>,
+    pub pools: crate::context::Pools,
     pub hello: Hello,
     pub link: Link,
     /// The WELCOME, what the gateway sent after it, what the device sent after its HELLO.
@@ -177,15 +177,7 @@ pub(crate) struct Anchored {
 impl Anchored {
     /// Not an async fn itself: a wrapper's future would hold a second copy of the arguments.
     pub(crate) fn serve(self: Box<Self>) -> impl Future<Output = ()> {
-        let Anchored {
-            ctx,
-            device,
-            pools,
-            hello,
-            link,
-            first,
-        } = *self;
-        serve(ctx, device, pools, hello, link, first)
+        serve(self)
     }
 }
 
@@ -219,18 +211,25 @@ enum Event {
 /// what the device, the gateway, the balancer and the clock say, and does what it returns,
 /// until the session ends. `first` is the WELCOME (sent to the device first), `rest` what
 /// the gateway sent after it, `pending` what the device sent after its HELLO.
-async fn serve(
-    ctx: Arc<Context>,
-    DeviceSide {
-        tls: device,
-        serial,
-        origin,
-    }: DeviceSide,
-    pools: Vec<String>,
-    hello: Hello,
-    link: Link,
-    (first, rest, pending): (Frame, BytesMut, BytesMut),
-) {
+///
+/// This future is most of an idle session's memory, so its one argument is a box: an async
+/// fn keeps its arguments in its future for its whole life (beside the locals they are
+/// moved into), and the box is freed once unpacked. Measured by
+/// `session::tests::a_passthrough_session_task_stays_small`.
+async fn serve(anchored: Box<Anchored>) {
+    let Anchored {
+        ctx,
+        device:
+            DeviceSide {
+                tls: device,
+                serial,
+                origin,
+            },
+        pools,
+        hello,
+        link,
+        first: (first, rest, pending),
+    } = *anchored;
     let settings = Settings {
         replay_window: ctx.config.migration.replay_window,
         forward_checkpoints: ctx.config.migration.forward_checkpoints,
@@ -250,10 +249,12 @@ async fn serve(
     // The proxy is stopping: when this session's GOAWAY goes (paced at --move-rate, so the
     // devices of a stopping proxy do not all reconnect at once); `Some(None)`: sent.
     let mut hand_back: Option<Option<Instant>> = None;
-    // Made once, not at every pass of the loop: a new `cancelled()` future registers with the
-    // process-wide token each time it is polled afresh (a lock per message otherwise).
-    let stopping = ctx.gateways.stopping().clone();
-    let mut stopping = std::pin::pin!(stopping.cancelled_owned());
+    // The proxy's stop, in two steps in one future: first its start (`stopping`: the
+    // hand-back), then, once that came, the hard stop (grace over: cut). The hard stop comes
+    // only after the start. Made once, not at every pass of the loop: a new `cancelled()`
+    // future registers with the process-wide token each time it is polled afresh (a lock per
+    // message otherwise).
+    let mut stop = std::pin::pin!(ctx.gateways.stopping().clone().cancelled_owned());
     let mut link = Some(link);
     let mut step = Step::Go;
     let end = loop {
@@ -283,7 +284,12 @@ async fn serve(
         let writing_gateway = link.is_some() && core.writing_gateway();
         let watching = link.is_some() && core.watching_down();
         let ordered = matches!(core.phase(), Phase::Linked { order: Some(_), .. });
+        // One timer for the core's deadline and the hand-back's slot, whichever is first (a
+        // timer is over 100 bytes of every idle session's task).
         let deadline = core.deadline();
+        let slot = hand_back.flatten();
+        let slot_first = slot.is_some_and(|s| deadline.is_none_or(|d| s <= d));
+        let wake = if slot_first { slot } else { deadline };
         let (up_r, up_w, down, orders, up_dirty) = match link.as_mut() {
             Some(l) => (
                 Some(&mut l.read),
@@ -297,22 +303,23 @@ async fn serve(
         let io = core.io();
         let event = tokio::select! {
             biased;
-            _ = ctx.hard_stop.cancelled() => Event::HardStop,
+            _ = &mut stop => if hand_back.is_none() { Event::Stopping } else { Event::HardStop },
             r = send(up_w, io.to_gateway), if writing_gateway && (up_dirty || !io.to_gateway.is_empty()) => Event::GatewaySent(r),
             r = send(Some(&mut dev_w), io.to_device), if dev_dirty || !io.to_device.is_empty() => Event::DeviceSent(r),
             r = read(up_r, io.from_gateway), if reading_gateway => Event::GatewayRead(r),
             _ = cancelled(down), if watching => Event::Down,
-            _ = sleep_until(deadline), if deadline.is_some() => Event::Tick,
+            _ = sleep_until(wake), if wake.is_some() => if slot_first { Event::HandBack } else { Event::Tick },
             _ = changed(orders), if !ordered => Event::Ordered,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
             _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
-            _ = &mut stopping, if hand_back.is_none() => Event::Stopping,
-            _ = sleep_until(hand_back.flatten()), if matches!(hand_back, Some(Some(_))) => Event::HandBack,
             r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
         };
         match event {
             Event::HardStop => break Ending::Cut,
-            Event::Stopping => hand_back = Some(Some(ctx.pacer.slot())),
+            Event::Stopping => {
+                hand_back = Some(Some(ctx.pacer.slot()));
+                stop.set(ctx.hard_stop.clone().cancelled_owned());
+            }
             Event::HandBack => {
                 hand_back = Some(None);
                 if core.hand_back() {
@@ -536,7 +543,7 @@ fn unlink(link: &mut Option<Link>, failed: bool) -> Option<Arc<Gateway>> {
 fn begin_move(
     ctx: &Arc<Context>,
     core: &mut Core,
-    (pools, origin): (&[String], &Arc<crate::proxy_protocol::Origin>),
+    (pools, origin): (&crate::context::Pools, &Arc<crate::proxy_protocol::Origin>),
     cause: Cause,
     avoid: Option<Arc<Gateway>>,
 ) -> Moving {
@@ -545,7 +552,7 @@ fn begin_move(
     let start = cause.slot_at_relink().then(|| ctx.pacer.slot());
     Box::pin(relink(
         ctx.clone(),
-        pools.to_vec(),
+        pools.clone(),
         (hello, origin.clone()),
         avoid,
         (start, ctx.gateways.in_flight()),
@@ -556,7 +563,7 @@ fn begin_move(
 /// gateway was tried, again after a pause, until `--migrate-timeout`.
 async fn relink(
     ctx: Arc<Context>,
-    pools: Vec<String>,
+    pools: crate::context::Pools,
     (hello, origin): (Vec<u8>, Arc<crate::proxy_protocol::Origin>),
     avoid: Option<Arc<Gateway>>,
     // The guard counts the move among those in flight until this returns.
