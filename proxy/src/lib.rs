@@ -86,7 +86,7 @@ pub struct Proxy {
 
 struct Takeover {
     inherited: Option<takeover::Inherited>,
-    socket: (tokio::net::UnixListener, std::path::PathBuf),
+    socket: takeover::Socket,
     handoff: (Arc<takeover::Handover>, takeover::Handoff),
 }
 
@@ -176,7 +176,7 @@ impl Proxy {
                     .map_err(|e| ProxyError::Takeover(format!("{}: {e}", path.display())))?;
                 Some(Takeover {
                     inherited,
-                    socket: (socket, path.clone()),
+                    socket,
                     handoff: takeover::Handover::new(),
                 })
             }

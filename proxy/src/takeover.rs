@@ -232,6 +232,14 @@ impl Channel {
                     RecvFlags::CMSG_CLOEXEC,
                 )
                 .map_err(io::Error::from)?;
+                // Descriptors the kernel could not give (this process at its open-files
+                // limit, or more than the buffer holds) are closed by it: the frame that
+                // names them would take the wrong ones. Said by name, not as a count mismatch.
+                if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+                    return Err(io::Error::other(
+                        "takeover: descriptors truncated (open-files limit reached?)",
+                    ));
+                }
                 let mut fds = Vec::new();
                 for message in control.drain() {
                     if let RecvAncillaryMessage::ScmRights(received) = message {
@@ -299,6 +307,9 @@ pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
         }
         Err(e) => return Err(e),
     };
+    // The descriptors that come back become this process's listeners: only from a process
+    // of this user (a socket at PATH bound by someone else is not the proxy to take over).
+    same_user(&stream)?;
     let token = std::fs::read_to_string(token_path(path))?;
     let mut channel = Channel::new(stream);
     channel
@@ -380,9 +391,17 @@ pub struct Offer {
     pub admin: Option<(SocketAddr, OwnedFd)>,
 }
 
+/// The takeover socket a running proxy serves, and the token a new process must show (kept
+/// here as written: the file is for the new process, never read back by this one).
+pub struct Socket {
+    listener: UnixListener,
+    path: PathBuf,
+    token: String,
+}
+
 /// Binds the takeover socket at `path` (a stale one is replaced; a live one means another
 /// proxy serves it: refused) and writes a fresh token beside it.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+pub fn bind(path: &Path) -> io::Result<Socket> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
@@ -409,7 +428,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW);
     std::io::Write::write_all(&mut options.open(&token_file)?, hex.as_bytes())?;
-    Ok(listener)
+    Ok(Socket {
+        listener,
+        path: path.to_path_buf(),
+        token: hex,
+    })
 }
 
 /// In the old process: serves `listener` (at `path`) until a new process takes over or
@@ -418,16 +441,19 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 /// then hands every session that comes through `handoff`, and says done when
 /// `sessions_done` fires (this process's sessions have all ended or left).
 pub async fn serve(
-    (listener, path): (UnixListener, PathBuf),
+    socket: Socket,
     offered: Offer,
     (handover, mut handoff): (Arc<Handover>, Handoff),
     shutdown: CancellationToken,
     sessions_done: CancellationToken,
 ) {
-    let mut listener = listener;
+    let Socket {
+        mut listener,
+        path,
+        mut token,
+    } = socket;
     let admin: Vec<(SocketAddr, OwnedFd)> = offered.admin.into_iter().collect();
     let mut channel = loop {
-        let token = std::fs::read_to_string(token_path(&path)).unwrap_or_default();
         let mut channel = loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -443,7 +469,7 @@ pub async fn serve(
                     return;
                 }
             };
-            match admit(stream, token.trim()).await {
+            match admit(stream, &token).await {
                 Ok(c) => break c,
                 Err(e) => tracing::warn!(error = %e, "takeover refused"),
             }
@@ -472,7 +498,7 @@ pub async fn serve(
                 // Nothing changed here: serve on, and the socket again for a next try.
                 tracing::warn!(answer = ?other.map(|m| m.0), "takeover: the new process did not get ready; serving on");
                 match bind(&path) {
-                    Ok(l) => listener = l,
+                    Ok(s) => (listener, token) = (s.listener, s.token),
                     Err(e) => {
                         tracing::warn!(error = %e, "takeover socket: cannot serve it again");
                         return;
@@ -558,13 +584,7 @@ pub async fn serve(
 
 /// Checks a takeover request: the same user at the other end, and the token.
 async fn admit(stream: UnixStream, token: &str) -> io::Result<Channel> {
-    let peer = rustix::net::sockopt::socket_peercred(&stream).map_err(io::Error::from)?;
-    if peer.uid != rustix::process::getuid() {
-        return Err(io::Error::other(format!(
-            "a process of another user (uid {}) asked",
-            peer.uid.as_raw()
-        )));
-    }
+    same_user(&stream)?;
     let mut channel = Channel::new(stream);
     let (message, _) = channel.recv_within(STEP).await?;
     let offered = message["token"].as_str().unwrap_or_default();
@@ -581,8 +601,82 @@ async fn admit(stream: UnixStream, token: &str) -> io::Result<Channel> {
     Ok(channel)
 }
 
+/// Refuses a peer of another user (the socket's peer credentials, as the kernel saw them
+/// when it connected or listened), both ways: the old process checks who asks, the new one
+/// who answers.
+fn same_user(stream: &UnixStream) -> io::Result<()> {
+    let peer = rustix::net::sockopt::socket_peercred(stream).map_err(io::Error::from)?;
+    if peer.uid != rustix::process::getuid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "takeover: the peer is a process of another user (uid {})",
+                peer.uid.as_raw()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Removes the takeover socket's file and token.
 fn forget(path: &Path) {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(token_path(path));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use rustix::process::Uid;
+
+    use super::*;
+
+    /// A thread of the user `nobody` (65534) runs `f`: the kernel records a socket's
+    /// credentials per thread, so this is another user's peer without another process.
+    fn as_another_user<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            rustix::thread::set_thread_uid(Uid::from_raw(65534)).expect("setuid on a thread");
+            f()
+        })
+        .join()
+        .expect("the other user's thread")
+    }
+
+    /// Both ends check the other's user: the old process refuses a new one of another user
+    /// (before reading a byte from it), the new process refuses an old one of another user
+    /// (before sending it the token or taking descriptors from it). Needs CAP_SETUID, as the
+    /// CI here runs (root); elsewhere it says so and checks nothing.
+    #[tokio::test]
+    async fn a_peer_of_another_user_is_refused_both_ways() {
+        if !rustix::process::getuid().is_root() {
+            eprintln!("not root: cannot make a peer of another user; nothing checked");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        // The new process's side: the socket at PATH is served by another user.
+        let path = dir.path().join("takeover.sock");
+        let theirs = path.clone();
+        let foreign = as_another_user(move || std::os::unix::net::UnixListener::bind(theirs));
+        let _foreign = foreign.expect("the other user binds");
+        let Err(refused) = receive(&path).await else {
+            panic!("a proxy of another user taken over")
+        };
+        assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
+        assert!(refused.to_string().contains("another user"), "{refused}");
+        // The old process's side: another user connects (the socket's mode would stop it
+        // first; opened here to reach the second check).
+        let ours = dir.path().join("ours.sock");
+        let socket = bind(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let target = ours.clone();
+        let client = as_another_user(move || std::os::unix::net::UnixStream::connect(target));
+        let _client = client.expect("the other user connects");
+        let (stream, _) = socket.listener.accept().await.unwrap();
+        let Err(refused) = admit(stream, &socket.token).await else {
+            panic!("a process of another user admitted")
+        };
+        assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
+    }
 }

@@ -62,6 +62,9 @@ pub(crate) async fn terminate(
     }
     // Counted from here to the handshake's end.
     let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
+        // Closed with the ClientHello unread, so the kernel answers with a reset (as QUIC's
+        // refusal, immediate): the device learns at once, and the proxy keeps no TIME_WAIT
+        // per refused connection through a storm. Nothing may read from `device` before here.
         return Err(refused(
             Refusal::HandshakesBusy,
             "max_handshakes device handshakes already in progress",
@@ -185,7 +188,7 @@ pub(crate) async fn anchor_device(
             ctx: ctx.clone(),
             device: anchor::DeviceSide {
                 tls: device,
-                serial: first.serial,
+                serial: first.serial.map(Vec::into_boxed_slice),
                 origin: first.origin,
             },
             pools: first.pools,

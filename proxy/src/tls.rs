@@ -51,6 +51,10 @@ pub struct DeviceTls {
     /// its gauge.
     handshakes: AtomicUsize,
     handshakes_gauge: metrics::Gauge,
+    /// Cancelled at the next install (and replaced): how live sessions learn of a reload
+    /// ([`DeviceTls::installs`]). A token, not a `watch` receiver: waiting on it is half the
+    /// bytes in every idle session's task.
+    installed: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
 }
 
 /// One device handshake admitted: counted until dropped.
@@ -73,6 +77,7 @@ impl DeviceTls {
             quic: config.quic.listen.map(|_| quic_transport(config)),
             handshakes: AtomicUsize::new(0),
             handshakes_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES),
+            installed: Default::default(),
         };
         if tls.quic.is_some() && of(config).is_none() {
             return Err(ProxyError::Reload(
@@ -153,7 +158,14 @@ impl DeviceTls {
     pub(crate) fn install(&self, prepared: Prepared) -> usize {
         let n = prepared.0.as_ref().map_or(0, |t| t.revoked.len());
         self.trust.install(prepared.0);
+        // After the trust is in use: a session woken by this reads the new trust.
+        self.installed.swap(Default::default()).cancel();
         n
+    }
+
+    /// Cancelled when trust is next installed (a reload): then take this again, and check.
+    pub(crate) fn installs(&self) -> tokio_util::sync::CancellationToken {
+        (**self.installed.load()).clone()
     }
 
     /// Re-reads the certificate, key, device CA and CRLs from the same files. New handshakes

@@ -373,7 +373,11 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
             "tcp" => {
                 let tls = device_tls(&pki.ca, Some(&pki.ca), "device-0700", false);
                 let r = tls_connect(proxy.addr, tls).await;
-                assert!(r.is_err(), "TLS over TCP past the cap is closed at once");
+                // At once, with a reset (no TIME_WAIT left at the proxy per refusal).
+                let Err(e) = r else {
+                    panic!("TLS over TCP past the cap is refused at once")
+                };
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
             }
             _ => {
                 let client = quic_client(&pki, Some(&pki.ca), "device-0701");

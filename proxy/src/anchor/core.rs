@@ -119,11 +119,11 @@ pub enum Step {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Tally {
     /// Answers dropped because the device already had them.
-    pub duplicates: u64,
+    pub duplicates: u32,
     /// DATA sent again to a new gateway.
-    pub replayed: u64,
+    pub replayed: u32,
     /// Tickets given up because the window filled with answered DATA no ticket covered.
-    pub overflows: u64,
+    pub overflows: u32,
 }
 
 /// The core's buffers, for the driver's reads and writes ([`Core::io`]).
@@ -429,10 +429,10 @@ impl Core {
         for f in self.window.iter().filter(|f| f.seq > from) {
             put(&mut self.to_gateway, f);
             // Sent before to the old gateway: a replay (the rest is new to any gateway).
-            replayed += u64::from(f.seq <= self.forwarded);
+            replayed += u32::from(f.seq <= self.forwarded);
         }
         self.forwarded = self.sent;
-        self.tally.replayed += replayed;
+        self.tally.replayed = self.tally.replayed.saturating_add(replayed);
         self.gateway_codec = FrameCodec::new(DEFAULT_MAX_FRAME);
         self.from_gateway = rest;
         self.phase = Phase::Linked {

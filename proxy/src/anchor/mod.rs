@@ -88,7 +88,7 @@ pub(crate) struct DeviceSide {
     /// Boxed: an async fn keeps its arguments in its future for its whole life, and a TLS
     /// stream is over a kilobyte.
     pub tls: Box<dyn DeviceStream>,
-    pub serial: Option<Vec<u8>>,
+    pub serial: Option<Box<[u8]>>,
     /// For a PROXY protocol header on each link, where the gateway's pool wants one.
     pub origin: crate::proxy_protocol::Origin,
 }
@@ -239,7 +239,7 @@ async fn serve(anchored: Box<Anchored>) {
     drop(first);
     let origin = Arc::new(origin);
     let (mut dev_r, mut dev_w) = tokio::io::split(device);
-    let mut reloads = ctx.device_tls.trust.subscribe();
+    let mut reloads = ctx.device_tls.installs();
     let mut dev_dirty = false;
     let mut moving: Option<Moving> = None;
     // A paced move's place among the moves in flight, from its order to its start.
@@ -255,6 +255,9 @@ async fn serve(anchored: Box<Anchored>) {
     // future registers with the process-wide token each time it is polled afresh (a lock per
     // message otherwise).
     let mut stop = std::pin::pin!(ctx.gateways.stopping().clone().cancelled_owned());
+    // One timer for the session's life, moved when its time changes (a timer made afresh
+    // for each turn of the loop would sit in the `select!`'s state beside the others).
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
     let mut link = Some(link);
     let mut step = Step::Go;
     let end = loop {
@@ -290,6 +293,11 @@ async fn serve(anchored: Box<Anchored>) {
         let slot = hand_back.flatten();
         let slot_first = slot.is_some_and(|s| deadline.is_none_or(|d| s <= d));
         let wake = if slot_first { slot } else { deadline };
+        if let Some(at) = wake.map(tokio::time::Instant::from_std)
+            && timer.deadline() != at
+        {
+            timer.as_mut().reset(at);
+        }
         let (up_r, up_w, down, orders, up_dirty) = match link.as_mut() {
             Some(l) => (
                 Some(&mut l.read),
@@ -308,10 +316,10 @@ async fn serve(anchored: Box<Anchored>) {
             r = send(Some(&mut dev_w), io.to_device), if dev_dirty || !io.to_device.is_empty() => Event::DeviceSent(r),
             r = read(up_r, io.from_gateway), if reading_gateway => Event::GatewayRead(r),
             _ = cancelled(down), if watching => Event::Down,
-            _ = sleep_until(wake), if wake.is_some() => if slot_first { Event::HandBack } else { Event::Tick },
+            _ = &mut timer, if wake.is_some() => if slot_first { Event::HandBack } else { Event::Tick },
             _ = changed(orders), if !ordered => Event::Ordered,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
-            _ = changed(Some(&mut reloads)), if serial.is_some() => Event::Reloaded,
+            _ = cancelled(Some(&reloads)), if serial.is_some() => Event::Reloaded,
             r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
         };
         match event {
@@ -327,6 +335,7 @@ async fn serve(anchored: Box<Anchored>) {
                 }
             }
             Event::Reloaded => {
+                reloads = ctx.device_tls.installs();
                 if serial
                     .as_ref()
                     .is_some_and(|s| ctx.device_tls.is_revoked(s))
@@ -513,9 +522,9 @@ async fn close(
 fn tally(ctx: &Context, core: &mut Core) {
     let t = core.take_tally();
     if t != Tally::default() {
-        ctx.meters.duplicates.increment(t.duplicates);
-        ctx.meters.replayed.increment(t.replayed);
-        ctx.meters.overflows.increment(t.overflows);
+        ctx.meters.duplicates.increment(t.duplicates.into());
+        ctx.meters.replayed.increment(t.replayed.into());
+        ctx.meters.overflows.increment(t.overflows.into());
     }
 }
 
@@ -686,13 +695,6 @@ async fn changed(orders: Option<&mut tokio::sync::watch::Receiver<u64>>) {
                 std::future::pending::<()>().await;
             }
         }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }
