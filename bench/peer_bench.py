@@ -182,6 +182,8 @@ def tools(install):
     if missing or not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
         sys.exit(f"missing: {missing or ['libnginx-mod-stream']} (run with --install)")
     if not os.path.exists(WASMBED):
+        if WASMBED != os.path.join(REPO, "target", "release", "wasmbed"):
+            sys.exit(f"{WASMBED}: no such binary")
         log("building target/release/wasmbed")
         subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "wasmbed"], cwd=REPO, check=True)
 
@@ -499,6 +501,7 @@ def parse_rates(text):
 
 
 def main():
+    global WASMBED
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--seconds", type=int, default=5,
@@ -507,6 +510,11 @@ def main():
     ap.add_argument("--scenarios", default="bulk1,bulk4,rr,conn,tls,tlsterm,tlsbulk,mem")
     ap.add_argument("--proxies", default=",".join(PROXIES))
     ap.add_argument("--install", action="store_true")
+    ap.add_argument("--wasmbed", metavar="BIN", default=WASMBED,
+                    help="the wasmbed binary run as proxy `wasmbed` (default target/release/wasmbed, "
+                         "built if missing). For a self-comparison give it and --compare two copies "
+                         "made the same way (a binary in target/ read ~10%% cheaper than its cp "
+                         "elsewhere in three runs)")
     ap.add_argument("--compare", metavar="BIN",
                     help="another wasmbed binary (e.g. a build before a change), run as proxy "
                          "`wasmbed-b` with the same arguments; add it to --proxies")
@@ -516,6 +524,7 @@ def main():
         sys.exit("needs two cores (proxy on core 1, load on core 0)")
     if a.runs < 1 or a.seconds < 1:
         sys.exit("--runs and --seconds must be at least 1")
+    WASMBED = os.path.abspath(a.wasmbed)
     rates = parse_rates(a.rates)
     scenarios = a.scenarios.split(",")
     proxies = a.proxies.split(",")
