@@ -393,6 +393,9 @@ impl Proxy {
                 sessions = sessions.len(),
                 "grace period over: closing sessions"
             );
+            // The stop's start first (a session waits for the hard stop only once it has
+            // seen the start: anchor's `stop`); normally set long before, by the task above.
+            gateways.set_stopping();
             hard_stop.cancel();
             gateways.snapshot().iter().for_each(|g| g.cut_sessions());
             sessions.wait().await;

@@ -1,9 +1,13 @@
 //! One device connection: classify (peek the ClientHello, or terminate TLS) -> pick a gateway
 //! -> connect (retrying the next best on failure) -> forward until an end.
 
+use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use metrics::counter;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use wasmbed_config::ListenerConfig;
 
@@ -13,10 +17,6 @@ use crate::listener::Accepted;
 use crate::metric_names::ACCEPTED;
 use crate::passthrough::passthrough;
 use crate::terminate::terminate;
-use futures_util::FutureExt;
-use std::future::Future;
-use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::task::TaskTracker;
 
 /// A listener as sessions see it: its config and its own accepted-connections counter.
 pub struct Listener {
@@ -88,18 +88,31 @@ pub async fn serve_terminate(
 }
 
 /// An anchored terminated session's own task: served until it ends, then counted closed.
-/// Its future is most of an idle session's memory (`tests::a_passthrough_session_task_stays_small`):
+/// Its future is most of an idle session's memory (`tests::session_tasks_stay_small`):
 /// a combinator, not an async fn, adds only what the end needs (an async fn would also keep
 /// its arguments).
 fn serve_anchored(
     anchored: Box<Anchored>,
     permit: OwnedSemaphorePermit,
 ) -> impl Future<Output = ()> {
-    let ctx = anchored.ctx.clone();
-    anchored.serve().map(move |()| {
-        closed(&ctx, Ok(()), &tracing::Span::none());
-        drop(permit);
-    })
+    let open = Open {
+        ctx: anchored.ctx.clone(),
+        _permit: permit,
+    };
+    anchored.serve().map(move |()| drop(open))
+}
+
+/// An anchored session counted open, and its connection slot held, until dropped: at its
+/// end, or when its task is dropped unfinished.
+struct Open {
+    ctx: Arc<Context>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        closed(&self.ctx, Ok(()), &tracing::Span::none());
+    }
 }
 
 /// A session begins: counted, and its span.
@@ -165,7 +178,7 @@ mod tests {
     /// a `--takeover` session's movable forwarding) are boxed so they are freed once done, or
     /// carried only where used (the box's pointer: 8 bytes).
     #[tokio::test]
-    async fn a_passthrough_session_task_stays_small() {
+    async fn session_tasks_stay_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stream = TcpStream::connect(addr).await.unwrap();

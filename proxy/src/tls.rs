@@ -52,8 +52,8 @@ pub struct DeviceTls {
     handshakes: AtomicUsize,
     handshakes_gauge: metrics::Gauge,
     /// Cancelled at the next install (and replaced): how live sessions learn of a reload
-    /// ([`DeviceTls::installs`]). A token, not a `watch` receiver: waiting on it is half the
-    /// bytes in every idle session's task.
+    /// ([`DeviceTls::installs`]). A token, not a `watch` receiver: a session waits on it with
+    /// one persistent future (72 bytes of its task, where a `watch` wait was 136).
     installed: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
 }
 

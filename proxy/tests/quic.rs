@@ -340,9 +340,9 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
 
 /// One cap for device handshakes on every transport (`max_handshakes`): a connection that
 /// sends nothing holds no slot; while a stalled TLS-over-TCP handshake holds it, a device past
-/// it is refused at once over TCP (closed before its handshake) and over QUIC
-/// (CONNECTION_REFUSED), both counted under one label; when it ends, devices of both
-/// transports get their sessions.
+/// it is refused at once over TCP (reset before its handshake), on a raw listener (the same)
+/// and over QUIC (CONNECTION_REFUSED), all counted under one label; when it ends, TCP and
+/// QUIC devices get their sessions.
 #[tokio::test]
 async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     let pki = pki(KeyKind::EcdsaP256);
@@ -351,6 +351,10 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
     c.max_handshakes = 1;
     c.handshake_timeout = Duration::from_secs(30);
+    // A raw listener beside the anchored one: the same admission.
+    let mut raw = c.listeners[0].clone();
+    raw.raw = true;
+    c.listeners.push(raw);
     let proxy = start(c).await;
     let quic = proxy.quic.unwrap();
     // A TCP connection that sends no byte holds no handshake: a device still gets in.
@@ -368,11 +372,12 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
         .until_metric("wasmbed_proxy_handshakes_in_progress", 1.0)
         .await;
     let busy = "wasmbed_proxy_connections_rejected_total{reason=\"handshakes_busy\"}";
-    for (transport, refused) in [("tcp", 1.0), ("quic", 2.0)] {
+    for (transport, refused) in [("tcp", 1.0), ("raw", 2.0), ("quic", 3.0)] {
         match transport {
-            "tcp" => {
+            "tcp" | "raw" => {
+                let addr = proxy.addrs[usize::from(transport == "raw")];
                 let tls = device_tls(&pki.ca, Some(&pki.ca), "device-0700", false);
-                let r = tls_connect(proxy.addr, tls).await;
+                let r = tls_connect(addr, tls).await;
                 // At once, with a reset (no TIME_WAIT left at the proxy per refusal).
                 let Err(e) = r else {
                     panic!("TLS over TCP past the cap is refused at once")

@@ -215,7 +215,7 @@ enum Event {
 /// This future is most of an idle session's memory, so its one argument is a box: an async
 /// fn keeps its arguments in its future for its whole life (beside the locals they are
 /// moved into), and the box is freed once unpacked. Measured by
-/// `session::tests::a_passthrough_session_task_stays_small`.
+/// `session::tests::session_tasks_stay_small`.
 async fn serve(anchored: Box<Anchored>) {
     let Anchored {
         ctx,
@@ -239,7 +239,21 @@ async fn serve(anchored: Box<Anchored>) {
     drop(first);
     let origin = Arc::new(origin);
     let (mut dev_r, mut dev_w) = tokio::io::split(device);
-    let mut reloads = ctx.device_tls.installs();
+    // Trust reloads (a CRL that may revoke this device): a token the device trust cancels at
+    // each install. Taken before the check below, so an install after the handshake's own
+    // check is seen either way.
+    let mut installs = ctx.device_tls.installs();
+    if serial
+        .as_ref()
+        .is_some_and(|s| ctx.device_tls.is_revoked(s))
+    {
+        // Revoked between the handshake and here: the first turn handles it as a reload.
+        installs = CancellationToken::new();
+        installs.cancel();
+    }
+    // Waited on by one future for the session's life, as `stop` below (made afresh at every
+    // turn, it would lock the token's mutex twice per turn, shared by every session).
+    let mut reloaded = std::pin::pin!(installs.cancelled_owned());
     let mut dev_dirty = false;
     let mut moving: Option<Moving> = None;
     // A paced move's place among the moves in flight, from its order to its start.
@@ -319,7 +333,7 @@ async fn serve(anchored: Box<Anchored>) {
             _ = &mut timer, if wake.is_some() => if slot_first { Event::HandBack } else { Event::Tick },
             _ = changed(orders), if !ordered => Event::Ordered,
             r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
-            _ = cancelled(Some(&reloads)), if serial.is_some() => Event::Reloaded,
+            _ = &mut reloaded, if serial.is_some() => Event::Reloaded,
             r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
         };
         match event {
@@ -335,7 +349,7 @@ async fn serve(anchored: Box<Anchored>) {
                 }
             }
             Event::Reloaded => {
-                reloads = ctx.device_tls.installs();
+                reloaded.set(ctx.device_tls.installs().cancelled_owned());
                 if serial
                     .as_ref()
                     .is_some_and(|s| ctx.device_tls.is_revoked(s))

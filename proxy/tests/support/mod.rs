@@ -197,6 +197,8 @@ pub struct RunningProxy {
     _serial: tokio::sync::MutexGuard<'static, ()>,
     baseline: String,
     pub addr: SocketAddr,
+    /// Every device listener's address, in the config's order (`addr` is the first).
+    pub addrs: Vec<SocketAddr>,
     /// `--quic-listen`'s address, when configured.
     pub quic: Option<SocketAddr>,
     pub admin: SocketAddr,
@@ -241,7 +243,8 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let serial = SERIAL.lock().await;
     let proxy = Proxy::bind(config).await.unwrap();
-    let addr = proxy.listen_addrs()[0];
+    let addrs = proxy.listen_addrs();
+    let addr = addrs[0];
     let quic = proxy.quic_addr();
     let admin = proxy.admin_addr().unwrap();
     let gateways = proxy.gateways();
@@ -254,6 +257,7 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
         _serial: serial,
         baseline,
         addr,
+        addrs,
         quic,
         admin,
         gateways,
