@@ -99,6 +99,15 @@ fn moves_without_the_devices_noticing_over(name: &str, extra: &[&str]) {
     assert_eq!(doc["state_resets"], 0, "{doc}");
     assert_eq!(doc["report"]["reconnects"], 0, "{doc}");
     assert_eq!(doc["failed_checks"].as_array().unwrap().len(), 0, "{doc}");
+    // What devices waited, before the event (steady) and from it on, from the fleet's own
+    // log: both windows hold replies, and no wait exceeds the run's longest.
+    let run_max = doc["report"]["reply_us"]["max"].as_f64().unwrap() / 1e3;
+    for key in ["reply_wait_before_event", "reply_wait_after_event"] {
+        let w = &doc[key];
+        assert!(w["count"].as_u64().unwrap() > 100, "{key}: {doc}");
+        let (p99, max) = (w["p99_ms"].as_f64().unwrap(), w["max_ms"].as_f64().unwrap());
+        assert!(p99 <= max && max <= run_max + 0.001, "{key}: {doc}");
+    }
 }
 
 /// Two proxy replicas on one address (`--proxies 2`, SO_REUSEPORT), 60 `counter` devices:

@@ -93,8 +93,10 @@ impl Device<'_> {
                     live.state_resets.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(sent) = self.sent_at.pop_front() {
+                    let wait = sent.elapsed();
+                    live.note_reply(wait);
                     let mut h = self.ctx.hist.lock().unwrap_or_else(|e| e.into_inner());
-                    let _ = h.reply.record(micros(sent.elapsed()));
+                    let _ = h.reply.record(micros(wait));
                 }
             }
             Event::Failed { code, .. } => {

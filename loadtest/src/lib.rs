@@ -85,9 +85,86 @@ pub struct Live {
     pub churned: AtomicU64,
     /// Devices whose app state restarted (a counter REPLY that went back), as it happens.
     pub state_resets: AtomicU64,
+    /// While on ([`Live::log_replies`]): each reply's arrival and its wait, so that a scenario
+    /// can tell what devices waited around an event from what they waited all run long (the
+    /// run's histogram also holds the connect storm's waits).
+    pub reply_log: Mutex<Option<Vec<(Instant, Duration)>>>,
+    reply_logging: std::sync::atomic::AtomicBool,
+}
+
+/// The waits of the replies that arrived in one window: how many, median, 99th percentile
+/// and longest, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Waits {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Waits {
+    fn of(mut waits: Vec<Duration>) -> Waits {
+        waits.sort();
+        let at = |q: f64| {
+            let i = ((waits.len() as f64 * q).ceil() as usize).clamp(1, waits.len()) - 1;
+            waits[i].as_secs_f64() * 1e3
+        };
+        if waits.is_empty() {
+            return Waits::default();
+        }
+        Waits {
+            count: waits.len(),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
 }
 
 impl Live {
+    /// Starts keeping every reply's arrival and wait ([`Live::reply_waits_around`]).
+    pub fn log_replies(&self) {
+        *self.reply_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        self.reply_logging.store(true, Ordering::Relaxed);
+    }
+
+    /// A reply arrived after `wait` (kept while logging is on).
+    pub fn note_reply(&self, wait: Duration) {
+        if self.reply_logging.load(Ordering::Relaxed)
+            && let Some(log) = self
+                .reply_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+        {
+            log.push((Instant::now(), wait));
+        }
+    }
+
+    /// What devices waited for the replies that arrived in the `window` before `event`, and
+    /// for those that arrived after it until now (the event's cost as devices see it, beside
+    /// the steady state of the moment). Logging stops.
+    pub fn reply_waits_around(&self, event: Instant, window: Duration) -> (Waits, Waits) {
+        self.reply_logging.store(false, Ordering::Relaxed);
+        let log = self
+            .reply_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        let pick = |from: Instant, to: Instant| {
+            log.iter()
+                .filter(|(at, _)| *at >= from && *at < to)
+                .map(|(_, w)| *w)
+                .collect::<Vec<_>>()
+        };
+        let before = event.checked_sub(window).unwrap_or(event);
+        (
+            Waits::of(pick(before, event)),
+            Waits::of(pick(event, Instant::now() + Duration::from_secs(1))),
+        )
+    }
+
     /// The most devices that came back within any `window` after `since` (the reconnect
     /// wave's crest), and the time from `since` to the last one back.
     pub fn wave(&self, since: Instant, window: Duration) -> (usize, Option<Duration>) {

@@ -308,6 +308,10 @@ impl Moves {
     }
 }
 
+/// How long the moving scenarios watch the replies' waits before their event (the steady
+/// state the event's waits are set beside).
+const STEADY: Duration = Duration::from_secs(2);
+
 /// Terminate mode: the proxy moves the sessions (failover: a SIGKILL; drain: the proxy's
 /// `drain?move=true`); the devices should notice nothing.
 async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
@@ -324,6 +328,9 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         ..
     } = run;
     let (all_up, _) = settle(live, devices, wait).await;
+    // The replies' waits in a steady moment before the event, to set the event's beside.
+    live.log_replies();
+    tokio::time::sleep(STEADY).await;
     let before = proxy_spread(proxy_admin);
     let (victim, child, victim_admin) = &stack.gateways[0];
     let affected = before.get(victim).copied().unwrap_or(0);
@@ -389,6 +396,7 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     let moves = Moves::read(proxy_admin);
     let disconnects = live.rehomed.load(Relaxed) - rehomed_before
         + devices.saturating_sub(live.connected_now.load(Relaxed));
+    let (steady, around) = live.reply_waits_around(event, STEADY);
     finish.cancel();
     let report = running.await.unwrap_or_default();
     let by_result = moves.since(&moves_before);
@@ -403,12 +411,24 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         max_minus_min(&after)
     );
     say!(
-        "moved {:.0}/{affected} sessions {by_result:?}, {victim} empty after {:.0} ms; pause p50 {} p99 {} (proxy histogram buckets); longest wait a device saw for a reply {:.1} ms",
+        "moved {:.0}/{affected} sessions {by_result:?}, {victim} empty after {:.0} ms; pause p50 {} p99 {} (proxy histogram buckets); longest wait a device saw for a reply in the whole run (its connect storm included) {:.1} ms",
         moves.total() - moves_before.total(),
         emptied.as_secs_f64() * 1e3,
         show(p50),
         show(p99),
         report.reply_us.max as f64 / 1e3
+    );
+    say!(
+        "device-side, the replies' waits: in the {:.0} s before the event p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} replies); from the event to the end p50 {:.1} ms p99 {:.1} ms max {:.1} ms ({} replies)",
+        STEADY.as_secs_f64(),
+        steady.p50_ms,
+        steady.p99_ms,
+        steady.max_ms,
+        steady.count,
+        around.p50_ms,
+        around.p99_ms,
+        around.max_ms,
+        around.count
     );
     if let Some(d) = detected {
         say!(
@@ -465,6 +485,8 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         "emptied_ms": emptied.as_secs_f64() * 1e3,
         "detected_ms": detected.map(|d| d.as_secs_f64() * 1e3),
         "longest_reply_wait_ms": report.reply_us.max as f64 / 1e3,
+        "reply_wait_before_event": steady,
+        "reply_wait_after_event": around,
         "pause_p50_ms_bucket": p50,
         "pause_p99_ms_bucket": p99,
         "disconnects": disconnects,
