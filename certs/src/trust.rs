@@ -89,10 +89,13 @@ impl Revokes for ServerTrust {
 
 /// The trust in use (`None`: no TLS), swapped whole by [`Reloadable::install`] and read per
 /// handshake with [`Reloadable::load`]. Each install bumps a generation that live sessions
-/// watch ([`Reloadable::subscribe`]).
+/// watch ([`Reloadable::subscribe`]) and cancels a token they may wait on instead
+/// ([`Reloadable::installs`]: one persistent future of 72 bytes, where a `watch` wait made
+/// at each turn of a session's loop is 136; the proxy's idle sessions count those bytes).
 pub struct Reloadable<T> {
     current: ArcSwapOption<T>,
     generation: tokio::sync::watch::Sender<u64>,
+    installed: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
 }
 
 impl<T> Reloadable<T> {
@@ -100,6 +103,7 @@ impl<T> Reloadable<T> {
         Reloadable {
             current: ArcSwapOption::new(trust.map(Arc::new)),
             generation: tokio::sync::watch::Sender::new(0),
+            installed: Default::default(),
         }
     }
 
@@ -112,6 +116,13 @@ impl<T> Reloadable<T> {
     pub fn install(&self, trust: Option<T>) {
         self.current.store(trust.map(Arc::new));
         self.generation.send_modify(|n| *n = n.wrapping_add(1));
+        // After the trust is in use: a session woken by this reads the new trust.
+        self.installed.swap(Default::default()).cancel();
+    }
+
+    /// Cancelled at the next install: then take this again, and read the trust.
+    pub fn installs(&self) -> tokio_util::sync::CancellationToken {
+        (**self.installed.load()).clone()
     }
 
     /// A receiver that wakes at each later install.

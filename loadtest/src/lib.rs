@@ -88,7 +88,7 @@ pub struct Live {
     /// While on ([`Live::log_replies`]): each reply's arrival and its wait, so that a scenario
     /// can tell what devices waited around an event from what they waited all run long (the
     /// run's histogram also holds the connect storm's waits).
-    pub reply_log: Mutex<Option<Vec<(Instant, Duration)>>>,
+    reply_log: Mutex<Option<Vec<(Instant, Duration)>>>,
     reply_logging: std::sync::atomic::AtomicBool,
 }
 
@@ -152,17 +152,14 @@ impl Live {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .unwrap_or_default();
-        let pick = |from: Instant, to: Instant| {
-            log.iter()
-                .filter(|(at, _)| *at >= from && *at < to)
-                .map(|(_, w)| *w)
-                .collect::<Vec<_>>()
-        };
-        let before = event.checked_sub(window).unwrap_or(event);
-        (
-            Waits::of(pick(before, event)),
-            Waits::of(pick(event, Instant::now() + Duration::from_secs(1))),
-        )
+        let from = event.checked_sub(window).unwrap_or(event);
+        let (after, before): (Vec<_>, Vec<_>) = log
+            .iter()
+            .filter(|(at, _)| *at >= from)
+            .partition(|(at, _)| *at >= event);
+        let waits =
+            |v: Vec<&(Instant, Duration)>| Waits::of(v.into_iter().map(|(_, w)| *w).collect());
+        (waits(before), waits(after))
     }
 
     /// The most devices that came back within any `window` after `since` (the reconnect

@@ -82,8 +82,7 @@ pub async fn serve_terminate(
         }
         // `None`: the gateway refused the session and the device was told (or a raw
         // listener's bytes were forwarded to their end).
-        Ok(None) => closed(&ctx, Ok(()), &span),
-        Err(refused) => closed(&ctx, Err(refused), &span),
+        other => closed(&ctx, other.map(drop), &span),
     }
 }
 

@@ -51,10 +51,6 @@ pub struct DeviceTls {
     /// its gauge.
     handshakes: AtomicUsize,
     handshakes_gauge: metrics::Gauge,
-    /// Cancelled at the next install (and replaced): how live sessions learn of a reload
-    /// ([`DeviceTls::installs`]). A token, not a `watch` receiver: a session waits on it with
-    /// one persistent future (72 bytes of its task, where a `watch` wait was 136).
-    installed: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
 }
 
 /// One device handshake admitted: counted until dropped.
@@ -77,7 +73,6 @@ impl DeviceTls {
             quic: config.quic.listen.map(|_| quic_transport(config)),
             handshakes: AtomicUsize::new(0),
             handshakes_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES),
-            installed: Default::default(),
         };
         if tls.quic.is_some() && of(config).is_none() {
             return Err(ProxyError::Reload(
@@ -158,14 +153,12 @@ impl DeviceTls {
     pub(crate) fn install(&self, prepared: Prepared) -> usize {
         let n = prepared.0.as_ref().map_or(0, |t| t.revoked.len());
         self.trust.install(prepared.0);
-        // After the trust is in use: a session woken by this reads the new trust.
-        self.installed.swap(Default::default()).cancel();
         n
     }
 
     /// Cancelled when trust is next installed (a reload): then take this again, and check.
     pub(crate) fn installs(&self) -> tokio_util::sync::CancellationToken {
-        (**self.installed.load()).clone()
+        self.trust.installs()
     }
 
     /// Re-reads the certificate, key, device CA and CRLs from the same files. New handshakes
