@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use wasmbed_config::GatewayConfig;
 use wasmbed_pick::Load;
 
+use crate::signal::Signal;
+
 /// Where a gateway of the set came from: what may change or remove it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -34,6 +36,14 @@ impl Origin {
             Origin::Dns(_) => "dns",
         }
     }
+}
+
+/// What a session has seen of its gateway's events: cuts (it went down) and orders of moves.
+/// Only later ones are news to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seen {
+    pub cuts: u32,
+    pub orders: u32,
 }
 
 /// One gateway behind the proxy, with its live counters.
@@ -62,8 +72,13 @@ pub struct Gateway {
     reported_capacity: AtomicI64,
     /// When it last went down, as milliseconds since [`epoch`] + 1 (0: not down).
     down_since_ms: AtomicU64,
-    /// Cancelled (and replaced) when the gateway goes down: every session through it ends.
-    cancel: ArcSwap<CancellationToken>,
+    /// Fired when the gateway goes down: every passthrough session through it ends.
+    cancel: Signal,
+    /// Fired at each cut ([`Gateway::cut_sessions`]) and each order of moves: the one wait of
+    /// a terminate-mode session on its gateway; [`Gateway::seen`] says which.
+    news: Signal,
+    cuts: AtomicU32,
+    orders: AtomicU32,
     streak: Mutex<Streak>,
     /// Sessions handed to this gateway (registered once: bumping it is one atomic add).
     pub sessions_started: metrics::Counter,
@@ -72,8 +87,6 @@ pub struct Gateway {
     /// Sessions still to be moved off this gateway (drain by moving, rebalancing): each
     /// session that moves takes one.
     move_quota: AtomicUsize,
-    /// Bumped whenever moves are ordered; the sessions on this gateway watch it.
-    move_orders: tokio::sync::watch::Sender<u64>,
     /// Cancelled when the gateway is removed from the set: its prober stops.
     removed: CancellationToken,
     /// A move onto it came back `fresh` (the app restarted), and that was logged.
@@ -124,7 +137,10 @@ impl Gateway {
             reported_sessions: AtomicI64::new(-1),
             reported_capacity: AtomicI64::new(-1),
             down_since_ms: AtomicU64::new(0),
-            cancel: ArcSwap::from_pointee(CancellationToken::new()),
+            cancel: Signal::default(),
+            news: Signal::default(),
+            cuts: AtomicU32::new(0),
+            orders: AtomicU32::new(0),
             streak: Mutex::new(Streak::default()),
             sessions_started: metrics::counter!(
                 crate::metric_names::SESSIONS_STARTED,
@@ -132,7 +148,6 @@ impl Gateway {
             ),
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
-            move_orders: tokio::sync::watch::Sender::new(0),
             removed: CancellationToken::new(),
             fresh_noted: AtomicBool::new(false),
             heard_ms: AtomicU64::new(0),
@@ -178,12 +193,22 @@ impl Gateway {
     /// replaces an earlier order. Only terminate-mode sessions can move.
     pub fn order_moves(&self, n: usize) {
         self.move_quota.store(n, Ordering::SeqCst);
-        self.move_orders.send_modify(|epoch| *epoch += 1);
+        // After the quota: a session woken by this finds the order's moves.
+        self.orders.fetch_add(1, Ordering::SeqCst);
+        self.news.fire();
     }
 
-    /// A receiver that changes whenever moves are ordered off this gateway.
-    pub fn move_orders(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.move_orders.subscribe()
+    /// Cancelled at the next cut or order of moves: take it before [`Gateway::seen`].
+    pub fn news(&self) -> CancellationToken {
+        self.news.token()
+    }
+
+    /// The cuts and orders of moves so far: a session compares them with what it saw.
+    pub fn seen(&self) -> Seen {
+        Seen {
+            cuts: self.cuts.load(Ordering::SeqCst),
+            orders: self.orders.load(Ordering::SeqCst),
+        }
     }
 
     /// Takes one move from the order, if any is left.
@@ -333,7 +358,7 @@ impl Gateway {
     /// A token cancelled when this gateway goes down, for a session that holds a lease on it.
     /// `None` when the gateway went down in the meantime.
     pub fn session_token(&self) -> Option<CancellationToken> {
-        let token = (**self.cancel.load()).clone();
+        let token = self.cancel.token();
         // Marking down clears `healthy` before it cancels the token: checking afterwards
         // means a session never keeps a token that was swapped out under it.
         self.is_healthy().then_some(token)
@@ -341,9 +366,9 @@ impl Gateway {
 
     /// Cancels every session through this gateway now; later sessions get a fresh token.
     pub fn cut_sessions(&self) {
-        self.cancel
-            .swap(Arc::new(CancellationToken::new()))
-            .cancel();
+        self.cancel.fire();
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+        self.news.fire();
     }
 
     /// Marks this gateway down now, as `fall` failed probes would: its process is known to be

@@ -50,6 +50,7 @@ mod rebalance;
 mod refusal;
 mod route;
 mod session;
+mod signal;
 mod takeover;
 mod terminate;
 mod tls;

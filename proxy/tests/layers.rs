@@ -11,6 +11,7 @@ const LAYERS: &[&str] = &[
     "events",
     "metric_names",
     "control",
+    "signal",
     "clienthello",
     "proxy_protocol",
     "listener",

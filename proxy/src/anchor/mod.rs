@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use metrics::counter;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
-use tokio_util::sync::CancellationToken;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use wasmbed_protocol::{Frame, Hello, Kind, Welcome};
 
 pub use self::core::{Cause, LINK_CHECK};
@@ -99,12 +101,14 @@ const RETRY_EVERY: Duration = Duration::from_millis(100);
 /// A session's connection to its gateway: a TCP/TLS connection or a stream on the link.
 pub(crate) struct Link {
     lease: Lease,
-    read: ReadHalf<Box<dyn Upstream>>,
-    write: WriteHalf<Box<dyn Upstream>>,
-    /// Cancelled when the gateway goes down (`None`: not watched, while the link is checked
-    /// by PINGs instead: [`core::Check`]).
-    down: Option<CancellationToken>,
-    orders: tokio::sync::watch::Receiver<u64>,
+    /// Read and written by the session's loop, which polls it by hand (no `split`).
+    io: Box<dyn Upstream>,
+    /// The gateway's news (cut, moves ordered), taken when the link was made and waited on
+    /// by the session's loop once it runs the link.
+    news: Option<CancellationToken>,
+    /// The gateway's cuts and orders the session has seen (taken after `news`): only later
+    /// ones are news to it.
+    seen: crate::balancer::Seen,
     /// Bytes written since the last flush.
     dirty: bool,
 }
@@ -114,15 +118,12 @@ impl Link {
         let gateway = lease.gateway().clone();
         gateway.sessions_started.increment(1);
         tracing::Span::current().record("gateway", gateway.name.as_str());
-        let (read, write) = tokio::io::split(up);
-        let mut orders = gateway.move_orders();
-        orders.mark_unchanged();
+        let news = gateway.news();
         Link {
-            down: gateway.session_token(),
-            orders,
+            news: Some(news),
+            seen: gateway.seen(),
             lease,
-            read,
-            write,
+            io: up,
             dirty: false,
         }
     }
@@ -146,21 +147,19 @@ type Moving = Pin<Box<dyn Future<Output = Option<Relinked>> + Send>>;
 const READ_CHUNK: usize = 16 << 10;
 
 /// Reads what is there into `buf` through a buffer on the stack, so that `buf` is allocated
-/// only while it holds bytes (a partial frame, or frames not yet handled). Cancel-safe: bytes
-/// read are in `buf` before the poll returns.
-async fn read_into<R: AsyncRead + Unpin + ?Sized>(
+/// only while it holds bytes (a partial frame, or frames not yet handled). Bytes read are in
+/// `buf` when this returns ready.
+fn poll_read_into<R: AsyncRead + Unpin + ?Sized>(
+    cx: &mut std::task::Context<'_>,
     r: &mut R,
     buf: &mut BytesMut,
-) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        // Uninitialized: zeroing 16 KiB on every read would cost more than the read.
-        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut read = ReadBuf::uninit(&mut chunk);
-        std::task::ready!(Pin::new(&mut *r).poll_read(cx, &mut read))?;
-        buf.extend_from_slice(read.filled());
-        std::task::Poll::Ready(Ok(read.filled().len()))
-    })
-    .await
+) -> Poll<io::Result<usize>> {
+    // Uninitialized: zeroing 16 KiB on every read would cost more than the read.
+    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut read = ReadBuf::uninit(&mut chunk);
+    std::task::ready!(Pin::new(r).poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// A terminate-mode session whose first link is up and WELCOMEd, ready to be served.
@@ -179,6 +178,81 @@ impl Anchored {
     pub(crate) fn serve(self: Box<Self>) -> impl Future<Output = ()> {
         serve(self)
     }
+}
+
+impl Anchored {
+    /// The session's parts, as its loop keeps them; the box (and the WELCOME, now in the
+    /// core's output) freed. A plain fn: what it unpacks through is not kept in the
+    /// session's future.
+    #[allow(clippy::type_complexity)]
+    fn unpack(
+        self: Box<Self>,
+    ) -> (
+        Arc<Context>,
+        Core,
+        Box<dyn DeviceStream>,
+        Option<Box<[u8]>>,
+        Arc<crate::proxy_protocol::Origin>,
+        crate::context::Pools,
+        Link,
+    ) {
+        let Anchored {
+            ctx,
+            device:
+                DeviceSide {
+                    tls: device,
+                    serial,
+                    origin,
+                },
+            pools,
+            hello,
+            link,
+            first: (first, rest, pending),
+        } = *self;
+        let settings = Settings {
+            replay_window: ctx.config.migration.replay_window,
+            forward_checkpoints: ctx.config.migration.forward_checkpoints,
+        };
+        let core = Core::new(settings, hello, &first, (rest, pending));
+        (ctx, core, device, serial, Arc::new(origin), pools, link)
+    }
+}
+
+/// Trust reloads (a CRL that may revoke this device): a token the device trust cancels at
+/// each install. Taken before the check below, so an install after the handshake's own check
+/// is seen either way; a device revoked between the handshake and here gets a cancelled
+/// token, and the loop's first turn handles it as a reload.
+fn reloads(ctx: &Context, serial: Option<&[u8]>) -> CancellationToken {
+    let installs = ctx.device_tls.installs();
+    if serial.is_some_and(|s| ctx.device_tls.is_revoked(s)) {
+        let revoked = CancellationToken::new();
+        revoked.cancel();
+        return revoked;
+    }
+    installs
+}
+
+/// One timer for the core's deadline and the hand-back's slot, whichever is first: moved
+/// when its time changes, and there only while one of them is set. An idle session has
+/// neither, and a timer is over 100 bytes: boxed when armed, freed when not. Returns whether
+/// it is armed, and if so whether for the slot.
+fn set_timer(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline: Option<Instant>,
+    slot: Option<Instant>,
+) -> Option<bool> {
+    let slot_first = slot.is_some_and(|s| deadline.is_none_or(|d| s <= d));
+    let Some(wake) = (if slot_first { slot } else { deadline }) else {
+        *timer = None;
+        return None;
+    };
+    let at = tokio::time::Instant::from_std(wake);
+    match timer {
+        Some(t) if t.deadline() == at => {}
+        Some(t) => t.as_mut().reset(at),
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
+    }
+    Some(slot_first)
 }
 
 /// How a session ended, for the driver.
@@ -217,242 +291,252 @@ enum Event {
 /// moved into), and the box is freed once unpacked. Measured by
 /// `session::tests::session_tasks_stay_small`.
 async fn serve(anchored: Box<Anchored>) {
-    let Anchored {
-        ctx,
-        device:
-            DeviceSide {
-                tls: device,
-                serial,
-                origin,
-            },
-        pools,
-        hello,
-        link,
-        first: (first, rest, pending),
-    } = *anchored;
-    let settings = Settings {
-        replay_window: ctx.config.migration.replay_window,
-        forward_checkpoints: ctx.config.migration.forward_checkpoints,
-    };
-    let mut core = Core::new(settings, hello, &first, (rest, pending));
-    // The WELCOME is in `core`'s output now: its bytes are not kept for the session's life.
-    drop(first);
-    let origin = Arc::new(origin);
-    let (mut dev_r, mut dev_w) = tokio::io::split(device);
-    // Trust reloads (a CRL that may revoke this device): a token the device trust cancels at
-    // each install. Taken before the check below, so an install after the handshake's own
-    // check is seen either way.
-    let mut installs = ctx.device_tls.installs();
-    if serial
-        .as_ref()
-        .is_some_and(|s| ctx.device_tls.is_revoked(s))
-    {
-        // Revoked between the handshake and here: the first turn handles it as a reload.
-        installs = CancellationToken::new();
-        installs.cancel();
-    }
-    // Waited on by one future for the session's life, as `stop` below (made afresh at every
-    // turn, it would lock the token's mutex twice per turn, shared by every session).
-    let mut reloaded = std::pin::pin!(installs.cancelled_owned());
-    let mut dev_dirty = false;
-    let mut moving: Option<Moving> = None;
-    // A paced move's place among the moves in flight, from its order to its start.
-    let mut in_flight: Option<crate::balancer::InFlight> = None;
-    // The link's gateway said GOAWAY and that was recorded on it.
-    let mut goaway_noted = false;
-    // The proxy is stopping: when this session's GOAWAY goes (paced at --move-rate, so the
-    // devices of a stopping proxy do not all reconnect at once); `Some(None)`: sent.
-    let mut hand_back: Option<Option<Instant>> = None;
-    // The proxy's stop, in two steps in one future: first its start (`stopping`: the
-    // hand-back), then, once that came, the hard stop (grace over: cut). The hard stop comes
-    // only after the start. Made once, not at every pass of the loop: a new `cancelled()`
-    // future registers with the process-wide token each time it is polled afresh (a lock per
-    // message otherwise).
-    let mut stop = std::pin::pin!(ctx.gateways.stopping().clone().cancelled_owned());
-    // One timer for the session's life, moved when its time changes (a timer made afresh
-    // for each turn of the loop would sit in the `select!`'s state beside the others).
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
-    let mut link = Some(link);
-    let mut step = Step::Go;
-    let end = loop {
-        if step == Step::Go {
-            step = core.advance();
-        }
-        tally(&ctx, &mut core);
-        match std::mem::replace(&mut step, Step::Go) {
-            Step::Go => {}
-            Step::End(end) => break Ending::Core(end),
-            Step::Move(cause) => {
-                let avoid = unlink(&mut link, cause == Cause::Failover);
-                in_flight = None;
-                moving = Some(begin_move(&ctx, &mut core, (&pools, &origin), cause, avoid));
-                continue;
+    let (ctx, mut core, mut device, serial, origin, pools, link) = anchored.unpack();
+    // The loop's own state lives in this block: dropped before the close below, so the
+    // session's future does not hold it beside the close's.
+    let ending = {
+        let mut waits = std::pin::pin!(Waits {
+            // The proxy's stop, in two steps in one future: first its start (`stopping`: the
+            // hand-back), then, once that came, the hard stop (grace over: cut).
+            stop: ctx.gateways.stopping().clone().cancelled_owned(),
+            timer: None,
+            gateway: None,
+            reloaded: reloads(&ctx, serial.as_deref()).cancelled_owned(),
+            moving: None,
+        });
+        let mut dev_dirty = false;
+        // A paced move's place among the moves in flight, from its order to its start.
+        let mut in_flight: Option<crate::balancer::InFlight> = None;
+        // The link's gateway said GOAWAY and that was recorded on it.
+        let mut goaway_noted = false;
+        // The proxy is stopping: when this session's GOAWAY goes (paced at --move-rate, so
+        // the devices of a stopping proxy do not all reconnect at once); `Some(None)`: sent.
+        let mut hand_back: Option<Option<Instant>> = None;
+        let mut link = Some(link);
+        let end = 'session: {
+            if let Some(end) = (Turn {
+                ctx: &ctx,
+                core: &mut core,
+                link: &mut link,
+                in_flight: &mut in_flight,
+                route: (&pools, &origin),
+            })
+            .settle(waits.as_mut(), Step::Go)
+            {
+                break 'session Ending::Core(end);
             }
-        }
-        if let Some(l) = link.as_mut()
-            && core.watching_down()
-            && l.down.is_none()
-            && l.gateway().is_healthy()
-        {
-            l.down = l.gateway().session_token();
-        }
-        let reading_device = core.reading_device();
-        let reading_gateway = link.is_some() && core.reading_gateway();
-        let writing_gateway = link.is_some() && core.writing_gateway();
-        let watching = link.is_some() && core.watching_down();
-        let ordered = matches!(core.phase(), Phase::Linked { order: Some(_), .. });
-        // One timer for the core's deadline and the hand-back's slot, whichever is first (a
-        // timer is over 100 bytes of every idle session's task).
-        let deadline = core.deadline();
-        let slot = hand_back.flatten();
-        let slot_first = slot.is_some_and(|s| deadline.is_none_or(|d| s <= d));
-        let wake = if slot_first { slot } else { deadline };
-        if let Some(at) = wake.map(tokio::time::Instant::from_std)
-            && timer.deadline() != at
-        {
-            timer.as_mut().reset(at);
-        }
-        let (up_r, up_w, down, orders, up_dirty) = match link.as_mut() {
-            Some(l) => (
-                Some(&mut l.read),
-                Some(&mut l.write),
-                l.down.as_ref(),
-                Some(&mut l.orders),
-                l.dirty,
-            ),
-            None => (None, None, None, None, false),
+            loop {
+                let wants = Wants {
+                    device: core.reading_device(),
+                    gateway: link.is_some() && core.reading_gateway(),
+                    to_gateway: link.is_some() && core.writing_gateway(),
+                    down: link.is_some() && core.watching_down(),
+                    orders: !matches!(core.phase(), Phase::Linked { order: Some(_), .. }),
+                    timer: set_timer(
+                        waits.as_mut().project().timer,
+                        core.deadline(),
+                        hand_back.flatten(),
+                    ),
+                    reloads: serial.is_some(),
+                    handing_back: hand_back.is_some(),
+                };
+                let event = std::future::poll_fn(|cx| {
+                    let ends = (&mut device, dev_dirty, link.as_mut());
+                    next_event(cx, &wants, waits.as_mut(), ends, core.io())
+                })
+                .await;
+                let mut waits_now = waits.as_mut().project();
+                let step = match event {
+                    Event::HardStop => break Ending::Cut,
+                    Event::Stopping => {
+                        hand_back = Some(Some(ctx.pacer.slot()));
+                        waits_now.stop.set(ctx.hard_stop.clone().cancelled_owned());
+                        Step::Go
+                    }
+                    Event::HandBack => {
+                        hand_back = Some(None);
+                        if core.hand_back() {
+                            tracing::debug!(device = %core.hello().device, "proxy stopping: GOAWAY to the device");
+                        }
+                        Step::Go
+                    }
+                    Event::Reloaded => {
+                        waits_now
+                            .reloaded
+                            .set(ctx.device_tls.installs().cancelled_owned());
+                        if serial
+                            .as_ref()
+                            .is_some_and(|s| ctx.device_tls.is_revoked(s))
+                        {
+                            counter!(REVOKED).increment(1);
+                            tracing::info!(device = %core.hello().device, "certificate revoked: session closed");
+                            break Ending::Core(core.revoked());
+                        }
+                        Step::Go
+                    }
+                    Event::DeviceRead(Ok(0)) => {
+                        core.device_finished();
+                        Step::Go
+                    }
+                    Event::DeviceRead(Ok(n)) => {
+                        ctx.meters.bytes_up.increment(n as u64);
+                        Step::Go
+                    }
+                    Event::DeviceRead(Err(_)) | Event::DeviceSent(Err(_)) => {
+                        // The device is gone: nothing to move for.
+                        break Ending::Core(End::Closed);
+                    }
+                    Event::DeviceSent(Ok(Sent::Wrote(n))) => {
+                        ctx.meters.bytes_down.increment(n as u64);
+                        dev_dirty = true;
+                        Step::Go
+                    }
+                    Event::DeviceSent(Ok(Sent::Flushed)) => {
+                        dev_dirty = false;
+                        Step::Go
+                    }
+                    Event::GatewaySent(Ok(sent)) => {
+                        if let Some(l) = link.as_mut() {
+                            l.dirty = matches!(sent, Sent::Wrote(_));
+                        }
+                        Step::Go
+                    }
+                    Event::GatewayRead(Ok(n)) if n > 0 => {
+                        if let Some(l) = &link {
+                            l.gateway().heard_from();
+                        }
+                        Step::Go
+                    }
+                    Event::GatewayRead(r) => {
+                        if let Err(e) = &r {
+                            tracing::debug!(error = %e, "gateway link failed");
+                        }
+                        core.gateway_closed(r.is_ok())
+                    }
+                    Event::GatewaySent(Err(e)) => {
+                        tracing::debug!(error = %e, "gateway link failed");
+                        Step::Move(Cause::Failover)
+                    }
+                    Event::Down => {
+                        if ctx.hard_stop.is_cancelled() {
+                            break Ending::Cut;
+                        }
+                        // Ask the link itself before moving (see `core::Check`).
+                        core.gateway_down(Instant::now());
+                        Step::Go
+                    }
+                    Event::Tick => {
+                        let healthy = link.as_ref().is_some_and(|l| l.gateway().is_healthy());
+                        let step = core.tick(Instant::now(), healthy);
+                        if let Step::Move(Cause::Failover) = step
+                            && let Some(l) = link.as_ref()
+                        {
+                            tracing::debug!(gateway = %l.gateway().name, "the link did not answer: moving");
+                        }
+                        step
+                    }
+                    Event::Ordered => {
+                        if let Some(l) = &link
+                            && let Some(place) = take_order(&ctx, &mut core, l.gateway())
+                        {
+                            in_flight = Some(place);
+                        }
+                        Step::Go
+                    }
+                    Event::Relinked(None) => {
+                        *waits_now.moving = None;
+                        ctx.meters.held.decrement(1.0);
+                        let cause = moving_cause(&core);
+                        counter!(MOVES, "cause" => cause, "result" => "failed").increment(1);
+                        tracing::debug!(device = %core.hello().device, cause, "no gateway took the session");
+                        break Ending::Core(core.relink_failed());
+                    }
+                    Event::Relinked(Some(r)) => {
+                        *waits_now.moving = None;
+                        goaway_noted = false;
+                        link = Some(relinked(&ctx, &mut core, r));
+                        Step::Go
+                    }
+                };
+                // A GOAWAY read: the gateway drains (no new sessions for it; not down).
+                // (Only when probes run: a probe that finds the gateway serving clears it.)
+                if !goaway_noted
+                    && ctx.config.health.check != wasmbed_config::HealthCheck::None
+                    && matches!(core.phase(), Phase::Going { .. })
+                    && let Some(l) = &link
+                {
+                    goaway_noted = true;
+                    crate::health::note_drain(l.gateway(), true, "a GOAWAY");
+                }
+                // A paced move that started, or a link that went, holds no place any more.
+                if !matches!(core.phase(), Phase::Linked { order: Some(_), .. }) {
+                    in_flight = None;
+                }
+                let turn = Turn {
+                    ctx: &ctx,
+                    core: &mut core,
+                    link: &mut link,
+                    in_flight: &mut in_flight,
+                    route: (&pools, &origin),
+                }
+                .settle(waits.as_mut(), step);
+                if let Some(end) = turn {
+                    break Ending::Core(end);
+                }
+            }
         };
-        let io = core.io();
-        let event = tokio::select! {
-            biased;
-            _ = &mut stop => if hand_back.is_none() { Event::Stopping } else { Event::HardStop },
-            r = send(up_w, io.to_gateway), if writing_gateway && (up_dirty || !io.to_gateway.is_empty()) => Event::GatewaySent(r),
-            r = send(Some(&mut dev_w), io.to_device), if dev_dirty || !io.to_device.is_empty() => Event::DeviceSent(r),
-            r = read(up_r, io.from_gateway), if reading_gateway => Event::GatewayRead(r),
-            _ = cancelled(down), if watching => Event::Down,
-            _ = &mut timer, if wake.is_some() => if slot_first { Event::HandBack } else { Event::Tick },
-            _ = changed(orders), if !ordered => Event::Ordered,
-            r = poll_moving(&mut moving), if moving.is_some() => Event::Relinked(r),
-            _ = &mut reloaded, if serial.is_some() => Event::Reloaded,
-            r = read_into(&mut dev_r, io.from_device), if reading_device => Event::DeviceRead(r),
-        };
-        match event {
-            Event::HardStop => break Ending::Cut,
-            Event::Stopping => {
-                hand_back = Some(Some(ctx.pacer.slot()));
-                stop.set(ctx.hard_stop.clone().cancelled_owned());
-            }
-            Event::HandBack => {
-                hand_back = Some(None);
-                if core.hand_back() {
-                    tracing::debug!(device = %core.hello().device, "proxy stopping: GOAWAY to the device");
-                }
-            }
-            Event::Reloaded => {
-                reloaded.set(ctx.device_tls.installs().cancelled_owned());
-                if serial
-                    .as_ref()
-                    .is_some_and(|s| ctx.device_tls.is_revoked(s))
-                {
-                    counter!(REVOKED).increment(1);
-                    tracing::info!(device = %core.hello().device, "certificate revoked: session closed");
-                    break Ending::Core(core.revoked());
-                }
-            }
-            Event::DeviceRead(Ok(0)) => core.device_finished(),
-            Event::DeviceRead(Ok(n)) => ctx.meters.bytes_up.increment(n as u64),
-            Event::DeviceRead(Err(_)) | Event::DeviceSent(Err(_)) => {
-                // The device is gone: nothing to move for.
-                break Ending::Core(End::Closed);
-            }
-            Event::DeviceSent(Ok(Sent::Wrote(n))) => {
-                ctx.meters.bytes_down.increment(n as u64);
-                dev_dirty = true;
-            }
-            Event::DeviceSent(Ok(Sent::Flushed)) => dev_dirty = false,
-            Event::GatewaySent(Ok(sent)) => {
-                if let Some(l) = link.as_mut() {
-                    l.dirty = matches!(sent, Sent::Wrote(_));
-                }
-            }
-            Event::GatewayRead(Ok(n)) if n > 0 => {
-                if let Some(l) = &link {
-                    l.gateway().heard_from();
-                }
-            }
-            Event::GatewayRead(r) => {
-                if let Err(e) = &r {
-                    tracing::debug!(error = %e, "gateway link failed");
-                }
-                step = core.gateway_closed(r.is_ok());
-            }
-            Event::GatewaySent(Err(e)) => {
-                tracing::debug!(error = %e, "gateway link failed");
-                step = Step::Move(Cause::Failover);
-            }
-            Event::Down => {
-                if ctx.hard_stop.is_cancelled() {
-                    break Ending::Cut;
-                }
-                // Ask the link itself before moving (see `core::Check`).
-                core.gateway_down(Instant::now());
-                if let Some(l) = link.as_mut() {
-                    l.down = None;
-                }
-            }
-            Event::Tick => {
-                let healthy = link.as_ref().is_some_and(|l| l.gateway().is_healthy());
-                step = core.tick(Instant::now(), healthy);
-                if let Step::Move(Cause::Failover) = step
-                    && let Some(l) = link.as_ref()
-                {
-                    tracing::debug!(gateway = %l.gateway().name, "the link did not answer: moving");
-                }
-            }
-            Event::Ordered => {
-                if let Some(l) = &link
-                    && let Some(place) = take_order(&ctx, &mut core, l.gateway())
-                {
-                    in_flight = Some(place);
-                }
-            }
-            Event::Relinked(None) => {
-                moving = None;
-                ctx.meters.held.decrement(1.0);
-                let cause = moving_cause(&core);
-                counter!(MOVES, "cause" => cause, "result" => "failed").increment(1);
-                tracing::debug!(device = %core.hello().device, cause, "no gateway took the session");
-                break Ending::Core(core.relink_failed());
-            }
-            Event::Relinked(Some(r)) => {
-                moving = None;
-                goaway_noted = false;
-                link = Some(relinked(&ctx, &mut core, r));
-            }
+        drop(in_flight);
+        if waits.moving.is_some() {
+            ctx.meters.held.decrement(1.0);
         }
-        // A GOAWAY read: the gateway drains (no new sessions for it; not down).
-        // (Only when probes run: a probe that finds the gateway serving clears it again.)
-        if !goaway_noted
-            && ctx.config.health.check != wasmbed_config::HealthCheck::None
-            && matches!(core.phase(), Phase::Going { .. })
-            && let Some(l) = &link
-        {
-            goaway_noted = true;
-            crate::health::note_drain(l.gateway(), true, "a GOAWAY");
-        }
-        // A paced move that started, or a link that went, holds no place any more.
-        if !matches!(core.phase(), Phase::Linked { order: Some(_), .. }) {
-            in_flight = None;
-        }
+        (end, link.as_ref().map(|l| l.gateway().name.clone()))
     };
-    drop(in_flight);
-    if moving.is_some() {
-        ctx.meters.held.decrement(1.0);
-    }
     tally(&ctx, &mut core);
-    let device = dev_r.unsplit(dev_w);
-    let gateway = link.as_ref().map(|l| l.gateway().name.clone());
-    close(&ctx, &mut core, device, (end, gateway)).await;
+    close(&ctx, &mut core, device, ending).await;
+}
+
+/// What the core's steps act on between two events.
+struct Turn<'a> {
+    ctx: &'a Arc<Context>,
+    core: &'a mut Core,
+    link: &'a mut Option<Link>,
+    in_flight: &'a mut Option<crate::balancer::InFlight>,
+    route: (
+        &'a crate::context::Pools,
+        &'a Arc<crate::proxy_protocol::Origin>,
+    ),
+}
+
+impl Turn<'_> {
+    /// Takes the core's steps after an event (`step`, then what the core says next) until it
+    /// waits for the next event (`None`) or the session ends. A move drops the link (and its
+    /// waits) and starts finding another gateway; a new link's tokens become the waits.
+    fn settle(&mut self, waits: Pin<&mut Waits>, mut step: Step) -> Option<End> {
+        let mut waits = waits.project();
+        loop {
+            if step == Step::Go {
+                step = self.core.advance();
+            }
+            tally(self.ctx, self.core);
+            match std::mem::replace(&mut step, Step::Go) {
+                Step::Go => break,
+                Step::End(end) => return Some(end),
+                Step::Move(cause) => {
+                    let avoid = unlink(self.link, cause == Cause::Failover);
+                    waits.gateway.set(None);
+                    *self.in_flight = None;
+                    *waits.moving = Some(begin_move(self.ctx, self.core, self.route, cause, avoid));
+                }
+            }
+        }
+        if let Some(l) = self.link.as_mut()
+            && let Some(news) = l.news.take()
+        {
+            // A new link: its gateway's news becomes the loop's wait.
+            waits.gateway.set(Some(news.cancelled_owned()));
+        }
+        None
+    }
 }
 
 /// A move order (drain, rebalance) from the gateway: taken when the core may move and the
@@ -666,56 +750,155 @@ enum Sent {
     Flushed,
 }
 
-/// Writes what `buf` holds, or, when it is empty, flushes (TLS keeps written bytes until
-/// flushed). A write of zero bytes is an error.
-async fn send<W: tokio::io::AsyncWrite + Unpin>(
-    w: Option<&mut W>,
-    buf: &mut BytesMut,
-) -> io::Result<Sent> {
-    let Some(w) = w else {
-        return std::future::pending().await;
-    };
-    if buf.is_empty() {
-        return w.flush().await.map(|()| Sent::Flushed);
-    }
-    match w.write_buf(buf).await? {
-        0 => Err(io::ErrorKind::WriteZero.into()),
-        n => Ok(Sent::Wrote(n)),
+/// What the loop waits for in this turn (the core's and the session's state decide).
+struct Wants {
+    device: bool,
+    gateway: bool,
+    to_gateway: bool,
+    down: bool,
+    orders: bool,
+    /// The timer, and whether it is the hand-back's slot (else the core's deadline).
+    timer: Option<bool>,
+    reloads: bool,
+    /// The stop's first step came: the stop future is now the hard stop's.
+    handing_back: bool,
+}
+
+pin_project_lite::pin_project! {
+    /// The loop's waits, each one future for the session's life, polled by hand
+    /// ([`next_event`]): made afresh at each turn (as a `select!` does), a `cancelled()`
+    /// registers with its token each time (a lock on a mutex shared by every session), and
+    /// each would sit in the session's state beside the persistent ones.
+    struct Waits {
+        // The proxy's stop: first its start, then (set by the loop) its hard stop.
+        #[pin]
+        stop: WaitForCancellationFutureOwned,
+        // The core's deadline or the hand-back's slot ([`set_timer`]).
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        // The link's gateway's news: it went down, or moves were ordered off it (`None`: no
+        // link).
+        #[pin]
+        gateway: Option<WaitForCancellationFutureOwned>,
+        // The device trust was installed anew (a CRL may revoke this device).
+        #[pin]
+        reloaded: WaitForCancellationFutureOwned,
+        // The move under way: a gateway found, or none.
+        moving: Option<Moving>,
     }
 }
 
-async fn read(
-    r: Option<&mut ReadHalf<Box<dyn Upstream>>>,
-    buf: &mut BytesMut,
-) -> io::Result<usize> {
-    match r {
-        Some(r) => read_into(r, buf).await,
-        None => std::future::pending().await,
+/// The first of the session's sources that is ready, in this order (as a `biased`
+/// `select!` would, without a future per source made at each turn: the streams are polled
+/// directly and the waits are kept): the proxy's stop, writes to the gateway and to the
+/// device (before reads, so that what is owed goes first), the gateway's bytes, its going
+/// down, the core's timer, move orders, the move under way, trust reloads, the device's
+/// bytes. Every source not ready has registered the task's waker. Nothing is lost by
+/// returning early: bytes read or written are in `io` (or out of it) when a poll says so.
+fn next_event(
+    cx: &mut std::task::Context<'_>,
+    wants: &Wants,
+    waits: Pin<&mut Waits>,
+    (device, dev_dirty, link): (&mut Box<dyn DeviceStream>, bool, Option<&mut Link>),
+    io: core::Io<'_>,
+) -> Poll<Event> {
+    use std::task::Poll::Ready;
+    let mut waits = waits.project();
+    if waits.stop.as_mut().poll(cx).is_ready() {
+        return Ready(if wants.handing_back {
+            Event::HardStop
+        } else {
+            Event::Stopping
+        });
     }
-}
-
-async fn cancelled(token: Option<&CancellationToken>) {
-    match token {
-        Some(t) => t.cancelled().await,
-        // Not watched (a link made as its gateway went down is checked by its own I/O).
-        None => std::future::pending().await,
+    let mut link = link;
+    if wants.to_gateway
+        && let Some(l) = link.as_deref_mut()
+        && let Ready(r) = poll_send(cx, &mut *l.io, io.to_gateway, l.dirty)
+    {
+        return Ready(Event::GatewaySent(r));
     }
-}
-
-async fn changed(orders: Option<&mut tokio::sync::watch::Receiver<u64>>) {
-    match orders {
-        Some(o) => {
-            if o.changed().await.is_err() {
-                std::future::pending::<()>().await;
+    if let Ready(r) = poll_send(cx, &mut **device, io.to_device, dev_dirty) {
+        return Ready(Event::DeviceSent(r));
+    }
+    if wants.gateway
+        && let Some(l) = link.as_deref_mut()
+        && let Ready(r) = poll_read_into(cx, &mut *l.io, io.from_gateway)
+    {
+        return Ready(Event::GatewayRead(r));
+    }
+    if let Some(l) = link {
+        // The gateway's news wakes the task; its counts say what happened.
+        while poll_wait(waits.gateway.as_mut(), cx).is_ready() {
+            waits
+                .gateway
+                .set(Some(l.gateway().news().cancelled_owned()));
+        }
+        let now = l.gateway().seen();
+        if now.cuts != l.seen.cuts {
+            l.seen.cuts = now.cuts;
+            // Not watched while the link is checked by PINGs instead ([`core::Check`]).
+            if wants.down {
+                return Ready(Event::Down);
             }
         }
-        None => std::future::pending().await,
+        if wants.orders && now.orders != l.seen.orders {
+            l.seen.orders = now.orders;
+            return Ready(Event::Ordered);
+        }
+    }
+    if let Some(slot) = wants.timer
+        && let Some(timer) = waits.timer.as_mut()
+        && timer.as_mut().poll(cx).is_ready()
+    {
+        return Ready(if slot { Event::HandBack } else { Event::Tick });
+    }
+    if let Some(m) = waits.moving.as_mut()
+        && let Ready(r) = m.as_mut().poll(cx)
+    {
+        return Ready(Event::Relinked(r));
+    }
+    if wants.reloads && waits.reloaded.as_mut().poll(cx).is_ready() {
+        return Ready(Event::Reloaded);
+    }
+    if wants.device
+        && let Ready(r) = poll_read_into(cx, &mut **device, io.from_device)
+    {
+        return Ready(Event::DeviceRead(r));
+    }
+    Poll::Pending
+}
+
+/// Writes what `buf` holds, or, when it is empty and bytes were written since the last
+/// flush, flushes (TLS keeps written bytes until flushed). Pending when there is nothing to
+/// do. A write of zero bytes is an error.
+fn poll_send<W: AsyncWrite + Unpin + ?Sized>(
+    cx: &mut std::task::Context<'_>,
+    w: &mut W,
+    buf: &mut BytesMut,
+    dirty: bool,
+) -> Poll<io::Result<Sent>> {
+    if !buf.is_empty() {
+        let n = std::task::ready!(Pin::new(w).poll_write(cx, buf))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        bytes::Buf::advance(buf, n);
+        Poll::Ready(Ok(Sent::Wrote(n)))
+    } else if dirty {
+        std::task::ready!(Pin::new(w).poll_flush(cx))?;
+        Poll::Ready(Ok(Sent::Flushed))
+    } else {
+        Poll::Pending
     }
 }
 
-async fn poll_moving(moving: &mut Option<Moving>) -> Option<Relinked> {
-    match moving {
-        Some(m) => m.await,
-        None => std::future::pending().await,
+/// A wait that is not armed never comes.
+fn poll_wait(
+    wait: Pin<&mut Option<WaitForCancellationFutureOwned>>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<()> {
+    match wait.as_pin_mut() {
+        Some(w) => w.poll(cx),
+        None => Poll::Pending,
     }
 }
