@@ -35,6 +35,11 @@ pub enum Scenario {
     /// Kill one proxy replica (SIGKILL) under load (`--proxies` 2 or more, sharing the one
     /// address): its devices reconnect through the others and resume from their tickets.
     ProxyKill,
+    /// As proxy-kill, while the replica holds sessions waiting for a gateway: every gateway
+    /// is stopped (SIGSTOP) until proxy-0 holds sessions it is moving and no gateway takes,
+    /// then proxy-0 is killed and the gateways go on (SIGCONT). Terminate mode: its devices
+    /// resume from their last tickets through the others and resend what was not answered.
+    ProxyKillHeld,
     /// Stop one proxy replica (SIGTERM, as a rolling update does) and start a new one on the
     /// same address: terminate mode hands every session back (GOAWAY after its answers and
     /// latest ticket), passthrough sessions get `--grace`.
@@ -59,7 +64,10 @@ impl Scenario {
     fn is_proxy_event(self) -> bool {
         matches!(
             self,
-            Scenario::ProxyKill | Scenario::ProxyRestart | Scenario::ProxyUpgrade
+            Scenario::ProxyKill
+                | Scenario::ProxyKillHeld
+                | Scenario::ProxyRestart
+                | Scenario::ProxyUpgrade
         )
     }
 }
@@ -481,11 +489,10 @@ pub fn run(args: UpArgs) -> ExitCode {
     if proxy_event && !upgrade && proxies < 2 {
         esay!(
             "wasmbed up: --scenario {}: needs --proxies 2 or more (the devices of the stopped replica go to the others)",
-            if scenario == Some(Scenario::ProxyKill) {
-                "proxy-kill"
-            } else {
-                "proxy-restart"
-            }
+            scenario
+                .and_then(|s| clap::ValueEnum::to_possible_value(&s))
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
         );
         return ExitCode::from(2);
     }
@@ -556,6 +563,12 @@ pub fn run(args: UpArgs) -> ExitCode {
     if scenario == Some(Scenario::Soak) && args.mode != Mode::Terminate {
         esay!(
             "wasmbed up: --scenario soak needs --mode terminate (its drains move sessions; in passthrough a drained gateway's devices would have to leave)"
+        );
+        return ExitCode::from(2);
+    }
+    if scenario == Some(Scenario::ProxyKillHeld) && args.mode != Mode::Terminate {
+        esay!(
+            "wasmbed up: --scenario proxy-kill-held needs --mode terminate (only a terminating proxy holds a session while it finds a gateway)"
         );
         return ExitCode::from(2);
     }

@@ -111,14 +111,20 @@ fn moves_without_the_devices_noticing_over(name: &str, extra: &[&str]) {
 }
 
 /// Two proxy replicas on one address (`--proxies 2`, SO_REUSEPORT), 60 `counter` devices:
-/// one replica is killed (SIGKILL) or stopped (SIGTERM, a new one started in its place).
+/// one replica is killed (SIGKILL) or stopped (SIGTERM, a new one started in its place);
+/// `proxy-kill-held` kills it while it holds sessions waiting for a gateway (every gateway
+/// stopped, then let go on).
 /// Its devices come back through the other replica and resume from their tickets: nothing
 /// lost or answered twice, no app state restarted. A SIGTERM in terminate mode hands every
 /// session back with GOAWAY: none of its devices is cut.
 #[test]
 fn a_proxy_replica_killed_or_stopped_loses_nothing() {
-    let table: [(&str, &[&str]); 4] = [
+    let table: [(&str, &[&str]); 5] = [
         ("proxy-kill", &["--mode", "terminate"]),
+        (
+            "proxy-kill-held",
+            &["--mode", "terminate", "--upstream", "link"],
+        ),
         ("proxy-kill", &["--mode", "terminate", "--upstream", "link"]),
         ("proxy-kill", &["--mode", "passthrough"]),
         (
@@ -140,6 +146,12 @@ fn a_proxy_replica_killed_or_stopped_loses_nothing() {
         assert_eq!(messages["lost"], 0, "{name} {extra:?}: {doc}");
         assert_eq!(messages["duplicated"], 0, "{name} {extra:?}: {doc}");
         assert_eq!(doc["state_resets"], 0, "{name} {extra:?}: {doc}");
+        if name == "proxy-kill-held" {
+            assert!(
+                doc["held_when_killed"].as_u64().unwrap_or(0) > 0,
+                "the killed replica held sessions waiting for a gateway: {doc}"
+            );
+        }
         if name == "proxy-restart" {
             assert_eq!(doc["cut"], 0, "handed back, not cut: {doc}");
             assert_eq!(doc["left_on_goaway"], affected, "{doc}");

@@ -4,6 +4,7 @@
 set -u
 for B in "$@"; do
   out=/tmp/f9000.txt
+  : > $out
   $B up --mode terminate --upstream link --gateways 5 --devices 9000 --rate 0.01 --ramp 250 \
     --listen 127.0.0.1:0 --admin 127.0.0.1:0 > $out 2>&1 &
   up=$!

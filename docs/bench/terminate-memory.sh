@@ -21,6 +21,9 @@ args_of() {
 }
 measure() { # variant, devices -> "RSS_KiB FDS FLEET_RSS_KiB"
   local v=$1 n=$2 out=/tmp/mem-$1-$2.txt
+  # Emptied here, not by the redirection below: that runs in the background job, and a
+  # check that ran before it would read the previous run's "connected N/N".
+  : > "$out"
   # shellcheck disable=SC2046
   $B up $(args_of "$v") --gateways 5 --devices "$n" --rate 0.01 --ramp "${RAMP:-2000}" \
     --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out" 2>&1 &

@@ -94,6 +94,7 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         | Scenario::Goaway
         | Scenario::ScaleUp
         | Scenario::ProxyKill
+        | Scenario::ProxyKillHeld
         | Scenario::ProxyRestart
         | Scenario::ProxyUpgrade
         | Scenario::Storm
@@ -188,6 +189,7 @@ pub(super) fn signal_pid(pid: u32, sig: &str) {
     let signo = match sig {
         "-STOP" => libc::SIGSTOP,
         "-TERM" => libc::SIGTERM,
+        "-CONT" => libc::SIGCONT,
         "-HUP" => libc::SIGHUP,
         _ => libc::SIGKILL,
     };
@@ -353,6 +355,7 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         Scenario::Drain
         | Scenario::ScaleUp
         | Scenario::ProxyKill
+        | Scenario::ProxyKillHeld
         | Scenario::ProxyRestart
         | Scenario::ProxyUpgrade
         | Scenario::Storm
@@ -728,6 +731,20 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         live.left_on_goaway.load(Relaxed),
         live.rehomed.load(Relaxed),
     );
+    let killed = matches!(scenario, Scenario::ProxyKill | Scenario::ProxyKillHeld);
+    // proxy-kill-held: sessions the replica held, waiting for a gateway, when it was killed.
+    let mut held = None;
+    if scenario == Scenario::ProxyKillHeld {
+        say!("stopping every gateway (SIGSTOP) until proxy-0 holds sessions waiting for one");
+        for (_, child, _) in &stack.gateways {
+            signal(child, "-STOP");
+        }
+        let holding = until(Duration::from_secs(30), || {
+            Moves::read(victim.admin).held >= 1.0
+        })
+        .await;
+        held = holding.then(|| Moves::read(victim.admin).held as u64);
+    }
     let event = Instant::now();
     let mut replacement = None;
     if scenario == Scenario::ProxyUpgrade {
@@ -742,11 +759,7 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             Err(e) => esay!("wasmbed up: the new process did not start: {e}"),
         }
     } else {
-        let sig = if scenario == Scenario::ProxyKill {
-            "-KILL"
-        } else {
-            "-TERM"
-        };
+        let sig = if killed { "-KILL" } else { "-TERM" };
         say!(
             "{} proxy-0 (SIG{}) with {affected} device sessions on it",
             if sig == "-KILL" {
@@ -757,6 +770,15 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             &sig[1..]
         );
         signal_pid(victim.pid(), sig);
+        if scenario == Scenario::ProxyKillHeld {
+            say!(
+                "proxy-0 held {} sessions waiting for a gateway; the gateways go on (SIGCONT)",
+                held.unwrap_or(0)
+            );
+            for (_, child, _) in &stack.gateways {
+                signal(child, "-CONT");
+            }
+        }
     }
     // Gone: exited (SIGTERM: once every session is handed back, or `grace` for the rest).
     let gone = until(Duration::from_secs(60), || victim.exited()).await;
@@ -829,7 +851,7 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         report.state_resets
     );
     say_raw!("{}", report.table());
-    let handed_back = scenario != Scenario::ProxyKill && mode == Mode::Terminate;
+    let handed_back = !killed && mode == Mode::Terminate;
     let checks = [
         (
             all_up,
@@ -849,8 +871,12 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             "terminate, SIGTERM: every session handed back with GOAWAY, none cut",
         ),
         (
-            scenario == Scenario::ProxyKill || new_serving,
+            killed || new_serving,
             "the new process serves",
+        ),
+        (
+            scenario != Scenario::ProxyKillHeld || held.is_some_and(|n| n > 0),
+            "proxy-kill-held: the replica held sessions waiting for a gateway when it was killed",
         ),
         (
             !kept || disconnects == 0,
@@ -860,6 +886,7 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     let doc = serde_json::json!({
         "scenario": match scenario {
             Scenario::ProxyKill => "proxy-kill",
+            Scenario::ProxyKillHeld => "proxy-kill-held",
             Scenario::ProxyUpgrade => "proxy-upgrade",
             _ => "proxy-restart",
         },
@@ -868,6 +895,7 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
         "proxies": stack.proxies.len(),
         "gateways": stack.gateways.len(),
         "affected": affected,
+        "held_when_killed": held,
         "sessions_per_proxy": per_proxy,
         "gone_ms": ms(gone_after),
         "all_back_ms": ms(all_back),
