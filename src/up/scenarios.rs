@@ -179,26 +179,26 @@ pub(super) async fn scenario_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
     conclude(&checks, doc, json)
 }
 
-/// Sends `sig` (`-KILL`, `-STOP`, `-TERM`) to a child, with kill(2) itself: no `kill`
-/// program is needed (the container image has none).
+/// Sends `sig` (`-KILL`, `-STOP`, `-CONT`, `-TERM`, `-HUP`) to a child, with kill(2) itself
+/// (rustix's safe wrapper): no `kill` program is needed (the container image has none).
 fn signal(child: &Child, sig: &str) {
     signal_pid(child.id(), sig);
 }
 
 pub(super) fn signal_pid(pid: u32, sig: &str) {
-    let signo = match sig {
-        "-STOP" => libc::SIGSTOP,
-        "-TERM" => libc::SIGTERM,
-        "-CONT" => libc::SIGCONT,
-        "-HUP" => libc::SIGHUP,
-        _ => libc::SIGKILL,
+    use rustix::process::{Pid, Signal, kill_process};
+    let signal = match sig {
+        "-STOP" => Signal::STOP,
+        "-TERM" => Signal::TERM,
+        "-CONT" => Signal::CONT,
+        "-HUP" => Signal::HUP,
+        _ => Signal::KILL,
     };
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
         return;
     };
-    // SAFETY: kill(2) on the pid of a child we spawned and have not waited for; it touches
-    // no memory.
-    let _ = unsafe { libc::kill(pid, signo) };
+    // A child already gone: nothing to signal.
+    let _ = kill_process(pid, signal);
 }
 
 /// A gateway's own drain: GOAWAY to its sessions, no new ones.
@@ -870,10 +870,7 @@ pub(super) async fn proxy_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
             !handed_back || cut == 0,
             "terminate, SIGTERM: every session handed back with GOAWAY, none cut",
         ),
-        (
-            killed || new_serving,
-            "the new process serves",
-        ),
+        (killed || new_serving, "the new process serves"),
         (
             scenario != Scenario::ProxyKillHeld || held.is_some_and(|n| n > 0),
             "proxy-kill-held: the replica held sessions waiting for a gateway when it was killed",

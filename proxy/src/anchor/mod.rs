@@ -143,7 +143,7 @@ struct Relinked {
 
 type Moving = Pin<Box<dyn Future<Output = Option<Relinked>> + Send>>;
 
-/// Bytes one read takes, through a buffer on the stack ([`read_into`]).
+/// Bytes one read takes, through a buffer on the stack ([`poll_read_into`]).
 const READ_CHUNK: usize = 16 << 10;
 
 /// Reads what is there into `buf` through a buffer on the stack, so that `buf` is allocated
@@ -826,7 +826,10 @@ fn next_event(
     {
         return Ready(Event::GatewayRead(r));
     }
-    if let Some(l) = link {
+    // Moves ordered off the gateway: acted on after the timer, so a link check that is due
+    // (its move) is not taken over by an order it would then waste.
+    let mut ordered = None;
+    if let Some(l) = link.as_deref_mut() {
         // The gateway's news wakes the task; its counts say what happened.
         while poll_wait(waits.gateway.as_mut(), cx).is_ready() {
             waits
@@ -836,14 +839,14 @@ fn next_event(
         let now = l.gateway().seen();
         if now.cuts != l.seen.cuts {
             l.seen.cuts = now.cuts;
-            // Not watched while the link is checked by PINGs instead ([`core::Check`]).
+            // Not watched while the link is checked by PINGs instead ([`core::Check`]): a cut
+            // then is dropped, not kept for later.
             if wants.down {
                 return Ready(Event::Down);
             }
         }
         if wants.orders && now.orders != l.seen.orders {
-            l.seen.orders = now.orders;
-            return Ready(Event::Ordered);
+            ordered = Some(now.orders);
         }
     }
     if let Some(slot) = wants.timer
@@ -851,6 +854,12 @@ fn next_event(
         && timer.as_mut().poll(cx).is_ready()
     {
         return Ready(if slot { Event::HandBack } else { Event::Tick });
+    }
+    if let Some(orders) = ordered
+        && let Some(l) = link
+    {
+        l.seen.orders = orders;
+        return Ready(Event::Ordered);
     }
     if let Some(m) = waits.moving.as_mut()
         && let Ready(r) = m.as_mut().poll(cx)
