@@ -157,6 +157,73 @@ async fn an_upgrade_in_place_keeps_every_connection_and_byte() {
     let _ = new.wait();
 }
 
+/// What an operator changed through the admin API on the running proxy — a gateway
+/// removed, one added, one drained — is still so after an upgrade in place: the old process
+/// hands its run-time changes over with its admin endpoint, as a reload keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_in_place_keeps_the_run_time_changes() {
+    use wasmbed_testkit::http;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &["--devices", "1", "--gateways", "2"]);
+    let (gateways, spec) = tls_gateways(&pki, &[]);
+    let path = dir.path().join("proxy.sock");
+    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
+    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    // gw-x: another name for gw-0's process, added at run time.
+    let (_, gw0, gw0_admin) = &gateways[0];
+    let body = format!(r#"{{"name":"gw-x","address":"{gw0}","health_address":"{gw0_admin}"}}"#);
+    assert_eq!(
+        http(admin, "POST", "/api/gateways", body.as_bytes())
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        http(admin, "DELETE", "/api/gateways/gw-1", b"").await.0,
+        200
+    );
+    assert_eq!(
+        http(admin, "POST", "/api/gateways/gw-0/drain", b"").await.0,
+        200
+    );
+    let (mut new, _) = proxy(&listen.to_string(), &admin.to_string(), &path, &spec);
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(30),
+        "the old proxy handed everything over and exited",
+        || matches!(old.try_wait(), Ok(Some(_))),
+    )
+    .await;
+    // Only the new process serves the admin address now.
+    let (status, body) = http(admin, "GET", "/api/gateways", b"").await;
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let draining = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .map(|g| g["draining"].as_bool() == Some(true))
+    };
+    assert_eq!(
+        draining("gw-1"),
+        None,
+        "removed at run time stays removed: {list}"
+    );
+    assert_eq!(
+        draining("gw-x"),
+        Some(false),
+        "added at run time stays: {list}"
+    );
+    assert_eq!(
+        draining("gw-0"),
+        Some(true),
+        "drained at run time stays drained: {list}"
+    );
+    let _ = new.kill();
+    let _ = new.wait();
+}
+
 /// A takeover socket that someone connects to without the token gets nothing: the running
 /// proxy goes on serving, and a real takeover still works afterwards.
 #[tokio::test]

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{ConfigError, LogFormat, duration_or, parse_addr, read_toml};
 
@@ -314,8 +314,9 @@ pub struct ListenerConfig {
     pub backlog: u32,
 }
 
-/// One gateway behind the proxy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One gateway behind the proxy. (Serialized as it is: what a proxy that is taken over
+/// (`--takeover`) tells the new process of the gateways changed at run time.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayConfig {
     pub name: String,
     /// `host:port` of the gateway's device session server.

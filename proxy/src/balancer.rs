@@ -294,6 +294,17 @@ impl Gateway {
         self.weight.store(weight.max(1), Ordering::Relaxed);
     }
 
+    /// This gateway as a config entry (its weight as it is now).
+    pub fn config(&self) -> GatewayConfig {
+        GatewayConfig {
+            name: self.name.clone(),
+            addr: self.addr.clone(),
+            health_addr: self.health_addr.clone(),
+            weight: self.weight(),
+            pool: self.pool.clone(),
+        }
+    }
+
     /// Whether address, health address and pool equal `config`'s (only the weight may differ
     /// for the gateway to be kept as it is by a reload).
     pub fn same_endpoint(&self, config: &GatewayConfig) -> bool {

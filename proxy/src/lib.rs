@@ -263,6 +263,16 @@ impl Proxy {
         // and the admin endpoint: they run on threads of their own.
         let _stop_probes = probes_stop.clone().drop_guard();
         let mut admin_thread = None;
+        // The admin endpoint is served by one process at a time through an upgrade: the old
+        // one stops it (`admin_stop`) and, once it has closed (`admin_closed`), hands its
+        // run-time changes over; the new one serves it only once they are applied
+        // (`admin_gate`), so no change made through it is lost or made on the wrong process.
+        let admin_stop = probes_stop.child_token();
+        let admin_closed = CancellationToken::new();
+        let admin_gate = CancellationToken::new();
+        if takeover.as_ref().is_none_or(|t| t.inherited.is_none()) {
+            admin_gate.cancel();
+        }
         live.probes.start(&gateways.snapshot(), &ctx.config.health);
         let terminate = ctx.config.mode == wasmbed_config::Mode::Terminate;
         if terminate {
@@ -277,7 +287,9 @@ impl Proxy {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");
             }
-            let feed = dashboard::spawn(live.clone(), &background, probes_stop.clone());
+            // Its end ends the event streams (SSE), so a stop of the admin endpoint (a
+            // takeover) is not held up by an open dashboard.
+            let feed = dashboard::spawn(live.clone(), &background, admin_stop.clone());
             let admin = Arc::new(admin::Admin {
                 live: live.clone(),
                 auth: ctx.config.admin_auth.clone(),
@@ -300,8 +312,14 @@ impl Proxy {
                 listener,
                 admin_tls,
                 admin::router(admin),
-                probes_stop.clone(),
+                admin_stop.clone(),
             );
+            let (gate, closed) = (admin_gate.clone(), admin_closed.clone());
+            let serve = async move {
+                gate.cancelled().await;
+                serve.await;
+                closed.cancel();
+            };
             background.spawn_on(serve, thread.handle());
             admin_thread = Some(thread);
         }
@@ -346,10 +364,23 @@ impl Proxy {
                 socket,
                 handoff,
             } = t;
+            let changes = {
+                let live = live.clone();
+                move || serde_json::to_value(live.run_time_changes()).unwrap_or_default()
+            };
+            let admin = takeover::AdminHandoff {
+                stop: admin_stop.clone(),
+                closed: admin_closed.clone(),
+                changes: Box::new(changes),
+            };
+            if admin_thread.is_none() {
+                // No admin endpoint here: nothing to wait for.
+                admin_closed.cancel();
+            }
             background.spawn(takeover::serve(
                 socket,
                 offer,
-                handoff,
+                (handoff, admin),
                 shutdown.clone(),
                 sessions_done.clone(),
             ));
@@ -366,7 +397,21 @@ impl Proxy {
                         sessions.spawn(session::adopt(ctx, (device, gateway), lease, permit));
                         true
                     };
-                    if let Err(e) = takeover::take_sessions(inherited, adopt).await {
+                    let adopt_changes = |changes: serde_json::Value| {
+                        match serde_json::from_value::<live::RunTimeChanges>(changes) {
+                            Ok(changes) => {
+                                let kept = live.adopt_run_time_changes(changes);
+                                tracing::info!(?kept, "takeover: the old process's run-time changes kept");
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "takeover: the old process's run-time changes could not be read: the config file's gateways as they are")
+                            }
+                        }
+                    };
+                    let taken =
+                        takeover::take_sessions(inherited, (adopt_changes, admin_gate), adopt)
+                            .await;
+                    if let Err(e) = taken {
                         tracing::warn!(error = %e, "takeover: the old process stopped handing sessions over");
                     }
                 });

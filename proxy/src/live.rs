@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use metrics::counter;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmbed_config::{GatewayConfig, HealthConfig, ProxyConfig};
@@ -95,6 +95,18 @@ impl Probes {
     }
 }
 
+/// Changes made through the admin API that the config file does not hold, as a process
+/// that is taken over (`--takeover`) hands them to the new one.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunTimeChanges {
+    /// Removed at run time, with the file's entry for it then (`None`: it was not the file's).
+    pub removed: Vec<(String, Option<GatewayConfig>)>,
+    /// Added at run time.
+    pub added: Vec<GatewayConfig>,
+    /// Drained at run time (the file's or added ones), at the address they had.
+    pub drained: Vec<GatewayConfig>,
+}
+
 /// What a reload changed.
 #[derive(Debug, Default, Serialize, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -163,6 +175,71 @@ impl Live {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&config.name);
         Some(g)
+    }
+
+    /// The admin API's changes in force — gateways removed, added or drained at run time —
+    /// for the process that takes this one over (`--takeover`), which keeps them as a reload
+    /// keeps them ([`Live::adopt_run_time_changes`]).
+    pub fn run_time_changes(&self) -> RunTimeChanges {
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let removed = self
+            .removed_at_run_time
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, then)| (name.clone(), then.clone()))
+            .collect();
+        let mut changes = RunTimeChanges {
+            removed,
+            ..RunTimeChanges::default()
+        };
+        for g in self.context().gateways.snapshot().iter() {
+            // Gateways found in DNS are the new process's discovery's to find again.
+            if matches!(g.origin, Origin::Dns(_)) {
+                continue;
+            }
+            if g.origin == Origin::Api {
+                changes.added.push(g.config());
+            }
+            if g.drained_here() {
+                changes.drained.push(g.config());
+            }
+        }
+        changes
+    }
+
+    /// In a process that took over (`--takeover`), before it serves its admin endpoint or
+    /// takes a session: the old process's run-time changes, kept as a reload keeps them —
+    /// unless this process's file now says otherwise of that gateway (a removed one whose
+    /// entry changed, an added name the file now lists, a drained one at another address).
+    /// Returns what was kept, one line each.
+    pub fn adopt_run_time_changes(&self, changes: RunTimeChanges) -> Vec<String> {
+        let ctx = self.context();
+        let in_file = |name: &str| ctx.config.gateways.iter().find(|c| c.name == name).cloned();
+        let mut kept = Vec::new();
+        for (name, then) in changes.removed {
+            if in_file(&name) == then && self.remove_gateway(&name).is_some() {
+                kept.push(format!("{name}: removed at run time"));
+            }
+        }
+        let health = &ctx.config.health;
+        for c in changes.added {
+            if in_file(&c.name).is_none()
+                && let Some(g) = self.add_gateway(&c)
+            {
+                self.probes.start(std::slice::from_ref(&g), health);
+                kept.push(format!("{}: added at run time", c.name));
+            }
+        }
+        for c in changes.drained {
+            if let Some(g) = ctx.gateways.find(&c.name)
+                && g.same_endpoint(&c)
+            {
+                g.set_draining(true);
+                kept.push(format!("{}: drained at run time", c.name));
+            }
+        }
+        kept
     }
 
     /// The context new sessions start with.

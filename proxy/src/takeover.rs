@@ -8,7 +8,10 @@
 //! 2. receives the listening sockets (device listeners, admin): both processes now accept
 //!    from the same sockets, so no connect is refused at any moment;
 //! 3. says it is ready (it accepts); the old process stops accepting and stops (its
-//!    terminated sessions are handed back to their devices, as on SIGTERM);
+//!    terminated sessions are handed back to their devices, as on SIGTERM), stops its admin
+//!    endpoint and, once that has answered its last request, sends its run-time changes
+//!    (gateways removed, added or drained through it); the new process keeps them and only
+//!    then serves the admin endpoint, so one process at a time does;
 //! 4. receives every passthrough session, each quiesced first (the old process stops reading
 //!    it and writes out what it had read, so no byte is in flight in user space): its device
 //!    socket, its gateway socket and its gateway's name; it counts it on that gateway and
@@ -45,10 +48,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balancer::Lease;
 
-/// Largest frame (a JSON object: small).
-const MAX_FRAME: usize = 64 << 10;
+/// Largest frame (a JSON object: small, but the run-time changes may list hundreds of
+/// gateways; the peer is already proven the same user with the token).
+const MAX_FRAME: usize = 1 << 20;
 /// Most descriptors in one frame.
 const MAX_FDS: usize = 64;
+/// How long the old process waits for its admin endpoint's last requests before it hands
+/// its run-time changes over.
+const ADMIN_CLOSE: Duration = Duration::from_secs(5);
 /// How long the new process may take from the listening sockets to "ready".
 const READY_WITHIN: Duration = Duration::from_secs(60);
 /// Sessions sent to the new process and not yet answered, at most.
@@ -348,17 +355,31 @@ pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
     }))
 }
 
-/// In the new process, once it accepts: says so, then takes every session the old process
-/// hands over (`adopt` starts each) until it says done.
+/// In the new process, once it accepts: says so, takes the old process's run-time changes
+/// (`changes` applies them; then `admin_gate` opens this process's admin endpoint — on any
+/// end too, so an old process that sends none, or dies, leaves it served), then takes every
+/// session the old process hands over (`adopt` starts each) until it says done.
 pub async fn take_sessions(
     inherited: Inherited,
+    (changes, admin_gate): (impl FnOnce(Value), CancellationToken),
     mut adopt: impl FnMut(String, TcpStream, TcpStream) -> bool,
 ) -> io::Result<u64> {
+    let _open = admin_gate.clone().drop_guard();
+    let mut changes = Some(changes);
     let mut channel = inherited.channel;
     channel.send(json!({"ready": true}), &[]).await?;
     let mut adopted = 0;
     loop {
         let (message, fds) = channel.recv().await?;
+        if let Some(state) = message.get("state") {
+            if let Some(apply) = changes.take() {
+                apply(state.clone());
+            }
+            admin_gate.cancel();
+            continue;
+        }
+        // Sessions before any changes: an old process that sends none.
+        admin_gate.cancel();
         if message["done"].as_bool() == Some(true) {
             tracing::info!(adopted, "takeover done: every passthrough session is here");
             return Ok(adopted);
@@ -383,6 +404,15 @@ pub async fn take_sessions(
         // The old process may close its copies only once this one holds the session.
         channel.send(json!({"taken": taken}), &[]).await?;
     }
+}
+
+/// The admin endpoint's part of a takeover, in the old process: `stop` ends its accepting,
+/// `closed` says it has answered its last request, and `changes` are the run-time changes
+/// then in force (a gateway removed, added or drained through it), as JSON.
+pub struct AdminHandoff {
+    pub stop: CancellationToken,
+    pub closed: CancellationToken,
+    pub changes: Box<dyn FnOnce() -> Value + Send>,
 }
 
 /// What the old process hands over.
@@ -443,7 +473,7 @@ pub fn bind(path: &Path) -> io::Result<Socket> {
 pub async fn serve(
     socket: Socket,
     offered: Offer,
-    (handover, mut handoff): (Arc<Handover>, Handoff),
+    ((handover, mut handoff), endpoint): ((Arc<Handover>, Handoff), AdminHandoff),
     shutdown: CancellationToken,
     sessions_done: CancellationToken,
 ) {
@@ -511,10 +541,29 @@ pub async fn serve(
     tracing::info!("takeover: the new process accepts; handing sessions over and stopping");
     handover.quiesce.cancel();
     shutdown.cancel();
+    // The admin endpoint next: stopped here and, once closed (its requests answered), its
+    // run-time changes go over; the new process serves it from then on. Nothing changed
+    // through it is made here after the snapshot, nor lost.
+    endpoint.stop.cancel();
+    if tokio::time::timeout(ADMIN_CLOSE, endpoint.closed.cancelled())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "takeover: the admin endpoint did not close in time; its run-time changes go over as they are"
+        );
+    }
+    let mut gone = false;
+    if let Err(e) = channel
+        .send(json!({"state": (endpoint.changes)()}), &[])
+        .await
+    {
+        tracing::warn!(error = %e, "takeover: the new process is gone; the sessions stay here");
+        gone = true;
+    }
     // Pipelined: up to WINDOW sessions on the wire before their answers, so a session waits
     // for the ones ahead of it only as long as it takes to send them, not a round trip each.
     let mut handed = 0u64;
-    let mut gone = false;
     let mut more = true;
     let mut in_flight: VecDeque<oneshot::Sender<Outcome>> = VecDeque::new();
     while more || !in_flight.is_empty() {
