@@ -187,6 +187,23 @@ async fn an_upgrade_in_place_keeps_the_run_time_changes() {
         http(admin, "POST", "/api/gateways/gw-0/drain", b"").await.0,
         200
     );
+    // A device session, on gw-x (the one gateway taking sessions): it moves with the upgrade,
+    // so the added gateway must be up in the new process before the session comes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicU64::new(0));
+    let device = tokio::spawn(echoing(
+        listen,
+        pki.clone(),
+        "device-0000".into(),
+        stop.clone(),
+        opened.clone(),
+    ));
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "the device open",
+        || opened.load(Ordering::SeqCst) == 1,
+    )
+    .await;
     let (mut new, _) = proxy(&listen.to_string(), &admin.to_string(), &path, &spec);
     wasmbed_testkit::until(
         std::time::Duration::from_secs(30),
@@ -220,6 +237,19 @@ async fn an_upgrade_in_place_keeps_the_run_time_changes() {
         Some(true),
         "drained at run time stays drained: {list}"
     );
+    let on_x = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "gw-x")
+        .and_then(|g| g["sessions"].as_u64());
+    assert_eq!(
+        on_x,
+        Some(1),
+        "the device's session, handed over on gw-x: {list}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    assert!(device.await.unwrap() > 0, "the device kept its connection");
     let _ = new.kill();
     let _ = new.wait();
 }

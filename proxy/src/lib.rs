@@ -315,9 +315,13 @@ impl Proxy {
                 admin_stop.clone(),
             );
             let (gate, closed) = (admin_gate.clone(), admin_closed.clone());
+            let stop = admin_stop.clone();
             let serve = async move {
-                gate.cancelled().await;
-                serve.await;
+                tokio::select! {
+                    _ = gate.cancelled() => serve.await,
+                    // Stopped before it was ever served (a takeover of this process).
+                    _ = stop.cancelled() => {}
+                }
                 closed.cancel();
             };
             background.spawn_on(serve, thread.handle());
@@ -398,14 +402,22 @@ impl Proxy {
                         true
                     };
                     let adopt_changes = |changes: serde_json::Value| {
-                        match serde_json::from_value::<live::RunTimeChanges>(changes) {
-                            Ok(changes) => {
-                                let kept = live.adopt_run_time_changes(changes);
-                                tracing::info!(?kept, "takeover: the old process's run-time changes kept");
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "takeover: the old process's run-time changes could not be read: the config file's gateways as they are")
-                            }
+                        let live = live.clone();
+                        async move {
+                            let changes = match serde_json::from_value(changes) {
+                                Ok(c) => c,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "takeover: the old process's run-time changes could not be read: the config file's gateways as they are");
+                                    return;
+                                }
+                            };
+                            let (kept, added) = live.adopt_run_time_changes(changes);
+                            // As `POST /api/gateways`: a first probe round before they take
+                            // sessions (the old process's are handed over next).
+                            let health = live.context().config.health.clone();
+                            health::first_round(&added, &health).await;
+                            live.probes.start(&added, &health);
+                            tracing::info!(?kept, "takeover: the old process's run-time changes kept");
                         }
                     };
                     let taken =

@@ -208,12 +208,15 @@ impl Live {
         changes
     }
 
-    /// In a process that took over (`--takeover`), before it serves its admin endpoint or
-    /// takes a session: the old process's run-time changes, kept as a reload keeps them —
-    /// unless this process's file now says otherwise of that gateway (a removed one whose
-    /// entry changed, an added name the file now lists, a drained one at another address).
-    /// Returns what was kept, one line each.
-    pub fn adopt_run_time_changes(&self, changes: RunTimeChanges) -> Vec<String> {
+    /// In a process that took over (`--takeover`), before it serves its admin endpoint: the
+    /// old process's run-time changes, kept as a reload keeps them — unless this process's
+    /// file now says otherwise of that gateway (a removed one whose entry changed, an added
+    /// name the file lists, a drained one at another address). Returns what was kept, one
+    /// line each, and the gateways added (to be probed before they take sessions).
+    pub fn adopt_run_time_changes(
+        &self,
+        changes: RunTimeChanges,
+    ) -> (Vec<String>, Vec<Arc<Gateway>>) {
         let ctx = self.context();
         let in_file = |name: &str| ctx.config.gateways.iter().find(|c| c.name == name).cloned();
         let mut kept = Vec::new();
@@ -222,13 +225,13 @@ impl Live {
                 kept.push(format!("{name}: removed at run time"));
             }
         }
-        let health = &ctx.config.health;
+        let mut added = Vec::new();
         for c in changes.added {
             if in_file(&c.name).is_none()
                 && let Some(g) = self.add_gateway(&c)
             {
-                self.probes.start(std::slice::from_ref(&g), health);
                 kept.push(format!("{}: added at run time", c.name));
+                added.push(g);
             }
         }
         for c in changes.drained {
@@ -239,7 +242,7 @@ impl Live {
                 kept.push(format!("{}: drained at run time", c.name));
             }
         }
-        kept
+        (kept, added)
     }
 
     /// The context new sessions start with.

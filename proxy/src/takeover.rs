@@ -28,6 +28,7 @@
 //! descriptors says how many (`"fds": n`), in the order the object lists them.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -53,6 +54,9 @@ use crate::balancer::Lease;
 const MAX_FRAME: usize = 1 << 20;
 /// Most descriptors in one frame.
 const MAX_FDS: usize = 64;
+/// The exchange's version: 2 adds the run-time changes (`state`), sent only to a new process
+/// that says 2 or more, and awaited only from an old one that does.
+const VERSION: u64 = 2;
 /// How long the old process waits for its admin endpoint's last requests before it hands
 /// its run-time changes over.
 const ADMIN_CLOSE: Duration = Duration::from_secs(5);
@@ -288,6 +292,8 @@ pub struct Inherited {
     /// Listening sockets by address.
     pub listeners: Vec<(SocketAddr, std::net::TcpListener)>,
     pub admin: Option<(SocketAddr, std::net::TcpListener)>,
+    /// The old process sends its run-time changes (an earlier version does not).
+    changes_coming: bool,
     channel: Channel,
 }
 
@@ -320,7 +326,7 @@ pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
     let token = std::fs::read_to_string(token_path(path))?;
     let mut channel = Channel::new(stream);
     channel
-        .send(json!({"takeover": 1, "token": token.trim()}), &[])
+        .send(json!({"takeover": VERSION, "token": token.trim()}), &[])
         .await?;
     let (message, fds) = channel.recv_within(STEP).await?;
     let addrs = |key: &str| -> Vec<SocketAddr> {
@@ -351,6 +357,7 @@ pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
     Ok(Some(Inherited {
         listeners,
         admin,
+        changes_coming: message["version"].as_u64().is_some_and(|v| v >= 2),
         channel,
     }))
 }
@@ -359,12 +366,15 @@ pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
 /// (`changes` applies them; then `admin_gate` opens this process's admin endpoint — on any
 /// end too, so an old process that sends none, or dies, leaves it served), then takes every
 /// session the old process hands over (`adopt` starts each) until it says done.
-pub async fn take_sessions(
+pub async fn take_sessions<F: Future<Output = ()>>(
     inherited: Inherited,
-    (changes, admin_gate): (impl FnOnce(Value), CancellationToken),
+    (changes, admin_gate): (impl FnOnce(Value) -> F, CancellationToken),
     mut adopt: impl FnMut(String, TcpStream, TcpStream) -> bool,
 ) -> io::Result<u64> {
     let _open = admin_gate.clone().drop_guard();
+    if !inherited.changes_coming {
+        admin_gate.cancel();
+    }
     let mut changes = Some(changes);
     let mut channel = inherited.channel;
     channel.send(json!({"ready": true}), &[]).await?;
@@ -373,13 +383,11 @@ pub async fn take_sessions(
         let (message, fds) = channel.recv().await?;
         if let Some(state) = message.get("state") {
             if let Some(apply) = changes.take() {
-                apply(state.clone());
+                apply(state.clone()).await;
             }
             admin_gate.cancel();
             continue;
         }
-        // Sessions before any changes: an old process that sends none.
-        admin_gate.cancel();
         if message["done"].as_bool() == Some(true) {
             tracing::info!(adopted, "takeover done: every passthrough session is here");
             return Ok(adopted);
@@ -483,8 +491,8 @@ pub async fn serve(
         mut token,
     } = socket;
     let admin: Vec<(SocketAddr, OwnedFd)> = offered.admin.into_iter().collect();
-    let mut channel = loop {
-        let mut channel = loop {
+    let (mut channel, version) = loop {
+        let (mut channel, version) = loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((s, _)) => s,
@@ -500,7 +508,7 @@ pub async fn serve(
                 }
             };
             match admit(stream, &token).await {
-                Ok(c) => break c,
+                Ok(admitted) => break admitted,
                 Err(e) => tracing::warn!(error = %e, "takeover refused"),
             }
         };
@@ -516,14 +524,18 @@ pub async fn serve(
             .chain(admin.iter())
             .map(|(_, fd)| fd.as_fd())
             .collect();
-        let message = json!({"listeners": addrs(&offered.listeners), "admin": addrs(&admin)});
+        let message = json!({
+            "listeners": addrs(&offered.listeners),
+            "admin": addrs(&admin),
+            "version": VERSION,
+        });
         let ready = match channel.send(message, &fds).await {
             // Its start (binding, loading certificates, the first probe round) comes first.
             Ok(()) => channel.recv_within(READY_WITHIN).await,
             Err(e) => Err(e),
         };
         match ready {
-            Ok((m, _)) if m["ready"].as_bool() == Some(true) => break channel,
+            Ok((m, _)) if m["ready"].as_bool() == Some(true) => break (channel, version),
             other => {
                 // Nothing changed here: serve on, and the socket again for a next try.
                 tracing::warn!(answer = ?other.map(|m| m.0), "takeover: the new process did not get ready; serving on");
@@ -539,28 +551,31 @@ pub async fn serve(
     };
     drop((offered.listeners, admin));
     tracing::info!("takeover: the new process accepts; handing sessions over and stopping");
-    handover.quiesce.cancel();
     shutdown.cancel();
     // The admin endpoint next: stopped here and, once closed (its requests answered), its
-    // run-time changes go over; the new process serves it from then on. Nothing changed
-    // through it is made here after the snapshot, nor lost.
-    endpoint.stop.cancel();
-    if tokio::time::timeout(ADMIN_CLOSE, endpoint.closed.cancelled())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "takeover: the admin endpoint did not close in time; its run-time changes go over as they are"
-        );
-    }
+    // run-time changes go over (to a new process that takes them); the new process serves
+    // it from then on. The sessions are quiesced only after, so this wait does not hold up
+    // their bytes.
     let mut gone = false;
-    if let Err(e) = channel
-        .send(json!({"state": (endpoint.changes)()}), &[])
-        .await
-    {
-        tracing::warn!(error = %e, "takeover: the new process is gone; the sessions stay here");
-        gone = true;
+    if version >= 2 {
+        endpoint.stop.cancel();
+        if tokio::time::timeout(ADMIN_CLOSE, endpoint.closed.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "takeover: the admin endpoint did not close in time; its run-time changes go over as they are"
+            );
+        }
+        if let Err(e) = channel
+            .send(json!({"state": (endpoint.changes)()}), &[])
+            .await
+        {
+            tracing::warn!(error = %e, "takeover: the new process is gone; the sessions stay here");
+            gone = true;
+        }
     }
+    handover.quiesce.cancel();
     // Pipelined: up to WINDOW sessions on the wire before their answers, so a session waits
     // for the ones ahead of it only as long as it takes to send them, not a round trip each.
     let mut handed = 0u64;
@@ -632,11 +647,12 @@ pub async fn serve(
 }
 
 /// Checks a takeover request: the same user at the other end, and the token.
-async fn admit(stream: UnixStream, token: &str) -> io::Result<Channel> {
+async fn admit(stream: UnixStream, token: &str) -> io::Result<(Channel, u64)> {
     same_user(&stream)?;
     let mut channel = Channel::new(stream);
     let (message, _) = channel.recv_within(STEP).await?;
     let offered = message["token"].as_str().unwrap_or_default();
+    let version = message["takeover"].as_u64().unwrap_or(1);
     // Compared whole, in time independent of where they differ.
     let same = offered.len() == token.len()
         && offered
@@ -647,7 +663,7 @@ async fn admit(stream: UnixStream, token: &str) -> io::Result<Channel> {
     if token.is_empty() || !same {
         return Err(io::Error::other("wrong token"));
     }
-    Ok(channel)
+    Ok((channel, version))
 }
 
 /// Refuses a peer of another user (the socket's peer credentials, as the kernel saw them
