@@ -24,6 +24,50 @@ fn proxy(listen: &str, admin: &str, path: &std::path::Path, gateways: &str) -> (
     spawn_ready(&mut cmd)
 }
 
+/// What each test upgrades: a PKI with `devices` device certificates, two TLS gateways, and
+/// a proxy with `--takeover` at a socket in the temporary directory (`old`). A test binds
+/// `_dir` and `gateways` too (left in `..` they would go at once: the files and processes).
+struct Stack {
+    _dir: tempfile::TempDir,
+    pki: std::path::PathBuf,
+    gateways: Vec<(Killed, SocketAddr, SocketAddr)>,
+    spec: String,
+    path: std::path::PathBuf,
+    old: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn stack(devices: &str) -> Stack {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    certs_init(&pki, &["--devices", devices, "--gateways", "2"]);
+    let (gateways, spec) = tls_gateways(&pki, &[]);
+    let path = dir.path().join("proxy.sock");
+    let (old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
+    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    Stack {
+        _dir: dir,
+        pki,
+        gateways,
+        spec,
+        path,
+        old,
+        listen,
+        admin,
+    }
+}
+
+/// Waits until the old proxy has handed everything over and exited.
+async fn exited(old: &mut Child) {
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(30),
+        "the old proxy handed everything over and exited",
+        || matches!(old.try_wait(), Ok(Some(_))),
+    )
+    .await;
+}
+
 /// A device that keeps `depth` DATA in flight to `echo` and checks every answer is its own
 /// bytes, in order, on the one connection it opened, until `stop`. Returns the answers.
 async fn echoing(
@@ -65,13 +109,17 @@ async fn echoing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_in_place_keeps_every_connection_and_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    certs_init(&pki, &["--devices", "8", "--gateways", "2"]);
-    let (_gateways, spec) = tls_gateways(&pki, &[]);
-    let path = dir.path().join("proxy.sock");
-    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
-    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    let Stack {
+        _dir,
+        gateways: _gateways,
+        pki,
+        spec,
+        path,
+        mut old,
+        listen,
+        admin,
+        ..
+    } = stack("8");
     let stop = Arc::new(AtomicBool::new(false));
     let opened = Arc::new(AtomicU64::new(0));
     let devices: Vec<_> = (0..8)
@@ -113,12 +161,7 @@ async fn an_upgrade_in_place_keeps_every_connection_and_byte() {
         listen,
         "the same address, taken over"
     );
-    wasmbed_testkit::until(
-        std::time::Duration::from_secs(30),
-        "the old proxy handed everything over and exited",
-        || matches!(old.try_wait(), Ok(Some(_))),
-    )
-    .await;
+    exited(&mut old).await;
     assert!(
         old.wait().unwrap().success(),
         "the old proxy stopped in order"
@@ -163,13 +206,17 @@ async fn an_upgrade_in_place_keeps_every_connection_and_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_in_place_keeps_the_run_time_changes() {
     use wasmbed_testkit::http;
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    certs_init(&pki, &["--devices", "1", "--gateways", "2"]);
-    let (gateways, spec) = tls_gateways(&pki, &[]);
-    let path = dir.path().join("proxy.sock");
-    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
-    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    let Stack {
+        _dir,
+        pki,
+        gateways,
+        spec,
+        path,
+        mut old,
+        listen,
+        admin,
+        ..
+    } = stack("1");
     // gw-x: another name for gw-0's process, added at run time.
     let (_, gw0, gw0_admin) = &gateways[0];
     let body = format!(r#"{{"name":"gw-x","address":"{gw0}","health_address":"{gw0_admin}"}}"#);
@@ -205,12 +252,7 @@ async fn an_upgrade_in_place_keeps_the_run_time_changes() {
     )
     .await;
     let (mut new, _) = proxy(&listen.to_string(), &admin.to_string(), &path, &spec);
-    wasmbed_testkit::until(
-        std::time::Duration::from_secs(30),
-        "the old proxy handed everything over and exited",
-        || matches!(old.try_wait(), Ok(Some(_))),
-    )
-    .await;
+    exited(&mut old).await;
     // Only the new process serves the admin address now.
     let (status, body) = http(admin, "GET", "/api/gateways", b"").await;
     assert_eq!(status, 200, "{body}");
@@ -259,13 +301,15 @@ async fn an_upgrade_in_place_keeps_the_run_time_changes() {
 #[tokio::test]
 async fn a_takeover_without_the_token_is_refused() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    certs_init(&pki, &["--devices", "1", "--gateways", "2"]);
-    let (_gateways, spec) = tls_gateways(&pki, &[]);
-    let path = dir.path().join("proxy.sock");
-    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
-    let listen = addr_in(&line, "listen=");
+    let Stack {
+        _dir,
+        gateways: _gateways,
+        pki,
+        path,
+        mut old,
+        listen,
+        ..
+    } = stack("1");
     let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
     let body = br#"{"takeover":1,"token":"not-the-token"}"#;
     s.write_all(&(body.len() as u32).to_be_bytes())
@@ -289,13 +333,17 @@ async fn a_takeover_without_the_token_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_dies_before_it_is_ready_changes_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let pki = dir.path().join("pki");
-    certs_init(&pki, &["--devices", "2", "--gateways", "2"]);
-    let (_gateways, spec) = tls_gateways(&pki, &[]);
-    let path = dir.path().join("proxy.sock");
-    let (mut old, line) = proxy("127.0.0.1:0", "127.0.0.1:0", &path, &spec);
-    let (listen, admin) = (addr_in(&line, "listen="), addr_in(&line, "admin="));
+    let Stack {
+        _dir,
+        gateways: _gateways,
+        pki,
+        spec,
+        path,
+        mut old,
+        listen,
+        admin,
+        ..
+    } = stack("2");
     let mut dev = tls_device(listen, device_of(&pki, "device-0000")).await;
     dev.open("device-0000", "echo").await;
     // The would-be successor: the right token, takes the sockets' frame, leaves.
