@@ -8,9 +8,11 @@
 //! - [`peer_identity`]: the device identity (subject common name) of a certificate.
 
 pub mod pki;
+pub mod signal;
 pub mod trust;
 pub mod udp;
 
+pub use signal::Signal;
 pub use trust::{Named, Reloadable, Revokes, ServerTrust};
 
 use std::path::{Path, PathBuf};

@@ -95,7 +95,7 @@ impl Revokes for ServerTrust {
 pub struct Reloadable<T> {
     current: ArcSwapOption<T>,
     generation: tokio::sync::watch::Sender<u64>,
-    installed: arc_swap::ArcSwap<tokio_util::sync::CancellationToken>,
+    installed: crate::Signal,
 }
 
 impl<T> Reloadable<T> {
@@ -117,12 +117,12 @@ impl<T> Reloadable<T> {
         self.current.store(trust.map(Arc::new));
         self.generation.send_modify(|n| *n = n.wrapping_add(1));
         // After the trust is in use: a session woken by this reads the new trust.
-        self.installed.swap(Default::default()).cancel();
+        self.installed.fire();
     }
 
     /// Cancelled at the next install: then take this again, and read the trust.
     pub fn installs(&self) -> tokio_util::sync::CancellationToken {
-        (**self.installed.load()).clone()
+        self.installed.token()
     }
 
     /// A receiver that wakes at each later install.

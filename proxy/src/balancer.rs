@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use wasmbed_config::GatewayConfig;
 use wasmbed_pick::Load;
 
-use crate::signal::Signal;
+use wasmbed_certs::Signal;
 
 /// Where a gateway of the set came from: what may change or remove it.
 #[derive(Debug, Clone, PartialEq, Eq)]

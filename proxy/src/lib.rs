@@ -50,7 +50,6 @@ mod rebalance;
 mod refusal;
 mod route;
 mod session;
-mod signal;
 mod takeover;
 mod terminate;
 mod tls;

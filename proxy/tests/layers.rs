@@ -11,7 +11,6 @@ const LAYERS: &[&str] = &[
     "events",
     "metric_names",
     "control",
-    "signal",
     "clienthello",
     "proxy_protocol",
     "listener",

@@ -3,7 +3,9 @@
 //! the state the signal is about, so a change after that read cancels the token it waits on.
 //! (A `watch` channel says the same, but waiting on one takes a future made afresh for each
 //! wait, borrowing its receiver; a session's loop that polls its waits by hand keeps each
-//! wait for its life: see `anchor::Waits`.)
+//! wait for its life: see the proxy's `anchor::Waits`.) Here, below the proxy and the
+//! gateway, because trust installs ([`crate::Reloadable::installs`]) use it as the proxy's
+//! gateways do.
 
 use std::sync::Arc;
 
