@@ -342,7 +342,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Sealing and opening a ticket, with 64 B and 16 KiB of app state.
 fn tickets() {
-    use wasmbed_gateway::ticket::{KeyRing, TicketBody, unix};
+    use wasmbed_gateway::ticket::{KeyRing, SessionTickets, TicketBody, unix};
     let dir = std::env::temp_dir().join(format!("gateway-bench-t-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys.toml");

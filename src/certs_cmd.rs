@@ -18,7 +18,9 @@ enum CertsCommand {
     /// 127.0.0.1, --san); proxy-client.pem and proxy-client.key (the proxy's client
     /// certificate towards gateways, identity wasmbed-proxy); gateway-N.pem and gateway-N.key
     /// (--gateways); devices/device-NNNN.pem and .key (--devices); session-keys.toml (the
-    /// fleet's ticket key ring, for every gateway's --session-keys); crl.pem (an empty CRL of
+    /// fleet's ticket key ring, for every gateway's --session-keys); proxy-tickets.toml (the
+    /// key ring of the devices' TLS tickets, for every proxy replica's --tls-ticket-keys);
+    /// crl.pem (an empty CRL of
     /// the CA, so --client-crl can be on from the first day; `certs revoke` rewrites it) and
     /// revoked.json (what `certs revoke` has revoked); admin/ca.pem and admin/ca.key (a CA
     /// for admins only) with admin/admin.pem and .key (an admin client certificate, for
@@ -383,6 +385,11 @@ fn write_k8s_secrets(a: &InitArgs, out: &Path) -> Result<PathBuf, CertError> {
             "Opaque",
             &[("session-keys.toml", &read("session-keys.toml")?)],
         ),
+        secret_yaml(
+            "wasmbed-proxy-tickets",
+            "Opaque",
+            &[("proxy-tickets.toml", &read("proxy-tickets.toml")?)],
+        ),
         secret_yaml("wasmbed-admin-token", "Opaque", &[("token", &token)]),
     ]
     .concat();
@@ -477,6 +484,13 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     let ring = wasmbed_gateway::ticket::KeyRing::generate("k1")
         .map_err(|_| CertError::Random("the session key"))?;
     write_secret(&keys_path, &ring)?;
+    // The proxies' ring for the devices' TLS tickets: every replica gets the same file
+    // (`--tls-ticket-keys`); a key of its own, not the gateways' (what each trusts differs).
+    let tickets_path = a.dir.join("proxy-tickets.toml");
+    let tickets =
+        wasmbed_certs::ring::KeyRing::generate_for("k1", "The proxies' TLS ticket key ring")
+            .map_err(|_| CertError::Random("the TLS ticket key"))?;
+    write_secret(&tickets_path, &tickets)?;
     // An empty CRL, number 1: `--client-crl DIR/crl.pem` works before the first revocation,
     // and `certs revoke` numbers its CRLs on from it.
     let crl_path = a.dir.join("crl.pem");
@@ -491,6 +505,7 @@ fn write_pki(a: &InitArgs) -> Result<(), CertError> {
     )?;
     let index = serde_json::json!({
         "session_keys": keys_path,
+        "proxy_tickets": tickets_path,
         "crl": crl_path,
         "ca": { "cert": ca_path, "key": a.dir.join("ca.key") },
         "proxy": proxy,

@@ -69,6 +69,12 @@ fn gateways_of(admin: SocketAddr) -> Vec<serde_json::Value> {
     serde_json::from_str(&answer.body).unwrap()
 }
 
+/// A series of a proxy's `/metrics`.
+fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let answer = wasmbed_testkit::Admin::new(admin).get("/metrics").unwrap();
+    wasmbed_testkit::Metrics::parse(&answer.body).series(series)
+}
+
 /// How many gateways a proxy has up.
 fn healthy(admin: SocketAddr) -> usize {
     gateways_of(admin)
@@ -147,6 +153,7 @@ async fn cluster(devices: usize) -> Cluster {
         ("wasmbed-proxy-client", proxy_root.join("client")),
         ("wasmbed-ca", proxy_root.join("ca")),
         ("wasmbed-admin-token", proxy_root.join("admin")),
+        ("wasmbed-proxy-tickets", proxy_root.join("tickets")),
     ] {
         mount(&all, secret, &dir);
     }
@@ -368,4 +375,18 @@ async fn two_proxies_from_the_manifests_lose_nothing_when_one_is_killed() {
     );
     assert_eq!(report["messages"]["lost"], 0, "{report}");
     assert_eq!(report["messages"]["duplicated"], 0, "{report}");
+    // And resumed TLS on the other replica from the tickets the killed one sealed (the
+    // replicas share `ticket_keys`): no certificate exchange, and no ticket refused.
+    let tickets = |result: &str| {
+        metric(
+            b_admin,
+            &format!("wasmbed_proxy_tls_tickets_total{{result=\"{result}\"}}"),
+        )
+    };
+    assert!(
+        tickets("opened") >= held as f64,
+        "the {held} devices of the killed proxy resumed TLS on the other: {} opened",
+        tickets("opened")
+    );
+    assert_eq!(tickets("refused"), 0.0);
 }

@@ -8,6 +8,7 @@
 //! - [`peer_identity`]: the device identity (subject common name) of a certificate.
 
 pub mod pki;
+pub mod ring;
 pub mod signal;
 pub mod trust;
 pub mod udp;

@@ -93,6 +93,13 @@ pub struct ProxyFlags {
     /// devices must present their certificate on every connection.
     #[arg(long)]
     pub no_tls_resumption: bool,
+    /// Terminate mode: seal the devices' TLS session tickets under this key ring (TOML
+    /// `[[key]]` entries, as `wasmbed certs init` writes to proxy-tickets.toml), re-read on
+    /// SIGHUP. Replicas given the same file resume each other's devices; without it each
+    /// process seals under keys of its own (a device that reaches another replica, or this
+    /// one after a restart, runs a full handshake).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ticket_keys: Option<PathBuf>,
     /// Terminate mode: TLS to the gateways, verified against this CA (PEM).
     #[arg(long, value_name = "FILE")]
     pub upstream_ca: Option<PathBuf>,
@@ -364,8 +371,11 @@ pub struct TerminateTls {
     pub client_ca: Option<PathBuf>,
     /// CRLs (PEM) device certificates are checked against; re-read on SIGHUP.
     pub client_crls: Vec<PathBuf>,
-    /// Devices may resume TLS sessions (rustls' session cache and tickets).
+    /// Devices may resume TLS sessions (stateless TLS 1.3 tickets).
     pub resumption: bool,
+    /// The key ring the devices' TLS tickets are sealed under (shared by replicas); `None`:
+    /// keys of this process's own.
+    pub ticket_keys: Option<PathBuf>,
 }
 
 /// TLS from the proxy to the gateways, in terminate mode.
@@ -615,6 +625,7 @@ struct RawTls {
     #[serde(default)]
     client_crl: Vec<PathBuf>,
     resumption: Option<bool>,
+    ticket_keys: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -683,7 +694,17 @@ impl ProxyConfig {
             client_ca: t.client_ca,
             client_crls: t.client_crl,
             resumption: t.resumption.unwrap_or(true),
+            ticket_keys: t.ticket_keys,
         });
+        if tls
+            .as_ref()
+            .is_some_and(|t| !t.resumption && t.ticket_keys.is_some())
+        {
+            return Err(ConfigError::field(
+                "tls.ticket_keys",
+                "seals TLS tickets, which resumption = false (--no-tls-resumption) turns off",
+            ));
+        }
         if tls
             .as_ref()
             .is_some_and(|t| t.client_ca.is_none() && !t.client_crls.is_empty())
@@ -1093,18 +1114,29 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             f.client_crl.clone()
         };
         let resumption = raw.tls.as_ref().and_then(|t| t.resumption);
+        let ticket_keys = raw.tls.as_ref().and_then(|t| t.ticket_keys.clone());
         raw.tls = Some(RawTls {
             cert,
             key,
             client_ca,
             client_crl,
             resumption,
+            ticket_keys,
         });
     }
     if f.no_tls_resumption
         && let Some(t) = raw.tls.as_mut()
     {
         t.resumption = Some(false);
+    }
+    if let Some(path) = &f.tls_ticket_keys {
+        let Some(t) = raw.tls.as_mut() else {
+            return Err(ConfigError::field(
+                "tls.ticket_keys",
+                "--tls-ticket-keys is for terminate mode's TLS (--tls-cert/--tls-key or [tls])",
+            ));
+        };
+        t.ticket_keys = Some(path.clone());
     }
     if let Some(ca) = &f.upstream_ca {
         let kept = raw.upstream_tls.take();

@@ -169,7 +169,7 @@ fn ring() -> wasmbed_gateway::ticket::KeyRing {
 /// body sealed again opens to itself.
 pub fn ticket(data: &[u8]) {
     use rustls::server::ProducesTickets;
-    use wasmbed_gateway::ticket::{FleetTicketer, KeyRing};
+    use wasmbed_gateway::ticket::{RingTicketer, SessionTickets, read_plaintext};
 
     let ring = ring();
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
@@ -178,14 +178,15 @@ pub fn ticket(data: &[u8]) {
         "a forged session ticket opened"
     );
     let ring = std::sync::Arc::new(arc_swap::ArcSwapOption::from_pointee(ring));
-    let tls = FleetTicketer {
+    let tls = RingTicketer {
         keys: ring.clone(),
         lifetime: 60,
+        domain: wasmbed_gateway::ticket::GATEWAY_TLS,
     };
     assert!(tls.decrypt(data).is_none(), "a forged TLS ticket opened");
     let guard = ring.load();
     let Some(ring) = guard.as_ref() else { return };
-    if let Ok(body) = KeyRing::read_plaintext(data, now) {
+    if let Ok(body) = read_plaintext(data, now) {
         let sealed = ring.seal(&body).expect("sealed");
         assert_eq!(ring.open(&sealed, now).ok(), Some(body));
         // A session ticket is not a TLS ticket.

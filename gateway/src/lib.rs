@@ -193,9 +193,10 @@ impl DeviceTls {
             // TLS tickets under the fleet's ring: a re-homing device resumes its TLS
             // session on any gateway.
             let mut c = (*config).clone();
-            c.ticketer = Arc::new(ticket::FleetTicketer {
+            c.ticketer = Arc::new(ticket::RingTicketer {
                 keys: keys.clone(),
                 lifetime: settings.ticket_lifetime.as_secs().min(7 * 24 * 3600) as u32,
+                domain: wasmbed_certs::ring::GATEWAY_TLS,
             });
             // Two per handshake: a client that resumes spends one and gains two, so a
             // terminating proxy's store grows to about one ticket per live link, and a

@@ -16,7 +16,7 @@ use wasmbed_protocol::{
     Checkpoint, ErrorCode, Frame, Goaway, Hello, Kind, ProtocolError, Resumed, Welcome,
 };
 
-use crate::ticket::{Refused, TicketBody};
+use crate::ticket::{Refused, SessionTickets, TicketBody};
 
 use crate::Shared;
 use crate::host::{App, CallError, Instance, Output};

@@ -8,6 +8,10 @@ use wasmbed_protocol::{ErrorCode, Frame, Goaway, Kind};
 const ECHO: &[u8] = include_bytes!("../../apps/echo.wat");
 const COUNTER: &[u8] = include_bytes!("../../apps/counter.wat");
 
+/// Held by the tests that count admin refusals: the metrics are the process's (counted from a
+/// reading at the start), and two such tests at once would count each other's.
+static REFUSALS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn apps_are_uploaded_replaced_and_deleted() {
     let gw = start(settings(None)).await;
@@ -208,6 +212,7 @@ async fn every_loaded_app_has_a_call_counter_and_a_deleted_one_none() {
 /// stay open; an upload over --max-app-size is 413; each refusal is counted.
 #[tokio::test]
 async fn mutations_need_the_admin_token_and_uploads_are_capped() {
+    let _counting = REFUSALS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     let token = "a-long-enough-admin-token";
@@ -217,7 +222,9 @@ async fn mutations_need_the_admin_token_and_uploads_are_capped() {
     s.max_app_size = 4096;
     let gw = start(s).await;
     assert_eq!(http(gw.admin, "GET", "/api/apps", b"").await.0, 200);
-    assert_eq!(http(gw.admin, "GET", "/metrics", b"").await.0, 200);
+    let (status, before) = http(gw.admin, "GET", "/metrics", b"").await;
+    assert_eq!(status, 200);
+    let before = wasmbed_testkit::Metrics::parse(&before);
     assert_eq!(http(gw.admin, "PUT", "/api/apps/e2", ECHO).await.0, 401);
     assert_eq!(
         wasmbed_testkit::http_auth(gw.admin, "PUT", "/api/apps/e2", ECHO, "wrong-token-0000000")
@@ -242,7 +249,8 @@ async fn mutations_need_the_admin_token_and_uploads_are_capped() {
     let m = wasmbed_testkit::Metrics::parse(&http(gw.admin, "GET", "/metrics", b"").await.1);
     for (status, n) in [("401", 2.0), ("403", 1.0), ("413", 1.0)] {
         assert_eq!(
-            m.sum("wasmbed_gateway_admin_refused_total", &[("status", status)]),
+            m.sum("wasmbed_gateway_admin_refused_total", &[("status", status)])
+                - before.sum("wasmbed_gateway_admin_refused_total", &[("status", status)]),
             n,
             "{status}"
         );
@@ -261,6 +269,7 @@ async fn mutations_need_the_admin_token_and_uploads_are_capped() {
 /// or an admin client certificate; reads need neither.
 #[tokio::test]
 async fn admin_changes_over_https_take_a_token_or_an_admin_certificate() {
+    let _counting = REFUSALS.lock().await;
     use wasmbed_certs::pki::{DevCa, KeyKind};
     let pki = Pki::new();
     let admin_ca = DevCa::generate("admin CA").unwrap();

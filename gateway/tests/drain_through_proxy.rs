@@ -55,6 +55,7 @@ fn proxy_config(
             client_ca: Some(pki.path("ca.pem")),
             client_crls: Vec::new(),
             resumption: true,
+            ticket_keys: None,
         });
     }
     c

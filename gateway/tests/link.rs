@@ -60,6 +60,7 @@ impl LinkPki {
             client_ca: Some(p.path("ca.pem")),
             client_crls: Vec::new(),
             resumption: true,
+            ticket_keys: None,
         });
         c.upstream_tls = Some(UpstreamTls {
             ca: p.path("ca.pem"),

@@ -192,6 +192,7 @@ impl Env {
             client_ca: Some(p.path("ca.pem")),
             client_crls: vec![p.path("crl.pem")],
             resumption: true,
+            ticket_keys: None,
         });
         c.upstream_tls = Some(UpstreamTls {
             ca: p.path("ca.pem"),

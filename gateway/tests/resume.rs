@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use support::*;
-use wasmbed_gateway::ticket::{KeyRing, TicketBody, unix};
+use wasmbed_gateway::ticket::{KeyRing, SessionTickets, TicketBody, unix};
 use wasmbed_protocol::{ErrorCode, Kind, Welcome};
 
 fn counter_of(reply: &wasmbed_protocol::Frame) -> u64 {

@@ -32,6 +32,7 @@ fn terminating(pki: &Pki, gw: &RunningGateway) -> ProxyConfig {
         client_ca: Some(pki.path("ca.pem")),
         client_crls: Vec::new(),
         resumption: true,
+        ticket_keys: None,
     });
     c
 }

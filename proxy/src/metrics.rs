@@ -194,6 +194,10 @@ fn describe() {
         "Device TLS handshakes in progress (terminate mode, TLS over TCP and QUIC together), against max_handshakes."
     );
     describe_counter!(
+        TLS_TICKETS,
+        "Devices' TLS session tickets (terminate mode, TLS over TCP and QUIC): issued, and presented to resume: opened, or refused (an expired key, another replica's ring, a forgery: a full handshake follows)."
+    );
+    describe_counter!(
         QUIC_STREAMS_REFUSED,
         "Streams a QUIC device opened beyond its session's (reset: one session per connection)."
     );

@@ -292,6 +292,14 @@ async fn accept(
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.server_name);
+    let verified = match crate::terminate::Verified::check(ctx, sni, &chain, (peer, local)) {
+        Ok(v) => v,
+        Err(r) => {
+            conn.close(VarInt::from_u32(code::REFUSED), b"certificate revoked");
+            r.count();
+            return None;
+        }
+    };
     let stream = tokio::time::timeout(ctx.config.handshake_timeout, conn.accept_bi()).await;
     let (send, recv) = match stream {
         Ok(Ok(s)) => s,
@@ -315,7 +323,6 @@ async fn accept(
         }
     });
     let device = Box::new(QuicDevice { conn, recv, send });
-    let verified = crate::terminate::Verified::new(sni, &chain, (peer, local));
     crate::terminate::anchor_device(ctx, device, verified).await
 }
 

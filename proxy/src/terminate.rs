@@ -82,7 +82,12 @@ pub(crate) async fn terminate(
             .map_err(|e| refused(tls_reason(&e), e))?;
     drop(handshake);
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
-    let verified = Verified::new(sni, tls.peer_certificates().unwrap_or(&[]), (peer, local));
+    let verified = Verified::check(
+        ctx,
+        sni,
+        tls.peer_certificates().unwrap_or(&[]),
+        (peer, local),
+    )?;
     if raw {
         forward_decrypted(ctx, tls, verified).await?;
         return Ok(None);
@@ -142,21 +147,35 @@ pub(crate) struct Verified {
 }
 
 impl Verified {
-    /// From the SNI and the certificate chain (empty without `client_ca`) of the handshake.
-    pub(crate) fn new(
+    /// From the SNI and the certificate chain (empty without `client_ca`) of the handshake,
+    /// refused (`client_cert`, as a full handshake's would be) if the CRLs in use revoke the
+    /// certificate: a handshake resumed from a TLS ticket sealed before the revocation skips
+    /// the certificate's verification, and this check is where every transport catches it.
+    pub(crate) fn check(
+        ctx: &Context,
         sni: Option<String>,
         chain: &[rustls::pki_types::CertificateDer<'_>],
         (peer, local): (std::net::SocketAddr, Option<std::net::SocketAddr>),
-    ) -> Verified {
+    ) -> Result<Verified, Refused> {
         let cert = chain.first();
-        Verified {
+        let serial = cert.and_then(wasmbed_certs::serial_of);
+        if serial
+            .as_deref()
+            .is_some_and(|s| ctx.device_tls.is_revoked(s))
+        {
+            return Err(refused(
+                Refusal::ClientCert,
+                "certificate revoked (a TLS session resumed from a ticket sealed before)",
+            ));
+        }
+        Ok(Verified {
             sni,
             identity: cert.and_then(wasmbed_certs::peer_identity),
             attributes: cert.map(wasmbed_certs::cert_attributes),
-            serial: cert.and_then(wasmbed_certs::serial_of),
+            serial,
             peer,
             local,
-        }
+        })
     }
 }
 

@@ -15,6 +15,7 @@ use quinn::VarInt;
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
+use wasmbed_certs::ring::{KeyRing, PROXY_TLS, RingTicketer};
 use wasmbed_certs::{Named, Reloadable, Revokes, ServerTrust};
 use wasmbed_config::{ProxyConfig, TerminateTls};
 
@@ -51,6 +52,9 @@ pub struct DeviceTls {
     /// its gauge.
     handshakes: AtomicUsize,
     handshakes_gauge: metrics::Gauge,
+    /// The TLS tickets' keys when no ring file is named: this process's own, made once
+    /// (rustls' rotating ticketer), so that a reload keeps the tickets devices hold.
+    own_tickets: Arc<dyn rustls::server::ProducesTickets>,
 }
 
 /// One device handshake admitted: counted until dropped.
@@ -73,6 +77,8 @@ impl DeviceTls {
             quic: config.quic.listen.map(|_| quic_transport(config)),
             handshakes: AtomicUsize::new(0),
             handshakes_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES),
+            own_tickets: rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| ProxyError::Reload(format!("TLS ticket keys: {e}")))?,
         };
         if tls.quic.is_some() && of(config).is_none() {
             return Err(ProxyError::Reload(
@@ -126,13 +132,34 @@ impl DeviceTls {
             &ca,
             (&settings.client_crls, "tls.client_crl (--client-crl)"),
         )?;
-        if !settings.resumption {
-            // Every handshake a full one: no session cache, no (stateful) TLS 1.3 tickets.
-            let mut config = (*server).clone();
+        let mut config = (*server).clone();
+        if settings.resumption {
+            // Stateless TLS 1.3 tickets: the session sealed into the ticket the device keeps,
+            // so any number of devices resume (rustls' default, a stateful cache of 256
+            // sessions, turned a reconnect storm of thousands into full handshakes), and
+            // under a shared ring on any replica. Resumption skips the certificate's
+            // verification, not its revocation: every session checks its device's serial
+            // against the CRLs in use when it starts (the anchor and the upstream paths).
+            let inner = match &settings.ticket_keys {
+                Some(path) => {
+                    let ring = KeyRing::load(path).map_err(|e| {
+                        ProxyError::Reload(format!("tls.ticket_keys (--tls-ticket-keys): {e}"))
+                    })?;
+                    Arc::new(RingTicketer {
+                        keys: Arc::new(arc_swap::ArcSwapOption::from_pointee(ring)),
+                        lifetime: TICKET_LIFETIME,
+                        domain: PROXY_TLS,
+                    }) as Arc<dyn rustls::server::ProducesTickets>
+                }
+                None => self.own_tickets.clone(),
+            };
+            config.ticketer = Arc::new(CountedTickets(inner));
+        } else {
+            // Every handshake a full one: no session cache, no tickets.
             config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
             config.send_tls13_tickets = 0;
-            server = Arc::new(config);
         }
+        server = Arc::new(config);
         let quic = match &self.quic {
             Some(transport) => Some(quic_server(&server, transport.clone())?),
             None => None,
@@ -205,6 +232,40 @@ pub(crate) fn of(config: &ProxyConfig) -> Option<TerminateTls> {
 }
 
 /// QUIC's server config over the device `server` config.
+/// Seconds a device's TLS ticket is good for (the hint sent with it; a ring's key, or the
+/// process's own rotating ones, bound it too): rustls' own ticketer's, half a day.
+const TICKET_LIFETIME: u32 = 12 * 3600;
+
+/// The devices' TLS tickets, counted: issued, and presented by devices (opened, or not: an
+/// expired key, another replica's ring, a forgery), for TLS over TCP and QUIC alike.
+#[derive(Debug)]
+struct CountedTickets(Arc<dyn rustls::server::ProducesTickets>);
+
+impl rustls::server::ProducesTickets for CountedTickets {
+    fn enabled(&self) -> bool {
+        self.0.enabled()
+    }
+
+    fn lifetime(&self) -> u32 {
+        self.0.lifetime()
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let sealed = self.0.encrypt(plain);
+        if sealed.is_some() {
+            metrics::counter!(crate::metric_names::TLS_TICKETS, "result" => "issued").increment(1);
+        }
+        sealed
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        let plain = self.0.decrypt(cipher);
+        let result = if plain.is_some() { "opened" } else { "refused" };
+        metrics::counter!(crate::metric_names::TLS_TICKETS, "result" => result).increment(1);
+        plain
+    }
+}
+
 fn quic_server(
     server: &Arc<rustls::ServerConfig>,
     transport: Arc<quinn::TransportConfig>,

@@ -198,12 +198,13 @@ async fn garbage_and_anonymous_clients_are_refused_and_others_go_on() {
     let mut dev = QuicDev::open(addr, &pki, "device-0300").await;
     dev.step().await;
     assert_eq!(gw.hellos(), 1);
-    // Counted by transport: one QUIC device open, one QUIC handshake timed.
+    // Counted by transport: one QUIC device open, one QUIC handshake timed (since the start:
+    // the histogram is the process's, and other tests' handshakes are in it).
     let open = "wasmbed_proxy_connections_open{transport=\"quic\"}";
     assert_eq!(proxy.gauge(open).await, 1.0);
     assert_eq!(
         proxy
-            .gauge("wasmbed_proxy_handshake_duration_seconds_count{transport=\"quic\"}")
+            .metric("wasmbed_proxy_handshake_duration_seconds_count{transport=\"quic\"}")
             .await,
         1.0
     );
@@ -409,4 +410,96 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     dev.open("device-0702", "echo").await;
     let mut qdev = QuicDev::open(quic, &pki, "device-0703").await;
     qdev.step().await;
+}
+
+/// Devices resume TLS from stateless tickets on every transport: however many reconnect at
+/// once (more than rustls' default cache of 256 sessions, which at two tickets per handshake
+/// held 128 devices' and turned a reconnect storm into full handshakes), and after a reload
+/// (the process's own ticket keys are kept). Counted the same for TLS over TCP and QUIC.
+#[tokio::test]
+async fn devices_of_every_transport_resume_tls_however_many_reconnect() {
+    const DEVICES: usize = 150;
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let quic = proxy.quic.unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let series = |result: &str| format!("wasmbed_proxy_tls_tickets_total{{result=\"{result}\"}}");
+    let mut resumed = 0.0;
+    for transport in ["tcp", "quic"] {
+        let name = |i: usize| format!("device-{transport}-{i:04}");
+        // One client config per device (a device's own ticket store), kept across its
+        // connections; a session opened on each (its round trip brings the tickets).
+        let tcp_configs: Vec<_> = (0..DEVICES)
+            .map(|i| device_tls(&pki.ca, Some(&pki.ca), &name(i), false))
+            .collect();
+        let quic_configs: Vec<_> = (0..DEVICES)
+            .map(|i| quic_client(&pki, Some(&pki.ca), &name(i)))
+            .collect();
+        let connect = |i: usize| {
+            let (tcp, quic_config, endpoint) = (
+                tcp_configs[i].clone(),
+                quic_configs[i].clone(),
+                endpoint.clone(),
+            );
+            let device = name(i);
+            let addr = proxy.addr;
+            async move {
+                match transport {
+                    "tcp" => {
+                        let tls = tls_connect(addr, tcp).await.unwrap();
+                        let mut dev = Device::new(tls);
+                        dev.open(&device, "echo").await;
+                        Some(dev.framed.get_ref().get_ref().1.handshake_kind())
+                    }
+                    _ => {
+                        let conn = endpoint
+                            .connect_with(quic_config, quic, "localhost")
+                            .unwrap()
+                            .await
+                            .unwrap();
+                        let (send, recv) = conn.open_bi().await.unwrap();
+                        let mut dev = Device::new(tokio::io::join(recv, send));
+                        dev.open(&device, "echo").await;
+                        conn.close(0u32.into(), b"bye");
+                        None
+                    }
+                }
+            }
+        };
+        for i in 0..DEVICES {
+            connect(i).await;
+        }
+        assert_eq!(proxy.metric(&series("opened")).await, resumed);
+        // Every device again: each resumes from its own ticket.
+        for i in 0..DEVICES {
+            if let Some(kind) = connect(i).await {
+                assert_eq!(kind, Some(rustls::HandshakeKind::Resumed), "{}", name(i));
+            }
+        }
+        resumed += DEVICES as f64;
+        assert_eq!(
+            proxy.metric(&series("opened")).await,
+            resumed,
+            "{transport}"
+        );
+        // A reload of the device TLS keeps the keys of the tickets out there.
+        proxy.device_tls.reload().unwrap();
+        if let Some(kind) = connect(0).await {
+            assert_eq!(kind, Some(rustls::HandshakeKind::Resumed));
+        }
+        resumed += 1.0;
+        assert_eq!(
+            proxy.metric(&series("opened")).await,
+            resumed,
+            "{transport}"
+        );
+    }
+    assert_eq!(proxy.metric(&series("refused")).await, 0.0);
+    assert!(proxy.metric(&series("issued")).await >= 4.0 * DEVICES as f64);
+    // Every connection ended before the next test reads the process's gauges.
+    for transport in ["tcp", "quic"] {
+        let open = format!("wasmbed_proxy_connections_open{{transport=\"{transport}\"}}");
+        proxy.until_metric(&open, 0.0).await;
+    }
 }

@@ -14,6 +14,9 @@ struct Seen {
     refused: BTreeMap<String, f64>,
     /// Health transitions to down.
     downs: f64,
+    /// Devices' TLS tickets presented: opened (a resumed handshake) and refused.
+    tickets_opened: f64,
+    tickets_refused: f64,
 }
 
 impl Seen {
@@ -40,6 +43,13 @@ impl Seen {
                     "wasmbed_proxy_gateway_transitions_total",
                     prometheus_parse::Value::Counter(v),
                 ) if s.labels.get("to") == Some("down") => seen.downs += v,
+                ("wasmbed_proxy_tls_tickets_total", prometheus_parse::Value::Counter(v)) => {
+                    match s.labels.get("result") {
+                        Some("opened") => seen.tickets_opened += v,
+                        Some("refused") => seen.tickets_refused += v,
+                        _ => {}
+                    }
+                }
                 _ => {}
             }
         }
@@ -59,6 +69,8 @@ impl Seen {
             finished: self.finished - before.finished,
             refused,
             downs: self.downs - before.downs,
+            tickets_opened: self.tickets_opened - before.tickets_opened,
+            tickets_refused: self.tickets_refused - before.tickets_refused,
         }
     }
 }
@@ -132,8 +144,10 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         report.rehome_us.max as f64 / 1e3
     );
     say!(
-        "handshakes: devices completed {dials} and failed {dial_failures}; the proxy finished {:.0}, wasted {wasted:.0} ({:.1}%), refused {:?}",
+        "handshakes: devices completed {dials} and failed {dial_failures}; the proxy finished {:.0} ({:.0} resumed from TLS tickets, {:.0} tickets refused), wasted {wasted:.0} ({:.1}%), refused {:?}",
         seen.finished,
+        seen.tickets_opened,
+        seen.tickets_refused,
         100.0 * wasted / seen.finished.max(1.0),
         seen.refused
     );
@@ -172,6 +186,8 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         "device_handshake_failures": dial_failures,
         "proxy_handshakes_finished": seen.finished,
         "proxy_handshakes_wasted": wasted,
+        "proxy_tls_tickets_opened": seen.tickets_opened,
+        "proxy_tls_tickets_refused": seen.tickets_refused,
         "refused": seen.refused,
         "gateway_downs": seen.downs,
         "proxy_cpu_s": cpu,

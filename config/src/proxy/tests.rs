@@ -428,6 +428,34 @@ fn tls_resumption_is_on_unless_turned_off() {
     assert!(on.tls.unwrap().resumption);
     let off = ProxyConfig::from_toml(&format!("{base}\nresumption = false")).unwrap();
     assert!(!off.tls.unwrap().resumption);
+    // A ticket key ring, from the file or the flag; not with resumption off, nor without TLS.
+    let ring = ProxyConfig::from_toml(&format!("{base}\nticket_keys = \"r.toml\"")).unwrap();
+    assert_eq!(ring.tls.unwrap().ticket_keys, Some("r.toml".into()));
+    let both = format!("{base}\nresumption = false\nticket_keys = \"r.toml\"");
+    let e = ProxyConfig::from_toml(&both).unwrap_err().to_string();
+    assert!(
+        e.contains("tls.ticket_keys") && e.contains("resumption"),
+        "{e}"
+    );
+    let flag = ProxyFlags {
+        listen: vec!["127.0.0.1:0".into()],
+        gateway: vec!["127.0.0.1:9001".into()],
+        tls_ticket_keys: Some("r.toml".into()),
+        ..flags()
+    };
+    let e = ProxyConfig::load(&flag).unwrap_err().to_string();
+    assert!(
+        e.contains("tls.ticket_keys") && e.contains("terminate"),
+        "{e}"
+    );
+    let flag = ProxyFlags {
+        mode: Some(Mode::Terminate),
+        tls_cert: Some("a".into()),
+        tls_key: Some("b".into()),
+        ..flag
+    };
+    let c = ProxyConfig::load(&flag).expect("valid");
+    assert_eq!(c.tls.unwrap().ticket_keys, Some("r.toml".into()));
 }
 
 #[test]

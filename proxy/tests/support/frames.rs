@@ -44,6 +44,7 @@ pub fn pki(kind: KeyKind) -> Pki {
         client_ca: Some(ca_path.clone()),
         client_crls: Vec::new(),
         resumption: true,
+        ticket_keys: None,
     };
     Pki {
         _dir: dir,
