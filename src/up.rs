@@ -53,7 +53,8 @@ pub enum Scenario {
     Storm,
     /// The fleet at its rate for `--duration` (default 1 h) with churn (1% of the devices
     /// leave for 3 s every 10 s), the last gateway killed and replaced at a new address every
-    /// period (a sixth of the run, 15 s to 5 min), a drain with moves and a reload in turn;
+    /// period (a sixth of the run, 15 s to 5 min), a gateway found in DNS moved to a new
+    /// address every period (a DNS server of `up`'s own), a drain with moves and a reload in turn;
     /// every process's RSS and descriptors sampled: fails on a loss, a state reset, or growth
     /// past the bound after the warm-up. Terminate mode (`--upstream link` is the headline).
     Soak,
@@ -161,7 +162,34 @@ struct Stack {
     proxy_args: Vec<String>,
     /// The address the proxies share (TCP), as the first one bound it.
     proxy_listen: Option<SocketAddr>,
+    /// The gateway the proxy finds in DNS (the soak's), when there is one.
+    discovered: Option<Discovered>,
 }
+
+/// A gateway the proxy discovers in DNS (`--gateway-dns`), as a headless Service's pod: on a
+/// loopback address of its own, every replacement on the next address with the same ports.
+struct Discovered {
+    child: Child,
+    ip: std::net::Ipv4Addr,
+    /// The session and admin (health) ports every address of the name shares.
+    port: u16,
+    health_port: u16,
+    /// The certificate the discovered gateways present (`gateway-N.pem`).
+    certificate: usize,
+}
+
+/// The DNS name the discovered gateways are published under (in the dev DNS server's zone).
+const DISCOVERED_NAME: &str = "gateways";
+/// [`DISCOVERED_NAME`] in full, as the proxy asks for it.
+fn discovered_name() -> String {
+    format!(
+        "{DISCOVERED_NAME}.{}",
+        wasmbed_devdns::ZONE.trim_end_matches('.')
+    )
+}
+
+/// Its first address; each replacement takes the next.
+const DISCOVERED_FIRST_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
 
 /// One proxy replica.
 struct ProxyProc {
@@ -285,20 +313,48 @@ impl StopSignals {
 /// Starts gateway `gw-i` (certificates `gateway-i.*` of `dir`); returns its name, process,
 /// session address and admin address.
 fn spawn_gateway(
-    (mode, plain_link, link): (Mode, bool, bool),
+    link_mode: (Mode, bool, bool),
     dir: &Path,
     i: usize,
     tls_tickets_off: bool,
     max_sessions: usize,
 ) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
+    let at = GatewayAt {
+        name: format!("gw-{i}"),
+        certificate: i,
+        listen: "127.0.0.1:0".into(),
+        admin: "127.0.0.1:0".into(),
+    };
+    spawn_gateway_at(link_mode, dir, at, tls_tickets_off, max_sessions)
+}
+
+/// Where a gateway runs: its name, its certificate (`gateway-N.pem`), its addresses.
+struct GatewayAt {
+    name: String,
+    certificate: usize,
+    listen: String,
+    admin: String,
+}
+
+fn spawn_gateway_at(
+    (mode, plain_link, link): (Mode, bool, bool),
+    dir: &Path,
+    GatewayAt {
+        name,
+        certificate: i,
+        listen,
+        admin,
+    }: GatewayAt,
+    tls_tickets_off: bool,
+    max_sessions: usize,
+) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let d = |f: &str| dir.join(f).display().to_string();
-    let name = format!("gw-{i}");
     let mut cmd = Command::new(&exe);
-    cmd.args(["gateway", "--name", &name, "--listen", "127.0.0.1:0"])
+    cmd.args(["gateway", "--name", &name, "--listen", &listen])
         .args([
             "--admin",
-            "127.0.0.1:0",
+            &admin,
             "--apps",
             &d("apps"),
             "--idle-timeout",
@@ -346,13 +402,16 @@ fn gateway_capacity(devices: usize, gateways: usize) -> usize {
 /// In a `--dir` whose PKI `up` wrote (and so may write again).
 const UP_MARKER: &str = ".wasmbed-up";
 
-/// Writes the PKI for `certificates` gateways, starts `gateways` of them and the proxy.
+/// Writes the PKI for `certificates` gateways, starts `gateways` of them and the proxy; with
+/// `dns` (a DNS server whose name [`DISCOVERED_NAME`] has [`DISCOVERED_FIRST_IP`]), one more
+/// gateway on that address, which the proxy finds in DNS.
 fn start(
     args: &UpArgs,
     dir: &Path,
     (gateways, certificates): (usize, usize),
     devices: usize,
     proxies: usize,
+    dns: Option<SocketAddr>,
 ) -> Result<(Stack, SocketAddr, SocketAddr), String> {
     crate::certs_cmd::write_dev_pki(dir, certificates).map_err(|e| e.to_string())?;
     std::fs::write(
@@ -373,14 +432,47 @@ fn start(
         proxies: Vec::new(),
         proxy_args: Vec::new(),
         proxy_listen: None,
+        discovered: None,
     };
     let mut gw_flags = Vec::new();
-    let max_sessions = gateway_capacity(devices, gateways);
+    let max_sessions = gateway_capacity(devices, gateways + usize::from(dns.is_some()));
     for i in 0..gateways {
         let (name, child, listen, admin) =
             spawn_gateway(link_mode(args), dir, i, args.no_tls_tickets, max_sessions)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
+    }
+    let mut discovery = Vec::new();
+    if let Some(server) = dns {
+        let at = GatewayAt {
+            name: format!("gw-dns-{}", DISCOVERED_FIRST_IP.octets()[3]),
+            certificate: gateways,
+            listen: format!("{DISCOVERED_FIRST_IP}:0"),
+            admin: format!("{DISCOVERED_FIRST_IP}:0"),
+        };
+        let (_, child, listen, admin) =
+            spawn_gateway_at(link_mode(args), dir, at, args.no_tls_tickets, max_sessions)?;
+        discovery = vec![
+            "--gateway-dns".to_string(),
+            format!(
+                "{}:{};health-port={}",
+                discovered_name(),
+                listen.port(),
+                admin.port()
+            ),
+            "--dns-server".to_string(),
+            server.to_string(),
+            // Discovered gateways are dialed by address; their certificate names localhost.
+            "--upstream-server-name".to_string(),
+            "localhost".to_string(),
+        ];
+        stack.discovered = Some(Discovered {
+            child,
+            ip: DISCOVERED_FIRST_IP,
+            port: listen.port(),
+            health_port: admin.port(),
+            certificate: gateways,
+        });
     }
     let d = |f: &str| dir.join(f).display().to_string();
     let mut pa: Vec<String> = vec![
@@ -434,6 +526,7 @@ fn start(
     if args.scenario == Some(Scenario::ProxyUpgrade) {
         pa.extend(["--takeover".into(), d("proxy.sock")]);
     }
+    pa.extend(discovery);
     pa.extend(args.proxy_arg.iter().cloned());
     let (first, line) = spawn_proxy(&pa, &args.listen, &args.admin)?;
     let admin = first.admin;
@@ -623,13 +716,41 @@ pub fn run(args: UpArgs) -> ExitCode {
     } else {
         gateways
     };
-    let started = start(&args, &dir, (initial, gateways), all_devices, proxies);
+    // The soak's discovered gateway: a DNS server of our own publishes its address, as a
+    // cluster's DNS does a headless Service's pods.
+    let dns = if scenario == Some(Scenario::Soak) {
+        let server = runtime.block_on(async {
+            let server = wasmbed_devdns::DnsServer::start().await?;
+            server
+                .set_a(DISCOVERED_NAME, &[DISCOVERED_FIRST_IP], 1)
+                .await;
+            Ok::<_, std::io::Error>(server)
+        });
+        match server {
+            Ok(s) => Some(s),
+            Err(e) => {
+                esay!("wasmbed up: cannot start the soak's DNS server: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let certificates = gateways + usize::from(dns.is_some());
+    let started = start(
+        &args,
+        &dir,
+        (initial, certificates),
+        all_devices,
+        proxies,
+        dns.as_ref().map(|d| d.addr),
+    );
     let remove_dir = || {
         if args.dir.is_none() {
             let _ = std::fs::remove_dir_all(&dir);
         }
     };
-    let (stack, listen, admin) = match started {
+    let (mut stack, listen, admin) = match started {
         Ok(x) => x,
         Err(e) => {
             esay!("wasmbed up: {e}");
@@ -680,6 +801,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         }
     };
     let json = args.json.clone();
+    let discovered = stack.discovered.take();
     let stack_ref = &stack;
     let scale = ScaleUp {
         mode: args.mode,
@@ -698,7 +820,15 @@ pub fn run(args: UpArgs) -> ExitCode {
         dir: dir.clone(),
         link_mode: link_mode(&args),
         tls_tickets_off: args.no_tls_tickets,
-        max_sessions: gateway_capacity(all_devices, gateways),
+        max_sessions: gateway_capacity(all_devices, certificates),
+        dns: dns.zip(discovered).map(|(server, gw)| soak::DnsGateway {
+            server,
+            child: scenarios::Killed(gw.child),
+            ip: gw.ip,
+            port: gw.port,
+            health_port: gw.health_port,
+            certificate: gw.certificate,
+        }),
     };
     let code = runtime.block_on(async move {
         let live = fleet.live();

@@ -186,7 +186,7 @@ async fn cluster(devices: usize) -> Cluster {
     );
     let b_admin = addr_in(&line, "admin=");
     // The headless Service's DNS name.
-    let dns = DnsServer::start().await;
+    let dns = DnsServer::start().await.unwrap();
     let ips = [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)];
     dns.set_a("wasmbed-gateway", &ips, 1).await;
     // The ConfigMap's proxy.toml, with the discovery name and ports of this test.

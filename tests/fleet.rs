@@ -523,8 +523,9 @@ fn a_reconnect_storm_brings_every_device_back_past_the_handshake_guard() {
 }
 
 /// A short soak through the terminating proxy over the link: churn, the last gateway killed
-/// and replaced at a new address (out of and into the proxy's set at run time), a reload
-/// that keeps that change, a drain with moves; sampled all along. Nothing lost, no app state
+/// and replaced at a new address (out of and into the proxy's set at run time), a gateway
+/// found in DNS moved to a new address (its record changed), a reload that keeps those
+/// changes, a drain with moves; sampled all along. Nothing lost, no app state
 /// restarted, every event done, and the long-lived processes' footprint within the bound.
 #[test]
 fn a_short_soak_loses_nothing_through_kills_drains_reloads_and_churn() {
@@ -552,6 +553,10 @@ fn a_short_soak_loses_nothing_through_kills_drains_reloads_and_churn() {
             .count()
     };
     assert!(what("kill and replace gw-2") >= 2, "{events:?}");
+    assert!(
+        what("the discovered gateway moved in DNS") >= 2,
+        "{events:?}"
+    );
     assert!(what("reload") >= 1 && what("drain gw-0") >= 1, "{events:?}");
     assert!(events.iter().all(|e| e["ok"] == true), "{events:?}");
     assert!(doc["moves"].as_f64().unwrap() > 0.0, "{doc}");
@@ -561,7 +566,7 @@ fn a_short_soak_loses_nothing_through_kills_drains_reloads_and_churn() {
     assert_eq!(doc["state_resets"], 0, "{doc}");
     let samples = doc["samples"].as_array().unwrap();
     assert!(samples.len() >= 10, "{}", samples.len());
-    for role in ["proxy", "fleet", "gw-0", "gw-1", "gw-2"] {
+    for role in ["proxy", "fleet", "gw-0", "gw-1", "gw-2", "gw-dns"] {
         assert!(
             samples[1]["processes"][role]["rss_kib"].as_u64().unwrap() > 0,
             "{role}"
@@ -579,6 +584,6 @@ fn a_short_soak_loses_nothing_through_kills_drains_reloads_and_churn() {
     assert_eq!(
         roles,
         ["fleet", "gw-0", "gw-1", "proxy"],
-        "gw-2 is replaced: not compared"
+        "gw-2 and gw-dns are replaced: not compared"
     );
 }

@@ -184,8 +184,9 @@ fn separate_hosts_dns_discovery_and_a_killed_gateway() {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let dns =
-                    wasmbed_testkit::dns::DnsServer::start_on("10.77.0.1:0".parse().unwrap()).await;
+                let dns = wasmbed_testkit::dns::DnsServer::start_on("10.77.0.1:0".parse().unwrap())
+                    .await
+                    .unwrap();
                 dns.set_a("gateways", &records, 1).await;
                 tx.send(dns.addr).unwrap();
                 std::future::pending::<()>().await;

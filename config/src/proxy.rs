@@ -110,6 +110,11 @@ pub struct ProxyFlags {
     /// Terminate mode: the key of --upstream-cert (PEM).
     #[arg(long, value_name = "FILE")]
     pub upstream_key: Option<PathBuf>,
+    /// Terminate mode: the name checked against every gateway's certificate (as
+    /// `[upstream_tls] server_name`). Default: each gateway's host, as it is dialed (an IP
+    /// for discovered gateways, whose certificates rarely name their pod's address).
+    #[arg(long, value_name = "NAME")]
+    pub upstream_server_name: Option<String>,
     /// Accept plain (non-TLS) TCP on the listeners and forward it; otherwise it is closed.
     #[arg(long)]
     pub allow_plain: bool,
@@ -1156,6 +1161,15 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
         };
         set(&mut up.cert, f.upstream_cert.clone());
         set(&mut up.key, f.upstream_key.clone());
+    }
+    if let Some(name) = &f.upstream_server_name {
+        let Some(up) = raw.upstream_tls.as_mut() else {
+            return Err(ConfigError::field(
+                "upstream_tls.server_name",
+                "--upstream-server-name needs --upstream-ca (or [upstream_tls] ca)",
+            ));
+        };
+        up.server_name = Some(name.clone());
     }
     Ok(())
 }

@@ -101,7 +101,7 @@ fn addrs(b: &[&Backend]) -> Vec<SocketAddr> {
 
 #[tokio::test]
 async fn gateways_follow_the_dns_answer_up_and_down() {
-    let dns = DnsServer::start().await;
+    let dns = DnsServer::start().await.unwrap();
     let (b, port) = backends(3).await;
     dns.set_a(NAME, &ips(&[&b[0]]), 1).await;
     let proxy = start(by_name(&dns, port)).await;
@@ -140,7 +140,7 @@ async fn gateways_follow_the_dns_answer_up_and_down() {
 
 #[tokio::test]
 async fn errors_and_empty_answers_keep_the_last_good_set() {
-    let dns = DnsServer::start().await;
+    let dns = DnsServer::start().await.unwrap();
     let (b, port) = backends(2).await;
     dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
     let proxy = start(by_name(&dns, port)).await;
@@ -180,7 +180,7 @@ fn sorted(a: &[SocketAddr]) -> Vec<String> {
 /// that stays gone has its sessions moved (app state along) and leaves the set.
 #[tokio::test]
 async fn srv_records_a_flap_costs_nothing_a_removal_moves_sessions() {
-    let dns = DnsServer::start().await;
+    let dns = DnsServer::start().await.unwrap();
     let pki = pki(KeyKind::EcdsaP256);
     let (a, b) = (
         FrameGateway::spawn("a").await,
@@ -269,7 +269,7 @@ async fn wait_until(proxy: &RunningProxy, series: &str, want: f64) {
 /// the test server truncates past ~1,500.)
 #[tokio::test]
 async fn a_huge_answer_is_capped_and_counted() {
-    let dns = DnsServer::start().await;
+    let dns = DnsServer::start().await.unwrap();
     let many: Vec<Ipv4Addr> = (0..1000u32)
         .map(|i| Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8))
         .collect();
@@ -298,7 +298,7 @@ async fn a_huge_answer_is_capped_and_counted() {
 /// place (their sessions stay), a new pool replaces them.
 #[tokio::test]
 async fn a_reload_reweights_or_replaces_a_sources_gateways() {
-    let dns = DnsServer::start().await;
+    let dns = DnsServer::start().await.unwrap();
     let (b, port) = backends(2).await;
     dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
     let proxy = start(by_name(&dns, port)).await;

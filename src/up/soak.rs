@@ -1,7 +1,9 @@
 //! `wasmbed up --scenario soak --duration D`: the fleet at its steady rate for a long time,
 //! with everything that happens to a deployment over hours: devices leaving and coming back
 //! (churn), the last gateway killed and replaced at a new address every period (its sessions move;
-//! the proxy's set changes at run time, as a rescheduled pod's would), a drain with moves, a
+//! the proxy's set changes at run time, as a rescheduled pod's would), a gateway the proxy finds
+//! in DNS moved to a new address every period (the record changed on a DNS server of our own:
+//! the proxy drains the old address with moves and drops it), a drain with moves, a
 //! configuration reload after those run-time changes. Every process's RSS and descriptors,
 //! the sessions, moves, answers and state resets are sampled as it runs; the report fails on
 //! any loss, any app state restarted, or growth past a stated bound after the warm-up.
@@ -22,6 +24,80 @@ pub(super) struct Soak {
     pub(super) link_mode: (Mode, bool, bool),
     pub(super) tls_tickets_off: bool,
     pub(super) max_sessions: usize,
+    /// The gateway the proxy finds in DNS, moved to a new address every period.
+    pub(super) dns: Option<DnsGateway>,
+}
+
+/// The discovered gateway: the DNS server publishing it and its process now.
+pub(super) struct DnsGateway {
+    pub(super) server: wasmbed_devdns::DnsServer,
+    pub(super) child: Killed,
+    pub(super) ip: std::net::Ipv4Addr,
+    pub(super) port: u16,
+    pub(super) health_port: u16,
+    pub(super) certificate: usize,
+}
+
+impl DnsGateway {
+    fn listen(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
+}
+
+/// The proxy's entry for the gateway at device address `addr`, if it lists one.
+fn at_address(admin: SocketAddr, addr: &str) -> Option<serde_json::Value> {
+    gateways_seen(admin)?
+        .into_iter()
+        .find(|g| g["address"].as_str() == Some(addr))
+}
+
+/// Moves the discovered gateway as a rescheduled pod moves: a new process on the next
+/// address (same ports), the name's record changed to it alone. The proxy must find the new
+/// one in DNS and have it healthy, and move the old one's sessions off and drop it from its
+/// set (the address gone from two answers in a row); then the old process ends. True when all
+/// of that happened in time.
+async fn dns_move(soak: &Soak, admin: SocketAddr, d: &mut DnsGateway) -> bool {
+    let [a, b, c, last] = d.ip.octets();
+    let Some(next) = last.checked_add(1).filter(|n| *n < 255) else {
+        esay!("wasmbed up: soak: no loopback address left for the discovered gateway");
+        return false;
+    };
+    let ip = std::net::Ipv4Addr::new(a, b, c, next);
+    let at = GatewayAt {
+        name: format!("gw-dns-{next}"),
+        certificate: d.certificate,
+        listen: format!("{ip}:{}", d.port),
+        admin: format!("{ip}:{}", d.health_port),
+    };
+    let child = match spawn_gateway_at(
+        soak.link_mode,
+        &soak.dir,
+        at,
+        soak.tls_tickets_off,
+        soak.max_sessions,
+    ) {
+        Ok((_, child, _, _)) => child,
+        Err(e) => {
+            esay!("wasmbed up: soak: cannot start the discovered gateway on {ip}: {e}");
+            return false;
+        }
+    };
+    let old = d.listen();
+    let old_child = std::mem::replace(&mut d.child, Killed(child));
+    d.ip = ip;
+    d.server.set_a(DISCOVERED_NAME, &[ip], 1).await;
+    let new = d.listen();
+    let found = until(Duration::from_secs(20), || {
+        at_address(admin, &new).is_some_and(|g| g["healthy"] == true)
+    })
+    .await;
+    let left = until(Duration::from_secs(60), || {
+        gateways_seen(admin).is_some() && at_address(admin, &old).is_none()
+    })
+    .await;
+    // Its sessions moved (it left the set with none): now the pod ends.
+    drop(old_child);
+    found && left
 }
 
 /// One process's footprint.
@@ -86,9 +162,9 @@ fn median(mut v: Vec<u64>) -> u64 {
 
 /// Per role, the medians of the first and last thirds of the samples taken after
 /// `warm_up_s`, and whether the growth between them stays within the bound. Too few samples
-/// (under 6 after the warm-up) give no verdict: an empty list. `skip`: a role whose process
+/// (under 6 after the warm-up) give no verdict: an empty list. `skip`: roles whose process
 /// is replaced during the run (its new process warms up again: no steady state to compare).
-fn growth(samples: &[Sample], warm_up_s: f64, skip: &str) -> Vec<Growth> {
+fn growth(samples: &[Sample], warm_up_s: f64, skip: &[&str]) -> Vec<Growth> {
     let after: Vec<&Sample> = samples.iter().filter(|s| s.t_s >= warm_up_s).collect();
     if after.len() < 6 {
         return Vec::new();
@@ -98,7 +174,7 @@ fn growth(samples: &[Sample], warm_up_s: f64, skip: &str) -> Vec<Growth> {
     let roles: std::collections::BTreeSet<&String> = after
         .iter()
         .flat_map(|s| s.processes.keys())
-        .filter(|r| r.as_str() != skip)
+        .filter(|r| !skip.contains(&r.as_str()))
         .collect();
     let pick = |window: &[&Sample], role: &str, f: fn(&Usage) -> u64| {
         median(
@@ -227,7 +303,11 @@ async fn drain_and_back(admin: SocketAddr, name: &str) -> bool {
     drained && emptied && back
 }
 
-pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
+/// The discovered gateway's role in the samples (a new process every period: not compared).
+const DNS_ROLE: &str = "gw-dns";
+
+pub(super) async fn soak_run(mut soak: Soak, run: Run<'_>) -> ExitCode {
+    let mut dns = soak.dns.take();
     let Run {
         stack,
         proxy_admin,
@@ -277,10 +357,13 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
     let moves_before = Moves::read(proxy_admin);
     let start = Instant::now();
     let end = start + duration;
-    let take = |gws: &[Gw]| {
+    let take = |gws: &[Gw], dns: Option<&DnsGateway>| {
         let mut processes = BTreeMap::new();
         if let Some(u) = proxy_pid.and_then(usage) {
             processes.insert("proxy".to_string(), u);
+        }
+        if let Some(u) = dns.and_then(|d| usage(d.child.0.id())) {
+            processes.insert(DNS_ROLE.to_string(), u);
         }
         for g in gws {
             if let Some(u) = usage(g.pid) {
@@ -302,7 +385,7 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
             churned: live.churned.load(Relaxed),
         }
     };
-    let mut samples = vec![take(&gws)];
+    let mut samples = vec![take(&gws, dns.as_ref())];
     let mut events: Vec<Event> = Vec::new();
     let (mut next_sample, mut next_churn) = (start + sample_every, start + churn_every);
     let mut next_event = start + period / 2;
@@ -320,7 +403,7 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
             next_churn += churn_every;
         }
         if now >= next_sample {
-            let s = take(&gws);
+            let s = take(&gws, dns.as_ref());
             if now - last_said >= Duration::from_secs(60) || duration < Duration::from_secs(120) {
                 last_said = now;
                 say!(
@@ -360,6 +443,24 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
                 what: format!("kill and replace {}", gws[g].name),
                 ok,
             });
+            if let Some(d) = dns.as_mut() {
+                let t_s = start.elapsed().as_secs_f64();
+                let from = d.listen();
+                let ok = dns_move(&soak, proxy_admin, d).await;
+                let what = format!(
+                    "the discovered gateway moved in DNS, {from} -> {} (sessions moved off the old address)",
+                    d.listen()
+                );
+                say!(
+                    "soak t={t_s:.0}s: {what}: {}",
+                    if ok { "ok" } else { "FAILED" }
+                );
+                events.push(Event { t_s, what, ok });
+                // The set the reload below must keep: the discovered gateway at its new address.
+                if let Some(now) = names(proxy_admin) {
+                    expected = now;
+                }
+            }
             let t_s = start.elapsed().as_secs_f64();
             let (what, ok) = if cycle % 2 == 1 {
                 let other = &gws[0].name;
@@ -400,13 +501,13 @@ pub(super) async fn soak_run(soak: Soak, run: Run<'_>) -> ExitCode {
         live.connected_now.load(Relaxed) == devices
     })
     .await;
-    samples.push(take(&gws));
+    samples.push(take(&gws, dns.as_ref()));
     finish.cancel();
     let report = running.await.unwrap_or_default();
     let replaced = gws.last().map_or(String::new(), |g| g.name.clone());
-    let grown = growth(&samples, warm_up.as_secs_f64(), &replaced);
+    let grown = growth(&samples, warm_up.as_secs_f64(), &[&replaced, DNS_ROLE]);
     say!(
-        "footprint after the warm-up (median of the first third -> of the last third; bound +10% +{} MiB RSS, +10% +{FDS_SLACK} descriptors; {replaced}, replaced every period, not compared):",
+        "footprint after the warm-up (median of the first third -> of the last third; bound +10% +{} MiB RSS, +10% +{FDS_SLACK} descriptors; {replaced} and {DNS_ROLE}, replaced every period, not compared):",
         RSS_SLACK_KIB / 1024
     );
     for g in &grown {
@@ -510,20 +611,20 @@ mod tests {
             },
             |i| 40 + i as u64 % 2,
         );
-        let g = growth(&flat, 50.0, "");
+        let g = growth(&flat, 50.0, &[]);
         assert_eq!(g.len(), 1);
         assert!(g[0].within_bound, "{g:?}");
         // 1 MiB a sample: a leak.
         let leak = series(|i| 60_000 + 1024 * i as u64, |_| 40);
-        assert!(!growth(&leak, 50.0, "")[0].within_bound);
+        assert!(!growth(&leak, 50.0, &[])[0].within_bound);
         assert!(
-            growth(&leak, 50.0, "proxy").is_empty(),
+            growth(&leak, 50.0, &["proxy"]).is_empty(),
             "a replaced role is not compared"
         );
         // Descriptors that never close.
         let fds = series(|_| 60_000, |i| 40 + 2 * i as u64);
-        assert!(!growth(&fds, 50.0, "")[0].within_bound);
+        assert!(!growth(&fds, 50.0, &[])[0].within_bound);
         // Too few samples: no verdict.
-        assert!(growth(&flat[..8], 50.0, "").is_empty());
+        assert!(growth(&flat[..8], 50.0, &[]).is_empty());
     }
 }

@@ -4,10 +4,11 @@
 //! device speaking the session protocol through the protocol's codec.
 #![allow(clippy::missing_panics_doc)]
 
-pub mod dns;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
+/// The DNS server tests change records of (see `wasmbed-devdns`).
+pub use wasmbed_devdns as dns;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};

@@ -1,6 +1,8 @@
-//! A real DNS server for tests (hickory-server), authoritative for one zone on 127.0.0.1,
-//! whose records the test changes while it runs: addresses appear and vanish, a name goes
-//! NXDOMAIN, the server stops answering.
+//! A real DNS server (hickory-server), authoritative for one zone on a loopback address, whose
+//! records its owner changes while it runs: addresses appear and vanish, a name goes NXDOMAIN,
+//! the server stops answering. The test suites use it to drive the proxy's discovery, and
+//! `wasmbed up --scenario soak` to move gateways the way a headless Service's records do.
+//! Names are the caller's own (constants of its code), not input.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::store::in_memory::InMemoryZoneHandler;
 use hickory_server::zone_handler::{AxfrPolicy, Catalog, ZoneType};
 
-/// The zone every test name lives in (names are taken relative to it unless they end in it).
+/// The zone every name lives in (names are taken relative to it unless they end in it).
 pub const ZONE: &str = "wasmbed.test.";
 
 /// A DNS server on 127.0.0.1 (UDP and TCP on one port), authoritative for [`ZONE`].
@@ -57,17 +59,17 @@ fn name(text: &str) -> Name {
     } else {
         format!("{text}.{ZONE}")
     };
-    Name::from_ascii(full).expect("a test's DNS name")
+    Name::from_ascii(full).expect("a DNS name of the caller's code")
 }
 
 impl DnsServer {
     /// On 127.0.0.1, a port the OS chooses.
-    pub async fn start() -> DnsServer {
-        Self::start_on("127.0.0.1:0".parse().expect("an address")).await
+    pub async fn start() -> std::io::Result<DnsServer> {
+        Self::start_on((Ipv4Addr::LOCALHOST, 0).into()).await
     }
 
     /// On `addr` (port 0: the OS chooses; UDP and TCP share the port).
-    pub async fn start_on(addr: SocketAddr) -> DnsServer {
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<DnsServer> {
         let origin = name(ZONE);
         let mut zone = InMemoryZoneHandler::<TokioRuntimeProvider>::empty(
             origin.clone(),
@@ -83,15 +85,12 @@ impl DnsServer {
         // UDP and TCP on one port: the TCP side of the port the OS gave UDP may be taken.
         let mut attempts = 0;
         let (udp, tcp, bound) = loop {
-            let udp = tokio::net::UdpSocket::bind(addr).await.expect("bind udp");
-            let addr = udp.local_addr().expect("udp address");
+            let udp = tokio::net::UdpSocket::bind(addr).await?;
+            let addr = udp.local_addr()?;
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(tcp) => break (udp, tcp, addr),
-                Err(e) if attempts < 20 => {
-                    attempts += 1;
-                    let _ = e;
-                }
-                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+                Err(_) if attempts < 20 => attempts += 1,
+                Err(e) => return Err(e),
             }
         };
         let mut server = Server::new(Handler {
@@ -103,13 +102,13 @@ impl DnsServer {
         let task = tokio::spawn(async move {
             let _ = server.block_until_done().await;
         });
-        DnsServer {
+        Ok(DnsServer {
             addr: bound,
             zone,
             stalled,
             serial: AtomicU32::new(2),
             task,
-        }
+        })
     }
 
     fn serial(&self) -> u32 {
