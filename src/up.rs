@@ -502,11 +502,9 @@ fn start(
         pa.extend(["--tls-cert".into(), d("proxy.pem")]);
         pa.extend(["--tls-key".into(), d("proxy.key")]);
         pa.extend(["--client-ca".into(), d("ca.pem")]);
-        if !args.proxy_arg.iter().any(|a| a == "--no-tls-resumption") {
-            // One ring for every replica (--proxies): a device re-homed off a lost replica
-            // resumes its TLS session on another.
-            pa.extend(["--tls-ticket-keys".into(), d("proxy-tickets.toml")]);
-        }
+        // One ring for every replica (--proxies): a device re-homed off a lost replica
+        // resumes its TLS session on another.
+        pa.extend(["--tls-ticket-keys".into(), d("proxy-tickets.toml")]);
         if !args.plain_link {
             pa.extend(["--upstream-ca".into(), d("ca.pem")]);
             pa.extend(["--upstream-cert".into(), d("proxy-client.pem")]);

@@ -14,7 +14,7 @@ pub mod trust;
 pub mod udp;
 
 pub use signal::Signal;
-pub use trust::{Named, Reloadable, Revokes, ServerTrust};
+pub use trust::{ClientCheck, Named, Reloadable, Revokes, ServerTrust};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -191,12 +191,24 @@ pub fn server_config_with_crls(
     crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CertError> {
+    server_config_checking(chain, key, client_ca, crls, alpn).map(|(config, _)| config)
+}
+
+/// As [`server_config_with_crls`], with the client-certificate check the config runs, to run
+/// again where a handshake skipped it ([`trust::ClientCheck`]).
+pub fn server_config_checking(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_ca: Option<&[CertificateDer<'static>]>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    alpn: &[&[u8]],
+) -> Result<(Arc<ServerConfig>, trust::ClientCheck), CertError> {
     let clients = client_ca.map(|ca| ClientAuth {
         ca,
         crls,
         optional: false,
     });
-    build_server(chain, key, clients, alpn)
+    build_server_checking(chain, key, clients, alpn)
 }
 
 /// The admin endpoint's HTTPS: client certificates from `client_ca` are asked for but not
@@ -228,9 +240,19 @@ fn build_server(
     clients: Option<ClientAuth<'_>>,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CertError> {
+    build_server_checking(chain, key, clients, alpn).map(|(config, _)| config)
+}
+
+fn build_server_checking(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    clients: Option<ClientAuth<'_>>,
+    alpn: &[&[u8]],
+) -> Result<(Arc<ServerConfig>, trust::ClientCheck), CertError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let mut check = trust::ClientCheck::default();
     let builder = match clients {
         Some(c) => {
             let mut verifier =
@@ -247,6 +269,7 @@ fn build_server(
             let verifier = verifier
                 .build()
                 .map_err(|e| CertError::ClientCa(e.to_string()))?;
+            check = trust::ClientCheck::new(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -255,7 +278,7 @@ fn build_server(
     // Our cipher order ([`provider`]), not the client's.
     config.ignore_client_order = true;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), check))
 }
 
 /// The serial numbers a set of CRLs revokes (for live sessions, checked at each reload).

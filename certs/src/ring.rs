@@ -253,7 +253,8 @@ impl rustls::server::ProducesTickets for RingTicketer {
 
 fn from_hex(text: &str) -> Option<Vec<u8>> {
     let t = text.trim();
-    if !t.len().is_multiple_of(2) {
+    // Digits only: `from_str_radix` would also take a sign ("+f").
+    if !t.len().is_multiple_of(2) || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..t.len())

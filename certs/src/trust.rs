@@ -38,6 +38,8 @@ impl<'a> Named<'a> {
 #[derive(Debug)]
 pub struct ServerTrust {
     pub config: Arc<ServerConfig>,
+    /// The client-certificate check `config` runs, for sessions resumed without it.
+    pub client_check: ClientCheck,
     pub revoked: HashSet<Vec<u8>>,
     /// Each client CA's certificates, as read, in the order given (a caller may tell some of
     /// them apart: a gateway's proxies' CA), so no file is read twice.
@@ -66,12 +68,55 @@ impl ServerTrust {
         }
         let revoked = crate::revoked_serials(&revocations);
         let clients = (!client_ca.is_empty()).then_some(&ca[..]);
-        let config = crate::server_config_with_crls(chain, key, clients, revocations, &[])?;
+        let (config, client_check) =
+            crate::server_config_checking(chain, key, clients, revocations, &[])?;
         Ok(ServerTrust {
             config,
+            client_check,
             revoked,
             client_ca: read,
         })
+    }
+}
+
+/// A server's client-certificate check (chain to the client CA, validity now, the CRLs), to
+/// run again where a handshake skipped it: a TLS session resumed from a ticket proves it holds
+/// the session, not that the certificate it was made with is still good. A stateless ticket
+/// carries the chain and is renewed at each resumption, so without this a device that
+/// reconnects often would never have an expired, revoked or no-longer-trusted certificate
+/// looked at again. One verification (no signature of the client's): cheaper than the full
+/// handshake a resumption saves.
+#[derive(Clone, Default)]
+pub struct ClientCheck(Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>);
+
+impl std::fmt::Debug for ClientCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ClientCheck(client CA)"
+        } else {
+            "ClientCheck(none)"
+        })
+    }
+}
+
+impl ClientCheck {
+    pub(crate) fn new(verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>) -> Self {
+        ClientCheck(Some(verifier))
+    }
+
+    /// Whether `chain` (end entity first, as the handshake gave it) passes the check now. A
+    /// server without a client CA takes anything; one with a client CA requires a chain.
+    pub fn check(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let Some(verifier) = &self.0 else {
+            return Ok(());
+        };
+        let (end, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| "no client certificate".to_string())?;
+        verifier
+            .verify_client_cert(end, intermediates, rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -379,7 +379,8 @@ pub struct TerminateTls {
     /// Devices may resume TLS sessions (stateless TLS 1.3 tickets).
     pub resumption: bool,
     /// The key ring the devices' TLS tickets are sealed under (shared by replicas); `None`:
-    /// keys of this process's own.
+    /// keys of this process's own. Not read with `resumption` off (which wins: turning
+    /// resumption off in an incident must not need the ring taken out of the file too).
     pub ticket_keys: Option<PathBuf>,
 }
 
@@ -701,15 +702,7 @@ impl ProxyConfig {
             resumption: t.resumption.unwrap_or(true),
             ticket_keys: t.ticket_keys,
         });
-        if tls
-            .as_ref()
-            .is_some_and(|t| !t.resumption && t.ticket_keys.is_some())
-        {
-            return Err(ConfigError::field(
-                "tls.ticket_keys",
-                "seals TLS tickets, which resumption = false (--no-tls-resumption) turns off",
-            ));
-        }
+
         if tls
             .as_ref()
             .is_some_and(|t| t.client_ca.is_none() && !t.client_crls.is_empty())

@@ -130,6 +130,9 @@ pub struct DeviceTls {
     pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
     /// The serial numbers the `--client-crl` files revoke.
     pub revoked: std::collections::HashSet<Vec<u8>>,
+    /// The client-certificate check the handshakes run, for those resumed from a ticket
+    /// (which skip it).
+    pub client_check: wasmbed_certs::ClientCheck,
 }
 
 impl wasmbed_certs::Revokes for DeviceTls {
@@ -178,6 +181,7 @@ impl DeviceTls {
             mut config,
             revoked,
             client_ca,
+            client_check,
         } = wasmbed_certs::ServerTrust::load(
             Named::new(&t.cert, "--tls-cert"),
             Named::new(&t.key, "--tls-key"),
@@ -208,6 +212,7 @@ impl DeviceTls {
             acceptor: TlsAcceptor::from(config),
             proxy_ca,
             revoked,
+            client_check,
         }))
     }
 }
@@ -431,9 +436,33 @@ async fn accept(
                     return;
                 }
             };
-            let chain = tls.get_ref().1.peer_certificates().unwrap_or(&[]);
+            let conn = tls.get_ref().1;
+            let chain = conn.peer_certificates().unwrap_or(&[]);
             let identity = chain.first().and_then(wasmbed_certs::peer_identity);
             let serial = chain.first().and_then(wasmbed_certs::serial_of);
+            // A session resumed from a TLS ticket skipped the certificate's check: it runs
+            // again on the chain (CA, validity, CRLs); and any chain a CRL in use revokes
+            // (perhaps installed during the handshake) is refused, as the handshake would.
+            let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            let refusal = match resumed {
+                true => device_tls.client_check.check(chain).err(),
+                false => None,
+            }
+            .or_else(|| {
+                serial
+                    .as_deref()
+                    .filter(|s| device_tls.revoked.contains(*s))
+                    .map(|_| "certificate revoked".to_string())
+            });
+            if let Some(why) = refusal {
+                ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "client_cert").increment(1);
+                tracing::debug!(
+                    why,
+                    resumed,
+                    "device certificate refused after the handshake"
+                );
+                return;
+            }
             let (identity, serial) = if device_tls.speaks_for_devices(&shared.settings, chain) {
                 // The proxy's statement of the device (PROXY header), when it made one.
                 if let Some(id) = &identity {

@@ -125,7 +125,7 @@ fn describe() {
     );
     describe_counter!(
         TLS_REJECTED,
-        "TLS handshakes refused (bad or missing client certificate, timeout)."
+        "TLS handshakes refused, by reason: handshake (a bad or missing client certificate, or another TLS failure), timeout, client_cert (a certificate that no longer passes after a handshake resumed from a ticket, or one a CRL in use revokes)."
     );
     describe_counter!(
         UPLOADS,

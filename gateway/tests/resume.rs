@@ -329,6 +329,55 @@ async fn tls_resumes_on_another_gateway_of_the_fleet() {
     }
 }
 
+/// A TLS ticket proves the device holds its session, not that its certificate passes here:
+/// a gateway of the same ring that trusts another device CA refuses the resumed session
+/// (counted), where before the check ran again it welcomed it.
+#[tokio::test]
+async fn a_resumed_tls_session_is_held_to_this_gateways_device_ca() {
+    use rustls::HandshakeKind;
+    let pki = Pki::new();
+    let keys = fleet_ring(&pki);
+    let other = wasmbed_certs::pki::DevCa::generate("another device CA").unwrap();
+    std::fs::write(pki.path("other-ca.pem"), other.cert_pem()).unwrap();
+    let gateway = |name: &str, ca: &str| {
+        let mut s = settings(Some(&pki));
+        s.name = name.into();
+        s.session_keys = Some(keys.clone());
+        s.tls.as_mut().unwrap().client_ca = pki.path(ca);
+        s
+    };
+    let a = start(gateway("gw-a", "ca.pem")).await;
+    let b = start(gateway("gw-b", "other-ca.pem")).await;
+    let config = pki.device("device-0011", Some(&pki.ca));
+    let mut d = tls_device(a.addr, config.clone()).await.unwrap();
+    welcome(&mut d, "device-0011", "echo", None).await; // reads the TLS tickets too
+    drop(d);
+    let rejected = |admin| async move {
+        let text = http(admin, "GET", "/metrics", b"").await.1;
+        wasmbed_testkit::Metrics::parse(&text).sum(
+            "wasmbed_gateway_tls_rejected_total",
+            &[("reason", "client_cert")],
+        )
+    };
+    let before = rejected(b.admin).await;
+    let mut d = tls_device(b.addr, config).await.unwrap();
+    assert_eq!(
+        d.framed.get_ref().get_ref().1.handshake_kind(),
+        Some(HandshakeKind::Resumed)
+    );
+    let hello = wasmbed_protocol::Hello {
+        device: "device-0011".into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    let _ = d
+        .send(wasmbed_protocol::Frame::control(Kind::Hello, 0, &hello))
+        .await;
+    assert!(d.recv().await.is_none(), "refused: closed, no WELCOME");
+    // Counted before the close.
+    assert_eq!(rejected(b.admin).await, before + 1.0);
+}
+
 /// Replacing an app does not reset its devices: a ticket sealed by the old module is offered
 /// to the new module's `restore` (the app versions its own state format).
 #[tokio::test]

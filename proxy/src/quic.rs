@@ -292,7 +292,9 @@ async fn accept(
         .handshake_data()
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.server_name);
-    let verified = match crate::terminate::Verified::check(ctx, sni, &chain, (peer, local)) {
+    // quinn does not tell a resumed handshake from a full one: the chain is checked again.
+    let verified = match crate::terminate::Verified::check(ctx, sni, (&chain, true), (peer, local))
+    {
         Ok(v) => v,
         Err(r) => {
             conn.close(VarInt::from_u32(code::REFUSED), b"certificate revoked");

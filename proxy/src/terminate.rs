@@ -82,10 +82,11 @@ pub(crate) async fn terminate(
             .map_err(|e| refused(tls_reason(&e), e))?;
     drop(handshake);
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
+    let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let verified = Verified::check(
         ctx,
         sni,
-        tls.peer_certificates().unwrap_or(&[]),
+        (tls.peer_certificates().unwrap_or(&[]), resumed),
         (peer, local),
     )?;
     if raw {
@@ -148,25 +149,33 @@ pub(crate) struct Verified {
 
 impl Verified {
     /// From the SNI and the certificate chain (empty without `client_ca`) of the handshake,
-    /// refused (`client_cert`, as a full handshake's would be) if the CRLs in use revoke the
-    /// certificate: a handshake resumed from a TLS ticket sealed before the revocation skips
-    /// the certificate's verification, and this check is where every transport catches it.
+    /// refused (`client_cert`, as a full handshake's would be) if the certificate no longer
+    /// passes: a handshake resumed from a TLS ticket skipped the certificate's verification
+    /// (`resumed`, or not known to be full: QUIC does not tell), so the check in use now (CA,
+    /// validity, CRLs) runs on its chain here, where every transport's handshake ends; and
+    /// any chain is refused if the CRLs in use revoke it (one may have been installed during
+    /// the handshake).
     pub(crate) fn check(
         ctx: &Context,
         sni: Option<String>,
-        chain: &[rustls::pki_types::CertificateDer<'_>],
+        (chain, resumed): (&[rustls::pki_types::CertificateDer<'_>], bool),
         (peer, local): (std::net::SocketAddr, Option<std::net::SocketAddr>),
     ) -> Result<Verified, Refused> {
+        if resumed && let Err(why) = ctx.device_tls.check_client(chain) {
+            return Err(refused(
+                Refusal::ClientCert,
+                format!(
+                    "a TLS session resumed from a ticket: its certificate no longer passes: {why}"
+                ),
+            ));
+        }
         let cert = chain.first();
         let serial = cert.and_then(wasmbed_certs::serial_of);
         if serial
             .as_deref()
             .is_some_and(|s| ctx.device_tls.is_revoked(s))
         {
-            return Err(refused(
-                Refusal::ClientCert,
-                "certificate revoked (a TLS session resumed from a ticket sealed before)",
-            ));
+            return Err(refused(Refusal::ClientCert, "certificate revoked"));
         }
         Ok(Verified {
             sni,

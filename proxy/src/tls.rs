@@ -34,6 +34,8 @@ pub struct DeviceTrust {
     /// 0-RTT, with the listener's transport settings.
     pub(crate) quic: Option<Arc<quinn::ServerConfig>>,
     revoked: HashSet<Vec<u8>>,
+    /// The device-certificate check the handshakes run, for those that skip it (resumed).
+    client_check: wasmbed_certs::ClientCheck,
 }
 
 impl Revokes for DeviceTrust {
@@ -125,6 +127,7 @@ impl DeviceTls {
         let ServerTrust {
             config: mut server,
             revoked,
+            client_check,
             ..
         } = ServerTrust::load(
             Named::new(&settings.cert, "tls.cert (--tls-cert)"),
@@ -171,6 +174,7 @@ impl DeviceTls {
             tcp: unbuffered::noting_server_names(server),
             quic,
             revoked,
+            client_check,
         })))
     }
 
@@ -212,6 +216,18 @@ impl DeviceTls {
         self.trust.is_revoked(serial)
     }
 
+    /// Whether a device's chain passes the certificate check in use now (CA, validity,
+    /// CRLs): for a handshake resumed from a ticket, which skipped it.
+    pub(crate) fn check_client(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<(), String> {
+        match self.trust.load() {
+            Some(t) => t.client_check.check(chain),
+            None => Err("no device TLS in use".into()),
+        }
+    }
+
     /// The TLS-over-TCP server config in use (read once per handshake).
     pub(crate) fn tcp(&self) -> Option<Arc<rustls::ServerConfig>> {
         self.trust.load().map(|t| t.tcp.clone())
@@ -231,9 +247,10 @@ pub(crate) fn of(config: &ProxyConfig) -> Option<TerminateTls> {
     }
 }
 
-/// QUIC's server config over the device `server` config.
-/// Seconds a device's TLS ticket is good for (the hint sent with it; a ring's key, or the
-/// process's own rotating ones, bound it too): rustls' own ticketer's, half a day.
+/// The lifetime hint sent with a device's TLS ticket (rustls' own ticketer's, half a day).
+/// rustls does not refuse an older ticket; the process's own keys rotate (and end theirs),
+/// a ring's last until removed from the file: what bounds a resumed session is the
+/// certificate check it passes again ([`DeviceTls::check_client`]).
 const TICKET_LIFETIME: u32 = 12 * 3600;
 
 /// The devices' TLS tickets, counted: issued, and presented by devices (opened, or not: an
@@ -266,6 +283,7 @@ impl rustls::server::ProducesTickets for CountedTickets {
     }
 }
 
+/// QUIC's server config over the device `server` config.
 fn quic_server(
     server: &Arc<rustls::ServerConfig>,
     transport: Arc<quinn::TransportConfig>,

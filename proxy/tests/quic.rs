@@ -503,3 +503,80 @@ async fn devices_of_every_transport_resume_tls_however_many_reconnect() {
         proxy.until_metric(&open, 0.0).await;
     }
 }
+
+/// A ticket proves a device holds its TLS session, not that its certificate still passes: a
+/// device whose CA is no longer trusted after a reload is refused when it resumes, on every
+/// transport, counted as a certificate refusal, and no gateway hears of it.
+#[tokio::test]
+async fn a_resumed_session_whose_certificate_no_longer_passes_is_refused_on_every_transport() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let quic = proxy.quic.unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let tcp = device_tls(&pki.ca, Some(&pki.ca), "device-0801", false);
+    let quic_config = quic_client(&pki, Some(&pki.ca), "device-0802");
+    let open = |transport: &'static str| {
+        let (tcp, quic_config, endpoint) = (tcp.clone(), quic_config.clone(), endpoint.clone());
+        let addr = proxy.addr;
+        async move {
+            match transport {
+                "tcp" => {
+                    let mut dev = Device::new(tls_connect(addr, tcp).await.ok()?);
+                    dev.send_raw(&hello_of("device-0801")).await.ok()?;
+                    Some(dev.recv().await?.kind)
+                }
+                _ => {
+                    let conn = endpoint
+                        .connect_with(quic_config, quic, "localhost")
+                        .ok()?
+                        .await
+                        .ok()?;
+                    let (send, recv) = conn.open_bi().await.ok()?;
+                    let mut dev = Device::new(tokio::io::join(recv, send));
+                    dev.send_raw(&hello_of("device-0802")).await.ok()?;
+                    let f = dev.recv().await?;
+                    conn.close(0u32.into(), b"bye");
+                    Some(f.kind)
+                }
+            }
+        }
+    };
+    // Sessions with tickets, while the CA is trusted.
+    for transport in ["tcp", "quic"] {
+        assert_eq!(open(transport).await, Some(Kind::Welcome), "{transport}");
+    }
+    assert_eq!(gw.hellos(), 2);
+    // The device CA replaced by another one, and reloaded.
+    let other = DevCa::generate("another CA").unwrap();
+    let client_ca = pki.tls.client_ca.clone().unwrap();
+    std::fs::write(&client_ca, other.cert_pem()).unwrap();
+    proxy.device_tls.reload().unwrap();
+    let refused = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
+    for (i, transport) in ["tcp", "quic"].into_iter().enumerate() {
+        assert_eq!(open(transport).await, None, "{transport}: refused");
+        proxy.until_metric(refused, i as f64 + 1.0).await;
+    }
+    // Resumed, not refused by a full handshake: the tickets opened.
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_tls_tickets_total{result=\"opened\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(gw.hellos(), 2, "no gateway heard of them");
+    for transport in ["tcp", "quic"] {
+        let open = format!("wasmbed_proxy_connections_open{{transport=\"{transport}\"}}");
+        proxy.until_metric(&open, 0.0).await;
+    }
+}
+
+/// HELLO as `device` for the `echo` app, no ticket.
+fn hello_of(device: &str) -> Vec<u8> {
+    let hello = wasmbed_protocol::Hello {
+        device: device.into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    wasmbed_protocol::Frame::control(Kind::Hello, 0, &hello).encode()
+}

@@ -91,6 +91,10 @@ fn bad_ring_files_name_the_file_and_the_entry() {
             "64 hex digits",
         ),
         (&*(key("k1", 1) + &key("k1", 2)), "used twice"),
+        (
+            &*key("k1", 1).replace(&"01".repeat(32), &"+f".repeat(32)),
+            "64 hex digits",
+        ),
         (&*key("", 1), "1 to 64"),
     ];
     for (text, want) in cases {

@@ -428,14 +428,17 @@ fn tls_resumption_is_on_unless_turned_off() {
     assert!(on.tls.unwrap().resumption);
     let off = ProxyConfig::from_toml(&format!("{base}\nresumption = false")).unwrap();
     assert!(!off.tls.unwrap().resumption);
-    // A ticket key ring, from the file or the flag; not with resumption off, nor without TLS.
+    // A ticket key ring, from the file or the flag (resumption off wins: the ring is kept
+    // but not read); not without TLS.
     let ring = ProxyConfig::from_toml(&format!("{base}\nticket_keys = \"r.toml\"")).unwrap();
     assert_eq!(ring.tls.unwrap().ticket_keys, Some("r.toml".into()));
     let both = format!("{base}\nresumption = false\nticket_keys = \"r.toml\"");
-    let e = ProxyConfig::from_toml(&both).unwrap_err().to_string();
     assert!(
-        e.contains("tls.ticket_keys") && e.contains("resumption"),
-        "{e}"
+        !ProxyConfig::from_toml(&both)
+            .unwrap()
+            .tls
+            .unwrap()
+            .resumption
     );
     let flag = ProxyFlags {
         listen: vec!["127.0.0.1:0".into()],

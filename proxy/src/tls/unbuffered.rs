@@ -216,6 +216,11 @@ impl TlsStream {
         self.conn.peer_certificates()
     }
 
+    /// Whether the handshake was a full one or resumed from a ticket.
+    pub(crate) fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.conn.handshake_kind()
+    }
+
     /// Processes what `incoming` holds until something must be read or written (see
     /// [`process_records`]); what is done is dropped from it, and it is freed once empty.
     fn process(&mut self, reader: Option<&mut ReadBuf<'_>>, send: ToSend<'_>) -> io::Result<Next> {
