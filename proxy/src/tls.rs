@@ -2,7 +2,9 @@
 //! all read the same [`DeviceTls`] per handshake, and a reload (SIGHUP, `POST /api/reload`,
 //! a config that names other files) rebuilds the TCP and the QUIC server configs together
 //! from one read of the files, then swaps them as one. A revoked device is refused by every
-//! transport from the reload on, and every live session checks itself against the new CRLs.
+//! transport from the reload on (a resumed handshake too: its chain is checked again where
+//! it ends), and every anchored session checks itself against the new CRLs (a raw
+//! listener's live connections are not cut: docs/proxy.md says so).
 
 mod unbuffered;
 pub(crate) use unbuffered::TlsStream;
