@@ -79,9 +79,21 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 
 /// Parses a human duration ("500ms", "2s", "1m 30s").
 pub fn parse_duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| ConfigError::field(field, format!("invalid duration {text:?}: {e}")))
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| ConfigError::field(field, format!("invalid duration {text:?}: {e}")))?;
+    if d > MAX_DURATION {
+        return Err(ConfigError::field(
+            field,
+            format!("{text:?} is longer than any setting needs (at most 10 years)"),
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration any setting takes: every deadline and sum made from settings (a
+/// stop's grace plus its margin, `now` plus a timeout) then stays far from overflowing. A
+/// grace of `u64::MAX` seconds, found by the config fuzz target, panicked in the sum.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Parses an optional human duration, falling back to `default`.
 pub(crate) fn duration_or(

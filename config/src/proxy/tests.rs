@@ -512,3 +512,16 @@ fn the_liveness_watch_is_on_unless_turned_off() {
     };
     assert!(!ProxyConfig::load(&f).unwrap().health.watch);
 }
+
+/// Found by the config fuzz target: a grace of `u64::MAX` seconds made the default hard stop
+/// (grace + margin) overflow and panic. Every duration setting is bounded.
+#[test]
+fn durations_past_ten_years_are_refused_not_overflowed() {
+    let base = "[[gateway]]\naddr = \"127.0.0.1:1\"\n";
+    let e = err_of(&format!("grace = \"18446744073709551615s\"\n{base}"));
+    assert!(e.contains("grace") && e.contains("at most 10 years"), "{e}");
+    let e = err_of(&format!("hard_stop_after = \"11years\"\n{base}"));
+    assert!(e.contains("hard_stop_after"), "{e}");
+    // Ten years is still a duration (no setting needs it, none overflows with it).
+    assert!(ProxyConfig::from_toml(&format!("grace = \"3650days\"\n{base}")).is_ok());
+}
