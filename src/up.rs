@@ -168,14 +168,22 @@ struct Stack {
 
 /// A gateway the proxy discovers in DNS (`--gateway-dns`), as a headless Service's pod: on a
 /// loopback address of its own, every replacement on the next address with the same ports.
+/// Its process is killed when this is dropped (an early exit of `up` included).
 struct Discovered {
-    child: Child,
+    child: scenarios::Killed,
     ip: std::net::Ipv4Addr,
     /// The session and admin (health) ports every address of the name shares.
     port: u16,
     health_port: u16,
     /// The certificate the discovered gateways present (`gateway-N.pem`).
     certificate: usize,
+}
+
+impl Discovered {
+    /// Its device address now.
+    fn listen(&self) -> String {
+        format!("{}:{}", self.ip, self.port)
+    }
 }
 
 /// The DNS name the discovered gateways are published under (in the dev DNS server's zone).
@@ -467,7 +475,7 @@ fn start(
             "localhost".to_string(),
         ];
         stack.discovered = Some(Discovered {
-            child,
+            child: scenarios::Killed(child),
             ip: DISCOVERED_FIRST_IP,
             port: listen.port(),
             health_port: admin.port(),
@@ -819,14 +827,9 @@ pub fn run(args: UpArgs) -> ExitCode {
         link_mode: link_mode(&args),
         tls_tickets_off: args.no_tls_tickets,
         max_sessions: gateway_capacity(all_devices, certificates),
-        dns: dns.zip(discovered).map(|(server, gw)| soak::DnsGateway {
-            server,
-            child: scenarios::Killed(gw.child),
-            ip: gw.ip,
-            port: gw.port,
-            health_port: gw.health_port,
-            certificate: gw.certificate,
-        }),
+        dns: dns
+            .zip(discovered)
+            .map(|(server, gw)| soak::DnsGateway { server, gw }),
     };
     let code = runtime.block_on(async move {
         let live = fleet.live();

@@ -1145,24 +1145,16 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             key: kept.as_ref().and_then(|u| u.key.clone()),
         });
     }
-    if f.upstream_cert.is_some() || f.upstream_key.is_some() {
+    if f.upstream_cert.is_some() || f.upstream_key.is_some() || f.upstream_server_name.is_some() {
         let Some(up) = raw.upstream_tls.as_mut() else {
             return Err(ConfigError::field(
                 "upstream_tls",
-                "--upstream-cert/--upstream-key need --upstream-ca (or [upstream_tls] ca)",
+                "--upstream-cert/--upstream-key/--upstream-server-name need --upstream-ca (or [upstream_tls] ca)",
             ));
         };
         set(&mut up.cert, f.upstream_cert.clone());
         set(&mut up.key, f.upstream_key.clone());
-    }
-    if let Some(name) = &f.upstream_server_name {
-        let Some(up) = raw.upstream_tls.as_mut() else {
-            return Err(ConfigError::field(
-                "upstream_tls.server_name",
-                "--upstream-server-name needs --upstream-ca (or [upstream_tls] ca)",
-            ));
-        };
-        up.server_name = Some(name.clone());
+        set(&mut up.server_name, f.upstream_server_name.clone());
     }
     Ok(())
 }

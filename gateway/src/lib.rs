@@ -444,16 +444,15 @@ async fn accept(
             // again on the chain (CA, validity, CRLs); and any chain a CRL in use revokes
             // (perhaps installed during the handshake) is refused, as the handshake would.
             let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            let refusal = match resumed {
-                true => device_tls.client_check.check(chain).err(),
-                false => None,
-            }
-            .or_else(|| {
-                serial
-                    .as_deref()
-                    .filter(|s| device_tls.revoked.contains(*s))
-                    .map(|_| "certificate revoked".to_string())
-            });
+            let refusal = resumed
+                .then(|| device_tls.client_check.check(chain).err())
+                .flatten()
+                .or_else(|| {
+                    serial
+                        .as_deref()
+                        .filter(|s| device_tls.revoked.contains(*s))
+                        .map(|_| "certificate revoked".to_string())
+                });
             if let Some(why) = refusal {
                 ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "client_cert").increment(1);
                 tracing::debug!(

@@ -158,7 +158,7 @@ impl DeviceTls {
                 }
                 None => self.own_tickets.clone(),
             };
-            config.ticketer = Arc::new(CountedTickets(inner));
+            config.ticketer = Arc::new(CountedTickets::new(inner));
         } else {
             // Every handshake a full one: no session cache, no tickets.
             config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
@@ -256,31 +256,56 @@ pub(crate) fn of(config: &ProxyConfig) -> Option<TerminateTls> {
 const TICKET_LIFETIME: u32 = 12 * 3600;
 
 /// The devices' TLS tickets, counted: issued, and presented by devices (opened, or not: an
-/// expired key, another replica's ring, a forgery), for TLS over TCP and QUIC alike.
-#[derive(Debug)]
-struct CountedTickets(Arc<dyn rustls::server::ProducesTickets>);
+/// expired key, another replica's ring, a forgery), for TLS over TCP and QUIC alike. The
+/// counters are registered once, not looked up at each handshake.
+struct CountedTickets {
+    inner: Arc<dyn rustls::server::ProducesTickets>,
+    issued: metrics::Counter,
+    opened: metrics::Counter,
+    refused: metrics::Counter,
+}
+
+impl CountedTickets {
+    fn new(inner: Arc<dyn rustls::server::ProducesTickets>) -> CountedTickets {
+        let counter = |result: &'static str| metrics::counter!(crate::metric_names::TLS_TICKETS, "result" => result);
+        CountedTickets {
+            inner,
+            issued: counter("issued"),
+            opened: counter("opened"),
+            refused: counter("refused"),
+        }
+    }
+}
+
+impl std::fmt::Debug for CountedTickets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CountedTickets").field(&self.inner).finish()
+    }
+}
 
 impl rustls::server::ProducesTickets for CountedTickets {
     fn enabled(&self) -> bool {
-        self.0.enabled()
+        self.inner.enabled()
     }
 
     fn lifetime(&self) -> u32 {
-        self.0.lifetime()
+        self.inner.lifetime()
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        let sealed = self.0.encrypt(plain);
+        let sealed = self.inner.encrypt(plain);
         if sealed.is_some() {
-            metrics::counter!(crate::metric_names::TLS_TICKETS, "result" => "issued").increment(1);
+            self.issued.increment(1);
         }
         sealed
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        let plain = self.0.decrypt(cipher);
-        let result = if plain.is_some() { "opened" } else { "refused" };
-        metrics::counter!(crate::metric_names::TLS_TICKETS, "result" => result).increment(1);
+        let plain = self.inner.decrypt(cipher);
+        match plain {
+            Some(_) => self.opened.increment(1),
+            None => self.refused.increment(1),
+        }
         plain
     }
 }

@@ -28,20 +28,10 @@ pub(super) struct Soak {
     pub(super) dns: Option<DnsGateway>,
 }
 
-/// The discovered gateway: the DNS server publishing it and its process now.
+/// The discovered gateway: the DNS server publishing it, and the gateway now.
 pub(super) struct DnsGateway {
     pub(super) server: wasmbed_devdns::DnsServer,
-    pub(super) child: Killed,
-    pub(super) ip: std::net::Ipv4Addr,
-    pub(super) port: u16,
-    pub(super) health_port: u16,
-    pub(super) certificate: usize,
-}
-
-impl DnsGateway {
-    fn listen(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
-    }
+    pub(super) gw: Discovered,
 }
 
 /// The proxy's entry for the gateway at device address `addr`, if it lists one.
@@ -57,7 +47,7 @@ fn at_address(admin: SocketAddr, addr: &str) -> Option<serde_json::Value> {
 /// set (the address gone from two answers in a row); then the old process ends. True when all
 /// of that happened in time.
 async fn dns_move(soak: &Soak, admin: SocketAddr, d: &mut DnsGateway) -> bool {
-    let [a, b, c, last] = d.ip.octets();
+    let [a, b, c, last] = d.gw.ip.octets();
     let Some(next) = last.checked_add(1).filter(|n| *n < 255) else {
         esay!("wasmbed up: soak: no loopback address left for the discovered gateway");
         return false;
@@ -65,9 +55,9 @@ async fn dns_move(soak: &Soak, admin: SocketAddr, d: &mut DnsGateway) -> bool {
     let ip = std::net::Ipv4Addr::new(a, b, c, next);
     let at = GatewayAt {
         name: format!("gw-dns-{next}"),
-        certificate: d.certificate,
-        listen: format!("{ip}:{}", d.port),
-        admin: format!("{ip}:{}", d.health_port),
+        certificate: d.gw.certificate,
+        listen: format!("{ip}:{}", d.gw.port),
+        admin: format!("{ip}:{}", d.gw.health_port),
     };
     let child = match spawn_gateway_at(
         soak.link_mode,
@@ -82,11 +72,11 @@ async fn dns_move(soak: &Soak, admin: SocketAddr, d: &mut DnsGateway) -> bool {
             return false;
         }
     };
-    let old = d.listen();
-    let old_child = std::mem::replace(&mut d.child, Killed(child));
-    d.ip = ip;
+    let old = d.gw.listen();
+    let old_child = std::mem::replace(&mut d.gw.child, Killed(child));
+    d.gw.ip = ip;
     d.server.set_a(DISCOVERED_NAME, &[ip], 1).await;
-    let new = d.listen();
+    let new = d.gw.listen();
     let found = until(Duration::from_secs(20), || {
         at_address(admin, &new).is_some_and(|g| g["healthy"] == true)
     })
@@ -362,7 +352,7 @@ pub(super) async fn soak_run(mut soak: Soak, run: Run<'_>) -> ExitCode {
         if let Some(u) = proxy_pid.and_then(usage) {
             processes.insert("proxy".to_string(), u);
         }
-        if let Some(u) = dns.and_then(|d| usage(d.child.0.id())) {
+        if let Some(u) = dns.and_then(|d| usage(d.gw.child.0.id())) {
             processes.insert(DNS_ROLE.to_string(), u);
         }
         for g in gws {
@@ -445,11 +435,11 @@ pub(super) async fn soak_run(mut soak: Soak, run: Run<'_>) -> ExitCode {
             });
             if let Some(d) = dns.as_mut() {
                 let t_s = start.elapsed().as_secs_f64();
-                let from = d.listen();
+                let from = d.gw.listen();
                 let ok = dns_move(&soak, proxy_admin, d).await;
                 let what = format!(
                     "the discovered gateway moved in DNS, {from} -> {} (sessions moved off the old address)",
-                    d.listen()
+                    d.gw.listen()
                 );
                 say!(
                     "soak t={t_s:.0}s: {what}: {}",
