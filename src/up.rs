@@ -127,6 +127,11 @@ pub struct UpArgs {
     /// How long the soak scenario runs (e.g. `90s`, `1h`). Default 1 h.
     #[arg(long, value_name = "DURATION", value_parser = soak_duration)]
     duration: Option<Duration>,
+    /// The soak's period: how often a gateway is replaced (and moved in DNS), with a drain or
+    /// a reload in between. Default a sixth of `--duration`, 15 s to 5 min. Another period
+    /// moves the events in time (to tell an effect of an event from one of time).
+    #[arg(long, value_name = "DURATION", value_parser = soak_period)]
+    period: Option<Duration>,
     /// Write the scenario's results as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -149,6 +154,15 @@ fn soak_duration(text: &str) -> Result<Duration, String> {
     let d = wasmbed_config::parse_duration("duration", text).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(10) {
         return Err("at least 10s: the soak samples, churns and replaces gateways in it".into());
+    }
+    Ok(d)
+}
+
+/// `--period`: a human duration of at least 5 s.
+fn soak_period(text: &str) -> Result<Duration, String> {
+    let d = wasmbed_config::parse_duration("period", text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(5) {
+        return Err("at least 5s: an event must end before the next one starts".into());
     }
     Ok(d)
 }
@@ -676,8 +690,8 @@ pub fn run(args: UpArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if args.duration.is_some() && scenario != Some(Scenario::Soak) {
-        esay!("wasmbed up: `--duration` is the soak's: give `--scenario soak` too");
+    if (args.duration.is_some() || args.period.is_some()) && scenario != Some(Scenario::Soak) {
+        esay!("wasmbed up: `--duration` and `--period` are the soak's: give `--scenario soak` too");
         return ExitCode::from(2);
     }
     if args.json.is_some() && scenario.is_none() {
@@ -823,6 +837,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     };
     let soak = soak::Soak {
         duration: args.duration.unwrap_or(Duration::from_secs(3600)),
+        period: args.period,
         dir: dir.clone(),
         link_mode: link_mode(&args),
         tls_tickets_off: args.no_tls_tickets,

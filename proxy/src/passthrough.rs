@@ -131,7 +131,7 @@ pub(crate) async fn forward_until_handed(
                 let Some(handover) = &ctx.handover else {
                     continue;
                 };
-                match handover.give(device, gateway, &lease).await {
+                match handover.give(device, gateway, &lease.gateway().name).await {
                     Ok(()) => return,
                     Err((d, g)) => (device, gateway) = (d, g),
                 }

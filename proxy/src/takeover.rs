@@ -47,8 +47,6 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::Lease;
-
 /// Largest frame (a JSON object: small, but the run-time changes may list hundreds of
 /// gateways; the peer is already proven the same user with the token).
 const MAX_FRAME: usize = 1 << 20;
@@ -67,25 +65,64 @@ const WINDOW: usize = 64;
 /// How long a step of the exchange may take before the other side counts as gone.
 const STEP: Duration = Duration::from_secs(10);
 
-/// A session on its way out of this process: its sockets and where to say how it went.
+/// A session on its way out of this process: its sockets (this process's only copies: none
+/// is duplicated, so a hand-over never needs more descriptors than the session holds) and
+/// where to say how it went. Dropped unanswered (the takeover server gone, the new process
+/// gone with it), it gives its sockets back to its session, which forwards on.
 pub struct Handed {
+    sockets: Option<Sockets>,
+    gateway_name: String,
+    done: Option<oneshot::Sender<Outcome>>,
+}
+
+/// A passthrough session's two sockets, out of the reactor.
+#[derive(Debug)]
+struct Sockets {
     device: std::net::TcpStream,
     gateway: std::net::TcpStream,
-    gateway_name: String,
-    done: oneshot::Sender<Outcome>,
 }
 
 /// How a hand-over ended, for the old process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Outcome {
-    /// The new process forwards it: done here.
+    /// The new process forwards it: done here (this process's copies are closed).
     Taken,
     /// The new process does not have it (it refused it, or it is gone and its copies with
-    /// it): forward it on here.
-    Keep,
-    /// Not known whether the new process took it (it stopped answering): close it here
+    /// it): its sockets, to forward on here.
+    Keep(Sockets),
+    /// Not known whether the new process took it (it stopped answering): closed here
     /// rather than risk both processes reading one device; the device reconnects.
     Close,
+}
+
+impl Handed {
+    /// The session's two descriptors, to send.
+    fn fds(&self) -> Option<[BorrowedFd<'_>; 2]> {
+        self.sockets
+            .as_ref()
+            .map(|s| [s.device.as_fd(), s.gateway.as_fd()])
+    }
+
+    /// Ends the hand-over `Taken` or `Close`: this process's copies are closed.
+    fn end(mut self, outcome: Outcome) {
+        self.sockets = None;
+        if let Some(done) = self.done.take() {
+            let _ = done.send(outcome);
+        }
+    }
+
+    /// The new process does not have it: the sockets go back to their session.
+    fn keep(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        if let (Some(done), Some(sockets)) = (self.done.take(), self.sockets.take()) {
+            let _ = done.send(Outcome::Keep(sockets));
+        }
+    }
 }
 
 /// Where passthrough sessions go when a new process takes over (in the old process).
@@ -112,47 +149,40 @@ impl Handover {
         )
     }
 
-    /// Hands a quiesced session over. `Err` gives its sockets back (the new process is gone,
-    /// or refused it): the caller goes on forwarding it.
+    /// Hands a quiesced session (of gateway `gateway_name`) over. `Err` gives its sockets
+    /// back, the same descriptors (the new process is gone, or refused it): the caller goes
+    /// on forwarding it.
     pub async fn give(
         &self,
         device: TcpStream,
         gateway: TcpStream,
-        lease: &Lease,
+        gateway_name: &str,
     ) -> Result<(), (TcpStream, TcpStream)> {
-        let (device_std, gateway_std) = match (device.into_std(), gateway.into_std()) {
-            (Ok(d), Ok(g)) => (d, g),
+        let (device, gateway) = match (device.into_std(), gateway.into_std()) {
+            (Ok(device), Ok(gateway)) => (device, gateway),
             // into_std fails only if the socket cannot leave the reactor: then it is closed.
             _ => return Ok(()),
         };
         let (done, outcome) = oneshot::channel();
-        let keep = (device_std.try_clone(), gateway_std.try_clone());
         let handed = Handed {
-            device: device_std,
-            gateway: gateway_std,
-            gateway_name: lease.gateway().name.clone(),
-            done,
+            sockets: Some(Sockets { device, gateway }),
+            gateway_name: gateway_name.to_owned(),
+            done: Some(done),
         };
-        match outcome_of(self.tx.send(handed).is_ok(), outcome).await {
-            Outcome::Taken | Outcome::Close => return Ok(()),
-            Outcome::Keep => {}
-        }
-        // Not handed: these copies are the same sockets; resume with them.
-        match keep {
-            (Ok(d), Ok(g)) => match (TcpStream::from_std(d), TcpStream::from_std(g)) {
-                (Ok(d), Ok(g)) => Err((d, g)),
-                _ => Ok(()),
-            },
-            _ => Ok(()),
+        // Not sent (the server is gone): dropping it answers `Keep` with its sockets.
+        let _ = self.tx.send(handed);
+        match outcome.await {
+            Ok(Outcome::Keep(Sockets { device, gateway })) => {
+                match (TcpStream::from_std(device), TcpStream::from_std(gateway)) {
+                    (Ok(d), Ok(g)) => Err((d, g)),
+                    _ => Ok(()),
+                }
+            }
+            // Taken, or closed here. (Never unanswered: a `Handed` dropped unanswered
+            // answers `Keep` with its sockets.)
+            Ok(Outcome::Taken | Outcome::Close) | Err(_) => Ok(()),
         }
     }
-}
-
-async fn outcome_of(sent: bool, outcome: oneshot::Receiver<Outcome>) -> Outcome {
-    if !sent {
-        return Outcome::Keep;
-    }
-    outcome.await.unwrap_or(Outcome::Keep)
 }
 
 /// A framed exchange over the takeover socket.
@@ -580,7 +610,9 @@ pub async fn serve(
     // for the ones ahead of it only as long as it takes to send them, not a round trip each.
     let mut handed = 0u64;
     let mut more = true;
-    let mut in_flight: VecDeque<oneshot::Sender<Outcome>> = VecDeque::new();
+    // The sessions on the wire keep their sockets here until answered: given back to their
+    // session (`keep`) unless the new process took them.
+    let mut in_flight: VecDeque<Handed> = VecDeque::new();
     while more || !in_flight.is_empty() {
         tokio::select! {
             h = handoff.rx.recv(), if more && (gone || in_flight.len() < WINDOW) => {
@@ -588,55 +620,47 @@ pub async fn serve(
                     more = false;
                     continue;
                 };
-                if gone {
-                    let _ = h.done.send(Outcome::Keep);
+                let Some(fds) = h.fds().filter(|_| !gone) else {
+                    h.keep();
                     continue;
-                }
+                };
                 let sent = channel
-                    .send(
-                        json!({"session": {"gateway": h.gateway_name}}),
-                        &[h.device.as_fd(), h.gateway.as_fd()],
-                    )
+                    .send(json!({"session": {"gateway": h.gateway_name}}), &fds)
                     .await;
                 match sent {
-                    Ok(()) => in_flight.push_back(h.done),
+                    Ok(()) => in_flight.push_back(h),
                     Err(_) => {
                         // Gone before it got this one: its copies of the earlier ones went
                         // with it, so they are this process's again.
                         gone = true;
-                        let _ = h.done.send(Outcome::Keep);
-                        in_flight.drain(..).for_each(|d| {
-                            let _ = d.send(Outcome::Keep);
-                        });
+                        h.keep();
+                        in_flight.drain(..).for_each(Handed::keep);
                     }
                 }
             }
             _ = sessions_done.cancelled(), if more => more = false,
             answer = channel.recv_within(STEP), if !in_flight.is_empty() => {
-                let Some(done) = in_flight.pop_front() else { continue };
+                let Some(h) = in_flight.pop_front() else { continue };
                 match answer {
                     Ok((m, _)) if m["taken"].as_bool() == Some(true) => {
                         handed += 1;
-                        let _ = done.send(Outcome::Taken);
+                        h.end(Outcome::Taken);
                     }
                     // Refused (a gateway it does not have or that is not up): this one only.
-                    Ok(_) => {
-                        let _ = done.send(Outcome::Keep);
-                    }
+                    Ok(_) => h.keep(),
                     Err(e) => {
                         // The new process is gone (its copies closed with it: keep them) or
                         // silent (whether it forwards them is unknown: close them).
-                        let outcome = if e.kind() == io::ErrorKind::TimedOut {
-                            Outcome::Close
-                        } else {
-                            Outcome::Keep
-                        };
+                        let close = e.kind() == io::ErrorKind::TimedOut;
                         gone = true;
-                        tracing::warn!(error = %e, ?outcome, "takeover: the new process stopped answering; the remaining sessions stay here");
-                        let _ = done.send(outcome);
-                        in_flight.drain(..).for_each(|d| {
-                            let _ = d.send(outcome);
-                        });
+                        tracing::warn!(error = %e, close, "takeover: the new process stopped answering; the remaining sessions stay here");
+                        for h in std::iter::once(h).chain(in_flight.drain(..)) {
+                            if close {
+                                h.end(Outcome::Close);
+                            } else {
+                                h.keep();
+                            }
+                        }
                     }
                 }
             }
@@ -754,5 +778,72 @@ mod tests {
             panic!("a process of another user admitted")
         };
         assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
+    }
+}
+
+#[cfg(test)]
+mod handing {
+    use std::os::fd::{AsRawFd, RawFd};
+
+    use super::*;
+
+    /// A connected pair's two ends: the one a session would hold, and the peer's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialing = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialed, accepted) = tokio::join!(dialing, listener.accept());
+        (accepted.unwrap().0, dialed.unwrap())
+    }
+
+    /// A session whose hand-over does not happen comes back on its own descriptors: none
+    /// is duplicated while it waits (at 9,000 sessions quiesced at once, duplicates would
+    /// double the descriptors and meet the process's limit), and the bytes still flow.
+    #[tokio::test]
+    async fn a_session_not_taken_comes_back_on_its_own_descriptors() {
+        // Two ways not to be taken: the new process refuses it (the server keeps it), and
+        // the server gone with the session on its way (dropped unanswered).
+        for refused in [true, false] {
+            let (handover, mut handoff) = Handover::new();
+            let ((device, mut device_peer), (gateway, mut gateway_peer)) =
+                (pair().await, pair().await);
+            let fds: (RawFd, RawFd) = (device.as_raw_fd(), gateway.as_raw_fd());
+            let giving = tokio::spawn(async move { handover.give(device, gateway, "gw-0").await });
+            let handed = handoff.rx.recv().await.unwrap();
+            assert_eq!(handed.gateway_name, "gw-0");
+            if refused {
+                handed.keep();
+            } else {
+                drop(handoff);
+                drop(handed);
+            }
+            let Err((mut device, mut gateway)) = giving.await.unwrap() else {
+                panic!("a session not taken was dropped");
+            };
+            assert_eq!(
+                (device.as_raw_fd(), gateway.as_raw_fd()),
+                fds,
+                "the session came back on other descriptors (refused: {refused})"
+            );
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            device_peer.write_all(b"up").await.unwrap();
+            gateway_peer.write_all(b"down").await.unwrap();
+            let (mut up, mut down) = ([0u8; 2], [0u8; 4]);
+            device.read_exact(&mut up).await.unwrap();
+            gateway.read_exact(&mut down).await.unwrap();
+            assert_eq!((&up, &down), (b"up", b"down"));
+        }
+    }
+
+    /// A session the new process took is closed here.
+    #[tokio::test]
+    async fn a_session_taken_is_closed_here() {
+        let (handover, mut handoff) = Handover::new();
+        let ((device, mut device_peer), (gateway, _gateway_peer)) = (pair().await, pair().await);
+        let giving = tokio::spawn(async move { handover.give(device, gateway, "gw-0").await });
+        handoff.rx.recv().await.unwrap().end(Outcome::Taken);
+        assert!(giving.await.unwrap().is_ok());
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        assert_eq!(device_peer.read(&mut byte).await.unwrap(), 0, "not closed");
     }
 }

@@ -20,6 +20,8 @@ use super::*;
 /// What the soak needs to start replacement gateways.
 pub(super) struct Soak {
     pub(super) duration: Duration,
+    /// `--period`, if given.
+    pub(super) period: Option<Duration>,
     pub(super) dir: PathBuf,
     pub(super) link_mode: (Mode, bool, bool),
     pub(super) tls_tickets_off: bool,
@@ -312,7 +314,9 @@ pub(super) async fn soak_run(mut soak: Soak, run: Run<'_>) -> ExitCode {
     let (all_up, _) = settle(live, devices, wait).await;
     let duration = soak.duration;
     // Every period: a gateway replaced; every other one a drain, the others a reload.
-    let period = (duration / 6).clamp(Duration::from_secs(15), Duration::from_secs(300));
+    let period = soak
+        .period
+        .unwrap_or_else(|| (duration / 6).clamp(Duration::from_secs(15), Duration::from_secs(300)));
     let sample_every = (duration / 12).clamp(Duration::from_secs(1), Duration::from_secs(10));
     let churn_every = sample_every;
     let warm_up = (duration / 5).max(sample_every * 2);
