@@ -49,8 +49,11 @@ pub mod proxy {
     pub const LINK_TIMEOUT: Duration = Duration::from_secs(1);
     /// A QUIC device silent this long is gone.
     pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-    /// QUIC handshakes in progress at once; past it new devices are refused at once.
+    /// Device handshakes in progress at once (TLS over TCP and QUIC); past it new devices
+    /// wait in line for [`HANDSHAKE_WAIT`], then are refused.
     pub const MAX_HANDSHAKES: usize = 512;
+    /// How long a device past [`MAX_HANDSHAKES`] waits for a slot.
+    pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
 }
 
 /// Defaults of `wasmbed gateway`.
@@ -114,6 +117,10 @@ pub fn proxy_documented() -> Vec<(&'static str, String)> {
         (
             "`handshake_timeout`",
             format!("`{}`", show(HANDSHAKE_TIMEOUT)),
+        ),
+        (
+            "`--handshake-wait D`",
+            format!("`{}`", show(HANDSHAKE_WAIT)),
         ),
         ("`connect_timeout`", format!("`{}`", show(CONNECT_TIMEOUT))),
         ("`connect_retries`", format!("`{CONNECT_RETRIES}`")),

@@ -240,6 +240,8 @@ pub struct ProxyFlags {
     /// The older name of --max-handshakes (it now counts TLS over TCP too).
     #[arg(long, value_name = "N", hide = true, conflicts_with = "max_handshakes")]
     pub quic_max_handshakes: Option<usize>,
+    #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a device past --max-handshakes waits in line (first come, first served) for a slot before it is refused. Its handshake has not started: waiting costs the proxy nothing but the connection, and the device keeps the ClientHello it sent (with its TLS ticket: a refused device spends one, and one refused too often resumes no more). Keep it well under the devices' own connect timeout; 0 refuses at once. Default {}.", crate::defaults::show(crate::defaults::proxy::HANDSHAKE_WAIT)))]
+    pub handshake_wait: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,
     /// Allow a config with no gateway at all (for example a reload that removes them all):
@@ -450,8 +452,10 @@ pub struct ProxyConfig {
     /// Bound on the ClientHello peek (passthrough) or the TLS handshake (terminate).
     pub handshake_timeout: Duration,
     /// Terminate mode: device TLS handshakes in progress (TCP and QUIC together) past which
-    /// a new device is refused at once.
+    /// a new device waits in line (`handshake_wait`), then is refused.
     pub max_handshakes: usize,
+    /// Terminate mode: how long a device past `max_handshakes` waits for a slot.
+    pub handshake_wait: Duration,
     pub connect_timeout: Duration,
     /// How many other gateways a session tries after a failed connect.
     pub connect_retries: u32,
@@ -534,6 +538,7 @@ struct RawProxy {
     quic_retry: Option<QuicRetry>,
     max_handshakes: Option<usize>,
     quic_max_handshakes: Option<usize>,
+    handshake_wait: Option<String>,
     #[serde(default)]
     listener: Vec<RawListener>,
     #[serde(default)]
@@ -890,6 +895,11 @@ impl ProxyConfig {
                 )?,
             )?,
             max_handshakes,
+            handshake_wait: duration_or(
+                "handshake_wait",
+                raw.handshake_wait.as_deref(),
+                defaults::HANDSHAKE_WAIT,
+            )?,
             connect_timeout: positive(
                 "connect_timeout",
                 duration_or(
@@ -1035,6 +1045,7 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
         raw.max_handshakes = f.max_handshakes;
         raw.quic_max_handshakes = f.quic_max_handshakes;
     }
+    set(&mut raw.handshake_wait, f.handshake_wait.clone());
     if !f.gateway.is_empty() {
         // The file's routes name the file's pools: with its gateways replaced, they go too.
         raw.route.clear();

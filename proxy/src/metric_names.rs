@@ -42,6 +42,7 @@ pub const LINKS: &str = "wasmbed_proxy_links_total";
 pub const QUIC_CONNECTIONS: &str = "wasmbed_proxy_quic_connections_total";
 pub const QUIC_STREAMS_REFUSED: &str = "wasmbed_proxy_quic_streams_refused_total";
 pub const HANDSHAKES: &str = "wasmbed_proxy_handshakes_in_progress";
+pub const HANDSHAKES_WAITING: &str = "wasmbed_proxy_handshakes_waiting";
 pub const TLS_TICKETS: &str = "wasmbed_proxy_tls_tickets_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
@@ -87,5 +88,6 @@ pub const ALL: &[&str] = &[
     QUIC_CONNECTIONS,
     QUIC_STREAMS_REFUSED,
     HANDSHAKES,
+    HANDSHAKES_WAITING,
     TLS_TICKETS,
 ];

@@ -193,6 +193,10 @@ fn describe() {
         HANDSHAKES,
         "Device TLS handshakes in progress (terminate mode, TLS over TCP and QUIC together), against max_handshakes."
     );
+    describe_gauge!(
+        HANDSHAKES_WAITING,
+        "Devices waiting in line for a handshake slot (past max_handshakes, for up to handshake_wait), TLS over TCP and QUIC together."
+    );
     describe_counter!(
         TLS_TICKETS,
         "Devices' TLS session tickets (terminate mode, TLS over TCP and QUIC): issued, and presented to resume: opened, or refused (an expired key, another replica's ring, a forgery: a full handshake follows)."

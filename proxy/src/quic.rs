@@ -176,24 +176,18 @@ pub(crate) async fn accept_loop(
             let _ = incoming.retry();
             continue;
         }
-        // A stampede (a fleet reconnecting at once): refused now, a device tries again later;
-        // queued, it would time out while its handshake waited, and the work be wasted.
         // The device trust in use now: a reload reaches this handshake as it reaches TCP's.
         let Some(trust) = ctx.device_tls.quic() else {
             incoming.refuse();
             continue;
         };
-        // In TCP's order: a connection's place (`--max-connections`) first, then a slot of
-        // the handshake cap TLS over TCP shares (`max_handshakes`), counted from here to the
-        // handshake's end (in `accept`), so that the next Initial's retry decision sees it.
+        // In TCP's order: a connection's place (`--max-connections`) first, then (in the
+        // session's task, `admitted`) a slot of the handshake cap. A stampede (a fleet
+        // reconnecting at once) waits in line for slots up to `handshake_wait`, then is
+        // refused and tries again later: queued longer, it would time out while its handshake
+        // waited, and the work be wasted.
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             counter!(QUIC_CONNECTIONS, "result" => "refused_full").increment(1);
-            incoming.refuse();
-            continue;
-        };
-        let Some(handshake) = ctx.device_tls.admit(ctx.config.max_handshakes) else {
-            counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
-            refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
             incoming.refuse();
             continue;
         };
@@ -203,7 +197,7 @@ pub(crate) async fn accept_loop(
         // the largest part of the session's future, and a task keeps its future's largest
         // size for its whole life; boxed, it is freed once the session is anchored (3.8 KB
         // per idle session, measured with heaptrack).
-        let accepting = Box::pin(accept(ctx.clone(), (incoming, trust), (handshake, port)));
+        let accepting = Box::pin(admitted(ctx.clone(), (incoming, trust), port));
         sessions.spawn(
             async move {
                 if let Some(anchored) = accepting.await {
@@ -243,6 +237,30 @@ impl Drop for Open<'_> {
 pub(crate) async fn close(endpoint: &Endpoint) {
     endpoint.close(VarInt::from_u32(code::SHUTDOWN), b"proxy stopping");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+/// A slot of the handshake cap TLS over TCP shares (`max_handshakes`), waited for in line
+/// up to `handshake_wait` (its Initial held unanswered meanwhile, the device's handshake not
+/// started), counted from here to the handshake's end (in `accept`), so that the next
+/// Initial's retry decision sees it; then [`accept`]. Refused (CONNECTION_REFUSED) if no
+/// slot came in time.
+async fn admitted(
+    ctx: Arc<crate::context::Context>,
+    (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
+    port: u16,
+) -> Option<Box<crate::anchor::Anchored>> {
+    let cap = ctx.config.max_handshakes;
+    let Some(handshake) = ctx
+        .device_tls
+        .admit_within(cap, ctx.config.handshake_wait)
+        .await
+    else {
+        counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
+        refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
+        incoming.refuse();
+        return None;
+    };
+    accept(ctx, (incoming, trust), (handshake, port)).await
 }
 
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).

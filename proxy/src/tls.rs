@@ -56,6 +56,11 @@ pub struct DeviceTls {
     /// its gauge.
     handshakes: AtomicUsize,
     handshakes_gauge: metrics::Gauge,
+    /// Devices waiting in line for a slot ([`DeviceTls::admit_within`]), and the signal a
+    /// finished handshake gives the first of them.
+    waiting: AtomicUsize,
+    waiting_gauge: metrics::Gauge,
+    freed: tokio::sync::Notify,
     /// The TLS tickets' keys when no ring file is named: this process's own, made once
     /// (rustls' rotating ticketer), so that a reload keeps the tickets devices hold.
     own_tickets: Arc<dyn rustls::server::ProducesTickets>,
@@ -66,8 +71,25 @@ pub(crate) struct Handshake(Arc<DeviceTls>);
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
+        // SeqCst here and in `admit_within`: the slot freed before the line is read, a place
+        // taken in line before a slot is tried, so one of the two always sees the other.
+        self.0.handshakes.fetch_sub(1, Ordering::SeqCst);
         self.0.handshakes_gauge.decrement(1.0);
+        // The first device in line, if any, tries for the slot (a signal no one waits for
+        // is kept for the next to wait: it then tries once more, harmlessly).
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.freed.notify_one();
+        }
+    }
+}
+
+/// A device counted in line until dropped.
+struct InLine<'a>(&'a DeviceTls);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.waiting_gauge.decrement(1.0);
     }
 }
 
@@ -81,6 +103,9 @@ impl DeviceTls {
             quic: config.quic.listen.map(|_| quic_transport(config)),
             handshakes: AtomicUsize::new(0),
             handshakes_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES),
+            waiting: AtomicUsize::new(0),
+            waiting_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES_WAITING),
+            freed: tokio::sync::Notify::new(),
             own_tickets: rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| ProxyError::Reload(format!("TLS ticket keys: {e}")))?,
         };
@@ -93,15 +118,16 @@ impl DeviceTls {
         Ok(tls)
     }
 
-    /// A device's handshake may start: fewer than `cap` are in progress (TCP and QUIC
-    /// together). `None`: refuse the device now ([`Refusal::HandshakesBusy`]), before any
-    /// work is spent on it: under a reconnect storm a queued handshake would finish after
-    /// its device gave up.
+    /// A device's handshake may start now: fewer than `cap` are in progress (TCP and QUIC
+    /// together). `None`: not now; [`DeviceTls::admit_within`] waits in line, then refuses
+    /// ([`Refusal::HandshakesBusy`]) before any work is spent on the device: under a
+    /// reconnect storm a handshake queued past its device's patience would finish after the
+    /// device gave up.
     ///
     /// [`Refusal::HandshakesBusy`]: crate::refusal::Refusal::HandshakesBusy
     pub(crate) fn admit(self: &Arc<Self>, cap: usize) -> Option<Handshake> {
         self.handshakes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < cap).then_some(n + 1)
             })
             .ok()
@@ -109,6 +135,41 @@ impl DeviceTls {
                 self.handshakes_gauge.increment(1.0);
                 Handshake(self.clone())
             })
+    }
+
+    /// [`DeviceTls::admit`], or a place in line for up to `wait`: the devices past the cap
+    /// get slots as handshakes finish, first come first served (a newcomer does not pass
+    /// the line). `None` once `wait` is out without a slot: refuse the device then. Its
+    /// handshake has not started, so the wait costs only its connection, and it keeps the
+    /// attempt it made (and the TLS ticket in its ClientHello, which a refusal would spend).
+    pub(crate) async fn admit_within(
+        self: &Arc<Self>,
+        cap: usize,
+        wait: std::time::Duration,
+    ) -> Option<Handshake> {
+        if self.waiting.load(Ordering::SeqCst) == 0
+            && let Some(admitted) = self.admit(cap)
+        {
+            return Some(admitted);
+        }
+        if wait.is_zero() {
+            return None;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.waiting_gauge.increment(1.0);
+        let _in_line = InLine(self);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            // Registered before trying, so a slot freed in between is not missed.
+            freed.as_mut().enable();
+            if let Some(admitted) = self.admit(cap) {
+                return Some(admitted);
+            }
+            // Out of time: dropping `freed` passes a signal it got on to the next in line.
+            tokio::time::timeout_at(until, freed).await.ok()?;
+        }
     }
 
     /// Device handshakes in progress now.

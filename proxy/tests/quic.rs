@@ -273,8 +273,9 @@ async fn an_oversized_frame_from_a_quic_device_ends_its_session_only() {
     }
 }
 
-/// `--max-handshakes`: while that many handshakes are in progress, a new device is
-/// refused at once (and counted) rather than queued; once they end, devices get in again.
+/// `--max-handshakes` with `--handshake-wait 0`: while that many handshakes are in
+/// progress, a new device is refused at once (and counted) rather than queued; once they
+/// end, devices get in again.
 #[tokio::test]
 async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
     let pki = pki(KeyKind::EcdsaP256);
@@ -282,6 +283,7 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
     let mut c = quic_proxy(&pki, &[&gw]);
     c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
     c.max_handshakes = 1;
+    c.handshake_wait = Duration::ZERO;
     c.handshake_timeout = Duration::from_secs(2);
     let proxy = start(c).await;
     let addr = proxy.quic.unwrap();
@@ -341,9 +343,9 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
 
 /// One cap for device handshakes on every transport (`max_handshakes`): a connection that
 /// sends nothing holds no slot; while a stalled TLS-over-TCP handshake holds it, a device past
-/// it is refused at once over TCP (reset before its handshake), on a raw listener (the same)
-/// and over QUIC (CONNECTION_REFUSED), all counted under one label; when it ends, TCP and
-/// QUIC devices get their sessions.
+/// it is refused (at once with `handshake_wait = 0`) over TCP (reset before its handshake),
+/// on a raw listener (the same) and over QUIC (CONNECTION_REFUSED), all counted under one
+/// label; when it ends, TCP and QUIC devices get their sessions.
 #[tokio::test]
 async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     let pki = pki(KeyKind::EcdsaP256);
@@ -351,6 +353,7 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     let mut c = quic_proxy(&pki, &[&gw]);
     c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
     c.max_handshakes = 1;
+    c.handshake_wait = Duration::ZERO;
     c.handshake_timeout = Duration::from_secs(30);
     // A raw listener beside the anchored one: the same admission.
     let mut raw = c.listeners[0].clone();
@@ -410,6 +413,103 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     dev.open("device-0702", "echo").await;
     let mut qdev = QuicDev::open(quic, &pki, "device-0703").await;
     qdev.step().await;
+}
+
+/// Past `max_handshakes`, devices of every transport wait in one line (`handshake_wait`),
+/// their handshakes not started: when the slot frees they get in one after the other, none
+/// refused; a device whose wait runs out is refused and counted. The line is what keeps a
+/// storm's devices from spending their TLS tickets on refused attempts.
+#[tokio::test]
+async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
+    let pki = Arc::new(pki(KeyKind::EcdsaP256));
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut c = quic_proxy(&pki, &[&gw]);
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    c.max_handshakes = 1;
+    c.handshake_wait = Duration::from_secs(60);
+    c.handshake_timeout = Duration::from_secs(60);
+    let mut raw = c.listeners[0].clone();
+    raw.raw = true;
+    c.listeners.push(raw);
+    let proxy = start(c).await;
+    let quic = proxy.quic.unwrap();
+    let busy = "wasmbed_proxy_connections_rejected_total{reason=\"handshakes_busy\"}";
+    let waiting = "wasmbed_proxy_handshakes_waiting";
+    // A stalled TLS-over-TCP handshake holds the one slot.
+    let stall = || async {
+        let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stalled, &[0x16])
+            .await
+            .unwrap();
+        proxy
+            .until_metric("wasmbed_proxy_handshakes_in_progress", 1.0)
+            .await;
+        stalled
+    };
+    let stalled = stall().await;
+    // One device of each transport joins the line.
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut devices = tokio::task::JoinSet::new();
+    for (i, transport) in ["tcp", "raw", "quic"].into_iter().enumerate() {
+        let name = format!("device-{transport}-line");
+        let (addr, endpoint, pki) = (
+            proxy.addrs[usize::from(transport == "raw")],
+            endpoint.clone(),
+            pki.clone(),
+        );
+        devices.spawn(async move {
+            match transport {
+                "tcp" => {
+                    let tls = device_tls(&pki.ca, Some(&pki.ca), &name, false);
+                    let mut dev = Device::new(tls_connect(addr, tls).await.unwrap());
+                    dev.open(&name, "echo").await;
+                }
+                "raw" => {
+                    let tls = device_tls(&pki.ca, Some(&pki.ca), &name, false);
+                    tls_connect(addr, tls).await.unwrap();
+                }
+                _ => {
+                    let client = quic_client(&pki, Some(&pki.ca), &name);
+                    let conn = endpoint
+                        .connect_with(client, quic, "localhost")
+                        .unwrap()
+                        .await
+                        .unwrap();
+                    let (send, recv) = conn.open_bi().await.unwrap();
+                    let mut dev = Device::new(tokio::io::join(recv, send));
+                    dev.open(&name, "echo").await;
+                }
+            }
+            transport
+        });
+        proxy.until_metric(waiting, (i + 1) as f64).await;
+    }
+    // The slot freed: all three through, one after the other; none refused.
+    drop(stalled);
+    let mut through = Vec::new();
+    while let Some(done) = devices.join_next().await {
+        through.push(done.unwrap());
+    }
+    assert_eq!(through.len(), 3);
+    proxy.until_metric(waiting, 0.0).await;
+    assert_eq!(
+        proxy.metric(busy).await,
+        0.0,
+        "a device in line was refused"
+    );
+    // A wait that runs out: refused, counted, out of the line. (Read live: a reload sets it.)
+    let mut c = proxy.live.context().config.clone();
+    c.handshake_wait = Duration::from_millis(300);
+    proxy.live.apply(c).unwrap();
+    let stalled = stall().await;
+    let tls = device_tls(&pki.ca, Some(&pki.ca), "device-tcp-late", false);
+    let Err(e) = tls_connect(proxy.addr, tls).await else {
+        panic!("a device past its wait was let in")
+    };
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    proxy.until_metric(busy, 1.0).await;
+    proxy.until_metric(waiting, 0.0).await;
+    drop(stalled);
 }
 
 /// Devices resume TLS from stateless tickets on every transport: however many reconnect at
