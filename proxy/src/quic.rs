@@ -249,26 +249,27 @@ async fn admitted(
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
     port: u16,
 ) -> Option<Box<crate::anchor::Anchored>> {
+    // As over TCP, the handshake's deadline counts from the device's arrival: its time in
+    // line is part of it (the device's own patience does not restart when it is admitted).
+    let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
+    let wait = ctx.config.handshake_wait.min(ctx.config.handshake_timeout);
     let cap = ctx.config.max_handshakes;
-    let Some(handshake) = ctx
-        .device_tls
-        .admit_within(cap, ctx.config.handshake_wait)
-        .await
-    else {
+    let Some(handshake) = ctx.device_tls.admit_within(cap, wait).await else {
         counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
         refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
         incoming.refuse();
         return None;
     };
-    accept(ctx, (incoming, trust), (handshake, port)).await
+    accept(ctx, (incoming, trust), (handshake, port, deadline)).await
 }
 
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).
-/// `handshake` counts this one until its handshake ends; `port` is the listener's.
+/// `handshake` counts this one until its handshake ends (by `deadline`); `port` is the
+/// listener's.
 async fn accept(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
-    (handshake, port): (crate::tls::Handshake, u16),
+    (handshake, port, deadline): (crate::tls::Handshake, u16, tokio::time::Instant),
 ) -> Option<Box<crate::anchor::Anchored>> {
     let ctx = &ctx;
     let peer = incoming.remote_address();
@@ -277,7 +278,7 @@ async fn accept(
         .map(|ip| std::net::SocketAddr::new(ip, port));
     let started = std::time::Instant::now();
     let connected = match incoming.accept_with(trust) {
-        Ok(connecting) => tokio::time::timeout(ctx.config.handshake_timeout, connecting).await,
+        Ok(connecting) => tokio::time::timeout_at(deadline, connecting).await,
         Err(e) => Ok(Err(e)),
     };
     drop(handshake);
