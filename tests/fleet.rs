@@ -495,31 +495,43 @@ fn a_loadtest_with_the_pkis_own_devices_shows_a_revocation() {
 }
 
 /// A reconnect storm through the terminating proxy with its handshake guard set low: every
-/// device drops its connection at once and comes back with its session; the guard refused
-/// the excess at once (counted), nothing was lost, no gateway was wrongly marked down.
+/// device drops its connection at once and comes back with its session, nothing lost, no
+/// gateway wrongly marked down. With the guard's line (`--handshake-wait`, its default) the
+/// excess waits for slots and none is refused; with no line it is refused at once (counted)
+/// and tries again.
 #[test]
 fn a_reconnect_storm_brings_every_device_back_past_the_handshake_guard() {
-    let doc = scenario(
-        "storm",
-        &[
-            "--mode",
-            "terminate",
-            "--gateways",
-            "2",
-            "--devices",
-            "60",
-            "--proxy-arg=--max-handshakes",
-            "--proxy-arg=4",
-        ],
-    );
-    assert_eq!(doc["back"], 60, "{doc}");
-    assert!(
-        doc["refused"]["handshakes_busy"].as_f64().unwrap_or(0.0) > 0.0,
-        "60 handshakes at once past a cap of 4: {doc}"
-    );
-    assert_eq!(doc["lost"], 0, "{doc}");
-    assert_eq!(doc["state_resets"], 0, "{doc}");
-    assert_eq!(doc["gateway_downs"], 0.0, "{doc}");
+    for wait in ["1s", "0s"] {
+        let wait_arg = format!("--proxy-arg={wait}");
+        let doc = scenario(
+            "storm",
+            &[
+                "--mode",
+                "terminate",
+                "--gateways",
+                "2",
+                "--devices",
+                "60",
+                "--proxy-arg=--max-handshakes",
+                "--proxy-arg=4",
+                "--proxy-arg=--handshake-wait",
+                &wait_arg,
+            ],
+        );
+        assert_eq!(doc["back"], 60, "{doc}");
+        let refused = doc["refused"]["handshakes_busy"].as_f64().unwrap_or(0.0);
+        if wait == "0s" {
+            assert!(
+                refused > 0.0,
+                "60 handshakes at once past a cap of 4: {doc}"
+            );
+        } else {
+            assert_eq!(refused, 0.0, "60 handshakes in line for a cap of 4: {doc}");
+        }
+        assert_eq!(doc["lost"], 0, "{doc}");
+        assert_eq!(doc["state_resets"], 0, "{doc}");
+        assert_eq!(doc["gateway_downs"], 0.0, "{doc}");
+    }
 }
 
 /// A short soak through the terminating proxy over the link: churn, the last gateway killed
