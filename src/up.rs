@@ -162,7 +162,10 @@ fn soak_duration(text: &str) -> Result<Duration, String> {
 fn soak_period(text: &str) -> Result<Duration, String> {
     let d = wasmbed_config::parse_duration("period", text).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(5) {
-        return Err("at least 5s: an event must end before the next one starts".into());
+        return Err(
+            "at least 5s: each event (a replacement, a move in DNS, a drain or a reload, each checked) takes seconds"
+                .into(),
+        );
     }
     Ok(d)
 }
@@ -688,6 +691,12 @@ pub fn run(args: UpArgs) -> ExitCode {
         esay!(
             "wasmbed up: --scenario proxy-kill-held needs --mode terminate (only a terminating proxy holds a session while it finds a gateway)"
         );
+        return ExitCode::from(2);
+    }
+    if let Some(period) = args.period
+        && period > args.duration.unwrap_or(Duration::from_secs(3600))
+    {
+        esay!("wasmbed up: `--period` longer than the soak's `--duration`: no event would happen");
         return ExitCode::from(2);
     }
     if (args.duration.is_some() || args.period.is_some()) && scenario != Some(Scenario::Soak) {

@@ -876,6 +876,25 @@ impl ProxyConfig {
             raw.hard_stop_after.as_deref(),
             defaults::GRACE,
         )?;
+        let handshake_timeout = positive(
+            "handshake_timeout",
+            duration_or(
+                "handshake_timeout",
+                raw.handshake_timeout.as_deref(),
+                defaults::HANDSHAKE_TIMEOUT,
+            )?,
+        )?;
+        let handshake_wait = duration_or(
+            "handshake_wait",
+            raw.handshake_wait.as_deref(),
+            defaults::HANDSHAKE_WAIT,
+        )?;
+        if handshake_wait >= handshake_timeout {
+            return Err(ConfigError::field(
+                "handshake_wait",
+                "must be shorter than handshake_timeout (the wait in line is part of the handshake's time)",
+            ));
+        }
         Ok(ProxyConfig {
             mode,
             listeners,
@@ -886,20 +905,9 @@ impl ProxyConfig {
             tls,
             upstream_tls,
             max_connections,
-            handshake_timeout: positive(
-                "handshake_timeout",
-                duration_or(
-                    "handshake_timeout",
-                    raw.handshake_timeout.as_deref(),
-                    defaults::HANDSHAKE_TIMEOUT,
-                )?,
-            )?,
+            handshake_timeout,
             max_handshakes,
-            handshake_wait: duration_or(
-                "handshake_wait",
-                raw.handshake_wait.as_deref(),
-                defaults::HANDSHAKE_WAIT,
-            )?,
+            handshake_wait,
             connect_timeout: positive(
                 "connect_timeout",
                 duration_or(

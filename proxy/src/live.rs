@@ -315,6 +315,7 @@ impl Live {
             links.set_client(client);
         }
         report.revoked_serials = old_ctx.device_tls.install(tls);
+        old_ctx.device_tls.set_cap(new.max_handshakes);
         let health_changed = new.health != old.health;
         let ctx = Arc::new(old_ctx.next(new, connector));
         self.current.store(ctx.clone());

@@ -162,10 +162,10 @@ pub(crate) async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         let ctx = current();
-        // Handshakes in progress count TLS over TCP too (one cap); under a low cap, retry
-        // starts at half of it.
-        let busy =
-            ctx.device_tls.handshakes() >= RETRY_ABOVE.min(ctx.config.max_handshakes / 2).max(1);
+        // Handshakes in progress and devices in line count, TLS over TCP too (one cap);
+        // under a low cap, retry starts at half of it.
+        let busy = ctx.device_tls.handshakes() + ctx.device_tls.waiting()
+            >= RETRY_ABOVE.min(ctx.config.max_handshakes / 2).max(1);
         let retry = match ctx.config.quic.retry {
             QuicRetry::Always => true,
             QuicRetry::Auto => busy,
@@ -241,9 +241,9 @@ pub(crate) async fn close(endpoint: &Endpoint) {
 
 /// A slot of the handshake cap TLS over TCP shares (`max_handshakes`), waited for in line
 /// up to `handshake_wait` (its Initial held unanswered meanwhile, the device's handshake not
-/// started), counted from here to the handshake's end (in `accept`), so that the next
-/// Initial's retry decision sees it; then [`accept`]. Refused (CONNECTION_REFUSED) if no
-/// slot came in time.
+/// started; counted in line, then in progress until the handshake's end in `accept`, and
+/// both count for the next Initial's retry decision); then [`accept`]. Refused
+/// (CONNECTION_REFUSED) if no slot came in time.
 async fn admitted(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
@@ -251,32 +251,38 @@ async fn admitted(
 ) -> Option<Box<crate::anchor::Anchored>> {
     // As over TCP, the handshake's deadline counts from the device's arrival: its time in
     // line is part of it (the device's own patience does not restart when it is admitted).
+    let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
-    let wait = ctx.config.handshake_wait.min(ctx.config.handshake_timeout);
-    let cap = ctx.config.max_handshakes;
-    let Some(handshake) = ctx.device_tls.admit_within(cap, wait).await else {
+    let Some(handshake) = ctx.device_tls.admit_by(&ctx.config, deadline).await else {
         counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
         refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
         incoming.refuse();
         return None;
     };
-    accept(ctx, (incoming, trust), (handshake, port, deadline)).await
+    accept(
+        ctx,
+        (incoming, trust),
+        (handshake, port),
+        (started, deadline),
+    )
+    .await
 }
 
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).
 /// `handshake` counts this one until its handshake ends (by `deadline`); `port` is the
-/// listener's.
+/// listener's; `started`, the device's arrival (its handshake's duration counts from there,
+/// as over TCP).
 async fn accept(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
-    (handshake, port, deadline): (crate::tls::Handshake, u16, tokio::time::Instant),
+    (handshake, port): (crate::tls::Handshake, u16),
+    (started, deadline): (std::time::Instant, tokio::time::Instant),
 ) -> Option<Box<crate::anchor::Anchored>> {
     let ctx = &ctx;
     let peer = incoming.remote_address();
     let local = incoming
         .local_ip()
         .map(|ip| std::net::SocketAddr::new(ip, port));
-    let started = std::time::Instant::now();
     let connected = match incoming.accept_with(trust) {
         Ok(connecting) => tokio::time::timeout_at(deadline, connecting).await,
         Err(e) => Ok(Err(e)),

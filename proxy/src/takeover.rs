@@ -106,7 +106,16 @@ impl Handed {
             .map(|s| [s.device.as_fd(), s.gateway.as_fd()])
     }
 
-    /// Ends the hand-over `Taken` or `Close`: this process's copies are closed.
+    /// The new process took it: this process's copies are closed.
+    fn taken(self) {
+        self.end(Outcome::Taken);
+    }
+
+    /// Whether the new process took it is not known: closed here too.
+    fn close(self) {
+        self.end(Outcome::Close);
+    }
+
     fn end(mut self, outcome: Outcome) {
         self.sockets = None;
         if let Some(done) = self.done.take() {
@@ -623,10 +632,11 @@ pub async fn serve(
                     more = false;
                     continue;
                 };
-                let Some(fds) = h.fds().filter(|_| !gone) else {
+                if gone {
                     h.keep();
                     continue;
-                };
+                }
+                let Some(fds) = h.fds() else { continue };
                 let sent = channel
                     .send(json!({"session": {"gateway": h.gateway_name}}), &fds)
                     .await;
@@ -647,7 +657,7 @@ pub async fn serve(
                 match answer {
                     Ok((m, _)) if m["taken"].as_bool() == Some(true) => {
                         handed += 1;
-                        h.end(Outcome::Taken);
+                        h.taken();
                     }
                     // Refused (a gateway it does not have or that is not up): this one only.
                     Ok(_) => h.keep(),
@@ -659,7 +669,7 @@ pub async fn serve(
                         tracing::warn!(error = %e, close, "takeover: the new process stopped answering; the remaining sessions stay here");
                         for h in std::iter::once(h).chain(in_flight.drain(..)) {
                             if close {
-                                h.end(Outcome::Close);
+                                h.close();
                             } else {
                                 h.keep();
                             }
@@ -803,21 +813,30 @@ mod handing {
     /// double the descriptors and meet the process's limit), and the bytes still flow.
     #[tokio::test]
     async fn a_session_not_taken_comes_back_on_its_own_descriptors() {
-        // Two ways not to be taken: the new process refuses it (the server keeps it), and
-        // the server gone with the session on its way (dropped unanswered).
-        for refused in [true, false] {
+        // Three ways not to be taken: the new process refuses it (the server gives it back),
+        // the server gone with the session on its way (dropped unanswered), and the server
+        // gone before it was sent (the send fails).
+        for way in ["refused", "dropped on the way", "never sent"] {
             let (handover, mut handoff) = Handover::new();
             let ((device, mut device_peer), (gateway, mut gateway_peer)) =
                 (pair().await, pair().await);
             let fds: (RawFd, RawFd) = (device.as_raw_fd(), gateway.as_raw_fd());
+            if way == "never sent" {
+                handoff.rx.close();
+            }
             let giving = tokio::spawn(async move { handover.give(device, gateway, "gw-0").await });
-            let handed = handoff.rx.recv().await.unwrap();
-            assert_eq!(handed.gateway_name, "gw-0");
-            if refused {
-                handed.keep();
-            } else {
-                drop(handoff);
-                drop(handed);
+            match way {
+                "refused" => {
+                    let handed = handoff.rx.recv().await.unwrap();
+                    assert_eq!(handed.gateway_name, "gw-0");
+                    handed.keep();
+                }
+                "dropped on the way" => {
+                    let handed = handoff.rx.recv().await.unwrap();
+                    drop(handoff);
+                    drop(handed);
+                }
+                _ => {}
             }
             let Err((mut device, mut gateway)) = giving.await.unwrap() else {
                 panic!("a session not taken was dropped");
@@ -825,7 +844,7 @@ mod handing {
             assert_eq!(
                 (device.as_raw_fd(), gateway.as_raw_fd()),
                 fds,
-                "the session came back on other descriptors (refused: {refused})"
+                "the session came back on other descriptors ({way})"
             );
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             device_peer.write_all(b"up").await.unwrap();
@@ -843,7 +862,7 @@ mod handing {
         let (handover, mut handoff) = Handover::new();
         let ((device, mut device_peer), (gateway, _gateway_peer)) = (pair().await, pair().await);
         let giving = tokio::spawn(async move { handover.give(device, gateway, "gw-0").await });
-        handoff.rx.recv().await.unwrap().end(Outcome::Taken);
+        handoff.rx.recv().await.unwrap().taken();
         assert!(giving.await.unwrap().is_ok());
         use tokio::io::AsyncReadExt;
         let mut byte = [0u8; 1];

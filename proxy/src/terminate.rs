@@ -62,12 +62,7 @@ pub(crate) async fn terminate(
     }
     // Counted from here to the handshake's end; past the cap, in line up to `handshake_wait`
     // (within the handshake's own deadline) with the ClientHello unread.
-    let wait = ctx
-        .config
-        .handshake_wait
-        .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
-    let admitting = ctx.device_tls.admit_within(ctx.config.max_handshakes, wait);
-    let Some(handshake) = admitting.await else {
+    let Some(handshake) = ctx.device_tls.admit_by(&ctx.config, deadline).await else {
         // Closed with the ClientHello unread, so the kernel answers with a reset (as QUIC's
         // refusal, immediate): the device learns at once, and the proxy keeps no TIME_WAIT
         // per refused connection through a storm. Nothing may read from `device` before here.

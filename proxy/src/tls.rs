@@ -51,34 +51,44 @@ pub struct DeviceTls {
     pub(crate) trust: Reloadable<DeviceTrust>,
     /// QUIC's transport settings (restart-only): `None` without `--quic-listen`.
     quic: Option<Arc<quinn::TransportConfig>>,
-    /// Device handshakes in progress, TLS over TCP and QUIC together (one process, one
-    /// count: they share the cores), against `max_handshakes` ([`DeviceTls::admit`]), and
-    /// its gauge.
+    /// Device handshake slots, TLS over TCP and QUIC together (one process, one count:
+    /// they share the cores): `max_handshakes` permits of a fair semaphore (a freed slot
+    /// goes to the first device in line, and a newcomer cannot take one while any device
+    /// waits), [`DeviceTls::admit_by`].
+    slots: Arc<tokio::sync::Semaphore>,
+    /// The cap the slots stand for now ([`DeviceTls::set_cap`], at start and each reload),
+    /// and the slots still to take out of use as they come back (a cap lowered below the
+    /// handshakes in progress).
+    cap: AtomicUsize,
+    owed: AtomicUsize,
+    /// Handshakes in progress and devices in line, and their gauges.
     handshakes: AtomicUsize,
     handshakes_gauge: metrics::Gauge,
-    /// Devices waiting in line for a slot ([`DeviceTls::admit_within`]), and the signal a
-    /// finished handshake gives the first of them.
     waiting: AtomicUsize,
     waiting_gauge: metrics::Gauge,
-    freed: tokio::sync::Notify,
     /// The TLS tickets' keys when no ring file is named: this process's own, made once
     /// (rustls' rotating ticketer), so that a reload keeps the tickets devices hold.
     own_tickets: Arc<dyn rustls::server::ProducesTickets>,
 }
 
-/// One device handshake admitted: counted until dropped.
-pub(crate) struct Handshake(Arc<DeviceTls>);
+/// One device handshake admitted: its slot, counted, until dropped.
+pub(crate) struct Handshake {
+    tls: Arc<DeviceTls>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        // SeqCst here and in `admit_within`: the slot freed before the line is read, a place
-        // taken in line before a slot is tried, so one of the two always sees the other.
-        self.0.handshakes.fetch_sub(1, Ordering::SeqCst);
-        self.0.handshakes_gauge.decrement(1.0);
-        // The first device in line, if any, tries for the slot (a signal no one waits for
-        // is kept for the next to wait: it then tries once more, harmlessly).
-        if self.0.waiting.load(Ordering::SeqCst) > 0 {
-            self.0.freed.notify_one();
+        self.tls.handshakes.fetch_sub(1, Ordering::Relaxed);
+        self.tls.handshakes_gauge.decrement(1.0);
+        // The slot goes back (to the first device in line, if any), unless the cap was
+        // lowered since: then it goes out of use.
+        let owed = self
+            .tls
+            .owed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if let (Ok(_), Some(slot)) = (owed, self.slot.take()) {
+            slot.forget();
         }
     }
 }
@@ -88,7 +98,7 @@ struct InLine<'a>(&'a DeviceTls);
 
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
         self.0.waiting_gauge.decrement(1.0);
     }
 }
@@ -101,11 +111,13 @@ impl DeviceTls {
         let tls = DeviceTls {
             trust: Reloadable::new(None),
             quic: config.quic.listen.map(|_| quic_transport(config)),
+            slots: Arc::new(tokio::sync::Semaphore::new(0)),
+            cap: AtomicUsize::new(0),
+            owed: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
             handshakes_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES),
             waiting: AtomicUsize::new(0),
             waiting_gauge: metrics::gauge!(crate::metric_names::HANDSHAKES_WAITING),
-            freed: tokio::sync::Notify::new(),
             own_tickets: rustls::crypto::aws_lc_rs::Ticketer::new()
                 .map_err(|e| ProxyError::Reload(format!("TLS ticket keys: {e}")))?,
         };
@@ -115,61 +127,74 @@ impl DeviceTls {
             ));
         }
         tls.install(tls.prepare(of(config))?);
+        tls.set_cap(config.max_handshakes);
         Ok(tls)
     }
 
-    /// A device's handshake may start now: fewer than `cap` are in progress (TCP and QUIC
-    /// together). `None`: not now; [`DeviceTls::admit_within`] waits in line, then refuses
-    /// ([`Refusal::HandshakesBusy`]) before any work is spent on the device: under a
-    /// reconnect storm a handshake queued past its device's patience would finish after the
-    /// device gave up.
-    ///
-    /// [`Refusal::HandshakesBusy`]: crate::refusal::Refusal::HandshakesBusy
-    pub(crate) fn admit(self: &Arc<Self>, cap: usize) -> Option<Handshake> {
-        self.handshakes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| {
-                self.handshakes_gauge.increment(1.0);
-                Handshake(self.clone())
-            })
+    /// Sets the number of handshake slots (`max_handshakes`; at start and at each reload).
+    /// Raised: the new slots go to the devices in line at once. Lowered: free slots go out
+    /// of use now, the others as their handshakes end.
+    pub(crate) fn set_cap(&self, cap: usize) {
+        let cap = cap.min(tokio::sync::Semaphore::MAX_PERMITS);
+        let old = self.cap.swap(cap, Ordering::Relaxed);
+        if cap > old {
+            // Slots still owed out of use are kept instead, first.
+            let more = cap - old;
+            let owed = self
+                .owed
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n - n.min(more))
+                })
+                .unwrap_or(0);
+            self.slots.add_permits(more - owed.min(more));
+        } else if cap < old {
+            let fewer = old - cap;
+            let now = self.slots.forget_permits(fewer);
+            self.owed.fetch_add(fewer - now, Ordering::Relaxed);
+        }
     }
 
-    /// [`DeviceTls::admit`], or a place in line for up to `wait`: the devices past the cap
-    /// get slots as handshakes finish, first come first served (a newcomer does not pass
-    /// the line). `None` once `wait` is out without a slot: refuse the device then. Its
-    /// handshake has not started, so the wait costs only its connection, and it keeps the
-    /// attempt it made (and the TLS ticket in its ClientHello, which a refusal would spend).
-    pub(crate) async fn admit_within(
+    /// A slot for a device's handshake, TLS over TCP and QUIC alike: at once if one is
+    /// free and no device waits, else in line (first come, first served) for up to
+    /// `handshake_wait`, within the handshake's `deadline` (counted from the device's
+    /// arrival). `None`: refuse the device ([`Refusal::HandshakesBusy`]). Its handshake has
+    /// not started, so its wait costs only its connection, and it keeps the attempt it made
+    /// (and the TLS ticket in its ClientHello, which a refusal would spend); a line longer
+    /// than the devices' patience would finish handshakes for devices that gave up.
+    ///
+    /// [`Refusal::HandshakesBusy`]: crate::refusal::Refusal::HandshakesBusy
+    pub(crate) async fn admit_by(
         self: &Arc<Self>,
-        cap: usize,
-        wait: std::time::Duration,
+        config: &ProxyConfig,
+        deadline: tokio::time::Instant,
     ) -> Option<Handshake> {
-        if self.waiting.load(Ordering::SeqCst) == 0
-            && let Some(admitted) = self.admit(cap)
-        {
-            return Some(admitted);
-        }
-        if wait.is_zero() {
-            return None;
-        }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        self.waiting_gauge.increment(1.0);
-        let _in_line = InLine(self);
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            let freed = self.freed.notified();
-            let mut freed = std::pin::pin!(freed);
-            // Registered before trying, so a slot freed in between is not missed.
-            freed.as_mut().enable();
-            if let Some(admitted) = self.admit(cap) {
-                return Some(admitted);
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let wait = config
+                    .handshake_wait
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                if wait.is_zero() {
+                    return None;
+                }
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                self.waiting_gauge.increment(1.0);
+                let _in_line = InLine(self);
+                let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned());
+                slot.await.ok()?.ok()?
             }
-            // Out of time: dropping `freed` passes a signal it got on to the next in line.
-            tokio::time::timeout_at(until, freed).await.ok()?;
-        }
+        };
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_gauge.increment(1.0);
+        Some(Handshake {
+            tls: self.clone(),
+            slot: Some(slot),
+        })
+    }
+
+    /// Devices in line for a handshake slot now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Device handshakes in progress now.

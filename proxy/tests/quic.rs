@@ -339,6 +339,8 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
         .await;
     let mut dev = QuicDev::open(addr, &pki, "device-0602").await;
     dev.step().await;
+    drop(dev);
+    all_closed(&proxy).await;
 }
 
 /// One cap for device handshakes on every transport (`max_handshakes`): a connection that
@@ -366,7 +368,7 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     let tls = device_tls(&pki.ca, Some(&pki.ca), "device-0699", false);
     let mut dev = Device::new(tls_connect(proxy.addr, tls).await.unwrap());
     dev.open("device-0699", "echo").await;
-    drop(idle);
+    drop((idle, dev));
     // One that sends the first byte of a ClientHello and stalls holds the one handshake.
     let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut stalled, &[0x16])
@@ -413,11 +415,13 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     dev.open("device-0702", "echo").await;
     let mut qdev = QuicDev::open(quic, &pki, "device-0703").await;
     qdev.step().await;
+    drop((dev, qdev));
+    all_closed(&proxy).await;
 }
 
 /// Past `max_handshakes`, devices of every transport wait in one line (`handshake_wait`),
-/// their handshakes not started: when the slot frees they get in one after the other, none
-/// refused; a device whose wait runs out is refused and counted. The line is what keeps a
+/// their handshakes not started: when the slot frees they get in one after the other, in
+/// the order they came, none refused; a device whose wait runs out is refused and counted. The line is what keeps a
 /// storm's devices from spending their TLS tickets on refused attempts.
 #[tokio::test]
 async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
@@ -426,7 +430,7 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
     let mut c = quic_proxy(&pki, &[&gw]);
     c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
     c.max_handshakes = 1;
-    c.handshake_wait = Duration::from_secs(60);
+    c.handshake_wait = Duration::from_secs(30);
     c.handshake_timeout = Duration::from_secs(60);
     let mut raw = c.listeners[0].clone();
     raw.raw = true;
@@ -450,23 +454,29 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
     // One device of each transport joins the line.
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut devices = tokio::task::JoinSet::new();
+    // The order the handshakes end in (a device's ends before the proxy frees its slot).
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     for (i, transport) in ["tcp", "raw", "quic"].into_iter().enumerate() {
         let name = format!("device-{transport}-line");
-        let (addr, endpoint, pki) = (
+        let (addr, endpoint, pki, order) = (
             proxy.addrs[usize::from(transport == "raw")],
             endpoint.clone(),
             pki.clone(),
+            order.clone(),
         );
+        let done = move || order.lock().unwrap().push(transport);
         devices.spawn(async move {
             match transport {
                 "tcp" => {
                     let tls = device_tls(&pki.ca, Some(&pki.ca), &name, false);
-                    let mut dev = Device::new(tls_connect(addr, tls).await.unwrap());
-                    dev.open(&name, "echo").await;
+                    let tls = tls_connect(addr, tls).await.unwrap();
+                    done();
+                    Device::new(tls).open(&name, "echo").await;
                 }
                 "raw" => {
                     let tls = device_tls(&pki.ca, Some(&pki.ca), &name, false);
                     tls_connect(addr, tls).await.unwrap();
+                    done();
                 }
                 _ => {
                     let client = quic_client(&pki, Some(&pki.ca), &name);
@@ -475,6 +485,7 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
                         .unwrap()
                         .await
                         .unwrap();
+                    done();
                     let (send, recv) = conn.open_bi().await.unwrap();
                     let mut dev = Device::new(tokio::io::join(recv, send));
                     dev.open(&name, "echo").await;
@@ -491,25 +502,47 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
         through.push(done.unwrap());
     }
     assert_eq!(through.len(), 3);
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["tcp", "raw", "quic"],
+        "not first come, first served"
+    );
     proxy.until_metric(waiting, 0.0).await;
     assert_eq!(
         proxy.metric(busy).await,
         0.0,
         "a device in line was refused"
     );
-    // A wait that runs out: refused, counted, out of the line. (Read live: a reload sets it.)
+    // A reload that raises the cap gives the new slot to the device in line at once; one
+    // that lowers it takes the slot out of use again.
+    let stalled = stall().await;
+    let tls = device_tls(&pki.ca, Some(&pki.ca), "device-tcp-raised", false);
+    let raised = tokio::spawn(tls_connect(proxy.addr, tls));
+    proxy.until_metric(waiting, 1.0).await;
     let mut c = proxy.live.context().config.clone();
+    c.max_handshakes = 2;
+    proxy.live.apply(c.clone()).unwrap();
+    let raised = raised
+        .await
+        .unwrap()
+        .expect("a device in line when the cap rose");
+    drop(raised);
+    // A wait that runs out: refused, counted, out of the line. (Read live: a reload sets it.)
+    c.max_handshakes = 1;
     c.handshake_wait = Duration::from_millis(300);
     proxy.live.apply(c).unwrap();
-    let stalled = stall().await;
     let tls = device_tls(&pki.ca, Some(&pki.ca), "device-tcp-late", false);
-    let Err(e) = tls_connect(proxy.addr, tls).await else {
+    let late = tokio::spawn(tls_connect(proxy.addr, tls));
+    // In line first, then out of it, refused.
+    proxy.until_metric(waiting, 1.0).await;
+    let Err(e) = late.await.unwrap() else {
         panic!("a device past its wait was let in")
     };
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
     proxy.until_metric(busy, 1.0).await;
     proxy.until_metric(waiting, 0.0).await;
     drop(stalled);
+    all_closed(&proxy).await;
 }
 
 /// Devices resume TLS from stateless tickets on every transport: however many reconnect at
@@ -665,6 +698,15 @@ async fn a_resumed_session_whose_certificate_no_longer_passes_is_refused_on_ever
         2.0
     );
     assert_eq!(gw.hellos(), 2, "no gateway heard of them");
+    for transport in ["tcp", "quic"] {
+        let open = format!("wasmbed_proxy_connections_open{{transport=\"{transport}\"}}");
+        proxy.until_metric(&open, 0.0).await;
+    }
+}
+
+/// Waits until every session a test opened has ended: the connection gauges are the
+/// process's, and the next test counts from what they read when it starts.
+async fn all_closed(proxy: &RunningProxy) {
     for transport in ["tcp", "quic"] {
         let open = format!("wasmbed_proxy_connections_open{{transport=\"{transport}\"}}");
         proxy.until_metric(&open, 0.0).await;

@@ -383,6 +383,26 @@ fn a_quic_listener_needs_terminate_mode() {
             .to_string()
             .contains("max_handshakes")
     );
+    // The line past the cap: 1 s by default, 0 refuses at once, and it must end before the
+    // handshake's own deadline (the wait is part of it).
+    assert_eq!(
+        cap("").unwrap().handshake_wait,
+        crate::defaults::proxy::HANDSHAKE_WAIT
+    );
+    assert_eq!(
+        cap("handshake_wait = \"250ms\"").unwrap().handshake_wait,
+        std::time::Duration::from_millis(250)
+    );
+    assert!(
+        cap("handshake_wait = \"0s\"")
+            .unwrap()
+            .handshake_wait
+            .is_zero()
+    );
+    let e = cap("handshake_wait = \"5s\"\nhandshake_timeout = \"5s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("handshake_wait") && e.contains("shorter"), "{e}");
     assert_eq!(
         ok.quic.idle_timeout,
         crate::defaults::proxy::QUIC_IDLE_TIMEOUT

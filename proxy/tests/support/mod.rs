@@ -251,7 +251,22 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
     let device_tls = proxy.device_tls();
     let live = proxy.live();
     let shutdown = CancellationToken::new();
-    let baseline = wasmbed_proxy::metrics::render(&gateways);
+    // The gauges are the process's: the last test's sessions may still be closing (their
+    // devices dropped a moment ago). Its baseline is taken once they have (bounded).
+    let settle = tokio::time::Instant::now() + Duration::from_secs(5);
+    let baseline = loop {
+        let text = wasmbed_proxy::metrics::render(&gateways);
+        let open = Metrics::parse(&text);
+        let quiet = ["tcp", "quic"].iter().all(|t| {
+            open.series(&format!(
+                "wasmbed_proxy_connections_open{{transport=\"{t}\"}}"
+            )) == 0.0
+        });
+        if quiet || tokio::time::Instant::now() >= settle {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let task = tokio::spawn(proxy.run(shutdown.clone()));
     RunningProxy {
         _serial: serial,
