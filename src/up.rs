@@ -693,14 +693,16 @@ pub fn run(args: UpArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if let Some(period) = args.period
-        && period > args.duration.unwrap_or(Duration::from_secs(3600))
-    {
-        esay!("wasmbed up: `--period` longer than the soak's `--duration`: no event would happen");
-        return ExitCode::from(2);
-    }
     if (args.duration.is_some() || args.period.is_some()) && scenario != Some(Scenario::Soak) {
         esay!("wasmbed up: `--duration` and `--period` are the soak's: give `--scenario soak` too");
+        return ExitCode::from(2);
+    }
+    if let Some(period) = args.period
+        && period / 2 >= args.duration.unwrap_or(Duration::from_secs(3600))
+    {
+        esay!(
+            "wasmbed up: `--period` of twice the soak's `--duration` or more: no event would happen (the first comes at half a period)"
+        );
         return ExitCode::from(2);
     }
     if args.json.is_some() && scenario.is_none() {

@@ -240,7 +240,7 @@ pub struct ProxyFlags {
     /// The older name of --max-handshakes (it now counts TLS over TCP too).
     #[arg(long, value_name = "N", hide = true, conflicts_with = "max_handshakes")]
     pub quic_max_handshakes: Option<usize>,
-    #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a device past --max-handshakes waits in line (first come, first served) for a slot before it is refused. Its handshake has not started: waiting costs the proxy nothing but the connection, and the device keeps the ClientHello it sent (with its TLS ticket: a refused device spends one, and one refused too often resumes no more). Keep it well under the devices' own connect timeout; 0 refuses at once. Default {}.", crate::defaults::show(crate::defaults::proxy::HANDSHAKE_WAIT)))]
+    #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a device past --max-handshakes waits in line (first come, first served) for a slot before it is refused. Its handshake has not started: waiting costs the proxy nothing but the connection, and the device keeps the ClientHello it sent (with its TLS ticket: a refused device spends one, and one refused too often resumes no more). Shorter than handshake_timeout, and well under the devices' own connect timeout; 0 refuses at once. Default {} (or half a shorter handshake_timeout).", crate::defaults::show(crate::defaults::proxy::HANDSHAKE_WAIT)))]
     pub handshake_wait: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,
@@ -884,17 +884,21 @@ impl ProxyConfig {
                 defaults::HANDSHAKE_TIMEOUT,
             )?,
         )?;
-        let handshake_wait = duration_or(
-            "handshake_wait",
-            raw.handshake_wait.as_deref(),
-            defaults::HANDSHAKE_WAIT,
-        )?;
-        if handshake_wait >= handshake_timeout {
-            return Err(ConfigError::field(
-                "handshake_wait",
-                "must be shorter than handshake_timeout (the wait in line is part of the handshake's time)",
-            ));
-        }
+        // Given, it must end before the handshake's deadline (the wait is part of it); by
+        // default, 1 s or half a shorter handshake_timeout.
+        let handshake_wait = match raw.handshake_wait.as_deref() {
+            Some(text) => {
+                let wait = crate::parse_duration("handshake_wait", text)?;
+                if wait >= handshake_timeout {
+                    return Err(ConfigError::field(
+                        "handshake_wait",
+                        "must be shorter than handshake_timeout (the wait in line is part of the handshake's time)",
+                    ));
+                }
+                wait
+            }
+            None => defaults::HANDSHAKE_WAIT.min(handshake_timeout / 2),
+        };
         Ok(ProxyConfig {
             mode,
             listeners,

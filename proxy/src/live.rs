@@ -452,7 +452,7 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
         changed,
     );
     // The QUIC listener's address and its transport (idle timeout) are set at bind;
-    // `quic_retry` and `max_handshakes` are read live.
+    // `quic_retry` is read live; `max_handshakes` is applied by `apply` (`DeviceTls::set_cap`).
     keep(
         "quic_listen",
         &old.quic.listen,

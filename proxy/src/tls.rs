@@ -148,9 +148,19 @@ impl DeviceTls {
                 .unwrap_or(0);
             self.slots.add_permits(more - owed.min(more));
         } else if cap < old {
+            // Owed first, so that a handshake ending meanwhile takes its slot out of use
+            // rather than giving it back; then the free slots go now and are paid off.
             let fewer = old - cap;
+            self.owed.fetch_add(fewer, Ordering::Relaxed);
             let now = self.slots.forget_permits(fewer);
-            self.owed.fetch_add(fewer - now, Ordering::Relaxed);
+            let owed = self
+                .owed
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(now))
+                })
+                .unwrap_or(0);
+            // Handshakes that ended in between paid some of it: those slots come back.
+            self.slots.add_permits(now - owed.min(now));
         }
     }
 
@@ -494,4 +504,50 @@ pub(crate) fn upstream_name(config: &ProxyConfig, addr: &str) -> ServerName<'sta
         .to_string();
     ServerName::try_from(configured.unwrap_or(host))
         .unwrap_or_else(|_| ServerName::try_from("gateway").expect("static valid name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handshake slots follow the cap through reloads: lowered below the handshakes in
+    /// progress, the slots leave as those end; raised while some are still owed, the debt
+    /// is paid first; never more slots than the cap, none lost.
+    #[tokio::test]
+    async fn the_slots_follow_the_cap_through_reloads() {
+        let config = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+        let tls = Arc::new(DeviceTls::load(&config).unwrap());
+        let mut at_once = config.clone();
+        at_once.handshake_wait = std::time::Duration::ZERO;
+        let now = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let admit = || async { tls.admit_by(&at_once, now()).await };
+        // How many handshakes may start now, counted by starting them (and ending them).
+        let free = || async {
+            let mut started = Vec::new();
+            while let Some(h) = admit().await {
+                started.push(h);
+            }
+            started.len()
+        };
+        tls.set_cap(2);
+        let (a, b) = (admit().await.unwrap(), admit().await.unwrap());
+        assert_eq!(free().await, 0, "two in progress at a cap of 2");
+        // Lowered to 1 with two in progress: the first to end leaves, the next stays.
+        tls.set_cap(1);
+        drop(a);
+        assert_eq!(free().await, 0, "one in progress at a cap of 1");
+        drop(b);
+        assert_eq!(free().await, 1);
+        // Lowered to 0 with three in progress (cap 3), raised to 2 while two are owed.
+        tls.set_cap(3);
+        let held: Vec<_> = [admit().await, admit().await, admit().await]
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        tls.set_cap(0);
+        tls.set_cap(2);
+        drop(held);
+        assert_eq!(free().await, 2, "the cap, no more, no fewer");
+        assert_eq!(tls.handshakes(), 0);
+    }
 }

@@ -370,13 +370,7 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     dev.open("device-0699", "echo").await;
     drop((idle, dev));
     // One that sends the first byte of a ClientHello and stalls holds the one handshake.
-    let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stalled, &[0x16])
-        .await
-        .unwrap();
-    proxy
-        .until_metric("wasmbed_proxy_handshakes_in_progress", 1.0)
-        .await;
+    let stalled = stall_a_handshake(&proxy).await;
     let busy = "wasmbed_proxy_connections_rejected_total{reason=\"handshakes_busy\"}";
     for (transport, refused) in [("tcp", 1.0), ("raw", 2.0), ("quic", 3.0)] {
         match transport {
@@ -440,17 +434,7 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
     let busy = "wasmbed_proxy_connections_rejected_total{reason=\"handshakes_busy\"}";
     let waiting = "wasmbed_proxy_handshakes_waiting";
     // A stalled TLS-over-TCP handshake holds the one slot.
-    let stall = || async {
-        let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut stalled, &[0x16])
-            .await
-            .unwrap();
-        proxy
-            .until_metric("wasmbed_proxy_handshakes_in_progress", 1.0)
-            .await;
-        stalled
-    };
-    let stalled = stall().await;
+    let stalled = stall_a_handshake(&proxy).await;
     // One device of each transport joins the line.
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut devices = tokio::task::JoinSet::new();
@@ -515,7 +499,7 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
     );
     // A reload that raises the cap gives the new slot to the device in line at once; one
     // that lowers it takes the slot out of use again.
-    let stalled = stall().await;
+    let stalled = stall_a_handshake(&proxy).await;
     let tls = device_tls(&pki.ca, Some(&pki.ca), "device-tcp-raised", false);
     let raised = tokio::spawn(tls_connect(proxy.addr, tls));
     proxy.until_metric(waiting, 1.0).await;
@@ -702,6 +686,19 @@ async fn a_resumed_session_whose_certificate_no_longer_passes_is_refused_on_ever
         let open = format!("wasmbed_proxy_connections_open{{transport=\"{transport}\"}}");
         proxy.until_metric(&open, 0.0).await;
     }
+}
+
+/// A TLS-over-TCP connection that sends the first byte of a ClientHello and stalls: it
+/// holds a handshake slot (the one, under `max_handshakes = 1`) until dropped.
+async fn stall_a_handshake(proxy: &RunningProxy) -> tokio::net::TcpStream {
+    let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, &[0x16])
+        .await
+        .unwrap();
+    proxy
+        .until_metric("wasmbed_proxy_handshakes_in_progress", 1.0)
+        .await;
+    stalled
 }
 
 /// Waits until every session a test opened has ended: the connection gauges are the

@@ -403,6 +403,10 @@ fn a_quic_listener_needs_terminate_mode() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("handshake_wait") && e.contains("shorter"), "{e}");
+    // Not given, under a short handshake_timeout: half of it (a config that loaded before
+    // the line still loads).
+    let short = cap("handshake_timeout = \"500ms\"").unwrap();
+    assert_eq!(short.handshake_wait, std::time::Duration::from_millis(250));
     assert_eq!(
         ok.quic.idle_timeout,
         crate::defaults::proxy::QUIC_IDLE_TIMEOUT

@@ -261,7 +261,8 @@ pub async fn start(config: ProxyConfig) -> RunningProxy {
             open.series(&format!(
                 "wasmbed_proxy_connections_open{{transport=\"{t}\"}}"
             )) == 0.0
-        });
+        }) && open.series("wasmbed_proxy_handshakes_in_progress") == 0.0
+            && open.series("wasmbed_proxy_handshakes_waiting") == 0.0;
         if quiet || tokio::time::Instant::now() >= settle {
             break text;
         }
