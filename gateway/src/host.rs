@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::{
     Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory,
@@ -17,6 +17,13 @@ use wasmtime::{
 /// How often the engine's epoch advances: the granularity of call deadlines, and how often a
 /// long-running call yields to other sessions.
 pub const TICK: Duration = Duration::from_millis(2);
+/// `limit` in epoch ticks (at least one).
+fn ticks_of(limit: Duration) -> u64 {
+    u64::try_from(limit.as_nanos() / TICK.as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 /// Most PUSH frames one call may send.
 pub const MAX_PUSHES: usize = 64;
 
@@ -93,8 +100,12 @@ struct MemoryCapExceeded;
 /// Per-session data inside the store.
 pub struct SessionState {
     max_memory: usize,
-    call_started: Instant,
-    call_timeout: Duration,
+    /// Epoch ticks the current call has been seen running, and how many it may run
+    /// (`call_timeout` in ticks): a call's deadline counts its running, not the time it
+    /// spends yielded, waiting for a busy host's CPU (a busy gateway is slow; its apps are
+    /// not runaways).
+    ticks_run: u64,
+    call_ticks: u64,
     max_push: usize,
     pushes: Vec<Vec<u8>>,
     pub device: String,
@@ -292,8 +303,8 @@ impl Host {
     pub async fn instantiate(&self, app: &App, device: &str) -> Result<Instance, CallError> {
         let state = SessionState {
             max_memory: self.limits.max_memory,
-            call_started: Instant::now(),
-            call_timeout: self.limits.call_timeout,
+            ticks_run: 0,
+            call_ticks: ticks_of(self.limits.call_timeout),
             max_push: self
                 .limits
                 .max_frame
@@ -304,15 +315,20 @@ impl Host {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
-        store.epoch_deadline_callback(|ctx| {
-            let s = ctx.data();
-            Ok(if s.call_started.elapsed() >= s.call_timeout {
+        // Called when the epoch passes the store's deadline while the app runs: once per
+        // tick of running, and once on resuming from a yield that outlasted its tick; so a
+        // call is stopped after `call_timeout` to twice that of running, however long it
+        // waited for the CPU in between.
+        store.epoch_deadline_callback(|mut ctx| {
+            let s = ctx.data_mut();
+            s.ticks_run += 1;
+            Ok(if s.ticks_run > s.call_ticks {
                 UpdateDeadline::Interrupt
             } else {
                 UpdateDeadline::Yield(1)
             })
         });
-        store.data_mut().call_started = Instant::now();
+        store.data_mut().ticks_run = 0;
         store.set_epoch_deadline(1);
         let instance =
             app.pre.instantiate_async(&mut store).await.map_err(
@@ -391,7 +407,7 @@ pub struct Output {
 
 impl Instance {
     fn arm(&mut self) {
-        self.store.data_mut().call_started = Instant::now();
+        self.store.data_mut().ticks_run = 0;
         self.store.set_epoch_deadline(1);
     }
 

@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Instant;
 
 const ECHO: &str = include_str!("../../../apps/echo.wat");
 const COUNTER: &str = include_str!("../../../apps/counter.wat");
@@ -160,4 +161,33 @@ async fn state_moves_through_snapshot_and_restore_within_its_cap() {
     // Exporting one of the pair alone is refused at load.
     let half = "(module (memory (export \"memory\") 1) (func (export \"alloc\") (param i32) (result i32) (i32.const 0)) (func (export \"on_message\") (param i32 i32) (result i64) (i64.const 0)) (func (export \"snapshot\") (result i64) (i64.const 0)))";
     assert!(h.compile("half", half.as_bytes()).is_err());
+}
+
+/// A call's deadline counts its running, not the time it waits, yielded, for a busy host's
+/// CPU: a call of a few ticks whose thread is taken by another task for longer than the
+/// deadline finishes (a busy gateway is slow; its apps are not runaways).
+#[tokio::test]
+async fn a_call_that_waits_for_the_cpu_is_not_a_runaway() {
+    // Forty million iterations: several 2 ms ticks of running, under 50 ms' worth here.
+    const SPIN: &str = r#"(module
+      (memory (export "memory") 1)
+      (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "on_message") (param i32 i32) (result i64)
+        (local $n i32)
+        (local.set $n (i32.const 40000000))
+        (loop $spin
+          (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+          (br_if $spin (local.get $n)))
+        (i64.const 0)))"#;
+    let h = host();
+    let mut spinning = instance(&h, "spin", SPIN).await;
+    // One thread: the call runs until its first tick and yields; the next task then holds
+    // the thread for longer than the whole deadline before the call runs on.
+    let call = tokio::spawn(async move { spinning.message(b"x").await });
+    let busy = tokio::spawn(async { std::thread::sleep(Duration::from_millis(150)) });
+    busy.await.unwrap();
+    assert!(
+        call.await.unwrap().is_ok(),
+        "killed as a runaway for waiting"
+    );
 }
