@@ -316,9 +316,10 @@ impl Host {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         // Called when the epoch passes the store's deadline while the app runs: once per
-        // tick of running, and once on resuming from a yield that outlasted its tick; so a
-        // call is stopped after `call_timeout` to twice that of running, however long it
-        // waited for the CPU in between.
+        // tick of running, and once on resuming from a yield that outlasted its tick. So an
+        // idle host stops a runaway after `call_timeout` of running, and a wait for a busy
+        // host's CPU counts one tick per resumption, not its length (a call resumed late
+        // many times in a row can still run out with less running than that).
         store.epoch_deadline_callback(|mut ctx| {
             let s = ctx.data_mut();
             s.ticks_run += 1;
