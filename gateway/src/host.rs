@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::{
     Caller, Config, Engine, ExternType, InstanceAllocationStrategy, InstancePre, Linker, Memory,
@@ -17,11 +17,24 @@ use wasmtime::{
 /// How often the engine's epoch advances: the granularity of call deadlines, and how often a
 /// long-running call yields to other sessions.
 pub const TICK: Duration = Duration::from_millis(2);
-/// `limit` in epoch ticks (at least one).
-fn ticks_of(limit: Duration) -> u64 {
-    u64::try_from(limit.as_nanos() / TICK.as_nanos())
-        .unwrap_or(u64::MAX)
-        .max(1)
+
+/// Nanoseconds since the first call of this process: the clock a call's running is read on.
+fn now_nanos() -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(BASE.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Runs a call's future, noting when each poll of it begins in `slice`: the app's code runs
+/// only inside those polls (a call yields at every epoch tick, and may then wait for the
+/// thread while other sessions run), so the epoch callback counts from there to itself as
+/// running and the wait before as nothing.
+async fn running<F: std::future::Future>(slice: &AtomicU64, call: F) -> F::Output {
+    let mut call = std::pin::pin!(call);
+    std::future::poll_fn(|cx| {
+        slice.store(now_nanos(), Ordering::Relaxed);
+        call.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Most PUSH frames one call may send.
@@ -100,12 +113,13 @@ struct MemoryCapExceeded;
 /// Per-session data inside the store.
 pub struct SessionState {
     max_memory: usize,
-    /// Epoch ticks the current call has been seen running, and how many it may run
-    /// (`call_timeout` in ticks): a call's deadline counts its running, not the time it
-    /// spends yielded, waiting for a busy host's CPU (a busy gateway is slow; its apps are
-    /// not runaways).
-    ticks_run: u64,
-    call_ticks: u64,
+    /// How long the current call has run, and how long it may (`call_timeout`): a call's
+    /// deadline counts its running, not the time it spends yielded, waiting for a busy
+    /// host's CPU (a busy gateway is slow; its apps are not runaways).
+    ran: Duration,
+    call_timeout: Duration,
+    /// When the current poll of the call began, or its last epoch callback ([`running`]).
+    slice: Arc<AtomicU64>,
     max_push: usize,
     pushes: Vec<Vec<u8>>,
     pub device: String,
@@ -301,10 +315,12 @@ impl Host {
 
     /// A fresh instance of `app` for one session.
     pub async fn instantiate(&self, app: &App, device: &str) -> Result<Instance, CallError> {
+        let slice = Arc::new(AtomicU64::new(0));
         let state = SessionState {
             max_memory: self.limits.max_memory,
-            ticks_run: 0,
-            call_ticks: ticks_of(self.limits.call_timeout),
+            ran: Duration::ZERO,
+            call_timeout: self.limits.call_timeout,
+            slice: slice.clone(),
             max_push: self
                 .limits
                 .max_frame
@@ -315,32 +331,33 @@ impl Host {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
-        // Called when the epoch passes the store's deadline while the app runs: once per
-        // tick of running, and once on resuming from a yield that outlasted its tick. So an
-        // idle host stops a runaway after `call_timeout` of running, and a wait for a busy
-        // host's CPU counts one tick per resumption, not its length (a call resumed late
-        // many times in a row can still run out with less running than that).
+        // Called at each epoch tick while the app runs: adds the time since this poll of
+        // the call began (or since the last tick) to its running, then stops the call past
+        // `call_timeout` or yields to the other sessions. A wait for the thread between
+        // polls is not counted, however long or often (a busy gateway is slow; its apps are
+        // not runaways); a runaway stops at the first tick past `call_timeout` of running.
         store.epoch_deadline_callback(|mut ctx| {
             let s = ctx.data_mut();
-            s.ticks_run += 1;
-            Ok(if s.ticks_run > s.call_ticks {
+            let now = now_nanos();
+            let began = s.slice.swap(now, Ordering::Relaxed);
+            s.ran += Duration::from_nanos(now.saturating_sub(began));
+            Ok(if s.ran > s.call_timeout {
                 UpdateDeadline::Interrupt
             } else {
                 UpdateDeadline::Yield(1)
             })
         });
-        store.data_mut().ticks_run = 0;
+        store.data_mut().ran = Duration::ZERO;
         store.set_epoch_deadline(1);
-        let instance =
-            app.pre.instantiate_async(&mut store).await.map_err(
-                |e| match CallError::from_wasm(e) {
-                    CallError::Trap(t) => {
-                        instantiation_failed(&app.name, &t);
-                        CallError::Unavailable(t)
-                    }
-                    other => other,
-                },
-            )?;
+        let instance = running(&slice, app.pre.instantiate_async(&mut store))
+            .await
+            .map_err(|e| match CallError::from_wasm(e) {
+                CallError::Trap(t) => {
+                    instantiation_failed(&app.name, &t);
+                    CallError::Unavailable(t)
+                }
+                other => other,
+            })?;
         let missing = |what: &str| CallError::Trap(format!("export {what} missing"));
         let memory = instance
             .get_memory(&mut store, "memory")
@@ -380,6 +397,7 @@ impl Host {
             on_open,
             state_funcs,
             max_state: self.limits.max_state,
+            slice,
         })
     }
 }
@@ -397,6 +415,8 @@ pub struct Instance {
     /// `snapshot` and `restore`, when the app exports them.
     state_funcs: Option<StateFuncs>,
     max_state: usize,
+    /// The store's [`SessionState::slice`], reachable while a call holds the store.
+    slice: Arc<AtomicU64>,
 }
 
 /// What a call produced: the reply bytes and the pushes made during it.
@@ -408,7 +428,7 @@ pub struct Output {
 
 impl Instance {
     fn arm(&mut self) {
-        self.store.data_mut().ticks_run = 0;
+        self.store.data_mut().ran = Duration::ZERO;
         self.store.set_epoch_deadline(1);
     }
 
@@ -419,7 +439,7 @@ impl Instance {
         }
         // Borrowed, not cloned: a `TypedFunc`'s clone takes the type registry's lock.
         if let Some(f) = &self.on_open {
-            f.call_async(&mut self.store, ())
+            running(&self.slice, f.call_async(&mut self.store, ()))
                 .await
                 .map_err(CallError::from_wasm)?;
         }
@@ -444,8 +464,7 @@ impl Instance {
         let Some((snapshot, _)) = &self.state_funcs else {
             return Ok(None);
         };
-        let packed = snapshot
-            .call_async(&mut self.store, ())
+        let packed = running(&self.slice, snapshot.call_async(&mut self.store, ()))
             .await
             .map_err(CallError::from_wasm)?;
         let (ptr, len) = ((packed as u64 >> 32) as usize, packed as u32 as usize);
@@ -477,8 +496,7 @@ impl Instance {
         let Some((_, restore)) = &self.state_funcs else {
             return Ok(());
         };
-        restore
-            .call_async(&mut self.store, (ptr, len))
+        running(&self.slice, restore.call_async(&mut self.store, (ptr, len)))
             .await
             .map_err(CallError::from_wasm)
     }
@@ -486,9 +504,7 @@ impl Instance {
     /// Writes `data` where the app's `alloc` says; returns the pointer.
     async fn place(&mut self, data: &[u8], len: i32) -> Result<i32, CallError> {
         self.arm();
-        let ptr = self
-            .alloc
-            .call_async(&mut self.store, len)
+        let ptr = running(&self.slice, self.alloc.call_async(&mut self.store, len))
             .await
             .map_err(CallError::from_wasm)?;
         let at = usize::try_from(ptr).map_err(|_| CallError::BadPointer)?;
@@ -506,11 +522,12 @@ impl Instance {
         let len = i32::try_from(data.len()).map_err(|_| CallError::BadPointer)?;
         let ptr = self.place(data, len).await?;
         self.arm();
-        let packed = self
-            .on_message
-            .call_async(&mut self.store, (ptr, len))
-            .await
-            .map_err(CallError::from_wasm)?;
+        let packed = running(
+            &self.slice,
+            self.on_message.call_async(&mut self.store, (ptr, len)),
+        )
+        .await
+        .map_err(CallError::from_wasm)?;
         let reply = if packed == 0 {
             Vec::new()
         } else {

@@ -7,15 +7,18 @@ const LOOP: &str = include_str!("../../../apps/loop.wat");
 const GROW: &str = include_str!("../../../apps/grow.wat");
 const PUSH: &str = include_str!("../../../apps/push.wat");
 
-fn host() -> Host {
-    Host::new(Limits {
+fn limits() -> Limits {
+    Limits {
         call_timeout: Duration::from_millis(50),
         max_memory: 1 << 20,
         max_instances: 64,
         max_frame: 64 * 1024,
         max_state: 16 << 10,
-    })
-    .unwrap()
+    }
+}
+
+fn host() -> Host {
+    Host::new(limits()).unwrap()
 }
 
 async fn instance(host: &Host, name: &str, wat: &str) -> Instance {
@@ -161,6 +164,93 @@ async fn state_moves_through_snapshot_and_restore_within_its_cap() {
     // Exporting one of the pair alone is refused at load.
     let half = "(module (memory (export \"memory\") 1) (func (export \"alloc\") (param i32) (result i32) (i32.const 0)) (func (export \"on_message\") (param i32 i32) (result i64) (i64.const 0)) (func (export \"snapshot\") (result i64) (i64.const 0)))";
     assert!(h.compile("half", half.as_bytes()).is_err());
+}
+
+/// A call that spins for as many rounds as the message's first four bytes say.
+const SPIN_N: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "on_message") (param i32 i32) (result i64)
+    (local $n i32)
+    (local.set $n (i32.load (local.get 0)))
+    (loop $spin
+      (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+      (br_if $spin (i32.gt_s (local.get $n) (i32.const 0))))
+    (i64.const 0)))"#;
+
+/// Runs `call` while another task on the same (one) thread takes it for 3 ms at every one
+/// of the call's yields, and a thread advances the engine's epoch every few microseconds
+/// (so the call yields often, after little running each time). Returns what the call
+/// returned and how many epochs passed during it.
+async fn under_contention<F>(engine: &Engine, call: F) -> (Result<Output, CallError>, u64)
+where
+    F: std::future::Future<Output = Result<Output, CallError>> + Send + 'static,
+{
+    let done = Arc::new(AtomicBool::new(false));
+    let (d, e) = (done.clone(), engine.clone());
+    let ticker = std::thread::spawn(move || {
+        let mut epochs = 0;
+        while !d.load(Ordering::Relaxed) {
+            e.increment_epoch();
+            epochs += 1;
+            std::thread::sleep(Duration::from_micros(20));
+        }
+        epochs
+    });
+    let d = done.clone();
+    let busy = tokio::spawn(async move {
+        while !d.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(3));
+            tokio::task::yield_now().await;
+        }
+    });
+    let out = call.await;
+    done.store(true, Ordering::Relaxed);
+    busy.await.unwrap();
+    (out, ticker.join().unwrap())
+}
+
+/// A call's deadline is its running time, however often it yields or waits: a call of
+/// about 15 ms of running that yields hundreds of times (more than its 50 ms deadline has
+/// ticks) and waits 3 ms at each finishes; a runaway under the same conditions is stopped,
+/// after at least its deadline.
+#[tokio::test]
+async fn a_call_resumed_late_many_times_counts_its_running_only() {
+    let h = host();
+    let mut spin = instance(&h, "spin", SPIN_N).await;
+    // How many rounds make 15 ms of running here, alone on the thread.
+    let probe: i32 = 2_000_000;
+    let started = Instant::now();
+    spin.message(&probe.to_le_bytes()).await.unwrap();
+    let per_round = started.elapsed().as_secs_f64() / f64::from(probe);
+    let rounds = (0.015 / per_round) as i32;
+    let (out, epochs) = under_contention(&h.engine, async move {
+        spin.message(&rounds.to_le_bytes()).await
+    })
+    .await;
+    let ticks = limits().call_timeout.as_millis() / TICK.as_millis();
+    assert!(
+        u128::from(epochs) > 2 * ticks,
+        "only {epochs} epochs passed: the call did not yield more often than its deadline has ticks"
+    );
+    assert!(
+        out.is_ok(),
+        "15 ms of running, {epochs} epochs: stopped as a runaway ({:?})",
+        out.err()
+    );
+    let mut runaway = instance(&h, "loop", LOOP).await;
+    let started = Instant::now();
+    let (out, epochs) =
+        under_contention(&h.engine, async move { runaway.message(b"x").await }).await;
+    assert!(
+        matches!(out, Err(CallError::Timeout)),
+        "a runaway under contention: {:?} after {epochs} epochs",
+        out.map(|o| o.reply)
+    );
+    assert!(
+        started.elapsed() >= limits().call_timeout,
+        "stopped before its deadline"
+    );
 }
 
 /// A call's deadline counts its running, not the time it waits, yielded, for a busy host's
