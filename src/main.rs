@@ -51,10 +51,11 @@ mod drain_cmd;
 mod stop;
 mod up;
 
-/// mimalloc instead of glibc's malloc: the per-connection path allocates a task, a hello
-/// buffer and a connect state, and glibc's free-list work showed up at ~5% of a proxy core.
-/// (`--features system-alloc` keeps glibc's, for heap profilers that see `malloc` only.)
-#[cfg(not(feature = "system-alloc"))]
+/// glibc's malloc by default; mimalloc with `--features mimalloc`. Measured side by side
+/// (docs/performance.md, "The allocator"): level on CPU in every peer-bench scenario and per
+/// idle session, but glibc's holds 17-25 MB less per process and has no RSS step in
+/// hour-long soaks.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

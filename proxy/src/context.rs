@@ -37,6 +37,8 @@ pub struct Context {
     pub pacer: Arc<crate::context::Pacer>,
     /// `--takeover`: where passthrough sessions go when a new process takes over.
     pub handover: Option<Arc<crate::takeover::Handover>>,
+    /// Each device's one live terminated session (shared by every context of a run).
+    pub(crate) seats: Arc<crate::seats::Seats>,
 }
 
 impl Context {
@@ -57,6 +59,7 @@ impl Context {
         let route_pools = route_pools(&config.routes);
         Context {
             pacer: Arc::new(crate::context::Pacer::new(config.migration.move_rate)),
+            seats: Arc::new(crate::seats::Seats::new()),
             alpn,
             config,
             gateways,
@@ -88,6 +91,7 @@ impl Context {
         next.pacer = self.pacer.clone();
         next.links = self.links.clone();
         next.handover = self.handover.clone();
+        next.seats = self.seats.clone();
         next
     }
 }

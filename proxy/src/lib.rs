@@ -49,6 +49,7 @@ pub mod quic;
 mod rebalance;
 mod refusal;
 mod route;
+mod seats;
 mod session;
 mod takeover;
 mod terminate;

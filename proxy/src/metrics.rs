@@ -67,7 +67,7 @@ fn describe() {
     );
     describe_counter!(
         SESSIONS_CANCELLED,
-        "Sessions closed by the proxy, by gateway and cause (gateway_down, shutdown)."
+        "Sessions closed by the proxy, by gateway and cause (gateway_down, shutdown, superseded: a newer connection of the device took its session)."
     );
     describe_gauge!(
         SESSIONS,

@@ -54,6 +54,10 @@ pub mod code {
     pub const REFUSED: u32 = 3;
     /// No session stream was opened within the handshake timeout.
     pub const NO_STREAM: u32 = 4;
+    /// A newer connection of the same device (its certificate) took the session: this
+    /// connection is closed (the device, if it is still there, has two: the newer one
+    /// serves).
+    pub const SUPERSEDED: u32 = 5;
 }
 /// Handshakes in progress past which `--quic-retry auto` asks for address validation first.
 const RETRY_ABOVE: usize = 256;
@@ -94,9 +98,12 @@ impl AsyncWrite for QuicDevice {
 }
 
 impl crate::anchor::DeviceStream for QuicDevice {
-    fn cut(&self) {
-        self.conn
-            .close(VarInt::from_u32(code::SHUTDOWN), b"proxy stopping");
+    fn cut(&self, why: crate::anchor::Cut) {
+        let (code, reason): (u32, &[u8]) = match why {
+            crate::anchor::Cut::Shutdown => (code::SHUTDOWN, b"proxy stopping"),
+            crate::anchor::Cut::Superseded => (code::SUPERSEDED, b"superseded"),
+        };
+        self.conn.close(VarInt::from_u32(code), reason);
     }
 
     /// The bytes on the session stream, the stream finished, then (bounded) the device's
@@ -318,15 +325,15 @@ async fn accept(
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.server_name);
     // quinn does not tell a resumed handshake from a full one: the chain is checked again.
-    let verified = match crate::terminate::Verified::check(ctx, sni, (&chain, true), (peer, local))
-    {
-        Ok(v) => v,
-        Err(r) => {
-            conn.close(VarInt::from_u32(code::REFUSED), b"certificate revoked");
-            r.count();
-            return None;
-        }
-    };
+    let verified =
+        match crate::terminate::Verified::check(ctx, sni, (&chain, true), (peer, local, started)) {
+            Ok(v) => v,
+            Err(r) => {
+                conn.close(VarInt::from_u32(code::REFUSED), b"certificate revoked");
+                r.count();
+                return None;
+            }
+        };
     let stream = tokio::time::timeout(ctx.config.handshake_timeout, conn.accept_bi()).await;
     let (send, recv) = match stream {
         Ok(Ok(s)) => s,

@@ -206,10 +206,12 @@ mod tests {
         // tokio's task cell is 128-aligned: a 32-byte header, 16 bytes of scheduler and id,
         // the stage (the future, 8 bytes of the tracker's token, 40 of the session's span at
         // `info`, 8 of discriminant) and a 48-byte trailer, rounded up to 128 (read with
-        // `-Zprint-type-sizes`); mimalloc serves a 128-aligned block of n bytes from the size
-        // class of n + 127. So at most 1,000 bytes of future keep the cell at 1,152 bytes, in
-        // the 1,280-byte class, with or without the span (the task was in the 3,072 class
-        // before issue 26's cuts, 1,792 after the first). Figures: docs/performance.md.
+        // `-Zprint-type-sizes`). glibc's malloc (the default) gives a 128-aligned block its
+        // size in 16-byte steps and returns the alignment's slack; mimalloc (`--features
+        // mimalloc`) serves it from the size class of n + 127, where at most 1,000 bytes of
+        // future keep the cell at 1,152 bytes, in the 1,280-byte class, with or without the
+        // span (the task was in the 3,072 class before issue 26's cuts, 1,792 after the
+        // first). Figures: docs/performance.md.
         let stream = TcpStream::connect(addr).await.unwrap();
         let accepted = Accepted {
             stream,

@@ -88,7 +88,7 @@ pub(crate) async fn terminate(
         ctx,
         sni,
         (tls.peer_certificates().unwrap_or(&[]), resumed),
-        (peer, local),
+        (peer, local, started),
     )?;
     if raw {
         forward_decrypted(ctx, tls, verified).await?;
@@ -146,6 +146,9 @@ pub(crate) struct Verified {
     serial: Option<Vec<u8>>,
     peer: std::net::SocketAddr,
     local: Option<std::net::SocketAddr>,
+    /// When the device's connection arrived ([`crate::seats::stamp`]): which of two
+    /// sessions of one device is the newer.
+    arrival: u64,
 }
 
 impl Verified {
@@ -160,7 +163,7 @@ impl Verified {
         ctx: &Context,
         sni: Option<String>,
         (chain, resumed): (&[rustls::pki_types::CertificateDer<'_>], bool),
-        (peer, local): (std::net::SocketAddr, Option<std::net::SocketAddr>),
+        (peer, local, arrived): (std::net::SocketAddr, Option<std::net::SocketAddr>, Instant),
     ) -> Result<Verified, Refused> {
         if resumed && let Err(why) = ctx.device_tls.check_client(chain) {
             return Err(refused(
@@ -185,6 +188,7 @@ impl Verified {
             serial,
             peer,
             local,
+            arrival: crate::seats::stamp(arrived),
         })
     }
 }
@@ -215,6 +219,7 @@ pub(crate) async fn anchor_device(
     match open_session(ctx, &mut device, verified).await {
         Ok(Ok(first)) => Some(Box::new(anchor::Anchored {
             ctx: ctx.clone(),
+            seat: first.seat,
             device: anchor::DeviceSide {
                 tls: device,
                 serial: first.serial.map(Vec::into_boxed_slice),
@@ -255,6 +260,8 @@ struct Opened {
     pending: BytesMut,
     serial: Option<Vec<u8>>,
     origin: crate::proxy_protocol::Origin,
+    /// The arrival of a device named by its certificate: the session takes its seat.
+    seat: Option<u64>,
 }
 
 /// [`anchor_device`]'s work up to the first WELCOME (`Ok(Err(bytes))`: the gateway's ERROR).
@@ -268,6 +275,7 @@ async fn open_session(
         serial,
         peer,
         local,
+        arrival,
     }: Verified,
 ) -> Result<Result<Opened, Vec<u8>>, Refused> {
     note_device(ctx, identity.as_deref(), sni.as_deref());
@@ -288,6 +296,7 @@ async fn open_session(
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
     // and counted, instead of being a session that just closes.
+    let seat = identity.is_some().then_some(arrival);
     let origin = crate::proxy_protocol::Origin {
         src: peer,
         dst: local.unwrap_or(peer),
@@ -325,6 +334,7 @@ async fn open_session(
         pending,
         serial,
         origin,
+        seat,
     }))
 }
 

@@ -13,6 +13,7 @@ const LAYERS: &[&str] = &[
     "control",
     "clienthello",
     "proxy_protocol",
+    "seats",
     "listener",
     "refusal",
     "balancer",

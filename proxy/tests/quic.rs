@@ -719,3 +719,178 @@ fn hello_of(device: &str) -> Vec<u8> {
     };
     wasmbed_protocol::Frame::control(Kind::Hello, 0, &hello).encode()
 }
+
+/// A device's session on either transport, its connection kept open until dropped.
+enum Session {
+    Tcp(Device<TlsDevice>),
+    Quic(Device<QuicStream>, quinn::Connection),
+}
+
+impl Session {
+    /// `device` (its own certificate) opens a `counter` session over `transport`.
+    async fn open(proxy: &RunningProxy, pki: &Pki, transport: &str, device: &str) -> Session {
+        let mut s = match transport {
+            "tcp" => {
+                let tls = device_tls(&pki.ca, Some(&pki.ca), device, false);
+                Session::Tcp(Device::new(tls_connect(proxy.addr, tls).await.unwrap()))
+            }
+            _ => {
+                let quic = proxy.quic.unwrap();
+                let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                let conn = endpoint
+                    .connect_with(quic_client(pki, Some(&pki.ca), device), quic, "localhost")
+                    .unwrap()
+                    .await
+                    .unwrap();
+                let (send, recv) = conn.open_bi().await.unwrap();
+                Session::Quic(Device::new(tokio::io::join(recv, send)), conn)
+            }
+        };
+        match &mut s {
+            Session::Tcp(d) => d.open(device, "counter").await,
+            Session::Quic(d, _) => d.open(device, "counter").await,
+        };
+        s
+    }
+
+    /// A DATA's answer (`None`: the session is closed).
+    async fn step(&mut self) -> Option<Kind> {
+        match self {
+            Session::Tcp(d) => {
+                let frame = data_frame(d);
+                d.send_raw(&frame).await.ok()?;
+                d.recv().await.map(|f| f.kind)
+            }
+            Session::Quic(d, _) => {
+                let frame = data_frame(d);
+                d.send_raw(&frame).await.ok()?;
+                d.recv().await.map(|f| f.kind)
+            }
+        }
+    }
+
+    /// Whether the proxy closed the connection (`None`: still open after a while).
+    async fn closed_by_proxy(&mut self) -> Option<String> {
+        match self {
+            Session::Tcp(d) => match d.recv().await {
+                None => Some("closed".into()),
+                Some(f) => panic!("a frame instead of the close: {f:?}"),
+            },
+            Session::Quic(_, conn) => {
+                let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                closed.ok().map(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// The next DATA of `d`, encoded.
+fn data_frame<S>(d: &mut Device<S>) -> Vec<u8> {
+    d.seq += 1;
+    wasmbed_protocol::Frame::new(Kind::Data, d.seq, b"tick".to_vec()).encode()
+}
+
+/// A device that connects again while its earlier session is still open (its close was
+/// lost, or it rebooted) takes the session: the earlier connection is closed at once,
+/// counted, and its gateway session ends, on every transport and across transports; other
+/// devices' sessions are untouched. (Else such a zombie would hold its connection slot, its
+/// gateway session and its app instance until its idle timeout.)
+#[tokio::test]
+async fn a_newer_connection_of_a_device_takes_its_session_on_every_transport() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let sessions = "wasmbed_proxy_gateway_sessions{gateway=\"gw-0\"}";
+    let superseded =
+        "wasmbed_proxy_sessions_cancelled_total{cause=\"superseded\",gateway=\"gw-0\"}";
+    let mut kept = Vec::new();
+    for (i, (first, second)) in [
+        ("tcp", "tcp"),
+        ("quic", "quic"),
+        ("tcp", "quic"),
+        ("quic", "tcp"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let device = format!("device-{first}-{second}");
+        let mut old = Session::open(&proxy, &pki, first, &device).await;
+        assert_eq!(old.step().await, Some(Kind::Reply));
+        proxy.until_metric(sessions, i as f64 + 1.0).await;
+        // The device again, its first connection still open.
+        let mut new = Session::open(&proxy, &pki, second, &device).await;
+        let how = old.closed_by_proxy().await;
+        assert!(
+            how.is_some(),
+            "{device}: the earlier connection is still open"
+        );
+        if let Session::Quic(..) = old {
+            let how = how.unwrap_or_default();
+            assert!(how.contains("superseded"), "{device}: {how}");
+        }
+        assert_eq!(new.step().await, Some(Kind::Reply), "{device}");
+        proxy.until_metric(superseded, i as f64 + 1.0).await;
+        // One gateway session per device: the earlier one ended with its connection.
+        proxy.until_metric(sessions, i as f64 + 1.0).await;
+        kept.push(new);
+    }
+    // Every device's newer session still serves.
+    for s in &mut kept {
+        assert_eq!(s.step().await, Some(Kind::Reply));
+    }
+    drop(kept);
+    all_closed(&proxy).await;
+}
+
+/// Without `client_ca` a HELLO's device name is a claim, and a claim does not end another
+/// session: two anonymous devices naming the same device both keep theirs, on every
+/// transport.
+#[tokio::test]
+async fn a_devices_name_without_a_certificate_takes_no_session() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut config = quic_proxy(&pki, &[&gw]);
+    if let Some(tls) = config.tls.as_mut() {
+        tls.client_ca = None;
+    }
+    let proxy = start(config).await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut open = Vec::new();
+    for transport in ["tcp", "quic", "tcp", "quic"] {
+        let mut s = match transport {
+            "tcp" => {
+                let tls = device_tls(&pki.ca, None, "device-0900", false);
+                Session::Tcp(Device::new(tls_connect(proxy.addr, tls).await.unwrap()))
+            }
+            _ => {
+                let conn = endpoint
+                    .connect_with(
+                        quic_client(&pki, None, "device-0900"),
+                        proxy.quic.unwrap(),
+                        "localhost",
+                    )
+                    .unwrap()
+                    .await
+                    .unwrap();
+                let (send, recv) = conn.open_bi().await.unwrap();
+                Session::Quic(Device::new(tokio::io::join(recv, send)), conn)
+            }
+        };
+        match &mut s {
+            Session::Tcp(d) => d.open("device-0900", "counter").await,
+            Session::Quic(d, _) => d.open("device-0900", "counter").await,
+        };
+        open.push(s);
+    }
+    for s in &mut open {
+        assert_eq!(s.step().await, Some(Kind::Reply), "a session was ended");
+    }
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_gateway_sessions{gateway=\"gw-0\"}")
+            .await,
+        4.0
+    );
+    drop(open);
+    all_closed(&proxy).await;
+}

@@ -45,8 +45,9 @@ pub(crate) type Device = crate::tls::TlsStream;
 pub(crate) trait DeviceStream:
     tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
 {
-    /// Ends the connection abruptly (a shutdown's cut): the device reconnects at once.
-    fn cut(&self);
+    /// Ends the connection abruptly (a shutdown's cut: the device reconnects at once; or a
+    /// newer connection of the device took its session, [`crate::seats`]).
+    fn cut(&self, why: Cut);
 
     /// Sends `last` (what the device is owed: an ERROR, answers), then closes in order,
     /// within `within`: the one way every transport ends a session it does not cut, so a
@@ -63,11 +64,20 @@ pub(crate) enum Close {
     Refused,
 }
 
+/// Why a session's connection is cut (QUIC says which in its close code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// The proxy is stopping and its grace period is over.
+    Shutdown,
+    /// A newer connection of the same device (by its certificate) took the session.
+    Superseded,
+}
+
 /// The future of [`DeviceStream::goodbye`].
 pub(crate) type Goodbye<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 impl DeviceStream for Device {
-    fn cut(&self) {
+    fn cut(&self, _why: Cut) {
         crate::listener::reset_on_close(self.tcp());
     }
 
@@ -171,6 +181,9 @@ pub(crate) struct Anchored {
     pub link: Link,
     /// The WELCOME, what the gateway sent after it, what the device sent after its HELLO.
     pub first: (Frame, BytesMut, BytesMut),
+    /// The connection's arrival, when its certificate names the device: the session takes
+    /// the device's seat ([`crate::seats`]) and ends if a newer one takes it.
+    pub seat: Option<u64>,
 }
 
 impl Anchored {
@@ -195,9 +208,11 @@ impl Anchored {
         Arc<crate::proxy_protocol::Origin>,
         crate::context::Pools,
         Link,
+        Option<u64>,
     ) {
         let Anchored {
             ctx,
+            seat,
             device:
                 DeviceSide {
                     tls: device,
@@ -214,7 +229,16 @@ impl Anchored {
             forward_checkpoints: ctx.config.migration.forward_checkpoints,
         };
         let core = Core::new(settings, hello, &first, (rest, pending));
-        (ctx, core, device, serial, Arc::new(origin), pools, link)
+        (
+            ctx,
+            core,
+            device,
+            serial,
+            Arc::new(origin),
+            pools,
+            link,
+            seat,
+        )
     }
 }
 
@@ -261,11 +285,14 @@ enum Ending {
     Core(End),
     /// The proxy cut the session (shutdown): the device's connection is reset.
     Cut,
+    /// A newer connection of the device took its seat: this one is cut.
+    Superseded,
 }
 
 /// The events of one turn of a session's loop.
 enum Event {
     HardStop,
+    Superseded,
     DeviceRead(io::Result<usize>),
     DeviceSent(io::Result<Sent>),
     GatewayRead(io::Result<usize>),
@@ -291,7 +318,7 @@ enum Event {
 /// moved into), and the box is freed once unpacked. Measured by
 /// `session::tests::session_tasks_stay_small`.
 async fn serve(anchored: Box<Anchored>) {
-    let (ctx, mut core, mut device, serial, origin, pools, link) = anchored.unpack();
+    let (ctx, mut core, mut device, serial, origin, pools, link, seat) = anchored.unpack();
     // The loop's own state lives in this block: dropped before the close below, so the
     // session's future does not hold it beside the close's.
     let ending = {
@@ -303,6 +330,13 @@ async fn serve(anchored: Box<Anchored>) {
             gateway: None,
             reloaded: reloads(&ctx, serial.as_deref()).cancelled_owned(),
             moving: None,
+            superseded: seat.map(|arrival| {
+                Box::pin(
+                    ctx.seats
+                        .take(&core.hello().device, arrival)
+                        .cancelled_owned(),
+                )
+            }),
         });
         let mut dev_dirty = false;
         // A paced move's place among the moves in flight, from its order to its start.
@@ -348,6 +382,7 @@ async fn serve(anchored: Box<Anchored>) {
                 let mut waits_now = waits.as_mut().project();
                 let step = match event {
                     Event::HardStop => break Ending::Cut,
+                    Event::Superseded => break Ending::Superseded,
                     Event::Stopping => {
                         hand_back = Some(Some(ctx.pacer.slot()));
                         waits_now.stop.set(ctx.hard_stop.clone().cancelled_owned());
@@ -491,6 +526,9 @@ async fn serve(anchored: Box<Anchored>) {
         }
         (end, link.as_ref().map(|l| l.gateway().name.clone()))
     };
+    if let Some(arrival) = seat {
+        ctx.seats.leave(&core.hello().device, arrival);
+    }
     tally(&ctx, &mut core);
     close(&ctx, &mut core, device, ending).await;
 }
@@ -600,7 +638,13 @@ async fn close(
         Ending::Cut => {
             counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "shutdown")
                 .increment(1);
-            device.cut();
+            device.cut(Cut::Shutdown);
+        }
+        Ending::Superseded => {
+            counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "superseded")
+                .increment(1);
+            tracing::info!(device = %core.hello().device, "a newer connection of the device took its session: this one is closed");
+            device.cut(Cut::Superseded);
         }
         Ending::Core(end) => {
             let how = match &end {
@@ -784,6 +828,9 @@ pin_project_lite::pin_project! {
         reloaded: WaitForCancellationFutureOwned,
         // The move under way: a gateway found, or none.
         moving: Option<Moving>,
+        // A newer connection of the device took its seat (`None`: no certificate names it).
+        // Boxed: rarely ready, and the session's future stays in its allocation class.
+        superseded: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     }
 }
 
@@ -809,6 +856,11 @@ fn next_event(
         } else {
             Event::Stopping
         });
+    }
+    if let Some(w) = waits.superseded.as_mut()
+        && w.as_mut().poll(cx).is_ready()
+    {
+        return Ready(Event::Superseded);
     }
     let mut link = link;
     if wants.to_gateway

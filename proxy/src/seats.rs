@@ -1,0 +1,132 @@
+//! One live terminated session per device: when a device whose certificate names it is
+//! anchored again while an earlier session of it is still open, the earlier one ends (the
+//! newer connection wins, as an MQTT broker's client-id takeover does).
+//!
+//! Why: a device that reconnects has given its old connection up, but the proxy may not
+//! know. A QUIC close is one datagram, lost in a burst (a reconnect storm overflows socket
+//! buffers) and never sent by a device that rebooted or lost its network; a TCP peer that
+//! vanished sends no FIN. Until its idle timeout (QUIC's 30 s, TCP's `idle_timeout`), such a
+//! zombie keeps its connection slot (`--max-connections`: devices refused `full` while their
+//! own zombies hold the places), its gateway session (counted by the balancer: the spread is
+//! off by the zombies) and its app instance.
+//!
+//! Trust: only a certificate's identity takes a seat (the HELLO's `device` is checked
+//! against it before anything here); without `client_ca` a HELLO's name is a claim, and a
+//! claim must not close another device's session. Order: by arrival at the proxy, not by
+//! anchoring: an older connection of the device that is anchored after a newer one (a slow
+//! first attempt) is the one that ends.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+/// A connection's arrival, as an order: nanoseconds since the first stamp of this process.
+pub(crate) fn stamp(arrived: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    // Set by the first `Seats` (a proxy's start), before any connection arrives.
+    let base = *BASE.get_or_init(|| arrived);
+    u64::try_from(arrived.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The devices' seats: for each device identity with a live anchored session, that
+/// session's arrival and the token that ends it.
+pub(crate) struct Seats {
+    held: Mutex<HashMap<Box<str>, Seat>>,
+}
+
+struct Seat {
+    arrival: u64,
+    leave: CancellationToken,
+}
+
+impl Seats {
+    /// No seat taken yet; arrivals are stamped from now on ([`stamp`]).
+    pub(crate) fn new() -> Seats {
+        stamp(Instant::now());
+        Seats {
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The session of `device` that arrived at `arrival` takes the device's seat: an earlier
+    /// session holding it is told to end (its token cancelled). Returns the token that tells
+    /// this session to end: already cancelled if a session that arrived later holds the seat.
+    pub(crate) fn take(&self, device: &str, arrival: u64) -> CancellationToken {
+        let token = CancellationToken::new();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        match held.get_mut(device) {
+            Some(seat) if seat.arrival > arrival => token.cancel(),
+            Some(seat) => {
+                seat.leave.cancel();
+                *seat = Seat {
+                    arrival,
+                    leave: token.clone(),
+                };
+            }
+            None => {
+                held.insert(
+                    device.into(),
+                    Seat {
+                        arrival,
+                        leave: token.clone(),
+                    },
+                );
+            }
+        }
+        token
+    }
+
+    /// The session of `device` that arrived at `arrival` ended: its seat is freed, if it
+    /// still held it.
+    pub(crate) fn leave(&self, device: &str, arrival: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.get(device).is_some_and(|s| s.arrival == arrival) {
+            held.remove(device);
+        }
+    }
+
+    /// Devices holding a seat.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_arrival_holds_the_seat_whatever_the_order_of_taking() {
+        let seats = Seats::new();
+        let first = seats.take("device-1", 10);
+        let other = seats.take("device-2", 11);
+        assert!(!first.is_cancelled() && !other.is_cancelled());
+        // The device again, arrived later: the earlier session is told to end.
+        let second = seats.take("device-1", 20);
+        assert!(first.is_cancelled(), "the earlier session keeps its seat");
+        assert!(!second.is_cancelled() && !other.is_cancelled());
+        // An attempt that arrived between them, anchored last: it is the one that ends.
+        let slow = seats.take("device-1", 15);
+        assert!(slow.is_cancelled(), "an older arrival took the seat");
+        assert!(!second.is_cancelled());
+        // The ended sessions leaving do not free the seat of the one that holds it.
+        seats.leave("device-1", 10);
+        seats.leave("device-1", 15);
+        assert_eq!(seats.len(), 2);
+        let third = seats.take("device-1", 30);
+        assert!(second.is_cancelled() && !third.is_cancelled());
+        seats.leave("device-1", 30);
+        seats.leave("device-2", 11);
+        assert_eq!(seats.len(), 0, "a seat outlived its session");
+    }
+
+    #[test]
+    fn stamps_follow_arrival() {
+        let a = Instant::now();
+        let b = a + std::time::Duration::from_millis(1);
+        assert!(stamp(a) < stamp(b));
+    }
+}
