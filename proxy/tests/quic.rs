@@ -727,18 +727,24 @@ enum Session {
 }
 
 impl Session {
-    /// `device` (its own certificate) opens a `counter` session over `transport`.
-    async fn open(proxy: &RunningProxy, pki: &Pki, transport: &str, device: &str) -> Session {
+    /// `device` opens a `counter` session over `transport`, with a certificate from
+    /// `identity` (`None`: anonymous).
+    async fn open(
+        proxy: &RunningProxy,
+        pki: &Pki,
+        (transport, device): (&str, &str),
+        identity: Option<&DevCa>,
+    ) -> Session {
         let mut s = match transport {
             "tcp" => {
-                let tls = device_tls(&pki.ca, Some(&pki.ca), device, false);
+                let tls = device_tls(&pki.ca, identity, device, false);
                 Session::Tcp(Device::new(tls_connect(proxy.addr, tls).await.unwrap()))
             }
             _ => {
                 let quic = proxy.quic.unwrap();
                 let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
                 let conn = endpoint
-                    .connect_with(quic_client(pki, Some(&pki.ca), device), quic, "localhost")
+                    .connect_with(quic_client(pki, identity, device), quic, "localhost")
                     .unwrap()
                     .await
                     .unwrap();
@@ -814,11 +820,11 @@ async fn a_newer_connection_of_a_device_takes_its_session_on_every_transport() {
     .enumerate()
     {
         let device = format!("device-{first}-{second}");
-        let mut old = Session::open(&proxy, &pki, first, &device).await;
+        let mut old = Session::open(&proxy, &pki, (first, &device), Some(&pki.ca)).await;
         assert_eq!(old.step().await, Some(Kind::Reply));
         proxy.until_metric(sessions, i as f64 + 1.0).await;
         // The device again, its first connection still open.
-        let mut new = Session::open(&proxy, &pki, second, &device).await;
+        let mut new = Session::open(&proxy, &pki, (second, &device), Some(&pki.ca)).await;
         let how = old.closed_by_proxy().await;
         assert!(
             how.is_some(),
@@ -854,33 +860,9 @@ async fn a_devices_name_without_a_certificate_takes_no_session() {
         tls.client_ca = None;
     }
     let proxy = start(config).await;
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut open = Vec::new();
     for transport in ["tcp", "quic", "tcp", "quic"] {
-        let mut s = match transport {
-            "tcp" => {
-                let tls = device_tls(&pki.ca, None, "device-0900", false);
-                Session::Tcp(Device::new(tls_connect(proxy.addr, tls).await.unwrap()))
-            }
-            _ => {
-                let conn = endpoint
-                    .connect_with(
-                        quic_client(&pki, None, "device-0900"),
-                        proxy.quic.unwrap(),
-                        "localhost",
-                    )
-                    .unwrap()
-                    .await
-                    .unwrap();
-                let (send, recv) = conn.open_bi().await.unwrap();
-                Session::Quic(Device::new(tokio::io::join(recv, send)), conn)
-            }
-        };
-        match &mut s {
-            Session::Tcp(d) => d.open("device-0900", "counter").await,
-            Session::Quic(d, _) => d.open("device-0900", "counter").await,
-        };
-        open.push(s);
+        open.push(Session::open(&proxy, &pki, (transport, "device-0900"), None).await);
     }
     for s in &mut open {
         assert_eq!(s.step().await, Some(Kind::Reply), "a session was ended");
