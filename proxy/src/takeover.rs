@@ -316,6 +316,19 @@ impl Channel {
         }
     }
 
+    /// [`Channel::send`], given up after `within` (a peer that stopped reading): then the
+    /// frame may be on the wire in part, and the channel is not to be used again.
+    async fn send_within(
+        &mut self,
+        within: Duration,
+        message: Value,
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        tokio::time::timeout(within, self.send(message, fds))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "takeover: not read in time"))?
+    }
+
     async fn recv_within(&mut self, within: Duration) -> io::Result<(Value, Vec<OwnedFd>)> {
         tokio::time::timeout(within, self.recv())
             .await
@@ -571,7 +584,7 @@ pub async fn serve(
             "admin": addrs(&admin),
             "version": VERSION,
         });
-        let ready = match channel.send(message, &fds).await {
+        let ready = match channel.send_within(STEP, message, &fds).await {
             // Its start (binding, loading certificates, the first probe round) comes first.
             Ok(()) => channel.recv_within(READY_WITHIN).await,
             Err(e) => Err(e),
@@ -610,7 +623,7 @@ pub async fn serve(
             );
         }
         if let Err(e) = channel
-            .send(json!({"state": (endpoint.changes)()}), &[])
+            .send_within(STEP, json!({"state": (endpoint.changes)()}), &[])
             .await
         {
             tracing::warn!(error = %e, "takeover: the new process is gone; the sessions stay here");
@@ -618,6 +631,21 @@ pub async fn serve(
         }
     }
     handover.quiesce.cancel();
+    let handed = hand_sessions(&mut channel, &mut handoff, &sessions_done, gone).await;
+    tracing::info!(handed, "takeover: sessions handed over");
+}
+
+/// Hands every quiesced session that comes through `handoff` to the new process over
+/// `channel` until `sessions_done` fires, then says done; returns how many it took. Every
+/// send and answer is bounded in time (`STEP`): a new process that stops reading or
+/// answering ends the hand-over, never this process's stop. `gone`: the new process is
+/// already known gone (every session stays here).
+async fn hand_sessions(
+    channel: &mut Channel,
+    handoff: &mut Handoff,
+    sessions_done: &CancellationToken,
+    mut gone: bool,
+) -> u64 {
     // Pipelined: up to WINDOW sessions on the wire before their answers, so a session waits
     // for the ones ahead of it only as long as it takes to send them, not a round trip each.
     let mut handed = 0u64;
@@ -638,16 +666,20 @@ pub async fn serve(
                 }
                 let Some(fds) = h.fds() else { continue };
                 let sent = channel
-                    .send(json!({"session": {"gateway": h.gateway_name}}), &fds)
+                    .send_within(STEP, json!({"session": {"gateway": h.gateway_name}}), &fds)
                     .await;
                 match sent {
                     Ok(()) => in_flight.push_back(h),
-                    Err(_) => {
-                        // Gone before it got this one: its copies of the earlier ones went
-                        // with it, so they are this process's again.
+                    Err(e) => {
+                        // This one's frame did not reach the new process whole (it acts only
+                        // on a whole frame): it stays here. No more are sent. The ones
+                        // already on the wire may have been taken (a send can fail with the
+                        // new process alive: it stopped reading, or a local error): their
+                        // answers decide, as below; a new process that is gone answers with
+                        // its end (theirs then stay here too).
+                        tracing::warn!(error = %e, "takeover: a session could not be sent; the rest stay here");
                         gone = true;
                         h.keep();
-                        in_flight.drain(..).for_each(Handed::keep);
                     }
                 }
             }
@@ -679,8 +711,8 @@ pub async fn serve(
             }
         }
     }
-    let _ = channel.send(json!({"done": true}), &[]).await;
-    tracing::info!(handed, "takeover: sessions handed over");
+    let _ = channel.send_within(STEP, json!({"done": true}), &[]).await;
+    handed
 }
 
 /// Checks a takeover request: the same user at the other end, and the token.
@@ -854,6 +886,47 @@ mod handing {
             gateway.read_exact(&mut down).await.unwrap();
             assert_eq!((&up, &down), (b"up", b"down"));
         }
+    }
+
+    /// A send that fails while the new process is still there (here: it stopped reading)
+    /// ends the hand-over, but the sessions already on the wire are decided by its answers:
+    /// one it took is closed here (not given back: two processes would read one device),
+    /// the one not sent stays here.
+    #[tokio::test]
+    async fn a_failed_send_leaves_the_sessions_on_the_wire_to_their_answers() {
+        let (old, new) = UnixStream::pair().unwrap();
+        let (mut old, mut new) = (Channel::new(old), Channel::new(new));
+        let (handover, mut handoff) = Handover::new();
+        let done = CancellationToken::new();
+        let server = {
+            let done = done.clone();
+            tokio::spawn(async move { hand_sessions(&mut old, &mut handoff, &done, false).await })
+        };
+        let give = |h: Arc<Handover>| async move {
+            let ((device, _dp), (gateway, _gp)) = (pair().await, pair().await);
+            h.give(device, gateway, "gw-0").await.is_ok()
+        };
+        let first = tokio::spawn(give(handover.clone()));
+        let (frame, fds) = new.recv().await.unwrap();
+        assert_eq!(frame["session"]["gateway"], "gw-0");
+        assert_eq!(fds.len(), 2);
+        // The new process stops reading: the next send fails (EPIPE).
+        socket2::SockRef::from(&new.stream)
+            .shutdown(std::net::Shutdown::Read)
+            .unwrap();
+        let second = tokio::spawn(give(handover.clone()));
+        assert!(
+            !second.await.unwrap(),
+            "a session never sent was not given back"
+        );
+        // Its answer for the first still comes: taken.
+        new.send(json!({"taken": true}), &[]).await.unwrap();
+        assert!(
+            first.await.unwrap(),
+            "a session the new process took was given back"
+        );
+        done.cancel();
+        assert_eq!(server.await.unwrap(), 1);
     }
 
     /// A session the new process took is closed here.
