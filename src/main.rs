@@ -52,9 +52,9 @@ mod stop;
 mod up;
 
 /// glibc's malloc by default; mimalloc with `--features mimalloc`. Measured side by side
-/// (docs/performance.md, "The allocator"): level on CPU in every peer-bench scenario and per
-/// idle session, but glibc's holds 17-25 MB less per process and has no RSS step in
-/// hour-long soaks.
+/// (docs/performance.md, "The allocator"): no CPU difference the peer bench can detect, the
+/// same per idle session, but glibc's holds 15-24 MiB less per proxy and showed no RSS step
+/// in a 40-minute soak where mimalloc's did.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;

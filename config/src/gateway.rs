@@ -53,7 +53,7 @@ pub struct GatewayFlags {
     /// SIGHUP: a live session whose device is revoked then gets ERROR revoked and is closed.
     #[arg(long, value_name = "FILE")]
     pub client_crl: Vec<PathBuf>,
-    #[arg(long, value_name = "DURATION", help = format!("How long one application call may run: its running only, checked at every 2 ms tick (the call yields there, and the time it then waits for a busy host's CPU does not count). Default {}.", crate::defaults::show(crate::defaults::gateway::CALL_TIMEOUT)))]
+    #[arg(long, value_name = "DURATION", help = format!("How long one application call may run: its running only, checked at every 2 ms tick (the call yields there; the time it then waits for a busy host's CPU does not count, and a stretch between two ticks counts two ticks at most). Default {}.", crate::defaults::show(crate::defaults::gateway::CALL_TIMEOUT)))]
     pub call_timeout: Option<String>,
     #[arg(long, value_name = "SIZE", help = format!("Linear memory cap of one application instance, in bytes (suffixes KiB, MiB, GiB; any case). Default {}.", crate::defaults::show_size(crate::defaults::gateway::MAX_MEMORY)))]
     pub max_memory: Option<String>,

@@ -332,15 +332,18 @@ impl Host {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         // Called at each epoch tick while the app runs: adds the time since this poll of
-        // the call began (or since the last tick) to its running, then stops the call past
-        // `call_timeout` or yields to the other sessions. A wait for the thread between
-        // polls is not counted, however long or often (a busy gateway is slow; its apps are
+        // the call began (or since the last tick), at most two ticks, to its running, then
+        // stops the call past `call_timeout` or yields to the other sessions. A wait for the
+        // thread between polls is not counted, however long or often, and a pause of the
+        // thread inside one counts two ticks at most (a busy gateway is slow; its apps are
         // not runaways); a runaway stops at the first tick past `call_timeout` of running.
         store.epoch_deadline_callback(|mut ctx| {
             let s = ctx.data_mut();
             let now = now_nanos();
             let began = s.slice.swap(now, Ordering::Relaxed);
-            s.ran += Duration::from_nanos(now.saturating_sub(began));
+            // At most two ticks a slice: a thread the OS took away mid-call (an overloaded
+            // host) is not held against the call for longer.
+            s.ran += Duration::from_nanos(now.saturating_sub(began)).min(2 * TICK);
             Ok(if s.ran > s.call_timeout {
                 UpdateDeadline::Interrupt
             } else {

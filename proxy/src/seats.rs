@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -30,14 +31,20 @@ pub(crate) fn stamp(arrived: Instant) -> u64 {
     u64::try_from(arrived.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The devices' seats: for each device identity with a live anchored session, that
-/// session's arrival and the token that ends it.
+/// A device's app session: its certificate's identity and the HELLO's app (a device may run
+/// several apps at once, one session each).
+type Key = (Box<str>, Box<str>);
+
+/// The devices' seats: for each device identity and app with a live anchored session, that
+/// session's arrival, its seat's id and the token that ends it.
 pub(crate) struct Seats {
-    held: Mutex<HashMap<Box<str>, Seat>>,
+    held: Mutex<HashMap<Key, Seat>>,
+    ids: AtomicU64,
 }
 
 struct Seat {
     arrival: u64,
+    id: u64,
     leave: CancellationToken,
 }
 
@@ -47,47 +54,51 @@ impl Seats {
         stamp(Instant::now());
         Seats {
             held: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(0),
         }
     }
 
-    /// The session of `device` that arrived at `arrival` takes the device's seat: an earlier
-    /// session holding it is told to end (its token cancelled). Returns the token that tells
-    /// this session to end: already cancelled if a session that arrived later holds the seat.
-    pub(crate) fn take(&self, device: &str, arrival: u64) -> CancellationToken {
+    /// The session of `device` and `app` that arrived at `arrival` takes their seat: an
+    /// earlier session holding it is told to end (its token cancelled). Returns this
+    /// session's seat id (for [`Seats::leave`]) and the token that tells it to end: already
+    /// cancelled if a session that arrived later holds the seat.
+    pub(crate) fn take(
+        &self,
+        (device, app): (&str, &str),
+        arrival: u64,
+    ) -> (u64, CancellationToken) {
         let token = CancellationToken::new();
+        let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let seat = Seat {
+            arrival,
+            id,
+            leave: token.clone(),
+        };
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.get_mut(device) {
-            Some(seat) if seat.arrival > arrival => token.cancel(),
-            Some(seat) => {
-                seat.leave.cancel();
-                *seat = Seat {
-                    arrival,
-                    leave: token.clone(),
-                };
+        match held.get_mut(&(device.into(), app.into())) {
+            Some(other) if other.arrival > arrival => token.cancel(),
+            Some(other) => {
+                other.leave.cancel();
+                *other = seat;
             }
             None => {
-                held.insert(
-                    device.into(),
-                    Seat {
-                        arrival,
-                        leave: token.clone(),
-                    },
-                );
+                held.insert((device.into(), app.into()), seat);
             }
         }
-        token
+        (id, token)
     }
 
-    /// The session of `device` that arrived at `arrival` ended: its seat is freed, if it
+    /// The session with seat `id` of `device` and `app` ended: their seat is freed, if it
     /// still held it.
-    pub(crate) fn leave(&self, device: &str, arrival: u64) {
+    pub(crate) fn leave(&self, (device, app): (&str, &str), id: u64) {
+        let key: Key = (device.into(), app.into());
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.get(device).is_some_and(|s| s.arrival == arrival) {
-            held.remove(device);
+        if held.get(&key).is_some_and(|s| s.id == id) {
+            held.remove(&key);
         }
     }
 
-    /// Devices holding a seat.
+    /// Seats held.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -101,25 +112,34 @@ mod tests {
     #[test]
     fn the_latest_arrival_holds_the_seat_whatever_the_order_of_taking() {
         let seats = Seats::new();
-        let first = seats.take("device-1", 10);
-        let other = seats.take("device-2", 11);
-        assert!(!first.is_cancelled() && !other.is_cancelled());
-        // The device again, arrived later: the earlier session is told to end.
-        let second = seats.take("device-1", 20);
+        let d1 = ("device-1", "counter");
+        let (f, first) = seats.take(d1, 10);
+        let (o, other) = seats.take(("device-2", "counter"), 11);
+        // The same device's other app has a seat of its own.
+        let (a, app) = seats.take(("device-1", "echo"), 12);
+        assert!(!first.is_cancelled() && !other.is_cancelled() && !app.is_cancelled());
+        // The device's app again, arrived later: the earlier session is told to end.
+        let (s, second) = seats.take(d1, 20);
         assert!(first.is_cancelled(), "the earlier session keeps its seat");
-        assert!(!second.is_cancelled() && !other.is_cancelled());
+        assert!(!second.is_cancelled() && !other.is_cancelled() && !app.is_cancelled());
         // An attempt that arrived between them, anchored last: it is the one that ends.
-        let slow = seats.take("device-1", 15);
+        let (l, slow) = seats.take(d1, 15);
         assert!(slow.is_cancelled(), "an older arrival took the seat");
         assert!(!second.is_cancelled());
-        // The ended sessions leaving do not free the seat of the one that holds it.
-        seats.leave("device-1", 10);
-        seats.leave("device-1", 15);
-        assert_eq!(seats.len(), 2);
-        let third = seats.take("device-1", 30);
-        assert!(second.is_cancelled() && !third.is_cancelled());
-        seats.leave("device-1", 30);
-        seats.leave("device-2", 11);
+        // The ended sessions leaving do not free the seat of the one that holds it, even
+        // with the same arrival stamp.
+        seats.leave(d1, f);
+        seats.leave(d1, l);
+        let (t, tie) = seats.take(d1, 20);
+        assert!(
+            second.is_cancelled() && !tie.is_cancelled(),
+            "a tie: the newcomer wins"
+        );
+        seats.leave(d1, s);
+        assert_eq!(seats.len(), 3);
+        seats.leave(d1, t);
+        seats.leave(("device-2", "counter"), o);
+        seats.leave(("device-1", "echo"), a);
         assert_eq!(seats.len(), 0, "a seat outlived its session");
     }
 

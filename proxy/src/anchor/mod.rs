@@ -321,6 +321,16 @@ async fn serve(anchored: Box<Anchored>) {
     let (ctx, mut core, mut device, serial, origin, pools, link, seat) = anchored.unpack();
     // The loop's own state lives in this block: dropped before the close below, so the
     // session's future does not hold it beside the close's.
+    // The device's seat (a device named by its certificate): its id, to leave it at the end,
+    // and the token that says a newer connection of the device took it.
+    let (seat, seat_token) = match seat {
+        Some(arrival) => {
+            let hello = core.hello();
+            let (id, token) = ctx.seats.take((&hello.device, &hello.app), arrival);
+            (Some(id), Some(token))
+        }
+        None => (None, None),
+    };
     let ending = {
         let mut waits = std::pin::pin!(Waits {
             // The proxy's stop, in two steps in one future: first its start (`stopping`: the
@@ -330,13 +340,7 @@ async fn serve(anchored: Box<Anchored>) {
             gateway: None,
             reloaded: reloads(&ctx, serial.as_deref()).cancelled_owned(),
             moving: None,
-            superseded: seat.map(|arrival| {
-                Box::pin(
-                    ctx.seats
-                        .take(&core.hello().device, arrival)
-                        .cancelled_owned(),
-                )
-            }),
+            superseded: seat_token.map(|t| Box::pin(t.cancelled_owned())),
         });
         let mut dev_dirty = false;
         // A paced move's place among the moves in flight, from its order to its start.
@@ -526,8 +530,9 @@ async fn serve(anchored: Box<Anchored>) {
         }
         (end, link.as_ref().map(|l| l.gateway().name.clone()))
     };
-    if let Some(arrival) = seat {
-        ctx.seats.leave(&core.hello().device, arrival);
+    if let Some(id) = seat {
+        let hello = core.hello();
+        ctx.seats.leave((&hello.device, &hello.app), id);
     }
     tally(&ctx, &mut core);
     close(&ctx, &mut core, device, ending).await;
@@ -836,7 +841,8 @@ pin_project_lite::pin_project! {
 
 /// The first of the session's sources that is ready, in this order (as a `biased`
 /// `select!` would, without a future per source made at each turn: the streams are polled
-/// directly and the waits are kept): the proxy's stop, writes to the gateway and to the
+/// directly and the waits are kept): the proxy's stop, a newer connection of the device
+/// taking its seat, writes to the gateway and to the
 /// device (before reads, so that what is owed goes first), the gateway's bytes, its going
 /// down, the core's timer, move orders, the move under way, trust reloads, the device's
 /// bytes. Every source not ready has registered the task's waker. Nothing is lost by
