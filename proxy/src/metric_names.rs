@@ -44,6 +44,7 @@ pub const QUIC_STREAMS_REFUSED: &str = "wasmbed_proxy_quic_streams_refused_total
 pub const HANDSHAKES: &str = "wasmbed_proxy_handshakes_in_progress";
 pub const HANDSHAKES_WAITING: &str = "wasmbed_proxy_handshakes_waiting";
 pub const TLS_TICKETS: &str = "wasmbed_proxy_tls_tickets_total";
+pub const SEATS: &str = "wasmbed_proxy_device_seats";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -90,4 +91,5 @@ pub const ALL: &[&str] = &[
     HANDSHAKES,
     HANDSHAKES_WAITING,
     TLS_TICKETS,
+    SEATS,
 ];

@@ -197,6 +197,10 @@ fn describe() {
         HANDSHAKES_WAITING,
         "Devices waiting in line for a handshake slot (past max_handshakes, for up to handshake_wait), TLS over TCP and QUIC together."
     );
+    describe_gauge!(
+        SEATS,
+        "Terminated sessions holding their device's seat (one per device and app named by a certificate): equal to such sessions; more would be a seat not given back."
+    );
     describe_counter!(
         TLS_TICKETS,
         "Devices' TLS session tickets (terminate mode, TLS over TCP and QUIC): issued, and presented to resume: opened, or refused (an expired key, another replica's ring, a forgery: a full handshake follows)."

@@ -21,7 +21,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use metrics::gauge;
 use tokio_util::sync::CancellationToken;
+
+use crate::metric_names::SEATS;
 
 /// A connection's arrival, as an order: nanoseconds since the first stamp of this process.
 pub(crate) fn stamp(arrived: Instant) -> u64 {
@@ -83,6 +86,7 @@ impl Seats {
             }
             None => {
                 held.insert((device.into(), app.into()), seat);
+                gauge!(SEATS).increment(1.0);
             }
         }
         (id, token)
@@ -95,6 +99,7 @@ impl Seats {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if held.get(&key).is_some_and(|s| s.id == id) {
             held.remove(&key);
+            gauge!(SEATS).decrement(1.0);
         }
     }
 

@@ -848,8 +848,12 @@ async fn a_newer_connection_of_a_device_takes_its_session_on_every_transport() {
         );
         assert_eq!(new.step().await, Some(Kind::Reply), "{device}");
         proxy.until_metric(superseded, i as f64 + 1.0).await;
-        // One gateway session per device: the earlier one ended with its connection.
+        // One gateway session per device: the earlier one ended with its connection; one
+        // seat per device.
         proxy.until_metric(sessions, i as f64 + 1.0).await;
+        proxy
+            .until_metric("wasmbed_proxy_device_seats", i as f64 + 1.0)
+            .await;
         kept.push(new);
     }
     // Every device's newer session still serves.
@@ -858,6 +862,8 @@ async fn a_newer_connection_of_a_device_takes_its_session_on_every_transport() {
     }
     drop(kept);
     all_closed(&proxy).await;
+    // Every seat given back with its session.
+    proxy.until_metric("wasmbed_proxy_device_seats", 0.0).await;
 }
 
 /// Without `client_ca` a HELLO's device name is a claim, and a claim does not end another
@@ -885,6 +891,7 @@ async fn a_devices_name_without_a_certificate_takes_no_session() {
             .await,
         4.0
     );
+    assert_eq!(proxy.metric("wasmbed_proxy_device_seats").await, 0.0);
     drop(open);
     all_closed(&proxy).await;
 }
