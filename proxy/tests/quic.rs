@@ -722,7 +722,7 @@ fn hello_of(device: &str) -> Vec<u8> {
 
 /// A device's session on either transport, its connection kept open until dropped.
 enum Session {
-    Tcp(Device<TlsDevice>),
+    Tcp(Box<Device<TlsDevice>>),
     Quic(Device<QuicStream>, quinn::Connection),
 }
 
@@ -738,7 +738,9 @@ impl Session {
         let mut s = match transport {
             "tcp" => {
                 let tls = device_tls(&pki.ca, identity, device, false);
-                Session::Tcp(Device::new(tls_connect(proxy.addr, tls).await.unwrap()))
+                Session::Tcp(Box::new(Device::new(
+                    tls_connect(proxy.addr, tls).await.unwrap(),
+                )))
             }
             _ => {
                 let quic = proxy.quic.unwrap();
