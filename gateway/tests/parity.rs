@@ -441,6 +441,66 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
     );
 }
 
+/// One session per device and app, on both transports and both upstreams: a device that
+/// connects again while its earlier connection is still open (a zombie whose close was lost)
+/// gets the session; the earlier connection is closed (TCP: reset; QUIC: close code 5
+/// `superseded`) and its session on the gateway ends with it.
+#[tokio::test]
+async fn a_newer_connection_ends_the_earlier_session_on_every_transport_and_upstream() {
+    let _one = SERIAL.lock().await;
+    let env = Env::new();
+    let gw = start(env.gateway()).await;
+    let proxies = [
+        run_proxy(env.proxy(&gw, UpstreamMode::Tcp)).await,
+        run_proxy(env.proxy(&gw, UpstreamMode::Link)).await,
+    ];
+    let shared = gw.shared.clone();
+    let live = move |want: usize| {
+        let shared = shared.clone();
+        async move {
+            wasmbed_testkit::until(Duration::from_secs(10), "gateway sessions", || {
+                shared.sessions.load(std::sync::atomic::Ordering::Acquire) == want
+            })
+            .await
+        }
+    };
+    let pairs = [
+        (Transport::Tcp, Transport::Tcp),
+        (Transport::Quic, Transport::Quic),
+        (Transport::Tcp, Transport::Quic),
+        (Transport::Quic, Transport::Tcp),
+    ];
+    let mut n = 0;
+    for proxy in &proxies {
+        for (first, second) in pairs {
+            n += 1;
+            let name = format!("device-seat-{n}");
+            let tls = env.device(&name, false);
+            let mut old = Conn::open(first, proxy, tls.clone()).await.unwrap();
+            old.send_raw(&hello(&name)).await;
+            assert_eq!(old.recv().await.map(|f| f.kind), Some(Kind::Welcome));
+            live(1).await;
+            let mut new = Conn::open(second, proxy, tls).await.unwrap();
+            new.send_raw(&hello(&name)).await;
+            assert_eq!(new.recv().await.map(|f| f.kind), Some(Kind::Welcome));
+            let what = format!("{:?} {first:?} then {second:?}", proxy.upstream);
+            match first {
+                Transport::Quic => assert_eq!(
+                    old.close_code().await,
+                    Some(u64::from(wasmbed_proxy::quic::code::SUPERSEDED)),
+                    "{what}"
+                ),
+                Transport::Tcp => assert!(old.recv().await.is_none(), "{what}: still open"),
+            }
+            assert_eq!(new.data(b"x").await.kind, Kind::Reply, "{what}");
+            // The earlier session's gateway session ended: one per device.
+            live(1).await;
+            drop((old, new));
+            live(0).await;
+        }
+    }
+}
+
 /// A reload that revokes a device: its live session gets ERROR `revoked` and the close, its
 /// next handshake is refused (`client_cert`), on both transports and both upstreams; a reload
 /// with an unreadable CRL changes nothing for either transport.

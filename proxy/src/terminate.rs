@@ -219,7 +219,7 @@ pub(crate) async fn anchor_device(
     match open_session(ctx, &mut device, verified).await {
         Ok(Ok(first)) => Some(Box::new(anchor::Anchored {
             ctx: ctx.clone(),
-            seat: first.seat,
+            arrival: first.arrival,
             device: anchor::DeviceSide {
                 tls: device,
                 serial: first.serial.map(Vec::into_boxed_slice),
@@ -261,7 +261,7 @@ struct Opened {
     serial: Option<Vec<u8>>,
     origin: crate::proxy_protocol::Origin,
     /// The arrival of a device named by its certificate: the session takes its seat.
-    seat: Option<u64>,
+    arrival: Option<u64>,
 }
 
 /// [`anchor_device`]'s work up to the first WELCOME (`Ok(Err(bytes))`: the gateway's ERROR).
@@ -296,7 +296,7 @@ async fn open_session(
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
     // and counted, instead of being a session that just closes.
-    let seat = identity.is_some().then_some(arrival);
+    let seated = identity.is_some().then_some(arrival);
     let origin = crate::proxy_protocol::Origin {
         src: peer,
         dst: local.unwrap_or(peer),
@@ -334,7 +334,7 @@ async fn open_session(
         pending,
         serial,
         origin,
-        seat,
+        arrival: seated,
     }))
 }
 

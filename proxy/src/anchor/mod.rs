@@ -183,7 +183,7 @@ pub(crate) struct Anchored {
     pub first: (Frame, BytesMut, BytesMut),
     /// The connection's arrival, when its certificate names the device: the session takes
     /// the device's seat ([`crate::seats`]) and ends if a newer one takes it.
-    pub seat: Option<u64>,
+    pub arrival: Option<u64>,
 }
 
 impl Anchored {
@@ -212,7 +212,7 @@ impl Anchored {
     ) {
         let Anchored {
             ctx,
-            seat,
+            arrival,
             device:
                 DeviceSide {
                     tls: device,
@@ -237,7 +237,7 @@ impl Anchored {
             Arc::new(origin),
             pools,
             link,
-            seat,
+            arrival,
         )
     }
 }
@@ -318,12 +318,10 @@ enum Event {
 /// moved into), and the box is freed once unpacked. Measured by
 /// `session::tests::session_tasks_stay_small`.
 async fn serve(anchored: Box<Anchored>) {
-    let (ctx, mut core, mut device, serial, origin, pools, link, seat) = anchored.unpack();
-    // The loop's own state lives in this block: dropped before the close below, so the
-    // session's future does not hold it beside the close's.
+    let (ctx, mut core, mut device, serial, origin, pools, link, arrival) = anchored.unpack();
     // The device's seat (a device named by its certificate): its id, to leave it at the end,
     // and the token that says a newer connection of the device took it.
-    let (seat, seat_token) = match seat {
+    let (seat, seat_token) = match arrival {
         Some(arrival) => {
             let hello = core.hello();
             let (id, token) = ctx.seats.take((&hello.device, &hello.app), arrival);
@@ -331,6 +329,8 @@ async fn serve(anchored: Box<Anchored>) {
         }
         None => (None, None),
     };
+    // The loop's own state lives in this block: dropped before the close below, so the
+    // session's future does not hold it beside the close's.
     let ending = {
         let mut waits = std::pin::pin!(Waits {
             // The proxy's stop, in two steps in one future: first its start (`stopping`: the
