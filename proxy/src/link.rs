@@ -39,13 +39,17 @@ const STREAM_WINDOW: u32 = 128 << 10;
 const LINK_WINDOW: u32 = 16 << 20;
 
 type Cell = Arc<OnceCell<Connection>>;
+/// The links by gateway address. An entry lives as long as its link: a closed connection
+/// kept here would keep all of quinn's state of it (every stream's buffers, sent packets),
+/// hundreds of kilobytes per gateway ever linked, since gateways come and go by address.
+type Conns = Arc<Mutex<HashMap<String, Cell>>>;
 
 /// The links of one proxy: one client endpoint (one UDP socket) and a connection per
 /// gateway address.
 pub struct Links {
     endpoint: Endpoint,
     client: ArcSwap<quinn::ClientConfig>,
-    conns: Mutex<HashMap<String, Cell>>,
+    conns: Conns,
 }
 
 /// The QUIC client settings from `[upstream_tls]` and `--link-timeout`.
@@ -99,7 +103,7 @@ impl Links {
         Ok(Some(Arc::new(Links {
             endpoint,
             client: ArcSwap::from_pointee(client),
-            conns: Mutex::new(HashMap::new()),
+            conns: Conns::default(),
         })))
     }
 
@@ -134,9 +138,18 @@ impl Links {
             }
             cell.clone()
         };
-        cell.get_or_try_init(|| self.connect(config, gateway))
+        let made = cell
+            .get_or_try_init(|| self.connect(config, gateway))
             .await
-            .cloned()
+            .cloned();
+        if made.is_err() {
+            // No link made: no entry kept for it (an address that never answers, found in
+            // DNS and gone again, would stay forever).
+            forget(&self.conns, &gateway.addr, |c| {
+                Arc::ptr_eq(c, &cell) && c.get().is_none()
+            });
+        }
+        made
     }
 
     async fn connect(
@@ -172,12 +185,26 @@ impl Links {
         };
         counter!(crate::metric_names::LINKS, "result" => "up").increment(1);
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
-        tokio::spawn(watch(
-            conn.clone(),
-            Arc::downgrade(gateway),
-            config.link_timeout,
-        ));
+        let (conns, addr, id) = (
+            Arc::downgrade(&self.conns),
+            gateway.addr.clone(),
+            conn.stable_id(),
+        );
+        let watched = watch(conn.clone(), Arc::downgrade(gateway), config.link_timeout);
+        tokio::spawn(async move {
+            watched.await;
+            // Closed: its entry goes (unless a newer link to the address has taken it).
+            if let Some(conns) = conns.upgrade() {
+                forget(&conns, &addr, |c| c.get().is_some_and(|c| c.stable_id() == id));
+            }
+        });
         Ok(conn)
+    }
+
+    /// Links held: open, being made, or closed and not yet forgotten (for tests and
+    /// embedding programs; [`Links::live`] counts the open ones).
+    pub fn held(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Live links (for tests and embedding programs).
@@ -195,6 +222,14 @@ impl Links {
         self.endpoint
             .close(VarInt::from_u32(GONE), b"proxy stopping");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Removes the entry for `addr` when `which` says it is the one to remove.
+fn forget(conns: &Mutex<HashMap<String, Cell>>, addr: &str, which: impl Fn(&Cell) -> bool) {
+    let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+    if conns.get(addr).is_some_and(which) {
+        conns.remove(addr);
     }
 }
 
