@@ -298,7 +298,11 @@ async fn a_removed_gateways_link_is_closed_and_forgotten() {
     let lp = LinkPki::new();
     // One key ring: a session sealed by one gateway resumes on the other.
     let keys = lp.pki.path("keys.toml");
-    std::fs::write(&keys, wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap()).unwrap();
+    std::fs::write(
+        &keys,
+        wasmbed_gateway::ticket::KeyRing::generate("k1").unwrap(),
+    )
+    .unwrap();
     let gateway = || {
         let mut s = lp.gateway();
         s.session_keys = Some(keys.clone());
@@ -326,7 +330,11 @@ async fn a_removed_gateways_link_is_closed_and_forgotten() {
     for d in devices.iter_mut() {
         assert_eq!(count(d.data(b"\x01").await), 1);
     }
-    assert_eq!((links.live(), links.held()), (2, 2), "two gateways, two links");
+    assert_eq!(
+        (links.live(), links.held()),
+        (2, 2),
+        "two gateways, two links"
+    );
     assert!(live.remove_gateway("gw-0").is_some());
     // Every session answers on, its count carried over: the removed gateway's moved.
     for d in devices.iter_mut() {

@@ -115,7 +115,9 @@ async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
     );
 
     // Without its client certificate the gateway refuses the link.
-    let proxy = start_proxy(config(false)).await;
+    let p = Proxy::bind(config(false)).await.unwrap();
+    let (proxy, gateways) = (p.listen_addrs()[0], p.gateways());
+    tokio::spawn(p.run(tokio_util::sync::CancellationToken::new()));
     let mut d = tls_device(proxy, pki.device("device-0005", Some(&pki.ca)))
         .await
         .unwrap();
@@ -139,14 +141,17 @@ async fn terminate_with_tls_to_the_gateway_and_the_proxys_client_certificate() {
         wasmbed_protocol::ErrorCode::Unavailable as u16
     );
     assert!(d.recv().await.is_none(), "then the close");
-    // One process, one global metrics recorder: the gateway's, installed first; the
-    // proxy's counters land in it too.
-    let metrics = wasmbed_gateway::metrics::handle().render();
+    // Counted against the gateway, in the proxy's per-gateway series.
+    let metrics = wasmbed_proxy::metrics::render(&gateways);
     let m = wasmbed_testkit::Metrics::parse(&metrics);
     assert!(
         m.series("wasmbed_proxy_upstream_tls_failures_total{gateway=\"gw-test\"}") >= 1.0,
         "{metrics}"
     );
+    // One process, one global metrics recorder: the gateway's, installed first; the
+    // proxy's other counters land in it too.
+    let metrics = wasmbed_gateway::metrics::handle().render();
+    let m = wasmbed_testkit::Metrics::parse(&metrics);
     assert!(m.series("wasmbed_proxy_connections_rejected_total{reason=\"upstream_tls\"}") >= 1.0);
 }
 

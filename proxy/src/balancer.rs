@@ -80,8 +80,9 @@ pub struct Gateway {
     cuts: AtomicU32,
     orders: AtomicU32,
     streak: Mutex<Streak>,
-    /// Sessions handed to this gateway (registered once: bumping it is one atomic add).
-    pub sessions_started: metrics::Counter,
+    /// What the proxy counts about it: rendered from the set at each scrape, so they leave
+    /// `/metrics` with it.
+    pub counts: Counts,
     /// Woken when traffic suggests the gateway is failing: its prober probes at once.
     probe_soon: tokio::sync::Notify,
     /// Sessions still to be moved off this gateway (drain by moving, rebalancing): each
@@ -94,6 +95,84 @@ pub struct Gateway {
     /// When a session last read bytes the gateway's process sent (ms since [`epoch`] + 1;
     /// 0: never): evidence from the data plane that it runs.
     heard_ms: AtomicU64,
+}
+
+/// What the proxy counts per gateway (`wasmbed_proxy_*_total{gateway}`). Kept by the gateway
+/// and rendered from the set at each scrape (`metrics::render`), not registered with the
+/// recorder: there, every gateway name ever seen stayed a series until the proxy restarted
+/// (gateways found in DNS come and go by address). Counts after the gateway left the set are
+/// not shown; what happens to its sessions then is counted by the proxy-wide series (moves).
+#[derive(Debug)]
+pub struct Counts {
+    /// Sessions handed to it.
+    pub sessions_started: AtomicU64,
+    /// Failed health probes.
+    pub probe_failures: AtomicU64,
+    /// Failed connects (or link streams).
+    pub connect_failures: AtomicU64,
+    /// Failed TLS handshakes with it (`[upstream_tls]`).
+    pub upstream_tls_failures: AtomicU64,
+    /// Health transitions to up, to down.
+    pub went_up: AtomicU64,
+    pub went_down: AtomicU64,
+    /// Sessions the proxy closed, by [`Cancel`] (its index).
+    pub cancelled: [AtomicU64; Cancel::ALL.len()],
+}
+
+impl Counts {
+    pub const fn new() -> Counts {
+        Counts {
+            sessions_started: AtomicU64::new(0),
+            probe_failures: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            upstream_tls_failures: AtomicU64::new(0),
+            went_up: AtomicU64::new(0),
+            went_down: AtomicU64::new(0),
+            cancelled: [const { AtomicU64::new(0) }; Cancel::ALL.len()],
+        }
+    }
+
+    /// Adds one to `counter` (one of these fields).
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a session the proxy closed.
+    pub fn cancelled(&self, cause: Cancel) {
+        Counts::bump(&self.cancelled[cause as usize]);
+    }
+}
+
+impl Default for Counts {
+    fn default() -> Counts {
+        Counts::new()
+    }
+}
+
+/// Sessions closed by the proxy before a gateway was theirs (`gateway=""`).
+pub static UNASSIGNED: Counts = Counts::new();
+
+/// Why the proxy closed a session (`cause` of `wasmbed_proxy_sessions_cancelled_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// Its gateway went down (passthrough: the session cannot move).
+    GatewayDown,
+    /// The proxy's hard stop.
+    Shutdown,
+    /// A newer connection of the device took its session.
+    Superseded,
+}
+
+impl Cancel {
+    pub const ALL: [Cancel; 3] = [Cancel::GatewayDown, Cancel::Shutdown, Cancel::Superseded];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Cancel::GatewayDown => "gateway_down",
+            Cancel::Shutdown => "shutdown",
+            Cancel::Superseded => "superseded",
+        }
+    }
 }
 
 /// Consecutive probe results, for rise/fall.
@@ -142,10 +221,7 @@ impl Gateway {
             cuts: AtomicU32::new(0),
             orders: AtomicU32::new(0),
             streak: Mutex::new(Streak::default()),
-            sessions_started: metrics::counter!(
-                crate::metric_names::SESSIONS_STARTED,
-                "gateway" => config.name.clone()
-            ),
+            counts: Counts::new(),
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
             removed: CancellationToken::new(),

@@ -10,15 +10,13 @@ use std::sync::Arc;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use metrics::counter;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmbed_config::{HealthCheck, HealthConfig};
 
-use crate::balancer::{Gateway, Transition};
-use crate::metric_names::{GATEWAY_TRANSITIONS, PROBE_FAILURES};
+use crate::balancer::{Counts, Gateway, Transition};
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +122,7 @@ fn judge(
     config: &HealthConfig,
 ) {
     if let Err(e) = &result {
-        counter!(PROBE_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+        Counts::bump(&gateway.counts.probe_failures);
         tracing::debug!(gateway = %gateway.name, error = %e, busy, "health probe failed");
     }
     match result {
@@ -189,11 +187,11 @@ pub async fn first_round(gateways: &[Arc<Gateway>], config: &HealthConfig) {
 /// Logs and counts a health transition, whoever observed it (probe or failed connect).
 pub fn report(gateway: &Gateway, change: Option<Transition>, why: &str) {
     let Some(change) = change else { return };
-    let to = match change {
-        Transition::Up => "up",
-        Transition::Down => "down",
+    let (to, count) = match change {
+        Transition::Up => ("up", &gateway.counts.went_up),
+        Transition::Down => ("down", &gateway.counts.went_down),
     };
-    counter!(GATEWAY_TRANSITIONS, "gateway" => gateway.name.clone(), "to" => to).increment(1);
+    Counts::bump(count);
     crate::events::event(
         to,
         Some(&gateway.name),

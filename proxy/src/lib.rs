@@ -67,6 +67,9 @@ use wasmbed_config::{ListenerConfig, ProxyConfig};
 
 pub use balancer::{Gateway, GatewaySet, Lease};
 pub use error::ProxyError;
+/// Pipes splicing took on the calling thread (tests: a session's pipes, not the process's).
+#[doc(hidden)]
+pub use forward::splice::taken_on_this_thread as splice_pipes_taken_here;
 pub use tls::DeviceTls;
 
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.

@@ -195,7 +195,9 @@ impl Links {
             watched.await;
             // Closed: its entry goes (unless a newer link to the address has taken it).
             if let Some(conns) = conns.upgrade() {
-                forget(&conns, &addr, |c| c.get().is_some_and(|c| c.stable_id() == id));
+                forget(&conns, &addr, |c| {
+                    c.get().is_some_and(|c| c.stable_id() == id)
+                });
             }
         });
         Ok(conn)

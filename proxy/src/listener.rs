@@ -161,12 +161,12 @@ mod tests {
             .expect("syscw in /proc/thread-self/io")
     }
 
-    /// Write-type system calls made while a connection-like timer (2 s) is armed: after one
+    /// Write-type system calls made while a connection-like timer (30 s) is armed: after one
     /// short sleep, so that the runtime has parked and knows its next wake-up.
     async fn writes_arming_a_timer() -> u64 {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let before = writes();
-        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(2)));
+        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(30)));
         std::future::poll_fn(|cx| {
             let _ = timer.as_mut().poll(cx);
             Poll::Ready(())
@@ -184,7 +184,9 @@ mod tests {
         runtime.block_on(async {
             let without = writes_arming_a_timer().await;
             let stop = CancellationToken::new();
-            tokio::spawn(timer_floor(Duration::from_millis(500), stop.clone()));
+            // A floor 10 s ahead: on a loaded host a thread stalled past the floor's deadline
+            // would find the wheel empty again (a wake-up this test would count).
+            tokio::spawn(timer_floor(Duration::from_secs(10), stop.clone()));
             tokio::task::yield_now().await;
             let with = writes_arming_a_timer().await;
             stop.cancel();

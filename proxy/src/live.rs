@@ -471,10 +471,8 @@ fn keep_restart_only(old: &ProxyConfig, new: &mut ProxyConfig, changed: &mut Vec
 /// sessions move (terminate mode) or end on their own (passthrough). Shared by `DELETE
 /// /api/gateways/{name}`, reloads and discovery.
 pub fn remove(gateways: &crate::balancer::GatewaySet, name: &str) -> Option<Arc<Gateway>> {
+    // Its live series leave `/metrics` with it (`metrics::render`).
     let g = gateways.remove(name)?;
-    // Its series stop being refreshed: leave them saying it is gone, not stale values.
-    metrics::gauge!(crate::metric_names::GATEWAY_UP, "gateway" => g.name.clone(), "pool" => g.pool.clone())
-        .set(0.0);
     tracing::info!(gateway = %g.name, sessions = g.sessions(), origin = g.origin.as_str(), "gateway removed");
     crate::events::event(
         "removed",

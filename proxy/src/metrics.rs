@@ -1,9 +1,10 @@
 //! Metrics of the proxy: names, help texts, and the process-wide Prometheus recorder.
 //!
 //! Counters are bumped once per connection or per session, and the byte counters once per
-//! chunk read (never per byte), so that long-lived sessions show their traffic. Live
-//! per-gateway numbers (sessions, up, draining) are read from the balancer's atomics when
-//! `/metrics` is scraped, so the hot path never touches a gauge.
+//! chunk read (never per byte), so that long-lived sessions show their traffic. Every
+//! per-gateway series (live sessions, up, draining, and the counters by gateway) is read from
+//! the gateway set's atomics when `/metrics` is scraped: the hot path never touches a gauge,
+//! and a gateway that leaves the set leaves `/metrics` with it.
 
 use std::sync::OnceLock;
 
@@ -13,7 +14,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::balancer::GatewaySet;
+use crate::balancer::{Cancel, Counts, Gateway, GatewaySet, UNASSIGNED};
 
 pub use crate::metric_names::*;
 
@@ -61,40 +62,10 @@ fn describe() {
         OPEN,
         "Device connections open now, by transport (tcp; quic: past the handshake)."
     );
-    describe_counter!(
-        SESSIONS_STARTED,
-        "Sessions forwarded to a gateway, by gateway."
-    );
-    describe_counter!(
-        SESSIONS_CANCELLED,
-        "Sessions closed by the proxy, by gateway and cause (gateway_down, shutdown, superseded: a newer connection of the device took its session)."
-    );
-    describe_gauge!(
-        SESSIONS,
-        "Live sessions per gateway (the balancer's counter)."
-    );
-    describe_gauge!(GATEWAY_UP, "1 when the gateway passes its health checks.");
-    describe_gauge!(
-        GATEWAY_DRAINING,
-        "1 when the gateway takes no new session because it drains: drained here (operator, DNS, removal) or by its own word (its health body, a GOAWAY)."
-    );
-    describe_counter!(
-        GATEWAY_TRANSITIONS,
-        "Health state changes, by gateway and new state."
-    );
-    describe_counter!(PROBE_FAILURES, "Failed health probes, by gateway.");
     describe_histogram!(
         GONE_DETECTION,
         Unit::Seconds,
         "A gateway found gone by its liveness watch (GET /api/alive on its admin address, cut by its kernel when the process died): time from the cut to the gateway marked down, its sessions moving."
-    );
-    describe_counter!(
-        CONNECT_FAILURES,
-        "Failed connects to a gateway, by gateway."
-    );
-    describe_counter!(
-        UPSTREAM_TLS_FAILURES,
-        "TLS handshakes with a gateway ([upstream_tls]) that failed, by gateway."
     );
     describe_counter!(
         BYTES,
@@ -157,10 +128,6 @@ fn describe() {
         UPSTREAM_HANDSHAKES,
         "TLS handshakes with gateways ([upstream_tls]), by kind: full, or resumed from a ticket of the fleet's ring (no certificates, no signatures)."
     );
-    describe_gauge!(
-        MOVING,
-        "Sessions ordered to move off a gateway (drain by moving, rebalancing) and not moved yet."
-    );
     describe_counter!(
         CONFIG_RELOADS,
         "Config reloads (SIGHUP, POST /api/reload), by result: ok, or error (the running config stays)."
@@ -215,27 +182,158 @@ fn describe() {
     );
 }
 
-/// Renders the Prometheus text, after refreshing the live per-gateway gauges.
+/// The per-gateway series: name, type, help, and the series of one gateway (an extra label,
+/// the value). Rendered from the gateway set at each scrape ([`render`]), not kept in the
+/// recorder: a gateway that leaves the set leaves `/metrics` with it. Kept in the recorder, a
+/// removed gateway's last values stayed until the proxy restarted (its `gateway_up` at 0:
+/// `WasmbedGatewayDown` paging for a gateway nobody runs), and every gateway name ever seen
+/// added series (gateways found in DNS come and go by address).
+#[allow(clippy::type_complexity)]
+const PER_GATEWAY: [(&str, &str, &str, fn(&Gateway, &mut Vec<Sample>)); 10] = [
+    (
+        SESSIONS,
+        "gauge",
+        "Live sessions per gateway (the balancer's counter).",
+        |g, s| s.push((None, g.sessions())),
+    ),
+    (
+        GATEWAY_UP,
+        "gauge",
+        "1 when the gateway passes its health checks.",
+        |g, s| s.push((None, u64::from(g.is_healthy()))),
+    ),
+    (
+        GATEWAY_DRAINING,
+        "gauge",
+        "1 when the gateway takes no new session because it drains: drained here (operator, DNS, removal) or by its own word (its health body, a GOAWAY).",
+        |g, s| s.push((None, u64::from(g.is_draining()))),
+    ),
+    (
+        MOVING,
+        "gauge",
+        "Sessions ordered to move off a gateway (drain by moving, rebalancing) and not moved yet.",
+        |g, s| s.push((None, g.moving())),
+    ),
+    (
+        SESSIONS_STARTED,
+        "counter",
+        "Sessions forwarded to a gateway, by gateway.",
+        |g, s| s.push((None, read(&g.counts.sessions_started))),
+    ),
+    (
+        SESSIONS_CANCELLED,
+        "counter",
+        "Sessions closed by the proxy, by gateway and cause (gateway_down, shutdown, superseded: a newer connection of the device took its session); gateway=\"\": before a gateway was theirs.",
+        |g, s| cancelled(&g.counts, s),
+    ),
+    (
+        GATEWAY_TRANSITIONS,
+        "counter",
+        "Health state changes, by gateway and new state.",
+        |g, s| {
+            s.push((Some(("to", "up")), read(&g.counts.went_up)));
+            s.push((Some(("to", "down")), read(&g.counts.went_down)));
+        },
+    ),
+    (
+        PROBE_FAILURES,
+        "counter",
+        "Failed health probes, by gateway.",
+        |g, s| s.push((None, read(&g.counts.probe_failures))),
+    ),
+    (
+        CONNECT_FAILURES,
+        "counter",
+        "Failed connects to a gateway, by gateway.",
+        |g, s| s.push((None, read(&g.counts.connect_failures))),
+    ),
+    (
+        UPSTREAM_TLS_FAILURES,
+        "counter",
+        "TLS handshakes with a gateway ([upstream_tls]) that failed, by gateway.",
+        |g, s| s.push((None, read(&g.counts.upstream_tls_failures))),
+    ),
+];
+
+/// One series of a gateway: its label besides `gateway` and `pool` (if any), its value.
+type Sample = (Option<(&'static str, &'static str)>, u64);
+
+fn read(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn cancelled(counts: &Counts, s: &mut Vec<Sample>) {
+    for cause in Cancel::ALL {
+        s.push((
+            Some(("cause", cause.label())),
+            read(&counts.cancelled[cause as usize]),
+        ));
+    }
+}
+
+/// Renders the Prometheus text: the recorder's metrics, then the per-gateway series of the
+/// gateways in `gateways` now.
 pub fn render(gateways: &GatewaySet) -> String {
     let handle = handle();
-    // `pool` on each: the balance is kept within a pool, so a spread is only meaningful there
-    // (alerts and panels group by it).
-    for g in gateways.snapshot().iter() {
-        let (name, pool) = (g.name.clone(), g.pool.clone());
-        gauge!(SESSIONS, "gateway" => name.clone(), "pool" => pool.clone())
-            .set(g.sessions() as f64);
-        gauge!(GATEWAY_UP, "gateway" => name.clone(), "pool" => pool.clone())
-            .set(f64::from(u8::from(g.is_healthy())));
-        gauge!(GATEWAY_DRAINING, "gateway" => name.clone(), "pool" => pool.clone())
-            .set(f64::from(u8::from(g.is_draining())));
-        gauge!(MOVING, "gateway" => name, "pool" => pool).set(g.moving() as f64);
-    }
     if let Some((open, max)) = descriptors() {
         gauge!(OPEN_FILES).set(open as f64);
         gauge!(MAX_OPEN_FILES).set(max as f64);
     }
     handle.run_upkeep();
-    handle.render()
+    let mut out = handle.render();
+    render_per_gateway(&mut out, &gateways.snapshot());
+    out
+}
+
+/// Appends [`PER_GATEWAY`] for `gateways`, by name. `pool` on the gauges: the balance is kept
+/// within a pool, so a spread is only meaningful there (alerts and panels group by it).
+fn render_per_gateway(out: &mut String, gateways: &[std::sync::Arc<Gateway>]) {
+    use std::fmt::Write;
+    let mut gateways: Vec<_> = gateways.iter().collect();
+    gateways.sort_by(|a, b| a.name.cmp(&b.name));
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out.push('\n');
+    }
+    let mut samples = Vec::new();
+    for (name, kind, help, each) in PER_GATEWAY {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for g in &gateways {
+            samples.clear();
+            each(g, &mut samples);
+            let gateway = label_value(&g.name);
+            for (label, value) in &samples {
+                let _ = write!(out, "{name}{{gateway=\"{gateway}\"");
+                if kind == "gauge" {
+                    let _ = write!(out, ",pool=\"{}\"", label_value(&g.pool));
+                }
+                if let Some((k, v)) = label {
+                    let _ = write!(out, ",{k}=\"{v}\"");
+                }
+                let _ = writeln!(out, "}} {value}");
+            }
+        }
+        if name == SESSIONS_CANCELLED {
+            samples.clear();
+            cancelled(&UNASSIGNED, &mut samples);
+            for (label, value) in samples.iter().filter(|(_, v)| *v > 0) {
+                if let Some((k, v)) = label {
+                    let _ = writeln!(out, "{name}{{gateway=\"\",{k}=\"{v}\"}} {value}");
+                }
+            }
+        }
+        out.push('\n');
+    }
+}
+
+/// A label value as the Prometheus text format writes it: `\\`, `\"` and `\n` escaped.
+fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.into();
+    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+        .into()
 }
 
 /// Open descriptors and the soft limit, read at scrape time (Linux: /proc/self/fd).

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wasmbed_config::ListenerConfig;
 
-use crate::balancer::Lease;
+use crate::balancer::{Counts, Lease};
 use crate::clienthello::{self, ClientHello, HelloError};
 use crate::context::Context;
 use crate::forward;
@@ -67,7 +67,7 @@ pub(crate) async fn passthrough(
     if ctx.handover.is_some() {
         // `--takeover`: a session that may move to a new process (boxed: its state is
         // larger, and a proxy without --takeover should not carry it in every session).
-        lease.gateway().sessions_started.increment(1);
+        Counts::bump(&lease.gateway().counts.sessions_started);
         tracing::Span::current().record("gateway", lease.gateway().name.as_str());
         Box::pin(forward_until_handed(ctx, device, gateway, lease)).await;
         return Ok(());

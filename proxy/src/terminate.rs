@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use metrics::counter;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
@@ -17,7 +16,7 @@ use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{ErrorCode, Frame, Hello, Kind};
 
 use crate::anchor;
-use crate::balancer::Gateway;
+use crate::balancer::{Counts, Gateway};
 use crate::context::Context;
 use crate::forward::{self, supervise};
 use crate::listener::reset_on_close;
@@ -322,7 +321,7 @@ async fn open_session(
     };
     ctx.meters.bytes_up.increment(hello_bytes.len() as u64);
     if first.kind != Kind::Welcome {
-        lease.gateway().sessions_started.increment(1);
+        Counts::bump(&lease.gateway().counts.sessions_started);
         return Ok(Err(first.encode()));
     }
     Ok(Ok(Opened {
@@ -345,8 +344,7 @@ fn open_failed(gateway: &Gateway, e: crate::upstream::OpenError) -> Refused {
     match e {
         crate::upstream::OpenError::Tls(e) => {
             let name = &gateway.name;
-            counter!(crate::metric_names::UPSTREAM_TLS_FAILURES, "gateway" => name.clone())
-                .increment(1);
+            Counts::bump(&gateway.counts.upstream_tls_failures);
             tracing::warn!(gateway = %name, error = %e, "TLS with the gateway failed");
             refused(Refusal::UpstreamTls, e)
         }

@@ -17,9 +17,9 @@ use wasmbed_config::HealthCheck;
 use wasmbed_protocol::codec::FrameCodec;
 use wasmbed_protocol::{DEFAULT_MAX_FRAME, Frame};
 
-use crate::balancer::{Gateway, Lease};
+use crate::balancer::{Counts, Gateway, Lease};
 use crate::context::Context;
-use crate::metric_names::{CONNECT_FAILURES, UPSTREAM_HANDSHAKES};
+use crate::metric_names::UPSTREAM_HANDSHAKES;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::tls::Upstream;
 
@@ -119,7 +119,7 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
 /// A failed connect (or link stream) is counted against the gateway, wakes its prober, and
 /// counts as a failed health observation.
 fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
-    counter!(CONNECT_FAILURES, "gateway" => gateway.name.clone()).increment(1);
+    Counts::bump(&gateway.counts.connect_failures);
     gateway.suspect();
     tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
     let health = &ctx.config.health;

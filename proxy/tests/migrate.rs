@@ -551,8 +551,21 @@ async fn a_removed_gateways_sessions_move_and_its_prober_stops() {
         mut devs,
         ..
     } = fleet(2, 10, |_, _| {}).await;
+    let live =
+        |name: &str| format!("wasmbed_proxy_gateway_up{{gateway=\"{name}\",pool=\"default\"}} 1");
+    let (_, metrics) = proxy.admin("GET", "/metrics").await;
+    assert!(metrics.contains(&live("gw-0")), "{metrics}");
+    assert!(
+        metrics.contains("wasmbed_proxy_sessions_started_total{gateway=\"gw-0\"} 5"),
+        "{metrics}"
+    );
     let (status, body) = proxy.admin("DELETE", "/api/gateways/gw-0").await;
     assert_eq!(status, 200, "{body}");
+    // Its series leave /metrics with it (kept, its `gateway_up` 0 would page forever, and
+    // every gateway name ever seen would stay a series).
+    let (_, metrics) = proxy.admin("GET", "/metrics").await;
+    assert!(!metrics.contains("{gateway=\"gw-0\""), "{metrics}");
+    assert!(metrics.contains(&live("gw-1")), "{metrics}");
     assert_eq!(proxy.admin("DELETE", "/api/gateways/gw-0").await.0, 404);
     until(Duration::from_secs(5), "gw-0's sessions moved", || {
         gws[0].live() == 0

@@ -822,7 +822,7 @@ async fn a_newer_connection_of_a_device_takes_its_session_on_every_transport() {
     let proxy = start(quic_proxy(&pki, &[&gw])).await;
     let sessions = "wasmbed_proxy_gateway_sessions{gateway=\"gw-0\"}";
     let superseded =
-        "wasmbed_proxy_sessions_cancelled_total{cause=\"superseded\",gateway=\"gw-0\"}";
+        "wasmbed_proxy_sessions_cancelled_total{gateway=\"gw-0\",cause=\"superseded\"}";
     let mut kept = Vec::new();
     for (i, (first, second)) in [
         ("tcp", "tcp"),

@@ -33,9 +33,9 @@ use wasmbed_protocol::{Frame, Hello, Kind, Welcome};
 pub use self::core::{Cause, LINK_CHECK};
 use self::core::{Core, End, Phase, Settings, Step, Tally};
 
-use crate::balancer::{Gateway, Lease};
+use crate::balancer::{Cancel, Counts, Gateway, Lease, UNASSIGNED};
 use crate::context::Context;
-use crate::metric_names::{MOVES, REVOKED, SESSIONS_CANCELLED};
+use crate::metric_names::{MOVES, REVOKED};
 use crate::tls::Upstream;
 
 /// The device's TLS stream.
@@ -126,7 +126,7 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn new(lease: Lease, up: Box<dyn Upstream>) -> Link {
         let gateway = lease.gateway().clone();
-        gateway.sessions_started.increment(1);
+        Counts::bump(&gateway.counts.sessions_started);
         tracing::Span::current().record("gateway", gateway.name.as_str());
         let news = gateway.news();
         Link {
@@ -528,7 +528,7 @@ async fn serve(anchored: Box<Anchored>) {
         if waits.moving.is_some() {
             ctx.meters.held.decrement(1.0);
         }
-        (end, link.as_ref().map(|l| l.gateway().name.clone()))
+        (end, link.as_ref().map(|l| l.gateway().clone()))
     };
     if let Some(id) = seat {
         let hello = core.hello();
@@ -637,17 +637,16 @@ async fn close(
     ctx: &Context,
     core: &mut Core,
     mut device: Box<dyn DeviceStream>,
-    (end, gateway): (Ending, Option<String>),
+    (end, gateway): (Ending, Option<Arc<Gateway>>),
 ) {
+    let counts = gateway.as_deref().map_or(&UNASSIGNED, |g| &g.counts);
     match end {
         Ending::Cut => {
-            counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "shutdown")
-                .increment(1);
+            counts.cancelled(Cancel::Shutdown);
             device.cut(Cut::Shutdown);
         }
         Ending::Superseded => {
-            counter!(SESSIONS_CANCELLED, "gateway" => gateway.unwrap_or_default(), "cause" => "superseded")
-                .increment(1);
+            counts.cancelled(Cancel::Superseded);
             tracing::info!(device = %core.hello().device, "a newer connection of the device took its session: this one is closed");
             device.cut(Cut::Superseded);
         }

@@ -8,7 +8,7 @@
 //! Fairness: `poll_read_ready` and `poll_write_ready` take from tokio's cooperative budget, so
 //! a busy direction yields to other tasks like any tokio I/O.
 
-mod splice;
+pub(crate) mod splice;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::balancer::{Cancel, Counts};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -451,9 +453,9 @@ pub(crate) async fn supervise(
     ctx: &crate::context::Context,
     lease: &crate::balancer::Lease,
     forwarding: impl Future<Output = Result<(), Failure>>,
-) -> Option<&'static str> {
+) -> Option<Cancel> {
     let gateway = lease.gateway();
-    gateway.sessions_started.increment(1);
+    Counts::bump(&gateway.counts.sessions_started);
     tracing::Span::current().record("gateway", gateway.name.as_str());
     // One token ends the session: the gateway's, which is cancelled when it goes down and,
     // at the end of a shutdown's grace period, for every gateway.
@@ -473,7 +475,7 @@ pub(crate) async fn supervise(
 /// How a watched session's forwarding stopped.
 pub(crate) enum Watched {
     /// It ended, or the proxy cut it (with the cause).
-    Ended(Option<&'static str>),
+    Ended(Option<Cancel>),
     /// `hand_over` fired: the forwarding is stopped, not ended (quiesce it, hand it over).
     HandOver,
 }
@@ -523,16 +525,15 @@ fn cut_cause(
     ctx: &crate::context::Context,
     gateway: &crate::balancer::Gateway,
     cut: bool,
-) -> Option<&'static str> {
+) -> Option<Cancel> {
     let cause = match (cut, ctx.hard_stop.is_cancelled()) {
         (false, _) => None,
-        (true, true) => Some("shutdown"),
-        (true, false) => Some("gateway_down"),
+        (true, true) => Some(Cancel::Shutdown),
+        (true, false) => Some(Cancel::GatewayDown),
     };
     if let Some(cause) = cause {
-        metrics::counter!(crate::metric_names::SESSIONS_CANCELLED, "gateway" => gateway.name.clone(), "cause" => cause)
-            .increment(1);
-        if cause == "gateway_down" {
+        gateway.counts.cancelled(cause);
+        if cause == Cancel::GatewayDown {
             crate::events::COUNTS
                 .cut
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -31,9 +31,17 @@ struct Pipe {
 
 thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static TAKEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Pipes taken (made or from the pool) by splicing on this thread: for tests, whose sessions
+/// run on their own thread, where the process's open pipes also count other tests' pools.
+pub fn taken_on_this_thread() -> u64 {
+    TAKEN.with(|t| t.get())
 }
 
 fn take_pipe() -> io::Result<Pipe> {
+    TAKEN.with(|t| t.set(t.get() + 1));
     if let Some(p) = PIPES.with(|pool| pool.borrow_mut().pop()) {
         return Ok(p);
     }
