@@ -363,6 +363,17 @@ pub struct Meters {
     pub held: Gauge,
     pub pause: Histogram,
     pub overflows: Counter,
+    /// QUIC device connections by what became of them (`wasmbed_proxy_quic_connections_total`).
+    pub quic: QuicMeters,
+}
+
+/// `wasmbed_proxy_quic_connections_total`, by `result`.
+pub struct QuicMeters {
+    pub accepted: Counter,
+    pub handshake_failed: Counter,
+    pub retry: Counter,
+    pub refused_full: Counter,
+    pub refused_busy: Counter,
 }
 
 impl Meters {
@@ -382,6 +393,13 @@ impl Meters {
             held: gauge!(HELD),
             pause: histogram!(MOVE_PAUSE),
             overflows: counter!(REPLAY_OVERFLOWS),
+            quic: QuicMeters {
+                accepted: counter!(QUIC_CONNECTIONS, "result" => "accepted"),
+                handshake_failed: counter!(QUIC_CONNECTIONS, "result" => "handshake_failed"),
+                retry: counter!(QUIC_CONNECTIONS, "result" => "retry"),
+                refused_full: counter!(QUIC_CONNECTIONS, "result" => "refused_full"),
+                refused_busy: counter!(QUIC_CONNECTIONS, "result" => "refused_busy"),
+            },
         }
     }
 }

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use wasmbed_config::ProxyConfig;
 use wasmbed_config::proxy::QuicRetry;
 
-use crate::metric_names::{QUIC_CONNECTIONS, QUIC_STREAMS_REFUSED};
+use crate::metric_names::QUIC_STREAMS_REFUSED;
 use crate::refusal::{Refusal, refused};
 
 /// The device protocol's ALPN, as on TCP.
@@ -179,7 +179,7 @@ pub(crate) async fn accept_loop(
             QuicRetry::Never => false,
         };
         if retry && !incoming.remote_address_validated() {
-            counter!(QUIC_CONNECTIONS, "result" => "retry").increment(1);
+            ctx.meters.quic.retry.increment(1);
             let _ = incoming.retry();
             continue;
         }
@@ -194,7 +194,7 @@ pub(crate) async fn accept_loop(
         // refused and tries again later: queued longer, it would time out while its handshake
         // waited, and the work be wasted.
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            counter!(QUIC_CONNECTIONS, "result" => "refused_full").increment(1);
+            ctx.meters.quic.refused_full.increment(1);
             incoming.refuse();
             continue;
         };
@@ -261,7 +261,7 @@ async fn admitted(
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
     let Some(handshake) = ctx.device_tls.admit_by(&ctx.config, deadline).await else {
-        counter!(QUIC_CONNECTIONS, "result" => "refused_busy").increment(1);
+        ctx.meters.quic.refused_busy.increment(1);
         refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
         incoming.refuse();
         return None;
@@ -298,7 +298,7 @@ async fn accept(
     let conn = match connected {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            counter!(QUIC_CONNECTIONS, "result" => "handshake_failed").increment(1);
+            ctx.meters.quic.handshake_failed.increment(1);
             refused(handshake_refusal(&e), e).count();
             return None;
         }
@@ -314,7 +314,7 @@ async fn accept(
     ctx.meters
         .handshake_quic
         .record(started.elapsed().as_secs_f64());
-    counter!(QUIC_CONNECTIONS, "result" => "accepted").increment(1);
+    ctx.meters.quic.accepted.increment(1);
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())

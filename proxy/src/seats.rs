@@ -45,6 +45,19 @@ pub(crate) struct Seats {
     ids: AtomicU64,
 }
 
+/// A session's seat, taken by [`Seats::take`]: freed when dropped, if it still holds it.
+pub(crate) struct Held<'a> {
+    seats: &'a Seats,
+    key: Key,
+    id: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.seats.leave(&self.key, self.id);
+    }
+}
+
 struct Seat {
     arrival: u64,
     id: u64,
@@ -62,14 +75,14 @@ impl Seats {
     }
 
     /// The session of `device` and `app` that arrived at `arrival` takes their seat: an
-    /// earlier session holding it is told to end (its token cancelled). Returns this
-    /// session's seat id (for [`Seats::leave`]) and the token that tells it to end: already
-    /// cancelled if a session that arrived later holds the seat.
+    /// earlier session holding it is told to end (its token cancelled). Returns the seat
+    /// (freed when dropped: the session ended, or its task was dropped) and the token that
+    /// tells this session to end: already cancelled if a session that arrived later holds it.
     pub(crate) fn take(
         &self,
         (device, app): (&str, &str),
         arrival: u64,
-    ) -> (u64, CancellationToken) {
+    ) -> (Held<'_>, CancellationToken) {
         let token = CancellationToken::new();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let seat = Seat {
@@ -77,28 +90,34 @@ impl Seats {
             id,
             leave: token.clone(),
         };
+        let key: Key = (device.into(), app.into());
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        match held.get_mut(&(device.into(), app.into())) {
+        match held.get_mut(&key) {
             Some(other) if other.arrival > arrival => token.cancel(),
             Some(other) => {
                 other.leave.cancel();
                 *other = seat;
             }
             None => {
-                held.insert((device.into(), app.into()), seat);
+                held.insert(key.clone(), seat);
                 gauge!(SEATS).increment(1.0);
             }
         }
-        (id, token)
+        (
+            Held {
+                seats: self,
+                key,
+                id,
+            },
+            token,
+        )
     }
 
-    /// The session with seat `id` of `device` and `app` ended: their seat is freed, if it
-    /// still held it.
-    pub(crate) fn leave(&self, (device, app): (&str, &str), id: u64) {
-        let key: Key = (device.into(), app.into());
+    /// The session with seat `id` ended: its seat is freed, if it still held it.
+    fn leave(&self, key: &Key, id: u64) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.get(&key).is_some_and(|s| s.id == id) {
-            held.remove(&key);
+        if held.get(key).is_some_and(|s| s.id == id) {
+            held.remove(key);
             gauge!(SEATS).decrement(1.0);
         }
     }
@@ -133,19 +152,37 @@ mod tests {
         assert!(!second.is_cancelled());
         // The ended sessions leaving do not free the seat of the one that holds it, even
         // with the same arrival stamp.
-        seats.leave(d1, f);
-        seats.leave(d1, l);
+        drop((f, l));
         let (t, tie) = seats.take(d1, 20);
         assert!(
             second.is_cancelled() && !tie.is_cancelled(),
             "a tie: the newcomer wins"
         );
-        seats.leave(d1, s);
+        drop(s);
         assert_eq!(seats.len(), 3);
-        seats.leave(d1, t);
-        seats.leave(("device-2", "counter"), o);
-        seats.leave(("device-1", "echo"), a);
+        drop((t, o, a));
         assert_eq!(seats.len(), 0, "a seat outlived its session");
+    }
+
+    /// A session whose task is dropped mid-way (a runtime stopping, an abort) frees its seat
+    /// as one that ended does: the seat is its task's.
+    #[tokio::test]
+    async fn a_dropped_session_frees_its_seat() {
+        let seats = std::sync::Arc::new(Seats::new());
+        let (entered, entering) = tokio::sync::oneshot::channel();
+        let session = tokio::spawn({
+            let seats = seats.clone();
+            async move {
+                let (_seat, token) = seats.take(("device-1", "counter"), 1);
+                let _ = entered.send(());
+                token.cancelled().await;
+            }
+        });
+        entering.await.unwrap();
+        assert_eq!(seats.len(), 1);
+        session.abort();
+        assert!(session.await.unwrap_err().is_cancelled());
+        assert_eq!(seats.len(), 0, "an aborted session kept its seat");
     }
 
     #[test]

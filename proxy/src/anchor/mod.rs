@@ -193,23 +193,24 @@ impl Anchored {
     }
 }
 
+/// A session's parts, as its loop keeps them ([`Anchored::unpack`]).
+struct Parts {
+    ctx: Arc<Context>,
+    core: Core,
+    device: Box<dyn DeviceStream>,
+    /// The device certificate's serial (checked against CRL reloads).
+    serial: Option<Box<[u8]>>,
+    origin: Arc<crate::proxy_protocol::Origin>,
+    pools: crate::context::Pools,
+    link: Link,
+    /// See [`Anchored::arrival`].
+    arrival: Option<u64>,
+}
+
 impl Anchored {
-    /// The session's parts, as its loop keeps them; the box (and the WELCOME, now in the
-    /// core's output) freed. A plain fn: what it unpacks through is not kept in the
-    /// session's future.
-    #[allow(clippy::type_complexity)]
-    fn unpack(
-        self: Box<Self>,
-    ) -> (
-        Arc<Context>,
-        Core,
-        Box<dyn DeviceStream>,
-        Option<Box<[u8]>>,
-        Arc<crate::proxy_protocol::Origin>,
-        crate::context::Pools,
-        Link,
-        Option<u64>,
-    ) {
+    /// The session's parts; the box (and the WELCOME, now in the core's output) freed. A
+    /// plain fn: what it unpacks through is not kept in the session's future.
+    fn unpack(self: Box<Self>) -> Parts {
         let Anchored {
             ctx,
             arrival,
@@ -229,16 +230,16 @@ impl Anchored {
             forward_checkpoints: ctx.config.migration.forward_checkpoints,
         };
         let core = Core::new(settings, hello, &first, (rest, pending));
-        (
+        Parts {
             ctx,
             core,
             device,
             serial,
-            Arc::new(origin),
+            origin: Arc::new(origin),
             pools,
             link,
             arrival,
-        )
+        }
     }
 }
 
@@ -318,14 +319,23 @@ enum Event {
 /// moved into), and the box is freed once unpacked. Measured by
 /// `session::tests::session_tasks_stay_small`.
 async fn serve(anchored: Box<Anchored>) {
-    let (ctx, mut core, mut device, serial, origin, pools, link, arrival) = anchored.unpack();
-    // The device's seat (a device named by its certificate): its id, to leave it at the end,
-    // and the token that says a newer connection of the device took it.
+    let Parts {
+        ctx,
+        mut core,
+        mut device,
+        serial,
+        origin,
+        pools,
+        link,
+        arrival,
+    } = anchored.unpack();
+    // The device's seat (a device named by its certificate), freed when dropped, and the
+    // token that says a newer connection of the device took it.
     let (seat, seat_token) = match arrival {
         Some(arrival) => {
             let hello = core.hello();
-            let (id, token) = ctx.seats.take((&hello.device, &hello.app), arrival);
-            (Some(id), Some(token))
+            let (seat, token) = ctx.seats.take((&hello.device, &hello.app), arrival);
+            (Some(seat), Some(token))
         }
         None => (None, None),
     };
@@ -530,10 +540,7 @@ async fn serve(anchored: Box<Anchored>) {
         }
         (end, link.as_ref().map(|l| l.gateway().clone()))
     };
-    if let Some(id) = seat {
-        let hello = core.hello();
-        ctx.seats.leave((&hello.device, &hello.app), id);
-    }
+    drop(seat);
     tally(&ctx, &mut core);
     close(&ctx, &mut core, device, ending).await;
 }
