@@ -139,23 +139,27 @@ impl Links {
             cell.clone()
         };
         let made = cell
-            .get_or_try_init(|| self.connect(config, gateway))
+            .get_or_try_init(|| self.connect(config, gateway, Arc::downgrade(&cell)))
             .await
             .cloned();
         if made.is_err() {
             // No link made: no entry kept for it (an address that never answers, found in
-            // DNS and gone again, would stay forever).
+            // DNS and gone again, would stay forever). Only by the last session that waited
+            // on this attempt (the map's reference and this one left): the others try again
+            // on the same cell, and a link one of them makes must stay found.
             forget(&self.conns, &gateway.addr, |c| {
-                Arc::ptr_eq(c, &cell) && c.get().is_none()
+                Arc::ptr_eq(c, &cell) && c.get().is_none() && Arc::strong_count(c) == 2
             });
         }
         made
     }
 
+    /// Makes the link to `gateway` for `cell` (the map's entry it will be stored in).
     async fn connect(
         &self,
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
+        cell: std::sync::Weak<OnceCell<Connection>>,
     ) -> io::Result<Connection> {
         let started = Instant::now();
         let attempt = async {
@@ -185,18 +189,16 @@ impl Links {
         };
         counter!(crate::metric_names::LINKS, "result" => "up").increment(1);
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
-        let (conns, addr, id) = (
-            Arc::downgrade(&self.conns),
-            gateway.addr.clone(),
-            conn.stable_id(),
-        );
+        let (conns, addr) = (Arc::downgrade(&self.conns), gateway.addr.clone());
         let watched = watch(conn.clone(), Arc::downgrade(gateway), config.link_timeout);
         tokio::spawn(async move {
             watched.await;
-            // Closed: its entry goes (unless a newer link to the address has taken it).
+            // Closed: its entry goes, unless a newer link to the address has taken it (a new
+            // link always gets a new cell). By the cell, not the connection in it: a link
+            // closed before it was stored in its cell is forgotten too.
             if let Some(conns) = conns.upgrade() {
                 forget(&conns, &addr, |c| {
-                    c.get().is_some_and(|c| c.stable_id() == id)
+                    std::ptr::eq(Arc::as_ptr(c), cell.as_ptr())
                 });
             }
         });

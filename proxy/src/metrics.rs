@@ -409,3 +409,48 @@ impl Default for Meters {
         Meters::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wasmbed_config::GatewayConfig;
+
+    use super::*;
+
+    /// The per-gateway series beside the recorder's: each metric's HELP and TYPE once, a
+    /// name with the text format's special characters escaped (a gateway named in DNS or by
+    /// the admin API must not break the page), and a gateway gone from the set gone from it.
+    #[test]
+    fn per_gateway_series_are_one_block_each_escaped_and_of_the_set() {
+        let config = |name: &str| GatewayConfig {
+            name: name.into(),
+            addr: "127.0.0.1:1".into(),
+            health_addr: None,
+            weight: 1,
+            pool: "default".into(),
+        };
+        let odd = "a\"b\\c\nd";
+        let set = GatewaySet::new(&[config("gw-0"), config(odd)], Duration::ZERO);
+        let text = render(&set);
+        for (name, ..) in PER_GATEWAY {
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name}: {text}"
+            );
+        }
+        assert!(
+            text.contains(r#"wasmbed_proxy_gateway_up{gateway="a\"b\\c\nd",pool="default"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains("a\"b\\c\nd"),
+            "a raw name in the page: {text}"
+        );
+        set.remove(odd);
+        let text = render(&set);
+        assert!(!text.contains(r#"gateway="a\"b"#), "{text}");
+        assert!(text.contains(r#"wasmbed_proxy_sessions_started_total{gateway="gw-0"} 0"#));
+    }
+}
