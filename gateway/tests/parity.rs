@@ -223,6 +223,14 @@ async fn run_proxy(config: ProxyConfig) -> Running {
     running
 }
 
+/// One proxy per upstream in front of `gw`: per-session TCP, and the link.
+async fn both_upstreams(env: &Env, gw: &RunningGateway) -> [Running; 2] {
+    [
+        run_proxy(env.proxy(gw, UpstreamMode::Tcp)).await,
+        run_proxy(env.proxy(gw, UpstreamMode::Link)).await,
+    ]
+}
+
 fn metric(series: &str) -> f64 {
     // One process, one recorder (the gateway's, installed first): the proxies count there.
     let text = wasmbed_gateway::metrics::handle().render();
@@ -399,10 +407,7 @@ async fn every_refusal_is_the_same_on_every_transport_and_upstream() {
     let env = Env::new();
     let revoked_at_start = env.device("revoked-at-start", true);
     let gw = start(env.gateway()).await;
-    let proxies = [
-        run_proxy(env.proxy(&gw, UpstreamMode::Tcp)).await,
-        run_proxy(env.proxy(&gw, UpstreamMode::Link)).await,
-    ];
+    let proxies = both_upstreams(&env, &gw).await;
     // Sessions handed to the gateway, by either proxy (each proxy's per-gateway series are
     // its own, rendered from its gateway set).
     let started = || -> f64 {
@@ -461,10 +466,7 @@ async fn a_newer_connection_ends_the_earlier_session_on_every_transport_and_upst
     let _one = SERIAL.lock().await;
     let env = Env::new();
     let gw = start(env.gateway()).await;
-    let proxies = [
-        run_proxy(env.proxy(&gw, UpstreamMode::Tcp)).await,
-        run_proxy(env.proxy(&gw, UpstreamMode::Link)).await,
-    ];
+    let proxies = both_upstreams(&env, &gw).await;
     let shared = gw.shared.clone();
     let live = move |want: usize| {
         let shared = shared.clone();
@@ -520,10 +522,7 @@ async fn a_reload_revokes_on_every_transport_and_a_bad_one_changes_nothing() {
     let _one = SERIAL.lock().await;
     let env = Env::new();
     let gw = start(env.gateway()).await;
-    let proxies = [
-        run_proxy(env.proxy(&gw, UpstreamMode::Tcp)).await,
-        run_proxy(env.proxy(&gw, UpstreamMode::Link)).await,
-    ];
+    let proxies = both_upstreams(&env, &gw).await;
     let mut n = 0;
     for proxy in &proxies {
         for transport in [Transport::Tcp, Transport::Quic] {
