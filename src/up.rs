@@ -121,9 +121,14 @@ pub struct UpArgs {
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|link")]
     upstream: wasmbed_config::proxy::UpstreamMode,
     /// Terminate mode: how the devices reach the proxy: `tcp` (TLS over TCP) or `quic` (the
-    /// proxy's --quic-listen, on UDP at --listen's port; the whole fleet on one UDP socket).
+    /// proxy's --quic-listen, on UDP at --listen's port).
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|quic")]
     transport: wasmbed_config::loadtest::Transport,
+    /// With `--transport quic`: devices per UDP socket of the fleet (each socket its own QUIC
+    /// endpoint and receive loop; a real device has one of its own).
+    #[arg(long, value_name = "N", default_value_t = wasmbed_config::loadtest::DEVICES_PER_SOCKET,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    devices_per_socket: u32,
     /// How long the soak scenario runs (e.g. `90s`, `1h`). Default 1 h.
     #[arg(long, value_name = "DURATION", value_parser = soak_duration)]
     duration: Option<Duration>,
@@ -822,6 +827,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         first_device: 0,
         transport: args.transport,
         rebind_after: None,
+        devices_per_socket: args.devices_per_socket as usize,
     };
     let settings_copy = settings.clone();
     let fleet = match Fleet::prepare(settings) {

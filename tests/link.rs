@@ -136,8 +136,8 @@ async fn a_killed_gateway_is_found_by_its_liveness_watch_not_its_probes() {
     );
 }
 
-/// `wasmbed loadtest --transport quic --rebind-after`: the whole fleet moves to a new UDP
-/// socket mid-run (every device's source port changes, as behind a NAT that rebinds); the
+/// `wasmbed loadtest --transport quic --rebind-after`: the whole fleet moves to new UDP
+/// sockets mid-run (every device's source port changes, as behind a NAT that rebinds); the
 /// sessions go on: nothing lost, no reconnect, no app state restarted.
 #[test]
 fn a_quic_fleet_whose_addresses_change_loses_nothing() {
@@ -157,6 +157,8 @@ fn a_quic_fleet_whose_addresses_change_loses_nothing() {
         .arg("--ca-dir")
         .arg(pki)
         .args(["--devices", "40", "--rate", "10", "--duration", "3s"])
+        // Three sockets, each moved.
+        .args(["--devices-per-socket", "16"])
         .args(["--app", "counter", "--rebind-after", "1500ms", "--json"])
         .arg(&json)
         .output()
@@ -169,7 +171,7 @@ fn a_quic_fleet_whose_addresses_change_loses_nothing() {
     );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["rebinds"], 1, "{report}");
+    assert_eq!(report["rebinds"], 3, "every socket moved: {report}");
     assert_eq!(report["connected"], 40, "{report}");
     assert_eq!(report["reconnects"], 0, "{report}");
     assert_eq!(report["state_resets"], 0, "{report}");

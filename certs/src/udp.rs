@@ -5,15 +5,18 @@
 //! datagrams: thousands of QUIC connections on one socket overflow it in a burst (a failover,
 //! a fleet connecting), the kernel drops datagrams (`RcvbufErrors` in /proc/net/snmp), and
 //! QUIC recovers them only by retransmission after a probe timeout — seconds of delay.
-//! So the socket asks for [`BUFFER`] each way; the kernel caps it at `net.core.rmem_max` /
-//! `wmem_max` (4 MiB on this machine kind; raise them for more).
+//! So the socket asks for [`BUFFER`] each way; Linux caps the request at `net.core.rmem_max` /
+//! `wmem_max` and then doubles it (its bookkeeping overhead), so with a 16 MiB `rmem_max` the
+//! socket gets 32 MiB: room for about 14,000 full-size datagrams, the Initials of 7,000 devices
+//! arriving at once (a ClientHello with a post-quantum key share takes two). See
+//! [`granted_receive_buffer`] to tell whether the host allowed it.
 
 use std::net::{SocketAddr, UdpSocket};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Bytes asked for each socket buffer.
-pub const BUFFER: usize = 8 << 20;
+/// Bytes asked for each socket buffer (only what is queued is ever charged).
+pub const BUFFER: usize = 32 << 20;
 
 /// A non-blocking UDP socket bound to `addr`, with large buffers (best effort).
 pub fn socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -29,17 +32,27 @@ pub fn socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// The receive buffer the kernel gave `socket`, as it reports it (Linux: twice the capped
+/// request). Below [`BUFFER`], `net.core.rmem_max` is under half of it: a burst of datagrams
+/// the size of a fleet reconnecting may be dropped.
+pub fn granted_receive_buffer(socket: &UdpSocket) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).recv_buffer_size()
+}
+
 /// A quinn endpoint on [`socket`]`(addr)`: a server with `server`, else a client only.
 pub fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
+    endpoint_on(socket(addr)?, server)
+}
+
+/// A quinn endpoint on `socket` (one [`socket`] made).
+pub fn endpoint_on(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket(addr)?,
-        runtime,
-    )
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }

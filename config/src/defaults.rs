@@ -52,8 +52,11 @@ pub mod proxy {
     /// Device handshakes in progress at once (TLS over TCP and QUIC); past it new devices
     /// wait in line for [`HANDSHAKE_WAIT`], then are refused.
     pub const MAX_HANDSHAKES: usize = 512;
-    /// How long a device past [`MAX_HANDSHAKES`] waits for a slot.
-    pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(1);
+    /// How long a device past [`MAX_HANDSHAKES`] waits for a slot (at most 3/5 of the
+    /// handshake's own timeout when not given). Long enough that a storm's devices keep
+    /// their TLS tickets (a refused QUIC attempt spends one), short enough to leave a
+    /// resumed handshake its time within a device's 5 s connect timeout.
+    pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(3);
 }
 
 /// Defaults of `wasmbed gateway`.

@@ -47,9 +47,15 @@ pub struct LoadtestFlags {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// How devices reach the target: `tcp` (TLS over TCP) or `quic` (a terminating proxy's
-    /// `--quic-listen`: one UDP socket for the whole fleet, a QUIC connection per device).
+    /// `--quic-listen`: a QUIC connection per device, devices sharing UDP sockets as
+    /// `--devices-per-socket` says).
     #[arg(long, value_enum, default_value = "tcp")]
     pub transport: Transport,
+    /// With `--transport quic`: devices per UDP socket (and per QUIC endpoint) of the fleet.
+    /// A real device has a socket of its own; one socket for thousands of devices makes the
+    /// fleet's single receive loop, not the target, the bottleneck in a reconnect storm.
+    #[arg(long, value_name = "N", default_value_t = DEVICES_PER_SOCKET)]
+    pub devices_per_socket: u32,
     /// With `--transport quic`: after this long, move the whole fleet to a new UDP socket
     /// (a new source port for every device, as a NAT rebinding does); sessions must go on.
     #[arg(long, value_name = "DURATION")]
@@ -86,7 +92,13 @@ pub struct LoadtestSettings {
     pub transport: Transport,
     /// QUIC: when the fleet moves to a new UDP socket (`None`: never).
     pub rebind_after: Option<Duration>,
+    /// QUIC: devices per UDP socket (at least 1).
+    pub devices_per_socket: usize,
 }
+
+/// QUIC devices of a fleet per UDP socket, by default: each socket has its own quinn endpoint
+/// (its own receive loop and kernel buffer), so 9,000 devices use 141 of them.
+pub const DEVICES_PER_SOCKET: u32 = 64;
 
 /// The most DATA messages per second one simulated device sends.
 pub const MAX_RATE: f64 = 10_000.0;
@@ -128,8 +140,15 @@ impl LoadtestSettings {
             }
             None => None,
         };
+        if f.devices_per_socket == 0 {
+            return Err(ConfigError::field(
+                "devices_per_socket",
+                "must be at least 1",
+            ));
+        }
         Ok(LoadtestSettings {
             rebind_after,
+            devices_per_socket: f.devices_per_socket as usize,
             target: parse_addr("target", &f.target)?,
             devices: f.devices,
             ramp,

@@ -240,7 +240,7 @@ pub struct ProxyFlags {
     /// The older name of --max-handshakes (it now counts TLS over TCP too).
     #[arg(long, value_name = "N", hide = true, conflicts_with = "max_handshakes")]
     pub quic_max_handshakes: Option<usize>,
-    #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a device past --max-handshakes waits in line (first come, first served) for a slot before it is refused. Its handshake has not started: waiting costs the proxy nothing but the connection, and the device keeps the ClientHello it sent (with its TLS ticket: a refused device spends one, and one refused too often resumes no more). Shorter than handshake_timeout, and well under the devices' own connect timeout; 0 refuses at once. Default {} (or half a shorter handshake_timeout).", crate::defaults::show(crate::defaults::proxy::HANDSHAKE_WAIT)))]
+    #[arg(long, value_name = "DURATION", help = format!("Terminate mode: how long a device past --max-handshakes waits in line (first come, first served) for a slot before it is refused. Its handshake has not started: waiting costs the proxy nothing but the connection, and the device keeps the ClientHello it sent (with its TLS ticket: a refused device spends one, and one refused too often resumes no more). Shorter than handshake_timeout, and well under the devices' own connect timeout; 0 refuses at once. Default {} (or 3/5 of a shorter handshake_timeout).", crate::defaults::show(crate::defaults::proxy::HANDSHAKE_WAIT)))]
     pub handshake_wait: Option<String>,
     #[arg(long, value_name = "DURATION", help = format!("With --upstream link: a link that hears nothing from its gateway for this long is lost, and its sessions move (keep-alives go out at a quarter of it). Default {}.", crate::defaults::show(crate::defaults::proxy::LINK_TIMEOUT)))]
     pub link_timeout: Option<String>,
@@ -885,7 +885,7 @@ impl ProxyConfig {
             )?,
         )?;
         // Given, it must end before the handshake's deadline (the wait is part of it); by
-        // default, 1 s or half a shorter handshake_timeout.
+        // default, 3 s or 3/5 of a shorter handshake_timeout (the rest for the handshake).
         let handshake_wait = match raw.handshake_wait.as_deref() {
             Some(text) => {
                 let wait = crate::parse_duration("handshake_wait", text)?;
@@ -897,7 +897,7 @@ impl ProxyConfig {
                 }
                 wait
             }
-            None => defaults::HANDSHAKE_WAIT.min(handshake_timeout / 2),
+            None => defaults::HANDSHAKE_WAIT.min(handshake_timeout * 3 / 5),
         };
         Ok(ProxyConfig {
             mode,

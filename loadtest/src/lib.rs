@@ -56,7 +56,7 @@ pub struct Live {
     pub rehomed: AtomicUsize,
     /// Devices that hold a ticket (got at least one CHECKPOINT).
     pub ticketed: AtomicUsize,
-    /// Times the fleet's UDP socket was replaced (`--rebind-after`, QUIC).
+    /// The fleet's UDP sockets replaced (`--rebind-after`, QUIC).
     pub rebinds: AtomicU64,
     pub sent: AtomicU64,
     pub answered: AtomicU64,
@@ -369,7 +369,9 @@ impl Fleet {
             ..Live::default()
         });
         let quic = match settings.transport {
-            wasmbed_config::loadtest::Transport::Quic => Some(Quic::new(&configs)?),
+            wasmbed_config::loadtest::Transport::Quic => {
+                Some(Quic::new(&configs, settings.devices_per_socket)?)
+            }
             wasmbed_config::loadtest::Transport::Tcp => None,
         };
         Ok(Fleet {
@@ -444,27 +446,30 @@ impl Fleet {
     }
 }
 
-/// Moves the QUIC fleet to a new UDP socket: every device's source address changes under its
+/// Moves the QUIC fleet to new UDP sockets: every device's source address changes under its
 /// live connection, as a NAT rebinding does.
 fn rebind(ctx: &Ctx) {
-    let Some(Ok(endpoint)) = ctx.quic.as_ref().and_then(|q| q.endpoint.get()) else {
+    let Some(quic) = ctx.quic.as_ref() else {
         return;
     };
-    let Ok(old) = endpoint.local_addr() else {
-        return;
-    };
-    let new = wasmbed_certs::udp::socket((old.ip(), 0).into()).and_then(|s| endpoint.rebind(s));
-    match new {
-        Ok(()) => {
-            ctx.live.rebinds.fetch_add(1, Ordering::Relaxed);
-            let now = endpoint
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            eprintln!("loadtest: the fleet's UDP socket moved from {old} to {now}");
+    let (mut moved, mut failed) = (0u64, 0u64);
+    for endpoint in quic.endpoints.iter().filter_map(|e| e.get()?.as_ref().ok()) {
+        let new = endpoint
+            .local_addr()
+            .and_then(|old| wasmbed_certs::udp::socket((old.ip(), 0).into()))
+            .and_then(|s| endpoint.rebind(s));
+        match new {
+            Ok(()) => moved += 1,
+            Err(e) => {
+                failed += 1;
+                eprintln!("loadtest: rebinding one of the fleet's UDP sockets failed: {e}");
+            }
         }
-        Err(e) => eprintln!("loadtest: rebinding the fleet's UDP socket failed: {e}"),
     }
+    ctx.live.rebinds.fetch_add(moved, Ordering::Relaxed);
+    eprintln!(
+        "loadtest: the fleet's UDP sockets moved to new ports: {moved} moved, {failed} failed"
+    );
 }
 
 pub fn device_id(i: usize) -> String {
@@ -480,16 +485,19 @@ type Stream = Box<dyn Io>;
 /// The device protocol's ALPN (required over QUIC).
 const ALPN: &[u8] = b"wasmbed/1";
 
-/// `--transport quic`: one client endpoint (one UDP socket) for the whole fleet, and each
-/// device's QUIC client settings (its own certificate).
+/// `--transport quic`: the fleet's client endpoints (one UDP socket each, shared by
+/// `devices_per_socket` devices), and each device's QUIC client settings (its own certificate).
 struct Quic {
     /// Made on first use, inside the runtime (quinn needs one).
-    endpoint: std::sync::OnceLock<Result<quinn::Endpoint, String>>,
+    endpoints: Vec<std::sync::OnceLock<Result<quinn::Endpoint, String>>>,
     configs: Vec<quinn::ClientConfig>,
 }
 
 impl Quic {
-    fn new(configs: &[Arc<rustls::ClientConfig>]) -> Result<Quic, FleetError> {
+    fn new(
+        configs: &[Arc<rustls::ClientConfig>],
+        devices_per_socket: usize,
+    ) -> Result<Quic, FleetError> {
         let mut transport = quinn::TransportConfig::default();
         // A device's window, not quinn's bulk default: a frame is at most 64 KiB.
         transport
@@ -512,24 +520,30 @@ impl Quic {
                 Ok(config)
             })
             .collect::<Result<Vec<_>, FleetError>>()?;
+        let sockets = configs.len().div_ceil(devices_per_socket.max(1)).max(1);
         Ok(Quic {
-            endpoint: std::sync::OnceLock::new(),
+            endpoints: (0..sockets).map(|_| std::sync::OnceLock::new()).collect(),
             configs,
         })
+    }
+
+    /// Device `i`'s endpoint: devices are dealt round the sockets, so that a ramp fills them
+    /// evenly.
+    fn endpoint(&self, i: usize, target: std::net::SocketAddr) -> Result<&quinn::Endpoint, String> {
+        let bind = match target {
+            std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        self.endpoints[i % self.endpoints.len()]
+            .get_or_init(|| wasmbed_certs::udp::endpoint(bind, None).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| format!("QUIC endpoint: {e}"))
     }
 
     /// A device's connection and its session stream.
     async fn connect(&self, i: usize, ctx: &Ctx) -> Result<Stream, String> {
         let s = &ctx.settings;
-        let bind = match s.target {
-            std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let endpoint = self
-            .endpoint
-            .get_or_init(|| wasmbed_certs::udp::endpoint(bind, None).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| format!("QUIC endpoint: {e}"))?;
+        let endpoint = self.endpoint(i, s.target)?;
         let connecting = endpoint
             .connect_with(self.configs[i].clone(), s.target, &s.sni)
             .map_err(|e| format!("QUIC connect: {e}"))?;

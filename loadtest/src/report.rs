@@ -91,7 +91,7 @@ pub struct Report {
     pub spread: Spread,
     pub messages: Messages,
     pub reconnects: u64,
-    /// `--rebind-after`: times the fleet moved to a new UDP socket (QUIC).
+    /// `--rebind-after`: the fleet's UDP sockets moved to a new port (QUIC).
     pub rebinds: u64,
     /// Devices whose app state restarted during the run (checked with the `counter` app only:
     /// a REPLY whose message count went down).
@@ -199,7 +199,7 @@ impl Report {
         if self.rebinds > 0 {
             let _ = writeln!(
                 t,
-                "rebinds   {} (every device's source port changed mid-session)",
+                "rebinds   {} UDP sockets moved (every device's source port changed mid-session)",
                 self.rebinds
             );
         }

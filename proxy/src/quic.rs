@@ -145,13 +145,33 @@ pub(crate) fn bind(
     let server = device_tls.quic().ok_or_else(|| {
         crate::error::ProxyError::Reload("--quic-listen needs terminate mode's TLS".into())
     })?;
-    wasmbed_certs::udp::endpoint(addr, Some(Arc::unwrap_or_clone(server)))
+    let bind_error = |source| crate::error::ProxyError::Bind {
+        what: "QUIC devices, --quic-listen",
+        addr,
+        source,
+    };
+    let socket = wasmbed_certs::udp::socket(addr).map_err(bind_error)?;
+    warn_if_small(wasmbed_certs::udp::granted_receive_buffer(&socket).unwrap_or(0));
+    wasmbed_certs::udp::endpoint_on(socket, Some(Arc::unwrap_or_clone(server)))
         .map(Some)
-        .map_err(|source| crate::error::ProxyError::Bind {
-            what: "QUIC devices, --quic-listen",
-            addr,
-            source,
-        })
+        .map_err(bind_error)
+}
+
+/// Says so when the host gave the QUIC socket less receive buffer than asked: every device
+/// reconnecting at once sends its Initials in the same instant, what the buffer cannot hold
+/// is dropped, and each loss costs its device a probe timeout that doubles on every retry.
+fn warn_if_small(granted: usize) {
+    let asked = wasmbed_certs::udp::BUFFER;
+    if granted < asked {
+        tracing::warn!(
+            granted,
+            asked,
+            "the QUIC socket's receive buffer is smaller than asked (net.core.rmem_max caps it): \
+             a reconnect storm may lose Initials; raise net.core.rmem_max to at least {} \
+             (Linux grants twice the capped request)",
+            asked / 2
+        );
+    }
 }
 
 /// Accepts QUIC devices until `shutdown`, each session counted against `limit` (shared
