@@ -338,7 +338,7 @@ impl<'c> Driver<'c> {
                     self.session.connected(self.now());
                 }
                 Err(reason) => {
-                    ctx.live.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    ctx.live.dial_failed(&reason);
                     self.d.out.failure = Some(reason);
                     self.closed();
                 }

@@ -76,6 +76,9 @@ pub struct Live {
     /// failed (refused, reset, timed out).
     pub dials: AtomicU64,
     pub dial_failures: AtomicU64,
+    /// The failed attempts by what the device was told (the error's text up to its first
+    /// detail), so a storm's failures can be told apart: refused, timed out, reset.
+    pub dial_failure_causes: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Churn (`wasmbed up --scenario soak`): each bump of `churn` makes every device on a
     /// session leave with a `churn_percent` % chance, stay away `churn_away_ms`, then come
     /// back and resume from its ticket. `churned` counts the devices that left.
@@ -122,6 +125,17 @@ impl Waits {
 }
 
 impl Live {
+    /// Counts one failed attempt under its cause.
+    pub fn dial_failed(&self, reason: &str) {
+        self.dial_failures.fetch_add(1, Ordering::Relaxed);
+        let cause = failure_cause(reason);
+        let mut causes = self
+            .dial_failure_causes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *causes.entry(cause).or_default() += 1;
+    }
+
     /// Starts keeping every reply's arrival and wait ([`Live::reply_waits_around`]).
     pub fn log_replies(&self) {
         *self.reply_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
@@ -470,6 +484,18 @@ fn rebind(ctx: &Ctx) {
     eprintln!(
         "loadtest: the fleet's UDP sockets moved to new ports: {moved} moved, {failed} failed"
     );
+}
+
+/// A failure's cause: its text without the details that differ between devices (addresses,
+/// numbers), bounded.
+fn failure_cause(reason: &str) -> String {
+    reason
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(80)
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 pub fn device_id(i: usize) -> String {

@@ -208,33 +208,40 @@ pub(crate) async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        // In TCP's order: a connection's place (`--max-connections`) first, then (in the
-        // session's task, `admitted`) a slot of the handshake cap. A stampede (a fleet
-        // reconnecting at once) waits in line for slots up to `handshake_wait`, then is
-        // refused and tries again later: queued longer, it would time out while its handshake
-        // waited, and the work be wasted.
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        // A device past the handshake cap waits in line without a connection's place
+        // (`--max-connections`): unlike a TCP connection in line, an Initial held unanswered
+        // holds no socket, and devices in line holding places filled the cap in a storm —
+        // open sessions, handshakes and the line together — so newcomers were refused `full`
+        // at once, again and again, each refusal spending the device's TLS ticket. The line
+        // is bounded on its own instead (no longer than the cap), and the place is taken when
+        // the handshake starts.
+        if ctx.device_tls.waiting() >= limit.available_permits().max(1) {
             ctx.meters.quic.refused_full.increment(1);
             incoming.refuse();
             continue;
-        };
+        }
         let span = tracing::info_span!("session", peer = %incoming.remote_address(), transport = "quic", device = tracing::field::Empty, sni = tracing::field::Empty, gateway = tracing::field::Empty);
         let port = endpoint.local_addr().map_or(0, |a| a.port());
         // Boxed apart: the handshake's state (the `Incoming`, the timeouts, the anchoring) is
         // the largest part of the session's future, and a task keeps its future's largest
         // size for its whole life; boxed, it is freed once the session is anchored (3.8 KB
         // per idle session, measured with heaptrack).
-        let accepting = Box::pin(admitted(ctx.clone(), (incoming, trust), port));
+        let accepting = Box::pin(admitted(
+            ctx.clone(),
+            (incoming, trust),
+            port,
+            limit.clone(),
+        ));
         sessions.spawn(
             async move {
-                if let Some(anchored) = accepting.await {
+                if let Some((anchored, place)) = accepting.await {
                     crate::events::COUNTS
                         .accepted
                         .fetch_add(1, Ordering::Relaxed);
                     let _open = Open::new(&ctx.meters.open_quic);
                     Box::pin(anchored.serve()).await;
+                    drop(place);
                 }
-                drop(permit);
             }
             .instrument(span),
         );
@@ -269,13 +276,18 @@ pub(crate) async fn close(endpoint: &Endpoint) {
 /// A slot of the handshake cap TLS over TCP shares (`max_handshakes`), waited for in line
 /// up to `handshake_wait` (its Initial held unanswered meanwhile, the device's handshake not
 /// started; counted in line, then in progress until the handshake's end in `accept`, and
-/// both count for the next Initial's retry decision); then [`accept`]. Refused
-/// (CONNECTION_REFUSED) if no slot came in time.
+/// both count for the next Initial's retry decision); then a connection's place of `limit`
+/// (`--max-connections`, held until the session ends) and [`accept`]. Refused
+/// (CONNECTION_REFUSED) if no slot came in time or no place is free.
 async fn admitted(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
     port: u16,
-) -> Option<Box<crate::anchor::Anchored>> {
+    limit: Arc<Semaphore>,
+) -> Option<(
+    Box<crate::anchor::Anchored>,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
     // As over TCP, the handshake's deadline counts from the device's arrival: its time in
     // line is part of it (the device's own patience does not restart when it is admitted).
     let started = std::time::Instant::now();
@@ -286,13 +298,33 @@ async fn admitted(
         incoming.refuse();
         return None;
     };
-    accept(
+    // The connection's place, now that its handshake starts: the line is no longer than the
+    // free places, so one is there unless a session took it meanwhile (or the one that held
+    // the slot still holds its place for a moment); waited for as the slot was.
+    let wait = ctx
+        .config
+        .handshake_wait
+        .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    let place = match limit.clone().try_acquire_owned() {
+        Ok(place) => Some(place),
+        Err(_) => tokio::time::timeout(wait, limit.acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok),
+    };
+    let Some(place) = place else {
+        ctx.meters.quic.refused_full.increment(1);
+        incoming.refuse();
+        return None;
+    };
+    let anchored = accept(
         ctx,
         (incoming, trust),
         (handshake, port),
         (started, deadline),
     )
-    .await
+    .await?;
+    Some((anchored, place))
 }
 
 /// One QUIC device up to its anchored session (`None`: refused, counted, or ended).

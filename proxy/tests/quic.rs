@@ -688,6 +688,57 @@ async fn a_resumed_session_whose_certificate_no_longer_passes_is_refused_on_ever
     }
 }
 
+/// At `max_connections`, a QUIC device waits in the handshake line for a place, as a TCP
+/// device waits in the listen backlog, instead of being refused at once: an Initial held
+/// unanswered holds no socket, so the place is taken when its handshake starts (devices in
+/// line holding places filled the cap in a 9,000-device storm, and the newcomers' refusals
+/// spent their TLS tickets). The line is no longer than the free places: one more is
+/// refused `full` at once.
+#[tokio::test]
+async fn at_max_connections_a_quic_device_waits_in_line_for_a_place() {
+    let pki = Arc::new(pki(KeyKind::EcdsaP256));
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut c = quic_proxy(&pki, &[&gw]);
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    // Two places: the TCP listener holds one while it waits to accept (past the cap, TCP
+    // devices wait in the backlog), the stalled connection below the other.
+    c.max_connections = 2;
+    c.max_handshakes = 1;
+    c.handshake_wait = Duration::from_secs(30);
+    c.handshake_timeout = Duration::from_secs(60);
+    let proxy = start(c).await;
+    let quic = proxy.quic.unwrap();
+    let full = "wasmbed_proxy_quic_connections_total{result=\"refused_full\"}";
+    let waiting = "wasmbed_proxy_handshakes_waiting";
+    // A stalled TLS-over-TCP handshake holds the last place and the one slot.
+    let stalled = stall_a_handshake(&proxy).await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client = quic_client(&pki, Some(&pki.ca), "device-quic-waits");
+    let connecting = endpoint.connect_with(client, quic, "localhost").unwrap();
+    let waits = tokio::spawn(connecting);
+    proxy.until_metric(waiting, 1.0).await;
+    assert_eq!(proxy.metric(full).await, 0.0, "refused, not in line");
+    // The line is as long as the places that will be free (none now): one more is refused.
+    let client = quic_client(&pki, Some(&pki.ca), "device-quic-refused");
+    let refused = endpoint
+        .connect_with(client, quic, "localhost")
+        .unwrap()
+        .await;
+    assert!(refused.is_err(), "a device past the line's bound got in");
+    assert_eq!(proxy.metric(full).await, 1.0);
+    // The place and the slot free: the device in line gets both and its session.
+    drop(stalled);
+    let conn = waits
+        .await
+        .unwrap()
+        .expect("the device in line, once a place freed");
+    let (send, recv) = conn.open_bi().await.unwrap();
+    Device::new(tokio::io::join(recv, send))
+        .open("device-quic-waits", "echo")
+        .await;
+    assert_eq!(proxy.metric(full).await, 1.0);
+}
+
 /// A TLS-over-TCP connection that sends the first byte of a ClientHello and stalls: it
 /// holds a handshake slot (the one, under `max_handshakes = 1`) until dropped.
 async fn stall_a_handshake(proxy: &RunningProxy) -> tokio::net::TcpStream {

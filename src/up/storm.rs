@@ -86,6 +86,14 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     (hz > 0.0).then(|| ticks / hz)
 }
 
+/// The fleet's failed attempts so far, by cause.
+fn failure_causes(live: &wasmbed_loadtest::Live) -> BTreeMap<String, u64> {
+    live.dial_failure_causes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
     use std::sync::atomic::Ordering::Relaxed;
     let Run {
@@ -108,6 +116,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         live.dials.load(Relaxed),
         live.dial_failures.load(Relaxed),
     );
+    let causes_before = failure_causes(live);
     say!("storm: all {devices} devices drop their connections at once and reconnect");
     let event = Instant::now();
     live.storm.cancel();
@@ -134,6 +143,11 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
     let report = running.await.unwrap_or_default();
     let dials = live.dials.load(Relaxed) - dials_before;
     let dial_failures = live.dial_failures.load(Relaxed) - failed_before;
+    let mut causes = failure_causes(live);
+    for (cause, n) in causes.iter_mut() {
+        *n -= causes_before.get(cause).copied().unwrap_or(0);
+    }
+    causes.retain(|_, n| *n > 0);
     // A handshake the proxy finished for a device that did not come back on it: wasted.
     let wasted = (seen.finished - returned as f64).max(0.0);
     say!(
@@ -151,6 +165,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         100.0 * wasted / seen.finished.max(1.0),
         seen.refused
     );
+    say!("device attempts that failed, by what the device was told: {causes:?}");
     say!(
         "gateways marked down during the storm: {:.0} (every gateway stayed alive); proxy CPU {}",
         seen.downs,
@@ -184,6 +199,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         "crest_100ms": crest,
         "device_handshakes": dials,
         "device_handshake_failures": dial_failures,
+        "device_handshake_failure_causes": causes,
         "proxy_handshakes_finished": seen.finished,
         "proxy_handshakes_wasted": wasted,
         "proxy_tls_tickets_opened": seen.tickets_opened,
