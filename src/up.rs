@@ -518,9 +518,16 @@ fn start(
         "--fall".into(),
         "2".into(),
         // Room for every device, not the default 9,500 (which a low open-files limit could
-        // not hold, and the proxy would warn about).
+        // not hold, and the proxy would warn about). QUIC devices hold no descriptor, and
+        // get room for each one's zombie too: after a blip a device's old connection lives
+        // on at the proxy until its close arrives (lost in the burst, or never sent) or the
+        // device's new session supersedes it, and meanwhile holds a place.
         "--max-connections".into(),
-        (devices + 64).to_string(),
+        match args.transport {
+            wasmbed_config::loadtest::Transport::Quic => 2 * devices + 64,
+            wasmbed_config::loadtest::Transport::Tcp => devices + 64,
+        }
+        .to_string(),
         "--gateway".into(),
         gw_flags.join(","),
     ];

@@ -414,7 +414,12 @@ pub fn client_config(
     ca: &[CertificateDer<'static>],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<ClientConfig>, CertError> {
-    client_config_with(ca, identity, TicketStore::new(256, UPSTREAM_TICKETS))
+    client_config_with(
+        ca,
+        identity,
+        TicketStore::new(256, UPSTREAM_TICKETS),
+        provider(),
+    )
 }
 
 /// A device's client config: as [`client_config`], with room for the tickets of the one
@@ -424,7 +429,24 @@ pub fn device_client_config(
     ca: &[CertificateDer<'static>],
     identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> Result<Arc<ClientConfig>, CertError> {
-    client_config_with(ca, Some(identity), TicketStore::new(1, DEVICE_TICKETS))
+    client_config_with(
+        ca,
+        Some(identity),
+        TicketStore::new(1, DEVICE_TICKETS),
+        device_provider(),
+    )
+}
+
+/// A device's crypto: [`provider`] with the key exchanges of an embedded TLS stack (X25519,
+/// then P-256; mbedTLS and wolfSSL offer no post-quantum hybrid), so a simulated device's
+/// ClientHello is one QUIC Initial datagram, not two, and costs what a device's does.
+pub fn device_provider() -> Arc<CryptoProvider> {
+    let mut provider = (*provider()).clone();
+    provider.kx_groups = vec![
+        rustls::crypto::aws_lc_rs::kx_group::X25519,
+        rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+    ];
+    Arc::new(provider)
 }
 
 /// TLS 1.3 tickets a device keeps: enough for the reconnections of one outage.
@@ -434,8 +456,9 @@ fn client_config_with(
     ca: &[CertificateDer<'static>],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     tickets: TicketStore,
+    provider: Arc<CryptoProvider>,
 ) -> Result<Arc<ClientConfig>, CertError> {
-    let builder = ClientConfig::builder_with_provider(provider())
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca)?);
     let mut config = match identity {

@@ -106,6 +106,14 @@ impl Drop for InLine<'_> {
 /// Device trust read from files and checked, not yet in use ([`DeviceTls::install`]).
 pub(crate) struct Prepared(Option<DeviceTrust>);
 
+/// TLS 1.3 tickets sent to a device after each handshake (rustls sends 2). A device's TLS
+/// client spends one on every attempt, also one the proxy refuses: over QUIC the ticket is
+/// in the Initial the refusal answers. With 2, a device refused twice in a storm resumed no
+/// more, and the full handshakes that followed slowed the line and refused more devices.
+/// Each costs the proxy a sealed ticket of about 200 bytes; a device keeps what it can (the
+/// SDK's fleet keeps 4: `wasmbed_certs::DEVICE_TICKETS`).
+pub(crate) const TICKETS_PER_HANDSHAKE: usize = 4;
+
 impl DeviceTls {
     pub(crate) fn load(config: &ProxyConfig) -> Result<DeviceTls, ProxyError> {
         let tls = DeviceTls {
@@ -255,6 +263,7 @@ impl DeviceTls {
                 None => self.own_tickets.clone(),
             };
             config.ticketer = Arc::new(CountedTickets::new(inner));
+            config.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
         } else {
             // Every handshake a full one: no session cache, no tickets.
             config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});

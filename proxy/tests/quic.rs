@@ -739,6 +739,61 @@ async fn at_max_connections_a_quic_device_waits_in_line_for_a_place() {
     assert_eq!(proxy.metric(full).await, 1.0);
 }
 
+/// A QUIC device refused three times in a row (a storm) still resumes TLS: its client spends
+/// a ticket on each attempt (the ticket is in the Initial the refusal answers), and the proxy
+/// sends enough after each handshake (`TICKETS_PER_HANDSHAKE`, 4; rustls' 2 lasted two
+/// refusals, and a storm's full handshakes then slowed the line for everyone).
+#[tokio::test]
+async fn a_quic_device_refused_three_times_still_resumes() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut c = quic_proxy(&pki, &[&gw]);
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    c.max_handshakes = 1;
+    c.handshake_wait = Duration::ZERO;
+    let proxy = start(c).await;
+    let quic = proxy.quic.unwrap();
+    let opened = "wasmbed_proxy_tls_tickets_total{result=\"opened\"}";
+    let busy = "wasmbed_proxy_quic_connections_total{result=\"refused_busy\"}";
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    // One client config: the device's own ticket store, kept across its attempts.
+    let client = quic_client(&pki, Some(&pki.ca), "device-refused");
+    let session = |client: quinn::ClientConfig| {
+        let endpoint = endpoint.clone();
+        async move {
+            let conn = endpoint
+                .connect_with(client, quic, "localhost")
+                .unwrap()
+                .await?;
+            let (send, recv) = conn.open_bi().await.unwrap();
+            // The session's round trip brings the tickets.
+            Device::new(tokio::io::join(recv, send))
+                .open("device-refused", "echo")
+                .await;
+            conn.close(0u32.into(), b"bye");
+            Ok::<(), quinn::ConnectionError>(())
+        }
+    };
+    session(client.clone()).await.unwrap();
+    // A stalled handshake holds the one slot: three attempts refused.
+    let stalled = stall_a_handshake(&proxy).await;
+    for _ in 0..3 {
+        assert!(session(client.clone()).await.is_err());
+    }
+    assert_eq!(proxy.metric(busy).await, 3.0);
+    assert_eq!(proxy.metric(opened).await, 0.0);
+    drop(stalled);
+    proxy
+        .until_metric("wasmbed_proxy_handshakes_in_progress", 0.0)
+        .await;
+    session(client).await.unwrap();
+    assert_eq!(
+        proxy.metric(opened).await,
+        1.0,
+        "the fourth attempt resumed from a ticket left"
+    );
+}
+
 /// A TLS-over-TCP connection that sends the first byte of a ClientHello and stalls: it
 /// holds a handshake slot (the one, under `max_handshakes = 1`) until dropped.
 async fn stall_a_handshake(proxy: &RunningProxy) -> tokio::net::TcpStream {
