@@ -63,6 +63,15 @@ fn quic_client(pki: &Pki, identity: Option<&DevCa>, name: &str) -> quinn::Client
     quinn::ClientConfig::new(Arc::new(crypto))
 }
 
+/// One handshake slot (`max_handshakes = 1`), a line of `wait` past it and a handshake
+/// deadline of `timeout`; no retry (every Initial goes straight to the line).
+fn one_slot(c: &mut wasmbed_config::ProxyConfig, wait: Duration, timeout: Duration) {
+    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    c.max_handshakes = 1;
+    c.handshake_wait = wait;
+    c.handshake_timeout = timeout;
+}
+
 fn quic_proxy(pki: &Pki, gateways: &[&FrameGateway]) -> wasmbed_config::ProxyConfig {
     let mut c = config(gateways.iter().map(|g| g.gateway()).collect());
     c.mode = Mode::Terminate;
@@ -281,10 +290,7 @@ async fn past_the_handshake_cap_new_devices_are_refused_at_once() {
     let pki = pki(KeyKind::EcdsaP256);
     let gw = FrameGateway::spawn("gw-0").await;
     let mut c = quic_proxy(&pki, &[&gw]);
-    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
-    c.max_handshakes = 1;
-    c.handshake_wait = Duration::ZERO;
-    c.handshake_timeout = Duration::from_secs(2);
+    one_slot(&mut c, Duration::ZERO, Duration::from_secs(2));
     let proxy = start(c).await;
     let addr = proxy.quic.unwrap();
     // A handshake that never ends: its client's datagrams reach the proxy through a relay
@@ -353,10 +359,7 @@ async fn past_max_handshakes_devices_of_every_transport_are_refused_at_once() {
     let pki = pki(KeyKind::EcdsaP256);
     let gw = FrameGateway::spawn("gw-0").await;
     let mut c = quic_proxy(&pki, &[&gw]);
-    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
-    c.max_handshakes = 1;
-    c.handshake_wait = Duration::ZERO;
-    c.handshake_timeout = Duration::from_secs(30);
+    one_slot(&mut c, Duration::ZERO, Duration::from_secs(30));
     // A raw listener beside the anchored one: the same admission.
     let mut raw = c.listeners[0].clone();
     raw.raw = true;
@@ -422,10 +425,7 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
     let pki = Arc::new(pki(KeyKind::EcdsaP256));
     let gw = FrameGateway::spawn("gw-0").await;
     let mut c = quic_proxy(&pki, &[&gw]);
-    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
-    c.max_handshakes = 1;
-    c.handshake_wait = Duration::from_secs(30);
-    c.handshake_timeout = Duration::from_secs(60);
+    one_slot(&mut c, Duration::from_secs(30), Duration::from_secs(60));
     let mut raw = c.listeners[0].clone();
     raw.raw = true;
     c.listeners.push(raw);
@@ -699,13 +699,10 @@ async fn at_max_connections_a_quic_device_waits_in_line_for_a_place() {
     let pki = Arc::new(pki(KeyKind::EcdsaP256));
     let gw = FrameGateway::spawn("gw-0").await;
     let mut c = quic_proxy(&pki, &[&gw]);
-    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
+    one_slot(&mut c, Duration::from_secs(30), Duration::from_secs(60));
     // Two places: the TCP listener holds one while it waits to accept (past the cap, TCP
     // devices wait in the backlog), the stalled connection below the other.
     c.max_connections = 2;
-    c.max_handshakes = 1;
-    c.handshake_wait = Duration::from_secs(30);
-    c.handshake_timeout = Duration::from_secs(60);
     let proxy = start(c).await;
     let quic = proxy.quic.unwrap();
     let full = "wasmbed_proxy_quic_connections_total{result=\"refused_full\"}";
@@ -748,9 +745,8 @@ async fn a_quic_device_refused_three_times_still_resumes() {
     let pki = pki(KeyKind::EcdsaP256);
     let gw = FrameGateway::spawn("gw-0").await;
     let mut c = quic_proxy(&pki, &[&gw]);
-    c.quic.retry = wasmbed_config::proxy::QuicRetry::Never;
-    c.max_handshakes = 1;
-    c.handshake_wait = Duration::ZERO;
+    let timeout = c.handshake_timeout;
+    one_slot(&mut c, Duration::ZERO, timeout);
     let proxy = start(c).await;
     let quic = proxy.quic.unwrap();
     let opened = "wasmbed_proxy_tls_tickets_total{result=\"opened\"}";
