@@ -684,12 +684,14 @@ pub fn run(args: UpArgs) -> ExitCode {
         _ => 0,
     };
     let all_devices = devices + second_fleet;
-    // QUIC devices share one UDP socket: no descriptor each.
-    let tcp_devices = match args.transport {
+    // A TCP device holds a descriptor; QUIC devices share a socket per --devices-per-socket.
+    let fleet_descriptors = match args.transport {
         wasmbed_config::loadtest::Transport::Tcp => all_devices,
-        wasmbed_config::loadtest::Transport::Quic => 0,
+        wasmbed_config::loadtest::Transport::Quic => {
+            all_devices.div_ceil(args.devices_per_socket.max(1) as usize)
+        }
     };
-    if let Err(e) = wasmbed_loadtest::check_descriptors(tcp_devices) {
+    if let Err(e) = wasmbed_loadtest::check_descriptors(fleet_descriptors) {
         esay!("wasmbed up: {e}");
         return ExitCode::from(2);
     }

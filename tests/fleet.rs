@@ -184,7 +184,7 @@ fn terminate_mode_moves_the_sessions_of_a_killed_gateway() {
     moves_without_the_devices_noticing("failover");
 }
 
-/// QUIC devices (one UDP socket for the fleet), one QUIC link per gateway: a killed
+/// QUIC devices (64 to a UDP socket), one QUIC link per gateway: a killed
 /// gateway's sessions move the same way, no device notices.
 #[test]
 fn quic_devices_over_links_keep_their_sessions_when_a_gateway_dies() {

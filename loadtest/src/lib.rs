@@ -32,10 +32,12 @@ pub enum FleetError {
     #[error(transparent)]
     Certs(#[from] wasmbed_certs::CertError),
     #[error(
-        "{devices} devices need about {needed} open files, but this process may open {limit}; \
-         lower --devices or raise the limit (ulimit -n)"
+        "the fleet's {devices} connections or sockets need about {needed} open files, but this \
+         process may open {limit}; lower --devices (QUIC: raise --devices-per-socket) or raise \
+         the limit (ulimit -n)"
     )]
     Descriptors {
+        /// TCP devices, or QUIC sockets.
         devices: usize,
         needed: u64,
         limit: u64,
@@ -304,6 +306,16 @@ pub struct Fleet {
     ctx: Arc<Ctx>,
 }
 
+/// The descriptors a fleet's devices hold: one per TCP device, one per QUIC socket.
+pub fn descriptors(settings: &LoadtestSettings) -> usize {
+    match settings.transport {
+        wasmbed_config::loadtest::Transport::Tcp => settings.devices,
+        wasmbed_config::loadtest::Transport::Quic => settings
+            .devices
+            .div_ceil(settings.devices_per_socket.max(1)),
+    }
+}
+
 /// Whether this process may open a connection per device (raising its soft open-files limit
 /// to the hard one first). Call it before starting anything a fleet would need.
 pub fn check_descriptors(devices: usize) -> Result<(), FleetError> {
@@ -323,10 +335,9 @@ impl Fleet {
     /// Issues every device its certificate from the CA in `settings.ca_dir`, or loads it from
     /// `settings.devices_from`.
     pub fn prepare(settings: LoadtestSettings) -> Result<Fleet, FleetError> {
-        // A TCP device holds a descriptor; QUIC devices share one UDP socket.
-        if settings.transport == wasmbed_config::loadtest::Transport::Tcp {
-            check_descriptors(settings.devices)?;
-        }
+        // A TCP device holds a descriptor; QUIC devices share a UDP socket per
+        // `devices_per_socket`.
+        check_descriptors(descriptors(&settings))?;
         let read = |name: &str| {
             let path = settings.ca_dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| wasmbed_certs::CertError::File {
@@ -467,7 +478,12 @@ fn rebind(ctx: &Ctx) {
         return;
     };
     let (mut moved, mut failed) = (0u64, 0u64);
-    for endpoint in quic.endpoints.iter().filter_map(|e| e.get()?.as_ref().ok()) {
+    let made: Vec<quinn::Endpoint> = quic
+        .endpoints
+        .iter()
+        .filter_map(|e| e.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .collect();
+    for endpoint in &made {
         let new = endpoint
             .local_addr()
             .and_then(|old| wasmbed_certs::udp::socket((old.ip(), 0).into()))
@@ -514,8 +530,9 @@ const ALPN: &[u8] = b"wasmbed/1";
 /// `--transport quic`: the fleet's client endpoints (one UDP socket each, shared by
 /// `devices_per_socket` devices), and each device's QUIC client settings (its own certificate).
 struct Quic {
-    /// Made on first use, inside the runtime (quinn needs one).
-    endpoints: Vec<std::sync::OnceLock<Result<quinn::Endpoint, String>>>,
+    /// Made on first use, inside the runtime (quinn needs one); a failure is not kept (the
+    /// next device on the socket tries again).
+    endpoints: Vec<Mutex<Option<quinn::Endpoint>>>,
     configs: Vec<quinn::ClientConfig>,
 }
 
@@ -548,22 +565,28 @@ impl Quic {
             .collect::<Result<Vec<_>, FleetError>>()?;
         let sockets = configs.len().div_ceil(devices_per_socket.max(1)).max(1);
         Ok(Quic {
-            endpoints: (0..sockets).map(|_| std::sync::OnceLock::new()).collect(),
+            endpoints: (0..sockets).map(|_| Mutex::new(None)).collect(),
             configs,
         })
     }
 
     /// Device `i`'s endpoint: devices are dealt round the sockets, so that a ramp fills them
     /// evenly.
-    fn endpoint(&self, i: usize, target: std::net::SocketAddr) -> Result<&quinn::Endpoint, String> {
+    fn endpoint(&self, i: usize, target: std::net::SocketAddr) -> Result<quinn::Endpoint, String> {
         let bind = match target {
             std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        self.endpoints[i % self.endpoints.len()]
-            .get_or_init(|| wasmbed_certs::udp::endpoint(bind, None).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| format!("QUIC endpoint: {e}"))
+        let mut slot = self.endpoints[i % self.endpoints.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(endpoint) = slot.as_ref() {
+            return Ok(endpoint.clone());
+        }
+        let endpoint =
+            wasmbed_certs::udp::endpoint(bind, None).map_err(|e| format!("QUIC endpoint: {e}"))?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
     }
 
     /// A device's connection and its session stream.

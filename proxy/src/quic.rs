@@ -12,7 +12,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -182,6 +182,10 @@ pub(crate) async fn accept_loop(
     (limit, sessions): (Arc<Semaphore>, TaskTracker),
     shutdown: CancellationToken,
 ) {
+    // QUIC devices admitted past this loop that have no place yet (in line for a slot, or
+    // about to take their place): counted here, before their tasks first run, so a burst of
+    // Initials sees its own size. (TCP devices in line hold their places already.)
+    let unplaced = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
@@ -215,11 +219,12 @@ pub(crate) async fn accept_loop(
         // at once, again and again, each refusal spending the device's TLS ticket. The line
         // is bounded on its own instead (no longer than the cap), and the place is taken when
         // the handshake starts.
-        if ctx.device_tls.waiting() >= limit.available_permits().max(1) {
+        if unplaced.load(Ordering::Relaxed) >= limit.available_permits().max(1) {
             ctx.meters.quic.refused_full.increment(1);
             incoming.refuse();
             continue;
         }
+        let unplaced = Unplaced::new(&unplaced);
         let span = tracing::info_span!("session", peer = %incoming.remote_address(), transport = "quic", device = tracing::field::Empty, sni = tracing::field::Empty, gateway = tracing::field::Empty);
         let port = endpoint.local_addr().map_or(0, |a| a.port());
         // Boxed apart: the handshake's state (the `Incoming`, the timeouts, the anchoring) is
@@ -230,7 +235,7 @@ pub(crate) async fn accept_loop(
             ctx.clone(),
             (incoming, trust),
             port,
-            limit.clone(),
+            (limit.clone(), unplaced),
         ));
         sessions.spawn(
             async move {
@@ -248,6 +253,25 @@ pub(crate) async fn accept_loop(
     }
     // No new connections; live sessions go on for the grace period ([`close`] ends them).
     endpoint.set_server_config(None);
+}
+
+/// How long a QUIC device that got a handshake slot waits for its connection's place.
+const PLACE_GRACE: Duration = Duration::from_millis(100);
+
+/// One QUIC device in the accept loop's `unplaced` count while it lives.
+struct Unplaced(Arc<AtomicUsize>);
+
+impl Unplaced {
+    fn new(count: &Arc<AtomicUsize>) -> Unplaced {
+        count.fetch_add(1, Ordering::Relaxed);
+        Unplaced(count.clone())
+    }
+}
+
+impl Drop for Unplaced {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts an open connection in a gauge while it lives (also when its task is cancelled).
@@ -283,7 +307,7 @@ async fn admitted(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
     port: u16,
-    limit: Arc<Semaphore>,
+    (limit, unplaced): (Arc<Semaphore>, Unplaced),
 ) -> Option<(
     Box<crate::anchor::Anchored>,
     tokio::sync::OwnedSemaphorePermit,
@@ -299,19 +323,18 @@ async fn admitted(
         return None;
     };
     // The connection's place, now that its handshake starts: the line is no longer than the
-    // free places, so one is there unless a session took it meanwhile (or the one that held
-    // the slot still holds its place for a moment); waited for as the slot was.
-    let wait = ctx
-        .config
-        .handshake_wait
-        .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    // free places, so one is there unless a TCP connection took it meanwhile, or the
+    // connection that held the slot still holds its place for a moment (a short grace). Not
+    // waited for longer: this device holds a slot, and a TCP device in line holds a place
+    // while it waits for a slot.
     let place = match limit.clone().try_acquire_owned() {
         Ok(place) => Some(place),
-        Err(_) => tokio::time::timeout(wait, limit.acquire_owned())
+        Err(_) => tokio::time::timeout(PLACE_GRACE, limit.acquire_owned())
             .await
             .ok()
             .and_then(Result::ok),
     };
+    drop(unplaced);
     let Some(place) = place else {
         ctx.meters.quic.refused_full.increment(1);
         incoming.refuse();

@@ -730,10 +730,26 @@ async fn at_max_connections_a_quic_device_waits_in_line_for_a_place() {
         .unwrap()
         .expect("the device in line, once a place freed");
     let (send, recv) = conn.open_bi().await.unwrap();
-    Device::new(tokio::io::join(recv, send))
-        .open("device-quic-waits", "echo")
-        .await;
+    let mut dev = Device::new(tokio::io::join(recv, send));
+    dev.open("device-quic-waits", "echo").await;
     assert_eq!(proxy.metric(full).await, 1.0);
+    // Its session holds the place while it lives: another device finds none ...
+    let client = quic_client(&pki, Some(&pki.ca), "device-quic-later");
+    let later = endpoint
+        .connect_with(client.clone(), quic, "localhost")
+        .unwrap()
+        .await;
+    assert!(later.is_err(), "a device got a place a session holds");
+    assert_eq!(proxy.metric(full).await, 2.0);
+    // ... and gets it once that session ends.
+    drop(dev);
+    conn.close(0u32.into(), b"bye");
+    all_closed(&proxy).await;
+    endpoint
+        .connect_with(client, quic, "localhost")
+        .unwrap()
+        .await
+        .expect("the place a session gave back");
 }
 
 /// A QUIC device refused three times in a row (a storm) still resumes TLS: its client spends

@@ -387,7 +387,7 @@ fn a_quic_listener_needs_terminate_mode() {
     // handshake's own deadline (the wait is part of it).
     assert_eq!(
         cap("").unwrap().handshake_wait,
-        crate::defaults::proxy::HANDSHAKE_WAIT
+        std::time::Duration::from_secs(3)
     );
     assert_eq!(
         cap("handshake_wait = \"250ms\"").unwrap().handshake_wait,
