@@ -685,13 +685,12 @@ pub fn run(args: UpArgs) -> ExitCode {
     };
     let all_devices = devices + second_fleet;
     // A TCP device holds a descriptor; QUIC devices share a socket per --devices-per-socket.
-    let fleet_descriptors = match args.transport {
-        wasmbed_config::loadtest::Transport::Tcp => all_devices,
-        wasmbed_config::loadtest::Transport::Quic => {
-            all_devices.div_ceil(args.devices_per_socket.max(1) as usize)
-        }
-    };
-    if let Err(e) = wasmbed_loadtest::check_descriptors(fleet_descriptors) {
+    let fleet = wasmbed_loadtest::descriptors(
+        args.transport,
+        all_devices,
+        args.devices_per_socket as usize,
+    );
+    if let Err(e) = wasmbed_loadtest::check_descriptors(fleet) {
         esay!("wasmbed up: {e}");
         return ExitCode::from(2);
     }

@@ -32,13 +32,13 @@ pub enum FleetError {
     #[error(transparent)]
     Certs(#[from] wasmbed_certs::CertError),
     #[error(
-        "the fleet's {devices} connections or sockets need about {needed} open files, but this \
-         process may open {limit}; lower --devices (QUIC: raise --devices-per-socket) or raise \
-         the limit (ulimit -n)"
+        "{count} {what} need about {needed} open files, but this process may open {limit}; \
+         lower --devices or raise the limit (ulimit -n)"
     )]
     Descriptors {
         /// TCP devices, or QUIC sockets.
-        devices: usize,
+        count: usize,
+        what: &'static str,
         needed: u64,
         limit: u64,
     },
@@ -306,24 +306,31 @@ pub struct Fleet {
     ctx: Arc<Ctx>,
 }
 
-/// The descriptors a fleet's devices hold: one per TCP device, one per QUIC socket.
-pub fn descriptors(settings: &LoadtestSettings) -> usize {
-    match settings.transport {
-        wasmbed_config::loadtest::Transport::Tcp => settings.devices,
-        wasmbed_config::loadtest::Transport::Quic => settings
-            .devices
-            .div_ceil(settings.devices_per_socket.max(1)),
+/// The descriptors `devices` devices hold, and what they are: one per TCP device, one per
+/// QUIC socket (`per_socket` devices each).
+pub fn descriptors(
+    transport: wasmbed_config::loadtest::Transport,
+    devices: usize,
+    per_socket: usize,
+) -> (usize, &'static str) {
+    match transport {
+        wasmbed_config::loadtest::Transport::Tcp => (devices, "devices"),
+        wasmbed_config::loadtest::Transport::Quic => (
+            devices.div_ceil(per_socket.max(1)),
+            "QUIC sockets (one per --devices-per-socket devices)",
+        ),
     }
 }
 
 /// Whether this process may open a connection per device (raising its soft open-files limit
 /// to the hard one first). Call it before starting anything a fleet would need.
-pub fn check_descriptors(devices: usize) -> Result<(), FleetError> {
+pub fn check_descriptors((count, what): (usize, &'static str)) -> Result<(), FleetError> {
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(u64::MAX);
-    let needed = devices as u64 + 64;
+    let needed = count as u64 + 64;
     if needed > limit {
         return Err(FleetError::Descriptors {
-            devices,
+            count,
+            what,
             needed,
             limit,
         });
@@ -337,7 +344,11 @@ impl Fleet {
     pub fn prepare(settings: LoadtestSettings) -> Result<Fleet, FleetError> {
         // A TCP device holds a descriptor; QUIC devices share a UDP socket per
         // `devices_per_socket`.
-        check_descriptors(descriptors(&settings))?;
+        check_descriptors(descriptors(
+            settings.transport,
+            settings.devices,
+            settings.devices_per_socket,
+        ))?;
         let read = |name: &str| {
             let path = settings.ca_dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| wasmbed_certs::CertError::File {
