@@ -221,6 +221,11 @@ pub(crate) async fn accept_loop(
         // the handshake starts.
         if unplaced.load(Ordering::Relaxed) >= limit.available_permits().max(1) {
             ctx.meters.quic.refused_full.increment(1);
+            refused(
+                Refusal::ConnectionsFull,
+                "QUIC devices without a place fill the free places",
+            )
+            .count();
             incoming.refuse();
             continue;
         }
@@ -337,6 +342,7 @@ async fn admitted(
     drop(unplaced);
     let Some(place) = place else {
         ctx.meters.quic.refused_full.increment(1);
+        refused(Refusal::ConnectionsFull, "max_connections open").count();
         incoming.refuse();
         return None;
     };

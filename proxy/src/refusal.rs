@@ -49,6 +49,10 @@ pub enum Refusal {
     /// Terminate mode: `max_handshakes` device TLS handshakes (TCP and QUIC) were already in
     /// progress; the device was refused before its own.
     HandshakesBusy,
+    /// QUIC: no connection place (`max_connections`) for a device about to start its
+    /// handshake, or more QUIC devices waiting without a place than places free. (TCP
+    /// devices past `max_connections` wait in the listen backlog: not refused.)
+    ConnectionsFull,
     /// A configuration the proxy should have refused at start (a bug).
     Internal,
 }
@@ -56,7 +60,7 @@ pub enum Refusal {
 impl Refusal {
     /// Every reason: the closed set of label values.
     #[cfg(test)]
-    pub const ALL: [Refusal; 20] = [
+    pub const ALL: [Refusal; 21] = [
         Refusal::ClientClosed,
         Refusal::ClientError,
         Refusal::HandshakeTimeout,
@@ -76,6 +80,7 @@ impl Refusal {
         Refusal::UpstreamTls,
         Refusal::FdLimit,
         Refusal::HandshakesBusy,
+        Refusal::ConnectionsFull,
         Refusal::Internal,
     ];
 
@@ -101,6 +106,7 @@ impl Refusal {
             Refusal::UpstreamTls => "upstream_tls",
             Refusal::FdLimit => "fd_limit",
             Refusal::HandshakesBusy => "handshakes_busy",
+            Refusal::ConnectionsFull => "connections_full",
             Refusal::Internal => "internal",
         }
     }

@@ -723,6 +723,9 @@ async fn at_max_connections_a_quic_device_waits_in_line_for_a_place() {
         .await;
     assert!(refused.is_err(), "a device past the line's bound got in");
     assert_eq!(proxy.metric(full).await, 1.0);
+    // Counted as every refusal is, under its reason.
+    let rejected = "wasmbed_proxy_connections_rejected_total{reason=\"connections_full\"}";
+    assert_eq!(proxy.metric(rejected).await, 1.0);
     // The place and the slot free: the device in line gets both and its session.
     drop(stalled);
     let conn = waits
