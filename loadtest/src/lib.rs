@@ -78,8 +78,8 @@ pub struct Live {
     /// failed (refused, reset, timed out).
     pub dials: AtomicU64,
     pub dial_failures: AtomicU64,
-    /// The failed attempts by what the device was told (the error's text up to its first
-    /// detail), so a storm's failures can be told apart: refused, timed out, reset.
+    /// The failed attempts by what the device was told (the error's text without its digits,
+    /// bounded), so a storm's failures can be told apart: refused, timed out, reset.
     pub dial_failure_causes: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Churn (`wasmbed up --scenario soak`): each bump of `churn` makes every device on a
     /// session leave with a `churn_percent` % chance, stay away `churn_away_ms`, then come
@@ -306,6 +306,11 @@ pub struct Fleet {
     ctx: Arc<Ctx>,
 }
 
+/// The UDP sockets `devices` QUIC devices share, `per_socket` to a socket.
+fn sockets(devices: usize, per_socket: usize) -> usize {
+    devices.div_ceil(per_socket.max(1)).max(1)
+}
+
 /// The descriptors `devices` devices hold, and what they are: one per TCP device, one per
 /// QUIC socket (`per_socket` devices each).
 pub fn descriptors(
@@ -316,7 +321,7 @@ pub fn descriptors(
     match transport {
         wasmbed_config::loadtest::Transport::Tcp => (devices, "devices"),
         wasmbed_config::loadtest::Transport::Quic => (
-            devices.div_ceil(per_socket.max(1)),
+            sockets(devices, per_socket),
             "QUIC sockets (one per --devices-per-socket devices)",
         ),
     }
@@ -574,9 +579,10 @@ impl Quic {
                 Ok(config)
             })
             .collect::<Result<Vec<_>, FleetError>>()?;
-        let sockets = configs.len().div_ceil(devices_per_socket.max(1)).max(1);
         Ok(Quic {
-            endpoints: (0..sockets).map(|_| Mutex::new(None)).collect(),
+            endpoints: (0..sockets(configs.len(), devices_per_socket))
+                .map(|_| Mutex::new(None))
+                .collect(),
             configs,
         })
     }

@@ -151,7 +151,9 @@ pub(crate) fn bind(
         source,
     };
     let socket = wasmbed_certs::udp::socket(addr).map_err(bind_error)?;
-    warn_if_small(wasmbed_certs::udp::granted_receive_buffer(&socket).unwrap_or(0));
+    if let Ok(granted) = wasmbed_certs::udp::granted_receive_buffer(&socket) {
+        warn_if_small(granted);
+    }
     wasmbed_certs::udp::endpoint_on(socket, Some(Arc::unwrap_or_clone(server)))
         .map(Some)
         .map_err(bind_error)
@@ -216,17 +218,15 @@ pub(crate) async fn accept_loop(
         // (`--max-connections`): unlike a TCP connection in line, an Initial held unanswered
         // holds no socket, and devices in line holding places filled the cap in a storm —
         // open sessions, handshakes and the line together — so newcomers were refused `full`
-        // at once, again and again, each refusal spending the device's TLS ticket. The line
-        // is bounded on its own instead (no longer than the cap), and the place is taken when
-        // the handshake starts.
+        // at once, again and again, each refusal spending the device's TLS ticket. The QUIC
+        // devices without a place are bounded by the free places instead, and the place is
+        // taken when the handshake starts.
         if unplaced.load(Ordering::Relaxed) >= limit.available_permits().max(1) {
-            ctx.meters.quic.refused_full.increment(1);
-            refused(
-                Refusal::ConnectionsFull,
+            refuse_full(
+                &ctx,
+                incoming,
                 "QUIC devices without a place fill the free places",
-            )
-            .count();
-            incoming.refuse();
+            );
             continue;
         }
         let unplaced = Unplaced::new(&unplaced);
@@ -258,6 +258,13 @@ pub(crate) async fn accept_loop(
     }
     // No new connections; live sessions go on for the grace period ([`close`] ends them).
     endpoint.set_server_config(None);
+}
+
+/// Refuses a QUIC device for want of a connection's place, counted on both series.
+fn refuse_full(ctx: &crate::context::Context, incoming: Incoming, detail: &'static str) {
+    ctx.meters.quic.refused_full.increment(1);
+    refused(Refusal::ConnectionsFull, detail).count();
+    incoming.refuse();
 }
 
 /// How long a QUIC device that got a handshake slot waits for its connection's place.
@@ -341,9 +348,7 @@ async fn admitted(
     };
     drop(unplaced);
     let Some(place) = place else {
-        ctx.meters.quic.refused_full.increment(1);
-        refused(Refusal::ConnectionsFull, "max_connections open").count();
-        incoming.refuse();
+        refuse_full(&ctx, incoming, "max_connections open");
         return None;
     };
     let anchored = accept(
