@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("anchor", anchor),
     ("device", device),
     ("device_peer", device_peer),
+    ("quic_intake", quic_intake),
 ];
 
 /// The proxy's ClientHello reader: any bytes give a hello, "more", "not TLS" or a refusal;
@@ -318,4 +319,74 @@ fn device_config() -> wasmbed_device::Config<'static> {
     c.max_ticket = 64;
     c.seed = 7;
     c
+}
+
+/// The QUIC listener's intake (`wasmbed_proxy::quic::intake`), against a model: datagrams
+/// read from the kernel in batches, and serves of the held ones in between. What does not
+/// open a connection comes out of its batch at once, in order, untouched; every newcomer is
+/// held and comes out later, newest first, untouched (none dropped: the inputs stay far
+/// under the bound); nothing else comes out.
+pub fn quic_intake(data: &[u8]) {
+    let _ = intake_against_model(&mut Unstructured::new(data));
+}
+
+fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
+    use std::io::IoSliceMut;
+    use std::net::SocketAddr;
+
+    use quinn::udp::RecvMeta;
+    use wasmbed_proxy::quic::intake::{Held, opens_connection};
+
+    const SLOT: usize = 1500;
+    let mut held = Held::default();
+    // The model: newcomers held, oldest first, each with the port it came from.
+    let mut model: Vec<(u16, Vec<u8>)> = Vec::new();
+    let mut port = 0u16;
+    while !u.is_empty() {
+        let slots = u.int_in_range(1..=4)?;
+        let mut storage = vec![vec![0u8; SLOT]; slots];
+        let mut metas = vec![RecvMeta::default(); slots];
+        if u.arbitrary::<bool>()? {
+            // A read: `n` datagrams into quinn's buffers, then sorted.
+            let n = u.int_in_range(0..=slots)?;
+            let mut read = Vec::new();
+            for (buf, meta) in storage.iter_mut().zip(metas.iter_mut()).take(n) {
+                let len = u.int_in_range(0..=SLOT)?;
+                let bytes = u.bytes(len)?;
+                buf[..len].copy_from_slice(bytes);
+                port = port.wrapping_add(1);
+                *meta = RecvMeta {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    len,
+                    stride: len,
+                    ..RecvMeta::default()
+                };
+                read.push((port, bytes.to_vec()));
+            }
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let kept = held.sort(&mut bufs, &mut metas, n);
+            let (newcomers, rest): (Vec<_>, Vec<_>) =
+                read.into_iter().partition(|(_, d)| opens_connection(d));
+            assert_eq!(kept, rest.len(), "what is not a newcomer goes on at once");
+            for (i, (port, d)) in rest.iter().enumerate() {
+                assert_eq!(metas[i].addr.port(), *port, "in order");
+                assert_eq!(&storage[i][..metas[i].len], &d[..], "untouched");
+            }
+            model.extend(newcomers);
+        } else {
+            // A serve: newest first, as many as the buffers take.
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let served = held.serve(&mut bufs, &mut metas);
+            assert_eq!(served, slots.min(model.len()), "as many as fit");
+            for i in 0..served {
+                let (port, d) = model.pop().expect("the model holds as many");
+                assert_eq!(metas[i].addr.port(), port, "newest first");
+                assert_eq!(&storage[i][..metas[i].len], &d[..], "untouched");
+            }
+        }
+        assert_eq!(held.len(), model.len(), "none lost, none invented");
+    }
+    Ok(())
 }

@@ -41,6 +41,8 @@ pub const DISCOVERY_CHANGES: &str = "wasmbed_proxy_discovery_changes_total";
 pub const LINKS: &str = "wasmbed_proxy_links_total";
 pub const QUIC_CONNECTIONS: &str = "wasmbed_proxy_quic_connections_total";
 pub const QUIC_STREAMS_REFUSED: &str = "wasmbed_proxy_quic_streams_refused_total";
+pub const QUIC_INITIALS_HELD: &str = "wasmbed_proxy_quic_initials_held";
+pub const QUIC_INITIALS_DROPPED: &str = "wasmbed_proxy_quic_initials_dropped_total";
 pub const HANDSHAKES: &str = "wasmbed_proxy_handshakes_in_progress";
 pub const HANDSHAKES_WAITING: &str = "wasmbed_proxy_handshakes_waiting";
 pub const TLS_TICKETS: &str = "wasmbed_proxy_tls_tickets_total";
@@ -88,6 +90,8 @@ pub const ALL: &[&str] = &[
     LINKS,
     QUIC_CONNECTIONS,
     QUIC_STREAMS_REFUSED,
+    QUIC_INITIALS_HELD,
+    QUIC_INITIALS_DROPPED,
     HANDSHAKES,
     HANDSHAKES_WAITING,
     TLS_TICKETS,

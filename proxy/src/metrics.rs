@@ -176,6 +176,14 @@ fn describe() {
         QUIC_STREAMS_REFUSED,
         "Streams a QUIC device opened beyond its session's (reset: one session per connection)."
     );
+    describe_gauge!(
+        QUIC_INITIALS_HELD,
+        "QUIC datagrams that open a connection (Initials), read from the socket and held for quinn behind the traffic of connections under way (served newest first)."
+    );
+    describe_counter!(
+        QUIC_INITIALS_DROPPED,
+        "QUIC Initials dropped, oldest first, past the newcomers' queue's bound (8 MiB): their devices send them again, as after a drop in the kernel."
+    );
     describe_counter!(
         SESSIONS_BY_ALPN,
         "Device connections by the ALPN protocol offered: the routes' protocols, wasmbed/1, none, other."

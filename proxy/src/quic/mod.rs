@@ -30,6 +30,8 @@ use wasmbed_config::proxy::QuicRetry;
 use crate::metric_names::QUIC_STREAMS_REFUSED;
 use crate::refusal::{Refusal, refused};
 
+pub mod intake;
+
 /// The device protocol's ALPN, as on TCP.
 pub const ALPN: &[u8] = crate::tls::QUIC_ALPN;
 
@@ -154,9 +156,19 @@ pub(crate) fn bind(
     if let Ok(granted) = wasmbed_certs::udp::granted_receive_buffer(&socket) {
         warn_if_small(granted);
     }
-    wasmbed_certs::udp::endpoint_on(socket, Some(Arc::unwrap_or_clone(server)))
-        .map(Some)
-        .map_err(bind_error)
+    // quinn's socket for the runtime, read through the intake (newcomers queued apart).
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| io::Error::other("no async runtime for the QUIC endpoint"))
+        .map_err(bind_error)?;
+    let socket = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
+    Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(Arc::unwrap_or_clone(server)),
+        Arc::new(intake::Intake::new(socket)),
+        runtime,
+    )
+    .map(Some)
+    .map_err(bind_error)
 }
 
 /// Says so when the host gave the QUIC socket less receive buffer than asked: every device
