@@ -322,10 +322,11 @@ fn device_config() -> wasmbed_device::Config<'static> {
 }
 
 /// The QUIC listener's intake (`wasmbed_proxy::quic::intake`), against a model: datagrams
-/// read from the kernel in batches, and serves of the held ones in between. What does not
-/// open a connection comes out of its batch at once, in order, untouched; every newcomer is
-/// held and comes out later, newest first, untouched (none dropped: the inputs stay far
-/// under the bound); nothing else comes out.
+/// read from the kernel in batches (raw bytes, or bytes under an ID the endpoint issued, in
+/// a long or short header: a fuzzer cannot guess the keyed tag), and serves of the held ones
+/// in between. What is not a newcomer comes out of its batch at once, in order, untouched;
+/// every newcomer is held and comes out later, newest first, untouched (none dropped: the
+/// inputs stay far under the bound and nothing ages); nothing else comes out.
 pub fn quic_intake(data: &[u8]) {
     let _ = intake_against_model(&mut Unstructured::new(data));
 }
@@ -333,12 +334,17 @@ pub fn quic_intake(data: &[u8]) {
 fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
     use std::io::IoSliceMut;
     use std::net::SocketAddr;
+    use std::time::Instant;
 
+    use quinn::ConnectionIdGenerator;
     use quinn::udp::RecvMeta;
-    use wasmbed_proxy::quic::intake::{Held, opens_connection};
+    use wasmbed_proxy::quic::intake::{Held, Ids, newcomer};
 
     const SLOT: usize = 1500;
-    let mut held = Held::default();
+    let ids = Ids::from_key(0x1d5);
+    let mut issuer = ids.generator();
+    let mut held = Held::new(ids, Duration::from_secs(3600));
+    let now = Instant::now();
     // The model: newcomers held, oldest first, each with the port it came from.
     let mut model: Vec<(u16, Vec<u8>)> = Vec::new();
     let mut port = 0u16;
@@ -352,8 +358,19 @@ fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
             let mut read = Vec::new();
             for (buf, meta) in storage.iter_mut().zip(metas.iter_mut()).take(n) {
                 let len = u.int_in_range(0..=SLOT)?;
-                let bytes = u.bytes(len)?;
-                buf[..len].copy_from_slice(bytes);
+                let mut bytes = u.bytes(len)?.to_vec();
+                let id = issuer.generate_cid();
+                match u.int_in_range(0..=2u8)? {
+                    1 if bytes.len() > 9 => bytes[1..9].copy_from_slice(&id),
+                    2 if bytes.len() > 14 => {
+                        bytes[0] |= 0x80;
+                        bytes[5] = 8;
+                        bytes[6..14].copy_from_slice(&id);
+                    }
+                    _ => {}
+                }
+                let len = bytes.len();
+                buf[..len].copy_from_slice(&bytes);
                 port = port.wrapping_add(1);
                 *meta = RecvMeta {
                     addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -361,13 +378,14 @@ fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
                     stride: len,
                     ..RecvMeta::default()
                 };
-                read.push((port, bytes.to_vec()));
+                read.push((port, bytes));
             }
             let mut bufs: Vec<IoSliceMut<'_>> =
                 storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            let kept = held.sort(&mut bufs, &mut metas, n);
+            let kept = held.sort(&mut bufs, &mut metas, n, now);
+            let check = ids.generator();
             let (newcomers, rest): (Vec<_>, Vec<_>) =
-                read.into_iter().partition(|(_, d)| opens_connection(d));
+                read.into_iter().partition(|(_, d)| newcomer(d, &check));
             assert_eq!(kept, rest.len(), "what is not a newcomer goes on at once");
             for (i, (port, d)) in rest.iter().enumerate() {
                 assert_eq!(metas[i].addr.port(), *port, "in order");
@@ -378,7 +396,7 @@ fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
             // A serve: newest first, as many as the buffers take.
             let mut bufs: Vec<IoSliceMut<'_>> =
                 storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            let served = held.serve(&mut bufs, &mut metas);
+            let served = held.serve(&mut bufs, &mut metas, now);
             assert_eq!(served, slots.min(model.len()), "as many as fit");
             for i in 0..served {
                 let (port, d) = model.pop().expect("the model holds as many");

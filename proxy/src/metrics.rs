@@ -178,11 +178,11 @@ fn describe() {
     );
     describe_gauge!(
         QUIC_INITIALS_HELD,
-        "QUIC datagrams that open a connection (Initials), read from the socket and held for quinn behind the traffic of connections under way (served newest first)."
+        "QUIC datagrams held as newcomers (ClientHellos, junk: 1,200 bytes or more, not to a connection the proxy made), read from the socket and held for quinn behind the traffic of connections under way (served newest first)."
     );
     describe_counter!(
         QUIC_INITIALS_DROPPED,
-        "QUIC Initials dropped, oldest first, past the newcomers' queue's bound (8 MiB): their devices send them again, as after a drop in the kernel."
+        "QUIC newcomers' datagrams dropped, oldest first, past the queue's bound (8 MiB) or held past handshake_timeout: their devices send them again, as after a drop in the kernel."
     );
     describe_counter!(
         SESSIONS_BY_ALPN,

@@ -179,68 +179,6 @@ async fn a_second_stream_on_a_connection_is_refused() {
     );
 }
 
-/// The proxy's QUIC socket holds newcomers apart (`quic::intake`): a real device's datagrams,
-/// relayed and sorted as the intake sorts them. Its ClientHello opens a connection; its last
-/// handshake flight (an Initial acknowledgement coalesced with its Finished) and everything
-/// after do not, so they never wait behind other devices' Initials.
-#[tokio::test]
-async fn only_a_devices_first_flight_waits_with_the_newcomers() {
-    use wasmbed_proxy::quic::intake::opens_connection;
-    let pki = pki(KeyKind::EcdsaP256);
-    let gw = FrameGateway::spawn("gw-0").await;
-    let proxy = start(quic_proxy(&pki, &[&gw])).await;
-    let upstream = proxy.quic.unwrap();
-    let relay = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let relay_addr = relay.local_addr().unwrap();
-    // (opens a connection, its first packet's long-header type if any) per device datagram.
-    let seen = Arc::new(std::sync::Mutex::new(Vec::<(bool, Option<u8>)>::new()));
-    let relaying = {
-        let (relay, seen) = (relay.clone(), seen.clone());
-        tokio::spawn(async move {
-            let mut device = None;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let (n, from) = relay.recv_from(&mut buf).await.unwrap();
-                let to = if from == upstream {
-                    match device {
-                        Some(d) => d,
-                        None => continue,
-                    }
-                } else {
-                    device = Some(from);
-                    let d = &buf[..n];
-                    let kind = (d[0] & 0x80 != 0).then_some((d[0] >> 4) & 0x03);
-                    seen.lock().unwrap().push((opens_connection(d), kind));
-                    upstream
-                };
-                relay.send_to(&buf[..n], to).await.unwrap();
-            }
-        })
-    };
-    let mut dev = QuicDev::open(relay_addr, &pki, "device-0300").await;
-    for _ in 0..3 {
-        dev.step().await;
-    }
-    relaying.abort();
-    let seen = seen.lock().unwrap().clone();
-    // The ClientHello: one Initial, or two with rustls' default post-quantum key share.
-    let first = seen.iter().take_while(|(newcomer, _)| *newcomer).count();
-    assert!((1..=2).contains(&first), "{seen:?}");
-    assert!(
-        seen[..first].iter().all(|s| *s == (true, Some(0))),
-        "{seen:?}"
-    );
-    assert!(
-        seen[first..].iter().all(|(newcomer, _)| !newcomer),
-        "nothing after the ClientHello waits with the newcomers: {seen:?}"
-    );
-    assert_eq!(
-        seen[first],
-        (false, Some(0)),
-        "the last flight starts with an Initial and is not a newcomer: {seen:?}"
-    );
-}
-
 /// Datagrams that are not QUIC (and a device without a certificate) cost nothing else: the
 /// next device gets its session.
 #[tokio::test]

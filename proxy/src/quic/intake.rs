@@ -1,31 +1,47 @@
-//! intake: the QUIC device listener's socket, with newcomers queued apart from the
-//! connections already under way, as TCP has them apart in the kernel (a SYN and accept
-//! queue of their own, each established socket's data in its own buffer).
+//! intake: where a QUIC device's datagrams enter the proxy — the UDP socket under quinn's
+//! endpoint, read before quinn sees them — with newcomers queued apart from the connections
+//! the proxy already knows, as TCP has them apart in the kernel (a SYN and accept queue of
+//! their own, each established socket's data in its own buffer).
 //!
 //! A UDP socket has one kernel queue, served in arrival order. In a reconnect storm thousands
 //! of Initials (1,200 bytes each, padded) arrive in the same second and queue ahead of the
 //! last flight of the handshakes already admitted, and ahead of the DATA of the devices
-//! already back: the proxy's queue held 15–26 MB at a 9,000-device storm's start. An
-//! admitted handshake then holds its slot of `--max-handshakes` until its device's Finished
-//! has waited through that queue, so the slots finish fewer handshakes a second, and the
-//! devices behind them wait in line or are refused.
+//! already back. An admitted handshake then holds its slot of `--max-handshakes` until its
+//! device's Finished has waited through that queue, so the slots finish fewer handshakes a
+//! second, and the devices behind them wait in line or are refused.
 //!
-//! [`Intake`] reads the kernel's queue ahead of quinn. A datagram that opens a connection
-//! ([`opens_connection`]: a QUIC v1 Initial not followed by a Handshake packet) is set aside;
-//! everything else goes to quinn at once, in order. The set-aside datagrams go to quinn when
-//! the kernel has nothing else (or after [`READS_BEFORE_NEWCOMERS`] reads that found only
-//! newcomers), **newest first**: under a backlog the oldest have waited past their device's
-//! probe timeout and been sent again, and serving the fresh copy first keeps the time a
-//! served device waited short (the adaptive-LIFO of overloaded RPC servers). At most
-//! [`MAX_HELD_BYTES`] are held; past it the oldest are dropped and counted
-//! (`wasmbed_proxy_quic_initials_dropped_total`): their devices send them again, as they
-//! would after a drop in the kernel.
+//! [`Intake`] reads the kernel's queue ahead of quinn and sorts ([`newcomer`]). The
+//! endpoint's connection IDs are keyed ([`Ids`], quinn's hashed generator under a key of this
+//! process), so a datagram whose destination ID is one of ours ([`known`]) belongs to a
+//! connection the proxy made: a handshake's last flight (an Initial acknowledgement
+//! coalesced with the Finished), an established session's traffic. It goes to quinn at once,
+//! in order. Set aside, as newcomers, are datagrams of at least [`MIN_INITIAL`] bytes that
+//! either carry an ID not ours (a ClientHello, its retransmission, junk) or are a ClientHello
+//! under one of ours (sent again after a Retry: [`opens_connection`], an Initial with no
+//! Handshake packet behind it). Shorter ones go to quinn at once, as before: a client's
+//! Initial is never shorter (RFC 9000, 14.1), and quinn drops them or answers (a stateless
+//! reset, a version negotiation). Measured, the ClientHellos after a Retry must wait with
+//! the others: let through at once, the storm was as slow as without the intake
+//! (docs/performance.md): newcomers reach quinn at the pace it has room for, not the
+//! storm's.
 //!
-//! What a peer can do with it: a flood of Initials only ever waits behind other traffic and
-//! is bounded; a datagram crafted to look like a continuing handshake skips the newcomers'
-//! queue, which gains it what any 1-RTT datagram has anyway (quinn drops what matches no
-//! connection). A client Initial that only acknowledges (sent alone) is set aside too: the
-//! server's Initial it acknowledges is retransmitted if needed.
+//! The set-aside datagrams go to quinn when the kernel has nothing else, after
+//! [`READS_BEFORE_NEWCOMERS`] reads that found only newcomers, or after
+//! [`KNOWN_BEFORE_NEWCOMERS`] turns of known traffic in a row (so a steady stream of it does
+//! not shut new devices out), **newest first**: under a backlog the oldest have waited past
+//! their device's probe timeout and been sent again, and serving the fresh copy first keeps
+//! the time a served device waited short (the adaptive-LIFO of overloaded RPC servers). One
+//! held longer than the handshake timeout is dropped: its device has given up or sent it
+//! again. At most [`MAX_HELD_BYTES`] are held, each datagram charged its bytes and
+//! [`ENTRY_COST`]; past it the oldest are dropped. Drops are counted
+//! (`wasmbed_proxy_quic_initials_dropped_total`): their devices send again, as after a drop
+//! in the kernel.
+//!
+//! What a peer can do with it: datagrams with IDs not ours only ever wait behind the
+//! traffic of known connections, in bounded memory, and get a turn every
+//! [`KNOWN_BEFORE_NEWCOMERS`] batches; to skip the queue a datagram needs an ID the proxy
+//! issued (a 40-bit keyed tag: quinn's own check), which a peer learns only from a
+//! connection (or a Retry) at its own address, and even then a ClientHello waits.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -34,32 +50,105 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 use quinn::udp::{RecvMeta, Transmit};
-use quinn::{AsyncUdpSocket, UdpPoller};
+use quinn::{AsyncUdpSocket, ConnectionId, ConnectionIdGenerator, UdpPoller};
+use quinn_proto::HashedConnectionIdGenerator;
 
 use crate::metric_names::{QUIC_INITIALS_DROPPED, QUIC_INITIALS_HELD};
 
-/// Bytes of newcomers' datagrams held at most (about 7,000 Initials): what the kernel's
-/// queue holds for a 9,000-device storm, moved here; past it the oldest are dropped.
+/// Bytes of newcomers' datagrams held at most, [`ENTRY_COST`] each included (about 6,000
+/// Initials): past it the oldest are dropped.
 pub const MAX_HELD_BYTES: usize = 8 << 20;
 
+/// What a held datagram costs beyond its bytes (its queue slot and its allocation's header),
+/// charged to the bound.
+pub const ENTRY_COST: usize = 128;
+
+/// The shortest datagram held: a client's datagram carrying an Initial is padded to at
+/// least this (RFC 9000, 14.1).
+pub const MIN_INITIAL: usize = 1200;
+
 /// Reads from the kernel in one poll that may find only newcomers before held ones are
-/// served: the kernel's queue is searched ahead for continuing handshakes and established
-/// traffic, four batches (quinn's: 32 datagrams each) a poll, while newcomers are served a
-/// batch at a time.
+/// served: the kernel's queue is searched ahead for known traffic, four batches (quinn's:
+/// 32 datagrams each) a poll, while newcomers are served a batch at a time.
 pub const READS_BEFORE_NEWCOMERS: usize = 4;
+
+/// Batches of known traffic given to quinn in a row, while newcomers wait, before a batch of
+/// newcomers goes: known traffic comes first, not only.
+pub const KNOWN_BEFORE_NEWCOMERS: u32 = 64;
+
+/// The endpoint's connection IDs: quinn's hashed generator under a key of this process, so
+/// that an ID can be told ours (quinn checks its IDs the same way).
+#[derive(Clone, Copy)]
+pub struct Ids {
+    key: u64,
+}
+
+impl Ids {
+    /// Under a fresh random key.
+    pub fn random() -> io::Result<Ids> {
+        let mut key = [0u8; 8];
+        rustls::crypto::aws_lc_rs::default_provider()
+            .secure_random
+            .fill(&mut key)
+            .map_err(|_| io::Error::other("no randomness for the QUIC connection IDs' key"))?;
+        Ok(Ids::from_key(u64::from_le_bytes(key)))
+    }
+
+    /// Under `key` (tests).
+    pub fn from_key(key: u64) -> Ids {
+        Ids { key }
+    }
+
+    /// The generator the endpoint issues IDs with.
+    pub fn generator(&self) -> HashedConnectionIdGenerator {
+        HashedConnectionIdGenerator::from_key(self.key)
+    }
+
+    /// The endpoint's config, issuing these IDs.
+    pub fn endpoint_config(self) -> quinn::EndpointConfig {
+        let mut config = quinn::EndpointConfig::default();
+        config.cid_generator(move || Box::new(self.generator()));
+        config
+    }
+}
+
+/// Whether `datagram` belongs to a connection this endpoint made: its destination
+/// connection ID, read from its first packet's header (long or short), is one `ids` issued.
+pub fn known(datagram: &[u8], ids: &HashedConnectionIdGenerator) -> bool {
+    let len = ids.cid_len();
+    let dcid = match datagram.first() {
+        // A long header: the version (4 bytes), then the ID's length and the ID.
+        Some(first) if first & 0x80 != 0 => datagram
+            .get(5)
+            .filter(|l| usize::from(**l) == len)
+            .and_then(|_| datagram.get(6..6 + len)),
+        // A short header: the ID right after the first byte, of the length we issue.
+        Some(_) => datagram.get(1..1 + len),
+        None => None,
+    };
+    dcid.is_some_and(|id| ids.validate(&ConnectionId::new(id)).is_ok())
+}
+
+/// Whether `datagram` waits with the newcomers: at least [`MIN_INITIAL`] bytes, and either
+/// not [`known`], or a ClientHello under one of our IDs (sent again after a Retry: an Initial
+/// with no Handshake packet behind it). A handshake's last flight is an Initial (an
+/// acknowledgement) coalesced with a Handshake packet (the Finished): not a newcomer.
+pub fn newcomer(datagram: &[u8], ids: &HashedConnectionIdGenerator) -> bool {
+    datagram.len() >= MIN_INITIAL && (!known(datagram, ids) || opens_connection(datagram))
+}
 
 /// A QUIC version 1 long-header packet's type, in the first byte's bits 4–5.
 const INITIAL: u8 = 0;
 const HANDSHAKE: u8 = 2;
 
-/// Whether `datagram` opens a connection (or may): its first packet is a QUIC v1 Initial
-/// and no Handshake packet follows it. A client's last flight coalesces its Initial
-/// (an acknowledgement) with its Handshake packet (the Finished), so it is not a newcomer.
-/// Anything unparsable after an Initial's first byte and version counts as a newcomer:
-/// the lowest priority is the safe side for bytes quinn will drop.
+/// Whether `datagram`'s first packet is a QUIC v1 Initial with no Handshake packet behind
+/// it: a ClientHello (or an Initial acknowledgement sent alone). Anything unparsable after
+/// an Initial's first byte and version counts as one: the newcomers' queue is the safe side
+/// for bytes quinn will drop.
 pub fn opens_connection(datagram: &[u8]) -> bool {
     if long_header_type(datagram) != Some(INITIAL) {
         return false;
@@ -116,38 +205,61 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     Some((value, len))
 }
 
-/// Newcomers' datagrams set aside, oldest first, with their receive metadata.
-#[derive(Default)]
+/// Newcomers' datagrams set aside, oldest first, with their receive metadata and arrival.
 pub struct Held {
-    queue: VecDeque<(RecvMeta, Box<[u8]>)>,
+    ids: HashedConnectionIdGenerator,
+    max_age: Duration,
+    queue: VecDeque<(RecvMeta, Box<[u8]>, Instant)>,
     bytes: usize,
+    /// Batches of known traffic given to quinn in a row while newcomers waited.
+    streak: u32,
 }
 
 impl Held {
-    /// Sorts the first `n` datagrams quinn's buffers got from the kernel: newcomers are
-    /// copied out and held, the others moved (in order) to the front. Returns how many are
-    /// left in front for quinn.
-    pub fn sort(&mut self, bufs: &mut [IoSliceMut<'_>], metas: &mut [RecvMeta], n: usize) -> usize {
+    /// None held; datagrams are told apart by `ids`, and dropped once held `max_age`.
+    pub fn new(ids: Ids, max_age: Duration) -> Held {
+        Held {
+            ids: ids.generator(),
+            max_age,
+            queue: VecDeque::new(),
+            bytes: 0,
+            streak: 0,
+        }
+    }
+
+    /// Sorts the first `n` datagrams quinn's buffers got from the kernel at `now`: newcomers
+    /// are copied out and held, the others moved (in order) to the front. Returns how many
+    /// are left in front for quinn.
+    pub fn sort(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        metas: &mut [RecvMeta],
+        n: usize,
+        now: Instant,
+    ) -> usize {
         let mut kept = 0;
         let was = self.queue.len();
         for i in 0..n.min(bufs.len()).min(metas.len()) {
             let meta = metas[i];
             let len = meta.len.min(bufs[i].len());
             // With GRO a buffer holds several datagrams of one sender, `stride` apart: it is
-            // sorted by its first.
+            // sorted by its first (a sender's datagrams in one batch are of one connection).
             let first = if meta.stride == 0 {
                 len
             } else {
                 meta.stride.min(len)
             };
-            if opens_connection(&bufs[i][..first]) {
-                self.hold(meta, &bufs[i][..len]);
+            if newcomer(&bufs[i][..first], &self.ids) {
+                self.hold(meta, &bufs[i][..len], now);
                 continue;
             }
             if kept != i {
                 let (to, from) = bufs.split_at_mut(i);
-                to[kept][..len].copy_from_slice(&from[0][..len]);
-                metas[kept] = meta;
+                let (Some(to), Some(from)) = (to[kept].get_mut(..len), from[0].get(..len)) else {
+                    continue;
+                };
+                to.copy_from_slice(from);
+                metas[kept] = RecvMeta { len, ..meta };
             }
             kept += 1;
         }
@@ -157,27 +269,48 @@ impl Held {
         kept
     }
 
-    fn hold(&mut self, meta: RecvMeta, data: &[u8]) {
-        while self.bytes + data.len() > MAX_HELD_BYTES {
-            let Some((_, oldest)) = self.queue.pop_front() else {
+    fn hold(&mut self, meta: RecvMeta, data: &[u8], now: Instant) {
+        let cost = data.len() + ENTRY_COST;
+        while self.bytes + cost > MAX_HELD_BYTES {
+            if !self.drop_oldest() {
                 break;
-            };
-            self.bytes -= oldest.len();
-            counter!(QUIC_INITIALS_DROPPED).increment(1);
+            }
         }
-        self.bytes += data.len();
-        self.queue.push_back((meta, data.into()));
+        self.bytes += cost;
+        self.queue.push_back((meta, data.into(), now));
     }
 
-    /// Gives quinn held datagrams, newest first, as many as its buffers take; returns how
-    /// many.
-    pub fn serve(&mut self, bufs: &mut [IoSliceMut<'_>], metas: &mut [RecvMeta]) -> usize {
+    fn drop_oldest(&mut self) -> bool {
+        let Some((_, oldest, _)) = self.queue.pop_front() else {
+            return false;
+        };
+        self.bytes -= oldest.len() + ENTRY_COST;
+        counter!(QUIC_INITIALS_DROPPED).increment(1);
+        true
+    }
+
+    /// Gives quinn held datagrams at `now`, newest first, as many as its buffers take, after
+    /// dropping those held past `max_age`; returns how many.
+    pub fn serve(
+        &mut self,
+        bufs: &mut [IoSliceMut<'_>],
+        metas: &mut [RecvMeta],
+        now: Instant,
+    ) -> usize {
+        let was = self.queue.len();
+        while self
+            .queue
+            .front()
+            .is_some_and(|(_, _, at)| now.saturating_duration_since(*at) > self.max_age)
+        {
+            self.drop_oldest();
+        }
         let mut n = 0;
         while n < bufs.len().min(metas.len()) {
-            let Some((meta, data)) = self.queue.pop_back() else {
+            let Some((meta, data, _)) = self.queue.pop_back() else {
                 break;
             };
-            self.bytes -= data.len();
+            self.bytes -= data.len() + ENTRY_COST;
             // Each came from a buffer of quinn's, all of one size: it fits.
             let Some(to) = bufs[n].get_mut(..data.len()) else {
                 counter!(QUIC_INITIALS_DROPPED).increment(1);
@@ -190,7 +323,11 @@ impl Held {
             };
             n += 1;
         }
-        if n > 0 {
+        if self.queue.is_empty() && self.queue.capacity() > 1024 {
+            // A storm's queue is not kept once it is over.
+            self.queue = VecDeque::new();
+        }
+        if self.queue.len() != was {
             gauge!(QUIC_INITIALS_HELD).set(self.queue.len() as f64);
         }
         n
@@ -205,6 +342,11 @@ impl Held {
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
+
+    /// Bytes charged to the bound.
+    pub fn charged(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// The socket quinn's endpoint reads through: `inner` (quinn's own socket for the runtime),
@@ -215,10 +357,12 @@ pub struct Intake {
 }
 
 impl Intake {
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> Intake {
+    /// Reads `inner` for quinn, telling datagrams apart by `ids` (the IDs the endpoint
+    /// issues: [`Ids::endpoint_config`]) and dropping newcomers held past `max_age`.
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>, ids: Ids, max_age: Duration) -> Intake {
         Intake {
             inner,
-            held: Mutex::default(),
+            held: Mutex::new(Held::new(ids, max_age)),
         }
     }
 }
@@ -248,12 +392,22 @@ impl AsyncUdpSocket for Intake {
     ) -> Poll<io::Result<usize>> {
         // Only quinn's endpoint driver reads: the lock is never contended.
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.streak >= KNOWN_BEFORE_NEWCOMERS {
+            held.streak = 0;
+            let served = held.serve(bufs, meta, Instant::now());
+            if served > 0 {
+                return Poll::Ready(Ok(served));
+            }
+        }
         let mut drained = false;
         for _ in 0..READS_BEFORE_NEWCOMERS {
             match self.inner.poll_recv(cx, bufs, meta) {
                 Poll::Ready(Ok(n)) => {
-                    let kept = held.sort(bufs, meta, n);
+                    let kept = held.sort(bufs, meta, n, Instant::now());
                     if kept > 0 {
+                        if !held.is_empty() {
+                            held.streak += 1;
+                        }
                         return Poll::Ready(Ok(kept));
                     }
                 }
@@ -265,12 +419,13 @@ impl AsyncUdpSocket for Intake {
                 }
             }
         }
-        let served = held.serve(bufs, meta);
+        held.streak = 0;
+        let served = held.serve(bufs, meta, Instant::now());
         if served > 0 {
             return Poll::Ready(Ok(served));
         }
         if !drained {
-            // Reads found only newcomers, all dropped: read on at the next poll.
+            // Reads found only newcomers, none left to serve: read on at the next poll.
             cx.waker().wake_by_ref();
         }
         Poll::Pending
@@ -291,6 +446,34 @@ impl AsyncUdpSocket for Intake {
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
     }
+}
+
+/// A QUIC server endpoint on `socket` with `server`, its datagrams read through an
+/// [`Intake`] (newcomers held at most `max_age`).
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: quinn::ServerConfig,
+    max_age: Duration,
+) -> io::Result<quinn::Endpoint> {
+    endpoint_with(socket, server, Ids::random()?, max_age)
+}
+
+/// [`endpoint`] with the IDs given (tests).
+pub fn endpoint_with(
+    socket: std::net::UdpSocket,
+    server: quinn::ServerConfig,
+    ids: Ids,
+    max_age: Duration,
+) -> io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let socket = runtime.wrap_udp_socket(socket)?;
+    quinn::Endpoint::new_with_abstract_socket(
+        ids.endpoint_config(),
+        Some(server),
+        Arc::new(Intake::new(socket, ids, max_age)),
+        runtime,
+    )
 }
 
 #[cfg(test)]

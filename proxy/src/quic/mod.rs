@@ -156,16 +156,12 @@ pub(crate) fn bind(
     if let Ok(granted) = wasmbed_certs::udp::granted_receive_buffer(&socket) {
         warn_if_small(granted);
     }
-    // quinn's socket for the runtime, read through the intake (newcomers queued apart).
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| io::Error::other("no async runtime for the QUIC endpoint"))
-        .map_err(bind_error)?;
-    let socket = runtime.wrap_udp_socket(socket).map_err(bind_error)?;
-    Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        Some(Arc::unwrap_or_clone(server)),
-        Arc::new(intake::Intake::new(socket)),
-        runtime,
+    // Read through the intake (newcomers queued apart), whose held Initials wait at most a
+    // handshake's deadline (the one in use at start: a reload does not change it).
+    intake::endpoint(
+        socket,
+        Arc::unwrap_or_clone(server),
+        config.handshake_timeout,
     )
     .map(Some)
     .map_err(bind_error)
