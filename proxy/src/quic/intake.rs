@@ -19,8 +19,8 @@
 //! either carry an ID not ours (a ClientHello, its retransmission, junk) or are a ClientHello
 //! under one of ours (sent again after a Retry: [`opens_connection`], an Initial with no
 //! Handshake packet behind it). Shorter ones go to quinn at once, as before: a client's
-//! Initial is never shorter (RFC 9000, 14.1), and quinn drops them or answers (a stateless
-//! reset, a version negotiation). Measured, the ClientHellos after a Retry must wait with
+//! Initial is never shorter (RFC 9000, 14.1), and quinn drops them or answers with a
+//! stateless reset. Measured, the ClientHellos after a Retry must wait with
 //! the others: let through at once, the storm was as slow as without the intake
 //! (docs/performance.md): newcomers reach quinn at the pace it has room for, not the
 //! storm's.
@@ -39,9 +39,13 @@
 //!
 //! What a peer can do with it: datagrams with IDs not ours only ever wait behind the
 //! traffic of known connections, in bounded memory, and get a turn every
-//! [`KNOWN_BEFORE_NEWCOMERS`] batches; to skip the queue a datagram needs an ID the proxy
-//! issued (a 40-bit keyed tag: quinn's own check), which a peer learns only from a
-//! connection (or a Retry) at its own address, and even then a ClientHello waits.
+//! [`KNOWN_BEFORE_NEWCOMERS`] batches. To skip the queue a datagram needs an ID the proxy
+//! issued. The tag is quinn's (a 40-bit keyed FxHash), made to route, not to resist a peer:
+//! one that has seen an ID of ours (from a connection or a Retry at its own address) can
+//! compute others, and a ClientHello under one with a Handshake header appended skips the
+//! queue too. What that buys is priority for its own datagrams over other newcomers, never
+//! memory (the bound is on what waits) nor the known traffic's place; quinn then treats the
+//! datagram as it would without the intake.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -108,10 +112,13 @@ impl Ids {
         HashedConnectionIdGenerator::from_key(self.key)
     }
 
-    /// The endpoint's config, issuing these IDs.
+    /// The endpoint's config, issuing these IDs, and QUIC version 1 only (devices speak it;
+    /// the drafts quinn also accepts by default would be sorted blind: [`opens_connection`]
+    /// reads version 1 headers).
     pub fn endpoint_config(self) -> quinn::EndpointConfig {
         let mut config = quinn::EndpointConfig::default();
         config.cid_generator(move || Box::new(self.generator()));
+        config.supported_versions(vec![1]);
         config
     }
 }
@@ -256,6 +263,7 @@ impl Held {
             if kept != i {
                 let (to, from) = bufs.split_at_mut(i);
                 let (Some(to), Some(from)) = (to[kept].get_mut(..len), from[0].get(..len)) else {
+                    counter!(QUIC_INITIALS_DROPPED).increment(1);
                     continue;
                 };
                 to.copy_from_slice(from);
@@ -307,14 +315,16 @@ impl Held {
         }
         let mut n = 0;
         while n < bufs.len().min(metas.len()) {
-            let Some((meta, data, _)) = self.queue.pop_back() else {
+            let Some((meta, data, at)) = self.queue.pop_back() else {
                 break;
             };
             self.bytes -= data.len() + ENTRY_COST;
             // Each came from a buffer of quinn's, all of one size: it fits.
             let Some(to) = bufs[n].get_mut(..data.len()) else {
-                counter!(QUIC_INITIALS_DROPPED).increment(1);
-                continue;
+                // Not this buffer's size: kept for the next serve (the bytes counted back).
+                self.bytes += data.len() + ENTRY_COST;
+                self.queue.push_back((meta, data, at));
+                break;
             };
             to.copy_from_slice(&data);
             metas[n] = RecvMeta {
