@@ -52,7 +52,11 @@ pub fn endpoint_on(
     socket: UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime()?)
+}
+
+/// The async runtime a quinn endpoint runs on (the current tokio runtime's).
+pub fn runtime() -> std::io::Result<std::sync::Arc<dyn quinn::Runtime>> {
+    quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))
 }

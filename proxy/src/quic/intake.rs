@@ -475,8 +475,7 @@ pub fn endpoint_with(
     ids: Ids,
     max_age: Duration,
 ) -> io::Result<quinn::Endpoint> {
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| io::Error::other("no async runtime for the QUIC endpoint"))?;
+    let runtime = wasmbed_certs::udp::runtime()?;
     let socket = runtime.wrap_udp_socket(socket)?;
     quinn::Endpoint::new_with_abstract_socket(
         ids.endpoint_config(),
