@@ -49,6 +49,7 @@ p99 is the per-request latency (request sent to response received) from h2load's
 Usage: python3 bench/peer_bench.py [--runs 5] [--seconds 5] [--scenarios bulk1,rr,...]
        [--rates conn=8000,tls=600,...] [--install] [--out DIR]
        [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
+       [--scenarios conn,tls --proxies wasmbed,floor-tokio,floor-mio,nginx]   (the floors)
 It builds `target/release/wasmbed` if missing; --install apt-gets haproxy, nginx (with the
 stream module), h2load (nghttp2-client) and iperf3 when missing.
 """
@@ -79,7 +80,13 @@ BACKEND = {"http": 19141, "tls": 19142, "bulk": 19143}
 BIG = 1 << 20  # bytes of the tlsbulk response
 PROXIES = ["wasmbed", "haproxy", "nginx"]
 # Also available with --proxies: wasmbed-splice (--splice on), wasmbed-auto (--splice auto,
-# the passthrough default), wasmbed-copy (--splice off).
+# the passthrough default), wasmbed-copy (--splice off); and, for the conn and tls scenarios
+# only, the floors (examples/passthrough_floor.rs, built if missing): floor-tokio, the least a
+# tokio proxy does per connection, and floor-mio, the same steps on a hand-written epoll loop.
+# Ratios are then also given against them.
+FLOOR = os.path.join(REPO, "target", "release", "examples", "passthrough_floor")
+FLOORS = ("floor-tokio", "floor-mio")
+FLOOR_SCENARIOS = ("conn", "tls")
 
 
 def log(*a):
@@ -167,7 +174,7 @@ def pinned(core, cmd, **kw):
     return subprocess.Popen(["taskset", "-c", str(core)] + cmd, **kw)
 
 
-def tools(install):
+def tools(install, floors=False):
     missing = [t for t in ["haproxy", "nginx", "h2load", "iperf3", "taskset", "openssl"] if not shutil.which(t)]
     stream = os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so")
     if (missing or not stream) and install:
@@ -186,6 +193,10 @@ def tools(install):
             sys.exit(f"{WASMBED}: no such binary")
         log("building target/release/wasmbed")
         subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "wasmbed"], cwd=REPO, check=True)
+    if floors and not os.path.exists(FLOOR):
+        log("building target/release/examples/passthrough_floor")
+        subprocess.run(["cargo", "build", "--release", "--locked", "--example", "passthrough_floor"], cwd=REPO,
+                       check=True)
 
 
 def start_backends(work):
@@ -320,6 +331,9 @@ stream {{
     other = {}
     if compare:
         other["wasmbed-b"] = [([compare] + cmd[1:], pool) for cmd, pool in w]
+    for floor in FLOORS:
+        # The floor takes wasmbed's command line (after `proxy`) and uses --listen and --gateway.
+        other[floor] = [([FLOOR, floor.removeprefix("floor-")] + cmd[2:], pool) for cmd, pool in w]
     return {
         **other,
         "wasmbed": w,
@@ -535,7 +549,10 @@ def main():
         sys.exit("proxy wasmbed-b needs --compare BIN")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    tools(a.install)
+    floors = [p for p in proxies if p in FLOORS]
+    if floors and not set(scenarios) & set(FLOOR_SCENARIOS):
+        sys.exit(f"{', '.join(floors)}: only for the {' and '.join(FLOOR_SCENARIOS)} scenarios")
+    tools(a.install, bool(floors))
     work = tempfile.mkdtemp(prefix="peer-bench.")
     backends = start_backends(work)
     commands = proxy_commands(work, a.compare)
@@ -549,7 +566,8 @@ def main():
         # this shared host drifts by 10-15% within a minute.
         for r in range(a.runs):
             for sc in scenarios:
-                order = proxies[:]
+                # The floors pass bytes through without timeouts or limits: conn and tls only.
+                order = [p for p in proxies if p not in FLOORS or sc in FLOOR_SCENARIOS]
                 random.shuffle(order)
                 for proxy in order:
                     running = Running(proxy, commands[proxy])
@@ -650,7 +668,7 @@ def render(rows, scenarios, proxies, a, rates):
                 vals = [x[key] for x in use if x[key] is not None]
                 return statistics.median(vals) if vals else None
             cost, own, own_user, p99 = med("cost"), med("own"), med("own_user"), med("p99")
-            if not p.startswith("wasmbed"):
+            if not p.startswith("wasmbed") and p not in FLOORS:
                 peer_cost[p] = statistics.mean(x["cost"] for x in use)
             if sc == "mem":
                 rate_s, cost_s = "9,000 idle", f"{cost:,.0f} B/session"
@@ -674,6 +692,11 @@ def render(rows, scenarios, proxies, a, rates):
             pairs.append((p, None))
     if "wasmbed" in proxies and "wasmbed-b" in proxies:
         pairs.append(("wasmbed", "wasmbed-b"))
+    # The floors against the better peer, and wasmbed against the tokio floor: how far above
+    # what tokio itself costs wasmbed's own work is.
+    pairs += [(f, None) for f in FLOORS if f in proxies]
+    if "wasmbed" in proxies and "floor-tokio" in proxies:
+        pairs.append(("wasmbed", "floor-tokio"))
     for sc in scenarios:
         for p, other in pairs:
             other = other or best_peer.get(sc)

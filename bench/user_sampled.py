@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""User-mode time per connection, sampled: each proxy at the same fixed rate as peer_bench.py,
+with `perf record -e cpu-clock -F 10000` on its processes for the run; the samples whose
+instruction pointer is outside the kernel, times 100 µs, divided by the connections made.
+
+Why beside peer_bench.py's "proxy user mode": Linux charges user against system time a whole
+4 ms tick at a time, so at 600 TLS connections/s a 10 s run's user time is a count of some
+30 ticks and its rounds spread by ±50%. Samples at 10 kHz count the same time some 40 times
+finer. perf's own interrupts add kernel time to every proxy alike; compare user time only.
+
+Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn]
+         [--proxies wasmbed,floor-tokio,floor-mio,nginx] [--wasmbed BIN] [--out DIR]
+Proxies as in peer_bench.py (floor-tokio and floor-mio: examples/passthrough_floor.rs). Needs
+perf, and what peer_bench needs. Writes each run's perf.data to --out (default
+target/user-sampled) for `perf report -i FILE --sort dso,sym`.
+"""
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_bench as pb  # noqa: E402
+
+FREQ = 10000
+RATES = {"tls": 600, "conn": 8000}
+
+
+def user_samples(data):
+    """(user, kernel) sample counts of a perf.data."""
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "dso", "-F", "sample,dso"],
+                         capture_output=True, text=True, check=True).stdout
+    user = kernel = 0
+    for line in out.splitlines():
+        m = re.match(r"\s*(\d+)\s+(\S+)", line)
+        if not m:
+            continue
+        if m.group(2).startswith("[kernel") or m.group(2) == "[unknown]":
+            kernel += int(m.group(1))
+        else:
+            user += int(m.group(1))
+    return user, kernel
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scenario", choices=sorted(RATES), default="tls")
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,nginx")
+    ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
+    ap.add_argument("--out", default=os.path.join(pb.REPO, "target", "user-sampled"))
+    a = ap.parse_args()
+    if not shutil.which("perf"):
+        sys.exit("needs perf")
+    pb.WASMBED = os.path.abspath(a.wasmbed)
+    proxies = a.proxies.split(",")
+    pb.tools(False, any(p in pb.FLOORS for p in proxies))
+    os.makedirs(a.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="user-sampled.")
+    backends = pb.start_backends(work)
+    commands = pb.proxy_commands(work)
+    unknown = [p for p in proxies if p not in commands]
+    if unknown:
+        sys.exit(f"unknown proxy(ies): {', '.join(unknown)}")
+    url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
+    rate = RATES[a.scenario]
+    per = {p: [] for p in proxies}
+    print(f"CPU: {pb.cpu_model()}; {a.scenario} at {rate}/s, {a.seconds} s per run, {a.rounds} rounds, "
+          f"cpu-clock sampled at {FREQ} Hz", flush=True)
+    try:
+        for r in range(a.rounds):
+            for p in proxies:
+                pb.wait_idle(pb.PROXY_CORE)
+                running = pb.Running(p, commands[p])
+                try:
+                    data = os.path.join(a.out, f"perf.{p}.{a.scenario}.{r}.data")
+                    rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-o", data,
+                                            "-p", ",".join(map(str, running.pids()))],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(0.5)
+                    ok, _p99, errors = pb.h2load(url, rate * a.seconds, rate, True)
+                    rec.send_signal(2)
+                    rec.wait()
+                finally:
+                    running.stop()
+                user, kernel = user_samples(data)
+                us = 1e6 / FREQ
+                per[p].append(user * us / ok)
+                print(f"round {r + 1}/{a.rounds} {p}: {ok} connections, user {user * us / ok:.2f} µs/conn, "
+                      f"kernel {kernel * us / ok:.2f} µs/conn (with perf's own){' [' + errors + ']' if errors else ''}",
+                      flush=True)
+    finally:
+        for b in backends:
+            b.terminate()
+            b.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| proxy | user mode, sampled (median) | rounds |\n|---|---:|---|")
+    for p in proxies:
+        print(f"| {p} | {statistics.median(per[p]):.2f} µs/conn | {', '.join(f'{x:.2f}' for x in per[p])} |")
+    # Ratios as peer_bench.py gives them: each round's ratio, geometric mean, t interval on logs.
+    runs = {p: [{"round": r, "user": x, "noisy": False} for r, x in enumerate(v)] for p, v in per.items()}
+    base = [p for p in ("nginx", "haproxy", "floor-tokio") if p in proxies]
+    print("\n| ratio | user mode, sampled | verdict |\n|---|---:|---|")
+    for p in proxies:
+        for b in base:
+            if p != b and not (p == "nginx" and b == "haproxy"):
+                ci, v = pb.fmt_ci(pb.ratio_interval(runs[p], runs[b], "user"))
+                print(f"| {p} / {b} | {ci} | {v} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+//! The floor under a TLS passthrough proxy's cost per connection: the least a proxy can do per
+//! connection, written two ways, so that `bench/peer_bench.py` can set wasmbed beside them.
+//!
+//! - `tokio`: a current-thread tokio runtime (as wasmbed's proxy runs on one core), a task per
+//!   connection: one read of the device's first bytes, a connect to the gateway, those bytes
+//!   written, then `tokio::io::copy_bidirectional`. No ClientHello parse, routing, balancing,
+//!   timeouts, limits, metrics, spans or supervision: what is left is tokio's own cost per
+//!   connection (its I/O driver, timer wheel, scheduler, tasks), under which no proxy built on
+//!   tokio goes.
+//! - `mio`: a hand-written edge-triggered epoll loop (mio), one buffer for every connection, as
+//!   NGINX's stream module works: the same steps, no runtime at all.
+//!
+//! Neither is a proxy to deploy: no timeouts, no limits, an error closes the pair.
+//!
+//! Run: `passthrough_floor tokio|mio --listen ADDR --gateway ADDR` (other wasmbed options are
+//! accepted and ignored, so the bench can start it with wasmbed's command line); prints
+//! `ready listen=ADDR` once bound.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+
+const USAGE: &str = "passthrough_floor tokio|mio --listen ADDR --gateway ADDR [ignored wasmbed options]";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str| -> SocketAddr {
+        let at = args.iter().position(|a| a == name);
+        let Some(text) = at.and_then(|i| args.get(i + 1)) else {
+            eprintln!("{name} ADDR is required\nusage: {USAGE}");
+            std::process::exit(2);
+        };
+        text.parse().unwrap_or_else(|e| {
+            eprintln!("{name} {text}: {e}\nusage: {USAGE}");
+            std::process::exit(2);
+        })
+    };
+    let (listen, gateway) = (value("--listen"), value("--gateway"));
+    let result = match args.first().map(String::as_str) {
+        Some("tokio") => on_tokio(listen, gateway),
+        Some("mio") => on_mio(listen, gateway),
+        _ => {
+            eprintln!("usage: {USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("passthrough_floor: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn ready(listen: SocketAddr) {
+    println!("ready listen={listen} admin=off");
+}
+
+fn on_tokio(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        ready(listen);
+        loop {
+            let (mut device, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let _ = device.set_nodelay(true);
+                let mut first = vec![0u8; 2048];
+                let n = match device.read(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(gateway).await else {
+                    return;
+                };
+                let _ = upstream.set_nodelay(true);
+                if upstream.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
+                drop(first);
+                let _ = tokio::io::copy_bidirectional(&mut device, &mut upstream).await;
+            });
+        }
+    })
+}
+
+/// One device and its gateway on the mio loop.
+struct Pair {
+    device: mio::net::TcpStream,
+    gateway: Option<mio::net::TcpStream>,
+    connected: bool,
+    /// Bytes read but not yet written, per direction (0: to the gateway, 1: to the device).
+    pending: [Vec<u8>; 2],
+    /// An end of stream was read: close once `pending` is written.
+    ending: bool,
+}
+
+const LISTENER: mio::Token = mio::Token(usize::MAX);
+
+fn on_mio(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
+    use mio::{Events, Interest, Poll, Token};
+    let mut poll = Poll::new()?;
+    let mut listener = mio::net::TcpListener::bind(listen)?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    ready(listen);
+    let mut pairs: Vec<Option<Pair>> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        for event in events.iter() {
+            if event.token() == LISTENER {
+                loop {
+                    match listener.accept() {
+                        Ok((mut device, _)) => {
+                            let _ = device.set_nodelay(true);
+                            let slot = free.pop().unwrap_or_else(|| {
+                                pairs.push(None);
+                                pairs.len() - 1
+                            });
+                            poll.registry()
+                                .register(&mut device, Token(slot * 2), Interest::READABLE)?;
+                            pairs[slot] = Some(Pair {
+                                device,
+                                gateway: None,
+                                connected: false,
+                                pending: [Vec::new(), Vec::new()],
+                                ending: false,
+                            });
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(_) => break,
+                    }
+                }
+                continue;
+            }
+            let (slot, side) = (event.token().0 / 2, event.token().0 % 2);
+            let Some(pair) = pairs.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let keep = step(pair, side, event, gateway, &mut buf, &poll, slot).unwrap_or(false);
+            if !keep {
+                // Dropping closes both sockets; a closed descriptor leaves epoll by itself.
+                pairs[slot] = None;
+                free.push(slot);
+            }
+        }
+    }
+}
+
+/// Handles one readiness event of a pair; `Ok(false)` when the pair is done.
+fn step(
+    pair: &mut Pair,
+    side: usize,
+    event: &mio::event::Event,
+    gateway: SocketAddr,
+    buf: &mut [u8],
+    poll: &mio::Poll,
+    slot: usize,
+) -> io::Result<bool> {
+    use mio::{Interest, Token};
+    let Some(upstream) = pair.gateway.as_mut() else {
+        // The device's first bytes: connect, and send them once connected.
+        let n = match pair.device.read(buf) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        pair.pending[0].extend_from_slice(&buf[..n]);
+        let mut upstream = mio::net::TcpStream::connect(gateway)?;
+        poll.registry().register(
+            &mut upstream,
+            Token(slot * 2 + 1),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        pair.gateway = Some(upstream);
+        return Ok(true);
+    };
+    if !pair.connected {
+        if side != 1 || !event.is_writable() {
+            return Ok(true);
+        }
+        if upstream.take_error()?.is_some() || upstream.peer_addr().is_err() {
+            return Ok(false);
+        }
+        let _ = upstream.set_nodelay(true);
+        pair.connected = true;
+        poll.registry().reregister(
+            &mut pair.device,
+            Token(slot * 2),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        // Anything the device sent while the gateway was connecting, and the first bytes.
+        pump(pair, 0, buf)?;
+        return Ok(!pair.ending || pair.pending.iter().any(|p| !p.is_empty()));
+    }
+    // Readable on a side: its bytes go to the other. Writable on a side: what waits for it
+    // goes, then more from the other side.
+    if event.is_readable() || event.is_read_closed() {
+        pump(pair, side, buf)?;
+    }
+    if event.is_writable() {
+        pump(pair, 1 - side, buf)?;
+    }
+    Ok(!pair.ending || pair.pending.iter().any(|p| !p.is_empty()))
+}
+
+/// Moves bytes in direction `from` (0: device to gateway, 1: gateway to device): first what is
+/// pending, then reads until the source would block or the destination is full.
+fn pump(pair: &mut Pair, from: usize, buf: &mut [u8]) -> io::Result<()> {
+    let Some(upstream) = pair.gateway.as_mut() else {
+        return Ok(());
+    };
+    let (src, dst) = if from == 0 {
+        (&mut pair.device, upstream)
+    } else {
+        (upstream, &mut pair.device)
+    };
+    let pending = &mut pair.pending[from];
+    if !flush(dst, pending)? {
+        return Ok(());
+    }
+    loop {
+        let n = match src.read(buf) {
+            Ok(0) => {
+                pair.ending = true;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Straight from the shared buffer; only what the destination does not take is kept.
+        let mut sent = 0;
+        while sent < n {
+            match dst.write(&buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    pending.extend_from_slice(&buf[sent..n]);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Writes `pending` out; `Ok(false)` if the destination filled first (the rest stays).
+fn flush(dst: &mut mio::net::TcpStream, pending: &mut Vec<u8>) -> io::Result<bool> {
+    while !pending.is_empty() {
+        match dst.write(pending) {
+            Ok(n) => {
+                pending.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
