@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# What an idle QUIC device session holds in the proxy's heap, by allocation site: a
+# terminating proxy (`--quic-listen`, `--upstream link` to 2 gateways) run under heaptrack,
+# N devices (`wasmbed loadtest --transport quic`, 0.02 DATA/s each) connected and idle, then
+# the proxy SIGKILLed (nothing freed at exit: what heaptrack reports as leaked is what was
+# live). Run twice, at SMALL and at LARGE devices, and divide each site's difference by
+# LARGE - SMALL: what the process holds whatever the fleet (the links, the runtime, buffers)
+# cancels out.
+#
+#   bench/quic-heap.sh [SMALL [LARGE]]       (defaults 500 and 2000)
+#
+# Needs target/release/wasmbed (or WASMBED=PATH), heaptrack, curl. glibc's malloc is the
+# proxy's default allocator, which is what heaptrack sees. Loopback only; ports are the
+# kernel's. Prints a table of bytes per session by site (sites of 64 B/session or more, the
+# rest summed), and keeps the raw heaptrack files in OUT (default target/quic-heap).
+set -euo pipefail
+B=${WASMBED:-$(cd "$(dirname "$0")/.." && pwd)/target/release/wasmbed}
+SMALL=${1:-500} LARGE=${2:-2000}
+OUT=${OUT:-$(cd "$(dirname "$0")/.." && pwd)/target/quic-heap}
+command -v heaptrack >/dev/null || { echo "needs heaptrack" >&2; exit 2; }
+mkdir -p "$OUT"
+W=$(mktemp -d)
+PIDS=()
+cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$W"; }
+trap cleanup EXIT
+D=$W/pki
+"$B" certs init --dir "$D" --devices "$LARGE" --gateways 1 >/dev/null
+mkdir -p "$D/apps"
+cp "$(dirname "$0")/../apps/echo.wat" "$D/apps/"
+field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2" | head -1; }
+wait_ready() { until grep -q '^ready' "$1" 2>/dev/null; do sleep 0.05; done; }
+GWS=()
+for g in g0 g1; do
+  "$B" gateway --name "$g" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --apps "$D/apps" \
+    --session-keys "$D/session-keys.toml" --tls-cert "$D/gateway-0.pem" \
+    --tls-key "$D/gateway-0.key" --client-ca "$D/ca.pem" --proxy-identity wasmbed-proxy \
+    --max-sessions $((LARGE + 64)) --link >"$W/$g.out" 2>>"$W/gateways.err" &
+  PIDS+=($!)
+  wait_ready "$W/$g.out"
+  line=$(head -1 "$W/$g.out")
+  GWS+=(--gateway "$g=$(field listen "$line");health=$(field admin "$line")")
+done
+lscpu | grep "Model name"
+for n in "$SMALL" "$LARGE"; do
+  file=$OUT/proxy-$n
+  rm -f "$file".*
+  heaptrack -o "$file" "$B" proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+    --quic-listen 127.0.0.1:0 --mode terminate \
+    --tls-cert "$D/proxy.pem" --tls-key "$D/proxy.key" --client-ca "$D/ca.pem" \
+    --upstream-ca "$D/ca.pem" --upstream-cert "$D/proxy-client.pem" \
+    --upstream-key "$D/proxy-client.key" --upstream link --upstream-server-name localhost \
+    --health http --health-path /readyz --max-connections $((LARGE + 64)) \
+    "${GWS[@]}" >"$W/proxy.out" 2>"$W/proxy.err" &
+  HT=$!
+  PIDS+=("$HT")
+  wait_ready "$W/proxy.out"
+  line=$(grep '^ready' "$W/proxy.out")
+  PA=$(field admin "$line") PQ=$(field quic "$line")
+  PROXY=$(pgrep -f -- "$B proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --quic-listen" | tail -1)
+  "$B" loadtest --target "$PQ" --transport quic --devices "$n" --ramp 100 --rate 0.02 \
+    --duration 600s --app echo --sni localhost --ca-dir "$D" --devices-from "$D" \
+    >"$W/loadtest.out" 2>&1 &
+  LT=$!
+  PIDS+=("$LT")
+  open=0
+  for _ in $(seq 1 ${WAIT_TICKS:-1200}); do
+    open=$(curl -s "http://$PA/metrics" | awk '/^wasmbed_proxy_connections_open\{transport="quic"\} /{print $2}')
+    [ "${open%.*}" = "$n" ] && break
+    sleep 0.25
+  done
+  if [ "${open%.*}" != "$n" ]; then
+    echo "only ${open:-0} of $n devices connected" >&2
+    for f in loadtest.out proxy.err gateways.err; do echo "== $f"; tail -n 5 "$W/$f"; done >&2
+    curl -s "http://$PA/metrics" | grep -E "open|refused|rejected" | head >&2
+    exit 1
+  fi
+  sleep 5 # the handshakes' leftovers freed, the sessions idle
+  echo "$n devices connected; proxy RSS $(awk '/VmRSS/{print $2}' "/proc/$PROXY/status") KiB"
+  kill -KILL "$PROXY"
+  wait "$HT" 2>/dev/null || true
+  kill "$LT" 2>/dev/null || true
+  wait "$LT" 2>/dev/null || true
+  # Live bytes by stack (a flame-graph file: frames root first, the leaked bytes last).
+  heaptrack_print -f "$(ls "$file".zst "$file".gz 2>/dev/null | head -1)" -p 0 -a 0 -T 0 \
+    -F "$file.leaked.txt" --flamegraph-cost-type leaked >/dev/null 2>&1
+done
+python3 "$(dirname "$0")/heap_by_site.py" "$OUT/proxy-$SMALL.leaked.txt" "$OUT/proxy-$LARGE.leaked.txt" \
+  "$((LARGE - SMALL))"
