@@ -19,7 +19,8 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 
-const USAGE: &str = "passthrough_floor tokio|mio --listen ADDR --gateway ADDR [ignored wasmbed options]";
+const USAGE: &str =
+    "passthrough_floor tokio|mio --listen ADDR --gateway ADDR [ignored wasmbed options]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -125,8 +126,11 @@ fn on_mio(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
                                 pairs.push(None);
                                 pairs.len() - 1
                             });
-                            poll.registry()
-                                .register(&mut device, Token(slot * 2), Interest::READABLE)?;
+                            poll.registry().register(
+                                &mut device,
+                                Token(slot * 2),
+                                Interest::READABLE,
+                            )?;
                             pairs[slot] = Some(Pair {
                                 device,
                                 gateway: None,
