@@ -17,15 +17,9 @@ B=${WASMBED:-$(cd "$(dirname "$0")/.." && pwd)/target/release/wasmbed}
 N=${1:?usage: gateway-churn.sh ROUNDS [PREFIX...]}
 shift
 STEP=${STEP:-3} DEV=${DEV:-200} ENDSIG=${ENDSIG:-TERM}
-W=$(mktemp -d)
-PIDS=()
-cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-D=$W/pki
-"$B" certs init --dir "$D" --devices "$DEV" --gateways 1 >/dev/null
-mkdir -p "$D/apps"
-cp "$(dirname "$0")/../apps/echo.wat" "$D/apps/"
-field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2" | head -1; }
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
+bench_setup "$DEV"
 # Starts gateway $1; sets GW_PID, GW_LISTEN, GW_ADMIN.
 gateway() {
   "$B" gateway --name "$1" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --apps "$D/apps" \

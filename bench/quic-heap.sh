@@ -11,7 +11,7 @@
 #
 # Needs target/release/wasmbed (or WASMBED=PATH), heaptrack, curl. glibc's malloc is the
 # proxy's default allocator, which is what heaptrack sees. Loopback only; ports are the
-# kernel's. Prints a table of bytes per session by site (sites of 64 B/session or more, the
+# kernel's. Prints a table of bytes per session by site (sites of 48 B/session or more, the
 # rest summed), and keeps the raw heaptrack files in OUT (default target/quic-heap).
 set -euo pipefail
 B=${WASMBED:-$(cd "$(dirname "$0")/.." && pwd)/target/release/wasmbed}
@@ -19,15 +19,9 @@ SMALL=${1:-500} LARGE=${2:-2000}
 OUT=${OUT:-$(cd "$(dirname "$0")/.." && pwd)/target/quic-heap}
 command -v heaptrack >/dev/null || { echo "needs heaptrack" >&2; exit 2; }
 mkdir -p "$OUT"
-W=$(mktemp -d)
-PIDS=()
-cleanup() { kill -9 "${PIDS[@]}" 2>/dev/null || true; rm -rf "$W"; }
-trap cleanup EXIT
-D=$W/pki
-"$B" certs init --dir "$D" --devices "$LARGE" --gateways 1 >/dev/null
-mkdir -p "$D/apps"
-cp "$(dirname "$0")/../apps/echo.wat" "$D/apps/"
-field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2" | head -1; }
+# shellcheck source=bench/common.sh
+. "$(dirname "$0")/common.sh"
+bench_setup "$LARGE"
 wait_ready() { until grep -q '^ready' "$1" 2>/dev/null; do sleep 0.05; done; }
 GWS=()
 for g in g0 g1; do
@@ -56,7 +50,8 @@ for n in "$SMALL" "$LARGE"; do
   wait_ready "$W/proxy.out"
   line=$(grep '^ready' "$W/proxy.out")
   PA=$(field admin "$line") PQ=$(field quic "$line")
-  PROXY=$(pgrep -f -- "$B proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --quic-listen" | tail -1)
+  # Anchored: heaptrack's own wrapper script carries the same command line after its own.
+  PROXY=$(pgrep -f -- "^$B proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --quic-listen" | tail -1)
   "$B" loadtest --target "$PQ" --transport quic --devices "$n" --ramp 100 --rate 0.02 \
     --duration 600s --app echo --sni localhost --ca-dir "$D" --devices-from "$D" \
     >"$W/loadtest.out" 2>&1 &

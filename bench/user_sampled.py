@@ -3,10 +3,10 @@
 with `perf record -e cpu-clock -F 10000` on its processes for the run; the samples whose
 instruction pointer is outside the kernel, times 100 µs, divided by the connections made.
 
-Why beside peer_bench.py's "proxy user mode": Linux charges user against system time a whole
-4 ms tick at a time, so at 600 TLS connections/s a 10 s run's user time is a count of some
-30 ticks and its rounds spread by ±50%. Samples at 10 kHz count the same time some 40 times
-finer. perf's own interrupts add kernel time to every proxy alike; compare user time only.
+Why beside peer_bench.py's "proxy user mode": /proc/PID/stat reports user time in 10 ms
+units (USER_HZ), so at 600 TLS connections/s a 10 s run's user time is a count of some 10 to
+20 of them and its rounds spread by ±50%. Samples at 10 kHz count the same time about 100
+times finer. perf's own interrupts add kernel time to every proxy alike; compare user time only.
 
 Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn]
          [--proxies wasmbed,floor-tokio,floor-mio,nginx] [--wasmbed BIN] [--out DIR]
@@ -16,6 +16,7 @@ target/user-sampled) for `perf report -i FILE --sort dso,sym`.
 """
 import argparse
 import os
+import random
 import re
 import shutil
 import statistics
@@ -32,15 +33,16 @@ RATES = {"tls": 600, "conn": 8000}
 
 
 def user_samples(data):
-    """(user, kernel) sample counts of a perf.data."""
-    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "dso", "-F", "sample,dso"],
+    """(user, kernel) sample counts of a perf.data, by each sample's CPU mode (`[k]` kernel,
+    anything else user)."""
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "sym", "-F", "sample,sym"],
                          capture_output=True, text=True, check=True).stdout
     user = kernel = 0
     for line in out.splitlines():
-        m = re.match(r"\s*(\d+)\s+(\S+)", line)
+        m = re.match(r"\s*(\d+)\s+\[(.)\]", line)
         if not m:
             continue
-        if m.group(2).startswith("[kernel") or m.group(2) == "[unknown]":
+        if m.group(2) == "k":
             kernel += int(m.group(1))
         else:
             user += int(m.group(1))
@@ -75,7 +77,9 @@ def main():
           f"cpu-clock sampled at {FREQ} Hz", flush=True)
     try:
         for r in range(a.rounds):
-            for p in proxies:
+            order = proxies[:]
+            random.shuffle(order)  # as peer_bench.py: no proxy always first after the idle wait
+            for p in order:
                 pb.wait_idle(pb.PROXY_CORE)
                 running = pb.Running(p, commands[p])
                 try:

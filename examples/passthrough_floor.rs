@@ -7,8 +7,12 @@
 //!   timeouts, limits, metrics, spans or supervision: what is left is tokio's own cost per
 //!   connection (its I/O driver, timer wheel, scheduler, tasks), under which no proxy built on
 //!   tokio goes.
-//! - `mio`: a hand-written edge-triggered epoll loop (mio), one buffer for every connection, as
-//!   NGINX's stream module works: the same steps, no runtime at all.
+//! - `mio`: a hand-written edge-triggered epoll loop (mio): the same steps, no runtime at all,
+//!   one 64 KiB buffer shared by every connection (NGINX's stream module gives each session
+//!   buffers of its own): the bottom for any event loop, not a full proxy's cost.
+//!
+//! Both end a pair when either side ends (no half-close passed on), as wasmbed and NGINX do
+//! by default.
 //!
 //! Neither is a proxy to deploy: no timeouts, no limits, an error closes the pair.
 //!
@@ -63,7 +67,15 @@ fn on_tokio(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         ready(listen);
         loop {
-            let (mut device, _) = listener.accept().await?;
+            // A failed accept (a connection reset in the backlog, no descriptors left) ends
+            // no more than that connection; the loop backs off a moment and goes on.
+            let mut device = match listener.accept().await {
+                Ok((device, _)) => device,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             tokio::spawn(async move {
                 let _ = device.set_nodelay(true);
                 let mut first = vec![0u8; 2048];
@@ -79,7 +91,15 @@ fn on_tokio(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
                     return;
                 }
                 drop(first);
-                let _ = tokio::io::copy_bidirectional(&mut device, &mut upstream).await;
+                // Bytes both ways until either side ends, then both close: what wasmbed and
+                // NGINX do by default (`copy_bidirectional` would pass a half-close on, a
+                // `shutdown` and a wake-up more per connection).
+                let (mut device_read, mut device_write) = device.split();
+                let (mut gateway_read, mut gateway_write) = upstream.split();
+                tokio::select! {
+                    _ = tokio::io::copy(&mut device_read, &mut gateway_write) => {}
+                    _ = tokio::io::copy(&mut gateway_read, &mut device_write) => {}
+                }
             });
         }
     })
@@ -189,6 +209,9 @@ fn step(
         return Ok(true);
     };
     if !pair.connected {
+        if side == 1 && (event.is_error() || event.is_write_closed()) {
+            return Ok(false); // the connect failed
+        }
         if side != 1 || !event.is_writable() {
             return Ok(true);
         }
