@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench as pb  # noqa: E402
 
 FREQ = 10000
-RATES = {"tls": 600, "conn": 8000}
+RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS}  # the scenarios the floors run, at the bench's rates
 
 
 def user_samples(data):

@@ -3,9 +3,9 @@
 //!
 //! - `tokio`: a current-thread tokio runtime (as wasmbed's proxy runs on one core), a task per
 //!   connection: one read of the device's first bytes, a connect to the gateway, those bytes
-//!   written, then `tokio::io::copy_bidirectional`. No ClientHello parse, routing, balancing,
+//!   written, then `tokio::io::copy` each way. No ClientHello parse, routing, balancing,
 //!   timeouts, limits, metrics, spans or supervision: what is left is tokio's own cost per
-//!   connection (its I/O driver, timer wheel, scheduler, tasks), under which no proxy built on
+//!   connection (its I/O driver, scheduler, tasks), under which no proxy built on
 //!   tokio goes.
 //! - `mio`: a hand-written edge-triggered epoll loop (mio): the same steps, no runtime at all,
 //!   one 64 KiB buffer shared by every connection (NGINX's stream module gives each session
@@ -114,6 +114,13 @@ struct Pair {
     pending: [Vec<u8>; 2],
     /// An end of stream was read: close once `pending` is written.
     ending: bool,
+}
+
+impl Pair {
+    /// Whether the pair is still open: no end read, or bytes still to write.
+    fn open(&self) -> bool {
+        !self.ending || self.pending.iter().any(|p| !p.is_empty())
+    }
 }
 
 const LISTENER: mio::Token = mio::Token(usize::MAX);
@@ -227,7 +234,7 @@ fn step(
         )?;
         // Anything the device sent while the gateway was connecting, and the first bytes.
         pump(pair, 0, buf)?;
-        return Ok(!pair.ending || pair.pending.iter().any(|p| !p.is_empty()));
+        return Ok(pair.open());
     }
     // Readable on a side: its bytes go to the other. Writable on a side: what waits for it
     // goes, then more from the other side.
@@ -237,7 +244,7 @@ fn step(
     if event.is_writable() {
         pump(pair, 1 - side, buf)?;
     }
-    Ok(!pair.ending || pair.pending.iter().any(|p| !p.is_empty()))
+    Ok(pair.open())
 }
 
 /// Moves bytes in direction `from` (0: device to gateway, 1: gateway to device): first what is
