@@ -126,6 +126,23 @@ pub struct SessionState {
     pub app: String,
 }
 
+impl SessionState {
+    /// An epoch tick at `now` ([`now_nanos`]) while the call runs: charges the slice since
+    /// the poll began or the last tick, at most two ticks of it, and says whether the call
+    /// goes on (yielding) or is stopped.
+    fn tick(&mut self, now: u64) -> UpdateDeadline {
+        let began = self.slice.swap(now, Ordering::Relaxed);
+        // At most two ticks a slice: a thread the OS took away mid-call (an overloaded
+        // host) is not held against the call for longer.
+        self.ran += Duration::from_nanos(now.saturating_sub(began)).min(2 * TICK);
+        if self.ran > self.call_timeout {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        }
+    }
+}
+
 impl ResourceLimiter for SessionState {
     fn memory_growing(
         &mut self,
@@ -337,19 +354,7 @@ impl Host {
         // thread between polls is not counted, however long or often, and a pause of the
         // thread inside one counts two ticks at most (a busy gateway is slow; its apps are
         // not runaways); a runaway stops at the first tick past `call_timeout` of running.
-        store.epoch_deadline_callback(|mut ctx| {
-            let s = ctx.data_mut();
-            let now = now_nanos();
-            let began = s.slice.swap(now, Ordering::Relaxed);
-            // At most two ticks a slice: a thread the OS took away mid-call (an overloaded
-            // host) is not held against the call for longer.
-            s.ran += Duration::from_nanos(now.saturating_sub(began)).min(2 * TICK);
-            Ok(if s.ran > s.call_timeout {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
+        store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().tick(now_nanos())));
         store.data_mut().ran = Duration::ZERO;
         store.set_epoch_deadline(1);
         let instance = running(&slice, app.pre.instantiate_async(&mut store))

@@ -281,3 +281,50 @@ async fn a_call_that_waits_for_the_cpu_is_not_a_runaway() {
         "killed as a runaway for waiting"
     );
 }
+
+/// A slice is charged as it ran, but at most two ticks: a thread the OS took away for a
+/// second in the middle of a call (an overloaded host) costs the call two ticks, not its
+/// deadline; and a runaway whose every slice is that long is still stopped, at the first
+/// tick past its deadline.
+#[test]
+fn a_paused_slice_counts_two_ticks_at_most() {
+    let slice = Arc::new(AtomicU64::new(0));
+    let mut s = SessionState {
+        max_memory: 1 << 20,
+        ran: Duration::ZERO,
+        call_timeout: limits().call_timeout,
+        slice: slice.clone(),
+        max_push: 1024,
+        pushes: Vec::new(),
+        device: "device-1".into(),
+        app: "spin".into(),
+    };
+    let ms = |n: u64| n * 1_000_000;
+    // A slice of 1 ms: charged as it ran.
+    assert!(matches!(s.tick(ms(1)), UpdateDeadline::Yield(1)));
+    assert_eq!(s.ran, Duration::from_millis(1));
+    assert_eq!(
+        slice.load(Ordering::Relaxed),
+        ms(1),
+        "the next slice begins now"
+    );
+    // The thread taken away for a second mid-call: two ticks, and the call goes on.
+    assert!(matches!(s.tick(ms(1_001)), UpdateDeadline::Yield(1)));
+    assert_eq!(s.ran, Duration::from_millis(1) + 2 * TICK);
+    // A runaway paused a second at every tick: stopped at the first tick past 50 ms.
+    let mut now = ms(1_001);
+    let mut ticks = 0;
+    while let UpdateDeadline::Yield(1) = s.tick({
+        now += ms(1_000);
+        now
+    }) {
+        ticks += 1;
+        assert!(ticks < 100, "never stopped: {:?} charged", s.ran);
+    }
+    assert!(s.ran > limits().call_timeout && s.ran <= limits().call_timeout + 2 * TICK);
+    // A slice stamped after the tick that ends it (clocks read out of order) charges nothing.
+    let before = s.ran;
+    slice.store(ms(1_000_000), Ordering::Relaxed);
+    let _ = s.tick(ms(5));
+    assert_eq!(s.ran, before);
+}
