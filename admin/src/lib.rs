@@ -8,6 +8,8 @@
 //! TLS handshakes run in tasks of their own, bounded by a timeout, so a client that never
 //! finishes one does not hold up the others.
 
+pub mod exposition;
+
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -157,18 +157,18 @@ fn describe() {
 /// Appends `wasmbed_gateway_app_calls_total{app}`: one series per loaded app (from 0), none
 /// for a deleted one.
 pub fn render_app_calls(text: &mut String, apps: &[std::sync::Arc<crate::host::App>]) {
-    use std::fmt::Write;
+    use wasmbed_admin::exposition::{family, sample};
     let mut apps: Vec<_> = apps.iter().collect();
     apps.sort_by(|a, b| a.name.cmp(&b.name));
-    let _ = writeln!(
+    family(
         text,
-        "# HELP {CALLS} Application calls (on_message), by app."
+        CALLS,
+        "counter",
+        "Application calls (on_message), by app.",
     );
-    let _ = writeln!(text, "# TYPE {CALLS} counter");
     for app in apps {
-        // App names are checked at load (letters, digits, '-', '_'): no escaping needed.
         let calls = app.calls.load(std::sync::atomic::Ordering::Relaxed);
-        let _ = writeln!(text, "{CALLS}{{app=\"{}\"}} {calls}", app.name);
+        sample(text, CALLS, &[("app", app.name.as_str())], calls);
     }
 }
 

@@ -296,52 +296,34 @@ pub fn render(gateways: &GatewaySet) -> String {
 /// Appends [`PER_GATEWAY`] for `gateways`, by name. `pool` on the gauges: the balance is kept
 /// within a pool, so a spread is only meaningful there (alerts and panels group by it).
 fn render_per_gateway(out: &mut String, gateways: &[std::sync::Arc<Gateway>]) {
-    use std::fmt::Write;
+    use wasmbed_admin::exposition::{family, sample};
     let mut gateways: Vec<_> = gateways.iter().collect();
     gateways.sort_by(|a, b| a.name.cmp(&b.name));
-    if !out.is_empty() && !out.ends_with("\n\n") {
-        out.push('\n');
-    }
     let mut samples = Vec::new();
     for (name, kind, help, each) in PER_GATEWAY {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        family(out, name, kind, help);
         for g in &gateways {
             samples.clear();
             each(g, &mut samples);
-            let gateway = label_value(&g.name);
             for (label, value) in &samples {
-                let _ = write!(out, "{name}{{gateway=\"{gateway}\"");
+                let mut labels = vec![("gateway", g.name.as_str())];
                 if kind == "gauge" {
-                    let _ = write!(out, ",pool=\"{}\"", label_value(&g.pool));
+                    labels.push(("pool", g.pool.as_str()));
                 }
-                if let Some((k, v)) = label {
-                    let _ = write!(out, ",{k}=\"{v}\"");
-                }
-                let _ = writeln!(out, "}} {value}");
+                labels.extend(*label);
+                sample(out, name, &labels, value);
             }
         }
         if name == SESSIONS_CANCELLED {
             samples.clear();
             cancelled(&UNASSIGNED, &mut samples);
             for (label, value) in samples.iter().filter(|(_, v)| *v > 0) {
-                if let Some((k, v)) = label {
-                    let _ = writeln!(out, "{name}{{gateway=\"\",{k}=\"{v}\"}} {value}");
+                if let Some(label) = label {
+                    sample(out, name, &[("gateway", ""), *label], value);
                 }
             }
         }
-        out.push('\n');
     }
-}
-
-/// A label value as the Prometheus text format writes it: `\\`, `\"` and `\n` escaped.
-fn label_value(v: &str) -> std::borrow::Cow<'_, str> {
-    if !v.contains(['\\', '"', '\n']) {
-        return v.into();
-    }
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-        .into()
 }
 
 /// Open descriptors and the soft limit, read at scrape time (Linux: /proc/self/fd).
