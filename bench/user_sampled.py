@@ -12,7 +12,15 @@ Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn]
          [--proxies wasmbed,floor-tokio,floor-mio,nginx] [--wasmbed BIN] [--out DIR]
 Proxies as in peer_bench.py (floor-tokio and floor-mio: examples/passthrough_floor.rs). Needs
 perf, and what peer_bench needs. Writes each run's perf.data to --out (default
-target/user-sampled) for `perf report -i FILE --sort dso,sym`.
+target/user-sampled) for `perf report -i FILE --sort dso,sym`, with its connection count
+beside it (`.conns`).
+
+       python3 bench/user_sampled.py --by-symbol A,B [--groups] [--scenario tls] [--top 40]
+reads the runs a sampling left in --out instead of running anything: user-mode µs per
+connection by symbol, A's and B's (the mean over their runs) and A minus B, largest first;
+with --groups, first summed by the groups of wasmbed's layers below.
+Symbols are as perf names them: inlined code counts in its caller, and functions the linker
+folded (identical code) go under one of their names.
 """
 import argparse
 import os
@@ -49,6 +57,44 @@ def user_samples(data):
     return user, kernel
 
 
+# Groups of symbols for --by-symbol's first table, first match wins. By name only: code inlined
+# into a wrapper (a span's or a tracker's `poll`) counts in the wrapper's group.
+GROUPS = [
+    ("glibc's cancellation points (every system call of a multi-threaded process)", r"asynccancel"),
+    ("metrics (counters, histograms)", r"metrics|AtomicBucket|Count>::add"),
+    ("supervision (cut token, task tracker, notify)", r"cancellation_token|TrackedFuture|notify::|Notified"),
+    ("clock reads", r"clock_gettime|Instant|Timespec"),
+    ("tracing (span, dispatcher)", r"tracing"),
+    ("the forwarding (forward::Tcp, Direction)", r"wasmbed_proxy::forward"),
+    ("ClientHello, route, balancer, connect",
+     r"clienthello|route|balancer|wasmbed_pick|upstream|connect|arc_swap|Parser|passthrough"),
+    ("timers (timeouts, the wheel)", r"time::|Sleep|Timeout|wheel"),
+]
+
+
+def by_symbol(out_dir, proxy, scenario):
+    """{symbol: user-mode µs per connection} over a proxy's saved runs (mean of the runs)."""
+    runs = sorted(f for f in os.listdir(out_dir) if re.fullmatch(rf"perf\.{re.escape(proxy)}\.{scenario}\.\d+\.data", f))
+    if not runs:
+        sys.exit(f"no saved run of {proxy} ({scenario}) in {out_dir}: sample it first")
+    per = {}
+    for f in runs:
+        path = os.path.join(out_dir, f)
+        try:
+            with open(path[: -len(".data")] + ".conns") as c:
+                conns = int(c.read())
+        except (OSError, ValueError):
+            sys.exit(f"{path}: no connection count beside it (a run of an older user_sampled.py?)")
+        out = subprocess.run(["perf", "report", "-i", path, "--stdio", "--sort", "sym", "-F", "sample,sym"],
+                             capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*(\d+)\s+\[(.)\]\s+(.*)", line)
+            if m and m.group(2) != "k":
+                sym = m.group(3).strip()
+                per[sym] = per.get(sym, 0.0) + int(m.group(1)) * 1e6 / FREQ / conns / len(runs)
+    return per
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -57,7 +103,29 @@ def main():
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,nginx")
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
     ap.add_argument("--out", default=os.path.join(pb.REPO, "target", "user-sampled"))
+    ap.add_argument("--by-symbol", metavar="A,B", help="compare two proxies' saved runs by symbol")
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--groups", action="store_true", help="with --by-symbol: first the difference by group of "
+                    "wasmbed's layers (GROUPS)")
     a = ap.parse_args()
+    if a.by_symbol:
+        pa, _, pb_ = a.by_symbol.partition(",")
+        if not pb_:
+            sys.exit("--by-symbol takes two proxies: A,B")
+        x, y = by_symbol(a.out, pa, a.scenario), by_symbol(a.out, pb_, a.scenario)
+        print(f"{a.scenario}: user mode, µs per connection: {pa} {sum(x.values()):.2f}, {pb_} {sum(y.values()):.2f}")
+        groups = {}
+        for sym in set(x) | set(y) if a.groups else ():
+            name = next((g for g, pat in GROUPS if re.search(pat, sym)), "the rest (the runtime, libc, ...)")
+            groups[name] = groups.get(name, 0.0) + x.get(sym, 0) - y.get(sym, 0)
+        if a.groups:
+            print(f"\n| group | {pa} − {pb_} |\n|---|---:|")
+            for name in [g for g, _ in GROUPS] + ["the rest (the runtime, libc, ...)"]:
+                print(f"| {name} | {groups.get(name, 0):+.2f} |")
+        print(f"\n| symbol | {pa} | {pb_} | {pa} − {pb_} |\n|---|---:|---:|---:|")
+        for sym in sorted(set(x) | set(y), key=lambda k: -(x.get(k, 0) - y.get(k, 0)))[: a.top]:
+            print(f"| `{sym[:100]}` | {x.get(sym, 0):.2f} | {y.get(sym, 0):.2f} | {x.get(sym, 0) - y.get(sym, 0):+.2f} |")
+        return
     if not shutil.which("perf"):
         sys.exit("needs perf")
     pb.WASMBED = os.path.abspath(a.wasmbed)
@@ -91,6 +159,8 @@ def main():
                     ok, _p99, errors = pb.h2load(url, rate * a.seconds, rate, True)
                     rec.send_signal(2)
                     rec.wait()
+                    with open(data[: -len(".data")] + ".conns", "w") as c:
+                        c.write(str(ok))
                 finally:
                     running.stop()
                 user, kernel = user_samples(data)

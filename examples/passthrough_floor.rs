@@ -40,6 +40,9 @@ fn main() {
         })
     };
     let (listen, gateway) = (value("--listen"), value("--gateway"));
+    // As wasmbed does at start (HAProxy and NGINX too, by their configs): descriptors up to
+    // the hard limit, so that a backlog under load is not refused for want of them.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let result = match args.first().map(String::as_str) {
         Some("tokio") => on_tokio(listen, gateway),
         Some("mio") => on_mio(listen, gateway),
