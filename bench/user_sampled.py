@@ -10,15 +10,17 @@ times finer. perf's own interrupts add kernel time to every proxy alike; compare
 
 Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn]
          [--proxies wasmbed,floor-tokio,floor-mio,nginx] [--wasmbed BIN] [--out DIR]
+         [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
 Proxies as in peer_bench.py (floor-tokio and floor-mio: examples/passthrough_floor.rs). Needs
 perf, and what peer_bench needs. Writes each run's perf.data to --out (default
 target/user-sampled) for `perf report -i FILE --sort dso,sym`, with its connection count
-beside it (`.conns`).
+beside it (`.conns`); a sampling first removes the runs an earlier one left there of the
+proxies it samples, so that --by-symbol reads one sitting's.
 
        python3 bench/user_sampled.py --by-symbol A,B [--groups] [--scenario tls] [--top 40]
 reads the runs a sampling left in --out instead of running anything: user-mode µs per
-connection by symbol, A's and B's (the mean over their runs) and A minus B, largest first;
-with --groups, first summed by the groups of wasmbed's layers below.
+connection by symbol, A's and B's (the mean over their runs) and A minus B, the largest
+differences either way; with --groups, first summed by the groups of wasmbed's layers below.
 Symbols are as perf names them: inlined code counts in its caller, and functions the linker
 folded (identical code) go under one of their names.
 """
@@ -43,38 +45,49 @@ RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS}  # the scenarios the flo
 def user_samples(data):
     """(user, kernel) sample counts of a perf.data, by each sample's CPU mode (`[k]` kernel,
     anything else user)."""
-    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "sym", "-F", "sample,sym"],
-                         capture_output=True, text=True, check=True).stdout
     user = kernel = 0
-    for line in out.splitlines():
-        m = re.match(r"\s*(\d+)\s+\[(.)\]", line)
-        if not m:
-            continue
-        if m.group(2) == "k":
-            kernel += int(m.group(1))
+    for mode, _sym, n in perf_report(data):
+        if mode == "k":
+            kernel += n
         else:
-            user += int(m.group(1))
+            user += n
     return user, kernel
 
 
 # Groups of symbols for --by-symbol's first table, first match wins. By name only: code inlined
-# into a wrapper (a span's or a tracker's `poll`) counts in the wrapper's group.
+# into a wrapper (a span's or a tracker's `poll`) counts in the wrapper's group. Anchored so
+# that tokio's own (`tokio::runtime::time`, `tokio::runtime::metrics`) stays in the rest.
 GROUPS = [
     ("glibc's cancellation points (every system call of a multi-threaded process)", r"asynccancel"),
-    ("metrics (counters, histograms)", r"metrics|AtomicBucket|Count>::add"),
-    ("supervision (cut token, task tracker, notify)", r"cancellation_token|TrackedFuture|notify::|Notified"),
+    ("metrics (counters, histograms)", r"^<?metrics|AtomicBucket|Count>::add"),
+    ("supervision (cut token, task tracker, notify)", r"cancellation_token|TrackedFuture|sync::notify::"),
     ("clock reads", r"clock_gettime|Instant|Timespec"),
-    ("tracing (span, dispatcher)", r"tracing"),
-    ("the forwarding (forward::Tcp, Direction)", r"wasmbed_proxy::forward"),
+    ("tracing (span, dispatcher)", r"^<?tracing"),
+    # The session's own code either side: ours, and the floor's task with its two copies.
+    ("the forwarding (wasmbed's forward::Tcp; the floor's task and tokio::io::copy)",
+     r"wasmbed_proxy::forward|passthrough_floor::|tokio::io::util::copy"),
     ("ClientHello, route, balancer, connect",
-     r"clienthello|route|balancer|wasmbed_pick|upstream|connect|arc_swap|Parser|passthrough"),
-    ("timers (timeouts, the wheel)", r"time::|Sleep|Timeout|wheel"),
+     r"wasmbed_proxy::(clienthello|route|balancer|upstream|passthrough)|wasmbed_pick|TcpStream::connect|arc_swap"
+     r"|net::parser::Parser"),
+    ("timers (timeouts, sleeps, the wheel)", r"tokio::time::|runtime::time::|Sleep|Timeout"),
 ]
+REST = "the rest (the runtime's scheduler and I/O driver, libc, ...)"
+
+
+def perf_report(data):
+    """(mode, symbol, samples) of a perf.data: mode `k` for the kernel's, else user."""
+    out = subprocess.run(["perf", "report", "-i", data, "--stdio", "--sort", "sym", "-F", "sample,sym"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        m = re.match(r"\s*(\d+)\s+\[(.)\]\s+(.*)", line)
+        if m:
+            yield m.group(2), m.group(3).strip(), int(m.group(1))
 
 
 def by_symbol(out_dir, proxy, scenario):
     """{symbol: user-mode µs per connection} over a proxy's saved runs (mean of the runs)."""
-    runs = sorted(f for f in os.listdir(out_dir) if re.fullmatch(rf"perf\.{re.escape(proxy)}\.{scenario}\.\d+\.data", f))
+    pattern = rf"perf\.{re.escape(proxy)}\.{scenario}\.\d+\.data"
+    runs = sorted(f for f in os.listdir(out_dir) if re.fullmatch(pattern, f)) if os.path.isdir(out_dir) else []
     if not runs:
         sys.exit(f"no saved run of {proxy} ({scenario}) in {out_dir}: sample it first")
     per = {}
@@ -84,15 +97,41 @@ def by_symbol(out_dir, proxy, scenario):
             with open(path[: -len(".data")] + ".conns") as c:
                 conns = int(c.read())
         except (OSError, ValueError):
-            sys.exit(f"{path}: no connection count beside it (a run of an older user_sampled.py?)")
-        out = subprocess.run(["perf", "report", "-i", path, "--stdio", "--sort", "sym", "-F", "sample,sym"],
-                             capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            m = re.match(r"\s*(\d+)\s+\[(.)\]\s+(.*)", line)
-            if m and m.group(2) != "k":
-                sym = m.group(3).strip()
-                per[sym] = per.get(sym, 0.0) + int(m.group(1)) * 1e6 / FREQ / conns / len(runs)
+            sys.exit(f"{path}: no connection count beside it (a run cut short, or of an older user_sampled.py)")
+        if conns <= 0:
+            sys.exit(f"{path}: no connection was made in that run")
+        for mode, sym, n in perf_report(path):
+            if mode != "k":
+                per[sym] = per.get(sym, 0.0) + n * 1e6 / FREQ / conns / len(runs)
     return per
+
+
+def compare_by_symbol(a):
+    """--by-symbol: two proxies' saved runs, by group (--groups) and by symbol."""
+    pair = a.by_symbol.split(",")
+    if len(pair) != 2 or not all(pair):
+        sys.exit("--by-symbol takes two proxies: A,B")
+    pa, pb_ = pair
+    x, y = by_symbol(a.out, pa, a.scenario), by_symbol(a.out, pb_, a.scenario)
+    diff = {sym: x.get(sym, 0.0) - y.get(sym, 0.0) for sym in set(x) | set(y)}
+    print(f"{a.scenario}: user mode, µs per connection (mean of the runs): {pa} {sum(x.values()):.2f}, "
+          f"{pb_} {sum(y.values()):.2f}")
+    if a.groups:
+        groups = {}
+        for sym, d in diff.items():
+            name = next((g for g, pat in GROUPS if re.search(pat, sym)), REST)
+            groups[name] = groups.get(name, 0.0) + d
+        print(f"\n| group | {pa} − {pb_} |\n|---|---:|")
+        for name in [g for g, _ in GROUPS] + [REST]:
+            print(f"| {name} | {groups.get(name, 0.0):+.2f} |")
+    ranked = sorted(diff, key=lambda k: -diff[k])
+    more, less = ranked[: a.top], [k for k in reversed(ranked[-a.top // 2:]) if diff[k] < 0]
+    print(f"\n| symbol | {pa} | {pb_} | {pa} − {pb_} |\n|---|---:|---:|---:|")
+    for sym in more + ["..."] + less:
+        if sym == "...":
+            print("| ... | | | |")
+            continue
+        print(f"| `{sym[:100]}` | {x.get(sym, 0):.2f} | {y.get(sym, 0):.2f} | {diff[sym]:+.2f} |")
 
 
 def main():
@@ -103,47 +142,45 @@ def main():
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,nginx")
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
     ap.add_argument("--out", default=os.path.join(pb.REPO, "target", "user-sampled"))
-    ap.add_argument("--by-symbol", metavar="A,B", help="compare two proxies' saved runs by symbol")
-    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--compare", metavar="BIN", help="a second wasmbed binary, sampled as proxy wasmbed-b")
+    ap.add_argument("--by-symbol", metavar="A,B", help="compare two proxies' saved runs by symbol (runs nothing)")
+    ap.add_argument("--top", type=int, help="with --by-symbol: how many symbols (default 40)")
     ap.add_argument("--groups", action="store_true", help="with --by-symbol: first the difference by group of "
-                    "wasmbed's layers (GROUPS)")
+                    "wasmbed's layers")
     a = ap.parse_args()
-    if a.by_symbol:
-        pa, _, pb_ = a.by_symbol.partition(",")
-        if not pb_:
-            sys.exit("--by-symbol takes two proxies: A,B")
-        x, y = by_symbol(a.out, pa, a.scenario), by_symbol(a.out, pb_, a.scenario)
-        print(f"{a.scenario}: user mode, µs per connection: {pa} {sum(x.values()):.2f}, {pb_} {sum(y.values()):.2f}")
-        groups = {}
-        for sym in set(x) | set(y) if a.groups else ():
-            name = next((g for g, pat in GROUPS if re.search(pat, sym)), "the rest (the runtime, libc, ...)")
-            groups[name] = groups.get(name, 0.0) + x.get(sym, 0) - y.get(sym, 0)
-        if a.groups:
-            print(f"\n| group | {pa} − {pb_} |\n|---|---:|")
-            for name in [g for g, _ in GROUPS] + ["the rest (the runtime, libc, ...)"]:
-                print(f"| {name} | {groups.get(name, 0):+.2f} |")
-        print(f"\n| symbol | {pa} | {pb_} | {pa} − {pb_} |\n|---|---:|---:|---:|")
-        for sym in sorted(set(x) | set(y), key=lambda k: -(x.get(k, 0) - y.get(k, 0)))[: a.top]:
-            print(f"| `{sym[:100]}` | {x.get(sym, 0):.2f} | {y.get(sym, 0):.2f} | {x.get(sym, 0) - y.get(sym, 0):+.2f} |")
-        return
     if not shutil.which("perf"):
         sys.exit("needs perf")
+    if a.by_symbol:
+        a.top = 40 if a.top is None else a.top
+        compare_by_symbol(a)
+        return
+    if a.top is not None or a.groups:
+        sys.exit("--top and --groups go with --by-symbol")
+    if a.rounds < 1 or a.seconds < 1:
+        sys.exit("--rounds and --seconds: at least 1")
     pb.WASMBED = os.path.abspath(a.wasmbed)
     proxies = a.proxies.split(",")
     pb.tools(False, any(p in pb.FLOORS for p in proxies))
     os.makedirs(a.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="user-sampled.")
-    backends = pb.start_backends(work)
-    commands = pb.proxy_commands(work)
-    unknown = [p for p in proxies if p not in commands]
-    if unknown:
-        sys.exit(f"unknown proxy(ies): {', '.join(unknown)}")
-    url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
-    rate = RATES[a.scenario]
+    backends = []
     per = {p: [] for p in proxies}
-    print(f"CPU: {pb.cpu_model()}; {a.scenario} at {rate}/s, {a.seconds} s per run, {a.rounds} rounds, "
-          f"cpu-clock sampled at {FREQ} Hz", flush=True)
     try:
+        backends = pb.start_backends(work)
+        commands = pb.proxy_commands(work, a.compare and os.path.abspath(a.compare))
+        unknown = [p for p in proxies if p not in commands]
+        if unknown:
+            sys.exit(f"unknown proxy(ies): {', '.join(unknown)}" + (" (wasmbed-b needs --compare BIN)"
+                     if "wasmbed-b" in unknown else ""))
+        for f in os.listdir(a.out):  # one sitting's runs only, for --by-symbol
+            if any(re.fullmatch(rf"perf\.{re.escape(p)}\.{a.scenario}\.\d+\.(data|data\.old|conns)", f)
+                   for p in proxies):
+                os.remove(os.path.join(a.out, f))
+        url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/",
+               "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
+        rate = RATES[a.scenario]
+        print(f"CPU: {pb.cpu_model()}; {a.scenario} at {rate}/s, {a.seconds} s per run, {a.rounds} rounds, "
+              f"cpu-clock sampled at {FREQ} Hz", flush=True)
         for r in range(a.rounds):
             order = proxies[:]
             random.shuffle(order)  # as peer_bench.py: no proxy always first after the idle wait
@@ -163,6 +200,8 @@ def main():
                         c.write(str(ok))
                 finally:
                     running.stop()
+                if not ok:
+                    sys.exit(f"{p}: no connection succeeded ({errors})")
                 user, kernel = user_samples(data)
                 us = 1e6 / FREQ
                 per[p].append(user * us / ok)
@@ -179,11 +218,11 @@ def main():
         print(f"| {p} | {statistics.median(per[p]):.2f} µs/conn | {', '.join(f'{x:.2f}' for x in per[p])} |")
     # Ratios as peer_bench.py gives them: each round's ratio, geometric mean, t interval on logs.
     runs = {p: [{"round": r, "user": x, "noisy": False} for r, x in enumerate(v)] for p, v in per.items()}
-    base = [p for p in ("nginx", "haproxy", "floor-tokio") if p in proxies]
+    base = [p for p in ("nginx", "haproxy", "floor-tokio", "wasmbed-b") if p in proxies]
     print("\n| ratio | user mode, sampled | verdict |\n|---|---:|---|")
     for p in proxies:
         for b in base:
-            if p != b and not (p == "nginx" and b == "haproxy"):
+            if p != b and not (p == "nginx" and b == "haproxy") and (b != "wasmbed-b" or p == "wasmbed"):
                 ci, v = pb.fmt_ci(pb.ratio_interval(runs[p], runs[b], "user"))
                 print(f"| {p} / {b} | {ci} | {v} |")
 

@@ -10,8 +10,13 @@ use std::fmt::{Display, Write};
 /// Starts a family: its HELP and TYPE lines, after a blank line unless the page is empty or
 /// already ends with one. `help` is the program's own text, written as it is.
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    if !out.is_empty() && !out.ends_with("\n\n") {
-        out.push('\n');
+    if !out.is_empty() {
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        if !out.ends_with("\n\n") {
+            out.push('\n');
+        }
     }
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -43,6 +48,26 @@ pub fn label_value(v: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A family on an empty page starts it; one after a page ending in a blank line, or in no
+    /// newline at all, follows one blank line.
+    #[test]
+    fn a_family_follows_one_blank_line_whatever_the_page_ended_with() {
+        for (page, joined) in [
+            ("", ""),
+            ("up 1", "up 1\n\n"),
+            ("up 1\n", "up 1\n\n"),
+            ("up 1\n\n", "up 1\n\n"),
+        ] {
+            let mut out = String::from(page);
+            family(&mut out, "y", "gauge", "Ys.");
+            assert_eq!(
+                out,
+                format!("{joined}# HELP y Ys.\n# TYPE y gauge\n"),
+                "after {page:?}"
+            );
+        }
+    }
 
     /// Families separated by one blank line; labels in order, values escaped; none, no braces.
     #[test]

@@ -1,4 +1,5 @@
-//! The admin endpoint's transport, shared by the proxy and the gateway.
+//! The admin endpoint's transport, shared by the proxy and the gateway; and [`exposition`],
+//! the writer of the metrics each writes beside its recorder's.
 //!
 //! Plain HTTP, or HTTPS (`--admin-tls-cert/--admin-tls-key`). With HTTPS and an admin CA
 //! (`--admin-client-ca`) a client *may* present a certificate from that CA; handlers learn

@@ -348,12 +348,10 @@ impl Host {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
-        // Called at each epoch tick while the app runs: adds the time since this poll of
-        // the call began (or since the last tick), at most two ticks, to its running, then
-        // stops the call past `call_timeout` or yields to the other sessions. A wait for the
-        // thread between polls is not counted, however long or often, and a pause of the
-        // thread inside one counts two ticks at most (a busy gateway is slow; its apps are
-        // not runaways); a runaway stops at the first tick past `call_timeout` of running.
+        // At each epoch tick while the app runs: `SessionState::tick` charges the slice and
+        // stops the call past `call_timeout`, or yields to the other sessions. A wait for the
+        // thread between polls is not counted (a busy gateway is slow; its apps are not
+        // runaways).
         store.epoch_deadline_callback(|mut ctx| Ok(ctx.data_mut().tick(now_nanos())));
         store.data_mut().ran = Duration::ZERO;
         store.set_epoch_deadline(1);

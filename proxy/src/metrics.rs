@@ -306,12 +306,19 @@ fn render_per_gateway(out: &mut String, gateways: &[std::sync::Arc<Gateway>]) {
             samples.clear();
             each(g, &mut samples);
             for (label, value) in &samples {
-                let mut labels = vec![("gateway", g.name.as_str())];
+                // gateway, then pool (gauges: the balance is kept within a pool), then the
+                // sample's own label.
+                let mut labels = [("gateway", g.name.as_str()), ("", ""), ("", "")];
+                let mut n = 1;
                 if kind == "gauge" {
-                    labels.push(("pool", g.pool.as_str()));
+                    labels[n] = ("pool", g.pool.as_str());
+                    n += 1;
                 }
-                labels.extend(*label);
-                sample(out, name, &labels, value);
+                if let Some(l) = label {
+                    labels[n] = *l;
+                    n += 1;
+                }
+                sample(out, name, &labels[..n], value);
             }
         }
         if name == SESSIONS_CANCELLED {
