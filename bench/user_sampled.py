@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def user_samples(data):
 
 # Groups of symbols for --by-symbol's first table, first match wins. By name only: code inlined
 # into a wrapper (a span's or a tracker's `poll`) counts in the wrapper's group. Anchored so
-# that tokio's own (`tokio::runtime::time`, `tokio::runtime::metrics`) stays in the rest.
+# that tokio's scheduler and I/O driver (`tokio::runtime::metrics`, `runtime::io`) stay in the
+# rest; its time driver (`runtime::time`) counts as timers.
 GROUPS = [
     ("glibc's cancellation points (every system call of a multi-threaded process)", r"asynccancel"),
     ("metrics (counters, histograms)", r"^<?metrics|AtomicBucket|Count>::add"),
@@ -68,7 +70,7 @@ GROUPS = [
      r"wasmbed_proxy::forward|passthrough_floor::|tokio::io::util::copy"),
     ("ClientHello, route, balancer, connect",
      r"wasmbed_proxy::(clienthello|route|balancer|upstream|passthrough)|wasmbed_pick|TcpStream::connect|arc_swap"
-     r"|net::parser::Parser"),
+     r"|net::parser::Parser|parse_ascii"),
     ("timers (timeouts, sleeps, the wheel)", r"tokio::time::|runtime::time::|Sleep|Timeout"),
 ]
 REST = "the rest (the runtime's scheduler and I/O driver, libc, ...)"
@@ -124,8 +126,9 @@ def compare_by_symbol(a):
         print(f"\n| group | {pa} − {pb_} |\n|---|---:|")
         for name in [g for g, _ in GROUPS] + [REST]:
             print(f"| {name} | {groups.get(name, 0.0):+.2f} |")
-    ranked = sorted(diff, key=lambda k: -diff[k])
-    more, less = ranked[: a.top], [k for k in reversed(ranked[-a.top // 2:]) if diff[k] < 0]
+    ranked = sorted(diff, key=lambda k: (-diff[k], k))
+    more = ranked[: a.top]
+    less = [k for k in reversed(ranked[max(len(more), len(ranked) - (a.top + 1) // 2):]) if diff[k] < 0]
     print(f"\n| symbol | {pa} | {pb_} | {pa} − {pb_} |\n|---|---:|---:|---:|")
     for sym in more + ["..."] + less:
         if sym == "...":
@@ -152,12 +155,19 @@ def main():
         sys.exit("needs perf")
     if a.by_symbol:
         a.top = 40 if a.top is None else a.top
+        if a.top < 1:
+            sys.exit("--top: at least 1")
         compare_by_symbol(a)
         return
     if a.top is not None or a.groups:
         sys.exit("--top and --groups go with --by-symbol")
     if a.rounds < 1 or a.seconds < 1:
         sys.exit("--rounds and --seconds: at least 1")
+    if a.compare and not os.access(a.compare, os.X_OK):
+        sys.exit(f"--compare {a.compare}: not an executable file")
+    # A signal must not leave the proxies and backends running: SIGTERM becomes an exit, and
+    # `finally` stops everything started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     pb.WASMBED = os.path.abspath(a.wasmbed)
     proxies = a.proxies.split(",")
     pb.tools(False, any(p in pb.FLOORS for p in proxies))
@@ -192,10 +202,12 @@ def main():
                     rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-o", data,
                                             "-p", ",".join(map(str, running.pids()))],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    time.sleep(0.5)
-                    ok, _p99, errors = pb.h2load(url, rate * a.seconds, rate, True)
-                    rec.send_signal(2)
-                    rec.wait()
+                    try:
+                        time.sleep(0.5)
+                        ok, _p99, errors = pb.h2load(url, rate * a.seconds, rate, True)
+                    finally:
+                        rec.send_signal(signal.SIGINT)
+                        rec.wait()
                     with open(data[: -len(".data")] + ".conns", "w") as c:
                         c.write(str(ok))
                 finally:
