@@ -129,12 +129,14 @@ def compare_by_symbol(a):
     ranked = sorted(diff, key=lambda k: (-diff[k], k))
     more = ranked[: a.top]
     less = [k for k in reversed(ranked[max(len(more), len(ranked) - (a.top + 1) // 2):]) if diff[k] < 0]
-    print(f"\n| symbol | {pa} | {pb_} | {pa} − {pb_} |\n|---|---:|---:|---:|")
-    for sym in more + ["..."] + less:
-        if sym == "...":
-            print("| ... | | | |")
-            continue
+    def row(sym):
         print(f"| `{sym[:100]}` | {x.get(sym, 0):.2f} | {y.get(sym, 0):.2f} | {diff[sym]:+.2f} |")
+    print(f"\n| symbol | {pa} | {pb_} | {pa} − {pb_} |\n|---|---:|---:|---:|")
+    for sym in more:
+        row(sym)
+    print("| ... | | | |")
+    for sym in less:
+        row(sym)
 
 
 def main():
