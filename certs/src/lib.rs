@@ -13,7 +13,7 @@ pub mod signal;
 pub mod trust;
 pub mod udp;
 
-pub use signal::Signal;
+pub use signal::{Fired, Signal, Trigger};
 pub use trust::{ClientCheck, Named, Reloadable, Revokes, ServerTrust};
 
 use std::path::{Path, PathBuf};

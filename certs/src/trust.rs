@@ -134,9 +134,10 @@ impl Revokes for ServerTrust {
 
 /// The trust in use (`None`: no TLS), swapped whole by [`Reloadable::install`] and read per
 /// handshake with [`Reloadable::load`]. Each install bumps a generation that live sessions
-/// watch ([`Reloadable::subscribe`]) and cancels a token they may wait on instead
-/// ([`Reloadable::installs`]: one persistent future of 72 bytes, where a `watch` wait made
-/// at each turn of a session's loop is 136; the proxy's idle sessions count those bytes).
+/// watch ([`Reloadable::subscribe`]) and fires a trigger they may wait on instead
+/// ([`Reloadable::installs`]: one persistent wait of 32 bytes, a flag read per poll, where a
+/// `watch` wait made at each turn of a session's loop is 136; the proxy's idle sessions count
+/// those bytes).
 pub struct Reloadable<T> {
     current: ArcSwapOption<T>,
     generation: tokio::sync::watch::Sender<u64>,
@@ -165,8 +166,8 @@ impl<T> Reloadable<T> {
         self.installed.fire();
     }
 
-    /// Cancelled at the next install: then take this again, and read the trust.
-    pub fn installs(&self) -> tokio_util::sync::CancellationToken {
+    /// Fired at the next install: then take this again, and read the trust.
+    pub fn installs(&self) -> crate::Trigger {
         self.installed.token()
     }
 

@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio_util::sync::CancellationToken;
 use wasmbed_config::GatewayConfig;
 use wasmbed_pick::Load;
 
-use wasmbed_certs::Signal;
+use wasmbed_certs::{Signal, Trigger};
 
 /// Where a gateway of the set came from: what may change or remove it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +50,9 @@ pub struct Seen {
 pub struct Gateway {
     pub name: String,
     pub addr: String,
+    /// `addr` read once as an IP address and port (`None`: a host name, resolved at each
+    /// connect).
+    pub socket_addr: Option<std::net::SocketAddr>,
     pub health_addr: Option<String>,
     pub pool: String,
     pub origin: Origin,
@@ -88,8 +90,8 @@ pub struct Gateway {
     /// Sessions still to be moved off this gateway (drain by moving, rebalancing): each
     /// session that moves takes one.
     move_quota: AtomicUsize,
-    /// Cancelled when the gateway is removed from the set: its prober stops.
-    removed: CancellationToken,
+    /// Fired when the gateway is removed from the set: its prober stops.
+    removed: Trigger,
     /// A move onto it came back `fresh` (the app restarted), and that was logged.
     fresh_noted: AtomicBool,
     /// When a session last read bytes the gateway's process sent (ms since [`epoch`] + 1;
@@ -203,6 +205,7 @@ impl Gateway {
         Gateway {
             name: config.name.clone(),
             addr: config.addr.clone(),
+            socket_addr: config.addr.parse().ok(),
             health_addr: config.health_addr.clone(),
             pool: config.pool.clone(),
             origin,
@@ -224,7 +227,7 @@ impl Gateway {
             counts: Counts::new(),
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
-            removed: CancellationToken::new(),
+            removed: Trigger::new(),
             fresh_noted: AtomicBool::new(false),
             heard_ms: AtomicU64::new(0),
         }
@@ -262,7 +265,7 @@ impl Gateway {
 
     /// Resolves once the gateway has been removed from its set.
     pub async fn removed(&self) {
-        self.removed.cancelled().await;
+        self.removed.fired().await;
     }
 
     /// Asks `n` of this gateway's sessions (`usize::MAX`: all) to move to other gateways;
@@ -274,8 +277,8 @@ impl Gateway {
         self.news.fire();
     }
 
-    /// Cancelled at the next cut or order of moves: take it before [`Gateway::seen`].
-    pub fn news(&self) -> CancellationToken {
+    /// Fired at the next cut or order of moves: take it before [`Gateway::seen`].
+    pub fn news(&self) -> Trigger {
         self.news.token()
     }
 
@@ -442,11 +445,11 @@ impl Gateway {
         full * permille / 1000
     }
 
-    /// A token cancelled when this gateway goes down, for a session that holds a lease on it.
+    /// A trigger fired when this gateway goes down, for a session that holds a lease on it.
     /// `None` when the gateway went down in the meantime.
-    pub fn session_token(&self) -> Option<CancellationToken> {
+    pub fn session_token(&self) -> Option<Trigger> {
         let token = self.cancel.token();
-        // Marking down clears `healthy` before it cancels the token: checking afterwards
+        // Marking down clears `healthy` before it fires the trigger: checking afterwards
         // means a session never keeps a token that was swapped out under it.
         self.is_healthy().then_some(token)
     }
@@ -539,7 +542,7 @@ pub struct GatewaySet {
     slow_start: Duration,
     /// The proxy is stopping: `/readyz` says 503 so load balancers stop sending, and
     /// terminated sessions are handed back to their devices.
-    stopping: CancellationToken,
+    stopping: Trigger,
 }
 
 /// A move ordered and not landed yet: counted in [`GatewaySet::moves_in_flight`] while it
@@ -571,21 +574,21 @@ impl GatewaySet {
             moves_in_flight: AtomicUsize::new(0),
             rotation: AtomicUsize::new(0),
             slow_start,
-            stopping: CancellationToken::new(),
+            stopping: Trigger::new(),
         }
     }
 
     /// The proxy began to stop (SIGTERM, SIGINT): not ready any more.
     pub fn set_stopping(&self) {
-        self.stopping.cancel();
+        self.stopping.fire();
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stopping.is_cancelled()
+        self.stopping.is_fired()
     }
 
-    /// Cancelled when the proxy begins to stop.
-    pub fn stopping(&self) -> &CancellationToken {
+    /// Fired when the proxy begins to stop.
+    pub fn stopping(&self) -> &Trigger {
         &self.stopping
     }
 
@@ -642,7 +645,7 @@ impl GatewaySet {
         let gateway = removed?;
         gateway.set_draining(true);
         gateway.order_moves(usize::MAX);
-        gateway.removed.cancel();
+        gateway.removed.fire();
         Some(gateway)
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics::counter;
-use tokio_util::sync::CancellationToken;
+use wasmbed_certs::Trigger;
 use wasmbed_config::{ProxyConfig, RouteConfig};
 
 use crate::balancer::GatewaySet;
@@ -23,9 +23,9 @@ pub struct Context {
     pub connector: Option<tokio_rustls::TlsConnector>,
     /// `--upstream link`: the links to the gateways (shared by every context of a run).
     pub links: Option<Arc<crate::link::Links>>,
-    /// Cancelled when the shutdown grace period is over (every gateway's session token is
-    /// cancelled with it): tells a cut session that the cause was shutdown.
-    pub hard_stop: CancellationToken,
+    /// Fired when the shutdown grace period is over (every gateway's session trigger is
+    /// fired with it): tells a cut session that the cause was shutdown.
+    pub hard_stop: Trigger,
     pub meters: Meters,
     /// Sessions routed by each of `config.routes`, then by the default pool.
     pub routed: Vec<metrics::Counter>,
@@ -46,7 +46,7 @@ impl Context {
         config: ProxyConfig,
         gateways: Arc<GatewaySet>,
         (device_tls, connector): TlsSetup,
-        hard_stop: CancellationToken,
+        hard_stop: Trigger,
     ) -> Context {
         let routed = config
             .routes

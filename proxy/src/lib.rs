@@ -77,7 +77,7 @@ pub struct Proxy {
     listeners: Vec<(Arc<ListenerConfig>, TcpListener)>,
     admin: Option<TcpListener>,
     live: Arc<live::Live>,
-    hard_stop: CancellationToken,
+    hard_stop: wasmbed_certs::Trigger,
     probes_stop: CancellationToken,
     admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// `--quic-listen`: QUIC devices.
@@ -170,7 +170,7 @@ impl Proxy {
             set.iter().for_each(|g| g.await_first_probe());
             health::first_round(&set, &config.health).await;
         }
-        let hard_stop = CancellationToken::new();
+        let hard_stop = wasmbed_certs::Trigger::new();
         let probes_stop = CancellationToken::new();
         let links = link::Links::new(&config)?;
         let quic = quic::bind(&config, &tls.0)?;
@@ -457,7 +457,7 @@ impl Proxy {
             // The stop's start first (a session waits for the hard stop only once it has
             // seen the start: anchor's `stop`); normally set long before, by the task above.
             gateways.set_stopping();
-            hard_stop.cancel();
+            hard_stop.fire();
             gateways.snapshot().iter().for_each(|g| g.cut_sessions());
             sessions.wait().await;
         }

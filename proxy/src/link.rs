@@ -254,7 +254,7 @@ async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Durat
         let down = gateway.upgrade().and_then(|g| g.session_token());
         let marked_down = async {
             match &down {
-                Some(token) => token.cancelled().await,
+                Some(token) => token.fired().await,
                 None => std::future::pending().await,
             }
         };

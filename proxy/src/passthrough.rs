@@ -44,13 +44,17 @@ pub(crate) async fn passthrough(
         None => return Err(refused(Refusal::NotTls, "plain TCP on a TLS listener")),
     };
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
-    if let Some(name) = &sni {
-        tracing::Span::current().record("sni", name.as_str());
+    let span = tracing::Span::current();
+    // A span that records nothing (the log level is above `info`) is not written to.
+    if !span.is_disabled() {
+        if let Some(name) = &sni {
+            span.record("sni", name.as_str());
+        }
+        if let Some(first) = alpn.first() {
+            span.record("alpn", String::from_utf8_lossy(first).as_ref());
+        }
     }
     ctx.alpn.count(&alpn);
-    if let Some(first) = alpn.first() {
-        tracing::Span::current().record("alpn", String::from_utf8_lossy(first).as_ref());
-    }
     // Boxed: the connect state is only needed for a moment, so idle sessions do not carry it.
     let matched = Matched {
         sni: sni.as_deref(),

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use metrics::gauge;
-use tokio_util::sync::CancellationToken;
+use wasmbed_certs::Trigger;
 
 use crate::metric_names::SEATS;
 
@@ -61,7 +61,7 @@ impl Drop for Held<'_> {
 struct Seat {
     arrival: u64,
     id: u64,
-    leave: CancellationToken,
+    leave: Trigger,
 }
 
 impl Seats {
@@ -75,15 +75,15 @@ impl Seats {
     }
 
     /// The session of `device` and `app` that arrived at `arrival` takes their seat: an
-    /// earlier session holding it is told to end (its token cancelled). Returns the seat
-    /// (freed when dropped: the session ended, or its task was dropped) and the token that
-    /// tells this session to end: already cancelled if a session that arrived later holds it.
+    /// earlier session holding it is told to end (its trigger fired). Returns the seat
+    /// (freed when dropped: the session ended, or its task was dropped) and the trigger that
+    /// tells this session to end: already fired if a session that arrived later holds it.
     pub(crate) fn take(
         &self,
         (device, app): (&str, &str),
         arrival: u64,
-    ) -> (Held<'_>, CancellationToken) {
-        let token = CancellationToken::new();
+    ) -> (Held<'_>, Trigger) {
+        let token = Trigger::new();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let seat = Seat {
             arrival,
@@ -93,9 +93,9 @@ impl Seats {
         let key: Key = (device.into(), app.into());
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         match held.get_mut(&key) {
-            Some(other) if other.arrival > arrival => token.cancel(),
+            Some(other) if other.arrival > arrival => token.fire(),
             Some(other) => {
-                other.leave.cancel();
+                other.leave.fire();
                 *other = seat;
             }
             None => {
@@ -141,21 +141,21 @@ mod tests {
         let (o, other) = seats.take(("device-2", "counter"), 11);
         // The same device's other app has a seat of its own.
         let (a, app) = seats.take(("device-1", "echo"), 12);
-        assert!(!first.is_cancelled() && !other.is_cancelled() && !app.is_cancelled());
+        assert!(!first.is_fired() && !other.is_fired() && !app.is_fired());
         // The device's app again, arrived later: the earlier session is told to end.
         let (s, second) = seats.take(d1, 20);
-        assert!(first.is_cancelled(), "the earlier session keeps its seat");
-        assert!(!second.is_cancelled() && !other.is_cancelled() && !app.is_cancelled());
+        assert!(first.is_fired(), "the earlier session keeps its seat");
+        assert!(!second.is_fired() && !other.is_fired() && !app.is_fired());
         // An attempt that arrived between them, anchored last: it is the one that ends.
         let (l, slow) = seats.take(d1, 15);
-        assert!(slow.is_cancelled(), "an older arrival took the seat");
-        assert!(!second.is_cancelled());
+        assert!(slow.is_fired(), "an older arrival took the seat");
+        assert!(!second.is_fired());
         // The ended sessions leaving do not free the seat of the one that holds it, even
         // with the same arrival stamp.
         drop((f, l));
         let (t, tie) = seats.take(d1, 20);
         assert!(
-            second.is_cancelled() && !tie.is_cancelled(),
+            second.is_fired() && !tie.is_fired(),
             "a tie: the newcomer wins"
         );
         drop(s);
@@ -175,7 +175,7 @@ mod tests {
             async move {
                 let (_seat, token) = seats.take(("device-1", "counter"), 1);
                 let _ = entered.send(());
-                token.cancelled().await;
+                token.fired().await;
             }
         });
         entering.await.unwrap();

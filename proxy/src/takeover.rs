@@ -140,7 +140,7 @@ impl Drop for Handed {
 /// Where passthrough sessions go when a new process takes over (in the old process).
 pub struct Handover {
     /// Fired once the new process accepts: every passthrough session quiesces and comes here.
-    pub quiesce: CancellationToken,
+    pub quiesce: wasmbed_certs::Trigger,
     tx: mpsc::UnboundedSender<Handed>,
 }
 
@@ -154,7 +154,7 @@ impl Handover {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Handover {
-                quiesce: CancellationToken::new(),
+                quiesce: wasmbed_certs::Trigger::new(),
                 tx,
             }),
             Handoff { rx },
@@ -630,7 +630,7 @@ pub async fn serve(
             gone = true;
         }
     }
-    handover.quiesce.cancel();
+    handover.quiesce.fire();
     let handed = hand_sessions(&mut channel, &mut handoff, &sessions_done, gone).await;
     tracing::info!(handed, "takeover: sessions handed over");
 }

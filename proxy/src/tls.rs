@@ -294,8 +294,8 @@ impl DeviceTls {
         n
     }
 
-    /// Cancelled when trust is next installed (a reload): then take this again, and check.
-    pub(crate) fn installs(&self) -> tokio_util::sync::CancellationToken {
+    /// Fired when trust is next installed (a reload): then take this again, and check.
+    pub(crate) fn installs(&self) -> wasmbed_certs::Trigger {
         self.trust.installs()
     }
 

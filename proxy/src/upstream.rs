@@ -103,7 +103,7 @@ pub(crate) async fn dial_upstream(ctx: &Context, gateway: Arc<Gateway>) -> io::R
 /// health observation.
 pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Result<TcpStream> {
     let started = Instant::now();
-    let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway.addr)).await {
+    let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway)).await {
         Ok(Ok(stream)) => {
             ctx.meters.connect.record(started.elapsed().as_secs_f64());
             return Ok(stream);
@@ -129,10 +129,10 @@ fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
     }
 }
 
-async fn dial(addr: &str) -> io::Result<TcpStream> {
-    let stream = match addr.parse::<std::net::SocketAddr>() {
-        Ok(sa) => TcpStream::connect(sa).await?,
-        Err(_) => TcpStream::connect(addr).await?,
+async fn dial(gateway: &Gateway) -> io::Result<TcpStream> {
+    let stream = match gateway.socket_addr {
+        Some(sa) => TcpStream::connect(sa).await?,
+        None => TcpStream::connect(gateway.addr.as_str()).await?,
     };
     stream.set_nodelay(true)?;
     Ok(stream)

@@ -27,7 +27,7 @@ use metrics::counter;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use wasmbed_certs::{Fired, Trigger};
 use wasmbed_protocol::{Frame, Hello, Kind, Welcome};
 
 pub use self::core::{Cause, LINK_CHECK};
@@ -115,7 +115,7 @@ pub(crate) struct Link {
     io: Box<dyn Upstream>,
     /// The gateway's news (cut, moves ordered), taken when the link was made and waited on
     /// by the session's loop once it runs the link.
-    news: Option<CancellationToken>,
+    news: Option<Trigger>,
     /// The gateway's cuts and orders the session has seen (taken after `news`): only later
     /// ones are news to it.
     seen: crate::balancer::Seen,
@@ -243,15 +243,15 @@ impl Anchored {
     }
 }
 
-/// Trust reloads (a CRL that may revoke this device): a token the device trust cancels at
+/// Trust reloads (a CRL that may revoke this device): a trigger the device trust fires at
 /// each install. Taken before the check below, so an install after the handshake's own check
-/// is seen either way; a device revoked between the handshake and here gets a cancelled
-/// token, and the loop's first turn handles it as a reload.
-fn reloads(ctx: &Context, serial: Option<&[u8]>) -> CancellationToken {
+/// is seen either way; a device revoked between the handshake and here gets a fired
+/// trigger, and the loop's first turn handles it as a reload.
+fn reloads(ctx: &Context, serial: Option<&[u8]>) -> Trigger {
     let installs = ctx.device_tls.installs();
     if serial.is_some_and(|s| ctx.device_tls.is_revoked(s)) {
-        let revoked = CancellationToken::new();
-        revoked.cancel();
+        let revoked = Trigger::new();
+        revoked.fire();
         return revoked;
     }
     installs
@@ -345,12 +345,12 @@ async fn serve(anchored: Box<Anchored>) {
         let mut waits = std::pin::pin!(Waits {
             // The proxy's stop, in two steps in one future: first its start (`stopping`: the
             // hand-back), then, once that came, the hard stop (grace over: cut).
-            stop: ctx.gateways.stopping().clone().cancelled_owned(),
+            stop: ctx.gateways.stopping().fired(),
             timer: None,
             gateway: None,
-            reloaded: reloads(&ctx, serial.as_deref()).cancelled_owned(),
+            reloaded: reloads(&ctx, serial.as_deref()).fired(),
             moving: None,
-            superseded: seat_token.map(|t| Box::pin(t.cancelled_owned())),
+            superseded: seat_token.map(|t| Box::pin(t.fired())),
         });
         let mut dev_dirty = false;
         // A paced move's place among the moves in flight, from its order to its start.
@@ -399,7 +399,7 @@ async fn serve(anchored: Box<Anchored>) {
                     Event::Superseded => break Ending::Superseded,
                     Event::Stopping => {
                         hand_back = Some(Some(ctx.pacer.slot()));
-                        waits_now.stop.set(ctx.hard_stop.clone().cancelled_owned());
+                        waits_now.stop.set(ctx.hard_stop.fired());
                         Step::Go
                     }
                     Event::HandBack => {
@@ -412,7 +412,7 @@ async fn serve(anchored: Box<Anchored>) {
                     Event::Reloaded => {
                         waits_now
                             .reloaded
-                            .set(ctx.device_tls.installs().cancelled_owned());
+                            .set(ctx.device_tls.installs().fired());
                         if serial
                             .as_ref()
                             .is_some_and(|s| ctx.device_tls.is_revoked(s))
@@ -467,7 +467,7 @@ async fn serve(anchored: Box<Anchored>) {
                         Step::Move(Cause::Failover)
                     }
                     Event::Down => {
-                        if ctx.hard_stop.is_cancelled() {
+                        if ctx.hard_stop.is_fired() {
                             break Ending::Cut;
                         }
                         // Ask the link itself before moving (see `core::Check`).
@@ -583,7 +583,7 @@ impl Turn<'_> {
             && let Some(news) = l.news.take()
         {
             // A new link: its gateway's news becomes the loop's wait.
-            waits.gateway.set(Some(news.cancelled_owned()));
+            waits.gateway.set(Some(news.fired()));
         }
         None
     }
@@ -821,27 +821,28 @@ struct Wants {
 
 pin_project_lite::pin_project! {
     /// The loop's waits, each one future for the session's life, polled by hand
-    /// ([`next_event`]): made afresh at each turn (as a `select!` does), a `cancelled()`
-    /// registers with its token each time (a lock on a mutex shared by every session), and
-    /// each would sit in the session's state beside the persistent ones.
+    /// ([`next_event`]): made afresh at each turn (as a `select!` does), a wait would register
+    /// with its trigger each time (a lock on a mutex shared by every session), and each would
+    /// sit in the session's state beside the persistent ones. Kept, each poll of one that has
+    /// not fired is a flag read ([`Fired`]).
     struct Waits {
         // The proxy's stop: first its start, then (set by the loop) its hard stop.
         #[pin]
-        stop: WaitForCancellationFutureOwned,
+        stop: Fired,
         // The core's deadline or the hand-back's slot ([`set_timer`]).
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
         // The link's gateway's news: it went down, or moves were ordered off it (`None`: no
         // link).
         #[pin]
-        gateway: Option<WaitForCancellationFutureOwned>,
+        gateway: Option<Fired>,
         // The device trust was installed anew (a CRL may revoke this device).
         #[pin]
-        reloaded: WaitForCancellationFutureOwned,
+        reloaded: Fired,
         // The move under way: a gateway found, or none.
         moving: Option<Moving>,
         // A newer connection of the device took its seat (`None`: no certificate names it).
         // Boxed: rarely ready, and the session's future stays in its allocation class.
-        superseded: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+        superseded: Option<Pin<Box<Fired>>>,
     }
 }
 
@@ -898,7 +899,7 @@ fn next_event(
         while poll_wait(waits.gateway.as_mut(), cx).is_ready() {
             waits
                 .gateway
-                .set(Some(l.gateway().news().cancelled_owned()));
+                .set(Some(l.gateway().news().fired()));
         }
         let now = l.gateway().seen();
         if now.cuts != l.seen.cuts {
@@ -967,7 +968,7 @@ fn poll_send<W: AsyncWrite + Unpin + ?Sized>(
 
 /// A wait that is not armed never comes.
 fn poll_wait(
-    wait: Pin<&mut Option<WaitForCancellationFutureOwned>>,
+    wait: Pin<&mut Option<Fired>>,
     cx: &mut std::task::Context<'_>,
 ) -> Poll<()> {
     match wait.as_pin_mut() {

@@ -93,7 +93,7 @@ fn marking_down_cancels_the_gateways_sessions() {
     let g = set.snapshot()[0].clone();
     let token = g.session_token().expect("healthy");
     g.observe(false, 1, 1);
-    assert!(token.is_cancelled());
+    assert!(token.is_fired());
     assert!(
         g.session_token().is_none(),
         "a down gateway hands out no token"
@@ -101,7 +101,7 @@ fn marking_down_cancels_the_gateways_sessions() {
     assert_eq!(g.observe(true, 2, 1), None, "rise needs two successes");
     assert_eq!(g.observe(true, 2, 1), Some(Transition::Up));
     let fresh = g.session_token().expect("up again");
-    assert!(!fresh.is_cancelled());
+    assert!(!fresh.is_fired());
 }
 
 #[test]

@@ -457,16 +457,18 @@ pub(crate) async fn supervise(
     let gateway = lease.gateway();
     Counts::bump(&gateway.counts.sessions_started);
     tracing::Span::current().record("gateway", gateway.name.as_str());
-    // One token ends the session: the gateway's, which is cancelled when it goes down and,
-    // at the end of a shutdown's grace period, for every gateway.
+    // One trigger ends the session: the gateway's, which fires when it goes down and, at the
+    // end of a shutdown's grace period, for every gateway. Polled after the forwarding at
+    // every wake-up: a flag read (`wasmbed_certs::Fired`).
     let cut = match gateway.session_token() {
         None => true,
         Some(token) => tokio::select! {
+            biased;
             r = forwarding => {
                 ended(gateway, r);
                 false
             }
-            _ = token.cancelled() => true,
+            _ = token.fired() => true,
         },
     };
     cut_cause(ctx, gateway, cut)
@@ -487,23 +489,24 @@ pub(crate) async fn watch(
     ctx: &crate::context::Context,
     lease: &crate::balancer::Lease,
     forwarding: impl Future<Output = Result<(), Failure>>,
-    hand_over: Option<&tokio_util::sync::CancellationToken>,
+    hand_over: Option<&wasmbed_certs::Trigger>,
 ) -> Watched {
     let gateway = lease.gateway();
     let handing = async {
         match hand_over {
-            Some(t) => t.cancelled().await,
+            Some(t) => t.fired().await,
             None => std::future::pending().await,
         }
     };
     let cut = match gateway.session_token() {
         None => true,
         Some(token) => tokio::select! {
+            biased;
             r = forwarding => {
                 ended(gateway, r);
                 false
             }
-            _ = token.cancelled() => true,
+            _ = token.fired() => true,
             _ = handing => return Watched::HandOver,
         },
     };
@@ -526,7 +529,7 @@ fn cut_cause(
     gateway: &crate::balancer::Gateway,
     cut: bool,
 ) -> Option<Cancel> {
-    let cause = match (cut, ctx.hard_stop.is_cancelled()) {
+    let cause = match (cut, ctx.hard_stop.is_fired()) {
         (false, _) => None,
         (true, true) => Some(Cancel::Shutdown),
         (true, false) => Some(Cancel::GatewayDown),
