@@ -242,10 +242,14 @@ mod tests {
         let (_, w) = waker();
         let mut waits: Vec<_> = (0..3).map(|_| Box::pin(trigger.fired())).collect();
         for wait in &mut waits {
-            assert!(wait.as_mut().poll(&mut Context::from_waker(&w)).is_pending());
+            assert!(
+                wait.as_mut()
+                    .poll(&mut Context::from_waker(&w))
+                    .is_pending()
+            );
         }
         assert_eq!(trigger.waiting(), 3);
-        waits.remove(1);
+        drop(waits.remove(1));
         assert_eq!(trigger.waiting(), 2);
         drop(waits);
         assert_eq!(trigger.waiting(), 0);

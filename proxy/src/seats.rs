@@ -78,11 +78,7 @@ impl Seats {
     /// earlier session holding it is told to end (its trigger fired). Returns the seat
     /// (freed when dropped: the session ended, or its task was dropped) and the trigger that
     /// tells this session to end: already fired if a session that arrived later holds it.
-    pub(crate) fn take(
-        &self,
-        (device, app): (&str, &str),
-        arrival: u64,
-    ) -> (Held<'_>, Trigger) {
+    pub(crate) fn take(&self, (device, app): (&str, &str), arrival: u64) -> (Held<'_>, Trigger) {
         let token = Trigger::new();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let seat = Seat {

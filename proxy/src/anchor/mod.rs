@@ -410,9 +410,7 @@ async fn serve(anchored: Box<Anchored>) {
                         Step::Go
                     }
                     Event::Reloaded => {
-                        waits_now
-                            .reloaded
-                            .set(ctx.device_tls.installs().fired());
+                        waits_now.reloaded.set(ctx.device_tls.installs().fired());
                         if serial
                             .as_ref()
                             .is_some_and(|s| ctx.device_tls.is_revoked(s))
@@ -897,9 +895,7 @@ fn next_event(
     if let Some(l) = link.as_deref_mut() {
         // The gateway's news wakes the task; its counts say what happened.
         while poll_wait(waits.gateway.as_mut(), cx).is_ready() {
-            waits
-                .gateway
-                .set(Some(l.gateway().news().fired()));
+            waits.gateway.set(Some(l.gateway().news().fired()));
         }
         let now = l.gateway().seen();
         if now.cuts != l.seen.cuts {
@@ -967,10 +963,7 @@ fn poll_send<W: AsyncWrite + Unpin + ?Sized>(
 }
 
 /// A wait that is not armed never comes.
-fn poll_wait(
-    wait: Pin<&mut Option<Fired>>,
-    cx: &mut std::task::Context<'_>,
-) -> Poll<()> {
+fn poll_wait(wait: Pin<&mut Option<Fired>>, cx: &mut std::task::Context<'_>) -> Poll<()> {
     match wait.as_pin_mut() {
         Some(w) => w.poll(cx),
         None => Poll::Pending,
