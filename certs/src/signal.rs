@@ -58,7 +58,8 @@ impl Trigger {
     pub fn fire(&self) {
         self.0.fired.store(true, Ordering::Release);
         let woken: Vec<Waker> = self.0.waiters().drain().collect();
-        // Outside the lock: a woken task may run (another thread) and drop its wait.
+        // Outside the lock: a woken task may run (another thread) and drop its wait. (A
+        // waker that panicked would leave the rest unwoken; tokio's do not panic.)
         woken.into_iter().for_each(Waker::wake);
     }
 
@@ -91,8 +92,8 @@ pub struct Fired {
     trigger: Trigger,
     /// Its waker's key among the trigger's waiters ([`NONE`]: none registered).
     key: usize,
-    /// The waker registered, as `Waker::will_wake` compares it (its data and vtable
-    /// addresses), never dereferenced.
+    /// The waker registered (the clone in the slab), as `Waker::will_wake` compares it (its
+    /// data and vtable addresses), never dereferenced.
     registered: (usize, usize),
 }
 
@@ -105,8 +106,9 @@ impl Future for Fired {
             return Poll::Ready(());
         }
         let waker = cx.waker();
-        let id = (waker.data() as usize, waker.vtable() as *const _ as usize);
-        if this.key != NONE && this.registered == id {
+        if this.key != NONE
+            && this.registered == (waker.data() as usize, waker.vtable() as *const _ as usize)
+        {
             // That waker is registered: a fire after the flag read above wakes it, and the
             // next poll reads the flag set.
             return Poll::Pending;
@@ -117,11 +119,18 @@ impl Future for Fired {
         if this.trigger.is_fired() {
             return Poll::Ready(());
         }
-        match waiters.get_mut(this.key) {
-            Some(slot) => slot.clone_from(waker),
-            None => this.key = waiters.insert(waker.clone()),
-        }
-        this.registered = id;
+        // The replaced waker is dropped after the lock is released.
+        let _replaced = match waiters.get_mut(this.key) {
+            Some(slot) => Some(std::mem::replace(slot, waker.clone())),
+            None => {
+                this.key = waiters.insert(waker.clone());
+                None
+            }
+        };
+        // The registered waker's own addresses (a clone keeps them in use while it is held,
+        // so no other waker can take them meanwhile).
+        let stored = &waiters[this.key];
+        this.registered = (stored.data() as usize, stored.vtable() as *const _ as usize);
         Poll::Pending
     }
 }
@@ -130,7 +139,8 @@ impl Drop for Fired {
     fn drop(&mut self) {
         if self.key != NONE && !self.trigger.is_fired() {
             // A fire between the check and the lock has emptied the slab: nothing to remove.
-            self.trigger.0.waiters().try_remove(self.key);
+            // The waker removed is dropped after the lock is released.
+            let _removed = self.trigger.0.waiters().try_remove(self.key);
         }
     }
 }

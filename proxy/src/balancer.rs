@@ -454,7 +454,7 @@ impl Gateway {
         self.is_healthy().then_some(token)
     }
 
-    /// Cancels every session through this gateway now; later sessions get a fresh token.
+    /// Cuts every session through this gateway now; later sessions get a fresh trigger.
     pub fn cut_sessions(&self) {
         self.cancel.fire();
         self.cuts.fetch_add(1, Ordering::SeqCst);

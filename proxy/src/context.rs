@@ -74,7 +74,7 @@ impl Context {
         }
     }
 
-    /// The context of a reloaded `config`: the same gateways, device TLS, stop token and
+    /// The context of a reloaded `config`: the same gateways, device TLS, hard stop and
     /// pacer (set to the new rate), the new settings and upstream connector.
     pub fn next(
         &self,

@@ -39,7 +39,7 @@ pub(crate) fn stamp(arrived: Instant) -> u64 {
 type Key = (Box<str>, Box<str>);
 
 /// The devices' seats: for each device identity and app with a live anchored session, that
-/// session's arrival, its seat's id and the token that ends it.
+/// session's arrival, its seat's id and the trigger that ends it.
 pub(crate) struct Seats {
     held: Mutex<HashMap<Key, Seat>>,
     ids: AtomicU64,

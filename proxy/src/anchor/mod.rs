@@ -330,7 +330,7 @@ async fn serve(anchored: Box<Anchored>) {
         arrival,
     } = anchored.unpack();
     // The device's seat (a device named by its certificate), freed when dropped, and the
-    // token that says a newer connection of the device took it.
+    // trigger that says a newer connection of the device took it.
     let (seat, seat_token) = match arrival {
         Some(arrival) => {
             let hello = core.hello();
@@ -558,7 +558,7 @@ struct Turn<'a> {
 impl Turn<'_> {
     /// Takes the core's steps after an event (`step`, then what the core says next) until it
     /// waits for the next event (`None`) or the session ends. A move drops the link (and its
-    /// waits) and starts finding another gateway; a new link's tokens become the waits.
+    /// waits) and starts finding another gateway; a new link's triggers become the waits.
     fn settle(&mut self, waits: Pin<&mut Waits>, mut step: Step) -> Option<End> {
         let mut waits = waits.project();
         loop {
