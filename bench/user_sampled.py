@@ -41,6 +41,7 @@ import peer_bench as pb  # noqa: E402
 
 FREQ = 10000
 RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS}  # the scenarios the floors run, at the bench's rates
+SAVED_ONLY = "termlink"  # runs saved by docs/bench/terminate-cpu.sh (PERF_DIR), read by --by-symbol
 
 
 def user_samples(data):
@@ -116,7 +117,8 @@ def compare_by_symbol(a):
     pa, pb_ = pair
     x, y = by_symbol(a.out, pa, a.scenario), by_symbol(a.out, pb_, a.scenario)
     diff = {sym: x.get(sym, 0.0) - y.get(sym, 0.0) for sym in set(x) | set(y)}
-    print(f"{a.scenario}: user mode, µs per connection (mean of the runs): {pa} {sum(x.values()):.2f}, "
+    unit = "message" if a.scenario == SAVED_ONLY else "connection"
+    print(f"{a.scenario}: user mode, µs per {unit} (mean of the runs): {pa} {sum(x.values()):.2f}, "
           f"{pb_} {sum(y.values()):.2f}")
     if a.groups:
         groups = {}
@@ -142,7 +144,9 @@ def compare_by_symbol(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--scenario", choices=sorted(RATES), default="tls")
+    ap.add_argument("--scenario", choices=sorted(RATES) + [SAVED_ONLY], default="tls",
+                    help=f"{SAVED_ONLY}: with --by-symbol only, the runs docs/bench/terminate-cpu.sh "
+                    "saves with PERF_DIR (terminated sessions over the link, per DATA message)")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,nginx")
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
@@ -163,6 +167,8 @@ def main():
         return
     if a.top is not None or a.groups:
         sys.exit("--top and --groups go with --by-symbol")
+    if a.scenario == SAVED_ONLY:
+        sys.exit(f"--scenario {SAVED_ONLY} goes with --by-symbol (docs/bench/terminate-cpu.sh samples it)")
     if a.rounds < 1 or a.seconds < 1:
         sys.exit("--rounds and --seconds: at least 1")
     if a.compare and not os.access(a.compare, os.X_OK):
