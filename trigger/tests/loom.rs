@@ -17,10 +17,19 @@ use loom::future::block_on;
 use loom::thread;
 use wasmbed_trigger::{Fired, Trigger};
 
-/// Polls `wait` once with a waker that wakes no one: it registers, as a first poll from
-/// another task would.
-fn poll_once(wait: &mut Pin<Box<Fired>>) -> Poll<()> {
-    wait.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+/// A wait on `trigger` polled once with a waker that wakes no one: registered, as after a
+/// first poll from another task.
+fn registered(trigger: &Trigger) -> Pin<Box<Fired>> {
+    let mut wait = Box::pin(trigger.fired());
+    let poll = wait.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    assert_eq!(poll, Poll::Pending);
+    wait
+}
+
+/// Fires `trigger` on a thread of its own.
+fn fire_elsewhere(trigger: &Trigger) -> thread::JoinHandle<()> {
+    let firing = trigger.clone();
+    thread::spawn(move || firing.fire())
 }
 
 /// A wait blocked on a trigger that another thread fires ends, whatever the interleaving of
@@ -29,8 +38,7 @@ fn poll_once(wait: &mut Pin<Box<Fired>>) -> Poll<()> {
 fn a_fire_from_another_thread_ends_the_wait() {
     loom::model(|| {
         let trigger = Trigger::new();
-        let firing = trigger.clone();
-        let fire = thread::spawn(move || firing.fire());
+        let fire = fire_elsewhere(&trigger);
         block_on(trigger.fired());
         fire.join().unwrap();
         assert_eq!(trigger.waiting(), 0);
@@ -43,10 +51,8 @@ fn a_fire_from_another_thread_ends_the_wait() {
 fn a_wait_polled_again_by_another_waker_during_the_fire_is_woken() {
     loom::model(|| {
         let trigger = Trigger::new();
-        let mut wait = Box::pin(trigger.fired());
-        assert!(poll_once(&mut wait).is_pending());
-        let firing = trigger.clone();
-        let fire = thread::spawn(move || firing.fire());
+        let wait = registered(&trigger);
+        let fire = fire_elsewhere(&trigger);
         block_on(wait);
         fire.join().unwrap();
         assert_eq!(trigger.waiting(), 0);
@@ -59,8 +65,7 @@ fn a_wait_polled_again_by_another_waker_during_the_fire_is_woken() {
 fn a_key_freed_during_a_fire_and_taken_again_wakes_its_new_owner() {
     loom::model(|| {
         let trigger = Trigger::new();
-        let mut first = Box::pin(trigger.fired());
-        assert!(poll_once(&mut first).is_pending());
+        let first = registered(&trigger);
         let waiting = trigger.clone();
         let second = thread::spawn(move || block_on(waiting.fired()));
         drop(first);
@@ -75,10 +80,8 @@ fn a_key_freed_during_a_fire_and_taken_again_wakes_its_new_owner() {
 fn a_wait_dropped_during_a_fire_leaves_nothing() {
     loom::model(|| {
         let trigger = Trigger::new();
-        let mut wait = Box::pin(trigger.fired());
-        assert!(poll_once(&mut wait).is_pending());
-        let firing = trigger.clone();
-        let fire = thread::spawn(move || firing.fire());
+        let wait = registered(&trigger);
+        let fire = fire_elsewhere(&trigger);
         drop(wait);
         fire.join().unwrap();
         assert_eq!(trigger.waiting(), 0);
