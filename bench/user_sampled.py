@@ -41,7 +41,7 @@ import peer_bench as pb  # noqa: E402
 
 FREQ = 10000
 RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS}  # the scenarios the floors run, at the bench's rates
-SAVED_ONLY = "termlink"  # runs saved by docs/bench/terminate-cpu.sh (PERF_DIR), read by --by-symbol
+TERMLINK = "termlink"  # runs saved by docs/bench/terminate-cpu.sh (PERF_DIR), read by --by-symbol
 
 
 def user_samples(data):
@@ -63,7 +63,8 @@ def user_samples(data):
 GROUPS = [
     ("glibc's cancellation points (every system call of a multi-threaded process)", r"asynccancel"),
     ("metrics (counters, histograms)", r"^<?metrics|AtomicBucket|Count>::add"),
-    ("supervision (cut token, task tracker, notify)", r"cancellation_token|TrackedFuture|sync::notify::"),
+    ("supervision (cut trigger or token, task tracker, notify)",
+     r"cancellation_token|TrackedFuture|sync::notify::|wasmbed_trigger::|signal::Fired"),
     ("clock reads", r"clock_gettime|Instant|Timespec"),
     ("tracing (span, dispatcher)", r"^<?tracing"),
     # The session's own code either side: ours, and the floor's task with its two copies.
@@ -117,7 +118,7 @@ def compare_by_symbol(a):
     pa, pb_ = pair
     x, y = by_symbol(a.out, pa, a.scenario), by_symbol(a.out, pb_, a.scenario)
     diff = {sym: x.get(sym, 0.0) - y.get(sym, 0.0) for sym in set(x) | set(y)}
-    unit = "message" if a.scenario == SAVED_ONLY else "connection"
+    unit = "message" if a.scenario == TERMLINK else "connection"
     print(f"{a.scenario}: user mode, µs per {unit} (mean of the runs): {pa} {sum(x.values()):.2f}, "
           f"{pb_} {sum(y.values()):.2f}")
     if a.groups:
@@ -144,8 +145,8 @@ def compare_by_symbol(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--scenario", choices=sorted(RATES) + [SAVED_ONLY], default="tls",
-                    help=f"{SAVED_ONLY}: with --by-symbol only, the runs docs/bench/terminate-cpu.sh "
+    ap.add_argument("--scenario", choices=sorted(RATES) + [TERMLINK], default="tls",
+                    help=f"{TERMLINK}: with --by-symbol only, the runs docs/bench/terminate-cpu.sh "
                     "saves with PERF_DIR (terminated sessions over the link, per DATA message)")
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,nginx")
@@ -167,8 +168,8 @@ def main():
         return
     if a.top is not None or a.groups:
         sys.exit("--top and --groups go with --by-symbol")
-    if a.scenario == SAVED_ONLY:
-        sys.exit(f"--scenario {SAVED_ONLY} goes with --by-symbol (docs/bench/terminate-cpu.sh samples it)")
+    if a.scenario == TERMLINK:
+        sys.exit(f"--scenario {TERMLINK} goes with --by-symbol (docs/bench/terminate-cpu.sh samples it)")
     if a.rounds < 1 or a.seconds < 1:
         sys.exit("--rounds and --seconds: at least 1")
     if a.compare and not os.access(a.compare, os.X_OK):

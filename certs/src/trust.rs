@@ -168,7 +168,7 @@ impl<T> Reloadable<T> {
 
     /// Fired at the next install: then take this again, and read the trust.
     pub fn installs(&self) -> crate::Trigger {
-        self.installed.token()
+        self.installed.trigger()
     }
 
     /// A receiver that wakes at each later install.

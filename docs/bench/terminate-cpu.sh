@@ -9,8 +9,11 @@
 # N (default 3000), RATE (default 2), WINDOW (default 20), REPS (default 3),
 # VARIANT: link (default; --upstream link) or quic-link (QUIC devices).
 # PERF_DIR=DIR: also samples the proxy over the window (`perf record -e cpu-clock -F 10000`),
-# to DIR/perf.BINNAME.RUN.data with the messages beside it (.conns), as bench/user_sampled.py
-# names its runs: `python3 bench/user_sampled.py --by-symbol A,B --scenario termlink --out DIR`.
+# to DIR/perf.BINNAME.termlink.RUN.data with the messages beside it (.conns), as
+# bench/user_sampled.py names its runs (earlier runs of the same binaries there are removed
+# first): `python3 bench/user_sampled.py --by-symbol A,B --scenario termlink --out DIR`.
+# BINNAME is the binary's file name: the binaries compared must have different ones.
+# CONNECT_TIMEOUT (default 300): seconds for the fleet to connect before the run fails.
 set -u
 [ $# -ge 1 ] || { echo "usage: bash docs/bench/terminate-cpu.sh BIN [BIN...]" >&2; exit 2; }
 N=${N:-3000} RATE=${RATE:-2} WINDOW=${WINDOW:-20} REPS=${REPS:-3}
@@ -20,6 +23,11 @@ case ${VARIANT:-link} in
   *) echo "VARIANT: link or quic-link" >&2; exit 2 ;;
 esac
 ticks=$(getconf CLK_TCK)
+if [ -n "${PERF_DIR:-}" ]; then
+  command -v perf >/dev/null || { echo "PERF_DIR needs perf" >&2; exit 2; }
+  names=$(for b in "$@"; do basename "$b"; done | sort | uniq -d)
+  [ -z "$names" ] || { echo "binaries with the same file name: $names (PERF_DIR names runs by it)" >&2; exit 2; }
+fi
 cpu_of() { # pid -> user and system ticks
   awk '{print $14, $15}' "/proc/$1/stat"
 }
@@ -29,14 +37,21 @@ run() { # binary, run number
   # shellcheck disable=SC2086
   "$b" up $ARGS --gateways 5 --devices "$N" --rate "$RATE" --ramp 1000 \
     --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out" 2>&1 &
-  local up=$!
+  local up=$! waited=0
   until grep -Eq "connected +$N/$N" "$out"; do
-    kill -0 "$up" 2>/dev/null || { echo "$b: up ended before connecting"; cat "$out"; return 1; }
-    sleep 1
+    if ! kill -0 "$up" 2>/dev/null || [ "$waited" -ge "${CONNECT_TIMEOUT:-300}" ]; then
+      echo "$b: the fleet did not connect ($waited s):" >&2; tail -5 "$out" >&2
+      kill -INT "$up" 2>/dev/null; wait "$up" 2>/dev/null; rm -f "$out"; return 1
+    fi
+    sleep 1; waited=$((waited + 1))
   done
   sleep 3
   local proxy
   proxy=$(pgrep -P "$up" -f " proxy --listen")
+  if [ -z "$proxy" ]; then
+    echo "$b: no proxy process under up ($up)" >&2
+    kill -INT "$up"; wait "$up" 2>/dev/null; rm -f "$out"; return 1
+  fi
   local rec="" data=""
   if [ -n "${PERF_DIR:-}" ]; then
     data="$PERF_DIR/perf.$(basename "$b").termlink.$rep.data"
@@ -47,8 +62,12 @@ run() { # binary, run number
   sleep "$WINDOW"
   read -r u1 s1 <<< "$(cpu_of "$proxy")"
   if [ -n "$rec" ]; then
-    kill -INT "$rec"; wait "$rec" 2>/dev/null
-    echo $(( N * RATE * WINDOW )) > "${data%.data}.conns"
+    kill -INT "$rec" 2>/dev/null; wait "$rec" 2>/dev/null
+    if [ -s "$data" ]; then
+      echo $(( N * RATE * WINDOW )) > "${data%.data}.conns"
+    else
+      echo "$b: perf recorded nothing (perf_event_paranoid?)" >&2
+    fi
   fi
   kill -INT "$up"; wait "$up" 2>/dev/null
   rm -f "$out"
@@ -59,7 +78,10 @@ run() { # binary, run number
 }
 lscpu | grep "Model name"
 echo "${VARIANT:-link}: $N devices, $RATE DATA/s each, $WINDOW s window, $REPS runs of each, interleaved"
-[ -z "${PERF_DIR:-}" ] || mkdir -p "$PERF_DIR"
+if [ -n "${PERF_DIR:-}" ]; then
+  mkdir -p "$PERF_DIR"
+  for b in "$@"; do rm -f "$PERF_DIR/perf.$(basename "$b").termlink."*; done
+fi
 for rep in $(seq 0 $((REPS - 1))); do
   for b in "$@"; do run "$b" "$rep"; done
 done

@@ -279,7 +279,7 @@ impl Gateway {
 
     /// Fired at the next cut or order of moves: take it before [`Gateway::seen`].
     pub fn news(&self) -> Trigger {
-        self.news.token()
+        self.news.trigger()
     }
 
     /// The cuts and orders of moves so far: a session compares them with what it saw.
@@ -447,11 +447,11 @@ impl Gateway {
 
     /// A trigger fired when this gateway goes down, for a session that holds a lease on it.
     /// `None` when the gateway went down in the meantime.
-    pub fn session_token(&self) -> Option<Trigger> {
-        let token = self.cancel.token();
+    pub fn cut_trigger(&self) -> Option<Trigger> {
+        let trigger = self.cancel.trigger();
         // Marking down clears `healthy` before it fires the trigger: checking afterwards
-        // means a session never keeps a token that was swapped out under it.
-        self.is_healthy().then_some(token)
+        // means a session never keeps a trigger that was swapped out under it.
+        self.is_healthy().then_some(trigger)
     }
 
     /// Cuts every session through this gateway now; later sessions get a fresh trigger.

@@ -251,7 +251,7 @@ async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Durat
         }
     };
     loop {
-        let down = gateway.upgrade().and_then(|g| g.session_token());
+        let down = gateway.upgrade().and_then(|g| g.cut_trigger());
         let marked_down = async {
             match &down {
                 Some(token) => token.fired().await,

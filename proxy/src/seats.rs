@@ -79,17 +79,17 @@ impl Seats {
     /// (freed when dropped: the session ended, or its task was dropped) and the trigger that
     /// tells this session to end: already fired if a session that arrived later holds it.
     pub(crate) fn take(&self, (device, app): (&str, &str), arrival: u64) -> (Held<'_>, Trigger) {
-        let token = Trigger::new();
+        let trigger = Trigger::new();
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let seat = Seat {
             arrival,
             id,
-            leave: token.clone(),
+            leave: trigger.clone(),
         };
         let key: Key = (device.into(), app.into());
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         match held.get_mut(&key) {
-            Some(other) if other.arrival > arrival => token.fire(),
+            Some(other) if other.arrival > arrival => trigger.fire(),
             Some(other) => {
                 other.leave.fire();
                 *other = seat;
@@ -105,7 +105,7 @@ impl Seats {
                 key,
                 id,
             },
-            token,
+            trigger,
         )
     }
 

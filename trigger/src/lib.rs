@@ -237,6 +237,25 @@ mod tests {
         assert_eq!(trigger.waiting(), 0);
     }
 
+    /// Clones are one trigger: a wait taken from one is registered with it, and a fire
+    /// through another wakes it.
+    #[test]
+    fn a_fire_through_one_clone_wakes_a_wait_on_another() {
+        let trigger = Trigger::new();
+        let clone = trigger.clone();
+        let mut wait = Box::pin(clone.fired());
+        let (count, w) = waker();
+        assert!(
+            wait.as_mut()
+                .poll(&mut Context::from_waker(&w))
+                .is_pending()
+        );
+        assert_eq!(trigger.waiting(), 1);
+        trigger.fire();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(wait.as_mut().poll(&mut Context::from_waker(&w)).is_ready());
+    }
+
     /// A wait is small: a session keeps several for its life.
     #[test]
     fn a_wait_is_32_bytes() {

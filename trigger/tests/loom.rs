@@ -59,10 +59,10 @@ fn a_wait_polled_again_by_another_waker_during_the_fire_is_woken() {
     });
 }
 
-/// A wait dropped while another thread fires, and another wait taking the key the drop frees:
-/// the new wait is woken, and nothing stays registered.
+/// A wait dropped, then the trigger fired, while another thread registers a wait that may
+/// take the key the drop frees: that wait is woken, and nothing stays registered.
 #[test]
-fn a_key_freed_during_a_fire_and_taken_again_wakes_its_new_owner() {
+fn a_key_freed_and_taken_again_during_a_registration_wakes_its_new_owner() {
     loom::model(|| {
         let trigger = Trigger::new();
         let first = registered(&trigger);

@@ -331,7 +331,7 @@ async fn serve(anchored: Box<Anchored>) {
     } = anchored.unpack();
     // The device's seat (a device named by its certificate), freed when dropped, and the
     // trigger that says a newer connection of the device took it.
-    let (seat, seat_token) = match arrival {
+    let (seat, seat_trigger) = match arrival {
         Some(arrival) => {
             let hello = core.hello();
             let (seat, token) = ctx.seats.take((&hello.device, &hello.app), arrival);
@@ -350,7 +350,7 @@ async fn serve(anchored: Box<Anchored>) {
             gateway: None,
             reloaded: reloads(&ctx, serial.as_deref()).fired(),
             moving: None,
-            superseded: seat_token.map(|t| Box::pin(t.fired())),
+            superseded: seat_trigger.map(|t| Box::pin(t.fired())),
         });
         let mut dev_dirty = false;
         // A paced move's place among the moves in flight, from its order to its start.

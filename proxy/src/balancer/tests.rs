@@ -91,16 +91,16 @@ fn down_and_draining_gateways_take_no_sessions() {
 fn marking_down_cancels_the_gateways_sessions() {
     let set = set(&[1]);
     let g = set.snapshot()[0].clone();
-    let token = g.session_token().expect("healthy");
+    let trigger = g.cut_trigger().expect("healthy");
     g.observe(false, 1, 1);
-    assert!(token.is_fired());
+    assert!(trigger.is_fired());
     assert!(
-        g.session_token().is_none(),
-        "a down gateway hands out no token"
+        g.cut_trigger().is_none(),
+        "a down gateway hands out no trigger"
     );
     assert_eq!(g.observe(true, 2, 1), None, "rise needs two successes");
     assert_eq!(g.observe(true, 2, 1), Some(Transition::Up));
-    let fresh = g.session_token().expect("up again");
+    let fresh = g.cut_trigger().expect("up again");
     assert!(!fresh.is_fired());
 }
 

@@ -459,16 +459,17 @@ pub(crate) async fn supervise(
     tracing::Span::current().record("gateway", gateway.name.as_str());
     // One trigger ends the session: the gateway's, which fires when it goes down and, at the
     // end of a shutdown's grace period, for every gateway. Polled after the forwarding at
-    // every wake-up: a flag read (`wasmbed_certs::Fired`).
-    let cut = match gateway.session_token() {
+    // every wake-up: a flag read (`wasmbed_certs::Fired`). `biased` also decides a tie: a
+    // forwarding that ends in the poll the cut comes in counts as ended, not cut.
+    let cut = match gateway.cut_trigger() {
         None => true,
-        Some(token) => tokio::select! {
+        Some(cut) => tokio::select! {
             biased;
             r = forwarding => {
                 ended(gateway, r);
                 false
             }
-            _ = token.fired() => true,
+            _ = cut.fired() => true,
         },
     };
     cut_cause(ctx, gateway, cut)
@@ -498,15 +499,17 @@ pub(crate) async fn watch(
             None => std::future::pending().await,
         }
     };
-    let cut = match gateway.session_token() {
+    // `biased`: forwarding, then the cut, then the hand-over (a session cut as the hand-over
+    // comes is cut, not handed over).
+    let cut = match gateway.cut_trigger() {
         None => true,
-        Some(token) => tokio::select! {
+        Some(cut) => tokio::select! {
             biased;
             r = forwarding => {
                 ended(gateway, r);
                 false
             }
-            _ = token.fired() => true,
+            _ = cut.fired() => true,
             _ = handing => return Watched::HandOver,
         },
     };
