@@ -254,7 +254,7 @@ async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Durat
         let down = gateway.upgrade().and_then(|g| g.cut_trigger());
         let marked_down = async {
             match &down {
-                Some(token) => token.fired().await,
+                Some(cut) => cut.fired().await,
                 None => std::future::pending().await,
             }
         };

@@ -130,8 +130,7 @@ impl Future for Fired {
         if this.trigger.is_fired() {
             return Poll::Ready(());
         }
-        // The replaced waker is dropped after the lock is released.
-        let _replaced = match waiters.get_mut(this.key) {
+        let replaced = match waiters.get_mut(this.key) {
             Some(slot) => Some(std::mem::replace(slot, waker.clone())),
             None => {
                 this.key = waiters.insert(waker.clone());
@@ -142,6 +141,9 @@ impl Future for Fired {
         // so no other waker can take them meanwhile).
         let stored = &waiters[this.key];
         this.registered = (stored.data() as usize, stored.vtable() as *const _ as usize);
+        // The lock first, then the replaced waker: its drop may run anything.
+        drop(waiters);
+        drop(replaced);
         Poll::Pending
     }
 }
@@ -254,6 +256,59 @@ mod tests {
         trigger.fire();
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         assert!(wait.as_mut().poll(&mut Context::from_waker(&w)).is_ready());
+    }
+
+    /// A waker that, when its last handle goes, records whether its trigger's lock was free.
+    struct Probe {
+        trigger: Trigger,
+        lock_free: Arc<AtomicUsize>,
+    }
+
+    impl Wake for Probe {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            if self.trigger.0.waiters.try_lock().is_ok() {
+                self.lock_free.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A waker replaced by another, or removed with its wait, is dropped after the trigger's
+    /// lock is released: a waker's drop may run anything, a wait on the same trigger too.
+    #[test]
+    fn wakers_are_dropped_outside_the_lock() {
+        let trigger = Trigger::new();
+        let lock_free = Arc::new(AtomicUsize::new(0));
+        let probe = || {
+            Waker::from(Arc::new(Probe {
+                trigger: trigger.clone(),
+                lock_free: lock_free.clone(),
+            }))
+        };
+        let mut wait = Box::pin(trigger.fired());
+        // Replaced: the slab holds the only handle of the first probe when a poll by
+        // another waker takes its place.
+        let first = probe();
+        assert!(
+            wait.as_mut()
+                .poll(&mut Context::from_waker(&first))
+                .is_pending()
+        );
+        drop(first);
+        let second = probe();
+        assert!(
+            wait.as_mut()
+                .poll(&mut Context::from_waker(&second))
+                .is_pending()
+        );
+        assert_eq!(lock_free.load(Ordering::SeqCst), 1, "the replaced waker");
+        // Removed: the wait dropped with the slab holding the second probe's only handle.
+        drop(second);
+        drop(wait);
+        assert_eq!(lock_free.load(Ordering::SeqCst), 2, "the removed waker");
     }
 
     /// A wait is small: a session keeps several for its life.
