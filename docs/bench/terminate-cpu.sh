@@ -14,6 +14,9 @@
 # first): `python3 bench/user_sampled.py --by-symbol A,B --scenario termlink --out DIR`.
 # BINNAME is the binary's file name: the binaries compared must have different ones.
 # CONNECT_TIMEOUT (default 300): seconds for the fleet to connect before the run fails.
+# TRACE=1: also counts the proxy's system calls over the window (`perf trace -s`, every
+# thread) and prints them per message, failed ones apart. Tracing slows every call: the CPU
+# figures of such runs do not compare with untraced ones (compare the counts).
 set -u
 [ $# -ge 1 ] || { echo "usage: bash docs/bench/terminate-cpu.sh BIN [BIN...]" >&2; exit 2; }
 N=${N:-3000} RATE=${RATE:-2} WINDOW=${WINDOW:-20} REPS=${REPS:-3}
@@ -58,9 +61,18 @@ run() { # binary, run number
     perf record -q -e cpu-clock -F 10000 -p "$proxy" -o "$data" >/dev/null 2>&1 &
     rec=$!
   fi
+  local trace="" traced=""
+  if [ -n "${TRACE:-}" ]; then
+    traced=$(mktemp)
+    perf trace -s -p "$proxy" -o "$traced" >/dev/null 2>&1 &
+    trace=$!
+  fi
   read -r u0 s0 <<< "$(cpu_of "$proxy")"
   sleep "$WINDOW"
   read -r u1 s1 <<< "$(cpu_of "$proxy")"
+  if [ -n "$trace" ]; then
+    kill -INT "$trace" 2>/dev/null; wait "$trace" 2>/dev/null
+  fi
   if [ -n "$rec" ]; then
     kill -INT "$rec" 2>/dev/null; wait "$rec" 2>/dev/null
     if [ -s "$data" ]; then
@@ -75,6 +87,23 @@ run() { # binary, run number
   awk -v b="$b" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v m="$msgs" -v w="$WINDOW" 'BEGIN {
     printf "%s: proxy %.3f cores (user %.3f, system %.3f) over %d s; %.1f µs per message (user %.1f)\n",
       b, (u + s) / t / w, u / t / w, s / t / w, w, (u + s) / t / m * 1e6, u / t / m * 1e6 }'
+  if [ -n "$traced" ]; then
+    # perf trace -s: per thread, "syscall calls errors total min avg max stddev".
+    awk -v m="$msgs" '$1 ~ /^[a-z_0-9]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ && NF >= 8 {
+        calls[$1] += $2; errs[$1] += $3; all += $2 }
+      END {
+        if (all == 0) { print "  system calls: none traced (perf trace failed?)"; exit }
+        n = 0; for (c in calls) names[n++] = c
+        for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (calls[names[j]] > calls[names[i]]) { x = names[i]; names[i] = names[j]; names[j] = x }
+        line = sprintf("  system calls per message: all %.2f;", all / m)
+        for (i = 0; i < n && i < 8; i++) {
+          c = names[i]; line = line sprintf(" %s %.2f", c, calls[c] / m)
+          if (errs[c] > 0) line = line sprintf(" (%.2f failed)", errs[c] / m)
+          line = line (i + 1 < n && i < 7 ? "," : "")
+        }
+        print line }' "$traced"
+    rm -f "$traced"
+  fi
 }
 lscpu | grep "Model name"
 echo "${VARIANT:-link}: $N devices, $RATE DATA/s each, $WINDOW s window, $REPS runs of each, interleaved"

@@ -59,6 +59,13 @@ thread_local! {
 
 /// Runs `f` with this thread's scratch buffer (a fresh one if it is in use, which the code
 /// below never does: it is never held across another use).
+/// Reads from `io` into `buf`: the bytes read (0: end of stream).
+fn read_into(io: &mut TcpStream, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    let mut read = ReadBuf::new(buf);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    Poll::Ready(Ok(read.filled().len()))
+}
+
 fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => f(&mut scratch),
@@ -353,7 +360,7 @@ impl TlsStream {
     fn poll_read_tcp(
         &mut self,
         cx: &mut Context<'_>,
-        mut reader: Option<&mut ReadBuf<'_>>,
+        reader: Option<&mut ReadBuf<'_>>,
     ) -> Poll<io::Result<()>> {
         if self.incoming.len() > MAX_PENDING {
             return Poll::Ready(Err(io::Error::new(
@@ -364,55 +371,41 @@ impl TlsStream {
         let room = reader
             .as_ref()
             .map_or(MAX_RECORD, |r| r.remaining() + MAX_RECORD);
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            let read = with_scratch(|scratch| -> io::Result<bool> {
-                let held = self.incoming.len();
-                if held + MAX_RECORD > scratch.len() {
-                    // A handshake message larger than the scratch buffer: gathered on the heap.
-                    let n = match self.io.try_read(&mut scratch[..MAX_RECORD]) {
-                        Ok(0) => {
-                            self.tcp_eof = true;
-                            return Ok(true);
-                        }
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                        Err(e) => return Err(e),
-                    };
+        // `poll_read`, not `poll_read_ready` and `try_read`: tokio takes a read that fills less
+        // than it was given as the socket drained and waits for the next readiness event,
+        // where `try_read` leaves the socket marked readable, and the next read finds nothing:
+        // a system call for nothing after every read (one per message in terminated
+        // sessions, counted with `perf trace`; docs/performance.md).
+        with_scratch(|scratch| {
+            let held = self.incoming.len();
+            if held + MAX_RECORD > scratch.len() {
+                // A handshake message larger than the scratch buffer: gathered on the heap.
+                let n = ready!(read_into(&mut self.io, cx, &mut scratch[..MAX_RECORD]))?;
+                if n == 0 {
+                    self.tcp_eof = true;
+                } else {
                     self.incoming.extend_from_slice(&scratch[..n]);
-                    return Ok(true);
                 }
-                let end = (held + room).min(scratch.len());
-                let n = match self.io.try_read(&mut scratch[held..end]) {
-                    Ok(0) => {
-                        self.tcp_eof = true;
-                        return Ok(true);
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) => return Err(e),
-                };
-                // The part of a record held goes first, as it was: to rustls it is the same
-                // buffer, its front discarded.
-                scratch[..held].copy_from_slice(&self.incoming);
-                let total = held + n;
-                let mut taken = 0;
-                // What is to be done next (a flush, the close) shows at the next processing:
-                // rustls repeats the state until it is handled.
-                let processed = self.process_records(
-                    &mut scratch[..total],
-                    &mut taken,
-                    reader.as_deref_mut(),
-                    ToSend::Nothing,
-                );
-                self.incoming = scratch[taken..total].to_vec();
-                processed?;
-                Ok(true)
-            })?;
-            if read {
                 return Poll::Ready(Ok(()));
             }
-        }
+            let end = (held + room).min(scratch.len());
+            let n = ready!(read_into(&mut self.io, cx, &mut scratch[held..end]))?;
+            if n == 0 {
+                self.tcp_eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            // The part of a record held goes first, as it was: to rustls it is the same
+            // buffer, its front discarded.
+            scratch[..held].copy_from_slice(&self.incoming);
+            let total = held + n;
+            let mut taken = 0;
+            // What is to be done next (a flush, the close) shows at the next processing:
+            // rustls repeats the state until it is handled.
+            let processed =
+                self.process_records(&mut scratch[..total], &mut taken, reader, ToSend::Nothing);
+            self.incoming = scratch[taken..total].to_vec();
+            Poll::Ready(processed.map(drop))
+        })
     }
 
     /// After an error, what rustls has to say (its alert) goes out if the socket takes it at
@@ -758,6 +751,27 @@ mod tests {
     #[tokio::test]
     async fn records_that_arrive_a_byte_at_a_time_are_read_whole() {
         bytes_cross_both_ways(true).await;
+    }
+
+    /// A read that took all the socket had leaves the socket waiting for its next readiness
+    /// event, so the next read makes no system call that finds nothing (with `try_read` it
+    /// stayed marked readable: one such call after every message).
+    #[tokio::test]
+    async fn a_read_that_drains_the_socket_waits_for_the_next_readiness() {
+        let (mut client, mut server) = pair(false).await;
+        client.write_all(b"hello").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        let ready = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(server.io.poll_read_ready(cx).is_ready())
+        })
+        .await;
+        assert!(
+            !ready,
+            "the socket is still marked readable after a draining read"
+        );
     }
 
     #[tokio::test]
