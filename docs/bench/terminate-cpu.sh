@@ -3,7 +3,9 @@
 # DATA/s each over 5 gateways; once all are connected (and 3 s more), the proxy's user and
 # system time from /proc/PID/stat over WINDOW seconds, divided by the messages the devices
 # were asked to send in it (N x RATE x WINDOW). Each binary given is run REPS times,
-# interleaved (A B A B ...), each run printed.
+# interleaved (A B A B ...), each run printed; with two or more binaries, the first's cost
+# per message over the second's, each round's ratio, their geometric mean and its 95% interval
+# (Student's t on the log ratios, as bench/peer_bench.py; "level" when it contains 1.0).
 # Release builds; run from the repository root:
 #   bash docs/bench/terminate-cpu.sh NEW_BIN OLD_BIN
 # N (default 3000), RATE (default 2), WINDOW (default 20), REPS (default 3),
@@ -87,6 +89,8 @@ run() { # binary, run number
   awk -v b="$b" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v m="$msgs" -v w="$WINDOW" 'BEGIN {
     printf "%s: proxy %.3f cores (user %.3f, system %.3f) over %d s; %.1f µs per message (user %.1f)\n",
       b, (u + s) / t / w, u / t / w, s / t / w, w, (u + s) / t / m * 1e6, u / t / m * 1e6 }'
+  awk -v b="$b" -v r="$rep" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v m="$msgs" 'BEGIN {
+    printf "%s %d %.3f %.3f\n", b, r, (u + s) / t / m * 1e6, u / t / m * 1e6 }' >> "$RESULTS"
   if [ -n "$traced" ]; then
     # perf trace -s: per thread, "syscall calls errors total min avg max stddev".
     awk -v m="$msgs" '$1 ~ /^[a-z_0-9]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ && NF >= 8 {
@@ -105,6 +109,8 @@ run() { # binary, run number
     rm -f "$traced"
   fi
 }
+RESULTS=$(mktemp)
+trap 'rm -f "$RESULTS"' EXIT
 lscpu | grep "Model name"
 echo "${VARIANT:-link}: $N devices, $RATE DATA/s each, $WINDOW s window, $REPS runs of each, interleaved"
 if [ -n "${PERF_DIR:-}" ]; then
@@ -114,3 +120,19 @@ fi
 for rep in $(seq 0 $((REPS - 1))); do
   for b in "$@"; do run "$b" "$rep"; done
 done
+if [ $# -ge 2 ]; then
+  python3 - "$RESULTS" "$1" "$2" <<'PY'
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import peer_bench as pb
+path, a, b = sys.argv[1:4]
+runs = {}
+for line in open(path):
+    name, rnd, total, user = line.split()
+    runs.setdefault(name, []).append({"round": int(rnd), "noisy": False, "total": float(total), "user": float(user)})
+for key, what in (("total", "proxy CPU"), ("user", "user mode")):
+    ci = pb.ratio_interval(runs.get(a, []), runs.get(b, []), key)
+    text, verdict = pb.fmt_ci(ci)
+    print(f"{os.path.basename(a)} / {os.path.basename(b)}, {what} per message: {text} {verdict}")
+PY
+fi
