@@ -6,7 +6,7 @@ divided by the connections made. A count, not a time: whether two proxies ask th
 the same work per connection, so that a difference in user-mode time (user_sampled.py) is
 the cost of each event and not a different number of events.
 
-Usage: python3 bench/syscalls_per_connection.py [--scenarios conn,tls] [--seconds 5]
+Usage: python3 bench/syscalls_per_connection.py [--scenarios conn,tls,tlsterm] [--seconds 5]
          [--proxies wasmbed,floor-tokio,floor-mio,haproxy,nginx] [--wasmbed BIN]
 Needs perf (with its trace subcommand) and what peer_bench.py needs. "failed" counts the
 calls that returned an error (mostly EAGAIN: a read or an accept that found nothing; and the
@@ -30,8 +30,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench as pb  # noqa: E402
 
-RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS}
-URLS = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}
+RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS + ("tlsterm",)}
+URLS = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/",
+        "tlsterm": f"https://127.0.0.1:{pb.PORTS['tlsterm']}/"}
 # A row of `perf trace -s`'s per-thread table: name, calls, errors, then the times.
 ROW = re.compile(r"\s+(\w+)\s+(\d+)\s+(\d+)\s+[\d.]+\s")
 
@@ -131,7 +132,8 @@ def main():
         say(f"CPU: {pb.cpu_model()}; {a.seconds} s per run at the bench's rates")
         for sc in scenarios:
             per = {}
-            for p in proxies:
+            # The floors only accept, connect and copy: no TLS of their own to terminate.
+            for p in [p for p in proxies if p not in pb.FLOORS or sc in pb.FLOOR_SCENARIOS]:
                 per[p] = traced(commands[p], p, sc, RATES[sc], a.seconds, work)
                 ok, calls = per[p]
                 say(f"{sc} {p}: {ok} connections, {sum(c for c, _ in calls.values()) / ok:.2f} system calls each")

@@ -31,11 +31,15 @@ pub(crate) async fn passthrough(
         // without arming a timer (arming one can cost the runtime a wake-up), then with it.
         match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
             Poll::Ready(read) => read?,
-            Poll::Pending => tokio::time::timeout(ctx.config.handshake_timeout, reading)
-                .await
-                .map_err(|_| {
-                    refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")
-                })??,
+            // From the session's start (`timeout` would read the clock again; durations from
+            // the config are at most `wasmbed_config::MAX_DURATION`: no overflow).
+            Poll::Pending => {
+                tokio::time::timeout_at((started + ctx.config.handshake_timeout).into(), reading)
+                    .await
+                    .map_err(|_| {
+                        refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")
+                    })??
+            }
         }
     };
     let (sni, alpn) = match hello {

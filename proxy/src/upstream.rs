@@ -103,7 +103,10 @@ pub(crate) async fn dial_upstream(ctx: &Context, gateway: Arc<Gateway>) -> io::R
 /// health observation.
 pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Result<TcpStream> {
     let started = Instant::now();
-    let error = match tokio::time::timeout(ctx.config.connect_timeout, dial(&gateway)).await {
+    // The deadline from `started` (`timeout` would read the clock again; durations from the
+    // config are at most `wasmbed_config::MAX_DURATION`, so the sum does not overflow).
+    let deadline = (started + ctx.config.connect_timeout).into();
+    let error = match tokio::time::timeout_at(deadline, dial(&gateway)).await {
         Ok(Ok(stream)) => {
             ctx.meters.connect.record(started.elapsed().as_secs_f64());
             return Ok(stream);
