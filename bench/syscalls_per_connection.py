@@ -6,7 +6,7 @@ divided by the connections made. A count, not a time: whether two proxies ask th
 the same work per connection, so that a difference in user-mode time (user_sampled.py) is
 the cost of each event and not a different number of events.
 
-Usage: python3 bench/syscalls_per_connection.py [--scenarios conn,tls,tlsterm] [--seconds 5]
+Usage: python3 bench/syscalls_per_connection.py [--scenarios conn,tls] [--seconds 5]
          [--proxies wasmbed,floor-tokio,floor-mio,haproxy,nginx] [--wasmbed BIN]
 Needs perf (with its trace subcommand) and what peer_bench.py needs. "failed" counts the
 calls that returned an error (mostly EAGAIN: a read or an accept that found nothing; and the
@@ -15,7 +15,8 @@ that cannot keep the rate and has no limits (the floors) piles connections up, a
 calls of connections that failed at h2load count in the totals. The counts in
 docs/performance.md before 2026-12-04 came from an earlier version of this script
 (`strace -c -f` under wrk with `Connection: close`), whose TLS connections took fewer calls:
-the two sets do not compare.
+the two sets do not compare. `--scenarios tlsterm` counts TLS termination too (a handshake
+per connection; not the floors, which terminate nothing).
 """
 import argparse
 import os
@@ -133,7 +134,7 @@ def main():
         for sc in scenarios:
             per = {}
             # The floors only accept, connect and copy: no TLS of their own to terminate.
-            for p in [p for p in proxies if p not in pb.FLOORS or sc in pb.FLOOR_SCENARIOS]:
+            for p in [q for q in proxies if q not in pb.FLOORS or sc in pb.FLOOR_SCENARIOS]:
                 per[p] = traced(commands[p], p, sc, RATES[sc], a.seconds, work)
                 ok, calls = per[p]
                 say(f"{sc} {p}: {ok} connections, {sum(c for c, _ in calls.values()) / ok:.2f} system calls each")

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""User-mode time per connection, sampled: each proxy at the same fixed rate as peer_bench.py,
-with `perf record -e cpu-clock -F 10000` on its processes for the run; the samples whose
-instruction pointer is outside the kernel, times 100 µs, divided by the connections made.
+"""User-mode time per connection (per request with `--scenario rr`: keep-alive), sampled:
+each proxy at the same fixed rate as peer_bench.py, with `perf record -e cpu-clock -F 10000`
+on its processes for the run; the samples whose instruction pointer is outside the kernel,
+times 100 µs, divided by the connections (or requests) made.
 
 Why beside peer_bench.py's "proxy user mode": /proc/PID/stat reports user time in 10 ms
 units (USER_HZ), so at 600 TLS connections/s a 10 s run's user time is a count of some 10 to
 20 of them and its rounds spread by ±50%. Samples at 10 kHz count the same time about 100
 times finer. perf's own interrupts add kernel time to every proxy alike; compare user time only.
 
-Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn]
+Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn|rr]
          [--proxies wasmbed,floor-tokio,floor-mio,nginx] [--wasmbed BIN] [--out DIR]
          [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
 Proxies as in peer_bench.py (floor-tokio and floor-mio: examples/passthrough_floor.rs). Needs
@@ -40,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench as pb  # noqa: E402
 
 FREQ = 10000
-RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS}  # the scenarios the floors run, at the bench's rates
+# The scenarios the floors run, and keep-alive requests (`rr`, per request), at the bench's rates.
+RATES = {sc: pb.RATES[sc] for sc in pb.FLOOR_SCENARIOS + ("rr",)}
 TERMLINK = "termlink"  # runs saved by docs/bench/terminate-cpu.sh (PERF_DIR), read by --by-symbol
 
 
@@ -118,7 +120,7 @@ def compare_by_symbol(a):
     pa, pb_ = pair
     x, y = by_symbol(a.out, pa, a.scenario), by_symbol(a.out, pb_, a.scenario)
     diff = {sym: x.get(sym, 0.0) - y.get(sym, 0.0) for sym in set(x) | set(y)}
-    unit = "message" if a.scenario == TERMLINK else "connection"
+    unit = {TERMLINK: "message", "rr": "request"}.get(a.scenario, "connection")
     print(f"{a.scenario}: user mode, µs per {unit} (mean of the runs): {pa} {sum(x.values()):.2f}, "
           f"{pb_} {sum(y.values()):.2f}")
     if a.groups:
@@ -196,7 +198,9 @@ def main():
                    for p in proxies):
                 os.remove(os.path.join(a.out, f))
         url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/",
-               "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
+               "conn": f"http://127.0.0.1:{pb.PORTS['http']}/",
+               "rr": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
+        unit = "req" if a.scenario == "rr" else "conn"  # rr: keep-alive, per request
         rate = RATES[a.scenario]
         print(f"CPU: {pb.cpu_model()}; {a.scenario} at {rate}/s, {a.seconds} s per run, {a.rounds} rounds, "
               f"cpu-clock sampled at {FREQ} Hz", flush=True)
@@ -213,7 +217,7 @@ def main():
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     try:
                         time.sleep(0.5)
-                        ok, _p99, errors = pb.h2load(url, rate * a.seconds, rate, True)
+                        ok, _p99, errors = pb.h2load(url, rate * a.seconds, rate, a.scenario != "rr")
                     finally:
                         rec.send_signal(signal.SIGINT)
                         rec.wait()
@@ -226,8 +230,8 @@ def main():
                 user, kernel = user_samples(data)
                 us = 1e6 / FREQ
                 per[p].append(user * us / ok)
-                print(f"round {r + 1}/{a.rounds} {p}: {ok} connections, user {user * us / ok:.2f} µs/conn, "
-                      f"kernel {kernel * us / ok:.2f} µs/conn (with perf's own){' [' + errors + ']' if errors else ''}",
+                print(f"round {r + 1}/{a.rounds} {p}: {ok} {unit}s, user {user * us / ok:.2f} µs/{unit}, "
+                      f"kernel {kernel * us / ok:.2f} µs/{unit} (with perf's own){' [' + errors + ']' if errors else ''}",
                       flush=True)
     finally:
         for b in backends:
@@ -236,7 +240,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     print("\n| proxy | user mode, sampled (median) | rounds |\n|---|---:|---|")
     for p in proxies:
-        print(f"| {p} | {statistics.median(per[p]):.2f} µs/conn | {', '.join(f'{x:.2f}' for x in per[p])} |")
+        print(f"| {p} | {statistics.median(per[p]):.2f} µs/{unit} | {', '.join(f'{x:.2f}' for x in per[p])} |")
     # Ratios as peer_bench.py gives them: each round's ratio, geometric mean, t interval on logs.
     runs = {p: [{"round": r, "user": x, "noisy": False} for r, x in enumerate(v)] for p, v in per.items()}
     base = [p for p in ("nginx", "haproxy", "floor-tokio", "wasmbed-b") if p in proxies]

@@ -4,7 +4,7 @@
 # system time from /proc/PID/stat over WINDOW seconds, divided by the messages the devices
 # were asked to send in it (N x RATE x WINDOW). Each binary given is run REPS times,
 # interleaved (A B A B ...), each run printed; with two or more binaries, the first's cost
-# per message over the second's, each round's ratio, their geometric mean and its 95% interval
+# per message over the second's: the geometric mean of the rounds' ratios and its 95% interval
 # (Student's t on the log ratios, as bench/peer_bench.py; "level" when it contains 1.0).
 # Release builds; run from the repository root:
 #   bash docs/bench/terminate-cpu.sh NEW_BIN OLD_BIN
@@ -16,9 +16,10 @@
 # first): `python3 bench/user_sampled.py --by-symbol A,B --scenario termlink --out DIR`.
 # BINNAME is the binary's file name: the binaries compared must have different ones.
 # CONNECT_TIMEOUT (default 300): seconds for the fleet to connect before the run fails.
-# TRACE=1: also counts the proxy's system calls over the window (`perf trace -s`, every
-# thread) and prints them per message, failed ones apart. Tracing slows every call: the CPU
-# figures of such runs do not compare with untraced ones (compare the counts).
+# TRACE=1: also counts the proxy's system calls over the window (`perf trace -s` on the
+# threads it has when the window opens, attached 1 s before) and prints them per message,
+# failed ones apart. Tracing slows every call: the CPU figures of such runs do not compare
+# with untraced ones (compare the counts).
 set -u
 [ $# -ge 1 ] || { echo "usage: bash docs/bench/terminate-cpu.sh BIN [BIN...]" >&2; exit 2; }
 N=${N:-3000} RATE=${RATE:-2} WINDOW=${WINDOW:-20} REPS=${REPS:-3}
@@ -28,8 +29,10 @@ case ${VARIANT:-link} in
   *) echo "VARIANT: link or quic-link" >&2; exit 2 ;;
 esac
 ticks=$(getconf CLK_TCK)
+if [ -n "${PERF_DIR:-}" ] || [ "${TRACE:-0}" = 1 ]; then
+  command -v perf >/dev/null || { echo "PERF_DIR and TRACE=1 need perf" >&2; exit 2; }
+fi
 if [ -n "${PERF_DIR:-}" ]; then
-  command -v perf >/dev/null || { echo "PERF_DIR needs perf" >&2; exit 2; }
   names=$(for b in "$@"; do basename "$b"; done | sort | uniq -d)
   [ -z "$names" ] || { echo "binaries with the same file name: $names (PERF_DIR names runs by it)" >&2; exit 2; }
 fi
@@ -64,10 +67,11 @@ run() { # binary, run number
     rec=$!
   fi
   local trace="" traced=""
-  if [ -n "${TRACE:-}" ]; then
+  if [ "${TRACE:-0}" = 1 ]; then
     traced=$(mktemp)
     perf trace -s -p "$proxy" -o "$traced" >/dev/null 2>&1 &
     trace=$!
+    sleep 1 # perf attaches to every thread before the window opens
   fi
   read -r u0 s0 <<< "$(cpu_of "$proxy")"
   sleep "$WINDOW"
@@ -90,7 +94,7 @@ run() { # binary, run number
     printf "%s: proxy %.3f cores (user %.3f, system %.3f) over %d s; %.1f µs per message (user %.1f)\n",
       b, (u + s) / t / w, u / t / w, s / t / w, w, (u + s) / t / m * 1e6, u / t / m * 1e6 }'
   awk -v b="$b" -v r="$rep" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$ticks" -v m="$msgs" 'BEGIN {
-    printf "%s %d %.3f %.3f\n", b, r, (u + s) / t / m * 1e6, u / t / m * 1e6 }' >> "$RESULTS"
+    printf "%s\t%d\t%.3f\t%.3f\n", b, r, (u + s) / t / m * 1e6, u / t / m * 1e6 }' >> "$RESULTS"
   if [ -n "$traced" ]; then
     # perf trace -s: per thread, "syscall calls errors total min avg max stddev".
     awk -v m="$msgs" '$1 ~ /^[a-z_0-9]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ && NF >= 8 {
@@ -121,17 +125,20 @@ for rep in $(seq 0 $((REPS - 1))); do
   for b in "$@"; do run "$b" "$rep"; done
 done
 if [ $# -ge 2 ]; then
-  python3 - "$RESULTS" "$1" "$2" <<'PY'
+  python3 - "$RESULTS" "$1" "$2" "$(dirname "$0")/../../bench" <<'PY'
 import os, sys
-sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+path, a, b, bench = sys.argv[1:5]
+sys.path.insert(0, bench)
 import peer_bench as pb
-path, a, b = sys.argv[1:4]
 runs = {}
 for line in open(path):
-    name, rnd, total, user = line.split()
+    name, rnd, total, user = line.rstrip("\n").split("\t")
     runs.setdefault(name, []).append({"round": int(rnd), "noisy": False, "total": float(total), "user": float(user)})
 for key, what in (("total", "proxy CPU"), ("user", "user mode")):
     ci = pb.ratio_interval(runs.get(a, []), runs.get(b, []), key)
+    if ci is None:
+        print(f"{os.path.basename(a)} / {os.path.basename(b)}: no round where both ran")
+        break
     text, verdict = pb.fmt_ci(ci)
     print(f"{os.path.basename(a)} / {os.path.basename(b)}, {what} per message: {text} {verdict}")
 PY

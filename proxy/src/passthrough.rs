@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::task::Poll;
-use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,24 +16,23 @@ use crate::forward;
 use crate::listener::reset_on_close;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::route::{Matched, pools_for};
-use crate::upstream::{connect, wants_proxy_header};
+use crate::upstream::{connect, deadline, wants_proxy_header};
 
 pub(crate) async fn passthrough(
     ctx: &Context,
     listener: &ListenerConfig,
     mut device: TcpStream,
 ) -> Result<(), Refused> {
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let (prefix, hello) = {
         let mut reading = std::pin::pin!(read_hello(&mut device, ctx.config.max_client_hello));
         // Most devices have sent their hello by the time their session first runs: try once
         // without arming a timer (arming one can cost the runtime a wake-up), then with it.
         match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
             Poll::Ready(read) => read?,
-            // From the session's start (`timeout` would read the clock again; durations from
-            // the config are at most `wasmbed_config::MAX_DURATION`: no overflow).
+            // From the session's start (`timeout` would read the clock again).
             Poll::Pending => {
-                tokio::time::timeout_at((started + ctx.config.handshake_timeout).into(), reading)
+                tokio::time::timeout_at(deadline(started, ctx.config.handshake_timeout), reading)
                     .await
                     .map_err(|_| {
                         refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")

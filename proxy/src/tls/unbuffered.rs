@@ -59,18 +59,23 @@ thread_local! {
 
 /// Runs `f` with this thread's scratch buffer (a fresh one if it is in use, which the code
 /// below never does: it is never held across another use).
-/// Reads from `io` into `buf`: the bytes read (0: end of stream).
-fn read_into(io: &mut TcpStream, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-    let mut read = ReadBuf::new(buf);
-    ready!(Pin::new(io).poll_read(cx, &mut read))?;
-    Poll::Ready(Ok(read.filled().len()))
-}
-
 fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut scratch) => f(&mut scratch),
         Err(_) => f(&mut vec![0; SCRATCH_SIZE]),
     })
+}
+
+/// Reads from `io` into `buf` (never empty: a read of 0 bytes is the end of the stream): the
+/// bytes read.
+fn read_into(io: &mut TcpStream, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    debug_assert!(
+        !buf.is_empty(),
+        "an empty read would read as the end of stream"
+    );
+    let mut read = ReadBuf::new(buf);
+    ready!(Pin::new(io).poll_read(cx, &mut read))?;
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// `config` with its certificate resolver wrapped in [`NotesServerName`]: the config
@@ -371,11 +376,12 @@ impl TlsStream {
         let room = reader
             .as_ref()
             .map_or(MAX_RECORD, |r| r.remaining() + MAX_RECORD);
-        // `poll_read`, not `poll_read_ready` and `try_read`: tokio takes a read that fills less
-        // than it was given as the socket drained and waits for the next readiness event,
-        // where `try_read` leaves the socket marked readable, and the next read finds nothing:
-        // a system call for nothing after every read (one per message in terminated
-        // sessions, counted with `perf trace`; docs/performance.md).
+        // `poll_read`, not `poll_read_ready` and `try_read`: on Linux (epoll) tokio takes a
+        // read that fills less than it was given as the socket drained and waits for the next
+        // readiness event, where `try_read` leaves the socket marked readable, and the next
+        // read finds nothing: a system call for nothing after every read (one per message in
+        // terminated sessions, counted with `perf trace`; docs/performance.md, "A read that
+        // found nothing after every message").
         with_scratch(|scratch| {
             let held = self.incoming.len();
             if held + MAX_RECORD > scratch.len() {
@@ -772,6 +778,13 @@ mod tests {
             !ready,
             "the socket is still marked readable after a draining read"
         );
+        // Not ready for a reason of its own (a spent budget, a closed socket): the next bytes
+        // make it readable, and they are read.
+        client.write_all(b"again").await.unwrap();
+        client.flush().await.unwrap();
+        server.io.readable().await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"again");
     }
 
     #[tokio::test]
