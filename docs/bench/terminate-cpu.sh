@@ -16,8 +16,8 @@
 # first): `python3 bench/user_sampled.py --by-symbol A,B --scenario termlink --out DIR`.
 # BINNAME is the binary's file name: the binaries compared must have different ones.
 # CONNECT_TIMEOUT (default 300): seconds for the fleet to connect before the run fails.
-# TRACE=1: also counts the proxy's system calls over the window (`perf trace -s` on the
-# threads it has when the window opens, attached 1 s before) and prints them per message,
+# TRACE=1: also counts the proxy's system calls (`perf trace -s` on the threads it has, from
+# 1 s before the window to its end) and prints them per message sent in the time traced,
 # failed ones apart. Tracing slows every call: the CPU figures of such runs do not compare
 # with untraced ones (compare the counts).
 set -u
@@ -66,9 +66,10 @@ run() { # binary, run number
     perf record -q -e cpu-clock -F 10000 -p "$proxy" -o "$data" >/dev/null 2>&1 &
     rec=$!
   fi
-  local trace="" traced=""
+  local trace="" traced="" traced_from=""
   if [ "${TRACE:-0}" = 1 ]; then
     traced=$(mktemp)
+    traced_from=$(date +%s.%N)
     perf trace -s -p "$proxy" -o "$traced" >/dev/null 2>&1 &
     trace=$!
     sleep 1 # perf attaches to every thread before the window opens
@@ -76,8 +77,13 @@ run() { # binary, run number
   read -r u0 s0 <<< "$(cpu_of "$proxy")"
   sleep "$WINDOW"
   read -r u1 s1 <<< "$(cpu_of "$proxy")"
+  local traced_msgs=0
   if [ -n "$trace" ]; then
     kill -INT "$trace" 2>/dev/null; wait "$trace" 2>/dev/null
+    # The messages of the whole time traced (the attach's own moments count as traced: the
+    # counts read a little low, never high).
+    traced_msgs=$(awk -v a="$traced_from" -v b="$(date +%s.%N)" -v n="$N" -v r="$RATE" \
+      'BEGIN { printf "%d", n * r * (b - a) }')
   fi
   if [ -n "$rec" ]; then
     kill -INT "$rec" 2>/dev/null; wait "$rec" 2>/dev/null
@@ -97,7 +103,7 @@ run() { # binary, run number
     printf "%s\t%d\t%.3f\t%.3f\n", b, r, (u + s) / t / m * 1e6, u / t / m * 1e6 }' >> "$RESULTS"
   if [ -n "$traced" ]; then
     # perf trace -s: per thread, "syscall calls errors total min avg max stddev".
-    awk -v m="$msgs" '$1 ~ /^[a-z_0-9]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ && NF >= 8 {
+    awk -v m="$traced_msgs" '$1 ~ /^[a-z_0-9]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ && NF >= 8 {
         calls[$1] += $2; errs[$1] += $3; all += $2 }
       END {
         if (all == 0) { print "  system calls: none traced (perf trace failed?)"; exit }

@@ -16,7 +16,7 @@ use crate::forward;
 use crate::listener::reset_on_close;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::route::{Matched, pools_for};
-use crate::upstream::{connect, deadline, wants_proxy_header};
+use crate::upstream::{connect, wants_proxy_header};
 
 pub(crate) async fn passthrough(
     ctx: &Context,
@@ -32,7 +32,7 @@ pub(crate) async fn passthrough(
             Poll::Ready(read) => read?,
             // From the session's start (`timeout` would read the clock again).
             Poll::Pending => {
-                tokio::time::timeout_at(deadline(started, ctx.config.handshake_timeout), reading)
+                tokio::time::timeout_at(started + ctx.config.handshake_timeout, reading)
                     .await
                     .map_err(|_| {
                         refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")

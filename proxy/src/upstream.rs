@@ -103,8 +103,10 @@ pub(crate) async fn dial_upstream(ctx: &Context, gateway: Arc<Gateway>) -> io::R
 /// health observation.
 pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Result<TcpStream> {
     let started = tokio::time::Instant::now();
-    // The deadline from `started`: `timeout` would read the clock again.
-    let deadline = deadline(started, ctx.config.connect_timeout);
+    // The deadline from `started`: `timeout` would read the clock again. (Durations from the
+    // config are at most `wasmbed_config::MAX_DURATION`: the sum does not overflow, as in
+    // `terminate`.)
+    let deadline = started + ctx.config.connect_timeout;
     let error = match tokio::time::timeout_at(deadline, dial(&gateway)).await {
         Ok(Ok(stream)) => {
             ctx.meters.connect.record(started.elapsed().as_secs_f64());
@@ -129,16 +131,6 @@ fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
         let change = gateway.observe(false, health.rise, health.fall);
         crate::health::report(gateway, change, &error.to_string());
     }
-}
-
-/// `after` past `from`, or (a duration too long to add, which the config's own cap of
-/// `wasmbed_config::MAX_DURATION` never gives) 30 years past it, as tokio's `timeout` does.
-pub(crate) fn deadline(
-    from: tokio::time::Instant,
-    after: std::time::Duration,
-) -> tokio::time::Instant {
-    from.checked_add(after)
-        .unwrap_or_else(|| from + std::time::Duration::from_secs(30 * 365 * 24 * 3600))
 }
 
 async fn dial(gateway: &Gateway) -> io::Result<TcpStream> {
