@@ -333,16 +333,19 @@ impl Proxy {
         let sessions = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
         let accepting = TaskTracker::new();
+        // The accept loops wait on a trigger, fired when `shutdown` is (below): one flag read
+        // per poll, where a token's wait takes a lock (`listener::accept_loop`).
+        let stop_accepting = wasmbed_certs::Trigger::new();
         for (config, listener) in listeners {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
-            let (live, sessions_t) = (live.clone(), sessions.clone());
+            let (mut contexts, sessions_t) = (live.contexts(), sessions.clone());
             accepting.spawn(listener::accept_loop(
                 listener,
                 limit.clone(),
-                shutdown.clone(),
+                stop_accepting.clone(),
                 move |a| {
-                    let ctx = live.context();
+                    let ctx = contexts.context();
                     match ctx.config.mode {
                         wasmbed_config::Mode::Passthrough => {
                             sessions_t.spawn(session::serve_passthrough(ctx, config.clone(), a))
@@ -356,12 +359,12 @@ impl Proxy {
         }
         if let Some(endpoint) = &quic {
             tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for QUIC devices");
-            let live = live.clone();
+            let mut contexts = live.contexts();
             accepting.spawn(quic::accept_loop(
-                move || live.context(),
+                move || contexts.context(),
                 endpoint.clone(),
                 (limit.clone(), sessions.clone()),
-                shutdown.clone(),
+                stop_accepting.clone(),
             ));
         }
         let sessions_done = CancellationToken::new();
@@ -438,6 +441,7 @@ impl Proxy {
         background.spawn(async move {
             stop_said.cancelled().await;
             stopping.set_stopping();
+            stop_accepting.fire();
         });
         accepting.close();
         accepting.wait().await;

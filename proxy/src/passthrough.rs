@@ -91,7 +91,7 @@ fn forwarding<'a>(
     device: &'a mut TcpStream,
     gateway: &'a mut TcpStream,
 ) -> forward::Tcp<'a> {
-    let (up, down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let (up, down) = (ctx.meters.bytes_up, ctx.meters.bytes_down);
     forward::tcp(
         device,
         gateway,

@@ -120,7 +120,7 @@ fn opened(ctx: &Context, listener: &Listener, peer: std::net::SocketAddr) -> tra
     crate::events::COUNTS
         .accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    ctx.meters.open.increment(1.0);
+    ctx.meters.open.increment(1);
     tracing::info_span!(
         "session",
         %peer,
@@ -136,7 +136,7 @@ fn closed(ctx: &Context, result: Result<(), crate::refusal::Refused>, span: &tra
     if let Err(r) = result {
         span.in_scope(|| r.count());
     }
-    ctx.meters.open.decrement(1.0);
+    ctx.meters.open.decrement(1);
 }
 
 /// A passthrough session handed over by the process this one took over from (`--takeover`):
@@ -147,7 +147,7 @@ pub async fn adopt(
     lease: crate::balancer::Lease,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
-    ctx.meters.open.increment(1.0);
+    ctx.meters.open.increment(1);
     let peer = device
         .peer_addr()
         .map(|a| a.to_string())
@@ -157,7 +157,7 @@ pub async fn adopt(
     crate::passthrough::forward_until_handed(&ctx, device, gateway, lease)
         .instrument(span)
         .await;
-    ctx.meters.open.decrement(1.0);
+    ctx.meters.open.decrement(1);
     drop(permit);
 }
 

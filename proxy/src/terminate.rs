@@ -125,7 +125,7 @@ async fn forward_decrypted(
     let mut up = crate::upstream::over_tcp(ctx, lease.gateway(), stream, &origin)
         .await
         .map_err(|e| open_failed(lease.gateway(), e))?;
-    let (bytes_up, bytes_down) = (&ctx.meters.bytes_up, &ctx.meters.bytes_down);
+    let (bytes_up, bytes_down) = (ctx.meters.bytes_up, ctx.meters.bytes_down);
     let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
         // Cut by the proxy (gateway down, shutdown): the client reconnects at once.

@@ -29,9 +29,9 @@ thread_local! {
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
 }
 
-/// Where a direction counts its bytes as they go: a plain atomic (tests), or a metrics
-/// counter (the proxy's `wasmbed_proxy_bytes_total`, live while sessions last: one atomic add
-/// per chunk read).
+/// Where a direction counts its bytes as they go: a plain atomic (tests), or the proxy's
+/// tally of `wasmbed_proxy_bytes_total` (live while sessions last: one atomic add per chunk
+/// read).
 pub trait Count: Sync {
     fn add(&self, n: u64);
 }
@@ -42,7 +42,7 @@ impl Count for AtomicU64 {
     }
 }
 
-impl Count for metrics::Counter {
+impl Count for crate::metrics::Tally {
     fn add(&self, n: u64) {
         self.increment(n);
     }

@@ -21,7 +21,6 @@ use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use wasmbed_config::ProxyConfig;
@@ -184,22 +183,25 @@ fn warn_if_small(granted: usize) {
     }
 }
 
-/// Accepts QUIC devices until `shutdown`, each session counted against `limit` (shared
-/// with the TCP listeners: `--max-connections`).
+/// Accepts QUIC devices until `stop` fires, each session counted against `limit` (shared
+/// with the TCP listeners: `--max-connections`). The stop is one wait for the loop's life,
+/// as in the TCP listeners' loop (`crate::listener::accept_loop`).
 pub(crate) async fn accept_loop(
-    current: impl Fn() -> Arc<crate::context::Context> + Send + Sync + 'static,
+    mut current: impl FnMut() -> Arc<crate::context::Context> + Send + 'static,
     endpoint: Endpoint,
     (limit, sessions): (Arc<Semaphore>, TaskTracker),
-    shutdown: CancellationToken,
+    stop: wasmbed_certs::Trigger,
 ) {
+    let mut stopped = stop.fired();
     // QUIC devices admitted past this loop that have no place yet (in line for a slot, or
     // about to take their place): counted here, before their tasks first run, so a burst of
     // Initials sees its own size. (TCP devices in line hold their places already.)
     let unplaced = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
             i = endpoint.accept() => i,
-            _ = shutdown.cancelled() => break,
         };
         let Some(incoming) = incoming else { break };
         let ctx = current();
@@ -256,7 +258,7 @@ pub(crate) async fn accept_loop(
                     crate::events::COUNTS
                         .accepted
                         .fetch_add(1, Ordering::Relaxed);
-                    let _open = Open::new(&ctx.meters.open_quic);
+                    let _open = Open::new(ctx.meters.open_quic);
                     Box::pin(anchored.serve()).await;
                     drop(place);
                 }
@@ -295,18 +297,18 @@ impl Drop for Unplaced {
 }
 
 /// Counts an open connection in a gauge while it lives (also when its task is cancelled).
-struct Open<'a>(&'a metrics::Gauge);
+struct Open(&'static crate::metrics::Tally);
 
-impl<'a> Open<'a> {
-    fn new(gauge: &'a metrics::Gauge) -> Open<'a> {
-        gauge.increment(1.0);
+impl Open {
+    fn new(gauge: &'static crate::metrics::Tally) -> Open {
+        gauge.increment(1);
         Open(gauge)
     }
 }
 
-impl Drop for Open<'_> {
+impl Drop for Open {
     fn drop(&mut self) {
-        self.0.decrement(1.0);
+        self.0.decrement(1);
     }
 }
 
