@@ -19,7 +19,8 @@ Usage: python3 bench/user_instructions.py [--scenario tls|conn] [--proxies wasmb
        python3 bench/user_instructions.py --by-function A,B [--scenario tls] [--top 40] [--out DIR]
 Proxies as in peer_bench.py (wasmbed-b: the --compare binary; floor-tokio, floor-mio:
 examples/passthrough_floor.rs). Only the process serving the scenario runs under valgrind
-(wasmbed runs one process per listener; NGINX's master and worker both). Needs valgrind
+(wasmbed runs one process per listener; NGINX with `master_process off`, its worker's loop in
+one process). Needs valgrind
 (`apt-get install valgrind`) and what peer_bench needs. Keeps each run's callgrind dumps in
 --out (default target/user-instructions) for `callgrind_annotate FILE`; --by-function reads
 them: instructions per connection by function, A's and B's (the mean over their runs), and
@@ -54,7 +55,9 @@ def under_valgrind(commands, scenario, out_prefix):
     wrapped = []
     for cmd, pool in commands:
         if pool in (POOL[scenario], "all"):
-            cmd = vg + cmd
+            # NGINX's worker is a fork that callgrind_control does not reach: one process
+            # (NGINX's own debugging mode; the worker's event loop and modules as they are).
+            cmd = vg + cmd + (["-g", "master_process off;"] if os.path.basename(cmd[0]) == "nginx" else [])
         wrapped.append((cmd, pool))
     return wrapped
 
@@ -205,9 +208,11 @@ def main():
                     os.remove(f)
                 if not ok or not dumps:
                     sys.exit(f"{p}: {ok} connections, {len(dumps)} dumps ({errors})")
+                total, strings = instructions(dumps)
+                if not total:
+                    sys.exit(f"{p}: no instruction counted (callgrind_control did not reach the process?)")
                 with open(stem + ".conns", "w") as c:
                     c.write(str(ok))
-                total, strings = instructions(dumps)
                 per[p].append(((total - strings) / ok, total / ok))
                 print(f"round {r + 1}/{a.rounds} {p}: {ok} conns, {total / ok:,.0f} user-mode instructions/conn, "
                       f"{(total - strings) / ok:,.0f} without glibc's string functions"
