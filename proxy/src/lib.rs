@@ -339,13 +339,13 @@ impl Proxy {
         for (config, listener) in listeners {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
-            let (mut contexts, sessions_t) = (live.contexts(), sessions.clone());
+            let (live, sessions_t) = (live.clone(), sessions.clone());
             accepting.spawn(listener::accept_loop(
                 listener,
                 limit.clone(),
                 stop_accepting.clone(),
                 move |a| {
-                    let ctx = contexts.context();
+                    let ctx = live.context();
                     match ctx.config.mode {
                         wasmbed_config::Mode::Passthrough => {
                             sessions_t.spawn(session::serve_passthrough(ctx, config.clone(), a))
@@ -359,9 +359,9 @@ impl Proxy {
         }
         if let Some(endpoint) = &quic {
             tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for QUIC devices");
-            let mut contexts = live.contexts();
+            let live = live.clone();
             accepting.spawn(quic::accept_loop(
-                move || contexts.context(),
+                move || live.context(),
                 endpoint.clone(),
                 (limit.clone(), sessions.clone()),
                 stop_accepting.clone(),
@@ -440,8 +440,9 @@ impl Proxy {
         let stop_said = shutdown.clone();
         background.spawn(async move {
             stop_said.cancelled().await;
-            stopping.set_stopping();
+            // The accept loops first: no session starts once the stop has begun.
             stop_accepting.fire();
+            stopping.set_stopping();
         });
         accepting.close();
         accepting.wait().await;

@@ -54,8 +54,8 @@ pub struct Accepted {
 /// Per connection it takes its slot without a future while slots are free, and the stop is
 /// one wait for the loop's life, a flag read at each poll (`wasmbed_certs::Fired`): a wait
 /// made anew per connection (a `CancellationToken`'s) took a lock to register and one to
-/// unregister, and the slot's future its own polls, about 0.6 µs per TLS passthrough
-/// connection together (docs/performance.md).
+/// unregister, and the slot's future its own polls (measured: docs/performance.md, "The
+/// accept loop's waits and the sessions' series").
 pub async fn accept_loop(
     listener: TcpListener,
     limit: Arc<Semaphore>,
@@ -69,7 +69,7 @@ pub async fn accept_loop(
     loop {
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(TryAcquireError::Closed) => return, // shutting down
+            Err(TryAcquireError::Closed) => return, // no slot will come
             Err(TryAcquireError::NoPermits) => tokio::select! {
                 biased;
                 _ = &mut stopped => return,
@@ -164,7 +164,13 @@ mod tests {
     use std::task::Poll;
     use std::time::Duration;
 
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::net::TcpStream;
+    use tokio::sync::Semaphore;
     use tokio_util::sync::CancellationToken;
+    use wasmbed_certs::Trigger;
 
     use super::timer_floor;
 
@@ -221,25 +227,33 @@ mod tests {
         (listener, addr)
     }
 
-    /// The accept loop hands connections on while slots are free, waits without accepting
-    /// when none is, and ends at its stop in either wait; a stop that comes with a connection
-    /// waiting in the backlog wins (no connection handed on after it).
-    #[tokio::test]
-    async fn the_accept_loop_takes_free_slots_and_ends_at_its_stop_in_any_wait() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-
-        use tokio::sync::Semaphore;
-        use wasmbed_certs::Trigger;
-
-        let bounded = |run: tokio::task::JoinHandle<()>| async move {
-            tokio::time::timeout(Duration::from_secs(10), run)
-                .await
-                .expect("the accept loop did not end at its stop")
-                .expect("the accept loop panicked");
+    /// Waits until the loop's stop has a registered wait: the loop is parked in a wait that
+    /// polls it (for a slot, or for a connection). Bounded: a loop whose wait does not watch
+    /// its stop fails the test rather than hanging it.
+    async fn parked(stop: &wasmbed_certs::Trigger) {
+        let registered = async {
+            while stop.waiting() == 0 {
+                tokio::task::yield_now().await;
+            }
         };
-        // Slots free: two connections handed on, each with its slot; then the stop, in the
-        // wait for the next connection.
+        tokio::time::timeout(Duration::from_secs(10), registered)
+            .await
+            .expect("the accept loop's wait does not watch its stop");
+    }
+
+    /// `run` ended (within a bound, for a test that fails rather than hangs).
+    async fn ended(run: tokio::task::JoinHandle<()>) {
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the accept loop did not end at its stop")
+            .expect("the accept loop panicked");
+    }
+
+    /// While slots are free the loop hands connections on, each with its slot; with none
+    /// free it waits without accepting; a slot given back lets the next connection through;
+    /// the stop ends the loop while it waits for a slot.
+    #[tokio::test]
+    async fn the_accept_loop_takes_free_slots_and_ends_at_its_stop_waiting_for_one() {
         let (listener, addr) = listening().await;
         let limit = Arc::new(Semaphore::new(2));
         let stop = Trigger::new();
@@ -252,16 +266,14 @@ mod tests {
                 let _ = tx.send(a);
             },
         ));
-        let _one = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let _two = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _one = TcpStream::connect(addr).await.expect("connect");
+        let _two = TcpStream::connect(addr).await.expect("connect");
         let first = rx.recv().await.expect("first connection handed on");
         let _second = rx.recv().await.expect("second connection handed on");
         assert_eq!(limit.available_permits(), 0);
-        // No slot: a third connection waits in the backlog, not handed on; a slot given back
-        // lets it through.
-        let _three = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        // (An absence: given 200 ms, in which the runtime parks and polls its sockets, a loop
-        // that accepted without a slot would have handed it on.)
+        let _three = TcpStream::connect(addr).await.expect("connect");
+        // An absence, which nothing signals: in 200 ms, in which the runtime parks and polls
+        // its sockets, a loop that accepted without a slot would have handed it on.
         let early = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
         assert!(early.is_err(), "handed on without a free slot");
         drop(first);
@@ -269,11 +281,14 @@ mod tests {
             .recv()
             .await
             .expect("third connection, once a slot was free");
-        // The stop, while the loop waits for a slot.
+        parked(&stop).await;
         stop.fire();
-        bounded(run).await;
+        ended(run).await;
+    }
 
-        // The stop while the loop waits for a connection (slots free).
+    /// The stop ends the loop while it waits for a connection.
+    #[tokio::test]
+    async fn the_accept_loop_ends_at_its_stop_waiting_for_a_connection() {
         let (listener, _) = listening().await;
         let stop = Trigger::new();
         let run = tokio::spawn(super::accept_loop(
@@ -282,13 +297,17 @@ mod tests {
             stop.clone(),
             |_| {},
         ));
-        tokio::task::yield_now().await;
+        parked(&stop).await;
         stop.fire();
-        bounded(run).await;
+        ended(run).await;
+    }
 
-        // The stop fired with a connection waiting: nothing handed on.
+    /// A stop that comes with a connection waiting in the backlog wins: nothing is handed on
+    /// after it.
+    #[tokio::test]
+    async fn the_accept_loop_hands_nothing_on_after_its_stop() {
         let (listener, addr) = listening().await;
-        let _waiting = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _waiting = TcpStream::connect(addr).await.expect("connect");
         let stop = Trigger::new();
         stop.fire();
         let handed = Arc::new(AtomicUsize::new(0));
@@ -301,7 +320,7 @@ mod tests {
                 counted.fetch_add(1, Ordering::Relaxed);
             },
         ));
-        bounded(run).await;
+        ended(run).await;
         assert_eq!(
             handed.load(Ordering::Relaxed),
             0,

@@ -28,30 +28,6 @@ use crate::error::ProxyError;
 /// Reads the config again as at start (the file, with the same flags laid over it).
 pub type ConfigSource = Box<dyn Fn() -> Result<ProxyConfig, String> + Send + Sync>;
 
-/// [`Live::context`] cached: while no reload has replaced the context, a look is one atomic
-/// load and a reference count, where `context()` also takes and gives back one of
-/// `arc_swap`'s debt slots (about 0.3 µs per TLS passthrough connection, docs/performance.md).
-/// It keeps the context it last handed out alive until its next look.
-pub struct Contexts(arc_swap::Cache<Current, Arc<Context>>);
-
-impl Contexts {
-    /// The context new sessions start with, as [`Live::context`].
-    pub fn context(&mut self) -> Arc<Context> {
-        self.0.load().clone()
-    }
-}
-
-/// The running proxy's context, as [`Contexts`]' cache reads it.
-pub struct Current(Arc<Live>);
-
-impl std::ops::Deref for Current {
-    type Target = ArcSwap<Context>;
-
-    fn deref(&self) -> &ArcSwap<Context> {
-        &self.0.current
-    }
-}
-
 /// The running proxy's changeable state.
 pub struct Live {
     current: ArcSwap<Context>,
@@ -272,11 +248,6 @@ impl Live {
     /// The context new sessions start with.
     pub fn context(&self) -> Arc<Context> {
         self.current.load_full()
-    }
-
-    /// [`Live::context`] for a loop that asks at every connection (an accept loop).
-    pub fn contexts(self: &Arc<Self>) -> Contexts {
-        Contexts(arc_swap::Cache::new(Current(self.clone())))
     }
 
     /// Sets where [`Live::reload`] reads the config from (once).

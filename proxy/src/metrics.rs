@@ -4,7 +4,7 @@
 //! chunk read (never per byte), so that long-lived sessions show their traffic. Every
 //! per-gateway series (live sessions, up, draining, and the counters by gateway) is read from
 //! the gateway set's atomics when `/metrics` is scraped, and so are the series every session
-//! touches on its way ([`Tally`]: bytes, open connections): the hot path bumps plain atomics
+//! touches on its way ([`AtomicSeries`]: bytes, open connections): the hot path bumps plain atomics
 //! and never a gauge of the recorder, and a gateway that leaves the set leaves `/metrics`
 //! with it.
 
@@ -274,24 +274,24 @@ fn cancelled(counts: &Counts, s: &mut Vec<Sample>) {
 }
 
 /// A counter or gauge of the whole process kept in a plain atomic and rendered at each
-/// scrape ([`TALLIES`], [`render`]), as the per-gateway series are: for the series that every
+/// scrape ([`SERIES`], [`render`]), as the per-gateway series are: for the series that every
 /// session touches on its way (the byte counts at each chunk read, the open connections).
 /// A handle of the recorder's costs two indirect calls and a second atomic (its generation)
-/// per touch, a gauge a compare-and-swap loop on a float: about 0.5 µs per TLS passthrough
-/// connection in all (docs/performance.md).
+/// per touch, a gauge a compare-and-swap loop on a float (measured: docs/performance.md,
+/// "The accept loop's waits and the sessions' series").
 #[derive(Debug, Default)]
-pub struct Tally(AtomicU64);
+pub struct AtomicSeries(AtomicU64);
 
-impl Tally {
-    pub const fn new() -> Tally {
-        Tally(AtomicU64::new(0))
+impl AtomicSeries {
+    pub const fn new() -> AtomicSeries {
+        AtomicSeries(AtomicU64::new(0))
     }
 
     pub fn increment(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// A gauge's decrement (each paired with an earlier increment of the same tally).
+    /// A gauge's decrement (each paired with an earlier increment of the same series).
     pub fn decrement(&self, n: u64) {
         self.0.fetch_sub(n, Ordering::Relaxed);
     }
@@ -301,30 +301,30 @@ impl Tally {
     }
 }
 
-/// The process's [`Tally`]s: one per series, shared by every context (as the recorder's
-/// series are).
-pub struct Tallies {
+/// The process's [`AtomicSeries`]: one per series, shared by every context (as the
+/// recorder's series are).
+pub(crate) struct ScrapedSeries {
     /// `wasmbed_proxy_bytes_total{direction="upstream"}`.
-    pub bytes_up: Tally,
+    pub bytes_up: AtomicSeries,
     /// `wasmbed_proxy_bytes_total{direction="downstream"}`.
-    pub bytes_down: Tally,
+    pub bytes_down: AtomicSeries,
     /// `wasmbed_proxy_connections_open{transport="tcp"}`.
-    pub open_tcp: Tally,
+    pub open_tcp: AtomicSeries,
     /// `wasmbed_proxy_connections_open{transport="quic"}`.
-    pub open_quic: Tally,
+    pub open_quic: AtomicSeries,
 }
 
-pub static TALLIES: Tallies = Tallies {
-    bytes_up: Tally::new(),
-    bytes_down: Tally::new(),
-    open_tcp: Tally::new(),
-    open_quic: Tally::new(),
+pub(crate) static SERIES: ScrapedSeries = ScrapedSeries {
+    bytes_up: AtomicSeries::new(),
+    bytes_down: AtomicSeries::new(),
+    open_tcp: AtomicSeries::new(),
+    open_quic: AtomicSeries::new(),
 };
 
-/// Appends the [`TALLIES`] series, each family in one block as the recorder's are.
-fn render_tallies(out: &mut String) {
+/// Appends the [`SERIES`], each family in one block as the recorder's are.
+fn render_atomic_series(out: &mut String) {
     use wasmbed_admin::exposition::{family, sample};
-    let t = &TALLIES;
+    let t = &SERIES;
     family(
         out,
         BYTES,
@@ -354,7 +354,7 @@ fn render_tallies(out: &mut String) {
     );
 }
 
-/// Renders the Prometheus text: the recorder's metrics, then the [`TALLIES`] and the
+/// Renders the Prometheus text: the recorder's metrics, then the [`SERIES`] and the
 /// per-gateway series of the gateways in `gateways` now.
 pub fn render(gateways: &GatewaySet) -> String {
     let handle = handle();
@@ -364,7 +364,7 @@ pub fn render(gateways: &GatewaySet) -> String {
     }
     handle.run_upkeep();
     let mut out = handle.render();
-    render_tallies(&mut out);
+    render_atomic_series(&mut out);
     render_per_gateway(&mut out, &gateways.snapshot());
     out
 }
@@ -420,16 +420,16 @@ fn descriptors() -> Option<(usize, u64)> {
 /// bumps atomics instead of building and hashing metric keys.
 pub struct Meters {
     /// Device connections open now, TCP (`transport="tcp"`).
-    pub open: &'static Tally,
+    pub open: &'static AtomicSeries,
     /// QUIC device connections past their handshake, open now (`transport="quic"`).
-    pub open_quic: &'static Tally,
+    pub open_quic: &'static AtomicSeries,
     /// TLS handshakes with devices over TCP.
     pub handshake: Histogram,
     /// QUIC handshakes with devices.
     pub handshake_quic: Histogram,
     pub connect: Histogram,
-    pub bytes_up: &'static Tally,
-    pub bytes_down: &'static Tally,
+    pub bytes_up: &'static AtomicSeries,
+    pub bytes_down: &'static AtomicSeries,
     pub devices: Counter,
     pub replayed: Counter,
     pub duplicates: Counter,
@@ -453,13 +453,13 @@ impl Meters {
     pub fn new() -> Meters {
         handle();
         Meters {
-            open: &TALLIES.open_tcp,
-            open_quic: &TALLIES.open_quic,
+            open: &SERIES.open_tcp,
+            open_quic: &SERIES.open_quic,
             handshake: histogram!(HANDSHAKE, "transport" => "tcp"),
             handshake_quic: histogram!(HANDSHAKE, "transport" => "quic"),
             connect: histogram!(CONNECT),
-            bytes_up: &TALLIES.bytes_up,
-            bytes_down: &TALLIES.bytes_down,
+            bytes_up: &SERIES.bytes_up,
+            bytes_down: &SERIES.bytes_down,
             devices: counter!(DEVICES),
             replayed: counter!(REPLAYED),
             duplicates: counter!(DUPLICATES_DROPPED),
@@ -506,9 +506,9 @@ mod tests {
         let odd = "a\"b\\c\nd";
         let set = GatewaySet::new(&[config("gw-0"), config(odd)], Duration::ZERO);
         let text = render(&set);
-        // The tallies too (kept apart from the recorder, rendered beside it).
-        let tallies = [BYTES, OPEN];
-        for name in PER_GATEWAY.iter().map(|(name, ..)| *name).chain(tallies) {
+        // The atomic series too (kept apart from the recorder, rendered beside it).
+        let atomic = [BYTES, OPEN];
+        for name in PER_GATEWAY.iter().map(|(name, ..)| *name).chain(atomic) {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),
                 1,

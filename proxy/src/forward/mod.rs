@@ -30,7 +30,7 @@ thread_local! {
 }
 
 /// Where a direction counts its bytes as they go: a plain atomic (tests), or the proxy's
-/// tally of `wasmbed_proxy_bytes_total` (live while sessions last: one atomic add per chunk
+/// series of `wasmbed_proxy_bytes_total` (live while sessions last: one atomic add per chunk
 /// read).
 pub trait Count: Sync {
     fn add(&self, n: u64);
@@ -42,7 +42,7 @@ impl Count for AtomicU64 {
     }
 }
 
-impl Count for crate::metrics::Tally {
+impl Count for crate::metrics::AtomicSeries {
     fn add(&self, n: u64) {
         self.increment(n);
     }

@@ -187,7 +187,7 @@ fn warn_if_small(granted: usize) {
 /// with the TCP listeners: `--max-connections`). The stop is one wait for the loop's life,
 /// as in the TCP listeners' loop (`crate::listener::accept_loop`).
 pub(crate) async fn accept_loop(
-    mut current: impl FnMut() -> Arc<crate::context::Context> + Send + 'static,
+    current: impl Fn() -> Arc<crate::context::Context> + Send + Sync + 'static,
     endpoint: Endpoint,
     (limit, sessions): (Arc<Semaphore>, TaskTracker),
     stop: wasmbed_certs::Trigger,
@@ -297,10 +297,10 @@ impl Drop for Unplaced {
 }
 
 /// Counts an open connection in a gauge while it lives (also when its task is cancelled).
-struct Open(&'static crate::metrics::Tally);
+struct Open(&'static crate::metrics::AtomicSeries);
 
 impl Open {
-    fn new(gauge: &'static crate::metrics::Tally) -> Open {
+    fn new(gauge: &'static crate::metrics::AtomicSeries) -> Open {
         gauge.increment(1);
         Open(gauge)
     }
