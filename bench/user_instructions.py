@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
 """User-mode instructions per connection, counted: each proxy run under valgrind's callgrind
 (every instruction it executes outside the kernel, all its threads), a warm-up, the counts
-zeroed, then a fixed number of connections at a low fixed rate, then the counts dumped and
-divided by the connections that succeeded.
+zeroed, then a fixed number of connections opened one at a time at a low rate, then the
+counts dumped and divided by the connections that succeeded.
 
-Why beside user_sampled.py: time is what the issue's acceptance is about, but on this shared
+Why beside user_sampled.py: user time is what a proxy's cost is judged by, but on this shared
 host a proxy's sampled user time per connection spreads ±20% from round to round (NGINX 9.6 to
 27.6 µs in one sitting), so a cut of a few percent cannot be seen in it. An instruction count
 does not depend on what else the host runs: the same binary under the same load reads within
-a fraction of a percent run to run, so two builds can be told apart by a 1% change, and by
-function (`--by-function`). It is not time: a cache miss or a locked instruction counts as
-one instruction, and valgrind runs the proxy some 50 times slower, so its event loop may
-batch work differently than at full speed (the rate is kept low for that: each connection
-alone). Read it beside the sampled time, never instead of it.
+a few percent run to run (how the event loop batches its wake-ups still varies), and the
+functions a change removes show by name (`--by-function`). It is not time: a cache miss or a
+locked instruction counts as one instruction, and valgrind runs the proxy some 50 times
+slower, so its event loop may batch work differently than at full speed (the rate is kept
+low for that: each connection alone). glibc's string functions are counted apart: valgrind
+counts each step of a `rep stos`/`rep movs` as an instruction (zeroing 8 KiB: 8,192). Read
+it beside the sampled time, never instead of it.
 
 Usage: python3 bench/user_instructions.py [--scenario tls|conn] [--proxies wasmbed,floor-tokio,nginx]
          [--connections 1000] [--rate 50] [--rounds 1] [--wasmbed BIN] [--compare BIN] [--out DIR]
@@ -20,11 +22,11 @@ Usage: python3 bench/user_instructions.py [--scenario tls|conn] [--proxies wasmb
 Proxies as in peer_bench.py (wasmbed-b: the --compare binary; floor-tokio, floor-mio:
 examples/passthrough_floor.rs). Only the process serving the scenario runs under valgrind
 (wasmbed runs one process per listener; NGINX with `master_process off`, its worker's loop in
-one process). Needs valgrind
-(`apt-get install valgrind`) and what peer_bench needs. Keeps each run's callgrind dumps in
---out (default target/user-instructions) for `callgrind_annotate FILE`; --by-function reads
-them: instructions per connection by function, A's and B's (the mean over their runs), and
-the largest differences.
+one process); `callgrind_control` starts, zeroes and dumps the counts of those processes only.
+Needs valgrind (`apt-get install valgrind`) and what peer_bench needs. Keeps each run's
+callgrind dumps in --out (default target/user-instructions) for `callgrind_annotate FILE`;
+--by-function reads them: instructions per connection by function, A's and B's (the mean over
+their runs), and the largest differences.
 """
 
 import argparse
@@ -62,8 +64,39 @@ def under_valgrind(commands, scenario, out_prefix):
     return wrapped
 
 
-def control(*args):
-    subprocess.run(["callgrind_control", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def control(pids, *args):
+    """`callgrind_control ARGS PID` for each of `pids` (not every callgrind run of the user's)."""
+    for pid in pids:
+        subprocess.run(["callgrind_control", *args, str(pid)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def connections(url, count, rate):
+    """`count` connections, one request each, opened one at a time `1/rate` s apart
+    (peer_bench's h2load opens them in groups every 5 ms: at least 200/s): (succeeded, errors)."""
+    out = subprocess.run(["taskset", "-c", str(pb.LOAD_CORE), "h2load", "--h1", "-t1", "-c", str(count),
+                          "-n", str(count), "-r", "1", "--rate-period", f"{max(1, round(1000 / rate))}ms", url],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+                  r"(\d+) timeout", out)
+    if not m:
+        sys.exit(f"h2load: no summary in its output:\n{out}")
+    ok, failed, errored, timeout = (int(x) for x in m.groups())
+    errors = ", ".join(f"{n} {what}" for n, what in ((failed, "failed"), (errored, "errored"), (timeout, "timeout")) if n)
+    return ok, errors
+
+
+def valgrind_pids(running):
+    """The processes of `running` that run under valgrind (its tool's name is in their command)."""
+    pids = []
+    for pid in running.pids():
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if "valgrind" in exe or "callgrind" in exe or "memcheck" in exe:
+            pids.append(pid)
+    return pids
 
 
 # glibc's string functions: valgrind counts each step of a `rep stos`/`rep movs` (what glibc's
@@ -118,6 +151,8 @@ def compare_by_function(a):
     name_a, name_b = a.by_function.split(",")
     fa, fb = by_function(a.out, name_a, a.scenario), by_function(a.out, name_b, a.scenario)
     ta, tb = sum(fa.values()), sum(fb.values())
+    if not ta or not tb:
+        sys.exit(f"no instructions read from the runs of {name_b if ta else name_a}")
     sa = ta - sum(v for f, v in fa.items() if STRINGS.fullmatch(f))
     sb = tb - sum(v for f, v in fb.items() if STRINGS.fullmatch(f))
     print(f"{a.scenario}: user-mode instructions per connection (mean of the runs): "
@@ -125,8 +160,11 @@ def compare_by_function(a):
           f"{sa:,.0f} and {sb:,.0f} ({sa / sb:.3f}×)\n")
     print(f"| function | {name_a} | {name_b} | {name_a} − {name_b} |\n|---|---:|---:|---:|")
     diffs = sorted(set(fa) | set(fb), key=lambda f: fa.get(f, 0) - fb.get(f, 0))
-    half = a.top // 2
-    shown = diffs[::-1][:a.top - half] + ["..."] + diffs[:half][::-1]
+    if len(diffs) <= a.top:
+        shown = diffs[::-1]
+    else:
+        half = a.top // 2
+        shown = diffs[::-1][:a.top - half] + ["..."] + diffs[:half][::-1]
     for f in shown:
         if f == "...":
             print("| ... | | | |")
@@ -150,7 +188,7 @@ def main():
     ap.add_argument("--by-function", metavar="A,B", help="compare two proxies' saved runs by function (runs nothing)")
     ap.add_argument("--top", type=int, default=40, help="with --by-function: how many functions (default 40)")
     a = ap.parse_args()
-    for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
+    for tool in ("callgrind_annotate",) if a.by_function else ("valgrind", "callgrind_control", "callgrind_annotate"):
         if not shutil.which(tool):
             sys.exit(f"needs {tool} (apt-get install valgrind)")
     if a.by_function:
@@ -190,16 +228,19 @@ def main():
                 stem = os.path.join(a.out, f"cg.{p}.{a.scenario}.{r}")
                 running = pb.Running(p, under_valgrind(commands[p], a.scenario, stem))
                 try:
-                    warm, _, errors = pb.h2load(url, WARMUP, a.rate, True)
+                    warm, errors = connections(url, WARMUP, a.rate)
                     if warm < WARMUP:
                         sys.exit(f"{p}: warm-up {warm} of {WARMUP} ({errors})")
                     time.sleep(0.5)  # the warm-up's last closes
-                    control("-i", "on")
-                    control("-z")
-                    ok, _, errors = pb.h2load(url, a.connections, a.rate, True)
+                    pids = valgrind_pids(running)
+                    if not pids:
+                        sys.exit(f"{p}: no process under valgrind")
+                    control(pids, "-i", "on")
+                    control(pids, "-z")
+                    ok, errors = connections(url, a.connections, a.rate)
                     time.sleep(0.5)
                     before = set(glob.glob(glob.escape(stem) + ".*"))
-                    control("-d")
+                    control(pids, "-d")
                     dumps = sorted(set(glob.glob(glob.escape(stem) + ".*")) - before)
                 finally:
                     running.stop()
