@@ -62,6 +62,7 @@ import random
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -397,6 +398,32 @@ class Running:
                     time.sleep(0.05)
                 except OSError:
                     break
+
+
+def prepare_sampling(a, out):
+    """What user_sampled.py and user_instructions.py do first with their arguments (`--wasmbed`,
+    `--compare`, `--proxies`): check them, make a signal stop everything started (SIGTERM
+    becomes an exit, which runs the callers' `finally`), check the tools, make `out`.
+    Returns the proxies."""
+    global WASMBED
+    if a.compare and not os.access(a.compare, os.X_OK):
+        sys.exit(f"--compare {a.compare}: not an executable file")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    WASMBED = os.path.abspath(a.wasmbed)
+    proxies = a.proxies.split(",")
+    tools(False, any(p in FLOORS for p in proxies))
+    os.makedirs(out, exist_ok=True)
+    return proxies
+
+
+def commands_of(work, proxies, compare):
+    """proxy_commands for `proxies`, or an exit naming those it does not know."""
+    commands = proxy_commands(work, compare and os.path.abspath(compare))
+    unknown = [p for p in proxies if p not in commands]
+    if unknown:
+        sys.exit(f"unknown proxy(ies): {', '.join(unknown)}" + (" (wasmbed-b needs --compare BIN)"
+                 if "wasmbed-b" in unknown else ""))
+    return commands
 
 
 def h2load(url, work, rate, per_request_connection, connections=32):

@@ -35,7 +35,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -198,13 +197,8 @@ def main():
         return
     if a.connections < 1 or a.rate < 1 or a.rounds < 1:
         sys.exit("--connections, --rate and --rounds: at least 1")
-    if a.compare and not os.access(a.compare, os.X_OK):
-        sys.exit(f"--compare {a.compare}: not an executable file")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    pb.WASMBED = os.path.abspath(a.wasmbed)
-    proxies = a.proxies.split(",")
-    pb.tools(False, any(p in pb.FLOORS for p in proxies))
-    os.makedirs(a.out, exist_ok=True)
+    # A signal stops everything started (SIGTERM becomes an exit: `finally` below).
+    proxies = pb.prepare_sampling(a, a.out)
     for p in proxies:  # one sitting's runs only, for --by-function
         for f in glob.glob(os.path.join(a.out, f"cg.{glob.escape(p)}.{a.scenario}.*")):
             os.remove(f)
@@ -214,11 +208,7 @@ def main():
     url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
     try:
         backends = pb.start_backends(work)
-        commands = pb.proxy_commands(work, a.compare and os.path.abspath(a.compare))
-        unknown = [p for p in proxies if p not in commands]
-        if unknown:
-            sys.exit(f"unknown proxy(ies): {', '.join(unknown)}" + (" (wasmbed-b needs --compare BIN)"
-                     if "wasmbed-b" in unknown else ""))
+        commands = pb.commands_of(work, proxies, a.compare)
         print(f"CPU: {pb.cpu_model()}; {a.scenario}: {a.connections} connections at {a.rate}/s per run "
               f"after {WARMUP} of warm-up, {a.rounds} round(s), under valgrind --tool=callgrind", flush=True)
         for r in range(a.rounds):

@@ -174,25 +174,14 @@ def main():
         sys.exit(f"--scenario {TERMLINK} goes with --by-symbol (docs/bench/terminate-cpu.sh samples it)")
     if a.rounds < 1 or a.seconds < 1:
         sys.exit("--rounds and --seconds: at least 1")
-    if a.compare and not os.access(a.compare, os.X_OK):
-        sys.exit(f"--compare {a.compare}: not an executable file")
-    # A signal must not leave the proxies and backends running: SIGTERM becomes an exit, and
-    # `finally` stops everything started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    pb.WASMBED = os.path.abspath(a.wasmbed)
-    proxies = a.proxies.split(",")
-    pb.tools(False, any(p in pb.FLOORS for p in proxies))
-    os.makedirs(a.out, exist_ok=True)
+    # A signal stops everything started (SIGTERM becomes an exit: `finally` below).
+    proxies = pb.prepare_sampling(a, a.out)
     work = tempfile.mkdtemp(prefix="user-sampled.")
     backends = []
     per = {p: [] for p in proxies}
     try:
         backends = pb.start_backends(work)
-        commands = pb.proxy_commands(work, a.compare and os.path.abspath(a.compare))
-        unknown = [p for p in proxies if p not in commands]
-        if unknown:
-            sys.exit(f"unknown proxy(ies): {', '.join(unknown)}" + (" (wasmbed-b needs --compare BIN)"
-                     if "wasmbed-b" in unknown else ""))
+        commands = pb.commands_of(work, proxies, a.compare)
         for f in os.listdir(a.out):  # one sitting's runs only, for --by-symbol
             if any(re.fullmatch(rf"perf\.{re.escape(p)}\.{a.scenario}\.\d+\.(data|data\.old|conns)", f)
                    for p in proxies):
