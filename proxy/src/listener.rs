@@ -241,6 +241,23 @@ mod tests {
             .expect("the accept loop's wait does not watch its stop");
     }
 
+    /// The accept loop on `listener`, spawned.
+    fn spawned(
+        listener: tokio::net::TcpListener,
+        limit: Arc<Semaphore>,
+        stop: &Trigger,
+        handle: impl FnMut(super::Accepted) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(super::accept_loop(listener, limit, stop.clone(), handle))
+    }
+
+    /// Fires `stop` once the loop `run` waits on it, and checks the loop ends.
+    async fn stop_when_parked(stop: &Trigger, run: tokio::task::JoinHandle<()>) {
+        parked(stop).await;
+        stop.fire();
+        ended(run).await;
+    }
+
     /// `run` ended (within a bound, for a test that fails rather than hangs).
     async fn ended(run: tokio::task::JoinHandle<()>) {
         tokio::time::timeout(Duration::from_secs(10), run)
@@ -258,14 +275,9 @@ mod tests {
         let limit = Arc::new(Semaphore::new(2));
         let stop = Trigger::new();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let run = tokio::spawn(super::accept_loop(
-            listener,
-            limit.clone(),
-            stop.clone(),
-            move |a| {
-                let _ = tx.send(a);
-            },
-        ));
+        let run = spawned(listener, limit.clone(), &stop, move |a| {
+            let _ = tx.send(a);
+        });
         let _one = TcpStream::connect(addr).await.expect("connect");
         let _two = TcpStream::connect(addr).await.expect("connect");
         let first = rx.recv().await.expect("first connection handed on");
@@ -281,9 +293,7 @@ mod tests {
             .recv()
             .await
             .expect("third connection, once a slot was free");
-        parked(&stop).await;
-        stop.fire();
-        ended(run).await;
+        stop_when_parked(&stop, run).await;
     }
 
     /// The stop ends the loop while it waits for a connection.
@@ -291,15 +301,8 @@ mod tests {
     async fn the_accept_loop_ends_at_its_stop_waiting_for_a_connection() {
         let (listener, _) = listening().await;
         let stop = Trigger::new();
-        let run = tokio::spawn(super::accept_loop(
-            listener,
-            Arc::new(Semaphore::new(4)),
-            stop.clone(),
-            |_| {},
-        ));
-        parked(&stop).await;
-        stop.fire();
-        ended(run).await;
+        let run = spawned(listener, Arc::new(Semaphore::new(4)), &stop, |_| {});
+        stop_when_parked(&stop, run).await;
     }
 
     /// A stop that comes with a connection waiting in the backlog wins: nothing is handed on
@@ -312,14 +315,9 @@ mod tests {
         stop.fire();
         let handed = Arc::new(AtomicUsize::new(0));
         let counted = handed.clone();
-        let run = tokio::spawn(super::accept_loop(
-            listener,
-            Arc::new(Semaphore::new(4)),
-            stop,
-            move |_| {
-                counted.fetch_add(1, Ordering::Relaxed);
-            },
-        ));
+        let run = spawned(listener, Arc::new(Semaphore::new(4)), &stop, move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
         ended(run).await;
         assert_eq!(
             handed.load(Ordering::Relaxed),
