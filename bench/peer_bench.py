@@ -84,7 +84,11 @@ PROXIES = ["wasmbed", "haproxy", "nginx"]
 # the passthrough default), wasmbed-copy (--splice off); and, for the conn and tls scenarios
 # only, the floors (examples/passthrough_floor.rs, built if missing): floor-tokio, the least a
 # tokio proxy does per connection, and floor-mio, the same steps on a hand-written epoll loop.
-# Ratios are then also given against them.
+# Ratios are then also given against them. And nginx-halfclose: NGINX with
+# `proxy_half_close on`, which passes a client's end of stream on to the server and waits for
+# the server's, as wasmbed does with a device's (NGINX's default closes both sides at once; a
+# TLS passthrough connection of the bench ends with the client's close, so the two do the same
+# work only with it on). Ratios are also given against it.
 FLOOR = os.path.join(REPO, "target", "release", "examples", "passthrough_floor")
 FLOORS = ("floor-tokio", "floor-mio")
 FLOOR_SCENARIOS = ("conn", "tls")
@@ -300,7 +304,7 @@ backend b_tlsterm
   server s1 127.0.0.1:{BACKEND['http']}
 """)
     ngx = os.path.join(work, "proxy-nginx.conf")
-    open(ngx, "w").write(f"""
+    ngx_text = (f"""
 load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 worker_processes 1;
 worker_rlimit_nofile 40000;
@@ -325,6 +329,12 @@ stream {{
   }}
 }}
 """)
+    open(ngx, "w").write(ngx_text)
+    # nginx-halfclose: NGINX passing a client's end of stream on to the server and waiting for
+    # the server's, as wasmbed does with a device's (NGINX's default closes both at once).
+    ngx_hc = os.path.join(work, "proxy-nginx-halfclose.conf")
+    open(ngx_hc, "w").write(ngx_text.replace("stream {\n", "stream {\n  proxy_half_close on;\n", 1)
+                            .replace("proxy-nginx.pid", "proxy-nginx-halfclose.pid"))
     # Splicing is a passthrough option (the terminating listener is refused with it).
     def splicing(mode):
         return [(cmd if "terminate" in cmd else cmd + ["--splice", mode], pool) for cmd, pool in w]
@@ -343,6 +353,7 @@ stream {{
         "wasmbed-copy": copying,
         "haproxy": [(["haproxy", "-f", hap], "all")],
         "nginx": [(["nginx", "-c", ngx, "-e", f"{work}/proxy-nginx.err"], "all")],
+        "nginx-halfclose": [(["nginx", "-c", ngx_hc, "-e", f"{work}/proxy-nginx.err"], "all")],
     }
 
 
@@ -724,6 +735,8 @@ def render(rows, scenarios, proxies, a, rates):
     pairs += [(f, None) for f in FLOORS if f in proxies]
     if "wasmbed" in proxies and "floor-tokio" in proxies:
         pairs.append(("wasmbed", "floor-tokio"))
+    if "wasmbed" in proxies and "nginx-halfclose" in proxies:
+        pairs.append(("wasmbed", "nginx-halfclose"))
     for sc in scenarios:
         for p, other in pairs:
             other = other or best_peer.get(sc)

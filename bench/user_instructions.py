@@ -258,7 +258,7 @@ def main():
           "| all (median) | rounds (without) |\n|---|---:|---:|---|")
     for p in proxies:
         print(f"| {p} | {med[p][0]:,.0f} | {med[p][1]:,.0f} | {', '.join(f'{x[0]:,.0f}' for x in per[p])} |")
-    base = [p for p in ("nginx", "floor-tokio", "wasmbed-b") if p in proxies]
+    base = [p for p in ("nginx", "nginx-halfclose", "floor-tokio", "wasmbed-b") if p in proxies]
     print("\n| ratio | instructions without strings | all instructions |\n|---|---:|---:|")
     for p in proxies:
         for b in base:

@@ -232,11 +232,12 @@ def main():
         print(f"| {p} | {statistics.median(per[p]):.2f} µs/{unit} | {', '.join(f'{x:.2f}' for x in per[p])} |")
     # Ratios as peer_bench.py gives them: each round's ratio, geometric mean, t interval on logs.
     runs = {p: [{"round": r, "user": x, "noisy": False} for r, x in enumerate(v)] for p, v in per.items()}
-    base = [p for p in ("nginx", "haproxy", "floor-tokio", "wasmbed-b") if p in proxies]
+    base = [p for p in ("nginx", "nginx-halfclose", "haproxy", "floor-tokio", "wasmbed-b") if p in proxies]
     print("\n| ratio | user mode, sampled | verdict |\n|---|---:|---|")
     for p in proxies:
         for b in base:
-            if p != b and not (p == "nginx" and b == "haproxy") and (b != "wasmbed-b" or p == "wasmbed"):
+            if p != b and not (p.startswith("nginx") and b in ("haproxy", "nginx-halfclose")) \
+                    and (b != "wasmbed-b" or p == "wasmbed"):
                 ci, v = pb.fmt_ci(pb.ratio_interval(runs[p], runs[b], "user"))
                 print(f"| {p} / {b} | {ci} | {v} |")
 

@@ -11,8 +11,10 @@
 //!   one 64 KiB buffer shared by every connection (NGINX's stream module gives each session
 //!   buffers of its own): the bottom for any event loop, not a full proxy's cost.
 //!
-//! Both end a pair when either side ends (no half-close passed on), as wasmbed and NGINX do
-//! by default.
+//! Both end a pair when either side ends (no half-close passed on), as NGINX does by default.
+//! wasmbed ends a session at its gateway's end of stream but passes a device's on and waits
+//! for the gateway's: one `shutdown` and one more wake-up per connection that the device
+//! closes first (measured: docs/performance.md, "What the gap to the floor is made of").
 //!
 //! Neither is a proxy to deploy: no timeouts, no limits, an error closes the pair.
 //!
@@ -94,9 +96,9 @@ fn on_tokio(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
                     return;
                 }
                 drop(first);
-                // Bytes both ways until either side ends, then both close: what wasmbed and
-                // NGINX do by default (`copy_bidirectional` would pass a half-close on, a
-                // `shutdown` and a wake-up more per connection).
+                // Bytes both ways until either side ends, then both close: what NGINX does
+                // by default (`copy_bidirectional` would pass a half-close on, a `shutdown`
+                // and a wake-up more per connection).
                 let (mut device_read, mut device_write) = device.split();
                 let (mut gateway_read, mut gateway_write) = upstream.split();
                 tokio::select! {

@@ -129,7 +129,7 @@ impl AlpnCounts {
     }
 
     /// Counts one session by the first offered protocol that has a label of its own.
-    pub(crate) fn count(&self, offered: &[Vec<u8>]) {
+    pub(crate) fn count(&self, offered: &crate::clienthello::Alpn) {
         if offered.is_empty() {
             return self.none.increment(1);
         }

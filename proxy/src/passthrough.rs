@@ -3,14 +3,15 @@
 //! far sent first, then bytes both ways until either side ends or the proxy cuts.
 
 use std::future::Future;
-use std::task::Poll;
+use std::pin::Pin;
+use std::task::{Poll, ready};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use wasmbed_config::ListenerConfig;
 
 use crate::balancer::{Counts, Lease};
-use crate::clienthello::{self, ClientHello, HelloError};
+use crate::clienthello::{self, Alpn, ClientHello, HelloError};
 use crate::context::Context;
 use crate::forward;
 use crate::listener::reset_on_close;
@@ -42,7 +43,7 @@ pub(crate) async fn passthrough(
     };
     let (sni, alpn) = match hello {
         Some(ClientHello { sni, alpn, .. }) => (sni, alpn),
-        None if listener.allow_plain => (None, Vec::new()),
+        None if listener.allow_plain => (None, Alpn::NONE),
         None => return Err(refused(Refusal::NotTls, "plain TCP on a TLS listener")),
     };
     ctx.meters.handshake.record(started.elapsed().as_secs_f64());
@@ -180,39 +181,177 @@ async fn open_passthrough(
 
 /// Reads (bounded) until the bytes are a whole ClientHello, or clearly not TLS. Returns the
 /// bytes read, to be sent to the gateway first, untouched.
+///
+/// Each read goes into the thread's copy buffer, and only what was read is copied out: a
+/// hello of a few hundred bytes then takes a block from the allocator's per-thread cache,
+/// where a 2 KiB buffer per connection went through its bins (measured: docs/performance.md,
+/// "What the gap to the floor is made of").
 async fn read_hello(
-    device: &mut TcpStream,
+    device: &mut (impl AsyncRead + Unpin),
     max: usize,
 ) -> Result<(Vec<u8>, Option<ClientHello>), Refused> {
-    let mut buf = vec![0u8; 2048.min(max)];
-    let mut len = 0;
+    /// What one read gave.
+    enum Step {
+        Closed,
+        More,
+        Done(Vec<u8>, Result<ClientHello, HelloError>),
+    }
+    // The bytes of a hello that did not come whole in one read, kept between reads.
+    let mut kept = Vec::new();
     loop {
-        if len == buf.len() {
-            buf.resize((len * 2).min(max), 0);
-        }
-        // `read` (unlike `try_read`) lets tokio see a partial read as "drained", so the
-        // forwarding that follows waits instead of trying a read that would block.
-        match device.read(&mut buf[len..]).await {
-            Ok(0) => {
+        let step = std::future::poll_fn(|cx| {
+            forward::with_buffer(|scratch| {
+                // At most `max` bytes in all (with `max` read, `parse` refuses the hello).
+                let room = max.saturating_sub(kept.len()).clamp(1, scratch.len());
+                let mut filled = ReadBuf::new(&mut scratch[..room]);
+                // `poll_read` (unlike `try_read`) lets tokio see a partial read as "drained",
+                // so the forwarding that follows waits instead of trying a read that would
+                // block.
+                ready!(Pin::new(&mut *device).poll_read(cx, &mut filled))?;
+                let read = filled.filled();
+                Poll::Ready(Ok(if read.is_empty() {
+                    Step::Closed
+                } else if kept.is_empty() {
+                    match clienthello::parse(read, max) {
+                        Err(HelloError::Incomplete) => {
+                            kept.extend_from_slice(read);
+                            Step::More
+                        }
+                        parsed => Step::Done(read.to_vec(), parsed),
+                    }
+                } else {
+                    kept.extend_from_slice(read);
+                    match clienthello::parse(&kept, max) {
+                        Err(HelloError::Incomplete) => Step::More,
+                        parsed => Step::Done(std::mem::take(&mut kept), parsed),
+                    }
+                }))
+            })
+        })
+        .await
+        .map_err(|e: std::io::Error| refused(Refusal::ClientError, e))?;
+        match step {
+            Step::Closed => {
                 return Err(refused(
                     Refusal::ClientClosed,
                     "closed before its ClientHello",
                 ));
             }
-            Ok(n) => len += n,
-            Err(e) => return Err(refused(Refusal::ClientError, e)),
+            Step::More => {}
+            Step::Done(bytes, Ok(hello)) => return Ok((bytes, Some(hello))),
+            Step::Done(bytes, Err(HelloError::NotTls)) => return Ok((bytes, None)),
+            Step::Done(_, Err(e)) => return Err(refused(Refusal::of_hello(&e), e)),
         }
-        match clienthello::parse(&buf[..len], max) {
-            Err(HelloError::Incomplete) => {}
-            Err(HelloError::NotTls) => {
-                buf.truncate(len);
-                return Ok((buf, None));
-            }
-            Err(e) => return Err(refused(Refusal::of_hello(&e), e)),
-            Ok(hello) => {
-                buf.truncate(len);
-                return Ok((buf, Some(hello)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    use super::read_hello;
+    use crate::clienthello::tests::hello_bytes;
+    use crate::refusal::Refusal;
+
+    /// A device's socket as `read_hello` sees it: each read gives the next chunk (as much of
+    /// it as fits), then end of stream. Records the room each read offered.
+    struct Chunks {
+        chunks: VecDeque<Vec<u8>>,
+        offered: Vec<usize>,
+    }
+
+    impl Chunks {
+        fn new(chunks: &[&[u8]]) -> Chunks {
+            Chunks {
+                chunks: chunks.iter().map(|c| c.to_vec()).collect(),
+                offered: Vec::new(),
             }
         }
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.offered.push(buf.remaining());
+            if let Some(mut chunk) = self.chunks.pop_front() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                if n < chunk.len() {
+                    self.chunks.push_front(chunk.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    const MAX: usize = 16 * 1024;
+
+    #[tokio::test]
+    async fn a_hello_in_pieces_is_read_whole_and_returned_as_sent() {
+        let hello = hello_bytes("pieces.example", &[b"wasmbed/1"]);
+        let (a, rest) = hello.split_at(1);
+        let (b, c) = rest.split_at(rest.len() / 2);
+        for chunks in [vec![hello.as_slice()], vec![a, b, c]] {
+            let mut device = Chunks::new(&chunks);
+            let (bytes, parsed) = read_hello(&mut device, MAX).await.expect("a hello");
+            assert_eq!(
+                bytes,
+                hello,
+                "every byte read, in order, from {} reads",
+                chunks.len()
+            );
+            let parsed = parsed.expect("TLS");
+            assert_eq!(parsed.sni.as_deref(), Some("pieces.example"));
+            assert_eq!(parsed.alpn.first(), Some(b"wasmbed/1".as_slice()));
+            assert_eq!(device.offered.len(), chunks.len(), "no read past the hello");
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_after_the_hello_in_the_same_read_go_with_it() {
+        let mut sent = hello_bytes("after.example", &[]);
+        let hello_len = sent.len();
+        sent.extend_from_slice(b"early bytes");
+        let (first, second) = sent.split_at(hello_len - 10);
+        let mut device = Chunks::new(&[first, second]);
+        let (bytes, parsed) = read_hello(&mut device, MAX).await.expect("a hello");
+        assert_eq!(bytes, sent, "the hello and what came with it, untouched");
+        assert_eq!(parsed.expect("TLS").len, hello_len);
+    }
+
+    #[tokio::test]
+    async fn plain_bytes_are_returned_as_not_tls() {
+        let mut device = Chunks::new(&[b"GET / HTTP/1.1\r\n"]);
+        let (bytes, parsed) = read_hello(&mut device, MAX).await.expect("not TLS");
+        assert_eq!(bytes, b"GET / HTTP/1.1\r\n");
+        assert!(parsed.is_none());
+    }
+
+    #[tokio::test]
+    async fn no_more_than_max_is_read_and_a_larger_hello_is_refused() {
+        let hello = hello_bytes("large.example", &[]);
+        let max = hello.len() / 2;
+        let pieces: Vec<&[u8]> = hello.chunks(100).collect();
+        let mut device = Chunks::new(&pieces);
+        let refused = read_hello(&mut device, max).await.expect_err("too large");
+        assert_eq!(refused.reason, Refusal::HelloTooLarge);
+        let read: usize = hello.len() - device.chunks.iter().map(Vec::len).sum::<usize>();
+        assert_eq!(read, max, "read up to the bound, not past it");
+        assert!(device.offered.iter().all(|&room| room <= max));
+    }
+
+    #[tokio::test]
+    async fn a_close_before_the_hello_is_whole_is_refused() {
+        let hello = hello_bytes("closed.example", &[]);
+        let mut device = Chunks::new(&[&hello[..hello.len() - 1]]);
+        let refused = read_hello(&mut device, MAX).await.expect_err("closed");
+        assert_eq!(refused.reason, Refusal::ClientClosed);
     }
 }

@@ -3,14 +3,18 @@
 
 use wasmbed_config::RouteConfig;
 
+use crate::clienthello::Alpn;
 use crate::context::{Context, Pools};
+
+/// No ALPN: what a client whose TLS ended here is matched with.
+static NO_ALPN: Alpn = Alpn::NONE;
 
 /// What a route may match about a device: its SNI, the ALPN protocols it offered, and (in
 /// terminate mode) its certificate's attributes.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Matched<'a> {
     pub sni: Option<&'a str>,
-    pub alpn: &'a [Vec<u8>],
+    pub alpn: &'a Alpn,
     pub cert: Option<&'a wasmbed_certs::CertAttributes>,
 }
 
@@ -71,7 +75,7 @@ pub(crate) fn device_pools(
 ) -> Pools {
     let matched = Matched {
         sni,
-        alpn: &[],
+        alpn: &NO_ALPN,
         cert: attributes.as_ref(),
     };
     pools_for(ctx, matched)

@@ -8,7 +8,7 @@ use super::*;
 const MAX: usize = 16 * 1024;
 
 /// A real ClientHello, as rustls (aws-lc-rs, post-quantum key share) sends it.
-fn hello_bytes(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn hello_bytes(sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
     let mut config = ClientConfig::builder_with_provider(wasmbed_certs::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -44,7 +44,10 @@ fn finds_sni_and_alpn_in_a_real_hello() {
     );
     let hello = parse(&bytes, MAX).unwrap();
     assert_eq!(hello.sni.as_deref(), Some("device-7.devices.example"));
-    assert_eq!(hello.alpn, vec![b"wasmbed/1".to_vec(), b"h2".to_vec()]);
+    let alpn: Vec<&[u8]> = hello.alpn.iter().collect();
+    assert_eq!(alpn, [b"wasmbed/1".as_slice(), b"h2"]);
+    assert_eq!(hello.alpn.first(), Some(b"wasmbed/1".as_slice()));
+    assert_eq!(format!("{:?}", hello.alpn), r#"["wasmbed/1", "h2"]"#);
     assert_eq!(hello.len, bytes.len());
 }
 
@@ -169,11 +172,17 @@ proptest! {
     fn mutated_real_hellos_never_panic(
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
     ) {
-        let mut bytes = hello_bytes("m.example", &[b"a"]);
+        let mut bytes = hello_bytes("m.example", &[b"a", b"bc"]);
         for (at, value) in flips {
             let i = at.index(bytes.len());
             bytes[i] = value;
         }
-        let _ = parse(&bytes, MAX);
+        if let Ok(hello) = parse(&bytes, MAX) {
+            // Whatever ALPN list was accepted is walked whole: names, none empty, that
+            // together with their length bytes are the list.
+            let names: Vec<&[u8]> = hello.alpn.iter().collect();
+            prop_assert!(names.iter().all(|n| !n.is_empty()));
+            prop_assert_eq!(names.iter().map(|n| n.len() + 1).sum::<usize>(), hello.alpn.0.len());
+        }
     }
 }

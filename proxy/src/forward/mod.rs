@@ -29,6 +29,12 @@ thread_local! {
     static BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
 }
 
+/// Runs `f` on this thread's copy buffer (64 KiB), for bytes that are read and copied on
+/// within one poll. `f` must not call it again.
+pub(crate) fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    BUFFER.with(|cell| f(&mut cell.borrow_mut()))
+}
+
 /// Where a direction counts its bytes as they go: a plain atomic (tests), or the proxy's
 /// series of `wasmbed_proxy_bytes_total` (live while sessions last: one atomic add per chunk
 /// read).
@@ -111,16 +117,14 @@ pub fn tcp<'a>(
 ) -> Tcp<'a> {
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
-    let on = || (splice == SpliceMode::On).then(splice::Pipes::default);
+    let auto = splice == SpliceMode::Auto;
     Tcp {
-        up: Direction::new(device_read, gateway_write, up, false, false),
-        down: Direction::new(gateway_read, device_write, down, true, !half_close),
-        // One pointer in the session, allocated only when splicing is configured.
-        splice: (splice != SpliceMode::Off).then(|| {
+        up: Direction::new(device_read, gateway_write, up, false, false, auto),
+        down: Direction::new(gateway_read, device_write, down, true, !half_close, auto),
+        splice: (splice == SpliceMode::On).then(|| {
             Box::new(Splicing {
-                auto: splice == SpliceMode::Auto,
-                up: on(),
-                down: on(),
+                up: Some(splice::Pipes::default()),
+                down: Some(splice::Pipes::default()),
             })
         }),
     }
@@ -132,15 +136,29 @@ pub use wasmbed_config::proxy::SpliceMode;
 pub struct Tcp<'a> {
     up: Direction<'a>,
     down: Direction<'a>,
+    /// One pointer in the session, allocated only once a direction splices: from the start
+    /// with `--splice on`, at a direction's first full read with `auto` (most sessions never
+    /// fill the buffer, and carry no allocation for splicing).
     splice: Option<Box<Splicing>>,
 }
 
-/// Splicing state of a session (`--splice on|auto`): per direction, the pipes it splices
-/// through (`Some` from the start with `on`, since a full read with `auto`).
+/// Splicing state of a session: per direction, the pipes it splices through (`Some` from
+/// the start with `--splice on`, since a full read with `auto`).
+#[derive(Default)]
 struct Splicing {
-    auto: bool,
     up: Option<splice::Pipes>,
     down: Option<splice::Pipes>,
+}
+
+impl Splicing {
+    /// The pipes slot of the direction whose source is the gateway (`from_gateway`) or not.
+    fn slot(&mut self, from_gateway: bool) -> &mut Option<splice::Pipes> {
+        if from_gateway {
+            &mut self.down
+        } else {
+            &mut self.up
+        }
+    }
 }
 
 impl Future for Tcp<'_> {
@@ -148,14 +166,10 @@ impl Future for Tcp<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         let this = &mut *self;
-        let (up_splice, down_splice) = match this.splice.as_deref_mut() {
-            Some(s) => (Some((&mut s.up, s.auto)), Some((&mut s.down, s.auto))),
-            None => (None, None),
-        };
         // The device's direction first: what it has sent is forwarded before a gateway's end
         // of stream closes its socket (closing with unread bytes would reset the device).
-        let up = this.up.poll(cx, up_splice);
-        let down = this.down.poll(cx, down_splice)?;
+        let up = this.up.poll(cx, &mut this.splice);
+        let down = this.down.poll(cx, &mut this.splice)?;
         if down.is_ready() && this.down.ends_session {
             // The gateway ended: so does the session (a write to the closed gateway failing on
             // the way is part of that ending, not a gateway failure).
@@ -233,6 +247,8 @@ struct Direction<'a> {
     from_gateway: bool,
     /// `src`'s end of stream ends the session (kept here, where it costs no padding).
     ends_session: bool,
+    /// `--splice auto`: a read that fills the buffer switches this direction to splicing.
+    auto_splice: bool,
 }
 
 impl<'a> Direction<'a> {
@@ -242,10 +258,12 @@ impl<'a> Direction<'a> {
         total: &'a Total,
         from_gateway: bool,
         ends_session: bool,
+        auto_splice: bool,
     ) -> Self {
         Direction {
             from_gateway,
             ends_session,
+            auto_splice,
             src,
             dst,
             total,
@@ -264,12 +282,12 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// `splice`: this direction's pipes slot and whether it may switch to splicing (`None`:
-    /// splicing is off).
+    /// `splicing`: the session's pipes, if a direction splices (this one when its slot is
+    /// `Some`).
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        mut splice: Option<(&mut Option<splice::Pipes>, bool)>,
+        splicing: &mut Option<Box<Splicing>>,
     ) -> Poll<Result<(), Failure>> {
         // Read errors are `src`'s side's, write errors `dst`'s.
         let from_gateway = self.from_gateway;
@@ -283,7 +301,10 @@ impl<'a> Direction<'a> {
         };
         while !self.done {
             ready!(self.flush(cx)).map_err(on_dst)?;
-            if let Some((Some(pipes), _)) = &mut splice {
+            if let Some(pipes) = splicing
+                .as_deref_mut()
+                .and_then(|s| s.slot(from_gateway).as_mut())
+            {
                 let (src, dst): (&TcpStream, &TcpStream) = (self.src.as_ref(), self.dst.as_ref());
                 match ready!(pipes.poll(src, dst, self.total, cx)) {
                     Ok(()) => {
@@ -296,9 +317,8 @@ impl<'a> Direction<'a> {
                 continue;
             }
             let (src, dst, backlog) = (&mut self.src, &mut self.dst, &mut self.backlog);
-            let read = BUFFER.with(|cell| {
-                let mut buf = cell.borrow_mut();
-                let mut filled = ReadBuf::new(&mut buf);
+            let read = with_buffer(|buf| {
+                let mut filled = ReadBuf::new(buf);
                 // A partial read tells tokio the socket is drained: no extra read to find out.
                 ready!(Pin::new(src).poll_read(cx, &mut filled)).map_err(on_src)?;
                 let n = filled.filled().len();
@@ -317,10 +337,9 @@ impl<'a> Direction<'a> {
                     self.sent = 0;
                     self.total.add(n as u64);
                     // A read that filled the buffer: a bulk transfer, spliced from now on.
-                    if let Some((slot, true)) = &mut splice
-                        && n == CHUNK
-                    {
-                        **slot = Some(splice::Pipes::default());
+                    if self.auto_splice && n == CHUNK {
+                        *splicing.get_or_insert_with(Box::default).slot(from_gateway) =
+                            Some(splice::Pipes::default());
                     }
                 }
             }
