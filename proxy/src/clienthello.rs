@@ -254,8 +254,13 @@ fn host_name(value: &[u8]) -> Result<String, HelloError> {
     if !valid {
         return Err(HelloError::BadSni("host name is not a valid DNS name"));
     }
-    let name = String::from_utf8_lossy(value).to_ascii_lowercase();
-    Ok(name.trim_end_matches('.').to_string())
+    // ASCII, checked above; at most one trailing dot ("..", a leading one are refused). One
+    // allocation, the name's own.
+    let name = value.strip_suffix(b".").unwrap_or(value);
+    Ok(name
+        .iter()
+        .map(|&b| char::from(b.to_ascii_lowercase()))
+        .collect())
 }
 
 /// The ALPN list, checked: whole entries, none empty (so [`Alpn::iter`] walks it exactly).

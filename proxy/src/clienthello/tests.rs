@@ -186,3 +186,11 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_server_name_is_lowercased_without_its_trailing_dot() {
+    assert_eq!(host_name(b"MiXed.Example.").unwrap(), "mixed.example");
+    assert_eq!(host_name(b"gw-1.example").unwrap(), "gw-1.example");
+    assert!(host_name(b"a..b").is_err());
+    assert!(host_name(b".a").is_err());
+}
