@@ -66,12 +66,6 @@ fn describe() {
         Unit::Seconds,
         "A gateway found gone by its liveness watch (GET /api/alive on its admin address, cut by its kernel when the process died): time from the cut to the gateway marked down, its sessions moving."
     );
-    describe_histogram!(
-        HANDSHAKE,
-        Unit::Seconds,
-        "Time from accept to a classified ClientHello (passthrough) or a finished TLS handshake (terminate); transport=quic: a QUIC device's handshake."
-    );
-    describe_histogram!(CONNECT, Unit::Seconds, "Time to connect to a gateway.");
     describe_counter!(
         DEVICES,
         "Sessions whose device presented a verified client certificate."
@@ -306,8 +300,70 @@ impl AtomicSeries {
     }
 }
 
-/// The process's [`AtomicSeries`]: one per series, shared by every context (as the
-/// recorder's series are).
+/// A latency histogram of the whole process in plain atomics (per bucket, and the sum in
+/// nanoseconds), rendered at each scrape with [`LATENCY_BUCKETS`] as the recorder renders
+/// its own: for the two every connection records (its handshake, its gateway connect). A
+/// record of the recorder's takes a clock read, an epoch pin and a push into a bucket that
+/// its upkeep drains later (about 140 instructions, and 75 more per record in the upkeep;
+/// measured: docs/performance.md, "What the gap to the floor is made of"); this one takes a
+/// search over 15 bounds and two atomic adds.
+#[derive(Debug)]
+#[repr(align(128))]
+pub struct AtomicHistogram {
+    /// Observations per bucket, not cumulative: `[i]` those in `(LATENCY_BUCKETS[i - 1],
+    /// LATENCY_BUCKETS[i]]`, the last those above every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    pub const fn new() -> AtomicHistogram {
+        AtomicHistogram {
+            buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len() + 1],
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let seconds = elapsed.as_secs_f64();
+        // The first bound at or above it (`le` is inclusive); past the last, the `+Inf` bucket.
+        let at = LATENCY_BUCKETS.partition_point(|&bound| bound < seconds);
+        if let Some(bucket) = self.buckets.get(at) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Appends this histogram's series under `name` with `labels` (`_bucket` cumulative up to
+    /// `+Inf`, `_sum` in seconds, `_count`), the family's HELP and TYPE written by the caller.
+    fn render(&self, out: &mut String, name: &str, labels: &[(&str, &str)]) {
+        use wasmbed_admin::exposition::sample;
+        let bucket = format!("{name}_bucket");
+        // The bounds as the recorder writes them (`f64`'s `Display`: `1`, `0.0001`).
+        let les = LATENCY_BUCKETS.iter().map(f64::to_string);
+        let les: Vec<String> = les.chain(["+Inf".to_string()]).collect();
+        let mut count = 0u64;
+        for (n, le) in self.buckets.iter().zip(&les) {
+            count += n.load(Ordering::Relaxed);
+            let mut with_le = labels.to_vec();
+            with_le.push(("le", le));
+            sample(out, &bucket, &with_le, count);
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        sample(out, &format!("{name}_sum"), labels, sum);
+        sample(out, &format!("{name}_count"), labels, count);
+    }
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        AtomicHistogram::new()
+    }
+}
+
+/// The process's [`AtomicSeries`] and [`AtomicHistogram`]s: one per series, shared by every
+/// context (as the recorder's series are).
 pub(crate) struct ScrapedSeries {
     /// `wasmbed_proxy_bytes_total{direction="upstream"}`.
     pub bytes_up: AtomicSeries,
@@ -317,6 +373,12 @@ pub(crate) struct ScrapedSeries {
     pub open_tcp: AtomicSeries,
     /// `wasmbed_proxy_connections_open{transport="quic"}`.
     pub open_quic: AtomicSeries,
+    /// `wasmbed_proxy_handshake_duration_seconds{transport="tcp"}`.
+    pub handshake_tcp: AtomicHistogram,
+    /// `wasmbed_proxy_handshake_duration_seconds{transport="quic"}`.
+    pub handshake_quic: AtomicHistogram,
+    /// `wasmbed_proxy_connect_duration_seconds`.
+    pub connect: AtomicHistogram,
 }
 
 pub(crate) static SERIES: ScrapedSeries = ScrapedSeries {
@@ -324,6 +386,9 @@ pub(crate) static SERIES: ScrapedSeries = ScrapedSeries {
     bytes_down: AtomicSeries::new(),
     open_tcp: AtomicSeries::new(),
     open_quic: AtomicSeries::new(),
+    handshake_tcp: AtomicHistogram::new(),
+    handshake_quic: AtomicHistogram::new(),
+    connect: AtomicHistogram::new(),
 };
 
 /// Appends the [`SERIES`], each family in one block as the recorder's are.
@@ -357,6 +422,18 @@ fn render_atomic_series(out: &mut String) {
         &[("transport", "quic")],
         t.open_quic.get() as i64,
     );
+    family(
+        out,
+        HANDSHAKE,
+        "histogram",
+        "Time from accept to a classified ClientHello (passthrough) or a finished TLS handshake (terminate); transport=quic: a QUIC device's handshake.",
+    );
+    t.handshake_tcp
+        .render(out, HANDSHAKE, &[("transport", "tcp")]);
+    t.handshake_quic
+        .render(out, HANDSHAKE, &[("transport", "quic")]);
+    family(out, CONNECT, "histogram", "Time to connect to a gateway.");
+    t.connect.render(out, CONNECT, &[]);
 }
 
 /// Renders the Prometheus text: the recorder's metrics, then the [`SERIES`] and the
@@ -429,10 +506,10 @@ pub struct Meters {
     /// QUIC device connections past their handshake, open now (`transport="quic"`).
     pub open_quic: &'static AtomicSeries,
     /// TLS handshakes with devices over TCP.
-    pub handshake: Histogram,
+    pub handshake: &'static AtomicHistogram,
     /// QUIC handshakes with devices.
-    pub handshake_quic: Histogram,
-    pub connect: Histogram,
+    pub handshake_quic: &'static AtomicHistogram,
+    pub connect: &'static AtomicHistogram,
     pub bytes_up: &'static AtomicSeries,
     pub bytes_down: &'static AtomicSeries,
     pub devices: Counter,
@@ -460,9 +537,9 @@ impl Meters {
         Meters {
             open: &SERIES.open_tcp,
             open_quic: &SERIES.open_quic,
-            handshake: histogram!(HANDSHAKE, "transport" => "tcp"),
-            handshake_quic: histogram!(HANDSHAKE, "transport" => "quic"),
-            connect: histogram!(CONNECT),
+            handshake: &SERIES.handshake_tcp,
+            handshake_quic: &SERIES.handshake_quic,
+            connect: &SERIES.connect,
             bytes_up: &SERIES.bytes_up,
             bytes_down: &SERIES.bytes_down,
             devices: counter!(DEVICES),
@@ -496,6 +573,33 @@ mod tests {
 
     use super::*;
 
+    /// A histogram kept in atomics renders as the recorder's did: cumulative buckets with
+    /// the recorder's bounds (a value at a bound counts in that bound's bucket, `le` being
+    /// inclusive), `+Inf`, the sum in seconds, the count.
+    #[test]
+    fn an_atomic_histogram_renders_cumulative_buckets_sum_and_count() {
+        let h = AtomicHistogram::new();
+        for micros in [100, 300, 1_000_000, 10_000_000] {
+            h.record(Duration::from_micros(micros));
+        }
+        let mut text = String::new();
+        h.render(&mut text, "t_seconds", &[("transport", "tcp")]);
+        for line in [
+            r#"t_seconds_bucket{transport="tcp",le="0.0001"} 1"#,
+            r#"t_seconds_bucket{transport="tcp",le="0.00025"} 1"#,
+            r#"t_seconds_bucket{transport="tcp",le="0.0005"} 2"#,
+            r#"t_seconds_bucket{transport="tcp",le="0.5"} 2"#,
+            r#"t_seconds_bucket{transport="tcp",le="1"} 3"#,
+            r#"t_seconds_bucket{transport="tcp",le="5"} 3"#,
+            r#"t_seconds_bucket{transport="tcp",le="+Inf"} 4"#,
+            r#"t_seconds_sum{transport="tcp"} 11.0004"#,
+            r#"t_seconds_count{transport="tcp"} 4"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing: {text}");
+        }
+        assert_eq!(text.lines().count(), LATENCY_BUCKETS.len() + 3, "{text}");
+    }
+
     /// The per-gateway series beside the recorder's: each metric's HELP and TYPE once, a
     /// name with the text format's special characters escaped (a gateway named in DNS or by
     /// the admin API must not break the page), and a gateway gone from the set gone from it.
@@ -512,7 +616,7 @@ mod tests {
         let set = GatewaySet::new(&[config("gw-0"), config(odd)], Duration::ZERO);
         let text = render(&set);
         // The atomic series too (kept apart from the recorder, rendered beside it).
-        let atomic = [BYTES, OPEN];
+        let atomic = [BYTES, OPEN, HANDSHAKE, CONNECT];
         for name in PER_GATEWAY.iter().map(|(name, ..)| *name).chain(atomic) {
             assert_eq!(
                 text.matches(&format!("# TYPE {name} ")).count(),
@@ -525,6 +629,9 @@ mod tests {
             r#"wasmbed_proxy_bytes_total{direction="downstream"} "#,
             r#"wasmbed_proxy_connections_open{transport="tcp"} "#,
             r#"wasmbed_proxy_connections_open{transport="quic"} "#,
+            r#"wasmbed_proxy_handshake_duration_seconds_count{transport="tcp"} "#,
+            r#"wasmbed_proxy_handshake_duration_seconds_count{transport="quic"} "#,
+            r#"wasmbed_proxy_connect_duration_seconds_bucket{le="+Inf"} "#,
         ] {
             assert_eq!(text.matches(series).count(), 1, "{series}: {text}");
         }

@@ -46,7 +46,7 @@ pub(crate) async fn passthrough(
         None if listener.allow_plain => (None, Alpn::NONE),
         None => return Err(refused(Refusal::NotTls, "plain TCP on a TLS listener")),
     };
-    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
+    ctx.meters.handshake.record(started.elapsed());
     let span = tracing::Span::current();
     // A span that records nothing (the log level is above `info`) is not written to.
     if !span.is_disabled() {

@@ -81,7 +81,7 @@ pub(crate) async fn terminate(
             })?
             .map_err(|e| refused(tls_reason(&e), e))?;
     drop(handshake);
-    ctx.meters.handshake.record(started.elapsed().as_secs_f64());
+    ctx.meters.handshake.record(started.elapsed());
     let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let verified = Verified::check(
         ctx,

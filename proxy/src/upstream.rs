@@ -88,7 +88,7 @@ pub(crate) async fn dial_upstream(ctx: &Context, gateway: Arc<Gateway>) -> io::R
     let started = Instant::now();
     match links.open(&ctx.config, &gateway).await {
         Ok(up) => {
-            ctx.meters.connect.record(started.elapsed().as_secs_f64());
+            ctx.meters.connect.record(started.elapsed());
             Ok(Dialed::Link(up))
         }
         Err(error) => {
@@ -109,7 +109,7 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
     let deadline = started + ctx.config.connect_timeout;
     let error = match tokio::time::timeout_at(deadline, dial(&gateway)).await {
         Ok(Ok(stream)) => {
-            ctx.meters.connect.record(started.elapsed().as_secs_f64());
+            ctx.meters.connect.record(started.elapsed());
             return Ok(stream);
         }
         Ok(Err(e)) if is_fd_exhaustion(&e) => return Err(e),

@@ -407,9 +407,7 @@ async fn accept(
             return None;
         }
     };
-    ctx.meters
-        .handshake_quic
-        .record(started.elapsed().as_secs_f64());
+    ctx.meters.handshake_quic.record(started.elapsed());
     ctx.meters.quic.accepted.increment(1);
     let chain = conn
         .peer_identity()
