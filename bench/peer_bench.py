@@ -88,7 +88,8 @@ PROXIES = ["wasmbed", "haproxy", "nginx"]
 # `proxy_half_close on`, which passes a client's end of stream on to the server and waits for
 # the server's, as wasmbed does with a device's (NGINX's default closes both sides at once; a
 # TLS passthrough connection of the bench ends with the client's close, so the two do the same
-# work only with it on). Ratios are also given against it.
+# work only with it on). Ratios are also given against it; it is never "the better peer"
+# (NGINX's own default is).
 FLOOR = os.path.join(REPO, "target", "release", "examples", "passthrough_floor")
 FLOORS = ("floor-tokio", "floor-mio")
 FLOOR_SCENARIOS = ("conn", "tls")
@@ -427,6 +428,17 @@ def prepare_sampling(a, out):
     return proxies
 
 
+def ratio_pairs(proxies):
+    """The (proxy, base) ratios user_sampled.py and user_instructions.py print: each proxy
+    against each base present (NGINX, NGINX with half-close, HAProxy, tokio's floor;
+    wasmbed-b only under wasmbed), NGINX's two configurations and HAProxy not against one
+    another."""
+    bases = [b for b in ("nginx", "nginx-halfclose", "haproxy", "floor-tokio", "wasmbed-b") if b in proxies]
+    return [(p, b) for p in proxies for b in bases
+            if p != b and not (p.startswith("nginx") and b in ("haproxy", "nginx-halfclose"))
+            and (b != "wasmbed-b" or p == "wasmbed")]
+
+
 def commands_of(work, proxies, compare):
     """proxy_commands for `proxies`, or an exit naming those it does not know."""
     commands = proxy_commands(work, compare and os.path.abspath(compare))
@@ -706,7 +718,7 @@ def render(rows, scenarios, proxies, a, rates):
                 vals = [x[key] for x in use if x[key] is not None]
                 return statistics.median(vals) if vals else None
             cost, own, own_user, p99 = med("cost"), med("own"), med("own_user"), med("p99")
-            if not p.startswith("wasmbed") and p not in FLOORS:
+            if not p.startswith("wasmbed") and p not in FLOORS and p != "nginx-halfclose":
                 peer_cost[p] = statistics.mean(x["cost"] for x in use)
             if sc == "mem":
                 rate_s, cost_s = "9,000 idle", f"{cost:,.0f} B/session"

@@ -20,7 +20,8 @@ Usage: python3 bench/user_instructions.py [--scenario tls|conn] [--proxies wasmb
          [--connections 1000] [--rate 50] [--rounds 1] [--wasmbed BIN] [--compare BIN] [--out DIR]
        python3 bench/user_instructions.py --by-function A,B [--scenario tls] [--top 40] [--out DIR]
 Proxies as in peer_bench.py (wasmbed-b: the --compare binary; floor-tokio, floor-mio:
-examples/passthrough_floor.rs). Only the process serving the scenario runs under valgrind
+examples/passthrough_floor.rs; nginx-halfclose: NGINX with `proxy_half_close on`, ending a
+connection as wasmbed does). Only the process serving the scenario runs under valgrind
 (wasmbed runs one process per listener; NGINX with `master_process off`, its worker's loop in
 one process); `callgrind_control` starts, zeroes and dumps the counts of those processes only.
 Needs valgrind (`apt-get install valgrind`) and what peer_bench needs. Keeps each run's
@@ -258,12 +259,9 @@ def main():
           "| all (median) | rounds (without) |\n|---|---:|---:|---|")
     for p in proxies:
         print(f"| {p} | {med[p][0]:,.0f} | {med[p][1]:,.0f} | {', '.join(f'{x[0]:,.0f}' for x in per[p])} |")
-    base = [p for p in ("nginx", "nginx-halfclose", "floor-tokio", "wasmbed-b") if p in proxies]
     print("\n| ratio | instructions without strings | all instructions |\n|---|---:|---:|")
-    for p in proxies:
-        for b in base:
-            if p != b and (b != "wasmbed-b" or p == "wasmbed"):
-                print(f"| {p} / {b} | {med[p][0] / med[b][0]:.3f}× | {med[p][1] / med[b][1]:.3f}× |")
+    for p, b in pb.ratio_pairs(proxies):
+        print(f"| {p} / {b} | {med[p][0] / med[b][0]:.3f}× | {med[p][1] / med[b][1]:.3f}× |")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ times finer. perf's own interrupts add kernel time to every proxy alike; compare
 Usage: python3 bench/user_sampled.py [--rounds 3] [--scenario tls|conn|rr]
          [--proxies wasmbed,floor-tokio,floor-mio,nginx] [--wasmbed BIN] [--out DIR]
          [--compare OTHER_WASMBED_BIN --proxies wasmbed,wasmbed-b,...]
-Proxies as in peer_bench.py (floor-tokio and floor-mio: examples/passthrough_floor.rs). Needs
+Proxies as in peer_bench.py (floor-tokio and floor-mio: examples/passthrough_floor.rs;
+nginx-halfclose: NGINX with `proxy_half_close on`, ending a connection as wasmbed does). Needs
 perf, and what peer_bench needs. Writes each run's perf.data to --out (default
 target/user-sampled) for `perf report -i FILE --sort dso,sym`, with its connection count
 beside it (`.conns`); a sampling first removes the runs an earlier one left there of the
@@ -232,14 +233,10 @@ def main():
         print(f"| {p} | {statistics.median(per[p]):.2f} µs/{unit} | {', '.join(f'{x:.2f}' for x in per[p])} |")
     # Ratios as peer_bench.py gives them: each round's ratio, geometric mean, t interval on logs.
     runs = {p: [{"round": r, "user": x, "noisy": False} for r, x in enumerate(v)] for p, v in per.items()}
-    base = [p for p in ("nginx", "nginx-halfclose", "haproxy", "floor-tokio", "wasmbed-b") if p in proxies]
     print("\n| ratio | user mode, sampled | verdict |\n|---|---:|---|")
-    for p in proxies:
-        for b in base:
-            if p != b and not (p.startswith("nginx") and b in ("haproxy", "nginx-halfclose")) \
-                    and (b != "wasmbed-b" or p == "wasmbed"):
-                ci, v = pb.fmt_ci(pb.ratio_interval(runs[p], runs[b], "user"))
-                print(f"| {p} / {b} | {ci} | {v} |")
+    for p, b in pb.ratio_pairs(proxies):
+        ci, v = pb.fmt_ci(pb.ratio_interval(runs[p], runs[b], "user"))
+        print(f"| {p} / {b} | {ci} | {v} |")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ pub struct ClientHello {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Alpn(Vec<u8>);
 
-impl Alpn {
-    /// No protocol offered.
-    pub const NONE: Alpn = Alpn(Vec::new());
+/// No protocol offered (a client whose TLS ended here is matched and counted with it).
+pub static NO_ALPN: Alpn = Alpn(Vec::new());
 
+impl Alpn {
     /// The offered protocols' names, in order.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
         let mut rest = self.0.as_slice();

@@ -3,11 +3,8 @@
 
 use wasmbed_config::RouteConfig;
 
-use crate::clienthello::Alpn;
+use crate::clienthello::{Alpn, NO_ALPN};
 use crate::context::{Context, Pools};
-
-/// No ALPN: what a client whose TLS ended here is matched with.
-static NO_ALPN: Alpn = Alpn::NONE;
 
 /// What a route may match about a device: its SNI, the ALPN protocols it offered, and (in
 /// terminate mode) its certificate's attributes.

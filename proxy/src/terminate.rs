@@ -286,7 +286,7 @@ async fn open_session(
     .await
     .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
-    ctx.alpn.count(&crate::clienthello::Alpn::NONE);
+    ctx.alpn.count(&crate::clienthello::NO_ALPN);
     let pools = device_pools(ctx, sni.as_deref(), attributes);
     let (lease, gateway) = connect_with(ctx, &pools, dial_upstream)
         .await
