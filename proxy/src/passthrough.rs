@@ -209,22 +209,24 @@ async fn read_hello(
                 // block.
                 ready!(Pin::new(&mut *device).poll_read(cx, &mut filled))?;
                 let read = filled.filled();
-                Poll::Ready(Ok(if read.is_empty() {
-                    Step::Closed
-                } else if kept.is_empty() {
-                    match clienthello::parse(read, max) {
-                        Err(HelloError::Incomplete) => {
-                            kept.extend_from_slice(read);
-                            Step::More
-                        }
-                        parsed => Step::Done(read.to_vec(), parsed),
-                    }
-                } else {
+                if read.is_empty() {
+                    return Poll::Ready(Ok(Step::Closed));
+                }
+                // A hello whole in its first read is parsed where it was read.
+                let first = kept.is_empty();
+                if !first {
                     kept.extend_from_slice(read);
-                    match clienthello::parse(&kept, max) {
-                        Err(HelloError::Incomplete) => Step::More,
-                        parsed => Step::Done(std::mem::take(&mut kept), parsed),
+                }
+                let parsed = clienthello::parse(if first { read } else { &kept }, max);
+                Poll::Ready(Ok(match parsed {
+                    Err(HelloError::Incomplete) => {
+                        if first {
+                            kept.extend_from_slice(read);
+                        }
+                        Step::More
                     }
+                    parsed if first => Step::Done(read.to_vec(), parsed),
+                    parsed => Step::Done(std::mem::take(&mut kept), parsed),
                 }))
             })
         })

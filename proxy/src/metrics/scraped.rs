@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{BYTES, CONNECT, HANDSHAKE, LATENCY_BUCKETS, OPEN};
 
 /// A counter or gauge of the whole process kept in a plain atomic and rendered at each
-/// scrape ([`SERIES`], [`render`]), as the per-gateway series are: for the series that every
+/// scrape ([`SERIES`], [`super::render`]), as the per-gateway series are: for the series that every
 /// session touches on its way (the byte counts at each chunk read, the open connections).
 /// A handle of the recorder's costs two indirect calls and a second atomic (its generation)
 /// per touch, a gauge a compare-and-swap loop on a float (measured: docs/performance.md,
