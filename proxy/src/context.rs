@@ -39,6 +39,9 @@ pub struct Context {
     pub handover: Option<Arc<crate::takeover::Handover>>,
     /// Each device's one live terminated session (shared by every context of a run).
     pub(crate) seats: Arc<crate::seats::Seats>,
+    /// Where a connection's bounds while it opens are armed (shared by every context of a
+    /// run): [`crate::deadlines`].
+    pub deadlines: crate::deadlines::Deadlines,
 }
 
 impl Context {
@@ -71,6 +74,7 @@ impl Context {
             routed,
             route_pools,
             handover: None,
+            deadlines: crate::deadlines::Deadlines::default(),
         }
     }
 
@@ -92,6 +96,7 @@ impl Context {
         next.links = self.links.clone();
         next.handover = self.handover.clone();
         next.seats = self.seats.clone();
+        next.deadlines = self.deadlines.clone();
         next
     }
 }

@@ -33,6 +33,7 @@ pub mod clienthello;
 mod context;
 mod control;
 mod dashboard;
+mod deadlines;
 mod discovery;
 mod error;
 mod events;
@@ -66,6 +67,7 @@ use tokio_util::task::TaskTracker;
 use wasmbed_config::{ListenerConfig, ProxyConfig};
 
 pub use balancer::{Gateway, GatewaySet, Lease};
+pub use deadlines::Deadlines;
 pub use error::ProxyError;
 /// Pipes splicing took on the calling thread (tests: a session's pipes, not the process's).
 #[doc(hidden)]
@@ -187,7 +189,11 @@ impl Proxy {
             None => None,
         };
         let control = control::Control::start("wasmbed-probes").map_err(ProxyError::Control)?;
+        let deadlines = deadlines::Deadlines::thread(deadlines::floor_period(&config))
+            .await
+            .map_err(ProxyError::Control)?;
         let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone());
+        ctx.deadlines = deadlines;
         ctx.links = links;
         ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
         Ok(Proxy {
@@ -282,10 +288,6 @@ impl Proxy {
             background.spawn(rebalance::run(live.clone(), probes_stop.clone()));
         }
         background.spawn(discovery::run(live.clone(), probes_stop.clone()));
-        background.spawn(listener::timer_floor(
-            listener::timer_floor_period(&ctx.config),
-            probes_stop.clone(),
-        ));
         if let Some(listener) = admin {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");

@@ -10,7 +10,6 @@ use metrics::counter;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio_util::sync::CancellationToken;
 use wasmbed_certs::Trigger;
 use wasmbed_config::ListenerConfig;
 
@@ -130,38 +129,8 @@ pub fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-/// How far ahead [`timer_floor`] keeps an entry in the runtime's timer wheel: half the
-/// shortest per-connection timeout (the ClientHello's and the gateway connect's), at least
-/// 50 ms and at most 1 s.
-pub(crate) fn timer_floor_period(config: &wasmbed_config::ProxyConfig) -> Duration {
-    (config.handshake_timeout.min(config.connect_timeout) / 2)
-        .clamp(Duration::from_millis(50), Duration::from_secs(1))
-}
-
-/// Keeps one timer always armed at most `period` ahead, until `stop`.
-///
-/// Why: every connection arms timers (the ClientHello's timeout while it is awaited, the
-/// gateway connect's). When a new timer is the earliest in tokio's wheel, tokio wakes its
-/// driver to recompute its sleep, even from the runtime's own thread: an `eventfd` write and
-/// one more `epoll_wait` round per connection (seen with `strace` at 600 TLS passthrough
-/// connections/s: 1.03 writes per connection, the wheel being empty between connections).
-/// With an entry always nearer than any connection's deadline, a new timer is never the
-/// earliest and nothing is woken; the floor itself costs `1 / period` wake-ups a second.
-pub(crate) async fn timer_floor(period: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-    use std::task::Poll;
     use std::time::Duration;
 
     use std::sync::Arc;
@@ -169,54 +138,7 @@ mod tests {
 
     use tokio::net::TcpStream;
     use tokio::sync::Semaphore;
-    use tokio_util::sync::CancellationToken;
     use wasmbed_certs::Trigger;
-
-    use super::timer_floor;
-
-    /// Write-type system calls made by this thread so far (Linux's per-task I/O accounting).
-    fn writes() -> u64 {
-        let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
-        io.lines()
-            .find_map(|l| l.strip_prefix("syscw: "))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("syscw in /proc/thread-self/io")
-    }
-
-    /// Write-type system calls made while a connection-like timer (30 s) is armed: after one
-    /// short sleep, so that the runtime has parked and knows its next wake-up.
-    async fn writes_arming_a_timer() -> u64 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let before = writes();
-        let mut timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(30)));
-        std::future::poll_fn(|cx| {
-            let _ = timer.as_mut().poll(cx);
-            Poll::Ready(())
-        })
-        .await;
-        writes() - before
-    }
-
-    #[test]
-    fn with_the_floor_a_new_timer_does_not_wake_the_runtime() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let without = writes_arming_a_timer().await;
-            let stop = CancellationToken::new();
-            // A floor 10 s ahead: on a loaded host a thread stalled past the floor's deadline
-            // would find the wheel empty again (a wake-up this test would count).
-            tokio::spawn(timer_floor(Duration::from_secs(10), stop.clone()));
-            tokio::task::yield_now().await;
-            let with = writes_arming_a_timer().await;
-            stop.cancel();
-            // Without the floor the runtime writes its eventfd to wake itself.
-            assert!(without >= 1, "without the floor: {without} writes");
-            assert_eq!(with, 0, "with the floor: {with} writes");
-        });
-    }
 
     /// A listener on a free loopback port, and its address.
     async fn listening() -> (tokio::net::TcpListener, std::net::SocketAddr) {
@@ -323,20 +245,6 @@ mod tests {
             handed.load(Ordering::Relaxed),
             0,
             "handed on after the stop"
-        );
-    }
-
-    #[test]
-    fn the_floor_is_nearer_than_the_connection_timeouts() {
-        let mut config =
-            wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"")
-                .expect("config");
-        let period = super::timer_floor_period(&config);
-        assert!(period < config.connect_timeout && period < config.handshake_timeout);
-        config.connect_timeout = Duration::from_millis(10);
-        assert_eq!(
-            super::timer_floor_period(&config),
-            Duration::from_millis(50)
         );
     }
 }

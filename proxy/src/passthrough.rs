@@ -32,13 +32,13 @@ pub(crate) async fn passthrough(
         match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
             Poll::Ready(read) => read?,
             // From the session's start (`timeout` would read the clock again).
-            Poll::Pending => {
-                tokio::time::timeout_at(started + ctx.config.handshake_timeout, reading)
-                    .await
-                    .map_err(|_| {
-                        refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")
-                    })??
-            }
+            Poll::Pending => ctx
+                .deadlines
+                .timeout_at(started + ctx.config.handshake_timeout, reading)
+                .await
+                .map_err(|_| {
+                    refused(Refusal::HandshakeTimeout, "no complete ClientHello in time")
+                })??,
         }
     };
     let (sni, alpn) = match hello {

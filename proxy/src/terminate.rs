@@ -46,7 +46,11 @@ pub(crate) async fn terminate(
     // something: a connection that sends nothing (a port scan, a TCP health check) must not
     // shut devices out; it waits out `handshake_timeout` holding only its connection.
     let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, device.peek(&mut first)).await {
+    match ctx
+        .deadlines
+        .timeout_at(deadline, device.peek(&mut first))
+        .await
+    {
         Ok(Ok(n)) if n > 0 => {}
         Ok(Ok(_)) => {
             return Err(refused(
@@ -61,7 +65,11 @@ pub(crate) async fn terminate(
     }
     // Counted from here to the handshake's end; past the cap, in line up to `handshake_wait`
     // (within the handshake's own deadline) with the ClientHello unread.
-    let Some(handshake) = ctx.device_tls.admit_by(&ctx.config, deadline).await else {
+    let Some(handshake) = ctx
+        .device_tls
+        .admit_by(&ctx.config, &ctx.deadlines, deadline)
+        .await
+    else {
         // Closed with the ClientHello unread, so the kernel answers with a reset (as QUIC's
         // refusal, immediate): the device learns at once, and the proxy keeps no TIME_WAIT
         // per refused connection through a storm. Nothing may read from `device` before here.
@@ -70,16 +78,17 @@ pub(crate) async fn terminate(
             "max_handshakes device handshakes already in progress",
         ));
     };
-    let (tls, sni) =
-        tokio::time::timeout_at(deadline, crate::tls::TlsStream::accept(config, device))
-            .await
-            .map_err(|_| {
-                refused(
-                    Refusal::HandshakeTimeout,
-                    "TLS handshake not finished in time",
-                )
-            })?
-            .map_err(|e| refused(tls_reason(&e), e))?;
+    let (tls, sni) = ctx
+        .deadlines
+        .timeout_at(deadline, crate::tls::TlsStream::accept(config, device))
+        .await
+        .map_err(|_| {
+            refused(
+                Refusal::HandshakeTimeout,
+                "TLS handshake not finished in time",
+            )
+        })?
+        .map_err(|e| refused(tls_reason(&e), e))?;
     drop(handshake);
     ctx.meters.handshake.record(started.elapsed());
     let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
@@ -279,12 +288,14 @@ async fn open_session(
 ) -> Result<Result<Opened, Vec<u8>>, Refused> {
     note_device(ctx, identity.as_deref(), sni.as_deref());
     // The device's HELLO is checked against its certificate before any gateway sees it.
-    let (hello, hello_bytes, pending) = tokio::time::timeout(
-        ctx.config.handshake_timeout,
-        first_frame(device, identity.as_deref()),
-    )
-    .await
-    .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
+    let (hello, hello_bytes, pending) = ctx
+        .deadlines
+        .timeout(
+            ctx.config.handshake_timeout,
+            first_frame(device, identity.as_deref()),
+        )
+        .await
+        .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&crate::clienthello::NO_ALPN);
     let pools = device_pools(ctx, sni.as_deref(), attributes);
@@ -302,11 +313,13 @@ async fn open_session(
         sni: sni.clone(),
         identity: identity.clone(),
     };
-    let opened = tokio::time::timeout(
-        ctx.config.handshake_timeout,
-        crate::upstream::open(ctx, lease.gateway(), gateway, (&hello_bytes, &origin)),
-    )
-    .await;
+    let opened = ctx
+        .deadlines
+        .timeout(
+            ctx.config.handshake_timeout,
+            crate::upstream::open(ctx, lease.gateway(), gateway, (&hello_bytes, &origin)),
+        )
+        .await;
     let (up, first, rest) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {

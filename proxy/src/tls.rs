@@ -184,6 +184,7 @@ impl DeviceTls {
     pub(crate) async fn admit_by(
         self: &Arc<Self>,
         config: &ProxyConfig,
+        deadlines: &crate::deadlines::Deadlines,
         deadline: tokio::time::Instant,
     ) -> Option<Handshake> {
         let slot = match self.slots.clone().try_acquire_owned() {
@@ -198,7 +199,7 @@ impl DeviceTls {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 self.waiting_gauge.increment(1.0);
                 let _in_line = InLine(self);
-                let slot = tokio::time::timeout(wait, self.slots.clone().acquire_owned());
+                let slot = deadlines.timeout(wait, self.slots.clone().acquire_owned());
                 slot.await.ok()?.ok()?
             }
         };
@@ -529,7 +530,7 @@ mod tests {
         let mut at_once = config.clone();
         at_once.handshake_wait = std::time::Duration::ZERO;
         let now = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        let admit = || async { tls.admit_by(&at_once, now()).await };
+        let admit = || async { tls.admit_by(&at_once, &Default::default(), now()).await };
         // How many handshakes may start now, counted by starting them (and ending them).
         let free = || async {
             let mut started = Vec::new();

@@ -107,7 +107,7 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
     // config are at most `wasmbed_config::MAX_DURATION`: the sum does not overflow, as in
     // `terminate`.)
     let deadline = started + ctx.config.connect_timeout;
-    let error = match tokio::time::timeout_at(deadline, dial(&gateway)).await {
+    let error = match ctx.deadlines.timeout_at(deadline, dial(&gateway)).await {
         Ok(Ok(stream)) => {
             ctx.meters.connect.record(started.elapsed());
             return Ok(stream);

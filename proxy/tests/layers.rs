@@ -11,6 +11,7 @@ const LAYERS: &[&str] = &[
     "events",
     "metric_names",
     "control",
+    "deadlines",
     "clienthello",
     "proxy_protocol",
     "seats",

@@ -770,13 +770,15 @@ async fn attempt(
     let stream = crate::upstream::dial_upstream(ctx, lease.gateway().clone())
         .await
         .map_err(|e| e.to_string())?;
-    let opened = tokio::time::timeout(
-        ctx.config.handshake_timeout,
-        crate::upstream::open(ctx, lease.gateway(), stream, hello),
-    )
-    .await
-    .map_err(|_| "no answer to HELLO in time".to_string())?
-    .map_err(|e| e.to_string())?;
+    let opened = ctx
+        .deadlines
+        .timeout(
+            ctx.config.handshake_timeout,
+            crate::upstream::open(ctx, lease.gateway(), stream, hello),
+        )
+        .await
+        .map_err(|_| "no answer to HELLO in time".to_string())?
+        .map_err(|e| e.to_string())?;
     let (up, first, rest) = opened;
     match first.kind {
         Kind::Welcome => {

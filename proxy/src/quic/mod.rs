@@ -338,7 +338,11 @@ async fn admitted(
     // line is part of it (the device's own patience does not restart when it is admitted).
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
-    let Some(handshake) = ctx.device_tls.admit_by(&ctx.config, deadline).await else {
+    let Some(handshake) = ctx
+        .device_tls
+        .admit_by(&ctx.config, &ctx.deadlines, deadline)
+        .await
+    else {
         ctx.meters.quic.refused_busy.increment(1);
         refused(Refusal::HandshakesBusy, "max_handshakes in progress").count();
         incoming.refuse();
@@ -351,7 +355,9 @@ async fn admitted(
     // while it waits for a slot.
     let place = match limit.clone().try_acquire_owned() {
         Ok(place) => Some(place),
-        Err(_) => tokio::time::timeout(PLACE_GRACE, limit.acquire_owned())
+        Err(_) => ctx
+            .deadlines
+            .timeout(PLACE_GRACE, limit.acquire_owned())
             .await
             .ok()
             .and_then(Result::ok),
@@ -387,7 +393,7 @@ async fn accept(
         .local_ip()
         .map(|ip| std::net::SocketAddr::new(ip, port));
     let connected = match incoming.accept_with(trust) {
-        Ok(connecting) => tokio::time::timeout_at(deadline, connecting).await,
+        Ok(connecting) => ctx.deadlines.timeout_at(deadline, connecting).await,
         Err(e) => Ok(Err(e)),
     };
     drop(handshake);
@@ -428,7 +434,10 @@ async fn accept(
                 return None;
             }
         };
-    let stream = tokio::time::timeout(ctx.config.handshake_timeout, conn.accept_bi()).await;
+    let stream = ctx
+        .deadlines
+        .timeout(ctx.config.handshake_timeout, conn.accept_bi())
+        .await;
     let (send, recv) = match stream {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

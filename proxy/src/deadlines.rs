@@ -1,0 +1,238 @@
+//! deadlines: the bounds a connection is held to while it opens (a ClientHello's, a TLS
+//! handshake's, a gateway connect's), kept in the timer wheel of a thread of their own
+//! (`wasmbed-timers`) rather than in the runtime the sessions run on.
+//!
+//! Why: tokio's runtime reads the clock and walks its wheel on every park when the wheel
+//! holds a timer, and wakes its own driver (an `eventfd` write) when a new timer is the
+//! earliest. Every connection arms one or two such bounds, almost all of them cancelled
+//! within a millisecond. Kept in the data plane's wheel, they made each wake-up of a
+//! passthrough session's runtime dearer; with nothing there, its parks skip the wheel (the
+//! figures: docs/performance.md, "Deadlines on a thread of their own"). A deadline
+//! registered from here takes the timer thread's lock for a moment and never wakes it: that
+//! thread keeps an entry armed nearer than any deadline ([`floor`]). The rare deadline that
+//! expires wakes its session from that thread, as a gateway's cut does.
+//!
+//! What stays in the data plane's wheel: timers that are not a connection's bounds (the
+//! accept loop's backoff, a session's checkpoints, QUIC's own timers).
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::time::Instant;
+use tokio::time::error::Elapsed;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Where deadlines are armed: the timer thread, or (`Deadlines::default()`, for a
+/// session context made outside a proxy) the runtime they are armed on.
+#[derive(Clone, Default)]
+pub struct Deadlines(Option<Arc<Timers>>);
+
+/// The timer thread: its runtime's handle, and its stop. The thread ends (and drops its
+/// runtime there: a runtime may not be dropped inside another) when the last clone of its
+/// [`Deadlines`] is dropped, after every session that could arm a deadline on it.
+struct Timers {
+    handle: Handle,
+    _stop: DropGuard,
+}
+
+impl Deadlines {
+    /// A thread of their own whose wheel always holds an entry at most `floor` ahead; `floor`
+    /// shorter than every deadline armed on it ([`floor_period`]). Returns once that entry
+    /// is armed.
+    pub async fn thread(floor: Duration) -> std::io::Result<Deadlines> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let (armed, floored) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("wasmbed-timers".into())
+            .spawn(move || runtime.block_on(self::floor(floor, until, armed)))?;
+        floored
+            .await
+            .map_err(|_| std::io::Error::other("the timer thread ended at its start"))?;
+        Ok(Deadlines(Some(Arc::new(Timers {
+            handle,
+            _stop: stop.drop_guard(),
+        }))))
+    }
+
+    /// `future`, bounded by `deadline` (as `tokio::time::timeout_at`). The bound borrows
+    /// `self`: the timer thread cannot end (and shut its wheel down under an armed deadline,
+    /// a panic in tokio) while it waits.
+    pub fn timeout_at<F: IntoFuture>(
+        &self,
+        deadline: Instant,
+        future: F,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> {
+        // A timer belongs to the runtime current where it is made.
+        let bounded = {
+            let _on = self.0.as_ref().map(|t| t.handle.enter());
+            tokio::time::timeout_at(deadline, future)
+        };
+        async move {
+            let _thread = self;
+            bounded.await
+        }
+    }
+
+    /// `future`, bounded by `within` from now (as `tokio::time::timeout`), as
+    /// [`Deadlines::timeout_at`].
+    pub fn timeout<F: IntoFuture>(
+        &self,
+        within: Duration,
+        future: F,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> {
+        let bounded = {
+            let _on = self.0.as_ref().map(|t| t.handle.enter());
+            tokio::time::timeout(within, future)
+        };
+        async move {
+            let _thread = self;
+            bounded.await
+        }
+    }
+}
+
+/// How far ahead [`floor`] keeps an entry: half the shortest connection bound (the
+/// ClientHello's or TLS handshake's, the gateway connect's), at least 50 ms and at most 1 s.
+pub(crate) fn floor_period(config: &wasmbed_config::ProxyConfig) -> Duration {
+    (config.handshake_timeout.min(config.connect_timeout) / 2)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Keeps one timer always armed at most `period` ahead, until `stop`.
+///
+/// Why: when a new timer is the earliest in tokio's wheel, tokio wakes the wheel's driver to
+/// recompute its sleep: here a wake-up of the timer thread from the session's thread for
+/// every connection (seen with `strace` at 600 TLS passthrough connections/s when these
+/// deadlines were in the data plane's wheel: 1.03 `eventfd` writes per connection). With an
+/// entry always nearer than any deadline, a new one is never the earliest; the floor costs
+/// the timer thread `1 / period` wake-ups a second.
+pub(crate) async fn floor(
+    period: Duration,
+    stop: CancellationToken,
+    armed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut next = std::pin::pin!(tokio::time::sleep(period));
+    // A timer enters the wheel at its first poll.
+    std::future::poll_fn(|cx| {
+        let _ = next.as_mut().poll(cx);
+        Poll::Ready(())
+    })
+    .await;
+    let _ = armed.send(());
+    loop {
+        tokio::select! {
+            _ = next.as_mut() => next.as_mut().reset(Instant::now() + period),
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::Poll;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Deadlines, floor};
+
+    /// Write-type system calls made by this thread so far (Linux's per-task I/O accounting).
+    fn writes() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").expect("/proc/thread-self/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("syscw: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("syscw in /proc/thread-self/io")
+    }
+
+    /// Write-type system calls this thread makes arming a connection-like deadline (30 s)
+    /// through `deadlines`: after one short sleep, so that the runtime has parked and knows
+    /// its next wake-up.
+    async fn writes_arming(deadlines: &Deadlines) -> u64 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let before = writes();
+        let mut bounded = std::pin::pin!(
+            deadlines.timeout(Duration::from_secs(30), std::future::pending::<()>())
+        );
+        std::future::poll_fn(|cx| {
+            let _ = bounded.as_mut().poll(cx);
+            Poll::Ready(())
+        })
+        .await;
+        writes() - before
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    /// Armed in a runtime's own (empty) wheel, a deadline makes the runtime wake itself (an
+    /// `eventfd` write); with [`floor`] in that wheel it does not (the floor 10 s ahead: a
+    /// host stalled past it would find the wheel empty again); armed on the timer thread (its
+    /// wheel floored so) it touches neither the session's wheel nor its thread.
+    #[test]
+    fn a_deadline_on_the_timer_thread_wakes_nothing() {
+        runtime().block_on(async {
+            let here = writes_arming(&Deadlines::default()).await;
+            assert!(here >= 1, "in the session's own wheel: {here} writes");
+
+            let stop = CancellationToken::new();
+            let (armed, floored) = tokio::sync::oneshot::channel();
+            tokio::spawn(floor(Duration::from_secs(10), stop.clone(), armed));
+            floored.await.expect("the floor is armed");
+            let with_floor = writes_arming(&Deadlines::default()).await;
+            stop.cancel();
+            assert_eq!(
+                with_floor, 0,
+                "with a floor in the wheel: {with_floor} writes"
+            );
+
+            let thread = Deadlines::thread(Duration::from_secs(10))
+                .await
+                .expect("timer thread");
+            let there = writes_arming(&thread).await;
+            assert_eq!(there, 0, "on the timer thread: {there} writes");
+        });
+    }
+
+    /// A deadline that expires on the timer thread ends the future it bounds, on the session's
+    /// runtime; one that does not leaves the future's output.
+    #[test]
+    fn a_deadline_on_the_timer_thread_expires_and_wakes_its_session() {
+        runtime().block_on(async {
+            let deadlines = Deadlines::thread(Duration::from_secs(1))
+                .await
+                .expect("timer thread");
+            let expired = deadlines
+                .timeout(Duration::from_millis(20), std::future::pending::<()>())
+                .await;
+            assert!(expired.is_err(), "a pending future outlived its deadline");
+            let at = tokio::time::Instant::now() + Duration::from_secs(30);
+            let done = deadlines.timeout_at(at, async { 7 }).await;
+            assert_eq!(done.ok(), Some(7));
+        });
+    }
+
+    #[test]
+    fn the_floor_is_nearer_than_the_connection_bounds() {
+        let mut config =
+            wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"")
+                .expect("config");
+        let period = super::floor_period(&config);
+        assert!(period < config.connect_timeout && period < config.handshake_timeout);
+        config.connect_timeout = Duration::from_millis(10);
+        assert_eq!(super::floor_period(&config), Duration::from_millis(50));
+    }
+}
