@@ -1,6 +1,7 @@
 //! deadlines: the bounds a connection is held to while it opens (a ClientHello's, a TLS
-//! handshake's, a gateway connect's), kept in the timer wheel of a thread of their own
-//! (`wasmbed-timers`) rather than in the runtime the sessions run on.
+//! handshake's, a HELLO's, a gateway connect's, a wait in the handshake line), kept in the
+//! timer wheel of a thread of their own (`wasmbed-timers`) rather than in the runtime the
+//! sessions run on.
 //!
 //! Why: tokio's runtime reads the clock and walks its wheel on every park when the wheel
 //! holds a timer, and wakes its own driver (an `eventfd` write) when a new timer is the
@@ -13,16 +14,18 @@
 //! expires wakes its session from that thread, as a gateway's cut does.
 //!
 //! What stays in the data plane's wheel: timers that are not a connection's bounds (the
-//! accept loop's backoff, a session's checkpoints, QUIC's own timers).
+//! accept loop's backoff, a terminated session's own timer, quinn's).
 
 use std::future::{Future, IntoFuture};
+use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
-use tokio::time::Instant;
 use tokio::time::error::Elapsed;
+use tokio::time::{Instant, Timeout};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Where deadlines are armed: the timer thread, or (`Deadlines::default()`, for a
@@ -62,40 +65,50 @@ impl Deadlines {
         }))))
     }
 
-    /// `future`, bounded by `deadline` (as `tokio::time::timeout_at`). The bound borrows
-    /// `self`: the timer thread cannot end (and shut its wheel down under an armed deadline,
-    /// a panic in tokio) while it waits.
+    /// `future`, bounded by `deadline` (as `tokio::time::timeout_at`).
     pub fn timeout_at<F: IntoFuture>(
         &self,
         deadline: Instant,
         future: F,
-    ) -> impl Future<Output = Result<F::Output, Elapsed>> {
+    ) -> Bounded<'_, F::IntoFuture> {
         // A timer belongs to the runtime current where it is made.
-        let bounded = {
-            let _on = self.0.as_ref().map(|t| t.handle.enter());
-            tokio::time::timeout_at(deadline, future)
-        };
-        async move {
-            let _thread = self;
-            bounded.await
+        let _on = self.0.as_ref().map(|t| t.handle.enter());
+        Bounded {
+            timeout: tokio::time::timeout_at(deadline, future),
+            _on: PhantomData,
         }
     }
 
-    /// `future`, bounded by `within` from now (as `tokio::time::timeout`), as
-    /// [`Deadlines::timeout_at`].
+    /// `future`, bounded by `within` from now (as `tokio::time::timeout`).
     pub fn timeout<F: IntoFuture>(
         &self,
         within: Duration,
         future: F,
-    ) -> impl Future<Output = Result<F::Output, Elapsed>> {
-        let bounded = {
-            let _on = self.0.as_ref().map(|t| t.handle.enter());
-            tokio::time::timeout(within, future)
-        };
-        async move {
-            let _thread = self;
-            bounded.await
+    ) -> Bounded<'_, F::IntoFuture> {
+        let _on = self.0.as_ref().map(|t| t.handle.enter());
+        Bounded {
+            timeout: tokio::time::timeout(within, future),
+            _on: PhantomData,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future bounded by a deadline armed through [`Deadlines`]: tokio's `Timeout`, which
+    /// borrows the `Deadlines` (no bigger for it) so that the timer thread cannot end, and
+    /// shut its wheel down under an armed deadline (a panic in tokio), while it waits.
+    pub struct Bounded<'a, F> {
+        #[pin]
+        timeout: Timeout<F>,
+        _on: PhantomData<&'a Deadlines>,
+    }
+}
+
+impl<F: Future> Future for Bounded<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().timeout.poll(cx)
     }
 }
 

@@ -67,7 +67,7 @@ use tokio_util::task::TaskTracker;
 use wasmbed_config::{ListenerConfig, ProxyConfig};
 
 pub use balancer::{Gateway, GatewaySet, Lease};
-pub use deadlines::Deadlines;
+pub use deadlines::{Bounded, Deadlines};
 pub use error::ProxyError;
 /// Pipes splicing took on the calling thread (tests: a session's pipes, not the process's).
 #[doc(hidden)]
