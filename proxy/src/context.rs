@@ -50,6 +50,7 @@ impl Context {
         gateways: Arc<GatewaySet>,
         (device_tls, connector): TlsSetup,
         hard_stop: Trigger,
+        deadlines: crate::deadlines::Deadlines,
     ) -> Context {
         let routed = config
             .routes
@@ -74,7 +75,7 @@ impl Context {
             routed,
             route_pools,
             handover: None,
-            deadlines: crate::deadlines::Deadlines::default(),
+            deadlines,
         }
     }
 
@@ -90,13 +91,13 @@ impl Context {
             self.gateways.clone(),
             (self.device_tls.clone(), connector),
             self.hard_stop.clone(),
+            self.deadlines.clone(),
         );
         self.pacer.set_rate(next.config.migration.move_rate);
         next.pacer = self.pacer.clone();
         next.links = self.links.clone();
         next.handover = self.handover.clone();
         next.seats = self.seats.clone();
-        next.deadlines = self.deadlines.clone();
         next
     }
 }

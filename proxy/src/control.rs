@@ -11,8 +11,44 @@
 //! a thread apart from the probes': whoever reaches the admin port (slow clients, TLS
 //! handshakes, a `/metrics` scrape) cannot delay a probe either.
 
-use tokio::runtime::Handle;
+use std::future::Future;
+
+use tokio::runtime::{Builder, Handle};
 use tokio_util::sync::CancellationToken;
+
+/// A thread named `name` running a one-thread runtime (its drivers chosen by `enable`) until
+/// `main`'s future ends; the runtime's handle, once it is built. Built and dropped on that
+/// thread: a runtime may not be dropped inside another (tokio panics), which a runtime built
+/// here and dropped because the thread could not start would be.
+pub(crate) fn runtime_thread<M, F>(
+    name: &str,
+    enable: fn(&mut Builder) -> &mut Builder,
+    main: M,
+) -> std::io::Result<Handle>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future<Output = ()>,
+{
+    let (built, handle) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut builder = Builder::new_current_thread();
+            match enable(&mut builder).build() {
+                Ok(runtime) => {
+                    let _ = built.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(main());
+                }
+                Err(e) => {
+                    let _ = built.send(Err(e));
+                }
+            }
+        })?;
+    // Only as long as a runtime takes to build.
+    handle
+        .recv()
+        .map_err(|_| std::io::Error::other(format!("thread {name} ended at its start")))?
+}
 
 /// The control runtime; its thread ends when this is dropped.
 pub(crate) struct Control {
@@ -23,16 +59,11 @@ pub(crate) struct Control {
 impl Control {
     /// `name`: the thread's (`wasmbed-probes`, `wasmbed-admin`).
     pub(crate) fn start(name: &str) -> std::io::Result<Control> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = runtime.handle().clone();
         let stop = CancellationToken::new();
         let until = stop.clone();
-        std::thread::Builder::new()
-            .name(name.into())
-            // The runtime is dropped on this thread once stopped: what still runs on it ends.
-            .spawn(move || runtime.block_on(until.cancelled()))?;
+        let handle = runtime_thread(name, Builder::enable_all, move || async move {
+            until.cancelled().await
+        })?;
         Ok(Control { handle, stop })
     }
 

@@ -60,14 +60,15 @@ struct Snapshot<'a> {
 /// The feed every subscriber reads.
 pub type Feed = watch::Receiver<Arc<str>>;
 
-/// Starts the snapshot task; returns the feed.
+/// Starts the snapshot task, tracked by `tracker`, on the runtime of `on` (the admin
+/// endpoint's thread); returns the feed.
 pub fn spawn(
     live: Arc<Live>,
-    tracker: &tokio_util::task::TaskTracker,
+    (tracker, on): (&tokio_util::task::TaskTracker, &tokio::runtime::Handle),
     stop: CancellationToken,
 ) -> Feed {
     let (tx, rx) = watch::channel::<Arc<str>>(Arc::from("{}"));
-    tracker.spawn(run(live, tx, stop));
+    tracker.spawn_on(run(live, tx, stop), on);
     rx
 }
 

@@ -9,9 +9,10 @@
 //! within a millisecond. Kept in the data plane's wheel, they made each wake-up of a
 //! passthrough session's runtime dearer; with nothing there, its parks skip the wheel (the
 //! figures: docs/performance.md, "Deadlines on a thread of their own"). A deadline
-//! registered from here takes the timer thread's lock for a moment and never wakes it: that
-//! thread keeps an entry armed nearer than any deadline ([`floor`]). The rare deadline that
-//! expires wakes its session from that thread, as a gateway's cut does.
+//! registered from here takes the timer thread's lock for a moment and, when it is longer
+//! than that thread's floor ([`hold_floor`]: an entry always armed at half the shorter
+//! timeout), does not wake it. The rare deadline that expires wakes its session from that
+//! thread, as a gateway's cut does.
 //!
 //! What stays in the data plane's wheel: timers that are not a connection's bounds (the
 //! accept loop's backoff, a terminated session's own timer, quinn's).
@@ -28,8 +29,8 @@ use tokio::time::error::Elapsed;
 use tokio::time::{Instant, Timeout};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-/// Where deadlines are armed: the timer thread, or (`Deadlines::default()`, for a
-/// session context made outside a proxy) the runtime they are armed on.
+/// Where deadlines are armed: the timer thread ([`Deadlines::start`], what a proxy uses), or
+/// (`Deadlines::default()`, for tests) the runtime current where each is armed.
 #[derive(Clone, Default)]
 pub struct Deadlines(Option<Arc<Timers>>);
 
@@ -42,20 +43,18 @@ struct Timers {
 }
 
 impl Deadlines {
-    /// A thread of their own whose wheel always holds an entry at most `floor` ahead; `floor`
-    /// shorter than every deadline armed on it ([`floor_period`]). Returns once that entry
-    /// is armed.
-    pub async fn thread(floor: Duration) -> std::io::Result<Deadlines> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()?;
-        let handle = runtime.handle().clone();
+    /// A thread of their own whose wheel always holds an entry at most `floor` ahead
+    /// ([`floor_period`]: shorter than the connection timeouts, so that arming their bounds
+    /// does not wake it). Returns once that entry is armed.
+    pub async fn start(floor: Duration) -> std::io::Result<Deadlines> {
         let stop = CancellationToken::new();
         let until = stop.clone();
         let (armed, floored) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("wasmbed-timers".into())
-            .spawn(move || runtime.block_on(self::floor(floor, until, armed)))?;
+        let handle = crate::control::runtime_thread(
+            "wasmbed-timers",
+            tokio::runtime::Builder::enable_time,
+            move || hold_floor(floor, until, armed),
+        )?;
         floored
             .await
             .map_err(|_| std::io::Error::other("the timer thread ended at its start"))?;
@@ -112,7 +111,7 @@ impl<F: Future> Future for Bounded<'_, F> {
     }
 }
 
-/// How far ahead [`floor`] keeps an entry: half the shortest connection bound (the
+/// How far ahead [`hold_floor`] keeps an entry: half the shortest connection bound (the
 /// ClientHello's or TLS handshake's, the gateway connect's), at least 50 ms and at most 1 s.
 pub(crate) fn floor_period(config: &wasmbed_config::ProxyConfig) -> Duration {
     (config.handshake_timeout.min(config.connect_timeout) / 2)
@@ -127,7 +126,7 @@ pub(crate) fn floor_period(config: &wasmbed_config::ProxyConfig) -> Duration {
 /// deadlines were in the data plane's wheel: 1.03 `eventfd` writes per connection). With an
 /// entry always nearer than any deadline, a new one is never the earliest; the floor costs
 /// the timer thread `1 / period` wake-ups a second.
-pub(crate) async fn floor(
+pub(crate) async fn hold_floor(
     period: Duration,
     stop: CancellationToken,
     armed: tokio::sync::oneshot::Sender<()>,
@@ -156,7 +155,7 @@ mod tests {
 
     use tokio_util::sync::CancellationToken;
 
-    use super::{Deadlines, floor};
+    use super::{Deadlines, hold_floor};
 
     /// Write-type system calls made by this thread so far (Linux's per-task I/O accounting).
     fn writes() -> u64 {
@@ -192,7 +191,7 @@ mod tests {
     }
 
     /// Armed in a runtime's own (empty) wheel, a deadline makes the runtime wake itself (an
-    /// `eventfd` write); with [`floor`] in that wheel it does not (the floor 10 s ahead: a
+    /// `eventfd` write); with [`hold_floor`] in that wheel it does not (the floor 10 s ahead: a
     /// host stalled past it would find the wheel empty again); armed on the timer thread (its
     /// wheel floored so) it touches neither the session's wheel nor its thread.
     #[test]
@@ -203,7 +202,7 @@ mod tests {
 
             let stop = CancellationToken::new();
             let (armed, floored) = tokio::sync::oneshot::channel();
-            tokio::spawn(floor(Duration::from_secs(10), stop.clone(), armed));
+            tokio::spawn(hold_floor(Duration::from_secs(10), stop.clone(), armed));
             floored.await.expect("the floor is armed");
             let with_floor = writes_arming(&Deadlines::default()).await;
             stop.cancel();
@@ -212,7 +211,7 @@ mod tests {
                 "with a floor in the wheel: {with_floor} writes"
             );
 
-            let thread = Deadlines::thread(Duration::from_secs(10))
+            let thread = Deadlines::start(Duration::from_secs(10))
                 .await
                 .expect("timer thread");
             let there = writes_arming(&thread).await;
@@ -225,12 +224,16 @@ mod tests {
     #[test]
     fn a_deadline_on_the_timer_thread_expires_and_wakes_its_session() {
         runtime().block_on(async {
-            let deadlines = Deadlines::thread(Duration::from_secs(1))
+            let deadlines = Deadlines::start(Duration::from_secs(1))
                 .await
                 .expect("timer thread");
-            let expired = deadlines
-                .timeout(Duration::from_millis(20), std::future::pending::<()>())
-                .await;
+            // Bounded on this runtime too: a lost wake-up fails the test rather than hangs it.
+            let expired = tokio::time::timeout(
+                Duration::from_secs(10),
+                deadlines.timeout(Duration::from_millis(20), std::future::pending::<()>()),
+            )
+            .await
+            .expect("the expired deadline woke its session");
             assert!(expired.is_err(), "a pending future outlived its deadline");
             let at = tokio::time::Instant::now() + Duration::from_secs(30);
             let done = deadlines.timeout_at(at, async { 7 }).await;

@@ -20,6 +20,8 @@ pub enum ProxyError {
     Reload(String),
     #[error("takeover: {0}")]
     Takeover(String),
-    #[error("cannot start a control thread (health probes, admin endpoint): {0}")]
+    #[error(
+        "cannot start a control thread (health probes, admin endpoint, connection deadlines): {0}"
+    )]
     Control(std::io::Error),
 }

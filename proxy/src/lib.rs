@@ -189,11 +189,10 @@ impl Proxy {
             None => None,
         };
         let control = control::Control::start("wasmbed-probes").map_err(ProxyError::Control)?;
-        let deadlines = deadlines::Deadlines::thread(deadlines::floor_period(&config))
+        let deadlines = deadlines::Deadlines::start(deadlines::floor_period(&config))
             .await
             .map_err(ProxyError::Control)?;
-        let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone());
-        ctx.deadlines = deadlines;
+        let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone(), deadlines);
         ctx.links = links;
         ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
         Ok(Proxy {
@@ -294,7 +293,16 @@ impl Proxy {
             }
             // Its end ends the event streams (SSE), so a stop of the admin endpoint (a
             // takeover) is not held up by an open dashboard.
-            let feed = dashboard::spawn(live.clone(), &background, admin_stop.clone());
+            // On a thread of its own, the listener registered with that runtime: the admin
+            // endpoint answers while the data plane is saturated, and its clients cannot
+            // delay the probes. The dashboard's snapshots are made there too, so that its tick
+            // is not a timer in the data plane's wheel (`deadlines`).
+            let thread = control::Control::start("wasmbed-admin").map_err(ProxyError::Control)?;
+            let feed = dashboard::spawn(
+                live.clone(),
+                (&background, thread.handle()),
+                admin_stop.clone(),
+            );
             let admin = Arc::new(admin::Admin {
                 live: live.clone(),
                 auth: ctx.config.admin_auth.clone(),
@@ -302,10 +310,6 @@ impl Proxy {
                 feed,
                 shutdown: shutdown.clone(),
             });
-            // On a thread of its own, the listener registered with that runtime: the admin
-            // endpoint answers while the data plane is saturated, and its clients cannot
-            // delay the probes.
-            let thread = control::Control::start("wasmbed-admin").map_err(ProxyError::Control)?;
             let listener = {
                 let _in = thread.handle().enter();
                 listener

@@ -28,7 +28,7 @@ pub(crate) async fn passthrough(
     let (prefix, hello) = {
         let mut reading = std::pin::pin!(read_hello(&mut device, ctx.config.max_client_hello));
         // Most devices have sent their hello by the time their session first runs: try once
-        // without arming a timer (arming one can cost the runtime a wake-up), then with it.
+        // without arming a deadline (arming one takes the timer thread's lock), then with it.
         match std::future::poll_fn(|cx| Poll::Ready(reading.as_mut().poll(cx))).await {
             Poll::Ready(read) => read?,
             // From the session's start (`timeout` would read the clock again).

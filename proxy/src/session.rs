@@ -195,6 +195,7 @@ mod tests {
             gateways,
             (device_tls, None),
             wasmbed_certs::Trigger::new(),
+            crate::deadlines::Deadlines::default(),
         ));
         let session = serve_passthrough(ctx.clone(), listener_config.clone(), accepted);
         let size = std::mem::size_of_val(&session);
