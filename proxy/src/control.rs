@@ -13,13 +13,14 @@
 
 use std::future::Future;
 
-use tokio::runtime::{Builder, Handle};
+use tokio::runtime::{Builder, Handle, Runtime};
 use tokio_util::sync::CancellationToken;
 
 /// A thread named `name` running a one-thread runtime (its drivers chosen by `enable`) until
-/// `main`'s future ends; the runtime's handle, once it is built. Built and dropped on that
-/// thread: a runtime may not be dropped inside another (tokio panics), which a runtime built
-/// here and dropped because the thread could not start would be.
+/// `main`'s future ends; returns the runtime's handle. The runtime is built here and handed to
+/// the thread once it runs, and dropped there at its end. If the thread cannot start, it is
+/// shut down without waiting: a runtime dropped the usual way inside another (this is called
+/// from async code) is a panic in tokio.
 pub(crate) fn runtime_thread<M, F>(
     name: &str,
     enable: fn(&mut Builder) -> &mut Builder,
@@ -29,25 +30,28 @@ where
     M: FnOnce() -> F + Send + 'static,
     F: Future<Output = ()>,
 {
-    let (built, handle) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
+    let runtime = enable(&mut Builder::new_current_thread()).build()?;
+    let handle = runtime.handle().clone();
+    let (give, take) = std::sync::mpsc::sync_channel::<Runtime>(1);
+    let started = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let mut builder = Builder::new_current_thread();
-            match enable(&mut builder).build() {
-                Ok(runtime) => {
-                    let _ = built.send(Ok(runtime.handle().clone()));
-                    runtime.block_on(main());
-                }
-                Err(e) => {
-                    let _ = built.send(Err(e));
-                }
+            if let Ok(runtime) = take.recv() {
+                runtime.block_on(main());
             }
-        })?;
-    // Only as long as a runtime takes to build.
-    handle
-        .recv()
-        .map_err(|_| std::io::Error::other(format!("thread {name} ended at its start")))?
+        });
+    let refused = match started {
+        Ok(_) => match give.send(runtime) {
+            Ok(()) => return Ok(handle),
+            Err(std::sync::mpsc::SendError(runtime)) => (
+                runtime,
+                std::io::Error::other(format!("thread {name} ended at its start")),
+            ),
+        },
+        Err(e) => (runtime, e),
+    };
+    refused.0.shutdown_background();
+    Err(refused.1)
 }
 
 /// The control runtime; its thread ends when this is dropped.
