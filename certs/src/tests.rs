@@ -1,10 +1,9 @@
 use super::pki::{DevCa, KeyKind};
 use super::*;
 
-fn temp_file(name: &str, body: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wasmbed-certs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// `body` written to `name` in `dir` (removed with it at the test's end).
+fn temp_file(dir: &tempfile::TempDir, name: &str, body: &str) -> PathBuf {
+    let path = dir.path().join(name);
     std::fs::write(&path, body).unwrap();
     path
 }
@@ -32,8 +31,9 @@ fn issued_certificates_build_server_and_client_configs() {
 fn pem_files_round_trip() {
     let ca = DevCa::generate("test CA").unwrap();
     let issued = ca.issue_server(&["localhost"], KeyKind::EcdsaP256).unwrap();
-    let cert = temp_file("server.pem", &issued.cert_pem);
-    let key = temp_file("server.key", &issued.key_pem);
+    let dir = tempfile::tempdir().unwrap();
+    let cert = temp_file(&dir, "server.pem", &issued.cert_pem);
+    let key = temp_file(&dir, "server.key", &issued.key_pem);
     assert_eq!(load_certs(&cert).unwrap().len(), 1);
     assert!(load_key(&key).is_ok());
 }
@@ -43,7 +43,8 @@ fn bad_pem_files_are_named() {
     let missing = Path::new("/nonexistent/ca.pem");
     let e = load_certs(missing).unwrap_err().to_string();
     assert!(e.starts_with("/nonexistent/ca.pem:"), "{e}");
-    let garbage = temp_file("garbage.pem", "hello, not a certificate\n");
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = temp_file(&dir, "garbage.pem", "hello, not a certificate\n");
     let e = load_certs(&garbage).unwrap_err().to_string();
     assert!(
         e.contains("garbage.pem") && e.contains("no CERTIFICATE"),

@@ -51,9 +51,8 @@ fn flags_alone_make_a_config() {
 
 #[test]
 fn a_flag_overrides_the_file() {
-    let dir = std::env::temp_dir().join(format!("wasmbed-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("p.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
     std::fs::write(&path, FULL).unwrap();
     let f = ProxyFlags {
         config: Some(path),
