@@ -70,12 +70,7 @@ impl Deadlines {
         deadline: Instant,
         future: F,
     ) -> Bounded<'_, F::IntoFuture> {
-        // A timer belongs to the runtime current where it is made.
-        let _on = self.0.as_ref().map(|t| t.handle.enter());
-        Bounded {
-            timeout: tokio::time::timeout_at(deadline, future),
-            _on: PhantomData,
-        }
+        self.bound(|| tokio::time::timeout_at(deadline, future))
     }
 
     /// `future`, bounded by `within` from now (as `tokio::time::timeout`).
@@ -84,9 +79,15 @@ impl Deadlines {
         within: Duration,
         future: F,
     ) -> Bounded<'_, F::IntoFuture> {
+        self.bound(|| tokio::time::timeout(within, future))
+    }
+
+    /// The bound `make` returns, made where these deadlines are armed: a timer belongs to
+    /// the runtime current where it is made.
+    fn bound<F>(&self, make: impl FnOnce() -> Timeout<F>) -> Bounded<'_, F> {
         let _on = self.0.as_ref().map(|t| t.handle.enter());
         Bounded {
-            timeout: tokio::time::timeout(within, future),
+            timeout: make(),
             _on: PhantomData,
         }
     }

@@ -291,13 +291,13 @@ impl Proxy {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");
             }
-            // Its end ends the event streams (SSE), so a stop of the admin endpoint (a
-            // takeover) is not held up by an open dashboard.
             // On a thread of its own, the listener registered with that runtime: the admin
             // endpoint answers while the data plane is saturated, and its clients cannot
             // delay the probes. The dashboard's snapshots are made there too, so that its tick
             // is not a timer in the data plane's wheel (`deadlines`).
             let thread = control::Control::start("wasmbed-admin").map_err(ProxyError::Control)?;
+            // Its end ends the event streams (SSE), so a stop of the admin endpoint (a
+            // takeover) is not held up by an open dashboard.
             let feed = dashboard::spawn(
                 live.clone(),
                 (&background, thread.handle()),
