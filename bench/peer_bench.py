@@ -83,7 +83,8 @@ PROXIES = ["wasmbed", "haproxy", "nginx"]
 # Also available with --proxies: wasmbed-splice (--splice on), wasmbed-auto (--splice auto,
 # the passthrough default), wasmbed-copy (--splice off); and, for the conn and tls scenarios
 # only, the floors (examples/passthrough_floor.rs, built if missing): floor-tokio, the least a
-# tokio proxy does per connection, and floor-mio, the same steps on a hand-written epoll loop.
+# tokio proxy does per connection, floor-tokio-io, the same on a runtime with no time driver,
+# and floor-mio, the same steps on a hand-written epoll loop.
 # Ratios are then also given against them. And nginx-halfclose: NGINX with
 # `proxy_half_close on`, which passes a client's end of stream on to the server and waits for
 # the server's, as wasmbed does with a device's (NGINX's default closes both sides at once; a
@@ -91,7 +92,7 @@ PROXIES = ["wasmbed", "haproxy", "nginx"]
 # work only with it on). Ratios are also given against it; it is never "the better peer"
 # (NGINX's own default is).
 FLOOR = os.path.join(REPO, "target", "release", "examples", "passthrough_floor")
-FLOORS = ("floor-tokio", "floor-mio")
+FLOORS = ("floor-tokio", "floor-tokio-io", "floor-mio")
 FLOOR_SCENARIOS = ("conn", "tls")
 
 

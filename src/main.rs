@@ -144,7 +144,10 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         config.max_connections,
         1 + u64::from(config.upstream == wasmbed_config::proxy::UpstreamMode::Tcp),
     );
-    let runtime = match runtime(config.threads) {
+    // Passthrough with no QUIC listener: the sessions' runtime without a time driver (every
+    // wait it has is armed on the proxy's timer thread; `data_plane_timers`).
+    let timers = wasmbed_proxy::data_plane_timers(&config);
+    let runtime = match build_runtime(config.threads, timers) {
         Ok(r) => r,
         Err(e) => return fail("proxy", format!("cannot start the runtime: {e}")),
     };
@@ -389,17 +392,25 @@ fn announce(
 }
 
 fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    build_runtime(threads, true)
+}
+
+/// The main runtime: `threads` workers (one: a current-thread runtime; default: one per
+/// core), with the I/O driver and, when `timers`, the time driver.
+fn build_runtime(threads: Option<usize>, timers: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let threads = threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    if threads == 1 {
+    let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_io();
+    if timers {
+        builder.enable_time();
     }
+    builder.build()
 }

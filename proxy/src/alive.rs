@@ -11,6 +11,11 @@
 //! no verdict: the probes go on deciding. A hung process keeps the connection open: the
 //! probes find it. A gateway without `/api/alive` (404) is not watched.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the liveness watch runs on the probes' thread (`live::Probes::start`)"
+)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

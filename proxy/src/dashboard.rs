@@ -7,6 +7,11 @@
 //! same `Arc<str>`: a hundred open tabs cost a hundred socket writes per tick, and nothing on
 //! the forwarding path, which only bumps relaxed atomic counters.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the dashboard's snapshots are made on the admin thread (`dashboard::spawn`)"
+)]
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -17,6 +17,11 @@
 //! What stays in the data plane's wheel: timers that are not a connection's bounds (the
 //! accept loop's backoff, a terminated session's own timer, quinn's).
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the timers made here are armed on the timer thread, or in the runtime a test gives"
+)]
+
 use std::future::{Future, IntoFuture};
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -82,6 +87,14 @@ impl Deadlines {
         self.bound(|| tokio::time::timeout(within, future))
     }
 
+    /// Waits `within` (as `tokio::time::sleep`), armed where these deadlines are: what the
+    /// data plane's waits that are not a connection's bound use (the accept loop's back-off,
+    /// the stop's grace, a takeover's), so that a passthrough proxy's data plane needs no
+    /// time driver at all ([`data_plane_timers`]).
+    pub async fn sleep(&self, within: Duration) {
+        let _ = self.timeout(within, std::future::pending::<()>()).await;
+    }
+
     /// The bound `make` returns, made where these deadlines are armed: a timer belongs to
     /// the runtime current where it is made.
     fn bound<F>(&self, make: impl FnOnce() -> Timeout<F>) -> Bounded<'_, F> {
@@ -110,6 +123,24 @@ impl<F: Future> Future for Bounded<'_, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.project().timeout.poll(cx)
     }
+}
+
+/// Whether the runtime the sessions run on needs a time driver of its own under `config`.
+///
+/// Why it matters: a runtime with a time driver reads the clock and locks its wheel on every
+/// park, empty wheel or not: 2.2k instructions per TLS passthrough connection on tokio's own
+/// floor (docs/performance.md, "A data plane without a time driver"). In passthrough mode
+/// every timer the data plane waits on is armed here ([`Deadlines`]) or runs on a control
+/// thread (probes, discovery, the dashboard), so the runtime can do without one. Terminated
+/// sessions keep timers of their own (the anchor's), and quinn arms its timers in the runtime
+/// its endpoint runs on (QUIC devices, the link): with either, the data plane keeps one. Both
+/// are fixed at start (a reload keeps `mode` and `--quic-listen`). Every other timer in this
+/// crate is a `clippy::disallowed_methods` exception that says where it runs
+/// (`proxy/clippy.toml`).
+pub fn data_plane_timers(config: &wasmbed_config::ProxyConfig) -> bool {
+    config.mode == wasmbed_config::Mode::Terminate
+        || config.quic.listen.is_some()
+        || config.upstream == wasmbed_config::proxy::UpstreamMode::Link
 }
 
 /// How far ahead [`hold_floor`] keeps an entry: half the shortest connection bound (the

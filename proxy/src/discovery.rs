@@ -11,6 +11,11 @@
 //! of a rollout must not black-hole every device. An answer is capped at `--max-discovered`
 //! addresses (the lowest ones, so the same subset stays chosen; counted).
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "discovery runs on the probes' thread (`Proxy::run`)"
+)]
+
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -5,6 +5,11 @@
 //! finish (passthrough) or move with their answers (terminate). A gateway waits for its first
 //! passed probe before it takes a session, however it was added.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the probes run on the probes' thread, the first round there or on the admin thread (`first_round_on`)"
+)]
+
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Empty, Limited};
@@ -182,6 +187,21 @@ pub async fn first_round(gateways: &[Arc<Gateway>], config: &HealthConfig) {
         }
     });
     futures_util::future::join_all(probes).await;
+}
+
+/// [`first_round`] on the control thread `on` (the probes'), for the data plane: its bounds
+/// are timers, which a passthrough data plane has no driver for
+/// ([`crate::deadlines::data_plane_timers`]). Returns when the round is done, or the thread
+/// stopped under it (the gateways then wait for their probes, as they would).
+pub(crate) async fn first_round_on(
+    on: &tokio::runtime::Handle,
+    gateways: Arc<Vec<Arc<Gateway>>>,
+    config: HealthConfig,
+) {
+    let round = on.spawn(async move { first_round(&gateways, &config).await });
+    if let Err(e) = round.await {
+        tracing::warn!(error = %e, "health: the first probe round did not finish");
+    }
 }
 
 /// Logs and counts a health transition, whoever observed it (probe or failed connect).

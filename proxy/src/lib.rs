@@ -23,6 +23,13 @@
 //! ```
 
 #![forbid(unsafe_code)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::disallowed_methods,
+        reason = "tests make their own timers, on runtimes with a time driver"
+    )
+)]
 
 pub mod admin;
 mod alive;
@@ -67,7 +74,7 @@ use tokio_util::task::TaskTracker;
 use wasmbed_config::{ListenerConfig, ProxyConfig};
 
 pub use balancer::{Gateway, GatewaySet, Lease};
-pub use deadlines::{Bounded, Deadlines};
+pub use deadlines::{Bounded, Deadlines, data_plane_timers};
 pub use error::ProxyError;
 /// Pipes splicing took on the calling thread (tests: a session's pipes, not the process's).
 #[doc(hidden)]
@@ -101,9 +108,15 @@ impl Proxy {
     /// start-up error surfaces here, before anything is served.
     pub async fn bind(config: ProxyConfig) -> Result<Proxy, ProxyError> {
         crate::metrics::handle();
+        // The threads first: what follows waits through them (the takeover's answers, the
+        // first probe round), and the data plane may have no time driver of its own.
+        let control = control::Control::start("wasmbed-probes").map_err(ProxyError::Control)?;
+        let deadlines = deadlines::Deadlines::start(deadlines::floor_period(&config))
+            .await
+            .map_err(ProxyError::Control)?;
         // An upgrade in place: the running proxy's listening sockets, when one serves the path.
         let mut inherited = match &config.takeover {
-            Some(path) => takeover::receive(path)
+            Some(path) => takeover::receive(path, &deadlines)
                 .await
                 .map_err(|e| ProxyError::Takeover(format!("{}: {e}", path.display())))?,
             None => None,
@@ -170,7 +183,7 @@ impl Proxy {
         if config.health.check != wasmbed_config::HealthCheck::None {
             let set = gateways.snapshot();
             set.iter().for_each(|g| g.await_first_probe());
-            health::first_round(&set, &config.health).await;
+            health::first_round_on(control.handle(), set, config.health.clone()).await;
         }
         let hard_stop = wasmbed_certs::Trigger::new();
         let probes_stop = CancellationToken::new();
@@ -188,10 +201,6 @@ impl Proxy {
             }
             None => None,
         };
-        let control = control::Control::start("wasmbed-probes").map_err(ProxyError::Control)?;
-        let deadlines = deadlines::Deadlines::start(deadlines::floor_period(&config))
-            .await
-            .map_err(ProxyError::Control)?;
         let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone(), deadlines);
         ctx.links = links;
         ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
@@ -286,7 +295,12 @@ impl Proxy {
         if terminate {
             background.spawn(rebalance::run(live.clone(), probes_stop.clone()));
         }
-        background.spawn(discovery::run(live.clone(), probes_stop.clone()));
+        // On the probes' thread: DNS and its timers are control work (and hickory's timers
+        // need a time driver, which a passthrough data plane does not have).
+        background.spawn_on(
+            discovery::run(live.clone(), probes_stop.clone()),
+            live.probes.control.handle(),
+        );
         if let Some(listener) = admin {
             for warning in ctx.config.admin_auth.warnings() {
                 tracing::warn!("{warning}");
@@ -348,7 +362,7 @@ impl Proxy {
             let (live, sessions_t) = (live.clone(), sessions.clone());
             accepting.spawn(listener::accept_loop(
                 listener,
-                limit.clone(),
+                (limit.clone(), ctx.deadlines.clone()),
                 stop_accepting.clone(),
                 move |a| {
                     let ctx = live.context();
@@ -398,7 +412,7 @@ impl Proxy {
                 offer,
                 (handoff, admin),
                 shutdown.clone(),
-                sessions_done.clone(),
+                (sessions_done.clone(), live.context().deadlines.clone()),
             ));
             if let Some(inherited) = inherited {
                 let (live, sessions, limit) = (live.clone(), sessions.clone(), limit.clone());
@@ -427,7 +441,9 @@ impl Proxy {
                             // As `POST /api/gateways`: a first probe round before they take
                             // sessions (the old process's are handed over next).
                             let health = live.context().config.health.clone();
-                            health::first_round(&added, &health).await;
+                            let on = live.probes.control.handle();
+                            health::first_round_on(on, Arc::new(added.clone()), health.clone())
+                                .await;
                             live.probes.start(&added, &health);
                             tracing::info!(?kept, "takeover: the old process's run-time changes kept");
                         }
@@ -460,7 +476,8 @@ impl Proxy {
             ?grace,
             "shutting down: no longer accepting"
         );
-        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+        let deadlines = live.context().deadlines.clone();
+        if deadlines.timeout(grace, sessions.wait()).await.is_err() {
             tracing::info!(
                 sessions = sessions.len(),
                 "grace period over: closing sessions"

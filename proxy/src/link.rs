@@ -13,6 +13,11 @@
 //! out at a quarter of it) every stream on it fails, so its sessions move at once, and the
 //! next session makes a new link.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "`--upstream link` (terminate mode) only, whose data plane keeps its time driver (`data_plane_timers`)"
+)]
+
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;

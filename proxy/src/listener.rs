@@ -13,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use wasmbed_certs::Trigger;
 use wasmbed_config::ListenerConfig;
 
+use crate::deadlines::Deadlines;
 use crate::metric_names::ACCEPT_ERRORS;
 
 /// Binds one listener: `SO_REUSEADDR`, optional `SO_REUSEPORT`, `TCP_NODELAY` and keepalive
@@ -57,7 +58,7 @@ pub struct Accepted {
 /// accept loop's waits and the sessions' series").
 pub async fn accept_loop(
     listener: TcpListener,
-    limit: Arc<Semaphore>,
+    (limit, deadlines): (Arc<Semaphore>, Deadlines),
     stop: Trigger,
     mut handle: impl FnMut(Accepted),
 ) {
@@ -105,10 +106,9 @@ pub async fn accept_loop(
                 };
                 counter!(ACCEPT_ERRORS, "kind" => kind).increment(1);
                 tracing::warn!(error = %e, retry_in = ?backoff, "accept failed; backing off");
-                tokio::select! {
-                    biased;
-                    _ = &mut stopped => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                // On the timer thread: the data plane may have no time driver.
+                if deadlines.timeout(backoff, &mut stopped).await.is_ok() {
+                    return;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -170,7 +170,12 @@ mod tests {
         stop: &Trigger,
         handle: impl FnMut(super::Accepted) + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(super::accept_loop(listener, limit, stop.clone(), handle))
+        tokio::spawn(super::accept_loop(
+            listener,
+            (limit, crate::Deadlines::default()),
+            stop.clone(),
+            handle,
+        ))
     }
 
     /// Fires `stop` once the loop `run` waits on it, and checks the loop ends.

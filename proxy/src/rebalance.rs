@@ -10,6 +10,11 @@
 //! the least loaded other gateway. Orders that nobody takes (every session there moved within
 //! `--rebalance-cooldown`) are withdrawn after a while, so the rebalancer never waits forever.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "terminate mode only, whose data plane keeps its time driver (`data_plane_timers`)"
+)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

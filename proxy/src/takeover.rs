@@ -50,6 +50,8 @@ use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::deadlines::Deadlines;
+
 /// Largest frame (a JSON object: small, but the run-time changes may list hundreds of
 /// gateways; the peer is already proven the same user with the token).
 const MAX_FRAME: usize = 1 << 20;
@@ -202,14 +204,17 @@ struct Channel {
     stream: UnixStream,
     read: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    /// Where its bounds are armed (the data plane may have no time driver).
+    deadlines: Deadlines,
 }
 
 impl Channel {
-    fn new(stream: UnixStream) -> Channel {
+    fn new(stream: UnixStream, deadlines: Deadlines) -> Channel {
         Channel {
             stream,
             read: Vec::new(),
             fds: VecDeque::new(),
+            deadlines,
         }
     }
 
@@ -324,13 +329,17 @@ impl Channel {
         message: Value,
         fds: &[BorrowedFd<'_>],
     ) -> io::Result<()> {
-        tokio::time::timeout(within, self.send(message, fds))
+        let deadlines = self.deadlines.clone();
+        deadlines
+            .timeout(within, self.send(message, fds))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "takeover: not read in time"))?
     }
 
     async fn recv_within(&mut self, within: Duration) -> io::Result<(Value, Vec<OwnedFd>)> {
-        tokio::time::timeout(within, self.recv())
+        let deadlines = self.deadlines.clone();
+        deadlines
+            .timeout(within, self.recv())
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "takeover: no answer"))?
     }
@@ -362,7 +371,7 @@ impl Inherited {
 
 /// In a new process: takes over from the proxy serving `path`. `Ok(None)`: nobody serves it
 /// (nothing there, or a stale socket): start fresh.
-pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
+pub async fn receive(path: &Path, deadlines: &Deadlines) -> io::Result<Option<Inherited>> {
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e)
@@ -379,7 +388,7 @@ pub async fn receive(path: &Path) -> io::Result<Option<Inherited>> {
     // of this user (a socket at PATH bound by someone else is not the proxy to take over).
     same_user(&stream)?;
     let token = std::fs::read_to_string(token_path(path))?;
-    let mut channel = Channel::new(stream);
+    let mut channel = Channel::new(stream, deadlines.clone());
     channel
         .send(json!({"takeover": VERSION, "token": token.trim()}), &[])
         .await?;
@@ -538,7 +547,7 @@ pub async fn serve(
     offered: Offer,
     ((handover, mut handoff), endpoint): ((Arc<Handover>, Handoff), AdminHandoff),
     shutdown: CancellationToken,
-    sessions_done: CancellationToken,
+    (sessions_done, deadlines): (CancellationToken, Deadlines),
 ) {
     let Socket {
         mut listener,
@@ -553,7 +562,7 @@ pub async fn serve(
                     Ok((s, _)) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "takeover socket: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        deadlines.sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
@@ -562,7 +571,7 @@ pub async fn serve(
                     return;
                 }
             };
-            match admit(stream, &token).await {
+            match admit(stream, &token, &deadlines).await {
                 Ok(admitted) => break admitted,
                 Err(e) => tracing::warn!(error = %e, "takeover refused"),
             }
@@ -614,7 +623,8 @@ pub async fn serve(
     let mut gone = false;
     if version >= 2 {
         endpoint.stop.cancel();
-        if tokio::time::timeout(ADMIN_CLOSE, endpoint.closed.cancelled())
+        if deadlines
+            .timeout(ADMIN_CLOSE, endpoint.closed.cancelled())
             .await
             .is_err()
         {
@@ -716,9 +726,13 @@ async fn hand_sessions(
 }
 
 /// Checks a takeover request: the same user at the other end, and the token.
-async fn admit(stream: UnixStream, token: &str) -> io::Result<(Channel, u64)> {
+async fn admit(
+    stream: UnixStream,
+    token: &str,
+    deadlines: &Deadlines,
+) -> io::Result<(Channel, u64)> {
     same_user(&stream)?;
-    let mut channel = Channel::new(stream);
+    let mut channel = Channel::new(stream, deadlines.clone());
     let (message, _) = channel.recv_within(STEP).await?;
     let offered = message["token"].as_str().unwrap_or_default();
     let version = message["takeover"].as_u64().unwrap_or(1);
@@ -804,7 +818,7 @@ mod tests {
             return cannot_check();
         };
         let _foreign = foreign.expect("the other user binds");
-        let Err(refused) = receive(&path).await else {
+        let Err(refused) = receive(&path, &Deadlines::default()).await else {
             panic!("a proxy of another user taken over")
         };
         assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
@@ -819,7 +833,7 @@ mod tests {
             .expect("CAP_SETUID, as above");
         let _client = client.expect("the other user connects");
         let (stream, _) = socket.listener.accept().await.unwrap();
-        let Err(refused) = admit(stream, &socket.token).await else {
+        let Err(refused) = admit(stream, &socket.token, &Deadlines::default()).await else {
             panic!("a process of another user admitted")
         };
         assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
@@ -895,7 +909,10 @@ mod handing {
     #[tokio::test]
     async fn a_failed_send_leaves_the_sessions_on_the_wire_to_their_answers() {
         let (old, new) = UnixStream::pair().unwrap();
-        let (mut old, mut new) = (Channel::new(old), Channel::new(new));
+        let (mut old, mut new) = (
+            Channel::new(old, Deadlines::default()),
+            Channel::new(new, Deadlines::default()),
+        );
         let (handover, mut handoff) = Handover::new();
         let done = CancellationToken::new();
         let server = {

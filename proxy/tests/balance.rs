@@ -1,4 +1,8 @@
 //! Spread, weights, failover and retries, with real sockets on 127.0.0.1.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

@@ -1,6 +1,10 @@
 //! Gateways found in DNS, against a real DNS server started by the test (hickory-server)
 //! whose records the test changes: scale up, scale down, an empty answer, NXDOMAIN, a server
 //! that stops answering, a flapping record, an answer too large to take whole.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

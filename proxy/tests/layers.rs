@@ -1,6 +1,10 @@
 //! The proxy crate's layers: each module may name only the modules below it (listed before
 //! it here, as in `docs/architecture.md`, "The proxy crate's modules"), so no import circle
 //! can come back unnoticed. Unit tests inside a module (`mod tests`) are not counted.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 use std::collections::BTreeSet;
 use std::path::Path;

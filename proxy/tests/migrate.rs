@@ -1,6 +1,10 @@
 //! Terminate mode moves sessions between gateways without the device noticing: a crash, a
 //! GOAWAY, garbage from the gateway, a drain by moving, rebalancing; tickets carry the app
 //! state, the replay window covers what they do not, answers reach the device exactly once.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

@@ -1,6 +1,10 @@
 //! QUIC devices (`--quic-listen`): the session on the connection's first stream, through the
 //! same anchor as TCP devices: moves with its state, survives the device's change of address,
 //! one session per connection, garbage datagrams ignored.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

@@ -1,6 +1,10 @@
 //! Config reload (`POST /api/reload`, SIGHUP): the difference is applied through the live
 //! snapshot — gateways added, removed (drained), replaced, re-weighted, routes, health
 //! settings, timeouts, the terminate-mode certificate — and a bad file changes nothing.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

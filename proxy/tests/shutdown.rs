@@ -1,4 +1,8 @@
 //! Graceful shutdown: stop accepting, let sessions finish for the grace period, then close.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 
@@ -69,5 +73,67 @@ async fn shutdown_returns_at_once_when_no_session_is_open() {
     assert!(
         matches!(result, Ok(Ok(Ok(())))),
         "did not wait out the 60s grace: {result:?}"
+    );
+}
+
+/// A passthrough proxy's sessions run on a runtime with no time driver
+/// (`wasmbed_proxy::data_plane_timers`; the binary builds it so): everything the data plane
+/// waits on — the first probe round, a ClientHello's and a connect's bounds, the accept
+/// loop, the takeover socket, the grace at a stop — is armed on another thread. A timer made
+/// on the data plane would be a panic there (tokio's "timers are disabled"), caught by the
+/// runtime and lost with its task: the hook counts the panics on that thread.
+#[tokio::test]
+async fn a_passthrough_proxy_runs_without_a_time_driver() {
+    static PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    const THREAD: &str = "data-plane-without-timers";
+    let _serial = serial().await;
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some(THREAD) {
+            PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    let backend = Backend::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(vec![backend.gateway("gw")]);
+    c.grace = Duration::from_millis(300);
+    c.takeover = Some(dir.path().join("takeover.sock"));
+    assert!(!wasmbed_proxy::data_plane_timers(&c));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (bound, addr) = tokio::sync::oneshot::channel();
+    let stop = shutdown.clone();
+    let data_plane = std::thread::Builder::new()
+        .name(THREAD.into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let proxy = wasmbed_proxy::Proxy::bind(c).await?;
+                let _ = bound.send(proxy.listen_addrs()[0]);
+                proxy.run(stop).await
+            })
+        })
+        .unwrap();
+    let addr = addr.await.expect("the proxy bound");
+    // A session through it (its ClientHello's and connect's bounds armed), still open at
+    // the stop: the grace runs out and the proxy closes it.
+    let mut live = device(addr).await;
+    live.write_all(b"through").await.unwrap();
+    let mut b = [0u8; 7];
+    live.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"through");
+    shutdown.cancel();
+    assert_eq!(closed(&mut live, Duration::from_secs(5)).await, 0);
+    let ended = tokio::task::spawn_blocking(move || data_plane.join())
+        .await
+        .unwrap();
+    assert!(matches!(ended, Ok(Ok(()))), "{ended:?}");
+    assert_eq!(
+        PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a panic on the data plane (a timer made there?)"
     );
 }

@@ -1,5 +1,9 @@
 //! Passthrough forwarding by splice(2) (`--splice on`): every byte arrives, in order, both
 //! ways; half-closes pass; an idle session holds no pipe.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

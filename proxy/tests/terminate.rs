@@ -1,5 +1,9 @@
 //! Terminate mode: TLS ends at the proxy, device certificates are checked, plaintext (or TLS)
 //! goes on to the gateway.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests make their timers on runtimes with a time driver (proxy/clippy.toml)"
+)]
 
 mod support;
 

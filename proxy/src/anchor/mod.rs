@@ -14,6 +14,11 @@
 //! session moves. Per session the proxy holds the frames of the window (bounded by
 //! `--replay-window`: past it, the device is not read) and the ticket.
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "terminate mode only, whose data plane keeps its time driver (`data_plane_timers`)"
+)]
+
 pub mod core;
 
 use std::future::Future;

@@ -9,6 +9,11 @@
 //! 0-RTT is off: a device's first bytes are a HELLO and DATA, which must not be replayable
 //! (an attacker could replay a captured 0-RTT flight and have DATA run twice).
 
+#![expect(
+    clippy::disallowed_methods,
+    reason = "with a QUIC listener only, whose data plane keeps its time driver (`data_plane_timers`)"
+)]
+
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;

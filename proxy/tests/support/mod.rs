@@ -239,9 +239,15 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
     c
 }
 
-pub async fn start(config: ProxyConfig) -> RunningProxy {
+/// One running proxy per test process at a time (metrics are process-wide: see
+/// [`RunningProxy`]); [`start`] takes it, a test running a proxy its own way takes it too.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let serial = SERIAL.lock().await;
+    SERIAL.lock().await
+}
+
+pub async fn start(config: ProxyConfig) -> RunningProxy {
+    let serial = serial().await;
     let proxy = Proxy::bind(config).await.unwrap();
     let addrs = proxy.listen_addrs();
     let addr = addrs[0];
