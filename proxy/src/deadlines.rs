@@ -14,8 +14,10 @@
 //! timeout), does not wake it. The rare deadline that expires wakes its session from that
 //! thread, as a gateway's cut does.
 //!
-//! What stays in the data plane's wheel: timers that are not a connection's bounds (the
-//! accept loop's backoff, a terminated session's own timer, quinn's).
+//! The data plane's other waits are armed here too ([`Deadlines::sleep`]: the accept loop's
+//! back-off, the stop's grace, a takeover's steps), so that a passthrough proxy's data plane
+//! runs with no time driver at all ([`data_plane_timers`]). What stays in the data plane's
+//! wheel, in the modes that keep one: a terminated session's own timer, quinn's.
 
 #![expect(
     clippy::disallowed_methods,
