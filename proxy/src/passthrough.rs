@@ -22,8 +22,36 @@ use crate::upstream::{connect, wants_proxy_header};
 pub(crate) async fn passthrough(
     ctx: &Context,
     listener: &ListenerConfig,
-    mut device: TcpStream,
+    device: TcpStream,
 ) -> Result<(), Refused> {
+    // The way in (the hello, the route, the gateway's connect) boxed: its state is needed for
+    // a moment, and a task keeps its future's largest state for its whole life. What stays
+    // is the forwarding's: the task is small enough for glibc to serve its cell from a small
+    // bin (docs/performance.md, "A passthrough session's task under 1 KiB").
+    let (mut device, mut gateway, lease) = Box::pin(open(ctx, listener, device)).await?;
+    if ctx.handover.is_some() {
+        // `--takeover`: a session that may move to a new process (boxed: its state is
+        // larger, and a proxy without --takeover should not carry it in every session).
+        Counts::bump(&lease.gateway().counts.sessions_started);
+        tracing::Span::current().record("gateway", lease.gateway().name.as_str());
+        Box::pin(forward_until_handed(ctx, device, gateway, lease)).await;
+        return Ok(());
+    }
+    let forwarding = forwarding(ctx, &mut device, &mut gateway);
+    if forward::supervise(ctx, &lease, forwarding).await.is_some() {
+        reset_on_close(&device);
+    }
+    Ok(())
+}
+
+/// A passthrough session's way in: the ClientHello peeked within `handshake_timeout`, the
+/// pools it routes to, a gateway connected and sent the bytes read so far. Returns the
+/// device, the gateway and the lease that counts the session on it.
+async fn open(
+    ctx: &Context,
+    listener: &ListenerConfig,
+    mut device: TcpStream,
+) -> Result<(TcpStream, TcpStream, Lease), Refused> {
     let started = tokio::time::Instant::now();
     let (prefix, hello) = {
         let mut reading = std::pin::pin!(read_hello(&mut device, ctx.config.max_client_hello));
@@ -65,24 +93,10 @@ pub(crate) async fn passthrough(
     };
     let pools = pools_for(ctx, matched);
     drop(alpn);
-    // Boxed: the connect state is only needed for a moment.
-    let opening = open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix);
-    let (lease, mut gateway) = Box::pin(opening).await?;
+    let (lease, gateway) =
+        open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix).await?;
     ctx.meters.bytes_up.increment(prefix.len() as u64);
-    drop(prefix);
-    if ctx.handover.is_some() {
-        // `--takeover`: a session that may move to a new process (boxed: its state is
-        // larger, and a proxy without --takeover should not carry it in every session).
-        Counts::bump(&lease.gateway().counts.sessions_started);
-        tracing::Span::current().record("gateway", lease.gateway().name.as_str());
-        Box::pin(forward_until_handed(ctx, device, gateway, lease)).await;
-        return Ok(());
-    }
-    let forwarding = forwarding(ctx, &mut device, &mut gateway);
-    if forward::supervise(ctx, &lease, forwarding).await.is_some() {
-        reset_on_close(&device);
-    }
-    Ok(())
+    Ok((device, gateway, lease))
 }
 
 /// A passthrough session's forwarding, with this context's meters and settings.

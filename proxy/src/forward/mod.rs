@@ -468,30 +468,59 @@ impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
 /// Runs a session's forwarding until it ends, its gateway goes down, or the grace period of a
 /// shutdown is over. Returns the cause when the proxy cut the session: the caller then closes
 /// the device's connection with a reset, so the device reconnects at once.
-pub(crate) async fn supervise(
-    ctx: &crate::context::Context,
-    lease: &crate::balancer::Lease,
-    forwarding: impl Future<Output = Result<(), Failure>>,
-) -> Option<Cancel> {
+///
+/// A future of its own rather than an `async fn`: an `async fn` keeps its argument (the
+/// forwarding) and the `select!` it is moved into side by side, and a session's task carries
+/// both for its life (408 bytes against 200; `session::tests::session_tasks_stay_small`).
+pub(crate) fn supervise<'a, F: Future<Output = Result<(), Failure>>>(
+    ctx: &'a crate::context::Context,
+    lease: &'a crate::balancer::Lease,
+    forwarding: F,
+) -> Supervised<'a, F> {
     let gateway = lease.gateway();
     Counts::bump(&gateway.counts.sessions_started);
     tracing::Span::current().record("gateway", gateway.name.as_str());
     // One trigger ends the session: the gateway's, which fires when it goes down and, at the
-    // end of a shutdown's grace period, for every gateway. Polled after the forwarding at
-    // every wake-up: a flag read (`wasmbed_certs::Fired`). `biased` also decides a tie: a
-    // forwarding that ends in the poll the cut comes in counts as ended, not cut.
-    let cut = match gateway.cut_trigger() {
-        None => true,
-        Some(cut) => tokio::select! {
-            biased;
-            r = forwarding => {
-                ended(gateway, r);
-                false
-            }
-            _ = cut.fired() => true,
-        },
-    };
-    cut_cause(ctx, gateway, cut)
+    // end of a shutdown's grace period, for every gateway. `None`: the gateway is down
+    // already (cut at once, the forwarding never polled).
+    let cut = gateway.cut_trigger().map(|t| t.fired());
+    Supervised {
+        forwarding,
+        cut,
+        ctx,
+        gateway,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`supervise`]'s future.
+    pub(crate) struct Supervised<'a, F> {
+        #[pin]
+        forwarding: F,
+        cut: Option<wasmbed_certs::Fired>,
+        ctx: &'a crate::context::Context,
+        gateway: &'a crate::balancer::Gateway,
+    }
+}
+
+impl<F: Future<Output = Result<(), Failure>>> Future for Supervised<'_, F> {
+    type Output = Option<Cancel>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Cancel>> {
+        let this = self.project();
+        // The forwarding first, then the cut: a flag read (`wasmbed_certs::Fired`) at every
+        // wake-up. The order also decides a tie: a forwarding that ends in the poll the cut
+        // comes in counts as ended, not cut.
+        let Some(cut) = this.cut.as_mut() else {
+            return Poll::Ready(cut_cause(this.ctx, this.gateway, true));
+        };
+        if let Poll::Ready(r) = this.forwarding.poll(cx) {
+            ended(this.gateway, r);
+            return Poll::Ready(cut_cause(this.ctx, this.gateway, false));
+        }
+        ready!(Pin::new(cut).poll(cx));
+        Poll::Ready(cut_cause(this.ctx, this.gateway, true))
+    }
 }
 
 /// How a watched session's forwarding stopped.
