@@ -93,8 +93,10 @@ async fn open(
     };
     let pools = pools_for(ctx, matched);
     drop(alpn);
-    let (lease, gateway) =
-        open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix).await?;
+    // Boxed apart too: with the hello's state beside it, the way in would be past the sizes
+    // glibc's per-thread cache keeps (1,032 bytes), and come from its large bins.
+    let opening = open_passthrough(ctx, pools, (&device, sni, listener.addr), &prefix);
+    let (lease, gateway) = Box::pin(opening).await?;
     ctx.meters.bytes_up.increment(prefix.len() as u64);
     Ok((device, gateway, lease))
 }
@@ -372,5 +374,48 @@ mod tests {
         let mut device = Chunks::new(&[&hello[..hello.len() - 1]]);
         let refused = read_hello(&mut device, MAX).await.expect_err("closed");
         assert_eq!(refused.reason, Refusal::ClientClosed);
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    /// A passthrough session's way in is two boxes, each allocated and freed once per
+    /// connection: each within the block sizes glibc's per-thread cache keeps (up to 1,032
+    /// bytes), so that neither comes from its bins (`passthrough`; as one box, 1,248 bytes,
+    /// it came from the large bins: `_int_malloc` +418 instructions per connection,
+    /// docs/performance.md, "A passthrough session's task under 1 KiB").
+    #[tokio::test]
+    async fn the_way_in_fits_glibcs_per_thread_cache() {
+        const CACHED: usize = 1032;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config =
+            wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+        let gateways = std::sync::Arc::new(crate::balancer::GatewaySet::new(
+            &config.gateways,
+            std::time::Duration::ZERO,
+        ));
+        let device_tls = std::sync::Arc::new(crate::tls::DeviceTls::load(&config).unwrap());
+        let ctx = crate::context::Context::new(
+            config,
+            gateways,
+            (device_tls, None),
+            wasmbed_certs::Trigger::new(),
+            crate::Deadlines::default(),
+        );
+        let device = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let size = std::mem::size_of_val(&super::open(&ctx, &ctx.config.listeners[0], device));
+        assert!(size <= CACHED, "the way in grew to {size} bytes");
+        let device = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let matched = crate::route::Matched {
+            sni: None,
+            alpn: &crate::clienthello::NO_ALPN,
+            cert: None,
+        };
+        let pools = crate::route::pools_for(&ctx, matched);
+        let listening = ctx.config.listeners[0].addr;
+        let opening = super::open_passthrough(&ctx, pools, (&device, None, listening), &[]);
+        let size = std::mem::size_of_val(&opening);
+        assert!(size <= CACHED, "the gateway's connect grew to {size} bytes");
     }
 }
