@@ -17,7 +17,9 @@
 //! The data plane's other waits are armed here too ([`Deadlines::sleep`]: the accept loop's
 //! back-off, the stop's grace, a takeover's steps), so that a passthrough proxy's data plane
 //! runs with no time driver at all ([`data_plane_timers`]). What stays in the data plane's
-//! wheel, in the modes that keep one: a terminated session's own timer, quinn's.
+//! wheel, in terminate mode (which keeps one): a terminated session's own timer and its
+//! close's bound, quinn's (QUIC devices, the link) and the link's keep-alive, the
+//! rebalancer's tick.
 
 #![expect(
     clippy::disallowed_methods,
@@ -130,13 +132,14 @@ impl<F: Future> Future for Bounded<'_, F> {
 /// Whether the runtime the sessions run on needs a time driver of its own under `config`.
 ///
 /// Why it matters: a runtime with a time driver reads the clock and locks its wheel on every
-/// park, empty wheel or not: 2.2k instructions per TLS passthrough connection on tokio's own
+/// park, empty wheel or not: 2.5k instructions per TLS passthrough connection on tokio's own
 /// floor (docs/performance.md, "A data plane without a time driver"). In passthrough mode
 /// every timer the data plane waits on is armed here ([`Deadlines`]) or runs on a control
 /// thread (probes, discovery, the dashboard), so the runtime can do without one. Terminated
 /// sessions keep timers of their own (the anchor's), and quinn arms its timers in the runtime
-/// its endpoint runs on (QUIC devices, the link): with either, the data plane keeps one. Both
-/// are fixed at start (a reload keeps `mode` and `--quic-listen`). Every other timer in this
+/// its endpoint runs on (QUIC devices, the link: both need terminate mode, checked here all
+/// the same): with either, the data plane keeps one. All are fixed at start (a reload keeps
+/// `mode`, `--quic-listen` and `--upstream`). Every other timer in this
 /// crate is a `clippy::disallowed_methods` exception that says where it runs
 /// (`proxy/clippy.toml`).
 pub fn data_plane_timers(config: &wasmbed_config::ProxyConfig) -> bool {

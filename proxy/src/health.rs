@@ -7,7 +7,7 @@
 
 #![expect(
     clippy::disallowed_methods,
-    reason = "the probes run on the probes' thread, the first round there or on the admin thread (`first_round_on`)"
+    reason = "the probes run on the probes' thread; the first round there (`first_round_on`) or on the admin thread (an added gateway's)"
 )]
 
 use std::sync::Arc;

@@ -362,7 +362,8 @@ impl Proxy {
             let (live, sessions_t) = (live.clone(), sessions.clone());
             accepting.spawn(listener::accept_loop(
                 listener,
-                (limit.clone(), ctx.deadlines.clone()),
+                limit.clone(),
+                ctx.deadlines.clone(),
                 stop_accepting.clone(),
                 move |a| {
                     let ctx = live.context();
@@ -412,7 +413,8 @@ impl Proxy {
                 offer,
                 (handoff, admin),
                 shutdown.clone(),
-                (sessions_done.clone(), live.context().deadlines.clone()),
+                sessions_done.clone(),
+                live.context().deadlines.clone(),
             ));
             if let Some(inherited) = inherited {
                 let (live, sessions, limit) = (live.clone(), sessions.clone(), limit.clone());

@@ -58,7 +58,8 @@ pub struct Accepted {
 /// accept loop's waits and the sessions' series").
 pub async fn accept_loop(
     listener: TcpListener,
-    (limit, deadlines): (Arc<Semaphore>, Deadlines),
+    limit: Arc<Semaphore>,
+    deadlines: Deadlines,
     stop: Trigger,
     mut handle: impl FnMut(Accepted),
 ) {
@@ -172,7 +173,8 @@ mod tests {
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(super::accept_loop(
             listener,
-            (limit, crate::Deadlines::default()),
+            limit,
+            crate::Deadlines::default(),
             stop.clone(),
             handle,
         ))

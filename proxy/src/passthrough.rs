@@ -375,10 +375,7 @@ mod tests {
         let refused = read_hello(&mut device, MAX).await.expect_err("closed");
         assert_eq!(refused.reason, Refusal::ClientClosed);
     }
-}
 
-#[cfg(test)]
-mod sizes {
     /// A passthrough session's way in is two boxes, each allocated and freed once per
     /// connection: each within the block sizes glibc's per-thread cache keeps (up to 1,032
     /// bytes), so that neither comes from its bins (`passthrough`; as one box, 1,248 bytes,

@@ -172,7 +172,7 @@ mod tests {
     use crate::balancer::GatewaySet;
 
     /// An idle passthrough session's memory is mostly its task, that is this future: keep it
-    /// small (about 0.9 KiB in release, 1.2 KiB in debug builds). Large states (connect, TLS,
+    /// small (584 bytes). Large states (connect, TLS,
     /// a `--takeover` session's movable forwarding) are boxed so they are freed once done, or
     /// carried only where used (the box's pointer: 8 bytes).
     #[tokio::test]

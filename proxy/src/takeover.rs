@@ -547,7 +547,8 @@ pub async fn serve(
     offered: Offer,
     ((handover, mut handoff), endpoint): ((Arc<Handover>, Handoff), AdminHandoff),
     shutdown: CancellationToken,
-    (sessions_done, deadlines): (CancellationToken, Deadlines),
+    sessions_done: CancellationToken,
+    deadlines: Deadlines,
 ) {
     let Socket {
         mut listener,
