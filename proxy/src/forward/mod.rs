@@ -481,16 +481,7 @@ pub(crate) fn supervise<'a, F: Future<Output = Result<(), Failure>>>(
     let gateway = lease.gateway();
     Counts::bump(&gateway.counts.sessions_started);
     tracing::Span::current().record("gateway", gateway.name.as_str());
-    // One trigger ends the session: the gateway's, which fires when it goes down and, at the
-    // end of a shutdown's grace period, for every gateway. `None`: the gateway is down
-    // already (cut at once, the forwarding never polled).
-    let cut = gateway.cut_trigger().map(|t| t.fired());
-    Supervised {
-        forwarding,
-        cut,
-        ctx,
-        gateway,
-    }
+    Supervised::new(ctx, gateway, forwarding)
 }
 
 pin_project_lite::pin_project! {
@@ -502,6 +493,26 @@ pin_project_lite::pin_project! {
         cut: Option<wasmbed_certs::Fired>,
         ctx: &'a crate::context::Context,
         gateway: &'a crate::balancer::Gateway,
+    }
+}
+
+impl<'a, F> Supervised<'a, F> {
+    /// Without counting the session started ([`supervise`] does; [`watch`]'s caller has).
+    fn new(
+        ctx: &'a crate::context::Context,
+        gateway: &'a crate::balancer::Gateway,
+        forwarding: F,
+    ) -> Supervised<'a, F> {
+        // One trigger ends the session: the gateway's, which fires when it goes down and, at
+        // the end of a shutdown's grace period, for every gateway. `None`: the gateway is
+        // down already (cut at once, the forwarding never polled).
+        let cut = gateway.cut_trigger().map(|t| t.fired());
+        Supervised {
+            forwarding,
+            cut,
+            ctx,
+            gateway,
+        }
     }
 }
 
@@ -542,28 +553,19 @@ pub(crate) async fn watch(
     forwarding: impl Future<Output = Result<(), Failure>>,
     hand_over: Option<&wasmbed_certs::Trigger>,
 ) -> Watched {
-    let gateway = lease.gateway();
     let handing = async {
         match hand_over {
             Some(t) => t.fired().await,
             None => std::future::pending().await,
         }
     };
-    // `biased`: forwarding, then the cut, then the hand-over (a session cut as the hand-over
-    // comes is cut, not handed over).
-    let cut = match gateway.cut_trigger() {
-        None => true,
-        Some(cut) => tokio::select! {
-            biased;
-            r = forwarding => {
-                ended(gateway, r);
-                false
-            }
-            _ = cut.fired() => true,
-            _ = handing => return Watched::HandOver,
-        },
-    };
-    Watched::Ended(cut_cause(ctx, gateway, cut))
+    // `biased`: the supervised forwarding (the forwarding, then the cut), then the hand-over
+    // (a session cut as the hand-over comes is cut, not handed over).
+    tokio::select! {
+        biased;
+        cut = Supervised::new(ctx, lease.gateway(), forwarding) => Watched::Ended(cut),
+        _ = handing => Watched::HandOver,
+    }
 }
 
 /// A forwarding that ended by itself: an error on the gateway's side has it probed now.
