@@ -614,6 +614,88 @@ mod tests {
         (a, b)
     }
 
+    /// The cut's order, for both ways a session is watched ([`supervise`], and [`watch`] with
+    /// a `--takeover`): the forwarding, then the gateway's cut, then (watch) the hand-over. A
+    /// forwarding that ends in the poll its cut comes in counts as ended; a cut that comes with
+    /// the hand-over wins. Each case: polled once (waiting), then its forwarding's end and its
+    /// triggers come, then polled again.
+    #[tokio::test]
+    async fn a_session_ends_then_is_cut_then_is_handed_over() {
+        #[derive(Debug, PartialEq)]
+        enum Seen {
+            Pending,
+            Ended(Option<Cancel>),
+            HandOver,
+        }
+        let config =
+            wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
+        let gateways = std::sync::Arc::new(crate::balancer::GatewaySet::new(
+            &config.gateways,
+            std::time::Duration::ZERO,
+        ));
+        let device_tls = std::sync::Arc::new(crate::tls::DeviceTls::load(&config).unwrap());
+        let ctx = crate::context::Context::new(
+            config,
+            gateways,
+            (device_tls, None),
+            wasmbed_certs::Trigger::new(),
+            crate::Deadlines::default(),
+        );
+        let name = ctx.gateways.snapshot()[0].name.clone();
+        // (forwarding ends, cut, hand-over) -> what supervise sees, what watch sees.
+        let cases = [
+            ((false, false, false), Seen::Pending, Seen::Pending),
+            ((true, true, true), Seen::Ended(None), Seen::Ended(None)),
+            (
+                (false, true, true),
+                Seen::Ended(Some(Cancel::GatewayDown)),
+                Seen::Ended(Some(Cancel::GatewayDown)),
+            ),
+            ((false, false, true), Seen::Pending, Seen::HandOver),
+        ];
+        for ((ends, cut, hand), supervised, watched) in cases {
+            let ended = std::cell::Cell::new(false);
+            let forwarding = || {
+                std::future::poll_fn(|_| match ended.get() {
+                    true => Poll::Ready(Ok::<(), Failure>(())),
+                    false => Poll::Pending,
+                })
+            };
+            let hand_over = wasmbed_certs::Trigger::new();
+            let lease = ctx.gateways.lease_on(&name).unwrap();
+            let mut a = std::pin::pin!(supervise(&ctx, &lease, forwarding()));
+            let mut b = std::pin::pin!(watch(&ctx, &lease, forwarding(), Some(&hand_over)));
+            let (waiting, want) = ((Seen::Pending, Seen::Pending), (supervised, watched));
+            for step in [false, true] {
+                if step {
+                    ended.set(ends);
+                    if cut {
+                        lease.gateway().cut_sessions();
+                    }
+                    if hand {
+                        hand_over.fire();
+                    }
+                }
+                let seen = std::future::poll_fn(|cx| {
+                    let a = match a.as_mut().poll(cx) {
+                        Poll::Pending => Seen::Pending,
+                        Poll::Ready(c) => Seen::Ended(c),
+                    };
+                    let b = match b.as_mut().poll(cx) {
+                        Poll::Pending => Seen::Pending,
+                        Poll::Ready(Watched::Ended(c)) => Seen::Ended(c),
+                        Poll::Ready(Watched::HandOver) => Seen::HandOver,
+                    };
+                    Poll::Ready((a, b))
+                })
+                .await;
+                let expected = if step { &want } else { &waiting };
+                let case = (ends, cut, hand, step);
+                assert_eq!(&seen, expected, "{case:?}");
+            }
+        }
+    }
+
     type Relay = tokio::task::JoinHandle<Result<(u64, u64), Failure>>;
 
     /// A device, a gateway and [`tcp`] forwarding between them in a task that returns the
