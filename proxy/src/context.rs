@@ -44,6 +44,28 @@ pub struct Context {
     pub deadlines: crate::deadlines::Deadlines,
 }
 
+#[cfg(test)]
+impl Context {
+    /// A context for tests: the default config with one gateway at 127.0.0.1:1 (never
+    /// dialled), its deadlines armed in the test's runtime.
+    pub(crate) fn for_tests() -> Context {
+        let config = wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"")
+            .expect("the test config");
+        let gateways = Arc::new(crate::balancer::GatewaySet::new(
+            &config.gateways,
+            std::time::Duration::ZERO,
+        ));
+        let device_tls = Arc::new(crate::tls::DeviceTls::load(&config).expect("no TLS files"));
+        Context::new(
+            config,
+            gateways,
+            (device_tls, None),
+            wasmbed_certs::Trigger::new(),
+            crate::Deadlines::default(),
+        )
+    }
+}
+
 impl Context {
     pub fn new(
         config: ProxyConfig,

@@ -386,20 +386,7 @@ mod tests {
         const CACHED: usize = 1032;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config =
-            wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
-        let gateways = std::sync::Arc::new(crate::balancer::GatewaySet::new(
-            &config.gateways,
-            std::time::Duration::ZERO,
-        ));
-        let device_tls = std::sync::Arc::new(crate::tls::DeviceTls::load(&config).unwrap());
-        let ctx = crate::context::Context::new(
-            config,
-            gateways,
-            (device_tls, None),
-            wasmbed_certs::Trigger::new(),
-            crate::Deadlines::default(),
-        );
+        let ctx = crate::context::Context::for_tests();
         let device = tokio::net::TcpStream::connect(addr).await.unwrap();
         let size = std::mem::size_of_val(&super::open(&ctx, &ctx.config.listeners[0], device));
         assert!(size <= CACHED, "the way in grew to {size} bytes");

@@ -166,10 +166,8 @@ mod tests {
     use std::sync::Arc;
 
     use tokio::net::TcpStream;
-    use wasmbed_config::ProxyConfig;
 
     use super::*;
-    use crate::balancer::GatewaySet;
 
     /// An idle passthrough session's memory is mostly its task, that is this future: keep it
     /// small (584 bytes). Large states (connect, TLS,
@@ -186,17 +184,8 @@ mod tests {
             peer: addr,
             permit: limit.clone().acquire_owned().await.unwrap(),
         };
-        let config = ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
-        let gateways = Arc::new(GatewaySet::new(&config.gateways, std::time::Duration::ZERO));
-        let listener_config = Arc::new(Listener::new(config.listeners[0].clone()));
-        let device_tls = Arc::new(crate::tls::DeviceTls::load(&config).unwrap());
-        let ctx = Arc::new(Context::new(
-            config,
-            gateways,
-            (device_tls, None),
-            wasmbed_certs::Trigger::new(),
-            crate::deadlines::Deadlines::default(),
-        ));
+        let ctx = Arc::new(Context::for_tests());
+        let listener_config = Arc::new(Listener::new(ctx.config.listeners[0].clone()));
         let session = serve_passthrough(ctx.clone(), listener_config.clone(), accepted);
         let size = std::mem::size_of_val(&session);
         // Its way in (hello, route, connect) is boxed apart; what stays is the forwarding's.

@@ -627,20 +627,7 @@ mod tests {
             Ended(Option<Cancel>),
             HandOver,
         }
-        let config =
-            wasmbed_config::ProxyConfig::from_toml("[[gateway]]\naddr = \"127.0.0.1:1\"").unwrap();
-        let gateways = std::sync::Arc::new(crate::balancer::GatewaySet::new(
-            &config.gateways,
-            std::time::Duration::ZERO,
-        ));
-        let device_tls = std::sync::Arc::new(crate::tls::DeviceTls::load(&config).unwrap());
-        let ctx = crate::context::Context::new(
-            config,
-            gateways,
-            (device_tls, None),
-            wasmbed_certs::Trigger::new(),
-            crate::Deadlines::default(),
-        );
+        let ctx = crate::context::Context::for_tests();
         let name = ctx.gateways.snapshot()[0].name.clone();
         // (forwarding ends, cut, hand-over) -> what supervise sees, what watch sees.
         let cases = [
