@@ -61,7 +61,7 @@ impl Context {
             gateways,
             (device_tls, None),
             wasmbed_certs::Trigger::new(),
-            crate::Deadlines::default(),
+            crate::deadlines::Deadlines::default(),
         )
     }
 }

@@ -174,7 +174,7 @@ mod tests {
         tokio::spawn(super::accept_loop(
             listener,
             limit,
-            crate::Deadlines::default(),
+            crate::deadlines::Deadlines::default(),
             stop.clone(),
             handle,
         ))
