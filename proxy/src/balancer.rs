@@ -445,6 +445,14 @@ impl Gateway {
         full * permille / 1000
     }
 
+    /// A session on this gateway starts forwarding: counted started, and the gateway named in
+    /// the session's span. One place for every kind of session (passthrough, its takeover
+    /// path, a terminated session's link to its gateway).
+    pub fn session_started(&self) {
+        Counts::bump(&self.counts.sessions_started);
+        tracing::Span::current().record("gateway", self.name.as_str());
+    }
+
     /// A trigger fired when this gateway goes down, for a session that holds a lease on it.
     /// `None` when the gateway went down in the meantime.
     pub fn cut_trigger(&self) -> Option<Trigger> {

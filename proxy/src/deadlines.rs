@@ -139,9 +139,8 @@ impl<F: Future> Future for Bounded<'_, F> {
 /// sessions keep timers of their own (the anchor's), and quinn arms its timers in the runtime
 /// its endpoint runs on (QUIC devices, the link: both need terminate mode, checked here all
 /// the same): with either, the data plane keeps one. All are fixed at start (a reload keeps
-/// `mode`, `--quic-listen` and `--upstream`). Every other timer in this
-/// crate is a `clippy::disallowed_methods` exception that says where it runs
-/// (`proxy/clippy.toml`).
+/// `mode`, `--quic-listen` and `--upstream`). Every other timer in this crate is a
+/// `clippy::disallowed_methods` exception that says where it runs (`proxy/clippy.toml`).
 pub fn data_plane_timers(config: &wasmbed_config::ProxyConfig) -> bool {
     config.mode == wasmbed_config::Mode::Terminate
         || config.quic.listen.is_some()

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use wasmbed_config::ListenerConfig;
 
-use crate::balancer::{Counts, Lease};
+use crate::balancer::Lease;
 use crate::clienthello::{self, Alpn, ClientHello, HelloError};
 use crate::context::Context;
 use crate::forward;
@@ -32,8 +32,7 @@ pub(crate) async fn passthrough(
     if ctx.handover.is_some() {
         // `--takeover`: a session that may move to a new process (boxed: its state is
         // larger, and a proxy without --takeover should not carry it in every session).
-        Counts::bump(&lease.gateway().counts.sessions_started);
-        tracing::Span::current().record("gateway", lease.gateway().name.as_str());
+        lease.gateway().session_started();
         Box::pin(forward_until_handed(ctx, device, gateway, lease)).await;
         return Ok(());
     }

@@ -38,7 +38,7 @@ use wasmbed_protocol::{Frame, Hello, Kind, Welcome};
 pub use self::core::{Cause, LINK_CHECK};
 use self::core::{Core, End, Phase, Settings, Step, Tally};
 
-use crate::balancer::{Cancel, Counts, Gateway, Lease, UNASSIGNED};
+use crate::balancer::{Cancel, Gateway, Lease, UNASSIGNED};
 use crate::context::Context;
 use crate::metric_names::{MOVES, REVOKED};
 use crate::tls::Upstream;
@@ -131,8 +131,7 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn new(lease: Lease, up: Box<dyn Upstream>) -> Link {
         let gateway = lease.gateway().clone();
-        Counts::bump(&gateway.counts.sessions_started);
-        tracing::Span::current().record("gateway", gateway.name.as_str());
+        gateway.session_started();
         let news = gateway.news();
         Link {
             news: Some(news),

@@ -19,7 +19,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::balancer::{Cancel, Counts};
+use crate::balancer::Cancel;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
@@ -479,8 +479,7 @@ pub(crate) fn supervise<'a, F: Future<Output = Result<(), Failure>>>(
     forwarding: F,
 ) -> Supervised<'a, F> {
     let gateway = lease.gateway();
-    Counts::bump(&gateway.counts.sessions_started);
-    tracing::Span::current().record("gateway", gateway.name.as_str());
+    gateway.session_started();
     Supervised::new(ctx, gateway, forwarding)
 }
 
