@@ -1,0 +1,231 @@
+//! The process's allocator: the C library's `malloc`, with small over-aligned blocks asked of
+//! `malloc` itself rather than of `posix_memalign`.
+//!
+//! Why: tokio aligns its task cells and its I/O registrations to 128 bytes (each on cache
+//! lines of its own). glibc (2.36 here) serves every such request the slow way: under the
+//! arena's lock it asks its bins for the size plus the alignment, cuts the block out, and frees
+//! the slack back into the bins; and the aligned block's `free` fills the per-thread cache,
+//! which `posix_memalign` never draws from. A TLS passthrough connection made three such
+//! blocks (its task and its two sockets' registrations): about 2k instructions of its ~28k
+//! (docs/performance.md, "Over-aligned blocks from glibc's per-thread cache").
+//!
+//! What: a block aligned to more than `malloc`'s own 16 bytes and at most 128, whose size with
+//! the alignment added is within glibc's per-thread cache (1,032 bytes), is taken from
+//! `malloc` with the alignment added to its size and handed out at the first aligned address
+//! past its start; the distance is kept in the byte before that address, for `free`. The
+//! price is memory: up to the alignment (128 bytes) more per such block, where
+//! `posix_memalign` gave the slack back. Every other request goes to [`System`] unchanged.
+//!
+//! Why `unsafe`, and only here: a global allocator is an `unsafe` trait, and it computes
+//! pointers. Every block handed out lies inside the block `malloc` returned, and the byte read
+//! back at `free` is one this module wrote, outside the caller's block.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+
+/// The allocator of the `wasmbed` binary, every role (see the module's documentation).
+pub struct Allocator;
+
+/// What `malloc` aligns every block to (glibc and musl on 64-bit targets; also what
+/// [`System`] relies on there). Smaller alignments need nothing.
+const MALLOC_ALIGN: usize = 16;
+
+/// The largest alignment served by padding: the distance to the aligned address (1 to the
+/// alignment) must fit the one byte kept before it.
+const MAX_PADDED_ALIGN: usize = 128;
+
+/// The largest request glibc's per-thread cache serves (`tcache_max_bytes`' default). Past it
+/// a padded block would come from the bins too, with the padding's memory and no gain.
+const CACHED: usize = 1032;
+
+/// The size asked of `malloc` for `layout`, if it is served by padding.
+fn padded(layout: Layout) -> Option<usize> {
+    let align = layout.align();
+    if align <= MALLOC_ALIGN || align > MAX_PADDED_ALIGN {
+        return None;
+    }
+    let size = layout.size().checked_add(align)?;
+    (size <= CACHED).then_some(size)
+}
+
+/// The layout of the block asked of `malloc` for a padded request of `size` bytes.
+fn outer(size: usize) -> Layout {
+    // SAFETY: `size` is at most CACHED, and MALLOC_ALIGN a power of two.
+    unsafe { Layout::from_size_align_unchecked(size, MALLOC_ALIGN) }
+}
+
+/// The first address aligned to `align` strictly past `raw`, with its distance from `raw`
+/// kept in the byte before it. Null stays null.
+///
+/// # Safety
+/// `raw` is null or the start of a block of at least `size + align` bytes (see [`padded`]),
+/// and `align` is a power of two of at most [`MAX_PADDED_ALIGN`].
+unsafe fn shift(raw: *mut u8, align: usize) -> *mut u8 {
+    if raw.is_null() {
+        return raw;
+    }
+    // 1..=align: the byte before the aligned address is inside the block, and the caller's
+    // `size` bytes after it end at most `align + size` bytes past `raw`.
+    let offset = align - (raw as usize & (align - 1));
+    // SAFETY: `offset <= align`, within the block (see above).
+    let aligned = unsafe { raw.add(offset) };
+    // SAFETY: `aligned - 1 >= raw`, inside the block; `offset <= 128` fits a byte.
+    unsafe { aligned.sub(1).write(offset as u8) };
+    aligned
+}
+
+/// The start of the `malloc` block a padded block `ptr` was handed out from.
+///
+/// # Safety
+/// `ptr` was returned by [`shift`].
+unsafe fn unshift(ptr: *mut u8) -> *mut u8 {
+    // SAFETY: `shift` wrote the distance in the byte before `ptr`, inside the same block.
+    let offset = usize::from(unsafe { ptr.sub(1).read() });
+    // SAFETY: `ptr - offset` is the start of that block.
+    unsafe { ptr.sub(offset) }
+}
+
+// SAFETY: every block comes from `System` (the C library's allocator); a padded block is
+// aligned as asked and lies inside the block `System` returned (see `shift`), and is given
+// back through the same `padded` decision, made on the same layout.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        match padded(layout) {
+            // SAFETY: the caller's contract, passed on.
+            None => unsafe { System.alloc(layout) },
+            // SAFETY: a block of `size` = the caller's size + the alignment.
+            Some(size) => unsafe { shift(System.alloc(outer(size)), layout.align()) },
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        match padded(layout) {
+            // SAFETY: the caller's contract, passed on.
+            None => unsafe { System.alloc_zeroed(layout) },
+            // SAFETY: as in `alloc`; the whole block is zeroed, the caller's part with it.
+            Some(size) => unsafe { shift(System.alloc_zeroed(outer(size)), layout.align()) },
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        match padded(layout) {
+            // SAFETY: the caller's contract, passed on.
+            None => unsafe { System.dealloc(ptr, layout) },
+            // SAFETY: `ptr` was allocated with this layout, so by `shift`, from a block of
+            // `outer(size)`.
+            Some(size) => unsafe { System.dealloc(unshift(ptr), outer(size)) },
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.align() <= MALLOC_ALIGN {
+            // SAFETY: the caller's contract, passed on; such blocks are never padded.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        // Over-aligned: a new block, the bytes copied, the old one freed (what `System` does
+        // for these too), each through the padding's decision for its own size.
+        let Ok(new_layout) = Layout::from_size_align(new_size, layout.align()) else {
+            return std::ptr::null_mut();
+        };
+        // SAFETY: `new_layout` has a non-zero size (the caller's contract for `new_size`).
+        let new = unsafe { self.alloc(new_layout) };
+        if !new.is_null() {
+            // SAFETY: both blocks hold at least the smaller size, and are distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every alignment and size around the padding's bounds: each block aligned as asked,
+    /// writable to its last byte without touching its neighbours' bookkeeping, and given back.
+    #[test]
+    fn blocks_are_aligned_and_whole() {
+        let mut held = Vec::new();
+        for align in [8, 16, 32, 64, 128, 256, 4096] {
+            for size in [1, 15, 16, 17, 100, 128, 200, 768, 904, 905, 1024, 4000] {
+                let Ok(layout) = Layout::from_size_align(size, align) else {
+                    continue;
+                };
+                for zeroed in [false, true] {
+                    // SAFETY: non-zero size.
+                    let p = unsafe {
+                        if zeroed {
+                            Allocator.alloc_zeroed(layout)
+                        } else {
+                            Allocator.alloc(layout)
+                        }
+                    };
+                    assert!(!p.is_null());
+                    assert_eq!(p as usize % align, 0, "size {size} align {align}");
+                    // SAFETY: `p` holds `size` bytes.
+                    let block = unsafe { std::slice::from_raw_parts_mut(p, size) };
+                    if zeroed {
+                        assert!(block.iter().all(|&b| b == 0), "size {size} align {align}");
+                    }
+                    block.fill(0xA5);
+                    held.push((p, layout));
+                }
+            }
+        }
+        for (p, layout) in held {
+            // SAFETY: allocated above with this layout.
+            let block = unsafe { std::slice::from_raw_parts(p, layout.size()) };
+            assert!(block.iter().all(|&b| b == 0xA5), "{layout:?} overwritten");
+            // SAFETY: allocated above with this layout, freed once.
+            unsafe { Allocator.dealloc(p, layout) };
+        }
+    }
+
+    /// A padded block grown past the padding's bound and shrunk back keeps its bytes and its
+    /// alignment.
+    #[test]
+    fn over_aligned_blocks_keep_their_bytes_when_resized() {
+        let layout = Layout::from_size_align(100, 128).unwrap();
+        assert!(padded(layout).is_some());
+        // SAFETY: non-zero size; each pointer is used with the layout it was made with.
+        unsafe {
+            let p = Allocator.alloc(layout);
+            assert!(!p.is_null());
+            for i in 0..100 {
+                p.add(i).write(i as u8);
+            }
+            let big = Allocator.realloc(p, layout, 3000);
+            assert!(!big.is_null());
+            assert_eq!(big as usize % 128, 0);
+            let big_layout = Layout::from_size_align(3000, 128).unwrap();
+            assert!(padded(big_layout).is_none());
+            let small = Allocator.realloc(big, big_layout, 50);
+            assert!(!small.is_null());
+            assert_eq!(small as usize % 128, 0);
+            for i in 0..50 {
+                assert_eq!(small.add(i).read(), i as u8);
+            }
+            Allocator.dealloc(small, Layout::from_size_align(50, 128).unwrap());
+        }
+    }
+
+    /// The padding's bounds: a passthrough session's task cell (768 bytes, held there by
+    /// `session::tests::session_tasks_stay_small`) and an I/O registration's `Arc` (256) are
+    /// padded; a terminated session's cell (1,024) would leave the per-thread cache padded,
+    /// and is not; `malloc`'s own alignment needs nothing.
+    #[test]
+    fn the_padding_bounds() {
+        assert_eq!(
+            padded(Layout::from_size_align(768, 128).unwrap()),
+            Some(896)
+        );
+        assert_eq!(
+            padded(Layout::from_size_align(256, 128).unwrap()),
+            Some(384)
+        );
+        assert_eq!(padded(Layout::from_size_align(1024, 128).unwrap()), None);
+        assert_eq!(padded(Layout::from_size_align(64, 16).unwrap()), None);
+    }
+}
