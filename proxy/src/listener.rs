@@ -81,10 +81,13 @@ pub async fn accept_loop(
             },
         };
         // `biased`, the stop first: a stop wins a tie with a waiting connection.
+        // `poll_accept`, not `accept()`: the latter's future joins the socket's list of
+        // waiters under its lock, and leaves it under the lock again, once per connection;
+        // `poll_accept` keeps the loop's one waker in the socket's reader slot.
         let accepted = tokio::select! {
             biased;
             _ = &mut stopped => return,
-            r = listener.accept() => r,
+            r = std::future::poll_fn(|cx| listener.poll_accept(cx)) => r,
         };
         match accepted {
             Ok((stream, peer)) => {
