@@ -6,7 +6,7 @@
 //! arena's lock it asks its bins for the size plus the alignment, cuts the block out, and frees
 //! the slack back into the bins; and the aligned block's `free` fills the per-thread cache,
 //! which `posix_memalign` never draws from. A TLS passthrough connection made three such
-//! blocks (its task and its two sockets' registrations): about 2k instructions of its ~28k
+//! blocks (its task and its two sockets' registrations): about 2k instructions of its ~27k
 //! (docs/performance.md, "Over-aligned blocks from glibc's per-thread cache").
 //!
 //! What: a block aligned to more than `malloc`'s own 16 bytes and at most 128, whose size with
@@ -35,7 +35,7 @@ const MAX_PADDED_ALIGN: usize = 128;
 
 /// The largest request glibc's per-thread cache serves (`tcache_max_bytes`' default). Past it
 /// a padded block would come from the bins too, with the padding's memory and no gain.
-const CACHED: usize = 1032;
+const TCACHE_MAX_BYTES: usize = 1032;
 
 /// The size asked of `malloc` for `layout`, if it is served by padding.
 fn padded(layout: Layout) -> Option<usize> {
@@ -44,12 +44,16 @@ fn padded(layout: Layout) -> Option<usize> {
         return None;
     }
     let size = layout.size().checked_add(align)?;
-    (size <= CACHED).then_some(size)
+    (size <= TCACHE_MAX_BYTES).then_some(size)
 }
 
 /// The layout of the block asked of `malloc` for a padded request of `size` bytes.
-fn outer(size: usize) -> Layout {
-    // SAFETY: `size` is at most CACHED, and MALLOC_ALIGN a power of two.
+///
+/// # Safety
+/// `size` is what [`padded`] returned: at most [`TCACHE_MAX_BYTES`].
+unsafe fn outer(size: usize) -> Layout {
+    debug_assert!(size <= TCACHE_MAX_BYTES);
+    // SAFETY: `size` is small (the caller's contract), and MALLOC_ALIGN a power of two.
     unsafe { Layout::from_size_align_unchecked(size, MALLOC_ALIGN) }
 }
 
@@ -57,8 +61,8 @@ fn outer(size: usize) -> Layout {
 /// kept in the byte before it. Null stays null.
 ///
 /// # Safety
-/// `raw` is null or the start of a block of at least `size + align` bytes (see [`padded`]),
-/// and `align` is a power of two of at most [`MAX_PADDED_ALIGN`].
+/// `raw` is null or the start of a block of the caller's size plus `align` bytes (what
+/// [`padded`] returned), and `align` is a power of two of at most [`MAX_PADDED_ALIGN`].
 unsafe fn shift(raw: *mut u8, align: usize) -> *mut u8 {
     if raw.is_null() {
         return raw;
@@ -207,7 +211,23 @@ mod tests {
             for i in 0..50 {
                 assert_eq!(small.add(i).read(), i as u8);
             }
-            Allocator.dealloc(small, Layout::from_size_align(50, 128).unwrap());
+            // Padded to padded, and a block aligned as `malloc`'s own (to `System`).
+            let small_layout = Layout::from_size_align(50, 128).unwrap();
+            let other = Allocator.realloc(small, small_layout, 300);
+            assert!(!other.is_null());
+            assert_eq!(other as usize % 128, 0);
+            for i in 0..50 {
+                assert_eq!(other.add(i).read(), i as u8);
+            }
+            Allocator.dealloc(other, Layout::from_size_align(300, 128).unwrap());
+            let plain_layout = Layout::from_size_align(40, 8).unwrap();
+            let plain = Allocator.alloc(plain_layout);
+            assert!(!plain.is_null());
+            plain.write(7);
+            let plain = Allocator.realloc(plain, plain_layout, 4000);
+            assert!(!plain.is_null());
+            assert_eq!(plain.read(), 7);
+            Allocator.dealloc(plain, Layout::from_size_align(4000, 8).unwrap());
         }
     }
 
@@ -226,6 +246,36 @@ mod tests {
             Some(384)
         );
         assert_eq!(padded(Layout::from_size_align(1024, 128).unwrap()), None);
+        assert_eq!(
+            padded(Layout::from_size_align(1000, 32).unwrap()),
+            Some(1032)
+        );
+        assert_eq!(padded(Layout::from_size_align(1001, 32).unwrap()), None);
+        assert_eq!(padded(Layout::from_size_align(64, 256).unwrap()), None);
         assert_eq!(padded(Layout::from_size_align(64, 16).unwrap()), None);
+    }
+
+    /// The handed-out address is strictly past the block's start, also when the start is
+    /// already aligned (the distance is then the whole alignment), and the distance read back
+    /// is the one written.
+    #[test]
+    fn the_distance_is_kept_before_the_block() {
+        #[repr(C, align(128))]
+        struct Block([u8; 512]);
+        let mut block = Block([0; 512]);
+        let base = block.0.as_mut_ptr();
+        for (start, align) in [(0, 128), (16, 128), (112, 128), (0, 32), (16, 32), (48, 64)] {
+            // SAFETY: `start + align + 16` bytes from `base` are inside `block`.
+            unsafe {
+                let raw = base.add(start);
+                let p = shift(raw, align);
+                assert_eq!(p as usize % align, 0);
+                assert!(
+                    p > raw && p <= raw.add(align),
+                    "start {start} align {align}"
+                );
+                assert_eq!(unshift(p), raw);
+            }
+        }
     }
 }

@@ -53,14 +53,14 @@ mod drain_cmd;
 mod stop;
 mod up;
 
-/// glibc's malloc by default, small over-aligned blocks from its per-thread cache
-/// ([`alloc`]); mimalloc with `--features mimalloc`. Measured side by side
-/// (docs/performance.md, "The allocator"): no CPU difference the peer bench can detect, the
-/// same per idle session, but glibc's holds 15-24 MiB less per proxy and showed no RSS step
-/// in a 40-minute soak where mimalloc's did.
+/// mimalloc with `--features mimalloc`; by default glibc's malloc (below). Measured side by
+/// side (docs/performance.md, "The allocator"): no CPU difference the peer bench can detect,
+/// the same per idle session, but glibc's holds 15-24 MiB less per proxy and showed no RSS
+/// step in a 40-minute soak where mimalloc's did.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// glibc's malloc, with small over-aligned blocks from its per-thread cache (`alloc`).
 #[cfg(not(feature = "mimalloc"))]
 #[global_allocator]
 static ALLOC: alloc::Allocator = alloc::Allocator;

@@ -81,9 +81,10 @@ pub async fn accept_loop(
             },
         };
         // `biased`, the stop first: a stop wins a tie with a waiting connection.
-        // `poll_accept`, not `accept()`: the latter's future joins the socket's list of
-        // waiters under its lock, and leaves it under the lock again, once per connection;
-        // `poll_accept` keeps the loop's one waker in the socket's reader slot.
+        // `poll_accept`, not `accept()`: the latter's future, made anew per connection, joins
+        // the socket's list of waiters and leaves it under the lock again at its drop;
+        // `poll_accept` keeps the loop's one waker in the socket's reader slot (still stored
+        // under that lock when nothing is waiting in the backlog).
         let accepted = tokio::select! {
             biased;
             _ = &mut stopped => return,

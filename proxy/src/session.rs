@@ -189,10 +189,12 @@ mod tests {
         let session = serve_passthrough(ctx.clone(), listener_config.clone(), accepted);
         let size = std::mem::size_of_val(&session);
         // Its way in (hello, route, connect) is boxed apart; what stays is the forwarding's.
-        // At most 656 bytes of future keep its cell at 768 (the layout below), and glibc then
-        // takes the cell's 128-aligned block from a small bin; the block of a larger cell
-        // comes from its large bins, and each request there first consolidates the fast bins
-        // (measured: docs/performance.md, "A passthrough session's task under 1 KiB").
+        // At most 656 bytes of future keep its cell at 768 (the layout below). The binary's
+        // allocator (src/alloc.rs) then takes the cell's 128-aligned block from glibc's
+        // per-thread cache, padded (768 + 128 <= 1,032); a larger cell leaves that cache
+        // for glibc's bins, and past 1,024 bytes its large bins, each request there first
+        // consolidating the fast bins (measured: docs/performance.md, "A passthrough
+        // session's task under 1 KiB" and "Over-aligned blocks from glibc's per-thread cache").
         assert!(size <= 656, "the session future grew to {size} bytes");
         drop(session);
         // A terminated session's first task (the handshake, boxed apart) ends once the
