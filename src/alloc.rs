@@ -100,8 +100,12 @@ unsafe impl GlobalAlloc for Allocator {
         match padded(layout) {
             // SAFETY: the caller's contract, passed on.
             None => unsafe { System.alloc(layout) },
-            // SAFETY: a block of `size` = the caller's size + the alignment.
-            Some(size) => unsafe { shift(System.alloc(outer(size)), layout.align()) },
+            Some(size) => {
+                #[cfg(test)]
+                tests::PADDED.with(|n| n.set(n.get() + 1));
+                // SAFETY: a block of `size` = the caller's size + the alignment.
+                unsafe { shift(System.alloc(outer(size)), layout.align()) }
+            }
         }
     }
 
@@ -150,6 +154,53 @@ unsafe impl GlobalAlloc for Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Padded blocks allocated on this thread (a `const` cell: reading it allocates
+        /// nothing, as an allocator needs).
+        pub(super) static PADDED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Padded blocks allocated on this thread while `f` runs.
+    fn padded_during(f: impl FnOnce()) -> usize {
+        let before = PADDED.with(Cell::get);
+        f();
+        PADDED.with(Cell::get) - before
+    }
+
+    /// tokio's own blocks, as this build lays them out, take the padded path: the task cell
+    /// of a future the size a passthrough session's may reach (656 bytes:
+    /// `session::tests::session_tasks_stay_small`) and a socket's I/O registration. A
+    /// terminated session's larger cell does not. Fails if tokio's layout moves a bound.
+    #[test]
+    fn tokios_blocks_take_the_padded_path() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        let session_sized = [1u8; 656];
+        let spawned = padded_during(|| {
+            drop(tokio::spawn(async move {
+                std::hint::black_box(&session_sized);
+            }))
+        });
+        assert_eq!(spawned, 1, "a passthrough-sized task's cell");
+        let registered = padded_during(|| {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            socket.set_nonblocking(true).unwrap();
+            drop(tokio::net::TcpListener::from_std(socket).unwrap());
+        });
+        assert_eq!(registered, 1, "a socket's registration");
+        let terminated_sized = [1u8; 872];
+        let larger = padded_during(|| {
+            drop(tokio::spawn(async move {
+                std::hint::black_box(&terminated_sized);
+            }))
+        });
+        assert_eq!(larger, 0, "a terminated-sized task's cell");
+    }
 
     /// Every alignment and size around the padding's bounds: each block aligned as asked,
     /// writable to its last byte without touching its neighbours' bookkeeping, and given back.
