@@ -71,6 +71,8 @@ unsafe fn shift(raw: *mut u8, align: usize) -> *mut u8 {
     if raw.is_null() {
         return raw;
     }
+    #[cfg(test)]
+    tests::PADDED.with(|n| n.set(n.get() + 1));
     // 1..=align: the byte before the aligned address is inside the block, and the caller's
     // `size` bytes after it end at most `align + size` bytes past `raw`.
     let offset = align - (raw as usize & (align - 1));
@@ -100,12 +102,8 @@ unsafe impl GlobalAlloc for Allocator {
         match padded(layout) {
             // SAFETY: the caller's contract, passed on.
             None => unsafe { System.alloc(layout) },
-            Some(size) => {
-                #[cfg(test)]
-                tests::PADDED.with(|n| n.set(n.get() + 1));
-                // SAFETY: a block of `size` = the caller's size + the alignment.
-                unsafe { shift(System.alloc(outer(size)), layout.align()) }
-            }
+            // SAFETY: a block of `size` = the caller's size + the alignment.
+            Some(size) => unsafe { shift(System.alloc(outer(size)), layout.align()) },
         }
     }
 
@@ -157,8 +155,8 @@ mod tests {
     use std::cell::Cell;
 
     thread_local! {
-        /// Padded blocks allocated on this thread (a `const` cell: reading it allocates
-        /// nothing, as an allocator needs).
+        /// Padded blocks handed out on this thread, by `alloc` or `alloc_zeroed` (a `const`
+        /// cell: reading it allocates nothing, as an allocator needs).
         pub(super) static PADDED: Cell<usize> = const { Cell::new(0) };
     }
 

@@ -150,8 +150,8 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
         config.max_connections,
         1 + u64::from(config.upstream == wasmbed_config::proxy::UpstreamMode::Tcp),
     );
-    // Passthrough: the sessions' runtime without a time driver (every
-    // wait it has is armed on the proxy's timer thread; `data_plane_timers`).
+    // Passthrough: the sessions' runtime without a time driver (every wait it has is armed
+    // on the proxy's timer thread; `data_plane_timers`).
     let timers = wasmbed_proxy::data_plane_timers(&config);
     let runtime = match build_runtime(config.threads, timers) {
         Ok(r) => r,
