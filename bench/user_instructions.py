@@ -8,7 +8,8 @@ Why beside user_sampled.py: user time is what a proxy's cost is judged by, but o
 host a proxy's sampled user time per connection spreads ±20% from round to round (NGINX 9.6 to
 27.6 µs in one sitting), so a cut of a few percent cannot be seen in it. An instruction count
 does not depend on what else the host runs: the same binary under the same load reads within
-a few percent run to run (how the event loop batches its wake-ups still varies), and the
+a few percent run to run (how many turns of its event loop a connection takes still
+varies: printed beside each run as event-loop waits per connection), and the
 functions a change removes show by name (`--by-function`). It is not time: a cache miss or a
 locked instruction counts as one instruction, and valgrind runs the proxy some 50 times
 slower, so its event loop may batch work differently than at full speed (the rate is kept
@@ -130,26 +131,57 @@ def instructions(paths):
     return total, strings
 
 
+# The call by which an event loop waits for its next events (mio's, through the binary's
+# `__wrap_` when its system calls skip glibc's cancellation points; NGINX's), counted per
+# connection beside the instructions: under valgrind how many turns a connection takes varies
+# from run to run (whether a socket's next event is already there when the loop comes back),
+# and each turn costs the runtime's whole path around it (~600 instructions in tokio).
+WAITS = re.compile(r"(__wrap_)?epoll_p?wait")
+
+
+def waits(paths):
+    """Calls into an event loop's wait (`WAITS`) in callgrind dumps: read from the dumps' call
+    lines (`cfn=` names the function called, `calls=` how many times), names compressed as
+    callgrind writes them (`(id) name` the first time, in an `fn=` or a `cfn=` line; `(id)`
+    after)."""
+    count = 0
+    for path in paths:
+        names, callee = {}, None
+        with open(path, errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition("=")
+                if key in ("fn", "cfn"):
+                    m = re.match(r"\((\d+)\)(?: (.*))?", value.strip())
+                    if m and m.group(2):
+                        names[m.group(1)] = m.group(2)
+                    if key == "cfn":
+                        callee = names.get(m.group(1)) if m else value.strip()
+                elif key == "calls" and callee and WAITS.fullmatch(callee):
+                    count += int(value.split()[0])
+    return count
+
+
 def by_function(out_dir, proxy, scenario):
-    """Instructions per connection by function (self cost), the mean over `proxy`'s runs."""
+    """Instructions per connection by function (self cost), the mean over `proxy`'s runs; and
+    the event-loop waits per connection of each run."""
     runs = sorted(glob.glob(os.path.join(out_dir, f"cg.{proxy}.{scenario}.*.conns")))
     if not runs:
         sys.exit(f"no runs of {proxy} ({scenario}) in {out_dir}")
-    per = {}
+    per, turns = {}, []
     for conns_file in runs:
         conns = int(open(conns_file).read())
         stem = conns_file[: -len(".conns")]
-        for dump in glob.glob(glob.escape(stem) + ".*.*"):
-            if dump.endswith(".conns"):
-                continue
+        dumps = [d for d in glob.glob(glob.escape(stem) + ".*.*") if not d.endswith(".conns")]
+        for dump in dumps:
             for fn, ir in flat_profile(dump):
                 per[fn] = per.get(fn, 0) + ir / conns / len(runs)
-    return per
+        turns.append(waits(dumps) / conns)
+    return per, turns
 
 
 def compare_by_function(a):
     name_a, name_b = a.by_function.split(",")
-    fa, fb = by_function(a.out, name_a, a.scenario), by_function(a.out, name_b, a.scenario)
+    (fa, wa), (fb, wb) = by_function(a.out, name_a, a.scenario), by_function(a.out, name_b, a.scenario)
     ta, tb = sum(fa.values()), sum(fb.values())
     if not ta or not tb:
         sys.exit(f"no instructions read from the runs of {name_b if ta else name_a}")
@@ -157,7 +189,8 @@ def compare_by_function(a):
     sb = tb - sum(v for f, v in fb.items() if STRINGS.fullmatch(f))
     print(f"{a.scenario}: user-mode instructions per connection (mean of the runs): "
           f"{name_a} {ta:,.0f}, {name_b} {tb:,.0f} ({ta / tb:.3f}×); without glibc's string functions "
-          f"{sa:,.0f} and {sb:,.0f} ({sa / sb:.3f}×)\n")
+          f"{sa:,.0f} and {sb:,.0f} ({sa / sb:.3f}×); event-loop waits per connection, each run: "
+          f"{name_a} {', '.join(f'{w:.2f}' for w in wa)}, {name_b} {', '.join(f'{w:.2f}' for w in wb)}\n")
     print(f"| function | {name_a} | {name_b} | {name_a} − {name_b} |\n|---|---:|---:|---:|")
     diffs = sorted(set(fa) | set(fb), key=lambda f: fa.get(f, 0) - fb.get(f, 0))
     if len(diffs) <= a.top:
@@ -245,20 +278,22 @@ def main():
                     sys.exit(f"{p}: no instruction counted (callgrind_control did not reach the process?)")
                 with open(stem + ".conns", "w") as c:
                     c.write(str(ok))
-                per[p].append(((total - strings) / ok, total / ok))
+                per[p].append(((total - strings) / ok, total / ok, waits(dumps) / ok))
                 print(f"round {r + 1}/{a.rounds} {p}: {ok} conns, {total / ok:,.0f} user-mode instructions/conn, "
-                      f"{(total - strings) / ok:,.0f} without glibc's string functions"
+                      f"{(total - strings) / ok:,.0f} without glibc's string functions, "
+                      f"{per[p][-1][2]:.2f} event-loop waits/conn"
                       f"{' [' + errors + ']' if errors else ''}", flush=True)
     finally:
         for b in backends:
             b.terminate()
             b.wait()
         shutil.rmtree(work, ignore_errors=True)
-    med = {p: [statistics.median(x[i] for x in per[p]) for i in (0, 1)] for p in proxies}
+    med = {p: [statistics.median(x[i] for x in per[p]) for i in (0, 1, 2)] for p in proxies}
     print("\n| proxy | user-mode instructions per connection, without glibc's string functions (median) "
-          "| all (median) | rounds (without) |\n|---|---:|---:|---|")
+          "| all (median) | rounds (without) | event-loop waits per connection, rounds |\n|---|---:|---:|---|---|")
     for p in proxies:
-        print(f"| {p} | {med[p][0]:,.0f} | {med[p][1]:,.0f} | {', '.join(f'{x[0]:,.0f}' for x in per[p])} |")
+        print(f"| {p} | {med[p][0]:,.0f} | {med[p][1]:,.0f} | {', '.join(f'{x[0]:,.0f}' for x in per[p])} "
+              f"| {', '.join(f'{x[2]:.2f}' for x in per[p])} |")
     print("\n| ratio | instructions without strings | all instructions |\n|---|---:|---:|")
     for p, b in pb.ratio_pairs(proxies):
         print(f"| {p} / {b} | {med[p][0] / med[b][0]:.3f}× | {med[p][1] / med[b][1]:.3f}× |")

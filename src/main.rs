@@ -51,6 +51,8 @@ mod alloc;
 mod certs_cmd;
 mod drain_cmd;
 mod stop;
+#[cfg(wrapped_syscalls)]
+mod syscalls;
 mod up;
 
 /// mimalloc with `--features mimalloc`; by default glibc's malloc (below). Measured side by
