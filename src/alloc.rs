@@ -24,6 +24,11 @@
 //! pointers. Every block handed out lies inside the block `malloc` returned, and the byte read
 //! back at `free` is one this module wrote, outside the caller's block.
 
+#![allow(
+    unsafe_code,
+    reason = "a global allocator: see the module's documentation"
+)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 
 /// The allocator of the `wasmbed` binary, every role (see the module's documentation).

@@ -1,5 +1,9 @@
 //! `wasmbed`: one binary, one subcommand per role. It only parses flags into `wasmbed-config`
 //! types, sets up logging and the runtime, and calls the libraries.
+//!
+//! `unsafe` is refused here but where a module says why it needs it: the allocator
+//! (`alloc`), the system calls (`syscalls`), and `up`'s child set-up between fork and exec.
+#![deny(unsafe_code)]
 
 /// `println!` that never panics: stdout may be a closed pipe (`wasmbed up | head`), and a
 /// report line that cannot be written must not stop what prints it (children to stop, a

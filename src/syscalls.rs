@@ -23,6 +23,8 @@
 //! 2024. Each function hands the pointers it was given to the kernel unchanged, exactly as the
 //! glibc function it replaces would; it reads and writes no memory itself but `errno`.
 
+#![allow(unsafe_code, reason = "system calls: see the module's documentation")]
+
 use core::arch::asm;
 use libc::{c_int, c_long, c_uint, c_void, iovec, mmsghdr, msghdr, size_t, sockaddr, socklen_t};
 use libc::{epoll_event, ssize_t, timespec};

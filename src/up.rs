@@ -278,6 +278,10 @@ fn spawn_proxy(args: &[String], listen: &str, admin: &str) -> Result<(ProxyProc,
 /// group (Ctrl-C in the terminal reaches `up` alone, which ends the fleet first, then stops
 /// the children), and dies with `up` however `up` ends: on Linux the kernel sends it SIGKILL
 /// when `up` dies (`PR_SET_PDEATHSIG`), even by SIGKILL.
+#[allow(
+    unsafe_code,
+    reason = "pre_exec: the child's death signal, set between fork and exec"
+)]
 fn spawn_ready(cmd: &mut Command) -> Result<(Child, Ready), String> {
     use std::os::unix::process::CommandExt;
     cmd.process_group(0).stderr(Stdio::inherit()).env(
