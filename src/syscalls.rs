@@ -16,7 +16,9 @@
 //! internal calls are not affected) reaches the `__wrap_` function here instead. That makes the
 //! same system call with the same arguments glibc would, and reports an error the way glibc
 //! does: -1, with the error in `errno`. Only the cancellation point is gone. On targets other
-//! than x86-64 Linux with glibc, `build.rs` adds no `--wrap` and these functions are not built.
+//! than 64-bit x86 Linux with glibc, `build.rs` adds no `--wrap` and these functions are not
+//! built. The cancellation points the binary still takes from glibc are not the data plane's
+//! (`poll`, `open`, `nanosleep`, `waitpid`: start-up, files, `up`'s children).
 //!
 //! Why `unsafe`, and only here: a system call is `unsafe` by nature (the kernel reads and
 //! writes the caller's pointers), and exporting an unmangled C function is `unsafe` in Rust
@@ -224,6 +226,27 @@ unsafe extern "C" fn __wrap_writev(fd: c_int, iov: *const iovec, iovcnt: c_int) 
 }
 
 #[unsafe(no_mangle)]
+unsafe extern "C" fn __wrap_splice(
+    fd_in: c_int,
+    off_in: *mut libc::loff_t,
+    fd_out: c_int,
+    off_out: *mut libc::loff_t,
+    len: size_t,
+    flags: c_uint,
+) -> ssize_t {
+    let a = [
+        fd_in as usize,
+        off_in as usize,
+        fd_out as usize,
+        off_out as usize,
+        len,
+        flags as usize,
+    ];
+    // SAFETY: as splice(2) (`--splice`: a bulk transfer's every chunk).
+    unsafe { call(libc::SYS_splice, a) }
+}
+
+#[unsafe(no_mangle)]
 unsafe extern "C" fn __wrap_epoll_wait(
     epfd: c_int,
     events: *mut epoll_event,
@@ -292,6 +315,10 @@ mod tests {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
     }
 
+    /// How long a call that should return at once may block before the test fails instead of
+    /// hanging.
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
     /// A connected pair of TCP sockets on 127.0.0.1, the accepted one non-blocking.
     fn tcp_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -310,8 +337,9 @@ mod tests {
         let empty = unsafe { __wrap_recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
         assert_eq!((empty, errno()), (-1, libc::EAGAIN));
         client.write_all(b"hello").unwrap();
-        // Blocking now: the call waits for all five bytes.
+        // Blocking now: the call waits for all five bytes (within BOUND).
         server.set_nonblocking(false).unwrap();
+        server.set_read_timeout(Some(BOUND)).unwrap();
         // SAFETY: as above.
         let n = unsafe { __wrap_recv(fd, buf.as_mut_ptr().cast(), 5, libc::MSG_WAITALL) };
         assert_eq!(&buf[..n as usize], b"hello");
@@ -332,6 +360,7 @@ mod tests {
     fn datagrams_carry_their_addresses_through_sendto_recvfrom_sendmsg_recvmsg_recvmmsg() {
         let a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(BOUND)).unwrap();
         let b_addr = match b.local_addr().unwrap() {
             std::net::SocketAddr::V4(v4) => v4,
             std::net::SocketAddr::V6(_) => unreachable!("bound to 127.0.0.1"),
@@ -438,11 +467,13 @@ mod tests {
     }
 
     #[test]
-    fn read_write_writev_and_epoll_wait_see_one_pipe() {
+    fn read_write_writev_splice_and_epoll_wait_see_pipes() {
         let (r, w) = pipe();
         // SAFETY: plain calls; the events buffer is valid for one entry.
         unsafe {
-            let ep = OwnedFd::from_raw_fd(libc::epoll_create1(libc::EPOLL_CLOEXEC));
+            let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            assert!(ep >= 0, "epoll_create1: {}", errno());
+            let ep = OwnedFd::from_raw_fd(ep);
             let mut add = epoll_event {
                 events: libc::EPOLLIN as u32,
                 u64: 7,
@@ -474,7 +505,12 @@ mod tests {
             ];
             assert_eq!(__wrap_writev(w.as_raw_fd(), parts.as_ptr(), 2), 4);
             assert_eq!(
-                __wrap_epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 1, -1),
+                __wrap_epoll_wait(
+                    ep.as_raw_fd(),
+                    out.as_mut_ptr(),
+                    1,
+                    BOUND.as_millis() as c_int
+                ),
                 1
             );
             let data = out[0].u64;
@@ -483,6 +519,23 @@ mod tests {
             assert_eq!(&buf[..n as usize], b"abcdef");
             let bad = __wrap_epoll_wait(r.as_raw_fd(), out.as_mut_ptr(), 1, 0);
             assert_eq!((bad, errno()), (-1, libc::EINVAL));
+            // splice: from this pipe into another, then from the emptied one.
+            let (r2, w2) = pipe();
+            assert_eq!(__wrap_write(w.as_raw_fd(), b"gh".as_ptr().cast(), 2), 2);
+            let null = std::ptr::null_mut();
+            let moved = __wrap_splice(r.as_raw_fd(), null, w2.as_raw_fd(), null, 16, 0);
+            assert_eq!(moved, 2);
+            let n = __wrap_read(r2.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len());
+            assert_eq!(&buf[..n as usize], b"gh");
+            let nothing = __wrap_splice(
+                r.as_raw_fd(),
+                null,
+                w2.as_raw_fd(),
+                null,
+                16,
+                libc::SPLICE_F_NONBLOCK,
+            );
+            assert_eq!((nothing, errno()), (-1, libc::EAGAIN));
         }
     }
 
@@ -518,8 +571,20 @@ mod tests {
             };
             assert_eq!(__wrap_connect(fd, (&raw const to).cast(), len), 0);
             let client = TcpStream::from_raw_fd(fd);
-            // Blocking now: the connection made above is queued.
+            // Blocking now (within BOUND): the connection made above is queued.
             listener.set_nonblocking(false).unwrap();
+            let bound = libc::timeval {
+                tv_sec: BOUND.as_secs() as libc::time_t,
+                tv_usec: 0,
+            };
+            let set = libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const bound).cast(),
+                std::mem::size_of::<libc::timeval>() as socklen_t,
+            );
+            assert_eq!(set, 0);
             let accepted = __wrap_accept4(
                 listener.as_raw_fd(),
                 (&raw mut peer).cast(),
@@ -533,11 +598,12 @@ mod tests {
             );
             // The flags were passed on: the accepted socket is non-blocking.
             assert_ne!(libc::fcntl(accepted, libc::F_GETFL) & libc::O_NONBLOCK, 0);
-            // A refused connect reports its error too.
+            // A second connect reports its error too.
             let again = __wrap_connect(fd, (&raw const to).cast(), len);
             assert_eq!((again, errno()), (-1, libc::EISCONN));
             assert_eq!(__wrap_close(accepted), 0);
-            let closed = __wrap_close(accepted);
+            // Not `accepted` again: another test's thread may have been given its number.
+            let closed = __wrap_close(-1);
             assert_eq!((closed, errno()), (-1, libc::EBADF));
             let _ = client.into_raw_fd();
             assert_eq!(__wrap_close(fd), 0);

@@ -1,8 +1,9 @@
 //! The `wasmbed` binary makes its data plane's system calls itself (`src/syscalls.rs`), not
 //! through glibc's cancellation points: `build.rs` links it with `--wrap` for each. Checked on
-//! the binary as built: for every `__wrap_` function in it, the C library's function of that
-//! name is not imported (a call that still reached glibc would import it), and nothing in it
-//! can cancel a thread, which is what makes skipping the cancellation points safe.
+//! the binary as built: for every `__wrap_` function in it, and for every cancellation point a
+//! data plane calls, the C library's function of that name is not imported (a call that still
+//! reached glibc would import it); and nothing in it can cancel a thread, which is what makes
+//! skipping the cancellation points safe.
 #![cfg(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu"))]
 
 use object::{Object, ObjectSymbol};
@@ -39,6 +40,38 @@ fn the_binary_imports_none_of_the_functions_it_wraps() {
     assert!(
         through_glibc.is_empty(),
         "the binary still calls glibc's {through_glibc:?}: build.rs's --wrap misses them"
+    );
+    // And the cancellation points a proxy's data plane may call, named here apart from
+    // build.rs's list: one taken up by a dependency, or dropped from the list with its
+    // `__wrap_`, is found.
+    let data_plane = [
+        "accept",
+        "accept4",
+        "close",
+        "connect",
+        "epoll_pwait",
+        "epoll_wait",
+        "read",
+        "readv",
+        "recv",
+        "recvfrom",
+        "recvmmsg",
+        "recvmsg",
+        "send",
+        "sendmmsg",
+        "sendmsg",
+        "sendto",
+        "splice",
+        "write",
+        "writev",
+    ];
+    let unwrapped: Vec<&&str> = data_plane
+        .iter()
+        .filter(|f| imports.iter().any(|i| i == *f))
+        .collect();
+    assert!(
+        unwrapped.is_empty(),
+        "the binary calls glibc's {unwrapped:?}: wrap them (build.rs, src/syscalls.rs)"
     );
     assert!(
         !imports.iter().any(|i| i == "pthread_cancel"),
