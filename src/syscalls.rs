@@ -83,222 +83,87 @@ unsafe fn call(nr: c_long, a: [usize; 6]) -> isize {
     result(unsafe { syscall6(nr, a) })
 }
 
-// Each function below: the caller's contract is the C function's of the same name (the kernel
-// checks the pointers and reports EFAULT for a bad one, as it does for glibc's call).
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_recv(
-    fd: c_int,
-    buf: *mut c_void,
-    len: size_t,
-    flags: c_int,
-) -> ssize_t {
-    // SAFETY: as recv(2): glibc makes recv a recvfrom with no address.
-    unsafe {
-        call(
-            libc::SYS_recvfrom,
-            [fd as usize, buf as usize, len, flags as usize, 0, 0],
-        )
-    }
+/// Defines each `__wrap_` function: its C signature, and the system call it makes with which of
+/// its arguments (every argument passed to the kernel as a word, as glibc's `INLINE_SYSCALL`
+/// does; the unused ones zero). The caller's contract is the C function's of the same name:
+/// the kernel checks the pointers and reports EFAULT for a bad one, as it does for glibc's call.
+macro_rules! wrap {
+    ($(
+        $(#[$meta:meta])*
+        fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $nr:ident($($word:expr),*);
+    )*) => {$(
+        $(#[$meta])*
+        #[unsafe(no_mangle)]
+        #[allow(clippy::unnecessary_cast, reason = "arguments of every type become words")]
+        unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            let mut words = [0usize; 6];
+            let given = [$($word as usize),*];
+            words[..given.len()].copy_from_slice(&given);
+            // SAFETY: the kernel gets the arguments the glibc function would give it.
+            unsafe { call(libc::$nr, words) as $ret }
+        }
+    )*};
 }
 
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_send(
-    fd: c_int,
-    buf: *const c_void,
-    len: size_t,
-    flags: c_int,
-) -> ssize_t {
-    // SAFETY: as send(2): glibc makes send a sendto with no address.
-    unsafe {
-        call(
-            libc::SYS_sendto,
-            [fd as usize, buf as usize, len, flags as usize, 0, 0],
-        )
-    }
-}
+/// No address: glibc makes `recv` a `recvfrom` and `send` a `sendto` without one (x86-64 has
+/// no `recv` or `send` system call).
+const NO_ADDRESS: usize = 0;
 
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_recvfrom(
-    fd: c_int,
-    buf: *mut c_void,
-    len: size_t,
-    flags: c_int,
-    addr: *mut sockaddr,
-    addrlen: *mut socklen_t,
-) -> ssize_t {
-    let a = [
-        fd as usize,
-        buf as usize,
-        len,
-        flags as usize,
-        addr as usize,
-        addrlen as usize,
-    ];
-    // SAFETY: as recvfrom(2).
-    unsafe { call(libc::SYS_recvfrom, a) }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_sendto(
-    fd: c_int,
-    buf: *const c_void,
-    len: size_t,
-    flags: c_int,
-    addr: *const sockaddr,
-    addrlen: socklen_t,
-) -> ssize_t {
-    let a = [
-        fd as usize,
-        buf as usize,
-        len,
-        flags as usize,
-        addr as usize,
-        addrlen as usize,
-    ];
-    // SAFETY: as sendto(2).
-    unsafe { call(libc::SYS_sendto, a) }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
-    // SAFETY: as recvmsg(2).
-    unsafe {
-        call(
-            libc::SYS_recvmsg,
-            [fd as usize, msg as usize, flags as usize, 0, 0, 0],
-        )
-    }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    // SAFETY: as sendmsg(2).
-    unsafe {
-        call(
-            libc::SYS_sendmsg,
-            [fd as usize, msg as usize, flags as usize, 0, 0, 0],
-        )
-    }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_recvmmsg(
-    fd: c_int,
-    msgs: *mut mmsghdr,
-    vlen: c_uint,
-    flags: c_int,
-    timeout: *mut timespec,
-) -> c_int {
-    let a = [
-        fd as usize,
-        msgs as usize,
-        vlen as usize,
-        flags as usize,
-        timeout as usize,
-        0,
-    ];
-    // SAFETY: as recvmmsg(2); x86-64's `timespec` is the kernel's (64-bit `time_t`).
-    unsafe { call(libc::SYS_recvmmsg, a) as c_int }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_read(fd: c_int, buf: *mut c_void, count: size_t) -> ssize_t {
-    // SAFETY: as read(2).
-    unsafe { call(libc::SYS_read, [fd as usize, buf as usize, count, 0, 0, 0]) }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_write(fd: c_int, buf: *const c_void, count: size_t) -> ssize_t {
-    // SAFETY: as write(2).
-    unsafe { call(libc::SYS_write, [fd as usize, buf as usize, count, 0, 0, 0]) }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_writev(fd: c_int, iov: *const iovec, iovcnt: c_int) -> ssize_t {
-    // SAFETY: as writev(2).
-    unsafe {
-        call(
-            libc::SYS_writev,
-            [fd as usize, iov as usize, iovcnt as usize, 0, 0, 0],
-        )
-    }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_splice(
-    fd_in: c_int,
-    off_in: *mut libc::loff_t,
-    fd_out: c_int,
-    off_out: *mut libc::loff_t,
-    len: size_t,
-    flags: c_uint,
-) -> ssize_t {
-    let a = [
-        fd_in as usize,
-        off_in as usize,
-        fd_out as usize,
-        off_out as usize,
-        len,
-        flags as usize,
-    ];
-    // SAFETY: as splice(2) (`--splice`: a bulk transfer's every chunk).
-    unsafe { call(libc::SYS_splice, a) }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_epoll_wait(
-    epfd: c_int,
-    events: *mut epoll_event,
-    maxevents: c_int,
-    timeout: c_int,
-) -> c_int {
-    let a = [
-        epfd as usize,
-        events as usize,
-        maxevents as usize,
-        timeout as usize,
-        0,
-        0,
-    ];
-    // SAFETY: as epoll_wait(2).
-    unsafe { call(libc::SYS_epoll_wait, a) as c_int }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_accept4(
-    fd: c_int,
-    addr: *mut sockaddr,
-    addrlen: *mut socklen_t,
-    flags: c_int,
-) -> c_int {
-    let a = [
-        fd as usize,
-        addr as usize,
-        addrlen as usize,
-        flags as usize,
-        0,
-        0,
-    ];
-    // SAFETY: as accept4(2).
-    unsafe { call(libc::SYS_accept4, a) as c_int }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    // SAFETY: as connect(2).
-    unsafe {
-        call(
-            libc::SYS_connect,
-            [fd as usize, addr as usize, len as usize, 0, 0, 0],
-        ) as c_int
-    }
-}
-
-#[unsafe(no_mangle)]
-unsafe extern "C" fn __wrap_close(fd: c_int) -> c_int {
-    // SAFETY: as close(2).
-    unsafe { call(libc::SYS_close, [fd as usize, 0, 0, 0, 0, 0]) as c_int }
+wrap! {
+    fn __wrap_recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t
+        = SYS_recvfrom(fd, buf, len, flags, NO_ADDRESS, NO_ADDRESS);
+    fn __wrap_send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t
+        = SYS_sendto(fd, buf, len, flags, NO_ADDRESS, NO_ADDRESS);
+    fn __wrap_recvfrom(
+        fd: c_int,
+        buf: *mut c_void,
+        len: size_t,
+        flags: c_int,
+        addr: *mut sockaddr,
+        addrlen: *mut socklen_t
+    ) -> ssize_t = SYS_recvfrom(fd, buf, len, flags, addr, addrlen);
+    fn __wrap_sendto(
+        fd: c_int,
+        buf: *const c_void,
+        len: size_t,
+        flags: c_int,
+        addr: *const sockaddr,
+        addrlen: socklen_t
+    ) -> ssize_t = SYS_sendto(fd, buf, len, flags, addr, addrlen);
+    fn __wrap_recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t
+        = SYS_recvmsg(fd, msg, flags);
+    fn __wrap_sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t
+        = SYS_sendmsg(fd, msg, flags);
+    /// x86-64's `timespec` is the kernel's (64-bit `time_t`): passed as it is.
+    fn __wrap_recvmmsg(
+        fd: c_int,
+        msgs: *mut mmsghdr,
+        vlen: c_uint,
+        flags: c_int,
+        timeout: *mut timespec
+    ) -> c_int = SYS_recvmmsg(fd, msgs, vlen, flags, timeout);
+    fn __wrap_read(fd: c_int, buf: *mut c_void, count: size_t) -> ssize_t
+        = SYS_read(fd, buf, count);
+    fn __wrap_write(fd: c_int, buf: *const c_void, count: size_t) -> ssize_t
+        = SYS_write(fd, buf, count);
+    fn __wrap_writev(fd: c_int, iov: *const iovec, iovcnt: c_int) -> ssize_t
+        = SYS_writev(fd, iov, iovcnt);
+    /// `--splice`: every chunk of a spliced bulk transfer.
+    fn __wrap_splice(
+        fd_in: c_int,
+        off_in: *mut libc::loff_t,
+        fd_out: c_int,
+        off_out: *mut libc::loff_t,
+        len: size_t,
+        flags: c_uint
+    ) -> ssize_t = SYS_splice(fd_in, off_in, fd_out, off_out, len, flags);
+    fn __wrap_epoll_wait(epfd: c_int, events: *mut epoll_event, maxevents: c_int, timeout: c_int)
+        -> c_int = SYS_epoll_wait(epfd, events, maxevents, timeout);
+    fn __wrap_accept4(fd: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t, flags: c_int)
+        -> c_int = SYS_accept4(fd, addr, addrlen, flags);
+    fn __wrap_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int
+        = SYS_connect(fd, addr, len);
+    fn __wrap_close(fd: c_int) -> c_int = SYS_close(fd);
 }
 
 #[cfg(test)]
