@@ -135,7 +135,8 @@ def instructions(paths):
 # `__wrap_` when its system calls skip glibc's cancellation points; NGINX's), counted per
 # connection beside the instructions: under valgrind how many turns a connection takes varies
 # from run to run (whether a socket's next event is already there when the loop comes back),
-# and each turn costs the runtime's whole path around it (~600 instructions in tokio).
+# and each turn costs the runtime's whole path around it (wasmbed: ~1.2-1.5k instructions in
+# all, docs/performance.md, "System calls without cancellation points").
 WAITS = re.compile(r"(__wrap_)?epoll_p?wait")
 
 
@@ -288,7 +289,7 @@ def main():
             b.terminate()
             b.wait()
         shutil.rmtree(work, ignore_errors=True)
-    med = {p: [statistics.median(x[i] for x in per[p]) for i in (0, 1, 2)] for p in proxies}
+    med = {p: [statistics.median(x[i] for x in per[p]) for i in (0, 1)] for p in proxies}
     print("\n| proxy | user-mode instructions per connection, without glibc's string functions (median) "
           "| all (median) | rounds (without) | event-loop waits per connection, rounds |\n|---|---:|---:|---|---|")
     for p in proxies:

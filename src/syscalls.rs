@@ -12,7 +12,7 @@
 //! the bookkeeping.
 //!
 //! What: the binary is linked with `--wrap` for each function below (`build.rs`), so that
-//! every call to it in the program (tokio's, mio's, std's, rustls' and ours; glibc's own
+//! every call to it in the program (tokio's, mio's, std's, quinn's and ours; glibc's own
 //! internal calls are not affected) reaches the `__wrap_` function here instead. That makes the
 //! same system call with the same arguments glibc would, and reports an error the way glibc
 //! does: -1, with the error in `errno`. Only the cancellation point is gone. On targets other
