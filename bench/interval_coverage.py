@@ -5,13 +5,20 @@ both are the same proxy (true ratio 1.0) measured over a few interleaved rounds.
 Model: each round shares a machine state (a factor common to the round's two runs, sd 10%),
 each run adds its own noise (sd 10%), log-normal. Two intervals: the percentile bootstrap of
 the ratio of means over rounds, and Student's t on the rounds' log ratios (what
-peer_bench.py uses). Usage: python3 bench/interval_coverage.py [TRIALS]
+peer_bench.py uses). Then a family: 15 such intervals (a self-comparison's 7 scenarios by two
+measures, and memory), how often every one reads level with each at 95%, and with Holm's
+step-down (peer_bench.py's family line); and what the family line costs: how often a real
+difference in one of the 15 is seen, by its own interval and by the family. Usage: python3 bench/interval_coverage.py [TRIALS]
 """
 
 import math
+import os
 import random
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_bench  # noqa: E402
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -49,6 +56,39 @@ def main():
             lo, hi = student(a, b)
             t += lo <= 1.0 <= hi
         print(f"{n:6} | {boot / trials:.3f} | {t / trials:.3f}")
+    family = 15
+    print(f"\n{family} intervals of one proxy against itself: how often every one reads level")
+    print("rounds | each at 95% | Holm's step-down, family-wise 95%")
+    for n in (5, 10):
+        each = together = 0
+        for _ in range(trials):
+            ps = []
+            for _ in range(family):
+                state = [100 * math.exp(rng.gauss(0, 0.1)) for _ in range(n)]
+                runs_a = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False) for r, s in enumerate(state)]
+                runs_b = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False) for r, s in enumerate(state)]
+                ps.append(peer_bench.ratio_p_value(runs_a, runs_b, "cost"))
+            each += all(p >= 0.05 for p in ps)
+            together += not any(out for _, out in peer_bench.holm(ps))
+        print(f"{n:6} | {each / trials:.3f} | {together / trials:.3f}")
+    print(f"\none of the {family} truly apart, the others level: how often it is seen apart")
+    print("rounds | true ratio | by its own 95% interval | by the family (Holm)")
+    for n in (5, 10):
+        for true in (1.1, 1.2, 1.3):
+            own = fam = 0
+            for _ in range(trials):
+                ps = []
+                for i in range(family):
+                    state = [100 * math.exp(rng.gauss(0, 0.1)) for _ in range(n)]
+                    k = true if i == 0 else 1.0
+                    runs_a = [dict(round=r, cost=k * s * math.exp(rng.gauss(0, 0.1)), noisy=False)
+                              for r, s in enumerate(state)]
+                    runs_b = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False)
+                              for r, s in enumerate(state)]
+                    ps.append(peer_bench.ratio_p_value(runs_a, runs_b, "cost"))
+                own += ps[0] < 0.05
+                fam += peer_bench.holm(ps)[0][1]
+            print(f"{n:6} | {true:.1f} | {own / trials:.3f} | {fam / trials:.3f}")
 
 
 if __name__ == "__main__":

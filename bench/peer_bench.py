@@ -27,6 +27,12 @@ of one round share the machine's state of the moment), their geometric mean, and
 interval on their logarithms (a percentile bootstrap over 5 rounds is too narrow: it covers
 the true ratio ~83% of the time). An interval that contains 1.0 reads "level": the bench
 cannot tell the two apart. The raw runs are saved beside the report (JSON).
+With wasmbed-b (--compare), one more line reads all of wasmbed / wasmbed-b's intervals as one
+family: "level on every scenario" is a claim about all of them at once, and 15 intervals at 95%
+each all contain the truth only 46% of the time. Holm's step-down keeps the chance of any false
+"apart" in the family at 5% (bench/interval_coverage.py simulates both); it is the reading for
+"the two builds cost the same everywhere", and a weak one: at 5 rounds it sees a true 20%
+difference in one scenario 8% of the time, where that scenario's own interval sees it 59%.
 
 Scenarios (default rate):
   bulk1   iperf3, 1 stream, proxied (1,000 MB/s)                      µs/MB
@@ -683,6 +689,85 @@ def ratio_interval(a_runs, b_runs, key):
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half), len(logs)
 
 
+def incomplete_beta(x, a, b):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz's
+    method; the series converges fast on the side of the mean it is used on)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(1.0 - x, b, a)
+    tiny = 1e-300
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-13:
+            break
+    return front * h / a
+
+
+def t_p_value(t, df):
+    """Two-sided p-value of Student's t statistic `t` with `df` degrees of freedom."""
+    return incomplete_beta(df / (df + t * t), df / 2, 0.5)
+
+
+def ratio_p_value(a_runs, b_runs, key):
+    """The two-sided p-value of "the two cost the same" from the rounds' log ratios (the test
+    `ratio_interval`'s interval is the inverse of: p < 0.05 exactly when the interval leaves
+    out 1.0), or None with fewer than 3 rounds or no spread."""
+    a = {x["round"]: x[key] for x in used(a_runs) if x.get(key) is not None}
+    b = {x["round"]: x[key] for x in used(b_runs) if x.get(key) is not None}
+    logs = [math.log(a[r] / b[r]) for r in sorted(set(a) & set(b)) if a[r] > 0 and b[r] > 0]
+    if len(logs) < 3 or statistics.stdev(logs) == 0:
+        return None
+    t = statistics.mean(logs) / (statistics.stdev(logs) / math.sqrt(len(logs)))
+    return t_p_value(t, len(logs) - 1)
+
+
+def holm(p_values, alpha=0.05):
+    """Holm's step-down over a family of tests: for each p-value (in the order given) its
+    adjusted p-value and whether it stands apart at family-wise level `alpha` (the chance
+    that any of the family reads apart when none differs is at most `alpha`)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return [(q, q < alpha) for q in adjusted]
+
+
+def family_line(rows, scenarios, a, b):
+    """One line on all of a / b's intervals together: with two copies of one build (or a
+    build against one that should cost the same) "level on every scenario" is a claim about
+    the whole family of intervals, and 15 intervals at 95% each all contain the truth only
+    46% of the time (0.95^15). Holm's step-down keeps the chance of any false "apart" at 5%."""
+    tests = []
+    for sc in scenarios:
+        if (sc, a) not in rows or (sc, b) not in rows:
+            continue
+        for key, what in (("cost", "core-1 cost"), ("own_user", "user mode")):
+            p = ratio_p_value(rows[(sc, a)], rows[(sc, b)], key)
+            if p is not None:
+                tests.append((f"{sc} {what}", p))
+    if not tests:
+        return []
+    judged = holm([p for _, p in tests])
+    apart = [f"{name} (adjusted p {q:.3f})" for (name, _), (q, out) in zip(tests, judged) if out]
+    head = (f"{a} / {b}, all {len(tests)} intervals as one family (Holm's step-down, family-wise 95%): ")
+    return ["", head + ("**level on every one**" if not apart else "apart on " + ", ".join(apart)) +
+            f"; unadjusted, {sum(p < 0.05 for _, p in tests)} of {len(tests)} read apart at 95% each."]
+
+
 def verdict(ci):
     point, lo, hi, _ = ci
     if lo <= 1.0 <= hi:
@@ -758,6 +843,8 @@ def render(rows, scenarios, proxies, a, rates):
             cost_ci, cost_v = fmt_ci(ratio_interval(rows[(sc, p)], rows[(sc, other)], "cost"))
             user_ci, user_v = fmt_ci(ratio_interval(rows[(sc, p)], rows[(sc, other)], "own_user"))
             lines.append(f"| {sc} | {p} / {other} | {cost_ci} | {cost_v} | {user_ci} | {user_v} |")
+    if "wasmbed" in proxies and "wasmbed-b" in proxies:
+        lines += family_line(rows, scenarios, "wasmbed", "wasmbed-b")
     return "\n".join(lines) + "\n"
 
 

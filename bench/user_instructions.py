@@ -9,7 +9,8 @@ host a proxy's sampled user time per connection spreads ±20% from round to roun
 27.6 µs in one sitting), so a cut of a few percent cannot be seen in it. An instruction count
 does not depend on what else the host runs: the same binary under the same load reads within
 a few percent run to run (how many turns of its event loop a connection takes still
-varies: printed beside each run as event-loop waits per connection), and the
+varies: printed beside each run as event-loop waits per connection; with --compare and 2
+rounds or more, the two builds are also compared at equal turns, with an interval), and the
 functions a change removes show by name (`--by-function`). It is not time: a cache miss or a
 locked instruction counts as one instruction, and valgrind runs the proxy some 50 times
 slower, so its event loop may batch work differently than at full speed (the rate is kept
@@ -33,6 +34,7 @@ their runs), and the largest differences.
 
 import argparse
 import glob
+import math
 import os
 import random
 import re
@@ -209,6 +211,37 @@ def compare_by_function(a):
         print(f"| `{f[:110]}` | {x:,.0f} | {y:,.0f} | {x - y:+,.0f} |")
 
 
+def at_equal_turns(runs_a, runs_b):
+    """A's instructions per connection minus B's at the same number of event-loop turns, with
+    a 95% interval: under valgrind how many turns a connection takes varies from run to run,
+    and each turn costs the runtime's whole path (~1.2-1.5k instructions), enough to hide a
+    change of a few percent in a comparison of medians. Fits `instructions = level + slope ×
+    turns` over both proxies' runs, a level for each and one slope for both (the analysis of
+    covariance; fair for two builds of one program, not for two programs, whose turns cost
+    differently), and returns (difference of the levels, its interval's two ends, the slope,
+    B's runs' mean), or None when the runs cannot fit it (fewer than 4 runs in all, fewer than
+    2 of either, or no spread in turns within them). `runs_*`: (instructions, _, turns) each."""
+    if len(runs_a) < 2 or len(runs_b) < 2 or len(runs_a) + len(runs_b) < 4:
+        return None
+    groups = []
+    for runs in (runs_a, runs_b):
+        xs, ys = [r[2] for r in runs], [r[0] for r in runs]
+        groups.append((xs, ys, statistics.mean(xs), statistics.mean(ys)))
+    sxx = sum((x - mx) ** 2 for xs, _, mx, _ in groups for x in xs)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for xs, ys, mx, my in groups for x, y in zip(xs, ys)) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for xs, ys, mx, my in groups for x, y in zip(xs, ys))
+    df = len(runs_a) + len(runs_b) - 3
+    (xa, ya, mxa, mya), (xb, yb, mxb, myb) = groups
+    diff = (mya - myb) - slope * (mxa - mxb)
+    if df < 1:
+        return diff, -math.inf, math.inf, slope, myb
+    se = math.sqrt(residual / df * (1 / len(xa) + 1 / len(xb) + (mxa - mxb) ** 2 / sxx))
+    half = pb.T975[min(df, len(pb.T975)) - 1] * se
+    return diff, diff - half, diff + half, slope, myb
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=sorted(POOL), default="tls")
@@ -298,6 +331,16 @@ def main():
     print("\n| ratio | instructions without strings | all instructions |\n|---|---:|---:|")
     for p, b in pb.ratio_pairs(proxies):
         print(f"| {p} / {b} | {med[p][0] / med[b][0]:.3f}× | {med[p][1] / med[b][1]:.3f}× |")
+    if "wasmbed" in per and "wasmbed-b" in per:
+        fit = at_equal_turns(per["wasmbed"], per["wasmbed-b"])
+        if fit is None:
+            print("\nwasmbed − wasmbed-b at equal event-loop turns: needs 2 rounds or more, with turns that vary")
+        else:
+            diff, lo, hi, slope, base = fit
+            verdict = "level" if lo <= 0 <= hi else ("lower" if hi < 0 else "higher")
+            print(f"\nwasmbed − wasmbed-b at equal event-loop turns (one slope fitted over both's runs: "
+                  f"{slope:,.0f} instructions per turn): {diff:+,.0f} instructions per connection "
+                  f"[{lo:+,.0f}, {hi:+,.0f}], {(base + diff) / base:.3f}× wasmbed-b's mean, {verdict}")
 
 
 if __name__ == "__main__":
