@@ -20,7 +20,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench  # noqa: E402
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def bootstrap(a, b, rng, resamples=1000):
@@ -35,7 +34,7 @@ def bootstrap(a, b, rng, resamples=1000):
 
 def student(a, b):
     logs = [math.log(x / y) for x, y in zip(a, b)]
-    mean, half = statistics.mean(logs), T975[len(logs) - 1] * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean, half = statistics.mean(logs), peer_bench.T975[len(logs) - 2] * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean - half), math.exp(mean + half)
 
 

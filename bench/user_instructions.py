@@ -219,9 +219,9 @@ def at_equal_turns(runs_a, runs_b):
     turns` over both proxies' runs, a level for each and one slope for both (the analysis of
     covariance; fair for two builds of one program, not for two programs, whose turns cost
     differently), and returns (difference of the levels, its interval's two ends, the slope,
-    B's runs' mean), or None when the runs cannot fit it (fewer than 4 runs in all, fewer than
-    2 of either, or no spread in turns within them). `runs_*`: (instructions, _, turns) each."""
-    if len(runs_a) < 2 or len(runs_b) < 2 or len(runs_a) + len(runs_b) < 4:
+    B's runs' mean), or None when the runs cannot fit it (fewer than 2 runs of either, or no
+    spread in turns within them). `runs_*`: (instructions, _, turns) each."""
+    if len(runs_a) < 2 or len(runs_b) < 2:
         return None
     groups = []
     for runs in (runs_a, runs_b):
@@ -233,10 +233,8 @@ def at_equal_turns(runs_a, runs_b):
     slope = sum((x - mx) * (y - my) for xs, ys, mx, my in groups for x, y in zip(xs, ys)) / sxx
     residual = sum((y - my - slope * (x - mx)) ** 2 for xs, ys, mx, my in groups for x, y in zip(xs, ys))
     df = len(runs_a) + len(runs_b) - 3
-    (xa, ya, mxa, mya), (xb, yb, mxb, myb) = groups
+    (xa, _, mxa, mya), (xb, _, mxb, myb) = groups
     diff = (mya - myb) - slope * (mxa - mxb)
-    if df < 1:
-        return diff, -math.inf, math.inf, slope, myb
     se = math.sqrt(residual / df * (1 / len(xa) + 1 / len(xb) + (mxa - mxb) ** 2 / sxx))
     half = pb.T975[min(df, len(pb.T975)) - 1] * se
     return diff, diff - half, diff + half, slope, myb
