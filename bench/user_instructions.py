@@ -217,8 +217,9 @@ def at_equal_turns(runs_a, runs_b):
     and each turn costs the runtime's whole path (~1.2-1.5k instructions), enough to hide a
     change of a few percent in a comparison of medians. Fits `instructions = level + slope ×
     turns` over both proxies' runs, a level for each and one slope for both (the analysis of
-    covariance; fair for two builds of one program, not for two programs, whose turns cost
-    differently), and returns (difference of the levels, its interval's two ends, the slope,
+    covariance; fair for two builds of one program whose change leaves the turns alone, not
+    for two programs, whose turns cost differently, nor for a change to how many turns a
+    connection takes, whose effect is those turns), and returns (difference of the levels, its interval's two ends, the slope,
     B's runs' mean), or None when the runs cannot fit it (fewer than 2 runs of either, or no
     spread in turns within them). `runs_*`: (instructions, _, turns) each."""
     if len(runs_a) < 2 or len(runs_b) < 2:
@@ -336,6 +337,12 @@ def main():
         else:
             diff, lo, hi, slope, base = fit
             verdict = "level" if lo <= 0 <= hi else ("lower" if hi < 0 else "higher")
+            turns_a, turns_b = [x[2] for x in per["wasmbed"]], [x[2] for x in per["wasmbed-b"]]
+            if max(turns_a) < min(turns_b) or max(turns_b) < min(turns_a):
+                # The change moved the turns themselves: "at equal turns" would be a point
+                # neither build reaches.
+                verdict += ("; but the two builds' turns do not overlap (the change alters how many "
+                            "turns a connection takes): compare their medians, not this")
             print(f"\nwasmbed − wasmbed-b at equal event-loop turns (one slope fitted over both's runs: "
                   f"{slope:,.0f} instructions per turn): {diff:+,.0f} instructions per connection "
                   f"[{lo:+,.0f}, {hi:+,.0f}], {(base + diff) / base:.3f}× wasmbed-b's mean, {verdict}")
