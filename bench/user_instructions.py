@@ -18,7 +18,7 @@ low for that: each connection alone). glibc's string functions are counted apart
 counts each step of a `rep stos`/`rep movs` as an instruction (zeroing 8 KiB: 8,192). Read
 it beside the sampled time, never instead of it.
 
-Usage: python3 bench/user_instructions.py [--scenario tls|conn] [--proxies wasmbed,floor-tokio,nginx]
+Usage: python3 bench/user_instructions.py [--scenario tls|conn|rr] [--proxies wasmbed,floor-tokio,nginx]
          [--connections 1000] [--rate 50] [--rounds 1] [--wasmbed BIN] [--compare BIN] [--out DIR]
        python3 bench/user_instructions.py --by-function A,B [--scenario tls] [--top 40] [--out DIR]
 Proxies as in peer_bench.py (wasmbed-b: the --compare binary; floor-tokio, floor-mio:
@@ -29,7 +29,10 @@ one process); `callgrind_control` starts, zeroes and dumps the counts of those p
 Needs valgrind (`apt-get install valgrind`) and what peer_bench needs. Keeps each run's
 callgrind dumps in --out (default target/user-instructions) for `callgrind_annotate FILE`;
 --by-function reads them: instructions per connection by function, A's and B's (the mean over
-their runs), and the largest differences.
+their runs), and the largest differences. Scenarios: `tls` and `conn`, a connection per
+request, counted per connection (TLS passthrough; plain TCP through `--allow-plain`); `rr`,
+keep-alive requests over 4 long connections through the plain listener, counted per request
+(what a long session's message costs).
 """
 
 import argparse
@@ -48,8 +51,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench as pb  # noqa: E402
 
-POOL = {"tls": "tls", "conn": "http"}
+POOL = {"tls": "tls", "conn": "http", "rr": "http"}
+# What a scenario counts per: a connection (a request on a connection of its own), or, for
+# `rr`, a request on a long keep-alive connection (a device's message on its session).
+UNIT = {"tls": "conn", "conn": "conn", "rr": "req"}
 WARMUP = 100
+# rr: the requests go over this many keep-alive connections, opened when the counting starts
+# (their setup is in the count: at the default 1,000 requests about 4 × 15k instructions, 60
+# per request, the same for every proxy).
+RR_CONNECTIONS = 4
 
 
 def under_valgrind(commands, scenario, out_prefix):
@@ -79,6 +89,22 @@ def connections(url, count, rate):
     (peer_bench's h2load opens them in groups every 5 ms: at least 200/s): (succeeded, errors)."""
     out = subprocess.run(["taskset", "-c", str(pb.LOAD_CORE), "h2load", "--h1", "-t1", "-c", str(count),
                           "-n", str(count), "-r", "1", "--rate-period", f"{max(1, round(1000 / rate))}ms", url],
+                         capture_output=True, text=True, check=True).stdout
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+                  r"(\d+) timeout", out)
+    if not m:
+        sys.exit(f"h2load: no summary in its output:\n{out}")
+    ok, failed, errored, timeout = (int(x) for x in m.groups())
+    errors = ", ".join(f"{n} {what}" for n, what in ((failed, "failed"), (errored, "errored"), (timeout, "timeout")) if n)
+    return ok, errors
+
+
+def requests(url, count, rate):
+    """`count` requests at `rate` per second in all over `RR_CONNECTIONS` keep-alive
+    connections (h2load's --rps is per connection): (succeeded, errors)."""
+    per_connection = max(1, round(rate / RR_CONNECTIONS))
+    out = subprocess.run(["taskset", "-c", str(pb.LOAD_CORE), "h2load", "--h1", "-t1", "-c", str(RR_CONNECTIONS),
+                          "-n", str(count), "--rps", str(per_connection), url],
                          capture_output=True, text=True, check=True).stdout
     m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
                   r"(\d+) timeout", out)
@@ -190,9 +216,10 @@ def compare_by_function(a):
         sys.exit(f"no instructions read from the runs of {name_b if ta else name_a}")
     sa = ta - sum(v for f, v in fa.items() if STRINGS.fullmatch(f))
     sb = tb - sum(v for f, v in fb.items() if STRINGS.fullmatch(f))
-    print(f"{a.scenario}: user-mode instructions per connection (mean of the runs): "
+    word = {"conn": "connection", "req": "request"}[UNIT[a.scenario]]
+    print(f"{a.scenario}: user-mode instructions per {word} (mean of the runs): "
           f"{name_a} {ta:,.0f}, {name_b} {tb:,.0f} ({ta / tb:.3f}×); without glibc's string functions "
-          f"{sa:,.0f} and {sb:,.0f} ({sa / sb:.3f}×); event-loop waits per connection, each run: "
+          f"{sa:,.0f} and {sb:,.0f} ({sa / sb:.3f}×); event-loop waits per {word}, each run: "
           f"{name_a} {', '.join(f'{w:.2f}' for w in wa)}, {name_b} {', '.join(f'{w:.2f}' for w in wb)}\n")
     print(f"| function | {name_a} | {name_b} | {name_a} − {name_b} |\n|---|---:|---:|---:|")
     diffs = sorted(set(fa) | set(fb), key=lambda f: fa.get(f, 0) - fb.get(f, 0))
@@ -245,7 +272,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenario", choices=sorted(POOL), default="tls")
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,nginx")
-    ap.add_argument("--connections", type=int, default=1000, help="connections counted per run (default 1000)")
+    ap.add_argument("--connections", type=int, default=1000,
+                    help="connections (rr: requests) counted per run (default 1000)")
     ap.add_argument("--rate", type=int, default=50, help="connections per second (default 50: valgrind is slow)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
@@ -272,11 +300,16 @@ def main():
     work = tempfile.mkdtemp(prefix="user-instructions.")
     backends = []
     per = {p: [] for p in proxies}
-    url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
+    url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/",
+           "rr": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
+    unit = UNIT[a.scenario]
+    word = {"conn": "connection", "req": "request"}[unit]
+    load = requests if a.scenario == "rr" else connections
     try:
         backends = pb.start_backends(work)
         commands = pb.commands_of(work, proxies, a.compare)
-        print(f"CPU: {pb.cpu_model()}; {a.scenario}: {a.connections} connections at {a.rate}/s per run "
+        over = f" over {RR_CONNECTIONS} keep-alive connections" if a.scenario == "rr" else ""
+        print(f"CPU: {pb.cpu_model()}; {a.scenario}: {a.connections} {word}s{over} at {a.rate}/s per run "
               f"after {WARMUP} of warm-up, {a.rounds} round(s), under valgrind --tool=callgrind", flush=True)
         for r in range(a.rounds):
             order = proxies[:]
@@ -285,7 +318,7 @@ def main():
                 stem = os.path.join(a.out, f"cg.{p}.{a.scenario}.{r}")
                 running = pb.Running(p, under_valgrind(commands[p], a.scenario, stem))
                 try:
-                    warm, errors = connections(url, WARMUP, a.rate)
+                    warm, errors = load(url, WARMUP, a.rate)
                     if warm < WARMUP:
                         sys.exit(f"{p}: warm-up {warm} of {WARMUP} ({errors})")
                     time.sleep(0.5)  # the warm-up's last closes
@@ -294,7 +327,7 @@ def main():
                         sys.exit(f"{p}: no process under valgrind")
                     control(pids, "-i", "on")
                     control(pids, "-z")
-                    ok, errors = connections(url, a.connections, a.rate)
+                    ok, errors = load(url, a.connections, a.rate)
                     time.sleep(0.5)
                     before = set(glob.glob(glob.escape(stem) + ".*"))
                     control(pids, "-d")
@@ -305,16 +338,16 @@ def main():
                 for f in set(glob.glob(glob.escape(stem) + ".*")) - set(dumps):
                     os.remove(f)
                 if not ok or not dumps:
-                    sys.exit(f"{p}: {ok} connections, {len(dumps)} dumps ({errors})")
+                    sys.exit(f"{p}: {ok} {word}s, {len(dumps)} dumps ({errors})")
                 total, strings = instructions(dumps)
                 if not total:
                     sys.exit(f"{p}: no instruction counted (callgrind_control did not reach the process?)")
                 with open(stem + ".conns", "w") as c:
                     c.write(str(ok))
                 per[p].append(((total - strings) / ok, total / ok, waits(dumps) / ok))
-                print(f"round {r + 1}/{a.rounds} {p}: {ok} conns, {total / ok:,.0f} user-mode instructions/conn, "
+                print(f"round {r + 1}/{a.rounds} {p}: {ok} {unit}s, {total / ok:,.0f} user-mode instructions/{unit}, "
                       f"{(total - strings) / ok:,.0f} without glibc's string functions, "
-                      f"{per[p][-1][2]:.2f} event-loop waits/conn"
+                      f"{per[p][-1][2]:.2f} event-loop waits/{unit}"
                       f"{' [' + errors + ']' if errors else ''}", flush=True)
     finally:
         for b in backends:
@@ -322,8 +355,8 @@ def main():
             b.wait()
         shutil.rmtree(work, ignore_errors=True)
     med = {p: [statistics.median(x[i] for x in per[p]) for i in (0, 1)] for p in proxies}
-    print("\n| proxy | user-mode instructions per connection, without glibc's string functions (median) "
-          "| all (median) | rounds (without) | event-loop waits per connection, rounds |\n|---|---:|---:|---|---|")
+    print(f"\n| proxy | user-mode instructions per {word}, without glibc's string functions (median) "
+          f"| all (median) | rounds (without) | event-loop waits per {word}, rounds |\n|---|---:|---:|---|---|")
     for p in proxies:
         print(f"| {p} | {med[p][0]:,.0f} | {med[p][1]:,.0f} | {', '.join(f'{x[0]:,.0f}' for x in per[p])} "
               f"| {', '.join(f'{x[2]:.2f}' for x in per[p])} |")
@@ -342,9 +375,9 @@ def main():
                 # The change moved the turns themselves: "at equal turns" would be a point
                 # neither build reaches.
                 verdict += ("; but the two builds' turns do not overlap (the change alters how many "
-                            "turns a connection takes): compare their medians, not this")
+                            f"turns a {word} takes): compare their medians, not this")
             print(f"\nwasmbed − wasmbed-b at equal event-loop turns (one slope fitted over both's runs: "
-                  f"{slope:,.0f} instructions per turn): {diff:+,.0f} instructions per connection "
+                  f"{slope:,.0f} instructions per turn): {diff:+,.0f} instructions per {word} "
                   f"[{lo:+,.0f}, {hi:+,.0f}], {(base + diff) / base:.3f}× wasmbed-b's mean, {verdict}")
 
 
