@@ -84,11 +84,10 @@ def control(pids, *args):
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def connections(url, count, rate):
-    """`count` connections, one request each, opened one at a time `1/rate` s apart
-    (peer_bench's h2load opens them in groups every 5 ms: at least 200/s): (succeeded, errors)."""
-    out = subprocess.run(["taskset", "-c", str(pb.LOAD_CORE), "h2load", "--h1", "-t1", "-c", str(count),
-                          "-n", str(count), "-r", "1", "--rate-period", f"{max(1, round(1000 / rate))}ms", url],
+def h2load(args, url):
+    """h2load (HTTP/1.1, one thread, on the load core) with `args` against `url`:
+    (requests that succeeded, the errors in words)."""
+    out = subprocess.run(["taskset", "-c", str(pb.LOAD_CORE), "h2load", "--h1", "-t1", *args, url],
                          capture_output=True, text=True, check=True).stdout
     m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
                   r"(\d+) timeout", out)
@@ -97,22 +96,20 @@ def connections(url, count, rate):
     ok, failed, errored, timeout = (int(x) for x in m.groups())
     errors = ", ".join(f"{n} {what}" for n, what in ((failed, "failed"), (errored, "errored"), (timeout, "timeout")) if n)
     return ok, errors
+
+
+def connections(url, count, rate):
+    """`count` connections, one request each, opened one at a time `1/rate` s apart
+    (peer_bench's h2load opens them in groups every 5 ms: at least 200/s): (succeeded, errors)."""
+    return h2load(["-c", str(count), "-n", str(count), "-r", "1", "--rate-period", f"{max(1, round(1000 / rate))}ms"],
+                  url)
 
 
 def requests(url, count, rate):
     """`count` requests at `rate` per second in all over `RR_CONNECTIONS` keep-alive
     connections (h2load's --rps is per connection): (succeeded, errors)."""
     per_connection = max(1, round(rate / RR_CONNECTIONS))
-    out = subprocess.run(["taskset", "-c", str(pb.LOAD_CORE), "h2load", "--h1", "-t1", "-c", str(RR_CONNECTIONS),
-                          "-n", str(count), "--rps", str(per_connection), url],
-                         capture_output=True, text=True, check=True).stdout
-    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
-                  r"(\d+) timeout", out)
-    if not m:
-        sys.exit(f"h2load: no summary in its output:\n{out}")
-    ok, failed, errored, timeout = (int(x) for x in m.groups())
-    errors = ", ".join(f"{n} {what}" for n, what in ((failed, "failed"), (errored, "errored"), (timeout, "timeout")) if n)
-    return ok, errors
+    return h2load(["-c", str(RR_CONNECTIONS), "-n", str(count), "--rps", str(per_connection)], url)
 
 
 def valgrind_pids(running):
