@@ -8,7 +8,8 @@ the ratio of means over rounds, and Student's t on the rounds' log ratios (what
 peer_bench.py uses). Then a family: 15 such intervals (a self-comparison's 7 scenarios by two
 measures, and memory), how often every one reads level with each at 95%, and with Holm's
 step-down (peer_bench.py's family line); and what the family line costs: how often a real
-difference in one of the 15 is seen, by its own interval and by the family. Usage: python3 bench/interval_coverage.py [TRIALS]
+difference in one of the 15 is seen, by its own interval and by the family.
+Usage: python3 bench/interval_coverage.py [TRIALS]
 """
 
 import math
@@ -19,7 +20,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench  # noqa: E402
-
 
 
 def bootstrap(a, b, rng, resamples=1000):
@@ -34,8 +34,18 @@ def bootstrap(a, b, rng, resamples=1000):
 
 def student(a, b):
     logs = [math.log(x / y) for x, y in zip(a, b)]
-    mean, half = statistics.mean(logs), peer_bench.T975[len(logs) - 2] * statistics.stdev(logs) / math.sqrt(len(logs))
+    half = peer_bench.T975[len(logs) - 2] * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.mean(logs)
     return math.exp(mean - half), math.exp(mean + half)
+
+
+def pair_p(rng, rounds, ratio=1.0):
+    """The p-value peer_bench gives two proxies whose true cost ratio is `ratio`, measured over
+    `rounds` rounds of the model above."""
+    state = [100 * math.exp(rng.gauss(0, 0.1)) for _ in range(rounds)]
+    runs_a = [dict(round=r, cost=ratio * s * math.exp(rng.gauss(0, 0.1)), noisy=False) for r, s in enumerate(state)]
+    runs_b = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False) for r, s in enumerate(state)]
+    return peer_bench.ratio_p_value(runs_a, runs_b, "cost")
 
 
 def main():
@@ -61,12 +71,7 @@ def main():
     for n in (5, 10):
         each = together = 0
         for _ in range(trials):
-            ps = []
-            for _ in range(family):
-                state = [100 * math.exp(rng.gauss(0, 0.1)) for _ in range(n)]
-                runs_a = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False) for r, s in enumerate(state)]
-                runs_b = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False) for r, s in enumerate(state)]
-                ps.append(peer_bench.ratio_p_value(runs_a, runs_b, "cost"))
+            ps = [pair_p(rng, n) for _ in range(family)]
             each += all(p >= 0.05 for p in ps)
             together += not any(out for _, out in peer_bench.holm(ps))
         print(f"{n:6} | {each / trials:.3f} | {together / trials:.3f}")
@@ -76,15 +81,7 @@ def main():
         for true in (1.1, 1.2, 1.3):
             own = fam = 0
             for _ in range(trials):
-                ps = []
-                for i in range(family):
-                    state = [100 * math.exp(rng.gauss(0, 0.1)) for _ in range(n)]
-                    k = true if i == 0 else 1.0
-                    runs_a = [dict(round=r, cost=k * s * math.exp(rng.gauss(0, 0.1)), noisy=False)
-                              for r, s in enumerate(state)]
-                    runs_b = [dict(round=r, cost=s * math.exp(rng.gauss(0, 0.1)), noisy=False)
-                              for r, s in enumerate(state)]
-                    ps.append(peer_bench.ratio_p_value(runs_a, runs_b, "cost"))
+                ps = [pair_p(rng, n, true if i == 0 else 1.0) for i in range(family)]
                 own += ps[0] < 0.05
                 fam += peer_bench.holm(ps)[0][1]
             print(f"{n:6} | {true:.1f} | {own / trials:.3f} | {fam / trials:.3f}")

@@ -29,10 +29,11 @@ the true ratio ~83% of the time). An interval that contains 1.0 reads "level": t
 cannot tell the two apart. The raw runs are saved beside the report (JSON).
 With wasmbed-b (--compare), one more line reads all of wasmbed / wasmbed-b's intervals as one
 family: "level on every scenario" is a claim about all of them at once, and 15 independent
-intervals at 95% each all contain the truth only 46% of the time. Holm's step-down keeps the chance of any false
-"apart" in the family at 5% (bench/interval_coverage.py simulates both); it is the reading for
-"the two builds cost the same everywhere", and a weak one: at 5 rounds it sees a true 20%
-difference in one scenario 8% of the time, where that scenario's own interval sees it 59%.
+intervals at 95% each all contain the truth only 46% of the time. Holm's step-down keeps the
+chance of any false "apart" in the family at 5% (bench/interval_coverage.py simulates both);
+it is the reading for "the two builds cost the same everywhere", and a weak one: at 5 rounds
+it sees a true 20% difference in one scenario 8% of the time, where that scenario's own
+interval sees it 59%.
 
 Scenarios (default rate):
   bulk1   iperf3, 1 stream, proxied (1,000 MB/s)                      µs/MB
@@ -672,14 +673,20 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042]
 
 
+def log_ratios(a_runs, b_runs, key):
+    """The log of a's cost over b's, for each round where both have a figure (the quiet runs,
+    as `used` picks them)."""
+    a = {x["round"]: x[key] for x in used(a_runs) if x.get(key) is not None}
+    b = {x["round"]: x[key] for x in used(b_runs) if x.get(key) is not None}
+    return [math.log(a[r] / b[r]) for r in sorted(set(a) & set(b)) if a[r] > 0 and b[r] > 0]
+
+
 def ratio_interval(a_runs, b_runs, key):
     """The ratio of a's cost to b's and its 95% interval, from the rounds where both ran: each
     round's ratio (the two runs of a round share the machine's state of the moment), their
     geometric mean, and Student's t interval on the log ratios. (A percentile bootstrap over
     5 rounds covers the truth only ~83% of the time; t on log ratios ~95%: docs/performance.md.)"""
-    a = {x["round"]: x[key] for x in used(a_runs) if x.get(key) is not None}
-    b = {x["round"]: x[key] for x in used(b_runs) if x.get(key) is not None}
-    logs = [math.log(a[r] / b[r]) for r in sorted(set(a) & set(b)) if a[r] > 0 and b[r] > 0]
+    logs = log_ratios(a_runs, b_runs, key)
     if not logs:
         return None
     mean = statistics.mean(logs)
@@ -726,9 +733,7 @@ def ratio_p_value(a_runs, b_runs, key):
     `ratio_interval`'s interval is the inverse of (p < 0.05 when the interval leaves out 1.0,
     up to the rounding of its t table). None where it gives no interval (fewer than 2
     rounds); with no spread at all, 1.0 if every round's ratio is 1, else 0.0."""
-    a = {x["round"]: x[key] for x in used(a_runs) if x.get(key) is not None}
-    b = {x["round"]: x[key] for x in used(b_runs) if x.get(key) is not None}
-    logs = [math.log(a[r] / b[r]) for r in sorted(set(a) & set(b)) if a[r] > 0 and b[r] > 0]
+    logs = log_ratios(a_runs, b_runs, key)
     if len(logs) < 2:
         return None
     mean, spread = statistics.mean(logs), statistics.stdev(logs)
@@ -753,7 +758,8 @@ def family_line(rows, scenarios, a, b):
     """One line on all of a / b's intervals together: with two copies of one build (or a
     build against one that should cost the same) "level on every scenario" is a claim about
     the whole family of intervals, and 15 intervals at 95% each, were they independent, all
-    contain the truth only 46% of the time (0.95^15). Holm's step-down keeps the chance of any false "apart" at 5%."""
+    contain the truth only 46% of the time (0.95^15). Holm's step-down keeps the chance of any
+    false "apart" at 5%."""
     tests = []
     for sc in scenarios:
         if (sc, a) not in rows or (sc, b) not in rows:
@@ -766,7 +772,7 @@ def family_line(rows, scenarios, a, b):
         return []
     judged = holm([p for _, p in tests])
     apart = [f"{name} (adjusted p {q:.3f})" for (name, _), (q, out) in zip(tests, judged) if out]
-    head = (f"{a} / {b}, all {len(tests)} intervals as one family (Holm's step-down, family-wise 95%): ")
+    head = f"{a} / {b}, all {len(tests)} intervals as one family (Holm's step-down, family-wise 95%): "
     return ["", head + ("**level on every one**" if not apart else "apart on " + ", ".join(apart)) +
             f"; unadjusted, {sum(p < 0.05 for _, p in tests)} of {len(tests)} read apart at 95% each."]
 

@@ -52,9 +52,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peer_bench as pb  # noqa: E402
 
 POOL = {"tls": "tls", "conn": "http", "rr": "http"}
-# What a scenario counts per: a connection (a request on a connection of its own), or, for
-# `rr`, a request on a long keep-alive connection (a device's message on its session).
-UNIT = {"tls": "conn", "conn": "conn", "rr": "req"}
+# What a scenario counts per, short and in words: a connection (a request on a connection of
+# its own), or, for `rr`, a request on a long keep-alive connection (a device's message on its
+# session).
+UNIT = {"tls": ("conn", "connection"), "conn": ("conn", "connection"), "rr": ("req", "request")}
 WARMUP = 100
 # rr: the requests go over this many keep-alive connections, opened when the counting starts
 # (their setup is in the count: at the default 1,000 requests about 4 × 15k instructions, 60
@@ -213,7 +214,7 @@ def compare_by_function(a):
         sys.exit(f"no instructions read from the runs of {name_b if ta else name_a}")
     sa = ta - sum(v for f, v in fa.items() if STRINGS.fullmatch(f))
     sb = tb - sum(v for f, v in fb.items() if STRINGS.fullmatch(f))
-    word = {"conn": "connection", "req": "request"}[UNIT[a.scenario]]
+    word = UNIT[a.scenario][1]
     print(f"{a.scenario}: user-mode instructions per {word} (mean of the runs): "
           f"{name_a} {ta:,.0f}, {name_b} {tb:,.0f} ({ta / tb:.3f}×); without glibc's string functions "
           f"{sa:,.0f} and {sb:,.0f} ({sa / sb:.3f}×); event-loop waits per {word}, each run: "
@@ -236,16 +237,17 @@ def compare_by_function(a):
 
 
 def at_equal_turns(runs_a, runs_b):
-    """A's instructions per connection minus B's at the same number of event-loop turns, with
+    """A's instructions per unit minus B's at the same number of event-loop turns, with
     a 95% interval: under valgrind how many turns a connection takes varies from run to run,
     and each turn costs the runtime's whole path (~1.2-1.5k instructions), enough to hide a
     change of a few percent in a comparison of medians. Fits `instructions = level + slope ×
     turns` over both proxies' runs, a level for each and one slope for both (the analysis of
     covariance; fair for two builds of one program whose change leaves the turns alone, not
     for two programs, whose turns cost differently, nor for a change to how many turns a
-    connection takes, whose effect is those turns), and returns (difference of the levels, its interval's two ends, the slope,
-    B's runs' mean), or None when the runs cannot fit it (fewer than 2 runs of either, or no
-    spread in turns within them). `runs_*`: (instructions, _, turns) each."""
+    connection takes, whose effect is those turns), and returns (difference of the levels,
+    its interval's two ends, the slope, B's runs' mean), or None when the runs cannot fit it
+    (fewer than 2 runs of either, or no spread in turns within them). `runs_*`:
+    (instructions, _, turns) each."""
     if len(runs_a) < 2 or len(runs_b) < 2:
         return None
     groups = []
@@ -297,10 +299,9 @@ def main():
     work = tempfile.mkdtemp(prefix="user-instructions.")
     backends = []
     per = {p: [] for p in proxies}
-    url = {"tls": f"https://127.0.0.1:{pb.PORTS['tls']}/", "conn": f"http://127.0.0.1:{pb.PORTS['http']}/",
-           "rr": f"http://127.0.0.1:{pb.PORTS['http']}/"}[a.scenario]
-    unit = UNIT[a.scenario]
-    word = {"conn": "connection", "req": "request"}[unit]
+    pool = POOL[a.scenario]
+    url = f"{'https' if pool == 'tls' else 'http'}://127.0.0.1:{pb.PORTS[pool]}/"
+    unit, word = UNIT[a.scenario]
     load = requests if a.scenario == "rr" else connections
     try:
         backends = pb.start_backends(work)
