@@ -167,10 +167,15 @@ fn out_of_descriptors_the_proxy_backs_off_and_recovers() {
             s
         })
         .collect();
-    // ...then silent connections, each holding a descriptor while the proxy waits for its
-    // first bytes, until accept() fails with EMFILE.
+    // ...then connections that sent the first byte of a TLS record and no more, each holding a
+    // descriptor while the proxy waits for the rest of its hello, until accept() fails with
+    // EMFILE. (One that sent nothing would stay the kernel's: `defer_accept`.)
     let silent: Vec<TcpStream> = (0..60)
-        .map(|_| TcpStream::connect(p.listen).unwrap())
+        .map(|_| {
+            let mut s = TcpStream::connect(p.listen).unwrap();
+            s.write_all(&[22]).unwrap();
+            s
+        })
         .collect();
     // Stay at the limit for a while: a spinning accept loop would fail thousands of times.
     let started = Instant::now();

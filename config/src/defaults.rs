@@ -11,6 +11,8 @@ pub mod proxy {
     pub const ADMIN: &str = "127.0.0.1:9900";
     pub const POOL: &str = "default";
     pub const BACKLOG: u32 = 4096;
+    /// `[[listener]] defer_accept`: one SYN-ACK's wait, as HAProxy's `defer-accept`.
+    pub const DEFER_ACCEPT: Duration = Duration::from_secs(1);
     pub const WEIGHT: u32 = 1;
     pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
     /// The probe deadline is half the interval, at most this.
@@ -102,6 +104,10 @@ pub fn proxy_documented() -> Vec<(&'static str, String)> {
     vec![
         ("`--listen ADDR`", format!("`{LISTEN}`")),
         ("`[[listener]] backlog`", format!("`{BACKLOG}`")),
+        (
+            "`[[listener]] defer_accept`",
+            format!("`{}`", show(DEFER_ACCEPT)),
+        ),
         ("`[[gateway]] weight`", format!("`{WEIGHT}`")),
         ("`[[gateway]] pool`", format!("`{POOL}`")),
         ("`--admin ADDR\\|off`", format!("`{ADMIN}`")),

@@ -123,6 +123,8 @@ pub struct ProxyFlags {
     /// started beside the old one before it stops).
     #[arg(long)]
     pub reuse_port: bool,
+    #[arg(long, value_name = "DURATION", help = format!("How long the kernel holds a device's connection that has sent nothing before the proxy accepts it (Linux's TCP_DEFER_ACCEPT, on every listener): a connection is accepted once its first bytes (the ClientHello) arrive, so the proxy spends no descriptor, task or wake-up on one that sends nothing; past this it is accepted anyway and handshake_timeout applies. Every mode reads a device's first bytes before anything else, so no protocol waits on it. Linux rounds up to its SYN-ACK schedule (1s, 3s, 7s, 15s, 31s, 63s); 0 accepts at once. Default {}, at most 1m.", crate::defaults::show(crate::defaults::proxy::DEFER_ACCEPT)))]
+    pub defer_accept: Option<String>,
     /// Terminate mode: the listeners forward the decrypted bytes as they are, for TLS clients
     /// that are not wasmbed devices (an HTTPS service behind the proxy, a benchmark): the
     /// client certificate is checked as for devices, but there is no HELLO check, no session
@@ -325,6 +327,9 @@ pub struct ListenerConfig {
     /// Terminate mode: forward the decrypted bytes as they are (no device protocol).
     pub raw: bool,
     pub reuse_port: bool,
+    /// How long a connection that has sent nothing is left to the kernel before it is
+    /// accepted (`TCP_DEFER_ACCEPT`, Linux); zero: accepted at once.
+    pub defer_accept: Duration,
     pub backlog: u32,
 }
 
@@ -573,6 +578,7 @@ struct RawListener {
     raw: bool,
     #[serde(default)]
     reuse_port: bool,
+    defer_accept: Option<String>,
     backlog: Option<u32>,
 }
 
@@ -584,6 +590,7 @@ impl RawListener {
             allow_plain: false,
             raw: false,
             reuse_port: false,
+            defer_accept: None,
             backlog: None,
         }
     }
@@ -1015,6 +1022,15 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
                 .push(RawListener::at(DEFAULT_LISTEN.to_string()));
         }
         raw.listener.iter_mut().for_each(|l| l.reuse_port = true);
+    }
+    if let Some(d) = &f.defer_accept {
+        if raw.listener.is_empty() {
+            raw.listener
+                .push(RawListener::at(DEFAULT_LISTEN.to_string()));
+        }
+        raw.listener
+            .iter_mut()
+            .for_each(|l| l.defer_accept = Some(d.clone()));
     }
     if f.raw {
         if raw.listener.is_empty() {

@@ -22,7 +22,7 @@
 //! # }
 //! ```
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // allowed in one module, `sockopt`, which says why
 #![cfg_attr(
     test,
     allow(
@@ -59,6 +59,7 @@ mod refusal;
 mod route;
 mod seats;
 mod session;
+mod sockopt;
 mod takeover;
 mod terminate;
 mod tls;
@@ -125,7 +126,7 @@ impl Proxy {
         for l in &config.listeners {
             let taken = inherited.as_mut().and_then(|i| i.take_listener(l.addr));
             let bound = match taken {
-                Some(socket) => TcpListener::from_std(socket),
+                Some(socket) => listener::adopt(socket, l),
                 None => listener::bind(l),
             }
             .map_err(|source| ProxyError::Bind {

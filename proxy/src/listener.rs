@@ -17,7 +17,8 @@ use crate::deadlines::Deadlines;
 use crate::metric_names::ACCEPT_ERRORS;
 
 /// Binds one listener: `SO_REUSEADDR`, optional `SO_REUSEPORT`, `TCP_NODELAY` and keepalive
-/// (both inherited by accepted sockets on Linux), non-blocking.
+/// (both inherited by accepted sockets on Linux), non-blocking, `TCP_DEFER_ACCEPT` (`defer_accept`;
+/// zero: none).
 pub fn bind(config: &ListenerConfig) -> io::Result<TcpListener> {
     let socket = Socket::new(
         Domain::for_address(config.addr),
@@ -38,7 +39,16 @@ pub fn bind(config: &ListenerConfig) -> io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&config.addr.into())?;
     socket.listen(i32::try_from(config.backlog).unwrap_or(i32::MAX))?;
+    crate::sockopt::defer_accept(&socket, config.defer_accept)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Takes on a listener the running proxy handed over (`--takeover`): bound and configured by
+/// the old process, except what this config may set differently on a bound socket, set
+/// again here (`defer_accept`), so that an upgrade applies the new config as a start does.
+pub fn adopt(socket: std::net::TcpListener, config: &ListenerConfig) -> io::Result<TcpListener> {
+    crate::sockopt::defer_accept(&socket, config.defer_accept)?;
+    TcpListener::from_std(socket)
 }
 
 /// An accepted device connection and its place under `--max-connections`.

@@ -35,6 +35,7 @@ async fn a_silent_client_is_closed_after_the_handshake_timeout_holding_no_lease(
     let (backend, proxy) = proxy_with(|_| {}).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(&[22, 3, 1]).await.unwrap(); // the start of a record, then nothing
+    // Sends nothing: held by the kernel for `defer_accept` (1 s), then accepted, then closed.
     let mut quiet = TcpStream::connect(proxy.addr).await.unwrap();
     tokio::task::yield_now().await;
     assert_eq!(proxy.counts(), vec![0], "no lease while classifying");
@@ -42,6 +43,58 @@ async fn a_silent_client_is_closed_after_the_handshake_timeout_holding_no_lease(
     assert_eq!(closed(&mut quiet, Duration::from_secs(3)).await, 0);
     assert_eq!(rejected(&proxy, "handshake_timeout").await, 2.0);
     assert_eq!(backend.live(), 0, "the gateway never saw them");
+}
+
+/// A connection that has sent nothing is not the proxy's yet (`[[listener]] defer_accept`,
+/// Linux's `TCP_DEFER_ACCEPT`): no descriptor, task or slot, on every kind of listener; it is
+/// accepted once it sends. The last row turns deferral off, the guarantee broken on purpose:
+/// the same steps then see the silent connection accepted at once.
+#[tokio::test]
+async fn a_connection_is_accepted_once_it_has_sent_something() {
+    use wasmbed_config::Mode;
+    let pki = support::frames::pki(wasmbed_certs::pki::KeyKind::EcdsaP256);
+    // 5 s is 7 s on Linux's SYN-ACK schedule: far beyond what the steps below take.
+    let deferred = Duration::from_secs(5);
+    for (mode, raw, defer) in [
+        (Mode::Passthrough, false, deferred),
+        (Mode::Terminate, false, deferred),
+        (Mode::Terminate, true, deferred),
+        (Mode::Passthrough, false, Duration::ZERO),
+    ] {
+        let row = format!("{mode:?}, raw {raw}, defer_accept {defer:?}");
+        let (_backend, proxy) = proxy_with(|c| {
+            c.mode = mode;
+            if mode == Mode::Terminate {
+                c.tls = Some(pki.tls.clone());
+            }
+            c.listeners[0].raw = raw;
+            c.listeners[0].defer_accept = defer;
+            c.handshake_timeout = Duration::from_secs(3);
+        })
+        .await;
+        let accepted = format!(
+            "wasmbed_proxy_connections_accepted_total{{listener=\"{}\"}}",
+            proxy.addr
+        );
+        let mut quiet = TcpStream::connect(proxy.addr).await.unwrap();
+        // A connection that sends at once: once the proxy has closed it (it is not TLS), the
+        // proxy has accepted every connection queued before it.
+        let mut probe = TcpStream::connect(proxy.addr).await.unwrap();
+        probe.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        closed(&mut probe, Duration::from_secs(2)).await; // (after a TLS alert, terminating)
+        let want = if defer.is_zero() { 2.0 } else { 1.0 };
+        assert_eq!(proxy.metric(&accepted).await, want, "{row}");
+        quiet.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        closed(&mut quiet, Duration::from_secs(2)).await;
+        assert_eq!(proxy.metric(&accepted).await, 2.0, "{row}");
+        // Both closed and counted closed (a refusal in terminate mode used to panic inside
+        // rustls in debug builds, leaving its connection counted open).
+        proxy
+            .until_metric("wasmbed_proxy_connections_open{transport=\"tcp\"}", 0.0)
+            .await;
+        proxy.shutdown.cancel();
+        let _ = proxy.task.await;
+    }
 }
 
 #[tokio::test]

@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "clienthello",
     "proxy_protocol",
     "seats",
+    "sockopt",
     "listener",
     "refusal",
     "balancer",

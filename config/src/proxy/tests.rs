@@ -47,6 +47,24 @@ fn flags_alone_make_a_config() {
     })
     .expect("valid");
     assert!(shared.listeners.iter().all(|l| l.reuse_port));
+    assert_eq!(c.listeners[0].defer_accept, Duration::from_secs(1));
+    let at_once = ProxyConfig::load(&ProxyFlags {
+        defer_accept: Some("0s".into()),
+        gateway: vec!["127.0.0.1:9001".into()],
+        ..flags()
+    })
+    .expect("valid");
+    assert!(
+        !at_once.listeners.is_empty(),
+        "the default listener, deferring nothing"
+    );
+    assert!(at_once.listeners.iter().all(|l| l.defer_accept.is_zero()));
+    let long = "[[listener]]\naddr = \"127.0.0.1:0\"\ndefer_accept = \"2m\"\n[[gateway]]\naddr = \"127.0.0.1:1\"\n";
+    assert!(
+        err_of(long).contains("listener[0].defer_accept"),
+        "{}",
+        err_of(long)
+    );
 }
 
 #[test]

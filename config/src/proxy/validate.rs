@@ -78,6 +78,7 @@ pub(super) fn listeners(raw: &RawProxy) -> Result<Vec<ListenerConfig>, ConfigErr
                 allow_plain: l.allow_plain,
                 raw: l.raw,
                 reuse_port: l.reuse_port,
+                defer_accept: defer_accept(i, l.defer_accept.as_deref())?,
                 backlog: l.backlog.unwrap_or(defaults::BACKLOG),
             })
         })
@@ -283,6 +284,17 @@ pub(super) fn health(raw: &RawHealth) -> Result<HealthConfig, ConfigError> {
         path,
         watch: raw.watch.unwrap_or(true),
     })
+}
+
+/// `[[listener]] defer_accept`: at most a minute (the kernel's own schedule past that is
+/// minutes); zero turns it off.
+fn defer_accept(i: usize, text: Option<&str>) -> Result<Duration, ConfigError> {
+    let field = format!("listener[{i}].defer_accept");
+    let d = duration_or(&field, text, defaults::DEFER_ACCEPT)?;
+    if d > Duration::from_secs(60) {
+        return Err(ConfigError::field(field, "must be at most 1m"));
+    }
+    Ok(d)
 }
 
 pub(super) fn positive(field: &str, d: Duration) -> Result<Duration, ConfigError> {

@@ -253,8 +253,7 @@ impl TlsStream {
     /// scratch buffer) until something must be read or written; returns how many of its
     /// bytes are done with. Decrypted bytes go to `reader` while it has room, then to
     /// `plaintext`. `send`: what to send once rustls allows it. `taken` counts the bytes
-    /// done with, an error or not (the rest must be kept as they are: rustls' alert after an
-    /// error is had by processing them again).
+    /// done with, an error or not.
     fn process_records(
         &mut self,
         data: &mut [u8],
@@ -415,8 +414,12 @@ impl TlsStream {
     }
 
     /// After an error, what rustls has to say (its alert) goes out if the socket takes it at
-    /// once: best effort, as `tokio-rustls` does.
+    /// once: best effort, as `tokio-rustls` does. rustls queued the alert when it met the
+    /// error; it is had by processing nothing. The bytes that caused the error are dropped
+    /// first: processed again, they would fail again and make rustls send a second fatal
+    /// alert (a `debug_assert` in rustls: a panic in debug builds, on a peer's bytes).
     fn alert_after_error(&mut self) {
+        self.incoming = Vec::new();
         let _ = self.process(None, ToSend::Nothing);
         let _ = self.io.try_write(&self.outgoing[self.out_at..]);
     }
@@ -847,6 +850,37 @@ mod tests {
             told.contains("alert"),
             "the device was not told why: {told}"
         );
+    }
+
+    /// Bytes that are not TLS (a deframing error, met before any handshake state): refused,
+    /// and the client gets one fatal `decode_error` alert, then the end of the stream. (The
+    /// alert used to be had by processing the bad bytes again, which failed again: a second
+    /// fatal alert, which rustls asserts against, a panic in debug builds.)
+    #[tokio::test]
+    async fn bytes_that_are_not_tls_get_one_alert() {
+        let (config, _) = configs(true);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (told, refused) = tokio::join!(
+            async {
+                let mut tcp = TcpStream::connect(addr).await.unwrap();
+                tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut told = Vec::new();
+                let _ = tcp.read_to_end(&mut told).await;
+                told
+            },
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                TlsStream::accept(config, tcp).await.map(|_| ())
+            },
+        );
+        let refused = refused.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData, "{refused}");
+        // A plaintext alert record: type 21, TLS 1.2 framing, 2 bytes: fatal (2),
+        // decode_error (50).
+        assert_eq!(told, [21, 3, 3, 0, 2, 2, 50]);
     }
 
     #[tokio::test]
