@@ -141,6 +141,9 @@ enum ToSend<'a> {
     Data(&'a [u8], &'a mut usize),
     /// The `close_notify` alert.
     CloseNotify,
+    /// After an error: the alert rustls queued when it met the error, and nothing more
+    /// (processing on would meet the bad bytes again, see [`TlsStream::alert_after_error`]).
+    Alert,
 }
 
 /// What processing the received bytes leaves to do.
@@ -305,7 +308,7 @@ impl TlsStream {
                             return Err(io::Error::other(format!("encoding TLS data: {e}")));
                         }
                     }
-                    None
+                    matches!(send, ToSend::Alert).then_some(Next::Flush)
                 }
                 ConnectionState::TransmitTlsData(sent) => {
                     if self.out_at == self.outgoing.len() {
@@ -317,7 +320,7 @@ impl TlsStream {
                 }
                 ConnectionState::WriteTraffic(mut traffic) => {
                     match std::mem::replace(&mut send, ToSend::Nothing) {
-                        ToSend::Nothing => {}
+                        ToSend::Nothing | ToSend::Alert => {}
                         ToSend::Data(plain, n) => {
                             let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
                             let waiting = self.out_at < self.outgoing.len();
@@ -415,12 +418,12 @@ impl TlsStream {
 
     /// After an error, what rustls has to say (its alert) goes out if the socket takes it at
     /// once: best effort, as `tokio-rustls` does. rustls queued the alert when it met the
-    /// error; it is had by processing nothing. The bytes that caused the error are dropped
-    /// first: processed again, they would fail again and make rustls send a second fatal
-    /// alert (a `debug_assert` in rustls: a panic in debug builds, on a peer's bytes).
+    /// error and hands it out before it looks at the bytes again; processing stops there.
+    /// Past it, bytes that failed to deframe (not TLS) would fail again and make rustls send
+    /// a second fatal alert, which it asserts against (a panic in debug builds, on a peer's
+    /// bytes; rustls/rustls#959). The bytes stay: rustls' handshake deframer points into them.
     fn alert_after_error(&mut self) {
-        self.incoming = Vec::new();
-        let _ = self.process(None, ToSend::Nothing);
+        let _ = self.process(None, ToSend::Alert);
         let _ = self.io.try_write(&self.outgoing[self.out_at..]);
     }
 
