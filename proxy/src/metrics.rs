@@ -56,7 +56,10 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 fn describe() {
-    describe_counter!(ACCEPTED, "Device connections accepted, by listener.");
+    describe_counter!(
+        ACCEPTED,
+        "Device connections accepted, by listener (with defer_accept, once the device has sent its first bytes or the kernel let it through)."
+    );
     describe_counter!(
         REJECTED,
         "Device connections closed before reaching a gateway, by reason."
