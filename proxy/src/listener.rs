@@ -44,8 +44,9 @@ pub fn bind(config: &ListenerConfig) -> io::Result<TcpListener> {
 }
 
 /// Takes on a listener the running proxy handed over (`--takeover`): bound and configured by
-/// the old process, except what this config may set differently on a bound socket, set
-/// again here (`defer_accept`), so that an upgrade applies the new config as a start does.
+/// the old process. `defer_accept` is set again here, so that an upgrade applies the new
+/// config's value as a start does; the rest (address, `reuse_port`, backlog) is the old
+/// process's, as a takeover keeps the listening socket itself.
 pub fn adopt(socket: std::net::TcpListener, config: &ListenerConfig) -> io::Result<TcpListener> {
     crate::sockopt::defer_accept(&socket, config.defer_accept)?;
     TcpListener::from_std(socket)

@@ -26,8 +26,15 @@ use std::time::Duration;
 /// it (zero). A no-op where the option does not exist (not Linux): connections are accepted
 /// at once.
 pub fn defer_accept(socket: &impl AsFd, wait: Duration) -> io::Result<()> {
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    imp::defer_accept(socket, seconds)
+    let seconds = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
+    imp::defer_accept(socket, seconds).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("setting TCP_DEFER_ACCEPT ({seconds} s): {e}"),
+        )
+    })
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]

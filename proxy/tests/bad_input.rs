@@ -49,6 +49,7 @@ async fn a_silent_client_is_closed_after_the_handshake_timeout_holding_no_lease(
 /// Linux's `TCP_DEFER_ACCEPT`): no descriptor, task or slot, on every kind of listener; it is
 /// accepted once it sends. The last row turns deferral off, the guarantee broken on purpose:
 /// the same steps then see the silent connection accepted at once.
+#[cfg(any(target_os = "linux", target_os = "android"))]
 #[tokio::test]
 async fn a_connection_is_accepted_once_it_has_sent_something() {
     use wasmbed_config::Mode;

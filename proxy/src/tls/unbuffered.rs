@@ -132,6 +132,27 @@ pub(crate) struct TlsStream {
     tcp_eof: bool,
     /// This side's `close_notify` is queued.
     close_sent: bool,
+    /// rustls reported an error: its alert is had once (`alert_after_error`), and nothing is
+    /// processed again (the bytes that failed would fail again, see there).
+    failed: Failed,
+}
+
+/// Whether rustls has reported an error, and its alert been had.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Failed {
+    No,
+    AlertPending,
+    AlertTaken,
+}
+
+impl Failed {
+    /// After an error: the alert is pending unless it was already taken.
+    fn max_pending(self) -> Failed {
+        match self {
+            Failed::No => Failed::AlertPending,
+            taken => taken,
+        }
+    }
 }
 
 /// What to send once rustls allows application data.
@@ -180,6 +201,7 @@ impl TlsStream {
             peer_closed: false,
             tcp_eof: false,
             close_sent: false,
+            failed: Failed::No,
         };
         let mut name = None;
         match poll_fn(|cx| tls.poll_handshake(cx, &mut name)).await {
@@ -264,15 +286,37 @@ impl TlsStream {
         mut reader: Option<&mut ReadBuf<'_>>,
         mut send: ToSend<'_>,
     ) -> io::Result<Next> {
+        match (self.failed, &send) {
+            (Failed::No, _) | (Failed::AlertPending, ToSend::Alert) => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the TLS connection failed earlier",
+                ));
+            }
+        }
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut data[*taken..]);
             // Done with, even when `state` is an error: rustls processed those bytes.
             *taken += discard;
-            let next = match state.map_err(tls_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.failed = self.failed.max_pending();
+                    return Err(tls_error(e));
+                }
+            };
+            let next = match state {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
-                        let record = record.map_err(tls_error)?;
+                        let record = match record {
+                            Ok(record) => record,
+                            Err(e) => {
+                                self.failed = self.failed.max_pending();
+                                return Err(tls_error(e));
+                            }
+                        };
                         *taken += record.discard;
                         let mut payload = record.payload;
                         if let Some(buf) = reader.as_deref_mut()
@@ -422,8 +466,16 @@ impl TlsStream {
     /// Past it, bytes that failed to deframe (not TLS) would fail again and make rustls send
     /// a second fatal alert, which it asserts against (a panic in debug builds, on a peer's
     /// bytes; rustls/rustls#959). The bytes stay: rustls' handshake deframer points into them.
+    ///
+    /// It stops after the first chunk rustls hands out: the proxy encodes every chunk as soon
+    /// as rustls hands it out, so at an error the alert (queued last) is the only one waiting.
+    /// Once only: a second call (a read failing again) would find no alert and process on.
     fn alert_after_error(&mut self) {
+        if self.failed != Failed::AlertPending {
+            return;
+        }
         let _ = self.process(None, ToSend::Alert);
+        self.failed = Failed::AlertTaken;
         let _ = self.io.try_write(&self.outgoing[self.out_at..]);
     }
 
@@ -884,6 +936,29 @@ mod tests {
         // A plaintext alert record: type 21, TLS 1.2 framing, 2 bytes: fatal (2),
         // decode_error (50).
         assert_eq!(told, [21, 3, 3, 0, 2, 2, 50]);
+    }
+
+    /// A record that is not TLS after the handshake: the read fails (with rustls' alert), and
+    /// the stream's later write fails and its close ends it, neither processing those bytes
+    /// again (they would fail again, and rustls' second fatal alert is a panic in debug
+    /// builds).
+    #[tokio::test]
+    async fn after_a_bad_record_nothing_processes_it_again() {
+        let (mut client, mut server) = pair(false).await;
+        client
+            .get_mut()
+            .0
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let read = server.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(read.kind(), std::io::ErrorKind::InvalidData, "{read}");
+        let write = server.write_all(b"late").await.unwrap_err();
+        assert_eq!(write.kind(), std::io::ErrorKind::InvalidData, "{write}");
+        let _ = server.shutdown().await;
+        drop(server);
+        // The device's side ends (what came before the end: tickets, the encrypted alert).
+        let _ = client.get_mut().0.read_to_end(&mut Vec::new()).await;
     }
 
     #[tokio::test]
