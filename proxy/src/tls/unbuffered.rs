@@ -877,27 +877,36 @@ mod tests {
         assert!(rest.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_refused_certificate_gets_its_alert() {
-        let (config, client) = configs(false);
+    /// What `device` gets from the proxy's end, accepting with `config` on a listener of its
+    /// own; and how the proxy's accept ended.
+    async fn against_the_proxy<T>(
+        config: Arc<rustls::ServerConfig>,
+        device: impl AsyncFnOnce(TcpStream) -> T,
+    ) -> (T, std::io::Result<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (device, proxy) = tokio::join!(
-            async {
-                let tcp = TcpStream::connect(addr).await.unwrap();
-                let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
-                let mut tls = tokio_rustls::TlsConnector::from(client)
-                    .connect(name, tcp)
-                    .await?;
-                // TLS 1.3: the client's handshake ends before the server judges its
-                // certificate; the verdict arrives as an alert on the first read.
-                tls.read(&mut [0u8; 1]).await
-            },
+        tokio::join!(
+            async { device(TcpStream::connect(addr).await.unwrap()).await },
             async {
                 let (tcp, _) = listener.accept().await.unwrap();
                 TlsStream::accept(config, tcp).await.map(|_| ())
             },
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_certificate_gets_its_alert() {
+        let (config, client) = configs(false);
+        let (device, proxy) = against_the_proxy(config, async |tcp| {
+            let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client)
+                .connect(name, tcp)
+                .await?;
+            // TLS 1.3: the client's handshake ends before the server judges its
+            // certificate; the verdict arrives as an alert on the first read.
+            tls.read(&mut [0u8; 1]).await
+        })
+        .await;
         let refused = proxy.unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData, "{refused}");
         let told = device.unwrap_err().to_string();
@@ -914,23 +923,15 @@ mod tests {
     #[tokio::test]
     async fn bytes_that_are_not_tls_get_one_alert() {
         let (config, _) = configs(true);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (told, refused) = tokio::join!(
-            async {
-                let mut tcp = TcpStream::connect(addr).await.unwrap();
-                tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .await
-                    .unwrap();
-                let mut told = Vec::new();
-                let _ = tcp.read_to_end(&mut told).await;
-                told
-            },
-            async {
-                let (tcp, _) = listener.accept().await.unwrap();
-                TlsStream::accept(config, tcp).await.map(|_| ())
-            },
-        );
+        let (told, refused) = against_the_proxy(config, async |mut tcp| {
+            tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut told = Vec::new();
+            let _ = tcp.read_to_end(&mut told).await;
+            told
+        })
+        .await;
         let refused = refused.unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData, "{refused}");
         // A plaintext alert record: type 21, TLS 1.2 framing, 2 bytes: fatal (2),
