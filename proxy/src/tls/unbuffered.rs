@@ -939,6 +939,48 @@ mod tests {
         assert_eq!(told, [21, 3, 3, 0, 2, 2, 50]);
     }
 
+    /// A device's real first flight with a few bytes changed, hundreds of times (a fixed
+    /// sequence): every handshake ends, refused, and nothing panics. rustls' debug
+    /// assertions are on in tests, so this also checks that the stream never makes rustls
+    /// send a second fatal alert (it did, for bytes that failed to deframe: this test panics
+    /// without the fix).
+    #[tokio::test]
+    async fn mutated_first_flights_end_without_a_panic() {
+        let (config, client) = configs(true);
+        let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+        let mut device = rustls::ClientConnection::new(client, name).unwrap();
+        let mut flight = Vec::new();
+        device.write_tls(&mut flight).unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut refused = 0;
+        for _ in 0..300 {
+            let mut bytes = flight.clone();
+            for _ in 0..1 + next() % 8 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let ended = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                against_the_proxy(config.clone(), async |mut tcp| {
+                    let _ = tcp.write_all(&bytes).await;
+                    let _ = tcp.shutdown().await;
+                    let _ = tcp.read_to_end(&mut Vec::new()).await;
+                }),
+            )
+            .await;
+            let ((), accepted) = ended.expect("a handshake that never ends");
+            refused += usize::from(accepted.is_err());
+        }
+        // The device never sends its second flight: no handshake can finish.
+        assert_eq!(refused, 300);
+    }
+
     /// A record that is not TLS after the handshake: the read fails (with rustls' alert), and
     /// the stream's later write fails and its close ends it, neither processing those bytes
     /// again (they would fail again, and rustls' second fatal alert is a panic in debug
