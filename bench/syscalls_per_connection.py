@@ -8,6 +8,9 @@ the cost of each event and not a different number of events.
 
 Usage: python3 bench/syscalls_per_connection.py [--scenarios conn,tls] [--seconds 5]
          [--proxies wasmbed,floor-tokio,floor-mio,haproxy,nginx] [--wasmbed BIN]
+         [--rates tls=50,...]
+`--rates` offers other rates than the bench's (a light load, where each connection's events
+come alone, against the bench's, where a wake-up serves several).
 Needs perf (with its trace subcommand) and what peer_bench.py needs. "failed" counts the
 calls that returned an error (mostly EAGAIN: a read or an accept that found nothing; and the
 connect of a non-blocking socket, EINPROGRESS). Tracing every call slows a proxy down: one
@@ -106,7 +109,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,haproxy,nginx")
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
+    ap.add_argument("--rates", default="", help="override rates, e.g. tls=50 (connections per second)")
     a = ap.parse_args()
+    rates = {**RATES, **{sc: r for sc, r in pb.parse_rates(a.rates).items() if sc in RATES}}
     scenarios = a.scenarios.split(",")
     if any(sc not in RATES for sc in scenarios):
         sys.exit(f"--scenarios: of {', '.join(sorted(RATES))}")
@@ -130,12 +135,13 @@ def main():
         unknown = [p for p in proxies if p not in commands]
         if unknown:
             sys.exit(f"unknown proxy(ies): {', '.join(unknown)}")
-        say(f"CPU: {pb.cpu_model()}; {a.seconds} s per run at the bench's rates")
+        shown = ", ".join(f"{sc} {rates[sc]:,}/s" for sc in scenarios)
+        say(f"CPU: {pb.cpu_model()}; {a.seconds} s per run at {shown}")
         for sc in scenarios:
             per = {}
             # The floors only accept, connect and copy: no TLS of their own to terminate.
             for p in [q for q in proxies if q not in pb.FLOORS or sc in pb.FLOOR_SCENARIOS]:
-                per[p] = traced(commands[p], p, sc, RATES[sc], a.seconds, work)
+                per[p] = traced(commands[p], p, sc, rates[sc], a.seconds, work)
                 ok, calls = per[p]
                 say(f"{sc} {p}: {ok} connections, {sum(c for c, _ in calls.values()) / ok:.2f} system calls each")
             table(sc, per)

@@ -6,10 +6,9 @@
 //! A connection that has sent nothing stays the kernel's (a request socket, a few hundred
 //! bytes, no descriptor); after `[[listener]] defer_accept` (1 s by default) the kernel queues
 //! it anyway, on the device's answer to a repeated SYN-ACK, and the proxy's
-//! `handshake_timeout` takes it from there. The
-//! proxy reads a device's first bytes before it does anything else in every mode, so no
-//! protocol waits on this; what it saves is a wake-up and an empty read per connection
-//! (docs/performance.md, "Accepting once the hello is there").
+//! `handshake_timeout` takes it from there. The proxy reads a device's first bytes before it
+//! does anything else in every mode, so no protocol waits on this; what it saves is a
+//! wake-up per connection (docs/performance.md, "Accepting once the hello is there").
 //!
 //! Why `unsafe`, and only here: `setsockopt(2)` takes a pointer to the option's value. The
 //! call passes a pointer to a local `c_int` and that value's size; the kernel only reads it,
