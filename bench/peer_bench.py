@@ -263,6 +263,14 @@ http {{
     return [nginx, iperf]
 
 
+def stop_backends(backends, work):
+    """Stops what start_backends started and removes the run's directory."""
+    for b in backends:
+        b.terminate()
+        b.wait()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def proxy_commands(work, compare=None):
     """Per proxy: a list of (command, pool) to start, pinned on the proxy core. `compare`: a
     second wasmbed binary, run as proxy `wasmbed-b` with the same arguments."""
@@ -646,10 +654,7 @@ def main():
                         + (f", p99 {run['p99']:.0f} µs" if run["p99"] is not None else "")
                         + (f" [{run['note']}]" if run["note"] else "") + (" *noisy*" if run["noisy"] else ""))
     finally:
-        for b in backends:
-            b.terminate()
-            b.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_backends(backends, work)
     report = render(rows, scenarios, proxies, a, rates)
     print(report)
     os.makedirs(a.out, exist_ok=True)

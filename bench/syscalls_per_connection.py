@@ -146,10 +146,7 @@ def main():
                 say(f"{sc} {p}: {ok} connections, {sum(c for c, _ in calls.values()) / ok:.2f} system calls each")
             table(sc, per)
     finally:
-        for b in backends:
-            b.terminate()
-            b.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        pb.stop_backends(backends, work)
 
 
 if __name__ == "__main__":

@@ -348,10 +348,7 @@ def main():
                       f"{per[p][-1][2]:.2f} event-loop waits/{unit}"
                       f"{' [' + errors + ']' if errors else ''}", flush=True)
     finally:
-        for b in backends:
-            b.terminate()
-            b.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        pb.stop_backends(backends, work)
     med = {p: [statistics.median(x[i] for x in per[p]) for i in (0, 1)] for p in proxies}
     print(f"\n| proxy | user-mode instructions per {word}, without glibc's string functions (median) "
           f"| all (median) | rounds (without) | event-loop waits per {word}, rounds |\n|---|---:|---:|---|---|")

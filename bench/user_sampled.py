@@ -224,10 +224,7 @@ def main():
                       f"kernel {kernel * us / ok:.2f} µs/{unit} (with perf's own){' [' + errors + ']' if errors else ''}",
                       flush=True)
     finally:
-        for b in backends:
-            b.terminate()
-            b.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        pb.stop_backends(backends, work)
     print("\n| proxy | user mode, sampled (median) | rounds |\n|---|---:|---|")
     for p in proxies:
         print(f"| {p} | {statistics.median(per[p]):.2f} µs/{unit} | {', '.join(f'{x:.2f}' for x in per[p])} |")

@@ -15,7 +15,6 @@ serves several connections.
 import argparse
 import glob
 import os
-import shutil
 import signal
 import statistics
 import sys
@@ -101,10 +100,7 @@ def main():
             spc.say(f"| {sc} | {p} | {statistics.median(t for t, _, _ in rs):.2f} | "
                     f"{', '.join(f'{t:.2f}' for t, _, _ in rs)} | {rs[0][1]} {statistics.median(b for _, _, b in rs):.2f} |")
     finally:
-        for b in backends:
-            b.terminate()
-            b.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        pb.stop_backends(backends, work)
 
 
 if __name__ == "__main__":
