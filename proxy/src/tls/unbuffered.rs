@@ -145,14 +145,11 @@ enum Failed {
     AlertTaken,
 }
 
-impl Failed {
-    /// After an error: the alert is pending unless it was already taken.
-    fn max_pending(self) -> Failed {
-        match self {
-            Failed::No => Failed::AlertPending,
-            taken => taken,
-        }
-    }
+/// rustls' error, noted: its alert is now pending. (Only reached while processing is allowed,
+/// so never after the alert was taken.)
+fn failed(state: &mut Failed, e: rustls::Error) -> io::Error {
+    *state = Failed::AlertPending;
+    tls_error(e)
 }
 
 /// What to send once rustls allows application data.
@@ -300,23 +297,10 @@ impl TlsStream {
                 self.conn.process_tls_records(&mut data[*taken..]);
             // Done with, even when `state` is an error: rustls processed those bytes.
             *taken += discard;
-            let state = match state {
-                Ok(state) => state,
-                Err(e) => {
-                    self.failed = self.failed.max_pending();
-                    return Err(tls_error(e));
-                }
-            };
-            let next = match state {
+            let next = match state.map_err(|e| failed(&mut self.failed, e))? {
                 ConnectionState::ReadTraffic(mut records) => {
                     while let Some(record) = records.next_record() {
-                        let record = match record {
-                            Ok(record) => record,
-                            Err(e) => {
-                                self.failed = self.failed.max_pending();
-                                return Err(tls_error(e));
-                            }
-                        };
+                        let record = record.map_err(|e| failed(&mut self.failed, e))?;
                         *taken += record.discard;
                         let mut payload = record.payload;
                         if let Some(buf) = reader.as_deref_mut()
