@@ -1004,6 +1004,16 @@ fn migration(raw: &RawProxy) -> Result<MigrationConfig, ConfigError> {
     })
 }
 
+/// The listeners a flag for every listener applies to: the file's or `--listen`'s, or else
+/// the default one, made here so that the flag is not lost with it.
+fn every_listener(raw: &mut RawProxy) -> impl Iterator<Item = &mut RawListener> {
+    if raw.listener.is_empty() {
+        raw.listener
+            .push(RawListener::at(DEFAULT_LISTEN.to_string()));
+    }
+    raw.listener.iter_mut()
+}
+
 fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
     if !f.listen.is_empty() {
         raw.listener = f
@@ -1014,30 +1024,16 @@ fn overlay(raw: &mut RawProxy, f: &ProxyFlags) -> Result<(), ConfigError> {
             .collect();
     }
     if f.allow_plain {
-        raw.listener.iter_mut().for_each(|l| l.allow_plain = true);
+        every_listener(raw).for_each(|l| l.allow_plain = true);
     }
     if f.reuse_port {
-        if raw.listener.is_empty() {
-            raw.listener
-                .push(RawListener::at(DEFAULT_LISTEN.to_string()));
-        }
-        raw.listener.iter_mut().for_each(|l| l.reuse_port = true);
+        every_listener(raw).for_each(|l| l.reuse_port = true);
     }
     if let Some(d) = &f.defer_accept {
-        if raw.listener.is_empty() {
-            raw.listener
-                .push(RawListener::at(DEFAULT_LISTEN.to_string()));
-        }
-        raw.listener
-            .iter_mut()
-            .for_each(|l| l.defer_accept = Some(d.clone()));
+        every_listener(raw).for_each(|l| l.defer_accept = Some(d.clone()));
     }
     if f.raw {
-        if raw.listener.is_empty() {
-            raw.listener
-                .push(RawListener::at(DEFAULT_LISTEN.to_string()));
-        }
-        raw.listener.iter_mut().for_each(|l| l.raw = true);
+        every_listener(raw).for_each(|l| l.raw = true);
     }
     if !f.gateway_dns.is_empty() || !f.gateway_srv.is_empty() {
         raw.discovery = f

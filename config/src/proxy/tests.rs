@@ -59,6 +59,16 @@ fn flags_alone_make_a_config() {
         "the default listener, deferring nothing"
     );
     assert!(at_once.listeners.iter().all(|l| l.defer_accept.is_zero()));
+    // Every flag for all listeners reaches the default listener too (`--allow-plain` alone
+    // used to be dropped with it).
+    let plain = ProxyConfig::load(&ProxyFlags {
+        allow_plain: true,
+        gateway: vec!["127.0.0.1:9001".into()],
+        ..flags()
+    })
+    .expect("valid");
+    assert_eq!(plain.listeners.len(), 1);
+    assert!(plain.listeners[0].allow_plain);
     let long = "[[listener]]\naddr = \"127.0.0.1:0\"\ndefer_accept = \"2m\"\n[[gateway]]\naddr = \"127.0.0.1:1\"\n";
     assert!(
         err_of(long).contains("listener[0].defer_accept"),
