@@ -5,8 +5,13 @@
 //! socket is full does a direction keep the unsent bytes, and it frees them once sent. An
 //! idle session therefore holds no copy buffer at all: its cost is the task and two sockets.
 //!
-//! Fairness: `poll_read_ready` and `poll_write_ready` take from tokio's cooperative budget, so
-//! a busy direction yields to other tasks like any tokio I/O.
+//! Fairness: `poll_read` and `poll_write` take from tokio's cooperative budget, so a busy
+//! direction yields to other tasks like any tokio I/O.
+//!
+//! A session's two directions are one task, so each wake-up polls both. The direction that
+//! was not woken is checked by a read of its source's readiness (an atomic load), not polled:
+//! its waker is still the one its source holds, from its last read that found nothing
+//! ([`Direction::read_armed`]).
 
 pub(crate) mod splice;
 
@@ -15,9 +20,9 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 use crate::balancer::Cancel;
 use tokio::net::TcpStream;
@@ -127,6 +132,7 @@ pub fn tcp<'a>(
                 down: Some(splice::Pipes::default()),
             })
         }),
+        armed_with: None,
     }
 }
 
@@ -140,6 +146,11 @@ pub struct Tcp<'a> {
     /// with `--splice on`, at a direction's first full read with `auto` (most sessions never
     /// fill the buffer, and carry no allocation for splicing).
     splice: Option<Box<Splicing>>,
+    /// The waker the directions' armed reads left with their sources ([`Direction::read_armed`]),
+    /// a clone held here so that no other waker can take its addresses while it is compared
+    /// with (as `wasmbed_trigger::Fired` does). Polled with another, the session disarms both
+    /// directions, and each leaves the new one with its next read.
+    armed_with: Option<Waker>,
 }
 
 /// Splicing state of a session: per direction, the pipes it splices through (`Some` from
@@ -166,6 +177,16 @@ impl Future for Tcp<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         let this = &mut *self;
+        if !this
+            .armed_with
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            // A waker left with a socket before is not one this poll may rely on.
+            this.up.read_armed = false;
+            this.down.read_armed = false;
+            this.armed_with = Some(cx.waker().clone());
+        }
         // The device's direction first: what it has sent is forwarded before a gateway's end
         // of stream closes its socket (closing with unread bytes would reset the device).
         let up = this.up.poll(cx, &mut this.splice);
@@ -249,6 +270,14 @@ struct Direction<'a> {
     ends_session: bool,
     /// `--splice auto`: a read that fills the buffer switches this direction to splicing.
     auto_splice: bool,
+    /// `src` holds this session's waker (the one [`Tcp::armed_with`] holds) for reading: its
+    /// last read found no bytes and left the waker there, and `src`'s readiness has not been
+    /// seen since. A socket gives its waker up only when it becomes readable (or its runtime
+    /// shuts down, which reads as readable too), so while its readiness reads empty the waker
+    /// is still there, and a poll need not read it again to leave the waker anew (a lock, the
+    /// cooperative budget, the read's own steps: ~130 instructions, on every wake-up of the
+    /// other direction).
+    read_armed: bool,
 }
 
 impl<'a> Direction<'a> {
@@ -271,6 +300,7 @@ impl<'a> Direction<'a> {
             sent: 0,
             done: false,
             eof_to_pass: false,
+            read_armed: false,
         }
     }
 
@@ -316,6 +346,13 @@ impl<'a> Direction<'a> {
                 }
                 continue;
             }
+            if self.read_armed {
+                // Readiness unseen: the waker is still `src`'s, and nothing came.
+                if !readable(&self.src) {
+                    return Poll::Pending;
+                }
+                self.read_armed = false;
+            }
             let (src, dst, backlog) = (&mut self.src, &mut self.dst, &mut self.backlog);
             let read = with_buffer(|buf| {
                 let mut filled = ReadBuf::new(buf);
@@ -328,7 +365,13 @@ impl<'a> Direction<'a> {
                 }
                 Poll::Ready(Ok(n))
             });
-            match ready!(read)? {
+            let Poll::Ready(read) = read else {
+                // No bytes, and the waker left with `src`; unless the task's cooperative
+                // budget ran out first, which leaves it nowhere (`src`'s readiness unread).
+                self.read_armed = tokio::task::coop::has_budget_remaining();
+                return Poll::Pending;
+            };
+            match read? {
                 0 => {
                     self.done = true;
                     self.eof_to_pass = true;
@@ -362,6 +405,14 @@ impl<'a> Direction<'a> {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// Whether tokio has seen `src` readable (or closed) since it last found it drained: an atomic
+/// load, with no read, lock or cooperative budget (`try_io`'s check before it calls its
+/// closure; the closure does nothing, so the readiness stays as it is).
+fn readable(src: &ReadHalf<'_>) -> bool {
+    let src: &TcpStream = src.as_ref();
+    src.try_io(Interest::READABLE, || Ok(())).is_ok()
 }
 
 /// Writes as much of `bytes` as the socket takes now; when it is full, `cx` is woken once it
@@ -767,6 +818,124 @@ mod tests {
             "downstream bytes intact"
         );
         assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 2_000_000));
+    }
+
+    /// A device, a gateway, and [`tcp`] between them, not yet polled: the test polls it.
+    async fn sockets() -> [TcpStream; 4] {
+        let (device, device_side) = pair().await;
+        let (gateway_side, gateway) = pair().await;
+        [device, device_side, gateway_side, gateway]
+    }
+
+    /// The gateway reads the device's `ping` while `forwarding` runs beside it (in this task,
+    /// so with this task's waker), or the test fails after 5 s.
+    async fn gateway_gets_ping(forwarding: Pin<&mut Tcp<'_>>, gateway: &mut TcpStream) {
+        let mut got = [0; 4];
+        let relayed = async {
+            tokio::select! {
+                r = forwarding => panic!("the forwarding ended: {:?}", r.err()),
+                r = gateway.read_exact(&mut got) => r.unwrap(),
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), relayed)
+            .await
+            .expect("the device's bytes reach the gateway");
+        assert_eq!(&got, b"ping");
+    }
+
+    /// A read stopped by the task's cooperative budget leaves no waker with the socket, so the
+    /// direction is not taken for armed ([`Direction::read_armed`]): the device's next bytes
+    /// still wake the session. The budget is spent so that the device's first bytes are read
+    /// and written on with the last two units (tokio takes one per read and one per write),
+    /// and the read that would leave the waker finds none left.
+    #[tokio::test]
+    async fn a_read_stopped_by_the_budget_is_not_armed() {
+        let [mut device, mut device_side, mut gateway_side, mut gateway] = sockets().await;
+        let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
+        let mut forwarding = std::pin::pin!(tcp(
+            &mut device_side,
+            &mut gateway_side,
+            &u,
+            &d,
+            SpliceMode::Off,
+            false
+        ));
+        // Both directions read (nothing) and are armed.
+        std::future::poll_fn(|cx| Poll::Ready(forwarding.as_mut().poll(cx).is_pending())).await;
+        device.write_all(b"ping").await.unwrap();
+        // A task's budget per poll, counted from a poll's start; then the device's bytes are
+        // seen (a turn of the driver).
+        tokio::task::yield_now().await;
+        let mut budget = 0;
+        std::future::poll_fn(|cx| {
+            while let Poll::Ready(spent) = tokio::task::coop::poll_proceed(cx) {
+                spent.made_progress();
+                budget += 1;
+            }
+            Poll::Ready(())
+        })
+        .await;
+        tokio::task::yield_now().await;
+        std::future::poll_fn(|cx| {
+            for _ in 2..budget {
+                match tokio::task::coop::poll_proceed(cx) {
+                    Poll::Ready(spent) => spent.made_progress(),
+                    Poll::Pending => panic!("the budget is {budget} a poll"),
+                }
+            }
+            assert!(forwarding.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(u.load(Ordering::Relaxed), 4, "the first bytes went on");
+        device.write_all(b"pong").await.unwrap();
+        let mut got = [0; 8];
+        let relayed = async {
+            tokio::select! {
+                r = forwarding => panic!("the forwarding ended: {:?}", r.err()),
+                r = gateway.read_exact(&mut got) => r.unwrap(),
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), relayed)
+            .await
+            .expect("the device's next bytes reach the gateway");
+        assert_eq!(&got, b"pingpong");
+    }
+
+    /// Polled with another waker than the one its reads left with the sockets, the session
+    /// leaves the new one: the device's bytes wake the new waker.
+    #[tokio::test]
+    async fn a_new_waker_is_left_with_the_sockets() {
+        struct Flag(tokio::sync::Notify);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.notify_one();
+            }
+        }
+        let [mut device, mut device_side, mut gateway_side, mut gateway] = sockets().await;
+        let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
+        let mut forwarding = std::pin::pin!(tcp(
+            &mut device_side,
+            &mut gateway_side,
+            &u,
+            &d,
+            SpliceMode::Off,
+            false
+        ));
+        let (first, second) = (
+            std::sync::Arc::new(Flag(tokio::sync::Notify::new())),
+            std::sync::Arc::new(Flag(tokio::sync::Notify::new())),
+        );
+        for flag in [&first, &second] {
+            let waker = Waker::from(flag.clone());
+            let polled = forwarding.as_mut().poll(&mut Context::from_waker(&waker));
+            assert!(polled.is_pending());
+        }
+        device.write_all(b"ping").await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), second.0.notified())
+            .await
+            .expect("the second waker is woken by the device's bytes");
+        gateway_gets_ping(forwarding, &mut gateway).await;
     }
 
     #[tokio::test]
