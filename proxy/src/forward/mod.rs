@@ -8,10 +8,10 @@
 //! Fairness: `poll_read` and `poll_write` take from tokio's cooperative budget, so a busy
 //! direction yields to other tasks like any tokio I/O.
 //!
-//! A session's two directions are one task, so each wake-up polls both. The direction that
-//! was not woken is checked by a read of its source's readiness (an atomic load), not polled:
-//! its waker is still the one its source holds, from its last read that found nothing
-//! ([`Direction::read_armed`]).
+//! A session's two directions are one task, so each wake-up polls both. On a current-thread
+//! runtime, a direction whose last read found nothing checks its source's readiness (an atomic
+//! load) before reading, and while that is empty it is not polled: its waker is still the one
+//! its source holds ([`Direction::read_armed`]).
 
 pub(crate) mod splice;
 
@@ -123,9 +123,18 @@ pub fn tcp<'a>(
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
     let auto = splice == SpliceMode::Auto;
+    let arms = one_worker();
     Tcp {
-        up: Direction::new(device_read, gateway_write, up, false, false, auto),
-        down: Direction::new(gateway_read, device_write, down, true, !half_close, auto),
+        up: Direction::new(device_read, gateway_write, up, false, false, auto, arms),
+        down: Direction::new(
+            gateway_read,
+            device_write,
+            down,
+            true,
+            !half_close,
+            auto,
+            arms,
+        ),
         splice: (splice == SpliceMode::On).then(|| {
             Box::new(Splicing {
                 up: Some(splice::Pipes::default()),
@@ -138,6 +147,22 @@ pub fn tcp<'a>(
 
 pub use wasmbed_config::proxy::SpliceMode;
 
+/// Whether this thread runs a current-thread runtime: the only kind where a direction may be
+/// armed ([`Direction::read_armed`]).
+///
+/// Why: tokio's driver sets a socket's readiness, then takes its waker, in two steps. On a
+/// multi-thread runtime the session may run on another worker between them: read the bytes,
+/// find the socket drained, leave its waker again (the slot still holds it) and be armed; then
+/// the driver's second step takes that waker. The wake it brings finds the direction armed and
+/// the readiness empty, and the socket holds no waker any more: the direction would never be
+/// woken again. On a current-thread runtime the driver runs between tasks' polls, never during
+/// one. (Found by review; the multi-thread runtime polls both directions at every wake-up, as
+/// before.)
+fn one_worker() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// The future [`tcp`] returns.
 pub struct Tcp<'a> {
     up: Direction<'a>,
@@ -148,7 +173,7 @@ pub struct Tcp<'a> {
     splice: Option<Box<Splicing>>,
     /// The waker the directions' armed reads left with their sources ([`Direction::read_armed`]),
     /// a clone held here so that no other waker can take its addresses while it is compared
-    /// with (as `wasmbed_trigger::Fired` does). Polled with another, the session disarms both
+    /// with (as `wasmbed_certs::Fired` does). Polled with another, the session disarms both
     /// directions, and each leaves the new one with its next read.
     armed_with: Option<Waker>,
 }
@@ -272,12 +297,16 @@ struct Direction<'a> {
     auto_splice: bool,
     /// `src` holds this session's waker (the one [`Tcp::armed_with`] holds) for reading: its
     /// last read found no bytes and left the waker there, and `src`'s readiness has not been
-    /// seen since. A socket gives its waker up only when it becomes readable (or its runtime
-    /// shuts down, which reads as readable too), so while its readiness reads empty the waker
-    /// is still there, and a poll need not read it again to leave the waker anew (a lock, the
-    /// cooperative budget, the read's own steps: ~130 instructions, on every wake-up of the
-    /// other direction).
+    /// seen since. On a current-thread runtime a socket gives its waker up only as it becomes
+    /// readable (tokio's driver sets the readiness, then takes the waker, between tasks'
+    /// polls), so while its readiness reads empty the waker is still there, and a poll need not
+    /// read again to leave it anew (a lock, the cooperative budget, the read's own steps: ~130
+    /// instructions, at every wake-up of the other direction). The runtime's shutdown takes
+    /// the waker without setting a readiness, but tokio drops every task before it shuts its
+    /// I/O driver down, so no armed direction is polled after it.
     read_armed: bool,
+    /// Whether this direction may be armed: on a current-thread runtime only ([`one_worker`]).
+    arms: bool,
 }
 
 impl<'a> Direction<'a> {
@@ -288,11 +317,13 @@ impl<'a> Direction<'a> {
         from_gateway: bool,
         ends_session: bool,
         auto_splice: bool,
+        arms: bool,
     ) -> Self {
         Direction {
             from_gateway,
             ends_session,
             auto_splice,
+            arms,
             src,
             dst,
             total,
@@ -346,12 +377,8 @@ impl<'a> Direction<'a> {
                 }
                 continue;
             }
-            if self.read_armed {
-                // Readiness unseen: the waker is still `src`'s, and nothing came.
-                if !readable(&self.src) {
-                    return Poll::Pending;
-                }
-                self.read_armed = false;
+            if self.idle() {
+                return Poll::Pending;
             }
             let (src, dst, backlog) = (&mut self.src, &mut self.dst, &mut self.backlog);
             let read = with_buffer(|buf| {
@@ -367,8 +394,11 @@ impl<'a> Direction<'a> {
             });
             let Poll::Ready(read) = read else {
                 // No bytes, and the waker left with `src`; unless the task's cooperative
-                // budget ran out first, which leaves it nowhere (`src`'s readiness unread).
-                self.read_armed = tokio::task::coop::has_budget_remaining();
+                // budget ran out first, which leaves it nowhere (`src`'s readiness unread):
+                // then tokio did not give the read's unit back, and none is left. (tokio's task
+                // dumps, a `tokio_unstable` build, can also end a read early with budget left;
+                // this project does not build them.)
+                self.read_armed = self.arms && tokio::task::coop::has_budget_remaining();
                 return Poll::Pending;
             };
             match read? {
@@ -388,6 +418,19 @@ impl<'a> Direction<'a> {
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Whether this direction is armed and its source's readiness still empty: its waker is
+    /// still `src`'s, and nothing came. Disarms it once the readiness is there.
+    fn idle(&mut self) -> bool {
+        if !self.read_armed {
+            return false;
+        }
+        if !readable(&self.src) {
+            return true;
+        }
+        self.read_armed = false;
+        false
     }
 
     /// Writes the backlog, if any, then frees it.
@@ -651,311 +694,4 @@ fn cut_cause(
 }
 
 #[cfg(test)]
-mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (b, _) = l.accept().await.unwrap();
-        (a, b)
-    }
-
-    /// The cut's order, for both ways a session is watched ([`supervise`], and [`watch`] with
-    /// a `--takeover`): the forwarding, then the gateway's cut, then (watch) the hand-over. A
-    /// forwarding that ends in the poll its cut comes in counts as ended; a cut that comes with
-    /// the hand-over wins. Each case: polled once (waiting), then its forwarding's end and its
-    /// triggers come, then polled again.
-    #[tokio::test]
-    async fn a_session_ends_then_is_cut_then_is_handed_over() {
-        #[derive(Debug, PartialEq)]
-        enum Seen {
-            Pending,
-            Ended(Option<Cancel>),
-            HandOver,
-        }
-        let ctx = crate::context::Context::for_tests();
-        let name = ctx.gateways.snapshot()[0].name.clone();
-        // (forwarding ends, cut, hand-over) -> what supervise sees, what watch sees.
-        let cases = [
-            ((false, false, false), Seen::Pending, Seen::Pending),
-            ((true, true, true), Seen::Ended(None), Seen::Ended(None)),
-            (
-                (false, true, true),
-                Seen::Ended(Some(Cancel::GatewayDown)),
-                Seen::Ended(Some(Cancel::GatewayDown)),
-            ),
-            ((false, false, true), Seen::Pending, Seen::HandOver),
-        ];
-        for ((ends, cut, hand), supervised, watched) in cases {
-            let ended = std::cell::Cell::new(false);
-            let forwarding = || {
-                std::future::poll_fn(|_| match ended.get() {
-                    true => Poll::Ready(Ok::<(), Failure>(())),
-                    false => Poll::Pending,
-                })
-            };
-            let hand_over = wasmbed_certs::Trigger::new();
-            let lease = ctx.gateways.lease_on(&name).unwrap();
-            let mut a = std::pin::pin!(supervise(&ctx, &lease, forwarding()));
-            let mut b = std::pin::pin!(watch(&ctx, &lease, forwarding(), Some(&hand_over)));
-            let (waiting, want) = ((Seen::Pending, Seen::Pending), (supervised, watched));
-            for step in [false, true] {
-                if step {
-                    ended.set(ends);
-                    if cut {
-                        lease.gateway().cut_sessions();
-                    }
-                    if hand {
-                        hand_over.fire();
-                    }
-                }
-                let seen = std::future::poll_fn(|cx| {
-                    let a = match a.as_mut().poll(cx) {
-                        Poll::Pending => Seen::Pending,
-                        Poll::Ready(c) => Seen::Ended(c),
-                    };
-                    let b = match b.as_mut().poll(cx) {
-                        Poll::Pending => Seen::Pending,
-                        Poll::Ready(Watched::Ended(c)) => Seen::Ended(c),
-                        Poll::Ready(Watched::HandOver) => Seen::HandOver,
-                    };
-                    Poll::Ready((a, b))
-                })
-                .await;
-                let expected = if step { &want } else { &waiting };
-                let case = (ends, cut, hand, step);
-                assert_eq!(&seen, expected, "{case:?}");
-            }
-        }
-    }
-
-    type Relay = tokio::task::JoinHandle<Result<(u64, u64), Failure>>;
-
-    /// A device, a gateway and [`tcp`] forwarding between them in a task that returns the
-    /// bytes it counted each way.
-    async fn relayed(mode: SpliceMode, half_close: bool) -> (TcpStream, TcpStream, Relay) {
-        let (device, mut device_side) = pair().await;
-        let (mut gateway_side, gateway) = pair().await;
-        let relay = tokio::spawn(async move {
-            let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-            tcp(
-                &mut device_side,
-                &mut gateway_side,
-                &u,
-                &d,
-                mode,
-                half_close,
-            )
-            .await
-            .map(|()| (u.into_inner(), d.into_inner()))
-        });
-        (device, gateway, relay)
-    }
-
-    /// Every way of moving bytes: copying, splicing, copying then splicing.
-    #[tokio::test]
-    async fn forwards_large_transfers_both_ways_and_passes_half_close() {
-        for mode in [SpliceMode::Off, SpliceMode::On, SpliceMode::Auto] {
-            large_transfers(mode).await;
-        }
-    }
-
-    /// A gateway that half-closes while its device still sends: by default the session ends
-    /// there (the gateway sees its device's side close too); with `half_close` the device's
-    /// bytes keep flowing to it.
-    #[tokio::test]
-    async fn a_gateway_end_of_stream_ends_the_session_unless_half_close() {
-        for half_close in [false, true] {
-            let (mut device, mut gateway, relay) = relayed(SpliceMode::Off, half_close).await;
-            device.write_all(b"hello").await.unwrap();
-            let mut got = [0; 5];
-            gateway.read_exact(&mut got).await.unwrap();
-            gateway.write_all(b"bye").await.unwrap();
-            gateway.shutdown().await.unwrap();
-            let mut last = Vec::new();
-            device.read_to_end(&mut last).await.unwrap();
-            assert_eq!(
-                last, b"bye",
-                "the gateway's last bytes, then its end of stream"
-            );
-            // After the device saw the end of stream: the session is over, or half open.
-            let _ = device.write_all(b"more").await; // may fail: the proxy closed its side
-            drop(device);
-            let mut rest = Vec::new();
-            gateway.read_to_end(&mut rest).await.unwrap();
-            if half_close {
-                assert_eq!(rest, b"more", "still open towards the gateway");
-            } else {
-                assert!(rest.is_empty(), "ended with the gateway's end of stream");
-            }
-            relay.await.unwrap().unwrap();
-        }
-    }
-
-    async fn large_transfers(mode: SpliceMode) {
-        let (mut device, mut gateway, relay) = relayed(mode, true).await;
-        let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let down: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
-        let (up2, down2) = (up.clone(), down.clone());
-        let device_task = tokio::spawn(async move {
-            device.write_all(&up2).await.unwrap();
-            device.shutdown().await.unwrap(); // half-close: still reads the answer
-            let mut got = Vec::new();
-            device.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        let mut got = Vec::new();
-        gateway.read_to_end(&mut got).await.unwrap(); // ends when the device half-closes
-        assert!(got == up, "{mode:?}: upstream bytes intact");
-        gateway.write_all(&down2).await.unwrap();
-        drop(gateway);
-        assert!(
-            device_task.await.unwrap() == down,
-            "downstream bytes intact"
-        );
-        assert_eq!(relay.await.unwrap().unwrap(), (3_000_000, 2_000_000));
-    }
-
-    /// A device, a gateway, and [`tcp`] between them, not yet polled: the test polls it.
-    async fn sockets() -> [TcpStream; 4] {
-        let (device, device_side) = pair().await;
-        let (gateway_side, gateway) = pair().await;
-        [device, device_side, gateway_side, gateway]
-    }
-
-    /// The gateway reads the device's `ping` while `forwarding` runs beside it (in this task,
-    /// so with this task's waker), or the test fails after 5 s.
-    async fn gateway_gets_ping(forwarding: Pin<&mut Tcp<'_>>, gateway: &mut TcpStream) {
-        let mut got = [0; 4];
-        let relayed = async {
-            tokio::select! {
-                r = forwarding => panic!("the forwarding ended: {:?}", r.err()),
-                r = gateway.read_exact(&mut got) => r.unwrap(),
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(5), relayed)
-            .await
-            .expect("the device's bytes reach the gateway");
-        assert_eq!(&got, b"ping");
-    }
-
-    /// A read stopped by the task's cooperative budget leaves no waker with the socket, so the
-    /// direction is not taken for armed ([`Direction::read_armed`]): the device's next bytes
-    /// still wake the session. The budget is spent so that the device's first bytes are read
-    /// and written on with the last two units (tokio takes one per read and one per write),
-    /// and the read that would leave the waker finds none left.
-    #[tokio::test]
-    async fn a_read_stopped_by_the_budget_is_not_armed() {
-        let [mut device, mut device_side, mut gateway_side, mut gateway] = sockets().await;
-        let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-        let mut forwarding = std::pin::pin!(tcp(
-            &mut device_side,
-            &mut gateway_side,
-            &u,
-            &d,
-            SpliceMode::Off,
-            false
-        ));
-        // Both directions read (nothing) and are armed.
-        std::future::poll_fn(|cx| Poll::Ready(forwarding.as_mut().poll(cx).is_pending())).await;
-        device.write_all(b"ping").await.unwrap();
-        // A task's budget per poll, counted from a poll's start; then the device's bytes are
-        // seen (a turn of the driver).
-        tokio::task::yield_now().await;
-        let mut budget = 0;
-        std::future::poll_fn(|cx| {
-            while let Poll::Ready(spent) = tokio::task::coop::poll_proceed(cx) {
-                spent.made_progress();
-                budget += 1;
-            }
-            Poll::Ready(())
-        })
-        .await;
-        tokio::task::yield_now().await;
-        std::future::poll_fn(|cx| {
-            for _ in 2..budget {
-                match tokio::task::coop::poll_proceed(cx) {
-                    Poll::Ready(spent) => spent.made_progress(),
-                    Poll::Pending => panic!("the budget is {budget} a poll"),
-                }
-            }
-            assert!(forwarding.as_mut().poll(cx).is_pending());
-            Poll::Ready(())
-        })
-        .await;
-        assert_eq!(u.load(Ordering::Relaxed), 4, "the first bytes went on");
-        device.write_all(b"pong").await.unwrap();
-        let mut got = [0; 8];
-        let relayed = async {
-            tokio::select! {
-                r = forwarding => panic!("the forwarding ended: {:?}", r.err()),
-                r = gateway.read_exact(&mut got) => r.unwrap(),
-            }
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(5), relayed)
-            .await
-            .expect("the device's next bytes reach the gateway");
-        assert_eq!(&got, b"pingpong");
-    }
-
-    /// Polled with another waker than the one its reads left with the sockets, the session
-    /// leaves the new one: the device's bytes wake the new waker.
-    #[tokio::test]
-    async fn a_new_waker_is_left_with_the_sockets() {
-        struct Flag(tokio::sync::Notify);
-        impl std::task::Wake for Flag {
-            fn wake(self: std::sync::Arc<Self>) {
-                self.0.notify_one();
-            }
-        }
-        let [mut device, mut device_side, mut gateway_side, mut gateway] = sockets().await;
-        let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-        let mut forwarding = std::pin::pin!(tcp(
-            &mut device_side,
-            &mut gateway_side,
-            &u,
-            &d,
-            SpliceMode::Off,
-            false
-        ));
-        let (first, second) = (
-            std::sync::Arc::new(Flag(tokio::sync::Notify::new())),
-            std::sync::Arc::new(Flag(tokio::sync::Notify::new())),
-        );
-        for flag in [&first, &second] {
-            let waker = Waker::from(flag.clone());
-            let polled = forwarding.as_mut().poll(&mut Context::from_waker(&waker));
-            assert!(polled.is_pending());
-        }
-        device.write_all(b"ping").await.unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), second.0.notified())
-            .await
-            .expect("the second waker is woken by the device's bytes");
-        gateway_gets_ping(forwarding, &mut gateway).await;
-    }
-
-    #[tokio::test]
-    async fn a_reset_ends_the_session_with_an_error() {
-        let (mut device, gateway, relay) = relayed(SpliceMode::Off, false).await;
-        socket2::SockRef::from(&gateway)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .unwrap();
-        drop(gateway); // RST
-        let r = relay.await.unwrap().unwrap_err();
-        assert_eq!(r.error.kind(), io::ErrorKind::ConnectionReset);
-        assert!(
-            r.gateway && r.gateway_failed(),
-            "the gateway's side failed: {r}"
-        );
-        let mut rest = Vec::new();
-        assert_eq!(
-            device.read_to_end(&mut rest).await.unwrap(),
-            0,
-            "device sees the close"
-        );
-    }
-}
+mod tests;
