@@ -176,6 +176,26 @@ async fn sockets() -> [TcpStream; 4] {
     [device, device_side, gateway_side, gateway]
 }
 
+/// The bytes a session counted, up and down.
+type Counts = (AtomicU64, AtomicU64);
+
+/// [`tcp`] between the device's and the gateway's side, copying (no splice), a gateway's end
+/// of stream ending the session.
+fn copying<'a>(
+    device_side: &'a mut TcpStream,
+    gateway_side: &'a mut TcpStream,
+    counts: &'a Counts,
+) -> Tcp<'a> {
+    tcp(
+        device_side,
+        gateway_side,
+        &counts.0,
+        &counts.1,
+        SpliceMode::Off,
+        false,
+    )
+}
+
 /// The gateway reads `want` while `forwarding` runs beside it (in this task, so with this
 /// task's waker), or the test fails after 5 s.
 async fn gateway_gets(forwarding: Pin<&mut Tcp<'_>>, gateway: &mut TcpStream, want: &[u8]) {
@@ -214,15 +234,8 @@ async fn a_read_stopped_by_the_budget_is_not_armed() {
     })
     .await;
     tokio::task::yield_now().await;
-    let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut forwarding = std::pin::pin!(tcp(
-        &mut device_side,
-        &mut gateway_side,
-        &u,
-        &d,
-        SpliceMode::Off,
-        false
-    ));
+    let counts = Counts::default();
+    let mut forwarding = std::pin::pin!(copying(&mut device_side, &mut gateway_side, &counts));
     std::future::poll_fn(|cx| {
         for _ in 2..budget {
             match tokio::task::coop::poll_proceed(cx) {
@@ -234,7 +247,11 @@ async fn a_read_stopped_by_the_budget_is_not_armed() {
         Poll::Ready(())
     })
     .await;
-    assert_eq!(u.load(Ordering::Relaxed), 4, "the first bytes went on");
+    assert_eq!(
+        counts.0.load(Ordering::Relaxed),
+        4,
+        "the first bytes went on"
+    );
     // The gateway reads them with the session not polled; then the device sends more, and
     // only the device's socket can wake the session for them.
     let mut got = [0; 4];
@@ -250,15 +267,8 @@ async fn a_read_stopped_by_the_budget_is_not_armed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_multi_thread_runtime_arms_no_direction() {
     let [mut device, mut device_side, mut gateway_side, mut gateway] = sockets().await;
-    let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut forwarding = std::pin::pin!(tcp(
-        &mut device_side,
-        &mut gateway_side,
-        &u,
-        &d,
-        SpliceMode::Off,
-        false
-    ));
+    let counts = Counts::default();
+    let mut forwarding = std::pin::pin!(copying(&mut device_side, &mut gateway_side, &counts));
     for _ in 0..2 {
         // Twice: the first read of an accepted socket may find the readiness tokio starts
         // it with, and read nothing.
@@ -280,15 +290,8 @@ async fn a_new_waker_is_left_with_the_sockets() {
         }
     }
     let [mut device, mut device_side, mut gateway_side, mut gateway] = sockets().await;
-    let (u, d) = (AtomicU64::new(0), AtomicU64::new(0));
-    let mut forwarding = std::pin::pin!(tcp(
-        &mut device_side,
-        &mut gateway_side,
-        &u,
-        &d,
-        SpliceMode::Off,
-        false
-    ));
+    let counts = Counts::default();
+    let mut forwarding = std::pin::pin!(copying(&mut device_side, &mut gateway_side, &counts));
     let (first, second) = (
         std::sync::Arc::new(Flag(tokio::sync::Notify::new())),
         std::sync::Arc::new(Flag(tokio::sync::Notify::new())),
