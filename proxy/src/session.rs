@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     /// An idle passthrough session's memory is mostly its task, that is this future: keep it
-    /// small (600 bytes). Large states (connect, TLS,
+    /// small (608 bytes). Large states (connect, TLS,
     /// a `--takeover` session's movable forwarding) are boxed so they are freed once done, or
     /// carried only where used (the box's pointer: 8 bytes).
     #[tokio::test]

@@ -123,18 +123,9 @@ pub fn tcp<'a>(
     let (device_read, device_write) = device.split();
     let (gateway_read, gateway_write) = gateway.split();
     let auto = splice == SpliceMode::Auto;
-    let arms = one_worker();
     Tcp {
-        up: Direction::new(device_read, gateway_write, up, false, false, auto, arms),
-        down: Direction::new(
-            gateway_read,
-            device_write,
-            down,
-            true,
-            !half_close,
-            auto,
-            arms,
-        ),
+        up: Direction::new(device_read, gateway_write, up, false, false, auto),
+        down: Direction::new(gateway_read, device_write, down, true, !half_close, auto),
         splice: (splice == SpliceMode::On).then(|| {
             Box::new(Splicing {
                 up: Some(splice::Pipes::default()),
@@ -142,22 +133,27 @@ pub fn tcp<'a>(
             })
         }),
         armed_with: None,
+        arms: one_worker(),
     }
 }
 
 pub use wasmbed_config::proxy::SpliceMode;
 
-/// Whether this thread runs a current-thread runtime: the only kind where a direction may be
-/// armed ([`Direction::read_armed`]).
+/// Whether the runtime this thread has entered is a current-thread one: the only kind where a
+/// direction may be armed ([`Direction::read_armed`]).
 ///
 /// Why: tokio's driver sets a socket's readiness, then takes its waker, in two steps. On a
 /// multi-thread runtime the session may run on another worker between them: read the bytes,
 /// find the socket drained, leave its waker again (the slot still holds it) and be armed; then
 /// the driver's second step takes that waker. The wake it brings finds the direction armed and
 /// the readiness empty, and the socket holds no waker any more: the direction would never be
-/// woken again. On a current-thread runtime the driver runs between tasks' polls, never during
-/// one. (Found by review; the multi-thread runtime polls both directions at every wake-up, as
-/// before.)
+/// woken again. On a current-thread runtime the thread that holds its core turns the driver
+/// between the polls of its tasks (and of its `block_on` future), never during one. That holds
+/// for a session as this crate runs it: [`tcp`] is called in the session's own task, on the
+/// runtime its sockets are registered with, which polls it there. It would not for a future
+/// polled on another thread that only entered the runtime (`Handle::block_on` while the core
+/// is elsewhere): nothing here does that. (Found by review; on a multi-thread runtime both
+/// directions are polled at every wake-up, as before.)
 fn one_worker() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
@@ -176,6 +172,9 @@ pub struct Tcp<'a> {
     /// with (as `wasmbed_certs::Fired` does). Polled with another, the session disarms both
     /// directions, and each leaves the new one with its next read.
     armed_with: Option<Waker>,
+    /// Whether a direction may be armed at all: on a current-thread runtime only
+    /// ([`one_worker`]). Without it the session keeps no waker and compares none.
+    arms: bool,
 }
 
 /// Splicing state of a session: per direction, the pipes it splices through (`Some` from
@@ -202,10 +201,11 @@ impl Future for Tcp<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         let this = &mut *self;
-        if !this
-            .armed_with
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
+        if this.arms
+            && !this
+                .armed_with
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
         {
             // A waker left with a socket before is not one this poll may rely on.
             this.up.read_armed = false;
@@ -214,8 +214,8 @@ impl Future for Tcp<'_> {
         }
         // The device's direction first: what it has sent is forwarded before a gateway's end
         // of stream closes its socket (closing with unread bytes would reset the device).
-        let up = this.up.poll(cx, &mut this.splice);
-        let down = this.down.poll(cx, &mut this.splice)?;
+        let up = this.up.poll(cx, &mut this.splice, this.arms);
+        let down = this.down.poll(cx, &mut this.splice, this.arms)?;
         if down.is_ready() && this.down.ends_session {
             // The gateway ended: so does the session (a write to the closed gateway failing on
             // the way is part of that ending, not a gateway failure).
@@ -305,8 +305,6 @@ struct Direction<'a> {
     /// the waker without setting a readiness, but tokio drops every task before it shuts its
     /// I/O driver down, so no armed direction is polled after it.
     read_armed: bool,
-    /// Whether this direction may be armed: on a current-thread runtime only ([`one_worker`]).
-    arms: bool,
 }
 
 impl<'a> Direction<'a> {
@@ -317,13 +315,11 @@ impl<'a> Direction<'a> {
         from_gateway: bool,
         ends_session: bool,
         auto_splice: bool,
-        arms: bool,
     ) -> Self {
         Direction {
             from_gateway,
             ends_session,
             auto_splice,
-            arms,
             src,
             dst,
             total,
@@ -344,11 +340,12 @@ impl<'a> Direction<'a> {
     }
 
     /// `splicing`: the session's pipes, if a direction splices (this one when its slot is
-    /// `Some`).
+    /// `Some`); `arms`: whether a read that finds nothing may arm it ([`Tcp::arms`]).
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         splicing: &mut Option<Box<Splicing>>,
+        arms: bool,
     ) -> Poll<Result<(), Failure>> {
         // Read errors are `src`'s side's, write errors `dst`'s.
         let from_gateway = self.from_gateway;
@@ -394,11 +391,11 @@ impl<'a> Direction<'a> {
             });
             let Poll::Ready(read) = read else {
                 // No bytes, and the waker left with `src`; unless the task's cooperative
-                // budget ran out first, which leaves it nowhere (`src`'s readiness unread):
-                // then tokio did not give the read's unit back, and none is left. (tokio's task
-                // dumps, a `tokio_unstable` build, can also end a read early with budget left;
-                // this project does not build them.)
-                self.read_armed = self.arms && tokio::task::coop::has_budget_remaining();
+                // budget ran out first: that `Pending` leaves no waker with `src` (its
+                // readiness unread), and leaves no budget, where a read that found nothing
+                // gives its unit back. (tokio's task dumps, a `tokio_unstable` build, can also
+                // end a read early with budget left; this project does not build them.)
+                self.read_armed = arms && tokio::task::coop::has_budget_remaining();
                 return Poll::Pending;
             };
             match read? {
