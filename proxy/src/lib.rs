@@ -64,6 +64,7 @@ mod takeover;
 mod terminate;
 mod tls;
 mod upstream;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -81,6 +82,7 @@ pub use error::ProxyError;
 #[doc(hidden)]
 pub use forward::splice::taken_on_this_thread as splice_pipes_taken_here;
 pub use tls::DeviceTls;
+pub use workers::threads as session_threads;
 
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
@@ -352,6 +354,15 @@ impl Proxy {
             admin_thread = Some(thread);
         }
         let sessions = TaskTracker::new();
+        // With more than one thread, TCP device sessions run on one-thread runtimes of their
+        // own (`workers`: why), each registering its sockets where it runs.
+        let workers = match workers::threads(ctx.config.threads) {
+            1 => None,
+            n => Some(Arc::new(
+                workers::Workers::start(n, data_plane_timers(&ctx.config))
+                    .map_err(ProxyError::Control)?,
+            )),
+        };
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
         let accepting = TaskTracker::new();
         // The accept loops wait on a trigger, fired when `shutdown` is (below): one flag read
@@ -360,7 +371,9 @@ impl Proxy {
         for (config, listener) in listeners {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
-            let (live, sessions_t) = (live.clone(), sessions.clone());
+            let (live, sessions_t, workers) = (live.clone(), sessions.clone(), workers.clone());
+            // Handed over unregistered: a session registers its connection where it runs.
+            let listener = listener.into_std().map_err(ProxyError::Control)?;
             accepting.spawn(listener::accept_loop(
                 listener,
                 limit.clone(),
@@ -368,14 +381,19 @@ impl Proxy {
                 stop_accepting.clone(),
                 move |a| {
                     let ctx = live.context();
+                    let on = workers.as_deref();
                     match ctx.config.mode {
-                        wasmbed_config::Mode::Passthrough => {
-                            sessions_t.spawn(session::serve_passthrough(ctx, config.clone(), a))
-                        }
-                        wasmbed_config::Mode::Terminate => sessions_t.spawn(
+                        wasmbed_config::Mode::Passthrough => spawn_session(
+                            &sessions_t,
+                            on,
+                            session::serve_passthrough(ctx, config.clone(), a),
+                        ),
+                        wasmbed_config::Mode::Terminate => spawn_session(
+                            &sessions_t,
+                            on,
                             session::serve_terminate(ctx, config.clone(), a, sessions_t.clone()),
                         ),
-                    };
+                    }
                 },
             ));
         }
@@ -493,6 +511,8 @@ impl Proxy {
             sessions.wait().await;
         }
         sessions_done.cancel();
+        // No session is left on the workers: their threads end.
+        drop(workers);
         if let Some(endpoint) = &quic {
             quic::close(endpoint).await;
         }
@@ -508,6 +528,18 @@ impl Proxy {
         drop(admin_thread);
         tracing::info!("proxy stopped");
         Ok(())
+    }
+}
+
+/// A session's task, tracked by `sessions`, on the worker that has the fewest (`workers`),
+/// or where the accept loop runs when there are none (one thread).
+fn spawn_session<F>(sessions: &TaskTracker, workers: Option<&workers::Workers>, session: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    match workers {
+        Some(w) => drop(sessions.spawn_on(session, w.place())),
+        None => drop(sessions.spawn(session)),
     }
 }
 

@@ -4,10 +4,12 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::counter;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use wasmbed_certs::Trigger;
@@ -52,9 +54,11 @@ pub fn adopt(socket: std::net::TcpListener, config: &ListenerConfig) -> io::Resu
     TcpListener::from_std(socket)
 }
 
-/// An accepted device connection and its place under `--max-connections`.
+/// An accepted device connection and its place under `--max-connections`. The connection is
+/// not yet registered with any runtime: the session registers it on the worker that serves
+/// it (`workers`), so that a socket's readiness is delivered on the thread its task runs on.
 pub struct Accepted {
-    pub stream: TcpStream,
+    pub stream: std::net::TcpStream,
     pub peer: SocketAddr,
     pub permit: OwnedSemaphorePermit,
 }
@@ -68,7 +72,7 @@ pub struct Accepted {
 /// unregister, and the slot's future its own polls (measured: docs/performance.md, "The
 /// accept loop's waits and the sessions' series").
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
     deadlines: Deadlines,
     stop: Trigger,
@@ -76,6 +80,14 @@ pub async fn accept_loop(
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(10);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
+    // Registered here, with the runtime the loop runs on.
+    let listener = match crate::sockopt::accepting(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "the listener cannot be registered: not accepting on it");
+            return;
+        }
+    };
     let mut backoff = FIRST_BACKOFF;
     let mut stopped = stop.fired();
     loop {
@@ -92,14 +104,12 @@ pub async fn accept_loop(
             },
         };
         // `biased`, the stop first: a stop wins a tie with a waiting connection.
-        // `poll_accept`, not `accept()`: the latter's future, made anew per connection, joins
-        // the socket's list of waiters and leaves it under the lock again at its drop;
-        // `poll_accept` keeps the loop's one waker in the socket's reader slot (still stored
-        // under that lock when nothing is waiting in the backlog).
+        // A poll function, not a future made anew per connection: the loop's one waker stays
+        // in the socket's reader slot (still stored under its lock when nothing is waiting).
         let accepted = tokio::select! {
             biased;
             _ = &mut stopped => return,
-            r = std::future::poll_fn(|cx| listener.poll_accept(cx)) => r,
+            r = std::future::poll_fn(|cx| poll_accept(&listener, cx)) => r,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -128,6 +138,21 @@ pub async fn accept_loop(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+        }
+    }
+}
+
+/// One accepted connection, non-blocking and close-on-exec (mio's `accept4`), registered with
+/// no runtime: as tokio's `TcpListener::poll_accept`, without the registration.
+fn poll_accept(
+    listener: &AsyncFd<mio::net::TcpListener>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<(std::net::TcpStream, SocketAddr)>> {
+    loop {
+        let mut ready = ready!(listener.poll_read_ready(cx))?;
+        // `Err`: the backlog was empty after all (the readiness is cleared): wait again.
+        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+            return Poll::Ready(accepted.map(|(stream, peer)| (stream.into(), peer)));
         }
     }
 }
@@ -187,7 +212,7 @@ mod tests {
         handle: impl FnMut(super::Accepted) + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(super::accept_loop(
-            listener,
+            listener.into_std().expect("the listener, unregistered"),
             limit,
             crate::deadlines::Deadlines::default(),
             stop.clone(),

@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "events",
     "metric_names",
     "control",
+    "workers",
     "deadlines",
     "clienthello",
     "proxy_protocol",

@@ -406,8 +406,10 @@ async fn a_device_flooding_while_its_session_is_held_is_not_read_past_the_window
     // Proving an absence: give the proxy time to read more if it would.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let taken = proxy.metric(bytes).await - start;
+    // One read is at most 16 KiB (the anchor's `READ_CHUNK`): how much of it the device's
+    // bytes fill depends on how far its writes ran ahead of the proxy's reads.
     assert!(
-        taken <= f64::from((8 << 10) + (8 << 10)),
+        taken <= f64::from((8 << 10) + (16 << 10)),
         "read {taken} bytes: at most the window and one read past it"
     );
     // A gateway arrives: every DATA is answered, once, in order, with the state intact.

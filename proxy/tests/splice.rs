@@ -27,6 +27,9 @@ async fn splicing_with(
     // keeps busy past a 90 ms probe timeout (the probes run on the proxy's control thread
     // and time out for real); what is tested here is the forwarding.
     c.health.check = wasmbed_config::HealthCheck::None;
+    // One thread: the sessions run on the test's thread, whose pipe pool the tests count
+    // (each thread has its own; with more, sessions would run on the session workers').
+    c.threads = Some(1);
     start(c).await
 }
 
