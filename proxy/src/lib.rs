@@ -74,6 +74,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmbed_config::{ListenerConfig, ProxyConfig};
+use workers::Placed;
 
 pub use balancer::{Gateway, GatewaySet, Lease};
 pub use deadlines::{Bounded, Deadlines, data_plane_timers};
@@ -368,20 +369,27 @@ impl Proxy {
         // The accept loops wait on a trigger, fired when `shutdown` is (below): one flag read
         // per poll, where a token's wait takes a lock (`listener::accept_loop`).
         let stop_accepting = wasmbed_certs::Trigger::new();
-        for (config, listener) in listeners {
+        for (i, (config, listener)) in listeners.into_iter().enumerate() {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
-            let (live, sessions_t, workers) = (live.clone(), sessions.clone(), workers.clone());
-            // Handed over unregistered: a session registers its connection where it runs.
+            let (live, sessions_t, placing) = (live.clone(), sessions.clone(), workers.clone());
+            // Handed over unregistered: the loop registers it where it runs.
             let listener = listener.into_std().map_err(ProxyError::Control)?;
-            accepting.spawn(listener::accept_loop(
+            let accept = listener::accept_loop(
                 listener,
                 limit.clone(),
                 ctx.deadlines.clone(),
                 stop_accepting.clone(),
-                move |a| {
+                move |a: listener::Accepted| {
+                    // Served where it was accepted, or moved to the worker with the fewest.
+                    let (a, on) = match placing.as_deref().map(|w| w.place(i)) {
+                        Some(Placed::Away(on)) => match a.moved_to(on) {
+                            Some(a) => (a, Some(on)),
+                            None => return,
+                        },
+                        _ => (a, None),
+                    };
                     let ctx = live.context();
-                    let on = workers.as_deref();
                     match ctx.config.mode {
                         wasmbed_config::Mode::Passthrough => spawn_session(
                             &sessions_t,
@@ -395,7 +403,14 @@ impl Proxy {
                         ),
                     }
                 },
-            ));
+            );
+            // With workers, each listener's accept loop runs on one of them (in turn): an
+            // accept is a one-thread runtime's turn, and a session served on that worker starts
+            // there without waking another thread.
+            match &workers {
+                Some(w) => drop(accepting.spawn_on(accept, w.home(i))),
+                None => drop(accepting.spawn(accept)),
+            }
         }
         if let Some(endpoint) = &quic {
             tracing::info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening for QUIC devices");
@@ -531,14 +546,14 @@ impl Proxy {
     }
 }
 
-/// A session's task, tracked by `sessions`, on the worker that has the fewest (`workers`),
-/// or where the accept loop runs when there are none (one thread).
-fn spawn_session<F>(sessions: &TaskTracker, workers: Option<&workers::Workers>, session: F)
+/// A session's task, tracked by `sessions`, on the runtime `on` (the worker its connection
+/// was moved to), or else where its accept loop runs.
+fn spawn_session<F>(sessions: &TaskTracker, on: Option<&tokio::runtime::Handle>, session: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    match workers {
-        Some(w) => drop(sessions.spawn_on(session, w.place())),
+    match on {
+        Some(on) => drop(sessions.spawn_on(session, on)),
         None => drop(sessions.spawn(session)),
     }
 }

@@ -4,12 +4,10 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::counter;
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use wasmbed_certs::Trigger;
@@ -54,13 +52,45 @@ pub fn adopt(socket: std::net::TcpListener, config: &ListenerConfig) -> io::Resu
     TcpListener::from_std(socket)
 }
 
-/// An accepted device connection and its place under `--max-connections`. The connection is
-/// not yet registered with any runtime: the session registers it on the worker that serves
-/// it (`workers`), so that a socket's readiness is delivered on the thread its task runs on.
+/// An accepted device connection and its place under `--max-connections`.
 pub struct Accepted {
-    pub stream: std::net::TcpStream,
+    pub stream: TcpStream,
     pub peer: SocketAddr,
     pub permit: OwnedSemaphorePermit,
+}
+
+impl Accepted {
+    /// Moved to the runtime `on` (a session worker other than the one that accepted it), to be
+    /// served there: taken out of this runtime's driver and registered with `on`'s, so that its
+    /// readiness is delivered on the thread its session runs on. Registered before the session
+    /// is spawned there: the kernel reports a registered socket's state at that runtime's next
+    /// wait, so the device's first bytes (there at accept: `TCP_DEFER_ACCEPT`) are known to be
+    /// there when the session first reads. Failing (the kernel refused the descriptor a place
+    /// in that runtime's epoll set: out of memory, or past `max_user_watches`), the connection
+    /// is closed and counted as an accept error (`kind="register"`).
+    pub fn moved_to(self, on: &tokio::runtime::Handle) -> Option<Accepted> {
+        let Accepted {
+            stream,
+            peer,
+            permit,
+        } = self;
+        let moved = stream.into_std().and_then(|s| {
+            let _on = on.enter();
+            TcpStream::from_std(s)
+        });
+        match moved {
+            Ok(stream) => Some(Accepted {
+                stream,
+                peer,
+                permit,
+            }),
+            Err(e) => {
+                counter!(ACCEPT_ERRORS, "kind" => "register").increment(1);
+                tracing::warn!(error = %e, %peer, "an accepted connection could not be moved to its worker: closed");
+                None
+            }
+        }
+    }
 }
 
 /// Accepts until `stop` fires, handing each connection to `handle`. Waits for a free slot
@@ -71,6 +101,9 @@ pub struct Accepted {
 /// made anew per connection (a `CancellationToken`'s) took a lock to register and one to
 /// unregister, and the slot's future its own polls (measured: docs/performance.md, "The
 /// accept loop's waits and the sessions' series").
+///
+/// `listener` is registered with the runtime the loop runs on (a session worker's, `workers`),
+/// as are the connections it accepts.
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     limit: Arc<Semaphore>,
@@ -80,11 +113,10 @@ pub async fn accept_loop(
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(10);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
-    // Registered here, with the runtime the loop runs on.
-    let listener = match crate::sockopt::accepting(listener) {
+    let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(error = %e, "the listener cannot be registered: not accepting on it");
+            tracing::error!(error = %e, "a listener could not be registered: not accepting on it");
             return;
         }
     };
@@ -104,12 +136,14 @@ pub async fn accept_loop(
             },
         };
         // `biased`, the stop first: a stop wins a tie with a waiting connection.
-        // A poll function, not a future made anew per connection: the loop's one waker stays
-        // in the socket's reader slot (still stored under its lock when nothing is waiting).
+        // `poll_accept`, not `accept()`: the latter's future, made anew per connection, joins
+        // the socket's list of waiters and leaves it under the lock again at its drop;
+        // `poll_accept` keeps the loop's one waker in the socket's reader slot (still stored
+        // under that lock when nothing is waiting in the backlog).
         let accepted = tokio::select! {
             biased;
             _ = &mut stopped => return,
-            r = std::future::poll_fn(|cx| poll_accept(&listener, cx)) => r,
+            r = std::future::poll_fn(|cx| listener.poll_accept(cx)) => r,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -138,21 +172,6 @@ pub async fn accept_loop(
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
-        }
-    }
-}
-
-/// One accepted connection, non-blocking and close-on-exec (mio's `accept4`), registered with
-/// no runtime: as tokio's `TcpListener::poll_accept`, without the registration.
-fn poll_accept(
-    listener: &AsyncFd<mio::net::TcpListener>,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<(std::net::TcpStream, SocketAddr)>> {
-    loop {
-        let mut ready = ready!(listener.poll_read_ready(cx))?;
-        // `Err`: the backlog was empty after all (the readiness is cleared): wait again.
-        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
-            return Poll::Ready(accepted.map(|(stream, peer)| (stream.into(), peer)));
         }
     }
 }

@@ -16,7 +16,6 @@ use crate::context::Context;
 use crate::listener::Accepted;
 use crate::metric_names::ACCEPTED;
 use crate::passthrough::passthrough;
-use crate::refusal::Refused;
 use crate::terminate::terminate;
 
 /// A listener as sessions see it: its config and its own accepted-connections counter.
@@ -41,14 +40,9 @@ pub async fn serve_passthrough(ctx: Arc<Context>, listener: Arc<Listener>, accep
         permit,
     } = accepted;
     let span = opened(&ctx, &listener, peer);
-    let result = match registered(stream) {
-        Ok(stream) => {
-            passthrough(&ctx, &listener.config, stream)
-                .instrument(span.clone())
-                .await
-        }
-        Err(r) => Err(r),
-    };
+    let result = passthrough(&ctx, &listener.config, stream)
+        .instrument(span.clone())
+        .await;
     closed(&ctx, result, &span);
     drop(permit);
 }
@@ -72,14 +66,9 @@ pub async fn serve_terminate(
     } = accepted;
     let span = opened(&ctx, &listener, peer);
     let raw = listener.config.raw;
-    let result = match registered(stream) {
-        Ok(stream) => {
-            Box::pin(terminate(&ctx, stream, peer, raw))
-                .instrument(span.clone())
-                .await
-        }
-        Err(r) => Err(r),
-    };
+    let result = Box::pin(terminate(&ctx, stream, peer, raw))
+        .instrument(span.clone())
+        .await;
     match result {
         Ok(Some(anchored)) => {
             let task = serve_anchored(anchored, permit);
@@ -125,19 +114,6 @@ impl Drop for Open {
     }
 }
 
-/// An accepted connection registered with the runtime this session runs on (the accept loop
-/// leaves it unregistered: `listener::Accepted`). Failing (the kernel refused the descriptor
-/// a place in the runtime's epoll set: out of memory, or past `max_user_watches`), the
-/// session ends counted as `internal`, and the device sees its connection closed.
-fn registered(stream: std::net::TcpStream) -> Result<tokio::net::TcpStream, Refused> {
-    tokio::net::TcpStream::from_std(stream).map_err(|e| {
-        crate::refusal::refused(
-            crate::refusal::Refusal::Internal,
-            format!("registering the connection: {e}"),
-        )
-    })
-}
-
 /// A session begins: counted, and its span.
 fn opened(ctx: &Context, listener: &Listener, peer: std::net::SocketAddr) -> tracing::Span {
     listener.accepted.increment(1);
@@ -156,7 +132,7 @@ fn opened(ctx: &Context, listener: &Listener, peer: std::net::SocketAddr) -> tra
 }
 
 /// A session ends: its refusal counted, if it was refused.
-fn closed(ctx: &Context, result: Result<(), Refused>, span: &tracing::Span) {
+fn closed(ctx: &Context, result: Result<(), crate::refusal::Refused>, span: &tracing::Span) {
     if let Err(r) = result {
         span.in_scope(|| r.count());
     }
@@ -189,6 +165,8 @@ pub async fn adopt(
 mod tests {
     use std::sync::Arc;
 
+    use tokio::net::TcpStream;
+
     use super::*;
 
     /// An idle passthrough session's memory is mostly its task, that is this future: keep it
@@ -199,7 +177,7 @@ mod tests {
     async fn session_tasks_stay_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
         let limit = Arc::new(tokio::sync::Semaphore::new(1));
         let accepted = Accepted {
             stream,
@@ -232,7 +210,7 @@ mod tests {
         // the size class of n + 127: the 1,280-byte class either way (the task was in the
         // 3,072 class before issue 26's cuts, 1,792 after the first). Figures:
         // docs/performance.md.
-        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
         let accepted = Accepted {
             stream,
             peer: addr,

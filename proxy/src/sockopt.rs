@@ -1,8 +1,5 @@
-//! The proxy crate's one module with `unsafe` code: two things about sockets that its
-//! dependencies do not offer safely.
-//!
-//! **`TCP_DEFER_ACCEPT` on a listening socket**: the one socket option the proxy sets that none
-//! of socket2, rustix or nix wraps for Linux.
+//! `TCP_DEFER_ACCEPT` on a listening socket: the one socket option the proxy sets that none of
+//! socket2, rustix or nix wraps for Linux.
 //!
 //! What it does: the kernel completes a device's TCP handshake as usual, but queues the
 //! connection for `accept` only once its first bytes arrive (for devices, the ClientHello).
@@ -13,40 +10,15 @@
 //! does anything else in every mode, so no protocol waits on this; what it saves is a
 //! wake-up per connection (docs/performance.md, "Accepting once the hello is there").
 //!
-//! Why `unsafe`: `setsockopt(2)` takes a pointer to the option's value. The call passes a
-//! pointer to a local `c_int` and that value's size; the kernel only reads it, and the
-//! descriptor is borrowed for the call.
-//!
-//! **A listener whose connections are accepted unregistered** ([`accepting`]): tokio's
-//! `TcpListener` registers every connection it accepts with its own runtime, and a session
-//! served by another (`workers`) would have to deregister it and register it again, a system
-//! call more per connection. Its readiness is tokio's (`AsyncFd`) and its `accept` mio's.
-//!
-//! Why `unsafe`: `AsyncFd::register` requires that the descriptor stay open and the same for
-//! as long as it is registered. The `AsyncFd` is given the listener itself and owns it: the
-//! descriptor is closed only when the `AsyncFd` is dropped (after it is deregistered), and a
-//! mio listener's `as_raw_fd` is always its own descriptor.
+//! Why `unsafe`, and only here: `setsockopt(2)` takes a pointer to the option's value. The
+//! call passes a pointer to a local `c_int` and that value's size; the kernel only reads it,
+//! and the descriptor is borrowed for the call.
 
-#![allow(
-    unsafe_code,
-    reason = "setsockopt(2) and AsyncFd::register: see the module's documentation"
-)]
+#![allow(unsafe_code, reason = "setsockopt(2): see the module's documentation")]
 
 use std::io;
 use std::os::fd::AsFd;
 use std::time::Duration;
-
-use tokio::io::unix::AsyncFd;
-
-/// `listener` registered with the current runtime for its readiness, to be accepted from with
-/// mio's `accept` (non-blocking, close-on-exec; nothing registered): see the module's
-/// documentation. Must be called within a runtime.
-pub fn accepting(listener: std::net::TcpListener) -> io::Result<AsyncFd<mio::net::TcpListener>> {
-    let listener = mio::net::TcpListener::from_std(listener);
-    // SAFETY: the `AsyncFd` owns the listener, so its descriptor stays open and the same until
-    // the `AsyncFd` deregisters and drops it (the module's documentation).
-    unsafe { AsyncFd::register(listener) }.map_err(io::Error::from)
-}
 
 /// Sets `TCP_DEFER_ACCEPT` on a listening socket to `wait`, in whole seconds (a fraction
 /// rounds up; Linux then rounds up to its SYN-ACK schedule: 1, 3, 7, 15, 31, 63 s), or clears

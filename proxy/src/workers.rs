@@ -11,10 +11,13 @@
 //! (docs/performance.md, "Session workers"). And a one-thread runtime lets a session skip
 //! the direction with nothing new (`forward::Tcp`), which a multi-thread runtime cannot.
 //!
-//! Sessions are not moved between workers once placed; a new one goes to the worker with the
-//! fewest live tasks (a session is one task, a terminated one a second for a moment), ties in
-//! turn. QUIC devices stay on the main runtime: quinn's endpoint is one task that every one of
-//! its connections' datagrams passes through.
+//! Each listener's accept loop runs on a worker (the workers in turn). A connection it accepts
+//! is served there, or, when another worker has fewer sessions, moved to that one before its
+//! session starts (taken out of one worker's epoll set and put in the other's: two system
+//! calls); a session stays on its worker for its life. A session is one task (a terminated
+//! one two, for a moment), so a worker's load is its live tasks but for its accept loops.
+//! QUIC devices stay on the main runtime: quinn's endpoint is one task that every one of its
+//! connections' datagrams passes through.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -32,9 +35,17 @@ pub fn threads(threads: Option<usize>) -> usize {
 /// on one is dropped with it).
 pub(crate) struct Workers {
     handles: Vec<Handle>,
-    /// Where the search for the least loaded starts: ties go round in turn.
-    next: AtomicUsize,
+    /// Per worker, the accept loops it runs ([`Workers::home`]): tasks that are not sessions.
+    loops: Vec<AtomicUsize>,
     stop: CancellationToken,
+}
+
+/// Where a connection accepted by a listener's loop is served.
+pub(crate) enum Placed<'a> {
+    /// On the worker that accepted it.
+    Here,
+    /// On another: moved there (`listener::Accepted::moved_to`).
+    Away(&'a Handle),
 }
 
 impl Workers {
@@ -50,7 +61,6 @@ impl Workers {
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
             let until = stop.clone();
-            // A failed start stops the threads already started (`stop`'s drop below).
             let started =
                 runtime_thread(&format!("wasmbed-worker-{i}"), enable, move || async move {
                     until.cancelled().await
@@ -58,6 +68,7 @@ impl Workers {
             match started {
                 Ok(h) => handles.push(h),
                 Err(e) => {
+                    // The threads already started end.
                     stop.cancel();
                     return Err(e);
                 }
@@ -65,31 +76,45 @@ impl Workers {
         }
         Ok(Workers {
             handles,
-            next: AtomicUsize::new(0),
+            loops: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             stop,
         })
     }
 
-    /// The worker a new session goes to: the one with the fewest live tasks.
-    pub(crate) fn place(&self) -> &Handle {
+    /// Where listener `i`'s accept loop runs: the workers in turn.
+    pub(crate) fn home(&self, listener: usize) -> &Handle {
+        let w = listener % self.handles.len();
+        self.loops[w].fetch_add(1, Ordering::Relaxed);
+        &self.handles[w]
+    }
+
+    /// Where a connection accepted by listener `i`'s loop is served: the worker with the
+    /// fewest sessions (its live tasks, but for accept loops), the one that accepted it on a
+    /// tie (a move costs two system calls).
+    pub(crate) fn place(&self, listener: usize) -> Placed<'_> {
         let n = self.handles.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best = start;
-        let mut least = usize::MAX;
-        for k in 0..n {
-            let i = (start + k) % n;
-            let load = self.handles[i].metrics().num_alive_tasks();
-            if load < least {
-                least = load;
-                best = i;
+        let here = listener % n;
+        let load = |w: usize| {
+            let tasks = self.handles[w].metrics().num_alive_tasks();
+            tasks.saturating_sub(self.loops[w].load(Ordering::Relaxed))
+        };
+        let (mut best, mut least) = (here, load(here));
+        for w in (0..n).filter(|&w| w != here) {
+            let l = load(w);
+            if l < least {
+                (best, least) = (w, l);
             }
         }
-        &self.handles[best]
+        if best == here {
+            Placed::Here
+        } else {
+            Placed::Away(&self.handles[best])
+        }
     }
 
     /// Live tasks on each worker, in order.
     #[cfg(test)]
-    pub(crate) fn loads(&self) -> Vec<usize> {
+    fn loads(&self) -> Vec<usize> {
         self.handles
             .iter()
             .map(|h| h.metrics().num_alive_tasks())
@@ -135,30 +160,52 @@ mod tests {
         }
     }
 
-    /// Sessions go to the least loaded worker (ties in turn), each runs on its worker's own
-    /// thread, and what is still on a worker is dropped when the workers are.
+    /// A connection is served where it was accepted unless another worker has fewer sessions
+    /// (the accept loop not counted), then moved there; each session runs on its worker's own
+    /// thread; and what is still on a worker is dropped when the workers are.
     #[test]
-    fn sessions_go_to_the_least_loaded_worker() {
+    fn sessions_go_to_the_worker_with_the_fewest() {
         let workers = Workers::start(2, false).expect("workers");
         let (names_tx, names) = mpsc::channel();
         let (dropped_tx, dropped) = mpsc::channel();
-        // A session: says which thread it runs on, then waits until told to end.
-        let spawn = |workers: &Workers| {
+        // Listener 0's accept loop, standing in: a task on worker 0 that is not a session.
+        let (_stop_loop, loop_stop) = oneshot::channel::<()>();
+        workers.home(0).spawn(async move {
+            let _ = loop_stop.await;
+        });
+        // A session accepted by listener 0's loop: says which thread it runs on, then waits
+        // until told to end. Returns whether it was moved, and its end.
+        let accept = |workers: &Workers| {
             let (end, ended) = oneshot::channel::<()>();
             let names_tx = names_tx.clone();
             let guard = Dropped(dropped_tx.clone());
-            workers.place().spawn(async move {
+            let session = async move {
                 let _guard = guard;
                 let name = std::thread::current().name().map(str::to_owned);
                 let _ = names_tx.send(name.unwrap_or_default());
                 let _ = ended.await;
-            });
-            end
+            };
+            let moved = match workers.place(0) {
+                Placed::Here => {
+                    workers.handles[0].spawn(session);
+                    false
+                }
+                Placed::Away(on) => {
+                    on.spawn(session);
+                    true
+                }
+            };
+            (moved, end)
         };
         let thread = || names.recv_timeout(Duration::from_secs(10)).expect("ran");
-        // Even: in turn, 0, 1, 0, 1.
-        let mut ends: Vec<_> = (0..4).map(|_| spawn(&workers)).collect();
-        assert_eq!(workers.loads(), [2, 2]);
+        // Ties stay where accepted: here, away, here, away.
+        let (moved, mut ends): (Vec<bool>, Vec<_>) = (0..4).map(|_| accept(&workers)).unzip();
+        assert_eq!(moved, [false, true, false, true]);
+        assert_eq!(
+            workers.loads(),
+            [3, 2],
+            "the loop and two sessions, two sessions"
+        );
         let mut on: Vec<String> = (0..4).map(|_| thread()).collect();
         on.sort();
         assert_eq!(
@@ -170,19 +217,19 @@ mod tests {
                 "wasmbed-worker-1"
             ]
         );
-        // The two on worker 1 end: the next two both go there (in turn would give one each).
+        // The two on worker 1 end: the next two both move there.
         drop(ends.remove(3));
         drop(ends.remove(1));
-        loads_become(&workers, &[2, 0]);
-        ends.push(spawn(&workers));
-        ends.push(spawn(&workers));
-        assert_eq!(workers.loads(), [2, 2], "not to the least loaded");
+        loads_become(&workers, &[3, 0]);
         for _ in 0..2 {
+            let (moved, end) = accept(&workers);
+            assert!(moved, "not moved to the worker with the fewest");
+            ends.push(end);
             assert_eq!(thread(), "wasmbed-worker-1");
         }
+        assert_eq!(workers.loads(), [3, 2]);
         // Dropping the workers drops the four sessions still there.
-        let before = dropped.try_iter().count();
-        assert_eq!(before, 2, "two sessions ended");
+        assert_eq!(dropped.try_iter().count(), 2, "two sessions ended");
         drop(workers);
         for _ in 0..4 {
             dropped
