@@ -465,6 +465,20 @@ def commands_of(work, proxies, compare):
     return commands
 
 
+def with_threads(commands, threads):
+    """`commands` with wasmbed's and wasmbed-b's run with `--threads N` (None: unchanged, one
+    thread on the one core the proxy is pinned on)."""
+    if threads:
+        for p in ("wasmbed", "wasmbed-b"):
+            if p in commands:
+                commands[p] = [(cmd + ["--threads", str(threads)], pool) for cmd, pool in commands[p]]
+    return commands
+
+
+THREADS_HELP = ("run wasmbed and wasmbed-b with `--threads N` (default: theirs, one thread on the one core "
+                "they are pinned on): N session workers, sharing that core")
+
+
 def h2load(url, work, rate, per_request_connection, connections=32):
     """`work` requests at `rate` per second: (requests done, p99 µs, errors). A connection per
     request: connections opened at the rate, 1/200 s apart in groups; keep-alive: `connections`

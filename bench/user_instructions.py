@@ -278,9 +278,8 @@ def main():
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
     ap.add_argument("--compare", metavar="BIN", help="a second wasmbed binary, counted as proxy wasmbed-b")
     ap.add_argument("--threads", type=int, metavar="N",
-                    help="run wasmbed and wasmbed-b with `--threads N` (default: theirs, one on the one core "
-                         "they are pinned on); under valgrind a process's threads take turns on one core, so "
-                         "this counts the work of N threads' scheduling, not its parallelism")
+                    help=pb.THREADS_HELP + "; under valgrind a process's threads take turns anyway, so this "
+                         "counts the work of N threads' scheduling, not its parallelism")
     ap.add_argument("--out", default=os.path.join(pb.REPO, "target", "user-instructions"))
     ap.add_argument("--by-function", metavar="A,B", help="compare two proxies' saved runs by function (runs nothing)")
     ap.add_argument("--top", type=int, default=40, help="with --by-function: how many functions (default 40)")
@@ -309,11 +308,7 @@ def main():
     load = requests if a.scenario == "rr" else connections
     try:
         backends = pb.start_backends(work)
-        commands = pb.commands_of(work, proxies, a.compare)
-        if a.threads:
-            for p in ("wasmbed", "wasmbed-b"):
-                if p in commands:
-                    commands[p] = [(cmd + ["--threads", str(a.threads)], pool) for cmd, pool in commands[p]]
+        commands = pb.with_threads(pb.commands_of(work, proxies, a.compare), a.threads)
         over = f" over {RR_CONNECTIONS} keep-alive connections" if a.scenario == "rr" else ""
         print(f"CPU: {pb.cpu_model()}; {a.scenario}: {a.connections} {word}s{over} at {a.rate}/s per run "
               f"after {WARMUP} of warm-up, {a.rounds} round(s), under valgrind --tool=callgrind", flush=True)

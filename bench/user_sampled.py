@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--proxies", default="wasmbed,floor-tokio,floor-mio,nginx")
     ap.add_argument("--wasmbed", metavar="BIN", default=pb.WASMBED)
+    ap.add_argument("--threads", type=int, metavar="N", help=pb.THREADS_HELP)
     ap.add_argument("--out", default=os.path.join(pb.REPO, "target", "user-sampled"))
     ap.add_argument("--compare", metavar="BIN", help="a second wasmbed binary, sampled as proxy wasmbed-b")
     ap.add_argument("--by-symbol", metavar="A,B", help="compare two proxies' saved runs by symbol (runs nothing)")
@@ -182,7 +183,7 @@ def main():
     per = {p: [] for p in proxies}
     try:
         backends = pb.start_backends(work)
-        commands = pb.commands_of(work, proxies, a.compare)
+        commands = pb.with_threads(pb.commands_of(work, proxies, a.compare), a.threads)
         for f in os.listdir(a.out):  # one sitting's runs only, for --by-symbol
             if any(re.fullmatch(rf"perf\.{re.escape(p)}\.{a.scenario}\.\d+\.(data|data\.old|conns)", f)
                    for p in proxies):

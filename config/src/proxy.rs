@@ -133,7 +133,9 @@ pub struct ProxyFlags {
     pub raw: bool,
     #[arg(long, value_name = "N", help = format!("Most device connections open at once; past it the proxy stops accepting until one closes. Default {} (a session holds two descriptors).", crate::defaults::proxy::MAX_CONNECTIONS))]
     pub max_connections: Option<usize>,
-    /// Worker threads. Default: every core this process may run on.
+    /// Threads serving sessions. Above 1, TCP device sessions run on that many session
+    /// workers, each a one-thread event loop, and QUIC devices on a work-stealing runtime of
+    /// as many threads. Default: every core this process may run on.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// A file holding the bearer token that POST/PUT/DELETE on the admin endpoint need.

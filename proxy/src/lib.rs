@@ -99,6 +99,9 @@ pub struct Proxy {
     /// once this one accepts), the socket this one serves for the next, and where its own
     /// passthrough sessions go then.
     takeover: Option<Takeover>,
+    /// With more than one thread, the session workers (`workers`): started with the rest,
+    /// before the proxy says it is ready.
+    workers: Option<Arc<workers::Workers>>,
 }
 
 struct Takeover {
@@ -115,6 +118,15 @@ impl Proxy {
         // The threads first: what follows waits through them (the takeover's answers, the
         // first probe round), and the data plane may have no time driver of its own.
         let control = control::Control::start("wasmbed-probes").map_err(ProxyError::Control)?;
+        // With more than one thread, TCP device sessions run on one-thread runtimes of their
+        // own (`workers`: why), each registering its sockets where it runs.
+        let workers = match workers::threads(config.threads) {
+            1 => None,
+            n => Some(Arc::new(
+                workers::Workers::start(n, data_plane_timers(&config))
+                    .map_err(ProxyError::Control)?,
+            )),
+        };
         let deadlines = deadlines::Deadlines::start(deadlines::floor_period(&config))
             .await
             .map_err(ProxyError::Control)?;
@@ -217,6 +229,7 @@ impl Proxy {
             admin_tls,
             quic,
             takeover,
+            workers,
         })
     }
 
@@ -266,6 +279,7 @@ impl Proxy {
             admin_tls,
             quic,
             takeover,
+            workers,
         } = self;
         // Copies of the listening sockets, for a takeover: taken before the accept loops own
         // them, dropped when the takeover server ends (at the latest, when this one stops).
@@ -355,15 +369,6 @@ impl Proxy {
             admin_thread = Some(thread);
         }
         let sessions = TaskTracker::new();
-        // With more than one thread, TCP device sessions run on one-thread runtimes of their
-        // own (`workers`: why), each registering its sockets where it runs.
-        let workers = match workers::threads(ctx.config.threads) {
-            1 => None,
-            n => Some(Arc::new(
-                workers::Workers::start(n, data_plane_timers(&ctx.config))
-                    .map_err(ProxyError::Control)?,
-            )),
-        };
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
         let accepting = TaskTracker::new();
         // The accept loops wait on a trigger, fired when `shutdown` is (below): one flag read
@@ -384,7 +389,10 @@ impl Proxy {
                     // Served where it was accepted, or moved to the worker with the fewest.
                     let (a, on) = match placing.as_deref().map(|w| w.place(i)) {
                         Some(Placed::Away(on)) => match a.moved_to(on) {
-                            Some(a) => (a, Some(on)),
+                            Some(a) => {
+                                ::metrics::counter!(metric_names::WORKER_MOVES).increment(1);
+                                (a, Some(on))
+                            }
                             None => return,
                         },
                         _ => (a, None),
@@ -452,6 +460,7 @@ impl Proxy {
             ));
             if let Some(inherited) = inherited {
                 let (live, sessions, limit) = (live.clone(), sessions.clone(), limit.clone());
+                let workers = workers.clone();
                 background.spawn(async move {
                     let adopt = |name: String, device, gateway| {
                         let ctx = live.context();
@@ -459,8 +468,20 @@ impl Proxy {
                             tracing::warn!(gateway = %name, "takeover: a session of a gateway this proxy does not have: closed");
                             return false;
                         };
+                        // On the worker with the fewest sessions, its sockets registered there.
+                        let on = workers.as_deref().map(workers::Workers::least);
+                        let registered = {
+                            let _on = on.map(tokio::runtime::Handle::enter);
+                            let register = tokio::net::TcpStream::from_std;
+                            (register(device), register(gateway))
+                        };
+                        let (Ok(device), Ok(gateway)) = registered else {
+                            tracing::warn!(gateway = %name, "takeover: a session's sockets could not be registered: closed");
+                            return false;
+                        };
                         let permit = limit.clone().try_acquire_owned().ok();
-                        sessions.spawn(session::adopt(ctx, (device, gateway), lease, permit));
+                        let adopted = session::adopt(ctx, (device, gateway), lease, permit);
+                        spawn_session(&sessions, on, adopted);
                         true
                     };
                     let adopt_changes = |changes: serde_json::Value| {
@@ -546,8 +567,8 @@ impl Proxy {
     }
 }
 
-/// A session's task, tracked by `sessions`, on the runtime `on` (the worker its connection
-/// was moved to), or else where its accept loop runs.
+/// A session's task, tracked by `sessions`, on the runtime `on` (the worker its sockets were
+/// registered with), or else on the current one (where its accept loop runs).
 fn spawn_session<F>(sessions: &TaskTracker, on: Option<&tokio::runtime::Handle>, session: F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,

@@ -66,7 +66,12 @@ fn describe() {
     );
     describe_counter!(
         ACCEPT_ERRORS,
-        "Failed accept() calls, by kind (emfile, other)."
+        "Failed accept() calls, by kind (emfile, other; register: an accepted connection that \
+         could not be moved to its session worker)."
+    );
+    describe_counter!(
+        WORKER_MOVES,
+        "Connections moved at accept to another session worker, which had fewer sessions."
     );
     describe_histogram!(
         GONE_DETECTION,

@@ -429,11 +429,12 @@ pub async fn receive(path: &Path, deadlines: &Deadlines) -> io::Result<Option<In
 /// In the new process, once it accepts: says so, takes the old process's run-time changes
 /// (`changes` applies them; then `admin_gate` opens this process's admin endpoint — on any
 /// end too, so an old process that sends none, or dies, leaves it served), then takes every
-/// session the old process hands over (`adopt` starts each) until it says done.
+/// session the old process hands over (`adopt` starts each, given its two sockets non-blocking
+/// and registered with no runtime; false: not taken) until it says done.
 pub async fn take_sessions<F: Future<Output = ()>>(
     inherited: Inherited,
     (changes, admin_gate): (impl FnOnce(Value) -> F, CancellationToken),
-    mut adopt: impl FnMut(String, TcpStream, TcpStream) -> bool,
+    mut adopt: impl FnMut(String, std::net::TcpStream, std::net::TcpStream) -> bool,
 ) -> io::Result<u64> {
     let _open = admin_gate.clone().drop_guard();
     if !inherited.changes_coming {
@@ -468,10 +469,8 @@ pub async fn take_sessions<F: Future<Output = ()>>(
         let (d, g) = (std::net::TcpStream::from(d), std::net::TcpStream::from(g));
         d.set_nonblocking(true)?;
         g.set_nonblocking(true)?;
-        let taken = match (TcpStream::from_std(d), TcpStream::from_std(g)) {
-            (Ok(d), Ok(g)) => adopt(name.to_string(), d, g),
-            _ => false,
-        };
+        // Registered by `adopt`, with the runtime that is to serve the session.
+        let taken = adopt(name.to_string(), d, g);
         adopted += u64::from(taken);
         // The old process may close its copies only once this one holds the session.
         channel.send(json!({"taken": taken}), &[]).await?;

@@ -49,8 +49,9 @@ pub(crate) enum Placed<'a> {
 }
 
 impl Workers {
-    /// `n` workers (`wasmbed-worker-0`, ...), with a time driver when `timers` (the data
-    /// plane's, `deadlines::data_plane_timers`).
+    /// `n` workers (threads `wasmbed-work-0`, ...: a thread's name in the kernel is at most 15
+    /// bytes), with a time driver when `timers` (the data plane's,
+    /// `deadlines::data_plane_timers`).
     pub(crate) fn start(n: usize, timers: bool) -> std::io::Result<Workers> {
         let stop = CancellationToken::new();
         let enable: fn(&mut Builder) -> &mut Builder = if timers {
@@ -62,7 +63,7 @@ impl Workers {
         for i in 0..n {
             let until = stop.clone();
             let started =
-                runtime_thread(&format!("wasmbed-worker-{i}"), enable, move || async move {
+                runtime_thread(&format!("wasmbed-work-{i}"), enable, move || async move {
                     until.cancelled().await
                 });
             match started {
@@ -92,24 +93,32 @@ impl Workers {
     /// fewest sessions (its live tasks, but for accept loops), the one that accepted it on a
     /// tie (a move costs two system calls).
     pub(crate) fn place(&self, listener: usize) -> Placed<'_> {
-        let n = self.handles.len();
-        let here = listener % n;
+        let here = listener % self.handles.len();
+        match self.fewest(here) {
+            w if w == here => Placed::Here,
+            w => Placed::Away(&self.handles[w]),
+        }
+    }
+
+    /// The worker with the fewest sessions (a session a takeover hands over goes there).
+    pub(crate) fn least(&self) -> &Handle {
+        &self.handles[self.fewest(0)]
+    }
+
+    /// The worker with the fewest sessions, `first` on a tie.
+    fn fewest(&self, first: usize) -> usize {
         let load = |w: usize| {
             let tasks = self.handles[w].metrics().num_alive_tasks();
             tasks.saturating_sub(self.loops[w].load(Ordering::Relaxed))
         };
-        let (mut best, mut least) = (here, load(here));
-        for w in (0..n).filter(|&w| w != here) {
+        let (mut best, mut least) = (first, load(first));
+        for w in (0..self.handles.len()).filter(|&w| w != first) {
             let l = load(w);
             if l < least {
                 (best, least) = (w, l);
             }
         }
-        if best == here {
-            Placed::Here
-        } else {
-            Placed::Away(&self.handles[best])
-        }
+        best
     }
 
     /// Live tasks on each worker, in order.
@@ -211,10 +220,10 @@ mod tests {
         assert_eq!(
             on,
             [
-                "wasmbed-worker-0",
-                "wasmbed-worker-0",
-                "wasmbed-worker-1",
-                "wasmbed-worker-1"
+                "wasmbed-work-0",
+                "wasmbed-work-0",
+                "wasmbed-work-1",
+                "wasmbed-work-1"
             ]
         );
         // The two on worker 1 end: the next two both move there.
@@ -225,7 +234,7 @@ mod tests {
             let (moved, end) = accept(&workers);
             assert!(moved, "not moved to the worker with the fewest");
             ends.push(end);
-            assert_eq!(thread(), "wasmbed-worker-1");
+            assert_eq!(thread(), "wasmbed-work-1");
         }
         assert_eq!(workers.loads(), [3, 2]);
         // Dropping the workers drops the four sessions still there.
