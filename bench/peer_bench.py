@@ -612,6 +612,7 @@ def main():
     ap.add_argument("--compare", metavar="BIN",
                     help="another wasmbed binary (e.g. a build before a change), run as proxy "
                          "`wasmbed-b` with the same arguments; add it to --proxies")
+    ap.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     ap.add_argument("--out", default=os.path.join(REPO, "target", "peer-bench"))
     a = ap.parse_args()
     if os.cpu_count() < 2:
@@ -635,7 +636,7 @@ def main():
     tools(a.install, bool(floors))
     work = tempfile.mkdtemp(prefix="peer-bench.")
     backends = start_backends(work)
-    commands = proxy_commands(work, a.compare)
+    commands = with_threads(proxy_commands(work, a.compare), a.threads)
     unknown = [x for x in proxies if x not in commands]
     if unknown:
         sys.exit(f"unknown proxy(ies): {', '.join(unknown)}")
