@@ -24,4 +24,6 @@ pub enum ProxyError {
         "cannot start a control thread (health probes, admin endpoint, connection deadlines): {0}"
     )]
     Control(std::io::Error),
+    #[error("cannot start the session workers (--threads), or register a listener with one: {0}")]
+    Workers(std::io::Error),
 }

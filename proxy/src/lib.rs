@@ -83,7 +83,6 @@ pub use error::ProxyError;
 #[doc(hidden)]
 pub use forward::splice::taken_on_this_thread as splice_pipes_taken_here;
 pub use tls::DeviceTls;
-pub use workers::threads as session_threads;
 
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
@@ -121,10 +120,10 @@ impl Proxy {
         // With more than one thread, TCP device sessions run on one-thread runtimes of their
         // own (`workers`: why), each registering its sockets where it runs.
         let workers = match workers::threads(config.threads) {
-            1 => None,
+            0 | 1 => None,
             n => Some(Arc::new(
                 workers::Workers::start(n, data_plane_timers(&config))
-                    .map_err(ProxyError::Control)?,
+                    .map_err(ProxyError::Workers)?,
             )),
         };
         let deadlines = deadlines::Deadlines::start(deadlines::floor_period(&config))
@@ -369,17 +368,35 @@ impl Proxy {
             admin_thread = Some(thread);
         }
         let sessions = TaskTracker::new();
+        // Dropped before its end, `run` stops the workers too (their accept loops and sessions
+        // hold them, and only the stop below would end those).
+        let _stop_workers = workers.as_ref().map(|w| w.stop_guard());
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
         let accepting = TaskTracker::new();
         // The accept loops wait on a trigger, fired when `shutdown` is (below): one flag read
         // per poll, where a token's wait takes a lock (`listener::accept_loop`).
         let stop_accepting = wasmbed_certs::Trigger::new();
+        // With workers, each listener registered with the one its accept loop runs on (in
+        // turn), all before any loop starts: a failure is the start's.
+        let mut homed = Vec::with_capacity(listeners.len());
         for (i, (config, listener)) in listeners.into_iter().enumerate() {
+            let home = workers.as_deref().map(|w| w.host_loop(i));
+            let listener = match home {
+                Some(home) => listener.into_std().and_then(|l| {
+                    let _home = home.enter();
+                    TcpListener::from_std(l)
+                }),
+                None => Ok(listener),
+            }
+            .map_err(ProxyError::Workers)?;
+            homed.push((i, config, listener, home.cloned()));
+        }
+        let moves = ::metrics::counter!(metric_names::WORKER_MOVES);
+        for (i, config, listener, home) in homed {
             tracing::info!(addr = %config.addr, mode = ?ctx.config.mode, "listening for devices");
             let config = Arc::new(session::Listener::new(Arc::unwrap_or_clone(config)));
             let (live, sessions_t, placing) = (live.clone(), sessions.clone(), workers.clone());
-            // Handed over unregistered: the loop registers it where it runs.
-            let listener = listener.into_std().map_err(ProxyError::Control)?;
+            let moves = moves.clone();
             let accept = listener::accept_loop(
                 listener,
                 limit.clone(),
@@ -390,7 +407,7 @@ impl Proxy {
                     let (a, on) = match placing.as_deref().map(|w| w.place(i)) {
                         Some(Placed::Away(on)) => match a.moved_to(on) {
                             Some(a) => {
-                                ::metrics::counter!(metric_names::WORKER_MOVES).increment(1);
+                                moves.increment(1);
                                 (a, Some(on))
                             }
                             None => return,
@@ -415,8 +432,8 @@ impl Proxy {
             // With workers, each listener's accept loop runs on one of them (in turn): an
             // accept is a one-thread runtime's turn, and a session served on that worker starts
             // there without waking another thread.
-            match &workers {
-                Some(w) => drop(accepting.spawn_on(accept, w.home(i))),
+            match &home {
+                Some(home) => drop(accepting.spawn_on(accept, home)),
                 None => drop(accepting.spawn(accept)),
             }
         }
@@ -547,14 +564,14 @@ impl Proxy {
             sessions.wait().await;
         }
         sessions_done.cancel();
-        // No session is left on the workers: their threads end.
-        drop(workers);
         if let Some(endpoint) = &quic {
             quic::close(endpoint).await;
         }
         if let Some(links) = &live.context().links {
             links.close().await;
         }
+        // No session is left on the workers: their threads end.
+        drop(workers);
         probes_stop.cancel();
         background.close();
         background.wait().await;

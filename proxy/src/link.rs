@@ -55,6 +55,12 @@ pub struct Links {
     endpoint: Endpoint,
     client: ArcSwap<quinn::ClientConfig>,
     conns: Conns,
+    /// The runtime the endpoint runs on (the proxy's main one), where every link's own tasks
+    /// (quinn's connection driver and its timers, the liveness watch) are made, whichever
+    /// thread a link is opened from: a session on a worker (`workers`) opens links too, and
+    /// a link's tasks made there would end with that worker, before the stop closes the
+    /// links, and pass every session's traffic through that one worker's thread.
+    home: tokio::runtime::Handle,
 }
 
 /// The QUIC client settings from `[upstream_tls]` and `--link-timeout`.
@@ -109,6 +115,8 @@ impl Links {
             endpoint,
             client: ArcSwap::from_pointee(client),
             conns: Conns::default(),
+            // There is one: the endpoint was just made on it (quinn's `default_runtime`).
+            home: tokio::runtime::Handle::current(),
         })))
     }
 
@@ -174,10 +182,12 @@ impl Links {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
             let name = crate::tls::upstream_name(config, &gateway.addr);
             let client = (**self.client.load()).clone();
-            let connecting = self
-                .endpoint
-                .connect_with(client, addr, &name.to_str())
-                .map_err(io::Error::other)?;
+            // quinn spawns the connection's driver where this is called: on the home runtime.
+            let connecting = {
+                let _home = self.home.enter();
+                self.endpoint.connect_with(client, addr, &name.to_str())
+            }
+            .map_err(io::Error::other)?;
             connecting.await.map_err(io::Error::other)
         };
         let conn = match tokio::time::timeout(config.connect_timeout, attempt).await {
@@ -196,7 +206,7 @@ impl Links {
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
         let (conns, addr) = (Arc::downgrade(&self.conns), gateway.addr.clone());
         let watched = watch(conn.clone(), Arc::downgrade(gateway), config.link_timeout);
-        tokio::spawn(async move {
+        self.home.spawn(async move {
             watched.await;
             // Closed: its entry goes, unless a newer link to the address has taken it (a new
             // link always gets a new cell). By the cell, not the connection in it: a link

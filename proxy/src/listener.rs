@@ -103,9 +103,9 @@ impl Accepted {
 /// accept loop's waits and the sessions' series").
 ///
 /// `listener` is registered with the runtime the loop runs on (a session worker's, `workers`),
-/// as are the connections it accepts.
+/// and so are the connections it accepts.
 pub async fn accept_loop(
-    listener: std::net::TcpListener,
+    listener: TcpListener,
     limit: Arc<Semaphore>,
     deadlines: Deadlines,
     stop: Trigger,
@@ -113,13 +113,6 @@ pub async fn accept_loop(
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(10);
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "a listener could not be registered: not accepting on it");
-            return;
-        }
-    };
     let mut backoff = FIRST_BACKOFF;
     let mut stopped = stop.fired();
     loop {
@@ -231,7 +224,7 @@ mod tests {
         handle: impl FnMut(super::Accepted) + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(super::accept_loop(
-            listener.into_std().expect("the listener, unregistered"),
+            listener,
             limit,
             crate::deadlines::Deadlines::default(),
             stop.clone(),
@@ -312,5 +305,95 @@ mod tests {
             0,
             "handed on after the stop"
         );
+    }
+
+    /// A connection moved to another runtime is served by that runtime's driver alone: with
+    /// the runtime that accepted it blocked, the moved connection still answers. (Registered
+    /// with the accepting runtime instead, its readiness would wait for that runtime's driver,
+    /// and the session, on a one-thread runtime, would be polled as if its socket were its
+    /// own: `forward::Tcp`'s idle-direction skip.)
+    #[test]
+    fn a_moved_connection_is_served_by_the_runtime_it_moved_to() {
+        use std::io::{Read, Write};
+        use std::sync::mpsc;
+        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+        let (stop_a, stopping_a) = tokio::sync::oneshot::channel::<()>();
+        let (stop_b, stopping_b) = tokio::sync::oneshot::channel::<()>();
+        let start = |name: &str, until: tokio::sync::oneshot::Receiver<()>| {
+            crate::control::runtime_thread(
+                name,
+                tokio::runtime::Builder::enable_io,
+                move || async move {
+                    let _ = until.await;
+                },
+            )
+            .expect("a runtime thread")
+        };
+        let (a, b) = (start("accepting", stopping_a), start("serving", stopping_b));
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std_listener.set_nonblocking(true).expect("non-blocking");
+        let addr = std_listener.local_addr().expect("address");
+        let listener = {
+            let _a = a.enter();
+            tokio::net::TcpListener::from_std(std_listener).expect("registered with A")
+        };
+        let mut device = std::net::TcpStream::connect(addr).expect("connect");
+        device
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let (accepted_tx, accepted) = mpsc::channel();
+        a.spawn(async move {
+            let _ = accepted_tx.send(listener.accept().await);
+        });
+        let (stream, peer) = accepted
+            .recv_timeout(Duration::from_secs(10))
+            .expect("accepted")
+            .expect("accept");
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a slot");
+        let moved = super::Accepted {
+            stream,
+            peer,
+            permit,
+        }
+        .moved_to(&b)
+        .expect("moved");
+        // A blocked: its driver reports nothing from now on.
+        let (unblock, blocked) = mpsc::channel::<()>();
+        let (parked_tx, parked) = mpsc::channel();
+        a.spawn(async move {
+            let _ = parked_tx.send(());
+            let _ = blocked.recv();
+        });
+        parked
+            .recv_timeout(Duration::from_secs(10))
+            .expect("A blocked");
+        let (waiting_tx, waiting) = mpsc::channel();
+        b.spawn(async move {
+            let mut s = moved.stream;
+            let mut buf = [0u8; 4];
+            // A first read before the device sends: it finds nothing, so what wakes the
+            // session for the bytes is the readiness a driver reports, not a read that tries.
+            let found_nothing = std::future::poll_fn(|cx| {
+                let mut none = tokio::io::ReadBuf::new(&mut buf);
+                let read = std::pin::Pin::new(&mut s).poll_read(cx, &mut none);
+                std::task::Poll::Ready(read.is_pending())
+            })
+            .await;
+            let _ = waiting_tx.send(found_nothing);
+            if s.read_exact(&mut buf).await.is_ok() {
+                let _ = s.write_all(&buf).await;
+            }
+        });
+        let found_nothing = waiting.recv_timeout(Duration::from_secs(10));
+        assert_eq!(found_nothing, Ok(true), "the first read found bytes");
+        device.write_all(b"ping").expect("send");
+        let mut echo = [0u8; 4];
+        let answered = device.read_exact(&mut echo);
+        let _ = unblock.send(());
+        let (_, _) = (stop_a.send(()), stop_b.send(()));
+        answered.expect("no answer: the moved connection waits on the blocked runtime");
+        assert_eq!(&echo, b"ping");
     }
 }

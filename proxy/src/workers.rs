@@ -49,7 +49,7 @@ pub(crate) enum Placed<'a> {
 }
 
 impl Workers {
-    /// `n` workers (threads `wasmbed-work-0`, ...: a thread's name in the kernel is at most 15
+    /// `n` workers (threads `wasmbed-w-0`, ...: a thread's name in the kernel is at most 15
     /// bytes), with a time driver when `timers` (the data plane's,
     /// `deadlines::data_plane_timers`).
     pub(crate) fn start(n: usize, timers: bool) -> std::io::Result<Workers> {
@@ -62,10 +62,9 @@ impl Workers {
         let mut handles = Vec::with_capacity(n);
         for i in 0..n {
             let until = stop.clone();
-            let started =
-                runtime_thread(&format!("wasmbed-work-{i}"), enable, move || async move {
-                    until.cancelled().await
-                });
+            let started = runtime_thread(&format!("wasmbed-w-{i}"), enable, move || async move {
+                until.cancelled().await
+            });
             match started {
                 Ok(h) => handles.push(h),
                 Err(e) => {
@@ -82,8 +81,9 @@ impl Workers {
         })
     }
 
-    /// Where listener `i`'s accept loop runs: the workers in turn.
-    pub(crate) fn home(&self, listener: usize) -> &Handle {
+    /// Where listener `i`'s accept loop is to run (the workers in turn), counted there as a
+    /// task that is not a session: call once per loop.
+    pub(crate) fn host_loop(&self, listener: usize) -> &Handle {
         let w = listener % self.handles.len();
         self.loops[w].fetch_add(1, Ordering::Relaxed);
         &self.handles[w]
@@ -128,6 +128,14 @@ impl Workers {
             .iter()
             .map(|h| h.metrics().num_alive_tasks())
             .collect()
+    }
+}
+
+impl Workers {
+    /// Stops the workers when dropped (their tasks are dropped with their runtimes), even
+    /// while clones of them are held (by their accept loops).
+    pub(crate) fn stop_guard(&self) -> tokio_util::sync::DropGuard {
+        self.stop.clone().drop_guard()
     }
 }
 
@@ -179,7 +187,7 @@ mod tests {
         let (dropped_tx, dropped) = mpsc::channel();
         // Listener 0's accept loop, standing in: a task on worker 0 that is not a session.
         let (_stop_loop, loop_stop) = oneshot::channel::<()>();
-        workers.home(0).spawn(async move {
+        workers.host_loop(0).spawn(async move {
             let _ = loop_stop.await;
         });
         // A session accepted by listener 0's loop: says which thread it runs on, then waits
@@ -219,12 +227,7 @@ mod tests {
         on.sort();
         assert_eq!(
             on,
-            [
-                "wasmbed-work-0",
-                "wasmbed-work-0",
-                "wasmbed-work-1",
-                "wasmbed-work-1"
-            ]
+            ["wasmbed-w-0", "wasmbed-w-0", "wasmbed-w-1", "wasmbed-w-1"]
         );
         // The two on worker 1 end: the next two both move there.
         drop(ends.remove(3));
@@ -234,7 +237,7 @@ mod tests {
             let (moved, end) = accept(&workers);
             assert!(moved, "not moved to the worker with the fewest");
             ends.push(end);
-            assert_eq!(thread(), "wasmbed-work-1");
+            assert_eq!(thread(), "wasmbed-w-1");
         }
         assert_eq!(workers.loads(), [3, 2]);
         // Dropping the workers drops the four sessions still there.
