@@ -2,7 +2,8 @@
 //! gateway with the fewest live sessions.
 //!
 //! The path of one connection, module by module:
-//! - `listener`: accept (socket2 listeners, backoff on `EMFILE`), then `session`;
+//! - `listener`: accept (socket2 listeners, backoff on `EMFILE`) on a session worker
+//!   (`workers`, with more than one thread), then `session` there or on a worker with fewer;
 //! - `passthrough` (peek the ClientHello) or `terminate` (TLS ended here; QUIC devices join
 //!   it from [`quic`]), both over the one device-trust object of `tls`;
 //! - `route` and `balancer`: the pools, then the pick (lock-free least sessions, RAII lease);
