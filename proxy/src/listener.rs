@@ -66,9 +66,10 @@ impl Accepted {
     /// is spawned there: the kernel reports a registered socket's state at that runtime's next
     /// wait, so when that worker is waiting (as an idle one is) the device's first bytes (there
     /// at accept: `TCP_DEFER_ACCEPT`) are known to be there when the session first reads; a
-    /// busy worker may poll the session first, and its first read waits a turn. Failing (the kernel refused the descriptor a place
-    /// in that runtime's epoll set: out of memory, or past `max_user_watches`), the connection
-    /// is closed and counted as an accept error (`kind="register"`).
+    /// busy worker may poll the session first, and its first read waits a turn. Failing (the
+    /// kernel refused the descriptor a place in that runtime's epoll set: out of memory, or
+    /// past `max_user_watches`), the connection is closed and counted as an accept error
+    /// (`kind="register"`).
     pub fn moved_to(self, on: &tokio::runtime::Handle) -> Option<Accepted> {
         let Accepted {
             stream,

@@ -16,7 +16,8 @@
 //! session starts (taken out of one worker's epoll set and put in the other's: two system
 //! calls); a session stays on its worker for its life. A session is one task (a terminated
 //! one two, for a moment), so a worker's load is its live tasks but for its accept loops.
-//! QUIC devices stay on the main runtime: quinn's endpoint is one task that every one of its
+//! QUIC devices and the link's connections (`link::Links`, made there whichever worker opens
+//! them) stay on the main runtime: quinn's endpoint is one task that every one of its
 //! connections' datagrams passes through.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,7 +36,8 @@ pub fn threads(threads: Option<usize>) -> usize {
 /// on one is dropped with it).
 pub(crate) struct Workers {
     handles: Vec<Handle>,
-    /// Per worker, the accept loops it runs ([`Workers::home`]): tasks that are not sessions.
+    /// Per worker, the accept loops it runs ([`Workers::host_loop`]): tasks that are not
+    /// sessions.
     loops: Vec<AtomicUsize>,
     stop: CancellationToken,
 }
@@ -129,9 +131,7 @@ impl Workers {
             .map(|h| h.metrics().num_alive_tasks())
             .collect()
     }
-}
 
-impl Workers {
     /// Stops the workers when dropped (their tasks are dropped with their runtimes), even
     /// while clones of them are held (by their accept loops).
     pub(crate) fn stop_guard(&self) -> tokio_util::sync::DropGuard {
