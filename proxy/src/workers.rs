@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tokio::runtime::{Builder, Handle};
+use tokio::runtime::{Builder, Handle, RuntimeMetrics};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::runtime_thread;
@@ -35,11 +35,27 @@ pub fn threads(threads: Option<usize>) -> usize {
 /// One-thread runtimes serving sessions; their threads end when this is dropped (a task still
 /// on one is dropped with it).
 pub(crate) struct Workers {
-    handles: Vec<Handle>,
-    /// Per worker, the accept loops it runs ([`Workers::host_loop`]): tasks that are not
-    /// sessions.
-    loops: Vec<AtomicUsize>,
+    workers: Vec<Worker>,
     stop: CancellationToken,
+}
+
+/// One worker: its runtime, and what its load is read from.
+struct Worker {
+    handle: Handle,
+    /// Its live tasks are read here: kept, since `Handle::metrics` clones the handle (an
+    /// atomic add and subtract on a count other threads share) at every call, that is at every
+    /// connection's placement.
+    metrics: RuntimeMetrics,
+    /// The accept loops it runs ([`Workers::host_loop`]): tasks that are not sessions.
+    loops: AtomicUsize,
+}
+
+impl Worker {
+    /// Its sessions: its live tasks but for its accept loops.
+    fn load(&self) -> usize {
+        let tasks = self.metrics.num_alive_tasks();
+        tasks.saturating_sub(self.loops.load(Ordering::Relaxed))
+    }
 }
 
 /// Where a connection accepted by a listener's loop is served.
@@ -61,14 +77,18 @@ impl Workers {
         } else {
             Builder::enable_io
         };
-        let mut handles = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let until = stop.clone();
             let started = runtime_thread(&format!("wasmbed-w-{i}"), enable, move || async move {
                 until.cancelled().await
             });
             match started {
-                Ok(h) => handles.push(h),
+                Ok(handle) => workers.push(Worker {
+                    metrics: handle.metrics(),
+                    handle,
+                    loops: AtomicUsize::new(0),
+                }),
                 Err(e) => {
                     // The threads already started end.
                     stop.cancel();
@@ -76,46 +96,38 @@ impl Workers {
                 }
             }
         }
-        Ok(Workers {
-            handles,
-            loops: (0..n).map(|_| AtomicUsize::new(0)).collect(),
-            stop,
-        })
+        Ok(Workers { workers, stop })
     }
 
     /// Where listener `i`'s accept loop is to run (the workers in turn), counted there as a
     /// task that is not a session: call once per loop.
     pub(crate) fn host_loop(&self, listener: usize) -> &Handle {
-        let w = listener % self.handles.len();
-        self.loops[w].fetch_add(1, Ordering::Relaxed);
-        &self.handles[w]
+        let w = &self.workers[listener % self.workers.len()];
+        w.loops.fetch_add(1, Ordering::Relaxed);
+        &w.handle
     }
 
     /// Where a connection accepted by listener `i`'s loop is served: the worker with the
     /// fewest sessions (its live tasks, but for accept loops), the one that accepted it on a
     /// tie (a move costs two system calls).
     pub(crate) fn place(&self, listener: usize) -> Placed<'_> {
-        let here = listener % self.handles.len();
+        let here = listener % self.workers.len();
         match self.fewest(here) {
             w if w == here => Placed::Here,
-            w => Placed::Away(&self.handles[w]),
+            w => Placed::Away(&self.workers[w].handle),
         }
     }
 
     /// The worker with the fewest sessions (a session a takeover hands over goes there).
     pub(crate) fn least(&self) -> &Handle {
-        &self.handles[self.fewest(0)]
+        &self.workers[self.fewest(0)].handle
     }
 
     /// The worker with the fewest sessions, `first` on a tie.
     fn fewest(&self, first: usize) -> usize {
-        let load = |w: usize| {
-            let tasks = self.handles[w].metrics().num_alive_tasks();
-            tasks.saturating_sub(self.loops[w].load(Ordering::Relaxed))
-        };
-        let (mut best, mut least) = (first, load(first));
-        for w in (0..self.handles.len()).filter(|&w| w != first) {
-            let l = load(w);
+        let (mut best, mut least) = (first, self.workers[first].load());
+        for w in (0..self.workers.len()).filter(|&w| w != first) {
+            let l = self.workers[w].load();
             if l < least {
                 (best, least) = (w, l);
             }
@@ -126,9 +138,9 @@ impl Workers {
     /// Live tasks on each worker, in order.
     #[cfg(test)]
     fn loads(&self) -> Vec<usize> {
-        self.handles
+        self.workers
             .iter()
-            .map(|h| h.metrics().num_alive_tasks())
+            .map(|w| w.metrics.num_alive_tasks())
             .collect()
     }
 
@@ -204,7 +216,7 @@ mod tests {
             };
             let moved = match workers.place(0) {
                 Placed::Here => {
-                    workers.handles[0].spawn(session);
+                    workers.workers[0].handle.spawn(session);
                     false
                 }
                 Placed::Away(on) => {
