@@ -100,6 +100,63 @@ async fn a_killed_gateways_link_sessions_move_with_their_state() {
     );
 }
 
+/// A proxy that stops closes its links: each gateway hears of it at once, not after the
+/// link's idle timeout. With session workers (`--threads 2`) a link is opened by the first
+/// session that needs it, on a worker; its connection's tasks are made on the main runtime
+/// (`Links::home`), and the stop closes the links before it ends the workers.
+#[tokio::test]
+async fn a_stopped_proxy_closes_its_links_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path();
+    // A link left to time out would end after 30 s (the gateway's idle bound, below the
+    // proxy's 60 s): long past the wait below.
+    let (gateways, mut proxy) = stack(
+        pki,
+        &[
+            "--threads",
+            "2",
+            "--link-timeout",
+            "60s",
+            "--grace",
+            "100ms",
+        ],
+    );
+    let links = || -> f64 {
+        gateways
+            .iter()
+            .map(|(_, _, admin)| {
+                let answer = Admin::new(*admin).get("/metrics").unwrap();
+                Metrics::parse(&answer.body).series("wasmbed_gateway_links")
+            })
+            .sum()
+    };
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let id = format!("device-000{i}");
+        let mut dev = tls_device(proxy.listen, device_of(pki, &id)).await;
+        dev.open(&id, "counter").await;
+        assert_eq!(count(&dev.data(b"\x01").await), 1);
+        devices.push(dev);
+    }
+    // Balanced over both gateways: a link to each.
+    assert_eq!(links(), 2.0);
+    drop(devices);
+    proxy.signal(libc::SIGTERM);
+    // Blocking this test's thread: nothing of the test runs meanwhile.
+    let status = proxy.child.wait().unwrap();
+    assert!(status.success(), "the proxy's exit: {status}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while links() > 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 s after the proxy stopped, its gateways still count {} links open: not closed, \
+             left to time out",
+            links()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A killed gateway is found by its liveness watch (`/api/alive`, cut by its kernel), not
 /// by its probes: with probes a minute apart, the sessions on its (silent) link still move
 /// at once, and the proxy counts one detection.

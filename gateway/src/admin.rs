@@ -123,6 +123,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     gauge!(SESSIONS).set(shared.sessions.load(Ordering::Acquire) as f64);
     gauge!(crate::metrics::MAX_SESSIONS).set(f64::from(shared.settings.max_sessions));
     gauge!(APPS).set(shared.host.list().len() as f64);
+    gauge!(crate::metrics::LINKS_OPEN).set(shared.links.load(Ordering::Acquire) as f64);
     let handle = crate::metrics::handle();
     handle.run_upkeep();
     let mut text = handle.render();

@@ -75,6 +75,8 @@ pub struct Shared {
     pub stopped: CancellationToken,
     /// Open `/api/alive` watches (bounded by [`admin::MAX_ALIVE_WATCHES`]).
     pub alive_watches: AtomicUsize,
+    /// Links from proxies open now (`--link`), for `wasmbed_gateway_links`.
+    pub links: AtomicUsize,
 }
 
 impl Shared {
@@ -276,6 +278,7 @@ impl Gateway {
             draining: CancellationToken::new(),
             stopped: CancellationToken::new(),
             alive_watches: AtomicUsize::new(0),
+            links: AtomicUsize::new(0),
         });
         Ok(Gateway {
             shared,

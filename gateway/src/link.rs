@@ -120,6 +120,27 @@ pub(crate) async fn serve(
     }
 }
 
+/// A link counted open (`wasmbed_gateway_links`) until dropped: when its connection ends
+/// (closed by the proxy, or silent past the idle timeout), or its task is dropped.
+struct Open(Arc<Shared>);
+
+impl Open {
+    fn counted(shared: &Arc<Shared>) -> Open {
+        shared
+            .links
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Open(shared.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0
+            .links
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// One link: the handshake, the proxy check, then a session per stream.
 async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
     let refused = |reason: &'static str| {
@@ -152,6 +173,7 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         .and_then(wasmbed_certs::peer_identity)
         .unwrap_or_default();
     tracing::debug!(%proxy, "link up");
+    let _open = Open::counted(&shared);
     loop {
         // While draining, streams are still accepted: their sessions answer GOAWAY at once.
         let (send, mut recv) = match conn.accept_bi().await {

@@ -31,6 +31,7 @@ pub const TICKET_BYTES: &str = "wasmbed_gateway_ticket_bytes";
 pub const SNAPSHOT: &str = "wasmbed_gateway_snapshot_duration_seconds";
 pub const RESTORE: &str = "wasmbed_gateway_restore_duration_seconds";
 pub const LINKS: &str = "wasmbed_gateway_links_total";
+pub const LINKS_OPEN: &str = "wasmbed_gateway_links";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -56,6 +57,7 @@ pub const ALL: &[&str] = &[
     SNAPSHOT,
     RESTORE,
     LINKS,
+    LINKS_OPEN,
 ];
 
 const BUCKETS: &[f64] = &[
@@ -151,6 +153,10 @@ fn describe() {
     describe_counter!(
         LINKS,
         "Links (QUIC) from terminating proxies, by result: accepted, not_a_proxy, handshake, timeout."
+    );
+    describe_gauge!(
+        LINKS_OPEN,
+        "Links (QUIC) from terminating proxies open now: a proxy's link ends when it closes it or falls silent past the idle timeout."
     );
 }
 
