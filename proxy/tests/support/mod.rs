@@ -223,6 +223,10 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
         # by default) would come between. Their forwarding has its own test (gateway's
         # through_proxy.rs).
         forward_checkpoints = false
+        # Two session workers on every host (the default is one per core, none on one core):
+        # the sessions of these tests run where a deployed proxy's do, and the same on every
+        # machine. A test of the one-thread path sets 1.
+        threads = 2
         [[listener]]
         addr = "127.0.0.1:0"
         [health]
