@@ -91,7 +91,9 @@ PROXIES = ["wasmbed", "haproxy", "nginx"]
 # the passthrough default), wasmbed-copy (--splice off); and, for the conn and tls scenarios
 # only, the floors (examples/passthrough_floor.rs, built if missing): floor-tokio, the least a
 # tokio proxy does per connection, floor-tokio-io, the same on a runtime with no time driver,
-# and floor-mio, the same steps on a hand-written epoll loop.
+# floor-mio, the same steps on a hand-written epoll loop, and floor-tokio-nested and
+# floor-tokio-pump, a connection opened on tokio and forwarded by the mio loop's code (on
+# tokio's thread, or on a thread of its own).
 # Ratios are then also given against them. And nginx-halfclose: NGINX with
 # `proxy_half_close on`, which passes a client's end of stream on to the server and waits for
 # the server's, as wasmbed does with a device's (NGINX's default closes both sides at once; a
@@ -99,7 +101,7 @@ PROXIES = ["wasmbed", "haproxy", "nginx"]
 # work only with it on). Ratios are also given against it; it is never "the better peer"
 # (NGINX's own default is).
 FLOOR = os.path.join(REPO, "target", "release", "examples", "passthrough_floor")
-FLOORS = ("floor-tokio", "floor-tokio-io", "floor-mio")
+FLOORS = ("floor-tokio", "floor-tokio-io", "floor-tokio-nested", "floor-tokio-pump", "floor-mio")
 FLOOR_SCENARIOS = ("conn", "tls")
 
 

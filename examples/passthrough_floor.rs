@@ -13,23 +13,30 @@
 //! - `mio`: a hand-written edge-triggered epoll loop (mio): the same steps, no runtime at all,
 //!   one 64 KiB buffer shared by every connection (NGINX's stream module gives each session
 //!   buffers of its own): the bottom for any event loop, not a full proxy's cost.
+//! - `tokio-nested` and `tokio-pump`: a session opened on tokio (`tokio-io`'s steps up to the
+//!   first bytes written to the gateway), then its two sockets taken out of tokio's epoll and
+//!   forwarded by the `mio` loop's code. `tokio-nested` runs that loop on tokio's own thread,
+//!   its epoll descriptor registered in tokio's (each of its events still costs tokio a turn);
+//!   `tokio-pump` on a thread of its own, handed each pair through a queue and a
+//!   `mio::Waker`. What keeping tokio for a session's opening and moving only its forwarding
+//!   to a loop of its own would save (docs/performance.md, "The forwarding on a loop of its
+//!   own").
 //!
-//! Both end a pair when either side ends (no half-close passed on), as NGINX does by default.
+//! All end a pair when either side ends (no half-close passed on), as NGINX does by default.
 //! wasmbed ends a session at its gateway's end of stream but passes a device's on and waits
 //! for the gateway's: one `shutdown` and one more wake-up per connection that the device
 //! closes first (measured: docs/performance.md, "What the gap to the floor is made of").
 //!
-//! Neither is a proxy to deploy: no timeouts, no limits, an error closes the pair.
+//! None is a proxy to deploy: no timeouts, no limits, an error closes the pair.
 //!
-//! Run: `passthrough_floor tokio|mio --listen ADDR --gateway ADDR` (other wasmbed options are
+//! Run: `passthrough_floor tokio|tokio-io|tokio-nested|tokio-pump|mio --listen ADDR --gateway ADDR` (other wasmbed options are
 //! accepted and ignored, so the bench can start it with wasmbed's command line); prints
 //! `ready listen=ADDR` once bound.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 
-const USAGE: &str =
-    "passthrough_floor tokio|tokio-io|mio --listen ADDR --gateway ADDR [ignored wasmbed options]";
+const USAGE: &str = "passthrough_floor tokio|tokio-io|tokio-nested|tokio-pump|mio --listen ADDR --gateway ADDR [ignored wasmbed options]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,6 +59,8 @@ fn main() {
         Some("tokio") => on_tokio(listen, gateway, true),
         Some("tokio-io") => on_tokio(listen, gateway, false),
         Some("mio") => on_mio(listen, gateway),
+        Some("tokio-nested") => on_tokio_nested(listen, gateway),
+        Some("tokio-pump") => on_tokio_pump(listen, gateway),
         _ => {
             eprintln!("usage: {USAGE}");
             std::process::exit(2);
@@ -118,6 +127,268 @@ fn on_tokio(listen: SocketAddr, gateway: SocketAddr, time: bool) -> io::Result<(
                     _ = tokio::io::copy(&mut device_read, &mut gateway_write) => {}
                     _ = tokio::io::copy(&mut gateway_read, &mut device_write) => {}
                 }
+            });
+        }
+    })
+}
+
+/// The nested loop's epoll descriptor, as tokio's `AsyncFd` sees it: the `mio::Poll` it
+/// belongs to stays apart, to be polled mutably beside it.
+struct EpollFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// Pairs handed to the nested loop, by slot (token / 2).
+#[derive(Default)]
+struct Nested {
+    pairs: Vec<Option<Pair>>,
+    free: Vec<usize>,
+}
+
+fn on_tokio_nested(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let poll = mio::Poll::new()?;
+        let registry = Arc::new(poll.registry().try_clone()?);
+        let nested = Arc::new(Mutex::new(Nested::default()));
+        let inner = nested.clone();
+        tokio::spawn(async move {
+            let mut poll = poll;
+            // Declared after `poll`, so dropped (and out of tokio's epoll) before it closes.
+            #[expect(
+                deprecated,
+                reason = "the descriptor is the Poll's, open and the same until this is dropped"
+            )]
+            let Ok(epoll) = tokio::io::unix::AsyncFd::with_interest(
+                EpollFd(std::os::fd::AsRawFd::as_raw_fd(&poll)),
+                tokio::io::Interest::READABLE,
+            ) else {
+                return;
+            };
+            let mut events = mio::Events::with_capacity(1024);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                // The readiness through the descriptor's own waker slot (`poll_read_ready`),
+                // not `readable()`'s future, which joins and leaves a waiter list each time.
+                let Ok(mut guard) = std::future::poll_fn(|cx| epoll.poll_read_ready(cx)).await
+                else {
+                    return;
+                };
+                loop {
+                    if poll
+                        .poll(&mut events, Some(std::time::Duration::ZERO))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut n = 0;
+                    let mut nested = inner.lock().unwrap_or_else(|p| p.into_inner());
+                    for event in events.iter() {
+                        n += 1;
+                        let (slot, side) = (event.token().0 / 2, event.token().0 % 2);
+                        let Some(pair) = nested.pairs.get_mut(slot).and_then(Option::as_mut) else {
+                            continue;
+                        };
+                        let mut keep = true;
+                        if event.is_readable() || event.is_read_closed() {
+                            keep &= pump(pair, side, &mut buf).is_ok();
+                        }
+                        if keep && event.is_writable() {
+                            keep &= pump(pair, 1 - side, &mut buf).is_ok();
+                        }
+                        if !keep || !pair.open() {
+                            nested.pairs[slot] = None;
+                            nested.free.push(slot);
+                        }
+                    }
+                    if n < 1024 {
+                        break;
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        ready(listen);
+        loop {
+            let Ok((mut device, _)) = listener.accept().await else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            let (registry, nested) = (registry.clone(), nested.clone());
+            tokio::spawn(async move {
+                let _ = device.set_nodelay(true);
+                let mut first = [0u8; 2048];
+                let n = match device.read(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(gateway).await else {
+                    return;
+                };
+                let _ = upstream.set_nodelay(true);
+                if upstream.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
+                // Handed to the nested loop: out of tokio's epoll, into the loop's.
+                let (Ok(device), Ok(upstream)) = (device.into_std(), upstream.into_std()) else {
+                    return;
+                };
+                let mut device = mio::net::TcpStream::from_std(device);
+                let mut upstream = mio::net::TcpStream::from_std(upstream);
+                let mut nested = nested.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = nested.free.pop().unwrap_or_else(|| {
+                    nested.pairs.push(None);
+                    nested.pairs.len() - 1
+                });
+                let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
+                if registry
+                    .register(&mut device, mio::Token(slot * 2), both)
+                    .is_err()
+                    || registry
+                        .register(&mut upstream, mio::Token(slot * 2 + 1), both)
+                        .is_err()
+                {
+                    nested.free.push(slot);
+                    return;
+                }
+                nested.pairs[slot] = Some(Pair {
+                    device,
+                    gateway: Some(upstream),
+                    connected: true,
+                    pending: [Vec::new(), Vec::new()],
+                    ending: false,
+                });
+            });
+        }
+    })
+}
+
+/// Pairs handed to the pump thread, waiting to be registered there.
+struct Intake {
+    new: std::sync::Mutex<Vec<(std::net::TcpStream, std::net::TcpStream)>>,
+    waker: mio::Waker,
+}
+
+const INTAKE: mio::Token = mio::Token(usize::MAX);
+
+fn on_tokio_pump(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut poll = mio::Poll::new()?;
+    let intake = Arc::new(Intake {
+        new: std::sync::Mutex::new(Vec::new()),
+        waker: mio::Waker::new(poll.registry(), INTAKE)?,
+    });
+    let pump_intake = intake.clone();
+    std::thread::spawn(move || {
+        let mut nested = Nested::default();
+        let mut events = mio::Events::with_capacity(1024);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Err(e) = poll.poll(&mut events, None) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            for event in events.iter() {
+                if event.token() == INTAKE {
+                    let new = std::mem::take(
+                        &mut *pump_intake.new.lock().unwrap_or_else(|p| p.into_inner()),
+                    );
+                    for (device, upstream) in new {
+                        let mut device = mio::net::TcpStream::from_std(device);
+                        let mut upstream = mio::net::TcpStream::from_std(upstream);
+                        let slot = nested.free.pop().unwrap_or_else(|| {
+                            nested.pairs.push(None);
+                            nested.pairs.len() - 1
+                        });
+                        let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
+                        if poll
+                            .registry()
+                            .register(&mut device, mio::Token(slot * 2), both)
+                            .is_err()
+                            || poll
+                                .registry()
+                                .register(&mut upstream, mio::Token(slot * 2 + 1), both)
+                                .is_err()
+                        {
+                            nested.free.push(slot);
+                            continue;
+                        }
+                        nested.pairs[slot] = Some(Pair {
+                            device,
+                            gateway: Some(upstream),
+                            connected: true,
+                            pending: [Vec::new(), Vec::new()],
+                            ending: false,
+                        });
+                    }
+                    continue;
+                }
+                let (slot, side) = (event.token().0 / 2, event.token().0 % 2);
+                let Some(pair) = nested.pairs.get_mut(slot).and_then(Option::as_mut) else {
+                    continue;
+                };
+                let mut keep = true;
+                if event.is_readable() || event.is_read_closed() {
+                    keep &= pump(pair, side, &mut buf).is_ok();
+                }
+                if keep && event.is_writable() {
+                    keep &= pump(pair, 1 - side, &mut buf).is_ok();
+                }
+                if !keep || !pair.open() {
+                    nested.pairs[slot] = None;
+                    nested.free.push(slot);
+                }
+            }
+        }
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        ready(listen);
+        loop {
+            let Ok((mut device, _)) = listener.accept().await else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            let intake = intake.clone();
+            tokio::spawn(async move {
+                let _ = device.set_nodelay(true);
+                let mut first = [0u8; 2048];
+                let n = match device.read(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(gateway).await else {
+                    return;
+                };
+                let _ = upstream.set_nodelay(true);
+                if upstream.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
+                // Handed to the pump thread: out of tokio's epoll, into the pump's.
+                let (Ok(device), Ok(upstream)) = (device.into_std(), upstream.into_std()) else {
+                    return;
+                };
+                intake
+                    .new
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((device, upstream));
+                let _ = intake.waker.wake();
             });
         }
     })
