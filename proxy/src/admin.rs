@@ -28,6 +28,9 @@ pub struct Admin {
     pub can_move: bool,
     /// The dashboard's snapshots (`/api/events`).
     pub feed: crate::dashboard::Feed,
+    /// The session workers (`--threads` above 1), for `wasmbed_proxy_worker_sessions`: not
+    /// kept alive by this (the stop ends them while the admin endpoint still answers).
+    pub(crate) workers: Option<std::sync::Weak<crate::workers::Workers>>,
     /// Cancelled by `POST /api/shutdown`: the same stop as SIGTERM.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -107,6 +110,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/gateways/{name}/drain", post(drain))
         .route("/api/gateways/{name}/undrain", post(undrain))
         .route("/api/gateways/{name}", axum::routing::delete(remove))
+        .route("/metrics", get(metrics))
         .with_state(admin.clone());
     let page = || async {
         (
@@ -152,7 +156,6 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .merge(dashboard)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/api/gateways", get(list))
         .with_state(gateways)
         .merge(add_route)
@@ -196,12 +199,12 @@ async fn readyz(State(gateways): State<Arc<GatewaySet>>) -> Response {
     }
 }
 
-async fn metrics(State(gateways): State<Arc<GatewaySet>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&gateways),
-    )
-        .into_response()
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let mut text = crate::metrics::render(&admin.live.context().gateways);
+    if let Some(workers) = admin.workers.as_ref().and_then(std::sync::Weak::upgrade) {
+        crate::metrics::render_per_worker(&mut text, &workers.sessions());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn list(State(gateways): State<Arc<GatewaySet>>) -> Response {

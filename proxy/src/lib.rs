@@ -340,6 +340,7 @@ impl Proxy {
                 auth: ctx.config.admin_auth.clone(),
                 can_move: terminate,
                 feed,
+                workers: workers.as_ref().map(Arc::downgrade),
                 shutdown: shutdown.clone(),
             });
             let listener = {

@@ -5,6 +5,7 @@ pub const ACCEPTED: &str = "wasmbed_proxy_connections_accepted_total";
 pub const REJECTED: &str = "wasmbed_proxy_connections_rejected_total";
 pub const ACCEPT_ERRORS: &str = "wasmbed_proxy_accept_errors_total";
 pub const WORKER_MOVES: &str = "wasmbed_proxy_worker_moves_total";
+pub const WORKER_SESSIONS: &str = "wasmbed_proxy_worker_sessions";
 pub const OPEN: &str = "wasmbed_proxy_connections_open";
 pub const SESSIONS_STARTED: &str = "wasmbed_proxy_sessions_started_total";
 pub const SESSIONS_CANCELLED: &str = "wasmbed_proxy_sessions_cancelled_total";
@@ -55,6 +56,7 @@ pub const ALL: &[&str] = &[
     REJECTED,
     ACCEPT_ERRORS,
     WORKER_MOVES,
+    WORKER_SESSIONS,
     OPEN,
     SESSIONS_STARTED,
     SESSIONS_CANCELLED,

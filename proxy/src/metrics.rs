@@ -294,6 +294,24 @@ pub fn render(gateways: &GatewaySet) -> String {
     out
 }
 
+/// Appends [`WORKER_SESSIONS`], one sample per session worker (none without workers: with
+/// one thread, every session is on the main runtime).
+pub(crate) fn render_per_worker(out: &mut String, sessions: &[usize]) {
+    use wasmbed_admin::exposition::{family, sample};
+    if sessions.is_empty() {
+        return;
+    }
+    family(
+        out,
+        WORKER_SESSIONS,
+        "gauge",
+        "Sessions on each session worker (--threads above 1), by worker: its live tasks but for its accept loops, which is what a connection's placement compares (a terminated session counts twice for the moment its handshake hands over).",
+    );
+    for (i, n) in sessions.iter().enumerate() {
+        sample(out, WORKER_SESSIONS, &[("worker", &i.to_string())], n);
+    }
+}
+
 /// Appends [`PER_GATEWAY`] for `gateways`, by name. `pool` on the gauges: the balance is kept
 /// within a pool, so a spread is only meaningful there (alerts and panels group by it).
 fn render_per_gateway(out: &mut String, gateways: &[std::sync::Arc<Gateway>]) {

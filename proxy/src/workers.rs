@@ -135,6 +135,11 @@ impl Workers {
         best
     }
 
+    /// Each worker's sessions now, in order (`wasmbed_proxy_worker_sessions`).
+    pub(crate) fn sessions(&self) -> Vec<usize> {
+        self.workers.iter().map(Worker::load).collect()
+    }
+
     /// Live tasks on each worker, in order.
     #[cfg(test)]
     fn loads(&self) -> Vec<usize> {
