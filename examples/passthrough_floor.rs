@@ -142,73 +142,150 @@ impl std::os::fd::AsRawFd for EpollFd {
     }
 }
 
-/// Pairs handed to the nested loop, by slot (token / 2).
+/// A loop that pairs are handed to failed: the floor ends, rather than go on accepting
+/// connections nothing forwards (a bench would read stalls, not the failure).
+fn stopped(what: &str, e: io::Error) -> ! {
+    eprintln!("passthrough_floor: {what}: {e}");
+    std::process::exit(1);
+}
+
+/// A device's socket and its gateway's, out of tokio's epoll.
+type StdPair = (std::net::TcpStream, std::net::TcpStream);
+
+/// Pairs opened on tokio and handed to a loop of their own (`tokio-nested`, `tokio-pump`), by
+/// slot (token / 2).
 #[derive(Default)]
-struct Nested {
+struct Handed {
     pairs: Vec<Option<Pair>>,
     free: Vec<usize>,
 }
 
+impl Handed {
+    /// Registers both sockets of `pair` in `registry`, both ways, and keeps the pair (dropped,
+    /// and so closed, if either cannot be registered).
+    fn adopt(&mut self, registry: &mio::Registry, (device, gateway): StdPair) {
+        let mut device = mio::net::TcpStream::from_std(device);
+        let mut gateway = mio::net::TcpStream::from_std(gateway);
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.pairs.push(None);
+            self.pairs.len() - 1
+        });
+        let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
+        if registry
+            .register(&mut device, mio::Token(slot * 2), both)
+            .is_err()
+            || registry
+                .register(&mut gateway, mio::Token(slot * 2 + 1), both)
+                .is_err()
+        {
+            self.free.push(slot);
+            return;
+        }
+        self.pairs[slot] = Some(Pair {
+            device,
+            gateway: Some(gateway),
+            connected: true,
+            pending: [Vec::new(), Vec::new()],
+            ending: false,
+        });
+    }
+
+    /// One readiness event of a kept pair: its bytes moved, as `mio`'s loop moves them; the
+    /// pair dropped once it ended or failed.
+    fn step(&mut self, event: &mio::event::Event, buf: &mut [u8]) {
+        let (slot, side) = (event.token().0 / 2, event.token().0 % 2);
+        let Some(pair) = self.pairs.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut keep = true;
+        if event.is_readable() || event.is_read_closed() {
+            keep &= pump(pair, side, buf).is_ok();
+        }
+        if keep && event.is_writable() {
+            keep &= pump(pair, 1 - side, buf).is_ok();
+        }
+        if !keep || !pair.open() {
+            self.pairs[slot] = None;
+            self.free.push(slot);
+        }
+    }
+}
+
+/// `tokio-io`'s steps for one connection up to the device's first bytes written to the
+/// gateway, then both sockets taken out of tokio's epoll (`into_std`); `None` if it ended or
+/// failed before.
+async fn opened_on_tokio(
+    mut device: tokio::net::TcpStream,
+    gateway: SocketAddr,
+) -> Option<StdPair> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = device.set_nodelay(true);
+    let mut first = [0u8; 2048];
+    let n = match device.read(&mut first).await {
+        Ok(0) | Err(_) => return None,
+        Ok(n) => n,
+    };
+    let mut upstream = tokio::net::TcpStream::connect(gateway).await.ok()?;
+    let _ = upstream.set_nodelay(true);
+    upstream.write_all(&first[..n]).await.ok()?;
+    Some((device.into_std().ok()?, upstream.into_std().ok()?))
+}
+
+/// Binds `listen` on the current runtime, says ready, and gives `each` every connection
+/// accepted (a failed accept backs off a moment, blocking: no timers without a time driver).
+async fn each_connection(
+    listen: SocketAddr,
+    mut each: impl FnMut(tokio::net::TcpStream),
+) -> io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    ready(listen);
+    loop {
+        match listener.accept().await {
+            Ok((device, _)) => each(device),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
 fn on_tokio_nested(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
     use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        let poll = mio::Poll::new()?;
+        let mut poll = mio::Poll::new()?;
         let registry = Arc::new(poll.registry().try_clone()?);
-        let nested = Arc::new(Mutex::new(Nested::default()));
-        let inner = nested.clone();
+        let handed = Arc::new(Mutex::new(Handed::default()));
+        let inner = handed.clone();
+        // Declared after `poll`, so dropped (and out of tokio's epoll) before it closes.
+        #[expect(
+            deprecated,
+            reason = "the descriptor is the Poll's, open and the same until this is dropped"
+        )]
+        let epoll = tokio::io::unix::AsyncFd::with_interest(
+            EpollFd(std::os::fd::AsRawFd::as_raw_fd(&poll)),
+            tokio::io::Interest::READABLE,
+        )?;
         tokio::spawn(async move {
-            let mut poll = poll;
-            // Declared after `poll`, so dropped (and out of tokio's epoll) before it closes.
-            #[expect(
-                deprecated,
-                reason = "the descriptor is the Poll's, open and the same until this is dropped"
-            )]
-            let Ok(epoll) = tokio::io::unix::AsyncFd::with_interest(
-                EpollFd(std::os::fd::AsRawFd::as_raw_fd(&poll)),
-                tokio::io::Interest::READABLE,
-            ) else {
-                return;
-            };
             let mut events = mio::Events::with_capacity(1024);
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 // The readiness through the descriptor's own waker slot (`poll_read_ready`),
                 // not `readable()`'s future, which joins and leaves a waiter list each time.
-                let Ok(mut guard) = std::future::poll_fn(|cx| epoll.poll_read_ready(cx)).await
-                else {
-                    return;
-                };
+                let mut guard = std::future::poll_fn(|cx| epoll.poll_read_ready(cx))
+                    .await
+                    .unwrap_or_else(|e| stopped("the nested loop's readiness", e));
+                // Drained before the readiness is cleared: an event after the last `poll` is a
+                // new edge on the inner epoll, seen by tokio's at its next turn.
                 loop {
-                    if poll
-                        .poll(&mut events, Some(std::time::Duration::ZERO))
-                        .is_err()
-                    {
-                        return;
+                    if let Err(e) = poll.poll(&mut events, Some(std::time::Duration::ZERO)) {
+                        stopped("the nested loop's poll", e);
                     }
+                    let mut handed = inner.lock().unwrap_or_else(|p| p.into_inner());
                     let mut n = 0;
-                    let mut nested = inner.lock().unwrap_or_else(|p| p.into_inner());
                     for event in events.iter() {
                         n += 1;
-                        let (slot, side) = (event.token().0 / 2, event.token().0 % 2);
-                        let Some(pair) = nested.pairs.get_mut(slot).and_then(Option::as_mut) else {
-                            continue;
-                        };
-                        let mut keep = true;
-                        if event.is_readable() || event.is_read_closed() {
-                            keep &= pump(pair, side, &mut buf).is_ok();
-                        }
-                        if keep && event.is_writable() {
-                            keep &= pump(pair, 1 - side, &mut buf).is_ok();
-                        }
-                        if !keep || !pair.open() {
-                            nested.pairs[slot] = None;
-                            nested.free.push(slot);
-                        }
+                        handed.step(event, &mut buf);
                     }
                     if n < 1024 {
                         break;
@@ -217,64 +294,22 @@ fn on_tokio_nested(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
                 guard.clear_ready();
             }
         });
-        ready(listen);
-        loop {
-            let Ok((mut device, _)) = listener.accept().await else {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
-            };
-            let (registry, nested) = (registry.clone(), nested.clone());
+        each_connection(listen, |device| {
+            let (registry, handed) = (registry.clone(), handed.clone());
             tokio::spawn(async move {
-                let _ = device.set_nodelay(true);
-                let mut first = [0u8; 2048];
-                let n = match device.read(&mut first).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(gateway).await else {
-                    return;
-                };
-                let _ = upstream.set_nodelay(true);
-                if upstream.write_all(&first[..n]).await.is_err() {
-                    return;
+                if let Some(pair) = opened_on_tokio(device, gateway).await {
+                    let mut handed = handed.lock().unwrap_or_else(|p| p.into_inner());
+                    handed.adopt(&registry, pair);
                 }
-                // Handed to the nested loop: out of tokio's epoll, into the loop's.
-                let (Ok(device), Ok(upstream)) = (device.into_std(), upstream.into_std()) else {
-                    return;
-                };
-                let mut device = mio::net::TcpStream::from_std(device);
-                let mut upstream = mio::net::TcpStream::from_std(upstream);
-                let mut nested = nested.lock().unwrap_or_else(|p| p.into_inner());
-                let slot = nested.free.pop().unwrap_or_else(|| {
-                    nested.pairs.push(None);
-                    nested.pairs.len() - 1
-                });
-                let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
-                if registry
-                    .register(&mut device, mio::Token(slot * 2), both)
-                    .is_err()
-                    || registry
-                        .register(&mut upstream, mio::Token(slot * 2 + 1), both)
-                        .is_err()
-                {
-                    nested.free.push(slot);
-                    return;
-                }
-                nested.pairs[slot] = Some(Pair {
-                    device,
-                    gateway: Some(upstream),
-                    connected: true,
-                    pending: [Vec::new(), Vec::new()],
-                    ending: false,
-                });
             });
-        }
+        })
+        .await
     })
 }
 
 /// Pairs handed to the pump thread, waiting to be registered there.
 struct Intake {
-    new: std::sync::Mutex<Vec<(std::net::TcpStream, std::net::TcpStream)>>,
+    new: std::sync::Mutex<Vec<StdPair>>,
     waker: mio::Waker,
 }
 
@@ -282,7 +317,6 @@ const INTAKE: mio::Token = mio::Token(usize::MAX);
 
 fn on_tokio_pump(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut poll = mio::Poll::new()?;
     let intake = Arc::new(Intake {
         new: std::sync::Mutex::new(Vec::new()),
@@ -290,7 +324,7 @@ fn on_tokio_pump(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
     });
     let pump_intake = intake.clone();
     std::thread::spawn(move || {
-        let mut nested = Nested::default();
+        let mut handed = Handed::default();
         let mut events = mio::Events::with_capacity(1024);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -298,57 +332,17 @@ fn on_tokio_pump(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
-                return;
+                stopped("the pump's poll", e);
             }
             for event in events.iter() {
-                if event.token() == INTAKE {
-                    let new = std::mem::take(
-                        &mut *pump_intake.new.lock().unwrap_or_else(|p| p.into_inner()),
-                    );
-                    for (device, upstream) in new {
-                        let mut device = mio::net::TcpStream::from_std(device);
-                        let mut upstream = mio::net::TcpStream::from_std(upstream);
-                        let slot = nested.free.pop().unwrap_or_else(|| {
-                            nested.pairs.push(None);
-                            nested.pairs.len() - 1
-                        });
-                        let both = mio::Interest::READABLE | mio::Interest::WRITABLE;
-                        if poll
-                            .registry()
-                            .register(&mut device, mio::Token(slot * 2), both)
-                            .is_err()
-                            || poll
-                                .registry()
-                                .register(&mut upstream, mio::Token(slot * 2 + 1), both)
-                                .is_err()
-                        {
-                            nested.free.push(slot);
-                            continue;
-                        }
-                        nested.pairs[slot] = Some(Pair {
-                            device,
-                            gateway: Some(upstream),
-                            connected: true,
-                            pending: [Vec::new(), Vec::new()],
-                            ending: false,
-                        });
-                    }
+                if event.token() != INTAKE {
+                    handed.step(event, &mut buf);
                     continue;
                 }
-                let (slot, side) = (event.token().0 / 2, event.token().0 % 2);
-                let Some(pair) = nested.pairs.get_mut(slot).and_then(Option::as_mut) else {
-                    continue;
-                };
-                let mut keep = true;
-                if event.is_readable() || event.is_read_closed() {
-                    keep &= pump(pair, side, &mut buf).is_ok();
-                }
-                if keep && event.is_writable() {
-                    keep &= pump(pair, 1 - side, &mut buf).is_ok();
-                }
-                if !keep || !pair.open() {
-                    nested.pairs[slot] = None;
-                    nested.free.push(slot);
+                let new =
+                    std::mem::take(&mut *pump_intake.new.lock().unwrap_or_else(|p| p.into_inner()));
+                for pair in new {
+                    handed.adopt(poll.registry(), pair);
                 }
             }
         }
@@ -356,42 +350,19 @@ fn on_tokio_pump(listen: SocketAddr, gateway: SocketAddr) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        ready(listen);
-        loop {
-            let Ok((mut device, _)) = listener.accept().await else {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                continue;
-            };
-            let intake = intake.clone();
-            tokio::spawn(async move {
-                let _ = device.set_nodelay(true);
-                let mut first = [0u8; 2048];
-                let n = match device.read(&mut first).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(gateway).await else {
-                    return;
-                };
-                let _ = upstream.set_nodelay(true);
-                if upstream.write_all(&first[..n]).await.is_err() {
-                    return;
-                }
-                // Handed to the pump thread: out of tokio's epoll, into the pump's.
-                let (Ok(device), Ok(upstream)) = (device.into_std(), upstream.into_std()) else {
-                    return;
-                };
+    runtime.block_on(each_connection(listen, |device| {
+        let intake = intake.clone();
+        tokio::spawn(async move {
+            if let Some(pair) = opened_on_tokio(device, gateway).await {
                 intake
                     .new
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push((device, upstream));
+                    .push(pair);
                 let _ = intake.waker.wake();
-            });
-        }
-    })
+            }
+        });
+    }))
 }
 
 /// One device and its gateway on the mio loop.

@@ -59,6 +59,23 @@ fn stack_probing(
     (gateways, ProxyProcess::start(&[], &args))
 }
 
+/// The PKI's four devices through `proxy`, each with its `counter` session open and counted
+/// once.
+async fn four_counting(
+    pki: &std::path::Path,
+    proxy: &ProxyProcess,
+) -> Vec<wasmbed_testkit::Device<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>> {
+    let mut devices = Vec::new();
+    for i in 0..4 {
+        let id = format!("device-000{i}");
+        let mut dev = tls_device(proxy.listen, device_of(pki, &id)).await;
+        dev.open(&id, "counter").await;
+        assert_eq!(count(&dev.data(b"\x01").await), 1);
+        devices.push(dev);
+    }
+    devices
+}
+
 #[tokio::test]
 async fn a_killed_gateways_link_sessions_move_with_their_state() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,16 +117,16 @@ async fn a_killed_gateways_link_sessions_move_with_their_state() {
     );
 }
 
-/// A proxy that stops closes its links: each gateway hears of it at once, not after the
-/// link's idle timeout. With session workers (`--threads 2`) a link is opened by the first
+/// A proxy that stops closes its links: each gateway counts them ended as closed, not timed
+/// out. With session workers (`--threads 2`) a link is opened by the first
 /// session that needs it, on a worker; its connection's tasks are made on the main runtime
 /// (`Links::home`), and the stop closes the links before it ends the workers.
 #[tokio::test]
 async fn a_stopped_proxy_closes_its_links_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path();
-    // A link left to time out would end after 30 s (the gateway's idle bound, below the
-    // proxy's 60 s): long past the wait below.
+    // A link the proxy did not close would end by timing out, after 30 s (the gateway's idle
+    // bound, below the proxy's 60 s).
     let (gateways, mut proxy) = stack(
         pki,
         &[
@@ -121,40 +138,49 @@ async fn a_stopped_proxy_closes_its_links_at_once() {
             "100ms",
         ],
     );
-    let links = || -> f64 {
+    // Summed over both gateways.
+    let series = |series: &str| -> f64 {
         gateways
             .iter()
             .map(|(_, _, admin)| {
                 let answer = Admin::new(*admin).get("/metrics").unwrap();
-                Metrics::parse(&answer.body).series("wasmbed_gateway_links")
+                Metrics::parse(&answer.body).series(series)
             })
             .sum()
     };
-    let mut devices = Vec::new();
-    for i in 0..4 {
-        let id = format!("device-000{i}");
-        let mut dev = tls_device(proxy.listen, device_of(pki, &id)).await;
-        dev.open(&id, "counter").await;
-        assert_eq!(count(&dev.data(b"\x01").await), 1);
-        devices.push(dev);
-    }
+    let ends = "wasmbed_gateway_link_ends_total";
+    let devices = four_counting(pki, &proxy).await;
     // Balanced over both gateways: a link to each.
-    assert_eq!(links(), 2.0);
+    assert_eq!(series("wasmbed_gateway_links_open"), 2.0);
     drop(devices);
     proxy.signal(libc::SIGTERM);
-    // Blocking this test's thread: nothing of the test runs meanwhile.
-    let status = proxy.child.wait().unwrap();
-    assert!(status.success(), "the proxy's exit: {status}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while links() > 0.0 {
+    let stopped = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            break status;
+        }
         assert!(
-            std::time::Instant::now() < deadline,
-            "10 s after the proxy stopped, its gateways still count {} links open: not closed, \
-             left to time out",
-            links()
+            stopped.elapsed() < std::time::Duration::from_secs(30),
+            "the proxy did not stop"
         );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "the proxy's exit: {status}");
+    // Both links end whatever the proxy did: bounded past the idle timeout.
+    while series(ends) < 2.0 {
+        assert!(
+            stopped.elapsed() < std::time::Duration::from_secs(60),
+            "links still open a minute after the proxy stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    assert_eq!(
+        series(&format!("{ends}{{cause=\"closed\"}}")),
+        2.0,
+        "each link closed by the proxy, none left to time out: {} timed out",
+        series(&format!("{ends}{{cause=\"timeout\"}}"))
+    );
+    assert_eq!(series("wasmbed_gateway_links_open"), 0.0);
 }
 
 /// A killed gateway is found by its liveness watch (`/api/alive`, cut by its kernel), not
@@ -165,14 +191,7 @@ async fn a_killed_gateway_is_found_by_its_liveness_watch_not_its_probes() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path();
     let (mut gateways, proxy) = stack_probing(pki, "60s", &[]);
-    let mut devices = Vec::new();
-    for i in 0..4 {
-        let id = format!("device-000{i}");
-        let mut dev = tls_device(proxy.listen, device_of(pki, &id)).await;
-        dev.open(&id, "counter").await;
-        assert_eq!(count(&dev.data(b"\x01").await), 1);
-        devices.push(dev);
-    }
+    let mut devices = four_counting(pki, &proxy).await;
     let (mut killed, _, _) = gateways.remove(0);
     killed.0.kill().unwrap();
     killed.0.wait().unwrap();

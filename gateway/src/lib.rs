@@ -75,7 +75,7 @@ pub struct Shared {
     pub stopped: CancellationToken,
     /// Open `/api/alive` watches (bounded by [`admin::MAX_ALIVE_WATCHES`]).
     pub alive_watches: AtomicUsize,
-    /// Links from proxies open now (`--link`), for `wasmbed_gateway_links`.
+    /// Links from proxies open now (`--link`), for `wasmbed_gateway_links_open`.
     pub links: AtomicUsize,
 }
 

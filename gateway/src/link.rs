@@ -120,8 +120,8 @@ pub(crate) async fn serve(
     }
 }
 
-/// A link counted open (`wasmbed_gateway_links`) until dropped: when its connection ends
-/// (closed by the proxy, or silent past the idle timeout), or its task is dropped.
+/// A link counted open (`wasmbed_gateway_links_open`) until dropped: when its connection ends
+/// (counted by cause: [`ended`]), or its task is dropped.
 struct Open(Arc<Shared>);
 
 impl Open {
@@ -138,6 +138,19 @@ impl Drop for Open {
         self.0
             .links
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Why a link ended, as `wasmbed_gateway_link_ends_total` says it: a proxy that stops closes
+/// its links (`closed`); one that vanished without closing leaves them to time out.
+fn ended(e: &quinn::ConnectionError) -> &'static str {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(_)
+        | quinn::ConnectionError::ConnectionClosed(_) => "closed",
+        quinn::ConnectionError::TimedOut => "timeout",
+        quinn::ConnectionError::LocallyClosed => "local",
+        quinn::ConnectionError::Reset => "reset",
+        _ => "error",
     }
 }
 
@@ -180,6 +193,7 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "link closed");
+                ::metrics::counter!(metrics::LINK_ENDS, "cause" => ended(&e)).increment(1);
                 return;
             }
         };

@@ -31,7 +31,8 @@ pub const TICKET_BYTES: &str = "wasmbed_gateway_ticket_bytes";
 pub const SNAPSHOT: &str = "wasmbed_gateway_snapshot_duration_seconds";
 pub const RESTORE: &str = "wasmbed_gateway_restore_duration_seconds";
 pub const LINKS: &str = "wasmbed_gateway_links_total";
-pub const LINKS_OPEN: &str = "wasmbed_gateway_links";
+pub const LINKS_OPEN: &str = "wasmbed_gateway_links_open";
+pub const LINK_ENDS: &str = "wasmbed_gateway_link_ends_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -58,6 +59,7 @@ pub const ALL: &[&str] = &[
     RESTORE,
     LINKS,
     LINKS_OPEN,
+    LINK_ENDS,
 ];
 
 const BUCKETS: &[f64] = &[
@@ -156,7 +158,11 @@ fn describe() {
     );
     describe_gauge!(
         LINKS_OPEN,
-        "Links (QUIC) from terminating proxies open now: a proxy's link ends when it closes it or falls silent past the idle timeout."
+        "Links (QUIC) from terminating proxies open now."
+    );
+    describe_counter!(
+        LINK_ENDS,
+        "Links from proxies that ended, by cause: closed (by the proxy, as at its stop), timeout (silent past the idle timeout: a proxy gone without closing), local (closed by this gateway), reset, error."
     );
 }
 

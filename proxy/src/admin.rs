@@ -103,7 +103,7 @@ impl GatewayView {
 
 pub fn router(admin: Arc<Admin>) -> Router {
     let gateways = admin.live.context().gateways.clone();
-    let add_route = Router::new()
+    let with_admin = Router::new()
         .route("/api/gateways", post(add))
         .route("/api/reload", post(reload))
         .route("/api/shutdown", post(shutdown))
@@ -158,7 +158,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/readyz", get(readyz))
         .route("/api/gateways", get(list))
         .with_state(gateways)
-        .merge(add_route)
+        .merge(with_admin)
         // A gateway spec is small: a larger body is refused (413) before it is read.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
         .layer(axum::middleware::from_fn_with_state(admin.clone(), guard))
