@@ -223,10 +223,6 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
         # by default) would come between. Their forwarding has its own test (gateway's
         # through_proxy.rs).
         forward_checkpoints = false
-        # Two session workers on every host (the default is one per core, none on one core):
-        # the sessions of these tests run where a deployed proxy's do, and the same on every
-        # machine. A test of the one-thread path sets 1.
-        threads = 2
         [[listener]]
         addr = "127.0.0.1:0"
         [health]
@@ -240,7 +236,21 @@ pub fn config(gateways: Vec<GatewayConfig>) -> ProxyConfig {
     )
     .unwrap();
     c.gateways = gateways;
+    c.threads = Some(test_threads());
     c
+}
+
+/// The proxies' threads in these tests: two session workers on every host by default (a
+/// deployed proxy's default is one per core, none on one core: the tests then run the same on
+/// every machine); `WASMBED_TEST_THREADS=1` runs them all on one thread, as a proxy with one
+/// CPU to run on (`.ci/run` runs this crate's tests both ways).
+pub fn test_threads() -> usize {
+    match std::env::var("WASMBED_TEST_THREADS") {
+        Ok(n) => n
+            .parse()
+            .unwrap_or_else(|_| panic!("WASMBED_TEST_THREADS={n}: not a number of threads")),
+        Err(_) => 2,
+    }
 }
 
 /// One running proxy per test process at a time (metrics are process-wide: see
