@@ -143,10 +143,10 @@ impl Drop for Open {
 
 /// Why a link ended, as `wasmbed_gateway_link_ends_total` says it: a proxy that stops closes
 /// its links (`closed`); one that vanished without closing leaves them to time out.
+/// (A transport-level close from the peer carries a protocol error: `error`, not `closed`.)
 fn ended(e: &quinn::ConnectionError) -> &'static str {
     match e {
-        quinn::ConnectionError::ApplicationClosed(_)
-        | quinn::ConnectionError::ConnectionClosed(_) => "closed",
+        quinn::ConnectionError::ApplicationClosed(_) => "closed",
         quinn::ConnectionError::TimedOut => "timeout",
         quinn::ConnectionError::LocallyClosed => "local",
         quinn::ConnectionError::Reset => "reset",
