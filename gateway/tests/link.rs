@@ -53,6 +53,9 @@ impl LinkPki {
                 pool: "default".into(),
             })
             .collect();
+        // One thread: one link per gateway (`each_session_worker_has_links_of_its_own`
+        // runs two).
+        c.threads = Some(1);
         let p = &self.pki;
         c.tls = Some(TerminateTls {
             cert: p.path("gw.pem"),
@@ -143,6 +146,41 @@ async fn sessions_to_a_gateway_share_one_link() {
         error_code(&f),
         wasmbed_protocol::ErrorCode::IdentityMismatch as u16
     );
+}
+
+/// With session workers, each has links of its own: a session's stream is opened on its
+/// worker's link (its UDP socket and endpoint on that worker), never on another thread's.
+#[tokio::test]
+async fn each_session_worker_has_links_of_its_own() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(2);
+    let proxy = Proxy::bind(config).await.unwrap();
+    let links = proxy.live().context().links.clone().expect("a link proxy");
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    assert_eq!(links.live_by_lane(), [0, 0, 0]);
+    // The first session stays on the worker that accepted it (the first), the second goes to
+    // the other (fewer sessions): each worker's session opens a link of its own.
+    let mut devices = Vec::new();
+    for i in 0..2 {
+        let id = format!("device-05{i}");
+        let mut d = tls_device(addr, lp.pki.device(&id, Some(&lp.pki.ca)))
+            .await
+            .unwrap();
+        assert_eq!(d.open(&id, "counter").await, "gw-test");
+        devices.push(d);
+    }
+    assert_eq!(
+        links.live_by_lane(),
+        [0, 1, 1],
+        "none on the main runtime's lane, one on each worker's"
+    );
+    for d in devices.iter_mut() {
+        let r = d.data(b"\x01").await;
+        assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
+    }
 }
 
 /// Only a proxy holds a link: a device's certificate gets the link closed with

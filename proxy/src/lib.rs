@@ -203,7 +203,7 @@ impl Proxy {
         }
         let hard_stop = wasmbed_certs::Trigger::new();
         let probes_stop = CancellationToken::new();
-        let links = link::Links::new(&config)?;
+        let links = link::Links::new(&config, workers.as_deref())?;
         let quic = quic::bind(&config, &tls.0)?;
         let takeover = match &config.takeover {
             Some(path) => {

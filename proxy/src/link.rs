@@ -8,10 +8,15 @@
 //! frames: the gateway serves it exactly as a session on TCP. Opening a stream costs no
 //! round trip, no descriptor and no handshake, so a move to another gateway is a stream open.
 //!
-//! A link is made on first use and shared by every session to that gateway; when it is lost
-//! (the gateway closed it, or nothing was heard for `--link-timeout` while keep-alives went
-//! out at a quarter of it) every stream on it fails, so its sessions move at once, and the
-//! next session makes a new link.
+//! A link is made on first use and shared by every session to that gateway served by the
+//! same thread: with session workers (`workers`), each worker has its own links (its own UDP
+//! socket and quinn endpoint, made on its runtime), so a session's stream, its connection and
+//! their endpoint are driven on the thread that serves the session, and no frame crosses
+//! threads (measured: docs/performance.md, "A link per session worker"). Sessions on the main
+//! runtime (QUIC devices; TCP ones without workers) share the main runtime's links. When a
+//! link is lost (the gateway closed it, or nothing was heard for `--link-timeout` while
+//! keep-alives went out at a quarter of it) every stream on it fails, so its sessions move at
+//! once, and the next session makes a new link.
 
 #![expect(
     clippy::disallowed_methods,
@@ -49,18 +54,57 @@ type Cell = Arc<OnceCell<Connection>>;
 /// hundreds of kilobytes per gateway ever linked, since gateways come and go by address.
 type Conns = Arc<Mutex<HashMap<String, Cell>>>;
 
-/// The links of one proxy: one client endpoint (one UDP socket) and a connection per
-/// gateway address.
+/// The links of one proxy: a [`Lane`] per runtime that serves sessions.
 pub struct Links {
-    endpoint: Endpoint,
+    /// The main runtime's first, then each session worker's, in the workers' order.
+    lanes: Vec<Lane>,
     client: ArcSwap<quinn::ClientConfig>,
+}
+
+/// The links of the sessions one runtime serves: one client endpoint (one UDP socket) and a
+/// connection per gateway address.
+struct Lane {
+    endpoint: Endpoint,
     conns: Conns,
-    /// The runtime the endpoint runs on (the proxy's main one), where every link's own tasks
-    /// (quinn's connection driver and its timers, the liveness watch) are made, whichever
-    /// thread a link is opened from: a session on a worker (`workers`) opens links too, and
-    /// a link's tasks made there would end with that worker, before the stop closes the
-    /// links, and pass every session's traffic through that one worker's thread.
+    /// The runtime the endpoint runs on, where each of its links' own tasks (quinn's
+    /// connection driver and its timers, the liveness watch) are made too. The stop closes
+    /// the links before it ends the workers (`Proxy::run`).
     home: tokio::runtime::Handle,
+}
+
+impl Lane {
+    /// A lane on `home`: its endpoint's socket is registered there and its driver runs there.
+    fn on(home: tokio::runtime::Handle) -> Result<Lane, crate::error::ProxyError> {
+        let endpoint = {
+            let _home = home.enter();
+            // Dual-stack, so that gateways found later (DNS: A or AAAA) are reachable
+            // whatever their family; IPv4 alone on a host without IPv6.
+            let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+            let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+            wasmbed_certs::udp::endpoint(v6, None)
+                .or_else(|_| wasmbed_certs::udp::endpoint(v4, None))
+                .map_err(|source| crate::error::ProxyError::Bind {
+                    what: "link (QUIC client socket)",
+                    addr: v4,
+                    source,
+                })?
+        };
+        Ok(Lane {
+            endpoint,
+            conns: Conns::default(),
+            home,
+        })
+    }
+
+    /// Live links.
+    fn live(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|c| c.get().is_some_and(|c| c.close_reason().is_none()))
+            .count()
+    }
 }
 
 /// The QUIC client settings from `[upstream_tls]` and `--link-timeout`.
@@ -92,32 +136,30 @@ pub(crate) fn client_config(
 }
 
 impl Links {
-    /// The links of `config`, when it says `--upstream link`.
+    /// The links of `config`, when it says `--upstream link`: a lane on the current runtime
+    /// (the main one), and one on each of `workers`.
     pub(crate) fn new(
         config: &ProxyConfig,
+        workers: Option<&crate::workers::Workers>,
     ) -> Result<Option<Arc<Links>>, crate::error::ProxyError> {
         if config.upstream != wasmbed_config::proxy::UpstreamMode::Link {
             return Ok(None);
         }
         let client = client_config(config)?;
-        // Dual-stack, so that gateways found later (DNS: A or AAAA) are reachable whatever
-        // their family; IPv4 alone on a host without IPv6.
-        let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
-        let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
-        let endpoint = wasmbed_certs::udp::endpoint(v6, None)
-            .or_else(|_| wasmbed_certs::udp::endpoint(v4, None))
-            .map_err(|source| crate::error::ProxyError::Bind {
-                what: "link (QUIC client socket)",
-                addr: v4,
-                source,
-            })?;
+        let homes = std::iter::once(tokio::runtime::Handle::current())
+            .chain(workers.into_iter().flat_map(|w| w.handles().cloned()));
+        let lanes = homes.map(Lane::on).collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Arc::new(Links {
-            endpoint,
+            lanes,
             client: ArcSwap::from_pointee(client),
-            conns: Conns::default(),
-            // There is one: the endpoint was just made on it (quinn's `default_runtime`).
-            home: tokio::runtime::Handle::current(),
         })))
+    }
+
+    /// The lane of the sessions this thread serves: its worker's, or the main runtime's.
+    fn lane(&self) -> &Lane {
+        let worker = crate::workers::current().and_then(|w| self.lanes.get(w + 1));
+        // `lanes` is never empty: `new` makes the main runtime's.
+        worker.unwrap_or(&self.lanes[0])
     }
 
     /// New links use `client` (a reload); live ones keep theirs.
@@ -143,8 +185,9 @@ impl Links {
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
     ) -> io::Result<Connection> {
+        let lane = self.lane();
         let cell = {
-            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = lane.conns.lock().unwrap_or_else(|e| e.into_inner());
             let cell = conns.entry(gateway.addr.clone()).or_default();
             if cell.get().is_some_and(|c| c.close_reason().is_some()) {
                 *cell = Cell::default();
@@ -152,7 +195,7 @@ impl Links {
             cell.clone()
         };
         let made = cell
-            .get_or_try_init(|| self.connect(config, gateway, Arc::downgrade(&cell)))
+            .get_or_try_init(|| self.connect(lane, config, gateway, Arc::downgrade(&cell)))
             .await
             .cloned();
         if made.is_err() {
@@ -160,16 +203,18 @@ impl Links {
             // DNS and gone again, would stay forever). Only by the last session that waited
             // on this attempt (the map's reference and this one left): the others try again
             // on the same cell, and a link one of them makes must stay found.
-            forget(&self.conns, &gateway.addr, |c| {
+            forget(&lane.conns, &gateway.addr, |c| {
                 Arc::ptr_eq(c, &cell) && c.get().is_none() && Arc::strong_count(c) == 2
             });
         }
         made
     }
 
-    /// Makes the link to `gateway` for `cell` (the map's entry it will be stored in).
+    /// Makes the link to `gateway` on `lane` for `cell` (the lane's entry it will be stored
+    /// in).
     async fn connect(
         &self,
+        lane: &Lane,
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
         cell: std::sync::Weak<OnceCell<Connection>>,
@@ -182,10 +227,10 @@ impl Links {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
             let name = crate::tls::upstream_name(config, &gateway.addr);
             let client = (**self.client.load()).clone();
-            // quinn spawns the connection's driver where this is called: on the home runtime.
+            // quinn spawns the connection's driver where this is called: on the lane's runtime.
             let connecting = {
-                let _home = self.home.enter();
-                self.endpoint.connect_with(client, addr, &name.to_str())
+                let _home = lane.home.enter();
+                lane.endpoint.connect_with(client, addr, &name.to_str())
             }
             .map_err(io::Error::other)?;
             connecting.await.map_err(io::Error::other)
@@ -204,9 +249,9 @@ impl Links {
         };
         counter!(crate::metric_names::LINKS, "result" => "up").increment(1);
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
-        let (conns, addr) = (Arc::downgrade(&self.conns), gateway.addr.clone());
+        let (conns, addr) = (Arc::downgrade(&lane.conns), gateway.addr.clone());
         let watched = watch(conn.clone(), Arc::downgrade(gateway), config.link_timeout);
-        self.home.spawn(async move {
+        lane.home.spawn(async move {
             watched.await;
             // Closed: its entry goes, unless a newer link to the address has taken it (a new
             // link always gets a new cell). By the cell, not the connection in it: a link
@@ -223,24 +268,34 @@ impl Links {
     /// Links held: open, being made, or closed and not yet forgotten (for tests and
     /// embedding programs; [`Links::live`] counts the open ones).
     pub fn held(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let held = |l: &Lane| l.conns.lock().unwrap_or_else(|e| e.into_inner()).len();
+        self.lanes.iter().map(held).sum()
     }
 
     /// Live links (for tests and embedding programs).
     pub fn live(&self) -> usize {
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|c| c.get().is_some_and(|c| c.close_reason().is_none()))
-            .count()
+        self.lanes.iter().map(Lane::live).sum()
+    }
+
+    /// Live links by lane: the main runtime's first, then each session worker's (for tests
+    /// and embedding programs).
+    pub fn live_by_lane(&self) -> Vec<usize> {
+        self.lanes.iter().map(Lane::live).collect()
     }
 
     /// Closes every link and waits (bounded) until the gateways know.
     pub(crate) async fn close(&self) {
-        self.endpoint
-            .close(VarInt::from_u32(GONE), b"proxy stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        for lane in &self.lanes {
+            lane.endpoint
+                .close(VarInt::from_u32(GONE), b"proxy stopping");
+        }
+        // Each endpoint's driver runs on its own runtime: they finish together.
+        let idle = async {
+            for lane in &self.lanes {
+                lane.endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
     }
 }
 

@@ -16,16 +16,28 @@
 //! session starts (taken out of one worker's epoll set and put in the other's: two system
 //! calls); a session stays on its worker for its life. A session is one task (a terminated
 //! one two, for a moment), so a worker's load is its live tasks but for its accept loops.
-//! QUIC devices and the link's connections (`link::Links`, made there whichever worker opens
-//! them) stay on the main runtime: quinn's endpoint is one task that every one of its
-//! connections' datagrams passes through.
+//! QUIC devices stay on the main runtime: quinn's endpoint is one task that every one of its
+//! connections' datagrams passes through. For the same reason each worker has links of its
+//! own to the gateways (`link::Links`, a lane per worker, found by [`current`]): a session's
+//! link stream is driven where the session is.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::{Builder, Handle, RuntimeMetrics};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::runtime_thread;
+
+thread_local! {
+    /// On a worker's thread, its place among the workers.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The worker this thread is (its place among the workers), if it is one.
+pub(crate) fn current() -> Option<usize> {
+    WORKER.with(Cell::get)
+}
 
 /// How many threads serve sessions: `threads`, or every core this process may run on.
 pub fn threads(threads: Option<usize>) -> usize {
@@ -80,8 +92,10 @@ impl Workers {
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let until = stop.clone();
-            let started = runtime_thread(&format!("wasmbed-w-{i}"), enable, move || async move {
-                until.cancelled().await
+            let started = runtime_thread(&format!("wasmbed-w-{i}"), enable, move || {
+                // Called on the worker's thread, before its runtime runs anything.
+                WORKER.with(|w| w.set(Some(i)));
+                async move { until.cancelled().await }
             });
             match started {
                 Ok(handle) => workers.push(Worker {
@@ -133,6 +147,11 @@ impl Workers {
             }
         }
         best
+    }
+
+    /// The workers' runtimes, in order.
+    pub(crate) fn handles(&self) -> impl Iterator<Item = &Handle> {
+        self.workers.iter().map(|w| &w.handle)
     }
 
     /// Each worker's sessions now, in order (`wasmbed_proxy_worker_sessions`).
