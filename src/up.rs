@@ -116,8 +116,8 @@ pub struct UpArgs {
     #[arg(long)]
     plain_link: bool,
     /// Terminate mode: how the proxy reaches the gateways: `tcp`, a TLS connection per
-    /// session; `link`, one QUIC connection per gateway with a stream per session (gateways
-    /// started with --link).
+    /// session; `link`, a QUIC connection per gateway (per session worker) with a stream
+    /// per session (gateways started with --link).
     #[arg(long, value_enum, default_value = "tcp", value_name = "tcp|link")]
     upstream: wasmbed_config::proxy::UpstreamMode,
     /// Terminate mode: how the devices reach the proxy: `tcp` (TLS over TCP) or `quic` (the

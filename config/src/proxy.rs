@@ -222,10 +222,10 @@ pub struct ProxyFlags {
     #[arg(long)]
     pub half_close: bool,
     /// Terminate mode: how sessions reach their gateways: `tcp` (default), a connection each
-    /// (TLS with [upstream_tls]); `link`, one multiplexed QUIC connection per gateway
-    /// (`wasmbed gateway --link`, UDP at the gateway's session port) with a stream per
-    /// session: no connect or handshake per session or per move, two descriptors fewer per
-    /// session. Needs [upstream_tls] with the proxy's client certificate.
+    /// (TLS with [upstream_tls]); `link`, one multiplexed QUIC connection per gateway and
+    /// session worker (`wasmbed gateway --link`, UDP at the gateway's session port) with a
+    /// stream per session: no connect or handshake per session or per move, two descriptors
+    /// fewer per session. Needs [upstream_tls] with the proxy's client certificate.
     #[arg(long, value_enum, value_name = "tcp|link")]
     pub upstream: Option<UpstreamMode>,
     /// Terminate mode: also accept devices over QUIC on this UDP address (IP:PORT): TLS 1.3
@@ -294,7 +294,7 @@ pub enum UpstreamMode {
     /// A TCP connection (TLS with `[upstream_tls]`) per session.
     #[default]
     Tcp,
-    /// A stream per session on one QUIC connection per gateway.
+    /// A stream per session on one QUIC connection per gateway and session worker.
     Link,
 }
 
@@ -489,7 +489,8 @@ pub struct ProxyConfig {
     pub splice: SpliceMode,
     /// Passthrough: a gateway's half-close is passed on rather than ending the session.
     pub half_close: bool,
-    /// Terminate mode: a connection per session, or a stream on a link per gateway.
+    /// Terminate mode: a connection per session, or a stream on a link per gateway (and
+    /// session worker).
     pub upstream: UpstreamMode,
     /// A link silent this long is lost (`--link-timeout`).
     pub link_timeout: Duration,

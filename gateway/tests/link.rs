@@ -149,16 +149,18 @@ async fn sessions_to_a_gateway_share_one_link() {
 }
 
 /// With session workers, each has links of its own: a session's stream is opened on its
-/// worker's link (its UDP socket and endpoint on that worker), never on another thread's.
+/// worker's link (its UDP socket and endpoint on that worker), never on another thread's. A
+/// QUIC device's session, on the main runtime, rides the main runtime's link.
 #[tokio::test]
 async fn each_session_worker_has_links_of_its_own() {
     let lp = LinkPki::new();
     let gw = start(lp.gateway()).await;
     let mut config = lp.proxy(&[&gw]);
     config.threads = Some(2);
+    config.quic.listen = Some("127.0.0.1:0".parse().unwrap());
     let proxy = Proxy::bind(config).await.unwrap();
     let links = proxy.live().context().links.clone().expect("a link proxy");
-    let addr = proxy.listen_addrs()[0];
+    let (addr, quic) = (proxy.listen_addrs()[0], proxy.quic_addr().unwrap());
     tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
     assert_eq!(links.live_by_lane(), [0, 0, 0]);
     // The first session stays on the worker that accepted it (the first), the second goes to
@@ -181,6 +183,24 @@ async fn each_session_worker_has_links_of_its_own() {
         let r = d.data(b"\x01").await;
         assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
     }
+    // A QUIC device: its session runs on the main runtime, and so does its link.
+    let mut tls = (*lp.pki.device("device-052", Some(&lp.pki.ca))).clone();
+    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            quic,
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut d = Device::new(tokio::io::join(recv, send));
+    assert_eq!(d.open("device-052", "counter").await, "gw-test");
+    assert_eq!(links.live_by_lane(), [1, 1, 1]);
 }
 
 /// Only a proxy holds a link: a device's certificate gets the link closed with

@@ -56,8 +56,11 @@ type Conns = Arc<Mutex<HashMap<String, Cell>>>;
 
 /// The links of one proxy: a [`Lane`] per runtime that serves sessions.
 pub struct Links {
-    /// The main runtime's first, then each session worker's, in the workers' order.
+    /// The main runtime's first when it serves sessions that reach gateways (QUIC devices,
+    /// or every session without workers), then each session worker's, in the workers' order.
     lanes: Vec<Lane>,
+    /// Whether `lanes` starts with the main runtime's.
+    main: bool,
     client: ArcSwap<quinn::ClientConfig>,
 }
 
@@ -136,8 +139,10 @@ pub(crate) fn client_config(
 }
 
 impl Links {
-    /// The links of `config`, when it says `--upstream link`: a lane on the current runtime
-    /// (the main one), and one on each of `workers`.
+    /// The links of `config`, when it says `--upstream link`: a lane on each of `workers`,
+    /// and one on the current runtime (the main one) when sessions run there: without
+    /// workers, or with QUIC devices (each lane holds a UDP socket and quinn's receive buffer,
+    /// so none is made that no session would use).
     pub(crate) fn new(
         config: &ProxyConfig,
         workers: Option<&crate::workers::Workers>,
@@ -146,19 +151,25 @@ impl Links {
             return Ok(None);
         }
         let client = client_config(config)?;
-        let homes = std::iter::once(tokio::runtime::Handle::current())
+        let main = workers.is_none() || config.quic.listen.is_some();
+        let homes = main
+            .then(tokio::runtime::Handle::current)
+            .into_iter()
             .chain(workers.into_iter().flat_map(|w| w.handles().cloned()));
         let lanes = homes.map(Lane::on).collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Arc::new(Links {
             lanes,
+            main,
             client: ArcSwap::from_pointee(client),
         })))
     }
 
-    /// The lane of the sessions this thread serves: its worker's, or the main runtime's.
+    /// The lane of the sessions this thread serves: its worker's, or the main runtime's
+    /// (or, were there none, the first: a session there would still reach its gateway).
     fn lane(&self) -> &Lane {
-        let worker = crate::workers::current().and_then(|w| self.lanes.get(w + 1));
-        // `lanes` is never empty: `new` makes the main runtime's.
+        let worker =
+            crate::workers::current().and_then(|w| self.lanes.get(w + usize::from(self.main)));
+        // `lanes` is never empty: `new` makes the main runtime's, or there are workers.
         worker.unwrap_or(&self.lanes[0])
     }
 
@@ -277,10 +288,13 @@ impl Links {
         self.lanes.iter().map(Lane::live).sum()
     }
 
-    /// Live links by lane: the main runtime's first, then each session worker's (for tests
-    /// and embedding programs).
+    /// Live links by lane: the main runtime's (0 when it has none), then each session
+    /// worker's (for tests and embedding programs).
     pub fn live_by_lane(&self) -> Vec<usize> {
-        self.lanes.iter().map(Lane::live).collect()
+        let none = (!self.main).then_some(0);
+        none.into_iter()
+            .chain(self.lanes.iter().map(Lane::live))
+            .collect()
     }
 
     /// Closes every link and waits (bounded) until the gateways know.
