@@ -1,5 +1,6 @@
 //! The multiplexed link (`wasmbed gateway --link`, `wasmbed proxy --upstream link`): device
-//! sessions as streams of one QUIC connection per gateway, opened only by a proxy.
+//! sessions as streams of one QUIC connection per gateway (per session worker of the proxy),
+//! opened only by a proxy.
 
 mod support;
 
@@ -114,6 +115,7 @@ async fn sessions_to_a_gateway_share_one_link() {
         .expect("--upstream link");
     let addr = proxy.listen_addrs()[0];
     tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    assert_eq!(links.lanes(), 1, "one thread: one lane");
     assert_eq!(links.live(), 0, "a link is made on first use");
     let mut devices = Vec::new();
     for i in 0..3 {
@@ -162,6 +164,11 @@ async fn each_session_worker_has_links_of_its_own() {
     let links = proxy.live().context().links.clone().expect("a link proxy");
     let (addr, quic) = (proxy.listen_addrs()[0], proxy.quic_addr().unwrap());
     tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    assert_eq!(
+        links.lanes(),
+        3,
+        "the main runtime's (QUIC devices) and a worker's each"
+    );
     assert_eq!(links.live_by_lane(), [0, 0, 0]);
     // The first session stays on the worker that accepted it (the first), the second goes to
     // the other (fewer sessions): each worker's session opens a link of its own.
@@ -201,6 +208,16 @@ async fn each_session_worker_has_links_of_its_own() {
     let mut d = Device::new(tokio::io::join(recv, send));
     assert_eq!(d.open("device-052", "counter").await, "gw-test");
     assert_eq!(links.live_by_lane(), [1, 1, 1]);
+    // Without QUIC devices no session runs on the main runtime: no lane is made there.
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(2);
+    let proxy = Proxy::bind(config).await.unwrap();
+    let links = proxy.live().context().links.clone().expect("a link proxy");
+    assert_eq!(
+        links.lanes(),
+        2,
+        "a lane on each worker, none on the main runtime"
+    );
 }
 
 /// Only a proxy holds a link: a device's certificate gets the link closed with

@@ -371,7 +371,8 @@ impl Proxy {
         }
         let sessions = TaskTracker::new();
         // Dropped before its end, `run` stops the workers too (their accept loops and sessions
-        // hold them, and only the stop below would end those).
+        // hold them, and only the stop below would end those). Their links then end unclosed:
+        // each gateway finds it by its idle timeout, as for a killed proxy.
         let _stop_workers = workers.as_ref().map(|w| w.stop_guard());
         let limit = Arc::new(Semaphore::new(ctx.config.max_connections));
         let accepting = TaskTracker::new();

@@ -1,5 +1,6 @@
-//! `--upstream link`: one multiplexed QUIC connection (quinn) per gateway, a bidirectional
-//! stream per device session, instead of a TCP (+ TLS) connection per session.
+//! `--upstream link`: multiplexed QUIC connections (quinn) to the gateways, one per gateway
+//! for each thread serving sessions, a bidirectional stream per device session, instead of a
+//! TCP (+ TLS) connection per session.
 //!
 //! The link is mutual TLS: the gateway's server certificate is checked against
 //! `[upstream_tls] ca` (and `server_name`), the proxy presents its client certificate, and the
@@ -24,8 +25,11 @@
 )]
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +42,7 @@ use wasmbed_config::ProxyConfig;
 
 use crate::balancer::Gateway;
 use crate::tls::Upstream;
+use crate::workers::NotASession;
 
 /// The link's ALPN protocol (the gateway's `wasmbed_gateway::link::ALPN`).
 pub const ALPN: &[u8] = b"wasmbed-link/1";
@@ -69,29 +74,77 @@ pub struct Links {
 struct Lane {
     endpoint: Endpoint,
     conns: Conns,
-    /// The runtime the endpoint runs on, where each of its links' own tasks (quinn's
-    /// connection driver and its timers, the liveness watch) are made too. The stop closes
-    /// the links before it ends the workers (`Proxy::run`).
-    home: tokio::runtime::Handle,
+    /// Where the endpoint runs, and each of its links' own tasks (quinn's connection driver
+    /// and its timers, the liveness watch). The stop closes the links before it ends the
+    /// workers (`Proxy::run`).
+    home: Arc<Home>,
+}
+
+/// A lane's runtime, and quinn's runtime for its endpoint: quinn's tokio runtime, but every
+/// task made for the lane (the endpoint's driver, each connection's, each liveness watch) is
+/// spawned on the lane's runtime and, on a worker, not counted among its sessions (a worker's
+/// load is its sessions: `workers`).
+#[derive(Debug)]
+struct Home {
+    handle: tokio::runtime::Handle,
+    /// On a worker: its count of tasks that are not sessions.
+    others: Option<Arc<AtomicUsize>>,
+}
+
+impl Home {
+    fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mark = self.others.as_ref().map(NotASession::new);
+        self.handle.spawn(async move {
+            let _mark = mark;
+            task.await;
+        });
+    }
+}
+
+impl quinn::Runtime for Home {
+    fn new_timer(&self, at: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        quinn::TokioRuntime.new_timer(at)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.spawn_task(future);
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        // Registered with the lane's runtime.
+        let _home = self.handle.enter();
+        quinn::TokioRuntime.wrap_udp_socket(socket)
+    }
+
+    fn now(&self) -> Instant {
+        quinn::TokioRuntime.now()
+    }
 }
 
 impl Lane {
     /// A lane on `home`: its endpoint's socket is registered there and its driver runs there.
-    fn on(home: tokio::runtime::Handle) -> Result<Lane, crate::error::ProxyError> {
-        let endpoint = {
-            let _home = home.enter();
-            // Dual-stack, so that gateways found later (DNS: A or AAAA) are reachable
-            // whatever their family; IPv4 alone on a host without IPv6.
-            let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
-            let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
-            wasmbed_certs::udp::endpoint(v6, None)
-                .or_else(|_| wasmbed_certs::udp::endpoint(v4, None))
+    fn on(home: Home) -> Result<Lane, crate::error::ProxyError> {
+        let home = Arc::new(home);
+        let bind = |addr| {
+            let socket = wasmbed_certs::udp::socket(addr)?;
+            let config = quinn::EndpointConfig::default();
+            Endpoint::new(config, None, socket, home.clone())
+        };
+        // Dual-stack, so that gateways found later (DNS: A or AAAA) are reachable whatever
+        // their family; IPv4 alone on a host without IPv6.
+        let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+        let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+        let endpoint =
+            bind(v6)
+                .or_else(|_| bind(v4))
                 .map_err(|source| crate::error::ProxyError::Bind {
                     what: "link (QUIC client socket)",
                     addr: v4,
                     source,
-                })?
-        };
+                })?;
         Ok(Lane {
             endpoint,
             conns: Conns::default(),
@@ -152,10 +205,18 @@ impl Links {
         }
         let client = client_config(config)?;
         let main = workers.is_none() || config.quic.listen.is_some();
+        let on_main = || Home {
+            handle: tokio::runtime::Handle::current(),
+            others: None,
+        };
+        let on_workers = workers.into_iter().flat_map(|w| w.homes());
         let homes = main
-            .then(tokio::runtime::Handle::current)
+            .then(on_main)
             .into_iter()
-            .chain(workers.into_iter().flat_map(|w| w.handles().cloned()));
+            .chain(on_workers.map(|(handle, others)| Home {
+                handle,
+                others: Some(others),
+            }));
         let lanes = homes.map(Lane::on).collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Arc::new(Links {
             lanes,
@@ -169,6 +230,12 @@ impl Links {
     fn lane(&self) -> &Lane {
         let worker =
             crate::workers::current().and_then(|w| self.lanes.get(w + usize::from(self.main)));
+        // Every session that reaches a gateway runs on a worker or, when the main runtime
+        // has a lane, there: a session elsewhere would cross threads at every frame.
+        debug_assert!(
+            worker.is_some() || self.main,
+            "a link opened off the workers with no main-runtime lane"
+        );
         // `lanes` is never empty: `new` makes the main runtime's, or there are workers.
         worker.unwrap_or(&self.lanes[0])
     }
@@ -240,7 +307,7 @@ impl Links {
             let client = (**self.client.load()).clone();
             // quinn spawns the connection's driver where this is called: on the lane's runtime.
             let connecting = {
-                let _home = lane.home.enter();
+                let _home = lane.home.handle.enter();
                 lane.endpoint.connect_with(client, addr, &name.to_str())
             }
             .map_err(io::Error::other)?;
@@ -262,7 +329,7 @@ impl Links {
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
         let (conns, addr) = (Arc::downgrade(&lane.conns), gateway.addr.clone());
         let watched = watch(conn.clone(), Arc::downgrade(gateway), config.link_timeout);
-        lane.home.spawn(async move {
+        lane.home.spawn_task(async move {
             watched.await;
             // Closed: its entry goes, unless a newer link to the address has taken it (a new
             // link always gets a new cell). By the cell, not the connection in it: a link
@@ -286,6 +353,12 @@ impl Links {
     /// Live links (for tests and embedding programs).
     pub fn live(&self) -> usize {
         self.lanes.iter().map(Lane::live).sum()
+    }
+
+    /// Lanes made: one per session worker, and the main runtime's when sessions run there
+    /// (for tests and embedding programs).
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
     }
 
     /// Live links by lane: the main runtime's (0 when it has none), then each session

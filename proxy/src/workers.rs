@@ -15,13 +15,15 @@
 //! is served there, or, when another worker has fewer sessions, moved to that one before its
 //! session starts (taken out of one worker's epoll set and put in the other's: two system
 //! calls); a session stays on its worker for its life. A session is one task (a terminated
-//! one two, for a moment), so a worker's load is its live tasks but for its accept loops.
+//! one two, for a moment), so a worker's load is its live tasks but for those that are not
+//! sessions: its accept loops, and its link lane's tasks (counted by [`NotASession`]).
 //! QUIC devices stay on the main runtime: quinn's endpoint is one task that every one of its
 //! connections' datagrams passes through. For the same reason each worker has links of its
 //! own to the gateways (`link::Links`, a lane per worker, found by [`current`]): a session's
 //! link stream is driven where the session is.
 
 use std::cell::Cell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::{Builder, Handle, RuntimeMetrics};
@@ -58,15 +60,16 @@ struct Worker {
     /// atomic add and subtract on a count other threads share) at every call, that is at every
     /// connection's placement.
     metrics: RuntimeMetrics,
-    /// The accept loops it runs ([`Workers::host_loop`]): tasks that are not sessions.
-    loops: AtomicUsize,
+    /// Its live tasks that are not sessions: the accept loops it runs
+    /// ([`Workers::host_loop`]) and its link lane's tasks ([`NotASession`]).
+    others: Arc<AtomicUsize>,
 }
 
 impl Worker {
-    /// Its sessions: its live tasks but for its accept loops.
+    /// Its sessions: its live tasks but for those that are not sessions.
     fn load(&self) -> usize {
         let tasks = self.metrics.num_alive_tasks();
-        tasks.saturating_sub(self.loops.load(Ordering::Relaxed))
+        tasks.saturating_sub(self.others.load(Ordering::Relaxed))
     }
 }
 
@@ -101,7 +104,7 @@ impl Workers {
                 Ok(handle) => workers.push(Worker {
                     metrics: handle.metrics(),
                     handle,
-                    loops: AtomicUsize::new(0),
+                    others: Arc::default(),
                 }),
                 Err(e) => {
                     // The threads already started end.
@@ -117,13 +120,13 @@ impl Workers {
     /// task that is not a session: call once per loop.
     pub(crate) fn host_loop(&self, listener: usize) -> &Handle {
         let w = &self.workers[listener % self.workers.len()];
-        w.loops.fetch_add(1, Ordering::Relaxed);
+        w.others.fetch_add(1, Ordering::Relaxed);
         &w.handle
     }
 
     /// Where a connection accepted by listener `i`'s loop is served: the worker with the
-    /// fewest sessions (its live tasks, but for accept loops), the one that accepted it on a
-    /// tie (a move costs two system calls).
+    /// fewest sessions ([`Worker::load`]), the one that accepted it on a tie (a move costs two
+    /// system calls).
     pub(crate) fn place(&self, listener: usize) -> Placed<'_> {
         let here = listener % self.workers.len();
         match self.fewest(here) {
@@ -149,9 +152,12 @@ impl Workers {
         best
     }
 
-    /// The workers' runtimes, in order.
-    pub(crate) fn handles(&self) -> impl Iterator<Item = &Handle> {
-        self.workers.iter().map(|w| &w.handle)
+    /// The workers' runtimes, in order, each with the count its tasks that are not sessions
+    /// are to be counted in ([`NotASession`]).
+    pub(crate) fn homes(&self) -> impl Iterator<Item = (Handle, Arc<AtomicUsize>)> + '_ {
+        self.workers
+            .iter()
+            .map(|w| (w.handle.clone(), w.others.clone()))
     }
 
     /// Each worker's sessions now, in order (`wasmbed_proxy_worker_sessions`).
@@ -172,6 +178,23 @@ impl Workers {
     /// while clones of them are held (by their accept loops).
     pub(crate) fn stop_guard(&self) -> tokio_util::sync::DropGuard {
         self.stop.clone().drop_guard()
+    }
+}
+
+/// Held by a task on a worker that is not a session (a link's connection driver, its
+/// watch: `link`), for as long as it lives: it is not counted in the worker's load.
+pub(crate) struct NotASession(Arc<AtomicUsize>);
+
+impl NotASession {
+    pub(crate) fn new(others: &Arc<AtomicUsize>) -> NotASession {
+        others.fetch_add(1, Ordering::Relaxed);
+        NotASession(others.clone())
+    }
+}
+
+impl Drop for NotASession {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -3,7 +3,10 @@
 # `perf stat` on the proxy process (its context switches and CPU, from its start to its end).
 # Usage, from the repository root:
 #   bash docs/bench/link-lanes-20261206/storm-lanes.sh ROUNDS tag:BIN [tag:BIN ...]
+# Another mode: KIND=NAME UP="up's mode flags" (default: KIND=tcp-link, terminate over the link).
 set -u
+KIND=${KIND:-tcp-link}
+UP=${UP:---mode terminate --transport tcp --upstream link}
 ROUNDS=$1; shift
 D=docs/bench/link-lanes-20261206
 lscpu | grep "Model name"
@@ -13,8 +16,9 @@ fi
 for i in $(seq 1 "$ROUNDS"); do
   for pair in "$@"; do
     tag=${pair%%:*}; B=${pair#*:}
-    out=$D/storm9k-tcp-link-$tag-$i.txt
-    timeout 900 "$B" up --mode terminate --transport tcp --upstream link --gateways 5 --devices 9000 \
+    out=$D/storm9k-$KIND-$tag-$i.txt
+    # shellcheck disable=SC2086
+    timeout 900 "$B" up $UP --gateways 5 --devices 9000 \
       --rate 1 --ramp 1000 --scenario storm --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out" 2>&1 &
     up=$!
     pid=""
