@@ -125,10 +125,11 @@ async fn a_killed_gateways_link_sessions_move_with_their_state() {
     // A session may move (its gateway marked down) before its link's watch has counted the
     // link lost: nothing signals that count (bounded).
     let lost = || proxy.metric("wasmbed_proxy_links_total{result=\"lost\"}");
-    let counted_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while lost() < to_killed && std::time::Instant::now() < counted_by {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let counted = "every link to the killed gateway counted";
+    wasmbed_testkit::until(std::time::Duration::from_secs(10), counted, || {
+        lost() >= to_killed
+    })
+    .await;
     assert_eq!(
         lost(),
         to_killed,
@@ -168,7 +169,6 @@ async fn a_stopped_proxy_closes_its_links_at_once() {
             .sum()
     };
     let ends = "wasmbed_gateway_link_ends_total";
-    let settled_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let devices = four_counting(pki, &proxy).await;
     // Balanced over both gateways: a link to each from each worker with sessions there.
     let open = series("wasmbed_gateway_links_open");
@@ -177,6 +177,7 @@ async fn a_stopped_proxy_closes_its_links_at_once() {
     // fewer): the links' own tasks there are not counted as sessions. A terminated session's
     // handshake task ends just after its session is up: nothing signals it (bounded).
     let on = |w: &str| proxy.metric(&format!("wasmbed_proxy_worker_sessions{{worker=\"{w}\"}}"));
+    let settled_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while (on("0"), on("1")) != (2.0, 2.0) {
         assert!(
             std::time::Instant::now() < settled_by,

@@ -47,12 +47,22 @@ pub fn endpoint(
     endpoint_on(socket(addr)?, server)
 }
 
-/// A quinn endpoint on `socket` (one [`socket`] made).
+/// A quinn endpoint on `socket` (one [`socket`] made), on the current tokio runtime.
 pub fn endpoint_on(
     socket: UdpSocket,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime()?)
+    endpoint_with(socket, server, runtime()?)
+}
+
+/// A quinn endpoint on `socket` run by `runtime` (its socket registered, its tasks spawned,
+/// where that runtime says).
+pub fn endpoint_with(
+    socket: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    runtime: std::sync::Arc<dyn quinn::Runtime>,
+) -> std::io::Result<quinn::Endpoint> {
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
 }
 
 /// The async runtime a quinn endpoint runs on (the current tokio runtime's).

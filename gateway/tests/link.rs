@@ -54,9 +54,6 @@ impl LinkPki {
                 pool: "default".into(),
             })
             .collect();
-        // One thread: one link per gateway (`each_session_worker_has_links_of_its_own`
-        // runs two).
-        c.threads = Some(1);
         let p = &self.pki;
         c.tls = Some(TerminateTls {
             cert: p.path("gw.pem"),
@@ -106,7 +103,10 @@ async fn link_client(
 async fn sessions_to_a_gateway_share_one_link() {
     let lp = LinkPki::new();
     let gw = start(lp.gateway()).await;
-    let proxy = Proxy::bind(lp.proxy(&[&gw])).await.unwrap();
+    let mut config = lp.proxy(&[&gw]);
+    // One thread: one link per gateway (`each_session_worker_has_links_of_its_own` runs two).
+    config.threads = Some(1);
+    let proxy = Proxy::bind(config).await.unwrap();
     let links = proxy
         .live()
         .context()
@@ -385,6 +385,8 @@ async fn a_removed_gateways_link_is_closed_and_forgotten() {
     };
     let (a, b) = (start(gateway()).await, start(gateway()).await);
     let mut config = lp.proxy(&[&a, &b]);
+    // One thread: one link per gateway, counted below.
+    config.threads = Some(1);
     // The link's watch looks every `link_timeout` whether its gateway is gone.
     config.link_timeout = std::time::Duration::from_secs(1);
     let proxy = Proxy::bind(config).await.unwrap();

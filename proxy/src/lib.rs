@@ -384,15 +384,15 @@ impl Proxy {
         let mut homed = Vec::with_capacity(listeners.len());
         for (i, (config, listener)) in listeners.into_iter().enumerate() {
             let home = workers.as_deref().map(|w| w.host_loop(i));
-            let listener = match home {
-                Some(home) => listener.into_std().and_then(|l| {
+            let listener = match &home {
+                Some((home, _)) => listener.into_std().and_then(|l| {
                     let _home = home.enter();
                     TcpListener::from_std(l)
                 }),
                 None => Ok(listener),
             }
             .map_err(ProxyError::Workers)?;
-            homed.push((i, config, listener, home.cloned()));
+            homed.push((i, config, listener, home.map(|(h, mark)| (h.clone(), mark))));
         }
         let moves = ::metrics::counter!(metric_names::WORKER_MOVES);
         for (i, config, listener, home) in homed {
@@ -435,8 +435,14 @@ impl Proxy {
             // With workers, each listener's accept loop runs on one of them (in turn): an
             // accept is a one-thread runtime's turn, and a session served on that worker starts
             // there without waking another thread.
-            match &home {
-                Some(home) => drop(accepting.spawn_on(accept, home)),
+            match home {
+                Some((home, mark)) => {
+                    let accept = async move {
+                        let _mark = mark;
+                        accept.await;
+                    };
+                    drop(accepting.spawn_on(accept, &home));
+                }
                 None => drop(accepting.spawn(accept)),
             }
         }

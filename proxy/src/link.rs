@@ -25,11 +25,8 @@
 )]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,7 +39,9 @@ use wasmbed_config::ProxyConfig;
 
 use crate::balancer::Gateway;
 use crate::tls::Upstream;
-use crate::workers::NotASession;
+use home::Home;
+
+mod home;
 
 /// The link's ALPN protocol (the gateway's `wasmbed_gateway::link::ALPN`).
 pub const ALPN: &[u8] = b"wasmbed-link/1";
@@ -80,58 +79,13 @@ struct Lane {
     home: Arc<Home>,
 }
 
-/// A lane's runtime, and quinn's runtime for its endpoint: quinn's tokio runtime, but every
-/// task made for the lane (the endpoint's driver, each connection's, each liveness watch) is
-/// spawned on the lane's runtime and, on a worker, not counted among its sessions (a worker's
-/// load is its sessions: `workers`).
-#[derive(Debug)]
-struct Home {
-    handle: tokio::runtime::Handle,
-    /// On a worker: its count of tasks that are not sessions.
-    others: Option<Arc<AtomicUsize>>,
-}
-
-impl Home {
-    fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let mark = self.others.as_ref().map(NotASession::new);
-        self.handle.spawn(async move {
-            let _mark = mark;
-            task.await;
-        });
-    }
-}
-
-impl quinn::Runtime for Home {
-    fn new_timer(&self, at: Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
-        quinn::TokioRuntime.new_timer(at)
-    }
-
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        self.spawn_task(future);
-    }
-
-    fn wrap_udp_socket(
-        &self,
-        socket: std::net::UdpSocket,
-    ) -> io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
-        // Registered with the lane's runtime.
-        let _home = self.handle.enter();
-        quinn::TokioRuntime.wrap_udp_socket(socket)
-    }
-
-    fn now(&self) -> Instant {
-        quinn::TokioRuntime.now()
-    }
-}
-
 impl Lane {
     /// A lane on `home`: its endpoint's socket is registered there and its driver runs there.
     fn on(home: Home) -> Result<Lane, crate::error::ProxyError> {
         let home = Arc::new(home);
         let bind = |addr| {
             let socket = wasmbed_certs::udp::socket(addr)?;
-            let config = quinn::EndpointConfig::default();
-            Endpoint::new(config, None, socket, home.clone())
+            wasmbed_certs::udp::endpoint_with(socket, None, home.clone())
         };
         // Dual-stack, so that gateways found later (DNS: A or AAAA) are reachable whatever
         // their family; IPv4 alone on a host without IPv6.
@@ -265,7 +219,7 @@ impl Links {
     ) -> io::Result<Connection> {
         let lane = self.lane();
         let cell = {
-            let mut conns = lane.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut conns = locked(&lane.conns);
             let cell = conns.entry(gateway.addr.clone()).or_default();
             if cell.get().is_some_and(|c| c.close_reason().is_some()) {
                 *cell = Cell::default();
@@ -305,12 +259,11 @@ impl Links {
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
             let name = crate::tls::upstream_name(config, &gateway.addr);
             let client = (**self.client.load()).clone();
-            // quinn spawns the connection's driver where this is called: on the lane's runtime.
-            let connecting = {
-                let _home = lane.home.handle.enter();
-                lane.endpoint.connect_with(client, addr, &name.to_str())
-            }
-            .map_err(io::Error::other)?;
+            // The connection's driver is spawned on the lane's runtime (`Home`).
+            let connecting = lane
+                .endpoint
+                .connect_with(client, addr, &name.to_str())
+                .map_err(io::Error::other)?;
             connecting.await.map_err(io::Error::other)
         };
         let conn = match tokio::time::timeout(config.connect_timeout, attempt).await {
@@ -346,7 +299,7 @@ impl Links {
     /// Links held: open, being made, or closed and not yet forgotten (for tests and
     /// embedding programs; [`Links::live`] counts the open ones).
     pub fn held(&self) -> usize {
-        let held = |l: &Lane| l.conns.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let held = |l: &Lane| locked(&l.conns).len();
         self.lanes.iter().map(held).sum()
     }
 
@@ -386,9 +339,17 @@ impl Links {
     }
 }
 
+/// A lane's map of links, locked (a panic while it was held left no half-made entry: every
+/// change to it is one insert or remove).
+fn locked(
+    conns: &Mutex<HashMap<String, Cell>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Cell>> {
+    conns.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Removes the entry for `addr` when `which` says it is the one to remove.
 fn forget(conns: &Mutex<HashMap<String, Cell>>, addr: &str, which: impl Fn(&Cell) -> bool) {
-    let mut conns = conns.lock().unwrap_or_else(|e| e.into_inner());
+    let mut conns = locked(conns);
     if conns.get(addr).is_some_and(which) {
         conns.remove(addr);
     }

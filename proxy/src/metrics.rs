@@ -305,7 +305,7 @@ pub(crate) fn render_per_worker(out: &mut String, sessions: &[usize]) {
         out,
         WORKER_SESSIONS,
         "gauge",
-        "Sessions on each session worker (--threads above 1), by worker: its live tasks but for its accept loops, which is what a connection's placement compares (a terminated session counts twice for the moment its handshake hands over).",
+        "Sessions on each session worker (--threads above 1), by worker: its live tasks but for its accept loops and its links' own tasks, which is what a connection's placement compares (a terminated session counts twice for the moment its handshake hands over).",
     );
     for (i, n) in sessions.iter().enumerate() {
         sample(out, WORKER_SESSIONS, &[("worker", &i.to_string())], n);

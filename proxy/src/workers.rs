@@ -116,12 +116,11 @@ impl Workers {
         Ok(Workers { workers, stop })
     }
 
-    /// Where listener `i`'s accept loop is to run (the workers in turn), counted there as a
-    /// task that is not a session: call once per loop.
-    pub(crate) fn host_loop(&self, listener: usize) -> &Handle {
+    /// Where listener `i`'s accept loop is to run (the workers in turn), and the mark it is
+    /// to hold for its life: a task there that is not a session.
+    pub(crate) fn host_loop(&self, listener: usize) -> (&Handle, NotASession) {
         let w = &self.workers[listener % self.workers.len()];
-        w.others.fetch_add(1, Ordering::Relaxed);
-        &w.handle
+        (&w.handle, NotASession::new(&w.others))
     }
 
     /// Where a connection accepted by listener `i`'s loop is served: the worker with the
@@ -181,8 +180,9 @@ impl Workers {
     }
 }
 
-/// Held by a task on a worker that is not a session (a link's connection driver, its
-/// watch: `link`), for as long as it lives: it is not counted in the worker's load.
+/// Held by a task on a worker that is not a session (an accept loop; a link's endpoint or
+/// connection driver, its watch: `link`), for as long as it lives: it is not counted in the
+/// worker's load.
 pub(crate) struct NotASession(Arc<AtomicUsize>);
 
 impl NotASession {
@@ -246,7 +246,9 @@ mod tests {
         let (dropped_tx, dropped) = mpsc::channel();
         // Listener 0's accept loop, standing in: a task on worker 0 that is not a session.
         let (_stop_loop, loop_stop) = oneshot::channel::<()>();
-        workers.host_loop(0).spawn(async move {
+        let (on, mark) = workers.host_loop(0);
+        on.spawn(async move {
+            let _mark = mark;
             let _ = loop_stop.await;
         });
         // A session accepted by listener 0's loop: says which thread it runs on, then waits
