@@ -108,9 +108,7 @@ impl Lane {
 
     /// Live links.
     fn live(&self) -> usize {
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        locked(&self.conns)
             .values()
             .filter(|c| c.get().is_some_and(|c| c.close_reason().is_none()))
             .count()
