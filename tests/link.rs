@@ -76,29 +76,26 @@ async fn four_counting(
     devices
 }
 
+/// `series` on the `/metrics` page of the gateway whose admin endpoint is `admin`.
+fn gateway_metric(admin: &SocketAddr, series: &str) -> f64 {
+    let answer = Admin::new(*admin).get("/metrics").unwrap();
+    Metrics::parse(&answer.body).series(series)
+}
+
 #[tokio::test]
 async fn a_killed_gateways_link_sessions_move_with_their_state() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path();
     let (mut gateways, proxy) = stack(pki, &[]);
-    let mut devices = Vec::new();
-    for i in 0..4 {
-        let id = format!("device-000{i}");
-        let mut dev = tls_device(proxy.listen, device_of(pki, &id)).await;
-        dev.open(&id, "counter").await;
-        devices.push(dev);
-    }
-    for n in 1..=3 {
+    let mut devices = four_counting(pki, &proxy).await;
+    for n in 2..=3 {
         for dev in devices.iter_mut() {
             assert_eq!(count(&dev.data(b"\x01").await), n);
         }
     }
     // A link to each gateway from each session worker that has sessions there (one per
     // gateway with one thread): the gateways count them.
-    let open = |admin: &SocketAddr| {
-        let answer = Admin::new(*admin).get("/metrics").unwrap();
-        Metrics::parse(&answer.body).series("wasmbed_gateway_links_open")
-    };
+    let open = |admin: &SocketAddr| gateway_metric(admin, "wasmbed_gateway_links_open");
     let (to_killed, to_other) = (open(&gateways[0].2), open(&gateways[1].2));
     assert!(
         to_killed >= 1.0 && to_other >= 1.0,
@@ -162,10 +159,7 @@ async fn a_stopped_proxy_closes_its_links_at_once() {
     let series = |series: &str| -> f64 {
         gateways
             .iter()
-            .map(|(_, _, admin)| {
-                let answer = Admin::new(*admin).get("/metrics").unwrap();
-                Metrics::parse(&answer.body).series(series)
-            })
+            .map(|(_, _, admin)| gateway_metric(admin, series))
             .sum()
     };
     let ends = "wasmbed_gateway_link_ends_total";

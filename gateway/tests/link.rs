@@ -88,13 +88,22 @@ fn proxy_client(lp: &LinkPki, issuer: &DevCa) -> rustls::ClientConfig {
 /// A QUIC client of the link with `tls` (a certificate of the test's choice).
 async fn link_client(
     gateway: std::net::SocketAddr,
-    mut tls: rustls::ClientConfig,
+    tls: rustls::ClientConfig,
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
-    tls.alpn_protocols = vec![wasmbed_gateway::link::ALPN.to_vec()];
+    quic_client(gateway, tls, wasmbed_gateway::link::ALPN).await
+}
+
+/// A QUIC connection to `to` with `tls`, offering `alpn`.
+async fn quic_client(
+    to: std::net::SocketAddr,
+    mut tls: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    endpoint.connect(gateway, "localhost").unwrap().await
+    endpoint.connect(to, "localhost").unwrap().await
 }
 
 /// Every session to a gateway rides one link; the gateway serves them as it serves TCP
@@ -191,17 +200,8 @@ async fn each_session_worker_has_links_of_its_own() {
         assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
     }
     // A QUIC device: its session runs on the main runtime, and so does its link.
-    let mut tls = (*lp.pki.device("device-052", Some(&lp.pki.ca))).clone();
-    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(
-            quinn::ClientConfig::new(Arc::new(crypto)),
-            quic,
-            "localhost",
-        )
-        .unwrap()
+    let tls = (*lp.pki.device("device-052", Some(&lp.pki.ca))).clone();
+    let conn = quic_client(quic, tls, wasmbed_proxy::quic::ALPN)
         .await
         .unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
