@@ -12,6 +12,7 @@ use wasmbed_client::Ready;
 use wasmbed_config::{LoadtestSettings, Mode};
 use wasmbed_loadtest::{Fleet, Report};
 
+mod cpu;
 mod scenarios;
 mod soak;
 mod storm;

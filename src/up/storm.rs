@@ -2,6 +2,7 @@
 //! network blip, a zone lost) and reconnects at once by its session's rules; what the proxy
 //! makes of N simultaneous handshakes, as the devices see it.
 
+use super::cpu;
 use super::scenarios::{conclude, settle};
 use super::*;
 
@@ -111,6 +112,8 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
     let pid = stack.proxies.first().map(|p| p.pid());
     let before = Seen::read(proxy_admin);
     let cpu_before = pid.and_then(cpu_seconds);
+    let gateway_pids: Vec<u32> = stack.gateways.iter().map(|g| g.1.id()).collect();
+    let spent_before = cpu::Snapshot::take(pid, &gateway_pids);
     let (rehomed_before, dials_before, failed_before) = (
         live.rehomed.load(Relaxed),
         live.dials.load(Relaxed),
@@ -129,6 +132,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
     let returned = live.rehomed.load(Relaxed) - rehomed_before;
     let (crest, last) = live.wave(event, Duration::from_millis(100));
     let all_back = last.unwrap_or_else(|| event.elapsed());
+    let spent = cpu::Snapshot::take(pid, &gateway_pids).since(&spent_before);
     let cpu = pid
         .and_then(cpu_seconds)
         .zip(cpu_before)
@@ -174,6 +178,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
             all_back.as_secs_f64()
         ))
     );
+    say!("over the storm, {spent}");
     say!(
         "messages: sent {} answered {} lost {}; app state restarted on {} devices",
         report.messages.sent,
