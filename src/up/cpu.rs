@@ -179,3 +179,56 @@ impl Snapshot {
         line
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This thread's CPU so far, in nanoseconds.
+    fn own_cpu() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_threads_cpu_is_counted_under_its_name_between_two_readings() {
+        let (go, start) = std::sync::mpsc::channel::<()>();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let (leave, exit) = std::sync::mpsc::channel::<()>();
+        let burner = std::thread::Builder::new()
+            .name("burner".into())
+            .spawn(move || {
+                let _ = start.recv();
+                // 30 ms of this thread's own CPU, however long the host takes to give it.
+                let from = own_cpu();
+                let mut x = 0u64;
+                while own_cpu() < from + 30_000_000 {
+                    for i in 0..10_000u64 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                    }
+                }
+                let _ = done.send(());
+                let _ = exit.recv();
+            })
+            .expect("a thread");
+        let before = Snapshot::take(None, &[]);
+        go.send(()).expect("the burner waits");
+        finished.recv().expect("the burner burns");
+        let line = Snapshot::take(None, &[]).since(&before);
+        leave.send(()).expect("the burner waits to leave");
+        burner.join().expect("the burner ends");
+        let burnt: f64 = line
+            .split("burner ")
+            .nth(1)
+            .and_then(|rest| rest.split(" s").next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no burner in {line}"));
+        assert!(
+            burnt >= 0.03,
+            "the burner's 30 ms read as {burnt} s: {line}"
+        );
+        assert!(line.contains("; host busy "), "{line}");
+    }
+}

@@ -212,6 +212,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
         "refused": seen.refused,
         "gateway_downs": seen.downs,
         "proxy_cpu_s": cpu,
+        "cpu_over_storm": spent,
         "lost": report.messages.lost,
         "state_resets": report.state_resets,
     });
