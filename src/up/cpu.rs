@@ -1,16 +1,21 @@
-//! Where a scenario's CPU went: the proxy's threads one by one, the gateways, the fleet (this
-//! process) and the whole host, read from `/proc` before and after. Each figure is CPU time
-//! and, beside it, the time the threads spent runnable but waiting for a core (the
-//! scheduler's run delay, `/proc/PID/task/TID/schedstat`): on a host the whole stack shares, a
-//! storm's length is set as much by who gets a core as by what anyone spends.
+//! Where a scenario's CPU went, from `/proc`: each party's threads, their waits and switches.
+//!
+//! The parties are the first proxy (its threads by name), the gateways (their threads summed by
+//! name), the fleet (this process) and the host. Beside each CPU time is the time its threads
+//! spent runnable but waiting for a core (the scheduler's run delay,
+//! `/proc/PID/task/TID/schedstat`) and their context switches: on a host the whole stack
+//! shares, a storm lasts as long as everyone's CPU takes, whoever spends it.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-/// One thread's CPU and run delay so far, in nanoseconds.
-#[derive(Debug, Clone, Copy, Default)]
+/// A thread's (or a party's) CPU and run delay, in nanoseconds, and context switches.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 struct Times {
+    #[serde(rename = "cpu_ns")]
     cpu: u64,
+    /// Runnable, waiting for a core.
+    #[serde(rename = "waited_ns")]
     waited: u64,
     /// Context switches, voluntary (a wait) and not (preempted).
     switches: u64,
@@ -30,10 +35,22 @@ impl Times {
             switches: self.switches.saturating_sub(before.switches),
         }
     }
+
+    fn show(self) -> String {
+        format!(
+            "{:.2} s [{:.2}] {:.1}k",
+            self.cpu as f64 / 1e9,
+            self.waited as f64 / 1e9,
+            self.switches as f64 / 1e3
+        )
+    }
 }
 
-/// Each thread of `pid` now: its id, its name and its times. Empty when the process is gone.
-fn threads(pid: u32) -> BTreeMap<u32, (String, Times)> {
+/// A process's threads at one reading: by thread id, its name and its times so far.
+type Threads = BTreeMap<u32, (String, Times)>;
+
+/// Each thread of `pid` now. Empty when the process is gone.
+fn threads(pid: u32) -> Threads {
     let mut out = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return out;
@@ -50,6 +67,7 @@ fn threads(pid: u32) -> BTreeMap<u32, (String, Times)> {
         let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else {
             continue; // the thread ended between the listing and the read
         };
+        // Time on a core, time waiting for one (both ns), time slices.
         let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().ok());
         let (Some(Some(cpu)), Some(Some(waited))) = (f.next(), f.next()) else {
             continue;
@@ -71,9 +89,48 @@ fn threads(pid: u32) -> BTreeMap<u32, (String, Times)> {
     out
 }
 
-/// The host's busy and total CPU time so far, in clock ticks (`/proc/stat`'s first line), and
-/// its number of cores.
-fn host() -> Option<(u64, u64, usize)> {
+/// What a process's threads spent from `before` to `now`, by thread name (threads of one name
+/// summed). A thread that started in between counts in full; one that ended in between is not
+/// counted (its time is gone with it).
+fn spent(now: &Threads, before: &Threads) -> BTreeMap<String, Times> {
+    let mut by_name: BTreeMap<String, Times> = BTreeMap::new();
+    for (tid, (name, t)) in now {
+        let t = match before.get(tid) {
+            // The same thread (a reused id would have another name, as a rule).
+            Some((was, b)) if was == name => t.since(*b),
+            _ => *t,
+        };
+        by_name.entry(name.clone()).or_default().add(t);
+    }
+    by_name
+}
+
+/// CPU seconds (user + system) a process has used, ended threads included, from
+/// `/proc/PID/stat` (at the clock tick's precision).
+pub(super) fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (which may hold spaces) start after its ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    (hz > 0.0).then(|| ticks / hz)
+}
+
+/// The host's CPU time so far, in clock ticks (`/proc/stat`'s first line).
+#[derive(Debug, Clone, Copy)]
+struct Host {
+    /// user, nice, system, irq, softirq.
+    busy: u64,
+    /// Taken by the hypervisor for other guests.
+    steal: u64,
+    /// Everything: busy, idle, iowait, steal.
+    total: u64,
+    /// Cores online (`cpuN` lines).
+    cores: usize,
+}
+
+fn host() -> Option<Host> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cores = stat
         .lines()
@@ -87,18 +144,25 @@ fn host() -> Option<(u64, u64, usize)> {
         .split_whitespace()
         .map(|v| v.parse::<u64>().ok())
         .collect::<Option<_>>()?;
-    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
-    let total: u64 = f.iter().take(8).sum();
-    let idle = f.get(3)? + f.get(4)?;
-    Some((total.saturating_sub(idle), total, cores))
+    // user nice system idle iowait irq softirq steal (guest time is within user's).
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = *f.get(..8)? else {
+        return None;
+    };
+    let busy = user + nice + system + irq + softirq;
+    Some(Host {
+        busy,
+        steal,
+        total: busy + idle + iowait + steal,
+        cores,
+    })
 }
 
 /// A reading of every party's threads.
 pub(super) struct Snapshot {
-    proxy: BTreeMap<u32, (String, Times)>,
-    gateways: Vec<BTreeMap<u32, (String, Times)>>,
-    fleet: BTreeMap<u32, (String, Times)>,
-    host: Option<(u64, u64, usize)>,
+    proxy: Threads,
+    gateways: Vec<Threads>,
+    fleet: Threads,
+    host: Option<Host>,
 }
 
 impl Snapshot {
@@ -111,72 +175,87 @@ impl Snapshot {
         }
     }
 
-    /// What was spent from `before` to this reading, as one line: the proxy's threads (those
-    /// alive at both readings; by name, threads of one name summed), the gateways summed,
-    /// the fleet, and the host's busy share of its cores.
-    pub(super) fn since(&self, before: &Snapshot) -> String {
-        fn spent(
-            now: &BTreeMap<u32, (String, Times)>,
-            before: &BTreeMap<u32, (String, Times)>,
-        ) -> BTreeMap<String, Times> {
-            let mut by_name: BTreeMap<String, Times> = BTreeMap::new();
-            for (tid, (name, t)) in now {
-                if let Some((_, b)) = before.get(tid) {
-                    by_name.entry(name.clone()).or_default().add(t.since(*b));
-                }
-            }
-            by_name
-        }
-        fn total(by: &BTreeMap<String, Times>) -> Times {
-            let mut t = Times::default();
-            for v in by.values() {
-                t.add(*v);
-            }
-            t
-        }
-        fn show(t: Times) -> String {
-            format!(
-                "{:.2} s [{:.2}] {:.1}k",
-                t.cpu as f64 / 1e9,
-                t.waited as f64 / 1e9,
-                t.switches as f64 / 1e3
-            )
-        }
-        /// A party's total, then its threads by name (those that barely ran in the total only).
-        fn party(line: &mut String, what: &str, by: &BTreeMap<String, Times>) {
-            let _ = write!(line, "{what} {}", show(total(by)));
-            let parts: Vec<String> = by
-                .iter()
-                .filter(|(_, t)| t.cpu >= 10_000_000)
-                .map(|(name, t)| format!("{name} {}", show(*t)))
-                .collect();
-            if !parts.is_empty() {
-                let _ = write!(line, " ({})", parts.join(", "));
-            }
-        }
-        let mut line = "CPU [waiting for a core] context switches: ".to_string();
-        party(&mut line, "proxy", &spent(&self.proxy, &before.proxy));
+    /// What each party spent from `before` to this reading.
+    pub(super) fn since(&self, before: &Snapshot) -> Spent {
         let mut gateways: BTreeMap<String, Times> = BTreeMap::new();
         for (now, before) in self.gateways.iter().zip(&before.gateways) {
             for (name, t) in spent(now, before) {
                 gateways.entry(name).or_default().add(t);
             }
         }
+        let host = self.host.zip(before.host).and_then(|(now, was)| {
+            let total = now.total.saturating_sub(was.total) as f64;
+            (total > 0.0).then(|| HostShare {
+                busy: now.busy.saturating_sub(was.busy) as f64 / total,
+                steal: now.steal.saturating_sub(was.steal) as f64 / total,
+                cores: now.cores,
+            })
+        });
+        Spent {
+            proxy: spent(&self.proxy, &before.proxy),
+            gateways,
+            fleet: spent(&self.fleet, &before.fleet),
+            host,
+        }
+    }
+}
+
+/// The host's busy and stolen shares of its cores' time between two readings.
+#[derive(Debug, serde::Serialize)]
+struct HostShare {
+    busy: f64,
+    steal: f64,
+    cores: usize,
+}
+
+/// What each party spent between two readings, by thread name.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct Spent {
+    proxy: BTreeMap<String, Times>,
+    gateways: BTreeMap<String, Times>,
+    fleet: BTreeMap<String, Times>,
+    host: Option<HostShare>,
+}
+
+impl Spent {
+    /// A party's total, then its threads by name (those under 10 ms in the total only).
+    fn party(line: &mut String, what: &str, by: &BTreeMap<String, Times>) {
+        let mut all = Times::default();
+        for t in by.values() {
+            all.add(*t);
+        }
+        let _ = write!(line, "{what} {}", all.show());
+        let parts: Vec<String> = by
+            .iter()
+            .filter(|(_, t)| t.cpu >= 10_000_000)
+            .map(|(name, t)| format!("{name} {}", t.show()))
+            .collect();
+        if !parts.is_empty() {
+            let _ = write!(line, " ({})", parts.join(", "));
+        }
+    }
+}
+
+impl std::fmt::Display for Spent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = "CPU [waiting for a core] context switches: ".to_string();
+        Spent::party(&mut line, "proxy", &self.proxy);
         line.push_str("; ");
-        party(&mut line, "gateways", &gateways);
+        Spent::party(&mut line, "gateways", &self.gateways);
         line.push_str("; ");
-        party(&mut line, "fleet", &spent(&self.fleet, &before.fleet));
-        if let (Some((busy, all, cores)), Some((busy0, all0, _))) = (self.host, before.host) {
-            let (busy, all) = (busy.saturating_sub(busy0), all.saturating_sub(all0));
-            if all > 0 {
-                let _ = write!(
-                    line,
-                    "; host busy {:.0}% of {cores} cores",
-                    100.0 * busy as f64 / all as f64
-                );
+        Spent::party(&mut line, "fleet", &self.fleet);
+        if let Some(h) = &self.host {
+            let _ = write!(
+                line,
+                "; host busy {:.0}% of {} cores",
+                100.0 * h.busy,
+                h.cores
+            );
+            if h.steal >= 0.005 {
+                let _ = write!(line, " (stolen {:.0}%)", 100.0 * h.steal);
             }
         }
-        line
+        f.write_str(&line)
     }
 }
 
@@ -201,10 +280,12 @@ mod tests {
             .name("burner".into())
             .spawn(move || {
                 let _ = start.recv();
-                // 30 ms of this thread's own CPU, however long the host takes to give it.
+                // 30 ms of this thread's own CPU, however long the host takes to give it (but
+                // not forever: a `/proc` without schedstat reads 0, and the check below fails).
                 let from = own_cpu();
+                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
                 let mut x = 0u64;
-                while own_cpu() < from + 30_000_000 {
+                while own_cpu() < from + 30_000_000 && std::time::Instant::now() < give_up {
                     for i in 0..10_000u64 {
                         x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
                     }
@@ -216,7 +297,7 @@ mod tests {
         let before = Snapshot::take(None, &[]);
         go.send(()).expect("the burner waits");
         finished.recv().expect("the burner burns");
-        let line = Snapshot::take(None, &[]).since(&before);
+        let line = Snapshot::take(None, &[]).since(&before).to_string();
         leave.send(()).expect("the burner waits to leave");
         burner.join().expect("the burner ends");
         let burnt: f64 = line

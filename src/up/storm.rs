@@ -76,17 +76,6 @@ impl Seen {
     }
 }
 
-/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name (which may hold spaces) start after its ')'.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    let hz = rustix::param::clock_ticks_per_second() as f64;
-    (hz > 0.0).then(|| ticks / hz)
-}
-
 /// The fleet's failed attempts so far, by cause.
 fn failure_causes(live: &wasmbed_loadtest::Live) -> BTreeMap<String, u64> {
     live.dial_failure_causes
@@ -111,7 +100,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
     let (all_up, _) = settle(live, devices, wait).await;
     let pid = stack.proxies.first().map(|p| p.pid());
     let before = Seen::read(proxy_admin);
-    let cpu_before = pid.and_then(cpu_seconds);
+    let cpu_before = pid.and_then(cpu::cpu_seconds);
     let gateway_pids: Vec<u32> = stack.gateways.iter().map(|g| g.1.id()).collect();
     let spent_before = cpu::Snapshot::take(pid, &gateway_pids);
     let (rehomed_before, dials_before, failed_before) = (
@@ -134,7 +123,7 @@ pub(super) async fn storm_run(run: Run<'_>) -> ExitCode {
     let all_back = last.unwrap_or_else(|| event.elapsed());
     let spent = cpu::Snapshot::take(pid, &gateway_pids).since(&spent_before);
     let cpu = pid
-        .and_then(cpu_seconds)
+        .and_then(cpu::cpu_seconds)
         .zip(cpu_before)
         .map(|(a, b)| a - b);
     let seen = Seen::read(proxy_admin)

@@ -36,18 +36,30 @@ def boot(d, n=10000):
     return ms[int(.025 * n)], ms[int(.975 * n)]
 
 
+for r in rows.values():
+    if 'proxy' in r:
+        # Everyone's CPU over two cores: the storm's length on a saturated host, as bookkeeping.
+        r['all/2'] = (r['proxy'] + r['gw'] + r['fleet']) / 2
+
 for label, a, b, files in [('default gateways', 'lanes', 'noworkers', FILES[:4]),
-                           ('gateway link workers (scratch)', 'lanes-gwlw', 'noworkers', FILES[3:4]),
+                           ('gateway link runtimes (scratch), against no workers',
+                            'lanes-gwlw', 'noworkers', FILES[3:4]),
+                           ('gateway link runtimes (scratch), both builds with them',
+                            'lanes-gwlw', 'noworkers-gwlw', FILES[3:4]),
                            ('one-thread gateways', 'lanes', 'noworkers', FILES[4:])]:
     P = pairs(a, b, files)
     print(f'## {label}: {a} against {b}, {len(P)} paired rounds')
-    for k in ['back', 'p50', 'p99', 'proxy', 'gw', 'fleet']:
+    for k in ['back', 'p50', 'p99', 'proxy', 'gw', 'fleet', 'all/2']:
         A = [x[k] for x, _ in P]
         B = [y[k] for _, y in P]
         D = [x[k] - y[k] for x, y in P]
-        lo, hi = boot(D)
-        print(f'{k:6} {a}: {min(A)}-{max(A)} median {st.median(A):.2f} | {b}: {min(B)}-{max(B)} '
-              f'median {st.median(B):.2f} | difference median {st.median(D):+.2f} [{lo:+.2f}, {hi:+.2f}]')
+        if len(P) > 5:
+            lo, hi = boot(D)
+            spread = f'median {st.median(D):+.2f} [{lo:+.2f}, {hi:+.2f}], pairs {min(D):+.2f} to {max(D):+.2f}'
+        else:  # too few pairs for an interval: each pair's difference
+            spread = 'pairs ' + ', '.join(f'{d:+.2f}' for d in D)
+        print(f'{k:6} {a}: {min(A):.2f}-{max(A):.2f} median {st.median(A):.2f} | {b}: {min(B):.2f}-{max(B):.2f} '
+              f'median {st.median(B):.2f} | difference {spread}')
     if all('w0' in x for x, _ in P):
         print('w-0 minus w-1 (s):', sorted(round(x['w0'] - x['w1'], 2) for x, _ in P),
               '; w-0 share, median: %.3f' % st.median(x['w0'] / (x['w0'] + x['w1']) for x, _ in P))

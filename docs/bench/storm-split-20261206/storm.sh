@@ -2,7 +2,7 @@
 # The 9,000-device TLS-over-TCP reconnect storm over the link, builds interleaved, each run with
 # `perf stat` on the proxy process (its context switches and CPU, from its start to its end).
 # Usage, from the repository root:
-#   bash docs/bench/link-lanes-20261206/storm-lanes.sh ROUNDS tag:BIN [tag:BIN ...]
+#   bash docs/bench/storm-split-20261206/storm.sh ROUNDS tag:BIN [tag:BIN ...]
 # Another mode: KIND=NAME UP="up's mode flags" (default: KIND=tcp-link, terminate over the link).
 set -u
 KIND=${KIND:-tcp-link}
