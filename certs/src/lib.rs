@@ -8,6 +8,7 @@
 //! - [`peer_identity`]: the device identity (subject common name) of a certificate.
 
 pub mod pki;
+mod remembered;
 pub mod ring;
 pub mod signal;
 pub mod trust;
@@ -269,6 +270,10 @@ fn build_server_checking(
             let verifier = verifier
                 .build()
                 .map_err(|e| CertError::ClientCa(e.to_string()))?;
+            // One verification per chain and trust object, shared by the handshakes and the
+            // check after a resumption (`remembered`: why, and what is still checked each time).
+            let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+                Arc::new(remembered::Remembering::new(verifier));
             check = trust::ClientCheck::new(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }

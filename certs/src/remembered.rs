@@ -1,0 +1,296 @@
+//! A client-certificate verifier that remembers the chains it has passed, so that a device's
+//! chain is checked once per trust object rather than at every handshake.
+//!
+//! Why: a terminating proxy checks a device's chain at its full handshake and again at every
+//! resumption ([`crate::ClientCheck`]), and that check is a signature verification (the CA's
+//! over the device's certificate): measured at about a tenth of the proxy's CPU in a
+//! 9,000-device reconnect storm (docs/performance.md). The answer depends on nothing but the
+//! chain, the verifier's roots and CRLs, and the time: so a chain that passed is remembered
+//! with the window in which every one of its certificates is valid, and passes again without
+//! a verification while the time is inside that window. What it does not skip: the proof that
+//! the client holds the certificate's key (the handshake's signature, verified every time) and
+//! the check of the CRLs in use ([`crate::Revokes`], run per session by the proxy). A new
+//! trust object (a reload: another CA, other CRLs) starts with nothing remembered. Failures
+//! are never remembered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+/// At most this many chains are remembered (about 64 bytes each: 8 MiB at most). Past it,
+/// the expired ones are forgotten, and if that is not enough, all of them.
+const MOST: usize = 1 << 17;
+
+/// The seconds (Unix time) between which every certificate of a chain is valid.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    from: u64,
+    until: u64,
+}
+
+impl Window {
+    /// The latest `notBefore` and the earliest `notAfter` of the chain's certificates; `None`
+    /// if one cannot be read (then the chain is not remembered).
+    fn of(end: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Option<Window> {
+        let mut w = Window {
+            from: 0,
+            until: u64::MAX,
+        };
+        for cert in std::iter::once(end).chain(intermediates) {
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+            let v = parsed.validity();
+            w.from = w.from.max(u64::try_from(v.not_before.timestamp()).ok()?);
+            w.until = w.until.min(u64::try_from(v.not_after.timestamp()).ok()?);
+        }
+        Some(w)
+    }
+
+    /// As webpki reads a validity: from `notBefore` to `notAfter`, both included.
+    fn holds(&self, now: UnixTime) -> bool {
+        (self.from..=self.until).contains(&now.as_secs())
+    }
+}
+
+/// The chain's digest: SHA-256 over each certificate's length and bytes, end entity first.
+fn digest(end: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for cert in std::iter::once(end).chain(intermediates) {
+        ctx.update(&(cert.len() as u64).to_be_bytes());
+        ctx.update(cert.as_ref());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// `inner`, remembering the chains it passed (see the module's text).
+#[derive(Debug)]
+pub(crate) struct Remembering {
+    inner: Arc<dyn ClientCertVerifier>,
+    passed: Mutex<HashMap<[u8; 32], Window>>,
+}
+
+impl Remembering {
+    pub(crate) fn new(inner: Arc<dyn ClientCertVerifier>) -> Remembering {
+        Remembering {
+            inner,
+            passed: Mutex::default(),
+        }
+    }
+
+    fn passed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Window>> {
+        // The map holds no invariant a panic could break halfway.
+        self.passed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, key: [u8; 32], window: Window, now: UnixTime) {
+        let mut passed = self.passed();
+        if passed.len() >= MOST {
+            passed.retain(|_, w| w.holds(now));
+            if passed.len() >= MOST {
+                passed.clear();
+            }
+        }
+        passed.insert(key, window);
+    }
+}
+
+impl ClientCertVerifier for Remembering {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let key = digest(end_entity, intermediates);
+        let known = self.passed().get(&key).copied();
+        if known.is_some_and(|w| w.holds(now)) {
+            return Ok(ClientCertVerified::assertion());
+        }
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if let Some(window) = Window::of(end_entity, intermediates) {
+            self.remember(key, window, now);
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{DevCa, KeyKind};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, SystemTime};
+
+    /// The real verifier, counting the chains it is asked to verify.
+    #[derive(Debug)]
+    struct Counting {
+        inner: Arc<dyn ClientCertVerifier>,
+        asked: AtomicUsize,
+    }
+
+    impl ClientCertVerifier for Counting {
+        fn root_hint_subjects(&self) -> &[DistinguishedName] {
+            self.inner.root_hint_subjects()
+        }
+        fn verify_client_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            now: UnixTime,
+        ) -> Result<ClientCertVerified, rustls::Error> {
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    }
+
+    /// A remembering verifier over `ca`'s real one, and the count of real verifications.
+    fn remembering(ca: &DevCa) -> (Remembering, Arc<Counting>) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der()).expect("the CA is a root");
+        let real = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            crate::provider(),
+        )
+        .build()
+        .expect("a verifier");
+        let counting = Arc::new(Counting {
+            inner: real,
+            asked: AtomicUsize::new(0),
+        });
+        (Remembering::new(counting.clone()), counting)
+    }
+
+    fn at(t: SystemTime) -> UnixTime {
+        UnixTime::since_unix_epoch(
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970"),
+        )
+    }
+
+    #[test]
+    fn a_chain_that_passed_passes_again_without_a_verification_while_valid() {
+        let ca = DevCa::generate("ca").expect("a CA");
+        let (v, real) = remembering(&ca);
+        let now = SystemTime::now();
+        let device = ca
+            .issue_client_between(
+                "dev-1",
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(3600),
+            )
+            .expect("a device certificate")
+            .chain();
+        let other = ca
+            .issue_client("dev-2", KeyKind::EcdsaP256)
+            .expect("a device certificate")
+            .chain();
+        let asked = || real.asked.load(Ordering::Relaxed);
+        v.verify_client_cert(&device[0], &device[1..], at(now))
+            .expect("a valid chain passes");
+        assert_eq!(asked(), 1);
+        v.verify_client_cert(&device[0], &device[1..], at(now + Duration::from_secs(60)))
+            .expect("and passes again");
+        assert_eq!(asked(), 1, "a chain that passed is not verified again");
+        v.verify_client_cert(&other[0], &other[1..], at(now))
+            .expect("another chain passes");
+        assert_eq!(asked(), 2, "another chain is verified");
+        // Past the certificate's notAfter, and before its notBefore, it is verified (and
+        // fails) as the first time.
+        let late = at(now + Duration::from_secs(7200));
+        assert!(
+            v.verify_client_cert(&device[0], &device[1..], late)
+                .is_err()
+        );
+        assert_eq!(asked(), 3, "an expired chain is verified again");
+        let early = at(now - Duration::from_secs(3600));
+        assert!(
+            v.verify_client_cert(&device[0], &device[1..], early)
+                .is_err()
+        );
+        assert_eq!(asked(), 4, "a chain not yet valid is verified again");
+    }
+
+    #[test]
+    fn a_chain_that_failed_is_verified_every_time() {
+        let ca = DevCa::generate("ca").expect("a CA");
+        let stranger = DevCa::generate("another ca").expect("a CA");
+        let (v, real) = remembering(&ca);
+        let foreign = stranger
+            .issue_client("dev-1", KeyKind::EcdsaP256)
+            .expect("a device certificate")
+            .chain();
+        let now = at(SystemTime::now());
+        for round in 1..=2 {
+            assert!(
+                v.verify_client_cert(&foreign[0], &foreign[1..], now)
+                    .is_err()
+            );
+            assert_eq!(real.asked.load(Ordering::Relaxed), round);
+        }
+    }
+}
