@@ -259,6 +259,9 @@ fn build_server_checking(
             let mut verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots(c.ca)?), provider);
             if !c.crls.is_empty() {
+                // CRLs' expiry is not enforced (rustls' default): their answer does not change
+                // with the time, which `remembered` relies on (enforcing it would make a chain's
+                // window end at the CRLs' nextUpdate too).
                 verifier = verifier
                     .with_crls(c.crls)
                     .only_check_end_entity_revocation()

@@ -21,8 +21,12 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-/// At most this many chains are remembered (about 64 bytes each: 8 MiB at most). Past it,
-/// the expired ones are forgotten, and if that is not enough, all of them.
+/// At most this many chains are remembered: about 96 bytes each in the map (a 32-byte key, a
+/// 16-byte window, the table's spare room), 12 MiB at most. Past it, all are forgotten at once
+/// (a new map): a scan for expired ones at each insert would let anyone who copies one valid
+/// device certificate and appends made-up intermediates (each a new chain that passes, since
+/// webpki does not use them) stall every handshake on the lock, where a clear costs them
+/// only what a verification costs.
 const MOST: usize = 1 << 17;
 
 /// The seconds (Unix time) between which every certificate of a chain is valid.
@@ -72,6 +76,11 @@ fn digest(end: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8
 pub(crate) struct Remembering {
     inner: Arc<dyn ClientCertVerifier>,
     passed: Mutex<HashMap<[u8; 32], Window>>,
+    /// How many chains it remembers at most ([`MOST`]).
+    room: usize,
+    /// Chains given to `inner` to verify.
+    #[cfg(test)]
+    verified: std::sync::atomic::AtomicUsize,
 }
 
 impl Remembering {
@@ -79,6 +88,9 @@ impl Remembering {
         Remembering {
             inner,
             passed: Mutex::default(),
+            room: MOST,
+            #[cfg(test)]
+            verified: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -87,13 +99,10 @@ impl Remembering {
         self.passed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn remember(&self, key: [u8; 32], window: Window, now: UnixTime) {
+    fn remember(&self, key: [u8; 32], window: Window) {
         let mut passed = self.passed();
-        if passed.len() >= MOST {
-            passed.retain(|_, w| w.holds(now));
-            if passed.len() >= MOST {
-                passed.clear();
-            }
+        if passed.len() >= self.room {
+            *passed = HashMap::new();
         }
         passed.insert(key, window);
     }
@@ -123,11 +132,14 @@ impl ClientCertVerifier for Remembering {
         if known.is_some_and(|w| w.holds(now)) {
             return Ok(ClientCertVerified::assertion());
         }
+        #[cfg(test)]
+        self.verified
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         if let Some(window) = Window::of(end_entity, intermediates) {
-            self.remember(key, window, now);
+            self.remember(key, window);
         }
         Ok(verified)
     }
@@ -163,53 +175,11 @@ impl ClientCertVerifier for Remembering {
 mod tests {
     use super::*;
     use crate::pki::{DevCa, KeyKind};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::{Duration, SystemTime};
 
-    /// The real verifier, counting the chains it is asked to verify.
-    #[derive(Debug)]
-    struct Counting {
-        inner: Arc<dyn ClientCertVerifier>,
-        asked: AtomicUsize,
-    }
-
-    impl ClientCertVerifier for Counting {
-        fn root_hint_subjects(&self) -> &[DistinguishedName] {
-            self.inner.root_hint_subjects()
-        }
-        fn verify_client_cert(
-            &self,
-            end_entity: &CertificateDer<'_>,
-            intermediates: &[CertificateDer<'_>],
-            now: UnixTime,
-        ) -> Result<ClientCertVerified, rustls::Error> {
-            self.asked.fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .verify_client_cert(end_entity, intermediates, now)
-        }
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.inner.verify_tls12_signature(message, cert, dss)
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.inner.verify_tls13_signature(message, cert, dss)
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.inner.supported_verify_schemes()
-        }
-    }
-
-    /// A remembering verifier over `ca`'s real one, and the count of real verifications.
-    fn remembering(ca: &DevCa) -> (Remembering, Arc<Counting>) {
+    /// A remembering verifier over `ca`'s real one.
+    fn remembering(ca: &DevCa) -> Remembering {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.cert_der()).expect("the CA is a root");
         let real = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -218,11 +188,7 @@ mod tests {
         )
         .build()
         .expect("a verifier");
-        let counting = Arc::new(Counting {
-            inner: real,
-            asked: AtomicUsize::new(0),
-        });
-        (Remembering::new(counting.clone()), counting)
+        Remembering::new(real)
     }
 
     fn at(t: SystemTime) -> UnixTime {
@@ -235,8 +201,13 @@ mod tests {
     #[test]
     fn a_chain_that_passed_passes_again_without_a_verification_while_valid() {
         let ca = DevCa::generate("ca").expect("a CA");
-        let (v, real) = remembering(&ca);
-        let now = SystemTime::now();
+        let v = remembering(&ca);
+        // Whole seconds, as certificates carry them.
+        let secs = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
         let device = ca
             .issue_client_between(
                 "dev-1",
@@ -249,7 +220,7 @@ mod tests {
             .issue_client("dev-2", KeyKind::EcdsaP256)
             .expect("a device certificate")
             .chain();
-        let asked = || real.asked.load(Ordering::Relaxed);
+        let asked = || v.verified.load(Ordering::Relaxed);
         v.verify_client_cert(&device[0], &device[1..], at(now))
             .expect("a valid chain passes");
         assert_eq!(asked(), 1);
@@ -259,9 +230,13 @@ mod tests {
         v.verify_client_cert(&other[0], &other[1..], at(now))
             .expect("another chain passes");
         assert_eq!(asked(), 2, "another chain is verified");
-        // Past the certificate's notAfter, and before its notBefore, it is verified (and
-        // fails) as the first time.
-        let late = at(now + Duration::from_secs(7200));
+        // At its notAfter it still passes (webpki's bounds are inclusive); a second later, and
+        // before its notBefore, it is verified (and fails) as the first time.
+        let last = at(now + Duration::from_secs(3600));
+        v.verify_client_cert(&device[0], &device[1..], last)
+            .expect("valid through its notAfter");
+        assert_eq!(asked(), 2, "not verified again at its notAfter");
+        let late = at(now + Duration::from_secs(3601));
         assert!(
             v.verify_client_cert(&device[0], &device[1..], late)
                 .is_err()
@@ -276,10 +251,60 @@ mod tests {
     }
 
     #[test]
+    fn the_same_certificate_with_other_intermediates_is_another_chain() {
+        let ca = DevCa::generate("ca").expect("a CA");
+        let v = remembering(&ca);
+        let device = ca
+            .issue_client("dev-1", KeyKind::EcdsaP256)
+            .expect("a device certificate")
+            .chain();
+        let now = at(SystemTime::now());
+        v.verify_client_cert(&device[0], &[], now)
+            .expect("a valid chain passes");
+        // An extra certificate the path does not need: the chain still passes, but it is not
+        // the one remembered.
+        v.verify_client_cert(&device[0], &[ca.cert_der()], now)
+            .expect("with an unused intermediate too");
+        assert_eq!(v.verified.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn past_its_room_it_forgets_everything_at_once() {
+        let ca = DevCa::generate("ca").expect("a CA");
+        let mut v = remembering(&ca);
+        v.room = 2;
+        let now = at(SystemTime::now());
+        let chains: Vec<_> = (0..3)
+            .map(|i| {
+                ca.issue_client(&format!("dev-{i}"), KeyKind::EcdsaP256)
+                    .expect("a device certificate")
+                    .chain()
+            })
+            .collect();
+        for c in &chains {
+            v.verify_client_cert(&c[0], &c[1..], now).expect("passes");
+        }
+        assert_eq!(v.verified.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            v.passed().len(),
+            1,
+            "the third found the map full and cleared it"
+        );
+        for c in &chains[..2] {
+            v.verify_client_cert(&c[0], &c[1..], now).expect("passes");
+        }
+        assert_eq!(
+            v.verified.load(Ordering::Relaxed),
+            5,
+            "the first two were forgotten"
+        );
+    }
+
+    #[test]
     fn a_chain_that_failed_is_verified_every_time() {
         let ca = DevCa::generate("ca").expect("a CA");
         let stranger = DevCa::generate("another ca").expect("a CA");
-        let (v, real) = remembering(&ca);
+        let v = remembering(&ca);
         let foreign = stranger
             .issue_client("dev-1", KeyKind::EcdsaP256)
             .expect("a device certificate")
@@ -290,7 +315,7 @@ mod tests {
                 v.verify_client_cert(&foreign[0], &foreign[1..], now)
                     .is_err()
             );
-            assert_eq!(real.asked.load(Ordering::Relaxed), round);
+            assert_eq!(v.verified.load(Ordering::Relaxed), round);
         }
     }
 }
