@@ -7,7 +7,6 @@
 //! shares, a storm lasts as long as everyone's CPU takes, whoever spends it.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 /// A thread's (or a party's) CPU and run delay, in nanoseconds, and context switches.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -219,43 +218,43 @@ pub(super) struct Spent {
 
 impl Spent {
     /// A party's total, then its threads by name (those under 10 ms in the total only).
-    fn party(line: &mut String, what: &str, by: &BTreeMap<String, Times>) {
+    fn party(
+        f: &mut std::fmt::Formatter<'_>,
+        what: &str,
+        by: &BTreeMap<String, Times>,
+    ) -> std::fmt::Result {
         let mut all = Times::default();
         for t in by.values() {
             all.add(*t);
         }
-        let _ = write!(line, "{what} {}", all.show());
+        write!(f, "{what} {}", all.show())?;
         let parts: Vec<String> = by
             .iter()
             .filter(|(_, t)| t.cpu >= 10_000_000)
             .map(|(name, t)| format!("{name} {}", t.show()))
             .collect();
-        if !parts.is_empty() {
-            let _ = write!(line, " ({})", parts.join(", "));
+        if parts.is_empty() {
+            return Ok(());
         }
+        write!(f, " ({})", parts.join(", "))
     }
 }
 
 impl std::fmt::Display for Spent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut line = "CPU [waiting for a core] context switches: ".to_string();
-        Spent::party(&mut line, "proxy", &self.proxy);
-        line.push_str("; ");
-        Spent::party(&mut line, "gateways", &self.gateways);
-        line.push_str("; ");
-        Spent::party(&mut line, "fleet", &self.fleet);
+        f.write_str("CPU [waiting for a core] context switches: ")?;
+        Spent::party(f, "proxy", &self.proxy)?;
+        f.write_str("; ")?;
+        Spent::party(f, "gateways", &self.gateways)?;
+        f.write_str("; ")?;
+        Spent::party(f, "fleet", &self.fleet)?;
         if let Some(h) = &self.host {
-            let _ = write!(
-                line,
-                "; host busy {:.0}% of {} cores",
-                100.0 * h.busy,
-                h.cores
-            );
+            write!(f, "; host busy {:.0}% of {} cores", 100.0 * h.busy, h.cores)?;
             if h.steal >= 0.005 {
-                let _ = write!(line, " (stolen {:.0}%)", 100.0 * h.steal);
+                write!(f, " (stolen {:.0}%)", 100.0 * h.steal)?;
             }
         }
-        f.write_str(&line)
+        Ok(())
     }
 }
 
