@@ -149,6 +149,12 @@ pub struct UpArgs {
     /// `--proxy-arg=--no-liveness-watch` to measure what the liveness watch saves.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     proxy_arg: Vec<String>,
+    /// An extra argument for every gateway process (repeatable), those started later by a
+    /// scenario included, e.g. `--gateway-arg=--threads=1`: each gateway otherwise runs a
+    /// runtime thread per core, as it would alone on its host, and on a small host the
+    /// gateways' threads then outnumber the cores they share with the proxy and the fleet.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    gateway_arg: Vec<String>,
     /// Open the live dashboard (the proxy's admin address) in a browser, where one exists
     /// (xdg-open, or a chromium/firefox on the PATH).
     #[arg(long)]
@@ -345,14 +351,45 @@ impl StopSignals {
     }
 }
 
+/// How `up` runs every gateway it starts, at the start or later in a scenario (an added
+/// gateway, a replacement): the same flags for all.
+#[derive(Clone)]
+struct GatewayRun {
+    /// The proxy's mode, `--plain-link`, and whether the proxy reaches it over the link.
+    link_mode: (Mode, bool, bool),
+    /// `--no-tls-tickets`.
+    tls_tickets_off: bool,
+    /// Its `--max-sessions` ([`gateway_capacity`]).
+    max_sessions: usize,
+    /// `--gateway-arg`s.
+    extra: Vec<String>,
+}
+
+impl GatewayRun {
+    fn new(args: &UpArgs, max_sessions: usize) -> GatewayRun {
+        GatewayRun {
+            link_mode: link_mode(args),
+            tls_tickets_off: args.no_tls_tickets,
+            max_sessions,
+            extra: args.gateway_arg.clone(),
+        }
+    }
+
+    /// The same run with room for `max_sessions` (a gateway added to more of them).
+    fn with_room(&self, max_sessions: usize) -> GatewayRun {
+        GatewayRun {
+            max_sessions,
+            ..self.clone()
+        }
+    }
+}
+
 /// Starts gateway `gw-i` (certificates `gateway-i.*` of `dir`); returns its name, process,
 /// session address and admin address.
 fn spawn_gateway(
-    link_mode: (Mode, bool, bool),
+    run: &GatewayRun,
     dir: &Path,
     i: usize,
-    tls_tickets_off: bool,
-    max_sessions: usize,
 ) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
     let at = GatewayAt {
         name: format!("gw-{i}"),
@@ -360,7 +397,7 @@ fn spawn_gateway(
         listen: "127.0.0.1:0".into(),
         admin: "127.0.0.1:0".into(),
     };
-    spawn_gateway_at(link_mode, dir, at, tls_tickets_off, max_sessions)
+    spawn_gateway_at(run, dir, at)
 }
 
 /// Where a gateway runs: its name, its certificate (`gateway-N.pem`), its addresses.
@@ -372,7 +409,23 @@ struct GatewayAt {
 }
 
 fn spawn_gateway_at(
-    (mode, plain_link, link): (Mode, bool, bool),
+    run: &GatewayRun,
+    dir: &Path,
+    at: GatewayAt,
+) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let name = at.name.clone();
+    let mut cmd = gateway_command(&exe, run, dir, at);
+    let (child, line) = spawn_ready(&mut cmd)?;
+    let listen = field(&line, "listen=")?;
+    let admin = field(&line, "admin=")?;
+    Ok((name, child, listen, admin))
+}
+
+/// The command line of a gateway `run` as `at` says.
+fn gateway_command(
+    exe: &Path,
+    run: &GatewayRun,
     dir: &Path,
     GatewayAt {
         name,
@@ -380,12 +433,10 @@ fn spawn_gateway_at(
         listen,
         admin,
     }: GatewayAt,
-    tls_tickets_off: bool,
-    max_sessions: usize,
-) -> Result<(String, Child, SocketAddr, SocketAddr), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+) -> Command {
+    let (mode, plain_link, link) = run.link_mode;
     let d = |f: &str| dir.join(f).display().to_string();
-    let mut cmd = Command::new(&exe);
+    let mut cmd = Command::new(exe);
     cmd.args(["gateway", "--name", &name, "--listen", &listen])
         .args([
             "--admin",
@@ -397,8 +448,8 @@ fn spawn_gateway_at(
         ])
         // One key ring for the fleet: a session sealed by one gateway resumes on any other.
         .args(["--session-keys", &d("session-keys.toml")])
-        .args(["--max-sessions", &max_sessions.to_string()]);
-    if tls_tickets_off {
+        .args(["--max-sessions", &run.max_sessions.to_string()]);
+    if run.tls_tickets_off {
         cmd.arg("--no-tls-tickets");
     }
     if mode == Mode::Terminate && plain_link {
@@ -416,10 +467,8 @@ fn spawn_gateway_at(
             cmd.arg("--link");
         }
     }
-    let (child, line) = spawn_ready(&mut cmd)?;
-    let listen = field(&line, "listen=")?;
-    let admin = field(&line, "admin=")?;
-    Ok((name, child, listen, admin))
+    cmd.args(&run.extra);
+    cmd
 }
 
 /// What a gateway needs to know of the proxy's link: mode, plaintext link, QUIC link.
@@ -470,10 +519,12 @@ fn start(
         discovered: None,
     };
     let mut gw_flags = Vec::new();
-    let max_sessions = gateway_capacity(devices, gateways + usize::from(dns.is_some()));
+    let run = GatewayRun::new(
+        args,
+        gateway_capacity(devices, gateways + usize::from(dns.is_some())),
+    );
     for i in 0..gateways {
-        let (name, child, listen, admin) =
-            spawn_gateway(link_mode(args), dir, i, args.no_tls_tickets, max_sessions)?;
+        let (name, child, listen, admin) = spawn_gateway(&run, dir, i)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
         stack.gateways.push((name, child, admin));
     }
@@ -485,8 +536,7 @@ fn start(
             listen: format!("{DISCOVERED_FIRST_IP}:0"),
             admin: format!("{DISCOVERED_FIRST_IP}:0"),
         };
-        let (_, child, listen, admin) =
-            spawn_gateway_at(link_mode(args), dir, at, args.no_tls_tickets, max_sessions)?;
+        let (_, child, listen, admin) = spawn_gateway_at(&run, dir, at)?;
         discovery = vec![
             "--gateway-dns".to_string(),
             format!(
@@ -854,9 +904,8 @@ pub fn run(args: UpArgs) -> ExitCode {
     let discovered = stack.discovered.take();
     let stack_ref = &stack;
     let scale = ScaleUp {
-        mode: args.mode,
-        plain_link: args.plain_link,
-        link: args.upstream == wasmbed_config::proxy::UpstreamMode::Link,
+        // Its `--max-sessions` is set when it starts, from the gateways there are then.
+        gateway: GatewayRun::new(&args, 0),
         dir: dir.clone(),
         proxy_admin: admin,
         second: LoadtestSettings {
@@ -869,9 +918,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         duration: args.duration.unwrap_or(Duration::from_secs(3600)),
         period: args.period,
         dir: dir.clone(),
-        link_mode: link_mode(&args),
-        tls_tickets_off: args.no_tls_tickets,
-        max_sessions: gateway_capacity(all_devices, certificates),
+        gateway: GatewayRun::new(&args, gateway_capacity(all_devices, certificates)),
         dns: dns
             .zip(discovered)
             .map(|(server, gw)| soak::DnsGateway { server, gw }),
@@ -988,4 +1035,53 @@ fn open_browser(url: &str) {
         "wasmbed up: --open: no browser found ({}); open {url} yourself",
         candidates.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    /// Every gateway `up` starts runs the same flags: the added one of `scale-up` (which once
+    /// dropped `--no-tls-tickets`) as the first ones, `--gateway-arg`s last, in order.
+    #[test]
+    fn every_gateway_runs_the_flags_given_for_gateways() {
+        let cli = Cli::try_parse_from([
+            "up",
+            "--no-tls-tickets",
+            "--gateway-arg=--threads=1",
+            "--gateway-arg",
+            "--log-format=json",
+        ])
+        .expect("the flags parse");
+        let first = GatewayRun::new(&cli.up, 10_000);
+        let added = first.with_room(20_000);
+        let line = |run: &GatewayRun| {
+            let at = GatewayAt {
+                name: "gw-0".into(),
+                certificate: 0,
+                listen: "127.0.0.1:0".into(),
+                admin: "127.0.0.1:0".into(),
+            };
+            let cmd = gateway_command(Path::new("wasmbed"), run, Path::new("/pki"), at);
+            cmd.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        for (run, room) in [(&first, "10000"), (&added, "20000")] {
+            let args = line(run);
+            assert!(args.contains(&"--no-tls-tickets".to_string()), "{args:?}");
+            assert!(
+                args.windows(2).any(|w| w == ["--max-sessions", room]),
+                "{args:?}"
+            );
+            assert_eq!(args[args.len() - 2..], ["--threads=1", "--log-format=json"]);
+        }
+    }
 }

@@ -503,9 +503,8 @@ async fn moving_run(scenario: Scenario, run: Run<'_>) -> ExitCode {
 
 /// What the scale-up scenario needs besides the stack.
 pub(super) struct ScaleUp {
-    pub(super) mode: Mode,
-    pub(super) plain_link: bool,
-    pub(super) link: bool,
+    /// How the added gateway runs.
+    pub(super) gateway: super::GatewayRun,
     pub(super) dir: PathBuf,
     pub(super) proxy_admin: SocketAddr,
     /// The second fleet, started once the new gateway is in.
@@ -538,13 +537,12 @@ pub(super) async fn scale_up(scale: ScaleUp, run: Run<'_>) -> ExitCode {
     let (all_up, before) = settle(live, devices, wait).await;
     let moves_before = Moves::read(proxy_admin);
     let index = stack.gateways.len();
-    let (name, child, listen, gw_admin) = match spawn_gateway(
-        (scale.mode, scale.plain_link, scale.link),
-        &scale.dir,
-        index,
-        false,
-        super::gateway_capacity(devices, index + 1),
-    ) {
+    // As the others run (`--no-tls-tickets` and `--gateway-arg` included), with room for the
+    // fleet over the gateways there will be.
+    let run = scale
+        .gateway
+        .with_room(super::gateway_capacity(devices, index + 1));
+    let (name, child, listen, gw_admin) = match spawn_gateway(&run, &scale.dir, index) {
         Ok(g) => g,
         Err(e) => {
             esay!("wasmbed up: {e}");

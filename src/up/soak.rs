@@ -23,9 +23,8 @@ pub(super) struct Soak {
     /// `--period`, if given.
     pub(super) period: Option<Duration>,
     pub(super) dir: PathBuf,
-    pub(super) link_mode: (Mode, bool, bool),
-    pub(super) tls_tickets_off: bool,
-    pub(super) max_sessions: usize,
+    /// How the replacements run.
+    pub(super) gateway: GatewayRun,
     /// The gateway the proxy finds in DNS, moved to a new address every period.
     pub(super) dns: Option<DnsGateway>,
 }
@@ -61,13 +60,7 @@ async fn dns_move(soak: &Soak, admin: SocketAddr, d: &mut DnsGateway) -> bool {
         listen: format!("{ip}:{}", d.gw.port),
         admin: format!("{ip}:{}", d.gw.health_port),
     };
-    let child = match spawn_gateway_at(
-        soak.link_mode,
-        &soak.dir,
-        at,
-        soak.tls_tickets_off,
-        soak.max_sessions,
-    ) {
+    let child = match spawn_gateway_at(&soak.gateway, &soak.dir, at) {
         Ok((_, child, _, _)) => child,
         Err(e) => {
             esay!("wasmbed up: soak: cannot start the discovered gateway on {ip}: {e}");
@@ -244,13 +237,7 @@ async fn replace(soak: &Soak, admin: SocketAddr, g: &mut Gw) -> bool {
         healthy(admin, &g.name) == Some(false)
     })
     .await;
-    let (name, child, listen, gw_admin) = match spawn_gateway(
-        soak.link_mode,
-        &soak.dir,
-        g.index,
-        soak.tls_tickets_off,
-        soak.max_sessions,
-    ) {
+    let (name, child, listen, gw_admin) = match spawn_gateway(&soak.gateway, &soak.dir, g.index) {
         Ok(x) => x,
         Err(e) => {
             esay!("wasmbed up: soak: cannot start {}: {e}", g.name);

@@ -2,7 +2,9 @@
 # The 9,000-device TLS-over-TCP reconnect storm over the link, builds interleaved, each run with
 # `perf stat` on the proxy process (its context switches and CPU, from its start to its end).
 # Usage, from the repository root:
-#   bash docs/bench/storm-split-20261206/storm.sh ROUNDS tag:BIN [tag:BIN ...]
+#   bash docs/bench/storm-split-20261206/storm.sh ROUNDS tag:BIN[:FLAGS] [tag:BIN[:FLAGS] ...]
+# FLAGS (optional, added 2026-12-06 later): more of up's flags for that build's runs, e.g.
+# `lanes-gw1:/tmp/b:--gateway-arg=--threads=1` (split at spaces).
 # Another mode: KIND=NAME UP="up's mode flags" (default: KIND=tcp-link, terminate over the link).
 set -u
 KIND=${KIND:-tcp-link}
@@ -15,10 +17,12 @@ if pgrep -f " proxy " >/dev/null; then
 fi
 for i in $(seq 1 "$ROUNDS"); do
   for pair in "$@"; do
-    tag=${pair%%:*}; B=${pair#*:}
+    tag=${pair%%:*}; rest=${pair#*:}
+    B=${rest%%:*}; FLAGS=""
+    [ "$rest" != "$B" ] && FLAGS=${rest#*:}
     out=$D/storm9k-$KIND-$tag-$i.txt
     # shellcheck disable=SC2086
-    timeout 900 "$B" up $UP --gateways 5 --devices 9000 \
+    timeout 900 "$B" up $UP $FLAGS --gateways 5 --devices 9000 \
       --rate 1 --ramp 1000 --scenario storm --listen 127.0.0.1:0 --admin 127.0.0.1:0 > "$out" 2>&1 &
     up=$!
     pid=""
