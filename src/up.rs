@@ -153,6 +153,9 @@ pub struct UpArgs {
     /// scenario included, e.g. `--gateway-arg=--threads=1`: each gateway otherwise runs a
     /// runtime thread per core, as it would alone on its host, and on a small host the
     /// gateways' threads then outnumber the cores they share with the proxy and the fleet.
+    /// A flag and its value given apart take one `--gateway-arg` each. Not a flag `up` sets
+    /// itself (`--max-sessions`, `--idle-timeout`, the TLS files...): the gateway refuses it
+    /// twice and does not start.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     gateway_arg: Vec<String>,
     /// Open the live dashboard (the proxy's admin address) in a browser, where one exists
@@ -193,6 +196,8 @@ struct Stack {
     proxy_listen: Option<SocketAddr>,
     /// The gateway the proxy finds in DNS (the soak's), when there is one.
     discovered: Option<Discovered>,
+    /// How its gateways run: one started later (added, or a replacement) runs the same.
+    gateway_run: GatewayRun,
 }
 
 /// A gateway the proxy discovers in DNS (`--gateway-dns`), as a headless Service's pod: on a
@@ -361,7 +366,7 @@ struct GatewayRun {
     tls_tickets_off: bool,
     /// Its `--max-sessions` ([`gateway_capacity`]).
     max_sessions: usize,
-    /// `--gateway-arg`s.
+    /// `--gateway-arg`s, after the flags `up` sets (which they cannot repeat).
     extra: Vec<String>,
 }
 
@@ -511,18 +516,19 @@ fn start(
     ] {
         std::fs::write(apps.join(format!("{name}.wat")), text).map_err(|e| e.to_string())?;
     }
+    let run = GatewayRun::new(
+        args,
+        gateway_capacity(devices, gateways + usize::from(dns.is_some())),
+    );
     let mut stack = Stack {
         gateways: Vec::new(),
         proxies: Vec::new(),
         proxy_args: Vec::new(),
         proxy_listen: None,
         discovered: None,
+        gateway_run: run.clone(),
     };
     let mut gw_flags = Vec::new();
-    let run = GatewayRun::new(
-        args,
-        gateway_capacity(devices, gateways + usize::from(dns.is_some())),
-    );
     for i in 0..gateways {
         let (name, child, listen, admin) = spawn_gateway(&run, dir, i)?;
         gw_flags.push(format!("{name}={listen};health={admin}"));
@@ -904,8 +910,7 @@ pub fn run(args: UpArgs) -> ExitCode {
     let discovered = stack.discovered.take();
     let stack_ref = &stack;
     let scale = ScaleUp {
-        // Its `--max-sessions` is set when it starts, from the gateways there are then.
-        gateway: GatewayRun::new(&args, 0),
+        gateway: stack.gateway_run.clone(),
         dir: dir.clone(),
         proxy_admin: admin,
         second: LoadtestSettings {
@@ -918,7 +923,9 @@ pub fn run(args: UpArgs) -> ExitCode {
         duration: args.duration.unwrap_or(Duration::from_secs(3600)),
         period: args.period,
         dir: dir.clone(),
-        gateway: GatewayRun::new(&args, gateway_capacity(all_devices, certificates)),
+        gateway: stack
+            .gateway_run
+            .with_room(gateway_capacity(all_devices, certificates)),
         dns: dns
             .zip(discovered)
             .map(|(server, gw)| soak::DnsGateway { server, gw }),
@@ -1038,50 +1045,4 @@ fn open_browser(url: &str) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        up: UpArgs,
-    }
-
-    /// Every gateway `up` starts runs the same flags: the added one of `scale-up` (which once
-    /// dropped `--no-tls-tickets`) as the first ones, `--gateway-arg`s last, in order.
-    #[test]
-    fn every_gateway_runs_the_flags_given_for_gateways() {
-        let cli = Cli::try_parse_from([
-            "up",
-            "--no-tls-tickets",
-            "--gateway-arg=--threads=1",
-            "--gateway-arg",
-            "--log-format=json",
-        ])
-        .expect("the flags parse");
-        let first = GatewayRun::new(&cli.up, 10_000);
-        let added = first.with_room(20_000);
-        let line = |run: &GatewayRun| {
-            let at = GatewayAt {
-                name: "gw-0".into(),
-                certificate: 0,
-                listen: "127.0.0.1:0".into(),
-                admin: "127.0.0.1:0".into(),
-            };
-            let cmd = gateway_command(Path::new("wasmbed"), run, Path::new("/pki"), at);
-            cmd.get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-        };
-        for (run, room) in [(&first, "10000"), (&added, "20000")] {
-            let args = line(run);
-            assert!(args.contains(&"--no-tls-tickets".to_string()), "{args:?}");
-            assert!(
-                args.windows(2).any(|w| w == ["--max-sessions", room]),
-                "{args:?}"
-            );
-            assert_eq!(args[args.len() - 2..], ["--threads=1", "--log-format=json"]);
-        }
-    }
-}
+mod tests;
