@@ -20,13 +20,14 @@ Noise: before every run core 1 must be idle (<5 % busy over 0.5 s, waited for up
 run during which core 1's busy time exceeds the proxy's own CPU time by more than NOISE (20 %
 of the run) is repeated once, then marked `*` and left out of the figures if two quiet runs
 remain. A run during which core 1's busy time reads below the proxy's own CPU time (by more
-than NOISE of the latter) is marked `†`: with the proxy pinned to core 1 that cannot be, so
-the host's accounting disagrees with itself (seen on a VM in bulk runs, where the proxy's time
-is mostly the kernel's; its user/system split then disagreed with perf's samples too), and
-that scenario's core-1 and user-mode verdicts read "accounting disagrees" instead of a verdict,
-and stay out of the family line. (A core's busy time and a process's user/system split are
-tick samples; a process's total is the scheduler's own count of its run time, which Linux
-scales the samples to: the proxy CPU column stays right where the samples go wrong.)
+than NOISE of the latter, and by more than 5 clock ticks) is marked `†`: with the proxy pinned
+to core 1 that cannot be, so the host's accounting disagrees with itself (seen on a VM in bulk
+runs, where the proxy's time is mostly the kernel's; one build's user/system split then
+disagreed with perf's samples too), and that scenario's core-1 and user-mode verdicts read
+"accounting disagrees" instead of a verdict; in the family line its proxy CPU stands for them.
+(A core's busy time and a process's user/system split are tick samples; a process's total is
+the scheduler's own count of its run time, which Linux scales the samples to: the proxy CPU
+column stays right where the samples go wrong, and agreed with perf's count where checked.)
 
 Every ratio (wasmbed against the better peer, and with --compare wasmbed against wasmbed-b)
 comes with a 95% interval over the rounds: each round's ratio of the two proxies' costs (runs
@@ -592,7 +593,7 @@ def measure(running, scenario, seconds, rates):
     return dict(rate=units / elapsed, unit=unit, cost=(b1 - b0) * per, user=(u1 - u0) * per, own=(p1 - p0) * per,
                 own_user=(pu1 - pu0) * per, p99=p99, note=note.strip(),
                 noisy=(busy_s - own_s) > NOISE * elapsed and busy_s > own_s * 1.5,
-                disagrees=busy_s < own_s * (1 - NOISE))
+                disagrees=busy_s < own_s * (1 - NOISE) and (own_s - busy_s) * hz > 5)
 
 
 def parse_rates(text):
@@ -793,10 +794,16 @@ def family_line(rows, scenarios, a, b):
     contain the truth only 46% of the time (0.95^15). Holm's step-down keeps the chance of any
     false "apart" at 5%."""
     tests = []
+    swapped = []
     for sc in scenarios:
-        if (sc, a) not in rows or (sc, b) not in rows or disagrees(rows[(sc, a)] + rows[(sc, b)]):
+        if (sc, a) not in rows or (sc, b) not in rows:
             continue
-        for key, what in (("cost", "core-1 cost"), ("own_user", "user mode")):
+        keys = (("cost", "core-1 cost"), ("own_user", "user mode"))
+        if disagrees(rows[(sc, a)] + rows[(sc, b)]):
+            # The samples are not to be read (†): the scheduler's total stands for them.
+            keys = (("own", "proxy CPU"),)
+            swapped.append(sc)
+        for key, what in keys:
             p = ratio_p_value(rows[(sc, a)], rows[(sc, b)], key)
             if p is not None:
                 tests.append((f"{sc} {what}", p))
@@ -804,7 +811,8 @@ def family_line(rows, scenarios, a, b):
         return []
     judged = holm([p for _, p in tests])
     apart = [f"{name} (adjusted p {q:.3f})" for (name, _), (q, out) in zip(tests, judged) if out]
-    head = f"{a} / {b}, all {len(tests)} intervals as one family (Holm's step-down, family-wise 95%): "
+    head = (f"{a} / {b}, all {len(tests)} intervals as one family (Holm's step-down, family-wise 95%"
+            + (f"; proxy CPU for {', '.join(swapped)}, whose accounting disagreed†" if swapped else "") + "): ")
     return ["", head + ("**level on every one**" if not apart else "apart on " + ", ".join(apart)) +
             f"; unadjusted, {sum(p < 0.05 for _, p in tests)} of {len(tests)} read apart at 95% each."]
 
@@ -894,7 +902,7 @@ def render(rows, scenarios, proxies, a, rates):
                 cost_v = user_v = "accounting disagrees†"
             lines.append(f"| {sc} | {p} / {other} | {cost_ci} | {cost_v} | {own_ci} | {own_v} | {user_ci} | {user_v} |")
     if any(disagrees(runs) for runs in rows.values()):
-        lines += ["", "† In that run core 1 was busy for less time than the proxy's own CPU time, which cannot be "
+        lines += ["", "† In a run marked † core 1 was busy for less time than the proxy's own CPU time, which cannot be "
                   "with the proxy pinned to core 1: this host's accounting disagrees with itself there, so "
                   "neither the core-1 cost nor the user/system split of a scenario with such a run is read "
                   "(its proxy CPU, user and system together, still is); measure its user mode by sampling "

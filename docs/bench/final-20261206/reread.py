@@ -1,6 +1,6 @@
 """Re-renders a peer_bench JSON with the current render: `python3 docs/bench/final-20261206/reread.py FILE.json`
 (from the repository root; writes FILE-reread.md). Runs saved before `disagrees` existed get it
-derived from their figures, as measure() now does."""
+derived from their figures, as measure() now does (USER_HZ 100 assumed)."""
 import json, sys, types
 sys.path.insert(0, 'bench')
 f = sys.argv[1]
@@ -10,7 +10,9 @@ d = json.load(open(f))
 rows = {}
 for r in d['runs']:
     r = dict(r); sc = r.pop('scenario'); p = r.pop('proxy')
-    r['disagrees'] = r['own'] is not None and r['cost'] < r['own'] * (1 - pb.NOISE)
+    # As measure() judges it, its tick gap from the per-unit figures and the run's work.
+    ticks = 0 if r['own'] is None else (r['own'] - r['cost']) * d['rates'][sc] * d['args']['seconds'] * 100 / 1e6
+    r['disagrees'] = r['own'] is not None and r['cost'] < r['own'] * (1 - pb.NOISE) and ticks > 5
     rows.setdefault((sc, p), []).append(r)
 scen = list(dict.fromkeys(sc for sc, _ in rows))
 proxies = list(dict.fromkeys(p for _, p in rows))
