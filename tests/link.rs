@@ -230,10 +230,13 @@ async fn a_killed_gateway_is_found_by_its_liveness_watch_not_its_probes() {
     for dev in devices.iter_mut() {
         assert_eq!(count(&dev.data(b"\x01").await), 2);
     }
-    assert_eq!(
-        proxy.metric("wasmbed_proxy_gateway_gone_detection_seconds_count"),
-        1.0
-    );
+    // Recorded once the sessions are cut, which is what moved them: waited for (bounded).
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(5),
+        "the gone detection counted",
+        || proxy.metric("wasmbed_proxy_gateway_gone_detection_seconds_count") == 1.0,
+    )
+    .await;
     assert_eq!(
         proxy.metric("wasmbed_proxy_health_probe_failures_total{gateway=\"gw-0\"}"),
         0.0,

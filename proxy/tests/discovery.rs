@@ -138,7 +138,8 @@ async fn gateways_follow_the_dns_answer_up_and_down() {
         let series = format!(
             "wasmbed_proxy_discovery_changes_total{{change=\"{change}\",source=\"{source}\"}}"
         );
-        assert_eq!(proxy.metric(&series).await, n, "{series}");
+        // Counted just after the set changes, on the probes' thread: waited for.
+        proxy.until_metric(&series, n).await;
     }
 }
 

@@ -75,8 +75,9 @@ async fn a_hung_gateway_is_marked_down_after_fall_probes_and_its_sessions_cut() 
         answered >= 2,
         "up again only after `rise` (2) answered probes, saw {answered}"
     );
+    // Counted by the probes' thread just after it marks the gateway up: waited for.
     let transitions = "wasmbed_proxy_gateway_transitions_total{gateway=\"hung\",to=\"up\"}";
-    assert_eq!(proxy.metric(transitions).await, 1.0);
+    proxy.until_metric(transitions, 1.0).await;
     let last = device(proxy.addr).await;
     assert_eq!(proxy.counts(), vec![1, 5]);
     drop((devices, more, last));

@@ -520,7 +520,8 @@ async fn past_max_handshakes_devices_of_every_transport_wait_in_one_line() {
     drop(raised);
     // A wait that runs out: refused, counted, out of the line. (Read live: a reload sets it.)
     c.max_handshakes = 1;
-    c.handshake_wait = Duration::from_millis(300);
+    // Long enough that the gauge's one in between cannot slip past the scrapes below.
+    c.handshake_wait = Duration::from_millis(1000);
     proxy.live.apply(c).unwrap();
     let tls = device_tls(&pki.ca, Some(&pki.ca), "device-tcp-late", false);
     let late = tokio::spawn(tls_connect(proxy.addr, tls));

@@ -189,9 +189,11 @@ fn frame_size(frame: &Frame) -> usize {
 }
 
 /// Frees a buffer once it is empty: an idle session (most sessions, most of the time) then
-/// holds no buffer at all.
+/// holds no buffer at all. Whatever its capacity says: a buffer whose bytes were all split
+/// off (decoded into frames) or written, up to the end of its allocation, has no capacity
+/// left and still holds that allocation (docs/performance.md, "What a message leaves behind").
 fn trim(buf: &mut BytesMut) {
-    if buf.is_empty() && buf.capacity() > 0 {
+    if buf.is_empty() {
         *buf = BytesMut::new();
     }
 }
@@ -311,6 +313,14 @@ impl Core {
             &mut self.to_gateway,
         ] {
             trim(buf);
+        }
+        // The same for the window and the PINGs owed, once emptied (a `Vec`'s capacity does
+        // say whether it holds an allocation).
+        if self.window.is_empty() && self.window.capacity() > 0 {
+            self.window = VecDeque::new();
+        }
+        if self.pings.is_empty() && self.pings.capacity() > 0 {
+            self.pings = Vec::new();
         }
         Step::Go
     }
@@ -798,6 +808,48 @@ mod tests {
             }
             world.finish();
             world.verdict();
+        }
+    }
+
+    /// Whether `buf` still refers to an allocation: an empty `BytesMut` may, with no capacity
+    /// left (a new one points nowhere).
+    fn holds_storage(buf: &BytesMut) -> bool {
+        buf.as_ptr() != BytesMut::new().as_ptr()
+    }
+
+    #[test]
+    fn a_session_that_carried_messages_holds_no_buffer_once_idle() {
+        // DATA, PINGs, their answers and CHECKPOINTs, in reads of every size; then the core's
+        // step after the last write (the loop takes one after every event).
+        let mut world = World::new(1);
+        for op in [
+            Op::Data(40),
+            Op::Ping,
+            Op::Split(7),
+            Op::Deliver(5),
+            Op::Data(300),
+            Op::Data(5),
+            Op::Ping,
+            Op::Deliver(10),
+        ] {
+            world.apply(op);
+        }
+        world.settle(Step::Go);
+        let c = &mut world.core;
+        assert!(c.window.is_empty() && c.pings.is_empty(), "all answered");
+        assert_eq!((c.window.capacity(), c.pings.capacity()), (0, 0));
+        let io = c.io();
+        for (name, buf) in [
+            ("from the device", &*io.from_device),
+            ("from the gateway", &*io.from_gateway),
+            ("to the device", &*io.to_device),
+            ("to the gateway", &*io.to_gateway),
+        ] {
+            assert!(buf.is_empty(), "{name}: bytes left");
+            assert!(
+                !holds_storage(buf),
+                "{name}: an empty buffer kept its allocation"
+            );
         }
     }
 
