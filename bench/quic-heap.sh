@@ -9,6 +9,11 @@
 #
 #   bench/quic-heap.sh [SMALL [LARGE]]       (defaults 500 and 2000)
 #
+# TRANSPORT=tcp measures TLS-over-TCP devices on the terminating listener instead. RATE (DATA/s
+# per device, default 0.02) and SETTLE (seconds idle once all are connected, default 5) say
+# what "idle" is: with RATE=0.5 SETTLE=20 every session has carried about ten messages and
+# their answers and checkpoints before the proxy is killed; with RATE=0.0001 almost none has.
+#
 # Needs target/release/wasmbed (or WASMBED=PATH), heaptrack, curl. glibc's malloc is the
 # proxy's default allocator, which is what heaptrack sees. Loopback only; ports are the
 # kernel's. Prints a table of bytes per session by site (sites of 48 B/session or more, the
@@ -16,6 +21,8 @@
 set -euo pipefail
 B=${WASMBED:-$(cd "$(dirname "$0")/.." && pwd)/target/release/wasmbed}
 SMALL=${1:-500} LARGE=${2:-2000}
+TRANSPORT=${TRANSPORT:-quic} RATE=${RATE:-0.02} SETTLE=${SETTLE:-5}
+case "$TRANSPORT" in quic | tcp) ;; *) echo "TRANSPORT is quic or tcp" >&2; exit 2 ;; esac
 OUT=${OUT:-$(cd "$(dirname "$0")/.." && pwd)/target/quic-heap}
 command -v heaptrack >/dev/null || { echo "needs heaptrack" >&2; exit 2; }
 mkdir -p "$OUT"
@@ -49,17 +56,19 @@ for n in "$SMALL" "$LARGE"; do
   PIDS+=("$HT")
   wait_ready "$W/proxy.out"
   line=$(grep '^ready' "$W/proxy.out")
-  PA=$(field admin "$line") PQ=$(field quic "$line")
+  PA=$(field admin "$line") PQ=$(field quic "$line") PT=$(field listen "$line")
+  TARGET=$PQ
+  [ "$TRANSPORT" = tcp ] && TARGET=$PT
   # Anchored: heaptrack's own wrapper script carries the same command line after its own.
   PROXY=$(pgrep -f -- "^$B proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --quic-listen" | tail -1)
-  "$B" loadtest --target "$PQ" --transport quic --devices "$n" --ramp 100 --rate 0.02 \
+  "$B" loadtest --target "$TARGET" --transport "$TRANSPORT" --devices "$n" --ramp 100 --rate "$RATE" \
     --duration 600s --app echo --sni localhost --ca-dir "$D" --devices-from "$D" \
     >"$W/loadtest.out" 2>&1 &
   LT=$!
   PIDS+=("$LT")
   open=0
   for _ in $(seq 1 ${WAIT_TICKS:-1200}); do
-    open=$(curl -s "http://$PA/metrics" | awk '/^wasmbed_proxy_connections_open\{transport="quic"\} /{print $2}')
+    open=$(curl -s "http://$PA/metrics" | awk -v t="$TRANSPORT" '$1 == "wasmbed_proxy_connections_open{transport=\"" t "\"}" {print $2}')
     [ "${open%.*}" = "$n" ] && break
     sleep 0.25
   done
@@ -69,7 +78,7 @@ for n in "$SMALL" "$LARGE"; do
     curl -s "http://$PA/metrics" | grep -E "open|refused|rejected" | head >&2
     exit 1
   fi
-  sleep 5 # the handshakes' leftovers freed, the sessions idle
+  sleep "$SETTLE" # the handshakes' leftovers freed, the sessions idle (or carrying RATE)
   echo "$n devices connected; proxy RSS $(awk '/VmRSS/{print $2}' "/proc/$PROXY/status") KiB"
   kill -KILL "$PROXY"
   wait "$HT" 2>/dev/null || true
