@@ -88,7 +88,7 @@ async fn a_connection_is_accepted_once_it_has_sent_something() {
         closed(&mut probe, Duration::from_secs(2)).await; // (after a TLS alert, terminating)
         // A session counts its connection accepted at its first poll, and with two workers
         // `quiet`'s may come after the probe's close: waited for (the count only grows, so a
-        // deferred `quiet` counted would still fail here).
+        // deferred `quiet` counted before this read still fails here, as a single read did).
         let want = if defer.is_zero() { 2.0 } else { 1.0 };
         proxy.until_metric(&accepted, want).await;
         quiet.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();

@@ -819,17 +819,29 @@ mod tests {
 
     #[test]
     fn a_session_that_carried_messages_holds_no_buffer_once_idle() {
-        // DATA, PINGs, their answers and CHECKPOINTs, in reads of every size; then the core's
-        // step after the last write (the loop takes one after every event).
+        // DATA, PINGs, their answers and CHECKPOINTs, a DATA in two reads among them; then
+        // the core's step after the last write (the loop takes one after every event).
         let mut world = World::new(1);
+        for op in [Op::Data(40), Op::Ping, Op::Deliver(5), Op::Data(300)] {
+            world.apply(op);
+        }
+        // The first part of a frame stays buffered (an empty buffer only is freed).
+        world.device.sent += 1;
+        let split = Frame::new(Kind::Data, world.device.sent, vec![7u8; 100]);
+        world.pending.extend_from_slice(&split.encode());
+        world.apply(Op::Split(7));
+        assert_eq!(
+            world.core.io().from_device.len(),
+            7,
+            "a partial frame is kept"
+        );
+        world.apply(Op::Split(usize::MAX));
+        // Last, a DATA and its answer alone: each written from a buffer allocated to its size.
         for op in [
-            Op::Data(40),
-            Op::Ping,
-            Op::Split(7),
-            Op::Deliver(5),
-            Op::Data(300),
             Op::Data(5),
             Op::Ping,
+            Op::Deliver(10),
+            Op::Data(300),
             Op::Deliver(10),
         ] {
             world.apply(op);

@@ -264,8 +264,12 @@ impl World {
             }
         }
         let io = self.core.io();
-        let to_device = io.to_device.split();
-        let to_gateway = io.to_gateway.split();
+        // Written whole, as the loop's writes leave a buffer (advanced to empty: its
+        // allocation kept until the next step frees it).
+        let to_device = io.to_device.clone();
+        let to_gateway = io.to_gateway.clone();
+        bytes::Buf::advance(io.to_device, to_device.len());
+        bytes::Buf::advance(io.to_gateway, to_gateway.len());
         self.device.take(&to_device);
         if let Some(g) = &mut self.gateway
             && self.core.writing_gateway()
