@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# What an idle QUIC device session holds in the proxy's heap, by allocation site: a
-# terminating proxy (`--quic-listen`, `--upstream link` to 2 gateways) run under heaptrack,
-# N devices (`wasmbed loadtest --transport quic`, 0.02 DATA/s each) connected and idle, then
+# What an idle QUIC device session (or, with TRANSPORT=tcp, a TLS-over-TCP one) holds in the
+# proxy's heap, by allocation site: a terminating proxy (`--quic-listen`, `--upstream link` to
+# 2 gateways) run under heaptrack, N devices (`wasmbed loadtest`, RATE DATA/s each) connected
+# and idle, then
 # the proxy SIGKILLed (nothing freed at exit: what heaptrack reports as leaked is what was
 # live). Run twice, at SMALL and at LARGE devices, and divide each site's difference by
 # LARGE - SMALL: what the process holds whatever the fleet (the links, the runtime, buffers)
@@ -11,7 +12,7 @@
 #
 # TRANSPORT=tcp measures TLS-over-TCP devices on the terminating listener instead. RATE (DATA/s
 # per device, default 0.02) and SETTLE (seconds idle once all are connected, default 5) say
-# what "idle" is: with RATE=0.5 SETTLE=20 every session has carried about ten messages and
+# what "idle" is: with RATE=0.5 SETTLE=20 every session has carried ten or more messages and
 # their answers and checkpoints before the proxy is killed; with RATE=0.0001 almost none has.
 #
 # Needs target/release/wasmbed (or WASMBED=PATH), heaptrack, curl. glibc's malloc is the

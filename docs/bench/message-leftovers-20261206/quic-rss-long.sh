@@ -1,4 +1,8 @@
 #!/bin/bash
+# rss-over-time.sh for QUIC devices over a longer run, with the proxy's counters (connections,
+# tickets, links, moves) beside each reading: SAMPLES readings (default 24) EVERY seconds apart
+# (default 25), 0.01 DATA/s per device. Kept as run (its run was stopped at t+325 s).
+# Usage: bash quic-rss-long.sh BIN N   (from the repository root)
 set -u
 B=$1; N=$2
 out=/tmp/qlong-up.txt; : > $out
