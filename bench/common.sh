@@ -1,7 +1,9 @@
 # Shared by the bench scripts that start their own processes (source it after setting B):
 # a temporary directory W (removed at exit, every PID in PIDS killed), a PKI in D for
 # DEVICES devices and one gateway identity, the echo app in D/apps, and `field NAME LINE`,
-# which reads NAME=VALUE out of a process's `ready ...` line.
+# which reads NAME=VALUE out of a process's `ready ...` line; `wait_ready FILE` waits for that
+# line, and `link_gateways MAX_SESSIONS` starts two link gateways (g0, g1) running the echo
+# app, their `--gateway` flags for a proxy in GWS.
 bench_setup() {
   W=$(mktemp -d)
   PIDS=()
@@ -12,3 +14,18 @@ bench_setup() {
   cp "$(dirname "${BASH_SOURCE[0]}")/../apps/echo.wat" "$D/apps/"
 }
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2" | head -1; }
+wait_ready() { until grep -q '^ready' "$1" 2>/dev/null; do sleep 0.05; done; }
+link_gateways() {
+  GWS=()
+  local g line
+  for g in g0 g1; do
+    "$B" gateway --name "$g" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --apps "$D/apps" \
+      --session-keys "$D/session-keys.toml" --tls-cert "$D/gateway-0.pem" \
+      --tls-key "$D/gateway-0.key" --client-ca "$D/ca.pem" --proxy-identity wasmbed-proxy \
+      --max-sessions "$1" --link >"$W/$g.out" 2>>"$W/gateways.err" &
+    PIDS+=($!)
+    wait_ready "$W/$g.out"
+    line=$(head -1 "$W/$g.out")
+    GWS+=(--gateway "$g=$(field listen "$line");health=$(field admin "$line")")
+  done
+}

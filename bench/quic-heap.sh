@@ -30,18 +30,7 @@ mkdir -p "$OUT"
 # shellcheck source=bench/common.sh
 . "$(dirname "$0")/common.sh"
 bench_setup "$LARGE"
-wait_ready() { until grep -q '^ready' "$1" 2>/dev/null; do sleep 0.05; done; }
-GWS=()
-for g in g0 g1; do
-  "$B" gateway --name "$g" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --apps "$D/apps" \
-    --session-keys "$D/session-keys.toml" --tls-cert "$D/gateway-0.pem" \
-    --tls-key "$D/gateway-0.key" --client-ca "$D/ca.pem" --proxy-identity wasmbed-proxy \
-    --max-sessions $((LARGE + 64)) --link >"$W/$g.out" 2>>"$W/gateways.err" &
-  PIDS+=($!)
-  wait_ready "$W/$g.out"
-  line=$(head -1 "$W/$g.out")
-  GWS+=(--gateway "$g=$(field listen "$line");health=$(field admin "$line")")
-done
+link_gateways $((LARGE + 64))
 lscpu | grep "Model name"
 for n in "$SMALL" "$LARGE"; do
   file=$OUT/proxy-$n

@@ -15,19 +15,8 @@ for B in "$@"; do
   # shellcheck source=bench/common.sh
   . bench/common.sh
   bench_setup "$N"
-  wait_ready() { until grep -q '^ready' "$1" 2>/dev/null; do sleep 0.05; done; }
-  GWS=()
-  for g in g0 g1; do
-    "$B" gateway --name "$g" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --apps "$D/apps" \
-      --session-keys "$D/session-keys.toml" --tls-cert "$D/gateway-0.pem" \
-      --tls-key "$D/gateway-0.key" --client-ca "$D/ca.pem" --proxy-identity wasmbed-proxy \
-      --max-sessions $((N + 64)) --link >"$W/$g.out" 2>>"$W/gateways.err" &
-    PIDS+=($!)
-    wait_ready "$W/$g.out"
-    line=$(head -1 "$W/$g.out")
-    GWS+=(--gateway "$g=$(field listen "$line");health=$(field admin "$line")")
-  done
-  "$B" proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --mode terminate \
+  link_gateways $((N + 64))
+"$B" proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --mode terminate \
     --tls-cert "$D/proxy.pem" --tls-key "$D/proxy.key" --client-ca "$D/ca.pem" \
     --upstream-ca "$D/ca.pem" --upstream-cert "$D/proxy-client.pem" \
     --upstream-key "$D/proxy-client.key" --upstream link --upstream-server-name localhost \
