@@ -78,7 +78,7 @@ pub(crate) async fn terminate(
             "max_handshakes device handshakes already in progress",
         ));
     };
-    let (tls, sni) = ctx
+    let (mut tls, sni) = ctx
         .deadlines
         .timeout_at(deadline, crate::tls::TlsStream::accept(config, device))
         .await
@@ -98,6 +98,10 @@ pub(crate) async fn terminate(
         (tls.peer_certificates().unwrap_or(&[]), resumed),
         (peer, local, started),
     )?;
+    // What the session needed of the handshake is read: a TLS 1.3 connection keeps only its
+    // traffic secrets from here on (`tls::records`).
+    tls.shed_handshake()
+        .map_err(|e| refused(Refusal::TlsHandshake, e))?;
     if raw {
         forward_decrypted(ctx, tls, verified).await?;
         return Ok(None);

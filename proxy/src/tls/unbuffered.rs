@@ -14,6 +14,11 @@
 //! halves in one `select!`, or `copy_bidirectional`, do): a read may flush what rustls has to
 //! send (a key update's answer), and the socket keeps one write waker.
 //!
+//! Once a TLS 1.3 handshake is done and the session has read what it needs from it (the
+//! certificate chain, whether it resumed), [`TlsStream::shed_handshake`] hands the records
+//! to [`super::records`]: rustls' connection, its state and both AEAD contexts go, and an
+//! idle session keeps only the traffic secrets. TLS 1.2 stays on rustls' connection.
+//!
 //! The one thing the unbuffered connection does not tell is the server name the device asked
 //! for: [`NotesServerName`] wraps the config's certificate resolver, which rustls calls with
 //! every ClientHello, inside `process_tls_records`, on the thread processing it.
@@ -25,13 +30,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::{ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use super::records::{self, Opened, Records};
 
 /// The largest TLS record on the wire: a 5-byte header and up to 2^14 + 256 bytes.
 const MAX_RECORD: usize = 5 + (1 << 14) + 256;
@@ -78,11 +85,13 @@ fn read_into(io: &mut TcpStream, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<i
     Poll::Ready(Ok(read.filled().len()))
 }
 
-/// `config` with its certificate resolver wrapped in [`NotesServerName`]: the config
+/// `config` with its certificate resolver wrapped in [`NotesServerName`], and rustls' secrets
+/// handed over after the handshake ([`TlsStream::shed_handshake`]): the config
 /// [`TlsStream::accept`] needs.
 pub(crate) fn noting_server_names(config: Arc<ServerConfig>) -> Arc<ServerConfig> {
     let mut config = Arc::unwrap_or_clone(config);
     config.cert_resolver = Arc::new(NotesServerName(config.cert_resolver.clone()));
+    config.enable_secret_extraction = true;
     Arc::new(config)
 }
 
@@ -117,7 +126,7 @@ fn noting_name<R>(name: &mut Option<String>, f: impl FnOnce() -> R) -> R {
 /// A terminated device connection: TLS over the device's TCP socket.
 pub(crate) struct TlsStream {
     io: TcpStream,
-    conn: UnbufferedServerConnection,
+    conn: Conn,
     /// Encrypted bytes received but not processed yet (a record that arrived in part).
     incoming: Vec<u8>,
     /// Decrypted bytes the reader has not taken yet, from `plain_at`.
@@ -135,6 +144,16 @@ pub(crate) struct TlsStream {
     /// rustls reported an error: its alert is had once (`alert_after_error`), and nothing is
     /// processed again (the bytes that failed would fail again, see there).
     failed: Failed,
+}
+
+/// Who protects the records.
+enum Conn {
+    /// rustls' connection: the handshake, and TLS 1.2 throughout.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// After a TLS 1.3 handshake: the records alone ([`TlsStream::shed_handshake`]).
+    Records(Box<Records>),
+    /// The hand-over failed: nothing is processed again.
+    Gone,
 }
 
 /// Whether rustls has reported an error, and its alert been had.
@@ -189,7 +208,7 @@ impl TlsStream {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         let mut tls = TlsStream {
             io,
-            conn,
+            conn: Conn::Rustls(Box::new(conn)),
             incoming: Vec::new(),
             plaintext: Vec::new(),
             plain_at: 0,
@@ -220,7 +239,7 @@ impl TlsStream {
             match noting_name(name, || self.process(None, ToSend::Nothing))? {
                 Next::Flush => ready!(self.poll_flush_outgoing(cx))?,
                 Next::Closed => return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
-                Next::Read if !self.conn.is_handshaking() => {
+                Next::Read if matches!(&self.conn, Conn::Rustls(c) if !c.is_handshaking()) => {
                     // Done, its last flight and the tickets encoded: they go out now.
                     ready!(self.poll_flush_outgoing(cx))?;
                     return Poll::Ready(Ok(()));
@@ -243,16 +262,64 @@ impl TlsStream {
         &self.io
     }
 
-    /// The device's certificate chain, as verified.
+    /// The device's certificate chain, as verified (`None` once the handshake is shed).
     pub(crate) fn peer_certificates(
         &self,
     ) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
-        self.conn.peer_certificates()
+        match &self.conn {
+            Conn::Rustls(conn) => conn.peer_certificates(),
+            _ => None,
+        }
     }
 
-    /// Whether the handshake was a full one or resumed from a ticket.
+    /// Whether the handshake was a full one or resumed from a ticket (`None` once the
+    /// handshake is shed).
     pub(crate) fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
-        self.conn.handshake_kind()
+        match &self.conn {
+            Conn::Rustls(conn) => conn.handshake_kind(),
+            _ => None,
+        }
+    }
+
+    /// After a TLS 1.3 handshake, once the session has read what it needs of it (the
+    /// certificate chain, whether it resumed): rustls hands over the traffic secrets and the
+    /// records are sealed and opened by [`records`] from here on; rustls' connection, its
+    /// state and its two AEAD contexts are freed. Nothing changes on the wire. TLS 1.2, a
+    /// cipher suite [`records`] does not seal, or a connection that failed stay as they are.
+    /// An error (rustls refused to hand over: the config does not allow it, or it still had
+    /// records to send) ends the connection.
+    pub(crate) fn shed_handshake(&mut self) -> io::Result<()> {
+        let Conn::Rustls(conn) = &self.conn else {
+            return Ok(());
+        };
+        let sealable = matches!(
+            conn.negotiated_cipher_suite(),
+            Some(rustls::SupportedCipherSuite::Tls13(suite)) if matches!(
+                suite.common.suite,
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                    | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                    | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+            )
+        );
+        if conn.is_handshaking()
+            || conn.protocol_version() != Some(ProtocolVersion::TLSv1_3)
+            || !sealable
+            || self.failed != Failed::No
+        {
+            return Ok(());
+        }
+        let Conn::Rustls(conn) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            unreachable!("matched above");
+        };
+        let records = conn
+            .dangerous_into_kernel_connection()
+            .map_err(tls_error)
+            .and_then(|handed| {
+                Records::new(handed)
+                    .ok_or_else(|| io::Error::other("TLS secrets of an unexpected cipher suite"))
+            })?;
+        self.conn = Conn::Records(Box::new(records));
+        Ok(())
     }
 
     /// Processes what `incoming` holds until something must be read or written (see
@@ -292,9 +359,15 @@ impl TlsStream {
                 ));
             }
         }
+        let conn = match &mut self.conn {
+            Conn::Rustls(conn) => conn,
+            Conn::Records(_) => return self.open_records(data, taken, reader, send),
+            Conn::Gone => {
+                return Err(io::Error::other("the TLS connection was not handed over"));
+            }
+        };
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut data[*taken..]);
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut data[*taken..]);
             // Done with, even when `state` is an error: rustls processed those bytes.
             *taken += discard;
             let next = match state.map_err(|e| failed(&mut self.failed, e))? {
@@ -302,21 +375,11 @@ impl TlsStream {
                     while let Some(record) = records.next_record() {
                         let record = record.map_err(|e| failed(&mut self.failed, e))?;
                         *taken += record.discard;
-                        let mut payload = record.payload;
-                        if let Some(buf) = reader.as_deref_mut()
-                            && self.plain_at == self.plaintext.len()
-                        {
-                            let n = payload.len().min(buf.remaining());
-                            buf.put_slice(&payload[..n]);
-                            payload = &payload[n..];
-                        }
-                        if !payload.is_empty() {
-                            if self.plain_at == self.plaintext.len() {
-                                self.plaintext.clear();
-                                self.plain_at = 0;
-                            }
-                            self.plaintext.extend_from_slice(payload);
-                        }
+                        deliver(
+                            (&mut self.plaintext, &mut self.plain_at),
+                            reader.as_deref_mut(),
+                            record.payload,
+                        );
                     }
                     None
                 }
@@ -386,6 +449,77 @@ impl TlsStream {
                 return Ok(next);
             }
         }
+    }
+
+    /// [`TlsStream::process_records`] once the records are [`records`]'s: the whole records
+    /// in `data` are opened (decrypted bytes to `reader`, then `plaintext`; a key update's
+    /// answer sealed onto `outgoing`), then `send` sealed. Returns `Flush` while an answer
+    /// waits and nothing is sent.
+    fn open_records(
+        &mut self,
+        data: &mut [u8],
+        taken: &mut usize,
+        mut reader: Option<&mut ReadBuf<'_>>,
+        send: ToSend<'_>,
+    ) -> io::Result<Next> {
+        let Conn::Records(records) = &mut self.conn else {
+            unreachable!("called for `Conn::Records` only");
+        };
+        if let ToSend::Alert = send {
+            // Sealed onto `outgoing` when the error was met.
+            return Ok(Next::Flush);
+        }
+        let mut fail = |records: &mut Records, outgoing: &mut Vec<u8>, f: records::Fatal| {
+            if let Some(alert) = f.alert {
+                records.seal_fatal(alert, outgoing);
+            }
+            failed(&mut self.failed, f.error)
+        };
+        while !self.peer_closed {
+            let rest = &mut data[*taken..];
+            let len = match Records::frame(rest) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(f) => return Err(fail(records, &mut self.outgoing, f)),
+            };
+            let record = &mut rest[..len];
+            let opened = records.open(record, &mut self.outgoing);
+            *taken += len;
+            match opened {
+                Ok(Opened::Data(range)) => deliver(
+                    (&mut self.plaintext, &mut self.plain_at),
+                    reader.as_deref_mut(),
+                    &record[range],
+                ),
+                Ok(Opened::Nothing) => {}
+                Ok(Opened::Closed) => self.peer_closed = true,
+                Err(f) => return Err(fail(records, &mut self.outgoing, f)),
+            }
+        }
+        if self.peer_closed {
+            // What follows the device's `close_notify` is not read.
+            *taken = data.len();
+        }
+        match send {
+            ToSend::Data(plain, n) => {
+                let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
+                let waiting = self.out_at < self.outgoing.len();
+                send_sealed(&self.io, &mut self.outgoing, waiting, records, plain)?;
+                *n = plain.len();
+            }
+            ToSend::CloseNotify => {
+                records
+                    .seal_close_notify(&mut self.outgoing)
+                    .map_err(|f| io::Error::other(f.error))?;
+            }
+            ToSend::Nothing if self.out_at < self.outgoing.len() => return Ok(Next::Flush),
+            ToSend::Nothing | ToSend::Alert => {}
+        }
+        Ok(if self.peer_closed && records.closed() {
+            Next::Closed
+        } else {
+            Next::Read
+        })
     }
 
     /// Reads what the socket has into the thread's scratch buffer, after the part of a
@@ -494,6 +628,73 @@ impl TlsStream {
     }
 }
 
+/// Decrypted bytes: to `reader` while it has room and nothing waits before them, the rest to
+/// `plaintext` (from `plain_at`).
+fn deliver(
+    (plaintext, plain_at): (&mut Vec<u8>, &mut usize),
+    reader: Option<&mut ReadBuf<'_>>,
+    mut payload: &[u8],
+) {
+    if let Some(buf) = reader
+        && *plain_at == plaintext.len()
+    {
+        let n = payload.len().min(buf.remaining());
+        buf.put_slice(&payload[..n]);
+        payload = &payload[n..];
+    }
+    if !payload.is_empty() {
+        if *plain_at == plaintext.len() {
+            plaintext.clear();
+            *plain_at = 0;
+        }
+        plaintext.extend_from_slice(payload);
+    }
+}
+
+/// [`send_encrypted`] for [`records`]: `plain` sealed into the thread's scratch buffer and
+/// written at once, what the socket does not take (or all of it, when something already
+/// waits) onto `outgoing`.
+fn send_sealed(
+    io: &TcpStream,
+    outgoing: &mut Vec<u8>,
+    waiting: bool,
+    records: &mut Records,
+    plain: &[u8],
+) -> io::Result<()> {
+    let need = Records::sealed_len(plain.len());
+    let sealing = |records: &mut Records, out: &mut [u8]| {
+        records
+            .seal(plain, out)
+            .map_err(|f| io::Error::other(format!("encrypting TLS data: {}", f.error)))
+    };
+    if waiting || need > SCRATCH_SIZE {
+        let start = outgoing.len();
+        outgoing.resize(start + need, 0);
+        return match sealing(records, &mut outgoing[start..]) {
+            Ok(n) => {
+                outgoing.truncate(start + n);
+                Ok(())
+            }
+            Err(e) => {
+                outgoing.truncate(start);
+                Err(e)
+            }
+        };
+    }
+    with_scratch(|scratch| {
+        let n = sealing(records, &mut scratch[..need])?;
+        let written = match io.try_write(&scratch[..n]) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if written < n {
+            outgoing.extend_from_slice(&scratch[written..n]);
+        }
+        Ok(())
+    })
+}
+
 /// Encrypts with `encrypt` into the thread's scratch buffer and writes the record to the
 /// socket at once; what the socket does not take waits in `outgoing` (as does all of it
 /// when something already waits there, to keep the order).
@@ -559,10 +760,18 @@ impl AsyncRead for TlsStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let read = this.poll_read_records(cx, buf);
-        if let Poll::Ready(Err(e)) = &read
-            && e.kind() == io::ErrorKind::InvalidData
-        {
-            this.alert_after_error();
+        match &read {
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                this.alert_after_error();
+            }
+            Poll::Pending => {
+                // Nothing more to read for now: the session is idle until the socket wakes
+                // it, and keeps no AEAD context meanwhile (built again at the next record).
+                if let Conn::Records(records) = &mut this.conn {
+                    records.idle();
+                }
+            }
+            Poll::Ready(_) => {}
         }
         read
     }
@@ -716,10 +925,25 @@ mod tests {
         (super::noting_server_names(server), client)
     }
 
+    /// Every test of a connection after its handshake runs on both ways of protecting its
+    /// records: rustls' connection (`false`: TLS 1.2's way, and every connection's before
+    /// `shed_handshake`) and the records alone (`true`).
+    const SHED: [bool; 2] = [false, true];
+
     /// A device (rustls' client, with a certificate) and the proxy's end of its connection;
-    /// `dribbled`: through a relay that passes one byte at a time.
-    async fn pair(dribbled: bool) -> (Client, TlsStream) {
+    /// `dribbled`: through a relay that passes one byte at a time; `shed`: the handshake
+    /// shed, the records the proxy's own.
+    async fn pair(dribbled: bool, shed: bool) -> (Client, TlsStream) {
         let (config, client) = configs(true);
+        pair_with(config, client, dribbled, shed).await
+    }
+
+    async fn pair_with(
+        config: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+        dribbled: bool,
+        shed: bool,
+    ) -> (Client, TlsStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut addr = listener.local_addr().unwrap();
         if dribbled {
@@ -743,8 +967,13 @@ mod tests {
             },
             async {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let (tls, name) = TlsStream::accept(Arc::clone(&config), tcp).await.unwrap();
+                let (mut tls, name) = TlsStream::accept(Arc::clone(&config), tcp).await.unwrap();
                 assert_eq!(name.as_deref(), Some("device.test"));
+                assert_eq!(tls.peer_certificates().map(<[_]>::len), Some(1));
+                if shed {
+                    tls.shed_handshake().unwrap();
+                    assert!(matches!(tls.conn, super::Conn::Records(_)), "not shed");
+                }
                 tls
             },
         )
@@ -756,9 +985,8 @@ mod tests {
             .collect()
     }
 
-    async fn bytes_cross_both_ways(dribbled: bool) {
-        let (mut client, mut server) = pair(dribbled).await;
-        assert_eq!(server.peer_certificates().map(<[_]>::len), Some(1));
+    async fn bytes_cross_both_ways(dribbled: bool, shed: bool) {
+        let (mut client, mut server) = pair(dribbled, shed).await;
         let size = if dribbled { 20_000 } else { 200_000 };
         let up = pattern(size, 1);
         let down = pattern(size, 2);
@@ -793,12 +1021,16 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_cross_both_ways_and_an_idle_stream_keeps_no_buffer() {
-        bytes_cross_both_ways(false).await;
+        for shed in SHED {
+            bytes_cross_both_ways(false, shed).await;
+        }
     }
 
     #[tokio::test]
     async fn records_that_arrive_a_byte_at_a_time_are_read_whole() {
-        bytes_cross_both_ways(true).await;
+        for shed in SHED {
+            bytes_cross_both_ways(true, shed).await;
+        }
     }
 
     /// A read that took all the socket had leaves the socket waiting for its next readiness
@@ -806,59 +1038,65 @@ mod tests {
     /// stayed marked readable: one such call after every message).
     #[tokio::test]
     async fn a_read_that_drains_the_socket_waits_for_the_next_readiness() {
-        let (mut client, mut server) = pair(false).await;
-        client.write_all(b"hello").await.unwrap();
-        client.flush().await.unwrap();
-        let mut got = [0u8; 5];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"hello");
-        let ready = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(server.io.poll_read_ready(cx).is_ready())
-        })
-        .await;
-        assert!(
-            !ready,
-            "the socket is still marked readable after a draining read"
-        );
-        // Not ready for a reason of its own (a spent budget, a closed socket): the next bytes
-        // make it readable, and they are read.
-        client.write_all(b"again").await.unwrap();
-        client.flush().await.unwrap();
-        server.io.readable().await.unwrap();
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"again");
+        for shed in SHED {
+            let (mut client, mut server) = pair(false, shed).await;
+            client.write_all(b"hello").await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hello");
+            let ready = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(server.io.poll_read_ready(cx).is_ready())
+            })
+            .await;
+            assert!(
+                !ready,
+                "the socket is still marked readable after a draining read"
+            );
+            // Not ready for a reason of its own (a spent budget, a closed socket): the next bytes
+            // make it readable, and they are read.
+            client.write_all(b"again").await.unwrap();
+            client.flush().await.unwrap();
+            server.io.readable().await.unwrap();
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"again");
+        }
     }
 
     #[tokio::test]
     async fn a_key_update_is_answered_and_bytes_flow_on() {
-        let (mut client, mut server) = pair(false).await;
-        client.write_all(b"before").await.unwrap();
-        let mut got = [0u8; 6];
-        server.read_exact(&mut got).await.unwrap();
-        client.get_mut().1.refresh_traffic_keys().unwrap();
-        client.write_all(b"after!").await.unwrap();
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"after!");
-        server.write_all(b"answer").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"answer");
+        for shed in SHED {
+            let (mut client, mut server) = pair(false, shed).await;
+            client.write_all(b"before").await.unwrap();
+            let mut got = [0u8; 6];
+            server.read_exact(&mut got).await.unwrap();
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.write_all(b"after!").await.unwrap();
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"after!");
+            server.write_all(b"answer").await.unwrap();
+            server.flush().await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"answer");
+        }
     }
 
     #[tokio::test]
     async fn after_a_key_update_the_proxys_close_still_sends_close_notify() {
-        let (mut client, mut server) = pair(false).await;
-        // Data, then a key update: the proxy owes the device its own key update.
-        client.write_all(b"x").await.unwrap();
-        client.get_mut().1.refresh_traffic_keys().unwrap();
-        client.flush().await.unwrap();
-        let mut got = [0u8; 1];
-        server.read_exact(&mut got).await.unwrap();
-        // The close sends the answer, then the alert.
-        server.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
+        for shed in SHED {
+            let (mut client, mut server) = pair(false, shed).await;
+            // Data, then a key update: the proxy owes the device its own key update.
+            client.write_all(b"x").await.unwrap();
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.flush().await.unwrap();
+            let mut got = [0u8; 1];
+            server.read_exact(&mut got).await.unwrap();
+            // The close sends the answer, then the alert.
+            server.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        }
     }
 
     /// What `device` gets from the proxy's end, accepting with `config` on a listener of its
@@ -971,40 +1209,378 @@ mod tests {
     /// builds).
     #[tokio::test]
     async fn after_a_bad_record_nothing_processes_it_again() {
-        let (mut client, mut server) = pair(false).await;
-        client
-            .get_mut()
-            .0
-            .write_all(b"GET / HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
-        let read = server.read(&mut [0u8; 64]).await.unwrap_err();
-        assert_eq!(read.kind(), std::io::ErrorKind::InvalidData, "{read}");
-        let write = server.write_all(b"late").await.unwrap_err();
-        assert_eq!(write.kind(), std::io::ErrorKind::InvalidData, "{write}");
-        let _ = server.shutdown().await;
-        drop(server);
-        // The device's side ends (what came before the end: tickets, the encrypted alert).
-        let _ = client.get_mut().0.read_to_end(&mut Vec::new()).await;
+        for shed in SHED {
+            let (mut client, mut server) = pair(false, shed).await;
+            client
+                .get_mut()
+                .0
+                .write_all(b"GET / HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            let read = server.read(&mut [0u8; 64]).await.unwrap_err();
+            assert_eq!(read.kind(), std::io::ErrorKind::InvalidData, "{read}");
+            let write = server.write_all(b"late").await.unwrap_err();
+            assert_eq!(write.kind(), std::io::ErrorKind::InvalidData, "{write}");
+            let _ = server.shutdown().await;
+            drop(server);
+            // The device's side ends (what came before the end: tickets, the encrypted alert).
+            let _ = client.get_mut().0.read_to_end(&mut Vec::new()).await;
+        }
     }
 
     #[tokio::test]
     async fn close_notify_ends_the_stream_and_a_bare_fin_is_an_error() {
-        let (mut client, mut server) = pair(false).await;
-        client.write_all(b"last").await.unwrap();
-        client.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"last");
-        // The proxy's close: the device reads its end of stream.
-        server.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
+        for shed in SHED {
+            let (mut client, mut server) = pair(false, shed).await;
+            client.write_all(b"last").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"last");
+            // The proxy's close: the device reads its end of stream.
+            server.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
 
-        let (mut client, mut server) = pair(false).await;
-        client.get_mut().0.shutdown().await.unwrap();
-        let e = server.read_to_end(&mut Vec::new()).await.unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+            let (mut client, mut server) = pair(false, shed).await;
+            client.get_mut().0.shutdown().await.unwrap();
+            let e = server.read_to_end(&mut Vec::new()).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
+    }
+
+    /// A device that seals and opens its records itself (its secrets taken from rustls
+    /// after the handshake), to send what no TLS library would.
+    struct RawDevice {
+        tcp: TcpStream,
+        tx: (
+            aws_lc_rs::aead::LessSafeKey,
+            rustls::crypto::cipher::Iv,
+            u64,
+        ),
+        rx: (
+            aws_lc_rs::aead::LessSafeKey,
+            rustls::crypto::cipher::Iv,
+            u64,
+        ),
+    }
+
+    fn raw_key(
+        (seq, secrets): (u64, rustls::ConnectionTrafficSecrets),
+    ) -> (
+        aws_lc_rs::aead::LessSafeKey,
+        rustls::crypto::cipher::Iv,
+        u64,
+    ) {
+        use aws_lc_rs::aead::{
+            AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305, LessSafeKey, UnboundKey,
+        };
+        let (algorithm, key, iv) = match secrets {
+            rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
+            rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
+            rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&CHACHA20_POLY1305, key, iv)
+            }
+            _ => unreachable!("a TLS 1.3 suite"),
+        };
+        let key = LessSafeKey::new(UnboundKey::new(algorithm, key.as_ref()).unwrap());
+        (key, iv, seq)
+    }
+
+    fn nonce(iv: &rustls::crypto::cipher::Iv, seq: u64) -> aws_lc_rs::aead::Nonce {
+        aws_lc_rs::aead::Nonce::assume_unique_for_key(rustls::crypto::cipher::Nonce::new(iv, seq).0)
+    }
+
+    impl RawDevice {
+        /// A record of inner type `typ` carrying `content`, then `padding` zeros.
+        fn seal(&mut self, typ: u8, content: &[u8], padding: usize) -> Vec<u8> {
+            let mut inner = content.to_vec();
+            inner.push(typ);
+            inner.resize(inner.len() + padding, 0);
+            let header = rustls::crypto::cipher::make_tls13_aad(inner.len() + 16);
+            let (key, iv, seq) = &mut self.tx;
+            let tag = key
+                .seal_in_place_separate_tag(
+                    nonce(iv, *seq),
+                    aws_lc_rs::aead::Aad::from(header),
+                    &mut inner,
+                )
+                .unwrap();
+            *seq += 1;
+            let mut record = header.to_vec();
+            record.extend_from_slice(&inner);
+            record.extend_from_slice(tag.as_ref());
+            record
+        }
+
+        async fn send(&mut self, typ: u8, content: &[u8], padding: usize) {
+            let record = self.seal(typ, content, padding);
+            self.tcp.write_all(&record).await.unwrap();
+        }
+
+        /// The proxy's next record, opened: its inner type and content; `None` at the end.
+        async fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
+            let mut header = [0u8; 5];
+            self.tcp.read_exact(&mut header).await.ok()?;
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            let mut body = vec![0u8; len];
+            self.tcp.read_exact(&mut body).await.ok()?;
+            let (key, iv, seq) = &mut self.rx;
+            let plain = key
+                .open_in_place(
+                    nonce(iv, *seq),
+                    aws_lc_rs::aead::Aad::from(header),
+                    &mut body,
+                )
+                .expect("the proxy's record opens");
+            *seq += 1;
+            let end = plain.iter().rposition(|&b| b != 0).unwrap();
+            Some((plain[end], plain[..end].to_vec()))
+        }
+
+        /// The alert the proxy sent before its end, if any (records before it skipped).
+        async fn alert(&mut self) -> Option<Vec<u8>> {
+            while let Some((typ, content)) = self.recv().await {
+                if typ == 21 {
+                    return Some(content);
+                }
+            }
+            None
+        }
+    }
+
+    /// A raw device and the proxy's end, the handshake shed (no tickets: nothing from the
+    /// proxy is in flight when the device takes its secrets).
+    async fn raw_pair() -> (RawDevice, TlsStream) {
+        let (config, client) = configs(true);
+        let mut config = Arc::unwrap_or_clone(config);
+        config.send_tls13_tickets = 0;
+        let mut client = Arc::unwrap_or_clone(client);
+        client.enable_secret_extraction = true;
+        let (client, server) = pair_with(Arc::new(config), Arc::new(client), false, true).await;
+        let (tcp, conn) = client.into_inner();
+        let secrets = conn.dangerous_extract_secrets().unwrap();
+        let device = RawDevice {
+            tcp,
+            tx: raw_key(secrets.tx),
+            rx: raw_key(secrets.rx),
+        };
+        (device, server)
+    }
+
+    /// What the proxy's end does with records a library would not send, one per row: each
+    /// refused with rustls' alert (its description: RFC 8446 §6), or read as rustls reads it.
+    #[tokio::test]
+    async fn records_no_library_sends_are_refused_as_rustls_refuses_them() {
+        // (what, the records, the alert the device gets back or `None` when read on)
+        type Send = fn(&mut RawDevice) -> Vec<u8>;
+        let rows: [(&str, Send, Option<u8>); 14] = [
+            ("data, padded", |d| d.seal(23, b"ping", 100), None),
+            (
+                "a user_canceled warning, then data",
+                |d| {
+                    let mut r = d.seal(21, &[1, 90], 0);
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                None,
+            ),
+            (
+                "32 empty records, then data",
+                |d| {
+                    let mut r = Vec::new();
+                    for _ in 0..32 {
+                        r.extend(d.seal(23, b"", 0));
+                    }
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                None,
+            ),
+            (
+                "33 empty records",
+                |d| {
+                    let mut r = Vec::new();
+                    for _ in 0..33 {
+                        r.extend(d.seal(23, b"", 0));
+                    }
+                    r
+                },
+                Some(10),
+            ),
+            (
+                "an unknown inner type",
+                |d| d.seal(99, b"ping", 0),
+                Some(10),
+            ),
+            ("padding only", |d| d.seal(0, b"", 10), Some(10)),
+            (
+                "2^14 + 1 bytes in one record",
+                |d| d.seal(23, &[7; (1 << 14) + 1], 0),
+                Some(22),
+            ),
+            (
+                "a record over 2^14 + 256 bytes",
+                |_| {
+                    let mut r = vec![23, 3, 3, 0x41, 0x01];
+                    r.resize(5 + 0x4101, 0);
+                    r
+                },
+                Some(22),
+            ),
+            (
+                "a changed byte",
+                |d| {
+                    let mut r = d.seal(23, b"ping", 0);
+                    r[7] ^= 1;
+                    r
+                },
+                Some(20),
+            ),
+            (
+                "a plaintext change_cipher_spec",
+                |_| vec![20, 3, 3, 0, 1, 1],
+                Some(10),
+            ),
+            (
+                "a handshake message other than KeyUpdate",
+                |d| d.seal(22, &[4, 0, 0, 0], 0),
+                Some(10),
+            ),
+            (
+                "a KeyUpdate with more after it",
+                |d| d.seal(22, &[24, 0, 0, 1, 0, 23], 0),
+                Some(10),
+            ),
+            (
+                "a KeyUpdate asking for 2",
+                |d| d.seal(22, &[24, 0, 0, 1, 2], 0),
+                Some(47),
+            ),
+            (
+                "a warning other than user_canceled",
+                |d| d.seal(21, &[1, 42], 0),
+                Some(50),
+            ),
+        ];
+        for (what, records, alert) in rows {
+            let (mut device, mut server) = raw_pair().await;
+            let bytes = records(&mut device);
+            device.tcp.write_all(&bytes).await.unwrap();
+            let mut got = [0u8; 4];
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                server.read_exact(&mut got),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
+            match alert {
+                None => {
+                    read.unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+                    assert_eq!(&got, b"ping", "{what}");
+                    server.write_all(b"pong").await.unwrap();
+                    assert_eq!(device.recv().await, Some((23, b"pong".to_vec())), "{what}");
+                }
+                Some(description) => {
+                    let e = read.expect_err(what);
+                    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}: {e}");
+                    drop(server);
+                    assert_eq!(device.alert().await, Some(vec![2, description]), "{what}");
+                }
+            }
+        }
+        // The device's own fatal alert: the proxy's end fails and sends nothing back.
+        let (mut device, mut server) = raw_pair().await;
+        device.send(21, &[2, 40], 0).await;
+        let e = server.read(&mut [0u8; 4]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        drop(server);
+        assert_eq!(device.alert().await, None);
+    }
+
+    /// Once shed, an idle session holds no AEAD context (built at the next record, dropped
+    /// when a read finds nothing), and the stream is small.
+    #[tokio::test]
+    async fn a_shed_idle_session_holds_no_aead_context() {
+        let (mut client, mut server) = pair(false, true).await;
+        client.write_all(b"ping").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        let held = |server: &TlsStream| match &server.conn {
+            super::Conn::Records(records) => records.holds_contexts(),
+            _ => panic!("not shed"),
+        };
+        assert!(held(&server), "the contexts were built for the exchange");
+        client.read_exact(&mut got).await.unwrap();
+        let pending = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(
+                std::pin::Pin::new(&mut server)
+                    .poll_read(cx, &mut tokio::io::ReadBuf::new(&mut got))
+                    .is_pending(),
+            )
+        })
+        .await;
+        assert!(pending);
+        assert!(!held(&server), "an idle session kept an AEAD context");
+        // And the next exchange builds them again.
+        client.write_all(b"more").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"more");
+        let size = std::mem::size_of::<TlsStream>();
+        assert!(size <= 160, "{size}");
+    }
+
+    /// The proxy updates its own keys before the suite's limit for one key, telling the
+    /// device with a KeyUpdate: every record after it opens with the next keys.
+    #[tokio::test]
+    async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
+        let (mut client, mut server) = pair(false, true).await;
+        let super::Conn::Records(records) = &mut server.conn else {
+            panic!("not shed");
+        };
+        records.limit_records_per_key(3);
+        let down = pattern(100_000, 3);
+        for part in down.chunks(1_000) {
+            server.write_all(part).await.unwrap();
+            server.flush().await.unwrap();
+        }
+        let mut got = vec![0u8; down.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == down, "the proxy's bytes arrived changed");
+        // A burst past the limit within one write (64 KiB: four records, one update).
+        let big = pattern(1 << 16, 4);
+        server.write_all(&big).await.unwrap();
+        server.flush().await.unwrap();
+        let mut got = vec![0u8; big.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == big, "the proxy's bytes arrived changed");
+        let super::Conn::Records(records) = &server.conn else {
+            panic!("not shed");
+        };
+        assert!(
+            records.sealed_under_this_key() <= 3,
+            "no key update at the limit"
+        );
+    }
+
+    /// 32 key updates in a row are answered; the 33rd without data between is refused, as
+    /// rustls refuses it.
+    #[tokio::test]
+    async fn key_updates_without_data_are_bounded() {
+        for (updates, refused) in [(32, false), (33, true)] {
+            let (mut client, mut server) = pair(false, true).await;
+            for _ in 0..updates {
+                client.get_mut().1.refresh_traffic_keys().unwrap();
+            }
+            client.write_all(b"ping").await.unwrap();
+            client.flush().await.unwrap();
+            let mut got = [0u8; 4];
+            let read = server.read_exact(&mut got).await;
+            assert_eq!(read.is_err(), refused, "{updates}: {read:?}");
+        }
     }
 }

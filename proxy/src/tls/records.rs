@@ -1,0 +1,539 @@
+//! A device's TLS 1.3 records once its handshake is done: rustls hands over the traffic
+//! secrets (its kernel-connection API, made for kTLS) and keeps only what derives the next
+//! ones at a key update; this module seals and opens the records itself.
+//!
+//! Why: after the handshake, rustls' connection holds its whole state machine, its buffers
+//! and two AEAD contexts (aws-lc's AES-GCM context is 592 bytes, allocated, for each
+//! direction) for the connection's life: about half of an idle terminated session
+//! (docs/performance.md, "An idle terminated session's TLS"). Here a direction holds its
+//! secret (key and IV, 60 bytes) and its sequence number; its AEAD context is built when a
+//! record is sealed or opened and dropped when the session goes idle ([`Records::idle`]).
+//!
+//! What it does is what rustls does after a TLS 1.3 server's handshake (RFC 8446 §5), with
+//! rustls' own helpers for the nonce and the additional data, and rustls' own bounds:
+//! - records: application data only on the wire, at most 2^14 + 256 bytes of ciphertext and
+//!   2^14 of plaintext; padding stripped; a record of zeros only refused;
+//! - alerts: `close_notify` ends the device's side, `user_canceled` is ignored, any other
+//!   alert (or a malformed one) ends the connection; at most 4 warnings, as rustls;
+//! - handshake messages: a `KeyUpdate` alone at the end of its record (a key change starts
+//!   at a record's boundary), answered when the device asks; every other one refused, as a
+//!   message split over records is (the `KeyUpdate` is 5 bytes: no device splits it);
+//! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
+//!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
+//!   `TooManyKeyUpdateRequests`);
+//! - the proxy's own keys are updated before the cipher suite's confidentiality limit (2^24
+//!   records for AES-GCM), as rustls does; a sequence number never repeats under one key.
+//!
+//! TLS 1.2 connections stay on rustls' connection (`TlsStream`): no key updates, another
+//! record format, and few devices.
+
+use aws_lc_rs::aead::{
+    AES_128_GCM, AES_256_GCM, Aad, Algorithm, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey,
+};
+use rustls::crypto::cipher::{Iv, Nonce as TlsNonce, make_tls13_aad};
+use rustls::kernel::KernelConnection;
+use rustls::server::ServerConnectionData;
+use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType, Error, PeerMisbehaved};
+
+/// A record's header: type, legacy version, length.
+pub(crate) const HEADER: usize = 5;
+/// The most plaintext a record carries.
+const MAX_FRAGMENT: usize = 1 << 14;
+/// The most ciphertext a TLS 1.3 record may carry (RFC 8446 §5.2).
+const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
+/// The AEAD tag, 16 bytes for every TLS 1.3 suite.
+const TAG: usize = 16;
+/// What a record adds to its plaintext: the header, the inner content type, the tag.
+pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;
+/// A `KeyUpdate` handshake message: type, 24-bit length 1, the request.
+const KEY_UPDATE: u8 = 24;
+/// rustls' bounds (see the module's notes).
+const EMPTY_IN_A_ROW: u8 = 32;
+const KEY_UPDATES_WITHOUT_DATA: u8 = 32;
+const WARNINGS: u8 = 4;
+/// rustls' hard limit on a sequence number: past it, a direction refuses.
+const SEQ_HARD_LIMIT: u64 = 0xffff_ffff_ffff_fffe;
+
+/// A fatal error: the alert the proxy sends (best effort) and the error it reports.
+#[derive(Debug)]
+pub(crate) struct Fatal {
+    /// `None` after the device's own fatal alert: nothing is sent back.
+    pub(crate) alert: Option<AlertDescription>,
+    pub(crate) error: Error,
+}
+
+fn fatal(alert: AlertDescription, error: impl Into<Error>) -> Fatal {
+    Fatal {
+        alert: Some(alert),
+        error: error.into(),
+    }
+}
+
+/// What one record held for the reader.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    /// Application data: the plaintext's range within the record.
+    Data(std::ops::Range<usize>),
+    /// Nothing for the reader (an empty record, a key update, a `user_canceled`).
+    Nothing,
+    /// The device's `close_notify`.
+    Closed,
+}
+
+/// One direction's keys.
+struct Direction {
+    secrets: ConnectionTrafficSecrets,
+    seq: u64,
+    /// Built at the first record after the session was idle.
+    key: Option<LessSafeKey>,
+}
+
+impl Direction {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Direction {
+        Direction {
+            secrets,
+            seq,
+            key: None,
+        }
+    }
+
+    fn parts(&self) -> (&'static Algorithm, &[u8], &Iv) {
+        match &self.secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key.as_ref(), iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key.as_ref(), iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&CHACHA20_POLY1305, key.as_ref(), iv)
+            }
+            _ => unreachable!("checked when the secrets were taken: `supported`"),
+        }
+    }
+
+    /// The key for the next record, and its nonce (the sequence number then moves on).
+    fn next(&mut self) -> Result<(&LessSafeKey, Nonce), Fatal> {
+        if self.seq >= SEQ_HARD_LIMIT {
+            return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+        }
+        let (algorithm, key_bytes, iv) = self.parts();
+        let nonce = Nonce::assume_unique_for_key(TlsNonce::new(iv, self.seq).0);
+        let built = match self.key {
+            Some(_) => None,
+            None => Some(
+                UnboundKey::new(algorithm, key_bytes)
+                    .map(LessSafeKey::new)
+                    .map_err(|_| fatal(AlertDescription::InternalError, Error::EncryptError))?,
+            ),
+        };
+        self.seq += 1;
+        let key = match built {
+            Some(key) => self.key.insert(key),
+            None => self
+                .key
+                .as_ref()
+                .ok_or_else(|| fatal(AlertDescription::InternalError, Error::EncryptError))?,
+        };
+        Ok((key, nonce))
+    }
+
+    /// New secrets (a key update): the context built for the old ones goes.
+    fn replace(&mut self, new: (u64, ConnectionTrafficSecrets)) {
+        *self = Direction::new(new);
+    }
+}
+
+/// Whether the proxy can take over a connection's records with these secrets.
+pub(crate) fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
+    matches!(
+        secrets,
+        ConnectionTrafficSecrets::Aes128Gcm { .. }
+            | ConnectionTrafficSecrets::Aes256Gcm { .. }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { .. }
+    )
+}
+
+/// A TLS 1.3 connection's record protection after the handshake.
+pub(crate) struct Records {
+    /// Derives the next traffic secrets at a key update.
+    kernel: KernelConnection<ServerConnectionData>,
+    rx: Direction,
+    tx: Direction,
+    /// Records sealed under one key before the proxy updates it.
+    tx_limit: u64,
+    empty_in_a_row: u8,
+    key_updates_left: u8,
+    warnings_left: u8,
+    /// This side's `close_notify` is sealed: nothing more is.
+    closed: bool,
+}
+
+impl Records {
+    /// From what rustls handed over; `None` if the suite is not one this module seals.
+    pub(crate) fn new(
+        (secrets, kernel): (
+            rustls::ExtractedSecrets,
+            KernelConnection<ServerConnectionData>,
+        ),
+    ) -> Option<Records> {
+        if !supported(&secrets.rx.1) || !supported(&secrets.tx.1) {
+            return None;
+        }
+        let tx_limit = match kernel.negotiated_cipher_suite() {
+            rustls::SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
+            _ => return None,
+        };
+        Some(Records {
+            kernel,
+            rx: Direction::new(secrets.rx),
+            tx: Direction::new(secrets.tx),
+            tx_limit: tx_limit.min(SEQ_HARD_LIMIT),
+            empty_in_a_row: 0,
+            key_updates_left: KEY_UPDATES_WITHOUT_DATA,
+            warnings_left: WARNINGS,
+            closed: false,
+        })
+    }
+
+    /// The session is idle: both AEAD contexts go (rebuilt from the secrets at the next
+    /// record).
+    pub(crate) fn idle(&mut self) {
+        self.rx.key = None;
+        self.tx.key = None;
+    }
+
+    /// Whether this side's `close_notify` (or a fatal alert) is sealed.
+    pub(crate) fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Seals at most `n` records under one key (for tests: the suite's limit is 2^24).
+    #[cfg(test)]
+    pub(crate) fn limit_records_per_key(&mut self, n: u64) {
+        self.tx_limit = n;
+    }
+
+    /// Records sealed under the present key (for tests).
+    #[cfg(test)]
+    pub(crate) fn sealed_under_this_key(&self) -> u64 {
+        self.tx.seq
+    }
+
+    /// Whether either AEAD context is built (for tests).
+    #[cfg(test)]
+    pub(crate) fn holds_contexts(&self) -> bool {
+        self.rx.key.is_some() || self.tx.key.is_some()
+    }
+
+    /// The length of the whole record at the front of `data`, once it is all there. Its
+    /// header is judged as soon as it is there, as rustls' deframer does: bytes that are not
+    /// a TLS 1.3 record are refused at once, not waited on for a length they never meant.
+    pub(crate) fn frame(data: &[u8]) -> Result<Option<usize>, Fatal> {
+        let Some(header) = data.get(..HEADER) else {
+            return Ok(None);
+        };
+        if header[0] != u8::from(ContentType::ApplicationData) {
+            // After the handshake every TLS 1.3 record is opaque application data.
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                Error::InappropriateMessage {
+                    expect_types: vec![ContentType::ApplicationData],
+                    got_type: ContentType::from(header[0]),
+                },
+            ));
+        }
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        if len > MAX_CIPHERTEXT {
+            return Err(fatal(AlertDescription::RecordOverflow, Error::DecryptError));
+        }
+        Ok((data.len() >= HEADER + len).then_some(HEADER + len))
+    }
+
+    /// Opens one whole record (as [`Records::frame`] found it), decrypted in place. An
+    /// answer it calls for (a key update's) is sealed onto the end of `answer`.
+    pub(crate) fn open(
+        &mut self,
+        record: &mut [u8],
+        answer: &mut Vec<u8>,
+    ) -> Result<Opened, Fatal> {
+        if Records::frame(record)? != Some(record.len()) {
+            return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
+        }
+        let (header, body) = record.split_at_mut(HEADER);
+        if body.len() < TAG {
+            return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
+        }
+        let aad = Aad::from(make_tls13_aad(body.len()));
+        debug_assert_eq!(
+            &aad.as_ref()[..],
+            &header[..],
+            "the AAD is the record's header"
+        );
+        let (key, nonce) = self.rx.next()?;
+        let plain = key
+            .open_in_place(nonce, aad, body)
+            .map_err(|_| fatal(AlertDescription::BadRecordMac, Error::DecryptError))?;
+        // The inner content type is the last byte that is not padding.
+        let Some(end) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::IllegalTlsInnerPlaintext,
+            ));
+        };
+        if end > MAX_FRAGMENT {
+            return Err(fatal(
+                AlertDescription::RecordOverflow,
+                Error::PeerSentOversizedRecord,
+            ));
+        }
+        let typ = ContentType::from(plain[end]);
+        let content = &plain[..end];
+        if content.is_empty() {
+            if self.empty_in_a_row == EMPTY_IN_A_ROW {
+                return Err(fatal(
+                    AlertDescription::UnexpectedMessage,
+                    PeerMisbehaved::TooManyEmptyFragments,
+                ));
+            }
+            self.empty_in_a_row += 1;
+        } else {
+            self.empty_in_a_row = 0;
+        }
+        match typ {
+            ContentType::ApplicationData => {
+                self.key_updates_left = KEY_UPDATES_WITHOUT_DATA;
+                Ok(if content.is_empty() {
+                    Opened::Nothing
+                } else {
+                    Opened::Data(HEADER..HEADER + end)
+                })
+            }
+            ContentType::Alert => self.alert(content),
+            ContentType::Handshake => {
+                let request = match content {
+                    [KEY_UPDATE, 0, 0, 1, request] => *request,
+                    [KEY_UPDATE, ..] => {
+                        // Longer (something after it: a key change must end its record),
+                        // shorter (split over records), or malformed.
+                        return Err(fatal(
+                            AlertDescription::UnexpectedMessage,
+                            PeerMisbehaved::KeyEpochWithPendingFragment,
+                        ));
+                    }
+                    _ => {
+                        return Err(fatal(
+                            AlertDescription::UnexpectedMessage,
+                            Error::InappropriateHandshakeMessage {
+                                expect_types: vec![rustls::HandshakeType::KeyUpdate],
+                                got_type: rustls::HandshakeType::from(
+                                    content.first().copied().unwrap_or(0),
+                                ),
+                            },
+                        ));
+                    }
+                };
+                self.key_update(request, answer)?;
+                Ok(Opened::Nothing)
+            }
+            other => Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                Error::InappropriateMessage {
+                    expect_types: vec![
+                        ContentType::ApplicationData,
+                        ContentType::Alert,
+                        ContentType::Handshake,
+                    ],
+                    got_type: other,
+                },
+            )),
+        }
+    }
+
+    fn alert(&mut self, content: &[u8]) -> Result<Opened, Fatal> {
+        let &[level, description] = content else {
+            return Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::TrailingData("alert"),
+            ));
+        };
+        let description = AlertDescription::from(description);
+        match level {
+            1 | 2 if description == AlertDescription::CloseNotify => Ok(Opened::Closed),
+            1 => {
+                if self.warnings_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::DecodeError,
+                        PeerMisbehaved::TooManyWarningAlertsReceived,
+                    ));
+                }
+                self.warnings_left -= 1;
+                // TLS 1.3 has no warnings but this one.
+                if description == AlertDescription::UserCanceled {
+                    Ok(Opened::Nothing)
+                } else {
+                    Err(fatal(
+                        AlertDescription::DecodeError,
+                        Error::AlertReceived(description),
+                    ))
+                }
+            }
+            2 => Err(Fatal {
+                alert: None,
+                error: Error::AlertReceived(description),
+            }),
+            _ => Err(fatal(
+                AlertDescription::IllegalParameter,
+                Error::AlertReceived(description),
+            )),
+        }
+    }
+
+    /// The device's keys changed; it asked for the proxy's to change too when `request` is 1.
+    fn key_update(&mut self, request: u8, answer: &mut Vec<u8>) -> Result<(), Fatal> {
+        if self.key_updates_left == 0 {
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::TooManyKeyUpdateRequests,
+            ));
+        }
+        self.key_updates_left -= 1;
+        match request {
+            0 => {}
+            1 if !self.closed => self.update_own_keys(answer)?,
+            1 => {}
+            _ => {
+                return Err(fatal(
+                    AlertDescription::IllegalParameter,
+                    rustls::InvalidMessage::InvalidKeyUpdate,
+                ));
+            }
+        }
+        let next = self
+            .kernel
+            .update_rx_secret()
+            .map_err(|e| fatal(AlertDescription::InternalError, e))?;
+        if !supported(&next.1) {
+            return Err(fatal(AlertDescription::InternalError, Error::DecryptError));
+        }
+        self.rx.replace(next);
+        Ok(())
+    }
+
+    /// Seals a `KeyUpdate` (not requesting one back) under the proxy's present keys onto
+    /// `out`, then moves to the next ones.
+    fn update_own_keys(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        let start = out.len();
+        out.resize(start + OVERHEAD + 5, 0);
+        let n = self.seal_record(
+            ContentType::Handshake,
+            &[KEY_UPDATE, 0, 0, 1, 0],
+            &mut out[start..],
+        );
+        match n {
+            Ok(n) => out.truncate(start + n),
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+        let next = self
+            .kernel
+            .update_tx_secret()
+            .map_err(|e| fatal(AlertDescription::InternalError, e))?;
+        if !supported(&next.1) {
+            return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+        }
+        self.tx.replace(next);
+        Ok(())
+    }
+
+    /// Room [`Records::seal`] needs for `len` bytes of data, at most.
+    pub(crate) fn sealed_len(len: usize) -> usize {
+        // A key update may go first.
+        OVERHEAD + 5 + len + len.div_ceil(MAX_FRAGMENT).max(1) * OVERHEAD
+    }
+
+    /// Seals `data` as application-data records into `out` (at least
+    /// [`Records::sealed_len`] bytes); the bytes written. An empty `data` seals nothing.
+    pub(crate) fn seal(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
+        if self.closed {
+            return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+        }
+        let mut written = 0;
+        for chunk in data.chunks(MAX_FRAGMENT) {
+            if self.tx.seq >= self.tx_limit {
+                // The suite's limit for one key: the next ones, as rustls refreshes them.
+                let mut update = Vec::new();
+                self.update_own_keys(&mut update)?;
+                out[written..written + update.len()].copy_from_slice(&update);
+                written += update.len();
+            }
+            written +=
+                self.seal_record(ContentType::ApplicationData, chunk, &mut out[written..])?;
+        }
+        Ok(written)
+    }
+
+    /// Seals this side's `close_notify` onto the end of `out`: the last record sealed.
+    pub(crate) fn seal_close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        self.seal_alert(AlertDescription::CloseNotify, out)?;
+        self.closed = true;
+        Ok(())
+    }
+
+    /// Seals a fatal alert onto the end of `out` (best effort: nothing if this side is
+    /// closed or the keys have run out).
+    pub(crate) fn seal_fatal(&mut self, alert: AlertDescription, out: &mut Vec<u8>) {
+        if self.seal_alert(alert, out).is_ok() {
+            self.closed = true;
+        }
+    }
+
+    fn seal_alert(&mut self, alert: AlertDescription, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        if self.closed {
+            return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+        }
+        let level = if alert == AlertDescription::CloseNotify {
+            1
+        } else {
+            2
+        };
+        let start = out.len();
+        out.resize(start + OVERHEAD + 2, 0);
+        match self.seal_record(
+            ContentType::Alert,
+            &[level, u8::from(alert)],
+            &mut out[start..],
+        ) {
+            Ok(n) => {
+                out.truncate(start + n);
+                Ok(())
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    /// One record of `typ` carrying `content` (at most 2^14 bytes) into the front of `out`.
+    fn seal_record(
+        &mut self,
+        typ: ContentType,
+        content: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, Fatal> {
+        debug_assert!(content.len() <= MAX_FRAGMENT);
+        let body = content.len() + 1 + TAG;
+        let total = HEADER + body;
+        let header = make_tls13_aad(body);
+        let (key, nonce) = self.tx.next()?;
+        let record = &mut out[..total];
+        record[..HEADER].copy_from_slice(&header);
+        record[HEADER..HEADER + content.len()].copy_from_slice(content);
+        record[HEADER + content.len()] = u8::from(typ);
+        let (inner, tag) = record[HEADER..].split_at_mut(content.len() + 1);
+        let sealed = key
+            .seal_in_place_separate_tag(nonce, Aad::from(header), inner)
+            .map_err(|_| fatal(AlertDescription::InternalError, Error::EncryptError))?;
+        tag.copy_from_slice(sealed.as_ref());
+        Ok(total)
+    }
+}
