@@ -47,11 +47,17 @@ const TAG: usize = 16;
 pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;
 /// A `KeyUpdate` handshake message: type, 24-bit length 1, the request.
 const KEY_UPDATE: u8 = 24;
+/// The fewest records under one key for which one seal (at most four records: `TlsStream`
+/// seals 64 KiB at a time) needs one key update at most; every suite's limit is far above.
+#[cfg(test)]
+const MIN_LIMIT: u64 = 6;
 /// rustls' bounds (see the module's notes).
 const EMPTY_IN_A_ROW: u8 = 32;
 const KEY_UPDATES_WITHOUT_DATA: u8 = 32;
 const WARNINGS: u8 = 4;
-/// rustls' hard limit on a sequence number: past it, a direction refuses.
+/// rustls' limits on a sequence number: keys are updated at the soft one, and a direction
+/// refuses at the hard one.
+const SEQ_SOFT_LIMIT: u64 = 0xffff_ffff_ffff_0000;
 const SEQ_HARD_LIMIT: u64 = 0xffff_ffff_ffff_fffe;
 
 /// A fatal error: the alert the proxy sends (best effort) and the error it reports.
@@ -156,8 +162,12 @@ pub(crate) struct Records {
     kernel: KernelConnection<ServerConnectionData>,
     rx: Direction,
     tx: Direction,
-    /// Records sealed under one key before the proxy updates it.
+    /// Records sealed under one key, the proxy's `KeyUpdate` the last of them.
     tx_limit: u64,
+    /// The device asked for the proxy's keys to change: answered once, before the next
+    /// record the proxy seals (requests that arrive together get one answer, RFC 8446
+    /// §4.6.3, as rustls does).
+    answer_owed: bool,
     empty_in_a_row: u8,
     key_updates_left: u8,
     warnings_left: u8,
@@ -184,7 +194,8 @@ impl Records {
             kernel,
             rx: Direction::new(secrets.rx),
             tx: Direction::new(secrets.tx),
-            tx_limit: tx_limit.min(SEQ_HARD_LIMIT),
+            tx_limit: tx_limit.min(SEQ_SOFT_LIMIT),
+            answer_owed: false,
             empty_in_a_row: 0,
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
             warnings_left: WARNINGS,
@@ -207,6 +218,7 @@ impl Records {
     /// Seals at most `n` records under one key (for tests: the suite's limit is 2^24).
     #[cfg(test)]
     pub(crate) fn limit_records_per_key(&mut self, n: u64) {
+        assert!(n >= MIN_LIMIT, "one seal updates the keys once at most");
         self.tx_limit = n;
     }
 
@@ -246,13 +258,9 @@ impl Records {
         Ok((data.len() >= HEADER + len).then_some(HEADER + len))
     }
 
-    /// Opens one whole record (as [`Records::frame`] found it), decrypted in place. An
-    /// answer it calls for (a key update's) is sealed onto the end of `answer`.
-    pub(crate) fn open(
-        &mut self,
-        record: &mut [u8],
-        answer: &mut Vec<u8>,
-    ) -> Result<Opened, Fatal> {
+    /// Opens one whole record (as [`Records::frame`] found it), decrypted in place. A key
+    /// update the device asks for is owed from then on ([`Records::answer`]).
+    pub(crate) fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
         if Records::frame(record)? != Some(record.len()) {
             return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
         }
@@ -260,16 +268,21 @@ impl Records {
         if body.len() < TAG {
             return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
         }
+        // The header as a TLS 1.3 sender writes it (rustls' own AAD): its legacy version is
+        // ignored (RFC 8446 §5.1), as rustls ignores it.
+        let _ = header;
         let aad = Aad::from(make_tls13_aad(body.len()));
-        debug_assert_eq!(
-            &aad.as_ref()[..],
-            &header[..],
-            "the AAD is the record's header"
-        );
         let (key, nonce) = self.rx.next()?;
         let plain = key
             .open_in_place(nonce, aad, body)
             .map_err(|_| fatal(AlertDescription::BadRecordMac, Error::DecryptError))?;
+        if plain.len() > MAX_FRAGMENT + 1 {
+            // Content, type and padding together are bounded as the content is.
+            return Err(fatal(
+                AlertDescription::RecordOverflow,
+                Error::PeerSentOversizedRecord,
+            ));
+        }
         // The inner content type is the last byte that is not padding.
         let Some(end) = plain.iter().rposition(|&b| b != 0) else {
             return Err(fatal(
@@ -329,7 +342,7 @@ impl Records {
                         ));
                     }
                 };
-                self.key_update(request, answer)?;
+                self.key_update(request)?;
                 Ok(Opened::Nothing)
             }
             other => Err(fatal(
@@ -386,7 +399,7 @@ impl Records {
     }
 
     /// The device's keys changed; it asked for the proxy's to change too when `request` is 1.
-    fn key_update(&mut self, request: u8, answer: &mut Vec<u8>) -> Result<(), Fatal> {
+    fn key_update(&mut self, request: u8) -> Result<(), Fatal> {
         if self.key_updates_left == 0 {
             return Err(fatal(
                 AlertDescription::UnexpectedMessage,
@@ -396,8 +409,7 @@ impl Records {
         self.key_updates_left -= 1;
         match request {
             0 => {}
-            1 if !self.closed => self.update_own_keys(answer)?,
-            1 => {}
+            1 => self.answer_owed = !self.closed,
             _ => {
                 return Err(fatal(
                     AlertDescription::IllegalParameter,
@@ -416,9 +428,26 @@ impl Records {
         Ok(())
     }
 
+    /// Seals the answer to the device's request for new keys, if one is owed, onto `out`.
+    pub(crate) fn answer(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        if std::mem::take(&mut self.answer_owed) && !self.closed {
+            self.update_own_keys(out)?;
+        }
+        Ok(())
+    }
+
     /// Seals a `KeyUpdate` (not requesting one back) under the proxy's present keys onto
     /// `out`, then moves to the next ones.
     fn update_own_keys(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        let updated = self.try_update_own_keys(out);
+        if updated.is_err() {
+            // Told or not, the device and the proxy may no longer agree on the keys.
+            self.closed = true;
+        }
+        updated
+    }
+
+    fn try_update_own_keys(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
         let start = out.len();
         out.resize(start + OVERHEAD + 5, 0);
         let n = self.seal_record(
@@ -446,19 +475,37 @@ impl Records {
 
     /// Room [`Records::seal`] needs for `len` bytes of data, at most.
     pub(crate) fn sealed_len(len: usize) -> usize {
-        // A key update may go first.
-        OVERHEAD + 5 + len + len.div_ceil(MAX_FRAGMENT).max(1) * OVERHEAD
+        // An answer may go first, and a key update before any record (at most one per seal
+        // of up to four records, with at least `MIN_LIMIT` records per key).
+        let records = len.div_ceil(MAX_FRAGMENT).max(1);
+        2 * (OVERHEAD + 5) + len + records * OVERHEAD
     }
 
     /// Seals `data` as application-data records into `out` (at least
     /// [`Records::sealed_len`] bytes); the bytes written. An empty `data` seals nothing.
+    /// A failure closes this side: nothing is sealed again (a sequence number may have been
+    /// spent, or the keys changed without the device told).
     pub(crate) fn seal(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
+        let sealed = self.seal_data(data, out);
+        if sealed.is_err() {
+            self.closed = true;
+        }
+        sealed
+    }
+
+    fn seal_data(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
         if self.closed {
             return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
         }
         let mut written = 0;
+        if self.answer_owed {
+            let mut update = Vec::new();
+            self.answer(&mut update)?;
+            out[written..written + update.len()].copy_from_slice(&update);
+            written += update.len();
+        }
         for chunk in data.chunks(MAX_FRAGMENT) {
-            if self.tx.seq >= self.tx_limit {
+            if self.tx.seq + 1 >= self.tx_limit {
                 // The suite's limit for one key: the next ones, as rustls refreshes them.
                 let mut update = Vec::new();
                 self.update_own_keys(&mut update)?;

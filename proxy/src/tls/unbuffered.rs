@@ -144,6 +144,12 @@ pub(crate) struct TlsStream {
     /// rustls reported an error: its alert is had once (`alert_after_error`), and nothing is
     /// processed again (the bytes that failed would fail again, see there).
     failed: Failed,
+    /// While the handshake runs: how many bytes of `incoming` (from its front) rustls has been
+    /// given. It gets them a record at a time and none after the device's Finished, so that
+    /// what follows the handshake (data, a key update) is still unread when the handshake is
+    /// shed: rustls would answer a key update only with its next data, an answer the shed
+    /// would lose ([`TlsStream::shed_handshake`]). `None` once the handshake is done.
+    fed: Option<u32>,
 }
 
 /// Who protects the records.
@@ -218,10 +224,15 @@ impl TlsStream {
             tcp_eof: false,
             close_sent: false,
             failed: Failed::No,
+            fed: Some(0),
         };
         let mut name = None;
         match poll_fn(|cx| tls.poll_handshake(cx, &mut name)).await {
-            Ok(()) => Ok((tls, name)),
+            Ok(()) => {
+                // What follows the Finished is read as rustls' or as `records`' from here.
+                tls.fed = None;
+                Ok((tls, name))
+            }
             Err(e) => {
                 // What rustls has to say (its alert) goes out if the socket takes it at once.
                 tls.alert_after_error();
@@ -367,7 +378,18 @@ impl TlsStream {
             }
         };
         loop {
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut data[*taken..]);
+            let before = *taken;
+            let rest = data.len() - *taken;
+            let limit = match self.fed {
+                None => rest,
+                Some(fed) if conn.is_handshaking() => {
+                    next_record_end(&data[*taken..], fed as usize)
+                }
+                // The Finished is processed: nothing more until the handshake is shed.
+                Some(fed) => (fed as usize).min(rest),
+            };
+            let UnbufferedStatus { discard, state } =
+                conn.process_tls_records(&mut data[*taken..*taken + limit]);
             // Done with, even when `state` is an error: rustls processed those bytes.
             *taken += discard;
             let next = match state.map_err(|e| failed(&mut self.failed, e))? {
@@ -445,6 +467,18 @@ impl TlsStream {
                 }
                 _ => return Err(io::Error::other("unexpected TLS connection state")),
             };
+            if let Some(fed) = &mut self.fed {
+                let seen = limit.saturating_sub(*taken - before);
+                // Within `MAX_PENDING` and a read: far below `u32::MAX`.
+                *fed = u32::try_from(seen).unwrap_or(u32::MAX);
+                if matches!(next, Some(Next::Read))
+                    && conn.is_handshaking()
+                    && seen < data.len() - *taken
+                {
+                    // More of what was read is there to give before reading again.
+                    continue;
+                }
+            }
             if let Some(next) = next {
                 return Ok(next);
             }
@@ -483,7 +517,7 @@ impl TlsStream {
                 Err(f) => return Err(fail(records, &mut self.outgoing, f)),
             };
             let record = &mut rest[..len];
-            let opened = records.open(record, &mut self.outgoing);
+            let opened = records.open(record);
             *taken += len;
             match opened {
                 Ok(Opened::Data(range)) => deliver(
@@ -499,6 +533,10 @@ impl TlsStream {
         if self.peer_closed {
             // What follows the device's `close_notify` is not read.
             *taken = data.len();
+        }
+        // The device asked for new keys: one answer for all it asked, before anything else.
+        if let Err(f) = records.answer(&mut self.outgoing) {
+            return Err(fail(records, &mut self.outgoing, f));
         }
         match send {
             ToSend::Data(plain, n) => {
@@ -625,6 +663,20 @@ impl TlsStream {
             self.plain_at = 0;
         }
         true
+    }
+}
+
+/// How much of `rest` rustls may see during the handshake: the `fed` bytes it has seen, and
+/// the record after them if it is all there (all of `rest` otherwise: rustls waits for the
+/// rest of it).
+fn next_record_end(rest: &[u8], fed: usize) -> usize {
+    let fed = fed.min(rest.len());
+    match rest.get(fed + 3..fed + 5) {
+        Some(&[a, b]) => {
+            let end = fed + 5 + usize::from(u16::from_be_bytes([a, b]));
+            end.min(rest.len())
+        }
+        _ => rest.len(),
     }
 }
 
@@ -1350,15 +1402,15 @@ mod tests {
         }
     }
 
-    /// A raw device and the proxy's end, the handshake shed (no tickets: nothing from the
-    /// proxy is in flight when the device takes its secrets).
-    async fn raw_pair() -> (RawDevice, TlsStream) {
+    /// A raw device and the proxy's end, the handshake shed or not (no tickets: nothing from
+    /// the proxy is in flight when the device takes its secrets).
+    async fn raw_pair(shed: bool) -> (RawDevice, TlsStream) {
         let (config, client) = configs(true);
         let mut config = Arc::unwrap_or_clone(config);
         config.send_tls13_tickets = 0;
         let mut client = Arc::unwrap_or_clone(client);
         client.enable_secret_extraction = true;
-        let (client, server) = pair_with(Arc::new(config), Arc::new(client), false, true).await;
+        let (client, server) = pair_with(Arc::new(config), Arc::new(client), false, shed).await;
         let (tcp, conn) = client.into_inner();
         let secrets = conn.dangerous_extract_secrets().unwrap();
         let device = RawDevice {
@@ -1369,13 +1421,14 @@ mod tests {
         (device, server)
     }
 
-    /// What the proxy's end does with records a library would not send, one per row: each
-    /// refused with rustls' alert (its description: RFC 8446 §6), or read as rustls reads it.
+    /// What the proxy's end does with records a library would not send, one per row, on both
+    /// ways of protecting the records: each refused on both (with the alert named: RFC 8446
+    /// §6, the records' own; rustls' may name another or send none), or read on both.
     #[tokio::test]
-    async fn records_no_library_sends_are_refused_as_rustls_refuses_them() {
+    async fn records_no_library_sends_are_refused_on_both_engines() {
         // (what, the records, the alert the device gets back or `None` when read on)
         type Send = fn(&mut RawDevice) -> Vec<u8>;
-        let rows: [(&str, Send, Option<u8>); 14] = [
+        let rows: [(&str, Send, Option<u8>); 16] = [
             ("data, padded", |d| d.seal(23, b"ping", 100), None),
             (
                 "a user_canceled warning, then data",
@@ -1430,6 +1483,21 @@ mod tests {
                 Some(22),
             ),
             (
+                // Ignored, as RFC 8446 §5.1 says (both read it with TLS 1.2's in the AAD).
+                "a legacy version other than TLS 1.2's",
+                |d| {
+                    let mut r = d.seal(23, b"ping", 0);
+                    r[2] = 1;
+                    r
+                },
+                None,
+            ),
+            (
+                "more than 2^14 + 1 bytes with the padding",
+                |d| d.seal(23, b"ping", 1 << 14),
+                Some(22),
+            ),
+            (
                 "a changed byte",
                 |d| {
                     let mut r = d.seal(23, b"ping", 0);
@@ -1464,8 +1532,8 @@ mod tests {
                 Some(50),
             ),
         ];
-        for (what, records, alert) in rows {
-            let (mut device, mut server) = raw_pair().await;
+        for ((what, records, alert), shed) in rows.into_iter().flat_map(|r| SHED.map(|s| (r, s))) {
+            let (mut device, mut server) = raw_pair(shed).await;
             let bytes = records(&mut device);
             device.tcp.write_all(&bytes).await.unwrap();
             let mut got = [0u8; 4];
@@ -1486,17 +1554,24 @@ mod tests {
                     let e = read.expect_err(what);
                     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}: {e}");
                     drop(server);
-                    assert_eq!(device.alert().await, Some(vec![2, description]), "{what}");
+                    let told = device.alert().await;
+                    if shed {
+                        assert_eq!(told, Some(vec![2, description]), "{what}");
+                    } else {
+                        assert!(told.as_ref().is_none_or(|a| a[0] == 2), "{what}: {told:?}");
+                    }
                 }
             }
         }
         // The device's own fatal alert: the proxy's end fails and sends nothing back.
-        let (mut device, mut server) = raw_pair().await;
-        device.send(21, &[2, 40], 0).await;
-        let e = server.read(&mut [0u8; 4]).await.unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
-        drop(server);
-        assert_eq!(device.alert().await, None);
+        for shed in SHED {
+            let (mut device, mut server) = raw_pair(shed).await;
+            device.send(21, &[2, 40], 0).await;
+            let e = server.read(&mut [0u8; 4]).await.unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+            drop(server);
+            assert_eq!(device.alert().await, None);
+        }
     }
 
     /// Once shed, an idle session holds no AEAD context (built at the next record, dropped
@@ -1538,33 +1613,35 @@ mod tests {
     /// device with a KeyUpdate: every record after it opens with the next keys.
     #[tokio::test]
     async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
-        let (mut client, mut server) = pair(false, true).await;
-        let super::Conn::Records(records) = &mut server.conn else {
-            panic!("not shed");
-        };
-        records.limit_records_per_key(3);
-        let down = pattern(100_000, 3);
-        for part in down.chunks(1_000) {
-            server.write_all(part).await.unwrap();
+        for limit in [6, 7] {
+            let (mut client, mut server) = pair(false, true).await;
+            let super::Conn::Records(records) = &mut server.conn else {
+                panic!("not shed");
+            };
+            records.limit_records_per_key(limit);
+            let down = pattern(100_000, 3);
+            for part in down.chunks(1_000) {
+                server.write_all(part).await.unwrap();
+                server.flush().await.unwrap();
+            }
+            let mut got = vec![0u8; down.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == down, "the proxy's bytes arrived changed");
+            // A burst past the limit within one write (64 KiB: four records, one update).
+            let big = pattern(1 << 16, 4);
+            server.write_all(&big).await.unwrap();
             server.flush().await.unwrap();
+            let mut got = vec![0u8; big.len()];
+            client.read_exact(&mut got).await.unwrap();
+            assert!(got == big, "the proxy's bytes arrived changed");
+            let super::Conn::Records(records) = &server.conn else {
+                panic!("not shed");
+            };
+            assert!(
+                records.sealed_under_this_key() < limit,
+                "no key update at the limit"
+            );
         }
-        let mut got = vec![0u8; down.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert!(got == down, "the proxy's bytes arrived changed");
-        // A burst past the limit within one write (64 KiB: four records, one update).
-        let big = pattern(1 << 16, 4);
-        server.write_all(&big).await.unwrap();
-        server.flush().await.unwrap();
-        let mut got = vec![0u8; big.len()];
-        client.read_exact(&mut got).await.unwrap();
-        assert!(got == big, "the proxy's bytes arrived changed");
-        let super::Conn::Records(records) = &server.conn else {
-            panic!("not shed");
-        };
-        assert!(
-            records.sealed_under_this_key() <= 3,
-            "no key update at the limit"
-        );
     }
 
     /// 32 key updates in a row are answered; the 33rd without data between is refused, as
@@ -1581,6 +1658,69 @@ mod tests {
             let mut got = [0u8; 4];
             let read = server.read_exact(&mut got).await;
             assert_eq!(read.is_err(), refused, "{updates}: {read:?}");
+        }
+    }
+
+    /// A device whose key update (asking for the proxy's) goes out in one write with its
+    /// Finished and its first data: rustls sees the handshake's records only, so the update
+    /// is still unread at the shed and answered by the records; on rustls' connection, by
+    /// rustls. Either way the device opens what the proxy sends after.
+    #[tokio::test]
+    async fn a_key_update_sent_with_the_finished_is_answered() {
+        use std::io::{Read, Write};
+        for shed in SHED {
+            let (config, client) = configs(true);
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let device = tokio::task::spawn_blocking(move || {
+                let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+                let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+                let mut conn = rustls::ClientConnection::new(client, name).unwrap();
+                loop {
+                    while conn.wants_write() && conn.is_handshaking() {
+                        conn.write_tls(&mut tcp).unwrap();
+                    }
+                    if !conn.is_handshaking() {
+                        break;
+                    }
+                    conn.read_tls(&mut tcp).unwrap();
+                    conn.process_new_packets().unwrap();
+                }
+                // The last flight (the Finished) is queued: the key update and data join it.
+                conn.refresh_traffic_keys().unwrap();
+                conn.writer().write_all(b"ping").unwrap();
+                let mut flight = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut flight).unwrap();
+                }
+                tcp.write_all(&flight).unwrap();
+                let mut got = Vec::new();
+                while got.len() < 4 {
+                    if conn.read_tls(&mut tcp).unwrap() == 0 {
+                        break;
+                    }
+                    conn.process_new_packets()
+                        .expect("the proxy's records open");
+                    let mut buf = [0u8; 16];
+                    match conn.reader().read(&mut buf) {
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                got
+            });
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (mut server, _) = TlsStream::accept(config, tcp).await.unwrap();
+            if shed {
+                server.shed_handshake().unwrap();
+            }
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ping");
+            server.write_all(b"pong").await.unwrap();
+            server.flush().await.unwrap();
+            assert_eq!(device.await.unwrap(), b"pong", "shed: {shed}");
         }
     }
 }
