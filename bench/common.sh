@@ -3,7 +3,9 @@
 # DEVICES devices and one gateway identity, the echo app in D/apps, and `field NAME LINE`,
 # which reads NAME=VALUE out of a process's `ready ...` line; `wait_ready FILE` waits for that
 # line, and `link_gateways MAX_SESSIONS` starts two link gateways (g0, g1) running the echo
-# app, their `--gateway` flags for a proxy in GWS.
+# app, their `--gateway` flags for a proxy in GWS. `proxy_admin PID` prints the admin
+# address of the proxy PID once it answers; `rss_before_first_connection PID ADMIN FIELD`
+# prints its /proc status FIELD (VmRSS, RssAnon) as last read before it counted a connection.
 bench_setup() {
   W=$(mktemp -d)
   PIDS=()
@@ -28,4 +30,24 @@ link_gateways() {
     line=$(head -1 "$W/$g.out")
     GWS+=(--gateway "$g=$(field listen "$line");health=$(field admin "$line")")
   done
+}
+proxy_admin() {
+  local admin=""
+  until [ -n "$admin" ]; do
+    admin=$(ss -ltnpH | grep "pid=$1," | awk '{print $4}' | while read -r a; do curl -s -m1 "http://$a/metrics" | grep -q wasmbed_proxy && echo "$a"; done | head -1)
+  done
+  echo "$admin"
+}
+# A fleet started once the proxy is ready already has connections a second later: a base read
+# then held a few hundred sessions (about 300 B per session low at 9,000).
+rss_before_first_connection() {
+  local base="" r open
+  while :; do
+    r=$(grep "$3" "/proc/$1/status" | awk '{print $2}')
+    open=$(curl -s -m1 "http://$2/metrics" | awk '/^wasmbed_proxy_connections_open\{/ {n += $2} END {print n + 0}')
+    [ "$open" -gt 0 ] && break
+    base=$r
+    sleep 0.05
+  done
+  echo "$base"
 }

@@ -7,6 +7,8 @@
 # (the long QUIC run: `COUNTERS=1 SAMPLES=24 EVERY=25 bash rss-over-time.sh BIN 9000 quic`).
 # Usage: bash rss-over-time.sh BIN N tcp|quic [more `up` arguments]   (from the repository root)
 set -u
+# shellcheck source=bench/common.sh
+. bench/common.sh
 B=$1; N=$2; T=$3; shift 3
 out=/tmp/trim-up.txt; : > $out
 $B up --mode terminate --upstream link --transport $T --gateways 5 --devices "$N" --rate ${RATE:-0.01} --ramp "${RAMP:-250}" \
@@ -17,18 +19,8 @@ until [ -n "$proxy" ]; do proxy=$(pgrep -P "$up" -f " proxy --listen"); sleep 0.
 # The base is the proxy's last reading before its first device connection: the fleet starts
 # as soon as the proxy is ready, and a reading a second later already held a few hundred
 # sessions (about 290 B per session at 9,000, in the runs before this check).
-admin=""
-until [ -n "$admin" ]; do
-  admin=$(ss -ltnpH | grep "pid=$proxy," | awk '{print $4}' | while read -r a; do curl -s -m1 "http://$a/metrics" | grep -q wasmbed_proxy && echo "$a"; done | head -1)
-done
-base=""
-while :; do
-  r=$(grep RssAnon /proc/$proxy/status | awk '{print $2}')
-  open=$(curl -s -m1 "http://$admin/metrics" | awk '/^wasmbed_proxy_connections_open\{/ {n += $2} END {print n + 0}')
-  [ "$open" -gt 0 ] && break
-  base=$r
-  sleep 0.05
-done
+admin=$(proxy_admin "$proxy")
+base=$(rss_before_first_connection "$proxy" "$admin" RssAnon)
 [ -n "$base" ] || { echo "no reading before the first connection" >&2; kill -INT "$up"; exit 1; }
 until grep -Eq "connected +$N/$N" "$out"; do sleep 1; done
 [ "${COUNTERS:-0}" = 1 ] || admin=""

@@ -2,10 +2,14 @@
 //! secrets (its kernel-connection API, made for kTLS) and keeps only what derives the next
 //! ones at a key update; this module seals and opens the records itself.
 //!
+//! It sits between the device's socket and the session, inside `TlsStream`
+//! (`tls/unbuffered.rs`), from the moment `terminate` has read what it needs of the handshake
+//! (`TlsStream::shed_handshake`) to the connection's end.
+//!
 //! Why: after the handshake, rustls' connection holds its whole state machine, its buffers
 //! and two AEAD contexts (aws-lc's AES-GCM context is 592 bytes, allocated, for each
-//! direction) for the connection's life: about half of an idle terminated session
-//! (docs/performance.md, "An idle terminated session's TLS"). Here a direction holds its
+//! direction) for the connection's life: a third of an idle terminated session
+//! (docs/performance.md, "The records without rustls' connection"). Here a direction holds its
 //! secret (key and IV, 60 bytes) and its sequence number; its AEAD context is built when a
 //! record is sealed or opened and dropped when the session goes idle ([`Records::idle`]).
 //!
@@ -36,7 +40,7 @@ use rustls::server::ServerConnectionData;
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType, Error, PeerMisbehaved};
 
 /// A record's header: type, legacy version, length.
-pub(crate) const HEADER: usize = 5;
+const HEADER: usize = 5;
 /// The most plaintext a record carries.
 const MAX_FRAGMENT: usize = 1 << 14;
 /// The most ciphertext a TLS 1.3 record may carry (RFC 8446 §5.2).
@@ -44,7 +48,7 @@ const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
 /// The AEAD tag, 16 bytes for every TLS 1.3 suite.
 const TAG: usize = 16;
 /// What a record adds to its plaintext: the header, the inner content type, the tag.
-pub(crate) const OVERHEAD: usize = HEADER + 1 + TAG;
+const OVERHEAD: usize = HEADER + 1 + TAG;
 /// A `KeyUpdate` handshake message: type, 24-bit length 1, the request.
 const KEY_UPDATE: u8 = 24;
 /// The fewest records under one key for which one seal (at most four records: `TlsStream`
@@ -103,40 +107,24 @@ impl Direction {
         }
     }
 
-    fn parts(&self) -> (&'static Algorithm, &[u8], &Iv) {
-        match &self.secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key.as_ref(), iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key.as_ref(), iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&CHACHA20_POLY1305, key.as_ref(), iv)
-            }
-            _ => unreachable!("checked when the secrets were taken: `supported`"),
-        }
-    }
-
     /// The key for the next record, and its nonce (the sequence number then moves on).
     fn next(&mut self) -> Result<(&LessSafeKey, Nonce), Fatal> {
-        if self.seq >= SEQ_HARD_LIMIT {
-            return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+        let Direction { secrets, seq, key } = self;
+        let refused = || fatal(AlertDescription::InternalError, Error::EncryptError);
+        let (algorithm, key_bytes, iv) = parts(secrets).ok_or_else(refused)?;
+        if *seq >= SEQ_HARD_LIMIT {
+            return Err(refused());
         }
-        let (algorithm, key_bytes, iv) = self.parts();
-        let nonce = Nonce::assume_unique_for_key(TlsNonce::new(iv, self.seq).0);
-        let built = match self.key {
-            Some(_) => None,
-            None => Some(
+        let nonce = Nonce::assume_unique_for_key(TlsNonce::new(iv, *seq).0);
+        let key = match key {
+            Some(key) => key,
+            None => key.insert(
                 UnboundKey::new(algorithm, key_bytes)
                     .map(LessSafeKey::new)
-                    .map_err(|_| fatal(AlertDescription::InternalError, Error::EncryptError))?,
+                    .map_err(|_| refused())?,
             ),
         };
-        self.seq += 1;
-        let key = match built {
-            Some(key) => self.key.insert(key),
-            None => self
-                .key
-                .as_ref()
-                .ok_or_else(|| fatal(AlertDescription::InternalError, Error::EncryptError))?,
-        };
+        *seq += 1;
         Ok((key, nonce))
     }
 
@@ -146,14 +134,34 @@ impl Direction {
     }
 }
 
+/// The next secrets rustls derived at a key update, if this module seals their suite (it
+/// does: a key update keeps the suite).
+fn next_secrets(
+    next: Result<(u64, ConnectionTrafficSecrets), Error>,
+) -> Result<(u64, ConnectionTrafficSecrets), Fatal> {
+    let next = next.map_err(|e| fatal(AlertDescription::InternalError, e))?;
+    if !supported(&next.1) {
+        return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+    }
+    Ok(next)
+}
+
+/// The AEAD, key and IV of secrets this module seals (every TLS 1.3 suite rustls' aws-lc
+/// provider has); `None` for others.
+fn parts(secrets: &ConnectionTrafficSecrets) -> Option<(&'static Algorithm, &[u8], &Iv)> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => Some((&AES_128_GCM, key.as_ref(), iv)),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => Some((&AES_256_GCM, key.as_ref(), iv)),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            Some((&CHACHA20_POLY1305, key.as_ref(), iv))
+        }
+        _ => None,
+    }
+}
+
 /// Whether the proxy can take over a connection's records with these secrets.
-pub(crate) fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
-    matches!(
-        secrets,
-        ConnectionTrafficSecrets::Aes128Gcm { .. }
-            | ConnectionTrafficSecrets::Aes256Gcm { .. }
-            | ConnectionTrafficSecrets::Chacha20Poly1305 { .. }
-    )
+fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
+    parts(secrets).is_some()
 }
 
 /// A TLS 1.3 connection's record protection after the handshake.
@@ -264,13 +272,12 @@ impl Records {
         if Records::frame(record)? != Some(record.len()) {
             return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
         }
-        let (header, body) = record.split_at_mut(HEADER);
+        let body = &mut record[HEADER..];
         if body.len() < TAG {
             return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
         }
-        // The header as a TLS 1.3 sender writes it (rustls' own AAD): its legacy version is
-        // ignored (RFC 8446 §5.1), as rustls ignores it.
-        let _ = header;
+        // The header as a TLS 1.3 sender writes it (rustls' own AAD), not as it came: its
+        // legacy version is ignored (RFC 8446 §5.1), as rustls ignores it.
         let aad = Aad::from(make_tls13_aad(body.len()));
         let (key, nonce) = self.rx.next()?;
         let plain = key
@@ -290,12 +297,6 @@ impl Records {
                 PeerMisbehaved::IllegalTlsInnerPlaintext,
             ));
         };
-        if end > MAX_FRAGMENT {
-            return Err(fatal(
-                AlertDescription::RecordOverflow,
-                Error::PeerSentOversizedRecord,
-            ));
-        }
         let typ = ContentType::from(plain[end]);
         let content = &plain[..end];
         if content.is_empty() {
@@ -417,13 +418,7 @@ impl Records {
                 ));
             }
         }
-        let next = self
-            .kernel
-            .update_rx_secret()
-            .map_err(|e| fatal(AlertDescription::InternalError, e))?;
-        if !supported(&next.1) {
-            return Err(fatal(AlertDescription::InternalError, Error::DecryptError));
-        }
+        let next = next_secrets(self.kernel.update_rx_secret())?;
         self.rx.replace(next);
         Ok(())
     }
@@ -448,27 +443,8 @@ impl Records {
     }
 
     fn try_update_own_keys(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
-        let start = out.len();
-        out.resize(start + OVERHEAD + 5, 0);
-        let n = self.seal_record(
-            ContentType::Handshake,
-            &[KEY_UPDATE, 0, 0, 1, 0],
-            &mut out[start..],
-        );
-        match n {
-            Ok(n) => out.truncate(start + n),
-            Err(e) => {
-                out.truncate(start);
-                return Err(e);
-            }
-        }
-        let next = self
-            .kernel
-            .update_tx_secret()
-            .map_err(|e| fatal(AlertDescription::InternalError, e))?;
-        if !supported(&next.1) {
-            return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
-        }
+        self.seal_onto(ContentType::Handshake, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
+        let next = next_secrets(self.kernel.update_tx_secret())?;
         self.tx.replace(next);
         Ok(())
     }
@@ -542,13 +518,19 @@ impl Records {
         } else {
             2
         };
+        self.seal_onto(ContentType::Alert, &[level, u8::from(alert)], out)
+    }
+
+    /// One record of `typ` carrying `content` (a few bytes) onto the end of `out`.
+    fn seal_onto(
+        &mut self,
+        typ: ContentType,
+        content: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Fatal> {
         let start = out.len();
-        out.resize(start + OVERHEAD + 2, 0);
-        match self.seal_record(
-            ContentType::Alert,
-            &[level, u8::from(alert)],
-            &mut out[start..],
-        ) {
+        out.resize(start + OVERHEAD + content.len(), 0);
+        match self.seal_record(typ, content, &mut out[start..]) {
             Ok(n) => {
                 out.truncate(start + n);
                 Ok(())

@@ -7,8 +7,10 @@
 //! per-thread scratch buffer and decrypted there; a session keeps only a record that arrived
 //! in part, decrypted bytes its reader had no room for, or encrypted bytes the socket did not
 //! take, each in a buffer freed once empty. The TLS itself (handshake, verification, tickets,
-//! key updates, alerts) is rustls' as before; this module only moves bytes. It sits where
-//! `tokio-rustls` sat: between the device's socket and the session (`terminate`, `anchor`).
+//! key derivation) is rustls'; the records are rustls' through the handshake and for TLS 1.2
+//! throughout, [`super::records`]' after a TLS 1.3 handshake is shed (below); this module
+//! moves the bytes. It sits where `tokio-rustls` sat: between the device's socket and the
+//! session (`terminate`, `anchor`).
 //!
 //! Reads and writes of one stream must be polled from one task (as `tokio::io::split`'s
 //! halves in one `select!`, or `copy_bidirectional`, do): a read may flush what rustls has to
@@ -33,7 +35,9 @@ use std::task::{Context, Poll, ready};
 use rustls::server::UnbufferedServerConnection;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+};
 use rustls::{ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -295,7 +299,9 @@ impl TlsStream {
     /// After a TLS 1.3 handshake, once the session has read what it needs of it (the
     /// certificate chain, whether it resumed): rustls hands over the traffic secrets and the
     /// records are sealed and opened by [`records`] from here on; rustls' connection, its
-    /// state and its two AEAD contexts are freed. Nothing changes on the wire. TLS 1.2, a
+    /// state and its two AEAD contexts are freed. The records' format and what a device must do
+    /// do not change (an alert may name another description than rustls' would, and a key
+    /// update is answered at once, where rustls answers with its next data). TLS 1.2, a
     /// cipher suite [`records`] does not seal, or a connection that failed stay as they are.
     /// An error (rustls refused to hand over: the config does not allow it, or it still had
     /// records to send) ends the connection.
@@ -542,7 +548,25 @@ impl TlsStream {
             ToSend::Data(plain, n) => {
                 let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
                 let waiting = self.out_at < self.outgoing.len();
-                send_sealed(&self.io, &mut self.outgoing, waiting, records, plain)?;
+                // Sealed as rustls' records are encrypted: into the scratch buffer and written
+                // at once, or onto `outgoing` (grown to the room asked for).
+                let need = Records::sealed_len(plain.len());
+                let mut seal_failed = None;
+                let sent = send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
+                    let Some(out) = out.get_mut(..need) else {
+                        return Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                            required_size: need,
+                        }));
+                    };
+                    records.seal(plain, out).map_err(|f| {
+                        seal_failed = Some(f.error);
+                        EncryptError::EncryptExhausted
+                    })
+                });
+                if let (Err(_), Some(e)) = (&sent, seal_failed) {
+                    return Err(io::Error::other(format!("encrypting TLS data: {e}")));
+                }
+                sent?;
                 *n = plain.len();
             }
             ToSend::CloseNotify => {
@@ -701,50 +725,6 @@ fn deliver(
         }
         plaintext.extend_from_slice(payload);
     }
-}
-
-/// [`send_encrypted`] for [`records`]: `plain` sealed into the thread's scratch buffer and
-/// written at once, what the socket does not take (or all of it, when something already
-/// waits) onto `outgoing`.
-fn send_sealed(
-    io: &TcpStream,
-    outgoing: &mut Vec<u8>,
-    waiting: bool,
-    records: &mut Records,
-    plain: &[u8],
-) -> io::Result<()> {
-    let need = Records::sealed_len(plain.len());
-    let sealing = |records: &mut Records, out: &mut [u8]| {
-        records
-            .seal(plain, out)
-            .map_err(|f| io::Error::other(format!("encrypting TLS data: {}", f.error)))
-    };
-    if waiting || need > SCRATCH_SIZE {
-        let start = outgoing.len();
-        outgoing.resize(start + need, 0);
-        return match sealing(records, &mut outgoing[start..]) {
-            Ok(n) => {
-                outgoing.truncate(start + n);
-                Ok(())
-            }
-            Err(e) => {
-                outgoing.truncate(start);
-                Err(e)
-            }
-        };
-    }
-    with_scratch(|scratch| {
-        let n = sealing(records, &mut scratch[..need])?;
-        let written = match io.try_write(&scratch[..n]) {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
-        };
-        if written < n {
-            outgoing.extend_from_slice(&scratch[written..n]);
-        }
-        Ok(())
-    })
 }
 
 /// Encrypts with `encrypt` into the thread's scratch buffer and writes the record to the
@@ -954,6 +934,15 @@ mod tests {
     /// The proxy's config (device certificates from its CA required) and a device's, whose
     /// certificate comes from that CA when `trusted`, from another one otherwise.
     fn configs(trusted: bool) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_with(trusted, None)
+    }
+
+    /// As [`configs`], the device offering only `suite` when one is given (the proxy prefers
+    /// AES-128-GCM, so the others are negotiated only with a device that offers nothing else).
+    fn configs_with(
+        trusted: bool,
+        suite: Option<rustls::SupportedCipherSuite>,
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let ca = DevCa::generate("test CA").unwrap();
         let other = DevCa::generate("another CA").unwrap();
         let server = ca
@@ -969,11 +958,28 @@ mod tests {
             &[],
         )
         .unwrap();
-        let client = wasmbed_certs::client_config(
-            &[ca.cert_der()],
-            Some((device.chain(), device.key().unwrap())),
-        )
-        .unwrap();
+        let client = match suite {
+            None => wasmbed_certs::client_config(
+                &[ca.cert_der()],
+                Some((device.chain(), device.key().unwrap())),
+            )
+            .unwrap(),
+            Some(suite) => {
+                let provider = rustls::crypto::CryptoProvider {
+                    cipher_suites: vec![suite],
+                    ..rustls::crypto::aws_lc_rs::default_provider()
+                };
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.cert_der()).unwrap();
+                let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_client_auth_cert(device.chain(), device.key().unwrap())
+                    .unwrap();
+                Arc::new(config)
+            }
+        };
         (super::noting_server_names(server), client)
     }
 
@@ -1366,6 +1372,11 @@ mod tests {
             record
         }
 
+        /// `n` empty application-data records.
+        fn empty_records(&mut self, n: usize) -> Vec<u8> {
+            (0..n).flat_map(|_| self.seal(23, b"", 0)).collect()
+        }
+
         async fn send(&mut self, typ: u8, content: &[u8], padding: usize) {
             let record = self.seal(typ, content, padding);
             self.tcp.write_all(&record).await.unwrap();
@@ -1422,14 +1433,17 @@ mod tests {
     }
 
     /// What the proxy's end does with records a library would not send, one per row, on both
-    /// ways of protecting the records: each refused on both (with the alert named: RFC 8446
-    /// §6, the records' own; rustls' may name another or send none), or read on both.
+    /// ways of protecting the records: each refused on both, or read on both. The alert each
+    /// sends is asserted (RFC 8446 §6); they differ in five rows, where rustls sends none or
+    /// `decode_error`, or `bad_record_mac` for a record over 2^14 + 256 bytes (RFC 8446 §5.2
+    /// asks for `record_overflow`, which the records send).
     #[tokio::test]
     async fn records_no_library_sends_are_refused_on_both_engines() {
-        // (what, the records, the alert the device gets back or `None` when read on)
+        // (what, the records, the alert the device gets back from the records or `None` when read
+        // on, the alert rustls' connection sends: `None` for none)
         type Send = fn(&mut RawDevice) -> Vec<u8>;
-        let rows: [(&str, Send, Option<u8>); 16] = [
-            ("data, padded", |d| d.seal(23, b"ping", 100), None),
+        let rows: [(&str, Send, Option<u8>, Option<u8>); 16] = [
+            ("data, padded", |d| d.seal(23, b"ping", 100), None, None),
             (
                 "a user_canceled warning, then data",
                 |d| {
@@ -1438,39 +1452,30 @@ mod tests {
                     r
                 },
                 None,
+                None,
             ),
             (
                 "32 empty records, then data",
                 |d| {
-                    let mut r = Vec::new();
-                    for _ in 0..32 {
-                        r.extend(d.seal(23, b"", 0));
-                    }
+                    let mut r = d.empty_records(32);
                     r.extend(d.seal(23, b"ping", 0));
                     r
                 },
                 None,
+                None,
             ),
-            (
-                "33 empty records",
-                |d| {
-                    let mut r = Vec::new();
-                    for _ in 0..33 {
-                        r.extend(d.seal(23, b"", 0));
-                    }
-                    r
-                },
-                Some(10),
-            ),
+            ("33 empty records", |d| d.empty_records(33), Some(10), None),
             (
                 "an unknown inner type",
                 |d| d.seal(99, b"ping", 0),
                 Some(10),
+                Some(50),
             ),
-            ("padding only", |d| d.seal(0, b"", 10), Some(10)),
+            ("padding only", |d| d.seal(0, b"", 10), Some(10), None),
             (
                 "2^14 + 1 bytes in one record",
                 |d| d.seal(23, &[7; (1 << 14) + 1], 0),
+                Some(22),
                 Some(22),
             ),
             (
@@ -1481,6 +1486,7 @@ mod tests {
                     r
                 },
                 Some(22),
+                Some(20),
             ),
             (
                 // Ignored, as RFC 8446 §5.1 says (both read it with TLS 1.2's in the AAD).
@@ -1491,10 +1497,12 @@ mod tests {
                     r
                 },
                 None,
+                None,
             ),
             (
                 "more than 2^14 + 1 bytes with the padding",
                 |d| d.seal(23, b"ping", 1 << 14),
+                Some(22),
                 Some(22),
             ),
             (
@@ -1505,34 +1513,42 @@ mod tests {
                     r
                 },
                 Some(20),
+                Some(20),
             ),
             (
                 "a plaintext change_cipher_spec",
                 |_| vec![20, 3, 3, 0, 1, 1],
+                Some(10),
                 Some(10),
             ),
             (
                 "a handshake message other than KeyUpdate",
                 |d| d.seal(22, &[4, 0, 0, 0], 0),
                 Some(10),
+                Some(50),
             ),
             (
                 "a KeyUpdate with more after it",
                 |d| d.seal(22, &[24, 0, 0, 1, 0, 23], 0),
+                Some(10),
                 Some(10),
             ),
             (
                 "a KeyUpdate asking for 2",
                 |d| d.seal(22, &[24, 0, 0, 1, 2], 0),
                 Some(47),
+                Some(47),
             ),
             (
                 "a warning other than user_canceled",
                 |d| d.seal(21, &[1, 42], 0),
                 Some(50),
+                Some(50),
             ),
         ];
-        for ((what, records, alert), shed) in rows.into_iter().flat_map(|r| SHED.map(|s| (r, s))) {
+        for ((what, records, alert, rustls_alert), shed) in
+            rows.into_iter().flat_map(|r| SHED.map(|s| (r, s)))
+        {
             let (mut device, mut server) = raw_pair(shed).await;
             let bytes = records(&mut device);
             device.tcp.write_all(&bytes).await.unwrap();
@@ -1555,11 +1571,12 @@ mod tests {
                     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}: {e}");
                     drop(server);
                     let told = device.alert().await;
-                    if shed {
-                        assert_eq!(told, Some(vec![2, description]), "{what}");
+                    let expected = if shed {
+                        Some(description)
                     } else {
-                        assert!(told.as_ref().is_none_or(|a| a[0] == 2), "{what}: {told:?}");
-                    }
+                        rustls_alert
+                    };
+                    assert_eq!(told, expected.map(|d| vec![2, d]), "{what}, shed: {shed}");
                 }
             }
         }
@@ -1761,6 +1778,38 @@ mod tests {
             .expect("neither read nor refused");
             assert!(read.is_err(), "round {round}: read {got:?}");
             assert!(got.is_empty(), "round {round}: read {got:?}");
+        }
+    }
+
+    /// Every TLS 1.3 suite the proxy offers is sealed by the records: bytes both ways and a
+    /// key update, with a device that offers only that suite.
+    #[tokio::test]
+    async fn every_suite_is_shed_and_carries_bytes_and_key_updates() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as suites;
+        for suite in [
+            suites::TLS13_AES_128_GCM_SHA256,
+            suites::TLS13_AES_256_GCM_SHA384,
+            suites::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let (config, client) = configs_with(true, Some(suite));
+            let (mut client, mut server) = pair_with(config, client, false, true).await;
+            assert_eq!(
+                client.get_ref().1.negotiated_cipher_suite(),
+                Some(suite),
+                "the suite offered"
+            );
+            let mut got = [0u8; 4];
+            client.write_all(b"ping").await.unwrap();
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.write_all(b"more").await.unwrap();
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ping", "{suite:?}");
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"more", "{suite:?}");
+            server.write_all(b"pong").await.unwrap();
+            server.flush().await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong", "{suite:?}");
         }
     }
 }
