@@ -159,6 +159,20 @@ fn parts(secrets: &ConnectionTrafficSecrets) -> Option<(&'static Algorithm, &[u8
     }
 }
 
+/// Whether this module seals `suite` (the same suites as [`parts`], by name: asked before
+/// rustls hands the secrets over, which cannot be undone).
+pub(crate) fn seals(suite: rustls::SupportedCipherSuite) -> bool {
+    matches!(
+        suite,
+        rustls::SupportedCipherSuite::Tls13(suite) if matches!(
+            suite.common.suite,
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+                | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        )
+    )
+}
+
 /// Whether the proxy can take over a connection's records with these secrets.
 fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
     parts(secrets).is_some()
@@ -269,10 +283,15 @@ impl Records {
     /// Opens one whole record (as [`Records::frame`] found it), decrypted in place. A key
     /// update the device asks for is owed from then on ([`Records::answer`]).
     pub(crate) fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
-        if Records::frame(record)? != Some(record.len()) {
+        // Framed by the caller (its header judged once, there).
+        debug_assert_eq!(
+            Records::frame(record).ok().flatten(),
+            Some(record.len()),
+            "one whole record, as `frame` found it"
+        );
+        let Some(body) = record.get_mut(HEADER..) else {
             return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
-        }
-        let body = &mut record[HEADER..];
+        };
         if body.len() < TAG {
             return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
         }
@@ -451,10 +470,11 @@ impl Records {
 
     /// Room [`Records::seal`] needs for `len` bytes of data, at most.
     pub(crate) fn sealed_len(len: usize) -> usize {
-        // An answer may go first, and a key update before any record (at most one per seal
-        // of up to four records, with at least `MIN_LIMIT` records per key).
+        // A key update may go before any record: at most one per seal of up to four records,
+        // with at least `MIN_LIMIT` records per key. (An answer the device asked for is sealed
+        // before, by `TlsStream`, through [`Records::answer`].)
         let records = len.div_ceil(MAX_FRAGMENT).max(1);
-        2 * (OVERHEAD + 5) + len + records * OVERHEAD
+        OVERHEAD + 5 + len + records * OVERHEAD
     }
 
     /// Seals `data` as application-data records into `out` (at least
@@ -474,12 +494,6 @@ impl Records {
             return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
         }
         let mut written = 0;
-        if self.answer_owed {
-            let mut update = Vec::new();
-            self.answer(&mut update)?;
-            out[written..written + update.len()].copy_from_slice(&update);
-            written += update.len();
-        }
         for chunk in data.chunks(MAX_FRAGMENT) {
             if self.tx.seq + 1 >= self.tx_limit {
                 // The suite's limit for one key: the next ones, as rustls refreshes them.

@@ -309,15 +309,7 @@ impl TlsStream {
         let Conn::Rustls(conn) = &self.conn else {
             return Ok(());
         };
-        let sealable = matches!(
-            conn.negotiated_cipher_suite(),
-            Some(rustls::SupportedCipherSuite::Tls13(suite)) if matches!(
-                suite.common.suite,
-                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-                    | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-                    | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-            )
-        );
+        let sealable = conn.negotiated_cipher_suite().is_some_and(records::seals);
         if conn.is_handshaking()
             || conn.protocol_version() != Some(ProtocolVersion::TLSv1_3)
             || !sealable
