@@ -20,7 +20,7 @@ pub struct Context {
     pub config: ProxyConfig,
     pub gateways: Arc<GatewaySet>,
     pub device_tls: Arc<DeviceTls>,
-    pub connector: Option<tokio_rustls::TlsConnector>,
+    pub connector: Option<Arc<rustls::ClientConfig>>,
     /// `--upstream link`: the links to the gateways (shared by every context of a run).
     pub links: Option<Arc<crate::link::Links>>,
     /// Fired when the shutdown grace period is over (every gateway's session trigger is
@@ -106,7 +106,7 @@ impl Context {
     pub fn next(
         &self,
         config: ProxyConfig,
-        connector: Option<tokio_rustls::TlsConnector>,
+        connector: Option<Arc<rustls::ClientConfig>>,
     ) -> Context {
         let mut next = Context::new(
             config,

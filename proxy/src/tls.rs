@@ -460,13 +460,20 @@ fn quic_transport(config: &ProxyConfig) -> Arc<quinn::TransportConfig> {
     Arc::new(transport)
 }
 
-pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<tokio_rustls::TlsConnector>);
+pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<Arc<rustls::ClientConfig>>);
 
-/// The TLS connector towards gateways (terminate mode with `[upstream_tls]`).
+/// The TLS client settings towards gateways over TCP (terminate mode with `[upstream_tls]`):
+/// [`upstream_client_config`], its secrets handed over after the handshake so that the
+/// records are the proxy's own (`TlsStream::shed_handshake`). A copy of the settings, the
+/// ticket store shared with the links'.
 pub(crate) fn connector(
     config: &ProxyConfig,
-) -> Result<Option<tokio_rustls::TlsConnector>, ProxyError> {
-    Ok(upstream_client_config(config)?.map(tokio_rustls::TlsConnector::from))
+) -> Result<Option<Arc<rustls::ClientConfig>>, ProxyError> {
+    Ok(upstream_client_config(config)?.map(|client| {
+        let mut client = (*client).clone();
+        client.enable_secret_extraction = true;
+        Arc::new(client)
+    }))
 }
 
 /// The TLS client settings towards gateways (`[upstream_tls]`), for TCP and for links.

@@ -172,19 +172,21 @@ pub(crate) async fn over_tcp(
         let header = origin.header().map_err(OpenError::Io)?;
         stream.write_all(&header).await.map_err(OpenError::Io)?;
     }
-    let Some(connector) = &ctx.connector else {
+    let Some(client) = &ctx.connector else {
         return Ok(Box::new(stream));
     };
     let name = crate::tls::upstream_name(&ctx.config, &gateway.addr);
-    let up = connector
-        .connect(name, stream)
+    let mut up = crate::tls::TlsStream::connect(Arc::clone(client), name, stream)
         .await
         .map_err(OpenError::Tls)?;
-    let kind = match up.get_ref().1.handshake_kind() {
+    let kind = match up.handshake_kind() {
         Some(rustls::HandshakeKind::Resumed) => "resumed",
         _ => "full",
     };
     counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
+    // Nothing more is read of the handshake: a TLS 1.3 connection keeps only its traffic
+    // secrets from here on (`tls::records`), as a device's does.
+    up.shed_handshake().map_err(OpenError::Tls)?;
     Ok(Box::new(up))
 }
 

@@ -200,6 +200,13 @@ async fn the_link_to_the_gateway_can_be_tls_too() {
     let proxy = start(c).await;
     let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), false)).await;
     assert_eq!(back.unwrap(), b"1");
+    // The gateway's tickets arrive after the handshake, when the proxy's records are its own
+    // (`tls::records`): they are kept, and the next session's TLS to the gateway resumes.
+    let back = echo_through(&proxy, device_config(&pki.ca, Some(&pki.ca), false)).await;
+    assert_eq!(back.unwrap(), b"1");
+    let handshakes = "wasmbed_proxy_upstream_handshakes_total";
+    until_metric(&proxy, &format!("{handshakes}{{kind=\"full\"}}"), 1.0).await;
+    until_metric(&proxy, &format!("{handshakes}{{kind=\"resumed\"}}"), 1.0).await;
 }
 
 /// Expired and not-yet-valid device certificates are refused at the handshake, like one from

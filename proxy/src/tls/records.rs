@@ -1,10 +1,13 @@
-//! A device's TLS 1.3 records once its handshake is done: rustls hands over the traffic
+//! A TLS 1.3 connection's records once its handshake is done: rustls hands over the traffic
 //! secrets (its kernel-connection API, made for kTLS) and keeps only what derives the next
-//! ones at a key update; this module seals and opens the records itself.
+//! ones at a key update (and, as a client, what stores the server's tickets); this module
+//! seals and opens the records itself.
 //!
-//! It sits between the device's socket and the session, inside `TlsStream`
-//! (`tls/unbuffered.rs`), from the moment `terminate` has read what it needs of the handshake
-//! (`TlsStream::shed_handshake`) to the connection's end.
+//! It sits inside `TlsStream` (`tls/unbuffered.rs`) on both of the proxy's TLS over TCP
+//! connections: a device's (the proxy the server), from the moment `terminate` has read what
+//! it needs of the handshake, and a gateway's with `[upstream_tls]` (the proxy the client),
+//! from the moment the handshake is done (`TlsStream::shed_handshake`), to the connection's
+//! end.
 //!
 //! Why: after the handshake, rustls' connection holds its whole state machine, its buffers
 //! and two AEAD contexts (aws-lc's AES-GCM context is 592 bytes, allocated, for each
@@ -13,27 +16,32 @@
 //! secret (key and IV, 60 bytes) and its sequence number; its AEAD context is built when a
 //! record is sealed or opened and dropped when the session goes idle ([`Records::idle`]).
 //!
-//! What it does is what rustls does after a TLS 1.3 server's handshake (RFC 8446 §5), with
-//! rustls' own helpers for the nonce and the additional data, and rustls' own bounds:
+//! What it does is what rustls does after a TLS 1.3 handshake (RFC 8446 §5), with rustls' own
+//! helpers for the nonce and the additional data, and rustls' own bounds:
 //! - records: application data only on the wire, at most 2^14 + 256 bytes of ciphertext and
 //!   2^14 of plaintext; padding stripped; a record of zeros only refused;
-//! - alerts: `close_notify` ends the device's side, `user_canceled` is ignored, any other
+//! - alerts: `close_notify` ends the peer's side, `user_canceled` is ignored, any other
 //!   alert (or a malformed one) ends the connection; at most 4 warnings, as rustls;
-//! - handshake messages: a `KeyUpdate` alone at the end of its record (a key change starts
-//!   at a record's boundary), answered when the device asks; every other one refused, as a
-//!   message split over records is (the `KeyUpdate` is 5 bytes: no device splits it);
+//! - handshake messages: a `KeyUpdate` at the end of its record (a key change starts at a
+//!   record's boundary), answered when the peer asks; as the client, the server's
+//!   `NewSessionTicket`s, handed to rustls (which stores them for the next connection's
+//!   resumption); every other one refused, as a message split over records is (a `KeyUpdate`
+//!   is 5 bytes, and rustls' servers send each ticket in a record of its own: no peer of the
+//!   proxy splits one);
 //! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
 //!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
-//!   `TooManyKeyUpdateRequests`);
+//!   `TooManyKeyUpdateRequests`), and 32 tickets without data between (rustls' client takes
+//!   any number: this one bounds them as it bounds key updates);
 //! - the proxy's own keys are updated before the cipher suite's confidentiality limit (2^24
 //!   records for AES-GCM), as rustls does; a sequence number never repeats under one key.
 //!
 //! TLS 1.2 connections stay on rustls' connection (`TlsStream`): no key updates, another
-//! record format, and few devices.
+//! record format, and few devices or gateways.
 
 use aws_lc_rs::aead::{
     AES_128_GCM, AES_256_GCM, Aad, Algorithm, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey,
 };
+use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{Iv, Nonce as TlsNonce, make_tls13_aad};
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
@@ -51,6 +59,8 @@ const TAG: usize = 16;
 const OVERHEAD: usize = HEADER + 1 + TAG;
 /// A `KeyUpdate` handshake message: type, 24-bit length 1, the request.
 const KEY_UPDATE: u8 = 24;
+/// A `NewSessionTicket` handshake message's type.
+const NEW_SESSION_TICKET: u8 = 4;
 /// The fewest records under one key for which one seal (at most four records: `TlsStream`
 /// seals 64 KiB at a time) needs one key update at most; every suite's limit is far above.
 #[cfg(test)]
@@ -58,6 +68,7 @@ const MIN_LIMIT: u64 = 6;
 /// rustls' bounds (see the module's notes).
 const EMPTY_IN_A_ROW: u8 = 32;
 const KEY_UPDATES_WITHOUT_DATA: u8 = 32;
+const TICKETS_WITHOUT_DATA: u8 = 32;
 const WARNINGS: u8 = 4;
 /// rustls' limits on a sequence number: keys are updated at the soft one, and a direction
 /// refuses at the hard one.
@@ -67,7 +78,7 @@ const SEQ_HARD_LIMIT: u64 = 0xffff_ffff_ffff_fffe;
 /// A fatal error: the alert the proxy sends (best effort) and the error it reports.
 #[derive(Debug)]
 pub(crate) struct Fatal {
-    /// `None` after the device's own fatal alert: nothing is sent back.
+    /// `None` after the peer's own fatal alert: nothing is sent back.
     pub(crate) alert: Option<AlertDescription>,
     pub(crate) error: Error,
 }
@@ -79,6 +90,40 @@ fn fatal(alert: AlertDescription, error: impl Into<Error>) -> Fatal {
     }
 }
 
+/// Which side of the connection the proxy is: what the peer may send after the handshake
+/// besides a `KeyUpdate`, and what becomes of it.
+pub(crate) trait Side: Sized {
+    /// Whether the peer may send `NewSessionTicket`s (the proxy is the client).
+    const TAKES_TICKETS: bool;
+    /// Takes the payload of a `NewSessionTicket` (its type and length stripped).
+    fn ticket(kernel: &mut KernelConnection<Self>, payload: &[u8]) -> Result<(), Fatal>;
+}
+
+/// The proxy as a device's server: a client sends no tickets.
+impl Side for ServerConnectionData {
+    const TAKES_TICKETS: bool = false;
+    fn ticket(_: &mut KernelConnection<Self>, _: &[u8]) -> Result<(), Fatal> {
+        Err(fatal(
+            AlertDescription::UnexpectedMessage,
+            Error::InappropriateHandshakeMessage {
+                expect_types: vec![rustls::HandshakeType::KeyUpdate],
+                got_type: rustls::HandshakeType::NewSessionTicket,
+            },
+        ))
+    }
+}
+
+/// The proxy as a gateway's client: the gateway's tickets are rustls' to store, for the next
+/// connection to that gateway to resume.
+impl Side for ClientConnectionData {
+    const TAKES_TICKETS: bool = true;
+    fn ticket(kernel: &mut KernelConnection<Self>, payload: &[u8]) -> Result<(), Fatal> {
+        kernel
+            .handle_new_session_ticket(payload)
+            .map_err(|e| fatal(AlertDescription::DecodeError, e))
+    }
+}
+
 /// What one record held for the reader.
 #[derive(Debug)]
 pub(crate) enum Opened {
@@ -86,7 +131,7 @@ pub(crate) enum Opened {
     Data(std::ops::Range<usize>),
     /// Nothing for the reader (an empty record, a key update, a `user_canceled`).
     Nothing,
-    /// The device's `close_notify`.
+    /// The peer's `close_notify`.
     Closed,
 }
 
@@ -178,33 +223,31 @@ fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
     parts(secrets).is_some()
 }
 
-/// A TLS 1.3 connection's record protection after the handshake.
-pub(crate) struct Records {
-    /// Derives the next traffic secrets at a key update.
-    kernel: KernelConnection<ServerConnectionData>,
+/// A TLS 1.3 connection's record protection after the handshake; `S`: the proxy's side.
+pub(crate) struct Records<S> {
+    /// Derives the next traffic secrets at a key update (and, as a client, stores tickets).
+    kernel: KernelConnection<S>,
     rx: Direction,
     tx: Direction,
     /// Records sealed under one key, the proxy's `KeyUpdate` the last of them.
     tx_limit: u64,
-    /// The device asked for the proxy's keys to change: answered once, before the next
+    /// The peer asked for the proxy's keys to change: answered once, before the next
     /// record the proxy seals (requests that arrive together get one answer, RFC 8446
     /// §4.6.3, as rustls does).
     answer_owed: bool,
     empty_in_a_row: u8,
     key_updates_left: u8,
+    tickets_left: u8,
     warnings_left: u8,
     /// This side's `close_notify` is sealed: nothing more is.
     closed: bool,
 }
 
-impl Records {
+impl<S: Side> Records<S> {
     /// From what rustls handed over; `None` if the suite is not one this module seals.
     pub(crate) fn new(
-        (secrets, kernel): (
-            rustls::ExtractedSecrets,
-            KernelConnection<ServerConnectionData>,
-        ),
-    ) -> Option<Records> {
+        (secrets, kernel): (rustls::ExtractedSecrets, KernelConnection<S>),
+    ) -> Option<Records<S>> {
         if !supported(&secrets.rx.1) || !supported(&secrets.tx.1) {
             return None;
         }
@@ -220,6 +263,7 @@ impl Records {
             answer_owed: false,
             empty_in_a_row: 0,
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
+            tickets_left: TICKETS_WITHOUT_DATA,
             warnings_left: WARNINGS,
             closed: false,
         })
@@ -281,11 +325,11 @@ impl Records {
     }
 
     /// Opens one whole record (as [`Records::frame`] found it), decrypted in place. A key
-    /// update the device asks for is owed from then on ([`Records::answer`]).
+    /// update the peer asks for is owed from then on ([`Records::answer`]).
     pub(crate) fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
         // Framed by the caller (its header judged once, there).
         debug_assert_eq!(
-            Records::frame(record).ok().flatten(),
+            Self::frame(record).ok().flatten(),
             Some(record.len()),
             "one whole record, as `frame` found it"
         );
@@ -332,6 +376,7 @@ impl Records {
         match typ {
             ContentType::ApplicationData => {
                 self.key_updates_left = KEY_UPDATES_WITHOUT_DATA;
+                self.tickets_left = TICKETS_WITHOUT_DATA;
                 Ok(if content.is_empty() {
                     Opened::Nothing
                 } else {
@@ -340,29 +385,7 @@ impl Records {
             }
             ContentType::Alert => self.alert(content),
             ContentType::Handshake => {
-                let request = match content {
-                    [KEY_UPDATE, 0, 0, 1, request] => *request,
-                    [KEY_UPDATE, ..] => {
-                        // Longer (something after it: a key change must end its record),
-                        // shorter (split over records), or malformed.
-                        return Err(fatal(
-                            AlertDescription::UnexpectedMessage,
-                            PeerMisbehaved::KeyEpochWithPendingFragment,
-                        ));
-                    }
-                    _ => {
-                        return Err(fatal(
-                            AlertDescription::UnexpectedMessage,
-                            Error::InappropriateHandshakeMessage {
-                                expect_types: vec![rustls::HandshakeType::KeyUpdate],
-                                got_type: rustls::HandshakeType::from(
-                                    content.first().copied().unwrap_or(0),
-                                ),
-                            },
-                        ));
-                    }
-                };
-                self.key_update(request)?;
+                self.handshake(content)?;
                 Ok(Opened::Nothing)
             }
             other => Err(fatal(
@@ -377,6 +400,62 @@ impl Records {
                 },
             )),
         }
+    }
+
+    /// The handshake messages of one record: whole messages only, a `KeyUpdate` only as the
+    /// last.
+    fn handshake(&mut self, mut content: &[u8]) -> Result<(), Fatal> {
+        while let Some(&typ) = content.first() {
+            let whole = match content {
+                [_, a, b, c, body @ ..] => {
+                    let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+                    body.get(..len).map(|payload| (payload, &body[len..]))
+                }
+                _ => None,
+            };
+            match (typ, whole) {
+                (KEY_UPDATE, Some((&[request], []))) => self.key_update(request)?,
+                (KEY_UPDATE, _) => {
+                    // Something after it (a key change must end its record), split over
+                    // records, or malformed.
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        PeerMisbehaved::KeyEpochWithPendingFragment,
+                    ));
+                }
+                (NEW_SESSION_TICKET, whole) if S::TAKES_TICKETS => {
+                    let Some((payload, rest)) = whole else {
+                        // Split over records, or malformed.
+                        return Err(fatal(
+                            AlertDescription::DecodeError,
+                            rustls::InvalidMessage::MessageTooShort,
+                        ));
+                    };
+                    if self.tickets_left == 0 {
+                        return Err(fatal(
+                            AlertDescription::UnexpectedMessage,
+                            Error::General("too many tickets without data between".into()),
+                        ));
+                    }
+                    self.tickets_left -= 1;
+                    S::ticket(&mut self.kernel, payload)?;
+                    content = rest;
+                }
+                _ => {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        Error::InappropriateHandshakeMessage {
+                            expect_types: vec![rustls::HandshakeType::KeyUpdate],
+                            got_type: rustls::HandshakeType::from(typ),
+                        },
+                    ));
+                }
+            }
+            if typ == KEY_UPDATE {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn alert(&mut self, content: &[u8]) -> Result<Opened, Fatal> {
@@ -418,7 +497,7 @@ impl Records {
         }
     }
 
-    /// The device's keys changed; it asked for the proxy's to change too when `request` is 1.
+    /// The peer's keys changed; it asked for the proxy's to change too when `request` is 1.
     fn key_update(&mut self, request: u8) -> Result<(), Fatal> {
         if self.key_updates_left == 0 {
             return Err(fatal(
@@ -442,7 +521,7 @@ impl Records {
         Ok(())
     }
 
-    /// Seals the answer to the device's request for new keys, if one is owed, onto `out`.
+    /// Seals the answer to the peer's request for new keys, if one is owed, onto `out`.
     pub(crate) fn answer(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
         if std::mem::take(&mut self.answer_owed) && !self.closed {
             self.update_own_keys(out)?;
@@ -455,7 +534,7 @@ impl Records {
     fn update_own_keys(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
         let updated = self.try_update_own_keys(out);
         if updated.is_err() {
-            // Told or not, the device and the proxy may no longer agree on the keys.
+            // Told or not, the peer and the proxy may no longer agree on the keys.
             self.closed = true;
         }
         updated
@@ -471,7 +550,7 @@ impl Records {
     /// Room [`Records::seal`] needs for `len` bytes of data, at most.
     pub(crate) fn sealed_len(len: usize) -> usize {
         // A key update may go before any record: at most one per seal of up to four records,
-        // with at least `MIN_LIMIT` records per key. (An answer the device asked for is sealed
+        // with at least `MIN_LIMIT` records per key. (An answer the peer asked for is sealed
         // before, by `TlsStream`, through [`Records::answer`].)
         let records = len.div_ceil(MAX_FRAGMENT).max(1);
         OVERHEAD + 5 + len + records * OVERHEAD
@@ -480,7 +559,7 @@ impl Records {
     /// Seals `data` as application-data records into `out` (at least
     /// [`Records::sealed_len`] bytes); the bytes written. An empty `data` seals nothing.
     /// A failure closes this side: nothing is sealed again (a sequence number may have been
-    /// spent, or the keys changed without the device told).
+    /// spent, or the keys changed without the peer told).
     pub(crate) fn seal(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
         let sealed = self.seal_data(data, out);
         if sealed.is_err() {

@@ -32,13 +32,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::server::UnbufferedServerConnection;
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon,
+    UnbufferedStatus,
 };
-use rustls::{ProtocolVersion, ServerConfig};
+use rustls::{ClientConfig, ExtractedSecrets, ProtocolVersion, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -127,10 +131,64 @@ fn noting_name<R>(name: &mut Option<String>, f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// A terminated device connection: TLS over the device's TCP socket.
-pub(crate) struct TlsStream {
+/// rustls' unbuffered connection of either side: the proxy as a device's server, or as a
+/// gateway's client (`[upstream_tls]`). The two differ only in types: rustls gives each side
+/// its own `process_tls_records` and hand-over.
+pub(crate) trait Engine:
+    std::ops::DerefMut<Target = UnbufferedConnectionCommon<Self::Side>> + Send + Sized
+{
+    /// rustls' side data, and what [`records`] does with what that side's peer may send.
+    type Side: records::Side + Send;
+
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Side>;
+
+    fn into_kernel(self)
+    -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error>;
+}
+
+impl Engine for UnbufferedServerConnection {
+    type Side = ServerConnectionData;
+
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Side> {
+        self.process_tls_records(incoming)
+    }
+
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+}
+
+impl Engine for UnbufferedClientConnection {
+    type Side = ClientConnectionData;
+
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Side> {
+        self.process_tls_records(incoming)
+    }
+
+    fn into_kernel(
+        self,
+    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error> {
+        self.dangerous_into_kernel_connection()
+    }
+}
+
+/// A TLS connection over TCP the proxy terminates: a device's (`TlsStream`, the proxy the
+/// server), or the proxy's own to a gateway (`TlsStream<UnbufferedClientConnection>`, the
+/// proxy the client; [`TlsStream::connect`]).
+pub(crate) struct TlsStream<C: Engine = UnbufferedServerConnection> {
     io: TcpStream,
-    conn: Conn,
+    conn: Conn<C>,
     /// Encrypted bytes received but not processed yet (a record that arrived in part).
     incoming: Vec<u8>,
     /// Decrypted bytes the reader has not taken yet, from `plain_at`.
@@ -157,11 +215,11 @@ pub(crate) struct TlsStream {
 }
 
 /// Who protects the records.
-enum Conn {
+enum Conn<C: Engine> {
     /// rustls' connection: the handshake, and TLS 1.2 throughout.
-    Rustls(Box<UnbufferedServerConnection>),
+    Rustls(Box<C>),
     /// After a TLS 1.3 handshake: the records alone ([`TlsStream::shed_handshake`]).
-    Records(Box<Records>),
+    Records(Box<Records<C::Side>>),
     /// The hand-over failed: nothing is processed again.
     Gone,
 }
@@ -216,6 +274,29 @@ impl TlsStream {
         io: TcpStream,
     ) -> io::Result<(TlsStream, Option<String>)> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        let mut name = None;
+        let tls = TlsStream::handshake(conn, io, &mut name).await?;
+        Ok((tls, name))
+    }
+}
+
+impl TlsStream<UnbufferedClientConnection> {
+    /// The proxy's TLS handshake with a gateway over `io`, `name` its certificate's expected
+    /// name (`[upstream_tls]`). The caller bounds it in time.
+    pub(crate) async fn connect(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+        io: TcpStream,
+    ) -> io::Result<TlsStream<UnbufferedClientConnection>> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        TlsStream::handshake(conn, io, &mut None).await
+    }
+}
+
+impl<C: Engine> TlsStream<C> {
+    /// Runs `conn`'s handshake over `io` (`name`: the server name a device asked for, noted
+    /// by [`NotesServerName`] on the server's side).
+    async fn handshake(conn: C, io: TcpStream, name: &mut Option<String>) -> io::Result<Self> {
         let mut tls = TlsStream {
             io,
             conn: Conn::Rustls(Box::new(conn)),
@@ -230,12 +311,11 @@ impl TlsStream {
             failed: Failed::No,
             fed: Some(0),
         };
-        let mut name = None;
-        match poll_fn(|cx| tls.poll_handshake(cx, &mut name)).await {
+        match poll_fn(|cx| tls.poll_handshake(cx, name)).await {
             Ok(()) => {
                 // What follows the Finished is read as rustls' or as `records`' from here.
                 tls.fed = None;
-                Ok((tls, name))
+                Ok(tls)
             }
             Err(e) => {
                 // What rustls has to say (its alert) goes out if the socket takes it at once.
@@ -320,13 +400,10 @@ impl TlsStream {
         let Conn::Rustls(conn) = std::mem::replace(&mut self.conn, Conn::Gone) else {
             unreachable!("matched above");
         };
-        let records = conn
-            .dangerous_into_kernel_connection()
-            .map_err(tls_error)
-            .and_then(|handed| {
-                Records::new(handed)
-                    .ok_or_else(|| io::Error::other("TLS secrets of an unexpected cipher suite"))
-            })?;
+        let records = conn.into_kernel().map_err(tls_error).and_then(|handed| {
+            Records::new(handed)
+                .ok_or_else(|| io::Error::other("TLS secrets of an unexpected cipher suite"))
+        })?;
         self.conn = Conn::Records(Box::new(records));
         Ok(())
     }
@@ -387,7 +464,7 @@ impl TlsStream {
                 Some(fed) => (fed as usize).min(rest),
             };
             let UnbufferedStatus { discard, state } =
-                conn.process_tls_records(&mut data[*taken..*taken + limit]);
+                conn.process(&mut data[*taken..*taken + limit]);
             // Done with, even when `state` is an error: rustls processed those bytes.
             *taken += discard;
             let next = match state.map_err(|e| failed(&mut self.failed, e))? {
@@ -501,15 +578,16 @@ impl TlsStream {
             // Sealed onto `outgoing` when the error was met.
             return Ok(Next::Flush);
         }
-        let mut fail = |records: &mut Records, outgoing: &mut Vec<u8>, f: records::Fatal| {
-            if let Some(alert) = f.alert {
-                records.seal_fatal(alert, outgoing);
-            }
-            failed(&mut self.failed, f.error)
-        };
+        let mut fail =
+            |records: &mut Records<C::Side>, outgoing: &mut Vec<u8>, f: records::Fatal| {
+                if let Some(alert) = f.alert {
+                    records.seal_fatal(alert, outgoing);
+                }
+                failed(&mut self.failed, f.error)
+            };
         while !self.peer_closed {
             let rest = &mut data[*taken..];
-            let len = match Records::frame(rest) {
+            let len = match Records::<C::Side>::frame(rest) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(f) => return Err(fail(records, &mut self.outgoing, f)),
@@ -542,7 +620,7 @@ impl TlsStream {
                 let waiting = self.out_at < self.outgoing.len();
                 // Sealed as rustls' records are encrypted: into the scratch buffer and written
                 // at once, or onto `outgoing` (grown to the room asked for).
-                let need = Records::sealed_len(plain.len());
+                let need = Records::<C::Side>::sealed_len(plain.len());
                 let mut seal_failed = None;
                 let sent = send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
                     let Some(out) = out.get_mut(..need) else {
@@ -776,7 +854,7 @@ fn encrypt_into(
     }
 }
 
-impl AsyncRead for TlsStream {
+impl<C: Engine> AsyncRead for TlsStream<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -801,7 +879,7 @@ impl AsyncRead for TlsStream {
     }
 }
 
-impl TlsStream {
+impl<C: Engine> TlsStream<C> {
     fn poll_read_records(
         &mut self,
         cx: &mut Context<'_>,
@@ -845,7 +923,7 @@ impl TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
+impl<C: Engine> AsyncWrite for TlsStream<C> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -904,13 +982,22 @@ impl AsyncWrite for TlsStream {
 mod tests {
     use std::sync::Arc;
 
-    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use rustls::client::UnbufferedClientConnection;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
     use tokio::net::{TcpListener, TcpStream};
     use wasmbed_certs::pki::{DevCa, KeyKind};
 
     use super::TlsStream;
 
+    /// A device: rustls' client.
     type Client = tokio_rustls::client::TlsStream<TcpStream>;
+    /// A gateway: rustls' server.
+    type Gateway = tokio_rustls::server::TlsStream<TcpStream>;
+    /// The proxy's end of its connection to a gateway.
+    type Upstream = TlsStream<UnbufferedClientConnection>;
 
     /// Copies `from` to `to` one byte per write, so that every record arrives in pieces.
     async fn dribble(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) {
@@ -980,12 +1067,173 @@ mod tests {
     /// `shed_handshake`) and the records alone (`true`).
     const SHED: [bool; 2] = [false, true];
 
-    /// A device (rustls' client, with a certificate) and the proxy's end of its connection;
-    /// `dribbled`: through a relay that passes one byte at a time; `shed`: the handshake
-    /// shed, the records the proxy's own.
-    async fn pair(dribbled: bool, shed: bool) -> (Client, TlsStream) {
+    /// Which peer the proxy's end of a test connection faces: a device (the proxy rustls'
+    /// server, `TlsStream::accept`) or a gateway (the proxy its client, `TlsStream::connect`,
+    /// as with `[upstream_tls]`).
+    #[derive(Clone, Copy, Debug)]
+    enum Role {
+        Device,
+        Gateway,
+    }
+
+    /// Every test of a connection after its handshake runs on both of the proxy's sides and
+    /// both ways of protecting its records.
+    const CASES: [(Role, bool); 4] = [
+        (Role::Device, false),
+        (Role::Device, true),
+        (Role::Gateway, false),
+        (Role::Gateway, true),
+    ];
+
+    /// The proxy's peer in a test, through tokio-rustls.
+    trait Peer: AsyncRead + AsyncWrite + Unpin + Send {
+        fn tcp(&mut self) -> &mut TcpStream;
+        /// Sends a `KeyUpdate` asking for the proxy's.
+        fn refresh_keys(&mut self);
+    }
+
+    impl Peer for Client {
+        fn tcp(&mut self) -> &mut TcpStream {
+            self.get_mut().0
+        }
+        fn refresh_keys(&mut self) {
+            self.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+    }
+
+    impl Peer for Gateway {
+        fn tcp(&mut self) -> &mut TcpStream {
+            self.get_mut().0
+        }
+        fn refresh_keys(&mut self) {
+            self.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+    }
+
+    /// The proxy's end of a test connection, either side.
+    enum Ours {
+        Server(TlsStream),
+        Client(Upstream),
+    }
+
+    /// `$body` with `$t` the stream inside `$ours`, whichever side.
+    macro_rules! either {
+        ($ours:expr, $t:ident => $body:expr) => {
+            match $ours {
+                Ours::Server($t) => $body,
+                Ours::Client($t) => $body,
+            }
+        };
+    }
+
+    impl Ours {
+        fn io(&self) -> &TcpStream {
+            either!(self, t => &t.io)
+        }
+
+        /// The capacity of the stream's own buffers: received, decrypted, to send.
+        fn buffers(&self) -> (usize, usize, usize) {
+            either!(self, t => (t.incoming.capacity(), t.plaintext.capacity(), t.outgoing.capacity()))
+        }
+    }
+
+    impl AsyncRead for Ours {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            either!(self.get_mut(), t => Pin::new(t).poll_read(cx, buf))
+        }
+    }
+
+    impl AsyncWrite for Ours {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            either!(self.get_mut(), t => Pin::new(t).poll_write(cx, data))
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            either!(self.get_mut(), t => Pin::new(t).poll_flush(cx))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            either!(self.get_mut(), t => Pin::new(t).poll_shutdown(cx))
+        }
+    }
+
+    /// A peer of `role` and the proxy's end of its connection; `dribbled`: through a relay
+    /// that passes one byte at a time; `shed`: the handshake shed, the records the proxy's own.
+    async fn pair(role: Role, dribbled: bool, shed: bool) -> (Box<dyn Peer>, Ours) {
+        let (config, client) = configs(true);
+        match role {
+            Role::Device => {
+                let (peer, ours) = pair_with(config, client, dribbled, shed).await;
+                (Box::new(peer), Ours::Server(ours))
+            }
+            Role::Gateway => {
+                let (peer, ours) = gateway_pair_with(config, client, dribbled, shed).await;
+                (Box::new(peer), Ours::Client(ours))
+            }
+        }
+    }
+
+    /// A device (rustls' client, with a certificate) and the proxy's end of its connection.
+    async fn device_pair(dribbled: bool, shed: bool) -> (Client, TlsStream) {
         let (config, client) = configs(true);
         pair_with(config, client, dribbled, shed).await
+    }
+
+    /// Where to connect to reach `addr`: itself, or a relay that passes one byte at a time.
+    async fn relayed(addr: std::net::SocketAddr, dribbled: bool) -> std::net::SocketAddr {
+        if !dribbled {
+            return addr;
+        }
+        let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (from_client, _) = relay.accept().await.unwrap();
+            let to_server = TcpStream::connect(addr).await.unwrap();
+            let (cr, cw) = from_client.into_split();
+            let (sr, sw) = to_server.into_split();
+            tokio::join!(dribble(cr, sw), dribble(sr, cw));
+        });
+        relay_addr
+    }
+
+    /// A gateway (rustls' server, with `config`) and the proxy's end of its connection, the
+    /// proxy the client with `client`'s settings (its secrets handed over, as
+    /// `tls::connector` sets them).
+    async fn gateway_pair_with(
+        config: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+        dribbled: bool,
+        shed: bool,
+    ) -> (Gateway, Upstream) {
+        let mut client = Arc::unwrap_or_clone(client);
+        client.enable_secret_extraction = true;
+        let client = Arc::new(client);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = relayed(listener.local_addr().unwrap(), dribbled).await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::join!(
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                acceptor.accept(tcp).await.unwrap()
+            },
+            async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+                let mut tls = TlsStream::connect(client, name, tcp).await.unwrap();
+                assert_eq!(tls.peer_certificates().map(<[_]>::len), Some(1));
+                if shed {
+                    tls.shed_handshake().unwrap();
+                    assert!(matches!(tls.conn, super::Conn::Records(_)), "not shed");
+                }
+                tls
+            },
+        )
     }
 
     async fn pair_with(
@@ -995,19 +1243,7 @@ mod tests {
         shed: bool,
     ) -> (Client, TlsStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut addr = listener.local_addr().unwrap();
-        if dribbled {
-            let relay = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let target = addr;
-            addr = relay.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (from_client, _) = relay.accept().await.unwrap();
-                let to_server = TcpStream::connect(target).await.unwrap();
-                let (cr, cw) = from_client.into_split();
-                let (sr, sw) = to_server.into_split();
-                tokio::join!(dribble(cr, sw), dribble(sr, cw));
-            });
-        }
+        let addr = relayed(listener.local_addr().unwrap(), dribbled).await;
         let connector = tokio_rustls::TlsConnector::from(client);
         tokio::join!(
             async {
@@ -1035,8 +1271,8 @@ mod tests {
             .collect()
     }
 
-    async fn bytes_cross_both_ways(dribbled: bool, shed: bool) {
-        let (mut client, mut server) = pair(dribbled, shed).await;
+    async fn bytes_cross_both_ways(role: Role, dribbled: bool, shed: bool) {
+        let (mut client, mut server) = pair(role, dribbled, shed).await;
         let size = if dribbled { 20_000 } else { 200_000 };
         let up = pattern(size, 1);
         let down = pattern(size, 2);
@@ -1045,7 +1281,7 @@ mod tests {
             server.read_exact(&mut got).await.unwrap();
             got
         });
-        assert!(got_up == up, "the device's bytes arrived changed");
+        assert!(got_up == up, "the peer's bytes arrived changed ({role:?})");
         let ((), got_down) = tokio::join!(
             async {
                 server.write_all(&down).await.unwrap();
@@ -1057,29 +1293,25 @@ mod tests {
                 got
             }
         );
-        assert!(got_down == down, "the proxy's bytes arrived changed");
-        // An idle session keeps no buffer of its own.
-        assert_eq!(
-            (
-                server.incoming.capacity(),
-                server.plaintext.capacity(),
-                server.outgoing.capacity()
-            ),
-            (0, 0, 0)
+        assert!(
+            got_down == down,
+            "the proxy's bytes arrived changed ({role:?})"
         );
+        // An idle session keeps no buffer of its own.
+        assert_eq!(server.buffers(), (0, 0, 0), "{role:?}, shed: {shed}");
     }
 
     #[tokio::test]
     async fn bytes_cross_both_ways_and_an_idle_stream_keeps_no_buffer() {
-        for shed in SHED {
-            bytes_cross_both_ways(false, shed).await;
+        for (role, shed) in CASES {
+            bytes_cross_both_ways(role, false, shed).await;
         }
     }
 
     #[tokio::test]
     async fn records_that_arrive_a_byte_at_a_time_are_read_whole() {
-        for shed in SHED {
-            bytes_cross_both_ways(true, shed).await;
+        for (role, shed) in CASES {
+            bytes_cross_both_ways(role, true, shed).await;
         }
     }
 
@@ -1088,15 +1320,15 @@ mod tests {
     /// stayed marked readable: one such call after every message).
     #[tokio::test]
     async fn a_read_that_drains_the_socket_waits_for_the_next_readiness() {
-        for shed in SHED {
-            let (mut client, mut server) = pair(false, shed).await;
+        for (role, shed) in CASES {
+            let (mut client, mut server) = pair(role, false, shed).await;
             client.write_all(b"hello").await.unwrap();
             client.flush().await.unwrap();
             let mut got = [0u8; 5];
             server.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"hello");
             let ready = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(server.io.poll_read_ready(cx).is_ready())
+                std::task::Poll::Ready(server.io().poll_read_ready(cx).is_ready())
             })
             .await;
             assert!(
@@ -1107,7 +1339,7 @@ mod tests {
             // make it readable, and they are read.
             client.write_all(b"again").await.unwrap();
             client.flush().await.unwrap();
-            server.io.readable().await.unwrap();
+            server.io().readable().await.unwrap();
             server.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"again");
         }
@@ -1115,12 +1347,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_update_is_answered_and_bytes_flow_on() {
-        for shed in SHED {
-            let (mut client, mut server) = pair(false, shed).await;
+        for (role, shed) in CASES {
+            let (mut client, mut server) = pair(role, false, shed).await;
             client.write_all(b"before").await.unwrap();
             let mut got = [0u8; 6];
             server.read_exact(&mut got).await.unwrap();
-            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.refresh_keys();
             client.write_all(b"after!").await.unwrap();
             server.read_exact(&mut got).await.unwrap();
             assert_eq!(&got, b"after!");
@@ -1133,11 +1365,11 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_key_update_the_proxys_close_still_sends_close_notify() {
-        for shed in SHED {
-            let (mut client, mut server) = pair(false, shed).await;
+        for (role, shed) in CASES {
+            let (mut client, mut server) = pair(role, false, shed).await;
             // Data, then a key update: the proxy owes the device its own key update.
             client.write_all(b"x").await.unwrap();
-            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.refresh_keys();
             client.flush().await.unwrap();
             let mut got = [0u8; 1];
             server.read_exact(&mut got).await.unwrap();
@@ -1259,11 +1491,10 @@ mod tests {
     /// builds).
     #[tokio::test]
     async fn after_a_bad_record_nothing_processes_it_again() {
-        for shed in SHED {
-            let (mut client, mut server) = pair(false, shed).await;
+        for (role, shed) in CASES {
+            let (mut client, mut server) = pair(role, false, shed).await;
             client
-                .get_mut()
-                .0
+                .tcp()
                 .write_all(b"GET / HTTP/1.1\r\n\r\n")
                 .await
                 .unwrap();
@@ -1274,14 +1505,14 @@ mod tests {
             let _ = server.shutdown().await;
             drop(server);
             // The device's side ends (what came before the end: tickets, the encrypted alert).
-            let _ = client.get_mut().0.read_to_end(&mut Vec::new()).await;
+            let _ = client.tcp().read_to_end(&mut Vec::new()).await;
         }
     }
 
     #[tokio::test]
     async fn close_notify_ends_the_stream_and_a_bare_fin_is_an_error() {
-        for shed in SHED {
-            let (mut client, mut server) = pair(false, shed).await;
+        for (role, shed) in CASES {
+            let (mut client, mut server) = pair(role, false, shed).await;
             client.write_all(b"last").await.unwrap();
             client.shutdown().await.unwrap();
             let mut got = Vec::new();
@@ -1293,8 +1524,8 @@ mod tests {
             client.read_to_end(&mut rest).await.unwrap();
             assert!(rest.is_empty());
 
-            let (mut client, mut server) = pair(false, shed).await;
-            client.get_mut().0.shutdown().await.unwrap();
+            let (mut client, mut server) = pair(role, false, shed).await;
+            client.tcp().shutdown().await.unwrap();
             let e = server.read_to_end(&mut Vec::new()).await.unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
         }
@@ -1587,7 +1818,7 @@ mod tests {
     /// when a read finds nothing), and the stream is small.
     #[tokio::test]
     async fn a_shed_idle_session_holds_no_aead_context() {
-        let (mut client, mut server) = pair(false, true).await;
+        let (mut client, mut server) = device_pair(false, true).await;
         client.write_all(b"ping").await.unwrap();
         client.flush().await.unwrap();
         let mut got = [0u8; 4];
@@ -1623,7 +1854,7 @@ mod tests {
     #[tokio::test]
     async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
         for limit in [6, 7] {
-            let (mut client, mut server) = pair(false, true).await;
+            let (mut client, mut server) = device_pair(false, true).await;
             let super::Conn::Records(records) = &mut server.conn else {
                 panic!("not shed");
             };
@@ -1658,7 +1889,7 @@ mod tests {
     #[tokio::test]
     async fn key_updates_without_data_are_bounded() {
         for (updates, refused) in [(32, false), (33, true)] {
-            let (mut client, mut server) = pair(false, true).await;
+            let (mut client, mut server) = device_pair(false, true).await;
             for _ in 0..updates {
                 client.get_mut().1.refresh_traffic_keys().unwrap();
             }
