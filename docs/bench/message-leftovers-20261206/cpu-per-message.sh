@@ -1,5 +1,5 @@
 #!/bin/bash
-# The proxy's CPU per DATA message at a steady rate, terminated TCP over the link: N devices
+# The proxy's CPU per DATA message at a steady rate, terminated TCP over the link (or UPSTREAM=tcp: a TLS connection per session): N devices
 # (default 2,000) each sending RATE DATA/s (default 5), the proxy's utime+stime (/proc, all its
 # threads) and the fleet's count of answered DATA read at the start and the end of WINDOW
 # seconds (default 30) once every device is connected. One run per binary given, in order.
@@ -9,7 +9,7 @@ N=${DEVICES:-2000} RATE=${RATE:-5} WINDOW=${WINDOW:-30}
 tck=$(getconf CLK_TCK)
 for B in "$@"; do
   out=/tmp/cpm-up.txt; : > $out
-  $B up --mode terminate --upstream link --transport tcp --gateways 5 --devices "$N" --rate "$RATE" \
+  $B up --mode terminate --upstream "${UPSTREAM:-link}" --transport tcp --gateways 5 --devices "$N" --rate "$RATE" \
     --ramp 500 --listen 127.0.0.1:0 --admin 127.0.0.1:0 > $out 2>&1 &
   up=$!
   proxy=""

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The proxy's anonymous RSS per session over time, from the moment N devices (terminate mode,
-# --upstream link, 5 gateways, RATE DATA/s each, default 0.01) are connected: SAMPLES readings
+# --upstream link or UPSTREAM, 5 gateways, RATE DATA/s each, default 0.01) are connected: SAMPLES readings
 # (default 10) EVERY seconds apart (default 20), each beside the DATA the fleet had sent by then,
 # so that what a session holds once it has carried messages shows apart from just connected.
 # COUNTERS=1 adds the proxy's own counters (connections, tickets, links, moves) to each line
@@ -11,7 +11,7 @@ set -u
 . bench/common.sh
 B=$1; N=$2; T=$3; shift 3
 out=/tmp/trim-up.txt; : > $out
-$B up --mode terminate --upstream link --transport $T --gateways 5 --devices "$N" --rate ${RATE:-0.01} --ramp "${RAMP:-250}" \
+$B up --mode terminate --upstream "${UPSTREAM:-link}" --transport $T --gateways 5 --devices "$N" --rate ${RATE:-0.01} --ramp "${RAMP:-250}" \
   --listen 127.0.0.1:0 --admin 127.0.0.1:0 "$@" > $out 2>&1 &
 up=$!
 proxy=""

@@ -1050,8 +1050,12 @@ mod tests {
                 };
                 let mut roots = rustls::RootCertStore::empty();
                 roots.add(ca.cert_der()).unwrap();
+                let version = match suite {
+                    rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+                    rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+                };
                 let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .with_protocol_versions(&[version])
                     .unwrap()
                     .with_root_certificates(roots)
                     .with_client_auth_cert(device.chain(), device.key().unwrap())
@@ -1090,6 +1094,7 @@ mod tests {
         fn tcp(&mut self) -> &mut TcpStream;
         /// Sends a `KeyUpdate` asking for the proxy's.
         fn refresh_keys(&mut self);
+        fn suite(&self) -> Option<rustls::SupportedCipherSuite>;
     }
 
     impl Peer for Client {
@@ -1098,6 +1103,9 @@ mod tests {
         }
         fn refresh_keys(&mut self) {
             self.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        fn suite(&self) -> Option<rustls::SupportedCipherSuite> {
+            self.get_ref().1.negotiated_cipher_suite()
         }
     }
 
@@ -1108,7 +1116,13 @@ mod tests {
         fn refresh_keys(&mut self) {
             self.get_mut().1.refresh_traffic_keys().unwrap();
         }
+        fn suite(&self) -> Option<rustls::SupportedCipherSuite> {
+            self.get_ref().1.negotiated_cipher_suite()
+        }
     }
+
+    /// Both of the proxy's sides.
+    const ROLES: [Role; 2] = [Role::Device, Role::Gateway];
 
     /// The proxy's end of a test connection, either side.
     enum Ours {
@@ -1129,6 +1143,15 @@ mod tests {
     impl Ours {
         fn io(&self) -> &TcpStream {
             either!(self, t => &t.io)
+        }
+
+        /// Sheds the handshake (`TlsStream::shed_handshake`); whether the records are the
+        /// proxy's own now.
+        fn shed(&mut self) -> bool {
+            either!(self, t => {
+                t.shed_handshake().unwrap();
+                matches!(t.conn, super::Conn::Records(_))
+            })
         }
 
         /// The capacity of the stream's own buffers: received, decrypted, to send.
@@ -1166,7 +1189,16 @@ mod tests {
     /// A peer of `role` and the proxy's end of its connection; `dribbled`: through a relay
     /// that passes one byte at a time; `shed`: the handshake shed, the records the proxy's own.
     async fn pair(role: Role, dribbled: bool, shed: bool) -> (Box<dyn Peer>, Ours) {
-        let (config, client) = configs(true);
+        pair_from(role, configs(true), dribbled, shed).await
+    }
+
+    /// As [`pair`], with these settings: the server's, and the client's.
+    async fn pair_from(
+        role: Role,
+        (config, client): (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
+        dribbled: bool,
+        shed: bool,
+    ) -> (Box<dyn Peer>, Ours) {
         match role {
             Role::Device => {
                 let (peer, ours) = pair_with(config, client, dribbled, shed).await;
@@ -1531,9 +1563,9 @@ mod tests {
         }
     }
 
-    /// A device that seals and opens its records itself (its secrets taken from rustls
-    /// after the handshake), to send what no TLS library would.
-    struct RawDevice {
+    /// A peer (a device or a gateway) that seals and opens its records itself (its secrets
+    /// taken from rustls after the handshake), to send what no TLS library would.
+    struct RawPeer {
         tcp: TcpStream,
         tx: (
             aws_lc_rs::aead::LessSafeKey,
@@ -1573,7 +1605,7 @@ mod tests {
         aws_lc_rs::aead::Nonce::assume_unique_for_key(rustls::crypto::cipher::Nonce::new(iv, seq).0)
     }
 
-    impl RawDevice {
+    impl RawPeer {
         /// A record of inner type `typ` carrying `content`, then `padding` zeros.
         fn seal(&mut self, typ: u8, content: &[u8], padding: usize) -> Vec<u8> {
             let mut inner = content.to_vec();
@@ -1636,37 +1668,88 @@ mod tests {
         }
     }
 
-    /// A raw device and the proxy's end, the handshake shed or not (no tickets: nothing from
-    /// the proxy is in flight when the device takes its secrets).
-    async fn raw_pair(shed: bool) -> (RawDevice, TlsStream) {
+    /// A raw peer of `role` and the proxy's end, the handshake shed or not (no tickets: nothing
+    /// is in flight when the peer takes its secrets).
+    async fn raw_pair(role: Role, shed: bool) -> (RawPeer, Ours) {
         let (config, client) = configs(true);
         let mut config = Arc::unwrap_or_clone(config);
         config.send_tls13_tickets = 0;
         let mut client = Arc::unwrap_or_clone(client);
         client.enable_secret_extraction = true;
-        let (client, server) = pair_with(Arc::new(config), Arc::new(client), false, shed).await;
-        let (tcp, conn) = client.into_inner();
-        let secrets = conn.dangerous_extract_secrets().unwrap();
-        let device = RawDevice {
+        let (config, client) = (Arc::new(config), Arc::new(client));
+        let (tcp, secrets, ours) = match role {
+            Role::Device => {
+                let (peer, ours) = pair_with(config, client, false, shed).await;
+                let (tcp, conn) = peer.into_inner();
+                (tcp, conn.dangerous_extract_secrets(), Ours::Server(ours))
+            }
+            Role::Gateway => {
+                let mut config = Arc::unwrap_or_clone(config);
+                config.enable_secret_extraction = true;
+                let (peer, ours) = gateway_pair_with(Arc::new(config), client, false, shed).await;
+                let (tcp, conn) = peer.into_inner();
+                (tcp, conn.dangerous_extract_secrets(), Ours::Client(ours))
+            }
+        };
+        let secrets = secrets.unwrap();
+        let peer = RawPeer {
             tcp,
             tx: raw_key(secrets.tx),
             rx: raw_key(secrets.rx),
         };
-        (device, server)
+        (peer, ours)
     }
 
+    /// How the proxy's end takes a row's records.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Takes {
+        /// Reads on: the "ping" after them is read.
+        Read,
+        /// Refuses them, sending this alert (`None`: no alert).
+        Refused(Option<u8>),
+    }
+
+    /// A row's outcome, `[as a device's server, as a gateway's client]`, each `[the records,
+    /// rustls' connection]`.
+    type Outcomes = [[Takes; 2]; 2];
+
+    /// The same outcome on both sides: read on by both engines (`records` `None`), or refused
+    /// by both, the records sending `records` and rustls' connection `rustls`.
+    const fn common(records: Option<u8>, rustls: Option<u8>) -> Outcomes {
+        let engines = match records {
+            None => [Takes::Read, Takes::Read],
+            Some(_) => [Takes::Refused(records), Takes::Refused(rustls)],
+        };
+        [engines, engines]
+    }
+
+    /// A `NewSessionTicket` (a short ticket of made-up bytes: rustls stores it as it comes).
+    const TICKET: [u8; 22] = [
+        4, 0, 0, 18, // type, length
+        0, 0, 0, 60, // lifetime
+        0, 0, 0, 1, // age add
+        1, 7, // nonce
+        0, 4, 1, 2, 3, 4, // ticket
+        0, 0, // extensions
+    ];
+
     /// What the proxy's end does with records a library would not send, one per row, on both
-    /// ways of protecting the records: each refused on both, or read on both. The alert each
-    /// sends is asserted (RFC 8446 §6); they differ in five rows, where rustls sends none or
-    /// `decode_error`, or `bad_record_mac` for a record over 2^14 + 256 bytes (RFC 8446 §5.2
-    /// asks for `record_overflow`, which the records send).
+    /// of its sides (a device's server, a gateway's client) and both ways of protecting the
+    /// records. The alert each sends is asserted (RFC 8446 §6). The engines differ where rustls
+    /// sends none or `decode_error`, or `bad_record_mac` for a record over 2^14 + 256 bytes
+    /// (RFC 8446 §5.2 asks for `record_overflow`, which the records send), and, as a gateway's
+    /// client, in two rows rustls reads on: a ticket split over records (the records take whole
+    /// messages only) and a 33rd ticket without data (the records bound them as key updates).
     #[tokio::test]
     async fn records_no_library_sends_are_refused_on_both_engines() {
-        // (what, the records, the alert the device gets back from the records or `None` when read
-        // on, the alert rustls' connection sends: `None` for none)
-        type Send = fn(&mut RawDevice) -> Vec<u8>;
-        let rows: [(&str, Send, Option<u8>, Option<u8>); 16] = [
-            ("data, padded", |d| d.seal(23, b"ping", 100), None, None),
+        // (what, the records, how the proxy's end takes them: see `Outcomes`)
+        type Send = fn(&mut RawPeer) -> Vec<u8>;
+        let rows: [(&str, Send, Outcomes); 24] = [
+            (
+                "data, padded",
+                |d| d.seal(23, b"ping", 100),
+                common(None, None),
+            ),
             (
                 "a user_canceled warning, then data",
                 |d| {
@@ -1674,8 +1757,7 @@ mod tests {
                     r.extend(d.seal(23, b"ping", 0));
                     r
                 },
-                None,
-                None,
+                common(None, None),
             ),
             (
                 "32 empty records, then data",
@@ -1684,22 +1766,27 @@ mod tests {
                     r.extend(d.seal(23, b"ping", 0));
                     r
                 },
-                None,
-                None,
+                common(None, None),
             ),
-            ("33 empty records", |d| d.empty_records(33), Some(10), None),
+            (
+                "33 empty records",
+                |d| d.empty_records(33),
+                common(Some(10), None),
+            ),
             (
                 "an unknown inner type",
                 |d| d.seal(99, b"ping", 0),
-                Some(10),
-                Some(50),
+                common(Some(10), Some(50)),
             ),
-            ("padding only", |d| d.seal(0, b"", 10), Some(10), None),
+            (
+                "padding only",
+                |d| d.seal(0, b"", 10),
+                common(Some(10), None),
+            ),
             (
                 "2^14 + 1 bytes in one record",
                 |d| d.seal(23, &[7; (1 << 14) + 1], 0),
-                Some(22),
-                Some(22),
+                common(Some(22), Some(22)),
             ),
             (
                 "a record over 2^14 + 256 bytes",
@@ -1708,8 +1795,7 @@ mod tests {
                     r.resize(5 + 0x4101, 0);
                     r
                 },
-                Some(22),
-                Some(20),
+                common(Some(22), Some(20)),
             ),
             (
                 // Ignored, as RFC 8446 §5.1 says (both read it with TLS 1.2's in the AAD).
@@ -1719,14 +1805,12 @@ mod tests {
                     r[2] = 1;
                     r
                 },
-                None,
-                None,
+                common(None, None),
             ),
             (
                 "more than 2^14 + 1 bytes with the padding",
                 |d| d.seal(23, b"ping", 1 << 14),
-                Some(22),
-                Some(22),
+                common(Some(22), Some(22)),
             ),
             (
                 "a changed byte",
@@ -1735,44 +1819,125 @@ mod tests {
                     r[7] ^= 1;
                     r
                 },
-                Some(20),
-                Some(20),
+                common(Some(20), Some(20)),
             ),
             (
                 "a plaintext change_cipher_spec",
                 |_| vec![20, 3, 3, 0, 1, 1],
-                Some(10),
-                Some(10),
+                common(Some(10), Some(10)),
             ),
             (
-                "a handshake message other than KeyUpdate",
-                |d| d.seal(22, &[4, 0, 0, 0], 0),
-                Some(10),
-                Some(50),
+                "a handshake message no peer sends after the handshake (a ClientHello)",
+                |d| d.seal(22, &[1, 0, 0, 0], 0),
+                common(Some(10), Some(50)),
             ),
             (
                 "a KeyUpdate with more after it",
                 |d| d.seal(22, &[24, 0, 0, 1, 0, 23], 0),
-                Some(10),
-                Some(10),
+                common(Some(10), Some(10)),
             ),
             (
                 "a KeyUpdate asking for 2",
                 |d| d.seal(22, &[24, 0, 0, 1, 2], 0),
-                Some(47),
-                Some(47),
+                common(Some(47), Some(47)),
             ),
             (
                 "a warning other than user_canceled",
                 |d| d.seal(21, &[1, 42], 0),
-                Some(50),
-                Some(50),
+                common(Some(50), Some(50)),
+            ),
+            // Tickets: a gateway's are the proxy's to keep (as its client); a device sends none.
+            (
+                "a ticket, then data",
+                |d| {
+                    let mut r = d.seal(22, &TICKET, 0);
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Read; 2],
+                ],
+            ),
+            (
+                "two tickets in one record, then data",
+                |d| {
+                    let mut r = d.seal(22, &[TICKET, TICKET].concat(), 0);
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Read; 2],
+                ],
+            ),
+            (
+                // The ticket taken, the KeyUpdate after it read (a valid one would change the
+                // keys, which the raw peer cannot follow).
+                "a ticket, then a KeyUpdate asking for 2, in one record",
+                |d| d.seal(22, &[&TICKET[..], &[24, 0, 0, 1, 2]].concat(), 0),
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Refused(Some(47)), Takes::Refused(Some(47))],
+                ],
+            ),
+            (
+                "a KeyUpdate, then a ticket, in one record",
+                |d| d.seal(22, &[&[24, 0, 0, 1, 0], &TICKET[..]].concat(), 0),
+                common(Some(10), Some(10)),
+            ),
+            (
+                // Refused by the records, which take whole messages only; joined by rustls.
+                "a ticket split over two records, then data",
+                |d| {
+                    let mut r = d.seal(22, &TICKET[..10], 0);
+                    r.extend(d.seal(22, &TICKET[10..], 0));
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Refused(Some(50)), Takes::Read],
+                ],
+            ),
+            (
+                "32 tickets, then data",
+                |d| {
+                    let mut r: Vec<u8> = (0..32).flat_map(|_| d.seal(22, &TICKET, 0)).collect();
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Read; 2],
+                ],
+            ),
+            (
+                // rustls' client takes any number.
+                "33 tickets, then data",
+                |d| {
+                    let mut r: Vec<u8> = (0..33).flat_map(|_| d.seal(22, &TICKET, 0)).collect();
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Refused(Some(10)), Takes::Read],
+                ],
+            ),
+            (
+                "a malformed ticket",
+                |d| d.seal(22, &[4, 0, 0, 0], 0),
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(50))],
+                    [Takes::Refused(Some(50)), Takes::Refused(Some(50))],
+                ],
             ),
         ];
-        for ((what, records, alert, rustls_alert), shed) in
-            rows.into_iter().flat_map(|r| SHED.map(|s| (r, s)))
+        for ((what, records, outcomes), (role, shed)) in
+            rows.into_iter().flat_map(|r| CASES.map(|c| (r, c)))
         {
-            let (mut device, mut server) = raw_pair(shed).await;
+            let (mut device, mut server) = raw_pair(role, shed).await;
             let bytes = records(&mut device);
             device.tcp.write_all(&bytes).await.unwrap();
             let mut got = [0u8; 4];
@@ -1782,30 +1947,30 @@ mod tests {
             )
             .await
             .unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
-            match alert {
-                None => {
-                    read.unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+            let expected = outcomes[role as usize][usize::from(!shed)];
+            match expected {
+                Takes::Read => {
+                    read.unwrap_or_else(|e| panic!("{what}, {role:?}, shed: {shed}: refused: {e}"));
                     assert_eq!(&got, b"ping", "{what}");
                     server.write_all(b"pong").await.unwrap();
                     assert_eq!(device.recv().await, Some((23, b"pong".to_vec())), "{what}");
                 }
-                Some(description) => {
+                Takes::Refused(alert) => {
                     let e = read.expect_err(what);
                     assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}: {e}");
                     drop(server);
                     let told = device.alert().await;
-                    let expected = if shed {
-                        Some(description)
-                    } else {
-                        rustls_alert
-                    };
-                    assert_eq!(told, expected.map(|d| vec![2, d]), "{what}, shed: {shed}");
+                    assert_eq!(
+                        told,
+                        alert.map(|d| vec![2, d]),
+                        "{what}, {role:?}, shed: {shed}"
+                    );
                 }
             }
         }
-        // The device's own fatal alert: the proxy's end fails and sends nothing back.
-        for shed in SHED {
-            let (mut device, mut server) = raw_pair(shed).await;
+        // The peer's own fatal alert: the proxy's end fails and sends nothing back.
+        for (role, shed) in CASES {
+            let (mut device, mut server) = raw_pair(role, shed).await;
             device.send(21, &[2, 40], 0).await;
             let e = server.read(&mut [0u8; 4]).await.unwrap_err();
             assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
@@ -1977,8 +2142,8 @@ mod tests {
             state
         };
         for round in 0..100 {
-            let shed = round % 2 == 0;
-            let (mut device, mut server) = raw_pair(shed).await;
+            let (role, shed) = CASES[round % CASES.len()];
+            let (mut device, mut server) = raw_pair(role, shed).await;
             let mut record = device.seal(23, b"ping", (next() % 4) as usize);
             let original = record.clone();
             while record == original {
@@ -2004,35 +2169,77 @@ mod tests {
         }
     }
 
-    /// Every TLS 1.3 suite the proxy offers is sealed by the records: bytes both ways and a
-    /// key update, with a device that offers only that suite.
+    /// Every TLS 1.3 suite the proxy offers is sealed by the records, on both of its sides:
+    /// bytes both ways and a key update, with a client that offers only that suite.
     #[tokio::test]
     async fn every_suite_is_shed_and_carries_bytes_and_key_updates() {
         use rustls::crypto::aws_lc_rs::cipher_suite as suites;
-        for suite in [
-            suites::TLS13_AES_128_GCM_SHA256,
-            suites::TLS13_AES_256_GCM_SHA384,
-            suites::TLS13_CHACHA20_POLY1305_SHA256,
-        ] {
-            let (config, client) = configs_with(true, Some(suite));
-            let (mut client, mut server) = pair_with(config, client, false, true).await;
-            assert_eq!(
-                client.get_ref().1.negotiated_cipher_suite(),
-                Some(suite),
-                "the suite offered"
-            );
+        for (role, suite) in ROLES.into_iter().flat_map(|role| {
+            [
+                suites::TLS13_AES_128_GCM_SHA256,
+                suites::TLS13_AES_256_GCM_SHA384,
+                suites::TLS13_CHACHA20_POLY1305_SHA256,
+            ]
+            .map(|suite| (role, suite))
+        }) {
+            let configs = configs_with(true, Some(suite));
+            let (mut client, mut server) = pair_from(role, configs, false, true).await;
+            assert_eq!(client.suite(), Some(suite), "the suite offered");
             let mut got = [0u8; 4];
             client.write_all(b"ping").await.unwrap();
-            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client.refresh_keys();
             client.write_all(b"more").await.unwrap();
             server.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"ping", "{suite:?}");
+            assert_eq!(&got, b"ping", "{suite:?}, {role:?}");
             server.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"more", "{suite:?}");
+            assert_eq!(&got, b"more", "{suite:?}, {role:?}");
             server.write_all(b"pong").await.unwrap();
             server.flush().await.unwrap();
             client.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"pong", "{suite:?}");
+            assert_eq!(&got, b"pong", "{suite:?}, {role:?}");
+        }
+    }
+
+    /// TLS 1.2 (a device or a gateway that offers nothing newer) stays on rustls' connection,
+    /// on both of the proxy's sides: the shed leaves it, and bytes cross both ways.
+    #[tokio::test]
+    async fn tls12_stays_on_rustls_connection() {
+        let suite =
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256;
+        for role in ROLES {
+            let configs = configs_with(true, Some(suite));
+            let (mut client, mut server) = pair_from(role, configs, false, false).await;
+            assert_eq!(client.suite(), Some(suite), "{role:?}");
+            assert!(!server.shed(), "{role:?}: TLS 1.2 handed to the records");
+            let mut got = [0u8; 4];
+            client.write_all(b"ping").await.unwrap();
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ping", "{role:?}");
+            server.write_all(b"pong").await.unwrap();
+            server.flush().await.unwrap();
+            client.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong", "{role:?}");
+        }
+    }
+
+    /// As a gateway's client, the proxy keeps the gateway's tickets, which arrive after the
+    /// handshake (on the records once it is shed): the next connection to it resumes.
+    #[tokio::test]
+    async fn a_gateways_tickets_are_kept_and_the_next_connection_resumes() {
+        for shed in SHED {
+            let (config, client) = configs(true);
+            let (mut gateway, mut ours) =
+                gateway_pair_with(Arc::clone(&config), Arc::clone(&client), false, shed).await;
+            gateway.write_all(b"hi").await.unwrap();
+            gateway.flush().await.unwrap();
+            // The tickets came first: read with the bytes after them.
+            ours.read_exact(&mut [0u8; 2]).await.unwrap();
+            let (_, next) = gateway_pair_with(config, client, false, false).await;
+            assert_eq!(
+                next.handshake_kind(),
+                Some(rustls::HandshakeKind::Resumed),
+                "shed: {shed}"
+            );
         }
     }
 }
