@@ -1,4 +1,6 @@
-//! A device's TLS over TCP, terminated with rustls' unbuffered API: the proxy owns every
+//! TLS over TCP on rustls' unbuffered API, for both of the proxy's sides: a device's
+//! connection (the proxy the server, [`TlsStream::accept`]) and the proxy's own to a gateway
+//! (`[upstream_tls]`, the proxy the client, [`TlsStream::connect`]). The proxy owns every
 //! buffer, so an idle session holds none.
 //!
 //! Why not `tokio_rustls`: rustls' buffered connection keeps its receive buffer (4 KiB,
@@ -10,7 +12,8 @@
 //! key derivation) is rustls'; the records are rustls' through the handshake and for TLS 1.2
 //! throughout, [`super::records`]' after a TLS 1.3 handshake is shed (below); this module
 //! moves the bytes. It sits where `tokio-rustls` sat: between the device's socket and the
-//! session (`terminate`, `anchor`).
+//! session (`terminate`, `anchor`), and between the session and a gateway's socket
+//! (`upstream::over_tcp`).
 //!
 //! Reads and writes of one stream must be polled from one task (as `tokio::io::split`'s
 //! halves in one `select!`, or `copy_bidirectional`, do): a read may flush what rustls has to
