@@ -38,14 +38,18 @@
 //! TLS 1.2 connections stay on rustls' connection (`TlsStream`): no key updates, another
 //! record format, and few devices or gateways.
 
+use std::ops::Range;
+
 use aws_lc_rs::aead::{
     AES_128_GCM, AES_256_GCM, Aad, Algorithm, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey,
 };
 use rustls::client::ClientConnectionData;
-use rustls::crypto::cipher::{Iv, Nonce as TlsNonce, make_tls13_aad};
+use rustls::crypto::cipher::{Iv, Nonce as TlsNonce, make_tls12_aad, make_tls13_aad};
 use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
-use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType, Error, PeerMisbehaved};
+use rustls::{
+    AlertDescription, ConnectionTrafficSecrets, ContentType, Error, PeerMisbehaved, ProtocolVersion,
+};
 
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -53,10 +57,16 @@ const HEADER: usize = 5;
 const MAX_FRAGMENT: usize = 1 << 14;
 /// The most ciphertext a TLS 1.3 record may carry (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
-/// The AEAD tag, 16 bytes for every TLS 1.3 suite.
+/// The most ciphertext a TLS 1.2 record may carry (RFC 5246 §6.2.3).
+const MAX_CIPHERTEXT_12: usize = MAX_FRAGMENT + 2048;
+/// The AEAD tag, 16 bytes for every suite sealed here.
 const TAG: usize = 16;
-/// What a record adds to its plaintext: the header, the inner content type, the tag.
-const OVERHEAD: usize = HEADER + 1 + TAG;
+/// The explicit part of a TLS 1.2 AES-GCM record's nonce, sent before its ciphertext
+/// (RFC 5288 §3).
+const EXPLICIT_NONCE: usize = 8;
+/// What a record adds to its plaintext, at most: the header, then TLS 1.3's inner content type
+/// or TLS 1.2 AES-GCM's explicit nonce, and the tag.
+const OVERHEAD: usize = HEADER + EXPLICIT_NONCE + TAG;
 /// A `KeyUpdate` handshake message: type, 24-bit length 1, the request.
 const KEY_UPDATE: u8 = 24;
 /// A `NewSessionTicket` handshake message's type.
@@ -128,7 +138,7 @@ impl Side for ClientConnectionData {
 #[derive(Debug)]
 pub(crate) enum Opened {
     /// Application data: the plaintext's range within the record.
-    Data(std::ops::Range<usize>),
+    Data(Range<usize>),
     /// Nothing for the reader (an empty record, a key update, a `user_canceled`).
     Nothing,
     /// The peer's `close_notify`.
@@ -152,15 +162,19 @@ impl Direction {
         }
     }
 
-    /// The key for the next record, and its nonce (the sequence number then moves on).
-    fn next(&mut self) -> Result<(&LessSafeKey, Nonce), Fatal> {
+    /// The key for the next record, its sequence number and its nonce's bytes (the IV with
+    /// the sequence number mixed in, as TLS 1.3 and TLS 1.2 build it; the sequence number then
+    /// moves on). The first four bytes of the IV are TLS 1.2 AES-GCM's salt, which a received
+    /// record's explicit nonce follows.
+    fn next(&mut self) -> Result<(&LessSafeKey, u64, [u8; 12]), Fatal> {
         let Direction { secrets, seq, key } = self;
         let refused = || fatal(AlertDescription::InternalError, Error::EncryptError);
         let (algorithm, key_bytes, iv) = parts(secrets).ok_or_else(refused)?;
         if *seq >= SEQ_HARD_LIMIT {
             return Err(refused());
         }
-        let nonce = Nonce::assume_unique_for_key(TlsNonce::new(iv, *seq).0);
+        let nonce = TlsNonce::new(iv, *seq).0;
+        let this = *seq;
         let key = match key {
             Some(key) => key,
             None => key.insert(
@@ -170,7 +184,16 @@ impl Direction {
             ),
         };
         *seq += 1;
-        Ok((key, nonce))
+        Ok((key, this, nonce))
+    }
+
+    /// TLS 1.2 AES-GCM's salt: the IV's first four bytes.
+    fn salt(&self) -> [u8; 4] {
+        let mut salt = [0; 4];
+        if let Some((_, _, iv)) = parts(&self.secrets) {
+            salt.copy_from_slice(&iv.as_ref()[..4]);
+        }
+        salt
     }
 
     /// New secrets (a key update): the context built for the old ones goes.
@@ -191,8 +214,9 @@ fn next_secrets(
     Ok(next)
 }
 
-/// The AEAD, key and IV of secrets this module seals (every TLS 1.3 suite rustls' aws-lc
-/// provider has); `None` for others.
+/// The AEAD, key and IV of secrets this module seals (every suite rustls' aws-lc provider has,
+/// TLS 1.3's and TLS 1.2's: for TLS 1.2 AES-GCM the IV is the salt and the key block's explicit
+/// part, as rustls hands it over); `None` for others.
 fn parts(secrets: &ConnectionTrafficSecrets) -> Option<(&'static Algorithm, &[u8], &Iv)> {
     match secrets {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv } => Some((&AES_128_GCM, key.as_ref(), iv)),
@@ -207,15 +231,31 @@ fn parts(secrets: &ConnectionTrafficSecrets) -> Option<(&'static Algorithm, &[u8
 /// Whether this module seals `suite` (the same suites as [`parts`], by name: asked before
 /// rustls hands the secrets over, which cannot be undone).
 pub(crate) fn seals(suite: rustls::SupportedCipherSuite) -> bool {
+    use rustls::CipherSuite as S;
     matches!(
-        suite,
-        rustls::SupportedCipherSuite::Tls13(suite) if matches!(
-            suite.common.suite,
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
-                | rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-                | rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
-        )
+        suite.suite(),
+        S::TLS13_AES_128_GCM_SHA256
+            | S::TLS13_AES_256_GCM_SHA384
+            | S::TLS13_CHACHA20_POLY1305_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
     )
+}
+
+/// A record's format.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Format {
+    /// RFC 8446 §5.2: every record application data on the wire, its real type inside, after
+    /// the content and before the padding; the nonce from the sequence number.
+    Tls13,
+    /// RFC 5246 §6.2.3.3: the type in the header, the additional data the sequence number,
+    /// type, version and plaintext length; AES-GCM's nonce partly explicit, sent before the
+    /// ciphertext (RFC 5288), ChaCha20-Poly1305's from the sequence number (RFC 7905).
+    Tls12 { explicit_nonce: bool },
 }
 
 /// Whether the proxy can take over a connection's records with these secrets.
@@ -227,9 +267,11 @@ fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
 pub(crate) struct Records<S> {
     /// Derives the next traffic secrets at a key update (and, as a client, stores tickets).
     kernel: KernelConnection<S>,
+    format: Format,
     rx: Direction,
     tx: Direction,
-    /// Records sealed under one key, the proxy's `KeyUpdate` the last of them.
+    /// Records sealed under one key, the proxy's `KeyUpdate` the last of them (TLS 1.2, which
+    /// has no key update, ends the connection there).
     tx_limit: u64,
     /// The peer asked for the proxy's keys to change: answered once, before the next
     /// record the proxy seals (requests that arrive together get one answer, RFC 8446
@@ -251,12 +293,24 @@ impl<S: Side> Records<S> {
         if !supported(&secrets.rx.1) || !supported(&secrets.tx.1) {
             return None;
         }
-        let tx_limit = match kernel.negotiated_cipher_suite() {
-            rustls::SupportedCipherSuite::Tls13(suite) => suite.common.confidentiality_limit,
-            _ => return None,
+        let (format, tx_limit) = match kernel.negotiated_cipher_suite() {
+            rustls::SupportedCipherSuite::Tls13(suite) => {
+                (Format::Tls13, suite.common.confidentiality_limit)
+            }
+            rustls::SupportedCipherSuite::Tls12(suite) => {
+                let explicit_nonce = !matches!(
+                    secrets.tx.1,
+                    ConnectionTrafficSecrets::Chacha20Poly1305 { .. }
+                );
+                (
+                    Format::Tls12 { explicit_nonce },
+                    suite.common.confidentiality_limit,
+                )
+            }
         };
         Some(Records {
             kernel,
+            format,
             rx: Direction::new(secrets.rx),
             tx: Direction::new(secrets.tx),
             tx_limit: tx_limit.min(SEQ_SOFT_LIMIT),
@@ -274,6 +328,15 @@ impl<S: Side> Records<S> {
     pub(crate) fn idle(&mut self) {
         self.rx.key = None;
         self.tx.key = None;
+    }
+
+    /// The TLS version whose records these are (for tests).
+    #[cfg(test)]
+    pub(crate) fn version(&self) -> ProtocolVersion {
+        match self.format {
+            Format::Tls13 => ProtocolVersion::TLSv1_3,
+            Format::Tls12 { .. } => ProtocolVersion::TLSv1_2,
+        }
     }
 
     /// Whether this side's `close_notify` (or a fatal alert) is sealed.
@@ -302,23 +365,38 @@ impl<S: Side> Records<S> {
 
     /// The length of the whole record at the front of `data`, once it is all there. Its
     /// header is judged as soon as it is there, as rustls' deframer does: bytes that are not
-    /// a TLS 1.3 record are refused at once, not waited on for a length they never meant.
-    pub(crate) fn frame(data: &[u8]) -> Result<Option<usize>, Fatal> {
+    /// a record of this connection's version are refused at once, not waited on for a length
+    /// they never meant.
+    pub(crate) fn frame(&self, data: &[u8]) -> Result<Option<usize>, Fatal> {
         let Some(header) = data.get(..HEADER) else {
             return Ok(None);
         };
-        if header[0] != u8::from(ContentType::ApplicationData) {
+        let typ = ContentType::from(header[0]);
+        let (known, max) = match self.format {
             // After the handshake every TLS 1.3 record is opaque application data.
+            Format::Tls13 => (typ == ContentType::ApplicationData, MAX_CIPHERTEXT),
+            Format::Tls12 { .. } => (
+                matches!(
+                    typ,
+                    ContentType::ApplicationData
+                        | ContentType::Alert
+                        | ContentType::Handshake
+                        | ContentType::ChangeCipherSpec
+                ),
+                MAX_CIPHERTEXT_12,
+            ),
+        };
+        if !known {
             return Err(fatal(
                 AlertDescription::UnexpectedMessage,
                 Error::InappropriateMessage {
                     expect_types: vec![ContentType::ApplicationData],
-                    got_type: ContentType::from(header[0]),
+                    got_type: typ,
                 },
             ));
         }
         let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
-        if len > MAX_CIPHERTEXT {
+        if len > max {
             return Err(fatal(AlertDescription::RecordOverflow, Error::DecryptError));
         }
         Ok((data.len() >= HEADER + len).then_some(HEADER + len))
@@ -329,39 +407,14 @@ impl<S: Side> Records<S> {
     pub(crate) fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
         // Framed by the caller (its header judged once, there).
         debug_assert_eq!(
-            Self::frame(record).ok().flatten(),
+            self.frame(record).ok().flatten(),
             Some(record.len()),
             "one whole record, as `frame` found it"
         );
-        let Some(body) = record.get_mut(HEADER..) else {
-            return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
+        let (typ, content) = match self.format {
+            Format::Tls13 => self.open13(record)?,
+            Format::Tls12 { explicit_nonce } => self.open12(record, explicit_nonce)?,
         };
-        if body.len() < TAG {
-            return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
-        }
-        // The header as a TLS 1.3 sender writes it (rustls' own AAD), not as it came: its
-        // legacy version is ignored (RFC 8446 §5.1), as rustls ignores it.
-        let aad = Aad::from(make_tls13_aad(body.len()));
-        let (key, nonce) = self.rx.next()?;
-        let plain = key
-            .open_in_place(nonce, aad, body)
-            .map_err(|_| fatal(AlertDescription::BadRecordMac, Error::DecryptError))?;
-        if plain.len() > MAX_FRAGMENT + 1 {
-            // Content, type and padding together are bounded as the content is.
-            return Err(fatal(
-                AlertDescription::RecordOverflow,
-                Error::PeerSentOversizedRecord,
-            ));
-        }
-        // The inner content type is the last byte that is not padding.
-        let Some(end) = plain.iter().rposition(|&b| b != 0) else {
-            return Err(fatal(
-                AlertDescription::UnexpectedMessage,
-                PeerMisbehaved::IllegalTlsInnerPlaintext,
-            ));
-        };
-        let typ = ContentType::from(plain[end]);
-        let content = &plain[..end];
         if content.is_empty() {
             if self.empty_in_a_row == EMPTY_IN_A_ROW {
                 return Err(fatal(
@@ -380,26 +433,96 @@ impl<S: Side> Records<S> {
                 Ok(if content.is_empty() {
                     Opened::Nothing
                 } else {
-                    Opened::Data(HEADER..HEADER + end)
+                    Opened::Data(content)
                 })
             }
-            ContentType::Alert => self.alert(content),
-            ContentType::Handshake => {
-                self.handshake(content)?;
+            ContentType::Alert => self.alert(&record[content]),
+            ContentType::Handshake if self.format == Format::Tls13 => {
+                self.handshake(&record[content])?;
                 Ok(Opened::Nothing)
             }
             other => Err(fatal(
                 AlertDescription::UnexpectedMessage,
                 Error::InappropriateMessage {
-                    expect_types: vec![
-                        ContentType::ApplicationData,
-                        ContentType::Alert,
-                        ContentType::Handshake,
-                    ],
+                    expect_types: vec![ContentType::ApplicationData, ContentType::Alert],
                     got_type: other,
                 },
             )),
         }
+    }
+
+    /// Opens a TLS 1.3 record: its inner type, and its content's range within `record`.
+    fn open13(&mut self, record: &mut [u8]) -> Result<(ContentType, Range<usize>), Fatal> {
+        let Some(body) = record.get_mut(HEADER..) else {
+            return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
+        };
+        if body.len() < TAG {
+            return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
+        }
+        // The header as a TLS 1.3 sender writes it (rustls' own AAD), not as it came: its
+        // legacy version is ignored (RFC 8446 §5.1), as rustls ignores it.
+        let aad = Aad::from(make_tls13_aad(body.len()));
+        let (key, _, nonce) = self.rx.next()?;
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), aad, body)
+            .map_err(|_| fatal(AlertDescription::BadRecordMac, Error::DecryptError))?;
+        if plain.len() > MAX_FRAGMENT + 1 {
+            // Content, type and padding together are bounded as the content is.
+            return Err(fatal(
+                AlertDescription::RecordOverflow,
+                Error::PeerSentOversizedRecord,
+            ));
+        }
+        // The inner content type is the last byte that is not padding.
+        let Some(end) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::IllegalTlsInnerPlaintext,
+            ));
+        };
+        Ok((ContentType::from(plain[end]), HEADER..HEADER + end))
+    }
+
+    /// Opens a TLS 1.2 record: its type (the header's, which the tag covers), and its
+    /// content's range within `record`.
+    fn open12(
+        &mut self,
+        record: &mut [u8],
+        explicit_nonce: bool,
+    ) -> Result<(ContentType, Range<usize>), Fatal> {
+        let explicit = if explicit_nonce { EXPLICIT_NONCE } else { 0 };
+        let Some((header, body)) = record.split_at_mut_checked(HEADER) else {
+            return Err(fatal(AlertDescription::DecodeError, Error::DecryptError));
+        };
+        if body.len() < explicit + TAG {
+            return Err(fatal(AlertDescription::BadRecordMac, Error::DecryptError));
+        }
+        let typ = ContentType::from(header[0]);
+        // The version as it came, as rustls takes it: the tag covers it.
+        let version = ProtocolVersion::from(u16::from_be_bytes([header[1], header[2]]));
+        let len = body.len() - explicit - TAG;
+        let salt = self.rx.salt();
+        let (key, seq, mut nonce) = self.rx.next()?;
+        if explicit_nonce {
+            nonce[..4].copy_from_slice(&salt);
+            nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE]);
+        }
+        let aad = Aad::from(make_tls12_aad(seq, typ, version, len));
+        let plain = key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                aad,
+                &mut body[explicit..],
+            )
+            .map_err(|_| fatal(AlertDescription::BadRecordMac, Error::DecryptError))?;
+        if plain.len() > MAX_FRAGMENT {
+            return Err(fatal(
+                AlertDescription::RecordOverflow,
+                Error::PeerSentOversizedRecord,
+            ));
+        }
+        let start = HEADER + explicit;
+        Ok((typ, start..start + plain.len()))
     }
 
     /// The handshake messages of one record: whole messages only, a `KeyUpdate` only as the
@@ -476,8 +599,8 @@ impl<S: Side> Records<S> {
                     ));
                 }
                 self.warnings_left -= 1;
-                // TLS 1.3 has no warnings but this one.
-                if description == AlertDescription::UserCanceled {
+                // TLS 1.2's warnings are ignored; TLS 1.3 has none but this one.
+                if description == AlertDescription::UserCanceled || self.format != Format::Tls13 {
                     Ok(Opened::Nothing)
                 } else {
                     Err(fatal(
@@ -574,6 +697,11 @@ impl<S: Side> Records<S> {
         }
         let mut written = 0;
         for chunk in data.chunks(MAX_FRAGMENT) {
+            if self.tx.seq + 1 >= self.tx_limit && self.format != Format::Tls13 {
+                // The suite's limit for one key, and TLS 1.2 has no key update: the connection
+                // ends (rustls' sends its `close_notify` there; this side fails the write).
+                return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
+            }
             if self.tx.seq + 1 >= self.tx_limit {
                 // The suite's limit for one key: the next ones, as rustls refreshes them.
                 let mut update = Vec::new();
@@ -643,18 +771,48 @@ impl<S: Side> Records<S> {
         out: &mut [u8],
     ) -> Result<usize, Fatal> {
         debug_assert!(content.len() <= MAX_FRAGMENT);
-        let body = content.len() + 1 + TAG;
+        let refused = || fatal(AlertDescription::InternalError, Error::EncryptError);
+        // What goes before the content, and what the tag covers besides it.
+        let (explicit, inner_type) = match self.format {
+            Format::Tls13 => (0, 1),
+            Format::Tls12 {
+                explicit_nonce: true,
+            } => (EXPLICIT_NONCE, 0),
+            Format::Tls12 {
+                explicit_nonce: false,
+            } => (0, 0),
+        };
+        let body = explicit + content.len() + inner_type + TAG;
         let total = HEADER + body;
-        let header = make_tls13_aad(body);
-        let (key, nonce) = self.tx.next()?;
+        let length = u16::try_from(body).map_err(|_| refused())?.to_be_bytes();
+        let (key, seq, nonce) = self.tx.next()?;
         let record = &mut out[..total];
+        // TLS 1.3's additional data is its header; TLS 1.2's is 13 bytes of its own.
+        let mut aad = [0u8; 13];
+        let (header, aad) = match self.format {
+            Format::Tls13 => {
+                let header = make_tls13_aad(body);
+                aad[..HEADER].copy_from_slice(&header);
+                (header, &aad[..HEADER])
+            }
+            Format::Tls12 { .. } => {
+                let version = ProtocolVersion::TLSv1_2.to_array();
+                let header = [u8::from(typ), version[0], version[1], length[0], length[1]];
+                aad = make_tls12_aad(seq, typ, ProtocolVersion::TLSv1_2, content.len());
+                (header, &aad[..])
+            }
+        };
         record[..HEADER].copy_from_slice(&header);
-        record[HEADER..HEADER + content.len()].copy_from_slice(content);
-        record[HEADER + content.len()] = u8::from(typ);
-        let (inner, tag) = record[HEADER..].split_at_mut(content.len() + 1);
+        record[HEADER..HEADER + explicit].copy_from_slice(&nonce[4..4 + explicit]);
+        let start = HEADER + explicit;
+        record[start..start + content.len()].copy_from_slice(content);
+        if inner_type == 1 {
+            record[start + content.len()] = u8::from(typ);
+        }
+        let (inner, tag) = record[start..].split_at_mut(content.len() + inner_type);
         let sealed = key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), inner)
-            .map_err(|_| fatal(AlertDescription::InternalError, Error::EncryptError))?;
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), inner)
+            .map_err(|_| refused())?;
         tag.copy_from_slice(sealed.as_ref());
         Ok(total)
     }
