@@ -53,7 +53,8 @@ pub enum Refusal {
     /// handshake, or more QUIC devices waiting without a place than places free. (TCP
     /// devices past `max_connections` wait in the listen backlog: not refused.)
     ConnectionsFull,
-    /// A configuration the proxy should have refused at start (a bug).
+    /// The proxy's own failure (a bug): a configuration it should have refused at start, or
+    /// a TLS connection whose records rustls did not hand over (`TlsStream::shed_handshake`).
     Internal,
 }
 

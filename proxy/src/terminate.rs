@@ -101,7 +101,7 @@ pub(crate) async fn terminate(
     // What the session needed of the handshake is read: a TLS 1.3 connection keeps only its
     // traffic secrets from here on (`tls::records`).
     tls.shed_handshake()
-        .map_err(|e| refused(Refusal::TlsHandshake, e))?;
+        .map_err(|e| refused(Refusal::Internal, e))?;
     if raw {
         forward_decrypted(ctx, tls, verified).await?;
         return Ok(None);
@@ -135,9 +135,17 @@ async fn forward_decrypted(
         sni,
         identity,
     };
-    let mut up = crate::upstream::over_tcp(ctx, lease.gateway(), stream, &origin)
+    // Bounded as an anchored session's open is: a gateway that takes the connection and never
+    // answers its TLS does not hold the client.
+    let opened = ctx
+        .deadlines
+        .timeout(
+            ctx.config.handshake_timeout,
+            crate::upstream::over_tcp(ctx, lease.gateway(), stream, &origin),
+        )
         .await
-        .map_err(|e| open_failed(lease.gateway(), e))?;
+        .map_err(|_| refused(Refusal::GatewayError, "no TLS with the gateway in time"))?;
+    let mut up = opened.map_err(|e| open_failed(lease.gateway(), e))?;
     let (bytes_up, bytes_down) = (ctx.meters.bytes_up, ctx.meters.bytes_down);
     let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
@@ -365,6 +373,7 @@ fn open_failed(gateway: &Gateway, e: crate::upstream::OpenError) -> Refused {
             tracing::warn!(gateway = %name, error = %e, "TLS with the gateway failed");
             refused(Refusal::UpstreamTls, e)
         }
+        crate::upstream::OpenError::Internal(e) => refused(Refusal::Internal, e),
         e => refused(Refusal::GatewayError, e),
     }
 }

@@ -158,6 +158,9 @@ pub(crate) enum OpenError {
     Frame(String),
     #[error("the gateway closed before answering HELLO")]
     Closed,
+    /// The proxy's own failure, not the gateway's (the TLS records not handed over).
+    #[error("{0}")]
+    Internal(io::Error),
 }
 
 /// A connection to `gateway` made ready for bytes: the PROXY header first where its pool
@@ -186,7 +189,7 @@ pub(crate) async fn over_tcp(
     counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
     // Nothing more is read of the handshake: a TLS 1.3 connection keeps only its traffic
     // secrets from here on (`tls::records`), as a device's does.
-    up.shed_handshake().map_err(OpenError::Tls)?;
+    up.shed_handshake().map_err(OpenError::Internal)?;
     Ok(Box::new(up))
 }
 

@@ -432,6 +432,53 @@ async fn raw_proxy(pki: &Pki, service: &Backend, resumption: bool) -> RunningPro
     start(c).await
 }
 
+/// A `raw` listener with TLS to its service: a service that takes the connection and never
+/// answers the proxy's TLS does not hold the client past `handshake_timeout` (refused as
+/// `gateway_error`), as an anchored session's open is bounded.
+#[tokio::test]
+async fn a_raw_listener_bounds_the_tls_with_its_service() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let mut c = config(vec![wasmbed_config::GatewayConfig {
+        name: "silent".into(),
+        addr: addr.to_string(),
+        health_addr: None,
+        weight: 1,
+        pool: "default".into(),
+    }]);
+    c.mode = Mode::Terminate;
+    c.tls = Some(pki.tls.clone());
+    c.listeners[0].raw = true;
+    c.handshake_timeout = Duration::from_millis(300);
+    c.upstream_tls = Some(UpstreamTls {
+        ca: pki.ca_path.clone(),
+        server_name: Some("gateway.internal".into()),
+        client: None,
+    });
+    let proxy = start(c).await;
+    let mut tls = tls_device(&proxy, device_config(&pki.ca, Some(&pki.ca), false))
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut [0u8; 1]))
+        .await
+        .expect("the client is held by a silent service");
+    assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+    until_metric(
+        &proxy,
+        "wasmbed_proxy_connections_rejected_total{reason=\"gateway_error\"}",
+        1.0,
+    )
+    .await;
+}
+
 /// A `raw` listener: TLS ends at the proxy with the same client certificate checks, and the
 /// decrypted bytes reach a plain TCP service as they are (no HELLO), counted as they go.
 #[tokio::test]

@@ -427,14 +427,14 @@ impl<S: Side> Records<S> {
             self.empty_in_a_row = 0;
         }
         match typ {
+            ContentType::ApplicationData if content.is_empty() => Ok(Opened::Nothing),
             ContentType::ApplicationData => {
+                // Only data resets the bounds on key updates and tickets (rustls' own resets
+                // at an empty record too, so 32 updates, an empty record, 32 more, … would
+                // never end).
                 self.key_updates_left = KEY_UPDATES_WITHOUT_DATA;
                 self.tickets_left = TICKETS_WITHOUT_DATA;
-                Ok(if content.is_empty() {
-                    Opened::Nothing
-                } else {
-                    Opened::Data(content)
-                })
+                Ok(Opened::Data(content))
             }
             ContentType::Alert => self.alert(&record[content]),
             ContentType::Handshake if self.format == Format::Tls13 => {
@@ -527,17 +527,35 @@ impl<S: Side> Records<S> {
 
     /// The handshake messages of one record: whole messages only, a `KeyUpdate` only as the
     /// last.
+    /// A record of none is refused (RFC 8446 §5.1: no zero-length handshake fragments).
     fn handshake(&mut self, mut content: &[u8]) -> Result<(), Fatal> {
+        let inappropriate = |typ: u8| {
+            let mut expect_types = vec![rustls::HandshakeType::KeyUpdate];
+            if S::TAKES_TICKETS {
+                expect_types.push(rustls::HandshakeType::NewSessionTicket);
+            }
+            fatal(
+                AlertDescription::UnexpectedMessage,
+                Error::InappropriateHandshakeMessage {
+                    expect_types,
+                    got_type: rustls::HandshakeType::from(typ),
+                },
+            )
+        };
+        if content.is_empty() {
+            return Err(inappropriate(0));
+        }
         while let Some(&typ) = content.first() {
             let whole = match content {
                 [_, a, b, c, body @ ..] => {
-                    let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
                     body.get(..len).map(|payload| (payload, &body[len..]))
                 }
                 _ => None,
             };
             match (typ, whole) {
-                (KEY_UPDATE, Some((&[request], []))) => self.key_update(request)?,
+                // The last message of its record, as a key change must be.
+                (KEY_UPDATE, Some((&[request], []))) => return self.key_update(request),
                 (KEY_UPDATE, _) => {
                     // Something after it (a key change must end its record), split over
                     // records, or malformed.
@@ -564,18 +582,7 @@ impl<S: Side> Records<S> {
                     S::ticket(&mut self.kernel, payload)?;
                     content = rest;
                 }
-                _ => {
-                    return Err(fatal(
-                        AlertDescription::UnexpectedMessage,
-                        Error::InappropriateHandshakeMessage {
-                            expect_types: vec![rustls::HandshakeType::KeyUpdate],
-                            got_type: rustls::HandshakeType::from(typ),
-                        },
-                    ));
-                }
-            }
-            if typ == KEY_UPDATE {
-                break;
+                _ => return Err(inappropriate(typ)),
             }
         }
         Ok(())

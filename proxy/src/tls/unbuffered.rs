@@ -1849,6 +1849,50 @@ mod tests {
         0, 0, // extensions
     ];
 
+    /// A row of records a library would not send: how one way of protecting the records,
+    /// on one side, takes them (see [`Outcomes`]).
+    type Row = (&'static str, fn(&mut RawPeer) -> Vec<u8>, Outcomes);
+
+    /// Sends `row`'s records from the raw peer and checks that the proxy's end takes them as
+    /// the row says: reads the "ping" after them (and its "pong" arrives), or refuses them
+    /// with the row's alert.
+    async fn take_row(
+        (what, records, outcomes): &Row,
+        role: Role,
+        shed: bool,
+        (mut device, mut server): (RawPeer, Ours),
+    ) {
+        let bytes = records(&mut device);
+        device.tcp.write_all(&bytes).await.unwrap();
+        let mut got = [0u8; 4];
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            server.read_exact(&mut got),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
+        let expected = outcomes[role as usize][usize::from(!shed)];
+        match expected {
+            Takes::Read => {
+                read.unwrap_or_else(|e| panic!("{what}, {role:?}, shed: {shed}: refused: {e}"));
+                assert_eq!(&got, b"ping", "{what}");
+                server.write_all(b"pong").await.unwrap();
+                assert_eq!(device.recv().await, Some((23, b"pong".to_vec())), "{what}");
+            }
+            Takes::Refused(alert) => {
+                let e = read.expect_err(what);
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}: {e}");
+                drop(server);
+                let told = device.alert().await;
+                assert_eq!(
+                    told,
+                    alert.map(|d| vec![2, d]),
+                    "{what}, {role:?}, shed: {shed}"
+                );
+            }
+        }
+    }
+
     /// What the proxy's end does with records a library would not send, one per row, on both
     /// of its sides (a device's server, a gateway's client) and both ways of protecting the
     /// records. The alert each sends is asserted (RFC 8446 §6). The engines differ where rustls
@@ -1858,9 +1902,7 @@ mod tests {
     /// messages only) and a 33rd ticket without data (the records bound them as key updates).
     #[tokio::test]
     async fn records_no_library_sends_are_refused_on_both_engines() {
-        // (what, the records, how the proxy's end takes them: see `Outcomes`)
-        type Send = fn(&mut RawPeer) -> Vec<u8>;
-        let rows: [(&str, Send, Outcomes); 24] = [
+        let rows: [Row; 26] = [
             (
                 "data, padded",
                 |d| d.seal(23, b"ping", 100),
@@ -2042,6 +2084,32 @@ mod tests {
                 ],
             ),
             (
+                // RFC 8446 §5.1: no zero-length handshake fragment (rustls counts it as an
+                // empty record and reads on).
+                "an empty handshake record, then data",
+                |d| {
+                    let mut r = d.seal(22, b"", 0);
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [[Takes::Refused(Some(10)), Takes::Read]; 2],
+            ),
+            (
+                // Only data resets the bound (rustls' client takes any number).
+                "32 tickets, an empty record, a ticket, then data",
+                |d| {
+                    let mut r: Vec<u8> = (0..32).flat_map(|_| d.seal(22, &TICKET, 0)).collect();
+                    r.extend(d.empty_records(1));
+                    r.extend(d.seal(22, &TICKET, 0));
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                [
+                    [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                    [Takes::Refused(Some(10)), Takes::Read],
+                ],
+            ),
+            (
                 "a malformed ticket",
                 |d| d.seal(22, &[4, 0, 0, 0], 0),
                 [
@@ -2050,39 +2118,8 @@ mod tests {
                 ],
             ),
         ];
-        for ((what, records, outcomes), (role, version, shed)) in
-            rows.into_iter().flat_map(|r| TLS13_CASES.map(|c| (r, c)))
-        {
-            let (mut device, mut server) = raw_pair(role, version, shed).await;
-            let bytes = records(&mut device);
-            device.tcp.write_all(&bytes).await.unwrap();
-            let mut got = [0u8; 4];
-            let read = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                server.read_exact(&mut got),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
-            let expected = outcomes[role as usize][usize::from(!shed)];
-            match expected {
-                Takes::Read => {
-                    read.unwrap_or_else(|e| panic!("{what}, {role:?}, shed: {shed}: refused: {e}"));
-                    assert_eq!(&got, b"ping", "{what}");
-                    server.write_all(b"pong").await.unwrap();
-                    assert_eq!(device.recv().await, Some((23, b"pong".to_vec())), "{what}");
-                }
-                Takes::Refused(alert) => {
-                    let e = read.expect_err(what);
-                    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{what}: {e}");
-                    drop(server);
-                    let told = device.alert().await;
-                    assert_eq!(
-                        told,
-                        alert.map(|d| vec![2, d]),
-                        "{what}, {role:?}, shed: {shed}"
-                    );
-                }
-            }
+        for (row, (role, version, shed)) in rows.iter().flat_map(|r| TLS13_CASES.map(|c| (r, c))) {
+            take_row(row, role, shed, raw_pair(role, version, shed).await).await;
         }
         // The peer's own fatal alert: the proxy's end fails and sends nothing back.
         for (role, version, shed) in CASES {
@@ -2092,6 +2129,140 @@ mod tests {
             assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
             drop(server);
             assert_eq!(device.alert().await, None);
+        }
+    }
+
+    /// What the proxy's end does with TLS 1.2 records a library would not send, as the
+    /// TLS 1.3 table does: on both of its sides, both ways of protecting the records, and
+    /// both record formats (AES-GCM's partly explicit nonce, ChaCha20-Poly1305's implicit one).
+    /// The engines differ where rustls sends `decode_error` (a renegotiation, an encrypted
+    /// change_cipher_spec, a record of an unknown type, a record over 2^14 + 2048 bytes: RFC
+    /// 5246 §6 asks for `unexpected_message` and `record_overflow`, which the records send) or
+    /// nothing (a fifth warning).
+    #[tokio::test]
+    async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as suites;
+        let rows: [Row; 16] = [
+            ("data", |d| d.seal(23, b"ping", 0), common(None, None)),
+            (
+                // TLS 1.2's warnings are ignored.
+                "a warning (no_renegotiation), then data",
+                |d| {
+                    let mut r = d.seal(21, &[1, 100], 0);
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                common(None, None),
+            ),
+            (
+                "four warnings, then data",
+                |d| {
+                    let mut r: Vec<u8> = (0..4).flat_map(|_| d.seal(21, &[1, 100], 0)).collect();
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                common(None, None),
+            ),
+            (
+                "five warnings, then data",
+                |d| {
+                    let mut r: Vec<u8> = (0..5).flat_map(|_| d.seal(21, &[1, 100], 0)).collect();
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                common(Some(50), None),
+            ),
+            (
+                "32 empty records, then data",
+                |d| {
+                    let mut r = d.empty_records(32);
+                    r.extend(d.seal(23, b"ping", 0));
+                    r
+                },
+                common(None, None),
+            ),
+            (
+                "33 empty records",
+                |d| d.empty_records(33),
+                common(Some(10), None),
+            ),
+            (
+                "a handshake record (a ClientHello: renegotiation)",
+                |d| d.seal(22, &[1, 0, 0, 0], 0),
+                common(Some(10), Some(50)),
+            ),
+            (
+                "an encrypted change_cipher_spec",
+                |d| d.seal(20, &[1], 0),
+                common(Some(10), Some(50)),
+            ),
+            (
+                "a record of an unknown type",
+                |d| d.seal(99, b"ping", 0),
+                common(Some(10), Some(50)),
+            ),
+            (
+                "2^14 + 1 bytes in one record",
+                |d| d.seal(23, &[7; (1 << 14) + 1], 0),
+                common(Some(22), Some(22)),
+            ),
+            (
+                "a record over 2^14 + 2048 bytes",
+                |_| {
+                    let mut r = vec![23, 3, 3, 0x48, 0x01];
+                    r.resize(5 + 0x4801, 0);
+                    r
+                },
+                common(Some(22), Some(50)),
+            ),
+            (
+                "a changed byte",
+                |d| {
+                    let mut r = d.seal(23, b"ping", 0);
+                    r[7] ^= 1;
+                    r
+                },
+                common(Some(20), Some(20)),
+            ),
+            (
+                // The version is in the additional data.
+                "another version in the header",
+                |d| {
+                    let mut r = d.seal(23, b"ping", 0);
+                    r[2] = 1;
+                    r
+                },
+                common(Some(20), Some(20)),
+            ),
+            (
+                "a record too short for its tag",
+                |_| vec![23, 3, 3, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                common(Some(20), Some(20)),
+            ),
+            (
+                "an alert of three bytes",
+                |d| d.seal(21, &[1, 0, 0], 0),
+                common(Some(50), Some(50)),
+            ),
+            (
+                "an alert at an unknown level",
+                |d| d.seal(21, &[3, 0], 0),
+                common(Some(47), Some(47)),
+            ),
+        ];
+        for suite in [
+            suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ] {
+            for (row, (role, shed)) in rows.iter().flat_map(|r| {
+                ROLES
+                    .into_iter()
+                    .flat_map(move |role| SHED.map(|s| (r, (role, s))))
+            }) {
+                let peers = raw_pair_from(role, configs_with(true, Some(suite)), shed).await;
+                assert_eq!(peers.1.version(), rustls::ProtocolVersion::TLSv1_2);
+                take_row(row, role, shed, peers).await;
+            }
         }
     }
 
@@ -2327,6 +2498,43 @@ mod tests {
             let mut rest = Vec::new();
             client.read_to_end(&mut rest).await.unwrap();
             assert!(rest.is_empty(), "{suite:?}, {role:?}");
+        }
+    }
+
+    /// A gateway that refuses the proxy's client certificate says so only after the proxy's
+    /// side of a TLS 1.3 handshake is done: its alert arrives after the handshake (on the
+    /// records once shed), and the first read fails with rustls' error, which
+    /// `upstream::open` counts as the gateway's TLS failure (`crate::tls::is_tls_error`).
+    #[tokio::test]
+    async fn a_gateway_refusing_the_proxys_certificate_fails_the_first_read_as_tls() {
+        for shed in SHED {
+            let (config, client) = configs(false);
+            let mut client = Arc::unwrap_or_clone(client);
+            client.enable_secret_extraction = true;
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let (refused, read) = tokio::join!(
+                async {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    acceptor.accept(tcp).await.is_err()
+                },
+                async {
+                    let tcp = TcpStream::connect(addr).await.unwrap();
+                    let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+                    let mut tls = TlsStream::connect(Arc::new(client), name, tcp)
+                        .await
+                        .unwrap();
+                    if shed {
+                        tls.shed_handshake().unwrap();
+                        assert!(matches!(tls.conn, super::Conn::Records(_)), "not shed");
+                    }
+                    tls.read(&mut [0u8; 1]).await
+                },
+            );
+            assert!(refused, "the gateway took an untrusted certificate");
+            let e = read.expect_err("read on after the gateway's refusal");
+            assert!(crate::tls::is_tls_error(&e), "shed: {shed}: {e}");
         }
     }
 
