@@ -130,6 +130,10 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = wasmbed_config::loadtest::DEVICES_PER_SOCKET,
           value_parser = clap::value_parser!(u32).range(1..))]
     devices_per_socket: u32,
+    /// The simulated devices speak TLS 1.2 and nothing newer, as devices on mbedTLS 2.28 do.
+    /// `--transport tcp` only (QUIC is TLS 1.3).
+    #[arg(long)]
+    tls12: bool,
     /// How long the soak scenario runs (e.g. `90s`, `1h`). Default 1 h.
     #[arg(long, value_name = "DURATION", value_parser = soak_duration)]
     duration: Option<Duration>,
@@ -738,6 +742,10 @@ pub fn run(args: UpArgs) -> ExitCode {
         esay!("wasmbed up: --transport quic needs --mode terminate (QUIC ends at the proxy)");
         return ExitCode::from(2);
     }
+    if let Err(e) = wasmbed_config::loadtest::check_tls12(args.tls12, args.transport) {
+        esay!("wasmbed up: {e}");
+        return ExitCode::from(2);
+    }
     // Checked before anything starts: the fleet (and the second one of scale-up) runs in
     // this process, one connection per device.
     let second_fleet = match scenario {
@@ -897,6 +905,7 @@ pub fn run(args: UpArgs) -> ExitCode {
         transport: args.transport,
         rebind_after: None,
         devices_per_socket: args.devices_per_socket as usize,
+        tls12: args.tls12,
     };
     let settings_copy = settings.clone();
     let fleet = match Fleet::prepare(settings) {

@@ -426,7 +426,7 @@ pub fn client_config(
         ca,
         identity,
         TicketStore::new(256, UPSTREAM_TICKETS),
-        provider(),
+        (provider(), rustls::DEFAULT_VERSIONS),
     )
 }
 
@@ -437,11 +437,26 @@ pub fn device_client_config(
     ca: &[CertificateDer<'static>],
     identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 ) -> Result<Arc<ClientConfig>, CertError> {
+    device_client_config_tls(ca, identity, false)
+}
+
+/// As [`device_client_config`]; with `tls12_only`, a device that speaks TLS 1.2 and nothing
+/// newer, as one on mbedTLS 2.28 (its long-term-support branch) does.
+pub fn device_client_config_tls(
+    ca: &[CertificateDer<'static>],
+    identity: (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    tls12_only: bool,
+) -> Result<Arc<ClientConfig>, CertError> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        rustls::DEFAULT_VERSIONS
+    };
     client_config_with(
         ca,
         Some(identity),
         TicketStore::new(1, DEVICE_TICKETS),
-        device_provider(),
+        (device_provider(), versions),
     )
 }
 
@@ -464,10 +479,13 @@ fn client_config_with(
     ca: &[CertificateDer<'static>],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     tickets: TicketStore,
-    provider: Arc<CryptoProvider>,
+    (provider, versions): (
+        Arc<CryptoProvider>,
+        &[&'static rustls::SupportedProtocolVersion],
+    ),
 ) -> Result<Arc<ClientConfig>, CertError> {
     let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .with_root_certificates(roots(ca)?);
     let mut config = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,

@@ -60,6 +60,10 @@ pub struct LoadtestFlags {
     /// (a new source port for every device, as a NAT rebinding does); sessions must go on.
     #[arg(long, value_name = "DURATION")]
     pub rebind_after: Option<String>,
+    /// Devices speak TLS 1.2 and nothing newer, as devices on mbedTLS 2.28 (its long-term
+    /// support branch) do. TLS over TCP only: QUIC is TLS 1.3.
+    #[arg(long)]
+    pub tls12: bool,
 }
 
 /// How simulated devices reach the target.
@@ -94,6 +98,8 @@ pub struct LoadtestSettings {
     pub rebind_after: Option<Duration>,
     /// QUIC: devices per UDP socket (at least 1).
     pub devices_per_socket: usize,
+    /// Devices speak TLS 1.2 only (TCP only).
+    pub tls12: bool,
 }
 
 /// QUIC devices of a fleet per UDP socket, by default: each socket has its own quinn endpoint
@@ -113,6 +119,17 @@ pub fn check_rate(rate: f64) -> Result<f64, ConfigError> {
             "must be above 0 and at most 10000 per second",
         ))
     }
+}
+
+/// Devices limited to TLS 1.2 reach the target over TCP only: QUIC is TLS 1.3.
+pub fn check_tls12(tls12: bool, transport: Transport) -> Result<(), ConfigError> {
+    if tls12 && transport == Transport::Quic {
+        return Err(ConfigError::field(
+            "tls12",
+            "needs --transport tcp (QUIC is TLS 1.3 only)",
+        ));
+    }
+    Ok(())
 }
 
 impl LoadtestSettings {
@@ -140,6 +157,7 @@ impl LoadtestSettings {
             }
             None => None,
         };
+        check_tls12(f.tls12, f.transport)?;
         if f.devices_per_socket == 0 {
             return Err(ConfigError::field(
                 "devices_per_socket",
@@ -162,6 +180,7 @@ impl LoadtestSettings {
             json: f.json.clone(),
             first_device: 0,
             transport: f.transport,
+            tls12: f.tls12,
         })
     }
 }

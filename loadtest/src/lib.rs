@@ -388,7 +388,11 @@ impl Fleet {
                         let id = device_id(settings.first_device + i);
                         let chain = wasmbed_certs::load_certs(&dir.join(format!("{id}.pem")))?;
                         let key = wasmbed_certs::load_key(&dir.join(format!("{id}.key")))?;
-                        wasmbed_certs::device_client_config(&roots, (chain, key))
+                        wasmbed_certs::device_client_config_tls(
+                            &roots,
+                            (chain, key),
+                            settings.tls12,
+                        )
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
@@ -400,7 +404,11 @@ impl Fleet {
                     .map(|i| {
                         let id = device_id(settings.first_device + i);
                         let d = ca.issue_client(&id, KeyKind::EcdsaP256)?;
-                        wasmbed_certs::device_client_config(&roots, (d.chain(), d.key()?))
+                        wasmbed_certs::device_client_config_tls(
+                            &roots,
+                            (d.chain(), d.key()?),
+                            settings.tls12,
+                        )
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }

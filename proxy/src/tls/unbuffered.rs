@@ -1173,15 +1173,6 @@ mod tests {
             either!(self, t => &t.io)
         }
 
-        /// Sheds the handshake (`TlsStream::shed_handshake`); whether the records are the
-        /// proxy's own now.
-        fn shed(&mut self) -> bool {
-            either!(self, t => {
-                t.shed_handshake().unwrap();
-                matches!(t.conn, super::Conn::Records(_))
-            })
-        }
-
         /// The TLS version the connection speaks.
         fn version(&self) -> rustls::ProtocolVersion {
             either!(self, t => match &t.conn {
