@@ -464,8 +464,8 @@ pub(crate) type TlsSetup = (Arc<DeviceTls>, Option<Arc<rustls::ClientConfig>>);
 
 /// The TLS client settings towards gateways over TCP (terminate mode with `[upstream_tls]`):
 /// [`upstream_client_config`], its secrets handed over after the handshake so that the
-/// records are the proxy's own (`TlsStream::shed_handshake`). A copy of the settings, the
-/// ticket store shared with the links'.
+/// records are the proxy's own (`TlsStream::shed_handshake`). Its ticket store is its own (the
+/// links build theirs: a QUIC ticket carries QUIC's parameters), made again at a reload.
 pub(crate) fn connector(
     config: &ProxyConfig,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, ProxyError> {

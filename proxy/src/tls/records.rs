@@ -1,7 +1,7 @@
-//! A TLS 1.3 connection's records once its handshake is done: rustls hands over the traffic
-//! secrets (its kernel-connection API, made for kTLS) and keeps only what derives the next
-//! ones at a key update (and, as a client, what stores the server's tickets); this module
-//! seals and opens the records itself.
+//! A TLS connection's records once its handshake is done (TLS 1.3 or 1.2): rustls hands over
+//! the traffic secrets (its kernel-connection API, made for kTLS) and keeps only what derives
+//! the next ones at a key update (and, as a client, what stores the server's tickets); this
+//! module seals and opens the records itself.
 //!
 //! It sits inside `TlsStream` (`tls/unbuffered.rs`) on both of the proxy's TLS over TCP
 //! connections: a device's (the proxy the server), from the moment `terminate` has read what
@@ -16,27 +16,32 @@
 //! secret (key and IV, 60 bytes) and its sequence number; its AEAD context is built when a
 //! record is sealed or opened and dropped when the session goes idle ([`Records::idle`]).
 //!
-//! What it does is what rustls does after a TLS 1.3 handshake (RFC 8446 §5), with rustls' own
-//! helpers for the nonce and the additional data, and rustls' own bounds:
-//! - records: application data only on the wire, at most 2^14 + 256 bytes of ciphertext and
-//!   2^14 of plaintext; padding stripped; a record of zeros only refused;
-//! - alerts: `close_notify` ends the peer's side, `user_canceled` is ignored, any other
-//!   alert (or a malformed one) ends the connection; at most 4 warnings, as rustls;
-//! - handshake messages: a `KeyUpdate` at the end of its record (a key change starts at a
-//!   record's boundary), answered when the peer asks; as the client, the server's
+//! What it does is what rustls does after a handshake (RFC 8446 §5; RFC 5246 §6.2.3.3 with
+//! RFC 5288's AES-GCM and RFC 7905's ChaCha20-Poly1305 for TLS 1.2), with rustls' own helpers
+//! for the nonce and the additional data, and rustls' own bounds:
+//! - records: TLS 1.3's application data only on the wire, at most 2^14 + 256 bytes of
+//!   ciphertext and 2^14 of plaintext, padding stripped, a record of zeros only refused; TLS
+//!   1.2's typed in the header (data and alerts taken, a handshake record, which would be a
+//!   renegotiation, and change_cipher_spec refused), at most 2^14 + 2048 bytes of ciphertext
+//!   and 2^14 of plaintext;
+//! - alerts: `close_notify` ends the peer's side; TLS 1.3's `user_canceled` and TLS 1.2's
+//!   warnings are ignored, at most 4, as rustls; any other alert (or a malformed one) ends
+//!   the connection;
+//! - TLS 1.3's handshake messages: a `KeyUpdate` at the end of its record (a key change
+//!   starts at a record's boundary), answered when the peer asks; as the client, the server's
 //!   `NewSessionTicket`s, handed to rustls (which stores them for the next connection's
-//!   resumption); every other one refused, as a message split over records is (a `KeyUpdate`
-//!   is 5 bytes, and rustls' servers send each ticket in a record of its own: no peer of the
-//!   proxy splits one);
+//!   resumption); every other one refused, as a message split over records and a record of
+//!   none are (a `KeyUpdate` is 5 bytes, and rustls' servers send each ticket in a record of
+//!   its own: no peer of the proxy splits one);
 //! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
 //!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
 //!   `TooManyKeyUpdateRequests`), and 32 tickets without data between (rustls' client takes
-//!   any number: this one bounds them as it bounds key updates);
+//!   any number); only a record of data resets the last two (rustls' own reset at an empty
+//!   one too);
 //! - the proxy's own keys are updated before the cipher suite's confidentiality limit (2^24
-//!   records for AES-GCM), as rustls does; a sequence number never repeats under one key.
-//!
-//! TLS 1.2 connections stay on rustls' connection (`TlsStream`): no key updates, another
-//! record format, and few devices or gateways.
+//!   records for AES-GCM), as rustls does; TLS 1.2, which has no key update, ends the
+//!   connection there (rustls sends `close_notify` first; here the write fails); a sequence
+//!   number never repeats under one key.
 
 use std::ops::Range;
 
@@ -263,7 +268,7 @@ fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
     parts(secrets).is_some()
 }
 
-/// A TLS 1.3 connection's record protection after the handshake; `S`: the proxy's side.
+/// A TLS connection's record protection after the handshake; `S`: the proxy's side.
 pub(crate) struct Records<S> {
     /// Derives the next traffic secrets at a key update (and, as a client, stores tickets).
     kernel: KernelConnection<S>,
