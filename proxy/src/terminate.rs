@@ -98,8 +98,8 @@ pub(crate) async fn terminate(
         (tls.peer_certificates().unwrap_or(&[]), resumed),
         (peer, local, started),
     )?;
-    // What the session needed of the handshake is read: a TLS 1.3 connection keeps only its
-    // traffic secrets from here on (`tls::records`).
+    // What the session needed of the handshake is read: the connection keeps only its traffic
+    // secrets from here on (`tls::records`).
     tls.shed_handshake()
         .map_err(|e| refused(Refusal::Internal, e))?;
     if raw {

@@ -187,8 +187,8 @@ pub(crate) async fn over_tcp(
         _ => "full",
     };
     counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
-    // Nothing more is read of the handshake: a TLS 1.3 connection keeps only its traffic
-    // secrets from here on (`tls::records`), as a device's does.
+    // Nothing more is read of the handshake: the connection keeps only its traffic secrets
+    // from here on (`tls::records`), as a device's does.
     up.shed_handshake().map_err(OpenError::Internal)?;
     Ok(Box::new(up))
 }

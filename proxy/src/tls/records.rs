@@ -21,9 +21,10 @@
 //! for the nonce and the additional data, and rustls' own bounds:
 //! - records: TLS 1.3's application data only on the wire, at most 2^14 + 256 bytes of
 //!   ciphertext and 2^14 of plaintext, padding stripped, a record of zeros only refused; TLS
-//!   1.2's typed in the header (data and alerts taken, a handshake record, which would be a
-//!   renegotiation, and change_cipher_spec refused), at most 2^14 + 2048 bytes of ciphertext
-//!   and 2^14 of plaintext;
+//!   1.2's typed in the header (data and alerts taken; a handshake record, a request to
+//!   renegotiate, declined once with a `no_renegotiation` warning as rustls declines it, ended
+//!   the connection after; change_cipher_spec refused), at most 2^14 + 2048 bytes of
+//!   ciphertext and 2^14 of plaintext;
 //! - alerts: `close_notify` ends the peer's side; TLS 1.3's `user_canceled` and TLS 1.2's
 //!   warnings are ignored, at most 4, as rustls; any other alert (or a malformed one) ends
 //!   the connection;
@@ -110,6 +111,9 @@ fn fatal(alert: AlertDescription, error: impl Into<Error>) -> Fatal {
 pub(crate) trait Side: Sized {
     /// Whether the peer may send `NewSessionTicket`s (the proxy is the client).
     const TAKES_TICKETS: bool;
+    /// The TLS 1.2 handshake message by which the peer asks to renegotiate: a ClientHello
+    /// from a client, a HelloRequest from a server.
+    const RENEGOTIATION_REQUEST: u8;
     /// Takes the payload of a `NewSessionTicket` (its type and length stripped).
     fn ticket(kernel: &mut KernelConnection<Self>, payload: &[u8]) -> Result<(), Fatal>;
 }
@@ -117,6 +121,7 @@ pub(crate) trait Side: Sized {
 /// The proxy as a device's server: a client sends no tickets.
 impl Side for ServerConnectionData {
     const TAKES_TICKETS: bool = false;
+    const RENEGOTIATION_REQUEST: u8 = 1;
     fn ticket(_: &mut KernelConnection<Self>, _: &[u8]) -> Result<(), Fatal> {
         Err(fatal(
             AlertDescription::UnexpectedMessage,
@@ -132,6 +137,7 @@ impl Side for ServerConnectionData {
 /// connection to that gateway to resume.
 impl Side for ClientConnectionData {
     const TAKES_TICKETS: bool = true;
+    const RENEGOTIATION_REQUEST: u8 = 0;
     fn ticket(kernel: &mut KernelConnection<Self>, payload: &[u8]) -> Result<(), Fatal> {
         kernel
             .handle_new_session_ticket(payload)
@@ -282,6 +288,10 @@ pub(crate) struct Records<S> {
     /// record the proxy seals (requests that arrive together get one answer, RFC 8446
     /// §4.6.3, as rustls does).
     answer_owed: bool,
+    /// TLS 1.2: the peer asked to renegotiate; a `no_renegotiation` warning is owed, as
+    /// rustls declines (once: a second request ends the connection).
+    decline_owed: bool,
+    renegotiations_left: u8,
     empty_in_a_row: u8,
     key_updates_left: u8,
     tickets_left: u8,
@@ -320,6 +330,8 @@ impl<S: Side> Records<S> {
             tx: Direction::new(secrets.tx),
             tx_limit: tx_limit.min(SEQ_SOFT_LIMIT),
             answer_owed: false,
+            decline_owed: false,
+            renegotiations_left: 1,
             empty_in_a_row: 0,
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
             tickets_left: TICKETS_WITHOUT_DATA,
@@ -444,6 +456,10 @@ impl<S: Side> Records<S> {
             ContentType::Alert => self.alert(&record[content]),
             ContentType::Handshake if self.format == Format::Tls13 => {
                 self.handshake(&record[content])?;
+                Ok(Opened::Nothing)
+            }
+            ContentType::Handshake => {
+                self.renegotiation(&record[content])?;
                 Ok(Opened::Nothing)
             }
             other => Err(fatal(
@@ -593,6 +609,38 @@ impl<S: Side> Records<S> {
         Ok(())
     }
 
+    /// TLS 1.2: a handshake record after the handshake is a request to renegotiate, declined
+    /// with a warning as rustls declines it: one whole message of the type this side's peer
+    /// asks with (rustls also parses it; this does not, a ClientHello it declines all the
+    /// same), once. Anything else, or a second request, ends the connection.
+    fn renegotiation(&mut self, content: &[u8]) -> Result<(), Fatal> {
+        let request = match content {
+            [typ, a, b, c, body @ ..] => {
+                *typ == S::RENEGOTIATION_REQUEST
+                    && u32::from_be_bytes([0, *a, *b, *c]) as usize == body.len()
+            }
+            _ => false,
+        };
+        if !request {
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                Error::InappropriateMessage {
+                    expect_types: vec![ContentType::ApplicationData, ContentType::Alert],
+                    got_type: ContentType::Handshake,
+                },
+            ));
+        }
+        if self.renegotiations_left == 0 {
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::TooManyRenegotiationRequests,
+            ));
+        }
+        self.renegotiations_left -= 1;
+        self.decline_owed = !self.closed;
+        Ok(())
+    }
+
     fn alert(&mut self, content: &[u8]) -> Result<Opened, Fatal> {
         let &[level, description] = content else {
             return Err(fatal(
@@ -656,10 +704,15 @@ impl<S: Side> Records<S> {
         Ok(())
     }
 
-    /// Seals the answer to the peer's request for new keys, if one is owed, onto `out`.
+    /// Seals what the peer is owed onto `out`: the answer to its request for new keys (TLS
+    /// 1.3), or the warning that declines its request to renegotiate (TLS 1.2).
     pub(crate) fn answer(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
         if std::mem::take(&mut self.answer_owed) && !self.closed {
             self.update_own_keys(out)?;
+        }
+        if std::mem::take(&mut self.decline_owed) && !self.closed {
+            let warning = [1, u8::from(AlertDescription::NoRenegotiation)];
+            self.seal_onto(ContentType::Alert, &warning, out)?;
         }
         Ok(())
     }

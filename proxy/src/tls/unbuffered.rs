@@ -220,9 +220,9 @@ pub(crate) struct TlsStream<C: RustlsSide = UnbufferedServerConnection> {
 
 /// Who protects the records.
 enum Conn<C: RustlsSide> {
-    /// rustls' connection: the handshake, and TLS 1.2 throughout.
+    /// rustls' connection: the handshake (and a suite the records do not seal, throughout).
     Rustls(Box<C>),
-    /// After a TLS 1.3 handshake: the records alone ([`TlsStream::shed_handshake`]).
+    /// After the handshake: the records alone ([`TlsStream::shed_handshake`]).
     Records(Box<Records<C::Side>>),
     /// The hand-over failed: nothing is processed again.
     Gone,

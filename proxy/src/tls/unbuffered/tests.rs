@@ -92,8 +92,8 @@ fn configs_with(
 }
 
 /// Every test of a connection after its handshake runs on both ways of protecting its
-/// records: rustls' connection (`false`: TLS 1.2's way, and every connection's before
-/// `shed_handshake`) and the records alone (`true`).
+/// records: rustls' connection (`false`: every connection's before `shed_handshake`) and the
+/// records alone (`true`).
 const SHED: [bool; 2] = [false, true];
 
 /// Which peer the proxy's end of a test connection faces: a device (the proxy rustls'
@@ -638,6 +638,8 @@ struct RawPeer {
     tcp: TcpStream,
     /// TLS 1.2 (`Some`: whether the nonce is partly explicit, as AES-GCM's) or 1.3.
     tls12: Option<bool>,
+    /// Whether the raw peer is the server (a gateway facing the proxy's client).
+    server: bool,
     tx: (
         aws_lc_rs::aead::LessSafeKey,
         rustls::crypto::cipher::Iv,
@@ -664,7 +666,7 @@ fn raw_key(
         rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
             (&CHACHA20_POLY1305, key, iv)
         }
-        _ => unreachable!("a TLS 1.3 suite"),
+        _ => unreachable!("a suite the records seal"),
     };
     let key = LessSafeKey::new(UnboundKey::new(algorithm, key.as_ref()).unwrap());
     (key, iv, seq)
@@ -702,8 +704,40 @@ impl RawPeer {
     }
 
     fn seal12(&mut self, typ: u8, content: &[u8], explicit: bool) -> Vec<u8> {
-        let (key, iv, seq) = &mut self.tx;
-        let nonce = rustls::crypto::cipher::Nonce::new(iv, *seq).0;
+        let nonce = rustls::crypto::cipher::Nonce::new(&self.tx.1, self.tx.2).0;
+        self.seal12_with(typ, content, explicit, nonce)
+    }
+
+    /// A TLS 1.2 AES-GCM record whose explicit nonce is its sequence number, as mbedTLS
+    /// sends it (rustls sends the IV's explicit part mixed with it); ChaCha20-Poly1305 has no
+    /// explicit nonce: as [`RawPeer::seal`].
+    fn seal12_counter_nonce(&mut self, typ: u8, content: &[u8]) -> Vec<u8> {
+        let Some(true) = self.tls12 else {
+            return self.seal(typ, content, 0);
+        };
+        let mut nonce = [0u8; 12];
+        nonce[..4].copy_from_slice(&self.tx.1.as_ref()[..4]);
+        nonce[4..].copy_from_slice(&self.tx.2.to_be_bytes());
+        self.seal12_with(typ, content, true, nonce)
+    }
+
+    /// A request to renegotiate, as this peer would send it: a gateway's HelloRequest, or a
+    /// device's ClientHello (a real one, as rustls' client writes it).
+    fn renegotiation_request(&self) -> Vec<u8> {
+        if self.server {
+            return vec![0, 0, 0, 0];
+        }
+        let (_, client) = Version::Tls12.configs();
+        let name = rustls::pki_types::ServerName::try_from("device.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(client, name).unwrap();
+        let mut record = Vec::new();
+        conn.write_tls(&mut record).unwrap();
+        // The handshake message, without its record's header.
+        record.split_off(5)
+    }
+
+    fn seal12_with(&mut self, typ: u8, content: &[u8], explicit: bool, nonce: [u8; 12]) -> Vec<u8> {
+        let (key, _, seq) = &mut self.tx;
         let aad = rustls::crypto::cipher::make_tls12_aad(
             *seq,
             rustls::ContentType::from(typ),
@@ -784,10 +818,11 @@ impl RawPeer {
         Some((plain[end], plain[..end].to_vec()))
     }
 
-    /// The alert the proxy sent before its end, if any (records before it skipped).
+    /// The fatal alert the proxy sent before its end, if any (records before it skipped,
+    /// warnings among them).
     async fn alert(&mut self) -> Option<Vec<u8>> {
         while let Some((typ, content)) = self.recv().await {
-            if typ == 21 {
+            if typ == 21 && content.first() != Some(&1) {
                 return Some(content);
             }
         }
@@ -834,6 +869,7 @@ async fn raw_pair_from(
     let peer = RawPeer {
         tcp,
         tls12,
+        server: matches!(role, Role::Gateway),
         tx: raw_key(secrets.tx),
         rx: raw_key(secrets.rx),
     };
@@ -845,6 +881,9 @@ async fn raw_pair_from(
 enum Takes {
     /// Reads on: the "ping" after them is read.
     Read,
+    /// Reads on, and declines them with a warning (TLS 1.2's `no_renegotiation`, 100) sent
+    /// before the next data.
+    Declined,
     /// Refuses them, sending this alert (`None`: no alert).
     Refused(Option<u8>),
 }
@@ -897,10 +936,17 @@ async fn take_row(
     .unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
     let expected = outcomes[role as usize][usize::from(!shed)];
     match expected {
-        Takes::Read => {
+        Takes::Read | Takes::Declined => {
             read.unwrap_or_else(|e| panic!("{what}, {role:?}, shed: {shed}: refused: {e}"));
             assert_eq!(&got, b"ping", "{what}");
             server.write_all(b"pong").await.unwrap();
+            if expected == Takes::Declined {
+                assert_eq!(
+                    device.recv().await,
+                    Some((21, vec![1, 100])),
+                    "{what}, {role:?}, shed: {shed}"
+                );
+            }
             assert_eq!(device.recv().await, Some((23, b"pong".to_vec())), "{what}");
         }
         Takes::Refused(alert) => {
@@ -1159,14 +1205,15 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
 /// What the proxy's end does with TLS 1.2 records a library would not send, as the
 /// TLS 1.3 table does: on both of its sides, both ways of protecting the records, and
 /// both record formats (AES-GCM's partly explicit nonce, ChaCha20-Poly1305's implicit one).
-/// The engines differ where rustls sends `decode_error` (a renegotiation, an encrypted
-/// change_cipher_spec, a record of an unknown type, a record over 2^14 + 2048 bytes: RFC
-/// 5246 §6 asks for `unexpected_message` and `record_overflow`, which the records send) or
-/// nothing (a fifth warning).
+/// The engines differ where rustls sends `decode_error` (an encrypted change_cipher_spec, a
+/// record of an unknown type, a record over 2^14 + 2048 bytes: RFC 5246 §6 asks for
+/// `unexpected_message` and `record_overflow`, which the records send; an empty ClientHello,
+/// which rustls fails to parse and the records decline without parsing) or nothing (a fifth
+/// warning, a second request to renegotiate).
 #[tokio::test]
 async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
     use rustls::crypto::aws_lc_rs::cipher_suite as suites;
-    let rows: [Row; 16] = [
+    let rows: [Row; 20] = [
         ("data", |d| d.seal(23, b"ping", 0), common(None, None)),
         (
             // TLS 1.2's warnings are ignored.
@@ -1211,9 +1258,44 @@ async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
             common(Some(10), None),
         ),
         (
-            "a handshake record (a ClientHello: renegotiation)",
-            |d| d.seal(22, &[1, 0, 0, 0], 0),
-            common(Some(10), Some(50)),
+            "a request to renegotiate, then data",
+            |d| {
+                let request = d.renegotiation_request();
+                let mut r = d.seal(22, &request, 0);
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            [[Takes::Declined; 2]; 2],
+        ),
+        (
+            "two requests to renegotiate, then data",
+            |d| {
+                let request = d.renegotiation_request();
+                let mut r = d.seal(22, &request, 0);
+                r.extend(d.seal(22, &request, 0));
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            common(Some(10), None),
+        ),
+        (
+            // A ClientHello of nothing: declined by the records, which do not parse what
+            // they decline; a decode error to rustls. From a gateway, not a request at all.
+            "an empty ClientHello, then data",
+            |d| {
+                let mut r = d.seal(22, &[1, 0, 0, 0], 0);
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            [
+                [Takes::Declined, Takes::Refused(Some(50))],
+                [Takes::Refused(Some(10)), Takes::Refused(Some(50))],
+            ],
+        ),
+        (
+            "an explicit nonce that is the sequence number (as mbedTLS sends it)",
+            |d| d.seal12_counter_nonce(23, b"ping"),
+            common(None, None),
         ),
         (
             "an encrypted change_cipher_spec",
@@ -1261,6 +1343,15 @@ async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
         (
             "a record too short for its tag",
             |_| vec![23, 3, 3, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            common(Some(20), Some(20)),
+        ),
+        (
+            "a record too short for its tag and explicit nonce",
+            |_| {
+                let mut r = vec![23, 3, 3, 0, 20];
+                r.resize(25, 7);
+                r
+            },
             common(Some(20), Some(20)),
         ),
         (
@@ -1486,7 +1577,7 @@ async fn changed_records_are_refused_on_both_engines() {
 /// sealed by the records on both of its sides: bytes both ways, and on TLS 1.3 a key
 /// update, with a client that offers only that suite.
 #[tokio::test]
-async fn every_suite_is_shed_and_carries_bytes_and_key_updates() {
+async fn every_suite_is_shed_and_carries_bytes() {
     use rustls::crypto::aws_lc_rs::cipher_suite as suites;
     for (role, suite) in ROLES.into_iter().flat_map(|role| {
         [
