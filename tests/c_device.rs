@@ -61,22 +61,16 @@ fn survives_a_gateway_kill(mode: Mode) {
     let pki = pki.path();
     certs_init(pki, &["--devices", "1", "--gateways", "2"]);
     let d = |f: &str| pki.join(f).to_string_lossy().into_owned();
-    let terminate = [
-        "--mode".to_string(),
-        "terminate".into(),
-        "--tls-cert".into(),
-        d("proxy.pem"),
-        "--tls-key".into(),
-        d("proxy.key"),
-        "--client-ca".into(),
-        d("ca.pem"),
-        "--upstream-ca".into(),
-        d("ca.pem"),
-        "--upstream-cert".into(),
-        d("proxy-client.pem"),
-        "--upstream-key".into(),
-        d("proxy-client.key"),
-    ];
+    // As `wasmbed up --mode terminate` runs it: the proxy's own TLS, with its client
+    // certificate, to every gateway.
+    let mut terminate = terminate_args(pki);
+    for (flag, file) in [
+        ("--upstream-ca", "ca.pem"),
+        ("--upstream-cert", "proxy-client.pem"),
+        ("--upstream-key", "proxy-client.key"),
+    ] {
+        terminate.extend([flag.to_string(), d(file)]);
+    }
     let (gateway_args, mode_args): (&[&str], Vec<&str>) = match mode {
         Mode::Passthrough => (&[], vec![]),
         Mode::Terminate => (
