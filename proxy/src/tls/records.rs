@@ -522,9 +522,10 @@ impl<S: Side> Records<S> {
         // The version as it came, as rustls takes it: the tag covers it.
         let version = ProtocolVersion::from(u16::from_be_bytes([header[1], header[2]]));
         let len = body.len() - explicit - TAG;
-        let salt = self.rx.salt();
+        // AES-GCM's salt, read before the key is borrowed (ChaCha20-Poly1305 has none).
+        let salt = explicit_nonce.then(|| self.rx.salt());
         let (key, seq, mut nonce) = self.rx.next()?;
-        if explicit_nonce {
+        if let Some(salt) = salt {
             nonce[..4].copy_from_slice(&salt);
             nonce[4..].copy_from_slice(&body[..EXPLICIT_NONCE]);
         }

@@ -152,39 +152,30 @@ pub(crate) trait RustlsSide:
     -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error>;
 }
 
-impl RustlsSide for UnbufferedServerConnection {
-    type Side = ServerConnectionData;
+/// The two sides' impls: each calls its own connection's inherent methods of these names.
+macro_rules! rustls_side {
+    ($conn:ty, $side:ty) => {
+        impl RustlsSide for $conn {
+            type Side = $side;
 
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Side> {
-        self.process_tls_records(incoming)
-    }
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Side> {
+                self.process_tls_records(incoming)
+            }
 
-    fn into_kernel(
-        self,
-    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error> {
-        self.dangerous_into_kernel_connection()
-    }
+            fn into_kernel(
+                self,
+            ) -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error> {
+                self.dangerous_into_kernel_connection()
+            }
+        }
+    };
 }
 
-impl RustlsSide for UnbufferedClientConnection {
-    type Side = ClientConnectionData;
-
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Side> {
-        self.process_tls_records(incoming)
-    }
-
-    fn into_kernel(
-        self,
-    ) -> Result<(ExtractedSecrets, KernelConnection<Self::Side>), rustls::Error> {
-        self.dangerous_into_kernel_connection()
-    }
-}
+rustls_side!(UnbufferedServerConnection, ServerConnectionData);
+rustls_side!(UnbufferedClientConnection, ClientConnectionData);
 
 /// A TLS connection over TCP the proxy terminates: a device's (`TlsStream`, the proxy the
 /// server), or the proxy's own to a gateway (`TlsStream<UnbufferedClientConnection>`, the
