@@ -3,7 +3,7 @@
 # (default 2,000) each sending RATE DATA/s (default 5), the proxy's utime+stime (/proc, all its
 # threads) and the fleet's count of answered DATA read at the start and the end of WINDOW
 # seconds (default 30) once every device is connected. One run per binary given, in order.
-# UP_ARGS: more `up` arguments (e.g. --tls12).
+# UP_ARGS: more `up` arguments (e.g. --tls12). TRANSPORT=quic: QUIC devices (default tcp).
 # Usage: bash cpu-per-message.sh BIN [BIN...]   (from the repository root)
 set -u
 N=${DEVICES:-2000} RATE=${RATE:-5} WINDOW=${WINDOW:-30}
@@ -11,7 +11,7 @@ tck=$(getconf CLK_TCK)
 for B in "$@"; do
   out=/tmp/cpm-up.txt; : > $out
   # shellcheck disable=SC2086 # UP_ARGS is split into arguments
-  $B up --mode terminate --upstream "${UPSTREAM:-link}" --transport tcp --gateways 5 --devices "$N" --rate "$RATE" \
+  $B up --mode terminate --upstream "${UPSTREAM:-link}" --transport "${TRANSPORT:-tcp}" --gateways 5 --devices "$N" --rate "$RATE" \
     --ramp 500 --listen 127.0.0.1:0 --admin 127.0.0.1:0 ${UP_ARGS:-} > $out 2>&1 &
   up=$!
   proxy=""
