@@ -1,5 +1,5 @@
 #!/bin/bash
-# The proxy's CPU per DATA message at a steady rate, terminated TCP over the link (or UPSTREAM=tcp: a TLS connection per session): N devices
+# The proxy's CPU per DATA message at a steady rate, terminated TCP (or QUIC: TRANSPORT=quic) over the link (or UPSTREAM=tcp: a TLS connection per session): N devices
 # (default 2,000) each sending RATE DATA/s (default 5), the proxy's utime+stime (/proc, all its
 # threads) and the fleet's count of answered DATA read at the start and the end of WINDOW
 # seconds (default 30) once every device is connected. One run per binary given, in order.
