@@ -41,8 +41,9 @@
 //!   one too);
 //! - the proxy's own keys are updated before the cipher suite's confidentiality limit (2^24
 //!   records for AES-GCM), as rustls does; TLS 1.2, which has no key update, ends the
-//!   connection there (rustls sends `close_notify` first; here the write fails); a sequence
-//!   number never repeats under one key.
+//!   connection there with the proxy's `close_notify`, as rustls does (the write that would
+//!   pass the limit is refused whole, and the `close_notify` takes the last sequence number
+//!   under it); a sequence number never repeats under one key.
 
 use std::ops::Range;
 
@@ -748,10 +749,16 @@ impl<S: Side> Records<S> {
     /// Seals `data` as application-data records into `out` (at least
     /// [`Records::sealed_len`] bytes); the bytes written. An empty `data` seals nothing.
     /// A failure closes this side: nothing is sealed again (a sequence number may have been
-    /// spent, or the keys changed without the peer told).
+    /// spent, or the keys changed without the peer told). But for one: on TLS 1.2, `data`
+    /// that would take the records past the suite's limit for one key is refused whole,
+    /// sealing nothing, with [`Fatal::alert`] `close_notify`: the connection ends there, and
+    /// the one record left under the limit is this side's `close_notify`
+    /// ([`Records::seal_close_notify`]), as rustls ends it.
     pub(crate) fn seal(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
         let sealed = self.seal_data(data, out);
-        if sealed.is_err() {
+        if let Err(f) = &sealed
+            && f.alert != Some(AlertDescription::CloseNotify)
+        {
             self.closed = true;
         }
         sealed
@@ -761,13 +768,14 @@ impl<S: Side> Records<S> {
         if self.closed {
             return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
         }
+        let records = data.len().div_ceil(MAX_FRAGMENT) as u64;
+        if self.format != Format::Tls13 && self.tx.seq + records >= self.tx_limit {
+            // The suite's limit for one key, and TLS 1.2 has no key update: the connection
+            // ends, the last sequence number under the limit kept for its `close_notify`.
+            return Err(fatal(AlertDescription::CloseNotify, Error::EncryptError));
+        }
         let mut written = 0;
         for chunk in data.chunks(MAX_FRAGMENT) {
-            if self.tx.seq + 1 >= self.tx_limit && self.format != Format::Tls13 {
-                // The suite's limit for one key, and TLS 1.2 has no key update: the connection
-                // ends (rustls' sends its `close_notify` there; this side fails the write).
-                return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
-            }
             if self.tx.seq + 1 >= self.tx_limit {
                 // The suite's limit for one key: the next ones, as rustls refreshes them.
                 let mut update = Vec::new();

@@ -35,6 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use rustls::AlertDescription;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
@@ -620,12 +621,30 @@ impl<C: RustlsSide> TlsStream<C> {
                         }));
                     };
                     records.seal(plain, out).map_err(|f| {
-                        seal_failed = Some(f.error);
+                        seal_failed = Some(f);
                         EncryptError::EncryptExhausted
                     })
                 });
-                if let (Err(_), Some(e)) = (&sent, seal_failed) {
-                    return Err(io::Error::other(format!("encrypting TLS data: {e}")));
+                if let (Err(_), Some(f)) = (&sent, seal_failed) {
+                    if f.alert != Some(AlertDescription::CloseNotify) {
+                        return Err(io::Error::other(format!(
+                            "encrypting TLS data: {}",
+                            f.error
+                        )));
+                    }
+                    // TLS 1.2 at its suite's limit of records under one key: the connection
+                    // ends with this side's `close_notify` (written if the socket takes it
+                    // now: best effort, as a fatal alert), and the write fails.
+                    if records.seal_close_notify(&mut self.outgoing).is_ok() {
+                        self.close_sent = true;
+                        if let Ok(n) = self.io.try_write(&self.outgoing[self.out_at..]) {
+                            self.out_at += n;
+                        }
+                    }
+                    return Err(io::Error::other(
+                        "TLS 1.2 reached its cipher suite's limit of records under one key \
+                         (it has no key update): closed with close_notify",
+                    ));
                 }
                 sent?;
                 *n = plain.len();

@@ -1451,6 +1451,53 @@ async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
     }
 }
 
+/// TLS 1.2 has no key update: at the suite's limit of records under one key the proxy's
+/// side ends with its `close_notify`, as rustls ends it, on both of the proxy's sides. The
+/// peer reads every byte of every write that succeeded, then a clean end (no truncation
+/// error), and the write that would pass the limit fails.
+#[tokio::test]
+async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
+    for role in [Role::Device, Role::Gateway] {
+        let (mut peer, mut ours) = pair(role, Version::Tls12, false, true).await;
+        let limit = 8;
+        either!(&mut ours, t => match &mut t.conn {
+            super::Conn::Records(records) => records.limit_records_per_key(limit),
+            _ => panic!("not shed"),
+        });
+        let mut sent = Vec::new();
+        let mut refused = None;
+        for i in 0..limit {
+            let part = pattern(1_000, i as u8);
+            match ours.write_all(&part).await {
+                Ok(()) => sent.extend_from_slice(&part),
+                Err(e) => {
+                    refused = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let (at, e) = refused.expect("a write past the limit succeeded");
+        assert!(at < limit, "{role:?}");
+        assert!(e.to_string().contains("close_notify"), "{role:?}: {e}");
+        assert!(
+            !sent.is_empty(),
+            "{role:?}: nothing was sent before the limit"
+        );
+        // The connection dropped: without a `close_notify` the peer would read a truncation.
+        drop(ours);
+        let mut got = Vec::new();
+        let read = peer.read_to_end(&mut got).await;
+        assert!(
+            read.is_ok(),
+            "{role:?}: the peer saw no close_notify: {read:?}"
+        );
+        assert!(
+            got == sent,
+            "{role:?}: the bytes before the limit arrived changed"
+        );
+    }
+}
+
 /// 32 key updates in a row are answered; the 33rd without data between is refused, as
 /// rustls refuses it.
 #[tokio::test]
