@@ -41,9 +41,10 @@
 //!   one too);
 //! - the proxy's own keys are updated before the cipher suite's confidentiality limit (2^24
 //!   records for AES-GCM), as rustls does; TLS 1.2, which has no key update, ends the
-//!   connection there with the proxy's `close_notify`, as rustls does (the write that would
-//!   pass the limit is refused whole, and the `close_notify` takes the last sequence number
-//!   under it); a sequence number never repeats under one key.
+//!   connection there with the proxy's `close_notify`, as rustls does: the write that would
+//!   pass the limit is refused whole and no data is sealed after it, and the last sequence
+//!   number under the limit is kept for the `close_notify` (rustls seals it at the limit, one
+//!   record later); a sequence number never repeats under one key.
 
 use std::ops::Range;
 
@@ -98,6 +99,19 @@ pub(crate) struct Fatal {
     /// `None` after the peer's own fatal alert: nothing is sent back.
     pub(crate) alert: Option<AlertDescription>,
     pub(crate) error: Error,
+}
+
+impl Fatal {
+    /// TLS 1.2's records reached the suite's limit for one key ([`Records::seal`]): the
+    /// connection ends with this side's `close_notify`, the alert named here.
+    fn at_limit() -> Fatal {
+        fatal(AlertDescription::CloseNotify, Error::EncryptError)
+    }
+
+    /// Whether this is [`Fatal::at_limit`]'s.
+    pub(crate) fn is_at_limit(&self) -> bool {
+        self.alert == Some(AlertDescription::CloseNotify)
+    }
 }
 
 fn fatal(alert: AlertDescription, error: impl Into<Error>) -> Fatal {
@@ -283,8 +297,10 @@ pub(crate) struct Records<S> {
     rx: Direction,
     tx: Direction,
     /// Records sealed under one key, the proxy's `KeyUpdate` the last of them (TLS 1.2, which
-    /// has no key update, ends the connection there).
+    /// has no key update, ends the connection there, its `close_notify` the last of them).
     tx_limit: u64,
+    /// TLS 1.2: data reached `tx_limit`; none is sealed again, alerts still are.
+    at_limit: bool,
     /// The peer asked for the proxy's keys to change: answered once, before the next
     /// record the proxy seals (requests that arrive together get one answer, RFC 8446
     /// §4.6.3, as rustls does).
@@ -330,6 +346,7 @@ impl<S: Side> Records<S> {
             rx: Direction::new(secrets.rx),
             tx: Direction::new(secrets.tx),
             tx_limit: tx_limit.min(SEQ_SOFT_LIMIT),
+            at_limit: false,
             answer_owed: false,
             decline_owed: false,
             renegotiations_left: 1,
@@ -712,7 +729,8 @@ impl<S: Side> Records<S> {
         if std::mem::take(&mut self.answer_owed) && !self.closed {
             self.update_own_keys(out)?;
         }
-        if std::mem::take(&mut self.decline_owed) && !self.closed {
+        // Not at the limit's last record, kept for the `close_notify` that ends TLS 1.2 there.
+        if std::mem::take(&mut self.decline_owed) && !self.closed && self.room_for(1) {
             let warning = [1, u8::from(AlertDescription::NoRenegotiation)];
             self.seal_onto(ContentType::Alert, &warning, out)?;
         }
@@ -749,19 +767,23 @@ impl<S: Side> Records<S> {
     /// Seals `data` as application-data records into `out` (at least
     /// [`Records::sealed_len`] bytes); the bytes written. An empty `data` seals nothing.
     /// A failure closes this side: nothing is sealed again (a sequence number may have been
-    /// spent, or the keys changed without the peer told). But for one: on TLS 1.2, `data`
-    /// that would take the records past the suite's limit for one key is refused whole,
-    /// sealing nothing, with [`Fatal::alert`] `close_notify`: the connection ends there, and
-    /// the one record left under the limit is this side's `close_notify`
-    /// ([`Records::seal_close_notify`]), as rustls ends it.
+    /// spent, or the keys changed without the peer told). With one exception: on TLS 1.2,
+    /// `data` that would take the records past the suite's limit for one key is refused
+    /// whole (nothing of it sealed), and so is all data after it, with
+    /// [`Fatal::at_limit`]; alerts are still sealed, for this side's `close_notify` to end
+    /// the connection there ([`Records::seal_close_notify`]), as rustls ends it.
     pub(crate) fn seal(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
         let sealed = self.seal_data(data, out);
-        if let Err(f) = &sealed
-            && f.alert != Some(AlertDescription::CloseNotify)
-        {
+        if sealed.is_err() && !self.at_limit {
             self.closed = true;
         }
         sealed
+    }
+
+    /// Whether `records` more fit under the present key, the last sequence number under the
+    /// limit left (for a `KeyUpdate` on TLS 1.3, a `close_notify` on TLS 1.2).
+    fn room_for(&self, records: u64) -> bool {
+        self.tx.seq + records < self.tx_limit
     }
 
     fn seal_data(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
@@ -769,14 +791,16 @@ impl<S: Side> Records<S> {
             return Err(fatal(AlertDescription::InternalError, Error::EncryptError));
         }
         let records = data.len().div_ceil(MAX_FRAGMENT) as u64;
-        if self.format != Format::Tls13 && self.tx.seq + records >= self.tx_limit {
+        if self.format != Format::Tls13 && records > 0 && (self.at_limit || !self.room_for(records))
+        {
             // The suite's limit for one key, and TLS 1.2 has no key update: the connection
-            // ends, the last sequence number under the limit kept for its `close_notify`.
-            return Err(fatal(AlertDescription::CloseNotify, Error::EncryptError));
+            // ends there.
+            self.at_limit = true;
+            return Err(Fatal::at_limit());
         }
         let mut written = 0;
         for chunk in data.chunks(MAX_FRAGMENT) {
-            if self.tx.seq + 1 >= self.tx_limit {
+            if self.format == Format::Tls13 && !self.room_for(1) {
                 // The suite's limit for one key: the next ones, as rustls refreshes them.
                 let mut update = Vec::new();
                 self.update_own_keys(&mut update)?;
@@ -789,11 +813,12 @@ impl<S: Side> Records<S> {
         Ok(written)
     }
 
-    /// Seals this side's `close_notify` onto the end of `out`: the last record sealed.
+    /// Seals this side's `close_notify` onto the end of `out`: the last record sealed (or
+    /// tried: nothing is sealed after it either way).
     pub(crate) fn seal_close_notify(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
-        self.seal_alert(AlertDescription::CloseNotify, out)?;
+        let sealed = self.seal_alert(AlertDescription::CloseNotify, out);
         self.closed = true;
-        Ok(())
+        sealed
     }
 
     /// Seals a fatal alert onto the end of `out` (best effort: nothing if this side is

@@ -35,7 +35,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::AlertDescription;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::ServerName;
@@ -625,26 +624,22 @@ impl<C: RustlsSide> TlsStream<C> {
                         EncryptError::EncryptExhausted
                     })
                 });
-                if let (Err(_), Some(f)) = (&sent, seal_failed) {
-                    if f.alert != Some(AlertDescription::CloseNotify) {
+                match (&sent, seal_failed) {
+                    (Err(_), Some(f)) if f.is_at_limit() => {
+                        self.close_sent = true;
+                        return Err(end_at_key_limit(
+                            records,
+                            (&mut self.outgoing, &mut self.out_at),
+                            &self.io,
+                        ));
+                    }
+                    (Err(_), Some(f)) => {
                         return Err(io::Error::other(format!(
                             "encrypting TLS data: {}",
                             f.error
                         )));
                     }
-                    // TLS 1.2 at its suite's limit of records under one key: the connection
-                    // ends with this side's `close_notify` (written if the socket takes it
-                    // now: best effort, as a fatal alert), and the write fails.
-                    if records.seal_close_notify(&mut self.outgoing).is_ok() {
-                        self.close_sent = true;
-                        if let Ok(n) = self.io.try_write(&self.outgoing[self.out_at..]) {
-                            self.out_at += n;
-                        }
-                    }
-                    return Err(io::Error::other(
-                        "TLS 1.2 reached its cipher suite's limit of records under one key \
-                         (it has no key update): closed with close_notify",
-                    ));
+                    _ => {}
                 }
                 sent?;
                 *n = plain.len();
@@ -736,7 +731,10 @@ impl<C: RustlsSide> TlsStream<C> {
         }
         let _ = self.process(None, ToSend::Alert);
         self.failed = Failed::AlertTaken;
-        let _ = self.io.try_write(&self.outgoing[self.out_at..]);
+        // Advanced past what went, so that a later flush (a shutdown) does not send it again.
+        if let Ok(n) = self.io.try_write(&self.outgoing[self.out_at..]) {
+            self.out_at += n;
+        }
     }
 
     /// Writes `outgoing` to the socket; frees it once all is written.
@@ -768,6 +766,29 @@ impl<C: RustlsSide> TlsStream<C> {
         }
         true
     }
+}
+
+/// TLS 1.2 at its suite's limit of records under one key: the connection ends with this
+/// side's `close_notify`, written if the socket takes it now (best effort, as a fatal alert;
+/// what is left of `outgoing` goes at the next flush). The write's error.
+fn end_at_key_limit<S: records::Side>(
+    records: &mut Records<S>,
+    (outgoing, out_at): (&mut Vec<u8>, &mut usize),
+    io: &TcpStream,
+) -> io::Error {
+    if records.seal_close_notify(outgoing).is_err() {
+        return io::Error::other(
+            "TLS 1.2 reached its cipher suite's limit of records under one key; \
+             its close_notify could not be sealed",
+        );
+    }
+    if let Ok(n) = io.try_write(&outgoing[*out_at..]) {
+        *out_at += n;
+    }
+    io::Error::other(
+        "TLS 1.2 reached its cipher suite's limit of records under one key \
+         (it has no key update): closed with close_notify",
+    )
 }
 
 /// How much of `rest` rustls may see during the handshake: the `fed` bytes it has seen, and

@@ -223,6 +223,22 @@ impl Ours {
         .expect("a handshake done")
     }
 
+    /// Seals at most `n` records under one key (the records' own, once shed).
+    fn limit_records_per_key(&mut self, n: u64) {
+        either!(self, t => match &mut t.conn {
+            super::Conn::Records(records) => records.limit_records_per_key(n),
+            _ => panic!("not shed"),
+        })
+    }
+
+    /// Records sealed under the present key (the records' own, once shed).
+    fn sealed_under_this_key(&self) -> u64 {
+        either!(self, t => match &t.conn {
+            super::Conn::Records(records) => records.sealed_under_this_key(),
+            _ => panic!("not shed"),
+        })
+    }
+
     /// The capacity of the stream's own buffers: received, decrypted, to send.
     fn buffers(&self) -> (usize, usize, usize) {
         either!(self, t => (t.incoming.capacity(), t.plaintext.capacity(), t.outgoing.capacity()))
@@ -1452,49 +1468,58 @@ async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
 }
 
 /// TLS 1.2 has no key update: at the suite's limit of records under one key the proxy's
-/// side ends with its `close_notify`, as rustls ends it, on both of the proxy's sides. The
-/// peer reads every byte of every write that succeeded, then a clean end (no truncation
-/// error), and the write that would pass the limit fails.
+/// side ends with its `close_notify`, as rustls ends it, on both of the proxy's sides. Data
+/// goes up to the last sequence number under the limit, which the `close_notify` takes; a
+/// write that would pass it is refused whole (a 64 KiB write, four records, with two left:
+/// none of it sealed). The peer reads every byte of every write that succeeded, then a clean
+/// end (no truncation error).
 #[tokio::test]
 async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
+    let limit = 10;
     for role in [Role::Device, Role::Gateway] {
-        let (mut peer, mut ours) = pair(role, Version::Tls12, false, true).await;
-        let limit = 8;
-        either!(&mut ours, t => match &mut t.conn {
-            super::Conn::Records(records) => records.limit_records_per_key(limit),
-            _ => panic!("not shed"),
-        });
-        let mut sent = Vec::new();
-        let mut refused = None;
-        for i in 0..limit {
-            let part = pattern(1_000, i as u8);
-            match ours.write_all(&part).await {
-                Ok(()) => sent.extend_from_slice(&part),
-                Err(e) => {
-                    refused = Some((i, e));
-                    break;
-                }
+        // The last write: one record, refused with none left; or four, with two left.
+        for (last, left) in [(1_000, 0), (1 << 16, 2)] {
+            let case = format!("{role:?}, a last write of {last} bytes");
+            let (mut peer, mut ours) = pair(role, Version::Tls12, false, true).await;
+            ours.limit_records_per_key(limit);
+            // Data may take sequence numbers up to `limit - 2`.
+            let mut sent = Vec::new();
+            while ours.sealed_under_this_key() + left < limit - 1 {
+                let part = pattern(1_000, sent.len() as u8);
+                ours.write_all(&part).await.unwrap();
+                sent.extend_from_slice(&part);
             }
+            assert!(
+                !sent.is_empty(),
+                "{case}: nothing was sent before the limit"
+            );
+            let before = ours.sealed_under_this_key();
+            let e = ours
+                .write_all(&pattern(last, 9))
+                .await
+                .expect_err("a write past the limit succeeded");
+            assert!(e.to_string().contains("close_notify"), "{case}: {e}");
+            assert_eq!(
+                ours.sealed_under_this_key(),
+                before + 1,
+                "{case}: the refused write was sealed in part, or no close_notify was"
+            );
+            if left == 0 {
+                assert_eq!(before, limit - 1, "{case}: data stopped short of the limit");
+            }
+            // The connection dropped: without a `close_notify` the peer would read a truncation.
+            drop(ours);
+            let mut got = Vec::new();
+            let read = peer.read_to_end(&mut got).await;
+            assert!(
+                read.is_ok(),
+                "{case}: the peer saw no close_notify: {read:?}"
+            );
+            assert!(
+                got == sent,
+                "{case}: the peer read other bytes than were sent"
+            );
         }
-        let (at, e) = refused.expect("a write past the limit succeeded");
-        assert!(at < limit, "{role:?}");
-        assert!(e.to_string().contains("close_notify"), "{role:?}: {e}");
-        assert!(
-            !sent.is_empty(),
-            "{role:?}: nothing was sent before the limit"
-        );
-        // The connection dropped: without a `close_notify` the peer would read a truncation.
-        drop(ours);
-        let mut got = Vec::new();
-        let read = peer.read_to_end(&mut got).await;
-        assert!(
-            read.is_ok(),
-            "{role:?}: the peer saw no close_notify: {read:?}"
-        );
-        assert!(
-            got == sent,
-            "{role:?}: the bytes before the limit arrived changed"
-        );
     }
 }
 
