@@ -101,19 +101,6 @@ pub(crate) struct Fatal {
     pub(crate) error: Error,
 }
 
-impl Fatal {
-    /// TLS 1.2's records reached the suite's limit for one key ([`Records::seal`]): the
-    /// connection ends with this side's `close_notify`, the alert named here.
-    fn at_limit() -> Fatal {
-        fatal(AlertDescription::CloseNotify, Error::EncryptError)
-    }
-
-    /// Whether this is [`Fatal::at_limit`]'s.
-    pub(crate) fn is_at_limit(&self) -> bool {
-        self.alert == Some(AlertDescription::CloseNotify)
-    }
-}
-
 fn fatal(alert: AlertDescription, error: impl Into<Error>) -> Fatal {
     Fatal {
         alert: Some(alert),
@@ -299,7 +286,7 @@ pub(crate) struct Records<S> {
     /// Records sealed under one key, the proxy's `KeyUpdate` the last of them (TLS 1.2, which
     /// has no key update, ends the connection there, its `close_notify` the last of them).
     tx_limit: u64,
-    /// TLS 1.2: data reached `tx_limit`; none is sealed again, alerts still are.
+    /// TLS 1.2: a write was refused at `tx_limit`; no data is sealed again, alerts still are.
     at_limit: bool,
     /// The peer asked for the proxy's keys to change: answered once, before the next
     /// record the proxy seals (requests that arrive together get one answer, RFC 8446
@@ -390,6 +377,12 @@ impl<S: Side> Records<S> {
     #[cfg(test)]
     pub(crate) fn sealed_under_this_key(&self) -> u64 {
         self.tx.seq
+    }
+
+    /// TLS 1.2: whether a write was refused at the suite's limit for one key
+    /// ([`Records::seal`]): the connection is to end with this side's `close_notify`.
+    pub(crate) fn at_limit(&self) -> bool {
+        self.at_limit
     }
 
     /// Whether either AEAD context is built (for tests).
@@ -769,9 +762,9 @@ impl<S: Side> Records<S> {
     /// A failure closes this side: nothing is sealed again (a sequence number may have been
     /// spent, or the keys changed without the peer told). With one exception: on TLS 1.2,
     /// `data` that would take the records past the suite's limit for one key is refused
-    /// whole (nothing of it sealed), and so is all data after it, with
-    /// [`Fatal::at_limit`]; alerts are still sealed, for this side's `close_notify` to end
-    /// the connection there ([`Records::seal_close_notify`]), as rustls ends it.
+    /// whole (nothing of it sealed), and so is all data after it ([`Records::at_limit`]);
+    /// alerts are still sealed, for this side's `close_notify` to end the connection there
+    /// ([`Records::seal_close_notify`]), as rustls ends it.
     pub(crate) fn seal(&mut self, data: &[u8], out: &mut [u8]) -> Result<usize, Fatal> {
         let sealed = self.seal_data(data, out);
         if sealed.is_err() && !self.at_limit {
@@ -796,7 +789,7 @@ impl<S: Side> Records<S> {
             // The suite's limit for one key, and TLS 1.2 has no key update: the connection
             // ends there.
             self.at_limit = true;
-            return Err(Fatal::at_limit());
+            return Err(fatal(AlertDescription::CloseNotify, Error::EncryptError));
         }
         let mut written = 0;
         for chunk in data.chunks(MAX_FRAGMENT) {

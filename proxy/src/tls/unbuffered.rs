@@ -607,42 +607,15 @@ impl<C: RustlsSide> TlsStream<C> {
         }
         match send {
             ToSend::Data(plain, n) => {
-                let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
-                let waiting = self.out_at < self.outgoing.len();
-                // Sealed as rustls' records are encrypted: into the scratch buffer and written
-                // at once, or onto `outgoing` (grown to the room asked for).
-                let need = Records::<C::Side>::sealed_len(plain.len());
-                let mut seal_failed = None;
-                let sent = send_encrypted(&self.io, &mut self.outgoing, waiting, |out| {
-                    let Some(out) = out.get_mut(..need) else {
-                        return Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                            required_size: need,
-                        }));
-                    };
-                    records.seal(plain, out).map_err(|f| {
-                        seal_failed = Some(f);
-                        EncryptError::EncryptExhausted
-                    })
-                });
-                match (&sent, seal_failed) {
-                    (Err(_), Some(f)) if f.is_at_limit() => {
-                        self.close_sent = true;
-                        return Err(end_at_key_limit(
-                            records,
-                            (&mut self.outgoing, &mut self.out_at),
-                            &self.io,
-                        ));
-                    }
-                    (Err(_), Some(f)) => {
-                        return Err(io::Error::other(format!(
-                            "encrypting TLS data: {}",
-                            f.error
-                        )));
-                    }
-                    _ => {}
-                }
-                sent?;
-                *n = plain.len();
+                let sealed = seal_and_send(
+                    records,
+                    (&mut self.outgoing, &mut self.out_at),
+                    &self.io,
+                    plain,
+                );
+                // At TLS 1.2's limit the connection ended with this side's `close_notify`.
+                self.close_sent |= records.at_limit();
+                *n = sealed?;
             }
             ToSend::CloseNotify => {
                 records
@@ -768,6 +741,42 @@ impl<C: RustlsSide> TlsStream<C> {
     }
 }
 
+/// Seals what `plain` holds up to a record's worth, as rustls' records are encrypted: into
+/// the thread's scratch buffer and written at once, or onto `outgoing` (grown to the room
+/// asked for) when bytes wait there. How much of `plain` was taken.
+fn seal_and_send<S: records::Side>(
+    records: &mut Records<S>,
+    (outgoing, out_at): (&mut Vec<u8>, &mut usize),
+    io: &TcpStream,
+    plain: &[u8],
+) -> io::Result<usize> {
+    let plain = &plain[..plain.len().min(MAX_PLAINTEXT)];
+    let waiting = *out_at < outgoing.len();
+    let need = Records::<S>::sealed_len(plain.len());
+    let mut seal_failed = None;
+    let sent = send_encrypted(io, outgoing, waiting, |out| {
+        let Some(out) = out.get_mut(..need) else {
+            return Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                required_size: need,
+            }));
+        };
+        records.seal(plain, out).map_err(|f| {
+            seal_failed = Some(f);
+            EncryptError::EncryptExhausted
+        })
+    });
+    match (sent, seal_failed) {
+        (Err(_), Some(_)) if records.at_limit() => {
+            Err(end_at_key_limit(records, (outgoing, out_at), io))
+        }
+        (Err(_), Some(f)) => Err(io::Error::other(format!(
+            "encrypting TLS data: {}",
+            f.error
+        ))),
+        (sent, _) => sent.map(|()| plain.len()),
+    }
+}
+
 /// TLS 1.2 at its suite's limit of records under one key: the connection ends with this
 /// side's `close_notify`, written if the socket takes it now (best effort, as a fatal alert;
 /// what is left of `outgoing` goes at the next flush). The write's error.
@@ -777,18 +786,30 @@ fn end_at_key_limit<S: records::Side>(
     io: &TcpStream,
 ) -> io::Error {
     if records.seal_close_notify(outgoing).is_err() {
-        return io::Error::other(
-            "TLS 1.2 reached its cipher suite's limit of records under one key; \
-             its close_notify could not be sealed",
-        );
+        return io::Error::other(KeyLimitReached::NotSealed);
     }
     if let Ok(n) = io.try_write(&outgoing[*out_at..]) {
         *out_at += n;
     }
-    io::Error::other(
-        "TLS 1.2 reached its cipher suite's limit of records under one key \
-         (it has no key update): closed with close_notify",
-    )
+    io::Error::other(KeyLimitReached::Closed)
+}
+
+/// A TLS 1.2 connection's write refused at its cipher suite's limit of records under one
+/// key (it has no key update): the connection ends there (the error inside the write's
+/// `io::Error`).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum KeyLimitReached {
+    #[error(
+        "TLS 1.2 reached its cipher suite's limit of records under one key (it has no key \
+         update): closed with close_notify"
+    )]
+    Closed,
+    /// Sealing this side's `close_notify` failed (only the AEAD's failure does that).
+    #[error(
+        "TLS 1.2 reached its cipher suite's limit of records under one key; its close_notify \
+         could not be sealed"
+    )]
+    NotSealed,
 }
 
 /// How much of `rest` rustls may see during the handshake: the `fed` bytes it has seen, and

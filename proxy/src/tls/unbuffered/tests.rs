@@ -1476,7 +1476,7 @@ async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
 #[tokio::test]
 async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
     let limit = 10;
-    for role in [Role::Device, Role::Gateway] {
+    for role in ROLES {
         // The last write: one record, refused with none left; or four, with two left.
         for (last, left) in [(1_000, 0), (1 << 16, 2)] {
             let case = format!("{role:?}, a last write of {last} bytes");
@@ -1498,7 +1498,13 @@ async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
                 .write_all(&pattern(last, 9))
                 .await
                 .expect_err("a write past the limit succeeded");
-            assert!(e.to_string().contains("close_notify"), "{case}: {e}");
+            assert!(
+                matches!(
+                    e.get_ref().and_then(|e| e.downcast_ref()),
+                    Some(super::KeyLimitReached::Closed)
+                ),
+                "{case}: {e}"
+            );
             assert_eq!(
                 ours.sealed_under_this_key(),
                 before + 1,
@@ -1520,6 +1526,74 @@ async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
                 "{case}: the peer read other bytes than were sent"
             );
         }
+    }
+}
+
+/// TLS 1.2 at the limit for one key: a request to renegotiate that arrives with only the
+/// `close_notify`'s record left gets no `no_renegotiation` warning (it would take that
+/// record); the next write ends the connection with the `close_notify`, as the last record
+/// under the limit. On both of the proxy's sides.
+#[tokio::test]
+async fn tls12_at_the_limit_a_renegotiation_is_not_declined() {
+    let limit = 8;
+    for role in ROLES {
+        let (mut peer, mut ours) = raw_pair(role, Version::Tls12, true).await;
+        ours.limit_records_per_key(limit);
+        while ours.sealed_under_this_key() < limit - 1 {
+            ours.write_all(b"data").await.unwrap();
+            assert_eq!(peer.recv().await, Some((23, b"data".to_vec())), "{role:?}");
+        }
+        let mut asked = peer.seal(22, &peer.renegotiation_request(), 0);
+        asked.extend(peer.seal(23, b"ping", 0));
+        peer.tcp.write_all(&asked).await.unwrap();
+        let mut got = [0u8; 4];
+        ours.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        let e = ours
+            .write_all(b"pong")
+            .await
+            .expect_err("a write past the limit");
+        assert!(
+            matches!(
+                e.get_ref().and_then(|e| e.downcast_ref()),
+                Some(super::KeyLimitReached::Closed)
+            ),
+            "{role:?}: {e}"
+        );
+        assert_eq!(ours.sealed_under_this_key(), limit, "{role:?}");
+        // The next record the peer opens (with the next sequence number) is the close_notify.
+        assert_eq!(peer.recv().await, Some((21, vec![1, 0])), "{role:?}");
+    }
+}
+
+/// After an error, the alert the proxy's end sends at once is not sent again when the
+/// stream is shut down (a second copy, under a spent sequence number, would not open): on
+/// both sides, both versions, both ways of protecting the records.
+#[tokio::test]
+async fn an_alert_after_an_error_is_sent_once() {
+    for (role, version, shed) in CASES {
+        let case = format!("{role:?}, {version:?}, shed: {shed}");
+        let (mut peer, mut ours) = raw_pair(role, version, shed).await;
+        let mut changed = peer.seal(23, b"ping", 0);
+        let last = changed.len() - 1;
+        changed[last] ^= 1;
+        peer.tcp.write_all(&changed).await.unwrap();
+        let mut got = [0u8; 4];
+        let e = ours
+            .read_exact(&mut got)
+            .await
+            .expect_err("a changed record read");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{case}: {e}");
+        let _ = ours.shutdown().await;
+        assert_eq!(
+            peer.recv().await,
+            Some((
+                21,
+                vec![2, u8::from(rustls::AlertDescription::BadRecordMac)]
+            )),
+            "{case}"
+        );
+        assert_eq!(peer.recv().await, None, "{case}: more after the alert");
     }
 }
 
