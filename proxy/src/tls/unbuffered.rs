@@ -778,14 +778,15 @@ fn seal_and_send<S: records::Side>(
 }
 
 /// TLS 1.2 at its suite's limit of records under one key: the connection ends with this
-/// side's `close_notify`, written if the socket takes it now (best effort, as a fatal alert;
-/// what is left of `outgoing` goes at the next flush). The write's error.
+/// side's `close_notify` (sealed at the first write refused, not again at a later one),
+/// written if the socket takes it now (best effort, as a fatal alert; what is left of
+/// `outgoing` goes at the next flush). The write's error.
 fn end_at_key_limit<S: records::Side>(
     records: &mut Records<S>,
     (outgoing, out_at): (&mut Vec<u8>, &mut usize),
     io: &TcpStream,
 ) -> io::Error {
-    if records.seal_close_notify(outgoing).is_err() {
+    if !records.closed() && records.seal_close_notify(outgoing).is_err() {
         return io::Error::other(KeyLimitReached::NotSealed);
     }
     if let Ok(n) = io.try_write(&outgoing[*out_at..]) {

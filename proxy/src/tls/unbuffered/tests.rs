@@ -1467,6 +1467,15 @@ async fn the_proxys_keys_are_updated_at_the_limit_for_one_key() {
     }
 }
 
+/// Whether a write failed at TLS 1.2's limit for one key, the connection closed with the
+/// proxy's `close_notify`.
+fn closed_at_key_limit(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|e| e.downcast_ref()),
+        Some(super::KeyLimitReached::Closed)
+    )
+}
+
 /// TLS 1.2 has no key update: at the suite's limit of records under one key the proxy's
 /// side ends with its `close_notify`, as rustls ends it, on both of the proxy's sides. Data
 /// goes up to the last sequence number under the limit, which the `close_notify` takes; a
@@ -1498,13 +1507,7 @@ async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
                 .write_all(&pattern(last, 9))
                 .await
                 .expect_err("a write past the limit succeeded");
-            assert!(
-                matches!(
-                    e.get_ref().and_then(|e| e.downcast_ref()),
-                    Some(super::KeyLimitReached::Closed)
-                ),
-                "{case}: {e}"
-            );
+            assert!(closed_at_key_limit(&e), "{case}: {e}");
             assert_eq!(
                 ours.sealed_under_this_key(),
                 before + 1,
@@ -1513,6 +1516,13 @@ async fn tls12_ends_with_close_notify_at_the_limit_for_one_key() {
             if left == 0 {
                 assert_eq!(before, limit - 1, "{case}: data stopped short of the limit");
             }
+            // A write after it fails the same way, and nothing more is sealed.
+            let again = ours
+                .write_all(b"more")
+                .await
+                .expect_err("a write after the limit");
+            assert!(closed_at_key_limit(&again), "{case}: {again}");
+            assert_eq!(ours.sealed_under_this_key(), before + 1, "{case}");
             // The connection dropped: without a `close_notify` the peer would read a truncation.
             drop(ours);
             let mut got = Vec::new();
@@ -1553,13 +1563,7 @@ async fn tls12_at_the_limit_a_renegotiation_is_not_declined() {
             .write_all(b"pong")
             .await
             .expect_err("a write past the limit");
-        assert!(
-            matches!(
-                e.get_ref().and_then(|e| e.downcast_ref()),
-                Some(super::KeyLimitReached::Closed)
-            ),
-            "{role:?}: {e}"
-        );
+        assert!(closed_at_key_limit(&e), "{role:?}: {e}");
         assert_eq!(ours.sealed_under_this_key(), limit, "{role:?}");
         // The next record the peer opens (with the next sequence number) is the close_notify.
         assert_eq!(peer.recv().await, Some((21, vec![1, 0])), "{role:?}");
