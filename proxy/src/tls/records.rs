@@ -31,9 +31,12 @@
 //! - TLS 1.3's handshake messages: a `KeyUpdate` at the end of its record (a key change
 //!   starts at a record's boundary), answered when the peer asks; as the client, the server's
 //!   `NewSessionTicket`s, handed to rustls (which stores them for the next connection's
-//!   resumption); every other one refused, as a message split over records and a record of
-//!   none are (a `KeyUpdate` is 5 bytes, and rustls' servers send each ticket in a record of
-//!   its own: no peer of the proxy splits one);
+//!   resumption); every other one refused, and so is a record of none;
+//! - handshake messages split over records (TLS 1.3's and TLS 1.2's) joined, as rustls joins
+//!   them: each judged by its type and length as soon as its header is there (a part of a
+//!   message this side never takes is refused at once, not buffered), at most 5 bytes for a
+//!   `KeyUpdate` and rustls' bound of 64 KiB for a gateway's ticket or a request to
+//!   renegotiate, no other record between the parts;
 //! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
 //!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
 //!   `TooManyKeyUpdateRequests`), and 32 tickets without data between (rustls' client takes
@@ -79,6 +82,8 @@ const OVERHEAD: usize = HEADER + EXPLICIT_NONCE + TAG;
 const KEY_UPDATE: u8 = 24;
 /// A `NewSessionTicket` handshake message's type.
 const NEW_SESSION_TICKET: u8 = 4;
+/// rustls' bound on a handshake message's payload.
+const MAX_HANDSHAKE: usize = 0xffff;
 /// The fewest records under one key for which one seal (at most four records: `TlsStream`
 /// seals 64 KiB at a time) needs one key update at most; every suite's limit is far above.
 #[cfg(test)]
@@ -300,6 +305,12 @@ pub(crate) struct Records<S> {
     key_updates_left: u8,
     tickets_left: u8,
     warnings_left: u8,
+    /// The part of a handshake message whose rest is in the records to come (RFC 8446 §5.1
+    /// and RFC 5246 §6.2.1 let a sender split one over records, as rustls' own reader joins
+    /// them); empty, holding no buffer, between messages. At most a message's header and
+    /// rustls' bound on its payload: 4 bytes of a device's TLS 1.3 `KeyUpdate`, a gateway's
+    /// ticket or a TLS 1.2 request to renegotiate up to 64 KiB.
+    partial: Vec<u8>,
     /// This side's `close_notify` is sealed: nothing more is.
     closed: bool,
 }
@@ -341,6 +352,7 @@ impl<S: Side> Records<S> {
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
             tickets_left: TICKETS_WITHOUT_DATA,
             warnings_left: WARNINGS,
+            partial: Vec::new(),
             closed: false,
         })
     }
@@ -383,6 +395,12 @@ impl<S: Side> Records<S> {
     /// ([`Records::seal`]): the connection is to end with this side's `close_notify`.
     pub(crate) fn at_limit(&self) -> bool {
         self.at_limit
+    }
+
+    /// The bytes kept for a handshake message's part, and the room they hold (for tests).
+    #[cfg(test)]
+    pub(crate) fn partial(&self) -> (usize, usize) {
+        (self.partial.len(), self.partial.capacity())
     }
 
     /// Whether either AEAD context is built (for tests).
@@ -443,6 +461,14 @@ impl<S: Side> Records<S> {
             Format::Tls13 => self.open13(record)?,
             Format::Tls12 { explicit_nonce } => self.open12(record, explicit_nonce)?,
         };
+        if !self.partial.is_empty() && typ != ContentType::Handshake {
+            // RFC 8446 §5.1 (and RFC 5246 §6.2.1's "contiguous"): nothing between the parts of
+            // a handshake message.
+            return Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::MessageInterleavedWithHandshakeMessage,
+            ));
+        }
         if content.is_empty() {
             if self.empty_in_a_row == EMPTY_IN_A_ROW {
                 return Err(fatal(
@@ -465,12 +491,8 @@ impl<S: Side> Records<S> {
                 Ok(Opened::Data(content))
             }
             ContentType::Alert => self.alert(&record[content]),
-            ContentType::Handshake if self.format == Format::Tls13 => {
-                self.handshake(&record[content])?;
-                Ok(Opened::Nothing)
-            }
             ContentType::Handshake => {
-                self.renegotiation(&record[content])?;
+                self.handshake(&record[content])?;
                 Ok(Opened::Nothing)
             }
             other => Err(fatal(
@@ -558,90 +580,120 @@ impl<S: Side> Records<S> {
         Ok((typ, start..start + plain.len()))
     }
 
-    /// The handshake messages of one record: whole messages only, a `KeyUpdate` only as the
-    /// last.
-    /// A record of none is refused (RFC 8446 §5.1: no zero-length handshake fragments).
-    fn handshake(&mut self, mut content: &[u8]) -> Result<(), Fatal> {
-        let inappropriate = |typ: u8| {
-            let mut expect_types = vec![rustls::HandshakeType::KeyUpdate];
-            if S::TAKES_TICKETS {
-                expect_types.push(rustls::HandshakeType::NewSessionTicket);
-            }
-            fatal(
-                AlertDescription::UnexpectedMessage,
-                Error::InappropriateHandshakeMessage {
-                    expect_types,
-                    got_type: rustls::HandshakeType::from(typ),
-                },
-            )
-        };
+    /// The handshake messages of one record, joined with the part of one that earlier records
+    /// left (`partial`): each whole message handled in turn, a part at the end
+    /// kept for the next record. A record of none is refused (RFC 8446 §5.1: no zero-length
+    /// handshake fragments).
+    fn handshake(&mut self, content: &[u8]) -> Result<(), Fatal> {
         if content.is_empty() {
-            return Err(inappropriate(0));
+            return Err(self.inappropriate(0));
         }
-        while let Some(&typ) = content.first() {
-            let whole = match content {
-                [_, a, b, c, body @ ..] => {
-                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-                    body.get(..len).map(|payload| (payload, &body[len..]))
-                }
+        let joined;
+        let mut bytes = if self.partial.is_empty() {
+            content
+        } else {
+            self.partial.extend_from_slice(content);
+            joined = std::mem::take(&mut self.partial);
+            &joined[..]
+        };
+        while let Some(&typ) = bytes.first() {
+            // Judged as soon as its header is there: a message this side never takes is not
+            // waited on.
+            let len = match bytes {
+                [_, a, b, c, ..] => Some(u32::from_be_bytes([0, *a, *b, *c]) as usize),
                 _ => None,
             };
-            match (typ, whole) {
-                // The last message of its record, as a key change must be.
-                (KEY_UPDATE, Some((&[request], []))) => return self.key_update(request),
-                (KEY_UPDATE, _) => {
-                    // Something after it (a key change must end its record), split over
-                    // records, or malformed.
-                    return Err(fatal(
-                        AlertDescription::UnexpectedMessage,
-                        PeerMisbehaved::KeyEpochWithPendingFragment,
-                    ));
-                }
-                (NEW_SESSION_TICKET, whole) if S::TAKES_TICKETS => {
-                    let Some((payload, rest)) = whole else {
-                        // Split over records, or malformed.
-                        return Err(fatal(
-                            AlertDescription::DecodeError,
-                            rustls::InvalidMessage::MessageTooShort,
-                        ));
-                    };
-                    if self.tickets_left == 0 {
-                        return Err(fatal(
-                            AlertDescription::UnexpectedMessage,
-                            Error::General("too many tickets without data between".into()),
-                        ));
-                    }
-                    self.tickets_left -= 1;
-                    S::ticket(&mut self.kernel, payload)?;
-                    content = rest;
-                }
-                _ => return Err(inappropriate(typ)),
-            }
+            self.message_header(typ, len)?;
+            let whole = len.and_then(|len| bytes.get(4..4 + len).map(|p| (p, &bytes[4 + len..])));
+            let Some((payload, rest)) = whole else {
+                // The rest in the next records, and nothing else before it (`open`).
+                self.partial = bytes.to_vec();
+                return Ok(());
+            };
+            self.message(typ, payload, rest.is_empty())?;
+            bytes = rest;
         }
         Ok(())
     }
 
-    /// TLS 1.2: a handshake record after the handshake is a request to renegotiate, declined
-    /// with a warning as rustls declines it: one whole message of the type this side's peer
-    /// asks with (rustls also parses it; this does not, a ClientHello it declines all the
-    /// same), once. Anything else, or a second request, ends the connection.
-    fn renegotiation(&mut self, content: &[u8]) -> Result<(), Fatal> {
-        let request = match content {
-            [typ, a, b, c, body @ ..] => {
-                *typ == S::RENEGOTIATION_REQUEST
-                    && u32::from_be_bytes([0, *a, *b, *c]) as usize == body.len()
-            }
-            _ => false,
-        };
-        if !request {
-            return Err(fatal(
+    /// A handshake message this side never takes after the handshake.
+    fn inappropriate(&self, typ: u8) -> Fatal {
+        if self.format != Format::Tls13 {
+            return fatal(
                 AlertDescription::UnexpectedMessage,
                 Error::InappropriateMessage {
                     expect_types: vec![ContentType::ApplicationData, ContentType::Alert],
                     got_type: ContentType::Handshake,
                 },
-            ));
+            );
         }
+        let mut expect_types = vec![rustls::HandshakeType::KeyUpdate];
+        if S::TAKES_TICKETS {
+            expect_types.push(rustls::HandshakeType::NewSessionTicket);
+        }
+        fatal(
+            AlertDescription::UnexpectedMessage,
+            Error::InappropriateHandshakeMessage {
+                expect_types,
+                got_type: rustls::HandshakeType::from(typ),
+            },
+        )
+    }
+
+    /// Whether a handshake message of `typ`, its payload `len` bytes (once known), is one
+    /// this side takes: a `KeyUpdate` (TLS 1.3), a `NewSessionTicket` as the client (TLS 1.3),
+    /// a request to renegotiate (TLS 1.2, declined); the last two at most rustls' bound on a
+    /// handshake message, which is what a part of one may grow to.
+    fn message_header(&self, typ: u8, len: Option<usize>) -> Result<(), Fatal> {
+        let bound = match (self.format, typ) {
+            (Format::Tls13, KEY_UPDATE) => 1,
+            (Format::Tls13, NEW_SESSION_TICKET) if S::TAKES_TICKETS => MAX_HANDSHAKE,
+            (Format::Tls12 { .. }, typ) if typ == S::RENEGOTIATION_REQUEST => MAX_HANDSHAKE,
+            _ => return Err(self.inappropriate(typ)),
+        };
+        match len {
+            Some(len) if typ == KEY_UPDATE && len != bound => Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::TrailingData("KeyUpdate"),
+            )),
+            Some(len) if len > bound => Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::HandshakePayloadTooLarge,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// One whole handshake message (its type checked by [`Records::message_header`]), `last`
+    /// if it ends its record.
+    fn message(&mut self, typ: u8, payload: &[u8], last: bool) -> Result<(), Fatal> {
+        match (self.format, typ, payload) {
+            // The last message of its record, as a key change must be (RFC 8446 §5.1).
+            (Format::Tls13, KEY_UPDATE, &[request]) if last => self.key_update(request),
+            (Format::Tls13, KEY_UPDATE, _) => Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::KeyEpochWithPendingFragment,
+            )),
+            (Format::Tls13, NEW_SESSION_TICKET, payload) => {
+                if self.tickets_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        Error::General("too many tickets without data between".into()),
+                    ));
+                }
+                self.tickets_left -= 1;
+                S::ticket(&mut self.kernel, payload)
+            }
+            (Format::Tls12 { .. }, _, _) => self.renegotiation(),
+            (Format::Tls13, typ, _) => Err(self.inappropriate(typ)),
+        }
+    }
+
+    /// TLS 1.2: a handshake message after the handshake is a request to renegotiate, declined
+    /// with a warning as rustls declines it: one message of the type this side's peer asks
+    /// with (rustls also parses it; this does not, a ClientHello it declines all the same),
+    /// once. A second request ends the connection.
+    fn renegotiation(&mut self) -> Result<(), Fatal> {
         if self.renegotiations_left == 0 {
             return Err(fatal(
                 AlertDescription::UnexpectedMessage,

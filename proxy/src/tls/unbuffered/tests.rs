@@ -779,6 +779,14 @@ impl RawPeer {
         record
     }
 
+    /// `content` in records of `typ` of `size` bytes each (the last one shorter).
+    fn seal_split(&mut self, typ: u8, content: &[u8], size: usize) -> Vec<u8> {
+        content
+            .chunks(size)
+            .flat_map(|part| self.seal(typ, part, 0))
+            .collect()
+    }
+
     /// `n` empty application-data records.
     fn empty_records(&mut self, n: usize) -> Vec<u8> {
         (0..n).flat_map(|_| self.seal(23, b"", 0)).collect()
@@ -928,6 +936,19 @@ const TICKET: [u8; 22] = [
     0, 0, // extensions
 ];
 
+/// A `NewSessionTicket` whose payload is `len` bytes (at least 13), most of them its ticket.
+fn ticket_of(len: usize) -> Vec<u8> {
+    let ticket = u16::try_from(len - 13).expect("a ticket's length fits its field");
+    let mut message = vec![4];
+    message.extend_from_slice(&u32::try_from(len).unwrap().to_be_bytes()[1..]);
+    message.extend_from_slice(&[0, 0, 0, 60, 0, 0, 0, 1, 0]); // lifetime, age add, no nonce
+    message.extend_from_slice(&ticket.to_be_bytes());
+    message.resize(message.len() + usize::from(ticket), 7);
+    message.extend_from_slice(&[0, 0]); // extensions
+    assert_eq!(message.len(), 4 + len);
+    message
+}
+
 /// A row of records a library would not send: how one way of protecting the records,
 /// on one side, takes them (see [`Outcomes`]).
 type Row = (&'static str, fn(&mut RawPeer) -> Vec<u8>, Outcomes);
@@ -984,11 +1005,11 @@ async fn take_row(
 /// records. The alert each sends is asserted (RFC 8446 §6). The engines differ where rustls
 /// sends none or `decode_error`, or `bad_record_mac` for a record over 2^14 + 256 bytes
 /// (RFC 8446 §5.2 asks for `record_overflow`, which the records send), and, as a gateway's
-/// client, in two rows rustls reads on: a ticket split over records (the records take whole
-/// messages only) and a 33rd ticket without data (the records bound them as key updates).
+/// client, in a row rustls reads on: a 33rd ticket without data (the records bound them as
+/// key updates).
 #[tokio::test]
 async fn records_no_library_sends_are_refused_on_both_engines() {
-    let rows: [Row; 26] = [
+    let rows: [Row; 34] = [
         (
             "data, padded",
             |d| d.seal(23, b"ping", 100),
@@ -1130,19 +1151,92 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
             |d| d.seal(22, &[&[24, 0, 0, 1, 0], &TICKET[..]].concat(), 0),
             common(Some(10), Some(10)),
         ),
+        // Handshake messages split over records (RFC 8446 §5.1): joined, as rustls joins them.
         (
-            // Refused by the records, which take whole messages only; joined by rustls.
             "a ticket split over two records, then data",
             |d| {
-                let mut r = d.seal(22, &TICKET[..10], 0);
-                r.extend(d.seal(22, &TICKET[10..], 0));
+                let mut r = d.seal_split(22, &TICKET, 10);
                 r.extend(d.seal(23, b"ping", 0));
                 r
             },
             [
                 [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
-                [Takes::Refused(Some(50)), Takes::Read],
+                [Takes::Read; 2],
             ],
+        ),
+        (
+            "a ticket in records of a byte, then a ticket and a half, then the rest, then data",
+            |d| {
+                let mut r = d.seal_split(22, &TICKET, 1);
+                r.extend(d.seal(22, &[&TICKET[..], &TICKET[..7]].concat(), 0));
+                r.extend(d.seal(22, &TICKET[7..], 0));
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            [
+                [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                [Takes::Read; 2],
+            ],
+        ),
+        (
+            "a ticket of rustls' bound (2^16 - 1 bytes) over records, then data",
+            |d| {
+                let mut r = d.seal_split(22, &ticket_of(0xffff), 1 << 14);
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            [
+                [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                [Takes::Read; 2],
+            ],
+        ),
+        (
+            // Refused at its first part's header, by both (rustls with no alert).
+            "the first part of a ticket a byte over rustls' bound",
+            |d| d.seal(22, &ticket_of(0x10000)[..100], 0),
+            [
+                [Takes::Refused(Some(10)), Takes::Refused(None)],
+                [Takes::Refused(Some(50)), Takes::Refused(None)],
+            ],
+        ),
+        (
+            // Joined, then refused for its request (before joining: for the split).
+            "a KeyUpdate asking for 2, split over two records",
+            |d| d.seal_split(22, &[24, 0, 0, 1, 2], 3),
+            common(Some(47), Some(47)),
+        ),
+        (
+            "a KeyUpdate split over two records, with more after it",
+            |d| {
+                let mut r = d.seal(22, &[24, 0], 0);
+                r.extend(d.seal(22, &[0, 1, 0, 23], 0));
+                r
+            },
+            common(Some(10), Some(10)),
+        ),
+        (
+            "a KeyUpdate of two bytes",
+            |d| d.seal(22, &[24, 0, 0, 2, 0, 0], 0),
+            common(Some(50), Some(50)),
+        ),
+        (
+            // A device's refused at its type.
+            "part of a ticket, then data",
+            |d| {
+                let mut r = d.seal(22, &TICKET[..10], 0);
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            common(Some(10), None),
+        ),
+        (
+            "part of a KeyUpdate, then an empty record",
+            |d| {
+                let mut r = d.seal(22, &[24, 0, 0], 0);
+                r.extend(d.empty_records(1));
+                r
+            },
+            common(Some(10), None),
         ),
         (
             "32 tickets, then data",
@@ -1229,7 +1323,7 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
 #[tokio::test]
 async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
     use rustls::crypto::aws_lc_rs::cipher_suite as suites;
-    let rows: [Row; 20] = [
+    let rows: [Row; 22] = [
         ("data", |d| d.seal(23, b"ping", 0), common(None, None)),
         (
             // TLS 1.2's warnings are ignored.
@@ -1282,6 +1376,26 @@ async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
                 r
             },
             [[Takes::Declined; 2]; 2],
+        ),
+        (
+            "a request to renegotiate split over two records, then data",
+            |d| {
+                let request = d.renegotiation_request();
+                let mut r = d.seal_split(22, &request, 3);
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            [[Takes::Declined; 2]; 2],
+        ),
+        (
+            "part of a request to renegotiate, then data",
+            |d| {
+                let request = d.renegotiation_request();
+                let mut r = d.seal(22, &request[..3], 0);
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            common(Some(10), None),
         ),
         (
             "two requests to renegotiate, then data",
@@ -1430,6 +1544,38 @@ async fn a_shed_idle_session_holds_no_aead_context() {
     assert_eq!(&got, b"more");
     let size = std::mem::size_of::<TlsStream>();
     assert!(size <= 160, "{size}");
+}
+
+/// A ticket split over records is kept part by part, and its buffer given back once it is
+/// whole: an idle session holds none.
+#[tokio::test]
+async fn a_split_ticket_is_joined_and_its_buffer_given_back() {
+    let (mut gateway, mut server) = raw_pair(Role::Gateway, Version::Tls13, true).await;
+    let partial = |server: &Ours| match server {
+        Ours::Client(t) => match &t.conn {
+            super::Conn::Records(records) => records.partial(),
+            _ => panic!("not shed"),
+        },
+        Ours::Server(_) => panic!("not the gateway's client"),
+    };
+    // A ticket's first part (one record, one write): taken by a read, which then waits.
+    gateway.send(22, &TICKET[..10], 0).await;
+    server.io().readable().await.unwrap();
+    let mut got = [0u8; 4];
+    let pending = std::future::poll_fn(|cx| {
+        let mut buf = tokio::io::ReadBuf::new(&mut got);
+        let read = std::pin::Pin::new(&mut server).poll_read(cx, &mut buf);
+        std::task::Poll::Ready(read.is_pending())
+    })
+    .await;
+    assert!(pending, "nothing to read yet");
+    assert_eq!(partial(&server).0, 10, "the ticket's part kept");
+    let mut rest = gateway.seal(22, &TICKET[10..], 0);
+    rest.extend(gateway.seal(23, b"ping", 0));
+    gateway.tcp.write_all(&rest).await.unwrap();
+    server.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    assert_eq!(partial(&server), (0, 0), "a whole ticket's buffer kept");
 }
 
 /// The proxy updates its own keys before the suite's limit for one key, telling the
