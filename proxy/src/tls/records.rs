@@ -15,6 +15,7 @@
 //! (docs/performance.md, "The records without rustls' connection"). Here a direction holds its
 //! secret (key and IV, 60 bytes) and its sequence number; its AEAD context is built when a
 //! record is sealed or opened and dropped when the session goes idle ([`Records::idle`]).
+//! rustls' kernel connection is kept for TLS 1.3 only, whose key updates and tickets need it.
 //!
 //! What it does is what rustls does after a handshake (RFC 8446 §5; RFC 5246 §6.2.3.3 with
 //! RFC 5288's AES-GCM and RFC 7905's ChaCha20-Poly1305 for TLS 1.2), with rustls' own helpers
@@ -283,8 +284,11 @@ fn supported(secrets: &ConnectionTrafficSecrets) -> bool {
 
 /// A TLS connection's record protection after the handshake; `S`: the proxy's side.
 pub(crate) struct Records<S> {
-    /// Derives the next traffic secrets at a key update (and, as a client, stores tickets).
-    kernel: KernelConnection<S>,
+    /// TLS 1.3: derives the next traffic secrets at a key update (and, as a client, stores
+    /// tickets). TLS 1.2 has neither, so its connection is not kept: an idle TLS 1.2 session
+    /// holds neither its master secret nor the peer's certificate chain, nor the room they
+    /// take (boxed: 560 bytes).
+    kernel: Option<Box<KernelConnection<S>>>,
     format: Format,
     rx: Direction,
     tx: Direction,
@@ -338,6 +342,7 @@ impl<S: Side> Records<S> {
                 )
             }
         };
+        let kernel = (format == Format::Tls13).then(|| Box::new(kernel));
         Some(Records {
             kernel,
             format,
@@ -401,6 +406,12 @@ impl<S: Side> Records<S> {
     #[cfg(test)]
     pub(crate) fn partial(&self) -> (usize, usize) {
         (self.partial.len(), self.partial.capacity())
+    }
+
+    /// Whether rustls' kernel connection is kept (for tests).
+    #[cfg(test)]
+    pub(crate) fn keeps_kernel(&self) -> bool {
+        self.kernel.is_some()
     }
 
     /// Whether either AEAD context is built (for tests).
@@ -682,7 +693,7 @@ impl<S: Side> Records<S> {
                     ));
                 }
                 self.tickets_left -= 1;
-                S::ticket(&mut self.kernel, payload)
+                S::ticket(self.kernel()?, payload)
             }
             (Format::Tls12 { .. }, _, _) => self.renegotiation(),
             (Format::Tls13, typ, _) => Err(self.inappropriate(typ)),
@@ -744,6 +755,13 @@ impl<S: Side> Records<S> {
         }
     }
 
+    /// rustls' connection, kept for TLS 1.3's key updates and tickets only.
+    fn kernel(&mut self) -> Result<&mut KernelConnection<S>, Fatal> {
+        self.kernel
+            .as_deref_mut()
+            .ok_or_else(|| fatal(AlertDescription::InternalError, Error::EncryptError))
+    }
+
     /// The peer's keys changed; it asked for the proxy's to change too when `request` is 1.
     fn key_update(&mut self, request: u8) -> Result<(), Fatal> {
         if self.key_updates_left == 0 {
@@ -763,7 +781,7 @@ impl<S: Side> Records<S> {
                 ));
             }
         }
-        let next = next_secrets(self.kernel.update_rx_secret())?;
+        let next = next_secrets(self.kernel()?.update_rx_secret())?;
         self.rx.replace(next);
         Ok(())
     }
@@ -795,7 +813,7 @@ impl<S: Side> Records<S> {
 
     fn try_update_own_keys(&mut self, out: &mut Vec<u8>) -> Result<(), Fatal> {
         self.seal_onto(ContentType::Handshake, &[KEY_UPDATE, 0, 0, 1, 0], out)?;
-        let next = next_secrets(self.kernel.update_tx_secret())?;
+        let next = next_secrets(self.kernel()?.update_tx_secret())?;
         self.tx.replace(next);
         Ok(())
     }

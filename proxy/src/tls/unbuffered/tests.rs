@@ -239,6 +239,14 @@ impl Ours {
         })
     }
 
+    /// Whether the records keep rustls' kernel connection (`None`: not shed).
+    fn keeps_kernel(&self) -> Option<bool> {
+        either!(self, t => match &t.conn {
+            super::Conn::Records(records) => Some(records.keeps_kernel()),
+            _ => None,
+        })
+    }
+
     /// The capacity of the stream's own buffers: received, decrypted, to send.
     fn buffers(&self) -> (usize, usize, usize) {
         either!(self, t => (t.incoming.capacity(), t.plaintext.capacity(), t.outgoing.capacity()))
@@ -414,8 +422,10 @@ async fn bytes_cross_both_ways(role: Role, version: Version, dribbled: bool, she
         got_down == down,
         "the proxy's bytes arrived changed ({role:?})"
     );
-    // An idle session keeps no buffer of its own.
+    // An idle session keeps no buffer of its own, and on TLS 1.2 nothing of rustls'.
     assert_eq!(server.buffers(), (0, 0, 0), "{role:?}, shed: {shed}");
+    let kernel = shed.then_some(matches!(version, Version::Tls13));
+    assert_eq!(server.keeps_kernel(), kernel, "{role:?}, {version:?}");
 }
 
 #[tokio::test]
@@ -1544,6 +1554,9 @@ async fn a_shed_idle_session_holds_no_aead_context() {
     assert_eq!(&got, b"more");
     let size = std::mem::size_of::<TlsStream>();
     assert!(size <= 160, "{size}");
+    // rustls' kernel connection (560 bytes) is boxed apart, kept for TLS 1.3 only.
+    let size = std::mem::size_of::<super::records::Records<rustls::server::ServerConnectionData>>();
+    assert!(size <= 256, "{size}");
 }
 
 /// A ticket split over records is kept part by part, and its buffer given back once it is
