@@ -22,7 +22,7 @@
 //! for the nonce and the additional data, and rustls' own bounds:
 //! - records: TLS 1.3's application data only on the wire, at most 2^14 + 256 bytes of
 //!   ciphertext and 2^14 of plaintext, padding stripped, a record of zeros only refused; TLS
-//!   1.2's typed in the header (data and alerts taken; a handshake record, a request to
+//!   1.2's typed in the header (data and alerts taken; a handshake message, a request to
 //!   renegotiate, declined once with a `no_renegotiation` warning as rustls declines it, ended
 //!   the connection after; change_cipher_spec refused), at most 2^14 + 2048 bytes of
 //!   ciphertext and 2^14 of plaintext;
@@ -34,10 +34,11 @@
 //!   `NewSessionTicket`s, handed to rustls (which stores them for the next connection's
 //!   resumption); every other one refused, and so is a record of none;
 //! - handshake messages split over records (TLS 1.3's and TLS 1.2's) joined, as rustls joins
-//!   them: each judged by its type and length as soon as its header is there (a part of a
-//!   message this side never takes is refused at once, not buffered), at most 5 bytes for a
-//!   `KeyUpdate` and rustls' bound of 64 KiB for a gateway's ticket or a request to
-//!   renegotiate, no other record between the parts;
+//!   them, with no other record between the parts: each judged by its type at its first byte
+//!   and its length at its header, before any of it is kept, so a part of a message this side
+//!   never takes (or takes no more of: past a bound) is refused at once; what is kept is a
+//!   `KeyUpdate`'s 5 bytes at most, a gateway's ticket up to rustls' bound of 64 KiB, and of a
+//!   TLS 1.2 request to renegotiate, declined unread, its header ([`Partial`]);
 //! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
 //!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
 //!   `TooManyKeyUpdateRequests`), and 32 tickets without data between (rustls' client takes
@@ -162,6 +163,28 @@ pub(crate) enum Opened {
     Nothing,
     /// The peer's `close_notify`.
     Closed,
+}
+
+/// A handshake message begun in a record and not ended in it (RFC 8446 §5.1 and RFC 5246
+/// §6.2.1 let a sender split one over records; rustls joins them). Each is judged by its type
+/// at its first byte and by its length at its header (`Records::message_header`), so what is
+/// kept is bounded by what this side takes: a device's at most a `KeyUpdate`'s 5 bytes; a
+/// gateway's ticket at most rustls' bound of 64 KiB, in room reserved for it once; a TLS 1.2
+/// request to renegotiate nothing but its header, since it is declined unread.
+#[derive(Default)]
+enum Partial {
+    #[default]
+    None,
+    /// The first bytes of a message's 4-byte header.
+    Header { bytes: [u8; 4], have: usize },
+    /// A TLS 1.3 message whose payload is read: what came of it, `len` bytes in all.
+    Payload {
+        typ: u8,
+        payload: Vec<u8>,
+        len: usize,
+    },
+    /// A TLS 1.2 request to renegotiate, declined unread: `left` of its `len` bytes to come.
+    Skip { len: usize, left: usize },
 }
 
 /// One direction's keys.
@@ -309,12 +332,9 @@ pub(crate) struct Records<S> {
     key_updates_left: u8,
     tickets_left: u8,
     warnings_left: u8,
-    /// The part of a handshake message whose rest is in the records to come (RFC 8446 §5.1
-    /// and RFC 5246 §6.2.1 let a sender split one over records, as rustls' own reader joins
-    /// them); empty, holding no buffer, between messages. At most a message's header and
-    /// rustls' bound on its payload: 4 bytes of a device's TLS 1.3 `KeyUpdate`, a gateway's
-    /// ticket or a TLS 1.2 request to renegotiate up to 64 KiB.
-    partial: Vec<u8>,
+    /// A handshake message begun in an earlier record, its rest in the records to come
+    /// ([`Partial`]).
+    partial: Partial,
     /// This side's `close_notify` is sealed: nothing more is.
     closed: bool,
 }
@@ -357,7 +377,7 @@ impl<S: Side> Records<S> {
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
             tickets_left: TICKETS_WITHOUT_DATA,
             warnings_left: WARNINGS,
-            partial: Vec::new(),
+            partial: Partial::None,
             closed: false,
         })
     }
@@ -402,10 +422,16 @@ impl<S: Side> Records<S> {
         self.at_limit
     }
 
-    /// The bytes kept for a handshake message's part, and the room they hold (for tests).
+    /// The bytes of a handshake message begun and not ended, and the room kept for them
+    /// (for tests).
     #[cfg(test)]
     pub(crate) fn partial(&self) -> (usize, usize) {
-        (self.partial.len(), self.partial.capacity())
+        match &self.partial {
+            Partial::None => (0, 0),
+            Partial::Header { have, .. } => (*have, 0),
+            Partial::Payload { payload, .. } => (4 + payload.len(), payload.capacity()),
+            Partial::Skip { len, left } => (4 + len - left, 0),
+        }
     }
 
     /// Whether rustls' kernel connection is kept (for tests).
@@ -472,13 +498,13 @@ impl<S: Side> Records<S> {
             Format::Tls13 => self.open13(record)?,
             Format::Tls12 { explicit_nonce } => self.open12(record, explicit_nonce)?,
         };
-        if !self.partial.is_empty() && typ != ContentType::Handshake {
-            // RFC 8446 §5.1 (and RFC 5246 §6.2.1's "contiguous"): nothing between the parts of
-            // a handshake message.
-            return Err(fatal(
-                AlertDescription::UnexpectedMessage,
-                PeerMisbehaved::MessageInterleavedWithHandshakeMessage,
-            ));
+        if !matches!(self.partial, Partial::None) && typ != ContentType::Handshake {
+            // RFC 8446 §5.1: nothing between the parts of a handshake message (rustls refuses
+            // it on TLS 1.2 as well). An alert there is answered with none.
+            return Err(Fatal {
+                alert: (typ != ContentType::Alert).then_some(AlertDescription::UnexpectedMessage),
+                error: PeerMisbehaved::MessageInterleavedWithHandshakeMessage.into(),
+            });
         }
         if content.is_empty() {
             if self.empty_in_a_row == EMPTY_IN_A_ROW {
@@ -591,40 +617,102 @@ impl<S: Side> Records<S> {
         Ok((typ, start..start + plain.len()))
     }
 
-    /// The handshake messages of one record, joined with the part of one that earlier records
-    /// left (`partial`): each whole message handled in turn, a part at the end
-    /// kept for the next record. A record of none is refused (RFC 8446 §5.1: no zero-length
-    /// handshake fragments).
+    /// The handshake messages of one record: first the rest of one an earlier record began
+    /// (`partial`), then each whole one in place, and a message begun at its end kept for the
+    /// next records. Each byte is copied once at most: a message split over records is
+    /// gathered into room reserved for its length once its header is there. A record of none
+    /// is refused (RFC 8446 §5.1: no zero-length handshake fragments).
     fn handshake(&mut self, content: &[u8]) -> Result<(), Fatal> {
         if content.is_empty() {
             return Err(self.inappropriate(0));
         }
-        let joined;
-        let mut bytes = if self.partial.is_empty() {
-            content
-        } else {
-            self.partial.extend_from_slice(content);
-            joined = std::mem::take(&mut self.partial);
-            &joined[..]
-        };
-        while let Some(&typ) = bytes.first() {
-            // Judged as soon as its header is there: a message this side never takes is not
-            // waited on.
-            let len = match bytes {
-                [_, a, b, c, ..] => Some(u32::from_be_bytes([0, *a, *b, *c]) as usize),
-                _ => None,
-            };
-            self.message_header(typ, len)?;
-            let whole = len.and_then(|len| bytes.get(4..4 + len).map(|p| (p, &bytes[4 + len..])));
-            let Some((payload, rest)) = whole else {
-                // The rest in the next records, and nothing else before it (`open`).
-                self.partial = bytes.to_vec();
-                return Ok(());
-            };
-            self.message(typ, payload, rest.is_empty())?;
-            bytes = rest;
+        let mut rest = content;
+        loop {
+            match std::mem::take(&mut self.partial) {
+                Partial::None => {
+                    let Some(&typ) = rest.first() else {
+                        return Ok(());
+                    };
+                    let [_, a, b, c, after @ ..] = rest else {
+                        self.message_header(typ, None)?;
+                        let mut bytes = [0; 4];
+                        bytes[..rest.len()].copy_from_slice(rest);
+                        self.partial = Partial::Header {
+                            bytes,
+                            have: rest.len(),
+                        };
+                        return Ok(());
+                    };
+                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+                    self.message_header(typ, Some(len))?;
+                    match after.get(..len) {
+                        // Whole here: handled in place.
+                        Some(payload) => {
+                            rest = &after[len..];
+                            self.message(typ, payload, rest.is_empty())?;
+                        }
+                        None => {
+                            self.partial = self.begin(typ, len);
+                            rest = after;
+                        }
+                    }
+                }
+                Partial::Header { mut bytes, have } => {
+                    let take = (4 - have).min(rest.len());
+                    bytes[have..have + take].copy_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if have + take < 4 {
+                        self.partial = Partial::Header {
+                            bytes,
+                            have: have + take,
+                        };
+                        return Ok(());
+                    }
+                    let len = u32::from_be_bytes([0, bytes[1], bytes[2], bytes[3]]) as usize;
+                    self.message_header(bytes[0], Some(len))?;
+                    self.partial = self.begin(bytes[0], len);
+                }
+                Partial::Payload {
+                    typ,
+                    mut payload,
+                    len,
+                } => {
+                    let take = (len - payload.len()).min(rest.len());
+                    payload.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if payload.len() < len {
+                        self.partial = Partial::Payload { typ, payload, len };
+                        return Ok(());
+                    }
+                    self.message(typ, &payload, rest.is_empty())?;
+                }
+                Partial::Skip { len, left } => {
+                    let take = left.min(rest.len());
+                    rest = &rest[take..];
+                    if take < left {
+                        self.partial = Partial::Skip {
+                            len,
+                            left: left - take,
+                        };
+                        return Ok(());
+                    }
+                    self.renegotiation()?;
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// A message of `typ` whose `len` bytes of payload are to come: TLS 1.3's kept, in room
+    /// reserved for them; TLS 1.2's (a request to renegotiate, declined unread) counted off.
+    fn begin(&self, typ: u8, len: usize) -> Partial {
+        match self.format {
+            Format::Tls13 => Partial::Payload {
+                typ,
+                payload: Vec::with_capacity(len),
+                len,
+            },
+            Format::Tls12 { .. } => Partial::Skip { len, left: len },
+        }
     }
 
     /// A handshake message this side never takes after the handshake.
@@ -652,17 +740,37 @@ impl<S: Side> Records<S> {
     }
 
     /// Whether a handshake message of `typ`, its payload `len` bytes (once known), is one
-    /// this side takes: a `KeyUpdate` (TLS 1.3), a `NewSessionTicket` as the client (TLS 1.3),
-    /// a request to renegotiate (TLS 1.2, declined); the last two at most rustls' bound on a
-    /// handshake message, which is what a part of one may grow to.
+    /// this side takes, judged before any of it is kept: a `KeyUpdate` (TLS 1.3), a
+    /// `NewSessionTicket` as the client (TLS 1.3, within its bound), a request to renegotiate
+    /// (TLS 1.2, the first only); the last two at most rustls' bound on a handshake message.
     fn message_header(&self, typ: u8, len: Option<usize>) -> Result<(), Fatal> {
         let bound = match (self.format, typ) {
             (Format::Tls13, KEY_UPDATE) => 1,
-            (Format::Tls13, NEW_SESSION_TICKET) if S::TAKES_TICKETS => MAX_HANDSHAKE,
-            (Format::Tls12 { .. }, typ) if typ == S::RENEGOTIATION_REQUEST => MAX_HANDSHAKE,
+            (Format::Tls13, NEW_SESSION_TICKET) if S::TAKES_TICKETS => {
+                if self.tickets_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        Error::General("too many tickets without data between".into()),
+                    ));
+                }
+                MAX_HANDSHAKE
+            }
+            (Format::Tls12 { .. }, typ) if typ == S::RENEGOTIATION_REQUEST => {
+                if self.renegotiations_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        PeerMisbehaved::TooManyRenegotiationRequests,
+                    ));
+                }
+                MAX_HANDSHAKE
+            }
             _ => return Err(self.inappropriate(typ)),
         };
         match len {
+            Some(0) if typ == KEY_UPDATE => Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::MessageTooShort,
+            )),
             Some(len) if typ == KEY_UPDATE && len != bound => Err(fatal(
                 AlertDescription::DecodeError,
                 rustls::InvalidMessage::TrailingData("KeyUpdate"),
@@ -686,13 +794,8 @@ impl<S: Side> Records<S> {
                 PeerMisbehaved::KeyEpochWithPendingFragment,
             )),
             (Format::Tls13, NEW_SESSION_TICKET, payload) => {
-                if self.tickets_left == 0 {
-                    return Err(fatal(
-                        AlertDescription::UnexpectedMessage,
-                        Error::General("too many tickets without data between".into()),
-                    ));
-                }
-                self.tickets_left -= 1;
+                // Within the bound: judged at its header.
+                self.tickets_left = self.tickets_left.saturating_sub(1);
                 S::ticket(self.kernel()?, payload)
             }
             (Format::Tls12 { .. }, _, _) => self.renegotiation(),
@@ -701,17 +804,11 @@ impl<S: Side> Records<S> {
     }
 
     /// TLS 1.2: a handshake message after the handshake is a request to renegotiate, declined
-    /// with a warning as rustls declines it: one message of the type this side's peer asks
-    /// with (rustls also parses it; this does not, a ClientHello it declines all the same),
-    /// once. A second request ends the connection.
+    /// with a warning as rustls declines it: a message of the type this side's peer asks with
+    /// (rustls also parses it; this does not, a ClientHello it declines all the same), the
+    /// first only (judged at its header: a second one ends the connection).
     fn renegotiation(&mut self) -> Result<(), Fatal> {
-        if self.renegotiations_left == 0 {
-            return Err(fatal(
-                AlertDescription::UnexpectedMessage,
-                PeerMisbehaved::TooManyRenegotiationRequests,
-            ));
-        }
-        self.renegotiations_left -= 1;
+        self.renegotiations_left = self.renegotiations_left.saturating_sub(1);
         self.decline_owed = !self.closed;
         Ok(())
     }

@@ -973,17 +973,20 @@ async fn take_row(
     (mut device, mut server): (RawPeer, Ours),
 ) {
     let bytes = records(&mut device);
-    device.tcp.write_all(&bytes).await.unwrap();
     let mut got = [0u8; 4];
-    let read = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        server.read_exact(&mut got),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
+    // Written while read: a row may be more than the sockets' buffers hold.
+    let (wrote, read) = tokio::join!(
+        device.tcp.write_all(&bytes),
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            server.read_exact(&mut got),
+        )
+    );
+    let read = read.unwrap_or_else(|_| panic!("{what}: neither read nor refused"));
     let expected = outcomes[role as usize][usize::from(!shed)];
     match expected {
         Takes::Read | Takes::Declined => {
+            wrote.unwrap_or_else(|e| panic!("{what}: {e}"));
             read.unwrap_or_else(|e| panic!("{what}, {role:?}, shed: {shed}: refused: {e}"));
             assert_eq!(&got, b"ping", "{what}");
             server.write_all(b"pong").await.unwrap();
@@ -1019,7 +1022,7 @@ async fn take_row(
 /// key updates).
 #[tokio::test]
 async fn records_no_library_sends_are_refused_on_both_engines() {
-    let rows: [Row; 34] = [
+    let rows: [Row; 38] = [
         (
             "data, padded",
             |d| d.seal(23, b"ping", 100),
@@ -1107,8 +1110,9 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
             common(Some(10), Some(50)),
         ),
         (
+            // More that would be taken if the KeyUpdate were not the last: another's first byte.
             "a KeyUpdate with more after it",
-            |d| d.seal(22, &[24, 0, 0, 1, 0, 23], 0),
+            |d| d.seal(22, &[24, 0, 0, 1, 0, 24], 0),
             common(Some(10), Some(10)),
         ),
         (
@@ -1210,7 +1214,7 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
             ],
         ),
         (
-            // Joined, then refused for its request (before joining: for the split).
+            // Joined, then refused for its request (not for the split).
             "a KeyUpdate asking for 2, split over two records",
             |d| d.seal_split(22, &[24, 0, 0, 1, 2], 3),
             common(Some(47), Some(47)),
@@ -1219,7 +1223,7 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
             "a KeyUpdate split over two records, with more after it",
             |d| {
                 let mut r = d.seal(22, &[24, 0], 0);
-                r.extend(d.seal(22, &[0, 1, 0, 23], 0));
+                r.extend(d.seal(22, &[0, 1, 0, 24], 0));
                 r
             },
             common(Some(10), Some(10)),
@@ -1230,6 +1234,40 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
             common(Some(50), Some(50)),
         ),
         (
+            "a KeyUpdate of none",
+            |d| d.seal(22, &[24, 0, 0, 0], 0),
+            common(Some(50), Some(50)),
+        ),
+        (
+            // Judged at its header, alone: nothing of it kept (rustls: its bound on a
+            // message, with no alert).
+            "the header of a KeyUpdate of 2^24 - 1 bytes",
+            |d| d.seal(22, &[24, 0xff, 0xff, 0xff], 0),
+            common(Some(50), None),
+        ),
+        (
+            // 28 tickets (the bound is 32): two at a time over three records, the first split
+            // at every third place of the two, the second 5 bytes on (the header's parts,
+            // the payload's, the boundary between them).
+            "two tickets over three records, split at 14 places, then data",
+            |d| {
+                let two = [TICKET, TICKET].concat();
+                let mut r = Vec::new();
+                for at in (1..two.len() - 1).step_by(3) {
+                    let then = (at + 5).min(two.len() - 1);
+                    r.extend(d.seal(22, &two[..at], 0));
+                    r.extend(d.seal(22, &two[at..then], 0));
+                    r.extend(d.seal(22, &two[then..], 0));
+                }
+                r.extend(d.seal(23, b"ping", 0));
+                r
+            },
+            [
+                [Takes::Refused(Some(10)), Takes::Refused(Some(10))],
+                [Takes::Read; 2],
+            ],
+        ),
+        (
             // A device's refused at its type.
             "part of a ticket, then data",
             |d| {
@@ -1238,6 +1276,16 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
                 r
             },
             common(Some(10), None),
+        ),
+        (
+            // The peer's own fatal alert between: nothing sent back, as after any.
+            "part of a KeyUpdate, then a fatal alert",
+            |d| {
+                let mut r = d.seal(22, &[24, 0, 0], 0);
+                r.extend(d.seal(21, &[2, 40], 0));
+                r
+            },
+            [[Takes::Refused(None); 2]; 2],
         ),
         (
             "part of a KeyUpdate, then an empty record",
@@ -1333,7 +1381,7 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
 #[tokio::test]
 async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
     use rustls::crypto::aws_lc_rs::cipher_suite as suites;
-    let rows: [Row; 22] = [
+    let rows: [Row; 24] = [
         ("data", |d| d.seal(23, b"ping", 0), common(None, None)),
         (
             // TLS 1.2's warnings are ignored.
@@ -1406,6 +1454,27 @@ async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
                 r
             },
             common(Some(10), None),
+        ),
+        (
+            // Refused at its header (rustls: once whole, with no alert).
+            "a request to renegotiate, then a second one's first part",
+            |d| {
+                let request = d.renegotiation_request();
+                let mut r = d.seal(22, &request, 0);
+                r.extend(d.seal(22, &request[..3], 0));
+                r.extend(d.seal(22, &request[3..], 0));
+                r
+            },
+            common(Some(10), None),
+        ),
+        (
+            // Judged at its header, alone (rustls: its bound on a message, with no alert).
+            "the header of a request to renegotiate of 2^16 bytes",
+            |d| {
+                let request = d.renegotiation_request();
+                d.seal(22, &[request[0], 1, 0, 0], 0)
+            },
+            common(Some(50), None),
         ),
         (
             "two requests to renegotiate, then data",
@@ -1559,36 +1628,106 @@ async fn a_shed_idle_session_holds_no_aead_context() {
     assert!(size <= 256, "{size}");
 }
 
-/// A ticket split over records is kept part by part, and its buffer given back once it is
-/// whole: an idle session holds none.
-#[tokio::test]
-async fn a_split_ticket_is_joined_and_its_buffer_given_back() {
-    let (mut gateway, mut server) = raw_pair(Role::Gateway, Version::Tls13, true).await;
-    let partial = |server: &Ours| match server {
-        Ours::Client(t) => match &t.conn {
-            super::Conn::Records(records) => records.partial(),
-            _ => panic!("not shed"),
-        },
-        Ours::Server(_) => panic!("not the gateway's client"),
-    };
-    // A ticket's first part (one record, one write): taken by a read, which then waits.
-    gateway.send(22, &TICKET[..10], 0).await;
-    server.io().readable().await.unwrap();
-    let mut got = [0u8; 4];
-    let pending = std::future::poll_fn(|cx| {
-        let mut buf = tokio::io::ReadBuf::new(&mut got);
-        let read = std::pin::Pin::new(&mut server).poll_read(cx, &mut buf);
-        std::task::Poll::Ready(read.is_pending())
+/// What the proxy's end keeps of a handshake message begun in a record: its bytes so far,
+/// and the room kept for them.
+fn partial(server: &Ours) -> (usize, usize) {
+    either!(server, t => match &t.conn {
+        super::Conn::Records(records) => records.partial(),
+        _ => panic!("not shed"),
     })
-    .await;
-    assert!(pending, "nothing to read yet");
-    assert_eq!(partial(&server).0, 10, "the ticket's part kept");
-    let mut rest = gateway.seal(22, &TICKET[10..], 0);
-    rest.extend(gateway.seal(23, b"ping", 0));
-    gateway.tcp.write_all(&rest).await.unwrap();
-    server.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"ping");
-    assert_eq!(partial(&server), (0, 0), "a whole ticket's buffer kept");
+}
+
+/// Reads until the proxy's end has taken `part` bytes of a message (a read waits after
+/// each: the message is not whole), at each readiness of its socket.
+async fn take_part(server: &mut Ours, part: usize) {
+    let taken = async {
+        while partial(server).0 < part {
+            server.io().readable().await.unwrap();
+            let pending = std::future::poll_fn(|cx| {
+                let mut got = [0u8; 4];
+                let mut buf = tokio::io::ReadBuf::new(&mut got);
+                let read = Pin::new(&mut *server).poll_read(cx, &mut buf);
+                std::task::Poll::Ready(read.is_pending())
+            })
+            .await;
+            assert!(pending, "nothing to read yet");
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), taken)
+        .await
+        .expect("the part taken");
+}
+
+/// A handshake message split over records is kept as it comes, within what it needs (a
+/// gateway's ticket in room reserved for its length; a request to renegotiate, declined
+/// unread, and a device's `KeyUpdate` with no buffer until their header is whole), and
+/// nothing is kept once it is whole.
+#[tokio::test]
+async fn a_split_message_keeps_what_it_needs_and_nothing_after() {
+    // Who sends, in which version, the message, where it is split, what is kept of its first
+    // part, and whether the rest and data then follow (a device's valid KeyUpdate would
+    // change keys the raw peer cannot follow).
+    let hello_request = [0, 0, 0, 0];
+    let cases: [(Role, Version, Option<&[u8]>, usize, (usize, usize), bool); 5] = [
+        (
+            Role::Gateway,
+            Version::Tls13,
+            Some(&TICKET[..]),
+            10,
+            (10, 18),
+            true,
+        ),
+        (
+            Role::Gateway,
+            Version::Tls13,
+            Some(&TICKET[..]),
+            2,
+            (2, 0),
+            true,
+        ),
+        (
+            Role::Device,
+            Version::Tls13,
+            Some(&[24, 0, 0, 1, 0][..]),
+            3,
+            (3, 0),
+            false,
+        ),
+        (Role::Device, Version::Tls12, None, 10, (10, 0), true),
+        (
+            Role::Gateway,
+            Version::Tls12,
+            Some(&hello_request[..]),
+            2,
+            (2, 0),
+            true,
+        ),
+    ];
+    for (role, version, message, at, kept, whole) in cases {
+        let (mut peer, mut server) = raw_pair(role, version, true).await;
+        let message = message.map_or_else(|| peer.renegotiation_request(), <[u8]>::to_vec);
+        peer.send(22, &message[..at], 0).await;
+        take_part(&mut server, at).await;
+        assert_eq!(
+            partial(&server),
+            kept,
+            "{role:?}, {version:?}, split at {at}"
+        );
+        if !whole {
+            continue;
+        }
+        let mut rest = peer.seal(22, &message[at..], 0);
+        rest.extend(peer.seal(23, b"ping", 0));
+        peer.tcp.write_all(&rest).await.unwrap();
+        let mut got = [0u8; 4];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        assert_eq!(
+            partial(&server),
+            (0, 0),
+            "{role:?}, {version:?}: kept once whole"
+        );
+    }
 }
 
 /// The proxy updates its own keys before the suite's limit for one key, telling the
