@@ -10,7 +10,8 @@
 #
 #   bench/quic-heap.sh [SMALL [LARGE]]       (defaults 500 and 2000)
 #
-# TRANSPORT=tcp measures TLS-over-TCP devices on the terminating listener instead. RATE (DATA/s
+# TRANSPORT=tcp measures TLS-over-TCP devices on the terminating listener instead
+# (LOADTEST_ARGS=--tls12 for TLS 1.2 devices). RATE (DATA/s
 # per device, default 0.02) and SETTLE (seconds idle once all are connected, default 5) say
 # what "idle" is: with RATE=0.5 SETTLE=20 every session has carried ten or more messages and
 # their answers and checkpoints before the proxy is killed; with RATE=0.0001 almost none has.
@@ -53,7 +54,7 @@ for n in "$SMALL" "$LARGE"; do
   PROXY=$(pgrep -f -- "^$B proxy --listen 127.0.0.1:0 --admin 127.0.0.1:0 --quic-listen" | tail -1)
   "$B" loadtest --target "$TARGET" --transport "$TRANSPORT" --devices "$n" --ramp 100 --rate "$RATE" \
     --duration 600s --app echo --sni localhost --ca-dir "$D" --devices-from "$D" \
-    >"$W/loadtest.out" 2>&1 &
+    ${LOADTEST_ARGS:-} >"$W/loadtest.out" 2>&1 &
   LT=$!
   PIDS+=("$LT")
   open=0

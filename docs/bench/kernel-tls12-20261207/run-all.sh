@@ -13,3 +13,7 @@ done; done; } > $D/tls12-memory-6000.txt 2>&1
 { lscpu | grep "Model name"; for _ in 1 2 3; do for b in "$NEW" "$BASE"; do
   SAMPLES=3 EVERY=20 bash $R "$b" 6000 tcp
 done; done; } > $D/tls13-memory-6000.txt 2>&1
+# Live heap by site for TLS 1.2 devices, each build once (heaptrack; 500 and 2,000 devices).
+for b in "$BASE" "$NEW"; do
+  echo "== $b"; TRANSPORT=tcp LOADTEST_ARGS=--tls12 WASMBED=$b OUT=/tmp/heap-$(basename "$b") bash bench/quic-heap.sh 500 2000
+done 2>&1 | grep -v Killed > $D/heap-tls12-500-2000.txt
