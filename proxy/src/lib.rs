@@ -64,6 +64,8 @@ mod sockopt;
 mod takeover;
 mod terminate;
 mod tls;
+/// Handshake messages joined across TLS records (public for the fuzz targets).
+pub use tls::joiner as tls_joiner;
 mod upstream;
 mod workers;
 

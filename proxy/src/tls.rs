@@ -6,6 +6,7 @@
 //! it ends), and every anchored session checks itself against the new CRLs (a raw
 //! listener's live connections are not cut: docs/proxy.md says so).
 
+pub mod joiner;
 mod records;
 mod unbuffered;
 pub(crate) use unbuffered::TlsStream;

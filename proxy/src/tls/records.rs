@@ -38,7 +38,7 @@
 //!   and its length at its header, before any of it is kept, so a part of a message this side
 //!   never takes (or takes no more of: past a bound) is refused at once; what is kept is a
 //!   `KeyUpdate`'s 5 bytes at most, a gateway's ticket up to rustls' bound of 64 KiB, and of a
-//!   TLS 1.2 request to renegotiate, declined unread, its header ([`Partial`]);
+//!   TLS 1.2 request to renegotiate, declined unread, its header (`tls/joiner.rs`);
 //! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
 //!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
 //!   `TooManyKeyUpdateRequests`), and 32 tickets without data between (rustls' client takes
@@ -59,6 +59,8 @@ use aws_lc_rs::aead::{
 use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{Iv, Nonce as TlsNonce, make_tls12_aad, make_tls13_aad};
 use rustls::kernel::KernelConnection;
+
+use super::joiner::{Joiner, Keep, Messages};
 use rustls::server::ServerConnectionData;
 use rustls::{
     AlertDescription, ConnectionTrafficSecrets, ContentType, Error, PeerMisbehaved, ProtocolVersion,
@@ -163,28 +165,6 @@ pub(crate) enum Opened {
     Nothing,
     /// The peer's `close_notify`.
     Closed,
-}
-
-/// A handshake message begun in a record and not ended in it (RFC 8446 §5.1 and RFC 5246
-/// §6.2.1 let a sender split one over records; rustls joins them). Each is judged by its type
-/// at its first byte and by its length at its header (`Records::message_header`), so what is
-/// kept is bounded by what this side takes: a device's at most a `KeyUpdate`'s 5 bytes; a
-/// gateway's ticket at most rustls' bound of 64 KiB, in room reserved for it once; a TLS 1.2
-/// request to renegotiate nothing but its header, since it is declined unread.
-#[derive(Default)]
-enum Partial {
-    #[default]
-    None,
-    /// The first bytes of a message's 4-byte header.
-    Header { bytes: [u8; 4], have: usize },
-    /// A TLS 1.3 message whose payload is read: what came of it, `len` bytes in all.
-    Payload {
-        typ: u8,
-        payload: Vec<u8>,
-        len: usize,
-    },
-    /// A TLS 1.2 request to renegotiate, declined unread: `left` of its `len` bytes to come.
-    Skip { len: usize, left: usize },
 }
 
 /// One direction's keys.
@@ -332,9 +312,8 @@ pub(crate) struct Records<S> {
     key_updates_left: u8,
     tickets_left: u8,
     warnings_left: u8,
-    /// A handshake message begun in an earlier record, its rest in the records to come
-    /// ([`Partial`]).
-    partial: Partial,
+    /// A handshake message begun in an earlier record, its rest in the records to come.
+    joiner: Joiner,
     /// This side's `close_notify` is sealed: nothing more is.
     closed: bool,
 }
@@ -377,7 +356,7 @@ impl<S: Side> Records<S> {
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
             tickets_left: TICKETS_WITHOUT_DATA,
             warnings_left: WARNINGS,
-            partial: Partial::None,
+            joiner: Joiner::default(),
             closed: false,
         })
     }
@@ -426,12 +405,7 @@ impl<S: Side> Records<S> {
     /// (for tests).
     #[cfg(test)]
     pub(crate) fn partial(&self) -> (usize, usize) {
-        match &self.partial {
-            Partial::None => (0, 0),
-            Partial::Header { have, .. } => (*have, 0),
-            Partial::Payload { payload, .. } => (4 + payload.len(), payload.capacity()),
-            Partial::Skip { len, left } => (4 + len - left, 0),
-        }
+        self.joiner.kept()
     }
 
     /// Whether rustls' kernel connection is kept (for tests).
@@ -498,7 +472,7 @@ impl<S: Side> Records<S> {
             Format::Tls13 => self.open13(record)?,
             Format::Tls12 { explicit_nonce } => self.open12(record, explicit_nonce)?,
         };
-        if !matches!(self.partial, Partial::None) && typ != ContentType::Handshake {
+        if self.joiner.pending() && typ != ContentType::Handshake {
             // RFC 8446 §5.1: nothing between the parts of a handshake message (rustls refuses
             // it on TLS 1.2 as well). An alert there is answered with none.
             return Err(Fatal {
@@ -617,102 +591,18 @@ impl<S: Side> Records<S> {
         Ok((typ, start..start + plain.len()))
     }
 
-    /// The handshake messages of one record: first the rest of one an earlier record began
-    /// (`partial`), then each whole one in place, and a message begun at its end kept for the
-    /// next records. Each byte is copied once at most: a message split over records is
-    /// gathered into room reserved for its length once its header is there. A record of none
-    /// is refused (RFC 8446 §5.1: no zero-length handshake fragments).
+    /// The handshake messages of one record, joined with what earlier records began
+    /// ([`Joiner`]: each judged by its `header` before any of it is kept, then handled by
+    /// its `message`, as [`Messages`] says). A record of none is refused (RFC 8446 §5.1: no
+    /// zero-length handshake fragments).
     fn handshake(&mut self, content: &[u8]) -> Result<(), Fatal> {
         if content.is_empty() {
             return Err(self.inappropriate(0));
         }
-        let mut rest = content;
-        loop {
-            match std::mem::take(&mut self.partial) {
-                Partial::None => {
-                    let Some(&typ) = rest.first() else {
-                        return Ok(());
-                    };
-                    let [_, a, b, c, after @ ..] = rest else {
-                        self.message_header(typ, None)?;
-                        let mut bytes = [0; 4];
-                        bytes[..rest.len()].copy_from_slice(rest);
-                        self.partial = Partial::Header {
-                            bytes,
-                            have: rest.len(),
-                        };
-                        return Ok(());
-                    };
-                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-                    self.message_header(typ, Some(len))?;
-                    match after.get(..len) {
-                        // Whole here: handled in place.
-                        Some(payload) => {
-                            rest = &after[len..];
-                            self.message(typ, payload, rest.is_empty())?;
-                        }
-                        None => {
-                            self.partial = self.begin(typ, len);
-                            rest = after;
-                        }
-                    }
-                }
-                Partial::Header { mut bytes, have } => {
-                    let take = (4 - have).min(rest.len());
-                    bytes[have..have + take].copy_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if have + take < 4 {
-                        self.partial = Partial::Header {
-                            bytes,
-                            have: have + take,
-                        };
-                        return Ok(());
-                    }
-                    let len = u32::from_be_bytes([0, bytes[1], bytes[2], bytes[3]]) as usize;
-                    self.message_header(bytes[0], Some(len))?;
-                    self.partial = self.begin(bytes[0], len);
-                }
-                Partial::Payload {
-                    typ,
-                    mut payload,
-                    len,
-                } => {
-                    let take = (len - payload.len()).min(rest.len());
-                    payload.extend_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if payload.len() < len {
-                        self.partial = Partial::Payload { typ, payload, len };
-                        return Ok(());
-                    }
-                    self.message(typ, &payload, rest.is_empty())?;
-                }
-                Partial::Skip { len, left } => {
-                    let take = left.min(rest.len());
-                    rest = &rest[take..];
-                    if take < left {
-                        self.partial = Partial::Skip {
-                            len,
-                            left: left - take,
-                        };
-                        return Ok(());
-                    }
-                    self.renegotiation()?;
-                }
-            }
-        }
-    }
-
-    /// A message of `typ` whose `len` bytes of payload are to come: TLS 1.3's kept, in room
-    /// reserved for them; TLS 1.2's (a request to renegotiate, declined unread) counted off.
-    fn begin(&self, typ: u8, len: usize) -> Partial {
-        match self.format {
-            Format::Tls13 => Partial::Payload {
-                typ,
-                payload: Vec::with_capacity(len),
-                len,
-            },
-            Format::Tls12 { .. } => Partial::Skip { len, left: len },
-        }
+        let mut joiner = std::mem::take(&mut self.joiner);
+        let fed = joiner.feed(content, self);
+        self.joiner = joiner;
+        fed
     }
 
     /// A handshake message this side never takes after the handshake.
@@ -737,70 +627,6 @@ impl<S: Side> Records<S> {
                 got_type: rustls::HandshakeType::from(typ),
             },
         )
-    }
-
-    /// Whether a handshake message of `typ`, its payload `len` bytes (once known), is one
-    /// this side takes, judged before any of it is kept: a `KeyUpdate` (TLS 1.3), a
-    /// `NewSessionTicket` as the client (TLS 1.3, within its bound), a request to renegotiate
-    /// (TLS 1.2, the first only); the last two at most rustls' bound on a handshake message.
-    fn message_header(&self, typ: u8, len: Option<usize>) -> Result<(), Fatal> {
-        let bound = match (self.format, typ) {
-            (Format::Tls13, KEY_UPDATE) => 1,
-            (Format::Tls13, NEW_SESSION_TICKET) if S::TAKES_TICKETS => {
-                if self.tickets_left == 0 {
-                    return Err(fatal(
-                        AlertDescription::UnexpectedMessage,
-                        Error::General("too many tickets without data between".into()),
-                    ));
-                }
-                MAX_HANDSHAKE
-            }
-            (Format::Tls12 { .. }, typ) if typ == S::RENEGOTIATION_REQUEST => {
-                if self.renegotiations_left == 0 {
-                    return Err(fatal(
-                        AlertDescription::UnexpectedMessage,
-                        PeerMisbehaved::TooManyRenegotiationRequests,
-                    ));
-                }
-                MAX_HANDSHAKE
-            }
-            _ => return Err(self.inappropriate(typ)),
-        };
-        match len {
-            Some(0) if typ == KEY_UPDATE => Err(fatal(
-                AlertDescription::DecodeError,
-                rustls::InvalidMessage::MessageTooShort,
-            )),
-            Some(len) if typ == KEY_UPDATE && len != bound => Err(fatal(
-                AlertDescription::DecodeError,
-                rustls::InvalidMessage::TrailingData("KeyUpdate"),
-            )),
-            Some(len) if len > bound => Err(fatal(
-                AlertDescription::DecodeError,
-                rustls::InvalidMessage::HandshakePayloadTooLarge,
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// One whole handshake message (its type checked by [`Records::message_header`]), `last`
-    /// if it ends its record.
-    fn message(&mut self, typ: u8, payload: &[u8], last: bool) -> Result<(), Fatal> {
-        match (self.format, typ, payload) {
-            // The last message of its record, as a key change must be (RFC 8446 §5.1).
-            (Format::Tls13, KEY_UPDATE, &[request]) if last => self.key_update(request),
-            (Format::Tls13, KEY_UPDATE, _) => Err(fatal(
-                AlertDescription::UnexpectedMessage,
-                PeerMisbehaved::KeyEpochWithPendingFragment,
-            )),
-            (Format::Tls13, NEW_SESSION_TICKET, payload) => {
-                // Within the bound: judged at its header.
-                self.tickets_left = self.tickets_left.saturating_sub(1);
-                S::ticket(self.kernel()?, payload)
-            }
-            (Format::Tls12 { .. }, _, _) => self.renegotiation(),
-            (Format::Tls13, typ, _) => Err(self.inappropriate(typ)),
-        }
     }
 
     /// TLS 1.2: a handshake message after the handshake is a request to renegotiate, declined
@@ -1074,5 +900,76 @@ impl<S: Side> Records<S> {
             .map_err(|_| refused())?;
         tag.copy_from_slice(sealed.as_ref());
         Ok(total)
+    }
+}
+
+/// The handshake messages after the handshake, as this side takes them ([`Joiner`]).
+impl<S: Side> Messages for Records<S> {
+    type Error = Fatal;
+
+    /// Whether a handshake message of `typ`, its payload `len` bytes (once known), is one
+    /// this side takes, judged before any of it is kept: a `KeyUpdate` (TLS 1.3), a
+    /// `NewSessionTicket` as the client (TLS 1.3, within its bound), a request to renegotiate
+    /// (TLS 1.2, the first only); the last two at most rustls' bound on a handshake message.
+    fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, Fatal> {
+        let bound = match (self.format, typ) {
+            (Format::Tls13, KEY_UPDATE) => 1,
+            (Format::Tls13, NEW_SESSION_TICKET) if S::TAKES_TICKETS => {
+                if self.tickets_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        Error::General("too many tickets without data between".into()),
+                    ));
+                }
+                MAX_HANDSHAKE
+            }
+            (Format::Tls12 { .. }, typ) if typ == S::RENEGOTIATION_REQUEST => {
+                if self.renegotiations_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        PeerMisbehaved::TooManyRenegotiationRequests,
+                    ));
+                }
+                MAX_HANDSHAKE
+            }
+            _ => return Err(self.inappropriate(typ)),
+        };
+        match len {
+            Some(0) if typ == KEY_UPDATE => Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::MessageTooShort,
+            )),
+            Some(len) if typ == KEY_UPDATE && len != bound => Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::TrailingData("KeyUpdate"),
+            )),
+            Some(len) if len > bound => Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::HandshakePayloadTooLarge,
+            )),
+            // TLS 1.2's request is declined unread.
+            _ if self.format == Format::Tls13 => Ok(Keep::Read),
+            _ => Ok(Keep::Skip),
+        }
+    }
+
+    /// One whole handshake message (its type judged by `header`), `last` if it ends its
+    /// record.
+    fn message(&mut self, typ: u8, payload: Option<&[u8]>, last: bool) -> Result<(), Fatal> {
+        match (self.format, typ, payload) {
+            // The last message of its record, as a key change must be (RFC 8446 §5.1).
+            (Format::Tls13, KEY_UPDATE, Some(&[request])) if last => self.key_update(request),
+            (Format::Tls13, KEY_UPDATE, _) => Err(fatal(
+                AlertDescription::UnexpectedMessage,
+                PeerMisbehaved::KeyEpochWithPendingFragment,
+            )),
+            (Format::Tls13, NEW_SESSION_TICKET, Some(payload)) => {
+                // Within the bound: judged at its header.
+                self.tickets_left = self.tickets_left.saturating_sub(1);
+                S::ticket(self.kernel()?, payload)
+            }
+            (Format::Tls12 { .. }, _, _) => self.renegotiation(),
+            (Format::Tls13, typ, _) => Err(self.inappropriate(typ)),
+        }
     }
 }

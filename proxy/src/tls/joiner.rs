@@ -1,0 +1,289 @@
+//! The handshake messages a TLS connection's records carry after its handshake, joined across
+//! records: RFC 8446 §5.1 (and RFC 5246 §6.2.1) let a sender split a message over records or
+//! put several in one, and rustls' own reader joins them; the proxy's record layer
+//! (`tls/records.rs`) does the same with this.
+//!
+//! What a side takes is the caller's ([`Messages`]): each message is judged by its type at its
+//! first byte and by its length once its 4-byte header is there, before any of it is kept, so
+//! a part of a message refused is never held. A message taken is handled in place when it is
+//! whole in its record; one split over records is gathered into room reserved for its length
+//! once its header is there (each byte copied once), or, when the caller reads nothing of it,
+//! only counted off. What is kept is thus a header's 4 bytes, or the payload of a message the
+//! caller takes and reads, bounded by what the caller accepts as its length.
+//!
+//! Public for the fuzz targets (`wasmbed_fuzz::handshake_joiner`); pure: no I/O, no clock.
+
+/// What becomes of a message's payload, once its header is judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// It is read: handed to [`Messages::message`] whole.
+    Read,
+    /// It is counted off unread (a message declined whatever it says).
+    Skip,
+}
+
+/// The side that takes the messages.
+pub trait Messages {
+    type Error;
+    /// Judges a message by its type (`len` `None`: its header is not all there yet) or by its
+    /// type and payload length. An error ends the joining: nothing of the message is kept.
+    fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, Self::Error>;
+    /// One whole message, in the order sent: its payload (`None` when skipped), and whether it
+    /// ends its record (where a key change must be).
+    fn message(&mut self, typ: u8, payload: Option<&[u8]>, last: bool) -> Result<(), Self::Error>;
+}
+
+/// A handshake message begun in a record and not ended in it, if any.
+#[derive(Debug, Default)]
+pub struct Joiner(Partial);
+
+#[derive(Debug, Default)]
+enum Partial {
+    #[default]
+    None,
+    /// The first bytes of a message's 4-byte header.
+    Header { bytes: [u8; 4], have: usize },
+    /// A message whose payload is read: what came of it, `len` bytes in all.
+    Payload {
+        typ: u8,
+        payload: Vec<u8>,
+        len: usize,
+    },
+    /// A message counted off unread: `left` of its `len` bytes to come.
+    Skip { typ: u8, len: usize, left: usize },
+}
+
+impl Joiner {
+    /// Whether a message is begun and not ended (no other record may come before its rest).
+    pub fn pending(&self) -> bool {
+        !matches!(self.0, Partial::None)
+    }
+
+    /// The bytes of the message begun and not ended (its header's included), and the heap room
+    /// kept for them.
+    pub fn kept(&self) -> (usize, usize) {
+        match &self.0 {
+            Partial::None => (0, 0),
+            Partial::Header { have, .. } => (*have, 0),
+            Partial::Payload { payload, .. } => (4 + payload.len(), payload.capacity()),
+            Partial::Skip { len, left, .. } => (4 + len - left, 0),
+        }
+    }
+
+    /// The handshake content of one record: first the rest of a message an earlier record
+    /// began, then each whole one in place, and a message begun at its end kept. `content`
+    /// may be empty (the caller decides whether a record of none is allowed).
+    pub fn feed<M: Messages>(&mut self, content: &[u8], side: &mut M) -> Result<(), M::Error> {
+        let mut rest = content;
+        loop {
+            match std::mem::take(&mut self.0) {
+                Partial::None => {
+                    let Some(&typ) = rest.first() else {
+                        return Ok(());
+                    };
+                    let [_, a, b, c, after @ ..] = rest else {
+                        side.header(typ, None)?;
+                        let mut bytes = [0; 4];
+                        bytes[..rest.len()].copy_from_slice(rest);
+                        let have = rest.len();
+                        self.0 = Partial::Header { bytes, have };
+                        return Ok(());
+                    };
+                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+                    let keep = side.header(typ, Some(len))?;
+                    match after.get(..len) {
+                        // Whole here: handled in place.
+                        Some(payload) => {
+                            rest = &after[len..];
+                            let payload = (keep == Keep::Read).then_some(payload);
+                            side.message(typ, payload, rest.is_empty())?;
+                        }
+                        None => {
+                            self.0 = begin(typ, len, keep);
+                            rest = after;
+                        }
+                    }
+                }
+                Partial::Header { mut bytes, have } => {
+                    let take = (4 - have).min(rest.len());
+                    bytes[have..have + take].copy_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if have + take < 4 {
+                        let have = have + take;
+                        self.0 = Partial::Header { bytes, have };
+                        return Ok(());
+                    }
+                    let len = u32::from_be_bytes([0, bytes[1], bytes[2], bytes[3]]) as usize;
+                    let keep = side.header(bytes[0], Some(len))?;
+                    self.0 = begin(bytes[0], len, keep);
+                }
+                Partial::Payload {
+                    typ,
+                    mut payload,
+                    len,
+                } => {
+                    let take = (len - payload.len()).min(rest.len());
+                    payload.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if payload.len() < len {
+                        self.0 = Partial::Payload { typ, payload, len };
+                        return Ok(());
+                    }
+                    side.message(typ, Some(&payload), rest.is_empty())?;
+                }
+                Partial::Skip { typ, len, left } => {
+                    let take = left.min(rest.len());
+                    rest = &rest[take..];
+                    if take < left {
+                        let left = left - take;
+                        self.0 = Partial::Skip { typ, len, left };
+                        return Ok(());
+                    }
+                    side.message(typ, None, rest.is_empty())?;
+                }
+            }
+        }
+    }
+}
+
+/// A message of `typ` whose `len` bytes of payload are to come.
+fn begin(typ: u8, len: usize, keep: Keep) -> Partial {
+    match keep {
+        Keep::Read => Partial::Payload {
+            typ,
+            payload: Vec::with_capacity(len),
+            len,
+        },
+        Keep::Skip => Partial::Skip {
+            typ,
+            len,
+            left: len,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Joiner, Keep, Messages};
+
+    /// Takes every message of at most `bound` bytes, reading the even types and skipping the
+    /// odd ones, and notes what it was given.
+    #[derive(Default)]
+    struct Noted {
+        bound: usize,
+        /// Each message: type, payload (`None`: skipped), whether it ended its record.
+        messages: Vec<(u8, Option<Vec<u8>>, bool)>,
+    }
+
+    impl Messages for Noted {
+        type Error = (u8, usize);
+        fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, (u8, usize)> {
+            match len {
+                Some(len) if len > self.bound => Err((typ, len)),
+                _ if typ % 2 == 0 => Ok(Keep::Read),
+                _ => Ok(Keep::Skip),
+            }
+        }
+        fn message(
+            &mut self,
+            typ: u8,
+            payload: Option<&[u8]>,
+            last: bool,
+        ) -> Result<(), (u8, usize)> {
+            self.messages.push((typ, payload.map(<[u8]>::to_vec), last));
+            Ok(())
+        }
+    }
+
+    fn message(typ: u8, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+        [&[typ][..], &len[1..], payload].concat()
+    }
+
+    /// Messages of every shape (empty, a byte, read and skipped, longer than a header): their
+    /// bytes, and each as it should be handed over with the offset where it ends.
+    fn stream() -> (Vec<u8>, Vec<(u8, Option<Vec<u8>>, usize)>) {
+        let parts: [(u8, &[u8]); 5] = [
+            (4, b"a ticket's bytes"),
+            (24, &[1]),
+            (1, b"declined unread"),
+            (2, b""),
+            (3, &[9]),
+        ];
+        let mut bytes = Vec::new();
+        let mut expected = Vec::new();
+        for (typ, payload) in parts {
+            bytes.extend(message(typ, payload));
+            expected.push((typ, (typ % 2 == 0).then(|| payload.to_vec()), bytes.len()));
+        }
+        (bytes, expected)
+    }
+
+    /// The same messages, in order, whatever the records they are split over (here: three
+    /// records, split at every pair of places, empty ones included); each marked as ending
+    /// its record exactly where it does; nothing kept in between beyond a message's own
+    /// bytes, in room reserved once for what is read and none for what is skipped; nothing
+    /// once all is whole.
+    #[test]
+    fn every_split_gives_the_same_messages() {
+        let (bytes, expected) = stream();
+        let longest = 16;
+        for a in 0..=bytes.len() {
+            for b in a..=bytes.len() {
+                let mut noted = Noted {
+                    bound: longest,
+                    ..Noted::default()
+                };
+                let mut joiner = Joiner::default();
+                for record in [&bytes[..a], &bytes[a..b], &bytes[b..]] {
+                    joiner.feed(record, &mut noted).unwrap();
+                    let (kept, room) = joiner.kept();
+                    assert!(
+                        kept < 4 + longest && room <= longest,
+                        "{a}, {b}: {kept}, {room}"
+                    );
+                }
+                assert!(!joiner.pending(), "{a}, {b}");
+                assert_eq!(joiner.kept(), (0, 0));
+                assert_eq!(noted.messages.len(), expected.len(), "{a}, {b}");
+                for (got, (typ, payload, end)) in noted.messages.iter().zip(&expected) {
+                    // The record its last byte is in ends where it does.
+                    let record_end = [a, b, bytes.len()]
+                        .into_iter()
+                        .find(|&e| end - 1 < e)
+                        .unwrap();
+                    let want = (*typ, payload.clone(), *end == record_end);
+                    assert_eq!(got, &want, "split at {a} and {b}");
+                }
+            }
+        }
+    }
+
+    /// A message refused at its type or its length keeps nothing of it, even when the record
+    /// holds only the first bytes: judged at the first byte, then at the header.
+    #[test]
+    fn a_refused_message_is_judged_before_it_is_kept() {
+        struct Refuses;
+        impl Messages for Refuses {
+            type Error = Option<usize>;
+            fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, Option<usize>> {
+                match (typ, len) {
+                    (4, Some(len)) if len > 8 => Err(Some(len)),
+                    (4, _) => Ok(Keep::Read),
+                    _ => Err(len),
+                }
+            }
+            fn message(&mut self, _: u8, _: Option<&[u8]>, _: bool) -> Result<(), Option<usize>> {
+                Ok(())
+            }
+        }
+        // A type refused at its first byte.
+        assert_eq!(Joiner::default().feed(&[1], &mut Refuses), Err(None));
+        // A length refused once the header is whole, over two records.
+        let mut joiner = Joiner::default();
+        joiner.feed(&[4, 0], &mut Refuses).unwrap();
+        assert_eq!(joiner.kept(), (2, 0));
+        assert_eq!(joiner.feed(&[0, 9, 1, 2], &mut Refuses), Err(Some(9)));
+        assert_eq!(joiner.kept(), (0, 0), "nothing kept of a refused message");
+    }
+}
