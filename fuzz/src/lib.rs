@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("device", device),
     ("device_peer", device_peer),
     ("quic_intake", quic_intake),
+    ("handshake_joiner", handshake_joiner),
 ];
 
 /// The proxy's ClientHello reader: any bytes give a hello, "more", "not TLS" or a refusal;
@@ -405,6 +406,129 @@ fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
             }
         }
         assert_eq!(held.len(), model.len(), "none lost, none invented");
+    }
+    Ok(())
+}
+
+/// The joining of TLS handshake messages across records (`wasmbed_proxy::tls_joiner`), against
+/// a reading of the same bytes as one stream: any bytes, cut into records anywhere (empty ones
+/// too), give the messages the stream holds, in order, each payload as sent (or skipped), each
+/// marked as ending its record exactly where it does; a refusal where the stream's reading
+/// refuses, with nothing handed over after it; what is kept at the end is the stream's
+/// unfinished tail, in no more room than a message's bound.
+pub fn handshake_joiner(data: &[u8]) {
+    let _ = joiner_against_stream(&mut Unstructured::new(data));
+}
+
+fn joiner_against_stream(u: &mut Unstructured<'_>) -> Result<()> {
+    use wasmbed_proxy::tls_joiner::{Joiner, Keep, Messages};
+
+    /// Refuses type 0xff at its first byte and lengths over `bound` at the header; reads the
+    /// even types and skips the odd ones.
+    struct Side {
+        bound: usize,
+        got: Vec<(u8, Option<Vec<u8>>, bool)>,
+    }
+    impl Messages for Side {
+        type Error = (u8, Option<usize>);
+        fn header(
+            &mut self,
+            typ: u8,
+            len: Option<usize>,
+        ) -> std::result::Result<Keep, Self::Error> {
+            match len {
+                // By its type alone, whether or not its length is there yet.
+                _ if typ == 0xff => Err((typ, None)),
+                Some(len) if len > self.bound => Err((typ, Some(len))),
+                _ if typ.is_multiple_of(2) => Ok(Keep::Read),
+                _ => Ok(Keep::Skip),
+            }
+        }
+        fn message(
+            &mut self,
+            typ: u8,
+            payload: Option<&[u8]>,
+            last: bool,
+        ) -> std::result::Result<(), Self::Error> {
+            self.got.push((typ, payload.map(<[u8]>::to_vec), last));
+            Ok(())
+        }
+    }
+
+    let bound = usize::from(u.int_in_range(0..=64u8)?);
+    let cuts: Vec<usize> = (0..u.int_in_range(0..=8u8)?)
+        .map(|_| u.int_in_range(0..=48u8).map(usize::from))
+        .collect::<Result<_>>()?;
+    let stream = u.bytes(u.len())?;
+
+    // The stream read as one: its messages and where each ends, then a refusal or the length
+    // of its unfinished tail.
+    let mut expected = Vec::new();
+    let mut at = 0;
+    let end = loop {
+        let rest = &stream[at..];
+        let Some(&typ) = rest.first() else {
+            break Ok(0);
+        };
+        if typ == 0xff {
+            break Err((typ, None));
+        }
+        let [_, a, b, c, after @ ..] = rest else {
+            break Ok(rest.len());
+        };
+        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        if len > bound {
+            break Err((typ, Some(len)));
+        }
+        let Some(payload) = after.get(..len) else {
+            break Ok(rest.len());
+        };
+        at += 4 + len;
+        expected.push((typ, (typ.is_multiple_of(2)).then(|| payload.to_vec()), at));
+    };
+    // The last record ends the stream (the last cut may pass it: it is then shorter).
+    let mut ends = Vec::new();
+    let mut edge = 0;
+    for cut in cuts {
+        edge = (edge + cut).min(stream.len());
+        ends.push(edge);
+    }
+    ends.push(stream.len());
+
+    let mut side = Side {
+        bound,
+        got: Vec::new(),
+    };
+    let mut joiner = Joiner::default();
+    let mut from = 0;
+    let mut refused = None;
+    for &to in &ends {
+        match joiner.feed(&stream[from..to], &mut side) {
+            Ok(()) => {
+                let (kept, room) = joiner.kept();
+                assert!(kept <= 4 + bound && room <= bound, "kept {kept} in {room}");
+                assert_eq!(joiner.pending(), kept > 0);
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        from = to;
+    }
+    assert_eq!(side.got.len(), expected.len(), "the messages handed over");
+    for ((typ, payload, last), (want_typ, want_payload, end)) in side.got.iter().zip(&expected) {
+        assert_eq!((typ, payload), (want_typ, want_payload));
+        // The record its last byte is in ends where it does.
+        let record_end = ends.iter().find(|&&e| end - 1 < e).copied();
+        assert_eq!(*last, record_end == Some(*end), "ending its record");
+    }
+    match end {
+        Err(e) => assert_eq!(refused, Some(e), "refused where the stream is"),
+        Ok(tail) => {
+            assert_eq!(refused, None, "a refusal the stream has not");
+            assert_eq!(joiner.kept().0, tail, "the unfinished tail kept");
+        }
     }
     Ok(())
 }

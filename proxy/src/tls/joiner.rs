@@ -180,7 +180,7 @@ mod tests {
         fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, (u8, usize)> {
             match len {
                 Some(len) if len > self.bound => Err((typ, len)),
-                _ if typ % 2 == 0 => Ok(Keep::Read),
+                _ if typ.is_multiple_of(2) => Ok(Keep::Read),
                 _ => Ok(Keep::Skip),
             }
         }
@@ -214,7 +214,11 @@ mod tests {
         let mut expected = Vec::new();
         for (typ, payload) in parts {
             bytes.extend(message(typ, payload));
-            expected.push((typ, (typ % 2 == 0).then(|| payload.to_vec()), bytes.len()));
+            expected.push((
+                typ,
+                (typ.is_multiple_of(2)).then(|| payload.to_vec()),
+                bytes.len(),
+            ));
         }
         (bytes, expected)
     }
