@@ -411,31 +411,30 @@ fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
 }
 
 /// The joining of TLS handshake messages across records (`wasmbed_proxy::tls_joiner`), against
-/// a reading of the same bytes as one stream: any bytes, cut into records anywhere (empty ones
-/// too), give the messages the stream holds, in order, each payload as sent (or skipped), each
-/// marked as ending its record exactly where it does; a refusal where the stream's reading
-/// refuses, with nothing handed over after it; what is kept at the end is the stream's
-/// unfinished tail, in no more room than a message's bound.
+/// what the messages are by construction: messages the fuzzer chooses (any type, payloads of
+/// up to 80 bytes, or a length of 2^24 - 1 with nothing after it), the last one possibly cut
+/// short, encoded, then cut into records anywhere (empty ones too). A side refuses type 0xff
+/// at its first byte, a length over its bound at the header, and type 0xfe handed over when it
+/// does not end its record; it reads even types and skips odd ones. The joiner hands over the
+/// messages in order, each payload as sent (or skipped), each marked as ending its record
+/// exactly where it does; it stops at the first refusal, holding nothing; what it holds at the
+/// end is what the last message's part calls for (a header's first bytes, a payload read so
+/// far in room for all of it, nothing of one skipped).
 pub fn handshake_joiner(data: &[u8]) {
-    let _ = joiner_against_stream(&mut Unstructured::new(data));
+    let _ = joiner_against_construction(&mut Unstructured::new(data));
 }
 
-fn joiner_against_stream(u: &mut Unstructured<'_>) -> Result<()> {
+fn joiner_against_construction(u: &mut Unstructured<'_>) -> Result<()> {
     use wasmbed_proxy::tls_joiner::{Joiner, Keep, Messages};
 
-    /// Refuses type 0xff at its first byte and lengths over `bound` at the header; reads the
-    /// even types and skips the odd ones.
+    type Refusal = (u8, Option<usize>);
     struct Side {
         bound: usize,
         got: Vec<(u8, Option<Vec<u8>>, bool)>,
     }
     impl Messages for Side {
-        type Error = (u8, Option<usize>);
-        fn header(
-            &mut self,
-            typ: u8,
-            len: Option<usize>,
-        ) -> std::result::Result<Keep, Self::Error> {
+        type Error = Refusal;
+        fn header(&mut self, typ: u8, len: Option<usize>) -> std::result::Result<Keep, Refusal> {
             match len {
                 // By its type alone, whether or not its length is there yet.
                 _ if typ == 0xff => Err((typ, None)),
@@ -449,51 +448,84 @@ fn joiner_against_stream(u: &mut Unstructured<'_>) -> Result<()> {
             typ: u8,
             payload: Option<&[u8]>,
             last: bool,
-        ) -> std::result::Result<(), Self::Error> {
+        ) -> std::result::Result<(), Refusal> {
+            if typ == 0xfe && !last {
+                return Err((typ, Some(usize::MAX)));
+            }
             self.got.push((typ, payload.map(<[u8]>::to_vec), last));
             Ok(())
         }
     }
 
+    // The messages: type, declared length, payload (empty under the huge length).
     let bound = usize::from(u.int_in_range(0..=64u8)?);
-    let cuts: Vec<usize> = (0..u.int_in_range(0..=8u8)?)
-        .map(|_| u.int_in_range(0..=48u8).map(usize::from))
-        .collect::<Result<_>>()?;
-    let stream = u.bytes(u.len())?;
-
-    // The stream read as one: its messages and where each ends, then a refusal or the length
-    // of its unfinished tail.
-    let mut expected = Vec::new();
-    let mut at = 0;
-    let end = loop {
-        let rest = &stream[at..];
-        let Some(&typ) = rest.first() else {
-            break Ok(0);
-        };
-        if typ == 0xff {
-            break Err((typ, None));
+    let mut messages = Vec::new();
+    for _ in 0..u.int_in_range(0..=6u8)? {
+        let typ: u8 = u.arbitrary()?;
+        if u.ratio(1, 16)? {
+            messages.push((typ, 0xff_ffff_usize, Vec::new()));
+        } else {
+            let len = usize::from(u.int_in_range(0..=80u8)?);
+            messages.push((typ, len, u.bytes(len)?.to_vec()));
         }
-        let [_, a, b, c, after @ ..] = rest else {
-            break Ok(rest.len());
-        };
-        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-        if len > bound {
-            break Err((typ, Some(len)));
-        }
-        let Some(payload) = after.get(..len) else {
-            break Ok(rest.len());
-        };
-        at += 4 + len;
-        expected.push((typ, (typ.is_multiple_of(2)).then(|| payload.to_vec()), at));
-    };
-    // The last record ends the stream (the last cut may pass it: it is then shorter).
+    }
+    let mut stream = Vec::new();
+    let mut spans = Vec::new();
+    for (typ, len, payload) in &messages {
+        let start = stream.len();
+        stream.push(*typ);
+        stream.extend_from_slice(&u32::try_from(*len).unwrap_or(0).to_be_bytes()[1..]);
+        stream.extend_from_slice(payload);
+        spans.push((start, start + 4 + len));
+    }
+    // The last message cut short: the stream ends inside it (after 1 to all but one of its
+    // bytes; a message of the huge length has only its header anyway).
+    if let Some(&(start, end)) = spans.last()
+        && u.arbitrary()?
+    {
+        let keep = 1 + usize::from(u.arbitrary::<u16>()?) % (end - start - 1);
+        stream.truncate(start + keep);
+    }
+    // The records: cuts of up to 48 bytes, the last record what remains.
     let mut ends = Vec::new();
     let mut edge = 0;
-    for cut in cuts {
-        edge = (edge + cut).min(stream.len());
+    for _ in 0..u.int_in_range(0..=8u8)? {
+        edge = (edge + usize::from(u.int_in_range(0..=48u8)?)).min(stream.len());
         ends.push(edge);
     }
     ends.push(stream.len());
+    let record_end = |end: usize| ends.iter().copied().find(|&e| end - 1 < e);
+
+    // What should come of it, message by message.
+    let mut expected = Vec::new();
+    // A refusal, or what is held of a message begun and not ended (`None`: all whole).
+    let mut outcome: std::result::Result<Option<(usize, usize)>, Refusal> = Ok(None);
+    for ((typ, len, payload), &(start, end)) in messages.iter().zip(&spans) {
+        let have = stream.len().min(end) - start;
+        if *typ == 0xff {
+            outcome = Err((*typ, None));
+            break;
+        }
+        if have < 4 {
+            outcome = Ok(Some((have, 0)));
+            break;
+        }
+        if *len > bound {
+            outcome = Err((*typ, Some(*len)));
+            break;
+        }
+        let read = typ.is_multiple_of(2);
+        if have < 4 + len {
+            outcome = Ok(Some(if read { (have - 4, *len) } else { (0, 0) }));
+            break;
+        }
+        let last = record_end(end) == Some(end);
+        if *typ == 0xfe && !last {
+            outcome = Err((*typ, Some(usize::MAX)));
+            break;
+        }
+        expected.push((*typ, read.then(|| payload.clone()), last));
+    }
 
     let mut side = Side {
         bound,
@@ -503,31 +535,22 @@ fn joiner_against_stream(u: &mut Unstructured<'_>) -> Result<()> {
     let mut from = 0;
     let mut refused = None;
     for &to in &ends {
-        match joiner.feed(&stream[from..to], &mut side) {
-            Ok(()) => {
-                let (kept, room) = joiner.kept();
-                assert!(kept <= 4 + bound && room <= bound, "kept {kept} in {room}");
-                assert_eq!(joiner.pending(), kept > 0);
-            }
-            Err(e) => {
-                refused = Some(e);
-                break;
-            }
+        if let Err(e) = joiner.feed(&stream[from..to], &mut side) {
+            refused = Some(e);
+            break;
         }
         from = to;
     }
-    assert_eq!(side.got.len(), expected.len(), "the messages handed over");
-    for ((typ, payload, last), (want_typ, want_payload, end)) in side.got.iter().zip(&expected) {
-        assert_eq!((typ, payload), (want_typ, want_payload));
-        // The record its last byte is in ends where it does.
-        let record_end = ends.iter().find(|&&e| end - 1 < e).copied();
-        assert_eq!(*last, record_end == Some(*end), "ending its record");
-    }
-    match end {
-        Err(e) => assert_eq!(refused, Some(e), "refused where the stream is"),
-        Ok(tail) => {
-            assert_eq!(refused, None, "a refusal the stream has not");
-            assert_eq!(joiner.kept().0, tail, "the unfinished tail kept");
+    assert_eq!(side.got, expected, "the messages handed over");
+    match outcome {
+        Err(e) => {
+            assert_eq!(refused, Some(e), "refused where it should be");
+            assert_eq!(joiner.kept(), (0, 0), "something held after a refusal");
+        }
+        Ok(held) => {
+            assert_eq!(refused, None, "refused where it should not be");
+            assert_eq!(joiner.pending(), held.is_some(), "a message begun");
+            assert_eq!(joiner.kept(), held.unwrap_or((0, 0)), "held at the end");
         }
     }
     Ok(())

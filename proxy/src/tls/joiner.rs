@@ -25,15 +25,18 @@ pub enum Keep {
 /// The side that takes the messages.
 pub trait Messages {
     type Error;
-    /// Judges a message by its type (`len` `None`: its header is not all there yet) or by its
-    /// type and payload length. An error ends the joining: nothing of the message is kept.
+    /// Judges a message by its type alone (`len` `None`: its header is not all there yet; what
+    /// it would keep is asked again with the length) or by its type and payload length. An
+    /// error ends the joining: nothing of the message is kept.
     fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, Self::Error>;
     /// One whole message, in the order sent: its payload (`None` when skipped), and whether it
-    /// ends its record (where a key change must be).
+    /// ends its record (where a key change must be). An error ends the joining.
     fn message(&mut self, typ: u8, payload: Option<&[u8]>, last: bool) -> Result<(), Self::Error>;
 }
 
-/// A handshake message begun in a record and not ended in it, if any.
+/// A handshake message begun in a record and not ended in it, if any. After an error it holds
+/// nothing and is not to be fed again: the connection ends there (its next bytes would be read
+/// as a message's start).
 #[derive(Debug, Default)]
 pub struct Joiner(Partial);
 
@@ -42,15 +45,22 @@ enum Partial {
     #[default]
     None,
     /// The first bytes of a message's 4-byte header.
-    Header { bytes: [u8; 4], have: usize },
+    Header { bytes: [u8; 4], have: u8 },
     /// A message whose payload is read: what came of it, `len` bytes in all.
-    Payload {
-        typ: u8,
-        payload: Vec<u8>,
-        len: usize,
-    },
-    /// A message counted off unread: `left` of its `len` bytes to come.
-    Skip { typ: u8, len: usize, left: usize },
+    Payload { typ: u8, payload: Vec<u8>, len: u32 },
+    /// A message counted off unread: `left` bytes of it to come.
+    Skip { typ: u8, left: u32 },
+}
+
+/// A message's 24-bit length.
+fn length([a, b, c]: [u8; 3]) -> u32 {
+    u32::from_be_bytes([0, a, b, c])
+}
+
+/// A length as an index (every length here has 24 bits; on a target whose `usize` is
+/// narrower, one too large to index is as large as can be, and refused by any bound).
+fn index(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 impl Joiner {
@@ -59,14 +69,13 @@ impl Joiner {
         !matches!(self.0, Partial::None)
     }
 
-    /// The bytes of the message begun and not ended (its header's included), and the heap room
-    /// kept for them.
+    /// The bytes held of the message begun and not ended (a header's first bytes, or what came
+    /// of a payload read), and the heap room kept for them.
     pub fn kept(&self) -> (usize, usize) {
         match &self.0 {
-            Partial::None => (0, 0),
-            Partial::Header { have, .. } => (*have, 0),
-            Partial::Payload { payload, .. } => (4 + payload.len(), payload.capacity()),
-            Partial::Skip { len, left, .. } => (4 + len - left, 0),
+            Partial::None | Partial::Skip { .. } => (0, 0),
+            Partial::Header { have, .. } => (usize::from(*have), 0),
+            Partial::Payload { payload, .. } => (payload.len(), payload.capacity()),
         }
     }
 
@@ -75,90 +84,127 @@ impl Joiner {
     /// may be empty (the caller decides whether a record of none is allowed).
     pub fn feed<M: Messages>(&mut self, content: &[u8], side: &mut M) -> Result<(), M::Error> {
         let mut rest = content;
-        loop {
-            match std::mem::take(&mut self.0) {
-                Partial::None => {
-                    let Some(&typ) = rest.first() else {
-                        return Ok(());
-                    };
-                    let [_, a, b, c, after @ ..] = rest else {
-                        side.header(typ, None)?;
-                        let mut bytes = [0; 4];
-                        bytes[..rest.len()].copy_from_slice(rest);
-                        let have = rest.len();
-                        self.0 = Partial::Header { bytes, have };
-                        return Ok(());
-                    };
-                    let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-                    let keep = side.header(typ, Some(len))?;
-                    match after.get(..len) {
-                        // Whole here: handled in place.
-                        Some(payload) => {
-                            rest = &after[len..];
-                            let payload = (keep == Keep::Read).then_some(payload);
-                            side.message(typ, payload, rest.is_empty())?;
-                        }
-                        None => {
-                            self.0 = begin(typ, len, keep);
-                            rest = after;
-                        }
-                    }
-                }
-                Partial::Header { mut bytes, have } => {
-                    let take = (4 - have).min(rest.len());
-                    bytes[have..have + take].copy_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if have + take < 4 {
-                        let have = have + take;
-                        self.0 = Partial::Header { bytes, have };
-                        return Ok(());
-                    }
-                    let len = u32::from_be_bytes([0, bytes[1], bytes[2], bytes[3]]) as usize;
-                    let keep = side.header(bytes[0], Some(len))?;
-                    self.0 = begin(bytes[0], len, keep);
-                }
-                Partial::Payload {
-                    typ,
-                    mut payload,
-                    len,
-                } => {
-                    let take = (len - payload.len()).min(rest.len());
-                    payload.extend_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if payload.len() < len {
-                        self.0 = Partial::Payload { typ, payload, len };
-                        return Ok(());
-                    }
-                    side.message(typ, Some(&payload), rest.is_empty())?;
-                }
-                Partial::Skip { typ, len, left } => {
-                    let take = left.min(rest.len());
-                    rest = &rest[take..];
-                    if take < left {
-                        let left = left - take;
-                        self.0 = Partial::Skip { typ, len, left };
-                        return Ok(());
-                    }
-                    side.message(typ, None, rest.is_empty())?;
-                }
+        // Each step takes what it can of `rest`: the rest to go on with, or `None` once it
+        // is all taken and the next bytes are awaited.
+        while let Some(next) = match std::mem::take(&mut self.0) {
+            Partial::None => self.start(rest, side)?,
+            Partial::Header { bytes, have } => self.header(bytes, have, rest, side)?,
+            Partial::Payload { typ, payload, len } => {
+                self.payload(typ, payload, len, rest, side)?
             }
+            Partial::Skip { typ, left } => self.skip(typ, left, rest, side)?,
+        } {
+            rest = next;
         }
+        Ok(())
+    }
+
+    /// A message's start: handled in place if it is whole here, begun otherwise.
+    fn start<'a, M: Messages>(
+        &mut self,
+        rest: &'a [u8],
+        side: &mut M,
+    ) -> Result<Option<&'a [u8]>, M::Error> {
+        let Some(&typ) = rest.first() else {
+            return Ok(None);
+        };
+        let [_, a, b, c, after @ ..] = rest else {
+            side.header(typ, None)?;
+            let mut bytes = [0; 4];
+            bytes[..rest.len()].copy_from_slice(rest);
+            // At most 3.
+            let have = rest.len() as u8;
+            self.0 = Partial::Header { bytes, have };
+            return Ok(None);
+        };
+        let len = length([*a, *b, *c]);
+        let keep = side.header(typ, Some(index(len)))?;
+        let Some(payload) = after.get(..index(len)) else {
+            self.0 = begin(typ, len, keep);
+            return Ok(Some(after));
+        };
+        let rest = &after[payload.len()..];
+        side.message(
+            typ,
+            (keep == Keep::Read).then_some(payload),
+            rest.is_empty(),
+        )?;
+        Ok(Some(rest))
+    }
+
+    /// More of a message's header.
+    fn header<'a, M: Messages>(
+        &mut self,
+        mut bytes: [u8; 4],
+        have: u8,
+        rest: &'a [u8],
+        side: &mut M,
+    ) -> Result<Option<&'a [u8]>, M::Error> {
+        let have = usize::from(have);
+        let take = (4 - have).min(rest.len());
+        bytes[have..have + take].copy_from_slice(&rest[..take]);
+        if have + take < 4 {
+            let have = (have + take) as u8;
+            self.0 = Partial::Header { bytes, have };
+            return Ok(None);
+        }
+        let len = length([bytes[1], bytes[2], bytes[3]]);
+        let keep = side.header(bytes[0], Some(index(len)))?;
+        self.0 = begin(bytes[0], len, keep);
+        Ok(Some(&rest[take..]))
+    }
+
+    /// More of a payload read, handed over once whole.
+    fn payload<'a, M: Messages>(
+        &mut self,
+        typ: u8,
+        mut payload: Vec<u8>,
+        len: u32,
+        rest: &'a [u8],
+        side: &mut M,
+    ) -> Result<Option<&'a [u8]>, M::Error> {
+        let take = (index(len) - payload.len()).min(rest.len());
+        payload.extend_from_slice(&rest[..take]);
+        let rest = &rest[take..];
+        if payload.len() < index(len) {
+            self.0 = Partial::Payload { typ, payload, len };
+            return Ok(None);
+        }
+        side.message(typ, Some(&payload), rest.is_empty())?;
+        Ok(Some(rest))
+    }
+
+    /// More of a payload counted off unread.
+    fn skip<'a, M: Messages>(
+        &mut self,
+        typ: u8,
+        left: u32,
+        rest: &'a [u8],
+        side: &mut M,
+    ) -> Result<Option<&'a [u8]>, M::Error> {
+        let take = index(left).min(rest.len());
+        if take < index(left) {
+            // Less than `left`, which fits a `u32`.
+            let left = left - take as u32;
+            self.0 = Partial::Skip { typ, left };
+            return Ok(None);
+        }
+        let rest = &rest[take..];
+        side.message(typ, None, rest.is_empty())?;
+        Ok(Some(rest))
     }
 }
 
-/// A message of `typ` whose `len` bytes of payload are to come.
-fn begin(typ: u8, len: usize, keep: Keep) -> Partial {
+/// A message of `typ` whose `len` bytes of payload are to come (room for them reserved once
+/// the side has accepted that length).
+fn begin(typ: u8, len: u32, keep: Keep) -> Partial {
     match keep {
         Keep::Read => Partial::Payload {
             typ,
-            payload: Vec::with_capacity(len),
+            payload: Vec::with_capacity(index(len)),
             len,
         },
-        Keep::Skip => Partial::Skip {
-            typ,
-            len,
-            left: len,
-        },
+        Keep::Skip => Partial::Skip { typ, left: len },
     }
 }
 
@@ -241,11 +287,14 @@ mod tests {
                 let mut joiner = Joiner::default();
                 for record in [&bytes[..a], &bytes[a..b], &bytes[b..]] {
                     joiner.feed(record, &mut noted).unwrap();
+                    // A header's first bytes, or a payload read, in room for all of it.
                     let (kept, room) = joiner.kept();
-                    assert!(
-                        kept < 4 + longest && room <= longest,
-                        "{a}, {b}: {kept}, {room}"
-                    );
+                    let read = |n| {
+                        let len = |p: &Option<Vec<u8>>| p.as_ref().map(Vec::len);
+                        expected.iter().any(|(_, p, _)| len(p) == Some(n))
+                    };
+                    assert!(kept < longest.max(4), "{a}, {b}: {kept}");
+                    assert!(room == 0 || read(room), "{a}, {b}: room for {room}");
                 }
                 assert!(!joiner.pending(), "{a}, {b}");
                 assert_eq!(joiner.kept(), (0, 0));
@@ -283,6 +332,7 @@ mod tests {
         }
         // A type refused at its first byte.
         assert_eq!(Joiner::default().feed(&[1], &mut Refuses), Err(None));
+        assert!(std::mem::size_of::<Joiner>() <= 32);
         // A length refused once the header is whole, over two records.
         let mut joiner = Joiner::default();
         joiner.feed(&[4, 0], &mut Refuses).unwrap();

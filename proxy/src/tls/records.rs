@@ -36,9 +36,11 @@
 //! - handshake messages split over records (TLS 1.3's and TLS 1.2's) joined, as rustls joins
 //!   them, with no other record between the parts: each judged by its type at its first byte
 //!   and its length at its header, before any of it is kept, so a part of a message this side
-//!   never takes (or takes no more of: past a bound) is refused at once; what is kept is a
-//!   `KeyUpdate`'s 5 bytes at most, a gateway's ticket up to rustls' bound of 64 KiB, and of a
-//!   TLS 1.2 request to renegotiate, declined unread, its header (`tls/joiner.rs`);
+//!   never takes (or takes no more of: past a bound) is refused at once; what is held is a
+//!   header's first 3 bytes at most, a `KeyUpdate`'s byte, a gateway's ticket's payload (up
+//!   to rustls' bound of 2^16 - 1 bytes, in room reserved once), and of a TLS 1.2 request to
+//!   renegotiate, declined unread, nothing but a count of the bytes to come
+//!   (`tls/joiner.rs`);
 //! - bounds against a peer that would make the proxy work for nothing: 32 empty records in
 //!   a row, 32 key updates without data between (rustls' `TooManyEmptyFragments`,
 //!   `TooManyKeyUpdateRequests`), and 32 tickets without data between (rustls' client takes
@@ -59,12 +61,12 @@ use aws_lc_rs::aead::{
 use rustls::client::ClientConnectionData;
 use rustls::crypto::cipher::{Iv, Nonce as TlsNonce, make_tls12_aad, make_tls13_aad};
 use rustls::kernel::KernelConnection;
-
-use super::joiner::{Joiner, Keep, Messages};
 use rustls::server::ServerConnectionData;
 use rustls::{
     AlertDescription, ConnectionTrafficSecrets, ContentType, Error, PeerMisbehaved, ProtocolVersion,
 };
+
+use super::joiner::{Joiner, Keep, Messages};
 
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -401,11 +403,11 @@ impl<S: Side> Records<S> {
         self.at_limit
     }
 
-    /// The bytes of a handshake message begun and not ended, and the room kept for them
-    /// (for tests).
+    /// A handshake message begun and not ended: the bytes held of it and the room kept for
+    /// them (for tests).
     #[cfg(test)]
-    pub(crate) fn partial(&self) -> (usize, usize) {
-        self.joiner.kept()
+    pub(crate) fn partial(&self) -> Option<(usize, usize)> {
+        self.joiner.pending().then(|| self.joiner.kept())
     }
 
     /// Whether rustls' kernel connection is kept (for tests).
@@ -680,20 +682,16 @@ impl<S: Side> Records<S> {
 
     /// rustls' connection, kept for TLS 1.3's key updates and tickets only.
     fn kernel(&mut self) -> Result<&mut KernelConnection<S>, Fatal> {
-        self.kernel
-            .as_deref_mut()
-            .ok_or_else(|| fatal(AlertDescription::InternalError, Error::EncryptError))
+        self.kernel.as_deref_mut().ok_or_else(|| {
+            let error = Error::General("no kernel connection (TLS 1.2)".into());
+            fatal(AlertDescription::InternalError, error)
+        })
     }
 
     /// The peer's keys changed; it asked for the proxy's to change too when `request` is 1.
+    /// (Within the bound on key updates: judged at its header.)
     fn key_update(&mut self, request: u8) -> Result<(), Fatal> {
-        if self.key_updates_left == 0 {
-            return Err(fatal(
-                AlertDescription::UnexpectedMessage,
-                PeerMisbehaved::TooManyKeyUpdateRequests,
-            ));
-        }
-        self.key_updates_left -= 1;
+        self.key_updates_left = self.key_updates_left.saturating_sub(1);
         match request {
             0 => {}
             1 => self.answer_owed = !self.closed,
@@ -913,7 +911,15 @@ impl<S: Side> Messages for Records<S> {
     /// (TLS 1.2, the first only); the last two at most rustls' bound on a handshake message.
     fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, Fatal> {
         let bound = match (self.format, typ) {
-            (Format::Tls13, KEY_UPDATE) => 1,
+            (Format::Tls13, KEY_UPDATE) => {
+                if self.key_updates_left == 0 {
+                    return Err(fatal(
+                        AlertDescription::UnexpectedMessage,
+                        PeerMisbehaved::TooManyKeyUpdateRequests,
+                    ));
+                }
+                1
+            }
             (Format::Tls13, NEW_SESSION_TICKET) if S::TAKES_TICKETS => {
                 if self.tickets_left == 0 {
                     return Err(fatal(
