@@ -1,5 +1,5 @@
 #!/bin/bash
-# The bench of docs/performance.md "rustls' kernel connection kept for TLS 1.3 only": the
+# The bench of docs/performance.md "Nothing of rustls' kept for a TLS 1.2 session": the
 # proxy's anonymous RSS per idle terminated session over the link, 6,000 devices, TLS 1.2
 # (`--tls12`) then TLS 1.3, NEW against BASE interleaved, three pairs each.
 # NEW: the change (7fc4fc9); BASE: the commit before it (b723146). From the repository root:
@@ -15,5 +15,5 @@ done; done; } > $D/tls12-memory-6000.txt 2>&1
 done; done; } > $D/tls13-memory-6000.txt 2>&1
 # Live heap by site for TLS 1.2 devices, each build once (heaptrack; 500 and 2,000 devices).
 for b in "$BASE" "$NEW"; do
-  echo "== $b"; TRANSPORT=tcp LOADTEST_ARGS=--tls12 WASMBED=$b OUT=/tmp/heap-$(basename "$b") bash bench/quic-heap.sh 500 2000
+  echo "== $(basename "$b")"; TRANSPORT=tcp LOADTEST_ARGS=--tls12 WASMBED=$b OUT=/tmp/heap-$(basename "$b") bash bench/quic-heap.sh 500 2000
 done 2>&1 | grep -v Killed > $D/heap-tls12-500-2000.txt
