@@ -413,9 +413,10 @@ fn intake_against_model(u: &mut Unstructured<'_>) -> Result<()> {
 /// The joining of TLS handshake messages across records (`wasmbed_proxy::tls_joiner`), against
 /// what the messages are by construction: messages the fuzzer chooses (any type, payloads of
 /// up to 80 bytes, or a length of 2^24 - 1 with nothing after it), the last one possibly cut
-/// short, encoded, then cut into records anywhere (empty ones too). A side refuses type 0xff
-/// at its first byte, a length over its bound at the header, and type 0xfe handed over when it
-/// does not end its record; it reads even types and skips odd ones. The joiner hands over the
+/// short, encoded, then cut into records anywhere (empty ones too), taken by the joiner's model
+/// side (`tls_joiner::model::Noted`: it refuses type 0xff at its first byte, a length over its
+/// bound at the header, and type 0xfe handed over when it does not end its record; it reads
+/// even types and skips odd ones). The joiner hands over the
 /// messages in order, each payload as sent (or skipped), each marked as ending its record
 /// exactly where it does; it stops at the first refusal, holding nothing; what it holds at the
 /// end is what the last message's part calls for (a header's first bytes, a payload read so
@@ -425,37 +426,8 @@ pub fn handshake_joiner(data: &[u8]) {
 }
 
 fn joiner_against_construction(u: &mut Unstructured<'_>) -> Result<()> {
-    use wasmbed_proxy::tls_joiner::{Joiner, Keep, Messages};
-
-    type Refusal = (u8, Option<usize>);
-    struct Side {
-        bound: usize,
-        got: Vec<(u8, Option<Vec<u8>>, bool)>,
-    }
-    impl Messages for Side {
-        type Error = Refusal;
-        fn header(&mut self, typ: u8, len: Option<usize>) -> std::result::Result<Keep, Refusal> {
-            match len {
-                // By its type alone, whether or not its length is there yet.
-                _ if typ == 0xff => Err((typ, None)),
-                Some(len) if len > self.bound => Err((typ, Some(len))),
-                _ if typ.is_multiple_of(2) => Ok(Keep::Read),
-                _ => Ok(Keep::Skip),
-            }
-        }
-        fn message(
-            &mut self,
-            typ: u8,
-            payload: Option<&[u8]>,
-            last: bool,
-        ) -> std::result::Result<(), Refusal> {
-            if typ == 0xfe && !last {
-                return Err((typ, Some(usize::MAX)));
-            }
-            self.got.push((typ, payload.map(<[u8]>::to_vec), last));
-            Ok(())
-        }
-    }
+    use wasmbed_proxy::tls_joiner::Joiner;
+    use wasmbed_proxy::tls_joiner::model::{Noted, Refusal};
 
     // The messages: type, declared length, payload (empty under the huge length).
     let bound = usize::from(u.int_in_range(0..=64u8)?);
@@ -527,9 +499,9 @@ fn joiner_against_construction(u: &mut Unstructured<'_>) -> Result<()> {
         expected.push((*typ, read.then(|| payload.clone()), last));
     }
 
-    let mut side = Side {
+    let mut side = Noted {
         bound,
-        got: Vec::new(),
+        messages: Vec::new(),
     };
     let mut joiner = Joiner::default();
     let mut from = 0;
@@ -541,7 +513,7 @@ fn joiner_against_construction(u: &mut Unstructured<'_>) -> Result<()> {
         }
         from = to;
     }
-    assert_eq!(side.got, expected, "the messages handed over");
+    assert_eq!(side.messages, expected, "the messages handed over");
     match outcome {
         Err(e) => {
             assert_eq!(refused, Some(e), "refused where it should be");

@@ -208,38 +208,50 @@ fn begin(typ: u8, len: u32, keep: Keep) -> Partial {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::{Joiner, Keep, Messages};
+/// A side that notes what it is handed, for the tests and the fuzz target.
+#[cfg(any(test, feature = "model"))]
+pub mod model {
+    use super::{Keep, Messages};
 
-    /// Takes every message of at most `bound` bytes, reading the even types and skipping the
-    /// odd ones, and notes what it was given.
-    #[derive(Default)]
-    struct Noted {
-        bound: usize,
+    /// A refusal: the message's type, and its length when it was judged with it (`usize::MAX`
+    /// for a message refused when handed over).
+    pub type Refusal = (u8, Option<usize>);
+
+    /// Refuses type 0xff at its first byte, a length over `bound` at the header, and type 0xfe
+    /// handed over when it does not end its record; reads the even types, skips the odd ones;
+    /// notes every message handed over.
+    #[derive(Debug, Default)]
+    pub struct Noted {
+        pub bound: usize,
         /// Each message: type, payload (`None`: skipped), whether it ended its record.
-        messages: Vec<(u8, Option<Vec<u8>>, bool)>,
+        pub messages: Vec<(u8, Option<Vec<u8>>, bool)>,
     }
 
     impl Messages for Noted {
-        type Error = (u8, usize);
-        fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, (u8, usize)> {
+        type Error = Refusal;
+        fn header(&mut self, typ: u8, len: Option<usize>) -> Result<Keep, Refusal> {
             match len {
-                Some(len) if len > self.bound => Err((typ, len)),
+                // By its type alone, whether or not its length is there yet.
+                _ if typ == 0xff => Err((typ, None)),
+                Some(len) if len > self.bound => Err((typ, Some(len))),
                 _ if typ.is_multiple_of(2) => Ok(Keep::Read),
                 _ => Ok(Keep::Skip),
             }
         }
-        fn message(
-            &mut self,
-            typ: u8,
-            payload: Option<&[u8]>,
-            last: bool,
-        ) -> Result<(), (u8, usize)> {
+        fn message(&mut self, typ: u8, payload: Option<&[u8]>, last: bool) -> Result<(), Refusal> {
+            if typ == 0xfe && !last {
+                return Err((typ, Some(usize::MAX)));
+            }
             self.messages.push((typ, payload.map(<[u8]>::to_vec), last));
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model::Noted;
+    use super::{Joiner, Keep, Messages};
 
     fn message(typ: u8, payload: &[u8]) -> Vec<u8> {
         let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
