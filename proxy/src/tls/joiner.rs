@@ -258,9 +258,13 @@ mod tests {
         [&[typ][..], &len[1..], payload].concat()
     }
 
+    /// A message as it should be handed over: type, payload (`None`: skipped), and the offset
+    /// in the stream where it ends.
+    type Expected = (u8, Option<Vec<u8>>, usize);
+
     /// Messages of every shape (empty, a byte, read and skipped, longer than a header): their
-    /// bytes, and each as it should be handed over with the offset where it ends.
-    fn stream() -> (Vec<u8>, Vec<(u8, Option<Vec<u8>>, usize)>) {
+    /// bytes, and each as it should be handed over.
+    fn stream() -> (Vec<u8>, Vec<Expected>) {
         let parts: [(u8, &[u8]); 5] = [
             (4, b"a ticket's bytes"),
             (24, &[1]),

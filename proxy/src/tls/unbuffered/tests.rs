@@ -1668,8 +1668,9 @@ async fn a_split_message_keeps_what_it_needs_and_nothing_after() {
     // Who sends, in which version, the message, where it is split, what is held of it after
     // its first part, and whether the rest and data then follow (a device's valid KeyUpdate
     // would change keys the raw peer cannot follow).
+    type Case<'a> = (Role, Version, Option<&'a [u8]>, usize, (usize, usize), bool);
     let hello_request = [0, 0, 0, 0];
-    let cases: [(Role, Version, Option<&[u8]>, usize, (usize, usize), bool); 5] = [
+    let cases: [Case<'_>; 5] = [
         (
             Role::Gateway,
             Version::Tls13,
