@@ -8,8 +8,8 @@
 //! a part of a message refused is never held. A message taken is handled in place when it is
 //! whole in its record; one split over records is gathered into room reserved for its length
 //! once its header is there (each byte copied once), or, when the caller reads nothing of it,
-//! only counted off. What is kept is thus a header's 4 bytes, or the payload of a message the
-//! caller takes and reads, bounded by what the caller accepts as its length.
+//! only counted off. What is kept is thus a header's first bytes (3 at most), or the payload
+//! of a message the caller takes and reads, bounded by what the caller accepts as its length.
 //!
 //! Public for the fuzz targets (`wasmbed_fuzz::handshake_joiner`); pure: no I/O, no clock.
 

@@ -704,10 +704,7 @@ impl<C: RustlsSide> TlsStream<C> {
         }
         let _ = self.process(None, ToSend::Alert);
         self.failed = Failed::AlertTaken;
-        // Advanced past what went, so that a later flush (a shutdown) does not send it again.
-        if let Ok(n) = self.io.try_write(&self.outgoing[self.out_at..]) {
-            self.out_at += n;
-        }
+        send_now(&self.io, &self.outgoing, &mut self.out_at);
     }
 
     /// Writes `outgoing` to the socket; frees it once all is written.
@@ -789,10 +786,17 @@ fn end_at_key_limit<S: records::Side>(
     if !records.closed() && records.seal_close_notify(outgoing).is_err() {
         return io::Error::other(KeyLimitReached::NotSealed);
     }
+    send_now(io, outgoing, out_at);
+    io::Error::other(KeyLimitReached::Closed)
+}
+
+/// Writes what the socket takes now of `outgoing` past `out_at` (best effort, as an alert
+/// goes), and moves `out_at` past it, so that a later flush (a shutdown) does not send it
+/// again.
+fn send_now(io: &TcpStream, outgoing: &[u8], out_at: &mut usize) {
     if let Ok(n) = io.try_write(&outgoing[*out_at..]) {
         *out_at += n;
     }
-    io::Error::other(KeyLimitReached::Closed)
 }
 
 /// A TLS 1.2 connection's write refused at its cipher suite's limit of records under one
