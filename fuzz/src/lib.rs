@@ -11,6 +11,9 @@
 //! can replay. AddressSanitizer would add little: every target is safe Rust (the one
 //! `unsafe` module, descriptor passing, parses no peer bytes).
 
+mod tls_records;
+pub use tls_records::tls_records;
+
 use std::time::{Duration, SystemTime};
 
 use arbitrary::{Result, Unstructured};
@@ -31,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("device_peer", device_peer),
     ("quic_intake", quic_intake),
     ("handshake_joiner", handshake_joiner),
+    ("tls_records", tls_records),
 ];
 
 /// The proxy's ClientHello reader: any bytes give a hello, "more", "not TLS" or a refusal;

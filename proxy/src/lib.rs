@@ -66,6 +66,9 @@ mod terminate;
 mod tls;
 /// Handshake messages joined across TLS records (public for the fuzz targets).
 pub use tls::joiner as tls_joiner;
+/// The TLS record layer without a socket (for the fuzz targets).
+#[cfg(feature = "model")]
+pub use tls::records_model as tls_records;
 mod upstream;
 mod workers;
 

@@ -8,6 +8,8 @@
 
 pub mod joiner;
 mod records;
+#[cfg(feature = "model")]
+pub use records::model as records_model;
 mod unbuffered;
 pub(crate) use unbuffered::TlsStream;
 

@@ -20,6 +20,8 @@
 //! What it does is what rustls does after a handshake (RFC 8446 §5; RFC 5246 §6.2.3.3 with
 //! RFC 5288's AES-GCM and RFC 7905's ChaCha20-Poly1305 for TLS 1.2), with rustls' own helpers
 //! for the nonce and the additional data, and rustls' own bounds:
+//! - a record's header judged as its bytes come, as rustls' deframer judges it: its type at
+//!   the first byte, its version (any 0x03XX) at the third, its length at the fifth;
 //! - records: TLS 1.3's application data only on the wire, at most 2^14 + 256 bytes of
 //!   ciphertext and 2^14 of plaintext, padding stripped, a record of zeros only refused; TLS
 //!   1.2's typed in the header (data and alerts taken; a handshake message, a request to
@@ -67,6 +69,10 @@ use rustls::{
 };
 
 use super::joiner::{Joiner, Keep, Messages};
+
+/// The record layer without a socket, for the fuzz targets.
+#[cfg(feature = "model")]
+pub mod model;
 
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -160,7 +166,7 @@ impl Side for ClientConnectionData {
 
 /// What one record held for the reader.
 #[derive(Debug)]
-pub(crate) enum Opened {
+enum Opened {
     /// Application data: the plaintext's range within the record.
     Data(Range<usize>),
     /// Nothing for the reader (an empty record, a key update, a `user_canceled`).
@@ -423,14 +429,15 @@ impl<S: Side> Records<S> {
     }
 
     /// The length of the whole record at the front of `data`, once it is all there. Its
-    /// header is judged as soon as it is there, as rustls' deframer does: bytes that are not
-    /// a record of this connection's version are refused at once, not waited on for a length
-    /// they never meant.
-    pub(crate) fn frame(&self, data: &[u8]) -> Result<Option<usize>, Fatal> {
-        let Some(header) = data.get(..HEADER) else {
+    /// header is judged as its bytes come, as rustls' deframer judges it: its type at the
+    /// first byte, its version at the third, its length at the fifth; bytes that are not a
+    /// record of this connection are refused at once, not waited on for a length they never
+    /// meant.
+    fn frame(&self, data: &[u8]) -> Result<Option<usize>, Fatal> {
+        let Some(&typ) = data.first() else {
             return Ok(None);
         };
-        let typ = ContentType::from(header[0]);
+        let typ = ContentType::from(typ);
         let (known, max) = match self.format {
             // After the handshake every TLS 1.3 record is opaque application data.
             Format::Tls13 => (typ == ContentType::ApplicationData, MAX_CIPHERTEXT),
@@ -454,16 +461,60 @@ impl<S: Side> Records<S> {
                 },
             ));
         }
-        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        // Any TLS version's 0x03XX, as rustls' deframer takes (TLS 1.3 ignores the field
+        // otherwise, RFC 8446 §5.1).
+        match data.get(1..3) {
+            Some(&[3, _]) => {}
+            Some(_) => {
+                return Err(fatal(
+                    AlertDescription::DecodeError,
+                    rustls::InvalidMessage::UnknownProtocolVersion,
+                ));
+            }
+            None => return Ok(None),
+        }
+        let Some(&[high, low]) = data.get(3..HEADER) else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([high, low]));
         if len > max {
             return Err(fatal(AlertDescription::RecordOverflow, Error::DecryptError));
         }
         Ok((data.len() >= HEADER + len).then_some(HEADER + len))
     }
 
+    /// Opens the whole records in `data` from `*taken` on, in order, decrypted in place, each
+    /// record's data handed to `deliver`; `*taken` moves past each record opened, and stops
+    /// before a record that arrived in part or is refused. Returns whether the peer's
+    /// `close_notify` was among them: what follows it is not read (taken to the end).
+    pub(crate) fn open_all(
+        &mut self,
+        data: &mut [u8],
+        taken: &mut usize,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> Result<bool, Fatal> {
+        loop {
+            let rest = &mut data[*taken..];
+            let Some(len) = self.frame(rest)? else {
+                return Ok(false);
+            };
+            let record = &mut rest[..len];
+            let opened = self.open(record)?;
+            *taken += len;
+            match opened {
+                Opened::Data(range) => deliver(&record[range]),
+                Opened::Nothing => {}
+                Opened::Closed => {
+                    *taken = data.len();
+                    return Ok(true);
+                }
+            }
+        }
+    }
+
     /// Opens one whole record (as [`Records::frame`] found it), decrypted in place. A key
     /// update the peer asks for is owed from then on ([`Records::answer`]).
-    pub(crate) fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
+    fn open(&mut self, record: &mut [u8]) -> Result<Opened, Fatal> {
         // Framed by the caller (its header judged once, there).
         debug_assert_eq!(
             self.frame(record).ok().flatten(),

@@ -49,7 +49,7 @@ use rustls::{ClientConfig, ExtractedSecrets, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::records::{self, Opened, Records};
+use super::records::{self, Records};
 
 /// The largest TLS record on the wire: a 5-byte header and up to 2^14 + 256 bytes.
 const MAX_RECORD: usize = 5 + (1 << 14) + 256;
@@ -576,24 +576,13 @@ impl<C: RustlsSide> TlsStream<C> {
                 }
                 failed(&mut self.failed, f.error)
             };
-        while !self.peer_closed {
-            let rest = &mut data[*taken..];
-            let len = match records.frame(rest) {
-                Ok(Some(len)) => len,
-                Ok(None) => break,
-                Err(f) => return Err(fail(records, &mut self.outgoing, f)),
-            };
-            let record = &mut rest[..len];
-            let opened = records.open(record);
-            *taken += len;
+        if !self.peer_closed {
+            let (plaintext, plain_at) = (&mut self.plaintext, &mut self.plain_at);
+            let opened = records.open_all(data, taken, |plain| {
+                deliver((plaintext, plain_at), reader.as_deref_mut(), plain);
+            });
             match opened {
-                Ok(Opened::Data(range)) => deliver(
-                    (&mut self.plaintext, &mut self.plain_at),
-                    reader.as_deref_mut(),
-                    &record[range],
-                ),
-                Ok(Opened::Nothing) => {}
-                Ok(Opened::Closed) => self.peer_closed = true,
+                Ok(closed) => self.peer_closed = closed,
                 Err(f) => return Err(fail(records, &mut self.outgoing, f)),
             }
         }
