@@ -71,62 +71,47 @@ impl Configs {
 /// its peer, after a handshake of `suite`; the proxy the client if `gateway`.
 pub(super) fn pair(suite: SupportedCipherSuite, gateway: bool, records: bool) -> (Engine, Peer) {
     let configs = configs();
-    let client = configs.client(suite);
-    let name = || rustls::pki_types::ServerName::try_from("device.test").expect("a name");
     let tls12 = matches!(suite, SupportedCipherSuite::Tls12(_));
-    let mut server = Unbuffered::Server(
-        UnbufferedServerConnection::new(configs.server.clone()).expect("a server"),
-    );
-    let unbuffered_client = || {
-        Unbuffered::Client(
-            UnbufferedClientConnection::new(client.clone(), name()).expect("a client"),
+    let (client_config, server_config) = (configs.client(suite), configs.server.clone());
+    let name = rustls::pki_types::ServerName::try_from("device.test").expect("a name");
+    // rustls' buffered connection for the proxy's end that stays rustls'; every other end
+    // unbuffered, to hand its secrets over.
+    let mut client = if gateway && !records {
+        Unbuffered::Buffered(
+            rustls::ClientConnection::new(client_config, name)
+                .expect("a client")
+                .into(),
         )
+    } else {
+        Unbuffered::Client(UnbufferedClientConnection::new(client_config, name).expect("a client"))
     };
-    match (gateway, records) {
-        (false, true) => {
-            let mut peer = unbuffered_client();
-            handshake(&mut peer, &mut server);
-            let Unbuffered::Server(ours) = server else {
-                unreachable!()
-            };
-            let model = Model::server(ours.dangerous_into_kernel_connection().expect("secrets"));
-            (
-                Engine::Records(model.expect("a suite sealed")),
-                peer.into_peer(tls12),
-            )
-        }
-        (true, true) => {
-            let mut ours = unbuffered_client();
-            handshake(&mut ours, &mut server);
-            let Unbuffered::Client(ours) = ours else {
-                unreachable!()
-            };
-            let model = Model::client(ours.dangerous_into_kernel_connection().expect("secrets"));
-            (
-                Engine::Records(model.expect("a suite sealed")),
-                server.into_peer(tls12),
-            )
-        }
-        (false, false) => {
-            let mut peer = unbuffered_client();
-            let conn = rustls::ServerConnection::new(configs.server.clone()).expect("a server");
-            let mut ours = Unbuffered::Buffered(conn.into());
-            handshake(&mut peer, &mut ours);
-            let Unbuffered::Buffered(ours) = ours else {
-                unreachable!()
-            };
-            (Engine::Rustls(Box::new(ours)), peer.into_peer(tls12))
-        }
-        (true, false) => {
-            let conn = rustls::ClientConnection::new(client, name()).expect("a client");
-            let mut ours = Unbuffered::Buffered(conn.into());
-            handshake(&mut ours, &mut server);
-            let Unbuffered::Buffered(ours) = ours else {
-                unreachable!()
-            };
-            (Engine::Rustls(Box::new(ours)), server.into_peer(tls12))
-        }
-    }
+    let mut server = if !gateway && !records {
+        Unbuffered::Buffered(
+            rustls::ServerConnection::new(server_config)
+                .expect("a server")
+                .into(),
+        )
+    } else {
+        Unbuffered::Server(UnbufferedServerConnection::new(server_config).expect("a server"))
+    };
+    handshake(&mut client, &mut server);
+    let (ours, peer) = if gateway {
+        (client, server)
+    } else {
+        (server, client)
+    };
+    let engine = match ours {
+        Unbuffered::Buffered(conn) => Engine::Rustls(Box::new(conn)),
+        Unbuffered::Client(conn) => Engine::Records(
+            Model::client(conn.dangerous_into_kernel_connection().expect("secrets"))
+                .expect("a suite sealed"),
+        ),
+        Unbuffered::Server(conn) => Engine::Records(
+            Model::server(conn.dangerous_into_kernel_connection().expect("secrets"))
+                .expect("a suite sealed"),
+        ),
+    };
+    (engine, peer.into_peer(tls12))
 }
 
 /// One end of a handshake in memory.

@@ -21,7 +21,8 @@
 //! RFC 5288's AES-GCM and RFC 7905's ChaCha20-Poly1305 for TLS 1.2), with rustls' own helpers
 //! for the nonce and the additional data, and rustls' own bounds:
 //! - a record's header judged as its bytes come, as rustls' deframer judges it: its type at
-//!   the first byte, its version (any 0x03XX) at the third, its length at the fifth;
+//!   the first byte, its version (any 0x03XX, or one rustls names) at the third, its length
+//!   at the fifth (TLS 1.3's own bound of 2^14 + 256 bytes is lower than rustls' deframer's);
 //! - records: TLS 1.3's application data only on the wire, at most 2^14 + 256 bytes of
 //!   ciphertext and 2^14 of plaintext, padding stripped, a record of zeros only refused; TLS
 //!   1.2's typed in the header (data and alerts taken; a handshake message, a request to
@@ -461,23 +462,27 @@ impl<S: Side> Records<S> {
                 },
             ));
         }
-        // Any TLS version's 0x03XX, as rustls' deframer takes (TLS 1.3 ignores the field
-        // otherwise, RFC 8446 §5.1).
-        match data.get(1..3) {
-            Some(&[3, _]) => {}
-            Some(_) => {
-                return Err(fatal(
-                    AlertDescription::DecodeError,
-                    rustls::InvalidMessage::UnknownProtocolVersion,
-                ));
-            }
-            None => return Ok(None),
+        // A version rustls' deframer takes: any 0x03XX, or one it names (SSL 2, DTLS); TLS 1.3
+        // ignores the field otherwise (RFC 8446 §5.1), TLS 1.2's tag covers it.
+        let Some(&[major, minor]) = data.get(1..3) else {
+            return Ok(None);
+        };
+        if let ProtocolVersion::Unknown(v) =
+            ProtocolVersion::from(u16::from_be_bytes([major, minor]))
+            && v & 0xff00 != 0x0300
+        {
+            return Err(fatal(
+                AlertDescription::DecodeError,
+                rustls::InvalidMessage::UnknownProtocolVersion,
+            ));
         }
         let Some(&[high, low]) = data.get(3..HEADER) else {
             return Ok(None);
         };
         let len = usize::from(u16::from_be_bytes([high, low]));
-        if len > max {
+        // TLS 1.2's bound as rustls' deframer has it, 2^14 + 2048 itself refused (no record of
+        // at most 2^14 bytes of plaintext is that long).
+        if len > max || (max == MAX_CIPHERTEXT_12 && len == max) {
             return Err(fatal(AlertDescription::RecordOverflow, Error::DecryptError));
         }
         Ok((data.len() >= HEADER + len).then_some(HEADER + len))

@@ -1049,7 +1049,7 @@ const HEADER_ROWS: [Row; 3] = [
 /// key updates).
 #[tokio::test]
 async fn records_no_library_sends_are_refused_on_both_engines() {
-    let rows: [Row; 38] = [
+    let rows: [Row; 39] = [
         (
             "data, padded",
             |d| d.seal(23, b"ping", 100),
@@ -1382,6 +1382,16 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
                 [Takes::Refused(Some(50)), Takes::Refused(Some(50))],
             ],
         ),
+        (
+            // Ignored (RFC 8446 §5.1): a version rustls names, not 0x03XX, is not refused.
+            "data under a version rustls names (0xfefd, DTLS 1.2)",
+            |d| {
+                let mut r = d.seal(23, b"ping", 0);
+                r[1..3].copy_from_slice(&[0xfe, 0xfd]);
+                r
+            },
+            common(None, None),
+        ),
     ];
     let rows = rows.iter().chain(&HEADER_ROWS);
     for (row, (role, version, shed)) in rows.flat_map(|r| TLS13_CASES.map(|c| (r, c))) {
@@ -1409,7 +1419,7 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
 #[tokio::test]
 async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
     use rustls::crypto::aws_lc_rs::cipher_suite as suites;
-    let rows: [Row; 24] = [
+    let rows: [Row; 26] = [
         ("data", |d| d.seal(23, b"ping", 0), common(None, None)),
         (
             // TLS 1.2's warnings are ignored.
@@ -1602,6 +1612,23 @@ async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
             "an alert at an unknown level",
             |d| d.seal(21, &[3, 0], 0),
             common(Some(47), Some(47)),
+        ),
+        (
+            // The tag covers TLS 1.2's version: a version rustls names opens nothing.
+            "data under a version rustls names (0xfefd, DTLS 1.2)",
+            |d| {
+                let mut r = d.seal(23, b"ping", 0);
+                r[1..3].copy_from_slice(&[0xfe, 0xfd]);
+                r
+            },
+            common(Some(20), Some(20)),
+        ),
+        (
+            // rustls' deframer refuses from 2^14 + 2048 on (RFC 5246 §6.2.3 allows it, but
+            // no record of at most 2^14 bytes of plaintext is that long).
+            "a header of 2^14 + 2048 bytes, alone",
+            |_| vec![23, 3, 3, 0x48, 0x00],
+            common(Some(22), Some(50)),
         ),
     ];
     for suite in [
