@@ -13,7 +13,7 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 
 use super::handshake::configs;
-use super::{KEY_UPDATE, NEW_SESSION_TICKET, Op, SUITES, handshake_records};
+use super::{KEY_UPDATE, NEW_SESSION_TICKET, Op, SUITES, handshake_records, header_len};
 
 /// The peer's end: its keys, sealed and opened here.
 pub(super) struct Peer {
@@ -70,7 +70,7 @@ impl Peer {
             Op::Empty(n) => (0..*n % 40).flat_map(|_| self.seal(23, b"", 0)).collect(),
             Op::Record(typ, content, pad) => self.seal(*typ, content, usize::from(*pad)),
             Op::Large(typ, delta) => {
-                let len = ((1i32 << 14) + i32::from(*delta) % 400).max(0) as usize;
+                let len = ((1i32 << 14) + i32::from(*delta) % 2500).max(0) as usize;
                 self.seal(*typ, &vec![0x5a; len], 0)
             }
             Op::Handshake(bytes, cuts) => handshake_records(bytes, cuts)
@@ -102,7 +102,12 @@ impl Peer {
             }
             Op::Alert(level, description) => self.seal(21, &[*level, *description], 0),
             Op::Raw(bytes) => bytes.clone(),
-            Op::Flip(..) | Op::Cut(_) => Vec::new(),
+            Op::Header(typ, version, near, len) => {
+                let [v0, v1] = version.to_be_bytes();
+                let [l0, l1] = header_len(*near, *len).to_be_bytes();
+                vec![*typ, v0, v1, l0, l1]
+            }
+            Op::Flip(..) | Op::Cut(_) | Op::Version(_) | Op::Length(..) => Vec::new(),
         }
     }
 

@@ -27,8 +27,8 @@
 //!   ciphertext and 2^14 of plaintext, padding stripped, a record of zeros only refused; TLS
 //!   1.2's typed in the header (data and alerts taken; a handshake message, a request to
 //!   renegotiate, declined once with a `no_renegotiation` warning as rustls declines it, ended
-//!   the connection after; change_cipher_spec refused), at most 2^14 + 2048 bytes of
-//!   ciphertext and 2^14 of plaintext;
+//!   the connection after; change_cipher_spec refused), under 2^14 + 2048 bytes of
+//!   ciphertext (rustls' bound) and at most 2^14 of plaintext;
 //! - alerts: `close_notify` ends the peer's side; TLS 1.3's `user_canceled` and TLS 1.2's
 //!   warnings are ignored, at most 4, as rustls; any other alert (or a malformed one) ends
 //!   the connection;
@@ -81,8 +81,10 @@ const HEADER: usize = 5;
 const MAX_FRAGMENT: usize = 1 << 14;
 /// The most ciphertext a TLS 1.3 record may carry (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
-/// The most ciphertext a TLS 1.2 record may carry (RFC 5246 §6.2.3).
-const MAX_CIPHERTEXT_12: usize = MAX_FRAGMENT + 2048;
+/// The longest TLS 1.2 record taken: RFC 5246 §6.2.3 allows 2^14 + 2048 bytes of ciphertext,
+/// but no record of at most 2^14 bytes of plaintext is that long, and rustls' deframer
+/// refuses that length itself.
+const MAX_CIPHERTEXT_12: usize = MAX_FRAGMENT + 2048 - 1;
 /// The AEAD tag, 16 bytes for every suite sealed here.
 const TAG: usize = 16;
 /// The explicit part of a TLS 1.2 AES-GCM record's nonce, sent before its ciphertext
@@ -480,9 +482,7 @@ impl<S: Side> Records<S> {
             return Ok(None);
         };
         let len = usize::from(u16::from_be_bytes([high, low]));
-        // TLS 1.2's bound as rustls' deframer has it, 2^14 + 2048 itself refused (no record of
-        // at most 2^14 bytes of plaintext is that long).
-        if len > max || (max == MAX_CIPHERTEXT_12 && len == max) {
+        if len > max {
             return Err(fatal(AlertDescription::RecordOverflow, Error::DecryptError));
         }
         Ok((data.len() >= HEADER + len).then_some(HEADER + len))
