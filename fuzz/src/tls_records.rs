@@ -17,7 +17,7 @@
 //! [`compare()`]:
 //! - it refuses sooner: it judges a record's header as its bytes come and its length against
 //!   TLS 1.3's own bound, a handshake message by its first byte, where rustls waits for the
-//!   whole record (up to 2^14 + 2048 bytes) or message; then rustls must refuse later, having
+//!   whole record (under 2^14 + 2048 bytes) or message; then rustls must refuse later, having
 //!   handed over nothing more, or still wait for the rest of a record the wire ends in;
 //! - it refuses what rustls takes: a 33rd key update or ticket without a record of data
 //!   between (rustls resets its bound at an empty one, and has none on tickets), a handshake
@@ -40,7 +40,7 @@ use arbitrary::{Result, Unstructured};
 use rustls::SupportedCipherSuite;
 use rustls::crypto::aws_lc_rs::cipher_suite as suites;
 
-use compare::{Verdict, compare};
+use compare::{Sides, Verdict, compare};
 use ends::{End, Engine};
 use handshake::pair;
 use peer::Peer;
@@ -93,55 +93,59 @@ enum Op {
     Raw(Vec<u8>),
     /// A record's header alone: type, version, and a length chosen by [`header_len`].
     Header(u8, u16, u8, u16),
-    /// The last op's records with this version in their headers.
-    Version(u16),
-    /// The last op's first record with a length chosen by [`header_len`] in its header.
-    Length(u8, u16),
-    /// The last op's bytes with one of them changed.
+}
+
+/// A change to the last op's bytes, after sealing.
+#[derive(Debug)]
+enum Change {
+    /// One of them changed.
     Flip(u16, u8),
-    /// The last op's bytes cut short.
+    /// Cut short.
     Cut(u16),
+    /// Each record given this version in its header.
+    Version(u16),
+    /// The first record given a length chosen by [`header_len`] in its header.
+    Length(u8, u16),
 }
 
-impl Op {
-    /// Whether this op changes the last op's bytes rather than sending its own.
-    fn changes_last(&self) -> bool {
-        matches!(
-            self,
-            Op::Flip(..) | Op::Cut(_) | Op::Version(_) | Op::Length(..)
-        )
-    }
+/// One step of the input: an op sent, or a change to the last one's bytes.
+#[derive(Debug)]
+enum Step {
+    Send(Op),
+    Change(Change),
 }
 
-/// One op from the fuzzer's bytes.
-fn op(u: &mut Unstructured<'_>) -> Result<Op> {
-    // Ops added since the corpus was grown share the number of raw bytes (none is a record as
-    // sealed), so that a kept input reads as it did up to its first op of that number.
+/// One step from the fuzzer's bytes.
+fn step(u: &mut Unstructured<'_>) -> Result<Step> {
+    use Step::{Change as C, Send as S};
+    // Steps added since the corpus was grown share the number of raw bytes, so that a kept
+    // input is read as before up to its first step of that number (`Large`'s wider range
+    // aside: a kept input may seal a larger record than it did).
     Ok(match u.int_in_range(0..=13u8)? {
-        0 => Op::Data(u.arbitrary()?, u.arbitrary()?),
-        1 => Op::Empty(u.arbitrary()?),
-        2 => Op::Record(u.arbitrary()?, u.arbitrary()?, u.arbitrary()?),
-        3 => Op::Large(u.arbitrary()?, u.arbitrary()?),
-        4 => Op::Handshake(u.arbitrary()?, u.arbitrary()?),
-        5 => Op::KeyUpdate(u.arbitrary()?),
-        6 => Op::Ticket(u.arbitrary()?),
-        7 => Op::Renegotiate,
-        8 => Op::Alert(u.arbitrary()?, u.arbitrary()?),
+        0 => S(Op::Data(u.arbitrary()?, u.arbitrary()?)),
+        1 => S(Op::Empty(u.arbitrary()?)),
+        2 => S(Op::Record(u.arbitrary()?, u.arbitrary()?, u.arbitrary()?)),
+        3 => S(Op::Large(u.arbitrary()?, u.arbitrary()?)),
+        4 => S(Op::Handshake(u.arbitrary()?, u.arbitrary()?)),
+        5 => S(Op::KeyUpdate(u.arbitrary()?)),
+        6 => S(Op::Ticket(u.arbitrary()?)),
+        7 => S(Op::Renegotiate),
+        8 => S(Op::Alert(u.arbitrary()?, u.arbitrary()?)),
         9 => match u.int_in_range(0..=3u8)? {
-            0 => Op::Raw(u.arbitrary()?),
-            1 => Op::Header(
+            0 => S(Op::Raw(u.arbitrary()?)),
+            1 => S(Op::Header(
                 u.arbitrary()?,
                 u.arbitrary()?,
                 u.arbitrary()?,
                 u.arbitrary()?,
-            ),
-            2 => Op::Version(u.arbitrary()?),
-            _ => Op::Length(u.arbitrary()?, u.arbitrary()?),
+            )),
+            2 => C(Change::Version(u.arbitrary()?)),
+            _ => C(Change::Length(u.arbitrary()?, u.arbitrary()?)),
         },
-        10 => Op::Flip(u.arbitrary()?, u.arbitrary()?),
-        11 => Op::Cut(u.arbitrary()?),
-        12 => Op::KeyUpdates(u.arbitrary()?),
-        _ => Op::Tickets(u.arbitrary()?),
+        10 => C(Change::Flip(u.arbitrary()?, u.arbitrary()?)),
+        11 => C(Change::Cut(u.arbitrary()?)),
+        12 => S(Op::KeyUpdates(u.arbitrary()?)),
+        _ => S(Op::Tickets(u.arbitrary()?)),
     })
 }
 
@@ -153,9 +157,9 @@ pub fn tls_records(data: &[u8]) {
 fn against_rustls(u: &mut Unstructured<'_>) -> Result<()> {
     let suite = SUITES[u.choose_index(SUITES.len())?];
     let gateway: bool = u.arbitrary()?;
-    let mut ops = Vec::new();
+    let mut steps = Vec::new();
     for _ in 0..u.int_in_range(0..=24u8)? {
-        ops.push(op(u)?);
+        steps.push(step(u)?);
     }
     let pieces: Vec<u16> = u.arbitrary()?;
 
@@ -163,8 +167,11 @@ fn against_rustls(u: &mut Unstructured<'_>) -> Result<()> {
     let (ours, ours_peer) = pair(suite, gateway, true);
     let (theirs, their_peer) = pair(suite, gateway, false);
     let (mut engines, mut peers) = ([ours, theirs], [ours_peer, their_peer]);
-    let sides = (gateway, peers[0].tls12);
-    let (mut wires, sent) = seal_all(&ops, &mut peers, gateway);
+    let sides = Sides {
+        gateway,
+        tls12: peers[0].tls12,
+    };
+    let (mut wires, sent) = seal_all(&steps, &mut peers, gateway);
     let mut ends = [End::default(), End::default()];
     match feed(&mut engines, &mut ends, &wires, pieces, (&sent, sides)) {
         Fed::Over => {}
@@ -187,28 +194,25 @@ fn against_rustls(u: &mut Unstructured<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Each side's wire: `ops` sealed by its peer, or changing the last op's bytes; and what was
-/// sent, op by op.
-fn seal_all(ops: &[Op], peers: &mut [Peer; 2], gateway: bool) -> ([Vec<u8>; 2], Sent) {
+/// Each side's wire: the ops sealed by its peer, and the changes to them; and what was sent,
+/// op by op.
+fn seal_all(steps: &[Step], peers: &mut [Peer; 2], gateway: bool) -> ([Vec<u8>; 2], Sent) {
     let mut sent = Sent::default();
     let mut wires = [Vec::new(), Vec::new()];
-    for op in ops {
-        if !op.changes_last() {
-            sent.note(op, peers[0].tls12, gateway);
-            sent.timeline.push((wires[0].len(), sent.now));
-            sent.last = [wires[0].len(), wires[1].len()];
-        }
-        for ((wire, peer), at) in wires.iter_mut().zip(peers.iter_mut()).zip(sent.last) {
-            match op {
-                Op::Flip(to, xor) => flip(&mut wire[at..], *to, *xor),
-                Op::Cut(len) => wire.truncate((at + usize::from(*len)).min(wire.len())),
-                Op::Version(version) => set_version(&mut wire[at..], *version),
-                Op::Length(near, len) => {
-                    if let Some(field) = wire.get_mut(at + 3..at + 5) {
-                        field.copy_from_slice(&header_len(*near, *len).to_be_bytes());
-                    }
+    for step in steps {
+        match step {
+            Step::Send(op) => {
+                sent.note(op, peers[0].tls12, gateway);
+                sent.timeline.push((wires[0].len(), sent.now));
+                sent.last = [wires[0].len(), wires[1].len()];
+                for (wire, peer) in wires.iter_mut().zip(peers.iter_mut()) {
+                    wire.extend(peer.send(op, gateway));
                 }
-                op => wire.extend(peer.send(op, gateway)),
+            }
+            Step::Change(change) => {
+                for (wire, at) in wires.iter_mut().zip(sent.last) {
+                    apply(change, wire, at);
+                }
             }
         }
     }
@@ -233,7 +237,7 @@ fn feed(
     ends: &mut [End; 2],
     wires: &[Vec<u8>; 2],
     pieces: Vec<u16>,
-    (sent, sides): (&Sent, (bool, bool)),
+    (sent, sides): (&Sent, Sides),
 ) -> Fed {
     let (mut at, mut pieces) = (0, pieces.into_iter());
     let len = wires[0].len();
@@ -266,7 +270,7 @@ fn feed(
 
 /// The record layer refused from `start` on the wire, rustls not. The layer judges a record's
 /// header as its bytes come (its length against TLS 1.3's bound of 2^14 + 256 bytes) and a
-/// handshake message by its first byte and its header; rustls' deframer takes up to 2^14 +
+/// handshake message by its first byte and its header; rustls' deframer takes under 2^14 +
 /// 2048 bytes and refuses a record once it is whole, and waits for a message to be whole. So
 /// rustls must refuse too (later: a record of data after the wire ends a wait for a message,
 /// as nothing may come between its parts), having handed over nothing more, or be waiting for
@@ -295,18 +299,15 @@ fn rustls_refuses_too(
 /// renegotiate: rustls answers each batch of records it processes, so only whether there
 /// were any is the same).
 fn read_on(engines: &mut [Engine; 2], ends: &mut [End; 2], peers: &mut [Peer; 2]) {
-    let mut backs = engines
-        .iter_mut()
-        .zip(ends.iter_mut())
-        .zip(peers.iter_mut())
-        .map(|((engine, end), peer)| {
-            engine.write(b"pong", &mut end.out);
-            let back = peer.open_all(&end.out);
-            assert_eq!(back.data, b"pong", "a write after the records");
-            assert_eq!(back.fatal, None, "a fatal alert, read on");
-            back
-        });
-    let (Some(ours), Some(theirs)) = (backs.next(), backs.next()) else {
+    let mut backs = Vec::new();
+    for ((engine, end), peer) in engines.iter_mut().zip(ends).zip(peers) {
+        engine.write(b"pong", &mut end.out);
+        let back = peer.open_all(&end.out);
+        assert_eq!(back.data, b"pong", "a write after the records");
+        assert_eq!(back.fatal, None, "a fatal alert, read on");
+        backs.push(back);
+    }
+    let [ours, theirs] = &backs[..] else {
         unreachable!("two ends")
     };
     assert_eq!(ours.key_updates > 0, theirs.key_updates > 0, "keys updated");
@@ -353,6 +354,20 @@ fn header_len(near: u8, len: u16) -> u16 {
     }
 }
 
+/// Applies `change` to the last op's bytes, from `at` on `wire`.
+fn apply(change: &Change, wire: &mut Vec<u8>, at: usize) {
+    match change {
+        Change::Flip(to, xor) => flip(&mut wire[at..], *to, *xor),
+        Change::Cut(len) => wire.truncate((at + usize::from(*len)).min(wire.len())),
+        Change::Version(version) => set_version(&mut wire[at..], *version),
+        Change::Length(near, len) => {
+            if let Some(field) = wire.get_mut(at + 3..at + 5) {
+                field.copy_from_slice(&header_len(*near, *len).to_be_bytes());
+            }
+        }
+    }
+}
+
 /// Sets the version in the header of each record of `wire` whose header is whole.
 fn set_version(mut wire: &mut [u8], version: u16) {
     while let Some(header) = wire.get_mut(..5) {
@@ -362,6 +377,7 @@ fn set_version(mut wire: &mut [u8], version: u16) {
     }
 }
 
+/// Changes one byte of `wire`, the `at`-th (round the end), by `xor`.
 fn flip(wire: &mut [u8], at: u16, xor: u8) {
     if wire.is_empty() {
         return;

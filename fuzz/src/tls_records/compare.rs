@@ -6,6 +6,14 @@ use super::WITHOUT_DATA;
 use super::ends::End;
 use super::sent::Seen;
 
+/// Which side the proxy's end is, and whether the suite is TLS 1.2's.
+#[derive(Clone, Copy)]
+pub(super) struct Sides {
+    /// A gateway's client (else a device's server).
+    pub(super) gateway: bool,
+    pub(super) tls12: bool,
+}
+
 /// How the comparison goes on after a piece.
 pub(super) enum Verdict {
     /// Both read on.
@@ -18,12 +26,9 @@ pub(super) enum Verdict {
 
 /// Compares the two ends after a piece, `seen` what the peer had sent by the record the
 /// layer refused (if it did), and by the piece's end.
-pub(super) fn compare(
-    ends: &[End; 2],
-    (by_refused, seen): (Seen, Seen),
-    sides: (bool, bool),
-) -> Verdict {
+pub(super) fn compare(ends: &[End; 2], (by_refused, seen): (Seen, Seen), sides: Sides) -> Verdict {
     let [ours, theirs] = ends;
+    held_to_bound(ours, sides.tls12);
     let layer = ours
         .refused
         .as_ref()
@@ -63,6 +68,33 @@ pub(super) fn compare(
     verdict
 }
 
+/// The record layer judges a record's length at its header, against TLS 1.3's bound (2^14 +
+/// 256 bytes of ciphertext, RFC 8446 §5.2) or TLS 1.2's (under 2^14 + 2048, rustls'). rustls
+/// refuses a record too long for its plaintext only once it is whole and decrypted, so
+/// against rustls the layer's bound could move either way and only refuse sooner or later;
+/// held here to the bound itself: the record it waits on is within it, and one it refuses at
+/// its header (`MessageTooLarge`) is past it.
+fn held_to_bound(ours: &End, tls12: bool) {
+    let Some(&[_, _, _, high, low]) = ours.incoming.get(..5) else {
+        return;
+    };
+    let len = usize::from(u16::from_be_bytes([high, low]));
+    let max = if tls12 {
+        (1 << 14) + 2048 - 1
+    } else {
+        (1 << 14) + 256
+    };
+    let at_header = matches!(
+        ours.refused,
+        Some(Error::InvalidMessage(
+            rustls::InvalidMessage::MessageTooLarge
+        ))
+    );
+    if ours.refused.is_none() || at_header {
+        assert_eq!(at_header, len > max, "a header of {len} bytes judged");
+    }
+}
+
 /// Whether the record layer refused with `e`, at a record whose first byte is `first`, what
 /// rustls takes, by design (docs/proxy.md): a 33rd key update or ticket without a record of
 /// data between (rustls resets its bound at an empty one, and has none on tickets); a
@@ -70,13 +102,9 @@ pub(super) fn compare(
 /// record of data); a TLS 1.3 record whose outer type is not application data's (RFC 8446 §5
 /// asks for it to be refused; rustls decrypts a record of any type it knows as if it were
 /// application data's, its additional data always built with that type).
-fn layer_differs(
-    e: &Error,
-    first: Option<&u8>,
-    seen: Seen,
-    (gateway, tls12): (bool, bool),
-) -> bool {
+fn layer_differs(e: &Error, first: Option<&u8>, seen: Seen, sides: Sides) -> bool {
     use rustls::{ContentType, HandshakeType, PeerMisbehaved};
+    let Sides { gateway, tls12 } = sides;
     match e {
         Error::PeerMisbehaved(PeerMisbehaved::TooManyKeyUpdateRequests) => {
             seen.key_updates > WITHOUT_DATA

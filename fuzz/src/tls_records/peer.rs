@@ -63,7 +63,7 @@ impl Peer {
         }
     }
 
-    /// The bytes of `op` (not a change to the last op's).
+    /// The bytes of `op`.
     pub(super) fn send(&mut self, op: &Op, gateway: bool) -> Vec<u8> {
         match op {
             Op::Data(d, pad) => self.seal(23, d, usize::from(*pad)),
@@ -107,7 +107,6 @@ impl Peer {
                 let [l0, l1] = header_len(*near, *len).to_be_bytes();
                 vec![*typ, v0, v1, l0, l1]
             }
-            Op::Flip(..) | Op::Cut(_) | Op::Version(_) | Op::Length(..) => Vec::new(),
         }
     }
 

@@ -43,8 +43,8 @@ impl Sent {
     }
 
     /// Notes the records of `op`, as sealed (a change to them after is not followed: a
-    /// changed record is refused by both ends, or taken by both as it was sealed where only
-    /// its header's version changed on TLS 1.3).
+    /// changed record is refused by both ends, or waited on by both when cut short or made
+    /// longer, or taken by both as sealed when only its version changed on TLS 1.3).
     pub(super) fn note(&mut self, op: &Op, tls12: bool, gateway: bool) {
         // A TLS 1.3 record sealed with no type of its own: its type is its content's last byte
         // that is not zero, its content what comes before.

@@ -483,7 +483,11 @@ impl<S: Side> Records<S> {
         };
         let len = usize::from(u16::from_be_bytes([high, low]));
         if len > max {
-            return Err(fatal(AlertDescription::RecordOverflow, Error::DecryptError));
+            // rustls' error for the length its deframer refuses; the alert is RFC 8446's.
+            return Err(fatal(
+                AlertDescription::RecordOverflow,
+                rustls::InvalidMessage::MessageTooLarge,
+            ));
         }
         Ok((data.len() >= HEADER + len).then_some(HEADER + len))
     }
