@@ -342,9 +342,9 @@ fn handshake_records<'a>(bytes: &'a [u8], cuts: &'a [u8]) -> impl Iterator<Item 
 }
 
 /// A header's length: `len` itself, or within 2 of a bound on a record's length (the most
-/// ciphertext TLS 1.3 and TLS 1.2 allow), as `near` says. libFuzzer did not find TLS 1.2's
-/// bound from two raw bytes of length in 842 K executions (docs/fuzzing.md): the compare
-/// tracing it steers by sees `len > max` as eight-byte values, which the input does not hold.
+/// ciphertext TLS 1.3 and TLS 1.2 allow), as `near` says: an exact length is what finds a
+/// bound moved by one, and libFuzzer's compare tracing sees `len > max` as two `usize`s,
+/// eight bytes the input does not hold (docs/fuzzing.md has the runs).
 fn header_len(near: u8, len: u16) -> u16 {
     let off = len % 5;
     match near % 3 {
