@@ -37,24 +37,14 @@ mod peer;
 mod sent;
 
 use arbitrary::{Result, Unstructured};
-use rustls::SupportedCipherSuite;
-use rustls::crypto::aws_lc_rs::cipher_suite as suites;
+// The suites the record layer seals, each negotiated alone.
+use wasmbed_proxy::tls_records::ECDSA_SUITES as SUITES;
 
 use compare::{Sides, Verdict, compare};
 use ends::{End, Engine};
 use handshake::pair;
 use peer::Peer;
 use sent::Sent;
-
-/// The suites the record layer seals, each negotiated alone.
-const SUITES: [SupportedCipherSuite; 6] = [
-    suites::TLS13_AES_128_GCM_SHA256,
-    suites::TLS13_AES_256_GCM_SHA384,
-    suites::TLS13_CHACHA20_POLY1305_SHA256,
-    suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-    suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-    suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-];
 
 /// A handshake message's types this target seals on purpose.
 const KEY_UPDATE: u8 = 24;

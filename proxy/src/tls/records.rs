@@ -75,6 +75,21 @@ use super::joiner::{Joiner, Keep, Messages};
 #[cfg(feature = "model")]
 pub mod model;
 
+/// The suites the records seal with an ECDSA certificate, TLS 1.3's and TLS 1.2's (each
+/// negotiated alone by the tests and the fuzz target that hold the records to rustls).
+#[cfg(any(test, feature = "model"))]
+pub const ECDSA_SUITES: [rustls::SupportedCipherSuite; 6] = {
+    use rustls::crypto::aws_lc_rs::cipher_suite as suites;
+    [
+        suites::TLS13_AES_128_GCM_SHA256,
+        suites::TLS13_AES_256_GCM_SHA384,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+    ]
+};
+
 /// A record's header: type, legacy version, length.
 const HEADER: usize = 5;
 /// The most plaintext a record carries.

@@ -8,6 +8,7 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{Error, ExtractedSecrets};
 
+pub use super::ECDSA_SUITES;
 use super::{Records, Side};
 
 /// The proxy's end of one connection's records: a device's server or a gateway's client.

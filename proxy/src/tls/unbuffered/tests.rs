@@ -1013,6 +1013,13 @@ async fn take_row(
     }
 }
 
+/// A record of data, "ping", under `version` in its header.
+fn ping_under(d: &mut RawPeer, version: [u8; 2]) -> Vec<u8> {
+    let mut r = d.seal(23, b"ping", 0);
+    r[1..3].copy_from_slice(&version);
+    r
+}
+
 /// Records whose header is judged before they are whole, as rustls' deframer judges it (its
 /// type at the first byte, its version at the third): the rows both tables end with, each
 /// refused with only the bytes it names sent. The engines differ in the alert for a type no
@@ -1031,11 +1038,7 @@ const HEADER_ROWS: [Row; 3] = [
     ),
     (
         "data under a version other than TLS's (0x0203)",
-        |d| {
-            let mut r = d.seal(23, b"ping", 0);
-            r[1] = 2;
-            r
-        },
+        |d| ping_under(d, [2, 3]),
         common(Some(50), Some(50)),
     ),
 ];
@@ -1385,11 +1388,7 @@ async fn records_no_library_sends_are_refused_on_both_engines() {
         (
             // Ignored (RFC 8446 §5.1): a version rustls names, not 0x03XX, is not refused.
             "data under a version rustls names (0xfefd, DTLS 1.2)",
-            |d| {
-                let mut r = d.seal(23, b"ping", 0);
-                r[1..3].copy_from_slice(&[0xfe, 0xfd]);
-                r
-            },
+            |d| ping_under(d, [0xfe, 0xfd]),
             common(None, None),
         ),
     ];
@@ -1616,11 +1615,7 @@ async fn tls12_records_no_library_sends_are_refused_on_both_engines() {
         (
             // The tag covers TLS 1.2's version: a version rustls names opens nothing.
             "data under a version rustls names (0xfefd, DTLS 1.2)",
-            |d| {
-                let mut r = d.seal(23, b"ping", 0);
-                r[1..3].copy_from_slice(&[0xfe, 0xfd]);
-                r
-            },
+            |d| ping_under(d, [0xfe, 0xfd]),
             common(Some(20), Some(20)),
         ),
         (
@@ -2083,18 +2078,10 @@ async fn changed_records_are_refused_on_both_engines() {
 /// update, with a client that offers only that suite.
 #[tokio::test]
 async fn every_suite_is_shed_and_carries_bytes() {
-    use rustls::crypto::aws_lc_rs::cipher_suite as suites;
-    for (role, suite) in ROLES.into_iter().flat_map(|role| {
-        [
-            suites::TLS13_AES_128_GCM_SHA256,
-            suites::TLS13_AES_256_GCM_SHA384,
-            suites::TLS13_CHACHA20_POLY1305_SHA256,
-            suites::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-            suites::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-            suites::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-        ]
-        .map(|suite| (role, suite))
-    }) {
+    for (role, suite) in ROLES
+        .into_iter()
+        .flat_map(|role| super::records::ECDSA_SUITES.map(|suite| (role, suite)))
+    {
         let tls13 = matches!(suite, rustls::SupportedCipherSuite::Tls13(_));
         let configs = configs_with(true, Some(suite));
         let (mut client, mut server) = pair_from(role, configs, false, true).await;
