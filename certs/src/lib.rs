@@ -5,7 +5,8 @@
 //! - [`load_certs`], [`load_key`]: read PEM files, with one error naming the file.
 //! - [`server_config`], [`client_config`], [`probe_client_config`]: rustls configs, all on one
 //!   crypto provider (aws-lc-rs), so no process ever has two.
-//! - [`peer_identity`]: the device identity (subject common name) of a certificate.
+//! - [`peer_identity`]: the device identity (subject common name) of a certificate;
+//!   [`device_identity`]: a handshake's chain's, a certificate that names none refused.
 
 pub mod pki;
 mod remembered;
@@ -559,6 +560,22 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The device a handshake's verified chain speaks for, the same way on every transport and
+/// at both ends (proxy and gateway): no chain is an anonymous client (`Ok(None)`: only where
+/// no client CA is set, since one set requires a certificate); a certificate naming a device
+/// ([`peer_identity`]) speaks for it; and a certificate its CA signed that names none (no
+/// common name and no DNS SAN, say URI SANs only, or one this reader cannot parse although
+/// the verifier took it) is refused: without a name to hold its HELLO to, such a device
+/// could claim any device's session.
+pub fn device_identity(chain: &[CertificateDer<'_>]) -> Result<Option<String>, String> {
+    match chain.first() {
+        None => Ok(None),
+        Some(cert) => peer_identity(cert).map(Some).ok_or_else(|| {
+            "the certificate names no device (no common name, no DNS name)".to_string()
+        }),
     }
 }
 

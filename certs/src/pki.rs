@@ -134,6 +134,20 @@ impl DevCa {
         self.sign(params, kind)
     }
 
+    /// A client certificate that names no device: an empty subject and only URI SANs (as a
+    /// SPIFFE-style identity has), for tests that such a certificate, though its CA signed it,
+    /// speaks for no device.
+    pub fn issue_client_unnamed(&self, uris: &[&str]) -> Result<Issued, CertError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| Ok(SanType::URI((*u).try_into()?)))
+            .collect::<Result<_, CertError>>()?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params, KeyKind::EcdsaP256)
+    }
+
     /// A device certificate with routing attributes: organizational units in its subject and
     /// URI SANs (e.g. `wasmbed://region/eu-west`).
     pub fn issue_client_with(

@@ -143,7 +143,45 @@ impl wasmbed_certs::Revokes for DeviceTls {
     }
 }
 
+/// Who a client's verified chain speaks as ([`DeviceTls::speaker`]).
+pub(crate) enum Speaker {
+    /// A terminating proxy (its name, when its certificate gives one), which states the
+    /// devices behind it.
+    Proxy(Option<String>),
+    /// A device (`None`: anonymous, where no client CA is set).
+    Device(Option<String>),
+}
+
 impl DeviceTls {
+    /// What a handshake's end makes of its client's chain, the same for devices and proxies
+    /// over TCP and for links (`resumed`: the handshake resumed from a TLS ticket, or not
+    /// known to be full, as QUIC's): a resumed handshake skipped the certificate's check, so
+    /// it runs again on the chain (CA, validity, CRLs); any chain a CRL in use revokes
+    /// (perhaps installed during the handshake) is refused, as the handshake would refuse it;
+    /// then a proxy's chain speaks for devices, and a device's for the device it names (one
+    /// that names none is refused: [`wasmbed_certs::device_identity`]).
+    pub(crate) fn speaker(
+        &self,
+        settings: &GatewaySettings,
+        chain: &[CertificateDer<'_>],
+        resumed: bool,
+    ) -> Result<Speaker, String> {
+        if resumed {
+            self.client_check.check(chain)?;
+        }
+        let cert = chain.first();
+        if cert
+            .and_then(wasmbed_certs::serial_of)
+            .is_some_and(|s| self.revoked.contains(&s))
+        {
+            return Err("certificate revoked".into());
+        }
+        if self.speaks_for_devices(settings, chain) {
+            return Ok(Speaker::Proxy(cert.and_then(wasmbed_certs::peer_identity)));
+        }
+        wasmbed_certs::device_identity(chain).map(Speaker::Device)
+    }
+
     /// Whether `chain` is a terminating proxy's, which speaks for the devices behind it: by
     /// its identity (`--proxy-identity`) or its CA (`--trusted-proxy-ca`).
     pub fn speaks_for_devices(
@@ -441,38 +479,31 @@ async fn accept(
             };
             let conn = tls.get_ref().1;
             let chain = conn.peer_certificates().unwrap_or(&[]);
-            let identity = chain.first().and_then(wasmbed_certs::peer_identity);
-            let serial = chain.first().and_then(wasmbed_certs::serial_of);
-            // A session resumed from a TLS ticket skipped the certificate's check: it runs
-            // again on the chain (CA, validity, CRLs); and any chain a CRL in use revokes
-            // (perhaps installed during the handshake) is refused, as the handshake would.
             let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            let refusal = resumed
-                .then(|| device_tls.client_check.check(chain).err())
-                .flatten()
-                .or_else(|| {
-                    serial
-                        .as_deref()
-                        .filter(|s| device_tls.revoked.contains(*s))
-                        .map(|_| "certificate revoked".to_string())
-                });
-            if let Some(why) = refusal {
-                ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "client_cert").increment(1);
-                tracing::debug!(
-                    why,
-                    resumed,
-                    "device certificate refused after the handshake"
-                );
-                return;
-            }
-            let (identity, serial) = if device_tls.speaks_for_devices(&shared.settings, chain) {
-                // The proxy's statement of the device (PROXY header), when it made one.
-                if let Some(id) = &identity {
-                    tracing::Span::current().record("proxy", id.as_str());
+            let speaker = match device_tls.speaker(&shared.settings, chain, resumed) {
+                Ok(speaker) => speaker,
+                Err(why) => {
+                    ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "client_cert")
+                        .increment(1);
+                    tracing::debug!(
+                        why,
+                        resumed,
+                        "client certificate refused after the handshake"
+                    );
+                    return;
                 }
-                (stated, None)
-            } else {
-                (identity, serial)
+            };
+            let (identity, serial) = match speaker {
+                Speaker::Proxy(name) => {
+                    // The proxy's statement of the device (PROXY header), when it made one.
+                    if let Some(id) = &name {
+                        tracing::Span::current().record("proxy", id.as_str());
+                    }
+                    (stated, None)
+                }
+                Speaker::Device(identity) => {
+                    (identity, chain.first().and_then(wasmbed_certs::serial_of))
+                }
             };
             session::serve(shared, tls, (identity, serial), drain).await;
         }

@@ -154,6 +154,28 @@ fn ended(e: &quinn::ConnectionError) -> &'static str {
     }
 }
 
+/// The proxy a link's chain belongs to (its name, for the logs), under the TLS in use now,
+/// by the check TCP connections get ([`crate::DeviceTls::speaker`]: quinn does not tell a
+/// resumed handshake from a full one, so the chain is checked again), or why not: the close
+/// code, the reason counted, and the words.
+fn proxy_of(
+    shared: &Shared,
+    chain: &[CertificateDer<'static>],
+) -> Result<String, (u32, &'static str, String)> {
+    let Some(tls) = shared.tls.load() else {
+        return Err((NOT_A_PROXY, "not_a_proxy", "no TLS in use".into()));
+    };
+    match tls.speaker(&shared.settings, chain, true) {
+        Ok(crate::Speaker::Proxy(name)) => Ok(name.unwrap_or_default()),
+        Ok(crate::Speaker::Device(_)) => Err((
+            NOT_A_PROXY,
+            "not_a_proxy",
+            "the client certificate is not a proxy's".into(),
+        )),
+        Err(why) => Err((NOT_A_PROXY, "client_cert", why)),
+    }
+}
+
 /// One link: the handshake, the proxy check, then a session per stream.
 async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
     let refused = |reason: &'static str| {
@@ -167,24 +189,20 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         }
         Err(_) => return refused("timeout"),
     };
-    let Some(tls) = shared.tls.load() else {
-        return;
-    };
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .map(|b| *b)
         .unwrap_or_default();
-    if !tls.speaks_for_devices(&shared.settings, &chain) {
-        conn.close(VarInt::from_u32(NOT_A_PROXY), b"not a proxy certificate");
-        tracing::warn!("link refused: the client certificate is not a proxy's");
-        return refused("not_a_proxy");
-    }
+    let proxy = match proxy_of(&shared, &chain) {
+        Ok(proxy) => proxy,
+        Err((code, reason, why)) => {
+            conn.close(VarInt::from_u32(code), why.as_bytes());
+            tracing::warn!(why, "link refused");
+            return refused(reason);
+        }
+    };
     refused("accepted");
-    let proxy = chain
-        .first()
-        .and_then(wasmbed_certs::peer_identity)
-        .unwrap_or_default();
     tracing::debug!(%proxy, "link up");
     let _open = Open::counted(&shared);
     loop {
@@ -197,6 +215,16 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
                 return;
             }
         };
+        // Each new session is the proxy's statement again, held to the trust in use now: a
+        // reload that revokes its certificate or stops trusting its CA ends its links at
+        // their next session, as it refuses its next TCP connection (the sessions already
+        // open go on, as over TCP).
+        if let Err((code, _, why)) = proxy_of(&shared, &chain) {
+            conn.close(VarInt::from_u32(code), why.as_bytes());
+            tracing::warn!(why, "link closed: its proxy is no longer trusted");
+            ::metrics::counter!(metrics::LINK_ENDS, "cause" => "untrusted").increment(1);
+            return;
+        }
         let shared = shared.clone();
         let span = tracing::info_span!("session", proxy = %proxy, device_addr = tracing::field::Empty, sni = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);
         sessions.spawn(

@@ -154,7 +154,7 @@ fn describe() {
     describe_histogram!(RESTORE, Unit::Seconds, "Time of an app's restore call.");
     describe_counter!(
         LINKS,
-        "Links (QUIC) from terminating proxies, by result: accepted, not_a_proxy, handshake, timeout."
+        "Links (QUIC) from terminating proxies, by result: accepted, not_a_proxy, client_cert (a proxy's certificate the TLS in use no longer passes), handshake, timeout."
     );
     describe_gauge!(
         LINKS_OPEN,
@@ -162,7 +162,7 @@ fn describe() {
     );
     describe_counter!(
         LINK_ENDS,
-        "Links from proxies that ended, by cause: closed (by the proxy, as at its stop), timeout (silent past the idle timeout: a proxy gone without closing), local (closed by this gateway), reset, error."
+        "Links from proxies that ended, by cause: closed (by the proxy, as at its stop), timeout (silent past the idle timeout: a proxy gone without closing), local (closed by this gateway), reset, error, untrusted (a new session on a link whose proxy's certificate the TLS in use no longer passes)."
     );
 }
 

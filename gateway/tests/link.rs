@@ -433,3 +433,78 @@ async fn a_removed_gateways_link_is_closed_and_forgotten() {
         assert_eq!(count(d.data(b"\x01").await), 3);
     }
 }
+
+/// A link is held to the check a proxy's TCP connection gets (`DeviceTls::speaker`, whose
+/// check of a resumed handshake `resume.rs` tests over TCP), at its handshake and at each
+/// session it opens. A proxy's certificate revoked by a reload (SIGHUP's path) gets its live
+/// link closed at its next stream (`untrusted`), and its next link refused.
+#[tokio::test]
+async fn a_revoked_proxys_link_is_closed_at_its_next_session_and_refused_after() {
+    let lp = LinkPki::new();
+    let crl = lp.pki.path("proxy-crl.pem");
+    let hour = std::time::Duration::from_secs(3600);
+    std::fs::write(&crl, lp.proxy_ca.crl(&[], 1, hour).unwrap()).unwrap();
+    let mut settings = lp.gateway();
+    if let Some(tls) = settings.tls.as_mut() {
+        tls.client_crls = vec![crl.clone()];
+    }
+    let gw = start(settings).await;
+    let cert = lp
+        .proxy_ca
+        .issue_client("edge-proxy", KeyKind::EcdsaP256)
+        .unwrap();
+    let tls = (*wasmbed_certs::client_config(
+        &[lp.pki.ca.cert_der()],
+        Some((cert.chain(), cert.key().unwrap())),
+    )
+    .unwrap())
+    .clone();
+    let conn = link_client(gw.addr, tls.clone()).await.unwrap();
+    // A stream is served (a header-less one is stopped, not the link closed).
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"not a PROXY header at all").await.unwrap();
+    let code = send.stopped().await.unwrap();
+    assert_eq!(
+        code,
+        Some(quinn::VarInt::from_u32(wasmbed_gateway::link::BAD_HEADER))
+    );
+    // The proxy's certificate revoked, the TLS re-read.
+    let serial = wasmbed_certs::serial_of(&cert.chain()[0]).unwrap();
+    std::fs::write(&crl, lp.proxy_ca.crl(&[serial], 2, hour).unwrap()).unwrap();
+    gw.shared.reload_tls().unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(b"not a PROXY header at all").await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+    match closed.expect("the link is closed at its next stream") {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+            c.error_code,
+            quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY)
+        ),
+        other => panic!("closed otherwise: {other}"),
+    }
+    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("wasmbed_gateway_link_ends_total{cause=\"untrusted\"} 1"),
+        "{metrics}"
+    );
+    // A new link: refused, by TLS (a full handshake checks the CRLs) or by the application
+    // (a resumed one skipped that check, so the link's runs it).
+    let again = link_client(gw.addr, tls).await;
+    if let Ok(conn) = again {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed())
+            .await
+            .expect("the new link is closed");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY)
+            ),
+            quinn::ConnectionError::ConnectionClosed(c) => {
+                eprintln!("XX TLS closed {c:?}");
+            }
+            other => panic!("closed otherwise: {other}"),
+        }
+    } else {
+        eprintln!("XX err {:?}", again.err());
+    }
+}

@@ -225,3 +225,41 @@ async fn pushes_reach_the_device_before_the_reply() {
     let reply = d.recv().await.unwrap();
     assert_eq!((reply.kind, reply.seq), (Kind::Reply, 1));
 }
+
+/// A certificate the device CA signed that names no device (no common name, no DNS name)
+/// has no name to hold a HELLO to: refused after the handshake, counted, never a session.
+#[tokio::test]
+async fn a_certificate_that_names_no_device_is_refused() {
+    let pki = Pki::new();
+    let gw = start(settings(Some(&pki))).await;
+    let unnamed = pki
+        .ca
+        .issue_client_unnamed(&["spiffe://fleet/device/0001"])
+        .unwrap();
+    let config = wasmbed_certs::client_config(
+        &[pki.ca.cert_der()],
+        Some((unnamed.chain(), unnamed.key().unwrap())),
+    )
+    .unwrap();
+    let mut d = tls_device(gw.addr, config).await.unwrap();
+    d.send_raw(
+        &wasmbed_protocol::Frame::control(
+            wasmbed_protocol::Kind::Hello,
+            0,
+            &wasmbed_protocol::Hello {
+                device: "device-0000".into(),
+                app: "echo".into(),
+                resume: None,
+            },
+        )
+        .encode(),
+    )
+    .await
+    .ok();
+    assert!(d.recv().await.is_none(), "closed, no WELCOME");
+    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("wasmbed_gateway_tls_rejected_total{reason=\"client_cert\"} 1"),
+        "{metrics}"
+    );
+}

@@ -176,9 +176,10 @@ impl Verified {
     /// refused (`client_cert`, as a full handshake's would be) if the certificate no longer
     /// passes: a handshake resumed from a TLS ticket skipped the certificate's verification
     /// (`resumed`, or not known to be full: QUIC does not tell), so the check in use now (CA,
-    /// validity, CRLs) runs on its chain here, where every transport's handshake ends; and
-    /// any chain is refused if the CRLs in use revoke it (one may have been installed during
-    /// the handshake).
+    /// validity, CRLs) runs on its chain here, where every transport's handshake ends; any
+    /// chain is refused if the CRLs in use revoke it (one may have been installed during
+    /// the handshake); and so is a certificate that names no device
+    /// ([`wasmbed_certs::device_identity`]).
     pub(crate) fn check(
         ctx: &Context,
         sni: Option<String>,
@@ -201,9 +202,12 @@ impl Verified {
         {
             return Err(refused(Refusal::ClientCert, "certificate revoked"));
         }
+        // A certificate that names no device has no name to hold its HELLO to.
+        let identity = wasmbed_certs::device_identity(chain)
+            .map_err(|why| refused(Refusal::ClientCert, why))?;
         Ok(Verified {
             sni,
-            identity: cert.and_then(wasmbed_certs::peer_identity),
+            identity,
             attributes: cert.map(wasmbed_certs::cert_attributes),
             serial,
             peer,

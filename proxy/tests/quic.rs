@@ -696,6 +696,61 @@ async fn a_resumed_session_whose_certificate_no_longer_passes_is_refused_on_ever
     }
 }
 
+/// A certificate its CA signed that names no device (no common name, no DNS name: URI SANs
+/// only) has no name to hold a HELLO to: it is refused at the handshake's end, on every
+/// transport, counted as a certificate refusal, and no gateway hears the HELLO naming another
+/// device it would otherwise have been free to send.
+#[tokio::test]
+async fn a_certificate_that_names_no_device_is_refused_on_every_transport() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let quic = proxy.quic.unwrap();
+    let unnamed = pki
+        .ca
+        .issue_client_unnamed(&["spiffe://fleet/device/0001"])
+        .unwrap();
+    let tcp = device_tls_with(&pki.ca, &unnamed);
+    let mut quic_tls = (*tcp).clone();
+    quic_tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let quic_config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(quic_tls)).unwrap(),
+    ));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let refused = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
+    for (i, transport) in ["tcp", "quic"].into_iter().enumerate() {
+        // HELLO naming another device, sent as soon as the device's handshake is done.
+        let answer = match transport {
+            "tcp" => {
+                let mut dev = Device::new(tls_connect(proxy.addr, tcp.clone()).await.unwrap());
+                let _ = dev.send_raw(&hello_of("device-0000")).await;
+                dev.recv().await.map(|f| f.kind)
+            }
+            _ => {
+                let conn = endpoint
+                    .connect_with(quic_config.clone(), quic, "localhost")
+                    .unwrap()
+                    .await
+                    .unwrap();
+                match conn.open_bi().await {
+                    Ok((send, recv)) => {
+                        let mut dev = Device::new(tokio::io::join(recv, send));
+                        let _ = dev.send_raw(&hello_of("device-0000")).await;
+                        dev.recv().await.map(|f| f.kind)
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
+        assert_eq!(answer, None, "{transport}: closed, no answer");
+        proxy.until_metric(refused, i as f64 + 1.0).await;
+    }
+    assert_eq!(gw.hellos(), 0, "no gateway heard of them");
+    // A named device of the same CA gets through.
+    let mut named = Session::open(&proxy, &pki, ("quic", "device-0001"), Some(&pki.ca)).await;
+    assert_eq!(named.step().await, Some(Kind::Reply));
+}
+
 /// At `max_connections`, a QUIC device waits in the handshake line for a place, as a TCP
 /// device waits in the listen backlog, instead of being refused at once: an Initial held
 /// unanswered holds no socket, so the place is taken when its handshake starts (devices in
