@@ -43,6 +43,18 @@ fn help_explains_every_proxy_option() {
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
+    // What a flag's text says is what it does: past --max-handshakes a device waits in line
+    // (--handshake-wait) before it is refused, not refused at once.
+    let text = |flag: &str| {
+        let start = out.find(&format!("{flag} <")).expect("the flag's entry");
+        let rest = &out[start + flag.len()..];
+        rest[..rest.find("\n      --").unwrap_or(rest.len())].to_string()
+    };
+    let max_handshakes = text("--max-handshakes");
+    assert!(
+        max_handshakes.contains("waits in line up to --handshake-wait"),
+        "{max_handshakes}"
+    );
 }
 
 #[test]

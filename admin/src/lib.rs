@@ -143,21 +143,51 @@ pub fn acceptor(
         .transpose()
         .map_err(named("--admin-client-ca"))?;
     if let Some(admin_ca) = &ca {
-        for path in device_cas {
-            let devices = wasmbed_certs::load_certs(path).map_err(named("--client-ca"))?;
-            if wasmbed_certs::trust::shares_trust(admin_ca, &devices) {
-                return Err(wasmbed_certs::CertError::ClientCa(format!(
-                    "--admin-client-ca {} is (or is issued by) the devices' CA {}: every device \
-                     certificate could then act as admin; give admins a CA of their own \
-                     (`wasmbed certs init` writes admin/ca.pem and admin/admin.pem)",
-                    tls.client_ca.as_deref().unwrap_or(path).display(),
-                    path.display()
-                )));
-            }
-        }
+        apart_from_devices(tls, admin_ca, device_cas)?;
     }
     let config = wasmbed_certs::admin_server_config(chain, key, ca.as_deref())?;
     Ok(Some(TlsAcceptor::from(config)))
+}
+
+/// Refused if the admin endpoint's client CA (`--admin-client-ca`) shares trust with the
+/// devices' CA files `device_cas` ([`wasmbed_certs::trust::shares_trust`]): every device
+/// certificate could then act as admin. At the start ([`acceptor`]) and at each reload that
+/// reads the devices' CA again ([`check_apart`]), since a CA rotated by a reload is as able
+/// to issue an admin as the one the process started with.
+fn apart_from_devices(
+    tls: &wasmbed_config::admin::AdminTls,
+    admin_ca: &[tokio_rustls::rustls::pki_types::CertificateDer<'static>],
+    device_cas: &[&std::path::Path],
+) -> Result<(), wasmbed_certs::CertError> {
+    for path in device_cas {
+        let devices = wasmbed_certs::load_certs(path)
+            .map_err(wasmbed_certs::CertError::in_setting("--client-ca"))?;
+        if wasmbed_certs::trust::shares_trust(admin_ca, &devices) {
+            return Err(wasmbed_certs::CertError::ClientCa(format!(
+                "--admin-client-ca {} is (or is issued by) the devices' CA {}: every device \
+                 certificate could then act as admin; give admins a CA of their own \
+                 (`wasmbed certs init` writes admin/ca.pem and admin/admin.pem)",
+                tls.client_ca.as_deref().unwrap_or(path).display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The check [`acceptor`] makes at the start, for a reload: the admin endpoint's client CA
+/// in use (`tls`, read again from its file) against the devices' CA files as the reload
+/// reads them. A reload that fails it is refused whole.
+pub fn check_apart(
+    tls: Option<&wasmbed_config::admin::AdminTls>,
+    device_cas: &[&std::path::Path],
+) -> Result<(), wasmbed_certs::CertError> {
+    let Some((tls, path)) = tls.and_then(|t| Some((t, t.client_ca.as_deref()?))) else {
+        return Ok(());
+    };
+    let admin_ca = wasmbed_certs::load_certs(path)
+        .map_err(wasmbed_certs::CertError::in_setting("--admin-client-ca"))?;
+    apart_from_devices(tls, &admin_ca, device_cas)
 }
 
 /// Serves `router` on `listener` (HTTPS when `tls` is given) until `stop`.

@@ -47,7 +47,7 @@ pub struct AdminTlsFlags {
     pub admin_tls_key: Option<std::path::PathBuf>,
     /// With --admin-tls-cert: a client certificate from this CA (PEM) may make changes
     /// (POST/PUT/DELETE) without the bearer token. Reads need no certificate. Never the
-    /// devices' CA (refused at start): `certs init` writes admin/ca.pem for it.
+    /// devices' CA (refused at start and at a reload): `certs init` writes admin/ca.pem for it.
     #[arg(long, value_name = "FILE")]
     pub admin_client_ca: Option<std::path::PathBuf>,
 }

@@ -239,7 +239,7 @@ pub struct ProxyFlags {
     /// more): `auto` (default) while many handshakes are in progress, `always`, `never`.
     #[arg(long, value_enum, value_name = "auto|always|never")]
     pub quic_retry: Option<QuicRetry>,
-    #[arg(long, value_name = "N", help = format!("Terminate mode: device TLS handshakes in progress at once, TLS over TCP and QUIC together. Past it a new device is refused at once (TCP: closed before its handshake; QUIC: CONNECTION_REFUSED) and counted (reason handshakes_busy); it tries again later, rather than queue behind the others until its own timeout, which under a reconnect storm would waste every handshake finished too late. Default {}.", crate::defaults::proxy::MAX_HANDSHAKES))]
+    #[arg(long, value_name = "N", help = format!("Terminate mode: device TLS handshakes in progress at once, TLS over TCP and QUIC together. Past it a new device waits in line up to --handshake-wait for a slot, its handshake not started; then it is refused (TCP: closed before its handshake; QUIC: CONNECTION_REFUSED) and counted (reason handshakes_busy), and tries again later rather than queue until its own timeout, which under a reconnect storm would waste every handshake finished too late. Default {}.", crate::defaults::proxy::MAX_HANDSHAKES))]
     pub max_handshakes: Option<usize>,
     /// The older name of --max-handshakes (it now counts TLS over TCP too).
     #[arg(long, value_name = "N", hide = true, conflicts_with = "max_handshakes")]

@@ -87,6 +87,15 @@ impl Shared {
         let Some(tls) = DeviceTls::load(&self.settings, &self.keys)? else {
             return Ok(());
         };
+        // The admin endpoint's CA stays apart from the devices' CA as read again, as at the
+        // start (a rotated device CA could otherwise issue admins).
+        let device_cas: Vec<&std::path::Path> = self
+            .settings
+            .tls
+            .iter()
+            .map(|t| t.client_ca.as_path())
+            .collect();
+        wasmbed_admin::check_apart(self.settings.admin_auth.tls.as_ref(), &device_cas)?;
         let revoked = tls.revoked.len();
         if let Some(endpoint) = &self.link {
             let s = &self.settings;

@@ -350,3 +350,30 @@ async fn the_alive_watch_lasts_until_an_orderly_stop_and_is_bounded() {
     assert!(rest.ends_with("0\r\n\r\n"), "a complete body: {rest:?}");
     gw.task.await.unwrap().unwrap();
 }
+
+/// The admin CA is held apart from the devices' CA at a TLS reload (SIGHUP's path) as at the
+/// start: a device CA rotated to an intermediate of the admin CA (an organisation's root over
+/// the devices' new CA) is refused, and the devices' trust in use stays.
+#[tokio::test]
+async fn a_tls_reload_cannot_put_the_devices_under_the_admin_ca() {
+    use wasmbed_certs::pki::DevCa;
+    let pki = Pki::new();
+    let root = DevCa::generate("organisation root").unwrap();
+    std::fs::write(pki.path("admin-ca.pem"), root.cert_pem()).unwrap();
+    let mut s = settings(Some(&pki));
+    s.admin_auth.tls = Some(wasmbed_config::admin::AdminTls {
+        cert: pki.path("gw.pem"),
+        key: pki.path("gw.key"),
+        client_ca: Some(pki.path("admin-ca.pem")),
+    });
+    let gw = start(s).await;
+    let intermediate = root.issue_intermediate("devices, 2027").unwrap();
+    std::fs::write(pki.path("ca.pem"), intermediate.cert_pem()).unwrap();
+    let e = gw.shared.reload_tls().expect_err("refused");
+    assert!(e.to_string().contains("act as admin"), "{e}");
+    // The trust in use stays: a device of the first CA still gets a session.
+    let mut d = tls_device(gw.addr, pki.device("device-0001", Some(&pki.ca)))
+        .await
+        .unwrap();
+    assert_eq!(d.open("device-0001", "echo").await, "gw-test");
+}

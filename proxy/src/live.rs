@@ -303,7 +303,14 @@ impl Live {
         let old = &old_ctx.config;
         let mut report = ReloadReport::default();
         keep_restart_only(old, &mut new, &mut report.restart_needed);
-        // Everything that can fail, first.
+        // Everything that can fail, first. The admin endpoint's CA (kept: restart-only) stays
+        // apart from the devices' CA as the reload reads it, as at the start.
+        let device_cas: Vec<&std::path::Path> = new
+            .tls
+            .iter()
+            .filter_map(|t| t.client_ca.as_deref())
+            .collect();
+        wasmbed_admin::check_apart(new.admin_auth.tls.as_ref(), &device_cas)?;
         let tls = old_ctx.device_tls.prepare(crate::tls::of(&new))?;
         let connector = crate::tls::connector(&new)?;
         let link_client = match &old_ctx.links {

@@ -9,6 +9,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::frames::*;
@@ -316,4 +317,80 @@ async fn a_reload_keeps_run_time_changes_until_the_file_changes_them() {
         body.contains("b: removed at run time; the file changed it"),
         "{body}"
     );
+}
+
+/// The admin endpoint's client CA is never the devices' CA nor one that issues it: refused
+/// at the start, and at a reload that would rotate the devices' CA to one the admin CA
+/// issued (an organisation's root as the admin CA over the devices' new intermediate, whose
+/// every device certificate would then chain to it): the reload is refused whole and the
+/// devices' trust in use stays.
+#[tokio::test]
+async fn a_reload_cannot_put_the_devices_under_the_admin_ca() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw").await;
+    let dir = tempfile::tempdir().unwrap();
+    let put = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let root = wasmbed_certs::pki::DevCa::generate("organisation root").unwrap();
+    let admin_ca = put("admin-ca.pem", &root.cert_pem());
+    let admin = pki
+        .ca
+        .issue_server(&["localhost", "127.0.0.1"], KeyKind::EcdsaP256)
+        .unwrap();
+    let (admin_cert, admin_key) = (
+        put("admin.pem", &admin.cert_pem),
+        put("admin.key", &admin.key_pem),
+    );
+    let text = |client_ca: &Path| {
+        format!(
+            "mode = \"terminate\"\n{COMMON}admin_tls_cert = \"{}\"\nadmin_tls_key = \"{}\"\n\
+             admin_client_ca = \"{}\"\n{LISTENER}{}[tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             client_ca = \"{}\"\n",
+            admin_cert.display(),
+            admin_key.display(),
+            admin_ca.display(),
+            gateway_toml("gw", gw.addr, 1, "default"),
+            pki.tls.cert.display(),
+            pki.tls.key.display(),
+            client_ca.display()
+        )
+    };
+    let file = dir.path().join("proxy.toml");
+    let proxy = on_file(&file, &text(&pki.ca_path)).await;
+    let welcomed = |device: &'static str, trust: Arc<rustls::ClientConfig>| {
+        let addr = proxy.addr;
+        async move {
+            let mut d = wasmbed_testkit::Device::new(tls_connect(addr, trust).await.ok()?);
+            d.send_raw(&hello_of(device)).await.ok()?;
+            d.recv().await.map(|f| f.kind)
+        }
+    };
+    let device = device_tls(&pki.ca, Some(&pki.ca), "device-0001", false);
+    assert_eq!(
+        welcomed("device-0001", device.clone()).await,
+        Some(Kind::Welcome)
+    );
+    // The devices' CA rotated to an intermediate of the admin CA's root.
+    let intermediate = root.issue_intermediate("devices, 2027").unwrap();
+    let rotated = put("devices-2027.pem", &intermediate.cert_pem());
+    write(&file, &text(&rotated));
+    let e = proxy.live.reload().expect_err("refused");
+    assert!(e.to_string().contains("act as admin"), "{e}");
+    // The devices' trust in use stays: the old CA's devices get through, the new one's not.
+    assert_eq!(welcomed("device-0001", device).await, Some(Kind::Welcome));
+    let newcomer = device_tls(&pki.ca, Some(&intermediate), "device-0002", false);
+    assert_ne!(welcomed("device-0002", newcomer).await, Some(Kind::Welcome));
+}
+
+/// HELLO as `device` for the `echo` app, no ticket.
+fn hello_of(device: &str) -> Vec<u8> {
+    let hello = wasmbed_protocol::Hello {
+        device: device.into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    wasmbed_protocol::Frame::control(Kind::Hello, 0, &hello).encode()
 }
