@@ -729,3 +729,75 @@ async fn reloads_during_a_handshake_storm_and_moves_lose_nothing() {
         "every session on the gateway left"
     );
 }
+
+/// A gateway whose TLS fails (its certificate from a CA the proxy does not trust: a rotation
+/// gone wrong on one of them) is tried, counted against it (`upstream_tls_failures`, a failed
+/// health observation) and passed over, on both upstreams: every device gets a session on
+/// the others, none is refused. (Keeping no session, it would otherwise be the least loaded
+/// gateway, the one the balancer picks, and every session sent there refused.)
+#[tokio::test]
+async fn a_gateway_whose_tls_fails_is_passed_over_on_every_upstream() {
+    let _one = SERIAL.lock().await;
+    let env = Env::new();
+    let good = start(env.gateway()).await;
+    let stranger = env
+        .foreign
+        .issue_server(&["localhost", "127.0.0.1"], KeyKind::EcdsaP256)
+        .unwrap();
+    std::fs::write(env.pki.path("bad.pem"), &stranger.cert_pem).unwrap();
+    std::fs::write(env.pki.path("bad.key"), &stranger.key_pem).unwrap();
+    let mut settings = env.gateway();
+    if let Some(tls) = settings.tls.as_mut() {
+        tls.cert = env.pki.path("bad.pem");
+        tls.key = env.pki.path("bad.key");
+    }
+    let bad = start(settings).await;
+    let refused_before = metric(&rejected("upstream_tls"));
+    let mut n = 0;
+    for upstream in [UpstreamMode::Tcp, UpstreamMode::Link] {
+        let mut c = env.proxy(&good, upstream);
+        c.gateways.push(GatewayConfig {
+            name: "bad".into(),
+            addr: bad.addr.to_string(),
+            health_addr: Some(bad.admin.to_string()),
+            weight: 1,
+            pool: "default".into(),
+        });
+        let proxy = run_proxy(c).await;
+        // The gateway's own counts (rendered at a scrape of the proxy's, not in the recorder).
+        let failures = || {
+            let gateways = proxy.live.context().gateways.snapshot();
+            let bad = gateways.iter().find(|g| g.name == "bad").expect("listed");
+            bad.counts
+                .upstream_tls_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let mut sessions = Vec::new();
+        for _ in 0..6 {
+            n += 1;
+            let name = format!("device-{n:04}");
+            let mut d = Conn::open(Transport::Tcp, &proxy, env.device(&name, false))
+                .await
+                .unwrap();
+            d.send_raw(&hello(&name)).await;
+            let f = d.recv().await.map(|f| f.kind);
+            assert_eq!(f, Some(Kind::Welcome), "{upstream:?}: {name}");
+            sessions.push(d);
+        }
+        assert!(
+            failures() > 0,
+            "{upstream:?}: the bad gateway was tried and its TLS failure counted"
+        );
+    }
+    assert_eq!(
+        metric(&rejected("upstream_tls")),
+        refused_before,
+        "no device refused"
+    );
+    assert_eq!(
+        bad.shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire),
+        0
+    );
+}

@@ -38,11 +38,14 @@ pub enum Refusal {
     IdentityMismatch,
     /// No gateway of the pool is up and not draining.
     NoGateway,
-    /// Every gateway tried refused the connection or timed out.
+    /// Every gateway tried refused the connection, or did not take it (or its TLS, or its
+    /// link's stream) in time.
     GatewayUnreachable,
-    /// Writing the first bytes to the gateway failed.
+    /// A gateway made ready did not open the session (HELLO not answered in time, a bad
+    /// frame, a close).
     GatewayError,
-    /// The TLS handshake with the gateway (`[upstream_tls]`) failed.
+    /// TLS with a gateway (`[upstream_tls]`, per session or its link's) failed, and no
+    /// other gateway took the session.
     UpstreamTls,
     /// The proxy is out of file descriptors.
     FdLimit,

@@ -16,13 +16,13 @@ use wasmbed_protocol::codec::{CodecError, FrameCodec};
 use wasmbed_protocol::{ErrorCode, Frame, Hello, Kind};
 
 use crate::anchor;
-use crate::balancer::{Counts, Gateway};
+use crate::balancer::Counts;
 use crate::context::Context;
 use crate::forward::{self, supervise};
 use crate::listener::reset_on_close;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::route::device_pools;
-use crate::upstream::{connect, connect_with, dial_upstream};
+use crate::upstream::connect_with;
 
 /// Terminate mode up to the session's anchoring: the device's TLS handshake and HELLO, the
 /// first gateway's WELCOME. `None`: the gateway refused the session (the device was told),
@@ -128,24 +128,18 @@ async fn forward_decrypted(
 ) -> Result<(), Refused> {
     note_device(ctx, identity.as_deref(), sni.as_deref());
     let pools = device_pools(ctx, sni.as_deref(), attributes);
-    let (lease, stream) = connect(ctx, &pools).await?;
     let origin = crate::proxy_protocol::Origin {
         src: peer,
         dst: local.unwrap_or(peer),
         sni,
         identity,
     };
-    // Bounded as an anchored session's open is: a gateway that takes the connection and never
-    // answers its TLS does not hold the client.
-    let opened = ctx
-        .deadlines
-        .timeout(
-            ctx.config.handshake_timeout,
-            crate::upstream::over_tcp(ctx, lease.gateway(), stream, &origin),
-        )
-        .await
-        .map_err(|_| refused(Refusal::GatewayError, "no TLS with the gateway in time"))?;
-    let mut up = opened.map_err(|e| open_failed(lease.gateway(), e))?;
+    // The connection made ready as an anchored session's is (TLS within `handshake_timeout`;
+    // a failure counted against the gateway and the next one tried), always over TCP.
+    let (lease, mut up) = connect_with(ctx, &pools, |c, g| {
+        crate::upstream::reach_tcp(c, g, &origin)
+    })
+    .await?;
     let (bytes_up, bytes_down) = (ctx.meters.bytes_up, ctx.meters.bytes_down);
     let forwarding = forward::streams(&mut tls, &mut up, bytes_up, bytes_down);
     if supervise(ctx, &lease, forwarding).await.is_some() {
@@ -315,7 +309,13 @@ async fn open_session(
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.
     ctx.alpn.count(&crate::clienthello::NO_ALPN);
     let pools = device_pools(ctx, sni.as_deref(), attributes);
-    let (lease, gateway) = connect_with(ctx, &pools, dial_upstream)
+    let origin = crate::proxy_protocol::Origin {
+        src: peer,
+        dst: local.unwrap_or(peer),
+        sni: sni.clone(),
+        identity: identity.clone(),
+    };
+    let (lease, up) = connect_with(ctx, &pools, |c, g| crate::upstream::reach(c, g, &origin))
         .await
         .map_err(|r| r.answered_with(ErrorCode::Unavailable, UNAVAILABLE))?;
     // HELLO goes first and the gateway's first frame comes back before the session is
@@ -323,25 +323,17 @@ async fn open_session(
     // refused only after the client's side of the handshake is done) is seen here, named,
     // and counted, instead of being a session that just closes.
     let seated = identity.is_some().then_some(arrival);
-    let origin = crate::proxy_protocol::Origin {
-        src: peer,
-        dst: local.unwrap_or(peer),
-        sni: sni.clone(),
-        identity: identity.clone(),
-    };
     let opened = ctx
         .deadlines
         .timeout(
             ctx.config.handshake_timeout,
-            crate::upstream::open(ctx, lease.gateway(), gateway, (&hello_bytes, &origin)),
+            crate::upstream::open(ctx, lease.gateway(), up, &hello_bytes),
         )
         .await;
     let (up, first, rest) = match opened {
         Ok(Ok(opened)) => opened,
         Ok(Err(e)) => {
-            return Err(
-                open_failed(lease.gateway(), e).answered_with(ErrorCode::Unavailable, UNAVAILABLE)
-            );
+            return Err(open_failed(e).answered_with(ErrorCode::Unavailable, UNAVAILABLE));
         }
         Err(_) => {
             let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
@@ -366,18 +358,11 @@ async fn open_session(
     }))
 }
 
-/// The refusal for a link to `gateway` that could not be opened: one label per failure,
-/// whichever path opened it (anchored sessions, raw listeners). A TLS failure is also
-/// counted against the gateway and logged, since it is a configuration problem.
-fn open_failed(gateway: &Gateway, e: crate::upstream::OpenError) -> Refused {
+/// The refusal for a session a gateway made ready did not open: one label per failure (a
+/// TLS failure was counted against the gateway by `upstream::open`).
+fn open_failed(e: crate::upstream::OpenError) -> Refused {
     match e {
-        crate::upstream::OpenError::Tls(e) => {
-            let name = &gateway.name;
-            Counts::bump(&gateway.counts.upstream_tls_failures);
-            tracing::warn!(gateway = %name, error = %e, "TLS with the gateway failed");
-            refused(Refusal::UpstreamTls, e)
-        }
-        crate::upstream::OpenError::Internal(e) => refused(Refusal::Internal, e),
+        crate::upstream::OpenError::Tls(e) => refused(Refusal::UpstreamTls, e),
         e => refused(Refusal::GatewayError, e),
     }
 }

@@ -39,7 +39,8 @@ pub(crate) async fn connect(
 }
 
 /// Takes a lease on the best gateway of `pools` and reaches it with `dial`; on failure, the
-/// next best (up to `connect_retries` more).
+/// next best (up to `connect_retries` more). Refused `upstream_tls` if a gateway's TLS failed
+/// (a configuration to mend: the log names the gateway), else `gateway_unreachable`.
 pub(crate) async fn connect_with<'c, T, F>(
     ctx: &'c Context,
     pools: &[String],
@@ -49,6 +50,7 @@ where
     F: Future<Output = io::Result<T>>,
 {
     let mut tried = Vec::new();
+    let mut tls = None;
     for _ in 0..=ctx.config.connect_retries {
         let Some(lease) = ctx.gateways.acquire_first(pools, &tried) else {
             break;
@@ -56,46 +58,80 @@ where
         match dial(ctx, lease.gateway().clone()).await {
             Ok(stream) => return Ok((lease, stream)),
             Err(e) if is_fd_exhaustion(&e) => return Err(refused(Refusal::FdLimit, e)),
-            Err(_) => tried.push(lease.gateway().clone()),
+            Err(e) if is_own_failure(&e) => return Err(refused(Refusal::Internal, e)),
+            Err(e) => {
+                if is_tls_failure(&e) {
+                    tls = Some(e);
+                }
+                tried.push(lease.gateway().clone());
+            }
         }
     }
-    Err(if tried.is_empty() {
-        refused(
+    Err(match (tried.len(), tls) {
+        (0, _) => refused(
             Refusal::NoGateway,
             format!("no gateway of pools {pools:?} is up"),
-        )
-    } else {
-        refused(
-            Refusal::GatewayUnreachable,
-            format!("{} gateways refused", tried.len()),
-        )
+        ),
+        (n, Some(e)) => refused(
+            Refusal::UpstreamTls,
+            format!("{n} gateways refused, TLS among them: {e}"),
+        ),
+        (n, None) => refused(Refusal::GatewayUnreachable, format!("{n} gateways refused")),
     })
 }
 
-/// Terminate mode's way to a gateway, before HELLO: a TCP connection (TLS comes next), or a
-/// stream on the gateway's link (`--upstream link`).
-pub(crate) enum Dialed {
-    Tcp(TcpStream),
-    Link(Box<dyn Upstream>),
-}
-
-/// Reaches `gateway` the configured way (see [`Dialed`]); failures count as in
-/// [`dial_gateway`].
-pub(crate) async fn dial_upstream(ctx: &Context, gateway: Arc<Gateway>) -> io::Result<Dialed> {
+/// Terminate mode's way to a gateway: a connection made ready for a session's first frame,
+/// whichever way the proxy reaches its gateways: a stream on the gateway's link (`--upstream
+/// link`), or a TCP connection ([`reach_tcp`]). The PROXY header is written (always on a
+/// link). Every failure counts against the gateway ([`failed`]), a TLS failure as such, and
+/// [`connect_with`] tries the next gateway.
+pub(crate) async fn reach(
+    ctx: &Context,
+    gateway: Arc<Gateway>,
+    origin: &crate::proxy_protocol::Origin,
+) -> io::Result<Box<dyn Upstream>> {
     let Some(links) = &ctx.links else {
-        return dial_gateway(ctx, gateway).await.map(Dialed::Tcp);
+        return reach_tcp(ctx, gateway, origin).await;
     };
     let started = Instant::now();
-    match links.open(&ctx.config, &gateway).await {
-        Ok(up) => {
-            ctx.meters.connect.record(started.elapsed());
-            Ok(Dialed::Link(up))
-        }
+    let mut up = match links.open(&ctx.config, &gateway).await {
+        Ok(up) => up,
         Err(error) => {
-            connect_failed(ctx, &gateway, &error);
-            Err(error)
+            failed(ctx, &gateway, &error);
+            return Err(error);
         }
-    }
+    };
+    ctx.meters.connect.record(started.elapsed());
+    let header = origin.header()?;
+    up.write_all(&header).await?;
+    Ok(up)
+}
+
+/// A TCP connection to `gateway` ([`dial_gateway`]), the PROXY header first where its pool
+/// wants one, then TLS where `[upstream_tls]` is configured, within `handshake_timeout`. A
+/// gateway whose TLS fails (a certificate the proxy does not trust, or one refusing the
+/// proxy's) counts against its health as a failed connect does: else the balancer would
+/// favour it, since it never keeps a session.
+pub(crate) async fn reach_tcp(
+    ctx: &Context,
+    gateway: Arc<Gateway>,
+    origin: &crate::proxy_protocol::Origin,
+) -> io::Result<Box<dyn Upstream>> {
+    let stream = dial_gateway(ctx, gateway.clone()).await?;
+    let ready = ctx
+        .deadlines
+        .timeout(
+            ctx.config.handshake_timeout,
+            over_tcp(ctx, &gateway, stream, origin),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no TLS with the gateway in time",
+            ))
+        });
+    ready.inspect_err(|e| failed(ctx, &gateway, e))
 }
 
 /// Connects to `gateway` within `connect_timeout`. A failure (other than the proxy's own
@@ -120,16 +156,62 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
     Err(error)
 }
 
-/// A failed connect (or link stream) is counted against the gateway, wakes its prober, and
-/// counts as a failed health observation.
+/// A failed connect is counted against the gateway, wakes its prober, and counts as a failed
+/// health observation.
 fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
     Counts::bump(&gateway.counts.connect_failures);
+    observe_failure(ctx, gateway, error);
+}
+
+/// A gateway that could not be made ready for a session: counted by kind (a failed connect,
+/// link or stream; a TLS failure, logged at warn since it is a configuration to mend), its
+/// prober woken, and a failed health observation. The same for every upstream (TCP, TLS,
+/// link) and every caller (a session's open, a move, a raw listener).
+pub(crate) fn failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
+    if is_tls_failure(error) {
+        Counts::bump(&gateway.counts.upstream_tls_failures);
+        tracing::warn!(gateway = %gateway.name, %error, "TLS with the gateway failed");
+        observe_failure(ctx, gateway, error);
+    } else if !is_fd_exhaustion(error) && !is_own_failure(error) {
+        connect_failed(ctx, gateway, error);
+    }
+}
+
+fn observe_failure(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
     gateway.suspect();
-    tracing::debug!(gateway = %gateway.name, %error, "connect to gateway failed");
+    tracing::debug!(gateway = %gateway.name, %error, "reaching the gateway failed");
     let health = &ctx.config.health;
     if health.check != HealthCheck::None && !gateway.refusal_is_its_drain(error) {
         let change = gateway.observe(false, health.rise, health.fall);
         crate::health::report(gateway, change, &error.to_string());
+    }
+}
+
+/// A failure of the proxy's own, not the gateway's: the TLS records not handed over
+/// (refused `internal`, not counted against the gateway, no other gateway tried).
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy's own: {0}")]
+struct OwnFailure(io::Error);
+
+fn is_own_failure(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|i| i.downcast_ref::<OwnFailure>().is_some())
+}
+
+/// Whether `e` is a TLS failure with a gateway: rustls' (TCP), or a QUIC connection closed
+/// with a TLS alert by either end (a link).
+pub(crate) fn is_tls_failure(e: &io::Error) -> bool {
+    if crate::tls::is_tls_error(e) {
+        return true;
+    }
+    let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<quinn::ConnectionError>())
+    {
+        Some(quinn::ConnectionError::TransportError(t)) => crypto(t.code),
+        Some(quinn::ConnectionError::ConnectionClosed(c)) => crypto(c.error_code),
+        _ => false,
     }
 }
 
@@ -146,10 +228,10 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-/// Why opening a link failed.
+/// Why a session could not be opened on a gateway made ready ([`open`]).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum OpenError {
-    /// TLS with the gateway failed (counted by the caller).
+    /// TLS with the gateway failed (counted against it by [`open`]).
     #[error("TLS with the gateway: {0}")]
     Tls(io::Error),
     #[error("{0}")]
@@ -158,30 +240,26 @@ pub(crate) enum OpenError {
     Frame(String),
     #[error("the gateway closed before answering HELLO")]
     Closed,
-    /// The proxy's own failure, not the gateway's (the TLS records not handed over).
-    #[error("{0}")]
-    Internal(io::Error),
 }
 
 /// A connection to `gateway` made ready for bytes: the PROXY header first where its pool
-/// wants one, then TLS when `[upstream_tls]` is configured.
-pub(crate) async fn over_tcp(
+/// wants one, then TLS when `[upstream_tls]` is configured. (A failure of the proxy's own,
+/// the records not handed over, is [`OwnFailure`], no failure of the gateway's.)
+async fn over_tcp(
     ctx: &Context,
     gateway: &Gateway,
     mut stream: tokio::net::TcpStream,
     origin: &crate::proxy_protocol::Origin,
-) -> Result<Box<dyn Upstream>, OpenError> {
+) -> io::Result<Box<dyn Upstream>> {
     if crate::upstream::wants_proxy_header(ctx, gateway) {
-        let header = origin.header().map_err(OpenError::Io)?;
-        stream.write_all(&header).await.map_err(OpenError::Io)?;
+        let header = origin.header()?;
+        stream.write_all(&header).await?;
     }
     let Some(client) = &ctx.connector else {
         return Ok(Box::new(stream));
     };
     let name = crate::tls::upstream_name(&ctx.config, &gateway.addr);
-    let mut up = crate::tls::TlsStream::connect(Arc::clone(client), name, stream)
-        .await
-        .map_err(OpenError::Tls)?;
+    let mut up = crate::tls::TlsStream::connect(Arc::clone(client), name, stream).await?;
     let kind = match up.handshake_kind() {
         Some(rustls::HandshakeKind::Resumed) => "resumed",
         _ => "full",
@@ -189,28 +267,23 @@ pub(crate) async fn over_tcp(
     counter!(UPSTREAM_HANDSHAKES, "kind" => kind).increment(1);
     // Nothing more is read of the handshake: the connection keeps only its traffic secrets
     // from here on (`tls::records`), as a device's does.
-    up.shed_handshake().map_err(OpenError::Internal)?;
+    up.shed_handshake()
+        .map_err(|e| io::Error::other(OwnFailure(e)))?;
     Ok(Box::new(up))
 }
 
-/// Opens a link on `dialed`: TLS when configured (a PROXY header first for pools that want
-/// one; always on a link stream), HELLO, and the gateway's first frame.
+/// Opens a session on `up` (made ready by [`reach`]): HELLO, and the gateway's first frame.
+/// A TLS failure here (with TLS 1.3 a gateway refuses the proxy's certificate only after the
+/// proxy's side of the handshake is done) counts against the gateway as in [`reach`].
 pub(crate) async fn open(
     ctx: &Context,
-    gateway: &Gateway,
-    dialed: crate::upstream::Dialed,
-    (hello, origin): (&[u8], &crate::proxy_protocol::Origin),
+    gateway: &Arc<Gateway>,
+    mut up: Box<dyn Upstream>,
+    hello: &[u8],
 ) -> Result<(Box<dyn Upstream>, Frame, BytesMut), OpenError> {
-    let mut up: Box<dyn Upstream> = match dialed {
-        crate::upstream::Dialed::Link(mut up) => {
-            let header = origin.header().map_err(OpenError::Io)?;
-            up.write_all(&header).await.map_err(OpenError::Io)?;
-            up
-        }
-        crate::upstream::Dialed::Tcp(stream) => over_tcp(ctx, gateway, stream, origin).await?,
-    };
     let tls_or_io = |e: io::Error| {
-        if crate::tls::is_tls_error(&e) {
+        if is_tls_failure(&e) {
+            failed(ctx, gateway, &e);
             OpenError::Tls(e)
         } else {
             OpenError::Io(e)

@@ -433,8 +433,9 @@ async fn raw_proxy(pki: &Pki, service: &Backend, resumption: bool) -> RunningPro
 }
 
 /// A `raw` listener with TLS to its service: a service that takes the connection and never
-/// answers the proxy's TLS does not hold the client past `handshake_timeout` (refused as
-/// `gateway_error`), as an anchored session's open is bounded.
+/// answers the proxy's TLS does not hold the client past `handshake_timeout`: counted
+/// against the gateway as a failed connect (its TLS is part of reaching it), and the client
+/// refused as `gateway_unreachable` when no other gateway takes it.
 #[tokio::test]
 async fn a_raw_listener_bounds_the_tls_with_its_service() {
     let pki = pki(KeyKind::EcdsaP256);
@@ -473,10 +474,16 @@ async fn a_raw_listener_bounds_the_tls_with_its_service() {
     assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
     until_metric(
         &proxy,
-        "wasmbed_proxy_connections_rejected_total{reason=\"gateway_error\"}",
+        "wasmbed_proxy_connections_rejected_total{reason=\"gateway_unreachable\"}",
         1.0,
     )
     .await;
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_gateway_connect_failures_total{gateway=\"silent\"}")
+            .await,
+        1.0
+    );
 }
 
 /// A `raw` listener: TLS ends at the proxy with the same client certificate checks, and the

@@ -771,14 +771,15 @@ async fn attempt(
     lease: Lease,
     hello: (&[u8], &crate::proxy_protocol::Origin),
 ) -> Result<Relinked, String> {
-    let stream = crate::upstream::dial_upstream(ctx, lease.gateway().clone())
+    let (hello, origin) = hello;
+    let up = crate::upstream::reach(ctx, lease.gateway().clone(), origin)
         .await
         .map_err(|e| e.to_string())?;
     let opened = ctx
         .deadlines
         .timeout(
             ctx.config.handshake_timeout,
-            crate::upstream::open(ctx, lease.gateway(), stream, hello),
+            crate::upstream::open(ctx, lease.gateway(), up, hello),
         )
         .await
         .map_err(|_| "no answer to HELLO in time".to_string())?
