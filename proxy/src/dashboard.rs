@@ -1,7 +1,7 @@
 //! dashboard: the live page of the admin endpoint (`GET /`, `/dashboard`) and its feed,
 //! `GET /api/events` (Server-Sent Events).
 //!
-//! One task builds a snapshot every [`TICK`] — gateways (sessions, capacity, health, drain,
+//! One task builds a snapshot every [`TICK`] while anyone watches — gateways (sessions, capacity, health, drain,
 //! time down), spread and its history, rates, the latest events — serializes it once, and
 //! publishes the text through a `watch` channel. Every subscriber (a page, a script) gets the
 //! same `Arc<str>`: a hundred open tabs cost a hundred socket writes per tick, and nothing on
@@ -62,8 +62,23 @@ struct Snapshot<'a> {
     events: Vec<Event>,
 }
 
-/// The feed every subscriber reads.
-pub type Feed = watch::Receiver<Arc<str>>;
+/// The feed every subscriber reads ([`sse`]). Only subscribers hold its receivers, so the
+/// snapshot task can tell that nobody watches and build nothing (an admin endpoint's handle
+/// is the sending side's).
+#[derive(Clone)]
+pub struct Feed(Arc<watch::Sender<Arc<str>>>);
+
+impl Feed {
+    /// A new subscriber's receiver: the latest snapshot is its first.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<str>> {
+        self.0.subscribe()
+    }
+
+    /// The latest snapshot (`{}` while nobody watches).
+    pub fn latest(&self) -> Arc<str> {
+        self.0.borrow().clone()
+    }
+}
 
 /// Starts the snapshot task, tracked by `tracker`, on the runtime of `on` (the admin
 /// endpoint's thread); returns the feed.
@@ -72,12 +87,15 @@ pub fn spawn(
     (tracker, on): (&tokio_util::task::TaskTracker, &tokio::runtime::Handle),
     stop: CancellationToken,
 ) -> Feed {
-    let (tx, rx) = watch::channel::<Arc<str>>(Arc::from("{}"));
-    tracker.spawn_on(run(live, tx, stop), on);
-    rx
+    let feed = Feed(Arc::new(watch::Sender::new(Arc::from(NOTHING))));
+    tracker.spawn_on(run(live, feed.0.clone(), stop), on);
+    feed
 }
 
-async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationToken) {
+/// The feed's value while nobody watches: no snapshot, rather than one gone stale.
+const NOTHING: &str = "{}";
+
+async fn run(live: Arc<Live>, tx: Arc<watch::Sender<Arc<str>>>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut history: VecDeque<(u64, i64)> = VecDeque::with_capacity(HISTORY);
@@ -148,8 +166,12 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
             }
             history.push_back((crate::events::unix_ms() / 1000, spread));
         }
-        if tx.receiver_count() <= 1 {
-            // Nobody but the handle kept by the admin endpoint: build nothing.
+        if tx.receiver_count() == 0 {
+            // Nobody watches: build nothing, and keep no snapshot that would be stale by the
+            // time the next subscriber reads it (it waits for the next tick's instead).
+            if &**tx.borrow() != NOTHING {
+                tx.send_replace(Arc::from(NOTHING));
+            }
             continue;
         }
         let gateways = snapshot
@@ -192,11 +214,14 @@ async fn run(live: Arc<Live>, tx: watch::Sender<Arc<str>>, stop: CancellationTok
 /// `GET /api/events`: the snapshot now, then each new one (`event: snapshot`), as
 /// Server-Sent Events.
 pub fn sse(
-    mut feed: Feed,
+    feed: Feed,
 ) -> axum::response::Sse<
     impl futures_util::Stream<Item = Result<axum::response::sse::Event, Infallible>>,
 > {
-    feed.mark_changed();
+    let mut feed = feed.subscribe();
+    if &**feed.borrow() != NOTHING {
+        feed.mark_changed();
+    }
     let stream = futures_util::stream::unfold(feed, |mut feed| async move {
         feed.changed().await.ok()?;
         let text = feed.borrow_and_update().clone();
@@ -214,4 +239,49 @@ pub mod assets {
     pub const SCRIPT: &str = include_str!("../assets/dashboard.js");
     pub const UPLOT_JS: &str = include_str!("../assets/vendor/uplot/uPlot.iife.min.js");
     pub const UPLOT_CSS: &str = include_str!("../assets/vendor/uplot/uPlot.min.css");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A subscriber gets a snapshot at the next tick; once nobody watches, the feed keeps no
+    /// snapshot (a stale one) and none is built again. (The admin endpoint's handle is no
+    /// subscriber: before, two receivers it kept made every tick build and serialize a
+    /// snapshot for nobody, forever.)
+    #[tokio::test]
+    async fn a_snapshot_is_built_only_while_someone_watches() {
+        let control = crate::control::Control::start("test-control").expect("a thread");
+        let ctx = crate::context::Context::for_tests();
+        let live = Arc::new(Live::new(ctx, CancellationToken::new(), control));
+        let (tracker, stop) = (
+            tokio_util::task::TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        let on = tokio::runtime::Handle::current();
+        let feed = spawn(live, (&tracker, &on), stop.clone());
+        let admins_handle = feed.clone();
+        let mut watching = feed.subscribe();
+        watching.changed().await.expect("a snapshot");
+        assert!(
+            watching.borrow().contains("\"gateways\""),
+            "{}",
+            &**watching.borrow()
+        );
+        drop(watching);
+        // The next tick sees nobody: the feed is emptied (bounded: 20 ticks).
+        let mut waited = Duration::ZERO;
+        while &*admins_handle.latest() != NOTHING {
+            assert!(waited < TICK * 20, "a snapshot still built for nobody");
+            tokio::time::sleep(TICK / 10).await;
+            waited += TICK / 10;
+        }
+        // And stays so: nothing is built while nobody watches (absence has no signal to
+        // wait on: two ticks pass).
+        tokio::time::sleep(TICK * 2).await;
+        assert_eq!(&*feed.latest(), NOTHING);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
 }
