@@ -260,7 +260,7 @@ async fn certs_init_writes_an_empty_crl_a_proxy_starts_with() {
     support::certs_init(dir.path(), &["--devices", "1", "--gateways", "1"]);
     let crl = dir.path().join("crl.pem");
     let crls = wasmbed_certs::load_crls(&crl).expect("certs init wrote a CRL");
-    assert_eq!(wasmbed_certs::revoked_serials(&crls).len(), 0);
+    assert_eq!(wasmbed_certs::revoked_keys(&crls).len(), 0);
     let (mut gw, proxy) = terminate_stack(dir.path(), &["--client-crl", crl.to_str().unwrap()]);
     let tcp = tokio::net::TcpStream::connect(proxy.listen).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();

@@ -290,18 +290,44 @@ fn build_server_checking(
     Ok((Arc::new(config), check))
 }
 
-/// The serial numbers a set of CRLs revokes (for live sessions, checked at each reload).
-pub fn revoked_serials(
+/// The certificates a set of CRLs revokes, each as its [`revocation_key`]: its issuer (the
+/// CRL's) and its serial number. Checked at every handshake's end and, for live sessions, at
+/// each reload. By issuer too, as the handshake's own check is: serial numbers are unique only
+/// within a CA, and a fleet's trust may hold two (a CA rotation), whose serials may meet.
+pub fn revoked_keys(
     crls: &[rustls::pki_types::CertificateRevocationListDer<'_>],
 ) -> std::collections::HashSet<Vec<u8>> {
     crls.iter()
         .filter_map(|c| x509_parser::parse_x509_crl(c.as_ref()).ok())
         .flat_map(|(_, crl)| {
+            let issuer = crl.issuer().as_raw();
             crl.iter_revoked_certificates()
-                .map(|r| r.raw_serial().to_vec())
+                .map(|r| key(issuer, r.raw_serial()))
                 .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// What a CRL entry revoking `cert` is matched by ([`revoked_keys`]): its issuer's name (DER,
+/// as the CRL's issuer names it) and its serial number. `None` for a certificate that does
+/// not parse.
+pub fn revocation_key(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(key(parsed.issuer().as_raw(), parsed.raw_serial()))
+}
+
+/// The issuer's length (so that no issuer and serial read as another pair), the issuer, the
+/// serial.
+fn key(issuer: &[u8], serial: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + issuer.len() + serial.len());
+    k.extend_from_slice(
+        &u32::try_from(issuer.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    k.extend_from_slice(issuer);
+    k.extend_from_slice(serial);
+    k
 }
 
 /// Tells terminating proxies from devices by their CA: a client certificate that chains to

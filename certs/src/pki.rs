@@ -134,6 +134,17 @@ impl DevCa {
         self.sign(params, kind)
     }
 
+    /// A device certificate with the serial number `serial` (for tests of two CAs whose
+    /// serials meet, as a CA rotation's may).
+    pub fn issue_client_numbered(&self, device_id: &str, serial: u64) -> Result<Issued, CertError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = named(device_id);
+        params.subject_alt_names = vec![SanType::DnsName(device_id.try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        self.sign(params, KeyKind::EcdsaP256)
+    }
+
     /// A client certificate that names no device: an empty subject and only URI SANs (as a
     /// SPIFFE-style identity has), for tests that such a certificate, though its CA signed it,
     /// speaks for no device.

@@ -135,3 +135,35 @@ fn servers_prefer_aes_128_gcm_whatever_the_client_lists_first() {
         Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
     );
 }
+
+/// A CRL revokes by issuer and serial number: two CAs (a rotation's old and new) whose
+/// serials meet do not revoke each other's certificates, as the handshake's own check does
+/// not (it scopes a CRL to its issuer).
+#[test]
+fn a_crl_revokes_its_own_issuers_certificates_only() {
+    let (old, new) = (
+        DevCa::generate("devices, 2026").unwrap(),
+        DevCa::generate("devices, 2027").unwrap(),
+    );
+    let revoked = old.issue_client_numbered("device-0010", 10).unwrap();
+    let namesake = new.issue_client_numbered("device-0011", 10).unwrap();
+    let (revoked, namesake) = (&revoked.chain()[0], &namesake.chain()[0]);
+    assert_eq!(serial_of(revoked), serial_of(namesake), "the serials meet");
+    let crl_pem = old
+        .crl(
+            &[serial_of(revoked).unwrap()],
+            1,
+            std::time::Duration::from_secs(3600),
+        )
+        .unwrap();
+    let crls: Vec<_> =
+        rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(crl_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let keys = revoked_keys(&crls);
+    assert!(keys.contains(&revocation_key(revoked).unwrap()), "revoked");
+    assert!(
+        !keys.contains(&revocation_key(namesake).unwrap()),
+        "another CA's"
+    );
+}

@@ -1,6 +1,6 @@
 //! One reloadable trust object for every server that checks client certificates: the
 //! certificate and key it presents, the client CAs it accepts, the CRLs it refuses by, and
-//! the serial numbers those CRLs revoke.
+//! the certificates those CRLs revoke (by issuer and serial number: `crate::revocation_key`).
 //!
 //! [`ServerTrust::load`] reads and checks the files (nothing is in use yet: a bad file
 //! changes nothing); [`Reloadable`] holds what is in use, swapped whole by a reload and read
@@ -34,12 +34,13 @@ impl<'a> Named<'a> {
 }
 
 /// A server's TLS as read from its files: the rustls config (client certificates required
-/// when a client CA is given, checked against the CRLs) and the serials the CRLs revoke.
+/// when a client CA is given, checked against the CRLs) and the certificates the CRLs revoke (`crate::revoked_keys`).
 #[derive(Debug)]
 pub struct ServerTrust {
     pub config: Arc<ServerConfig>,
     /// The client-certificate check `config` runs, for sessions resumed without it.
     pub client_check: ClientCheck,
+    /// What the CRLs revoke, by [`crate::revocation_key`] (issuer and serial number).
     pub revoked: HashSet<Vec<u8>>,
     /// Each client CA's certificates, as read, in the order given (a caller may tell some of
     /// them apart: a gateway's proxies' CA), so no file is read twice.
@@ -66,7 +67,7 @@ impl ServerTrust {
         for path in crls.0 {
             revocations.extend(crate::load_crls(path).map_err(CertError::in_setting(crls.1))?);
         }
-        let revoked = crate::revoked_serials(&revocations);
+        let revoked = crate::revoked_keys(&revocations);
         let clients = (!client_ca.is_empty()).then_some(&ca[..]);
         let (config, client_check) =
             crate::server_config_checking(chain, key, clients, revocations, &[])?;
@@ -122,8 +123,9 @@ impl ClientCheck {
 
 /// What a trust object revokes, for live sessions to check themselves at a reload.
 pub trait Revokes {
-    /// Whether the certificate with this serial number is revoked.
-    fn revokes(&self, serial: &[u8]) -> bool;
+    /// Whether the certificate with this revocation key (its issuer and serial number:
+    /// [`crate::revocation_key`]) is revoked.
+    fn revokes(&self, key: &[u8]) -> bool;
 }
 
 impl Revokes for ServerTrust {
@@ -180,7 +182,8 @@ impl<T> Reloadable<T> {
 }
 
 impl<T: Revokes> Reloadable<T> {
-    /// Whether the trust in use revokes the certificate with this serial number.
+    /// Whether the trust in use revokes the certificate with this revocation key
+    /// ([`crate::revocation_key`]).
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
         self.current
             .load()

@@ -110,9 +110,10 @@ impl Shared {
         Ok(())
     }
 
-    /// Whether a CRL in use revokes the certificate with this serial number.
-    pub fn is_revoked(&self, serial: &[u8]) -> bool {
-        self.tls.is_revoked(serial)
+    /// Whether a CRL in use revokes the certificate with this revocation key
+    /// ([`wasmbed_certs::revocation_key`]).
+    pub fn is_revoked(&self, key: &[u8]) -> bool {
+        self.tls.is_revoked(key)
     }
 
     /// Re-reads `--session-keys` (on SIGHUP). A bad file keeps the ring in use.
@@ -139,7 +140,8 @@ pub struct DeviceTls {
     pub acceptor: TlsAcceptor,
     /// `--trusted-proxy-ca`: client certificates from it belong to terminating proxies.
     pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
-    /// The serial numbers the `--client-crl` files revoke.
+    /// What the `--client-crl` files revoke, by [`wasmbed_certs::revocation_key`] (issuer and
+    /// serial number).
     pub revoked: std::collections::HashSet<Vec<u8>>,
     /// The client-certificate check the handshakes run, for those resumed from a ticket
     /// (which skip it).
@@ -147,8 +149,8 @@ pub struct DeviceTls {
 }
 
 impl wasmbed_certs::Revokes for DeviceTls {
-    fn revokes(&self, serial: &[u8]) -> bool {
-        self.revoked.contains(serial)
+    fn revokes(&self, key: &[u8]) -> bool {
+        self.revoked.contains(key)
     }
 }
 
@@ -180,7 +182,7 @@ impl DeviceTls {
         }
         let cert = chain.first();
         if cert
-            .and_then(wasmbed_certs::serial_of)
+            .and_then(wasmbed_certs::revocation_key)
             .is_some_and(|s| self.revoked.contains(&s))
         {
             return Err("certificate revoked".into());
@@ -510,9 +512,10 @@ async fn accept(
                     }
                     (stated, None)
                 }
-                Speaker::Device(identity) => {
-                    (identity, chain.first().and_then(wasmbed_certs::serial_of))
-                }
+                Speaker::Device(identity) => (
+                    identity,
+                    chain.first().and_then(wasmbed_certs::revocation_key),
+                ),
             };
             session::serve(shared, tls, (identity, serial), drain).await;
         }

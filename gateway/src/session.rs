@@ -138,8 +138,9 @@ fn protocol_end(e: ProtocolError) -> End {
     End::Protocol(e.code(), e.to_string())
 }
 
-/// Serves one session. `identity` is the device certificate's name and `serial` its serial
-/// number (for revocation while the session lives), when TLS presented one.
+/// Serves one session. `identity` is the device certificate's name and `serial` its issuer
+/// and serial number ([`wasmbed_certs::revocation_key`], for revocation while the session
+/// lives), when TLS presented one.
 pub async fn serve<S>(
     shared: Arc<Shared>,
     stream: S,
@@ -171,7 +172,8 @@ pub async fn serve<S>(
     shared.sessions.fetch_sub(1, Ordering::AcqRel);
 }
 
-/// What TLS said of the device: its certificate's name and serial number.
+/// What TLS said of the device: its certificate's name, and its issuer and serial number
+/// ([`wasmbed_certs::revocation_key`]).
 #[derive(Clone, Copy)]
 struct Device<'a> {
     identity: Option<&'a str>,

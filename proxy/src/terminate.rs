@@ -156,7 +156,8 @@ pub(crate) struct Verified {
     /// The certificate's device (`None` without `client_ca`).
     identity: Option<String>,
     attributes: Option<wasmbed_certs::CertAttributes>,
-    /// For revocation at a CRL reload.
+    /// For revocation at a CRL reload: its issuer and serial number
+    /// ([`wasmbed_certs::revocation_key`]).
     serial: Option<Vec<u8>>,
     peer: std::net::SocketAddr,
     local: Option<std::net::SocketAddr>,
@@ -189,7 +190,7 @@ impl Verified {
             ));
         }
         let cert = chain.first();
-        let serial = cert.and_then(wasmbed_certs::serial_of);
+        let serial = cert.and_then(wasmbed_certs::revocation_key);
         if serial
             .as_deref()
             .is_some_and(|s| ctx.device_tls.is_revoked(s))

@@ -45,8 +45,8 @@ pub struct DeviceTrust {
 }
 
 impl Revokes for DeviceTrust {
-    fn revokes(&self, serial: &[u8]) -> bool {
-        self.revoked.contains(serial)
+    fn revokes(&self, key: &[u8]) -> bool {
+        self.revoked.contains(key)
     }
 }
 
@@ -318,14 +318,15 @@ impl DeviceTls {
         Ok(())
     }
 
-    /// The number of serials the CRLs in use revoke.
+    /// The number of certificates the CRLs in use revoke.
     pub fn revoked_serials(&self) -> usize {
         self.trust.load().map_or(0, |t| t.revoked.len())
     }
 
-    /// Whether the CRLs in use revoke the certificate with this serial number.
-    pub(crate) fn is_revoked(&self, serial: &[u8]) -> bool {
-        self.trust.is_revoked(serial)
+    /// Whether the CRLs in use revoke the certificate with this revocation key (its issuer and
+    /// serial number: [`wasmbed_certs::revocation_key`]).
+    pub(crate) fn is_revoked(&self, key: &[u8]) -> bool {
+        self.trust.is_revoked(key)
     }
 
     /// Whether a device's chain passes the certificate check in use now (CA, validity,

@@ -751,6 +751,74 @@ async fn a_certificate_that_names_no_device_is_refused_on_every_transport() {
     assert_eq!(named.step().await, Some(Kind::Reply));
 }
 
+/// A CRL revokes its own CA's certificates only, at the handshake's end on every transport:
+/// with two device CAs trusted (a rotation's old and new), a certificate of the new one whose
+/// serial number the old one's CRL revokes gets its session, and the old one's is refused.
+#[tokio::test]
+async fn a_crl_revokes_its_own_cas_devices_only_on_every_transport() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let dir = tempfile::tempdir().unwrap();
+    let newer = DevCa::generate("devices, 2027").unwrap();
+    let cas = dir.path().join("cas.pem");
+    std::fs::write(&cas, format!("{}{}", pki.ca.cert_pem(), newer.cert_pem())).unwrap();
+    let revoked = pki.ca.issue_client_numbered("device-0010", 10).unwrap();
+    let namesake = newer.issue_client_numbered("device-0011", 10).unwrap();
+    let serial = wasmbed_certs::serial_of(&revoked.chain()[0]).unwrap();
+    let crl = dir.path().join("crl.pem");
+    let hour = Duration::from_secs(3600);
+    std::fs::write(&crl, pki.ca.crl(&[serial], 1, hour).unwrap()).unwrap();
+    let mut config = quic_proxy(&pki, &[&gw]);
+    if let Some(tls) = config.tls.as_mut() {
+        tls.client_ca = Some(cas);
+        tls.client_crls = vec![crl];
+    }
+    let proxy = start(config).await;
+    let quic = proxy.quic.unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let answer = |transport: &'static str,
+                  issued: &wasmbed_certs::pki::Issued,
+                  device: &'static str| {
+        let tcp = device_tls_with(&pki.ca, issued);
+        let (endpoint, addr) = (endpoint.clone(), proxy.addr);
+        async move {
+            match transport {
+                "tcp" => {
+                    let mut dev = Device::new(tls_connect(addr, tcp).await.ok()?);
+                    dev.send_raw(&hello_of(device)).await.ok()?;
+                    dev.recv().await.map(|f| f.kind)
+                }
+                _ => {
+                    let mut tls = (*tcp).clone();
+                    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+                    let crypto =
+                        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).ok()?;
+                    let client = quinn::ClientConfig::new(Arc::new(crypto));
+                    let conn = endpoint
+                        .connect_with(client, quic, "localhost")
+                        .ok()?
+                        .await
+                        .ok()?;
+                    let (send, recv) = conn.open_bi().await.ok()?;
+                    let mut dev = Device::new(tokio::io::join(recv, send));
+                    dev.send_raw(&hello_of(device)).await.ok()?;
+                    dev.recv().await.map(|f| f.kind)
+                }
+            }
+        }
+    };
+    for transport in ["tcp", "quic"] {
+        let f = answer(transport, &namesake, "device-0011").await;
+        assert_eq!(
+            f,
+            Some(Kind::Welcome),
+            "{transport}: another CA's serial 10"
+        );
+        let f = answer(transport, &revoked, "device-0010").await;
+        assert_ne!(f, Some(Kind::Welcome), "{transport}: the revoked one");
+    }
+}
+
 /// At `max_connections`, a QUIC device waits in the handshake line for a place, as a TCP
 /// device waits in the listen backlog, instead of being refused at once: an Initial held
 /// unanswered holds no socket, so the place is taken when its handshake starts (devices in
