@@ -433,10 +433,9 @@ impl Gateway {
     }
 
     /// The weight in thousandths, reduced while the gateway is in slow start.
-    fn effective_weight(&self, slow_start: Duration, now_ms: u64) -> u64 {
+    fn effective_weight(&self, slow_ms: u64, now_ms: u64) -> u64 {
         let full = u64::from(self.weight()) * 1000;
         let since = self.up_since_ms.load(Ordering::Relaxed);
-        let slow_ms = slow_start.as_millis() as u64;
         if since == 0 || slow_ms == 0 {
             return full;
         }
@@ -547,7 +546,8 @@ pub struct GatewaySet {
     /// held waiting for a gateway): rebalancing plans only when there are none.
     moves_in_flight: AtomicUsize,
     rotation: AtomicUsize,
-    slow_start: Duration,
+    /// `slow_start` in milliseconds (a reload changes it: [`GatewaySet::set_slow_start`]).
+    slow_start_ms: AtomicU64,
     /// The proxy is stopping: `/readyz` says 503 so load balancers stop sending, and
     /// terminated sessions are handed back to their devices.
     stopping: Trigger,
@@ -581,9 +581,15 @@ impl GatewaySet {
             gateways: ArcSwap::from_pointee(gateways),
             moves_in_flight: AtomicUsize::new(0),
             rotation: AtomicUsize::new(0),
-            slow_start,
+            slow_start_ms: AtomicU64::new(millis(slow_start)),
             stopping: Trigger::new(),
         }
+    }
+
+    /// A reload's `slow_start`: gateways picked from now on ramp in over it.
+    pub fn set_slow_start(&self, slow_start: Duration) {
+        self.slow_start_ms
+            .store(millis(slow_start), Ordering::Relaxed);
     }
 
     /// The proxy began to stop (SIGTERM, SIGINT): not ready any more.
@@ -695,7 +701,8 @@ impl GatewaySet {
         if n == 0 {
             return None;
         }
-        let now_ms = if self.slow_start.is_zero() {
+        let slow_ms = self.slow_start_ms.load(Ordering::Relaxed);
+        let now_ms = if slow_ms == 0 {
             0
         } else {
             epoch().elapsed().as_millis() as u64
@@ -706,13 +713,18 @@ impl GatewaySet {
             || self.rotation.fetch_add(1, Ordering::Relaxed),
             |g| {
                 let eligible = g.eligible(pool) && !exclude.iter().any(|x| Arc::ptr_eq(x, g));
-                eligible.then(|| (&g.sessions, g.effective_weight(self.slow_start, now_ms)))
+                eligible.then(|| (&g.sessions, g.effective_weight(slow_ms, now_ms)))
             },
         )?;
         Some(Lease {
             gateway: snapshot[index].clone(),
         })
     }
+}
+
+/// Milliseconds of `d`, saturating (durations from the config are bounded anyway).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

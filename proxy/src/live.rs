@@ -323,6 +323,7 @@ impl Live {
         }
         report.revoked_serials = old_ctx.device_tls.install(tls);
         old_ctx.device_tls.set_cap(new.max_handshakes);
+        old_ctx.gateways.set_slow_start(new.slow_start);
         let health_changed = new.health != old.health;
         let ctx = Arc::new(old_ctx.next(new, connector));
         self.current.store(ctx.clone());

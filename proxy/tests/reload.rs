@@ -394,3 +394,35 @@ fn hello_of(device: &str) -> Vec<u8> {
     };
     wasmbed_protocol::Frame::control(Kind::Hello, 0, &hello).encode()
 }
+
+/// `slow_start` is applied by a reload: a gateway added after the reload that set it ramps
+/// in (at a tenth of its weight at first), where before the reload it would have taken its
+/// full share at once.
+#[tokio::test]
+async fn a_reload_applies_slow_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let b: Vec<Backend> = futures_util::future::join_all((0..2).map(|_| Backend::spawn())).await;
+    let text = |slow_start: &str| {
+        format!(
+            "{COMMON}slow_start = \"{slow_start}\"\n{LISTENER}[health]\ncheck = \"none\"\n{}",
+            gateway_toml("a", b[0].addr, 1, "default"),
+        )
+    };
+    let proxy = on_file(&file, &text("0s")).await;
+    write(&file, &text("1h"));
+    let (status, body) = proxy.admin_post("/api/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    let added = format!("{{\"name\":\"late\",\"address\":\"{}\"}}", b[1].addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &added).await.0, 201);
+    let leases: Vec<_> = (0..110)
+        .map(|_| proxy.gateways.acquire("default", &[]).expect("a gateway"))
+        .collect();
+    let late = leases.iter().filter(|l| l.gateway().name == "late").count();
+    // At a tenth of its weight it takes about a tenth of the other's count (without slow
+    // start, half of them).
+    assert!(
+        (5..=15).contains(&late),
+        "the late gateway took {late} of 110"
+    );
+}
