@@ -312,6 +312,25 @@ impl Live {
             .collect();
         wasmbed_admin::check_apart(new.admin_auth.tls.as_ref(), &device_cas)?;
         let tls = old_ctx.device_tls.prepare(crate::tls::of(&new))?;
+        // Gateways added at run time and kept (below) are held to the new health check as the
+        // file's are: an `http` check needs a health address (else each would be probed on its
+        // data port and marked down).
+        for g in old_ctx.gateways.snapshot().iter() {
+            let kept = g.origin == Origin::Api && !new.gateways.iter().any(|c| c.name == g.name);
+            if !kept {
+                continue;
+            }
+            let config = GatewayConfig {
+                name: g.name.clone(),
+                addr: g.addr.clone(),
+                health_addr: g.health_addr.clone(),
+                weight: g.weight(),
+                pool: g.pool.clone(),
+            };
+            let field = format!("gateway {:?} (added at run time)", g.name);
+            wasmbed_config::proxy::validate::health_target(&field, new.health.check, &config)
+                .map_err(|e| ProxyError::Reload(e.to_string()))?;
+        }
         let connector = crate::tls::connector(&new)?;
         let link_client = match &old_ctx.links {
             Some(_) => Some(crate::link::client_config(&new)?),

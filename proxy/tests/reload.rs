@@ -426,3 +426,34 @@ async fn a_reload_applies_slow_start() {
         "the late gateway took {late} of 110"
     );
 }
+
+/// A gateway added at run time is kept across reloads, so a reload holds it to the new
+/// health check as it holds the file's: turning `http` checks on while it has no health
+/// address is refused (naming it), instead of its being probed on its data port and marked
+/// down.
+#[tokio::test]
+async fn a_reload_to_http_checks_is_refused_for_a_run_time_gateway_without_a_health_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let b: Vec<Backend> = futures_util::future::join_all((0..2).map(|_| Backend::spawn())).await;
+    let text = |check: &str| {
+        format!(
+            "{COMMON}{LISTENER}[health]\ncheck = \"{check}\"\n{}health_addr = \"{}\"\n",
+            gateway_toml("a", b[0].addr, 1, "default"),
+            b[0].addr
+        )
+    };
+    let proxy = on_file(&file, &text("none")).await;
+    let added = format!("{{\"name\":\"d\",\"address\":\"{}\"}}", b[1].addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &added).await.0, 201);
+    write(&file, &text("http"));
+    let (status, body) = proxy.admin_post("/api/reload", "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"d\""), "{body}");
+    assert!(proxy.gateway("d").is_healthy(), "d still takes sessions");
+    // A reload that keeps it valid is taken.
+    write(&file, &text("auto"));
+    let (status, body) = proxy.admin_post("/api/reload", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(names(&proxy), ["a", "d"]);
+}
