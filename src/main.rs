@@ -181,7 +181,10 @@ fn proxy(flags: ProxyFlags) -> ExitCode {
             let total: u64 = set.iter().map(|g| g.sessions()).sum();
             format!("{total} device sessions [{}]", per.join(" "))
         });
-        let hard = proxy.hard_stop_after();
+        let hard = {
+            let live = proxy.live();
+            move || live.context().config.hard_stop_after
+        };
         tokio::spawn(stop::on_signal(shutdown.clone(), hard, running));
         // SIGHUP (and POST /api/reload) re-read the config file with the same flags and apply
         // the difference; terminate mode's certificate, CA and CRLs are re-read with it.
@@ -235,7 +238,7 @@ fn gateway(flags: GatewayFlags) -> ExitCode {
             format!("{n} device sessions")
         });
         let hard = gateway.shared().settings.hard_stop_after;
-        tokio::spawn(stop::on_signal(shutdown.clone(), hard, running));
+        tokio::spawn(stop::on_signal(shutdown.clone(), move || hard, running));
         // SIGHUP re-reads the session key ring and the TLS files (certificate, CAs, CRLs); live
         // sessions stay, except those of devices revoked by now.
         let shared = gateway.shared();

@@ -26,9 +26,11 @@ pub type Running = Arc<dyn Fn() -> String + Send + Sync>;
 /// they no longer kill the process) and returns what waits for them. The deadlines start
 /// with the stop, whatever began it (a signal, or `shutdown` cancelled by `POST
 /// /api/shutdown`); any signal after that is the second.
+/// `hard_stop_after` is read when the stop begins: a reload may have changed it (the proxy's
+/// default follows `grace`, which a reload changes).
 pub fn on_signal(
     shutdown: CancellationToken,
-    hard_stop_after: Duration,
+    hard_stop_after: impl Fn() -> Duration + Send + 'static,
     running: Running,
 ) -> impl Future<Output = ()> {
     use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -57,6 +59,7 @@ pub fn on_signal(
         };
         // Cancel before anything that could fail or wait.
         shutdown.cancel();
+        let hard_stop_after = hard_stop_after();
         tracing::info!(
             hard_stop_after = ?hard_stop_after,
             "{first}: shutting down (a second signal stops at once)"

@@ -318,6 +318,26 @@ fn past_hard_stop_after_the_process_ends_and_names_what_still_ran() {
     }
 }
 
+/// `hard_stop_after` (and its default, `grace` + 10 s) is the one in use when the stop
+/// begins: a reload that changed it counts, so a reloaded `grace` is not cut short by the
+/// hard stop of the start.
+#[test]
+fn the_hard_stop_in_use_when_the_stop_begins_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    std::fs::write(&file, "grace = \"60s\"\nhard_stop_after = \"30s\"\n").unwrap();
+    let (mut child, mut stderr, _rt, _held) =
+        holding_a_session(Role::Proxy, &["--config", file.to_str().unwrap()]);
+    std::fs::write(&file, "grace = \"60s\"\nhard_stop_after = \"1200ms\"\n").unwrap();
+    signal(&child.0, libc::SIGHUP);
+    read_until(&mut stderr, "config reloaded");
+    signal(&child.0, libc::SIGTERM);
+    let said = read_until(&mut stderr, "hard stop");
+    assert!(said.contains("hard stop: 1.2s after SIGTERM"), "{said}");
+    let status = exited_within(&mut child.0, PROMPT).expect("still running after the hard stop");
+    assert_eq!(status.code(), Some(1), "{said}");
+}
+
 #[test]
 fn a_second_signal_ends_the_process_at_once() {
     for role in [Role::Proxy, Role::Gateway] {

@@ -196,7 +196,7 @@ pub struct ProxyFlags {
     #[arg(
         long,
         value_name = "DURATION",
-        help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: --grace plus 10 s. A second signal ends the process at once."
+        help = "On SIGTERM or SIGINT: past this, the process ends whatever still runs, with a line naming it (HAProxy's hard-stop-after). Default: --grace plus 10 s. The value in use when the stop begins counts (a reload changes it). A second signal ends the process at once."
     )]
     pub hard_stop_after: Option<String>,
     /// Upgrade in place through the Unix socket at PATH: if a proxy started with the same

@@ -336,6 +336,9 @@ impl Live {
             Some(_) => Some(crate::link::client_config(&new)?),
             None => None,
         };
+        if let Some(warning) = wasmbed_config::hard_stop_warning(new.grace, new.hard_stop_after) {
+            tracing::warn!("{warning}");
+        }
         // Then the changes.
         if let (Some(links), Some(client)) = (&old_ctx.links, link_client) {
             links.set_client(client);
