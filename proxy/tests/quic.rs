@@ -819,6 +819,38 @@ async fn a_crl_revokes_its_own_cas_devices_only_on_every_transport() {
     }
 }
 
+/// A device that ends the handshake with an alert of its own (it does not trust the proxy's
+/// certificate) is counted alike on every transport: `tls_handshake`.
+#[tokio::test]
+async fn a_device_that_refuses_the_proxys_certificate_is_counted_alike_on_every_transport() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let quic = proxy.quic.unwrap();
+    let stranger = DevCa::generate("a root the device trusts").unwrap();
+    let tcp = device_tls(&stranger, Some(&pki.ca), "device-0001", false);
+    let mut quic_tls = (*tcp).clone();
+    quic_tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
+    let quic_config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(quic_tls)).unwrap(),
+    ));
+    let series = "wasmbed_proxy_connections_rejected_total{reason=\"tls_handshake\"}";
+    assert!(tls_connect(proxy.addr, tcp).await.is_err(), "tcp: refused");
+    proxy.until_metric(series, 1.0).await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint
+        .connect_with(quic_config, quic, "localhost")
+        .unwrap();
+    assert!(connecting.await.is_err(), "quic: refused");
+    proxy.until_metric(series, 2.0).await;
+    assert_eq!(
+        proxy
+            .metric("wasmbed_proxy_connections_rejected_total{reason=\"client_error\"}")
+            .await,
+        0.0
+    );
+}
+
 /// At `max_connections`, a QUIC device waits in the handshake line for a place, as a TCP
 /// device waits in the listen backlog, instead of being refused at once: an Initial held
 /// unanswered holds no socket, so the place is taken when its handshake starts (devices in

@@ -480,6 +480,13 @@ fn handshake_refusal(e: &quinn::ConnectionError) -> Refusal {
                 _ => Refusal::TlsHandshake,
             }
         }
+        // The device ended the handshake with an alert of its own (say, it does not trust
+        // the proxy's certificate): as over TCP (rustls' `AlertReceived`), `tls_handshake`.
+        quinn::ConnectionError::ConnectionClosed(c)
+            if (0x100..0x200).contains(&u64::from(c.error_code)) =>
+        {
+            Refusal::TlsHandshake
+        }
         quinn::ConnectionError::TimedOut => Refusal::HandshakeTimeout,
         _ => Refusal::ClientError,
     }
