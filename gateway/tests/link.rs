@@ -508,3 +508,211 @@ async fn a_revoked_proxys_link_is_closed_at_its_next_session_and_refused_after()
         eprintln!("XX err {:?}", again.err());
     }
 }
+
+/// A gateway replaced at the same address by a reload (its health address written another
+/// way) is a new object whose sessions move onto the same link: the link is watched for the
+/// object that opens streams on it now, so it stays up once the old object is gone, and the
+/// sessions move once, not twice.
+#[tokio::test]
+async fn a_gateway_replaced_at_its_address_keeps_its_link() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(1);
+    let proxy = Proxy::bind(config.clone()).await.unwrap();
+    let live = proxy.live();
+    let links = live.context().links.clone().expect("--upstream link");
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    let mut devices = Vec::new();
+    for i in 0..2 {
+        let id = format!("device-07{i}");
+        let mut d = tls_device(addr, lp.pki.device(&id, Some(&lp.pki.ca)))
+            .await
+            .unwrap();
+        d.open(&id, "counter").await;
+        devices.push(d);
+    }
+    for d in devices.iter_mut() {
+        let r = d.data(b"\x01").await;
+        assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
+    }
+    let up = || {
+        let text = wasmbed_gateway::metrics::handle().render();
+        wasmbed_testkit::Metrics::parse(&text).series("wasmbed_proxy_links_total{result=\"up\"}")
+    };
+    assert_eq!(up(), 1.0);
+    // The same gateway, its health address written by name: replaced.
+    config.gateways[0].health_addr = Some(format!("localhost:{}", gw.admin.port()));
+    let report = live.apply(config.clone()).unwrap();
+    assert_eq!(report.replaced, ["gw-0"], "{report:?}");
+    // Its sessions move onto the new object, over the same link.
+    let on_the_new = || {
+        let set = live.context().gateways.snapshot();
+        set.iter().find(|g| g.name == "gw-0").map(|g| g.sessions())
+    };
+    wasmbed_testkit::until(std::time::Duration::from_secs(10), "moved", || {
+        on_the_new() == Some(2)
+    })
+    .await;
+    let mut counts = Vec::new();
+    for d in devices.iter_mut() {
+        let r = d.data(b"\x01").await;
+        counts.push(u64::from_le_bytes(r.body[..8].try_into().unwrap()));
+    }
+    // Past a few of the link's watch periods (its timeout, 1 s): not moved again (the count
+    // goes on, where a move would start it afresh: this gateway keeps no session keys).
+    tokio::time::sleep(config.link_timeout * 3).await;
+    for (d, before) in devices.iter_mut().zip(counts) {
+        let r = d.data(b"\x01").await;
+        assert_eq!(
+            u64::from_le_bytes(r.body[..8].try_into().unwrap()),
+            before + 1
+        );
+    }
+    assert_eq!(links.live(), 1);
+    assert_eq!(up(), 1.0, "the link was closed and made again");
+}
+
+/// A gateway at its `--max-sessions` gives its links no more streams until one ends: a
+/// session waiting for one is bounded by `connect_timeout`, counted as a failed connect, and
+/// (no other gateway here) refused with ERROR `unavailable`, as over TCP a full gateway's
+/// ERROR refuses it, instead of waiting unbounded with its lease held.
+#[tokio::test]
+async fn a_full_gateways_link_bounds_the_wait_for_a_stream() {
+    let lp = LinkPki::new();
+    let mut settings = lp.gateway();
+    settings.max_sessions = 1;
+    let gw = start(settings).await;
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(1);
+    config.connect_timeout = std::time::Duration::from_millis(300);
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    let mut first = tls_device(addr, lp.pki.device("device-0400", Some(&lp.pki.ca)))
+        .await
+        .unwrap();
+    first.open("device-0400", "counter").await;
+    let mut second = tls_device(addr, lp.pki.device("device-0401", Some(&lp.pki.ca)))
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        second.refused_with("device-0401", "counter"),
+    )
+    .await
+    .expect("answered, not held waiting for a stream");
+    assert_eq!(
+        refused,
+        Some(wasmbed_protocol::ErrorCode::Unavailable as u16)
+    );
+    let r = first.data(b"\x01").await;
+    assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
+}
+
+/// Sessions that arrive while a link is being made wait for that one attempt and share its
+/// outcome, a failure too: a gateway that never answers (its UDP silent) costs them one
+/// connect timeout in all, not one more for each session in line, each with its lease held.
+#[tokio::test]
+async fn sessions_waiting_on_a_link_share_its_failure() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(1);
+    config.connect_timeout = std::time::Duration::from_millis(400);
+    config.connect_retries = 0;
+    config.health.check = wasmbed_config::HealthCheck::None;
+    config.gateways[0].addr = silent.local_addr().unwrap().to_string();
+    config.gateways[0].health_addr = None;
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    // Ten devices through their handshakes first, then their HELLOs at once.
+    let mut devices = Vec::new();
+    for i in 0..10 {
+        let id = format!("device-05{i:02}");
+        let d = tls_device(addr, lp.pki.device(&id, Some(&lp.pki.ca)))
+            .await
+            .unwrap();
+        devices.push((id, d));
+    }
+    let answers = futures_util::future::join_all(
+        devices
+            .iter_mut()
+            .map(|(id, d)| d.refused_with(id, "counter")),
+    )
+    .await;
+    for a in answers {
+        assert_eq!(a, Some(wasmbed_protocol::ErrorCode::Unavailable as u16));
+    }
+    let text = wasmbed_gateway::metrics::handle().render();
+    let failed = wasmbed_testkit::Metrics::parse(&text)
+        .series("wasmbed_proxy_links_total{result=\"failed\"}");
+    assert!(
+        failed < 3.0,
+        "{failed} attempts for ten sessions that waited on one"
+    );
+    drop(silent);
+}
+
+/// A reload that changes `[upstream_tls]` reaches the link as it reaches TCP sessions: new
+/// sessions get a link made with the new trust (here a CA that does not trust the gateway:
+/// refused), sessions already open keep theirs; a reload that changes nothing there
+/// replaces no link.
+#[tokio::test]
+async fn a_reload_of_the_upstream_trust_reaches_new_sessions_on_the_link() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(1);
+    let proxy = Proxy::bind(config.clone()).await.unwrap();
+    let live = proxy.live();
+    let links = live.context().links.clone().expect("--upstream link");
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    let up = || {
+        let text = wasmbed_gateway::metrics::handle().render();
+        wasmbed_testkit::Metrics::parse(&text).series("wasmbed_proxy_links_total{result=\"up\"}")
+    };
+    let device = |id: &'static str| tls_device(addr, lp.pki.device(id, Some(&lp.pki.ca)));
+    let mut first = device("device-0600").await.unwrap();
+    first.open("device-0600", "counter").await;
+    // Nothing changed: the same link.
+    live.apply(config.clone()).unwrap();
+    let mut second = device("device-0601").await.unwrap();
+    second.open("device-0601", "counter").await;
+    assert_eq!((links.live(), up()), (1, 1.0));
+    // The gateways' CA replaced by one that does not trust this gateway.
+    let stranger = DevCa::generate("not the gateways' CA").unwrap();
+    std::fs::write(lp.pki.path("stranger.pem"), stranger.cert_pem()).unwrap();
+    if let Some(up) = config.upstream_tls.as_mut() {
+        up.ca = lp.pki.path("stranger.pem");
+    }
+    live.apply(config).unwrap();
+    let mut third = device("device-0602").await.unwrap();
+    assert_eq!(
+        third.refused_with("device-0602", "counter").await,
+        Some(wasmbed_protocol::ErrorCode::Unavailable as u16),
+        "a new session is held to the new trust"
+    );
+    for d in [&mut first, &mut second] {
+        let r = d.data(b"\x01").await;
+        assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
+    }
+    // Their sessions ended, the stale link is closed (bounded: ten watch periods).
+    drop((first, second));
+    let replaced = || {
+        let text = wasmbed_gateway::metrics::handle().render();
+        wasmbed_testkit::Metrics::parse(&text)
+            .series("wasmbed_proxy_links_total{result=\"replaced\"}")
+    };
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "the stale link closed",
+        || replaced() == 1.0,
+    )
+    .await;
+    assert_eq!(links.live(), 0);
+}

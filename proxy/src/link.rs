@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,7 +53,107 @@ const STREAM_WINDOW: u32 = 128 << 10;
 /// Receive window per link, shared by its streams.
 const LINK_WINDOW: u32 = 16 << 20;
 
-type Cell = Arc<OnceCell<Connection>>;
+/// A link made, and the gateway it is watched for ([`watch`]): the last one that opened a
+/// stream on it. A gateway replaced at the same address (a reload that changed its health
+/// address or pool) is a new object whose sessions ride the same link; watching the first
+/// object would close the link once that one is gone, and move every session again.
+#[derive(Clone)]
+struct Made {
+    conn: Connection,
+    watched: Watched,
+    /// The trust it was made with: a reload that changes `[upstream_tls]` makes it stale.
+    trust: Arc<Trust>,
+    /// Its streams open now ([`LinkStream`]).
+    streams: Arc<AtomicUsize>,
+}
+
+/// What links are made with: the QUIC client settings from `[upstream_tls]`, and a
+/// fingerprint of what they were read from (the files' bytes and the server name). A reload
+/// that changes them makes every link stale, as a TCP session's TLS is made anew for each
+/// session: new sessions and moves get a link made with the new trust, and a stale link is
+/// closed once its last stream ends (its sessions keep theirs, as TCP sessions do). One that
+/// changes nothing replaces no link.
+pub(crate) struct Trust {
+    client: quinn::ClientConfig,
+    fingerprint: u64,
+}
+
+/// A session's stream on a link, counted while it lives (a stale link closes at none).
+struct LinkStream {
+    inner: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl Drop for LinkStream {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl tokio::io::AsyncRead for LinkStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LinkStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type Watched = Arc<Mutex<std::sync::Weak<Gateway>>>;
+
+/// Why a link could not be made, kept for every session that waited on the attempt (each
+/// gets it as its own error).
+#[derive(Clone)]
+enum Failed {
+    /// quinn's (a TLS alert among them: `upstream::is_tls_failure` reads it).
+    Connection(quinn::ConnectionError),
+    Other(io::ErrorKind, String),
+}
+
+impl Failed {
+    fn error(&self) -> io::Error {
+        match self {
+            Failed::Connection(e) => io::Error::other(e.clone()),
+            Failed::Other(kind, text) => io::Error::new(*kind, text.clone()),
+        }
+    }
+}
+
+impl From<io::Error> for Failed {
+    fn from(e: io::Error) -> Failed {
+        Failed::Other(e.kind(), e.to_string())
+    }
+}
+
+/// One attempt at a link, and what came of it: the sessions that arrive while it runs wait
+/// for it, and share its outcome, a failure too (each trying again in turn would hold the
+/// k-th up to k connect timeouts, with its lease).
+type Cell = Arc<OnceCell<Result<Made, Failed>>>;
 /// The links by gateway address. An entry lives as long as its link: a closed connection
 /// kept here would keep all of quinn's state of it (every stream's buffers, sent packets),
 /// hundreds of kilobytes per gateway ever linked, since gateways come and go by address.
@@ -65,7 +166,7 @@ pub struct Links {
     lanes: Vec<Lane>,
     /// Whether `lanes` starts with the main runtime's.
     main: bool,
-    client: ArcSwap<quinn::ClientConfig>,
+    trust: ArcSwap<Trust>,
 }
 
 /// The links of the sessions one runtime serves: one client endpoint (one UDP socket) and a
@@ -110,15 +211,17 @@ impl Lane {
     fn live(&self) -> usize {
         locked(&self.conns)
             .values()
-            .filter(|c| c.get().is_some_and(|c| c.close_reason().is_none()))
+            .filter(|c| {
+                c.get()
+                    .is_some_and(|r| r.as_ref().is_ok_and(|m| m.conn.close_reason().is_none()))
+            })
             .count()
     }
 }
 
-/// The QUIC client settings from `[upstream_tls]` and `--link-timeout`.
-pub(crate) fn client_config(
-    config: &ProxyConfig,
-) -> Result<quinn::ClientConfig, crate::error::ProxyError> {
+/// The QUIC client settings from `[upstream_tls]` and `--link-timeout`, with their
+/// fingerprint ([`Trust`]).
+pub(crate) fn client_config(config: &ProxyConfig) -> Result<Trust, crate::error::ProxyError> {
     let tls = crate::tls::upstream_client_config(config)?.ok_or_else(|| {
         crate::error::ProxyError::Reload("--upstream link needs [upstream_tls]".into())
     })?;
@@ -140,7 +243,26 @@ pub(crate) fn client_config(
         .keep_alive_interval(Some(timeout / 4))
         .max_idle_timeout(quinn::IdleTimeout::try_from(timeout).ok());
     client.transport_config(Arc::new(transport));
-    Ok(client)
+    Ok(Trust {
+        client,
+        fingerprint: fingerprint(config),
+    })
+}
+
+/// What `[upstream_tls]` says, read again: its server name and its files' bytes (a file that
+/// cannot be read counts as empty; `client_config` has just read it, so its error would
+/// have been the reload's).
+fn fingerprint(config: &ProxyConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Some(up) = &config.upstream_tls {
+        up.server_name.hash(&mut h);
+        let files = std::iter::once(&up.ca).chain(up.client.iter().flat_map(|(c, k)| [c, k]));
+        for path in files {
+            std::fs::read(path).unwrap_or_default().hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 impl Links {
@@ -173,7 +295,7 @@ impl Links {
         Ok(Some(Arc::new(Links {
             lanes,
             main,
-            client: ArcSwap::from_pointee(client),
+            trust: ArcSwap::from_pointee(client),
         })))
     }
 
@@ -192,96 +314,150 @@ impl Links {
         worker.unwrap_or(&self.lanes[0])
     }
 
-    /// New links use `client` (a reload); live ones keep theirs.
-    pub(crate) fn set_client(&self, client: quinn::ClientConfig) {
-        self.client.store(Arc::new(client));
+    /// A reload's trust: if it changed anything, new links use it and every link made before
+    /// is stale ([`Trust`]); if not, nothing changes.
+    pub(crate) fn set_trust(&self, trust: Trust) {
+        if trust.fingerprint != self.trust.load().fingerprint {
+            self.trust.store(Arc::new(trust));
+        }
     }
 
     /// Opens a session's stream on the link to `gateway`, making the link if there is none.
+    /// The stream within `connect_timeout` too: a gateway at its `--max-sessions` gives its
+    /// links no more streams until one ends (over TCP it answers ERROR `unavailable` at once),
+    /// and a session waiting for one would hold its lease unbounded; timed out, it counts as
+    /// a failed connect and the next gateway is tried.
     pub(crate) async fn open(
-        &self,
+        self: &Arc<Self>,
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
     ) -> io::Result<Box<dyn Upstream>> {
-        let conn = self.connection(config, gateway).await?;
-        let (send, recv) = conn.open_bi().await.map_err(io::Error::other)?;
-        Ok(Box::new(tokio::io::join(recv, send)))
+        let made = self.connection(config, gateway).await?;
+        // Counted from before the wait: a stale link is not closed under a stream opening.
+        made.streams.fetch_add(1, Ordering::AcqRel);
+        let opening = tokio::time::timeout(config.connect_timeout, made.conn.open_bi()).await;
+        let stream = |inner| LinkStream {
+            inner,
+            streams: made.streams.clone(),
+        };
+        match opening {
+            Ok(Ok((send, recv))) => Ok(Box::new(stream(tokio::io::join(recv, send)))),
+            failed => {
+                made.streams.fetch_sub(1, Ordering::AcqRel);
+                Err(match failed {
+                    Ok(Err(e)) => io::Error::other(e),
+                    _ => io::Error::new(io::ErrorKind::TimedOut, "no stream on the link in time"),
+                })
+            }
+        }
     }
 
     /// The live link to `gateway`, made now if needed (one attempt at a time per gateway:
-    /// sessions arriving meanwhile wait for it).
+    /// sessions arriving meanwhile wait for it, and share its outcome).
     async fn connection(
-        &self,
+        self: &Arc<Self>,
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
-    ) -> io::Result<Connection> {
+    ) -> io::Result<Made> {
         let lane = self.lane();
         let cell = {
             let mut conns = locked(&lane.conns);
             let cell = conns.entry(gateway.addr.clone()).or_default();
-            if cell.get().is_some_and(|c| c.close_reason().is_some()) {
+            // A link closed or stale, or an attempt that failed: a new attempt.
+            let current = self.trust.load();
+            let ended = |r: &Result<Made, Failed>| {
+                r.as_ref().map_or(true, |m| {
+                    m.conn.close_reason().is_some() || !Arc::ptr_eq(&m.trust, &current)
+                })
+            };
+            if cell.get().is_some_and(ended) {
                 *cell = Cell::default();
             }
             cell.clone()
         };
         let made = cell
-            .get_or_try_init(|| self.connect(lane, config, gateway, Arc::downgrade(&cell)))
+            .get_or_init(|| self.connect(lane, config, gateway, Arc::downgrade(&cell)))
             .await
-            .cloned();
-        if made.is_err() {
-            // No link made: no entry kept for it (an address that never answers, found in
-            // DNS and gone again, would stay forever). Only by the last session that waited
-            // on this attempt (the map's reference and this one left): the others try again
-            // on the same cell, and a link one of them makes must stay found.
-            forget(&lane.conns, &gateway.addr, |c| {
-                Arc::ptr_eq(c, &cell) && c.get().is_none() && Arc::strong_count(c) == 2
-            });
+            .clone();
+        let made = match made {
+            Ok(made) => made,
+            Err(failed) => {
+                // No link made: no entry kept for it (an address that never answers, found
+                // in DNS and gone again, would stay forever), unless a newer attempt has
+                // taken the address.
+                forget(&lane.conns, &gateway.addr, |c| Arc::ptr_eq(c, &cell));
+                return Err(failed.error());
+            }
+        };
+        // Watched for the gateway object that opens streams on it now (see [`Made`]).
+        let mut watched = made.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if !std::ptr::eq(watched.as_ptr(), Arc::as_ptr(gateway)) {
+            *watched = Arc::downgrade(gateway);
         }
-        made
+        drop(watched);
+        Ok(made)
     }
 
     /// Makes the link to `gateway` on `lane` for `cell` (the lane's entry it will be stored
     /// in).
     async fn connect(
-        &self,
+        self: &Arc<Self>,
         lane: &Lane,
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
-        cell: std::sync::Weak<OnceCell<Connection>>,
-    ) -> io::Result<Connection> {
+        cell: std::sync::Weak<OnceCell<Result<Made, Failed>>>,
+    ) -> Result<Made, Failed> {
         let started = Instant::now();
+        let trust = self.trust.load_full();
         let attempt = async {
             let addr = tokio::net::lookup_host(&gateway.addr)
                 .await?
                 .next()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
             let name = crate::tls::upstream_name(config, &gateway.addr);
-            let client = (**self.client.load()).clone();
+            let client = trust.client.clone();
             // The connection's driver is spawned on the lane's runtime (`Home`).
             let connecting = lane
                 .endpoint
                 .connect_with(client, addr, &name.to_str())
                 .map_err(io::Error::other)?;
-            connecting.await.map_err(io::Error::other)
+            connecting.await.map_err(Failed::Connection)
         };
         let conn = match tokio::time::timeout(config.connect_timeout, attempt).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
-                tracing::warn!(gateway = %gateway.name, error = %e, "link to the gateway failed");
+                let error = e.error();
+                tracing::warn!(gateway = %gateway.name, %error, "link to the gateway failed");
                 return Err(e);
             }
             Err(_) => {
                 counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "link timed out"));
+                return Err(Failed::Other(
+                    io::ErrorKind::TimedOut,
+                    "link timed out".into(),
+                ));
             }
         };
         counter!(crate::metric_names::LINKS, "result" => "up").increment(1);
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
         let (conns, addr) = (Arc::downgrade(&lane.conns), gateway.addr.clone());
-        let watched = watch(conn.clone(), Arc::downgrade(gateway), config.link_timeout);
+        let watched: Watched = Arc::new(Mutex::new(Arc::downgrade(gateway)));
+        let streams = Arc::new(AtomicUsize::new(0));
+        let stale = {
+            let (links, made_with) = (Arc::downgrade(self), Arc::downgrade(&trust));
+            let streams = streams.clone();
+            // Stale and carrying no stream: closed (or the proxy's links gone).
+            move || {
+                links
+                    .upgrade()
+                    .is_none_or(|l| !std::ptr::eq(Arc::as_ptr(&l.trust.load()), made_with.as_ptr()))
+                    && streams.load(Ordering::Acquire) == 0
+            }
+        };
+        let watching = watch(conn.clone(), watched.clone(), config.link_timeout, stale);
         lane.home.spawn_task(async move {
-            watched.await;
+            watching.await;
             // Closed: its entry goes, unless a newer link to the address has taken it (a new
             // link always gets a new cell). By the cell, not the connection in it: a link
             // closed before it was stored in its cell is forgotten too.
@@ -291,7 +467,12 @@ impl Links {
                 });
             }
         });
-        Ok(conn)
+        Ok(Made {
+            conn,
+            watched,
+            trust,
+            streams,
+        })
     }
 
     /// Links held: open, being made, or closed and not yet forgotten (for tests and
@@ -357,17 +538,19 @@ fn forget(conns: &Mutex<HashMap<String, Cell>>, addr: &str, which: impl Fn(&Cell
 /// themselves: their streams fail). When health checks mark the gateway down, checks the
 /// link's UDP port at once ([`port_closed`]): a closed port means the gateway's process is
 /// gone, and the link is closed then instead of after `--link-timeout` of silence. Once the
-/// gateway has left the set and its last session with it, the link is closed.
-async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Duration) {
+/// gateway it is watched for (the last object that opened a stream on it: [`Made`]) has left
+/// the set, and its last session with it, the link is closed.
+async fn watch(conn: Connection, watched: Watched, every: Duration, stale: impl Fn() -> bool) {
+    let gateway = || watched.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let lost = |why: &dyn std::fmt::Display| {
         counter!(crate::metric_names::LINKS, "result" => "lost").increment(1);
-        if let Some(g) = gateway.upgrade() {
+        if let Some(g) = gateway().upgrade() {
             tracing::warn!(gateway = %g.name, reason = %why, "link lost: its sessions move");
             g.suspect();
         }
     };
     loop {
-        let down = gateway.upgrade().and_then(|g| g.cut_trigger());
+        let down = gateway().upgrade().and_then(|g| g.cut_trigger());
         let marked_down = async {
             match &down {
                 Some(cut) => cut.fired().await,
@@ -390,8 +573,13 @@ async fn watch(conn: Connection, gateway: std::sync::Weak<Gateway>, every: Durat
                 tokio::time::sleep(every).await;
             }
             _ = tokio::time::sleep(every) => {
-                if gateway.strong_count() == 0 {
+                if gateway().strong_count() == 0 {
                     conn.close(VarInt::from_u32(GONE), b"gateway removed");
+                    return;
+                }
+                if stale() {
+                    counter!(crate::metric_names::LINKS, "result" => "replaced").increment(1);
+                    conn.close(VarInt::from_u32(GONE), b"trust replaced");
                     return;
                 }
             }

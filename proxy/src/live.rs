@@ -341,7 +341,7 @@ impl Live {
         }
         // Then the changes.
         if let (Some(links), Some(client)) = (&old_ctx.links, link_client) {
-            links.set_client(client);
+            links.set_trust(client);
         }
         report.revoked_serials = old_ctx.device_tls.install(tls);
         old_ctx.device_tls.set_cap(new.max_handshakes);
