@@ -188,14 +188,17 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> End {
     let mut reloads = shared.tls.subscribe();
     let idle = shared.settings.idle_timeout;
-    // HELLO first.
+    // HELLO first; a gateway that drains answers a new session GOAWAY, whatever arrived first
+    // (over a link, where streams are still taken while it drains: the proxy then tries
+    // another gateway).
     let first = tokio::select! {
-        f = tokio::time::timeout(idle, conn.next()) => f,
+        biased;
         _ = drain.cancelled() => {
             send_goaway(conn, "draining").await;
             let _ = conn.stream.shutdown().await;
             return End::Goaway;
         }
+        f = tokio::time::timeout(idle, conn.next()) => f,
     };
     let hello_frame = match first {
         Err(_) => {

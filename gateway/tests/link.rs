@@ -716,3 +716,91 @@ async fn a_reload_of_the_upstream_trust_reaches_new_sessions_on_the_link() {
     .await;
     assert_eq!(links.live(), 0);
 }
+
+/// A gateway that drains answers a new session on its link with GOAWAY (its link still takes
+/// streams, where over TCP its closed listener refuses the connect): the proxy notes the
+/// drain and tries the next gateway, so a new device gets its session there, not a GOAWAY,
+/// even before any probe has seen the drain.
+#[tokio::test]
+async fn a_new_session_on_a_draining_gateways_link_goes_to_another() {
+    let lp = LinkPki::new();
+    let named = |name: &str| {
+        let mut s = lp.gateway();
+        s.name = name.into();
+        s
+    };
+    let (a, b) = (start(named("gw-a")).await, start(named("gw-b")).await);
+    let mut config = lp.proxy(&[&a, &b]);
+    config.threads = Some(1);
+    // No probe in this test's time: only the GOAWAY can tell the proxy.
+    config.health.interval = std::time::Duration::from_secs(600);
+    let proxy = Proxy::bind(config).await.unwrap();
+    let addr = proxy.listen_addrs()[0];
+    tokio::spawn(proxy.run(tokio_util::sync::CancellationToken::new()));
+    // A session on each: both links up before the drain.
+    let mut first = Vec::new();
+    for i in 0..2 {
+        let id = format!("device-07{i:02}");
+        let mut d = tls_device(addr, lp.pki.device(&id, Some(&lp.pki.ca)))
+            .await
+            .unwrap();
+        d.open(&id, "counter").await;
+        first.push(d);
+    }
+    // Their sessions ended, the links stay: the proxy has no session there to read a GOAWAY.
+    drop(first);
+    for g in [&a, &b] {
+        let sessions = || g.shared.sessions.load(std::sync::atomic::Ordering::Acquire);
+        wasmbed_testkit::until(std::time::Duration::from_secs(5), "ended", || {
+            sessions() == 0
+        })
+        .await;
+    }
+    a.shared.draining.cancel();
+    for i in 0..4 {
+        let id = format!("device-08{i:02}");
+        let mut d = tls_device(addr, lp.pki.device(&id, Some(&lp.pki.ca)))
+            .await
+            .unwrap();
+        assert_eq!(d.open(&id, "counter").await, "gw-b", "{id}");
+    }
+}
+
+/// A gateway that drains answers every new session GOAWAY, whatever arrived first: on a link,
+/// which still takes streams while it drains, a HELLO already there must not win the race
+/// (the proxy then tries another gateway).
+#[tokio::test]
+async fn a_draining_gateway_answers_every_new_stream_goaway() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let conn = link_client(gw.addr, proxy_client(&lp, &lp.proxy_ca))
+        .await
+        .unwrap();
+    gw.shared.draining.cancel();
+    let header = ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (
+            "192.0.2.50:40000".parse::<std::net::SocketAddr>().unwrap(),
+            "127.0.0.1:8443".parse::<std::net::SocketAddr>().unwrap(),
+        ),
+    )
+    .build()
+    .unwrap();
+    for i in 0..10 {
+        let hello = wasmbed_protocol::Hello {
+            device: format!("device-09{i:02}"),
+            app: "echo".into(),
+            resume: None,
+        };
+        let frame = wasmbed_protocol::Frame::control(wasmbed_protocol::Kind::Hello, 0, &hello);
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        // The header and HELLO in one write: both there before the session starts.
+        send.write_all(&[header.clone(), frame.encode()].concat())
+            .await
+            .unwrap();
+        let mut d = Device::new(tokio::io::join(recv, send));
+        let f = d.recv().await.expect("an answer");
+        assert_eq!(f.kind, wasmbed_protocol::Kind::Goaway, "stream {i}");
+    }
+}

@@ -22,7 +22,7 @@ use crate::forward::{self, supervise};
 use crate::listener::reset_on_close;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::route::device_pools;
-use crate::upstream::connect_with;
+use crate::upstream::{connect_avoiding, connect_with};
 
 /// Terminate mode up to the session's anchoring: the device's TLS handshake and HELLO, the
 /// first gateway's WELCOME. `None`: the gateway refused the session (the device was told),
@@ -316,30 +316,46 @@ async fn open_session(
         sni: sni.clone(),
         identity: identity.clone(),
     };
-    let (lease, up) = connect_with(ctx, &pools, |c, g| crate::upstream::reach(c, g, &origin))
-        .await
-        .map_err(|r| r.answered_with(ErrorCode::Unavailable, UNAVAILABLE))?;
     // HELLO goes first and the gateway's first frame comes back before the session is
     // anchored: a gateway that refuses the link itself (with TLS 1.3 a client certificate is
     // refused only after the client's side of the handshake is done) is seen here, named,
     // and counted, instead of being a session that just closes.
     let seated = identity.is_some().then_some(arrival);
-    let opened = ctx
-        .deadlines
-        .timeout(
-            ctx.config.handshake_timeout,
-            crate::upstream::open(ctx, lease.gateway(), up, &hello_bytes),
-        )
-        .await;
-    let (up, first, rest) = match opened {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(e)) => {
-            return Err(open_failed(e).answered_with(ErrorCode::Unavailable, UNAVAILABLE));
+    // A gateway that answers GOAWAY drains: noted (as a session's GOAWAY is), and the next
+    // one tried, as over TCP, where a draining gateway's closed listener refuses the connect
+    // (its link still takes streams). The last one's GOAWAY goes to the device.
+    let mut draining = Vec::new();
+    let (lease, up, first, rest) = loop {
+        let dial = |c, g| crate::upstream::reach(c, g, &origin);
+        let (lease, up) = connect_avoiding(ctx, &pools, &draining, dial)
+            .await
+            .map_err(|r| r.answered_with(ErrorCode::Unavailable, UNAVAILABLE))?;
+        let opened = ctx
+            .deadlines
+            .timeout(
+                ctx.config.handshake_timeout,
+                crate::upstream::open(ctx, lease.gateway(), up, &hello_bytes),
+            )
+            .await;
+        let (up, first, rest) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => {
+                return Err(open_failed(e).answered_with(ErrorCode::Unavailable, UNAVAILABLE));
+            }
+            Err(_) => {
+                let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
+                return Err(r.answered_with(ErrorCode::Unavailable, UNAVAILABLE));
+            }
+        };
+        let retries = usize::try_from(ctx.config.connect_retries).unwrap_or(usize::MAX);
+        if first.kind == Kind::Goaway && draining.len() < retries {
+            if ctx.config.health.check != wasmbed_config::HealthCheck::None {
+                crate::health::note_drain(lease.gateway(), true, "a GOAWAY");
+            }
+            draining.push(lease.gateway().clone());
+            continue;
         }
-        Err(_) => {
-            let r = refused(Refusal::GatewayError, "no answer to HELLO in time");
-            return Err(r.answered_with(ErrorCode::Unavailable, UNAVAILABLE));
-        }
+        break (lease, up, first, rest);
     };
     ctx.meters.bytes_up.increment(hello_bytes.len() as u64);
     if first.kind != Kind::Welcome {

@@ -49,8 +49,22 @@ pub(crate) async fn connect_with<'c, T, F>(
 where
     F: Future<Output = io::Result<T>>,
 {
-    let mut tried = Vec::new();
-    let mut tls = None;
+    connect_avoiding(ctx, pools, &[], dial).await
+}
+
+/// As [`connect_with`], never on a gateway of `avoid` (one that answered the session with
+/// GOAWAY: it drains).
+pub(crate) async fn connect_avoiding<'c, T, F>(
+    ctx: &'c Context,
+    pools: &[String],
+    avoid: &[Arc<Gateway>],
+    dial: impl Fn(&'c Context, Arc<Gateway>) -> F,
+) -> Result<(Lease, T), Refused>
+where
+    F: Future<Output = io::Result<T>>,
+{
+    let mut tried = avoid.to_vec();
+    let (mut failed, mut tls) = (0, None);
     for _ in 0..=ctx.config.connect_retries {
         let Some(lease) = ctx.gateways.acquire_first(pools, &tried) else {
             break;
@@ -63,11 +77,12 @@ where
                 if is_tls_failure(&e) {
                     tls = Some(e);
                 }
+                failed += 1;
                 tried.push(lease.gateway().clone());
             }
         }
     }
-    Err(match (tried.len(), tls) {
+    Err(match (failed, tls) {
         (0, _) => refused(
             Refusal::NoGateway,
             format!("no gateway of pools {pools:?} is up"),
