@@ -791,6 +791,15 @@ impl ProxyConfig {
                 "cert_uri and cert_ou need terminate mode (in passthrough the proxy sees no certificate)",
             ));
         }
+        if mode == Mode::Terminate
+            && let Some(i) = routes.iter().position(|r| r.alpn.is_some())
+        {
+            return Err(ConfigError::field(
+                format!("route[{i}].alpn"),
+                "alpn routes need passthrough mode (in terminate mode the proxy's TLS negotiates \
+                 the protocol, and no offered list is seen: such a route would never match)",
+            ));
+        }
         if mode == Mode::Terminate && raw.splice.is_some_and(|s| s != SpliceMode::Off) {
             return Err(ConfigError::field(
                 "splice",

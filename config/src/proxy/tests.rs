@@ -337,6 +337,22 @@ fn splice_is_a_passthrough_option() {
     assert!(e.contains("splice") && e.contains("passthrough"), "{e}");
 }
 
+/// An `alpn` route would never match in terminate mode (no offered list is seen there):
+/// refused, naming the route, as `cert_*` routes are in passthrough.
+#[test]
+fn alpn_routes_are_a_passthrough_option() {
+    let route = "[[route]]\nalpn = \"mqtt\"\npool = \"mqtt\"\n";
+    let gateways = "[[gateway]]\naddr = \"127.0.0.1:1\"\n[[gateway]]\naddr = \"127.0.0.1:2\"\npool = \"mqtt\"\n";
+    assert!(ProxyConfig::from_toml(&format!("{gateways}{route}")).is_ok());
+    let e = err_of(&format!(
+        "mode = \"terminate\"\n[tls]\ncert = \"a\"\nkey = \"b\"\n{gateways}{route}"
+    ));
+    assert!(
+        e.contains("route[0].alpn") && e.contains("passthrough"),
+        "{e}"
+    );
+}
+
 #[test]
 fn half_close_is_a_passthrough_option_off_by_default() {
     let on =
