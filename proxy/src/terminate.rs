@@ -34,12 +34,6 @@ pub(crate) async fn terminate(
     raw: bool,
 ) -> Result<Option<Box<anchor::Anchored>>, Refused> {
     let local = device.local_addr().ok();
-    let Some(config) = ctx.device_tls.tcp() else {
-        return Err(refused(
-            Refusal::Internal,
-            "terminate mode without a TLS acceptor",
-        ));
-    };
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout;
     // A slot of the handshake cap (shared with QUIC) only once the device has sent
@@ -78,9 +72,20 @@ pub(crate) async fn terminate(
             "max_handshakes device handshakes already in progress",
         ));
     };
+    // The trust in use as the handshake starts (not before the wait in line: a reload may
+    // come meanwhile).
+    let Some(config) = ctx.device_tls.tcp() else {
+        return Err(refused(
+            Refusal::Internal,
+            "terminate mode without a TLS acceptor",
+        ));
+    };
     let (mut tls, sni) = ctx
         .deadlines
-        .timeout_at(deadline, crate::tls::TlsStream::accept(config, device))
+        .timeout_at(
+            deadline,
+            crate::tls::TlsStream::accept(config.clone(), device),
+        )
         .await
         .map_err(|_| {
             refused(
@@ -91,11 +96,17 @@ pub(crate) async fn terminate(
         .map_err(|e| refused(tls_reason(&e), e))?;
     drop(handshake);
     ctx.meters.handshake.record(started.elapsed());
+    // A chain not checked under the trust in use now: resumed from a ticket, or checked
+    // under trust a reload replaced during the handshake.
     let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let replaced = !ctx
+        .device_tls
+        .tcp()
+        .is_some_and(|now| Arc::ptr_eq(&now, &config));
     let verified = Verified::check(
         ctx,
         sni,
-        (tls.peer_certificates().unwrap_or(&[]), resumed),
+        (tls.peer_certificates().unwrap_or(&[]), resumed || replaced),
         (peer, local, started),
     )?;
     // What the session needed of the handshake is read: the connection keeps only its traffic

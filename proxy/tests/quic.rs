@@ -851,6 +851,39 @@ async fn a_device_that_refuses_the_proxys_certificate_is_counted_alike_on_every_
     );
 }
 
+/// A TCP device's handshake runs under the trust in use when it starts, not when the device
+/// arrived: one waiting in line (`max_handshakes`) while a reload replaces the device CA is
+/// held to the new CA, as a QUIC device's chain is checked against the trust in use at its
+/// handshake's end.
+#[tokio::test]
+async fn a_device_waiting_in_line_through_a_reload_is_held_to_the_new_trust() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut config = quic_proxy(&pki, &[&gw]);
+    one_slot(&mut config, Duration::from_secs(5), Duration::from_secs(10));
+    let proxy = start(config).await;
+    let stalled = stall_a_handshake(&proxy).await;
+    let addr = proxy.addr;
+    let tls = device_tls(&pki.ca, Some(&pki.ca), "device-0001", false);
+    let waits = tokio::spawn(async move {
+        let mut d = Device::new(tls_connect(addr, tls).await.ok()?);
+        d.send_raw(&hello_of("device-0001")).await.ok()?;
+        d.recv().await.map(|f| f.kind)
+    });
+    proxy
+        .until_metric("wasmbed_proxy_handshakes_waiting", 1.0)
+        .await;
+    // The device CA replaced while it waits.
+    let other = DevCa::generate("another CA").unwrap();
+    std::fs::write(pki.tls.client_ca.clone().unwrap(), other.cert_pem()).unwrap();
+    proxy.device_tls.reload().unwrap();
+    drop(stalled);
+    assert_eq!(waits.await.unwrap(), None, "refused under the new trust");
+    let refused = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
+    proxy.until_metric(refused, 1.0).await;
+    assert_eq!(gw.hellos(), 0);
+}
+
 /// At `max_connections`, a QUIC device waits in the handshake line for a place, as a TCP
 /// device waits in the listen backlog, instead of being refused at once: an Initial held
 /// unanswered holds no socket, so the place is taken when its handshake starts (devices in
