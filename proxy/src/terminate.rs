@@ -175,6 +175,10 @@ pub(crate) struct Verified {
     /// When the device's connection arrived ([`crate::seats::stamp`]): which of two
     /// sessions of one device is the newer.
     arrival: u64,
+    /// The HELLO's deadline, when its wait began before the session's stream was open
+    /// (QUIC: the stream's wait and the HELLO's share one `handshake_timeout`, as a TCP
+    /// device's HELLO has one); else `handshake_timeout` from the HELLO's first read.
+    pub(crate) hello_by: Option<tokio::time::Instant>,
 }
 
 impl Verified {
@@ -219,6 +223,7 @@ impl Verified {
             peer,
             local,
             arrival: crate::seats::stamp(arrived),
+            hello_by: None,
         })
     }
 }
@@ -306,16 +311,17 @@ async fn open_session(
         peer,
         local,
         arrival,
+        hello_by,
     }: Verified,
 ) -> Result<Result<Opened, Vec<u8>>, Refused> {
     note_device(ctx, identity.as_deref(), sni.as_deref());
     // The device's HELLO is checked against its certificate before any gateway sees it.
+    // (Durations from the config are at most `wasmbed_config::MAX_DURATION`: the sum does
+    // not overflow.)
+    let by = hello_by.unwrap_or_else(|| tokio::time::Instant::now() + ctx.config.handshake_timeout);
     let (hello, hello_bytes, pending) = ctx
         .deadlines
-        .timeout(
-            ctx.config.handshake_timeout,
-            first_frame(device, identity.as_deref()),
-        )
+        .timeout_at(by, first_frame(device, identity.as_deref()))
         .await
         .map_err(|_| refused(Refusal::HandshakeTimeout, "no HELLO in time"))??;
     // Terminate mode sees no offered ALPN list (rustls negotiates it): routes match on SNI.

@@ -884,6 +884,44 @@ async fn a_device_waiting_in_line_through_a_reload_is_held_to_the_new_trust() {
     assert_eq!(gw.hellos(), 0);
 }
 
+/// A QUIC device's session stream and its HELLO share one `handshake_timeout`, as a TCP
+/// device's HELLO has one: a device that opens its stream late and finishes its HELLO later
+/// still, each within the timeout but not both, is refused (`handshake_timeout`), not given
+/// a timeout more for each step.
+#[tokio::test]
+async fn a_quic_devices_stream_and_hello_share_one_timeout() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let mut config = quic_proxy(&pki, &[&gw]);
+    let t = Duration::from_millis(800);
+    config.handshake_timeout = t;
+    let proxy = start(config).await;
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(
+            quic_client(&pki, Some(&pki.ca), "device-0001"),
+            proxy.quic.unwrap(),
+            "localhost",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let hello = hello_of("device-0001");
+    // The stream opened (its first bytes sent) at 0.6 T, the HELLO's rest at 1.2 T: each
+    // step within T of the one before, both past T.
+    tokio::time::sleep(t * 6 / 10).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    send.write_all(&hello[..2]).await.unwrap();
+    tokio::time::sleep(t * 6 / 10).await;
+    let _ = send.write_all(&hello[2..]).await;
+    let mut dev = Device::new(tokio::io::join(recv, send));
+    let answer = dev.recv().await.map(|f| f.kind);
+    assert_ne!(answer, Some(Kind::Welcome), "no session past one timeout");
+    let timeouts = "wasmbed_proxy_connections_rejected_total{reason=\"handshake_timeout\"}";
+    proxy.until_metric(timeouts, 1.0).await;
+    assert_eq!(gw.hellos(), 0);
+}
+
 /// At `max_connections`, a QUIC device waits in the handshake line for a place, as a TCP
 /// device waits in the listen backlog, instead of being refused at once: an Initial held
 /// unanswered holds no socket, so the place is taken when its handshake starts (devices in

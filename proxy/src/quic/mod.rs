@@ -419,7 +419,6 @@ async fn accept(
         }
     };
     ctx.meters.handshake_quic.record(started.elapsed());
-    ctx.meters.quic.accepted.increment(1);
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
@@ -430,19 +429,22 @@ async fn accept(
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.server_name);
     // quinn does not tell a resumed handshake from a full one: the chain is checked again.
-    let verified =
+    let mut verified =
         match crate::terminate::Verified::check(ctx, sni, (&chain, true), (peer, local, started)) {
             Ok(v) => v,
             Err(r) => {
-                conn.close(VarInt::from_u32(code::REFUSED), b"certificate revoked");
+                conn.close(VarInt::from_u32(code::REFUSED), b"certificate refused");
                 r.count();
                 return None;
             }
         };
-    let stream = ctx
-        .deadlines
-        .timeout(ctx.config.handshake_timeout, conn.accept_bi())
-        .await;
+    // Accepted once its certificate passes (a refused device counts as refused only).
+    ctx.meters.quic.accepted.increment(1);
+    // The session's stream and its HELLO within one `handshake_timeout`, as a TCP device's
+    // HELLO is.
+    let hello_by = tokio::time::Instant::now() + ctx.config.handshake_timeout;
+    verified.hello_by = Some(hello_by);
+    let stream = ctx.deadlines.timeout_at(hello_by, conn.accept_bi()).await;
     let (send, recv) = match stream {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
