@@ -387,7 +387,13 @@ pub async fn receive(path: &Path, deadlines: &Deadlines) -> io::Result<Option<In
     // The descriptors that come back become this process's listeners: only from a process
     // of this user (a socket at PATH bound by someone else is not the proxy to take over).
     same_user(&stream)?;
-    let token = std::fs::read_to_string(token_path(path))?;
+    let token_file = token_path(path);
+    let token = std::fs::read_to_string(&token_file).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("takeover token {}: {e}", token_file.display()),
+        )
+    })?;
     let mut channel = Channel::new(stream, deadlines.clone());
     channel
         .send(json!({"takeover": VERSION, "token": token.trim()}), &[])
@@ -410,7 +416,8 @@ pub async fn receive(path: &Path, deadlines: &Deadlines) -> io::Result<Option<In
     let mut sockets = fds.into_iter().map(std::net::TcpListener::from);
     let listeners = listen.into_iter().zip(sockets.by_ref()).collect::<Vec<_>>();
     let admin = admin.into_iter().zip(sockets).next();
-    for (_, l) in listeners.iter().chain(admin.iter()) {
+    for (addr, l) in listeners.iter().chain(admin.iter()) {
+        listening_at(l, *addr)?;
         l.set_nonblocking(true)?;
     }
     tracing::info!(
@@ -424,6 +431,21 @@ pub async fn receive(path: &Path, deadlines: &Deadlines) -> io::Result<Option<In
         changes_coming: message["version"].as_u64().is_some_and(|v| v >= 2),
         channel,
     }))
+}
+
+/// A descriptor the running proxy sent as its listener at `addr` is one: a TCP socket,
+/// listening, bound to that address (else the listeners would be taken mixed up, or not
+/// at all).
+fn listening_at(l: &std::net::TcpListener, addr: SocketAddr) -> io::Result<()> {
+    let socket = socket2::SockRef::from(l);
+    let listening = socket.r#type()? == socket2::Type::STREAM && socket.is_listener()?;
+    let bound = l.local_addr()?;
+    if !listening || bound != addr {
+        return Err(io::Error::other(format!(
+            "takeover: the socket sent for {addr} is not a TCP listener bound there ({bound})"
+        )));
+    }
+    Ok(())
 }
 
 /// In the new process, once it accepts: says so, takes the old process's run-time changes
@@ -445,7 +467,10 @@ pub async fn take_sessions<F: Future<Output = ()>>(
     channel.send(json!({"ready": true}), &[]).await?;
     let mut adopted = 0;
     loop {
-        let (message, fds) = channel.recv().await?;
+        // Each step within `STEP`, as the old process's are: one that stops answering
+        // mid-way ends the takeover here (its sessions stay with it), and this process's
+        // admin endpoint opens (the gate's guard), instead of waiting for it forever.
+        let (message, fds) = channel.recv_within(STEP).await?;
         if let Some(state) = message.get("state") {
             if let Some(apply) = changes.take() {
                 apply(state.clone()).await;
@@ -837,6 +862,73 @@ mod tests {
             panic!("a process of another user admitted")
         };
         assert_eq!(refused.kind(), io::ErrorKind::PermissionDenied, "{refused}");
+    }
+}
+
+#[cfg(test)]
+mod receiving {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// A stand-in for a running proxy at `path` (with its token file) that answers the first
+    /// takeover request with `listeners` and `fds`.
+    async fn old_process_sending(
+        path: &Path,
+        listeners: Vec<String>,
+        fds: Vec<OwnedFd>,
+    ) -> tokio::task::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::fs::write(token_path(path), "t0ken").unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut channel = Channel::new(stream, Deadlines::default());
+            let _ = channel.recv().await;
+            let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+            let message = json!({"listeners": listeners, "admin": []});
+            let _ = channel.send(message, &borrowed).await;
+        })
+    }
+
+    /// A descriptor sent as a listener must be one, bound where the running proxy says:
+    /// a TCP listener bound elsewhere, or a UDP socket, is refused, naming the address.
+    #[tokio::test]
+    async fn a_socket_that_is_not_the_listener_it_is_said_to_be_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        let cases: [(&str, String, OwnedFd); 2] = [
+            ("tcp", "127.0.0.1:1".into(), OwnedFd::from(elsewhere)),
+            ("udp", udp_addr.to_string(), OwnedFd::from(udp)),
+        ];
+        for (name, claimed, fd) in cases {
+            let path = dir.path().join(format!("{name}.sock"));
+            let old = old_process_sending(&path, vec![claimed.clone()], vec![fd]).await;
+            let Err(e) = receive(&path, &Deadlines::default()).await else {
+                panic!("{name}: taken")
+            };
+            assert!(
+                e.to_string().contains("not a TCP listener bound there"),
+                "{name}: {e}"
+            );
+            assert!(e.to_string().contains(&claimed), "{name}: {e}");
+            old.await.unwrap();
+        }
+    }
+
+    /// A socket at PATH without its token file: the error names the token file, not the
+    /// socket (which is there).
+    #[tokio::test]
+    async fn a_missing_token_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("takeover.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        let Err(e) = receive(&path, &Deadlines::default()).await else {
+            panic!("taken without a token")
+        };
+        let token = token_path(&path);
+        assert!(e.to_string().contains(&*token.to_string_lossy()), "{e}");
     }
 }
 
