@@ -175,19 +175,32 @@ fn apart_from_devices(
     Ok(())
 }
 
+/// The admin endpoint's client CA (`--admin-client-ca`) as read at the start (empty: none),
+/// kept for [`check_apart`] at each reload: the endpoint keeps the CA it started with (a
+/// restart-only setting), so that is the one to hold apart, whatever its file holds now.
+pub fn admin_client_ca(
+    tls: Option<&wasmbed_config::admin::AdminTls>,
+) -> Result<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>, wasmbed_certs::CertError>
+{
+    match tls.and_then(|t| t.client_ca.as_deref()) {
+        Some(path) => wasmbed_certs::load_certs(path)
+            .map_err(wasmbed_certs::CertError::in_setting("--admin-client-ca")),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The check [`acceptor`] makes at the start, for a reload: the admin endpoint's client CA
-/// in use (`tls`, read again from its file) against the devices' CA files as the reload
-/// reads them. A reload that fails it is refused whole.
+/// in use (`admin_ca`, as read at the start: [`admin_client_ca`]) against the devices' CA
+/// files as the reload reads them. A reload that fails it is refused whole.
 pub fn check_apart(
     tls: Option<&wasmbed_config::admin::AdminTls>,
+    admin_ca: &[tokio_rustls::rustls::pki_types::CertificateDer<'static>],
     device_cas: &[&std::path::Path],
 ) -> Result<(), wasmbed_certs::CertError> {
-    let Some((tls, path)) = tls.and_then(|t| Some((t, t.client_ca.as_deref()?))) else {
-        return Ok(());
-    };
-    let admin_ca = wasmbed_certs::load_certs(path)
-        .map_err(wasmbed_certs::CertError::in_setting("--admin-client-ca"))?;
-    apart_from_devices(tls, &admin_ca, device_cas)
+    match tls {
+        Some(tls) if !admin_ca.is_empty() => apart_from_devices(tls, admin_ca, device_cas),
+        _ => Ok(()),
+    }
 }
 
 /// Serves `router` on `listener` (HTTPS when `tls` is given) until `stop`.

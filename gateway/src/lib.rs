@@ -56,6 +56,9 @@ pub enum GatewayError {
 /// What every session and the admin endpoint share.
 pub struct Shared {
     pub settings: GatewaySettings,
+    /// The admin endpoint's client CA as read at the start, held apart from the devices' CA
+    /// at each TLS reload ([`wasmbed_admin::check_apart`]).
+    admin_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub host: Host,
     pub sessions: AtomicUsize,
     pub meters: metrics::Meters,
@@ -95,7 +98,8 @@ impl Shared {
             .iter()
             .map(|t| t.client_ca.as_path())
             .collect();
-        wasmbed_admin::check_apart(self.settings.admin_auth.tls.as_ref(), &device_cas)?;
+        let admin = self.settings.admin_auth.tls.as_ref();
+        wasmbed_admin::check_apart(admin, &self.admin_ca, &device_cas)?;
         let revoked = tls.revoked.len();
         if let Some(endpoint) = &self.link {
             let s = &self.settings;
@@ -290,6 +294,7 @@ impl Gateway {
         let device_cas: Vec<&std::path::Path> =
             settings.tls.iter().map(|t| t.client_ca.as_path()).collect();
         let admin_tls = wasmbed_admin::acceptor(settings.admin_auth.tls.as_ref(), &device_cas)?;
+        let admin_ca = wasmbed_admin::admin_client_ca(settings.admin_auth.tls.as_ref())?;
         let bind = |addr: SocketAddr, what: &'static str, link: bool| {
             let error = |source| GatewayError::Bind { what, addr, source };
             let (tcp, udp) = link::bind_pair(addr, link).map_err(error)?;
@@ -317,6 +322,7 @@ impl Gateway {
             _ => None,
         };
         let shared = Arc::new(Shared {
+            admin_ca,
             keys,
             tls: wasmbed_certs::Reloadable::new(tls),
             link,

@@ -160,9 +160,10 @@ fn ended(e: &quinn::ConnectionError) -> &'static str {
 /// code, the reason counted, and the words.
 fn proxy_of(
     shared: &Shared,
+    tls: Option<&crate::DeviceTls>,
     chain: &[CertificateDer<'static>],
 ) -> Result<String, (u32, &'static str, String)> {
-    let Some(tls) = shared.tls.load() else {
+    let Some(tls) = tls else {
         return Err((NOT_A_PROXY, "not_a_proxy", "no TLS in use".into()));
     };
     match tls.speaker(&shared.settings, chain, true) {
@@ -194,7 +195,8 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
         .map(|b| *b)
         .unwrap_or_default();
-    let proxy = match proxy_of(&shared, &chain) {
+    let mut checked = shared.tls.load();
+    let proxy = match proxy_of(&shared, checked.as_deref(), &chain) {
         Ok(proxy) => proxy,
         Err((code, reason, why)) => {
             conn.close(VarInt::from_u32(code), why.as_bytes());
@@ -203,11 +205,12 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         }
     };
     refused("accepted");
+    let mut verdict: Result<(), (u32, &'static str, String)> = Ok(());
     tracing::debug!(%proxy, "link up");
     let _open = Open::counted(&shared);
     loop {
         // While draining, streams are still accepted: their sessions answer GOAWAY at once.
-        let (send, mut recv) = match conn.accept_bi().await {
+        let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "link closed");
@@ -215,15 +218,30 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
                 return;
             }
         };
-        // Each new session is the proxy's statement again, held to the trust in use now: a
-        // reload that revokes its certificate or stops trusting its CA ends its links at
-        // their next session, as it refuses its next TCP connection (the sessions already
-        // open go on, as over TCP).
-        if let Err((code, _, why)) = proxy_of(&shared, &chain) {
-            conn.close(VarInt::from_u32(code), why.as_bytes());
-            tracing::warn!(why, "link closed: its proxy is no longer trusted");
-            ::metrics::counter!(metrics::LINK_ENDS, "cause" => "untrusted").increment(1);
-            return;
+        // Each new session is the proxy's statement again, held to the trust in use now (the
+        // chain checked again only when a reload replaced it): a reload that revokes the
+        // proxy's certificate or stops trusting its CA refuses its new sessions here, as it
+        // refuses its next TCP connection; the sessions already open go on, as over TCP.
+        let now = shared.tls.load();
+        let same = match (&now, &checked) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !same {
+            verdict = proxy_of(&shared, now.as_deref(), &chain).map(drop);
+            checked = now;
+        }
+        if let Err((code, _, why)) = &verdict {
+            let (_, _) = (
+                send.reset(VarInt::from_u32(*code)),
+                recv.stop(VarInt::from_u32(*code)),
+            );
+            tracing::debug!(
+                why,
+                "a session refused on a link: its proxy is no longer trusted"
+            );
+            ::metrics::counter!(metrics::LINK_STREAMS_REFUSED).increment(1);
+            continue;
         }
         let shared = shared.clone();
         let span = tracing::info_span!("session", proxy = %proxy, device_addr = tracing::field::Empty, sni = tracing::field::Empty, device = tracing::field::Empty, app = tracing::field::Empty);

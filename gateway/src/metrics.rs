@@ -33,6 +33,7 @@ pub const RESTORE: &str = "wasmbed_gateway_restore_duration_seconds";
 pub const LINKS: &str = "wasmbed_gateway_links_total";
 pub const LINKS_OPEN: &str = "wasmbed_gateway_links_open";
 pub const LINK_ENDS: &str = "wasmbed_gateway_link_ends_total";
+pub const LINK_STREAMS_REFUSED: &str = "wasmbed_gateway_link_streams_refused_total";
 
 /// Every metric this process exports (the dashboards and alert rules are checked against it).
 pub const ALL: &[&str] = &[
@@ -60,6 +61,7 @@ pub const ALL: &[&str] = &[
     LINKS,
     LINKS_OPEN,
     LINK_ENDS,
+    LINK_STREAMS_REFUSED,
 ];
 
 const BUCKETS: &[f64] = &[
@@ -161,8 +163,12 @@ fn describe() {
         "Links (QUIC) from terminating proxies open now."
     );
     describe_counter!(
+        LINK_STREAMS_REFUSED,
+        "New sessions refused on a link (the stream reset) because its proxy's certificate no longer passes the TLS in use (a reload revoked it or stopped trusting its CA); the sessions already open go on."
+    );
+    describe_counter!(
         LINK_ENDS,
-        "Links from proxies that ended, by cause: closed (by the proxy, as at its stop), timeout (silent past the idle timeout: a proxy gone without closing), local (closed by this gateway), reset, error, untrusted (a new session on a link whose proxy's certificate the TLS in use no longer passes)."
+        "Links from proxies that ended, by cause: closed (by the proxy, as at its stop), timeout (silent past the idle timeout: a proxy gone without closing), local (closed by this gateway), reset, error."
     );
 }
 

@@ -45,6 +45,7 @@ mod deadlines;
 mod discovery;
 mod error;
 mod events;
+mod failures;
 mod forward;
 mod health;
 mod link;
@@ -198,6 +199,7 @@ impl Proxy {
             .filter_map(|t| t.client_ca.as_deref())
             .collect();
         let admin_tls = wasmbed_admin::acceptor(config.admin_auth.tls.as_ref(), &device_cas)?;
+        let admin_ca = wasmbed_admin::admin_client_ca(config.admin_auth.tls.as_ref())?;
         let gateways = Arc::new(GatewaySet::new(&config.gateways, config.slow_start));
         // Every gateway waits for its first passed probe (none when health checks are off:
         // taken on trust); that first round runs now, so "ready" means probed.
@@ -225,10 +227,12 @@ impl Proxy {
         let mut ctx = context::Context::new(config, gateways, tls, hard_stop.clone(), deadlines);
         ctx.links = links;
         ctx.handover = takeover.as_ref().map(|t| t.handoff.0.clone());
+        let live = live::Live::new(ctx, probes_stop.clone(), control);
+        let _ = live.admin_ca.set(admin_ca);
         Ok(Proxy {
             listeners,
             admin,
-            live: Arc::new(live::Live::new(ctx, probes_stop.clone(), control)),
+            live: Arc::new(live),
             hard_stop,
             probes_stop,
             admin_tls,

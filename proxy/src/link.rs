@@ -81,12 +81,23 @@ pub(crate) struct Trust {
 /// A session's stream on a link, counted while it lives (a stale link closes at none).
 struct LinkStream {
     inner: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
-    streams: Arc<AtomicUsize>,
+    _counted: Counted,
 }
 
-impl Drop for LinkStream {
+/// One of a link's streams, counted from before its open is awaited (a stale link is not
+/// closed under a stream opening) to its drop, whichever way the open ends.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(streams: &Arc<AtomicUsize>) -> Counted {
+        streams.fetch_add(1, Ordering::AcqRel);
+        Counted(streams.clone())
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -130,7 +141,7 @@ type Watched = Arc<Mutex<std::sync::Weak<Gateway>>>;
 /// gets it as its own error).
 #[derive(Clone)]
 enum Failed {
-    /// quinn's (a TLS alert among them: `upstream::is_tls_failure` reads it).
+    /// quinn's (a TLS alert among them: `failures::is_tls_failure` reads it).
     Connection(quinn::ConnectionError),
     Other(io::ErrorKind, String),
 }
@@ -222,6 +233,10 @@ impl Lane {
 /// The QUIC client settings from `[upstream_tls]` and `--link-timeout`, with their
 /// fingerprint ([`Trust`]).
 pub(crate) fn client_config(config: &ProxyConfig) -> Result<Trust, crate::error::ProxyError> {
+    // Read before the files are loaded for the client: a rotation landing in between leaves
+    // the fingerprint older than the client, and the next reload replaces the links again,
+    // never the other way round (links kept on old trust).
+    let fingerprint = fingerprint(config);
     let tls = crate::tls::upstream_client_config(config)?.ok_or_else(|| {
         crate::error::ProxyError::Reload("--upstream link needs [upstream_tls]".into())
     })?;
@@ -245,7 +260,7 @@ pub(crate) fn client_config(config: &ProxyConfig) -> Result<Trust, crate::error:
     client.transport_config(Arc::new(transport));
     Ok(Trust {
         client,
-        fingerprint: fingerprint(config),
+        fingerprint,
     })
 }
 
@@ -325,30 +340,28 @@ impl Links {
     /// Opens a session's stream on the link to `gateway`, making the link if there is none.
     /// The stream within `connect_timeout` too: a gateway at its `--max-sessions` gives its
     /// links no more streams until one ends (over TCP it answers ERROR `unavailable` at once),
-    /// and a session waiting for one would hold its lease unbounded; timed out, it counts as
-    /// a failed connect and the next gateway is tried.
+    /// and a session waiting for one would hold its lease unbounded; timed out, the next
+    /// gateway is tried (not counted against this one's health: full is not down). A link
+    /// that could not be made was counted against the gateway by its attempt, once.
     pub(crate) async fn open(
         self: &Arc<Self>,
         config: &ProxyConfig,
         gateway: &Arc<Gateway>,
     ) -> io::Result<Box<dyn Upstream>> {
         let made = self.connection(config, gateway).await?;
-        // Counted from before the wait: a stale link is not closed under a stream opening.
-        made.streams.fetch_add(1, Ordering::AcqRel);
-        let opening = tokio::time::timeout(config.connect_timeout, made.conn.open_bi()).await;
-        let stream = |inner| LinkStream {
-            inner,
-            streams: made.streams.clone(),
-        };
-        match opening {
-            Ok(Ok((send, recv))) => Ok(Box::new(stream(tokio::io::join(recv, send)))),
-            failed => {
-                made.streams.fetch_sub(1, Ordering::AcqRel);
-                Err(match failed {
-                    Ok(Err(e)) => io::Error::other(e),
-                    _ => io::Error::new(io::ErrorKind::TimedOut, "no stream on the link in time"),
-                })
-            }
+        let counted = Counted::new(&made.streams);
+        match tokio::time::timeout(config.connect_timeout, made.conn.open_bi()).await {
+            Ok(Ok((send, recv))) => Ok(Box::new(LinkStream {
+                inner: tokio::io::join(recv, send),
+                _counted: counted,
+            })),
+            // Not counted against the gateway: a link lost is its watch's to report, and a
+            // gateway full is not down.
+            Ok(Err(e)) => Err(io::Error::other(e)),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no stream on the link in time",
+            )),
         }
     }
 
@@ -429,14 +442,16 @@ impl Links {
                 counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
                 let error = e.error();
                 tracing::warn!(gateway = %gateway.name, %error, "link to the gateway failed");
+                // Counted against the gateway once for the attempt, not once for each session
+                // that waited on it (one failure would pass `fall` for a crowd).
+                crate::failures::failed(config, gateway, &error);
                 return Err(e);
             }
             Err(_) => {
                 counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
-                return Err(Failed::Other(
-                    io::ErrorKind::TimedOut,
-                    "link timed out".into(),
-                ));
+                let e = Failed::Other(io::ErrorKind::TimedOut, "link timed out".into());
+                crate::failures::failed(config, gateway, &e.error());
+                return Err(e);
             }
         };
         counter!(crate::metric_names::LINKS, "result" => "up").increment(1);

@@ -41,6 +41,9 @@ pub struct Live {
     /// time (`None`: the file did not list it): a reload keeps them out while the file's
     /// entry stays as it was.
     removed_at_run_time: Mutex<HashMap<String, Option<GatewayConfig>>>,
+    /// The admin endpoint's client CA as read at the start, held apart from the devices' CA
+    /// at each reload ([`wasmbed_admin::check_apart`]).
+    pub(crate) admin_ca: OnceLock<Vec<rustls::pki_types::CertificateDer<'static>>>,
 }
 
 /// The health probe tasks: one generation at a time, restarted whole when the health
@@ -145,6 +148,7 @@ impl Live {
             lock: Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
             removed_at_run_time: Mutex::new(HashMap::new()),
+            admin_ca: OnceLock::new(),
         }
     }
 
@@ -310,7 +314,8 @@ impl Live {
             .iter()
             .filter_map(|t| t.client_ca.as_deref())
             .collect();
-        wasmbed_admin::check_apart(new.admin_auth.tls.as_ref(), &device_cas)?;
+        let admin_ca = self.admin_ca.get().map_or(&[][..], Vec::as_slice);
+        wasmbed_admin::check_apart(new.admin_auth.tls.as_ref(), admin_ca, &device_cas)?;
         let tls = old_ctx.device_tls.prepare(crate::tls::of(&new))?;
         // Gateways added at run time and kept (below) are held to the new health check as the
         // file's are: an `http` check needs a health address (else each would be probed on its

@@ -459,7 +459,8 @@ pub async fn take_sessions<F: Future<Output = ()>>(
     mut adopt: impl FnMut(String, std::net::TcpStream, std::net::TcpStream) -> bool,
 ) -> io::Result<u64> {
     let _open = admin_gate.clone().drop_guard();
-    if !inherited.changes_coming {
+    let mut state_coming = inherited.changes_coming;
+    if !state_coming {
         admin_gate.cancel();
     }
     let mut changes = Some(changes);
@@ -467,11 +468,17 @@ pub async fn take_sessions<F: Future<Output = ()>>(
     channel.send(json!({"ready": true}), &[]).await?;
     let mut adopted = 0;
     loop {
-        // Each step within `STEP`, as the old process's are: one that stops answering
-        // mid-way ends the takeover here (its sessions stay with it), and this process's
-        // admin endpoint opens (the gate's guard), instead of waiting for it forever.
-        let (message, fds) = channel.recv_within(STEP).await?;
+        // The old process's run-time changes within `STEP`, as its own steps are: one that
+        // stops answering before them ends the takeover here (its sessions stay with it) and
+        // this process's admin endpoint opens (the gate's guard), instead of staying shut.
+        // Its sessions come as they quiesce, which may take its grace: no bound on those.
+        let (message, fds) = if state_coming {
+            channel.recv_within(STEP).await?
+        } else {
+            channel.recv().await?
+        };
         if let Some(state) = message.get("state") {
+            state_coming = false;
             if let Some(apply) = changes.take() {
                 apply(state.clone()).await;
             }

@@ -179,6 +179,9 @@ pub(crate) struct Verified {
     /// (QUIC: the stream's wait and the HELLO's share one `handshake_timeout`, as a TCP
     /// device's HELLO has one); else `handshake_timeout` from the HELLO's first read.
     pub(crate) hello_by: Option<tokio::time::Instant>,
+    /// Why its certificate names no device, when it names none
+    /// ([`wasmbed_certs::device_identity`]): refused before a HELLO is read.
+    unnamed: Option<String>,
 }
 
 impl Verified {
@@ -188,8 +191,8 @@ impl Verified {
     /// (`resumed`, or not known to be full: QUIC does not tell), so the check in use now (CA,
     /// validity, CRLs) runs on its chain here, where every transport's handshake ends; any
     /// chain is refused if the CRLs in use revoke it (one may have been installed during
-    /// the handshake); and so is a certificate that names no device
-    /// ([`wasmbed_certs::device_identity`]).
+    /// the handshake). A certificate that names no device ([`wasmbed_certs::device_identity`])
+    /// is noted, and refused where a HELLO would be held to it.
     pub(crate) fn check(
         ctx: &Context,
         sni: Option<String>,
@@ -200,7 +203,8 @@ impl Verified {
             return Err(refused(
                 Refusal::ClientCert,
                 format!(
-                    "a TLS session resumed from a ticket: its certificate no longer passes: {why}"
+                    "its certificate no longer passes (a TLS session resumed from a ticket, \
+                     or the trust replaced during its handshake): {why}"
                 ),
             ));
         }
@@ -212,9 +216,12 @@ impl Verified {
         {
             return Err(refused(Refusal::ClientCert, "certificate revoked"));
         }
-        // A certificate that names no device has no name to hold its HELLO to.
-        let identity = wasmbed_certs::device_identity(chain)
-            .map_err(|why| refused(Refusal::ClientCert, why))?;
+        // A certificate that names no device has no name to hold a HELLO to: refused where a
+        // HELLO is read ([`open_session`]; a raw listener reads none and takes it).
+        let (identity, unnamed) = match wasmbed_certs::device_identity(chain) {
+            Ok(identity) => (identity, None),
+            Err(why) => (None, Some(why)),
+        };
         Ok(Verified {
             sni,
             identity,
@@ -224,6 +231,7 @@ impl Verified {
             local,
             arrival: crate::seats::stamp(arrived),
             hello_by: None,
+            unnamed,
         })
     }
 }
@@ -312,8 +320,12 @@ async fn open_session(
         local,
         arrival,
         hello_by,
+        unnamed,
     }: Verified,
 ) -> Result<Result<Opened, Vec<u8>>, Refused> {
+    if let Some(why) = unnamed {
+        return Err(refused(Refusal::ClientCert, why));
+    }
     note_device(ctx, identity.as_deref(), sni.as_deref());
     // The device's HELLO is checked against its certificate before any gateway sees it.
     // (Durations from the config are at most `wasmbed_config::MAX_DURATION`: the sum does
@@ -340,13 +352,19 @@ async fn open_session(
     let seated = identity.is_some().then_some(arrival);
     // A gateway that answers GOAWAY drains: noted (as a session's GOAWAY is), and the next
     // one tried, as over TCP, where a draining gateway's closed listener refuses the connect
-    // (its link still takes streams). The last one's GOAWAY goes to the device.
+    // (its link still takes streams). The last one's GOAWAY goes to the device, and so does
+    // it when no other gateway can be reached.
     let mut draining = Vec::new();
+    let mut goaway = None;
     let (lease, up, first, rest) = loop {
         let dial = |c, g| crate::upstream::reach(c, g, &origin);
-        let (lease, up) = connect_avoiding(ctx, &pools, &draining, dial)
-            .await
-            .map_err(|r| r.answered_with(ErrorCode::Unavailable, UNAVAILABLE))?;
+        let (lease, up) = match connect_avoiding(ctx, &pools, &draining, dial).await {
+            Ok(reached) => reached,
+            Err(r) => match goaway.take() {
+                Some(answered) => break answered,
+                None => return Err(r.answered_with(ErrorCode::Unavailable, UNAVAILABLE)),
+            },
+        };
         let opened = ctx
             .deadlines
             .timeout(
@@ -370,10 +388,12 @@ async fn open_session(
                 crate::health::note_drain(lease.gateway(), true, "a GOAWAY");
             }
             draining.push(lease.gateway().clone());
+            goaway = Some((lease, up, first, rest));
             continue;
         }
         break (lease, up, first, rest);
     };
+    drop(goaway);
     ctx.meters.bytes_up.increment(hello_bytes.len() as u64);
     if first.kind != Kind::Welcome {
         Counts::bump(&lease.gateway().counts.sessions_started);

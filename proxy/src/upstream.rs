@@ -13,12 +13,15 @@ use metrics::counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
-use wasmbed_config::HealthCheck;
+
 use wasmbed_protocol::codec::FrameCodec;
 use wasmbed_protocol::{DEFAULT_MAX_FRAME, Frame};
 
-use crate::balancer::{Counts, Gateway, Lease};
+use crate::balancer::{Gateway, Lease};
 use crate::context::Context;
+use crate::failures::{
+    OwnFailure, connect_failed, failed, is_fd_exhaustion, is_own_failure, is_tls_failure,
+};
 use crate::metric_names::UPSTREAM_HANDSHAKES;
 use crate::refusal::{Refusal, Refused, refused};
 use crate::tls::Upstream;
@@ -98,8 +101,10 @@ where
 /// Terminate mode's way to a gateway: a connection made ready for a session's first frame,
 /// whichever way the proxy reaches its gateways: a stream on the gateway's link (`--upstream
 /// link`), or a TCP connection ([`reach_tcp`]). The PROXY header is written (always on a
-/// link). Every failure counts against the gateway ([`failed`]), a TLS failure as such, and
-/// [`connect_with`] tries the next gateway.
+/// link), within `connect_timeout` as the stream is. A failure to make the link or the TCP
+/// connection counts against the gateway ([`failed`]: a link attempt once, whatever the
+/// sessions that waited on it), a TLS failure as such; a stream not opened in time (a full
+/// gateway) does not; and [`connect_with`] tries the next gateway.
 pub(crate) async fn reach(
     ctx: &Context,
     gateway: Arc<Gateway>,
@@ -109,16 +114,19 @@ pub(crate) async fn reach(
         return reach_tcp(ctx, gateway, origin).await;
     };
     let started = Instant::now();
-    let mut up = match links.open(&ctx.config, &gateway).await {
-        Ok(up) => up,
-        Err(error) => {
-            failed(ctx, &gateway, &error);
-            return Err(error);
-        }
-    };
+    // The link's attempt counted its own failure (`Links::open`).
+    let mut up = links.open(&ctx.config, &gateway).await?;
     ctx.meters.connect.record(started.elapsed());
     let header = origin.header()?;
-    up.write_all(&header).await?;
+    ctx.deadlines
+        .timeout(ctx.config.connect_timeout, up.write_all(&header))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the PROXY header not taken in time",
+            )
+        })??;
     Ok(up)
 }
 
@@ -146,7 +154,7 @@ pub(crate) async fn reach_tcp(
                 "no TLS with the gateway in time",
             ))
         });
-    ready.inspect_err(|e| failed(ctx, &gateway, e))
+    ready.inspect_err(|e| failed(&ctx.config, &gateway, e))
 }
 
 /// Connects to `gateway` within `connect_timeout`. A failure (other than the proxy's own
@@ -167,67 +175,8 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
         Ok(Err(e)) => e,
         Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
     };
-    connect_failed(ctx, &gateway, &error);
+    connect_failed(&ctx.config, &gateway, &error);
     Err(error)
-}
-
-/// A failed connect is counted against the gateway, wakes its prober, and counts as a failed
-/// health observation.
-fn connect_failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
-    Counts::bump(&gateway.counts.connect_failures);
-    observe_failure(ctx, gateway, error);
-}
-
-/// A gateway that could not be made ready for a session: counted by kind (a failed connect,
-/// link or stream; a TLS failure, logged at warn since it is a configuration to mend), its
-/// prober woken, and a failed health observation. The same for every upstream (TCP, TLS,
-/// link) and every caller (a session's open, a move, a raw listener).
-pub(crate) fn failed(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
-    if is_tls_failure(error) {
-        Counts::bump(&gateway.counts.upstream_tls_failures);
-        tracing::warn!(gateway = %gateway.name, %error, "TLS with the gateway failed");
-        observe_failure(ctx, gateway, error);
-    } else if !is_fd_exhaustion(error) && !is_own_failure(error) {
-        connect_failed(ctx, gateway, error);
-    }
-}
-
-fn observe_failure(ctx: &Context, gateway: &Arc<Gateway>, error: &io::Error) {
-    gateway.suspect();
-    tracing::debug!(gateway = %gateway.name, %error, "reaching the gateway failed");
-    let health = &ctx.config.health;
-    if health.check != HealthCheck::None && !gateway.refusal_is_its_drain(error) {
-        let change = gateway.observe(false, health.rise, health.fall);
-        crate::health::report(gateway, change, &error.to_string());
-    }
-}
-
-/// A failure of the proxy's own, not the gateway's: the TLS records not handed over
-/// (refused `internal`, not counted against the gateway, no other gateway tried).
-#[derive(Debug, thiserror::Error)]
-#[error("the proxy's own: {0}")]
-struct OwnFailure(io::Error);
-
-fn is_own_failure(e: &io::Error) -> bool {
-    e.get_ref()
-        .is_some_and(|i| i.downcast_ref::<OwnFailure>().is_some())
-}
-
-/// Whether `e` is a TLS failure with a gateway: rustls' (TCP), or a QUIC connection closed
-/// with a TLS alert by either end (a link).
-pub(crate) fn is_tls_failure(e: &io::Error) -> bool {
-    if crate::tls::is_tls_error(e) {
-        return true;
-    }
-    let crypto = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
-    match e
-        .get_ref()
-        .and_then(|i| i.downcast_ref::<quinn::ConnectionError>())
-    {
-        Some(quinn::ConnectionError::TransportError(t)) => crypto(t.code),
-        Some(quinn::ConnectionError::ConnectionClosed(c)) => crypto(c.error_code),
-        _ => false,
-    }
 }
 
 async fn dial(gateway: &Gateway) -> io::Result<TcpStream> {
@@ -237,10 +186,6 @@ async fn dial(gateway: &Gateway) -> io::Result<TcpStream> {
     };
     stream.set_nodelay(true)?;
     Ok(stream)
-}
-
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 /// Why a session could not be opened on a gateway made ready ([`open`]).
@@ -298,7 +243,7 @@ pub(crate) async fn open(
 ) -> Result<(Box<dyn Upstream>, Frame, BytesMut), OpenError> {
     let tls_or_io = |e: io::Error| {
         if is_tls_failure(&e) {
-            failed(ctx, gateway, &e);
+            failed(&ctx.config, gateway, &e);
             OpenError::Tls(e)
         } else {
             OpenError::Io(e)

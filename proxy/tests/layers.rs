@@ -28,6 +28,7 @@ const LAYERS: &[&str] = &[
     "health",
     "alive",
     "tls",
+    "failures",
     "link",
     "takeover",
     "context",

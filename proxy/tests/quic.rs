@@ -1065,16 +1065,6 @@ async fn all_closed(proxy: &RunningProxy) {
     }
 }
 
-/// HELLO as `device` for the `echo` app, no ticket.
-fn hello_of(device: &str) -> Vec<u8> {
-    let hello = wasmbed_protocol::Hello {
-        device: device.into(),
-        app: "echo".into(),
-        resume: None,
-    };
-    wasmbed_protocol::Frame::control(Kind::Hello, 0, &hello).encode()
-}
-
 /// A device's session on either transport, its connection kept open until dropped.
 enum Session {
     Tcp(Box<Device<TlsDevice>>),

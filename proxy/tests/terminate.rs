@@ -486,6 +486,27 @@ async fn a_raw_listener_bounds_the_tls_with_its_service() {
     );
 }
 
+/// A certificate its CA signed that names no device (URI SANs only, as a SPIFFE identity)
+/// is taken on a `raw` listener, which reads no HELLO to hold it to: only the anchored
+/// sessions refuse it (quic.rs, on every transport).
+#[tokio::test]
+async fn a_raw_listener_takes_a_certificate_that_names_no_device() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let echo = Backend::spawn().await;
+    let proxy = raw_proxy(&pki, &echo, true).await;
+    let unnamed = pki
+        .ca
+        .issue_client_unnamed(&["spiffe://fleet/service/a"])
+        .unwrap();
+    let mut tls = tls_device(&proxy, device_tls_with(&pki.ca, &unnamed))
+        .await
+        .unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tls.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+}
+
 /// A `raw` listener: TLS ends at the proxy with the same client certificate checks, and the
 /// decrypted bytes reach a plain TCP service as they are (no HELLO), counted as they go.
 #[tokio::test]

@@ -83,6 +83,16 @@ pub fn device_tls(
     })
 }
 
+/// HELLO as `device` for the `echo` app, no ticket: a device's first frame, sent raw.
+pub fn hello_of(device: &str) -> Vec<u8> {
+    let hello = Hello {
+        device: device.into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    Frame::control(Kind::Hello, 0, &hello).encode()
+}
+
 /// A device's TLS config presenting `issued` (a certificate made by the test).
 pub fn device_tls_with(
     trust: &DevCa,
