@@ -232,10 +232,8 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
             checked = now;
         }
         if let Err((code, _, why)) = &verdict {
-            let (_, _) = (
-                send.reset(VarInt::from_u32(*code)),
-                recv.stop(VarInt::from_u32(*code)),
-            );
+            let _ = send.reset(VarInt::from_u32(*code));
+            let _ = recv.stop(VarInt::from_u32(*code));
             tracing::debug!(
                 why,
                 "a session refused on a link: its proxy is no longer trusted"
