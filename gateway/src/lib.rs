@@ -163,8 +163,13 @@ pub(crate) enum Speaker {
     /// A terminating proxy (its name, when its certificate gives one), which states the
     /// devices behind it.
     Proxy(Option<String>),
-    /// A device (`None`: anonymous, where no client CA is set).
-    Device(Option<String>),
+    /// A device: the device its certificate names (`None`: anonymous, where no client CA is
+    /// set), and its certificate's revocation key (issuer and serial, for the live session's
+    /// checks at each reload), read once.
+    Device {
+        identity: Option<String>,
+        key: Option<Vec<u8>>,
+    },
 }
 
 impl DeviceTls {
@@ -185,16 +190,15 @@ impl DeviceTls {
             self.client_check.check(chain)?;
         }
         let cert = chain.first();
-        if cert
-            .and_then(wasmbed_certs::revocation_key)
-            .is_some_and(|s| self.revoked.contains(&s))
-        {
+        let key = cert.and_then(wasmbed_certs::revocation_key);
+        if key.as_ref().is_some_and(|k| self.revoked.contains(k)) {
             return Err("certificate revoked".into());
         }
         if self.speaks_for_devices(settings, chain) {
             return Ok(Speaker::Proxy(cert.and_then(wasmbed_certs::peer_identity)));
         }
-        wasmbed_certs::device_identity(chain).map(Speaker::Device)
+        let identity = wasmbed_certs::device_identity(chain)?;
+        Ok(Speaker::Device { identity, key })
     }
 
     /// Whether `chain` is a terminating proxy's, which speaks for the devices behind it: by
@@ -518,10 +522,7 @@ async fn accept(
                     }
                     (stated, None)
                 }
-                Speaker::Device(identity) => (
-                    identity,
-                    chain.first().and_then(wasmbed_certs::revocation_key),
-                ),
+                Speaker::Device { identity, key } => (identity, key),
             };
             session::serve(shared, tls, (identity, serial), drain).await;
         }

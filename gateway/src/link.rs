@@ -168,7 +168,7 @@ fn proxy_of(
     };
     match tls.speaker(&shared.settings, chain, true) {
         Ok(crate::Speaker::Proxy(name)) => Ok(name.unwrap_or_default()),
-        Ok(crate::Speaker::Device(_)) => Err((
+        Ok(crate::Speaker::Device { .. }) => Err((
             NOT_A_PROXY,
             "not_a_proxy",
             "the client certificate is not a proxy's".into(),

@@ -13,7 +13,6 @@ use metrics::counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
-
 use wasmbed_protocol::codec::FrameCodec;
 use wasmbed_protocol::{DEFAULT_MAX_FRAME, Frame};
 

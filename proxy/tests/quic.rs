@@ -61,10 +61,42 @@ impl QuicDev {
 /// A QUIC device's client settings: ALPN `wasmbed/1`, its certificate from `identity` (none:
 /// anonymous).
 fn quic_client(pki: &Pki, identity: Option<&DevCa>, name: &str) -> quinn::ClientConfig {
-    let mut tls = (*device_tls(&pki.ca, identity, name, false)).clone();
+    quic_client_of(&device_tls(&pki.ca, identity, name, false))
+}
+
+/// A QUIC device's client settings from its TLS settings `tls`: ALPN `wasmbed/1`.
+fn quic_client_of(tls: &rustls::ClientConfig) -> quinn::ClientConfig {
+    let mut tls = tls.clone();
     tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
     quinn::ClientConfig::new(Arc::new(crypto))
+}
+
+/// What the proxy answers a device that presents `tls` over `transport` and sends a HELLO
+/// naming `device` as soon as its handshake is done (`None`: closed with no answer, or the
+/// handshake refused).
+async fn answer_to_hello(
+    proxy: &RunningProxy,
+    transport: &str,
+    tls: Arc<rustls::ClientConfig>,
+    device: &str,
+) -> Option<Kind> {
+    match transport {
+        "tcp" => {
+            let mut dev = Device::new(tls_connect(proxy.addr, tls).await.ok()?);
+            dev.send_raw(&hello_of(device)).await.ok()?;
+            dev.recv().await.map(|f| f.kind)
+        }
+        _ => {
+            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let connecting = endpoint.connect_with(quic_client_of(&tls), proxy.quic?, "localhost");
+            let conn = connecting.ok()?.await.ok()?;
+            let (send, recv) = conn.open_bi().await.ok()?;
+            let mut dev = Device::new(tokio::io::join(recv, send));
+            dev.send_raw(&hello_of(device)).await.ok()?;
+            dev.recv().await.map(|f| f.kind)
+        }
+    }
 }
 
 /// One handshake slot (`max_handshakes = 1`), a line of `wait` past it and a handshake
@@ -705,43 +737,15 @@ async fn a_certificate_that_names_no_device_is_refused_on_every_transport() {
     let pki = pki(KeyKind::EcdsaP256);
     let gw = FrameGateway::spawn("gw-0").await;
     let proxy = start(quic_proxy(&pki, &[&gw])).await;
-    let quic = proxy.quic.unwrap();
     let unnamed = pki
         .ca
         .issue_client_unnamed(&["spiffe://fleet/device/0001"])
         .unwrap();
-    let tcp = device_tls_with(&pki.ca, &unnamed);
-    let mut quic_tls = (*tcp).clone();
-    quic_tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-    let quic_config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(quic_tls)).unwrap(),
-    ));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let tls = device_tls_with(&pki.ca, &unnamed);
     let refused = "wasmbed_proxy_connections_rejected_total{reason=\"client_cert\"}";
     for (i, transport) in ["tcp", "quic"].into_iter().enumerate() {
         // HELLO naming another device, sent as soon as the device's handshake is done.
-        let answer = match transport {
-            "tcp" => {
-                let mut dev = Device::new(tls_connect(proxy.addr, tcp.clone()).await.unwrap());
-                let _ = dev.send_raw(&hello_of("device-0000")).await;
-                dev.recv().await.map(|f| f.kind)
-            }
-            _ => {
-                let conn = endpoint
-                    .connect_with(quic_config.clone(), quic, "localhost")
-                    .unwrap()
-                    .await
-                    .unwrap();
-                match conn.open_bi().await {
-                    Ok((send, recv)) => {
-                        let mut dev = Device::new(tokio::io::join(recv, send));
-                        let _ = dev.send_raw(&hello_of("device-0000")).await;
-                        dev.recv().await.map(|f| f.kind)
-                    }
-                    Err(_) => None,
-                }
-            }
-        };
+        let answer = answer_to_hello(&proxy, transport, tls.clone(), "device-0000").await;
         assert_eq!(answer, None, "{transport}: closed, no answer");
         proxy.until_metric(refused, i as f64 + 1.0).await;
     }
@@ -774,38 +778,8 @@ async fn a_crl_revokes_its_own_cas_devices_only_on_every_transport() {
         tls.client_crls = vec![crl];
     }
     let proxy = start(config).await;
-    let quic = proxy.quic.unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let answer = |transport: &'static str,
-                  issued: &wasmbed_certs::pki::Issued,
-                  device: &'static str| {
-        let tcp = device_tls_with(&pki.ca, issued);
-        let (endpoint, addr) = (endpoint.clone(), proxy.addr);
-        async move {
-            match transport {
-                "tcp" => {
-                    let mut dev = Device::new(tls_connect(addr, tcp).await.ok()?);
-                    dev.send_raw(&hello_of(device)).await.ok()?;
-                    dev.recv().await.map(|f| f.kind)
-                }
-                _ => {
-                    let mut tls = (*tcp).clone();
-                    tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-                    let crypto =
-                        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).ok()?;
-                    let client = quinn::ClientConfig::new(Arc::new(crypto));
-                    let conn = endpoint
-                        .connect_with(client, quic, "localhost")
-                        .ok()?
-                        .await
-                        .ok()?;
-                    let (send, recv) = conn.open_bi().await.ok()?;
-                    let mut dev = Device::new(tokio::io::join(recv, send));
-                    dev.send_raw(&hello_of(device)).await.ok()?;
-                    dev.recv().await.map(|f| f.kind)
-                }
-            }
-        }
+    let answer = |transport: &'static str, issued, device: &'static str| {
+        answer_to_hello(&proxy, transport, device_tls_with(&pki.ca, issued), device)
     };
     for transport in ["tcp", "quic"] {
         let f = answer(transport, &namesake, "device-0011").await;
@@ -829,11 +803,7 @@ async fn a_device_that_refuses_the_proxys_certificate_is_counted_alike_on_every_
     let quic = proxy.quic.unwrap();
     let stranger = DevCa::generate("a root the device trusts").unwrap();
     let tcp = device_tls(&stranger, Some(&pki.ca), "device-0001", false);
-    let mut quic_tls = (*tcp).clone();
-    quic_tls.alpn_protocols = vec![wasmbed_proxy::quic::ALPN.to_vec()];
-    let quic_config = quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(quic_tls)).unwrap(),
-    ));
+    let quic_config = quic_client_of(&tcp);
     let series = "wasmbed_proxy_connections_rejected_total{reason=\"tls_handshake\"}";
     assert!(tls_connect(proxy.addr, tcp).await.is_err(), "tcp: refused");
     proxy.until_metric(series, 1.0).await;
