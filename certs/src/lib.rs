@@ -6,7 +6,8 @@
 //! - [`server_config`], [`client_config`], [`probe_client_config`]: rustls configs, all on one
 //!   crypto provider (aws-lc-rs), so no process ever has two.
 //! - [`peer_identity`]: the device identity (subject common name) of a certificate;
-//!   [`device_identity`]: a handshake's chain's, a certificate that names none refused.
+//!   [`Leaf`]: what a handshake's end reads of its client's certificate, in one parse;
+//!   [`device_identity`]: the device it speaks for, a certificate that names none refused.
 
 pub mod pki;
 mod remembered;
@@ -110,9 +111,12 @@ pub struct CertAttributes {
 
 /// Reads [`CertAttributes`] from a certificate (empty when it cannot be parsed).
 pub fn cert_attributes(cert: &CertificateDer<'_>) -> CertAttributes {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return CertAttributes::default();
-    };
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, parsed)| attributes_in(&parsed))
+        .unwrap_or_default()
+}
+
+fn attributes_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> CertAttributes {
     let ous = parsed
         .subject()
         .iter_organizational_unit()
@@ -131,6 +135,31 @@ pub fn cert_attributes(cert: &CertificateDer<'_>) -> CertAttributes {
         _ => Vec::new(),
     };
     CertAttributes { ous, uris }
+}
+
+/// What a handshake's end reads from its client's leaf certificate, in one parse (the proxy
+/// and the gateway read all three of every device): [`revocation_key`], [`peer_identity`] and
+/// [`cert_attributes`]. A certificate that does not parse reads as none of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leaf {
+    pub revocation_key: Option<Vec<u8>>,
+    pub identity: Option<String>,
+    pub attributes: CertAttributes,
+}
+
+impl Leaf {
+    /// The chain's leaf, read; `None` for no chain (an anonymous client).
+    pub fn of(chain: &[CertificateDer<'_>]) -> Option<Leaf> {
+        let cert = chain.first()?;
+        let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+            return Some(Leaf::default());
+        };
+        Some(Leaf {
+            revocation_key: Some(key_in(&parsed)),
+            identity: identity_in(&parsed),
+            attributes: attributes_in(&parsed),
+        })
+    }
 }
 
 /// The serial number of a certificate (big-endian bytes), for a CRL entry.
@@ -313,7 +342,11 @@ pub fn revoked_keys(
 /// not parse.
 pub fn revocation_key(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(key(parsed.issuer().as_raw(), parsed.raw_serial()))
+    Some(key_in(&parsed))
+}
+
+fn key_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Vec<u8> {
+    key(parsed.issuer().as_raw(), parsed.raw_serial())
 }
 
 /// The issuer's length (so that no issuer and serial read as another pair), the issuer, the
@@ -589,17 +622,17 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
-/// The device a handshake's verified chain speaks for, the same way on every transport and
-/// at both ends (proxy and gateway): no chain is an anonymous client (`Ok(None)`: only where
-/// no client CA is set, since one set requires a certificate); a certificate naming a device
-/// ([`peer_identity`]) speaks for it; and a certificate its CA signed that names none (no
-/// common name and no DNS SAN, say URI SANs only, or one this reader cannot parse although
-/// the verifier took it) is refused: without a name to hold its HELLO to, such a device
-/// could claim any device's session.
-pub fn device_identity(chain: &[CertificateDer<'_>]) -> Result<Option<String>, String> {
-    match chain.first() {
+/// The device a handshake's verified chain speaks for (its [`Leaf`]), the same way on every
+/// transport and at both ends (proxy and gateway): no chain is an anonymous client
+/// (`Ok(None)`: only where no client CA is set, since one set requires a certificate); a
+/// certificate naming a device ([`peer_identity`]) speaks for it; and a certificate its CA
+/// signed that names none (no common name and no DNS SAN, say URI SANs only, or one this
+/// reader cannot parse although the verifier took it) is refused: without a name to hold its
+/// HELLO to, such a device could claim any device's session.
+pub fn device_identity(leaf: Option<&Leaf>) -> Result<Option<String>, String> {
+    match leaf {
         None => Ok(None),
-        Some(cert) => peer_identity(cert).map(Some).ok_or_else(|| {
+        Some(leaf) => leaf.identity.clone().map(Some).ok_or_else(|| {
             "the certificate names no device (no common name, no DNS name)".to_string()
         }),
     }
@@ -608,6 +641,10 @@ pub fn device_identity(chain: &[CertificateDer<'_>]) -> Result<Option<String>, S
 /// The identity a certificate names: its subject common name, else its first DNS SAN.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    identity_in(&parsed)
+}
+
+fn identity_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
     let cn = parsed
         .subject()
         .iter_common_name()

@@ -167,3 +167,33 @@ fn a_crl_revokes_its_own_issuers_certificates_only() {
         "another CA's"
     );
 }
+
+#[test]
+fn a_leaf_read_once_reads_as_each_reader_alone() {
+    let ca = DevCa::generate("test CA").unwrap();
+    let named = ca
+        .issue_client_with("device-7", &["fleet-a"], &["wasmbed://region/eu"])
+        .unwrap();
+    let unnamed = ca.issue_client_unnamed(&["wasmbed://region/eu"]).unwrap();
+    for issued in [&named, &unnamed] {
+        let chain = issued.chain();
+        let leaf = Leaf::of(&chain).unwrap();
+        assert_eq!(leaf.revocation_key, revocation_key(&chain[0]));
+        assert_eq!(leaf.identity, peer_identity(&chain[0]));
+        assert_eq!(leaf.attributes, cert_attributes(&chain[0]));
+    }
+    let leaf = Leaf::of(&named.chain()).unwrap();
+    assert_eq!(leaf.identity.as_deref(), Some("device-7"));
+    assert_eq!(leaf.attributes.ous, ["fleet-a"]);
+    assert_eq!(leaf.attributes.uris, ["wasmbed://region/eu"]);
+    assert_eq!(
+        device_identity(Some(&leaf)).unwrap().as_deref(),
+        Some("device-7")
+    );
+    let unnamed = Leaf::of(&unnamed.chain()).unwrap();
+    assert!(device_identity(Some(&unnamed)).is_err(), "names no device");
+    assert_eq!(device_identity(None), Ok(None), "no chain: anonymous");
+    let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])];
+    assert_eq!(Leaf::of(&garbage), Some(Leaf::default()), "unreadable");
+    assert!(device_identity(Leaf::of(&garbage).as_ref()).is_err());
+}

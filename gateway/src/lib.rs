@@ -189,24 +189,27 @@ impl DeviceTls {
         if resumed {
             self.client_check.check(chain)?;
         }
-        let cert = chain.first();
-        let key = cert.and_then(wasmbed_certs::revocation_key);
+        // The leaf read once, for its revocation key and the name it speaks by.
+        let leaf = wasmbed_certs::Leaf::of(chain);
+        let key = leaf.as_ref().and_then(|l| l.revocation_key.clone());
         if key.as_ref().is_some_and(|k| self.revoked.contains(k)) {
             return Err("certificate revoked".into());
         }
-        if self.speaks_for_devices(settings, chain) {
-            return Ok(Speaker::Proxy(cert.and_then(wasmbed_certs::peer_identity)));
+        if self.speaks_for_devices(settings, chain, leaf.as_ref()) {
+            return Ok(Speaker::Proxy(leaf.and_then(|l| l.identity)));
         }
-        let identity = wasmbed_certs::device_identity(chain)?;
+        let identity = wasmbed_certs::device_identity(leaf.as_ref())?;
         Ok(Speaker::Device { identity, key })
     }
 
-    /// Whether `chain` is a terminating proxy's, which speaks for the devices behind it: by
-    /// its identity (`--proxy-identity`) or its CA (`--trusted-proxy-ca`).
-    pub fn speaks_for_devices(
+    /// Whether `chain` (whose leaf reads as `leaf`) is a terminating proxy's, which speaks
+    /// for the devices behind it: by its identity (`--proxy-identity`) or its CA
+    /// (`--trusted-proxy-ca`).
+    fn speaks_for_devices(
         &self,
         settings: &GatewaySettings,
         chain: &[CertificateDer<'_>],
+        leaf: Option<&wasmbed_certs::Leaf>,
     ) -> bool {
         let by_ca = self.proxy_ca.as_ref().is_some_and(|p| p.vouches_for(chain));
         let by_name = || {
@@ -214,10 +217,8 @@ impl DeviceTls {
                 .tls
                 .as_ref()
                 .map_or(&[][..], |t| &t.proxy_identities[..]);
-            chain
-                .first()
-                .and_then(wasmbed_certs::peer_identity)
-                .is_some_and(|id| proxies.contains(&id))
+            leaf.and_then(|l| l.identity.as_ref())
+                .is_some_and(|id| proxies.contains(id))
         };
         by_ca || by_name()
     }

@@ -208,24 +208,29 @@ impl Verified {
                 ),
             ));
         }
-        let cert = chain.first();
-        let serial = cert.and_then(wasmbed_certs::revocation_key);
-        if serial
-            .as_deref()
-            .is_some_and(|s| ctx.device_tls.is_revoked(s))
+        // The leaf read once, for its revocation key, its device and its routing attributes.
+        let leaf = wasmbed_certs::Leaf::of(chain);
+        if leaf
+            .as_ref()
+            .and_then(|l| l.revocation_key.as_deref())
+            .is_some_and(|k| ctx.device_tls.is_revoked(k))
         {
             return Err(refused(Refusal::ClientCert, "certificate revoked"));
         }
         // A certificate that names no device has no name to hold a HELLO to: refused where a
         // HELLO is read ([`open_session`]; a raw listener reads none and takes it).
-        let (identity, unnamed) = match wasmbed_certs::device_identity(chain) {
+        let (identity, unnamed) = match wasmbed_certs::device_identity(leaf.as_ref()) {
             Ok(identity) => (identity, None),
             Err(why) => (None, Some(why)),
+        };
+        let (serial, attributes) = match leaf {
+            Some(l) => (l.revocation_key, Some(l.attributes)),
+            None => (None, None),
         };
         Ok(Verified {
             sni,
             identity,
-            attributes: cert.map(wasmbed_certs::cert_attributes),
+            attributes,
             serial,
             peer,
             local,
