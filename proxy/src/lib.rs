@@ -42,6 +42,7 @@ mod context;
 mod control;
 mod dashboard;
 mod deadlines;
+mod dial;
 mod discovery;
 mod error;
 mod events;

@@ -423,18 +423,20 @@ impl Links {
         let started = Instant::now();
         let trust = self.trust.load_full();
         let attempt = async {
-            let addr = tokio::net::lookup_host(&gateway.addr)
-                .await?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+            let addrs = crate::dial::addresses(&gateway.addr).await?;
             let name = crate::tls::upstream_name(config, &gateway.addr);
-            let client = trust.client.clone();
-            // The connection's driver is spawned on the lane's runtime (`Home`).
-            let connecting = lane
-                .endpoint
-                .connect_with(client, addr, &name.to_str())
-                .map_err(io::Error::other)?;
-            connecting.await.map_err(Failed::Connection)
+            let name = name.to_str();
+            // Each of a name's addresses in turn, staggered: a UDP port nothing listens at
+            // draws no refusal quinn reports, and would hold the link to its timeout.
+            crate::dial::first_to_answer(addrs, crate::dial::NEXT_ADDRESS_AFTER, |addr| {
+                // The connection's driver is spawned on the lane's runtime (`Home`).
+                let connecting = lane
+                    .endpoint
+                    .connect_with(trust.client.clone(), addr, &name)
+                    .map_err(io::Error::other);
+                async move { connecting?.await.map_err(Failed::Connection) }
+            })
+            .await
         };
         let conn = match tokio::time::timeout(config.connect_timeout, attempt).await {
             Ok(Ok(c)) => c,

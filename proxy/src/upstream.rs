@@ -181,7 +181,14 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
 async fn dial(gateway: &Gateway) -> io::Result<TcpStream> {
     let stream = match gateway.socket_addr {
         Some(sa) => TcpStream::connect(sa).await?,
-        None => TcpStream::connect(gateway.addr.as_str()).await?,
+        // A name: its addresses raced as the link's are ([`crate::dial`]).
+        None => {
+            let addrs = crate::dial::addresses(&gateway.addr).await?;
+            crate::dial::first_to_answer(addrs, crate::dial::NEXT_ADDRESS_AFTER, |addr| {
+                TcpStream::connect(addr)
+            })
+            .await?
+        }
     };
     stream.set_nodelay(true)?;
     Ok(stream)

@@ -28,6 +28,7 @@ const LAYERS: &[&str] = &[
     "health",
     "alive",
     "tls",
+    "dial",
     "failures",
     "link",
     "takeover",
