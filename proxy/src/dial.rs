@@ -21,14 +21,16 @@ use futures_util::stream::FuturesUnordered;
 pub(crate) const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(250);
 
 /// The first of `addrs` `attempt` makes a connection to, each started when the one before
-/// fails or after `after`. All failing: the last failure; no address: `NotFound`.
-pub(crate) async fn first_to_answer<T, E, Fut>(
+/// fails or after `after` (waited by `wait`: the data plane's timers are the caller's, see
+/// proxy/clippy.toml). All failing: the last failure; no address: `NotFound`.
+pub(crate) async fn first_to_answer<T, E, Fut, Wait>(
     addrs: impl IntoIterator<Item = SocketAddr>,
-    after: Duration,
+    (after, mut wait): (Duration, impl FnMut(Duration) -> Wait),
     mut attempt: impl FnMut(SocketAddr) -> Fut,
 ) -> Result<T, E>
 where
     Fut: Future<Output = Result<T, E>>,
+    Wait: Future<Output = ()>,
     E: From<io::Error>,
 {
     let mut addrs = addrs.into_iter().peekable();
@@ -44,7 +46,7 @@ where
                 Ok(made) => return Ok(made),
                 Err(e) => last = Some(e),
             },
-            () = tokio::time::sleep(after), if more => {}
+            () = wait(after), if more => {}
             else => {
                 return Err(last.unwrap_or_else(|| {
                     io::Error::new(io::ErrorKind::NotFound, "the name has no address").into()
@@ -63,6 +65,15 @@ pub(crate) async fn addresses(name: &str) -> io::Result<Vec<SocketAddr>> {
 mod tests {
     use super::*;
     use tokio::time::Instant;
+
+    /// The stagger, waited on the test's paused clock.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a test's runtime, its time paused"
+    )]
+    fn paused() -> (Duration, impl FnMut(Duration) -> tokio::time::Sleep) {
+        (NEXT_ADDRESS_AFTER, tokio::time::sleep)
+    }
 
     fn addr(last: u8) -> SocketAddr {
         (std::net::Ipv4Addr::new(127, 0, 0, last), 9).into()
@@ -91,11 +102,9 @@ mod tests {
         let ms = Duration::from_millis;
         let plan = [(addr(1), None), (addr(2), Some(Ok(ms(10))))];
         let started = Instant::now();
-        let made = first_to_answer([addr(1), addr(2)], NEXT_ADDRESS_AFTER, |a| {
-            attempt(a, &plan)
-        })
-        .await
-        .unwrap();
+        let made = first_to_answer([addr(1), addr(2)], paused(), |a| attempt(a, &plan))
+            .await
+            .unwrap();
         assert_eq!(made, addr(2));
         assert_eq!(started.elapsed(), NEXT_ADDRESS_AFTER + ms(10));
     }
@@ -111,11 +120,9 @@ mod tests {
             (addr(3), Some(Ok(ms(20)))),
         ];
         let started = Instant::now();
-        let made = first_to_answer([addr(1), addr(2), addr(3)], NEXT_ADDRESS_AFTER, |a| {
-            attempt(a, &plan)
-        })
-        .await
-        .unwrap();
+        let made = first_to_answer([addr(1), addr(2), addr(3)], paused(), |a| attempt(a, &plan))
+            .await
+            .unwrap();
         assert_eq!(made, addr(3));
         assert_eq!(started.elapsed(), ms(5) + NEXT_ADDRESS_AFTER + ms(20));
     }
@@ -124,13 +131,11 @@ mod tests {
     async fn every_address_failing_gives_the_last_failure_and_none_gives_not_found() {
         let ms = Duration::from_millis;
         let plan = [(addr(1), Some(Err(ms(400)))), (addr(2), Some(Err(ms(1))))];
-        let e = first_to_answer([addr(1), addr(2)], NEXT_ADDRESS_AFTER, |a| {
-            attempt(a, &plan)
-        })
-        .await
-        .unwrap_err();
+        let e = first_to_answer([addr(1), addr(2)], paused(), |a| attempt(a, &plan))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
-        let e = first_to_answer([], NEXT_ADDRESS_AFTER, |a| attempt(a, &plan))
+        let e = first_to_answer([], paused(), |a| attempt(a, &plan))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);

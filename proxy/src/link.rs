@@ -428,7 +428,8 @@ impl Links {
             let name = name.to_str();
             // Each of a name's addresses in turn, staggered: a UDP port nothing listens at
             // draws no refusal quinn reports, and would hold the link to its timeout.
-            crate::dial::first_to_answer(addrs, crate::dial::NEXT_ADDRESS_AFTER, |addr| {
+            let stagger = (crate::dial::NEXT_ADDRESS_AFTER, tokio::time::sleep);
+            crate::dial::first_to_answer(addrs, stagger, |addr| {
                 // The connection's driver is spawned on the lane's runtime (`Home`).
                 let connecting = lane
                     .endpoint

@@ -165,7 +165,11 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
     // config are at most `wasmbed_config::MAX_DURATION`: the sum does not overflow, as in
     // `terminate`.)
     let deadline = started + ctx.config.connect_timeout;
-    let error = match ctx.deadlines.timeout_at(deadline, dial(&gateway)).await {
+    let error = match ctx
+        .deadlines
+        .timeout_at(deadline, dial(&ctx.deadlines, &gateway))
+        .await
+    {
         Ok(Ok(stream)) => {
             ctx.meters.connect.record(started.elapsed());
             return Ok(stream);
@@ -178,16 +182,14 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
     Err(error)
 }
 
-async fn dial(gateway: &Gateway) -> io::Result<TcpStream> {
+async fn dial(deadlines: &crate::deadlines::Deadlines, gateway: &Gateway) -> io::Result<TcpStream> {
     let stream = match gateway.socket_addr {
         Some(sa) => TcpStream::connect(sa).await?,
         // A name: its addresses raced as the link's are ([`crate::dial`]).
         None => {
             let addrs = crate::dial::addresses(&gateway.addr).await?;
-            crate::dial::first_to_answer(addrs, crate::dial::NEXT_ADDRESS_AFTER, |addr| {
-                TcpStream::connect(addr)
-            })
-            .await?
+            let stagger = (crate::dial::NEXT_ADDRESS_AFTER, |d| deadlines.sleep(d));
+            crate::dial::first_to_answer(addrs, stagger, TcpStream::connect).await?
         }
     };
     stream.set_nodelay(true)?;
