@@ -64,19 +64,24 @@ struct Snapshot<'a> {
 
 /// The feed every subscriber reads ([`sse`]). Only subscribers hold its receivers, so the
 /// snapshot task can tell that nobody watches and build nothing (an admin endpoint's handle
-/// is the sending side's).
+/// is the sending side's). Its stop ends every subscriber's stream: the sending side lives
+/// on in the admin endpoint's handles, so the task's end cannot, and an open dashboard
+/// would hold the endpoint's graceful end, and the proxy's stop, for good.
 #[derive(Clone)]
-pub struct Feed(Arc<watch::Sender<Arc<str>>>);
+pub struct Feed {
+    tx: Arc<watch::Sender<Arc<str>>>,
+    stop: CancellationToken,
+}
 
 impl Feed {
     /// A new subscriber's receiver: the latest snapshot is its first.
     pub fn subscribe(&self) -> watch::Receiver<Arc<str>> {
-        self.0.subscribe()
+        self.tx.subscribe()
     }
 
     /// The latest snapshot (`{}` while nobody watches).
     pub fn latest(&self) -> Arc<str> {
-        self.0.borrow().clone()
+        self.tx.borrow().clone()
     }
 }
 
@@ -87,8 +92,11 @@ pub fn spawn(
     (tracker, on): (&tokio_util::task::TaskTracker, &tokio::runtime::Handle),
     stop: CancellationToken,
 ) -> Feed {
-    let feed = Feed(Arc::new(watch::Sender::new(Arc::from(NOTHING))));
-    tracker.spawn_on(run(live, feed.0.clone(), stop), on);
+    let feed = Feed {
+        tx: Arc::new(watch::Sender::new(Arc::from(NOTHING))),
+        stop: stop.clone(),
+    };
+    tracker.spawn_on(run(live, feed.tx.clone(), stop), on);
     feed
 }
 
@@ -212,12 +220,14 @@ async fn run(live: Arc<Live>, tx: Arc<watch::Sender<Arc<str>>>, stop: Cancellati
 }
 
 /// `GET /api/events`: the snapshot now, then each new one (`event: snapshot`), as
-/// Server-Sent Events.
+/// Server-Sent Events, until the admin endpoint stops.
 pub fn sse(
     feed: Feed,
 ) -> axum::response::Sse<
     impl futures_util::Stream<Item = Result<axum::response::sse::Event, Infallible>>,
 > {
+    use futures_util::StreamExt;
+    let stop = feed.stop.clone();
     let mut feed = feed.subscribe();
     if &**feed.borrow() != NOTHING {
         feed.mark_changed();
@@ -229,7 +239,8 @@ pub fn sse(
             .event("snapshot")
             .data(&*text);
         Some((Ok(event), feed))
-    });
+    })
+    .take_until(stop.cancelled_owned());
     axum::response::Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default())
 }
 

@@ -57,6 +57,38 @@ async fn post_api_shutdown_stops_the_proxy_as_sigterm_does() {
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
 }
 
+/// An open dashboard (`GET /api/events`, a stream that never ends by itself) does not hold
+/// the stop: its stream ends with the admin endpoint.
+#[tokio::test]
+async fn an_open_dashboard_does_not_hold_the_stop() {
+    let backend = Backend::spawn().await;
+    let proxy = start(config(vec![backend.gateway("gw")])).await;
+    let mut watching = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    watching
+        .write_all(b"GET /api/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    // The stream's first snapshot: it is open and served.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: snapshot") {
+        let n = watching.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "the event stream closed: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    proxy.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), proxy.task).await;
+    assert!(
+        matches!(result, Ok(Ok(Ok(())))),
+        "an open dashboard held the stop: {result:?}"
+    );
+    drop(watching);
+}
+
 #[tokio::test]
 async fn shutdown_returns_at_once_when_no_session_is_open() {
     let backend = Backend::spawn().await;
