@@ -551,6 +551,10 @@ pub struct GatewaySet {
     /// The proxy is stopping: `/readyz` says 503 so load balancers stop sending, and
     /// terminated sessions are handed back to their devices.
     stopping: Trigger,
+    /// Gateways removed from the set while sessions may still run on them (a passthrough
+    /// session stays on its removed gateway until it ends): the hard stop cuts them too
+    /// ([`GatewaySet::cut_all`]). Each goes with its last session's lease.
+    retired: std::sync::Mutex<Vec<std::sync::Weak<Gateway>>>,
 }
 
 /// A move ordered and not landed yet: counted in [`GatewaySet::moves_in_flight`] while it
@@ -583,7 +587,19 @@ impl GatewaySet {
             rotation: AtomicUsize::new(0),
             slow_start_ms: AtomicU64::new(millis(slow_start)),
             stopping: Trigger::new(),
+            retired: std::sync::Mutex::default(),
         }
+    }
+
+    /// Cuts every session on every gateway, those removed from the set with sessions still
+    /// on them too: the hard stop at a shutdown's end.
+    pub fn cut_all(&self) {
+        self.snapshot().iter().for_each(|g| g.cut_sessions());
+        let retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .for_each(|g| g.cut_sessions());
     }
 
     /// A reload's `slow_start`: gateways picked from now on ramp in over it.
@@ -657,6 +673,10 @@ impl GatewaySet {
             next
         });
         let gateway = removed?;
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|g| g.strong_count() > 0);
+        retired.push(Arc::downgrade(&gateway));
+        drop(retired);
         gateway.set_draining(true);
         gateway.order_moves(usize::MAX);
         gateway.removed.fire();

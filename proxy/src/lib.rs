@@ -579,7 +579,7 @@ impl Proxy {
             // seen the start: anchor's `stop`); normally set long before, by the task above.
             gateways.set_stopping();
             hard_stop.fire();
-            gateways.snapshot().iter().for_each(|g| g.cut_sessions());
+            gateways.cut_all();
             sessions.wait().await;
         }
         sessions_done.cancel();

@@ -57,6 +57,31 @@ async fn post_api_shutdown_stops_the_proxy_as_sigterm_does() {
     assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
 }
 
+/// The hard stop at the grace's end cuts a session on a gateway removed from the set too (a
+/// passthrough session stays on its removed gateway until it ends): it would hold the stop.
+#[tokio::test]
+async fn the_hard_stop_cuts_the_sessions_of_a_removed_gateway() {
+    let backend = Backend::spawn().await;
+    let mut c = config(vec![backend.gateway("gw")]);
+    c.grace = Duration::from_millis(300);
+    let proxy = start(c).await;
+    let mut live = device(proxy.addr).await;
+    let (status, body) = proxy.admin("DELETE", "/api/gateways/gw").await;
+    assert_eq!(status, 200, "{body}");
+    // Still forwarding on its removed gateway.
+    live.write_all(b"still here").await.unwrap();
+    let mut b = [0u8; 10];
+    live.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"still here");
+    proxy.shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), proxy.task).await;
+    assert!(
+        matches!(result, Ok(Ok(Ok(())))),
+        "a removed gateway's session held the stop: {result:?}"
+    );
+    assert_eq!(closed(&mut live, Duration::from_secs(3)).await, 0);
+}
+
 /// An open dashboard (`GET /api/events`, a stream that never ends by itself) does not hold
 /// the stop: its stream ends with the admin endpoint.
 #[tokio::test]
