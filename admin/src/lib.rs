@@ -242,11 +242,17 @@ pub async fn serve(
 
 /// Whether `request` may go on under `auth` (see `wasmbed_config::admin`): `None`, or the
 /// refusal's status and text. Reads pass; changes need the bearer token, an admin client
-/// certificate, or (with neither configured) a loopback admin address.
+/// certificate, or (with neither configured) a loopback admin address; and no change that a
+/// web page made a browser send is taken ([`from_a_web_page`]).
 pub fn refusal(
     auth: &wasmbed_config::admin::AdminAuth,
     request: &axum::extract::Request,
 ) -> Option<(u16, &'static str)> {
+    if !matches!(request.method().as_str(), "GET" | "HEAD")
+        && let Some(why) = from_a_web_page(request, auth.open())
+    {
+        return Some((403, why));
+    }
     let authorization = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -257,6 +263,59 @@ pub fn refusal(
         has_client_cert(request),
     )
     .refusal()
+}
+
+/// Why a change looks sent by a browser for a web page of another site, which the operator's
+/// browser would send with whatever reaches the endpoint (a loopback address open to
+/// changes, an admin client certificate the browser presents): `Sec-Fetch-Site` other than
+/// `same-origin` or `none`, an `Origin` that is not the endpoint's own, or, where changes are
+/// open (loopback, no token), a `Host` that is no loopback name (a page's own name, made to
+/// resolve to 127.0.0.1: DNS rebinding). Tools (curl, `wasmbed`, an orchestrator) send none
+/// of these headers, or a loopback `Host`.
+pub fn from_a_web_page(request: &axum::extract::Request, open: bool) -> Option<&'static str> {
+    use axum::http::header::{HOST, ORIGIN};
+    let headers = request.headers();
+    let site = headers.get("sec-fetch-site").map(|v| v.as_bytes());
+    if site.is_some_and(|s| s != b"same-origin" && s != b"none") {
+        return Some("refused: a change sent by a web page of another site (Sec-Fetch-Site)\n");
+    }
+    let host = headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if let Some(origin) = headers.get(ORIGIN) {
+        let authority = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .map(|(_, a)| a);
+        if authority.is_none() || authority != host {
+            return Some("refused: a change sent by a web page of another origin (Origin)\n");
+        }
+    }
+    if open && host.is_some_and(|h| !is_loopback_host(h)) {
+        return Some(
+            "refused: an admin endpoint open to changes (loopback, no token) takes them for a \
+             loopback host only (Host: localhost, 127.0.0.1 or [::1]): another name may be a \
+             web page's, rebound to this address\n",
+        );
+    }
+    None
+}
+
+/// Whether `host` (a `Host` header: a name or address, with or without a port) names this
+/// machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or(v6, |(a, _)| a),
+        None => host.rsplit_once(':').map_or(host, |(n, _)| n),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Whether the request came over TLS with an admin client certificate.
@@ -284,5 +343,76 @@ pub fn keep_metrics_up(handle: metrics_exporter_prometheus::PrometheusHandle) {
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "no metrics upkeep thread: histograms fold only when scraped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmbed_config::admin::AdminAuth;
+
+    fn request(method: &str, headers: &[(&str, &str)]) -> axum::extract::Request {
+        let mut r = axum::http::Request::builder()
+            .method(method)
+            .uri("/api/shutdown");
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        r.body(axum::body::Body::empty()).unwrap()
+    }
+
+    /// A change a web page made a browser send is refused, wherever the endpoint listens and
+    /// whatever authorizes changes; tools' requests and reads pass.
+    #[test]
+    fn a_change_a_web_page_sends_is_refused_and_a_tools_is_not() {
+        let loopback = AdminAuth::load(None, Some(([127, 0, 0, 1], 9000).into())).unwrap();
+        assert!(loopback.open());
+        let host = ("host", "127.0.0.1:9000");
+        let cases: &[(&str, &[(&str, &str)], bool)] = &[
+            // Tools: curl, `wasmbed`, an orchestrator.
+            ("POST", &[host], true),
+            ("POST", &[("host", "localhost:9000")], true),
+            ("POST", &[("host", "[::1]:9000")], true),
+            ("POST", &[], true),
+            // The endpoint's own page, or a browser's address bar.
+            ("POST", &[host, ("origin", "http://127.0.0.1:9000")], true),
+            ("POST", &[host, ("sec-fetch-site", "same-origin")], true),
+            ("POST", &[host, ("sec-fetch-site", "none")], true),
+            // Another site's page.
+            ("POST", &[host, ("origin", "http://evil.example")], false),
+            ("POST", &[host, ("origin", "null")], false),
+            ("POST", &[host, ("sec-fetch-site", "cross-site")], false),
+            ("POST", &[host, ("sec-fetch-site", "same-site")], false),
+            // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+            ("POST", &[("host", "evil.example:9000")], false),
+            // Reads stay open.
+            ("GET", &[host, ("origin", "http://evil.example")], true),
+        ];
+        for (method, headers, allowed) in cases {
+            let refused = refusal(&loopback, &request(method, headers));
+            assert_eq!(
+                refused.is_none(),
+                *allowed,
+                "{method} {headers:?}: {refused:?}"
+            );
+        }
+    }
+
+    /// With a token the endpoint may be reached by any name; a cross-site page is refused
+    /// still (a browser holding an admin client certificate would present it).
+    #[test]
+    fn with_a_token_any_host_passes_and_a_web_page_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "0123456789abcdef0123").unwrap();
+        let auth = AdminAuth::load(Some(&file), Some(([10, 0, 0, 1], 9000).into())).unwrap();
+        let bearer = ("authorization", "Bearer 0123456789abcdef0123");
+        let named = ("host", "proxy.internal:9000");
+        assert!(refusal(&auth, &request("POST", &[named, bearer])).is_none());
+        let page = ("origin", "https://evil.example");
+        assert_eq!(
+            refusal(&auth, &request("POST", &[named, bearer, page])).map(|r| r.0),
+            Some(403)
+        );
     }
 }

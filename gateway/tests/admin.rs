@@ -265,6 +265,24 @@ async fn mutations_need_the_admin_token_and_uploads_are_capped() {
     assert_eq!(http(admin, "POST", "/api/drain", b"").await.0, 403);
 }
 
+/// A change a web page makes the operator's browser send (another origin, or a rebound name
+/// on a loopback endpoint open to changes) is refused, as on the proxy's endpoint (one check:
+/// `wasmbed_admin::from_a_web_page`); a tool's is taken.
+#[tokio::test]
+async fn a_change_a_web_page_sends_is_refused() {
+    use wasmbed_testkit::http_from_a_page;
+    let gw = start(settings(None)).await;
+    let drain = ("POST", "/api/drain");
+    let host = format!("127.0.0.1:{}", gw.admin.port());
+    let evil = [("Origin", "http://evil.example")];
+    assert_eq!(http_from_a_page(gw.admin, drain, &host, &evil).await, 403);
+    let rebound = format!("evil.example:{}", gw.admin.port());
+    assert_eq!(http_from_a_page(gw.admin, drain, &rebound, &[]).await, 403);
+    let (_, health) = http(gw.admin, "GET", "/healthz", b"").await;
+    assert!(health.contains("\"ok\""), "not drained: {health}");
+    assert_eq!(http_from_a_page(gw.admin, drain, &host, &[]).await, 202);
+}
+
 /// The gateway's admin endpoint over HTTPS with an admin CA: an app upload needs the token
 /// or an admin client certificate; reads need neither.
 #[tokio::test]

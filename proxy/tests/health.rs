@@ -240,6 +240,31 @@ async fn a_reset_on_the_gateway_side_brings_the_next_probe_forward() {
 
 /// A locked admin API on the proxy: drain and POST /api/gateways need the token; reads stay
 /// open; an oversized body is 413.
+/// A change a web page makes the operator's browser send (another origin, or a rebound name
+/// on a loopback endpoint open to changes) is refused, as on the gateway's endpoint (one
+/// check: `wasmbed_admin::from_a_web_page`); a tool's is taken.
+#[tokio::test]
+async fn a_change_a_web_page_sends_is_refused() {
+    use wasmbed_testkit::http_from_a_page;
+    let backend = Backend::spawn().await;
+    let proxy = start(config(vec![backend.gateway("gw")])).await;
+    let drain = ("POST", "/api/gateways/gw/drain");
+    let host = format!("127.0.0.1:{}", proxy.admin.port());
+    let cross = [("Sec-Fetch-Site", "cross-site")];
+    assert_eq!(
+        http_from_a_page(proxy.admin, drain, &host, &cross).await,
+        403
+    );
+    let rebound = format!("evil.example:{}", proxy.admin.port());
+    assert_eq!(
+        http_from_a_page(proxy.admin, drain, &rebound, &[]).await,
+        403
+    );
+    assert!(!proxy.gateway("gw").is_draining());
+    assert_eq!(http_from_a_page(proxy.admin, drain, &host, &[]).await, 200);
+    assert!(proxy.gateway("gw").is_draining());
+}
+
 #[tokio::test]
 async fn proxy_mutations_need_the_admin_token() {
     let dir = tempfile::tempdir().unwrap();

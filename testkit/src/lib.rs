@@ -93,6 +93,33 @@ pub async fn https(
     (status, body)
 }
 
+/// A bodiless request as a browser sends one for a web page: `Host: host` and `headers`
+/// (e.g. `Origin`, `Sec-Fetch-Site`). Plain HTTP/1.1, `Connection: close`. Returns the status.
+pub async fn http_from_a_page(
+    addr: SocketAddr,
+    (method, path): (&str, &str),
+    host: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.expect("request");
+    let mut reply = Vec::new();
+    let _ = tcp.read_to_end(&mut reply).await;
+    let text = String::from_utf8_lossy(&reply);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {text:?}"))
+}
+
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after `within`.
 pub async fn until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
