@@ -9,6 +9,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -205,6 +206,7 @@ type Holding = (
     BufReader<std::process::ChildStderr>,
     tokio::runtime::Runtime,
     Box<dyn std::any::Any>,
+    SocketAddr,
 );
 
 fn holding_a_session(role: Role, extra: &[&str]) -> Holding {
@@ -232,6 +234,7 @@ fn holding_a_session(role: Role, extra: &[&str]) -> Holding {
     assert!(line.starts_with("ready "), "{line:?}");
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let listen = addr_in(&line, "listen=");
+    let admin = addr_in(&line, "admin=");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     // A session that never ends by itself: the device neither reads GOAWAY nor closes.
     let held: Box<dyn std::any::Any> = match role {
@@ -264,7 +267,7 @@ fn holding_a_session(role: Role, extra: &[&str]) -> Holding {
             d
         })),
     };
-    (support::Killed(child), stderr, runtime, held)
+    (support::Killed(child), stderr, runtime, held, admin)
 }
 
 /// Reads stderr lines until one contains `what`; returns them all.
@@ -304,7 +307,7 @@ fn past_hard_stop_after_the_process_ends_and_names_what_still_ran() {
             Role::Gateway => extra.iter().map(|s| s.to_string()).collect(),
         };
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let (mut child, mut stderr, _rt, _held) = holding_a_session(role, &extra);
+        let (mut child, mut stderr, _rt, _held, _) = holding_a_session(role, &extra);
         signal(&child.0, libc::SIGTERM);
         let said = read_until(&mut stderr, "hard stop");
         let status =
@@ -318,6 +321,23 @@ fn past_hard_stop_after_the_process_ends_and_names_what_still_ran() {
     }
 }
 
+/// A gateway drained by its operator (a Kubernetes preStop hook) and then told to stop gives
+/// what still runs its grace, as a stop without a drain does: it does not exit at once,
+/// cutting a session still answering.
+#[test]
+fn a_drained_gateway_told_to_stop_gives_its_sessions_the_grace() {
+    let extra = ["--grace", "60s", "--hard-stop-after", "1s"];
+    let (mut child, mut stderr, rt, _held, admin) = holding_a_session(Role::Gateway, &extra);
+    let (status, body) = rt.block_on(wasmbed_testkit::http(admin, "POST", "/api/drain", b""));
+    assert_eq!(status, 202, "{body}");
+    read_until(&mut stderr, "drain requested");
+    signal(&child.0, libc::SIGTERM);
+    let said = read_until(&mut stderr, "hard stop");
+    let status = exited_within(&mut child.0, PROMPT).expect("still running after the hard stop");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("still running: 1 device sessions"), "{said}");
+}
+
 /// `hard_stop_after` (and its default, `grace` + 10 s) is the one in use when the stop
 /// begins: a reload that changed it counts, so a reloaded `grace` is not cut short by the
 /// hard stop of the start.
@@ -326,7 +346,7 @@ fn the_hard_stop_in_use_when_the_stop_begins_counts() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("proxy.toml");
     std::fs::write(&file, "grace = \"60s\"\nhard_stop_after = \"30s\"\n").unwrap();
-    let (mut child, mut stderr, _rt, _held) =
+    let (mut child, mut stderr, _rt, _held, _) =
         holding_a_session(Role::Proxy, &["--config", file.to_str().unwrap()]);
     std::fs::write(&file, "grace = \"60s\"\nhard_stop_after = \"1200ms\"\n").unwrap();
     signal(&child.0, libc::SIGHUP);
@@ -345,7 +365,7 @@ fn a_second_signal_ends_the_process_at_once() {
             Role::Proxy => &[],
             Role::Gateway => &["--grace", "60s"],
         };
-        let (mut child, mut stderr, _rt, _held) = holding_a_session(role, extra);
+        let (mut child, mut stderr, _rt, _held, _) = holding_a_session(role, extra);
         signal(&child.0, libc::SIGTERM);
         // The first one is being handled (its own log line is out, not only the proxy's
         // "shutting down: no longer accepting", which may come first): now the second.

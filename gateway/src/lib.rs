@@ -418,15 +418,14 @@ impl Gateway {
         }
         drop(self.listener);
         shared.draining.cancel();
-        if shutdown.is_cancelled() {
-            sessions.close();
-            let grace = shared.settings.grace;
-            if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
-                tracing::warn!(open = sessions.len(), "grace period over");
-            }
-        } else {
-            // Drained by an operator: stay up (admin, metrics) until told to stop.
-            shutdown.cancelled().await;
+        // Drained by an operator: stay up (admin, metrics) until told to stop. Then, as at a
+        // stop without a drain, what still runs (a session still answering, a link stream
+        // taken while draining, a last checkpoint on its way) has the grace.
+        shutdown.cancelled().await;
+        sessions.close();
+        let grace = shared.settings.grace;
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            tracing::warn!(open = sessions.len(), "grace period over");
         }
         shared.stopped.cancel();
         admin_stop.cancel();
