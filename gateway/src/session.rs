@@ -115,12 +115,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.shared.meters.frame_out(frame.kind);
     }
 
+    /// Writes what is queued, each step within the idle timeout: a device that reads nothing
+    /// for that long is as gone as one that sends nothing, and a write waiting on it for good
+    /// would hold the session (its slot, its instance, its queued output) past its idle
+    /// timeout, a drain and a revocation, all of which are heard between frames. A slow
+    /// device that keeps reading is not cut.
     async fn flush(&mut self) -> Result<(), End> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await.map_err(End::Io)?;
-            self.stream.flush().await.map_err(End::Io)?;
-            self.out = BytesMut::new();
+        if self.out.is_empty() {
+            return Ok(());
         }
+        let idle = self.shared.settings.idle_timeout;
+        let stalled = || {
+            counter!(ERRORS, "code" => ErrorCode::IdleTimeout.as_str()).increment(1);
+            End::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the device read nothing for the idle timeout",
+            ))
+        };
+        let mut at = 0;
+        while at < self.out.len() {
+            match tokio::time::timeout(idle, self.stream.write(&self.out[at..])).await {
+                Ok(Ok(0)) => return Err(End::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(Ok(n)) => at += n,
+                Ok(Err(e)) => return Err(End::Io(e)),
+                Err(_) => return Err(stalled()),
+            }
+        }
+        match tokio::time::timeout(idle, self.stream.flush()).await {
+            Ok(flushed) => flushed.map_err(End::Io)?,
+            Err(_) => return Err(stalled()),
+        }
+        self.out = BytesMut::new();
         Ok(())
     }
 

@@ -209,6 +209,34 @@ async fn an_idle_session_is_closed() {
     assert!(d.recv().await.is_none());
 }
 
+/// A device that stops reading (its window full, the gateway's writes stalled) is as idle as
+/// one that stops sending: its session ends at the idle timeout, where a write waiting on
+/// it held the session for good.
+#[tokio::test]
+async fn a_device_that_reads_nothing_is_closed_at_the_idle_timeout() {
+    let mut s = settings(None);
+    s.idle_timeout = Duration::from_millis(300);
+    let gw = start(s).await;
+    let mut d = tcp_device(gw.addr).await;
+    d.open("device-1", "echo").await;
+    // Echoed DATA the device never reads, until its own writes stall (the gateway is stuck
+    // writing REPLYs) or fail (the gateway closed the session).
+    for seq in 1.. {
+        let data = Frame::new(Kind::Data, seq, vec![7u8; 32 << 10]);
+        let sent = tokio::time::timeout(Duration::from_millis(500), d.send(data)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+    }
+    wasmbed_testkit::until(Duration::from_secs(10), "the stalled session ended", || {
+        gw.shared
+            .sessions
+            .load(std::sync::atomic::Ordering::Acquire)
+            == 0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn pushes_reach_the_device_before_the_reply() {
     let gw = start(settings(None)).await;
