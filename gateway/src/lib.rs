@@ -501,7 +501,14 @@ async fn accept(
             let conn = tls.get_ref().1;
             let chain = conn.peer_certificates().unwrap_or(&[]);
             let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-            let speaker = match device_tls.speaker(&shared.settings, chain, resumed) {
+            // Held to the trust in use now, as a link's proxy is: a reload during the
+            // handshake (which a device may stretch to its timeout) may have revoked the
+            // certificate, or replaced the CAs its chain was checked against (then checked
+            // again, as a resumed one is).
+            let now = shared.tls.load();
+            let replaced = now.as_ref().is_none_or(|n| !Arc::ptr_eq(n, &device_tls));
+            let checking = now.as_deref().unwrap_or(&device_tls);
+            let speaker = match checking.speaker(&shared.settings, chain, resumed || replaced) {
                 Ok(speaker) => speaker,
                 Err(why) => {
                     ::metrics::counter!(metrics::TLS_REJECTED, "reason" => "client_cert")

@@ -212,6 +212,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     drain: &CancellationToken,
 ) -> End {
     let mut reloads = shared.tls.subscribe();
+    // A revocation installed between the handshake's check and this subscription is heard
+    // by no reload from now: checked once here.
+    if serial.is_some_and(|s| shared.is_revoked(s)) {
+        counter!(crate::metrics::REVOKED).increment(1);
+        let text = "the device's certificate was revoked".to_string();
+        return conn.refuse(ErrorCode::Revoked, 0, text).await;
+    }
     let idle = shared.settings.idle_timeout;
     // HELLO first; a gateway that drains answers a new session GOAWAY, whatever arrived first
     // (over a link, where streams are still taken while it drains: the proxy then tries

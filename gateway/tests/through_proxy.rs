@@ -235,6 +235,66 @@ async fn a_gateway_reload_revokes_a_connected_device() {
     }
 }
 
+/// A certificate revoked by a reload while its device was still in the handshake (the
+/// gateway had taken the connection, and the trust of then) is refused: the handshake's end
+/// is held to the trust in use at that end, as a link's proxy is.
+#[tokio::test]
+async fn a_device_revoked_during_its_handshake_is_refused() {
+    use wasmbed_certs::pki::KeyKind;
+    let pki = Pki::new();
+    let crl = |serials: &[Vec<u8>], n| {
+        pki.ca
+            .crl(serials, n, std::time::Duration::from_secs(3600))
+            .unwrap()
+    };
+    std::fs::write(pki.path("crl.pem"), crl(&[], 1)).unwrap();
+    let mut s = settings(Some(&pki));
+    if let Some(tls) = s.tls.as_mut() {
+        tls.client_crls = vec![pki.path("crl.pem")];
+    }
+    let gw = start(s).await;
+    let d = pki
+        .ca
+        .issue_client("device-0300", KeyKind::EcdsaP256)
+        .unwrap();
+    let serial = wasmbed_certs::serial_of(&d.chain()[0]).unwrap();
+    let config =
+        wasmbed_certs::client_config(&[pki.ca.cert_der()], Some((d.chain(), d.key().unwrap())))
+            .unwrap();
+    // Connected, no ClientHello yet: the gateway has accepted it (counted in the same step
+    // as it took the trust in use).
+    let accepted = "wasmbed_gateway_sessions_accepted_total";
+    let before = gateway_metric(accepted);
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(5),
+        "the connection taken",
+        || gateway_metric(accepted) > before,
+    )
+    .await;
+    std::fs::write(pki.path("crl.pem"), crl(&[serial], 2)).unwrap();
+    gw.shared.reload_tls().unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let Ok(tls) = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    else {
+        return; // refused in the handshake itself: as refused
+    };
+    let mut late = wasmbed_testkit::Device::new(tls);
+    let h = wasmbed_protocol::Hello {
+        device: "device-0300".into(),
+        app: "echo".into(),
+        resume: None,
+    };
+    use wasmbed_protocol::{Frame, Kind};
+    let _ = late.send(Frame::control(Kind::Hello, 0, &h)).await;
+    if let Some(f) = late.recv().await {
+        assert_eq!(f.kind, Kind::Error, "a revoked device got a session");
+        assert_eq!(error_code(&f), wasmbed_protocol::ErrorCode::Revoked as u16);
+    }
+}
+
 fn gateway_metric(series: &str) -> f64 {
     let text = wasmbed_gateway::metrics::handle().render();
     wasmbed_testkit::Metrics::parse(&text).series(series)
