@@ -593,7 +593,8 @@ async fn goaway<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     // The last CHECKPOINT, after the last answer: the device resumes from exactly here.
-    if live.unsealed > 0 && shared.settings.checkpoint_every.is_some() {
+    // With `--checkpoint off` too, the one it sends (without a key ring, none).
+    if live.unsealed > 0 {
         checkpoint(shared, conn, live).await;
         let _ = conn.flush().await;
     }

@@ -54,10 +54,20 @@ async fn ticketed(
 
 /// Two TLS gateways sharing one key ring.
 async fn pair(pki: &Pki, keys: &Path) -> (RunningGateway, RunningGateway) {
+    pair_with(pki, keys, |_| {}).await
+}
+
+/// [`pair`], each gateway's settings changed by `tweak`.
+async fn pair_with(
+    pki: &Pki,
+    keys: &Path,
+    tweak: impl Fn(&mut wasmbed_config::GatewaySettings),
+) -> (RunningGateway, RunningGateway) {
     let gateway = |name: &str| {
         let mut s = settings(Some(pki));
         s.name = name.into();
         s.session_keys = Some(keys.to_owned());
+        tweak(&mut s);
         s
     };
     (start(gateway("gw-a")).await, start(gateway("gw-b")).await)
@@ -106,17 +116,26 @@ async fn a_counter_at_50_resumes_at_51_on_another_gateway() {
     assert_eq!(counter_of(&d.data(&[1]).await), 51);
 }
 
+/// With `--checkpoint every` and `off` alike (off: no CHECKPOINT before, "a drain still sends
+/// a last one").
 #[tokio::test]
 async fn a_drain_answers_then_checkpoints_then_closes_and_the_session_resumes() {
+    for every in [Some(1), None] {
+        drain_checkpoints_and_resumes(every).await;
+    }
+}
+
+async fn drain_checkpoints_and_resumes(every: Option<u32>) {
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
-    let (a, b) = pair(&pki, &keys).await;
+    let (a, b) = pair_with(&pki, &keys, |s| s.checkpoint_every = every).await;
     let config = pki.device("device-0002", Some(&pki.ca));
     let mut d = tls_device(a.addr, config.clone()).await.unwrap();
     welcome(&mut d, "device-0002", "average", None).await;
     for reading in [10u8, 20, 30] {
         d.data(&[reading]).await;
     }
+    assert_eq!(d.ticket.is_some(), every.is_some(), "{every:?}");
     assert_eq!(http(a.admin, "POST", "/api/drain", b"").await.0, 202);
     let rest = d.until_closed().await;
     assert!(rest.iter().any(|f| f.kind == Kind::Goaway), "{rest:?}");
