@@ -107,12 +107,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     fn queue(&mut self, frame: Frame) {
-        if let Err(e) = self.codec.encode(&frame, &mut self.out) {
-            // The host bounds replies and pushes by the same maximum: not reached in practice.
-            tracing::warn!(error = %e, kind = frame.kind.as_str(), "frame not sent");
-            return;
+        let frame = match self.codec.encode(&frame, &mut self.out) {
+            Ok(()) => return self.shared.meters.frame_out(frame.kind),
+            // An ERROR's text (a trap's backtrace, names the device chose) may be longer than
+            // the frame limit: cut to fit, since every DATA gets exactly one answer.
+            Err(_) if frame.kind == Kind::Error => fitted(&frame, self.codec.max()),
+            Err(e) => {
+                // The host bounds replies and pushes by the same maximum: not reached in
+                // practice.
+                tracing::warn!(error = %e, kind = frame.kind.as_str(), "frame not sent");
+                return;
+            }
+        };
+        match self.codec.encode(&frame, &mut self.out) {
+            Ok(()) => self.shared.meters.frame_out(frame.kind),
+            Err(e) => tracing::warn!(error = %e, "ERROR not sent"),
         }
-        self.shared.meters.frame_out(frame.kind);
     }
 
     /// Writes what is queued, each step within the idle timeout: a device that reads nothing
@@ -157,6 +167,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let _ = self.stream.shutdown().await;
         End::Refused(code, text)
     }
+}
+
+/// An ERROR frame whose text is cut (on a character boundary, marked `…`) so that the frame
+/// fits `max` bytes.
+fn fitted(frame: &Frame, max: usize) -> Frame {
+    let body: wasmbed_protocol::ErrorBody = match frame.decode_body("ERROR") {
+        Ok(b) => b,
+        Err(_) => return frame.clone(),
+    };
+    let bare = Frame::control(
+        Kind::Error,
+        frame.seq,
+        &wasmbed_protocol::ErrorBody {
+            code: body.code,
+            text: String::new(),
+        },
+    );
+    // The text's CBOR head takes at most 9 bytes, the mark 3.
+    let room = max.saturating_sub(wasmbed_protocol::HEADER + bare.body.len() + 9 + 3);
+    let mut cut = room.min(body.text.len());
+    while !body.text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut text = body.text[..cut].to_string();
+    text.push('…');
+    Frame::control(
+        Kind::Error,
+        frame.seq,
+        &wasmbed_protocol::ErrorBody {
+            code: body.code,
+            text,
+        },
+    )
 }
 
 fn protocol_end(e: ProtocolError) -> End {
@@ -534,6 +577,25 @@ async fn checkpoint<S: AsyncRead + AsyncWrite + Unpin>(
         shared.meters.checkpoint_failed.increment(1);
         return;
     };
+    // A ticket the device could not bring back is no ticket: the HELLO that carries it (and
+    // so the CHECKPOINT, smaller) must fit the frame limit (`--max-state` near
+    // `--max-frame`); else the checkpoint fails, counted, and the session keeps its last.
+    let hello = wasmbed_protocol::HEADER
+        + wasmbed_protocol::body::HelloRef::max_len(
+            live.device.len(),
+            live.app.name.len(),
+            ticket.len(),
+        );
+    if hello > shared.settings.max_frame {
+        shared.meters.checkpoint_failed.increment(1);
+        tracing::warn!(
+            ticket = ticket.len(),
+            max_frame = shared.settings.max_frame,
+            "checkpoint failed: its ticket is too large for a HELLO to bring back \
+             (--max-state against --max-frame)"
+        );
+        return;
+    }
     shared.meters.ticket_bytes.record(ticket.len() as f64);
     shared.meters.checkpoints.increment(1);
     live.unsealed = 0;

@@ -427,3 +427,56 @@ async fn a_ticket_from_the_previous_version_of_the_app_restores_into_the_new_one
     d.seq = 3;
     assert_eq!(counter_of(&d.data(&[1]).await), 4);
 }
+
+/// A ticket too large for the HELLO that would bring it back (`--max-state` near
+/// `--max-frame`) is no ticket: that checkpoint fails, counted as failed (not as sent), and
+/// a smaller state's is sent again.
+#[tokio::test]
+async fn a_ticket_too_large_to_bring_back_is_a_failed_checkpoint() {
+    let pki = Pki::new();
+    let keys = fleet_ring(&pki);
+    let mut s = settings(Some(&pki));
+    s.session_keys = Some(keys);
+    s.max_frame = 4096;
+    let gw = start(s).await;
+    let metric = |result: &str| {
+        let text = wasmbed_gateway::metrics::handle().render();
+        wasmbed_testkit::Metrics::parse(&text)
+            .sum("wasmbed_gateway_checkpoints_total", &[("result", result)])
+    };
+    let mut d = tls_device(gw.addr, pki.device("device-0009", Some(&pki.ca)))
+        .await
+        .unwrap();
+    welcome(&mut d, "device-0009", "blob", None).await;
+    let (sent, failed) = (metric("sent"), metric("failed"));
+    d.data(&[1u8; 1000]).await;
+    // A state of 4,000 bytes: its DATA fits 4,096, its ticket's HELLO does not. (Each
+    // CHECKPOINT follows its REPLY: read with the next answer.)
+    let reply = d.data(&[2u8; 4000]).await;
+    assert_eq!(reply.kind, Kind::Reply);
+    assert_eq!(d.ticket.as_ref().map(|t| t.0), Some(1), "the small state's");
+    d.data(&[3u8; 10]).await;
+    assert_eq!(
+        d.ticket.as_ref().map(|t| t.0),
+        Some(1),
+        "none for the large one"
+    );
+    d.send(wasmbed_protocol::Frame::new(Kind::Ping, 9, Vec::new()))
+        .await
+        .unwrap();
+    loop {
+        let f = d.recv().await.expect("a frame");
+        match f.kind {
+            Kind::Checkpoint => d.keep_ticket(&f),
+            Kind::Pong => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        d.ticket.as_ref().map(|t| t.0),
+        Some(3),
+        "the next small state's"
+    );
+    assert_eq!(metric("failed") - failed, 1.0);
+    assert_eq!(metric("sent") - sent, 2.0);
+}

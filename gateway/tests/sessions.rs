@@ -237,6 +237,32 @@ async fn a_device_that_reads_nothing_is_closed_at_the_idle_timeout() {
     .await;
 }
 
+/// An ERROR whose text would pass the frame limit (names the device chose, quoted and
+/// escaped; a trap's backtrace) is cut to fit and sent: the refusal reaches the device.
+#[tokio::test]
+async fn an_error_too_long_for_a_frame_is_cut_to_fit() {
+    let mut s = settings(None);
+    s.max_frame = 256;
+    let gw = start(s).await;
+    let mut d = tcp_device(gw.addr).await;
+    // 200 bytes of app name, each escaped to 6 in the ERROR's text.
+    let h = wasmbed_protocol::Hello {
+        device: "device-1".into(),
+        app: "\u{1}".repeat(200),
+        resume: None,
+    };
+    d.send(Frame::control(Kind::Hello, 0, &h)).await.unwrap();
+    let f = d.recv().await.expect("an ERROR, not only the close");
+    assert_eq!(error_code(&f), ErrorCode::UnknownApp as u16);
+    assert!(
+        wasmbed_protocol::HEADER + f.body.len() <= 256,
+        "{}",
+        f.body.len()
+    );
+    let text = error_of(&f).expect("an ERROR body").text;
+    assert!(text.ends_with('…'), "{text}");
+}
+
 #[tokio::test]
 async fn pushes_reach_the_device_before_the_reply() {
     let gw = start(settings(None)).await;
