@@ -331,6 +331,32 @@ impl Host {
     }
 
     /// A fresh instance of `app` for one session.
+    /// A fresh instance of `app` in the place of `instance` (one that failed, in any state):
+    /// the old one's pooled slot is freed first, so a renewal needs no slot beyond the
+    /// session's own (the pool's 16 spare slots would not cover every trap at once at
+    /// `--max-sessions`). On an error the instance is spent: the session ends.
+    pub async fn renew(
+        &self,
+        instance: &mut Instance,
+        app: &App,
+        device: &str,
+    ) -> Result<(), CallError> {
+        // An empty store in its place: the old one, dropped, frees its instance's slot.
+        let spent = SessionState {
+            max_memory: 0,
+            ran: Duration::ZERO,
+            call_timeout: Duration::ZERO,
+            slice: Arc::default(),
+            max_push: 0,
+            pushes: Vec::new(),
+            device: String::new(),
+            app: String::new(),
+        };
+        instance.store = Store::new(&self.engine, spent);
+        *instance = self.instantiate(app, device).await?;
+        Ok(())
+    }
+
     pub async fn instantiate(&self, app: &App, device: &str) -> Result<Instance, CallError> {
         let slice = Arc::new(AtomicU64::new(0));
         let state = SessionState {

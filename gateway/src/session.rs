@@ -364,10 +364,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 None => {
                     refused = Some(Refused::RestoreFailed);
                     // The failed restore may have left the instance in any state.
-                    instance = match shared.host.instantiate(&app, &hello.device).await {
-                        Ok(i) => i,
-                        Err(e) => return conn.refuse(e.code(), 0, e.to_string()).await,
-                    };
+                    let renewed = shared.host.renew(&mut instance, &app, &hello.device);
+                    if let Err(e) = renewed.await {
+                        return conn.refuse(e.code(), 0, e.to_string()).await;
+                    }
                 }
             }
         }
@@ -498,10 +498,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     return Err(conn.refuse(ErrorCode::TooManyTraps, 0, text).await);
                 }
                 // A failed instance may be in any state: start the next message afresh.
-                live.instance = match shared.host.instantiate(&live.app, &live.device).await {
-                    Ok(i) => i,
-                    Err(e) => return Err(conn.refuse(e.code(), 0, e.to_string()).await),
-                };
+                let renewed = shared
+                    .host
+                    .renew(&mut live.instance, &live.app, &live.device);
+                if let Err(e) = renewed.await {
+                    return Err(conn.refuse(e.code(), 0, e.to_string()).await);
+                }
             }
         },
         Kind::Ping => conn.queue(Frame::new(Kind::Pong, frame.seq, Vec::new())),

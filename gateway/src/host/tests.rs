@@ -328,3 +328,34 @@ fn a_paused_slice_counts_two_ticks_at_most() {
     let _ = s.tick(ms(5));
     assert_eq!(s.ran, before);
 }
+
+/// A failed instance renewed at a full pool (every slot a session's) gets a fresh one: its
+/// own slot is freed first. Made before the old one was dropped, the renewal needed a slot
+/// more, and at capacity the session was refused `unavailable`.
+#[tokio::test]
+async fn a_renewal_at_a_full_pool_takes_the_old_instances_slot() {
+    let h = Host::new(Limits {
+        max_instances: 0,
+        ..limits()
+    })
+    .unwrap();
+    let app = h.compile("counter", COUNTER.as_bytes()).unwrap();
+    // The pool's 16 slots, all taken.
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        held.push(h.instantiate(&app, "device-1").await.unwrap());
+    }
+    assert!(
+        h.instantiate(&app, "device-1").await.is_err(),
+        "the pool is full"
+    );
+    let mut renewed = held.pop().unwrap();
+    renewed.message(&[7]).await.unwrap();
+    h.renew(&mut renewed, &app, "device-1").await.unwrap();
+    let reply = renewed.message(&[1]).await.unwrap().reply;
+    assert_eq!(
+        u64::from_le_bytes(reply[..8].try_into().unwrap()),
+        1,
+        "afresh"
+    );
+}
