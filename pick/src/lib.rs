@@ -80,7 +80,11 @@ pub fn claim<T>(
             }
         }
         let (index, seen, _) = best?;
-        let (load, _) = view(&items[index])?;
+        // The chosen one may have stopped taking sessions since the scan (drained, down):
+        // scan again, as after a lost race, rather than refuse while others would take it.
+        let Some((load, _)) = view(&items[index]) else {
+            continue;
+        };
         if load.take_if(seen) {
             return Some(index);
         }
@@ -120,5 +124,29 @@ mod tests {
         assert_eq!(claim(&loads, || 0, |_| None::<(&Load, u64)>), None);
         loads[2].release();
         assert_eq!(loads[2].get(), 3);
+    }
+
+    /// The candidate chosen turns ineligible between the scan and the commit (drained, marked
+    /// down): the claim goes to another that would take it, not refused.
+    #[test]
+    fn a_candidate_gone_ineligible_before_the_commit_passes_to_another() {
+        let loads = [Load::new(), Load::new()];
+        loads[1].take_if(0);
+        // The first candidate answers as eligible once (the scan), then never again.
+        let views = std::cell::Cell::new(0);
+        let i = claim(
+            &loads,
+            || 0,
+            |l| {
+                if std::ptr::eq(l, &loads[0]) {
+                    views.set(views.get() + 1);
+                    (views.get() <= 1).then_some((l, 1))
+                } else {
+                    Some((l, 1))
+                }
+            },
+        );
+        assert_eq!(i, Some(1));
+        assert_eq!((loads[0].get(), loads[1].get()), (0, 2));
     }
 }
