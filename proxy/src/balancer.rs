@@ -484,6 +484,21 @@ impl Gateway {
         Some(Transition::Down)
     }
 
+    /// Takes it on trust, as a gateway without health checks is: up and proven now (a reload
+    /// that turns the checks off leaves no prober to bring one down or unproven back).
+    /// Returns the transition.
+    pub fn take_on_trust(&self) -> Option<Transition> {
+        let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        streak.failures = 0;
+        self.unproven.store(false, Ordering::SeqCst);
+        if self.healthy.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        let now = epoch().elapsed().as_millis() as u64;
+        self.up_since_ms.store(now + 1, Ordering::Relaxed);
+        Some(Transition::Up)
+    }
+
     /// Records one health result; returns the transition it caused, if any.
     /// Marking down cancels every session through the gateway at once.
     pub fn observe(&self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {

@@ -68,6 +68,9 @@ pub fn spawn(
     for gateway in gateways {
         let kind = kind_for(config.check, gateway);
         if kind == HealthCheck::None {
+            // No prober: taken on trust (one down or unproven when a reload turned the
+            // checks off would stay so for good).
+            report(gateway, gateway.take_on_trust(), "health checks are off");
             continue;
         }
         let (g, c, s) = (gateway.clone(), config.clone(), shutdown.clone());

@@ -458,3 +458,38 @@ async fn a_reload_to_http_checks_is_refused_for_a_run_time_gateway_without_a_hea
     assert_eq!(status, 200, "{body}");
     assert_eq!(names(&proxy), ["a", "d"]);
 }
+
+/// A reload that turns the health checks off takes every gateway on trust, as a start
+/// without checks does: one down (or not proven yet) when it came would stay down for good,
+/// with no prober left to bring it up.
+#[tokio::test]
+async fn a_reload_that_turns_the_checks_off_takes_a_down_gateway_on_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let up = Backend::spawn().await;
+    // A port nothing listens on (its listener closed): gw-down fails every probe.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gateways = format!(
+        "{}{}",
+        gateway_toml("gw-up", up.addr, 1, "default"),
+        gateway_toml("gw-down", dead_addr, 1, "default"),
+    );
+    let probed =
+        format!("{COMMON}{LISTENER}[health]\ninterval = \"50ms\"\ncheck = \"tcp\"\n{gateways}");
+    let proxy = on_file(&file, &probed).await;
+    until(Duration::from_secs(5), "gw-down found down", || {
+        !proxy.gateway("gw-down").is_healthy()
+    })
+    .await;
+    write(
+        &file,
+        &format!("{COMMON}{LISTENER}[health]\ncheck = \"none\"\n{gateways}"),
+    );
+    let (status, body) = proxy.admin("POST", "/api/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let g = proxy.gateway("gw-down");
+    assert!(g.is_healthy() && !g.is_unproven(), "taken on trust");
+    assert_eq!(proxy.admin("GET", "/readyz").await.0, 200);
+}
