@@ -236,19 +236,16 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
         weight: new.weight,
         pool: new.pool,
     };
-    let ctx = admin.live.context();
-    let health = &ctx.config.health;
-    let config = match wasmbed_config::proxy::validate::gateway("gateway", &spec).and_then(|c| {
-        wasmbed_config::proxy::validate::health_target("gateway", health.check, &c).map(|()| c)
-    }) {
+    let config = match wasmbed_config::proxy::validate::gateway("gateway", &spec) {
         Ok(c) => c,
         Err(e) => return bad(e.to_string()),
     };
     match admin.live.add_gateway(&config) {
-        Some(g) => {
-            // Its first probe before the answer, which then says whether it takes sessions.
-            crate::health::first_round(std::slice::from_ref(&g), health).await;
-            admin.live.probes.start(std::slice::from_ref(&g), health);
+        Err(why) => bad(why),
+        Ok(Some(g)) => {
+            // A first probe before the answer, which then says whether it takes sessions.
+            let health = admin.live.context().config.health.clone();
+            crate::health::first_round(std::slice::from_ref(&g), &health).await;
             crate::events::event(
                 "added",
                 Some(&g.name),
@@ -257,7 +254,7 @@ async fn add(State(admin): State<Arc<Admin>>, body: axum::body::Bytes) -> Respon
             tracing::info!(gateway = %g.name, address = %g.addr, "gateway added");
             (StatusCode::CREATED, axum::Json(GatewayView::of(&g))).into_response()
         }
-        None => (
+        Ok(None) => (
             StatusCode::CONFLICT,
             format!("a gateway named {:?} exists\n", new.name),
         )

@@ -535,9 +535,7 @@ impl Proxy {
                             // sessions (the old process's are handed over next).
                             let health = live.context().config.health.clone();
                             let on = live.probes.control.handle();
-                            health::first_round_on(on, Arc::new(added.clone()), health.clone())
-                                .await;
-                            live.probes.start(&added, &health);
+                            health::first_round_on(on, Arc::new(added), health).await;
                             tracing::info!(?kept, "takeover: the old process's run-time changes kept");
                         }
                     };

@@ -166,19 +166,31 @@ impl Live {
         Some(g)
     }
 
-    /// `POST /api/gateways`: adds a gateway (a name removed at run time is forgotten as such).
-    pub fn add_gateway(&self, config: &GatewayConfig) -> Option<Arc<Gateway>> {
+    /// `POST /api/gateways`: adds a gateway (a name removed at run time is forgotten as such),
+    /// held to the health check in use and probed with it: all under the lock a reload
+    /// takes, so a reload comes wholly before (the gateway held to its check) or wholly after
+    /// (its restart of the probes takes this one's too). Done in two steps, a reload between
+    /// them left it two probers, or one of the check before. `Ok(None)`: a gateway of that
+    /// name exists; `Err`: the health check in use cannot probe it.
+    pub fn add_gateway(&self, config: &GatewayConfig) -> Result<Option<Arc<Gateway>>, String> {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let ctx = self.context();
-        let probed = ctx.config.health.check != wasmbed_config::HealthCheck::None;
-        let g = ctx
+        let health = &ctx.config.health;
+        wasmbed_config::proxy::validate::health_target("gateway", health.check, config)
+            .map_err(|e| e.to_string())?;
+        let probed = health.check != wasmbed_config::HealthCheck::None;
+        let Some(g) = ctx
             .gateways
-            .add_from(config, crate::balancer::Origin::Api, probed)?;
+            .add_from(config, crate::balancer::Origin::Api, probed)
+        else {
+            return Ok(None);
+        };
         self.removed_at_run_time
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&config.name);
-        Some(g)
+        self.probes.start(std::slice::from_ref(&g), health);
+        Ok(Some(g))
     }
 
     /// The admin API's changes in force — gateways removed, added or drained at run time —
@@ -216,7 +228,7 @@ impl Live {
     /// old process's run-time changes, kept as a reload keeps them — unless this process's
     /// file now says otherwise of that gateway (a removed one whose entry changed, an added
     /// name the file lists, a drained one at another address). Returns what was kept, one
-    /// line each, and the gateways added (to be probed before they take sessions).
+    /// line each, and the gateways added (probed already, as `POST /api/gateways` does).
     pub fn adopt_run_time_changes(
         &self,
         changes: RunTimeChanges,
@@ -231,11 +243,18 @@ impl Live {
         }
         let mut added = Vec::new();
         for c in changes.added {
-            if in_file(&c.name).is_none()
-                && let Some(g) = self.add_gateway(&c)
-            {
-                kept.push(format!("{}: added at run time", c.name));
-                added.push(g);
+            if in_file(&c.name).is_some() {
+                continue;
+            }
+            match self.add_gateway(&c) {
+                Ok(Some(g)) => {
+                    kept.push(format!("{}: added at run time", c.name));
+                    added.push(g);
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::warn!(gateway = %c.name, why, "takeover: a gateway added at run time is not kept")
+                }
             }
         }
         for c in changes.drained {

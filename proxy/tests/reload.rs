@@ -493,3 +493,54 @@ async fn a_reload_that_turns_the_checks_off_takes_a_down_gateway_on_trust() {
     assert!(g.is_healthy() && !g.is_unproven(), "taken on trust");
     assert_eq!(proxy.admin("GET", "/readyz").await.0, 200);
 }
+
+/// A gateway added through the API while a reload restarts the probes gets one prober, of
+/// the check in use: the add (checked, added, probed) and the reload exclude each other. In
+/// two steps, a reload during the add's first probe restarted the probes with the new
+/// gateway among them, and the add then started a second prober.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_added_during_a_reload_gets_one_prober() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.toml");
+    let b0 = Backend::spawn().await;
+    let text = |interval: &str| {
+        format!(
+            "{COMMON}{LISTENER}[health]\ncheck = \"http\"\ninterval = \"{interval}\"\n\
+             timeout = \"500ms\"\nwatch = false\n{}health_addr = \"{}\"\n",
+            gateway_toml("gw-0", b0.addr, 1, "default"),
+            b0.health_addr,
+        )
+    };
+    let proxy = Arc::new(on_file(&file, &text("600ms")).await);
+    // The new gateway's health endpoint holds every probe unanswered: the add's first probe
+    // waits its 500 ms, a window for the reload.
+    let b1 = Backend::spawn().await;
+    b1.stall(true);
+    let body = format!(
+        r#"{{"name":"c","address":"{}","health_address":"{}"}}"#,
+        b1.addr, b1.health_addr
+    );
+    let adding = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { proxy.admin_post("/api/gateways", &body).await })
+    };
+    until(Duration::from_secs(5), "the add's first probe held", || {
+        b1.held.load(std::sync::atomic::Ordering::SeqCst) >= 1
+    })
+    .await;
+    write(&file, &text("700ms"));
+    let (status, report) = proxy.admin("POST", "/api/reload").await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report.contains("\"health_restarted\":true"), "{report}");
+    let (status, added) = adding.await.unwrap();
+    assert_eq!(status, 201, "{added}");
+    // From now on one prober probes it: one probe held at a time. (A second, started as the
+    // add's first probe ended, would hold its first while the reload's prober, started
+    // later than that probe, still holds its own.)
+    let (mut most, until_at) = (0, tokio::time::Instant::now() + Duration::from_millis(1600));
+    while tokio::time::Instant::now() < until_at {
+        most = most.max(b1.holding.load(std::sync::atomic::Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(most, 1, "probers of the added gateway");
+}

@@ -29,6 +29,8 @@ pub struct Backend {
     pub probes: Arc<AtomicUsize>,
     /// Health requests held unanswered while stalled.
     pub held: Arc<AtomicUsize>,
+    /// Of those, the ones held now (their prober still waiting on them).
+    pub holding: Arc<AtomicUsize>,
     stalled: watch::Sender<bool>,
     kill: CancellationToken,
 }
@@ -49,6 +51,7 @@ impl Backend {
         let accepted = Arc::new(AtomicUsize::new(0));
         let probes = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(AtomicUsize::new(0));
+        let holding = Arc::new(AtomicUsize::new(0));
         let (stalled, stall_rx) = watch::channel(false);
         let kill = CancellationToken::new();
         let b = Backend {
@@ -58,11 +61,18 @@ impl Backend {
             accepted: accepted.clone(),
             probes: probes.clone(),
             held: held.clone(),
+            holding: holding.clone(),
             stalled,
             kill: kill.clone(),
         };
         tokio::spawn(echo_loop(listener, [live.clone(), accepted], kill.clone()));
-        tokio::spawn(health_loop(health, live, [probes, held], stall_rx, kill));
+        tokio::spawn(health_loop(
+            health,
+            live,
+            [probes, held, holding],
+            stall_rx,
+            kill,
+        ));
         Some(b)
     }
 
@@ -131,7 +141,7 @@ async fn echo_loop(
 async fn health_loop(
     listener: TcpListener,
     live: Arc<AtomicUsize>,
-    [probes, held]: [Arc<AtomicUsize>; 2],
+    [probes, held, holding]: [Arc<AtomicUsize>; 3],
     stalled: watch::Receiver<bool>,
     kill: CancellationToken,
 ) {
@@ -140,10 +150,11 @@ async fn health_loop(
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
             _ = kill.cancelled() => return,
         };
-        let (live, probes, held, mut stalled, kill) = (
+        let (live, probes, held, holding, mut stalled, kill) = (
             live.clone(),
             probes.clone(),
             held.clone(),
+            holding.clone(),
             stalled.clone(),
             kill.clone(),
         );
@@ -159,9 +170,16 @@ async fn health_loop(
             // While stalled, hold the request unanswered.
             if *stalled.borrow_and_update() {
                 held.fetch_add(1, Ordering::SeqCst);
-                tokio::select! {
-                    _ = stalled.wait_for(|s| !*s) => {}
-                    _ = kill.cancelled() => return,
+                holding.fetch_add(1, Ordering::SeqCst);
+                let released = tokio::select! {
+                    _ = stalled.wait_for(|s| !*s) => true,
+                    _ = kill.cancelled() => false,
+                    // The prober gave up on it (its timeout, or its end).
+                    _ = s.read(&mut buf) => false,
+                };
+                holding.fetch_sub(1, Ordering::SeqCst);
+                if !released {
+                    return;
                 }
             }
             let body = format!(
