@@ -77,7 +77,11 @@ pub unsafe extern "C" fn wasmbed_config_init(
 pub unsafe extern "C" fn wasmbed_session_memory(config: *const WasmbedConfig) -> usize {
     // SAFETY: passed on.
     match unsafe { self::config(config) } {
-        Some(c) => HEAD + Session::<&mut [u8]>::memory(&c),
+        // `usize::MAX`: no memory is enough, or the config is refused.
+        Some(c) => match Session::<&mut [u8]>::memory(&c) {
+            usize::MAX => 0,
+            n => n.checked_add(HEAD).unwrap_or(0),
+        },
         None => 0,
     }
 }

@@ -69,6 +69,25 @@ fn the_default_session_needs_what_the_docs_say() {
     }
 }
 
+/// A config no memory could hold, or one `wasmbed_session_init` refuses, needs 0 bytes, as
+/// the header says (no sum that wraps around to a small size).
+#[test]
+fn a_config_that_cannot_make_a_session_needs_no_memory() {
+    let (device, app) = (
+        CString::new("device-0000").unwrap(),
+        CString::new("counter").unwrap(),
+    );
+    let empty = CString::new("").unwrap();
+    let mut huge = config(&device, &app);
+    huge.window = usize::MAX;
+    let mut small = config(&device, &app);
+    small.window = 3;
+    for c in [huge, small, config(&empty, &app)] {
+        // SAFETY: a valid config.
+        assert_eq!(unsafe { wasmbed_session_memory(&c) }, 0);
+    }
+}
+
 #[test]
 fn a_session_through_raw_pointers() {
     let (device, app) = (CString::new("d1").unwrap(), CString::new("echo").unwrap());

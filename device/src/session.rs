@@ -133,27 +133,32 @@ pub struct Session<B> {
     /// The highest DATA ever wholly written (on any connection).
     written: u64,
     welcomes: u64,
+    /// A connection was made ([`Session::connected`]): no ticket is restored any more.
+    connected_once: bool,
     conn: Conn,
     note: Option<Cause>,
     stats: Stats,
 }
 
 impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
-    /// The bytes of memory a session with `config` needs (`usize::MAX`: none is enough).
+    /// The bytes of memory a session with `config` needs (`usize::MAX`: none is enough, or
+    /// a config [`Session::new`] refuses).
     pub fn memory(config: &Config<'_>) -> usize {
-        Layout::of(config).map_or(usize::MAX, |l| l.total())
+        Self::layout(config).map_or(usize::MAX, |l| l.total())
+    }
+
+    /// Where a session with `config` lives; `None` for a config that cannot make one.
+    fn layout(config: &Config<'_>) -> Option<Layout> {
+        let refused = config.device.is_empty()
+            || config.app.is_empty()
+            || config.window < PREFIX + HEADER
+            || config.max_frame < HEADER;
+        if refused { None } else { Layout::of(config) }
     }
 
     /// A session in `mem` (at least [`Session::memory`] bytes), ready to connect.
     pub fn new(config: &Config<'_>, mut mem: B) -> Result<Session<B>, SetupError> {
-        let layout = Layout::of(config).ok_or(SetupError::Config)?;
-        if config.device.is_empty()
-            || config.app.is_empty()
-            || config.window < PREFIX + HEADER
-            || config.max_frame < HEADER
-        {
-            return Err(SetupError::Config);
-        }
+        let layout = Self::layout(config).ok_or(SetupError::Config)?;
         let given = mem.as_mut().len();
         if given < layout.total() {
             return Err(SetupError::Memory {
@@ -186,6 +191,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
             replay: (0, 0),
             written: 0,
             welcomes: 0,
+            connected_once: false,
             conn: Conn::new(0),
             note: None,
             stats: Stats::default(),
@@ -248,11 +254,14 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
 
     /// A ticket kept across a reboot, before any DATA and any connection: the next
     /// connection resumes from it, and DATA goes on after `seq`. False (nothing changed)
-    /// otherwise, or when the ticket is over [`Config::max_ticket`].
+    /// otherwise (DATA queued, or a connection made, even one since closed), or when the
+    /// ticket is over [`Config::max_ticket`] or longer than a frame ([`Config::max_frame`]).
     pub fn restore(&mut self, seq: u64, ticket: &[u8]) -> bool {
         let idle = matches!(self.phase, Phase::Connect | Phase::Wait { .. });
-        if !idle || self.window.next() != 1 || ticket.len() > self.max_ticket || seq >= u64::MAX / 2
-        {
+        // A ticket longer than a frame (`max_ticket` over `max_frame`) could never have come
+        // in a CHECKPOINT, and would not fit the rx region it goes through.
+        let fits = ticket.len() <= self.max_ticket && ticket.len() <= self.layout.rx().len();
+        if !idle || self.connected_once || self.window.next() != 1 || !fits || seq >= u64::MAX / 2 {
             return false;
         }
         self.window = Window::new(seq + 1);
@@ -316,6 +325,7 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         if self.phase == Phase::Done {
             return;
         }
+        self.connected_once = true;
         self.phase = Phase::Hello { since: now, tx: 0 };
         self.conn = Conn::new(now);
         self.window.new_connection();

@@ -498,3 +498,56 @@ fn data_a_refused_ticket_covered_but_never_answered_is_lost() {
     w.settle();
     assert_eq!((w.app.answered, w.app.lost), (2, 2), "{:?}", w.app);
 }
+
+/// Keep-alive counts frames, not bytes: a peer that trickles a frame it never finishes, a
+/// byte now and then, gets the PING, and is left when that goes unanswered.
+#[test]
+fn a_peer_that_trickles_a_frame_it_never_finishes_is_left() {
+    let mut w = open_world(1);
+    if let Some(g) = w.gw.as_mut() {
+        g.closing = true;
+    }
+    let ka = config().keepalive_ms;
+    let frame = Frame::new(Kind::Push, 1, vec![0; 200]).encode();
+    // One byte every keep-alive's tenth, for three keep-alives: never the whole frame.
+    for byte in frame.iter().take(30) {
+        w.tick(ka / 10);
+        w.s.feed(std::slice::from_ref(byte), w.now);
+        w.events();
+        w.service();
+        if w.s.status() != Status::Connected {
+            break;
+        }
+    }
+    assert_eq!(w.app.disconnects, vec![Cause::Silent]);
+}
+
+/// A ticket is restored before any connection only, and one longer than a frame (so no
+/// CHECKPOINT could have brought it) is refused rather than overrun the memory it goes
+/// through.
+#[test]
+fn a_ticket_is_restored_before_any_connection_and_only_if_a_frame_could_carry_it() {
+    let mut c = config();
+    c.max_ticket = 2048; // over max_frame (512)
+    let mut w = World::new(&c, 1);
+    assert!(!w.s.restore(5, &[7; 600]), "longer than a frame");
+    assert!(w.s.restore(5, &[7; 500]), "one a frame could carry");
+    let mut w = open_world(1);
+    w.drop_connection();
+    w.settle();
+    assert!(!w.s.restore(9, &[7; 10]), "after a connection was made");
+    assert_eq!(w.s.next_seq(), 1);
+}
+
+/// A config `Session::new` refuses needs no memory: `memory` says none is enough.
+#[test]
+fn a_refused_config_needs_no_memory() {
+    let mut empty = config();
+    empty.device = "";
+    let mut small = config();
+    small.window = 3;
+    for c in [empty, small] {
+        assert_eq!(Session::<Vec<u8>>::memory(&c), usize::MAX);
+        assert!(Session::new(&c, vec![0u8; 1 << 16]).is_err());
+    }
+}

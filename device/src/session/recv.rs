@@ -98,8 +98,10 @@ impl<B: AsMut<[u8]> + AsRef<[u8]>> Session<B> {
         let n = bytes.len().min(rx.len() - end);
         rx[end..end + n].copy_from_slice(&bytes[..n]);
         (self.conn.rx_start, self.conn.rx_end) = (0, end + n);
-        if n > 0 {
-            // The peer is alive: no PING is owed an answer.
+        // A whole frame is here: the peer is alive, and no PING is owed an answer. Bytes of
+        // a frame still coming are not (one byte now and then would keep a peer that never
+        // finishes a frame, and never answers, alive for good).
+        if n > 0 && matches!(split(&rx[..end + n], self.max_frame), Ok(Some(_))) {
             self.conn.last_rx = now;
             self.conn.ping = None;
         }
