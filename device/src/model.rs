@@ -345,7 +345,11 @@ impl World {
             self.events();
         }
         self.send();
-        let _ = self.s.poll_send().len();
+        // Written: the DATA waits for its answer, so what the peer sends next meets the
+        // accepting paths (an answer, a CHECKPOINT covering it, a resume), not only the
+        // drop of answers to DATA never written.
+        let n = self.s.poll_send().len();
+        self.s.sent(n);
     }
 
     /// Runs until every DATA has its answer event (bounded).
