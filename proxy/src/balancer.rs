@@ -90,6 +90,8 @@ pub struct Gateway {
     /// Sessions still to be moved off this gateway (drain by moving, rebalancing): each
     /// session that moves takes one.
     move_quota: AtomicUsize,
+    /// The number of moves the latest order asked for ([`Gateway::moves_withdrawn`]).
+    last_order: AtomicUsize,
     /// Fired when the gateway is removed from the set: its prober stops.
     removed: Trigger,
     /// A move onto it came back `fresh` (the app restarted), and that was logged.
@@ -227,6 +229,7 @@ impl Gateway {
             counts: Counts::new(),
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
+            last_order: AtomicUsize::new(0),
             removed: Trigger::new(),
             fresh_noted: AtomicBool::new(false),
             heard_ms: AtomicU64::new(0),
@@ -271,6 +274,7 @@ impl Gateway {
     /// Asks `n` of this gateway's sessions (`usize::MAX`: all) to move to other gateways;
     /// replaces an earlier order. Only terminate-mode sessions can move.
     pub fn order_moves(&self, n: usize) {
+        self.last_order.store(n, Ordering::SeqCst);
         self.move_quota.store(n, Ordering::SeqCst);
         // After the quota: a session woken by this finds the order's moves.
         self.orders.fetch_add(1, Ordering::SeqCst);
@@ -288,6 +292,28 @@ impl Gateway {
             cuts: self.cuts.load(Ordering::SeqCst),
             orders: self.orders.load(Ordering::SeqCst),
         }
+    }
+
+    /// [`Gateway::seen`] for a session whose link to it was just made: a drain or a down
+    /// that came since the gateway was chosen (eligible then), while the link was made (a
+    /// connect, a HELLO and its WELCOME), is kept unseen, so the session's first look acts
+    /// on it (an order, then, if its quota has a move left). Not kept in the lease, read
+    /// here: a lease is in every session's task, whose size decides its allocation.
+    pub fn seen_by_new_session(&self) -> Seen {
+        let mut seen = self.seen();
+        if self.is_draining() {
+            seen.orders = seen.orders.wrapping_sub(1);
+        }
+        if !self.is_healthy() {
+            seen.cuts = seen.cuts.wrapping_sub(1);
+        }
+        seen
+    }
+
+    /// The latest order was to move none (an undrain, a plain drain): it withdraws the
+    /// moves its sessions took and have not made yet, not only those still to take.
+    pub fn moves_withdrawn(&self) -> bool {
+        self.last_order.load(Ordering::SeqCst) == 0
     }
 
     /// Takes one move from the order, if any is left.

@@ -587,3 +587,83 @@ async fn a_removed_gateways_sessions_move_and_its_prober_stops() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(gws[0].accepted(), accepted, "no probes after removal");
 }
+
+/// A gateway removed (its sessions ordered to move) while a session's link to it is still
+/// being made (the HELLO sent, its WELCOME not back): the order is news to that session once
+/// its link runs, and it moves. Read only when the link was made, the order was taken as
+/// seen, and the session stayed on a gateway out of the set.
+#[tokio::test]
+async fn an_order_that_comes_while_a_sessions_link_is_made_moves_it() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let (a, b) = (
+        FrameGateway::spawn("gw-a").await,
+        FrameGateway::spawn("gw-b").await,
+    );
+    let proxy = start(terminating(&pki, &[&a])).await;
+    a.hold_welcomes(true);
+    let opening = {
+        let (addr, config) = (
+            proxy.addr,
+            device_tls(&pki.ca, Some(&pki.ca), "device-0001", false),
+        );
+        tokio::spawn(async move {
+            let mut device = Device::new(tls_connect(addr, config).await.unwrap());
+            device.open("device-0001", "counter").await;
+            Dev { device, count: 0 }
+        })
+    };
+    until(Duration::from_secs(5), "the HELLO at gw-a", || {
+        a.hellos() == 1
+    })
+    .await;
+    let body = format!(r#"{{"name":"gw-b","address":"{}"}}"#, b.addr);
+    assert_eq!(proxy.admin_post("/api/gateways", &body).await.0, 201);
+    assert_eq!(proxy.admin("DELETE", "/api/gateways/gw-a").await.0, 200);
+    a.hold_welcomes(false);
+    let mut dev = opening.await.unwrap();
+    until(Duration::from_secs(5), "the session moved to gw-b", || {
+        b.live() == 1 && a.live() == 0
+    })
+    .await;
+    dev.step().await;
+}
+
+/// An undrain withdraws the moves its sessions took and have not made yet (paced by
+/// `move_rate`), as the docs say: not only those still to take. Before, every session that
+/// had taken its order still moved at its slot.
+#[tokio::test]
+async fn an_undrain_withdraws_the_moves_taken_and_not_made() {
+    let tweak = |_: &[FrameGateway], c: &mut wasmbed_config::ProxyConfig| {
+        c.migration.move_rate = 1;
+    };
+    let Fleet {
+        gws,
+        proxy,
+        mut devs,
+        ..
+    } = fleet(2, 8, tweak).await;
+    assert_eq!(gws[0].live(), 4);
+    let drain = proxy
+        .admin("POST", "/api/gateways/gw-0/drain?move=true")
+        .await;
+    assert_eq!(drain.0, 200, "{}", drain.1);
+    // Every session of gw-0 takes its order (one move a second: the last at 3 s).
+    until(Duration::from_secs(5), "the orders taken", || {
+        proxy.gateways.moves_in_flight() >= 3
+    })
+    .await;
+    assert_eq!(
+        proxy.admin("POST", "/api/gateways/gw-0/undrain").await.0,
+        200
+    );
+    until(Duration::from_secs(5), "no move in flight", || {
+        proxy.gateways.moves_in_flight() == 0
+    })
+    .await;
+    assert!(
+        gws[0].live() >= 2,
+        "moves made after the undrain: {}",
+        gws[0].live()
+    );
+    step_all(&mut devs).await;
+}

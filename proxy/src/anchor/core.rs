@@ -389,6 +389,15 @@ impl Core {
         matches!(self.phase, Phase::Linked { order: None, .. }) && !cooling
     }
 
+    /// Withdraws the move ordered and not begun (an undrain came before its slot); whether
+    /// there was one.
+    pub fn withdraw_order(&mut self) -> bool {
+        match &mut self.phase {
+            Phase::Linked { order, .. } => order.take().is_some(),
+            _ => false,
+        }
+    }
+
     /// A move ordered for `at` (its `--move-rate` slot).
     pub fn order(&mut self, cause: Cause, at: Instant) {
         if let Phase::Linked { order, .. } = &mut self.phase {

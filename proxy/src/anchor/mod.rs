@@ -121,8 +121,9 @@ pub(crate) struct Link {
     /// The gateway's news (cut, moves ordered), taken when the link was made and waited on
     /// by the session's loop once it runs the link.
     news: Option<Trigger>,
-    /// The gateway's cuts and orders the session has seen (taken after `news`): only later
-    /// ones are news to it.
+    /// The gateway's cuts and orders the session has seen (taken after `news`, with a drain
+    /// or a down that came while the link was made kept unseen:
+    /// [`Gateway::seen_by_new_session`]): only later ones are news to it.
     seen: crate::balancer::Seen,
     /// Bytes written since the last flush.
     dirty: bool,
@@ -135,7 +136,7 @@ impl Link {
         let news = gateway.news();
         Link {
             news: Some(news),
-            seen: gateway.seen(),
+            seen: gateway.seen_by_new_session(),
             lease,
             io: up,
             dirty: false,
@@ -383,7 +384,6 @@ async fn serve(anchored: Box<Anchored>) {
                     gateway: link.is_some() && core.reading_gateway(),
                     to_gateway: link.is_some() && core.writing_gateway(),
                     down: link.is_some() && core.watching_down(),
-                    orders: !matches!(core.phase(), Phase::Linked { order: Some(_), .. }),
                     timer: set_timer(
                         waits.as_mut().project().timer,
                         core.deadline(),
@@ -487,10 +487,15 @@ async fn serve(anchored: Box<Anchored>) {
                         step
                     }
                     Event::Ordered => {
-                        if let Some(l) = &link
-                            && let Some(place) = take_order(&ctx, &mut core, l.gateway())
-                        {
-                            in_flight = Some(place);
+                        if let Some(l) = &link {
+                            // An order of none (undrain, a plain drain) withdraws the move
+                            // this session took and has not begun; another may give it one.
+                            if l.gateway().moves_withdrawn() && core.withdraw_order() {
+                                in_flight = None;
+                            }
+                            if let Some(place) = take_order(&ctx, &mut core, l.gateway()) {
+                                in_flight = Some(place);
+                            }
                         }
                         Step::Go
                     }
@@ -816,7 +821,6 @@ struct Wants {
     gateway: bool,
     to_gateway: bool,
     down: bool,
-    orders: bool,
     /// The timer, and whether it is the hand-back's slot (else the core's deadline).
     timer: Option<bool>,
     reloads: bool,
@@ -913,7 +917,8 @@ fn next_event(
                 return Ready(Event::Down);
             }
         }
-        if wants.orders && now.orders != l.seen.orders {
+        // Also while a move is ordered: an order of none (an undrain) withdraws it.
+        if now.orders != l.seen.orders {
             ordered = Some(now.orders);
         }
     }

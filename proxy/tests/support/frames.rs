@@ -152,6 +152,8 @@ pub struct FrameGateway {
     refuse_tickets: Arc<AtomicBool>,
     drop_hellos: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    /// While true, a HELLO's WELCOME waits.
+    hold_welcomes: Arc<tokio::sync::watch::Sender<bool>>,
     deaf: CancellationToken,
     faults: broadcast::Sender<Fault>,
     kill: CancellationToken,
@@ -180,6 +182,7 @@ impl FrameGateway {
             refuse_tickets: Arc::default(),
             drop_hellos: Arc::default(),
             stalled: Arc::default(),
+            hold_welcomes: Arc::new(tokio::sync::watch::Sender::new(false)),
             deaf: CancellationToken::new(),
             faults: broadcast::channel(16).0,
             kill: CancellationToken::new(),
@@ -194,6 +197,7 @@ impl FrameGateway {
             refuse_tickets: g.refuse_tickets.clone(),
             drop_hellos: g.drop_hellos.clone(),
             stalled: g.stalled.clone(),
+            hold_welcomes: g.hold_welcomes.subscribe(),
             kill: g.kill.clone(),
         };
         let (faults, accepted, deaf) = (g.faults.clone(), g.accepted.clone(), g.deaf.clone());
@@ -275,6 +279,11 @@ impl FrameGateway {
         self.stalled.store(true, Ordering::SeqCst);
     }
 
+    /// While `hold` is true, a HELLO's WELCOME waits (a slow gateway's session start).
+    pub fn hold_welcomes(&self, hold: bool) {
+        self.hold_welcomes.send_replace(hold);
+    }
+
     /// Every HELLO is met by a reset: a gateway that dies as a session arrives.
     pub fn drop_hellos(&self, drop: bool) {
         self.drop_hellos.store(drop, Ordering::SeqCst);
@@ -295,6 +304,7 @@ struct Shared {
     refuse_tickets: Arc<AtomicBool>,
     drop_hellos: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    hold_welcomes: tokio::sync::watch::Receiver<bool>,
     kill: CancellationToken,
 }
 
@@ -366,6 +376,8 @@ async fn serve<S: Socket>(
         resume_refused: (hello.resume.is_some() && resumed.is_none()).then(|| "bad_ticket".into()),
         resumed,
     };
+    let mut held = shared.hold_welcomes.clone();
+    let _ = held.wait_for(|hold| !*hold).await;
     framed
         .send(Frame::control(Kind::Welcome, 0, &welcome))
         .await
