@@ -368,7 +368,8 @@ mod tests {
         let loopback = AdminAuth::load(None, Some(([127, 0, 0, 1], 9000).into())).unwrap();
         assert!(loopback.open());
         let host = ("host", "127.0.0.1:9000");
-        let cases: &[(&str, &[(&str, &str)], bool)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], bool);
+        let cases: &[Case<'_>] = &[
             // Tools: curl, `wasmbed`, an orchestrator.
             ("POST", &[host], true),
             ("POST", &[("host", "localhost:9000")], true),

@@ -25,6 +25,8 @@ pub struct DnsServer {
     pub addr: SocketAddr,
     zone: Arc<InMemoryZoneHandler<TokioRuntimeProvider>>,
     stalled: Arc<AtomicBool>,
+    /// Queries answered (or held, while stalled).
+    queries: Arc<std::sync::atomic::AtomicUsize>,
     serial: AtomicU32,
     task: tokio::task::JoinHandle<()>,
 }
@@ -32,6 +34,8 @@ pub struct DnsServer {
 struct Handler {
     catalog: Catalog,
     stalled: Arc<AtomicBool>,
+    /// Queries answered (or held, while stalled).
+    queries: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[async_trait::async_trait]
@@ -41,6 +45,7 @@ impl RequestHandler for Handler {
         request: &Request,
         response_handle: R,
     ) -> ResponseInfo {
+        self.queries.fetch_add(1, Ordering::SeqCst);
         if self.stalled.load(Ordering::SeqCst) {
             // A server that stopped answering: the query is held until the client gives up.
             tokio::time::sleep(Duration::from_secs(60)).await;
@@ -82,6 +87,7 @@ impl DnsServer {
         let mut catalog = Catalog::new();
         catalog.upsert(LowerName::new(&origin), vec![zone.clone()]);
         let stalled = Arc::new(AtomicBool::new(false));
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         // UDP and TCP on one port: the TCP side of the port the OS gave UDP may be taken.
         let mut attempts = 0;
         let (udp, tcp, bound) = loop {
@@ -96,6 +102,7 @@ impl DnsServer {
         let mut server = Server::new(Handler {
             catalog,
             stalled: stalled.clone(),
+            queries: queries.clone(),
         });
         server.register_socket(udp);
         server.register_listener(tcp, Duration::from_secs(5), 1 << 16);
@@ -106,9 +113,15 @@ impl DnsServer {
             addr: bound,
             zone,
             stalled,
+            queries,
             serial: AtomicU32::new(2),
             task,
         })
+    }
+
+    /// The queries it has received so far.
+    pub fn queries(&self) -> usize {
+        self.queries.load(Ordering::SeqCst)
     }
 
     fn serial(&self) -> u32 {

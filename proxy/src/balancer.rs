@@ -92,6 +92,8 @@ pub struct Gateway {
     move_quota: AtomicUsize,
     /// The number of moves the latest order asked for ([`Gateway::moves_withdrawn`]).
     last_order: AtomicUsize,
+    /// [`Gateway::gone_from_dns`].
+    gone_from_dns: AtomicBool,
     /// Fired when the gateway is removed from the set: its prober stops.
     removed: Trigger,
     /// A move onto it came back `fresh` (the app restarted), and that was logged.
@@ -230,6 +232,7 @@ impl Gateway {
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
             last_order: AtomicUsize::new(0),
+            gone_from_dns: AtomicBool::new(false),
             removed: Trigger::new(),
             fresh_noted: AtomicBool::new(false),
             heard_ms: AtomicU64::new(0),
@@ -352,6 +355,16 @@ impl Gateway {
     /// Takes no new session: drained here, or draining by its own word.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire) || self.drain_reported.load(Ordering::Acquire)
+    }
+
+    /// Its address left its DNS source's answers (and it drains for that): a restarted
+    /// source (a reload) knows it as gone, not as in the answers.
+    pub fn set_gone_from_dns(&self, gone: bool) {
+        self.gone_from_dns.store(gone, Ordering::Release);
+    }
+
+    pub fn gone_from_dns(&self) -> bool {
+        self.gone_from_dns.load(Ordering::Acquire)
     }
 
     /// Drained here (admin API, DNS, removal), whatever the gateway says.

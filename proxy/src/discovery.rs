@@ -292,12 +292,15 @@ async fn watch(
             continue;
         }
         g.set_weight(target.weight);
+        // One whose address had left the answers is known as gone (its drain is then undone
+        // if the address comes back, and it is reaped as before; its grace starts again).
+        let gone = g.gone_from_dns();
         known.insert(
             addr,
             Known {
                 gateway: g.clone(),
-                gone_since: None,
-                missing: 0,
+                gone_since: gone.then(Instant::now),
+                missing: u32::from(gone),
             },
         );
     }
@@ -369,6 +372,7 @@ fn apply(
         if let Some(k) = known.get_mut(addr) {
             k.missing = 0;
             if k.gone_since.take().is_some() {
+                k.gateway.set_gone_from_dns(false);
                 k.gateway.set_draining(false);
                 k.gateway.order_moves(0);
                 change("returned");
@@ -376,8 +380,13 @@ fn apply(
             }
             continue;
         }
+        let name = format!("{label}/{addr}");
+        // Removed by an operator (`DELETE`): kept out, as a reload keeps it out.
+        if live.removed_at_run_time(&name) {
+            continue;
+        }
         let config = GatewayConfig {
-            name: format!("{label}/{addr}"),
+            name,
             addr: addr.to_string(),
             health_addr: target
                 .health_port
@@ -409,6 +418,7 @@ fn apply(
         k.missing = k.missing.saturating_add(1);
         if k.gone_since.is_none() {
             k.gone_since = Some(Instant::now());
+            k.gateway.set_gone_from_dns(true);
             k.gateway.set_draining(true);
             change("gone");
             tracing::info!(source = %label, gateway = %k.gateway.name, sessions = k.gateway.sessions(), "address gone from DNS: draining");

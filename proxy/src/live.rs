@@ -166,6 +166,15 @@ impl Live {
         Some(g)
     }
 
+    /// Whether the gateway named `name` was removed at run time (`DELETE`) and is kept out:
+    /// DNS discovery does not bring it back (it is found again under that name).
+    pub fn removed_at_run_time(&self, name: &str) -> bool {
+        self.removed_at_run_time
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+
     /// `POST /api/gateways`: adds a gateway (a name removed at run time is forgotten as such),
     /// held to the health check in use and probed with it: all under the lock a reload
     /// takes, so a reload comes wholly before (the gateway held to its check) or wholly after

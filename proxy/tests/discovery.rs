@@ -334,3 +334,74 @@ async fn a_reload_reweights_or_replaces_a_sources_gateways() {
     })
     .await;
 }
+
+/// An address that left the answer, then a reload that restarts its source, then the address
+/// back: it takes sessions again. The restarted source knew it as in the answer (its drain
+/// not its own), so its return undid nothing and it drained for good.
+#[tokio::test]
+async fn a_gone_address_back_after_a_reload_takes_sessions_again() {
+    let dns = DnsServer::start().await.unwrap();
+    let (b, port) = backends(2).await;
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    let mut c = by_name(&dns, port);
+    c.discovery.grace = Duration::from_secs(60);
+    let proxy = start(c).await;
+    until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
+    // A session keeps b[1] in the set (not reaped) while it is gone.
+    let mut held = Vec::new();
+    while b[1].live() == 0 {
+        held.push(device(proxy.addr).await);
+    }
+    dns.set_a(NAME, &ips(&[&b[0]]), 1).await;
+    until_taking(&proxy, &addrs(&[&b[0]])).await;
+    // Back in DNS before the restarted source's first answer (the server holds the queries
+    // until then): that answer is the first it sees.
+    dns.stall(true);
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    let mut c = proxy.live.context().config.clone();
+    c.discovery.targets[0].weight = 2;
+    proxy.live.apply(c).unwrap();
+    until(Duration::from_secs(10), "the source restarted", || {
+        proxy.gateways.snapshot().iter().all(|g| g.weight() == 2)
+    })
+    .await;
+    dns.stall(false);
+    until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
+}
+
+/// A found gateway an operator removed (`DELETE`) stays out while its address is still in
+/// the answer, a reload that restarts its source too: the reload keeps it out, as its report
+/// says.
+#[tokio::test]
+async fn a_found_gateway_removed_by_an_operator_stays_out_through_a_reload() {
+    let dns = DnsServer::start().await.unwrap();
+    let (b, port) = backends(2).await;
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    let proxy = start(by_name(&dns, port)).await;
+    until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
+    let name = format!("{NAME}:{port}/{}", b[1].addr);
+    // Its name holds a `/`: escaped in the path.
+    let path = format!("/api/gateways/{}", name.replace('/', "%2F"));
+    let (status, body) = proxy.admin("DELETE", &path).await;
+    assert_eq!(status, 200, "{body}");
+    let mut c = proxy.live.context().config.clone();
+    c.discovery.targets[0].weight = 2;
+    proxy.live.apply(c).unwrap();
+    until(Duration::from_secs(10), "the source restarted", || {
+        proxy.gateways.snapshot().iter().all(|g| g.weight() == 2)
+    })
+    .await;
+    // Two answers of the restarted source later (TTL 1 s), still one gateway.
+    let asked = dns.queries();
+    until(Duration::from_secs(10), "two more answers", || {
+        dns.queries() >= asked + 2
+    })
+    .await;
+    let names: Vec<String> = proxy
+        .gateways
+        .snapshot()
+        .iter()
+        .map(|g| g.name.clone())
+        .collect();
+    assert!(!names.contains(&name), "{names:?}");
+}
