@@ -330,7 +330,6 @@ impl Host {
         Ok(loaded)
     }
 
-    /// A fresh instance of `app` for one session.
     /// A fresh instance of `app` in the place of `instance` (one that failed, in any state):
     /// the old one's pooled slot is freed first, so a renewal needs no slot beyond the
     /// session's own (the pool's 16 spare slots would not cover every trap at once at
@@ -357,6 +356,7 @@ impl Host {
         Ok(())
     }
 
+    /// A fresh instance of `app` for one session.
     pub async fn instantiate(&self, app: &App, device: &str) -> Result<Instance, CallError> {
         let slice = Arc::new(AtomicU64::new(0));
         let state = SessionState {
@@ -496,9 +496,11 @@ impl Instance {
         let Some((snapshot, _)) = &self.state_funcs else {
             return Ok(None);
         };
-        let packed = running(&self.slice, snapshot.call_async(&mut self.store, ()))
-            .await
-            .map_err(CallError::from_wasm)?;
+        let packed = running(&self.slice, snapshot.call_async(&mut self.store, ()));
+        let packed = packed.await;
+        // A `send` outside a message has no REPLY to go before: nothing is pushed (ABI.md).
+        self.store.data_mut().pushes.clear();
+        let packed = packed.map_err(CallError::from_wasm)?;
         let (ptr, len) = ((packed as u64 >> 32) as usize, packed as u32 as usize);
         if len > self.max_state {
             return Err(CallError::StateTooLarge {
@@ -528,9 +530,10 @@ impl Instance {
         let Some((_, restore)) = &self.state_funcs else {
             return Ok(());
         };
-        running(&self.slice, restore.call_async(&mut self.store, (ptr, len)))
-            .await
-            .map_err(CallError::from_wasm)
+        let restored = running(&self.slice, restore.call_async(&mut self.store, (ptr, len))).await;
+        // As in `snapshot`: nothing pushed.
+        self.store.data_mut().pushes.clear();
+        restored.map_err(CallError::from_wasm)
     }
 
     /// Writes `data` where the app's `alloc` says; returns the pointer.

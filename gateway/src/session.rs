@@ -129,29 +129,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// for that long is as gone as one that sends nothing, and a write waiting on it for good
     /// would hold the session (its slot, its instance, its queued output) past its idle
     /// timeout, a drain and a revocation, all of which are heard between frames. A slow
-    /// device that keeps reading is not cut.
+    /// device that keeps reading is not cut (the deadline moves with each partial write).
     async fn flush(&mut self) -> Result<(), End> {
         if self.out.is_empty() {
             return Ok(());
         }
         let idle = self.shared.settings.idle_timeout;
         let stalled = || {
-            counter!(ERRORS, "code" => ErrorCode::IdleTimeout.as_str()).increment(1);
             End::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the device read nothing for the idle timeout",
             ))
         };
+        // One clock read a flush: again only after a partial write (the device's window full).
+        let mut deadline = tokio::time::Instant::now() + idle;
         let mut at = 0;
         while at < self.out.len() {
-            match tokio::time::timeout(idle, self.stream.write(&self.out[at..])).await {
+            let write = self.stream.write(&self.out[at..]);
+            match tokio::time::timeout_at(deadline, write).await {
                 Ok(Ok(0)) => return Err(End::Io(std::io::ErrorKind::WriteZero.into())),
-                Ok(Ok(n)) => at += n,
+                Ok(Ok(n)) => {
+                    at += n;
+                    if at < self.out.len() {
+                        deadline = tokio::time::Instant::now() + idle;
+                    }
+                }
                 Ok(Err(e)) => return Err(End::Io(e)),
                 Err(_) => return Err(stalled()),
             }
         }
-        match tokio::time::timeout(idle, self.stream.flush()).await {
+        match tokio::time::timeout_at(deadline, self.stream.flush()).await {
             Ok(flushed) => flushed.map_err(End::Io)?,
             Err(_) => return Err(stalled()),
         }
@@ -159,12 +166,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
+    /// Closes the device's side (TLS: its close_notify), within the idle timeout: a device
+    /// that reads nothing would hold a TLS shutdown, which writes, as long as a flush.
+    async fn close(&mut self) {
+        let idle = self.shared.settings.idle_timeout;
+        let _ = tokio::time::timeout(idle, self.stream.shutdown()).await;
+    }
+
     /// Sends ERROR and ends the session.
     async fn refuse(&mut self, code: ErrorCode, seq: u64, text: String) -> End {
         counter!(ERRORS, "code" => code.as_str()).increment(1);
         self.queue(code.frame(seq, text.clone()));
         let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        self.close().await;
         End::Refused(code, text)
     }
 }
@@ -270,7 +284,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         biased;
         _ = drain.cancelled() => {
             send_goaway(conn, "draining").await;
-            let _ = conn.stream.shutdown().await;
+            conn.close().await;
             return End::Goaway;
         }
         f = tokio::time::timeout(idle, conn.next()) => f,
@@ -662,7 +676,7 @@ async fn goaway<S: AsyncRead + AsyncWrite + Unpin>(
         checkpoint(shared, conn, live).await;
         let _ = conn.flush().await;
     }
-    let _ = conn.stream.shutdown().await;
+    conn.close().await;
     End::Goaway
 }
 

@@ -53,6 +53,10 @@ async fn ticketed(
 }
 
 /// Two TLS gateways sharing one key ring.
+/// The checkpoint counters are the process's: `cargo test` runs this file's tests in one
+/// process, and one of them counts them; each takes this first.
+static CHECKPOINTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn pair(pki: &Pki, keys: &Path) -> (RunningGateway, RunningGateway) {
     pair_with(pki, keys, |_| {}).await
 }
@@ -81,6 +85,7 @@ async fn welcome(d: &mut TlsDevice, device: &str, app: &str, ticket: Option<&[u8
 
 #[tokio::test]
 async fn a_counter_at_50_resumes_at_51_on_another_gateway() {
+    let _counting = CHECKPOINTING.lock().await;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
     let (a, b) = pair(&pki, &keys).await;
@@ -120,6 +125,7 @@ async fn a_counter_at_50_resumes_at_51_on_another_gateway() {
 /// a last one").
 #[tokio::test]
 async fn a_drain_answers_then_checkpoints_then_closes_and_the_session_resumes() {
+    let _counting = CHECKPOINTING.lock().await;
     for every in [Some(1), None] {
         drain_checkpoints_and_resumes(every).await;
     }
@@ -154,6 +160,7 @@ async fn drain_checkpoints_and_resumes(every: Option<u32>) {
 
 #[tokio::test]
 async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
+    let _counting = CHECKPOINTING.lock().await;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
     let (a, _b) = pair(&pki, &keys).await;
@@ -238,6 +245,7 @@ async fn every_refused_ticket_gets_its_reason_and_a_working_fresh_session() {
 
 #[tokio::test]
 async fn keys_rotate_without_breaking_tickets_and_a_removed_key_ends_them() {
+    let _counting = CHECKPOINTING.lock().await;
     let pki = Pki::new();
     let old = KeyRing::generate("old").unwrap();
     let keys = ring_file(pki.dir.path(), "keys.toml", &old);
@@ -268,6 +276,7 @@ async fn keys_rotate_without_breaking_tickets_and_a_removed_key_ends_them() {
 
 #[tokio::test]
 async fn a_snapshot_that_misbehaves_costs_its_checkpoint_only() {
+    let _counting = CHECKPOINTING.lock().await;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
     let mut s = settings(None);
@@ -295,6 +304,7 @@ async fn a_snapshot_that_misbehaves_costs_its_checkpoint_only() {
 
 #[tokio::test]
 async fn without_a_key_ring_nothing_is_checkpointed_and_tickets_are_refused() {
+    let _counting = CHECKPOINTING.lock().await;
     let gw = start(settings(None)).await;
     let mut d = tcp_device(gw.addr).await;
     let f = d
@@ -314,6 +324,7 @@ async fn without_a_key_ring_nothing_is_checkpointed_and_tickets_are_refused() {
 /// other gateway (no full handshake), and is still held to its certificate's identity.
 #[tokio::test]
 async fn tls_resumes_on_another_gateway_of_the_fleet() {
+    let _counting = CHECKPOINTING.lock().await;
     use rustls::HandshakeKind;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
@@ -353,6 +364,7 @@ async fn tls_resumes_on_another_gateway_of_the_fleet() {
 /// (counted), where before the check ran again it welcomed it.
 #[tokio::test]
 async fn a_resumed_tls_session_is_held_to_this_gateways_device_ca() {
+    let _counting = CHECKPOINTING.lock().await;
     use rustls::HandshakeKind;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
@@ -401,6 +413,7 @@ async fn a_resumed_tls_session_is_held_to_this_gateways_device_ca() {
 /// to the new module's `restore` (the app versions its own state format).
 #[tokio::test]
 async fn a_ticket_from_the_previous_version_of_the_app_restores_into_the_new_one() {
+    let _counting = CHECKPOINTING.lock().await;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
     let (a, b) = pair(&pki, &keys).await;
@@ -433,6 +446,7 @@ async fn a_ticket_from_the_previous_version_of_the_app_restores_into_the_new_one
 /// a smaller state's is sent again.
 #[tokio::test]
 async fn a_ticket_too_large_to_bring_back_is_a_failed_checkpoint() {
+    let _counting = CHECKPOINTING.lock().await;
     let pki = Pki::new();
     let keys = fleet_ring(&pki);
     let mut s = settings(Some(&pki));

@@ -215,7 +215,9 @@ async fn an_idle_session_is_closed() {
 #[tokio::test]
 async fn a_device_that_reads_nothing_is_closed_at_the_idle_timeout() {
     let mut s = settings(None);
-    s.idle_timeout = Duration::from_millis(300);
+    // Longer than any pause of the device's own loop below (which would end the session by
+    // the read side's idle timeout instead).
+    s.idle_timeout = Duration::from_secs(1);
     let gw = start(s).await;
     let mut d = tcp_device(gw.addr).await;
     d.open("device-1", "echo").await;

@@ -23,7 +23,6 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use metrics::histogram;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use wasmbed_config::HealthConfig;
 
@@ -99,7 +98,7 @@ pub async fn watch(gateway: Arc<Gateway>, config: HealthConfig, stop: Cancellati
 /// Holds `GET /api/alive` on `addr` until its body ends.
 async fn hold(addr: &str, timeout: Duration) -> Ended {
     let opened = tokio::time::timeout(timeout, async {
-        let stream = TcpStream::connect(addr).await.ok()?;
+        let stream = crate::dial::tcp(addr, tokio::time::sleep).await.ok()?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -163,7 +162,7 @@ const GONE_RETRY: Duration = Duration::from_millis(5);
 /// that succeeds or times out proves nothing.
 async fn refused(addr: &str, timeout: Duration) -> bool {
     matches!(
-        tokio::time::timeout(timeout, TcpStream::connect(addr)).await,
+        tokio::time::timeout(timeout, crate::dial::tcp(addr, tokio::time::sleep)).await,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
     )
 }

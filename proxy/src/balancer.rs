@@ -92,8 +92,8 @@ pub struct Gateway {
     move_quota: AtomicUsize,
     /// The number of moves the latest order asked for ([`Gateway::moves_withdrawn`]).
     last_order: AtomicUsize,
-    /// [`Gateway::gone_from_dns`].
-    gone_from_dns: AtomicBool,
+    /// [`Gateway::gone_from_dns`]: milliseconds since `epoch` plus one, 0 for none.
+    gone_from_dns_ms: AtomicU64,
     /// Fired when the gateway is removed from the set: its prober stops.
     removed: Trigger,
     /// A move onto it came back `fresh` (the app restarted), and that was logged.
@@ -232,7 +232,7 @@ impl Gateway {
             probe_soon: tokio::sync::Notify::new(),
             move_quota: AtomicUsize::new(0),
             last_order: AtomicUsize::new(0),
-            gone_from_dns: AtomicBool::new(false),
+            gone_from_dns_ms: AtomicU64::new(0),
             removed: Trigger::new(),
             fresh_noted: AtomicBool::new(false),
             heard_ms: AtomicU64::new(0),
@@ -357,14 +357,21 @@ impl Gateway {
         self.draining.load(Ordering::Acquire) || self.drain_reported.load(Ordering::Acquire)
     }
 
-    /// Its address left its DNS source's answers (and it drains for that): a restarted
-    /// source (a reload) knows it as gone, not as in the answers.
-    pub fn set_gone_from_dns(&self, gone: bool) {
-        self.gone_from_dns.store(gone, Ordering::Release);
+    /// Its address left its DNS source's answers at `since` (and it drains for that), or
+    /// (`None`) is back: a restarted source (a reload) knows it as gone since then, not as
+    /// in the answers, and its grace is not restarted.
+    pub fn set_gone_from_dns(&self, since: Option<Instant>) {
+        let ms = since.map_or(0, |t| {
+            u64::try_from(t.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX - 1)
+                + 1
+        });
+        self.gone_from_dns_ms.store(ms, Ordering::Release);
     }
 
-    pub fn gone_from_dns(&self) -> bool {
-        self.gone_from_dns.load(Ordering::Acquire)
+    /// Since when its address has been gone from its DNS source's answers.
+    pub fn gone_from_dns(&self) -> Option<Instant> {
+        let ms = self.gone_from_dns_ms.load(Ordering::Acquire);
+        (ms != 0).then(|| epoch() + Duration::from_millis(ms - 1))
     }
 
     /// Drained here (admin API, DNS, removal), whatever the gateway says.

@@ -194,6 +194,13 @@ impl Pacer {
         state.1 = Self::gap(per_second);
     }
 
+    /// No move is ordered any more (the last withdrawn: an undrain): the slots handed out
+    /// are free again, and the next move may start now rather than after them.
+    pub fn release_all(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 = state.0.min(Instant::now());
+    }
+
     /// The instant this move may start.
     pub fn slot(&self) -> Instant {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,4 +236,22 @@ pub(crate) fn pools_of(route: Option<&RouteConfig>) -> Pools {
     let mut seen = std::collections::HashSet::new();
     pools.retain(|p| seen.insert(p.clone()));
     pools.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Turns handed out and given back (every move withdrawn) are free again: the next move
+    /// starts now, not after them.
+    #[test]
+    fn released_turns_go_to_the_next_move() {
+        let pacer = Pacer::new(1);
+        let first = pacer.slot();
+        let third = [pacer.slot(), pacer.slot()][1];
+        assert!(third >= first + Duration::from_secs(2));
+        pacer.release_all();
+        assert!(pacer.slot() <= Instant::now(), "the next turn is now");
+        assert!(pacer.slot() >= Instant::now() + Duration::from_millis(900));
+    }
 }

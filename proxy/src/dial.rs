@@ -1,5 +1,5 @@
 //! dial: a gateway named by a host name, reached at the first of its addresses to answer, the
-//! same for every upstream (TCP, the link). Its addresses are tried as RFC 8305 ("Happy
+//! same for every upstream (TCP, the link) and its health checks (probes, liveness watch). Its addresses are tried as RFC 8305 ("Happy
 //! Eyeballs") tries them: in the resolver's order, the next one started when the one before
 //! fails or has not answered within [`NEXT_ADDRESS_AFTER`], every attempt left running, the
 //! first made kept and the others dropped. Tried strictly in turn, an address that never
@@ -54,6 +54,24 @@ where
             }
         }
     }
+}
+
+/// A TCP connection to `name` (`host:port`, or an address): its one address, or the first
+/// of its addresses to answer ([`first_to_answer`], the stagger waited by `wait`).
+pub(crate) async fn tcp<W: Future<Output = ()>>(
+    name: &str,
+    wait: impl FnMut(Duration) -> W,
+) -> io::Result<tokio::net::TcpStream> {
+    let addrs = addresses(name).await?;
+    if let [one] = addrs[..] {
+        return tokio::net::TcpStream::connect(one).await;
+    }
+    first_to_answer(
+        addrs,
+        (NEXT_ADDRESS_AFTER, wait),
+        tokio::net::TcpStream::connect,
+    )
+    .await
 }
 
 /// `host:port` resolved: its addresses, in the resolver's order.

@@ -292,15 +292,15 @@ async fn watch(
             continue;
         }
         g.set_weight(target.weight);
-        // One whose address had left the answers is known as gone (its drain is then undone
-        // if the address comes back, and it is reaped as before; its grace starts again).
+        // One whose address had left the answers is known as gone since then (its drain is
+        // undone if the address comes back, it is reaped as before, within its grace).
         let gone = g.gone_from_dns();
         known.insert(
             addr,
             Known {
                 gateway: g.clone(),
-                gone_since: gone.then(Instant::now),
-                missing: u32::from(gone),
+                gone_since: gone,
+                missing: u32::from(gone.is_some()),
             },
         );
     }
@@ -372,7 +372,7 @@ fn apply(
         if let Some(k) = known.get_mut(addr) {
             k.missing = 0;
             if k.gone_since.take().is_some() {
-                k.gateway.set_gone_from_dns(false);
+                k.gateway.set_gone_from_dns(None);
                 k.gateway.set_draining(false);
                 k.gateway.order_moves(0);
                 change("returned");
@@ -417,8 +417,9 @@ fn apply(
         }
         k.missing = k.missing.saturating_add(1);
         if k.gone_since.is_none() {
-            k.gone_since = Some(Instant::now());
-            k.gateway.set_gone_from_dns(true);
+            let now = Instant::now();
+            k.gone_since = Some(now);
+            k.gateway.set_gone_from_dns(Some(now));
             k.gateway.set_draining(true);
             change("gone");
             tracing::info!(source = %label, gateway = %k.gateway.name, sessions = k.gateway.sessions(), "address gone from DNS: draining");

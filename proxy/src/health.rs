@@ -261,7 +261,8 @@ struct HealthBody {
 }
 
 async fn connect(addr: &str) -> Result<TcpStream, ProbeError> {
-    let stream = TcpStream::connect(addr)
+    // A name's addresses raced, as sessions reach them ([`crate::dial`]).
+    let stream = crate::dial::tcp(addr, tokio::time::sleep)
         .await
         .map_err(ProbeError::Connect)?;
     let _ = stream.set_nodelay(true);

@@ -185,12 +185,10 @@ pub(crate) async fn dial_gateway(ctx: &Context, gateway: Arc<Gateway>) -> io::Re
 async fn dial(deadlines: &crate::deadlines::Deadlines, gateway: &Gateway) -> io::Result<TcpStream> {
     let stream = match gateway.socket_addr {
         Some(sa) => TcpStream::connect(sa).await?,
-        // A name: its addresses raced as the link's are ([`crate::dial`]).
-        None => {
-            let addrs = crate::dial::addresses(&gateway.addr).await?;
-            let stagger = (crate::dial::NEXT_ADDRESS_AFTER, |d| deadlines.sleep(d));
-            crate::dial::first_to_answer(addrs, stagger, TcpStream::connect).await?
-        }
+        // A name: its addresses raced as the link's are ([`crate::dial`]). Boxed: inline,
+        // the resolution and the race would grow every session's way in past glibc's
+        // per-thread cache (`passthrough::tests`), where only names pay for them.
+        None => Box::pin(crate::dial::tcp(&gateway.addr, |d| deadlines.sleep(d))).await?,
     };
     stream.set_nodelay(true)?;
     Ok(stream)

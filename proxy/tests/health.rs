@@ -238,8 +238,6 @@ async fn a_reset_on_the_gateway_side_brings_the_next_probe_forward() {
     .await;
 }
 
-/// A locked admin API on the proxy: drain and POST /api/gateways need the token; reads stay
-/// open; an oversized body is 413.
 /// A change a web page makes the operator's browser send (another origin, or a rebound name
 /// on a loopback endpoint open to changes) is refused, as on the gateway's endpoint (one
 /// check: `wasmbed_admin::from_a_web_page`); a tool's is taken.
@@ -265,6 +263,8 @@ async fn a_change_a_web_page_sends_is_refused() {
     assert!(proxy.gateway("gw").is_draining());
 }
 
+/// A locked admin API on the proxy: drain and POST /api/gateways need the token; reads stay
+/// open; an oversized body is 413.
 #[tokio::test]
 async fn proxy_mutations_need_the_admin_token() {
     let dir = tempfile::tempdir().unwrap();

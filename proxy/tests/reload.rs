@@ -528,12 +528,22 @@ async fn a_gateway_added_during_a_reload_gets_one_prober() {
         b1.held.load(std::sync::atomic::Ordering::SeqCst) >= 1
     })
     .await;
+    // The reload halfway through that probe: a second prober, started as it ends, would
+    // overlap the reload's by about as long at every probe (a reload just after the probe
+    // began would overlap it by only a few milliseconds, which sampling could miss).
+    tokio::time::sleep(Duration::from_millis(250)).await;
     write(&file, &text("700ms"));
     let (status, report) = proxy.admin("POST", "/api/reload").await;
     assert_eq!(status, 200, "{report}");
     assert!(report.contains("\"health_restarted\":true"), "{report}");
     let (status, added) = adding.await.unwrap();
     assert_eq!(status, 201, "{added}");
+    // The add's own probe gave up at its timeout: its connection's close reaches the backend
+    // a moment later.
+    until(Duration::from_secs(5), "the add's probe let go", || {
+        b1.holding.load(std::sync::atomic::Ordering::SeqCst) <= 1
+    })
+    .await;
     // From now on one prober probes it: one probe held at a time. (A second, started as the
     // add's first probe ended, would hold its first while the reload's prober, started
     // later than that probe, still holds its own.)

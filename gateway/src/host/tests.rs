@@ -359,3 +359,26 @@ async fn a_renewal_at_a_full_pool_takes_the_old_instances_slot() {
         "afresh"
     );
 }
+
+/// A `send` from `snapshot` or `restore` pushes nothing: there is no REPLY for it to go
+/// before. Kept, it went out before some later REPLY (or was lost at a close) and counted
+/// against that call's 64 pushes.
+#[tokio::test]
+async fn a_send_outside_a_message_pushes_nothing() {
+    const SENDS_IN_STATE: &str = r#"(module
+      (import "wasmbed" "send" (func $send (param i32 i32)))
+      (memory (export "memory") 1)
+      (func (export "alloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "on_message") (param i32 i32) (result i64) (i64.const 0))
+      (func (export "snapshot") (result i64)
+        (call $send (i32.const 0) (i32.const 4))
+        (i64.const 4))
+      (func (export "restore") (param i32 i32)
+        (call $send (i32.const 0) (i32.const 4))))"#;
+    let h = host();
+    let mut i = instance(&h, "state-sends", SENDS_IN_STATE).await;
+    assert!(i.snapshot().await.unwrap().is_some());
+    i.restore(&[1, 2, 3, 4]).await.unwrap();
+    let out = i.message(b"x").await.unwrap();
+    assert!(out.pushes.is_empty(), "{:?}", out.pushes);
+}

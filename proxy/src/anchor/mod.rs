@@ -492,6 +492,10 @@ async fn serve(anchored: Box<Anchored>) {
                             // this session took and has not begun; another may give it one.
                             if l.gateway().moves_withdrawn() && core.withdraw_order() {
                                 in_flight = None;
+                                // The last withdrawn: the turns handed out go to the next moves.
+                                if ctx.gateways.moves_in_flight() == 0 {
+                                    ctx.pacer.release_all();
+                                }
                             }
                             if let Some(place) = take_order(&ctx, &mut core, l.gateway()) {
                                 in_flight = Some(place);
