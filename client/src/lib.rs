@@ -136,11 +136,30 @@ pub enum SpawnError {
     },
     #[error("{command} did not start: it printed {line:?} instead of its ready line")]
     NotReady { command: String, line: String },
+    #[error("{command} did not start: no ready line within {within:?} (stopped)")]
+    Timeout { command: String, within: Duration },
 }
 
+/// How long [`spawn_ready`] waits for the ready line: a gateway compiles its apps first.
+pub const READY_WITHIN: Duration = Duration::from_secs(120);
+
+/// The longest ready line read (a ready line is a few addresses).
+const READY_LINE_MAX: u64 = 4096;
+
 /// Starts `cmd` with stdout piped and waits for its first line, which must begin with
-/// `ready `. The caller decides where stderr goes and anything else about `cmd`.
+/// `ready `, within [`READY_WITHIN`]. The caller decides where stderr goes and anything else
+/// about `cmd`.
 pub fn spawn_ready(cmd: &mut Command) -> Result<(Child, Ready), SpawnError> {
+    spawn_ready_within(cmd, READY_WITHIN)
+}
+
+/// [`spawn_ready`] waiting at most `within`: a process that prints nothing (stuck before
+/// its sockets are bound) is stopped, not waited for forever.
+pub fn spawn_ready_within(
+    cmd: &mut Command,
+    within: Duration,
+) -> Result<(Child, Ready), SpawnError> {
+    use std::io::Read;
     let command = format!("{:?}", cmd.get_program());
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -149,14 +168,51 @@ pub fn spawn_ready(cmd: &mut Command) -> Result<(Child, Ready), SpawnError> {
             command: command.clone(),
             source,
         })?;
-    let mut line = String::new();
+    let (tx, rx) = std::sync::mpsc::channel();
     if let Some(stdout) = child.stdout.take() {
-        let _ = BufReader::new(stdout).read_line(&mut line);
+        // On a thread of its own, so that the wait has a deadline; it ends at the line, or
+        // at the pipe's end once the process is stopped.
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout.take(READY_LINE_MAX)).read_line(&mut line);
+            let _ = tx.send(line);
+        });
     }
-    if !line.starts_with("ready ") {
+    let stop = |child: &mut Child| {
         let _ = child.kill();
         let _ = child.wait();
+    };
+    let line = match rx.recv_timeout(within) {
+        Ok(line) => line,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            stop(&mut child);
+            return Err(SpawnError::Timeout { command, within });
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => String::new(),
+    };
+    if !line.starts_with("ready ") {
+        stop(&mut child);
         return Err(SpawnError::NotReady { command, line });
     }
     Ok((child, Ready(line)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that never prints its ready line is stopped at the deadline, not waited for
+    /// forever (`wasmbed up` would hang on a child stuck before binding).
+    #[test]
+    fn a_process_that_never_gets_ready_is_stopped_at_the_deadline() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let err = spawn_ready_within(&mut cmd, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, SpawnError::Timeout { .. }), "{err}");
+        let mut cmd = Command::new("echo");
+        cmd.arg("ready listen=127.0.0.1:9");
+        let (mut child, ready) = spawn_ready_within(&mut cmd, Duration::from_secs(30)).unwrap();
+        assert_eq!(ready.addr("listen="), Some(([127, 0, 0, 1], 9).into()));
+        let _ = child.wait();
+    }
 }

@@ -196,34 +196,15 @@ async fn a_proxy_ca_of_its_own_vouches_for_the_proxies() {
 /// session with ERROR revoked while the others go on.
 #[tokio::test]
 async fn a_gateway_reload_revokes_a_connected_device() {
-    use wasmbed_certs::pki::KeyKind;
     let pki = Pki::new();
-    let crl = |serials: &[Vec<u8>], n| {
-        pki.ca
-            .crl(serials, n, std::time::Duration::from_secs(3600))
-            .unwrap()
-    };
-    std::fs::write(pki.path("crl.pem"), crl(&[], 1)).unwrap();
-    let mut s = settings(Some(&pki));
-    if let Some(tls) = s.tls.as_mut() {
-        tls.client_crls = vec![pki.path("crl.pem")];
-    }
-    let gw = start(s).await;
-    let identity = |name: &str| {
-        let d = pki.ca.issue_client(name, KeyKind::EcdsaP256).unwrap();
-        let serial = wasmbed_certs::serial_of(&d.chain()[0]).unwrap();
-        let config =
-            wasmbed_certs::client_config(&[pki.ca.cert_der()], Some((d.chain(), d.key().unwrap())))
-                .unwrap();
-        (config, serial)
-    };
-    let (stolen_tls, stolen_serial) = identity("device-0200");
-    let (honest_tls, _) = identity("device-0201");
+    let gw = with_a_crl(&pki).await;
+    let (stolen_tls, stolen_serial) = identity(&pki, "device-0200");
+    let (honest_tls, _) = identity(&pki, "device-0201");
     let mut stolen = tls_device(gw.addr, stolen_tls.clone()).await.unwrap();
     stolen.open("device-0200", "echo").await;
     let mut honest = tls_device(gw.addr, honest_tls).await.unwrap();
     honest.open("device-0201", "echo").await;
-    std::fs::write(pki.path("crl.pem"), crl(&[stolen_serial], 2)).unwrap();
+    std::fs::write(pki.path("crl.pem"), crl(&pki, &[stolen_serial], 2)).unwrap();
     gw.shared.reload_tls().unwrap();
     let f = stolen.recv().await.expect("ERROR revoked");
     assert_eq!(error_code(&f), wasmbed_protocol::ErrorCode::Revoked as u16);
@@ -240,27 +221,9 @@ async fn a_gateway_reload_revokes_a_connected_device() {
 /// is held to the trust in use at that end, as a link's proxy is.
 #[tokio::test]
 async fn a_device_revoked_during_its_handshake_is_refused() {
-    use wasmbed_certs::pki::KeyKind;
     let pki = Pki::new();
-    let crl = |serials: &[Vec<u8>], n| {
-        pki.ca
-            .crl(serials, n, std::time::Duration::from_secs(3600))
-            .unwrap()
-    };
-    std::fs::write(pki.path("crl.pem"), crl(&[], 1)).unwrap();
-    let mut s = settings(Some(&pki));
-    if let Some(tls) = s.tls.as_mut() {
-        tls.client_crls = vec![pki.path("crl.pem")];
-    }
-    let gw = start(s).await;
-    let d = pki
-        .ca
-        .issue_client("device-0300", KeyKind::EcdsaP256)
-        .unwrap();
-    let serial = wasmbed_certs::serial_of(&d.chain()[0]).unwrap();
-    let config =
-        wasmbed_certs::client_config(&[pki.ca.cert_der()], Some((d.chain(), d.key().unwrap())))
-            .unwrap();
+    let gw = with_a_crl(&pki).await;
+    let (config, serial) = identity(&pki, "device-0300");
     // Connected, no ClientHello yet: the gateway has accepted it (counted in the same step
     // as it took the trust in use).
     let accepted = "wasmbed_gateway_sessions_accepted_total";
@@ -272,7 +235,7 @@ async fn a_device_revoked_during_its_handshake_is_refused() {
         || gateway_metric(accepted) > before,
     )
     .await;
-    std::fs::write(pki.path("crl.pem"), crl(&[serial], 2)).unwrap();
+    std::fs::write(pki.path("crl.pem"), crl(&pki, &[serial], 2)).unwrap();
     gw.shared.reload_tls().unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let rejected = "wasmbed_gateway_tls_rejected_total{reason=\"client_cert\"}";
@@ -296,6 +259,36 @@ async fn a_device_revoked_during_its_handshake_is_refused() {
     assert!(answer.is_none(), "a revoked device got {answer:?}");
     // At least: `cargo test` runs this file's tests in one process, whose counters they share.
     assert!(gateway_metric(rejected) - before >= 1.0);
+}
+
+/// A CRL of `pki`'s CA revoking `serials`, numbered `n`.
+fn crl(pki: &Pki, serials: &[Vec<u8>], n: u64) -> String {
+    pki.ca
+        .crl(serials, n, std::time::Duration::from_secs(3600))
+        .unwrap()
+}
+
+/// A TLS gateway whose devices' CRL is `pki.path("crl.pem")` (revoking none yet).
+async fn with_a_crl(pki: &Pki) -> RunningGateway {
+    std::fs::write(pki.path("crl.pem"), crl(pki, &[], 1)).unwrap();
+    let mut s = settings(Some(pki));
+    if let Some(tls) = s.tls.as_mut() {
+        tls.client_crls = vec![pki.path("crl.pem")];
+    }
+    start(s).await
+}
+
+/// A device `name` of `pki`'s CA: its client config and its certificate's serial number.
+fn identity(pki: &Pki, name: &str) -> (std::sync::Arc<rustls::ClientConfig>, Vec<u8>) {
+    let d = pki
+        .ca
+        .issue_client(name, wasmbed_certs::pki::KeyKind::EcdsaP256)
+        .unwrap();
+    let serial = wasmbed_certs::serial_of(&d.chain()[0]).unwrap();
+    let config =
+        wasmbed_certs::client_config(&[pki.ca.cert_der()], Some((d.chain(), d.key().unwrap())))
+            .unwrap();
+    (config, serial)
 }
 
 fn gateway_metric(series: &str) -> f64 {

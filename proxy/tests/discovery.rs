@@ -335,6 +335,22 @@ async fn a_reload_reweights_or_replaces_a_sources_gateways() {
     .await;
 }
 
+/// A reload that gives the source weight `weight` (which restarts it), once its gateways
+/// have it.
+async fn restart_the_source(proxy: &RunningProxy, weight: u32) {
+    let mut c = proxy.live.context().config.clone();
+    c.discovery.targets[0].weight = weight;
+    proxy.live.apply(c).unwrap();
+    until(Duration::from_secs(10), "the source restarted", || {
+        proxy
+            .gateways
+            .snapshot()
+            .iter()
+            .all(|g| g.weight() == weight)
+    })
+    .await;
+}
+
 /// An address that left the answer, then a reload that restarts its source, then the address
 /// back: it takes sessions again. The restarted source knew it as in the answer (its drain
 /// not its own), so its return undid nothing and it drained for good.
@@ -358,13 +374,7 @@ async fn a_gone_address_back_after_a_reload_takes_sessions_again() {
     // until then): that answer is the first it sees.
     dns.stall(true);
     dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
-    let mut c = proxy.live.context().config.clone();
-    c.discovery.targets[0].weight = 2;
-    proxy.live.apply(c).unwrap();
-    until(Duration::from_secs(10), "the source restarted", || {
-        proxy.gateways.snapshot().iter().all(|g| g.weight() == 2)
-    })
-    .await;
+    restart_the_source(&proxy, 2).await;
     dns.stall(false);
     until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
 }
@@ -384,13 +394,7 @@ async fn a_found_gateway_removed_by_an_operator_stays_out_through_a_reload() {
     let path = format!("/api/gateways/{}", name.replace('/', "%2F"));
     let (status, body) = proxy.admin("DELETE", &path).await;
     assert_eq!(status, 200, "{body}");
-    let mut c = proxy.live.context().config.clone();
-    c.discovery.targets[0].weight = 2;
-    proxy.live.apply(c).unwrap();
-    until(Duration::from_secs(10), "the source restarted", || {
-        proxy.gateways.snapshot().iter().all(|g| g.weight() == 2)
-    })
-    .await;
+    restart_the_source(&proxy, 2).await;
     // Two answers of the restarted source later (TTL 1 s), still one gateway.
     let asked = dns.queries();
     until(Duration::from_secs(10), "two more answers", || {
