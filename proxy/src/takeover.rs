@@ -937,6 +937,41 @@ mod receiving {
         let token = token_path(&path);
         assert!(e.to_string().contains(&*token.to_string_lossy()), "{e}");
     }
+
+    /// A running proxy that goes silent before sending its run-time changes (wedged) ends
+    /// the takeover within one step, and this process's admin endpoint opens: not kept shut
+    /// for as long as the old one hangs. (On tokio's paused clock: the step passes at once.)
+    #[tokio::test(start_paused = true)]
+    async fn an_old_process_silent_before_its_changes_opens_the_admin_endpoint_within_a_step() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let inherited = Inherited {
+            listeners: Vec::new(),
+            admin: None,
+            changes_coming: true,
+            channel: Channel::new(ours, Deadlines::default()),
+        };
+        // It reads this process's `ready`, then says nothing more, its end kept open.
+        let old = tokio::spawn(async move {
+            let mut channel = Channel::new(theirs, Deadlines::default());
+            let _ = channel.recv().await;
+            std::future::pending::<()>().await;
+        });
+        let gate = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let taking = take_sessions(inherited, (|_| async {}, gate.clone()), |_, _, _| true);
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a test's runtime, its time paused"
+        )]
+        let taken = tokio::time::timeout(STEP * 3, taking).await;
+        let Ok(Err(e)) = taken else {
+            panic!("the takeover still waits, or ended without an error: {taken:?}");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(gate.is_cancelled(), "the admin endpoint opens");
+        assert!(started.elapsed() >= STEP);
+        old.abort();
+    }
 }
 
 #[cfg(test)]
