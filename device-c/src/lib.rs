@@ -19,8 +19,25 @@
 //!   dereferenced. A panic cannot cross into C: the library aborts instead (it has none on
 //!   peer data: see the `wasmbed-device` crate's tests).
 
+#![no_std]
 #![allow(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
+
+// A host library (the default) links std, and its panic machinery; a firmware's (`no_std`,
+// `--no-default-features`) has this crate's own panic handler.
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+/// A panic in a `no_std` build (none is reachable from peer data: the `wasmbed-device`
+/// crate's tests): the library stops where it is, as a C firmware without unwinding would
+/// (its watchdog resets the device). Build it with `panic = "abort"`.
+#[cfg(not(any(feature = "std", test)))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
+}
 
 use core::ffi::c_char;
 use core::ptr;
