@@ -109,13 +109,6 @@ pub struct CertAttributes {
     pub uris: Vec<String>,
 }
 
-/// Reads [`CertAttributes`] from a certificate (empty when it cannot be parsed).
-pub fn cert_attributes(cert: &CertificateDer<'_>) -> CertAttributes {
-    x509_parser::parse_x509_certificate(cert.as_ref())
-        .map(|(_, parsed)| attributes_in(&parsed))
-        .unwrap_or_default()
-}
-
 fn attributes_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> CertAttributes {
     let ous = parsed
         .subject()
@@ -138,12 +131,16 @@ fn attributes_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Cert
 }
 
 /// What a handshake's end reads from its client's leaf certificate, in one parse (the proxy
-/// and the gateway read all three of every device): [`revocation_key`], [`peer_identity`] and
-/// [`cert_attributes`]. A certificate that does not parse reads as none of them.
+/// and the gateway read all three of every device). A certificate that does not parse reads
+/// as none of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Leaf {
+    /// What a CRL entry revoking it is matched by ([`revoked_keys`]): its issuer's name (DER,
+    /// as the CRL's issuer names it) and its serial number.
     pub revocation_key: Option<Vec<u8>>,
+    /// The device it names ([`peer_identity`]).
     pub identity: Option<String>,
+    /// What routes may match in it.
     pub attributes: CertAttributes,
 }
 
@@ -319,7 +316,7 @@ fn build_server_checking(
     Ok((Arc::new(config), check))
 }
 
-/// The certificates a set of CRLs revokes, each as its [`revocation_key`]: its issuer (the
+/// The certificates a set of CRLs revokes, each as its [`Leaf::revocation_key`]: its issuer (the
 /// CRL's) and its serial number. Checked at every handshake's end and, for live sessions, at
 /// each reload. By issuer too, as the handshake's own check is: serial numbers are unique only
 /// within a CA, and a fleet's trust may hold two (a CA rotation), whose serials may meet.
@@ -335,14 +332,6 @@ pub fn revoked_keys(
                 .collect::<Vec<_>>()
         })
         .collect()
-}
-
-/// What a CRL entry revoking `cert` is matched by ([`revoked_keys`]): its issuer's name (DER,
-/// as the CRL's issuer names it) and its serial number. `None` for a certificate that does
-/// not parse.
-pub fn revocation_key(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(key_in(&parsed))
 }
 
 fn key_in(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Vec<u8> {

@@ -1,6 +1,6 @@
 //! One reloadable trust object for every server that checks client certificates: the
 //! certificate and key it presents, the client CAs it accepts, the CRLs it refuses by, and
-//! the certificates those CRLs revoke (by issuer and serial number: `crate::revocation_key`).
+//! the certificates those CRLs revoke (by issuer and serial number: `crate::Leaf::revocation_key`).
 //!
 //! [`ServerTrust::load`] reads and checks the files (nothing is in use yet: a bad file
 //! changes nothing); [`Reloadable`] holds what is in use, swapped whole by a reload and read
@@ -40,7 +40,7 @@ pub struct ServerTrust {
     pub config: Arc<ServerConfig>,
     /// The client-certificate check `config` runs, for sessions resumed without it.
     pub client_check: ClientCheck,
-    /// What the CRLs revoke, by [`crate::revocation_key`] (issuer and serial number).
+    /// What the CRLs revoke, by [`crate::Leaf::revocation_key`] (issuer and serial number).
     pub revoked: HashSet<Vec<u8>>,
     /// Each client CA's certificates, as read, in the order given (a caller may tell some of
     /// them apart: a gateway's proxies' CA), so no file is read twice.
@@ -124,7 +124,7 @@ impl ClientCheck {
 /// What a trust object revokes, for live sessions to check themselves at a reload.
 pub trait Revokes {
     /// Whether the certificate with this revocation key (its issuer and serial number:
-    /// [`crate::revocation_key`]) is revoked.
+    /// [`crate::Leaf::revocation_key`]) is revoked.
     fn revokes(&self, key: &[u8]) -> bool;
 }
 
@@ -183,7 +183,7 @@ impl<T> Reloadable<T> {
 
 impl<T: Revokes> Reloadable<T> {
     /// Whether the trust in use revokes the certificate with this revocation key
-    /// ([`crate::revocation_key`]).
+    /// ([`crate::Leaf::revocation_key`]).
     pub fn is_revoked(&self, serial: &[u8]) -> bool {
         self.current
             .load()

@@ -115,7 +115,7 @@ impl Shared {
     }
 
     /// Whether a CRL in use revokes the certificate with this revocation key
-    /// ([`wasmbed_certs::revocation_key`]).
+    /// ([`wasmbed_certs::Leaf::revocation_key`]).
     pub fn is_revoked(&self, key: &[u8]) -> bool {
         self.tls.is_revoked(key)
     }
@@ -144,7 +144,7 @@ pub struct DeviceTls {
     pub acceptor: TlsAcceptor,
     /// `--trusted-proxy-ca`: client certificates from it belong to terminating proxies.
     pub proxy_ca: Option<wasmbed_certs::ProxyCa>,
-    /// What the `--client-crl` files revoke, by [`wasmbed_certs::revocation_key`] (issuer and
+    /// What the `--client-crl` files revoke, by [`wasmbed_certs::Leaf::revocation_key`] (issuer and
     /// serial number).
     pub revoked: std::collections::HashSet<Vec<u8>>,
     /// The client-certificate check the handshakes run, for those resumed from a ticket

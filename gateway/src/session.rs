@@ -221,7 +221,7 @@ fn protocol_end(e: ProtocolError) -> End {
 }
 
 /// Serves one session. `identity` is the device certificate's name and `serial` its issuer
-/// and serial number ([`wasmbed_certs::revocation_key`], for revocation while the session
+/// and serial number ([`wasmbed_certs::Leaf::revocation_key`], for revocation while the session
 /// lives), when TLS presented one.
 pub async fn serve<S>(
     shared: Arc<Shared>,
@@ -255,7 +255,7 @@ pub async fn serve<S>(
 }
 
 /// What TLS said of the device: its certificate's name, and its issuer and serial number
-/// ([`wasmbed_certs::revocation_key`]).
+/// ([`wasmbed_certs::Leaf::revocation_key`]).
 #[derive(Clone, Copy)]
 struct Device<'a> {
     identity: Option<&'a str>,

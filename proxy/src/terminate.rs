@@ -168,7 +168,7 @@ pub(crate) struct Verified {
     identity: Option<String>,
     attributes: Option<wasmbed_certs::CertAttributes>,
     /// For revocation at a CRL reload: its issuer and serial number
-    /// ([`wasmbed_certs::revocation_key`]).
+    /// ([`wasmbed_certs::Leaf::revocation_key`]).
     serial: Option<Vec<u8>>,
     peer: std::net::SocketAddr,
     local: Option<std::net::SocketAddr>,

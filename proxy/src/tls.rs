@@ -324,7 +324,7 @@ impl DeviceTls {
     }
 
     /// Whether the CRLs in use revoke the certificate with this revocation key (its issuer and
-    /// serial number: [`wasmbed_certs::revocation_key`]).
+    /// serial number: [`wasmbed_certs::Leaf::revocation_key`]).
     pub(crate) fn is_revoked(&self, key: &[u8]) -> bool {
         self.trust.is_revoked(key)
     }
