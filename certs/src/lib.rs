@@ -159,6 +159,58 @@ impl Leaf {
     }
 }
 
+/// The seconds (Unix time) between which every certificate of a chain is valid: the latest
+/// `notBefore` and the earliest `notAfter` of its certificates, so what a verification's
+/// answer holds for as time goes. A chain the client verifier remembers as passed is trusted
+/// again only inside it, and a link's new sessions are held to its peer's
+/// (the proxy's and the gateway's ends of `--upstream link` alike): a connection that lives
+/// longer than its peer's certificate carries no new session past it, as a TCP session's own
+/// handshake would refuse one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// The latest `notBefore`.
+    pub from: u64,
+    /// The earliest `notAfter`.
+    pub until: u64,
+}
+
+impl Validity {
+    /// The validity of `chain` (end entity first); `None` for no chain or a certificate that
+    /// cannot be read.
+    pub fn of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
+        let (end, intermediates) = chain.split_first()?;
+        Validity::of_parts(end, intermediates)
+    }
+
+    pub(crate) fn of_parts(
+        end: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Option<Validity> {
+        let mut w = Validity {
+            from: 0,
+            until: u64::MAX,
+        };
+        for cert in std::iter::once(end).chain(intermediates) {
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+            let v = parsed.validity();
+            w.from = w.from.max(u64::try_from(v.not_before.timestamp()).ok()?);
+            w.until = w.until.min(u64::try_from(v.not_after.timestamp()).ok()?);
+        }
+        Some(w)
+    }
+
+    /// Whether `now` is inside, as webpki reads a validity: from `notBefore` to `notAfter`,
+    /// both included.
+    pub fn holds(&self, now: UnixTime) -> bool {
+        (self.from..=self.until).contains(&now.as_secs())
+    }
+
+    /// Whether it holds now (the system's clock, as rustls' verifiers read it).
+    pub fn holds_now(&self) -> bool {
+        self.holds(UnixTime::now())
+    }
+}
+
 /// The serial number of a certificate (big-endian bytes), for a CRL entry.
 pub fn serial_of(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

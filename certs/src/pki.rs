@@ -58,6 +58,16 @@ fn named(common_name: &str) -> DistinguishedName {
     dn
 }
 
+/// A server certificate's parameters: `names` (DNS names or IP addresses) as its SANs, the
+/// first as its common name.
+fn server_params(names: &[&str]) -> Result<CertificateParams, CertError> {
+    let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = CertificateParams::new(sans)?;
+    params.distinguished_name = named(names.first().copied().unwrap_or("server"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok(params)
+}
+
 impl DevCa {
     /// A new self-signed CA named `common_name`.
     pub fn generate(common_name: &str) -> Result<DevCa, CertError> {
@@ -118,11 +128,21 @@ impl DevCa {
 
     /// A server certificate for `names` (DNS names or IP addresses).
     pub fn issue_server(&self, names: &[&str], kind: KeyKind) -> Result<Issued, CertError> {
-        let sans: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name = named(names.first().copied().unwrap_or("server"));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params, kind)
+        self.sign(server_params(names)?, kind)
+    }
+
+    /// A server certificate for `names` valid only between `not_before` and `not_after` (for
+    /// tests of a certificate that runs out while a connection made with it lives).
+    pub fn issue_server_between(
+        &self,
+        names: &[&str],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<Issued, CertError> {
+        let mut params = server_params(names)?;
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        self.sign(params, KeyKind::EcdsaP256)
     }
 
     /// A device client certificate whose subject common name is `device_id`.

@@ -21,6 +21,8 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use crate::Validity;
+
 /// At most this many chains are remembered: about 96 bytes each in the map (a 32-byte key, a
 /// 16-byte window, the table's spare room), 12 MiB at most. Past it, all are forgotten at once
 /// (a new map): a scan for expired ones at each insert would let anyone who copies one valid
@@ -28,36 +30,6 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 /// webpki does not use them) stall every handshake on the lock, where a clear costs them
 /// only what a verification costs.
 const MOST: usize = 1 << 17;
-
-/// The seconds (Unix time) between which every certificate of a chain is valid.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    from: u64,
-    until: u64,
-}
-
-impl Window {
-    /// The latest `notBefore` and the earliest `notAfter` of the chain's certificates; `None`
-    /// if one cannot be read (then the chain is not remembered).
-    fn of(end: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Option<Window> {
-        let mut w = Window {
-            from: 0,
-            until: u64::MAX,
-        };
-        for cert in std::iter::once(end).chain(intermediates) {
-            let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-            let v = parsed.validity();
-            w.from = w.from.max(u64::try_from(v.not_before.timestamp()).ok()?);
-            w.until = w.until.min(u64::try_from(v.not_after.timestamp()).ok()?);
-        }
-        Some(w)
-    }
-
-    /// As webpki reads a validity: from `notBefore` to `notAfter`, both included.
-    fn holds(&self, now: UnixTime) -> bool {
-        (self.from..=self.until).contains(&now.as_secs())
-    }
-}
 
 /// The chain's digest: SHA-256 over each certificate's length and bytes, end entity first.
 fn digest(end: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
@@ -75,7 +47,7 @@ fn digest(end: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8
 #[derive(Debug)]
 pub(crate) struct Remembering {
     inner: Arc<dyn ClientCertVerifier>,
-    passed: Mutex<HashMap<[u8; 32], Window>>,
+    passed: Mutex<HashMap<[u8; 32], Validity>>,
     /// How many chains it remembers at most ([`MOST`]).
     room: usize,
     /// Chains given to `inner` to verify.
@@ -94,12 +66,12 @@ impl Remembering {
         }
     }
 
-    fn passed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Window>> {
+    fn passed(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Validity>> {
         // The map holds no invariant a panic could break halfway.
         self.passed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn remember(&self, key: [u8; 32], window: Window) {
+    fn remember(&self, key: [u8; 32], window: Validity) {
         let mut passed = self.passed();
         if passed.len() >= self.room {
             *passed = HashMap::new();
@@ -138,7 +110,7 @@ impl ClientCertVerifier for Remembering {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        if let Some(window) = Window::of(end_entity, intermediates) {
+        if let Some(window) = Validity::of_parts(end_entity, intermediates) {
             self.remember(key, window);
         }
         Ok(verified)

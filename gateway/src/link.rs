@@ -205,6 +205,8 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         }
     };
     refused("accepted");
+    // The time its chain's check holds for: past it, the check is made again (and fails).
+    let valid = wasmbed_certs::Validity::of(&chain);
     let mut verdict: Result<(), (u32, &'static str, String)> = Ok(());
     tracing::debug!(%proxy, "link up");
     let _open = Open::counted(&shared);
@@ -218,16 +220,19 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
                 return;
             }
         };
-        // Each new session is the proxy's statement again, held to the trust in use now (the
-        // chain checked again only when a reload replaced it): a reload that revokes the
-        // proxy's certificate or stops trusting its CA refuses its new sessions here, as it
-        // refuses its next TCP connection; the sessions already open go on, as over TCP.
+        // Each new session is the proxy's statement again, held to the trust in use now and
+        // to the time (the chain checked again when a reload replaced the trust, or once its
+        // validity has run out): a reload that revokes the proxy's certificate or stops
+        // trusting its CA, or the certificate's expiry, refuses its new sessions here, as
+        // each would refuse its next TCP connection; the sessions already open go on, as
+        // over TCP.
         let now = shared.tls.load();
         let same = match (&now, &checked) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        if !same {
+        let expired = verdict.is_ok() && !valid.is_some_and(|v| v.holds_now());
+        if !same || expired {
             verdict = proxy_of(&shared, now.as_deref(), &chain).map(drop);
             checked = now;
         }

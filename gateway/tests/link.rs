@@ -842,3 +842,117 @@ async fn a_draining_only_gateways_goaway_reaches_the_device() {
     let f = d.hello("device-0860", "counter").await;
     assert_eq!(f.kind, wasmbed_protocol::Kind::Goaway, "{f:?}");
 }
+
+/// Sleeps until the system clock is past `not_after` as webpki reads it (whole seconds, and
+/// expired only once the time is later than `notAfter`). No event says that a certificate
+/// ran out: the clock is the event.
+async fn past(not_after: std::time::SystemTime) {
+    let secs = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expired = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs + 1);
+    while let Ok(left) = expired.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left + std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A link lives longer than its proxy's certificate: past the chain's `notAfter` its new
+/// sessions are refused (the stream reset, counted), as the proxy's next TCP handshake would
+/// be; its session already open goes on, as a TCP session does.
+#[tokio::test]
+async fn a_link_takes_no_new_session_past_its_proxys_certificate() {
+    let lp = LinkPki::new();
+    let gw = start(lp.gateway()).await;
+    let now = std::time::SystemTime::now();
+    let not_after = now + std::time::Duration::from_secs(5);
+    let hour_ago = now - std::time::Duration::from_secs(3600);
+    let cert = lp
+        .proxy_ca
+        .issue_client_between("edge-proxy", hour_ago, not_after)
+        .unwrap();
+    let tls = (*wasmbed_certs::client_config(
+        &[lp.pki.ca.cert_der()],
+        Some((cert.chain(), cert.key().unwrap())),
+    )
+    .unwrap())
+    .clone();
+    let conn = link_client(gw.addr, tls).await.unwrap();
+    let mut live = session_on(&conn, "device-0960").await;
+    assert_eq!(live.data(b"one").await.kind, wasmbed_protocol::Kind::Reply);
+    past(not_after).await;
+    // A new session: its stream refused, the link kept.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(&plain_proxy_header()).await;
+    let code = send.stopped().await.unwrap_or(None);
+    assert_eq!(
+        code,
+        Some(quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY))
+    );
+    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("wasmbed_gateway_link_streams_refused_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(live.data(b"two").await.kind, wasmbed_protocol::Kind::Reply);
+    assert!(conn.close_reason().is_none(), "the link kept");
+}
+
+/// A link lives longer than its gateway's certificate: past the chain's `notAfter` the proxy
+/// takes no new session on it (a TCP session's handshake would refuse that certificate) and
+/// makes a new link, which checks what the gateway presents then: here a renewed certificate
+/// its SIGHUP read. The old link's session goes on, and the link is closed once it ends.
+#[tokio::test]
+async fn a_link_takes_no_new_session_past_its_gateways_certificate() {
+    let lp = LinkPki::new();
+    // Devices meet the proxy under a certificate of its own; the gateway's runs out soon.
+    let p = &lp.pki;
+    std::fs::copy(p.path("gw.pem"), p.path("front.pem")).unwrap();
+    std::fs::copy(p.path("gw.key"), p.path("front.key")).unwrap();
+    let now = std::time::SystemTime::now();
+    let not_after = now + std::time::Duration::from_secs(5);
+    let hour_ago = now - std::time::Duration::from_secs(3600);
+    let names = ["localhost", "127.0.0.1"];
+    let short =
+        p.ca.issue_server_between(&names, hour_ago, not_after)
+            .unwrap();
+    std::fs::write(p.path("gw.pem"), &short.cert_pem).unwrap();
+    std::fs::write(p.path("gw.key"), &short.key_pem).unwrap();
+    let gw = start(lp.gateway()).await;
+    let mut config = lp.proxy(&[&gw]);
+    config.threads = Some(1);
+    if let Some(tls) = config.tls.as_mut() {
+        (tls.cert, tls.key) = (p.path("front.pem"), p.path("front.key"));
+    }
+    let (live, addr) = run(config).await;
+    let links = live.context().links.clone().expect("--upstream link");
+    let device = |id: &'static str| tls_device(addr, p.device(id, Some(&p.ca)));
+    let mut first = device("device-0970").await.unwrap();
+    first.open("device-0970", "counter").await;
+    assert_eq!((links.live(), links_counted("up")), (1, 1.0));
+    // The gateway's certificate renewed (read at its SIGHUP), then the old one runs out.
+    let renewed = p.ca.issue_server(&names, KeyKind::EcdsaP256).unwrap();
+    std::fs::write(p.path("gw.pem"), &renewed.cert_pem).unwrap();
+    std::fs::write(p.path("gw.key"), &renewed.key_pem).unwrap();
+    gw.shared.reload_tls().unwrap();
+    past(not_after).await;
+    let mut second = device("device-0971").await.unwrap();
+    second.open("device-0971", "counter").await;
+    // The new link takes the old one's place in the lane (which keeps one per gateway).
+    assert_eq!(
+        (links.live(), links_counted("up")),
+        (1, 2.0),
+        "the new session on a new link"
+    );
+    let r = first.data(b"\x01").await;
+    assert_eq!(u64::from_le_bytes(r.body[..8].try_into().unwrap()), 1);
+    // Its session ended, the old link is closed (bounded: ten watch periods).
+    drop(first);
+    wasmbed_testkit::until(
+        std::time::Duration::from_secs(10),
+        "the old link closed",
+        || links_counted("replaced") == 1.0,
+    )
+    .await;
+    assert_eq!(links.live(), 1);
+}

@@ -65,6 +65,17 @@ struct Made {
     trust: Arc<Trust>,
     /// Its streams open now ([`LinkStream`]).
     streams: Arc<AtomicUsize>,
+    /// The time the gateway's chain was checked good for ([`current`]).
+    valid: Option<wasmbed_certs::Validity>,
+}
+
+/// Whether a link's check of its gateway's chain (made at its handshake) still holds: past
+/// the chain's validity (or with none read), the link takes no new session, as a TCP
+/// session's handshake would refuse the certificate; the next session makes a new link, which
+/// checks the certificate the gateway presents then (renewed, or refused as expired). Its
+/// sessions keep it until they end, as TCP sessions keep theirs.
+fn current(valid: Option<wasmbed_certs::Validity>) -> bool {
+    valid.is_some_and(|v| v.holds_now())
 }
 
 /// What links are made with: the QUIC client settings from `[upstream_tls]`, and a
@@ -376,11 +387,14 @@ impl Links {
         let cell = {
             let mut conns = locked(&lane.conns);
             let cell = conns.entry(gateway.addr.clone()).or_default();
-            // A link closed or stale, or an attempt that failed: a new attempt.
-            let current = self.trust.load();
+            // A link closed or stale (trust replaced, or its gateway's certificate out of
+            // date), or an attempt that failed: a new attempt.
+            let trust = self.trust.load();
             let ended = |r: &Result<Made, Failed>| {
                 r.as_ref().map_or(true, |m| {
-                    m.conn.close_reason().is_some() || !Arc::ptr_eq(&m.trust, &current)
+                    m.conn.close_reason().is_some()
+                        || !Arc::ptr_eq(&m.trust, &trust)
+                        || !current(m.valid)
                 })
             };
             if cell.get().is_some_and(ended) {
@@ -462,15 +476,22 @@ impl Links {
         let (conns, addr) = (Arc::downgrade(&lane.conns), gateway.addr.clone());
         let watched: Watched = Arc::new(Mutex::new(Arc::downgrade(gateway)));
         let streams = Arc::new(AtomicUsize::new(0));
+        let valid = conn
+            .peer_identity()
+            .and_then(|any| {
+                any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| wasmbed_certs::Validity::of(&chain));
         let stale = {
             let (links, made_with) = (Arc::downgrade(self), Arc::downgrade(&trust));
             let streams = streams.clone();
             // Stale and carrying no stream: closed (or the proxy's links gone).
             move || {
-                links
-                    .upgrade()
-                    .is_none_or(|l| !std::ptr::eq(Arc::as_ptr(&l.trust.load()), made_with.as_ptr()))
-                    && streams.load(Ordering::Acquire) == 0
+                let replaced = links.upgrade().is_none_or(|l| {
+                    !std::ptr::eq(Arc::as_ptr(&l.trust.load()), made_with.as_ptr())
+                });
+                (replaced || !current(valid)) && streams.load(Ordering::Acquire) == 0
             }
         };
         let watching = watch(conn.clone(), watched.clone(), config.link_timeout, stale);
@@ -490,6 +511,7 @@ impl Links {
             watched,
             trust,
             streams,
+            valid,
         })
     }
 
@@ -597,7 +619,7 @@ async fn watch(conn: Connection, watched: Watched, every: Duration, stale: impl 
                 }
                 if stale() {
                     counter!(crate::metric_names::LINKS, "result" => "replaced").increment(1);
-                    conn.close(VarInt::from_u32(GONE), b"trust replaced");
+                    conn.close(VarInt::from_u32(GONE), b"replaced: new trust, or the certificate out of date");
                     return;
                 }
             }
