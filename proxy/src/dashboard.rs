@@ -15,14 +15,13 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::events::{COUNTS, Event, event};
+use crate::events::{Event, event, totals};
 use crate::live::Live;
 
 /// How often the snapshot is rebuilt and pushed.
@@ -109,12 +108,8 @@ async fn run(live: Arc<Live>, tx: Arc<watch::Sender<Arc<str>>>, stop: Cancellati
     let mut history: VecDeque<(u64, i64)> = VecDeque::with_capacity(HISTORY);
     let mut last_sample: Option<Instant> = None;
     let read = || {
-        [
-            COUNTS.accepted.load(Ordering::Relaxed),
-            COUNTS.refused.load(Ordering::Relaxed),
-            COUNTS.moved.load(Ordering::Relaxed),
-            COUNTS.cut.load(Ordering::Relaxed),
-        ]
+        let t = totals();
+        [t.accepted, t.refused, t.moved, t.cut]
     };
     let (mut before, mut then) = (read(), Instant::now());
     loop {

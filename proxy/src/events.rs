@@ -29,6 +29,29 @@ pub static COUNTS: Counts = Counts {
     cut: AtomicU64::new(0),
 };
 
+/// The sessions counted since the process started, on every listener and transport: what
+/// the dashboard's rates are made of (for tests and embedding programs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Connections taken in: a TCP connection at its accept, a QUIC device once it has a
+    /// connection's place and its handshake goes on (a device refused after that counts in
+    /// `refused` too, on either transport).
+    pub accepted: u64,
+    pub refused: u64,
+    pub moved: u64,
+    pub cut: u64,
+}
+
+/// [`COUNTS`] now.
+pub fn totals() -> Totals {
+    Totals {
+        accepted: COUNTS.accepted.load(Ordering::Relaxed),
+        refused: COUNTS.refused.load(Ordering::Relaxed),
+        moved: COUNTS.moved.load(Ordering::Relaxed),
+        cut: COUNTS.cut.load(Ordering::Relaxed),
+    }
+}
+
 /// One entry of the timeline.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {

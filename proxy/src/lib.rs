@@ -87,6 +87,7 @@ use workers::Placed;
 pub use balancer::{Gateway, GatewaySet, Lease};
 pub use deadlines::{Bounded, Deadlines, data_plane_timers};
 pub use error::ProxyError;
+pub use events::{Totals, totals as session_totals};
 /// Pipes splicing took on the calling thread (tests: a session's pipes, not the process's).
 #[doc(hidden)]
 pub use forward::splice::taken_on_this_thread as splice_pipes_taken_here;

@@ -755,6 +755,43 @@ async fn a_certificate_that_names_no_device_is_refused_on_every_transport() {
     assert_eq!(named.step().await, Some(Kind::Reply));
 }
 
+/// The dashboard counts a device alike on every transport: taken in (a TCP connection at its
+/// accept, a QUIC device once its handshake goes on), and refused as well when its certificate
+/// does not pass; a device that gets its session counts as accepted only.
+#[tokio::test]
+async fn the_dashboard_counts_devices_alike_on_every_transport() {
+    let pki = pki(KeyKind::EcdsaP256);
+    let gw = FrameGateway::spawn("gw-0").await;
+    let proxy = start(quic_proxy(&pki, &[&gw])).await;
+    let stranger = DevCa::generate("not the devices' CA").unwrap();
+    let unknown = stranger
+        .issue_client("device-0020", KeyKind::EcdsaP256)
+        .unwrap();
+    let known = pki
+        .ca
+        .issue_client("device-0021", KeyKind::EcdsaP256)
+        .unwrap();
+    let since = wasmbed_proxy::session_totals();
+    let grown = || {
+        let now = wasmbed_proxy::session_totals();
+        (now.accepted - since.accepted, now.refused - since.refused)
+    };
+    for (i, transport) in ["tcp", "quic"].into_iter().enumerate() {
+        let tls = device_tls_with(&pki.ca, &unknown);
+        let answer = answer_to_hello(&proxy, transport, tls, "device-0020").await;
+        assert_eq!(answer, None, "{transport}: refused");
+        let want = (2 * i as u64 + 1, i as u64 + 1);
+        wasmbed_testkit::until(Duration::from_secs(5), "the refusal counted", || {
+            grown() == want
+        })
+        .await;
+        let tls = device_tls_with(&pki.ca, &known);
+        let answer = answer_to_hello(&proxy, transport, tls, "device-0021").await;
+        assert_eq!(answer, Some(Kind::Welcome), "{transport}: served");
+        assert_eq!(grown(), (2 * i as u64 + 2, i as u64 + 1), "{transport}");
+    }
+}
+
 /// A CRL revokes its own CA's certificates only, at the handshake's end on every transport:
 /// with two device CAs trusted (a rotation's old and new), a certificate of the new one whose
 /// serial number the old one's CRL revokes gets its session, and the old one's is refused.

@@ -245,6 +245,11 @@ pub(crate) async fn accept_loop(
             continue;
         }
         let unplaced = Unplaced::new(&unplaced);
+        // Taken in, as a TCP device is at its accept (the dashboard's count: a device refused
+        // from here on counts as refused too, on either transport).
+        crate::events::COUNTS
+            .accepted
+            .fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("session", peer = %incoming.remote_address(), transport = "quic", device = tracing::field::Empty, sni = tracing::field::Empty, gateway = tracing::field::Empty);
         let port = endpoint.local_addr().map_or(0, |a| a.port());
         // Boxed apart: the handshake's state (the `Incoming`, the timeouts, the anchoring) is
@@ -260,9 +265,6 @@ pub(crate) async fn accept_loop(
         sessions.spawn(
             async move {
                 if let Some((anchored, place)) = accepting.await {
-                    crate::events::COUNTS
-                        .accepted
-                        .fetch_add(1, Ordering::Relaxed);
                     let _open = Open::new(ctx.meters.open_quic);
                     Box::pin(anchored.serve()).await;
                     drop(place);
