@@ -4,8 +4,8 @@
 //! the crate: the dashboard only reads what is here, everything else only writes.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -49,6 +49,25 @@ pub fn totals() -> Totals {
         refused: COUNTS.refused.load(Ordering::Relaxed),
         moved: COUNTS.moved.load(Ordering::Relaxed),
         cut: COUNTS.cut.load(Ordering::Relaxed),
+    }
+}
+
+/// One of something counted in a shared count while it lives: added at [`Counted::new`],
+/// taken off at its drop, whichever way its holder ends (a task dropped unfinished too). A
+/// worker's tasks that are not sessions (`workers`), the QUIC devices still waiting for a
+/// connection's place (`quic`), a link's streams (`link`).
+pub struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    pub fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::AcqRel);
+        Counted(count.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

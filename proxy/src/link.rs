@@ -39,6 +39,7 @@ use tokio::sync::OnceCell;
 use wasmbed_config::ProxyConfig;
 
 use crate::balancer::Gateway;
+use crate::events::Counted;
 use crate::tls::Upstream;
 use home::Home;
 
@@ -93,23 +94,6 @@ pub(crate) struct Trust {
 struct LinkStream {
     inner: tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
     _counted: Counted,
-}
-
-/// One of a link's streams, counted from before its open is awaited (a stale link is not
-/// closed under a stream opening) to its drop, whichever way the open ends.
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(streams: &Arc<AtomicUsize>) -> Counted {
-        streams.fetch_add(1, Ordering::AcqRel);
-        Counted(streams.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl tokio::io::AsyncRead for LinkStream {
@@ -360,6 +344,8 @@ impl Links {
         gateway: &Arc<Gateway>,
     ) -> io::Result<Box<dyn Upstream>> {
         let made = self.connection(config, gateway).await?;
+        // Counted from before its open is awaited (a stale link is not closed under a stream
+        // opening) to its drop, whichever way the open ends.
         let counted = Counted::new(&made.streams);
         match tokio::time::timeout(config.connect_timeout, made.conn.open_bi()).await {
             Ok(Ok((send, recv))) => Ok(Box::new(LinkStream {

@@ -16,7 +16,7 @@
 //! session starts (taken out of one worker's epoll set and put in the other's: two system
 //! calls); a session stays on its worker for its life. A session is one task (a terminated
 //! one two, for a moment), so a worker's load is its live tasks but for those that are not
-//! sessions: its accept loops, and its link lane's tasks (counted by [`NotASession`]).
+//! sessions: its accept loops, and its link lane's tasks (each holds a [`Counted`] in the worker's `others`).
 //! QUIC devices stay on the main runtime: quinn's endpoint is one task that every one of its
 //! connections' datagrams passes through. For the same reason each worker has links of its
 //! own to the gateways (`link::Links`, a lane per worker, found by [`current`]): a session's
@@ -30,6 +30,7 @@ use tokio::runtime::{Builder, Handle, RuntimeMetrics};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::runtime_thread;
+use crate::events::Counted;
 
 thread_local! {
     /// On a worker's thread, its place among the workers.
@@ -61,7 +62,7 @@ struct Worker {
     /// connection's placement.
     metrics: RuntimeMetrics,
     /// Its live tasks that are not sessions: the accept loops it runs
-    /// ([`Workers::host_loop`]) and its link lane's tasks ([`NotASession`]).
+    /// ([`Workers::host_loop`]) and its link lane's tasks (each holding a [`Counted`] in it).
     others: Arc<AtomicUsize>,
 }
 
@@ -118,9 +119,9 @@ impl Workers {
 
     /// Where listener `i`'s accept loop is to run (the workers in turn), and the mark it is
     /// to hold for its life: a task there that is not a session.
-    pub(crate) fn host_loop(&self, listener: usize) -> (&Handle, NotASession) {
+    pub(crate) fn host_loop(&self, listener: usize) -> (&Handle, Counted) {
         let w = &self.workers[listener % self.workers.len()];
-        (&w.handle, NotASession::new(&w.others))
+        (&w.handle, Counted::new(&w.others))
     }
 
     /// Where a connection accepted by listener `i`'s loop is served: the worker with the
@@ -152,7 +153,7 @@ impl Workers {
     }
 
     /// The workers' runtimes, in order, each with the count its tasks that are not sessions
-    /// are to be counted in ([`NotASession`]).
+    /// are to be counted in (each holding a [`Counted`] in it).
     pub(crate) fn homes(&self) -> impl Iterator<Item = (Handle, Arc<AtomicUsize>)> + '_ {
         self.workers
             .iter()
@@ -177,24 +178,6 @@ impl Workers {
     /// while clones of them are held (by their accept loops).
     pub(crate) fn stop_guard(&self) -> tokio_util::sync::DropGuard {
         self.stop.clone().drop_guard()
-    }
-}
-
-/// Held by a task on a worker that is not a session (an accept loop; a link's endpoint or
-/// connection driver, its watch: `link`), for as long as it lives: it is not counted in the
-/// worker's load.
-pub(crate) struct NotASession(Arc<AtomicUsize>);
-
-impl NotASession {
-    pub(crate) fn new(others: &Arc<AtomicUsize>) -> NotASession {
-        others.fetch_add(1, Ordering::Relaxed);
-        NotASession(others.clone())
-    }
-}
-
-impl Drop for NotASession {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

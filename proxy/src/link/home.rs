@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Instant;
 
-use crate::workers::NotASession;
+use crate::events::Counted;
 
 /// A lane's runtime, and quinn's runtime for its endpoint: quinn's tokio runtime, but every
 /// task made for the lane (the endpoint's driver, each connection's, each liveness watch) is
@@ -22,7 +22,7 @@ pub(super) struct Home {
 
 impl Home {
     pub(super) fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let mark = self.others.as_ref().map(NotASession::new);
+        let mark = self.others.as_ref().map(Counted::new);
         self.handle.spawn(async move {
             let _mark = mark;
             task.await;

@@ -31,6 +31,7 @@ use tracing::Instrument;
 use wasmbed_config::ProxyConfig;
 use wasmbed_config::proxy::QuicRetry;
 
+use crate::events::Counted;
 use crate::metric_names::QUIC_STREAMS_REFUSED;
 use crate::refusal::{Refusal, refused};
 
@@ -244,7 +245,8 @@ pub(crate) async fn accept_loop(
             );
             continue;
         }
-        let unplaced = Unplaced::new(&unplaced);
+        // In the loop's count of devices without a place while it lives.
+        let unplaced = Counted::new(&unplaced);
         // Taken in, as a TCP device is at its accept (the dashboard's count: a device refused
         // from here on counts as refused too, on either transport).
         crate::events::COUNTS
@@ -287,22 +289,6 @@ fn refuse_full(ctx: &crate::context::Context, incoming: Incoming, detail: &'stat
 /// How long a QUIC device that got a handshake slot waits for its connection's place.
 const PLACE_GRACE: Duration = Duration::from_millis(100);
 
-/// One QUIC device in the accept loop's `unplaced` count while it lives.
-struct Unplaced(Arc<AtomicUsize>);
-
-impl Unplaced {
-    fn new(count: &Arc<AtomicUsize>) -> Unplaced {
-        count.fetch_add(1, Ordering::Relaxed);
-        Unplaced(count.clone())
-    }
-}
-
-impl Drop for Unplaced {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Counts an open connection in a gauge while it lives (also when its task is cancelled).
 struct Open(&'static crate::metrics::AtomicSeries);
 
@@ -336,7 +322,7 @@ async fn admitted(
     ctx: Arc<crate::context::Context>,
     (incoming, trust): (Incoming, Arc<quinn::ServerConfig>),
     port: u16,
-    (limit, unplaced): (Arc<Semaphore>, Unplaced),
+    (limit, unplaced): (Arc<Semaphore>, Counted),
 ) -> Option<(
     Box<crate::anchor::Anchored>,
     tokio::sync::OwnedSemaphorePermit,
