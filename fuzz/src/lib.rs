@@ -30,6 +30,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("proxy_config", proxy_config),
     ("gateway_config", gateway_config),
     ("anchor", anchor),
+    ("anchor_peers", anchor_peers),
     ("device", device),
     ("device_peer", device_peer),
     ("quic_intake", quic_intake),
@@ -261,6 +262,92 @@ pub fn anchor(data: &[u8]) {
         world.finish();
         world.verdict();
     }
+}
+
+/// The anchor's core between a hostile device and hostile gateways: frames of any kind and
+/// sequence (or any bytes) from either side, cut anywhere, a WELCOME saying anything at each
+/// move, the driver's events between them. Each peer is told only what it may be, and the
+/// session's memory stays bounded (`anchor::core::hostile`, checked after every step).
+pub fn anchor_peers(data: &[u8]) {
+    use wasmbed_proxy::anchor::core::hostile::{Event, Landing, Peers};
+    let mut u = Unstructured::new(data);
+    let start = |u: &mut Unstructured<'_>| -> Result<Peers> {
+        let resumed: Option<u8> = u.arbitrary()?;
+        Ok(Peers::new(resumed.map(u64::from), u.arbitrary()?))
+    };
+    let Ok(mut peers) = start(&mut u) else { return };
+    for _ in 0..200 {
+        if u.is_empty() || peers.ended() {
+            break;
+        }
+        let event = match u.int_in_range(0..=15).unwrap_or(0) {
+            0..=4 => Event::Device(peer_bytes(&mut u).unwrap_or_default()),
+            5..=9 => Event::Gateway(peer_bytes(&mut u).unwrap_or_default()),
+            10 => Event::GatewayClosed(u.arbitrary().unwrap_or(false)),
+            11 => Event::Down,
+            12 => Event::Wait(
+                u.int_in_range(0..=1500).unwrap_or(0),
+                u.arbitrary().unwrap_or(false),
+            ),
+            13 => Event::Order(
+                u.arbitrary().unwrap_or(false),
+                u.int_in_range(0..=500).unwrap_or(0),
+            ),
+            14 => match u.int_in_range(0..=2).unwrap_or(0) {
+                0 => Event::Withdraw,
+                1 => Event::DeviceDone,
+                _ => Event::HandBack,
+            },
+            _ => Event::Wait(1, true),
+        };
+        let mut land = || {
+            let landing = |u: &mut Unstructured<'_>| -> Result<Landing> {
+                if u.ratio(1, 8)? {
+                    return Ok(Landing::Failed);
+                }
+                let resumed: Option<u8> = u.arbitrary()?;
+                let rest = if u.arbitrary()? {
+                    peer_bytes(u)?
+                } else {
+                    Vec::new()
+                };
+                Ok(Landing::Welcome(resumed.map(u64::from), rest))
+            };
+            landing(&mut u).unwrap_or(Landing::Failed)
+        };
+        peers.apply(event, &mut land);
+    }
+}
+
+/// What a hostile peer sends in one read: up to four frames of any kind, small sequences
+/// (so they meet the session's) or any, a body of any bytes or a well-formed CHECKPOINT's;
+/// or any bytes at all.
+fn peer_bytes(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+    use wasmbed_protocol::{Frame, Kind};
+    if u.ratio(1, 8)? {
+        let n = u.int_in_range(1..=64)?;
+        return Ok(u.bytes(n)?.to_vec());
+    }
+    let mut out = Vec::new();
+    for _ in 0..u.int_in_range(1..=4)? {
+        let kind = *u.choose(&Kind::ALL)?;
+        let seq = if u.ratio(1, 16)? {
+            u.arbitrary()?
+        } else {
+            u.int_in_range(0..=24)?
+        };
+        if kind == Kind::Checkpoint && u.arbitrary()? {
+            let n = u.int_in_range(0..=16)?;
+            let ticket = u.bytes(n)?;
+            out.extend(wasmbed_proxy::anchor::core::hostile::checkpoint(
+                seq, ticket,
+            ));
+            continue;
+        }
+        let n = u.int_in_range(0..=300)?;
+        out.extend(Frame::new(kind, seq, u.bytes(n)?.to_vec()).encode());
+    }
+    Ok(out)
 }
 
 /// The device SDK's session driven by any sequence of sends, partial reads and writes,

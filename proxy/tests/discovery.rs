@@ -379,6 +379,44 @@ async fn a_gone_address_back_after_a_reload_takes_sessions_again() {
     until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
 }
 
+/// A gone address's grace runs from when it left the answer, through a reload that restarts
+/// its source: the restarted source knows since when it has been gone, and does not start a
+/// grace of its own (a reload every few minutes would keep a gone gateway for good).
+#[tokio::test]
+async fn a_gone_addresss_grace_runs_on_through_a_reload() {
+    let dns = DnsServer::start().await.unwrap();
+    let (b, port) = backends(2).await;
+    dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;
+    let mut c = by_name(&dns, port);
+    let grace = Duration::from_secs(8);
+    c.discovery.grace = grace;
+    let proxy = start(c).await;
+    until_taking(&proxy, &addrs(&[&b[0], &b[1]])).await;
+    // A session keeps b[1] in the set (not reaped as empty) until its grace is over.
+    let mut held = Vec::new();
+    while b[1].live() == 0 {
+        held.push(device(proxy.addr).await);
+    }
+    let gone_at = tokio::time::Instant::now();
+    dns.set_a(NAME, &ips(&[&b[0]]), 1).await;
+    until_taking(&proxy, &addrs(&[&b[0]])).await;
+    // Late in its grace a reload restarts the source. (No event marks "late in the grace":
+    // the clock places it.)
+    tokio::time::sleep_until(gone_at + grace * 4 / 5).await;
+    restart_the_source(&proxy, 2).await;
+    // Reaped once the grace from its leaving is over (the source's answer within the TTL,
+    // 1 s, and its look at gone addresses every second after), long before a grace counted
+    // from the reload would be (`grace * 9 / 5` from its leaving, at the earliest).
+    let gone = b[1].addr.to_string();
+    let by = (gone_at + grace + Duration::from_secs(4))
+        .saturating_duration_since(tokio::time::Instant::now());
+    until(by, "the gone gateway reaped", || {
+        proxy.gateways.snapshot().iter().all(|g| g.addr != gone)
+    })
+    .await;
+    drop(held);
+}
+
 /// A found gateway an operator removed (`DELETE`) stays out while its address is still in
 /// the answer, a reload that restarts its source too: the reload keeps it out, as its report
 /// says.

@@ -767,6 +767,10 @@ impl Core {
 #[doc(hidden)]
 pub mod model;
 
+#[cfg(any(test, feature = "model"))]
+#[doc(hidden)]
+pub mod hostile;
+
 #[cfg(test)]
 mod tests {
     //! The core's guarantees under random interleavings: a model device (DATA with increasing
