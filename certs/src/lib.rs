@@ -162,10 +162,10 @@ impl Leaf {
 /// The seconds (Unix time) between which every certificate of a chain is valid: the latest
 /// `notBefore` and the earliest `notAfter` of its certificates, so what a verification's
 /// answer holds for as time goes. A chain the client verifier remembers as passed is trusted
-/// again only inside it, and a link's new sessions are held to its peer's
-/// (the proxy's and the gateway's ends of `--upstream link` alike): a connection that lives
-/// longer than its peer's certificate carries no new session past it, as a TCP session's own
-/// handshake would refuse one.
+/// again only inside it, and a link's new sessions are held to its peer's certificate's
+/// ([`Validity::of_leaf`]; the proxy's and the gateway's ends of `--upstream link` alike): a
+/// connection that lives longer than its peer's certificate carries no new session past it,
+/// as a full handshake would refuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Validity {
     /// The latest `notBefore`.
@@ -180,6 +180,13 @@ impl Validity {
     pub fn of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
         let (end, intermediates) = chain.split_first()?;
         Validity::of_parts(end, intermediates)
+    }
+
+    /// The validity of `chain`'s end entity alone: the one certificate every verified path
+    /// holds (a peer may send intermediates the path does not use, an expired cross-sign
+    /// among them). What a link's sessions are held to.
+    pub fn of_leaf(chain: &[CertificateDer<'_>]) -> Option<Validity> {
+        Validity::of_parts(chain.first()?, &[])
     }
 
     pub(crate) fn of_parts(

@@ -266,7 +266,7 @@ pub fn anchor(data: &[u8]) {
 
 /// The anchor's core between a hostile device and hostile gateways: frames of any kind and
 /// sequence (or any bytes) from either side, cut anywhere, a WELCOME saying anything at each
-/// move, the driver's events between them. Each peer is told only what it may be, and the
+/// move (at once, or later while the device goes on), the driver's events between them. Each peer is told only what it may be, and the
 /// session's memory stays bounded (`anchor::core::hostile`, checked after every step).
 pub fn anchor_peers(data: &[u8]) {
     use wasmbed_proxy::anchor::core::hostile::{Event, Landing, Peers};
@@ -298,12 +298,14 @@ pub fn anchor_peers(data: &[u8]) {
                 1 => Event::DeviceDone,
                 _ => Event::HandBack,
             },
-            _ => Event::Wait(1, true),
+            _ => Event::Land,
         };
         let mut land = || {
             let landing = |u: &mut Unstructured<'_>| -> Result<Landing> {
-                if u.ratio(1, 8)? {
-                    return Ok(Landing::Failed);
+                match u.int_in_range(0..=7)? {
+                    0 => return Ok(Landing::Failed),
+                    1 | 2 => return Ok(Landing::Later),
+                    _ => {}
                 }
                 let resumed: Option<u8> = u.arbitrary()?;
                 let rest = if u.arbitrary()? {

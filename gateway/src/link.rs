@@ -205,8 +205,10 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
         }
     };
     refused("accepted");
-    // The time its chain's check holds for: past it, the check is made again (and fails).
-    let valid = wasmbed_certs::Validity::of(&chain);
+    // The time its certificate's check holds for: past it, the check is made again (and
+    // fails). One whose validity cannot be read (the check passed it) holds for the link's
+    // life, as before there was a check.
+    let valid = wasmbed_certs::Validity::of_leaf(&chain);
     let mut verdict: Result<(), (u32, &'static str, String)> = Ok(());
     tracing::debug!(%proxy, "link up");
     let _open = Open::counted(&shared);
@@ -231,7 +233,7 @@ async fn link(shared: Arc<Shared>, incoming: Incoming, sessions: TaskTracker) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        let expired = verdict.is_ok() && !valid.is_some_and(|v| v.holds_now());
+        let expired = verdict.is_ok() && valid.is_some_and(|v| !v.holds_now());
         if !same || expired {
             verdict = proxy_of(&shared, now.as_deref(), &chain).map(drop);
             checked = now;

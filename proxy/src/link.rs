@@ -66,17 +66,29 @@ struct Made {
     trust: Arc<Trust>,
     /// Its streams open now ([`LinkStream`]).
     streams: Arc<AtomicUsize>,
-    /// The time the gateway's chain was checked good for ([`current`]).
+    /// The time the gateway's certificate was checked good for ([`current`]).
     valid: Option<wasmbed_certs::Validity>,
 }
 
-/// Whether a link's check of its gateway's chain (made at its handshake) still holds: past
-/// the chain's validity (or with none read), the link takes no new session, as a TCP
-/// session's handshake would refuse the certificate; the next session makes a new link, which
-/// checks the certificate the gateway presents then (renewed, or refused as expired). Its
-/// sessions keep it until they end, as TCP sessions keep theirs.
+/// Whether a link's check of its gateway's certificate (made at its handshake) still holds:
+/// past the certificate's `notAfter` the link takes no new session, as a full handshake
+/// would refuse the certificate; the next session makes a new link, which checks the
+/// certificate the gateway presents then (renewed, or refused as expired). Its sessions keep
+/// it until they end, as TCP sessions keep theirs. A certificate whose validity cannot be
+/// read (its handshake passed it) holds for the link's life, as before there was a check.
 fn current(valid: Option<wasmbed_certs::Validity>) -> bool {
-    valid.is_some_and(|v| v.holds_now())
+    valid.is_none_or(|v| v.holds_now())
+}
+
+/// The validity of the gateway's certificate as the link's handshake left it: the one
+/// presented, or, for a resumed session, the one its first handshake checked (a resumption
+/// shows no certificate, and rustls, as TLS means it, does not check that one again).
+fn validity(conn: &Connection) -> Option<wasmbed_certs::Validity> {
+    let chain = conn.peer_identity()?;
+    let chain = chain
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    wasmbed_certs::Validity::of_leaf(&chain)
 }
 
 /// What links are made with: the QUIC client settings from `[upstream_tls]`, and a
@@ -87,6 +99,9 @@ fn current(valid: Option<wasmbed_certs::Validity>) -> bool {
 /// changes nothing replaces no link.
 pub(crate) struct Trust {
     client: quinn::ClientConfig,
+    /// The same, resuming no TLS session: a link made again when its resumption brought back
+    /// a gateway's certificate that has run out since ([`current`]).
+    full: quinn::ClientConfig,
     fingerprint: u64,
 }
 
@@ -239,9 +254,14 @@ pub(crate) fn client_config(config: &ProxyConfig) -> Result<Trust, crate::error:
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // No 0-RTT on the link: its first bytes carry HELLO and DATA, which must not be replayable.
     tls.enable_early_data = false;
-    let crypto = QuicClientConfig::try_from(Arc::new(tls))
-        .map_err(|e| crate::error::ProxyError::Reload(format!("link TLS: {e}")))?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut full = tls.clone();
+    full.resumption = rustls::client::Resumption::disabled();
+    let quic = |tls: rustls::ClientConfig| {
+        QuicClientConfig::try_from(Arc::new(tls))
+            .map(|crypto| quinn::ClientConfig::new(Arc::new(crypto)))
+            .map_err(|e| crate::error::ProxyError::Reload(format!("link TLS: {e}")))
+    };
+    let (mut client, mut full) = (quic(tls)?, quic(full)?);
     let timeout = config.link_timeout;
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -252,9 +272,12 @@ pub(crate) fn client_config(config: &ProxyConfig) -> Result<Trust, crate::error:
         .send_window(u64::from(LINK_WINDOW))
         .keep_alive_interval(Some(timeout / 4))
         .max_idle_timeout(quinn::IdleTimeout::try_from(timeout).ok());
-    client.transport_config(Arc::new(transport));
+    let transport = Arc::new(transport);
+    client.transport_config(transport.clone());
+    full.transport_config(transport);
     Ok(Trust {
         client,
+        full,
         fingerprint,
     })
 }
@@ -422,26 +445,48 @@ impl Links {
     ) -> Result<Made, Failed> {
         let started = Instant::now();
         let trust = self.trust.load_full();
-        let attempt = async {
-            let addrs = crate::dial::addresses(&gateway.addr).await?;
-            let name = crate::tls::upstream_name(config, &gateway.addr);
-            let name = name.to_str();
-            // Each of a name's addresses in turn, staggered: a UDP port nothing listens at
-            // draws no refusal quinn reports, and would hold the link to its timeout.
-            let stagger = (crate::dial::NEXT_ADDRESS_AFTER, tokio::time::sleep);
-            crate::dial::first_to_answer(addrs, stagger, |addr| {
-                // The connection's driver is spawned on the lane's runtime (`Home`).
-                let connecting = lane
-                    .endpoint
-                    .connect_with(trust.client.clone(), addr, &name)
-                    .map_err(io::Error::other);
-                async move { connecting?.await.map_err(Failed::Connection) }
-            })
-            .await
+        let attempt = |client: &quinn::ClientConfig| {
+            let client = client.clone();
+            let attempt = async move {
+                let addrs = crate::dial::addresses(&gateway.addr).await?;
+                let name = crate::tls::upstream_name(config, &gateway.addr);
+                let name = name.to_str();
+                // Each of a name's addresses in turn, staggered: a UDP port nothing listens
+                // at draws no refusal quinn reports, and would hold the link to its timeout.
+                let stagger = (crate::dial::NEXT_ADDRESS_AFTER, tokio::time::sleep);
+                crate::dial::first_to_answer(addrs, stagger, |addr| {
+                    // The connection's driver is spawned on the lane's runtime (`Home`).
+                    let connecting = lane
+                        .endpoint
+                        .connect_with(client.clone(), addr, &name)
+                        .map_err(io::Error::other);
+                    async move { connecting?.await.map_err(Failed::Connection) }
+                })
+                .await
+            };
+            async move {
+                tokio::time::timeout(config.connect_timeout, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Failed::Other(
+                            io::ErrorKind::TimedOut,
+                            "link timed out".into(),
+                        ))
+                    })
+            }
         };
-        let conn = match tokio::time::timeout(config.connect_timeout, attempt).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+        let mut made = attempt(&trust.client).await;
+        if let Ok(resumed) = &made
+            && !current(validity(resumed))
+        {
+            // Resumed on a session whose gateway certificate has run out since: made again
+            // with a full handshake, which checks the certificate the gateway presents now.
+            resumed.close(VarInt::from_u32(GONE), b"resumed past the certificate");
+            made = attempt(&trust.full).await;
+        }
+        let conn = match made {
+            Ok(c) => c,
+            Err(e) => {
                 counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
                 let error = e.error();
                 tracing::warn!(gateway = %gateway.name, %error, "link to the gateway failed");
@@ -450,25 +495,13 @@ impl Links {
                 crate::failures::failed(config, gateway, &error);
                 return Err(e);
             }
-            Err(_) => {
-                counter!(crate::metric_names::LINKS, "result" => "failed").increment(1);
-                let e = Failed::Other(io::ErrorKind::TimedOut, "link timed out".into());
-                crate::failures::failed(config, gateway, &e.error());
-                return Err(e);
-            }
         };
         counter!(crate::metric_names::LINKS, "result" => "up").increment(1);
         tracing::info!(gateway = %gateway.name, took = ?started.elapsed(), "link up");
         let (conns, addr) = (Arc::downgrade(&lane.conns), gateway.addr.clone());
         let watched: Watched = Arc::new(Mutex::new(Arc::downgrade(gateway)));
         let streams = Arc::new(AtomicUsize::new(0));
-        let valid = conn
-            .peer_identity()
-            .and_then(|any| {
-                any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-                    .ok()
-            })
-            .and_then(|chain| wasmbed_certs::Validity::of(&chain));
+        let valid = validity(&conn);
         let stale = {
             let (links, made_with) = (Arc::downgrade(self), Arc::downgrade(&trust));
             let streams = streams.clone();

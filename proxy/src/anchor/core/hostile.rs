@@ -1,20 +1,22 @@
 //! One anchored session between two hostile peers, for fuzzing: any bytes from the device and
 //! from the gateway (whole frames of any kind and sequence, or any bytes at all, cut
 //! anywhere), in any order, with the driver's events between them (moves to a gateway whose
-//! WELCOME says anything, link checks, orders, time, the device's end). Where [`super::model`]
+//! WELCOME says anything, or that lands later while the device goes on, link checks, orders,
+//! time, the device's end). Where [`super::model`]
 //! checks that an honest pair gets every answer exactly once, this checks what the core
 //! promises whatever its peers send ([`Peers::check`], after every step):
 //!
 //! - **the device is told nothing invented**: a WELCOME once, first; answers (REPLY, ERROR)
 //!   to DATA it sent only, in increasing order, never twice; PUSHes in increasing order; a PONG
 //!   only for a PING it sent, at most once each; a CHECKPOINT only when they are forwarded,
-//!   and never ahead of the answers; no frame of a kind only a device sends;
+//!   and never ahead of the answers; a GOAWAY only once the proxy stops, once; no frame of a
+//!   kind only a device sends; a refusal is one ERROR, the last word;
 //! - **a gateway gets only what the device sent**: DATA the device sent, in increasing order
 //!   on each link; PINGs and PONGs; nothing else (HELLO goes only at a move, whole, with the
-//!   device's identity and the latest ticket);
-//! - **memory stays bounded**: the replay window past its limit by at most what one read
-//!   brought, the read buffers under one frame once handled, what goes out each way under
-//!   its high-water mark plus one turn's frames.
+//!   device's identity and a ticket a gateway gave, or none);
+//! - **memory stays bounded**: the device read only while the replay window has room (so
+//!   the window is past its limit by at most a read and a frame begun before it), the read
+//!   buffers under one frame once handled, at most 8 of the device's PINGs owed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -57,14 +59,18 @@ pub enum Event {
     DeviceDone,
     /// The proxy stops: GOAWAY to the device.
     HandBack,
+    /// A move under way lands now.
+    Land,
 }
 
 /// How a move ends: the WELCOME of the gateway that takes the session (`resumed` at this
-/// sequence, or fresh) and the bytes it sent after it, or no gateway in time.
+/// sequence, or fresh) and the bytes it sent after it, or no gateway in time; or not yet (the
+/// session waits in its move while events go on, until [`Event::Land`]).
 #[derive(Debug, Clone)]
 pub enum Landing {
     Welcome(Option<u64>, Vec<u8>),
     Failed,
+    Later,
 }
 
 /// The session and what its two peers have been told so far.
@@ -82,10 +88,20 @@ pub struct Peers {
     welcomed: bool,
     answered: u64,
     pushed: u64,
+    /// The proxy's GOAWAY: due (it stops), and sent.
+    handed_back: bool,
+    goaway_sent: bool,
     /// What the link to the current gateway carried: its codec, and its last DATA.
     gateway_in: FrameCodec,
     gateway_inbox: BytesMut,
     linked_data: u64,
+    /// What the current gateway sent, decoded as the core decodes it: the tickets of its
+    /// CHECKPOINTs join every ticket a gateway gave (a move's HELLO carries one of them).
+    gateway_out: FrameCodec,
+    gateway_bytes: BytesMut,
+    tickets: Vec<Vec<u8>>,
+    /// A move under way, waiting for its landing.
+    moving: bool,
 }
 
 impl Peers {
@@ -130,9 +146,16 @@ impl Peers {
             device_inbox: BytesMut::new(),
             welcomed: false,
             pushed: 0,
+            handed_back: false,
+            goaway_sent: false,
             gateway_in: FrameCodec::new(DEFAULT_MAX_FRAME),
             gateway_inbox: BytesMut::new(),
             linked_data: 0,
+            gateway_out: FrameCodec::new(DEFAULT_MAX_FRAME),
+            gateway_bytes: BytesMut::new(),
+            // The first gateway resumed the device's own ticket.
+            tickets: vec![b"t0".to_vec()],
+            moving: false,
         };
         peers.linked_data = peers.core.forwarded;
         peers.drain();
@@ -164,6 +187,7 @@ impl Peers {
                     return;
                 }
                 let bytes = &bytes[..bytes.len().min(READ)];
+                self.gateway_sent(bytes);
                 self.core.io().from_gateway.extend_from_slice(bytes);
                 Step::Go
             }
@@ -210,72 +234,112 @@ impl Peers {
                 Step::Go
             }
             Event::HandBack => {
+                self.handed_back = true;
                 self.core.hand_back();
                 Step::Go
+            }
+            Event::Land => {
+                if !self.moving {
+                    return;
+                }
+                match self.land(land) {
+                    Some(end) => Step::End(end),
+                    None => Step::Go,
+                }
             }
         };
         self.settle(step, land);
     }
 
+    /// Lands the move under way as `land` says: on a new gateway, or nowhere (the session's
+    /// end), or not yet.
+    fn land(&mut self, land: &mut dyn FnMut() -> Landing) -> Option<End> {
+        match land() {
+            Landing::Welcome(resumed, rest) => {
+                let welcome = Welcome {
+                    session: "s".into(),
+                    gateway: "g".into(),
+                    resumed: resumed.map(|seq| Resumed {
+                        seq,
+                        state: "restored".into(),
+                    }),
+                    resume_refused: None,
+                };
+                let rest = &rest[..rest.len().min(READ)];
+                self.gateway_in = FrameCodec::new(DEFAULT_MAX_FRAME);
+                self.gateway_out = FrameCodec::new(DEFAULT_MAX_FRAME);
+                self.gateway_inbox.clear();
+                self.gateway_bytes.clear();
+                self.linked_data = 0;
+                self.gateway_sent(rest);
+                self.core.relinked(&welcome, BytesMut::from(rest), self.now);
+                self.moving = false;
+                None
+            }
+            Landing::Failed => {
+                self.moving = false;
+                Some(self.core.relink_failed())
+            }
+            Landing::Later => None,
+        }
+    }
+
     /// Runs the core until it says go on, moving the session when it says so, then hands its
     /// output to the peers and checks.
     fn settle(&mut self, mut step: Step, land: &mut dyn FnMut() -> Landing) {
-        // Each move is a turn of its own; a peer that makes every landing fail ends it.
-        for _ in 0..64 {
+        // Ends: each landing takes input, and a landing with none is a fresh one with nothing
+        // after its WELCOME.
+        loop {
             if step == Step::Go {
                 step = self.core.advance();
             }
             match std::mem::replace(&mut step, Step::Go) {
                 Step::Go => break,
-                Step::End(end) => {
-                    self.drain();
-                    self.ended = true;
-                    // The proxy's last word: an ERROR naming the frame refused (the device's
-                    // own, whatever its sequence), or none.
-                    if let End::Refuse(frame) = &end {
-                        assert_eq!(frame.kind, Kind::Error, "a refusal is an ERROR");
-                        self.core.push_to_device(frame);
-                        let io = self.core.io();
-                        let mut last = io.to_device.split();
-                        let told = self.device_in.decode(&mut last).ok().flatten();
-                        assert!(
-                            told.is_some_and(|f| f.kind == Kind::Error) && last.is_empty(),
-                            "a refusal's ERROR is one frame"
-                        );
-                    }
-                    return;
-                }
+                Step::End(end) => return self.end(end),
                 Step::Move(cause) => {
                     // What the old link had in flight is dropped with it.
                     self.drain();
                     let hello = self.core.begin_move(cause, self.now);
                     self.check_hello(&hello);
-                    match land() {
-                        Landing::Welcome(resumed, rest) => {
-                            let welcome = Welcome {
-                                session: "s".into(),
-                                gateway: "g".into(),
-                                resumed: resumed.map(|seq| Resumed {
-                                    seq,
-                                    state: "restored".into(),
-                                }),
-                                resume_refused: None,
-                            };
-                            let rest = BytesMut::from(&rest[..rest.len().min(READ)]);
-                            self.gateway_in = FrameCodec::new(DEFAULT_MAX_FRAME);
-                            self.gateway_inbox.clear();
-                            self.linked_data = 0;
-                            self.core.relinked(&welcome, rest, self.now);
-                        }
-                        Landing::Failed => {
-                            step = Step::End(self.core.relink_failed());
-                        }
+                    self.moving = true;
+                    if let Some(end) = self.land(land) {
+                        step = Step::End(end);
                     }
                 }
             }
         }
         self.drain();
         self.check();
+    }
+
+    /// The session's end: the proxy's last word, an ERROR naming the frame refused (the
+    /// device's own, whatever its sequence), or none.
+    fn end(&mut self, end: End) {
+        self.drain();
+        self.ended = true;
+        if let End::Refuse(frame) = &end {
+            assert_eq!(frame.kind, Kind::Error, "a refusal is an ERROR");
+            self.core.push_to_device(frame);
+            let io = self.core.io();
+            let mut last = io.to_device.split();
+            let told = self.device_in.decode(&mut last).ok().flatten();
+            assert!(
+                told.is_some_and(|f| f.kind == Kind::Error) && last.is_empty(),
+                "a refusal's ERROR is one frame"
+            );
+        }
+    }
+
+    /// The current gateway's bytes as the core will read them: the tickets of its CHECKPOINTs.
+    fn gateway_sent(&mut self, bytes: &[u8]) {
+        self.gateway_bytes.extend_from_slice(bytes);
+        while let Ok(Some(f)) = self.gateway_out.decode(&mut self.gateway_bytes) {
+            if f.kind == Kind::Checkpoint
+                && let Ok(c) = f.decode_body::<wasmbed_protocol::Checkpoint>("CHECKPOINT")
+            {
+                self.tickets.push(c.ticket.into_vec());
+            }
+        }
     }
 
     /// The device's bytes as the core will read them: its PINGs counted (each is owed one
@@ -374,7 +438,14 @@ impl Peers {
                     self.answered
                 );
             }
-            Kind::Ping | Kind::Goaway => {}
+            Kind::Goaway => {
+                assert!(
+                    self.handed_back && !self.goaway_sent,
+                    "a GOAWAY the proxy did not give, or twice"
+                );
+                self.goaway_sent = true;
+            }
+            Kind::Ping => {}
             other => panic!("the device was sent {other:?}"),
         }
     }
@@ -400,7 +471,8 @@ impl Peers {
         }
     }
 
-    /// A move's HELLO: the device's, with the latest ticket.
+    /// A move's HELLO: the device's, with a ticket a gateway gave (the latest the core
+    /// kept), or none.
     fn check_hello(&self, hello: &[u8]) {
         let mut buf = BytesMut::from(hello);
         let frame = FrameCodec::new(DEFAULT_MAX_FRAME).decode(&mut buf);
@@ -415,11 +487,12 @@ impl Peers {
             (hello.device.as_str(), hello.app.as_str()),
             ("d", "counter")
         );
-        assert_eq!(
-            hello.resume.map(serde_bytes::ByteBuf::into_vec),
-            self.core.ticket,
-            "a move's HELLO carries the latest ticket"
-        );
+        if let Some(t) = hello.resume {
+            assert!(
+                self.tickets.contains(&t.into_vec()),
+                "a move's HELLO carries a ticket no gateway gave"
+            );
+        }
     }
 
     /// What holds after every step.
@@ -430,8 +503,13 @@ impl Peers {
             c.window.iter().map(frame_size).sum::<usize>(),
             "the window's count"
         );
-        // The device is read only under the limit: one read, and a frame begun before it,
-        // past it at most.
+        // The device is read only under the limit (so one read, and a frame begun before it,
+        // take the window past it at most).
+        assert!(
+            !c.reading_device() || c.window_bytes < WINDOW,
+            "the device read with the window at {}",
+            c.window_bytes
+        );
         assert!(
             c.window_bytes < WINDOW + READ + FRAME_MAX,
             "window {} over the limit",
