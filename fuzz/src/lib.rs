@@ -276,13 +276,14 @@ pub fn anchor_peers(data: &[u8]) {
         Ok(Peers::new(resumed.map(u64::from), u.arbitrary()?))
     };
     let Ok(mut peers) = start(&mut u) else { return };
+    let mut next = [0u64; 2];
     for _ in 0..200 {
         if u.is_empty() || peers.ended() {
             break;
         }
         let event = match u.int_in_range(0..=15).unwrap_or(0) {
-            0..=4 => Event::Device(peer_bytes(&mut u).unwrap_or_default()),
-            5..=9 => Event::Gateway(peer_bytes(&mut u).unwrap_or_default()),
+            0..=4 => Event::Device(peer_bytes(&mut u, &mut next).unwrap_or_default()),
+            5..=9 => Event::Gateway(peer_bytes(&mut u, &mut next).unwrap_or_default()),
             10 => Event::GatewayClosed(u.arbitrary().unwrap_or(false)),
             11 => Event::Down,
             12 => Event::Wait(
@@ -301,7 +302,7 @@ pub fn anchor_peers(data: &[u8]) {
             _ => Event::Land,
         };
         let mut land = || {
-            let landing = |u: &mut Unstructured<'_>| -> Result<Landing> {
+            let mut landing = |u: &mut Unstructured<'_>| -> Result<Landing> {
                 match u.int_in_range(0..=7)? {
                     0 => return Ok(Landing::Failed),
                     1 | 2 => return Ok(Landing::Later),
@@ -309,7 +310,7 @@ pub fn anchor_peers(data: &[u8]) {
                 }
                 let resumed: Option<u8> = u.arbitrary()?;
                 let rest = if u.arbitrary()? {
-                    peer_bytes(u)?
+                    peer_bytes(u, &mut next)?
                 } else {
                     Vec::new()
                 };
@@ -323,8 +324,10 @@ pub fn anchor_peers(data: &[u8]) {
 
 /// What a hostile peer sends in one read: up to four frames of any kind, small sequences
 /// (so they meet the session's) or any, a body of any bytes or a well-formed CHECKPOINT's;
-/// or any bytes at all.
-fn peer_bytes(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+/// or any bytes at all. Most DATA and answers take the next sequence of their own count in
+/// `next` (DATA, answers), so that sessions get far: a window that fills, tickets that cover
+/// it, answers that prune it.
+fn peer_bytes(u: &mut Unstructured<'_>, next: &mut [u64; 2]) -> Result<Vec<u8>> {
     use wasmbed_protocol::{Frame, Kind};
     if u.ratio(1, 8)? {
         let n = u.int_in_range(1..=64)?;
@@ -333,10 +336,19 @@ fn peer_bytes(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     for _ in 0..u.int_in_range(1..=4)? {
         let kind = *u.choose(&Kind::ALL)?;
-        let seq = if u.ratio(1, 16)? {
-            u.arbitrary()?
-        } else {
-            u.int_in_range(0..=24)?
+        let count = match kind {
+            Kind::Data => Some(0),
+            Kind::Reply | Kind::Error | Kind::Checkpoint => Some(1),
+            _ => None,
+        };
+        let seq = match count {
+            Some(i) if u.ratio(3, 4)? => {
+                // An answer or a CHECKPOINT at the count so far; a DATA one past it.
+                next[i] += u64::from(i == 0 || kind != Kind::Checkpoint);
+                next[i]
+            }
+            _ if u.ratio(1, 16)? => u.arbitrary()?,
+            _ => u.int_in_range(0..=24)?,
         };
         if kind == Kind::Checkpoint && u.arbitrary()? {
             let n = u.int_in_range(0..=16)?;
