@@ -202,3 +202,39 @@ fn key_of(cert: &CertificateDer<'_>) -> Vec<u8> {
         .and_then(|l| l.revocation_key)
         .unwrap()
 }
+
+/// A validity as webpki reads one: `notBefore` to `notAfter`, both included, in whole
+/// seconds; a chain's is its certificates' narrowest, a leaf's its own; none for no chain.
+#[test]
+fn a_validity_holds_from_not_before_to_not_after_both_included() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let ca = DevCa::generate("test CA").unwrap();
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let at = |s: u64| UnixTime::since_unix_epoch(Duration::from_secs(s));
+    let now = UNIX_EPOCH + Duration::from_secs(secs(SystemTime::now()));
+    let (from, until) = (now - Duration::from_secs(60), now + Duration::from_secs(60));
+    let leaf = ca.issue_client_between("device-0001", from, until).unwrap();
+    let v = Validity::of(&leaf.chain()).unwrap();
+    assert_eq!((v.from, v.until), (secs(from), secs(until)));
+    assert!(!v.holds(at(secs(from) - 1)));
+    assert!(v.holds(at(secs(from))) && v.holds(at(secs(until))));
+    assert!(!v.holds(at(secs(until) + 1)));
+    assert!(v.holds_now());
+    // With a certificate after the leaf that runs out sooner (an intermediate, or one sent
+    // and not used): the chain's ends with it, the leaf's is its own.
+    let sooner = until - Duration::from_secs(30);
+    let other = ca
+        .issue_client_between("device-0002", from, sooner)
+        .unwrap();
+    let chain = [leaf.chain()[0].clone(), other.chain()[0].clone()];
+    let (whole, own) = (
+        Validity::of(&chain).unwrap(),
+        Validity::of_leaf(&chain).unwrap(),
+    );
+    assert_eq!((whole.until, own.until), (secs(sooner), secs(until)));
+    assert_eq!(Validity::of(&[]), None);
+    assert_eq!(
+        Validity::of_leaf(&[CertificateDer::from(vec![1, 2, 3])]),
+        None
+    );
+}

@@ -266,8 +266,9 @@ pub fn anchor(data: &[u8]) {
 
 /// The anchor's core between a hostile device and hostile gateways: frames of any kind and
 /// sequence (or any bytes) from either side, cut anywhere, a WELCOME saying anything at each
-/// move (at once, or later while the device goes on), the driver's events between them. Each peer is told only what it may be, and the
-/// session's memory stays bounded (`anchor::core::hostile`, checked after every step).
+/// move (at once, or later while the device goes on), the driver's events between them. Each
+/// peer is told only what it may be, and the session's memory stays bounded
+/// (`anchor::core::hostile`, checked after every step).
 pub fn anchor_peers(data: &[u8]) {
     use wasmbed_proxy::anchor::core::hostile::{Event, Landing, Peers};
     let mut u = Unstructured::new(data);

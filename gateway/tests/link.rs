@@ -865,7 +865,7 @@ async fn a_link_takes_no_new_session_past_its_proxys_certificate() {
     let lp = LinkPki::new();
     let gw = start(lp.gateway()).await;
     let now = std::time::SystemTime::now();
-    let not_after = now + std::time::Duration::from_secs(5);
+    let not_after = now + std::time::Duration::from_secs(6);
     let hour_ago = now - std::time::Duration::from_secs(3600);
     let cert = lp
         .proxy_ca

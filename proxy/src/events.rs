@@ -33,12 +33,15 @@ pub static COUNTS: Counts = Counts {
 /// the dashboard's rates are made of (for tests and embedding programs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Totals {
-    /// Connections taken in: a TCP connection at its accept, a QUIC device once it has a
-    /// connection's place and its handshake goes on (a device refused after that counts in
-    /// `refused` too, on either transport).
+    /// Devices taken in: a TCP connection at its accept, a QUIC device once the listener
+    /// takes it past its intake (before its handshake slot and its connection's place). One
+    /// refused after that counts in `refused` too, on either transport.
     pub accepted: u64,
+    /// Devices refused, for any reason (`wasmbed_proxy_connections_rejected_total`).
     pub refused: u64,
+    /// Terminated sessions moved to another gateway.
     pub moved: u64,
+    /// Passthrough sessions cut because their gateway went down.
     pub cut: u64,
 }
 

@@ -383,7 +383,7 @@ async fn a_gone_address_back_after_a_reload_takes_sessions_again() {
 /// its source: the restarted source knows since when it has been gone, and does not start a
 /// grace of its own (a reload every few minutes would keep a gone gateway for good).
 #[tokio::test]
-async fn a_gone_addresss_grace_runs_on_through_a_reload() {
+async fn a_gone_address_keeps_its_grace_through_a_reload() {
     let dns = DnsServer::start().await.unwrap();
     let (b, port) = backends(2).await;
     dns.set_a(NAME, &ips(&[&b[0], &b[1]]), 1).await;

@@ -248,7 +248,8 @@ pub(crate) async fn accept_loop(
         // In the loop's count of devices without a place while it lives.
         let unplaced = Counted::new(&unplaced);
         // Taken in, as a TCP device is at its accept (the dashboard's count: a device refused
-        // from here on counts as refused too, on either transport).
+        // from here on, for its handshake slot, its place or its certificate, counts as
+        // refused too, on either transport).
         crate::events::COUNTS
             .accepted
             .fetch_add(1, Ordering::Relaxed);
