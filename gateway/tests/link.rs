@@ -491,18 +491,7 @@ async fn a_revoked_proxys_new_sessions_are_refused_and_its_next_link() {
     std::fs::write(&crl, lp.proxy_ca.crl(&[serial], 2, hour).unwrap()).unwrap();
     gw.shared.reload_tls().unwrap();
     // A new session: its stream refused, the link kept.
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    let _ = send.write_all(b"a PROXY header would go here").await;
-    let code = send.stopped().await.unwrap_or(None);
-    assert_eq!(
-        code,
-        Some(quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY))
-    );
-    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
-    assert!(
-        metrics.contains("wasmbed_gateway_link_streams_refused_total 1"),
-        "{metrics}"
-    );
+    a_new_session_is_refused(&conn, &gw).await;
     // The session already open goes on, as a proxy's TCP sessions do.
     assert_eq!(live.data(b"two").await.kind, wasmbed_protocol::Kind::Reply);
     assert!(conn.close_reason().is_none(), "the link kept");
@@ -522,6 +511,23 @@ async fn a_revoked_proxys_new_sessions_are_refused_and_its_next_link() {
             other => panic!("closed otherwise: {other}"),
         }
     }
+}
+
+/// A new session on `conn` (the first refused on `gw`): its stream reset as a proxy's that
+/// is no longer trusted, counted.
+async fn a_new_session_is_refused(conn: &quinn::Connection, gw: &RunningGateway) {
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(&plain_proxy_header()).await;
+    let code = send.stopped().await.unwrap_or(None);
+    assert_eq!(
+        code,
+        Some(quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY))
+    );
+    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
+    assert!(
+        metrics.contains("wasmbed_gateway_link_streams_refused_total 1"),
+        "{metrics}"
+    );
 }
 
 /// A session on `conn` as a proxy opens one: its PROXY header (no identity stated: the
@@ -882,18 +888,7 @@ async fn a_link_takes_no_new_session_past_its_proxys_certificate() {
     assert_eq!(live.data(b"one").await.kind, wasmbed_protocol::Kind::Reply);
     past(not_after).await;
     // A new session: its stream refused, the link kept.
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
-    let _ = send.write_all(&plain_proxy_header()).await;
-    let code = send.stopped().await.unwrap_or(None);
-    assert_eq!(
-        code,
-        Some(quinn::VarInt::from_u32(wasmbed_gateway::link::NOT_A_PROXY))
-    );
-    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").await;
-    assert!(
-        metrics.contains("wasmbed_gateway_link_streams_refused_total 1"),
-        "{metrics}"
-    );
+    a_new_session_is_refused(&conn, &gw).await;
     assert_eq!(live.data(b"two").await.kind, wasmbed_protocol::Kind::Reply);
     assert!(conn.close_reason().is_none(), "the link kept");
 }

@@ -1,7 +1,9 @@
 //! events: the proxy's counts and timeline, at the bottom of the crate. Every path that
 //! refuses, accepts, moves or cuts a session bumps [`COUNTS`]; health, discovery, reloads
 //! and moves add to the timeline with [`event`]. Nothing here imports another module of
-//! the crate: the dashboard only reads what is here, everything else only writes.
+//! the crate: the dashboard only reads what is here, everything else only writes. Here too,
+//! being the bottom, is [`Counted`]: the guard any layer uses to count a holder while it
+//! lives.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
