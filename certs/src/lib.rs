@@ -175,13 +175,6 @@ pub struct Validity {
 }
 
 impl Validity {
-    /// The validity of `chain` (end entity first); `None` for no chain or a certificate that
-    /// cannot be read.
-    pub fn of(chain: &[CertificateDer<'_>]) -> Option<Validity> {
-        let (end, intermediates) = chain.split_first()?;
-        Validity::of_parts(end, intermediates)
-    }
-
     /// The validity of `chain`'s end entity alone: the one certificate every verified path
     /// holds (a peer may send intermediates the path does not use, an expired cross-sign
     /// among them). What a link's sessions are held to.
@@ -189,6 +182,8 @@ impl Validity {
         Validity::of_parts(chain.first()?, &[])
     }
 
+    /// The validity of a chain, end entity first; `None` for a certificate that cannot be
+    /// read.
     pub(crate) fn of_parts(
         end: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],

@@ -214,7 +214,7 @@ fn a_validity_holds_from_not_before_to_not_after_both_included() {
     let now = UNIX_EPOCH + Duration::from_secs(secs(SystemTime::now()));
     let (from, until) = (now - Duration::from_secs(60), now + Duration::from_secs(60));
     let leaf = ca.issue_client_between("device-0001", from, until).unwrap();
-    let v = Validity::of(&leaf.chain()).unwrap();
+    let v = Validity::of_leaf(&leaf.chain()).unwrap();
     assert_eq!((v.from, v.until), (secs(from), secs(until)));
     assert!(!v.holds(at(secs(from) - 1)));
     assert!(v.holds(at(secs(from))) && v.holds(at(secs(until))));
@@ -228,11 +228,11 @@ fn a_validity_holds_from_not_before_to_not_after_both_included() {
         .unwrap();
     let chain = [leaf.chain()[0].clone(), other.chain()[0].clone()];
     let (whole, own) = (
-        Validity::of(&chain).unwrap(),
+        Validity::of_parts(&chain[0], &chain[1..]).unwrap(),
         Validity::of_leaf(&chain).unwrap(),
     );
     assert_eq!((whole.until, own.until), (secs(sooner), secs(until)));
-    assert_eq!(Validity::of(&[]), None);
+    assert_eq!(Validity::of_leaf(&[]), None);
     assert_eq!(
         Validity::of_leaf(&[CertificateDer::from(vec![1, 2, 3])]),
         None

@@ -77,6 +77,11 @@ fn proxy_client(lp: &LinkPki, issuer: &DevCa) -> rustls::ClientConfig {
     let cert = issuer
         .issue_client("edge-proxy", KeyKind::EcdsaP256)
         .unwrap();
+    presenting(lp, &cert)
+}
+
+/// A client config presenting `cert`, trusting the PKI.
+fn presenting(lp: &LinkPki, cert: &wasmbed_certs::pki::Issued) -> rustls::ClientConfig {
     let tls = wasmbed_certs::client_config(
         &[lp.pki.ca.cert_der()],
         Some((cert.chain(), cert.key().unwrap())),
@@ -477,12 +482,7 @@ async fn a_revoked_proxys_new_sessions_are_refused_and_its_next_link() {
         .proxy_ca
         .issue_client("edge-proxy", KeyKind::EcdsaP256)
         .unwrap();
-    let tls = (*wasmbed_certs::client_config(
-        &[lp.pki.ca.cert_der()],
-        Some((cert.chain(), cert.key().unwrap())),
-    )
-    .unwrap())
-    .clone();
+    let tls = presenting(&lp, &cert);
     let conn = link_client(gw.addr, tls.clone()).await.unwrap();
     let mut live = session_on(&conn, "device-0950").await;
     assert_eq!(live.data(b"one").await.kind, wasmbed_protocol::Kind::Reply);
@@ -877,12 +877,7 @@ async fn a_link_takes_no_new_session_past_its_proxys_certificate() {
         .proxy_ca
         .issue_client_between("edge-proxy", hour_ago, not_after)
         .unwrap();
-    let tls = (*wasmbed_certs::client_config(
-        &[lp.pki.ca.cert_der()],
-        Some((cert.chain(), cert.key().unwrap())),
-    )
-    .unwrap())
-    .clone();
+    let tls = presenting(&lp, &cert);
     let conn = link_client(gw.addr, tls).await.unwrap();
     let mut live = session_on(&conn, "device-0960").await;
     assert_eq!(live.data(b"one").await.kind, wasmbed_protocol::Kind::Reply);

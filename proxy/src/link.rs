@@ -445,6 +445,8 @@ impl Links {
     ) -> Result<Made, Failed> {
         let started = Instant::now();
         let trust = self.trust.load_full();
+        // One `connect_timeout` for the link, a second attempt without resumption included.
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let attempt = |client: &quinn::ClientConfig| {
             let client = client.clone();
             let attempt = async move {
@@ -465,7 +467,7 @@ impl Links {
                 .await
             };
             async move {
-                tokio::time::timeout(config.connect_timeout, attempt)
+                tokio::time::timeout_at(deadline, attempt)
                     .await
                     .unwrap_or_else(|_| {
                         Err(Failed::Other(

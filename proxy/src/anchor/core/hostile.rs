@@ -360,16 +360,12 @@ impl Peers {
         let writing = self.core.writing_gateway();
         let io = self.core.io();
         let to_device = io.to_device.split();
-        let to_gateway = if writing {
-            io.to_gateway.split()
-        } else {
-            BytesMut::new()
-        };
+        let to_gateway = writing.then(|| io.to_gateway.split());
         self.device_inbox.extend_from_slice(&to_device);
         while let Some(f) = self.device_in.decode(&mut self.device_inbox).ok().flatten() {
             self.told_device(&f);
         }
-        if writing {
+        if let Some(to_gateway) = to_gateway {
             self.gateway_inbox.extend_from_slice(&to_gateway);
             while let Some(f) = self
                 .gateway_in
